@@ -1,0 +1,84 @@
+"""Public, plain-value view of the reflector for tools and add-ons.
+
+``fabric.control.client`` returns these; ``fabric-tool lab status`` and ``check`` consume them.
+They carry no gRPC types so callers never depend on generated code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+#: Default gRPC port of fabric-reflector.
+DEFAULT_REFLECTOR_PORT = 4880
+#: Default Prometheus/health port of fabric-agent and fabric-reflector.
+DEFAULT_AGENT_METRICS_PORT = 9476
+DEFAULT_REFLECTOR_METRICS_PORT = 9477
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SessionCounters:
+    """What the reflector sent one node's session: lets tests prove deltas stay proportional."""
+
+    snapshots_sent: int = 0
+    snapshot_entries_sent: int = 0
+    deltas_sent: int = 0
+    delta_entries_sent: int = 0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NodeStatus:
+    cluster: str
+    name: str
+    underlay_ip: str
+    pod_cidrs: tuple[str, ...]
+    #: A session is open right now.
+    connected: bool
+    #: Version of the node's latest planned state, and the last version the agent reported applied.
+    planned_version: int
+    applied_version: int
+    #: Planned entries (devices + peers + routes) for this node.
+    planned_entries: int
+    counters: SessionCounters = SessionCounters()
+    #: Seconds until a disconnected node is withdrawn from the others (None while connected).
+    withdraw_in_s: float | None = None
+
+    @property
+    def in_sync(self) -> bool:
+        return self.connected and self.applied_version == self.planned_version
+
+    @property
+    def key(self) -> str:
+        return f"{self.cluster}/{self.name}"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Rejection:
+    """An announcement or configuration item the reflector refused, and why."""
+
+    source: str  # e.g. "announcement east/e3" or "config clusters[1]"
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ClusterStatus:
+    name: str
+    mode: str
+    pod_cidrs: tuple[str, ...]
+    service_cidrs: tuple[str, ...]
+    nodes: tuple[NodeStatus, ...]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FabricStatus:
+    #: Random id of this reflector process: changes when the reflector restarts.
+    epoch: str
+    #: Topology generation: bumps on every change of the topology.
+    generation: int
+    #: True while a freshly started reflector still waits for known nodes before it lets
+    #: agents garbage-collect (END_OF_SNAPSHOT held back).
+    holding: bool
+    clusters: tuple[ClusterStatus, ...]
+    rejections: tuple[Rejection, ...] = ()
+
+    def nodes(self) -> tuple[NodeStatus, ...]:
+        return tuple(n for c in self.clusters for n in c.nodes)

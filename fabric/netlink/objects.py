@@ -1,0 +1,110 @@
+"""Kernel objects the agent owns, as plain frozen values.
+
+These are the *desired* and *observed* entries of each kernel table the fabric programs. They
+are deliberately close to what netlink carries, so an applier can diff them by equality:
+every address and CIDR here is canonical text (``ipaddress`` ``str()`` form), MACs are
+lower-case ``aa:bb:cc:dd:ee:ff``.
+
+Tables and what we own in each (ownership is how we avoid touching anything that is not ours):
+
+========== ================================================= ==================================
+table      object                                            owned when
+========== ================================================= ==================================
+links      :class:`VxlanLink`                                name is one of ours (``vx-*``) and
+                                                             kind is vxlan
+addresses  :class:`Address`                                  on one of our links (IPv6
+                                                             link-local ignored)
+rules      :class:`Rule`                                     protocol == our RTPROT
+neighbours :class:`Neighbour`                                on our link, NUD_PERMANENT
+fdb        :class:`FdbEntry`                                 on our link (AF_BRIDGE, NTF_SELF)
+routes     :class:`Route` (+ one nexthop object per          table == ours and protocol == ours
+           distinct gateway, managed by the route owner)     (nexthops: protocol == ours)
+========== ================================================= ==================================
+
+Programming order (add): link, address, rule, neighbour, FDB, nexthop, route. Delete runs the
+reverse. A route must never exist before the neighbour and FDB entry of its next hop, otherwise
+the kernel ARPs on the tunnel (learning is off, nobody answers) and the first packets are lost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+#: Route protocol number that marks routes, nexthops and rules as ours (rt_protos has 0-4,
+#: 8-16, 18, 42, 99, 186-192 taken; 75 is free and reads as 'K' for Kosmos).
+RTPROT_FABRIC = 75
+#: Our policy-routing table and the priority of the rule that selects it (Kosmos used 200/200).
+DEFAULT_TABLE = 200
+DEFAULT_RULE_PRIORITY = 200
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class VxlanLink:
+    name: str
+    vni: int
+    port: int
+    mac: str
+    #: Underlay source address (IFLA_VXLAN_LOCAL / LOCAL6).
+    local: str
+    #: ifindex of the underlay interface (IFLA_VXLAN_LINK).
+    underlay_ifindex: int
+    mtu: int
+    learning: bool = False
+    up: bool = True
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Address:
+    link: str
+    #: ``ip/prefixlen``
+    address: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Rule:
+    family: int  # socket.AF_INET / AF_INET6
+    table: int
+    priority: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Neighbour:
+    link: str
+    ip: str
+    mac: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FdbEntry:
+    link: str
+    mac: str
+    #: Underlay address of the remote VTEP.
+    dst: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Route:
+    """``dst`` via ``gateway`` (onlink) on ``link`` in ``table``.
+
+    The route owner programs these through nexthop objects (``ip nexthop``), one per distinct
+    (link, gateway): the kernel slows down badly on many routes with distinct gateways, not on
+    routes pointing at nexthop ids (see shared/reference/perf-baseline.md). Nexthop ids are the
+    route owner's business, reused from the kernel across agent restarts.
+    """
+
+    table: int
+    dst: str
+    link: str
+    gateway: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class KernelState:
+    """Desired content of every table we own on one node."""
+
+    links: frozenset[VxlanLink] = frozenset()
+    addresses: frozenset[Address] = frozenset()
+    rules: frozenset[Rule] = frozenset()
+    neighbours: frozenset[Neighbour] = frozenset()
+    fdb: frozenset[FdbEntry] = frozenset()
+    routes: frozenset[Route] = frozenset()

@@ -1,0 +1,278 @@
+"""Plain immutable values shared by every layer of the fabric.
+
+This module sits at the bottom of the import graph: ``fabric.control``, ``fabric.netlink``,
+the agent, the add-ons and the tools may all import it, and it imports nothing of ours.
+
+Two families of values live here:
+
+* the **fabric configuration** and **node announcements** the reflector plans from
+  (:class:`ClusterConfig`, :class:`FabricConfig`, :class:`NodeAnnouncement`), and
+* the **planned state of one node** (:class:`NodeState`): the vxlan devices it must have,
+  the peers it tunnels to (one static neighbour + one static FDB entry each) and the routes
+  it sends through them.
+
+A :class:`NodeState` is a set of *entries*, each with a stable string key (see
+:func:`entry_key`). The control channel ships a snapshot as the full set and every later change
+as a :class:`StateDelta` (upserts + removed keys), so a node join costs other agents a few
+entries, not a full snapshot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import ipaddress
+from collections.abc import Iterable, Mapping
+from typing import Union
+
+#: Inter-cluster vxlan device (Kosmos-compatible name, VNI and UDP port).
+VX_BRIDGE = "vx-bridge"
+VX_BRIDGE_VNI = 54
+VX_BRIDGE_PORT = 4876
+#: Intra-cluster device of gateway-mode clusters (used from the gateway issue on).
+VX_LOCAL = "vx-local"
+VX_LOCAL_VNI = 55
+VX_LOCAL_PORT = 4877
+#: VXLAN over an IPv4 underlay costs 50 bytes (outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14).
+VXLAN_OVERHEAD_V4 = 50
+#: Over an IPv6 underlay the outer header is 40 bytes, hence 70.
+VXLAN_OVERHEAD_V6 = 70
+
+#: Default overlay range the vx-bridge addresses are derived from (RFC 6598 shared space, not a
+#: public range as Kosmos' 220.0.0.0/8 is). Configurable per fabric with ``bridgeCIDRs``.
+DEFAULT_BRIDGE_CIDR_V4 = "100.64.0.0/10"
+
+
+class ClusterMode(str, enum.Enum):
+    """How a cluster connects to the others."""
+
+    P2P = "p2p"
+    GATEWAY = "gateway"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """One cluster as the fabric configuration declares it."""
+
+    name: str
+    mode: ClusterMode
+    pod_cidrs: tuple[str, ...]
+    service_cidrs: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FabricConfig:
+    """Fabric-wide configuration the reflector plans from (the topology file minus lab-only keys)."""
+
+    clusters: tuple[ClusterConfig, ...]
+    bridge_cidrs: tuple[str, ...] = (DEFAULT_BRIDGE_CIDR_V4,)
+    #: Nodes the configuration expects (``cluster/node``); lets a restarted reflector stop
+    #: holding back END_OF_SNAPSHOT as soon as all of them have announced themselves.
+    expected_nodes: tuple[str, ...] = ()
+
+    def cluster(self, name: str) -> ClusterConfig | None:
+        for c in self.clusters:
+            if c.name == name:
+                return c
+        return None
+
+
+@dataclasses.dataclass(frozen=True, slots=True, order=True)
+class NodeKey:
+    """A node's identity in the fabric: node names are unique only inside their cluster."""
+
+    cluster: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.cluster}/{self.name}"
+
+    @classmethod
+    def parse(cls, text: str) -> NodeKey:
+        cluster, sep, name = text.partition("/")
+        if not sep or not cluster or not name or "/" in name:
+            raise ValueError(f"node key {text!r} is not of the form CLUSTER/NODE")
+        return cls(cluster, name)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NodeAnnouncement:
+    """What an agent tells the reflector about its node when it opens a session."""
+
+    cluster: str
+    name: str
+    underlay_ip: str
+    pod_cidrs: tuple[str, ...]
+    #: MTU of the underlay interface; tunnel devices get this minus the vxlan overhead.
+    underlay_mtu: int = 1500
+    capabilities: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> NodeKey:
+        return NodeKey(self.cluster, self.name)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Topology:
+    """Everything the planner needs: the configuration plus the announced nodes.
+
+    ``nodes`` is kept sorted by key so equal topologies compare (and hash) equal.
+    """
+
+    config: FabricConfig
+    nodes: tuple[NodeAnnouncement, ...] = ()
+
+    def with_node(self, node: NodeAnnouncement) -> Topology:
+        rest = [n for n in self.nodes if n.key != node.key]
+        return dataclasses.replace(self, nodes=tuple(sorted([*rest, node], key=lambda n: n.key)))
+
+    def without_node(self, key: NodeKey) -> Topology:
+        return dataclasses.replace(self, nodes=tuple(n for n in self.nodes if n.key != key))
+
+    def node(self, key: NodeKey) -> NodeAnnouncement | None:
+        for n in self.nodes:
+            if n.key == key:
+                return n
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# Planned state of one node
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class VxlanDevice:
+    """A vxlan tunnel device the node must have, fully specified (no kernel defaults relied on)."""
+
+    name: str
+    vni: int
+    port: int
+    #: Locally administered unicast MAC, derived from the node identity: stable across plans.
+    mac: str
+    #: Overlay interface address with prefix length, e.g. ``100.82.0.11/10``.
+    address: str
+    #: Underlay source address; the agent binds the device to the interface holding it.
+    local: str
+    mtu: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Peer:
+    """A tunnel peer on ``device``: one static neighbour (overlay IP -> MAC) and one static FDB
+    entry (MAC -> underlay IP). Routes name the peer by its overlay IP."""
+
+    device: str
+    overlay_ip: str
+    mac: str
+    underlay_ip: str
+    #: ``cluster/node`` of the peer, for humans (status, diagnostics); not programmed.
+    node: str = ""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RouteEntry:
+    """Route ``dst`` (a canonical CIDR) through the peer whose overlay IP is ``via``."""
+
+    dst: str
+    via: str
+    device: str
+
+
+Entry = Union[VxlanDevice, Peer, RouteEntry]
+
+
+def entry_key(entry: Entry) -> str:
+    """Stable identity of an entry: two entries with the same key replace each other."""
+    if isinstance(entry, VxlanDevice):
+        return f"device/{entry.name}"
+    if isinstance(entry, Peer):
+        return f"peer/{entry.device}/{entry.overlay_ip}"
+    if isinstance(entry, RouteEntry):
+        return f"route/{entry.dst}"
+    raise TypeError(f"not a NodeState entry: {entry!r}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NodeState:
+    """The complete planned state of one node. Entries are sorted by key, so equal states
+    compare equal and the same topology always yields byte-identical plans."""
+
+    devices: tuple[VxlanDevice, ...] = ()
+    peers: tuple[Peer, ...] = ()
+    routes: tuple[RouteEntry, ...] = ()
+
+    @classmethod
+    def from_entries(cls, entries: Iterable[Entry]) -> NodeState:
+        by_key: dict[str, Entry] = {}
+        for e in entries:
+            by_key[entry_key(e)] = e
+        ordered = [by_key[k] for k in sorted(by_key)]
+        return cls(
+            devices=tuple(e for e in ordered if isinstance(e, VxlanDevice)),
+            peers=tuple(e for e in ordered if isinstance(e, Peer)),
+            routes=tuple(e for e in ordered if isinstance(e, RouteEntry)),
+        )
+
+    def entries(self) -> dict[str, Entry]:
+        out: dict[str, Entry] = {}
+        for e in (*self.devices, *self.peers, *self.routes):
+            out[entry_key(e)] = e
+        return out
+
+    def __len__(self) -> int:
+        return len(self.devices) + len(self.peers) + len(self.routes)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StateDelta:
+    """Change from one NodeState to the next: entries to add or replace, keys to remove."""
+
+    upserts: tuple[Entry, ...] = ()
+    removals: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.upserts or self.removals)
+
+    def __len__(self) -> int:
+        return len(self.upserts) + len(self.removals)
+
+
+def diff_states(old: NodeState, new: NodeState) -> StateDelta:
+    """Delta turning ``old`` into ``new``; O(n) in the number of entries."""
+    old_e, new_e = old.entries(), new.entries()
+    upserts = tuple(new_e[k] for k in sorted(new_e) if old_e.get(k) != new_e[k])
+    removals = tuple(k for k in sorted(old_e) if k not in new_e)
+    return StateDelta(upserts, removals)
+
+
+def apply_delta(state: NodeState, delta: StateDelta) -> NodeState:
+    """``state`` with ``delta`` applied (what an agent does with each delta it receives)."""
+    entries = state.entries()
+    for k in delta.removals:
+        entries.pop(k, None)
+    for e in delta.upserts:
+        entries[entry_key(e)] = e
+    return NodeState.from_entries(entries.values())
+
+
+# --------------------------------------------------------------------------------------------
+# Address helpers used by the planner, the validator and the lab
+# --------------------------------------------------------------------------------------------
+
+
+def canonical_cidr(text: str) -> str:
+    """``10.10.1.7/16`` -> ``10.10.0.0/16``: the kernel reports routes in network form, so
+    anything we compare against it must be canonical or the diff never converges (a Kosmos
+    lesson)."""
+    return str(ipaddress.ip_network(text, strict=False))
+
+
+def cidrs_overlap(a: str, b: str) -> bool:
+    na, nb = ipaddress.ip_network(a, strict=False), ipaddress.ip_network(b, strict=False)
+    return na.version == nb.version and na.overlaps(nb)
+
+
+def frozen_mapping(m: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """A mapping as a sorted tuple of pairs, so it can live in a frozen dataclass."""
+    return tuple(sorted(m.items()))
