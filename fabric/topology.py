@@ -179,7 +179,8 @@ class _Parser:
                 self.err(path, "is required (a list of CIDRs)")
             return []
         if not isinstance(value, list) or (required and not value):
-            self.err(path, f"{value!r} must be a non-empty list of CIDRs" if required else f"{value!r} must be a list of CIDRs")
+            what = "a non-empty list" if required else "a list"
+            self.err(path, f"{value!r} must be {what} of CIDRs")
             return []
         out = []
         for i, v in enumerate(value):
@@ -334,7 +335,8 @@ class _Parser:
                 elif int(addr) - int(net.network_address) < FIRST_NODE_HOST or addr == net.broadcast_address:
                     self.err(
                         f"{pn.path}.underlay",
-                        f"{pn.underlay} is reserved (host numbers below {FIRST_NODE_HOST} and the broadcast address belong to the lab)",
+                        f"{pn.underlay} is reserved (host numbers below {FIRST_NODE_HOST} and the broadcast "
+                        "address belong to the lab)",
                     )
                 elif pn.underlay in taken_ul:
                     self.err(f"{pn.path}.underlay", f"{pn.underlay} is already used by {taken_ul[pn.underlay]}")
@@ -369,7 +371,9 @@ class _Parser:
                             break
                     else:
                         if pc.pod_cidrs:
-                            self.err(f"{pn.path}.podCIDR", f"no free /{CARVE_PREFIX_V4} left in {pc.pod_cidrs} to carve")
+                            self.err(
+                                f"{pn.path}.podCIDR", f"no free /{CARVE_PREFIX_V4} left in {pc.pod_cidrs} to carve"
+                            )
                         continue
                 if pn.pod_cidr is not None:
                     size = ipaddress.ip_network(pn.pod_cidr).num_addresses

@@ -23,7 +23,6 @@ import dataclasses
 import enum
 import ipaddress
 from collections.abc import Iterable, Mapping
-from typing import Union
 
 #: Inter-cluster vxlan device (Kosmos-compatible name, VNI and UDP port).
 VX_BRIDGE = "vx-bridge"
@@ -43,7 +42,7 @@ VXLAN_OVERHEAD_V6 = 70
 DEFAULT_BRIDGE_CIDR_V4 = "100.64.0.0/10"
 
 
-class ClusterMode(str, enum.Enum):
+class ClusterMode(enum.StrEnum):
     """How a cluster connects to the others."""
 
     P2P = "p2p"
@@ -179,7 +178,7 @@ class RouteEntry:
     device: str
 
 
-Entry = Union[VxlanDevice, Peer, RouteEntry]
+Entry = VxlanDevice | Peer | RouteEntry
 
 
 def entry_key(entry: Entry) -> str:

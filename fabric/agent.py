@@ -1,0 +1,311 @@
+"""fabric-agent: the per-node agent.
+
+Life of an agent
+----------------
+1. Read the configuration (flags, environment) and find the underlay interface holding
+   ``--underlay-ip``; refuse to start, naming the value, if there is none.
+2. Open a session with the reflector and announce the node. The reflector answers with the
+   node's planned state as a snapshot, END_OF_SNAPSHOT, then deltas.
+3. Nothing in the kernel is touched, and above all nothing is deleted, until the first complete
+   snapshot has arrived: an agent restarting (or a reflector restarting) must never tear down
+   tunnels that are carrying traffic. The first pass after the snapshot reads the kernel back
+   and programs only the difference, so a restart with an unchanged plan changes nothing.
+4. Every later delta, every resync tick (``--resync-period``, jittered by up to 20 % so a
+   fleet does not dump its tables in lockstep) and every netlink event that shows someone
+   changed what we own (our device deleted or set down, a route removed) triggers a pass:
+   render the planned state into kernel objects (:mod:`fabric.render`), diff against a fresh
+   read of the kernel where a resync is due, apply the delta (:mod:`fabric.netlink`).
+5. After a clean pass the agent reports the applied version to the reflector. A pass with
+   failed entries schedules a retry with backoff and a full resync; it never aborts half way.
+6. Losing the reflector changes nothing in the dataplane: the last good state stays
+   programmed and keeps being repaired; the session reconnects in the background.
+
+Passes run in one worker thread (netlink calls block); the session, timers and HTTP
+endpoints run on the asyncio loop. An unexpected exception anywhere is a bug: the process
+logs it and exits non-zero so its supervisor restarts it into a clean resync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import logging
+import random
+import signal
+import sys
+import time
+from collections.abc import Sequence
+
+from fabric import config as config_mod
+from fabric import health, render, types
+from fabric.control import client as control_client
+from fabric.netlink import dataplane as dataplane_mod
+from fabric.netlink import events as events_mod
+from fabric.netlink import reconciler as reconciler_mod
+
+_log = logging.getLogger(__name__)
+
+#: Coalesce bursts (a snapshot followed by deltas, a flurry of netlink events) into one pass.
+DEBOUNCE_S = 0.05
+#: First retry after a failed pass; doubles up to the resync period.
+RETRY_MIN_S = 0.5
+#: /healthz tolerates this much beyond the resync period without a successful pass.
+HEALTH_GRACE_S = 60.0
+OWNED_LINKS = frozenset({types.VX_BRIDGE})
+
+
+@dataclasses.dataclass
+class _Pending:
+    state: types.NodeState | None = None
+    version: int = 0
+    resync: bool = True  # the first pass always reads the kernel back
+    reason: str = "startup"
+
+
+class Agent(control_client.SessionHandler):
+    def __init__(self, cfg: config_mod.AgentConfig, dp: dataplane_mod.Dataplane) -> None:
+        self.cfg = cfg
+        self.dp = dp
+        self.underlay = dp.underlay_link(cfg.underlay_ip)
+        self.reconciler = reconciler_mod.Reconciler(
+            dp, table=cfg.table, rule_priority=cfg.rule_priority, link_names=OWNED_LINKS
+        )
+        self.metrics = health.AgentMetrics()
+        self.session = control_client.AgentSession(
+            cfg.reflector,
+            config_mod.announcement(cfg, self.underlay.mtu),
+            self,
+            keepalive_interval=cfg.keepalive_interval_s,
+        )
+        self._pending = _Pending()
+        self._wake = asyncio.Event()
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="reconcile")
+        self._applied_state: types.NodeState | None = None
+        self._reported_version = -1
+        self._started = time.monotonic()
+        self._last_success: float | None = None
+        self._first_applied = False
+        self._retry_s = RETRY_MIN_S
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._events: events_mod.EventMonitor | None = None
+        self._fatal: BaseException | None = None
+
+    # -- SessionHandler --------------------------------------------------------------------
+
+    async def on_snapshot(self, state: types.NodeState, version: int) -> None:
+        _log.info("snapshot received: version=%d entries=%d", version, len(state))
+        self._set_state(state, version, "snapshot")
+
+    async def on_delta(self, delta: types.StateDelta, version: int) -> None:
+        if self._pending.state is None:
+            # Cannot happen with a correct client (deltas follow a snapshot); if it does, it
+            # is a bug, and guessing would risk deleting live tunnels.
+            raise RuntimeError(f"delta for version {version} arrived before any snapshot")
+        _log.debug("delta received: version=%d upserts=%d removals=%d", version, len(delta.upserts),
+                   len(delta.removals))
+        self._set_state(types.apply_delta(self._pending.state, delta), version, "delta")
+
+    async def on_connection(self, connected: bool, reason: str) -> None:
+        self.metrics.session_connected.set(1 if connected else 0)
+        if connected:
+            self.metrics.session_reconnects.inc()
+            _log.info("session to reflector %s established", self.cfg.reflector)
+            # The reflector may be new: make sure it learns what we have applied.
+            self._reported_version = -1
+        else:
+            _log.info("session to reflector %s lost (%s); keeping the last good dataplane", self.cfg.reflector, reason)
+
+    async def on_rejected(self, reason: str) -> None:
+        self.metrics.rejections.inc()
+        _log.error("reflector rejected this node's announcement: %s", reason)
+
+    # -- scheduling ------------------------------------------------------------------------
+
+    def _set_state(self, state: types.NodeState, version: int, reason: str) -> None:
+        self._pending.state = state
+        self._pending.version = version
+        self._pending.reason = reason
+        self._wake.set()
+
+    def request_resync(self, reason: str) -> None:
+        """Thread-safe: ask for a pass that re-reads the kernel first."""
+        loop = self._loop
+        if loop is None:
+            return
+        loop.call_soon_threadsafe(self._request_resync_now, reason)
+
+    def _request_resync_now(self, reason: str) -> None:
+        self._pending.resync = True
+        self._pending.reason = reason
+        if self._pending.state is not None:
+            self._wake.set()
+
+    # -- the reconcile loop ----------------------------------------------------------------
+
+    async def _apply_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            await asyncio.sleep(DEBOUNCE_S)
+            self._wake.clear()
+            p = self._pending
+            if p.state is None:
+                continue
+            state, version, resync, reason = p.state, p.version, p.resync, p.reason
+            p.resync = False
+            started = time.monotonic()
+            report = await loop.run_in_executor(self._executor, self._pass, state, resync)
+            elapsed = time.monotonic() - started
+            self.metrics.reconcile_duration.observe(elapsed)
+            self._record(report, state, resync)
+            if report.failures:
+                self.metrics.kernel_failures.inc(report.failures)
+                _log.warning(
+                    "pass (%s) left %d entries failed, first: %s; retrying in %.1fs with a resync",
+                    reason, report.failures, report.first_error, self._retry_s,
+                )
+                loop.call_later(self._retry_s, self._request_resync_now, "retry after failure")
+                self._retry_s = min(self._retry_s * 2, self.cfg.resync_period_s)
+                continue
+            self._retry_s = RETRY_MIN_S
+            self._last_success = time.monotonic()
+            self.metrics.last_success.set_to_current_time()
+            if not self._first_applied:
+                self._first_applied = True
+                _log.info("dataplane in sync with version %d (%d changes, %.0f ms)", version, report.changes,
+                          elapsed * 1000)
+            elif report.changes:
+                _log.info("applied %d changes for %s (version %d, %.0f ms)", report.changes, reason, version,
+                          elapsed * 1000)
+            if version != self._reported_version:
+                await self.session.report_applied(version)
+                self._reported_version = version
+
+    def _pass(self, state: types.NodeState, resync: bool) -> reconciler_mod.ApplyReport:
+        """One reconcile pass, in the worker thread."""
+        if resync:
+            # The underlay interface may have been recreated (new ifindex) since we looked.
+            self.underlay = self.dp.underlay_link(self.cfg.underlay_ip)
+            self.reconciler.resync()
+        desired = render.render(
+            state, underlay_ifindex=self.underlay.ifindex, table=self.cfg.table, rule_priority=self.cfg.rule_priority
+        )
+        self.reconciler.set_desired(desired)
+        return self.reconciler.apply()
+
+    def _record(self, report: reconciler_mod.ApplyReport, state: types.NodeState, resync: bool) -> None:
+        if resync and state == self._applied_state and report.changes:
+            # Nothing new was planned, yet the pass changed the kernel: someone else did.
+            self.metrics.drift_repairs.inc(report.changes)
+            _log.info("repaired %d drifted entries", report.changes)
+        self._applied_state = state
+        for table, n in self.reconciler.desired_counts().items():
+            self.metrics.desired_entries.labels(table=table).set(n)
+        for table, n in self.reconciler.programmed_counts().items():
+            self.metrics.programmed_entries.labels(table=table).set(n)
+
+    async def _resync_timer(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.resync_period_s * (1 + random.random() * 0.2))
+            self._request_resync_now("periodic resync")
+
+    # -- health ----------------------------------------------------------------------------
+
+    def healthy(self) -> tuple[bool, str]:
+        ref = self._last_success if self._last_success is not None else self._started
+        age = time.monotonic() - ref
+        limit = self.cfg.resync_period_s * 1.2 + HEALTH_GRACE_S
+        if self._fatal is not None:
+            return False, f"fatal: {self._fatal!r}"
+        if age > limit:
+            what = "successful pass" if self._last_success is not None else "snapshot applied since start"
+            return False, f"no {what} for {age:.0f}s (limit {limit:.0f}s)"
+        return True, "ok"
+
+    def ready(self) -> tuple[bool, str]:
+        return (True, "ok") if self._first_applied else (False, "first snapshot not applied yet")
+
+    # -- run -------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        self._loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._loop.add_signal_handler(sig, stop.set)
+        server = None
+        if self.cfg.metrics_listen:
+            server = health.serve(self.cfg.metrics_listen, self.healthy, self.ready)
+        self._events = events_mod.EventMonitor(self.request_resync, OWNED_LINKS, self.cfg.table)
+        self._events.start()
+        tasks = [
+            asyncio.create_task(self._apply_loop(), name="apply"),
+            asyncio.create_task(self._resync_timer(), name="resync-timer"),
+            asyncio.create_task(self.session.run(), name="session"),
+        ]
+        crashed: asyncio.Task[None] | None = None
+
+        def _done(t: asyncio.Task[None]) -> None:
+            nonlocal crashed
+            if not t.cancelled() and t.exception() is not None:
+                crashed = t
+                stop.set()
+
+        for t in tasks:
+            t.add_done_callback(_done)
+        await stop.wait()
+        for t in tasks:
+            t.cancel()
+        with contextlib.suppress(Exception):
+            await self.session.close()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._events.stop()
+        self._executor.shutdown(wait=True)
+        if server is not None:
+            server.shutdown()
+        if crashed is not None:
+            exc = crashed.exception()
+            _log.critical("task %s crashed; exiting for a clean restart", crashed.get_name(), exc_info=exc)
+            return 1
+        _log.info("stopped; the dataplane stays as it is")
+        return 0
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        cfg = config_mod.load(argv)
+    except config_mod.ConfigError as e:
+        print(f"fabric-agent: {e}", file=sys.stderr)
+        return 2
+    setup_logging(cfg.log_level)
+    dp = dataplane_mod.KernelDataplane()
+    if cfg.cleanup:
+        rec = reconciler_mod.Reconciler(dp, table=cfg.table, rule_priority=cfg.rule_priority, link_names=OWNED_LINKS)
+        rec.resync()
+        rec.cleanup_all()
+        _log.info("removed every kernel object the fabric owns")
+        return 0
+    try:
+        agent = Agent(cfg, dp)
+    except dataplane_mod.UnderlayError as e:
+        print(f"fabric-agent: --underlay-ip {cfg.underlay_ip}: {e}", file=sys.stderr)
+        return 2
+    _log.info(
+        "starting: node=%s/%s underlay=%s (%s, mtu %d) pod_cidrs=%s reflector=%s table=%d resync=%.0fs",
+        cfg.cluster, cfg.node, cfg.underlay_ip, agent.underlay.name, agent.underlay.mtu, ",".join(cfg.pod_cidrs),
+        cfg.reflector, cfg.table, cfg.resync_period_s,
+    )
+    return asyncio.run(agent.run())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

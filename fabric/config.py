@@ -1,0 +1,202 @@
+"""fabric-agent configuration: one typed, declarative table.
+
+Every parameter has a default, a unit in its name, and the reason for its default in its
+``help``. Sources, highest precedence first: command-line flag, environment variable
+(``FABRIC_<FLAG>``, e.g. ``FABRIC_RESYNC_PERIOD`` for ``--resync-period``), default. A bad value is refused with the
+parameter, the value and the source it came from, before anything is touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import ipaddress
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from fabric import types
+from fabric.netlink import objects
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names parameter, value and source."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AgentConfig:
+    reflector: str
+    cluster: str
+    node: str
+    underlay_ip: str
+    pod_cidrs: tuple[str, ...]
+    resync_period_s: float = 30.0
+    table: int = objects.DEFAULT_TABLE
+    rule_priority: int = objects.DEFAULT_RULE_PRIORITY
+    keepalive_interval_s: float = 2.0
+    metrics_listen: str = ""
+    log_level: str = "info"
+    cleanup: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class _Param:
+    name: str  # dataclass field name
+    flag: str
+    help: str
+    parse: Callable[[str], Any]
+    required: bool = False
+    repeat: bool = False
+
+
+def _positive_float(text: str) -> float:
+    v = float(text)
+    if not v > 0:
+        raise ValueError("must be a positive number")
+    return v
+
+
+def _table_id(text: str) -> int:
+    v = int(text, 0)
+    if not 1 <= v <= 0xFFFFFFFF or v in (253, 254, 255):
+        raise ValueError("must be a routing table id from 1 to 2^32-1 other than 253-255 (default, main, local)")
+    return v
+
+
+def _priority(text: str) -> int:
+    v = int(text, 0)
+    if not 1 <= v < 32766:
+        raise ValueError("must be from 1 to 32765 (the main table's rule sits at 32766)")
+    return v
+
+
+def _ip(text: str) -> str:
+    return str(ipaddress.ip_address(text))
+
+
+def _cidr(text: str) -> str:
+    return str(ipaddress.ip_network(text, strict=True))
+
+
+def _name(text: str) -> str:
+    if not text or len(text) > 63 or not all(c.isalnum() or c == "-" for c in text) or text != text.lower():
+        raise ValueError("must be a DNS-1123 label (lower-case letters, digits and '-')")
+    return text
+
+
+def _hostport(text: str) -> str:
+    if text.startswith("unix:"):
+        return text
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("must be HOST:PORT or unix:/path")
+    return text
+
+
+def _listen(text: str) -> str:
+    return "" if text in ("", "off") else _hostport(text)
+
+
+def _level(text: str) -> str:
+    if text.lower() not in ("debug", "info", "warning", "error"):
+        raise ValueError("must be one of debug, info, warning, error")
+    return text.lower()
+
+
+PARAMS: tuple[_Param, ...] = (
+    _Param("reflector", "--reflector", "gRPC target of fabric-reflector, HOST:PORT or unix:/path", _hostport,
+           required=True),
+    _Param("cluster", "--cluster", "name of this node's cluster", _name, required=True),
+    _Param("node", "--node", "name of this node (unique inside its cluster)", _name, required=True),
+    _Param("underlay_ip", "--underlay-ip", "this node's underlay address; tunnels bind to the interface holding it",
+           _ip, required=True),
+    _Param("pod_cidrs", "--pod-cidr", "pod CIDR of this node (repeatable; env: comma-separated)", _cidr,
+           required=True, repeat=True),
+    _Param("resync_period_s", "--resync-period", "seconds between full resyncs that repair drift (jittered +20%%); "
+           "30 s repairs hand-made damage quickly while one dump per period costs little", _positive_float),
+    _Param("table", "--table", "policy-routing table for fabric routes (Kosmos used 200)", _table_id),
+    _Param("rule_priority", "--rule-priority", "priority of the ip rule selecting the table; below main (32766)",
+           _priority),
+    _Param("keepalive_interval_s", "--keepalive-interval", "seconds between session keepalives; a reflector silent "
+           "for 3 intervals is considered lost", _positive_float),
+    _Param("metrics_listen", "--metrics-listen", "HOST:PORT serving /metrics, /healthz, /readyz ('off' disables)",
+           _listen),
+    _Param("log_level", "--log-level", "debug, info, warning or error", _level),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fabric-agent",
+        description="Per-node Kosmos Fabric agent: programs vxlan tunnels, routes, FDB and neighbours "
+        "from the state the reflector plans for this node.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  fabric-agent --reflector 198.18.0.1:4880 --cluster east --node e1 \\\n"
+        "      --underlay-ip 198.18.0.11 --pod-cidr 10.10.1.0/24\n"
+        "  FABRIC_REFLECTOR=10.0.0.5:4880 FABRIC_CLUSTER=east FABRIC_NODE=e1 \\\n"
+        "      FABRIC_UNDERLAY_IP=192.168.1.11 FABRIC_POD_CIDR=10.10.1.0/24 fabric-agent\n"
+        "  fabric-agent --cleanup      # remove every kernel object the fabric owns, then exit\n\n"
+        "Every flag can also be set as FABRIC_<FLAG> in the environment (flags win).",
+    )
+    for prm in PARAMS:
+        default = _default(prm.name)
+        extra = f" (default: {default})" if default not in (None, "", ()) else ""
+        p.add_argument(prm.flag, dest=prm.name, action="append" if prm.repeat else "store",
+                       help=prm.help + extra, metavar=prm.flag.lstrip("-").upper().replace("-", "_"))
+    p.add_argument("--cleanup", action="store_true",
+                   help="remove every link, route, nexthop, rule, neighbour and FDB entry the fabric owns, then exit")
+    return p
+
+
+def _default(field: str) -> Any:
+    for f in dataclasses.fields(AgentConfig):
+        if f.name == field:
+            return None if f.default is dataclasses.MISSING else f.default
+    raise KeyError(field)
+
+
+def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> AgentConfig:
+    """Build the configuration from flags, then environment, then defaults."""
+    env = os.environ if environ is None else environ
+    ns = build_parser().parse_args(argv)
+    values: dict[str, Any] = {}
+    cleanup = bool(ns.cleanup)
+    for prm in PARAMS:
+        raw = getattr(ns, prm.name)
+        source = f"flag {prm.flag}"
+        env_name = "FABRIC_" + prm.flag.lstrip("-").upper().replace("-", "_")
+        if raw is None and env_name in env:
+            raw = [s.strip() for s in env[env_name].split(",") if s.strip()] if prm.repeat else env[env_name]
+            source = f"environment variable {env_name}"
+        if raw is None:
+            if prm.required and not cleanup:
+                raise ConfigError(f"{prm.flag} is required ({prm.help}); set the flag or {env_name}")
+            continue
+        try:
+            values[prm.name] = tuple(prm.parse(r) for r in raw) if prm.repeat else prm.parse(raw)
+        except ValueError as e:
+            raise ConfigError(f"{prm.flag}: invalid value {raw!r} from {source}: {e}") from None
+    if cleanup:
+        values.setdefault("reflector", "")
+        values.setdefault("cluster", "")
+        values.setdefault("node", "")
+        values.setdefault("underlay_ip", "")
+        values.setdefault("pod_cidrs", ())
+    values["cleanup"] = cleanup
+    cfg = AgentConfig(**values)
+    for c in cfg.pod_cidrs:
+        if ipaddress.ip_network(c).version != 4:
+            raise ConfigError(f"--pod-cidr: {c} is IPv6; this build supports IPv4 only")
+    return cfg
+
+
+def announcement(cfg: AgentConfig, underlay_mtu: int) -> types.NodeAnnouncement:
+    return types.NodeAnnouncement(
+        cluster=cfg.cluster,
+        name=cfg.node,
+        underlay_ip=cfg.underlay_ip,
+        pod_cidrs=tuple(types.canonical_cidr(c) for c in cfg.pod_cidrs),
+        underlay_mtu=underlay_mtu,
+        capabilities=("p2p", "ipv4"),
+    )

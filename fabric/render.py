@@ -1,0 +1,73 @@
+"""NodeState (what the reflector planned) -> KernelState (what the kernel tables must hold).
+
+A pure function: the only node-local facts it needs (the underlay interface's ifindex, the
+table and rule priority) come in as arguments, so it is unit-testable without a kernel.
+
+Per planned entry:
+
+* ``VxlanDevice`` -> a :class:`~fabric.netlink.objects.VxlanLink` bound to the underlay
+  interface, plus its overlay :class:`~fabric.netlink.objects.Address`; the first device of a
+  family also brings the ip rule that sends lookups to our table.
+* ``Peer`` -> a static :class:`~fabric.netlink.objects.Neighbour` (overlay IP -> MAC) and a
+  static :class:`~fabric.netlink.objects.FdbEntry` (MAC -> underlay IP). Learning is off on our
+  devices, so these two entries are the whole of the tunnel's L2 knowledge.
+* ``RouteEntry`` -> a :class:`~fabric.netlink.objects.Route` in our table, via the peer's
+  overlay IP (onlink). A route whose device or next hop is not planned is dropped: programming
+  it would make the kernel ARP on a tunnel where nobody answers.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+from fabric import types
+from fabric.netlink import objects
+
+
+def render(state: types.NodeState, *, underlay_ifindex: int, table: int, rule_priority: int) -> objects.KernelState:
+    links: set[objects.VxlanLink] = set()
+    addresses: set[objects.Address] = set()
+    rules: set[objects.Rule] = set()
+    neighbours: set[objects.Neighbour] = set()
+    fdb: set[objects.FdbEntry] = set()
+    routes: set[objects.Route] = set()
+
+    devices = {d.name for d in state.devices}
+    for d in state.devices:
+        links.add(
+            objects.VxlanLink(
+                name=d.name,
+                vni=d.vni,
+                port=d.port,
+                mac=d.mac.lower(),
+                local=d.local,
+                underlay_ifindex=underlay_ifindex,
+                mtu=d.mtu,
+            )
+        )
+        addresses.add(objects.Address(link=d.name, address=str(ipaddress.ip_interface(d.address))))
+        family = socket.AF_INET if ipaddress.ip_interface(d.address).version == 4 else socket.AF_INET6
+        rules.add(objects.Rule(family=family, table=table, priority=rule_priority))
+
+    next_hops: set[tuple[str, str]] = set()
+    for p in state.peers:
+        if p.device not in devices:
+            continue
+        neighbours.add(objects.Neighbour(link=p.device, ip=p.overlay_ip, mac=p.mac.lower()))
+        fdb.add(objects.FdbEntry(link=p.device, mac=p.mac.lower(), dst=p.underlay_ip))
+        next_hops.add((p.device, p.overlay_ip))
+
+    for r in state.routes:
+        if (r.device, r.via) not in next_hops:
+            continue
+        routes.add(objects.Route(table=table, dst=types.canonical_cidr(r.dst), link=r.device, gateway=r.via))
+
+    return objects.KernelState(
+        links=frozenset(links),
+        addresses=frozenset(addresses),
+        rules=frozenset(rules),
+        neighbours=frozenset(neighbours),
+        fdb=frozenset(fdb),
+        routes=frozenset(routes),
+    )
