@@ -215,7 +215,8 @@ class NodeState:
 
     def entries(self) -> dict[str, Entry]:
         out: dict[str, Entry] = {}
-        for e in (*self.devices, *self.peers, *self.routes):
+        every: tuple[Entry, ...] = (*self.devices, *self.peers, *self.routes)
+        for e in every:
             out[entry_key(e)] = e
         return out
 

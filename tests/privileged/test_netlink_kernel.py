@@ -1,0 +1,250 @@
+"""The Reconciler, the raw codec and the event monitor on a real kernel, in a throwaway netns.
+
+Each test gets a fresh namespace (``netns`` fixture) with a veth underlay holding 198.18.0.1/24,
+and checks the kernel state with ``ip -j`` / ``bridge -j`` rather than with our own parser.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from fabric.netlink.dataplane import KernelDataplane, NhRoute, UnderlayError
+from fabric.netlink.events import EventMonitor
+from fabric.netlink.objects import (
+    RTPROT_FABRIC,
+    Address,
+    FdbEntry,
+    KernelState,
+    Neighbour,
+    Route,
+    Rule,
+    VxlanLink,
+)
+from fabric.netlink.reconciler import Reconciler
+
+TABLE = 200
+NAMES = frozenset({"vx-bridge"})
+
+
+def sh(netns: str, *args: str) -> None:
+    subprocess.run(["ip", "-n", netns, *args], check=True, capture_output=True)
+
+
+def ipj(netns: str, *args: str, tool: str = "ip") -> Any:
+    out = subprocess.run([tool, "-n", netns, "-j", *args], check=True, capture_output=True, text=True).stdout
+    return json.loads(out) if out.strip() else []
+
+
+@pytest.fixture
+def dp(netns: str) -> Iterator[KernelDataplane]:
+    sh(netns, "link", "add", "ul0", "type", "veth", "peer", "name", "ul1")
+    sh(netns, "addr", "add", "198.18.0.1/24", "dev", "ul0")
+    sh(netns, "link", "set", "ul0", "up")
+    sh(netns, "link", "set", "ul1", "up")
+    d = KernelDataplane(netns=netns)
+    try:
+        yield d
+    finally:
+        d.close()
+
+
+def desired(dp: KernelDataplane, peers: int = 3) -> KernelState:
+    ul = dp.underlay_link("198.18.0.1")
+    link = VxlanLink("vx-bridge", 54, 4876, "02:00:00:00:00:01", "198.18.0.1", ul.ifindex, ul.mtu - 50)
+    neigh, fdb, routes = set(), set(), set()
+    for i in range(2, 2 + peers):
+        mac = f"02:00:00:00:{i >> 8:02x}:{i & 255:02x}"
+        overlay = str(ipaddress.ip_address("10.240.0.0") + i)
+        neigh.add(Neighbour("vx-bridge", overlay, mac))
+        fdb.add(FdbEntry("vx-bridge", mac, str(ipaddress.ip_address("198.18.0.0") + i)))
+        fdb.add(FdbEntry("vx-bridge", "00:00:00:00:00:00", str(ipaddress.ip_address("198.18.0.0") + i)))
+        routes.add(Route(TABLE, f"10.{i >> 8}.{i & 255}.0/24", "vx-bridge", overlay))
+    return KernelState(
+        links=frozenset({link}),
+        addresses=frozenset({Address("vx-bridge", "10.240.0.1/8")}),
+        rules=frozenset({Rule(socket.AF_INET, TABLE, 200)}),
+        neighbours=frozenset(neigh),
+        fdb=frozenset(fdb),
+        routes=frozenset(routes),
+    )
+
+
+def kernel_view(netns: str) -> dict[str, Any]:
+    """What iproute2 shows of our objects, normalised for comparison with a KernelState."""
+    links = {li["ifname"]: li for li in ipj(netns, "-d", "link", "show") if li["ifname"].startswith("vx-")}
+    if "vx-bridge" not in links:
+        return {"links": links, "nexthops": {nh["id"]: nh for nh in ipj(netns, "nexthop", "show")},
+                "rules": {(r.get("priority"), r.get("table"), r.get("protocol")) for r in ipj(netns, "rule", "show")}}
+    nhs = {nh["id"]: nh for nh in ipj(netns, "nexthop", "show")}
+    routes = set()
+    for r in ipj(netns, "route", "show", "table", str(TABLE)):
+        if r.get("protocol") not in ("75", 75):
+            continue
+        nh = nhs[r["nhid"]]
+        routes.add(Route(TABLE, r["dst"], nh["dev"], nh["gateway"]))
+    return {
+        "links": links,
+        "addresses": {
+            Address(a["ifname"], f"{i['local']}/{i['prefixlen']}")
+            for a in ipj(netns, "addr", "show", "dev", "vx-bridge")
+            for i in a["addr_info"] if i["family"] == "inet"
+        },
+        "rules": {(r.get("priority"), r.get("table"), r.get("protocol")) for r in ipj(netns, "rule", "show")},
+        "neighbours": {
+            Neighbour("vx-bridge", n["dst"], n["lladdr"])
+            for n in ipj(netns, "neigh", "show", "dev", "vx-bridge", "nud", "permanent")
+        },
+        "fdb": {
+            FdbEntry("vx-bridge", f["mac"], f["dst"])
+            for f in ipj(netns, "fdb", "show", "dev", "vx-bridge", tool="bridge")
+        },
+        "routes": routes,
+        "nexthops": nhs,
+    }
+
+
+def assert_programmed(netns: str, want: KernelState) -> None:
+    view = kernel_view(netns)
+    vx = view["links"]["vx-bridge"]
+    info = vx["linkinfo"]["info_data"]
+    (link,) = want.links
+    assert (info["id"], info["port"], info["local"], vx["address"], vx["mtu"]) == (
+        link.vni, link.port, link.local, link.mac, link.mtu
+    )
+    assert info["learning"] is False and "UP" in vx["flags"]
+    assert view["addresses"] == set(want.addresses)
+    assert (200, "200", "75") in {(p, str(t), str(pr)) for p, t, pr in view["rules"]}
+    assert view["neighbours"] == set(want.neighbours)
+    assert view["fdb"] == set(want.fdb)
+    assert view["routes"] == set(want.routes)
+    for nh in view["nexthops"].values():
+        assert "onlink" in nh["flags"] and str(nh["protocol"]) == "75"
+
+
+def test_underlay_lookup(dp: KernelDataplane) -> None:
+    ul = dp.underlay_link("198.18.0.1")
+    assert ul.name == "ul0" and ul.mtu == 1500
+    with pytest.raises(UnderlayError, match=r"198\.18\.9\.9"):
+        dp.underlay_link("198.18.9.9")
+
+
+def test_program_drift_repair_and_cleanup(netns: str, dp: KernelDataplane) -> None:
+    # someone else's objects in our table and rules: must survive everything below
+    sh(netns, "route", "add", "10.99.0.0/16", "via", "198.18.0.254", "dev", "ul0", "table", str(TABLE),
+       "proto", "static")
+    sh(netns, "rule", "add", "priority", "300", "lookup", str(TABLE))
+    want = desired(dp)
+    rec = Reconciler(dp, table=TABLE, rule_priority=200, link_names=NAMES)
+    rec.set_desired(want)
+    report = rec.apply()
+    assert report.failures == 0, report.first_error
+    assert_programmed(netns, want)
+    assert rec.programmed_counts() == rec.desired_counts()
+
+    # drift: delete a route, an FDB entry, a neighbour and a nexthop by hand; add an extraneous FDB
+    sh(netns, "route", "del", "10.0.2.0/24", "table", str(TABLE))
+    subprocess.run(["bridge", "-n", netns, "fdb", "del", "02:00:00:00:00:03", "dev", "vx-bridge", "dst",
+                    "198.18.0.3"], check=True)
+    sh(netns, "neigh", "del", "10.240.0.4", "dev", "vx-bridge")
+    subprocess.run(["bridge", "-n", netns, "fdb", "append", "00:00:00:00:00:00", "dev", "vx-bridge", "dst",
+                    "198.18.0.99"], check=True)
+    rec.resync()
+    report = rec.apply()
+    assert report.failures == 0, report.first_error
+    assert report.tables["routes"].adds == 1 and report.tables["fdb"].adds == 1 and report.tables["fdb"].deletes == 1
+    assert_programmed(netns, want)
+
+    # the device itself deleted by hand: recreated with everything on it in one pass
+    sh(netns, "link", "del", "vx-bridge")
+    rec.resync()
+    report = rec.apply()
+    assert report.failures == 0, report.first_error
+    assert_programmed(netns, want)
+
+    # the device set down by hand: the kernel flushed its neighbours, nexthops and routes
+    sh(netns, "link", "set", "vx-bridge", "down")
+    rec.resync()
+    report = rec.apply()
+    assert report.failures == 0, report.first_error
+    assert report.tables["links"].updates == 1 and report.tables["routes"].adds == 3
+    assert_programmed(netns, want)
+
+    # a restarted agent (new Reconciler) reuses nexthop ids and changes nothing
+    ids = set(kernel_view(netns)["nexthops"])
+    again = Reconciler(dp, table=TABLE, rule_priority=200, link_names=NAMES)
+    again.resync()
+    assert again.apply().changes == 0  # no desired state yet: nothing may be deleted
+    again.set_desired(want)
+    assert again.apply().changes == 0
+    assert set(kernel_view(netns)["nexthops"]) == ids
+
+    report = again.cleanup_all()
+    assert report.failures == 0, report.first_error
+    view = kernel_view(netns)
+    assert view["links"] == {} and view["nexthops"] == {}
+    assert not [r for r in view["rules"] if str(r[2]) == "75"]
+    left = ipj(netns, "route", "show", "table", str(TABLE))
+    assert [r["dst"] for r in left] == ["10.99.0.0/16"]  # the foreign route
+    assert (300, str(TABLE)) in {(r.get("priority"), str(r.get("table"))) for r in ipj(netns, "rule", "show")}
+
+
+def test_raw_codec_round_trip(netns: str, dp: KernelDataplane) -> None:
+    rec = Reconciler(dp, table=TABLE, rule_priority=200, link_names=NAMES)
+    want = desired(dp, peers=300)
+    rec.set_desired(want)
+    assert rec.apply().failures == 0
+    permanent = {Neighbour(n.link, n.ip, n.mac) for n in dp.list_neighbours("vx-bridge") if n.state & 0x80}
+    assert permanent == set(want.neighbours)
+    assert set(dp.list_fdb("vx-bridge")) == set(want.fdb)
+    nhs = {nh.id: nh for nh in dp.list_nexthops()}
+    got = {Route(r.table, r.dst, nhs[r.nhid].link, nhs[r.nhid].gateway) for r in dp.list_routes(TABLE, RTPROT_FABRIC)}
+    assert got == set(want.routes)
+    # per-entry errors map back to the right index inside one batch
+    errs = dp.add_routes([NhRoute(TABLE, "10.200.0.0/16", 0x7FFFFFF0), NhRoute(TABLE, "10.0.2.0/24", next(iter(nhs))),
+                          NhRoute(TABLE, "10.201.0.0/16", next(iter(nhs)))])
+    assert [(e.index, e.errno) for e in errs] == [(0, 22), (1, 17)]
+    assert "10.201.0.0/16" in {r["dst"] for r in ipj(netns, "route", "show", "table", str(TABLE))}
+
+
+def test_event_monitor_reports_link_deletion_and_route_loss(netns: str, dp: KernelDataplane) -> None:
+    rec = Reconciler(dp, table=TABLE, rule_priority=200, link_names=NAMES)
+    rec.set_desired(desired(dp))
+    assert rec.apply().failures == 0
+    reasons: list[str] = []
+    seen = threading.Event()
+
+    def callback(reason: str) -> None:
+        reasons.append(reason)
+        seen.set()
+
+    mon = EventMonitor(callback, NAMES, TABLE, netns=netns)
+    mon.start()
+    try:
+        # our own changes through the raw socket are not reported
+        rec.set_desired(desired(dp, peers=2))
+        assert rec.apply().tables["routes"].deletes == 1
+        time.sleep(0.2)
+        assert reasons == []
+        sh(netns, "route", "del", "10.0.2.0/24", "table", str(TABLE))
+        assert seen.wait(5)
+        assert any("route 10.0.2.0/24 deleted" in r for r in reasons), reasons
+        seen.clear()
+        sh(netns, "link", "set", "vx-bridge", "down")
+        assert seen.wait(5)
+        assert any("link vx-bridge set down" in r for r in reasons), reasons
+        sh(netns, "link", "del", "vx-bridge")
+        deadline = time.monotonic() + 5
+        while not any("link vx-bridge deleted" in r for r in reasons) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert any("link vx-bridge deleted" in r for r in reasons), reasons
+    finally:
+        mon.stop()
