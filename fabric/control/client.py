@@ -1,0 +1,364 @@
+"""Clients of the ``Fabric`` service: the agent's session, status for tools, topology for add-ons.
+
+AgentSession, one per agent, forever:
+
+1. connect to the reflector (``host:port`` or ``unix:/path``) and open ``SyncNode``;
+2. send the Announce, then a Keepalive every ``keepalive_interval``;
+3. collect SnapshotChunks until END_OF_SNAPSHOT, then hand the *complete* state to
+   ``handler.on_snapshot`` (never a partial one: the agent garbage-collects on it);
+4. apply every Delta, in order, to ``session.state`` and hand it to ``handler.on_delta``;
+5. on any failure (connection refused, stream broken, reflector silent for 3 keepalive
+   intervals, Rejected) tell the handler, wait a jittered exponential backoff and start over.
+   Connection problems never escape :meth:`AgentSession.run`; handler exceptions do (they are
+   bugs of the agent, and the agent crashing into a clean resync is the designed reaction).
+
+The handler's callbacks run on the session's task, one at a time, so deltas are applied in the
+order the reflector sent them and a slow handler simply delays reading (gRPC flow control pushes
+back on the reflector). Our own keepalives run on a separate task, so a slow handler does not
+make the reflector think we are dead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import random
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+import grpc
+
+from fabric import types
+from fabric.control import api, codec
+from fabric.control.generated import fabric_pb2 as pb
+from fabric.control.generated import fabric_pb2_grpc as pb_grpc
+
+_log = logging.getLogger(__name__)
+
+#: HTTP/2 keepalive under the application keepalive (see reflector.SERVER_OPTIONS: the server
+#: accepts pings every 5 s; we ping every 10 s so we are never sent GOAWAY "too_many_pings").
+CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    # Reconnect quickly after the reflector restarts; our own backoff paces the attempts.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+]
+DEAD_AFTER_INTERVALS = 3
+
+
+class ReflectorUnavailable(Exception):
+    """The reflector at ``target`` could not be asked (down, unreachable, timed out)."""
+
+    def __init__(self, target: str, reason: str) -> None:
+        self.target = target
+        self.reason = reason
+        super().__init__(f"reflector at {target} is unavailable: {reason}")
+
+
+class SessionHandler(Protocol):
+    """What an AgentSession tells its agent. All callbacks run on the session's task."""
+
+    async def on_snapshot(self, state: types.NodeState, version: int) -> None:
+        """The complete planned state (once per session, after END_OF_SNAPSHOT)."""
+
+    async def on_delta(self, delta: types.StateDelta, version: int) -> None:
+        """A change after the snapshot; ``session.state`` already includes it."""
+
+    async def on_connection(self, connected: bool, reason: str) -> None:
+        """The session was accepted (True) or was lost (False, with the reason)."""
+
+    async def on_rejected(self, reason: str) -> None:
+        """The reflector refused the announcement; the session retries after a backoff."""
+
+
+class _SessionEnded(Exception):
+    """Internal: the current session is over for ``reason``; back off and reconnect."""
+
+
+class AgentSession:
+    """The agent's side of ``SyncNode``. See the module docstring for the sequence."""
+
+    def __init__(
+        self,
+        target: str,
+        announcement: types.NodeAnnouncement,
+        handler: SessionHandler,
+        *,
+        keepalive_interval: float = 2.0,
+        backoff: tuple[float, float] = (0.2, 5.0),
+    ) -> None:
+        if keepalive_interval <= 0:
+            raise ValueError(f"keepalive_interval must be positive, got {keepalive_interval}")
+        if not 0 < backoff[0] <= backoff[1]:
+            raise ValueError(f"backoff must be (initial, maximum) with 0 < initial <= maximum, got {backoff}")
+        self.target = target
+        self.announcement = announcement
+        self.handler = handler
+        self.keepalive_interval = keepalive_interval
+        self.backoff = backoff
+        #: The node's complete state as of ``version`` (empty until the first snapshot).
+        self.state = types.NodeState()
+        self.version = 0
+        #: Reflector epoch of the current/last session.
+        self.epoch = ""
+        self.connected = False
+        self._closed = asyncio.Event()
+        self._outbox: asyncio.Queue[pb.SyncNodeRequest | None] | None = None
+        self._call: Any = None
+        self._channel: grpc.aio.Channel | None = None
+        self._attempts = 0
+        #: The current session got its END_OF_SNAPSHOT (resets the backoff when it ends).
+        self._synced = False
+
+    # -- public API ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run sessions until :meth:`close`; reconnects with jittered exponential backoff."""
+        delay = self.backoff[0]
+        while not self._closed.is_set():
+            self._attempts += 1
+            self._synced = False
+            try:
+                await self._run_once()
+                reason = "reflector closed the session"
+            except _SessionEnded as e:
+                reason = str(e)
+            except grpc.aio.AioRpcError as e:
+                reason = f"{e.code().name}: {e.details()}"
+            except asyncio.CancelledError:
+                # close() cancels the call, which surfaces here as CancelledError; a cancellation
+                # of our own task must still propagate.
+                task = asyncio.current_task()
+                if not self._closed.is_set() or (task is not None and task.cancelling()):
+                    raise
+                reason = "session closed by the agent"
+            finally:
+                await self._teardown()
+            if self.connected:
+                self.connected = False
+                await self.handler.on_connection(False, reason)
+            if self._closed.is_set():
+                break
+            if self._synced:
+                delay = self.backoff[0]  # a session that worked resets the backoff
+            sleep = delay * random.uniform(0.5, 1.0)
+            _log.info("session to %s ended (%s); reconnecting in %.2fs", self.target, reason, sleep)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closed.wait(), sleep)
+            delay = min(self.backoff[1], delay * 2)
+
+    async def report_applied(self, version: int) -> None:
+        """Tell the reflector ``version`` is programmed. Dropped when no session is up: a new
+        session starts from a fresh snapshot whose version the agent will report again."""
+        if self._outbox is not None and self.connected:
+            self._outbox.put_nowait(pb.SyncNodeRequest(applied=pb.Applied(version=version)))
+
+    async def close(self) -> None:
+        """End the session for good; :meth:`run` returns soon after."""
+        self._closed.set()
+        if self._outbox is not None:
+            self._outbox.put_nowait(None)
+        if self._call is not None:
+            self._call.cancel()
+
+    # -- one session --------------------------------------------------------------------------
+
+    async def _requests(self, outbox: asyncio.Queue[pb.SyncNodeRequest | None]) -> AsyncIterator[pb.SyncNodeRequest]:
+        yield pb.SyncNodeRequest(announce=pb.Announce(node=codec.node_to_pb(self.announcement)))
+        while True:
+            msg = await outbox.get()
+            if msg is None:
+                return
+            yield msg
+
+    async def _keepalives(self, outbox: asyncio.Queue[pb.SyncNodeRequest | None]) -> None:
+        while True:
+            outbox.put_nowait(pb.SyncNodeRequest(keepalive=codec.keepalive_message(self.keepalive_interval)))
+            await asyncio.sleep(self.keepalive_interval)
+
+    async def _run_once(self) -> None:
+        """One session, until it fails (raises) or the reflector ends the stream."""
+        outbox: asyncio.Queue[pb.SyncNodeRequest | None] = asyncio.Queue()
+        self._outbox = outbox
+        self._channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+        stub = pb_grpc.FabricStub(self._channel)
+        self._call = call = stub.SyncNode(self._requests(outbox))
+        ticker = asyncio.create_task(self._keepalives(outbox))
+        peer_interval = 0.0
+        snapshot: dict[str, types.Entry] | None = {}
+        try:
+            while True:
+                hold = DEAD_AFTER_INTERVALS * max(self.keepalive_interval, peer_interval)
+                try:
+                    msg = await asyncio.wait_for(call.read(), hold)
+                except TimeoutError:
+                    raise _SessionEnded(f"keepalive timeout: reflector silent for {hold:g}s") from None
+                if msg is grpc.aio.EOF:
+                    status = await call.code()
+                    details = await call.details()
+                    raise _SessionEnded(f"reflector ended the session ({status.name}: {details})")
+                kind = msg.WhichOneof("message")
+                if kind == "keepalive":
+                    peer_interval = msg.keepalive.interval_ms / 1000.0
+                    if not self.connected:
+                        self.connected = True
+                        _log.info("session to %s accepted for node %s", self.target, self.announcement.key)
+                        await self.handler.on_connection(True, f"connected to {self.target}")
+                elif kind == "snapshot":
+                    if snapshot is None:
+                        raise _SessionEnded("protocol error: snapshot chunk after END_OF_SNAPSHOT")
+                    for e in msg.snapshot.entries:
+                        entry = codec.entry_from_pb(e)
+                        snapshot[types.entry_key(entry)] = entry
+                elif kind == "end_of_snapshot":
+                    if snapshot is None:
+                        raise _SessionEnded("protocol error: second END_OF_SNAPSHOT")
+                    self.state = types.NodeState.from_entries(snapshot.values())
+                    self.version = msg.end_of_snapshot.version
+                    self.epoch = msg.end_of_snapshot.epoch
+                    snapshot = None
+                    self._synced = True
+                    _log.info("snapshot of %d entries, version %d", len(self.state), self.version)
+                    await self.handler.on_snapshot(self.state, self.version)
+                elif kind == "delta":
+                    delta = codec.delta_from_pb(msg.delta)
+                    if snapshot is not None:
+                        # Not sent by our reflector (it snapshots atomically) but harmless.
+                        for k in delta.removals:
+                            snapshot.pop(k, None)
+                        for e in delta.upserts:
+                            snapshot[types.entry_key(e)] = e
+                        continue
+                    self.state = types.apply_delta(self.state, delta)
+                    self.version = msg.delta.version
+                    _log.debug("delta of %d entries, version %d", len(delta), self.version)
+                    await self.handler.on_delta(delta, self.version)
+                elif kind == "rejected":
+                    reason = msg.rejected.reason
+                    _log.warning("reflector %s rejected node %s: %s", self.target, self.announcement.key, reason)
+                    await self.handler.on_rejected(reason)
+                    raise _SessionEnded(f"rejected: {reason}")
+                else:
+                    raise _SessionEnded(f"protocol error: unknown message {kind!r}")
+        finally:
+            ticker.cancel()
+
+    async def _teardown(self) -> None:
+        if self._outbox is not None:
+            self._outbox.put_nowait(None)
+        self._outbox = None
+        if self._call is not None:
+            self._call.cancel()
+            self._call = None
+        if self._channel is not None:
+            await self._channel.close(grace=None)
+            self._channel = None
+
+
+# --------------------------------------------------------------------------------------------
+# Status for tools
+# --------------------------------------------------------------------------------------------
+
+
+def _unavailable(target: str, e: grpc.RpcError) -> ReflectorUnavailable:
+    code = e.code() if hasattr(e, "code") else None
+    details = e.details() if hasattr(e, "details") else str(e)
+    return ReflectorUnavailable(target, f"{code.name if code else 'error'}: {details}")
+
+
+async def get_status(target: str, timeout: float = 5.0) -> api.FabricStatus:
+    """The reflector's status; raises :class:`ReflectorUnavailable` on any failure."""
+    async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
+        try:
+            resp = await pb_grpc.FabricStub(channel).GetStatus(pb.GetStatusRequest(), timeout=timeout)
+        except grpc.aio.AioRpcError as e:
+            raise _unavailable(target, e) from e
+    return codec.status_from_pb(resp)
+
+
+def get_status_sync(target: str, timeout: float = 5.0) -> api.FabricStatus:
+    """Blocking :func:`get_status` for CLI tools (uses a plain channel, no event loop)."""
+    with grpc.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
+        try:
+            resp = pb_grpc.FabricStub(channel).GetStatus(pb.GetStatusRequest(), timeout=timeout)
+        except grpc.RpcError as e:
+            raise _unavailable(target, e) from e
+    return codec.status_from_pb(resp)
+
+
+# --------------------------------------------------------------------------------------------
+# Topology for add-ons
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TopologyEvent:
+    """One WatchTopology message as plain values.
+
+    ``kind`` is ``snapshot`` (clusters on the first one, nodes), ``end_of_snapshot`` (the
+    snapshot is complete as of ``generation``) or ``delta`` (nodes joined/changed or withdrawn).
+    """
+
+    kind: str
+    generation: int
+    clusters: tuple[types.ClusterConfig, ...] = ()
+    upserts: tuple[types.NodeAnnouncement, ...] = ()
+    removals: tuple[types.NodeKey, ...] = ()
+
+
+_KINDS = {
+    pb.WatchTopologyResponse.KIND_SNAPSHOT: "snapshot",
+    pb.WatchTopologyResponse.KIND_END_OF_SNAPSHOT: "end_of_snapshot",
+    pb.WatchTopologyResponse.KIND_DELTA: "delta",
+}
+
+
+class TopologyWatcher:
+    """``async for event in TopologyWatcher(target)``: the topology as a stream of events.
+
+    No reconnect: the iteration ends (raising :class:`ReflectorUnavailable`) when the stream
+    breaks, and the add-on starts a new watcher, which begins with a fresh snapshot.
+    """
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self._channel: grpc.aio.Channel | None = None
+        self._call: Any = None
+
+    def __aiter__(self) -> AsyncIterator[TopologyEvent]:
+        return self._events()
+
+    async def _events(self) -> AsyncIterator[TopologyEvent]:
+        self._channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+        try:
+            self._call = pb_grpc.FabricStub(self._channel).WatchTopology(pb.WatchTopologyRequest())
+            try:
+                async for msg in self._call:
+                    kind = _KINDS.get(msg.kind)
+                    if kind is None:
+                        raise codec.DecodeError(f"WatchTopology message of unknown kind {msg.kind}")
+                    yield TopologyEvent(
+                        kind=kind,
+                        generation=msg.generation,
+                        clusters=tuple(codec.cluster_from_pb(c) for c in msg.clusters),
+                        upserts=tuple(codec.node_from_pb(n) for n in msg.node_upserts),
+                        removals=tuple(types.NodeKey.parse(k) for k in msg.node_removals),
+                    )
+            except grpc.aio.AioRpcError as e:
+                if e.code() != grpc.StatusCode.CANCELLED:
+                    raise _unavailable(self.target, e) from e
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+            self._call = None
+        if self._channel is not None:
+            await self._channel.close(grace=None)
+            self._channel = None

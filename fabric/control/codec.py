@@ -1,0 +1,309 @@
+"""Conversion between the plain values of ``fabric.types`` / ``fabric.control.api`` and the
+protobuf messages of ``proto/fabric.proto``. Pure functions, no I/O.
+
+Only this module, the reflector and the client touch generated code; everything above them
+(agent, tools, add-ons) deals in the plain values. The wire encoding is pinned by golden files
+(``tests/unit/golden/codec_*.hex``), so a change to the .proto that would break deployed agents
+shows up as a test diff.
+
+Snapshots are cut into chunks of at most :data:`SNAPSHOT_CHUNK` entries: gRPC's default
+message limit is 4 MiB, and a node of a 10,000-node fabric holds ~10,000 peers and routes.
+Each message is built once per node and handed to gRPC as is (no per-field messages).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+
+from fabric import types
+from fabric.control import api
+
+try:
+    from fabric.control.generated import fabric_pb2 as pb
+except ImportError as _e:  # pragma: no cover - exercised by hand
+    raise ImportError(
+        "the gRPC stubs of fabric.control are missing or stale (fabric/control/generated/): run "
+        "`python -m fabric.control.protogen` (./dev.sh setup does it) and retry"
+    ) from _e
+
+_log = logging.getLogger(__name__)
+
+#: Entries per SnapshotChunk message (~100 bytes each, far below gRPC's 4 MiB default limit).
+SNAPSHOT_CHUNK = 2000
+
+_MODE_TO_PB: dict[types.ClusterMode, pb.ClusterMode] = {
+    types.ClusterMode.P2P: pb.CLUSTER_MODE_P2P,
+    types.ClusterMode.GATEWAY: pb.CLUSTER_MODE_GATEWAY,
+}
+_MODE_FROM_PB: dict[int, types.ClusterMode] = {v: k for k, v in _MODE_TO_PB.items()}
+
+
+class DecodeError(ValueError):
+    """A message from the other side is malformed; the text names the message and field."""
+
+
+# --------------------------------------------------------------------------------------------
+# Entries
+# --------------------------------------------------------------------------------------------
+
+
+def entry_to_pb(entry: types.Entry) -> pb.Entry:
+    if isinstance(entry, types.VxlanDevice):
+        return pb.Entry(
+            device=pb.Device(
+                name=entry.name,
+                vni=entry.vni,
+                port=entry.port,
+                mac=entry.mac,
+                address=entry.address,
+                local=entry.local,
+                mtu=entry.mtu,
+            )
+        )
+    if isinstance(entry, types.Peer):
+        return pb.Entry(
+            peer=pb.Peer(
+                device=entry.device,
+                overlay_ip=entry.overlay_ip,
+                mac=entry.mac,
+                underlay_ip=entry.underlay_ip,
+                node=entry.node,
+            )
+        )
+    if isinstance(entry, types.RouteEntry):
+        return pb.Entry(route=pb.Route(dst=entry.dst, via=entry.via, device=entry.device))
+    raise TypeError(f"not a NodeState entry: {entry!r}")
+
+
+def entry_from_pb(msg: pb.Entry) -> types.Entry:
+    kind = msg.WhichOneof("entry")
+    if kind == "device":
+        d = msg.device
+        return types.VxlanDevice(
+            name=d.name, vni=d.vni, port=d.port, mac=d.mac, address=d.address, local=d.local, mtu=d.mtu
+        )
+    if kind == "peer":
+        p = msg.peer
+        return types.Peer(
+            device=p.device, overlay_ip=p.overlay_ip, mac=p.mac, underlay_ip=p.underlay_ip, node=p.node
+        )
+    if kind == "route":
+        r = msg.route
+        return types.RouteEntry(dst=r.dst, via=r.via, device=r.device)
+    raise DecodeError(f"Entry message has no device, peer or route set: {msg!r}")
+
+
+def _entries_to_pb(entries: Iterable[types.Entry]) -> list[pb.Entry]:
+    return [entry_to_pb(e) for e in entries]
+
+
+# --------------------------------------------------------------------------------------------
+# SyncNode: server -> agent
+# --------------------------------------------------------------------------------------------
+
+
+def snapshot_messages(
+    state: types.NodeState, version: int, epoch: str, chunk: int = SNAPSHOT_CHUNK
+) -> list[pb.SyncNodeResponse]:
+    """A complete snapshot: SnapshotChunk messages (none for an empty state), then END_OF_SNAPSHOT."""
+    entries: list[types.Entry] = [*state.devices, *state.peers, *state.routes]
+    out = [
+        pb.SyncNodeResponse(snapshot=pb.SnapshotChunk(entries=_entries_to_pb(entries[i : i + chunk])))
+        for i in range(0, len(entries), chunk)
+    ]
+    out.append(pb.SyncNodeResponse(end_of_snapshot=pb.EndOfSnapshot(version=version, epoch=epoch)))
+    return out
+
+
+def delta_message(delta: types.StateDelta, version: int) -> pb.SyncNodeResponse:
+    return pb.SyncNodeResponse(
+        delta=pb.Delta(version=version, upserts=_entries_to_pb(delta.upserts), removals=list(delta.removals))
+    )
+
+
+def delta_from_pb(msg: pb.Delta) -> types.StateDelta:
+    return types.StateDelta(
+        upserts=tuple(entry_from_pb(e) for e in msg.upserts),
+        removals=tuple(msg.removals),
+    )
+
+
+def keepalive_message(interval_s: float) -> pb.Keepalive:
+    return pb.Keepalive(interval_ms=max(1, round(interval_s * 1000)))
+
+
+# --------------------------------------------------------------------------------------------
+# Nodes and clusters
+# --------------------------------------------------------------------------------------------
+
+
+def node_to_pb(ann: types.NodeAnnouncement) -> pb.Node:
+    return pb.Node(
+        cluster=ann.cluster,
+        name=ann.name,
+        underlay_ip=ann.underlay_ip,
+        pod_cidrs=list(ann.pod_cidrs),
+        underlay_mtu=ann.underlay_mtu,
+        capabilities=list(ann.capabilities),
+    )
+
+
+def node_from_pb(msg: pb.Node) -> types.NodeAnnouncement:
+    """The announcement as sent; validation (planner.validate_announcement) judges its content."""
+    return types.NodeAnnouncement(
+        cluster=msg.cluster,
+        name=msg.name,
+        underlay_ip=msg.underlay_ip,
+        pod_cidrs=tuple(msg.pod_cidrs),
+        underlay_mtu=msg.underlay_mtu,
+        capabilities=tuple(msg.capabilities),
+    )
+
+
+def cluster_to_pb(c: types.ClusterConfig) -> pb.Cluster:
+    return pb.Cluster(
+        name=c.name, mode=_MODE_TO_PB[c.mode], pod_cidrs=list(c.pod_cidrs), service_cidrs=list(c.service_cidrs)
+    )
+
+
+def _mode_from_pb(value: int, where: str) -> types.ClusterMode:
+    try:
+        return _MODE_FROM_PB[value]
+    except KeyError:
+        raise DecodeError(f"{where}: unknown cluster mode {value}") from None
+
+
+def cluster_from_pb(msg: pb.Cluster) -> types.ClusterConfig:
+    return types.ClusterConfig(
+        name=msg.name,
+        mode=_mode_from_pb(msg.mode, f"cluster {msg.name!r}"),
+        pod_cidrs=tuple(msg.pod_cidrs),
+        service_cidrs=tuple(msg.service_cidrs),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# GetStatus
+# --------------------------------------------------------------------------------------------
+
+
+def status_to_pb(status: api.FabricStatus) -> pb.GetStatusResponse:
+    return pb.GetStatusResponse(
+        epoch=status.epoch,
+        generation=status.generation,
+        holding=status.holding,
+        clusters=[
+            pb.ClusterStatus(
+                name=c.name,
+                mode=_MODE_TO_PB[types.ClusterMode(c.mode)],
+                pod_cidrs=list(c.pod_cidrs),
+                service_cidrs=list(c.service_cidrs),
+                nodes=[_node_status_to_pb(n) for n in c.nodes],
+            )
+            for c in status.clusters
+        ],
+        rejections=[pb.Rejection(source=r.source, reason=r.reason) for r in status.rejections],
+    )
+
+
+def _node_status_to_pb(n: api.NodeStatus) -> pb.NodeStatus:
+    msg = pb.NodeStatus(
+        cluster=n.cluster,
+        name=n.name,
+        underlay_ip=n.underlay_ip,
+        pod_cidrs=list(n.pod_cidrs),
+        connected=n.connected,
+        planned_version=n.planned_version,
+        applied_version=n.applied_version,
+        planned_entries=n.planned_entries,
+        counters=pb.SessionCounters(
+            snapshots_sent=n.counters.snapshots_sent,
+            snapshot_entries_sent=n.counters.snapshot_entries_sent,
+            deltas_sent=n.counters.deltas_sent,
+            delta_entries_sent=n.counters.delta_entries_sent,
+        ),
+    )
+    if n.withdraw_in_s is not None:
+        msg.withdraw_in_s = n.withdraw_in_s
+    return msg
+
+
+def status_from_pb(msg: pb.GetStatusResponse) -> api.FabricStatus:
+    return api.FabricStatus(
+        epoch=msg.epoch,
+        generation=msg.generation,
+        holding=msg.holding,
+        clusters=tuple(
+            api.ClusterStatus(
+                name=c.name,
+                mode=_mode_from_pb(c.mode, f"status of cluster {c.name!r}").value,
+                pod_cidrs=tuple(c.pod_cidrs),
+                service_cidrs=tuple(c.service_cidrs),
+                nodes=tuple(_node_status_from_pb(n) for n in c.nodes),
+            )
+            for c in msg.clusters
+        ),
+        rejections=tuple(api.Rejection(source=r.source, reason=r.reason) for r in msg.rejections),
+    )
+
+
+def _node_status_from_pb(n: pb.NodeStatus) -> api.NodeStatus:
+    return api.NodeStatus(
+        cluster=n.cluster,
+        name=n.name,
+        underlay_ip=n.underlay_ip,
+        pod_cidrs=tuple(n.pod_cidrs),
+        connected=n.connected,
+        planned_version=n.planned_version,
+        applied_version=n.applied_version,
+        planned_entries=n.planned_entries,
+        counters=api.SessionCounters(
+            snapshots_sent=n.counters.snapshots_sent,
+            snapshot_entries_sent=n.counters.snapshot_entries_sent,
+            deltas_sent=n.counters.deltas_sent,
+            delta_entries_sent=n.counters.delta_entries_sent,
+        ),
+        withdraw_in_s=n.withdraw_in_s if n.HasField("withdraw_in_s") else None,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# WatchTopology
+# --------------------------------------------------------------------------------------------
+
+
+def topology_snapshot_messages(
+    topology: types.Topology, generation: int, chunk: int = SNAPSHOT_CHUNK
+) -> list[pb.WatchTopologyResponse]:
+    """Clusters (first message) and nodes in chunks, then END_OF_SNAPSHOT."""
+    nodes = list(topology.nodes)
+    out = [
+        pb.WatchTopologyResponse(
+            kind=pb.WatchTopologyResponse.KIND_SNAPSHOT,
+            generation=generation,
+            clusters=[cluster_to_pb(c) for c in topology.config.clusters],
+            node_upserts=[node_to_pb(n) for n in nodes[:chunk]],
+        )
+    ]
+    for i in range(chunk, len(nodes), chunk):
+        out.append(
+            pb.WatchTopologyResponse(
+                kind=pb.WatchTopologyResponse.KIND_SNAPSHOT,
+                generation=generation,
+                node_upserts=[node_to_pb(n) for n in nodes[i : i + chunk]],
+            )
+        )
+    out.append(pb.WatchTopologyResponse(kind=pb.WatchTopologyResponse.KIND_END_OF_SNAPSHOT, generation=generation))
+    return out
+
+
+def topology_delta_message(
+    generation: int, upserts: Sequence[types.NodeAnnouncement], removals: Sequence[types.NodeKey]
+) -> pb.WatchTopologyResponse:
+    return pb.WatchTopologyResponse(
+        kind=pb.WatchTopologyResponse.KIND_DELTA,
+        generation=generation,
+        node_upserts=[node_to_pb(n) for n in upserts],
+        node_removals=[str(k) for k in removals],
+    )

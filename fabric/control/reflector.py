@@ -1,0 +1,754 @@
+"""fabric-reflector: the fabric's route reflector, a grpc.aio server of the ``Fabric`` service.
+
+It holds the :class:`~fabric.types.Topology` (cluster configuration from the topology file,
+nodes from the announcements of their agents) and, for every node, the state the planner says
+the node must have. What happens, in order:
+
+1. **Start.** Listen on every ``--listen`` address. If the configuration names nodes
+   (``expected_nodes``) that have not all announced yet, enter the *startup hold*: sessions are
+   accepted and the topology is built, but no snapshot and no END_OF_SNAPSHOT is sent until all
+   expected nodes have announced or ``--startup-hold`` seconds have passed. Agents garbage-collect
+   only after END_OF_SNAPSHOT, so a restarted reflector with a partial topology never makes them
+   delete routes to nodes that simply have not reconnected yet. (A configuration without a node
+   list holds for the full period: there is nobody to wait for, so time is the only signal.)
+2. **Announce.** An agent opens ``SyncNode`` and announces its node. The announcement is validated
+   (:func:`~fabric.control.planner.validate_announcement`). Refused: the reason is recorded (see
+   GetStatus), sent as ``Rejected`` and the stream closed; nothing already working changes.
+   Accepted: if the node is known with the very same announcement (a reconnect within the grace
+   period, or a second session replacing the first) the topology does not change and nobody else
+   hears of it; otherwise the topology generation is bumped, every node is re-planned and each
+   node whose plan changed is sent a ``Delta`` of exactly the difference from what it was last
+   sent. Either way the announcing session then gets its complete snapshot and END_OF_SNAPSHOT.
+3. **Session.** Keepalives flow both ways every ``--keepalive-interval``; a session silent for
+   three intervals (of the larger of the two sides' intervals) is closed. Agents report the
+   version they applied; ``in_sync`` in GetStatus compares it with the node's planned version
+   (the generation at which its plan last changed).
+4. **Disconnect.** The node stays in the topology for ``--grace-period`` seconds (status shows
+   ``withdraw_in_s``), then is withdrawn and the others get a removal delta. Reconnecting in time
+   with the same announcement costs the others nothing (no flap).
+
+Everything mutating the reflector's state runs on the event loop without awaiting in between, so
+no locks are needed. Every message is built once per node and queued to its session; one task per
+session writes the queue to the stream. Fan-out to thousands of agents is therefore one plan,
+one diff and one encoded message per affected node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import ipaddress
+import itertools
+import logging
+import signal
+import stat
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from fabric import topology as topology_file
+from fabric import types
+from fabric.control import api, codec, planner
+from fabric.control.generated import fabric_pb2 as pb
+from fabric.control.generated import fabric_pb2_grpc as pb_grpc
+
+_log = logging.getLogger(__name__)
+
+DEFAULT_LISTEN = f"0.0.0.0:{api.DEFAULT_REFLECTOR_PORT}"
+DEFAULT_GRACE_PERIOD_S = 30.0
+DEFAULT_KEEPALIVE_INTERVAL_S = 2.0
+#: A session that sent nothing for this many keepalive intervals is dead.
+DEAD_AFTER_INTERVALS = 3
+#: Rejections kept for GetStatus (one per node identity; oldest dropped first).
+MAX_REJECTIONS = 1000
+
+#: HTTP/2 keepalive below the application keepalive: detects half-open TCP connections even when
+#: the event loop of the other side is stuck. Clients ping at most every 10 s (client.py), so the
+#: server allows pings that often.
+SERVER_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Close:
+    """Queued to a session or watcher to end its stream (after everything queued before it)."""
+
+    reason: str
+    code: grpc.StatusCode | None = None
+
+
+class _Session:
+    """One agent's SyncNode stream, from the accepted announcement to its end."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, key: types.NodeKey, peer: str, now: float) -> None:
+        self.id = next(self._ids)
+        self.key = key
+        self.peer = peer
+        self.queue: asyncio.Queue[pb.SyncNodeResponse | _Close] = asyncio.Queue()
+        #: Snapshot and END_OF_SNAPSHOT have been queued; from now on only deltas.
+        self.synced = False
+        #: The state the agent has once it processed everything queued so far.
+        self.sent_state = types.NodeState()
+        self.counters = api.SessionCounters()
+        self.last_rx = now
+        self.peer_interval = 0.0
+        self.closed = False
+
+    def send(self, msg: pb.SyncNodeResponse) -> None:
+        if not self.closed:
+            self.queue.put_nowait(msg)
+
+    def close(self, reason: str, code: grpc.StatusCode | None = None) -> None:
+        if not self.closed:
+            self.closed = True
+            self.queue.put_nowait(_Close(reason, code))
+
+
+@dataclasses.dataclass(slots=True)
+class _NodeRecord:
+    """A node in the topology: its announcement, plan, versions and current session."""
+
+    ann: types.NodeAnnouncement
+    planned: types.NodeState = dataclasses.field(default_factory=types.NodeState)
+    planned_version: int = 0
+    applied_version: int = 0
+    session: _Session | None = None
+    #: Counters of the current session, or of the last one while disconnected.
+    counters: api.SessionCounters = dataclasses.field(default_factory=api.SessionCounters)
+    withdraw_at: float | None = None
+    withdraw_handle: asyncio.TimerHandle | None = None
+
+
+class _Watcher:
+    """One WatchTopology stream."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[pb.WatchTopologyResponse | _Close] = asyncio.Queue()
+        self.synced = False
+
+
+class ListenError(RuntimeError):
+    """A --listen address could not be bound."""
+
+
+class Reflector:
+    """The reflector's state machine and gRPC server. See the module docstring for the flow.
+
+    ``clock`` is injectable so status arithmetic is testable; timers use the event loop.
+    """
+
+    def __init__(
+        self,
+        config: types.FabricConfig,
+        *,
+        grace_period: float = DEFAULT_GRACE_PERIOD_S,
+        keepalive_interval: float = DEFAULT_KEEPALIVE_INTERVAL_S,
+        startup_hold: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if keepalive_interval <= 0:
+            raise ValueError(f"keepalive interval must be positive, got {keepalive_interval}")
+        self.config = config
+        self.grace_period = max(0.0, grace_period)
+        self.keepalive_interval = keepalive_interval
+        self.startup_hold = self.grace_period if startup_hold is None else max(0.0, startup_hold)
+        self.clock = clock
+        self.epoch = uuid.uuid4().hex[:12]
+        self.topology = types.Topology(config)
+        self.generation = 0
+        self.holding = False
+        self._nodes: dict[types.NodeKey, _NodeRecord] = {}
+        self._rejections: dict[str, api.Rejection] = {}
+        self._rejections_total = 0
+        self._watchers: set[_Watcher] = set()
+        self._hold_handle: asyncio.TimerHandle | None = None
+        self._server: grpc.aio.Server | None = None
+        self._expected = {types.NodeKey.parse(k) for k in config.expected_nodes}
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self, listen: Sequence[str]) -> list[str]:
+        """Bind every address, start serving, begin the startup hold; returns the bound targets
+        (``host:port`` with the real port for ``:0``, or ``unix:/path``)."""
+        server = grpc.aio.server(options=SERVER_OPTIONS)
+        pb_grpc.add_FabricServicer_to_server(_Servicer(self), server)
+        bound: list[str] = []
+        for addr in listen:
+            bound.append(_bind(server, addr))
+        await server.start()
+        self._server = server
+        loop = asyncio.get_running_loop()
+        if self.startup_hold > 0 and not self._all_expected_present():
+            self.holding = True
+            self._hold_handle = loop.call_later(
+                self.startup_hold, self._release_hold, f"startup hold of {self.startup_hold:g}s elapsed"
+            )
+            _log.info(
+                "holding END_OF_SNAPSHOT for up to %gs until %s announce",
+                self.startup_hold,
+                f"{len(self._expected)} expected nodes" if self._expected else "(no node list: the full period)",
+            )
+        _log.info("reflector %s serving on %s", self.epoch, ", ".join(bound))
+        return bound
+
+    async def stop(self, grace: float = 0.5) -> None:
+        for rec in self._nodes.values():
+            if rec.withdraw_handle is not None:
+                rec.withdraw_handle.cancel()
+            if rec.session is not None:
+                rec.session.close("reflector shutting down", grpc.StatusCode.UNAVAILABLE)
+        for w in self._watchers:
+            w.queue.put_nowait(_Close("reflector shutting down", grpc.StatusCode.UNAVAILABLE))
+        if self._hold_handle is not None:
+            self._hold_handle.cancel()
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+    # -- announcements ----------------------------------------------------------------------
+
+    def _admit(self, ann: types.NodeAnnouncement, session: _Session) -> list[str]:
+        """Validate ``ann`` and attach ``session`` to its node; returns refusal reasons."""
+        key = ann.key
+        reasons = planner.validate_announcement(self.topology, ann)
+        if reasons:
+            self._reject(f"announcement {key} from {session.peer}", str(key), reasons)
+            return reasons
+        self._rejections.pop(str(key), None)
+        session.send(pb.SyncNodeResponse(keepalive=codec.keepalive_message(self.keepalive_interval)))
+        rec = self._nodes.get(key)
+        if rec is not None and rec.ann == ann:
+            if rec.session is not None:
+                _log.info("node %s: new session from %s replaces session %d", key, session.peer, rec.session.id)
+            else:
+                _log.info("node %s reconnected from %s within the grace period: nothing changes", key, session.peer)
+            self._attach(rec, session)
+        else:
+            changed = rec is not None
+            if rec is None:
+                rec = _NodeRecord(ann)
+                self._nodes[key] = rec
+            rec.ann = ann
+            self._attach(rec, session)
+            self._change_topology(self.topology.with_node(ann), upserts=[ann], removals=[])
+            _log.info(
+                "node %s %s from %s: underlay %s, pod CIDRs %s; generation %d",
+                key,
+                "changed its announcement" if changed else "joined",
+                session.peer,
+                ann.underlay_ip,
+                ",".join(ann.pod_cidrs) or "none",
+                self.generation,
+            )
+        if not self.holding:
+            self._send_snapshot(rec, session)
+        else:
+            self._maybe_release_hold()
+        return []
+
+    def _attach(self, rec: _NodeRecord, session: _Session) -> None:
+        if rec.withdraw_handle is not None:
+            rec.withdraw_handle.cancel()
+        rec.withdraw_handle = None
+        rec.withdraw_at = None
+        if rec.session is not None:
+            rec.session.close(f"replaced by a newer session from {session.peer}", grpc.StatusCode.ABORTED)
+        rec.session = session
+        # Versions are per session: the new session has applied nothing yet.
+        rec.applied_version = 0
+        rec.counters = session.counters
+
+    def _reject(self, source: str, ident: str, reasons: Sequence[str]) -> None:
+        reason = "; ".join(reasons)
+        self._rejections.pop(ident, None)
+        self._rejections[ident] = api.Rejection(source=source, reason=reason)
+        self._rejections_total += 1
+        while len(self._rejections) > MAX_REJECTIONS:
+            del self._rejections[next(iter(self._rejections))]
+        _log.info("rejected %s: %s", source, reason)
+
+    def _send_snapshot(self, rec: _NodeRecord, session: _Session) -> None:
+        for msg in codec.snapshot_messages(rec.planned, rec.planned_version, self.epoch):
+            session.send(msg)
+        session.synced = True
+        session.sent_state = rec.planned
+        c = session.counters
+        session.counters = dataclasses.replace(
+            c, snapshots_sent=c.snapshots_sent + 1, snapshot_entries_sent=c.snapshot_entries_sent + len(rec.planned)
+        )
+        rec.counters = session.counters
+        _log.debug("node %s: snapshot of %d entries, version %d", rec.ann.key, len(rec.planned), rec.planned_version)
+
+    def _change_topology(
+        self, new: types.Topology, upserts: Sequence[types.NodeAnnouncement], removals: Sequence[types.NodeKey]
+    ) -> None:
+        """Adopt ``new``, re-plan every node and queue a delta to each synced session whose plan
+        changed. Plans are pure, so a node the change does not concern gets an equal plan and
+        hears nothing."""
+        self.topology = new
+        self.generation += 1
+        gen = self.generation
+        debug = _log.isEnabledFor(logging.DEBUG)
+        for node in new.nodes:
+            rec = self._nodes[node.key]
+            state = planner.plan(new, node.key)
+            if state == rec.planned:
+                continue
+            rec.planned = state
+            rec.planned_version = gen
+            s = rec.session
+            if s is None or not s.synced:
+                continue
+            delta = types.diff_states(s.sent_state, state)
+            if not delta:
+                continue
+            s.send(codec.delta_message(delta, gen))
+            s.sent_state = state
+            c = s.counters
+            s.counters = dataclasses.replace(
+                c, deltas_sent=c.deltas_sent + 1, delta_entries_sent=c.delta_entries_sent + len(delta)
+            )
+            rec.counters = s.counters
+            if debug:
+                for e in delta.upserts:
+                    _log.debug("node %s: version %d upsert %s", node.key, gen, e)
+                for k in delta.removals:
+                    _log.debug("node %s: version %d remove %s", node.key, gen, k)
+        if self._watchers:
+            msg = codec.topology_delta_message(gen, upserts, removals)
+            for w in self._watchers:
+                if w.synced:
+                    w.queue.put_nowait(msg)
+
+    # -- sessions ---------------------------------------------------------------------------
+
+    def _on_applied(self, session: _Session, version: int) -> None:
+        rec = self._nodes.get(session.key)
+        if rec is None or rec.session is not session:
+            return
+        rec.applied_version = version
+        _log.debug("node %s applied version %d (planned %d)", session.key, version, rec.planned_version)
+
+    def _session_ended(self, session: _Session, reason: str) -> None:
+        session.closed = True
+        rec = self._nodes.get(session.key)
+        if rec is None or rec.session is not session:
+            return  # replaced by a newer session, or already withdrawn
+        rec.session = None
+        if self.grace_period <= 0:
+            _log.info("session of node %s ended (%s)", session.key, reason)
+            self._withdraw(session.key)
+            return
+        rec.withdraw_at = self.clock() + self.grace_period
+        rec.withdraw_handle = asyncio.get_running_loop().call_later(self.grace_period, self._withdraw, session.key)
+        _log.info(
+            "session of node %s ended (%s); withdrawing it in %gs unless it reconnects",
+            session.key,
+            reason,
+            self.grace_period,
+        )
+
+    def _withdraw(self, key: types.NodeKey) -> None:
+        rec = self._nodes.get(key)
+        if rec is None or rec.session is not None:
+            return
+        del self._nodes[key]
+        self._change_topology(self.topology.without_node(key), upserts=[], removals=[key])
+        _log.info("node %s withdrawn; generation %d", key, self.generation)
+
+    def _hold_time(self, session: _Session | None) -> float:
+        peer = session.peer_interval if session is not None else 0.0
+        return DEAD_AFTER_INTERVALS * max(self.keepalive_interval, peer)
+
+    async def _read_requests(self, session: _Session, requests: AsyncIterator[pb.SyncNodeRequest]) -> None:
+        try:
+            async for req in requests:
+                session.last_rx = self.clock()
+                kind = req.WhichOneof("message")
+                if kind == "keepalive":
+                    session.peer_interval = req.keepalive.interval_ms / 1000.0
+                elif kind == "applied":
+                    self._on_applied(session, req.applied.version)
+                else:
+                    session.close(
+                        f"protocol error: {kind or 'empty'} message after the announcement",
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                    )
+                    return
+            session.close("agent closed the session")
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # the stream broke: grpc reports it as various exception types
+            session.close(f"stream from agent failed: {e}", grpc.StatusCode.UNAVAILABLE)
+
+    async def _keepalive(self, session: _Session) -> None:
+        while not session.closed:
+            session.send(pb.SyncNodeResponse(keepalive=codec.keepalive_message(self.keepalive_interval)))
+            await asyncio.sleep(self.keepalive_interval)
+            silent = self.clock() - session.last_rx
+            if silent > self._hold_time(session):
+                session.close(f"keepalive timeout: nothing received for {silent:.1f}s", grpc.StatusCode.UNAVAILABLE)
+                return
+
+    async def sync_node(
+        self, requests: AsyncIterator[pb.SyncNodeRequest], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.SyncNodeResponse]:
+        peer = _peer_name(context.peer())
+        try:
+            first = await asyncio.wait_for(anext(requests), self._hold_time(None))
+        except (StopAsyncIteration, TimeoutError):
+            _log.info("session from %s ended before announcing its node", peer)
+            return
+        if first.WhichOneof("message") != "announce":
+            reason = f"the first message must be an announcement, not {first.WhichOneof('message') or 'empty'}"
+            self._reject(f"session from {peer}", f"peer {peer}", [reason])
+            yield pb.SyncNodeResponse(rejected=pb.Rejected(reason=reason))
+            return
+        ann = codec.node_from_pb(first.announce.node)
+        session = _Session(ann.key, peer, self.clock())
+        reasons = self._admit(ann, session)
+        if reasons:
+            yield pb.SyncNodeResponse(rejected=pb.Rejected(reason="; ".join(reasons)))
+            return
+        reader = asyncio.create_task(self._read_requests(session, requests))
+        ticker = asyncio.create_task(self._keepalive(session))
+        end_reason = "stream cancelled (agent gone)"
+        try:
+            while True:
+                item = await session.queue.get()
+                if isinstance(item, _Close):
+                    end_reason = item.reason
+                    if item.code is not None:
+                        context.set_code(item.code)
+                        context.set_details(item.reason)
+                    break
+                yield item
+        finally:
+            reader.cancel()
+            ticker.cancel()
+            self._session_ended(session, end_reason)
+
+    async def watch_topology(self) -> AsyncIterator[pb.WatchTopologyResponse]:
+        w = _Watcher()
+        self._watchers.add(w)
+        if not self.holding:
+            self._sync_watcher(w)
+        try:
+            while True:
+                item = await w.queue.get()
+                if isinstance(item, _Close):
+                    break
+                yield item
+        finally:
+            self._watchers.discard(w)
+
+    def _sync_watcher(self, w: _Watcher) -> None:
+        for msg in codec.topology_snapshot_messages(self.topology, self.generation):
+            w.queue.put_nowait(msg)
+        w.synced = True
+
+    # -- startup hold -----------------------------------------------------------------------
+
+    def _all_expected_present(self) -> bool:
+        return bool(self._expected) and all(k in self._nodes for k in self._expected)
+
+    def _maybe_release_hold(self) -> None:
+        if self.holding and self._all_expected_present():
+            self._release_hold(f"all {len(self._expected)} expected nodes announced")
+
+    def _release_hold(self, why: str) -> None:
+        if not self.holding:
+            return
+        self.holding = False
+        if self._hold_handle is not None:
+            self._hold_handle.cancel()
+            self._hold_handle = None
+        _log.info("startup hold released (%s): sending snapshots and END_OF_SNAPSHOT", why)
+        for rec in self._nodes.values():
+            if rec.session is not None and not rec.session.synced:
+                self._send_snapshot(rec, rec.session)
+        for w in self._watchers:
+            if not w.synced:
+                self._sync_watcher(w)
+
+    # -- status -----------------------------------------------------------------------------
+
+    def status(self) -> api.FabricStatus:
+        now = self.clock()
+        nodes_by_cluster: dict[str, list[api.NodeStatus]] = {c.name: [] for c in self.config.clusters}
+        for node in self.topology.nodes:
+            rec = self._nodes[node.key]
+            nodes_by_cluster.setdefault(node.cluster, []).append(
+                api.NodeStatus(
+                    cluster=node.cluster,
+                    name=node.name,
+                    underlay_ip=node.underlay_ip,
+                    pod_cidrs=node.pod_cidrs,
+                    connected=rec.session is not None,
+                    planned_version=rec.planned_version,
+                    applied_version=rec.applied_version,
+                    planned_entries=len(rec.planned),
+                    counters=rec.counters,
+                    withdraw_in_s=None if rec.withdraw_at is None else max(0.0, rec.withdraw_at - now),
+                )
+            )
+        return api.FabricStatus(
+            epoch=self.epoch,
+            generation=self.generation,
+            holding=self.holding,
+            clusters=tuple(
+                api.ClusterStatus(
+                    name=c.name,
+                    mode=c.mode.value,
+                    pod_cidrs=c.pod_cidrs,
+                    service_cidrs=c.service_cidrs,
+                    nodes=tuple(nodes_by_cluster.get(c.name, ())),
+                )
+                for c in self.config.clusters
+            ),
+            rejections=tuple(self._rejections.values()),
+        )
+
+    def collector(self) -> Collector:
+        return _MetricsCollector(self)
+
+
+class _Servicer(pb_grpc.FabricServicer):  # type: ignore[misc]
+    """Adapter from the generated servicer interface to :class:`Reflector`."""
+
+    def __init__(self, reflector: Reflector) -> None:
+        self._r = reflector
+
+    # grpc.aio recognises streaming handlers by inspect.isasyncgenfunction: these must be async
+    # generator functions themselves, not functions returning one.
+    async def SyncNode(
+        self, request_iterator: AsyncIterator[pb.SyncNodeRequest], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.SyncNodeResponse]:
+        async for msg in self._r.sync_node(request_iterator, context):
+            yield msg
+
+    async def GetStatus(
+        self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetStatusResponse:
+        return codec.status_to_pb(self._r.status())
+
+    async def WatchTopology(
+        self, request: pb.WatchTopologyRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.WatchTopologyResponse]:
+        async for msg in self._r.watch_topology():
+            yield msg
+
+
+class _MetricsCollector(Collector):
+    """Prometheus view read from the reflector at scrape time (no bookkeeping on the hot path)."""
+
+    def __init__(self, reflector: Reflector) -> None:
+        self._r = reflector
+
+    def collect(self) -> Iterable[Metric]:
+        r = self._r
+        recs = list(r._nodes.values())
+        yield GaugeMetricFamily("fabric_reflector_topology_generation", "Topology generation.", value=r.generation)
+        yield GaugeMetricFamily("fabric_reflector_nodes", "Nodes in the topology.", value=len(recs))
+        yield GaugeMetricFamily(
+            "fabric_reflector_sessions", "Open agent sessions.", value=sum(1 for x in recs if x.session is not None)
+        )
+        yield GaugeMetricFamily("fabric_reflector_holding", "1 during the startup hold.", value=int(r.holding))
+        sent = CounterMetricFamily(
+            "fabric_reflector_sent_entries", "Entries sent to sessions still in the topology.", labels=["kind"]
+        )
+        sent.add_metric(["snapshot"], sum(x.counters.snapshot_entries_sent for x in recs))
+        sent.add_metric(["delta"], sum(x.counters.delta_entries_sent for x in recs))
+        yield sent
+        yield CounterMetricFamily(
+            "fabric_reflector_rejections", "Refused announcements.", value=r._rejections_total
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Addresses
+# --------------------------------------------------------------------------------------------
+
+
+def _peer_name(peer: str) -> str:
+    """``ipv4:127.0.0.1:5000`` -> ``127.0.0.1:5000``; unix peers as they are."""
+    for prefix in ("ipv4:", "ipv6:"):
+        if peer.startswith(prefix):
+            return peer[len(prefix) :]
+    return peer or "unknown peer"
+
+
+def parse_listen(addr: str) -> str:
+    """Check a --listen value (``HOST:PORT``, ``[V6]:PORT`` or ``unix:/abs/path``); returns it."""
+    if addr.startswith("unix:"):
+        path = addr[len("unix:") :]
+        if not path.startswith("/"):
+            raise ValueError(f"--listen {addr!r}: a unix socket path must be absolute (unix:/path/sock)")
+        return addr
+    host, sep, port = addr.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"--listen {addr!r}: expected HOST:PORT or unix:/path")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"--listen {addr!r}: port {port!r} is not a number from 0 to 65535")
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        ipaddress.ip_address(bare)
+    except ValueError:
+        if bare != "localhost":
+            raise ValueError(f"--listen {addr!r}: {host!r} is not an IP address") from None
+    return addr
+
+
+def _bind(server: grpc.aio.Server, addr: str) -> str:
+    if addr.startswith("unix:"):
+        path = Path(addr[len("unix:") :])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            if stat.S_ISSOCK(path.lstat().st_mode):
+                path.unlink()  # stale socket of a previous run; a live one would be a bug of the caller
+        except FileNotFoundError:
+            pass
+    try:
+        port = server.add_insecure_port(addr)
+    except RuntimeError as e:
+        raise ListenError(f"cannot listen on {addr}: {e}") from e
+    if port == 0 and not addr.startswith("unix:"):
+        raise ListenError(f"cannot listen on {addr}: address in use or unavailable")
+    if addr.startswith("unix:"):
+        return addr
+    host = addr.rpartition(":")[0]
+    return f"{host}:{port}"
+
+
+# --------------------------------------------------------------------------------------------
+# fabric-reflector
+# --------------------------------------------------------------------------------------------
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="fabric-reflector",
+        description="Route reflector of the Kosmos fabric: plans every node's tunnels and routes and streams them.",
+        epilog=(
+            "example: fabric-reflector --config examples/lab.yaml --listen 198.18.0.1:4880 "
+            "--listen unix:/run/kosmos-fabric/lab/reflector.sock"
+        ),
+    )
+    p.add_argument("--config", required=True, metavar="FILE", help="topology file (clusters, CIDRs, expected nodes)")
+    p.add_argument(
+        "--listen",
+        action="append",
+        metavar="ADDR",
+        help=f"HOST:PORT or unix:/path, repeatable (default {DEFAULT_LISTEN})",
+    )
+    p.add_argument(
+        "--grace-period",
+        type=float,
+        default=DEFAULT_GRACE_PERIOD_S,
+        metavar="S",
+        help="seconds a node whose session died stays in the topology (default %(default)g)",
+    )
+    p.add_argument(
+        "--keepalive-interval",
+        type=float,
+        default=DEFAULT_KEEPALIVE_INTERVAL_S,
+        metavar="S",
+        help=f"seconds between keepalives; {DEAD_AFTER_INTERVALS} silent intervals = dead (default %(default)g)",
+    )
+    p.add_argument(
+        "--startup-hold",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds to withhold END_OF_SNAPSHOT after start unless all expected nodes announced "
+        "(default: the grace period; 0 disables)",
+    )
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--metrics-listen", metavar="ADDR:PORT", help="serve Prometheus metrics here (default: off)")
+    args = p.parse_args(argv)
+    if args.keepalive_interval <= 0:
+        p.error(f"--keepalive-interval {args.keepalive_interval:g}: must be positive")
+    if args.grace_period < 0:
+        p.error(f"--grace-period {args.grace_period:g}: must not be negative")
+    if args.startup_hold is not None and args.startup_hold < 0:
+        p.error(f"--startup-hold {args.startup_hold:g}: must not be negative")
+    try:
+        args.listen = [parse_listen(a) for a in (args.listen or [DEFAULT_LISTEN])]
+        if args.metrics_listen is not None:
+            if args.metrics_listen.startswith("unix:"):
+                raise ValueError(f"--metrics-listen {args.metrics_listen!r}: must be ADDR:PORT")
+            parse_listen(args.metrics_listen)
+    except ValueError as e:
+        p.error(str(e))
+    return args
+
+
+async def _serve(reflector: Reflector, listen: Sequence[str]) -> None:
+    await reflector.start(listen)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    _log.info("stopping")
+    await reflector.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = topology_file.load(args.config).fabric_config()
+    except topology_file.TopologyError as e:
+        print(f"fabric-reflector: {e}", file=sys.stderr)
+        return 2
+    reflector = Reflector(
+        config,
+        grace_period=args.grace_period,
+        keepalive_interval=args.keepalive_interval,
+        startup_hold=args.startup_hold,
+    )
+    _log.info(
+        "config %s: %d clusters, %d expected nodes; grace %gs, keepalive %gs, startup hold %gs",
+        args.config,
+        len(config.clusters),
+        len(config.expected_nodes),
+        reflector.grace_period,
+        reflector.keepalive_interval,
+        reflector.startup_hold,
+    )
+    if args.metrics_listen:
+        registry = CollectorRegistry()
+        registry.register(reflector.collector())
+        host, _, port = args.metrics_listen.rpartition(":")
+        start_http_server(int(port), addr=host.strip("[]"), registry=registry)
+    try:
+        asyncio.run(_serve(reflector, args.listen))
+    except ListenError as e:
+        print(f"fabric-reflector: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
