@@ -30,8 +30,9 @@ import os
 import select
 import signal
 import subprocess
+import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -95,6 +96,7 @@ def spawn_in_netns(
     netns: str,
     argv: Sequence[str],
     *,
+    stdin: int | IO[Any] | None = subprocess.DEVNULL,
     stdout: int | IO[Any] | None = None,
     stderr: int | IO[Any] | None = None,
     new_session: bool = True,
@@ -108,10 +110,10 @@ def spawn_in_netns(
         raise FileNotFoundError(errno.ENOENT, f"network namespace {netns!r} does not exist", str(netns_path(netns)))
     return subprocess.Popen(
         list(argv),
-        stdin=subprocess.DEVNULL,
+        stdin=stdin,
         stdout=stdout,
         stderr=stderr,
-        preexec_fn=_enter_netns_preexec(netns),  # noqa: PLW1509 - single setns call, no locks taken
+        preexec_fn=_enter_netns_preexec(netns),  # only a setns between fork and exec
         start_new_session=new_session,
         close_fds=True,
         env=env,
@@ -146,9 +148,8 @@ def start_time(pid: int) -> int | None:
 
 
 def alive(pid: int) -> bool:
-    """True if ``pid`` exists and is not a zombie (zombies of our own children are reaped)."""
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)
+    """True if ``pid`` exists and has not exited. A zombie counts as exited; it is never reaped
+    here, since it may be a child whose parent (subprocess.Popen) still wants its exit status."""
     st = read_stat(pid)
     return st is not None and st[0] not in ("Z", "X")
 
@@ -241,3 +242,26 @@ def _wait_fds(fds: dict[int, int], timeout_s: float) -> None:
         for fd in pending.values():
             poller.register(fd, select.POLLIN)
         poller.poll(min(left, 0.1) * 1000)
+
+
+def run_in_netns_thread(netns: str, fn: Callable[[], None]) -> None:
+    """Run ``fn`` in a fresh thread that first entered namespace ``netns``.
+
+    ``setns(CLONE_NEWNET)`` changes only the calling thread, and the thread is discarded
+    afterwards, so the rest of the process never leaves its own namespace. Exceptions raised by
+    ``fn`` or by entering the namespace are re-raised here.
+    """
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            _enter_netns_preexec(netns)()
+            fn()
+        except BaseException as e:  # handed to the caller's thread below
+            failure.append(e)
+
+    t = threading.Thread(target=run, name=f"netns-{netns}")
+    t.start()
+    t.join()
+    if failure:
+        raise failure[0]

@@ -1,0 +1,167 @@
+"""The lab's own plumbing on a real kernel, without the fabric's processes.
+
+A lab built with ``start_processes=False`` has namespaces, the underlay bridge, pod veths and
+the intra-cluster host-gw routes, but nothing between clusters: so pods of one cluster reach
+each other (through the node or across the underlay) and pods of different clusters must not.
+``down`` must leave no namespace and no process behind, with or without its state file.
+Every test uses its own lab name (``kft`` + hex) and tears down in a finally.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tools import check, lab, nsutil
+
+TOPO = """\
+underlay: 198.18.0.0/24
+clusters:
+  - name: east
+    podCIDRs: [10.10.0.0/16]
+    nodes:
+      - {name: e1, pods: 2}
+      - {name: e2, pods: 1}
+  - name: west
+    podCIDRs: [10.20.0.0/16]
+    nodes:
+      - {name: w1, pods: 1}
+"""
+
+
+def _quiet(msg: str) -> None:
+    pass
+
+
+@pytest.fixture
+def lab_name() -> Iterator[str]:
+    name = "kft" + uuid.uuid4().hex[:8]
+    try:
+        yield name
+    finally:
+        lab.down(name, progress=_quiet)
+        assert not [ns for ns in nsutil.list_netns() if ns.startswith(f"{name}-")]
+
+
+def _write(tmp_path: Path, text: str, fname: str = "topo.yaml") -> Path:
+    p = tmp_path / fname
+    p.write_text(text)
+    return p
+
+
+def _root_links() -> set[str]:
+    out = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=True).stdout
+    return {line.split(":")[1].strip() for line in out.splitlines()}
+
+
+def _routes(ns: str) -> set[str]:
+    out = subprocess.run(["ip", "-n", ns, "route", "show"], capture_output=True, text=True, check=True).stdout
+    return {" ".join(line.split()) for line in out.splitlines()}
+
+
+def test_plumbing_connects_pods_inside_a_cluster_only(tmp_path: Path, lab_name: str) -> None:
+    before = _root_links()
+    st = lab.up(_write(tmp_path, TOPO), lab_name, start_processes=False, progress=_quiet)
+    assert _root_links() == before, "the lab must not create anything in the root namespace"
+
+    expected = {f"{lab_name}-ul", f"{lab_name}-east-e1", f"{lab_name}-east-e2", f"{lab_name}-west-w1",
+                f"{lab_name}-east-e1-p0", f"{lab_name}-east-e1-p1", f"{lab_name}-east-e2-p0",
+                f"{lab_name}-west-w1-p0"}  # fmt: skip
+    assert {ns for ns in nsutil.list_netns() if ns.startswith(f"{lab_name}-")} == expected
+    e1 = _routes(f"{lab_name}-east-e1")
+    assert "10.10.1.0/24 via 198.18.0.12 dev eth0" in e1  # host-gw to e2
+    assert "10.10.0.2 dev veth-p0 scope link" in e1
+    assert not any(r.startswith("10.20.") for r in e1), "cross-cluster routes are the fabric's job"
+    assert "default via 169.254.1.1 dev eth0" in _routes(f"{lab_name}-east-e1-p0")
+
+    result = check.run(check.pods_of(st), timeout_s=1.0)
+    assert len(result.pairs) == 4 * 3
+    for p in result.pairs:
+        same_cluster = p.src.split("/")[0] == p.dst.split("/")[0]
+        assert p.ok == same_cluster, p
+    assert result.passed == 6 and not result.ok
+    assert result.elapsed_s < 10, "workers must run in parallel"
+
+    # A second `up` of the same file changes nothing: same namespaces (same inodes), same state.
+    inodes = {ns: nsutil.netns_inode(ns) for ns in expected}
+    state_before = lab.state_file(lab_name).read_text()
+    lab.up(_write(tmp_path, TOPO), lab_name, start_processes=False, progress=_quiet)
+    assert {ns: nsutil.netns_inode(ns) for ns in expected} == inodes
+    assert lab.state_file(lab_name).read_text() == state_before
+
+    lab.down(lab_name, progress=_quiet)
+    assert not [ns for ns in nsutil.list_netns() if ns.startswith(f"{lab_name}-")]
+    assert not lab.state_dir(lab_name).exists()
+    assert not (lab.LAB_ROOT / f".{lab_name}.lock").exists()
+    assert lab.down(lab_name, progress=_quiet) is False  # idempotent
+
+
+def test_up_with_a_larger_file_adds_a_node_and_refuses_removals(tmp_path: Path, lab_name: str) -> None:
+    lab.up(_write(tmp_path, TOPO), lab_name, start_processes=False, progress=_quiet)
+    e1_ns = nsutil.netns_inode(f"{lab_name}-east-e1")
+    bigger = TOPO.replace("      - {name: e2, pods: 1}\n", "      - {name: e2, pods: 1}\n      - {name: e3, pods: 1}\n")
+    st = lab.up(_write(tmp_path, bigger, "big.yaml"), lab_name, start_processes=False, progress=_quiet)
+    e3 = st.node("east/e3")
+    assert e3 is not None and e3.underlay_ip == "198.18.0.14"  # w1 kept .13
+    assert nsutil.netns_inode(f"{lab_name}-east-e1") == e1_ns, "existing nodes are left untouched"
+    assert f"{e3.pod_cidr} via 198.18.0.14 dev eth0" in _routes(f"{lab_name}-east-e1")
+    assert "10.10.0.0/24 via 198.18.0.11 dev eth0" in _routes(f"{lab_name}-east-e3")
+    result = check.run([p for p in check.pods_of(st) if p.cluster == "east"], timeout_s=1.0)
+    assert result.ok, [p for p in result.pairs if not p.ok]
+
+    with pytest.raises(lab.LabUsageError, match="node east/e3 removed"):
+        lab.up(_write(tmp_path, TOPO), lab_name, start_processes=False, progress=_quiet)
+    assert nsutil.netns_exists(f"{lab_name}-east-e3"), "a refused up changes nothing"
+
+
+def test_down_after_a_crash_finds_namespaces_and_processes_without_state(tmp_path: Path, lab_name: str) -> None:
+    st = lab.up(_write(tmp_path, TOPO), lab_name, start_processes=False, progress=_quiet)
+    node = st.node("west/w1")
+    assert node is not None
+    # A stand-in for an agent, started the way the lab starts one.
+    proc = nsutil.spawn_in_netns(node.netns, ["sleep", "300"])
+    try:
+        assert nsutil.pid_netns_inode(proc.pid) == nsutil.netns_inode(node.netns)
+        assert nsutil.pid_netns_inode(proc.pid) != nsutil.pid_netns_inode(os.getpid())
+        lab.state_file(lab_name).unlink()  # the crash: no record of anything
+        t0 = time.monotonic()
+        assert lab.down(lab_name, progress=_quiet) is True
+        assert proc.wait(timeout=5) is not None
+        assert time.monotonic() - t0 < 5
+        assert not [ns for ns in nsutil.list_netns() if ns.startswith(f"{lab_name}-")]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_corrupt_state_does_not_stop_down(tmp_path: Path, lab_name: str) -> None:
+    lab.up(_write(tmp_path, TOPO), lab_name, start_processes=False, progress=_quiet)
+    lab.state_file(lab_name).write_text("{garbage")
+    with pytest.raises(lab.LabError, match="not valid JSON"):
+        lab.up(_write(tmp_path, TOPO), lab_name, start_processes=False, progress=_quiet)
+    assert lab.down(lab_name, progress=_quiet) is True
+    assert not [ns for ns in nsutil.list_netns() if ns.startswith(f"{lab_name}-")]
+
+
+def test_terminate_never_signals_a_reused_pid(lab_name: str) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        nsutil.spawn_in_netns(f"{lab_name}-absent", ["true"])
+    sleeper = subprocess.Popen(["sleep", "300"])
+    try:
+        started = nsutil.start_time(sleeper.pid)
+        assert started is not None
+        assert nsutil.terminate([(sleeper.pid, started + 1)]) == []  # start time differs: not ours
+        assert sleeper.poll() is None
+        assert nsutil.terminate([(sleeper.pid, started)], grace_s=2) == [sleeper.pid]
+        assert sleeper.wait(timeout=5) == -15
+    finally:
+        if sleeper.poll() is None:
+            sleeper.kill()
+            sleeper.wait()

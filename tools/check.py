@@ -1,0 +1,240 @@
+"""``fabric-tool check``: probe every pod of a lab from every other pod and show the matrix.
+
+Every ordered pair of distinct pods is probed (same node, same cluster and across clusters,
+both directions): the fabric must make each of them work. One worker per *source* pod
+(:mod:`tools.probe`) runs inside that pod's network namespace and probes all destinations at
+once, and all workers run in parallel, so the whole matrix costs about one probe timeout (plus
+the workers' start-up), not pairs x timeout.
+
+The pod list comes from the lab's state file only, so ``check`` also works on a lab built without
+its fabric processes (that is how the privileged tests check the lab's own plumbing).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tools import lab, nsutil
+
+_log = logging.getLogger(__name__)
+
+_REPO = Path(__file__).resolve().parent.parent
+#: Extra time a worker gets beyond the probe timeout: interpreter and scapy start-up.
+_WORKER_SLACK_S = 20.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Pod:
+    label: str  # cluster/node/pN
+    netns: str
+    ip: str
+
+    @property
+    def cluster(self) -> str:
+        return self.label.split("/", 1)[0]
+
+
+@dataclasses.dataclass
+class PairResult:
+    src: str
+    dst: str
+    dst_ip: str
+    proto: str
+    ok: bool
+    rtt_ms: float | None
+    error: str | None
+
+
+@dataclasses.dataclass
+class CheckResult:
+    pods: list[Pod]
+    pairs: list[PairResult]
+    elapsed_s: float = 0.0
+
+    @property
+    def passed(self) -> int:
+        return sum(1 for p in self.pairs if p.ok)
+
+    @property
+    def failed(self) -> int:
+        return len(self.pairs) - self.passed
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.pairs) and self.failed == 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "pairs": [dataclasses.asdict(p) for p in self.pairs],
+            "passed": self.passed,
+            "failed": self.failed,
+            "elapsed_s": round(self.elapsed_s, 3),
+        }
+
+
+def pods_of(state: lab.LabState) -> list[Pod]:
+    return [Pod(f"{n.key}/{p.name}", p.netns, p.ip) for n in state.nodes() for p in n.pods]
+
+
+def parse_worker_output(src: Pod, dsts: Sequence[Pod], stdout: str, stderr: str, rc: int | None) -> list[PairResult]:
+    """Turn one worker's output into pair results; a broken worker fails each of its pairs
+    with the reason (never silently drops them)."""
+    reason: str | None = None
+    results: list[Any] = []
+    if rc is None:
+        reason = "probe worker timed out"
+    else:
+        try:
+            doc = json.loads(stdout)
+            if not isinstance(doc, dict):
+                raise ValueError("output is not a JSON object")
+            if "error" in doc:
+                raise ValueError(str(doc["error"]))
+            results = doc["results"]
+            if not isinstance(results, list) or len(results) != len(dsts):
+                raise ValueError(f"expected {len(dsts)} results, got {results!r:.80}")
+        except (ValueError, KeyError) as e:
+            tail = " | ".join(stderr.strip().splitlines()[-3:])
+            reason = f"probe worker failed (exit {rc}): {e}" + (f"; stderr: {tail}" if tail else "")
+    out = []
+    for i, dst in enumerate(dsts):
+        if reason is not None:
+            out.append(PairResult(src.label, dst.label, dst.ip, "icmp", False, None, reason))
+            continue
+        r = results[i]
+        if not isinstance(r, dict) or r.get("dst_ip") != dst.ip:
+            out.append(PairResult(src.label, dst.label, dst.ip, "icmp", False, None, f"malformed result {r!r:.80}"))
+            continue
+        ok = r.get("ok") is True
+        rtt = r.get("rtt_ms")
+        out.append(
+            PairResult(
+                src=src.label,
+                dst=dst.label,
+                dst_ip=dst.ip,
+                proto=str(r.get("proto", "icmp")),
+                ok=ok,
+                rtt_ms=float(rtt) if isinstance(rtt, int | float) else None,
+                error=None if ok else str(r.get("error") or "failed"),
+            )
+        )
+    return out
+
+
+def run(pods: Sequence[Pod], timeout_s: float = 2.0, count: int = 1) -> CheckResult:
+    """Probe all ordered pairs of ``pods`` in parallel, one worker per source pod."""
+    t0 = time.monotonic()
+    workers: list[tuple[Pod, list[Pod], subprocess.Popen[bytes] | None, str]] = []
+    for src in pods:
+        dsts = [d for d in pods if d is not src]
+        if not dsts:
+            continue
+        request = json.dumps({"targets": [d.ip for d in dsts], "timeout": timeout_s, "count": count})
+        try:
+            proc = nsutil.spawn_in_netns(
+                src.netns,
+                [sys.executable, "-m", "tools.probe"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                new_session=False,
+                cwd=str(_REPO),
+            )
+        except OSError as e:
+            workers.append((src, dsts, None, f"cannot start probe worker in {src.netns}: {e.strerror or e}"))
+            continue
+        # Hand every worker its request now (a few hundred bytes: fits the pipe buffer) so all of
+        # them probe at once; their outputs are collected afterwards.
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write(request.encode())
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass
+        proc.stdin = None
+        workers.append((src, dsts, proc, ""))
+    pairs: list[PairResult] = []
+    deadline = time.monotonic() + timeout_s + _WORKER_SLACK_S
+    for src, dsts, worker, why in workers:
+        if worker is None:
+            pairs += [PairResult(src.label, d.label, d.ip, "icmp", False, None, why) for d in dsts]
+            continue
+        try:
+            out, err = worker.communicate(timeout=max(0.1, deadline - time.monotonic()))
+            rc: int | None = worker.returncode
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            out, err = worker.communicate()
+            rc = None
+        pairs += parse_worker_output(src, dsts, out.decode(errors="replace"), err.decode(errors="replace"), rc)
+    return CheckResult(list(pods), pairs, time.monotonic() - t0)
+
+
+# -- rendering -------------------------------------------------------------------------------
+
+
+def _marks() -> tuple[str, str, str]:
+    enc = getattr(sys.stdout, "encoding", None) or "ascii"
+    try:
+        "✓✗·".encode(enc)
+    except (UnicodeEncodeError, LookupError):
+        return "+", "X", "."
+    return "✓", "✗", "·"
+
+
+def render_matrix(result: CheckResult, marks: tuple[str, str, str] | None = None) -> str:
+    """Rows are sources, columns destinations (numbered like the rows); a summary closes it."""
+    yes, no, self_mark = marks or _marks()
+    pods = result.pods
+    protos = sorted({p.proto for p in result.pairs}) or ["icmp"]
+    cells: dict[tuple[str, str], bool] = {}
+    for p in result.pairs:
+        key = (p.src, p.dst)
+        cells[key] = cells.get(key, True) and p.ok
+    num_w = len(str(len(pods)))
+    label_w = max((len(p.label) for p in pods), default=3)
+    ip_w = max((len(p.ip) for p in pods), default=2)
+    col_w = max(num_w, 1) + 1
+    lines = []
+    prefix = " " * (num_w + 1) + "src".ljust(label_w) + "  " + "".ljust(ip_w) + " "
+    lines.append(prefix + "".join(str(i + 1).rjust(col_w) for i in range(len(pods))) + "   dst")
+    prev_cluster = None
+    for i, src in enumerate(pods):
+        if prev_cluster is not None and src.cluster != prev_cluster:
+            lines.append("")
+        prev_cluster = src.cluster
+        row = []
+        for dst in pods:
+            if dst is src:
+                row.append(self_mark)
+            elif (src.label, dst.label) not in cells:
+                row.append(" ")
+            else:
+                row.append(yes if cells[(src.label, dst.label)] else no)
+        lines.append(
+            f"{str(i + 1).rjust(num_w)} {src.label.ljust(label_w)}  {src.ip.ljust(ip_w)} "
+            + "".join(c.rjust(col_w) for c in row)
+        )
+    failures = [p for p in result.pairs if not p.ok]
+    if failures:
+        lines.append("")
+        lines.append("failed pairs:")
+        for p in failures[:20]:
+            lines.append(f"  {p.src} -> {p.dst} ({p.dst_ip}, {p.proto}): {p.error}")
+        if len(failures) > 20:
+            lines.append(f"  ... and {len(failures) - 20} more (use --json for all)")
+    lines.append("")
+    verdict = "all pairs passed" if result.ok else f"{result.failed} FAILED"
+    lines.append(
+        f"{result.passed}/{len(result.pairs)} pairs passed ({', '.join(protos)}), {verdict}, "
+        f"{len(pods)} pods, {result.elapsed_s:.1f} s"
+    )
+    return "\n".join(lines)

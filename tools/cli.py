@@ -1,0 +1,403 @@
+"""``fabric-tool``: the lab, connectivity checks, reflector status and benchmarks.
+
+Exit status: 0 success, 1 the operation failed (a lab that does not come up in sync, a failed
+pair in ``check``), 2 bad input (arguments, topology file, a change ``lab up`` refuses). User
+errors print one clear message naming the bad value and where it came from, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import logging
+import math
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from tools import lab
+
+_log = logging.getLogger(__name__)
+
+_MAIN_EPILOG = """\
+examples:
+  fabric-tool lab up                      build the default lab (examples/lab.yaml) and wait for sync
+  fabric-tool check                       probe every pod pair of the lab, print the matrix
+  fabric-tool lab status --json           namespaces, PIDs and sync state for scripts
+  fabric-tool lab exec east/e1/p0 -- ping -c1 10.20.0.2
+  fabric-tool lab down                    remove everything the lab made
+  fabric-tool status --reflector 127.0.0.1:4880
+  fabric-tool bench netlink --repeat 3
+"""
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of seconds")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def _pod_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value <= 64:
+        raise argparse.ArgumentTypeError(f"{text!r} must be from 0 to 64")
+    return value
+
+
+def _lab_name(text: str) -> str:
+    try:
+        return lab.check_lab_name(text)
+    except lab.LabUsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fabric-tool",
+        description="Kosmos Fabric tool: one-machine lab, connectivity check, reflector status, benchmarks.",
+        epilog=_MAIN_EPILOG,
+        formatter_class=_Formatter,
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    # -- lab ---------------------------------------------------------------------------------
+    name_opt = argparse.ArgumentParser(add_help=False)
+    name_opt.add_argument(
+        "--name", type=_lab_name, default=lab.DEFAULT_NAME, help=f"lab name (default {lab.DEFAULT_NAME})"
+    )
+    lp = sub.add_parser(
+        "lab",
+        help="build and run clusters of network namespaces on this machine",
+        description="Whole clusters on one machine: nodes and pods are network namespaces, the underlay is a "
+        "bridge in the lab namespace NAME-ul. Nothing is changed in the root namespace. Needs root.",
+        epilog="examples:\n  fabric-tool lab up\n  fabric-tool lab up examples/lab.yaml --name demo --timeout 120\n"
+        "  fabric-tool lab status\n  fabric-tool lab stop-agent east/e1\n  fabric-tool lab down --name demo",
+        formatter_class=_Formatter,
+    )
+    lsub = lp.add_subparsers(dest="lab_command", metavar="LAB_COMMAND", required=True)
+
+    up = lsub.add_parser(
+        "up",
+        parents=[name_opt],
+        help="build the lab (or add what is missing) and wait until every agent is in sync",
+        description="Validate TOPOLOGY, build every namespace and link, start the reflector and one agent per node, "
+        "and wait until every node reports its planned state applied. On a running lab it adds new clusters, nodes "
+        "and stopped processes and leaves everything else untouched.",
+        epilog="examples:\n  fabric-tool lab up\n  fabric-tool lab up my-topology.yaml --name big --timeout 180\n"
+        "  fabric-tool lab up --resync-period 5 --grace-period 10",
+        formatter_class=_Formatter,
+    )
+    up.add_argument(
+        "topology", nargs="?", default=str(lab.DEFAULT_TOPOLOGY), help="topology file (default examples/lab.yaml)"
+    )
+    up.add_argument("--timeout", type=_positive_float, default=lab.DEFAULT_UP_TIMEOUT_S, help="seconds (default 60)")
+    up.add_argument("--grace-period", type=_positive_float, help="reflector: seconds before a lost node is withdrawn")
+    up.add_argument("--resync-period", type=_positive_float, help="agents: seconds between full resyncs")
+    up.add_argument("--no-processes", action="store_true", help="build only the plumbing; start no reflector or agents")
+
+    down = lsub.add_parser(
+        "down",
+        parents=[name_opt],
+        help="remove every namespace, process and pinned object of the lab",
+        description="Works even after a crash or without a state file: namespaces are found by name under "
+        "/run/netns and processes by their network namespace. Idempotent.",
+        epilog="example:\n  fabric-tool lab down --name demo",
+        formatter_class=_Formatter,
+    )
+    del down
+    st = lsub.add_parser(
+        "status",
+        parents=[name_opt],
+        help="clusters, nodes, pods, sessions, versions and sync state",
+        epilog="examples:\n  fabric-tool lab status\n  fabric-tool lab status --json | jq '.clusters[].nodes[].netns'",
+        formatter_class=_Formatter,
+    )
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    ex = lsub.add_parser(
+        "exec",
+        parents=[name_opt],
+        help="run a command in a pod (cluster/node/pN) or node (cluster/node) namespace",
+        epilog="examples:\n  fabric-tool lab exec east/e1/p0 -- ping -c3 10.20.0.2\n"
+        "  fabric-tool lab exec west/w1 -- ip route show table all\n  fabric-tool lab exec underlay -- bridge fdb",
+        formatter_class=_Formatter,
+    )
+    ex.add_argument("target", metavar="POD", help="cluster/node/pN, cluster/node, or 'underlay'")
+    ex.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD", help="command and its arguments")
+    for verb, what in (("stop-agent", "stop (SIGTERM) one node's agent; its dataplane stays"),
+                       ("start-agent", "start one node's agent and wait until it is in sync")):  # fmt: skip
+        ap = lsub.add_parser(
+            verb,
+            parents=[name_opt],
+            help=what,
+            epilog=f"example:\n  fabric-tool lab {verb} east/e1",
+            formatter_class=_Formatter,
+        )
+        ap.add_argument("node", metavar="NODE", help="cluster/node (or a node name unique in the lab)")
+        if verb == "start-agent":
+            ap.add_argument("--no-wait", action="store_true", help="do not wait for the node to be in sync")
+            ap.add_argument("--timeout", type=_positive_float, default=30.0, help="seconds to wait (default 30)")
+    reflector_verbs = (
+        ("stop-reflector", "stop (SIGTERM) the lab's reflector; the dataplane stays"),
+        ("start-reflector", "start the lab's reflector and wait until every node is in sync"),
+    )
+    for verb, what in reflector_verbs:
+        rp = lsub.add_parser(
+            verb,
+            parents=[name_opt],
+            help=what,
+            epilog=f"example:\n  fabric-tool lab {verb}",
+            formatter_class=_Formatter,
+        )
+        if verb == "start-reflector":
+            rp.add_argument("--no-wait", action="store_true", help="do not wait for the nodes to be in sync")
+            rp.add_argument("--timeout", type=_positive_float, default=60.0, help="seconds to wait (default 60)")
+    an = lsub.add_parser(
+        "add-node",
+        parents=[name_opt],
+        help="add a node to a running lab (other agents receive only a delta)",
+        epilog="example:\n  fabric-tool lab add-node east e3 --pods 2",
+        formatter_class=_Formatter,
+    )
+    an.add_argument("cluster", metavar="CLUSTER")
+    an.add_argument("node", metavar="NODE")
+    an.add_argument("--pods", type=_pod_count, default=2, help="pods on the node (default 2)")
+    an.add_argument("--pod-cidr", help="the node's pod CIDR (default: carved from the cluster's podCIDRs)")
+    an.add_argument("--underlay", help="the node's underlay address (default: next free)")
+    an.add_argument("--timeout", type=_positive_float, default=lab.DEFAULT_UP_TIMEOUT_S, help="seconds (default 60)")
+
+    # -- check ------------------------------------------------------------------------------
+    ck = sub.add_parser(
+        "check",
+        help="probe every pod of the lab from every other pod (ICMP, scapy) and print the matrix",
+        description="All ordered pod pairs (same node, same cluster, across clusters), probed in parallel: one "
+        "worker per source pod inside its namespace. Exit 0 only if every pair passed.",
+        epilog="examples:\n  fabric-tool check\n  fabric-tool check --lab demo --timeout 5 --count 3\n"
+        "  fabric-tool check --json | jq '.pairs[] | select(.ok | not)'",
+        formatter_class=_Formatter,
+    )
+    ck.add_argument("--lab", type=_lab_name, default=lab.DEFAULT_NAME, help=f"lab name (default {lab.DEFAULT_NAME})")
+    ck.add_argument("--json", action="store_true", help="machine-readable output")
+    ck.add_argument("--timeout", type=_positive_float, default=2.0, help="probe timeout in seconds (default 2)")
+    ck.add_argument("--count", type=_positive_int, default=1, help="echo requests per pair (default 1)")
+
+    # -- status -----------------------------------------------------------------------------
+    ss = sub.add_parser(
+        "status",
+        help="ask a reflector for its topology, sessions, versions and rejections",
+        epilog="examples:\n  fabric-tool status                       the default lab's reflector\n"
+        "  fabric-tool status --reflector 10.0.0.5:4880\n  fabric-tool status --reflector unix:/run/r.sock --json",
+        formatter_class=_Formatter,
+    )
+    ss.add_argument("--reflector", metavar="TARGET", help="host:port or unix:PATH (default: the lab's reflector)")
+    ss.add_argument("--lab", type=_lab_name, default=lab.DEFAULT_NAME, help=f"lab name (default {lab.DEFAULT_NAME})")
+    ss.add_argument("--json", action="store_true", help="machine-readable output")
+    ss.add_argument("--timeout", type=_positive_float, default=5.0, help="seconds (default 5)")
+
+    # -- bench (its own parser lives in tools.bench) ---------------------------------------
+    sub.add_parser("bench", help="benchmarks (see 'fabric-tool bench --help')", add_help=False)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    # bench owns its whole command line; hand it over untouched.
+    rest = [a for a in args_list if a not in ("-v", "--verbose")]
+    if rest and rest[0] == "bench":
+        return _bench(rest[1:])
+    parser = build_parser()
+    try:
+        args = parser.parse_args(args_list)
+    except SystemExit as e:  # argparse already printed the usage and the reason
+        return int(e.code) if isinstance(e.code, int) else 2
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        if args.command == "lab":
+            return _lab(args, parser)
+        if args.command == "check":
+            return _check(args)
+        if args.command == "status":
+            return _status(args)
+    except lab.LabError as e:
+        print(f"fabric-tool: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("fabric-tool: interrupted", file=sys.stderr)
+        return 130
+    parser.error(f"unknown command {args.command!r}")
+    return 2  # not reached: parser.error exits
+
+
+def _bench(argv: list[str]) -> int:
+    try:
+        bench = importlib.import_module("tools.bench")
+    except ImportError as e:
+        print(f"fabric-tool: error: the benchmark suite (tools.bench) is not available: {e}", file=sys.stderr)
+        return 1
+    return int(bench.main(argv))
+
+
+def _lab(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    cmd = args.lab_command
+    if cmd == "up":
+        lab.up(
+            args.topology,
+            args.name,
+            timeout_s=args.timeout,
+            grace_period_s=args.grace_period,
+            resync_period_s=args.resync_period,
+            start_processes=not args.no_processes,
+        )
+        print(f"lab {args.name} is up: 'fabric-tool check --lab {args.name}' probes it, "
+              f"'fabric-tool lab down --name {args.name}' removes it")  # fmt: skip
+        return 0
+    if cmd == "down":
+        lab.down(args.name)
+        return 0
+    if cmd == "status":
+        doc = lab.status(args.name)
+        print(json.dumps(doc, indent=2) if args.json else lab.render_status(doc))
+        return 0
+    if cmd == "exec":
+        argv = list(args.cmd)
+        if argv and argv[0] == "--":
+            argv = argv[1:]
+        return lab.exec_in(args.name, args.target, argv)
+    if cmd == "stop-agent":
+        lab.stop_agent(args.name, args.node)
+        return 0
+    if cmd == "start-agent":
+        lab.start_agent_cmd(args.name, args.node, wait=not args.no_wait, timeout_s=args.timeout)
+        return 0
+    if cmd == "stop-reflector":
+        lab.stop_reflector(args.name)
+        return 0
+    if cmd == "start-reflector":
+        lab.start_reflector_cmd(args.name, wait=not args.no_wait, timeout_s=args.timeout)
+        return 0
+    if cmd == "add-node":
+        lab.add_node(
+            args.name,
+            args.cluster,
+            args.node,
+            pods=args.pods,
+            pod_cidr=args.pod_cidr,
+            underlay=args.underlay,
+            timeout_s=args.timeout,
+        )
+        return 0
+    parser.error(f"unknown lab command {cmd!r}")
+    return 2
+
+
+def _check(args: argparse.Namespace) -> int:
+    from tools import check
+
+    state = lab.load_state(args.lab)
+    if state is None:
+        raise lab.LabError(
+            f"lab {args.lab} is not up (no {lab.state_file(args.lab)}); start it with 'fabric-tool lab up'"
+        )
+    pods = check.pods_of(state)
+    if len(pods) < 2:
+        raise lab.LabError(f"lab {args.lab} has {len(pods)} pods; check needs at least 2")
+    n_pairs = len(pods) * (len(pods) - 1)
+    print(f"check: probing {n_pairs} pairs from {len(pods)} pods (timeout {args.timeout:g} s)...", file=sys.stderr)
+    result = check.run(pods, timeout_s=args.timeout, count=args.count)
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        print(check.render_matrix(result))
+    return 0 if result.ok else 1
+
+
+def status_json(status: Any) -> dict[str, Any]:
+    """A FabricStatus as JSON, with each node's derived ``in_sync`` and ``key`` added."""
+    doc: dict[str, Any] = dataclasses.asdict(status)
+    for c_doc, c in zip(doc["clusters"], status.clusters, strict=True):
+        for n_doc, n in zip(c_doc["nodes"], c.nodes, strict=True):
+            n_doc["key"] = n.key
+            n_doc["in_sync"] = n.in_sync
+    return doc
+
+
+def render_fabric_status(target: str, status: Any) -> str:
+    lines = [
+        f"reflector {target}: epoch {status.epoch}, generation {status.generation}"
+        + (", holding END_OF_SNAPSHOT for known nodes" if status.holding else "")
+    ]
+    rows = [("CLUSTER", "MODE", "NODE", "UNDERLAY", "SESSION", "VERSION", "IN-SYNC", "SNAPSHOTS", "DELTAS")]
+    for c in status.clusters:
+        if not c.nodes:
+            rows.append((c.name, c.mode, "-", "-", "-", "-", "-", "-", "-"))
+        for n in c.nodes:
+            session = "up" if n.connected else (f"down (withdraw in {n.withdraw_in_s:.0f} s)"
+                                                if n.withdraw_in_s is not None else "down")  # fmt: skip
+            rows.append(
+                (
+                    c.name,
+                    c.mode,
+                    n.name,
+                    n.underlay_ip,
+                    session,
+                    f"{n.applied_version}/{n.planned_version}",
+                    "yes" if n.in_sync else "NO",
+                    f"{n.counters.snapshots_sent} ({n.counters.snapshot_entries_sent} entries)",
+                    f"{n.counters.deltas_sent} ({n.counters.delta_entries_sent} entries)",
+                )
+            )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    for rej in status.rejections:
+        lines.append(f"rejected {rej.source}: {rej.reason}")
+    return "\n".join(lines)
+
+
+def _status(args: argparse.Namespace) -> int:
+    target = args.reflector
+    if target is None:
+        state = lab.load_state(args.lab)
+        if state is None:
+            raise lab.LabUsageError(
+                f"no --reflector given and lab {args.lab} is not up; pass --reflector HOST:PORT or unix:PATH"
+            )
+        target = f"unix:{state.reflector_socket}"
+    client = lab._status_client()
+    try:
+        status = client.get_status_sync(target, args.timeout)
+    except Exception as e:  # a remote failure is reported, whatever its type
+        print(f"fabric-tool: error: reflector {target} did not answer: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(status_json(status), indent=2) if args.json else render_fabric_status(target, status))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1199 @@
+"""The one-machine lab: whole clusters built from network namespaces, driven by a topology file.
+
+What ``lab up`` builds (``NAME`` defaults to ``kf``; nothing is created in the root namespace)::
+
+    NAME-ul                      the lab namespace: bridge br-ul with the underlay gateway (.1),
+      br-ul  198.18.0.1/16       fabric-reflector listens on .1:4880 here
+      ul<hash> --- veth ---+
+                           |
+    NAME-<cluster>-<node>  eth0 198.18.0.11/16 (default via .1), ip_forward=1, fabric-agent
+      veth-p0 (proxy_arp)  route 10.10.1.2/32 dev veth-p0     <- Calico-style pod plumbing
+      route <podCIDR of every other node of the SAME cluster> via <its underlay IP>  (host-gw)
+                           |
+    NAME-<cluster>-<node>-p0  eth0 10.10.1.2/32
+                              169.254.1.1 dev eth0 scope link; default via 169.254.1.1
+
+The lab plays each cluster's own CNI (pod veths, host-gw routes inside a cluster); every route
+*between* clusters is the fabric's job. Pods answer their default gateway through proxy ARP on
+the node-side veth, which needs the node to have *some* route to 169.254.1.1 out of another
+device: the node's default route towards the lab gateway provides it (the lab namespace does not
+forward, so that route never carries pod traffic anywhere).
+
+Order of ``up`` (each step recorded in ``/run/kosmos-fabric/lab/NAME/state.json`` before the
+next, written atomically, so a crash leaves an accurate record for ``down``):
+
+1. load and validate the topology file (nothing is created if it is invalid);
+2. plan names (namespaces, interface names) and refuse collisions or changes to what runs;
+3. create namespaces, the underlay bridge, then each node, then its pods (``ip -batch`` per
+   namespace; sysctls written from a thread that entered the namespace);
+4. start the reflector, wait until its status socket answers, start one agent per node;
+5. poll the reflector status until every node reports its planned version applied.
+
+``up`` on a running lab adds only what is missing (new nodes, pods, stopped processes) and
+touches nothing that runs. ``down`` needs no state at all: it finds the lab's namespaces under
+/run/netns by name and its processes by namespace inode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import fcntl
+import hashlib
+import importlib
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fabric import topology
+from fabric.control import api
+from tools import nsutil
+
+_log = logging.getLogger(__name__)
+
+LAB_ROOT = Path("/run/kosmos-fabric/lab")
+BPF_ROOT = Path("/sys/fs/bpf/kosmos-fabric")
+DEFAULT_NAME = "kf"
+DEFAULT_TOPOLOGY = Path(__file__).resolve().parent.parent / "examples" / "lab.yaml"
+DEFAULT_UP_TIMEOUT_S = 60.0
+UL_BRIDGE = "br-ul"
+POD_GATEWAY = "169.254.1.1"
+STATE_VERSION = 1
+#: Lab names become namespace prefixes ``NAME-``. No '-' allowed, so no lab's prefix can be a
+#: prefix of another lab's namespaces (``kf-`` vs ``kf-x-``), which makes scanning safe.
+_LAB_NAME = re.compile(r"^[a-z0-9]{1,12}$")
+_IFNAMSIZ = 15
+
+Progress = Callable[[str], None]
+
+
+class LabError(Exception):
+    """The lab could not do what was asked (exit status 1)."""
+
+    exit_code = 1
+
+
+class LabUsageError(LabError):
+    """Bad input: an invalid name, file, or a change ``up`` refuses to make (exit status 2)."""
+
+    exit_code = 2
+
+
+class StateError(LabError):
+    """The state file exists but cannot be used."""
+
+
+def _stderr_progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _quiet(msg: str) -> None:
+    _log.debug("%s", msg)
+
+
+# -- the state file --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ProcRecord:
+    """A process the lab started. ``start`` is /proc/PID/stat field 22, to detect PID reuse."""
+
+    pid: int
+    start: int | None
+    netns: str
+    log: str
+    argv: list[str]
+
+    def running(self) -> bool:
+        return nsutil.same_process(self.pid, self.start)
+
+
+@dataclasses.dataclass
+class PodRecord:
+    name: str  # p0, p1, ...
+    netns: str
+    ip: str
+    host_if: str  # node-side veth
+
+
+@dataclasses.dataclass
+class NodeRecord:
+    cluster: str
+    name: str
+    netns: str
+    underlay_ip: str
+    pod_cidr: str
+    ul_if: str  # peer of eth0 inside the lab namespace, attached to br-ul
+    pods: list[PodRecord]
+    built: bool = False
+    agent: ProcRecord | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.cluster}/{self.name}"
+
+
+@dataclasses.dataclass
+class ClusterRecord:
+    name: str
+    mode: str
+    pod_cidrs: list[str]
+    service_cidrs: list[str]
+    nodes: list[NodeRecord]
+
+
+@dataclasses.dataclass
+class LabState:
+    name: str
+    topology_source: str
+    underlay: str
+    gateway: str
+    ul_netns: str
+    clusters: list[ClusterRecord]
+    grace_period_s: float | None = None
+    resync_period_s: float | None = None
+    ul_built: bool = False
+    reflector: ProcRecord | None = None
+    version: int = STATE_VERSION
+
+    @property
+    def state_dir(self) -> Path:
+        return state_dir(self.name)
+
+    @property
+    def topology_copy(self) -> Path:
+        return self.state_dir / "topology.yaml"
+
+    @property
+    def reflector_socket(self) -> Path:
+        return self.state_dir / "reflector.sock"
+
+    @property
+    def reflector_address(self) -> str:
+        return f"{self.gateway}:{api.DEFAULT_REFLECTOR_PORT}"
+
+    def nodes(self) -> Iterator[NodeRecord]:
+        for c in self.clusters:
+            yield from c.nodes
+
+    def node(self, key: str) -> NodeRecord | None:
+        return next((n for n in self.nodes() if n.key == key), None)
+
+    def namespaces(self) -> list[str]:
+        """Every namespace of the lab, pods first (the order ``down`` deletes them in)."""
+        pods = [p.netns for n in self.nodes() for p in n.pods]
+        return [*pods, *(n.netns for n in self.nodes()), self.ul_netns]
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: Any) -> LabState:
+        """Rebuild a state from its JSON form; raises :class:`StateError` naming what is wrong."""
+        try:
+            if not isinstance(doc, dict):
+                raise TypeError("not a JSON object")
+            if doc.get("version") != STATE_VERSION:
+                raise ValueError(f"state version {doc.get('version')!r}, expected {STATE_VERSION}")
+
+            def proc(d: Any) -> ProcRecord | None:
+                return None if d is None else ProcRecord(**d)
+
+            clusters = []
+            for c in doc["clusters"]:
+                nodes = []
+                for n in c["nodes"]:
+                    pods = [PodRecord(**p) for p in n["pods"]]
+                    fields = {k: v for k, v in n.items() if k not in ("pods", "agent")}
+                    nodes.append(NodeRecord(**fields, pods=pods, agent=proc(n.get("agent"))))
+                fields = {k: v for k, v in c.items() if k != "nodes"}
+                clusters.append(ClusterRecord(**fields, nodes=nodes))
+            fields = {k: v for k, v in doc.items() if k not in ("clusters", "reflector")}
+            return cls(**fields, clusters=clusters, reflector=proc(doc.get("reflector")))
+        except (KeyError, TypeError, ValueError) as e:
+            raise StateError(f"malformed lab state: {type(e).__name__}: {e}") from e
+
+
+def check_lab_name(name: str) -> str:
+    if not _LAB_NAME.match(name):
+        raise LabUsageError(
+            f"invalid lab name {name!r}: use 1-12 lower-case letters and digits (no '-', it separates name parts)"
+        )
+    return name
+
+
+def state_dir(name: str) -> Path:
+    return LAB_ROOT / name
+
+
+def state_file(name: str) -> Path:
+    return state_dir(name) / "state.json"
+
+
+def load_state(name: str) -> LabState | None:
+    """The recorded state of lab ``name``, None if there is none; :class:`StateError` if corrupt."""
+    path = state_file(name)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise StateError(f"cannot read {path}: {e.strerror}") from e
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise StateError(f"{path}: not valid JSON ({e})") from e
+    try:
+        return LabState.from_json(doc)
+    except StateError as e:
+        raise StateError(f"{path}: {e}") from e
+
+
+def save_state(state: LabState) -> None:
+    """Write the state atomically (temp file + rename): a crash never leaves half a file."""
+    d = state.state_dir
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / "state.json.tmp"
+    tmp.write_text(json.dumps(state.to_json(), indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, d / "state.json")
+
+
+def _lock_path(name: str) -> Path:
+    return LAB_ROOT / f".{name}.lock"
+
+
+@contextlib.contextmanager
+def _locked(name: str) -> Iterator[None]:
+    """Serialize lab operations on one lab (two concurrent ``up`` would race on namespaces)."""
+    LAB_ROOT.mkdir(parents=True, exist_ok=True)
+    with open(_lock_path(name), "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _stderr_progress(f"lab {name}: another fabric-tool is working on this lab; waiting for it")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+# -- planning (pure) -------------------------------------------------------------------------
+
+
+def _ul_ifname(cluster: str, node: str) -> str:
+    """Name of a node's underlay veth end in the lab namespace: unique, stable, <= 15 chars."""
+    return "ul" + hashlib.sha256(f"{cluster}/{node}".encode()).hexdigest()[:10]
+
+
+def plan(name: str, topo: topology.TopologyFile) -> LabState:
+    """Names and addresses of everything the lab builds for ``topo`` (no side effects).
+
+    Raises :class:`LabUsageError` when two objects would get the same namespace name (cluster
+    ``a-b`` node ``c`` and cluster ``a`` node ``b-c`` both map to ``NAME-a-b-c``).
+    """
+    check_lab_name(name)
+    clusters: list[ClusterRecord] = []
+    owners: dict[str, str] = {f"{name}-ul": "the lab namespace"}
+    problems: list[str] = []
+
+    def claim(ns: str, what: str) -> str:
+        if ns in owners:
+            problems.append(f"{what} and {owners[ns]} would both use network namespace {ns!r}")
+        owners[ns] = what
+        return ns
+
+    for lc in topo.clusters:
+        nodes = []
+        for ln in lc.nodes:
+            node_ns = claim(f"{name}-{lc.name}-{ln.name}", f"node {lc.name}/{ln.name}")
+            pods = []
+            for i, ip in enumerate(ln.pod_ips()):
+                pod = f"p{i}"
+                pods.append(
+                    PodRecord(
+                        name=pod,
+                        netns=claim(f"{node_ns}-{pod}", f"pod {lc.name}/{ln.name}/{pod}"),
+                        ip=ip,
+                        host_if=f"veth-{pod}",
+                    )
+                )
+            nodes.append(
+                NodeRecord(
+                    cluster=lc.name,
+                    name=ln.name,
+                    netns=node_ns,
+                    underlay_ip=ln.underlay_ip,
+                    pod_cidr=ln.pod_cidr,
+                    ul_if=_ul_ifname(lc.name, ln.name),
+                    pods=pods,
+                )
+            )
+        clusters.append(
+            ClusterRecord(
+                name=lc.name,
+                mode=str(lc.config.mode),
+                pod_cidrs=list(lc.config.pod_cidrs),
+                service_cidrs=list(lc.config.service_cidrs),
+                nodes=nodes,
+            )
+        )
+    if problems:
+        raise LabUsageError(f"{topo.source}: cannot build this lab: " + "; ".join(problems))
+    for n in (n for c in clusters for n in c.nodes):
+        assert all(len(x) <= _IFNAMSIZ for x in (n.ul_if, *(p.host_if for p in n.pods)))
+    return LabState(
+        name=name,
+        topology_source=topo.source,
+        underlay=topo.underlay,
+        gateway=topo.underlay_gateway(),
+        ul_netns=f"{name}-ul",
+        clusters=clusters,
+    )
+
+
+def merge_plan(current: LabState, wanted: LabState) -> tuple[LabState, list[str], bool]:
+    """Fold a newly planned lab into the running one.
+
+    Returns ``(merged state, added node keys, clusters changed)``. Existing records (with their
+    process records and ``built`` flags) are kept as they are. Anything ``up`` cannot change
+    without disturbing what runs (removed nodes, a node's addresses, a cluster's CIDRs, the
+    underlay) raises :class:`LabUsageError` saying exactly what differs.
+    """
+    problems: list[str] = []
+    if wanted.underlay != current.underlay:
+        problems.append(f"underlay {current.underlay} -> {wanted.underlay}")
+    cur_clusters = {c.name: c for c in current.clusters}
+    want_clusters = {c.name: c for c in wanted.clusters}
+    for cname in cur_clusters.keys() - want_clusters.keys():
+        problems.append(f"cluster {cname} removed")
+    added: list[str] = []
+    clusters_changed = False
+    merged: list[ClusterRecord] = []
+    for wc in wanted.clusters:
+        cc = cur_clusters.get(wc.name)
+        if cc is None:
+            clusters_changed = True
+            merged.append(wc)
+            added.extend(n.key for n in wc.nodes)
+            continue
+        for attr in ("mode", "pod_cidrs", "service_cidrs"):
+            if getattr(cc, attr) != getattr(wc, attr):
+                problems.append(f"cluster {wc.name}: {attr} {getattr(cc, attr)} -> {getattr(wc, attr)}")
+        cur_nodes = {n.name: n for n in cc.nodes}
+        want_nodes = {n.name: n for n in wc.nodes}
+        for nname in cur_nodes.keys() - want_nodes.keys():
+            problems.append(f"node {wc.name}/{nname} removed")
+        nodes: list[NodeRecord] = []
+        for wn in wc.nodes:
+            cn = cur_nodes.get(wn.name)
+            if cn is None:
+                nodes.append(wn)
+                added.append(wn.key)
+                continue
+            for attr in ("underlay_ip", "pod_cidr"):
+                if getattr(cn, attr) != getattr(wn, attr):
+                    problems.append(f"node {wn.key}: {attr} {getattr(cn, attr)} -> {getattr(wn, attr)}")
+            if len(cn.pods) != len(wn.pods):
+                problems.append(f"node {wn.key}: pods {len(cn.pods)} -> {len(wn.pods)}")
+            nodes.append(cn)
+        # Keep nodes that are missing from the file too, so the refusal below leaves them recorded.
+        nodes.extend(cur_nodes[n] for n in cur_nodes if n not in want_nodes)
+        merged.append(dataclasses.replace(cc, nodes=nodes))
+    if problems:
+        raise LabUsageError(
+            f"lab {current.name} is running a different topology ({current.topology_source}); "
+            f"'lab up' only adds clusters and nodes, it cannot apply: {'; '.join(problems)}. "
+            f"Run 'fabric-tool lab down --name {current.name}' first to rebuild from scratch."
+        )
+    merged_state = dataclasses.replace(current, clusters=merged, topology_source=wanted.topology_source)
+    return merged_state, added, clusters_changed
+
+
+# -- kernel plumbing -------------------------------------------------------------------------
+
+
+def _ip_batch(netns: str | None, cmds: Sequence[str], what: str) -> None:
+    """Run ``ip [-n NETNS] -batch -`` (one process for many commands; stops at the first error)."""
+    if not cmds:
+        return
+    argv = ["ip", *(["-n", netns] if netns else []), "-batch", "-"]
+    res = subprocess.run(argv, input="\n".join(cmds) + "\n", capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise LabError(f"{what}: {' '.join(argv)} failed: {res.stderr.strip() or res.stdout.strip()}")
+
+
+def _write_sysctls(netns: str, values: dict[str, str]) -> None:
+    """Write /proc/sys entries as seen from inside ``netns``.
+
+    /proc/sys/net resolves against the network namespace of the task that opens it, so a
+    short-lived thread enters the namespace (``setns`` affects only the calling thread), writes,
+    and exits. That avoids one ``ip netns exec sysctl`` process per value.
+    """
+    errors: list[str] = []
+
+    def run() -> None:
+        for key, value in values.items():
+            path = "/proc/sys/" + key.replace(".", "/")
+            try:
+                with open(path, "w") as f:
+                    f.write(value)
+            except OSError as e:
+                errors.append(f"{key}={value}: {e.strerror}")
+
+    try:
+        nsutil.run_in_netns_thread(netns, run)
+    except OSError as e:
+        raise LabError(f"sysctl in {netns}: {e}") from e
+    if errors:
+        raise LabError(f"sysctl in {netns}: {'; '.join(errors)}")
+
+
+def _build_underlay(state: LabState) -> None:
+    prefix = state.underlay.split("/")[1]
+    _ip_batch(None, [f"netns add {state.ul_netns}"], "create the lab namespace")
+    _ip_batch(
+        state.ul_netns,
+        [
+            "link set lo up",
+            f"link add {UL_BRIDGE} type bridge",
+            f"addr add {state.gateway}/{prefix} dev {UL_BRIDGE}",
+            f"link set {UL_BRIDGE} up",
+        ],
+        f"underlay bridge in {state.ul_netns}",
+    )
+
+
+def _build_node(state: LabState, cluster: ClusterRecord, node: NodeRecord) -> None:
+    """Create one node namespace, its underlay link, its pods and its intra-cluster routes."""
+    prefix = state.underlay.split("/")[1]
+    names = [node.netns, *(p.netns for p in node.pods)]
+    _ip_batch(None, [f"netns add {ns}" for ns in names], f"namespaces of node {node.key}")
+    # The veth is created inside the lab namespace with its peer placed straight into the node
+    # namespace: neither end ever exists in the root namespace.
+    _ip_batch(
+        state.ul_netns,
+        [
+            f"link add {node.ul_if} type veth peer name eth0 netns {node.netns}",
+            f"link set {node.ul_if} master {UL_BRIDGE}",
+            f"link set {node.ul_if} up",
+        ],
+        f"underlay link of node {node.key}",
+    )
+    _write_sysctls(
+        node.netns,
+        {
+            "net.ipv4.ip_forward": "1",
+            "net.ipv4.conf.all.rp_filter": "0",
+            "net.ipv4.conf.default.rp_filter": "0",
+        },
+    )
+    cmds = [
+        "link set lo up",
+        f"addr add {node.underlay_ip}/{prefix} dev eth0",
+        "link set eth0 up",
+        f"route replace default via {state.gateway} dev eth0",
+    ]
+    for pod in node.pods:
+        cmds += [
+            f"link add {pod.host_if} type veth peer name eth0 netns {pod.netns}",
+            f"link set {pod.host_if} up",
+            f"route replace {pod.ip}/32 dev {pod.host_if}",
+        ]
+    cmds += [
+        f"route replace {peer.pod_cidr} via {peer.underlay_ip} dev eth0"
+        for peer in cluster.nodes
+        if peer.name != node.name and peer.built
+    ]
+    _ip_batch(node.netns, cmds, f"node {node.key}")
+    if node.pods:
+        _write_sysctls(node.netns, {f"net.ipv4.conf.{p.host_if}.proxy_arp": "1" for p in node.pods})
+    for pod in node.pods:
+        _ip_batch(
+            pod.netns,
+            [
+                "link set lo up",
+                f"addr add {pod.ip}/32 dev eth0",
+                "link set eth0 up",
+                f"route replace {POD_GATEWAY} dev eth0 scope link",
+                f"route replace default via {POD_GATEWAY} dev eth0",
+            ],
+            f"pod {node.key}/{pod.name}",
+        )
+    # Play the cluster's CNI for the others: they learn the new node's pod CIDR (host-gw).
+    for peer in cluster.nodes:
+        if peer.name != node.name and peer.built:
+            _ip_batch(
+                peer.netns,
+                [f"route replace {node.pod_cidr} via {node.underlay_ip} dev eth0"],
+                f"host-gw route to {node.key} on {peer.key}",
+            )
+
+
+def _delete_netns(names: Sequence[str]) -> list[str]:
+    """Delete the named namespaces that exist; returns those deleted (veths die with them)."""
+    gone = []
+    for ns in names:
+        if nsutil.netns_exists(ns):
+            res = subprocess.run(["ip", "netns", "del", ns], capture_output=True, text=True, check=False)
+            if res.returncode != 0:
+                raise LabError(f"ip netns del {ns} failed: {res.stderr.strip()}")
+            gone.append(ns)
+    return gone
+
+
+def build(state: LabState, progress: Progress = _quiet) -> LabState:
+    """Create every namespace and link of ``state`` that is not built yet (recording progress).
+
+    A node recorded as not built (a crash mid-way) is wiped and rebuilt from scratch.
+    """
+    if not state.ul_built or not nsutil.netns_exists(state.ul_netns):
+        _delete_netns([state.ul_netns])
+        progress(f"lab {state.name}: creating the lab namespace {state.ul_netns} (underlay {state.underlay})")
+        _build_underlay(state)
+        state.ul_built = True
+        save_state(state)
+    for cluster in state.clusters:
+        for node in cluster.nodes:
+            if node.built and nsutil.netns_exists(node.netns):
+                continue
+            _delete_netns([*(p.netns for p in node.pods), node.netns])
+            progress(f"lab {state.name}: building node {node.key} ({node.underlay_ip}, {len(node.pods)} pods)")
+            _build_node(state, cluster, node)
+            node.built = True
+            save_state(state)
+    return state
+
+
+# -- processes -------------------------------------------------------------------------------
+
+
+def _venv_bin(program: str) -> Path:
+    """Console scripts live next to the interpreter running us (the venv's bin), not on PATH."""
+    path = Path(sys.executable).parent / program
+    if not path.exists():
+        raise LabError(f"{program} not found at {path}: is the project installed in this virtualenv (./dev.sh setup)?")
+    return path
+
+
+def _start(netns: str, argv: list[str], log_path: Path) -> ProcRecord:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        log.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting in {netns}: {' '.join(argv)}\n".encode())
+        log.flush()
+        proc = nsutil.spawn_in_netns(netns, argv, stdout=log, stderr=subprocess.STDOUT)
+    # The Popen object is dropped on purpose: the process outlives us. subprocess reaps it if it
+    # exits while we still run; afterwards init does.
+    return ProcRecord(pid=proc.pid, start=nsutil.start_time(proc.pid), netns=netns, log=str(log_path), argv=argv)
+
+
+def _log_tail(path: str, lines: int = 8) -> str:
+    try:
+        tail = Path(path).read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return ""
+    return "\n    " + "\n    ".join(tail) if tail else ""
+
+
+def start_reflector(state: LabState) -> ProcRecord:
+    sock = state.reflector_socket
+    with contextlib.suppress(FileNotFoundError):
+        sock.unlink()
+    argv = [
+        str(_venv_bin("fabric-reflector")),
+        "--config", str(state.topology_copy),
+        "--listen", state.reflector_address,
+        "--listen", f"unix:{sock}",
+        "--grace-period", _num(state.grace_period_s if state.grace_period_s is not None else 30.0),
+        "--log-level", "INFO",
+    ]  # fmt: skip
+    rec = _start(state.ul_netns, argv, state.state_dir / "logs" / "reflector.log")
+    state.reflector = rec
+    save_state(state)
+    return rec
+
+
+def start_agent(state: LabState, node: NodeRecord) -> ProcRecord:
+    argv = [
+        str(_venv_bin("fabric-agent")),
+        "--reflector", state.reflector_address,
+        "--cluster", node.cluster,
+        "--node", node.name,
+        "--underlay-ip", node.underlay_ip,
+        "--pod-cidr", node.pod_cidr,
+        "--metrics-listen", f"0.0.0.0:{api.DEFAULT_AGENT_METRICS_PORT}",
+        "--log-level", "INFO",
+    ]  # fmt: skip
+    if state.resync_period_s is not None:
+        argv[-2:-2] = ["--resync-period", _num(state.resync_period_s)]
+    rec = _start(node.netns, argv, state.state_dir / "logs" / f"agent-{node.cluster}-{node.name}.log")
+    node.agent = rec
+    save_state(state)
+    return rec
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def _status_client() -> Any:
+    """The control channel's client, imported late: the lab's plumbing works without it."""
+    try:
+        # importlib keeps this module importable (and type-checkable) before the client exists.
+        client = importlib.import_module("fabric.control.client")
+    except ImportError as e:
+        raise LabError(
+            f"the control-channel client (fabric.control.client) is not available: {e}. "
+            "Run ./dev.sh setup (it also generates the gRPC stubs)."
+        ) from e
+    return client
+
+
+def query_status(state: LabState, timeout_s: float = 2.0) -> tuple[api.FabricStatus | None, str | None]:
+    """The reflector's status through its unix socket, or ``(None, reason)``."""
+    client = _status_client()
+    if not state.reflector_socket.exists():
+        return None, f"no reflector socket at {state.reflector_socket}"
+    try:
+        return client.get_status_sync(f"unix:{state.reflector_socket}", timeout_s), None
+    except Exception as e:  # any failure of the remote end is reported, not raised
+        return None, f"{type(e).__name__}: {e}".strip()
+
+
+def _wait_reflector(state: LabState, deadline: float, progress: Progress) -> None:
+    last = ""
+    while True:
+        st, err = query_status(state, 1.0)
+        if st is not None:
+            return
+        assert state.reflector is not None
+        if not state.reflector.running():
+            log = state.reflector.log
+            raise LabError(f"fabric-reflector exited at start; see {log}{_log_tail(log)}")
+        if time.monotonic() > deadline:
+            raise LabError(
+                f"fabric-reflector did not answer on {state.reflector_socket} in time ({err}); "
+                f"see {state.reflector.log}"
+            )
+        if err != last:
+            progress(f"lab {state.name}: waiting for the reflector ({err})")
+            last = err or ""
+        time.sleep(0.2)
+
+
+def laggards(state: LabState, status: api.FabricStatus | None) -> dict[str, str]:
+    """Nodes not yet in sync, each with why (what the reflector says, or that it is silent)."""
+    out: dict[str, str] = {}
+    by_key = {n.key: n for n in status.nodes()} if status is not None else {}
+    for node in state.nodes():
+        ns = by_key.get(node.key)
+        if node.agent is None or not node.agent.running():
+            out[node.key] = "agent not running"
+        elif status is None:
+            out[node.key] = "reflector unreachable"
+        elif ns is None:
+            out[node.key] = "not announced to the reflector"
+        elif not ns.connected:
+            out[node.key] = "session not connected"
+        elif not ns.in_sync:
+            out[node.key] = f"applied version {ns.applied_version} of planned {ns.planned_version}"
+    return out
+
+
+def wait_in_sync(state: LabState, timeout_s: float, progress: Progress = _quiet) -> None:
+    """Poll the reflector until every node of the lab reports its planned version applied."""
+    deadline = time.monotonic() + timeout_s
+    total = sum(1 for _ in state.nodes())
+    last_report = ""
+    last_time = 0.0
+    status: api.FabricStatus | None = None
+    err: str | None = None
+    while True:
+        status, err = query_status(state, 2.0)
+        lag = laggards(state, status)
+        if not lag:
+            progress(f"lab {state.name}: all {total} nodes in sync")
+            return
+        dead = [k for k, why in lag.items() if why == "agent not running"]
+        if dead:
+            node = state.node(dead[0])
+            assert node is not None
+            log = node.agent.log if node.agent else "(never started)"
+            raise LabError(f"the agent of {dead[0]} is not running; see {log}{_log_tail(log)}")
+        report = f"{total - len(lag)}/{total} nodes in sync; waiting for " + ", ".join(sorted(lag))
+        now = time.monotonic()
+        if report != last_report or now - last_time > 5:
+            progress(f"lab {state.name}: {report}")
+            last_report, last_time = report, now
+        if now > deadline:
+            lines = []
+            for key, why in sorted(lag.items()):
+                node = state.node(key)
+                log = node.agent.log if node and node.agent else "?"
+                lines.append(f"  {key}: {why} (log: {log})")
+            extra = f"\nreflector: {err}" if err else ""
+            if state.reflector:
+                extra += f"\nreflector log: {state.reflector.log}"
+            raise LabError(
+                f"lab {state.name}: not in sync after {timeout_s:g} s; laggards:\n"
+                + "\n".join(lines)
+                + extra
+                + f"\nthe lab is left up for inspection; 'fabric-tool lab down --name {state.name}' removes it"
+            )
+        time.sleep(0.25)
+
+
+# -- the commands ----------------------------------------------------------------------------
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        raise LabError("the lab creates network namespaces and needs root (run it with sudo)")
+
+
+def _load_topology(path: str | Path) -> topology.TopologyFile:
+    try:
+        return topology.load(path)
+    except topology.TopologyError as e:
+        raise LabUsageError(str(e)) from e
+
+
+def up(
+    topology_path: str | Path = DEFAULT_TOPOLOGY,
+    name: str = DEFAULT_NAME,
+    *,
+    timeout_s: float = DEFAULT_UP_TIMEOUT_S,
+    grace_period_s: float | None = None,
+    resync_period_s: float | None = None,
+    start_processes: bool = True,
+    progress: Progress = _stderr_progress,
+) -> LabState:
+    """Build (or complete) lab ``name`` from a topology file and wait until it is in sync.
+
+    ``start_processes=False`` builds only the plumbing (namespaces, links, addresses, the
+    intra-cluster routes): the fabric's processes are not started and nothing is awaited.
+    """
+    check_lab_name(name)
+    topo = _load_topology(topology_path)  # before anything is created
+    wanted = plan(name, topo)
+    _require_root()
+    with _locked(name):
+        try:
+            current = load_state(name)
+        except StateError as e:
+            raise LabError(f"{e}; run 'fabric-tool lab down --name {name}' to clear the lab") from e
+        if current is not None and not nsutil.netns_exists(current.ul_netns):
+            progress(f"lab {name}: recorded lab has no {current.ul_netns} namespace any more; clearing leftovers")
+            _down_locked(name, current, progress)
+            current = None
+        if current is None:
+            leftovers = _scan_netns(name)
+            if leftovers:
+                progress(f"lab {name}: clearing {len(leftovers)} leftover namespaces of an earlier lab")
+                _down_locked(name, None, progress)
+            state = wanted
+            state.grace_period_s, state.resync_period_s = grace_period_s, resync_period_s
+            added = [n.key for n in state.nodes()]
+            clusters_changed = True
+            config_doc: Any = _read_yaml(topology_path)
+        else:
+            # Addresses the file leaves to automatic assignment are pinned to what runs, so a
+            # node added in the middle of the file does not shift the nodes after it.
+            config_doc = pin_running(_read_yaml(topology_path), current)
+            try:
+                topo = topology.parse(config_doc, str(topology_path))
+            except topology.TopologyError as e:
+                raise LabUsageError(str(e)) from e
+            state, added, clusters_changed = merge_plan(current, plan(name, topo))
+            for attr, value in (("grace_period_s", grace_period_s), ("resync_period_s", resync_period_s)):
+                if value is not None and getattr(state, attr) != value:
+                    progress(f"lab {name}: note: {attr} stays {getattr(state, attr)} for running processes")
+        state.state_dir.mkdir(parents=True, exist_ok=True)
+        # The reflector reads its configuration (clusters, expected nodes) from this copy.
+        tmp = state.topology_copy.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump(config_doc, sort_keys=False))
+        os.replace(tmp, state.topology_copy)
+        save_state(state)
+        build(state, progress)
+        if added and current is not None:
+            progress(f"lab {name}: added {', '.join(added)}")
+        if not start_processes:
+            return state
+        deadline = time.monotonic() + timeout_s
+        refl = state.reflector
+        if refl is not None and refl.running() and clusters_changed and current is not None:
+            # New clusters exist only in the configuration file: the reflector must re-read it.
+            progress(f"lab {name}: restarting the reflector for the new cluster configuration")
+            nsutil.terminate([(refl.pid, refl.start)])
+            refl = None
+        if refl is None or not refl.running():
+            progress(f"lab {name}: starting fabric-reflector in {state.ul_netns} on {state.reflector_address}")
+            start_reflector(state)
+        _wait_reflector(state, deadline, progress)
+        for node in state.nodes():
+            if node.agent is None or not node.agent.running():
+                progress(f"lab {name}: starting fabric-agent for {node.key} in {node.netns}")
+                start_agent(state, node)
+        wait_in_sync(state, max(0.0, deadline - time.monotonic()), progress)
+        return state
+
+
+def _read_yaml(path: str | Path) -> Any:
+    """The raw document of an already validated topology file."""
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:  # validated a moment ago; only a race gets here
+        raise LabUsageError(f"{path}: cannot read: {e}") from e
+
+
+def pin_running(doc: Any, state: LabState) -> Any:
+    """Copy of topology document ``doc`` with the running nodes' automatically assigned
+    ``underlay`` and ``podCIDR`` written in explicitly (values the file sets are left alone)."""
+    doc = copy.deepcopy(doc)
+    if not isinstance(doc, dict) or not isinstance(doc.get("clusters"), list):
+        return doc
+    for c in doc["clusters"]:
+        if not isinstance(c, dict) or not isinstance(c.get("nodes"), list):
+            continue
+        for n in c["nodes"]:
+            if not isinstance(n, dict):
+                continue
+            rec = state.node(f"{c.get('name')}/{n.get('name')}")
+            if rec is not None:
+                n.setdefault("underlay", rec.underlay_ip)
+                n.setdefault("podCIDR", rec.pod_cidr)
+    return doc
+
+
+def add_node(
+    name: str,
+    cluster: str,
+    node: str,
+    *,
+    pods: int = 2,
+    pod_cidr: str | None = None,
+    underlay: str | None = None,
+    timeout_s: float = DEFAULT_UP_TIMEOUT_S,
+    progress: Progress = _stderr_progress,
+) -> LabState:
+    """Add one node to a running lab: rewrite its topology with the node appended, then ``up``."""
+    state = _require_state(name)
+    try:
+        doc = yaml.safe_load(state.topology_copy.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise LabError(f"cannot read the lab's topology copy {state.topology_copy}: {e}") from e
+    clusters = doc.get("clusters", []) if isinstance(doc, dict) else []
+    target = next((c for c in clusters if isinstance(c, dict) and c.get("name") == cluster), None)
+    if target is None:
+        known = ", ".join(str(c.get("name")) for c in clusters if isinstance(c, dict))
+        raise LabUsageError(f"cluster {cluster!r} is not in lab {name} (clusters: {known})")
+    entry: dict[str, Any] = {"name": node, "pods": pods}
+    if pod_cidr is not None:
+        entry["podCIDR"] = pod_cidr
+    if underlay is not None:
+        entry["underlay"] = underlay
+    target.setdefault("nodes", []).append(entry)
+    new_file = state.state_dir / "topology.add-node.yaml"
+    new_file.write_text(yaml.safe_dump(doc, sort_keys=False))
+    try:
+        return up(new_file, name, timeout_s=timeout_s, progress=progress)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            new_file.unlink()
+
+
+def _scan_netns(name: str) -> list[str]:
+    """Namespaces under /run/netns that belong to lab ``name`` by their name."""
+    return [ns for ns in nsutil.list_netns() if ns.startswith(f"{name}-")]
+
+
+def down(name: str = DEFAULT_NAME, progress: Progress = _stderr_progress) -> bool:
+    """Remove every process, namespace, pinned BPF object and the state of lab ``name``.
+
+    Works from the state file when it can be read, and in any case from a scan of /run/netns
+    and /proc. Idempotent; returns True if anything was removed.
+    """
+    check_lab_name(name)
+    _require_root()
+    with _locked(name):
+        try:
+            state = load_state(name)
+        except StateError as e:
+            progress(f"lab {name}: ignoring unusable state ({e}); scanning namespaces instead")
+            state = None
+        changed = _down_locked(name, state, progress)
+        # The lock file goes too (down leaves nothing). A command waiting on it right now holds
+        # a lock on the unlinked file; it finds no lab and behaves as on a fresh machine.
+        with contextlib.suppress(FileNotFoundError):
+            _lock_path(name).unlink()
+        return changed
+
+
+def _down_locked(name: str, state: LabState | None, progress: Progress) -> bool:
+    namespaces = list(state.namespaces()) if state else []
+    scanned = _scan_netns(name)
+    namespaces += [ns for ns in sorted(scanned, key=lambda s: -s.count("-")) if ns not in namespaces]
+    # Processes: those recorded (PID + start time), and anything living in a lab namespace.
+    targets: dict[int, int | None] = {}
+    if state is not None:
+        for rec in [state.reflector, *(n.agent for n in state.nodes())]:
+            if rec is not None and rec.running():
+                targets[rec.pid] = rec.start
+    inodes = [i for i in (nsutil.netns_inode(ns) for ns in namespaces) if i is not None]
+    for pid in nsutil.pids_in_netns(inodes):
+        targets.setdefault(pid, nsutil.start_time(pid))
+    changed = False
+    if targets:
+        progress(f"lab {name}: stopping {len(targets)} processes ({', '.join(map(str, sorted(targets)))})")
+        nsutil.terminate(sorted(targets.items()))
+        changed = True
+    gone = _delete_netns([ns for ns in namespaces if nsutil.netns_exists(ns)])
+    if gone:
+        progress(f"lab {name}: deleted {len(gone)} namespaces")
+        changed = True
+    pins = BPF_ROOT / name
+    if pins.exists():
+        shutil.rmtree(pins, ignore_errors=True)
+        progress(f"lab {name}: removed pinned BPF objects under {pins}")
+        changed = True
+    sd = state_dir(name)
+    if sd.exists():
+        shutil.rmtree(sd, ignore_errors=True)
+        changed = True
+    if not changed:
+        progress(f"lab {name}: nothing to remove")
+    return changed
+
+
+def _require_state(name: str) -> LabState:
+    check_lab_name(name)
+    state = load_state(name)
+    if state is None:
+        raise LabError(f"lab {name} is not up (no {state_file(name)}); start it with 'fabric-tool lab up'")
+    return state
+
+
+def _find_node(state: LabState, spec: str) -> NodeRecord:
+    """Resolve ``cluster/node`` (or a bare node name when unique) to a node of the lab."""
+    if "/" in spec:
+        node = state.node(spec)
+        matches = [node] if node else []
+    else:
+        matches = [n for n in state.nodes() if n.name == spec]
+    if len(matches) != 1:
+        known = ", ".join(n.key for n in state.nodes())
+        why = "is ambiguous" if matches else "is not a node of this lab"
+        raise LabUsageError(f"node {spec!r} {why} (nodes of lab {state.name}: {known})")
+    return matches[0]
+
+
+def resolve_target(state: LabState, spec: str) -> str:
+    """Namespace of ``cluster/node/pN`` (a pod), ``cluster/node`` (a node) or ``underlay``."""
+    if spec in ("underlay", "ul", "reflector"):
+        return state.ul_netns
+    parts = spec.split("/")
+    if len(parts) == 3:
+        node = state.node("/".join(parts[:2]))
+        pod = next((p for p in node.pods if p.name == parts[2]), None) if node else None
+        if pod is not None:
+            return pod.netns
+    elif len(parts) == 2 and state.node(spec) is not None:
+        return state.node(spec).netns  # type: ignore[union-attr]
+    pods = [f"{n.key}/{p.name}" for n in state.nodes() for p in n.pods]
+    raise LabUsageError(
+        f"{spec!r} is not a pod or node of lab {state.name} "
+        f"(pods: {', '.join(pods) or 'none'}; nodes: {', '.join(n.key for n in state.nodes())}; or 'underlay')"
+    )
+
+
+def exec_in(name: str, target: str, cmd: Sequence[str]) -> int:
+    """Run ``cmd`` in a pod's or node's namespace (``ip netns exec``, so /sys matches too)."""
+    if not cmd:
+        raise LabUsageError("lab exec: no command given (usage: lab exec POD -- CMD...)")
+    state = _require_state(name)
+    ns = resolve_target(state, target)
+    try:
+        return subprocess.call(["ip", "netns", "exec", ns, *cmd])
+    except KeyboardInterrupt:
+        return 130
+
+
+def stop_agent(name: str, spec: str, progress: Progress = _stderr_progress) -> bool:
+    """SIGTERM one node's agent and wait for it to exit. Its dataplane stays as it is."""
+    _require_root()
+    with _locked(name):
+        state = _require_state(name)
+        node = _find_node(state, spec)
+        rec = node.agent
+        if rec is None or not rec.running():
+            progress(f"lab {name}: the agent of {node.key} is not running")
+            node.agent = None
+            save_state(state)
+            return False
+        nsutil.terminate([(rec.pid, rec.start)], grace_s=10.0)
+        progress(f"lab {name}: stopped the agent of {node.key} (pid {rec.pid})")
+        node.agent = None
+        save_state(state)
+        return True
+
+
+def start_agent_cmd(
+    name: str, spec: str, *, wait: bool = True, timeout_s: float = 30.0, progress: Progress = _stderr_progress
+) -> bool:
+    """Start one node's agent (if it is not running) and, with ``wait``, wait until it is in sync."""
+    _require_root()
+    with _locked(name):
+        state = _require_state(name)
+        node = _find_node(state, spec)
+        if node.agent is not None and node.agent.running():
+            progress(f"lab {name}: the agent of {node.key} already runs (pid {node.agent.pid})")
+            return False
+        rec = start_agent(state, node)
+        progress(f"lab {name}: started the agent of {node.key} (pid {rec.pid}, log {rec.log})")
+        if wait:
+            wait_in_sync(state, timeout_s, progress)
+        return True
+
+
+def stop_reflector(name: str, progress: Progress = _stderr_progress) -> bool:
+    """SIGTERM the lab's reflector and wait for it to exit; the agents keep their dataplane."""
+    _require_root()
+    with _locked(name):
+        state = _require_state(name)
+        rec = state.reflector
+        if rec is None or not rec.running():
+            progress(f"lab {name}: the reflector is not running")
+            state.reflector = None
+            save_state(state)
+            return False
+        nsutil.terminate([(rec.pid, rec.start)], grace_s=10.0)
+        progress(f"lab {name}: stopped the reflector (pid {rec.pid})")
+        state.reflector = None
+        save_state(state)
+        return True
+
+
+def start_reflector_cmd(
+    name: str, *, wait: bool = True, timeout_s: float = 60.0, progress: Progress = _stderr_progress
+) -> bool:
+    """Start the lab's reflector if it is not running; with ``wait``, until every node is in sync."""
+    _require_root()
+    with _locked(name):
+        state = _require_state(name)
+        if state.reflector is not None and state.reflector.running():
+            progress(f"lab {name}: the reflector already runs (pid {state.reflector.pid})")
+            return False
+        deadline = time.monotonic() + timeout_s
+        rec = start_reflector(state)
+        progress(f"lab {name}: started the reflector (pid {rec.pid}, log {rec.log})")
+        _wait_reflector(state, deadline, progress)
+        if wait:
+            wait_in_sync(state, max(0.0, deadline - time.monotonic()), progress)
+        return True
+
+
+# -- status ----------------------------------------------------------------------------------
+
+
+def status_doc(state: LabState, status: api.FabricStatus | None, error: str | None) -> dict[str, Any]:
+    """The ``lab status --json`` document: lab facts from the state file, live facts from the
+    reflector (in_sync is false for every node when the reflector cannot be asked)."""
+    by_key = {n.key: n for n in status.nodes()} if status is not None else {}
+    refl = state.reflector
+    doc: dict[str, Any] = {
+        "name": state.name,
+        "topology": state.topology_source,
+        "reflector": {
+            "netns": state.ul_netns,
+            "address": state.reflector_address,
+            "pid": refl.pid if refl and refl.running() else None,
+            "socket": str(state.reflector_socket),
+            "log": refl.log if refl else None,
+            "reachable": status is not None,
+            "epoch": status.epoch if status else None,
+            "generation": status.generation if status else None,
+            "holding": status.holding if status else None,
+        },
+        "clusters": [],
+    }
+    if error is not None:
+        doc["note"] = f"reflector unreachable: {error}; in_sync is false for every node"
+    if status is not None and status.rejections:
+        doc["rejections"] = [{"source": r.source, "reason": r.reason} for r in status.rejections]
+    for c in state.clusters:
+        nodes = []
+        for n in c.nodes:
+            ns = by_key.get(n.key)
+            nodes.append(
+                {
+                    "name": n.name,
+                    "netns": n.netns,
+                    "underlay": n.underlay_ip,
+                    "pod_cidr": n.pod_cidr,
+                    "agent_pid": n.agent.pid if n.agent and n.agent.running() else None,
+                    "agent_log": n.agent.log if n.agent else None,
+                    "in_sync": bool(ns and ns.in_sync),
+                    "connected": bool(ns and ns.connected),
+                    "planned_version": ns.planned_version if ns else None,
+                    "applied_version": ns.applied_version if ns else None,
+                    "counters": dataclasses.asdict(ns.counters) if ns else None,
+                    "pods": [{"name": p.name, "netns": p.netns, "ip": p.ip} for p in n.pods],
+                }
+            )
+        doc["clusters"].append({"name": c.name, "mode": c.mode, "nodes": nodes})
+    return doc
+
+
+def render_status(doc: dict[str, Any]) -> str:
+    """A readable table of :func:`status_doc`."""
+    r = doc["reflector"]
+    head = f"lab {doc['name']} ({doc['topology']})\nreflector {r['address']} in {r['netns']}: "
+    if r["pid"] is None:
+        head += "not running"
+    else:
+        head += f"pid {r['pid']}"
+    if r.get("reachable"):
+        head += f", epoch {r['epoch']}, generation {r['generation']}" + (", holding" if r.get("holding") else "")
+    lines = [head]
+    if "note" in doc:
+        lines.append(f"note: {doc['note']}")
+    rows = [("CLUSTER", "MODE", "NODE", "UNDERLAY", "AGENT", "SESSION", "VERSION", "IN-SYNC", "PODS")]
+    for c in doc["clusters"]:
+        for n in c["nodes"]:
+            version = "-" if n["planned_version"] is None else f"{n['applied_version']}/{n['planned_version']}"
+            rows.append(
+                (
+                    c["name"],
+                    c["mode"],
+                    n["name"],
+                    n["underlay"],
+                    str(n["agent_pid"]) if n["agent_pid"] else "stopped",
+                    "up" if n["connected"] else "down",
+                    version,
+                    "yes" if n["in_sync"] else "NO",
+                    " ".join(f"{p['name']}={p['ip']}" for p in n["pods"]) or "-",
+                )
+            )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1])
+    for rej in doc.get("rejections", []):
+        lines.append(f"rejected {rej['source']}: {rej['reason']}")
+    return "\n".join(lines)
+
+
+def status(name: str = DEFAULT_NAME) -> dict[str, Any]:
+    state = _require_state(name)
+    try:
+        st, err = query_status(state)
+    except LabError as e:
+        st, err = None, str(e)
+    return status_doc(state, st, err)

@@ -1,0 +1,158 @@
+"""Probe worker: runs inside ONE source pod's namespace and probes a list of destinations.
+
+``fabric-tool check`` starts one of these per source pod (already moved into the pod's network
+namespace), writes the destinations as JSON on stdin, and reads one JSON document from stdout::
+
+    stdin:  {"targets": ["10.10.0.3", "10.20.0.2"], "timeout": 2.0, "count": 1}
+    stdout: {"results": [{"dst_ip": "10.10.0.3", "proto": "icmp", "ok": true, "rtt_ms": 0.08,
+                          "sent": 1, "received": 1, "error": null}, ...]}
+
+How a probe works: echo requests are built with scapy and sent through one raw ICMP socket (the
+kernel routes them exactly as it routes pod traffic); every request carries this worker's ICMP
+id and a sequence number that indexes (destination, attempt). All requests go out first, then
+replies are collected until every one is answered or the timeout passes, so a worker takes
+about one RTT when everything works and ``timeout`` when something does not. The raw socket
+sees every ICMP packet of the namespace; replies are matched on id, sequence *and* source
+address, and ICMP errors quoting one of our requests (destination unreachable, time exceeded)
+are reported as the reason instead of a bare timeout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+import select
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+_log = logging.getLogger(__name__)
+
+_ICMP_ERRORS = {3: "destination unreachable", 11: "time exceeded"}
+
+
+@dataclasses.dataclass
+class ProbeResult:
+    dst_ip: str
+    proto: str
+    ok: bool
+    rtt_ms: float | None
+    sent: int
+    received: int
+    error: str | None
+
+
+def probe_icmp(targets: Sequence[str], timeout_s: float, count: int = 1) -> list[ProbeResult]:
+    """ICMP-echo every target ``count`` times; a target passes if any echo is answered."""
+    from scapy.layers.inet import ICMP, IP, IPerror
+
+    if len(targets) * count > 0xFFFF:
+        raise ValueError(f"{len(targets)} targets x {count} probes do not fit in 16-bit ICMP sequence numbers")
+    ident = random.randrange(1, 0xFFFF)
+    sent_at: dict[int, float] = {}
+    rtts: dict[int, list[float]] = {i: [] for i in range(len(targets))}
+    errors: dict[int, str] = {}
+    sent = dict.fromkeys(range(len(targets)), 0)
+    payload = b"kosmos-fabric-check"
+
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as sock:
+        for i, dst in enumerate(targets):
+            for k in range(count):
+                seq = i * count + k
+                pkt = ICMP(type=8, code=0, id=ident, seq=seq) / payload
+                try:
+                    sent_at[seq] = time.monotonic()
+                    sock.sendto(bytes(pkt), (dst, 0))
+                    sent[i] += 1
+                except OSError as e:
+                    del sent_at[seq]
+                    errors[i] = f"send failed: {e.strerror or e}"
+        deadline = time.monotonic() + timeout_s
+        while sent_at:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            ready, _, _ = select.select([sock], [], [], left)
+            if not ready:
+                break
+            data = sock.recv(65535)
+            now = time.monotonic()
+            ip = IP(data)
+            if ICMP not in ip:
+                continue
+            icmp = ip[ICMP]
+            if icmp.type == 0 and icmp.id == ident and icmp.seq in sent_at:
+                i = icmp.seq // count
+                if ip.src != targets[i]:
+                    continue  # someone else's reply with a colliding id: not ours
+                rtts[i].append((now - sent_at.pop(icmp.seq)) * 1000.0)
+            elif icmp.type in _ICMP_ERRORS and IPerror in ip:
+                # The error quotes our original request: find which one it was.
+                quoted = ip[IPerror].payload
+                qid, qseq = getattr(quoted, "id", None), getattr(quoted, "seq", None)
+                if qid == ident and qseq in sent_at:
+                    i = qseq // count
+                    errors[i] = f"{_ICMP_ERRORS[icmp.type]} (code {icmp.code}) from {ip.src}"
+                    sent_at.pop(qseq)
+
+    out = []
+    for i, dst in enumerate(targets):
+        got = rtts[i]
+        ok = bool(got)
+        err = None
+        if not ok:
+            err = errors.get(i) or f"no reply within {timeout_s:g} s ({sent[i]} sent)"
+        out.append(
+            ProbeResult(
+                dst_ip=dst,
+                proto="icmp",
+                ok=ok,
+                rtt_ms=round(min(got), 3) if got else None,
+                sent=sent[i],
+                received=len(got),
+                error=err,
+            )
+        )
+    return out
+
+
+def parse_request(doc: Any) -> tuple[list[str], float, int]:
+    """Validate the worker's input document; raises ValueError naming the bad field."""
+    if not isinstance(doc, dict):
+        raise ValueError("request must be a JSON object")
+    targets = doc.get("targets")
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise ValueError(f"targets: {targets!r} is not a list of addresses")
+    for t in targets:
+        socket.inet_aton(t)  # raises OSError for garbage; converted below
+    timeout = doc.get("timeout", 2.0)
+    count = doc.get("count", 1)
+    if not isinstance(timeout, int | float) or timeout <= 0:
+        raise ValueError(f"timeout: {timeout!r} must be a positive number of seconds")
+    if not isinstance(count, int) or count < 1:
+        raise ValueError(f"count: {count!r} must be a positive integer")
+    return targets, float(timeout), count
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Read the request on stdin, probe, write the results on stdout (exit 0 even if probes
+    fail: failures are data; exit 2 only for a malformed request)."""
+    del argv
+    try:
+        targets, timeout, count = parse_request(json.load(sys.stdin))
+    except (ValueError, OSError) as e:
+        print(json.dumps({"error": f"bad probe request: {e}"}))
+        return 2
+    results = probe_icmp(targets, timeout, count)
+    json.dump({"pid": os.getpid(), "results": [dataclasses.asdict(r) for r in results]}, sys.stdout)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
