@@ -1,0 +1,105 @@
+"""Lab tier fixtures: a real lab built through the ``fabric-tool`` CLI, as a user would.
+
+Topology used by the module-scoped ``lab`` fixture (examples/lab.yaml shape, own name)::
+
+      east (p2p)                         west (p2p)
+   e1 [p0 p1]  e2 [p0 p1]            w1 [p0 p1]  w2 [p0 p1]
+       \\          \\                    /           /
+        +----------+---- br-ul (lab ns, reflector) +
+
+Every test tolerates running after the others: each one restores what it breaks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+FABRIC_TOOL = str(BIN / "fabric-tool")
+#: Short enough to keep the drift tests quick, long enough not to hide a missed netlink event.
+RESYNC_S = 4.0
+
+
+def run(*args: str, check: bool = True, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    p = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} -> {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}")
+    return p
+
+
+def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = pred()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+class Lab:
+    def __init__(self, name: str, topology: Path) -> None:
+        self.name = name
+        self.topology = topology
+
+    def tool(self, *args: str, check: bool = True, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+        return run(FABRIC_TOOL, *args, check=check, timeout=timeout)
+
+    def lab(self, verb: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.tool("lab", verb, "--name", self.name, *args, check=check)
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = json.loads(self.lab("status", "--json").stdout)
+        return out
+
+    def nodes(self) -> dict[str, dict[str, Any]]:
+        return {f"{c['name']}/{n['name']}": n for c in self.status()["clusters"] for n in c["nodes"]}
+
+    def pods(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for c in self.status()["clusters"]:
+            for n in c["nodes"]:
+                for p in n["pods"]:
+                    out[f"{c['name']}/{n['name']}/{p['name']}"] = p
+        return out
+
+    def check(self) -> dict[str, Any]:
+        p = self.tool("check", "--lab", self.name, "--json", check=False)
+        out: dict[str, Any] = json.loads(p.stdout)
+        out["returncode"] = p.returncode
+        return out
+
+    def all_in_sync(self) -> bool:
+        return all(n["in_sync"] for n in self.nodes().values())
+
+    def nsrun(self, netns: str, *cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return run("ip", "netns", "exec", netns, *cmd, check=check)
+
+    def ipj(self, netns: str, *args: str) -> Any:
+        return json.loads(run("ip", "-n", netns, "-j", *args).stdout or "[]")
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    name = "kft" + uuid.uuid4().hex[:5]
+    topo = REPO / "examples" / "lab.yaml"
+    lab = Lab(name, topo)
+    try:
+        lab.lab("up", str(topo), "--resync-period", str(RESYNC_S), "--grace-period", "30", "--timeout", "90")
+        yield lab
+    finally:
+        lab.lab("down", check=False)
+        leftovers = [n for n in os.listdir("/run/netns") if n.startswith(name)] if os.path.isdir("/run/netns") else []
+        assert not leftovers, f"lab down left namespaces behind: {leftovers}"
