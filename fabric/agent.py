@@ -36,7 +36,8 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from fabric import config as config_mod
 from fabric import health, render, types
@@ -56,6 +57,18 @@ HEALTH_GRACE_S = 60.0
 OWNED_LINKS = frozenset({types.VX_BRIDGE})
 
 
+
+class Events(Protocol):
+    """What the agent needs of a netlink event monitor (tests substitute their own)."""
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+
+
+#: Builds the event monitor: ``(callback, owned link names, table) -> monitor``.
+EventsFactory = Callable[[Callable[[str], None], frozenset[str], int], Events]
+
+
 @dataclasses.dataclass
 class _Pending:
     state: types.NodeState | None = None
@@ -65,8 +78,18 @@ class _Pending:
 
 
 class Agent(control_client.SessionHandler):
-    def __init__(self, cfg: config_mod.AgentConfig, dp: dataplane_mod.Dataplane) -> None:
+    def __init__(
+        self,
+        cfg: config_mod.AgentConfig,
+        dp: dataplane_mod.Dataplane,
+        *,
+        events_factory: EventsFactory = events_mod.EventMonitor,
+        handle_signals: bool = True,
+    ) -> None:
         self.cfg = cfg
+        self._events_factory = events_factory
+        self._handle_signals = handle_signals
+        self._stop: asyncio.Event | None = None
         self.dp = dp
         self.underlay = dp.underlay_link(cfg.underlay_ip)
         self.reconciler = reconciler_mod.Reconciler(
@@ -89,7 +112,7 @@ class Agent(control_client.SessionHandler):
         self._first_applied = False
         self._retry_s = RETRY_MIN_S
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._events: events_mod.EventMonitor | None = None
+        self._events: Events | None = None
         self._fatal: BaseException | None = None
 
     # -- SessionHandler --------------------------------------------------------------------
@@ -229,15 +252,21 @@ class Agent(control_client.SessionHandler):
 
     # -- run -------------------------------------------------------------------------------
 
+    def stop(self) -> None:
+        """Ask :meth:`run` to return (what SIGTERM does); the dataplane is left as it is."""
+        if self._stop is not None:
+            self._stop.set()
+
     async def run(self) -> int:
         self._loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._loop.add_signal_handler(sig, stop.set)
+        stop = self._stop = asyncio.Event()
+        if self._handle_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._loop.add_signal_handler(sig, stop.set)
         server = None
         if self.cfg.metrics_listen:
             server = health.serve(self.cfg.metrics_listen, self.healthy, self.ready)
-        self._events = events_mod.EventMonitor(self.request_resync, OWNED_LINKS, self.cfg.table)
+        self._events = self._events_factory(self.request_resync, OWNED_LINKS, self.cfg.table)
         self._events.start()
         tasks = [
             asyncio.create_task(self._apply_loop(), name="apply"),
@@ -254,16 +283,20 @@ class Agent(control_client.SessionHandler):
 
         for t in tasks:
             t.add_done_callback(_done)
-        await stop.wait()
-        for t in tasks:
-            t.cancel()
-        with contextlib.suppress(Exception):
-            await self.session.close()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._events.stop()
-        self._executor.shutdown(wait=True)
-        if server is not None:
-            server.shutdown()
+        try:
+            await stop.wait()
+        finally:
+            # Also on cancellation: never leave the worker thread, the event monitor or the
+            # HTTP server running behind a stopped agent.
+            for t in tasks:
+                t.cancel()
+            with contextlib.suppress(Exception):
+                await self.session.close()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._events.stop()
+            self._executor.shutdown(wait=True)
+            if server is not None:
+                server.shutdown()
         if crashed is not None:
             exc = crashed.exception()
             _log.critical("task %s crashed; exiting for a clean restart", crashed.get_name(), exc_info=exc)

@@ -55,6 +55,17 @@ class _Fault:
     predicate: Callable[[object], bool] | None
 
 
+#: Operation names that faults can target; anything else is a typo in a test, refused loudly.
+OPS = frozenset(
+    {
+        "add_address", "add_fdb", "add_link", "add_nexthop", "add_route", "add_rule",
+        "del_address", "del_fdb", "del_link", "del_neighbour", "del_nexthop", "del_route", "del_rule",
+        "list_addresses", "list_fdb", "list_links", "list_neighbours", "list_nexthops", "list_routes",
+        "list_rules", "replace_route", "set_neighbour", "update_link",
+    }
+)
+
+
 class FakeDataplane:
     """:class:`fabric.netlink.dataplane.Dataplane` in memory (see the module docstring)."""
 
@@ -86,10 +97,17 @@ class FakeDataplane:
         return idx
 
     def fail_next(self, op: str, errno: int, count: int = 1) -> None:
+        self._known(op)
         self._faults.setdefault(op, []).append(_Fault(errno, count, None))
 
     def fail_when(self, op: str, predicate: Callable[[object], bool], errno: int) -> None:
+        self._known(op)
         self._faults.setdefault(op, []).append(_Fault(errno, None, predicate))
+
+    @staticmethod
+    def _known(op: str) -> None:
+        if op not in OPS:
+            raise ValueError(f"unknown fake dataplane operation {op!r}; one of: {', '.join(sorted(OPS))}")
 
     def clear_faults(self) -> None:
         self._faults.clear()
