@@ -40,7 +40,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from fabric import config as config_mod
-from fabric import health, render, types
+from fabric import health, logs, render, types
 from fabric.control import client as control_client
 from fabric.netlink import dataplane as dataplane_mod
 from fabric.netlink import events as events_mod
@@ -305,21 +305,13 @@ class Agent(control_client.SessionHandler):
         return 0
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = config_mod.load(argv)
     except config_mod.ConfigError as e:
         print(f"fabric-agent: {e}", file=sys.stderr)
         return 2
-    setup_logging(cfg.log_level)
+    logs.setup(cfg.log_level)
     dp = dataplane_mod.KernelDataplane()
     if cfg.cleanup:
         rec = reconciler_mod.Reconciler(dp, table=cfg.table, rule_priority=cfg.rule_priority, link_names=OWNED_LINKS)

@@ -15,7 +15,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from fabric import types
+from fabric import logs, types
 from fabric.netlink import objects
 
 
@@ -98,9 +98,7 @@ def _listen(text: str) -> str:
 
 
 def _level(text: str) -> str:
-    if text.lower() not in ("debug", "info", "warning", "error"):
-        raise ValueError("must be one of debug, info, warning, error")
-    return text.lower()
+    return logs.parse_level(text)
 
 
 PARAMS: tuple[_Param, ...] = (

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from fabric import logs
 from tools import lab
 
 _log = logging.getLogger(__name__)
@@ -233,11 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(args_list)
     except SystemExit as e:  # argparse already printed the usage and the reason
         return int(e.code) if isinstance(e.code, int) else 2
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.setup("debug" if args.verbose else "warning")
     try:
         if args.command == "lab":
             return _lab(args, parser)

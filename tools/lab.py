@@ -613,7 +613,7 @@ def start_reflector(state: LabState) -> ProcRecord:
         "--listen", state.reflector_address,
         "--listen", f"unix:{sock}",
         "--grace-period", _num(state.grace_period_s if state.grace_period_s is not None else 30.0),
-        "--log-level", "INFO",
+        "--log-level", "info",
     ]  # fmt: skip
     rec = _start(state.ul_netns, argv, state.state_dir / "logs" / "reflector.log")
     state.reflector = rec
@@ -630,7 +630,7 @@ def start_agent(state: LabState, node: NodeRecord) -> ProcRecord:
         "--underlay-ip", node.underlay_ip,
         "--pod-cidr", node.pod_cidr,
         "--metrics-listen", f"0.0.0.0:{api.DEFAULT_AGENT_METRICS_PORT}",
-        "--log-level", "INFO",
+        "--log-level", "info",
     ]  # fmt: skip
     if state.resync_period_s is not None:
         argv[-2:-2] = ["--resync-period", _num(state.resync_period_s)]

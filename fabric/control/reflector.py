@@ -55,8 +55,8 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from fabric import logs, types
 from fabric import topology as topology_file
-from fabric import types
 from fabric.control import api, codec, planner
 from fabric.control.generated import fabric_pb2 as pb
 from fabric.control.generated import fabric_pb2_grpc as pb_grpc
@@ -645,6 +645,13 @@ def _bind(server: grpc.aio.Server, addr: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def _log_level(text: str) -> str:
+    try:
+        return logs.parse_level(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="fabric-reflector",
@@ -683,7 +690,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="seconds to withhold END_OF_SNAPSHOT after start unless all expected nodes announced "
         "(default: the grace period; 0 disables)",
     )
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-level", default="info", type=_log_level, help="debug, info, warning or error (default: info)")
     p.add_argument("--metrics-listen", metavar="ADDR:PORT", help="serve Prometheus metrics here (default: off)")
     args = p.parse_args(argv)
     if args.keepalive_interval <= 0:
@@ -716,7 +723,7 @@ async def _serve(reflector: Reflector, listen: Sequence[str]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup(args.log_level)
     try:
         config = topology_file.load(args.config).fabric_config()
     except topology_file.TopologyError as e:
