@@ -60,9 +60,12 @@ setup_venv() {
     fi
     local stamp=$VENV/.installed-$(sha256sum pyproject.toml | cut -c1-16)
     if [ ! -e "$stamp" ]; then
-        log "installing kosmos-fabric (editable) and its dev tools into $VENV"
-        "$VENV/bin/pip" install -q --upgrade pip
-        "$VENV/bin/pip" install -q -e ".[dev]"
+        log "installing kosmos-fabric (editable) and its dev tools into $VENV (log: $VENV/pip.log)"
+        if ! { "$VENV/bin/pip" install --upgrade pip && "$VENV/bin/pip" install -e ".[dev]"; } >"$VENV/pip.log" 2>&1; then
+            tail -30 "$VENV/pip.log" >&2
+            log "pip install failed; full log in $VENV/pip.log"
+            exit 1
+        fi
         rm -f "$VENV"/.installed-*
         touch "$stamp"
     fi

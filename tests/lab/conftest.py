@@ -12,6 +12,7 @@ Every test tolerates running after the others: each one restores what it breaks.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -96,10 +97,43 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     name = "kft" + uuid.uuid4().hex[:5]
     topo = REPO / "examples" / "lab.yaml"
     lab = Lab(name, topo)
+    root_links = _root_links()
+    pids: set[int] = set()
     try:
         lab.lab("up", str(topo), "--resync-period", str(RESYNC_S), "--grace-period", "30", "--timeout", "90")
         yield lab
     finally:
+        with contextlib.suppress(Exception):
+            pids = lab_pids(lab)
         lab.lab("down", check=False)
-        leftovers = [n for n in os.listdir("/run/netns") if n.startswith(name)] if os.path.isdir("/run/netns") else []
-        assert not leftovers, f"lab down left namespaces behind: {leftovers}"
+    assert_lab_gone(name, pids, root_links)
+
+
+def _root_links() -> set[str]:
+    return {ln.split(":")[1].strip().split("@")[0] for ln in run("ip", "-o", "link", "show").stdout.splitlines()}
+
+
+def lab_pids(lab: Lab) -> set[int]:
+    """Every process the lab says it runs (reflector and agents)."""
+    st = lab.status()
+    pids = {st["reflector"]["pid"]} | {n["agent_pid"] for n in lab.nodes().values()}
+    return {int(p) for p in pids if p}
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an exited child waits for init to reap it; it runs nothing)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def assert_lab_gone(name: str, pids: set[int], root_links: set[str]) -> None:
+    """``lab down`` left no namespace, process, pinned object or root-namespace link behind."""
+    leftovers = [n for n in os.listdir("/run/netns") if n.startswith(name + "-")] if os.path.isdir("/run/netns") else []
+    assert not leftovers, f"lab down left namespaces behind: {leftovers}"
+    alive = [p for p in pids if _running(p)]
+    assert not alive, f"lab down left processes running: {alive}"
+    assert not os.path.exists(f"/sys/fs/bpf/kosmos-fabric/{name}"), "lab down left pinned BPF objects"
+    assert _root_links() == root_links, "the lab changed the root namespace's links"
