@@ -97,7 +97,7 @@ case "$cmd" in
     lint)
         setup
         "$VENV/bin/ruff" check .
-        "$VENV/bin/mypy" fabric tools tree scheduler
+        "$VENV/bin/mypy" fabric tools tree scheduler kubeemu
         "$VENV/bin/lint-imports"
         ;;
     *)

@@ -31,5 +31,5 @@ def test_ruff_clean() -> None:
 
 
 def test_mypy_clean() -> None:
-    p = _run("mypy", "fabric", "tools", "tree", "scheduler")
+    p = _run("mypy", "fabric", "tools", "tree", "scheduler", "kubeemu")
     assert p.returncode == 0, p.stdout + p.stderr

@@ -1,0 +1,1038 @@
+"""The in-memory object store of one emulated cluster: the part of kube-apiserver + etcd
+semantics that clients observe.
+
+Values. Every stored object is a JSON dict treated as immutable: a write builds a new dict and
+swaps it in, so the same dict can sit in the watch log and be serialized for many watchers
+without copies.
+
+resourceVersion. One integer counter per server (etcd's revision). Every committed change
+(create, update, delete, the deletionTimestamp of a graceful delete) takes the next value; a
+write whose result equals the stored object is a no-op and takes none. List responses carry the
+counter as it is when listed.
+
+Watch log. Every committed change is appended to one bounded log (ADDED/MODIFIED/DELETED with
+the object before and after). A watch from resourceVersion N replays the log after N; when
+entries after N have already been dropped the watch gets 410 Expired, as with a compacted etcd.
+The same log reconstructs the state as of an older revision, which is how ``continue`` pages
+stay consistent with the first page (upstream reads etcd at the first page's revision).
+
+Controllers. Work that kube-controller-manager or the apiserver's own finalizers do
+asynchronously (namespace deletion cascade, ownerReference garbage collection, foreground
+deletion, the "default" ServiceAccount) runs in ``Controllers.run`` as a background task,
+woken by commits; this keeps the delays observable (a DELETE returns before dependents go).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import copy
+import ipaddress
+import json
+import logging
+import re
+import secrets
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubeemu import errors
+from kubeemu.errors import ApiError
+from kubeemu.patch import PatchError, json_patch, merge_patch, strategic_merge_patch
+from kubeemu.resources import Registry, ResourceType
+
+_log = logging.getLogger(__name__)
+
+Obj = dict[str, Any]
+Key = tuple[str, str]  # (group, plural)
+ObjKey = tuple[str, str]  # (namespace, name); namespace "" for cluster-scoped
+
+_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+_LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
+_GENERATE_CHARS = "bcdfghjklmnpqrstvwxz2456789"
+
+NAMESPACES: Key = ("", "namespaces")
+SERVICES: Key = ("", "services")
+PODS: Key = ("", "pods")
+CRDS: Key = ("apiextensions.k8s.io", "customresourcedefinitions")
+SERVICEACCOUNTS: Key = ("", "serviceaccounts")
+DEFAULT_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
+
+FOREGROUND = "foregroundDeletion"
+ORPHAN = "orphan"
+
+
+def now_rfc3339(ts: float | None = None) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() if ts is None else ts))
+
+
+@dataclass(frozen=True)
+class Event:
+    """One committed change. ``old`` is the object before (None for ADDED)."""
+
+    rv: int
+    type: str
+    key: Key
+    obj: Obj
+    old: Obj | None
+
+
+@dataclass(eq=False)
+class Watcher:
+    """A live watch: the server task drains ``queue``; strings are control signals."""
+
+    key: Key
+    queue: asyncio.Queue[Event | str] = field(default_factory=asyncio.Queue)
+
+
+@dataclass
+class DeleteOptions:
+    propagation: str | None = None
+    precondition_uid: str | None = None
+    precondition_rv: str | None = None
+    grace_seconds: int | None = None
+    dry_run: bool = False
+
+
+@dataclass
+class ListResult:
+    items: list[Obj]
+    rv: int
+    cont: str
+    remaining: int | None
+
+
+def _meta(obj: Mapping[str, Any]) -> dict[str, Any]:
+    m = obj.get("metadata")
+    return m if isinstance(m, dict) else {}
+
+
+def _strip_rv(obj: Obj) -> Obj:
+    meta = dict(_meta(obj))
+    meta.pop("resourceVersion", None)
+    out = dict(obj)
+    out["metadata"] = meta
+    return out
+
+
+def _spec_part(obj: Obj, status_split: bool) -> Obj:
+    """What a generation bump compares: everything but metadata (and status when split)."""
+    drop = {"metadata", "status", "kind", "apiVersion"} if status_split else {"metadata", "kind", "apiVersion"}
+    return {k: v for k, v in obj.items() if k not in drop}
+
+
+class ServiceIPs:
+    """ClusterIP allocation from the cluster's service CIDR(s), one pool per family.
+
+    The first address of the first CIDR goes to ``default/kubernetes`` (upstream reserves it the
+    same way); the rest are handed out lowest-free-first so tests can predict them.
+    """
+
+    def __init__(self, cidrs: Iterable[str]) -> None:
+        self.networks = [ipaddress.ip_network(c.strip(), strict=False) for c in cidrs if c.strip()]
+        self.used: set[str] = set()
+
+    def family_nets(self, family: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        want = 4 if family == "IPv4" else 6
+        return [n for n in self.networks if n.version == want]
+
+    def allocate(self, family: str, requested: str | None, peek: bool) -> str:
+        nets = self.family_nets(family)
+        if not nets:
+            raise ValueError(f"no {family} service CIDR configured on this cluster")
+        if requested:
+            try:
+                ip = ipaddress.ip_address(requested)
+            except ValueError:
+                raise ValueError(f"must be a valid IP address (e.g. 10.9.8.7 or 2001:db8::ffff): {requested}") from None
+            if not any(ip in n for n in nets):
+                raise ValueError(f"failed to allocate IP {requested}: the provided IP ({requested}) is not in "
+                                 f"the valid range. The range of valid IPs is {nets[0]}")
+            if requested in self.used:
+                raise ValueError(f"failed to allocate IP {requested}: provided IP is already allocated")
+            if not peek:
+                self.used.add(requested)
+            return requested
+        for net in nets:
+            limit = min(net.num_addresses - 1, 1 << 20)
+            for off in range(1, limit):
+                cand = str(net.network_address + off)
+                if cand not in self.used:
+                    if not peek:
+                        self.used.add(cand)
+                    return cand
+        raise ValueError(f"failed to allocate a serviceIP: range is full ({nets[0]})")
+
+    def release(self, ips: Iterable[str]) -> None:
+        for ip in ips:
+            self.used.discard(ip)
+
+
+class Store:
+    """Objects, the revision counter, the watch log and watchers of one emulated cluster."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        service_cidrs: Iterable[str] = ("10.96.0.0/12",),
+        log_size: int = 10000,
+        graceful_pods: bool = False,
+    ) -> None:
+        self.registry = registry
+        self.rv = 0
+        self.objects: dict[Key, dict[ObjKey, Obj]] = {}
+        self.uids: dict[str, tuple[Key, ObjKey]] = {}
+        self.dependents: dict[str, set[tuple[Key, ObjKey]]] = {}
+        self.log: deque[Event] = deque()
+        self.log_size = log_size
+        self.compacted_rv = 0
+        self.watchers: dict[Key, set[Watcher]] = {}
+        self.service_ips = ServiceIPs(service_cidrs)
+        self.node_ports: set[int] = set()
+        self.graceful_pods = graceful_pods
+        self.wake = asyncio.Event()
+        self.gc_uids: set[str] = set()  # owners gone (or objects to check for dangling owners)
+        self.on_registry_change: list[Callable[[], None]] = []
+        for ns in DEFAULT_NAMESPACES:
+            self.create(self.registry.get(NAMESPACES), "", {"metadata": {"name": ns}})  # type: ignore[arg-type]
+        if self.service_ips.networks:
+            svc = {
+                "metadata": {"name": "kubernetes", "labels": {"component": "apiserver", "provider": "kubernetes"}},
+                "spec": {"ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": 6443}]},
+            }
+            self.create(self.registry.get(SERVICES), "default", svc)  # type: ignore[arg-type]
+
+    # ---------------------------------------------------------------- basics
+
+    def bucket(self, key: Key) -> dict[ObjKey, Obj]:
+        return self.objects.setdefault(key, {})
+
+    def _okey(self, rt: ResourceType, ns: str, name: str) -> ObjKey:
+        return (ns if rt.namespaced else "", name)
+
+    def get(self, rt: ResourceType, ns: str, name: str) -> Obj:
+        obj = self.bucket(rt.key).get(self._okey(rt, ns, name))
+        if obj is None:
+            raise errors.not_found(rt.plural, rt.group, name)
+        return obj
+
+    def lookup_uid(self, uid: str) -> Obj | None:
+        loc = self.uids.get(uid)
+        if loc is None:
+            return None
+        return self.objects.get(loc[0], {}).get(loc[1])
+
+    def _commit(self, etype: str, rt: ResourceType, okey: ObjKey, obj: Obj, old: Obj | None) -> Event:
+        ev = Event(int(obj["metadata"]["resourceVersion"]), etype, rt.key, obj, old)
+        bucket = self.bucket(rt.key)
+        uid = obj["metadata"].get("uid", "")
+        if etype == "DELETED":
+            bucket.pop(okey, None)
+            self.uids.pop(uid, None)
+            self._index_owners(rt.key, okey, old, None)
+            self.gc_uids.add(uid)
+            self.wake.set()
+        else:
+            bucket[okey] = obj
+            self.uids[uid] = (rt.key, okey)
+            self._index_owners(rt.key, okey, old, obj)
+            if etype == "ADDED" and _meta(obj).get("ownerReferences"):
+                self.gc_uids.add(uid)
+                self.wake.set()
+            if _meta(obj).get("deletionTimestamp"):
+                self.wake.set()
+        if len(self.log) >= self.log_size:
+            self.compacted_rv = self.log.popleft().rv
+        self.log.append(ev)
+        for w in self.watchers.get(rt.key, ()):
+            w.queue.put_nowait(ev)
+        return ev
+
+    def _index_owners(self, key: Key, okey: ObjKey, old: Obj | None, new: Obj | None) -> None:
+        def owners(o: Obj | None) -> set[str]:
+            return {r.get("uid", "") for r in (_meta(o).get("ownerReferences") or [])} if o else set()
+
+        before, after = owners(old), owners(new)
+        for u in before - after:
+            deps = self.dependents.get(u)
+            if deps is not None:
+                deps.discard((key, okey))
+                if not deps:
+                    del self.dependents[u]
+        for u in after - before:
+            self.dependents.setdefault(u, set()).add((key, okey))
+
+    def compact(self) -> None:
+        """Drop the whole watch log: every watch or continue from an older revision gets 410."""
+        self.log.clear()
+        self.compacted_rv = self.rv
+
+    def next_rv(self) -> int:
+        self.rv += 1
+        return self.rv
+
+    # ---------------------------------------------------------------- validation
+
+    def _check_kind(self, rt: ResourceType, version: str, obj: Obj) -> None:
+        kind = obj.get("kind")
+        if kind and kind != rt.kind:
+            raise errors.bad_request(f"the server could not find the requested resource: kind {kind!r} does not "
+                                     f"match resource {rt.plural!r} (kind {rt.kind!r})")
+        api = obj.get("apiVersion")
+        if api and api != rt.api_version(version):
+            raise errors.bad_request(f"the API version in the data ({api}) does not match the expected API version "
+                                     f"({rt.api_version(version)})")
+
+    def _validate(self, rt: ResourceType, obj: Obj) -> None:
+        meta = _meta(obj)
+        name = meta.get("name", "")
+        causes: list[tuple[str, str, str]] = []
+        if rt.key in (NAMESPACES,):
+            rx, what = _DNS1123_LABEL, "a lowercase RFC 1123 label"
+        elif rt.key == SERVICES:
+            rx, what = _DNS1035_LABEL, "a DNS-1035 label"
+        else:
+            rx, what = _DNS1123_SUBDOMAIN, "a lowercase RFC 1123 subdomain"
+        if not rx.match(name) or len(name) > (63 if rx is not _DNS1123_SUBDOMAIN else 253):
+            causes.append(("FieldValueInvalid", "metadata.name",
+                           f'Invalid value: "{name}": {what} must consist of lower case alphanumeric characters, '
+                           f"'-' or '.', and must start and end with an alphanumeric character"))
+        for k, v in (meta.get("labels") or {}).items():
+            lname = k.rsplit("/", 1)[-1]
+            if not _LABEL_NAME.match(lname) or len(lname) > 63:
+                causes.append(("FieldValueInvalid", "metadata.labels", f'Invalid value: "{k}": name part must '
+                               "consist of alphanumeric characters, '-', '_' or '.'"))
+            if not isinstance(v, str) or not _LABEL_VALUE.match(v) or len(v) > 63:
+                causes.append(("FieldValueInvalid", "metadata.labels", f'Invalid value: "{v}": a valid label '
+                               "must be an empty string or consist of alphanumeric characters, '-', '_' or '.'"))
+        if rt.key == PODS:
+            containers = (obj.get("spec") or {}).get("containers")
+            if not containers:
+                causes.append(("FieldValueRequired", "spec.containers", "Required value"))
+            for i, c in enumerate(containers or []):
+                if not isinstance(c, dict) or not c.get("name"):
+                    causes.append(("FieldValueRequired", f"spec.containers[{i}].name", "Required value"))
+                elif not c.get("image"):
+                    causes.append(("FieldValueRequired", f"spec.containers[{i}].image", "Required value"))
+        if rt.key == CRDS:
+            spec = obj.get("spec") or {}
+            plural = (spec.get("names") or {}).get("plural", "")
+            if name != f"{plural}.{spec.get('group', '')}":
+                causes.append(("FieldValueInvalid", "metadata.name",
+                               f'Invalid value: "{name}": must be spec.names.plural+"."+spec.group'))
+            if not (spec.get("names") or {}).get("kind"):
+                causes.append(("FieldValueRequired", "spec.names.kind", "Required value"))
+            vers = spec.get("versions") or []
+            if not vers:
+                causes.append(("FieldValueRequired", "spec.versions", "Required value"))
+            elif sum(1 for v in vers if v.get("storage")) != 1:
+                causes.append(("FieldValueInvalid", "spec.versions",
+                               "Invalid value: must have exactly one version marked as storage version"))
+            if spec.get("scope") not in ("Namespaced", "Cluster"):
+                causes.append(("FieldValueNotSupported", "spec.scope",
+                               f'Unsupported value: "{spec.get("scope")}": supported values: "Cluster", "Namespaced"'))
+        if causes:
+            raise errors.invalid(rt.kind, rt.group, name, causes)
+
+    def _check_namespace(self, rt: ResourceType, ns: str, name: str) -> None:
+        if not rt.namespaced:
+            return
+        nso = self.bucket(NAMESPACES).get(("", ns))
+        if nso is None:
+            raise errors.not_found("namespaces", "", ns)
+        if _meta(nso).get("deletionTimestamp"):
+            raise errors.forbidden_terminating(rt.plural, rt.group, name, ns)
+
+    # ---------------------------------------------------------------- create
+
+    def create(self, rt: ResourceType, ns: str, body: Obj, version: str | None = None, dry_run: bool = False) -> Obj:
+        """POST: defaults, validation, uid/rv/generation/creationTimestamp, then ADDED."""
+        if not isinstance(body, dict):
+            raise errors.bad_request("the body of the request must be a JSON object")
+        version = version or rt.versions[0]
+        self._check_kind(rt, version, body)
+        obj = copy.deepcopy(body)
+        obj["kind"] = rt.kind
+        obj["apiVersion"] = rt.api_version(version)
+        meta = obj.setdefault("metadata", {})
+        if not isinstance(meta, dict):
+            raise errors.bad_request("metadata must be an object")
+        if rt.namespaced:
+            body_ns = meta.get("namespace")
+            if body_ns and body_ns != ns:
+                raise errors.bad_request("the namespace of the provided object does not match the namespace sent "
+                                         "on the request")
+            meta["namespace"] = ns
+        else:
+            meta.pop("namespace", None)
+        if not meta.get("name"):
+            gen = meta.get("generateName")
+            if not gen:
+                raise errors.invalid(rt.kind, rt.group, "", [("FieldValueRequired", "metadata.name",
+                                                              "Required value: name or generateName is required")])
+            for _ in range(16):
+                cand = gen + "".join(secrets.choice(_GENERATE_CHARS) for _ in range(5))
+                if self._okey(rt, ns, cand) not in self.bucket(rt.key):
+                    break
+            meta["name"] = cand
+        name = meta["name"]
+        self._validate(rt, obj)
+        self._check_namespace(rt, ns, name)
+        okey = self._okey(rt, ns, name)
+        if okey in self.bucket(rt.key):
+            raise errors.already_exists(rt.plural, rt.group, name)
+        for k in ("resourceVersion", "deletionTimestamp", "deletionGracePeriodSeconds", "selfLink", "managedFields"):
+            meta.pop(k, None)
+        meta["uid"] = str(uuid.uuid4())
+        meta["creationTimestamp"] = now_rfc3339()
+        if rt.generation or not rt.builtin:
+            meta["generation"] = 1
+        else:
+            meta.pop("generation", None)
+        if rt.has_status(version) and rt.key != ("", "nodes"):
+            obj.pop("status", None)
+        self._prepare_create(rt, obj, dry_run)
+        if dry_run:
+            return obj
+        meta["resourceVersion"] = str(self.next_rv())
+        self._commit("ADDED", rt, okey, obj, None)
+        self._after_create(rt, obj)
+        return obj
+
+    def _prepare_create(self, rt: ResourceType, obj: Obj, dry_run: bool) -> None:
+        key = rt.key
+        meta = obj["metadata"]
+        if key == NAMESPACES:
+            obj["spec"] = {"finalizers": ["kubernetes"]}
+            obj["status"] = {"phase": "Active"}
+            meta.setdefault("labels", {})["kubernetes.io/metadata.name"] = meta["name"]
+        elif key == PODS:
+            spec = obj.setdefault("spec", {})
+            spec.setdefault("restartPolicy", "Always")
+            spec.setdefault("dnsPolicy", "ClusterFirst")
+            spec.setdefault("schedulerName", "default-scheduler")
+            spec.setdefault("terminationGracePeriodSeconds", 30)
+            spec.setdefault("enableServiceLinks", True)
+            spec.setdefault("priority", 0)
+            spec.setdefault("securityContext", {})
+            spec.setdefault("serviceAccountName", "default")
+            for c in spec.get("containers") or []:
+                image = str(c.get("image", ""))
+                tag = image.rsplit("/", 1)[-1]
+                latest = ":" not in tag or tag.endswith(":latest")
+                c.setdefault("imagePullPolicy", "Always" if latest and "@" not in image else "IfNotPresent")
+                c.setdefault("terminationMessagePath", "/dev/termination-log")
+                c.setdefault("terminationMessagePolicy", "File")
+                c.setdefault("resources", {})
+            obj["status"] = {"phase": "Pending", "qosClass": "BestEffort"}
+            if spec.get("nodeName"):
+                obj["status"]["conditions"] = [{"type": "PodScheduled", "status": "True",
+                                                "lastTransitionTime": now_rfc3339()}]
+        elif key == SERVICES:
+            obj["status"] = {"loadBalancer": {}}
+            self._allocate_service(rt, obj, None, dry_run)
+        elif key == ("", "secrets"):
+            obj.setdefault("type", "Opaque")
+            self._fold_string_data(obj)
+        elif key in (("", "persistentvolumeclaims"), ("", "persistentvolumes")):
+            obj["status"] = {"phase": "Pending"}
+        elif key == CRDS:
+            self._crd_defaults(obj)
+
+    def _after_create(self, rt: ResourceType, obj: Obj) -> None:
+        if rt.key == NAMESPACES:
+            sa = self.registry.get(SERVICEACCOUNTS)
+            if sa is not None:
+                self.create(sa, obj["metadata"]["name"], {"metadata": {"name": "default"}})
+        elif rt.key == CRDS:
+            self._register_crd(obj)
+
+    @staticmethod
+    def _fold_string_data(obj: Obj) -> None:
+        sd = obj.pop("stringData", None)
+        if sd:
+            data = dict(obj.get("data") or {})
+            for k, v in sd.items():
+                data[k] = base64.b64encode(str(v).encode()).decode()
+            obj["data"] = data
+
+    def _allocate_service(self, rt: ResourceType, obj: Obj, old: Obj | None, dry_run: bool) -> None:
+        spec = obj.setdefault("spec", {})
+        name = obj["metadata"]["name"]
+        stype = spec.setdefault("type", "ClusterIP")
+        spec.setdefault("sessionAffinity", "None")
+        for p in spec.get("ports") or []:
+            p.setdefault("protocol", "TCP")
+            p.setdefault("targetPort", p.get("port"))
+        if stype == "ExternalName":
+            return
+        if old is not None:
+            ospec = old.get("spec") or {}
+            if not spec.get("clusterIP"):
+                for k in ("clusterIP", "clusterIPs", "ipFamilies", "ipFamilyPolicy", "internalTrafficPolicy"):
+                    if k in ospec:
+                        spec[k] = ospec[k]
+            elif spec.get("clusterIP") != ospec.get("clusterIP"):
+                raise errors.invalid("Service", "", name, [(
+                    "FieldValueInvalid", "spec.clusterIPs[0]",
+                    f'Invalid value: []string{{"{spec.get("clusterIP")}"}}: may not change once set')])
+            spec.setdefault("clusterIPs", [spec["clusterIP"]])
+        else:
+            requested = spec.get("clusterIP") or None
+            if requested == "None":
+                spec["clusterIPs"] = ["None"]
+                spec.setdefault("ipFamilies", ["IPv4"])
+                spec.setdefault("ipFamilyPolicy", "SingleStack")
+            else:
+                policy = spec.get("ipFamilyPolicy") or "SingleStack"
+                families = list(spec.get("ipFamilies") or [])
+                if not families:
+                    first = self.service_ips.networks[0] if self.service_ips.networks else None
+                    families = ["IPv6" if first is not None and first.version == 6 else "IPv4"]
+                    if policy in ("PreferDualStack", "RequireDualStack"):
+                        other = "IPv6" if families[0] == "IPv4" else "IPv4"
+                        if self.service_ips.family_nets(other):
+                            families.append(other)
+                ips: list[str] = []
+                try:
+                    for i, fam in enumerate(families):
+                        want = (spec.get("clusterIPs") or [None] * (i + 1))[i] if i else requested
+                        ips.append(self.service_ips.allocate(fam, want, peek=dry_run))
+                except ValueError as e:
+                    self.service_ips.release([] if dry_run else ips)
+                    raise errors.invalid("Service", "", name, [
+                        ("FieldValueInvalid", "spec.clusterIPs", f"Invalid value: []string{{{requested or ''!r}}}: {e}")
+                    ]) from None
+                spec["clusterIP"], spec["clusterIPs"] = ips[0], ips
+                spec["ipFamilies"], spec["ipFamilyPolicy"] = families, policy
+            spec.setdefault("internalTrafficPolicy", "Cluster")
+        if stype in ("NodePort", "LoadBalancer"):
+            for p in spec.get("ports") or []:
+                if not p.get("nodePort"):
+                    port = next(n for n in range(30000, 32768) if n not in self.node_ports)
+                    p["nodePort"] = port
+                    if not dry_run:
+                        self.node_ports.add(port)
+                elif not dry_run:
+                    self.node_ports.add(int(p["nodePort"]))
+
+    def _release_service(self, obj: Obj) -> None:
+        spec = obj.get("spec") or {}
+        self.service_ips.release(ip for ip in spec.get("clusterIPs") or [] if ip != "None")
+        for p in spec.get("ports") or []:
+            self.node_ports.discard(p.get("nodePort") or 0)
+
+    # ---------------------------------------------------------------- CRDs
+
+    @staticmethod
+    def _crd_defaults(obj: Obj) -> None:
+        spec = obj["spec"]
+        names = dict(spec["names"])
+        names.setdefault("singular", names["kind"].lower())
+        names.setdefault("listKind", names["kind"] + "List")
+        spec["names"] = names
+        for v in spec["versions"]:
+            v.setdefault("served", True)
+        storage = next(v["name"] for v in spec["versions"] if v.get("storage"))
+        t = now_rfc3339()
+        obj["status"] = {
+            "acceptedNames": names,
+            "storedVersions": [storage],
+            "conditions": [
+                {"type": "NamesAccepted", "status": "True", "reason": "NoConflicts",
+                 "message": "no conflicts found", "lastTransitionTime": t},
+                {"type": "Established", "status": "True", "reason": "InitialNamesAccepted",
+                 "message": "the initial names have been accepted", "lastTransitionTime": t},
+            ],
+        }
+
+    def _register_crd(self, crd: Obj) -> None:
+        spec = crd["spec"]
+        names = spec["names"]
+        versions = tuple(v["name"] for v in spec["versions"] if v.get("served", True))
+        vstatus = {v["name"]: "status" in (v.get("subresources") or {}) for v in spec["versions"]}
+        rt = ResourceType(
+            spec["group"], versions, names["plural"], names["kind"], spec["scope"] == "Namespaced",
+            singular=names.get("singular", ""), short_names=tuple(names.get("shortNames") or ()),
+            categories=tuple(names.get("categories") or ()), builtin=False, generation=True,
+            version_status=vstatus,
+        )
+        self.registry.add(rt)
+        _log.info("registered custom resource %s.%s versions %s", rt.plural, rt.group, ",".join(versions))
+        for cb in self.on_registry_change:
+            cb()
+
+    def _unregister_crd(self, crd: Obj) -> None:
+        spec = crd["spec"]
+        key = (spec["group"], spec["names"]["plural"])
+        rt = self.registry.get(key)
+        if rt is not None:
+            for okey, obj in list(self.bucket(key).items()):
+                self._finish_delete(rt, okey, obj)
+        self.registry.remove(key)
+        self.objects.pop(key, None)
+        for cb in self.on_registry_change:
+            cb()
+
+    # ---------------------------------------------------------------- update / patch
+
+    def update(
+        self, rt: ResourceType, ns: str, name: str, body: Obj, version: str | None = None,
+        subresource: str | None = None, dry_run: bool = False,
+    ) -> Obj:
+        """PUT (main resource or status): optimistic concurrency, the status split, no-op detection."""
+        if not isinstance(body, dict):
+            raise errors.bad_request("the body of the request must be a JSON object")
+        version = version or rt.versions[0]
+        old = self.get(rt, ns, name)
+        self._check_kind(rt, version, body)
+        bmeta = _meta(body)
+        if bmeta.get("name") and bmeta["name"] != name:
+            raise errors.bad_request(f"the name of the object ({bmeta['name']}) does not match the name on the "
+                                     f"URL ({name})")
+        if rt.namespaced and bmeta.get("namespace") and bmeta["namespace"] != ns:
+            raise errors.bad_request("the namespace of the provided object does not match the namespace sent on "
+                                     "the request")
+        want_rv = bmeta.get("resourceVersion")
+        if want_rv not in (None, "") and str(want_rv) != old["metadata"]["resourceVersion"]:
+            raise errors.conflict(rt.plural, rt.group, name)
+        split = rt.has_status(version)
+        if subresource == "status":
+            new = dict(old)
+            if "status" in body:
+                new["status"] = copy.deepcopy(body["status"])
+            else:
+                new.pop("status", None)
+            new["metadata"] = dict(old["metadata"])
+        else:
+            new = copy.deepcopy(body)
+            new["kind"], new["apiVersion"] = rt.kind, rt.api_version(version)
+            meta = new.setdefault("metadata", {})
+            for k in ("uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "generation",
+                      "namespace", "name"):
+                if k in old["metadata"]:
+                    meta[k] = old["metadata"][k]
+                else:
+                    meta.pop(k, None)
+            if split:
+                if "status" in old:
+                    new["status"] = old["status"]
+                else:
+                    new.pop("status", None)
+            self._validate(rt, new)
+            self._prepare_update(rt, new, old, dry_run)
+        return self._write(rt, old, new, split, dry_run)
+
+    def _prepare_update(self, rt: ResourceType, new: Obj, old: Obj, dry_run: bool) -> None:
+        if rt.key == SERVICES:
+            self._allocate_service(rt, new, old, dry_run)
+        elif rt.key == ("", "secrets"):
+            new.setdefault("type", old.get("type", "Opaque"))
+            self._fold_string_data(new)
+        elif rt.key == NAMESPACES:
+            new["spec"] = old.get("spec", {})
+        elif rt.key == CRDS:
+            self._crd_defaults(new)
+            new["status"]["conditions"] = (old.get("status") or {}).get("conditions", new["status"]["conditions"])
+
+    def _write(self, rt: ResourceType, old: Obj, new: Obj, split: bool, dry_run: bool) -> Obj:
+        name = old["metadata"]["name"]
+        meta = new["metadata"]
+        if old["metadata"].get("deletionTimestamp"):
+            added = set(meta.get("finalizers") or []) - set(old["metadata"].get("finalizers") or [])
+            if added:
+                raise errors.invalid(rt.kind, rt.group, name, [(
+                    "FieldValueForbidden", "metadata.finalizers",
+                    f"Forbidden: no new finalizers can be added if the object is being deleted, found new "
+                    f"finalizers []string{{{', '.join(repr(f) for f in sorted(added))}}}")])
+        if "generation" in old["metadata"] and _spec_part(new, split) != _spec_part(old, split):
+            meta["generation"] = old["metadata"]["generation"] + 1
+        if not meta.get("finalizers"):
+            meta.pop("finalizers", None)
+        if _strip_rv(new) == _strip_rv(old):
+            return old
+        if dry_run:
+            return new
+        okey = self._okey(rt, meta.get("namespace", ""), name)
+        meta["resourceVersion"] = str(self.next_rv())
+        self._commit("MODIFIED", rt, okey, new, old)
+        if rt.key == CRDS:
+            self._register_crd(new)
+        if meta.get("deletionTimestamp") and not meta.get("finalizers") and not self._held(rt, new):
+            self._finish_delete(rt, okey, new)
+        return new
+
+    def patch(
+        self, rt: ResourceType, ns: str, name: str, ctype: str, body: Any, version: str | None = None,
+        subresource: str | None = None, dry_run: bool = False,
+    ) -> Obj:
+        """PATCH: build the patched object from the stored one, then write it like an update."""
+        version = version or rt.versions[0]
+        ptype = ctype.split(";")[0].strip().lower()
+        if ptype == "application/apply-patch+yaml":
+            return self.apply(rt, ns, name, body, version, subresource, dry_run)
+        old = self.get(rt, ns, name)
+        try:
+            if ptype == "application/merge-patch+json":
+                patched = merge_patch(old, body)
+            elif ptype == "application/strategic-merge-patch+json":
+                if not rt.builtin:
+                    raise errors.unsupported_media(ctype, ["application/json-patch+json",
+                                                           "application/merge-patch+json",
+                                                           "application/apply-patch+yaml"])
+                patched = strategic_merge_patch(old, body)
+            elif ptype == "application/json-patch+json":
+                patched = json_patch(old, body)
+            else:
+                raise errors.unsupported_media(ctype, ["application/json-patch+json", "application/merge-patch+json",
+                                                       "application/strategic-merge-patch+json",
+                                                       "application/apply-patch+yaml"])
+        except PatchError as e:
+            if e.invalid:
+                raise errors.ApiError(422, "Invalid", str(e)) from None
+            raise errors.bad_request(str(e)) from None
+        if not isinstance(patched, dict):
+            raise errors.bad_request("the patch does not produce an object")
+        pmeta = _meta(patched)
+        if pmeta.get("resourceVersion") == old["metadata"]["resourceVersion"]:
+            # rv untouched by the patch: no precondition (upstream only checks an rv the patch sets)
+            patched = dict(patched)
+            patched["metadata"] = {k: v for k, v in pmeta.items() if k != "resourceVersion"}
+        return self.update(rt, ns, name, patched, version, subresource, dry_run)
+
+    def apply(self, rt: ResourceType, ns: str, name: str, body: Any, version: str, subresource: str | None,
+              dry_run: bool) -> Obj:
+        """Server-side apply, approximated: create when absent, else a merge of the applied fields.
+
+        Field ownership (managedFields) is not tracked, so fields dropped from a later apply are
+        not removed as upstream would.
+        """
+        if not isinstance(body, dict):
+            raise errors.bad_request("apply patch must be an object")
+        okey = self._okey(rt, ns, name)
+        if okey not in self.bucket(rt.key):
+            if subresource:
+                raise errors.not_found(rt.plural, rt.group, name)
+            body = dict(body)
+            body["metadata"] = dict(_meta(body), name=name)
+            return self.create(rt, ns, body, version, dry_run)
+        old = self.bucket(rt.key)[okey]
+        patched = strategic_merge_patch(old, body) if rt.builtin else merge_patch(old, body)
+        patched["metadata"] = {k: v for k, v in _meta(patched).items() if k != "resourceVersion"}
+        return self.update(rt, ns, name, patched, version, subresource, dry_run)
+
+    def bind(self, ns: str, name: str, body: Obj) -> None:
+        """pods/binding: set spec.nodeName once (409 if already bound), mark PodScheduled."""
+        rt = self.registry.get(PODS)
+        assert rt is not None
+        old = self.get(rt, ns, name)
+        target = (body.get("target") or {}).get("name")
+        if not target:
+            raise errors.invalid("Binding", "", name, [("FieldValueRequired", "target.name", "Required value")])
+        cur = (old.get("spec") or {}).get("nodeName")
+        if cur:
+            raise errors.conflict("pods/binding", "", name, f"pod {name} is already assigned to node \"{cur}\"")
+        new = copy.deepcopy(old)
+        new["spec"]["nodeName"] = target
+        conds = [c for c in new.setdefault("status", {}).get("conditions", []) if c.get("type") != "PodScheduled"]
+        conds.append({"type": "PodScheduled", "status": "True", "lastTransitionTime": now_rfc3339()})
+        new["status"]["conditions"] = conds
+        self._write(rt, old, new, True, False)
+
+    # ---------------------------------------------------------------- delete
+
+    def _held(self, rt: ResourceType, obj: Obj) -> bool:
+        """Deleting, no finalizers, yet not gone: a pod in its grace period, or a namespace
+        (its content goes first; the namespace controller finishes it)."""
+        return rt.key == NAMESPACES or (rt.key == PODS and bool(_meta(obj).get("deletionGracePeriodSeconds")))
+
+    def delete(self, rt: ResourceType, ns: str, name: str, opts: DeleteOptions) -> tuple[Obj, bool]:
+        """DELETE one object. Returns (object, gone): gone is False while finalizers hold it."""
+        old = self.get(rt, ns, name)
+        meta = old["metadata"]
+        if opts.precondition_uid and opts.precondition_uid != meta.get("uid"):
+            raise errors.conflict(rt.plural, rt.group, name,
+                                  f"Precondition failed: UID in precondition: {opts.precondition_uid}, "
+                                  f"UID in object meta: {meta.get('uid')}")
+        if opts.precondition_rv and opts.precondition_rv != meta.get("resourceVersion"):
+            raise errors.conflict(rt.plural, rt.group, name,
+                                  f"Precondition failed: ResourceVersion in precondition: {opts.precondition_rv}, "
+                                  f"ResourceVersion in object meta: {meta.get('resourceVersion')}")
+        if opts.dry_run:
+            return old, False
+        okey = self._okey(rt, ns, name)
+        finalizers = list(meta.get("finalizers") or [])
+        policy = opts.propagation
+        if policy == "Orphan":
+            self._orphan(meta.get("uid", ""))
+        elif policy == "Foreground" and self.dependents.get(meta.get("uid", "")) and FOREGROUND not in finalizers:
+            finalizers.append(FOREGROUND)
+        grace = 0
+        if rt.key == PODS and self.graceful_pods and (old.get("spec") or {}).get("nodeName"):
+            g = opts.grace_seconds
+            grace = int(g if g is not None else (old.get("spec") or {}).get("terminationGracePeriodSeconds", 30))
+        if rt.key == NAMESPACES or finalizers or grace > 0:
+            if meta.get("deletionTimestamp"):
+                shorten = rt.key == PODS and grace < int(meta.get("deletionGracePeriodSeconds") or 0)
+                if not shorten and finalizers == list(meta.get("finalizers") or []):
+                    return old, False
+            new = dict(old)
+            nmeta = dict(meta)
+            if not nmeta.get("deletionTimestamp") or grace > 0:
+                nmeta["deletionTimestamp"] = now_rfc3339(time.time() + grace)
+            nmeta["deletionGracePeriodSeconds"] = grace
+            if finalizers:
+                nmeta["finalizers"] = finalizers
+            new["metadata"] = nmeta
+            if rt.key == NAMESPACES:
+                new["status"] = dict(old.get("status") or {}, phase="Terminating")
+            if _strip_rv(new) == _strip_rv(old):
+                return old, False
+            nmeta["resourceVersion"] = str(self.next_rv())
+            self._commit("MODIFIED", rt, okey, new, old)
+            return new, False
+        return self._finish_delete(rt, okey, old), True
+
+    def _finish_delete(self, rt: ResourceType, okey: ObjKey, obj: Obj) -> Obj:
+        gone = dict(obj)
+        gone["metadata"] = dict(obj["metadata"], resourceVersion=str(self.next_rv()))
+        self._commit("DELETED", rt, okey, gone, obj)
+        if rt.key == SERVICES:
+            self._release_service(obj)
+        elif rt.key == CRDS:
+            self._unregister_crd(obj)
+        return gone
+
+    def _orphan(self, uid: str) -> None:
+        for key, okey in list(self.dependents.get(uid, ())):
+            rt = self.registry.get(key)
+            dep = self.objects.get(key, {}).get(okey)
+            if rt is None or dep is None:
+                continue
+            new = dict(dep)
+            refs = [r for r in dep["metadata"].get("ownerReferences") or [] if r.get("uid") != uid]
+            new["metadata"] = dict(dep["metadata"])
+            if refs:
+                new["metadata"]["ownerReferences"] = refs
+            else:
+                new["metadata"].pop("ownerReferences", None)
+            new["metadata"]["resourceVersion"] = str(self.next_rv())
+            self._commit("MODIFIED", rt, okey, new, dep)
+
+    def force_finish_pod(self, ns: str, name: str) -> None:
+        """Grace over (kubelet confirmed, or delete with gracePeriodSeconds=0): remove the pod."""
+        rt = self.registry.get(PODS)
+        assert rt is not None
+        obj = self.get(rt, ns, name)
+        if not obj["metadata"].get("finalizers"):
+            self._finish_delete(rt, (ns, name), obj)
+
+    # ---------------------------------------------------------------- list / watch
+
+    def snapshot(self, key: Key, at_rv: int | None) -> dict[ObjKey, Obj]:
+        """The bucket as it was at revision ``at_rv`` (None: now), rebuilt from the watch log."""
+        state = self.bucket(key)
+        if at_rv is None or at_rv >= self.rv:
+            return state
+        if at_rv < self.compacted_rv:
+            raise errors.expired(
+                "The provided continue parameter is too old to display a consistent list result. You can start a "
+                "new list without the continue parameter, or use the continue token in this response to retrieve "
+                "the remainder of the results. Continuing with the provided token results in an inconsistent list "
+                "- objects that were created, modified, or deleted between the time the first chunk was returned "
+                "and now may show up in the list.")
+        state = dict(state)
+        for ev in reversed(self.log):
+            if ev.rv <= at_rv:
+                break
+            if ev.key != key:
+                continue
+            m = ev.obj["metadata"]
+            okey = (m.get("namespace", ""), m["name"])
+            if ev.type == "ADDED":
+                state.pop(okey, None)
+            elif ev.old is not None:
+                state[okey] = ev.old
+        return state
+
+    def list_objects(
+        self, rt: ResourceType, match: Callable[[Mapping[str, Any]], bool], limit: int = 0, cont: str = "",
+    ) -> ListResult:
+        """Sorted by (namespace, name) like etcd keys; limit/continue pages one consistent snapshot."""
+        at_rv: int | None = None
+        start = ""
+        if cont:
+            try:
+                tok = json.loads(base64.urlsafe_b64decode(cont + "=" * (-len(cont) % 4)))
+                at_rv, start = int(tok["rv"]), str(tok["start"])
+            except (ValueError, KeyError, TypeError):
+                raise errors.bad_request(f"continue key is not valid: {cont!r}") from None
+        state = self.snapshot(rt.key, at_rv)
+        list_rv = at_rv if at_rv is not None else self.rv
+        keys = sorted(state)
+        items: list[Obj] = []
+        next_cont = ""
+        remaining: int | None = None
+        for i, okey in enumerate(keys):
+            skey = f"{okey[0]}/{okey[1]}"
+            if start and skey < start:
+                continue
+            obj = state[okey]
+            if not match(obj):
+                continue
+            if limit and len(items) >= limit:
+                next_cont = base64.urlsafe_b64encode(json.dumps(
+                    {"v": "meta.k8s.io/v1", "rv": list_rv, "start": skey}).encode()).decode().rstrip("=")
+                remaining = sum(1 for k in keys[i:] if match(state[k]))
+                break
+            items.append(obj)
+        return ListResult(items, list_rv, next_cont, remaining)
+
+    def start_watch(self, rt: ResourceType, match: Callable[[Mapping[str, Any]], bool],
+                    rv: str | None) -> tuple[list[Event], Watcher]:
+        """Register a watcher; returns the events to send first (synthetic ADDED or replay)."""
+        first: list[Event] = []
+        if rv in (None, "", "0"):
+            for okey in sorted(self.bucket(rt.key)):
+                obj = self.bucket(rt.key)[okey]
+                if match(obj):
+                    first.append(Event(int(obj["metadata"]["resourceVersion"]), "ADDED", rt.key, obj, None))
+        else:
+            try:
+                since = int(str(rv))
+            except ValueError:
+                raise errors.bad_request(f"invalid resource version: {rv!r}") from None
+            if since < self.compacted_rv:
+                raise errors.gone_rv(since, self.compacted_rv + 1)
+            for ev in self.log:
+                if ev.rv > since and ev.key == rt.key:
+                    first.append(ev)
+        w = Watcher(rt.key)
+        self.watchers.setdefault(rt.key, set()).add(w)
+        return first, w
+
+    def stop_watch(self, w: Watcher) -> None:
+        self.watchers.get(w.key, set()).discard(w)
+
+    def all_watchers(self) -> list[Watcher]:
+        return [w for ws in self.watchers.values() for w in ws]
+
+
+def transition(ev: Event, match: Callable[[Mapping[str, Any]], bool]) -> tuple[str, Obj] | None:
+    """What a filtered watcher sees: selector transitions turn MODIFIED into ADDED/DELETED."""
+    now = match(ev.obj)
+    if ev.type == "ADDED":
+        return ("ADDED", ev.obj) if now else None
+    was = ev.old is not None and match(ev.old)
+    if ev.type == "DELETED":
+        return ("DELETED", ev.obj) if was else None
+    if now and was:
+        return ("MODIFIED", ev.obj)
+    if now:
+        return ("ADDED", ev.obj)
+    if was:
+        return ("DELETED", ev.obj)
+    return None
+
+
+class Controllers:
+    """Background work upstream controllers do: namespace cascade, GC, foreground deletion."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def run(self) -> None:
+        while True:
+            await self.store.wake.wait()
+            self.store.wake.clear()
+            try:
+                self.pass_once()
+            except ApiError as e:  # a failed entry never aborts the loop; it is retried on the next wake
+                _log.warning("controller pass: %s", e.message)
+            await asyncio.sleep(0)
+
+    def pass_once(self) -> None:
+        s = self.store
+        self._gc()
+        self._foreground()
+        self._namespaces()
+        if s.gc_uids:
+            s.wake.set()
+
+    def _delete(self, key: Key, okey: ObjKey, policy: str | None = None) -> None:
+        rt = self.store.registry.get(key)
+        if rt is None or okey not in self.store.objects.get(key, {}):
+            return
+        self.store.delete(rt, okey[0], okey[1], DeleteOptions(propagation=policy, grace_seconds=0))
+
+    def _gc(self) -> None:
+        s = self.store
+        uids, s.gc_uids = s.gc_uids, set()
+        for uid in uids:
+            cands = set(s.dependents.get(uid, ()))
+            own = s.uids.get(uid)
+            if own is not None:
+                cands.add(own)  # a new object: check its own owners exist
+            for key, okey in cands:
+                dep = s.objects.get(key, {}).get(okey)
+                if dep is None or dep["metadata"].get("deletionTimestamp"):
+                    continue
+                refs = dep["metadata"].get("ownerReferences") or []
+                if refs and all(r.get("uid") not in s.uids for r in refs):
+                    _log.debug("gc: deleting %s %s/%s (owners gone)", key[1], *okey)
+                    self._delete(key, okey)
+
+    def _foreground(self) -> None:
+        s = self.store
+        for key, bucket in list(s.objects.items()):
+            for obj in list(bucket.values()):
+                meta = obj["metadata"]
+                if FOREGROUND not in (meta.get("finalizers") or []) or not meta.get("deletionTimestamp"):
+                    continue
+                deps = list(s.dependents.get(meta["uid"], ()))
+                for dkey, dokey in deps:
+                    dep = s.objects.get(dkey, {}).get(dokey)
+                    if dep is not None and not dep["metadata"].get("deletionTimestamp"):
+                        self._delete(dkey, dokey, "Foreground")
+                if not s.dependents.get(meta["uid"]):
+                    rt = s.registry.get(key)
+                    if rt is not None:
+                        new = dict(obj)
+                        new["metadata"] = dict(meta, finalizers=[f for f in meta["finalizers"] if f != FOREGROUND])
+                        s._write(rt, obj, new, rt.status, False)
+
+    def _namespaces(self) -> None:
+        s = self.store
+        nsrt = s.registry.get(NAMESPACES)
+        assert nsrt is not None
+        for okey, ns in list(s.bucket(NAMESPACES).items()):
+            if not ns["metadata"].get("deletionTimestamp"):
+                continue
+            name = okey[1]
+            left = 0
+            for rt in s.registry.all():
+                if not rt.namespaced:
+                    continue
+                for dokey, obj in list(s.bucket(rt.key).items()):
+                    if dokey[0] != name:
+                        continue
+                    left += 1
+                    if not obj["metadata"].get("deletionTimestamp"):
+                        s.delete(rt, name, dokey[1], DeleteOptions(grace_seconds=0))
+                    elif rt.key == PODS and not obj["metadata"].get("finalizers"):
+                        s.force_finish_pod(name, dokey[1])
+            if left and any(k[0] == name for rt in s.registry.all() if rt.namespaced for k in s.bucket(rt.key)):
+                continue
+            cur = s.bucket(NAMESPACES).get(okey)
+            if cur is None:
+                continue
+            if cur["metadata"].get("finalizers"):
+                continue  # metadata finalizers belong to someone else
+            _log.info("namespace %s: all content deleted, finalizing", name)
+            s._finish_delete(nsrt, okey, cur)

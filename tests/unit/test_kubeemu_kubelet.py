@@ -1,0 +1,115 @@
+"""The lab kubelet against a real emulator and a fake PodNetwork (no namespaces are made)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+import pytest
+
+pytest.importorskip("aiohttp")
+
+from kubeemu.kubelet import LabKubelet, LabNode
+from kubeemu.runner import ServerThread
+
+
+class FakeNetwork:
+    """Records create/delete calls; ``fail_for`` makes create raise for that pod key."""
+
+    def __init__(self) -> None:
+        self.live: dict[str, tuple[str, str]] = {}
+        self.calls: list[tuple[str, str, str, str]] = []
+        self.fail_for: set[str] = set()
+
+    def create(self, node: str, pod_key: str, ip: str) -> None:
+        self.calls.append(("create", node, pod_key, ip))
+        if pod_key in self.fail_for:
+            raise OSError("injected: netns creation failed")
+        self.live[pod_key] = (node, ip)
+
+    def delete(self, node: str, pod_key: str, ip: str) -> None:
+        self.calls.append(("delete", node, pod_key, ip))
+        self.live.pop(pod_key, None)
+
+
+def _http(url: str, method: str = "GET", body: Any = None) -> Any:
+    req = urllib.request.Request(url, method=method, data=None if body is None else json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return json.loads(e.read())
+
+
+def _wait(fn: Any, timeout: float = 5.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = fn()
+        if v:
+            return v
+        time.sleep(0.03)
+    raise AssertionError("condition not met")
+
+
+def test_lab_kubelet_runs_and_removes_pods() -> None:
+    net = FakeNetwork()
+    with ServerThread(name="kl", graceful_pods=True) as srv:
+        nodes = [LabNode("e1", "198.18.0.11", ("10.10.1.0/24",), reserved=frozenset({"10.10.1.2"})),
+                 LabNode("e2", "198.18.0.12", ("10.10.2.0/24",))]
+        kubelet = LabKubelet(srv.url, nodes, net, renew_interval=0.2)
+        loop = asyncio.new_event_loop()
+        task = loop.create_task(kubelet.run())
+
+        def drive() -> None:
+            with contextlib.suppress(asyncio.CancelledError):
+                loop.run_until_complete(task)
+
+        t = threading.Thread(target=drive, daemon=True)
+        t.start()
+        try:
+            node = _wait(lambda: (n := _http(srv.url + "/api/v1/nodes/e1")).get("kind") == "Node" and n)
+            assert node["spec"]["podCIDR"] == "10.10.1.0/24"
+            assert {"type": "InternalIP", "address": "198.18.0.11"} in node["status"]["addresses"]
+            assert node["status"]["conditions"][0]["type"] == "Ready"
+            lease = _wait(lambda: (x := _http(srv.url + "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/"
+                                                        "leases/e1")).get("kind") == "Lease" and x)
+            first = lease["metadata"]["resourceVersion"]
+            _wait(lambda: _http(srv.url + "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/e1")
+                  ["metadata"]["resourceVersion"] != first, timeout=3)
+
+            pod = {"metadata": {"name": "p"}, "spec": {"nodeName": "e1",
+                                                       "containers": [{"name": "c", "image": "x"}]}}
+            _http(srv.url + "/api/v1/namespaces/default/pods", "POST", pod)
+            other = {"metadata": {"name": "elsewhere"}, "spec": {"nodeName": "not-ours",
+                                                                 "containers": [{"name": "c", "image": "x"}]}}
+            _http(srv.url + "/api/v1/namespaces/default/pods", "POST", other)
+            got = _wait(lambda: (p := _http(srv.url + "/api/v1/namespaces/default/pods/p"))["status"]
+                        .get("phase") == "Running" and p)
+            assert got["status"]["podIP"] == "10.10.1.3"  # .2 reserved by the lab
+            assert got["status"]["hostIP"] == "198.18.0.11"
+            assert {c["type"]: c["status"] for c in got["status"]["conditions"]}["Ready"] == "True"
+            assert net.live == {"default/p": ("e1", "10.10.1.3")}
+
+            net.fail_for.add("default/bad")
+            bad = {"metadata": {"name": "bad"}, "spec": {"nodeName": "e2", "containers": [{"name": "c",
+                                                                                           "image": "x"}]}}
+            _http(srv.url + "/api/v1/namespaces/default/pods", "POST", bad)
+            _wait(lambda: _http(srv.url + "/api/v1/namespaces/default/pods/bad")["status"].get("reason")
+                  == "NetworkSetupFailed")
+
+            _http(srv.url + "/api/v1/namespaces/default/pods/p", "DELETE")
+            _wait(lambda: _http(srv.url + "/api/v1/namespaces/default/pods/p").get("code") == 404)
+            assert "default/p" not in net.live
+            assert ("delete", "e1", "default/p", "10.10.1.3") in net.calls
+            assert not [c for c in net.calls if c[2] == "default/elsewhere"]
+        finally:
+            loop.call_soon_threadsafe(task.cancel)
+            t.join(5)
+            loop.close()
