@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$PWD
 VENV=$ROOT/.venv
-APT_PACKAGES=(python3-bpfcc python3-venv python3-dev linux-headers-amd64 iproute2 iputils-ping iperf3 ethtool)
+APT_PACKAGES=(python3-bpfcc python3-venv python3-dev linux-headers-amd64 iproute2 iputils-ping iperf3 ethtool nftables)
 
 log() { printf '\033[1m[dev]\033[0m %s\n' "$*" >&2; }
 

@@ -19,6 +19,11 @@ Life of an agent
    failed entries schedules a retry with backoff and a full resync; it never aborts half way.
 6. Losing the reflector changes nothing in the dataplane: the last good state stays
    programmed and keeps being repaired; the session reconnects in the background.
+7. Peers the plan marks ``probe`` (the active and standby gateways this node depends on) are
+   probed through the tunnel every ``--probe-interval`` (:mod:`fabric.netlink.probes`); the set
+   of peers that stopped answering is reported on the session whenever it changes. The
+   reflector moves gateway roles from these reports; the agent itself never reroutes on its own
+   (one decision maker: no split brain).
 
 Passes run in one worker thread (netlink calls block); the session, timers and HTTP
 endpoints run on the asyncio loop. An unexpected exception anywhere is a bug: the process
@@ -44,6 +49,7 @@ from fabric import health, logs, render, types
 from fabric.control import client as control_client
 from fabric.netlink import dataplane as dataplane_mod
 from fabric.netlink import events as events_mod
+from fabric.netlink import probes as probes_mod
 from fabric.netlink import reconciler as reconciler_mod
 
 _log = logging.getLogger(__name__)
@@ -54,8 +60,7 @@ DEBOUNCE_S = 0.05
 RETRY_MIN_S = 0.5
 #: /healthz tolerates this much beyond the resync period without a successful pass.
 HEALTH_GRACE_S = 60.0
-OWNED_LINKS = frozenset({types.VX_BRIDGE})
-
+OWNED_LINKS = frozenset({types.VX_BRIDGE, types.VX_LOCAL})
 
 
 class Events(Protocol):
@@ -67,6 +72,22 @@ class Events(Protocol):
 
 #: Builds the event monitor: ``(callback, owned link names, table) -> monitor``.
 EventsFactory = Callable[[Callable[[str], None], frozenset[str], int], Events]
+
+
+class Prober(Protocol):
+    """What the agent needs of the tunnel prober (tests substitute their own)."""
+
+    def set_targets(self, targets: dict[str, tuple[str, str]]) -> None: ...
+    def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
+#: Builds the prober: ``(on_change(down peer names), config) -> prober``.
+ProberFactory = Callable[[Callable[[frozenset[str]], None], config_mod.AgentConfig], Prober]
+
+
+def _kernel_prober(on_change: Callable[[frozenset[str]], None], cfg: config_mod.AgentConfig) -> Prober:
+    return probes_mod.TunnelProber(on_change, interval_s=cfg.probe_interval_s, multiplier=cfg.probe_multiplier)
 
 
 @dataclasses.dataclass
@@ -84,6 +105,7 @@ class Agent(control_client.SessionHandler):
         dp: dataplane_mod.Dataplane,
         *,
         events_factory: EventsFactory = events_mod.EventMonitor,
+        prober_factory: ProberFactory = _kernel_prober,
         handle_signals: bool = True,
     ) -> None:
         self.cfg = cfg
@@ -114,6 +136,7 @@ class Agent(control_client.SessionHandler):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._events: Events | None = None
         self._fatal: BaseException | None = None
+        self.prober = prober_factory(self._on_probe_change, cfg)
 
     # -- SessionHandler --------------------------------------------------------------------
 
@@ -146,7 +169,17 @@ class Agent(control_client.SessionHandler):
 
     # -- scheduling ------------------------------------------------------------------------
 
+    def _on_probe_change(self, down: frozenset[str]) -> None:
+        keys = set()
+        for name in down:
+            try:
+                keys.add(types.NodeKey.parse(name))
+            except ValueError:
+                _log.warning("probed peer %r has no cluster/node name; not reported", name)
+        self.session.report_unreachable(frozenset(keys))
+
     def _set_state(self, state: types.NodeState, version: int, reason: str) -> None:
+        self.prober.set_targets({p.node or p.overlay_ip: (p.overlay_ip, p.device) for p in state.peers if p.probe})
         self._pending.state = state
         self._pending.version = version
         self._pending.reason = reason
@@ -268,6 +301,7 @@ class Agent(control_client.SessionHandler):
             server = health.serve(self.cfg.metrics_listen, self.healthy, self.ready)
         self._events = self._events_factory(self.request_resync, OWNED_LINKS, self.cfg.table)
         self._events.start()
+        self.prober.start()
         tasks = [
             asyncio.create_task(self._apply_loop(), name="apply"),
             asyncio.create_task(self._resync_timer(), name="resync-timer"),
@@ -293,6 +327,7 @@ class Agent(control_client.SessionHandler):
             with contextlib.suppress(Exception):
                 await self.session.close()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await self.prober.stop()
             self._events.stop()
             self._executor.shutdown(wait=True)
             if server is not None:

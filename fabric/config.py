@@ -34,6 +34,8 @@ class AgentConfig:
     table: int = objects.DEFAULT_TABLE
     rule_priority: int = objects.DEFAULT_RULE_PRIORITY
     keepalive_interval_s: float = 2.0
+    probe_interval_s: float = 0.1
+    probe_multiplier: int = 3
     metrics_listen: str = ""
     log_level: str = "info"
     cleanup: bool = False
@@ -53,6 +55,13 @@ def _positive_float(text: str) -> float:
     v = float(text)
     if not v > 0:
         raise ValueError("must be a positive number")
+    return v
+
+
+def _multiplier(text: str) -> int:
+    v = int(text, 10)
+    if not 1 <= v <= 50:
+        raise ValueError("must be an integer from 1 to 50")
     return v
 
 
@@ -117,6 +126,11 @@ PARAMS: tuple[_Param, ...] = (
            _priority),
     _Param("keepalive_interval_s", "--keepalive-interval", "seconds between session keepalives; a reflector silent "
            "for 3 intervals is considered lost", _positive_float),
+    _Param("probe_interval_s", "--probe-interval", "seconds between liveness probes (ICMP echo through the tunnel) "
+           "to the gateways this node depends on; with --probe-multiplier it sets how fast a dead gateway is "
+           "reported (0.1 s x 3 = 0.3 s, a few packets per second per gateway)", _positive_float),
+    _Param("probe_multiplier", "--probe-multiplier", "unanswered probe intervals after which a peer is reported "
+           "unreachable (BFD's detect multiplier)", _multiplier),
     _Param("metrics_listen", "--metrics-listen", "HOST:PORT serving /metrics, /healthz, /readyz ('off' disables)",
            _listen),
     _Param("log_level", "--log-level", "debug, info, warning or error", _level),
@@ -196,5 +210,5 @@ def announcement(cfg: AgentConfig, underlay_mtu: int) -> types.NodeAnnouncement:
         underlay_ip=cfg.underlay_ip,
         pod_cidrs=tuple(types.canonical_cidr(c) for c in cfg.pod_cidrs),
         underlay_mtu=underlay_mtu,
-        capabilities=("p2p", "ipv4"),
+        capabilities=("p2p", "gateway", "ipv4"),
     )

@@ -11,11 +11,13 @@ Example (``examples/lab.yaml`` is the default lab)::
 
     underlay: 198.18.0.0/16            # optional; lab underlay range
     bridgeCIDRs: [100.64.0.0/10]       # optional; vx-bridge overlay addresses come from here
+    localCIDRs: [198.19.0.0/16]        # optional; vx-local overlay addresses (gateway mode)
     clusters:
       - name: east                     # DNS-1123 label
-        mode: p2p
+        mode: p2p                      # or gateway
         podCIDRs: [10.10.0.0/16]
         serviceCIDRs: [10.96.0.0/20]   # optional
+        gateways: [e1, e2]             # optional: gateway candidates in order (default: every node)
         nodes:
           - name: e1
             podCIDR: 10.10.1.0/24      # optional: carved in order from podCIDRs when absent
@@ -51,11 +53,11 @@ _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 # Node names become parts of namespace and interface names in the lab; keep them short.
 _MAX_NAME = 20
 
-_TOP_KEYS = {"underlay", "bridgeCIDRs", "clusters"}
-_CLUSTER_KEYS = {"name", "mode", "podCIDRs", "serviceCIDRs", "nodes"}
+_TOP_KEYS = {"underlay", "bridgeCIDRs", "localCIDRs", "clusters"}
+_CLUSTER_KEYS = {"name", "mode", "podCIDRs", "serviceCIDRs", "gateways", "nodes"}
 _NODE_KEYS = {"name", "podCIDR", "pods", "underlay"}
-#: Modes this build can run; gateway mode arrives with its own issue.
-SUPPORTED_MODES = (types.ClusterMode.P2P,)
+#: Modes this build can run.
+SUPPORTED_MODES = (types.ClusterMode.P2P, types.ClusterMode.GATEWAY)
 
 
 class TopologyError(ValueError):
@@ -97,11 +99,13 @@ class TopologyFile:
     underlay: str
     bridge_cidrs: tuple[str, ...]
     clusters: tuple[LabCluster, ...]
+    local_cidrs: tuple[str, ...] = (types.DEFAULT_LOCAL_CIDR_V4,)
 
     def fabric_config(self) -> types.FabricConfig:
         return types.FabricConfig(
             clusters=tuple(c.config for c in self.clusters),
             bridge_cidrs=self.bridge_cidrs,
+            local_cidrs=self.local_cidrs,
             expected_nodes=tuple(f"{c.name}/{n.name}" for c in self.clusters for n in c.nodes),
         )
 
@@ -207,6 +211,7 @@ class _Parser:
         self._keys(doc, _TOP_KEYS, "")
         underlay = self._cidr(doc.get("underlay", DEFAULT_UNDERLAY), "underlay") or DEFAULT_UNDERLAY
         bridge = self._cidr_list(doc.get("bridgeCIDRs", [types.DEFAULT_BRIDGE_CIDR_V4]), "bridgeCIDRs", required=True)
+        local = self._cidr_list(doc.get("localCIDRs", [types.DEFAULT_LOCAL_CIDR_V4]), "localCIDRs", required=True)
         raw_clusters = doc.get("clusters")
         if not isinstance(raw_clusters, list) or not raw_clusters:
             self.err("clusters", "is required: a non-empty list of clusters")
@@ -228,7 +233,7 @@ class _Parser:
             clusters.append((path, rc))
 
         parsed = [self._cluster(path, rc) for path, rc in clusters]
-        self._cross_checks(parsed, underlay, bridge)
+        self._cross_checks(parsed, underlay, bridge, local)
         self._assign(parsed, underlay)
         if self.problems:
             raise TopologyError(self.source, self.problems)
@@ -238,7 +243,11 @@ class _Parser:
             result.append(
                 LabCluster(
                     config=types.ClusterConfig(
-                        name=pc.name, mode=pc.mode, pod_cidrs=tuple(pc.pod_cidrs), service_cidrs=tuple(pc.service_cidrs)
+                        name=pc.name,
+                        mode=pc.mode,
+                        pod_cidrs=tuple(pc.pod_cidrs),
+                        service_cidrs=tuple(pc.service_cidrs),
+                        gateways=tuple(pc.gateways),
                     ),
                     nodes=tuple(
                         LabNode(n.name, n.pod_cidr, n.pods, n.underlay)  # type: ignore[arg-type]
@@ -246,7 +255,7 @@ class _Parser:
                     ),
                 )
             )
-        return TopologyFile(self.source, underlay, tuple(bridge), tuple(result))
+        return TopologyFile(self.source, underlay, tuple(bridge), tuple(result), tuple(local))
 
     def _cluster(self, path: str, rc: dict[str, Any]) -> _PCluster:
         pc = _PCluster(path=path, name=rc.get("name") if isinstance(rc.get("name"), str) else None)
@@ -257,7 +266,8 @@ class _Parser:
             self.err(f"{path}.mode", f"{mode!r} is not a mode (p2p, gateway)")
         else:
             if pc.mode not in SUPPORTED_MODES:
-                self.err(f"{path}.mode", f"{mode!r} is not supported by this build yet (supported: p2p)")
+                supported = ", ".join(m.value for m in SUPPORTED_MODES)
+                self.err(f"{path}.mode", f"{mode!r} is not supported by this build (supported: {supported})")
         pc.pod_cidrs = self._cidr_list(rc.get("podCIDRs"), f"{path}.podCIDRs", required=True)
         pc.service_cidrs = self._cidr_list(rc.get("serviceCIDRs"), f"{path}.serviceCIDRs", required=False)
         raw_nodes = rc.get("nodes", [])
@@ -291,9 +301,39 @@ class _Parser:
             if "underlay" in rn:
                 pn.underlay = self._ip(rn["underlay"], f"{npath}.underlay")
             pc.nodes.append(pn)
+        self._gateways(pc, rc.get("gateways"), f"{path}.gateways")
         return pc
 
-    def _cross_checks(self, parsed: list[_PCluster], underlay: str, bridge: list[str]) -> None:
+    def _gateways(self, pc: _PCluster, value: Any, path: str) -> None:
+        """Gateway candidates: node names of this cluster, no repeats (absent = every node).
+
+        The file's node list is what the lab builds; a real fabric may list no nodes at all, so
+        candidates are checked against the node list only when the cluster has one.
+        """
+        if value is None:
+            return
+        if not isinstance(value, list) or not value:
+            self.err(path, f"{value!r} must be a non-empty list of node names (omit it to allow every node)")
+            return
+        known = {n.name for n in pc.nodes if n.name}
+        seen: set[str] = set()
+        for i, v in enumerate(value):
+            name = self._name(v, f"{path}[{i}]")
+            if name is None:
+                continue
+            if name in seen:
+                self.err(f"{path}[{i}]", f"duplicate gateway candidate {name!r}")
+                continue
+            seen.add(name)
+            if pc.nodes and name not in known:
+                self.err(
+                    f"{path}[{i}]",
+                    f"{name!r} is not a node of cluster {pc.name!r} (nodes: {', '.join(sorted(known)) or 'none'})",
+                )
+                continue
+            pc.gateways.append(name)
+
+    def _cross_checks(self, parsed: list[_PCluster], underlay: str, bridge: list[str], local: list[str]) -> None:
         # Every CIDR of every cluster, with where it came from.
         owned: list[tuple[str, str, str]] = []  # (cidr, path, cluster)
         for pc in parsed:
@@ -312,7 +352,11 @@ class _Parser:
                         else "overlaps another CIDR of the same cluster"
                     )
                     self.err(pb, f"{cb} overlaps {ca} at {pa}: {why}")
-        infra = [(underlay, "underlay"), *[(c, f"bridgeCIDRs[{i}]") for i, c in enumerate(bridge)]]
+        infra = [
+            (underlay, "underlay"),
+            *[(c, f"bridgeCIDRs[{i}]") for i, c in enumerate(bridge)],
+            *[(c, f"localCIDRs[{i}]") for i, c in enumerate(local)],
+        ]
         for c, p, _ in owned:
             for ic, ip_ in infra:
                 if types.cidrs_overlap(c, ic):
@@ -320,6 +364,12 @@ class _Parser:
         for i, c in enumerate(bridge):
             if types.cidrs_overlap(c, underlay):
                 self.err(f"bridgeCIDRs[{i}]", f"{c} overlaps the underlay {underlay}")
+        for i, c in enumerate(local):
+            if types.cidrs_overlap(c, underlay):
+                self.err(f"localCIDRs[{i}]", f"{c} overlaps the underlay {underlay}")
+            for j, bc in enumerate(bridge):
+                if types.cidrs_overlap(c, bc):
+                    self.err(f"localCIDRs[{i}]", f"{c} overlaps {bc} (bridgeCIDRs[{j}])")
 
     def _assign(self, parsed: list[_PCluster], underlay: str) -> None:
         """Fill in absent node pod CIDRs and underlay addresses, deterministically, in file order."""
@@ -407,4 +457,5 @@ class _PCluster:
     mode: types.ClusterMode | None = None
     pod_cidrs: list[str] = dataclasses.field(default_factory=list)
     service_cidrs: list[str] = dataclasses.field(default_factory=list)
+    gateways: list[str] = dataclasses.field(default_factory=list)
     nodes: list[_PNode] = dataclasses.field(default_factory=list)

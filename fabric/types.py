@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping
 VX_BRIDGE = "vx-bridge"
 VX_BRIDGE_VNI = 54
 VX_BRIDGE_PORT = 4876
-#: Intra-cluster device of gateway-mode clusters (used from the gateway issue on).
+#: Intra-cluster device of gateway-mode clusters: internal nodes reach their gateway over it.
 VX_LOCAL = "vx-local"
 VX_LOCAL_VNI = 55
 VX_LOCAL_PORT = 4877
@@ -40,6 +40,13 @@ VXLAN_OVERHEAD_V6 = 70
 #: Default overlay range the vx-bridge addresses are derived from (RFC 6598 shared space, not a
 #: public range as Kosmos' 220.0.0.0/8 is). Configurable per fabric with ``bridgeCIDRs``.
 DEFAULT_BRIDGE_CIDR_V4 = "100.64.0.0/10"
+#: Default overlay range of the vx-local addresses (nodes of gateway-mode clusters). Kosmos used
+#: the public 210.0.0.0/8; we take 198.19.0.0/16, the upper half of the RFC 2544 benchmarking
+#: block 198.18.0.0/15: never routed on the Internet, disjoint from the bridge default and from
+#: the lab's default underlay 198.18.0.0/16. Host bits come from the underlay address as for
+#: vx-bridge, so the 16 host bits keep every address of a /16 underlay distinct. Configurable per
+#: fabric with ``localCIDRs``; the topology validation refuses overlaps with anything else.
+DEFAULT_LOCAL_CIDR_V4 = "198.19.0.0/16"
 
 
 class ClusterMode(enum.StrEnum):
@@ -57,6 +64,8 @@ class ClusterConfig:
     mode: ClusterMode
     pod_cidrs: tuple[str, ...]
     service_cidrs: tuple[str, ...] = ()
+    #: Gateway candidates (node names), in order of preference; empty = every node may be one.
+    gateways: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -65,6 +74,8 @@ class FabricConfig:
 
     clusters: tuple[ClusterConfig, ...]
     bridge_cidrs: tuple[str, ...] = (DEFAULT_BRIDGE_CIDR_V4,)
+    #: vx-local overlay ranges (see DEFAULT_LOCAL_CIDR_V4).
+    local_cidrs: tuple[str, ...] = (DEFAULT_LOCAL_CIDR_V4,)
     #: Nodes the configuration expects (``cluster/node``); lets a restarted reflector stop
     #: holding back END_OF_SNAPSHOT as soon as all of them have announced themselves.
     expected_nodes: tuple[str, ...] = ()
@@ -111,15 +122,43 @@ class NodeAnnouncement:
         return NodeKey(self.cluster, self.name)
 
 
+@dataclasses.dataclass(frozen=True, slots=True, order=True)
+class GatewayRole:
+    """The reflector's decision for one cluster: its active gateway and its hot standby.
+
+    Both are node names of the cluster (``standby`` may be empty). The active gateway is the
+    cluster's only tunnel endpoint towards other clusters (gateway mode) and the entry point of
+    its service CIDRs (every mode); the standby holds the same devices and peers as the active
+    one, so moving the role to it changes routes only. One value per cluster means the planned
+    state can never name two active gateways for one cluster.
+    """
+
+    cluster: str
+    active: str
+    standby: str = ""
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Topology:
-    """Everything the planner needs: the configuration plus the announced nodes.
+    """Everything the planner needs: the configuration, the announced nodes and the gateway
+    roles the reflector elected (from its liveness view; see ``planner.elect``).
 
-    ``nodes`` is kept sorted by key so equal topologies compare (and hash) equal.
+    ``nodes`` and ``roles`` are kept sorted so equal topologies compare (and hash) equal, and
+    ``plan`` stays a pure function of this value.
     """
 
     config: FabricConfig
     nodes: tuple[NodeAnnouncement, ...] = ()
+    roles: tuple[GatewayRole, ...] = ()
+
+    def with_roles(self, roles: Iterable[GatewayRole]) -> Topology:
+        return dataclasses.replace(self, roles=tuple(sorted(roles)))
+
+    def role(self, cluster: str) -> GatewayRole | None:
+        for r in self.roles:
+            if r.cluster == cluster:
+                return r
+        return None
 
     def with_node(self, node: NodeAnnouncement) -> Topology:
         rest = [n for n in self.nodes if n.key != node.key]
@@ -167,6 +206,9 @@ class Peer:
     underlay_ip: str
     #: ``cluster/node`` of the peer, for humans (status, diagnostics); not programmed.
     node: str = ""
+    #: The agent watches this peer with probes through the tunnel and reports when it stops
+    #: answering (set for active and standby gateways the node depends on).
+    probe: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -8,6 +8,13 @@ the workers' start-up), not pairs x timeout.
 
 The pod list comes from the lab's state file only, so ``check`` also works on a lab built without
 its fabric processes (that is how the privileged tests check the lab's own plumbing).
+
+Two optional extensions (gateway issue): ``--services`` adds, for every pod, the lab service IP
+of every *other* cluster as a destination (the lab plays kube-proxy, see tools/lab.py), and
+``--host-network`` adds every node's host network namespace as a source probing every pod of
+the other clusters (host-network traffic leaves with an overlay source address that the remote
+side must route back). The matrix then has the extra sources as rows and the services as
+columns.
 """
 
 from __future__ import annotations
@@ -58,6 +65,9 @@ class CheckResult:
     pods: list[Pod]
     pairs: list[PairResult]
     elapsed_s: float = 0.0
+    #: Extra matrix columns (services) and rows (host networks); see the module docstring.
+    services: list[Pod] = dataclasses.field(default_factory=list)
+    hosts: list[Pod] = dataclasses.field(default_factory=list)
 
     @property
     def passed(self) -> int:
@@ -82,6 +92,31 @@ class CheckResult:
 
 def pods_of(state: lab.LabState) -> list[Pod]:
     return [Pod(f"{n.key}/{p.name}", p.netns, p.ip) for n in state.nodes() for p in n.pods]
+
+
+def services_of(state: lab.LabState) -> list[Pod]:
+    """The lab service of every cluster that has one, as a destination ``CLUSTER/svc``."""
+    return [Pod(f"{c.name}/svc", "", c.service_ip) for c in state.clusters if c.service_ip]
+
+
+def hosts_of(state: lab.LabState) -> list[Pod]:
+    """Every node's host network as a source (label ``CLUSTER/NODE``)."""
+    return [Pod(n.key, n.netns, n.underlay_ip) for n in state.nodes()]
+
+
+def jobs(pods: Sequence[Pod], services: Sequence[Pod] = (), hosts: Sequence[Pod] = ()) -> list[tuple[Pod, list[Pod]]]:
+    """Sources with their destinations: pods probe every other pod and the services of the other
+    clusters; host networks probe the pods of the other clusters."""
+    out: list[tuple[Pod, list[Pod]]] = []
+    for src in pods:
+        dsts = [d for d in pods if d is not src] + [s for s in services if s.cluster != src.cluster]
+        if dsts:
+            out.append((src, dsts))
+    for src in hosts:
+        dsts = [d for d in pods if d.cluster != src.cluster]
+        if dsts:
+            out.append((src, dsts))
+    return out
 
 
 def parse_worker_output(src: Pod, dsts: Sequence[Pod], stdout: str, stderr: str, rc: int | None) -> list[PairResult]:
@@ -129,14 +164,18 @@ def parse_worker_output(src: Pod, dsts: Sequence[Pod], stdout: str, stderr: str,
     return out
 
 
-def run(pods: Sequence[Pod], timeout_s: float = 2.0, count: int = 1) -> CheckResult:
-    """Probe all ordered pairs of ``pods`` in parallel, one worker per source pod."""
+def run(
+    pods: Sequence[Pod],
+    timeout_s: float = 2.0,
+    count: int = 1,
+    *,
+    services: Sequence[Pod] = (),
+    hosts: Sequence[Pod] = (),
+) -> CheckResult:
+    """Probe every pair of :func:`jobs` in parallel, one worker per source."""
     t0 = time.monotonic()
     workers: list[tuple[Pod, list[Pod], subprocess.Popen[bytes] | None, str]] = []
-    for src in pods:
-        dsts = [d for d in pods if d is not src]
-        if not dsts:
-            continue
+    for src, dsts in jobs(pods, services, hosts):
         request = json.dumps({"targets": [d.ip for d in dsts], "timeout": timeout_s, "count": count})
         try:
             proc = nsutil.spawn_in_netns(
@@ -175,7 +214,7 @@ def run(pods: Sequence[Pod], timeout_s: float = 2.0, count: int = 1) -> CheckRes
             out, err = worker.communicate()
             rc = None
         pairs += parse_worker_output(src, dsts, out.decode(errors="replace"), err.decode(errors="replace"), rc)
-    return CheckResult(list(pods), pairs, time.monotonic() - t0)
+    return CheckResult(list(pods), pairs, time.monotonic() - t0, list(services), list(hosts))
 
 
 # -- rendering -------------------------------------------------------------------------------
@@ -193,7 +232,9 @@ def _marks() -> tuple[str, str, str]:
 def render_matrix(result: CheckResult, marks: tuple[str, str, str] | None = None) -> str:
     """Rows are sources, columns destinations (numbered like the rows); a summary closes it."""
     yes, no, self_mark = marks or _marks()
-    pods = result.pods
+    rows = [*result.pods, *result.hosts]
+    cols = [*result.pods, *result.services]
+    pods = rows
     protos = sorted({p.proto for p in result.pairs}) or ["icmp"]
     cells: dict[tuple[str, str], bool] = {}
     for p in result.pairs:
@@ -205,14 +246,14 @@ def render_matrix(result: CheckResult, marks: tuple[str, str, str] | None = None
     col_w = max(num_w, 1) + 1
     lines = []
     prefix = " " * (num_w + 1) + "src".ljust(label_w) + "  " + "".ljust(ip_w) + " "
-    lines.append(prefix + "".join(str(i + 1).rjust(col_w) for i in range(len(pods))) + "   dst")
+    lines.append(prefix + "".join(str(i + 1).rjust(col_w) for i in range(len(cols))) + "   dst")
     prev_cluster = None
     for i, src in enumerate(pods):
         if prev_cluster is not None and src.cluster != prev_cluster:
             lines.append("")
         prev_cluster = src.cluster
         row = []
-        for dst in pods:
+        for dst in cols:
             if dst is src:
                 row.append(self_mark)
             elif (src.label, dst.label) not in cells:
@@ -223,6 +264,9 @@ def render_matrix(result: CheckResult, marks: tuple[str, str, str] | None = None
             f"{str(i + 1).rjust(num_w)} {src.label.ljust(label_w)}  {src.ip.ljust(ip_w)} "
             + "".join(c.rjust(col_w) for c in row)
         )
+    if len(cols) > len(result.pods) or result.hosts:
+        lines.append("")
+        lines.append("columns: " + ", ".join(f"{i + 1}={d.label}" for i, d in enumerate(cols) if i >= len(result.pods)))
     failures = [p for p in result.pairs if not p.ok]
     if failures:
         lines.append("")
@@ -235,6 +279,6 @@ def render_matrix(result: CheckResult, marks: tuple[str, str, str] | None = None
     verdict = "all pairs passed" if result.ok else f"{result.failed} FAILED"
     lines.append(
         f"{result.passed}/{len(result.pairs)} pairs passed ({', '.join(protos)}), {verdict}, "
-        f"{len(pods)} pods, {result.elapsed_s:.1f} s"
+        f"{len(result.pods)} pods, {result.elapsed_s:.1f} s"
     )
     return "\n".join(lines)

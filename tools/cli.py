@@ -96,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Whole clusters on one machine: nodes and pods are network namespaces, the underlay is a "
         "bridge in the lab namespace NAME-ul. Nothing is changed in the root namespace. Needs root.",
         epilog="examples:\n  fabric-tool lab up\n  fabric-tool lab up examples/lab.yaml --name demo --timeout 120\n"
-        "  fabric-tool lab status\n  fabric-tool lab stop-agent east/e1\n  fabric-tool lab down --name demo",
+        "  fabric-tool lab status\n  fabric-tool lab stop-agent east/e1\n"
+        "  fabric-tool lab up examples/gateway.yaml --name gw && fabric-tool lab fail west/w1 --name gw\n"
+        "  fabric-tool lab down --name demo",
         formatter_class=_Formatter,
     )
     lsub = lp.add_subparsers(dest="lab_command", metavar="LAB_COMMAND", required=True)
@@ -161,6 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
         if verb == "start-agent":
             ap.add_argument("--no-wait", action="store_true", help="do not wait for the node to be in sync")
             ap.add_argument("--timeout", type=_positive_float, default=30.0, help="seconds to wait (default 30)")
+    for verb, what in (("fail", "cut a node off the underlay (its underlay link goes down): a dead machine"),
+                       ("heal", "put a node cut off by 'lab fail' back on the underlay")):  # fmt: skip
+        fp = lsub.add_parser(
+            verb,
+            parents=[name_opt],
+            help=what,
+            epilog=f"example:\n  fabric-tool lab {verb} east/e1",
+            formatter_class=_Formatter,
+        )
+        fp.add_argument("node", metavar="NODE", help="cluster/node (or a node name unique in the lab)")
     reflector_verbs = (
         ("stop-reflector", "stop (SIGTERM) the lab's reflector; the dataplane stays"),
         ("start-reflector", "start the lab's reflector and wait until every node is in sync"),
@@ -197,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="All ordered pod pairs (same node, same cluster, across clusters), probed in parallel: one "
         "worker per source pod inside its namespace. Exit 0 only if every pair passed.",
         epilog="examples:\n  fabric-tool check\n  fabric-tool check --lab demo --timeout 5 --count 3\n"
+        "  fabric-tool check --services --host-network\n"
         "  fabric-tool check --json | jq '.pairs[] | select(.ok | not)'",
         formatter_class=_Formatter,
     )
@@ -204,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--json", action="store_true", help="machine-readable output")
     ck.add_argument("--timeout", type=_positive_float, default=2.0, help="probe timeout in seconds (default 2)")
     ck.add_argument("--count", type=_positive_int, default=1, help="echo requests per pair (default 1)")
+    ck.add_argument("--services", action="store_true",
+                    help="also probe every other cluster's lab service IP from every pod")
+    ck.add_argument("--host-network", action="store_true",
+                    help="also probe every pod of the other clusters from every node's host network")
 
     # -- status -----------------------------------------------------------------------------
     ss = sub.add_parser(
@@ -293,6 +310,9 @@ def _lab(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if cmd == "start-agent":
         lab.start_agent_cmd(args.name, args.node, wait=not args.no_wait, timeout_s=args.timeout)
         return 0
+    if cmd in ("fail", "heal"):
+        lab.set_failed(args.name, args.node, cmd == "fail")
+        return 0
     if cmd == "stop-reflector":
         lab.stop_reflector(args.name)
         return 0
@@ -325,9 +345,14 @@ def _check(args: argparse.Namespace) -> int:
     pods = check.pods_of(state)
     if len(pods) < 2:
         raise lab.LabError(f"lab {args.lab} has {len(pods)} pods; check needs at least 2")
-    n_pairs = len(pods) * (len(pods) - 1)
-    print(f"check: probing {n_pairs} pairs from {len(pods)} pods (timeout {args.timeout:g} s)...", file=sys.stderr)
-    result = check.run(pods, timeout_s=args.timeout, count=args.count)
+    services = check.services_of(state) if args.services else []
+    hosts = check.hosts_of(state) if args.host_network else []
+    if args.services and not services:
+        raise lab.LabError(f"lab {args.lab} has no lab service (clusters need serviceCIDRs and pods)")
+    jobs = check.jobs(pods, services, hosts)
+    n_pairs = sum(len(d) for _, d in jobs)
+    print(f"check: probing {n_pairs} pairs from {len(jobs)} sources (timeout {args.timeout:g} s)...", file=sys.stderr)
+    result = check.run(pods, timeout_s=args.timeout, count=args.count, services=services, hosts=hosts)
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
     else:
@@ -350,11 +375,14 @@ def render_fabric_status(target: str, status: Any) -> str:
         f"reflector {target}: epoch {status.epoch}, generation {status.generation}"
         + (", holding END_OF_SNAPSHOT for known nodes" if status.holding else "")
     ]
-    rows = [("CLUSTER", "MODE", "NODE", "UNDERLAY", "SESSION", "VERSION", "IN-SYNC", "SNAPSHOTS", "DELTAS")]
+    rows = [("CLUSTER", "MODE", "NODE", "GATEWAY", "UNDERLAY", "SESSION", "VERSION", "IN-SYNC", "SNAPSHOTS", "DELTAS")]
     for c in status.clusters:
         if not c.nodes:
-            rows.append((c.name, c.mode, "-", "-", "-", "-", "-", "-", "-"))
+            rows.append((c.name, c.mode, "-", "-", "-", "-", "-", "-", "-", "-"))
         for n in c.nodes:
+            role = c.role_of(n.name) or "-"
+            if n.unreachable_reports:
+                role += f" (unreachable for {n.unreachable_reports})"
             session = "up" if n.connected else (f"down (withdraw in {n.withdraw_in_s:.0f} s)"
                                                 if n.withdraw_in_s is not None else "down")  # fmt: skip
             rows.append(
@@ -362,6 +390,7 @@ def render_fabric_status(target: str, status: Any) -> str:
                     c.name,
                     c.mode,
                     n.name,
+                    role,
                     n.underlay_ip,
                     session,
                     f"{n.applied_version}/{n.planned_version}",
@@ -372,6 +401,12 @@ def render_fabric_status(target: str, status: Any) -> str:
             )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    for c in status.clusters:
+        if c.active_gateway:
+            lines.append(
+                f"cluster {c.name}: active gateway {c.active_gateway}, standby {c.standby_gateway or 'none'}, "
+                f"candidates {', '.join(c.gateways) or 'every node'}, moves {c.gateway_moves}"
+            )
     for rej in status.rejections:
         lines.append(f"rejected {rej.source}: {rej.reason}")
     return "\n".join(lines)

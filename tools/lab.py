@@ -14,10 +14,19 @@ What ``lab up`` builds (``NAME`` defaults to ``kf``; nothing is created in the r
                               169.254.1.1 dev eth0 scope link; default via 169.254.1.1
 
 The lab plays each cluster's own CNI (pod veths, host-gw routes inside a cluster); every route
-*between* clusters is the fabric's job. Pods answer their default gateway through proxy ARP on
-the node-side veth, which needs the node to have *some* route to 169.254.1.1 out of another
-device: the node's default route towards the lab gateway provides it (the lab namespace does not
-forward, so that route never carries pod traffic anywhere).
+*between* clusters is the fabric's job. It also plays each cluster's kube-proxy for one lab
+service per cluster: the service IP (host 10 of the cluster's first service CIDR) is DNATed to
+the cluster's first pod by an nftables table ``kflab`` in *every node namespace of that cluster*
+- where kube-proxy's rules live - and, as kube-proxy does for traffic from outside the cluster,
+masqueraded, so the reply returns through the node that translated it even when the backend's
+node would route it back directly (P2P clusters). ``lab fail NODE`` / ``lab heal NODE`` set the
+node's underlay veth end in the lab namespace down / up: the node is cut off from every other
+node and from the reflector, exactly like a dead machine, and comes back as it was.
+
+Pods answer their default gateway through proxy ARP on the node-side veth, which needs the node
+to have *some* route to 169.254.1.1 out of another device: the node's default route towards the
+lab gateway provides it (the lab namespace does not forward, so that route never carries pod
+traffic anywhere).
 
 Order of ``up`` (each step recorded in ``/run/kosmos-fabric/lab/NAME/state.json`` before the
 next, written atomically, so a crash leaves an accurate record for ``down``):
@@ -42,6 +51,7 @@ import dataclasses
 import fcntl
 import hashlib
 import importlib
+import ipaddress
 import json
 import logging
 import os
@@ -69,6 +79,10 @@ DEFAULT_TOPOLOGY = Path(__file__).resolve().parent.parent / "examples" / "lab.ya
 DEFAULT_UP_TIMEOUT_S = 60.0
 UL_BRIDGE = "br-ul"
 POD_GATEWAY = "169.254.1.1"
+#: Host number of the lab service IP in a cluster's first service CIDR.
+SERVICE_HOST = 10
+#: nftables table the lab's kube-proxy stand-in owns in each node namespace.
+NFT_TABLE = "kflab"
 STATE_VERSION = 1
 #: Lab names become namespace prefixes ``NAME-``. No '-' allowed, so no lab's prefix can be a
 #: prefix of another lab's namespaces (``kf-`` vs ``kf-x-``), which makes scanning safe.
@@ -138,6 +152,8 @@ class NodeRecord:
     pods: list[PodRecord]
     built: bool = False
     agent: ProcRecord | None = None
+    #: Cut off the underlay by ``lab fail`` (until ``lab heal``).
+    failed: bool = False
 
     @property
     def key(self) -> str:
@@ -151,6 +167,10 @@ class ClusterRecord:
     pod_cidrs: list[str]
     service_cidrs: list[str]
     nodes: list[NodeRecord]
+    gateways: list[str] = dataclasses.field(default_factory=list)
+    #: The lab service: an IP of the first service CIDR, DNATed to ``service_backend`` (a pod IP).
+    service_ip: str | None = None
+    service_backend: str | None = None
 
 
 @dataclasses.dataclass
@@ -337,6 +357,12 @@ def plan(name: str, topo: topology.TopologyFile) -> LabState:
                     pods=pods,
                 )
             )
+        service_ip, backend = None, None
+        pod_ips = [p.ip for n in nodes for p in n.pods]
+        if lc.config.service_cidrs and pod_ips:
+            net = ipaddress.ip_network(lc.config.service_cidrs[0])
+            if net.num_addresses > SERVICE_HOST + 1:
+                service_ip, backend = str(net.network_address + SERVICE_HOST), pod_ips[0]
         clusters.append(
             ClusterRecord(
                 name=lc.name,
@@ -344,6 +370,9 @@ def plan(name: str, topo: topology.TopologyFile) -> LabState:
                 pod_cidrs=list(lc.config.pod_cidrs),
                 service_cidrs=list(lc.config.service_cidrs),
                 nodes=nodes,
+                gateways=list(lc.config.gateways),
+                service_ip=service_ip,
+                service_backend=backend,
             )
         )
     if problems:
@@ -385,7 +414,7 @@ def merge_plan(current: LabState, wanted: LabState) -> tuple[LabState, list[str]
             merged.append(wc)
             added.extend(n.key for n in wc.nodes)
             continue
-        for attr in ("mode", "pod_cidrs", "service_cidrs"):
+        for attr in ("mode", "pod_cidrs", "service_cidrs", "gateways"):
             if getattr(cc, attr) != getattr(wc, attr):
                 problems.append(f"cluster {wc.name}: {attr} {getattr(cc, attr)} -> {getattr(wc, attr)}")
         cur_nodes = {n.name: n for n in cc.nodes}
@@ -528,6 +557,7 @@ def _build_node(state: LabState, cluster: ClusterRecord, node: NodeRecord) -> No
             ],
             f"pod {node.key}/{pod.name}",
         )
+    _install_service(cluster, node)
     # Play the cluster's CNI for the others: they learn the new node's pod CIDR (host-gw).
     for peer in cluster.nodes:
         if peer.name != node.name and peer.built:
@@ -536,6 +566,50 @@ def _build_node(state: LabState, cluster: ClusterRecord, node: NodeRecord) -> No
                 [f"route replace {node.pod_cidr} via {node.underlay_ip} dev eth0"],
                 f"host-gw route to {node.key} on {peer.key}",
             )
+
+
+def service_ruleset(service_ip: str, backend: str) -> str:
+    """The kube-proxy stand-in of one node: DNAT the lab service to its backend pod (for
+    forwarded and locally generated traffic) and masquerade what was translated, as kube-proxy
+    does for clients outside the cluster, so replies come back through this node."""
+    return (
+        f"table ip {NFT_TABLE} {{\n"
+        f"  chain prerouting {{ type nat hook prerouting priority dstnat; ip daddr {service_ip} dnat to {backend}; }}\n"
+        f"  chain output {{ type nat hook output priority -100; ip daddr {service_ip} dnat to {backend}; }}\n"
+        f"  chain postrouting {{ type nat hook postrouting priority srcnat; "
+        f"ct status dnat ct original ip daddr {service_ip} masquerade; }}\n"
+        f"}}\n"
+    )
+
+
+def _install_service(cluster: ClusterRecord, node: NodeRecord) -> None:
+    if cluster.service_ip is None or cluster.service_backend is None:
+        return
+    rules = service_ruleset(cluster.service_ip, cluster.service_backend)
+    res = subprocess.run(
+        ["ip", "netns", "exec", node.netns, "nft", "-f", "-"], input=rules, capture_output=True, text=True, check=False
+    )
+    if res.returncode != 0:
+        raise LabError(
+            f"lab service of cluster {cluster.name} on node {node.key}: nft failed: {res.stderr.strip()} "
+            "(is the nftables package installed?)"
+        )
+
+
+def set_failed(name: str, spec: str, failed: bool, progress: Progress = _stderr_progress) -> NodeRecord:
+    """``lab fail`` / ``lab heal``: set the node's underlay veth end in the lab namespace down or
+    up. The node loses (regains) every other node and the reflector at once; nothing inside the
+    node changes, as when a machine drops off the network."""
+    _require_root()
+    with _locked(name):
+        state = _require_state(name)
+        node = _find_node(state, spec)
+        _ip_batch(state.ul_netns, [f"link set {node.ul_if} {'down' if failed else 'up'}"],
+                  f"{'cut' if failed else 'reconnect'} node {node.key}")  # fmt: skip
+        node.failed = failed
+        save_state(state)
+        progress(f"lab {name}: node {node.key} {'cut off the underlay' if failed else 'back on the underlay'}")
+        return node
 
 
 def _delete_netns(names: Sequence[str]) -> list[str]:
@@ -1128,7 +1202,9 @@ def status_doc(state: LabState, status: api.FabricStatus | None, error: str | No
         doc["note"] = f"reflector unreachable: {error}; in_sync is false for every node"
     if status is not None and status.rejections:
         doc["rejections"] = [{"source": r.source, "reason": r.reason} for r in status.rejections]
+    live = {c.name: c for c in status.clusters} if status is not None else {}
     for c in state.clusters:
+        lc = live.get(c.name)
         nodes = []
         for n in c.nodes:
             ns = by_key.get(n.key)
@@ -1145,10 +1221,24 @@ def status_doc(state: LabState, status: api.FabricStatus | None, error: str | No
                     "planned_version": ns.planned_version if ns else None,
                     "applied_version": ns.applied_version if ns else None,
                     "counters": dataclasses.asdict(ns.counters) if ns else None,
+                    "role": lc.role_of(n.name) if lc else "",
+                    "failed": n.failed,
+                    "unreachable_reports": ns.unreachable_reports if ns else None,
                     "pods": [{"name": p.name, "netns": p.netns, "ip": p.ip} for p in n.pods],
                 }
             )
-        doc["clusters"].append({"name": c.name, "mode": c.mode, "nodes": nodes})
+        doc["clusters"].append(
+            {
+                "name": c.name,
+                "mode": c.mode,
+                "gateways": c.gateways,
+                "active_gateway": (lc.active_gateway or None) if lc else None,
+                "standby_gateway": (lc.standby_gateway or None) if lc else None,
+                "gateway_moves": lc.gateway_moves if lc else None,
+                "service": {"ip": c.service_ip, "backend": c.service_backend} if c.service_ip else None,
+                "nodes": nodes,
+            }
+        )
     return doc
 
 
@@ -1165,7 +1255,7 @@ def render_status(doc: dict[str, Any]) -> str:
     lines = [head]
     if "note" in doc:
         lines.append(f"note: {doc['note']}")
-    rows = [("CLUSTER", "MODE", "NODE", "UNDERLAY", "AGENT", "SESSION", "VERSION", "IN-SYNC", "PODS")]
+    rows = [("CLUSTER", "MODE", "NODE", "GATEWAY", "UNDERLAY", "AGENT", "SESSION", "VERSION", "IN-SYNC", "PODS")]
     for c in doc["clusters"]:
         for n in c["nodes"]:
             version = "-" if n["planned_version"] is None else f"{n['applied_version']}/{n['planned_version']}"
@@ -1174,7 +1264,8 @@ def render_status(doc: dict[str, Any]) -> str:
                     c["name"],
                     c["mode"],
                     n["name"],
-                    n["underlay"],
+                    n.get("role") or "-",
+                    n["underlay"] + (" (FAILED)" if n.get("failed") else ""),
                     str(n["agent_pid"]) if n["agent_pid"] else "stopped",
                     "up" if n["connected"] else "down",
                     version,
@@ -1185,6 +1276,9 @@ def render_status(doc: dict[str, Any]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         lines.append("  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1])
+    for c in doc["clusters"]:
+        if c.get("service"):
+            lines.append(f"service of {c['name']}: {c['service']['ip']} -> {c['service']['backend']}")
     for rej in doc.get("rejections", []):
         lines.append(f"rejected {rej['source']}: {rej['reason']}")
     return "\n".join(lines)

@@ -41,6 +41,10 @@ class NodeStatus:
     counters: SessionCounters = SessionCounters()
     #: Seconds until a disconnected node is withdrawn from the others (None while connected).
     withdraw_in_s: float | None = None
+    #: How many other nodes report this node unreachable through the tunnel right now.
+    unreachable_reports: int = 0
+    #: Probed peers this node reports unreachable right now (``cluster/node``).
+    reports_unreachable: tuple[str, ...] = ()
 
     @property
     def in_sync(self) -> bool:
@@ -66,6 +70,21 @@ class ClusterStatus:
     pod_cidrs: tuple[str, ...]
     service_cidrs: tuple[str, ...]
     nodes: tuple[NodeStatus, ...]
+    #: Elected by the reflector ("" when none yet).
+    active_gateway: str = ""
+    standby_gateway: str = ""
+    #: Configured candidates (empty = every node).
+    gateways: tuple[str, ...] = ()
+    #: How often the active gateway role moved since the reflector started.
+    gateway_moves: int = 0
+
+    def role_of(self, node: str) -> str:
+        """``active``, ``standby`` or ``""`` for a node of this cluster."""
+        if node and node == self.active_gateway:
+            return "active"
+        if node and node == self.standby_gateway:
+            return "standby"
+        return ""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -114,6 +114,8 @@ class AgentSession:
         self._attempts = 0
         #: The current session got its END_OF_SNAPSHOT (resets the backoff when it ends).
         self._synced = False
+        #: Probed peers that do not answer (sent on change and again on every new session).
+        self._unreachable: frozenset[types.NodeKey] = frozenset()
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -157,6 +159,15 @@ class AgentSession:
         session starts from a fresh snapshot whose version the agent will report again."""
         if self._outbox is not None and self.connected:
             self._outbox.put_nowait(pb.SyncNodeRequest(applied=pb.Applied(version=version)))
+
+    def report_unreachable(self, unreachable: frozenset[types.NodeKey]) -> None:
+        """Tell the reflector which probed peers stopped answering (the complete set). Kept and
+        re-sent on every new session, since the reflector forgets a session's report with it."""
+        if unreachable == self._unreachable:
+            return
+        self._unreachable = frozenset(unreachable)
+        if self._outbox is not None and self.connected:
+            self._outbox.put_nowait(codec.peer_report_message(self._unreachable))
 
     async def close(self) -> None:
         """End the session for good; :meth:`run` returns soon after."""
@@ -208,6 +219,8 @@ class AgentSession:
                     if not self.connected:
                         self.connected = True
                         _log.info("session to %s accepted for node %s", self.target, self.announcement.key)
+                        if self._unreachable:
+                            outbox.put_nowait(codec.peer_report_message(self._unreachable))
                         await self.handler.on_connection(True, f"connected to {self.target}")
                 elif kind == "snapshot":
                     if snapshot is None:

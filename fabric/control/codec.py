@@ -69,6 +69,7 @@ def entry_to_pb(entry: types.Entry) -> pb.Entry:
                 mac=entry.mac,
                 underlay_ip=entry.underlay_ip,
                 node=entry.node,
+                probe=entry.probe,
             )
         )
     if isinstance(entry, types.RouteEntry):
@@ -86,7 +87,7 @@ def entry_from_pb(msg: pb.Entry) -> types.Entry:
     if kind == "peer":
         p = msg.peer
         return types.Peer(
-            device=p.device, overlay_ip=p.overlay_ip, mac=p.mac, underlay_ip=p.underlay_ip, node=p.node
+            device=p.device, overlay_ip=p.overlay_ip, mac=p.mac, underlay_ip=p.underlay_ip, node=p.node, probe=p.probe
         )
     if kind == "route":
         r = msg.route
@@ -133,6 +134,18 @@ def keepalive_message(interval_s: float) -> pb.Keepalive:
     return pb.Keepalive(interval_ms=max(1, round(interval_s * 1000)))
 
 
+def peer_report_message(unreachable: Iterable[types.NodeKey]) -> pb.SyncNodeRequest:
+    """Agent -> reflector: the complete set of probed peers that stopped answering."""
+    return pb.SyncNodeRequest(peer_report=pb.PeerReport(unreachable=sorted(str(k) for k in unreachable)))
+
+
+def peer_report_from_pb(msg: pb.PeerReport) -> frozenset[types.NodeKey]:
+    try:
+        return frozenset(types.NodeKey.parse(k) for k in msg.unreachable)
+    except ValueError as e:
+        raise DecodeError(f"PeerReport.unreachable: {e}") from None
+
+
 # --------------------------------------------------------------------------------------------
 # Nodes and clusters
 # --------------------------------------------------------------------------------------------
@@ -163,7 +176,11 @@ def node_from_pb(msg: pb.Node) -> types.NodeAnnouncement:
 
 def cluster_to_pb(c: types.ClusterConfig) -> pb.Cluster:
     return pb.Cluster(
-        name=c.name, mode=_MODE_TO_PB[c.mode], pod_cidrs=list(c.pod_cidrs), service_cidrs=list(c.service_cidrs)
+        name=c.name,
+        mode=_MODE_TO_PB[c.mode],
+        pod_cidrs=list(c.pod_cidrs),
+        service_cidrs=list(c.service_cidrs),
+        gateways=list(c.gateways),
     )
 
 
@@ -180,6 +197,7 @@ def cluster_from_pb(msg: pb.Cluster) -> types.ClusterConfig:
         mode=_mode_from_pb(msg.mode, f"cluster {msg.name!r}"),
         pod_cidrs=tuple(msg.pod_cidrs),
         service_cidrs=tuple(msg.service_cidrs),
+        gateways=tuple(msg.gateways),
     )
 
 
@@ -200,6 +218,10 @@ def status_to_pb(status: api.FabricStatus) -> pb.GetStatusResponse:
                 pod_cidrs=list(c.pod_cidrs),
                 service_cidrs=list(c.service_cidrs),
                 nodes=[_node_status_to_pb(n) for n in c.nodes],
+                active_gateway=c.active_gateway,
+                standby_gateway=c.standby_gateway,
+                gateways=list(c.gateways),
+                gateway_moves=c.gateway_moves,
             )
             for c in status.clusters
         ],
@@ -223,6 +245,8 @@ def _node_status_to_pb(n: api.NodeStatus) -> pb.NodeStatus:
             deltas_sent=n.counters.deltas_sent,
             delta_entries_sent=n.counters.delta_entries_sent,
         ),
+        unreachable_reports=n.unreachable_reports,
+        reports_unreachable=list(n.reports_unreachable),
     )
     if n.withdraw_in_s is not None:
         msg.withdraw_in_s = n.withdraw_in_s
@@ -241,6 +265,10 @@ def status_from_pb(msg: pb.GetStatusResponse) -> api.FabricStatus:
                 pod_cidrs=tuple(c.pod_cidrs),
                 service_cidrs=tuple(c.service_cidrs),
                 nodes=tuple(_node_status_from_pb(n) for n in c.nodes),
+                active_gateway=c.active_gateway,
+                standby_gateway=c.standby_gateway,
+                gateways=tuple(c.gateways),
+                gateway_moves=c.gateway_moves,
             )
             for c in msg.clusters
         ),
@@ -265,6 +293,8 @@ def _node_status_from_pb(n: pb.NodeStatus) -> api.NodeStatus:
             delta_entries_sent=n.counters.delta_entries_sent,
         ),
         withdraw_in_s=n.withdraw_in_s if n.HasField("withdraw_in_s") else None,
+        unreachable_reports=n.unreachable_reports,
+        reports_unreachable=tuple(n.reports_unreachable),
     )
 
 

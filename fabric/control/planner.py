@@ -1,24 +1,56 @@
 """The planner: topology -> the complete desired state of one node. Pure functions, no I/O.
 
-What a P2P node gets (this build supports P2P clusters only)
--------------------------------------------------------------
+Roles
+-----
 
-* one ``vx-bridge`` device (VNI 54, UDP 4876), MTU = underlay MTU - vxlan overhead, a
-  locally administered MAC hashed from the node identity, and an overlay address made of the
-  bridge CIDR's network bits and the underlay address's host bits (:func:`overlay_address`);
-* one :class:`~fabric.types.Peer` for every *other* node of the fabric, in every cluster (same
-  cluster included, as Kosmos does: P2P nodes of one cluster tunnel to each other too, which
-  the gateway issue will rely on), i.e. a static neighbour (overlay IP -> MAC) and a static FDB
-  entry (MAC -> underlay IP) on ``vx-bridge``;
-* for every node of every *other* cluster, one route per pod CIDR of that node, via that node's
-  overlay IP. Pod CIDRs of the node's own cluster are never routed by the fabric: the cluster's
-  own CNI already does it, and a second route would fight it.
+Every cluster has exactly one *active gateway* and at most one *hot standby*, elected by the
+reflector (:func:`elect`) and stored in the topology (``Topology.roles``), so :func:`plan` stays a
+pure function of the topology. Node classes (Kosmos' names, inventory section 2.5):
 
-Service CIDRs are deliberately absent. A service CIDR is not owned by one node, so it must route
-to one elected node of the owning cluster (its gateway); that election, and the routes through
-the elected node, belong to the gateway issue and will be added there as a separate pass over
-the topology. Routing service CIDRs to an arbitrary node now would be a guess that moves traffic
-when the node set changes.
+* **endpoint node** - any node of a P2P cluster. It has ``vx-bridge`` (VNI 54, UDP 4876).
+* **hot gateway node** - the active gateway or the standby of a gateway-mode cluster. It has
+  ``vx-bridge`` *and* ``vx-local`` (VNI 55, UDP 4877). Active and standby hold the very same
+  devices and peers; only their routes differ. So moving the role changes routes only (a
+  nexthop swap on every affected node, no device, FDB or neighbour has to appear first), which
+  is what makes sub-second failover cheap and hitless when the old gateway still forwards.
+* **internal node** - any other node of a gateway-mode cluster. It has only ``vx-local`` and
+  tunnels only to its cluster's hot gateway nodes: O(1) peers whatever the size of the fabric.
+
+Peers (one static neighbour + one static FDB entry each)
+--------------------------------------------------------
+
+* ``vx-bridge`` (endpoint and hot gateway nodes): every endpoint node of every P2P cluster (its
+  own cluster included, as before) and every hot gateway node of every *other* gateway-mode
+  cluster.
+* ``vx-local``: a hot gateway node peers with every node of its cluster (the return path, and
+  the warm state of a standby); an internal node with the hot gateway nodes of its cluster.
+* Peers that are active or standby gateways of a cluster the node depends on carry
+  ``probe=True``: the agent watches them with probes through the tunnel (see the reflector).
+
+Routes (table of ours; never for the node's own cluster: its CNI routes those)
+-------------------------------------------------------------------------------
+
+On an endpoint node and on the *active* gateway, for every other cluster C:
+
+* C is P2P: each node's pod CIDRs via that node (node-granular, as before); C's service CIDRs
+  via C's active gateway;
+* C is gateway-mode: C's whole pod CIDRs and service CIDRs via C's active gateway, plus the
+  ``vx-local`` address (/32) of every node of C via the same gateway. The latter is the
+  host-network return path: a process on an internal node of C that talks to a remote pod
+  leaves with its ``vx-local`` address as source (the kernel picks the address of the output
+  device), and the remote pod's node must route the reply back to C. Kosmos masquerades such
+  traffic on the gateway (iptables); routing the /32s keeps the fabric stateless and NAT-free
+  at the price of one route per node of a gateway-mode cluster (no peer: they share C's
+  gateway as next hop, i.e. one nexthop object).
+
+On every other node of a gateway-mode cluster (the standby and the internal nodes) the same
+destinations, aggregated per cluster (C's pod CIDRs as a whole), all via the active gateway's
+``vx-local`` address; internal nodes (which have no ``vx-bridge``) also route the bridge CIDRs
+there, so replies to host-network traffic of endpoint and gateway nodes (sourced from their
+``vx-bridge`` address) find their way back.
+
+Service CIDRs of a cluster are routed only once it has an active gateway. A topology without
+roles (as the issue-2 goldens are) plans P2P clusters exactly as before: no service routes.
 
 Stability and determinism
 -------------------------
@@ -31,17 +63,19 @@ MACs could collide (Kosmos silently derived two nodes onto one address), the ref
 an announcement that would collide (:func:`validate_announcement`) instead of planning it.
 
 Cost: ``plan`` is O(nodes) for one node. What a node contributes to the others' plans (its peer
-and routes) is derived once and cached (it is pure), so re-planning every node after a join
-costs one derivation per node plus O(nodes) cheap tuple work per node, not a hash or address
-parse per pair.
+and routes) is derived once and cached (it is pure), and the per-cluster view of a topology is
+computed once per topology value, so re-planning every node after a change costs O(nodes) cheap
+tuple work per node, not a hash or address parse per pair.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import ipaddress
 import logging
+from collections.abc import Callable, Collection, Mapping
 
 from fabric import types
 
@@ -51,8 +85,8 @@ _log = logging.getLogger(__name__)
 MIN_TUNNEL_MTU = 576
 #: Largest underlay MTU: the IPv4/IPv6 total-length field.
 MAX_UNDERLAY_MTU = 65535
-#: Modes this build can plan for (gateway mode arrives with its own issue).
-SUPPORTED_MODES = (types.ClusterMode.P2P,)
+#: Modes this build can plan for.
+SUPPORTED_MODES = (types.ClusterMode.P2P, types.ClusterMode.GATEWAY)
 
 
 @functools.lru_cache(maxsize=65536)
@@ -86,8 +120,17 @@ def device_mac(key: types.NodeKey, device: str) -> str:
 
 def bridge_cidr_for(config: types.FabricConfig, underlay_ip: str) -> str | None:
     """The first bridge CIDR of the underlay address's family (None if there is none)."""
+    return _first_of_family(config.bridge_cidrs, underlay_ip)
+
+
+def local_cidr_for(config: types.FabricConfig, underlay_ip: str) -> str | None:
+    """The first vx-local CIDR of the underlay address's family (None if there is none)."""
+    return _first_of_family(config.local_cidrs, underlay_ip)
+
+
+def _first_of_family(cidrs: tuple[str, ...], underlay_ip: str) -> str | None:
     version = ipaddress.ip_address(underlay_ip).version
-    for c in config.bridge_cidrs:
+    for c in cidrs:
         if ipaddress.ip_network(c, strict=False).version == version:
             return c
     return None
@@ -168,32 +211,60 @@ def validate_announcement(topology: types.Topology, ann: types.NodeAnnouncement)
                 if types.cidrs_overlap(text, oc):
                     reasons.append(f"pod CIDR {text} overlaps pod CIDR {oc} of node {o.key}")
 
-    # Overlay address and MAC: derived, so collisions must be caught here, never planned.
+    # Overlay addresses and MACs: derived, so collisions must be caught here, never planned.
+    # Every node may become a bridge node (a gateway-mode node when elected), so vx-bridge is
+    # checked for all; vx-local for nodes of gateway-mode clusters, fabric-wide, because the
+    # vx-local addresses of gateway-mode nodes are routed (/32) by the other clusters.
     if underlay is not None:
-        bridge = bridge_cidr_for(config, ann.underlay_ip)
-        if bridge is None:
-            reasons.append(f"no bridge CIDR of the family of underlay address {ann.underlay_ip} is configured")
-        else:
-            mine = overlay_address(ann.underlay_ip, bridge)
-            mine_ip = ipaddress.ip_interface(mine)
-            net = mine_ip.network
-            if mine_ip.ip in (net.network_address, net.broadcast_address) and net.num_addresses > 2:
-                reasons.append(
-                    f"overlay address {mine_ip.ip} derived from underlay {ann.underlay_ip} is the network or"
-                    f" broadcast address of bridge CIDR {bridge}"
-                )
-            for o in others:
-                if bridge_cidr_for(config, o.underlay_ip) != bridge:
-                    continue
-                if overlay_address(o.underlay_ip, bridge) == mine:
-                    reasons.append(
-                        f"overlay address {mine_ip.ip} derived from underlay {ann.underlay_ip} collides with node"
-                        f" {o.key} (underlay {o.underlay_ip}): bridge CIDR {bridge} keeps only the host bits"
-                    )
-    mac = device_mac(ann.key, types.VX_BRIDGE)
+        kinds: list[tuple[str, Callable[[types.FabricConfig, str], str | None], types.ClusterMode | None]] = [
+            ("bridge", bridge_cidr_for, None)
+        ]
+        if cluster.mode == types.ClusterMode.GATEWAY:
+            kinds.append(("local", local_cidr_for, types.ClusterMode.GATEWAY))
+        for kind, cidr_for, only_mode in kinds:
+            reasons += _overlay_reasons(topology, ann, others, kind, cidr_for, only_mode)
+    devices = [types.VX_BRIDGE] + ([types.VX_LOCAL] if cluster.mode == types.ClusterMode.GATEWAY else [])
+    for dev in devices:
+        mac = device_mac(ann.key, dev)
+        for o in others:
+            if device_mac(o.key, dev) == mac:
+                reasons.append(f"{dev} MAC {mac} collides with node {o.key}")
+    return reasons
+
+
+def _overlay_reasons(
+    topology: types.Topology,
+    ann: types.NodeAnnouncement,
+    others: list[types.NodeAnnouncement],
+    kind: str,
+    cidr_for: Callable[[types.FabricConfig, str], str | None],
+    only_mode: types.ClusterMode | None,
+) -> list[str]:
+    config = topology.config
+    reasons: list[str] = []
+    cidr = cidr_for(config, ann.underlay_ip)
+    if cidr is None:
+        return [f"no {kind} CIDR of the family of underlay address {ann.underlay_ip} is configured"]
+    mine = overlay_address(ann.underlay_ip, cidr)
+    mine_ip = ipaddress.ip_interface(mine)
+    net = mine_ip.network
+    if mine_ip.ip in (net.network_address, net.broadcast_address) and net.num_addresses > 2:
+        reasons.append(
+            f"overlay address {mine_ip.ip} derived from underlay {ann.underlay_ip} is the network or"
+            f" broadcast address of {kind} CIDR {cidr}"
+        )
     for o in others:
-        if device_mac(o.key, types.VX_BRIDGE) == mac:
-            reasons.append(f"{types.VX_BRIDGE} MAC {mac} collides with node {o.key}")
+        if only_mode is not None:
+            oc = config.cluster(o.cluster)
+            if oc is None or oc.mode != only_mode:
+                continue
+        if cidr_for(config, o.underlay_ip) != cidr:
+            continue
+        if overlay_address(o.underlay_ip, cidr) == mine:
+            reasons.append(
+                f"overlay address {mine_ip.ip} derived from underlay {ann.underlay_ip} collides with node"
+                f" {o.key} (underlay {o.underlay_ip}): {kind} CIDR {cidr} keeps only the host bits"
+            )
     return reasons
 
 
@@ -212,8 +283,188 @@ def _subnet_of(net: ipaddress.IPv4Network | ipaddress.IPv6Network, cidr: str) ->
 
 
 # --------------------------------------------------------------------------------------------
+# Election
+# --------------------------------------------------------------------------------------------
+
+
+def candidates(cluster: types.ClusterConfig, present: Collection[str]) -> list[str]:
+    """Gateway candidates of ``cluster`` that are in the topology, most preferred first: the
+    configured ``gateways`` in their order, or every node by name when none are configured."""
+    if cluster.gateways:
+        return [n for n in cluster.gateways if n in present]
+    return sorted(present)
+
+
+def elect(
+    topology: types.Topology,
+    connected: Collection[types.NodeKey],
+    unreachable: Mapping[types.NodeKey, int],
+) -> tuple[types.GatewayRole, ...]:
+    """The gateway roles the reflector should plan with, given its liveness view.
+
+    ``connected``: nodes with an open session. ``unreachable``: per node, how many *other* nodes
+    currently report it unreachable through the tunnel (their probes stopped being answered).
+    A candidate is *healthy* when connected and reported by nobody.
+
+    Rules, per cluster (pure, deterministic for equal inputs):
+
+    * The current active gateway keeps the role while it is connected and nobody reports it
+      (sticky: a healed old gateway does not take the role back).
+    * Otherwise the role moves to the best connected candidate - fewest reports, then the
+      configured order - but only if that candidate is strictly better than the current one
+      (or the current one lost its session). One peer whose own link is broken reports every
+      gateway alike and so moves nothing; a dead gateway is reported by all its peers and moves.
+    * Without any connected candidate the current gateway stays (its dataplane may still work);
+      with no current gateway, the first candidate in the topology is taken.
+    * The standby is kept while it is a healthy candidate; otherwise the best remaining
+      candidate (connected first) replaces it.
+
+    One value per cluster: the planned state can never hold two active gateways for a cluster.
+    """
+    present: dict[str, list[str]] = {}
+    for n in topology.nodes:
+        present.setdefault(n.cluster, []).append(n.name)
+    roles: list[types.GatewayRole] = []
+    for c in topology.config.clusters:
+        cands = candidates(c, present.get(c.name, ()))
+        if cands:
+            roles.append(_elect_cluster(c.name, cands, topology.role(c.name), connected, unreachable))
+    return tuple(sorted(roles))
+
+
+def unreachable_scores(
+    reports: Mapping[types.NodeKey, Collection[types.NodeKey]],
+    probe_targets: Mapping[types.NodeKey, Collection[str]],
+) -> dict[types.NodeKey, int]:
+    """Per node, how many *other* nodes report it unreachable: the input of :func:`elect`.
+
+    ``reports``: each reporter's latest set of unreachable peers; ``probe_targets``: the peers
+    (``cluster/node``) each reporter was planned to probe. A reporter that cannot reach *any*
+    of its two or more targets is isolated itself - its own link is down, or it just came back
+    and its probes have not been answered yet - and says nothing about the others, so its report
+    is not counted. Without this, a healed old gateway's stale report would make the new active
+    gateway look dead and pull the role back (a flap).
+    """
+    scores: dict[types.NodeKey, int] = {}
+    for reporter, down in reports.items():
+        targets = set(probe_targets.get(reporter, ()))
+        if len(targets) >= 2 and targets <= {str(k) for k in down}:
+            continue
+        for k in down:
+            if k != reporter:
+                scores[k] = scores.get(k, 0) + 1
+    return scores
+
+
+def _elect_cluster(
+    cluster: str,
+    cands: list[str],
+    current: types.GatewayRole | None,
+    connected: Collection[types.NodeKey],
+    unreachable: Mapping[types.NodeKey, int],
+) -> types.GatewayRole:
+    """:func:`elect` for one cluster with at least one candidate present."""
+    order = {name: i for i, name in enumerate(cands)}
+    up = {name for name in cands if types.NodeKey(cluster, name) in connected}
+    score = {name: unreachable.get(types.NodeKey(cluster, name), 0) for name in cands}
+
+    def rank(name: str) -> tuple[int, int, int]:
+        return (0 if name in up else 1, score[name], order[name])
+
+    active = current.active if current is not None and current.active in order else ""
+    if not active:
+        active = min(cands, key=rank)
+    elif active not in up or score[active] > 0:
+        best = min(up, key=rank) if up else ""
+        if best and best != active and (active not in up or score[best] < score[active]):
+            active = best
+    rest = [n for n in cands if n != active]
+    standby = current.standby if current is not None and current.standby in rest else ""
+    if rest and (not standby or standby not in up or score[standby] > 0):
+        best = min(rest, key=rank)
+        if not standby or rank(best) < rank(standby):
+            standby = best
+    return types.GatewayRole(cluster, active, standby)
+
+
+# --------------------------------------------------------------------------------------------
 # Planning
 # --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _ClusterView:
+    config: types.ClusterConfig
+    nodes: tuple[types.NodeAnnouncement, ...]
+    active: types.NodeAnnouncement | None
+    #: Active and standby (the nodes holding gateway devices and peers), active first.
+    hot: tuple[types.NodeAnnouncement, ...]
+
+    @property
+    def gateway_mode(self) -> bool:
+        return self.config.mode == types.ClusterMode.GATEWAY
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _View:
+    """What every node's plan needs of a topology, computed once per topology value."""
+
+    clusters: dict[str, _ClusterView]
+    #: Nodes that have vx-bridge: every node of a P2P cluster, hot nodes of gateway clusters.
+    bridge_nodes: tuple[types.NodeAnnouncement, ...]
+    #: Active/standby gateways of every cluster.
+    hot_keys: frozenset[types.NodeKey]
+    bridges: dict[int, str]
+    locals: dict[int, str]
+
+
+class _ViewCache:
+    """The view of the last topology planned. Keyed by identity: hashing a topology of
+    thousands of nodes once per planned node would cost O(nodes^2)."""
+
+    def __init__(self) -> None:
+        self.topology: types.Topology | None = None
+        self.view: _View | None = None
+
+    def get(self, topology: types.Topology) -> _View:
+        if self.topology is not topology or self.view is None:
+            self.view = _build_view(topology)
+            self.topology = topology
+        return self.view
+
+
+_VIEWS = _ViewCache()
+
+
+def _build_view(topology: types.Topology) -> _View:
+    config = topology.config
+    by_cluster: dict[str, list[types.NodeAnnouncement]] = {}
+    for n in topology.nodes:
+        by_cluster.setdefault(n.cluster, []).append(n)
+    clusters: dict[str, _ClusterView] = {}
+    for c in config.clusters:
+        if c.mode not in SUPPORTED_MODES:
+            continue
+        nodes = tuple(by_cluster.get(c.name, ()))
+        by_name = {n.name: n for n in nodes}
+        role = topology.role(c.name)
+        active = by_name.get(role.active) if role is not None else None
+        standby = by_name.get(role.standby) if role is not None and role.standby != role.active else None
+        hot = tuple(n for n in (active, standby) if n is not None)
+        clusters[c.name] = _ClusterView(c, nodes, active, hot)
+    bridge_nodes = tuple(
+        n
+        for n in topology.nodes
+        if n.cluster in clusters and (not clusters[n.cluster].gateway_mode or n in clusters[n.cluster].hot)
+    )
+    hot_keys = frozenset(n.key for cv in clusters.values() for n in cv.hot)
+    return _View(
+        clusters=clusters,
+        bridge_nodes=bridge_nodes,
+        hot_keys=hot_keys,
+        bridges=_by_family(config.bridge_cidrs),
+        locals=_by_family(config.local_cidrs),
+    )
 
 
 def plan(topology: types.Topology, key: types.NodeKey) -> types.NodeState:
@@ -225,61 +476,172 @@ def plan(topology: types.Topology, key: types.NodeKey) -> types.NodeState:
     node = topology.node(key)
     if node is None:
         raise KeyError(f"node {key} is not in the topology")
-    config = topology.config
-    bridge = bridge_cidr_for(config, node.underlay_ip)
+    view = _VIEWS.get(topology)
+    own = view.clusters.get(node.cluster)
+    family = _family(node.underlay_ip)
+    bridge = view.bridges.get(family)
     if bridge is None:
         raise ValueError(f"no bridge CIDR for the family of {node.underlay_ip} (node {key})")
-    device = types.VxlanDevice(
-        name=types.VX_BRIDGE,
-        vni=types.VX_BRIDGE_VNI,
-        port=types.VX_BRIDGE_PORT,
-        mac=device_mac(key, types.VX_BRIDGE),
-        address=overlay_address(node.underlay_ip, bridge),
-        local=node.underlay_ip,
-        mtu=tunnel_mtu(node.underlay_ip, node.underlay_mtu),
-    )
-    own_cluster = node.cluster
-    # Nodes of unsupported clusters or without a bridge CIDR of their family are never admitted
-    # by validation; skipping them keeps plan total for any topology.
-    supported = {c.name for c in config.clusters if c.mode in SUPPORTED_MODES}
-    bridges = _bridges_by_family(config.bridge_cidrs)
+    # Nodes of unsupported clusters are never admitted by validation; plan nothing for them.
+    if own is None:
+        return types.NodeState()
+    gateway_mode = own.gateway_mode
+    hot = node in own.hot
+    has_bridge = not gateway_mode or hot
+    devices: list[types.VxlanDevice] = []
     peers: dict[str, types.Peer] = {}
     routes: dict[str, types.RouteEntry] = {}
-    for other in topology.nodes:
-        if other.key == key or other.cluster not in supported:
-            continue
-        other_bridge = bridges.get(6 if ":" in other.underlay_ip else 4)
-        if other_bridge is None:
-            continue
-        (peer_key, peer), other_routes = _contribution(other_bridge, other)
-        peers[peer_key] = peer
-        if other.cluster != own_cluster:
-            routes.update(other_routes)
+    mtu = tunnel_mtu(node.underlay_ip, node.underlay_mtu)
+    if has_bridge:
+        devices.append(_device(key, types.VX_BRIDGE, node.underlay_ip, bridge, mtu))
+        for other in view.bridge_nodes:
+            if other.key == key or (gateway_mode and other.cluster == node.cluster):
+                continue
+            other_bridge = view.bridges.get(_family(other.underlay_ip))
+            if other_bridge is None:
+                continue
+            (peer_key, peer), _ = _contribution(other_bridge, other)
+            if other.cluster != node.cluster and other.key in view.hot_keys:
+                peer = dataclasses.replace(peer, probe=True)
+            peers[peer_key] = peer
+    local_via = ""
+    if gateway_mode:
+        local = view.locals.get(family)
+        if local is None:
+            raise ValueError(f"no local CIDR for the family of {node.underlay_ip} (node {key})")
+        devices.append(_device(key, types.VX_LOCAL, node.underlay_ip, local, mtu))
+        for other in own.nodes if hot else own.hot:
+            if other.key == key or _family(other.underlay_ip) != family:
+                continue
+            peer = _local_peer(local, other)
+            if other in own.hot:
+                peer = dataclasses.replace(peer, probe=True)
+            peers[types.entry_key(peer)] = peer
+        if own.active is not None and own.active.key != key and _family(own.active.underlay_ip) == family:
+            local_via = overlay_address(own.active.underlay_ip, local).partition("/")[0]
+
+    if gateway_mode and (own.active is None or own.active.key != key):
+        # Standby and internal nodes: everything of the other clusters via the active gateway.
+        if local_via:
+            for dst in _remote_destinations(view, node.cluster, family):
+                routes[f"route/{dst}"] = types.RouteEntry(dst=dst, via=local_via, device=types.VX_LOCAL)
+            if not hot:
+                for dst in (c for f, c in view.bridges.items() if f == family):
+                    dst = types.canonical_cidr(dst)
+                    routes[f"route/{dst}"] = types.RouteEntry(dst=dst, via=local_via, device=types.VX_LOCAL)
+    else:
+        _bridge_routes(view, node, routes)
     # Same layout as NodeState.from_entries (sorted by entry key) without re-deriving every key:
     # this is the hot path when thousands of nodes are re-planned after a join.
     return types.NodeState(
-        devices=(device,),
+        devices=tuple(sorted(devices, key=lambda d: d.name)),
         peers=tuple(peers[k] for k in sorted(peers)),
         routes=tuple(routes[k] for k in sorted(routes)),
     )
 
 
+def _bridge_routes(view: _View, node: types.NodeAnnouncement, routes: dict[str, types.RouteEntry]) -> None:
+    """Routes of an endpoint node or an active gateway: straight to the owner over vx-bridge."""
+    for name, cv in view.clusters.items():
+        if name == node.cluster:
+            continue
+        if not cv.gateway_mode:
+            for other in cv.nodes:
+                other_bridge = view.bridges.get(_family(other.underlay_ip))
+                if other_bridge is None:
+                    continue
+                _, other_routes = _contribution(other_bridge, other)
+                routes.update(other_routes)
+        gw = cv.active
+        if gw is None:
+            continue
+        gw_bridge = view.bridges.get(_family(gw.underlay_ip))
+        if gw_bridge is None or _family(gw.underlay_ip) != _family(node.underlay_ip):
+            continue
+        via = overlay_address(gw.underlay_ip, gw_bridge).partition("/")[0]
+        dsts: list[str] = list(cv.config.service_cidrs)
+        if cv.gateway_mode:
+            dsts += cv.config.pod_cidrs
+            dsts += _local_hosts(view, cv)
+        for dst in dsts:
+            dst = types.canonical_cidr(dst)
+            routes[f"route/{dst}"] = types.RouteEntry(dst=dst, via=via, device=types.VX_BRIDGE)
+
+
+def _remote_destinations(view: _View, own_cluster: str, family: int) -> list[str]:
+    """Everything of the other clusters a non-active node of a gateway cluster routes to its
+    gateway: whole pod CIDRs of clusters with somewhere to go, service CIDRs of clusters with an
+    active gateway, and the vx-local hosts of gateway-mode clusters."""
+    out: list[str] = []
+    for name, cv in view.clusters.items():
+        if name == own_cluster:
+            continue
+        reachable = cv.active is not None if cv.gateway_mode else bool(cv.nodes)
+        if reachable:
+            out += cv.config.pod_cidrs
+        if cv.active is not None:
+            out += cv.config.service_cidrs
+        if cv.gateway_mode and cv.active is not None:
+            out += _local_hosts(view, cv)
+    return [types.canonical_cidr(d) for d in out if ipaddress.ip_network(d, strict=False).version == family]
+
+
+def _local_hosts(view: _View, cv: _ClusterView) -> list[str]:
+    """The vx-local addresses (/32, /128) of the nodes of a gateway-mode cluster."""
+    out = []
+    for n in cv.nodes:
+        local = view.locals.get(_family(n.underlay_ip))
+        if local is not None:
+            ip = overlay_address(n.underlay_ip, local).partition("/")[0]
+            out.append(f"{ip}/{32 if _family(n.underlay_ip) == 4 else 128}")
+    return out
+
+
+def _family(ip: str) -> int:
+    return 6 if ":" in ip else 4
+
+
+def _device(key: types.NodeKey, name: str, underlay_ip: str, cidr: str, mtu: int) -> types.VxlanDevice:
+    vni, port = (types.VX_BRIDGE_VNI, types.VX_BRIDGE_PORT) if name == types.VX_BRIDGE else (
+        types.VX_LOCAL_VNI, types.VX_LOCAL_PORT)  # fmt: skip
+    return types.VxlanDevice(
+        name=name,
+        vni=vni,
+        port=port,
+        mac=device_mac(key, name),
+        address=overlay_address(underlay_ip, cidr),
+        local=underlay_ip,
+        mtu=mtu,
+    )
+
+
 @functools.lru_cache(maxsize=64)
-def _bridges_by_family(bridge_cidrs: tuple[str, ...]) -> dict[int, str]:
+def _by_family(cidrs: tuple[str, ...]) -> dict[int, str]:
     out: dict[int, str] = {}
-    for c in bridge_cidrs:
+    for c in cidrs:
         out.setdefault(ipaddress.ip_network(c, strict=False).version, c)
     return out
+
+
+@functools.lru_cache(maxsize=65536)
+def _local_peer(local_cidr: str, other: types.NodeAnnouncement) -> types.Peer:
+    return types.Peer(
+        device=types.VX_LOCAL,
+        overlay_ip=overlay_address(other.underlay_ip, local_cidr).partition("/")[0],
+        mac=device_mac(other.key, types.VX_LOCAL),
+        underlay_ip=other.underlay_ip,
+        node=str(other.key),
+    )
 
 
 @functools.lru_cache(maxsize=65536)
 def _contribution(
     bridge_cidr: str, other: types.NodeAnnouncement
 ) -> tuple[tuple[str, types.Peer], tuple[tuple[str, types.RouteEntry], ...]]:
-    """What ``other`` adds to every other node's plan: its peer, and the routes to its pod CIDRs
-    (used by nodes of other clusters only). Cached: it depends on nothing but its arguments
-    (cheap to hash), and re-planning every node after a join would otherwise redo it once per
-    pair of nodes."""
+    """What ``other`` adds to every other node's plan as a vx-bridge node: its peer, and the
+    routes to its pod CIDRs (used by endpoint nodes and active gateways of other clusters when
+    ``other`` is an endpoint node). Cached: it depends on nothing but its arguments (cheap to
+    hash), and re-planning every node after a join would otherwise redo it once per pair."""
     via = overlay_address(other.underlay_ip, bridge_cidr).partition("/")[0]
     peer = types.Peer(
         device=types.VX_BRIDGE,

@@ -26,6 +26,15 @@ the node must have. What happens, in order:
 4. **Disconnect.** The node stays in the topology for ``--grace-period`` seconds (status shows
    ``withdraw_in_s``), then is withdrawn and the others get a removal delta. Reconnecting in time
    with the same announcement costs the others nothing (no flap).
+5. **Gateways.** Every cluster has one active gateway and a hot standby, elected here
+   (:func:`~fabric.control.planner.elect`) and stored in the topology, so plans stay pure. The
+   liveness view it elects from: which nodes have a session, and the ``PeerReport`` of every
+   agent - the peers (active and standby gateways it depends on) whose probes through the tunnel
+   stopped being answered. The role moves when the active gateway's session ends (immediately,
+   not after the grace period) or when its peers report it unreachable and a standby is
+   reported by fewer; a healed old gateway becomes the standby (sticky, no flap back). A move
+   is an ordinary topology change: only the routes that change go out, as deltas. Elections
+   wait for the startup hold to end, so a restarted reflector elects from a complete view.
 
 Everything mutating the reflector's state runs on the event loop without awaiting in between, so
 no locks are needed. Every message is built once per node and queued to its session; one task per
@@ -180,6 +189,9 @@ class Reflector:
         self._hold_handle: asyncio.TimerHandle | None = None
         self._server: grpc.aio.Server | None = None
         self._expected = {types.NodeKey.parse(k) for k in config.expected_nodes}
+        #: Latest PeerReport of every node with an open session: the peers it cannot reach.
+        self._reports: dict[types.NodeKey, frozenset[types.NodeKey]] = {}
+        self._gateway_moves: dict[str, int] = {}
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -243,6 +255,7 @@ class Reflector:
             else:
                 _log.info("node %s reconnected from %s within the grace period: nothing changes", key, session.peer)
             self._attach(rec, session)
+            self._reelect(f"node {key} connected")
         else:
             changed = rec is not None
             if rec is None:
@@ -304,7 +317,11 @@ class Reflector:
     ) -> None:
         """Adopt ``new``, re-plan every node and queue a delta to each synced session whose plan
         changed. Plans are pure, so a node the change does not concern gets an equal plan and
-        hears nothing."""
+        hears nothing. Gateway roles are re-elected for the new topology first (after the
+        startup hold), so a change and the role moves it causes go out as one delta."""
+        if not self.holding:
+            new = new.with_roles(planner.elect(new, self._connected(), self._scores()))
+            self._log_moves(self.topology, new)
         self.topology = new
         self.generation += 1
         gen = self.generation
@@ -334,11 +351,73 @@ class Reflector:
                     _log.debug("node %s: version %d upsert %s", node.key, gen, e)
                 for k in delta.removals:
                     _log.debug("node %s: version %d remove %s", node.key, gen, k)
-        if self._watchers:
+        if self._watchers and (upserts or removals):
             msg = codec.topology_delta_message(gen, upserts, removals)
             for w in self._watchers:
                 if w.synced:
                     w.queue.put_nowait(msg)
+
+    # -- gateway election ---------------------------------------------------------------------
+
+    def _connected(self) -> frozenset[types.NodeKey]:
+        return frozenset(k for k, rec in self._nodes.items() if rec.session is not None)
+
+    def _scores(self) -> dict[types.NodeKey, int]:
+        """Per node, how many other nodes with a session report it unreachable (see
+        :func:`planner.unreachable_scores` for which reports count)."""
+        targets = {}
+        for reporter in self._reports:
+            rec = self._nodes.get(reporter)
+            targets[reporter] = frozenset(p.node for p in rec.planned.peers if p.probe) if rec else frozenset()
+        return planner.unreachable_scores(self._reports, targets)
+
+    def _reelect(self, why: str) -> None:
+        """Re-run the election on the current liveness view; a changed role is a topology change."""
+        if self.holding:
+            return
+        roles = planner.elect(self.topology, self._connected(), self._scores())
+        if roles == self.topology.roles:
+            return
+        _log.debug("re-election after %s", why)
+        self._change_topology(self.topology.with_roles(roles), upserts=[], removals=[])
+
+    def _log_moves(self, old: types.Topology, new: types.Topology) -> None:
+        scores = self._scores()
+        connected = self._connected()
+        for role in new.roles:
+            before = old.role(role.cluster)
+            if before is not None and before.active and before.active != role.active:
+                self._gateway_moves[role.cluster] = self._gateway_moves.get(role.cluster, 0) + 1
+                old_key = types.NodeKey(role.cluster, before.active)
+                if old_key not in self._nodes:
+                    why = "it left the topology"
+                elif old_key not in connected:
+                    why = "its session is gone"
+                else:
+                    why = f"{scores.get(old_key, 0)} peers report it unreachable"
+                _log.warning(
+                    "cluster %s: active gateway moves from %s to %s (%s); standby now %s",
+                    role.cluster, before.active, role.active, why, role.standby or "none",
+                )  # fmt: skip
+            elif before is None or before != role:
+                _log.info(
+                    "cluster %s: active gateway %s, standby %s", role.cluster, role.active, role.standby or "none"
+                )
+
+    def _on_peer_report(self, session: _Session, unreachable: frozenset[types.NodeKey]) -> None:
+        rec = self._nodes.get(session.key)
+        if rec is None or rec.session is not session:
+            return
+        if self._reports.get(session.key, frozenset()) == unreachable:
+            return
+        if unreachable:
+            self._reports[session.key] = unreachable
+        else:
+            self._reports.pop(session.key, None)
+        _log.info(
+            "node %s reports unreachable: %s", session.key, ", ".join(sorted(map(str, unreachable))) or "nobody"
+        )
+        self._reelect(f"peer report of {session.key}")
 
     # -- sessions ---------------------------------------------------------------------------
 
@@ -355,6 +434,10 @@ class Reflector:
         if rec is None or rec.session is not session:
             return  # replaced by a newer session, or already withdrawn
         rec.session = None
+        self._reports.pop(session.key, None)
+        # A gateway without a session cannot be told anything any more: move its role now,
+        # not after the grace period (the standby already holds the gateway's peers).
+        self._reelect(f"session of {session.key} ended")
         if self.grace_period <= 0:
             _log.info("session of node %s ended (%s)", session.key, reason)
             self._withdraw(session.key)
@@ -389,6 +472,8 @@ class Reflector:
                     session.peer_interval = req.keepalive.interval_ms / 1000.0
                 elif kind == "applied":
                     self._on_applied(session, req.applied.version)
+                elif kind == "peer_report":
+                    self._on_peer_report(session, codec.peer_report_from_pb(req.peer_report))
                 else:
                     session.close(
                         f"protocol error: {kind or 'empty'} message after the announcement",
@@ -483,7 +568,8 @@ class Reflector:
         if self._hold_handle is not None:
             self._hold_handle.cancel()
             self._hold_handle = None
-        _log.info("startup hold released (%s): sending snapshots and END_OF_SNAPSHOT", why)
+        _log.info("startup hold released (%s): electing gateways, sending snapshots and END_OF_SNAPSHOT", why)
+        self._change_topology(self.topology, upserts=[], removals=[])
         for rec in self._nodes.values():
             if rec.session is not None and not rec.session.synced:
                 self._send_snapshot(rec, rec.session)
@@ -495,6 +581,7 @@ class Reflector:
 
     def status(self) -> api.FabricStatus:
         now = self.clock()
+        scores = self._scores()
         nodes_by_cluster: dict[str, list[api.NodeStatus]] = {c.name: [] for c in self.config.clusters}
         for node in self.topology.nodes:
             rec = self._nodes[node.key]
@@ -510,6 +597,8 @@ class Reflector:
                     planned_entries=len(rec.planned),
                     counters=rec.counters,
                     withdraw_in_s=None if rec.withdraw_at is None else max(0.0, rec.withdraw_at - now),
+                    unreachable_reports=scores.get(node.key, 0),
+                    reports_unreachable=tuple(sorted(str(k) for k in self._reports.get(node.key, ()))),
                 )
             )
         return api.FabricStatus(
@@ -523,6 +612,10 @@ class Reflector:
                     pod_cidrs=c.pod_cidrs,
                     service_cidrs=c.service_cidrs,
                     nodes=tuple(nodes_by_cluster.get(c.name, ())),
+                    active_gateway=role.active if (role := self.topology.role(c.name)) else "",
+                    standby_gateway=role.standby if role else "",
+                    gateways=c.gateways,
+                    gateway_moves=self._gateway_moves.get(c.name, 0),
                 )
                 for c in self.config.clusters
             ),
@@ -583,6 +676,12 @@ class _MetricsCollector(Collector):
         yield CounterMetricFamily(
             "fabric_reflector_rejections", "Refused announcements.", value=r._rejections_total
         )
+        moves = CounterMetricFamily(
+            "fabric_reflector_gateway_moves", "Times the active gateway role moved.", labels=["cluster"]
+        )
+        for c in r.config.clusters:
+            moves.add_metric([c.name], r._gateway_moves.get(c.name, 0))
+        yield moves
 
 
 # --------------------------------------------------------------------------------------------

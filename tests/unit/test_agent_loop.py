@@ -40,6 +40,22 @@ class _NoEvents:
         pass
 
 
+class _NoProber:
+    """No raw sockets in unit tests: probes are covered by test_gateway_failover.py."""
+
+    def __init__(self, on_change: Callable[[frozenset[str]], None], cfg: config.AgentConfig) -> None:
+        self.targets: dict[str, tuple[str, str]] = {}
+
+    def set_targets(self, targets: dict[str, tuple[str, str]]) -> None:
+        self.targets = dict(targets)
+
+    def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+
 def _agent(sock: str, key: str) -> tuple[agent_mod.Agent, fake.FakeDataplane]:
     ip, cidr = NODES[key]
     cluster, node = key.split("/")
@@ -47,7 +63,7 @@ def _agent(sock: str, key: str) -> tuple[agent_mod.Agent, fake.FakeDataplane]:
     dp.add_plain_link("eth0", ip=ip)
     cfg = config.load(["--reflector", f"unix:{sock}", "--cluster", cluster, "--node", node, "--underlay-ip", ip,
                        "--pod-cidr", cidr, "--keepalive-interval", "0.2", "--resync-period", "0.5"], environ={})
-    return agent_mod.Agent(cfg, dp, events_factory=_NoEvents, handle_signals=False), dp
+    return agent_mod.Agent(cfg, dp, events_factory=_NoEvents, prober_factory=_NoProber, handle_signals=False), dp
 
 
 async def _wait(pred: Callable[[], bool], what: str, timeout: float = 10.0) -> None:

@@ -138,6 +138,8 @@ def expected(
     topo = types.Topology(config)
     for n in nodes:
         topo = topo.with_node(n)
+    # The reflector elects gateways (all nodes connected, nobody reported): first candidates.
+    topo = topo.with_roles(planner.elect(topo, {n.key for n in nodes}, {}))
     return planner.plan(topo, key)
 
 

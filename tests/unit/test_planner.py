@@ -233,7 +233,6 @@ def test_valid_announcements_and_reannouncements() -> None:
     ("ann", "fragment"),
     [
         (types.NodeAnnouncement("north", "n1", "198.18.0.41", ()), "unknown cluster 'north'"),
-        (types.NodeAnnouncement("gw", "g1", "198.18.0.41", ()), "mode 'gateway', which this build does not support"),
         (dataclasses.replace(E2, pod_cidrs=("10.20.9.0/24",)), "10.20.9.0/24 is outside cluster 'east'"),
         (dataclasses.replace(E2, pod_cidrs=("10.10.1.128/25",)), "overlaps pod CIDR 10.10.1.0/24 of node east/e1"),
         (dataclasses.replace(E2, pod_cidrs=("10.10.2.0/24", "10.10.2.0/25")), "overlaps the node's own"),

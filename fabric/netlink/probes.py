@@ -1,0 +1,252 @@
+"""BFD-like liveness probes through our tunnels: ICMP echo to a peer's overlay address.
+
+Why ICMP echo to the overlay address: the request leaves through the tunnel device (the overlay
+address is on-link on ``vx-bridge`` / ``vx-local``, resolved by our static neighbour and FDB
+entry), is encapsulated to the peer's underlay address, and the peer's *kernel* answers through
+its own tunnel back to us. One answered probe therefore proves the peer's node is up, its
+tunnel device exists, and the underlay carries our vxlan traffic in both directions - exactly
+what a gateway must provide - without any process on the peer (an agent that was killed does
+not make its gateway look dead: the dataplane does not depend on the agent).
+
+Every probe is sent with ``IP_PKTINFO`` naming the tunnel device as the output interface, so it
+can only ever leave through that device (a missing device means no probe, never a packet out of
+the default route).
+
+Timing (BFD's model): a probe every ``interval`` to every target; a target is *down* when no
+answer arrived for ``multiplier`` intervals (detection time 0.3 s with the defaults). A target
+that never answered is given ``startup`` seconds first (its peer entries may still be being
+programmed on either side). The agent reports the set of down targets to the reflector, which
+decides what to do; this module only observes.
+
+:class:`ProbeState` is the pure bookkeeping (fake clocks in tests); :class:`TunnelProber` the
+asyncio I/O around it: one raw ICMP socket, a send tick, a reader callback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import random
+import socket
+import struct
+import time
+from collections.abc import Callable, Mapping
+
+_log = logging.getLogger(__name__)
+
+DEFAULT_INTERVAL_S = 0.1
+DEFAULT_MULTIPLIER = 3
+DEFAULT_STARTUP_S = 3.0
+_PAYLOAD = b"kosmos-fabric-bfd"
+#: <linux/in.h>; Python's socket module does not export it.
+_IP_PKTINFO = 8
+
+
+@dataclasses.dataclass(slots=True)
+class _Target:
+    name: str
+    ip: str
+    device: str
+    added_at: float
+    last_rx: float | None = None
+
+
+class ProbeState:
+    """Which targets answer, from send/receive times only (no I/O, injectable clock)."""
+
+    def __init__(
+        self,
+        *,
+        interval_s: float = DEFAULT_INTERVAL_S,
+        multiplier: int = DEFAULT_MULTIPLIER,
+        startup_s: float = DEFAULT_STARTUP_S,
+    ) -> None:
+        if interval_s <= 0 or multiplier < 1 or startup_s < 0:
+            raise ValueError(
+                f"probe timing must be positive (interval {interval_s}, multiplier {multiplier}, startup {startup_s})"
+            )
+        self.interval_s = interval_s
+        self.multiplier = multiplier
+        self.startup_s = startup_s
+        self._targets: dict[str, _Target] = {}
+        self._by_ip: dict[str, list[str]] = {}
+
+    @property
+    def detect_s(self) -> float:
+        return self.interval_s * self.multiplier
+
+    def set_targets(self, targets: Mapping[str, tuple[str, str]], now: float) -> None:
+        """``{name: (overlay ip, tunnel device)}``. Targets that stay keep their history; a
+        changed address or device starts over (it is a different tunnel)."""
+        keep = {n: t for n, t in self._targets.items() if targets.get(n) == (t.ip, t.device)}
+        for name, (ip, device) in targets.items():
+            if name not in keep:
+                keep[name] = _Target(name, ip, device, now)
+        self._targets = keep
+        self._by_ip = {}
+        for t in keep.values():
+            self._by_ip.setdefault(t.ip, []).append(t.name)
+
+    def sends(self) -> list[tuple[str, str]]:
+        """``(ip, device)`` pairs to probe this tick."""
+        return sorted({(t.ip, t.device) for t in self._targets.values()})
+
+    def on_reply(self, ip: str, now: float) -> None:
+        for name in self._by_ip.get(ip, ()):
+            self._targets[name].last_rx = now
+
+    def down(self, now: float) -> frozenset[str]:
+        out = set()
+        for t in self._targets.values():
+            if t.last_rx is None:
+                if now - t.added_at > self.startup_s + self.detect_s:
+                    out.add(t.name)
+            elif now - t.last_rx > self.detect_s:
+                out.add(t.name)
+        return frozenset(out)
+
+
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total = (total >> 16) + (total & 0xFFFF)
+    total += total >> 16
+    return int(~total & 0xFFFF)
+
+
+def echo_request(ident: int, seq: int) -> bytes:
+    """An ICMP echo request (type 8) with our payload; the kernel adds the IP header."""
+    header = struct.pack("!BBHHH", 8, 0, 0, ident, seq)
+    return struct.pack("!BBHHH", 8, 0, _checksum(header + _PAYLOAD), ident, seq) + _PAYLOAD
+
+
+def parse_echo_reply(packet: bytes, ident: int) -> str | None:
+    """Source address of an IPv4 packet if it is an echo reply (type 0) carrying ``ident``."""
+    if len(packet) < 20 or packet[0] >> 4 != 4:
+        return None
+    ihl = (packet[0] & 0x0F) * 4
+    if len(packet) < ihl + 8 or packet[9] != socket.IPPROTO_ICMP:
+        return None
+    icmp_type, _code, _csum, rid = struct.unpack("!BBHH", packet[ihl : ihl + 6])
+    if icmp_type != 0 or rid != ident:
+        return None
+    return socket.inet_ntoa(packet[12:16])
+
+
+class TunnelProber:
+    """Probe targets every interval; call ``on_change(down names)`` whenever the set changes.
+
+    ``start`` opens a raw ICMP socket (CAP_NET_RAW); if that fails the prober logs why and stays
+    inert (the reflector then has only session liveness to go on)."""
+
+    def __init__(
+        self,
+        on_change: Callable[[frozenset[str]], None],
+        *,
+        interval_s: float = DEFAULT_INTERVAL_S,
+        multiplier: int = DEFAULT_MULTIPLIER,
+        startup_s: float = DEFAULT_STARTUP_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.state = ProbeState(interval_s=interval_s, multiplier=multiplier, startup_s=startup_s)
+        self._on_change = on_change
+        self._clock = clock
+        self._ident = (os.getpid() ^ random.randrange(0x10000)) & 0xFFFF
+        self._seq = 0
+        self._sock: socket.socket | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._down: frozenset[str] = frozenset()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def down(self) -> frozenset[str]:
+        return self._down
+
+    def set_targets(self, targets: Mapping[str, tuple[str, str]]) -> None:
+        self.state.set_targets(targets, self._clock())
+        self._evaluate()
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+        except OSError as e:
+            _log.warning("tunnel probes disabled: cannot open a raw ICMP socket (%s)", e.strerror or e)
+            return
+        sock.setblocking(False)
+        self._sock = sock
+        self._loop = loop
+        loop.add_reader(sock.fileno(), self._readable)
+        self._task = loop.create_task(self._tick(), name="tunnel-probes")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._sock is not None:
+            if self._loop is not None:
+                self._loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
+
+    async def _tick(self) -> None:
+        interval = self.state.interval_s
+        while True:
+            self._send_all()
+            self._evaluate()
+            await asyncio.sleep(interval)
+
+    def _send_all(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        self._seq = (self._seq + 1) & 0xFFFF
+        packet = echo_request(self._ident, self._seq)
+        ifindex: dict[str, int | None] = {}
+        for ip, device in self.state.sends():
+            if device not in ifindex:
+                try:
+                    ifindex[device] = socket.if_nametoindex(device)
+                except OSError:
+                    ifindex[device] = None
+            index = ifindex[device]
+            if index is None:
+                continue  # no tunnel device (yet): nothing to probe through
+            pktinfo = struct.pack("@i4s4s", index, bytes(4), bytes(4))
+            # A full socket buffer or an unreachable route is simply a missed probe.
+            with contextlib.suppress(OSError):
+                sock.sendmsg([packet], [(socket.IPPROTO_IP, _IP_PKTINFO, pktinfo)], 0, (ip, 0))
+
+    def _readable(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        now = self._clock()
+        for _ in range(256):  # drain what is there, bounded
+            try:
+                packet = sock.recv(2048)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                break
+            src = parse_echo_reply(packet, self._ident)
+            if src is not None:
+                self.state.on_reply(src, now)
+        self._evaluate()
+
+    def _evaluate(self) -> None:
+        down = self.state.down(self._clock())
+        if down != self._down:
+            went_down, came_up = down - self._down, self._down - down
+            self._down = down
+            if went_down:
+                _log.warning("tunnel probes: %s stopped answering", ", ".join(sorted(went_down)))
+            if came_up:
+                _log.info("tunnel probes: %s answer again", ", ".join(sorted(came_up)))
+            self._on_change(down)

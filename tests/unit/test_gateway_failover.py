@@ -1,0 +1,123 @@
+"""Failure detection and role moves: probe bookkeeping with a fake clock, the probe packets, and
+the reflector moving a gateway role on a session loss or on peer reports - with deltas only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+
+from fabric import types
+from fabric.control import client, planner
+from fabric.netlink import probes
+from tests.unit.test_control_session import KEEPALIVE, harness, run, wait_for
+
+GW = types.ClusterMode.GATEWAY
+CONFIG = types.FabricConfig(
+    clusters=(
+        types.ClusterConfig("east", types.ClusterMode.P2P, ("10.10.0.0/16",), ("10.96.0.0/20",)),
+        types.ClusterConfig("west", GW, ("10.20.0.0/16",), ("10.97.0.0/20",), gateways=("w1", "w2")),
+    ),
+    # The startup hold releases once all four announced: the election then sees all of them.
+    expected_nodes=("east/e1", "west/w1", "west/w2", "west/w3"),
+)
+E1 = types.NodeAnnouncement("east", "e1", "198.18.0.11", ("10.10.1.0/24",))
+W1 = types.NodeAnnouncement("west", "w1", "198.18.0.21", ("10.20.1.0/24",))
+W2 = types.NodeAnnouncement("west", "w2", "198.18.0.22", ("10.20.2.0/24",))
+W3 = types.NodeAnnouncement("west", "w3", "198.18.0.23", ("10.20.3.0/24",))
+
+
+# -- probe bookkeeping ------------------------------------------------------------------------
+
+
+def test_probe_state_detects_within_multiplier_intervals() -> None:
+    st = probes.ProbeState(interval_s=0.1, multiplier=3, startup_s=1.0)
+    st.set_targets({"west/w1": ("198.19.0.21", "vx-local"), "west/w2": ("198.19.0.22", "vx-local")}, now=0.0)
+    assert st.down(0.5) == frozenset()  # startup grace
+    st.on_reply("198.19.0.21", 0.5)
+    assert st.down(0.79) == frozenset()
+    assert st.down(1.31) == {"west/w1", "west/w2"}  # w1 silent 0.81 s > 0.3 s; w2 never answered
+    st.on_reply("198.19.0.21", 1.4)
+    st.on_reply("198.19.0.22", 1.4)
+    assert st.down(1.5) == frozenset()
+    assert st.down(1.71) == {"west/w1", "west/w2"}
+    # A changed address is a new tunnel: history starts over (startup grace again).
+    st.set_targets({"west/w1": ("198.19.0.99", "vx-local")}, now=2.0)
+    assert st.down(2.5) == frozenset()
+    assert st.sends() == [("198.19.0.99", "vx-local")]
+
+
+def test_echo_request_and_reply_parsing() -> None:
+    req = probes.echo_request(0x1234, 7)
+    assert req[0] == 8 and struct.unpack("!HH", req[4:8]) == (0x1234, 7)
+    assert probes._checksum(req) == 0  # a correct ICMP checksum sums to zero
+    reply_icmp = bytes([0, 0]) + req[2:]
+    ip = bytes([0x45, 0, 0, 20 + len(reply_icmp), 0, 0, 0, 0, 64, socket.IPPROTO_ICMP, 0, 0])
+    ip += socket.inet_aton("198.19.0.21") + socket.inet_aton("198.19.0.23")
+    assert probes.parse_echo_reply(ip + reply_icmp, 0x1234) == "198.19.0.21"
+    assert probes.parse_echo_reply(ip + reply_icmp, 0x4321) is None  # someone else's reply
+    assert probes.parse_echo_reply(ip + req, 0x1234) is None  # a request, not a reply
+
+
+# -- the reflector moves the role -------------------------------------------------------------
+
+
+def _role(h: object, cluster: str) -> types.GatewayRole | None:
+    return h.reflector.topology.role(cluster)  # type: ignore[attr-defined, no-any-return]
+
+
+def test_reports_move_the_role_with_route_deltas_and_heal_does_not_flap() -> None:
+    async def body() -> None:
+        async with harness(CONFIG, grace=5.0, hold=10.0) as h:
+            sessions = {a.name: h.agent(a) for a in (E1, W1, W2, W3)}
+            await wait_for(lambda: all(r.count("snapshot") == 1 for _, r in sessions.values()), what="snapshots")
+            await wait_for(lambda: _role(h, "west") == types.GatewayRole("west", "w1", "w2"), what="w1 elected")
+            await wait_for(lambda: all(h.node(k).in_sync for k in ("east/e1", "west/w2", "west/w3")), what="sync")
+            base = {k: h.node(k).counters for k in ("east/e1", "west/w2", "west/w3")}
+            s_e1, r_e1 = sessions["e1"]
+            s_w3, _ = sessions["w3"]
+            # e1 and w3 stop hearing w1 through the tunnel: the role moves to w2.
+            s_e1.report_unreachable(frozenset({W1.key}))
+            s_w3.report_unreachable(frozenset({W1.key}))
+            await wait_for(lambda: _role(h, "west") == types.GatewayRole("west", "w2", "w1"), what="move to w2")
+            await wait_for(lambda: s_e1.state.routes and all(
+                r.via == "100.82.0.22" for r in s_e1.state.routes if r.dst.startswith("10.2")), what="e1 rerouted")
+            delta, _ = r_e1.last("delta")
+            assert delta.removals == () and all(isinstance(e, types.RouteEntry) for e in delta.upserts)
+            for k in base:  # one delta each, no new snapshot
+                c = h.node(k).counters
+                assert c.snapshots_sent == base[k].snapshots_sent and c.deltas_sent == base[k].deltas_sent + 1
+            status = await client.get_status(h.target)
+            west = next(c for c in status.clusters if c.name == "west")
+            assert (west.active_gateway, west.standby_gateway, west.gateway_moves) == ("w2", "w1", 1)
+            assert next(n for n in west.nodes if n.name == "w1").unreachable_reports == 2
+            # Healed: reports clear; w1 comes back as standby, w2 keeps the role.
+            s_e1.report_unreachable(frozenset())
+            s_w3.report_unreachable(frozenset())
+            # w1's stale report (it could reach nobody) must not pull the role back.
+            sessions["w1"][0].report_unreachable(frozenset({E1.key, W2.key}))
+            await asyncio.sleep(5 * KEEPALIVE)
+            assert _role(h, "west") == types.GatewayRole("west", "w2", "w1")
+            assert h.reflector._gateway_moves["west"] == 1
+
+    run(body())
+
+
+def test_session_loss_moves_the_role_at_once_not_after_grace() -> None:
+    async def body() -> None:
+        async with harness(CONFIG, grace=30.0, hold=10.0) as h:
+            sessions = {a.name: h.agent(a) for a in (E1, W1, W2, W3)}
+            await wait_for(lambda: all(r.count("snapshot") == 1 for _, r in sessions.values()), what="snapshots")
+            await wait_for(lambda: _role(h, "west") == types.GatewayRole("west", "w1", "w2"), what="w1 elected")
+            await h.stop_agent(sessions["w1"][0])
+            await wait_for(lambda: _role(h, "west") == types.GatewayRole("west", "w2", "w1"), timeout=2.0,
+                           what="role moved while w1 is still within its grace period")
+            assert h.node("west/w1").withdraw_in_s is not None  # still in the topology
+            w3 = sessions["w3"][0]
+            await wait_for(lambda: {p.node for p in w3.state.peers} == {"west/w1", "west/w2"}, what="w3 peers")
+            expected = planner.plan(h.reflector.topology, W3.key)
+            await wait_for(lambda: w3.state == expected, what="w3 converged")
+            assert {r.via for r in w3.state.routes} == {"198.19.0.22"}
+
+    run(body())
