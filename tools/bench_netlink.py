@@ -20,7 +20,6 @@ import logging
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -39,6 +38,7 @@ from fabric.netlink.objects import (
     VxlanLink,
 )
 from fabric.netlink.reconciler import Reconciler
+from tools import bench_common
 
 _log = logging.getLogger(__name__)
 TABLE = 200
@@ -46,7 +46,7 @@ LINK = "vx-bridge"
 
 
 def _progress(msg: str) -> None:
-    print(f"[bench netlink] {msg}", file=sys.stderr, flush=True)
+    bench_common.progress("netlink", msg)
 
 
 def _run(*args: str, stdin: str | None = None) -> None:
@@ -88,8 +88,12 @@ class _Bench:
         overlay = ipaddress.ip_address("100.64.0.10")
         underlay = ipaddress.ip_address("198.18.1.0")
         self.peers = [
-            (str(overlay + i), f"02:01:{(i >> 16) & 255:02x}:{(i >> 8) & 255:02x}:{i & 255:02x}:00",
-             str(underlay + i), f"10.{(i >> 8) & 255}.{i & 255}.0/24")
+            (
+                str(overlay + i),
+                f"02:01:{(i >> 16) & 255:02x}:{(i >> 8) & 255:02x}:{i & 255:02x}:00",
+                str(underlay + i),
+                f"10.{(i >> 8) & 255}.{i & 255}.0/24",
+            )
             for i in range(count)
         ]
 
@@ -113,18 +117,25 @@ class _Bench:
             self.base, neighbours=frozenset(Neighbour(LINK, ip, mac) for ip, mac, _, _ in self.peers)
         )
         out = {"ours_add": self.ours(state, "neighbours"), "ours_del": self.ours(self.base, "neighbours")}
-        out["base_add"] = _timed_batch(self.netns, "ip", [
-            f"neigh replace {ip} lladdr {mac} dev {LINK} nud permanent" for ip, mac, _, _ in self.peers])
+        out["base_add"] = _timed_batch(
+            self.netns,
+            "ip",
+            [f"neigh replace {ip} lladdr {mac} dev {LINK} nud permanent" for ip, mac, _, _ in self.peers],
+        )
         out["base_del"] = _timed_batch(self.netns, "ip", [f"neigh del {ip} dev {LINK}" for ip, _, _, _ in self.peers])
         return out
 
     def fdb(self) -> dict[str, float]:
         state = dataclasses.replace(self.base, fdb=frozenset(FdbEntry(LINK, mac, dst) for _, mac, dst, _ in self.peers))
         out = {"ours_add": self.ours(state, "fdb"), "ours_del": self.ours(self.base, "fdb")}
-        out["base_add"] = _timed_batch(self.netns, "bridge", [
-            f"fdb add {mac} dev {LINK} dst {dst} self permanent" for _, mac, dst, _ in self.peers])
-        out["base_del"] = _timed_batch(self.netns, "bridge", [
-            f"fdb del {mac} dev {LINK} dst {dst} self" for _, mac, dst, _ in self.peers])
+        out["base_add"] = _timed_batch(
+            self.netns,
+            "bridge",
+            [f"fdb add {mac} dev {LINK} dst {dst} self permanent" for _, mac, dst, _ in self.peers],
+        )
+        out["base_del"] = _timed_batch(
+            self.netns, "bridge", [f"fdb del {mac} dev {LINK} dst {dst} self" for _, mac, dst, _ in self.peers]
+        )
         return out
 
     def routes(self) -> dict[str, float]:
@@ -133,25 +144,39 @@ class _Bench:
         )
         out = {"ours_add": self.ours(state, "routes"), "ours_del": self.ours(self.base, "routes")}
         first = 0x10000
-        out["base_add"] = _timed_batch(self.netns, "ip", [
-            f"nexthop add id {first + i} via {gw} dev {LINK} onlink proto {RTPROT_FABRIC}"
-            for i, (gw, _, _, _) in enumerate(self.peers)
-        ] + [
-            f"route add {dst} nhid {first + i} table {TABLE} proto {RTPROT_FABRIC}"
-            for i, (_, _, _, dst) in enumerate(self.peers)
-        ])
-        out["base_del"] = _timed_batch(self.netns, "ip", [
-            f"route del {dst} table {TABLE}" for _, _, _, dst in self.peers
-        ] + [f"nexthop del id {first + i}" for i in range(len(self.peers))])
-        out["plain_add"] = _timed_batch(self.netns, "ip", [
-            f"route add {dst} via {gw} dev {LINK} onlink table {TABLE} proto {RTPROT_FABRIC}"
-            for gw, _, _, dst in self.peers])
-        out["plain_del"] = _timed_batch(self.netns, "ip", [
-            f"route del {dst} table {TABLE}" for _, _, _, dst in self.peers])
+        out["base_add"] = _timed_batch(
+            self.netns,
+            "ip",
+            [
+                f"nexthop add id {first + i} via {gw} dev {LINK} onlink proto {RTPROT_FABRIC}"
+                for i, (gw, _, _, _) in enumerate(self.peers)
+            ]
+            + [
+                f"route add {dst} nhid {first + i} table {TABLE} proto {RTPROT_FABRIC}"
+                for i, (_, _, _, dst) in enumerate(self.peers)
+            ],
+        )
+        out["base_del"] = _timed_batch(
+            self.netns,
+            "ip",
+            [f"route del {dst} table {TABLE}" for _, _, _, dst in self.peers]
+            + [f"nexthop del id {first + i}" for i in range(len(self.peers))],
+        )
+        out["plain_add"] = _timed_batch(
+            self.netns,
+            "ip",
+            [
+                f"route add {dst} via {gw} dev {LINK} onlink table {TABLE} proto {RTPROT_FABRIC}"
+                for gw, _, _, dst in self.peers
+            ],
+        )
+        out["plain_del"] = _timed_batch(
+            self.netns, "ip", [f"route del {dst} table {TABLE}" for _, _, _, dst in self.peers]
+        )
         return out
 
 
-def run(repeat: int, *, count: int = 10_000) -> dict[str, dict[str, float]]:
+def run_rounds(repeat: int, *, count: int = 10_000) -> dict[str, dict[str, float]]:
     """Run ``repeat`` rounds; return ``{op: {median, min, max, baseline_median, ratio, ...}}``."""
     netns = f"kft-bench-{uuid.uuid4().hex[:8]}"
     _run("ip", "netns", "add", netns)
@@ -165,7 +190,9 @@ def run(repeat: int, *, count: int = 10_000) -> dict[str, dict[str, float]]:
         bench = _Bench(netns, count)
         try:
             kinds: dict[str, Callable[[], dict[str, float]]] = {
-                "route": bench.routes, "fdb": bench.fdb, "neigh": bench.neighbours,
+                "route": bench.routes,
+                "fdb": bench.fdb,
+                "neigh": bench.neighbours,
             }
             for rnd in range(repeat):
                 for kind, fn in kinds.items():
@@ -191,14 +218,23 @@ def run(repeat: int, *, count: int = 10_000) -> dict[str, dict[str, float]]:
     return results
 
 
-def render(results: dict[str, dict[str, float]]) -> str:
-    lines = [
-        f"{'operation':<11} {'ours/s median':>13} {'min':>9} {'max':>9} {'iproute2/s':>11} {'ratio':>6}  plain via",
-    ]
-    for op, r in results.items():
-        plain = f"{r['plain_baseline_median']:9.0f} x{r['plain_ratio']:.2f}" if "plain_ratio" in r else ""
-        lines.append(
-            f"{op:<11} {r['median']:13.0f} {r['min']:9.0f} {r['max']:9.0f} {r['baseline_median']:11.0f}"
-            f" {r['ratio']:6.2f}  {plain}"
-        )
-    return "\n".join(lines)
+# -- the suite's interface (tools/bench.py) ---------------------------------------------------
+
+NAME = "netlink"
+HELP = "entries/s to apply and remove 10,000 routes/FDB/neighbours through our appliers vs ip/bridge -batch"
+
+
+def requires(opts: bench_common.Options) -> list[str]:
+    return bench_common.need_root("the netlink benchmark") + bench_common.need_programs("ip", "bridge")
+
+
+def run(opts: bench_common.Options) -> bench_common.Report:
+    """``repeat`` rounds of 10,000 entries (200 in the tiny configuration)."""
+    count = 200 if opts.tiny else 10_000
+    results = run_rounds(opts.repeat, count=count)
+    report = bench_common.Report(figures=results, units={op: "entries/s" for op in results})
+    report.notes.append(
+        f"{count:,} entries per operation in one namespace; baseline = iproute2 in batch mode with routes through "
+        "nexthop objects (the shape our appliers program); plain_* = classic `route add ... via GW onlink`."
+    )
+    return report

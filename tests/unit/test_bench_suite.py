@@ -1,0 +1,94 @@
+"""The benchmark suite's registry, figures, rendering and refusals (no benchmark runs here: the
+tiny-configuration runs of every benchmark are in tests/privileged/test_bench_smoke.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tools import bench
+from tools import bench_common as bc
+
+
+def test_every_registered_benchmark_has_the_suite_interface() -> None:
+    for name, entry in bench.BENCHMARKS.items():
+        module = entry.load()
+        assert name == module.NAME
+        assert isinstance(module.HELP, str) and module.HELP
+        assert callable(module.requires) and callable(module.run)
+        assert isinstance(module.requires(bc.Options()), list)
+
+
+def test_ratios_are_oriented_so_that_higher_is_better() -> None:
+    thr = bc.figure([8.0, 10.0, 9.0], {"": [10.0, 10.0, 10.0], "veth": [20.0]}, higher_is_better=True)
+    assert (thr["median"], thr["min"], thr["max"]) == (9.0, 8.0, 10.0)
+    assert thr["ratio"] == pytest.approx(0.9) and thr["veth_ratio"] == pytest.approx(0.45)
+    lat = bc.figure([200.0], {"": [100.0]}, higher_is_better=False)
+    assert lat["ratio"] == pytest.approx(0.5)
+    assert math.isnan(bc.figure([1.0], {"": [0.0]}, higher_is_better=True)["ratio"])
+    assert bc.percentile([5.0, 1.0, 3.0, 2.0, 4.0], 50) == 3.0
+    assert bc.percentile([5.0, 1.0, 3.0], 99) == 5.0
+
+
+def _doc() -> dict[str, Any]:
+    return {
+        "meta": {
+            "date": "2030-01-01 00:00 UTC",
+            "machine": {"cpu": "Test CPU", "cores": "2", "kernel": "Linux 6.1", "memory": "1.0 GiB", "python": "3.11"},
+            "repeat": 3,
+            "command": "fabric-tool bench",
+            "skipped": {"datapath": "needs root"},
+        },
+        "netlink": {
+            "route_add": {
+                "median": 5000.0,
+                "min": 4000.0,
+                "max": 6000.0,
+                "baseline_median": 5100.0,
+                "ratio": 0.98,
+                "unit": "entries/s",
+            },
+            "notes": ["a note"],
+        },
+    }
+
+
+def test_markdown_has_the_machine_the_date_every_figure_and_the_notes(tmp_path: Path) -> None:
+    src = tmp_path / "run.json"
+    src.write_text(json.dumps(_doc()))
+    out = tmp_path / "BENCHMARKS.md"
+    assert bench.main(["--from-json", str(src), "--markdown", str(out)]) == 0
+    md = out.read_text()
+    for text in ("Test CPU", "2 cores", "Linux 6.1", "2030-01-01", "## netlink", "| route_add | entries/s | 5,000 |",
+                 "0.98", "- a note", "`datapath` was not run: needs root", "higher is better"):  # fmt: skip
+        assert text in md, text
+
+
+def test_unknown_and_unrunnable_benchmarks_are_refused_with_the_reason(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as e:
+        bench.main(["nosuch"])
+    assert e.value.code == 2
+    assert "nosuch" in capsys.readouterr().err
+    module = bench.BENCHMARKS["control"].load()
+    monkeypatch.setattr(module, "requires", lambda opts: ["the widget is missing"])
+    assert bench.main(["control"]) == 2
+    assert "cannot run control: the widget is missing" in capsys.readouterr().err
+
+
+def test_two_runs_merge_into_one_document(tmp_path: Path) -> None:
+    later = {"meta": {"date": "2030-01-02 00:00 UTC", "command": "fabric-tool bench control", "skipped": {}},
+             "control": {"bringup_n3": {"median": 1.0, "baseline_median": 0.5, "ratio": 0.5, "unit": "s"}}}  # fmt: skip
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(_doc()))
+    b.write_text(json.dumps(later))
+    out = tmp_path / "BENCHMARKS.md"
+    assert bench.main(["--from-json", str(a), str(b), "--markdown", str(out)]) == 0
+    md = out.read_text()
+    assert "## netlink" in md and "## control" in md and "| bringup_n3 | s |" in md
+    assert "2030-01-01" in md and "2030-01-02" in md

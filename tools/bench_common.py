@@ -1,0 +1,338 @@
+"""Shared pieces of the benchmark suite: figures, pre-flight checks, processes, the lab, probes.
+
+Every benchmark reports *figures*: one dict per metric with our ``median``/``min``/``max`` over
+the rounds, the same for each baseline measured in the same run (``baseline_median`` ...,
+``veth_baseline_median`` ...) and ratios under keys containing ``ratio``, oriented so that
+higher is always better (throughput-like: ours / baseline; latency-like: baseline / ours).
+
+Processes a benchmark starts (iperf3, ping, the request/response tool, reflectors, simulated
+agents) are tracked by a :class:`Procs` owner and stopped by PID in a ``finally``, so Ctrl-C
+(KeyboardInterrupt) or a failure leaves nothing behind. Namespaces are removed the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import yaml
+
+from tools import lab, nsutil
+
+_log = logging.getLogger(__name__)
+
+Figure = dict[str, float]
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """What ``fabric-tool bench`` was asked for; each benchmark reads the fields it knows.
+
+    ``tiny`` is the smoke-test configuration (tests): every step runs, briefly and small.
+    """
+
+    repeat: int = 3
+    tiny: bool = False
+    #: control: numbers of simulated agents.
+    n: tuple[int, ...] = (100, 1000, 10_000)
+    #: control: seconds allowed to bring up the agents of one N before it is reported infeasible.
+    budget_s: float = 300.0
+
+
+@dataclasses.dataclass
+class Report:
+    """What one benchmark run produced: ``figures[metric]`` plus units and free-text notes."""
+
+    figures: dict[str, Figure] = dataclasses.field(default_factory=dict)
+    units: dict[str, str] = dataclasses.field(default_factory=dict)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+def progress(bench: str, msg: str) -> None:
+    print(f"[bench {bench}] {msg}", file=sys.stderr, flush=True)
+
+
+# -- figures ---------------------------------------------------------------------------------
+
+
+def spread(values: Sequence[float], prefix: str = "") -> Figure:
+    """``{prefix}median/min/max`` of ``values`` (NaN for an empty list: nothing was measured)."""
+    if not values:
+        nan = float("nan")
+        return {f"{prefix}median": nan, f"{prefix}min": nan, f"{prefix}max": nan}
+    return {f"{prefix}median": statistics.median(values), f"{prefix}min": min(values), f"{prefix}max": max(values)}
+
+
+def ratio(ours: float, base: float, higher_is_better: bool) -> float:
+    """Oriented so that higher is better; NaN when either side is missing or zero."""
+    num, den = (ours, base) if higher_is_better else (base, ours)
+    if not (math.isfinite(num) and math.isfinite(den)) or den == 0:
+        return float("nan")
+    return num / den
+
+
+def figure(ours: Sequence[float], baselines: dict[str, Sequence[float]], *, higher_is_better: bool) -> Figure:
+    """Our spread, each baseline's spread and the ratios of the medians.
+
+    ``baselines`` maps a name to samples; the name ``""`` is *the* baseline (keys
+    ``baseline_median`` ..., ``ratio``), others get prefixed keys (``veth_baseline_median``,
+    ``veth_ratio``).
+    """
+    out = spread(ours)
+    for name, samples in baselines.items():
+        pre = f"{name}_" if name else ""
+        out.update(spread(samples, f"{pre}baseline_"))
+        out[f"{pre}ratio"] = ratio(out["median"], out[f"{pre}baseline_median"], higher_is_better)
+    return out
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    """Nearest-rank percentile (p in 0..100) of ``values``; NaN for none."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(1, math.ceil(p / 100.0 * len(ordered)))
+    return ordered[rank - 1]
+
+
+# -- pre-flight ------------------------------------------------------------------------------
+
+
+def need_root(what: str) -> list[str]:
+    return [] if os.geteuid() == 0 else [f"{what} creates network namespaces and needs root (run it with sudo)"]
+
+
+def need_programs(*programs: str) -> list[str]:
+    return [
+        f"program {p!r} is not installed (./dev.sh setup installs it: apt-get install {_PACKAGES.get(p, p)})"
+        for p in programs
+        if shutil.which(p) is None
+    ]
+
+
+_PACKAGES = {"ip": "iproute2", "bridge": "iproute2", "ping": "iputils-ping", "taskset": "util-linux"}
+
+
+def need_control_stubs() -> list[str]:
+    try:
+        import fabric.control.generated.fabric_pb2  # noqa: F401
+    except ImportError as e:
+        return [f"the gRPC stubs are missing ({e}): run `python -m fabric.control.protogen`"]
+    return []
+
+
+# -- processes -------------------------------------------------------------------------------
+
+
+class Procs:
+    """Processes started by one benchmark; :meth:`stop_all` stops each by PID (never by name)."""
+
+    def __init__(self) -> None:
+        self._procs: list[subprocess.Popen[bytes]] = []
+
+    def spawn(
+        self,
+        netns: str | None,
+        argv: Sequence[str],
+        *,
+        stdout: int | IO[Any] | None = subprocess.DEVNULL,
+        stderr: int | IO[Any] | None = subprocess.DEVNULL,
+        stdin: int | IO[Any] | None = subprocess.DEVNULL,
+    ) -> subprocess.Popen[bytes]:
+        if netns is None:
+            proc = subprocess.Popen(list(argv), stdin=stdin, stdout=stdout, stderr=stderr, start_new_session=True)
+        else:
+            proc = nsutil.spawn_in_netns(netns, argv, stdin=stdin, stdout=stdout, stderr=stderr)
+        self._procs.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout_s: float = 5.0) -> None:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(sig)
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                proc.wait()
+        if proc in self._procs:
+            self._procs.remove(proc)
+
+    def stop_all(self) -> None:
+        for proc in list(reversed(self._procs)):
+            self.stop(proc)
+
+
+@contextlib.contextmanager
+def procs() -> Iterator[Procs]:
+    p = Procs()
+    try:
+        yield p
+    finally:
+        p.stop_all()
+
+
+def run_in(netns: str, argv: Sequence[str], timeout_s: float) -> str:
+    """Run ``argv`` inside ``netns`` to completion; returns stdout, raises with stderr on failure."""
+    proc = nsutil.spawn_in_netns(netns, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    if proc.returncode != 0:
+        why = err.decode(errors="replace")[:400]
+        raise RuntimeError(f"{' '.join(argv)} in {netns} failed ({proc.returncode}): {why}")
+    return out.decode(errors="replace")
+
+
+def run_cmd(argv: Sequence[str]) -> None:
+    res = subprocess.run(list(argv), capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed: {res.stderr.strip()}")
+
+
+def ip_batch(netns: str | None, cmds: Sequence[str]) -> None:
+    argv = ["ip", *(["-n", netns] if netns else []), "-batch", "-"]
+    res = subprocess.run(argv, input="\n".join(cmds) + "\n", capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed: {res.stderr.strip()}")
+
+
+def delete_netns(names: Sequence[str]) -> None:
+    for ns in names:
+        if nsutil.netns_exists(ns):
+            # Processes still inside would keep nothing alive (the name goes), but stop ours first.
+            subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
+
+
+def unique(prefix: str = "kft", digits: int = 6) -> str:
+    """A fresh name for throwaway namespaces (``kft`` + hex, the prefix of every test namespace)."""
+    return f"{prefix}{uuid.uuid4().hex[:digits]}"
+
+
+# -- the lab ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LabPods:
+    """The two pods a lab benchmark measures between (different clusters, P2P)."""
+
+    name: str
+    src_ns: str
+    src_ip: str
+    dst_ns: str
+    dst_ip: str
+    src_node: str  # cluster/node of the source pod
+
+
+@contextlib.contextmanager
+def p2p_lab(bench: str) -> Iterator[LabPods]:
+    """A fresh two-cluster P2P lab (one node, one pod each) under a unique name; always torn down.
+
+    Built and removed through :mod:`tools.lab`'s public functions, exactly as ``fabric-tool lab
+    up``/``down`` do.
+    """
+    name = unique("kft", 8)
+    doc = {
+        "clusters": [
+            {"name": "east", "mode": "p2p", "podCIDRs": ["10.10.0.0/16"], "nodes": [{"name": "e1", "pods": 1}]},
+            {"name": "west", "mode": "p2p", "podCIDRs": ["10.20.0.0/16"], "nodes": [{"name": "w1", "pods": 1}]},
+        ]
+    }
+    with tempfile.TemporaryDirectory(prefix="kft-bench-") as tmp:
+        topo = Path(tmp) / "lab.yaml"
+        topo.write_text(yaml.safe_dump(doc, sort_keys=False))
+        try:
+            progress(bench, f"building lab {name} (2 P2P clusters, 1 node and 1 pod each)")
+            state = lab.up(topo, name, progress=lambda m: progress(bench, m))
+            nodes = {n.key: n for n in state.nodes()}
+            src, dst = nodes["east/e1"], nodes["west/w1"]
+            yield LabPods(name, src.pods[0].netns, src.pods[0].ip, dst.pods[0].netns, dst.pods[0].ip, src.key)
+        finally:
+            progress(bench, f"removing lab {name}")
+            lab.down(name, progress=lambda m: progress(bench, m))
+
+
+# -- probes ----------------------------------------------------------------------------------
+
+_TIME = re.compile(r"time=([0-9.]+) ms")
+_SENT = re.compile(r"(\d+) packets transmitted, (\d+) received")
+
+
+def ping_rtts_us(netns: str, dst: str, count: int, interval_s: float = 0.01) -> list[float]:
+    """Per-packet round-trip times in µs of ``count`` pings from ``netns`` to ``dst``."""
+    argv = ["ping", "-n", "-c", str(count), "-i", f"{interval_s:g}", "-W", "1", dst]
+    out = run_in(netns, argv, count * interval_s + 30)
+    return [float(m) * 1000.0 for m in _TIME.findall(out)]
+
+
+def ping_counts(output: str) -> tuple[int, int]:
+    """``(transmitted, received)`` from ping's summary line."""
+    m = _SENT.search(output)
+    if m is None:
+        raise RuntimeError(f"no summary in ping output: {output[-300:]!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def iperf_gbps(procs: Procs, src_ns: str, dst_ns: str, dst_ip: str, streams: int, seconds: float) -> float:
+    """TCP throughput in Gb/s (receiver side) from ``src_ns`` to an iperf3 server in ``dst_ns``.
+
+    A run iperf3 itself reports as failed (its JSON has ``error`` and no ``sum_received``; seen
+    now and then with very short runs) is repeated once, then raised with iperf3's reason.
+    """
+    problem = ""
+    for _attempt in range(2):
+        server = procs.spawn(dst_ns, ["iperf3", "-s", "-1", "-B", dst_ip])
+        try:
+            deadline = time.monotonic() + 5
+            while True:  # the server takes a moment to listen
+                try:
+                    argv = ["iperf3", "-c", dst_ip, "-t", f"{seconds:g}", "-P", str(streams), "-J"]
+                    out = run_in(src_ns, [*argv, "--connect-timeout", "2000"], seconds + 30)
+                    break
+                except RuntimeError:
+                    if time.monotonic() > deadline or server.poll() is not None:
+                        raise
+                    time.sleep(0.2)
+        finally:
+            procs.stop(server)
+        doc = json.loads(out)
+        received = doc.get("end", {}).get("sum_received", {}).get("bits_per_second")
+        if received is not None:
+            return float(received) / 1e9
+        problem = str(doc.get("error", "no sum_received in its JSON"))
+        _log.warning("iperf3 %s -> %s failed (%s); retrying once", src_ns, dst_ip, problem)
+    raise RuntimeError(f"iperf3 from {src_ns} to {dst_ip} failed twice: {problem}")
+
+
+def rr_rate(procs: Procs, src_ns: str, dst_ns: str, dst_ip: str, seconds: float, cpu: int) -> float:
+    """TCP request/response transactions per second, both ends pinned to vCPU ``cpu``."""
+    port = "5299"
+    pin = ["taskset", "-c", str(cpu)]
+    server = procs.spawn(dst_ns, [*pin, sys.executable, "-m", "tools.bench_rr", "server", dst_ip, port])
+    try:
+        out = run_in(
+            src_ns, [*pin, sys.executable, "-m", "tools.bench_rr", "client", dst_ip, port, f"{seconds:g}"], seconds + 30
+        )
+        return float(out.strip().splitlines()[-1])
+    finally:
+        procs.stop(server)
