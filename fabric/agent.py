@@ -36,19 +36,27 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import errno
+import ipaddress
+import json
 import logging
 import random
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Protocol
 
 from fabric import config as config_mod
-from fabric import health, logs, render, types
+from fabric import health, logs, render, types, xlate_metrics
+from fabric import translator as translator_mod
 from fabric.control import client as control_client
 from fabric.netlink import dataplane as dataplane_mod
 from fabric.netlink import events as events_mod
+from fabric.netlink import neighbours as neighbours_mod
+from fabric.netlink import objects
 from fabric.netlink import probes as probes_mod
 from fabric.netlink import reconciler as reconciler_mod
 
@@ -60,7 +68,7 @@ DEBOUNCE_S = 0.05
 RETRY_MIN_S = 0.5
 #: /healthz tolerates this much beyond the resync period without a successful pass.
 HEALTH_GRACE_S = 60.0
-OWNED_LINKS = frozenset({types.VX_BRIDGE, types.VX_LOCAL})
+OWNED_LINKS = frozenset({types.VX_BRIDGE, types.VX_LOCAL, types.HAIRPIN_DEVICE})
 
 
 class Events(Protocol):
@@ -118,6 +126,10 @@ class Agent(control_client.SessionHandler):
             dp, table=cfg.table, rule_priority=cfg.rule_priority, link_names=OWNED_LINKS
         )
         self.metrics = health.AgentMetrics()
+        # Global IP (fabric/translator.py): loaded lazily, only once the plan has translations.
+        self.translator = translator_mod.TranslatorSync(
+            translator_mod.instance_name(cfg.cluster, cfg.node), Path(cfg.bpf_pin_root)
+        )
         self.session = control_client.AgentSession(
             cfg.reflector,
             config_mod.announcement(cfg, self.underlay.mtu),
@@ -136,7 +148,15 @@ class Agent(control_client.SessionHandler):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._events: Events | None = None
         self._fatal: BaseException | None = None
+        #: The kernel tables the last pass asked for (``/debug/state``); written by the worker.
+        self._desired_kernel: objects.KernelState | None = None
+        self._applied_version = 0
+        self._role = ""
+        self._probe_names: set[str] = set()
         self.prober = prober_factory(self._on_probe_change, cfg)
+        if isinstance(self.prober, probes_mod.TunnelProber):
+            self.prober.on_sample = self._on_probe_sample
+        self.metrics.last_sync_age.set_function(self._sync_age)
 
     # -- SessionHandler --------------------------------------------------------------------
 
@@ -169,7 +189,28 @@ class Agent(control_client.SessionHandler):
 
     # -- scheduling ------------------------------------------------------------------------
 
+    def _on_probe_sample(self, name: str, rtt: float | None) -> None:
+        cluster = _peer_cluster(name)
+        self.metrics.probes_sent.labels(cluster=cluster).inc()
+        if rtt is None:
+            self.metrics.probes_lost.labels(cluster=cluster).inc()
+        else:
+            self.metrics.probe_rtt.labels(cluster=cluster).observe(rtt)
+        self._update_tunnel_metrics()
+
+    def _update_tunnel_metrics(self) -> None:
+        """Per peer and per peer cluster: up (some probed peer answers) and recent loss."""
+        stats = self.prober.stats() if isinstance(self.prober, probes_mod.TunnelProber) else []
+        by_cluster: dict[str, list[probes_mod.TargetStats]] = {}
+        for st in stats:
+            by_cluster.setdefault(_peer_cluster(st.name), []).append(st)
+            self.metrics.peer_up.labels(peer=st.name).set(1 if st.up else 0)
+        for cluster, sts in by_cluster.items():
+            self.metrics.tunnel_up.labels(cluster=cluster).set(1 if any(s.up for s in sts) else 0)
+            self.metrics.probe_loss.labels(cluster=cluster).set(sum(s.loss_ratio for s in sts) / len(sts))
+
     def _on_probe_change(self, down: frozenset[str]) -> None:
+        self._update_tunnel_metrics()
         keys = set()
         for name in down:
             try:
@@ -179,7 +220,18 @@ class Agent(control_client.SessionHandler):
         self.session.report_unreachable(frozenset(keys))
 
     def _set_state(self, state: types.NodeState, version: int, reason: str) -> None:
-        self.prober.set_targets({p.node or p.overlay_ip: (p.overlay_ip, p.device) for p in state.peers if p.probe})
+        role = gateway_role(state)
+        if role != self._role:
+            _log.info("gateway role of this node: %s (was %s)", role, self._role or "unknown")
+            self._role = role
+            self.metrics.set_role(role)
+        targets = {p.node or p.overlay_ip: (p.overlay_ip, p.device) for p in state.peers if p.probe}
+        self.prober.set_targets(targets)
+        for gone in self._probe_names - targets.keys():
+            # A peer no longer probed must not keep reporting its last state forever.
+            with contextlib.suppress(KeyError):
+                self.metrics.peer_up.remove(gone)
+        self._probe_names = set(targets)
         self._pending.state = state
         self._pending.version = version
         self._pending.reason = reason
@@ -218,6 +270,10 @@ class Agent(control_client.SessionHandler):
             self._record(report, state, resync)
             if report.failures:
                 self.metrics.kernel_failures.inc(report.failures)
+                for table, stats in report.tables.items():
+                    for code, n in stats.errnos.items():
+                        name = errno.errorcode.get(code, str(code))
+                        self.metrics.kernel_errors.labels(table=table, errno=name).inc(n)
                 _log.warning(
                     "pass (%s) left %d entries failed, first: %s; retrying in %.1fs with a resync",
                     reason, report.failures, report.first_error, self._retry_s,
@@ -225,13 +281,17 @@ class Agent(control_client.SessionHandler):
                 loop.call_later(self._retry_s, self._request_resync_now, "retry after failure")
                 self._retry_s = min(self._retry_s * 2, self.cfg.resync_period_s)
                 continue
+            was_failing = self._retry_s > RETRY_MIN_S
             self._retry_s = RETRY_MIN_S
             self._last_success = time.monotonic()
+            self._applied_version = version
             self.metrics.last_success.set_to_current_time()
             if not self._first_applied:
                 self._first_applied = True
                 _log.info("dataplane in sync with version %d (%d changes, %.0f ms)", version, report.changes,
                           elapsed * 1000)
+            elif was_failing:
+                _log.info("dataplane back in sync with version %d after failed passes", version)
             elif report.changes:
                 _log.info("applied %d changes for %s (version %d, %.0f ms)", report.changes, reason, version,
                           elapsed * 1000)
@@ -249,7 +309,13 @@ class Agent(control_client.SessionHandler):
             state, underlay_ifindex=self.underlay.ifindex, table=self.cfg.table, rule_priority=self.cfg.rule_priority
         )
         self.reconciler.set_desired(desired)
-        return self.reconciler.apply()
+        self._desired_kernel = desired
+        report = self.reconciler.apply()
+        # After the netlink tables: the devices the programs attach to exist now.
+        self.translator.apply(render.translator_plan(state), report.tables[translator_mod.TABLE])
+        if report.failures:
+            report.resync_needed = True
+        return report
 
     def _record(self, report: reconciler_mod.ApplyReport, state: types.NodeState, resync: bool) -> None:
         if resync and state == self._applied_state and report.changes:
@@ -283,6 +349,73 @@ class Agent(control_client.SessionHandler):
     def ready(self) -> tuple[bool, str]:
         return (True, "ok") if self._first_applied else (False, "first snapshot not applied yet")
 
+    def _sync_age(self) -> float:
+        ref = self._last_success if self._last_success is not None else self._started
+        return time.monotonic() - ref
+
+    # -- diagnostics -----------------------------------------------------------------------
+
+    def debug_state(self) -> dict[str, object]:
+        """``/debug/state``: what the plan asks for and what the kernel holds, for
+        ``fabric-tool diagnose``. Called from the HTTP thread; the kernel is read in the
+        reconcile worker (netlink sockets are not shared between threads), so a read never
+        races a pass, and reflects the kernel *now*, not the view of the last resync."""
+        fut = self._executor.submit(self._read_kernel)
+        try:
+            kernel = fut.result(timeout=10.0)
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError("the reconcile worker is busy; try again") from None
+        planned = self._pending.state
+        probes = self.prober.stats() if isinstance(self.prober, probes_mod.TunnelProber) else []
+        return {
+            "node": f"{self.cfg.cluster}/{self.cfg.node}",
+            "underlay": {"ip": self.cfg.underlay_ip, "name": self.underlay.name, "mtu": self.underlay.mtu},
+            "table": self.cfg.table,
+            "planned_version": self._pending.version,
+            "applied_version": self._applied_version,
+            "in_sync": self._first_applied and self._retry_s == RETRY_MIN_S,
+            "gateway_role": self._role or "unknown",
+            "planned": dataclasses.asdict(planned) if planned is not None else None,
+            "desired": kernel_state_json(self._desired_kernel) if self._desired_kernel is not None else None,
+            "kernel": kernel,
+            "probes": [dataclasses.asdict(st) for st in probes],
+        }
+
+    def _read_kernel(self) -> dict[str, list[dict[str, object]]]:
+        """A fresh read of every table we own, in the shape of :func:`kernel_state_json`, with
+        the owners' ownership rules (static neighbours only, no IPv6 link-local addresses)."""
+        dp, names = self.dp, sorted(OWNED_LINKS)
+        links = [li.vxlan for li in dp.list_links() if li.name in OWNED_LINKS and li.vxlan is not None]
+        rules = [
+            objects.Rule(r.family, r.table, r.priority)
+            for family in (socket.AF_INET, socket.AF_INET6)
+            for r in dp.list_rules(family)
+            if r.protocol == objects.RTPROT_FABRIC
+        ]
+        nexthops = {nh.id: nh for nh in dp.list_nexthops()}
+        routes = []
+        for r in dp.list_routes(self.cfg.table, objects.RTPROT_FABRIC):
+            nh = nexthops.get(r.nhid)
+            link, gateway = (nh.link, nh.gateway) if nh is not None else (r.link, r.gateway)
+            routes.append(objects.Route(r.table, r.dst, link, gateway))
+        state = objects.KernelState(
+            links=frozenset(links),
+            addresses=frozenset(
+                a for n in names for a in dp.list_addresses(n)
+                if not ipaddress.ip_interface(a.address).ip.is_link_local
+            ),
+            rules=frozenset(rules),
+            neighbours=frozenset(
+                objects.Neighbour(kn.link, kn.ip, kn.mac)
+                for n in names
+                for kn in dp.list_neighbours(n)
+                if kn.mac and kn.state & neighbours_mod.NUD_PERMANENT
+            ),
+            fdb=frozenset(e for n in names for e in dp.list_fdb(n)),
+            routes=frozenset(routes),
+        )
+        return kernel_state_json(state)
+
     # -- run -------------------------------------------------------------------------------
 
     def stop(self) -> None:
@@ -298,7 +431,7 @@ class Agent(control_client.SessionHandler):
                 self._loop.add_signal_handler(sig, stop.set)
         server = None
         if self.cfg.metrics_listen:
-            server = health.serve(self.cfg.metrics_listen, self.healthy, self.ready)
+            server = health.serve(self.cfg.metrics_listen, self.healthy, self.ready, debug={"state": self.debug_state})
         self._events = self._events_factory(self.request_resync, OWNED_LINKS, self.cfg.table)
         self._events.start()
         self.prober.start()
@@ -340,6 +473,36 @@ class Agent(control_client.SessionHandler):
         return 0
 
 
+def kernel_state_json(state: objects.KernelState) -> dict[str, list[dict[str, object]]]:
+    """Tables of a KernelState as sorted JSON rows (``/debug/state``; compared by diagnose)."""
+    out: dict[str, list[dict[str, object]]] = {}
+    for f in dataclasses.fields(state):
+        rows = [dataclasses.asdict(e) for e in getattr(state, f.name)]
+        out[f.name] = sorted(rows, key=lambda r: json.dumps(r, sort_keys=True))
+    return out
+
+
+def gateway_role(state: types.NodeState) -> str:
+    """This node's gateway role as its own plan shows it (the planner's node classes).
+
+    A gateway-mode node with both devices is a hot gateway: the active one routes the other
+    clusters over vx-bridge, the standby over vx-local; a node with only vx-local is internal
+    (``none``). A P2P node (vx-bridge only) is an ``endpoint``: whether the reflector elected it
+    its cluster's service gateway does not show in its plan (the reflector's metrics say)."""
+    devices = {d.name for d in state.devices}
+    if types.VX_LOCAL not in devices:
+        return "endpoint" if types.VX_BRIDGE in devices else "none"
+    if types.VX_BRIDGE not in devices:
+        return "none"
+    return "active" if any(r.device == types.VX_BRIDGE for r in state.routes) else "standby"
+
+
+def _peer_cluster(name: str) -> str:
+    """``cluster/node`` -> ``cluster``; a peer without a node name (bare IP) -> ``unknown``."""
+    cluster, sep, _ = name.partition("/")
+    return cluster if sep else "unknown"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = config_mod.load(argv)
@@ -349,11 +512,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.setup(cfg.log_level)
     dp = dataplane_mod.KernelDataplane()
     if cfg.cleanup:
+        # Translator first (its filters hang off our links), then every netlink object.
+        if cfg.cluster and cfg.node:
+            instance = translator_mod.instance_name(cfg.cluster, cfg.node)
+            if translator_mod.cleanup(instance, Path(cfg.bpf_pin_root)):
+                _log.info("removed the translator pins of %s under %s", instance, cfg.bpf_pin_root)
         rec = reconciler_mod.Reconciler(dp, table=cfg.table, rule_priority=cfg.rule_priority, link_names=OWNED_LINKS)
         rec.resync()
         rec.cleanup_all()
         _log.info("removed every kernel object the fabric owns")
         return 0
+    xlate_metrics.register(translator_mod.instance_name(cfg.cluster, cfg.node), Path(cfg.bpf_pin_root))
     try:
         agent = Agent(cfg, dp)
     except dataplane_mod.UnderlayError as e:

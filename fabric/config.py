@@ -38,6 +38,8 @@ class AgentConfig:
     probe_multiplier: int = 3
     metrics_listen: str = ""
     log_level: str = "info"
+    #: bpffs directory holding the translator's pinned maps (one subdirectory per node).
+    bpf_pin_root: str = "/sys/fs/bpf/kosmos-fabric"
     cleanup: bool = False
 
 
@@ -106,6 +108,12 @@ def _listen(text: str) -> str:
     return "" if text in ("", "off") else _hostport(text)
 
 
+def _abs_path(text: str) -> str:
+    if not text.startswith("/") or "\0" in text:
+        raise ValueError("must be an absolute path")
+    return os.path.normpath(text)
+
+
 def _level(text: str) -> str:
     return logs.parse_level(text)
 
@@ -134,6 +142,9 @@ PARAMS: tuple[_Param, ...] = (
     _Param("metrics_listen", "--metrics-listen", "HOST:PORT serving /metrics, /healthz, /readyz ('off' disables)",
            _listen),
     _Param("log_level", "--log-level", "debug, info, warning or error", _level),
+    _Param("bpf_pin_root", "--bpf-pin-root", "directory on a bpf filesystem for the global-IP translator's pinned "
+           "maps (kept across restarts so counters and mappings survive); used only when the cluster has "
+           "globalCIDRs", _abs_path),
 )
 
 
@@ -148,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
         "      --underlay-ip 198.18.0.11 --pod-cidr 10.10.1.0/24\n"
         "  FABRIC_REFLECTOR=10.0.0.5:4880 FABRIC_CLUSTER=east FABRIC_NODE=e1 \\\n"
         "      FABRIC_UNDERLAY_IP=192.168.1.11 FABRIC_POD_CIDR=10.10.1.0/24 fabric-agent\n"
-        "  fabric-agent --cleanup      # remove every kernel object the fabric owns, then exit\n\n"
+        "  fabric-agent --cleanup --cluster east --node e1   # remove every kernel object the fabric owns\n"
+        "      (with --cluster/--node also the node's translator pins), then exit\n\n"
         "Every flag can also be set as FABRIC_<FLAG> in the environment (flags win).",
     )
     for prm in PARAMS:
@@ -157,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(prm.flag, dest=prm.name, action="append" if prm.repeat else "store",
                        help=prm.help + extra, metavar=prm.flag.lstrip("-").upper().replace("-", "_"))
     p.add_argument("--cleanup", action="store_true",
-                   help="remove every link, route, nexthop, rule, neighbour and FDB entry the fabric owns, then exit")
+                   help="remove every link, route, nexthop, rule, neighbour and FDB entry the fabric owns, and the "
+                   "translator's tc filters (and, given --cluster and --node, its pinned maps), then exit")
     return p
 
 

@@ -14,10 +14,16 @@ Per planned entry:
 * ``RouteEntry`` -> a :class:`~fabric.netlink.objects.Route` in our table, via the peer's
   overlay IP (onlink). A route whose device or next hop is not planned is dropped: programming
   it would make the kernel ARP on a tunnel where nobody answers.
+* ``Program`` on the hairpin device -> a :class:`~fabric.netlink.objects.DeviceLink` (kind ifb),
+  and the routes planned to it (via the unspecified address) -> device routes in our table.
+* ``Translation`` and ``Program`` entries also make the node's :class:`TranslatorPlan`
+  (:func:`translator_plan`): the mappings to load and which programs run on which device. The
+  agent hands that to the BPF loader, not to the netlink reconciler.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import socket
 
@@ -26,7 +32,7 @@ from fabric.netlink import objects
 
 
 def render(state: types.NodeState, *, underlay_ifindex: int, table: int, rule_priority: int) -> objects.KernelState:
-    links: set[objects.VxlanLink] = set()
+    links: set[objects.Link] = set()
     addresses: set[objects.Address] = set()
     rules: set[objects.Rule] = set()
     neighbours: set[objects.Neighbour] = set()
@@ -58,6 +64,15 @@ def render(state: types.NodeState, *, underlay_ifindex: int, table: int, rule_pr
         fdb.add(objects.FdbEntry(link=p.device, mac=p.mac.lower(), dst=p.underlay_ip))
         next_hops.add((p.device, p.overlay_ip))
 
+    for prog in state.programs:
+        if prog.point == types.PROGRAM_HAIRPIN:
+            links.add(objects.DeviceLink(prog.device))
+            for r in state.routes:
+                if r.device == prog.device and ipaddress.ip_address(r.via).is_unspecified:
+                    next_hops.add((r.device, r.via))
+                    family = socket.AF_INET if ipaddress.ip_address(r.via).version == 4 else socket.AF_INET6
+                    rules.add(objects.Rule(family=family, table=table, priority=rule_priority))
+
     for r in state.routes:
         if (r.device, r.via) not in next_hops:
             continue
@@ -71,3 +86,32 @@ def render(state: types.NodeState, *, underlay_ifindex: int, table: int, rule_pr
         fdb=frozenset(fdb),
         routes=frozenset(routes),
     )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TranslatorPlan:
+    """What the node's global-IP translator must hold: ``(local, global)`` mappings (sorted) and
+    ``(device, point)`` program attachments (``point``: types.PROGRAM_TUNNEL / PROGRAM_HAIRPIN).
+    Empty when the node's cluster has no global CIDRs."""
+
+    mappings: tuple[tuple[str, str], ...] = ()
+    attachments: frozenset[tuple[str, str]] = frozenset()
+
+    def __bool__(self) -> bool:
+        return bool(self.mappings or self.attachments)
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        return tuple(sorted({d for d, _p in self.attachments}))
+
+
+def translator_plan(state: types.NodeState) -> TranslatorPlan:
+    """The translator part of a planned state. A tunnel program on a device that is not planned
+    is left out (it has nowhere to run); the hairpin device comes with its program."""
+    devices = {d.name for d in state.devices}
+    attachments = frozenset(
+        (p.device, p.point)
+        for p in state.programs
+        if p.point == types.PROGRAM_HAIRPIN or (p.point == types.PROGRAM_TUNNEL and p.device in devices)
+    )
+    return TranslatorPlan(tuple(sorted((t.local, t.global_) for t in state.translations)), attachments)

@@ -18,11 +18,23 @@ Example (``examples/lab.yaml`` is the default lab)::
         podCIDRs: [10.10.0.0/16]
         serviceCIDRs: [10.96.0.0/20]   # optional
         gateways: [e1, e2]             # optional: gateway candidates in order (default: every node)
+        globalCIDRs:                   # optional: global IP (see below)
+          10.10.0.0/16: 100.100.0.0/16
         nodes:
           - name: e1
             podCIDR: 10.10.1.0/24      # optional: carved in order from podCIDRs when absent
             pods: 2                    # lab pods on this node (p0, p1, ...)
             underlay: 198.18.0.11      # optional
+
+Global IP (``globalCIDRs``): each key is exactly one of the cluster's ``podCIDRs`` or
+``serviceCIDRs`` (a whole declared range: translation is per declared CIDR, so to map only part of
+a range, declare the parts as separate CIDRs), each value a global CIDR of the same prefix
+length. Other clusters then see and route that range only by its global CIDR; the cluster's
+nodes translate 1:1 by prefix in eBPF. Global CIDRs must be unique and disjoint from each other,
+from every real CIDR of every cluster, from the underlay, ``bridgeCIDRs`` and ``localCIDRs``.
+Two clusters whose real CIDRs overlap (the common case: default pod and service ranges) are
+accepted only when *both* overlapping CIDRs are mapped: a pod can reach an overlapping remote
+range only by its global addresses, and routing the real one would shadow the node's own pods.
 
 Validation is complete before anything is created: every problem is reported at once, each
 naming the file, the key path (``clusters[1].nodes[0].podCIDR``) and the reason.
@@ -54,7 +66,7 @@ _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _MAX_NAME = 20
 
 _TOP_KEYS = {"underlay", "bridgeCIDRs", "localCIDRs", "clusters"}
-_CLUSTER_KEYS = {"name", "mode", "podCIDRs", "serviceCIDRs", "gateways", "nodes"}
+_CLUSTER_KEYS = {"name", "mode", "podCIDRs", "serviceCIDRs", "gateways", "globalCIDRs", "nodes"}
 _NODE_KEYS = {"name", "podCIDR", "pods", "underlay"}
 #: Modes this build can run.
 SUPPORTED_MODES = (types.ClusterMode.P2P, types.ClusterMode.GATEWAY)
@@ -248,6 +260,7 @@ class _Parser:
                         pod_cidrs=tuple(pc.pod_cidrs),
                         service_cidrs=tuple(pc.service_cidrs),
                         gateways=tuple(pc.gateways),
+                        global_cidrs=types.frozen_mapping(pc.global_cidrs),
                     ),
                     nodes=tuple(
                         LabNode(n.name, n.pod_cidr, n.pods, n.underlay)  # type: ignore[arg-type]
@@ -302,7 +315,36 @@ class _Parser:
                 pn.underlay = self._ip(rn["underlay"], f"{npath}.underlay")
             pc.nodes.append(pn)
         self._gateways(pc, rc.get("gateways"), f"{path}.gateways")
+        self._global_cidrs(pc, rc.get("globalCIDRs"), f"{path}.globalCIDRs")
         return pc
+
+    def _global_cidrs(self, pc: _PCluster, value: Any, path: str) -> None:
+        """``{local: global}``: local is one of the cluster's declared CIDRs, same size both sides.
+        Uniqueness and disjointness across the fabric are checked in :meth:`_cross_checks`."""
+        if value is None:
+            return
+        if not isinstance(value, dict) or not value:
+            self.err(path, f"{value!r} must be a non-empty mapping of local CIDR to global CIDR")
+            return
+        declared = set(pc.pod_cidrs) | set(pc.service_cidrs)
+        for k, v in value.items():
+            kpath = f"{path}[{k}]"
+            local = self._cidr(k, f"{kpath} (key)")
+            glob = self._cidr(v, kpath)
+            if local is None or glob is None:
+                continue
+            if local not in declared:
+                self.err(
+                    f"{kpath} (key)",
+                    f"{local} is not one of the cluster's podCIDRs/serviceCIDRs {sorted(declared)} (map a whole "
+                    "declared CIDR; split the range in podCIDRs to map part of it)",
+                )
+                continue
+            lp, gp = ipaddress.ip_network(local).prefixlen, ipaddress.ip_network(glob).prefixlen
+            if lp != gp:
+                self.err(kpath, f"{glob} is a /{gp} but {local} is a /{lp}: a 1:1 translation needs the same size")
+                continue
+            pc.global_cidrs[local] = glob
 
     def _gateways(self, pc: _PCluster, value: Any, path: str) -> None:
         """Gateway candidates: node names of this cluster, no repeats (absent = every node).
@@ -341,23 +383,41 @@ class _Parser:
                 owned.append((c, f"{pc.path}.podCIDRs[{k}]", pc.name or pc.path))
             for k, c in enumerate(pc.service_cidrs):
                 owned.append((c, f"{pc.path}.serviceCIDRs[{k}]", pc.name or pc.path))
+        mapped = {(pc.name or pc.path, local) for pc in parsed for local in pc.global_cidrs}
         for a in range(len(owned)):
             for b in range(a + 1, len(owned)):
                 ca, pa, cla = owned[a]
                 cb, pb, clb = owned[b]
-                if types.cidrs_overlap(ca, cb):
-                    why = (
-                        "overlapping CIDRs between clusters need global CIDRs (not supported by this build yet)"
-                        if cla != clb
-                        else "overlaps another CIDR of the same cluster"
+                if not types.cidrs_overlap(ca, cb):
+                    continue
+                if cla == clb:
+                    self.err(pb, f"{cb} overlaps {ca} at {pa}: overlaps another CIDR of the same cluster")
+                    continue
+                unmapped = [f"{c} of cluster {cl!r}" for c, cl in ((ca, cla), (cb, clb)) if (cl, c) not in mapped]
+                if unmapped:
+                    self.err(
+                        pb,
+                        f"{cb} overlaps {ca} at {pa}: clusters with overlapping CIDRs reach each other only by "
+                        f"global IP, so both must be mapped in globalCIDRs; not mapped: {', '.join(unmapped)}",
                     )
-                    self.err(pb, f"{cb} overlaps {ca} at {pa}: {why}")
+        # Global CIDRs: unique, disjoint from each other and from every real CIDR.
+        globals_: list[tuple[str, str]] = [
+            (g, f"{pc.path}.globalCIDRs[{local}]") for pc in parsed for local, g in pc.global_cidrs.items()
+        ]
+        for a in range(len(globals_)):
+            for b in range(a + 1, len(globals_)):
+                (ga, pa), (gb, pb) = globals_[a], globals_[b]
+                if types.cidrs_overlap(ga, gb):
+                    self.err(pb, f"global CIDR {gb} overlaps global CIDR {ga} at {pa}")
+            for c, p, _ in owned:
+                if types.cidrs_overlap(globals_[a][0], c):
+                    self.err(globals_[a][1], f"global CIDR {globals_[a][0]} overlaps {c} at {p}")
         infra = [
             (underlay, "underlay"),
             *[(c, f"bridgeCIDRs[{i}]") for i, c in enumerate(bridge)],
             *[(c, f"localCIDRs[{i}]") for i, c in enumerate(local)],
         ]
-        for c, p, _ in owned:
+        for c, p, _ in [*owned, *((g, p, "") for g, p in globals_)]:
             for ic, ip_ in infra:
                 if types.cidrs_overlap(c, ic):
                     self.err(p, f"{c} overlaps {ic} ({ip_})")
@@ -458,4 +518,5 @@ class _PCluster:
     pod_cidrs: list[str] = dataclasses.field(default_factory=list)
     service_cidrs: list[str] = dataclasses.field(default_factory=list)
     gateways: list[str] = dataclasses.field(default_factory=list)
+    global_cidrs: dict[str, str] = dataclasses.field(default_factory=dict)
     nodes: list[_PNode] = dataclasses.field(default_factory=list)

@@ -66,6 +66,10 @@ class ClusterConfig:
     service_cidrs: tuple[str, ...] = ()
     #: Gateway candidates (node names), in order of preference; empty = every node may be one.
     gateways: tuple[str, ...] = ()
+    #: Global IP: ``(local CIDR, global CIDR)`` pairs, sorted by local CIDR (see
+    #: :func:`frozen_mapping`). Each local CIDR is one of ``pod_cidrs``/``service_cidrs`` and
+    #: other clusters see and route it only by its global CIDR (same size, 1:1 by prefix).
+    global_cidrs: tuple[tuple[str, str], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -220,7 +224,34 @@ class RouteEntry:
     device: str
 
 
-Entry = VxlanDevice | Peer | RouteEntry
+@dataclasses.dataclass(frozen=True, slots=True)
+class Translation:
+    """Global IP: the node translates ``local`` (a CIDR of its own cluster) to ``global_`` (same
+    size, 1:1 by prefix) on its tunnel devices and hairpin device, statelessly in both ways."""
+
+    local: str
+    global_: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Program:
+    """A translator program the node runs on ``device``: ``point`` is :data:`PROGRAM_TUNNEL`
+    (ingress global -> local, egress local -> global on an inter-cluster tunnel device) or
+    :data:`PROGRAM_HAIRPIN` (the hairpin device, created by the agent with it)."""
+
+    device: str
+    point: str
+
+
+Entry = VxlanDevice | Peer | RouteEntry | Translation | Program
+
+#: Program points (see :class:`Program`).
+PROGRAM_TUNNEL = "tunnel"
+PROGRAM_HAIRPIN = "hairpin"
+#: The hairpin device (kind ifb: NOARP, no carrier needed): the own cluster's global CIDRs are
+#: routed to it on every node of a cluster that has global CIDRs, so a pod reaches a pod of its
+#: own cluster through that pod's global address (a Kosmos TODO).
+HAIRPIN_DEVICE = "kf-hairpin"
 
 
 def entry_key(entry: Entry) -> str:
@@ -231,6 +262,10 @@ def entry_key(entry: Entry) -> str:
         return f"peer/{entry.device}/{entry.overlay_ip}"
     if isinstance(entry, RouteEntry):
         return f"route/{entry.dst}"
+    if isinstance(entry, Translation):
+        return f"translation/{entry.local}"
+    if isinstance(entry, Program):
+        return f"program/{entry.device}/{entry.point}"
     raise TypeError(f"not a NodeState entry: {entry!r}")
 
 
@@ -242,6 +277,8 @@ class NodeState:
     devices: tuple[VxlanDevice, ...] = ()
     peers: tuple[Peer, ...] = ()
     routes: tuple[RouteEntry, ...] = ()
+    translations: tuple[Translation, ...] = ()
+    programs: tuple[Program, ...] = ()
 
     @classmethod
     def from_entries(cls, entries: Iterable[Entry]) -> NodeState:
@@ -253,17 +290,19 @@ class NodeState:
             devices=tuple(e for e in ordered if isinstance(e, VxlanDevice)),
             peers=tuple(e for e in ordered if isinstance(e, Peer)),
             routes=tuple(e for e in ordered if isinstance(e, RouteEntry)),
+            translations=tuple(e for e in ordered if isinstance(e, Translation)),
+            programs=tuple(e for e in ordered if isinstance(e, Program)),
         )
 
     def entries(self) -> dict[str, Entry]:
         out: dict[str, Entry] = {}
-        every: tuple[Entry, ...] = (*self.devices, *self.peers, *self.routes)
+        every: tuple[Entry, ...] = (*self.devices, *self.peers, *self.routes, *self.translations, *self.programs)
         for e in every:
             out[entry_key(e)] = e
         return out
 
     def __len__(self) -> int:
-        return len(self.devices) + len(self.peers) + len(self.routes)
+        return len(self.devices) + len(self.peers) + len(self.routes) + len(self.translations) + len(self.programs)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -313,6 +352,24 @@ def canonical_cidr(text: str) -> str:
 def cidrs_overlap(a: str, b: str) -> bool:
     na, nb = ipaddress.ip_network(a, strict=False), ipaddress.ip_network(b, strict=False)
     return na.version == nb.version and na.overlaps(nb)
+
+
+def to_global(text: str, mappings: Iterable[tuple[str, str]]) -> str | None:
+    """``text`` (an address or CIDR) seen through the global CIDRs ``(local, global)``: the same
+    host bits under the global prefix of the mapping containing it; None when none contains it.
+
+    ``10.10.1.0/24`` with ``(10.10.0.0/16, 100.100.0.0/16)`` -> ``100.100.1.0/24`` (a node's
+    global pod CIDR); ``10.10.1.2`` -> ``100.100.1.2`` (a pod's global IP).
+    """
+    net = ipaddress.ip_network(text, strict=False)
+    for local, global_ in mappings:
+        lo, gl = ipaddress.ip_network(local), ipaddress.ip_network(global_)
+        if lo.version != net.version or net.prefixlen < lo.prefixlen or not net.subnet_of(lo):  # type: ignore[arg-type]
+            continue
+        moved = int(gl.network_address) | (int(net.network_address) & int(lo.hostmask))
+        addr = ipaddress.IPv4Address(moved) if net.version == 4 else ipaddress.IPv6Address(moved)
+        return str(addr) if "/" not in text else f"{addr}/{net.prefixlen}"
+    return None
 
 
 def frozen_mapping(m: Mapping[str, str]) -> tuple[tuple[str, str], ...]:

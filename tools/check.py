@@ -15,6 +15,10 @@ of every *other* cluster as a destination (the lab plays kube-proxy, see tools/l
 the other clusters (host-network traffic leaves with an overlay source address that the remote
 side must route back). The matrix then has the extra sources as rows and the services as
 columns.
+
+Global IP (issue 4): a pod or service of a cluster with ``globalCIDRs`` is probed from *other*
+clusters by its global IP (the only address they can reach it by) and from its own cluster by
+its real IP; each pair's result names the address used (``dst_ip``).
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ class Pod:
     label: str  # cluster/node/pN
     netns: str
     ip: str
+    #: How other clusters reach it (its cluster maps it in globalCIDRs), else None.
+    global_ip: str | None = None
 
     @property
     def cluster(self) -> str:
@@ -91,12 +97,15 @@ class CheckResult:
 
 
 def pods_of(state: lab.LabState) -> list[Pod]:
-    return [Pod(f"{n.key}/{p.name}", p.netns, p.ip) for n in state.nodes() for p in n.pods]
+    return [
+        Pod(f"{n.key}/{p.name}", p.netns, p.ip, c.global_ip(p.ip)) for c in state.clusters for n in c.nodes
+        for p in n.pods
+    ]
 
 
 def services_of(state: lab.LabState) -> list[Pod]:
     """The lab service of every cluster that has one, as a destination ``CLUSTER/svc``."""
-    return [Pod(f"{c.name}/svc", "", c.service_ip) for c in state.clusters if c.service_ip]
+    return [Pod(f"{c.name}/svc", "", c.service_ip, c.global_ip(c.service_ip)) for c in state.clusters if c.service_ip]
 
 
 def hosts_of(state: lab.LabState) -> list[Pod]:
@@ -106,17 +115,25 @@ def hosts_of(state: lab.LabState) -> list[Pod]:
 
 def jobs(pods: Sequence[Pod], services: Sequence[Pod] = (), hosts: Sequence[Pod] = ()) -> list[tuple[Pod, list[Pod]]]:
     """Sources with their destinations: pods probe every other pod and the services of the other
-    clusters; host networks probe the pods of the other clusters."""
+    clusters; host networks probe the pods of the other clusters. A destination of another
+    cluster with a global IP is given with that IP (see the module docstring)."""
     out: list[tuple[Pod, list[Pod]]] = []
     for src in pods:
         dsts = [d for d in pods if d is not src] + [s for s in services if s.cluster != src.cluster]
         if dsts:
-            out.append((src, dsts))
+            out.append((src, [_as_seen_from(src, d) for d in dsts]))
     for src in hosts:
         dsts = [d for d in pods if d.cluster != src.cluster]
         if dsts:
-            out.append((src, dsts))
+            out.append((src, [_as_seen_from(src, d) for d in dsts]))
     return out
+
+
+def _as_seen_from(src: Pod, dst: Pod) -> Pod:
+    """``dst`` with the address ``src`` must use: its global IP from another cluster."""
+    if dst.global_ip and dst.cluster != src.cluster:
+        return dataclasses.replace(dst, ip=dst.global_ip)
+    return dst
 
 
 def parse_worker_output(src: Pod, dsts: Sequence[Pod], stdout: str, stderr: str, rc: int | None) -> list[PairResult]:
@@ -171,11 +188,13 @@ def run(
     *,
     services: Sequence[Pod] = (),
     hosts: Sequence[Pod] = (),
+    only: set[tuple[str, str]] | None = None,
 ) -> CheckResult:
-    """Probe every pair of :func:`jobs` in parallel, one worker per source."""
+    """Probe every pair of :func:`jobs` in parallel, one worker per source (only the
+    ``(src label, dst label)`` pairs in ``only`` when given: ``--retest-failed``)."""
     t0 = time.monotonic()
     workers: list[tuple[Pod, list[Pod], subprocess.Popen[bytes] | None, str]] = []
-    for src, dsts in jobs(pods, services, hosts):
+    for src, dsts in restrict(jobs(pods, services, hosts), only):
         request = json.dumps({"targets": [d.ip for d in dsts], "timeout": timeout_s, "count": count})
         try:
             proc = nsutil.spawn_in_netns(
@@ -229,6 +248,64 @@ def _marks() -> tuple[str, str, str]:
     return "✓", "✗", "·"
 
 
+def restrict(todo: list[tuple[Pod, list[Pod]]], only: set[tuple[str, str]] | None) -> list[tuple[Pod, list[Pod]]]:
+    """``todo`` narrowed to the pairs in ``only`` (None: all of them); sources left without a
+    destination are dropped."""
+    if only is None:
+        return todo
+    out = []
+    for src, dsts in todo:
+        keep = [d for d in dsts if (src.label, d.label) in only]
+        if keep:
+            out.append((src, keep))
+    return out
+
+
+# -- last results (--retest-failed) and JUnit (--junit) ------------------------------------------
+
+LAST_RESULTS = "last-check.json"
+
+
+def save_results(path: Path, result: CheckResult, previous: Sequence[PairResult] = ()) -> None:
+    """Remember every pair's outcome: this run's, plus the earlier outcome of pairs this run did
+    not probe (a retest of the failures keeps the passes it did not repeat)."""
+    probed = {(p.src, p.dst) for p in result.pairs}
+    pairs = [p for p in previous if (p.src, p.dst) not in probed] + list(result.pairs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"pairs": [dataclasses.asdict(p) for p in pairs]}, indent=1))
+    tmp.replace(path)
+
+
+def load_results(path: Path) -> list[PairResult]:
+    """Pairs of the last run; raises ValueError naming the file when it is unreadable."""
+    try:
+        doc = json.loads(path.read_text())
+        return [PairResult(**p) for p in doc["pairs"]]
+    except FileNotFoundError:
+        raise ValueError(f"no earlier check results in {path}: run 'fabric-tool check' first") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: malformed check results ({type(e).__name__}: {e})") from e
+
+
+def junit_xml(result: CheckResult, name: str = "fabric-check") -> str:
+    """The pairs as a JUnit XML report: one test case per pair, grouped by source."""
+    from xml.etree import ElementTree as ET
+
+    suite = ET.Element(
+        "testsuite", name=name, tests=str(len(result.pairs)), failures=str(result.failed), errors="0",
+        time=f"{result.elapsed_s:.3f}",
+    )  # fmt: skip
+    for p in result.pairs:
+        case = ET.SubElement(suite, "testcase", classname=f"{name}.{p.src}", name=f"{p.dst} ({p.dst_ip}, {p.proto})",
+                             time=f"{(p.rtt_ms or 0) / 1000:.6f}")  # fmt: skip
+        if not p.ok:
+            ET.SubElement(case, "failure", message=p.error or "failed").text = p.error or "failed"
+    root = ET.Element("testsuites", name=name)
+    root.append(suite)
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+
+
 def render_matrix(result: CheckResult, marks: tuple[str, str, str] | None = None) -> str:
     """Rows are sources, columns destinations (numbered like the rows); a summary closes it."""
     yes, no, self_mark = marks or _marks()
@@ -267,6 +344,11 @@ def render_matrix(result: CheckResult, marks: tuple[str, str, str] | None = None
     if len(cols) > len(result.pods) or result.hosts:
         lines.append("")
         lines.append("columns: " + ", ".join(f"{i + 1}={d.label}" for i, d in enumerate(cols) if i >= len(result.pods)))
+    real_ip = {d.label: d.ip for d in cols}
+    by_global = sum(1 for p in result.pairs if p.dst in real_ip and p.dst_ip != real_ip[p.dst])
+    if by_global:
+        lines.append("")
+        lines.append(f"{by_global} pairs reached a pod or service of another cluster by its global IP (--json: dst_ip)")
     failures = [p for p in result.pairs if not p.ok]
     if failures:
         lines.append("")

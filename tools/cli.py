@@ -15,9 +15,11 @@ import logging
 import math
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from fabric import logs
+from fabric.control import api
 from tools import lab
 
 _log = logging.getLogger(__name__)
@@ -201,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--pod-cidr", help="the node's pod CIDR (default: carved from the cluster's podCIDRs)")
     an.add_argument("--underlay", help="the node's underlay address (default: next free)")
     an.add_argument("--timeout", type=_positive_float, default=lab.DEFAULT_UP_TIMEOUT_S, help="seconds (default 60)")
+    _add_bpf_parser(lsub, name_opt)
 
     # -- check ------------------------------------------------------------------------------
     ck = sub.add_parser(
@@ -221,6 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also probe every other cluster's lab service IP from every pod")
     ck.add_argument("--host-network", action="store_true",
                     help="also probe every pod of the other clusters from every node's host network")
+    ck.add_argument("--retest-failed", action="store_true",
+                    help="probe only the pairs that failed in the last check of this lab (kept in its state dir)")
+    ck.add_argument("--junit", metavar="FILE", help="also write the pairs as a JUnit XML report to FILE")
+    _add_observability_parsers(sub, lsub, name_opt)
 
     # -- status -----------------------------------------------------------------------------
     ss = sub.add_parser(
@@ -259,6 +266,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _check(args)
         if args.command == "status":
             return _status(args)
+        if args.command == "diagnose":
+            return _diagnose(args)
     except lab.LabError as e:
         print(f"fabric-tool: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -319,6 +328,10 @@ def _lab(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if cmd == "start-reflector":
         lab.start_reflector_cmd(args.name, wait=not args.no_wait, timeout_s=args.timeout)
         return 0
+    if cmd == "metrics":
+        return _lab_metrics(args)
+    if cmd == "bpf":
+        return _lab_bpf(args)
     if cmd == "add-node":
         lab.add_node(
             args.name,
@@ -349,15 +362,127 @@ def _check(args: argparse.Namespace) -> int:
     hosts = check.hosts_of(state) if args.host_network else []
     if args.services and not services:
         raise lab.LabError(f"lab {args.lab} has no lab service (clusters need serviceCIDRs and pods)")
-    jobs = check.jobs(pods, services, hosts)
+    last_path = state.state_dir / check.LAST_RESULTS
+    previous: list[check.PairResult] = []
+    only: set[tuple[str, str]] | None = None
+    if args.retest_failed:
+        try:
+            previous = check.load_results(last_path)
+        except ValueError as e:
+            raise lab.LabUsageError(f"--retest-failed: {e}") from None
+        only = {(p.src, p.dst) for p in previous if not p.ok}
+        if not only:
+            print(f"check: nothing to retest: every pair passed in the last check ({last_path})", file=sys.stderr)
+            return 0
+    jobs = check.restrict(check.jobs(pods, services, hosts), only)
     n_pairs = sum(len(d) for _, d in jobs)
     print(f"check: probing {n_pairs} pairs from {len(jobs)} sources (timeout {args.timeout:g} s)...", file=sys.stderr)
-    result = check.run(pods, timeout_s=args.timeout, count=args.count, services=services, hosts=hosts)
+    result = check.run(pods, timeout_s=args.timeout, count=args.count, services=services, hosts=hosts, only=only)
+    check.save_results(last_path, result, previous)
+    if args.junit:
+        try:
+            Path(args.junit).write_text(check.junit_xml(result))
+        except OSError as e:
+            raise lab.LabUsageError(f"--junit {args.junit}: cannot write: {e.strerror or e}") from None
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
     else:
         print(check.render_matrix(result))
     return 0 if result.ok else 1
+
+
+# -- observability: lab metrics, diagnose ------------------------------------------------------
+
+
+def _add_observability_parsers(sub: Any, lsub: Any, name_opt: argparse.ArgumentParser) -> None:
+    lm = lsub.add_parser(
+        "metrics",
+        parents=[name_opt],
+        help="fetch a node's agent (or the reflector's) /metrics, /healthz, /readyz or /debug/state",
+        description="The request is made from inside the node's network namespace (agents listen on "
+        f"0.0.0.0:{api.DEFAULT_AGENT_METRICS_PORT} there; the reflector on the lab gateway port "
+        f"{api.DEFAULT_REFLECTOR_METRICS_PORT}).",
+        epilog="examples:\n  fabric-tool lab metrics east/e1\n  fabric-tool lab metrics reflector\n"
+        "  fabric-tool lab metrics west/w1 --path /debug/state\n"
+        "  fabric-tool lab metrics east/e1 --grep fabric_agent_tunnel",
+        formatter_class=_Formatter,
+    )
+    lm.add_argument("node", metavar="NODE", help="cluster/node, or 'reflector'")
+    lm.add_argument("--path", default="/metrics", help="endpoint path (default /metrics)")
+    lm.add_argument("--grep", metavar="TEXT", help="print only lines containing TEXT")
+
+    dg = sub.add_parser(
+        "diagnose",
+        help="find what is broken: desired vs kernel state, hop-by-hop trace, path MTU",
+        description="Diagnostics against a lab (agents' /debug/state, probes from inside the namespaces).",
+        epilog="examples:\n  fabric-tool diagnose state east/e1\n  fabric-tool diagnose state x --agent 10.0.0.7:9476\n"
+        "  fabric-tool diagnose trace east/e1/p0 west/w2/p1\n  fabric-tool diagnose trace east/e1/p0 10.21.0.10\n"
+        "  fabric-tool diagnose mtu east/e1/p0 west/w1/p0",
+        formatter_class=_Formatter,
+    )
+    dsub = dg.add_subparsers(dest="diagnose_command", metavar="WHAT", required=True)
+    lab_opt = argparse.ArgumentParser(add_help=False)
+    lab_opt.add_argument("--lab", type=_lab_name, default=lab.DEFAULT_NAME,
+                         help=f"lab name (default {lab.DEFAULT_NAME})")
+    lab_opt.add_argument("--json", action="store_true", help="machine-readable output")
+    st = dsub.add_parser("state", parents=[lab_opt], help="desired vs programmed kernel state, table by table",
+                         epilog="example:\n  fabric-tool diagnose state east/e1", formatter_class=_Formatter)
+    st.add_argument("node", metavar="NODE", help="cluster/node of the lab")
+    st.add_argument("--agent", metavar="HOST:PORT", help="ask this agent's metrics port instead of a lab node")
+    tr = dsub.add_parser("trace", parents=[lab_opt], help="hop by hop from a pod to an address; first failing hop",
+                         epilog="example:\n  fabric-tool diagnose trace east/e1/p0 west/w1/p0",
+                         formatter_class=_Formatter)
+    tr.add_argument("src", metavar="SRC", help="source pod: cluster/node/pN or its IP")
+    tr.add_argument("dst", metavar="DST", help="pod (cluster/node/pN), service (cluster/svc) or any IP")
+    tr.add_argument("--timeout", type=_positive_float, default=1.0, help="probe timeout in seconds (default 1)")
+    mt = dsub.add_parser("mtu", parents=[lab_opt], help="path MTU from a pod to an address with DF probes",
+                         epilog="example:\n  fabric-tool diagnose mtu east/e1/p0 west/w1/p0",
+                         formatter_class=_Formatter)
+    mt.add_argument("src", metavar="SRC", help="source pod: cluster/node/pN or its IP")
+    mt.add_argument("dst", metavar="DST", help="pod (cluster/node/pN), service (cluster/svc) or any IP")
+    mt.add_argument("--timeout", type=_positive_float, default=0.5, help="seconds per probe (default 0.5)")
+
+
+def _require_lab(name: str) -> Any:
+    state = lab.load_state(name)
+    if state is None:
+        raise lab.LabUsageError(f"lab {name} is not up (no {lab.state_file(name)}); start it with 'fabric-tool lab up'")
+    return state
+
+
+def _lab_metrics(args: argparse.Namespace) -> int:
+    from tools import diagnose
+
+    state = _require_lab(args.name)
+    code, body = diagnose.fetch(state, args.node, args.path)
+    if args.grep:
+        body = "".join(line + "\n" for line in body.splitlines() if args.grep in line)
+    sys.stdout.write(body)
+    return 0 if code == 200 else 1
+
+
+def _diagnose(args: argparse.Namespace) -> int:
+    from tools import diagnose
+
+    color = sys.stdout.isatty() and not args.json
+    cmd = args.diagnose_command
+    if cmd == "state":
+        state = None if args.agent else _require_lab(args.lab)
+        doc = diagnose.agent_state(state, args.node, args.agent)
+        diffs = diagnose.diff_tables(doc.get("desired") or {}, doc.get("kernel") or {})
+        if args.json:
+            print(json.dumps({"node": doc.get("node"), "tables": [dataclasses.asdict(d) for d in diffs]}, indent=2))
+        else:
+            print(diagnose.render_state(doc, diffs, color))
+        return 0 if all(d.ok for d in diffs) else 1
+    state = _require_lab(args.lab)
+    if cmd == "trace":
+        t = diagnose.trace(state, args.src, args.dst, timeout_s=args.timeout)
+        print(json.dumps(t.to_json(), indent=2) if args.json else diagnose.render_trace(t, color))
+        return 0 if t.ok else 1
+    r = diagnose.mtu(state, args.src, args.dst, timeout_s=args.timeout)
+    print(json.dumps(r.to_json(), indent=2) if args.json else diagnose.render_mtu(r))
+    return 0 if r.largest_payload is not None and not r.warnings else 1
 
 
 def status_json(status: Any) -> dict[str, Any]:
@@ -433,3 +558,26 @@ def _status(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# -- lab bpf: the global-IP translator of a node ----------------------------------------------
+
+
+def _add_bpf_parser(lsub: Any, name_opt: argparse.ArgumentParser) -> None:
+    bp = lsub.add_parser(
+        "bpf",
+        parents=[name_opt],
+        help="dump a node's global-IP translator: mappings, packet/byte counters, drops, attached programs",
+        description="Reads the node's pinned maps in the lab's bpf filesystem (no compile) and the tc filters "
+        "of ours on its devices.",
+        epilog="examples:\n  fabric-tool lab bpf east/e1\n  fabric-tool lab bpf west/w1 --json",
+        formatter_class=_Formatter,
+    )
+    bp.add_argument("node", metavar="NODE", help="cluster/node of the lab")
+    bp.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _lab_bpf(args: argparse.Namespace) -> int:
+    doc = lab.bpf_dump(args.name, args.node)
+    print(json.dumps(doc, indent=2) if args.json else lab.render_bpf(doc))
+    return 0

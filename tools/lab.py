@@ -66,7 +66,7 @@ from typing import Any
 
 import yaml
 
-from fabric import topology
+from fabric import topology, types
 from fabric.control import api
 from tools import nsutil
 
@@ -171,6 +171,14 @@ class ClusterRecord:
     #: The lab service: an IP of the first service CIDR, DNATed to ``service_backend`` (a pod IP).
     service_ip: str | None = None
     service_backend: str | None = None
+    #: Global IP: local CIDR -> global CIDR (the topology's ``globalCIDRs``).
+    global_cidrs: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def global_ip(self, ip: str | None) -> str | None:
+        """How the other clusters reach ``ip`` of this cluster (None: by ``ip`` itself)."""
+        if ip is None or not self.global_cidrs:
+            return None
+        return types.to_global(ip, sorted(self.global_cidrs.items()))
 
 
 @dataclasses.dataclass
@@ -373,6 +381,7 @@ def plan(name: str, topo: topology.TopologyFile) -> LabState:
                 gateways=list(lc.config.gateways),
                 service_ip=service_ip,
                 service_backend=backend,
+                global_cidrs=dict(lc.config.global_cidrs),
             )
         )
     if problems:
@@ -687,6 +696,7 @@ def start_reflector(state: LabState) -> ProcRecord:
         "--listen", state.reflector_address,
         "--listen", f"unix:{sock}",
         "--grace-period", _num(state.grace_period_s if state.grace_period_s is not None else 30.0),
+        "--metrics-listen", f"{state.gateway}:{api.DEFAULT_REFLECTOR_METRICS_PORT}",
         "--log-level", "info",
     ]  # fmt: skip
     rec = _start(state.ul_netns, argv, state.state_dir / "logs" / "reflector.log")
@@ -704,6 +714,7 @@ def start_agent(state: LabState, node: NodeRecord) -> ProcRecord:
         "--underlay-ip", node.underlay_ip,
         "--pod-cidr", node.pod_cidr,
         "--metrics-listen", f"0.0.0.0:{api.DEFAULT_AGENT_METRICS_PORT}",
+        "--bpf-pin-root", str(bpf_dir(state.name)),
         "--log-level", "info",
     ]  # fmt: skip
     if state.resync_period_s is not None:
@@ -712,6 +723,86 @@ def start_agent(state: LabState, node: NodeRecord) -> ProcRecord:
     node.agent = rec
     save_state(state)
     return rec
+
+
+def bpf_dir(name: str) -> Path:
+    """The lab's private bpffs (the agents' ``--bpf-pin-root``): every lab gets its own mount,
+    so translator pins of two labs (or of a developer's agents) never meet, and ``down`` removes
+    them all by unmounting it."""
+    return state_dir(name) / "bpf"
+
+
+def _is_mountpoint(path: Path) -> bool:
+    try:
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return False
+    return any(line.split()[1] == str(path) for line in mounts if len(line.split()) > 1)
+
+
+def _mount_bpffs(state: LabState) -> None:
+    """Mount the lab's bpffs if a cluster uses global IP (plain labs need none)."""
+    path = bpf_dir(state.name)
+    if not any(c.global_cidrs for c in state.clusters) or _is_mountpoint(path):
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    p = subprocess.run(["mount", "-t", "bpf", "bpf", str(path)], capture_output=True, text=True)
+    if p.returncode != 0:
+        raise LabError(f"cannot mount a bpf filesystem on {path} for the translator: {p.stderr.strip()}")
+
+
+def _umount_bpffs(name: str) -> bool:
+    path = bpf_dir(name)
+    if not _is_mountpoint(path):
+        return False
+    p = subprocess.run(["umount", str(path)], capture_output=True, text=True)
+    if p.returncode != 0:
+        _log.warning("cannot unmount %s: %s", path, p.stderr.strip())
+        return False
+    return True
+
+
+def bpf_dump(name: str, spec: str) -> dict[str, Any]:
+    """``fabric-tool lab bpf NODE``: the node's translator as the kernel holds it - mappings with
+    packet/byte counters, drops (read from the pins, no compile) and which of our programs run on
+    which device (read from tc in the node's namespace)."""
+    from fabric import translator
+    from fabric.bpf import translate
+
+    state = _require_state(name)
+    node = _find_node(state, spec)
+    instance = translator.instance_name(node.cluster, node.name)
+    root = bpf_dir(name)
+    doc: dict[str, Any] = {"node": node.key, "instance": instance, "pin_root": str(root)}
+    try:
+        if translate.pin_dir_for(instance, root).is_dir():
+            doc.update(translate.dump_pinned(instance, root))
+            doc["loaded"] = True
+        else:
+            doc.update(loaded=False, mappings=[], drops={})
+        doc["attachments"] = translate.Translator(instance, pin_root=root, netns=node.netns).attachments(
+            translator.DEVICES
+        )
+    except translate.TranslatorError as e:
+        raise LabError(f"reading the translator of {node.key}: {e}") from e
+    return doc
+
+
+def render_bpf(doc: dict[str, Any]) -> str:
+    lines = [f"translator of {doc['node']} ({doc['pin_root']}/{doc['instance']})"]
+    if not doc.get("loaded"):
+        lines.append("  not loaded (the node's cluster has no globalCIDRs, or its agent has not applied them)")
+    for m in doc.get("mappings", []):
+        lines.append(
+            f"  {m['local']:<20} <-> {m['global']:<20} in {m['in_packets']} pkts/{m['in_bytes']} B"
+            f"  out {m['out_packets']} pkts/{m['out_bytes']} B"
+        )
+    drops = {k: v for k, v in doc.get("drops", {}).items() if v}
+    if drops:
+        lines.append("  drops: " + ", ".join(f"{k}={v}" for k, v in sorted(drops.items())))
+    for a in doc.get("attachments", []):
+        lines.append(f"  {a['device']} {a['direction']}: {a['program']}")
+    return "\n".join(lines)
 
 
 def _num(x: float) -> str:
@@ -912,6 +1003,7 @@ def up(
             progress(f"lab {name}: starting fabric-reflector in {state.ul_netns} on {state.reflector_address}")
             start_reflector(state)
         _wait_reflector(state, deadline, progress)
+        _mount_bpffs(state)
         for node in state.nodes():
             if node.agent is None or not node.agent.running():
                 progress(f"lab {name}: starting fabric-agent for {node.key} in {node.netns}")
@@ -1032,6 +1124,9 @@ def _down_locked(name: str, state: LabState | None, progress: Progress) -> bool:
     gone = _delete_netns([ns for ns in namespaces if nsutil.netns_exists(ns)])
     if gone:
         progress(f"lab {name}: deleted {len(gone)} namespaces")
+        changed = True
+    if _umount_bpffs(name):
+        progress(f"lab {name}: unmounted its bpf filesystem (translator pins) at {bpf_dir(name)}")
         changed = True
     pins = BPF_ROOT / name
     if pins.exists():
@@ -1224,7 +1319,9 @@ def status_doc(state: LabState, status: api.FabricStatus | None, error: str | No
                     "role": lc.role_of(n.name) if lc else "",
                     "failed": n.failed,
                     "unreachable_reports": ns.unreachable_reports if ns else None,
-                    "pods": [{"name": p.name, "netns": p.netns, "ip": p.ip} for p in n.pods],
+                    "pods": [
+                        {"name": p.name, "netns": p.netns, "ip": p.ip, "global_ip": c.global_ip(p.ip)} for p in n.pods
+                    ],
                 }
             )
         doc["clusters"].append(
@@ -1235,7 +1332,9 @@ def status_doc(state: LabState, status: api.FabricStatus | None, error: str | No
                 "active_gateway": (lc.active_gateway or None) if lc else None,
                 "standby_gateway": (lc.standby_gateway or None) if lc else None,
                 "gateway_moves": lc.gateway_moves if lc else None,
-                "service": {"ip": c.service_ip, "backend": c.service_backend} if c.service_ip else None,
+                "service": {"ip": c.service_ip, "global_ip": c.global_ip(c.service_ip), "backend": c.service_backend}
+                if c.service_ip else None,
+                "global_cidrs": c.global_cidrs,
                 "nodes": nodes,
             }
         )
@@ -1270,7 +1369,10 @@ def render_status(doc: dict[str, Any]) -> str:
                     "up" if n["connected"] else "down",
                     version,
                     "yes" if n["in_sync"] else "NO",
-                    " ".join(f"{p['name']}={p['ip']}" for p in n["pods"]) or "-",
+                    " ".join(
+                        f"{p['name']}={p['ip']}" + (f"({p['global_ip']})" if p.get("global_ip") else "")
+                        for p in n["pods"]
+                    ) or "-",
                 )
             )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]

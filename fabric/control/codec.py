@@ -74,6 +74,10 @@ def entry_to_pb(entry: types.Entry) -> pb.Entry:
         )
     if isinstance(entry, types.RouteEntry):
         return pb.Entry(route=pb.Route(dst=entry.dst, via=entry.via, device=entry.device))
+    if isinstance(entry, types.Translation):
+        return pb.Entry(translation=pb.Translation(local_cidr=entry.local, global_cidr=entry.global_))
+    if isinstance(entry, types.Program):
+        return pb.Entry(program=pb.Program(device=entry.device, point=entry.point))
     raise TypeError(f"not a NodeState entry: {entry!r}")
 
 
@@ -92,7 +96,11 @@ def entry_from_pb(msg: pb.Entry) -> types.Entry:
     if kind == "route":
         r = msg.route
         return types.RouteEntry(dst=r.dst, via=r.via, device=r.device)
-    raise DecodeError(f"Entry message has no device, peer or route set: {msg!r}")
+    if kind == "translation":
+        return types.Translation(local=msg.translation.local_cidr, global_=msg.translation.global_cidr)
+    if kind == "program":
+        return types.Program(device=msg.program.device, point=msg.program.point)
+    raise DecodeError(f"Entry message has no device, peer or route set (nor a translation or program): {msg!r}")
 
 
 def _entries_to_pb(entries: Iterable[types.Entry]) -> list[pb.Entry]:
@@ -108,7 +116,7 @@ def snapshot_messages(
     state: types.NodeState, version: int, epoch: str, chunk: int = SNAPSHOT_CHUNK
 ) -> list[pb.SyncNodeResponse]:
     """A complete snapshot: SnapshotChunk messages (none for an empty state), then END_OF_SNAPSHOT."""
-    entries: list[types.Entry] = [*state.devices, *state.peers, *state.routes]
+    entries: list[types.Entry] = [*state.devices, *state.peers, *state.routes, *state.translations, *state.programs]
     out = [
         pb.SyncNodeResponse(snapshot=pb.SnapshotChunk(entries=_entries_to_pb(entries[i : i + chunk])))
         for i in range(0, len(entries), chunk)
@@ -181,6 +189,7 @@ def cluster_to_pb(c: types.ClusterConfig) -> pb.Cluster:
         pod_cidrs=list(c.pod_cidrs),
         service_cidrs=list(c.service_cidrs),
         gateways=list(c.gateways),
+        global_cidrs=[pb.GlobalCIDR(local_cidr=lo, global_cidr=gl) for lo, gl in c.global_cidrs],
     )
 
 
@@ -198,6 +207,7 @@ def cluster_from_pb(msg: pb.Cluster) -> types.ClusterConfig:
         pod_cidrs=tuple(msg.pod_cidrs),
         service_cidrs=tuple(msg.service_cidrs),
         gateways=tuple(msg.gateways),
+        global_cidrs=types.frozen_mapping({g.local_cidr: g.global_cidr for g in msg.global_cidrs}),
     )
 
 

@@ -49,6 +49,17 @@ destinations, aggregated per cluster (C's pod CIDRs as a whole), all via the act
 there, so replies to host-network traffic of endpoint and gateway nodes (sourced from their
 ``vx-bridge`` address) find their way back.
 
+Global IP: a CIDR of cluster C that C maps in ``globalCIDRs`` is routed by the other clusters
+only by its global CIDR, wherever the text above says "C's pod/service CIDRs" (a P2P node's pod
+CIDR maps into the global CIDR by prefix: node ``10.10.1.0/24`` inside ``10.10.0.0/16 ->
+100.100.0.0/16`` is routed as ``100.100.1.0/24``). Every node of a cluster with global CIDRs
+gets the translation table (:class:`~fabric.types.Translation`, its own cluster's mappings only:
+each side translates its own addresses, so translation is symmetric and stateless), the tunnel
+programs on each ``vx-bridge`` it has (endpoint nodes; active *and* standby gateways, so a
+failover finds them attached already), and the hairpin device with routes for the cluster's own
+global CIDRs (:data:`~fabric.types.HAIRPIN_DEVICE`, via the unspecified address: a device
+route), so pods reach pods of their own cluster by global IP.
+
 Service CIDRs of a cluster are routed only once it has an active gateway. A topology without
 roles (as the issue-2 goldens are) plans P2P clusters exactly as before: no service routes.
 
@@ -75,7 +86,7 @@ import functools
 import hashlib
 import ipaddress
 import logging
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 
 from fabric import types
 
@@ -209,6 +220,9 @@ def validate_announcement(topology: types.Topology, ann: types.NodeAnnouncement)
         for oc in o.pod_cidrs:
             for text, _net in own:
                 if types.cidrs_overlap(text, oc):
+                    mapped = _mapped(config, ann.cluster, text) and _mapped(config, o.cluster, oc)
+                    if o.cluster != ann.cluster and mapped:
+                        continue  # both are reached only by their global CIDRs
                     reasons.append(f"pod CIDR {text} overlaps pod CIDR {oc} of node {o.key}")
 
     # Overlay addresses and MACs: derived, so collisions must be caught here, never planned.
@@ -266,6 +280,15 @@ def _overlay_reasons(
                 f" {o.key} (underlay {o.underlay_ip}): {kind} CIDR {cidr} keeps only the host bits"
             )
     return reasons
+
+
+def _mapped(config: types.FabricConfig, cluster: str, cidr: str) -> bool:
+    """Is ``cidr`` inside a CIDR that ``cluster`` maps to a global CIDR?"""
+    c = config.cluster(cluster)
+    try:
+        return c is not None and types.to_global(cidr, c.global_cidrs) is not None
+    except ValueError:
+        return False
 
 
 def _same_ip(text: str, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
@@ -500,7 +523,7 @@ def plan(topology: types.Topology, key: types.NodeKey) -> types.NodeState:
             other_bridge = view.bridges.get(_family(other.underlay_ip))
             if other_bridge is None:
                 continue
-            (peer_key, peer), _ = _contribution(other_bridge, other)
+            (peer_key, peer), _ = _contribution(other_bridge, other, ())
             if other.cluster != node.cluster and other.key in view.hot_keys:
                 peer = dataclasses.replace(peer, probe=True)
             peers[peer_key] = peer
@@ -520,6 +543,18 @@ def plan(topology: types.Topology, key: types.NodeKey) -> types.NodeState:
         if own.active is not None and own.active.key != key and _family(own.active.underlay_ip) == family:
             local_via = overlay_address(own.active.underlay_ip, local).partition("/")[0]
 
+    translations: list[types.Translation] = []
+    programs: list[types.Program] = []
+    if own.config.global_cidrs:
+        translations = [types.Translation(lo, gl) for lo, gl in own.config.global_cidrs]
+        if has_bridge:
+            programs.append(types.Program(types.VX_BRIDGE, types.PROGRAM_TUNNEL))
+        programs.append(types.Program(types.HAIRPIN_DEVICE, types.PROGRAM_HAIRPIN))
+        for _lo, gl in own.config.global_cidrs:
+            if _family(gl.partition("/")[0]) == family:
+                unspecified = "0.0.0.0" if family == 4 else "::"
+                routes[f"route/{gl}"] = types.RouteEntry(dst=gl, via=unspecified, device=types.HAIRPIN_DEVICE)
+
     if gateway_mode and (own.active is None or own.active.key != key):
         # Standby and internal nodes: everything of the other clusters via the active gateway.
         if local_via:
@@ -537,7 +572,15 @@ def plan(topology: types.Topology, key: types.NodeKey) -> types.NodeState:
         devices=tuple(sorted(devices, key=lambda d: d.name)),
         peers=tuple(peers[k] for k in sorted(peers)),
         routes=tuple(routes[k] for k in sorted(routes)),
+        translations=tuple(sorted(translations, key=types.entry_key)),
+        programs=tuple(sorted(programs, key=types.entry_key)),
     )
+
+
+def _routed(cidrs: Iterable[str], global_cidrs: tuple[tuple[str, str], ...]) -> list[str]:
+    """What the other clusters route for ``cidrs`` of a cluster with ``global_cidrs``: the global
+    CIDR of a mapped one (by prefix, for a node CIDR inside a mapped range), else the CIDR."""
+    return [types.to_global(c, global_cidrs) or c for c in cidrs] if global_cidrs else list(cidrs)
 
 
 def _bridge_routes(view: _View, node: types.NodeAnnouncement, routes: dict[str, types.RouteEntry]) -> None:
@@ -550,7 +593,7 @@ def _bridge_routes(view: _View, node: types.NodeAnnouncement, routes: dict[str, 
                 other_bridge = view.bridges.get(_family(other.underlay_ip))
                 if other_bridge is None:
                     continue
-                _, other_routes = _contribution(other_bridge, other)
+                _, other_routes = _contribution(other_bridge, other, cv.config.global_cidrs)
                 routes.update(other_routes)
         gw = cv.active
         if gw is None:
@@ -559,9 +602,9 @@ def _bridge_routes(view: _View, node: types.NodeAnnouncement, routes: dict[str, 
         if gw_bridge is None or _family(gw.underlay_ip) != _family(node.underlay_ip):
             continue
         via = overlay_address(gw.underlay_ip, gw_bridge).partition("/")[0]
-        dsts: list[str] = list(cv.config.service_cidrs)
+        dsts: list[str] = _routed(cv.config.service_cidrs, cv.config.global_cidrs)
         if cv.gateway_mode:
-            dsts += cv.config.pod_cidrs
+            dsts += _routed(cv.config.pod_cidrs, cv.config.global_cidrs)
             dsts += _local_hosts(view, cv)
         for dst in dsts:
             dst = types.canonical_cidr(dst)
@@ -578,9 +621,9 @@ def _remote_destinations(view: _View, own_cluster: str, family: int) -> list[str
             continue
         reachable = cv.active is not None if cv.gateway_mode else bool(cv.nodes)
         if reachable:
-            out += cv.config.pod_cidrs
+            out += _routed(cv.config.pod_cidrs, cv.config.global_cidrs)
         if cv.active is not None:
-            out += cv.config.service_cidrs
+            out += _routed(cv.config.service_cidrs, cv.config.global_cidrs)
         if cv.gateway_mode and cv.active is not None:
             out += _local_hosts(view, cv)
     return [types.canonical_cidr(d) for d in out if ipaddress.ip_network(d, strict=False).version == family]
@@ -636,12 +679,13 @@ def _local_peer(local_cidr: str, other: types.NodeAnnouncement) -> types.Peer:
 
 @functools.lru_cache(maxsize=65536)
 def _contribution(
-    bridge_cidr: str, other: types.NodeAnnouncement
+    bridge_cidr: str, other: types.NodeAnnouncement, global_cidrs: tuple[tuple[str, str], ...]
 ) -> tuple[tuple[str, types.Peer], tuple[tuple[str, types.RouteEntry], ...]]:
     """What ``other`` adds to every other node's plan as a vx-bridge node: its peer, and the
     routes to its pod CIDRs (used by endpoint nodes and active gateways of other clusters when
-    ``other`` is an endpoint node). Cached: it depends on nothing but its arguments (cheap to
-    hash), and re-planning every node after a join would otherwise redo it once per pair."""
+    ``other`` is an endpoint node; global CIDRs of ``other``'s cluster applied). Cached: it
+    depends on nothing but its arguments (cheap to hash), and re-planning every node after a
+    join would otherwise redo it once per pair."""
     via = overlay_address(other.underlay_ip, bridge_cidr).partition("/")[0]
     peer = types.Peer(
         device=types.VX_BRIDGE,
@@ -650,9 +694,8 @@ def _contribution(
         underlay_ip=other.underlay_ip,
         node=str(other.key),
     )
-    routes = (
-        types.RouteEntry(dst=types.canonical_cidr(cidr), via=via, device=types.VX_BRIDGE) for cidr in other.pod_cidrs
-    )
+    dsts = _routed(other.pod_cidrs, global_cidrs)
+    routes = (types.RouteEntry(dst=types.canonical_cidr(cidr), via=via, device=types.VX_BRIDGE) for cidr in dsts)
     return (types.entry_key(peer), peer), tuple((types.entry_key(r), r) for r in routes)
 
 

@@ -60,11 +60,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from fabric import logs, types
+from fabric import health, logs, types
 from fabric import topology as topology_file
 from fabric.control import api, codec, planner
 from fabric.control.generated import fabric_pb2 as pb
@@ -79,6 +79,27 @@ DEFAULT_KEEPALIVE_INTERVAL_S = 2.0
 DEAD_AFTER_INTERVALS = 3
 #: Rejections kept for GetStatus (one per node identity; oldest dropped first).
 MAX_REJECTIONS = 1000
+#: Topology changes whose fan-out is timed at once (older ones are dropped unobserved).
+MAX_FANOUT_TRACKED = 256
+#: Reason classes of refused announcements (``fabric_reflector_rejections_total{reason}``):
+#: (class, phrase the planner's or the session's reason text contains). First match wins.
+REJECTION_CLASSES = (
+    ("identity", "node identity"),
+    ("unknown_cluster", "unknown cluster"),
+    ("unsupported_mode", "does not support"),
+    ("underlay", "underlay address"),
+    ("pod_cidr", "pod CIDR"),
+    ("overlay_collision", "overlay"),
+    ("protocol", "first message"),
+)
+
+
+def rejection_reason(text: str) -> str:
+    """The class of one refusal reason (``other`` when no class matches)."""
+    for cls, phrase in REJECTION_CLASSES:
+        if phrase in text:
+            return cls
+    return "other"
 
 #: HTTP/2 keepalive below the application keepalive: detects half-open TCP connections even when
 #: the event loop of the other side is stuck. Clients ping at most every 10 s (client.py), so the
@@ -185,6 +206,18 @@ class Reflector:
         self._nodes: dict[types.NodeKey, _NodeRecord] = {}
         self._rejections: dict[str, api.Rejection] = {}
         self._rejections_total = 0
+        #: Refusals by reason class (:func:`rejection_reason`), for the metrics.
+        self._rejections_by_reason: dict[str, int] = {}
+        #: Fan-out in flight: generation -> (time of the change, synced nodes that were sent a
+        #: delta for it and have not reported it applied yet). See ``fanout_lag``.
+        self._fanout: dict[int, tuple[float, set[types.NodeKey]]] = {}
+        self.fanout_lag = Histogram(
+            "fabric_reflector_fanout_lag_seconds",
+            "From a topology change to the report of the last agent it changed (each agent applied it)",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=None,
+        )
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._watchers: set[_Watcher] = set()
         self._hold_handle: asyncio.TimerHandle | None = None
         self._server: grpc.aio.Server | None = None
@@ -205,6 +238,7 @@ class Reflector:
             bound.append(_bind(server, addr))
         await server.start()
         self._server = server
+        self._loop = asyncio.get_running_loop()
         loop = asyncio.get_running_loop()
         if self.startup_hold > 0 and not self._all_expected_present():
             self.holding = True
@@ -296,6 +330,9 @@ class Reflector:
         self._rejections.pop(ident, None)
         self._rejections[ident] = api.Rejection(source=source, reason=reason)
         self._rejections_total += 1
+        for r in reasons:
+            cls = rejection_reason(r)
+            self._rejections_by_reason[cls] = self._rejections_by_reason.get(cls, 0) + 1
         while len(self._rejections) > MAX_REJECTIONS:
             del self._rejections[next(iter(self._rejections))]
         _log.info("rejected %s: %s", source, reason)
@@ -326,6 +363,7 @@ class Reflector:
         self.generation += 1
         gen = self.generation
         debug = _log.isEnabledFor(logging.DEBUG)
+        fanout: set[types.NodeKey] = set()
         for node in new.nodes:
             rec = self._nodes[node.key]
             state = planner.plan(new, node.key)
@@ -341,6 +379,7 @@ class Reflector:
                 continue
             s.send(codec.delta_message(delta, gen))
             s.sent_state = state
+            fanout.add(node.key)
             c = s.counters
             s.counters = dataclasses.replace(
                 c, deltas_sent=c.deltas_sent + 1, delta_entries_sent=c.delta_entries_sent + len(delta)
@@ -351,6 +390,10 @@ class Reflector:
                     _log.debug("node %s: version %d upsert %s", node.key, gen, e)
                 for k in delta.removals:
                     _log.debug("node %s: version %d remove %s", node.key, gen, k)
+        if fanout:
+            self._fanout[gen] = (self.clock(), fanout)
+            while len(self._fanout) > MAX_FANOUT_TRACKED:
+                del self._fanout[min(self._fanout)]  # never completes (a stuck agent): stop waiting
         if self._watchers and (upserts or removals):
             msg = codec.topology_delta_message(gen, upserts, removals)
             for w in self._watchers:
@@ -426,7 +469,20 @@ class Reflector:
         if rec is None or rec.session is not session:
             return
         rec.applied_version = version
+        self._fanout_done(session.key, version)
         _log.debug("node %s applied version %d (planned %d)", session.key, version, rec.planned_version)
+
+    def _fanout_done(self, key: types.NodeKey, version: int) -> None:
+        """``key`` has applied everything up to ``version`` (or will never report: version
+        -1 on a lost session): generations whose last pending node that was are observed."""
+        now = self.clock()
+        for gen in [g for g in self._fanout if version < 0 or g <= version]:
+            started, pending = self._fanout[gen]
+            pending.discard(key)
+            if not pending:
+                del self._fanout[gen]
+                if version >= 0:
+                    self.fanout_lag.observe(max(0.0, now - started))
 
     def _session_ended(self, session: _Session, reason: str) -> None:
         session.closed = True
@@ -434,6 +490,7 @@ class Reflector:
         if rec is None or rec.session is not session:
             return  # replaced by a newer session, or already withdrawn
         rec.session = None
+        self._fanout_done(session.key, -1)
         self._reports.pop(session.key, None)
         # A gateway without a session cannot be told anything any more: move its role now,
         # not after the grace period (the standby already holds the gateway's peers).
@@ -625,6 +682,29 @@ class Reflector:
     def collector(self) -> Collector:
         return _MetricsCollector(self)
 
+    # -- health (called from the HTTP thread) -------------------------------------------------
+
+    def healthy(self) -> tuple[bool, str]:
+        """Live while the event loop answers within a few seconds (a wedged loop serves no one)."""
+        loop = self._loop
+        if loop is None or self._server is None:
+            return False, "not serving"
+
+        async def ping() -> None:
+            return None
+
+        try:
+            asyncio.run_coroutine_threadsafe(ping(), loop).result(timeout=5.0)
+        except (TimeoutError, RuntimeError) as e:
+            return False, f"event loop did not answer within 5 s ({type(e).__name__})"
+        return True, "ok"
+
+    def ready(self) -> tuple[bool, str]:
+        """Ready once serving and out of the startup hold (agents then get END_OF_SNAPSHOT)."""
+        if self._server is None:
+            return False, "not serving"
+        return (False, "startup hold: waiting for expected nodes") if self.holding else (True, "ok")
+
 
 class _Servicer(pb_grpc.FabricServicer):  # type: ignore[misc]
     """Adapter from the generated servicer interface to :class:`Reflector`."""
@@ -673,15 +753,53 @@ class _MetricsCollector(Collector):
         sent.add_metric(["snapshot"], sum(x.counters.snapshot_entries_sent for x in recs))
         sent.add_metric(["delta"], sum(x.counters.delta_entries_sent for x in recs))
         yield sent
-        yield CounterMetricFamily(
-            "fabric_reflector_rejections", "Refused announcements.", value=r._rejections_total
+        rejections = CounterMetricFamily(
+            "fabric_reflector_rejections", "Refusal reasons of announcements, by reason class.", labels=["reason"]
         )
+        for cls in [c for c, _ in REJECTION_CLASSES] + ["other"]:
+            rejections.add_metric([cls], r._rejections_by_reason.get(cls, 0))
+        yield rejections
         moves = CounterMetricFamily(
             "fabric_reflector_gateway_moves", "Times the active gateway role moved.", labels=["cluster"]
         )
         for c in r.config.clusters:
             moves.add_metric([c.name], r._gateway_moves.get(c.name, 0))
         yield moves
+        roles = GaugeMetricFamily(
+            "fabric_reflector_gateway", "1 per elected gateway: cluster, node and role (active, standby).",
+            labels=["cluster", "node", "role"],
+        )
+        for role in r.topology.roles:
+            if role.active:
+                roles.add_metric([role.cluster, role.active, "active"], 1)
+            if role.standby and role.standby != role.active:
+                roles.add_metric([role.cluster, role.standby, "standby"], 1)
+        yield roles
+        planned = GaugeMetricFamily(
+            "fabric_reflector_planned_version", "Version of each node's latest plan.", labels=["node"]
+        )
+        applied = GaugeMetricFamily(
+            "fabric_reflector_applied_version", "Version each node's agent reported applied.", labels=["node"]
+        )
+        connected = GaugeMetricFamily(
+            "fabric_reflector_session_up", "1 while the node's agent has a session.", labels=["node"]
+        )
+        for key, rec in sorted(r._nodes.items()):
+            planned.add_metric([str(key)], rec.planned_version)
+            applied.add_metric([str(key)], rec.applied_version)
+            connected.add_metric([str(key)], 1 if rec.session is not None else 0)
+        yield planned
+        yield applied
+        yield connected
+        yield GaugeMetricFamily(
+            "fabric_reflector_nodes_in_sync",
+            "Nodes with a session whose agent applied its latest plan.",
+            value=sum(1 for x in recs if x.session is not None and x.applied_version >= x.planned_version),
+        )
+        yield GaugeMetricFamily(
+            "fabric_reflector_fanouts_pending", "Topology changes some agent has not applied yet.", value=len(r._fanout)
+        )
+        yield from r.fanout_lag.collect()
 
 
 # --------------------------------------------------------------------------------------------
@@ -846,8 +964,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.metrics_listen:
         registry = CollectorRegistry()
         registry.register(reflector.collector())
-        host, _, port = args.metrics_listen.rpartition(":")
-        start_http_server(int(port), addr=host.strip("[]"), registry=registry)
+        health.serve(args.metrics_listen, reflector.healthy, reflector.ready, registry=registry)
     try:
         asyncio.run(_serve(reflector, args.listen))
     except ListenError as e:

@@ -46,7 +46,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from fabric.netlink import rawnl
-from fabric.netlink.objects import RTPROT_FABRIC, Address, FdbEntry, Neighbour, Rule, VxlanLink
+from fabric.netlink.objects import RTPROT_FABRIC, Address, DeviceLink, FdbEntry, Link, Neighbour, Rule, VxlanLink
 
 _log = logging.getLogger(__name__)
 
@@ -83,6 +83,7 @@ class LinkInfo:
     ifindex: int
     kind: str
     vxlan: VxlanLink | None
+    up: bool = True
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -104,7 +105,8 @@ class KernelNeighbour:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Nexthop:
-    """A nexthop object; ``link``/``gateway`` are empty for groups and blackholes."""
+    """A nexthop object; ``link``/``gateway`` are empty for groups and blackholes. A device
+    nexthop (no gateway) has the unspecified address of its family as ``gateway``."""
 
     id: int
     link: str
@@ -139,8 +141,8 @@ class Dataplane(Protocol):
     def underlay_link(self, ip: str) -> UnderlayLink: ...
 
     def list_links(self) -> list[LinkInfo]: ...
-    def add_link(self, link: VxlanLink) -> None: ...
-    def update_link(self, link: VxlanLink) -> None:
+    def add_link(self, link: Link) -> None: ...
+    def update_link(self, link: Link) -> None:
         """Change the attributes that can change in place: mtu, mac, learning, up/down."""
         ...
     def del_link(self, name: str) -> None: ...
@@ -170,6 +172,9 @@ class Dataplane(Protocol):
     def del_routes(self, entries: Sequence[NhRoute]) -> list[BatchError]: ...
 
     def close(self) -> None: ...
+
+
+_UNSPECIFIED = {socket.AF_INET: "0.0.0.0", socket.AF_INET6: "::"}
 
 
 def _family(ip: str) -> int:
@@ -288,10 +293,21 @@ class KernelDataplane:
                     learning=bool(data.get(rawnl.IFLA_VXLAN_LEARNING, b"\0")[0]),
                     up=bool(flags & rawnl.IFF_UP),
                 )
-            out.append(LinkInfo(name, ifindex, link_kind, vx))
+            out.append(LinkInfo(name, ifindex, link_kind, vx, bool(flags & rawnl.IFF_UP)))
         return out
 
-    def add_link(self, link: VxlanLink) -> None:
+    def add_link(self, link: Link) -> None:
+        if isinstance(link, DeviceLink):
+            try:
+                self._ipr.link("add", ifname=link.name, kind=link.kind)
+                self._refresh_index()
+                if link.up:
+                    self._ipr.link("set", index=self._ifindex(link.name), state="up")
+            except Exception as exc:
+                if isinstance(exc, DataplaneError):
+                    raise
+                raise _nl_error(exc, f"add {link.kind} link {link.name}") from exc
+            return
         family_local = "vxlan_local6" if ":" in link.local else "vxlan_local"
         kwargs = {
             "ifname": link.name,
@@ -314,8 +330,14 @@ class KernelDataplane:
                 raise
             raise _nl_error(exc, f"add vxlan link {link.name} (vni {link.vni}, port {link.port})") from exc
 
-    def update_link(self, link: VxlanLink) -> None:
+    def update_link(self, link: Link) -> None:
         idx = self._ifindex(link.name)
+        if isinstance(link, DeviceLink):
+            try:
+                self._ipr.link("set", index=idx, state="up" if link.up else "down")
+            except Exception as exc:
+                raise _nl_error(exc, f"update link {link.name}") from exc
+            return
         try:
             # Separate requests: vxlan's changelink refuses a mixed request with EOPNOTSUPP.
             self._ipr.link("set", index=idx, mtu=link.mtu, address=link.mac)
@@ -529,7 +551,7 @@ class KernelDataplane:
         for kind, body in msgs:
             if kind != rawnl.RTM_NEWNEXTHOP:
                 continue
-            _fam, _scope, proto, _r, flags = rawnl.NHMSG.unpack_from(body, 0)
+            fam, _scope, proto, _r, flags = rawnl.NHMSG.unpack_from(body, 0)
             attrs = rawnl.parse_attrs(body, 8, len(body))
             nhid = rawnl.u32(attrs.get(rawnl.NHA_ID, b"\0\0\0\0"))
             oif = attrs.get(rawnl.NHA_OIF)
@@ -538,7 +560,7 @@ class KernelDataplane:
                 Nexthop(
                     id=nhid,
                     link=self._name(rawnl.u32(oif)) if oif else "",
-                    gateway=_ip_text(gw) if gw else "",
+                    gateway=_ip_text(gw) if gw else _UNSPECIFIED.get(fam, "") if oif else "",
                     protocol=proto,
                     onlink=bool(flags & rawnl.RTNH_F_ONLINK),
                 )
@@ -554,9 +576,11 @@ class KernelDataplane:
                 bodies.append(BatchError(i, errno.ENODEV, f"nexthop {e.id}: link {e.link!r} does not exist"))
                 continue
             fam = _family(e.gateway)
-            bodies.append(
-                rawnl.nexthop_body(e.id, fam, e.protocol, ifindex, socket.inet_pton(fam, e.gateway), e.onlink)
-            )
+            gw = socket.inet_pton(fam, e.gateway)
+            if gw == bytes(len(gw)):  # device nexthop: no gateway, and onlink needs one
+                bodies.append(rawnl.nexthop_body(e.id, fam, e.protocol, ifindex, None, False))
+            else:
+                bodies.append(rawnl.nexthop_body(e.id, fam, e.protocol, ifindex, gw, e.onlink))
         return self._send(rawnl.RTM_NEWNEXTHOP, rawnl.NLM_F_CREATE | rawnl.NLM_F_EXCL, bodies)
 
     def del_nexthops(self, ids: Sequence[int]) -> list[BatchError]:

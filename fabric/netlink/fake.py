@@ -40,7 +40,7 @@ from fabric.netlink.dataplane import (
     UnderlayLink,
     is_flood_mac,
 )
-from fabric.netlink.objects import RTPROT_FABRIC, Address, FdbEntry, Neighbour, Rule, VxlanLink
+from fabric.netlink.objects import RTPROT_FABRIC, Address, DeviceLink, FdbEntry, Link, Neighbour, Rule
 
 _log = logging.getLogger(__name__)
 
@@ -181,20 +181,31 @@ class FakeDataplane:
         self._check("list_links", None)
         return list(self.links.values())
 
-    def add_link(self, link: VxlanLink) -> None:
+    def add_link(self, link: Link) -> None:
         self._check("add_link", link)
         self.ops.append(("add_link", link.name))
         if link.name in self.links:
             raise DataplaneError(errno.EEXIST, f"link {link.name} exists")
+        if isinstance(link, DeviceLink):
+            self.links[link.name] = LinkInfo(link.name, self._alloc_ifindex(), link.kind, None, link.up)
+            self.addresses[link.name] = set()
+            return
         if link.underlay_ifindex not in {li.ifindex for li in self.links.values()}:
             raise DataplaneError(errno.ENODEV, f"underlay ifindex {link.underlay_ifindex} does not exist")
-        self.links[link.name] = LinkInfo(link.name, self._alloc_ifindex(), "vxlan", link)
+        self.links[link.name] = LinkInfo(link.name, self._alloc_ifindex(), "vxlan", link, link.up)
         self.addresses[link.name] = set()
 
-    def update_link(self, link: VxlanLink) -> None:
+    def update_link(self, link: Link) -> None:
         self._check("update_link", link)
         self.ops.append(("update_link", link.name))
         old = self._require_link(link.name)
+        if isinstance(link, DeviceLink):
+            if old.kind != link.kind:
+                raise DataplaneError(errno.EOPNOTSUPP, f"link {link.name} is {old.kind}, not {link.kind}")
+            if old.up and not link.up:
+                self._flush_link(link.name, down_only=True)
+            self.links[link.name] = dataclasses.replace(old, up=link.up)
+            return
         if old.vxlan is None:
             raise DataplaneError(errno.EOPNOTSUPP, f"link {link.name} is not vxlan")
         immutable = dataclasses.replace(link, mtu=old.vxlan.mtu, mac=old.vxlan.mac, learning=old.vxlan.learning,
@@ -203,7 +214,7 @@ class FakeDataplane:
             raise DataplaneError(errno.EOPNOTSUPP, f"cannot change vni/port/local/underlay of {link.name} in place")
         if old.vxlan.up and not link.up:
             self._flush_link(link.name, down_only=True)
-        self.links[link.name] = LinkInfo(link.name, old.ifindex, "vxlan", link)
+        self.links[link.name] = LinkInfo(link.name, old.ifindex, "vxlan", link, link.up)
 
     def del_link(self, name: str) -> None:
         self._check("del_link", name)

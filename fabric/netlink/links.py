@@ -1,6 +1,7 @@
-"""Owner of the vxlan links (``vx-bridge`` and friends).
+"""Owner of our links: the vxlan links (``vx-bridge`` and friends) and the hairpin device.
 
-Ownership: a link is ours when its name is in the owner's ``names`` and its kind is ``vxlan``.
+Ownership: a link is ours when its name is in the owner's ``names`` and its kind is one we
+create (``vxlan``; ``ifb`` for the global-IP hairpin device, :class:`DeviceLink`).
 A link carrying one of our names but of another kind is *refused* (reported as a failure with a
 clear message) and never deleted or modified: it belongs to someone else.
 
@@ -18,7 +19,7 @@ import errno
 import logging
 
 from fabric.netlink.dataplane import Dataplane, DataplaneError, LinkInfo
-from fabric.netlink.objects import VxlanLink
+from fabric.netlink.objects import OWNED_KINDS, DeviceLink, Link, VxlanLink
 from fabric.netlink.report import TableStats
 
 _log = logging.getLogger(__name__)
@@ -33,11 +34,11 @@ class LinkOwner:
     def __init__(self, dp: Dataplane, names: frozenset[str]) -> None:
         self._dp = dp
         self._names = names
-        self._desired: dict[str, VxlanLink] | None = None
+        self._desired: dict[str, Link] | None = None
         self._kernel: dict[str, LinkInfo] = {}
 
-    def set_desired(self, links: frozenset[VxlanLink]) -> None:
-        desired: dict[str, VxlanLink] = {}
+    def set_desired(self, links: frozenset[Link]) -> None:
+        desired: dict[str, Link] = {}
         for link in links:
             if link.name not in self._names:
                 raise ValueError(f"desired link {link.name!r} is not one of the names we own {sorted(self._names)}")
@@ -50,8 +51,8 @@ class LinkOwner:
         self._kernel = {li.name: li for li in self._dp.list_links() if li.name in self._names}
 
     def present(self) -> set[str]:
-        """Names of our vxlan links that exist in the kernel view (dependents live on these)."""
-        return {name for name, li in self._kernel.items() if li.kind == "vxlan"}
+        """Names of our links that exist in the kernel view (dependents live on these)."""
+        return {name for name, li in self._kernel.items() if li.kind in OWNED_KINDS}
 
     def desired_count(self) -> int:
         return len(self._desired or {})
@@ -69,6 +70,18 @@ class LinkOwner:
                     self._dp.add_link(want)
                     stats.adds += 1
                     touched.add(name)
+                elif isinstance(want, DeviceLink):
+                    if have.kind != want.kind:
+                        stats.fail(TABLE, errno.EEXIST,
+                                   f"refusing to touch link {name!r}: it exists with kind {have.kind or 'unknown'!r}, "
+                                   f"not {want.kind}, so it is not ours")
+                        continue
+                    if have.up == want.up:
+                        continue
+                    self._dp.update_link(want)
+                    stats.updates += 1
+                    if want.up:
+                        touched.add(name)
                 elif have.kind != "vxlan" or have.vxlan is None:
                     stats.fail(TABLE, errno.EEXIST,
                                f"refusing to touch link {name!r}: it exists with kind {have.kind or 'unknown'!r}, "
@@ -91,7 +104,9 @@ class LinkOwner:
             except DataplaneError as exc:
                 stats.fail(TABLE, exc.code, str(exc))
                 continue
-            self._kernel[name] = LinkInfo(name, have.ifindex if have else 0, "vxlan", want)
+            kind = want.kind if isinstance(want, DeviceLink) else "vxlan"
+            vx = want if isinstance(want, VxlanLink) else None
+            self._kernel[name] = LinkInfo(name, have.ifindex if have else 0, kind, vx, want.up)
         return touched
 
     def apply_deletes(self, stats: TableStats) -> None:
@@ -100,7 +115,7 @@ class LinkOwner:
         for name, have in list(self._kernel.items()):
             if name in self._desired:
                 continue
-            if have.kind != "vxlan":
+            if have.kind not in OWNED_KINDS:
                 _log.debug("leaving link %s alone: kind %r is not ours", name, have.kind)
                 continue
             try:

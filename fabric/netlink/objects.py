@@ -10,8 +10,8 @@ Tables and what we own in each (ownership is how we avoid touching anything that
 ========== ================================================= ==================================
 table      object                                            owned when
 ========== ================================================= ==================================
-links      :class:`VxlanLink`                                name is one of ours (``vx-*``) and
-                                                             kind is vxlan
+links      :class:`VxlanLink`, :class:`DeviceLink`           name is one of ours (``vx-*``,
+                                                             ``kf-hairpin``), kind vxlan or ifb
 addresses  :class:`Address`                                  on one of our links (IPv6
                                                              link-local ignored)
 rules      :class:`Rule`                                     protocol == our RTPROT
@@ -54,6 +54,21 @@ class VxlanLink:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class DeviceLink:
+    """A link of ours that is not a tunnel: the global-IP hairpin device (kind ``ifb``: NOARP,
+    needs no peer or carrier; this kernel has no ``dummy`` module). Only up/down can change."""
+
+    name: str
+    kind: str = "ifb"
+    up: bool = True
+
+
+Link = VxlanLink | DeviceLink
+#: Link kinds we create; a link with one of our names and another kind is someone else's.
+OWNED_KINDS = frozenset({"vxlan", "ifb"})
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Address:
     link: str
     #: ``ip/prefixlen``
@@ -84,7 +99,9 @@ class FdbEntry:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Route:
-    """``dst`` via ``gateway`` (onlink) on ``link`` in ``table``.
+    """``dst`` via ``gateway`` (onlink) on ``link`` in ``table``. A ``gateway`` that is the
+    unspecified address of its family (``0.0.0.0``, ``::``) makes a device route (``dev link``,
+    no next-hop address: the hairpin device's routes).
 
     The route owner programs these through nexthop objects (``ip nexthop``), one per distinct
     (link, gateway): the kernel slows down badly on many routes with distinct gateways, not on
@@ -102,7 +119,7 @@ class Route:
 class KernelState:
     """Desired content of every table we own on one node."""
 
-    links: frozenset[VxlanLink] = frozenset()
+    links: frozenset[Link] = frozenset()
     addresses: frozenset[Address] = frozenset()
     rules: frozenset[Rule] = frozenset()
     neighbours: frozenset[Neighbour] = frozenset()

@@ -20,11 +20,20 @@ decides what to do; this module only observes.
 
 :class:`ProbeState` is the pure bookkeeping (fake clocks in tests); :class:`TunnelProber` the
 asyncio I/O around it: one raw ICMP socket, a send tick, a reader callback.
+
+Quality, not only liveness (observability issue): every probe carries a sequence number, so a
+reply gives a round-trip time, and a probe still unanswered after the detection time counts as
+lost. Each target keeps the outcome of its last ``LOSS_WINDOW`` probes (the loss ratio) and the
+prober reports every resolved probe to an optional ``on_sample(name, rtt or None)`` callback
+(the agent turns those into per-cluster RTT histograms and loss counters). A reply that comes
+later than the detection time is still liveness (``last_rx``) but no longer a sample: the probe
+was already counted lost.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -41,6 +50,10 @@ DEFAULT_INTERVAL_S = 0.1
 DEFAULT_MULTIPLIER = 3
 DEFAULT_STARTUP_S = 3.0
 _PAYLOAD = b"kosmos-fabric-bfd"
+#: Probes per target the loss ratio is computed over.
+LOSS_WINDOW = 50
+#: Called for every resolved probe: ``(target name, rtt in seconds, or None when lost)``.
+SampleCallback = Callable[[str, float | None], None]
 #: <linux/in.h>; Python's socket module does not export it.
 _IP_PKTINFO = 8
 
@@ -52,6 +65,29 @@ class _Target:
     device: str
     added_at: float
     last_rx: float | None = None
+    #: seq -> send time of probes not answered yet.
+    outstanding: dict[int, float] = dataclasses.field(default_factory=dict)
+    #: Outcome of the last LOSS_WINDOW resolved probes (True: answered in time).
+    history: collections.deque[bool] = dataclasses.field(
+        default_factory=lambda: collections.deque(maxlen=LOSS_WINDOW)
+    )
+    last_rtt: float | None = None
+    answered: int = 0
+    lost: int = 0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TargetStats:
+    """One probe target as diagnostics show it."""
+
+    name: str
+    ip: str
+    device: str
+    up: bool
+    last_rtt_s: float | None
+    loss_ratio: float
+    answered: int
+    lost: int
 
 
 class ProbeState:
@@ -94,9 +130,55 @@ class ProbeState:
         """``(ip, device)`` pairs to probe this tick."""
         return sorted({(t.ip, t.device) for t in self._targets.values()})
 
-    def on_reply(self, ip: str, now: float) -> None:
+    def on_reply(self, ip: str, now: float, seq: int | None = None) -> list[tuple[str, float]]:
+        """Record a reply; returns ``(name, rtt)`` for each target whose probe ``seq`` it answers."""
+        samples = []
         for name in self._by_ip.get(ip, ()):
-            self._targets[name].last_rx = now
+            t = self._targets[name]
+            t.last_rx = now
+            sent = t.outstanding.pop(seq, None) if seq is not None else None
+            if sent is not None:
+                rtt = max(0.0, now - sent)
+                t.last_rtt = rtt
+                t.answered += 1
+                t.history.append(True)
+                samples.append((name, rtt))
+        return samples
+
+    def on_sent(self, ip: str, device: str, seq: int, now: float) -> None:
+        """Probe ``seq`` left for ``(ip, device)``: every target behind that pair waits for it."""
+        for name in self._by_ip.get(ip, ()):
+            t = self._targets[name]
+            if t.device == device:
+                t.outstanding[seq] = now
+
+    def expire(self, now: float) -> list[str]:
+        """Count probes unanswered for longer than the detection time as lost; returns one name
+        per lost probe."""
+        lost = []
+        for t in self._targets.values():
+            for seq in [s for s, at in t.outstanding.items() if now - at > self.detect_s]:
+                del t.outstanding[seq]
+                t.lost += 1
+                t.history.append(False)
+                lost.append(t.name)
+        return lost
+
+    def stats(self, now: float) -> list[TargetStats]:
+        down = self.down(now)
+        return [
+            TargetStats(
+                name=t.name,
+                ip=t.ip,
+                device=t.device,
+                up=t.name not in down and t.last_rx is not None,
+                last_rtt_s=t.last_rtt,
+                loss_ratio=(t.history.count(False) / len(t.history)) if t.history else 0.0,
+                answered=t.answered,
+                lost=t.lost,
+            )
+            for t in sorted(self._targets.values(), key=lambda t: t.name)
+        ]
 
     def down(self, now: float) -> frozenset[str]:
         out = set()
@@ -126,15 +208,21 @@ def echo_request(ident: int, seq: int) -> bytes:
 
 def parse_echo_reply(packet: bytes, ident: int) -> str | None:
     """Source address of an IPv4 packet if it is an echo reply (type 0) carrying ``ident``."""
+    parsed = parse_echo_reply_seq(packet, ident)
+    return parsed[0] if parsed is not None else None
+
+
+def parse_echo_reply_seq(packet: bytes, ident: int) -> tuple[str, int] | None:
+    """``(source address, sequence)`` of an IPv4 echo reply carrying ``ident``, else None."""
     if len(packet) < 20 or packet[0] >> 4 != 4:
         return None
     ihl = (packet[0] & 0x0F) * 4
     if len(packet) < ihl + 8 or packet[9] != socket.IPPROTO_ICMP:
         return None
-    icmp_type, _code, _csum, rid = struct.unpack("!BBHH", packet[ihl : ihl + 6])
+    icmp_type, _code, _csum, rid, seq = struct.unpack("!BBHHH", packet[ihl : ihl + 8])
     if icmp_type != 0 or rid != ident:
         return None
-    return socket.inet_ntoa(packet[12:16])
+    return socket.inet_ntoa(packet[12:16]), seq
 
 
 class TunnelProber:
@@ -161,6 +249,8 @@ class TunnelProber:
         self._task: asyncio.Task[None] | None = None
         self._down: frozenset[str] = frozenset()
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: Set by the owner to receive every resolved probe (see the module docstring).
+        self.on_sample: SampleCallback | None = None
 
     @property
     def down(self) -> frozenset[str]:
@@ -169,6 +259,9 @@ class TunnelProber:
     def set_targets(self, targets: Mapping[str, tuple[str, str]]) -> None:
         self.state.set_targets(targets, self._clock())
         self._evaluate()
+
+    def stats(self) -> list[TargetStats]:
+        return self.state.stats(self._clock())
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -219,7 +312,9 @@ class TunnelProber:
             if index is None:
                 continue  # no tunnel device (yet): nothing to probe through
             pktinfo = struct.pack("@i4s4s", index, bytes(4), bytes(4))
-            # A full socket buffer or an unreachable route is simply a missed probe.
+            # A full socket buffer or an unreachable route is simply a missed probe (and, since
+            # it is recorded as sent, a lost one).
+            self.state.on_sent(ip, device, self._seq, self._clock())
             with contextlib.suppress(OSError):
                 sock.sendmsg([packet], [(socket.IPPROTO_IP, _IP_PKTINFO, pktinfo)], 0, (ip, 0))
 
@@ -235,12 +330,19 @@ class TunnelProber:
                 break
             except OSError:
                 break
-            src = parse_echo_reply(packet, self._ident)
-            if src is not None:
-                self.state.on_reply(src, now)
+            parsed = parse_echo_reply_seq(packet, self._ident)
+            if parsed is not None:
+                for name, rtt in self.state.on_reply(parsed[0], now, parsed[1]):
+                    self._sample(name, rtt)
         self._evaluate()
 
+    def _sample(self, name: str, rtt: float | None) -> None:
+        if self.on_sample is not None:
+            self.on_sample(name, rtt)
+
     def _evaluate(self) -> None:
+        for name in self.state.expire(self._clock()):
+            self._sample(name, None)
         down = self.state.down(self._clock())
         if down != self._down:
             went_down, came_up = down - self._down, self._down - down

@@ -439,12 +439,13 @@ def route_body(family: int, table: int, dst: bytes, dst_len: int, protocol: int,
     return body
 
 
-def nexthop_body(nhid: int, family: int, protocol: int, oif: int, gateway: bytes, onlink: bool) -> bytes:
+def nexthop_body(nhid: int, family: int, protocol: int, oif: int, gateway: bytes | None, onlink: bool) -> bytes:
+    """``ip nexthop add id N [via GW] dev OIF [onlink]``; no gateway = a device nexthop."""
     return (
         NHMSG.pack(family, 0, protocol, 0, RTNH_F_ONLINK if onlink else 0)
         + u32_attr(NHA_ID, nhid)
         + u32_attr(NHA_OIF, oif)
-        + attr(NHA_GATEWAY, gateway)
+        + (attr(NHA_GATEWAY, gateway) if gateway is not None else b"")
     )
 
 

@@ -9,7 +9,8 @@ Why nexthop objects: a P2P node has one route per remote node, each with its own
 the kernel slows down badly with many distinct gateways (5.8k routes/s at 10,000, measured in
 shared/reference/perf-baseline.md) but not with routes pointing at nexthop ids. So every
 distinct (link, gateway) of the desired routes becomes one ``onlink`` nexthop object and every
-route is ``dst nhid N``.
+route is ``dst nhid N``. A gateway that is the unspecified address (``0.0.0.0``, ``::``) makes a
+device nexthop (``ip nexthop add id N dev L``): the hairpin device's routes.
 
 Nexthop ids: read back at resync and reused for the same (link, gateway), so an agent restart
 changes nothing in the kernel; new ids come from a high range (from ``NH_ID_BASE``) skipping
