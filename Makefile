@@ -5,4 +5,4 @@ lab: ; ./dev.sh lab
 test: ; ./dev.sh test
 lint: ; ./dev.sh lint
 proto: ; .venv/bin/python -m fabric.control.protogen
-bench: ; .venv/bin/fabric-tool bench netlink
+bench: ; .venv/bin/fabric-tool bench --repeat 3 --json bench.json --markdown BENCHMARKS.md
