@@ -379,6 +379,11 @@ class Agent(control_client.SessionHandler):
             "desired": kernel_state_json(self._desired_kernel) if self._desired_kernel is not None else None,
             "kernel": kernel,
             "probes": [dataclasses.asdict(st) for st in probes],
+            # Global IP rewrites this node performs, for `diagnose trace` to follow global IPs.
+            "translations": [
+                {"cluster": self.cfg.cluster, "global": t.global_, "real": t.local}
+                for t in (planned.translations if planned is not None else ())
+            ],
         }
 
     def _read_kernel(self) -> dict[str, list[dict[str, object]]]:

@@ -439,6 +439,7 @@ class _Tracer:
         """Check one node's forwarding of ``dst``; ``(arrived, next node, dst after translation)``."""
         hops = trace.hops
         where = f"node {node.key}"
+        self.doc(node)  # its /debug/state lists the translations this node performs
         dst = self._translate(trace, node, dst)
         local = next((p for p in node.pods if p.ip == dst), None)
         if local is not None:

@@ -147,3 +147,16 @@ def test_hairpin_same_cluster_by_global_ip(glab: Lab) -> None:
     for node in ("west/w1", "west/w2"):
         doc = json.loads(glab.lab("bpf", node, "--json").stdout)
         assert ("vx-bridge", "egress") in {(x["device"], x["direction"]) for x in doc["attachments"]}, node
+
+
+def test_diagnose_trace_follows_global_ips(glab: Lab) -> None:
+    """`diagnose trace` to a remote pod's global IP shows the global -> real hop on the owning
+    node and ends at that pod, every hop green."""
+    pods = _pods(glab)
+    dst = pods["west/w2/p1"]
+    out = glab.tool("diagnose", "trace", "east/e1/p0", dst["global_ip"], "--lab", glab.name, "--json").stdout
+    doc = json.loads(out)
+    text = json.dumps(doc)
+    assert f"{dst['global_ip']} -> {dst['ip']}" in text, text
+    assert "west/w2/p1" in text and "global->real" in text, text
+    assert doc.get("first_failure") is None, text
