@@ -35,19 +35,13 @@ class TranslationCollector(Collector):
         self.instance = instance
         self.pin_root = pin_root
 
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        """The families this collector exports (so registries and dashboards can know them
+        before the first translated packet)."""
+        yield from self._families()
+
     def collect(self) -> Iterator[CounterMetricFamily]:
-        packets = CounterMetricFamily(
-            "fabric_agent_translation_packets", "Packets translated by the global-IP translator, per mapping",
-            labels=["direction", "local", "global"],
-        )
-        octets = CounterMetricFamily(
-            "fabric_agent_translation_bytes", "Bytes translated by the global-IP translator, per mapping",
-            labels=["direction", "local", "global"],
-        )
-        drops = CounterMetricFamily(
-            "fabric_agent_translation_drops", "Packets matching a mapping that could not be translated whole",
-            labels=["reason"],
-        )
+        packets, octets, drops = self._families()
         doc = self._read()
         if doc is None:
             return
@@ -61,6 +55,22 @@ class TranslationCollector(Collector):
         yield packets
         yield octets
         yield drops
+
+    @staticmethod
+    def _families() -> tuple[CounterMetricFamily, CounterMetricFamily, CounterMetricFamily]:
+        packets = CounterMetricFamily(
+            "fabric_agent_translation_packets", "Packets translated by the global-IP translator, per mapping",
+            labels=["direction", "local", "global"],
+        )
+        octets = CounterMetricFamily(
+            "fabric_agent_translation_bytes", "Bytes translated by the global-IP translator, per mapping",
+            labels=["direction", "local", "global"],
+        )
+        drops = CounterMetricFamily(
+            "fabric_agent_translation_drops", "Packets matching a mapping that could not be translated whole",
+            labels=["reason"],
+        )
+        return packets, octets, drops
 
     def _read(self) -> dict[str, Any] | None:
         try:
