@@ -361,8 +361,11 @@ class Agent(control_client.SessionHandler):
         reconcile worker (netlink sockets are not shared between threads), so a read never
         races a pass, and reflects the kernel *now*, not the view of the last resync."""
         fut = self._executor.submit(self._read_kernel)
+        # The translator's bcc handles belong to the reconcile worker too.
+        xlate = self._executor.submit(self.translator.dump)
         try:
             kernel = fut.result(timeout=10.0)
+            loaded = xlate.result(timeout=10.0)
         except concurrent.futures.TimeoutError:
             raise TimeoutError("the reconcile worker is busy; try again") from None
         planned = self._pending.state
@@ -379,6 +382,8 @@ class Agent(control_client.SessionHandler):
             "desired": kernel_state_json(self._desired_kernel) if self._desired_kernel is not None else None,
             "kernel": kernel,
             "probes": [dataclasses.asdict(st) for st in probes],
+            # What the BPF maps hold now (mappings with counters), to compare with the plan.
+            "translator": loaded,
             # Global IP rewrites this node performs, for `diagnose trace` to follow global IPs.
             "translations": [
                 {"cluster": self.cfg.cluster, "global": t.global_, "real": t.local}

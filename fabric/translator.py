@@ -59,7 +59,6 @@ class TranslatorSync:
         self.netns = netns
         self._t: translate.Translator | None = None
         self._plan = render.TranslatorPlan()
-        self._mappings_loaded = False
 
     @property
     def loaded(self) -> bool:
@@ -88,20 +87,20 @@ class TranslatorSync:
         except translate.TranslatorError as e:
             stats.fail(TABLE, errno.EIO, f"loading the translator: {e}")
             return
-        if plan.mappings != self._plan.mappings or not self._mappings_loaded:
-            try:
-                delta = t.set_mappings(
-                    translate.parse_mappings(list(plan.mappings), source="planned translations"),
-                    source="planned translations",
-                )
-            except translate.MappingError as e:  # the planner validated them: a bug, but keep the rest
-                stats.fail(TABLE, errno.EINVAL, str(e))
-            else:
-                stats.adds += len(delta.added)
-                stats.deletes += len(delta.removed)
-                for msg in delta.failed:
-                    stats.fail(TABLE, errno.EIO, msg)
-                self._mappings_loaded = not delta.failed
+        # Every pass, not only when the plan changed: set_mappings diffs the plan against what
+        # the maps hold now, so an entry removed behind our back (drift) comes back like a route.
+        try:
+            delta = t.set_mappings(
+                translate.parse_mappings(list(plan.mappings), source="planned translations"),
+                source="planned translations",
+            )
+        except translate.MappingError as e:  # the planner validated them: a bug, but keep the rest
+            stats.fail(TABLE, errno.EINVAL, str(e))
+        else:
+            stats.adds += len(delta.added)
+            stats.deletes += len(delta.removed)
+            for msg in delta.failed:
+                stats.fail(TABLE, errno.EIO, msg)
         self._attachments(t, plan, stats)
         self._plan = plan
 

@@ -318,6 +318,26 @@ class Translation:
         return str(to.network_address + (int(addr) - int(net.network_address)))
 
 
+def _mapping_not_loaded(doc: Mapping[str, Any], t: Translation) -> str:
+    """Why the node cannot perform global->real rewrite ``t`` (empty when its BPF maps hold it).
+
+    A mapping lives in two LPM maps (global -> local on ingress, local -> global on egress); the
+    translator dump lists a mapping whenever either holds it, with its counters. A node whose
+    state says nothing about its translator (an agent without global IP) is not judged here."""
+    if t.kind != "global->real":
+        return ""
+    loaded = doc.get("translator")
+    if not isinstance(loaded, Mapping) or "mappings" not in loaded:
+        return f"the plan translates {t.cidr} -> {t.to} but the node's translator is not loaded"
+    for m in loaded["mappings"]:
+        if m.get("global") == t.cidr and m.get("local") == t.to:
+            if m.get("ingress", True):
+                return ""
+            return (f"translation missing: the node's ingress BPF map has no entry {t.cidr} -> {t.to} "
+                    "(only the egress half is loaded)")
+    return f"translation missing: {t.cidr} -> {t.to} is planned but not in the node's BPF maps"
+
+
 def translations_of(state: lab.LabState, docs: Mapping[str, Mapping[str, Any]]) -> list[Translation]:
     """Every destination rewrite the path may meet: the lab's service DNAT (it plays kube-proxy)
     and, when agents list them in ``/debug/state`` (``translations``: rows with ``cluster``,
@@ -430,9 +450,15 @@ class _Tracer:
             if t.cluster != node.cluster:
                 continue
             real = t.apply(dst)
-            if real is not None:
-                trace.hops.append(Hop(f"node {node.key}", t.kind, True, f"{dst} -> {real}"))
-                return real
+            if real is None:
+                continue
+            missing = _mapping_not_loaded(self.docs.get(node.key) or {}, t)
+            if missing:
+                trace.hops.append(Hop(f"node {node.key}", "translation", False, missing,
+                                      f"translation map entry {t.cidr} -> {t.to} on {node.key}"))  # fmt: skip
+                return dst
+            trace.hops.append(Hop(f"node {node.key}", t.kind, True, f"{dst} -> {real}"))
+            return real
         return dst
 
     def _node_hop(self, trace: Trace, node: lab.NodeRecord, dst: str) -> tuple[bool, lab.NodeRecord | None, str]:
@@ -441,6 +467,8 @@ class _Tracer:
         where = f"node {node.key}"
         self.doc(node)  # its /debug/state lists the translations this node performs
         dst = self._translate(trace, node, dst)
+        if hops and not hops[-1].ok:  # a translation this node should perform is missing
+            return False, None, dst
         local = next((p for p in node.pods if p.ip == dst), None)
         if local is not None:
             rg = route_get(node.netns, dst)

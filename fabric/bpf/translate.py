@@ -301,10 +301,14 @@ class TranslatorMaps:
         return out
 
     def dump(self) -> dict[str, Any]:
+        """Mappings with counters and which directions the maps hold (``ingress``: the global ->
+        local entry, ``egress``: local -> global; a half-present mapping shows one False)."""
+        slots = self.mappings_with_slots()
         return {
             "pin_dir": str(self.pin_dir),
             "mappings": [
-                {"local": str(m.local), "global": str(m.global_), **vars(c)}
+                {"local": str(m.local), "global": str(m.global_), **vars(c),
+                 "ingress": slots[m][0] is not None, "egress": slots[m][1] is not None}
                 for m, c in sorted(self.counters().items(), key=lambda mc: mc[0].sort_key())
             ],
             "drops": self.drops(),
