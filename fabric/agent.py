@@ -68,7 +68,7 @@ DEBOUNCE_S = 0.05
 RETRY_MIN_S = 0.5
 #: /healthz tolerates this much beyond the resync period without a successful pass.
 HEALTH_GRACE_S = 60.0
-OWNED_LINKS = frozenset({types.VX_BRIDGE, types.VX_LOCAL, types.HAIRPIN_DEVICE})
+OWNED_LINKS = frozenset({*types.TUNNEL_DEVICES, types.HAIRPIN_DEVICE})
 
 
 class Events(Protocol):
@@ -122,6 +122,8 @@ class Agent(control_client.SessionHandler):
         self._stop: asyncio.Event | None = None
         self.dp = dp
         self.underlay = dp.underlay_link(cfg.underlay_ip)
+        # Dual stack: the interface holding the IPv6 underlay address (vx-*-6 bind to it).
+        self.underlay6 = dp.underlay_link(cfg.underlay_ip6) if cfg.underlay_ip6 else None
         self.reconciler = reconciler_mod.Reconciler(
             dp, table=cfg.table, rule_priority=cfg.rule_priority, link_names=OWNED_LINKS
         )
@@ -225,7 +227,12 @@ class Agent(control_client.SessionHandler):
             _log.info("gateway role of this node: %s (was %s)", role, self._role or "unknown")
             self._role = role
             self.metrics.set_role(role)
-        targets = {p.node or p.overlay_ip: (p.overlay_ip, p.device) for p in state.peers if p.probe}
+        # One target per probed node. A dual-stack peer is planned on both families' devices;
+        # it is probed over IPv4 (the node and its underlay share fate, one family suffices),
+        # an IPv6-only peer over IPv6 (probes.py speaks ICMPv6 too).
+        targets: dict[str, tuple[str, str]] = {}
+        for p in sorted((p for p in state.peers if p.probe), key=lambda p: types.family_of(p.overlay_ip), reverse=True):
+            targets[p.node or p.overlay_ip] = (p.overlay_ip, p.device)
         self.prober.set_targets(targets)
         for gone in self._probe_names - targets.keys():
             # A peer no longer probed must not keep reporting its last state forever.
@@ -304,9 +311,16 @@ class Agent(control_client.SessionHandler):
         if resync:
             # The underlay interface may have been recreated (new ifindex) since we looked.
             self.underlay = self.dp.underlay_link(self.cfg.underlay_ip)
+            if self.cfg.underlay_ip6:
+                self.underlay6 = self.dp.underlay_link(self.cfg.underlay_ip6)
             self.reconciler.resync()
+        by_ip = {self.cfg.underlay_ip6: self.underlay6.ifindex} if self.underlay6 is not None else None
         desired = render.render(
-            state, underlay_ifindex=self.underlay.ifindex, table=self.cfg.table, rule_priority=self.cfg.rule_priority
+            state,
+            underlay_ifindex=self.underlay.ifindex,
+            table=self.cfg.table,
+            rule_priority=self.cfg.rule_priority,
+            underlay_ifindexes=by_ip,
         )
         self.reconciler.set_desired(desired)
         self._desired_kernel = desired

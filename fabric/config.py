@@ -41,6 +41,9 @@ class AgentConfig:
     #: bpffs directory holding the translator's pinned maps (one subdirectory per node).
     bpf_pin_root: str = "/sys/fs/bpf/kosmos-fabric"
     cleanup: bool = False
+    #: Dual stack: the node's IPv6 underlay address when ``underlay_ip`` is IPv4 (vx-bridge-6 and
+    #: vx-local-6 ride on it); "" for a single-stack node.
+    underlay_ip6: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +128,10 @@ PARAMS: tuple[_Param, ...] = (
     _Param("node", "--node", "name of this node (unique inside its cluster)", _name, required=True),
     _Param("underlay_ip", "--underlay-ip", "this node's underlay address; tunnels bind to the interface holding it",
            _ip, required=True),
-    _Param("pod_cidrs", "--pod-cidr", "pod CIDR of this node (repeatable; env: comma-separated)", _cidr,
+    _Param("underlay_ip6", "--underlay-ip6", "this node's IPv6 underlay address on a dual-stack node whose "
+           "--underlay-ip is IPv4 (the IPv6 tunnels vx-bridge-6/vx-local-6 ride on it)", _ip),
+    _Param("pod_cidrs", "--pod-cidr", "pod CIDR of this node, one per address family (repeatable; env: "
+           "comma-separated)", _cidr,
            required=True, repeat=True),
     _Param("resync_period_s", "--resync-period", "seconds between full resyncs that repair drift (jittered +20%%); "
            "30 s repairs hand-made damage quickly while one dump per period costs little", _positive_float),
@@ -210,9 +216,14 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         values.setdefault("pod_cidrs", ())
     values["cleanup"] = cleanup
     cfg = AgentConfig(**values)
-    for c in cfg.pod_cidrs:
-        if ipaddress.ip_network(c).version != 4:
-            raise ConfigError(f"--pod-cidr: {c} is IPv6; this build supports IPv4 only")
+    if cfg.underlay_ip6:
+        if ipaddress.ip_address(cfg.underlay_ip6).version != 6:
+            raise ConfigError(f"--underlay-ip6: {cfg.underlay_ip6} is not an IPv6 address")
+        if cfg.underlay_ip and ipaddress.ip_address(cfg.underlay_ip).version == 6:
+            raise ConfigError(
+                f"--underlay-ip6 {cfg.underlay_ip6}: --underlay-ip {cfg.underlay_ip} is IPv6 already (give "
+                "--underlay-ip6 only with an IPv4 --underlay-ip)"
+            )
     return cfg
 
 
@@ -223,5 +234,6 @@ def announcement(cfg: AgentConfig, underlay_mtu: int) -> types.NodeAnnouncement:
         underlay_ip=cfg.underlay_ip,
         pod_cidrs=tuple(types.canonical_cidr(c) for c in cfg.pod_cidrs),
         underlay_mtu=underlay_mtu,
-        capabilities=("p2p", "gateway", "ipv4"),
+        capabilities=("p2p", "gateway", "ipv4", "ipv6"),
+        extra_underlay_ips=(cfg.underlay_ip6,) if cfg.underlay_ip6 else (),
     )

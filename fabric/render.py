@@ -26,12 +26,24 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import socket
+from collections.abc import Mapping
 
 from fabric import types
 from fabric.netlink import objects
 
 
-def render(state: types.NodeState, *, underlay_ifindex: int, table: int, rule_priority: int) -> objects.KernelState:
+def render(
+    state: types.NodeState,
+    *,
+    underlay_ifindex: int,
+    table: int,
+    rule_priority: int,
+    underlay_ifindexes: Mapping[str, int] | None = None,
+) -> objects.KernelState:
+    """``underlay_ifindexes`` maps an underlay address to the interface holding it (a dual-stack
+    node may hold its IPv4 and IPv6 underlay addresses on different interfaces); a device whose
+    ``local`` address is not in it binds to ``underlay_ifindex``."""
+    by_ip = underlay_ifindexes or {}
     links: set[objects.Link] = set()
     addresses: set[objects.Address] = set()
     rules: set[objects.Rule] = set()
@@ -48,7 +60,7 @@ def render(state: types.NodeState, *, underlay_ifindex: int, table: int, rule_pr
                 port=d.port,
                 mac=d.mac.lower(),
                 local=d.local,
-                underlay_ifindex=underlay_ifindex,
+                underlay_ifindex=by_ip.get(d.local, underlay_ifindex),
                 mtu=d.mtu,
             )
         )

@@ -12,6 +12,7 @@ Example (``examples/lab.yaml`` is the default lab)::
     underlay: 198.18.0.0/16            # optional; lab underlay range
     bridgeCIDRs: [100.64.0.0/10]       # optional; vx-bridge overlay addresses come from here
     localCIDRs: [198.19.0.0/16]        # optional; vx-local overlay addresses (gateway mode)
+    kubernetes: false                  # optional; the lab runs an emulated API server per cluster
     clusters:
       - name: east                     # DNS-1123 label
         mode: p2p                      # or gateway
@@ -36,6 +37,22 @@ Two clusters whose real CIDRs overlap (the common case: default pod and service 
 accepted only when *both* overlapping CIDRs are mapped: a pod can reach an overlapping remote
 range only by its global addresses, and routing the real one would shadow the node's own pods.
 
+Dual stack (``ipFamilies``): a cluster runs ``[IPv4]``, ``[IPv6]`` or both (``[IPv4, IPv6]`` or
+``[IPv6, IPv4]``; the first is its primary family). Absent, it is derived from ``podCIDRs`` (the
+families in order of appearance), so a file written before dual stack means what it meant.
+Every family listed needs a pod CIDR of that family; every pod, service and global CIDR must be
+of a listed family (and a global CIDR of the family of the CIDR it maps). A node's ``podCIDR``
+is one CIDR or a list of one per family; families not given are carved (/24 for IPv4, /64 for
+IPv6). The lab gives every node an IPv4 underlay address (its management network: the agent
+talks to the reflector over it) and, when its cluster runs IPv6, an IPv6 one from ``underlay6``
+(default ``fd00:198:18::/64``, a unique-local range mirroring 198.18.0.0/16; optional per node,
+``underlay6:``) with the same host number as its IPv4 one. The fabric carries a family only
+over the underlay of that family (``vx-bridge-6``/``vx-local-6`` ride on IPv6), and only
+between clusters that both run it: two clusters that share no family cannot talk, and
+``fabric-tool status`` says so. ``bridgeCIDRs``/``localCIDRs`` may list one CIDR per family; a
+family not listed takes its default (IPv6: ``fd00:100:64::/64`` and ``fd00:198:19::/64``), and
+the defaults are checked for overlaps like everything else.
+
 Validation is complete before anything is created: every problem is reported at once, each
 naming the file, the key path (``clusters[1].nodes[0].podCIDR``) and the reason.
 """
@@ -54,20 +71,24 @@ import yaml
 from fabric import types
 
 DEFAULT_UNDERLAY = "198.18.0.0/16"
+#: The lab's IPv6 underlay (nodes of clusters that run IPv6); see the module docstring.
+DEFAULT_UNDERLAY6 = "fd00:198:18::/64"
 #: Host index of the first automatically assigned node underlay address; .1 is the lab's own
 #: address (the reflector listens there), .2-.10 are kept for lab infrastructure.
 FIRST_NODE_HOST = 11
 #: Prefix length of node pod CIDRs carved automatically from the cluster's pod CIDRs.
 CARVE_PREFIX_V4 = 24
+CARVE_PREFIX_V6 = 64
+_FAMILY_BY_NAME = {name: f for f, name in types.FAMILY_NAMES.items()}
 MAX_PODS_PER_NODE = 64
 
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 # Node names become parts of namespace and interface names in the lab; keep them short.
 _MAX_NAME = 20
 
-_TOP_KEYS = {"underlay", "bridgeCIDRs", "localCIDRs", "clusters"}
-_CLUSTER_KEYS = {"name", "mode", "podCIDRs", "serviceCIDRs", "gateways", "globalCIDRs", "nodes"}
-_NODE_KEYS = {"name", "podCIDR", "pods", "underlay"}
+_TOP_KEYS = {"underlay", "underlay6", "bridgeCIDRs", "localCIDRs", "kubernetes", "clusters"}
+_CLUSTER_KEYS = {"ipFamilies", "name", "mode", "podCIDRs", "serviceCIDRs", "gateways", "globalCIDRs", "nodes"}
+_NODE_KEYS = {"name", "podCIDR", "pods", "underlay", "underlay6"}
 #: Modes this build can run.
 SUPPORTED_MODES = (types.ClusterMode.P2P, types.ClusterMode.GATEWAY)
 
@@ -88,11 +109,31 @@ class LabNode:
     pod_cidr: str
     pods: int
     underlay_ip: str
+    #: Dual stack: the node's IPv6 pod CIDR and IPv6 underlay address ("" when its cluster does
+    #: not run IPv6). ``pod_cidr`` is "" when the cluster does not run IPv4; ``underlay_ip`` is
+    #: always the IPv4 (management) address.
+    pod_cidr6: str = ""
+    underlay_ip6: str = ""
 
     def pod_ips(self) -> tuple[str, ...]:
-        """Pod ``pN`` gets host address N+2 of the node's pod CIDR (.1 is left free)."""
-        net = ipaddress.ip_network(self.pod_cidr)
-        return tuple(str(net.network_address + 2 + i) for i in range(self.pods))
+        """Pod ``pN`` gets host address N+2 of the node's pod CIDR (.1 is left free); empty when
+        the node has no IPv4 pod CIDR."""
+        return _pod_ips(self.pod_cidr, self.pods)
+
+    def pod_ips6(self) -> tuple[str, ...]:
+        """The pods' IPv6 addresses, numbered as :meth:`pod_ips`."""
+        return _pod_ips(self.pod_cidr6, self.pods)
+
+    @property
+    def pod_cidrs(self) -> tuple[str, ...]:
+        return tuple(c for c in (self.pod_cidr, self.pod_cidr6) if c)
+
+
+def _pod_ips(cidr: str, pods: int) -> tuple[str, ...]:
+    if not cidr:
+        return ()
+    net = ipaddress.ip_network(cidr)
+    return tuple(str(net.network_address + 2 + i) for i in range(pods))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -112,6 +153,11 @@ class TopologyFile:
     bridge_cidrs: tuple[str, ...]
     clusters: tuple[LabCluster, ...]
     local_cidrs: tuple[str, ...] = (types.DEFAULT_LOCAL_CIDR_V4,)
+    #: The lab runs one emulated Kubernetes API server (kubeemu) and lab kubelet per cluster.
+    #: Only the lab reads it; the fabric itself never talks to Kubernetes through this file.
+    kubernetes: bool = False
+    #: The lab's IPv6 underlay range (used when a cluster runs IPv6).
+    underlay6: str = DEFAULT_UNDERLAY6
 
     def fabric_config(self) -> types.FabricConfig:
         return types.FabricConfig(
@@ -129,6 +175,15 @@ class TopologyFile:
     def underlay_gateway(self) -> str:
         """The lab's own underlay address (host .1): the reflector listens here."""
         return str(ipaddress.ip_network(self.underlay).network_address + 1)
+
+    def underlay_gateway6(self) -> str:
+        """The lab's own IPv6 underlay address (host ::1)."""
+        return str(ipaddress.ip_network(self.underlay6).network_address + 1)
+
+    @property
+    def uses_ipv6(self) -> bool:
+        """Does any cluster run IPv6 (the lab then builds its IPv6 underlay)?"""
+        return any(6 in c.config.families for c in self.clusters)
 
 
 def load(path: str | Path) -> TopologyFile:
@@ -184,10 +239,14 @@ class _Parser:
         except ValueError as e:
             self.err(path, f"{value!r} is not a valid CIDR ({e})")
             return None
-        if net.version != 4:
-            self.err(path, f"{value} is IPv6; this build supports IPv4 only")
-            return None
         return str(net)
+
+    def _cidr_of(self, value: Any, path: str, family: int) -> str | None:
+        c = self._cidr(value, path)
+        if c is not None and types.family_of(c) != family:
+            self.err(path, f"{c} is not an IPv{family} CIDR")
+            return None
+        return c
 
     def _cidr_list(self, value: Any, path: str, required: bool) -> list[str]:
         if value is None:
@@ -221,9 +280,14 @@ class _Parser:
         if not isinstance(doc, dict):
             raise TopologyError(self.source, [("", "the document must be a mapping with a 'clusters' list")])
         self._keys(doc, _TOP_KEYS, "")
-        underlay = self._cidr(doc.get("underlay", DEFAULT_UNDERLAY), "underlay") or DEFAULT_UNDERLAY
+        underlay = self._cidr_of(doc.get("underlay", DEFAULT_UNDERLAY), "underlay", 4) or DEFAULT_UNDERLAY
+        underlay6 = self._cidr_of(doc.get("underlay6", DEFAULT_UNDERLAY6), "underlay6", 6) or DEFAULT_UNDERLAY6
         bridge = self._cidr_list(doc.get("bridgeCIDRs", [types.DEFAULT_BRIDGE_CIDR_V4]), "bridgeCIDRs", required=True)
         local = self._cidr_list(doc.get("localCIDRs", [types.DEFAULT_LOCAL_CIDR_V4]), "localCIDRs", required=True)
+        kubernetes = doc.get("kubernetes", False)
+        if not isinstance(kubernetes, bool):
+            self.err("kubernetes", f"{kubernetes!r} must be true or false")
+            kubernetes = False
         raw_clusters = doc.get("clusters")
         if not isinstance(raw_clusters, list) or not raw_clusters:
             self.err("clusters", "is required: a non-empty list of clusters")
@@ -245,8 +309,9 @@ class _Parser:
             clusters.append((path, rc))
 
         parsed = [self._cluster(path, rc) for path, rc in clusters]
-        self._cross_checks(parsed, underlay, bridge, local)
+        self._cross_checks(parsed, underlay, bridge, local, underlay6)
         self._assign(parsed, underlay)
+        self._assign6(parsed, underlay, underlay6)
         if self.problems:
             raise TopologyError(self.source, self.problems)
         result = []
@@ -261,14 +326,20 @@ class _Parser:
                         service_cidrs=tuple(pc.service_cidrs),
                         gateways=tuple(pc.gateways),
                         global_cidrs=types.frozen_mapping(pc.global_cidrs),
+                        ip_families=tuple(pc.ip_families),
                     ),
                     nodes=tuple(
-                        LabNode(n.name, n.pod_cidr, n.pods, n.underlay)  # type: ignore[arg-type]
+                        LabNode(
+                            n.name, n.pod_cidr or "", n.pods, n.underlay,  # type: ignore[arg-type]
+                            pod_cidr6=n.pod_cidr6 or "", underlay_ip6=n.underlay6 or "",
+                        )
                         for n in pc.nodes
                     ),
                 )
             )
-        return TopologyFile(self.source, underlay, tuple(bridge), tuple(result), tuple(local))
+        return TopologyFile(
+            self.source, underlay, tuple(bridge), tuple(result), tuple(local), kubernetes, underlay6=underlay6
+        )
 
     def _cluster(self, path: str, rc: dict[str, Any]) -> _PCluster:
         pc = _PCluster(path=path, name=rc.get("name") if isinstance(rc.get("name"), str) else None)
@@ -283,6 +354,7 @@ class _Parser:
                 self.err(f"{path}.mode", f"{mode!r} is not supported by this build (supported: {supported})")
         pc.pod_cidrs = self._cidr_list(rc.get("podCIDRs"), f"{path}.podCIDRs", required=True)
         pc.service_cidrs = self._cidr_list(rc.get("serviceCIDRs"), f"{path}.serviceCIDRs", required=False)
+        self._families(pc, rc.get("ipFamilies"), f"{path}.ipFamilies")
         raw_nodes = rc.get("nodes", [])
         if not isinstance(raw_nodes, list):
             self.err(f"{path}.nodes", "must be a list of nodes")
@@ -300,12 +372,7 @@ class _Parser:
                     self.err(f"{npath}.name", f"duplicate node name {pn.name!r} in cluster (first at {seen[pn.name]})")
                 seen[pn.name] = npath
             if "podCIDR" in rn:
-                pn.pod_cidr = self._cidr(rn["podCIDR"], f"{npath}.podCIDR")
-                if pn.pod_cidr and pc.pod_cidrs and not any(
-                    ipaddress.ip_network(pn.pod_cidr).subnet_of(ipaddress.ip_network(c))  # type: ignore[arg-type]
-                    for c in pc.pod_cidrs
-                ):
-                    self.err(f"{npath}.podCIDR", f"{pn.pod_cidr} is outside the cluster's podCIDRs {pc.pod_cidrs}")
+                self._node_pod_cidrs(pc, pn, rn["podCIDR"], f"{npath}.podCIDR")
             pods = rn.get("pods", 0)
             if not isinstance(pods, int) or isinstance(pods, bool) or not 0 <= pods <= MAX_PODS_PER_NODE:
                 self.err(f"{npath}.pods", f"{pods!r} must be an integer from 0 to {MAX_PODS_PER_NODE}")
@@ -313,10 +380,79 @@ class _Parser:
                 pn.pods = pods
             if "underlay" in rn:
                 pn.underlay = self._ip(rn["underlay"], f"{npath}.underlay")
+                if pn.underlay is not None and types.family_of(pn.underlay) != 4:
+                    self.err(f"{npath}.underlay", f"{pn.underlay} is not an IPv4 address (IPv6: underlay6)")
+                    pn.underlay = None
+            if "underlay6" in rn:
+                pn.underlay6 = self._ip(rn["underlay6"], f"{npath}.underlay6")
+                if pn.underlay6 is not None and types.family_of(pn.underlay6) != 6:
+                    self.err(f"{npath}.underlay6", f"{pn.underlay6} is not an IPv6 address")
+                    pn.underlay6 = None
+                elif pn.underlay6 is not None and 6 not in pc.families:
+                    self.err(f"{npath}.underlay6", "the cluster does not run IPv6 (ipFamilies)")
+                    pn.underlay6 = None
             pc.nodes.append(pn)
         self._gateways(pc, rc.get("gateways"), f"{path}.gateways")
         self._global_cidrs(pc, rc.get("globalCIDRs"), f"{path}.globalCIDRs")
         return pc
+
+    def _families(self, pc: _PCluster, value: Any, path: str) -> None:
+        """``ipFamilies``: 1-2 distinct names, consistent with the pod and service CIDRs; absent =
+        the families of ``podCIDRs`` in order (``ClusterConfig`` then leaves it empty)."""
+        pc.families = list(types.derive_families(pc.pod_cidrs))
+        if value is not None:
+            names = ", ".join(types.FAMILY_NAMES.values())
+            if not isinstance(value, list) or not 1 <= len(value) <= 2:
+                self.err(path, f"{value!r} must be a list of one or two address families ({names})")
+                return
+            fams: list[int] = []
+            for i, v in enumerate(value):
+                f = _FAMILY_BY_NAME.get(v) if isinstance(v, str) else None
+                if f is None:
+                    self.err(f"{path}[{i}]", f"{v!r} is not an address family ({names})")
+                    return
+                if f in fams:
+                    self.err(f"{path}[{i}]", f"duplicate address family {v}")
+                    return
+                fams.append(f)
+            pc.families = fams
+            pc.ip_families = fams
+            for f in fams:
+                if pc.pod_cidrs and not any(types.family_of(c) == f for c in pc.pod_cidrs):
+                    fname = types.FAMILY_NAMES[f]
+                    self.err(f"{pc.path}.podCIDRs", f"the cluster runs {fname} ({path}) but has no {fname} pod CIDR")
+        run = ", ".join(types.FAMILY_NAMES[f] for f in pc.families)
+        for key, cidrs in (("podCIDRs", pc.pod_cidrs), ("serviceCIDRs", pc.service_cidrs)):
+            for k, c in enumerate(cidrs):
+                if types.family_of(c) not in pc.families:
+                    fname = types.FAMILY_NAMES[types.family_of(c)]
+                    self.err(f"{pc.path}.{key}[{k}]", f"{c} is {fname} but the cluster runs only {run} (ipFamilies)")
+
+    def _node_pod_cidrs(self, pc: _PCluster, pn: _PNode, value: Any, path: str) -> None:
+        """A node's ``podCIDR``: one CIDR, or a list with at most one per family."""
+        items = value if isinstance(value, list) else [value]
+        for i, v in enumerate(items):
+            p = f"{path}[{i}]" if isinstance(value, list) else path
+            c = self._cidr(v, p)
+            if c is None:
+                continue
+            f = types.family_of(c)
+            if f not in pc.families:
+                self.err(p, f"{c} is IPv{f} but the cluster does not run IPv{f} (ipFamilies)")
+                continue
+            if (pn.pod_cidr if f == 4 else pn.pod_cidr6) is not None:
+                self.err(p, f"{c}: a second IPv{f} pod CIDR for the node (one per family)")
+                continue
+            if pc.pod_cidrs and not any(
+                ipaddress.ip_network(c).subnet_of(ipaddress.ip_network(o))  # type: ignore[arg-type]
+                for o in pc.pod_cidrs
+                if types.family_of(o) == f
+            ):
+                self.err(p, f"{c} is outside the cluster's podCIDRs {pc.pod_cidrs}")
+            if f == 4:
+                pn.pod_cidr = c
+            else:
+                pn.pod_cidr6 = c
 
     def _global_cidrs(self, pc: _PCluster, value: Any, path: str) -> None:
         """``{local: global}``: local is one of the cluster's declared CIDRs, same size both sides.
@@ -339,6 +475,9 @@ class _Parser:
                     f"{local} is not one of the cluster's podCIDRs/serviceCIDRs {sorted(declared)} (map a whole "
                     "declared CIDR; split the range in podCIDRs to map part of it)",
                 )
+                continue
+            if types.family_of(local) != types.family_of(glob):
+                self.err(kpath, f"{glob} and {local} are of different address families: translation is within a family")
                 continue
             lp, gp = ipaddress.ip_network(local).prefixlen, ipaddress.ip_network(glob).prefixlen
             if lp != gp:
@@ -375,7 +514,9 @@ class _Parser:
                 continue
             pc.gateways.append(name)
 
-    def _cross_checks(self, parsed: list[_PCluster], underlay: str, bridge: list[str], local: list[str]) -> None:
+    def _cross_checks(
+        self, parsed: list[_PCluster], underlay: str, bridge: list[str], local: list[str], underlay6: str
+    ) -> None:
         # Every CIDR of every cluster, with where it came from.
         owned: list[tuple[str, str, str]] = []  # (cidr, path, cluster)
         for pc in parsed:
@@ -412,24 +553,42 @@ class _Parser:
             for c, p, _ in owned:
                 if types.cidrs_overlap(globals_[a][0], c):
                     self.err(globals_[a][1], f"global CIDR {globals_[a][0]} overlaps {c} at {p}")
+        # A family missing from bridgeCIDRs/localCIDRs takes its default: check those too.
+        bridge_defaults = [
+            (c, f"bridgeCIDRs (IPv{types.family_of(c)} default)")
+            for c in types.with_defaults(bridge, (types.DEFAULT_BRIDGE_CIDR_V4, types.DEFAULT_BRIDGE_CIDR_V6))
+            if c not in bridge
+        ]
+        local_defaults = [
+            (c, f"localCIDRs (IPv{types.family_of(c)} default)")
+            for c in types.with_defaults(local, (types.DEFAULT_LOCAL_CIDR_V4, types.DEFAULT_LOCAL_CIDR_V6))
+            if c not in local
+        ]
         infra = [
             (underlay, "underlay"),
+            (underlay6, "underlay6"),
             *[(c, f"bridgeCIDRs[{i}]") for i, c in enumerate(bridge)],
             *[(c, f"localCIDRs[{i}]") for i, c in enumerate(local)],
+            *bridge_defaults,
+            *local_defaults,
         ]
         for c, p, _ in [*owned, *((g, p, "") for g, p in globals_)]:
             for ic, ip_ in infra:
                 if types.cidrs_overlap(c, ic):
                     self.err(p, f"{c} overlaps {ic} ({ip_})")
-        for i, c in enumerate(bridge):
-            if types.cidrs_overlap(c, underlay):
-                self.err(f"bridgeCIDRs[{i}]", f"{c} overlaps the underlay {underlay}")
-        for i, c in enumerate(local):
-            if types.cidrs_overlap(c, underlay):
-                self.err(f"localCIDRs[{i}]", f"{c} overlaps the underlay {underlay}")
-            for j, bc in enumerate(bridge):
+        bridges = [*((c, f"bridgeCIDRs[{i}]") for i, c in enumerate(bridge)), *bridge_defaults]
+        locals_ = [*((c, f"localCIDRs[{i}]") for i, c in enumerate(local)), *local_defaults]
+        for c, p in bridges:
+            for ul, key in ((underlay, "underlay"), (underlay6, "underlay6")):
+                if types.cidrs_overlap(c, ul):
+                    self.err(p, f"{c} overlaps the {key} {ul}")
+        for c, p in locals_:
+            for ul, key in ((underlay, "underlay"), (underlay6, "underlay6")):
+                if types.cidrs_overlap(c, ul):
+                    self.err(p, f"{c} overlaps the {key} {ul}")
+            for bc, bp in bridges:
                 if types.cidrs_overlap(c, bc):
-                    self.err(f"localCIDRs[{i}]", f"{c} overlaps {bc} (bridgeCIDRs[{j}])")
+                    self.err(p, f"{c} overlaps {bc} ({bp})")
 
     def _assign(self, parsed: list[_PCluster], underlay: str) -> None:
         """Fill in absent node pod CIDRs and underlay addresses, deterministically, in file order."""
@@ -466,38 +625,76 @@ class _Parser:
                 taken_ul[pn.underlay] = pn.path
 
         for pc in parsed:
-            explicit = {n.pod_cidr: n.path for n in pc.nodes if n.pod_cidr}
-            for a, (ca, pa) in enumerate(explicit.items()):
-                for cb, pb in list(explicit.items())[a + 1 :]:
-                    if types.cidrs_overlap(ca, cb):
-                        self.err(f"{pb}.podCIDR", f"{cb} overlaps {ca} of {pa}")
-            candidates = _carve(pc.pod_cidrs)
+            for family, attr, prefix in ((4, "pod_cidr", CARVE_PREFIX_V4), (6, "pod_cidr6", CARVE_PREFIX_V6)):
+                if family not in pc.families:
+                    continue
+                self._carve_family(pc, attr, [c for c in pc.pod_cidrs if types.family_of(c) == family], prefix)
+
+    def _carve_family(self, pc: _PCluster, attr: str, pod_cidrs: list[str], prefix: int) -> None:
+        """Fill in the nodes' absent pod CIDRs of one family (``attr`` of :class:`_PNode`)."""
+        explicit: dict[str, str] = {getattr(n, attr): n.path for n in pc.nodes if getattr(n, attr)}
+        for a, (ca, pa) in enumerate(explicit.items()):
+            for cb, pb in list(explicit.items())[a + 1 :]:
+                if types.cidrs_overlap(ca, cb):
+                    self.err(f"{pb}.podCIDR", f"{cb} overlaps {ca} of {pa}")
+        candidates = _carve(pod_cidrs, prefix)
+        for pn in pc.nodes:
+            if getattr(pn, attr) is None:
+                for cand in candidates:
+                    if not any(types.cidrs_overlap(cand, e) for e in explicit):
+                        setattr(pn, attr, cand)
+                        explicit[cand] = pn.path
+                        break
+                else:
+                    if pod_cidrs:
+                        self.err(f"{pn.path}.podCIDR", f"no free /{prefix} left in {pod_cidrs} to carve")
+                    continue
+            cidr = getattr(pn, attr)
+            if cidr is not None:
+                size = ipaddress.ip_network(cidr).num_addresses
+                if pn.pods + 2 > size:
+                    self.err(f"{pn.path}.pods", f"{pn.pods} pods do not fit in {cidr}")
+
+    def _assign6(self, parsed: list[_PCluster], underlay: str, underlay6: str) -> None:
+        """IPv6 underlay addresses of the nodes of clusters that run IPv6: explicit ones are
+        checked; absent ones take the host number of the node's IPv4 underlay address."""
+        net4, net6 = ipaddress.ip_network(underlay), ipaddress.ip_network(underlay6)
+        taken: dict[str, str] = {}
+        for pc in parsed:
             for pn in pc.nodes:
-                if pn.pod_cidr is None:
-                    for cand in candidates:
-                        if not any(types.cidrs_overlap(cand, e) for e in explicit):
-                            pn.pod_cidr = cand
-                            explicit[cand] = pn.path
-                            break
-                    else:
-                        if pc.pod_cidrs:
-                            self.err(
-                                f"{pn.path}.podCIDR", f"no free /{CARVE_PREFIX_V4} left in {pc.pod_cidrs} to carve"
-                            )
-                        continue
-                if pn.pod_cidr is not None:
-                    size = ipaddress.ip_network(pn.pod_cidr).num_addresses
-                    if pn.pods + 2 > size:
-                        self.err(f"{pn.path}.pods", f"{pn.pods} pods do not fit in {pn.pod_cidr}")
+                if pn.underlay6 is None:
+                    continue
+                addr = ipaddress.ip_address(pn.underlay6)
+                if addr not in net6:
+                    self.err(f"{pn.path}.underlay6", f"{pn.underlay6} is outside underlay6 {underlay6}")
+                elif int(addr) - int(net6.network_address) < FIRST_NODE_HOST:
+                    self.err(f"{pn.path}.underlay6", f"{pn.underlay6} is reserved (host numbers below "
+                             f"{FIRST_NODE_HOST} belong to the lab)")  # fmt: skip
+                elif str(addr) in taken:
+                    self.err(f"{pn.path}.underlay6", f"{pn.underlay6} is already used by {taken[str(addr)]}")
+                taken[str(addr)] = pn.path
+        for pc in parsed:
+            if 6 not in pc.families:
+                continue
+            for pn in pc.nodes:
+                if pn.underlay6 is not None or pn.underlay is None:
+                    continue
+                host = int(ipaddress.ip_address(pn.underlay)) - int(net4.network_address)
+                addr = net6.network_address + host
+                if addr not in net6 or str(addr) in taken:
+                    self.err(pn.path, f"no IPv6 underlay address for host number {host} in {underlay6} (set underlay6)")
+                    continue
+                pn.underlay6 = str(addr)
+                taken[pn.underlay6] = pn.path
 
 
-def _carve(pod_cidrs: list[str]) -> Iterator[str]:
+def _carve(pod_cidrs: list[str], prefix: int = CARVE_PREFIX_V4) -> Iterator[str]:
     for c in pod_cidrs:
         net = ipaddress.ip_network(c)
-        if net.prefixlen >= CARVE_PREFIX_V4:
+        if net.prefixlen >= prefix:
             yield str(net)
         else:
-            for sub in net.subnets(new_prefix=CARVE_PREFIX_V4):
+            for sub in net.subnets(new_prefix=prefix):
                 yield str(sub)
 
 
@@ -508,6 +705,8 @@ class _PNode:
     pod_cidr: str | None = None
     pods: int = 0
     underlay: str | None = None
+    pod_cidr6: str | None = None
+    underlay6: str | None = None
 
 
 @dataclasses.dataclass
@@ -520,3 +719,6 @@ class _PCluster:
     gateways: list[str] = dataclasses.field(default_factory=list)
     global_cidrs: dict[str, str] = dataclasses.field(default_factory=dict)
     nodes: list[_PNode] = dataclasses.field(default_factory=list)
+    #: The families the cluster runs (given or derived) and what the file said (empty: absent).
+    families: list[int] = dataclasses.field(default_factory=lambda: [4])
+    ip_families: list[int] = dataclasses.field(default_factory=list)

@@ -42,7 +42,7 @@ _POINTS: dict[str, tuple[translate.AttachPoint, ...]] = {
     types.PROGRAM_HAIRPIN: (translate.AttachPoint.HAIRPIN,),
 }
 #: Devices our programs may run on (where cleanup and detach look).
-DEVICES = (types.VX_BRIDGE, types.HAIRPIN_DEVICE)
+DEVICES = (types.VX_BRIDGE, types.VX_BRIDGE6, types.HAIRPIN_DEVICE)
 
 
 def instance_name(cluster: str, node: str) -> str:

@@ -32,6 +32,21 @@ VX_BRIDGE_PORT = 4876
 VX_LOCAL = "vx-local"
 VX_LOCAL_VNI = 55
 VX_LOCAL_PORT = 4877
+#: IPv6 twins (DESIGN.md): the same roles for IPv6 traffic, carried over the IPv6 underlay. A
+#: device carries one family end to end (inner and outer), so a dual-stack node has both pairs.
+VX_BRIDGE6 = "vx-bridge-6"
+VX_BRIDGE6_VNI = 64
+VX_BRIDGE6_PORT = 4866
+VX_LOCAL6 = "vx-local-6"
+VX_LOCAL6_VNI = 65
+VX_LOCAL6_PORT = 4867
+#: Every tunnel device: name -> (VNI, UDP port, address family it carries).
+TUNNEL_DEVICES: dict[str, tuple[int, int, int]] = {
+    VX_BRIDGE: (VX_BRIDGE_VNI, VX_BRIDGE_PORT, 4),
+    VX_LOCAL: (VX_LOCAL_VNI, VX_LOCAL_PORT, 4),
+    VX_BRIDGE6: (VX_BRIDGE6_VNI, VX_BRIDGE6_PORT, 6),
+    VX_LOCAL6: (VX_LOCAL6_VNI, VX_LOCAL6_PORT, 6),
+}
 #: VXLAN over an IPv4 underlay costs 50 bytes (outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14).
 VXLAN_OVERHEAD_V4 = 50
 #: Over an IPv6 underlay the outer header is 40 bytes, hence 70.
@@ -47,6 +62,49 @@ DEFAULT_BRIDGE_CIDR_V4 = "100.64.0.0/10"
 #: vx-bridge, so the 16 host bits keep every address of a /16 underlay distinct. Configurable per
 #: fabric with ``localCIDRs``; the topology validation refuses overlaps with anything else.
 DEFAULT_LOCAL_CIDR_V4 = "198.19.0.0/16"
+#: IPv6 defaults, unique local addresses (RFC 4193) that mirror the IPv4 choices: the bridge range
+#: ``fd00:100:64::/64`` (as 100.64/10), the vx-local range ``fd00:198:19::/64`` (as 198.19/16), both
+#: disjoint from the lab's default IPv6 underlay ``fd00:198:18::/64`` (as 198.18/16). A /64 keeps
+#: the 64 host bits of the underlay address, so the nodes of one /64 underlay never collide. A
+#: family missing from ``bridgeCIDRs`` / ``localCIDRs`` takes its default (:func:`with_defaults`),
+#: so an IPv4-only file plans exactly as before and a dual-stack one needs no extra key.
+DEFAULT_BRIDGE_CIDR_V6 = "fd00:100:64::/64"
+DEFAULT_LOCAL_CIDR_V6 = "fd00:198:19::/64"
+#: Address families by the names Kubernetes uses (``ipFamilies``).
+FAMILY_NAMES = {4: "IPv4", 6: "IPv6"}
+
+
+def family_of(text: str) -> int:
+    """4 or 6: the family of an address or CIDR text (no parse: the hot paths call it)."""
+    return 6 if ":" in text else 4
+
+
+def bridge_device(family: int) -> str:
+    """The inter-cluster tunnel device of ``family``."""
+    return VX_BRIDGE6 if family == 6 else VX_BRIDGE
+
+
+def local_device(family: int) -> str:
+    """The intra-cluster (gateway-mode) tunnel device of ``family``."""
+    return VX_LOCAL6 if family == 6 else VX_LOCAL
+
+
+def derive_families(cidrs: Iterable[str]) -> tuple[int, ...]:
+    """The families of ``cidrs`` in order of first appearance; ``(4,)`` when there are none. The
+    default of a cluster's ``ipFamilies``: its pod CIDRs say what it runs, the first is primary."""
+    out: list[int] = []
+    for c in cidrs:
+        f = family_of(c)
+        if f not in out:
+            out.append(f)
+    return tuple(out) or (4,)
+
+
+def with_defaults(cidrs: Iterable[str], defaults: Iterable[str]) -> tuple[str, ...]:
+    """``cidrs`` plus the default of every family they lack (the effective bridge/local ranges)."""
+    given = tuple(cidrs)
+    have = {family_of(c) for c in given}
+    return given + tuple(d for d in defaults if family_of(d) not in have)
 
 
 class ClusterMode(enum.StrEnum):
@@ -70,6 +128,14 @@ class ClusterConfig:
     #: :func:`frozen_mapping`). Each local CIDR is one of ``pod_cidrs``/``service_cidrs`` and
     #: other clusters see and route it only by its global CIDR (same size, 1:1 by prefix).
     global_cidrs: tuple[tuple[str, str], ...] = ()
+    #: ``ipFamilies`` (4, 6), primary first; empty = derived from ``pod_cidrs`` (see
+    #: :attr:`families`), so configurations written before dual stack mean what they meant.
+    ip_families: tuple[int, ...] = ()
+
+    @property
+    def families(self) -> tuple[int, ...]:
+        """The address families the cluster runs, primary first."""
+        return self.ip_families or derive_families(self.pod_cidrs)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -120,10 +186,24 @@ class NodeAnnouncement:
     #: MTU of the underlay interface; tunnel devices get this minus the vxlan overhead.
     underlay_mtu: int = 1500
     capabilities: tuple[str, ...] = ()
+    #: Underlay addresses of the node's other families (a dual-stack node: its IPv6 address when
+    #: ``underlay_ip`` is IPv4). At most one address per family, none of ``underlay_ip``'s family.
+    extra_underlay_ips: tuple[str, ...] = ()
 
     @property
     def key(self) -> NodeKey:
         return NodeKey(self.cluster, self.name)
+
+    @property
+    def underlay_ips(self) -> tuple[str, ...]:
+        return (self.underlay_ip, *self.extra_underlay_ips)
+
+    def underlay(self, family: int) -> str | None:
+        """The node's underlay address of ``family`` (None: it has none)."""
+        for ip in (self.underlay_ip, *self.extra_underlay_ips):
+            if family_of(ip) == family:
+                return ip
+        return None
 
 
 @dataclasses.dataclass(frozen=True, slots=True, order=True)

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -37,6 +37,7 @@ class ClusterHandle:
     service_cidrs: tuple[str, ...] = ()
     nodes: tuple[str, ...] = ()
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    argv: tuple[str, ...] = ()
 
     def alive(self) -> bool:
         if self.proc is not None:
@@ -75,12 +76,15 @@ def start_cluster(
     graceful_pods: bool = False,
     python: str = sys.executable,
     timeout: float = 15.0,
+    on_spawn: Callable[[int], None] | None = None,
 ) -> ClusterHandle:
     """Start ``python -m kubeemu`` for one cluster and wait until it answers ``/readyz``.
 
     ``netns`` runs it inside that network namespace (``listen`` must then be an address of that
     namespace; the lab's choice). ``nodes`` is informational here: Node objects are registered
-    by the lab kubelet (``kubeemu.kubelet``), which also holds their podCIDRs.
+    by the lab kubelet (``kubeemu.kubelet``), which also holds their podCIDRs. ``on_spawn`` is
+    called with the new PID before anything is awaited, so a caller can record the process
+    (the lab writes it to its state file) before an interrupt could orphan it.
     """
     argv = [python, "-m", "kubeemu", "--listen", listen, "--name", name,
             "--service-cidr", ",".join(service_cidrs)]
@@ -93,6 +97,8 @@ def start_cluster(
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log if log is not None else subprocess.DEVNULL,
                             stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+    if on_spawn is not None:
+        on_spawn(proc.pid)
     assert proc.stdout is not None
     deadline = time.monotonic() + timeout
     url = ""
@@ -103,7 +109,8 @@ def start_cluster(
         proc.kill()
         proc.wait(5)
         raise RuntimeError(f"cluster {name}: kubeemu did not start (argv {' '.join(argv)}; first line {line!r})")
-    handle = ClusterHandle(name, url, proc.pid, tuple(pod_cidrs), tuple(service_cidrs), tuple(nodes), proc)
+    handle = ClusterHandle(name, url, proc.pid, tuple(pod_cidrs), tuple(service_cidrs), tuple(nodes), proc,
+                           tuple(argv))
     if netns:
         return handle  # /readyz is only reachable from inside the namespace
     while time.monotonic() < deadline:

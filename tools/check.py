@@ -16,6 +16,13 @@ the other clusters (host-network traffic leaves with an overlay source address t
 side must route back). The matrix then has the extra sources as rows and the services as
 columns.
 
+Dual stack (issue 5): every family is probed on its own (``--family 4|6|all``, default all):
+a pod with an IPv4 and an IPv6 address is two sources, each probing only destinations of its
+family, and the matrix is drawn once per family. A pair whose ends do not both have an address
+of a family (an IPv4-only pod and an IPv6-only pod, say) is *not expected* in that family:
+listed as such (``not_expected`` in --json, a ``-`` in the matrix, a summary line per cluster
+pair), never a failure and never silently missing.
+
 Global IP (issue 4): a pod or service of a cluster with ``globalCIDRs`` is probed from *other*
 clusters by its global IP (the only address they can reach it by) and from its own cluster by
 its real IP; each pair's result names the address used (``dst_ip``).
@@ -49,6 +56,8 @@ class Pod:
     ip: str
     #: How other clusters reach it (its cluster maps it in globalCIDRs), else None.
     global_ip: str | None = None
+    #: The address family probed (4 or 6): the family of ``ip``.
+    family: int = 4
 
     @property
     def cluster(self) -> str:
@@ -64,6 +73,17 @@ class PairResult:
     ok: bool
     rtt_ms: float | None
     error: str | None
+    family: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class NotExpected:
+    """A pair that cannot work in ``family``: one end has no address of that family."""
+
+    src: str
+    dst: str
+    family: int
+    reason: str
 
 
 @dataclasses.dataclass
@@ -74,6 +94,8 @@ class CheckResult:
     #: Extra matrix columns (services) and rows (host networks); see the module docstring.
     services: list[Pod] = dataclasses.field(default_factory=list)
     hosts: list[Pod] = dataclasses.field(default_factory=list)
+    #: Pairs of a probed family that cannot work (see the module docstring).
+    not_expected: list[NotExpected] = dataclasses.field(default_factory=list)
 
     @property
     def passed(self) -> int:
@@ -93,24 +115,76 @@ class CheckResult:
             "passed": self.passed,
             "failed": self.failed,
             "elapsed_s": round(self.elapsed_s, 3),
+            "not_expected": [dataclasses.asdict(n) for n in self.not_expected],
         }
 
 
-def pods_of(state: lab.LabState) -> list[Pod]:
+FAMILIES = (4, 6)
+
+
+def pods_of(state: lab.LabState, families: Sequence[int] = FAMILIES) -> list[Pod]:
+    """Every pod once per family it has an address of (``families`` in order)."""
     return [
-        Pod(f"{n.key}/{p.name}", p.netns, p.ip, c.global_ip(p.ip)) for c in state.clusters for n in c.nodes
+        Pod(f"{n.key}/{p.name}", p.netns, ip, c.global_ip(ip), f)
+        for f in families
+        for c in state.clusters
+        for n in c.nodes
         for p in n.pods
+        if (ip := (p.ip if f == 4 else p.ip6))
     ]
 
 
-def services_of(state: lab.LabState) -> list[Pod]:
-    """The lab service of every cluster that has one, as a destination ``CLUSTER/svc``."""
-    return [Pod(f"{c.name}/svc", "", c.service_ip, c.global_ip(c.service_ip)) for c in state.clusters if c.service_ip]
+def services_of(state: lab.LabState, families: Sequence[int] = FAMILIES) -> list[Pod]:
+    """The lab service of every cluster that has one, as a destination ``CLUSTER/svc``, per family."""
+    return [
+        Pod(f"{c.name}/svc", "", ip, c.global_ip(ip), f)
+        for f in families
+        for c in state.clusters
+        if (ip := (c.service_ip if f == 4 else c.service_ip6))
+    ]
 
 
-def hosts_of(state: lab.LabState) -> list[Pod]:
-    """Every node's host network as a source (label ``CLUSTER/NODE``)."""
-    return [Pod(n.key, n.netns, n.underlay_ip) for n in state.nodes()]
+def hosts_of(state: lab.LabState, families: Sequence[int] = FAMILIES) -> list[Pod]:
+    """Every node's host network as a source (label ``CLUSTER/NODE``), per family of its cluster
+    (the node's IPv4 underlay is the lab's management network: a node of an IPv6-only cluster
+    is an IPv6 source only)."""
+    out = []
+    for f in families:
+        for c in state.clusters:
+            if f not in c.ip_families:
+                continue
+            for n in c.nodes:
+                ip = n.underlay_ip if f == 4 else n.underlay_ip6
+                if ip:
+                    out.append(Pod(n.key, n.netns, ip, None, f))
+    return out
+
+
+def not_expected(state: lab.LabState, families: Sequence[int] = FAMILIES, services: bool = False) -> list[NotExpected]:
+    """Pod pairs (and pod -> service of another cluster with ``services``) that cannot work in
+    each family of ``families`` because an end has no address of it, with the reason."""
+    pods = [(c, f"{n.key}/{p.name}", p.ip, p.ip6) for c in state.clusters for n in c.nodes for p in n.pods]
+    dsts = list(pods)
+    if services:
+        dsts += [(c, f"{c.name}/svc", c.service_ip or "", c.service_ip6 or "") for c in state.clusters
+                 if c.service_ip or c.service_ip6]  # fmt: skip
+    out = []
+    for f in families:
+        name = "IPv4" if f == 4 else "IPv6"
+        for sc, src, s4, s6 in pods:
+            for dc, dst, d4, d6 in dsts:
+                if src == dst or (dst.endswith("/svc") and dc is sc):
+                    continue
+                has_src, has_dst = bool(s4 if f == 4 else s6), bool(d4 if f == 4 else d6)
+                if has_src == has_dst:
+                    continue  # both have it (probed), or neither (no pair of this family at all)
+                shared = {fam for fam, ip in ((4, s4), (6, s6)) if ip} & {fam for fam, ip in ((4, d4), (6, d6)) if ip}
+                if not shared:
+                    reason = f"{sc.name} and {dc.name} share no address family"
+                else:
+                    reason = f"{dc.name if has_src else sc.name} does not run {name}"
+                out.append(NotExpected(src, dst, f, reason))
+    return out
 
 
 def jobs(pods: Sequence[Pod], services: Sequence[Pod] = (), hosts: Sequence[Pod] = ()) -> list[tuple[Pod, list[Pod]]]:
@@ -119,11 +193,12 @@ def jobs(pods: Sequence[Pod], services: Sequence[Pod] = (), hosts: Sequence[Pod]
     cluster with a global IP is given with that IP (see the module docstring)."""
     out: list[tuple[Pod, list[Pod]]] = []
     for src in pods:
-        dsts = [d for d in pods if d is not src] + [s for s in services if s.cluster != src.cluster]
+        dsts = [d for d in pods if d is not src and d.family == src.family]
+        dsts += [s for s in services if s.cluster != src.cluster and s.family == src.family]
         if dsts:
             out.append((src, [_as_seen_from(src, d) for d in dsts]))
     for src in hosts:
-        dsts = [d for d in pods if d.cluster != src.cluster]
+        dsts = [d for d in pods if d.cluster != src.cluster and d.family == src.family]
         if dsts:
             out.append((src, [_as_seen_from(src, d) for d in dsts]))
     return out
@@ -159,11 +234,12 @@ def parse_worker_output(src: Pod, dsts: Sequence[Pod], stdout: str, stderr: str,
     out = []
     for i, dst in enumerate(dsts):
         if reason is not None:
-            out.append(PairResult(src.label, dst.label, dst.ip, "icmp", False, None, reason))
+            out.append(PairResult(src.label, dst.label, dst.ip, "icmp", False, None, reason, src.family))
             continue
         r = results[i]
         if not isinstance(r, dict) or r.get("dst_ip") != dst.ip:
-            out.append(PairResult(src.label, dst.label, dst.ip, "icmp", False, None, f"malformed result {r!r:.80}"))
+            out.append(PairResult(src.label, dst.label, dst.ip, "icmp", False, None, f"malformed result {r!r:.80}",
+                                  src.family))  # fmt: skip
             continue
         ok = r.get("ok") is True
         rtt = r.get("rtt_ms")
@@ -176,6 +252,7 @@ def parse_worker_output(src: Pod, dsts: Sequence[Pod], stdout: str, stderr: str,
                 ok=ok,
                 rtt_ms=float(rtt) if isinstance(rtt, int | float) else None,
                 error=None if ok else str(r.get("error") or "failed"),
+                family=src.family,
             )
         )
     return out
@@ -223,7 +300,7 @@ def run(
     deadline = time.monotonic() + timeout_s + _WORKER_SLACK_S
     for src, dsts, worker, why in workers:
         if worker is None:
-            pairs += [PairResult(src.label, d.label, d.ip, "icmp", False, None, why) for d in dsts]
+            pairs += [PairResult(src.label, d.label, d.ip, "icmp", False, None, why, src.family) for d in dsts]
             continue
         try:
             out, err = worker.communicate(timeout=max(0.1, deadline - time.monotonic()))
@@ -307,14 +384,53 @@ def junit_xml(result: CheckResult, name: str = "fabric-check") -> str:
 
 
 def render_matrix(result: CheckResult, marks: tuple[str, str, str] | None = None) -> str:
-    """Rows are sources, columns destinations (numbered like the rows); a summary closes it."""
-    yes, no, self_mark = marks or _marks()
-    rows = [*result.pods, *result.hosts]
-    cols = [*result.pods, *result.services]
-    pods = rows
+    """Rows are sources, columns destinations (numbered like the rows); a summary closes it.
+    With more than one family probed, one matrix per family (see the module docstring)."""
+    families = sorted({p.family for p in [*result.pods, *result.hosts, *result.services]}) or [4]
+    if len(families) == 1 and not result.not_expected:
+        return _render_family(result, marks, families[0], titled=False)
+    parts = [_render_family(result, marks, f, titled=True) for f in families]
+    lines = ["\n\n".join(parts)]
+    if result.not_expected:
+        lines.append("")
+        lines.append(f"{len(result.not_expected)} pairs not expected (no address of the family at one end):")
+        groups: dict[tuple[str, str, int, str], int] = {}
+        for n in result.not_expected:
+            k = (n.src.split("/", 1)[0], n.dst.split("/", 1)[0], n.family, n.reason)
+            groups[k] = groups.get(k, 0) + 1
+        for (a, b, f, why), count in sorted(groups.items()):
+            lines.append(f"  IPv{f} {a} -> {b}: {count} pairs, {why}")
     protos = sorted({p.proto for p in result.pairs}) or ["icmp"]
+    verdict = "all pairs passed" if result.ok else f"{result.failed} FAILED"
+    lines.append("")
+    lines.append(
+        f"{result.passed}/{len(result.pairs)} pairs passed ({', '.join(protos)}), {verdict}, "
+        f"{len(result.not_expected)} not expected, {len({p.label for p in result.pods})} pods, "
+        f"{result.elapsed_s:.1f} s"
+    )
+    return "\n".join(lines)
+
+
+def _render_family(result: CheckResult, marks: tuple[str, str, str] | None, family: int, titled: bool) -> str:
+    """The matrix of one family: every pod is a row and a column; a pair of this family that is
+    not expected shows ``-``."""
+    yes, no, self_mark = marks or _marks()
+    fam_pods = [q for q in result.pods if q.family == family]
+    if titled:
+        # Pods without an address of this family appear too (ip "-"), so nothing goes missing.
+        by_label: dict[str, Pod] = {}
+        for pod in result.pods:
+            if pod.family == family or pod.label not in by_label:
+                by_label[pod.label] = pod if pod.family == family else dataclasses.replace(pod, ip="-", family=family)
+        fam_pods = list(by_label.values())
+    rows = [*fam_pods, *(h for h in result.hosts if h.family == family)]
+    cols = [*fam_pods, *(s for s in result.services if s.family == family)]
+    pods = rows
+    fam_pairs = [p for p in result.pairs if p.family == family]
+    protos = sorted({p.proto for p in fam_pairs}) or ["icmp"]
+    not_exp = {(n.src, n.dst) for n in result.not_expected if n.family == family}
     cells: dict[tuple[str, str], bool] = {}
-    for p in result.pairs:
+    for p in fam_pairs:
         key = (p.src, p.dst)
         cells[key] = cells.get(key, True) and p.ok
     num_w = len(str(len(pods)))
@@ -333,6 +449,8 @@ def render_matrix(result: CheckResult, marks: tuple[str, str, str] | None = None
         for dst in cols:
             if dst is src:
                 row.append(self_mark)
+            elif (src.label, dst.label) in not_exp:
+                row.append("-")
             elif (src.label, dst.label) not in cells:
                 row.append(" ")
             else:
@@ -345,11 +463,11 @@ def render_matrix(result: CheckResult, marks: tuple[str, str, str] | None = None
         lines.append("")
         lines.append("columns: " + ", ".join(f"{i + 1}={d.label}" for i, d in enumerate(cols) if i >= len(result.pods)))
     real_ip = {d.label: d.ip for d in cols}
-    by_global = sum(1 for p in result.pairs if p.dst in real_ip and p.dst_ip != real_ip[p.dst])
+    by_global = sum(1 for p in fam_pairs if p.dst in real_ip and p.dst_ip != real_ip[p.dst])
     if by_global:
         lines.append("")
         lines.append(f"{by_global} pairs reached a pod or service of another cluster by its global IP (--json: dst_ip)")
-    failures = [p for p in result.pairs if not p.ok]
+    failures = [p for p in fam_pairs if not p.ok]
     if failures:
         lines.append("")
         lines.append("failed pairs:")
@@ -358,6 +476,11 @@ def render_matrix(result: CheckResult, marks: tuple[str, str, str] | None = None
         if len(failures) > 20:
             lines.append(f"  ... and {len(failures) - 20} more (use --json for all)")
     lines.append("")
+    if titled:
+        passed = sum(1 for p in fam_pairs if p.ok)
+        lines.append(f"IPv{family}: {passed}/{len(fam_pairs)} pairs passed ({', '.join(protos)}), "
+                     f"{len(not_exp)} not expected")  # fmt: skip
+        return f"IPv{family}\n" + "\n".join(lines)
     verdict = "all pairs passed" if result.ok else f"{result.failed} FAILED"
     lines.append(
         f"{result.passed}/{len(result.pairs)} pairs passed ({', '.join(protos)}), {verdict}, "

@@ -134,6 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_Formatter,
     )
     del down
+    kc = lsub.add_parser(
+        "kubeconfig",
+        parents=[name_opt],
+        help="print the path of the lab's kubeconfig (topologies with 'kubernetes: true')",
+        description="One context per cluster, each the cluster's emulated API server (kubeemu) on 127.0.0.1.",
+        epilog="example:\n"
+        "  kubectl --kubeconfig $(fabric-tool lab kubeconfig --name demo) --context east get nodes -o wide",
+        formatter_class=_Formatter,
+    )
+    del kc
     st = lsub.add_parser(
         "status",
         parents=[name_opt],
@@ -227,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--retest-failed", action="store_true",
                     help="probe only the pairs that failed in the last check of this lab (kept in its state dir)")
     ck.add_argument("--junit", metavar="FILE", help="also write the pairs as a JUnit XML report to FILE")
+    ck.add_argument("--family", choices=("4", "6", "all"), default="all",
+                    help="address family to probe: 4, 6 or all (default all; each family is probed on its own, "
+                    "pairs without an address of a family at both ends are reported as not expected)")
     _add_observability_parsers(sub, lsub, name_opt)
 
     # -- status -----------------------------------------------------------------------------
@@ -290,7 +303,7 @@ def _bench(argv: list[str]) -> int:
 def _lab(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     cmd = args.lab_command
     if cmd == "up":
-        lab.up(
+        state = lab.up(
             args.topology,
             args.name,
             timeout_s=args.timeout,
@@ -300,6 +313,11 @@ def _lab(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         )
         print(f"lab {args.name} is up: 'fabric-tool check --lab {args.name}' probes it, "
               f"'fabric-tool lab down --name {args.name}' removes it")  # fmt: skip
+        if state.kubernetes:
+            print(f"kubeconfig: {state.kubeconfig}")
+        return 0
+    if cmd == "kubeconfig":
+        print(lab.kubeconfig_path(args.name))
         return 0
     if cmd == "down":
         lab.down(args.name)
@@ -355,11 +373,13 @@ def _check(args: argparse.Namespace) -> int:
         raise lab.LabError(
             f"lab {args.lab} is not up (no {lab.state_file(args.lab)}); start it with 'fabric-tool lab up'"
         )
-    pods = check.pods_of(state)
+    families = check.FAMILIES if args.family == "all" else (int(args.family),)
+    pods = check.pods_of(state, families)
     if len(pods) < 2:
-        raise lab.LabError(f"lab {args.lab} has {len(pods)} pods; check needs at least 2")
-    services = check.services_of(state) if args.services else []
-    hosts = check.hosts_of(state) if args.host_network else []
+        raise lab.LabError(f"lab {args.lab} has {len(pods)} pods with addresses of IPv{args.family}; check needs at "
+                           "least 2")  # fmt: skip
+    services = check.services_of(state, families) if args.services else []
+    hosts = check.hosts_of(state, families) if args.host_network else []
     if args.services and not services:
         raise lab.LabError(f"lab {args.lab} has no lab service (clusters need serviceCIDRs and pods)")
     last_path = state.state_dir / check.LAST_RESULTS
@@ -378,6 +398,8 @@ def _check(args: argparse.Namespace) -> int:
     n_pairs = sum(len(d) for _, d in jobs)
     print(f"check: probing {n_pairs} pairs from {len(jobs)} sources (timeout {args.timeout:g} s)...", file=sys.stderr)
     result = check.run(pods, timeout_s=args.timeout, count=args.count, services=services, hosts=hosts, only=only)
+    if only is None:
+        result.not_expected = check.not_expected(state, families, services=args.services)
     check.save_results(last_path, result, previous)
     if args.junit:
         try:
@@ -516,7 +538,7 @@ def render_fabric_status(target: str, status: Any) -> str:
                     c.mode,
                     n.name,
                     role,
-                    n.underlay_ip,
+                    " ".join((n.underlay_ip, *n.extra_underlay_ips)),
                     session,
                     f"{n.applied_version}/{n.planned_version}",
                     "yes" if n.in_sync else "NO",
@@ -532,6 +554,12 @@ def render_fabric_status(target: str, status: Any) -> str:
                 f"cluster {c.name}: active gateway {c.active_gateway}, standby {c.standby_gateway or 'none'}, "
                 f"candidates {', '.join(c.gateways) or 'every node'}, moves {c.gateway_moves}"
             )
+    for c in status.clusters:
+        if tuple(c.ip_families) != (4,):
+            fams = ", ".join("IPv4" if f == 4 else "IPv6" for f in c.ip_families)
+            lines.append(f"cluster {c.name}: ipFamilies {fams}")
+    for u in status.unreachable_pairs:
+        lines.append(f"clusters {u.cluster_a} and {u.cluster_b} cannot talk: {u.reason}")
     for rej in status.rejections:
         lines.append(f"rejected {rej.source}: {rej.reason}")
     return "\n".join(lines)

@@ -41,6 +41,13 @@ next, written atomically, so a crash leaves an accurate record for ``down``):
 ``up`` on a running lab adds only what is missing (new nodes, pods, stopped processes) and
 touches nothing that runs. ``down`` needs no state at all: it finds the lab's namespaces under
 /run/netns by name and its processes by namespace inode.
+
+``kubernetes: true`` in the topology adds, per cluster, an emulated API server (kubeemu) on
+127.0.0.1 and a lab kubelet that runs the Pods bound to the cluster's nodes as lab pods
+(:func:`add_pod`, namespaces ``NAME-<cluster>-<node>-k<hash>``, IPs from the node's pod CIDR
+other than the static pods'), plus ``kubeconfig`` in the state directory with one context per
+cluster. Those two processes live in the root namespace (kubectl must reach the servers), so
+``down`` finds them by the PID and start time recorded in the state file, not by namespace.
 """
 
 from __future__ import annotations
@@ -60,6 +67,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -68,6 +76,7 @@ import yaml
 
 from fabric import topology, types
 from fabric.control import api
+from kubeemu import lab as kubeemu_lab
 from tools import nsutil
 
 _log = logging.getLogger(__name__)
@@ -137,8 +146,13 @@ class ProcRecord:
 class PodRecord:
     name: str  # p0, p1, ...
     netns: str
-    ip: str
+    ip: str  # IPv4 address; "" in a cluster that does not run IPv4
     host_if: str  # node-side veth
+    #: Dual stack: the pod's IPv6 address ("" in a cluster that does not run IPv6).
+    ip6: str = ""
+
+    def ips(self) -> tuple[str, ...]:
+        return tuple(ip for ip in (self.ip, self.ip6) if ip)
 
 
 @dataclasses.dataclass
@@ -154,10 +168,18 @@ class NodeRecord:
     agent: ProcRecord | None = None
     #: Cut off the underlay by ``lab fail`` (until ``lab heal``).
     failed: bool = False
+    #: Dual stack: IPv6 underlay address and pod CIDR ("" when the cluster does not run IPv6;
+    #: ``pod_cidr`` is "" when it does not run IPv4, ``underlay_ip`` is always IPv4).
+    underlay_ip6: str = ""
+    pod_cidr6: str = ""
 
     @property
     def key(self) -> str:
         return f"{self.cluster}/{self.name}"
+
+    @property
+    def pod_cidrs(self) -> tuple[str, ...]:
+        return tuple(c for c in (self.pod_cidr, self.pod_cidr6) if c)
 
 
 @dataclasses.dataclass
@@ -173,6 +195,16 @@ class ClusterRecord:
     service_backend: str | None = None
     #: Global IP: local CIDR -> global CIDR (the topology's ``globalCIDRs``).
     global_cidrs: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: ``kubernetes: true``: the cluster's emulated API server (kubeemu, root namespace,
+    #: 127.0.0.1) with its URL, and the lab kubelet (tools/kubelet_lab.py) serving its nodes.
+    api_url: str | None = None
+    apiserver: ProcRecord | None = None
+    kubelet: ProcRecord | None = None
+    #: The address families the cluster runs, primary first (4, 6).
+    ip_families: list[int] = dataclasses.field(default_factory=lambda: [4])
+    #: The IPv6 lab service (host 10 of the first IPv6 service CIDR), DNATed to a pod's IPv6.
+    service_ip6: str | None = None
+    service_backend6: str | None = None
 
     def global_ip(self, ip: str | None) -> str | None:
         """How the other clusters reach ``ip`` of this cluster (None: by ``ip`` itself)."""
@@ -194,6 +226,11 @@ class LabState:
     ul_built: bool = False
     reflector: ProcRecord | None = None
     version: int = STATE_VERSION
+    #: The topology's ``kubernetes``: one API server and lab kubelet per cluster.
+    kubernetes: bool = False
+    #: The IPv6 underlay and the lab's address on it ("" when no cluster runs IPv6).
+    underlay6: str = ""
+    gateway6: str = ""
 
     @property
     def state_dir(self) -> Path:
@@ -202,6 +239,11 @@ class LabState:
     @property
     def topology_copy(self) -> Path:
         return self.state_dir / "topology.yaml"
+
+    @property
+    def kubeconfig(self) -> Path:
+        """One context per cluster, written by ``up`` when the lab runs Kubernetes."""
+        return self.state_dir / "kubeconfig"
 
     @property
     def reflector_socket(self) -> Path:
@@ -245,8 +287,9 @@ class LabState:
                     pods = [PodRecord(**p) for p in n["pods"]]
                     fields = {k: v for k, v in n.items() if k not in ("pods", "agent")}
                     nodes.append(NodeRecord(**fields, pods=pods, agent=proc(n.get("agent"))))
-                fields = {k: v for k, v in c.items() if k != "nodes"}
-                clusters.append(ClusterRecord(**fields, nodes=nodes))
+                fields = {k: v for k, v in c.items() if k not in ("nodes", "apiserver", "kubelet")}
+                clusters.append(ClusterRecord(**fields, nodes=nodes, apiserver=proc(c.get("apiserver")),
+                                              kubelet=proc(c.get("kubelet"))))
             fields = {k: v for k, v in doc.items() if k not in ("clusters", "reflector")}
             return cls(**fields, clusters=clusters, reflector=proc(doc.get("reflector")))
         except (KeyError, TypeError, ValueError) as e:
@@ -344,13 +387,15 @@ def plan(name: str, topo: topology.TopologyFile) -> LabState:
         for ln in lc.nodes:
             node_ns = claim(f"{name}-{lc.name}-{ln.name}", f"node {lc.name}/{ln.name}")
             pods = []
-            for i, ip in enumerate(ln.pod_ips()):
+            ips4, ips6 = ln.pod_ips(), ln.pod_ips6()
+            for i in range(ln.pods):
                 pod = f"p{i}"
                 pods.append(
                     PodRecord(
                         name=pod,
                         netns=claim(f"{node_ns}-{pod}", f"pod {lc.name}/{ln.name}/{pod}"),
-                        ip=ip,
+                        ip=ips4[i] if ips4 else "",
+                        ip6=ips6[i] if ips6 else "",
                         host_if=f"veth-{pod}",
                     )
                 )
@@ -363,14 +408,12 @@ def plan(name: str, topo: topology.TopologyFile) -> LabState:
                     pod_cidr=ln.pod_cidr,
                     ul_if=_ul_ifname(lc.name, ln.name),
                     pods=pods,
+                    underlay_ip6=ln.underlay_ip6,
+                    pod_cidr6=ln.pod_cidr6,
                 )
             )
-        service_ip, backend = None, None
-        pod_ips = [p.ip for n in nodes for p in n.pods]
-        if lc.config.service_cidrs and pod_ips:
-            net = ipaddress.ip_network(lc.config.service_cidrs[0])
-            if net.num_addresses > SERVICE_HOST + 1:
-                service_ip, backend = str(net.network_address + SERVICE_HOST), pod_ips[0]
+        service_ip, backend = _lab_service(lc.config.service_cidrs, [p.ip for n in nodes for p in n.pods], 4)
+        service_ip6, backend6 = _lab_service(lc.config.service_cidrs, [p.ip6 for n in nodes for p in n.pods], 6)
         clusters.append(
             ClusterRecord(
                 name=lc.name,
@@ -382,6 +425,9 @@ def plan(name: str, topo: topology.TopologyFile) -> LabState:
                 service_ip=service_ip,
                 service_backend=backend,
                 global_cidrs=dict(lc.config.global_cidrs),
+                ip_families=list(lc.config.families),
+                service_ip6=service_ip6,
+                service_backend6=backend6,
             )
         )
     if problems:
@@ -395,7 +441,24 @@ def plan(name: str, topo: topology.TopologyFile) -> LabState:
         gateway=topo.underlay_gateway(),
         ul_netns=f"{name}-ul",
         clusters=clusters,
+        kubernetes=topo.kubernetes,
+        underlay6=topo.underlay6 if topo.uses_ipv6 else "",
+        gateway6=topo.underlay_gateway6() if topo.uses_ipv6 else "",
     )
+
+
+def _lab_service(service_cidrs: Sequence[str], pod_ips: Sequence[str], family: int) -> tuple[str | None, str | None]:
+    """The lab service of one family: host SERVICE_HOST of the cluster's first service CIDR of
+    that family, backed by the first pod with an address of it (None, None: no such service)."""
+    backends = [ip for ip in pod_ips if ip and types.family_of(ip) == family]
+    for c in service_cidrs:
+        if types.family_of(c) != family:
+            continue
+        net = ipaddress.ip_network(c)
+        if backends and net.num_addresses > SERVICE_HOST + 1:
+            return str(net.network_address + SERVICE_HOST), backends[0]
+        break
+    return None, None
 
 
 def merge_plan(current: LabState, wanted: LabState) -> tuple[LabState, list[str], bool]:
@@ -409,6 +472,8 @@ def merge_plan(current: LabState, wanted: LabState) -> tuple[LabState, list[str]
     problems: list[str] = []
     if wanted.underlay != current.underlay:
         problems.append(f"underlay {current.underlay} -> {wanted.underlay}")
+    if current.kubernetes and not wanted.kubernetes:
+        problems.append("kubernetes true -> false")
     cur_clusters = {c.name: c for c in current.clusters}
     want_clusters = {c.name: c for c in wanted.clusters}
     for cname in cur_clusters.keys() - want_clusters.keys():
@@ -452,7 +517,9 @@ def merge_plan(current: LabState, wanted: LabState) -> tuple[LabState, list[str]
             f"'lab up' only adds clusters and nodes, it cannot apply: {'; '.join(problems)}. "
             f"Run 'fabric-tool lab down --name {current.name}' first to rebuild from scratch."
         )
-    merged_state = dataclasses.replace(current, clusters=merged, topology_source=wanted.topology_source)
+    merged_state = dataclasses.replace(
+        current, clusters=merged, topology_source=wanted.topology_source, kubernetes=wanted.kubernetes
+    )
     return merged_state, added, clusters_changed
 
 
@@ -508,13 +575,23 @@ def _build_underlay(state: LabState) -> None:
         ],
         f"underlay bridge in {state.ul_netns}",
     )
+    if state.underlay6:
+        # IPv6 underlay on the same bridge: the lab's own ::1 (no DAD: usable at once).
+        _write_sysctls(state.ul_netns, _IPV6_SYSCTLS)
+        _ip_batch(
+            state.ul_netns,
+            [f"addr add {state.gateway6}/{_prefixlen(state.underlay6)} dev {UL_BRIDGE} nodad"],
+            f"IPv6 underlay address in {state.ul_netns}",
+        )
 
 
 def _build_node(state: LabState, cluster: ClusterRecord, node: NodeRecord) -> None:
     """Create one node namespace, its underlay link, its pods and its intra-cluster routes."""
     prefix = state.underlay.split("/")[1]
-    names = [node.netns, *(p.netns for p in node.pods)]
-    _ip_batch(None, [f"netns add {ns}" for ns in names], f"namespaces of node {node.key}")
+    _ip_batch(None, [f"netns add {node.netns}"], f"namespace of node {node.key}")
+    if node.underlay_ip6:
+        # Before any link exists in the namespace: links take the namespace's defaults when created.
+        _write_sysctls(node.netns, {**_IPV6_SYSCTLS, "net.ipv6.conf.all.forwarding": "1"})
     # The veth is created inside the lab namespace with its peer placed straight into the node
     # namespace: neither end ever exists in the root namespace.
     _ip_batch(
@@ -537,64 +614,152 @@ def _build_node(state: LabState, cluster: ClusterRecord, node: NodeRecord) -> No
     cmds = [
         "link set lo up",
         f"addr add {node.underlay_ip}/{prefix} dev eth0",
+        *([f"addr add {node.underlay_ip6}/{_prefixlen(state.underlay6)} dev eth0 nodad"] if node.underlay_ip6 else []),
         "link set eth0 up",
         f"route replace default via {state.gateway} dev eth0",
     ]
-    for pod in node.pods:
-        cmds += [
-            f"link add {pod.host_if} type veth peer name eth0 netns {pod.netns}",
-            f"link set {pod.host_if} up",
-            f"route replace {pod.ip}/32 dev {pod.host_if}",
-        ]
-    cmds += [
-        f"route replace {peer.pod_cidr} via {peer.underlay_ip} dev eth0"
-        for peer in cluster.nodes
-        if peer.name != node.name and peer.built
-    ]
+    cmds += [cmd for peer in cluster.nodes if peer.name != node.name and peer.built for cmd in _host_gw(peer)]
     _ip_batch(node.netns, cmds, f"node {node.key}")
-    if node.pods:
-        _write_sysctls(node.netns, {f"net.ipv4.conf.{p.host_if}.proxy_arp": "1" for p in node.pods})
     for pod in node.pods:
-        _ip_batch(
-            pod.netns,
-            [
-                "link set lo up",
-                f"addr add {pod.ip}/32 dev eth0",
-                "link set eth0 up",
-                f"route replace {POD_GATEWAY} dev eth0 scope link",
-                f"route replace default via {POD_GATEWAY} dev eth0",
-            ],
-            f"pod {node.key}/{pod.name}",
-        )
+        add_pod(node, pod)
     _install_service(cluster, node)
     # Play the cluster's CNI for the others: they learn the new node's pod CIDR (host-gw).
     for peer in cluster.nodes:
         if peer.name != node.name and peer.built:
-            _ip_batch(
-                peer.netns,
-                [f"route replace {node.pod_cidr} via {node.underlay_ip} dev eth0"],
-                f"host-gw route to {node.key} on {peer.key}",
-            )
+            _ip_batch(peer.netns, _host_gw(node), f"host-gw route to {node.key} on {peer.key}")
+
+
+#: IPv6 in lab namespaces: on, and no duplicate address detection (a DAD-tentative address is
+#: unusable for a second or more; every lab address is unique by construction).
+_IPV6_SYSCTLS = {
+    "net.ipv6.conf.all.disable_ipv6": "0",
+    "net.ipv6.conf.default.disable_ipv6": "0",
+    "net.ipv6.conf.all.accept_dad": "0",
+    "net.ipv6.conf.default.accept_dad": "0",
+}
+#: The pods' IPv6 default gateway: a static link-local address on the node side of every pod
+#: veth (Calico's fe80::1 idea without proxy NDP: the node simply owns the address, so it answers
+#: neighbour solicitations for it, and a link-local address may repeat on every veth).
+POD_GATEWAY6 = "fe80::1"
+
+
+def _prefixlen(cidr: str) -> str:
+    return cidr.split("/")[1]
+
+
+def _host_gw(node: NodeRecord) -> list[str]:
+    """The cluster CNI's host-gw routes to ``node``'s pod CIDRs, one per family (for its peers)."""
+    out = []
+    if node.pod_cidr:
+        out.append(f"route replace {node.pod_cidr} via {node.underlay_ip} dev eth0")
+    if node.pod_cidr6 and node.underlay_ip6:
+        out.append(f"route replace {node.pod_cidr6} via {node.underlay_ip6} dev eth0")
+    return out
+
+
+def _link_exists(netns: str, ifname: str) -> bool:
+    res = subprocess.run(["ip", "-n", netns, "link", "show", "dev", ifname], capture_output=True, check=False)
+    return res.returncode == 0
+
+
+def add_pod(node: NodeRecord, pod: PodRecord) -> None:
+    """Give ``pod`` its namespace on ``node``, Calico style; idempotent.
+
+    The one way the lab makes a pod: its static pods (``_build_node``) and the pods the lab
+    kubelet runs for the emulated API server (``tools/kubelet_lab.py``) both come here. Order:
+    the pod namespace, a veth created in the node namespace with its peer moved straight into
+    the pod (as ``eth0``; no end ever exists in the root namespace), the node's /32 route and
+    proxy ARP on its end, then the pod's address and its default route via the link-local
+    gateway. Calling it again for a pod that exists re-applies addresses and routes (the pod
+    keeps only ``pod.ip``); a pod namespace without its node-side veth is rebuilt.
+    """
+    if not nsutil.netns_exists(node.netns):
+        raise LabError(f"pod {node.key}/{pod.name}: node namespace {node.netns} does not exist")
+    if not (nsutil.netns_exists(pod.netns) and _link_exists(node.netns, pod.host_if)):
+        _delete_netns([pod.netns])
+        _ip_batch(None, [f"netns add {pod.netns}"], f"namespace of pod {node.key}/{pod.name}")
+        if pod.ip6:
+            _write_sysctls(pod.netns, _IPV6_SYSCTLS)
+        _ip_batch(
+            node.netns,
+            [f"link add {pod.host_if} type veth peer name eth0 netns {pod.netns}"],
+            f"veth of pod {node.key}/{pod.name}",
+        )
+    node_cmds = [f"link set {pod.host_if} up"]
+    if pod.ip:
+        node_cmds.append(f"route replace {pod.ip}/32 dev {pod.host_if}")
+    if pod.ip6:
+        node_cmds += [
+            f"addr replace {POD_GATEWAY6}/64 dev {pod.host_if} nodad",
+            f"route replace {pod.ip6}/128 dev {pod.host_if}",
+        ]
+    _ip_batch(node.netns, node_cmds, f"route to pod {node.key}/{pod.name}")
+    if pod.ip:
+        _write_sysctls(node.netns, {f"net.ipv4.conf.{pod.host_if}.proxy_arp": "1"})
+    pod_cmds = ["link set lo up", "addr flush dev eth0 scope global"]
+    if pod.ip:
+        pod_cmds.append(f"addr add {pod.ip}/32 dev eth0")
+    if pod.ip6:
+        pod_cmds.append(f"addr add {pod.ip6}/128 dev eth0 nodad")
+    pod_cmds.append("link set eth0 up")
+    if pod.ip:
+        pod_cmds += [
+            f"route replace {POD_GATEWAY} dev eth0 scope link",
+            f"route replace default via {POD_GATEWAY} dev eth0",
+        ]
+    if pod.ip6:
+        pod_cmds.append(f"route replace ::/0 via {POD_GATEWAY6} dev eth0")
+    _ip_batch(pod.netns, pod_cmds, f"pod {node.key}/{pod.name}")
+
+
+def remove_pod(node: NodeRecord, pod: PodRecord) -> bool:
+    """Delete ``pod``'s namespace (its veth pair and the node's /32 route through it go with it);
+    idempotent, returns whether there was anything to delete."""
+    return bool(_delete_netns([pod.netns]))
+
+
+#: Kubelet pod namespaces: ``<node netns>-k<10 hex>`` (static pods are ``-p<N>``).
+_KUBE_POD_SUFFIX = re.compile(r"-k[0-9a-f]{10}$")
+
+
+def kube_pod(node: NodeRecord, pod_key: str, ip: str) -> PodRecord:
+    """The record of a pod the lab kubelet runs for Kubernetes pod ``pod_key`` (namespace/name).
+
+    Names derive from a hash of the key (Kubernetes names are too long for interface names),
+    so the kubelet needs no state of its own to find the namespace again for ``remove_pod``.
+    """
+    h = hashlib.sha256(pod_key.encode()).hexdigest()[:10]
+    return PodRecord(name=pod_key, netns=f"{node.netns}-k{h}", ip=ip, host_if=f"vk{h}")
+
+
+def kube_pod_namespaces(cluster: ClusterRecord) -> list[str]:
+    """Namespaces of kubelet pods that exist on the nodes of ``cluster``."""
+    prefixes = tuple(f"{n.netns}-k" for n in cluster.nodes)
+    return [ns for ns in nsutil.list_netns() if ns.startswith(prefixes) and _KUBE_POD_SUFFIX.search(ns)]
 
 
 def service_ruleset(service_ip: str, backend: str) -> str:
     """The kube-proxy stand-in of one node: DNAT the lab service to its backend pod (for
     forwarded and locally generated traffic) and masquerade what was translated, as kube-proxy
     does for clients outside the cluster, so replies come back through this node."""
+    # IPv6 services get their own table (family ip6, nftables' name for it; ``kflab6``).
+    fam, table = ("ip6", f"{NFT_TABLE}6") if ":" in service_ip else ("ip", NFT_TABLE)
+    dnat = f"{fam} daddr {service_ip} dnat to {backend};"
     return (
-        f"table ip {NFT_TABLE} {{\n"
-        f"  chain prerouting {{ type nat hook prerouting priority dstnat; ip daddr {service_ip} dnat to {backend}; }}\n"
-        f"  chain output {{ type nat hook output priority -100; ip daddr {service_ip} dnat to {backend}; }}\n"
+        f"table {fam} {table} {{\n"
+        f"  chain prerouting {{ type nat hook prerouting priority dstnat; {dnat} }}\n"
+        f"  chain output {{ type nat hook output priority -100; {dnat} }}\n"
         f"  chain postrouting {{ type nat hook postrouting priority srcnat; "
-        f"ct status dnat ct original ip daddr {service_ip} masquerade; }}\n"
+        f"ct status dnat ct original {fam} daddr {service_ip} masquerade; }}\n"
         f"}}\n"
     )
 
 
 def _install_service(cluster: ClusterRecord, node: NodeRecord) -> None:
-    if cluster.service_ip is None or cluster.service_backend is None:
+    services = ((cluster.service_ip, cluster.service_backend), (cluster.service_ip6, cluster.service_backend6))
+    rules = "".join(service_ruleset(ip, b) for ip, b in services if ip is not None and b is not None)
+    if not rules:
         return
-    rules = service_ruleset(cluster.service_ip, cluster.service_backend)
     res = subprocess.run(
         ["ip", "netns", "exec", node.netns, "nft", "-f", "-"], input=rules, capture_output=True, text=True, check=False
     )
@@ -667,12 +832,22 @@ def _venv_bin(program: str) -> Path:
     return path
 
 
+#: ``ProcRecord.netns`` of the processes that run in the root namespace (the Kubernetes API
+#: servers listen on 127.0.0.1 for kubectl, and their kubelets talk to them there).
+ROOT_NETNS = ""
+
+
 def _start(netns: str, argv: list[str], log_path: Path) -> ProcRecord:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
-        log.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting in {netns}: {' '.join(argv)}\n".encode())
+        where = netns or "the root namespace"
+        log.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting in {where}: {' '.join(argv)}\n".encode())
         log.flush()
-        proc = nsutil.spawn_in_netns(netns, argv, stdout=log, stderr=subprocess.STDOUT)
+        if netns == ROOT_NETNS:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True, close_fds=True)  # fmt: skip
+        else:
+            proc = nsutil.spawn_in_netns(netns, argv, stdout=log, stderr=subprocess.STDOUT)
     # The Popen object is dropped on purpose: the process outlives us. subprocess reaps it if it
     # exits while we still run; afterwards init does.
     return ProcRecord(pid=proc.pid, start=nsutil.start_time(proc.pid), netns=netns, log=str(log_path), argv=argv)
@@ -712,7 +887,8 @@ def start_agent(state: LabState, node: NodeRecord) -> ProcRecord:
         "--cluster", node.cluster,
         "--node", node.name,
         "--underlay-ip", node.underlay_ip,
-        "--pod-cidr", node.pod_cidr,
+        *(a for c in node.pod_cidrs for a in ("--pod-cidr", c)),
+        *(("--underlay-ip6", node.underlay_ip6) if node.underlay_ip6 else ()),
         "--metrics-listen", f"0.0.0.0:{api.DEFAULT_AGENT_METRICS_PORT}",
         "--bpf-pin-root", str(bpf_dir(state.name)),
         "--log-level", "info",
@@ -723,6 +899,142 @@ def start_agent(state: LabState, node: NodeRecord) -> ProcRecord:
     node.agent = rec
     save_state(state)
     return rec
+
+
+# -- Kubernetes (``kubernetes: true``) -------------------------------------------------------
+#
+# Per cluster, in this order: the emulated API server (``python -m kubeemu`` on 127.0.0.1, an
+# ephemeral port; root namespace so kubectl reaches it), then the lab kubelet
+# (``python -m tools.kubelet_lab``, root namespace: it runs ``ip`` on the lab's named namespaces
+# and talks to its API server), then the kubeconfig (one context per cluster). Both processes are
+# recorded (PID + start time) in the state file as soon as they exist; ``down`` stops them from
+# there, since a scan of the lab's namespaces cannot find processes of the root namespace.
+
+
+def start_apiserver(state: LabState, cluster: ClusterRecord) -> ProcRecord:
+    """Start ``cluster``'s API server and wait until it answers; records it before waiting."""
+    log_path = state.state_dir / "logs" / f"apiserver-{cluster.name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def record(pid: int) -> None:
+        cluster.apiserver = ProcRecord(pid=pid, start=nsutil.start_time(pid), netns=ROOT_NETNS,
+                                       log=str(log_path), argv=[])  # fmt: skip
+        cluster.api_url = None
+        save_state(state)
+
+    with open(log_path, "ab") as log:
+        log.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting the API server of {cluster.name}\n".encode())
+        log.flush()
+        try:
+            handle = kubeemu_lab.start_cluster(
+                cluster.name, cluster.pod_cidrs, cluster.service_cidrs, [n.name for n in cluster.nodes],
+                log=log, graceful_pods=True, on_spawn=record,
+            )  # fmt: skip
+        except (RuntimeError, OSError) as e:
+            raise LabError(
+                f"the API server of cluster {cluster.name} did not start: {e}{_log_tail(str(log_path))}"
+            ) from e
+    assert cluster.apiserver is not None
+    cluster.apiserver.argv = list(handle.argv)
+    cluster.api_url = handle.url
+    save_state(state)
+    return cluster.apiserver
+
+
+def start_kubelet(state: LabState, cluster: ClusterRecord) -> ProcRecord:
+    """Start the lab kubelet of ``cluster`` (it reads the nodes from the state file, saved first)."""
+    assert cluster.api_url is not None
+    argv = [sys.executable, "-m", "tools.kubelet_lab", "--state", str(state_file(state.name)),
+            "--cluster", cluster.name, "--url", cluster.api_url]  # fmt: skip
+    rec = _start(ROOT_NETNS, argv, state.state_dir / "logs" / f"kubelet-{cluster.name}.log")
+    cluster.kubelet = rec
+    save_state(state)
+    return rec
+
+
+def start_kubernetes(state: LabState, added: Sequence[str], progress: Progress = _quiet) -> None:
+    """Start what is not running: API servers, then kubelets; write the kubeconfig.
+
+    A new API server starts empty, so the kubelet pods of its cluster that an earlier server
+    left (after a crash) are removed and the kubelet is restarted against the new URL. A kubelet
+    is also restarted when nodes were ``added`` to its cluster (it registers them at start).
+    """
+    for c in state.clusters:
+        if c.apiserver is None or not c.apiserver.running() or c.api_url is None:
+            stale = [r for r in (c.apiserver, c.kubelet) if r is not None and r.running()]
+            if stale:
+                nsutil.terminate([(r.pid, r.start) for r in stale])
+            c.apiserver = c.kubelet = None
+            leftovers = _delete_netns(kube_pod_namespaces(c))
+            if leftovers:
+                progress(f"lab {state.name}: removed {len(leftovers)} pod namespaces of an old API server of {c.name}")
+            api_rec = start_apiserver(state, c)
+            progress(f"lab {state.name}: API server of {c.name} at {c.api_url} (pid {api_rec.pid}, log {api_rec.log})")
+        grown = any(k.startswith(f"{c.name}/") for k in added)
+        if c.kubelet is not None and c.kubelet.running() and grown:
+            progress(f"lab {state.name}: restarting the kubelet of {c.name} for its new nodes")
+            nsutil.terminate([(c.kubelet.pid, c.kubelet.start)])
+            c.kubelet = None
+        if c.kubelet is None or not c.kubelet.running():
+            rec = start_kubelet(state, c)
+            progress(f"lab {state.name}: lab kubelet of {c.name} started (pid {rec.pid}, log {rec.log})")
+    write_kubeconfig(state)
+
+
+def write_kubeconfig(state: LabState) -> Path:
+    """The lab's kubeconfig: one context per cluster with an API server (current: the first)."""
+    urls = {c.name: c.api_url for c in state.clusters if c.api_url}
+    return kubeemu_lab.write_kubeconfig(state.kubeconfig, urls)
+
+
+def kube_nodes_ready(cluster: ClusterRecord) -> tuple[list[str], str | None]:
+    """Nodes of ``cluster`` not yet registered Ready in its API server, or ``([], None)``;
+    on a failed request, every node with the reason."""
+    names = [n.name for n in cluster.nodes]
+    try:
+        with urllib.request.urlopen(f"{cluster.api_url}/api/v1/nodes", timeout=2) as r:
+            items = json.loads(r.read()).get("items", [])
+    except (OSError, ValueError) as e:
+        return names, f"{type(e).__name__}: {e}"
+    ready = {
+        i["metadata"]["name"]
+        for i in items
+        if any(
+            c.get("type") == "Ready" and c.get("status") == "True"
+            for c in (i.get("status") or {}).get("conditions", [])
+        )
+    }
+    return [n for n in names if n not in ready], None
+
+
+def kubeconfig_path(name: str) -> Path:
+    """``lab kubeconfig``: the kubeconfig of a running lab that runs Kubernetes."""
+    state = _require_state(name)
+    if not state.kubernetes:
+        raise LabError(f"lab {name} runs no Kubernetes API servers (its topology lacks 'kubernetes: true')")
+    if not state.kubeconfig.exists():
+        raise LabError(f"lab {name}: no kubeconfig at {state.kubeconfig} yet; run 'fabric-tool lab up' to finish it")
+    return state.kubeconfig
+
+
+def wait_kube_nodes(state: LabState, timeout_s: float, progress: Progress = _quiet) -> None:
+    """Wait until every lab node is a Ready Node of its cluster's API server."""
+    deadline = time.monotonic() + timeout_s
+    for c in state.clusters:
+        while True:
+            missing, err = kube_nodes_ready(c)
+            if not missing:
+                break
+            for what, rec in (("API server", c.apiserver), ("kubelet", c.kubelet)):
+                if rec is None or not rec.running():
+                    log = rec.log if rec else "(never started)"
+                    raise LabError(f"the {what} of cluster {c.name} is not running; see {log}"
+                                   f"{_log_tail(log) if rec else ''}")  # fmt: skip
+            if time.monotonic() > deadline:
+                log = c.kubelet.log if c.kubelet else "?"
+                raise LabError(f"cluster {c.name}: nodes {', '.join(missing)} not Ready in the API server after "
+                               f"{timeout_s:g} s ({err or 'not registered'}); see {log}")  # fmt: skip
+            time.sleep(0.1)
 
 
 def bpf_dir(name: str) -> Path:
@@ -1008,7 +1320,16 @@ def up(
             if node.agent is None or not node.agent.running():
                 progress(f"lab {name}: starting fabric-agent for {node.key} in {node.netns}")
                 start_agent(state, node)
+        if state.kubernetes:
+            start_kubernetes(state, added if current is not None else [], progress)
         wait_in_sync(state, max(0.0, deadline - time.monotonic()), progress)
+        if state.kubernetes:
+            wait_kube_nodes(state, max(1.0, deadline - time.monotonic()), progress)
+            contexts = ", ".join(c.name for c in state.clusters)
+            progress(
+                f"lab {name}: kubeconfig {state.kubeconfig} (contexts: {contexts}); e.g. "
+                f"kubectl --kubeconfig {state.kubeconfig} --context {state.clusters[0].name} get nodes -o wide"
+            )
         return state
 
 
@@ -1035,7 +1356,11 @@ def pin_running(doc: Any, state: LabState) -> Any:
             rec = state.node(f"{c.get('name')}/{n.get('name')}")
             if rec is not None:
                 n.setdefault("underlay", rec.underlay_ip)
-                n.setdefault("podCIDR", rec.pod_cidr)
+                if rec.underlay_ip6:
+                    n.setdefault("underlay6", rec.underlay_ip6)
+                # One CIDR as before; a list of one per family for a dual-stack or IPv6 node.
+                cidrs = list(rec.pod_cidrs)
+                n.setdefault("podCIDR", cidrs[0] if cidrs == [rec.pod_cidr] else cidrs)
     return doc
 
 
@@ -1110,7 +1435,8 @@ def _down_locked(name: str, state: LabState | None, progress: Progress) -> bool:
     # Processes: those recorded (PID + start time), and anything living in a lab namespace.
     targets: dict[int, int | None] = {}
     if state is not None:
-        for rec in [state.reflector, *(n.agent for n in state.nodes())]:
+        kube = [r for c in state.clusters for r in (c.kubelet, c.apiserver)]
+        for rec in [state.reflector, *(n.agent for n in state.nodes()), *kube]:
             if rec is not None and rec.running():
                 targets[rec.pid] = rec.start
     inodes = [i for i in (nsutil.netns_inode(ns) for ns in namespaces) if i is not None]
@@ -1320,7 +1646,9 @@ def status_doc(state: LabState, status: api.FabricStatus | None, error: str | No
                     "failed": n.failed,
                     "unreachable_reports": ns.unreachable_reports if ns else None,
                     "pods": [
-                        {"name": p.name, "netns": p.netns, "ip": p.ip, "global_ip": c.global_ip(p.ip)} for p in n.pods
+                        {"name": p.name, "netns": p.netns, "ip": p.ip, "global_ip": c.global_ip(p.ip or None),
+                         "ip6": p.ip6, "global_ip6": c.global_ip(p.ip6 or None)}
+                        for p in n.pods
                     ],
                 }
             )
@@ -1335,9 +1663,18 @@ def status_doc(state: LabState, status: api.FabricStatus | None, error: str | No
                 "service": {"ip": c.service_ip, "global_ip": c.global_ip(c.service_ip), "backend": c.service_backend}
                 if c.service_ip else None,
                 "global_cidrs": c.global_cidrs,
+                "kubernetes": {
+                    "url": c.api_url,
+                    "apiserver_pid": c.apiserver.pid if c.apiserver and c.apiserver.running() else None,
+                    "apiserver_log": c.apiserver.log if c.apiserver else None,
+                    "kubelet_pid": c.kubelet.pid if c.kubelet and c.kubelet.running() else None,
+                    "kubelet_log": c.kubelet.log if c.kubelet else None,
+                }
+                if state.kubernetes else None,
                 "nodes": nodes,
             }
         )
+    doc["kubeconfig"] = str(state.kubeconfig) if state.kubernetes else None
     return doc
 
 
@@ -1381,6 +1718,13 @@ def render_status(doc: dict[str, Any]) -> str:
     for c in doc["clusters"]:
         if c.get("service"):
             lines.append(f"service of {c['name']}: {c['service']['ip']} -> {c['service']['backend']}")
+    for c in doc["clusters"]:
+        k = c.get("kubernetes")
+        if k:
+            pids = f"apiserver {k['apiserver_pid'] or 'stopped'}, kubelet {k['kubelet_pid'] or 'stopped'}"
+            lines.append(f"kubernetes of {c['name']}: {k['url'] or '-'} ({pids})")
+    if doc.get("kubeconfig"):
+        lines.append(f"kubeconfig: {doc['kubeconfig']}")
     for rej in doc.get("rejections", []):
         lines.append(f"rejected {rej['source']}: {rej['reason']}")
     return "\n".join(lines)

@@ -45,6 +45,8 @@ class NodeStatus:
     unreachable_reports: int = 0
     #: Probed peers this node reports unreachable right now (``cluster/node``).
     reports_unreachable: tuple[str, ...] = ()
+    #: Underlay addresses of the node's other families (dual stack).
+    extra_underlay_ips: tuple[str, ...] = ()
 
     @property
     def in_sync(self) -> bool:
@@ -64,6 +66,15 @@ class Rejection:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class UnreachablePair:
+    """Two clusters that cannot reach each other at all (dual stack: no common family)."""
+
+    cluster_a: str
+    cluster_b: str
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class ClusterStatus:
     name: str
     mode: str
@@ -77,6 +88,8 @@ class ClusterStatus:
     gateways: tuple[str, ...] = ()
     #: How often the active gateway role moved since the reflector started.
     gateway_moves: int = 0
+    #: Address families the cluster runs, primary first (4, 6).
+    ip_families: tuple[int, ...] = (4,)
 
     def role_of(self, node: str) -> str:
         """``active``, ``standby`` or ``""`` for a node of this cluster."""
@@ -98,6 +111,8 @@ class FabricStatus:
     holding: bool
     clusters: tuple[ClusterStatus, ...]
     rejections: tuple[Rejection, ...] = ()
+    #: Cluster pairs that cannot talk at all (no common address family), with the reason.
+    unreachable_pairs: tuple[UnreachablePair, ...] = ()
 
     def nodes(self) -> tuple[NodeStatus, ...]:
         return tuple(n for c in self.clusters for n in c.nodes)

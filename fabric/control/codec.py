@@ -167,6 +167,7 @@ def node_to_pb(ann: types.NodeAnnouncement) -> pb.Node:
         pod_cidrs=list(ann.pod_cidrs),
         underlay_mtu=ann.underlay_mtu,
         capabilities=list(ann.capabilities),
+        extra_underlay_ips=list(ann.extra_underlay_ips),
     )
 
 
@@ -179,6 +180,7 @@ def node_from_pb(msg: pb.Node) -> types.NodeAnnouncement:
         pod_cidrs=tuple(msg.pod_cidrs),
         underlay_mtu=msg.underlay_mtu,
         capabilities=tuple(msg.capabilities),
+        extra_underlay_ips=tuple(msg.extra_underlay_ips),
     )
 
 
@@ -190,6 +192,7 @@ def cluster_to_pb(c: types.ClusterConfig) -> pb.Cluster:
         service_cidrs=list(c.service_cidrs),
         gateways=list(c.gateways),
         global_cidrs=[pb.GlobalCIDR(local_cidr=lo, global_cidr=gl) for lo, gl in c.global_cidrs],
+        ip_families=list(c.ip_families),
     )
 
 
@@ -208,7 +211,14 @@ def cluster_from_pb(msg: pb.Cluster) -> types.ClusterConfig:
         service_cidrs=tuple(msg.service_cidrs),
         gateways=tuple(msg.gateways),
         global_cidrs=types.frozen_mapping({g.local_cidr: g.global_cidr for g in msg.global_cidrs}),
+        ip_families=tuple(_family_from_pb(f, f"cluster {msg.name!r}") for f in msg.ip_families),
     )
+
+
+def _family_from_pb(value: int, where: str) -> int:
+    if value not in (4, 6):
+        raise DecodeError(f"{where}: unknown address family {value} (4 or 6)")
+    return value
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,10 +242,16 @@ def status_to_pb(status: api.FabricStatus) -> pb.GetStatusResponse:
                 standby_gateway=c.standby_gateway,
                 gateways=list(c.gateways),
                 gateway_moves=c.gateway_moves,
+                # Empty on the wire means IPv4 only, so pre-dual-stack encodings stay byte-identical.
+                ip_families=[] if tuple(c.ip_families) == (4,) else list(c.ip_families),
             )
             for c in status.clusters
         ],
         rejections=[pb.Rejection(source=r.source, reason=r.reason) for r in status.rejections],
+        unreachable_pairs=[
+            pb.UnreachablePair(cluster_a=u.cluster_a, cluster_b=u.cluster_b, reason=u.reason)
+            for u in status.unreachable_pairs
+        ],
     )
 
 
@@ -257,6 +273,7 @@ def _node_status_to_pb(n: api.NodeStatus) -> pb.NodeStatus:
         ),
         unreachable_reports=n.unreachable_reports,
         reports_unreachable=list(n.reports_unreachable),
+        extra_underlay_ips=list(n.extra_underlay_ips),
     )
     if n.withdraw_in_s is not None:
         msg.withdraw_in_s = n.withdraw_in_s
@@ -279,10 +296,15 @@ def status_from_pb(msg: pb.GetStatusResponse) -> api.FabricStatus:
                 standby_gateway=c.standby_gateway,
                 gateways=tuple(c.gateways),
                 gateway_moves=c.gateway_moves,
+                ip_families=tuple(c.ip_families) or (4,),
             )
             for c in msg.clusters
         ),
         rejections=tuple(api.Rejection(source=r.source, reason=r.reason) for r in msg.rejections),
+        unreachable_pairs=tuple(
+            api.UnreachablePair(cluster_a=u.cluster_a, cluster_b=u.cluster_b, reason=u.reason)
+            for u in msg.unreachable_pairs
+        ),
     )
 
 
@@ -305,6 +327,7 @@ def _node_status_from_pb(n: pb.NodeStatus) -> api.NodeStatus:
         withdraw_in_s=n.withdraw_in_s if n.HasField("withdraw_in_s") else None,
         unreachable_reports=n.unreachable_reports,
         reports_unreachable=tuple(n.reports_unreachable),
+        extra_underlay_ips=tuple(n.extra_underlay_ips),
     )
 
 

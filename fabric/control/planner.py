@@ -131,12 +131,12 @@ def device_mac(key: types.NodeKey, device: str) -> str:
 
 def bridge_cidr_for(config: types.FabricConfig, underlay_ip: str) -> str | None:
     """The first bridge CIDR of the underlay address's family (None if there is none)."""
-    return _first_of_family(config.bridge_cidrs, underlay_ip)
+    return _first_of_family(types.with_defaults(config.bridge_cidrs, _BRIDGE_DEFAULTS), underlay_ip)
 
 
 def local_cidr_for(config: types.FabricConfig, underlay_ip: str) -> str | None:
     """The first vx-local CIDR of the underlay address's family (None if there is none)."""
-    return _first_of_family(config.local_cidrs, underlay_ip)
+    return _first_of_family(types.with_defaults(config.local_cidrs, _LOCAL_DEFAULTS), underlay_ip)
 
 
 def _first_of_family(cidrs: tuple[str, ...], underlay_ip: str) -> str | None:
@@ -179,28 +179,36 @@ def validate_announcement(topology: types.Topology, ann: types.NodeAnnouncement)
 
     others = [n for n in topology.nodes if n.key != ann.key]
 
-    # Underlay address.
-    underlay: ipaddress.IPv4Address | ipaddress.IPv6Address | None
-    try:
-        underlay = ipaddress.ip_address(ann.underlay_ip)
-    except ValueError:
-        underlay = None
-        reasons.append(f"underlay address {ann.underlay_ip!r} is not an IP address")
-    if underlay is not None:
-        if underlay.is_unspecified or underlay.is_multicast or underlay.is_loopback:
-            reasons.append(f"underlay address {ann.underlay_ip} is not a unicast host address")
+    # Underlay addresses: the primary one, and at most one more per other family.
+    underlay: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+    usable: list[str] = []  # valid underlay addresses, one per family
+    for i, text in enumerate(ann.underlay_ips):
+        try:
+            ip = ipaddress.ip_address(text)
+        except ValueError:
+            reasons.append(f"underlay address {text!r} is not an IP address")
+            continue
+        if i == 0:
+            underlay = ip
+        if ip.is_unspecified or ip.is_multicast or ip.is_loopback:
+            reasons.append(f"underlay address {text} is not a unicast host address")
+        if any(types.family_of(u) == ip.version for u in usable):
+            reasons.append(f"underlay address {text}: the node announces two underlay addresses of IPv{ip.version}")
+            continue
         for o in others:
-            if _same_ip(o.underlay_ip, underlay):
-                reasons.append(f"underlay address {ann.underlay_ip} is already used by node {o.key}")
+            if any(_same_ip(ou, ip) for ou in o.underlay_ips):
+                reasons.append(f"underlay address {text} is already used by node {o.key}")
+        usable.append(text)
 
-    # MTU.
-    if underlay is not None:
-        mtu = tunnel_mtu(ann.underlay_ip, ann.underlay_mtu)
+    # MTU (per underlay family: the outer header differs).
+    for text in usable:
+        mtu = tunnel_mtu(text, ann.underlay_mtu)
         if ann.underlay_mtu > MAX_UNDERLAY_MTU or mtu < MIN_TUNNEL_MTU:
             reasons.append(
-                f"underlay MTU {ann.underlay_mtu} is invalid: the tunnel MTU would be {mtu}"
+                f"underlay MTU {ann.underlay_mtu} is invalid: the tunnel MTU would be {mtu} over underlay {text}"
                 f" (need underlay MTU {MIN_TUNNEL_MTU + ann.underlay_mtu - mtu}..{MAX_UNDERLAY_MTU})"
             )
+            break
 
     # Pod CIDRs.
     own: list[tuple[str, ipaddress.IPv4Network | ipaddress.IPv6Network]] = []
@@ -229,15 +237,28 @@ def validate_announcement(topology: types.Topology, ann: types.NodeAnnouncement)
     # Every node may become a bridge node (a gateway-mode node when elected), so vx-bridge is
     # checked for all; vx-local for nodes of gateway-mode clusters, fabric-wide, because the
     # vx-local addresses of gateway-mode nodes are routed (/32) by the other clusters.
+    families = [f for f in cluster.families if any(types.family_of(u) == f for u in usable)]
+    if usable and not families:
+        names = ", ".join(types.FAMILY_NAMES[f] for f in cluster.families)
+        reasons.append(
+            f"underlay address {', '.join(usable)} is of no family of cluster {cluster.name!r} (ipFamilies: {names}):"
+            " the node could carry none of its traffic"
+        )
     if underlay is not None:
         kinds: list[tuple[str, Callable[[types.FabricConfig, str], str | None], types.ClusterMode | None]] = [
             ("bridge", bridge_cidr_for, None)
         ]
         if cluster.mode == types.ClusterMode.GATEWAY:
             kinds.append(("local", local_cidr_for, types.ClusterMode.GATEWAY))
-        for kind, cidr_for, only_mode in kinds:
-            reasons += _overlay_reasons(topology, ann, others, kind, cidr_for, only_mode)
-    devices = [types.VX_BRIDGE] + ([types.VX_LOCAL] if cluster.mode == types.ClusterMode.GATEWAY else [])
+        for family in families:
+            ul = next(u for u in usable if types.family_of(u) == family)
+            for kind, cidr_for, only_mode in kinds:
+                reasons += _overlay_reasons(topology, ann, ul, others, kind, cidr_for, only_mode)
+    devices: list[str] = []
+    for family in families:
+        devices.append(types.bridge_device(family))
+        if cluster.mode == types.ClusterMode.GATEWAY:
+            devices.append(types.local_device(family))
     for dev in devices:
         mac = device_mac(ann.key, dev)
         for o in others:
@@ -249,6 +270,7 @@ def validate_announcement(topology: types.Topology, ann: types.NodeAnnouncement)
 def _overlay_reasons(
     topology: types.Topology,
     ann: types.NodeAnnouncement,
+    underlay: str,
     others: list[types.NodeAnnouncement],
     kind: str,
     cidr_for: Callable[[types.FabricConfig, str], str | None],
@@ -256,28 +278,30 @@ def _overlay_reasons(
 ) -> list[str]:
     config = topology.config
     reasons: list[str] = []
-    cidr = cidr_for(config, ann.underlay_ip)
+    cidr = cidr_for(config, underlay)
     if cidr is None:
-        return [f"no {kind} CIDR of the family of underlay address {ann.underlay_ip} is configured"]
-    mine = overlay_address(ann.underlay_ip, cidr)
+        return [f"no {kind} CIDR of the family of underlay address {underlay} is configured"]
+    mine = overlay_address(underlay, cidr)
     mine_ip = ipaddress.ip_interface(mine)
     net = mine_ip.network
     if mine_ip.ip in (net.network_address, net.broadcast_address) and net.num_addresses > 2:
         reasons.append(
-            f"overlay address {mine_ip.ip} derived from underlay {ann.underlay_ip} is the network or"
+            f"overlay address {mine_ip.ip} derived from underlay {underlay} is the network or"
             f" broadcast address of {kind} CIDR {cidr}"
         )
+    family = types.family_of(underlay)
     for o in others:
         if only_mode is not None:
             oc = config.cluster(o.cluster)
             if oc is None or oc.mode != only_mode:
                 continue
-        if cidr_for(config, o.underlay_ip) != cidr:
+        o_ul = o.underlay(family)
+        if o_ul is None or cidr_for(config, o_ul) != cidr:
             continue
-        if overlay_address(o.underlay_ip, cidr) == mine:
+        if overlay_address(o_ul, cidr) == mine:
             reasons.append(
-                f"overlay address {mine_ip.ip} derived from underlay {ann.underlay_ip} collides with node"
-                f" {o.key} (underlay {o.underlay_ip}): {kind} CIDR {cidr} keeps only the host bits"
+                f"overlay address {mine_ip.ip} derived from underlay {underlay} collides with node"
+                f" {o.key} (underlay {o_ul}): {kind} CIDR {cidr} keeps only the host bits"
             )
     return reasons
 
@@ -422,6 +446,7 @@ class _ClusterView:
     active: types.NodeAnnouncement | None
     #: Active and standby (the nodes holding gateway devices and peers), active first.
     hot: tuple[types.NodeAnnouncement, ...]
+    families: tuple[int, ...]
 
     @property
     def gateway_mode(self) -> bool:
@@ -439,6 +464,12 @@ class _View:
     hot_keys: frozenset[types.NodeKey]
     bridges: dict[int, str]
     locals: dict[int, str]
+
+    def supports(self, node: types.NodeAnnouncement, family: int) -> bool:
+        """Does ``node`` carry ``family`` through the fabric: its cluster runs the family and the
+        node has an underlay address of it (the tunnel devices of a family ride on its underlay)."""
+        cv = self.clusters.get(node.cluster)
+        return cv is not None and family in cv.families and node.underlay(family) is not None
 
 
 class _ViewCache:
@@ -474,7 +505,7 @@ def _build_view(topology: types.Topology) -> _View:
         active = by_name.get(role.active) if role is not None else None
         standby = by_name.get(role.standby) if role is not None and role.standby != role.active else None
         hot = tuple(n for n in (active, standby) if n is not None)
-        clusters[c.name] = _ClusterView(c, nodes, active, hot)
+        clusters[c.name] = _ClusterView(c, nodes, active, hot, c.families)
     bridge_nodes = tuple(
         n
         for n in topology.nodes
@@ -485,13 +516,51 @@ def _build_view(topology: types.Topology) -> _View:
         clusters=clusters,
         bridge_nodes=bridge_nodes,
         hot_keys=hot_keys,
-        bridges=_by_family(config.bridge_cidrs),
-        locals=_by_family(config.local_cidrs),
+        bridges=_by_family(types.with_defaults(config.bridge_cidrs, _BRIDGE_DEFAULTS)),
+        locals=_by_family(types.with_defaults(config.local_cidrs, _LOCAL_DEFAULTS)),
     )
+
+
+_BRIDGE_DEFAULTS = (types.DEFAULT_BRIDGE_CIDR_V4, types.DEFAULT_BRIDGE_CIDR_V6)
+_LOCAL_DEFAULTS = (types.DEFAULT_LOCAL_CIDR_V4, types.DEFAULT_LOCAL_CIDR_V6)
+
+
+def node_families(topology: types.Topology, node: types.NodeAnnouncement) -> tuple[int, ...]:
+    """The families ``node`` carries through the fabric (its cluster's ``ipFamilies`` for which
+    it announced an underlay address), primary first."""
+    cluster = topology.config.cluster(node.cluster)
+    if cluster is None:
+        return ()
+    return tuple(f for f in cluster.families if node.underlay(f) is not None)
+
+
+def shared_families(a: types.ClusterConfig, b: types.ClusterConfig) -> tuple[int, ...]:
+    """Families two clusters can talk in: both run them (``a``'s order)."""
+    return tuple(f for f in a.families if f in b.families)
+
+
+def unreachable_pairs(config: types.FabricConfig) -> list[tuple[str, str, str]]:
+    """Cluster pairs that cannot talk at all, with why: ``(a, b, reason)`` for every pair (in
+    configuration order) that shares no address family. ``fabric-tool status`` shows these."""
+    out = []
+    cs = [c for c in config.clusters if c.mode in SUPPORTED_MODES]
+    for i, a in enumerate(cs):
+        for b in cs[i + 1 :]:
+            if not shared_families(a, b):
+                fa = ", ".join(types.FAMILY_NAMES[f] for f in a.families)
+                fb = ", ".join(types.FAMILY_NAMES[f] for f in b.families)
+                out.append((a.name, b.name, f"no common address family ({a.name}: {fa}; {b.name}: {fb})"))
+    return out
 
 
 def plan(topology: types.Topology, key: types.NodeKey) -> types.NodeState:
     """The complete planned state of node ``key`` (which must be in the topology).
+
+    Planned per address family the node carries (see :meth:`_View.supports`): each family has
+    its own devices (``vx-bridge``/``vx-local`` for IPv4, ``vx-bridge-6``/``vx-local-6`` for
+    IPv6), peers (only nodes that carry the family too) and routes (only destinations of the
+    family). So a route exists only where both ends support its family; an IPv4-only node plans
+    exactly what it planned before dual stack.
 
     Assumes every node in the topology passed :func:`validate_announcement`; the reflector
     guarantees it. Raises KeyError for a node that is not in the topology.
@@ -501,10 +570,6 @@ def plan(topology: types.Topology, key: types.NodeKey) -> types.NodeState:
         raise KeyError(f"node {key} is not in the topology")
     view = _VIEWS.get(topology)
     own = view.clusters.get(node.cluster)
-    family = _family(node.underlay_ip)
-    bridge = view.bridges.get(family)
-    if bridge is None:
-        raise ValueError(f"no bridge CIDR for the family of {node.underlay_ip} (node {key})")
     # Nodes of unsupported clusters are never admitted by validation; plan nothing for them.
     if own is None:
         return types.NodeState()
@@ -514,58 +579,18 @@ def plan(topology: types.Topology, key: types.NodeKey) -> types.NodeState:
     devices: list[types.VxlanDevice] = []
     peers: dict[str, types.Peer] = {}
     routes: dict[str, types.RouteEntry] = {}
-    mtu = tunnel_mtu(node.underlay_ip, node.underlay_mtu)
-    if has_bridge:
-        devices.append(_device(key, types.VX_BRIDGE, node.underlay_ip, bridge, mtu))
-        for other in view.bridge_nodes:
-            if other.key == key or (gateway_mode and other.cluster == node.cluster):
-                continue
-            other_bridge = view.bridges.get(_family(other.underlay_ip))
-            if other_bridge is None:
-                continue
-            (peer_key, peer), _ = _contribution(other_bridge, other, ())
-            if other.cluster != node.cluster and other.key in view.hot_keys:
-                peer = dataclasses.replace(peer, probe=True)
-            peers[peer_key] = peer
-    local_via = ""
-    if gateway_mode:
-        local = view.locals.get(family)
-        if local is None:
-            raise ValueError(f"no local CIDR for the family of {node.underlay_ip} (node {key})")
-        devices.append(_device(key, types.VX_LOCAL, node.underlay_ip, local, mtu))
-        for other in own.nodes if hot else own.hot:
-            if other.key == key or _family(other.underlay_ip) != family:
-                continue
-            peer = _local_peer(local, other)
-            if other in own.hot:
-                peer = dataclasses.replace(peer, probe=True)
-            peers[types.entry_key(peer)] = peer
-        if own.active is not None and own.active.key != key and _family(own.active.underlay_ip) == family:
-            local_via = overlay_address(own.active.underlay_ip, local).partition("/")[0]
-
     translations: list[types.Translation] = []
     programs: list[types.Program] = []
+    families = [f for f in own.families if node.underlay(f) is not None]
     if own.config.global_cidrs:
         translations = [types.Translation(lo, gl) for lo, gl in own.config.global_cidrs]
-        if has_bridge:
-            programs.append(types.Program(types.VX_BRIDGE, types.PROGRAM_TUNNEL))
         programs.append(types.Program(types.HAIRPIN_DEVICE, types.PROGRAM_HAIRPIN))
         for _lo, gl in own.config.global_cidrs:
-            if _family(gl.partition("/")[0]) == family:
-                unspecified = "0.0.0.0" if family == 4 else "::"
+            if types.family_of(gl) in families:
+                unspecified = "0.0.0.0" if types.family_of(gl) == 4 else "::"
                 routes[f"route/{gl}"] = types.RouteEntry(dst=gl, via=unspecified, device=types.HAIRPIN_DEVICE)
-
-    if gateway_mode and (own.active is None or own.active.key != key):
-        # Standby and internal nodes: everything of the other clusters via the active gateway.
-        if local_via:
-            for dst in _remote_destinations(view, node.cluster, family):
-                routes[f"route/{dst}"] = types.RouteEntry(dst=dst, via=local_via, device=types.VX_LOCAL)
-            if not hot:
-                for dst in (c for f, c in view.bridges.items() if f == family):
-                    dst = types.canonical_cidr(dst)
-                    routes[f"route/{dst}"] = types.RouteEntry(dst=dst, via=local_via, device=types.VX_LOCAL)
-    else:
-        _bridge_routes(view, node, routes)
+    for family in families:
+        _plan_family(view, own, node, family, has_bridge, hot, devices, peers, routes, programs)
     # Same layout as NodeState.from_entries (sorted by entry key) without re-deriving every key:
     # this is the hot path when thousands of nodes are re-planned after a join.
     return types.NodeState(
@@ -577,76 +602,149 @@ def plan(topology: types.Topology, key: types.NodeKey) -> types.NodeState:
     )
 
 
+def _plan_family(
+    view: _View,
+    own: _ClusterView,
+    node: types.NodeAnnouncement,
+    family: int,
+    has_bridge: bool,
+    hot: bool,
+    devices: list[types.VxlanDevice],
+    peers: dict[str, types.Peer],
+    routes: dict[str, types.RouteEntry],
+    programs: list[types.Program],
+) -> None:
+    """One family's devices, peers and routes of ``node`` (see :func:`plan`)."""
+    key = node.key
+    underlay = node.underlay(family)
+    assert underlay is not None
+    gateway_mode = own.gateway_mode
+    bridge = view.bridges.get(family)
+    if bridge is None:
+        raise ValueError(f"no bridge CIDR for the family of {underlay} (node {key})")
+    mtu = tunnel_mtu(underlay, node.underlay_mtu)
+    bridge_dev = types.bridge_device(family)
+    local_dev = types.local_device(family)
+    if has_bridge:
+        devices.append(_device(key, bridge_dev, underlay, bridge, mtu))
+        if own.config.global_cidrs:
+            programs.append(types.Program(bridge_dev, types.PROGRAM_TUNNEL))
+        for other in view.bridge_nodes:
+            if other.key == key or (gateway_mode and other.cluster == node.cluster):
+                continue
+            if not view.supports(other, family):
+                continue
+            (peer_key, peer), _ = _contribution(bridge, other, ())
+            if other.cluster != node.cluster and other.key in view.hot_keys:
+                peer = dataclasses.replace(peer, probe=True)
+            peers[peer_key] = peer
+    local_via = ""
+    if gateway_mode:
+        local = view.locals.get(family)
+        if local is None:
+            raise ValueError(f"no local CIDR for the family of {underlay} (node {key})")
+        devices.append(_device(key, local_dev, underlay, local, mtu))
+        for other in own.nodes if hot else own.hot:
+            if other.key == key or other.underlay(family) is None:
+                continue
+            peer = _local_peer(local, other)
+            if other in own.hot:
+                peer = dataclasses.replace(peer, probe=True)
+            peers[types.entry_key(peer)] = peer
+        active = own.active
+        active_ul = active.underlay(family) if active is not None else None
+        if active is not None and active.key != key and active_ul is not None:
+            local_via = overlay_address(active_ul, local).partition("/")[0]
+
+    if gateway_mode and (own.active is None or own.active.key != key):
+        # Standby and internal nodes: everything of the other clusters via the active gateway.
+        if local_via:
+            for dst in _remote_destinations(view, node.cluster, family):
+                routes[f"route/{dst}"] = types.RouteEntry(dst=dst, via=local_via, device=local_dev)
+            if not hot:
+                dst = types.canonical_cidr(bridge)
+                routes[f"route/{dst}"] = types.RouteEntry(dst=dst, via=local_via, device=local_dev)
+    else:
+        _bridge_routes(view, node, family, routes)
+
+
 def _routed(cidrs: Iterable[str], global_cidrs: tuple[tuple[str, str], ...]) -> list[str]:
     """What the other clusters route for ``cidrs`` of a cluster with ``global_cidrs``: the global
     CIDR of a mapped one (by prefix, for a node CIDR inside a mapped range), else the CIDR."""
     return [types.to_global(c, global_cidrs) or c for c in cidrs] if global_cidrs else list(cidrs)
 
 
-def _bridge_routes(view: _View, node: types.NodeAnnouncement, routes: dict[str, types.RouteEntry]) -> None:
-    """Routes of an endpoint node or an active gateway: straight to the owner over vx-bridge."""
+def _bridge_routes(view: _View, node: types.NodeAnnouncement, family: int, routes: dict[str, types.RouteEntry]) -> None:
+    """Routes of ``family`` of an endpoint node or an active gateway: straight to the owner over
+    the family's bridge device."""
+    bridge = view.bridges[family]
+    device = types.bridge_device(family)
     for name, cv in view.clusters.items():
-        if name == node.cluster:
+        if name == node.cluster or family not in cv.families:
             continue
         if not cv.gateway_mode:
             for other in cv.nodes:
-                other_bridge = view.bridges.get(_family(other.underlay_ip))
-                if other_bridge is None:
+                if other.underlay(family) is None:
                     continue
-                _, other_routes = _contribution(other_bridge, other, cv.config.global_cidrs)
+                _, other_routes = _contribution(bridge, other, cv.config.global_cidrs)
                 routes.update(other_routes)
         gw = cv.active
-        if gw is None:
+        gw_ul = gw.underlay(family) if gw is not None else None
+        if gw_ul is None:
             continue
-        gw_bridge = view.bridges.get(_family(gw.underlay_ip))
-        if gw_bridge is None or _family(gw.underlay_ip) != _family(node.underlay_ip):
-            continue
-        via = overlay_address(gw.underlay_ip, gw_bridge).partition("/")[0]
+        via = overlay_address(gw_ul, bridge).partition("/")[0]
         dsts: list[str] = _routed(cv.config.service_cidrs, cv.config.global_cidrs)
         if cv.gateway_mode:
             dsts += _routed(cv.config.pod_cidrs, cv.config.global_cidrs)
-            dsts += _local_hosts(view, cv)
+            dsts += _local_hosts(view, cv, family)
         for dst in dsts:
+            if types.family_of(dst) != family:
+                continue
             dst = types.canonical_cidr(dst)
-            routes[f"route/{dst}"] = types.RouteEntry(dst=dst, via=via, device=types.VX_BRIDGE)
+            routes[f"route/{dst}"] = types.RouteEntry(dst=dst, via=via, device=device)
 
 
 def _remote_destinations(view: _View, own_cluster: str, family: int) -> list[str]:
-    """Everything of the other clusters a non-active node of a gateway cluster routes to its
-    gateway: whole pod CIDRs of clusters with somewhere to go, service CIDRs of clusters with an
-    active gateway, and the vx-local hosts of gateway-mode clusters."""
+    """Everything of ``family`` of the other clusters a non-active node of a gateway cluster
+    routes to its gateway: whole pod CIDRs of clusters with somewhere to go, service CIDRs of
+    clusters with an active gateway, and the vx-local hosts of gateway-mode clusters."""
     out: list[str] = []
     for name, cv in view.clusters.items():
-        if name == own_cluster:
+        if name == own_cluster or family not in cv.families:
             continue
-        reachable = cv.active is not None if cv.gateway_mode else bool(cv.nodes)
+        if cv.gateway_mode:
+            reachable = cv.active is not None and cv.active.underlay(family) is not None
+        else:
+            reachable = any(n.underlay(family) is not None for n in cv.nodes)
         if reachable:
             out += _routed(cv.config.pod_cidrs, cv.config.global_cidrs)
-        if cv.active is not None:
+        if cv.active is not None and cv.active.underlay(family) is not None:
             out += _routed(cv.config.service_cidrs, cv.config.global_cidrs)
-        if cv.gateway_mode and cv.active is not None:
-            out += _local_hosts(view, cv)
-    return [types.canonical_cidr(d) for d in out if ipaddress.ip_network(d, strict=False).version == family]
+            if cv.gateway_mode:
+                out += _local_hosts(view, cv, family)
+    return [types.canonical_cidr(d) for d in out if types.family_of(d) == family]
 
 
-def _local_hosts(view: _View, cv: _ClusterView) -> list[str]:
-    """The vx-local addresses (/32, /128) of the nodes of a gateway-mode cluster."""
-    out = []
+def _local_hosts(view: _View, cv: _ClusterView, family: int) -> list[str]:
+    """The vx-local addresses (/32 or /128, of ``family``) of the nodes of a gateway-mode cluster."""
+    out: list[str] = []
+    local = view.locals.get(family)
+    if local is None:
+        return out
     for n in cv.nodes:
-        local = view.locals.get(_family(n.underlay_ip))
-        if local is not None:
-            ip = overlay_address(n.underlay_ip, local).partition("/")[0]
-            out.append(f"{ip}/{32 if _family(n.underlay_ip) == 4 else 128}")
+        ul = n.underlay(family)
+        if ul is not None:
+            ip = overlay_address(ul, local).partition("/")[0]
+            out.append(f"{ip}/{32 if family == 4 else 128}")
     return out
 
 
 def _family(ip: str) -> int:
-    return 6 if ":" in ip else 4
+    return types.family_of(ip)
 
 
 def _device(key: types.NodeKey, name: str, underlay_ip: str, cidr: str, mtu: int) -> types.VxlanDevice:
-    vni, port = (types.VX_BRIDGE_VNI, types.VX_BRIDGE_PORT) if name == types.VX_BRIDGE else (
-        types.VX_LOCAL_VNI, types.VX_LOCAL_PORT)  # fmt: skip
+    vni, port = types.TUNNEL_DEVICES[name][:2]
     return types.VxlanDevice(
         name=name,
         vni=vni,
@@ -668,11 +766,15 @@ def _by_family(cidrs: tuple[str, ...]) -> dict[int, str]:
 
 @functools.lru_cache(maxsize=65536)
 def _local_peer(local_cidr: str, other: types.NodeAnnouncement) -> types.Peer:
+    family = types.family_of(local_cidr)
+    underlay = other.underlay(family)
+    assert underlay is not None
+    device = types.local_device(family)
     return types.Peer(
-        device=types.VX_LOCAL,
-        overlay_ip=overlay_address(other.underlay_ip, local_cidr).partition("/")[0],
-        mac=device_mac(other.key, types.VX_LOCAL),
-        underlay_ip=other.underlay_ip,
+        device=device,
+        overlay_ip=overlay_address(underlay, local_cidr).partition("/")[0],
+        mac=device_mac(other.key, device),
+        underlay_ip=underlay,
         node=str(other.key),
     )
 
@@ -681,21 +783,26 @@ def _local_peer(local_cidr: str, other: types.NodeAnnouncement) -> types.Peer:
 def _contribution(
     bridge_cidr: str, other: types.NodeAnnouncement, global_cidrs: tuple[tuple[str, str], ...]
 ) -> tuple[tuple[str, types.Peer], tuple[tuple[str, types.RouteEntry], ...]]:
-    """What ``other`` adds to every other node's plan as a vx-bridge node: its peer, and the
-    routes to its pod CIDRs (used by endpoint nodes and active gateways of other clusters when
-    ``other`` is an endpoint node; global CIDRs of ``other``'s cluster applied). Cached: it
-    depends on nothing but its arguments (cheap to hash), and re-planning every node after a
-    join would otherwise redo it once per pair."""
-    via = overlay_address(other.underlay_ip, bridge_cidr).partition("/")[0]
+    """What ``other`` adds to every other node's plan as a bridge node of the family of
+    ``bridge_cidr``: its peer, and the routes to its pod CIDRs of that family (used by endpoint
+    nodes and active gateways of other clusters when ``other`` is an endpoint node; global
+    CIDRs of ``other``'s cluster applied). Cached: it depends on nothing but its arguments
+    (cheap to hash), and re-planning every node after a join would otherwise redo it once per
+    pair."""
+    family = types.family_of(bridge_cidr)
+    underlay = other.underlay(family)
+    assert underlay is not None
+    device = types.bridge_device(family)
+    via = overlay_address(underlay, bridge_cidr).partition("/")[0]
     peer = types.Peer(
-        device=types.VX_BRIDGE,
+        device=device,
         overlay_ip=via,
-        mac=device_mac(other.key, types.VX_BRIDGE),
-        underlay_ip=other.underlay_ip,
+        mac=device_mac(other.key, device),
+        underlay_ip=underlay,
         node=str(other.key),
     )
-    dsts = _routed(other.pod_cidrs, global_cidrs)
-    routes = (types.RouteEntry(dst=types.canonical_cidr(cidr), via=via, device=types.VX_BRIDGE) for cidr in dsts)
+    dsts = _routed((c for c in other.pod_cidrs if types.family_of(c) == family), global_cidrs)
+    routes = (types.RouteEntry(dst=types.canonical_cidr(cidr), via=via, device=device) for cidr in dsts)
     return (types.entry_key(peer), peer), tuple((types.entry_key(r), r) for r in routes)
 
 

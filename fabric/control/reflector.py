@@ -656,6 +656,7 @@ class Reflector:
                     withdraw_in_s=None if rec.withdraw_at is None else max(0.0, rec.withdraw_at - now),
                     unreachable_reports=scores.get(node.key, 0),
                     reports_unreachable=tuple(sorted(str(k) for k in self._reports.get(node.key, ()))),
+                    extra_underlay_ips=node.extra_underlay_ips,
                 )
             )
         return api.FabricStatus(
@@ -673,10 +674,14 @@ class Reflector:
                     standby_gateway=role.standby if role else "",
                     gateways=c.gateways,
                     gateway_moves=self._gateway_moves.get(c.name, 0),
+                    ip_families=c.families,
                 )
                 for c in self.config.clusters
             ),
             rejections=tuple(self._rejections.values()),
+            unreachable_pairs=tuple(
+                api.UnreachablePair(a, b, why) for a, b, why in planner.unreachable_pairs(self.config)
+            ),
         )
 
     def collector(self) -> Collector:

@@ -43,6 +43,7 @@ import logging
 import socket
 import struct
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 from fabric.netlink import rawnl
@@ -175,6 +176,8 @@ class Dataplane(Protocol):
 
 
 _UNSPECIFIED = {socket.AF_INET: "0.0.0.0", socket.AF_INET6: "::"}
+#: <linux/if_addr.h>
+_IFA_F_NODAD = 0x02
 
 
 def _family(ip: str) -> int:
@@ -323,12 +326,27 @@ class KernelDataplane:
         try:
             self._ipr.link("add", **kwargs)
             self._refresh_index()
+            self._enable_ipv6(link.name)
             if link.up:
                 self._ipr.link("set", index=self._ifindex(link.name), state="up")
         except Exception as exc:
             if isinstance(exc, DataplaneError):
                 raise
             raise _nl_error(exc, f"add vxlan link {link.name} (vni {link.vni}, port {link.port})") from exc
+
+    def _enable_ipv6(self, name: str) -> None:
+        """``disable_ipv6=0`` on a new tunnel device: a host with IPv6 disabled by default
+        (``net.ipv6.conf.default.disable_ipv6=1``) would refuse the IPv6 overlay address of
+        ``vx-bridge-6``. Only in our own namespace (/proc/sys/net is per namespace of the
+        caller); a failure is logged, and the address add that follows says what went wrong."""
+        if self._netns:
+            return
+        path = Path(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6")
+        try:
+            if path.read_text().strip() != "0":
+                path.write_text("0")
+        except OSError as e:
+            _log.warning("cannot enable IPv6 on %s (%s): %s", name, path, e.strerror or e)
 
     def update_link(self, link: Link) -> None:
         idx = self._ifindex(link.name)
@@ -373,8 +391,14 @@ class KernelDataplane:
     def _addr(self, command: str, address: Address) -> None:
         iface = ipaddress.ip_interface(address.address)
         idx = self._ifindex(address.link)
+        extra: dict[str, int] = {}
+        if command == "add" and iface.version == 6:
+            # IFA_F_NODAD: an overlay address is unique by construction (the planner refuses
+            # collisions), and duplicate address detection would keep it tentative - unusable
+            # as a source - for a second or more after every (re)creation of the device.
+            extra["flags"] = _IFA_F_NODAD
         try:
-            self._ipr.addr(command, index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen)
+            self._ipr.addr(command, index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen, **extra)
         except Exception as exc:
             raise _nl_error(exc, f"{command} address {address.address} on {address.link}") from exc
 

@@ -8,6 +8,10 @@ tunnel device exists, and the underlay carries our vxlan traffic in both directi
 what a gateway must provide - without any process on the peer (an agent that was killed does
 not make its gateway look dead: the dataplane does not depend on the agent).
 
+IPv6 peers (``vx-bridge-6`` / ``vx-local-6``, dual stack) are probed the same way with ICMPv6
+echo (type 128, a second raw socket; the kernel computes ICMPv6 checksums) and
+``IPV6_PKTINFO``: an IPv6-only cluster's gateways are watched over IPv6 like any other.
+
 Every probe is sent with ``IP_PKTINFO`` naming the tunnel device as the output interface, so it
 can only ever leave through that device (a missing device means no probe, never a packet out of
 the default route).
@@ -206,6 +210,23 @@ def echo_request(ident: int, seq: int) -> bytes:
     return struct.pack("!BBHHH", 8, 0, _checksum(header + _PAYLOAD), ident, seq) + _PAYLOAD
 
 
+def echo_request6(ident: int, seq: int) -> bytes:
+    """An ICMPv6 echo request (type 128); checksum left 0: the kernel fills it on raw ICMPv6
+    sockets (it covers the pseudo-header, which only the kernel knows for sure)."""
+    return struct.pack("!BBHHH", 128, 0, 0, ident, seq) + _PAYLOAD
+
+
+def parse_echo_reply6(message: bytes, ident: int) -> int | None:
+    """Sequence number of an ICMPv6 echo reply (type 129) carrying ``ident`` (raw ICMPv6
+    sockets deliver the ICMPv6 message without the IPv6 header), else None."""
+    if len(message) < 8:
+        return None
+    icmp_type, _code, _csum, rid, seq = struct.unpack("!BBHHH", message[:8])
+    if icmp_type != 129 or rid != ident:
+        return None
+    return int(seq)
+
+
 def parse_echo_reply(packet: bytes, ident: int) -> str | None:
     """Source address of an IPv4 packet if it is an echo reply (type 0) carrying ``ident``."""
     parsed = parse_echo_reply_seq(packet, ident)
@@ -246,6 +267,7 @@ class TunnelProber:
         self._ident = (os.getpid() ^ random.randrange(0x10000)) & 0xFFFF
         self._seq = 0
         self._sock: socket.socket | None = None
+        self._sock6: socket.socket | None = None
         self._task: asyncio.Task[None] | None = None
         self._down: frozenset[str] = frozenset()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -274,6 +296,14 @@ class TunnelProber:
         self._sock = sock
         self._loop = loop
         loop.add_reader(sock.fileno(), self._readable)
+        try:
+            sock6 = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+        except OSError as e:
+            _log.warning("IPv6 tunnel probes disabled: cannot open a raw ICMPv6 socket (%s)", e.strerror or e)
+        else:
+            sock6.setblocking(False)
+            self._sock6 = sock6
+            loop.add_reader(sock6.fileno(), self._readable6)
         self._task = loop.create_task(self._tick(), name="tunnel-probes")
 
     async def stop(self) -> None:
@@ -282,11 +312,12 @@ class TunnelProber:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        if self._sock is not None:
-            if self._loop is not None:
-                self._loop.remove_reader(self._sock.fileno())
-            self._sock.close()
-            self._sock = None
+        for sock in (self._sock, self._sock6):
+            if sock is not None:
+                if self._loop is not None:
+                    self._loop.remove_reader(sock.fileno())
+                sock.close()
+        self._sock = self._sock6 = None
 
     async def _tick(self) -> None:
         interval = self.state.interval_s
@@ -301,6 +332,7 @@ class TunnelProber:
             return
         self._seq = (self._seq + 1) & 0xFFFF
         packet = echo_request(self._ident, self._seq)
+        packet6 = echo_request6(self._ident, self._seq)
         ifindex: dict[str, int | None] = {}
         for ip, device in self.state.sends():
             if device not in ifindex:
@@ -311,9 +343,17 @@ class TunnelProber:
             index = ifindex[device]
             if index is None:
                 continue  # no tunnel device (yet): nothing to probe through
-            pktinfo = struct.pack("@i4s4s", index, bytes(4), bytes(4))
             # A full socket buffer or an unreachable route is simply a missed probe (and, since
             # it is recorded as sent, a lost one).
+            if ":" in ip:
+                if self._sock6 is None:
+                    continue
+                self.state.on_sent(ip, device, self._seq, self._clock())
+                pktinfo6 = struct.pack("@16sI", bytes(16), index)
+                with contextlib.suppress(OSError):
+                    self._sock6.sendmsg([packet6], [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, pktinfo6)], 0, (ip, 0))
+                continue
+            pktinfo = struct.pack("@i4s4s", index, bytes(4), bytes(4))
             self.state.on_sent(ip, device, self._seq, self._clock())
             with contextlib.suppress(OSError):
                 sock.sendmsg([packet], [(socket.IPPROTO_IP, _IP_PKTINFO, pktinfo)], 0, (ip, 0))
@@ -333,6 +373,25 @@ class TunnelProber:
             parsed = parse_echo_reply_seq(packet, self._ident)
             if parsed is not None:
                 for name, rtt in self.state.on_reply(parsed[0], now, parsed[1]):
+                    self._sample(name, rtt)
+        self._evaluate()
+
+    def _readable6(self) -> None:
+        sock = self._sock6
+        if sock is None:
+            return
+        now = self._clock()
+        for _ in range(256):
+            try:
+                message, addr = sock.recvfrom(2048)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                break
+            seq = parse_echo_reply6(message, self._ident)
+            if seq is not None:
+                src = str(addr[0]).partition("%")[0]
+                for name, rtt in self.state.on_reply(src, now, seq):
                     self._sample(name, rtt)
         self._evaluate()
 

@@ -143,7 +143,7 @@ def test_route_deleted_by_hand_is_a_drift_repair(olab: Lab) -> None:
     assert rc == 0, out
 
 
-def test_trace_is_green_for_pods_and_services_then_names_the_broken_route_and_fdb(olab: Lab) -> None:
+def test_trace_is_green_then_names_the_broken_route_fdb_and_neighbour(olab: Lab) -> None:
     for dst in ("west/w3/p0", "west/svc", "east/e2/p0"):
         rc, out = trace(olab, "east/e1/p0", dst)
         assert rc == 0 and "every hop green" in out, out
@@ -182,6 +182,19 @@ def test_trace_is_green_for_pods_and_services_then_names_the_broken_route_and_fd
         rc, out = trace(olab, f"{gw}/p0", f"east/{plain}/p0")
         assert rc == 1 and f"first failing hop: node {gw} (FDB)" in out, out
         assert f"broken object: fdb {fdb[0]['mac']} dev vx-bridge dst {dst_ip}" in out, out
+    finally:
+        restart_agent(olab, gw)
+    assert trace(olab, f"{gw}/p0", f"east/{plain}/p0")[0] == 0
+
+    # The static neighbour of the same peer, overwritten with a MAC nobody has.
+    neighs = json.loads(run("ip", "-n", gw_ns, "-j", "neigh", "show", "dev", "vx-bridge").stdout or "[]")
+    overlay = next(n["dst"] for n in neighs if n.get("lladdr") == fdb[0]["mac"])
+    run("ip", "-n", gw_ns, "neigh", "replace", overlay, "lladdr", "02:00:00:00:00:77", "dev", "vx-bridge",
+        "nud", "permanent")  # fmt: skip
+    try:
+        rc, out = trace(olab, f"{gw}/p0", f"east/{plain}/p0")
+        assert rc == 1 and f"first failing hop: node {gw} (neighbour)" in out, out
+        assert f"broken object: neighbour {overlay} lladdr {fdb[0]['mac']} dev vx-bridge" in out, out
     finally:
         restart_agent(olab, gw)
     assert trace(olab, f"{gw}/p0", f"east/{plain}/p0")[0] == 0

@@ -91,11 +91,13 @@ def test_json_document_shape() -> None:
     assert doc["passed"] == 2 and doc["failed"] == 4
     assert len(doc["pairs"]) == 6
     first = doc["pairs"][0]
-    assert set(first) == {"src", "dst", "dst_ip", "proto", "ok", "rtt_ms", "error"}
+    # Dual stack (issue 5): every pair names its address family; the document lists not-expected pairs.
+    assert set(first) == {"src", "dst", "dst_ip", "proto", "ok", "rtt_ms", "error", "family"}
     assert first == {
         "src": "east/e1/p0", "dst": "east/e1/p1", "dst_ip": "10.10.0.3", "proto": "icmp", "ok": True,
-        "rtt_ms": 0.05, "error": None,
+        "rtt_ms": 0.05, "error": None, "family": 4,
     }  # fmt: skip
+    assert doc["not_expected"] == []
     json.dumps(doc)
 
 

@@ -317,7 +317,8 @@ def test_status_json_has_the_documented_shape(tmp_path: Path) -> None:
     assert [c["name"] for c in doc["clusters"]] == ["east", "west"]
     node = doc["clusters"][0]["nodes"][0]
     assert set(node) >= {"name", "netns", "underlay", "agent_pid", "in_sync", "pods"}
-    assert node["pods"][0] == {"name": "p0", "netns": "kfx-east-e1-p0", "ip": "10.10.0.2", "global_ip": None}
+    assert node["pods"][0] == {"name": "p0", "netns": "kfx-east-e1-p0", "ip": "10.10.0.2", "global_ip": None,
+                               "ip6": "", "global_ip6": None}  # dual stack (issue 5): the IPv6 address too
     in_sync = {f"{c['name']}/{n['name']}": n["in_sync"] for c in doc["clusters"] for n in c["nodes"]}
     assert in_sync == {"east/e1": True, "east/e2": False, "west/w1": False}
     assert node["counters"]["deltas_sent"] == 2

@@ -142,9 +142,12 @@ def test_translator_sync_is_lazy_incremental_and_reports_failures(tmp_path: Path
     assert {(d, p.name) for d, p in t.attached} == {
         ("vx-bridge", "TUNNEL_INGRESS"), ("vx-bridge", "TUNNEL_EGRESS"), (types.HAIRPIN_DEVICE, "HAIRPIN")}
     assert stats.adds == 1 + 3 and stats.failures == 0
-    n = len(t.calls)
+    adds = stats.adds
     sync.apply(plan, stats)
-    assert len(t.calls) == n  # same plan, programs seen attached: nothing written
+    assert stats.adds == adds and stats.deletes == 0  # same plan, maps and programs in place: nothing written
+    t.maps.clear()  # drift: the mapping removed from the maps behind our back
+    sync.apply(plan, stats)
+    assert len(t.maps) == 1 and stats.adds == adds + 1  # the next pass puts it back
     t.attached.clear()  # the device was recreated: its filters are gone
     sync.apply(plan, stats)
     assert len(t.attached) == 3

@@ -77,3 +77,17 @@ def test_scrape_config_targets_both_components() -> None:
         assert job["kubernetes_sd_configs"] == [{"role": "pod"}]
         actions = [r.get("action", "replace") for r in job["relabel_configs"]]
         assert actions.count("keep") == 2
+
+
+def test_scrape_config_selects_the_pods_the_manifests_run() -> None:
+    """The keep rules name the app labels of the agent DaemonSet and the reflector Deployment."""
+    apps = set()
+    for f in (REPO / "deploy" / "base").rglob("*.yaml"):
+        for doc in yaml.safe_load_all(f.read_text()):
+            if isinstance(doc, dict) and doc.get("kind") in ("DaemonSet", "Deployment"):
+                apps.add(doc["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"])
+    doc = yaml.safe_load((MONITORING / "prometheus-scrape.yaml").read_text())
+    for job in doc["scrape_configs"]:
+        label_rule = next(r for r in job["relabel_configs"]
+                          if r["source_labels"] == ["__meta_kubernetes_pod_label_app_kubernetes_io_name"])
+        assert label_rule["regex"] in apps, (job["job_name"], label_rule["regex"], apps)

@@ -264,6 +264,9 @@ def test_mac_collision_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "vx-bridge MAC 02:00:00:00:00:01 collides with node east/e1" in _reasons(topo(E1), E2)
 
 
-def test_ipv6_underlay_needs_a_v6_bridge_cidr() -> None:
+def test_underlay_of_no_cluster_family_is_refused() -> None:
+    # Dual stack (issue 5): IPv6 has a default bridge CIDR now, so an IPv6 underlay is no longer
+    # refused for the lack of one; an IPv4-only cluster's node that offers only IPv6 is refused
+    # because it could carry none of the cluster's traffic.
     ann = dataclasses.replace(E2, underlay_ip="2001:db8::12")
-    assert "no bridge CIDR of the family" in _reasons(topo(E1), ann)
+    assert "is of no family of cluster 'east' (ipFamilies: IPv4)" in _reasons(topo(E1), ann)

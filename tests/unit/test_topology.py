@@ -69,7 +69,9 @@ def test_same_input_same_output() -> None:
         (lambda d: d["clusters"][0]["nodes"][0].update(underlay="10.0.0.1"), "clusters[0].nodes[0].underlay",
          "outside the underlay"),
         (lambda d: d["clusters"][0].update(mode="mesh"), "clusters[0].mode", "not a mode"),
-        (lambda d: d["clusters"][0].update(podCIDRs=["fd00::/64"]), "clusters[0].podCIDRs[0]", "IPv6"),
+        # Dual stack (issue 5): IPv6 CIDRs are accepted, but must be of a family the cluster runs.
+        (lambda d: d["clusters"][0].update(podCIDRs=["fd00::/64"]), "clusters[0].serviceCIDRs[0]",
+         "is IPv4 but the cluster runs only IPv6"),
         (lambda d: d.update(bridgeCIDRs=["10.10.0.0/16"]), "clusters[0].podCIDRs[0]", "bridgeCIDRs"),
     ],
 )

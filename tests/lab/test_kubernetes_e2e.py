@@ -1,0 +1,196 @@
+"""End to end, through fabric-tool and a real kubectl: issue 8's lab acceptance.
+
+examples/lab-k8s.yaml (``kubernetes: true``; east e1 e2, west w1 w2, one static pod per node):
+``lab up`` starts an emulated API server and a lab kubelet per cluster and writes a kubeconfig.
+Then: the nodes are Ready with their podCIDR and InternalIP; a Pod pinned to a lab node
+(``nodeName``) runs with an IP of that node's pod CIDR no static pod uses, and answers ping from
+the other cluster's pods through the fabric; deleting it removes its namespace; ``lab down``
+leaves no process, namespace or file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.lab.conftest import REPO, Lab, _root_links, assert_lab_gone, lab_pids, run, wait_for
+
+TOPOLOGY = REPO / "examples" / "lab-k8s.yaml"
+KUBECTL = shutil.which("kubectl")
+
+pytestmark = pytest.mark.skipif(KUBECTL is None, reason="no kubectl binary on PATH (install one to run this test)")
+
+
+class KubeLab(Lab):
+    kubeconfig: Path
+    up_stdout: str
+
+    def kubectl(self, context: str, *args: str, check: bool = True) -> Any:
+        assert KUBECTL is not None
+        return run(KUBECTL, "--kubeconfig", str(self.kubeconfig), "--context", context, *args, check=check, timeout=30)
+
+    def get(self, context: str, *args: str) -> Any:
+        return json.loads(self.kubectl(context, "get", *args, "-o", "json").stdout)
+
+    def kube_pids(self) -> set[int]:
+        pids = set()
+        for c in self.status()["clusters"]:
+            k = c["kubernetes"]
+            pids |= {p for p in (k["apiserver_pid"], k["kubelet_pid"]) if p}
+        return pids
+
+
+@pytest.fixture(scope="module")
+def klab() -> Iterator[KubeLab]:
+    name = "kft" + uuid.uuid4().hex[:5]
+    lab = KubeLab(name, TOPOLOGY)
+    root_links = _root_links()
+    pids: set[int] = set()
+    try:
+        p = lab.lab("up", str(TOPOLOGY), "--grace-period", "30", "--timeout", "90")
+        lab.up_stdout = p.stdout
+        lab.kubeconfig = Path(lab.lab("kubeconfig").stdout.strip())
+        yield lab
+    finally:
+        with contextlib.suppress(Exception):
+            pids = lab_pids(lab) | lab.kube_pids()
+        lab.lab("down", check=False)
+    assert len(pids) == 4 + 1 + 2 * 2, f"expected agents, reflector, API servers and kubelets: {pids}"
+    assert_lab_gone(name, pids, root_links)
+    assert not os.path.exists(f"/run/kosmos-fabric/lab/{name}"), "lab down left its state directory behind"
+
+
+def _pod(tmp: Path, name: str, node: str) -> Path:
+    f = tmp / f"{name}.yaml"
+    f.write_text(
+        "apiVersion: v1\nkind: Pod\n"
+        f"metadata: {{name: {name}, namespace: default, labels: {{app: {name}}}}}\n"
+        f"spec:\n  nodeName: {node}\n  containers: [{{name: c, image: busybox, command: [sleep, '3600']}}]\n"
+    )
+    return f
+
+
+def _running(klab: KubeLab, context: str, name: str) -> dict[str, Any]:
+    def ready() -> dict[str, Any] | None:
+        pod: dict[str, Any] = klab.get(context, "pod", name)
+        st = pod.get("status", {})
+        return pod if st.get("phase") == "Running" and st.get("podIP") else None
+
+    out: dict[str, Any] = wait_for(ready, 20, f"pod {context}/{name} Running with an IP", interval=0.3)
+    return out
+
+
+def _kube_netns(klab: KubeLab, cluster: str, node: str, ip: str) -> str:
+    """The lab namespace that holds pod address ``ip`` on ``cluster/node`` (a kubelet pod)."""
+    prefix = f"{klab.name}-{cluster}-{node}-k"
+    for ns in (n for n in os.listdir("/run/netns") if n.startswith(prefix)):
+        addrs = klab.ipj(ns, "-4", "addr", "show", "dev", "eth0")
+        if any(a["local"] == ip for link in addrs for a in link.get("addr_info", [])):
+            return ns
+    raise AssertionError(f"no namespace {prefix}* holds {ip}")
+
+
+def _ping(klab: KubeLab, netns: str, ip: str) -> None:
+    wait_for(lambda: klab.nsrun(netns, "ping", "-c1", "-W1", ip, check=False).returncode == 0, 15,
+             f"ping {ip} from {netns}", interval=0.1)  # fmt: skip
+
+
+def test_up_prints_the_kubeconfig_and_nodes_are_ready(klab: KubeLab) -> None:
+    assert f"kubeconfig: {klab.kubeconfig}" in klab.up_stdout
+    contexts = klab.kubectl("east", "config", "get-contexts", "-o", "name").stdout.split()
+    assert sorted(contexts) == ["east", "west"]
+    lab_nodes = klab.nodes()
+    for cluster in ("east", "west"):
+        wide = klab.kubectl(cluster, "get", "nodes", "-o", "wide").stdout
+        for key, n in lab_nodes.items():
+            if key.startswith(cluster + "/"):
+                row = next(line.split() for line in wide.splitlines() if line.split()[0] == n["name"])
+                assert row[1] == "Ready" and n["underlay"] in row, wide
+        for node in klab.get(cluster, "nodes")["items"]:
+            lab_node = lab_nodes[f"{cluster}/{node['metadata']['name']}"]
+            assert node["spec"]["podCIDR"] == lab_node["pod_cidr"]
+            assert {"type": "InternalIP", "address": lab_node["underlay"]} in node["status"]["addresses"]
+        leases = klab.get(cluster, "leases", "-n", "kube-node-lease")["items"]
+        assert sorted(x["metadata"]["name"] for x in leases) == sorted(
+            k.split("/")[1] for k in lab_nodes if k.startswith(cluster + "/")
+        )
+
+
+def test_pinned_pod_runs_and_answers_ping_from_another_cluster(klab: KubeLab, tmp_path: Path) -> None:
+    klab.kubectl("east", "apply", "-f", str(_pod(tmp_path, "web", "e1")))
+    klab.kubectl("east", "apply", "-f", str(_pod(tmp_path, "web2", "e1")))
+    klab.kubectl("west", "apply", "-f", str(_pod(tmp_path, "peer", "w2")))
+    web, web2, peer = _running(klab, "east", "web"), _running(klab, "east", "web2"), _running(klab, "west", "peer")
+    nodes, pods = klab.nodes(), klab.pods()
+    static_ips = {p["ip"] for p in pods.values()}
+    e1 = nodes["east/e1"]
+    for pod in (web, web2):
+        ip = pod["status"]["podIP"]
+        assert ipaddress.ip_address(ip) in ipaddress.ip_network(e1["pod_cidr"])
+        assert ip not in static_ips, f"kubelet gave {ip}, a static pod's address"
+        assert pod["status"]["hostIP"] == e1["underlay"]
+        assert any(c["type"] == "Ready" and c["status"] == "True" for c in pod["status"]["conditions"])
+    assert web["status"]["podIP"] != web2["status"]["podIP"]
+    web_ip, peer_ip = web["status"]["podIP"], peer["status"]["podIP"]
+    assert ipaddress.ip_address(peer_ip) in ipaddress.ip_network(nodes["west/w2"]["pod_cidr"])
+    # Through the fabric: a static pod of west -> the kubelet pod on east/e1, and kubelet pod to
+    # kubelet pod across the clusters; the same-node static pod reaches it through the node.
+    _ping(klab, pods["west/w1/p0"]["netns"], web_ip)
+    _ping(klab, _kube_netns(klab, "west", "w2", peer_ip), web_ip)
+    _ping(klab, _kube_netns(klab, "east", "e1", web_ip), peer_ip)
+    _ping(klab, pods["east/e1/p0"]["netns"], web_ip)
+    table = klab.kubectl("east", "get", "pods", "-o", "wide").stdout
+    assert "web" in table and web_ip in table and "Running" in table
+
+
+def test_a_restarted_kubelet_adopts_its_running_pods(klab: KubeLab, tmp_path: Path) -> None:
+    """``lab up`` restarts a dead kubelet; the new one re-announces every pod it finds, through
+    the idempotent pod plumbing: same IP, same namespace, still reachable across the fabric."""
+    klab.kubectl("east", "apply", "-f", str(_pod(tmp_path, "keep", "e2")))
+    ip = _running(klab, "east", "keep")["status"]["podIP"]
+    ns = _kube_netns(klab, "east", "e2", ip)
+    east = next(c for c in klab.status()["clusters"] if c["name"] == "east")
+    old = east["kubernetes"]["kubelet_pid"]
+    os.kill(old, signal.SIGTERM)
+    wait_for(lambda: not _alive(old), 10, f"kubelet {old} to exit")
+    klab.lab("up", str(TOPOLOGY), "--timeout", "60")
+    east = next(c for c in klab.status()["clusters"] if c["name"] == "east")
+    assert east["kubernetes"]["kubelet_pid"] not in (None, old)
+    log = Path(east["kubernetes"]["kubelet_log"])
+    line = f"pod default/keep: running on e2 with {ip}"
+    wait_for(lambda: log.read_text().count(line) == 2, 15, "the new kubelet to re-announce default/keep")
+    assert _kube_netns(klab, "east", "e2", ip) == ns
+    assert klab.get("east", "pod", "keep")["status"]["podIP"] == ip
+    _ping(klab, klab.pods()["west/w1/p0"]["netns"], ip)
+    klab.kubectl("east", "delete", "pod", "keep", "--timeout", "20s")
+    assert not os.path.exists(f"/run/netns/{ns}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def test_deleting_the_pod_removes_its_namespace(klab: KubeLab, tmp_path: Path) -> None:
+    klab.kubectl("east", "apply", "-f", str(_pod(tmp_path, "gone", "e2")))
+    ip = _running(klab, "east", "gone")["status"]["podIP"]
+    ns = _kube_netns(klab, "east", "e2", ip)
+    klab.kubectl("east", "delete", "pod", "gone", "--timeout", "20s")
+    assert not os.path.exists(f"/run/netns/{ns}"), f"deleting the Pod left {ns}"
+    assert klab.kubectl("east", "get", "pod", "gone", check=False).returncode != 0
+    # The address is free again: the next pod on e2 may take it, and its route went with the veth.
+    routes = klab.ipj(klab.nodes()["east/e2"]["netns"], "-4", "route", "show", f"{ip}/32")
+    assert routes == []

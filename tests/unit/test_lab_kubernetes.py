@@ -1,0 +1,181 @@
+"""The lab's ``kubernetes: true`` wiring without root: topology key, state, naming, status, and
+the API server + lab kubelet processes started and stopped the way ``lab up``/``down`` do.
+
+Nothing here creates a namespace: the kubelet registers Nodes (HTTP only) and no Pod is bound,
+so it never calls the lab's pod plumbing; that part runs in tests/lab/test_kubernetes_e2e.py.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from fabric import topology
+from tools import cli, kubelet_lab, lab
+
+TOPO = """\
+kubernetes: true
+clusters:
+  - name: east
+    podCIDRs: [10.10.0.0/16]
+    serviceCIDRs: [10.96.0.0/20]
+    nodes:
+      - {name: e1, pods: 2}
+  - name: west
+    podCIDRs: [10.20.0.0/16]
+    nodes:
+      - {name: w1, pods: 1}
+"""
+
+
+def _topo(tmp_path: Path, text: str = TOPO) -> topology.TopologyFile:
+    p = tmp_path / "t.yaml"
+    p.write_text(text)
+    return topology.load(p)
+
+
+@pytest.fixture
+def lab_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = tmp_path / "labs"
+    monkeypatch.setattr(lab, "LAB_ROOT", root)
+    return root
+
+
+def test_kubernetes_key_defaults_false_and_must_be_a_bool(tmp_path: Path) -> None:
+    assert _topo(tmp_path).kubernetes is True
+    assert _topo(tmp_path, TOPO.replace("kubernetes: true\n", "")).kubernetes is False
+    with pytest.raises(topology.TopologyError) as e:
+        _topo(tmp_path, TOPO.replace("kubernetes: true", "kubernetes: 'yes'"))
+    assert "kubernetes: 'yes' must be true or false" in str(e.value)
+
+
+def test_example_topology_runs_kubernetes() -> None:
+    topo = topology.load(Path(__file__).resolve().parents[2] / "examples" / "lab-k8s.yaml")
+    assert topo.kubernetes and [c.name for c in topo.clusters] == ["east", "west"]
+
+
+def test_plan_state_round_trip_and_merge(lab_root: Path, tmp_path: Path) -> None:
+    st = lab.plan("kfx", _topo(tmp_path))
+    assert st.kubernetes
+    east = st.clusters[0]
+    east.api_url = "http://127.0.0.1:1234"
+    east.apiserver = lab.ProcRecord(11, 22, lab.ROOT_NETNS, "/l/a", ["python", "-m", "kubeemu"])
+    east.kubelet = lab.ProcRecord(12, 23, lab.ROOT_NETNS, "/l/k", ["python", "-m", "tools.kubelet_lab"])
+    lab.save_state(st)
+    back = lab.load_state("kfx")
+    assert back == st
+    assert back is not None and isinstance(back.clusters[0].kubelet, lab.ProcRecord)
+    # Turning Kubernetes on for a running lab is an addition; turning it off is refused.
+    off = lab.plan("kfx", _topo(tmp_path, TOPO.replace("kubernetes: true", "kubernetes: false")))
+    merged, _, _ = lab.merge_plan(off, st)
+    assert merged.kubernetes
+    with pytest.raises(lab.LabUsageError, match="kubernetes true -> false"):
+        lab.merge_plan(st, off)
+
+
+def test_kubelet_pod_names_are_stable_short_and_apart_from_static_pods(tmp_path: Path) -> None:
+    st = lab.plan("kfx", _topo(tmp_path))
+    node = st.clusters[0].nodes[0]
+    a = lab.kube_pod(node, "default/web", "10.10.0.4")
+    assert a == lab.kube_pod(node, "default/web", "10.10.0.4")
+    b = lab.kube_pod(node, "other/web", "10.10.0.5")
+    assert a.netns != b.netns and a.host_if != b.host_if
+    assert a.netns.startswith(node.netns + "-k") and len(a.host_if) <= 15
+    assert a.netns not in st.namespaces() and a.host_if not in {p.host_if for p in node.pods}
+    assert lab._KUBE_POD_SUFFIX.search(a.netns) and not lab._KUBE_POD_SUFFIX.search(node.pods[0].netns)
+
+
+def test_kubelet_reserves_static_pod_ips_and_maps_calls_to_lab_pods(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    st = lab.plan("kfx", _topo(tmp_path))
+    east = st.clusters[0]
+    (e1,) = kubelet_lab.lab_nodes(east)
+    assert e1.internal_ip == "198.18.0.11" and e1.pod_cidrs == ("10.10.0.0/24",)
+    assert e1.reserved == {"10.10.0.2", "10.10.0.3"}  # p0, p1
+    assert e1.allocate() == "10.10.0.4"
+    calls: list[tuple[str, str, lab.PodRecord]] = []
+
+    def add(n: lab.NodeRecord, p: lab.PodRecord) -> None:
+        calls.append(("add", n.key, p))
+
+    def remove(n: lab.NodeRecord, p: lab.PodRecord) -> bool:
+        calls.append(("remove", n.key, p))
+        return True
+
+    monkeypatch.setattr(lab, "add_pod", add)
+    monkeypatch.setattr(lab, "remove_pod", remove)
+    net = kubelet_lab.LabPodNetwork(east)
+    net.create("e1", "default/web", "10.10.0.4")
+    net.delete("e1", "default/web", "10.10.0.4")
+    want = lab.kube_pod(east.nodes[0], "default/web", "10.10.0.4")
+    assert calls == [("add", "east/e1", want), ("remove", "east/e1", want)]
+    with pytest.raises(lab.LabError, match="not a node of this kubelet"):
+        net.create("w1", "default/x", "10.20.0.9")
+
+
+def test_status_shows_servers_and_kubeconfig(tmp_path: Path) -> None:
+    st = lab.plan("kfx", _topo(tmp_path))
+    st.clusters[0].api_url = "http://127.0.0.1:1234"
+    doc = lab.status_doc(st, None, "down")
+    assert doc["kubeconfig"] == str(st.kubeconfig)
+    assert doc["clusters"][0]["kubernetes"]["url"] == "http://127.0.0.1:1234"
+    assert doc["clusters"][0]["kubernetes"]["apiserver_pid"] is None
+    text = lab.render_status(doc)
+    assert "kubernetes of east: http://127.0.0.1:1234 (apiserver stopped, kubelet stopped)" in text
+    plain = lab.plan("kfx", _topo(tmp_path, TOPO.replace("kubernetes: true\n", "")))
+    assert lab.status_doc(plain, None, "down")["kubeconfig"] is None
+
+
+def test_kubeconfig_command(lab_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["lab", "kubeconfig", "--name", "kfx"]) == 1
+    assert "not up" in capsys.readouterr().err
+    st = lab.plan("kfx", _topo(tmp_path, TOPO.replace("kubernetes: true\n", "")))
+    lab.save_state(st)
+    assert cli.main(["lab", "kubeconfig", "--name", "kfx"]) == 1
+    assert "kubernetes: true" in capsys.readouterr().err
+
+
+def _get(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return json.loads(r.read())
+
+
+def test_servers_and_kubelets_start_record_and_stop(lab_root: Path, tmp_path: Path) -> None:
+    """What ``up`` and ``down`` do for Kubernetes, minus namespaces: real processes on 127.0.0.1."""
+    st = lab.plan("kfx", _topo(tmp_path))
+    lab.save_state(st)
+    recs: list[lab.ProcRecord] = []
+    try:
+        lab.start_kubernetes(st, [])
+        recs = [r for c in st.clusters for r in (c.apiserver, c.kubelet) if r is not None]
+        assert len(recs) == 4 and all(r.running() for r in recs)
+        saved = lab.load_state("kfx")
+        assert saved is not None and [c.api_url for c in saved.clusters] == [c.api_url for c in st.clusters]
+        lab.wait_kube_nodes(st, 20.0)
+        kc = yaml.safe_load(st.kubeconfig.read_text())
+        assert [c["name"] for c in kc["contexts"]] == ["east", "west"]
+        assert kc["clusters"][1]["cluster"]["server"] == st.clusters[1].api_url
+        assert (st.kubeconfig.stat().st_mode & 0o777) == 0o600
+        node = _get(f"{st.clusters[0].api_url}/api/v1/nodes/e1")
+        assert node["spec"]["podCIDR"] == "10.10.0.0/24"
+        assert {"type": "InternalIP", "address": "198.18.0.11"} in node["status"]["addresses"]
+        # A second pass starts nothing new: everything recorded still runs.
+        before = [(c.apiserver, c.kubelet) for c in st.clusters]
+        lab.start_kubernetes(st, [])
+        assert [(c.apiserver, c.kubelet) for c in st.clusters] == before
+        # Nodes added to east: only east's kubelet is restarted.
+        old_east, old_west = st.clusters[0].kubelet, st.clusters[1].kubelet
+        lab.start_kubernetes(st, ["east/e9"])
+        assert st.clusters[0].kubelet != old_east and st.clusters[1].kubelet == old_west
+        assert old_east is not None and not old_east.running()
+        recs = [r for c in st.clusters for r in (c.apiserver, c.kubelet) if r is not None]
+    finally:
+        lab._down_locked("kfx", lab.load_state("kfx"), lambda _m: None)
+    assert not any(r.running() for r in recs)
+    assert not lab.state_dir("kfx").exists()

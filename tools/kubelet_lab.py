@@ -1,0 +1,104 @@
+"""``python -m tools.kubelet_lab``: the lab kubelet of one cluster of a lab (``kubernetes: true``).
+
+``fabric-tool lab up`` starts one per cluster, in the root namespace, next to the cluster's
+emulated API server (kubeemu). It is :class:`kubeemu.kubelet.LabKubelet` with the lab's own
+pod plumbing as its network:
+
+* the nodes come from the lab's state file (read once at start): name, underlay address as the
+  Node's InternalIP, pod CIDR, and the static pods' IPs, which the kubelet never hands out;
+* a Pod bound to a node becomes a lab pod through :func:`tools.lab.add_pod` (namespace
+  ``NAME-<cluster>-<node>-k<hash>``, veth, /32 route, proxy ARP; idempotent), and leaves through
+  :func:`tools.lab.remove_pod` (the namespace is deleted, taking the veth and route with it).
+
+It changes nothing in the state file, so it needs no lock: the API server holds the pods and the
+namespace names derive from the pod keys. ``lab up`` restarts it when nodes are added.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from kubeemu.kubelet import LabKubelet, LabNode
+from tools import lab
+
+_log = logging.getLogger(__name__)
+
+
+class LabPodNetwork:
+    """``kubeemu.kubelet.PodNetwork`` over the lab's pod plumbing, for the nodes of one cluster."""
+
+    def __init__(self, cluster: lab.ClusterRecord) -> None:
+        self.nodes = {n.name: n for n in cluster.nodes}
+
+    def _node(self, name: str) -> lab.NodeRecord:
+        node = self.nodes.get(name)
+        if node is None:  # the kubelet only serves nodes it was given; a bug if reached
+            raise lab.LabError(f"node {name!r} is not a node of this kubelet ({', '.join(self.nodes)})")
+        return node
+
+    def create(self, node: str, pod_key: str, ip: str) -> None:
+        n = self._node(node)
+        lab.add_pod(n, lab.kube_pod(n, pod_key, ip))
+
+    def delete(self, node: str, pod_key: str, ip: str) -> None:
+        n = self._node(node)
+        lab.remove_pod(n, lab.kube_pod(n, pod_key, ip))
+
+
+def lab_nodes(cluster: lab.ClusterRecord) -> list[LabNode]:
+    """The kubelet's view of the cluster's nodes; static pod IPs are reserved."""
+    return [
+        LabNode(n.name, n.underlay_ip, (n.pod_cidr,), reserved=frozenset(p.ip for p in n.pods))
+        for n in cluster.nodes
+    ]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tools.kubelet_lab",
+                                description="The lab kubelet of one lab cluster (started by 'fabric-tool lab up').")
+    p.add_argument("--state", required=True, type=Path, help="the lab's state file (state.json)")
+    p.add_argument("--cluster", required=True, help="cluster of the lab")
+    p.add_argument("--url", required=True, help="the cluster's API server, e.g. http://127.0.0.1:40123")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+async def _run(kubelet: LabKubelet) -> None:
+    task = asyncio.ensure_future(kubelet.run())
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        await task
+    except asyncio.CancelledError:
+        _log.info("stopping")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        state = lab.LabState.from_json(json.loads(args.state.read_text()))
+    except (OSError, ValueError, lab.StateError) as e:
+        print(f"kubelet_lab: cannot use the lab state {args.state}: {e}", file=sys.stderr)
+        return 1
+    cluster = next((c for c in state.clusters if c.name == args.cluster), None)
+    if cluster is None:
+        print(f"kubelet_lab: lab {state.name} has no cluster {args.cluster!r} ({args.state})", file=sys.stderr)
+        return 2
+    nodes = lab_nodes(cluster)
+    _log.info("lab %s cluster %s: serving nodes %s for %s", state.name, cluster.name,
+              ", ".join(n.name for n in nodes), args.url)
+    asyncio.run(_run(LabKubelet(args.url, nodes, LabPodNetwork(cluster))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
