@@ -283,6 +283,11 @@ class EmuServer:
         if not raw:
             return None
         ctype = request.headers.get("Content-Type", "")
+        if "protobuf" in ctype:
+            # kubectl's generator commands (create namespace/configmap/secret ...) send typed
+            # objects as protobuf, which this emulator does not decode: say so plainly (415, like a
+            # JSON-only aggregated server) instead of failing to parse it as JSON.
+            raise errors.unsupported_media(ctype, ["application/json", "application/yaml"])
         try:
             if "yaml" in ctype:
                 import yaml  # only server-side apply sends YAML; keep it out of the idle footprint
