@@ -2,9 +2,9 @@
 
 Every benchmark is a module ``tools/bench_<name>.py`` with ``NAME``, ``HELP``,
 ``requires(options) -> [reasons it cannot run here]`` and ``run(options) -> Report`` (see
-:mod:`tools.bench_common`). :data:`BENCHMARKS` lists them in running order; a capability that
-lands later (gateway, failover, translate) adds its module to the list, and ``supported`` says
-whether this build can run it at all (a benchmark whose feature is missing is skipped when no
+:mod:`tools.bench_common`). :data:`BENCHMARKS` lists them in running order (every benchmark of
+issue 7: datapath, restart, netlink, gateway, failover, translate, control); ``supported`` says
+whether this build can run one at all (a benchmark whose feature is missing is skipped when no
 names are given, refused when named).
 
 Output: a table per benchmark on stdout (progress on stderr); ``--json FILE`` writes
@@ -55,8 +55,10 @@ BENCHMARKS: dict[str, Benchmark] = {
         Benchmark("datapath", "tools.bench_datapath"),
         Benchmark("restart", "tools.bench_restart"),
         Benchmark("netlink", "tools.bench_netlink"),
+        Benchmark("gateway", "tools.bench_gateway"),
+        Benchmark("failover", "tools.bench_failover"),
+        Benchmark("translate", "tools.bench_translate"),
         Benchmark("control", "tools.bench_control"),
-        # gateway, failover and translate register here when their issues land.
     )
 }
 
@@ -225,8 +227,22 @@ def _to_json(report: bc.Report) -> dict[str, Any]:
 # -- main ------------------------------------------------------------------------------------
 
 
+#: The process that runs the benchmarks (set by :func:`main`).
+_MAIN_PID = 0
+
+
 def _sigterm(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt  # unwinds through every benchmark's cleanup, like Ctrl-C
+    """SIGTERM unwinds through every benchmark's cleanup, like Ctrl-C - in our own process only.
+
+    Libraries fork helper processes that keep running Python without exec (pyroute2's NetNS,
+    used by the translator's loader, does); they inherit this handler and are stopped with
+    SIGTERM. Unwinding *their* copy of our stack would run our cleanup a second time, from the
+    wrong process (unmounting, deleting namespaces of a benchmark still running), so a forked
+    child just exits.
+    """
+    if os.getpid() != _MAIN_PID:
+        os._exit(128 + signum)
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str]) -> int:
@@ -293,6 +309,8 @@ def main(argv: list[str]) -> int:
         return 2
     for name, why in skipped.items():
         print(f"fabric-tool bench: skipping {name}: {why}", file=sys.stderr)
+    global _MAIN_PID
+    _MAIN_PID = os.getpid()
     previous = signal.signal(signal.SIGTERM, _sigterm)
     doc: dict[str, Any] = {
         "meta": {

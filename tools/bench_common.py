@@ -245,31 +245,44 @@ class LabPods:
 
 
 @contextlib.contextmanager
-def p2p_lab(bench: str) -> Iterator[LabPods]:
-    """A fresh two-cluster P2P lab (one node, one pod each) under a unique name; always torn down.
+def lab_env(bench: str, doc: dict[str, Any], what: str, timeout_s: float = 120.0) -> Iterator[lab.LabState]:
+    """A fresh lab of topology ``doc`` under a unique name; always torn down (even on Ctrl-C).
 
     Built and removed through :mod:`tools.lab`'s public functions, exactly as ``fabric-tool lab
-    up``/``down`` do.
+    up``/``down`` do. ``what`` describes it in the progress line.
     """
     name = unique("kft", 8)
+    with tempfile.TemporaryDirectory(prefix="kft-bench-") as tmp:
+        topo = Path(tmp) / "lab.yaml"
+        topo.write_text(yaml.safe_dump(doc, sort_keys=False))
+        try:
+            progress(bench, f"building lab {name} ({what})")
+            yield lab.up(topo, name, timeout_s=timeout_s, progress=lambda m: progress(bench, m))
+        finally:
+            progress(bench, f"removing lab {name}")
+            lab.down(name, progress=lambda m: progress(bench, m))
+
+
+def first_pod(state: lab.LabState, node_key: str) -> lab.PodRecord:
+    """The first pod of node ``cluster/node`` of a lab this benchmark built."""
+    node = state.node(node_key)
+    if node is None or not node.pods:
+        raise RuntimeError(f"lab {state.name} has no pod on node {node_key!r}")
+    return node.pods[0]
+
+
+@contextlib.contextmanager
+def p2p_lab(bench: str) -> Iterator[LabPods]:
+    """A fresh two-cluster P2P lab (one node, one pod each) under a unique name; always torn down."""
     doc = {
         "clusters": [
             {"name": "east", "mode": "p2p", "podCIDRs": ["10.10.0.0/16"], "nodes": [{"name": "e1", "pods": 1}]},
             {"name": "west", "mode": "p2p", "podCIDRs": ["10.20.0.0/16"], "nodes": [{"name": "w1", "pods": 1}]},
         ]
     }
-    with tempfile.TemporaryDirectory(prefix="kft-bench-") as tmp:
-        topo = Path(tmp) / "lab.yaml"
-        topo.write_text(yaml.safe_dump(doc, sort_keys=False))
-        try:
-            progress(bench, f"building lab {name} (2 P2P clusters, 1 node and 1 pod each)")
-            state = lab.up(topo, name, progress=lambda m: progress(bench, m))
-            nodes = {n.key: n for n in state.nodes()}
-            src, dst = nodes["east/e1"], nodes["west/w1"]
-            yield LabPods(name, src.pods[0].netns, src.pods[0].ip, dst.pods[0].netns, dst.pods[0].ip, src.key)
-        finally:
-            progress(bench, f"removing lab {name}")
-            lab.down(name, progress=lambda m: progress(bench, m))
+    with lab_env(bench, doc, "2 P2P clusters, 1 node and 1 pod each", timeout_s=lab.DEFAULT_UP_TIMEOUT_S) as state:
+        src, dst = first_pod(state, "east/e1"), first_pod(state, "west/w1")
+        yield LabPods(state.name, src.netns, src.ip, dst.netns, dst.ip, "east/e1")
 
 
 # -- probes ----------------------------------------------------------------------------------
@@ -293,15 +306,28 @@ def ping_counts(output: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-def iperf_gbps(procs: Procs, src_ns: str, dst_ns: str, dst_ip: str, streams: int, seconds: float) -> float:
-    """TCP throughput in Gb/s (receiver side) from ``src_ns`` to an iperf3 server in ``dst_ns``.
+@dataclasses.dataclass(frozen=True)
+class IperfResult:
+    """One iperf3 run: receiver-side throughput and the sender's TCP retransmissions."""
+
+    gbps: float
+    retransmits: int
+
+
+def iperf(
+    procs: Procs, src_ns: str, dst_ns: str, dst_ip: str, streams: int, seconds: float, bind_ip: str | None = None
+) -> IperfResult:
+    """TCP throughput (receiver side) and retransmits from ``src_ns`` to an iperf3 server in ``dst_ns``.
+
+    The server binds ``bind_ip`` (default ``dst_ip``): behind address translation the client
+    dials an address the server's namespace does not have.
 
     A run iperf3 itself reports as failed (its JSON has ``error`` and no ``sum_received``; seen
     now and then with very short runs) is repeated once, then raised with iperf3's reason.
     """
     problem = ""
     for _attempt in range(2):
-        server = procs.spawn(dst_ns, ["iperf3", "-s", "-1", "-B", dst_ip])
+        server = procs.spawn(dst_ns, ["iperf3", "-s", "-1", "-B", bind_ip or dst_ip])
         try:
             deadline = time.monotonic() + 5
             while True:  # the server takes a moment to listen
@@ -316,12 +342,18 @@ def iperf_gbps(procs: Procs, src_ns: str, dst_ns: str, dst_ip: str, streams: int
         finally:
             procs.stop(server)
         doc = json.loads(out)
-        received = doc.get("end", {}).get("sum_received", {}).get("bits_per_second")
+        end = doc.get("end", {})
+        received = end.get("sum_received", {}).get("bits_per_second")
         if received is not None:
-            return float(received) / 1e9
+            return IperfResult(float(received) / 1e9, int(end.get("sum_sent", {}).get("retransmits", 0)))
         problem = str(doc.get("error", "no sum_received in its JSON"))
         _log.warning("iperf3 %s -> %s failed (%s); retrying once", src_ns, dst_ip, problem)
     raise RuntimeError(f"iperf3 from {src_ns} to {dst_ip} failed twice: {problem}")
+
+
+def iperf_gbps(procs: Procs, src_ns: str, dst_ns: str, dst_ip: str, streams: int, seconds: float) -> float:
+    """TCP throughput in Gb/s (receiver side); see :func:`iperf`."""
+    return iperf(procs, src_ns, dst_ns, dst_ip, streams, seconds).gbps
 
 
 def rr_rate(procs: Procs, src_ns: str, dst_ns: str, dst_ip: str, seconds: float, cpu: int) -> float:
@@ -336,3 +368,63 @@ def rr_rate(procs: Procs, src_ns: str, dst_ns: str, dst_ip: str, seconds: float,
         return float(out.strip().splitlines()[-1])
     finally:
         procs.stop(server)
+
+
+# -- one path, the usual figures -------------------------------------------------------------
+
+#: Units and orientation of the figures :func:`path_metrics` measures.
+PATH_UNITS = {
+    "throughput_1_stream": "Gb/s",
+    "throughput_4_streams": "Gb/s",
+    "retransmits_1_stream": "segments",
+    "retransmits_4_streams": "segments",
+    "ping_p50": "µs",
+    "ping_p99": "µs",
+}
+PATH_HIGHER_IS_BETTER = {
+    "throughput_1_stream": True,
+    "throughput_4_streams": True,
+    "retransmits_1_stream": False,
+    "retransmits_4_streams": False,
+    "ping_p50": False,
+    "ping_p99": False,
+}
+
+
+def check_reachable(what: str, src_ns: str, dst_ip: str, timeout_s: float = 15.0) -> None:
+    """Wait until a path carries a ping, and refuse to measure it when it never does (a broken
+    setup, not a slow one). A lab reports "in sync" once every agent applied its plan; the first
+    packets may still wait for neighbour resolution along the path, hence the grace period."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with contextlib.suppress(RuntimeError):  # ping exits 1 when nothing answered
+            if ping_rtts_us(src_ns, dst_ip, 1, 0.2):
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} path: {dst_ip} does not answer ping from {src_ns} within {timeout_s:g} s")
+        time.sleep(0.2)
+
+
+def path_metrics(
+    procs: Procs,
+    what: str,
+    src_ns: str,
+    dst_ns: str,
+    dst_ip: str,
+    *,
+    iperf_s: float,
+    pings: int,
+    bind_ip: str | None = None,
+) -> dict[str, float]:
+    """iperf3 with 1 and 4 streams (throughput and retransmits), then ``pings`` 10 ms pings (p50/p99)."""
+    out: dict[str, float] = {}
+    for streams, suffix in ((1, "1_stream"), (4, "4_streams")):
+        res = iperf(procs, src_ns, dst_ns, dst_ip, streams, iperf_s, bind_ip)
+        out[f"throughput_{suffix}"] = res.gbps
+        out[f"retransmits_{suffix}"] = float(res.retransmits)
+    rtts = ping_rtts_us(src_ns, dst_ip, pings)
+    if len(rtts) < pings * 0.9:
+        raise RuntimeError(f"{what} path lost {pings - len(rtts)} of {pings} pings")
+    out["ping_p50"] = percentile(rtts, 50)
+    out["ping_p99"] = percentile(rtts, 99)
+    return out

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -92,13 +93,47 @@ def test_control_with_three_simulated_agents(tmp_path: Path, monkeypatch: pytest
         assert figs[metric]["median"] > 0 and figs[metric]["baseline_median"] > 0, metric
 
 
-@pytest.mark.parametrize("missing", ["iperf3"])
+@pytest.mark.parametrize(("name", "missing"), [("datapath", "iperf3"), ("gateway", "iperf3"), ("failover", "ping"),
+                                              ("translate", "nft")])  # fmt: skip
 def test_a_missing_program_is_refused_before_anything_is_built(
-    missing: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    name: str, missing: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    real = bench.bc.shutil.which
-    monkeypatch.setattr(bench.bc.shutil, "which", lambda p: None if p == missing else real(p))
+    real = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda p: None if p == missing else real(p))
     before = set(nsutil.list_netns())
-    assert bench.main(["datapath", "--tiny"]) == 2
+    assert bench.main([name, "--tiny"]) == 2
     assert f"program {missing!r} is not installed" in capsys.readouterr().err
     assert set(nsutil.list_netns()) == before
+
+
+def test_gateway_measures_the_gateway_path_against_gateway_node_and_p2p(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    figs = _figures(_run(tmp_path, monkeypatch, "gateway"), "gateway")
+    for metric in ("throughput_1_stream", "throughput_4_streams", "ping_p50", "ping_p99"):
+        for key in ("median", "baseline_median", "p2p_baseline_median", "ratio", "p2p_ratio"):
+            assert figs[metric][key] is not None and figs[metric][key] > 0, (metric, key)
+    for metric in ("retransmits_1_stream", "retransmits_4_streams"):
+        assert figs[metric]["median"] >= 0 and figs[metric]["baseline_median"] >= 0, metric
+    assert {"median", "ratio"} <= figs["added_latency_p50"].keys()
+
+
+def test_failover_cuts_and_heals_the_active_gateway(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    figs = _figures(_run(tmp_path, monkeypatch, "failover"), "failover")
+    assert figs["outage_ms"]["median"] > 0 and figs["outage_ms"]["ratio"] > 0
+    assert figs["heal_gap_ms"]["median"] > 0 and figs["heal_gap_ms"]["baseline_median"] > 0
+    assert figs["role_move_ms"]["median"] > 0
+
+
+def test_translate_measures_lab_handbuilt_nft_and_program_cost(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    doc = _run(tmp_path, monkeypatch, "translate")
+    figs = _figures(doc, "translate")
+    for metric in ("throughput_1_stream", "ping_p50", "vxlan_throughput_4_streams", "vxlan_ping_p99"):
+        assert figs[metric]["median"] > 0 and figs[metric]["baseline_median"] > 0 and figs[metric]["ratio"] > 0
+    for metric in ("vxlan_throughput_1_stream", "vxlan_ping_p50"):
+        assert figs[metric]["nft_baseline_median"] > 0 and figs[metric]["nft_ratio"] > 0, metric
+    prog = {m for m in figs if m.startswith("prog_ns_")}
+    assert prog == {f"prog_ns_{p}{f}_{d}" for p in ("tcp", "udp", "icmperr") for f in "46" for d in ("in", "out")}
+    for metric in prog:
+        assert figs[metric]["median"] > 0 and figs[metric]["baseline_median"] > 0, metric
+    assert not list(Path("/run/kosmos-fabric/bench").glob("bpf-*")), "a private bpffs was left behind"

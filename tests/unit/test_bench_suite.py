@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -92,3 +93,45 @@ def test_two_runs_merge_into_one_document(tmp_path: Path) -> None:
     md = out.read_text()
     assert "## netlink" in md and "## control" in md and "| bringup_n3 | s |" in md
     assert "2030-01-01" in md and "2030-01-02" in md
+
+
+def test_the_suite_registers_every_benchmark_of_the_issue() -> None:
+    assert set(bench.BENCHMARKS) == {"datapath", "restart", "netlink", "control", "gateway", "failover", "translate"}
+
+
+def test_failover_outage_is_the_longest_time_without_a_reply() -> None:
+    from tools import bench_failover
+
+    replies = [10.00, 10.01, 10.02, 10.50, 10.51]
+    assert bench_failover.largest_gap(replies, 10.0, 10.6) == pytest.approx(0.48)
+    # No reply at all inside the window: the whole window is the outage.
+    assert bench_failover.largest_gap([9.0, 11.0], 10.0, 10.3) == pytest.approx(0.3)
+
+
+def test_the_nftables_twin_maps_the_same_prefixes_both_ways() -> None:
+    from tools import bench_translate
+
+    rules = bench_translate.nft_ruleset("10.10.0.0/16", "172.20.0.0/16")
+    assert 'iifname "vx0" dnat ip prefix to ip daddr map { 172.20.0.0/16 : 10.10.0.0/16 }' in rules
+    assert 'oifname "vx0" snat ip prefix to ip saddr map { 10.10.0.0/16 : 172.20.0.0/16 }' in rules
+
+
+def test_sigterm_unwinds_only_the_benchmarking_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A forked helper (pyroute2's NetNS) inherits the handler: it must exit, not run our cleanup."""
+    import signal
+
+    monkeypatch.setattr(bench, "_MAIN_PID", os.getpid())
+    raised = False
+    try:  # (pytest.raises would let pytest treat the KeyboardInterrupt as the user's Ctrl-C)
+        bench._sigterm(signal.SIGTERM, None)
+    except KeyboardInterrupt:
+        raised = True
+    assert raised
+    def fake_exit(code: int) -> None:
+        raise SystemExit(code)
+
+    monkeypatch.setattr(bench, "_MAIN_PID", -1)
+    monkeypatch.setattr(os, "_exit", fake_exit)
+    with pytest.raises(SystemExit) as e:
+        bench._sigterm(signal.SIGTERM, None)
+    assert e.value.code == 128 + signal.SIGTERM

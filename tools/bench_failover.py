@@ -1,0 +1,159 @@
+"""Failover benchmark: outage of a continuous cross-cluster ping when the active gateway dies.
+
+Every peer (Kosmos, Submariner, Liqo) moves its gateway role through a 15 s Kubernetes lease and
+publishes no failover time; the fabric detects a dead gateway with session keepalives and
+tunnel probes and moves the role itself. This measures how long traffic stops.
+
+Lab (fresh, unique name, torn down afterwards): gateway cluster ``west`` (w1, w2 gateway
+candidates, w3 not a candidate) and gateway cluster ``north`` (n1 gateway, n2), one pod each.
+Each round:
+
+1. wait until every node is in sync, read west's active gateway from the reflector;
+2. start ``ping -D -i 0.01`` from ``west/w3/p0`` to ``north/n2/p0`` (both non-gateway nodes,
+   so every packet crosses west's active gateway and n1); replies carry kernel timestamps;
+3. after 1.5 s cut the active gateway off the underlay (``tools.lab.set_failed``, as
+   ``fabric-tool lab fail``), wait until the reflector names the standby active, let traffic
+   run 2 s, then heal the node (``lab heal``) and let traffic run 3 s more;
+4. **outage** = the longest time without a reply between the cut and the heal; **heal gap** =
+   the longest time without a reply after the heal (a second outage, e.g. a flap back), next to
+   its baseline: the longest gap of the same ping in the quiet second before the cut.
+
+The role alternates between w1 and w2 from round to round (the healed node is the new standby).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import re
+import signal
+import tempfile
+import time
+from typing import Any
+
+from tools import bench_common as bc
+from tools import lab
+
+_log = logging.getLogger(__name__)
+NAME = "failover"
+HELP = ("outage in ms of a 10 ms cross-cluster ping when the active gateway is cut off the underlay "
+        "(reference: the peers' 15 s lease)")  # fmt: skip
+#: What every peer waits before moving a gateway (a Kubernetes lease), for the text and the ratio.
+PEER_LEASE_MS = 15_000.0
+INTERVAL_S = 0.01
+
+TOPOLOGY = {
+    "clusters": [
+        {"name": "west", "mode": "gateway", "gateways": ["w1", "w2"], "podCIDRs": ["10.20.0.0/16"],
+         "nodes": [{"name": "w1", "pods": 1}, {"name": "w2", "pods": 1}, {"name": "w3", "pods": 1}]},
+        {"name": "north", "mode": "gateway", "gateways": ["n1"], "podCIDRs": ["10.30.0.0/16"],
+         "nodes": [{"name": "n1", "pods": 1}, {"name": "n2", "pods": 1}]},
+    ]
+}  # fmt: skip
+SRC, DST = "west/w3", "north/n2"
+_REPLY = re.compile(r"^\[(\d+\.\d+)\].*icmp_seq=", re.M)
+
+
+def requires(opts: bc.Options) -> list[str]:
+    return bc.need_root("the failover benchmark") + bc.need_programs("ip", "ping")
+
+
+def largest_gap(replies: list[float], start: float, end: float) -> float:
+    """Longest time in seconds without a reply inside [start, end] (the whole window if none)."""
+    points = [start, *(t for t in replies if start <= t <= end), end]
+    return max(b - a for a, b in itertools.pairwise(points))
+
+
+def _west(name: str) -> dict[str, Any]:
+    return next(c for c in lab.status(name)["clusters"] if c["name"] == "west")
+
+
+def _wait(what: str, cond: Any, timeout_s: float) -> float:
+    """Poll ``cond`` every 50 ms; returns the wall-clock time it held, raises naming ``what`` on timeout."""
+    t0 = time.monotonic()
+    while not cond():
+        if time.monotonic() - t0 > timeout_s:
+            raise RuntimeError(f"failover: {what} did not happen within {timeout_s:g} s")
+        time.sleep(0.05)
+    return time.time()
+
+
+def run(opts: bc.Options) -> bc.Report:
+    quiet = lambda m: bc.progress(NAME, m)  # noqa: E731
+    outage_ms: list[float] = []
+    heal_ms: list[float] = []
+    quiet_ms: list[float] = []
+    move_ms: list[float] = []
+    notes: list[str] = []
+    run_after_s, settle_s = (1.0, 1.5) if opts.tiny else (2.0, 3.0)
+    with contextlib.ExitStack() as stack:
+        procs = stack.enter_context(bc.procs())
+        state = stack.enter_context(bc.lab_env(NAME, TOPOLOGY, "gateway clusters west (w1, w2 candidates, w3) and "
+                                               "north (n1 gateway, n2)"))  # fmt: skip
+        src, dst = bc.first_pod(state, SRC), bc.first_pod(state, DST)
+        bc.check_reachable("failover", src.netns, dst.ip)
+        for rnd in range(opts.repeat):
+            lab.wait_in_sync(state, 60.0, quiet)
+            west = _west(state.name)
+            active, standby = west["active_gateway"], west["standby_gateway"]
+            if not active or not standby:
+                raise RuntimeError(f"failover: west has no active/standby pair to fail over ({active}/{standby})")
+            log = stack.enter_context(tempfile.TemporaryFile())
+            ping = procs.spawn(src.netns, ["ping", "-n", "-D", "-i", f"{INTERVAL_S:g}", "-W", "1", dst.ip], stdout=log)
+            failed = False
+            try:
+                time.sleep(1.5)
+                cut_at = time.time()
+                bc.progress(NAME, f"round {rnd + 1}/{opts.repeat}: cutting west/{active} off the underlay "
+                            f"(standby {standby}) during a {INTERVAL_S * 1000:g} ms ping {SRC} -> {DST}")  # fmt: skip
+                lab.set_failed(state.name, f"west/{active}", True, progress=quiet)
+                failed = True
+                moved_at = _wait(f"the role moving from west/{active} to {standby}",
+                                 lambda want=standby: _west(state.name)["active_gateway"] == want, 15.0)  # fmt: skip
+                move_ms.append((moved_at - cut_at) * 1000)
+                time.sleep(run_after_s)
+                heal_at = time.time()
+            finally:
+                if failed:
+                    lab.set_failed(state.name, f"west/{active}", False, progress=quiet)
+            time.sleep(settle_s)
+            end = time.time()
+            ping.send_signal(signal.SIGINT)
+            procs.stop(ping)
+            log.seek(0)
+            replies = [float(t) for t in _REPLY.findall(log.read().decode(errors="replace"))]
+            outage = largest_gap(replies, cut_at, heal_at)
+            if not any(cut_at + outage <= t <= heal_at for t in replies) and outage >= heal_at - cut_at - 0.02:
+                notes.append(f"round {rnd + 1}: no reply between the cut and the heal; the outage is at least "
+                             f"{outage * 1000:.0f} ms")  # fmt: skip
+            outage_ms.append(outage * 1000)
+            heal_ms.append(largest_gap(replies, heal_at, end) * 1000)
+            quiet_ms.append(largest_gap(replies, cut_at - 1.0, cut_at) * 1000)
+            bc.progress(
+                NAME,
+                f"round {rnd + 1}: outage {outage_ms[-1]:.0f} ms (role moved after {move_ms[-1]:.0f} "
+                f"ms); largest gap after heal {heal_ms[-1]:.0f} ms; before the cut {quiet_ms[-1]:.0f} ms",
+            )
+        lab.wait_in_sync(state, 60.0, quiet)
+        final = _west(state.name)
+    report = bc.Report(units={"outage_ms": "ms", "heal_gap_ms": "ms", "role_move_ms": "ms"}, notes=notes)
+    outage_fig = bc.spread(outage_ms)
+    outage_fig["reference_ms"] = PEER_LEASE_MS
+    outage_fig["ratio"] = bc.ratio(outage_fig["median"], PEER_LEASE_MS, higher_is_better=False)
+    report.figures["outage_ms"] = outage_fig
+    report.figures["heal_gap_ms"] = bc.figure(heal_ms, {"": quiet_ms}, higher_is_better=False)
+    move = bc.spread(move_ms)
+    move["ratio"] = bc.ratio(move["median"], PEER_LEASE_MS, higher_is_better=False)
+    report.figures["role_move_ms"] = move
+    report.notes.append(
+        f"outage = longest time without a reply of a {INTERVAL_S * 1000:g} ms ping {SRC}/p0 -> {DST}/p0 (both "
+        "non-gateway nodes) between cutting west's active gateway off the underlay and healing it; role_move = "
+        "from the cut until the reflector's status names the standby active (polled every 50 ms, so it "
+        "includes up to one status query). No baseline exists: every peer moves its "
+        f"gateway through a 15 s Kubernetes lease, so ratio = 15,000 ms / ours (a reference, not measured here). "
+        "heal_gap = longest gap after the heal (a second outage would show here), baseline = the same ping's "
+        f"longest gap in the second before the cut. The role alternates between w1 and w2 (after {opts.repeat} "
+        f"rounds west's active gateway is {final['active_gateway']}, {final['gateway_moves']} moves)."
+    )
+    return report
