@@ -695,7 +695,10 @@ def add_pod(node: NodeRecord, pod: PodRecord) -> None:
         ]
     _ip_batch(node.netns, node_cmds, f"route to pod {node.key}/{pod.name}")
     if pod.ip:
-        _write_sysctls(node.netns, {f"net.ipv4.conf.{pod.host_if}.proxy_arp": "1"})
+        # proxy_delay 0: by default the kernel delays proxy-ARP answers by up to 0.8 s at
+        # random, which turns a pod's first packet into a timeout (Calico sets it to 0 too).
+        _write_sysctls(node.netns, {f"net.ipv4.conf.{pod.host_if}.proxy_arp": "1",
+                                    f"net.ipv4.neigh.{pod.host_if}.proxy_delay": "0"})
     pod_cmds = ["link set lo up", "addr flush dev eth0 scope global"]
     if pod.ip:
         pod_cmds.append(f"addr add {pod.ip}/32 dev eth0")
