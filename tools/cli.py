@@ -255,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     ss.add_argument("--json", action="store_true", help="machine-readable output")
     ss.add_argument("--timeout", type=_positive_float, default=5.0, help="seconds (default 5)")
 
+    _add_install_parsers(sub)
+
     # -- bench (its own parser lives in tools.bench) ---------------------------------------
     sub.add_parser("bench", help="benchmarks (see 'fabric-tool bench --help')", add_help=False)
     return p
@@ -281,6 +283,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _status(args)
         if args.command == "diagnose":
             return _diagnose(args)
+        if args.command in ("install", "uninstall", "join", "unjoin"):
+            return _install_cmd(args)
     except lab.LabError as e:
         print(f"fabric-tool: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -609,3 +613,88 @@ def _lab_bpf(args: argparse.Namespace) -> int:
     doc = lab.bpf_dump(args.name, args.node)
     print(json.dumps(doc, indent=2) if args.json else lab.render_bpf(doc))
     return 0
+
+
+# -- install / join / unjoin / uninstall (tools/install.py) -----------------------------------
+
+
+def _add_install_parsers(sub: Any) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--lab", type=_lab_name, metavar="NAME",
+                        help="a lab with 'kubernetes: true': its kubeconfig is the default, its reflector and "
+                        "agents are the lab's processes")
+    common.add_argument("--dry-run", action="store_true", help="print what would be applied or deleted")
+    common.add_argument("--timeout", type=_positive_float, default=120.0, help="seconds to wait (default 120)")
+    host = argparse.ArgumentParser(add_help=False)
+    host.add_argument("--host-kubeconfig", metavar="FILE", help="the host cluster's kubeconfig (default: --kubeconfig)")
+    host.add_argument("--host-context", metavar="CTX",
+                      help="the host cluster's context (default: the one install used in a lab, else current)")
+    for verb, what in (("install", "CRDs and the reflector into the host cluster"),
+                       ("uninstall", "remove what install created (refuses while Clusters are joined)")):
+        p = sub.add_parser(verb, parents=[common], help=what, description=f"fabric-tool {verb}: {what}.")
+        p.add_argument("--kubeconfig", metavar="FILE", help="kubeconfig of the host cluster (default: the lab's)")
+        p.add_argument("--context", metavar="CTX", help="the host cluster's context (lab default: its first cluster)")
+        if verb == "uninstall":
+            p.add_argument("--force", action="store_true", help="delete even while Clusters exist")
+    j = sub.add_parser("join", parents=[common, host], help="add a member cluster: its Cluster resource and agent",
+                       description="fabric-tool join: create or update the Cluster resource in the host, deploy the "
+                       "agent into the member, wait until the member's nodes are in sync.")
+    j.add_argument("cluster", metavar="CLUSTER", help="the member's name in the fabric")
+    j.add_argument("--kubeconfig", metavar="FILE", help="the member's kubeconfig (default: the lab's)")
+    j.add_argument("--context", metavar="CTX", help="the member's context (lab default: CLUSTER)")
+    j.add_argument("--network-type", choices=("p2p", "gateway"), help="default p2p (the CRD default)")
+    j.add_argument("--ip-family", action="append", choices=("IPv4", "IPv6"), help="repeatable, primary first")
+    j.add_argument("--pod-cidr", action="append", metavar="CIDR", help="default: the member's Nodes' podCIDRs")
+    j.add_argument("--service-cidr", action="append", metavar="CIDR", help="default: the member's ServiceCIDRs")
+    j.add_argument("--global-cidr", action="append", metavar="LOCAL=GLOBAL", help="globalCIDRsMap entry, repeatable")
+    j.add_argument("--gateway", action="append", metavar="NODE", help="gateway candidate, repeatable, preferred first")
+    j.add_argument("--default-nic", metavar="IFNAME", help="underlay interface (default '*': autodetect)")
+    j.add_argument("--reflector", metavar="HOST:PORT", help="where member agents reach the reflector (not in a lab)")
+    j.add_argument("--no-wait", action="store_true", help="do not wait for the nodes to be in sync")
+    u = sub.add_parser("unjoin", parents=[common, host], help="remove a member cluster from the fabric",
+                       description="fabric-tool unjoin: delete the Cluster, wait until no peer plans it, remove "
+                       "the agent (a lab: stop the cluster's agents and clean its nodes).")
+    u.add_argument("cluster", metavar="CLUSTER")
+    u.add_argument("--kubeconfig", metavar="FILE", help="the member's kubeconfig (default: the lab's)")
+    u.add_argument("--context", metavar="CTX", help="the member's context (lab default: CLUSTER)")
+    u.add_argument("--reflector", metavar="TARGET", help="reflector status address to wait on (not needed in a lab)")
+
+
+def _install_cmd(args: argparse.Namespace) -> int:
+    from tools import install
+
+    try:
+        with install.errors_to_exit():
+            kubeconfig = args.kubeconfig
+            if args.lab and not kubeconfig:
+                kubeconfig = str(lab.kubeconfig_path(args.lab))
+            if args.command in ("install", "uninstall"):
+                context = args.context
+                if args.lab and not context:
+                    state = install._lab_state(args.lab)
+                    context = install._lab_host(state) or state.clusters[0].name
+                target = install.Target(kubeconfig, context)
+                if args.command == "install":
+                    return install.install(target, lab_name=args.lab, dry_run=args.dry_run, timeout_s=args.timeout)
+                return install.uninstall(target, lab_name=args.lab, dry_run=args.dry_run, force=args.force)
+            member = install.Target(kubeconfig, args.context or (args.cluster if args.lab else None))
+            host_context = args.host_context
+            if args.lab and not host_context:
+                host_context = install._lab_host(install._lab_state(args.lab))
+                if host_context is None and not args.dry_run:
+                    raise install.InstallUsageError(f"lab {args.lab}: run 'fabric-tool install --lab {args.lab}' first")
+            host = install.Target(args.host_kubeconfig or kubeconfig, host_context)
+            if args.command == "join":
+                opts = install.JoinOptions(
+                    network_type=args.network_type, ip_families=tuple(args.ip_family or ()),
+                    pod_cidrs=tuple(args.pod_cidr or ()), service_cidrs=tuple(args.service_cidr or ()),
+                    global_cidrs=tuple(install.parse_global_cidr(g) for g in args.global_cidr or ()),
+                    gateways=tuple(args.gateway or ()), default_nic=args.default_nic,
+                )  # fmt: skip
+                return install.join(args.cluster, host, member, opts, lab_name=args.lab, reflector=args.reflector,
+                                    dry_run=args.dry_run, wait=not args.no_wait, timeout_s=args.timeout)
+            return install.unjoin(args.cluster, host, member, lab_name=args.lab, reflector=args.reflector,
+                                  dry_run=args.dry_run, timeout_s=args.timeout)
+    except install.InstallError as e:
+        print(f"fabric-tool {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code

@@ -231,6 +231,9 @@ class LabState:
     #: The IPv6 underlay and the lab's address on it ("" when no cluster runs IPv6).
     underlay6: str = ""
     gateway6: str = ""
+    #: Arguments the lab's reflector runs with instead of its own file-configured ones (set by
+    #: ``fabric-tool install``: Cluster resources as the topology source); None: the lab's own.
+    reflector_args: list[str] | None = None
 
     @property
     def state_dir(self) -> Path:
@@ -345,7 +348,7 @@ def _lock_path(name: str) -> Path:
 
 
 @contextlib.contextmanager
-def _locked(name: str) -> Iterator[None]:
+def locked(name: str) -> Iterator[None]:
     """Serialize lab operations on one lab (two concurrent ``up`` would race on namespaces)."""
     LAB_ROOT.mkdir(parents=True, exist_ok=True)
     with open(_lock_path(name), "w") as f:
@@ -778,7 +781,7 @@ def set_failed(name: str, spec: str, failed: bool, progress: Progress = _stderr_
     up. The node loses (regains) every other node and the reflector at once; nothing inside the
     node changes, as when a machine drops off the network."""
     _require_root()
-    with _locked(name):
+    with locked(name):
         state = _require_state(name)
         node = _find_node(state, spec)
         _ip_batch(state.ul_netns, [f"link set {node.ul_if} {'down' if failed else 'up'}"],
@@ -865,12 +868,18 @@ def _log_tail(path: str, lines: int = 8) -> str:
 
 
 def start_reflector(state: LabState) -> ProcRecord:
+    """Start the lab's reflector: on the lab's own topology file, or with ``state.reflector_args``
+    when something (``fabric-tool install``) gave it others. The listen addresses, metrics port
+    and log level are the lab's either way, so agents and tools always find it."""
     sock = state.reflector_socket
     with contextlib.suppress(FileNotFoundError):
         sock.unlink()
+    source = (
+        ["--config", str(state.topology_copy)] if state.reflector_args is None else list(state.reflector_args)
+    )
     argv = [
         str(_venv_bin("fabric-reflector")),
-        "--config", str(state.topology_copy),
+        *source,
         "--listen", state.reflector_address,
         "--listen", f"unix:{sock}",
         "--grace-period", _num(state.grace_period_s if state.grace_period_s is not None else 30.0),
@@ -1055,10 +1064,12 @@ def _is_mountpoint(path: Path) -> bool:
     return any(line.split()[1] == str(path) for line in mounts if len(line.split()) > 1)
 
 
-def _mount_bpffs(state: LabState) -> None:
-    """Mount the lab's bpffs if a cluster uses global IP (plain labs need none)."""
+def mount_bpffs(state: LabState) -> None:
+    """Mount the lab's bpffs if a cluster uses global IP or may get it later (a Kubernetes lab,
+    whose Cluster resources can gain a globalCIDRsMap at any time); plain labs need none."""
     path = bpf_dir(state.name)
-    if not any(c.global_cidrs for c in state.clusters) or _is_mountpoint(path):
+    wanted = state.kubernetes or any(c.global_cidrs for c in state.clusters)
+    if not wanted or _is_mountpoint(path):
         return
     path.mkdir(parents=True, exist_ok=True)
     p = subprocess.run(["mount", "-t", "bpf", "bpf", str(path)], capture_output=True, text=True)
@@ -1148,7 +1159,7 @@ def query_status(state: LabState, timeout_s: float = 2.0) -> tuple[api.FabricSta
         return None, f"{type(e).__name__}: {e}".strip()
 
 
-def _wait_reflector(state: LabState, deadline: float, progress: Progress) -> None:
+def wait_reflector(state: LabState, deadline: float, progress: Progress) -> None:
     last = ""
     while True:
         st, err = query_status(state, 1.0)
@@ -1265,7 +1276,7 @@ def up(
     topo = _load_topology(topology_path)  # before anything is created
     wanted = plan(name, topo)
     _require_root()
-    with _locked(name):
+    with locked(name):
         try:
             current = load_state(name)
         except StateError as e:
@@ -1317,8 +1328,8 @@ def up(
         if refl is None or not refl.running():
             progress(f"lab {name}: starting fabric-reflector in {state.ul_netns} on {state.reflector_address}")
             start_reflector(state)
-        _wait_reflector(state, deadline, progress)
-        _mount_bpffs(state)
+        wait_reflector(state, deadline, progress)
+        mount_bpffs(state)
         for node in state.nodes():
             if node.agent is None or not node.agent.running():
                 progress(f"lab {name}: starting fabric-agent for {node.key} in {node.netns}")
@@ -1417,7 +1428,7 @@ def down(name: str = DEFAULT_NAME, progress: Progress = _stderr_progress) -> boo
     """
     check_lab_name(name)
     _require_root()
-    with _locked(name):
+    with locked(name):
         try:
             state = load_state(name)
         except StateError as e:
@@ -1527,7 +1538,7 @@ def exec_in(name: str, target: str, cmd: Sequence[str]) -> int:
 def stop_agent(name: str, spec: str, progress: Progress = _stderr_progress) -> bool:
     """SIGTERM one node's agent and wait for it to exit. Its dataplane stays as it is."""
     _require_root()
-    with _locked(name):
+    with locked(name):
         state = _require_state(name)
         node = _find_node(state, spec)
         rec = node.agent
@@ -1548,7 +1559,7 @@ def start_agent_cmd(
 ) -> bool:
     """Start one node's agent (if it is not running) and, with ``wait``, wait until it is in sync."""
     _require_root()
-    with _locked(name):
+    with locked(name):
         state = _require_state(name)
         node = _find_node(state, spec)
         if node.agent is not None and node.agent.running():
@@ -1564,7 +1575,7 @@ def start_agent_cmd(
 def stop_reflector(name: str, progress: Progress = _stderr_progress) -> bool:
     """SIGTERM the lab's reflector and wait for it to exit; the agents keep their dataplane."""
     _require_root()
-    with _locked(name):
+    with locked(name):
         state = _require_state(name)
         rec = state.reflector
         if rec is None or not rec.running():
@@ -1584,7 +1595,7 @@ def start_reflector_cmd(
 ) -> bool:
     """Start the lab's reflector if it is not running; with ``wait``, until every node is in sync."""
     _require_root()
-    with _locked(name):
+    with locked(name):
         state = _require_state(name)
         if state.reflector is not None and state.reflector.running():
             progress(f"lab {name}: the reflector already runs (pid {state.reflector.pid})")
@@ -1592,7 +1603,7 @@ def start_reflector_cmd(
         deadline = time.monotonic() + timeout_s
         rec = start_reflector(state)
         progress(f"lab {name}: started the reflector (pid {rec.pid}, log {rec.log})")
-        _wait_reflector(state, deadline, progress)
+        wait_reflector(state, deadline, progress)
         if wait:
             wait_in_sync(state, max(0.0, deadline - time.monotonic()), progress)
         return True

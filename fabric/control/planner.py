@@ -75,8 +75,12 @@ an announcement that would collide (:func:`validate_announcement`) instead of pl
 
 Cost: ``plan`` is O(nodes) for one node. What a node contributes to the others' plans (its peer
 and routes) is derived once and cached (it is pure), and the per-cluster view of a topology is
-computed once per topology value, so re-planning every node after a change costs O(nodes) cheap
-tuple work per node, not a hash or address parse per pair.
+computed once per topology value. The reflector does not re-plan every node after a change: the
+plan is also a disjoint union of *parts* keyed by their source (the node itself, each other node,
+each other cluster; see "The plan as a union of parts" below), and :class:`IncrementalPlanner`
+swaps in only the parts of the sources that changed, computed once per viewer class - O(1)
+planner work per node for a join, a leave or a service-gateway move. ``plan`` remains the
+reference the parts are tested against.
 """
 
 from __future__ import annotations
@@ -139,7 +143,9 @@ def local_cidr_for(config: types.FabricConfig, underlay_ip: str) -> str | None:
     return _first_of_family(types.with_defaults(config.local_cidrs, _LOCAL_DEFAULTS), underlay_ip)
 
 
+@functools.lru_cache(maxsize=65536)
 def _first_of_family(cidrs: tuple[str, ...], underlay_ip: str) -> str | None:
+    """Cached: validation asks it for every other node of the fabric, once per announcement."""
     version = ipaddress.ip_address(underlay_ip).version
     for c in cidrs:
         if ipaddress.ip_network(c, strict=False).version == version:
@@ -227,7 +233,7 @@ def validate_announcement(topology: types.Topology, ann: types.NodeAnnouncement)
     for o in others:
         for oc in o.pod_cidrs:
             for text, _net in own:
-                if types.cidrs_overlap(text, oc):
+                if _overlap(text, oc):
                     mapped = _mapped(config, ann.cluster, text) and _mapped(config, o.cluster, oc)
                     if o.cluster != ann.cluster and mapped:
                         continue  # both are reached only by their global CIDRs
@@ -316,10 +322,30 @@ def _mapped(config: types.FabricConfig, cluster: str, cidr: str) -> bool:
 
 
 def _same_ip(text: str, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    return _parsed_ip(text) == ip
+
+
+@functools.lru_cache(maxsize=65536)
+def _parsed_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An address text parsed once (None: not an address). Validating one announcement compares
+    it with every other node: without the cache that is one parse per node per announcement."""
     try:
-        return ipaddress.ip_address(text) == ip
+        return ipaddress.ip_address(text)
     except ValueError:
-        return False
+        return None
+
+
+@functools.lru_cache(maxsize=65536)
+def _parsed_net(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """A CIDR text parsed once (see _parsed_ip); the network object caches its own
+    broadcast address, which ``overlaps`` needs."""
+    return ipaddress.ip_network(text, strict=False)
+
+
+def _overlap(a: str, b: str) -> bool:
+    """types.cidrs_overlap on cached parses."""
+    na, nb = _parsed_net(a), _parsed_net(b)
+    return na.version == nb.version and na.overlaps(nb)
 
 
 def _subnet_of(net: ipaddress.IPv4Network | ipaddress.IPv6Network, cidr: str) -> bool:
@@ -327,6 +353,43 @@ def _subnet_of(net: ipaddress.IPv4Network | ipaddress.IPv6Network, cidr: str) ->
     if outer.version != net.version:
         return False
     return net.subnet_of(outer)  # type: ignore[arg-type]
+
+
+def config_problems(config: types.FabricConfig) -> list[str]:
+    """Why ``config`` cannot be planned from at all (empty when it can): duplicate cluster names,
+    CIDRs that do not parse, unknown families, malformed expected nodes. Overlaps between
+    clusters are the business of whoever wrote the configuration (the topology file and Cluster
+    resource validators check them); a node that no longer fits is refused per node."""
+    out: list[str] = []
+    seen: set[str] = set()
+
+    def cidrs(where: str, values: Iterable[str]) -> None:
+        for v in values:
+            try:
+                ipaddress.ip_network(v, strict=False)
+            except ValueError as e:
+                out.append(f"{where}: {v!r} is not a CIDR ({e})")
+
+    for c in config.clusters:
+        where = f"cluster {c.name!r}"
+        if not c.name or "/" in c.name:
+            out.append(f"{where}: a cluster name must be non-empty and without '/'")
+        if c.name in seen:
+            out.append(f"{where}: declared twice")
+        seen.add(c.name)
+        cidrs(f"{where} podCIDRs", c.pod_cidrs)
+        cidrs(f"{where} serviceCIDRs", c.service_cidrs)
+        cidrs(f"{where} globalCIDRs", (x for pair in c.global_cidrs for x in pair))
+        if any(f not in types.FAMILY_NAMES for f in c.ip_families):
+            out.append(f"{where}: ipFamilies {list(c.ip_families)} may hold only 4 and 6")
+    cidrs("bridgeCIDRs", config.bridge_cidrs)
+    cidrs("localCIDRs", config.local_cidrs)
+    for k in config.expected_nodes:
+        try:
+            types.NodeKey.parse(k)
+        except ValueError as e:
+            out.append(f"expected node: {e}")
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -464,6 +527,11 @@ class _View:
     hot_keys: frozenset[types.NodeKey]
     bridges: dict[int, str]
     locals: dict[int, str]
+    #: Every node by key (plan and the parts look nodes up by key: O(1), not a scan).
+    by_key: dict[types.NodeKey, types.NodeAnnouncement] = dataclasses.field(default_factory=dict)
+    #: Per cluster, the families some node of it has an underlay address of (whether a P2P
+    #: cluster is reachable in a family at all: the aggregate routes of non-active nodes).
+    reach: dict[str, frozenset[int]] = dataclasses.field(default_factory=dict)
 
     def supports(self, node: types.NodeAnnouncement, family: int) -> bool:
         """Does ``node`` carry ``family`` through the fabric: its cluster runs the family and the
@@ -512,12 +580,18 @@ def _build_view(topology: types.Topology) -> _View:
         if n.cluster in clusters and (not clusters[n.cluster].gateway_mode or n in clusters[n.cluster].hot)
     )
     hot_keys = frozenset(n.key for cv in clusters.values() for n in cv.hot)
+    reach = {
+        name: frozenset(f for f in cv.families if any(n.underlay(f) is not None for n in cv.nodes))
+        for name, cv in clusters.items()
+    }
     return _View(
         clusters=clusters,
         bridge_nodes=bridge_nodes,
         hot_keys=hot_keys,
         bridges=_by_family(types.with_defaults(config.bridge_cidrs, _BRIDGE_DEFAULTS)),
         locals=_by_family(types.with_defaults(config.local_cidrs, _LOCAL_DEFAULTS)),
+        by_key={n.key: n for n in topology.nodes},
+        reach=reach,
     )
 
 
@@ -565,10 +639,10 @@ def plan(topology: types.Topology, key: types.NodeKey) -> types.NodeState:
     Assumes every node in the topology passed :func:`validate_announcement`; the reflector
     guarantees it. Raises KeyError for a node that is not in the topology.
     """
-    node = topology.node(key)
+    view = _VIEWS.get(topology)
+    node = view.by_key.get(key)
     if node is None:
         raise KeyError(f"node {key} is not in the topology")
-    view = _VIEWS.get(topology)
     own = view.clusters.get(node.cluster)
     # Nodes of unsupported clusters are never admitted by validation; plan nothing for them.
     if own is None:
@@ -662,7 +736,7 @@ def _plan_family(
             for dst in _remote_destinations(view, node.cluster, family):
                 routes[f"route/{dst}"] = types.RouteEntry(dst=dst, via=local_via, device=local_dev)
             if not hot:
-                dst = types.canonical_cidr(bridge)
+                dst = _canonical(bridge)
                 routes[f"route/{dst}"] = types.RouteEntry(dst=dst, via=local_via, device=local_dev)
     else:
         _bridge_routes(view, node, family, routes)
@@ -671,7 +745,19 @@ def _plan_family(
 def _routed(cidrs: Iterable[str], global_cidrs: tuple[tuple[str, str], ...]) -> list[str]:
     """What the other clusters route for ``cidrs`` of a cluster with ``global_cidrs``: the global
     CIDR of a mapped one (by prefix, for a node CIDR inside a mapped range), else the CIDR."""
-    return [types.to_global(c, global_cidrs) or c for c in cidrs] if global_cidrs else list(cidrs)
+    return [_to_global(c, global_cidrs) or c for c in cidrs] if global_cidrs else list(cidrs)
+
+
+@functools.lru_cache(maxsize=65536)
+def _canonical(cidr: str) -> str:
+    """types.canonical_cidr, cached: planning asks for the same few CIDRs over and over."""
+    return types.canonical_cidr(cidr)
+
+
+@functools.lru_cache(maxsize=65536)
+def _to_global(text: str, global_cidrs: tuple[tuple[str, str], ...]) -> str | None:
+    """types.to_global, cached (see _canonical)."""
+    return types.to_global(text, global_cidrs)
 
 
 def _bridge_routes(view: _View, node: types.NodeAnnouncement, family: int, routes: dict[str, types.RouteEntry]) -> None:
@@ -700,7 +786,7 @@ def _bridge_routes(view: _View, node: types.NodeAnnouncement, family: int, route
         for dst in dsts:
             if types.family_of(dst) != family:
                 continue
-            dst = types.canonical_cidr(dst)
+            dst = _canonical(dst)
             routes[f"route/{dst}"] = types.RouteEntry(dst=dst, via=via, device=device)
 
 
@@ -722,7 +808,7 @@ def _remote_destinations(view: _View, own_cluster: str, family: int) -> list[str
             out += _routed(cv.config.service_cidrs, cv.config.global_cidrs)
             if cv.gateway_mode:
                 out += _local_hosts(view, cv, family)
-    return [types.canonical_cidr(d) for d in out if types.family_of(d) == family]
+    return [_canonical(d) for d in out if types.family_of(d) == family]
 
 
 def _local_hosts(view: _View, cv: _ClusterView, family: int) -> list[str]:
@@ -802,10 +888,464 @@ def _contribution(
         node=str(other.key),
     )
     dsts = _routed((c for c in other.pod_cidrs if types.family_of(c) == family), global_cidrs)
-    routes = (types.RouteEntry(dst=types.canonical_cidr(cidr), via=via, device=device) for cidr in dsts)
+    routes = (types.RouteEntry(dst=_canonical(cidr), via=via, device=device) for cidr in dsts)
     return (types.entry_key(peer), peer), tuple((types.entry_key(r), r) for r in routes)
 
 
 def plan_all(topology: types.Topology) -> dict[types.NodeKey, types.NodeState]:
     """Every node's plan (used by tests and by the reflector after a change)."""
     return {n.key: plan(topology, n.key) for n in topology.nodes}
+
+
+# --------------------------------------------------------------------------------------------
+# The plan as a union of parts (incremental planning)
+# --------------------------------------------------------------------------------------------
+#
+# plan(topology, key) is the reference. For the reflector's hot path the same plan is also the
+# disjoint union of *parts*, each keyed by its source:
+#
+# * ``self`` - the node's own devices, programs, translations, hairpin routes and (internal
+#   nodes of gateway-mode clusters) the bridge-CIDR route to the active gateway;
+# * ``node:CLUSTER/NAME`` - what one other node contributes: its peers and the routes that
+#   name it (a P2P node's pod CIDRs, a gateway-mode node's vx-local /32);
+# * ``cluster:NAME`` - the whole-cluster routes of another cluster: its service CIDRs, and its
+#   pod CIDRs where they are routed as a whole (gateway mode, or seen from a non-active node).
+#
+# Except ``self``, a part depends on the viewer only through its :class:`ViewerClass` (cluster,
+# families, role), so one computation serves every node of a class. A change of the topology
+# changes the parts of a few sources (see :func:`node_signature`, :func:`cluster_signature`); the
+# other parts are equal by construction, so a viewer's new plan is its old plan with the changed
+# parts swapped, whatever the size of the fabric. The entry keys of different sources never
+# collide in a validated topology (addresses, MACs and CIDRs are refused when they overlap), which
+# is what makes the union well defined; tests/unit/test_incremental_planner.py checks the union
+# against plan() over random topologies and changes.
+
+SELF_SOURCE = "self"
+
+
+def node_source(key: types.NodeKey) -> str:
+    """The source name of the part node ``key`` contributes to other nodes' plans."""
+    return f"node:{key}"
+
+
+def cluster_source(name: str) -> str:
+    """The source name of the whole-cluster routes of cluster ``name``."""
+    return f"cluster:{name}"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ViewerClass:
+    """Everything about a viewer that its ``node:`` and ``cluster:`` parts depend on.
+
+    Nodes of one class see every other node and cluster alike, so a part is computed once per
+    class. For P2P nodes the role is irrelevant (their routes never depend on their own
+    cluster's gateways) and normalised away, so a service-gateway move re-plans nobody fully.
+    """
+
+    cluster: str
+    #: The families the node carries (its cluster's, where it has an underlay address).
+    families: tuple[int, ...]
+    gateway_mode: bool
+    has_bridge: bool
+    #: Active or standby gateway (gateway mode only).
+    hot: bool
+    #: The active gateway itself (gateway mode only): it routes over vx-bridge.
+    active: bool
+    #: Per family of ``families``: the own active gateway's vx-local address a non-active node of
+    #: a gateway-mode cluster routes everything through ("" when there is none).
+    local_vias: tuple[str, ...]
+
+    @property
+    def routes_via_local(self) -> bool:
+        return self.gateway_mode and not self.active
+
+
+def _viewer_class(view: _View, node: types.NodeAnnouncement) -> ViewerClass | None:
+    own = view.clusters.get(node.cluster)
+    if own is None:
+        return None
+    families = tuple(f for f in own.families if node.underlay(f) is not None)
+    if not own.gateway_mode:
+        return ViewerClass(node.cluster, families, False, True, False, False, ())
+    hot = node.key in view.hot_keys
+    active = own.active is not None and own.active.key == node.key
+    vias: list[str] = []
+    for f in families:
+        ul = own.active.underlay(f) if own.active is not None and not active else None
+        vias.append(overlay_address(ul, view.locals[f]).partition("/")[0] if ul is not None else "")
+    return ViewerClass(node.cluster, families, True, hot, hot, active, tuple(vias))
+
+
+def viewer_class(topology: types.Topology, key: types.NodeKey) -> ViewerClass | None:
+    """The class of node ``key`` in ``topology`` (None: it plans nothing)."""
+    view = _VIEWS.get(topology)
+    node = view.by_key.get(key)
+    if node is None:
+        raise KeyError(f"node {key} is not in the topology")
+    return _viewer_class(view, node)
+
+
+def node_signature(topology: types.Topology, key: types.NodeKey) -> object:
+    """What the ``node:`` part of ``key`` depends on besides the viewer class and the
+    configuration: equal signatures in two topologies of one configuration mean equal parts for
+    every viewer class. None for a node that is not in the topology."""
+    return _node_signature(_VIEWS.get(topology), key)
+
+
+def _node_signature(view: _View, key: types.NodeKey) -> object:
+    x = view.by_key.get(key)
+    if x is None:
+        return None
+    xc = view.clusters.get(x.cluster)
+    if xc is None:
+        return (x,)
+    # A gateway-mode node's vx-local /32 is routed via its cluster's active gateway.
+    return (x, key in view.hot_keys, xc.active if xc.gateway_mode else None)
+
+
+def cluster_signature(topology: types.Topology, name: str) -> object:
+    """What the ``cluster:`` part of ``name`` depends on besides the viewer class and the
+    configuration (see :func:`node_signature`)."""
+    return _cluster_signature(_VIEWS.get(topology), name)
+
+
+def _cluster_signature(view: _View, name: str) -> object:
+    cv = view.clusters.get(name)
+    if cv is None:
+        return None
+    return (cv.active, view.reach.get(name, frozenset()))
+
+
+def plan_parts(topology: types.Topology, key: types.NodeKey) -> dict[str, dict[str, types.Entry]]:
+    """Every non-empty part of node ``key``'s plan by source; their union is ``plan(topology,
+    key)`` (tests check it). Raises KeyError for a node that is not in the topology."""
+    view = _VIEWS.get(topology)
+    node = view.by_key.get(key)
+    if node is None:
+        raise KeyError(f"node {key} is not in the topology")
+    cls = _viewer_class(view, node)
+    out: dict[str, dict[str, types.Entry]] = {}
+    if cls is None:
+        return out
+    counter = PartCounter()
+    parts = {SELF_SOURCE: _self_part(view, node, cls)}
+    for other in topology.nodes:
+        if other.key != key:
+            parts[node_source(other.key)] = _node_part(view, cls, other, counter)
+    for c in view.clusters:
+        parts[cluster_source(c)] = _cluster_part(view, cls, c, counter)
+    return {s: p for s, p in parts.items() if p}
+
+
+def plan_part(topology: types.Topology, key: types.NodeKey, source: str) -> dict[str, types.Entry]:
+    """One part of node ``key``'s plan (empty when the source contributes nothing)."""
+    view = _VIEWS.get(topology)
+    node = view.by_key.get(key)
+    if node is None:
+        raise KeyError(f"node {key} is not in the topology")
+    cls = _viewer_class(view, node)
+    if cls is None:
+        return {}
+    if source == SELF_SOURCE:
+        return _self_part(view, node, cls)
+    kind, _, name = source.partition(":")
+    if kind == "node":
+        other = view.by_key.get(types.NodeKey.parse(name))
+        return {} if other is None or other.key == key else _node_part(view, cls, other, PartCounter())
+    if kind == "cluster":
+        return _cluster_part(view, cls, name, PartCounter())
+    raise ValueError(f"unknown plan source {source!r}")
+
+
+class PartCounter:
+    """Planner work done, counted (not timed): the scaling tests assert on these."""
+
+    __slots__ = ("full_plans", "parts")
+
+    def __init__(self) -> None:
+        self.parts = 0
+        self.full_plans = 0
+
+
+def _route(dst: str, via: str, device: str) -> tuple[str, types.RouteEntry]:
+    return f"route/{dst}", types.RouteEntry(dst=dst, via=via, device=device)
+
+
+def _self_part(view: _View, node: types.NodeAnnouncement, cls: ViewerClass) -> dict[str, types.Entry]:
+    own = view.clusters[cls.cluster]
+    entries: list[types.Entry] = []
+    glob = own.config.global_cidrs
+    if glob:
+        entries += [types.Translation(lo, gl) for lo, gl in glob]
+        entries.append(types.Program(types.HAIRPIN_DEVICE, types.PROGRAM_HAIRPIN))
+        for _lo, gl in glob:
+            if types.family_of(gl) in cls.families:
+                unspecified = "0.0.0.0" if types.family_of(gl) == 4 else "::"
+                entries.append(types.RouteEntry(dst=gl, via=unspecified, device=types.HAIRPIN_DEVICE))
+    for i, f in enumerate(cls.families):
+        underlay = node.underlay(f)
+        assert underlay is not None
+        mtu = tunnel_mtu(underlay, node.underlay_mtu)
+        if cls.has_bridge:
+            entries.append(_device(node.key, types.bridge_device(f), underlay, view.bridges[f], mtu))
+            if glob:
+                entries.append(types.Program(types.bridge_device(f), types.PROGRAM_TUNNEL))
+        if cls.gateway_mode:
+            entries.append(_device(node.key, types.local_device(f), underlay, view.locals[f], mtu))
+            if not cls.active and not cls.hot and cls.local_vias[i]:
+                dst = _canonical(view.bridges[f])
+                entries.append(types.RouteEntry(dst=dst, via=cls.local_vias[i], device=types.local_device(f)))
+    return {types.entry_key(e): e for e in entries}
+
+
+def _node_part(
+    view: _View, cls: ViewerClass, x: types.NodeAnnouncement, counter: PartCounter
+) -> dict[str, types.Entry]:
+    """What node ``x`` contributes to the plan of a node of class ``cls`` (not ``x`` itself)."""
+    counter.parts += 1
+    out: dict[str, types.Entry] = {}
+    xc = view.clusters.get(x.cluster)
+    if xc is None:
+        return out
+    same = x.cluster == cls.cluster
+    x_hot = x.key in view.hot_keys
+    x_bridge = not xc.gateway_mode or x_hot
+    for i, f in enumerate(cls.families):
+        bridge = view.bridges[f]
+        x_ul = x.underlay(f)
+        if cls.has_bridge and x_bridge and not (cls.gateway_mode and same) and view.supports(x, f):
+            (peer_key, peer), _ = _contribution(bridge, x, ())
+            if not same and x_hot:
+                peer = dataclasses.replace(peer, probe=True)
+            out[peer_key] = peer
+        if cls.gateway_mode and same and (cls.hot or x_hot) and x_ul is not None:
+            peer = _local_peer(view.locals[f], x)
+            if x_hot:
+                peer = dataclasses.replace(peer, probe=True)
+            out[types.entry_key(peer)] = peer
+        if same or f not in xc.families or x_ul is None:
+            continue
+        if cls.routes_via_local:
+            via = cls.local_vias[i]
+            if via and xc.gateway_mode and xc.active is not None and xc.active.underlay(f) is not None:
+                k, r = _route(_local_host(view, x, f), via, types.local_device(f))
+                out[k] = r
+        elif not xc.gateway_mode:
+            _, routes = _contribution(bridge, x, xc.config.global_cidrs)
+            out.update(routes)
+        else:
+            gw_ul = xc.active.underlay(f) if xc.active is not None else None
+            if gw_ul is not None:
+                via = overlay_address(gw_ul, bridge).partition("/")[0]
+                k, r = _route(_local_host(view, x, f), via, types.bridge_device(f))
+                out[k] = r
+    return out
+
+
+def _local_host(view: _View, x: types.NodeAnnouncement, family: int) -> str:
+    ul = x.underlay(family)
+    assert ul is not None
+    ip = overlay_address(ul, view.locals[family]).partition("/")[0]
+    return f"{ip}/{32 if family == 4 else 128}"
+
+
+def _cluster_part(view: _View, cls: ViewerClass, name: str, counter: PartCounter) -> dict[str, types.Entry]:
+    """The whole-cluster routes of cluster ``name`` in the plan of a node of class ``cls``."""
+    counter.parts += 1
+    out: dict[str, types.Entry] = {}
+    cv = view.clusters.get(name)
+    if cv is None or name == cls.cluster:
+        return out
+    glob = cv.config.global_cidrs
+    for i, f in enumerate(cls.families):
+        if f not in cv.families:
+            continue
+        gw_ul = cv.active.underlay(f) if cv.active is not None else None
+        dsts: list[str] = []
+        if cls.routes_via_local:
+            via = cls.local_vias[i]
+            if not via:
+                continue
+            device = types.local_device(f)
+            reachable = gw_ul is not None if cv.gateway_mode else f in view.reach.get(name, frozenset())
+            if reachable:
+                dsts += _routed(cv.config.pod_cidrs, glob)
+            if gw_ul is not None:
+                dsts += _routed(cv.config.service_cidrs, glob)
+        else:
+            if gw_ul is None:
+                continue
+            via = overlay_address(gw_ul, view.bridges[f]).partition("/")[0]
+            device = types.bridge_device(f)
+            dsts += _routed(cv.config.service_cidrs, glob)
+            if cv.gateway_mode:
+                dsts += _routed(cv.config.pod_cidrs, glob)
+        for dst in dsts:
+            if types.family_of(dst) == f:
+                k, r = _route(_canonical(dst), via, device)
+                out[k] = r
+    return out
+
+
+def state_from_entries(entries: Mapping[str, types.Entry]) -> types.NodeState:
+    """A NodeState from entries already keyed by :func:`types.entry_key` (the layout of
+    ``NodeState.from_entries`` without re-deriving every key)."""
+    ordered = [entries[k] for k in sorted(entries)]
+    return types.NodeState(
+        devices=tuple(e for e in ordered if isinstance(e, types.VxlanDevice)),
+        peers=tuple(e for e in ordered if isinstance(e, types.Peer)),
+        routes=tuple(e for e in ordered if isinstance(e, types.RouteEntry)),
+        translations=tuple(e for e in ordered if isinstance(e, types.Translation)),
+        programs=tuple(e for e in ordered if isinstance(e, types.Program)),
+    )
+
+
+def diff_entries(old: Mapping[str, types.Entry], new: Mapping[str, types.Entry]) -> types.StateDelta:
+    """:func:`types.diff_states` on keyed entries."""
+    upserts = tuple(new[k] for k in sorted(new) if old.get(k) != new[k])
+    removals = tuple(k for k in sorted(old) if k not in new)
+    return types.StateDelta(upserts, removals)
+
+
+class IncrementalPlanner:
+    """The plans of every node of a changing topology, kept up to date part by part.
+
+    :meth:`update` adopts a new topology and returns, per node whose plan changed, the delta
+    from its previous plan (equal to ``diff_states(plan(old, key), plan(new, key))``). Work per
+    update is O(nodes) cheap signature compares to find what changed, then per node O(what
+    changed for it): the parts of the changed sources are computed once per viewer class, and a
+    viewer only swaps them in. A viewer whose own class or announcement changed, a new node and
+    every node after a configuration change are planned in full with :func:`plan`.
+
+    Deltas are shared: viewers of one class that see the same changes get the very same
+    StateDelta object, so the caller can encode one message for all of them.
+    """
+
+    def __init__(self) -> None:
+        self.topology: types.Topology | None = None
+        self._view: _View | None = None
+        self._entries: dict[types.NodeKey, dict[str, types.Entry]] = {}
+        self._states: dict[types.NodeKey, types.NodeState] = {}
+        self._config: types.FabricConfig | None = None
+        #: Work counters (see PartCounter), cumulative.
+        self.counter = PartCounter()
+
+    def entries(self, key: types.NodeKey) -> Mapping[str, types.Entry]:
+        """The current plan of ``key`` as keyed entries (empty for an unknown node)."""
+        return self._entries.get(key, {})
+
+    def state(self, key: types.NodeKey) -> types.NodeState:
+        """The current plan of ``key`` (built on demand and cached until it changes)."""
+        st = self._states.get(key)
+        if st is None:
+            st = state_from_entries(self._entries.get(key, {}))
+            self._states[key] = st
+        return st
+
+    def size(self, key: types.NodeKey) -> int:
+        return len(self._entries.get(key, ()))
+
+    def planned(self, key: types.NodeKey, ann: types.NodeAnnouncement) -> bool:
+        """Is ``ann`` (this very announcement) planned already?"""
+        return self._view is not None and self._view.by_key.get(key) == ann
+
+    def update(self, new: types.Topology) -> dict[types.NodeKey, types.StateDelta]:
+        """Adopt ``new``; returns the delta of every node whose plan changed (a new node's delta
+        is its whole plan). Nodes no longer in the topology are forgotten."""
+        old_view, old_config = self._view, self._config
+        view = _VIEWS.get(new)
+        self.topology, self._view, self._config = new, view, new.config
+        for gone in [k for k in self._entries if k not in view.by_key]:
+            del self._entries[gone]
+            self._states.pop(gone, None)
+        if old_view is None or old_config != new.config:
+            return {n.key: d for n in new.nodes if (d := self._full(new, n.key))}
+
+        # Which sources changed: O(nodes) cheap compares (identity first), once per update.
+        changed_nodes = [
+            key
+            for key in view.by_key.keys() | old_view.by_key.keys()
+            if _node_signature(old_view, key) != _node_signature(view, key)
+        ]
+        changed_clusters = [
+            c for c in view.clusters if _cluster_signature(old_view, c) != _cluster_signature(view, c)
+        ]
+        changed_set = set(changed_nodes)
+
+        # Per class: the old and new union of the changed parts, computed once.
+        class_changes: dict[ViewerClass, tuple[dict[str, types.Entry], dict[str, types.Entry]]] = {}
+        per_node: dict[tuple[ViewerClass, types.NodeKey], tuple[dict[str, types.Entry], dict[str, types.Entry]]] = {}
+        deltas: dict[tuple[ViewerClass, types.NodeKey | None], types.StateDelta] = {}
+        out: dict[types.NodeKey, types.StateDelta] = {}
+        for node in new.nodes:
+            key = node.key
+            old_node = old_view.by_key.get(key)
+            cls = _viewer_class(view, node)
+            if old_node is None or old_node != node or key not in self._entries or cls != _viewer_class(
+                old_view, old_node
+            ):
+                d = self._full(new, key)
+                if d:
+                    out[key] = d
+                continue
+            if cls is None or not (changed_nodes or changed_clusters):
+                continue
+            excl = key if key in changed_set else None
+            delta = deltas.get((cls, excl))
+            if delta is None:
+                changes = class_changes.get(cls)
+                if changes is None:
+                    changes = self._changes(old_view, view, cls, changed_nodes, changed_clusters, per_node)
+                    class_changes[cls] = changes
+                old_u, new_u = changes
+                if excl is not None:
+                    # The viewer's own node part is not in its plan.
+                    mine_old, mine_new = per_node[(cls, excl)]
+                    old_u = {k: e for k, e in old_u.items() if k not in mine_old}
+                    new_u = {k: e for k, e in new_u.items() if k not in mine_new}
+                delta = diff_entries(old_u, new_u)
+                deltas[(cls, excl)] = delta
+            if delta:
+                self._apply(key, delta)
+                out[key] = delta
+        return out
+
+    def _changes(
+        self,
+        old_view: _View,
+        view: _View,
+        cls: ViewerClass,
+        changed_nodes: list[types.NodeKey],
+        changed_clusters: list[str],
+        per_node: dict[tuple[ViewerClass, types.NodeKey], tuple[dict[str, types.Entry], dict[str, types.Entry]]],
+    ) -> tuple[dict[str, types.Entry], dict[str, types.Entry]]:
+        old_u: dict[str, types.Entry] = {}
+        new_u: dict[str, types.Entry] = {}
+        c = self.counter
+        for key in changed_nodes:
+            o, n = old_view.by_key.get(key), view.by_key.get(key)
+            po = _node_part(old_view, cls, o, c) if o is not None else {}
+            pn = _node_part(view, cls, n, c) if n is not None else {}
+            per_node[(cls, key)] = (po, pn)
+            old_u.update(po)
+            new_u.update(pn)
+        for name in changed_clusters:
+            old_u.update(_cluster_part(old_view, cls, name, c))
+            new_u.update(_cluster_part(view, cls, name, c))
+        return old_u, new_u
+
+    def _full(self, topology: types.Topology, key: types.NodeKey) -> types.StateDelta:
+        self.counter.full_plans += 1
+        new = plan(topology, key).entries()
+        delta = diff_entries(self._entries.get(key, {}), new)
+        self._entries[key] = new
+        self._states.pop(key, None)
+        return delta
+
+    def _apply(self, key: types.NodeKey, delta: types.StateDelta) -> None:
+        entries = self._entries[key]
+        for k in delta.removals:
+            del entries[k]
+        for e in delta.upserts:
+            entries[types.entry_key(e)] = e
+        self._states.pop(key, None)

@@ -16,9 +16,10 @@ the node must have. What happens, in order:
    GetStatus), sent as ``Rejected`` and the stream closed; nothing already working changes.
    Accepted: if the node is known with the very same announcement (a reconnect within the grace
    period, or a second session replacing the first) the topology does not change and nobody else
-   hears of it; otherwise the topology generation is bumped, every node is re-planned and each
-   node whose plan changed is sent a ``Delta`` of exactly the difference from what it was last
-   sent. Either way the announcing session then gets its complete snapshot and END_OF_SNAPSHOT.
+   hears of it; otherwise the change is queued for the next *flush* (see "Coalescing"), which
+   bumps the topology generation and sends each node whose plan changed a ``Delta`` of exactly
+   the difference from what it was last sent. Either way the announcing session then gets its
+   complete snapshot and END_OF_SNAPSHOT (a new or changed node: at that flush).
 3. **Session.** Keepalives flow both ways every ``--keepalive-interval``; a session silent for
    three intervals (of the larger of the two sides' intervals) is closed. Agents report the
    version they applied; ``in_sync`` in GetStatus compares it with the node's planned version
@@ -36,16 +37,29 @@ the node must have. What happens, in order:
    is an ordinary topology change: only the routes that change go out, as deltas. Elections
    wait for the startup hold to end, so a restarted reflector elects from a complete view.
 
+Coalescing. Announcements, withdrawals, role moves and configuration changes only mark the
+topology dirty; a *flush* then elects, plans and fans out everything pending as one generation
+with one delta per node. The first change after a quiet period is flushed at once (the next
+event-loop turn: no added latency); a change within ``coalesce_window`` of the end of the last
+flush (or within the duration of that flush, when it was longer: at most half the loop goes to
+planning under load) waits for the next flush. The startup hold is one flush at its release.
+
+Planning is incremental (:class:`~fabric.control.planner.IncrementalPlanner`): a flush costs
+O(nodes) cheap compares to find the sources that changed, then per node only the plan parts of
+those sources (computed once per viewer class), so a join costs O(1) planner work per node, not
+O(nodes). ``planner.plan`` stays the reference; the unit tests check the two agree.
+
 Everything mutating the reflector's state runs on the event loop without awaiting in between, so
-no locks are needed. Every message is built once per node and queued to its session; one task per
-session writes the queue to the stream. Fan-out to thousands of agents is therefore one plan,
-one diff and one encoded message per affected node.
+no locks are needed. Every message is built once (per node, or once for all nodes of one class
+that get the same delta) and queued to its session; one task per session writes the queue to the
+stream. Session queues are unbounded but measured (``fabric_reflector_session_queue_max_messages``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import dataclasses
 import ipaddress
 import itertools
@@ -79,6 +93,8 @@ DEFAULT_KEEPALIVE_INTERVAL_S = 2.0
 DEAD_AFTER_INTERVALS = 3
 #: Rejections kept for GetStatus (one per node identity; oldest dropped first).
 MAX_REJECTIONS = 1000
+#: Changes within this many seconds of the end of the last flush are coalesced into the next one.
+DEFAULT_COALESCE_WINDOW_S = 0.02
 #: Topology changes whose fan-out is timed at once (older ones are dropped unobserved).
 MAX_FANOUT_TRACKED = 256
 #: Reason classes of refused announcements (``fabric_reflector_rejections_total{reason}``):
@@ -133,8 +149,6 @@ class _Session:
         self.queue: asyncio.Queue[pb.SyncNodeResponse | _Close] = asyncio.Queue()
         #: Snapshot and END_OF_SNAPSHOT have been queued; from now on only deltas.
         self.synced = False
-        #: The state the agent has once it processed everything queued so far.
-        self.sent_state = types.NodeState()
         self.counters = api.SessionCounters()
         self.last_rx = now
         self.peer_interval = 0.0
@@ -152,10 +166,10 @@ class _Session:
 
 @dataclasses.dataclass(slots=True)
 class _NodeRecord:
-    """A node in the topology: its announcement, plan, versions and current session."""
+    """A node in the topology: its announcement, versions and current session (its plan is held
+    by the reflector's IncrementalPlanner)."""
 
     ann: types.NodeAnnouncement
-    planned: types.NodeState = dataclasses.field(default_factory=types.NodeState)
     planned_version: int = 0
     applied_version: int = 0
     session: _Session | None = None
@@ -191,6 +205,7 @@ class Reflector:
         keepalive_interval: float = DEFAULT_KEEPALIVE_INTERVAL_S,
         startup_hold: float | None = None,
         clock: Callable[[], float] = time.monotonic,
+        coalesce_window: float = DEFAULT_COALESCE_WINDOW_S,
     ) -> None:
         if keepalive_interval <= 0:
             raise ValueError(f"keepalive interval must be positive, got {keepalive_interval}")
@@ -200,7 +215,21 @@ class Reflector:
         self.startup_hold = self.grace_period if startup_hold is None else max(0.0, startup_hold)
         self.clock = clock
         self.epoch = uuid.uuid4().hex[:12]
+        #: The topology of the last flush (generation ``generation``, roles elected).
         self.topology = types.Topology(config)
+        #: The topology with every change admitted since: announcements are validated against it.
+        self._pending = self.topology
+        self.coalesce_window = max(0.0, coalesce_window)
+        self._planner = planner.IncrementalPlanner()
+        self._flush_handle: asyncio.Handle | None = None
+        self._last_flush_end = float("-inf")
+        self._last_flush_cost = 0.0
+        #: Nodes announced, changed or withdrawn since the last flush (for watchers), and nodes
+        #: whose session waits for its snapshot from the next flush.
+        self._changed: set[types.NodeKey] = set()
+        self._awaiting: set[types.NodeKey] = set()
+        self._dirty = False
+        self.flushes = 0
         self.generation = 0
         self.holding = False
         self._nodes: dict[types.NodeKey, _NodeRecord] = {}
@@ -263,6 +292,9 @@ class Reflector:
             w.queue.put_nowait(_Close("reflector shutting down", grpc.StatusCode.UNAVAILABLE))
         if self._hold_handle is not None:
             self._hold_handle.cancel()
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
@@ -276,7 +308,7 @@ class Reflector:
     def _admit(self, ann: types.NodeAnnouncement, session: _Session) -> list[str]:
         """Validate ``ann`` and attach ``session`` to its node; returns refusal reasons."""
         key = ann.key
-        reasons = planner.validate_announcement(self.topology, ann)
+        reasons = planner.validate_announcement(self._pending, ann)
         if reasons:
             self._reject(f"announcement {key} from {session.peer}", str(key), reasons)
             return reasons
@@ -297,20 +329,25 @@ class Reflector:
                 self._nodes[key] = rec
             rec.ann = ann
             self._attach(rec, session)
-            self._change_topology(self.topology.with_node(ann), upserts=[ann], removals=[])
+            self._pending = _with_node(self._pending, ann)
+            self._changed.add(key)
+            self._dirty = True
             _log.info(
-                "node %s %s from %s: underlay %s, pod CIDRs %s; generation %d",
+                "node %s %s from %s: underlay %s, pod CIDRs %s",
                 key,
                 "changed its announcement" if changed else "joined",
                 session.peer,
                 ann.underlay_ip,
                 ",".join(ann.pod_cidrs) or "none",
-                self.generation,
             )
-        if not self.holding:
+        if not self.holding and self._planner.planned(key, ann):
             self._send_snapshot(rec, session)
         else:
+            self._awaiting.add(key)
+        if self.holding:
             self._maybe_release_hold()
+        else:
+            self._schedule_flush()
         return []
 
     def _attach(self, rec: _NodeRecord, session: _Session) -> None:
@@ -338,48 +375,73 @@ class Reflector:
         _log.info("rejected %s: %s", source, reason)
 
     def _send_snapshot(self, rec: _NodeRecord, session: _Session) -> None:
-        for msg in codec.snapshot_messages(rec.planned, rec.planned_version, self.epoch):
+        state = self._planner.state(rec.ann.key)
+        for msg in codec.snapshot_messages(state, rec.planned_version, self.epoch):
             session.send(msg)
         session.synced = True
-        session.sent_state = rec.planned
         c = session.counters
         session.counters = dataclasses.replace(
-            c, snapshots_sent=c.snapshots_sent + 1, snapshot_entries_sent=c.snapshot_entries_sent + len(rec.planned)
+            c, snapshots_sent=c.snapshots_sent + 1, snapshot_entries_sent=c.snapshot_entries_sent + len(state)
         )
         rec.counters = session.counters
-        _log.debug("node %s: snapshot of %d entries, version %d", rec.ann.key, len(rec.planned), rec.planned_version)
+        _log.debug("node %s: snapshot of %d entries, version %d", rec.ann.key, len(state), rec.planned_version)
 
-    def _change_topology(
-        self, new: types.Topology, upserts: Sequence[types.NodeAnnouncement], removals: Sequence[types.NodeKey]
-    ) -> None:
-        """Adopt ``new``, re-plan every node and queue a delta to each synced session whose plan
-        changed. Plans are pure, so a node the change does not concern gets an equal plan and
-        hears nothing. Gateway roles are re-elected for the new topology first (after the
-        startup hold), so a change and the role moves it causes go out as one delta."""
-        if not self.holding:
-            new = new.with_roles(planner.elect(new, self._connected(), self._scores()))
-            self._log_moves(self.topology, new)
-        self.topology = new
+    def _schedule_flush(self) -> None:
+        """Flush pending changes soon: at once after a quiet period, else once the coalescing
+        window (or the duration of the last flush, if longer) has passed since the last one.
+        Without a running event loop (a synchronous caller: tests) the flush happens now."""
+        if self.holding or self._flush_handle is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._flush()
+            return
+        wait = self._last_flush_end + max(self.coalesce_window, self._last_flush_cost) - time.monotonic()
+        self._flush_handle = loop.call_later(wait, self._flush) if wait > 0 else loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Adopt everything pending as one topology generation: elect gateways (after the
+        startup hold), plan incrementally, queue one delta to each synced session whose plan
+        changed, then the snapshots of sessions waiting for one. Nothing pending and no role
+        move: nothing happens (no generation is spent)."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        if self.holding:
+            return
+        started = time.monotonic()
+        old = self.topology
+        new = self._pending
+        roles = planner.elect(new, self._connected(), self._scores())
+        if roles != new.roles:
+            new = new.with_roles(roles)
+        if new.roles == old.roles and (not self._dirty or (new.config == old.config and new.nodes == old.nodes)):
+            self._pending = new
+            self._dirty = False
+            self._changed.clear()
+            self._send_waiting_snapshots()
+            return
+        self._log_moves(old, new)
+        self.topology = self._pending = new
         self.generation += 1
+        self.flushes += 1
         gen = self.generation
+        deltas = self._planner.update(new)
         debug = _log.isEnabledFor(logging.DEBUG)
         fanout: set[types.NodeKey] = set()
-        for node in new.nodes:
-            rec = self._nodes[node.key]
-            state = planner.plan(new, node.key)
-            if state == rec.planned:
-                continue
-            rec.planned = state
+        messages: dict[int, pb.SyncNodeResponse] = {}  # one message per distinct delta object
+        for key, delta in deltas.items():
+            rec = self._nodes[key]
             rec.planned_version = gen
             s = rec.session
             if s is None or not s.synced:
                 continue
-            delta = types.diff_states(s.sent_state, state)
-            if not delta:
-                continue
-            s.send(codec.delta_message(delta, gen))
-            s.sent_state = state
-            fanout.add(node.key)
+            msg = messages.get(id(delta))
+            if msg is None:
+                msg = messages[id(delta)] = codec.delta_message(delta, gen)
+            s.send(msg)
+            fanout.add(key)
             c = s.counters
             s.counters = dataclasses.replace(
                 c, deltas_sent=c.deltas_sent + 1, delta_entries_sent=c.delta_entries_sent + len(delta)
@@ -387,18 +449,86 @@ class Reflector:
             rec.counters = s.counters
             if debug:
                 for e in delta.upserts:
-                    _log.debug("node %s: version %d upsert %s", node.key, gen, e)
+                    _log.debug("node %s: version %d upsert %s", key, gen, e)
                 for k in delta.removals:
-                    _log.debug("node %s: version %d remove %s", node.key, gen, k)
+                    _log.debug("node %s: version %d remove %s", key, gen, k)
         if fanout:
             self._fanout[gen] = (self.clock(), fanout)
             while len(self._fanout) > MAX_FANOUT_TRACKED:
                 del self._fanout[min(self._fanout)]  # never completes (a stuck agent): stop waiting
-        if self._watchers and (upserts or removals):
-            msg = codec.topology_delta_message(gen, upserts, removals)
-            for w in self._watchers:
-                if w.synced:
-                    w.queue.put_nowait(msg)
+        if self._watchers and self._changed:
+            before = {k: n for k in self._changed if (n := _node_in(old, k)) is not None}
+            now = {k: r.ann for k in self._changed if (r := self._nodes.get(k)) is not None}
+            upserts = [now[k] for k in sorted(now) if before.get(k) != now[k]]
+            removals = [k for k in sorted(before) if k not in now]
+            if upserts or removals:
+                msg_w = codec.topology_delta_message(gen, upserts, removals)
+                for w in self._watchers:
+                    if w.synced:
+                        w.queue.put_nowait(msg_w)
+        self._dirty = False
+        self._changed.clear()
+        self._send_waiting_snapshots()
+        end = time.monotonic()
+        self._last_flush_end, self._last_flush_cost = end, end - started
+        _log.debug(
+            "generation %d: %d nodes, %d deltas (%d messages) in %.1f ms",
+            gen, len(new.nodes), len(deltas), len(messages), (end - started) * 1000,
+        )  # fmt: skip
+
+    def _send_waiting_snapshots(self) -> None:
+        for key in sorted(self._awaiting):
+            rec = self._nodes.get(key)
+            s = rec.session if rec is not None else None
+            if rec is not None and s is not None and not s.synced and self._planner.planned(key, rec.ann):
+                self._send_snapshot(rec, s)
+        self._awaiting.clear()
+
+    def set_config(self, config: types.FabricConfig) -> None:
+        """Adopt a new fabric configuration (e.g. a Cluster resource was edited); call on the
+        reflector's event loop. Raises ValueError (and changes nothing) for a configuration
+        that is invalid in itself. Nodes still valid under it are kept; a node that is not any
+        more is withdrawn at once, its refusal recorded (GetStatus) and sent to its agent as
+        ``Rejected``. Everything is then re-planned (in full: a configuration change may touch
+        every plan) and only the differences go out, as deltas. Topology watchers are closed
+        so that they start over with the new clusters (their snapshot carries them)."""
+        problems = planner.config_problems(config)
+        if problems:
+            raise ValueError("fabric configuration refused: " + "; ".join(problems))
+        if config == self.config:
+            return
+        kept = dataclasses.replace(self._pending, config=config, nodes=())
+        dropped: list[tuple[types.NodeAnnouncement, list[str]]] = []
+        for n in self._pending.nodes:  # key order, so appending keeps the tuple sorted
+            reasons = planner.validate_announcement(kept, n)
+            if reasons:
+                dropped.append((n, reasons))
+            else:
+                kept = dataclasses.replace(kept, nodes=(*kept.nodes, n))
+        self.config = config
+        self._expected = {types.NodeKey.parse(k) for k in config.expected_nodes}
+        self._pending = kept
+        self._dirty = True
+        for n, reasons in dropped:
+            self._reject(f"node {n.key} under the new fabric configuration", str(n.key), reasons)
+            rec = self._nodes.pop(n.key)
+            self._changed.add(n.key)
+            self._reports.pop(n.key, None)
+            if rec.withdraw_handle is not None:
+                rec.withdraw_handle.cancel()
+            if rec.session is not None:
+                rec.session.send(pb.SyncNodeResponse(rejected=pb.Rejected(reason="; ".join(reasons))))
+                rec.session.close("refused by the new fabric configuration", grpc.StatusCode.FAILED_PRECONDITION)
+        for w in self._watchers:
+            w.queue.put_nowait(_Close("fabric configuration changed"))
+        _log.info(
+            "new fabric configuration: %d clusters; %d nodes kept, %d withdrawn",
+            len(config.clusters), len(kept.nodes), len(dropped),
+        )  # fmt: skip
+        if self.holding:
+            self._maybe_release_hold()
+        else:
+            self._schedule_flush()
 
     # -- gateway election ---------------------------------------------------------------------
 
@@ -411,18 +541,20 @@ class Reflector:
         targets = {}
         for reporter in self._reports:
             rec = self._nodes.get(reporter)
-            targets[reporter] = frozenset(p.node for p in rec.planned.peers if p.probe) if rec else frozenset()
+            entries = self._planner.entries(reporter) if rec else {}
+            targets[reporter] = frozenset(e.node for e in entries.values() if isinstance(e, types.Peer) and e.probe)
         return planner.unreachable_scores(self._reports, targets)
 
     def _reelect(self, why: str) -> None:
-        """Re-run the election on the current liveness view; a changed role is a topology change."""
+        """Re-run the election on the current liveness view; a changed role is a topology change
+        (flushed with whatever else is pending)."""
         if self.holding:
             return
-        roles = planner.elect(self.topology, self._connected(), self._scores())
-        if roles == self.topology.roles:
+        roles = planner.elect(self._pending, self._connected(), self._scores())
+        if roles == self._pending.roles:
             return
         _log.debug("re-election after %s", why)
-        self._change_topology(self.topology.with_roles(roles), upserts=[], removals=[])
+        self._schedule_flush()
 
     def _log_moves(self, old: types.Topology, new: types.Topology) -> None:
         scores = self._scores()
@@ -513,8 +645,11 @@ class Reflector:
         if rec is None or rec.session is not None:
             return
         del self._nodes[key]
-        self._change_topology(self.topology.without_node(key), upserts=[], removals=[key])
-        _log.info("node %s withdrawn; generation %d", key, self.generation)
+        self._pending = self._pending.without_node(key)
+        self._changed.add(key)
+        self._dirty = True
+        self._schedule_flush()
+        _log.info("node %s withdrawn", key)
 
     def _hold_time(self, session: _Session | None) -> float:
         peer = session.peer_interval if session is not None else 0.0
@@ -626,10 +761,9 @@ class Reflector:
             self._hold_handle.cancel()
             self._hold_handle = None
         _log.info("startup hold released (%s): electing gateways, sending snapshots and END_OF_SNAPSHOT", why)
-        self._change_topology(self.topology, upserts=[], removals=[])
-        for rec in self._nodes.values():
-            if rec.session is not None and not rec.session.synced:
-                self._send_snapshot(rec, rec.session)
+        self._dirty = True
+        self._awaiting.update(k for k, rec in self._nodes.items() if rec.session is not None)
+        self._flush()
         for w in self._watchers:
             if not w.synced:
                 self._sync_watcher(w)
@@ -640,7 +774,7 @@ class Reflector:
         now = self.clock()
         scores = self._scores()
         nodes_by_cluster: dict[str, list[api.NodeStatus]] = {c.name: [] for c in self.config.clusters}
-        for node in self.topology.nodes:
+        for node in self._pending.nodes:
             rec = self._nodes[node.key]
             nodes_by_cluster.setdefault(node.cluster, []).append(
                 api.NodeStatus(
@@ -651,7 +785,7 @@ class Reflector:
                     connected=rec.session is not None,
                     planned_version=rec.planned_version,
                     applied_version=rec.applied_version,
-                    planned_entries=len(rec.planned),
+                    planned_entries=self._planner.size(node.key),
                     counters=rec.counters,
                     withdraw_in_s=None if rec.withdraw_at is None else max(0.0, rec.withdraw_at - now),
                     unreachable_reports=scores.get(node.key, 0),
@@ -805,6 +939,37 @@ class _MetricsCollector(Collector):
             "fabric_reflector_fanouts_pending", "Topology changes some agent has not applied yet.", value=len(r._fanout)
         )
         yield from r.fanout_lag.collect()
+        yield GaugeMetricFamily(
+            "fabric_reflector_session_queue_max_messages",
+            "Messages queued to the slowest agent session (fan-out not yet written to its stream).",
+            value=max((x.session.queue.qsize() for x in recs if x.session is not None), default=0),
+        )
+        yield CounterMetricFamily(
+            "fabric_reflector_flushes", "Topology generations flushed (coalesced changes).", value=r.flushes
+        )
+        work = CounterMetricFamily(
+            "fabric_reflector_plan_work", "Planner work: plan parts computed, nodes planned in full.", labels=["kind"]
+        )
+        work.add_metric(["part"], r._planner.counter.parts)
+        work.add_metric(["full"], r._planner.counter.full_plans)
+        yield work
+
+
+def _node_in(topology: types.Topology, key: types.NodeKey) -> types.NodeAnnouncement | None:
+    """``topology.node(key)`` by bisection (nodes are sorted by key)."""
+    nodes = topology.nodes
+    i = bisect.bisect_left(nodes, key, key=lambda n: n.key)
+    return nodes[i] if i < len(nodes) and nodes[i].key == key else None
+
+
+def _with_node(topology: types.Topology, ann: types.NodeAnnouncement) -> types.Topology:
+    """``topology.with_node(ann)`` in O(log n) compares plus one tuple copy (no re-sort: a
+    bring-up of thousands of nodes calls this once per node)."""
+    nodes = topology.nodes
+    i = bisect.bisect_left(nodes, ann.key, key=lambda n: n.key)
+    if i < len(nodes) and nodes[i].key == ann.key:
+        return dataclasses.replace(topology, nodes=(*nodes[:i], ann, *nodes[i + 1 :]))
+    return dataclasses.replace(topology, nodes=(*nodes[:i], ann, *nodes[i:]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -883,7 +1048,23 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             "--listen unix:/run/kosmos-fabric/lab/reflector.sock"
         ),
     )
-    p.add_argument("--config", required=True, metavar="FILE", help="topology file (clusters, CIDRs, expected nodes)")
+    p.add_argument("--config", metavar="FILE", help="topology file (clusters, CIDRs, expected nodes); "
+                   "required with --topology-source=file")
+    p.add_argument("--topology-source", choices=("file", "kubernetes"), default="file",
+                   help="where clusters come from: the --config file, or the Cluster resources (clusters.kosmos.io) "
+                   "of the host cluster, watched, with status written back (default %(default)s)")
+    p.add_argument("--kubeconfig", metavar="FILE",
+                   help="kubernetes source: the host cluster's kubeconfig (its current context; default: in-cluster "
+                   "service account, else ~/.kube/config)")
+    p.add_argument("--kube-netns", metavar="FILE",
+                   help="kubernetes source: reach the API server from this network namespace (/proc/PID/ns/net); "
+                   "the lab runs the reflector in its underlay namespace and the API servers in the root namespace")
+    p.add_argument("--resync-period", type=float, default=300.0, metavar="S",
+                   help="kubernetes source: seconds between full relists of the Clusters (default %(default)g)")
+    p.add_argument("--status-lease", metavar="NS/NAME",
+                   help="kubernetes source: only the holder of this Lease writes Cluster status (replicas)")
+    p.add_argument("--status-lease-identity", metavar="ID", default="",
+                   help="this replica's identity in the status Lease (e.g. the pod name)")
     p.add_argument(
         "--listen",
         action="append",
@@ -921,6 +1102,23 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error(f"--grace-period {args.grace_period:g}: must not be negative")
     if args.startup_hold is not None and args.startup_hold < 0:
         p.error(f"--startup-hold {args.startup_hold:g}: must not be negative")
+    if args.topology_source == "file" and not args.config:
+        p.error("--config FILE is required with --topology-source=file")
+    if args.topology_source == "kubernetes":
+        if args.config:
+            p.error(f"--config {args.config}: the kubernetes topology source reads Cluster resources, not a file")
+        if args.resync_period <= 0:
+            p.error(f"--resync-period {args.resync_period:g}: must be positive")
+    elif args.kubeconfig or args.kube_netns or args.status_lease:
+        p.error("--kubeconfig, --kube-netns and --status-lease need --topology-source=kubernetes")
+    args.lease = None
+    if args.status_lease:
+        from fabric.control import k8s_source
+
+        try:
+            args.lease = k8s_source.LeaseSpec.parse(args.status_lease, args.status_lease_identity)
+        except ValueError as e:
+            p.error(str(e))
     try:
         args.listen = [parse_listen(a) for a in (args.listen or [DEFAULT_LISTEN])]
         if args.metrics_listen is not None:
@@ -944,13 +1142,32 @@ async def _serve(reflector: Reflector, listen: Sequence[str]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from fabric.control import k8s_source
+
     args = _parse_args(argv)
     logs.setup(args.log_level)
-    try:
-        config = topology_file.load(args.config).fabric_config()
-    except topology_file.TopologyError as e:
-        print(f"fabric-reflector: {e}", file=sys.stderr)
-        return 2
+    source: k8s_source.KubernetesSource | None = None
+    if args.topology_source == "kubernetes":
+        try:
+            netns_fd = k8s_source.open_netns(args.kube_netns) if args.kube_netns else None
+            source = k8s_source.KubernetesSource(
+                k8s_source.load_api_client(args.kubeconfig), resync_s=args.resync_period, lease=args.lease,
+                netns_fd=netns_fd,
+            )  # fmt: skip
+        except k8s_source.SourceError as e:
+            print(f"fabric-reflector: {e}", file=sys.stderr)
+            return 2
+        # The first list before serving: a restarted reflector knows its clusters (and, from
+        # their status, the nodes to wait for) before any agent reconnects.
+        source.initial_list()
+        config = source.initial_config()
+        args.config = f"Cluster resources ({args.kubeconfig or 'in-cluster'})"
+    else:
+        try:
+            config = topology_file.load(args.config).fabric_config()
+        except topology_file.TopologyError as e:
+            print(f"fabric-reflector: {e}", file=sys.stderr)
+            return 2
     reflector = Reflector(
         config,
         grace_period=args.grace_period,
@@ -970,8 +1187,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         registry = CollectorRegistry()
         registry.register(reflector.collector())
         health.serve(args.metrics_listen, reflector.healthy, reflector.ready, registry=registry)
+
+    async def serve() -> None:
+        watch = asyncio.create_task(source.run(reflector)) if source is not None else None
+        if watch is not None:
+
+            def stopped(t: asyncio.Task[None]) -> None:
+                if not t.cancelled():
+                    _log.error("the Kubernetes topology source stopped: %r", t.exception())
+
+            watch.add_done_callback(stopped)
+        try:
+            await _serve(reflector, args.listen)
+        finally:
+            if watch is not None:
+                watch.cancel()
+                await asyncio.gather(watch, return_exceptions=True)
+
     try:
-        asyncio.run(_serve(reflector, args.listen))
+        asyncio.run(serve())
     except ListenError as e:
         print(f"fabric-reflector: {e}", file=sys.stderr)
         return 1

@@ -1,0 +1,649 @@
+"""The reflector's Kubernetes topology source: ``Cluster`` resources (``clusters.kosmos.io``) of
+the host cluster in, fabric configuration and Cluster status out.
+
+What happens, in order:
+
+1. **List** every Cluster (one GET), remember the list's resourceVersion. Each list replaces
+   the whole local view (a Cluster missing from it was deleted while we were not watching).
+2. **Watch** from that resourceVersion (``watch=true``, bookmarks on). ADDED / MODIFIED /
+   DELETED update the view; BOOKMARK only moves the resourceVersion. An ERROR event with code
+   410 (the server compacted past our resourceVersion) or any failed request goes back to 1
+   (after a backoff for failures). The watch asks the server to end after ``resync`` seconds;
+   then the view is rebuilt from a fresh list, so nothing missed survives longer than that.
+3. **Resolve.** After every change of the view the resources go through
+   :func:`fabric.crd.resolve` (defaults, validation with field paths, cross-cluster conflicts,
+   oldest Cluster first) and, when the resulting :class:`~fabric.types.FabricConfig` differs
+   from the one in effect, into ``Reflector.set_config``, which re-plans and sends deltas.
+   A Cluster that *was* accepted and is now edited into an invalid or conflicting spec keeps
+   its last accepted spec in effect (its status says it is rejected and why): bad input never
+   disturbs what works, not even the cluster's own nodes.
+4. **Status.** Whenever the view or the reflector's status changes (checked every
+   ``status_interval`` seconds: node sync is not an event of ours), each Cluster's status is
+   computed (:func:`cluster_status`: ``Accepted`` and ``Ready`` conditions with reasons,
+   conflicts with field paths, CIDRs in use, nodes, active gateway) and written with a merge
+   patch of the ``status`` subresource when it differs from what the object carries. With a
+   status Lease (``--status-lease``) only the replica holding it writes; every replica serves
+   agents from the same view.
+
+The blocking ``kubernetes`` client runs in threads (one for list+watch, one for status and
+Lease writes); everything touching the reflector runs on its event loop (events are handed
+over with ``call_soon_threadsafe``), so the reflector needs no locks. Those threads can enter
+another network namespace first (``netns_fd``): the lab runs the reflector in its underlay
+namespace and the emulated API servers on 127.0.0.1 of the root namespace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import ctypes
+import ctypes.util
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+from fabric import crd, types
+from fabric.control import api
+
+_log = logging.getLogger(__name__)
+
+DEFAULT_RESYNC_S = 300.0
+DEFAULT_STATUS_INTERVAL_S = 2.0
+DEFAULT_LEASE_DURATION_S = 15
+#: Timeouts of one API request (connect, read); watches read for up to resync + this.
+REQUEST_TIMEOUT_S = 10.0
+_MERGE_PATCH = "application/merge-patch+json"
+_CLONE_NEWNET = 0x40000000
+LEASE_GROUP, LEASE_VERSION, LEASE_PLURAL = "coordination.k8s.io", "v1", "leases"
+
+
+class ConfigSink(Protocol):
+    """What the source drives: the reflector (``set_config`` re-plans; ``status`` for Clusters)."""
+
+    def set_config(self, config: types.FabricConfig) -> None: ...
+
+    def status(self) -> api.FabricStatus: ...
+
+
+class SourceError(RuntimeError):
+    """The source cannot start (no usable kubeconfig, namespace file missing)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Client plumbing
+# --------------------------------------------------------------------------------------------
+
+
+def load_api_client(kubeconfig: str | None) -> Any:
+    """A ``kubernetes.client.ApiClient``: from ``kubeconfig`` (its current context) when given,
+    else in-cluster (the ServiceAccount of the reflector's pod), else ``~/.kube/config``."""
+    from kubernetes import client, config
+
+    try:
+        if kubeconfig:
+            return config.new_client_from_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
+        try:
+            conf = client.Configuration()
+            config.load_incluster_config(client_configuration=conf)  # type: ignore[no-untyped-call]
+            return client.ApiClient(conf)
+        except config.ConfigException:
+            return config.new_client_from_config()  # type: ignore[no-untyped-call]
+    except (config.ConfigException, OSError, ValueError) as e:
+        where = f"--kubeconfig {kubeconfig}" if kubeconfig else "in-cluster config or ~/.kube/config"
+        raise SourceError(f"cannot load a Kubernetes client configuration from {where}: {e}") from e
+
+
+def open_netns(path: str) -> int:
+    """An fd of the network namespace file ``path`` (``/proc/PID/ns/net``, ``/run/netns/X``),
+    opened once so threads started later can enter it even if ``path`` goes away."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise SourceError(f"--kube-netns {path}: cannot open the namespace file: {e.strerror}") from e
+
+
+def _enter_netns(fd: int | None) -> None:
+    """Move the calling *thread* into the namespace of ``fd`` (sockets it opens live there)."""
+    if fd is None:
+        return
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    if libc.setns(fd, _CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns into the API server's network namespace: {os.strerror(err)}")
+
+
+def _api_error(e: BaseException) -> tuple[int | None, str]:
+    """(HTTP status or None, short text) of a client exception."""
+    status = getattr(e, "status", None)
+    body = getattr(e, "body", None)
+    text = f"{type(e).__name__}: {e}"
+    if isinstance(body, (str, bytes)):
+        with contextlib.suppress(ValueError, TypeError):
+            text = json.loads(body).get("message") or text
+    return (status if isinstance(status, int) else None), text
+
+
+def _now_rfc3339() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _micro_time(t: float) -> str:
+    return datetime.datetime.fromtimestamp(t, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _parse_time(text: Any) -> float | None:
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# Resolution with last-good specs, and status (pure)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Outcome:
+    """One resolution of the view: the config to run and, per Cluster, what its status says."""
+
+    resolution: crd.Resolution
+    #: Problems of each Cluster's *current* spec (a Cluster kept at its last good spec has them too).
+    problems: Mapping[str, tuple[crd.Problem, ...]]
+    #: Clusters whose current spec is rejected but whose last accepted spec stays in effect:
+    #: name -> the generation of that spec.
+    kept: Mapping[str, int]
+
+
+def _generation(obj: Mapping[str, Any]) -> int:
+    gen = (obj.get("metadata") or {}).get("generation")
+    return gen if isinstance(gen, int) else 0
+
+
+def _name(obj: Mapping[str, Any]) -> str:
+    name = (obj.get("metadata") or {}).get("name")
+    return name if isinstance(name, str) else "?"
+
+
+def resolve_with_last_good(
+    objects: Mapping[str, Mapping[str, Any]],
+    last_good: dict[str, Mapping[str, Any]],
+    bridge_cidrs: Sequence[str] = (),
+    local_cidrs: Sequence[str] = (),
+) -> Outcome:
+    """Resolve ``objects`` (name -> Cluster); a rejected Cluster with an accepted spec in
+    ``last_good`` is resolved with that spec instead. Updates ``last_good`` in place: accepted
+    current specs replace it, deleted and disabled Clusters leave it."""
+    def ranked(name: str, obj: Mapping[str, Any]) -> Mapping[str, Any]:
+        # resolve() takes Clusters oldest first, by a creation time of one-second granularity
+        # (ties by name): clusters in effect go first, so a newcomer never displaces them.
+        meta = dict(obj.get("metadata") or {})
+        meta["creationTimestamp"] = ("0" if name in last_good else "1") + str(meta.get("creationTimestamp") or "")
+        return {**obj, "metadata": meta}
+
+    first = crd.resolve([ranked(n, o) for n, o in objects.items()], bridge_cidrs=bridge_cidrs,
+                        local_cidrs=local_cidrs)  # fmt: skip
+    subst = {n: last_good[n] for n in first.problems if n in objects and n in last_good
+             and last_good[n] is not objects[n]}  # fmt: skip
+    final = first
+    if subst:
+        final = crd.resolve([ranked(n, subst.get(n, o)) for n, o in objects.items()], bridge_cidrs=bridge_cidrs,
+                            local_cidrs=local_cidrs)  # fmt: skip
+    accepted = {c.name for c in final.config.clusters}
+    for n in list(last_good):
+        if n not in objects or n in final.disabled or (n in subst and n not in accepted):
+            del last_good[n]
+    for n in accepted:
+        if n not in subst:
+            last_good[n] = objects[n]
+    kept = {n: _generation(o) for n, o in subst.items() if n in accepted}
+    problems = dict(first.problems)
+    for n, probs in final.problems.items():  # a kept spec can conflict anew
+        if n in subst:
+            problems[n] = problems.get(n, ()) + probs
+    return Outcome(final, problems, kept)
+
+
+def _condition(ctype: str, ok: bool, reason: str, message: str, generation: int,
+               previous: Sequence[Any], now: str) -> dict[str, Any]:
+    status = "True" if ok else "False"
+    since = now
+    for c in previous:
+        if isinstance(c, dict) and c.get("type") == ctype and c.get("status") == status:
+            since = c.get("lastTransitionTime") or now
+    return {"type": ctype, "status": status, "observedGeneration": generation, "lastTransitionTime": since,
+            "reason": reason, "message": message}
+
+
+def cluster_status(
+    obj: Mapping[str, Any],
+    outcome: Outcome,
+    fabric: api.FabricStatus | None,
+    now: str,
+) -> dict[str, Any]:
+    """The ``status`` of one Cluster: every key this source owns is present (a merge patch must
+    overwrite old values), conditions keep their ``lastTransitionTime`` while unchanged."""
+    name = _name(obj)
+    gen = _generation(obj)
+    old = obj.get("status") if isinstance(obj.get("status"), dict) else {}
+    assert isinstance(old, dict)
+    previous = old.get("conditions") if isinstance(old.get("conditions"), list) else []
+    assert isinstance(previous, list)
+    res = outcome.resolution
+    config = res.config.cluster(name)
+    problems = outcome.problems.get(name, ())
+    kept = outcome.kept.get(name)
+    cstat = next((c for c in fabric.clusters if c.name == name), None) if fabric is not None else None
+    detail = "; ".join(f"{p.field}: {p.reason}" for p in problems)
+
+    if name in res.disabled:
+        accepted = _condition("Accepted", False, "Disabled", "clusterLinkOptions.enable is false: the cluster is "
+                              "not part of the fabric", gen, previous, now)  # fmt: skip
+    elif problems and kept is not None:
+        accepted = _condition("Accepted", False, "InvalidSpecKeptPrevious",
+                              f"{detail} (the fabric keeps using generation {kept} of this Cluster)", gen, previous,
+                              now)  # fmt: skip
+    elif problems:
+        reason = "Conflict" if any(p.other for p in problems) else "InvalidSpec"
+        accepted = _condition("Accepted", False, reason, detail, gen, previous, now)
+    else:
+        accepted = _condition("Accepted", True, "Accepted", "the cluster is part of the fabric", gen, previous, now)
+
+    nodes: list[dict[str, Any]] = []
+    active = ""
+    if config is not None and cstat is not None:
+        active = cstat.active_gateway
+        for n in cstat.nodes:
+            nodes.append({"name": n.name, "address": n.underlay_ip, "podCIDRs": list(n.pod_cidrs),
+                          "gateway": n.name == cstat.active_gateway, "inSync": n.in_sync})  # fmt: skip
+    if config is None:
+        ready = _condition("Ready", False, "NotAccepted", "the cluster is not in the fabric", gen, previous, now)
+    elif fabric is None:
+        ready = _condition("Ready", False, "ReflectorStarting", "no reflector status yet", gen, previous, now)
+    elif fabric.holding:
+        ready = _condition("Ready", False, "StartupHold", "the reflector waits for known nodes to reconnect", gen,
+                           previous, now)  # fmt: skip
+    elif not nodes:
+        ready = _condition("Ready", False, "NoNodes", "no agent of this cluster has announced its node", gen,
+                           previous, now)  # fmt: skip
+    elif not all(n["inSync"] for n in nodes):
+        lagging = ", ".join(n["name"] for n in nodes if not n["inSync"])
+        ready = _condition("Ready", False, "NodesNotInSync", f"not in sync: {lagging}", gen, previous, now)
+    else:
+        ready = _condition("Ready", True, "NodesInSync", f"{len(nodes)} nodes applied their latest plan", gen,
+                           previous, now)  # fmt: skip
+
+    families = config.families if config is not None else ()
+    pods, svcs = res.in_use.get(name, ((), ()))
+    return {
+        "observedGeneration": gen,
+        "clusterLinkStatus": {
+            "ipFamilies": [types.FAMILY_NAMES[f] for f in families],
+            "podCIDRs": list(pods),
+            "serviceCIDRs": list(svcs),
+            "activeGateway": active,
+            "nodeCount": len(nodes),
+            "nodes": nodes,
+            "conflicts": [p.to_status() for p in problems],
+        },
+        "conditions": [accepted, ready],
+    }
+
+
+def status_differs(current: Any, wanted: Mapping[str, Any]) -> bool:
+    """Whether the object's ``status`` lacks any of ``wanted``'s values (extra keys are ignored)."""
+    if not isinstance(current, dict):
+        return True
+    return any(current.get(k) != v for k, v in wanted.items())
+
+
+def expected_nodes(objects: Sequence[Mapping[str, Any]], config: types.FabricConfig) -> tuple[str, ...]:
+    """Nodes the statuses of accepted Clusters list: what a restarted reflector waits for before
+    it lets agents garbage-collect (its startup hold)."""
+    names = {c.name for c in config.clusters}
+    out: set[str] = set()
+    for obj in objects:
+        name = _name(obj)
+        status = obj.get("status")
+        if name not in names or not isinstance(status, dict):
+            continue
+        link = status.get("clusterLinkStatus")
+        for n in (link.get("nodes") or []) if isinstance(link, dict) else []:
+            if isinstance(n, dict) and isinstance(n.get("name"), str):
+                out.add(f"{name}/{n['name']}")
+    return tuple(sorted(out))
+
+
+# --------------------------------------------------------------------------------------------
+# The source
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LeaseSpec:
+    """``--status-lease NS/NAME`` with ``--status-lease-identity``."""
+
+    namespace: str
+    name: str
+    identity: str
+    duration_s: int = DEFAULT_LEASE_DURATION_S
+
+    @classmethod
+    def parse(cls, text: str, identity: str) -> LeaseSpec:
+        ns, sep, name = text.partition("/")
+        if not sep or not ns or not name or "/" in name:
+            raise ValueError(f"--status-lease {text!r}: expected NAMESPACE/NAME")
+        if not identity:
+            raise ValueError("--status-lease needs --status-lease-identity (e.g. the pod name)")
+        return cls(ns, name, identity)
+
+
+class KubernetesSource:
+    """List+watch of Clusters feeding a reflector, and the writer of their status.
+
+    Construct, optionally :meth:`initial_list` before the reflector exists (its result gives the
+    first configuration), then ``await run(reflector)`` on the reflector's loop until cancelled.
+    """
+
+    def __init__(
+        self,
+        api_client: Any,
+        *,
+        resync_s: float = DEFAULT_RESYNC_S,
+        status_interval_s: float = DEFAULT_STATUS_INTERVAL_S,
+        lease: LeaseSpec | None = None,
+        netns_fd: int | None = None,
+        bridge_cidrs: Sequence[str] = (),
+        local_cidrs: Sequence[str] = (),
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        from kubernetes import client
+
+        # Any: the generated methods return ``object`` for what is JSON (dicts) on the wire.
+        self._objects_api: Any = client.CustomObjectsApi(api_client)
+        self.resync_s = resync_s
+        self.status_interval_s = status_interval_s
+        self.lease = lease
+        self._netns_fd = netns_fd
+        self.bridge_cidrs = tuple(bridge_cidrs)
+        self.local_cidrs = tuple(local_cidrs)
+        self._clock = clock
+        #: The view: Cluster name -> object, as last listed or watched.
+        self.objects: dict[str, dict[str, Any]] = {}
+        self._last_good: dict[str, Mapping[str, Any]] = {}
+        self.outcome: Outcome | None = None
+        self._applied: types.FabricConfig | None = None
+        self._written: dict[str, dict[str, Any]] = {}
+        self._sink: ConfigSink | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._dirty: asyncio.Event | None = None
+        self._stop = threading.Event()
+        self._lease_until = 0.0
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, "kube-status", initializer=_enter_netns,
+                                                             initargs=(netns_fd,))  # fmt: skip
+        self.synced = False
+        #: Counters for logs and tests.
+        self.lists = 0
+        self.status_writes = 0
+
+    # -- API calls (threads) -----------------------------------------------------------------
+
+    def _list(self) -> tuple[list[dict[str, Any]], str]:
+        doc = self._objects_api.list_cluster_custom_object(crd.GROUP, crd.VERSION, crd.PLURAL,
+                                                           _request_timeout=REQUEST_TIMEOUT_S)  # fmt: skip
+        items = [i for i in doc.get("items") or [] if isinstance(i, dict)]
+        return items, str((doc.get("metadata") or {}).get("resourceVersion") or "")
+
+    def initial_list(self, timeout_s: float = 10.0) -> list[dict[str, Any]] | None:
+        """List once (blocking, in a thread in the API server's namespace); None after
+        ``timeout_s`` of failures (the watch keeps trying once running)."""
+        deadline = time.monotonic() + timeout_s
+        delay = 0.2
+        while True:
+            fut = self._writer.submit(self._list)
+            try:
+                items, _rv = fut.result(timeout=max(0.1, deadline - time.monotonic()) + REQUEST_TIMEOUT_S)
+                self.objects = {_name(o): o for o in items}
+                return items
+            except Exception as e:  # any client/transport error: retried until the deadline
+                _code, text = _api_error(e)
+                if time.monotonic() + delay > deadline:
+                    _log.warning("cannot list Clusters: %s; starting without them (the watch keeps trying)", text)
+                    return None
+                _log.info("listing Clusters failed (%s); retrying", text)
+                time.sleep(delay)
+                delay = min(2.0, delay * 2)
+
+    def initial_config(self) -> types.FabricConfig:
+        """The configuration of the current view, expecting the nodes its statuses list."""
+        outcome = resolve_with_last_good(self.objects, self._last_good, self.bridge_cidrs, self.local_cidrs)
+        config = outcome.resolution.config
+        self.outcome = outcome
+        self._applied = config
+        return dataclasses.replace(config, expected_nodes=expected_nodes(list(self.objects.values()), config))
+
+    def _post(self, kind: str, payload: Any) -> None:
+        loop = self._loop
+        if loop is not None and not self._stop.is_set():
+            with contextlib.suppress(RuntimeError):  # loop closed while we were reading
+                loop.call_soon_threadsafe(self._on_event, kind, payload)
+
+    def _watch_thread(self) -> None:
+        from kubernetes.watch.watch import iter_resp_lines
+
+        try:
+            _enter_netns(self._netns_fd)
+        except OSError as e:
+            _log.error("Cluster watch cannot start: %s", e)
+            return
+        rv = ""
+        delay = 0.5
+        while not self._stop.is_set():
+            try:
+                if not rv:
+                    items, rv = self._list()
+                    self.lists += 1
+                    self._post("LIST", items)
+                resp = self._objects_api.list_cluster_custom_object(
+                    crd.GROUP, crd.VERSION, crd.PLURAL, watch=True, resource_version=rv, allow_watch_bookmarks=True,
+                    timeout_seconds=max(1, int(self.resync_s)), _preload_content=False,
+                    _request_timeout=(REQUEST_TIMEOUT_S, self.resync_s + 60.0),
+                )  # fmt: skip
+                try:
+                    for line in iter_resp_lines(resp):  # type: ignore[no-untyped-call]
+                        if self._stop.is_set():
+                            return
+                        if not line:
+                            continue
+                        ev = json.loads(line)
+                        etype, obj = ev.get("type"), ev.get("object") or {}
+                        if etype == "ERROR":
+                            code = obj.get("code")
+                            _log.info("Cluster watch ended by the server: %s (%s)", obj.get("message"), code)
+                            if code == 410:
+                                rv = ""  # expired: list again
+                            break
+                        new_rv = (obj.get("metadata") or {}).get("resourceVersion")
+                        if new_rv:
+                            rv = str(new_rv)
+                        if etype in ("ADDED", "MODIFIED", "DELETED"):
+                            self._post(etype, obj)
+                    else:
+                        rv = ""  # the watch ran its resync period: rebuild the view from a list
+                finally:
+                    resp.release_conn()
+                delay = 0.5
+            except Exception as e:  # transport or server error: back off, keep the view, retry
+                if self._stop.is_set():
+                    return
+                code, text = _api_error(e)
+                if code == 410:
+                    rv = ""
+                _log.warning("Cluster list/watch failed: %s; retrying in %.1fs", text, delay)
+                self._stop.wait(delay * (0.8 + 0.4 * random.random()))
+                delay = min(30.0, delay * 2)
+
+    def _patch_status(self, name: str, status: dict[str, Any]) -> None:
+        self._objects_api.patch_cluster_custom_object_status(
+            crd.GROUP, crd.VERSION, crd.PLURAL, name, {"status": status}, _content_type=_MERGE_PATCH,
+            _request_timeout=REQUEST_TIMEOUT_S,
+        )  # fmt: skip
+
+    def _renew_lease(self) -> bool:
+        """Take or renew the Lease; True while we hold it (optimistic concurrency on updates)."""
+        from kubernetes.client.exceptions import ApiException
+
+        assert self.lease is not None
+        ls = self.lease
+        now = self._clock()
+        spec = {"holderIdentity": ls.identity, "leaseDurationSeconds": ls.duration_s, "renewTime": _micro_time(now)}
+        try:
+            cur = self._objects_api.get_namespaced_custom_object(
+                LEASE_GROUP, LEASE_VERSION, ls.namespace, LEASE_PLURAL, ls.name, _request_timeout=REQUEST_TIMEOUT_S)
+        except ApiException as e:
+            if e.status != 404:
+                raise
+            body = {"apiVersion": f"{LEASE_GROUP}/{LEASE_VERSION}", "kind": "Lease",
+                    "metadata": {"name": ls.name, "namespace": ls.namespace},
+                    "spec": {**spec, "acquireTime": _micro_time(now), "leaseTransitions": 0}}  # fmt: skip
+            self._objects_api.create_namespaced_custom_object(LEASE_GROUP, LEASE_VERSION, ls.namespace, LEASE_PLURAL,
+                                                              body, _request_timeout=REQUEST_TIMEOUT_S)  # fmt: skip
+            return True
+        cspec = cur.get("spec") or {}
+        holder = cspec.get("holderIdentity") or ""
+        renewed = _parse_time(cspec.get("renewTime")) or 0.0
+        duration = cspec.get("leaseDurationSeconds") or ls.duration_s
+        if holder and holder != ls.identity and renewed + duration > now:
+            return False
+        if holder != ls.identity:
+            spec["acquireTime"] = _micro_time(now)
+            spec["leaseTransitions"] = int(cspec.get("leaseTransitions") or 0) + 1
+        cur["spec"] = {**cspec, **spec}
+        self._objects_api.replace_namespaced_custom_object(
+            LEASE_GROUP, LEASE_VERSION, ls.namespace, LEASE_PLURAL, ls.name, cur, _request_timeout=REQUEST_TIMEOUT_S)
+        return True
+
+    # -- event loop side ----------------------------------------------------------------------
+
+    def _on_event(self, kind: str, payload: Any) -> None:
+        if kind == "LIST":
+            self.objects = {_name(o): o for o in payload}
+            self.synced = True
+        elif kind == "DELETED":
+            self.objects.pop(_name(payload), None)
+            self._written.pop(_name(payload), None)
+        else:
+            name = _name(payload)
+            self.objects[name] = payload
+            if name in self._written and status_differs(payload.get("status"), self._written[name]):
+                del self._written[name]  # someone else changed it: write ours again
+        self.reconfigure()
+
+    def reconfigure(self) -> None:
+        """Resolve the view; hand a changed configuration to the reflector; status is due."""
+        outcome = resolve_with_last_good(self.objects, self._last_good, self.bridge_cidrs, self.local_cidrs)
+        self.outcome = outcome
+        config = outcome.resolution.config
+        if config != self._applied and self._sink is not None:
+            _log.info("Cluster resources changed: %d clusters in the fabric (%s); %d left out",
+                      len(config.clusters), ", ".join(c.name for c in config.clusters) or "none",
+                      len(outcome.problems))  # fmt: skip
+            try:
+                self._sink.set_config(config)
+            except ValueError as e:
+                # resolve() and the reflector disagree about validity: keep what runs, say why.
+                _log.error("the reflector refused the configuration from the Cluster resources: %s", e)
+            else:
+                self._applied = config
+        for name, probs in outcome.problems.items():
+            _log.debug("Cluster %s: %s", name, "; ".join(str(p) for p in probs))
+        if self._dirty is not None:
+            self._dirty.set()
+
+    def may_write_status(self) -> bool:
+        return self.lease is None or time.monotonic() < self._lease_until
+
+    def wanted_status(self, now: str | None = None) -> dict[str, dict[str, Any]]:
+        """Per Cluster in the view, the status it should carry now."""
+        if self.outcome is None:
+            return {}
+        fabric = self._sink.status() if self._sink is not None else None
+        stamp = now or _now_rfc3339()
+        return {n: cluster_status(o, self.outcome, fabric, stamp) for n, o in self.objects.items()}
+
+    async def _status_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._dirty is not None
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._dirty.wait(), self.status_interval_s)
+            self._dirty.clear()
+            if not self.synced or not self.may_write_status():
+                continue
+            for name, doc in self.wanted_status().items():
+                obj = self.objects.get(name)
+                if obj is None or doc == self._written.get(name) or not status_differs(obj.get("status"), doc):
+                    continue
+                try:
+                    await loop.run_in_executor(self._writer, self._patch_status, name, doc)
+                except Exception as e:  # one failed write never stops the others; retried next pass
+                    code, text = _api_error(e)
+                    if code != 404:  # 404: deleted meanwhile
+                        _log.warning("cannot write the status of Cluster %s: %s", name, text)
+                    continue
+                self._written[name] = doc
+                self.status_writes += 1
+
+    async def _lease_loop(self) -> None:
+        assert self.lease is not None
+        loop = asyncio.get_running_loop()
+        period = max(1.0, self.lease.duration_s / 3)
+        holding = False
+        while True:
+            try:
+                ok = await loop.run_in_executor(self._writer, self._renew_lease)
+            except Exception as e:  # conflict (another replica won the race) or API trouble
+                _code, text = _api_error(e)
+                _log.info("status Lease %s/%s not renewed: %s", self.lease.namespace, self.lease.name, text)
+                ok = False
+            if ok:
+                # Keep a margin: stop writing a little before another replica may take over.
+                self._lease_until = time.monotonic() + self.lease.duration_s - period
+            if ok != holding:
+                holding = ok
+                _log.info("status Lease %s/%s %s", self.lease.namespace, self.lease.name,
+                          "acquired: this replica writes Cluster status" if ok else "held by another replica")
+                if ok:
+                    self._written.clear()
+                    assert self._dirty is not None
+                    self._dirty.set()
+            await asyncio.sleep(period)
+
+    async def run(self, sink: ConfigSink) -> None:
+        """Watch and write status for ``sink`` until cancelled (on ``sink``'s event loop)."""
+        self._sink = sink
+        self._loop = asyncio.get_running_loop()
+        self._dirty = asyncio.Event()
+        self.reconfigure()
+        watcher = threading.Thread(target=self._watch_thread, name="kube-clusters", daemon=True)
+        watcher.start()
+        tasks = [asyncio.create_task(self._status_loop())]
+        if self.lease is not None:
+            tasks.append(asyncio.create_task(self._lease_loop()))
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            self._stop.set()
+            for t in tasks:
+                t.cancel()
+            self._writer.shutdown(wait=False, cancel_futures=True)

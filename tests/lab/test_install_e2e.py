@@ -1,0 +1,256 @@
+"""End to end, through fabric-tool and a real kubectl: issue 9's acceptance in a ``kubernetes: true`` lab.
+
+Topology (own file, own lab name): east and west, p2p, two nodes of one pod each, each with an
+emulated API server. Steps, in order (one test: each step builds on the previous one):
+
+1. ``install --lab`` puts the CRD, namespace and RBAC into east's API server (the host) and
+   restarts the lab reflector with ``--topology-source kubernetes`` and no topology file: it
+   then knows no cluster at all and refuses every agent.
+2. ``join`` of each cluster creates its Cluster (east's pod CIDRs discovered from its Nodes)
+   and waits until its nodes are in sync; ``check`` passes, with the reflector's configuration
+   read only from the Cluster resources.
+3. ``kubectl patch`` of east's networkType (gateway: vx-local appears on east's nodes) and of
+   west's globalCIDRsMap (east's nodes route west's global CIDR instead of its pod CIDR, and an
+   east pod reaches a west pod by its global IP); removing the mapping restores the routes and
+   ``check`` passes again.
+4. Bad Cluster specs (overlap without mapping, global CIDR size mismatch, unknown network type,
+   also as an edit of working west) are reported in status with field path and reason; no
+   node's plan changes and ``check`` still passes.
+5. ``unjoin west`` removes west from every east node's routes and leaves no fabric device,
+   route or rule on west's nodes; ``unjoin east`` and ``uninstall`` bring the lab's own
+   reflector back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fabric.netlink import objects
+from tests.lab.conftest import Lab, _root_links, assert_lab_gone, lab_pids, run, wait_for
+
+KUBECTL = shutil.which("kubectl")
+pytestmark = pytest.mark.skipif(KUBECTL is None, reason="no kubectl binary on PATH")
+
+TOPOLOGY = """\
+underlay: 198.18.0.0/16
+kubernetes: true
+clusters:
+  - name: east
+    mode: p2p
+    podCIDRs: [10.10.0.0/16]
+    serviceCIDRs: [10.96.0.0/20]
+    nodes: [{name: e1, pods: 1}, {name: e2, pods: 1}]
+  - name: west
+    mode: p2p
+    podCIDRs: [10.20.0.0/16]
+    serviceCIDRs: [10.97.0.0/20]
+    nodes: [{name: w1, pods: 1}, {name: w2, pods: 1}]
+"""
+
+
+class InstallLab(Lab):
+    kubeconfig: Path
+
+    def kubectl(self, *args: str, context: str = "east", check: bool = True) -> Any:
+        assert KUBECTL is not None
+        return run(KUBECTL, "--kubeconfig", str(self.kubeconfig), "--context", context, *args, check=check,
+                   timeout=30)
+
+    def cluster(self, name: str) -> dict[str, Any]:
+        out: dict[str, Any] = json.loads(self.kubectl("get", "clusters.kosmos.io", name, "-o", "json").stdout)
+        return out
+
+    def condition(self, name: str, ctype: str) -> dict[str, Any]:
+        conds = (self.cluster(name).get("status") or {}).get("conditions") or []
+        return next((c for c in conds if c["type"] == ctype), {})
+
+    def reflector(self) -> dict[str, Any]:
+        out: dict[str, Any] = json.loads(self.tool("status", "--lab", self.name, "--json").stdout)
+        return out
+
+    def node_ns(self, key: str) -> str:
+        return str(self.nodes()[key]["netns"])
+
+    def fabric_routes(self, key: str) -> list[str]:
+        routes = self.ipj(self.node_ns(key), "route", "show", "table", str(objects.DEFAULT_TABLE))
+        return [r["dst"] for r in routes]
+
+    def planned_versions(self) -> dict[str, int]:
+        return {f"{c['name']}/{n['name']}": n["planned_version"]
+                for c in self.reflector()["clusters"] for n in c["nodes"]}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def ilab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InstallLab]:
+    name = "kft" + uuid.uuid4().hex[:5]
+    topo = tmp_path_factory.mktemp("install") / "lab.yaml"
+    topo.write_text(TOPOLOGY)
+    lab = InstallLab(name, topo)
+    root_links = _root_links()
+    pids: set[int] = set()
+    try:
+        lab.lab("up", str(topo), "--grace-period", "5", "--timeout", "90")
+        lab.kubeconfig = Path(lab.lab("kubeconfig").stdout.strip())
+        yield lab
+    finally:
+        with contextlib.suppress(Exception):
+            pids = lab_pids(lab)
+        lab.lab("down", check=False)
+    assert_lab_gone(name, pids, root_links)
+
+
+def _in(cidr: str, outer: ipaddress.IPv4Network) -> bool:
+    """An IPv4 route destination inside ``outer`` ("default" and IPv6 are not)."""
+    try:
+        net = ipaddress.ip_network(cidr)
+    except ValueError:
+        return False
+    return isinstance(net, ipaddress.IPv4Network) and net.subnet_of(outer)
+
+
+def _check_ok(lab: InstallLab) -> None:
+    res = lab.check()
+    failed = [p for p in res.get("pairs", []) if not p.get("ok")]
+    assert res["returncode"] == 0, f"check failed: {failed[:5]}"
+
+
+def test_install_join_patch_reject_unjoin(ilab: InstallLab) -> None:
+    lab = ilab
+    # -- 1. install ---------------------------------------------------------------------------
+    dry = lab.tool("install", "--lab", lab.name, "--dry-run")
+    assert "CustomResourceDefinition clusters.kosmos.io" in dry.stdout and "Deployment" not in dry.stdout
+    assert lab.kubectl("get", "crd", "clusters.kosmos.io", check=False).returncode != 0, "dry run changed nothing"
+    lab.tool("install", "--lab", lab.name, "--context", "east")
+    again = lab.tool("install", "--lab", lab.name)  # idempotent: nothing changes, the reflector keeps running
+    assert "unchanged" in again.stderr and "already runs with this topology source" in again.stderr
+    state = json.loads(Path(f"/run/kosmos-fabric/lab/{lab.name}/state.json").read_text())
+    argv = state["reflector"]["argv"]
+    assert "--topology-source" in argv and "kubernetes" in argv and "--config" not in argv
+
+    def refusing() -> dict[str, Any] | None:
+        s = lab.reflector()
+        return s if not s["clusters"] and s.get("rejections") else None
+
+    status = wait_for(refusing, 30, "the reflector to know no cluster and refuse the agents")
+    assert any("unknown cluster" in r["reason"] for r in status["rejections"])
+
+    # -- 2. join --------------------------------------------------------------------------------
+    dry = lab.tool("join", "east", "--lab", lab.name, "--service-cidr", "10.96.0.0/20", "--dry-run")
+    node_cidrs = [ipaddress.IPv4Network(n["spec"]["podCIDR"])
+                  for n in json.loads(lab.kubectl("get", "nodes", "-o", "json").stdout)["items"]]  # fmt: skip
+    discovered = [str(n) for n in ipaddress.collapse_addresses(node_cidrs)]
+    assert "kind: Cluster" in dry.stdout and all(f"- {c}" in dry.stdout for c in discovered), dry.stdout
+    p = lab.tool("join", "east", "--lab", lab.name, "--service-cidr", "10.96.0.0/20", "--timeout", "60")
+    assert "pod CIDRs from the member's Nodes" in p.stderr and "2/2 nodes in sync" in p.stderr, p.stderr
+    lab.tool("join", "west", "--lab", lab.name, "--pod-cidr", "10.20.0.0/16", "--service-cidr", "10.97.0.0/20",
+             "--timeout", "60")
+    refl = {c["name"]: c for c in lab.reflector()["clusters"]}
+    assert set(refl) == {"east", "west"}
+    east_pods = set(refl["east"]["pod_cidrs"])
+    east_net = ipaddress.IPv4Network("10.10.0.0/16")
+    assert east_pods == set(discovered) and all(_in(c, east_net) for c in east_pods), east_pods
+    assert lab.condition("east", "Ready")["status"] == "True"
+    wait_for(lab.all_in_sync, 30, "every node in sync")
+    _check_ok(lab)
+    again = lab.tool("join", "west", "--lab", lab.name, "--pod-cidr", "10.20.0.0/16", "--service-cidr",
+                     "10.97.0.0/20")
+    assert "Cluster west unchanged" in again.stderr
+
+    # -- 3. kubectl patch takes effect -------------------------------------------------------------
+    lab.kubectl("patch", "clusters.kosmos.io", "east", "--type", "merge",
+                "-p", '{"spec":{"clusterLinkOptions":{"networkType":"gateway"}}}')
+    wait_for(lambda: {c["name"]: c["mode"] for c in lab.reflector()["clusters"]}.get("east") == "gateway", 30,
+             "east in gateway mode")
+    wait_for(lambda: any(ln["ifname"].startswith("vx-local") for ln in lab.ipj(lab.node_ns("east/e1"), "link")),
+             30, "vx-local on east/e1")
+    wait_for(lab.all_in_sync, 30, "in sync after the mode change")
+    _check_ok(lab)
+
+    lab.kubectl("patch", "clusters.kosmos.io", "west", "--type", "merge",
+                "-p", '{"spec":{"clusterLinkOptions":{"globalCIDRsMap":{"10.20.0.0/16":"172.21.0.0/16"}}}}')
+    glob = ipaddress.IPv4Network("172.21.0.0/16")
+    real = ipaddress.IPv4Network("10.20.0.0/16")
+
+    def routes_global() -> bool:
+        dsts = lab.fabric_routes("east/e2")
+        return any(_in(d, glob) for d in dsts) and not any(_in(d, real) for d in dsts)
+
+    wait_for(routes_global, 60, "east/e2 to route west by its global CIDR only")
+    wait_for(lab.all_in_sync, 60, "in sync after the mapping")
+    pods = lab.pods()
+    src = next(p for k, p in pods.items() if k.startswith("east/e1/"))
+    dst = next(p for k, p in pods.items() if k.startswith("west/w1/"))
+    dst_global = str(glob.network_address + (int(ipaddress.ip_address(dst["ip"])) - int(real.network_address)))
+    wait_for(lambda: lab.nsrun(src["netns"], "ping", "-c1", "-W1", dst_global, check=False).returncode == 0, 30,
+             f"east pod to reach west pod {dst['ip']} by its global IP {dst_global}")
+    lab.kubectl("patch", "clusters.kosmos.io", "west", "--type", "json",
+                "-p", '[{"op":"remove","path":"/spec/clusterLinkOptions/globalCIDRsMap"}]')
+    wait_for(lambda: any(_in(d, real) for d in lab.fabric_routes("east/e2")), 30, "real routes back")
+    wait_for(lab.all_in_sync, 60, "in sync after removing the mapping")
+    _check_ok(lab)
+
+    # -- 4. bad specs are reported and disturb nothing ----------------------------------------------
+    before = lab.planned_versions()
+    bad = [
+        ("bad-overlap", {"podCIDRs": ["10.10.0.0/16"]}, "spec.clusterLinkOptions.podCIDRs[0]", "Conflict"),
+        ("bad-size", {"podCIDRs": ["10.30.0.0/16"], "globalCIDRsMap": {"10.30.0.0/16": "172.30.0.0/24"}},
+         "spec.clusterLinkOptions.globalCIDRsMap[10.30.0.0/16]", "InvalidSpec"),
+        ("bad-type", {"podCIDRs": ["10.40.0.0/16"], "networkType": "vxlan"}, "spec.clusterLinkOptions.networkType",
+         "InvalidSpec"),
+    ]
+    docs = [{"apiVersion": "kosmos.io/v1alpha1", "kind": "Cluster", "metadata": {"name": n},
+             "spec": {"clusterLinkOptions": spec}} for n, spec, _f, _r in bad]  # fmt: skip
+    manifest = Path(f"/run/kosmos-fabric/lab/{lab.name}/bad-clusters.json")
+    manifest.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": docs}))
+    lab.kubectl("apply", "-f", str(manifest))
+    lab.kubectl("patch", "clusters.kosmos.io", "west", "--type", "merge",
+                "-p", '{"spec":{"clusterLinkOptions":{"networkType":"vxlan"}}}')
+    for name, _spec, field, reason in bad:
+        acc = wait_for(lambda n=name: lab.condition(n, "Accepted"), 30, f"status of {name}")  # type: ignore[misc]
+        assert (acc["status"], acc["reason"]) == ("False", reason), acc
+        conflicts = lab.cluster(name)["status"]["clusterLinkStatus"]["conflicts"]
+        assert field in [c["field"] for c in conflicts], conflicts
+    acc = wait_for(lambda: lab.condition("west", "Accepted").get("status") == "False", 30,
+                   "west's bad edit to be reported")
+    acc = lab.condition("west", "Accepted")
+    assert acc["reason"] == "InvalidSpecKeptPrevious" and "spec.clusterLinkOptions.networkType" in acc["message"]
+    assert {c["name"] for c in lab.reflector()["clusters"]} == {"east", "west"}
+    assert lab.planned_versions() == before, "a rejected Cluster changed somebody's plan"
+    _check_ok(lab)
+    lab.kubectl("delete", "-f", str(manifest))
+    lab.kubectl("patch", "clusters.kosmos.io", "west", "--type", "merge",
+                "-p", '{"spec":{"clusterLinkOptions":{"networkType":"p2p"}}}')
+    wait_for(lambda: lab.condition("west", "Accepted").get("status") == "True", 30, "west accepted again")
+
+    # -- 5. unjoin ------------------------------------------------------------------------------
+    lab.tool("unjoin", "west", "--lab", lab.name, "--timeout", "60")
+    assert {c["name"] for c in lab.reflector()["clusters"]} == {"east"}
+    assert lab.kubectl("get", "clusters.kosmos.io", "west", check=False).returncode != 0
+    for key in ("east/e1", "east/e2"):
+        dsts = lab.fabric_routes(key)
+        assert not any(_in(d, real) or _in(d, glob) for d in dsts), (key, dsts)
+    for key in ("west/w1", "west/w2"):
+        ns = lab.node_ns(key)
+        links = [ln["ifname"] for ln in lab.ipj(ns, "link")]
+        assert not [n for n in links if n.startswith("vx-")], (key, links)
+        assert lab.fabric_routes(key) == [], key
+        rules = lab.ipj(ns, "rule")
+        assert not [r for r in rules if str(r.get("table")) == str(objects.DEFAULT_TABLE)], rules
+    lab.tool("unjoin", "west", "--lab", lab.name, "--timeout", "30")  # idempotent
+
+    lab.tool("unjoin", "east", "--lab", lab.name, "--timeout", "60")
+    lab.tool("uninstall", "--lab", lab.name)
+    state = json.loads(Path(f"/run/kosmos-fabric/lab/{lab.name}/state.json").read_text())
+    assert "--config" in state["reflector"]["argv"]
+    assert lab.kubectl("get", "crd", "clusters.kosmos.io", check=False).returncode != 0
+    assert os.path.exists(f"/run/kosmos-fabric/lab/{lab.name}")

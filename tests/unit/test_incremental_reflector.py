@@ -1,0 +1,238 @@
+"""The reflector's incremental fan-out and coalescing, driven through its internals on a real
+event loop (no gRPC): sessions are the reflector's own ``_Session`` objects, and a small agent
+model decodes everything queued to them (snapshot chunks, END_OF_SNAPSHOT, deltas) with the
+real codec. Random batches of joins, leaves, disconnects (role moves), re-announcements, peer
+reports and configuration changes are applied; after every flush the plan the reflector holds
+for each node and the state each agent rebuilt from its messages must both equal
+``plan(topology, node)``, and every delta must be exactly ``diff_states(previous, new)``.
+Also here: ``Reflector.set_config`` and coalescing (a burst = one generation, one delta each).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+
+import pytest
+
+from fabric import types
+from fabric.control import codec, planner, reflector
+from tests.unit.test_incremental_planner import _cluster, random_config, random_node
+
+WINDOW = 0.002
+
+
+class Agent:
+    """What an agent would hold, rebuilt from the messages queued to its session."""
+
+    def __init__(self, session: reflector._Session) -> None:
+        self.session = session
+        self.chunks: dict[str, types.Entry] | None = {}
+        self.state: types.NodeState | None = None
+        self.version = -1
+        self.rejected = ""
+        self.closed = False
+        self.deltas: list[int] = []
+
+    def drain(self) -> None:
+        q = self.session.queue
+        while not q.empty():
+            msg = q.get_nowait()
+            if isinstance(msg, reflector._Close):
+                self.closed = True
+                continue
+            kind = msg.WhichOneof("message")
+            if kind == "snapshot":
+                assert self.chunks is not None, "snapshot chunk after END_OF_SNAPSHOT"
+                for e in msg.snapshot.entries:
+                    entry = codec.entry_from_pb(e)
+                    self.chunks[types.entry_key(entry)] = entry
+            elif kind == "end_of_snapshot":
+                assert self.chunks is not None, "second END_OF_SNAPSHOT"
+                self.state = types.NodeState.from_entries(self.chunks.values())
+                self.chunks = None
+                self.version = msg.end_of_snapshot.version
+            elif kind == "delta":
+                assert self.state is not None, "delta before END_OF_SNAPSHOT"
+                assert msg.delta.version > self.version
+                delta = codec.delta_from_pb(msg.delta)
+                new = types.apply_delta(self.state, delta)
+                assert delta == types.diff_states(self.state, new), "a delta that is not diff_states(old, new)"
+                assert all(k in self.state.entries() for k in delta.removals)
+                self.state, self.version = new, msg.delta.version
+                self.deltas.append(self.version)
+            elif kind == "rejected":
+                self.rejected = msg.rejected.reason
+            else:
+                assert kind == "keepalive", kind
+
+
+class Driver:
+    def __init__(self, refl: reflector.Reflector) -> None:
+        self.refl = refl
+        self.agents: dict[types.NodeKey, Agent] = {}
+
+    def announce(self, ann: types.NodeAnnouncement) -> Agent:
+        s = reflector._Session(ann.key, "test", 0.0)
+        agent = Agent(s)
+        if not self.refl._admit(ann, s):
+            self.agents[ann.key] = agent
+        return agent
+
+    def disconnect(self, key: types.NodeKey) -> None:
+        agent = self.agents.pop(key)
+        agent.session.close("test")
+        self.refl._session_ended(agent.session, "test")
+
+    async def settle(self) -> None:
+        await asyncio.sleep(WINDOW * 2)
+        while self.refl._flush_handle is not None:
+            await asyncio.sleep(WINDOW)
+
+    def check(self) -> None:
+        refl = self.refl
+        topo = refl.topology
+        assert refl._pending.nodes == topo.nodes, "changes left unflushed"
+        for node in topo.nodes:
+            want = planner.plan(topo, node.key)
+            assert refl._planner.state(node.key) == want, f"reflector's plan of {node.key} differs from plan()"
+            agent = self.agents.get(node.key)
+            if agent is not None and not agent.session.closed:
+                agent.drain()
+                assert agent.state == want, f"agent {node.key} does not hold plan()"
+                assert len(agent.deltas) == len(set(agent.deltas)), "two deltas for one generation"
+
+
+def _ops(rng: random.Random, d: Driver) -> None:
+    refl = d.refl
+    live = sorted(d.agents)
+    op = rng.random()
+    if op < 0.4 or not live:
+        d.announce(random_node(rng, refl.config))
+    elif op < 0.5:
+        key = rng.choice(live)
+        d.announce(random_node(rng, refl.config, variant=rng.randint(0, 2), key=key))
+    elif op < 0.6:
+        d.disconnect(rng.choice(live))  # stays in the topology (grace): roles move
+    elif op < 0.7:
+        gone = [n.key for n in refl._pending.nodes if n.key not in d.agents]
+        if gone:
+            refl._withdraw(rng.choice(gone))
+    elif op < 0.78:
+        away = [n for n in refl._pending.nodes if n.key not in d.agents]
+        if away:
+            d.announce(rng.choice(away))  # a reconnect with the same announcement
+    elif op < 0.95:
+        agent = d.agents[rng.choice(live)]
+        others = [n.key for n in refl._pending.nodes if n.key != agent.session.key]
+        refl._on_peer_report(agent.session, frozenset(rng.sample(others, min(len(others), rng.randint(0, 2)))))
+    else:
+        clusters = list(refl.config.clusters)
+        k = rng.randrange(len(clusters))
+        clusters[k] = dataclasses.replace(_cluster(rng, k), name=clusters[k].name)
+        refl.set_config(dataclasses.replace(refl.config, clusters=tuple(clusters)))
+        for key in [k for k, a in d.agents.items() if a.session.closed]:
+            d.agents[key].drain()
+            assert d.agents[key].rejected, "a session closed by a new configuration was not told why"
+            del d.agents[key]
+
+
+def test_reflector_state_and_deltas_equal_plan_over_random_batches() -> None:
+    async def body() -> None:
+        for seed in range(10):
+            rng = random.Random(1000 + seed)
+            refl = reflector.Reflector(random_config(rng), grace_period=100, startup_hold=0, coalesce_window=WINDOW)
+            d = Driver(refl)
+            for _ in range(20):
+                for _ in range(rng.randint(1, 4)):  # one batch: coalesced into (mostly) one flush
+                    _ops(rng, d)
+                await d.settle()
+                d.check()
+            await refl.stop(0)
+
+    asyncio.run(asyncio.wait_for(body(), 60))
+
+
+P2P = types.ClusterMode.P2P
+CONFIG = types.FabricConfig(clusters=(
+    types.ClusterConfig("east", P2P, ("10.10.0.0/16",), ("10.96.0.0/20",)),
+    types.ClusterConfig("west", P2P, ("10.20.0.0/16",)),
+))  # fmt: skip
+
+
+def _node(cluster: str, i: int) -> types.NodeAnnouncement:
+    third = 10 if cluster == "east" else 20
+    return types.NodeAnnouncement(cluster, f"{cluster[0]}{i}", f"198.18.{third}.{i}", (f"10.{third}.{i}.0/24",))
+
+
+def test_a_burst_of_announcements_is_one_generation_and_one_delta_each() -> None:
+    async def body() -> None:
+        refl = reflector.Reflector(CONFIG, grace_period=100, startup_hold=0, coalesce_window=0.05)
+        d = Driver(refl)
+        first = d.announce(_node("east", 1))
+        await d.settle()
+        first.drain()
+        assert refl.generation == 1 and first.state is not None
+        gen = refl.generation
+        burst = [d.announce(_node(c, i)) for c in ("east", "west") for i in range(2, 12)]
+        await d.settle()
+        assert refl.generation == gen + 1, "a burst of 20 announcements must be one generation"
+        d.check()
+        assert first.deltas == [gen + 1]  # one delta carrying all 20 joins
+        assert all(a.state is not None and a.version == gen + 1 for a in burst)
+        assert refl.flushes == 2
+        await refl.stop(0)
+
+    asyncio.run(asyncio.wait_for(body(), 10))
+
+
+def test_an_isolated_change_is_flushed_without_waiting_for_the_window() -> None:
+    async def body() -> None:
+        refl = reflector.Reflector(CONFIG, grace_period=100, startup_hold=0, coalesce_window=30.0)
+        d = Driver(refl)
+        d.announce(_node("east", 1))
+        await asyncio.sleep(0)  # one loop turn: the first change after a quiet period goes out at once
+        await asyncio.sleep(0)
+        assert refl.generation == 1
+        await refl.stop(0)
+
+    asyncio.run(asyncio.wait_for(body(), 10))
+
+
+def test_set_config_keeps_valid_nodes_withdraws_invalid_ones_and_sends_deltas() -> None:
+    async def body() -> None:
+        refl = reflector.Reflector(CONFIG, grace_period=100, startup_hold=0, coalesce_window=WINDOW)
+        d = Driver(refl)
+        e1, e2, w1 = d.announce(_node("east", 1)), d.announce(_node("east", 2)), d.announce(_node("west", 1))
+        await d.settle()
+        d.check()
+        gen = refl.generation
+        # east shrinks its pod range: e2 (10.10.2.0/24) no longer fits; west gains a service CIDR.
+        new = types.FabricConfig(clusters=(
+            types.ClusterConfig("east", P2P, ("10.10.0.0/23",), ("10.96.0.0/20",)),
+            types.ClusterConfig("west", P2P, ("10.20.0.0/16",), ("10.97.0.0/20",)),
+        ))  # fmt: skip
+        refl.set_config(new)
+        e2.drain()
+        assert e2.closed and "10.10.2.0/24 is outside cluster 'east'" in e2.rejected
+        del d.agents[e2.session.key]
+        await d.settle()
+        assert refl.config == new and refl.generation == gen + 1
+        assert [n.key for n in refl.topology.nodes] == [_node("east", 1).key, _node("west", 1).key]
+        d.check()  # e1 and w1 hold plan() under the new configuration, by deltas
+        assert e1.deltas == [gen + 1] and w1.deltas == [gen + 1]
+        assert any(e.dst == "10.97.0.0/20" for e in e1.state.routes)  # type: ignore[union-attr]
+        status = refl.status()
+        assert [r.source for r in status.rejections] == ["node east/e2 under the new fabric configuration"]
+        # An invalid configuration is refused as a whole and changes nothing.
+        bad = types.FabricConfig(clusters=(*new.clusters, types.ClusterConfig("west", P2P, ("10.30.0.0/16",))))
+        with pytest.raises(ValueError, match="cluster 'west': declared twice"):
+            refl.set_config(bad)
+        with pytest.raises(ValueError, match="not a CIDR"):
+            refl.set_config(types.FabricConfig(clusters=(types.ClusterConfig("x", P2P, ("10.0.0.0/33",)),)))
+        await d.settle()
+        assert refl.config == new and refl.generation == gen + 1
+        await refl.stop(0)
+
+    asyncio.run(asyncio.wait_for(body(), 10))
