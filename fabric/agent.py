@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Protocol
 
 from fabric import config as config_mod
-from fabric import health, logs, render, types, xlate_metrics
+from fabric import health, logs, nodeinfo, render, types, xlate_metrics
 from fabric import translator as translator_mod
 from fabric.control import client as control_client
 from fabric.netlink import dataplane as dataplane_mod
@@ -546,6 +546,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         rec.cleanup_all()
         _log.info("removed every kernel object the fabric owns")
         return 0
+    if cfg.in_cluster:
+        try:
+            facts = nodeinfo.facts_from_node(nodeinfo.read_node(cfg.node, cfg.kubeconfig))
+        except nodeinfo.NodeInfoError as e:
+            # The API server may simply not answer yet: exit non-zero, the DaemonSet retries.
+            print(f"fabric-agent: --in-cluster: {e}", file=sys.stderr)
+            return 1
+        cfg = config_mod.with_node_facts(cfg, facts)
+        _log.info("node %s from its Node object: underlay %s%s, pod CIDRs %s", cfg.node, cfg.underlay_ip,
+                  f" and {cfg.underlay_ip6}" if cfg.underlay_ip6 else "", ",".join(cfg.pod_cidrs))
     xlate_metrics.register(translator_mod.instance_name(cfg.cluster, cfg.node), Path(cfg.bpf_pin_root))
     try:
         agent = Agent(cfg, dp)

@@ -15,7 +15,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from fabric import logs, types
+from fabric import logs, nodeinfo, types
 from fabric.netlink import objects
 
 
@@ -44,6 +44,10 @@ class AgentConfig:
     #: Dual stack: the node's IPv6 underlay address when ``underlay_ip`` is IPv4 (vx-bridge-6 and
     #: vx-local-6 ride on it); "" for a single-stack node.
     underlay_ip6: str = ""
+    #: Take the underlay addresses and pod CIDRs from this node's Node object (a DaemonSet).
+    in_cluster: bool = False
+    #: With ``in_cluster``: a kubeconfig instead of the pod's service account (tests, debugging).
+    kubeconfig: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,6 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
         extra = f" (default: {default})" if default not in (None, "", ()) else ""
         p.add_argument(prm.flag, dest=prm.name, action="append" if prm.repeat else "store",
                        help=prm.help + extra, metavar=prm.flag.lstrip("-").upper().replace("-", "_"))
+    p.add_argument("--in-cluster", action="store_true",
+                   help="read --underlay-ip, --underlay-ip6 and --pod-cidr from this node's Node object "
+                        "(InternalIP addresses, spec.podCIDRs) when not given; for the DaemonSet")
+    p.add_argument("--kubeconfig", default="", metavar="FILE",
+                   help="with --in-cluster: use FILE instead of the pod's service account")
     p.add_argument("--cleanup", action="store_true",
                    help="remove every link, route, nexthop, rule, neighbour and FDB entry the fabric owns, and the "
                    "translator's tc filters (and, given --cluster and --node, its pinned maps), then exit")
@@ -193,6 +202,8 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     ns = build_parser().parse_args(argv)
     values: dict[str, Any] = {}
     cleanup = bool(ns.cleanup)
+    in_cluster = bool(ns.in_cluster)
+    from_node = {"underlay_ip", "pod_cidrs"} if in_cluster else set()
     for prm in PARAMS:
         raw = getattr(ns, prm.name)
         source = f"flag {prm.flag}"
@@ -201,7 +212,7 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             raw = [s.strip() for s in env[env_name].split(",") if s.strip()] if prm.repeat else env[env_name]
             source = f"environment variable {env_name}"
         if raw is None:
-            if prm.required and not cleanup:
+            if prm.required and not cleanup and prm.name not in from_node:
                 raise ConfigError(f"{prm.flag} is required ({prm.help}); set the flag or {env_name}")
             continue
         try:
@@ -214,7 +225,14 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         values.setdefault("node", "")
         values.setdefault("underlay_ip", "")
         values.setdefault("pod_cidrs", ())
+    if in_cluster:
+        values.setdefault("underlay_ip", "")
+        values.setdefault("pod_cidrs", ())
+    if ns.kubeconfig and not in_cluster:
+        raise ConfigError(f"--kubeconfig {ns.kubeconfig}: only meaningful with --in-cluster")
     values["cleanup"] = cleanup
+    values["in_cluster"] = in_cluster
+    values["kubeconfig"] = ns.kubeconfig
     cfg = AgentConfig(**values)
     if cfg.underlay_ip6:
         if ipaddress.ip_address(cfg.underlay_ip6).version != 6:
@@ -225,6 +243,16 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
                 "--underlay-ip6 only with an IPv4 --underlay-ip)"
             )
     return cfg
+
+
+def with_node_facts(cfg: AgentConfig, facts: nodeinfo.NodeFacts) -> AgentConfig:
+    """``cfg`` completed from the Node object: flags given explicitly win."""
+    return dataclasses.replace(
+        cfg,
+        underlay_ip=cfg.underlay_ip or facts.underlay_ip,
+        underlay_ip6=cfg.underlay_ip6 or ("" if cfg.underlay_ip else facts.underlay_ip6),
+        pod_cidrs=cfg.pod_cidrs or facts.pod_cidrs,
+    )
 
 
 def announcement(cfg: AgentConfig, underlay_mtu: int) -> types.NodeAnnouncement:

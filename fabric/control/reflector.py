@@ -1039,7 +1039,8 @@ def _log_level(text: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """fabric-reflector's flags (also read by the manifests' test: every flag they pass exists)."""
     p = argparse.ArgumentParser(
         prog="fabric-reflector",
         description="Route reflector of the Kosmos fabric: plans every node's tunnels and routes and streams them.",
@@ -1095,6 +1096,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--log-level", default="info", type=_log_level, help="debug, info, warning or error (default: info)")
     p.add_argument("--metrics-listen", metavar="ADDR:PORT", help="serve Prometheus metrics here (default: off)")
+    return p
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.keepalive_interval <= 0:
         p.error(f"--keepalive-interval {args.keepalive_interval:g}: must be positive")

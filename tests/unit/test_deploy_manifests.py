@@ -549,3 +549,28 @@ def test_dockerfile_is_consistent_with_the_repository() -> None:
     ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
     for src in copied:
         assert f"!{src}/" in ignore or f"!{src}" in ignore, f"{src} is excluded from the build context"
+
+
+def test_every_flag_the_manifests_pass_exists() -> None:
+    """The DaemonSet and the Deployment start our real binaries: every ``--flag`` they pass
+    must be one the program's own parser knows (a typo would crash-loop every node)."""
+    from fabric import config as agent_config
+    from fabric.control import reflector as reflector_mod
+
+    def flags(parser: Any) -> set[str]:
+        return {s for a in parser._actions for s in a.option_strings}
+
+    known = {"fabric-agent": flags(agent_config.build_parser()),
+             "fabric-reflector": flags(reflector_mod.build_parser())}
+    seen = 0
+    for f in (REPO / "deploy" / "base").rglob("*.yaml"):
+        for doc in yaml.safe_load_all(f.read_text()):
+            if not isinstance(doc, dict) or doc.get("kind") not in ("DaemonSet", "Deployment"):
+                continue
+            for c in doc["spec"]["template"]["spec"]["containers"]:
+                prog = c["command"][0]
+                for arg in c.get("args", []):
+                    flag = arg.split("=", 1)[0]
+                    assert flag in known[prog], f"{f.name}: {prog} has no flag {flag}"
+                    seen += 1
+    assert seen >= 8
