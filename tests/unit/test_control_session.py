@@ -151,13 +151,17 @@ def test_snapshot_then_proportional_deltas_on_join() -> None:
         async with harness() as h:
             s_e1, r_e1 = h.agent(E1)
             s_w1, r_w1 = h.agent(W1)
-            await wait_for(lambda: h.reflector.generation == 2 and r_e1.count("snapshot") + r_w1.count("snapshot") == 2)
+            # Two joins close together may be coalesced into one generation (or not): 1 or 2.
+            await wait_for(
+                lambda: h.reflector.generation in (1, 2) and r_e1.count("snapshot") + r_w1.count("snapshot") == 2
+            )
             # Each side may have got its snapshot before or after the other joined; either way
             # its state is now the full plan for both nodes.
             await wait_for(lambda: s_e1.state == expected(E1, W1, key=E1.key), what="e1 converged")
             await wait_for(lambda: s_w1.state == expected(E1, W1, key=W1.key), what="w1 converged")
             assert r_e1.events[0] == ("connection", (True, f"connected to {h.target}"))
             before = {k: h.node(k).counters for k in ("east/e1", "west/w1")}
+            generation = h.reflector.generation
 
             s_e2, r_e2 = h.agent(E2)
             await wait_for(lambda: r_e2.count("snapshot") == 1, what="e2 snapshot")
@@ -179,7 +183,7 @@ def test_snapshot_then_proportional_deltas_on_join() -> None:
             )
             assert r_e1.count("snapshot") == 1 and r_w1.count("snapshot") == 1
             delta, version = r_w1.last("delta")
-            assert version == h.reflector.generation == 3
+            assert version == h.reflector.generation == generation + 1  # the join: one generation
             assert {types.entry_key(e) for e in delta.upserts} == {"peer/vx-bridge/100.82.0.12", "route/10.10.2.0/24"}
             assert delta.removals == ()
 
