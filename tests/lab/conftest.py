@@ -13,8 +13,11 @@ Every test tolerates running after the others: each one restores what it breaks.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -48,6 +51,35 @@ def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+class Ping:
+    """A 10 ms ICMP ping (``family`` 4 or 6) from one pod to another, with the kernel timestamp
+    of every reply: the measure of an outage is the largest gap between replies."""
+
+    def __init__(self, lab: Lab, src: str, dst: str, duration_s: int, family: int = 4) -> None:
+        pods = lab.pods()
+        target = pods[dst]["ip"] if family == 4 else pods[dst]["ip6"]
+        self._proc = subprocess.Popen(
+            ["ip", "netns", "exec", pods[src]["netns"], "ping", f"-{family}", "-n", "-D", "-i", "0.01", "-W", "1",
+             "-w", str(duration_s), target],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+
+    def stop(self) -> list[float]:
+        """Reply times (epoch seconds). Stops the ping if it still runs."""
+        with contextlib.suppress(ProcessLookupError):
+            self._proc.send_signal(signal.SIGINT)
+        out, _ = self._proc.communicate(timeout=30)
+        return [float(m.group(1)) for m in re.finditer(r"^\[(\d+\.\d+)\].*icmp_seq=", out, re.M)]
+
+
+def largest_gap(replies: list[float], start: float, end: float) -> float:
+    """Longest time without a reply inside [start, end] (epoch seconds)."""
+    inside = [t for t in replies if start <= t <= end]
+    assert inside, "no replies at all in the window"
+    points = [start, *inside, end]
+    return max(b - a for a, b in itertools.pairwise(points))
 
 
 class Lab:

@@ -16,8 +16,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import re
-import signal
 import subprocess
 import sys
 import time
@@ -28,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from tests.lab.conftest import REPO, Lab, _root_links, assert_lab_gone, lab_pids, wait_for
+from tests.lab.conftest import REPO, Lab, Ping, _root_links, assert_lab_gone, lab_pids, largest_gap, wait_for
 
 TOPOLOGY = REPO / "examples" / "dualstack.yaml"
 MAX_OUTAGE_S = 3.0
@@ -136,31 +134,6 @@ def test_per_family_devices_and_mtu(dslab: Lab) -> None:
     assert "vx-bridge" in v4only and "vx-bridge-6" not in v4only
 
 
-class Ping6:
-    """A 10 ms ``ping -6`` from one pod to another's IPv6 address, with reply timestamps."""
-
-    def __init__(self, lab: Lab, src: str, dst: str, duration_s: int) -> None:
-        pods = lab.pods()
-        self._proc = subprocess.Popen(
-            ["ip", "netns", "exec", pods[src]["netns"], "ping", "-6", "-n", "-D", "-i", "0.01", "-W", "1",
-             "-w", str(duration_s), pods[dst]["ip6"]],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
-
-    def stop(self) -> list[float]:
-        with contextlib.suppress(ProcessLookupError):
-            self._proc.send_signal(signal.SIGINT)
-        out, _ = self._proc.communicate(timeout=30)
-        return [float(m.group(1)) for m in re.finditer(r"^\[(\d+\.\d+)\].*icmp_seq=", out, re.M)]
-
-
-def _largest_gap(replies: list[float], start: float, end: float) -> float:
-    inside = [t for t in replies if start <= t <= end]
-    assert inside, "no replies at all in the window"
-    points = [start, *inside, end]
-    return max(b - a for a, b in itertools.pairwise(points))
-
-
 def test_gateway_failover_for_ipv6_traffic(dslab: Lab) -> None:
     # IPv6-only P2P pod -> pod on an internal node of the dual-stack gateway cluster: the traffic
     # crosses dsgw's active gateway over vx-bridge-6 and vx-local-6; v6only's nodes probe dsgw's
@@ -168,7 +141,7 @@ def test_gateway_failover_for_ipv6_traffic(dslab: Lab) -> None:
     src, dst = "v6only/c1/p0", "dsgw/b3/p0"
     dsgw = _clusters(dslab)["dsgw"]
     active, standby = dsgw["active_gateway"], dsgw["standby_gateway"]
-    ping = Ping6(dslab, src, dst, duration_s=25)
+    ping = Ping(dslab, src, dst, duration_s=25, family=6)
     time.sleep(1.5)
     cut_at = time.time()
     dslab.lab("fail", f"dsgw/{active}")
@@ -180,7 +153,7 @@ def test_gateway_failover_for_ipv6_traffic(dslab: Lab) -> None:
         dslab.lab("heal", f"dsgw/{active}")
     time.sleep(2.0)
     replies = ping.stop()
-    outage = _largest_gap(replies, cut_at, heal_at)
+    outage = largest_gap(replies, cut_at, heal_at)
     print(f"\nIPv6 failover of dsgw/{active} -> dsgw/{standby}: outage {outage * 1000:.0f} ms "
           "(largest gap in a 10 ms ping -6)")  # fmt: skip
     assert replies and replies[-1] > heal_at, "IPv6 traffic did not resume"

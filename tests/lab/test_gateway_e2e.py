@@ -11,12 +11,9 @@ The failover test PRINTS the measured outage (run pytest with -s to see it) and 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import os
-import re
 import signal
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.lab.conftest import REPO, Lab, _root_links, assert_lab_gone, lab_pids, wait_for
+from tests.lab.conftest import REPO, Lab, Ping, _root_links, assert_lab_gone, lab_pids, largest_gap, wait_for
 
 TOPOLOGY = REPO / "examples" / "gateway.yaml"
 #: Fail the failover test above this (the issue's bound); the target is 1 s.
@@ -51,33 +48,6 @@ def gwlab() -> Iterator[Lab]:
 
 def _clusters(lab: Lab) -> dict[str, dict[str, Any]]:
     return {c["name"]: c for c in lab.status()["clusters"]}
-
-
-class Ping:
-    """A 10 ms ICMP ping from one pod to another, with kernel timestamps of every reply."""
-
-    def __init__(self, lab: Lab, src: str, dst: str, duration_s: int) -> None:
-        pods = lab.pods()
-        self._proc = subprocess.Popen(
-            ["ip", "netns", "exec", pods[src]["netns"], "ping", "-n", "-D", "-i", "0.01", "-W", "1",
-             "-w", str(duration_s), pods[dst]["ip"]],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
-
-    def stop(self) -> list[float]:
-        """Reply times (epoch seconds). Stops the ping if it still runs."""
-        with contextlib.suppress(ProcessLookupError):
-            self._proc.send_signal(signal.SIGINT)
-        out, _ = self._proc.communicate(timeout=30)
-        return [float(m.group(1)) for m in re.finditer(r"^\[(\d+\.\d+)\].*icmp_seq=", out, re.M)]
-
-
-def _largest_gap(replies: list[float], start: float, end: float) -> float:
-    """Longest time without a reply inside [start, end] (epoch seconds)."""
-    inside = [t for t in replies if start <= t <= end]
-    assert inside, "no replies at all in the window"
-    points = [start, *inside, end]
-    return max(b - a for a, b in itertools.pairwise(points))
 
 
 def test_check_services_and_host_network_pass_every_pair(gwlab: Lab) -> None:
@@ -116,8 +86,8 @@ def test_cutting_the_active_gateway_fails_over_fast_and_heal_does_not_flap(gwlab
     time.sleep(5.0)
     end = time.time()
     replies = ping.stop()
-    outage = _largest_gap(replies, cut_at, heal_at)
-    after_heal = _largest_gap(replies, heal_at, end)
+    outage = largest_gap(replies, cut_at, heal_at)
+    after_heal = largest_gap(replies, heal_at, end)
     print(f"\nfailover of west/{active} -> west/{standby}: outage {outage * 1000:.0f} ms "
           f"(largest gap in a 10 ms ping); after heal: largest gap {after_heal * 1000:.0f} ms")  # fmt: skip
     assert replies and replies[-1] > heal_at, "traffic did not resume"
@@ -140,7 +110,7 @@ def test_killing_the_gateway_agent_causes_no_outage(gwlab: Lab) -> None:
     time.sleep(4.0)
     end = time.time()
     replies = ping.stop()
-    gap = _largest_gap(replies, start, end)
+    gap = largest_gap(replies, start, end)
     print(f"\nagent of the active gateway west/{active} killed: largest gap {gap * 1000:.0f} ms")
     assert gap < NO_OUTAGE_S, f"killing only the agent interrupted traffic for {gap:.3f} s"
     gwlab.lab("start-agent", f"west/{active}")
