@@ -223,10 +223,13 @@ def test_killed_tunnel_shows_loss_and_state_down_then_recovers(olab: Lab, tmp_pa
     lost_before = metric(scrape(olab, "east/e1"), "fabric_agent_probes_lost_total", cluster="west")
     olab.lab("fail", "west/w1")
     try:
-        s = wait_for(lambda: (s := scrape(olab, "east/e1")) and metric(s, "fabric_agent_tunnel_up", cluster="west")
-                     == 0 and s, 15, "the tunnel to west to be down on east/e1")  # fmt: skip
-        assert metric(s, "fabric_agent_probes_lost_total", cluster="west") > lost_before
-        assert metric(s, "fabric_agent_tunnel_peer_up", peer="west/w1") == 0
+        def down_with_loss() -> bool:
+            s = scrape(olab, "east/e1")
+            return (metric(s, "fabric_agent_tunnel_up", cluster="west") == 0
+                    and metric(s, "fabric_agent_tunnel_peer_up", peer="west/w1") == 0
+                    and metric(s, "fabric_agent_probes_lost_total", cluster="west") > lost_before)
+
+        wait_for(down_with_loss, 15, "the tunnel to west to be down on east/e1, with probes lost")
         wait_for(lambda: metric(scrape(olab, "east/e1"), "fabric_agent_probe_loss_ratio", cluster="west") > 0.5, 15,
                  "the loss ratio to rise")  # fmt: skip
         rc, out = trace(olab, "east/e1/p0", "west/w3/p0")
