@@ -7,8 +7,8 @@ namespace), writes the destinations as JSON on stdin, and reads one JSON documen
     stdout: {"results": [{"dst_ip": "10.10.0.3", "proto": "icmp", "ok": true, "rtt_ms": 0.08,
                           "sent": 1, "received": 1, "error": null}, ...]}
 
-How a probe works: echo requests (IPv4 ones built with scapy) are sent through one raw ICMP
-socket per family (the kernel routes them exactly as it routes pod traffic); every request carries this worker's ICMP
+How a probe works: echo requests are built with scapy and sent through one raw ICMP socket (the
+kernel routes them exactly as it routes pod traffic); every request carries this worker's ICMP
 id and a sequence number that indexes (destination, attempt). All requests go out first, then
 replies are collected until every one is answered or the timeout passes, so a worker takes
 about one RTT when everything works and ``timeout`` when something does not. The raw socket
@@ -19,22 +19,22 @@ are reported as the reason instead of a bare timeout.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import ipaddress
 import json
 import logging
 import os
 import random
 import select
 import socket
-import struct
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 _log = logging.getLogger(__name__)
+
+_ICMP_ERRORS = {3: "destination unreachable", 11: "time exceeded"}
+
 
 @dataclasses.dataclass
 class ProbeResult:
@@ -47,130 +47,82 @@ class ProbeResult:
     error: str | None
 
 
-#: ICMP error types reported as the reason of a failed probe, per family (RFC 792, RFC 4443).
-_ERRORS = {
-    4: {3: "destination unreachable", 11: "time exceeded"},
-    6: {1: "destination unreachable", 3: "time exceeded"},
-}
-_PAYLOAD = b"kosmos-fabric-check"
-
-
-@dataclasses.dataclass(frozen=True)
-class _Seen:
-    """One received ICMP message, reduced to what matching needs."""
-
-    kind: str  # "reply" or "error"
-    ident: int
-    seq: int
-    src: str
-    reason: str = ""
-
-
-def _echo4(ident: int, seq: int) -> bytes:
-    from scapy.layers.inet import ICMP
-
-    return bytes(ICMP(type=8, code=0, id=ident, seq=seq) / _PAYLOAD)
-
-
-def _parse4(data: bytes, _addr: Any) -> _Seen | None:
-    """An IPv4 raw socket hands over the whole datagram; scapy parses it, including the request
-    an ICMP error quotes."""
-    from scapy.layers.inet import ICMP, IP, IPerror
-
-    ip = IP(data)
-    if ICMP not in ip:
-        return None
-    icmp = ip[ICMP]
-    if icmp.type == 0:
-        return _Seen("reply", icmp.id, icmp.seq, ip.src)
-    if icmp.type in _ERRORS[4] and IPerror in ip:
-        quoted = ip[IPerror].payload
-        qid, qseq = getattr(quoted, "id", None), getattr(quoted, "seq", None)
-        if isinstance(qid, int) and isinstance(qseq, int):
-            return _Seen("error", qid, qseq, ip.src, f"{_ERRORS[4][icmp.type]} (code {icmp.code}) from {ip.src}")
-    return None
-
-
-def _echo6(ident: int, seq: int) -> bytes:
-    # The kernel fills in the ICMPv6 checksum on raw ICMPv6 sockets.
-    return struct.pack("!BBHHH", 128, 0, 0, ident, seq) + _PAYLOAD
-
-
-def _parse6(data: bytes, addr: Any) -> _Seen | None:
-    """An ICMPv6 raw socket hands over the message without the IPv6 header; the source comes
-    from ``recvfrom``. An error quotes our request: IPv6 header (40 bytes), then our echo."""
-    if len(data) < 8:
-        return None
-    icmp_type, code, _csum, rid, seq = struct.unpack("!BBHHH", data[:8])
-    src = str(addr[0]).partition("%")[0]
-    if icmp_type == 129:
-        return _Seen("reply", rid, seq, src)
-    if icmp_type in _ERRORS[6] and len(data) >= 8 + 40 + 8:
-        qtype, _qc, _qs, qid, qseq = struct.unpack("!BBHHH", data[48:56])
-        if qtype == 128:
-            return _Seen("error", qid, qseq, src, f"{_ERRORS[6][icmp_type]} (code {code}) from {src}")
-    return None
-
-
-_FAMILIES: dict[int, tuple[int, int, Callable[[int, int], bytes], Callable[[bytes, Any], _Seen | None]]] = {
-    4: (socket.AF_INET, socket.IPPROTO_ICMP, _echo4, _parse4),
-    6: (socket.AF_INET6, socket.IPPROTO_ICMPV6, _echo6, _parse6),
-}
-
-
 def probe_icmp(targets: Sequence[str], timeout_s: float, count: int = 1) -> list[ProbeResult]:
-    """ICMP-echo every target ``count`` times (IPv4 and IPv6 alike, all in flight together); a
-    target passes if any echo is answered. The results keep the input order."""
+    """ICMP-echo every target ``count`` times; a target passes if any echo is answered. IPv6
+    targets go through :func:`probe_icmp6` (dual stack); the results keep the input order."""
+    v6 = [i for i, t in enumerate(targets) if ":" in t]
+    if v6:
+        v4 = [i for i in range(len(targets)) if i not in set(v6)]
+        merged: dict[int, ProbeResult] = {}
+        for idx, res in zip(v6, probe_icmp6([targets[i] for i in v6], timeout_s, count), strict=True):
+            merged[idx] = res
+        if v4:
+            for idx, res in zip(v4, probe_icmp([targets[i] for i in v4], timeout_s, count), strict=True):
+                merged[idx] = res
+        return [merged[i] for i in range(len(targets))]
+    return _probe_icmp4(targets, timeout_s, count)
+
+
+#: ICMPv6 error types (RFC 4443) reported as the reason of a failed probe.
+_ICMP6_ERRORS = {1: "destination unreachable", 3: "time exceeded"}
+
+
+def probe_icmp6(targets: Sequence[str], timeout_s: float, count: int = 1) -> list[ProbeResult]:
+    """ICMPv6-echo every target ``count`` times, as :func:`probe_icmp` does for IPv4. One raw
+    ICMPv6 socket: the kernel fills the checksum and delivers messages without the IPv6 header
+    (the source comes from ``recvfrom``). Errors quoting one of our requests name the reason."""
+    import struct
+
     if len(targets) * count > 0xFFFF:
         raise ValueError(f"{len(targets)} targets x {count} probes do not fit in 16-bit ICMP sequence numbers")
     ident = random.randrange(1, 0xFFFF)
-    addrs = [ipaddress.ip_address(t) for t in targets]
     sent_at: dict[int, float] = {}
     rtts: dict[int, list[float]] = {i: [] for i in range(len(targets))}
     errors: dict[int, str] = {}
     sent = dict.fromkeys(range(len(targets)), 0)
-    with contextlib.ExitStack() as stack:
-        socks = {
-            v: stack.enter_context(socket.socket(_FAMILIES[v][0], socket.SOCK_RAW, _FAMILIES[v][1]))
-            for v in sorted({a.version for a in addrs})
-        }
-        for i, addr in enumerate(addrs):
+    payload = b"kosmos-fabric-check"
+    canon = [socket.inet_ntop(socket.AF_INET6, socket.inet_pton(socket.AF_INET6, t)) for t in targets]
+    with socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6) as sock:
+        for i, dst in enumerate(targets):
             for k in range(count):
                 seq = i * count + k
                 try:
                     sent_at[seq] = time.monotonic()
-                    socks[addr.version].sendto(_FAMILIES[addr.version][2](ident, seq), (str(addr), 0))
+                    sock.sendto(struct.pack("!BBHHH", 128, 0, 0, ident, seq) + payload, (dst, 0))
                     sent[i] += 1
                 except OSError as e:
                     del sent_at[seq]
                     errors[i] = f"send failed: {e.strerror or e}"
-        family_of = {sock: v for v, sock in socks.items()}
         deadline = time.monotonic() + timeout_s
         while sent_at:
             left = deadline - time.monotonic()
-            ready = select.select(list(socks.values()), [], [], left)[0] if left > 0 else []
+            if left <= 0:
+                break
+            ready, _, _ = select.select([sock], [], [], left)
             if not ready:
                 break
-            for sock in ready:
-                data, peer = sock.recvfrom(65535)
-                now = time.monotonic()
-                seen = _FAMILIES[family_of[sock]][3](data, peer)
-                # The raw socket sees every ICMP message of the namespace: match id, sequence,
-                # and (for replies) the address we sent to.
-                if seen is None or seen.ident != ident or seen.seq not in sent_at:
-                    continue
-                i = seen.seq // count
-                if seen.kind == "reply":
-                    if ipaddress.ip_address(seen.src) != addrs[i]:
-                        continue  # someone else's reply with a colliding id: not ours
-                    rtts[i].append((now - sent_at.pop(seen.seq)) * 1000.0)
-                else:
-                    errors[i] = seen.reason
-                    sent_at.pop(seen.seq)
+            data, addr = sock.recvfrom(65535)
+            now = time.monotonic()
+            if len(data) < 8:
+                continue
+            icmp_type, code, _csum, rid, seq = struct.unpack("!BBHHH", data[:8])
+            src = str(addr[0]).partition("%")[0]
+            if icmp_type == 129 and rid == ident and seq in sent_at:
+                i = seq // count
+                if src != canon[i]:
+                    continue  # someone else's reply with a colliding id: not ours
+                rtts[i].append((now - sent_at.pop(seq)) * 1000.0)
+            elif icmp_type in _ICMP6_ERRORS and len(data) >= 8 + 40 + 8:
+                # The error quotes our request: IPv6 header (40 bytes), then our echo header.
+                qtype, _qc, _qs, qid, qseq = struct.unpack("!BBHHH", data[48:56])
+                if qtype == 128 and qid == ident and qseq in sent_at:
+                    i = qseq // count
+                    errors[i] = f"{_ICMP6_ERRORS[icmp_type]} (code {code}) from {src}"
+                    sent_at.pop(qseq)
     return [
         ProbeResult(
             dst_ip=dst,
-            proto="icmp" if addrs[i].version == 4 else "icmp6",
+            proto="icmp6",
             ok=bool(rtts[i]),
             rtt_ms=round(min(rtts[i]), 3) if rtts[i] else None,
             sent=sent[i],
@@ -179,6 +131,80 @@ def probe_icmp(targets: Sequence[str], timeout_s: float, count: int = 1) -> list
         )
         for i, dst in enumerate(targets)
     ]
+
+
+def _probe_icmp4(targets: Sequence[str], timeout_s: float, count: int = 1) -> list[ProbeResult]:
+    """:func:`probe_icmp` for IPv4 targets (scapy builds and parses the packets)."""
+    from scapy.layers.inet import ICMP, IP, IPerror
+
+    if len(targets) * count > 0xFFFF:
+        raise ValueError(f"{len(targets)} targets x {count} probes do not fit in 16-bit ICMP sequence numbers")
+    ident = random.randrange(1, 0xFFFF)
+    sent_at: dict[int, float] = {}
+    rtts: dict[int, list[float]] = {i: [] for i in range(len(targets))}
+    errors: dict[int, str] = {}
+    sent = dict.fromkeys(range(len(targets)), 0)
+    payload = b"kosmos-fabric-check"
+
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as sock:
+        for i, dst in enumerate(targets):
+            for k in range(count):
+                seq = i * count + k
+                pkt = ICMP(type=8, code=0, id=ident, seq=seq) / payload
+                try:
+                    sent_at[seq] = time.monotonic()
+                    sock.sendto(bytes(pkt), (dst, 0))
+                    sent[i] += 1
+                except OSError as e:
+                    del sent_at[seq]
+                    errors[i] = f"send failed: {e.strerror or e}"
+        deadline = time.monotonic() + timeout_s
+        while sent_at:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            ready, _, _ = select.select([sock], [], [], left)
+            if not ready:
+                break
+            data = sock.recv(65535)
+            now = time.monotonic()
+            ip = IP(data)
+            if ICMP not in ip:
+                continue
+            icmp = ip[ICMP]
+            if icmp.type == 0 and icmp.id == ident and icmp.seq in sent_at:
+                i = icmp.seq // count
+                if ip.src != targets[i]:
+                    continue  # someone else's reply with a colliding id: not ours
+                rtts[i].append((now - sent_at.pop(icmp.seq)) * 1000.0)
+            elif icmp.type in _ICMP_ERRORS and IPerror in ip:
+                # The error quotes our original request: find which one it was.
+                quoted = ip[IPerror].payload
+                qid, qseq = getattr(quoted, "id", None), getattr(quoted, "seq", None)
+                if qid == ident and qseq in sent_at:
+                    i = qseq // count
+                    errors[i] = f"{_ICMP_ERRORS[icmp.type]} (code {icmp.code}) from {ip.src}"
+                    sent_at.pop(qseq)
+
+    out = []
+    for i, dst in enumerate(targets):
+        got = rtts[i]
+        ok = bool(got)
+        err = None
+        if not ok:
+            err = errors.get(i) or f"no reply within {timeout_s:g} s ({sent[i]} sent)"
+        out.append(
+            ProbeResult(
+                dst_ip=dst,
+                proto="icmp",
+                ok=ok,
+                rtt_ms=round(min(got), 3) if got else None,
+                sent=sent[i],
+                received=len(got),
+                error=err,
+            )
+        )
+    return out
 
 
 def parse_request(doc: Any) -> tuple[list[str], float, int]:
