@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import ipaddress
+import sys
 from collections.abc import Iterable, Mapping
 
 #: Inter-cluster vxlan device (Kosmos-compatible name, VNI and UDP port).
@@ -335,17 +336,21 @@ HAIRPIN_DEVICE = "kf-hairpin"
 
 
 def entry_key(entry: Entry) -> str:
-    """Stable identity of an entry: two entries with the same key replace each other."""
+    """Stable identity of an entry: two entries with the same key replace each other.
+
+    Interned: the reflector keeps every node's plan keyed by these, and in a P2P fabric of N
+    nodes the same N keys appear in N plans; one shared string per key instead of N copies
+    was most of the reflector's memory per node."""
     if isinstance(entry, VxlanDevice):
-        return f"device/{entry.name}"
+        return sys.intern(f"device/{entry.name}")
     if isinstance(entry, Peer):
-        return f"peer/{entry.device}/{entry.overlay_ip}"
+        return sys.intern(f"peer/{entry.device}/{entry.overlay_ip}")
     if isinstance(entry, RouteEntry):
-        return f"route/{entry.dst}"
+        return sys.intern(f"route/{entry.dst}")
     if isinstance(entry, Translation):
-        return f"translation/{entry.local}"
+        return sys.intern(f"translation/{entry.local}")
     if isinstance(entry, Program):
-        return f"program/{entry.device}/{entry.point}"
+        return sys.intern(f"program/{entry.device}/{entry.point}")
     raise TypeError(f"not a NodeState entry: {entry!r}")
 
 

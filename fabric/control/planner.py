@@ -85,12 +85,14 @@ reference the parts are tested against.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import functools
 import hashlib
 import ipaddress
 import logging
 from collections.abc import Callable, Collection, Iterable, Mapping
+from typing import Any
 
 from fabric import types
 
@@ -163,15 +165,168 @@ def tunnel_mtu(underlay_ip: str, underlay_mtu: int) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def validate_announcement(topology: types.Topology, ann: types.NodeAnnouncement) -> list[str]:
+#: Every tunnel device a node may get; MAC collisions are indexed for all of them.
+_ALL_DEVICES = tuple(dev for f in (4, 6) for dev in (types.bridge_device(f), types.local_device(f)))
+#: Overlay address kinds: (name, the CIDR it is derived from).
+_OVERLAY_KINDS: tuple[tuple[str, Callable[[types.FabricConfig, str], str | None]], ...] = (
+    ("bridge", bridge_cidr_for),
+    ("local", local_cidr_for),
+)
+
+
+class NodeIndex:
+    """The nodes of a topology, indexed by everything :func:`validate_announcement` compares a
+    new announcement with: underlay addresses, derived overlay addresses, device MACs and pod
+    CIDRs (by prefix length, so overlaps are found by lookups and bisection).
+
+    Why: checking one announcement against every other node is O(nodes), so a bring-up of N
+    nodes cost O(N^2) (at 10,000 nodes, minutes of the reflector's event loop). With the index
+    one check costs O(own items x log nodes). The reflector keeps one index next to its pending
+    topology and updates it with every admission and withdrawal; other callers let
+    :func:`validate_announcement` build one. Overlay addresses depend on the configuration's
+    bridge/local CIDRs, so an index belongs to one configuration (a new one means a new index).
+    """
+
+    def __init__(self, config: types.FabricConfig, nodes: Iterable[types.NodeAnnouncement] = ()) -> None:
+        self.config = config
+        self.nodes: dict[types.NodeKey, types.NodeAnnouncement] = {}
+        self._underlay: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, set[types.NodeKey]] = {}
+        self._overlay: dict[tuple[str, str, str], set[types.NodeKey]] = {}
+        self._mac: dict[tuple[str, str], set[types.NodeKey]] = {}
+        #: (version, prefix length) -> sorted network addresses (as ints) of the pod CIDRs.
+        self._pod_starts: dict[tuple[int, int], list[int]] = {}
+        #: (version, prefix length, network int) -> (node, position in its pod_cidrs, CIDR text).
+        self._pod_owners: dict[tuple[int, int, int], list[tuple[types.NodeKey, int, str]]] = {}
+        for n in nodes:
+            self.add(n)
+
+    @classmethod
+    def of(cls, topology: types.Topology) -> NodeIndex:
+        return cls(topology.config, topology.nodes)
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def _items(self, n: types.NodeAnnouncement) -> tuple[
+        list[tuple[dict[Any, set[types.NodeKey]], Any]], list[tuple[int, int, int, int, str]]
+    ]:
+        """The index slots of ``n``: (table, slot key) pairs, and its pod CIDRs as
+        (version, prefix length, network int, position, text). Texts that do not parse are
+        left out (a node in a topology passed validation; a hand-made one may not have)."""
+        slots: list[tuple[dict[Any, set[types.NodeKey]], Any]] = []
+        for text in n.underlay_ips:
+            ip = _parsed_ip(text)
+            if ip is not None:
+                slots.append((self._underlay, ip))
+        for family in (4, 6):
+            ul = n.underlay(family)
+            if ul is None or _parsed_ip(ul) is None:
+                continue
+            for kind, cidr_for in _OVERLAY_KINDS:
+                cidr = cidr_for(self.config, ul)
+                if cidr is None:
+                    continue
+                try:
+                    slots.append((self._overlay, (kind, cidr, overlay_address(ul, cidr))))
+                except ValueError:
+                    continue
+        for dev in _ALL_DEVICES:
+            slots.append((self._mac, (dev, device_mac(n.key, dev))))
+        pods: list[tuple[int, int, int, int, str]] = []
+        for pos, text in enumerate(n.pod_cidrs):
+            try:
+                net = _parsed_net(text)
+            except ValueError:
+                continue
+            pods.append((net.version, net.prefixlen, int(net.network_address), pos, text))
+        return slots, pods
+
+    def add(self, n: types.NodeAnnouncement) -> None:
+        """Index ``n`` (replacing the announcement of the same node, if any)."""
+        if n.key in self.nodes:
+            self.remove(n.key)
+        self.nodes[n.key] = n
+        slots, pods = self._items(n)
+        for table, slot in slots:
+            table.setdefault(slot, set()).add(n.key)
+        for version, plen, start, pos, text in pods:
+            starts = self._pod_starts.setdefault((version, plen), [])
+            starts.insert(bisect.bisect_right(starts, start), start)
+            self._pod_owners.setdefault((version, plen, start), []).append((n.key, pos, text))
+
+    def remove(self, key: types.NodeKey) -> None:
+        """Forget the node ``key`` (nothing happens for an unknown one)."""
+        n = self.nodes.pop(key, None)
+        if n is None:
+            return
+        slots, pods = self._items(n)
+        for table, slot in slots:
+            keys = table.get(slot)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del table[slot]
+        for version, plen, start, pos, text in pods:
+            starts = self._pod_starts[(version, plen)]
+            del starts[bisect.bisect_left(starts, start)]
+            if not starts:
+                del self._pod_starts[(version, plen)]
+            owners = self._pod_owners[(version, plen, start)]
+            owners.remove((key, pos, text))
+            if not owners:
+                del self._pod_owners[(version, plen, start)]
+
+    def underlay_users(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> set[types.NodeKey]:
+        return self._underlay.get(ip, set())
+
+    def overlay_users(self, kind: str, cidr: str, address: str) -> set[types.NodeKey]:
+        return self._overlay.get((kind, cidr, address), set())
+
+    def mac_users(self, device: str, mac: str) -> set[types.NodeKey]:
+        return self._mac.get((device, mac), set())
+
+    def overlapping_pods(
+        self, net: ipaddress.IPv4Network | ipaddress.IPv6Network
+    ) -> list[tuple[types.NodeKey, int, str]]:
+        """Pod CIDRs of indexed nodes that overlap ``net``: (node, position, text). Two CIDRs
+        overlap when one contains the other: the containing ones are found by looking up the
+        prefixes of ``net`` at every indexed prefix length up to its own, the contained ones by
+        bisecting the indexed networks of every longer prefix length within ``net``'s range."""
+        out: list[tuple[types.NodeKey, int, str]] = []
+        version, plen = net.version, net.prefixlen
+        bits = net.max_prefixlen
+        start = int(net.network_address)
+        end = int(net.broadcast_address)
+        for (v, q), starts in self._pod_starts.items():
+            if v != version:
+                continue
+            if q <= plen:
+                sup = start & (((1 << bits) - 1) ^ ((1 << (bits - q)) - 1))
+                out += self._pod_owners.get((v, q, sup), ())
+            else:
+                lo, hi = bisect.bisect_left(starts, start), bisect.bisect_right(starts, end)
+                for s in sorted(set(starts[lo:hi])):
+                    out += self._pod_owners[(v, q, s)]
+        return out
+
+
+def validate_announcement(
+    topology: types.Topology, ann: types.NodeAnnouncement, index: NodeIndex | None = None
+) -> list[str]:
     """Reasons ``ann`` must be refused (empty when it may join or replace its old announcement).
 
     Other nodes are the topology's nodes with a different key: re-announcing the same node is
     checked against everybody else only, so an identical re-announcement is always fine and a
-    changed one replaces the old if it is valid on its own.
+    changed one replaces the old if it is valid on its own. ``index`` holds the nodes to check
+    against (it is used instead of ``topology.nodes``; see :class:`NodeIndex`); without one it
+    is built from the topology. Reasons about other nodes name them in key order.
     """
     reasons: list[str] = []
     config = topology.config
+    if index is None:
+        index = NodeIndex.of(topology)
+    elif index.config is not config and index.config != config:
+        raise ValueError("validate_announcement: the index belongs to another fabric configuration")
     if not ann.name or "/" in ann.name or not ann.cluster or "/" in ann.cluster:
         reasons.append(f"node identity {ann.cluster!r}/{ann.name!r} must be two non-empty names without '/'")
         return reasons
@@ -183,7 +338,8 @@ def validate_announcement(topology: types.Topology, ann: types.NodeAnnouncement)
     if cluster.mode not in SUPPORTED_MODES:
         reasons.append(f"cluster {cluster.name!r} has mode {cluster.mode.value!r}, which this build does not support")
 
-    others = [n for n in topology.nodes if n.key != ann.key]
+    def others(keys: Iterable[types.NodeKey]) -> list[types.NodeKey]:
+        return sorted(k for k in keys if k != ann.key)
 
     # Underlay addresses: the primary one, and at most one more per other family.
     underlay: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
@@ -201,9 +357,8 @@ def validate_announcement(topology: types.Topology, ann: types.NodeAnnouncement)
         if any(types.family_of(u) == ip.version for u in usable):
             reasons.append(f"underlay address {text}: the node announces two underlay addresses of IPv{ip.version}")
             continue
-        for o in others:
-            if any(_same_ip(ou, ip) for ou in o.underlay_ips):
-                reasons.append(f"underlay address {text} is already used by node {o.key}")
+        for o in others(index.underlay_users(ip)):
+            reasons.append(f"underlay address {text} is already used by node {o}")
         usable.append(text)
 
     # MTU (per underlay family: the outer header differs).
@@ -230,14 +385,16 @@ def validate_announcement(topology: types.Topology, ann: types.NodeAnnouncement)
             if prev.version == net.version and prev.overlaps(net):
                 reasons.append(f"pod CIDR {text} overlaps the node's own pod CIDR {prev_text}")
         own.append((text, net))
-    for o in others:
-        for oc in o.pod_cidrs:
-            for text, _net in own:
-                if _overlap(text, oc):
-                    mapped = _mapped(config, ann.cluster, text) and _mapped(config, o.cluster, oc)
-                    if o.cluster != ann.cluster and mapped:
-                        continue  # both are reached only by their global CIDRs
-                    reasons.append(f"pod CIDR {text} overlaps pod CIDR {oc} of node {o.key}")
+    clashes: set[tuple[types.NodeKey, int, str, int, str]] = set()
+    for own_pos, (text, net) in enumerate(own):
+        for o_key, o_pos, oc in index.overlapping_pods(net):
+            if o_key != ann.key:
+                clashes.add((o_key, o_pos, oc, own_pos, text))
+    for o_key, _o_pos, oc, _own_pos, text in sorted(clashes):
+        mapped = _mapped(config, ann.cluster, text) and _mapped(config, o_key.cluster, oc)
+        if o_key.cluster != ann.cluster and mapped:
+            continue  # both are reached only by their global CIDRs
+        reasons.append(f"pod CIDR {text} overlaps pod CIDR {oc} of node {o_key}")
 
     # Overlay addresses and MACs: derived, so collisions must be caught here, never planned.
     # Every node may become a bridge node (a gateway-mode node when elected), so vx-bridge is
@@ -259,7 +416,7 @@ def validate_announcement(topology: types.Topology, ann: types.NodeAnnouncement)
         for family in families:
             ul = next(u for u in usable if types.family_of(u) == family)
             for kind, cidr_for, only_mode in kinds:
-                reasons += _overlay_reasons(topology, ann, ul, others, kind, cidr_for, only_mode)
+                reasons += _overlay_reasons(index, ann, ul, kind, cidr_for, only_mode, others)
     devices: list[str] = []
     for family in families:
         devices.append(types.bridge_device(family))
@@ -267,22 +424,21 @@ def validate_announcement(topology: types.Topology, ann: types.NodeAnnouncement)
             devices.append(types.local_device(family))
     for dev in devices:
         mac = device_mac(ann.key, dev)
-        for o in others:
-            if device_mac(o.key, dev) == mac:
-                reasons.append(f"{dev} MAC {mac} collides with node {o.key}")
+        for o in others(index.mac_users(dev, mac)):
+            reasons.append(f"{dev} MAC {mac} collides with node {o}")
     return reasons
 
 
 def _overlay_reasons(
-    topology: types.Topology,
+    index: NodeIndex,
     ann: types.NodeAnnouncement,
     underlay: str,
-    others: list[types.NodeAnnouncement],
     kind: str,
     cidr_for: Callable[[types.FabricConfig, str], str | None],
     only_mode: types.ClusterMode | None,
+    others: Callable[[Iterable[types.NodeKey]], list[types.NodeKey]],
 ) -> list[str]:
-    config = topology.config
+    config = index.config
     reasons: list[str] = []
     cidr = cidr_for(config, underlay)
     if cidr is None:
@@ -296,19 +452,16 @@ def _overlay_reasons(
             f" broadcast address of {kind} CIDR {cidr}"
         )
     family = types.family_of(underlay)
-    for o in others:
+    for o in others(index.overlay_users(kind, cidr, mine)):
         if only_mode is not None:
             oc = config.cluster(o.cluster)
             if oc is None or oc.mode != only_mode:
                 continue
-        o_ul = o.underlay(family)
-        if o_ul is None or cidr_for(config, o_ul) != cidr:
-            continue
-        if overlay_address(o_ul, cidr) == mine:
-            reasons.append(
-                f"overlay address {mine_ip.ip} derived from underlay {underlay} collides with node"
-                f" {o.key} (underlay {o_ul}): {kind} CIDR {cidr} keeps only the host bits"
-            )
+        o_ul = index.nodes[o].underlay(family)
+        reasons.append(
+            f"overlay address {mine_ip.ip} derived from underlay {underlay} collides with node"
+            f" {o} (underlay {o_ul}): {kind} CIDR {cidr} keeps only the host bits"
+        )
     return reasons
 
 
@@ -1225,7 +1378,6 @@ class IncrementalPlanner:
         self.topology: types.Topology | None = None
         self._view: _View | None = None
         self._entries: dict[types.NodeKey, dict[str, types.Entry]] = {}
-        self._states: dict[types.NodeKey, types.NodeState] = {}
         self._config: types.FabricConfig | None = None
         #: Work counters (see PartCounter), cumulative.
         self.counter = PartCounter()
@@ -1235,12 +1387,9 @@ class IncrementalPlanner:
         return self._entries.get(key, {})
 
     def state(self, key: types.NodeKey) -> types.NodeState:
-        """The current plan of ``key`` (built on demand and cached until it changes)."""
-        st = self._states.get(key)
-        if st is None:
-            st = state_from_entries(self._entries.get(key, {}))
-            self._states[key] = st
-        return st
+        """The current plan of ``key``, built on demand (not cached: it is needed once per
+        snapshot, and a cached copy of every plan doubled the reflector's memory per node)."""
+        return state_from_entries(self._entries.get(key, {}))
 
     def size(self, key: types.NodeKey) -> int:
         return len(self._entries.get(key, ()))
@@ -1257,7 +1406,6 @@ class IncrementalPlanner:
         self.topology, self._view, self._config = new, view, new.config
         for gone in [k for k in self._entries if k not in view.by_key]:
             del self._entries[gone]
-            self._states.pop(gone, None)
         if old_view is None or old_config != new.config:
             return {n.key: d for n in new.nodes if (d := self._full(new, n.key))}
 
@@ -1339,7 +1487,6 @@ class IncrementalPlanner:
         new = plan(topology, key).entries()
         delta = diff_entries(self._entries.get(key, {}), new)
         self._entries[key] = new
-        self._states.pop(key, None)
         return delta
 
     def _apply(self, key: types.NodeKey, delta: types.StateDelta) -> None:
@@ -1348,4 +1495,3 @@ class IncrementalPlanner:
             del entries[k]
         for e in delta.upserts:
             entries[types.entry_key(e)] = e
-        self._states.pop(key, None)

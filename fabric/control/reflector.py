@@ -40,9 +40,17 @@ the node must have. What happens, in order:
 Coalescing. Announcements, withdrawals, role moves and configuration changes only mark the
 topology dirty; a *flush* then elects, plans and fans out everything pending as one generation
 with one delta per node. The first change after a quiet period is flushed at once (the next
-event-loop turn: no added latency); a change within ``coalesce_window`` of the end of the last
+event-loop turn: no added latency); a change within the current window of the end of the last
 flush (or within the duration of that flush, when it was longer: at most half the loop goes to
-planning under load) waits for the next flush. The startup hold is one flush at its release.
+planning under load) waits for the next flush. The window starts at ``coalesce_window`` and
+doubles with every change that has to wait, up to ``max_coalesce_window``; a change after a
+quiet period as long as the window resets it. Why adaptive: every flush sends one delta to every
+synced node it changes, and each costs a gRPC write and an ``Applied`` read, which dominate the
+reflector's CPU (not planning). A bring-up of N agents with a fixed 20 ms window flushed hundreds
+of times, each to all nodes already synced: O(N x flushes) messages (1,000 agents took 95 s,
+measured by ``fabric-tool bench control``); with the doubling window a storm costs a few dozen
+flushes, while a lone change (a gateway failover) still goes out at once. The startup hold is
+one flush at its release.
 
 Planning is incremental (:class:`~fabric.control.planner.IncrementalPlanner`): a flush costs
 O(nodes) cheap compares to find the sources that changed, then per node only the plan parts of
@@ -93,8 +101,11 @@ DEFAULT_KEEPALIVE_INTERVAL_S = 2.0
 DEAD_AFTER_INTERVALS = 3
 #: Rejections kept for GetStatus (one per node identity; oldest dropped first).
 MAX_REJECTIONS = 1000
-#: Changes within this many seconds of the end of the last flush are coalesced into the next one.
+#: Changes within this many seconds of the end of the last flush are coalesced into the next one
+#: (the starting window: it doubles while changes keep arriving, see "Coalescing").
 DEFAULT_COALESCE_WINDOW_S = 0.02
+#: The longest the window grows to: the added latency of a change during a storm of changes.
+DEFAULT_MAX_COALESCE_WINDOW_S = 1.0
 #: Topology changes whose fan-out is timed at once (older ones are dropped unobserved).
 MAX_FANOUT_TRACKED = 256
 #: Reason classes of refused announcements (``fabric_reflector_rejections_total{reason}``):
@@ -206,6 +217,7 @@ class Reflector:
         startup_hold: float | None = None,
         clock: Callable[[], float] = time.monotonic,
         coalesce_window: float = DEFAULT_COALESCE_WINDOW_S,
+        max_coalesce_window: float = DEFAULT_MAX_COALESCE_WINDOW_S,
     ) -> None:
         if keepalive_interval <= 0:
             raise ValueError(f"keepalive interval must be positive, got {keepalive_interval}")
@@ -217,9 +229,14 @@ class Reflector:
         self.epoch = uuid.uuid4().hex[:12]
         #: The topology of the last flush (generation ``generation``, roles elected).
         self.topology = types.Topology(config)
-        #: The topology with every change admitted since: announcements are validated against it.
+        #: The topology with every change admitted since: announcements are validated against it
+        #: (through ``_index``, its nodes indexed: a check costs O(log nodes), not O(nodes)).
         self._pending = self.topology
+        self._index = planner.NodeIndex(config)
         self.coalesce_window = max(0.0, coalesce_window)
+        self.max_coalesce_window = max(self.coalesce_window, max_coalesce_window)
+        #: The current coalescing window (between the two above).
+        self._window = self.coalesce_window
         self._planner = planner.IncrementalPlanner()
         self._flush_handle: asyncio.Handle | None = None
         self._last_flush_end = float("-inf")
@@ -240,6 +257,8 @@ class Reflector:
         #: Fan-out in flight: generation -> (time of the change, synced nodes that were sent a
         #: delta for it and have not reported it applied yet). See ``fanout_lag``.
         self._fanout: dict[int, tuple[float, set[types.NodeKey]]] = {}
+        #: The generations of ``_fanout``, ascending.
+        self._fanout_order: list[int] = []
         self.fanout_lag = Histogram(
             "fabric_reflector_fanout_lag_seconds",
             "From a topology change to the report of the last agent it changed (each agent applied it)",
@@ -308,7 +327,7 @@ class Reflector:
     def _admit(self, ann: types.NodeAnnouncement, session: _Session) -> list[str]:
         """Validate ``ann`` and attach ``session`` to its node; returns refusal reasons."""
         key = ann.key
-        reasons = planner.validate_announcement(self._pending, ann)
+        reasons = planner.validate_announcement(self._pending, ann, self._index)
         if reasons:
             self._reject(f"announcement {key} from {session.peer}", str(key), reasons)
             return reasons
@@ -330,6 +349,7 @@ class Reflector:
             rec.ann = ann
             self._attach(rec, session)
             self._pending = _with_node(self._pending, ann)
+            self._index.add(ann)
             self._changed.add(key)
             self._dirty = True
             _log.info(
@@ -397,8 +417,15 @@ class Reflector:
         except RuntimeError:
             self._flush()
             return
-        wait = self._last_flush_end + max(self.coalesce_window, self._last_flush_cost) - time.monotonic()
-        self._flush_handle = loop.call_later(wait, self._flush) if wait > 0 else loop.call_soon(self._flush)
+        since = time.monotonic() - self._last_flush_end
+        if since >= self._window:
+            self._window = self.coalesce_window  # quiet for a whole window: back to the start
+        wait = max(self._window, self._last_flush_cost) - since
+        if wait > 0:
+            self._window = min(self.max_coalesce_window, self._window * 2)
+            self._flush_handle = loop.call_later(wait, self._flush)
+        else:
+            self._flush_handle = loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         """Adopt everything pending as one topology generation: elect gateways (after the
@@ -454,8 +481,9 @@ class Reflector:
                     _log.debug("node %s: version %d remove %s", key, gen, k)
         if fanout:
             self._fanout[gen] = (self.clock(), fanout)
-            while len(self._fanout) > MAX_FANOUT_TRACKED:
-                del self._fanout[min(self._fanout)]  # never completes (a stuck agent): stop waiting
+            self._fanout_order.append(gen)  # generations only grow: stays sorted
+            while len(self._fanout_order) > MAX_FANOUT_TRACKED:
+                del self._fanout[self._fanout_order.pop(0)]  # never completes (a stuck agent): stop waiting
         if self._watchers and self._changed:
             before = {k: n for k in self._changed if (n := _node_in(old, k)) is not None}
             now = {k: r.ann for k in self._changed if (r := self._nodes.get(k)) is not None}
@@ -497,17 +525,20 @@ class Reflector:
             raise ValueError("fabric configuration refused: " + "; ".join(problems))
         if config == self.config:
             return
-        kept = dataclasses.replace(self._pending, config=config, nodes=())
+        empty = dataclasses.replace(self._pending, config=config, nodes=())
+        index = planner.NodeIndex(config)
         dropped: list[tuple[types.NodeAnnouncement, list[str]]] = []
-        for n in self._pending.nodes:  # key order, so appending keeps the tuple sorted
-            reasons = planner.validate_announcement(kept, n)
+        for n in self._pending.nodes:  # each against those kept before it (the index), in key order
+            reasons = planner.validate_announcement(empty, n, index)
             if reasons:
                 dropped.append((n, reasons))
             else:
-                kept = dataclasses.replace(kept, nodes=(*kept.nodes, n))
+                index.add(n)
+        kept = dataclasses.replace(empty, nodes=tuple(index.nodes.values()))  # still in key order
         self.config = config
         self._expected = {types.NodeKey.parse(k) for k in config.expected_nodes}
         self._pending = kept
+        self._index = index
         self._dirty = True
         for n, reasons in dropped:
             self._reject(f"node {n.key} under the new fabric configuration", str(n.key), reasons)
@@ -600,19 +631,27 @@ class Reflector:
         rec = self._nodes.get(session.key)
         if rec is None or rec.session is not session:
             return
-        rec.applied_version = version
-        self._fanout_done(session.key, version)
+        previous, rec.applied_version = rec.applied_version, version
+        self._fanout_done(session.key, version, previous)
         _log.debug("node %s applied version %d (planned %d)", session.key, version, rec.planned_version)
 
-    def _fanout_done(self, key: types.NodeKey, version: int) -> None:
+    def _fanout_done(self, key: types.NodeKey, version: int, previous: int = 0) -> None:
         """``key`` has applied everything up to ``version`` (or will never report: version
-        -1 on a lost session): generations whose last pending node that was are observed."""
+        -1 on a lost session): generations whose last pending node that was are observed.
+        Only generations after ``previous`` (what ``key`` reported before) can still wait for
+        it: an Applied costs O(log tracked + its new generations), not O(tracked)."""
         now = self.clock()
-        for gen in [g for g in self._fanout if version < 0 or g <= version]:
+        order = self._fanout_order
+        if version < 0:
+            todo = list(order)
+        else:
+            todo = order[bisect.bisect_right(order, previous) : bisect.bisect_right(order, version)]
+        for gen in todo:
             started, pending = self._fanout[gen]
             pending.discard(key)
             if not pending:
                 del self._fanout[gen]
+                order.remove(gen)
                 if version >= 0:
                     self.fanout_lag.observe(max(0.0, now - started))
 
@@ -646,6 +685,7 @@ class Reflector:
             return
         del self._nodes[key]
         self._pending = self._pending.without_node(key)
+        self._index.remove(key)
         self._changed.add(key)
         self._dirty = True
         self._schedule_flush()

@@ -149,6 +149,9 @@ def test_reflector_state_and_deltas_equal_plan_over_random_batches() -> None:
                     _ops(rng, d)
                 await d.settle()
                 d.check()
+                # The validation index follows the pending topology through every operation.
+                assert refl._index.config == refl._pending.config
+                assert sorted(refl._index.nodes.values(), key=lambda n: n.key) == list(refl._pending.nodes)
             await refl.stop(0)
 
     asyncio.run(asyncio.wait_for(body(), 60))
