@@ -126,6 +126,15 @@ def builtin_types() -> list[ResourceType]:
                      categories=("all",), status=True, generation=True),
         ResourceType("apiextensions.k8s.io", ("v1",), "customresourcedefinitions", "CustomResourceDefinition",
                      False, short_names=("crd", "crds"), status=True, generation=True),
+        # Stored, not enforced: the emulator authorizes every request. Served so that manifests
+        # with RBAC, disruption budgets and ServiceCIDRs load as they would into a real cluster.
+        ResourceType("rbac.authorization.k8s.io", ("v1",), "clusterroles", "ClusterRole", False),
+        ResourceType("rbac.authorization.k8s.io", ("v1",), "clusterrolebindings", "ClusterRoleBinding", False),
+        ResourceType("rbac.authorization.k8s.io", ("v1",), "roles", "Role", True),
+        ResourceType("rbac.authorization.k8s.io", ("v1",), "rolebindings", "RoleBinding", True),
+        ResourceType("policy", ("v1",), "poddisruptionbudgets", "PodDisruptionBudget", True, short_names=("pdb",),
+                     status=True, generation=True),
+        ResourceType("networking.k8s.io", ("v1",), "servicecidrs", "ServiceCIDR", False, status=True),
     ]
 
 
