@@ -59,6 +59,7 @@ from fabric.netlink import neighbours as neighbours_mod
 from fabric.netlink import objects
 from fabric.netlink import probes as probes_mod
 from fabric.netlink import reconciler as reconciler_mod
+from fabric.netlink import underlay as underlay_mod
 
 _log = logging.getLogger(__name__)
 
@@ -527,6 +528,28 @@ def _peer_cluster(name: str) -> str:
     return cluster if sep else "unknown"
 
 
+def _choose_underlay(cfg: config_mod.AgentConfig, facts: nodeinfo.NodeFacts,
+                     netns: str | None = None) -> nodeinfo.NodeFacts:
+    """``facts`` with the underlay chosen by the Cluster's NIC settings and autodetection method
+    (:func:`fabric.nodeinfo.choose_underlay`), read from this network namespace's links.
+    An explicit ``--underlay-ip`` wins: nothing is read then."""
+    if cfg.underlay_ip:
+        return facts
+    nic = nodeinfo.nic_for(cfg.node, cfg.underlay_interface, cfg.nic_overrides)
+    method = cfg.autodetection_method
+    if nic == nodeinfo.AUTO_NIC and method == nodeinfo.DEFAULT_METHOD:
+        return facts  # the Node's InternalIPs, as read
+    links = underlay_mod.read_links(netns)
+    route = None
+    if nic == nodeinfo.AUTO_NIC and method.startswith("can-reach="):
+        route = underlay_mod.route_towards(method.partition("=")[2], netns)
+    found = (facts.underlay_ip, facts.underlay_ip6)
+    internal: dict[int, str] = {ipaddress.ip_address(ip).version: ip for ip in found if ip}
+    choice = nodeinfo.choose_underlay(cfg.node, method, nic, links, route, internal)
+    _log.info("node %s: underlay %s", cfg.node, choice.how)
+    return dataclasses.replace(facts, underlay_ip=choice.ip, underlay_ip6=choice.ip6)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = config_mod.load(argv)
@@ -549,8 +572,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cfg.in_cluster:
         try:
             facts = nodeinfo.facts_from_node(nodeinfo.read_node(cfg.node, cfg.kubeconfig))
+            facts = _choose_underlay(cfg, facts)
         except nodeinfo.NodeInfoError as e:
-            # The API server may simply not answer yet: exit non-zero, the DaemonSet retries.
+            # The API server may simply not answer yet, or the chosen interface may not be up
+            # yet: exit non-zero, the DaemonSet retries.
             print(f"fabric-agent: --in-cluster: {e}", file=sys.stderr)
             return 1
         cfg = config_mod.with_node_facts(cfg, facts)

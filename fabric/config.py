@@ -48,6 +48,14 @@ class AgentConfig:
     in_cluster: bool = False
     #: With ``in_cluster``: a kubeconfig instead of the pod's service account (tests, debugging).
     kubeconfig: str = ""
+    #: With ``in_cluster`` and no ``underlay_ip``: how to find the underlay (the Cluster's
+    #: ``autodetectionMethod``), used when this node's interface is ``*``.
+    autodetection_method: str = nodeinfo.DEFAULT_METHOD
+    #: The Cluster's ``defaultNICName``: an interface name, or ``*`` for the method.
+    underlay_interface: str = nodeinfo.AUTO_NIC
+    #: The Cluster's ``nicNodeNames`` as ``(node, interface)`` pairs; this node's entry wins
+    #: over ``underlay_interface``.
+    nic_overrides: tuple[tuple[str, str], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +133,10 @@ def _level(text: str) -> str:
     return logs.parse_level(text)
 
 
+def _underlay_interface(text: str) -> str:
+    return nodeinfo.check_ifname(text, auto_ok=True)
+
+
 PARAMS: tuple[_Param, ...] = (
     _Param("reflector", "--reflector", "gRPC target of fabric-reflector, HOST:PORT or unix:/path", _hostport,
            required=True),
@@ -155,6 +167,15 @@ PARAMS: tuple[_Param, ...] = (
     _Param("bpf_pin_root", "--bpf-pin-root", "directory on a bpf filesystem for the global-IP translator's pinned "
            "maps (kept across restarts so counters and mappings survive); used only when the cluster has "
            "globalCIDRs", _abs_path),
+    _Param("autodetection_method", "--autodetection-method", "with --in-cluster and no --underlay-ip: how to "
+           "find the underlay address when the node's interface is '*': kubernetes-internal-ip (the Node's "
+           "InternalIP), first-found, can-reach=IP or interface=REGEX (the Cluster's autodetectionMethod)",
+           nodeinfo.check_method),
+    _Param("underlay_interface", "--underlay-interface", "with --in-cluster and no --underlay-ip: the underlay "
+           "interface, or '*' to use --autodetection-method (the Cluster's defaultNICName)", _underlay_interface),
+    _Param("nic_overrides", "--nic-override", "with --in-cluster: NODE=IFNAME, the underlay interface of one node, "
+           "winning over --underlay-interface (repeatable; env: comma-separated; the Cluster's nicNodeNames)",
+           nodeinfo.parse_nic_override, repeat=True),
 )
 
 
@@ -230,6 +251,7 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         values.setdefault("pod_cidrs", ())
     if ns.kubeconfig and not in_cluster:
         raise ConfigError(f"--kubeconfig {ns.kubeconfig}: only meaningful with --in-cluster")
+    _check_underlay_choice(values, in_cluster or cleanup)
     values["cleanup"] = cleanup
     values["in_cluster"] = in_cluster
     values["kubeconfig"] = ns.kubeconfig
@@ -243,6 +265,26 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
                 "--underlay-ip6 only with an IPv4 --underlay-ip)"
             )
     return cfg
+
+
+def _check_underlay_choice(values: dict[str, Any], in_cluster: bool) -> None:
+    """The autodetection flags choose among the node's addresses only in a cluster; a node given
+    twice in --nic-override is a mistake, not a precedence rule."""
+    seen: dict[str, str] = {}
+    for node, nic in values.get("nic_overrides", ()):
+        if node in seen:
+            raise ConfigError(f"--nic-override: node {node} given twice ({node}={seen[node]} and {node}={nic})")
+        seen[node] = nic
+    if in_cluster:
+        return
+    given = [(flag, v) for flag, key, default in (
+        ("--autodetection-method", "autodetection_method", nodeinfo.DEFAULT_METHOD),
+        ("--underlay-interface", "underlay_interface", nodeinfo.AUTO_NIC),
+        ("--nic-override", "nic_overrides", ()),
+    ) if (v := values.get(key, default)) != default]  # fmt: skip
+    if given:
+        flag, v = given[0]
+        raise ConfigError(f"{flag} {v!r}: only meaningful with --in-cluster (without it --underlay-ip is given)")
 
 
 def with_node_facts(cfg: AgentConfig, facts: nodeinfo.NodeFacts) -> AgentConfig:

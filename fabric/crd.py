@@ -7,7 +7,7 @@ enums, CIDR patterns, sizes, and (CEL) the global CIDR prefix lengths. This modu
 checks, because an API server without CEL (older clusters, the emulator) stores what the schema
 cannot catch, and adds what no schema can: checks against the CIDRs discovered from Nodes and
 across Clusters. It is pure (dicts in, values out) so that the reflector's Kubernetes topology
-source, ``fabric-tool join --dry-run`` (issue 9, not written yet) and the tests share one
+source, ``fabric-tool join --dry-run`` and the tests share one
 implementation.
 
 Resolution keeps working clusters working. Clusters are taken oldest first (creation timestamp,
@@ -32,7 +32,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from fabric import types
+from fabric import nodeinfo, types
 
 _log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ DEFAULTS: dict[str, Any] = {
     "clusterTreeOptions": {"enable": False},
 }
 #: ``defaultNICName`` meaning "choose by ``autodetectionMethod``" (Kosmos' convention).
-AUTO_NIC = "*"
+AUTO_NIC = nodeinfo.AUTO_NIC
 
 _LINK_KEYS = frozenset({
     "enable", "networkType", "ipFamilies", "podCIDRs", "serviceCIDRs", "globalCIDRsMap", "gatewayCandidates",
@@ -68,7 +68,6 @@ _FAMILIES = {name: fam for fam, name in types.FAMILY_NAMES.items()}
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 #: Linux interface names: 1-15 bytes, no '/', no whitespace, not "." or "..".
-_IFNAME = re.compile(r"^[^/\s:]{1,15}$")
 _LINK = "spec.clusterLinkOptions"
 
 
@@ -125,10 +124,7 @@ class ClusterSpec:
 
     def interface_for(self, node: str) -> str:
         """The underlay interface of ``node``: its override, else ``defaultNICName`` (``*`` = auto)."""
-        for n, nic in self.nic_overrides:
-            if n == node:
-                return nic
-        return self.default_nic
+        return nodeinfo.nic_for(node, self.default_nic, self.nic_overrides)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -235,13 +231,12 @@ class _Checker:
         return tuple(out)
 
     def ifname(self, value: Any, path: str, auto_ok: bool) -> str | None:
-        if auto_ok and value == AUTO_NIC:
-            return AUTO_NIC
-        if not isinstance(value, str) or not _IFNAME.match(value) or value in (".", ".."):
-            extra = f" or {AUTO_NIC!r} (autodetect)" if auto_ok else ""
-            self.err(path, f"{value!r} is not an interface name (1-15 characters, no '/', ':' or spaces){extra}")
+        """An interface name as the agent will take it (one check: :func:`fabric.nodeinfo.check_ifname`)."""
+        try:
+            return nodeinfo.check_ifname(value if isinstance(value, str) else "", auto_ok)
+        except ValueError as e:
+            self.err(path, f"{value!r} {e}")
             return None
-        return value
 
     def keys(self, obj: Mapping[str, Any], allowed: frozenset[str], path: str) -> None:
         for k in obj:
@@ -398,25 +393,12 @@ def _nic_overrides(ck: _Checker, value: Any) -> tuple[tuple[str, str], ...]:
 
 
 def _autodetection(ck: _Checker, value: Any) -> str:
-    path = f"{_LINK}.autodetectionMethod"
-    text = value if isinstance(value, str) else ""
-    if text in ("kubernetes-internal-ip", "first-found"):
-        return text
-    kind, sep, arg = text.partition("=")
-    if sep and kind == "can-reach":
-        try:
-            ipaddress.ip_address(arg)
-        except ValueError:
-            ck.err(path, f"{value!r}: can-reach needs an IP address (can-reach=192.0.2.1)")
-        return text
-    if sep and kind == "interface" and arg:
-        try:
-            re.compile(arg)
-        except re.error as e:
-            ck.err(path, f"{value!r}: the interface pattern is not a regular expression ({e})")
-        return text
-    ck.err(path, f"{value!r} is not a method (kubernetes-internal-ip, first-found, can-reach=IP, interface=REGEX)")
-    return ""
+    """The method as the agent will read it (one parser: :func:`fabric.nodeinfo.check_method`)."""
+    try:
+        return nodeinfo.check_method(value if isinstance(value, str) else "")
+    except ValueError as e:
+        ck.err(f"{_LINK}.autodetectionMethod", f"{value!r}: {e}")
+        return ""
 
 
 # --------------------------------------------------------------------------------------------

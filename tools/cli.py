@@ -649,6 +649,12 @@ def _add_install_parsers(sub: Any) -> None:
     j.add_argument("--global-cidr", action="append", metavar="LOCAL=GLOBAL", help="globalCIDRsMap entry, repeatable")
     j.add_argument("--gateway", action="append", metavar="NODE", help="gateway candidate, repeatable, preferred first")
     j.add_argument("--default-nic", metavar="IFNAME", help="underlay interface (default '*': autodetect)")
+    j.add_argument("--autodetection-method", metavar="METHOD",
+                   help="how agents find the underlay when the NIC is '*': kubernetes-internal-ip (default), "
+                        "first-found, can-reach=IP, interface=REGEX")
+    j.add_argument("--nic-override", action="append", metavar="NODE=IFNAME",
+                   help="the underlay interface of one node, repeatable (default: keep the Cluster's)")
+    j.add_argument("--clear-nic-overrides", action="store_true", help="remove every per-node interface override")
     j.add_argument("--reflector", metavar="HOST:PORT", help="where member agents reach the reflector (not in a lab)")
     j.add_argument("--no-wait", action="store_true", help="do not wait for the nodes to be in sync")
     u = sub.add_parser("unjoin", parents=[common, host], help="remove a member cluster from the fabric",
@@ -658,6 +664,26 @@ def _add_install_parsers(sub: Any) -> None:
     u.add_argument("--kubeconfig", metavar="FILE", help="the member's kubeconfig (default: the lab's)")
     u.add_argument("--context", metavar="CTX", help="the member's context (lab default: CLUSTER)")
     u.add_argument("--reflector", metavar="TARGET", help="reflector status address to wait on (not needed in a lab)")
+
+
+def _nic_overrides(values: list[str] | None, clear: bool) -> tuple[tuple[str, str], ...] | None:
+    """``--nic-override`` values as pairs; None (keep the live Cluster's) when none are given."""
+    from fabric import nodeinfo
+    from tools import install
+
+    if clear and values:
+        raise install.InstallUsageError("--clear-nic-overrides and --nic-override exclude each other")
+    if clear:
+        return ()
+    if not values:
+        return None
+    out = []
+    for v in values:
+        try:
+            out.append(nodeinfo.parse_nic_override(v))
+        except ValueError as e:
+            raise install.InstallUsageError(f"--nic-override {v!r}: {e}") from None
+    return tuple(out)
 
 
 def _install_cmd(args: argparse.Namespace) -> int:
@@ -690,6 +716,8 @@ def _install_cmd(args: argparse.Namespace) -> int:
                     pod_cidrs=tuple(args.pod_cidr or ()), service_cidrs=tuple(args.service_cidr or ()),
                     global_cidrs=tuple(install.parse_global_cidr(g) for g in args.global_cidr or ()),
                     gateways=tuple(args.gateway or ()), default_nic=args.default_nic,
+                    autodetection_method=args.autodetection_method,
+                    nic_overrides=_nic_overrides(args.nic_override, args.clear_nic_overrides),
                 )  # fmt: skip
                 return install.join(args.cluster, host, member, opts, lab_name=args.lab, reflector=args.reflector,
                                     dry_run=args.dry_run, wait=not args.no_wait, timeout_s=args.timeout)

@@ -16,6 +16,12 @@ What each step does, in order:
   objects; then the agent into the member (``deploy/base/member`` with the ConfigMap naming the
   cluster and the reflector; a lab: the lab's agents of that cluster are started). Waits, with
   progress, until the Cluster is accepted and every Node of the member is in sync in its status.
+  The Cluster's underlay settings (``defaultNICName``, ``nicNodeNames``, ``autodetectionMethod``)
+  are copied into that ConfigMap too: the agents choose their underlay from them at start-up
+  and, running in the member, cannot read the host's Cluster. So a ``kubectl patch`` of them in
+  the host takes effect at the next ``join`` (which keeps the patched values unless its own
+  flags give others, rewrites the ConfigMap and, through a digest annotation on the pod
+  template, rolls the agents); until then the agents keep the underlay they started with.
 - ``unjoin CLUSTER``: deletes the Cluster, waits until the reflector no longer plans the
   cluster's nodes and every remaining node applied its plan without them; then removes the
   agent from the member (a lab: stops the cluster's agents and runs ``fabric-agent --cleanup``
@@ -32,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import ipaddress
 import json
 import logging
@@ -120,12 +127,36 @@ def host_objects(for_lab: bool) -> list[dict[str, Any]]:
     return [o for o in objs if not (for_lab and o.get("kind") in LAB_SKIPPED_KINDS)]
 
 
-def member_objects(cluster: str, reflector: str) -> list[dict[str, Any]]:
-    """The agent's objects for one member, the ConfigMap naming its cluster and reflector."""
+#: Pod-template annotation of the agent DaemonSet: a digest of its ConfigMap's data. The agent
+#: reads the ConfigMap through environment variables, which a running pod never re-reads; a
+#: join that changes the data changes this annotation, and the DaemonSet rolls its pods.
+CONFIG_DIGEST_ANNOTATION = "kosmos.io/agent-config-digest"
+
+
+def agent_underlay_data(spec: crd.ClusterSpec) -> dict[str, str]:
+    """The Cluster's underlay settings as the agent's ConfigMap carries them (``nicNodeNames``
+    flattened to ``NODE=IFNAME,...``, the form of ``fabric-agent --nic-override``); the DaemonSet
+    passes them as FABRIC_AUTODETECTION_METHOD, FABRIC_UNDERLAY_INTERFACE, FABRIC_NIC_OVERRIDE."""
+    return {
+        "autodetectionMethod": spec.autodetection_method,
+        "defaultNICName": spec.default_nic,
+        "nicNodeNames": ",".join(f"{node}={nic}" for node, nic in spec.nic_overrides),
+    }
+
+
+def member_objects(cluster: str, reflector: str, underlay: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """The agent's objects for one member, the ConfigMap naming its cluster and reflector (and,
+    given ``underlay`` from :func:`agent_underlay_data`, the Cluster's underlay settings)."""
     objs = load_kustomization(DEPLOY / "base" / "namespace.yaml") + load_kustomization(DEPLOY / "base" / "member")
+    data: dict[str, str] = {}
     for o in objs:
         if o.get("kind") == "ConfigMap" and o["metadata"]["name"] == "kosmos-fabric-agent":
-            o["data"] = {**(o.get("data") or {}), "cluster": cluster, "reflector": reflector}
+            o["data"] = data = {**(o.get("data") or {}), "cluster": cluster, "reflector": reflector, **(underlay or {})}
+    digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    for o in objs:
+        if o.get("kind") == "DaemonSet" and o["metadata"]["name"] == "kosmos-fabric-agent":
+            meta = o["spec"]["template"].setdefault("metadata", {})
+            meta["annotations"] = {**(meta.get("annotations") or {}), CONFIG_DIGEST_ANNOTATION: digest}
     return objs
 
 
@@ -448,6 +479,9 @@ class JoinOptions:
     global_cidrs: tuple[tuple[str, str], ...] = ()
     gateways: tuple[str, ...] = ()
     default_nic: str | None = None
+    autodetection_method: str | None = None
+    #: ``(node, interface)`` pairs for ``nicNodeNames``; None: keep the live Cluster's.
+    nic_overrides: tuple[tuple[str, str], ...] | None = None
 
 
 def discover_cidrs(member: Kube) -> tuple[list[str], list[str]]:
@@ -484,8 +518,34 @@ def cluster_object(name: str, opts: JoinOptions, pods: Sequence[str], services: 
         link["gatewayCandidates"] = list(opts.gateways)
     if opts.default_nic:
         link["defaultNICName"] = opts.default_nic
+    if opts.autodetection_method:
+        link["autodetectionMethod"] = opts.autodetection_method
+    if opts.nic_overrides:
+        by_nic: dict[str, list[str]] = {}
+        for node, nic in opts.nic_overrides:
+            by_nic.setdefault(nic, []).append(node)
+        link["nicNodeNames"] = [{"interfaceName": nic, "nodeName": nodes} for nic, nodes in by_nic.items()]
     return {"apiVersion": crd.API_VERSION, "kind": crd.KIND, "metadata": {"name": name},
             "spec": {"clusterLinkOptions": link}}
+
+
+def keep_live_underlay(obj: dict[str, Any], opts: JoinOptions, live: dict[str, Any]) -> dict[str, Any]:
+    """``obj`` with the live Cluster's ``defaultNICName``, ``autodetectionMethod`` and
+    ``nicNodeNames`` where the join gave none of its own.
+
+    These settings act in the member (the agents choose their underlay from them at start-up;
+    the agents cannot read the host's Cluster), so join is what carries them there: a
+    ``kubectl patch`` of them in the host is kept by the next join, which writes it into the
+    member's ConfigMap and so rolls the agents. Every other field is the join's alone, as before
+    (join replaces the spec)."""
+    have = ((live.get("spec") or {}).get("clusterLinkOptions") or {})
+    link = dict(obj["spec"]["clusterLinkOptions"])
+    given = {"defaultNICName": opts.default_nic, "autodetectionMethod": opts.autodetection_method,
+             "nicNodeNames": opts.nic_overrides}  # fmt: skip
+    for key, flag in given.items():
+        if flag is None and key in have:
+            link[key] = copy.deepcopy(have[key])
+    return {**obj, "spec": {**obj["spec"], "clusterLinkOptions": link}}
 
 
 def _cond(obj: dict[str, Any] | None, ctype: str) -> dict[str, Any]:
@@ -518,10 +578,11 @@ def join(name: str, host: Target, member: Target, opts: JoinOptions, *, lab_name
             progress(f"join {name}: service CIDRs from the member's ServiceCIDRs: {', '.join(services)}")
     obj = cluster_object(name, opts, pods, services)
     try:
-        crd.parse_cluster(obj)
+        spec = crd.parse_cluster(obj)
     except crd.ClusterSpecError as e:
         raise InstallUsageError(f"Cluster {name}: {e}") from e
-    member_objs = [] if state is not None else member_objects(name, reflector or "REFLECTOR:4880")
+    member_objs = [] if state is not None else member_objects(name, reflector or "REFLECTOR:4880",
+                                                              agent_underlay_data(spec))  # fmt: skip
     if dry_run:
         _print_objects([obj], "apply")
         _print_objects(member_objs, "apply")
@@ -531,6 +592,15 @@ def join(name: str, host: Target, member: Target, opts: JoinOptions, *, lab_name
     hkube = Kube(host)
     if not _served(hkube):
         raise InstallUsageError(f"{host}: no Cluster CRD; run 'fabric-tool install' first")
+    live = hkube.get(crd.API_VERSION, crd.KIND, name)
+    if live is not None:
+        obj = keep_live_underlay(obj, opts, live)
+        try:
+            spec = crd.parse_cluster(obj)
+        except crd.ClusterSpecError as e:
+            raise InstallUsageError(f"Cluster {name} (underlay settings kept from the live object): {e}") from e
+        if state is None:
+            member_objs = member_objects(name, reflector or "REFLECTOR:4880", agent_underlay_data(spec))
     others = [o for o in hkube.list(crd.API_VERSION, crd.KIND) if o["metadata"]["name"] != name]
     res = crd.resolve([*others, {**obj, "metadata": {"name": name, "creationTimestamp": "9999"}}])
     if name in res.problems:
