@@ -56,6 +56,8 @@ POINTS: tuple[tuple[str, str, str, str, str], ...] = (
     ("Deployment", "kosmos-fabric-reflector", "spec.template.spec.tolerations", "reflector.tolerations", "block"),
     ("Deployment", "kosmos-fabric-reflector", "spec.template.spec.nodeSelector", "reflector.nodeSelector", "block"),
     ("Service", "kosmos-fabric-reflector", "spec.type", "reflector.service.type", "quote"),
+    ("PodDisruptionBudget", "kosmos-fabric-reflector", "spec.minAvailable",
+     "reflector.podDisruptionBudget.minAvailable", "raw"),
     ("DaemonSet", "kosmos-fabric-agent", "spec.template.spec.containers.0.image", "image", "image"),
     ("DaemonSet", "kosmos-fabric-agent", "spec.template.spec.containers.0.imagePullPolicy",
      "image.pullPolicy", "quote"),

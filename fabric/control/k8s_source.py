@@ -21,13 +21,22 @@ What happens, in order:
    ``status_interval`` seconds: node sync is not an event of ours), each Cluster's status is
    computed (:func:`cluster_status`: ``Accepted`` and ``Ready`` conditions with reasons,
    conflicts with field paths, CIDRs in use, nodes, active gateway) and written with a merge
-   patch of the ``status`` subresource when it differs from what the object carries. With a
-   status Lease (``--status-lease``) only the replica holding it writes; every replica serves
-   agents from the same view.
+   patch of the ``status`` subresource when it differs from what the object carries.
+5. **Leader Lease** (``--status-lease NS/NAME``, optional): replicas run active/standby. Every
+   replica keeps its view hot (1-3 run everywhere), but only the holder of the Lease (a
+   ``coordination.k8s.io`` Lease, taken when free or expired, renewed every third of its
+   duration with optimistic concurrency) serves agents and writes status; the others refuse
+   ``SyncNode`` with UNAVAILABLE naming the leader (``Reflector.set_leader``). A leader steps
+   down, closing its sessions with UNAVAILABLE, when another identity holds the Lease or when it
+   could not renew it before one period short of its duration (so it stops before anyone may
+   take over); on a clean stop it steps down and releases the Lease for a quick hand-over. A new
+   leader waits (startup hold) for the nodes the Cluster statuses of the previous leader list.
+   Without a Lease the one replica always serves (lab, standalone).
 
-The blocking ``kubernetes`` client runs in threads (one for list+watch, one for status and
-Lease writes); everything touching the reflector runs on its event loop (events are handed
-over with ``call_soon_threadsafe``), so the reflector needs no locks. Those threads can enter
+The blocking ``kubernetes`` client runs in threads (one for list+watch, one for status writes,
+one for the Lease, so a slow status write never delays a renewal); everything touching the
+reflector runs on its event loop (events are handed over with ``call_soon_threadsafe``), so the
+reflector needs no locks. Those threads can enter
 another network namespace first (``netns_fd``): the lab runs the reflector in its underlay
 namespace and the emulated API servers on 127.0.0.1 of the root namespace.
 """
@@ -66,11 +75,14 @@ LEASE_GROUP, LEASE_VERSION, LEASE_PLURAL = "coordination.k8s.io", "v1", "leases"
 
 
 class ConfigSink(Protocol):
-    """What the source drives: the reflector (``set_config`` re-plans; ``status`` for Clusters)."""
+    """What the source drives: the reflector (``set_config`` re-plans; ``status`` for Clusters;
+    ``set_leader`` switches between serving agents and standby, with a Lease only)."""
 
     def set_config(self, config: types.FabricConfig) -> None: ...
 
     def status(self) -> api.FabricStatus: ...
+
+    def set_leader(self, leading: bool, why: str, expected: Sequence[str] | None = None) -> None: ...
 
 
 class SourceError(RuntimeError):
@@ -331,7 +343,8 @@ def expected_nodes(objects: Sequence[Mapping[str, Any]], config: types.FabricCon
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class LeaseSpec:
-    """``--status-lease NS/NAME`` with ``--status-lease-identity``."""
+    """``--status-lease NS/NAME`` with ``--status-lease-identity``: the leader Lease (its holder
+    is the one replica that serves agents and writes Cluster status)."""
 
     namespace: str
     name: str
@@ -389,7 +402,14 @@ class KubernetesSource:
         self._dirty: asyncio.Event | None = None
         self._stop = threading.Event()
         self._lease_until = 0.0
+        #: This replica holds the Lease and told the sink to serve (always False without a Lease).
+        self.leading = False
+        #: The nodes a restarted reflector or a new leader waits for (from the Cluster statuses
+        #: when it started or took over): kept in every configuration handed to the sink.
+        self._expected: tuple[str, ...] = ()
         self._writer = concurrent.futures.ThreadPoolExecutor(1, "kube-status", initializer=_enter_netns,
+                                                             initargs=(netns_fd,))  # fmt: skip
+        self._leaser = concurrent.futures.ThreadPoolExecutor(1, "kube-lease", initializer=_enter_netns,
                                                              initargs=(netns_fd,))  # fmt: skip
         self.synced = False
         #: Counters for logs and tests.
@@ -427,10 +447,10 @@ class KubernetesSource:
     def initial_config(self) -> types.FabricConfig:
         """The configuration of the current view, expecting the nodes its statuses list."""
         outcome = resolve_with_last_good(self.objects, self._last_good, self.bridge_cidrs, self.local_cidrs)
-        config = outcome.resolution.config
         self.outcome = outcome
-        self._applied = config
-        return dataclasses.replace(config, expected_nodes=expected_nodes(list(self.objects.values()), config))
+        self._expected = expected_nodes(list(self.objects.values()), outcome.resolution.config)
+        self._applied = dataclasses.replace(outcome.resolution.config, expected_nodes=self._expected)
+        return self._applied
 
     def _post(self, kind: str, payload: Any) -> None:
         loop = self._loop
@@ -499,17 +519,25 @@ class KubernetesSource:
             _request_timeout=REQUEST_TIMEOUT_S,
         )  # fmt: skip
 
-    def _renew_lease(self) -> bool:
-        """Take or renew the Lease; True while we hold it (optimistic concurrency on updates)."""
+    def _lease_timeout(self) -> float:
+        """Timeout of one Lease request: well within a renewal period, so a hanging API server
+        cannot keep a leader serving past the Lease's validity."""
+        assert self.lease is not None
+        return max(1.0, min(REQUEST_TIMEOUT_S, self.lease.duration_s / 6))
+
+    def _renew_lease(self) -> tuple[bool, str]:
+        """Take or renew the Lease: (we hold it now, the identity holding it). Optimistic
+        concurrency on updates: of two replicas racing for a free Lease one gets a conflict."""
         from kubernetes.client.exceptions import ApiException
 
         assert self.lease is not None
         ls = self.lease
         now = self._clock()
+        timeout = self._lease_timeout()
         spec = {"holderIdentity": ls.identity, "leaseDurationSeconds": ls.duration_s, "renewTime": _micro_time(now)}
         try:
             cur = self._objects_api.get_namespaced_custom_object(
-                LEASE_GROUP, LEASE_VERSION, ls.namespace, LEASE_PLURAL, ls.name, _request_timeout=REQUEST_TIMEOUT_S)
+                LEASE_GROUP, LEASE_VERSION, ls.namespace, LEASE_PLURAL, ls.name, _request_timeout=timeout)
         except ApiException as e:
             if e.status != 404:
                 raise
@@ -517,21 +545,36 @@ class KubernetesSource:
                     "metadata": {"name": ls.name, "namespace": ls.namespace},
                     "spec": {**spec, "acquireTime": _micro_time(now), "leaseTransitions": 0}}  # fmt: skip
             self._objects_api.create_namespaced_custom_object(LEASE_GROUP, LEASE_VERSION, ls.namespace, LEASE_PLURAL,
-                                                              body, _request_timeout=REQUEST_TIMEOUT_S)  # fmt: skip
-            return True
+                                                              body, _request_timeout=timeout)  # fmt: skip
+            return True, ls.identity
         cspec = cur.get("spec") or {}
         holder = cspec.get("holderIdentity") or ""
         renewed = _parse_time(cspec.get("renewTime")) or 0.0
         duration = cspec.get("leaseDurationSeconds") or ls.duration_s
         if holder and holder != ls.identity and renewed + duration > now:
-            return False
+            return False, holder
         if holder != ls.identity:
             spec["acquireTime"] = _micro_time(now)
             spec["leaseTransitions"] = int(cspec.get("leaseTransitions") or 0) + 1
         cur["spec"] = {**cspec, **spec}
         self._objects_api.replace_namespaced_custom_object(
-            LEASE_GROUP, LEASE_VERSION, ls.namespace, LEASE_PLURAL, ls.name, cur, _request_timeout=REQUEST_TIMEOUT_S)
-        return True
+            LEASE_GROUP, LEASE_VERSION, ls.namespace, LEASE_PLURAL, ls.name, cur, _request_timeout=timeout)
+        return True, ls.identity
+
+    def _release_lease(self) -> None:
+        """Give the Lease up (empty holder) if we still hold it: a standby takes over at its next
+        attempt instead of waiting for the Lease to expire."""
+        assert self.lease is not None
+        ls = self.lease
+        timeout = self._lease_timeout()
+        cur = self._objects_api.get_namespaced_custom_object(
+            LEASE_GROUP, LEASE_VERSION, ls.namespace, LEASE_PLURAL, ls.name, _request_timeout=timeout)
+        cspec = cur.get("spec") or {}
+        if cspec.get("holderIdentity") != ls.identity:
+            return
+        cur["spec"] = {**cspec, "holderIdentity": "", "renewTime": _micro_time(self._clock())}
+        self._objects_api.replace_namespaced_custom_object(
+            LEASE_GROUP, LEASE_VERSION, ls.namespace, LEASE_PLURAL, ls.name, cur, _request_timeout=timeout)
 
     # -- event loop side ----------------------------------------------------------------------
 
@@ -553,7 +596,7 @@ class KubernetesSource:
         """Resolve the view; hand a changed configuration to the reflector; status is due."""
         outcome = resolve_with_last_good(self.objects, self._last_good, self.bridge_cidrs, self.local_cidrs)
         self.outcome = outcome
-        config = outcome.resolution.config
+        config = dataclasses.replace(outcome.resolution.config, expected_nodes=self._expected)
         if config != self._applied and self._sink is not None:
             _log.info("Cluster resources changed: %d clusters in the fabric (%s); %d left out",
                       len(config.clusters), ", ".join(c.name for c in config.clusters) or "none",
@@ -604,30 +647,66 @@ class KubernetesSource:
                 self._written[name] = doc
                 self.status_writes += 1
 
+    def _lead(self, leading: bool, why: str) -> None:
+        """Tell the sink to serve (with the nodes the Cluster statuses list: the previous leader
+        wrote them) or to stand by; on gaining the Lease our status is due at once."""
+        assert self._sink is not None
+        if leading:
+            config = self.outcome.resolution.config if self.outcome is not None else types.FabricConfig(clusters=())
+            self._expected = expected_nodes(list(self.objects.values()), config)
+            if self._applied is not None:
+                self._applied = dataclasses.replace(self._applied, expected_nodes=self._expected)
+            self._sink.set_leader(True, why, self._expected)
+            self._written.clear()
+            if self._dirty is not None:
+                self._dirty.set()
+        else:
+            self._sink.set_leader(False, why)
+        self.leading = leading
+
     async def _lease_loop(self) -> None:
+        """Renew (or try to take) the leader Lease every third of its duration and switch the
+        sink between leader and standby (see the module docstring, step 5)."""
         assert self.lease is not None
+        ls = self.lease
+        where = f"{ls.namespace}/{ls.name}"
         loop = asyncio.get_running_loop()
-        period = max(1.0, self.lease.duration_s / 3)
-        holding = False
+        period = max(1.0, ls.duration_s / 3)
+        holder: str | None = None  # as last read; None: unknown (the last attempt failed)
         while True:
+            error = ""
             try:
-                ok = await loop.run_in_executor(self._writer, self._renew_lease)
+                ok, holder = await asyncio.wait_for(loop.run_in_executor(self._leaser, self._renew_lease), period)
+            except TimeoutError:
+                ok, holder, error = False, None, f"no answer within {period:g}s"
             except Exception as e:  # conflict (another replica won the race) or API trouble
-                _code, text = _api_error(e)
-                _log.info("status Lease %s/%s not renewed: %s", self.lease.namespace, self.lease.name, text)
-                ok = False
+                ok, holder, error = False, None, _api_error(e)[1]
+            now = time.monotonic()
             if ok:
-                # Keep a margin: stop writing a little before another replica may take over.
-                self._lease_until = time.monotonic() + self.lease.duration_s - period
-            if ok != holding:
-                holding = ok
-                _log.info("status Lease %s/%s %s", self.lease.namespace, self.lease.name,
-                          "acquired: this replica writes Cluster status" if ok else "held by another replica")
-                if ok:
-                    self._written.clear()
-                    assert self._dirty is not None
-                    self._dirty.set()
-            await asyncio.sleep(period)
+                # Keep a margin: stop a period before another replica may take over.
+                self._lease_until = now + ls.duration_s - period
+                if not self.leading:
+                    _log.info("leader Lease %s acquired: this replica serves agents and writes Cluster status", where)
+                    self._lead(True, f"acquired the leader Lease {where}")
+            elif holder is not None:  # another live identity holds it
+                if self.leading:
+                    _log.warning("leader Lease %s is held by %s: stepping down to standby", where, holder)
+                self._lease_until = 0.0
+                self._lead(False, f"standby replica; the leader is {holder}")
+            else:
+                _log.info("leader Lease %s not renewed: %s", where, error)
+                if self.leading and now >= self._lease_until:
+                    _log.warning("leader Lease %s could not be renewed within its validity (%s): stepping down",
+                                 where, error)  # fmt: skip
+                    self._lead(False, f"standby replica; the leader is unknown (the Lease {where} could not be "
+                                      f"renewed: {error})")  # fmt: skip
+                elif not self.leading:
+                    self._lead(False, f"standby replica; the leader is unknown (the Lease {where} cannot be read: "
+                                      f"{error})")  # fmt: skip
+            wait = period
+            if self.leading and not ok:
+                wait = min(period, max(0.05, self._lease_until - now))  # wake up when validity ends
+            await asyncio.sleep(wait)
 
     async def run(self, sink: ConfigSink) -> None:
         """Watch and write status for ``sink`` until cancelled (on ``sink``'s event loop)."""
@@ -647,3 +726,15 @@ class KubernetesSource:
             for t in tasks:
                 t.cancel()
             self._writer.shutdown(wait=False, cancel_futures=True)
+            if self.leading:
+                # Nobody renews the Lease any more: stop serving now, then hand it over.
+                assert self.lease is not None
+                self._lead(False, f"standby replica; this replica stopped renewing the Lease "
+                                  f"{self.lease.namespace}/{self.lease.name}")  # fmt: skip
+                self._lease_until = 0.0
+                release = self._leaser.submit(self._release_lease)
+                try:
+                    await asyncio.wait_for(asyncio.wrap_future(release), self._lease_timeout() + 1.0)
+                except Exception as e:  # the Lease then simply expires
+                    _log.info("could not release the leader Lease: %s", _api_error(e)[1])
+            self._leaser.shutdown(wait=False, cancel_futures=True)

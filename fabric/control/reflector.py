@@ -11,6 +11,14 @@ the node must have. What happens, in order:
    only after END_OF_SNAPSHOT, so a restarted reflector with a partial topology never makes them
    delete routes to nodes that simply have not reconnected yet. (A configuration without a node
    list holds for the full period: there is nobody to wait for, so time is the only signal.)
+   The hold does not make the reflector unready (``/readyz``): agents can end it only by
+   reaching it. With a leader Lease (``--status-lease``, Kubernetes source) replicas run
+   active/standby: a standby keeps its configuration current, answers GetStatus and refuses
+   ``SyncNode`` at once with UNAVAILABLE naming the leader (not a rejection: agents retry) and is
+   unready; the leader serves. Losing the Lease closes every session with UNAVAILABLE (agents
+   keep their dataplane and reconnect to the new leader); taking it over starts a startup hold
+   for the nodes the Cluster statuses list (:meth:`Reflector.set_leader`). Without a Lease the
+   reflector always serves.
 2. **Announce.** An agent opens ``SyncNode`` and announces its node. The announcement is validated
    (:func:`~fabric.control.planner.validate_announcement`). Refused: the reason is recorded (see
    GetStatus), sent as ``Rejected`` and the stream closed; nothing already working changes.
@@ -273,6 +281,9 @@ class Reflector:
         #: Latest PeerReport of every node with an open session: the peers it cannot reach.
         self._reports: dict[types.NodeKey, frozenset[types.NodeKey]] = {}
         self._gateway_moves: dict[str, int] = {}
+        #: None while this replica serves agents (the leader, or the only replica); else why it
+        #: does not (standby of a leader Lease: see :meth:`set_leader`).
+        self.standby_reason: str | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -731,10 +742,16 @@ class Reflector:
         self, requests: AsyncIterator[pb.SyncNodeRequest], context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.SyncNodeResponse]:
         peer = _peer_name(context.peer())
-        try:
-            first = await asyncio.wait_for(anext(requests), self._hold_time(None))
-        except (StopAsyncIteration, TimeoutError):
-            _log.info("session from %s ended before announcing its node", peer)
+        if self.standby_reason is None:
+            try:
+                first = await asyncio.wait_for(anext(requests), self._hold_time(None))
+            except (StopAsyncIteration, TimeoutError):
+                _log.info("session from %s ended before announcing its node", peer)
+                return
+        if self.standby_reason is not None:  # a standby (or it became one while we waited)
+            # Not a rejection: agents retry UNAVAILABLE, through the Service, to the leader.
+            context.set_code(grpc.StatusCode.UNAVAILABLE)
+            context.set_details(self.standby_reason)
             return
         if first.WhichOneof("message") != "announce":
             reason = f"the first message must be an announcement, not {first.WhichOneof('message') or 'empty'}"
@@ -879,10 +896,56 @@ class Reflector:
         return True, "ok"
 
     def ready(self) -> tuple[bool, str]:
-        """Ready once serving and out of the startup hold (agents then get END_OF_SNAPSHOT)."""
+        """Ready while serving agents: listening and not a standby. The startup hold does not
+        count: agents can end it only by reaching this replica (through a Service that routes to
+        ready pods), so a holding leader must be ready."""
         if self._server is None:
             return False, "not serving"
-        return (False, "startup hold: waiting for expected nodes") if self.holding else (True, "ok")
+        if self.standby_reason is not None:
+            return False, self.standby_reason
+        return (True, "ok (startup hold: waiting for expected nodes)") if self.holding else (True, "ok")
+
+    def set_leader(self, leading: bool, why: str, expected: Iterable[str] | None = None) -> None:
+        """Serve agents (``leading``: this replica holds the leader Lease) or stand by; call on
+        the event loop. Standing down closes every session and topology watch with UNAVAILABLE
+        (agents reconnect to the new leader and keep their dataplane meanwhile); a standby
+        refuses ``SyncNode`` with ``why`` (naming the leader). Taking over starts a startup hold
+        for ``expected`` (``cluster/node`` names; None keeps the configuration's), exactly as a
+        restart would: no END_OF_SNAPSHOT until those nodes announced or the hold elapsed."""
+        if not leading:
+            was_leading = self.standby_reason is None
+            self.standby_reason = why
+            if not was_leading:
+                return
+            closed = 0
+            for rec in self._nodes.values():
+                if rec.session is not None:
+                    rec.session.close(why, grpc.StatusCode.UNAVAILABLE)
+                    closed += 1
+            for w in self._watchers:
+                w.queue.put_nowait(_Close(why, grpc.StatusCode.UNAVAILABLE))
+            _log.log(logging.WARNING if closed else logging.INFO, "standby from now on (%s): closed %d agent sessions",
+                     why, closed)  # fmt: skip
+            return
+        if self.standby_reason is None:
+            return
+        self.standby_reason = None
+        if expected is not None:
+            self._expected = {types.NodeKey.parse(k) for k in expected}
+        _log.info("leader from now on (%s): serving agents", why)
+        if self._loop is not None and self.startup_hold > 0 and not self._all_expected_present():
+            # A full hold from now (an old one began when this replica started, as a standby);
+            # before start() there is nothing to do: start() begins the hold.
+            if self._hold_handle is not None:
+                self._hold_handle.cancel()
+            self.holding = True
+            self._hold_handle = self._loop.call_later(
+                self.startup_hold, self._release_hold, f"startup hold of {self.startup_hold:g}s elapsed"
+            )
+            _log.info("holding END_OF_SNAPSHOT for up to %gs until %s announce", self.startup_hold,
+                      f"{len(self._expected)} expected nodes" if self._expected else "(no node list: the full period)")
+        elif self.holding:
+            self._maybe_release_hold()
 
 
 class _Servicer(pb_grpc.FabricServicer):  # type: ignore[misc]
@@ -907,6 +970,10 @@ class _Servicer(pb_grpc.FabricServicer):  # type: ignore[misc]
     async def WatchTopology(
         self, request: pb.WatchTopologyRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.WatchTopologyResponse]:
+        if self._r.standby_reason is not None:  # a standby's topology has no nodes: send the caller on
+            context.set_code(grpc.StatusCode.UNAVAILABLE)
+            context.set_details(self._r.standby_reason)
+            return
         async for msg in self._r.watch_topology():
             yield msg
 
@@ -1103,9 +1170,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resync-period", type=float, default=300.0, metavar="S",
                    help="kubernetes source: seconds between full relists of the Clusters (default %(default)g)")
     p.add_argument("--status-lease", metavar="NS/NAME",
-                   help="kubernetes source: only the holder of this Lease writes Cluster status (replicas)")
+                   help="kubernetes source: the leader Lease of replicas running active/standby: its holder is the "
+                   "one replica that serves agents and writes Cluster status; the others keep their view hot and "
+                   "refuse agents with UNAVAILABLE naming the leader (default: no Lease, always serving)")
     p.add_argument("--status-lease-identity", metavar="ID", default="",
-                   help="this replica's identity in the status Lease (e.g. the pod name)")
+                   help="this replica's identity in the leader Lease (e.g. the pod name)")
     p.add_argument(
         "--listen",
         action="append",
@@ -1220,6 +1289,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         keepalive_interval=args.keepalive_interval,
         startup_hold=args.startup_hold,
     )
+    if args.lease is not None:  # serve only once the Lease is ours (KubernetesSource decides)
+        reflector.set_leader(False, f"standby replica; waiting for the leader Lease "
+                                    f"{args.lease.namespace}/{args.lease.name}")  # fmt: skip
     _log.info(
         "config %s: %d clusters, %d expected nodes; grace %gs, keepalive %gs, startup hold %gs",
         args.config,

@@ -154,6 +154,7 @@ def test_base_renders_the_expected_objects(base: dict[tuple[str, str], dict[str,
         ("ClusterRoleBinding", "kosmos-fabric-reflector"), ("ClusterRoleBinding", "kosmos-fabric-agent"),
         ("Role", "kosmos-fabric-reflector"), ("RoleBinding", "kosmos-fabric-reflector"),
         ("Deployment", "kosmos-fabric-reflector"), ("Service", "kosmos-fabric-reflector"),
+        ("PodDisruptionBudget", "kosmos-fabric-reflector"),
         ("ConfigMap", "kosmos-fabric-agent"), ("DaemonSet", "kosmos-fabric-agent"),
     }
     for (kind, name), obj in base.items():
@@ -245,22 +246,31 @@ def test_reflector_deployment_and_service(base: dict[tuple[str, str], dict[str, 
     dep = base[("Deployment", "kosmos-fabric-reflector")]
     pod = dep["spec"]["template"]["spec"]
     (c,) = pod["containers"]
-    assert dep["spec"]["replicas"] == 1  # until replicas share their topology (see the manifest)
+    assert dep["spec"]["replicas"] == 2  # active/standby through the leader Lease
     assert not pod.get("hostNetwork")
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert c["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                                     "capabilities": {"drop": ["ALL"]}}
     assert c["command"] == ["fabric-reflector"]
     assert "--listen=0.0.0.0:4880" in c["args"] and "--metrics-listen=0.0.0.0:9477" in c["args"]
+    assert "--status-lease=$(POD_NAMESPACE)/kosmos-fabric-reflector" in c["args"]
+    assert "--status-lease-identity=$(POD_NAME)" in c["args"]
     assert {(p["name"], p["containerPort"]) for p in c["ports"]} == {("grpc", 4880), ("metrics", 9477)}
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
-    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    # Not /readyz (false on the standby): the standby must count as available, or rollouts
+    # and drains would wait for it forever (see the manifest).
+    assert c["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     assert dep["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == "9477"
+    strategy = dep["spec"]["strategy"]["rollingUpdate"]
+    assert strategy["maxUnavailable"] == 1 and strategy["maxSurge"] == 0
+    pdb = base[("PodDisruptionBudget", "kosmos-fabric-reflector")]
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["selector"] == dep["spec"]["selector"]
     svc = base[("Service", "kosmos-fabric-reflector")]
     assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
     assert {(p["name"], p["port"], p["targetPort"]) for p in svc["spec"]["ports"]} == {
         ("grpc", 4880, "grpc"), ("metrics", 9477, "metrics")}
-    assert svc["spec"]["publishNotReadyAddresses"] is True
+    assert not svc["spec"].get("publishNotReadyAddresses")  # both replicas are ready; nothing else should be
 
 
 #: The complete RBAC of the fabric: (role kind, name) -> rules. Anything more is a failure.
@@ -350,11 +360,13 @@ def test_chart_with_default_values_renders_the_kustomize_base(
 def test_chart_values_reach_the_objects() -> None:
     objs = by_id(helm_template(chart_values(
         agent__enabled=False, reflector__replicas=3, image__tag="9.9.9",
+        reflector__podDisruptionBudget={"minAvailable": 2},
         reflector__resources={"requests": {"cpu": "1"}}, reflector__tolerations=[]), namespace="fabric"))
     assert not any(k[1] == "kosmos-fabric-agent" for k in objs)
     dep = objs[("Deployment", "kosmos-fabric-reflector")]
     assert dep["metadata"]["namespace"] == "fabric"
     assert dep["spec"]["replicas"] == 3
+    assert objs[("PodDisruptionBudget", "kosmos-fabric-reflector")]["spec"]["minAvailable"] == 2
     (c,) = dep["spec"]["template"]["spec"]["containers"]
     assert c["image"] == "ghcr.io/kosmos-fabric/kosmos-fabric:9.9.9"
     assert c["resources"] == {"requests": {"cpu": "1"}}
@@ -377,6 +389,11 @@ STAND_INS = (
     ("rbac.authorization.k8s.io", "v1", "RoleBinding", "rolebindings", "Namespaced"),
     ("monitoring.coreos.com", "v1", "ServiceMonitor", "servicemonitors", "Namespaced"),
 )
+#: Kinds left out of the kubectl round trip: kubectl patches a PodDisruptionBudget's selector
+#: strategically (patch strategy "replace") on every apply, and kubeemu's strategic merge does
+#: not implement that directive, so a second apply reports "configured" instead of "unchanged".
+#: Its schema is checked strictly by kubernetes-validate above.
+NOT_ROUND_TRIPPED = frozenset({"PodDisruptionBudget"})
 
 
 def kubectl(server: str, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
@@ -413,6 +430,8 @@ def emu() -> Iterator[ServerThread]:
 
 
 def apply_and_read_back(emu: ServerThread, objs: list[dict[str, Any]]) -> None:
+    assert any(o["kind"] in NOT_ROUND_TRIPPED for o in objs), "NOT_ROUND_TRIPPED is stale"
+    objs = [o for o in objs if o["kind"] not in NOT_ROUND_TRIPPED]
     text = yaml.safe_dump_all(objs, sort_keys=False)
     for attempt in range(2):  # the second apply must be a no-op ("unchanged"), like a re-install
         p = kubectl(emu.url, "apply", "--server-side=false", "-f", "-", stdin=text)

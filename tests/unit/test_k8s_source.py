@@ -12,7 +12,7 @@ import asyncio
 import copy
 import json
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -153,9 +153,14 @@ class Sink:
 
     def __init__(self) -> None:
         self.configs: list[types.FabricConfig] = []
+        #: set_leader calls: (leading, why, expected).
+        self.roles: list[tuple[bool, str, tuple[str, ...] | None]] = []
 
     def set_config(self, config: types.FabricConfig) -> None:
         self.configs.append(config)
+
+    def set_leader(self, leading: bool, why: str, expected: Sequence[str] | None = None) -> None:
+        self.roles.append((leading, why, None if expected is None else tuple(expected)))
 
     def status(self) -> api.FabricStatus:
         config = self.configs[-1] if self.configs else types.FabricConfig(clusters=())
@@ -290,11 +295,16 @@ def test_only_the_lease_holder_writes_status(emu: ServerThread) -> None:
             assert not b.may_write_status() and b.status_writes == 0
             lease = _request(url, "GET", "/apis/coordination.k8s.io/v1/namespaces/kosmos-system/leases/refl")
             assert lease["spec"]["holderIdentity"] == "a"
-            ta.cancel()  # a stops renewing: b takes over after the lease duration
+            assert sa.roles[0][:2] == (True, "acquired the leader Lease kosmos-system/refl") and a.leading
+            assert sb.roles and {r[:2] for r in sb.roles} == {(False, "standby replica; the leader is a")}
+            ta.cancel()  # a stops renewing: it stands down and releases the Lease; b takes over
             patched = copy.deepcopy(_get(url, "east"))
             _request(url, "PATCH", f"{CLUSTERS}/east/status", {"status": {"conditions": []}},
                      "application/merge-patch+json")
             await _until(lambda: b.may_write_status(), "b takes the lease", timeout=8)
+            assert sa.roles[-1][0] is False and not a.leading
+            # The new leader waits for the nodes the old leader's Cluster status listed.
+            assert sb.roles[-1] == (True, "acquired the leader Lease kosmos-system/refl", ("east/e1",))
             await _until(lambda: _cond(_get(url, "east"), "Ready").get("status") == "True", "b rewrites status")
             assert patched["status"]["conditions"]
         finally:
