@@ -73,6 +73,16 @@ def _parse_n(text: str) -> tuple[int, ...]:
     return values
 
 
+def _parse_shapes(text: str) -> tuple[str, ...]:
+    values = tuple(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
+    unknown = [v for v in values if v not in bc.CONTROL_SHAPES]
+    if not values or unknown:
+        raise argparse.ArgumentTypeError(
+            f"--shape {text!r}: expected comma-separated shapes of {', '.join(bc.CONTROL_SHAPES)}"
+        )
+    return values
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -266,6 +276,10 @@ def main(argv: list[str]) -> int:
                         help="run nothing: render --markdown from earlier --json files (merged in order)")  # fmt: skip
     parser.add_argument("--n", type=_parse_n, default=bc.Options.n, metavar="N,N,...",
                         help="control: numbers of simulated agents (default 100,1000,10000)")  # fmt: skip
+    parser.add_argument("--shape", type=_parse_shapes, default=bc.Options.shapes, metavar="SHAPE,...",
+                        help="control: p2p (2 P2P clusters: every agent holds every node) and/or gateway "
+                        "(gateway-mode clusters of 100 nodes, 3 gateway candidates each), run at every N "
+                        "(default: p2p for N <= 1000, gateway for every N)")  # fmt: skip
     parser.add_argument("--budget", type=_positive_float, default=bc.Options.budget_s, metavar="S",
                         help="control: seconds to bring up the agents of one N (default %(default)g)")  # fmt: skip
     parser.add_argument("--tiny", action="store_true", help="smoke-test sizes: short and small, proves it runs")
@@ -287,7 +301,7 @@ def main(argv: list[str]) -> int:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)} on the command line; known: {', '.join(BENCHMARKS)}")
     if args.repeat < 1:
         parser.error(f"--repeat must be at least 1, got {args.repeat}")
-    opts = bc.Options(repeat=args.repeat, tiny=args.tiny, n=args.n, budget_s=args.budget)
+    opts = bc.Options(repeat=args.repeat, tiny=args.tiny, n=args.n, budget_s=args.budget, shapes=args.shape)
     # Pre-flight: refuse named benchmarks that cannot run; skip (with the reason) unnamed ones.
     chosen: list[tuple[str, ModuleType]] = []
     skipped: dict[str, str] = {}

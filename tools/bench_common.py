@@ -53,6 +53,14 @@ class Options:
     n: tuple[int, ...] = (100, 1000, 10_000)
     #: control: seconds allowed to bring up the agents of one N before it is reported infeasible.
     budget_s: float = 300.0
+    #: control: agent shapes (of :data:`CONTROL_SHAPES`) to run at every N; empty = the default
+    #: (P2P for N up to 1,000, where its O(N^2) state still fits, and the gateway shape for every N).
+    shapes: tuple[str, ...] = ()
+
+
+#: The fabric shapes ``bench control`` simulates: two P2P clusters (every agent holds every other
+#: node: the worst case) or gateway-mode clusters of 100 nodes (internal nodes hold O(1) peers).
+CONTROL_SHAPES = ("p2p", "gateway")
 
 
 @dataclasses.dataclass

@@ -1,8 +1,10 @@
-"""The benchmark suite's registry, figures, rendering and refusals (no benchmark runs here: the
-tiny-configuration runs of every benchmark are in tests/privileged/test_bench_smoke.py)."""
+"""The benchmark suite's registry, figures, rendering and refusals. The tiny-configuration runs of
+the benchmarks that need root are in tests/privileged/test_bench_smoke.py; control (no root) runs
+here over both of its shapes."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import os
@@ -95,6 +97,52 @@ def test_two_runs_merge_into_one_document(tmp_path: Path) -> None:
     assert "2030-01-01" in md and "2030-01-02" in md
 
 
+def test_control_runs_both_shapes_in_a_tiny_configuration(tmp_path: Path) -> None:
+    """``--tiny`` control over the p2p and the gateway shape (20 agents; gateway: 2 clusters of
+    10): every figure of both shapes is there with numbers, and the gateway shape's changes reach
+    only the agents the planner says they affect (a worker fails the run otherwise)."""
+    out = tmp_path / "control.json"
+    argv = ["control", "--tiny", "--repeat", "1", "--n", "20", "--shape", "p2p,gateway", "--json", str(out)]
+    assert bench.main(argv) == 0
+    control = json.loads(out.read_text())["control"]
+    for sfx in ("_n20", "_gateway_n20"):
+        for metric in ("join_fanout_p50", "join_fanout_p99", "leave_fanout_p50", "leave_fanout_p99", "bringup",
+                       "server_cpu_per_change", "server_cpu_per_agent_per_change", "server_rss_per_agent"):  # fmt: skip
+            fig = control[metric + sfx]
+            assert {"median", "min", "max", "baseline_median", "ratio", "unit"} <= fig.keys(), metric + sfx
+        for metric in ("join_fanout_p50", "leave_fanout_p50", "bringup"):
+            fig = control[metric + sfx]
+            assert fig["median"] > 0 and fig["baseline_median"] > 0, metric + sfx
+    notes = "\n".join(control["notes"])
+    # Gateway: the joiner's cluster's internal nodes (8 of its 10) keep their plans.
+    assert "gateway N=20: 2 gateway-mode clusters of up to 10 nodes; a join or leave changes the plans of 12 " in notes
+    assert "p2p N=20: 2 P2P clusters; a join or leave changes the plans of 20 " in notes
+
+
+def test_control_shapes_place_agents_in_disjoint_clusters_and_cidrs() -> None:
+    from fabric.control import planner
+    from tools import bench_control
+
+    shape = bench_control.Shape("gateway", 250)
+    assert shape.clusters == 3 and shape.suffix == "_gateway_n250"
+    assert bench_control.Shape("p2p", 250).suffix == "_n250"
+    config = shape.fabric_config()
+    assert not planner.config_problems(config)
+    anns = [shape.announcement(i) for i in (*range(shape.n), bench_control.JOINER)]
+    assert len({a.underlay_ip for a in anns}) == len({a.key for a in anns}) == len(anns)
+    cidrs = [a.pod_cidrs[0] for a in anns]
+    assert len(set(cidrs)) == len(cidrs)
+    for a in anns:
+        cluster = config.cluster(a.cluster)
+        assert cluster is not None and cluster.mode == "gateway" and len(cluster.gateways) == 3
+        assert ipaddress.ip_network(a.pod_cidrs[0]).subnet_of(ipaddress.ip_network(cluster.pod_cidrs[0]))
+    assert bench_control.shapes_for(bc.Options(), 1000) == ("p2p", "gateway")
+    assert bench_control.shapes_for(bc.Options(), 10_000) == ("gateway",)
+    assert bench_control.shapes_for(bc.Options(shapes=("p2p",)), 10_000) == ("p2p",)
+    with pytest.raises(SystemExit):
+        bench.main(["control", "--shape", "mesh"])
+
+
 def test_the_suite_registers_every_benchmark_of_the_issue() -> None:
     assert set(bench.BENCHMARKS) == {"datapath", "restart", "netlink", "control", "gateway", "failover", "translate"}
 
@@ -135,3 +183,11 @@ def test_sigterm_unwinds_only_the_benchmarking_process(monkeypatch: pytest.Monke
     with pytest.raises(SystemExit) as e:
         bench._sigterm(signal.SIGTERM, None)
     assert e.value.code == 128 + signal.SIGTERM
+
+
+def test_control_changes_are_spaced_beyond_the_longest_coalescing_window() -> None:
+    """A fan-out timed inside the window would measure the coalescing delay, not the fan-out."""
+    from fabric.control import reflector
+    from tools import bench_control
+
+    assert bench_control.QUIET_S > reflector.DEFAULT_MAX_COALESCE_WINDOW_S
