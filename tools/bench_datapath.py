@@ -144,12 +144,6 @@ def veth_path() -> Iterator[Path]:
         bc.delete_netns([a, b])
 
 
-def _check_reachable(path: Path) -> None:
-    rtts = bc.ping_rtts_us(path.src_ns, path.dst_ip, 3, 0.2)
-    if not rtts:
-        raise RuntimeError(f"{path.name} path: {path.dst_ip} does not answer ping from {path.src_ns}")
-
-
 def _measure(procs: bc.Procs, path: Path, s: Settings, cpu: int) -> dict[str, float]:
     out: dict[str, float] = {}
     out["throughput_1_stream"] = bc.iperf_gbps(procs, path.src_ns, path.dst_ns, path.dst_ip, 1, s.iperf_s)
@@ -179,7 +173,7 @@ def run(opts: bc.Options) -> bc.Report:
             stack.enter_context(veth_path()),
         ]
         for path in paths:
-            _check_reachable(path)
+            bc.check_reachable(path.name, path.src_ns, path.dst_ip)
         for rnd in range(repeat):
             for path in paths:
                 bc.progress(NAME, f"round {rnd + 1}/{repeat}: {path.name} path (iperf3 {s.iperf_s:g}s x2, "
