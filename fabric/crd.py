@@ -15,12 +15,20 @@ then name); a Cluster whose CIDRs conflict with one already accepted is left out
 and gets the problems, with field paths, for its status. A newly created bad Cluster therefore
 never disturbs the ones that were running.
 
-Which CIDRs a cluster uses: those discovered from its Nodes (``spec.podCIDRs`` union) and from
-the ServiceCIDR API when there are any, else the spec's ``podCIDRs`` / ``serviceCIDRs``. A key of
-``globalCIDRsMap`` maps every CIDR in use that it contains (a /16 key covers the nodes' /24s); a
-key must contain at least one CIDR in use, and no CIDR in use may be only partly covered. The
-cluster's configured ranges are then the keys plus the CIDRs no key covers, so the planner sees
-exactly one range per translation, as with the topology file.
+Which pod CIDRs a cluster uses: the spec's ``podCIDRs`` when it has any (every node's pod CIDR
+must then lie inside them); a Cluster without ``podCIDRs`` is in *discovery mode*: its pod CIDRs
+are the union (collapsed) of the pod CIDRs its admitted nodes announced (the agents read them
+from their Node objects; the reflector has no credentials for member clusters), passed in as
+``discovered`` by the Kubernetes topology source. Such a Cluster is accepted with no nodes yet
+(its status says it waits for them), and a node that joins later with a range outside the
+union is admitted (:func:`fabric.control.planner.validate_announcement` checks it against the
+other clusters instead) and widens the union. Service CIDRs: those discovered from the
+ServiceCIDR API when there are any, else the spec's ``serviceCIDRs``. A key of
+``globalCIDRsMap`` maps every CIDR in use that it contains (a /16 key covers the nodes' /24s); no
+CIDR in use may be only partly covered, and a key must contain at least one CIDR in use, except
+in discovery mode (the nodes it is meant for may not have announced themselves yet: such a key
+counts as a pod range). The cluster's configured ranges are then the keys plus the CIDRs no key
+covers, so the planner sees exactly one range per translation, as with the topology file.
 """
 
 from __future__ import annotations
@@ -122,6 +130,11 @@ class ClusterSpec:
     #: ``metadata.creationTimestamp`` (RFC 3339; sorts chronologically), "" when absent.
     created: str = ""
 
+    @property
+    def discovers_pod_cidrs(self) -> bool:
+        """Discovery mode: no ``podCIDRs`` in the spec, the nodes' announced ones are used."""
+        return not self.pod_cidrs
+
     def interface_for(self, node: str) -> str:
         """The underlay interface of ``node``: its override, else ``defaultNICName`` (``*`` = auto)."""
         return nodeinfo.nic_for(node, self.default_nic, self.nic_overrides)
@@ -129,7 +142,8 @@ class ClusterSpec:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Discovered:
-    """What the fabric learnt about a cluster: its nodes' pod CIDRs and its ServiceCIDR objects."""
+    """What the fabric learnt about a cluster: the pod CIDRs its admitted nodes announced (used
+    in discovery mode only) and its ServiceCIDR objects."""
 
     pod_cidrs: tuple[str, ...] = ()
     service_cidrs: tuple[str, ...] = ()
@@ -416,7 +430,8 @@ class _Candidate:
 
 
 def _in_use(spec: ClusterSpec, found: Discovered) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """The CIDRs in use with the path reported for them: discovered ones (collapsed), else the spec's."""
+    """The CIDRs in use with the path reported for them: the spec's pod CIDRs, or in discovery
+    mode the discovered ones (collapsed); discovered service CIDRs, else the spec's."""
 
     def pick(discovered: tuple[str, ...], declared: tuple[str, ...], field: str, source: str) -> list[tuple[str, str]]:
         if discovered:
@@ -427,7 +442,8 @@ def _in_use(spec: ClusterSpec, found: Discovered) -> tuple[list[tuple[str, str]]
             return [(c, f"status.clusterLinkStatus.{field} ({source})") for c in merged]
         return [(c, f"{_LINK}.{field}[{i}]") for i, c in enumerate(declared)]
 
-    return (pick(found.pod_cidrs, spec.pod_cidrs, "podCIDRs", "discovered from Nodes"),
+    pods = found.pod_cidrs if spec.discovers_pod_cidrs else ()
+    return (pick(pods, spec.pod_cidrs, "podCIDRs", "discovered from the nodes' announcements"),
             pick(found.service_cidrs, spec.service_cidrs, "serviceCIDRs", "discovered from ServiceCIDRs"))
 
 
@@ -437,9 +453,7 @@ def _own_checks(cand: _Candidate) -> list[Problem]:
     problems: list[Problem] = []
     path = f"{_LINK}.globalCIDRsMap"
     used = [c for c, _ in cand.pods + cand.services]
-    if not cand.pods:
-        problems.append(Problem(spec.name, f"{_LINK}.podCIDRs",
-                                "no pod CIDRs: none discovered from the cluster's Nodes and none in the spec"))
+    discovery = spec.discovers_pod_cidrs
     if spec.ip_families:
         for c, p in cand.pods + cand.services:
             if types.family_of(c) not in spec.ip_families:
@@ -452,7 +466,7 @@ def _own_checks(cand: _Candidate) -> list[Problem]:
         if partial:
             problems.append(Problem(spec.name, f"{path}[{key}] (key)",
                                     f"{key} covers only part of {', '.join(partial)} in use: map whole ranges"))
-        elif not inside:
+        elif not inside and not discovery:
             problems.append(Problem(spec.name, f"{path}[{key}] (key)",
                                     f"{key} contains none of the cluster's CIDRs in use ({', '.join(used) or 'none'})"))
         covered.update(inside)
@@ -460,11 +474,13 @@ def _own_checks(cand: _Candidate) -> list[Problem]:
         return problems
     keys = {k for k, _ in spec.global_cidrs}
     pod_keys = {k for k in keys if any(c in covered and types.cidrs_overlap(c, k) for c, _ in cand.pods)}
+    if discovery:  # a key containing nothing in use yet is for pods still to be announced
+        pod_keys |= {k for k in keys if not any(types.cidrs_overlap(c, k) for c in used)}
     pods = tuple(sorted({c for c, _ in cand.pods if c not in covered} | pod_keys))
     svcs = tuple(sorted({c for c, _ in cand.services if c not in covered} | (keys - pod_keys)))
     cand.config = types.ClusterConfig(
         name=spec.name, mode=spec.mode, pod_cidrs=pods, service_cidrs=svcs, gateways=spec.gateway_candidates,
-        global_cidrs=spec.global_cidrs, ip_families=spec.ip_families,
+        global_cidrs=spec.global_cidrs, ip_families=spec.ip_families, discover_pod_cidrs=discovery,
     )
     return []
 
@@ -524,6 +540,26 @@ def _cross_checks(cand: _Candidate, accepted: list[_Candidate], infra: list[tupl
     return problems
 
 
+def status_pod_cidrs(objects: Sequence[Mapping[str, Any]]) -> dict[str, tuple[str, ...]]:
+    """The pod CIDRs in use that the statuses of discovery-mode Clusters list (written by the
+    reflector that ran before): what a restarted reflector or a new leader keeps while it holds,
+    and what ``fabric-tool join`` checks a new Cluster against."""
+    out: dict[str, tuple[str, ...]] = {}
+    for obj in objects:
+        link = ((obj.get("spec") or {}).get("clusterLinkOptions") or {}) if isinstance(obj.get("spec"), dict) else {}
+        status = obj.get("status")
+        lstat = status.get("clusterLinkStatus") if isinstance(status, dict) else None
+        if not isinstance(link, dict) or link.get("podCIDRs") or not isinstance(lstat, dict):
+            continue
+        pods = lstat.get("podCIDRs")
+        if isinstance(pods, list) and pods and all(isinstance(p, str) for p in pods):
+            meta = obj.get("metadata")
+            name = meta.get("name") if isinstance(meta, dict) else None
+            if isinstance(name, str):
+                out[name] = tuple(pods)
+    return out
+
+
 def resolve(
     clusters: Sequence[Mapping[str, Any]],
     discovered: Mapping[str, Discovered] | None = None,
@@ -533,7 +569,8 @@ def resolve(
     """Every Cluster resource into one fabric configuration, leaving out (with reasons) those
     that are invalid or conflict with a cluster accepted before them (oldest first).
 
-    ``discovered`` holds what agents and ServiceCIDR objects reported per cluster name;
+    ``discovered`` holds what agents and ServiceCIDR objects reported per cluster name (pod
+    CIDRs count for Clusters in discovery mode only: without ``podCIDRs`` in the spec);
     ``bridge_cidrs``/``local_cidrs`` are the fabric-wide overlay ranges (each family missing
     takes the default of :mod:`fabric.types`).
     """

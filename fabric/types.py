@@ -132,6 +132,12 @@ class ClusterConfig:
     #: ``ipFamilies`` (4, 6), primary first; empty = derived from ``pod_cidrs`` (see
     #: :attr:`families`), so configurations written before dual stack mean what they meant.
     ip_families: tuple[int, ...] = ()
+    #: Discovery mode (a Cluster resource without ``podCIDRs``): ``pod_cidrs`` is the union of
+    #: the pod CIDRs its admitted nodes announced, so a node's pod CIDR is not checked against
+    #: it (a new node's range is outside it until the union is recomputed), only against what
+    #: other clusters and the fabric use. False (the default): ``pod_cidrs`` is declared and
+    #: every node's pod CIDR must lie inside it, as in the topology file.
+    discover_pod_cidrs: bool = False
 
     @property
     def families(self) -> tuple[int, ...]:

@@ -644,7 +644,9 @@ def _add_install_parsers(sub: Any) -> None:
     j.add_argument("--context", metavar="CTX", help="the member's context (lab default: CLUSTER)")
     j.add_argument("--network-type", choices=("p2p", "gateway"), help="default p2p (the CRD default)")
     j.add_argument("--ip-family", action="append", choices=("IPv4", "IPv6"), help="repeatable, primary first")
-    j.add_argument("--pod-cidr", action="append", metavar="CIDR", help="default: the member's Nodes' podCIDRs")
+    j.add_argument("--pod-cidr", action="append", metavar="CIDR",
+                   help="the cluster's pod range, repeatable (default: none, discovery mode: the union of the "
+                        "pod CIDRs its agents announce from their Nodes)")
     j.add_argument("--service-cidr", action="append", metavar="CIDR", help="default: the member's ServiceCIDRs")
     j.add_argument("--global-cidr", action="append", metavar="LOCAL=GLOBAL", help="globalCIDRsMap entry, repeatable")
     j.add_argument("--gateway", action="append", metavar="NODE", help="gateway candidate, repeatable, preferred first")

@@ -11,9 +11,13 @@ What each step does, in order:
   process instead of a Deployment: it is restarted with ``--topology-source=kubernetes`` and a
   kubeconfig holding only the host context, in the lab's underlay namespace, reaching the
   emulated API server (root namespace, 127.0.0.1) through ``--kube-netns``.
-- ``join CLUSTER`` (host + member): the Cluster resource in the host, its pod CIDRs (unless
-  given) discovered from the member's Nodes and its service CIDRs from the member's ServiceCIDR
-  objects; then the agent into the member (``deploy/base/member`` with the ConfigMap naming the
+- ``join CLUSTER`` (host + member): the Cluster resource in the host. Without ``--pod-cidr`` it
+  has no ``podCIDRs`` (discovery mode): its pod CIDRs are the union of those its agents announce
+  (each reads its Node's ``spec.podCIDRs``), so a node added to the member later is routed
+  without another join; with ``--pod-cidr`` they are fixed and every node's must lie inside.
+  Its service CIDRs (unless given) come from the member's ServiceCIDR objects. The member's
+  current Node pod CIDRs serve only the conflict check against the other Clusters before
+  anything is written. Then the agent into the member (``deploy/base/member`` with the ConfigMap naming the
   cluster and the reflector; a lab: the lab's agents of that cluster are started). Waits, with
   progress, until the Cluster is accepted and every Node of the member is in sync in its status.
   The Cluster's underlay settings (``defaultNICName``, ``nicNodeNames``, ``autodetectionMethod``)
@@ -485,8 +489,9 @@ class JoinOptions:
 
 
 def discover_cidrs(member: Kube) -> tuple[list[str], list[str]]:
-    """The member's pod CIDRs (its Nodes' ``spec.podCIDRs``, collapsed) and service CIDRs (its
-    ServiceCIDR objects when the API serves them)."""
+    """The member's pod CIDRs now (its Nodes' ``spec.podCIDRs``, collapsed: for the conflict
+    check and progress only, never written) and service CIDRs (its ServiceCIDR objects when the
+    API serves them)."""
     pods: list[str] = []
     for node in member.list("v1", "Node"):
         spec = node.get("spec") or {}
@@ -568,14 +573,15 @@ def join(name: str, host: Target, member: Target, opts: JoinOptions, *, lab_name
                                 "the reflector Service)")
     mkube = Kube(member)
     pods, services = list(opts.pod_cidrs), list(opts.service_cidrs)
-    if not pods or not services:
-        found_pods, found_svcs = discover_cidrs(mkube)
-        if not pods:
-            pods = found_pods
-            progress(f"join {name}: pod CIDRs from the member's Nodes: {', '.join(pods) or 'none'}")
-        if not services and found_svcs:
-            services = found_svcs
-            progress(f"join {name}: service CIDRs from the member's ServiceCIDRs: {', '.join(services)}")
+    found_pods, found_svcs = discover_cidrs(mkube)
+    if pods:
+        progress(f"join {name}: pod CIDRs fixed by --pod-cidr: {', '.join(pods)} (every node's must lie inside)")
+    else:
+        progress(f"join {name}: pod CIDRs discovered from the nodes' announcements (discovery mode; the "
+                 f"member's Nodes have {', '.join(found_pods) or 'none yet'})")
+    if not services and found_svcs:
+        services = found_svcs
+        progress(f"join {name}: service CIDRs from the member's ServiceCIDRs: {', '.join(services)}")
     obj = cluster_object(name, opts, pods, services)
     try:
         spec = crd.parse_cluster(obj)
@@ -602,7 +608,11 @@ def join(name: str, host: Target, member: Target, opts: JoinOptions, *, lab_name
         if state is None:
             member_objs = member_objects(name, reflector or "REFLECTOR:4880", agent_underlay_data(spec))
     others = [o for o in hkube.list(crd.API_VERSION, crd.KIND) if o["metadata"]["name"] != name]
-    res = crd.resolve([*others, {**obj, "metadata": {"name": name, "creationTimestamp": "9999"}}])
+    # Discovery-mode Clusters are checked with what they use now: the others' status, the
+    # member's Nodes for this one.
+    found = {n: crd.Discovered(pod_cidrs=p) for n, p in crd.status_pod_cidrs(others).items()}
+    found[name] = crd.Discovered(pod_cidrs=tuple(found_pods))
+    res = crd.resolve([*others, {**obj, "metadata": {"name": name, "creationTimestamp": "9999"}}], found)
     if name in res.problems:
         raise InstallError(f"Cluster {name} would conflict with the Clusters in {host}: "
                            + "; ".join(f"{p.field}: {p.reason}" for p in res.problems[name]))

@@ -13,6 +13,7 @@ Each message is built once per node and handed to gRPC as is (no per-field messa
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable, Sequence
 
@@ -48,7 +49,12 @@ class DecodeError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=65536)
 def entry_to_pb(entry: types.Entry) -> pb.Entry:
+    """The wire form of one entry. Cached by value (entries are frozen): the reflector encodes
+    the same routes and peers for every node of a class, and for thousands of nodes at a
+    bring-up or a gateway move; a cached message is only ever copied into a repeated field
+    (protobuf copies on append), never changed, so callers must not mutate what this returns."""
     if isinstance(entry, types.VxlanDevice):
         return pb.Entry(
             device=pb.Device(
@@ -193,6 +199,7 @@ def cluster_to_pb(c: types.ClusterConfig) -> pb.Cluster:
         gateways=list(c.gateways),
         global_cidrs=[pb.GlobalCIDR(local_cidr=lo, global_cidr=gl) for lo, gl in c.global_cidrs],
         ip_families=list(c.ip_families),
+        discover_pod_cidrs=c.discover_pod_cidrs,
     )
 
 
@@ -212,6 +219,7 @@ def cluster_from_pb(msg: pb.Cluster) -> types.ClusterConfig:
         gateways=tuple(msg.gateways),
         global_cidrs=types.frozen_mapping({g.local_cidr: g.global_cidr for g in msg.global_cidrs}),
         ip_families=tuple(_family_from_pb(f, f"cluster {msg.name!r}") for f in msg.ip_families),
+        discover_pod_cidrs=msg.discover_pod_cidrs,
     )
 
 

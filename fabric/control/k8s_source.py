@@ -17,6 +17,17 @@ What happens, in order:
    A Cluster that *was* accepted and is now edited into an invalid or conflicting spec keeps
    its last accepted spec in effect (its status says it is rejected and why): bad input never
    disturbs what works, not even the cluster's own nodes.
+   A Cluster without ``spec.clusterLinkOptions.podCIDRs`` is in discovery mode: its pod CIDRs
+   are the union of those its admitted nodes announced (the agents read them from their Node
+   objects; the reflector has no credentials for member clusters). The union is computed from
+   the reflector's status in step 4 and, when it changed, the view is resolved again, so a node
+   added to a member later (with a range outside the old union) is routed by the other clusters
+   without a new ``join``. There is no feedback loop: a node of a discovery-mode cluster is
+   never checked against its own cluster's union (see
+   :func:`fabric.control.planner.validate_announcement`), so a new union withdraws nobody. While
+   the reflector holds at startup (or a new leader waits for the old one's nodes), the pod
+   CIDRs the Cluster status lists are kept in the union, so remote routes to a cluster do not
+   vanish before its nodes have reconnected.
 4. **Status.** Whenever the view or the reflector's status changes (checked every
    ``status_interval`` seconds: node sync is not an event of ours), each Cluster's status is
    computed (:func:`cluster_status`: ``Accepted`` and ``Ready`` conditions with reasons,
@@ -192,10 +203,12 @@ def resolve_with_last_good(
     last_good: dict[str, Mapping[str, Any]],
     bridge_cidrs: Sequence[str] = (),
     local_cidrs: Sequence[str] = (),
+    discovered: Mapping[str, crd.Discovered] | None = None,
 ) -> Outcome:
-    """Resolve ``objects`` (name -> Cluster); a rejected Cluster with an accepted spec in
-    ``last_good`` is resolved with that spec instead. Updates ``last_good`` in place: accepted
-    current specs replace it, deleted and disabled Clusters leave it."""
+    """Resolve ``objects`` (name -> Cluster) with what was ``discovered`` about them; a rejected
+    Cluster with an accepted spec in ``last_good`` is resolved with that spec instead. Updates
+    ``last_good`` in place: accepted current specs replace it, deleted and disabled Clusters
+    leave it."""
     def ranked(name: str, obj: Mapping[str, Any]) -> Mapping[str, Any]:
         # resolve() takes Clusters oldest first, by a creation time of one-second granularity
         # (ties by name): clusters in effect go first, so a newcomer never displaces them.
@@ -203,14 +216,14 @@ def resolve_with_last_good(
         meta["creationTimestamp"] = ("0" if name in last_good else "1") + str(meta.get("creationTimestamp") or "")
         return {**obj, "metadata": meta}
 
-    first = crd.resolve([ranked(n, o) for n, o in objects.items()], bridge_cidrs=bridge_cidrs,
+    first = crd.resolve([ranked(n, o) for n, o in objects.items()], discovered, bridge_cidrs=bridge_cidrs,
                         local_cidrs=local_cidrs)  # fmt: skip
     subst = {n: last_good[n] for n in first.problems if n in objects and n in last_good
              and last_good[n] is not objects[n]}  # fmt: skip
     final = first
     if subst:
-        final = crd.resolve([ranked(n, subst.get(n, o)) for n, o in objects.items()], bridge_cidrs=bridge_cidrs,
-                            local_cidrs=local_cidrs)  # fmt: skip
+        final = crd.resolve([ranked(n, subst.get(n, o)) for n, o in objects.items()], discovered,
+                            bridge_cidrs=bridge_cidrs, local_cidrs=local_cidrs)  # fmt: skip
     accepted = {c.name for c in final.config.clusters}
     for n in list(last_good):
         if n not in objects or n in final.disabled or (n in subst and n not in accepted):
@@ -268,6 +281,11 @@ def cluster_status(
     elif problems:
         reason = "Conflict" if any(p.other for p in problems) else "InvalidSpec"
         accepted = _condition("Accepted", False, reason, detail, gen, previous, now)
+    elif config is not None and config.discover_pod_cidrs:
+        pods_now = res.in_use.get(name, ((), ()))[0]
+        wait = "" if pods_now else " (none yet: waiting for its nodes)"
+        accepted = _condition("Accepted", True, "Accepted", "the cluster is part of the fabric; its pod CIDRs are "
+                              f"discovered from its nodes' announcements{wait}", gen, previous, now)  # fmt: skip
     else:
         accepted = _condition("Accepted", True, "Accepted", "the cluster is part of the fabric", gen, previous, now)
 
@@ -317,6 +335,20 @@ def status_differs(current: Any, wanted: Mapping[str, Any]) -> bool:
     if not isinstance(current, dict):
         return True
     return any(current.get(k) != v for k, v in wanted.items())
+
+
+def discovered_pods(
+    fabric: api.FabricStatus, config: types.FabricConfig, kept: Mapping[str, Sequence[str]] | None = None
+) -> dict[str, crd.Discovered]:
+    """Per discovery-mode cluster of ``config``: the pod CIDRs its admitted nodes announced
+    (the reflector's status lists admitted nodes only), plus ``kept`` ones (sorted, unique)."""
+    nodes = {c.name: c.nodes for c in fabric.clusters}
+    out: dict[str, crd.Discovered] = {}
+    for c in config.clusters:
+        if c.discover_pod_cidrs:
+            found = {p for n in nodes.get(c.name, ()) for p in n.pod_cidrs} | set((kept or {}).get(c.name, ()))
+            out[c.name] = crd.Discovered(pod_cidrs=tuple(sorted(found)))
+    return out
 
 
 def expected_nodes(objects: Sequence[Mapping[str, Any]], config: types.FabricConfig) -> tuple[str, ...]:
@@ -407,6 +439,10 @@ class KubernetesSource:
         #: The nodes a restarted reflector or a new leader waits for (from the Cluster statuses
         #: when it started or took over): kept in every configuration handed to the sink.
         self._expected: tuple[str, ...] = ()
+        #: Discovery-mode clusters: what their admitted nodes announced (see the module docstring).
+        self._discovered: dict[str, crd.Discovered] = {}
+        #: Pod CIDRs from the Cluster statuses, kept in the union while the sink holds.
+        self._kept_pods: dict[str, tuple[str, ...]] = {}
         self._writer = concurrent.futures.ThreadPoolExecutor(1, "kube-status", initializer=_enter_netns,
                                                              initargs=(netns_fd,))  # fmt: skip
         self._leaser = concurrent.futures.ThreadPoolExecutor(1, "kube-lease", initializer=_enter_netns,
@@ -445,8 +481,12 @@ class KubernetesSource:
                 delay = min(2.0, delay * 2)
 
     def initial_config(self) -> types.FabricConfig:
-        """The configuration of the current view, expecting the nodes its statuses list."""
-        outcome = resolve_with_last_good(self.objects, self._last_good, self.bridge_cidrs, self.local_cidrs)
+        """The configuration of the current view, expecting the nodes its statuses list (and
+        keeping the pod CIDRs they list for discovery-mode clusters until those reconnect)."""
+        self._kept_pods = crd.status_pod_cidrs(list(self.objects.values()))
+        self._discovered = {n: crd.Discovered(pod_cidrs=p) for n, p in self._kept_pods.items()}
+        outcome = resolve_with_last_good(self.objects, self._last_good, self.bridge_cidrs, self.local_cidrs,
+                                         self._discovered)  # fmt: skip
         self.outcome = outcome
         self._expected = expected_nodes(list(self.objects.values()), outcome.resolution.config)
         self._applied = dataclasses.replace(outcome.resolution.config, expected_nodes=self._expected)
@@ -594,7 +634,8 @@ class KubernetesSource:
 
     def reconfigure(self) -> None:
         """Resolve the view; hand a changed configuration to the reflector; status is due."""
-        outcome = resolve_with_last_good(self.objects, self._last_good, self.bridge_cidrs, self.local_cidrs)
+        outcome = resolve_with_last_good(self.objects, self._last_good, self.bridge_cidrs, self.local_cidrs,
+                                         self._discovered)  # fmt: skip
         self.outcome = outcome
         config = dataclasses.replace(outcome.resolution.config, expected_nodes=self._expected)
         if config != self._applied and self._sink is not None:
@@ -616,11 +657,32 @@ class KubernetesSource:
     def may_write_status(self) -> bool:
         return self.lease is None or time.monotonic() < self._lease_until
 
-    def wanted_status(self, now: str | None = None) -> dict[str, dict[str, Any]]:
-        """Per Cluster in the view, the status it should carry now."""
+    def rediscover(self, fabric: api.FabricStatus) -> bool:
+        """Take the discovery-mode clusters' pod CIDRs from the sink's ``fabric`` status; resolve
+        again (and so hand the new union to the sink) when they changed. True if they did."""
+        if self.outcome is None:
+            return False
+        if not fabric.holding:
+            self._kept_pods = {}  # every node that was expected came back or the hold ended
+        found = discovered_pods(fabric, self.outcome.resolution.config, self._kept_pods)
+        if found == self._discovered:
+            return False
+        for name, d in found.items():
+            if d != self._discovered.get(name):
+                _log.info("Cluster %s: pod CIDRs discovered from its nodes: %s", name, ", ".join(d.pod_cidrs) or "none")
+        self._discovered = found
+        self.reconfigure()
+        return True
+
+    def wanted_status(
+        self, now: str | None = None, fabric: api.FabricStatus | None = None
+    ) -> dict[str, dict[str, Any]]:
+        """Per Cluster in the view, the status it should carry now (``fabric``: the sink's
+        status, read now when not given)."""
         if self.outcome is None:
             return {}
-        fabric = self._sink.status() if self._sink is not None else None
+        if fabric is None and self._sink is not None:
+            fabric = self._sink.status()
         stamp = now or _now_rfc3339()
         return {n: cluster_status(o, self.outcome, fabric, stamp) for n, o in self.objects.items()}
 
@@ -631,9 +693,14 @@ class KubernetesSource:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._dirty.wait(), self.status_interval_s)
             self._dirty.clear()
+            if self._sink is None:
+                continue
+            fabric = self._sink.status()
+            if self.rediscover(fabric):
+                fabric = self._sink.status()  # with the configuration that has the new union
             if not self.synced or not self.may_write_status():
                 continue
-            for name, doc in self.wanted_status().items():
+            for name, doc in self.wanted_status(fabric=fabric).items():
                 obj = self.objects.get(name)
                 if obj is None or doc == self._written.get(name) or not status_differs(obj.get("status"), doc):
                     continue
@@ -654,6 +721,7 @@ class KubernetesSource:
         if leading:
             config = self.outcome.resolution.config if self.outcome is not None else types.FabricConfig(clusters=())
             self._expected = expected_nodes(list(self.objects.values()), config)
+            self._kept_pods = crd.status_pod_cidrs(list(self.objects.values()))
             if self._applied is not None:
                 self._applied = dataclasses.replace(self._applied, expected_nodes=self._expected)
             self._sink.set_leader(True, why, self._expected)

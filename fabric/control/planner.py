@@ -35,13 +35,14 @@ On an endpoint node and on the *active* gateway, for every other cluster C:
 * C is P2P: each node's pod CIDRs via that node (node-granular, as before); C's service CIDRs
   via C's active gateway;
 * C is gateway-mode: C's whole pod CIDRs and service CIDRs via C's active gateway, plus the
-  ``vx-local`` address (/32) of every node of C via the same gateway. The latter is the
-  host-network return path: a process on an internal node of C that talks to a remote pod
-  leaves with its ``vx-local`` address as source (the kernel picks the address of the output
-  device), and the remote pod's node must route the reply back to C. Kosmos masquerades such
-  traffic on the gateway (iptables); routing the /32s keeps the fabric stateless and NAT-free
-  at the price of one route per node of a gateway-mode cluster (no peer: they share C's
-  gateway as next hop, i.e. one nexthop object).
+  ``vx-local`` addresses of C's nodes via the same gateway, collapsed into the fewest CIDRs
+  that cover exactly them (nodes of one underlay subnet give a handful per cluster, not one
+  per node). The latter is the host-network return path: a process on an internal node of C
+  that talks to a remote pod leaves with its ``vx-local`` address as source (the kernel picks
+  the address of the output device), and the remote pod's node must route the reply back to
+  C. Kosmos masquerades such traffic on the gateway (iptables); routing the addresses keeps the
+  fabric stateless and NAT-free (no peer: they share C's gateway as next hop, i.e. one nexthop
+  object).
 
 On every other node of a gateway-mode cluster (the standby and the internal nodes) the same
 destinations, aggregated per cluster (C's pod CIDRs as a whole), all via the active gateway's
@@ -379,7 +380,9 @@ def validate_announcement(
         except ValueError as e:
             reasons.append(f"pod CIDR {text!r} is invalid ({e})")
             continue
-        if not any(_subnet_of(net, c) for c in cluster.pod_cidrs):
+        if cluster.discover_pod_cidrs:
+            reasons += _discovered_pod_reasons(config, cluster, text, net)
+        elif not any(_subnet_of(net, c) for c in cluster.pod_cidrs):
             reasons.append(f"pod CIDR {text} is outside cluster {cluster.name!r} podCIDRs {list(cluster.pod_cidrs)}")
         for prev_text, prev in own:
             if prev.version == net.version and prev.overlaps(net):
@@ -399,7 +402,7 @@ def validate_announcement(
     # Overlay addresses and MACs: derived, so collisions must be caught here, never planned.
     # Every node may become a bridge node (a gateway-mode node when elected), so vx-bridge is
     # checked for all; vx-local for nodes of gateway-mode clusters, fabric-wide, because the
-    # vx-local addresses of gateway-mode nodes are routed (/32) by the other clusters.
+    # vx-local addresses of gateway-mode nodes are routed (collapsed) by the other clusters.
     families = [f for f in cluster.families if any(types.family_of(u) == f for u in usable)]
     if usable and not families:
         names = ", ".join(types.FAMILY_NAMES[f] for f in cluster.families)
@@ -462,6 +465,53 @@ def _overlay_reasons(
             f"overlay address {mine_ip.ip} derived from underlay {underlay} collides with node"
             f" {o} (underlay {o_ul}): {kind} CIDR {cidr} keeps only the host bits"
         )
+    return reasons
+
+
+def _discovered_pod_reasons(
+    config: types.FabricConfig,
+    cluster: types.ClusterConfig,
+    text: str,
+    net: ipaddress.IPv4Network | ipaddress.IPv6Network,
+) -> list[str]:
+    """Why pod CIDR ``text`` of a node of discovery-mode ``cluster`` must be refused.
+
+    Its cluster's own ``pod_cidrs`` are the union of what its admitted nodes announced, so they
+    are not checked against (a new node is outside them by nature, and a check against them
+    would feed back into them). Instead, what fabric/crd.py checks a discovered CIDR against,
+    so that admitting a node can never make its Cluster invalid: its ipFamilies, its own service
+    CIDRs and globalCIDRsMap keys (a key maps whole ranges), every cluster's global CIDRs, the
+    other clusters' pod and service CIDRs (unless both sides are mapped, as for node vs node)
+    and the fabric's bridge/local CIDRs. O(clusters), not O(nodes): nodes are the index's."""
+    reasons: list[str] = []
+    if cluster.ip_families and net.version not in cluster.ip_families:
+        names = ", ".join(types.FAMILY_NAMES[f] for f in cluster.ip_families)
+        reasons.append(f"pod CIDR {text} is IPv{net.version} but cluster {cluster.name!r} ipFamilies is [{names}]")
+    for svc in cluster.service_cidrs:
+        if _overlap(text, svc):
+            reasons.append(f"pod CIDR {text} overlaps {svc} of cluster {cluster.name!r} serviceCIDRs (its own)")
+    for key, _glob in cluster.global_cidrs:
+        if _overlap(text, key) and not _subnet_of(net, key):
+            reasons.append(f"pod CIDR {text} is only partly inside {key} of cluster {cluster.name!r} globalCIDRs "
+                           "(its own): a mapping must cover whole ranges")  # fmt: skip
+    mine_mapped = _mapped(config, cluster.name, text)
+    for other in config.clusters:
+        for _key, glob in other.global_cidrs:
+            if _overlap(text, glob):
+                reasons.append(f"pod CIDR {text} overlaps global CIDR {glob} of cluster {other.name!r} globalCIDRs")
+        if other.name == cluster.name:
+            continue
+        for field, cidrs in (("podCIDRs", other.pod_cidrs), ("serviceCIDRs", other.service_cidrs)):
+            for oc in cidrs:
+                if not _overlap(text, oc) or (mine_mapped and _mapped(config, other.name, oc)):
+                    continue
+                reasons.append(f"pod CIDR {text} overlaps {oc} of cluster {other.name!r} {field} (overlapping "
+                               "clusters need both ranges mapped by globalCIDRs)")  # fmt: skip
+    for field, cidrs, defaults in (("bridgeCIDRs", config.bridge_cidrs, _BRIDGE_DEFAULTS),
+                                   ("localCIDRs", config.local_cidrs, _LOCAL_DEFAULTS)):  # fmt: skip
+        for ic in types.with_defaults(cidrs, defaults):
+            if _overlap(text, ic):
+                reasons.append(f"pod CIDR {text} overlaps the fabric's {field} {ic}")
     return reasons
 
 
@@ -685,6 +735,9 @@ class _View:
     #: Per cluster, the families some node of it has an underlay address of (whether a P2P
     #: cluster is reachable in a family at all: the aggregate routes of non-active nodes).
     reach: dict[str, frozenset[int]] = dataclasses.field(default_factory=dict)
+    #: (cluster, family) -> its nodes' vx-local addresses collapsed (see _local_hosts), filled on
+    #: first use: every plan of the fabric asks for every gateway-mode cluster's.
+    local_hosts: dict[tuple[str, int], tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
     def supports(self, node: types.NodeAnnouncement, family: int) -> bool:
         """Does ``node`` carry ``family`` through the fabric: its cluster runs the family and the
@@ -965,17 +1018,28 @@ def _remote_destinations(view: _View, own_cluster: str, family: int) -> list[str
 
 
 def _local_hosts(view: _View, cv: _ClusterView, family: int) -> list[str]:
-    """The vx-local addresses (/32 or /128, of ``family``) of the nodes of a gateway-mode cluster."""
-    out: list[str] = []
-    local = view.locals.get(family)
-    if local is None:
-        return out
-    for n in cv.nodes:
-        ul = n.underlay(family)
-        if ul is not None:
-            ip = overlay_address(ul, local).partition("/")[0]
-            out.append(f"{ip}/{32 if family == 4 else 128}")
-    return out
+    """The vx-local addresses of ``family`` of the nodes of a gateway-mode cluster, as the fewest
+    CIDRs that cover exactly them (and nothing else: two clusters' sets never share a CIDR).
+
+    Why collapsed: every node outside the cluster routes these (the host-network return path,
+    see "Routes"), so one route per node made every plan O(nodes of the fabric) in gateway mode
+    too. A cluster's nodes usually sit in one underlay subnet, so their vx-local addresses (the
+    underlay's host bits) are mostly contiguous and collapse into a few CIDRs per cluster."""
+    key = (cv.config.name, family)
+    hosts = view.local_hosts.get(key)
+    if hosts is None:
+        local = view.locals.get(family)
+        underlays = tuple(ul for n in cv.nodes if (ul := n.underlay(family)) is not None)
+        hosts = view.local_hosts[key] = _collapsed_hosts(underlays, local) if local is not None else ()
+    return list(hosts)
+
+
+@functools.lru_cache(maxsize=4096)
+def _collapsed_hosts(underlays: tuple[str, ...], local_cidr: str) -> tuple[str, ...]:
+    """The vx-local addresses derived from ``underlays`` in ``local_cidr``, collapsed (cached:
+    every viewer class asks for the same cluster)."""
+    hosts = [ipaddress.ip_network(overlay_address(ul, local_cidr).partition("/")[0]) for ul in underlays]
+    return tuple(str(n) for n in ipaddress.collapse_addresses(hosts))  # type: ignore[type-var]
 
 
 def _family(ip: str) -> int:
@@ -1060,9 +1124,11 @@ def plan_all(topology: types.Topology) -> dict[types.NodeKey, types.NodeState]:
 # * ``self`` - the node's own devices, programs, translations, hairpin routes and (internal
 #   nodes of gateway-mode clusters) the bridge-CIDR route to the active gateway;
 # * ``node:CLUSTER/NAME`` - what one other node contributes: its peers and the routes that
-#   name it (a P2P node's pod CIDRs, a gateway-mode node's vx-local /32);
-# * ``cluster:NAME`` - the whole-cluster routes of another cluster: its service CIDRs, and its
-#   pod CIDRs where they are routed as a whole (gateway mode, or seen from a non-active node).
+#   name it (a P2P node's pod CIDRs);
+# * ``cluster:NAME`` - the whole-cluster routes of another cluster: its service CIDRs, its pod
+#   CIDRs where they are routed as a whole (gateway mode, or seen from a non-active node) and,
+#   for a gateway-mode cluster, its nodes' vx-local addresses collapsed (so its signature
+#   includes them: a join into a gateway-mode cluster changes that cluster's part).
 #
 # Except ``self``, a part depends on the viewer only through its :class:`ViewerClass` (cluster,
 # families, role), so one computation serves every node of a class. A change of the topology
@@ -1152,8 +1218,7 @@ def _node_signature(view: _View, key: types.NodeKey) -> object:
     xc = view.clusters.get(x.cluster)
     if xc is None:
         return (x,)
-    # A gateway-mode node's vx-local /32 is routed via its cluster's active gateway.
-    return (x, key in view.hot_keys, xc.active if xc.gateway_mode else None)
+    return (x, key in view.hot_keys)
 
 
 def cluster_signature(topology: types.Topology, name: str) -> object:
@@ -1166,7 +1231,9 @@ def _cluster_signature(view: _View, name: str) -> object:
     cv = view.clusters.get(name)
     if cv is None:
         return None
-    return (cv.active, view.reach.get(name, frozenset()))
+    # A gateway-mode cluster's part also routes its nodes' vx-local addresses (collapsed).
+    hosts = tuple(tuple(_local_hosts(view, cv, f)) for f in cv.families) if cv.gateway_mode else ()
+    return (cv.active, view.reach.get(name, frozenset()), hosts)
 
 
 def plan_parts(topology: types.Topology, key: types.NodeKey) -> dict[str, dict[str, types.Entry]]:
@@ -1263,7 +1330,7 @@ def _node_part(
     same = x.cluster == cls.cluster
     x_hot = x.key in view.hot_keys
     x_bridge = not xc.gateway_mode or x_hot
-    for i, f in enumerate(cls.families):
+    for f in cls.families:
         bridge = view.bridges[f]
         x_ul = x.underlay(f)
         if cls.has_bridge and x_bridge and not (cls.gateway_mode and same) and view.supports(x, f):
@@ -1278,28 +1345,10 @@ def _node_part(
             out[types.entry_key(peer)] = peer
         if same or f not in xc.families or x_ul is None:
             continue
-        if cls.routes_via_local:
-            via = cls.local_vias[i]
-            if via and xc.gateway_mode and xc.active is not None and xc.active.underlay(f) is not None:
-                k, r = _route(_local_host(view, x, f), via, types.local_device(f))
-                out[k] = r
-        elif not xc.gateway_mode:
+        if not cls.routes_via_local and not xc.gateway_mode:
             _, routes = _contribution(bridge, x, xc.config.global_cidrs)
             out.update(routes)
-        else:
-            gw_ul = xc.active.underlay(f) if xc.active is not None else None
-            if gw_ul is not None:
-                via = overlay_address(gw_ul, bridge).partition("/")[0]
-                k, r = _route(_local_host(view, x, f), via, types.bridge_device(f))
-                out[k] = r
     return out
-
-
-def _local_host(view: _View, x: types.NodeAnnouncement, family: int) -> str:
-    ul = x.underlay(family)
-    assert ul is not None
-    ip = overlay_address(ul, view.locals[family]).partition("/")[0]
-    return f"{ip}/{32 if family == 4 else 128}"
 
 
 def _cluster_part(view: _View, cls: ViewerClass, name: str, counter: PartCounter) -> dict[str, types.Entry]:
@@ -1325,6 +1374,8 @@ def _cluster_part(view: _View, cls: ViewerClass, name: str, counter: PartCounter
                 dsts += _routed(cv.config.pod_cidrs, glob)
             if gw_ul is not None:
                 dsts += _routed(cv.config.service_cidrs, glob)
+                if cv.gateway_mode:
+                    dsts += _local_hosts(view, cv, f)
         else:
             if gw_ul is None:
                 continue
@@ -1333,6 +1384,7 @@ def _cluster_part(view: _View, cls: ViewerClass, name: str, counter: PartCounter
             dsts += _routed(cv.config.service_cidrs, glob)
             if cv.gateway_mode:
                 dsts += _routed(cv.config.pod_cidrs, glob)
+                dsts += _local_hosts(view, cv, f)
         for dst in dsts:
             if types.family_of(dst) == f:
                 k, r = _route(_canonical(dst), via, device)

@@ -6,9 +6,12 @@ emulated API server. Steps, in order (one test: each step builds on the previous
 1. ``install --lab`` puts the CRD, namespace and RBAC into east's API server (the host) and
    restarts the lab reflector with ``--topology-source kubernetes`` and no topology file: it
    then knows no cluster at all and refuses every agent.
-2. ``join`` of each cluster creates its Cluster (east's pod CIDRs discovered from its Nodes)
-   and waits until its nodes are in sync; ``check`` passes, with the reflector's configuration
-   read only from the Cluster resources.
+2. ``join`` of each cluster creates its Cluster and waits until its nodes are in sync; east is
+   joined without ``--pod-cidr`` (discovery mode: its pod CIDRs are the union of those its
+   agents announce), west with one; ``check`` passes, with the reflector's configuration read
+   only from the Cluster resources. A node added to east afterwards (``lab add-node``: its pod
+   CIDR is outside the union so far) is admitted without another join, its range appears in
+   east's configuration and status, and ``check`` passes across clusters.
 3. ``kubectl patch`` of east's networkType (gateway: vx-local appears on east's nodes) and of
    west's globalCIDRsMap (east's nodes route west's global CIDR instead of its pod CIDR, and an
    east pod reaches a west pod by its global IP); removing the mapping restores the routes and
@@ -149,22 +152,39 @@ def test_install_join_patch_reject_unjoin(ilab: InstallLab) -> None:
     node_cidrs = [ipaddress.IPv4Network(n["spec"]["podCIDR"])
                   for n in json.loads(lab.kubectl("get", "nodes", "-o", "json").stdout)["items"]]  # fmt: skip
     discovered = [str(n) for n in ipaddress.collapse_addresses(node_cidrs)]
-    assert "kind: Cluster" in dry.stdout and all(f"- {c}" in dry.stdout for c in discovered), dry.stdout
+    assert "kind: Cluster" in dry.stdout and "podCIDRs" not in dry.stdout, dry.stdout
+    assert "discovery mode" in dry.stderr and all(c in dry.stderr for c in discovered), dry.stderr
     p = lab.tool("join", "east", "--lab", lab.name, "--service-cidr", "10.96.0.0/20", "--timeout", "60")
-    assert "pod CIDRs from the member's Nodes" in p.stderr and "2/2 nodes in sync" in p.stderr, p.stderr
+    assert "discovery mode" in p.stderr and "2/2 nodes in sync" in p.stderr, p.stderr
+    assert "podCIDRs" not in lab.cluster("east")["spec"]["clusterLinkOptions"]
     lab.tool("join", "west", "--lab", lab.name, "--pod-cidr", "10.20.0.0/16", "--service-cidr", "10.97.0.0/20",
              "--timeout", "60")
-    refl = {c["name"]: c for c in lab.reflector()["clusters"]}
-    assert set(refl) == {"east", "west"}
-    east_pods = set(refl["east"]["pod_cidrs"])
-    east_net = ipaddress.IPv4Network("10.10.0.0/16")
-    assert east_pods == set(discovered) and all(_in(c, east_net) for c in east_pods), east_pods
+    assert {c["name"] for c in lab.reflector()["clusters"]} == {"east", "west"}
+
+    def east_pods() -> set[str]:
+        return set(next(c for c in lab.reflector()["clusters"] if c["name"] == "east")["pod_cidrs"])
+
+    wait_for(lambda: east_pods() == set(discovered), 30, f"east's pod CIDRs to be the union {discovered}")
     assert lab.condition("east", "Ready")["status"] == "True"
     wait_for(lab.all_in_sync, 30, "every node in sync")
     _check_ok(lab)
     again = lab.tool("join", "west", "--lab", lab.name, "--pod-cidr", "10.20.0.0/16", "--service-cidr",
                      "10.97.0.0/20")
     assert "Cluster west unchanged" in again.stderr
+    again = lab.tool("join", "east", "--lab", lab.name, "--service-cidr", "10.96.0.0/20")
+    assert "Cluster east unchanged" in again.stderr
+
+    # A node added to east after its join: its pod CIDR is outside the union so far.
+    lab.lab("add-node", "east", "e3", "--pods", "1", "--timeout", "90")
+    e3_cidr = lab.nodes()["east/e3"]["pod_cidr"]
+    assert not any(ipaddress.ip_network(e3_cidr).subnet_of(ipaddress.IPv4Network(c)) for c in discovered), e3_cidr
+    union = {str(n) for n in ipaddress.collapse_addresses([*node_cidrs, ipaddress.IPv4Network(e3_cidr)])}
+    wait_for(lambda: east_pods() == union, 30, f"east's pod CIDRs to take in e3's {e3_cidr}")
+    wait_for(lambda: set(lab.cluster("east")["status"]["clusterLinkStatus"]["podCIDRs"]) == union, 30,
+             "east's status to show the new union")
+    assert not [r for r in lab.reflector().get("rejections") or [] if "east/e3" in r["source"]]
+    wait_for(lab.all_in_sync, 30, "every node in sync with e3")
+    _check_ok(lab)
 
     # -- 3. kubectl patch takes effect -------------------------------------------------------------
     lab.kubectl("patch", "clusters.kosmos.io", "east", "--type", "merge",

@@ -150,7 +150,10 @@ def test_entry_without_kind_is_a_decode_error() -> None:
 
 def test_topology_messages_roundtrip() -> None:
     config = types.FabricConfig(
-        clusters=(types.ClusterConfig("east", types.ClusterMode.P2P, ("10.10.0.0/16",), ("10.96.0.0/20",)),)
+        clusters=(
+            types.ClusterConfig("east", types.ClusterMode.P2P, ("10.10.0.0/16",), ("10.96.0.0/20",)),
+            types.ClusterConfig("west", types.ClusterMode.GATEWAY, (), ("10.97.0.0/20",), discover_pod_cidrs=True),
+        )
     )
     topo = types.Topology(config).with_node(ANN)
     msgs = codec.topology_snapshot_messages(topo, 4)

@@ -229,21 +229,24 @@ def test_an_invalid_cluster_is_reported_and_the_rest_resolve() -> None:
     assert res.disabled == ("off",)
 
 
-def test_discovered_cidrs_win_and_a_global_key_covers_the_node_ranges() -> None:
-    east = cluster("east", podCIDRs=["10.99.0.0/16"], serviceCIDRs=["10.98.0.0/20"],
-                   globalCIDRsMap={"10.10.0.0/16": "172.20.0.0/16"})
+def test_discovered_cidrs_are_used_in_discovery_mode_and_a_global_key_covers_the_node_ranges() -> None:
+    east = cluster("east", serviceCIDRs=["10.98.0.0/20"], globalCIDRsMap={"10.10.0.0/16": "172.20.0.0/16"})
     found = {"east": crd.Discovered(pod_cidrs=("10.10.1.0/24", "10.10.0.0/24", "10.10.7.0/24"),
                                     service_cidrs=("10.96.0.0/20",))}
     res = crd.resolve([east], found)
     assert res.problems == {}
     (c,) = res.config.clusters
+    assert c.discover_pod_cidrs
     assert c.pod_cidrs == ("10.10.0.0/16",)  # the key, standing for the node ranges it covers
-    assert c.service_cidrs == ("10.96.0.0/20",)
+    assert c.service_cidrs == ("10.96.0.0/20",)  # ServiceCIDR objects win over the spec
     assert c.global_cidrs == (("10.10.0.0/16", "172.20.0.0/16"),)
     assert res.in_use["east"] == (("10.10.0.0/23", "10.10.7.0/24"), ("10.96.0.0/20",))
     # Unmapped clusters keep the discovered ranges themselves (collapsed).
     (c,) = crd.resolve([cluster("east")], found).config.clusters
     assert c.pod_cidrs == ("10.10.0.0/23", "10.10.7.0/24")
+    # Declared podCIDRs: not in discovery mode, the nodes' ranges must lie inside the spec's.
+    (c,) = crd.resolve([cluster("east", podCIDRs=["10.10.0.0/16"])], found).config.clusters
+    assert c.pod_cidrs == ("10.10.0.0/16",) and not c.discover_pod_cidrs
 
 
 def test_a_global_key_must_cover_whole_ranges_in_use() -> None:
@@ -255,6 +258,8 @@ def test_a_global_key_must_cover_whole_ranges_in_use() -> None:
     assert "contains none of the cluster's CIDRs in use" in p.reason
 
 
-def test_a_cluster_without_pod_cidrs_waits_with_a_reason() -> None:
-    (p,) = crd.resolve([cluster("east")]).problems["east"]
-    assert p.field == f"{LINK}.podCIDRs" and "none discovered" in p.reason
+def test_a_cluster_without_pod_cidrs_is_accepted_in_discovery_mode() -> None:
+    res = crd.resolve([cluster("east")])
+    assert res.problems == {}
+    (c,) = res.config.clusters
+    assert c.discover_pod_cidrs and c.pod_cidrs == () and c.families == (4,)
