@@ -111,6 +111,9 @@ def requires(opts: bc.Options) -> list[str]:
 CLUSTER_SIZE = 100
 #: Gateway candidates per cluster of the gateway shape (its first nodes).
 GATEWAY_CANDIDATES = 3
+#: Underlay addresses per gateway-shape cluster (its node subnet): room for CLUSTER_SIZE nodes and
+#: the joiner, aligned, so a cluster's vx-local addresses collapse into a few routes as in life.
+UNDERLAY_BLOCK = 128
 #: Without ``--shape``, P2P runs only up to this N (its state grows with N^2).
 P2P_DEFAULT_MAX_N = 1000
 #: The joiner's index: above any N this benchmark runs.
@@ -130,11 +133,13 @@ class Shape:
     configuration. A pure function of (kind, n), so the driver, the workers and the bare server
     agree on it without exchanging it.
 
-    Agent ``i`` (and the joiner, :data:`JOINER`) has underlay 198.18.0.10 + i (unique, and unique
-    host bits in the default vx-local range 198.19.0.0/16) and node name ``n{i}``. ``p2p``:
-    clusters ``a``/``b`` alternate (10.0.0.0/9, 10.128.0.0/9, /24 per node). ``gateway``: agent
-    ``i`` is in cluster ``c{i % C}`` at position ``i // C``, cluster k owns the /16 10.0.0.0 +
-    k * 2^16, its node at position p the /24 number p; the joiner takes the last /24 (255) of c0.
+    Agent ``i`` (and the joiner, :data:`JOINER`) has node name ``n{i}`` and a unique underlay
+    with unique host bits in the default vx-local range 198.19.0.0/16. ``p2p``: underlay
+    198.18.0.10 + i; clusters ``a``/``b`` alternate (10.0.0.0/9, 10.128.0.0/9, /24 per node).
+    ``gateway``: agent ``i`` is in cluster ``c{i % C}`` at position ``i // C``; cluster k owns
+    the /16 10.0.0.0 + k * 2^16 (its node at position p the /24 number p; the joiner the last
+    /24, 255, of c0) and, like a real cluster's node subnet, the underlay block 198.18.0.0 +
+    k * 128 (its node at position p the address p + 1 of the block; the joiner 101 of c0's).
     """
 
     kind: str
@@ -145,6 +150,9 @@ class Shape:
             raise ValueError(f"unknown shape {self.kind!r} (known: {', '.join(bc.CONTROL_SHAPES)})")
         if not 1 <= self.n < JOINER:
             raise ValueError(f"N={self.n}: the control benchmark simulates 1 to {JOINER - 1} agents")
+        if self.kind == "gateway" and self.clusters * UNDERLAY_BLOCK > 65536:
+            raise ValueError(f"N={self.n}: the gateway shape's underlay blocks of {UNDERLAY_BLOCK} addresses "
+                             f"fit at most {65536 // UNDERLAY_BLOCK} clusters (vx-local host bits must stay unique)")
 
     @property
     def clusters(self) -> int:
@@ -179,8 +187,12 @@ class Shape:
 
         k, pos = self.place(i)
         cidr = f"{ipaddress.ip_address(self._cluster_base(k) + pos * 256)}/24"
-        underlay = str(ipaddress.ip_address(int(ipaddress.ip_address("198.18.0.10")) + i))
-        return types.NodeAnnouncement(self.cluster_name(k), f"n{i}", underlay, (cidr,))
+        if self.kind == "p2p":
+            underlay = ipaddress.ip_address(int(ipaddress.ip_address("198.18.0.10")) + i)
+        else:
+            slot = CLUSTER_SIZE if i == JOINER else pos
+            underlay = ipaddress.ip_address(int(ipaddress.ip_address("198.18.0.0")) + k * UNDERLAY_BLOCK + slot + 1)
+        return types.NodeAnnouncement(self.cluster_name(k), f"n{i}", str(underlay), (cidr,))
 
     def config_doc(self) -> dict[str, Any]:
         """The reflector's topology file (no node list: nodes come from the announcements)."""
@@ -422,7 +434,8 @@ class _Worker:
                         raise AgentError(f"agent {ann.key}: delta version {d.version} after version {version}")
                     delta = codec.delta_from_pb(d)
                     for k in delta.removals:
-                        if held.pop(k, None) is None:
+                        # The bare server sends no snapshot (its agents hold nothing to remove).
+                        if held.pop(k, None) is None and self.mode != "bare":
                             raise AgentError(f"agent {ann.key}: delta {d.version} removes {k!r}, which it never had")
                     for entry in delta.upserts:
                         held[types.entry_key(entry)] = entry
