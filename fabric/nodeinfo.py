@@ -38,6 +38,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from fabric import types
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class HostAddress:
@@ -86,7 +88,6 @@ FIRST_FOUND_SKIP = (
 #: Linux interface names: 1-15 bytes, no '/', ':', ',' (lists in the environment) or whitespace.
 IFNAME_RE = re.compile(r"^[^/\s:,=]{1,15}$")
 _NODE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-_FAMILY = {4: "IPv4", 6: "IPv6"}
 
 
 class NodeInfoError(ValueError):
@@ -212,7 +213,7 @@ def _seen(links: Sequence[HostLink], family: int) -> str:
     parts = []
     for ln in links:
         notes = [w for w, bad in (("down", not ln.up), ("loopback", ln.loopback),
-                                  (f"no global {_FAMILY[family]}", not _global(ln, family))) if bad]
+                                  (f"no global {types.FAMILY_NAMES[family]}", not _global(ln, family))) if bad]
         parts.append(ln.name + (f" ({', '.join(notes)})" if notes else ""))
     return ", ".join(parts) or "none"
 
@@ -227,7 +228,7 @@ def choose_underlay(node: str, method: str, nic: str, links: Sequence[HostLink],
     chosen: dict[int, str] = {}
     notes: list[str] = []
     for fam in sorted(internal):
-        name = _FAMILY[fam]
+        name = types.FAMILY_NAMES[fam]
         if nic != AUTO_NIC:
             link = next((ln for ln in links if ln.name == nic), None)
             if link is None:
@@ -266,7 +267,8 @@ def choose_underlay(node: str, method: str, nic: str, links: Sequence[HostLink],
             target = ipaddress.ip_address(method.partition("=")[2])
             if target.version != fam:
                 chosen[fam] = internal[fam]
-                notes.append(f"{name} {internal[fam]} (the Node's InternalIP: {method} is {_FAMILY[target.version]})")
+                other = types.FAMILY_NAMES[target.version]
+                notes.append(f"{name} {internal[fam]} (the Node's InternalIP: {method} is {other})")
                 continue
             if route is None or route.target != str(target):
                 raise NodeInfoError(f"{where}: no route lookup towards {target} was made")

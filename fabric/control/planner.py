@@ -1017,7 +1017,7 @@ def _remote_destinations(view: _View, own_cluster: str, family: int) -> list[str
     return [_canonical(d) for d in out if types.family_of(d) == family]
 
 
-def _local_hosts(view: _View, cv: _ClusterView, family: int) -> list[str]:
+def _local_hosts(view: _View, cv: _ClusterView, family: int) -> tuple[str, ...]:
     """The vx-local addresses of ``family`` of the nodes of a gateway-mode cluster, as the fewest
     CIDRs that cover exactly them (and nothing else: two clusters' sets never share a CIDR).
 
@@ -1031,7 +1031,7 @@ def _local_hosts(view: _View, cv: _ClusterView, family: int) -> list[str]:
         local = view.locals.get(family)
         underlays = tuple(ul for n in cv.nodes if (ul := n.underlay(family)) is not None)
         hosts = view.local_hosts[key] = _collapsed_hosts(underlays, local) if local is not None else ()
-    return list(hosts)
+    return hosts
 
 
 @functools.lru_cache(maxsize=4096)
@@ -1232,7 +1232,7 @@ def _cluster_signature(view: _View, name: str) -> object:
     if cv is None:
         return None
     # A gateway-mode cluster's part also routes its nodes' vx-local addresses (collapsed).
-    hosts = tuple(tuple(_local_hosts(view, cv, f)) for f in cv.families) if cv.gateway_mode else ()
+    hosts = tuple(_local_hosts(view, cv, f) for f in cv.families) if cv.gateway_mode else ()
     return (cv.active, view.reach.get(name, frozenset()), hosts)
 
 

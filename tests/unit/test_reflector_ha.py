@@ -15,9 +15,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -30,7 +29,7 @@ from fabric.control.generated import fabric_pb2 as pb
 from fabric.control.generated import fabric_pb2_grpc as pb_grpc
 from fabric.control.reflector import Reflector
 from kubeemu.runner import ServerThread
-from tests.unit.test_k8s_source import CLUSTERS, CRD, EAST, _get, _request, _source, cluster
+from tests.unit.test_k8s_source import CLUSTERS, CRD, EAST, _get, _request, _source, _until, cluster
 
 LEASE = "/apis/coordination.k8s.io/v1/namespaces/kosmos-system/leases/refl"
 E1 = types.NodeAnnouncement("east", "e1", "198.18.0.11", ("10.10.1.0/24",))
@@ -91,17 +90,6 @@ class Replica:
             self.task.cancel()
             await asyncio.gather(self.task, return_exceptions=True)
             self.task = None
-
-
-async def _until(pred: Callable[[], Any], what: str, timeout: float = 6.0) -> Any:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while loop.time() < end:
-        got = pred()
-        if got:
-            return got
-        await asyncio.sleep(0.03)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def _refusal(target: str, ann: types.NodeAnnouncement) -> tuple[grpc.StatusCode, str]:
