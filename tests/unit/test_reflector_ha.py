@@ -15,12 +15,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
-import yaml
 
 from fabric import types
 from fabric.control import client, codec
@@ -29,21 +27,13 @@ from fabric.control.generated import fabric_pb2 as pb
 from fabric.control.generated import fabric_pb2_grpc as pb_grpc
 from fabric.control.reflector import Reflector
 from kubeemu.runner import ServerThread
-from tests.unit.test_k8s_source import CLUSTERS, CRD, EAST, _get, _request, _source, _until, cluster
+from tests.unit.test_k8s_source import CLUSTERS, EAST, _get, _request, _source, _until, cluster, emu
+
+__all__ = ["emu"]  # the fixture (an emulated host API server with the CRD), imported for the tests below
 
 LEASE = "/apis/coordination.k8s.io/v1/namespaces/kosmos-system/leases/refl"
 E1 = types.NodeAnnouncement("east", "e1", "198.18.0.11", ("10.10.1.0/24",))
 E2 = types.NodeAnnouncement("east", "e2", "198.18.0.12", ("10.10.2.0/24",))
-
-
-@pytest.fixture
-def emu() -> Iterator[ServerThread]:
-    with ServerThread(name="host", service_cidrs=("10.96.0.0/24",), bookmark_interval=0.2) as s:
-        _request(s.url, "POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
-                 yaml.safe_load(CRD.read_text()))
-        _request(s.url, "POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
-                                                       "metadata": {"name": "kosmos-system"}})
-        yield s
 
 
 @dataclasses.dataclass
