@@ -4,19 +4,82 @@ Tiers are markers: ``unit`` (no root), ``privileged`` (real kernel in throwaway 
 namespaces) and ``lab`` (end to end through ``fabric-tool lab``). Tests under
 ``tests/privileged`` and ``tests/lab`` get their marker automatically; both tiers are skipped,
 with the reason, when not running as root.
+
+Hangs fail one test, never the run. pytest-timeout's ``signal`` method (``timeout`` in
+pyproject.toml) fails a test that overruns while its main thread runs Python. A thread blocked in
+C (a deadlock inside ``fork()``, a stuck syscall) never sees that signal, so a C-level watchdog
+(:mod:`faulthandler`) armed for the same test writes every thread's stack to a file and ends the
+process ``WATCHDOG_GRACE_S`` later. The suite runs in one pytest-xdist worker (``-n 1`` in
+``addopts``): the controller reports that test as crashed with the stacks attached, starts a
+fresh worker and goes on. (``-n 0`` runs in-process, for a debugger; the stacks file is then
+named in the report header.)
 """
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import subprocess
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO, Any
 
 import pytest
 
 IS_ROOT = os.geteuid() == 0
+WATCHDOG_GRACE_S = 30.0
+_STACKS_ENV = "KFT_TEST_STACKS_DIR"
+_stacks: IO[str] | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if _STACKS_ENV not in os.environ:  # the controller (or an in-process run); workers inherit it
+        os.environ[_STACKS_ENV] = tempfile.mkdtemp(prefix="kft-test-stacks-")
+
+
+def _stacks_path(worker: str) -> Path:
+    return Path(os.environ[_STACKS_ENV]) / f"{worker}.txt"
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"hung tests: stacks dumped to {_stacks_path(os.environ.get('PYTEST_XDIST_WORKER', 'main'))}"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> None:
+    """Arm the C-level watchdog next to pytest-timeout's own timer (None: theirs runs too)."""
+    global _stacks
+    if settings.timeout and settings.timeout > 0:
+        if _stacks is None:
+            _stacks = _stacks_path(os.environ.get("PYTEST_XDIST_WORKER", "main")).open("w")
+        _stacks.seek(0)
+        _stacks.truncate()
+        _stacks.write(f"watchdog: {item.nodeid} ran over {settings.timeout} s + {WATCHDOG_GRACE_S:.0f} s\n")
+        _stacks.flush()
+        faulthandler.dump_traceback_later(settings.timeout + WATCHDOG_GRACE_S, exit=True, file=_stacks)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_timeout_cancel_timer(item: pytest.Item) -> None:
+    faulthandler.cancel_dump_traceback_later()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_handlecrashitem(crashitem: str, report: pytest.TestReport, sched: Any) -> None:
+    """pytest-xdist: a worker died under ``crashitem``; attach the watchdog's stacks, if any."""
+    node = getattr(report, "node", None)
+    worker = getattr(getattr(node, "gateway", None), "id", None)
+    if worker is None:
+        return
+    path = _stacks_path(worker)
+    try:
+        text = path.read_text()
+    except OSError:
+        return
+    if text.startswith(f"watchdog: {crashitem} "):
+        report.longrepr = f"{report.longrepr}\n\n{text}"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -244,11 +244,10 @@ _MAIN_PID = 0
 def _sigterm(signum: int, frame: FrameType | None) -> None:
     """SIGTERM unwinds through every benchmark's cleanup, like Ctrl-C - in our own process only.
 
-    Libraries fork helper processes that keep running Python without exec (pyroute2's NetNS,
-    used by the translator's loader, does); they inherit this handler and are stopped with
-    SIGTERM. Unwinding *their* copy of our stack would run our cleanup a second time, from the
-    wrong process (unmounting, deleting namespaces of a benchmark still running), so a forked
-    child just exits.
+    Our own code never forks a child that keeps running Python (see :mod:`fabric.netns`), but a
+    library might, and such a child inherits this handler. Unwinding *its* copy of our stack
+    would run our cleanup a second time, from the wrong process (unmounting, deleting
+    namespaces of a benchmark still running), so a forked child just exits.
     """
     if os.getpid() != _MAIN_PID:
         os._exit(128 + signum)

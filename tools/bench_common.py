@@ -33,6 +33,7 @@ from typing import IO, Any
 
 import yaml
 
+from fabric import netns as namespaces
 from tools import lab, nsutil
 
 _log = logging.getLogger(__name__)
@@ -227,7 +228,7 @@ def ip_batch(netns: str | None, cmds: Sequence[str]) -> None:
 
 def delete_netns(names: Sequence[str]) -> None:
     for ns in names:
-        if nsutil.netns_exists(ns):
+        if namespaces.exists(ns):
             # Processes still inside would keep nothing alive (the name goes), but stop ours first.
             subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
 

@@ -27,8 +27,8 @@ import logging
 import os
 from collections.abc import Iterator
 
+from fabric import netns as namespaces
 from tools import bench_common as bc
-from tools import nsutil
 
 _log = logging.getLogger(__name__)
 NAME = "datapath"
@@ -74,7 +74,7 @@ def _sysctl(netns: str, values: dict[str, str]) -> None:
             with open("/proc/sys/" + key.replace(".", "/"), "w") as fh:
                 fh.write(value)
 
-    nsutil.run_in_netns_thread(netns, write)
+    namespaces.run_in(netns, write)
 
 
 @contextlib.contextmanager

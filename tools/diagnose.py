@@ -30,7 +30,7 @@ Three questions, each answered from data, never from a hard-coded picture of the
   black hole).
 
 Everything runs from the machine that has the lab's namespaces: probes and HTTP requests run
-in a thread that entered the right network namespace (:func:`tools.nsutil.run_in_netns_thread`),
+in a thread that entered the right network namespace (:func:`fabric.netns.run_in`),
 so nothing is sent from or to the root namespace. ``state`` also works against any agent whose
 metrics port is reachable (``--agent HOST:PORT``).
 """
@@ -48,8 +48,9 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
+from fabric import netns as namespaces
 from fabric.control import api
-from tools import lab, nsutil
+from tools import lab
 
 _log = logging.getLogger(__name__)
 
@@ -81,11 +82,7 @@ class DiagnoseError(lab.LabError):
 
 def in_netns(netns: str | None, fn: Callable[[], T]) -> T:
     """``fn()`` run in network namespace ``netns`` (None: here), its result returned."""
-    if netns is None:
-        return fn()
-    out: list[T] = []
-    nsutil.run_in_netns_thread(netns, lambda: out.append(fn()))
-    return out[0]
+    return fn() if netns is None else namespaces.run_in(netns, fn)
 
 
 def http_get(netns: str | None, host: str, port: int, path: str, timeout_s: float = 10.0) -> tuple[int, str]:

@@ -74,6 +74,7 @@ from typing import Any
 
 import yaml
 
+from fabric import netns as namespaces
 from fabric import topology, types
 from fabric.control import api
 from kubeemu import lab as kubeemu_lab
@@ -558,7 +559,7 @@ def _write_sysctls(netns: str, values: dict[str, str]) -> None:
                 errors.append(f"{key}={value}: {e.strerror}")
 
     try:
-        nsutil.run_in_netns_thread(netns, run)
+        namespaces.run_in(netns, run)
     except OSError as e:
         raise LabError(f"sysctl in {netns}: {e}") from e
     if errors:
@@ -676,9 +677,9 @@ def add_pod(node: NodeRecord, pod: PodRecord) -> None:
     gateway. Calling it again for a pod that exists re-applies addresses and routes (the pod
     keeps only ``pod.ip``); a pod namespace without its node-side veth is rebuilt.
     """
-    if not nsutil.netns_exists(node.netns):
+    if not namespaces.exists(node.netns):
         raise LabError(f"pod {node.key}/{pod.name}: node namespace {node.netns} does not exist")
-    if not (nsutil.netns_exists(pod.netns) and _link_exists(node.netns, pod.host_if)):
+    if not (namespaces.exists(pod.netns) and _link_exists(node.netns, pod.host_if)):
         _delete_netns([pod.netns])
         _ip_batch(None, [f"netns add {pod.netns}"], f"namespace of pod {node.key}/{pod.name}")
         if pod.ip6:
@@ -741,7 +742,7 @@ def kube_pod(node: NodeRecord, pod_key: str, ip: str) -> PodRecord:
 def kube_pod_namespaces(cluster: ClusterRecord) -> list[str]:
     """Namespaces of kubelet pods that exist on the nodes of ``cluster``."""
     prefixes = tuple(f"{n.netns}-k" for n in cluster.nodes)
-    return [ns for ns in nsutil.list_netns() if ns.startswith(prefixes) and _KUBE_POD_SUFFIX.search(ns)]
+    return [ns for ns in namespaces.list_all() if ns.startswith(prefixes) and _KUBE_POD_SUFFIX.search(ns)]
 
 
 def service_ruleset(service_ip: str, backend: str) -> str:
@@ -796,7 +797,7 @@ def _delete_netns(names: Sequence[str]) -> list[str]:
     """Delete the named namespaces that exist; returns those deleted (veths die with them)."""
     gone = []
     for ns in names:
-        if nsutil.netns_exists(ns):
+        if namespaces.exists(ns):
             res = subprocess.run(["ip", "netns", "del", ns], capture_output=True, text=True, check=False)
             if res.returncode != 0:
                 raise LabError(f"ip netns del {ns} failed: {res.stderr.strip()}")
@@ -809,7 +810,7 @@ def build(state: LabState, progress: Progress = _quiet) -> LabState:
 
     A node recorded as not built (a crash mid-way) is wiped and rebuilt from scratch.
     """
-    if not state.ul_built or not nsutil.netns_exists(state.ul_netns):
+    if not state.ul_built or not namespaces.exists(state.ul_netns):
         _delete_netns([state.ul_netns])
         progress(f"lab {state.name}: creating the lab namespace {state.ul_netns} (underlay {state.underlay})")
         _build_underlay(state)
@@ -817,7 +818,7 @@ def build(state: LabState, progress: Progress = _quiet) -> LabState:
         save_state(state)
     for cluster in state.clusters:
         for node in cluster.nodes:
-            if node.built and nsutil.netns_exists(node.netns):
+            if node.built and namespaces.exists(node.netns):
                 continue
             _delete_netns([*(p.netns for p in node.pods), node.netns])
             progress(f"lab {state.name}: building node {node.key} ({node.underlay_ip}, {len(node.pods)} pods)")
@@ -1281,7 +1282,7 @@ def up(
             current = load_state(name)
         except StateError as e:
             raise LabError(f"{e}; run 'fabric-tool lab down --name {name}' to clear the lab") from e
-        if current is not None and not nsutil.netns_exists(current.ul_netns):
+        if current is not None and not namespaces.exists(current.ul_netns):
             progress(f"lab {name}: recorded lab has no {current.ul_netns} namespace any more; clearing leftovers")
             _down_locked(name, current, progress)
             current = None
@@ -1417,7 +1418,7 @@ def add_node(
 
 def _scan_netns(name: str) -> list[str]:
     """Namespaces under /run/netns that belong to lab ``name`` by their name."""
-    return [ns for ns in nsutil.list_netns() if ns.startswith(f"{name}-")]
+    return [ns for ns in namespaces.list_all() if ns.startswith(f"{name}-")]
 
 
 def down(name: str = DEFAULT_NAME, progress: Progress = _stderr_progress) -> bool:
@@ -1443,9 +1444,9 @@ def down(name: str = DEFAULT_NAME, progress: Progress = _stderr_progress) -> boo
 
 
 def _down_locked(name: str, state: LabState | None, progress: Progress) -> bool:
-    namespaces = list(state.namespaces()) if state else []
+    owned = list(state.namespaces()) if state else []
     scanned = _scan_netns(name)
-    namespaces += [ns for ns in sorted(scanned, key=lambda s: -s.count("-")) if ns not in namespaces]
+    owned += [ns for ns in sorted(scanned, key=lambda s: -s.count("-")) if ns not in owned]
     # Processes: those recorded (PID + start time), and anything living in a lab namespace.
     targets: dict[int, int | None] = {}
     if state is not None:
@@ -1453,7 +1454,7 @@ def _down_locked(name: str, state: LabState | None, progress: Progress) -> bool:
         for rec in [state.reflector, *(n.agent for n in state.nodes()), *kube]:
             if rec is not None and rec.running():
                 targets[rec.pid] = rec.start
-    inodes = [i for i in (nsutil.netns_inode(ns) for ns in namespaces) if i is not None]
+    inodes = [i for i in (namespaces.inode(ns) for ns in owned) if i is not None]
     for pid in nsutil.pids_in_netns(inodes):
         targets.setdefault(pid, nsutil.start_time(pid))
     changed = False
@@ -1461,7 +1462,7 @@ def _down_locked(name: str, state: LabState | None, progress: Progress) -> bool:
         progress(f"lab {name}: stopping {len(targets)} processes ({', '.join(map(str, sorted(targets)))})")
         nsutil.terminate(sorted(targets.items()))
         changed = True
-    gone = _delete_netns([ns for ns in namespaces if nsutil.netns_exists(ns)])
+    gone = _delete_netns([ns for ns in owned if namespaces.exists(ns)])
     if gone:
         progress(f"lab {name}: deleted {len(gone)} namespaces")
         changed = True

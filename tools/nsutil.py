@@ -1,14 +1,17 @@
-"""Network-namespace and process plumbing shared by the lab and the connectivity check.
+"""Process plumbing shared by the lab, the connectivity check and the benchmarks.
 
 Three things live here, each small but easy to get subtly wrong:
 
-* **Running a program inside a named namespace.** ``ip netns exec`` also unshares the mount
-  namespace and remounts ``/sys`` so that ``/sys/class/net`` shows the namespace's devices. That
-  hides ``/sys/fs/bpf`` from the child, which would break pinned BPF maps (they must outlive an
-  agent restart). So long-running lab processes are started with :func:`spawn_in_netns`, which
-  only ``setns(2)``\\ s the *network* namespace in the child between ``fork`` and ``exec``: the
-  PID we get back is the final program's PID, and ``/proc/sys/net`` as well as every netlink
-  socket the program opens belong to the target namespace.
+* **Starting a program inside a named namespace, fork-safely.** The program is exec'd through
+  ``nsenter --net=/run/netns/NAME -- argv``: nsenter enters only the *network* namespace and
+  then execs the program in the same process, so the PID we get back is the final program's
+  PID. Nothing runs between ``fork`` and ``exec`` in our process (no ``preexec_fn``), which lets
+  ``subprocess`` use ``vfork`` and run no fork handler: a process that has used gRPC deadlocks
+  in gRPC's fork handlers otherwise (see :mod:`fabric.netns`). Not ``ip netns exec``: it also
+  unshares the mount namespace and remounts ``/sys``, which hides ``/sys/fs/bpf`` from the
+  child and would break pinned BPF maps (they must outlive an agent restart).
+  **The rule: no code of ours forks with a ``preexec_fn``, ``os.fork`` or ``multiprocessing``;
+  every child is started by exec.** A codebase test enforces it.
 * **Knowing a PID is still the process we started.** PIDs are reused. We record the process start
   time (field 22 of ``/proc/PID/stat``, in clock ticks since boot) next to the PID and only signal
   a PID whose start time still matches (:func:`same_process`). Signals go through a pidfd, opened
@@ -22,74 +25,34 @@ Three things live here, each small but easy to get subtly wrong:
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
+import functools
 import logging
 import os
 import select
+import shutil
 import signal
 import subprocess
-import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from fabric import netns as namespaces
+
 _log = logging.getLogger(__name__)
 
-NETNS_DIR = Path("/run/netns")
-_CLONE_NEWNET = 0x40000000
-
-_libc: ctypes.CDLL | None = None
-
-
-def _setns_fn() -> Any:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    return _libc.setns
+#: How long :func:`spawn_in_netns` waits for the child to show up in its namespace (nsenter
+#: needs a millisecond or two; a loaded machine more).
+ENTER_TIMEOUT_S = 10.0
 
 
-def netns_path(name: str) -> Path:
-    return NETNS_DIR / name
-
-
-def netns_exists(name: str) -> bool:
-    return netns_path(name).exists()
-
-
-def list_netns() -> list[str]:
-    """Names of the namespaces pinned under /run/netns (what ``ip netns list`` shows)."""
-    try:
-        return sorted(p.name for p in NETNS_DIR.iterdir())
-    except FileNotFoundError:
-        return []
-
-
-def netns_inode(name: str) -> int | None:
-    """Inode of a named namespace (its nsfs inode, the same one /proc/PID/ns/net shows)."""
-    try:
-        return os.stat(netns_path(name)).st_ino
-    except OSError:
-        return None
-
-
-def _enter_netns_preexec(name: str) -> Any:
-    """Return a preexec_fn that moves the forked child into namespace ``name`` before exec."""
-    path = str(netns_path(name))
-    setns = _setns_fn()
-
-    def enter() -> None:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            if setns(fd, _CLONE_NEWNET) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"setns({path}): {os.strerror(err)}")
-        finally:
-            os.close(fd)
-
-    return enter
+@functools.cache
+def _nsenter() -> str:
+    found = shutil.which("nsenter")
+    if found is None:
+        raise FileNotFoundError(errno.ENOENT, "nsenter (Debian package util-linux) is not on PATH", "nsenter")
+    return found
 
 
 def spawn_in_netns(
@@ -103,22 +66,37 @@ def spawn_in_netns(
     env: dict[str, str] | None = None,
     cwd: str | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Start ``argv`` inside network namespace ``netns`` (see the module docstring for why not
-    ``ip netns exec``). ``new_session`` puts it in its own session and process group so a Ctrl-C
-    on the terminal that ran ``lab up`` does not take the lab down with it."""
-    if not netns_exists(netns):
-        raise FileNotFoundError(errno.ENOENT, f"network namespace {netns!r} does not exist", str(netns_path(netns)))
-    return subprocess.Popen(
-        list(argv),
+    """Start ``argv`` inside network namespace ``netns`` (see the module docstring for how).
+
+    Returns once the process is inside the namespace (or has already exited), so callers may
+    look it up there at once. ``new_session`` puts it in its own session and process group so a
+    Ctrl-C on the terminal that ran ``lab up`` does not take the lab down with it.
+    """
+    target = namespaces.inode(netns)
+    if target is None:
+        where = str(namespaces.path(netns))
+        raise FileNotFoundError(errno.ENOENT, f"network namespace {netns!r} does not exist", where)
+    proc = subprocess.Popen(
+        [_nsenter(), f"--net={namespaces.path(netns)}", "--", *argv],
         stdin=stdin,
         stdout=stdout,
         stderr=stderr,
-        preexec_fn=_enter_netns_preexec(netns),  # only a setns between fork and exec
         start_new_session=new_session,
         close_fds=True,
         env=env,
         cwd=cwd,
     )
+    deadline = time.monotonic() + ENTER_TIMEOUT_S
+    pause = 0.0005
+    while pid_netns_inode(proc.pid) != target and proc.poll() is None:
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise TimeoutError(f"{argv[0]} (pid {proc.pid}) did not enter network namespace {netns!r} "
+                               f"within {ENTER_TIMEOUT_S:.0f} s")  # fmt: skip
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
+    return proc
 
 
 # -- processes -------------------------------------------------------------------------------
@@ -242,26 +220,3 @@ def _wait_fds(fds: dict[int, int], timeout_s: float) -> None:
         for fd in pending.values():
             poller.register(fd, select.POLLIN)
         poller.poll(min(left, 0.1) * 1000)
-
-
-def run_in_netns_thread(netns: str, fn: Callable[[], None]) -> None:
-    """Run ``fn`` in a fresh thread that first entered namespace ``netns``.
-
-    ``setns(CLONE_NEWNET)`` changes only the calling thread, and the thread is discarded
-    afterwards, so the rest of the process never leaves its own namespace. Exceptions raised by
-    ``fn`` or by entering the namespace are re-raised here.
-    """
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            _enter_netns_preexec(netns)()
-            fn()
-        except BaseException as e:  # handed to the caller's thread below
-            failure.append(e)
-
-    t = threading.Thread(target=run, name=f"netns-{netns}")
-    t.start()
-    t.join()
-    if failure:
-        raise failure[0]

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fabric import netns as namespaces
 from fabric.bpf import libbpf
 
 _log = logging.getLogger(__name__)
@@ -505,9 +506,7 @@ class Translator:
     # -- tc --
 
     def _ipr(self) -> Any:
-        from pyroute2 import IPRoute
-
-        return IPRoute(netns=self.netns) if self.netns else IPRoute()
+        return namespaces.iproute(self.netns)
 
     def _ifindex(self, ipr: Any, ifname: str) -> int:
         idx = ipr.link_lookup(ifname=ifname)

@@ -57,8 +57,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import ctypes
-import ctypes.util
 import dataclasses
 import datetime
 import json
@@ -71,6 +69,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from fabric import crd, types
+from fabric import netns as namespaces
 from fabric.control import api
 
 _log = logging.getLogger(__name__)
@@ -81,7 +80,6 @@ DEFAULT_LEASE_DURATION_S = 15
 #: Timeouts of one API request (connect, read); watches read for up to resync + this.
 REQUEST_TIMEOUT_S = 10.0
 _MERGE_PATCH = "application/merge-patch+json"
-_CLONE_NEWNET = 0x40000000
 LEASE_GROUP, LEASE_VERSION, LEASE_PLURAL = "coordination.k8s.io", "v1", "leases"
 
 
@@ -135,12 +133,8 @@ def open_netns(path: str) -> int:
 
 def _enter_netns(fd: int | None) -> None:
     """Move the calling *thread* into the namespace of ``fd`` (sockets it opens live there)."""
-    if fd is None:
-        return
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    if libc.setns(fd, _CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns into the API server's network namespace: {os.strerror(err)}")
+    if fd is not None:
+        namespaces.enter(fd)
 
 
 def _api_error(e: BaseException) -> tuple[int | None, str]:

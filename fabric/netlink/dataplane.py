@@ -46,6 +46,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from fabric import netns as namespaces
 from fabric.netlink import rawnl
 from fabric.netlink.objects import RTPROT_FABRIC, Address, DeviceLink, FdbEntry, Link, Neighbour, Rule, VxlanLink
 
@@ -206,11 +207,9 @@ class KernelDataplane:
     """:class:`Dataplane` on the real kernel (current netns, or ``netns`` for tests/benchmarks)."""
 
     def __init__(self, *, netns: str | None = None, chunk: int = 1000) -> None:
-        from pyroute2 import IPRoute  # late: keeps ``import fabric.netlink`` cheap for unit tests
-
         self._netns = netns
         self._nl = rawnl.NetlinkSocket(netns=netns, chunk=chunk)
-        self._ipr: Any = IPRoute(netns=netns) if netns else IPRoute()
+        self._ipr: Any = namespaces.iproute(netns)
         self._index: dict[str, int] = {}
         self._names: dict[int, str] = {}
 

@@ -32,6 +32,7 @@ import socket
 import threading
 from collections.abc import Callable
 
+from fabric import netns as namespaces
 from fabric.netlink import rawnl
 from fabric.netlink.objects import RTPROT_FABRIC
 
@@ -69,8 +70,7 @@ class EventMonitor:
         """Subscribe (synchronously, so nothing after ``start`` returns is missed) and start the thread."""
         if self._thread is not None:
             raise RuntimeError("EventMonitor already started")
-        with rawnl.in_netns(self._netns):
-            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, rawnl.NETLINK_ROUTE)
+        sock = namespaces.netlink_socket(self._netns, rawnl.NETLINK_ROUTE)
         try:
             try:
                 sock.setsockopt(socket.SOL_SOCKET, rawnl.SO_RCVBUFFORCE, 8 * 1024 * 1024)

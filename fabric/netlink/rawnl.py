@@ -32,8 +32,6 @@ An interrupted dump (``NLM_F_DUMP_INTR``: the table changed while dumping) is re
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno as errno_mod
 import logging
 import os
@@ -41,7 +39,9 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+
+from fabric import netns as namespaces
 
 _log = logging.getLogger(__name__)
 
@@ -153,7 +153,6 @@ _ERR = struct.Struct("=i")
 OWN_PORTIDS: set[int] = set()
 _OWN_LOCK = threading.Lock()
 
-_CLONE_NEWNET = 0x40000000
 
 #: FDB deletes we are about to make, (ifindex, mac, dst) -> expiry (monotonic seconds). vxlan's FDB
 #: notifications carry port id 0 whoever asked, so the event monitor recognises ours by content.
@@ -185,39 +184,6 @@ class NetlinkFailure(OSError):
     def __init__(self, code: int, message: str) -> None:
         super().__init__(code, message)
         self.code = code
-
-
-@contextlib.contextmanager
-def in_netns(name: str | None) -> Iterator[None]:
-    """Run the body with the calling *thread* inside network namespace ``/run/netns/<name>``.
-
-    Sockets opened in the body stay bound to that namespace after we switch back, which is how
-    tests and the benchmark drive a throwaway netns from a process living in another one.
-    ``None`` means the current namespace (the agent runs inside its node's netns already).
-    """
-    if name is None:
-        yield
-        return
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    try:
-        target = os.open(f"/run/netns/{name}", os.O_RDONLY)
-    except FileNotFoundError:
-        os.close(own)
-        raise ValueError(f"network namespace {name!r} does not exist (no /run/netns/{name})") from None
-    try:
-        if libc.setns(target, _CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns into netns {name!r}: {os.strerror(err)}")
-        try:
-            yield
-        finally:
-            if libc.setns(own, _CLONE_NEWNET) != 0:  # pragma: no cover - would leave us stranded
-                err = ctypes.get_errno()
-                raise OSError(err, f"setns back from netns {name!r}: {os.strerror(err)}")
-    finally:
-        os.close(target)
-        os.close(own)
 
 
 def attr(kind: int, value: bytes) -> bytes:
@@ -263,8 +229,7 @@ class NetlinkSocket:
         chunk: int = 1000,
         strict: bool = True,
     ) -> None:
-        with in_netns(netns):
-            self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
+        self.sock = namespaces.netlink_socket(netns, NETLINK_ROUTE)
         try:
             self._setup(groups, rcvbuf, strict)
         except BaseException:

@@ -23,6 +23,7 @@ import logging
 import socket
 from typing import Any
 
+from fabric import netns as namespaces
 from fabric.nodeinfo import HostAddress, HostLink, RouteHint
 
 _log = logging.getLogger(__name__)
@@ -34,9 +35,7 @@ SCOPES = {0: "global", 200: "site", 253: "link", 254: "host", 255: "nowhere"}
 
 
 def _ipr(netns: str | None) -> Any:
-    from pyroute2 import IPRoute  # late: keeps ``import fabric.netlink`` cheap for unit tests
-
-    return IPRoute(netns=netns) if netns else IPRoute()
+    return namespaces.iproute(netns)  # pyroute2 imported late: keeps unit tests' imports cheap
 
 
 def read_links(netns: str | None = None) -> list[HostLink]:

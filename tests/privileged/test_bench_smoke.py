@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from fabric import netns as namespaces
 from tools import bench, lab, nsutil
 from tools import bench_common as bc
 
@@ -48,7 +49,7 @@ def _run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *args: str) -> dict[st
     monkeypatch.setattr(bc, "unique", recording_unique)
     out = tmp_path / "bench.json"
     assert bench.main([*args, "--tiny", "--repeat", "1", "--json", str(out)]) == 0
-    left = [ns for ns in nsutil.list_netns() if ns.startswith("kft-bench-") or ns.split("-")[0] in made]
+    left = [ns for ns in namespaces.list_all() if ns.startswith("kft-bench-") or ns.split("-")[0] in made]
     assert not left, f"namespaces left behind: {left}"
     labs = [name for name in made if lab.state_dir(name).exists()]
     assert not labs, f"lab state left behind: {labs}"
@@ -100,10 +101,10 @@ def test_a_missing_program_is_refused_before_anything_is_built(
 ) -> None:
     real = shutil.which
     monkeypatch.setattr(shutil, "which", lambda p: None if p == missing else real(p))
-    before = set(nsutil.list_netns())
+    before = set(namespaces.list_all())
     assert bench.main([name, "--tiny"]) == 2
     assert f"program {missing!r} is not installed" in capsys.readouterr().err
-    assert set(nsutil.list_netns()) == before
+    assert set(namespaces.list_all()) == before
 
 
 def test_gateway_measures_the_gateway_path_against_gateway_node_and_p2p(

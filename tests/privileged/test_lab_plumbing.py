@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from fabric import netns as namespaces
 from tools import check, lab, nsutil
 
 TOPO = """\
@@ -46,7 +47,7 @@ def lab_name() -> Iterator[str]:
         yield name
     finally:
         lab.down(name, progress=_quiet)
-        assert not [ns for ns in nsutil.list_netns() if ns.startswith(f"{name}-")]
+        assert not [ns for ns in namespaces.list_all() if ns.startswith(f"{name}-")]
 
 
 def _write(tmp_path: Path, text: str, fname: str = "topo.yaml") -> Path:
@@ -73,7 +74,7 @@ def test_plumbing_connects_pods_inside_a_cluster_only(tmp_path: Path, lab_name: 
     expected = {f"{lab_name}-ul", f"{lab_name}-east-e1", f"{lab_name}-east-e2", f"{lab_name}-west-w1",
                 f"{lab_name}-east-e1-p0", f"{lab_name}-east-e1-p1", f"{lab_name}-east-e2-p0",
                 f"{lab_name}-west-w1-p0"}  # fmt: skip
-    assert {ns for ns in nsutil.list_netns() if ns.startswith(f"{lab_name}-")} == expected
+    assert {ns for ns in namespaces.list_all() if ns.startswith(f"{lab_name}-")} == expected
     e1 = _routes(f"{lab_name}-east-e1")
     assert "10.10.1.0/24 via 198.18.0.12 dev eth0" in e1  # host-gw to e2
     assert "10.10.0.2 dev veth-p0 scope link" in e1
@@ -89,14 +90,14 @@ def test_plumbing_connects_pods_inside_a_cluster_only(tmp_path: Path, lab_name: 
     assert result.elapsed_s < 10, "workers must run in parallel"
 
     # A second `up` of the same file changes nothing: same namespaces (same inodes), same state.
-    inodes = {ns: nsutil.netns_inode(ns) for ns in expected}
+    inodes = {ns: namespaces.inode(ns) for ns in expected}
     state_before = lab.state_file(lab_name).read_text()
     lab.up(_write(tmp_path, TOPO), lab_name, start_processes=False, progress=_quiet)
-    assert {ns: nsutil.netns_inode(ns) for ns in expected} == inodes
+    assert {ns: namespaces.inode(ns) for ns in expected} == inodes
     assert lab.state_file(lab_name).read_text() == state_before
 
     lab.down(lab_name, progress=_quiet)
-    assert not [ns for ns in nsutil.list_netns() if ns.startswith(f"{lab_name}-")]
+    assert not [ns for ns in namespaces.list_all() if ns.startswith(f"{lab_name}-")]
     assert not lab.state_dir(lab_name).exists()
     assert not (lab.LAB_ROOT / f".{lab_name}.lock").exists()
     assert lab.down(lab_name, progress=_quiet) is False  # idempotent
@@ -104,12 +105,12 @@ def test_plumbing_connects_pods_inside_a_cluster_only(tmp_path: Path, lab_name: 
 
 def test_up_with_a_larger_file_adds_a_node_and_refuses_removals(tmp_path: Path, lab_name: str) -> None:
     lab.up(_write(tmp_path, TOPO), lab_name, start_processes=False, progress=_quiet)
-    e1_ns = nsutil.netns_inode(f"{lab_name}-east-e1")
+    e1_ns = namespaces.inode(f"{lab_name}-east-e1")
     bigger = TOPO.replace("      - {name: e2, pods: 1}\n", "      - {name: e2, pods: 1}\n      - {name: e3, pods: 1}\n")
     st = lab.up(_write(tmp_path, bigger, "big.yaml"), lab_name, start_processes=False, progress=_quiet)
     e3 = st.node("east/e3")
     assert e3 is not None and e3.underlay_ip == "198.18.0.14"  # w1 kept .13
-    assert nsutil.netns_inode(f"{lab_name}-east-e1") == e1_ns, "existing nodes are left untouched"
+    assert namespaces.inode(f"{lab_name}-east-e1") == e1_ns, "existing nodes are left untouched"
     assert f"{e3.pod_cidr} via 198.18.0.14 dev eth0" in _routes(f"{lab_name}-east-e1")
     assert "10.10.0.0/24 via 198.18.0.11 dev eth0" in _routes(f"{lab_name}-east-e3")
     result = check.run([p for p in check.pods_of(st) if p.cluster == "east"], timeout_s=1.0)
@@ -117,7 +118,7 @@ def test_up_with_a_larger_file_adds_a_node_and_refuses_removals(tmp_path: Path, 
 
     with pytest.raises(lab.LabUsageError, match="node east/e3 removed"):
         lab.up(_write(tmp_path, TOPO), lab_name, start_processes=False, progress=_quiet)
-    assert nsutil.netns_exists(f"{lab_name}-east-e3"), "a refused up changes nothing"
+    assert namespaces.exists(f"{lab_name}-east-e3"), "a refused up changes nothing"
 
 
 def test_down_after_a_crash_finds_namespaces_and_processes_without_state(tmp_path: Path, lab_name: str) -> None:
@@ -127,14 +128,14 @@ def test_down_after_a_crash_finds_namespaces_and_processes_without_state(tmp_pat
     # A stand-in for an agent, started the way the lab starts one.
     proc = nsutil.spawn_in_netns(node.netns, ["sleep", "300"])
     try:
-        assert nsutil.pid_netns_inode(proc.pid) == nsutil.netns_inode(node.netns)
+        assert nsutil.pid_netns_inode(proc.pid) == namespaces.inode(node.netns)
         assert nsutil.pid_netns_inode(proc.pid) != nsutil.pid_netns_inode(os.getpid())
         lab.state_file(lab_name).unlink()  # the crash: no record of anything
         t0 = time.monotonic()
         assert lab.down(lab_name, progress=_quiet) is True
         assert proc.wait(timeout=5) is not None
         assert time.monotonic() - t0 < 5
-        assert not [ns for ns in nsutil.list_netns() if ns.startswith(f"{lab_name}-")]
+        assert not [ns for ns in namespaces.list_all() if ns.startswith(f"{lab_name}-")]
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -147,7 +148,7 @@ def test_corrupt_state_does_not_stop_down(tmp_path: Path, lab_name: str) -> None
     with pytest.raises(lab.LabError, match="not valid JSON"):
         lab.up(_write(tmp_path, TOPO), lab_name, start_processes=False, progress=_quiet)
     assert lab.down(lab_name, progress=_quiet) is True
-    assert not [ns for ns in nsutil.list_netns() if ns.startswith(f"{lab_name}-")]
+    assert not [ns for ns in namespaces.list_all() if ns.startswith(f"{lab_name}-")]
 
 
 def test_terminate_never_signals_a_reused_pid(lab_name: str) -> None:

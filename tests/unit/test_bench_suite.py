@@ -165,7 +165,7 @@ def test_the_nftables_twin_maps_the_same_prefixes_both_ways() -> None:
 
 
 def test_sigterm_unwinds_only_the_benchmarking_process(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A forked helper (pyroute2's NetNS) inherits the handler: it must exit, not run our cleanup."""
+    """A forked helper (a library's) inherits the handler: it must exit, not run our cleanup."""
     import signal
 
     monkeypatch.setattr(bench, "_MAIN_PID", os.getpid())

@@ -33,3 +33,61 @@ def test_ruff_clean() -> None:
 def test_mypy_clean() -> None:
     p = _run("mypy", "fabric", "tools", "tree", "scheduler", "kubeemu")
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+def _python_files() -> list[Path]:
+    dirs = ("fabric", "tools", "kubeemu", "tree", "scheduler", "tests", "deploy", "benchmarks")
+    return sorted(p for d in dirs for p in (REPO / d).rglob("*.py") if "generated" not in p.parts)
+
+
+def _fork_hazards(source: str) -> list[tuple[int, str]]:
+    """Every place in ``source`` that forks and runs code before exec (see tools/nsutil.py)."""
+    import ast
+
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call):
+            fn = node.func
+            name = fn.attr if isinstance(fn, ast.Attribute) else fn.id if isinstance(fn, ast.Name) else ""
+            owner = fn.value.id if isinstance(fn, ast.Attribute) and isinstance(fn.value, ast.Name) else ""
+            kwargs = {k.arg for k in node.keywords}
+            if "preexec_fn" in kwargs:
+                found.append((node.lineno, "preexec_fn= (a fork that runs Python before exec)"))
+            if (owner, name) in {("os", "fork"), ("os", "forkpty"), ("pty", "fork")}:
+                found.append((node.lineno, f"{owner}.{name}()"))
+            if name in {"IPRoute", "NetNS", "IPDB", "NDB"} and "netns" in kwargs:
+                found.append((node.lineno, f"{name}(netns=...) (pyroute2 forks a helper; use fabric.netns.iproute)"))
+            if name == "NetNS":
+                found.append((node.lineno, "pyroute2 NetNS (forks a helper)"))
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            if any(m.split(".")[0] == "multiprocessing" for m in mods):
+                found.append((node.lineno, "multiprocessing (forks and runs Python)"))
+    return found
+
+
+def test_fork_hazard_scan_finds_each_kind() -> None:
+    """The scan below is only worth something if it recognises what it forbids."""
+    bad = (
+        "import subprocess, os, multiprocessing\n"
+        "from pyroute2 import IPRoute, NetNS\n"
+        "subprocess.Popen(['true'], preexec_fn=lambda: None)\n"
+        "os.fork()\n"
+        "IPRoute(netns='x')\n"
+        "NetNS('x')\n"
+    )
+    assert [line for line, _ in _fork_hazards(bad)] == [1, 3, 4, 5, 6]
+    assert _fork_hazards("import subprocess\nsubprocess.Popen(['nsenter', '--net=/run/netns/x', 'true'])\n") == []
+
+
+def test_nothing_forks_and_runs_python_before_exec() -> None:
+    """A process that may have used gRPC must start children by exec only: gRPC's fork handlers
+    can deadlock inside fork() where no timeout reaches (issue 13). Hence no preexec_fn, no
+    os.fork, no multiprocessing and no pyroute2 netns= helpers anywhere in the tree."""
+    hazards = [
+        f"{p.relative_to(REPO)}:{line}: {what}"
+        for p in _python_files()
+        if p.name != "test_codebase.py"
+        for line, what in _fork_hazards(p.read_text())
+    ]
+    assert hazards == []
