@@ -58,10 +58,10 @@ setup_venv() {
         rm -rf "$VENV"
         /usr/bin/python3 -m venv --system-site-packages "$VENV"
     fi
-    local stamp=$VENV/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+    local stamp=$VENV/.installed-$(cat pyproject.toml packaging/lab/pyproject.toml | sha256sum | cut -c1-16)
     if [ ! -e "$stamp" ]; then
-        log "installing kosmos-fabric (editable) and its dev tools into $VENV (log: $VENV/pip.log)"
-        if ! { "$VENV/bin/pip" install --upgrade pip && "$VENV/bin/pip" install -e ".[dev]"; } >"$VENV/pip.log" 2>&1; then
+        log "installing kosmos-fabric and kosmos-fabric-lab (editable) and the dev tools into $VENV (log: $VENV/pip.log)"
+        if ! { "$VENV/bin/pip" install --upgrade pip && "$VENV/bin/pip" install -e ".[dev]" -e packaging/lab; } >"$VENV/pip.log" 2>&1; then
             tail -30 "$VENV/pip.log" >&2
             log "pip install failed; full log in $VENV/pip.log"
             exit 1

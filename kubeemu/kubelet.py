@@ -7,7 +7,7 @@ Pods bound to its nodes and, for each new one:
 1. picks a free IP from the node's pod CIDR (skipping the network address, ``.1`` and the
    addresses the lab reserved for its own static pods);
 2. calls ``PodNetwork.create(node, pod_key, ip)``: the lab creates the pod's network namespace
-   on that node (veth, /32 route, proxy ARP: what ``tools/lab.py`` does for its own pods);
+   on that node (veth, /32 route, proxy ARP: what ``tools/lab`` does for its own pods);
 3. writes status back: ``Running``, ``podIP(s)``, ``hostIP``, Ready conditions, one ready
    containerStatus per container.
 

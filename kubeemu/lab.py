@@ -1,6 +1,6 @@
 """Starting emulated clusters as processes, and the kubeconfig that points kubectl at them.
 
-This is the whole surface ``tools/lab.py`` needs: ``start_cluster`` (one ``python -m kubeemu``
+This is the whole surface ``tools/lab`` needs: ``start_cluster`` (one ``python -m kubeemu``
 process per cluster, optionally inside a network namespace via ``ip netns exec``),
 ``ClusterHandle.stop`` and ``write_kubeconfig`` (one context per cluster, plain http, no
 credentials: the emulator has no authentication).

@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_install_parsers(sub)
 
-    # -- bench (its own parser lives in tools.bench) ---------------------------------------
+    # -- bench (its own parser lives in tools.bench.suite) ---------------------------------------
     sub.add_parser("bench", help="benchmarks (see 'fabric-tool bench --help')", add_help=False)
     return p
 
@@ -297,9 +297,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _bench(argv: list[str]) -> int:
     try:
-        bench = importlib.import_module("tools.bench")
+        bench = importlib.import_module("tools.bench.suite")
     except ImportError as e:
-        print(f"fabric-tool: error: the benchmark suite (tools.bench) is not available: {e}", file=sys.stderr)
+        print(f"fabric-tool: error: the benchmark suite (tools.bench.suite) is not available: {e}", file=sys.stderr)
         return 1
     return int(bench.main(argv))
 
@@ -370,7 +370,7 @@ def _lab(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from tools import check
+    from tools.diagnose import check
 
     state = lab.load_state(args.lab)
     if state is None:
@@ -477,7 +477,7 @@ def _require_lab(name: str) -> Any:
 
 
 def _lab_metrics(args: argparse.Namespace) -> int:
-    from tools import diagnose
+    from tools.diagnose import diagnose
 
     state = _require_lab(args.name)
     code, body = diagnose.fetch(state, args.node, args.path)
@@ -488,7 +488,7 @@ def _lab_metrics(args: argparse.Namespace) -> int:
 
 
 def _diagnose(args: argparse.Namespace) -> int:
-    from tools import diagnose
+    from tools.diagnose import diagnose
 
     color = sys.stdout.isatty() and not args.json
     cmd = args.diagnose_command
@@ -578,7 +578,7 @@ def _status(args: argparse.Namespace) -> int:
                 f"no --reflector given and lab {args.lab} is not up; pass --reflector HOST:PORT or unix:PATH"
             )
         target = f"unix:{state.reflector_socket}"
-    client = lab._status_client()
+    client = lab.status_client()
     try:
         status = client.get_status_sync(target, args.timeout)
     except Exception as e:  # a remote failure is reported, whatever its type

@@ -14,7 +14,7 @@ import logging
 _log = logging.getLogger(__name__)
 
 #: Table names in programming order (adds); deletes run in reverse. ``translator`` is the
-#: global-IP translator (maps and tc filters; fabric/translator.py), applied after the netlink
+#: global-IP translator (maps and tc filters; fabric/agent/translator.py), applied after the netlink
 #: tables in the same pass and reported with them.
 TABLES = ("links", "addresses", "rules", "neighbours", "fdb", "nexthops", "routes", "translator")
 

@@ -19,8 +19,9 @@ from typing import Any
 import pytest
 
 from fabric import netns as namespaces
-from tools import bench, lab, nsutil
-from tools import bench_common as bc
+from tools import lab, nsutil
+from tools.bench import common as bc
+from tools.bench import suite as bench
 
 
 def _children() -> set[int]:

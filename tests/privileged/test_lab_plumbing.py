@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from fabric import netns as namespaces
-from tools import check, lab, nsutil
+from tools import lab, nsutil
+from tools.diagnose import check
 
 TOPO = """\
 underlay: 198.18.0.0/24

@@ -15,7 +15,8 @@ import subprocess
 
 import pytest
 
-from fabric import agent, config, nodeinfo
+from fabric import nodeinfo
+from fabric.agent import agent, config
 from fabric.netlink import underlay
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fabric import config
+from fabric.agent import config
 
 BASE = ["--reflector", "10.0.0.1:4880", "--cluster", "east", "--node", "e1", "--underlay-ip", "198.18.0.11",
         "--pod-cidr", "10.10.1.0/24"]

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from fabric import config, nodeinfo
+from fabric import nodeinfo
+from fabric.agent import config
 
 BASE = ["--reflector", "r:4880", "--cluster", "east", "--node", "e1"]
 

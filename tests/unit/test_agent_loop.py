@@ -16,8 +16,9 @@ from pathlib import Path
 
 import prometheus_client
 
-from fabric import agent as agent_mod
-from fabric import config, types
+from fabric import types
+from fabric.agent import agent as agent_mod
+from fabric.agent import config
 from fabric.control import planner, reflector
 from fabric.netlink import fake, objects
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from tools import bench
-from tools import bench_common as bc
+from tools.bench import common as bc
+from tools.bench import suite as bench
 
 
 def test_every_registered_benchmark_has_the_suite_interface() -> None:
@@ -121,7 +121,7 @@ def test_control_runs_both_shapes_in_a_tiny_configuration(tmp_path: Path) -> Non
 
 def test_control_shapes_place_agents_in_disjoint_clusters_and_cidrs() -> None:
     from fabric.control import planner
-    from tools import bench_control
+    from tools.bench import control as bench_control
 
     shape = bench_control.Shape("gateway", 250)
     assert shape.clusters == 3 and shape.suffix == "_gateway_n250"
@@ -148,7 +148,7 @@ def test_the_suite_registers_every_benchmark_of_the_issue() -> None:
 
 
 def test_failover_outage_is_the_longest_time_without_a_reply() -> None:
-    from tools import bench_failover
+    from tools.bench import failover as bench_failover
 
     replies = [10.00, 10.01, 10.02, 10.50, 10.51]
     assert bench_failover.largest_gap(replies, 10.0, 10.6) == pytest.approx(0.48)
@@ -157,7 +157,7 @@ def test_failover_outage_is_the_longest_time_without_a_reply() -> None:
 
 
 def test_the_nftables_twin_maps_the_same_prefixes_both_ways() -> None:
-    from tools import bench_translate
+    from tools.bench import translate as bench_translate
 
     rules = bench_translate.nft_ruleset("10.10.0.0/16", "172.20.0.0/16")
     assert 'iifname "vx0" dnat ip prefix to ip daddr map { 172.20.0.0/16 : 10.10.0.0/16 }' in rules
@@ -188,6 +188,6 @@ def test_sigterm_unwinds_only_the_benchmarking_process(monkeypatch: pytest.Monke
 def test_control_changes_are_spaced_beyond_the_longest_coalescing_window() -> None:
     """A fan-out timed inside the window would measure the coalescing delay, not the fan-out."""
     from fabric.control import reflector
-    from tools import bench_control
+    from tools.bench import control as bench_control
 
     assert bench_control.QUIET_S > reflector.DEFAULT_MAX_COALESCE_WINDOW_S

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tools import check, probe
+from tools.diagnose import check, probe
 
 PODS = [
     check.Pod("east/e1/p0", "kf-east-e1-p0", "10.10.0.2"),

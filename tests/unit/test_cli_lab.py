@@ -41,7 +41,7 @@ def _topo(tmp_path: Path, text: str = TOPO, name: str = "t.yaml") -> topology.To
 @pytest.fixture
 def lab_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     root = tmp_path / "labs"
-    monkeypatch.setattr(lab, "LAB_ROOT", root)
+    monkeypatch.setattr(lab.state, "LAB_ROOT", root)
     return root
 
 
@@ -120,14 +120,14 @@ def test_check_and_status_on_a_lab_that_is_not_up(lab_root: Path, capsys: pytest
 
 def test_bench_is_dispatched_with_the_rest_of_the_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[list[str]] = []
-    fake = pytypes.ModuleType("tools.bench")
+    fake = pytypes.ModuleType("tools.bench.suite")
 
     def bench_main(argv: list[str]) -> int:
         seen.append(list(argv))
         return 7
 
     fake.main = bench_main  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "tools.bench", fake)
+    monkeypatch.setitem(sys.modules, "tools.bench.suite", fake)
     assert cli.main(["bench", "netlink", "--repeat", "3", "--json", "out.json"]) == 7
     assert seen == [["netlink", "--repeat", "3", "--json", "out.json"]]
 

@@ -573,7 +573,7 @@ def test_dockerfile_is_consistent_with_the_repository() -> None:
 def test_every_flag_the_manifests_pass_exists() -> None:
     """The DaemonSet and the Deployment start our real binaries: every ``--flag`` they pass
     must be one the program's own parser knows (a typo would crash-loop every node)."""
-    from fabric import config as agent_config
+    from fabric.agent import config as agent_config
     from fabric.control import reflector as reflector_mod
 
     def flags(parser: Any) -> set[str]:

@@ -7,7 +7,7 @@ from xml.etree import ElementTree as ET
 
 import pytest
 
-from tools import check, diagnose
+from tools.diagnose import check, diagnose
 
 ROUTE = {"table": 200, "dst": "10.20.0.0/16", "link": "vx-bridge", "gateway": "100.82.0.13"}
 FDB = {"link": "vx-bridge", "mac": "02:00:00:00:00:13", "dst": "198.18.0.13"}

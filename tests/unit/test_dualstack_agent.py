@@ -7,7 +7,8 @@ import socket
 
 import pytest
 
-from fabric import config, render, types
+from fabric import types
+from fabric.agent import config, render
 from fabric.netlink import objects, probes
 
 BASE = ["--reflector", "198.18.0.1:4880", "--cluster", "east", "--node", "e1", "--underlay-ip", "198.18.0.11"]

@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from fabric import topology
-from tools import check, lab
+from tools import lab
+from tools.diagnose import check
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "dualstack.yaml"
 

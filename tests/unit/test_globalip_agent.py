@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from fabric import render, translator, types
+from fabric import types
+from fabric.agent import render, translator
 from fabric.bpf import translate
 from fabric.netlink import fake, objects, reconciler
 from fabric.netlink.report import TableStats

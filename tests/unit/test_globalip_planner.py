@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from fabric import render, topology, types
+from fabric import topology, types
+from fabric.agent import render
 from fabric.control import codec, planner
 
 GOLDEN = Path(__file__).parent / "golden" / "planner_globalip.json"

@@ -43,7 +43,7 @@ def test_cluster_options_render_into_the_configmap() -> None:
 
 
 def test_the_configmap_value_is_what_the_agent_parses() -> None:
-    from fabric import config
+    from fabric.agent import config
 
     data, _ = _member(install.member_objects("east", "r:4880", {
         "autodetectionMethod": "can-reach=192.0.2.1", "defaultNICName": "*", "nicNodeNames": "e1=bond0,e2=eth1"}))

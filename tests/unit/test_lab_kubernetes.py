@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 from fabric import topology
-from tools import cli, kubelet_lab, lab
+from tools import cli, lab
+from tools.lab import kubelet as kubelet_lab
 
 TOPO = """\
 kubernetes: true
@@ -42,7 +43,7 @@ def _topo(tmp_path: Path, text: str = TOPO) -> topology.TopologyFile:
 @pytest.fixture
 def lab_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     root = tmp_path / "labs"
-    monkeypatch.setattr(lab, "LAB_ROOT", root)
+    monkeypatch.setattr(lab.state, "LAB_ROOT", root)
     return root
 
 
@@ -65,7 +66,7 @@ def test_plan_state_round_trip_and_merge(lab_root: Path, tmp_path: Path) -> None
     east = st.clusters[0]
     east.api_url = "http://127.0.0.1:1234"
     east.apiserver = lab.ProcRecord(11, 22, lab.ROOT_NETNS, "/l/a", ["python", "-m", "kubeemu"])
-    east.kubelet = lab.ProcRecord(12, 23, lab.ROOT_NETNS, "/l/k", ["python", "-m", "tools.kubelet_lab"])
+    east.kubelet = lab.ProcRecord(12, 23, lab.ROOT_NETNS, "/l/k", ["python", "-m", "tools.lab.kubelet"])
     lab.save_state(st)
     back = lab.load_state("kfx")
     assert back == st
@@ -87,7 +88,8 @@ def test_kubelet_pod_names_are_stable_short_and_apart_from_static_pods(tmp_path:
     assert a.netns != b.netns and a.host_if != b.host_if
     assert a.netns.startswith(node.netns + "-k") and len(a.host_if) <= 15
     assert a.netns not in st.namespaces() and a.host_if not in {p.host_if for p in node.pods}
-    assert lab._KUBE_POD_SUFFIX.search(a.netns) and not lab._KUBE_POD_SUFFIX.search(node.pods[0].netns)
+    suffix = lab.plumbing._KUBE_POD_SUFFIX
+    assert suffix.search(a.netns) and not suffix.search(node.pods[0].netns)
 
 
 def test_kubelet_reserves_static_pod_ips_and_maps_calls_to_lab_pods(
@@ -176,6 +178,6 @@ def test_servers_and_kubelets_start_record_and_stop(lab_root: Path, tmp_path: Pa
         assert old_east is not None and not old_east.running()
         recs = [r for c in st.clusters for r in (c.apiserver, c.kubelet) if r is not None]
     finally:
-        lab._down_locked("kfx", lab.load_state("kfx"), lambda _m: None)
+        lab.commands._down_locked("kfx", lab.load_state("kfx"), lambda _m: None)
     assert not any(r.running() for r in recs)
     assert not lab.state_dir("kfx").exists()

@@ -14,8 +14,8 @@ import prometheus_client
 import pytest
 from prometheus_client import CollectorRegistry
 
-from fabric import agent as agent_mod
 from fabric import health, types
+from fabric.agent import agent as agent_mod
 from fabric.control import reflector
 from fabric.netlink import probes
 from tests.unit.test_agent_loop import CLUSTERS, NODES, _agent, _in_sync, _wait

@@ -12,7 +12,8 @@ import prometheus_client
 import yaml
 from prometheus_client.core import Metric
 
-from fabric import health, types, xlate_metrics
+from fabric import health, types
+from fabric.agent import xlate_metrics
 from fabric.control import reflector
 
 REPO = Path(__file__).resolve().parents[2]

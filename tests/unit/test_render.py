@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import socket
 
-from fabric import render, types
+from fabric import types
+from fabric.agent import render
 from fabric.netlink import objects
 
 DEV = types.VxlanDevice(

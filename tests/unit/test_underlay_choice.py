@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from fabric import agent, config, nodeinfo
+from fabric import nodeinfo
+from fabric.agent import agent, config
 from fabric.netlink import underlay
 from fabric.nodeinfo import HostAddress, HostLink, RouteHint
 

@@ -6,7 +6,7 @@ namespaces, no kernel objects, so no root needed)::
     driver (this module's run())
       |-- fabric-reflector  (python -m fabric.control.reflector; --grace-period 0 so a leave is
       |                      immediate, --startup-hold 0, keepalives every 30 s)
-      |-- W worker processes (python -m tools.bench_control worker): N light agents in total,
+      |-- W worker processes (python -m tools.bench.control worker): N light agents in total,
       |                      each its own channel (own connection) and SyncNode stream
       '-- 1 joiner process   (the same worker code with one agent that joins/leaves on command)
 
@@ -75,7 +75,7 @@ from typing import Any
 
 import yaml
 
-from tools import bench_common as bc
+from tools.bench import common as bc
 
 _log = logging.getLogger(__name__)
 NAME = "control"
@@ -782,7 +782,7 @@ class _Run:
                                 stderr=None)  # fmt: skip
 
     def _worker_argv(self, first: int, count: int) -> list[str]:
-        return ["tools.bench_control", "worker", "--target", self.sock, "--mode", self.mode, "--shape",
+        return ["tools.bench.control", "worker", "--target", self.sock, "--mode", self.mode, "--shape",
                 self.shape.kind, "--n", str(self.n), "--first", str(first), "--count", str(count)]  # fmt: skip
 
     def _wait(self, want: str, deadline: float, who: str | None = None) -> dict[str, Any]:
@@ -833,7 +833,7 @@ class _Run:
                     if time.monotonic() > deadline or self.server.poll() is not None:
                         raise RuntimeError(f"fabric-reflector did not start{self.log_tail()}") from None
                     time.sleep(0.1)
-        self.server = self._py("tools.bench_control", "bare-server", "--listen", self.sock)
+        self.server = self._py("tools.bench.control", "bare-server", "--listen", self.sock)
         self.events.attach("server", self.server)
         self._wait("listening", time.monotonic() + 30, "server")
 
@@ -1150,7 +1150,7 @@ def _figures(report: bc.Report, shape: Shape, ours: Phase, bare: Phase) -> None:
 
 
 def main(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m tools.bench_control", description="helper processes of bench control")
+    p = argparse.ArgumentParser(prog="python -m tools.bench.control", description="helper processes of bench control")
     sub = p.add_subparsers(dest="role", required=True)
     w = sub.add_parser("worker", help="light agents (or the joiner) for the control benchmark")
     w.add_argument("--target", required=True)

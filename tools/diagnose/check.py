@@ -2,7 +2,7 @@
 
 Every ordered pair of distinct pods is probed (same node, same cluster and across clusters,
 both directions): the fabric must make each of them work. One worker per *source* pod
-(:mod:`tools.probe`) runs inside that pod's network namespace and probes all destinations at
+(:mod:`tools.diagnose.probe`) runs inside that pod's network namespace and probes all destinations at
 once, and all workers run in parallel, so the whole matrix costs about one probe timeout (plus
 the workers' start-up), not pairs x timeout.
 
@@ -10,7 +10,7 @@ The pod list comes from the lab's state file only, so ``check`` also works on a 
 its fabric processes (that is how the privileged tests check the lab's own plumbing).
 
 Two optional extensions (gateway issue): ``--services`` adds, for every pod, the lab service IP
-of every *other* cluster as a destination (the lab plays kube-proxy, see tools/lab.py), and
+of every *other* cluster as a destination (the lab plays kube-proxy, see tools/lab/plumbing.py), and
 ``--host-network`` adds every node's host network namespace as a source probing every pod of
 the other clusters (host-network traffic leaves with an overlay source address that the remote
 side must route back). The matrix then has the extra sources as rows and the services as
@@ -276,7 +276,7 @@ def run(
         try:
             proc = nsutil.spawn_in_netns(
                 src.netns,
-                [sys.executable, "-m", "tools.probe"],
+                [sys.executable, "-m", "tools.diagnose.probe"],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,

@@ -14,7 +14,7 @@ Three paths, measured round-robin in every round (so machine noise hits them ali
 * **veth** — two namespaces joined by one veth pair: the floor no overlay can beat.
 
 Metrics: iperf3 TCP throughput with 1 and 4 streams (Gb/s, receiver side), ping round trip p50
-and p99 (µs, 10 ms interval) and TCP request/response rate (``tools.bench_rr``, both ends pinned
+and p99 (µs, 10 ms interval) and TCP request/response rate (``tools.bench.rr``, both ends pinned
 to one vCPU with ``taskset`` as reference/perf-baseline.md advises). Ratios: throughput and rate
 ours / baseline, latency baseline / ours; ``ratio`` is against vxlan, ``veth_ratio`` against veth.
 """
@@ -28,7 +28,7 @@ import os
 from collections.abc import Iterator
 
 from fabric import netns as namespaces
-from tools import bench_common as bc
+from tools.bench import common as bc
 
 _log = logging.getLogger(__name__)
 NAME = "datapath"

@@ -24,8 +24,8 @@ import statistics
 import subprocess
 import time
 
-from tools import bench_common as bc
 from tools import lab
+from tools.bench import common as bc
 
 _log = logging.getLogger(__name__)
 NAME = "restart"

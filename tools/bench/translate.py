@@ -43,8 +43,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tools import bench_common as bc
-from tools import bench_datapath
+from tools.bench import common as bc
+from tools.bench import datapath as bench_datapath
 
 _log = logging.getLogger(__name__)
 NAME = "translate"

@@ -1,8 +1,8 @@
 """``fabric-tool bench``: the benchmark suite's entry point and registry.
 
-Every benchmark is a module ``tools/bench_<name>.py`` with ``NAME``, ``HELP``,
+Every benchmark is a module ``tools/bench/<name>.py`` with ``NAME``, ``HELP``,
 ``requires(options) -> [reasons it cannot run here]`` and ``run(options) -> Report`` (see
-:mod:`tools.bench_common`). :data:`BENCHMARKS` lists them in running order (every benchmark of
+:mod:`tools.bench.common`). :data:`BENCHMARKS` lists them in running order (every benchmark of
 issue 7: datapath, restart, netlink, gateway, failover, translate, control); ``supported`` says
 whether this build can run one at all (a benchmark whose feature is missing is skipped when no
 names are given, refused when named).
@@ -33,7 +33,7 @@ from pathlib import Path
 from types import FrameType, ModuleType
 from typing import Any
 
-from tools import bench_common as bc
+from tools.bench import common as bc
 
 _log = logging.getLogger(__name__)
 
@@ -52,13 +52,13 @@ class Benchmark:
 BENCHMARKS: dict[str, Benchmark] = {
     b.name: b
     for b in (
-        Benchmark("datapath", "tools.bench_datapath"),
-        Benchmark("restart", "tools.bench_restart"),
-        Benchmark("netlink", "tools.bench_netlink"),
-        Benchmark("gateway", "tools.bench_gateway"),
-        Benchmark("failover", "tools.bench_failover"),
-        Benchmark("translate", "tools.bench_translate"),
-        Benchmark("control", "tools.bench_control"),
+        Benchmark("datapath", "tools.bench.datapath"),
+        Benchmark("restart", "tools.bench.restart"),
+        Benchmark("netlink", "tools.bench.netlink"),
+        Benchmark("gateway", "tools.bench.gateway"),
+        Benchmark("failover", "tools.bench.failover"),
+        Benchmark("translate", "tools.bench.translate"),
+        Benchmark("control", "tools.bench.control"),
     )
 }
 

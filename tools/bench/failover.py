@@ -32,8 +32,8 @@ import tempfile
 import time
 from typing import Any
 
-from tools import bench_common as bc
 from tools import lab
+from tools.bench import common as bc
 
 _log = logging.getLogger(__name__)
 NAME = "failover"

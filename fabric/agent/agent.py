@@ -13,7 +13,7 @@ Life of an agent
 4. Every later delta, every resync tick (``--resync-period``, jittered by up to 20 % so a
    fleet does not dump its tables in lockstep) and every netlink event that shows someone
    changed what we own (our device deleted or set down, a route removed) triggers a pass:
-   render the planned state into kernel objects (:mod:`fabric.render`), diff against a fresh
+   render the planned state into kernel objects (:mod:`fabric.agent.render`), diff against a fresh
    read of the kernel where a resync is due, apply the delta (:mod:`fabric.netlink`).
 5. After a clean pass the agent reports the applied version to the reflector. A pass with
    failed entries schedules a retry with backoff and a full resync; it never aborts half way.
@@ -49,9 +49,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from fabric import config as config_mod
-from fabric import health, logs, nodeinfo, render, types, xlate_metrics
-from fabric import translator as translator_mod
+from fabric import health, logs, nodeinfo, types
+from fabric.agent import config as config_mod
+from fabric.agent import render, xlate_metrics
+from fabric.agent import translator as translator_mod
 from fabric.control import client as control_client
 from fabric.netlink import dataplane as dataplane_mod
 from fabric.netlink import events as events_mod
@@ -129,7 +130,7 @@ class Agent(control_client.SessionHandler):
             dp, table=cfg.table, rule_priority=cfg.rule_priority, link_names=OWNED_LINKS
         )
         self.metrics = health.AgentMetrics()
-        # Global IP (fabric/translator.py): loaded lazily, only once the plan has translations.
+        # Global IP (fabric/agent/translator.py): loaded lazily, only once the plan has translations.
         self.translator = translator_mod.TranslatorSync(
             translator_mod.instance_name(cfg.cluster, cfg.node), Path(cfg.bpf_pin_root)
         )

@@ -369,10 +369,10 @@ def rr_rate(procs: Procs, src_ns: str, dst_ns: str, dst_ip: str, seconds: float,
     """TCP request/response transactions per second, both ends pinned to vCPU ``cpu``."""
     port = "5299"
     pin = ["taskset", "-c", str(cpu)]
-    server = procs.spawn(dst_ns, [*pin, sys.executable, "-m", "tools.bench_rr", "server", dst_ip, port])
+    server = procs.spawn(dst_ns, [*pin, sys.executable, "-m", "tools.bench.rr", "server", dst_ip, port])
     try:
         out = run_in(
-            src_ns, [*pin, sys.executable, "-m", "tools.bench_rr", "client", dst_ip, port, f"{seconds:g}"], seconds + 30
+            src_ns, [*pin, sys.executable, "-m", "tools.bench.rr", "client", dst_ip, port, f"{seconds:g}"], seconds + 30
         )
         return float(out.strip().splitlines()[-1])
     finally:

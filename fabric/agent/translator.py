@@ -1,5 +1,5 @@
 """The agent's global-IP translator: keeps the node's BPF translator equal to its planned
-:class:`~fabric.render.TranslatorPlan`, the way the netlink Reconciler keeps the kernel tables.
+:class:`~fabric.agent.render.TranslatorPlan`, the way the netlink Reconciler keeps the kernel tables.
 
 Kernel objects (created by :mod:`fabric.bpf.translate`): maps pinned under
 ``<pin root>/<instance>/`` (``instance`` = ``<cluster>-<node>``), and one tc ``bpf`` filter of
@@ -30,7 +30,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from fabric import render, types
+from fabric import types
+from fabric.agent import render
 from fabric.bpf import translate
 from fabric.netlink.report import TableStats
 

@@ -38,7 +38,7 @@ from fabric.netlink.objects import (
     VxlanLink,
 )
 from fabric.netlink.reconciler import Reconciler
-from tools import bench_common
+from tools.bench import common as bench_common
 
 _log = logging.getLogger(__name__)
 TABLE = 200

@@ -106,7 +106,7 @@ def node_endpoint(state: lab.LabState, spec: str) -> tuple[str, str, int]:
     ``reflector``."""
     if spec == "reflector":
         return state.ul_netns, state.gateway, api.DEFAULT_REFLECTOR_METRICS_PORT
-    node = lab._find_node(state, spec)
+    node = lab.find_node(state, spec)
     return node.netns, "127.0.0.1", api.DEFAULT_AGENT_METRICS_PORT
 
 
@@ -290,8 +290,8 @@ def link_mtu(netns: str, ifname: str) -> int | None:
 
 
 def echo(netns: str, ip: str, timeout_s: float = 1.0, count: int = 2) -> tuple[bool, str]:
-    """ICMP echo from ``netns`` (scapy-built, see tools.probe); ``(answered, error)``."""
-    from tools import probe
+    """ICMP echo from ``netns`` (scapy-built, see tools.diagnose.probe); ``(answered, error)``."""
+    from tools.diagnose import probe
 
     res = in_netns(netns, lambda: probe.probe_icmp([ip], timeout_s, count))[0]
     return res.ok, res.error or ""

@@ -28,7 +28,7 @@ import contextlib
 import dataclasses
 import logging
 
-from tools import bench_common as bc
+from tools.bench import common as bc
 
 _log = logging.getLogger(__name__)
 NAME = "gateway"

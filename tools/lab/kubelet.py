@@ -1,4 +1,4 @@
-"""``python -m tools.kubelet_lab``: the lab kubelet of one cluster of a lab (``kubernetes: true``).
+"""``python -m tools.lab.kubelet``: the lab kubelet of one cluster of a lab (``kubernetes: true``).
 
 ``fabric-tool lab up`` starts one per cluster, in the root namespace, next to the cluster's
 emulated API server (kubeemu). It is :class:`kubeemu.kubelet.LabKubelet` with the lab's own
@@ -60,7 +60,7 @@ def lab_nodes(cluster: lab.ClusterRecord) -> list[LabNode]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tools.kubelet_lab",
+    p = argparse.ArgumentParser(prog="python -m tools.lab.kubelet",
                                 description="The lab kubelet of one lab cluster (started by 'fabric-tool lab up').")
     p.add_argument("--state", required=True, type=Path, help="the lab's state file (state.json)")
     p.add_argument("--cluster", required=True, help="cluster of the lab")
@@ -87,11 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         state = lab.LabState.from_json(json.loads(args.state.read_text()))
     except (OSError, ValueError, lab.StateError) as e:
-        print(f"kubelet_lab: cannot use the lab state {args.state}: {e}", file=sys.stderr)
+        print(f"lab kubelet: cannot use the lab state {args.state}: {e}", file=sys.stderr)
         return 1
     cluster = next((c for c in state.clusters if c.name == args.cluster), None)
     if cluster is None:
-        print(f"kubelet_lab: lab {state.name} has no cluster {args.cluster!r} ({args.state})", file=sys.stderr)
+        print(f"lab kubelet: lab {state.name} has no cluster {args.cluster!r} ({args.state})", file=sys.stderr)
         return 2
     nodes = lab_nodes(cluster)
     _log.info("lab %s cluster %s: serving nodes %s for %s", state.name, cluster.name,

@@ -1,7 +1,7 @@
 """A minimal TCP request/response rate tool (netperf TCP_RR's idea) for the datapath benchmark.
 
-``python -m tools.bench_rr server ADDR PORT`` answers every 1-byte request of one connection with
-1 byte, then exits when the client closes. ``python -m tools.bench_rr client ADDR PORT SECONDS``
+``python -m tools.bench.rr server ADDR PORT`` answers every 1-byte request of one connection with
+1 byte, then exits when the client closes. ``python -m tools.bench.rr client ADDR PORT SECONDS``
 connects (retrying while the server starts), does 0.2 s of warm-up transactions, then counts
 transactions for SECONDS and prints the rate per second as its last line.
 
@@ -73,7 +73,7 @@ def main(argv: list[str]) -> int:
     if len(argv) >= 4 and argv[0] == "client":
         print(f"{client(argv[1], int(argv[2]), float(argv[3])):.1f}", flush=True)
         return 0
-    print("usage: python -m tools.bench_rr server ADDR PORT | client ADDR PORT SECONDS", file=sys.stderr)
+    print("usage: python -m tools.bench.rr server ADDR PORT | client ADDR PORT SECONDS", file=sys.stderr)
     return 2
 
 

@@ -1,0 +1,167 @@
+"""``kubernetes: true`` labs: one emulated API server (kubeemu) and one lab kubelet
+(:mod:`tools.lab.kubelet`) per cluster, in the root namespace on 127.0.0.1, and the lab's
+kubeconfig with a context per cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+from kubeemu import lab as kubeemu_lab
+from tools import nsutil
+from tools.lab.plumbing import delete_netns, kube_pod_namespaces
+from tools.lab.procs import ROOT_NETNS, log_tail, start_process
+from tools.lab.state import (
+    ClusterRecord,
+    LabError,
+    LabState,
+    ProcRecord,
+    Progress,
+    quiet,
+    require_state,
+    save_state,
+    state_file,
+)
+
+_log = logging.getLogger(__name__)
+
+# -- Kubernetes (``kubernetes: true``) -------------------------------------------------------
+#
+# Per cluster, in this order: the emulated API server (``python -m kubeemu`` on 127.0.0.1, an
+# ephemeral port; root namespace so kubectl reaches it), then the lab kubelet
+# (``python -m tools.lab.kubelet``, root namespace: it runs ``ip`` on the lab's named namespaces
+# and talks to its API server), then the kubeconfig (one context per cluster). Both processes are
+# recorded (PID + start time) in the state file as soon as they exist; ``down`` stops them from
+# there, since a scan of the lab's namespaces cannot find processes of the root namespace.
+
+
+def start_apiserver(state: LabState, cluster: ClusterRecord) -> ProcRecord:
+    """Start ``cluster``'s API server and wait until it answers; records it before waiting."""
+    log_path = state.state_dir / "logs" / f"apiserver-{cluster.name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def record(pid: int) -> None:
+        cluster.apiserver = ProcRecord(pid=pid, start=nsutil.start_time(pid), netns=ROOT_NETNS,
+                                       log=str(log_path), argv=[])  # fmt: skip
+        cluster.api_url = None
+        save_state(state)
+
+    with open(log_path, "ab") as log:
+        log.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting the API server of {cluster.name}\n".encode())
+        log.flush()
+        try:
+            handle = kubeemu_lab.start_cluster(
+                cluster.name, cluster.pod_cidrs, cluster.service_cidrs, [n.name for n in cluster.nodes],
+                log=log, graceful_pods=True, on_spawn=record,
+            )  # fmt: skip
+        except (RuntimeError, OSError) as e:
+            raise LabError(
+                f"the API server of cluster {cluster.name} did not start: {e}{log_tail(str(log_path))}"
+            ) from e
+    assert cluster.apiserver is not None
+    cluster.apiserver.argv = list(handle.argv)
+    cluster.api_url = handle.url
+    save_state(state)
+    return cluster.apiserver
+
+
+def start_kubelet(state: LabState, cluster: ClusterRecord) -> ProcRecord:
+    """Start the lab kubelet of ``cluster`` (it reads the nodes from the state file, saved first)."""
+    assert cluster.api_url is not None
+    argv = [sys.executable, "-m", "tools.lab.kubelet", "--state", str(state_file(state.name)),
+            "--cluster", cluster.name, "--url", cluster.api_url]  # fmt: skip
+    rec = start_process(ROOT_NETNS, argv, state.state_dir / "logs" / f"kubelet-{cluster.name}.log")
+    cluster.kubelet = rec
+    save_state(state)
+    return rec
+
+
+def start_kubernetes(state: LabState, added: Sequence[str], progress: Progress = quiet) -> None:
+    """Start what is not running: API servers, then kubelets; write the kubeconfig.
+
+    A new API server starts empty, so the kubelet pods of its cluster that an earlier server
+    left (after a crash) are removed and the kubelet is restarted against the new URL. A kubelet
+    is also restarted when nodes were ``added`` to its cluster (it registers them at start).
+    """
+    for c in state.clusters:
+        if c.apiserver is None or not c.apiserver.running() or c.api_url is None:
+            stale = [r for r in (c.apiserver, c.kubelet) if r is not None and r.running()]
+            if stale:
+                nsutil.terminate([(r.pid, r.start) for r in stale])
+            c.apiserver = c.kubelet = None
+            leftovers = delete_netns(kube_pod_namespaces(c))
+            if leftovers:
+                progress(f"lab {state.name}: removed {len(leftovers)} pod namespaces of an old API server of {c.name}")
+            api_rec = start_apiserver(state, c)
+            progress(f"lab {state.name}: API server of {c.name} at {c.api_url} (pid {api_rec.pid}, log {api_rec.log})")
+        grown = any(k.startswith(f"{c.name}/") for k in added)
+        if c.kubelet is not None and c.kubelet.running() and grown:
+            progress(f"lab {state.name}: restarting the kubelet of {c.name} for its new nodes")
+            nsutil.terminate([(c.kubelet.pid, c.kubelet.start)])
+            c.kubelet = None
+        if c.kubelet is None or not c.kubelet.running():
+            rec = start_kubelet(state, c)
+            progress(f"lab {state.name}: lab kubelet of {c.name} started (pid {rec.pid}, log {rec.log})")
+    write_kubeconfig(state)
+
+
+def write_kubeconfig(state: LabState) -> Path:
+    """The lab's kubeconfig: one context per cluster with an API server (current: the first)."""
+    urls = {c.name: c.api_url for c in state.clusters if c.api_url}
+    return kubeemu_lab.write_kubeconfig(state.kubeconfig, urls)
+
+
+def kube_nodes_ready(cluster: ClusterRecord) -> tuple[list[str], str | None]:
+    """Nodes of ``cluster`` not yet registered Ready in its API server, or ``([], None)``;
+    on a failed request, every node with the reason."""
+    names = [n.name for n in cluster.nodes]
+    try:
+        with urllib.request.urlopen(f"{cluster.api_url}/api/v1/nodes", timeout=2) as r:
+            items = json.loads(r.read()).get("items", [])
+    except (OSError, ValueError) as e:
+        return names, f"{type(e).__name__}: {e}"
+    ready = {
+        i["metadata"]["name"]
+        for i in items
+        if any(
+            c.get("type") == "Ready" and c.get("status") == "True"
+            for c in (i.get("status") or {}).get("conditions", [])
+        )
+    }
+    return [n for n in names if n not in ready], None
+
+
+def kubeconfig_path(name: str) -> Path:
+    """``lab kubeconfig``: the kubeconfig of a running lab that runs Kubernetes."""
+    state = require_state(name)
+    if not state.kubernetes:
+        raise LabError(f"lab {name} runs no Kubernetes API servers (its topology lacks 'kubernetes: true')")
+    if not state.kubeconfig.exists():
+        raise LabError(f"lab {name}: no kubeconfig at {state.kubeconfig} yet; run 'fabric-tool lab up' to finish it")
+    return state.kubeconfig
+
+
+def wait_kube_nodes(state: LabState, timeout_s: float, progress: Progress = quiet) -> None:
+    """Wait until every lab node is a Ready Node of its cluster's API server."""
+    deadline = time.monotonic() + timeout_s
+    for c in state.clusters:
+        while True:
+            missing, err = kube_nodes_ready(c)
+            if not missing:
+                break
+            for what, rec in (("API server", c.apiserver), ("kubelet", c.kubelet)):
+                if rec is None or not rec.running():
+                    log = rec.log if rec else "(never started)"
+                    raise LabError(f"the {what} of cluster {c.name} is not running; see {log}"
+                                   f"{log_tail(log) if rec else ''}")  # fmt: skip
+            if time.monotonic() > deadline:
+                log = c.kubelet.log if c.kubelet else "?"
+                raise LabError(f"cluster {c.name}: nodes {', '.join(missing)} not Ready in the API server after "
+                               f"{timeout_s:g} s ({err or 'not registered'}); see {log}")  # fmt: skip
+            time.sleep(0.1)

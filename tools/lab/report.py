@@ -1,0 +1,158 @@
+"""``lab status``: the lab's state joined with the reflector's view, as a document
+(``--json``) and as text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+from fabric.control import api
+from tools.lab.procs import query_status
+from tools.lab.state import DEFAULT_NAME, LabError, LabState, require_state
+
+_log = logging.getLogger(__name__)
+
+# -- status ----------------------------------------------------------------------------------
+
+
+def status_doc(state: LabState, status: api.FabricStatus | None, error: str | None) -> dict[str, Any]:
+    """The ``lab status --json`` document: lab facts from the state file, live facts from the
+    reflector (in_sync is false for every node when the reflector cannot be asked)."""
+    by_key = {n.key: n for n in status.nodes()} if status is not None else {}
+    refl = state.reflector
+    doc: dict[str, Any] = {
+        "name": state.name,
+        "topology": state.topology_source,
+        "reflector": {
+            "netns": state.ul_netns,
+            "address": state.reflector_address,
+            "pid": refl.pid if refl and refl.running() else None,
+            "socket": str(state.reflector_socket),
+            "log": refl.log if refl else None,
+            "reachable": status is not None,
+            "epoch": status.epoch if status else None,
+            "generation": status.generation if status else None,
+            "holding": status.holding if status else None,
+        },
+        "clusters": [],
+    }
+    if error is not None:
+        doc["note"] = f"reflector unreachable: {error}; in_sync is false for every node"
+    if status is not None and status.rejections:
+        doc["rejections"] = [{"source": r.source, "reason": r.reason} for r in status.rejections]
+    live = {c.name: c for c in status.clusters} if status is not None else {}
+    for c in state.clusters:
+        lc = live.get(c.name)
+        nodes = []
+        for n in c.nodes:
+            ns = by_key.get(n.key)
+            nodes.append(
+                {
+                    "name": n.name,
+                    "netns": n.netns,
+                    "underlay": n.underlay_ip,
+                    "pod_cidr": n.pod_cidr,
+                    "agent_pid": n.agent.pid if n.agent and n.agent.running() else None,
+                    "agent_log": n.agent.log if n.agent else None,
+                    "in_sync": bool(ns and ns.in_sync),
+                    "connected": bool(ns and ns.connected),
+                    "planned_version": ns.planned_version if ns else None,
+                    "applied_version": ns.applied_version if ns else None,
+                    "counters": dataclasses.asdict(ns.counters) if ns else None,
+                    "role": lc.role_of(n.name) if lc else "",
+                    "failed": n.failed,
+                    "unreachable_reports": ns.unreachable_reports if ns else None,
+                    "pods": [
+                        {"name": p.name, "netns": p.netns, "ip": p.ip, "global_ip": c.global_ip(p.ip or None),
+                         "ip6": p.ip6, "global_ip6": c.global_ip(p.ip6 or None)}
+                        for p in n.pods
+                    ],
+                }
+            )
+        doc["clusters"].append(
+            {
+                "name": c.name,
+                "mode": c.mode,
+                "gateways": c.gateways,
+                "active_gateway": (lc.active_gateway or None) if lc else None,
+                "standby_gateway": (lc.standby_gateway or None) if lc else None,
+                "gateway_moves": lc.gateway_moves if lc else None,
+                "service": {"ip": c.service_ip, "global_ip": c.global_ip(c.service_ip), "backend": c.service_backend}
+                if c.service_ip else None,
+                "global_cidrs": c.global_cidrs,
+                "kubernetes": {
+                    "url": c.api_url,
+                    "apiserver_pid": c.apiserver.pid if c.apiserver and c.apiserver.running() else None,
+                    "apiserver_log": c.apiserver.log if c.apiserver else None,
+                    "kubelet_pid": c.kubelet.pid if c.kubelet and c.kubelet.running() else None,
+                    "kubelet_log": c.kubelet.log if c.kubelet else None,
+                }
+                if state.kubernetes else None,
+                "nodes": nodes,
+            }
+        )
+    doc["kubeconfig"] = str(state.kubeconfig) if state.kubernetes else None
+    return doc
+
+
+def render_status(doc: dict[str, Any]) -> str:
+    """A readable table of :func:`status_doc`."""
+    r = doc["reflector"]
+    head = f"lab {doc['name']} ({doc['topology']})\nreflector {r['address']} in {r['netns']}: "
+    if r["pid"] is None:
+        head += "not running"
+    else:
+        head += f"pid {r['pid']}"
+    if r.get("reachable"):
+        head += f", epoch {r['epoch']}, generation {r['generation']}" + (", holding" if r.get("holding") else "")
+    lines = [head]
+    if "note" in doc:
+        lines.append(f"note: {doc['note']}")
+    rows = [("CLUSTER", "MODE", "NODE", "GATEWAY", "UNDERLAY", "AGENT", "SESSION", "VERSION", "IN-SYNC", "PODS")]
+    for c in doc["clusters"]:
+        for n in c["nodes"]:
+            version = "-" if n["planned_version"] is None else f"{n['applied_version']}/{n['planned_version']}"
+            rows.append(
+                (
+                    c["name"],
+                    c["mode"],
+                    n["name"],
+                    n.get("role") or "-",
+                    n["underlay"] + (" (FAILED)" if n.get("failed") else ""),
+                    str(n["agent_pid"]) if n["agent_pid"] else "stopped",
+                    "up" if n["connected"] else "down",
+                    version,
+                    "yes" if n["in_sync"] else "NO",
+                    " ".join(
+                        f"{p['name']}={p['ip']}" + (f"({p['global_ip']})" if p.get("global_ip") else "")
+                        for p in n["pods"]
+                    ) or "-",
+                )
+            )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1])
+    for c in doc["clusters"]:
+        if c.get("service"):
+            lines.append(f"service of {c['name']}: {c['service']['ip']} -> {c['service']['backend']}")
+    for c in doc["clusters"]:
+        k = c.get("kubernetes")
+        if k:
+            pids = f"apiserver {k['apiserver_pid'] or 'stopped'}, kubelet {k['kubelet_pid'] or 'stopped'}"
+            lines.append(f"kubernetes of {c['name']}: {k['url'] or '-'} ({pids})")
+    if doc.get("kubeconfig"):
+        lines.append(f"kubeconfig: {doc['kubeconfig']}")
+    for rej in doc.get("rejections", []):
+        lines.append(f"rejected {rej['source']}: {rej['reason']}")
+    return "\n".join(lines)
+
+
+def status(name: str = DEFAULT_NAME) -> dict[str, Any]:
+    state = require_state(name)
+    try:
+        st, err = query_status(state)
+    except LabError as e:
+        st, err = None, str(e)
+    return status_doc(state, st, err)
