@@ -32,7 +32,8 @@ class Backoff:
     """The waits of one retry loop: ``next()`` before each retry, ``reset()`` after a success.
 
     ``rng`` is for tests (a seeded :class:`random.Random`); otherwise each instance has its own
-    generator seeded from the OS, so processes started together do not jitter alike. Not thread-safe: one instance belongs to one loop.
+    generator seeded from the OS, so processes started together do not jitter alike.
+    Not thread-safe: one instance belongs to one loop.
     """
 
     def __init__(

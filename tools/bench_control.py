@@ -61,7 +61,6 @@ import json
 import logging
 import os
 import queue
-import random
 import resource
 import shutil
 import subprocess
@@ -457,16 +456,17 @@ class _Worker:
 
     async def agent_with_retries(self, i: int, channel: Any) -> None:
         """:meth:`agent`, retried with a jittered exponential backoff (0.2 s .. 5 s) while it was
-        not admitted, as fabric.control.client.AgentSession does."""
-        delay = 0.2
+        not admitted, as fabric.control.client.AgentSession does (the same fabric.backoff)."""
+        from fabric.backoff import Backoff
+
+        backoff = Backoff(0.2, 5.0)
         while True:
             try:
                 await self.agent(i, channel)
                 return
             except NotAdmitted:
                 self.retries += 1
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-                delay = min(5.0, delay * 2)
+                await asyncio.sleep(backoff.next())
 
     def _applied(self, i: int, version: int, stamp: float) -> None:
         """Count agent ``i``'s Applied of a change version; one line when the last affected agent

@@ -24,13 +24,13 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import random
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 import grpc
 
 from fabric import types
+from fabric.backoff import Backoff
 from fabric.control import api, codec
 from fabric.control.generated import fabric_pb2 as pb
 from fabric.control.generated import fabric_pb2_grpc as pb_grpc
@@ -96,6 +96,8 @@ class AgentSession:
             raise ValueError(f"keepalive_interval must be positive, got {keepalive_interval}")
         if not 0 < backoff[0] <= backoff[1]:
             raise ValueError(f"backoff must be (initial, maximum) with 0 < initial <= maximum, got {backoff}")
+        #: Paces reconnections (see fabric.backoff); reset by a session that got its snapshot.
+        self._backoff = Backoff(*backoff)
         self.target = target
         self.announcement = announcement
         self.handler = handler
@@ -121,7 +123,6 @@ class AgentSession:
 
     async def run(self) -> None:
         """Run sessions until :meth:`close`; reconnects with jittered exponential backoff."""
-        delay = self.backoff[0]
         while not self._closed.is_set():
             self._attempts += 1
             self._synced = False
@@ -147,12 +148,11 @@ class AgentSession:
             if self._closed.is_set():
                 break
             if self._synced:
-                delay = self.backoff[0]  # a session that worked resets the backoff
-            sleep = delay * random.uniform(0.5, 1.0)
+                self._backoff.reset()  # a session that worked resets the backoff
+            sleep = self._backoff.next()
             _log.info("session to %s ended (%s); reconnecting in %.2fs", self.target, reason, sleep)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._closed.wait(), sleep)
-            delay = min(self.backoff[1], delay * 2)
 
     async def report_applied(self, version: int) -> None:
         """Tell the reflector ``version`` is programmed. Dropped when no session is up: a new
