@@ -53,6 +53,7 @@ from fabric import health, logs, nodeinfo, types
 from fabric.agent import config as config_mod
 from fabric.agent import render, xlate_metrics
 from fabric.agent import translator as translator_mod
+from fabric.backoff import Backoff
 from fabric.control import client as control_client
 from fabric.netlink import dataplane as dataplane_mod
 from fabric.netlink import events as events_mod
@@ -66,7 +67,7 @@ _log = logging.getLogger(__name__)
 
 #: Coalesce bursts (a snapshot followed by deltas, a flurry of netlink events) into one pass.
 DEBOUNCE_S = 0.05
-#: First retry after a failed pass; doubles up to the resync period.
+#: First retry after a failed pass; doubles (jittered, fabric.backoff) up to the resync period.
 RETRY_MIN_S = 0.5
 #: /healthz tolerates this much beyond the resync period without a successful pass.
 HEALTH_GRACE_S = 60.0
@@ -148,7 +149,8 @@ class Agent(control_client.SessionHandler):
         self._started = time.monotonic()
         self._last_success: float | None = None
         self._first_applied = False
-        self._retry_s = RETRY_MIN_S
+        #: Paces the retries of failed passes; reset by a clean pass (attempts 0: not failing).
+        self._retry = Backoff(RETRY_MIN_S, max(RETRY_MIN_S, cfg.resync_period_s))
         self._loop: asyncio.AbstractEventLoop | None = None
         self._events: Events | None = None
         self._fatal: BaseException | None = None
@@ -283,15 +285,15 @@ class Agent(control_client.SessionHandler):
                     for code, n in stats.errnos.items():
                         name = errno.errorcode.get(code, str(code))
                         self.metrics.kernel_errors.labels(table=table, errno=name).inc(n)
+                delay = self._retry.next()
                 _log.warning(
                     "pass (%s) left %d entries failed, first: %s; retrying in %.1fs with a resync",
-                    reason, report.failures, report.first_error, self._retry_s,
+                    reason, report.failures, report.first_error, delay,
                 )
-                loop.call_later(self._retry_s, self._request_resync_now, "retry after failure")
-                self._retry_s = min(self._retry_s * 2, self.cfg.resync_period_s)
+                loop.call_later(delay, self._request_resync_now, "retry after failure")
                 continue
-            was_failing = self._retry_s > RETRY_MIN_S
-            self._retry_s = RETRY_MIN_S
+            was_failing = self._retry.attempts > 0
+            self._retry.reset()
             self._last_success = time.monotonic()
             self._applied_version = version
             self.metrics.last_success.set_to_current_time()
@@ -392,7 +394,7 @@ class Agent(control_client.SessionHandler):
             "table": self.cfg.table,
             "planned_version": self._pending.version,
             "applied_version": self._applied_version,
-            "in_sync": self._first_applied and self._retry_s == RETRY_MIN_S,
+            "in_sync": self._first_applied and self._retry.attempts == 0,
             "gateway_role": self._role or "unknown",
             "planned": dataclasses.asdict(planned) if planned is not None else None,
             "desired": kernel_state_json(self._desired_kernel) if self._desired_kernel is not None else None,

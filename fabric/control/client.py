@@ -7,6 +7,9 @@ AgentSession, one per agent, forever:
 3. collect SnapshotChunks until END_OF_SNAPSHOT, then hand the *complete* state to
    ``handler.on_snapshot`` (never a partial one: the agent garbage-collects on it);
 4. apply every Delta, in order, to ``session.state`` and hand it to ``handler.on_delta``;
+   the rules of that order (:class:`SyncStream`) are strict: a delta before END_OF_SNAPSHOT
+   or a delta version that does not increase is a protocol violation that ends the session
+   (logged, counted in ``protocol_violations``), and the next one starts from a fresh snapshot;
 5. on any failure (connection refused, stream broken, reflector silent for 3 keepalive
    intervals, Rejected) tell the handler, wait a jittered exponential backoff and start over.
    Connection problems never escape :meth:`AgentSession.run`; handler exceptions do (they are
@@ -24,13 +27,13 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import random
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 import grpc
 
 from fabric import types
+from fabric.backoff import Backoff
 from fabric.control import api, codec
 from fabric.control.generated import fabric_pb2 as pb
 from fabric.control.generated import fabric_pb2_grpc as pb_grpc
@@ -80,6 +83,128 @@ class _SessionEnded(Exception):
     """Internal: the current session is over for ``reason``; back off and reconnect."""
 
 
+# --------------------------------------------------------------------------------------------
+# The SyncNode stream as a state machine
+# --------------------------------------------------------------------------------------------
+
+
+class ProtocolViolation(Exception):
+    """The reflector sent something the SyncNode protocol forbids; the text says what and to whom.
+
+    The session cannot continue: whatever the agent would build on top of it is not the plan.
+    AgentSession ends the session and reconnects to a fresh snapshot."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Keepalive:
+    """The reflector is alive and keeps alive every ``interval`` seconds."""
+
+    interval: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Synced:
+    """END_OF_SNAPSHOT: the snapshot is complete (``SyncStream.entries``) as of ``version``."""
+
+    version: int
+    epoch: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Changed:
+    """A delta after the snapshot, already applied to ``SyncStream.entries``."""
+
+    delta: types.StateDelta
+    version: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Refused:
+    """The reflector rejected the announcement (``reason`` names why)."""
+
+    reason: str
+
+
+SyncEvent = Keepalive | Synced | Changed | Refused
+
+
+class SyncStream:
+    """The client's side of one SyncNode stream: feed every response, in order, to :meth:`feed`.
+
+    The one implementation of the protocol rules, shared by :class:`AgentSession` and the
+    control benchmark's light agents (``tools/bench_control.py``), so what the benchmark checks
+    is what agents enforce. Strict, because every rule broken means the agent's state is no
+    longer the reflector's plan for it:
+
+    * snapshot chunks only before END_OF_SNAPSHOT, and one END_OF_SNAPSHOT;
+    * deltas only after END_OF_SNAPSHOT (a delta to a snapshot still arriving has no version to
+      follow: the reflector sends snapshots atomically);
+    * every delta's version greater than the one before it (END_OF_SNAPSHOT's, then the last
+      delta's): a repeated or older version is a lost or reordered change;
+    * with ``removals_must_exist``, every removal names an entry held (the benchmark's check; off
+      for agents, to which removing nothing is harmless).
+
+    A broken rule raises :class:`ProtocolViolation`; the stream is then unusable (start a new
+    session). The state is kept as a dict (O(change) per delta, which the benchmark's thousands
+    of agents per process need); :attr:`state` builds the sorted :class:`~fabric.types.NodeState`.
+    """
+
+    def __init__(self, who: str, *, removals_must_exist: bool = False) -> None:
+        self.who = who
+        self.removals_must_exist = removals_must_exist
+        #: Entries by key: the snapshot so far, then the complete state as of :attr:`version`.
+        self.entries: dict[str, types.Entry] = {}
+        self.version = 0
+        self.epoch = ""
+        self.synced = False
+
+    @property
+    def state(self) -> types.NodeState:
+        return types.NodeState.from_entries(self.entries.values())
+
+    def _violation(self, what: str) -> ProtocolViolation:
+        return ProtocolViolation(f"protocol violation on the SyncNode stream of {self.who}: {what}")
+
+    def feed(self, msg: pb.SyncNodeResponse) -> SyncEvent | None:
+        """Apply one response; returns what happened (None: a snapshot chunk was collected)."""
+        kind = msg.WhichOneof("message")
+        if kind == "keepalive":
+            return Keepalive(msg.keepalive.interval_ms / 1000.0)
+        if kind == "snapshot":
+            if self.synced:
+                raise self._violation(f"snapshot chunk after END_OF_SNAPSHOT (version {self.version})")
+            for e in msg.snapshot.entries:
+                entry = codec.entry_from_pb(e)
+                self.entries[types.entry_key(entry)] = entry
+            return None
+        if kind == "end_of_snapshot":
+            if self.synced:
+                raise self._violation(
+                    f"second END_OF_SNAPSHOT (version {msg.end_of_snapshot.version} after version {self.version})"
+                )
+            self.synced = True
+            self.version = msg.end_of_snapshot.version
+            self.epoch = msg.end_of_snapshot.epoch
+            return Synced(self.version, self.epoch)
+        if kind == "delta":
+            version = msg.delta.version
+            if not self.synced:
+                raise self._violation(f"delta (version {version}) before END_OF_SNAPSHOT")
+            if version <= self.version:
+                raise self._violation(f"delta version {version} does not increase on version {self.version}")
+            delta = codec.delta_from_pb(msg.delta)
+            for k in delta.removals:
+                if self.entries.pop(k, None) is None and self.removals_must_exist:
+                    raise self._violation(f"delta {version} removes {k!r}, which was never sent")
+            for entry in delta.upserts:
+                self.entries[types.entry_key(entry)] = entry
+            self.version = version
+            return Changed(delta, version)
+        if kind == "rejected":
+            return Refused(msg.rejected.reason)
+        raise self._violation(f"unknown message {kind!r}")
+
+
 class AgentSession:
     """The agent's side of ``SyncNode``. See the module docstring for the sequence."""
 
@@ -96,6 +221,8 @@ class AgentSession:
             raise ValueError(f"keepalive_interval must be positive, got {keepalive_interval}")
         if not 0 < backoff[0] <= backoff[1]:
             raise ValueError(f"backoff must be (initial, maximum) with 0 < initial <= maximum, got {backoff}")
+        #: Paces reconnections (see fabric.backoff); reset by a session that got its snapshot.
+        self._backoff = Backoff(*backoff)
         self.target = target
         self.announcement = announcement
         self.handler = handler
@@ -116,12 +243,13 @@ class AgentSession:
         self._synced = False
         #: Probed peers that do not answer (sent on change and again on every new session).
         self._unreachable: frozenset[types.NodeKey] = frozenset()
+        #: Sessions ended because the reflector broke the protocol (see :class:`SyncStream`).
+        self.protocol_violations = 0
 
     # -- public API ---------------------------------------------------------------------------
 
     async def run(self) -> None:
         """Run sessions until :meth:`close`; reconnects with jittered exponential backoff."""
-        delay = self.backoff[0]
         while not self._closed.is_set():
             self._attempts += 1
             self._synced = False
@@ -147,12 +275,11 @@ class AgentSession:
             if self._closed.is_set():
                 break
             if self._synced:
-                delay = self.backoff[0]  # a session that worked resets the backoff
-            sleep = delay * random.uniform(0.5, 1.0)
+                self._backoff.reset()  # a session that worked resets the backoff
+            sleep = self._backoff.next()
             _log.info("session to %s ended (%s); reconnecting in %.2fs", self.target, reason, sleep)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._closed.wait(), sleep)
-            delay = min(self.backoff[1], delay * 2)
 
     async def report_applied(self, version: int) -> None:
         """Tell the reflector ``version`` is programmed. Dropped when no session is up: a new
@@ -201,7 +328,7 @@ class AgentSession:
         self._call = call = stub.SyncNode(self._requests(outbox))
         ticker = asyncio.create_task(self._keepalives(outbox))
         peer_interval = 0.0
-        snapshot: dict[str, types.Entry] | None = {}
+        stream = SyncStream(f"node {self.announcement.key} from {self.target}")
         try:
             while True:
                 hold = DEAD_AFTER_INTERVALS * max(self.keepalive_interval, peer_interval)
@@ -213,51 +340,38 @@ class AgentSession:
                     status = await call.code()
                     details = await call.details()
                     raise _SessionEnded(f"reflector ended the session ({status.name}: {details})")
-                kind = msg.WhichOneof("message")
-                if kind == "keepalive":
-                    peer_interval = msg.keepalive.interval_ms / 1000.0
+                try:
+                    ev = stream.feed(msg)
+                except ProtocolViolation as e:
+                    # The state built so far cannot be trusted: no backoff reset, a fresh snapshot.
+                    self._synced = False
+                    self.protocol_violations += 1
+                    _log.warning("%s; ending the session to start over from a fresh snapshot", e)
+                    raise _SessionEnded(str(e)) from None
+                if isinstance(ev, Keepalive):
+                    peer_interval = ev.interval
                     if not self.connected:
                         self.connected = True
                         _log.info("session to %s accepted for node %s", self.target, self.announcement.key)
                         if self._unreachable:
                             outbox.put_nowait(codec.peer_report_message(self._unreachable))
                         await self.handler.on_connection(True, f"connected to {self.target}")
-                elif kind == "snapshot":
-                    if snapshot is None:
-                        raise _SessionEnded("protocol error: snapshot chunk after END_OF_SNAPSHOT")
-                    for e in msg.snapshot.entries:
-                        entry = codec.entry_from_pb(e)
-                        snapshot[types.entry_key(entry)] = entry
-                elif kind == "end_of_snapshot":
-                    if snapshot is None:
-                        raise _SessionEnded("protocol error: second END_OF_SNAPSHOT")
-                    self.state = types.NodeState.from_entries(snapshot.values())
-                    self.version = msg.end_of_snapshot.version
-                    self.epoch = msg.end_of_snapshot.epoch
-                    snapshot = None
+                elif isinstance(ev, Synced):
+                    self.state = stream.state
+                    self.version = ev.version
+                    self.epoch = ev.epoch
                     self._synced = True
                     _log.info("snapshot of %d entries, version %d", len(self.state), self.version)
                     await self.handler.on_snapshot(self.state, self.version)
-                elif kind == "delta":
-                    delta = codec.delta_from_pb(msg.delta)
-                    if snapshot is not None:
-                        # Not sent by our reflector (it snapshots atomically) but harmless.
-                        for k in delta.removals:
-                            snapshot.pop(k, None)
-                        for e in delta.upserts:
-                            snapshot[types.entry_key(e)] = e
-                        continue
-                    self.state = types.apply_delta(self.state, delta)
-                    self.version = msg.delta.version
-                    _log.debug("delta of %d entries, version %d", len(delta), self.version)
-                    await self.handler.on_delta(delta, self.version)
-                elif kind == "rejected":
-                    reason = msg.rejected.reason
-                    _log.warning("reflector %s rejected node %s: %s", self.target, self.announcement.key, reason)
-                    await self.handler.on_rejected(reason)
-                    raise _SessionEnded(f"rejected: {reason}")
-                else:
-                    raise _SessionEnded(f"protocol error: unknown message {kind!r}")
+                elif isinstance(ev, Changed):
+                    self.state = stream.state
+                    self.version = ev.version
+                    _log.debug("delta of %d entries, version %d", len(ev.delta), self.version)
+                    await self.handler.on_delta(ev.delta, self.version)
+                elif isinstance(ev, Refused):
+                    _log.warning("reflector %s rejected node %s: %s", self.target, self.announcement.key, ev.reason)
+                    await self.handler.on_rejected(ev.reason)
+                    raise _SessionEnded(f"rejected: {ev.reason}")
         finally:
             ticker.cancel()
 

@@ -62,7 +62,6 @@ import datetime
 import json
 import logging
 import os
-import random
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -70,6 +69,7 @@ from typing import Any, Protocol
 
 from fabric import crd, types
 from fabric import netns as namespaces
+from fabric.backoff import Backoff
 from fabric.control import api
 
 _log = logging.getLogger(__name__)
@@ -458,7 +458,7 @@ class KubernetesSource:
         """List once (blocking, in a thread in the API server's namespace); None after
         ``timeout_s`` of failures (the watch keeps trying once running)."""
         deadline = time.monotonic() + timeout_s
-        delay = 0.2
+        backoff = Backoff(0.2, 2.0)
         while True:
             fut = self._writer.submit(self._list)
             try:
@@ -467,12 +467,12 @@ class KubernetesSource:
                 return items
             except Exception as e:  # any client/transport error: retried until the deadline
                 _code, text = _api_error(e)
+                delay = backoff.next()
                 if time.monotonic() + delay > deadline:
                     _log.warning("cannot list Clusters: %s; starting without them (the watch keeps trying)", text)
                     return None
-                _log.info("listing Clusters failed (%s); retrying", text)
+                _log.info("listing Clusters failed (%s); retrying in %.1fs", text, delay)
                 time.sleep(delay)
-                delay = min(2.0, delay * 2)
 
     def initial_config(self) -> types.FabricConfig:
         """The configuration of the current view, expecting the nodes its statuses list (and
@@ -501,7 +501,7 @@ class KubernetesSource:
             _log.error("Cluster watch cannot start: %s", e)
             return
         rv = ""
-        delay = 0.5
+        backoff = Backoff(0.5, 30.0)
         while not self._stop.is_set():
             try:
                 if not rv:
@@ -536,16 +536,16 @@ class KubernetesSource:
                         rv = ""  # the watch ran its resync period: rebuild the view from a list
                 finally:
                     resp.release_conn()
-                delay = 0.5
+                backoff.reset()
             except Exception as e:  # transport or server error: back off, keep the view, retry
                 if self._stop.is_set():
                     return
                 code, text = _api_error(e)
                 if code == 410:
                     rv = ""
+                delay = backoff.next()
                 _log.warning("Cluster list/watch failed: %s; retrying in %.1fs", text, delay)
-                self._stop.wait(delay * (0.8 + 0.4 * random.random()))
-                delay = min(30.0, delay * 2)
+                self._stop.wait(delay)
 
     def _patch_status(self, name: str, status: dict[str, Any]) -> None:
         self._objects_api.patch_cluster_custom_object_status(

@@ -248,11 +248,22 @@ def test_reconnect_within_grace_does_not_flap_others() -> None:
             s_w1b, r_w1b = h.agent(W1)
             await wait_for(lambda: r_w1b.count("snapshot") == 1, what="fresh snapshot for w1")
             assert s_w1b.state == expected(E1, W1, key=W1.key)
-            await asyncio.sleep(3 * KEEPALIVE)
-            assert h.reflector.generation == generation
-            assert h.node("east/e1").counters == e1_counters
+            # The withdrawal is called off, not merely pending.
             assert h.node("west/w1").connected and h.node("west/w1").withdraw_in_s is None
-            assert r_e1.count("delta") == e1_deltas
+            # Marker: e2 joins now. Anything the disconnect and reconnect made the reflector send
+            # e1 is ahead of e2's join on e1's one ordered stream, so e1's next delta being e2's
+            # alone, in the very next generation, proves they sent e1 nothing.
+            h.agent(E2)
+            await wait_for(lambda: r_e1.count("delta") > e1_deltas, what="e1 told of e2")
+            delta, version = r_e1.last("delta")
+            assert r_e1.count("delta") == e1_deltas + 1
+            assert version == h.reflector.generation == generation + 1
+            assert {types.entry_key(e) for e in delta.upserts} == {"peer/vx-bridge/100.82.0.12"}
+            assert delta.removals == ()
+            assert h.node("east/e1").counters == dataclasses.replace(
+                e1_counters, deltas_sent=e1_counters.deltas_sent + 1,
+                delta_entries_sent=e1_counters.delta_entries_sent + 1,
+            )  # fmt: skip
 
     run(body())
 
@@ -295,15 +306,18 @@ def test_startup_hold_until_expected_nodes_announced() -> None:
             assert h.reflector.holding
             s_e1, r_e1 = h.agent(E1)
             await wait_for(lambda: h.connected("east/e1"))
-            await asyncio.sleep(3 * KEEPALIVE)
-            assert r_e1.count("snapshot") == 0  # END_OF_SNAPSHOT withheld
-            assert r_e1.events == [("connection", (True, f"connected to {h.target}"))]
             assert (await client.get_status(h.target)).holding
             _, r_w1 = h.agent(W1)
             await wait_for(lambda: r_e1.count("snapshot") == 1 and r_w1.count("snapshot") == 1, timeout=2)
             assert not h.reflector.holding
-            # e1's first snapshot already includes w1: no delta was needed.
-            assert r_e1.count("delta") == 0 and s_e1.state == expected(E1, W1, key=E1.key)
+            # The reflector decides on e1's END_OF_SNAPSHOT when it admits e1's session, which it
+            # had done (connected) before w1 announced. So e1's first snapshot including w1, with
+            # no delta before it, proves END_OF_SNAPSHOT was withheld until w1 came (without the
+            # hold e1 would have got a snapshot without w1, then w1 in a delta).
+            assert r_e1.events == [
+                ("connection", (True, f"connected to {h.target}")),
+                ("snapshot", (expected(E1, W1, key=E1.key), s_e1.version)),
+            ]
 
     run(body())
 
@@ -429,9 +443,8 @@ def test_agent_session_survives_missing_reflector() -> None:
         # A port nothing listens on: connection refused, again and again, never an exception.
         s = client.AgentSession("127.0.0.1:1", E1, rec, keepalive_interval=KEEPALIVE, backoff=(0.02, 0.05))
         task = asyncio.create_task(s.run())
-        await asyncio.sleep(0.4)
+        await wait_for(lambda: s._attempts >= 3 or task.done(), what="three connection attempts")
         assert not task.done()
-        assert s._attempts >= 3
         await s.close()
         await asyncio.wait_for(task, 2)
         assert rec.events == []

@@ -19,9 +19,10 @@ and a /24 per node, where internal nodes hold O(1) peers. Default: ``p2p`` for N
 (``join_fanout_p50_n1000``); the others carry the shape (``join_fanout_p50_gateway_n1000``).
 
 A **light agent** speaks the real SyncNode protocol with the generated stubs: Announce, a
-Keepalive, then it validates every message it receives (each entry decoded by
-``fabric.control.codec``; chunks only before END_OF_SNAPSHOT; deltas only after it, with
-increasing versions; every removal must name an entry it holds) and answers every END_OF_SNAPSHOT
+Keepalive, then it validates every message it receives with the agents' own state machine,
+``fabric.control.client.SyncStream`` (each entry decoded by ``fabric.control.codec``; chunks
+only before END_OF_SNAPSHOT; deltas only after it, with increasing versions; here also: every
+removal must name an entry it holds) and answers every END_OF_SNAPSHOT
 and Delta with ``Applied(version)``, stamping ``time.monotonic()`` (one clock for every process
 of the machine) as it sends it.
 
@@ -61,7 +62,6 @@ import json
 import logging
 import os
 import queue
-import random
 import resource
 import shutil
 import subprocess
@@ -381,8 +381,7 @@ class _Worker:
         """One agent's session until the stream ends; raises AgentError on any violation."""
         import grpc
 
-        from fabric import types
-        from fabric.control import codec
+        from fabric.control import client, codec
 
         pb = self.pb
         ann = self.shape.announcement(i)
@@ -400,25 +399,17 @@ class _Worker:
 
         call = self._stream(channel, requests())
         self.calls[i] = call
-        state: dict[str, Any] | None = {}
-        held: dict[str, Any] = {}
-        version = -1
+        # The agents' own protocol rules (fabric.control.client.SyncStream), plus: every removal
+        # names an entry held. The bare server sends no snapshot (its agents hold nothing to remove).
+        stream = client.SyncStream(f"agent {ann.key}", removals_must_exist=self.mode != "bare")
         try:
             async for msg in call:
-                kind = msg.WhichOneof("message")
-                if kind == "keepalive":
-                    continue
-                if kind == "snapshot":
-                    if state is None:
-                        raise AgentError(f"agent {ann.key}: snapshot chunk after END_OF_SNAPSHOT")
-                    for e in msg.snapshot.entries:
-                        entry = codec.entry_from_pb(e)
-                        state[types.entry_key(entry)] = entry
-                elif kind == "end_of_snapshot":
-                    if state is None:
-                        raise AgentError(f"agent {ann.key}: second END_OF_SNAPSHOT")
-                    held, state = state, None
-                    version = msg.end_of_snapshot.version
+                try:
+                    ev = stream.feed(msg)
+                except client.ProtocolViolation as e:
+                    raise AgentError(str(e)) from e
+                if isinstance(ev, client.Synced):
+                    version = ev.version
                     self.last_eos = version
                     outbox.put_nowait(pb.SyncNodeRequest(applied=pb.Applied(version=version)))
                     if on_ready is not None and not on_ready.done():
@@ -426,30 +417,15 @@ class _Worker:
                     self.ready += 1
                     if self.ready == self.count and on_ready is None:
                         self.emit(ev="ready", n=self.count, retries=self.retries)
-                elif kind == "delta":
-                    if state is not None:
-                        raise AgentError(f"agent {ann.key}: delta before END_OF_SNAPSHOT")
-                    d = msg.delta
-                    if d.version <= version:
-                        raise AgentError(f"agent {ann.key}: delta version {d.version} after version {version}")
-                    delta = codec.delta_from_pb(d)
-                    for k in delta.removals:
-                        # The bare server sends no snapshot (its agents hold nothing to remove).
-                        if held.pop(k, None) is None and self.mode != "bare":
-                            raise AgentError(f"agent {ann.key}: delta {d.version} removes {k!r}, which it never had")
-                    for entry in delta.upserts:
-                        held[types.entry_key(entry)] = entry
-                    version = d.version
-                    outbox.put_nowait(pb.SyncNodeRequest(applied=pb.Applied(version=version)))
-                    self._applied(i, version, time.monotonic())
-                elif kind == "rejected":
-                    raise AgentError(f"agent {ann.key} rejected: {msg.rejected.reason}")
-                else:
-                    raise AgentError(f"agent {ann.key}: unknown message {kind!r}")
+                elif isinstance(ev, client.Changed):
+                    outbox.put_nowait(pb.SyncNodeRequest(applied=pb.Applied(version=ev.version)))
+                    self._applied(i, ev.version, time.monotonic())
+                elif isinstance(ev, client.Refused):
+                    raise AgentError(f"agent {ann.key} rejected: {ev.reason}")
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.CANCELLED and i in self.leaving:
                 return
-            if state is not None:
+            if not stream.synced:
                 raise NotAdmitted(f"agent {ann.key}: {e.code().name}: {e.details()}") from e
             raise AgentError(f"agent {ann.key}: stream failed: {e.code().name}: {e.details()}") from e
         finally:
@@ -457,16 +433,17 @@ class _Worker:
 
     async def agent_with_retries(self, i: int, channel: Any) -> None:
         """:meth:`agent`, retried with a jittered exponential backoff (0.2 s .. 5 s) while it was
-        not admitted, as fabric.control.client.AgentSession does."""
-        delay = 0.2
+        not admitted, as fabric.control.client.AgentSession does (the same fabric.backoff)."""
+        from fabric.backoff import Backoff
+
+        backoff = Backoff(0.2, 5.0)
         while True:
             try:
                 await self.agent(i, channel)
                 return
             except NotAdmitted:
                 self.retries += 1
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-                delay = min(5.0, delay * 2)
+                await asyncio.sleep(backoff.next())
 
     def _applied(self, i: int, version: int, stamp: float) -> None:
         """Count agent ``i``'s Applied of a change version; one line when the last affected agent
