@@ -220,3 +220,38 @@ def _wait_fds(fds: dict[int, int], timeout_s: float) -> None:
         for fd in pending.values():
             poller.register(fd, select.POLLIN)
         poller.poll(min(left, 0.1) * 1000)
+
+
+def listening_ports(netns: str) -> set[int]:
+    """TCP ports something listens on inside ``netns`` (IPv4 and IPv6), from the kernel's socket
+    tables as a thread inside the namespace sees them (``/proc/thread-self/net``)."""
+
+    def read() -> set[int]:
+        ports: set[int] = set()
+        for table in ("tcp", "tcp6"):
+            try:
+                rows = Path(f"/proc/thread-self/net/{table}").read_text().splitlines()[1:]
+            except FileNotFoundError:  # no IPv6 in this kernel
+                continue
+            for row in rows:
+                fields = row.split()
+                if len(fields) > 3 and fields[3] == "0A":  # TCP_LISTEN
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+        return ports
+
+    return namespaces.run_in(netns, read)
+
+
+def wait_listening(netns: str, port: int, proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
+    """Return once ``proc`` (a server started in ``netns``) listens on TCP ``port``; raise if it
+    exits first or does not listen within ``timeout_s``. A client started before that gets
+    'connection refused' from a server that is only slow to start."""
+    deadline = time.monotonic() + timeout_s
+    pause = 0.005
+    while port not in listening_ports(netns):
+        if proc.poll() is not None:
+            raise RuntimeError(f"server {proc.args!r} in {netns} exited ({proc.returncode}) before listening on {port}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"server {proc.args!r} in {netns} did not listen on port {port} within {timeout_s:g} s")
+        time.sleep(pause)
+        pause = min(pause * 2, 0.1)

@@ -323,6 +323,10 @@ class IperfResult:
     retransmits: int
 
 
+#: The port iperf3 servers of the benchmarks listen on (iperf3's default).
+IPERF_PORT = 5201
+
+
 def iperf(
     procs: Procs, src_ns: str, dst_ns: str, dst_ip: str, streams: int, seconds: float, bind_ip: str | None = None
 ) -> IperfResult:
@@ -336,18 +340,11 @@ def iperf(
     """
     problem = ""
     for _attempt in range(2):
-        server = procs.spawn(dst_ns, ["iperf3", "-s", "-1", "-B", bind_ip or dst_ip])
+        server = procs.spawn(dst_ns, ["iperf3", "-s", "-1", "-B", bind_ip or dst_ip, "-p", str(IPERF_PORT)])
         try:
-            deadline = time.monotonic() + 5
-            while True:  # the server takes a moment to listen
-                try:
-                    argv = ["iperf3", "-c", dst_ip, "-t", f"{seconds:g}", "-P", str(streams), "-J"]
-                    out = run_in(src_ns, [*argv, "--connect-timeout", "2000"], seconds + 30)
-                    break
-                except RuntimeError:
-                    if time.monotonic() > deadline or server.poll() is not None:
-                        raise
-                    time.sleep(0.2)
+            nsutil.wait_listening(dst_ns, IPERF_PORT, server)  # else: 'connection refused'
+            argv = ["iperf3", "-c", dst_ip, "-p", str(IPERF_PORT), "-t", f"{seconds:g}", "-P", str(streams), "-J"]
+            out = run_in(src_ns, [*argv, "--connect-timeout", "2000"], seconds + 30)
         finally:
             procs.stop(server)
         doc = json.loads(out)
