@@ -121,14 +121,14 @@ def test_control_runs_both_shapes_in_a_tiny_configuration(tmp_path: Path) -> Non
 
 def test_control_shapes_place_agents_in_disjoint_clusters_and_cidrs() -> None:
     from fabric.control import planner
-    from tools.bench import control as bench_control
+    from tools.bench.control import shapes as bench_shapes
 
-    shape = bench_control.Shape("gateway", 250)
+    shape = bench_shapes.Shape("gateway", 250)
     assert shape.clusters == 3 and shape.suffix == "_gateway_n250"
-    assert bench_control.Shape("p2p", 250).suffix == "_n250"
+    assert bench_shapes.Shape("p2p", 250).suffix == "_n250"
     config = shape.fabric_config()
     assert not planner.config_problems(config)
-    anns = [shape.announcement(i) for i in (*range(shape.n), bench_control.JOINER)]
+    anns = [shape.announcement(i) for i in (*range(shape.n), bench_shapes.JOINER)]
     assert len({a.underlay_ip for a in anns}) == len({a.key for a in anns}) == len(anns)
     cidrs = [a.pod_cidrs[0] for a in anns]
     assert len(set(cidrs)) == len(cidrs)
@@ -136,9 +136,9 @@ def test_control_shapes_place_agents_in_disjoint_clusters_and_cidrs() -> None:
         cluster = config.cluster(a.cluster)
         assert cluster is not None and cluster.mode == "gateway" and len(cluster.gateways) == 3
         assert ipaddress.ip_network(a.pod_cidrs[0]).subnet_of(ipaddress.ip_network(cluster.pod_cidrs[0]))
-    assert bench_control.shapes_for(bc.Options(), 1000) == ("p2p", "gateway")
-    assert bench_control.shapes_for(bc.Options(), 10_000) == ("gateway",)
-    assert bench_control.shapes_for(bc.Options(shapes=("p2p",)), 10_000) == ("p2p",)
+    assert bench_shapes.shapes_for(bc.Options(), 1000) == ("p2p", "gateway")
+    assert bench_shapes.shapes_for(bc.Options(), 10_000) == ("gateway",)
+    assert bench_shapes.shapes_for(bc.Options(shapes=("p2p",)), 10_000) == ("p2p",)
     with pytest.raises(SystemExit):
         bench.main(["control", "--shape", "mesh"])
 
@@ -188,6 +188,6 @@ def test_sigterm_unwinds_only_the_benchmarking_process(monkeypatch: pytest.Monke
 def test_control_changes_are_spaced_beyond_the_longest_coalescing_window() -> None:
     """A fan-out timed inside the window would measure the coalescing delay, not the fan-out."""
     from fabric.control import reflector
-    from tools.bench import control as bench_control
+    from tools.bench.control import params as bench_params
 
-    assert bench_control.QUIET_S > reflector.DEFAULT_MAX_COALESCE_WINDOW_S
+    assert bench_params.QUIET_S > reflector.DEFAULT_MAX_COALESCE_WINDOW_S

@@ -1,0 +1,491 @@
+"""The driver: starts the reflector (or the bare server), the workers and the joiner, times
+each change to the last affected agent, and measures the server's CPU and memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tools.bench import common as bc
+from tools.bench.control.bare import broadcast_request
+from tools.bench.control.params import BARE_BROADCAST, CHANGE_TIMEOUT_S, KEEPALIVE_S, NAME, QUIET_S
+from tools.bench.control.shapes import (
+    CLUSTER_SIZE,
+    GATEWAY_CANDIDATES,
+    JOINER,
+    Change,
+    Shape,
+    planned_change,
+    shapes_for,
+)
+
+_log = logging.getLogger(__name__)
+
+
+# -- the driver ------------------------------------------------------------------------------
+
+
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+class _Events:
+    """JSON-line events of every child, merged into one queue by reader threads."""
+
+    def __init__(self) -> None:
+        self.q: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
+
+    def attach(self, who: str, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        stream = proc.stdout
+
+        def read() -> None:
+            for raw in stream:
+                try:
+                    self.q.put((who, json.loads(raw)))
+                except ValueError:
+                    self.q.put((who, {"ev": "error", "msg": f"unparsable line {raw[:200]!r}"}))
+            self.q.put((who, {"ev": "exit"}))
+
+        threading.Thread(target=read, name=f"events-{who}", daemon=True).start()
+
+    def next(self, deadline: float) -> tuple[str, dict[str, Any]] | None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        try:
+            return self.q.get(timeout=left)
+        except queue.Empty:
+            return None
+
+
+class Infeasible(Exception):
+    """This N cannot be measured within the budget (the text says how far it got)."""
+
+
+@dataclasses.dataclass
+class Phase:
+    """One server kind at one shape and N: bring-up, memory, and per change times and CPU."""
+
+    bringup_s: float = 0.0
+    #: Agent streams cancelled before admission during bring-up and retried.
+    retries: int = 0
+    rss_per_agent_kib: float = 0.0
+    #: Agents whose plan each change changes (the ones fan-out waits for).
+    affected: int = 0
+    #: Seconds from the last snapshot until every agent applied the bring-up's deltas (fabric).
+    settle_s: float = 0.0
+    join_ms: list[list[float]] = dataclasses.field(default_factory=list)  # per round
+    leave_ms: list[list[float]] = dataclasses.field(default_factory=list)
+    cpu_ms: list[float] = dataclasses.field(default_factory=list)  # per change, averaged per round
+
+
+class _Run:
+    """One phase: a server (reflector or bare), workers, optionally the joiner."""
+
+    def __init__(self, procs: bc.Procs, mode: str, shape: Shape, tmp: Path, budget_s: float) -> None:
+        self.procs, self.mode, self.shape, self.tmp, self.budget_s = procs, mode, shape, tmp, budget_s
+        self.n = shape.n
+        self.events = _Events()
+        self.sock = f"unix:{tmp}/{mode}.sock"
+        self.workers: dict[str, subprocess.Popen[bytes]] = {}
+        self.firsts: dict[str, int] = {}
+        self.counts: dict[str, int] = {}
+        self.retries = 0
+        #: Agents each change affects, in total (what wait_applied waits for); set by arm().
+        self.expected = 0
+        self.pending: dict[int, dict[str, Any]] = {}  # version -> {"n": agents, "t": last stamp}
+        self.server: subprocess.Popen[bytes] | None = None
+        self.joiner: subprocess.Popen[bytes] | None = None
+        self.log = open(tmp / "reflector.log", "wb")  # noqa: SIM115 - closed by stop()
+
+    def _py(self, *args: str, stdout: int = subprocess.PIPE) -> subprocess.Popen[bytes]:
+        return self.procs.spawn(None, [sys.executable, "-m", *args], stdout=stdout, stdin=subprocess.PIPE,
+                                stderr=None)  # fmt: skip
+
+    def _worker_argv(self, first: int, count: int) -> list[str]:
+        return ["tools.bench.control", "worker", "--target", self.sock, "--mode", self.mode, "--shape",
+                self.shape.kind, "--n", str(self.n), "--first", str(first), "--count", str(count)]  # fmt: skip
+
+    def _wait(self, want: str, deadline: float, who: str | None = None) -> dict[str, Any]:
+        while True:
+            item = self.events.next(deadline)
+            if item is None:
+                raise TimeoutError(f"no {want!r} event in time")
+            src, ev = item
+            self._note(src, ev)
+            if ev["ev"] == want and (who is None or src == who):
+                return ev
+
+    def _note(self, src: str, ev: dict[str, Any]) -> None:
+        if ev["ev"] == "error":
+            raise RuntimeError(f"control benchmark: {src}: {ev['msg']}{self.log_tail()}")
+        if ev["ev"] == "exit" and src != "server":
+            raise RuntimeError(f"control benchmark: {src} exited unexpectedly{self.log_tail()}")
+        if ev["ev"] == "applied":
+            slot = self.pending.setdefault(int(ev["v"]), {"n": 0, "t": 0.0})
+            slot["n"] += int(ev["n"])
+            slot["t"] = max(slot["t"], float(ev["t"]))
+
+    def log_tail(self, lines: int = 15) -> str:
+        """The end of the reflector's log, to explain a failure (it is deleted with the run)."""
+        if self.mode != "fabric":
+            return ""
+        self.log.flush()
+        tail = Path(self.log.name).read_text(errors="replace").splitlines()[-lines:]
+        return "\nreflector log (last lines):\n  " + "\n  ".join(tail)
+
+    def start_server(self) -> None:
+        if self.mode == "fabric":
+            cfg = self.tmp / "fabric.yaml"
+            cfg.write_text(yaml.safe_dump(self.shape.config_doc(), sort_keys=False))
+            self.server = self.procs.spawn(None, [
+                sys.executable, "-m", "fabric.control.reflector", "--config", str(cfg), "--listen", self.sock,
+                "--grace-period", "0", "--startup-hold", "0", "--keepalive-interval", f"{KEEPALIVE_S:g}",
+                "--log-level", "info",
+            ], stderr=self.log)  # fmt: skip
+            from fabric.control import client
+
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    client.get_status_sync(self.sock, 1.0)
+                    return
+                except client.ReflectorUnavailable:
+                    if time.monotonic() > deadline or self.server.poll() is not None:
+                        raise RuntimeError(f"fabric-reflector did not start{self.log_tail()}") from None
+                    time.sleep(0.1)
+        self.server = self._py("tools.bench.control", "bare-server", "--listen", self.sock)
+        self.events.attach("server", self.server)
+        self._wait("listening", time.monotonic() + 30, "server")
+
+    def bring_up(self) -> float:
+        workers = 1 if self.n <= 50 else 2 if self.n <= 500 else 4
+        t0 = time.monotonic()
+        first = 0
+        for w in range(workers):
+            count = self.n // workers + (1 if w < self.n % workers else 0)
+            name = f"worker{w}"
+            proc = self._py(*self._worker_argv(first, count))
+            self.workers[name] = proc
+            self.firsts[name] = first
+            self.counts[name] = count
+            self.events.attach(name, proc)
+            first += count
+        deadline = t0 + self.budget_s
+        ready: set[str] = set()
+        progress: dict[str, int] = {}
+        last_report = t0
+        what = f"{self.shape.label} {self.mode}"
+        while len(ready) < len(self.workers):
+            item = self.events.next(min(deadline, time.monotonic() + 10))
+            now = time.monotonic()
+            if item is None and now >= deadline:
+                got = sum(self.counts[w] if w in ready else progress.get(w, 0) for w in self.workers)
+                raise Infeasible(
+                    f"bringing up {self.n} agents ({self.shape.kind} shape) on the {self.mode} server did not finish "
+                    f"within the {self.budget_s:g}s budget: about {got} of {self.n} agents had their snapshot"
+                )
+            if item is not None:
+                src, ev = item
+                self._note(src, ev)
+                if ev["ev"] == "ready":
+                    ready.add(src)
+                    progress[src] = self.counts[src]
+                    self.retries += int(ev.get("retries", 0))
+                elif ev["ev"] == "progress":
+                    progress[src] = int(ev["ready"])
+            if now - last_report >= 10:
+                total = sum(progress.values())
+                bc.progress(NAME, f"{what}: {total:,}/{self.n:,} agents synced after {now - t0:.0f}s")
+                last_report = now
+        return time.monotonic() - t0
+
+    def arm(self, affected: frozenset[int], after: int) -> None:
+        """Tell every worker which of its agents each change affects (deltas of versions above
+        ``after``) and wait until all have it in force."""
+        for name, proc in self.workers.items():
+            mine = [i for i in range(self.firsts[name], self.firsts[name] + self.counts[name]) if i in affected]
+            self.send(proc, f"expect {after} {','.join(map(str, mine)) or '-'}")
+        armed: set[str] = set()
+        deadline = time.monotonic() + 60
+        while len(armed) < len(self.workers):
+            item = self.events.next(deadline)
+            if item is None:
+                raise RuntimeError(f"workers {sorted(set(self.workers) - armed)} did not confirm 'expect'")
+            self._note(*item)
+            if item[1]["ev"] == "expecting":
+                armed.add(item[0])
+        self.expected = len(affected)
+        self.pending.clear()
+
+    def wait_applied(self, version: int, what: str) -> float:
+        deadline = time.monotonic() + CHANGE_TIMEOUT_S
+        while self.pending.get(version, {}).get("n", 0) < self.expected:
+            item = self.events.next(deadline)
+            if item is None:
+                got = self.pending.get(version, {}).get("n", 0)
+                raise Infeasible(f"{what} ({self.shape.label}): only {got} of the {self.expected} affected agents "
+                                 f"applied version {version} within {CHANGE_TIMEOUT_S:g}s")  # fmt: skip
+            self._note(*item)
+        return float(self.pending.pop(version)["t"])
+
+    def send(self, proc: subprocess.Popen[bytes], line: str) -> None:
+        assert proc.stdin is not None
+        with contextlib.suppress(BrokenPipeError):
+            proc.stdin.write(line.encode() + b"\n")
+            proc.stdin.flush()
+
+    def stop(self) -> None:
+        everyone = [p for p in (*self.workers.values(), self.joiner, self.server) if p is not None]
+        for proc in everyone:
+            if proc.stdin is not None:
+                self.send(proc, "quit")
+        for proc in everyone:
+            self.procs.stop(proc, timeout_s=10.0)
+        self.log.close()
+
+    # -- changes --
+
+    @property
+    def server_pid(self) -> int:
+        assert self.server is not None, "the server is started first"
+        return self.server.pid
+
+    def server_cpu_ms(self) -> float:
+        return _cpu_s(self.server_pid) * 1000
+
+    def fabric_change(self) -> tuple[float, float]:
+        """Join then leave (two changes); returns (join ms, leave ms). Each change comes after a
+        quiet period longer than the reflector's longest coalescing window, so each is timed as
+        a lone change (a change during a storm of changes waits up to that window by design)."""
+        if self.joiner is None:
+            argv = self._worker_argv(JOINER, 1)
+            self.joiner = self._py(*argv, "--joiner")
+            self.events.attach("joiner", self.joiner)
+        time.sleep(QUIET_S)
+        self.send(self.joiner, "join")
+        ev = self._wait("joined", time.monotonic() + CHANGE_TIMEOUT_S, "joiner")
+        version = int(ev["v"])
+        join_ms = (self.wait_applied(version, "join") - float(ev["t0"])) * 1000
+        time.sleep(QUIET_S)
+        self.send(self.joiner, "leave")
+        ev = self._wait("left", time.monotonic() + CHANGE_TIMEOUT_S, "joiner")
+        leave_ms = (self.wait_applied(version + 1, "leave") - float(ev["t0"])) * 1000
+        return join_ms, leave_ms
+
+    def bare_change(self, channel: Any, change: Change, version: int) -> float:
+        """One push of the join's Delta bytes to the affected agents; returns ms to the last Applied."""
+        request = broadcast_request(change.delta_bytes(version))
+        broadcast = channel.unary_unary(BARE_BROADCAST)
+        t0 = time.monotonic()
+        sent = int(broadcast(request, timeout=CHANGE_TIMEOUT_S))
+        if sent != self.expected:
+            raise RuntimeError(f"the bare server had streams for {sent} of the {self.expected} affected agents")
+        return (self.wait_applied(version, "broadcast") - t0) * 1000
+
+
+def _settle(sock: str, n: int, what: str, timeout_s: float) -> tuple[float, int, tuple[Any, ...]]:
+    """Wait until every agent applied its latest plan (GetStatus: all N connected and in sync):
+    the deltas of the bring-up (each join goes to every synced agent) may still be queued behind
+    the last snapshot, and a change measured before they drain would time the backlog. Returns
+    the seconds it took, the topology generation and the gateway roles (GetStatus)."""
+    from fabric import types
+    from fabric.control import client
+
+    t0 = time.monotonic()
+    last_report = t0
+    while True:
+        status = client.get_status_sync(sock, 60.0)
+        nodes = status.nodes()
+        behind = sum(1 for x in nodes if not x.in_sync)
+        now = time.monotonic()
+        if len(nodes) == n and not behind:
+            break
+        if now - t0 > timeout_s:
+            raise Infeasible(f"{what}: {behind} of {len(nodes)} agents still behind their plan {timeout_s:g}s "
+                             "after bring-up")  # fmt: skip
+        if now - last_report >= 10:
+            bc.progress(NAME, f"{what}: waiting for {behind:,} agents to apply the bring-up's deltas")
+            last_report = now
+        time.sleep(1.0)
+    roles = tuple(
+        types.GatewayRole(c.name, c.active_gateway, c.standby_gateway) for c in status.clusters if c.active_gateway
+    )
+    return time.monotonic() - t0, status.generation, roles
+
+
+def _phase(mode: str, shape: Shape, rounds: int, changes: int, budget_s: float) -> Phase:
+    import grpc
+
+    out = Phase()
+    n = shape.n
+    what = f"{shape.label} {mode}"
+    with tempfile.TemporaryDirectory(prefix="kft-ctl-") as tmp, bc.procs() as procs:
+        run = _Run(procs, mode, shape, Path(tmp), budget_s)
+        try:
+            run.start_server()
+            time.sleep(0.3)
+            rss0 = _rss_kib(run.server_pid)
+            bc.progress(NAME, f"{what}: bringing up {n:,} agents (budget {budget_s:g}s)")
+            out.bringup_s = run.bring_up()
+            out.retries = run.retries
+            if mode == "fabric":
+                out.settle_s, generation, roles = _settle(run.sock, n, what, budget_s)
+                change = planned_change(shape, roles)
+            else:
+                generation, change = 0, planned_change(shape)
+            time.sleep(1.0)  # let the last Applied/keepalives settle before reading memory
+            out.rss_per_agent_kib = (_rss_kib(run.server_pid) - rss0) / n
+            out.affected = len(change.affected)
+            run.arm(change.affected, generation)
+            bc.progress(NAME, f"{what}: {n:,} agents synced in {out.bringup_s:.1f}s (all in sync "
+                        f"{out.settle_s:.1f}s later); a change affects {out.affected:,} of them; "
+                        f"{rounds} rounds of {changes} changes")  # fmt: skip
+            with grpc.insecure_channel(run.sock) as channel:
+                version = 0
+                for _ in range(rounds):
+                    joins: list[float] = []
+                    leaves: list[float] = []
+                    cpu0 = run.server_cpu_ms()
+                    for _ in range(changes):
+                        if mode == "fabric":
+                            j, lv = run.fabric_change()
+                            leaves.append(lv)
+                        else:
+                            version += 1
+                            j = run.bare_change(channel, change, version)
+                        joins.append(j)
+                    # CPU per change over the whole round: clock-tick resolution (10 ms) needs many changes.
+                    out.cpu_ms.append((run.server_cpu_ms() - cpu0) / (changes * (2 if leaves else 1)))
+                    out.join_ms.append(joins)
+                    if leaves:
+                        out.leave_ms.append(leaves)
+                    bc.progress(NAME, f"{what}: fan-out ms, joins {' '.join(f'{x:.0f}' for x in joins)}"
+                                + (f"; leaves {' '.join(f'{x:.0f}' for x in leaves)}" if leaves else ""))  # fmt: skip
+        except RuntimeError:
+            if mode == "fabric":
+                run.log.flush()
+                kept = Path(tempfile.gettempdir()) / f"kft-bench-control-{os.getpid()}-{shape.kind}-n{n}.log"
+                shutil.copyfile(run.log.name, kept)
+                bc.progress(NAME, f"{what}: failed; the reflector's log is kept in {kept}")
+            raise
+        finally:
+            run.stop()
+    return out
+
+
+def run(opts: bc.Options) -> bc.Report:
+    rounds = opts.repeat
+    report = bc.Report()
+    infeasible_from: dict[str, int] = {}  # shape -> the first N that did not complete
+    for n in opts.n:
+        for kind in shapes_for(opts, n):
+            try:
+                shape = Shape(kind, n)
+            except ValueError as e:
+                report.notes.append(f"{kind} N={n:,}: not run: {e}")
+                continue
+            if kind in infeasible_from:
+                report.notes.append(f"{shape.label}: not attempted, N={infeasible_from[kind]:,} of this shape already "
+                                    "did not complete (bring-up only gets slower with N)")  # fmt: skip
+                continue
+            changes = 2 if opts.tiny else 10 if n <= 300 else 5
+            try:
+                bare = _phase("bare", shape, rounds, changes, opts.budget_s)
+                ours = _phase("fabric", shape, rounds, changes, opts.budget_s)
+            except Infeasible as e:
+                report.notes.append(f"{shape.label}: NOT FEASIBLE on this machine: {e}")
+                infeasible_from[kind] = n
+                continue
+            except RuntimeError as e:  # a protocol violation or a broken stream: a finding, reported
+                first_line = str(e).splitlines()[0]
+                report.notes.append(f"{shape.label}: FAILED: {first_line}")
+                bc.progress(NAME, f"{shape.label}: FAILED: {e}")
+                infeasible_from[kind] = n
+                continue
+            _figures(report, shape, ours, bare)
+            report.notes.append(_shape_note(shape, ours))
+            for phase, what in ((ours, "fabric-reflector"), (bare, "bare server")):
+                if phase.retries:
+                    report.notes.append(
+                        f"{shape.label}: during bring-up, {phase.retries} agent streams to the {what} were cancelled "
+                        "before admission (gRPC cancels a stream the server's busy event loop has not accepted within "
+                        "30 s) and were retried with backoff, as real agents do"
+                    )
+    report.notes.append(
+        "fanout = ms from the change (joiner opens/cancels its stream; baseline: trigger RPC) to the last affected "
+        "agent sending Applied (affected = its plan changes, by the planner; checked against the deltas the "
+        "reflector sends); p50/p99 over the changes of a round, then median/min/max over rounds (p99 of fewer than "
+        "100 changes is their maximum). Leave figures share the join's baseline (the same bytes to the same agents). "
+        "cpu_per_agent = per affected agent. Figures without a shape in their name are the p2p shape (two P2P "
+        f"clusters); gateway = gateway-mode clusters of {CLUSTER_SIZE} nodes, {GATEWAY_CANDIDATES} candidates "
+        f"each. Reflector keepalive {KEEPALIVE_S:g}s; every agent has its own connection (unix socket)."
+    )
+    return report
+
+
+def _shape_note(shape: Shape, ours: Phase) -> str:
+    if shape.kind == "p2p":
+        layout = "2 P2P clusters"
+    else:
+        layout = f"{shape.clusters} gateway-mode clusters of up to {-(-shape.n // shape.clusters)} nodes"
+    return (
+        f"{shape.label}: {layout}; a join or leave changes the plans of {ours.affected:,} of the {shape.n:,} "
+        f"agents; after bring-up, the reflector needed {ours.settle_s:.1f}s more until every agent had applied the "
+        "bring-up's deltas (changes are measured from then on)"
+    )
+
+
+def _figures(report: bc.Report, shape: Shape, ours: Phase, bare: Phase) -> None:
+    def per_round(rounds: list[list[float]], p: float) -> list[float]:
+        return [bc.percentile(r, p) for r in rounds]
+
+    sfx = shape.suffix
+    for p in (50, 99):
+        report.figures[f"join_fanout_p{p}{sfx}"] = bc.figure(
+            per_round(ours.join_ms, p), {"": per_round(bare.join_ms, p)}, higher_is_better=False
+        )
+        report.figures[f"leave_fanout_p{p}{sfx}"] = bc.figure(
+            per_round(ours.leave_ms, p), {"": per_round(bare.join_ms, p)}, higher_is_better=False
+        )
+        report.units[f"join_fanout_p{p}{sfx}"] = report.units[f"leave_fanout_p{p}{sfx}"] = "ms"
+    report.figures[f"server_cpu_per_change{sfx}"] = bc.figure(ours.cpu_ms, {"": bare.cpu_ms}, higher_is_better=False)
+    report.units[f"server_cpu_per_change{sfx}"] = "ms"
+
+    def per_agent(phase: Phase) -> list[float]:
+        return [c * 1000 / max(1, phase.affected) for c in phase.cpu_ms]
+
+    report.figures[f"server_cpu_per_agent_per_change{sfx}"] = bc.figure(
+        per_agent(ours), {"": per_agent(bare)}, higher_is_better=False
+    )
+    report.units[f"server_cpu_per_agent_per_change{sfx}"] = "µs"
+    report.figures[f"server_rss_per_agent{sfx}"] = bc.figure(
+        [ours.rss_per_agent_kib], {"": [bare.rss_per_agent_kib]}, higher_is_better=False
+    )
+    report.units[f"server_rss_per_agent{sfx}"] = "KiB"
+    report.figures[f"bringup{sfx}"] = bc.figure([ours.bringup_s], {"": [bare.bringup_s]}, higher_is_better=False)
+    report.units[f"bringup{sfx}"] = "s"
