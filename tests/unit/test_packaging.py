@@ -3,6 +3,7 @@ fabric-tool or the Kubernetes emulator; kosmos-fabric-lab ships exactly those (i
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -14,6 +15,18 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _wheel(project: Path, out: Path) -> zipfile.ZipFile:
+    """Build ``project``'s wheel into ``out``; setuptools' own build/ folder is removed again
+    unless it was there before (the source tree stays as it was)."""
+    build = project / "build"
+    existed = build.exists()
+    try:
+        return _build(project, out)
+    finally:
+        if not existed:
+            shutil.rmtree(build, ignore_errors=True)
+
+
+def _build(project: Path, out: Path) -> zipfile.ZipFile:
     argv = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "--wheel-dir", str(out)]
     p = subprocess.run([*argv, str(project)], capture_output=True, text=True, timeout=300)
     if p.returncode != 0 and "No module named pip" in p.stderr:
