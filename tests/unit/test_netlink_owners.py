@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import socket
 import struct
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -126,7 +128,7 @@ def test_codec_encodings_match_uapi_layout() -> None:
 
 # -- tolerated errnos: one table, every owner reads it ---------------------------------------
 
-_DELETERS = {
+_DELETERS: dict[str, tuple[str, Callable[[FakeDataplane], Any]]] = {
     "links": ("del_link", lambda dp: LinkOwner(dp, NAMES)),
     "addresses": ("del_address", lambda dp: AddressOwner(dp, NAMES)),
     "rules": ("del_rule", lambda dp: RuleOwner(dp)),
