@@ -40,40 +40,11 @@ from typing import Any
 
 from fabric import types
 
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class HostAddress:
-    """One address of a host link. This and the two below are what the chooser reads from the
-    host; :mod:`fabric.netlink.underlay` fills them from the kernel (values here keep this
-    module, which the Cluster schema uses, free of the dataplane)."""
-
-    address: str
-    #: 4 or 6.
-    family: int
-    #: ``global``, ``site``, ``link``, ``host`` or ``nowhere``.
-    scope: str = "global"
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class HostLink:
-    name: str
-    up: bool
-    loopback: bool = False
-    #: ``IFLA_INFO_KIND`` (``veth``, ``bridge``, ``vxlan``...), "" for a physical NIC.
-    kind: str = ""
-    addresses: tuple[HostAddress, ...] = ()
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class RouteHint:
-    """What ``ip route get TARGET`` answered: the source address and output interface, or why not."""
-
-    target: str
-    source: str = ""
-    interface: str = ""
-    #: The kernel's refusal (``Network is unreachable``...), "" when it found a route.
-    error: str = ""
-
+# The chooser's host values live in fabric.types (the dataplane fills them and must not import
+# this module); re-exported here, where their readers have always found them.
+from fabric.types import HostAddress as HostAddress
+from fabric.types import HostLink as HostLink
+from fabric.types import RouteHint as RouteHint
 
 #: ``defaultNICName`` / ``--underlay-interface`` meaning "choose by the autodetection method".
 AUTO_NIC = "*"

@@ -266,6 +266,47 @@ class Topology:
 
 
 # --------------------------------------------------------------------------------------------
+# The host's links as the underlay chooser sees them
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class HostAddress:
+    """One address of a host link. This and the two below are what the underlay chooser
+    (:func:`fabric.nodeinfo.choose_underlay`) reads from the host and what
+    :mod:`fabric.netlink.underlay` fills from the kernel. They live here, below both, so that
+    the dataplane does not import ``fabric.nodeinfo`` and ``fabric.nodeinfo`` (which the Cluster
+    schema and so the control plane use) does not import the dataplane."""
+
+    address: str
+    #: 4 or 6.
+    family: int
+    #: ``global``, ``site``, ``link``, ``host`` or ``nowhere``.
+    scope: str = "global"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class HostLink:
+    name: str
+    up: bool
+    loopback: bool = False
+    #: ``IFLA_INFO_KIND`` (``veth``, ``bridge``, ``vxlan``...), "" for a physical NIC.
+    kind: str = ""
+    addresses: tuple[HostAddress, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RouteHint:
+    """What ``ip route get TARGET`` answered: the source address and output interface, or why not."""
+
+    target: str
+    source: str = ""
+    interface: str = ""
+    #: The kernel's refusal (``Network is unreachable``...), "" when it found a route.
+    error: str = ""
+
+
+# --------------------------------------------------------------------------------------------
 # Planned state of one node
 # --------------------------------------------------------------------------------------------
 

@@ -51,8 +51,23 @@ _PB_OPENAPI = "application/com.github.proto-openapi.spec.v2.v1.0+protobuf"
 _JSON = "application/json"
 
 
+def _pb_varint(n: int) -> bytes:
+    """Protobuf base-128 varint: seven bits a byte, low first, the top bit set on all but the last."""
+    if n < 0:
+        raise ValueError(f"protobuf varint of a negative number {n}")
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        if not n:
+            out.append(low)
+            return bytes(out)
+        out.append(low | 0x80)
+
+
 def _pb_string(field_no: int, value: bytes) -> bytes:
-    return bytes([(field_no << 3) | 2, len(value)]) + value
+    """A length-delimited field (wire type 2). Key and length are varints: a one-byte length
+    would be misread past 127 bytes (the top bit means "more bytes follow")."""
+    return _pb_varint((field_no << 3) | 2) + _pb_varint(len(value)) + value
 
 
 # openapi_v2.Document{swagger: "2.0", info: {title: "Kubernetes", version: "v1.32.0"}}, hand-encoded

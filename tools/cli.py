@@ -12,13 +12,13 @@ import dataclasses
 import importlib
 import json
 import logging
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from fabric import logs
+from fabric.cli_types import positive_seconds
 from fabric.control import api
 from tools import lab
 
@@ -34,16 +34,6 @@ examples:
   fabric-tool status --reflector 127.0.0.1:4880
   fabric-tool bench netlink --repeat 3
 """
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of seconds")
-    return value
 
 
 def _positive_int(text: str) -> int:
@@ -119,9 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "topology", nargs="?", default=str(lab.DEFAULT_TOPOLOGY), help="topology file (default examples/lab.yaml)"
     )
-    up.add_argument("--timeout", type=_positive_float, default=lab.DEFAULT_UP_TIMEOUT_S, help="seconds (default 60)")
-    up.add_argument("--grace-period", type=_positive_float, help="reflector: seconds before a lost node is withdrawn")
-    up.add_argument("--resync-period", type=_positive_float, help="agents: seconds between full resyncs")
+    up.add_argument("--timeout", type=positive_seconds, default=lab.DEFAULT_UP_TIMEOUT_S, help="seconds (default 60)")
+    up.add_argument("--grace-period", type=positive_seconds, help="reflector: seconds before a lost node is withdrawn")
+    up.add_argument("--resync-period", type=positive_seconds, help="agents: seconds between full resyncs")
     up.add_argument("--no-processes", action="store_true", help="build only the plumbing; start no reflector or agents")
 
     down = lsub.add_parser(
@@ -174,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
         ap.add_argument("node", metavar="NODE", help="cluster/node (or a node name unique in the lab)")
         if verb == "start-agent":
             ap.add_argument("--no-wait", action="store_true", help="do not wait for the node to be in sync")
-            ap.add_argument("--timeout", type=_positive_float, default=30.0, help="seconds to wait (default 30)")
+            ap.add_argument("--timeout", type=positive_seconds, default=30.0, help="seconds to wait (default 30)")
     for verb, what in (("fail", "cut a node off the underlay (its underlay link goes down): a dead machine"),
                        ("heal", "put a node cut off by 'lab fail' back on the underlay")):  # fmt: skip
         fp = lsub.add_parser(
@@ -199,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         if verb == "start-reflector":
             rp.add_argument("--no-wait", action="store_true", help="do not wait for the nodes to be in sync")
-            rp.add_argument("--timeout", type=_positive_float, default=60.0, help="seconds to wait (default 60)")
+            rp.add_argument("--timeout", type=positive_seconds, default=60.0, help="seconds to wait (default 60)")
     an = lsub.add_parser(
         "add-node",
         parents=[name_opt],
@@ -212,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--pods", type=_pod_count, default=2, help="pods on the node (default 2)")
     an.add_argument("--pod-cidr", help="the node's pod CIDR (default: carved from the cluster's podCIDRs)")
     an.add_argument("--underlay", help="the node's underlay address (default: next free)")
-    an.add_argument("--timeout", type=_positive_float, default=lab.DEFAULT_UP_TIMEOUT_S, help="seconds (default 60)")
+    an.add_argument("--timeout", type=positive_seconds, default=lab.DEFAULT_UP_TIMEOUT_S, help="seconds (default 60)")
     _add_bpf_parser(lsub, name_opt)
 
     # -- check ------------------------------------------------------------------------------
@@ -228,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ck.add_argument("--lab", type=_lab_name, default=lab.DEFAULT_NAME, help=f"lab name (default {lab.DEFAULT_NAME})")
     ck.add_argument("--json", action="store_true", help="machine-readable output")
-    ck.add_argument("--timeout", type=_positive_float, default=2.0, help="probe timeout in seconds (default 2)")
+    ck.add_argument("--timeout", type=positive_seconds, default=2.0, help="probe timeout in seconds (default 2)")
     ck.add_argument("--count", type=_positive_int, default=1, help="echo requests per pair (default 1)")
     ck.add_argument("--services", action="store_true",
                     help="also probe every other cluster's lab service IP from every pod")
@@ -253,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     ss.add_argument("--reflector", metavar="TARGET", help="host:port or unix:PATH (default: the lab's reflector)")
     ss.add_argument("--lab", type=_lab_name, default=lab.DEFAULT_NAME, help=f"lab name (default {lab.DEFAULT_NAME})")
     ss.add_argument("--json", action="store_true", help="machine-readable output")
-    ss.add_argument("--timeout", type=_positive_float, default=5.0, help="seconds (default 5)")
+    ss.add_argument("--timeout", type=positive_seconds, default=5.0, help="seconds (default 5)")
 
     _add_install_parsers(sub)
 
@@ -460,13 +450,13 @@ def _add_observability_parsers(sub: Any, lsub: Any, name_opt: argparse.ArgumentP
                          formatter_class=_Formatter)
     tr.add_argument("src", metavar="SRC", help="source pod: cluster/node/pN or its IP")
     tr.add_argument("dst", metavar="DST", help="pod (cluster/node/pN), service (cluster/svc) or any IP")
-    tr.add_argument("--timeout", type=_positive_float, default=1.0, help="probe timeout in seconds (default 1)")
+    tr.add_argument("--timeout", type=positive_seconds, default=1.0, help="probe timeout in seconds (default 1)")
     mt = dsub.add_parser("mtu", parents=[lab_opt], help="path MTU from a pod to an address with DF probes",
                          epilog="example:\n  fabric-tool diagnose mtu east/e1/p0 west/w1/p0",
                          formatter_class=_Formatter)
     mt.add_argument("src", metavar="SRC", help="source pod: cluster/node/pN or its IP")
     mt.add_argument("dst", metavar="DST", help="pod (cluster/node/pN), service (cluster/svc) or any IP")
-    mt.add_argument("--timeout", type=_positive_float, default=0.5, help="seconds per probe (default 0.5)")
+    mt.add_argument("--timeout", type=positive_seconds, default=0.5, help="seconds per probe (default 0.5)")
 
 
 def _require_lab(name: str) -> Any:
@@ -624,7 +614,7 @@ def _add_install_parsers(sub: Any) -> None:
                         help="a lab with 'kubernetes: true': its kubeconfig is the default, its reflector and "
                         "agents are the lab's processes")
     common.add_argument("--dry-run", action="store_true", help="print what would be applied or deleted")
-    common.add_argument("--timeout", type=_positive_float, default=120.0, help="seconds to wait (default 120)")
+    common.add_argument("--timeout", type=positive_seconds, default=120.0, help="seconds to wait (default 120)")
     host = argparse.ArgumentParser(add_help=False)
     host.add_argument("--host-kubeconfig", metavar="FILE", help="the host cluster's kubeconfig (default: --kubeconfig)")
     host.add_argument("--host-context", metavar="CTX",

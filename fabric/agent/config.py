@@ -15,7 +15,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from fabric import logs, nodeinfo, types
+from fabric import cli_types, logs, nodeinfo, types
 from fabric.netlink import objects
 
 
@@ -66,13 +66,6 @@ class _Param:
     parse: Callable[[str], Any]
     required: bool = False
     repeat: bool = False
-
-
-def _positive_float(text: str) -> float:
-    v = float(text)
-    if not v > 0:
-        raise ValueError("must be a positive number")
-    return v
 
 
 def _multiplier(text: str) -> int:
@@ -150,15 +143,15 @@ PARAMS: tuple[_Param, ...] = (
            "comma-separated)", _cidr,
            required=True, repeat=True),
     _Param("resync_period_s", "--resync-period", "seconds between full resyncs that repair drift (jittered +20%%); "
-           "30 s repairs hand-made damage quickly while one dump per period costs little", _positive_float),
+           "30 s repairs hand-made damage quickly while one dump per period costs little", cli_types.positive_float),
     _Param("table", "--table", "policy-routing table for fabric routes (Kosmos used 200)", _table_id),
     _Param("rule_priority", "--rule-priority", "priority of the ip rule selecting the table; below main (32766)",
            _priority),
     _Param("keepalive_interval_s", "--keepalive-interval", "seconds between session keepalives; a reflector silent "
-           "for 3 intervals is considered lost", _positive_float),
+           "for 3 intervals is considered lost", cli_types.positive_float),
     _Param("probe_interval_s", "--probe-interval", "seconds between liveness probes (ICMP echo through the tunnel) "
            "to the gateways this node depends on; with --probe-multiplier it sets how fast a dead gateway is "
-           "reported (0.1 s x 3 = 0.3 s, a few packets per second per gateway)", _positive_float),
+           "reported (0.1 s x 3 = 0.3 s, a few packets per second per gateway)", cli_types.positive_float),
     _Param("probe_multiplier", "--probe-multiplier", "unanswered probe intervals after which a peer is reported "
            "unreachable (BFD's detect multiplier)", _multiplier),
     _Param("metrics_listen", "--metrics-listen", "HOST:PORT serving /metrics, /healthz, /readyz ('off' disables)",

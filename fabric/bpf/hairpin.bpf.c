@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /*
- * Attached to the tc egress (clsact) of the node's hairpin device: a dummy device (the agent
- * names it, e.g. "kf-hairpin") that this cluster's own global CIDRs are routed to on every node.
+ * Attached to the tc egress (clsact) of the node's hairpin device: an ifb device (the agent
+ * names it "kf-hairpin"; ifb rather than dummy because this kernel has no dummy module) that this
+ * cluster's own global CIDRs are routed to on every node.
  * A pod reaching a pod of its own cluster through the global address never crosses a tunnel, so
  * the translation happens here: destination global -> local and, so that the reply comes back
  * through here too, source local -> global; then the packet is redirected to the ingress of the
@@ -11,8 +12,8 @@
  *   pod B 10.0.0.7 -> 100.64.0.5   ==hairpin==>   100.64.0.7 -> 10.0.0.5    global address)
  *
  * Both directions are the same stateless rewrite, so A's socket sees the global address it
- * connected to. Packets routed here that match no mapping (a stale route) are left to the dummy
- * device, which discards them.
+ * connected to. Packets routed here that match no mapping (a stale route) are left to the ifb
+ * device, which discards them (an ifb with no redirect source drops what it transmits).
  */
 #include "xlate.h"
 

@@ -524,10 +524,6 @@ def _mapped(config: types.FabricConfig, cluster: str, cidr: str) -> bool:
         return False
 
 
-def _same_ip(text: str, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    return _parsed_ip(text) == ip
-
-
 @functools.lru_cache(maxsize=65536)
 def _parsed_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """An address text parsed once (None: not an address). Validating one announcement compares
@@ -803,15 +799,6 @@ def _build_view(topology: types.Topology) -> _View:
 
 _BRIDGE_DEFAULTS = (types.DEFAULT_BRIDGE_CIDR_V4, types.DEFAULT_BRIDGE_CIDR_V6)
 _LOCAL_DEFAULTS = (types.DEFAULT_LOCAL_CIDR_V4, types.DEFAULT_LOCAL_CIDR_V6)
-
-
-def node_families(topology: types.Topology, node: types.NodeAnnouncement) -> tuple[int, ...]:
-    """The families ``node`` carries through the fabric (its cluster's ``ipFamilies`` for which
-    it announced an underlay address), primary first."""
-    cluster = topology.config.cluster(node.cluster)
-    if cluster is None:
-        return ()
-    return tuple(f for f in cluster.families if node.underlay(f) is not None)
 
 
 def shared_families(a: types.ClusterConfig, b: types.ClusterConfig) -> tuple[int, ...]:
@@ -1255,26 +1242,6 @@ def plan_parts(topology: types.Topology, key: types.NodeKey) -> dict[str, dict[s
     for c in view.clusters:
         parts[cluster_source(c)] = _cluster_part(view, cls, c, counter)
     return {s: p for s, p in parts.items() if p}
-
-
-def plan_part(topology: types.Topology, key: types.NodeKey, source: str) -> dict[str, types.Entry]:
-    """One part of node ``key``'s plan (empty when the source contributes nothing)."""
-    view = _VIEWS.get(topology)
-    node = view.by_key.get(key)
-    if node is None:
-        raise KeyError(f"node {key} is not in the topology")
-    cls = _viewer_class(view, node)
-    if cls is None:
-        return {}
-    if source == SELF_SOURCE:
-        return _self_part(view, node, cls)
-    kind, _, name = source.partition(":")
-    if kind == "node":
-        other = view.by_key.get(types.NodeKey.parse(name))
-        return {} if other is None or other.key == key else _node_part(view, cls, other, PartCounter())
-    if kind == "cluster":
-        return _cluster_part(view, cls, name, PartCounter())
-    raise ValueError(f"unknown plan source {source!r}")
 
 
 class PartCounter:

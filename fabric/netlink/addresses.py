@@ -8,10 +8,10 @@ Reconciler re-reads this table after a link is (re)created.
 
 from __future__ import annotations
 
-import errno
 import ipaddress
 import logging
 
+from fabric.netlink import tolerated
 from fabric.netlink.dataplane import Dataplane, DataplaneError
 from fabric.netlink.objects import Address
 from fabric.netlink.report import TableStats
@@ -53,7 +53,7 @@ class AddressOwner:
             try:
                 self._dp.add_address(a)
             except DataplaneError as exc:
-                if exc.code != errno.EEXIST:  # the same address already there is what we want
+                if not tolerated.already_there(TABLE, exc.code):
                     stats.fail(TABLE, exc.code, str(exc))
                     continue
             stats.adds += 1
@@ -66,7 +66,7 @@ class AddressOwner:
             try:
                 self._dp.del_address(a)
             except DataplaneError as exc:
-                if exc.code not in (errno.EADDRNOTAVAIL, errno.ENOENT, errno.ENODEV):
+                if not tolerated.already_gone(TABLE, exc.code):
                     stats.fail(TABLE, exc.code, str(exc))
                     continue
             stats.deletes += 1

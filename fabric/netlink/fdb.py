@@ -14,9 +14,9 @@ Order: after the neighbour entry (L3 -> MAC), before the route that makes traffi
 
 from __future__ import annotations
 
-import errno
 import logging
 
+from fabric.netlink import tolerated
 from fabric.netlink.dataplane import Dataplane
 from fabric.netlink.objects import FdbEntry
 from fabric.netlink.report import TableStats
@@ -68,7 +68,7 @@ class FdbOwner:
             return
         failed = set()
         for e in self._dp.del_fdb(todo):
-            if e.errno not in (errno.ENOENT, errno.ENODEV):
+            if not tolerated.already_gone(TABLE, e.errno):
                 stats.fail(TABLE, e.errno, e.message)
                 failed.add(e.index)
         for i, entry in enumerate(todo):

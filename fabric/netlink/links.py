@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import logging
 
+from fabric.netlink import tolerated
 from fabric.netlink.dataplane import Dataplane, DataplaneError, LinkInfo
 from fabric.netlink.objects import OWNED_KINDS, DeviceLink, Link, VxlanLink
 from fabric.netlink.report import TableStats
@@ -121,7 +122,7 @@ class LinkOwner:
             try:
                 self._dp.del_link(name)
             except DataplaneError as exc:
-                if exc.code != errno.ENODEV:
+                if not tolerated.already_gone(TABLE, exc.code):
                     stats.fail(TABLE, exc.code, str(exc))
                     continue
             stats.deletes += 1

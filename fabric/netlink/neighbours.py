@@ -13,9 +13,9 @@ stale dynamic entry for the same address is overwritten. Diff is O(n): dicts key
 
 from __future__ import annotations
 
-import errno
 import logging
 
+from fabric.netlink import tolerated
 from fabric.netlink.dataplane import Dataplane
 from fabric.netlink.objects import Neighbour
 from fabric.netlink.report import TableStats
@@ -86,7 +86,7 @@ class NeighbourOwner:
             return
         failed = set()
         for e in self._dp.del_neighbours(todo):
-            if e.errno not in (errno.ENOENT, errno.ESRCH, errno.ENODEV):
+            if not tolerated.already_gone(TABLE, e.errno):
                 stats.fail(TABLE, e.errno, e.message)
                 failed.add(e.index)
         for i, n in enumerate(todo):

@@ -48,6 +48,8 @@ import struct
 import time
 from collections.abc import Callable, Mapping
 
+from fabric.netlink import icmp
+
 _log = logging.getLogger(__name__)
 
 DEFAULT_INTERVAL_S = 0.1
@@ -195,36 +197,24 @@ class ProbeState:
         return frozenset(out)
 
 
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    total = (total >> 16) + (total & 0xFFFF)
-    total += total >> 16
-    return int(~total & 0xFFFF)
+_checksum = icmp.checksum
 
 
 def echo_request(ident: int, seq: int) -> bytes:
     """An ICMP echo request (type 8) with our payload; the kernel adds the IP header."""
-    header = struct.pack("!BBHHH", 8, 0, 0, ident, seq)
-    return struct.pack("!BBHHH", 8, 0, _checksum(header + _PAYLOAD), ident, seq) + _PAYLOAD
+    return icmp.echo_request(ident, seq, _PAYLOAD)
 
 
 def echo_request6(ident: int, seq: int) -> bytes:
-    """An ICMPv6 echo request (type 128); checksum left 0: the kernel fills it on raw ICMPv6
-    sockets (it covers the pseudo-header, which only the kernel knows for sure)."""
-    return struct.pack("!BBHHH", 128, 0, 0, ident, seq) + _PAYLOAD
+    """An ICMPv6 echo request (type 128) with our payload (the kernel fills the checksum)."""
+    return icmp.echo_request6(ident, seq, _PAYLOAD)
 
 
 def parse_echo_reply6(message: bytes, ident: int) -> int | None:
     """Sequence number of an ICMPv6 echo reply (type 129) carrying ``ident`` (raw ICMPv6
     sockets deliver the ICMPv6 message without the IPv6 header), else None."""
-    if len(message) < 8:
-        return None
-    icmp_type, _code, _csum, rid, seq = struct.unpack("!BBHHH", message[:8])
-    if icmp_type != 129 or rid != ident:
-        return None
-    return int(seq)
+    msg = icmp.parse6(message)
+    return msg.seq if msg is not None and msg.type == icmp.ECHO_REPLY6 and msg.ident == ident else None
 
 
 def parse_echo_reply(packet: bytes, ident: int) -> str | None:
@@ -235,15 +225,10 @@ def parse_echo_reply(packet: bytes, ident: int) -> str | None:
 
 def parse_echo_reply_seq(packet: bytes, ident: int) -> tuple[str, int] | None:
     """``(source address, sequence)`` of an IPv4 echo reply carrying ``ident``, else None."""
-    if len(packet) < 20 or packet[0] >> 4 != 4:
+    msg = icmp.parse4(packet)
+    if msg is None or msg.type != icmp.ECHO_REPLY or msg.ident != ident:
         return None
-    ihl = (packet[0] & 0x0F) * 4
-    if len(packet) < ihl + 8 or packet[9] != socket.IPPROTO_ICMP:
-        return None
-    icmp_type, _code, _csum, rid, seq = struct.unpack("!BBHHH", packet[ihl : ihl + 8])
-    if icmp_type != 0 or rid != ident:
-        return None
-    return socket.inet_ntoa(packet[12:16]), seq
+    return msg.src, msg.seq
 
 
 class TunnelProber:

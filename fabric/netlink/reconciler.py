@@ -15,8 +15,8 @@ from one worker thread. Each table has one owner (``links``, ``addresses``, ``ru
 
 Failures: a failed entry is counted in the :class:`ApplyReport` (per table, errno histogram,
 first message) and the pass carries on; any failure sets ``resync_needed`` and makes the next
-``apply`` re-read the kernel first. ``ENOENT``/``ESRCH`` on delete and a compatible ``EEXIST``
-on add are success.
+``apply`` re-read the kernel first. An errno meaning "already gone" on delete or "our identical
+object is already there" on add is success: :mod:`fabric.netlink.tolerated` is the one table.
 
 Contract with the agent: nothing is ever deleted before the first ``set_desired`` (the agent
 calls it only once it holds its first complete snapshot), so a restarting agent does not flush

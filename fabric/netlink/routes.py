@@ -29,6 +29,7 @@ import errno
 import ipaddress
 import logging
 
+from fabric.netlink import tolerated
 from fabric.netlink.dataplane import Dataplane, Nexthop, NhRoute
 from fabric.netlink.objects import RTPROT_FABRIC, Route
 from fabric.netlink.report import TableStats
@@ -164,7 +165,7 @@ class RouteOwner:
         if gone:
             failed = set()
             for e in self._dp.del_routes(gone):
-                if e.errno not in (errno.ESRCH, errno.ENOENT):
+                if not tolerated.already_gone("routes", e.errno):
                     route_stats.fail("routes", e.errno, e.message)
                     failed.add(e.index)
             for i, r in enumerate(gone):
@@ -178,7 +179,7 @@ class RouteOwner:
             return
         failed = set()
         for e in self._dp.del_nexthops(unused):
-            if e.errno not in (errno.ENOENT, errno.ESRCH):
+            if not tolerated.already_gone("nexthops", e.errno):
                 nh_stats.fail("nexthops", e.errno, e.message)
                 failed.add(e.index)
         dead = set()

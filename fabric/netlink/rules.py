@@ -8,10 +8,10 @@ empty table is harmless (lookups fall through to ``main``).
 
 from __future__ import annotations
 
-import errno
 import logging
 import socket
 
+from fabric.netlink import tolerated
 from fabric.netlink.dataplane import Dataplane, DataplaneError, KernelRule
 from fabric.netlink.objects import RTPROT_FABRIC, Rule
 from fabric.netlink.report import TableStats
@@ -51,7 +51,7 @@ class RuleOwner:
             try:
                 self._dp.add_rule(r)
             except DataplaneError as exc:
-                if exc.code != errno.EEXIST:  # EXCL matches protocol too: an identical rule of ours
+                if not tolerated.already_there(TABLE, exc.code):
                     stats.fail(TABLE, exc.code, str(exc))
                     continue
             stats.adds += 1
@@ -64,7 +64,7 @@ class RuleOwner:
             try:
                 self._dp.del_rule(self._kernel[r])
             except DataplaneError as exc:
-                if exc.code not in (errno.ENOENT, errno.ESRCH):
+                if not tolerated.already_gone(TABLE, exc.code):
                     stats.fail(TABLE, exc.code, str(exc))
                     continue
             stats.deletes += 1

@@ -24,7 +24,7 @@ import socket
 from typing import Any
 
 from fabric import netns as namespaces
-from fabric.nodeinfo import HostAddress, HostLink, RouteHint
+from fabric.types import HostAddress, HostLink, RouteHint
 
 _log = logging.getLogger(__name__)
 

@@ -17,6 +17,7 @@ from kubernetes import client
 
 from kubeemu.lab import write_kubeconfig
 from kubeemu.runner import ServerThread
+from tests.waiting import wait_until
 
 
 def _crd(group: str, plural: str, kind: str, scope: str = "Namespaced") -> dict[str, Any]:
@@ -102,17 +103,14 @@ def test_fault_drop_and_expire_watches(emu: ServerThread, raw: Any, ns: str) -> 
 
     t = threading.Thread(target=watch, args=("expire",))
     t.start()
-    deadline = time.monotonic() + 5
-    while raw.request("GET", "/_kubeemu/stats")[1]["watches"] < 1 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: raw.request("GET", "/_kubeemu/stats")[1]["watches"] >= 1, 5, "the expire watch registered")
     _, n = raw.request("POST", "/_kubeemu/watches/expire")
     t.join(5)
     assert n["watches"] >= 1
     assert results["expire"][-1]["type"] == "ERROR" and results["expire"][-1]["object"]["code"] == 410
     t = threading.Thread(target=watch, args=("drop",))
     t.start()
-    while raw.request("GET", "/_kubeemu/stats")[1]["watches"] < 1 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: raw.request("GET", "/_kubeemu/stats")[1]["watches"] >= 1, 5, "the drop watch registered")
     raw.request("POST", "/_kubeemu/watches/drop")
     t.join(5)
     assert not t.is_alive() and (isinstance(results["drop"], Exception) or results["drop"] == [])

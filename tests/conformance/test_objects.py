@@ -3,23 +3,14 @@
 from __future__ import annotations
 
 import base64
-import time
 from typing import Any
 
 import pytest
 from kubernetes import client
 
+from tests.waiting import wait_until
+
 ApiException = client.ApiException
-
-
-def _wait(fn: Any, timeout: float = 5.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = fn()
-        if v:
-            return v
-        time.sleep(0.02)
-    raise AssertionError(f"condition not met in {timeout}s: {fn}")
 
 
 def test_discovery_documents(raw: Any) -> None:
@@ -282,7 +273,11 @@ def test_namespace_deletion_cascade(v1: Any) -> None:
     with pytest.raises(ApiException) as ei:
         v1.create_namespaced_config_map("doomed", {"metadata": {"name": "late"}})
     assert ei.value.status == 403
-    _wait(lambda: [c.metadata.name for c in v1.list_namespaced_config_map("doomed").items] == ["c2"])
+    wait_until(
+        lambda: [c.metadata.name for c in v1.list_namespaced_config_map("doomed").items] == ["c2"],
+        5,
+        "c1 deleted with its namespace, c2 held by its finalizer",
+    )
     assert v1.read_namespace("doomed").status.phase == "Terminating"  # held by c2's finalizer
     v1.patch_namespaced_config_map("c2", "doomed", {"metadata": {"finalizers": None}})
 
@@ -293,7 +288,7 @@ def test_namespace_deletion_cascade(v1: Any) -> None:
             return e.status == 404
         return False
 
-    _wait(gone)
+    wait_until(gone, 5, "namespace doomed gone")
 
 
 def test_deletecollection_with_selector(v1: Any, ns: str) -> None:
@@ -313,8 +308,16 @@ def test_owner_reference_gc_background(v1: Any, ns: str) -> None:
     ref2 = {"apiVersion": "v1", "kind": "ConfigMap", "name": "other", "uid": other.metadata.uid}
     v1.create_namespaced_config_map(ns, {"metadata": {"name": "shared", "ownerReferences": [ref, ref2]}})
     v1.delete_namespaced_config_map("owner", ns)
-    _wait(lambda: {c.metadata.name for c in v1.list_namespaced_config_map(ns).items} == {"other", "shared"})
-    _wait(lambda: not v1.list_namespaced_secret(ns, field_selector="metadata.name=dep2").items)
+    wait_until(
+        lambda: {c.metadata.name for c in v1.list_namespaced_config_map(ns).items} == {"other", "shared"},
+        5,
+        "dep1 garbage-collected, shared kept",
+    )
+    wait_until(
+        lambda: not v1.list_namespaced_secret(ns, field_selector="metadata.name=dep2").items,
+        5,
+        "secret dep2 garbage-collected",
+    )
 
 
 def test_owner_reference_orphan(v1: Any, ns: str) -> None:
@@ -322,9 +325,11 @@ def test_owner_reference_orphan(v1: Any, ns: str) -> None:
     ref = {"apiVersion": "v1", "kind": "ConfigMap", "name": "o", "uid": owner.metadata.uid}
     v1.create_namespaced_config_map(ns, {"metadata": {"name": "kept", "ownerReferences": [ref]}})
     v1.delete_namespaced_config_map("o", ns, propagation_policy="Orphan")
-    time.sleep(0.2)
-    kept = v1.read_namespaced_config_map("kept", ns)
-    assert kept.metadata.owner_references is None
+    # The garbage collector orphans the dependent (drops the reference) and never deletes it: a
+    # read that 404s fails at once instead of passing after a fixed sleep.
+    wait_until(lambda: v1.read_namespaced_config_map("kept", ns).metadata.owner_references is None, 5,
+               "the dependent orphaned (ownerReferences dropped)")
+    assert v1.read_namespaced_config_map("kept", ns).metadata.uid
 
 
 def test_label_selectors(v1: Any, ns: str, mkpod: Any) -> None:

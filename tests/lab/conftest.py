@@ -20,11 +20,10 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -40,17 +39,6 @@ def run(*args: str, check: bool = True, timeout: float = 180) -> subprocess.Comp
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(args)} -> {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}")
     return p
-
-
-def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = pred()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 class Ping:
@@ -86,6 +74,9 @@ class Lab:
     def __init__(self, name: str, topology: Path) -> None:
         self.name = name
         self.topology = topology
+        #: Set by :func:`lab_running`: what ``lab up`` printed, and the lab's processes at ``down``.
+        self.up_stdout = ""
+        self.down_pids: set[int] = set()
 
     def tool(self, *args: str, check: bool = True, timeout: float = 180) -> subprocess.CompletedProcess[str]:
         return run(FABRIC_TOOL, *args, check=check, timeout=timeout)
@@ -124,21 +115,38 @@ class Lab:
         return json.loads(run("ip", "-n", netns, "-j", *args).stdout or "[]")
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    name = "kft" + uuid.uuid4().hex[:5]
-    topo = REPO / "examples" / "lab.yaml"
-    lab = Lab(name, topo)
+def new_lab_name() -> str:
+    """A lab name of its own (``kft`` + 5 hex digits), so labs never collide with the CI's."""
+    return "kft" + uuid.uuid4().hex[:5]
+
+
+LabT = TypeVar("LabT", bound=Lab)
+
+
+@contextlib.contextmanager
+def lab_running(lab: LabT, *up_args: str, extra_pids: Callable[[LabT], set[int]] | None = None) -> Iterator[LabT]:
+    """``fabric-tool lab up`` ``lab.topology`` with ``up_args``; yield; ``lab down``; then assert
+    the lab left nothing behind (:func:`assert_lab_gone`). Every lab tier fixture goes through
+    this. ``up``'s stdout is kept in ``lab.up_stdout``; the processes found before ``down``
+    (:func:`lab_pids`, plus ``extra_pids(lab)``) in ``lab.down_pids``, for further checks."""
     root_links = _root_links()
     pids: set[int] = set()
     try:
-        lab.lab("up", str(topo), "--resync-period", str(RESYNC_S), "--grace-period", "30", "--timeout", "90")
+        lab.up_stdout = lab.lab("up", str(lab.topology), *up_args).stdout
         yield lab
     finally:
         with contextlib.suppress(Exception):
-            pids = lab_pids(lab)
+            pids = lab_pids(lab) | (extra_pids(lab) if extra_pids is not None else set())
+        lab.down_pids = pids
         lab.lab("down", check=False)
-    assert_lab_gone(name, pids, root_links)
+    assert_lab_gone(lab.name, pids, root_links)
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    up = ("--resync-period", str(RESYNC_S), "--grace-period", "30", "--timeout", "90")
+    with lab_running(Lab(new_lab_name(), REPO / "examples" / "lab.yaml"), *up) as running:
+        yield running
 
 
 def _root_links() -> set[str]:

@@ -19,14 +19,13 @@ import json
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.lab.conftest import REPO, Lab, Ping, _root_links, assert_lab_gone, lab_pids, largest_gap, wait_for
+from tests.lab.conftest import REPO, Lab, Ping, lab_running, largest_gap, new_lab_name
+from tests.waiting import wait_until
 
 TOPOLOGY = REPO / "examples" / "dualstack.yaml"
 MAX_OUTAGE_S = 3.0
@@ -58,30 +57,21 @@ PEER_CLIENT = (
 )
 
 
-def _up(name: str, topology: Path) -> Iterator[Lab]:
-    lab = Lab(name, topology)
-    root_links = _root_links()
-    pids: set[int] = set()
-    try:
-        lab.lab("up", str(topology), "--grace-period", "30", "--timeout", "150")
-        yield lab
-    finally:
-        with contextlib.suppress(Exception):
-            pids = lab_pids(lab)
-        lab.lab("down", check=False)
-    assert_lab_gone(name, pids, root_links)
+UP_ARGS = ("--grace-period", "30", "--timeout", "150")
 
 
 @pytest.fixture(scope="module")
 def dslab() -> Iterator[Lab]:
-    yield from _up("kft" + uuid.uuid4().hex[:5], TOPOLOGY)
+    with lab_running(Lab(new_lab_name(), TOPOLOGY), *UP_ARGS) as lab:
+        yield lab
 
 
 @pytest.fixture(scope="module")
 def dsglab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     path = tmp_path_factory.mktemp("dsg") / "dualstack-global.yaml"
     path.write_text(GLOBAL_TOPOLOGY)
-    yield from _up("kft" + uuid.uuid4().hex[:5], path)
+    with lab_running(Lab(new_lab_name(), path), *UP_ARGS) as lab:
+        yield lab
 
 
 def cl(label: str) -> str:
@@ -146,7 +136,7 @@ def test_gateway_failover_for_ipv6_traffic(dslab: Lab) -> None:
     cut_at = time.time()
     dslab.lab("fail", f"dsgw/{active}")
     try:
-        wait_for(lambda: _clusters(dslab)["dsgw"]["active_gateway"] == standby, 10, "the role to move to the standby")
+        wait_until(lambda: _clusters(dslab)["dsgw"]["active_gateway"] == standby, 10, "the role to move to the standby")
         time.sleep(3.0)
         heal_at = time.time()
     finally:
@@ -158,7 +148,7 @@ def test_gateway_failover_for_ipv6_traffic(dslab: Lab) -> None:
           "(largest gap in a 10 ms ping -6)")  # fmt: skip
     assert replies and replies[-1] > heal_at, "IPv6 traffic did not resume"
     assert outage < MAX_OUTAGE_S, f"IPv6 outage {outage:.3f} s exceeds {MAX_OUTAGE_S} s"
-    wait_for(dslab.all_in_sync, 30, "every node in sync after heal")
+    wait_until(dslab.all_in_sync, 30, "every node in sync after heal")
 
 
 def test_global_ipv6_tcp_both_ways_with_identical_pod_cidrs(dsglab: Lab) -> None:

@@ -10,18 +10,17 @@ The failover test PRINTS the measured outage (run pytest with -s to see it) and 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from tests.lab.conftest import REPO, Lab, Ping, _root_links, assert_lab_gone, lab_pids, largest_gap, wait_for
+from tests.lab.conftest import REPO, Lab, Ping, lab_running, largest_gap, new_lab_name
+from tests.waiting import wait_until
 
 TOPOLOGY = REPO / "examples" / "gateway.yaml"
 #: Fail the failover test above this (the issue's bound); the target is 1 s.
@@ -32,18 +31,8 @@ NO_OUTAGE_S = 0.3
 
 @pytest.fixture(scope="module")
 def gwlab() -> Iterator[Lab]:
-    name = "kft" + uuid.uuid4().hex[:5]
-    lab = Lab(name, TOPOLOGY)
-    root_links = _root_links()
-    pids: set[int] = set()
-    try:
-        lab.lab("up", str(TOPOLOGY), "--grace-period", "30", "--timeout", "120")
+    with lab_running(Lab(new_lab_name(), TOPOLOGY), "--grace-period", "30", "--timeout", "120") as lab:
         yield lab
-    finally:
-        with contextlib.suppress(Exception):
-            pids = lab_pids(lab)
-        lab.lab("down", check=False)
-    assert_lab_gone(name, pids, root_links)
 
 
 def _clusters(lab: Lab) -> dict[str, dict[str, Any]]:
@@ -78,7 +67,7 @@ def test_cutting_the_active_gateway_fails_over_fast_and_heal_does_not_flap(gwlab
     cut_at = time.time()
     gwlab.lab("fail", f"west/{active}")
     try:
-        wait_for(lambda: _clusters(gwlab)["west"]["active_gateway"] == standby, 10, "the role to move to the standby")
+        wait_until(lambda: _clusters(gwlab)["west"]["active_gateway"] == standby, 10, "the role to move to the standby")
         time.sleep(3.0)
         heal_at = time.time()
     finally:
@@ -95,7 +84,7 @@ def test_cutting_the_active_gateway_fails_over_fast_and_heal_does_not_flap(gwlab
     assert after_heal < NO_OUTAGE_S, f"second outage of {after_heal:.3f} s after heal (flap back?)"
     west = _clusters(gwlab)["west"]
     assert (west["active_gateway"], west["standby_gateway"], west["gateway_moves"]) == (standby, active, 1)
-    wait_for(gwlab.all_in_sync, 30, "every node in sync after heal")
+    wait_until(gwlab.all_in_sync, 30, "every node in sync after heal")
 
 
 def test_killing_the_gateway_agent_causes_no_outage(gwlab: Lab) -> None:
@@ -114,6 +103,6 @@ def test_killing_the_gateway_agent_causes_no_outage(gwlab: Lab) -> None:
     print(f"\nagent of the active gateway west/{active} killed: largest gap {gap * 1000:.0f} ms")
     assert gap < NO_OUTAGE_S, f"killing only the agent interrupted traffic for {gap:.3f} s"
     gwlab.lab("start-agent", f"west/{active}")
-    wait_for(gwlab.all_in_sync, 30, "every node in sync after the agent restart")
+    wait_until(gwlab.all_in_sync, 30, "every node in sync after the agent restart")
     p = gwlab.tool("check", "--lab", gwlab.name, "--services", "--host-network", "--json", check=False)
     assert p.returncode == 0, p.stdout[-2000:]

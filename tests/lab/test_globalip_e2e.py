@@ -16,14 +16,14 @@ import json
 import os
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.lab.conftest import REPO, RESYNC_S, Lab, _root_links, assert_lab_gone, lab_pids, run, wait_for
+from tests.lab.conftest import REPO, RESYNC_S, Lab, lab_running, new_lab_name, run
+from tests.waiting import wait_until
 
 TOPOLOGY = REPO / "examples" / "global-ip.yaml"
 # Accepts one connection and answers the peer address it saw (then exits).
@@ -40,18 +40,9 @@ PEER_CLIENT = (
 
 @pytest.fixture(scope="module")
 def glab() -> Iterator[Lab]:
-    name = "kft" + uuid.uuid4().hex[:5]
-    lab = Lab(name, TOPOLOGY)
-    root_links = _root_links()
-    pids: set[int] = set()
-    try:
-        lab.lab("up", str(TOPOLOGY), "--resync-period", str(RESYNC_S), "--timeout", "120")
+    name = new_lab_name()
+    with lab_running(Lab(name, TOPOLOGY), "--resync-period", str(RESYNC_S), "--timeout", "120") as lab:
         yield lab
-    finally:
-        with contextlib.suppress(Exception):
-            pids = lab_pids(lab)
-        lab.lab("down", check=False)
-    assert_lab_gone(name, pids, root_links)
     assert not os.path.exists(f"/run/kosmos-fabric/lab/{name}/bpf"), "lab down left the lab's bpffs"
     assert f"/run/kosmos-fabric/lab/{name}/bpf" not in Path("/proc/self/mounts").read_text()
 
@@ -107,7 +98,7 @@ def test_tcp_both_ways_and_receiver_sees_global_source(glab: Lab) -> None:
         srv = subprocess.Popen(["ip", "netns", "exec", server["netns"], "iperf3", "-s", "-1", "-p", "5301"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            wait_for(lambda s=server: ":5301" in glab.nsrun(s["netns"], "ss", "-ltnH").stdout, 10, "iperf3 -s")
+            wait_until(lambda s=server: ":5301" in glab.nsrun(s["netns"], "ss", "-ltnH").stdout, 10, "iperf3 -s")
             out = run("ip", "netns", "exec", client["netns"], "iperf3", "-c", server["global_ip"], "-p", "5301",
                       "-t", "2", "-J", check=False)
             doc = json.loads(out.stdout)
@@ -195,7 +186,7 @@ def test_trace_names_a_missing_translation_entry_and_the_agent_repairs_it(glab: 
     assert fail is not None, "the translation entry was repaired before any trace saw it"
     assert fail["what"] == "translation" and fail["where"] == translating, fail
     assert global_cidr in fail["broken"] and node in fail["broken"], fail
-    wait_for(lambda: trace()["ok"], RESYNC_S * 1.2 + 10, "the agent to put the translation entry back")
+    wait_until(lambda: trace()["ok"], RESYNC_S * 1.2 + 10, "the agent to put the translation entry back")
 
 
 def _first_failure(trace: dict[str, Any]) -> dict[str, Any] | None:

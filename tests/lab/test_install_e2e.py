@@ -26,12 +26,10 @@ emulated API server. Steps, in order (one test: each step builds on the previous
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import json
 import os
 import shutil
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -39,7 +37,8 @@ from typing import Any
 import pytest
 
 from fabric.netlink import objects
-from tests.lab.conftest import Lab, _root_links, assert_lab_gone, lab_pids, run, wait_for
+from tests.lab.conftest import Lab, lab_running, new_lab_name, run
+from tests.waiting import wait_until
 
 KUBECTL = shutil.which("kubectl")
 pytestmark = pytest.mark.skipif(KUBECTL is None, reason="no kubectl binary on PATH")
@@ -95,21 +94,11 @@ class InstallLab(Lab):
 
 @pytest.fixture(scope="module")
 def ilab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InstallLab]:
-    name = "kft" + uuid.uuid4().hex[:5]
     topo = tmp_path_factory.mktemp("install") / "lab.yaml"
     topo.write_text(TOPOLOGY)
-    lab = InstallLab(name, topo)
-    root_links = _root_links()
-    pids: set[int] = set()
-    try:
-        lab.lab("up", str(topo), "--grace-period", "5", "--timeout", "90")
+    with lab_running(InstallLab(new_lab_name(), topo), "--grace-period", "5", "--timeout", "90") as lab:
         lab.kubeconfig = Path(lab.lab("kubeconfig").stdout.strip())
         yield lab
-    finally:
-        with contextlib.suppress(Exception):
-            pids = lab_pids(lab)
-        lab.lab("down", check=False)
-    assert_lab_gone(name, pids, root_links)
 
 
 def _in(cidr: str, outer: ipaddress.IPv4Network) -> bool:
@@ -144,7 +133,7 @@ def test_install_join_patch_reject_unjoin(ilab: InstallLab) -> None:
         s = lab.reflector()
         return s if not s["clusters"] and s.get("rejections") else None
 
-    status = wait_for(refusing, 30, "the reflector to know no cluster and refuse the agents")
+    status = wait_until(refusing, 30, "the reflector to know no cluster and refuse the agents")
     assert any("unknown cluster" in r["reason"] for r in status["rejections"])
 
     # -- 2. join --------------------------------------------------------------------------------
@@ -164,9 +153,9 @@ def test_install_join_patch_reject_unjoin(ilab: InstallLab) -> None:
     def east_pods() -> set[str]:
         return set(next(c for c in lab.reflector()["clusters"] if c["name"] == "east")["pod_cidrs"])
 
-    wait_for(lambda: east_pods() == set(discovered), 30, f"east's pod CIDRs to be the union {discovered}")
+    wait_until(lambda: east_pods() == set(discovered), 30, f"east's pod CIDRs to be the union {discovered}")
     assert lab.condition("east", "Ready")["status"] == "True"
-    wait_for(lab.all_in_sync, 30, "every node in sync")
+    wait_until(lab.all_in_sync, 30, "every node in sync")
     _check_ok(lab)
     again = lab.tool("join", "west", "--lab", lab.name, "--pod-cidr", "10.20.0.0/16", "--service-cidr",
                      "10.97.0.0/20")
@@ -179,21 +168,30 @@ def test_install_join_patch_reject_unjoin(ilab: InstallLab) -> None:
     e3_cidr = lab.nodes()["east/e3"]["pod_cidr"]
     assert not any(ipaddress.ip_network(e3_cidr).subnet_of(ipaddress.IPv4Network(c)) for c in discovered), e3_cidr
     union = {str(n) for n in ipaddress.collapse_addresses([*node_cidrs, ipaddress.IPv4Network(e3_cidr)])}
-    wait_for(lambda: east_pods() == union, 30, f"east's pod CIDRs to take in e3's {e3_cidr}")
-    wait_for(lambda: set(lab.cluster("east")["status"]["clusterLinkStatus"]["podCIDRs"]) == union, 30,
-             "east's status to show the new union")
+    wait_until(lambda: east_pods() == union, 30, f"east's pod CIDRs to take in e3's {e3_cidr}")
+    wait_until(
+        lambda: set(lab.cluster("east")["status"]["clusterLinkStatus"]["podCIDRs"]) == union,
+        30,
+        "east's status to show the new union",
+    )
     assert not [r for r in lab.reflector().get("rejections") or [] if "east/e3" in r["source"]]
-    wait_for(lab.all_in_sync, 30, "every node in sync with e3")
+    wait_until(lab.all_in_sync, 30, "every node in sync with e3")
     _check_ok(lab)
 
     # -- 3. kubectl patch takes effect -------------------------------------------------------------
     lab.kubectl("patch", "clusters.kosmos.io", "east", "--type", "merge",
                 "-p", '{"spec":{"clusterLinkOptions":{"networkType":"gateway"}}}')
-    wait_for(lambda: {c["name"]: c["mode"] for c in lab.reflector()["clusters"]}.get("east") == "gateway", 30,
-             "east in gateway mode")
-    wait_for(lambda: any(ln["ifname"].startswith("vx-local") for ln in lab.ipj(lab.node_ns("east/e1"), "link")),
-             30, "vx-local on east/e1")
-    wait_for(lab.all_in_sync, 30, "in sync after the mode change")
+    wait_until(
+        lambda: {c["name"]: c["mode"] for c in lab.reflector()["clusters"]}.get("east") == "gateway",
+        30,
+        "east in gateway mode",
+    )
+    wait_until(
+        lambda: any(ln["ifname"].startswith("vx-local") for ln in lab.ipj(lab.node_ns("east/e1"), "link")),
+        30,
+        "vx-local on east/e1",
+    )
+    wait_until(lab.all_in_sync, 30, "in sync after the mode change")
     _check_ok(lab)
 
     lab.kubectl("patch", "clusters.kosmos.io", "west", "--type", "merge",
@@ -205,18 +203,21 @@ def test_install_join_patch_reject_unjoin(ilab: InstallLab) -> None:
         dsts = lab.fabric_routes("east/e2")
         return any(_in(d, glob) for d in dsts) and not any(_in(d, real) for d in dsts)
 
-    wait_for(routes_global, 60, "east/e2 to route west by its global CIDR only")
-    wait_for(lab.all_in_sync, 60, "in sync after the mapping")
+    wait_until(routes_global, 60, "east/e2 to route west by its global CIDR only")
+    wait_until(lab.all_in_sync, 60, "in sync after the mapping")
     pods = lab.pods()
     src = next(p for k, p in pods.items() if k.startswith("east/e1/"))
     dst = next(p for k, p in pods.items() if k.startswith("west/w1/"))
     dst_global = str(glob.network_address + (int(ipaddress.ip_address(dst["ip"])) - int(real.network_address)))
-    wait_for(lambda: lab.nsrun(src["netns"], "ping", "-c1", "-W1", dst_global, check=False).returncode == 0, 30,
-             f"east pod to reach west pod {dst['ip']} by its global IP {dst_global}")
+    wait_until(
+        lambda: lab.nsrun(src["netns"], "ping", "-c1", "-W1", dst_global, check=False).returncode == 0,
+        30,
+        f"east pod to reach west pod {dst['ip']} by its global IP {dst_global}",
+    )
     lab.kubectl("patch", "clusters.kosmos.io", "west", "--type", "json",
                 "-p", '[{"op":"remove","path":"/spec/clusterLinkOptions/globalCIDRsMap"}]')
-    wait_for(lambda: any(_in(d, real) for d in lab.fabric_routes("east/e2")), 30, "real routes back")
-    wait_for(lab.all_in_sync, 60, "in sync after removing the mapping")
+    wait_until(lambda: any(_in(d, real) for d in lab.fabric_routes("east/e2")), 30, "real routes back")
+    wait_until(lab.all_in_sync, 60, "in sync after removing the mapping")
     _check_ok(lab)
 
     # -- 4. bad specs are reported and disturb nothing ----------------------------------------------
@@ -236,12 +237,15 @@ def test_install_join_patch_reject_unjoin(ilab: InstallLab) -> None:
     lab.kubectl("patch", "clusters.kosmos.io", "west", "--type", "merge",
                 "-p", '{"spec":{"clusterLinkOptions":{"networkType":"vxlan"}}}')
     for name, _spec, field, reason in bad:
-        acc = wait_for(lambda n=name: lab.condition(n, "Accepted"), 30, f"status of {name}")  # type: ignore[misc]
+        acc = wait_until(lambda n=name: lab.condition(n, "Accepted"), 30, f"status of {name}")  # type: ignore[misc]
         assert (acc["status"], acc["reason"]) == ("False", reason), acc
         conflicts = lab.cluster(name)["status"]["clusterLinkStatus"]["conflicts"]
         assert field in [c["field"] for c in conflicts], conflicts
-    acc = wait_for(lambda: lab.condition("west", "Accepted").get("status") == "False", 30,
-                   "west's bad edit to be reported")
+    wait_until(
+        lambda: lab.condition("west", "Accepted").get("status") == "False",
+        30,
+        "west's bad edit to be reported",
+    )
     acc = lab.condition("west", "Accepted")
     assert acc["reason"] == "InvalidSpecKeptPrevious" and "spec.clusterLinkOptions.networkType" in acc["message"]
     assert {c["name"] for c in lab.reflector()["clusters"]} == {"east", "west"}
@@ -250,7 +254,7 @@ def test_install_join_patch_reject_unjoin(ilab: InstallLab) -> None:
     lab.kubectl("delete", "-f", str(manifest))
     lab.kubectl("patch", "clusters.kosmos.io", "west", "--type", "merge",
                 "-p", '{"spec":{"clusterLinkOptions":{"networkType":"p2p"}}}')
-    wait_for(lambda: lab.condition("west", "Accepted").get("status") == "True", 30, "west accepted again")
+    wait_until(lambda: lab.condition("west", "Accepted").get("status") == "True", 30, "west accepted again")
 
     # -- 5. unjoin ------------------------------------------------------------------------------
     lab.tool("unjoin", "west", "--lab", lab.name, "--timeout", "60")

@@ -10,20 +10,19 @@ leaves no process, namespace or file behind.
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import json
 import os
 import shutil
 import signal
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.lab.conftest import REPO, Lab, _root_links, assert_lab_gone, lab_pids, run, wait_for
+from tests.lab.conftest import REPO, Lab, lab_running, new_lab_name, run
+from tests.waiting import wait_until
 
 TOPOLOGY = REPO / "examples" / "lab-k8s.yaml"
 KUBECTL = shutil.which("kubectl")
@@ -33,7 +32,6 @@ pytestmark = pytest.mark.skipif(KUBECTL is None, reason="no kubectl binary on PA
 
 class KubeLab(Lab):
     kubeconfig: Path
-    up_stdout: str
 
     def kubectl(self, context: str, *args: str, check: bool = True) -> Any:
         assert KUBECTL is not None
@@ -52,21 +50,13 @@ class KubeLab(Lab):
 
 @pytest.fixture(scope="module")
 def klab() -> Iterator[KubeLab]:
-    name = "kft" + uuid.uuid4().hex[:5]
-    lab = KubeLab(name, TOPOLOGY)
-    root_links = _root_links()
-    pids: set[int] = set()
-    try:
-        p = lab.lab("up", str(TOPOLOGY), "--grace-period", "30", "--timeout", "90")
-        lab.up_stdout = p.stdout
+    name = new_lab_name()
+    up = ("--grace-period", "30", "--timeout", "90")
+    with lab_running(KubeLab(name, TOPOLOGY), *up, extra_pids=KubeLab.kube_pids) as lab:
         lab.kubeconfig = Path(lab.lab("kubeconfig").stdout.strip())
         yield lab
-    finally:
-        with contextlib.suppress(Exception):
-            pids = lab_pids(lab) | lab.kube_pids()
-        lab.lab("down", check=False)
+    pids = lab.down_pids
     assert len(pids) == 4 + 1 + 2 * 2, f"expected agents, reflector, API servers and kubelets: {pids}"
-    assert_lab_gone(name, pids, root_links)
     assert not os.path.exists(f"/run/kosmos-fabric/lab/{name}"), "lab down left its state directory behind"
 
 
@@ -86,7 +76,7 @@ def _running(klab: KubeLab, context: str, name: str) -> dict[str, Any]:
         st = pod.get("status", {})
         return pod if st.get("phase") == "Running" and st.get("podIP") else None
 
-    out: dict[str, Any] = wait_for(ready, 20, f"pod {context}/{name} Running with an IP", interval=0.3)
+    out: dict[str, Any] = wait_until(ready, 20, f"pod {context}/{name} Running with an IP", interval=0.3)
     return out
 
 
@@ -101,8 +91,12 @@ def _kube_netns(klab: KubeLab, cluster: str, node: str, ip: str) -> str:
 
 
 def _ping(klab: KubeLab, netns: str, ip: str) -> None:
-    wait_for(lambda: klab.nsrun(netns, "ping", "-c1", "-W1", ip, check=False).returncode == 0, 15,
-             f"ping {ip} from {netns}", interval=0.1)  # fmt: skip
+    wait_until(
+        lambda: klab.nsrun(netns, "ping", "-c1", "-W1", ip, check=False).returncode == 0,
+        15,
+        f"ping {ip} from {netns}",
+        interval=0.1,
+    )
 
 
 def test_up_prints_the_kubeconfig_and_nodes_are_ready(klab: KubeLab) -> None:
@@ -162,13 +156,13 @@ def test_a_restarted_kubelet_adopts_its_running_pods(klab: KubeLab, tmp_path: Pa
     east = next(c for c in klab.status()["clusters"] if c["name"] == "east")
     old = east["kubernetes"]["kubelet_pid"]
     os.kill(old, signal.SIGTERM)
-    wait_for(lambda: not _alive(old), 10, f"kubelet {old} to exit")
+    wait_until(lambda: not _alive(old), 10, f"kubelet {old} to exit")
     klab.lab("up", str(TOPOLOGY), "--timeout", "60")
     east = next(c for c in klab.status()["clusters"] if c["name"] == "east")
     assert east["kubernetes"]["kubelet_pid"] not in (None, old)
     log = Path(east["kubernetes"]["kubelet_log"])
     line = f"pod default/keep: running on e2 with {ip}"
-    wait_for(lambda: log.read_text().count(line) == 2, 15, "the new kubelet to re-announce default/keep")
+    wait_until(lambda: log.read_text().count(line) == 2, 15, "the new kubelet to re-announce default/keep")
     assert _kube_netns(klab, "east", "e2", ip) == ns
     assert klab.get("east", "pod", "keep")["status"]["podIP"] == ip
     _ping(klab, klab.pods()["west/w1/p0"]["netns"], ip)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import yaml
 
-from tests.lab.conftest import RESYNC_S, Lab, wait_for
+from tests.lab.conftest import RESYNC_S, Lab
+from tests.waiting import wait_until
 
 
 class Monitor:
@@ -86,18 +87,18 @@ def test_02_killed_agent_keeps_traffic_and_restart_loses_nothing(lab: Lab, tmp_p
     node = lab.nodes()["east/e1"]
     # A killed agent (no chance to clean up) leaves the dataplane carrying traffic.
     os.kill(int(node["agent_pid"]), signal.SIGKILL)
-    wait_for(lambda: not os.path.exists(f"/proc/{node['agent_pid']}"), 5, "agent to die")
+    wait_until(lambda: not os.path.exists(f"/proc/{node['agent_pid']}"), 5, "agent to die")
     sent, got, out = _loss(_ping(lab, "east/e1/p0", "west/w2/p1", count=50))
     assert got == sent, out
     lab.lab("start-agent", "east/e1")
-    wait_for(lab.all_in_sync, 30, "all agents in sync after start")
+    wait_until(lab.all_in_sync, 30, "all agents in sync after start")
 
     mon = Monitor(node["netns"], tmp_path / "monitor.log")
     ping = _ping(lab, "east/e1/p0", "west/w1/p0", count=600)
     time.sleep(0.5)
     lab.lab("stop-agent", "east/e1")
     lab.lab("start-agent", "east/e1")
-    wait_for(lambda: lab.nodes()["east/e1"]["in_sync"], 30, "restarted agent in sync")
+    wait_until(lambda: lab.nodes()["east/e1"]["in_sync"], 30, "restarted agent in sync")
     sent, got, out = _loss(ping)
     lines = mon.stop()
     assert sent == 600 and got == sent, out
@@ -112,7 +113,7 @@ def test_03_reflector_loss_keeps_traffic_and_restart_does_not_flap(lab: Lab, tmp
     r = lab.check()
     assert r["failed"] == 0, "traffic must keep flowing without the reflector"
     lab.lab("start-reflector")
-    wait_for(lab.all_in_sync, 60, "agents resynced with the new reflector")
+    wait_until(lab.all_in_sync, 60, "agents resynced with the new reflector")
     assert lab.status()["reflector"]["pid"] != status["reflector"]["pid"]
     time.sleep(RESYNC_S)
     for k, m in mons.items():
@@ -145,13 +146,16 @@ def test_04_drift_is_repaired_and_foreign_entries_untouched(lab: Lab) -> None:
         f = {(x["mac"], x["dst"]) for x in _fdb(ns)}
         return victim_route["dst"] in r and victim_neigh["dst"] in n and (victim_fdb["mac"], victim_fdb["dst"]) in f
 
-    wait_for(repaired, RESYNC_S * 1.2 + 5, "route, neighbour and FDB entry repaired within the resync period")
+    wait_until(repaired, RESYNC_S * 1.2 + 5, "route, neighbour and FDB entry repaired within the resync period")
 
     # A deleted device is noticed at once through netlink events, far sooner than the period.
     t0 = time.monotonic()
     lab.nsrun(ns, "ip", "link", "del", "vx-bridge")
-    wait_for(lambda: lab.ipj(ns, "route", "show", "table", "200", "proto", "75"), RESYNC_S * 1.2 + 5,
-             "vx-bridge and its routes back")
+    wait_until(
+        lambda: lab.ipj(ns, "route", "show", "table", "200", "proto", "75"),
+        RESYNC_S * 1.2 + 5,
+        "vx-bridge and its routes back",
+    )
     # "at once": well under the 4 s resync period (the timer alone would take up to 4.8 s)
     assert time.monotonic() - t0 < 2.5
     assert lab.check()["failed"] == 0

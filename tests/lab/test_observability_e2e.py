@@ -9,16 +9,15 @@ order; each leaves the lab working.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.lab.conftest import Lab, _root_links, assert_lab_gone, lab_pids, run, wait_for
+from tests.lab.conftest import Lab, lab_running, new_lab_name, run
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.lab
 
@@ -60,20 +59,11 @@ REFLECTOR_METRICS = [
 
 @pytest.fixture(scope="module")
 def olab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    name = "kft" + uuid.uuid4().hex[:5]
     topo = tmp_path_factory.mktemp("obs") / "topology.yaml"
     topo.write_text(TOPOLOGY)
-    lab = Lab(name, topo)
-    root_links = _root_links()
-    pids: set[int] = set()
-    try:
-        lab.lab("up", str(topo), "--resync-period", "600", "--grace-period", "30", "--timeout", "90")
+    up = ("--resync-period", "600", "--grace-period", "30", "--timeout", "90")
+    with lab_running(Lab(new_lab_name(), topo), *up) as lab:
         yield lab
-    finally:
-        with contextlib.suppress(Exception):
-            pids = lab_pids(lab)
-        lab.lab("down", check=False)
-    assert_lab_gone(name, pids, root_links)
 
 
 def scrape(lab: Lab, node: str) -> dict[str, float]:
@@ -96,7 +86,7 @@ def restart_agent(lab: Lab, node: str) -> None:
     """The repair: a restarted agent reads the kernel back and programs the difference."""
     lab.lab("stop-agent", node)
     lab.lab("start-agent", node)
-    wait_for(lab.all_in_sync, 30, "every node in sync after the agent restart")
+    wait_until(lab.all_in_sync, 30, "every node in sync after the agent restart")
 
 
 def trace(lab: Lab, src: str, dst: str) -> tuple[int, str]:
@@ -113,9 +103,12 @@ def active_gateway(lab: Lab, cluster: str) -> str:
 
 
 def test_every_metric_is_served_and_health_is_green(olab: Lab) -> None:
-    agent = wait_for(lambda: (s := scrape(olab, "east/e1")) and metric(s, "fabric_agent_probe_rtt_seconds_count",
-                                                                       cluster="west") > 0 and s,
-                     20, "probe samples on east/e1")  # fmt: skip
+    agent = wait_until(
+        lambda: (s := scrape(olab, "east/e1")) and metric(s, "fabric_agent_probe_rtt_seconds_count", cluster="west") > 0
+        and s,
+        20,
+        "probe samples on east/e1",
+    )
     names = {k.partition("{")[0] for k in agent}
     assert set(AGENT_METRICS) <= names, set(AGENT_METRICS) - names
     assert metric(agent, "fabric_agent_tunnel_up", cluster="west") == 1
@@ -138,8 +131,11 @@ def test_route_deleted_by_hand_is_a_drift_repair(olab: Lab) -> None:
     ns = olab.nodes()["east/e1"]["netns"]
     before = metric(scrape(olab, "east/e1"), "fabric_agent_drift_repairs_total")
     run("ip", "-n", ns, "route", "del", "10.20.0.0/16", "table", "200")
-    wait_for(lambda: metric(scrape(olab, "east/e1"), "fabric_agent_drift_repairs_total") > before, 10,
-             "drift repairs to count the deleted route")  # fmt: skip
+    wait_until(
+        lambda: metric(scrape(olab, "east/e1"), "fabric_agent_drift_repairs_total") > before,
+        10,
+        "drift repairs to count the deleted route",
+    )
     rc, out = trace(olab, "east/e1/p0", "west/w3/p0")
     assert rc == 0, out
 
@@ -229,9 +225,12 @@ def test_killed_tunnel_shows_loss_and_state_down_then_recovers(olab: Lab, tmp_pa
                     and metric(s, "fabric_agent_tunnel_peer_up", peer="west/w1") == 0
                     and metric(s, "fabric_agent_probes_lost_total", cluster="west") > lost_before)
 
-        wait_for(down_with_loss, 15, "the tunnel to west to be down on east/e1, with probes lost")
-        wait_for(lambda: metric(scrape(olab, "east/e1"), "fabric_agent_probe_loss_ratio", cluster="west") > 0.5, 15,
-                 "the loss ratio to rise")  # fmt: skip
+        wait_until(down_with_loss, 15, "the tunnel to west to be down on east/e1, with probes lost")
+        wait_until(
+            lambda: metric(scrape(olab, "east/e1"), "fabric_agent_probe_loss_ratio", cluster="west") > 0.5,
+            15,
+            "the loss ratio to rise",
+        )
         rc, out = trace(olab, "east/e1/p0", "west/w3/p0")
         assert rc == 1 and "tunnel down" in out, out
         check = olab.tool("check", "--lab", olab.name, "--timeout", "1", "--junit", str(tmp_path / "j.xml"),
@@ -239,9 +238,12 @@ def test_killed_tunnel_shows_loss_and_state_down_then_recovers(olab: Lab, tmp_pa
         assert check.returncode == 1 and "<failure" in (tmp_path / "j.xml").read_text()
     finally:
         olab.lab("heal", "west/w1")
-    wait_for(lambda: metric(scrape(olab, "east/e1"), "fabric_agent_tunnel_up", cluster="west") == 1, 30,
-             "the tunnel to west to come back")  # fmt: skip
-    wait_for(olab.all_in_sync, 60, "every node in sync after heal")
+    wait_until(
+        lambda: metric(scrape(olab, "east/e1"), "fabric_agent_tunnel_up", cluster="west") == 1,
+        30,
+        "the tunnel to west to come back",
+    )
+    wait_until(olab.all_in_sync, 60, "every node in sync after heal")
     p = olab.tool("check", "--lab", olab.name, "--retest-failed", check=False)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "nothing to retest" in olab.tool("check", "--lab", olab.name, "--retest-failed").stderr

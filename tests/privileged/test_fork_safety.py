@@ -16,8 +16,9 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -99,10 +100,8 @@ def test_spawn_returns_with_the_child_inside_its_namespace(netns: str) -> None:
         assert nsutil.pids_in_netns([namespaces.inode(netns) or 0]) == [proc.pid]
         # The PID is the program's own (nsenter execs it in place): once nsenter has exec'd, the
         # same PID shows the program's name.
-        deadline = time.monotonic() + 10
-        while Path(f"/proc/{proc.pid}/comm").read_text().strip() != "sleep" and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert Path(f"/proc/{proc.pid}/comm").read_text().strip() == "sleep"
+        wait_until(lambda: Path(f"/proc/{proc.pid}/comm").read_text().strip() == "sleep", 10,
+                   f"pid {proc.pid} to exec sleep")
     finally:
         proc.kill()
         proc.wait()

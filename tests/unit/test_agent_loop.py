@@ -21,6 +21,7 @@ from fabric.agent import agent as agent_mod
 from fabric.agent import config
 from fabric.control import planner, reflector
 from fabric.netlink import fake, objects
+from tests.waiting import wait_until_async
 
 CLUSTERS = (
     types.ClusterConfig("east", types.ClusterMode.P2P, ("10.10.0.0/16",)),
@@ -67,15 +68,6 @@ def _agent(sock: str, key: str) -> tuple[agent_mod.Agent, fake.FakeDataplane]:
     return agent_mod.Agent(cfg, dp, events_factory=_NoEvents, prober_factory=_NoProber, handle_signals=False), dp
 
 
-async def _wait(pred: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not pred():
-        if loop.time() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
 def _sample(name: str) -> float:
     return prometheus_client.REGISTRY.get_sample_value(name) or 0.0
 
@@ -103,7 +95,7 @@ async def _scenario(sock: str) -> None:
                                        underlay.ifindex, 1450))
         dp1.add_fdb([STALE])
         tasks.append(asyncio.create_task(e1.run()))
-        await _wait(lambda: "east/e1" in {n.key for n in refl.status().nodes()}, "e1 announced")
+        await wait_until_async(lambda: "east/e1" in {n.key for n in refl.status().nodes()}, 10, "e1 announced")
         await asyncio.sleep(1.2)  # several resync periods: still no snapshot (w1 is expected)
         assert STALE in dp1.fdb, "an agent deleted state before its first complete snapshot"
         assert not e1.ready()[0]
@@ -112,7 +104,7 @@ async def _scenario(sock: str) -> None:
         dp1.fail_next("add_route", errno.ENOBUFS)
         failures_before = _sample("fabric_agent_kernel_failures_total")
         tasks.append(asyncio.create_task(w1.run()))
-        await _wait(lambda: _in_sync(refl, set(NODES)), "both agents in sync")
+        await wait_until_async(lambda: _in_sync(refl, set(NODES)), 10, "both agents in sync")
         assert STALE not in dp1.fdb
         assert _sample("fabric_agent_kernel_failures_total") > failures_before, "the injected fault never fired"
         assert e1.ready()[0] and e1.healthy()[0]

@@ -6,12 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from fabric.control import client, protogen, reflector
+from fabric.control import api, client, protogen, reflector
+from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -70,15 +70,15 @@ def test_reflector_process_serves_status_and_stops_on_sigterm(tmp_path: Path) ->
         text=True,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 5
-        status = None
-        while status is None:
+        def answered() -> api.FabricStatus | None:
+            if proc.poll() is not None:
+                raise AssertionError(f"fabric-reflector exited with {proc.returncode} before answering")
             try:
-                status = client.get_status_sync(f"unix:{sock}", timeout=0.5)
+                return client.get_status_sync(f"unix:{sock}", timeout=0.5)
             except client.ReflectorUnavailable:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise
-                time.sleep(0.05)
+                return None
+
+        status = wait_until(answered, 5, "fabric-reflector to answer on its socket")
         assert [c.name for c in status.clusters] == ["east", "west"]
         assert status.holding  # 4 expected nodes, none announced, hold = grace period
         assert status.generation == 0 and status.nodes() == ()

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from fabric import types
 from fabric.control import api, client, codec, planner, reflector
 from fabric.control.generated import fabric_pb2 as pb
 from fabric.control.generated import fabric_pb2_grpc as pb_grpc
+from tests.waiting import wait_until_async
 
 KEEPALIVE = 0.1
 
@@ -39,14 +40,6 @@ W1 = types.NodeAnnouncement("west", "w1", "198.18.0.21", ("10.20.1.0/24",))
 
 def run(coro: Coroutine[Any, Any, None], timeout: float = 10.0) -> None:
     asyncio.run(asyncio.wait_for(coro, timeout))
-
-
-async def wait_for(pred: Callable[[], bool], timeout: float = 3.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 class Recorder:
@@ -152,21 +145,23 @@ def test_snapshot_then_proportional_deltas_on_join() -> None:
             s_e1, r_e1 = h.agent(E1)
             s_w1, r_w1 = h.agent(W1)
             # Two joins close together may be coalesced into one generation (or not): 1 or 2.
-            await wait_for(
-                lambda: h.reflector.generation in (1, 2) and r_e1.count("snapshot") + r_w1.count("snapshot") == 2
+            await wait_until_async(
+                lambda: h.reflector.generation in (1, 2) and r_e1.count("snapshot") + r_w1.count("snapshot") == 2,
+                3,
+                "both joins snapshotted",
             )
             # Each side may have got its snapshot before or after the other joined; either way
             # its state is now the full plan for both nodes.
-            await wait_for(lambda: s_e1.state == expected(E1, W1, key=E1.key), what="e1 converged")
-            await wait_for(lambda: s_w1.state == expected(E1, W1, key=W1.key), what="w1 converged")
+            await wait_until_async(lambda: s_e1.state == expected(E1, W1, key=E1.key), 3, "e1 converged")
+            await wait_until_async(lambda: s_w1.state == expected(E1, W1, key=W1.key), 3, "w1 converged")
             assert r_e1.events[0] == ("connection", (True, f"connected to {h.target}"))
             before = {k: h.node(k).counters for k in ("east/e1", "west/w1")}
             generation = h.reflector.generation
 
             s_e2, r_e2 = h.agent(E2)
-            await wait_for(lambda: r_e2.count("snapshot") == 1, what="e2 snapshot")
-            await wait_for(lambda: s_e1.state == expected(E1, E2, W1, key=E1.key), what="e1 got e2")
-            await wait_for(lambda: s_w1.state == expected(E1, E2, W1, key=W1.key), what="w1 got e2")
+            await wait_until_async(lambda: r_e2.count("snapshot") == 1, 3, "e2 snapshot")
+            await wait_until_async(lambda: s_e1.state == expected(E1, E2, W1, key=E1.key), 3, "e1 got e2")
+            await wait_until_async(lambda: s_w1.state == expected(E1, E2, W1, key=W1.key), 3, "w1 got e2")
             assert s_e2.state == expected(E1, E2, W1, key=E2.key)
 
             # The join cost e1 one entry (peer e2; same cluster: no route) and w1 two (peer + route).
@@ -196,8 +191,12 @@ def test_applied_versions_make_nodes_in_sync() -> None:
             _, r_e1 = h.agent(E1)
             _, r_w1 = h.agent(W1)
             r_w1.report = False
-            await wait_for(lambda: r_e1.count("snapshot") == 1 and r_w1.count("snapshot") == 1)
-            await wait_for(lambda: h.node("east/e1").in_sync, what="e1 in sync")
+            await wait_until_async(
+                lambda: r_e1.count("snapshot") == 1 and r_w1.count("snapshot") == 1,
+                3,
+                "e1 and w1 snapshotted",
+            )
+            await wait_until_async(lambda: h.node("east/e1").in_sync, 3, "e1 in sync")
             status = await client.get_status(h.target)
             by_key = {n.key: n for n in status.nodes()}
             assert by_key["east/e1"].in_sync
@@ -218,14 +217,14 @@ def test_disconnect_then_withdrawn_after_grace() -> None:
         async with harness(grace=0.4) as h:
             s_e1, r_e1 = h.agent(E1)
             s_w1, _ = h.agent(W1)
-            await wait_for(lambda: s_e1.state == expected(E1, W1, key=E1.key))
+            await wait_until_async(lambda: s_e1.state == expected(E1, W1, key=E1.key), 3, "e1 sees w1")
             generation = h.reflector.generation
             await h.stop_agent(s_w1)
-            await wait_for(lambda: not h.connected("west/w1"), what="w1 disconnected")
+            await wait_until_async(lambda: not h.connected("west/w1"), 3, "w1 disconnected")
             w1 = h.node("west/w1")
             assert w1.withdraw_in_s is not None and 0 < w1.withdraw_in_s <= 0.4
             assert h.reflector.generation == generation  # nothing withdrawn yet
-            await wait_for(lambda: s_e1.state == expected(E1, key=E1.key), what="e1 lost w1")
+            await wait_until_async(lambda: s_e1.state == expected(E1, key=E1.key), 3, "e1 lost w1")
             delta, _ = r_e1.last("delta")
             assert delta.upserts == ()
             assert set(delta.removals) == {"peer/vx-bridge/100.82.0.21", "route/10.20.1.0/24"}
@@ -239,14 +238,18 @@ def test_reconnect_within_grace_does_not_flap_others() -> None:
         async with harness(grace=3.0) as h:
             s_e1, r_e1 = h.agent(E1)
             s_w1, r_w1 = h.agent(W1)
-            await wait_for(lambda: s_e1.state == expected(E1, W1, key=E1.key) and r_w1.count("snapshot") == 1)
+            await wait_until_async(
+                lambda: s_e1.state == expected(E1, W1, key=E1.key) and r_w1.count("snapshot") == 1,
+                3,
+                "e1 sees w1, w1 snapshotted",
+            )
             generation = h.reflector.generation
             e1_counters = h.node("east/e1").counters
             e1_deltas = r_e1.count("delta")
             await h.stop_agent(s_w1)
-            await wait_for(lambda: not h.connected("west/w1"))
+            await wait_until_async(lambda: not h.connected("west/w1"), 3, "w1 disconnected")
             s_w1b, r_w1b = h.agent(W1)
-            await wait_for(lambda: r_w1b.count("snapshot") == 1, what="fresh snapshot for w1")
+            await wait_until_async(lambda: r_w1b.count("snapshot") == 1, 3, "fresh snapshot for w1")
             assert s_w1b.state == expected(E1, W1, key=W1.key)
             # The withdrawal is called off, not merely pending.
             assert h.node("west/w1").connected and h.node("west/w1").withdraw_in_s is None
@@ -254,7 +257,7 @@ def test_reconnect_within_grace_does_not_flap_others() -> None:
             # e1 is ahead of e2's join on e1's one ordered stream, so e1's next delta being e2's
             # alone, in the very next generation, proves they sent e1 nothing.
             h.agent(E2)
-            await wait_for(lambda: r_e1.count("delta") > e1_deltas, what="e1 told of e2")
+            await wait_until_async(lambda: r_e1.count("delta") > e1_deltas, 3, "e1 told of e2")
             delta, version = r_e1.last("delta")
             assert r_e1.count("delta") == e1_deltas + 1
             assert version == h.reflector.generation == generation + 1
@@ -272,7 +275,7 @@ def test_rejected_announcements_are_visible_and_change_nothing() -> None:
     async def body() -> None:
         async with harness() as h:
             s_e1, _ = h.agent(E1)
-            await wait_for(lambda: s_e1.state == expected(E1, key=E1.key))
+            await wait_until_async(lambda: s_e1.state == expected(E1, key=E1.key), 3, "w1 withdrawn from e1")
             generation = h.reflector.generation
             bad = {
                 # 10.18.0.11 keeps the host bits of e1's 198.18.0.11 in 100.64.0.0/10.
@@ -281,7 +284,7 @@ def test_rejected_announcements_are_visible_and_change_nothing() -> None:
                 "north/n1": types.NodeAnnouncement("north", "n1", "198.18.0.31", ()),
             }
             recorders = {k: h.agent(a)[1] for k, a in bad.items()}
-            await wait_for(lambda: all(r.count("rejected") >= 1 for r in recorders.values()), what="rejections")
+            await wait_until_async(lambda: all(r.count("rejected") >= 1 for r in recorders.values()), 3, "rejections")
             assert "collides with node east/e1" in recorders["east/e9"].last("rejected")
             assert "10.99.0.0/24 is outside cluster 'west'" in recorders["west/w9"].last("rejected")
             assert "unknown cluster 'north'" in recorders["north/n1"].last("rejected")
@@ -305,10 +308,14 @@ def test_startup_hold_until_expected_nodes_announced() -> None:
         async with harness(config, hold=30.0) as h:
             assert h.reflector.holding
             s_e1, r_e1 = h.agent(E1)
-            await wait_for(lambda: h.connected("east/e1"))
+            await wait_until_async(lambda: h.connected("east/e1"), 3, "e1 connected")
             assert (await client.get_status(h.target)).holding
             _, r_w1 = h.agent(W1)
-            await wait_for(lambda: r_e1.count("snapshot") == 1 and r_w1.count("snapshot") == 1, timeout=2)
+            await wait_until_async(
+                lambda: r_e1.count("snapshot") == 1 and r_w1.count("snapshot") == 1,
+                2,
+                "e1 and w1 snapshotted",
+            )
             assert not h.reflector.holding
             # The reflector decides on e1's END_OF_SNAPSHOT when it admits e1's session, which it
             # had done (connected) before w1 announced. So e1's first snapshot including w1, with
@@ -329,7 +336,7 @@ def test_startup_hold_ends_after_timeout() -> None:
         async with harness(config, hold=0.6) as h:
             start = time.monotonic()
             _, r_e1 = h.agent(E1)
-            await wait_for(lambda: r_e1.count("snapshot") == 1, timeout=3)
+            await wait_until_async(lambda: r_e1.count("snapshot") == 1, 3, "e1 snapshotted")
             assert time.monotonic() - start >= 0.55
             assert not (await client.get_status(h.target)).holding
 
@@ -350,9 +357,9 @@ def test_keepalive_timeout_detects_silent_agent() -> None:
                 call = pb_grpc.FabricStub(ch).SyncNode(requests())
                 first = await call.read()
                 assert first.WhichOneof("message") == "keepalive"
-                await wait_for(lambda: h.connected("east/e1"))
+                await wait_until_async(lambda: h.connected("east/e1"), 3, "e1 connected")
                 t0 = time.monotonic()
-                await wait_for(lambda: not h.connected("east/e1"), timeout=2, what="dead session detected")
+                await wait_until_async(lambda: not h.connected("east/e1"), 2, "dead session detected")
                 assert time.monotonic() - t0 < 1.0
                 with pytest.raises(grpc.aio.AioRpcError) as exc:
                     while (await call.read()) is not grpc.aio.EOF:
@@ -380,7 +387,7 @@ def test_second_session_replaces_first() -> None:
                 assert (await old.read()).WhichOneof("message") == "keepalive"
                 generation = h.reflector.generation
                 s_new, r_new = h.agent(W1)
-                await wait_for(lambda: r_new.count("snapshot") == 1)
+                await wait_until_async(lambda: r_new.count("snapshot") == 1, 3, "a snapshot on the new session")
                 with pytest.raises(grpc.aio.AioRpcError) as exc:
                     while (await old.read()) is not grpc.aio.EOF:
                         pass
@@ -397,7 +404,7 @@ def test_watch_topology_snapshot_then_deltas() -> None:
     async def body() -> None:
         async with harness(grace=0.2) as h:
             s_e1, _ = h.agent(E1)
-            await wait_for(lambda: s_e1.version > 0)
+            await wait_until_async(lambda: s_e1.version > 0, 3, "e1 applied a version")
             watcher = client.TopologyWatcher(h.target)
             events: list[client.TopologyEvent] = []
 
@@ -406,15 +413,15 @@ def test_watch_topology_snapshot_then_deltas() -> None:
                     events.append(ev)
 
             task = asyncio.create_task(consume())
-            await wait_for(lambda: any(e.kind == "end_of_snapshot" for e in events))
+            await wait_until_async(lambda: any(e.kind == "end_of_snapshot" for e in events), 3, "END_OF_SNAPSHOT")
             assert events[0].kind == "snapshot"
             assert [c.name for c in events[0].clusters] == ["east", "west"]
             assert events[0].upserts == (E1,)
             s_w1, _ = h.agent(W1)
-            await wait_for(lambda: events[-1].kind == "delta")
+            await wait_until_async(lambda: events[-1].kind == "delta", 3, "a delta after the snapshot")
             assert events[-1].upserts == (W1,) and events[-1].generation == h.reflector.generation
             await h.stop_agent(s_w1)
-            await wait_for(lambda: events[-1].removals == (W1.key,), what="w1 withdrawn")
+            await wait_until_async(lambda: events[-1].removals == (W1.key,), 3, "w1 withdrawn")
             await watcher.close()
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -430,7 +437,7 @@ def test_unix_socket_listener(tmp_path: Path) -> None:
         async with harness(listen=f"unix:{sock}") as h:
             assert h.target == f"unix:{sock}"
             s_e1, _ = h.agent(E1)
-            await wait_for(lambda: s_e1.version > 0)
+            await wait_until_async(lambda: s_e1.version > 0, 3, "e1 applied a version")
             status = await asyncio.to_thread(client.get_status_sync, h.target, 2.0)
             assert [n.key for n in status.nodes()] == ["east/e1"]
 
@@ -443,7 +450,7 @@ def test_agent_session_survives_missing_reflector() -> None:
         # A port nothing listens on: connection refused, again and again, never an exception.
         s = client.AgentSession("127.0.0.1:1", E1, rec, keepalive_interval=KEEPALIVE, backoff=(0.02, 0.05))
         task = asyncio.create_task(s.run())
-        await wait_for(lambda: s._attempts >= 3 or task.done(), what="three connection attempts")
+        await wait_until_async(lambda: s._attempts >= 3 or task.done(), 3, "three connection attempts")
         assert not task.done()
         await s.close()
         await asyncio.wait_for(task, 2)
@@ -461,14 +468,14 @@ def test_agent_reconnects_after_reflector_restart() -> None:
         rec.session = s
         task = asyncio.create_task(s.run())
         try:
-            await wait_for(lambda: rec.count("snapshot") == 1)
+            await wait_until_async(lambda: rec.count("snapshot") == 1, 3, "a snapshot")
             await refl.stop(0)
-            await wait_for(lambda: rec.count("connection") == 2, what="disconnect noticed")
+            await wait_until_async(lambda: rec.count("connection") == 2, 3, "disconnect noticed")
             assert rec.last("connection")[0] is False
             refl2 = reflector.Reflector(CONFIG, grace_period=1, keepalive_interval=KEEPALIVE, startup_hold=0)
             await refl2.start([target])
             try:
-                await wait_for(lambda: rec.count("snapshot") == 2, what="snapshot from the new reflector")
+                await wait_until_async(lambda: rec.count("snapshot") == 2, 3, "snapshot from the new reflector")
                 assert s.epoch == refl2.epoch != refl.epoch
                 assert s.state == expected(E1, key=E1.key)
             finally:

@@ -11,7 +11,8 @@ import struct
 from fabric import types
 from fabric.control import client, planner
 from fabric.netlink import probes
-from tests.unit.test_control_session import KEEPALIVE, harness, run, wait_for
+from tests.unit.test_control_session import KEEPALIVE, harness, run
+from tests.waiting import wait_until_async
 
 GW = types.ClusterMode.GATEWAY
 CONFIG = types.FabricConfig(
@@ -71,18 +72,18 @@ def test_reports_move_the_role_with_route_deltas_and_heal_does_not_flap() -> Non
     async def body() -> None:
         async with harness(CONFIG, grace=5.0, hold=10.0) as h:
             sessions = {a.name: h.agent(a) for a in (E1, W1, W2, W3)}
-            await wait_for(lambda: all(r.count("snapshot") == 1 for _, r in sessions.values()), what="snapshots")
-            await wait_for(lambda: _role(h, "west") == types.GatewayRole("west", "w1", "w2"), what="w1 elected")
-            await wait_for(lambda: all(h.node(k).in_sync for k in ("east/e1", "west/w2", "west/w3")), what="sync")
+            await wait_until_async(lambda: all(r.count("snapshot") == 1 for _, r in sessions.values()), 3, "snapshots")
+            await wait_until_async(lambda: _role(h, "west") == types.GatewayRole("west", "w1", "w2"), 3, "w1 elected")
+            await wait_until_async(lambda: all(h.node(k).in_sync for k in ("east/e1", "west/w2", "west/w3")), 3, "sync")
             base = {k: h.node(k).counters for k in ("east/e1", "west/w2", "west/w3")}
             s_e1, r_e1 = sessions["e1"]
             s_w3, _ = sessions["w3"]
             # e1 and w3 stop hearing w1 through the tunnel: the role moves to w2.
             s_e1.report_unreachable(frozenset({W1.key}))
             s_w3.report_unreachable(frozenset({W1.key}))
-            await wait_for(lambda: _role(h, "west") == types.GatewayRole("west", "w2", "w1"), what="move to w2")
-            await wait_for(lambda: s_e1.state.routes and all(
-                r.via == "100.82.0.22" for r in s_e1.state.routes if r.dst.startswith("10.2")), what="e1 rerouted")
+            await wait_until_async(lambda: _role(h, "west") == types.GatewayRole("west", "w2", "w1"), 3, "move to w2")
+            await wait_until_async(lambda: s_e1.state.routes and all(
+                r.via == "100.82.0.22" for r in s_e1.state.routes if r.dst.startswith("10.2")), 3, "e1 rerouted")
             delta, _ = r_e1.last("delta")
             assert delta.removals == () and all(isinstance(e, types.RouteEntry) for e in delta.upserts)
             for k in base:  # one delta each, no new snapshot
@@ -108,16 +109,19 @@ def test_session_loss_moves_the_role_at_once_not_after_grace() -> None:
     async def body() -> None:
         async with harness(CONFIG, grace=30.0, hold=10.0) as h:
             sessions = {a.name: h.agent(a) for a in (E1, W1, W2, W3)}
-            await wait_for(lambda: all(r.count("snapshot") == 1 for _, r in sessions.values()), what="snapshots")
-            await wait_for(lambda: _role(h, "west") == types.GatewayRole("west", "w1", "w2"), what="w1 elected")
+            await wait_until_async(lambda: all(r.count("snapshot") == 1 for _, r in sessions.values()), 3, "snapshots")
+            await wait_until_async(lambda: _role(h, "west") == types.GatewayRole("west", "w1", "w2"), 3, "w1 elected")
             await h.stop_agent(sessions["w1"][0])
-            await wait_for(lambda: _role(h, "west") == types.GatewayRole("west", "w2", "w1"), timeout=2.0,
-                           what="role moved while w1 is still within its grace period")
+            await wait_until_async(
+                lambda: _role(h, "west") == types.GatewayRole("west", "w2", "w1"),
+                2.0,
+                "role moved while w1 is still within its grace period",
+            )
             assert h.node("west/w1").withdraw_in_s is not None  # still in the topology
             w3 = sessions["w3"][0]
-            await wait_for(lambda: {p.node for p in w3.state.peers} == {"west/w1", "west/w2"}, what="w3 peers")
+            await wait_until_async(lambda: {p.node for p in w3.state.peers} == {"west/w1", "west/w2"}, 3, "w3 peers")
             expected = planner.plan(h.reflector.topology, W3.key)
-            await wait_for(lambda: w3.state == expected, what="w3 converged")
+            await wait_until_async(lambda: w3.state == expected, 3, "w3 converged")
             assert {r.via for r in w3.state.routes} == {"198.19.0.22"}
 
     run(body())

@@ -12,7 +12,7 @@ import asyncio
 import copy
 import json
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from fabric.control import api
 from fabric.control import k8s_source as ks
 from kubeemu.lab import kubeconfig
 from kubeemu.runner import ServerThread
+from tests.waiting import wait_until_async
 
 REPO = Path(__file__).resolve().parents[2]
 CRD = REPO / "deploy" / "base" / "host" / "crd-clusters.yaml"
@@ -194,17 +195,6 @@ def _source(url: str, **kw: Any) -> ks.KubernetesSource:
     return ks.KubernetesSource(client, resync_s=30, status_interval_s=0.05, **kw)
 
 
-async def _until(pred: Callable[[], Any], what: str, timeout: float = 5.0) -> Any:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while loop.time() < end:
-        got = pred()
-        if got:
-            return got
-        await asyncio.sleep(0.03)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _get(url: str, name: str) -> dict[str, Any]:
     out: dict[str, Any] = _request(url, "GET", f"{CLUSTERS}/{name}")
     return out
@@ -227,20 +217,28 @@ def test_watch_feeds_configs_and_writes_status(emu: ServerThread) -> None:
     async def scenario() -> None:
         task = asyncio.create_task(src.run(sink))
         try:
-            await _until(lambda: _cond(_get(url, "east"), "Ready").get("status") == "True", "east Ready")
+            await wait_until_async(lambda: _cond(_get(url, "east"), "Ready").get("status") == "True", 5, "east Ready")
             obj = _get(url, "east")
             assert obj["status"]["clusterLinkStatus"]["nodes"][0]["name"] == "e1"
             assert obj["status"]["observedGeneration"] == obj["metadata"]["generation"]
 
             _request(url, "POST", CLUSTERS, cluster("west", **WEST))
-            await _until(lambda: [c.name for c in sink.configs[-1].clusters] == ["east", "west"], "west joins")
+            await wait_until_async(
+                lambda: [c.name for c in sink.configs[-1].clusters] == ["east", "west"],
+                5,
+                "west joins",
+            )
 
             # Unknown network type on a working cluster: kept at its last spec, reported.
             n = len(sink.configs)
             _request(url, "PATCH", f"{CLUSTERS}/west", {"spec": {"clusterLinkOptions": {"networkType": "vxlan"}}},
                      "application/merge-patch+json")
-            acc = await _until(lambda: _cond(_get(url, "west"), "Accepted").get("reason") == "InvalidSpecKeptPrevious"
-                               and _cond(_get(url, "west"), "Accepted"), "west rejected")
+            acc = await wait_until_async(
+                lambda: _cond(_get(url, "west"), "Accepted").get("reason") == "InvalidSpecKeptPrevious"
+                and _cond(_get(url, "west"), "Accepted"),
+                5,
+                "west rejected",
+            )
             assert acc["status"] == "False" and "spec.clusterLinkOptions.networkType" in acc["message"]
             assert len(sink.configs) == n, "a rejected edit must not change the configuration"
             conflicts = _get(url, "west")["status"]["clusterLinkStatus"]["conflicts"]
@@ -248,7 +246,7 @@ def test_watch_feeds_configs_and_writes_status(emu: ServerThread) -> None:
 
             # A new cluster overlapping east without mapping: reported, nothing else changes.
             _request(url, "POST", CLUSTERS, cluster("dup", podCIDRs=["10.10.0.0/24"]))
-            acc = await _until(lambda: _cond(_get(url, "dup"), "Accepted"), "dup status")
+            acc = await wait_until_async(lambda: _cond(_get(url, "dup"), "Accepted"), 5, "dup status")
             assert acc["reason"] == "Conflict" and "spec.clusterLinkOptions.podCIDRs[0]" in acc["message"]
             assert len(sink.configs) == n
             assert _get(url, "dup")["status"]["clusterLinkStatus"]["conflicts"][0]["cluster"] == "east"
@@ -256,18 +254,25 @@ def test_watch_feeds_configs_and_writes_status(emu: ServerThread) -> None:
             # Fixing west's spec: gateway mode takes effect.
             _request(url, "PATCH", f"{CLUSTERS}/west", {"spec": {"clusterLinkOptions": {"networkType": "gateway"}}},
                      "application/merge-patch+json")
-            await _until(lambda: (w := sink.configs[-1].cluster("west")) is not None
-                         and w.mode == types.ClusterMode.GATEWAY, "west in gateway mode")
-            await _until(lambda: _cond(_get(url, "west"), "Accepted").get("status") == "True", "west accepted again")
+            await wait_until_async(
+                lambda: (w := sink.configs[-1].cluster("west")) is not None and w.mode == types.ClusterMode.GATEWAY,
+                5,
+                "west in gateway mode",
+            )
+            await wait_until_async(
+                lambda: _cond(_get(url, "west"), "Accepted").get("status") == "True",
+                5,
+                "west accepted again",
+            )
 
             # An expired watch (410) relists; a Cluster deleted meanwhile is gone from the view.
             lists = src.lists
             _request(url, "DELETE", f"{CLUSTERS}/dup")
             _request(url, "POST", "/_kubeemu/watches/expire")
-            await _until(lambda: src.lists > lists, "relist after 410")
-            await _until(lambda: "dup" not in src.objects, "dup gone")
+            await wait_until_async(lambda: src.lists > lists, 5, "relist after 410")
+            await wait_until_async(lambda: "dup" not in src.objects, 5, "dup gone")
             _request(url, "DELETE", f"{CLUSTERS}/west")
-            await _until(lambda: [c.name for c in sink.configs[-1].clusters] == ["east"], "west withdrawn")
+            await wait_until_async(lambda: [c.name for c in sink.configs[-1].clusters] == ["east"], 5, "west withdrawn")
         finally:
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
@@ -288,7 +293,7 @@ def test_only_the_lease_holder_writes_status(emu: ServerThread) -> None:
 
     async def scenario() -> None:
         ta = asyncio.create_task(a.run(sa))
-        await _until(lambda: a.may_write_status() and a.status_writes > 0, "a holds the lease and writes")
+        await wait_until_async(lambda: a.may_write_status() and a.status_writes > 0, 5, "a holds the lease and writes")
         tb = asyncio.create_task(b.run(sb))
         try:
             await asyncio.sleep(0.5)
@@ -301,11 +306,15 @@ def test_only_the_lease_holder_writes_status(emu: ServerThread) -> None:
             patched = copy.deepcopy(_get(url, "east"))
             _request(url, "PATCH", f"{CLUSTERS}/east/status", {"status": {"conditions": []}},
                      "application/merge-patch+json")
-            await _until(lambda: b.may_write_status(), "b takes the lease", timeout=8)
+            await wait_until_async(lambda: b.may_write_status(), 8, "b takes the lease")
             assert sa.roles[-1][0] is False and not a.leading
             # The new leader waits for the nodes the old leader's Cluster status listed.
             assert sb.roles[-1] == (True, "acquired the leader Lease kosmos-system/refl", ("east/e1",))
-            await _until(lambda: _cond(_get(url, "east"), "Ready").get("status") == "True", "b rewrites status")
+            await wait_until_async(
+                lambda: _cond(_get(url, "east"), "Ready").get("status") == "True",
+                5,
+                "b rewrites status",
+            )
             assert patched["status"]["conditions"]
         finally:
             for t in (ta, tb):

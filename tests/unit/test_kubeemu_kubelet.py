@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import threading
-import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -17,6 +16,7 @@ pytest.importorskip("aiohttp")
 
 from kubeemu.kubelet import LabKubelet, LabNode
 from kubeemu.runner import ServerThread
+from tests.waiting import wait_until
 
 
 class FakeNetwork:
@@ -48,16 +48,6 @@ def _http(url: str, method: str = "GET", body: Any = None) -> Any:
         return json.loads(e.read())
 
 
-def _wait(fn: Any, timeout: float = 5.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = fn()
-        if v:
-            return v
-        time.sleep(0.03)
-    raise AssertionError("condition not met")
-
-
 def test_lab_kubelet_runs_and_removes_pods() -> None:
     net = FakeNetwork()
     with ServerThread(name="kl", graceful_pods=True) as srv:
@@ -74,15 +64,18 @@ def test_lab_kubelet_runs_and_removes_pods() -> None:
         t = threading.Thread(target=drive, daemon=True)
         t.start()
         try:
-            node = _wait(lambda: (n := _http(srv.url + "/api/v1/nodes/e1")).get("kind") == "Node" and n)
+            node = wait_until(
+                lambda: (n := _http(srv.url + "/api/v1/nodes/e1")).get("kind") == "Node" and n,
+                5,
+                "Node e1 registered",
+            )
             assert node["spec"]["podCIDR"] == "10.10.1.0/24"
             assert {"type": "InternalIP", "address": "198.18.0.11"} in node["status"]["addresses"]
             assert node["status"]["conditions"][0]["type"] == "Ready"
-            lease = _wait(lambda: (x := _http(srv.url + "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/"
-                                                        "leases/e1")).get("kind") == "Lease" and x)
+            lease_url = srv.url + "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/e1"
+            lease = wait_until(lambda: (x := _http(lease_url)).get("kind") == "Lease" and x, 5, "Lease e1 created")
             first = lease["metadata"]["resourceVersion"]
-            _wait(lambda: _http(srv.url + "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/e1")
-                  ["metadata"]["resourceVersion"] != first, timeout=3)
+            wait_until(lambda: _http(lease_url)["metadata"]["resourceVersion"] != first, 3, "Lease e1 renewed")
 
             pod = {"metadata": {"name": "p"}, "spec": {"nodeName": "e1",
                                                        "containers": [{"name": "c", "image": "x"}]}}
@@ -90,8 +83,12 @@ def test_lab_kubelet_runs_and_removes_pods() -> None:
             other = {"metadata": {"name": "elsewhere"}, "spec": {"nodeName": "not-ours",
                                                                  "containers": [{"name": "c", "image": "x"}]}}
             _http(srv.url + "/api/v1/namespaces/default/pods", "POST", other)
-            got = _wait(lambda: (p := _http(srv.url + "/api/v1/namespaces/default/pods/p"))["status"]
-                        .get("phase") == "Running" and p)
+            got = wait_until(
+                lambda: (p := _http(srv.url + "/api/v1/namespaces/default/pods/p"))["status"].get("phase") == "Running"
+                and p,
+                5,
+                "pod p Running",
+            )
             assert got["status"]["podIP"] == "10.10.1.3"  # .2 reserved by the lab
             assert got["status"]["hostIP"] == "198.18.0.11"
             assert {c["type"]: c["status"] for c in got["status"]["conditions"]}["Ready"] == "True"
@@ -101,11 +98,19 @@ def test_lab_kubelet_runs_and_removes_pods() -> None:
             bad = {"metadata": {"name": "bad"}, "spec": {"nodeName": "e2", "containers": [{"name": "c",
                                                                                            "image": "x"}]}}
             _http(srv.url + "/api/v1/namespaces/default/pods", "POST", bad)
-            _wait(lambda: _http(srv.url + "/api/v1/namespaces/default/pods/bad")["status"].get("reason")
-                  == "NetworkSetupFailed")
+            wait_until(
+                lambda: _http(srv.url + "/api/v1/namespaces/default/pods/bad")["status"].get("reason")
+                == "NetworkSetupFailed",
+                5,
+                "pod bad failed with NetworkSetupFailed",
+            )
 
             _http(srv.url + "/api/v1/namespaces/default/pods/p", "DELETE")
-            _wait(lambda: _http(srv.url + "/api/v1/namespaces/default/pods/p").get("code") == 404)
+            wait_until(
+                lambda: _http(srv.url + "/api/v1/namespaces/default/pods/p").get("code") == 404,
+                5,
+                "pod p deleted",
+            )
             assert "default/p" not in net.live
             assert ("delete", "e1", "default/p", "10.10.1.3") in net.calls
             assert not [c for c in net.calls if c[2] == "default/elsewhere"]

@@ -18,7 +18,8 @@ from fabric import health, types
 from fabric.agent import agent as agent_mod
 from fabric.control import reflector
 from fabric.netlink import probes
-from tests.unit.test_agent_loop import CLUSTERS, NODES, _agent, _in_sync, _wait
+from tests.unit.test_agent_loop import CLUSTERS, NODES, _agent, _in_sync
+from tests.waiting import wait_until_async
 
 
 def test_probe_rtt_and_loss_per_target() -> None:
@@ -126,11 +127,14 @@ async def _fanout(sock: str) -> None:
     w1, _ = _agent(sock, "west/w1")
     tasks = [asyncio.create_task(e1.run())]
     try:
-        await _wait(lambda: _in_sync(refl, {"east/e1"}), "e1 in sync")
+        await wait_until_async(lambda: _in_sync(refl, {"east/e1"}), 10, "e1 in sync")
         tasks.append(asyncio.create_task(w1.run()))  # e1 gets a delta: a fan-out to time
-        await _wait(lambda: _in_sync(refl, set(NODES)), "both in sync")
-        await _wait(lambda: (reg.get_sample_value("fabric_reflector_fanout_lag_seconds_count") or 0) >= 1,
-                    "a fan-out observed")  # fmt: skip
+        await wait_until_async(lambda: _in_sync(refl, set(NODES)), 10, "both in sync")
+        await wait_until_async(
+            lambda: (reg.get_sample_value("fabric_reflector_fanout_lag_seconds_count") or 0) >= 1,
+            10,
+            "a fan-out observed",
+        )
         assert reg.get_sample_value("fabric_reflector_fanouts_pending") == 0
         assert reg.get_sample_value("fabric_reflector_sessions") == 2
         assert reg.get_sample_value("fabric_reflector_nodes_in_sync") == 2

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import errno
 import socket
 import struct
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
-from fabric.netlink import rawnl
+from fabric.netlink import rawnl, tolerated
 from fabric.netlink.addresses import AddressOwner
 from fabric.netlink.dataplane import KernelNeighbour, KernelRule, Nexthop, NhRoute, is_flood_mac
 from fabric.netlink.fake import NUD_PERMANENT, FakeDataplane
 from fabric.netlink.fdb import FdbOwner
 from fabric.netlink.links import LinkOwner
 from fabric.netlink.neighbours import NeighbourOwner
-from fabric.netlink.objects import RTPROT_FABRIC, Address, FdbEntry, Neighbour
+from fabric.netlink.objects import RTPROT_FABRIC, Address, FdbEntry, Neighbour, Rule
 from fabric.netlink.report import TableStats
 from fabric.netlink.routes import RouteOwner
 from fabric.netlink.rules import RuleOwner
@@ -121,3 +124,89 @@ def test_codec_encodings_match_uapi_layout() -> None:
     assert rawnl.u32(nh_attrs[rawnl.NHA_ID]) == 9 and rawnl.u32(nh_attrs[rawnl.NHA_OIF]) == 4
     with pytest.raises(ValueError, match="zz"):
         rawnl.mac_bytes("zz:00")
+
+
+# -- tolerated errnos: one table, every owner reads it ---------------------------------------
+
+_DELETERS: dict[str, tuple[str, Callable[[FakeDataplane], Any]]] = {
+    "links": ("del_link", lambda dp: LinkOwner(dp, NAMES)),
+    "addresses": ("del_address", lambda dp: AddressOwner(dp, NAMES)),
+    "rules": ("del_rule", lambda dp: RuleOwner(dp)),
+    "neighbours": ("del_neighbour", lambda dp: NeighbourOwner(dp, NAMES)),
+    "fdb": ("del_fdb", lambda dp: FdbOwner(dp, NAMES)),
+}
+
+
+def _delete_all(table: str, code: int) -> TableStats:
+    """Resync a populated fake kernel, then delete everything while the kernel answers ``code``."""
+    dp = populated()
+    stats = TableStats()
+    if table in ("routes", "nexthops"):
+        routes = RouteOwner(dp, NAMES, 200)
+        routes.resync()
+        routes.set_desired(frozenset())
+        dp.fail_when("del_route" if table == "routes" else "del_nexthop", lambda e: True, code)
+        other = TableStats()
+        nh, rt = (stats, other) if table == "nexthops" else (other, stats)
+        routes.apply_deletes(nh, rt)
+        return stats
+    op, make = _DELETERS[table]
+    owner = make(dp)
+    owner.resync()
+    owner.clear_desired()
+    dp.fail_when(op, lambda e: True, code)
+    owner.apply_deletes(stats)
+    return stats
+
+
+@pytest.mark.parametrize(
+    ("table", "code"),
+    [pytest.param(t, c, id=f"{t}-{errno.errorcode[c]}") for t, codes in tolerated.GONE_ON_DELETE.items()
+     for c in sorted(codes)],
+)
+def test_already_gone_on_delete_is_success(table: str, code: int) -> None:
+    stats = _delete_all(table, code)
+    assert (stats.failures, stats.deletes) == (0, 1), f"{table}: {errno.errorcode[code]} counted as a failure"
+
+
+@pytest.mark.parametrize("table", sorted(tolerated.GONE_ON_DELETE))
+def test_other_errnos_on_delete_are_failures(table: str) -> None:
+    stats = _delete_all(table, errno.EPERM)
+    assert (stats.failures, stats.deletes, stats.errnos) == (1, 0, {errno.EPERM: 1})
+
+
+def test_every_owned_table_has_an_entry_and_gone_is_common() -> None:
+    owned = {"links", "addresses", "rules", "neighbours", "fdb", "nexthops", "routes"}
+    assert set(tolerated.GONE_ON_DELETE) == owned == set(tolerated.THERE_ON_ADD)
+    # the object went with its device, for every kind
+    assert all({errno.ENOENT, errno.ESRCH, errno.ENODEV} <= v for v in tolerated.GONE_ON_DELETE.values())
+
+
+@pytest.mark.parametrize(
+    ("table", "make", "op", "code", "tolerated_"),
+    [
+        ("addresses", lambda dp: AddressOwner(dp, NAMES), "add_address", errno.EEXIST, True),
+        ("rules", lambda dp: RuleOwner(dp), "add_rule", errno.EEXIST, True),
+        ("addresses", lambda dp: AddressOwner(dp, NAMES), "add_address", errno.EPERM, False),
+        ("rules", lambda dp: RuleOwner(dp), "add_rule", errno.EPERM, False),
+    ],
+)
+def test_already_there_on_add(table: str, make: object, op: str, code: int, tolerated_: bool) -> None:
+    dp = FakeDataplane()
+    dp.add_plain_link("vx-bridge", kind="vxlan")
+    owner = make(dp)  # type: ignore[operator]
+    owner.resync()
+    want: frozenset[object] = frozenset(
+        {Address("vx-bridge", "10.240.0.9/8")} if table == "addresses" else {Rule(socket.AF_INET, 200, 200)}
+    )
+    owner.set_desired(want)
+    dp.fail_when(op, lambda e: True, code)
+    stats = TableStats()
+    owner.apply_adds(stats)
+    assert (stats.failures, stats.adds) == ((0, 1) if tolerated_ else (1, 0))
+
+
+def test_route_eexist_on_add_stays_a_failure() -> None:
+    # A route of another protocol holds the destination: not ours, so not "already there".
+    assert not tolerated.already_there("routes", errno.EEXIST)
+    assert not tolerated.already_there("links", errno.EEXIST)

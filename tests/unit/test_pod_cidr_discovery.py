@@ -18,7 +18,8 @@ import pytest
 from fabric import crd, types
 from fabric.control import api, planner
 from kubeemu.runner import ServerThread
-from tests.unit.test_k8s_source import CLUSTERS, EAST, Sink, _cond, _get, _request, _source, _until, cluster, emu
+from tests.unit.test_k8s_source import CLUSTERS, EAST, Sink, _cond, _get, _request, _source, cluster, emu
+from tests.waiting import wait_until_async
 
 __all__ = ["emu"]  # the fixture, imported for the tests below
 
@@ -198,15 +199,19 @@ def test_a_new_nodes_pod_cidr_reaches_the_configuration(emu: ServerThread) -> No
     async def scenario() -> None:
         task = asyncio.create_task(src.run(sink))
         try:
-            acc = await _until(lambda: _cond(_get(url, "west"), "Accepted"), "west status")
+            acc = await wait_until_async(lambda: _cond(_get(url, "west"), "Accepted"), 5, "west status")
             assert acc["status"] == "True" and "none yet: waiting for its nodes" in acc["message"]
             sink.nodes["west"] = {"w1": ("10.20.0.0/24",), "w2": ("10.20.1.0/24",)}
-            await _until(lambda: west_pods() == ("10.20.0.0/23",), "west's first two nodes")
+            await wait_until_async(lambda: west_pods() == ("10.20.0.0/23",), 5, "west's first two nodes")
             # A node added later, outside the union so far: the next configuration has it.
             sink.nodes["west"]["w3"] = ("10.20.2.0/24",)
-            await _until(lambda: west_pods() == ("10.20.0.0/23", "10.20.2.0/24"), "west's new node")
-            await _until(lambda: _get(url, "west")["status"]["clusterLinkStatus"]["podCIDRs"]
-                         == ["10.20.0.0/23", "10.20.2.0/24"], "west status podCIDRs")
+            await wait_until_async(lambda: west_pods() == ("10.20.0.0/23", "10.20.2.0/24"), 5, "west's new node")
+            await wait_until_async(
+                lambda: _get(url, "west")["status"]["clusterLinkStatus"]["podCIDRs"]
+                == ["10.20.0.0/23", "10.20.2.0/24"],
+                5,
+                "west status podCIDRs",
+            )
             acc = _cond(_get(url, "west"), "Accepted")
             assert acc["status"] == "True" and "waiting" not in acc["message"]
             # Stable: nothing changed, so no more configurations (no feedback loop).
@@ -220,7 +225,7 @@ def test_a_new_nodes_pod_cidr_reaches_the_configuration(emu: ServerThread) -> No
             assert east is not None and east.pod_cidrs == ("10.10.0.0/16",)
             # A node withdrawn: its range leaves the union.
             del sink.nodes["west"]["w1"]
-            await _until(lambda: west_pods() == ("10.20.1.0/24", "10.20.2.0/24"), "w1's range gone")
+            await wait_until_async(lambda: west_pods() == ("10.20.1.0/24", "10.20.2.0/24"), 5, "w1's range gone")
         finally:
             task.cancel()
             with pytest.raises(asyncio.CancelledError):

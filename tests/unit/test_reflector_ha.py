@@ -27,7 +27,8 @@ from fabric.control.generated import fabric_pb2 as pb
 from fabric.control.generated import fabric_pb2_grpc as pb_grpc
 from fabric.control.reflector import Reflector
 from kubeemu.runner import ServerThread
-from tests.unit.test_k8s_source import CLUSTERS, EAST, _get, _request, _source, _until, cluster, emu
+from tests.unit.test_k8s_source import CLUSTERS, EAST, _get, _request, _source, cluster, emu
+from tests.waiting import wait_until_async
 
 __all__ = ["emu"]  # the fixture (an emulated host API server with the CRD), imported for the tests below
 
@@ -113,9 +114,13 @@ def test_one_leader_serves_and_the_standby_takes_over(emu: ServerThread, tmp_pat
 
         await a.start()
         try:
-            await _until(lambda: a.reflector.ready()[0], "a leads")
+            await wait_until_async(lambda: a.reflector.ready()[0], 5, "a leads")
             await b.start()
-            await _until(lambda: b.reflector.ready()[1] == "standby replica; the leader is a", "b stands by")
+            await wait_until_async(
+                lambda: b.reflector.ready()[1] == "standby replica; the leader is a",
+                5,
+                "b stands by",
+            )
             assert a.reflector.ready()[0] and not b.reflector.ready()[0]
 
             # The standby refuses at once, naming the leader; it is not a rejection.
@@ -133,9 +138,13 @@ def test_one_leader_serves_and_the_standby_takes_over(emu: ServerThread, tmp_pat
 
             # e1 is served by the leader; its status lands in the Cluster for a successor.
             e1_old = agent(a.target, E1)
-            await _until(lambda: e1_old.snapshots == 1, "e1 synced by a")
-            await _until(lambda: [n["name"] for n in (_get(url, "east").get("status") or {})
-                                  .get("clusterLinkStatus", {}).get("nodes", [])] == ["e1"], "e1 in east's status")
+            await wait_until_async(lambda: e1_old.snapshots == 1, 5, "e1 synced by a")
+            await wait_until_async(
+                lambda: [n["name"] for n in (_get(url, "east").get("status") or {})
+                         .get("clusterLinkStatus", {}).get("nodes", [])] == ["e1"],
+                5,
+                "e1 in east's status",
+            )
             # e2's agent only knows the standby: it is refused and keeps retrying.
             e2 = agent(b.target, E2)
             await asyncio.sleep(0.5)
@@ -144,15 +153,19 @@ def test_one_leader_serves_and_the_standby_takes_over(emu: ServerThread, tmp_pat
             # The leader stops renewing: it stands down at once (sessions end with UNAVAILABLE)...
             await a.stop_source()
             assert not a.reflector.ready()[0]
-            await _until(lambda: e1_old.lost, "e1's session with a ends")
+            await wait_until_async(lambda: e1_old.lost, 5, "e1's session with a ends")
             assert "UNAVAILABLE" in e1_old.lost[0], e1_old.lost
             # ...and the standby takes over, ready though it holds for e1 (from east's status).
-            await _until(lambda: b.reflector.ready()[0], "b leads", timeout=8)
-            await _until(lambda: [n.name for n in b.reflector.status().clusters[0].nodes] == ["e2"], "e2 admitted")
+            await wait_until_async(lambda: b.reflector.ready()[0], 8, "b leads")
+            await wait_until_async(
+                lambda: [n.name for n in b.reflector.status().clusters[0].nodes] == ["e2"],
+                5,
+                "e2 admitted",
+            )
             assert b.reflector.holding and e2.snapshots == 0, "no END_OF_SNAPSHOT before e1 is back"
             await agents[0].close()
             e1 = agent(b.target, E1)  # e1's agent reconnects through the Service: to b
-            await _until(lambda: e1.snapshots == 1 and e2.snapshots == 1, "both synced by b")
+            await wait_until_async(lambda: e1.snapshots == 1 and e2.snapshots == 1, 5, "both synced by b")
             assert not b.reflector.holding
             lease = _request(url, "GET", LEASE)
             assert lease["spec"]["holderIdentity"] == "b"
@@ -161,8 +174,12 @@ def test_one_leader_serves_and_the_standby_takes_over(emu: ServerThread, tmp_pat
             lease["spec"]["holderIdentity"] = "c"
             lease["spec"]["renewTime"] = ks._micro_time(time.time())
             _request(url, "PUT", LEASE, lease)
-            await _until(lambda: b.reflector.ready() == (False, "standby replica; the leader is c"), "b stands down")
-            await _until(lambda: e1.lost and e2.lost, "b's sessions end")
+            await wait_until_async(
+                lambda: b.reflector.ready() == (False, "standby replica; the leader is c"),
+                5,
+                "b stands down",
+            )
+            await wait_until_async(lambda: e1.lost and e2.lost, 5, "b's sessions end")
             assert all("UNAVAILABLE" in r and "the leader is c" in r for r in (e1.lost[0], e2.lost[0]))
             assert not (e1_old.rejected or e1.rejected or e2.rejected)
         finally:

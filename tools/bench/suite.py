@@ -33,6 +33,7 @@ from pathlib import Path
 from types import FrameType, ModuleType
 from typing import Any
 
+from fabric.cli_types import positive_float
 from tools.bench import common as bc
 
 _log = logging.getLogger(__name__)
@@ -81,16 +82,6 @@ def _parse_shapes(text: str) -> tuple[str, ...]:
             f"--shape {text!r}: expected comma-separated shapes of {', '.join(bc.CONTROL_SHAPES)}"
         )
     return values
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number")
-    return value
 
 
 # -- machine and rendering -------------------------------------------------------------------
@@ -279,7 +270,7 @@ def main(argv: list[str]) -> int:
                         help="control: p2p (2 P2P clusters: every agent holds every node) and/or gateway "
                         "(gateway-mode clusters of 100 nodes, 3 gateway candidates each), run at every N "
                         "(default: p2p for N <= 1000, gateway for every N)")  # fmt: skip
-    parser.add_argument("--budget", type=_positive_float, default=bc.Options.budget_s, metavar="S",
+    parser.add_argument("--budget", type=positive_float, default=bc.Options.budget_s, metavar="S",
                         help="control: seconds to bring up the agents of one N (default %(default)g)")  # fmt: skip
     parser.add_argument("--tiny", action="store_true", help="smoke-test sizes: short and small, proves it runs")
     args = parser.parse_args(argv)

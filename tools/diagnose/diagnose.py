@@ -43,13 +43,13 @@ import ipaddress
 import json
 import logging
 import socket
-import struct
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from fabric import netns as namespaces
 from fabric.control import api
+from fabric.netlink import icmp
 from tools import lab
 
 _log = logging.getLogger(__name__)
@@ -290,7 +290,7 @@ def link_mtu(netns: str, ifname: str) -> int | None:
 
 
 def echo(netns: str, ip: str, timeout_s: float = 1.0, count: int = 2) -> tuple[bool, str]:
-    """ICMP echo from ``netns`` (scapy-built, see tools.diagnose.probe); ``(answered, error)``."""
+    """ICMP echo from ``netns`` (see tools.diagnose.probe); ``(answered, error)``."""
     from tools.diagnose import probe
 
     res = in_netns(netns, lambda: probe.probe_icmp([ip], timeout_s, count))[0]
@@ -575,14 +575,12 @@ def render_trace(t: Trace, color: bool = False) -> str:
 
 def _echo_sized(dst: str, size: int, timeout_s: float, tries: int) -> tuple[bool, str]:
     """One DF echo of ``size`` payload bytes (in the caller's namespace); ``(answered, why not)``."""
-    from scapy.layers.inet import ICMP
-
     ident = (int(time.monotonic() * 1000) ^ size) & 0xFFFF
     with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as sock:
         sock.setsockopt(socket.IPPROTO_IP, _IP_MTU_DISCOVER, _IP_PMTUDISC_PROBE)
         why = "no reply"
         for seq in range(tries):
-            pkt = bytes(ICMP(type=8, id=ident, seq=seq) / (b"\x5a" * size))
+            pkt = icmp.echo_request(ident, seq, b"\x5a" * size)
             try:
                 sock.sendto(pkt, (dst, 0))
             except OSError as e:
@@ -594,13 +592,14 @@ def _echo_sized(dst: str, size: int, timeout_s: float, tries: int) -> tuple[bool
                     data = sock.recv(65535)
                 except TimeoutError:
                     break
-                ihl = (data[0] & 0x0F) * 4
-                typ, code = data[ihl], data[ihl + 1]
-                if typ == 0 and struct.unpack("!H", data[ihl + 4 : ihl + 6])[0] == ident:
+                msg = icmp.parse4(data)
+                if msg is None:
+                    continue
+                if msg.type == icmp.ECHO_REPLY and msg.ident == ident:
                     return True, ""
-                if typ == 3 and code == 4:
-                    mtu = struct.unpack("!H", data[ihl + 6 : ihl + 8])[0]
-                    why = f"fragmentation needed (next-hop MTU {mtu}) from {socket.inet_ntoa(data[12:16])}"
+                if msg.type == icmp.DEST_UNREACHABLE and msg.code == icmp.FRAG_NEEDED:
+                    # bytes 6-7 of a "fragmentation needed" header: the next hop's MTU
+                    why = f"fragmentation needed (next-hop MTU {msg.seq}) from {msg.src}"
         return False, why
 
 

@@ -7,7 +7,8 @@ namespace), writes the destinations as JSON on stdin, and reads one JSON documen
     stdout: {"results": [{"dst_ip": "10.10.0.3", "proto": "icmp", "ok": true, "rtt_ms": 0.08,
                           "sent": 1, "received": 1, "error": null}, ...]}
 
-How a probe works: echo requests are built with scapy and sent through one raw ICMP socket (the
+How a probe works: echo requests are built by :mod:`fabric.netlink.icmp` (the agent's tunnel
+prober's encoder and parser) and sent through one raw ICMP socket (the
 kernel routes them exactly as it routes pod traffic); every request carries this worker's ICMP
 id and a sequence number that indexes (destination, attempt). All requests go out first, then
 replies are collected until every one is answered or the timeout passes, so a worker takes
@@ -31,9 +32,14 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from fabric.netlink import icmp
+
 _log = logging.getLogger(__name__)
 
-_ICMP_ERRORS = {3: "destination unreachable", 11: "time exceeded"}
+#: ICMP error types (RFC 792 / RFC 4443) reported as the reason of a failed probe.
+_ICMP_ERRORS = {icmp.DEST_UNREACHABLE: "destination unreachable", icmp.TIME_EXCEEDED: "time exceeded"}
+_ICMP6_ERRORS = {icmp.DEST_UNREACHABLE6: "destination unreachable", icmp.TIME_EXCEEDED6: "time exceeded"}
+_PAYLOAD = b"kosmos-fabric-check"
 
 
 @dataclasses.dataclass
@@ -60,19 +66,20 @@ def probe_icmp(targets: Sequence[str], timeout_s: float, count: int = 1) -> list
             for idx, res in zip(v4, probe_icmp([targets[i] for i in v4], timeout_s, count), strict=True):
                 merged[idx] = res
         return [merged[i] for i in range(len(targets))]
-    return _probe_icmp4(targets, timeout_s, count)
-
-
-#: ICMPv6 error types (RFC 4443) reported as the reason of a failed probe.
-_ICMP6_ERRORS = {1: "destination unreachable", 3: "time exceeded"}
+    return _probe(targets, timeout_s, count, socket.AF_INET)
 
 
 def probe_icmp6(targets: Sequence[str], timeout_s: float, count: int = 1) -> list[ProbeResult]:
     """ICMPv6-echo every target ``count`` times, as :func:`probe_icmp` does for IPv4. One raw
     ICMPv6 socket: the kernel fills the checksum and delivers messages without the IPv6 header
     (the source comes from ``recvfrom``). Errors quoting one of our requests name the reason."""
-    import struct
+    return _probe(targets, timeout_s, count, socket.AF_INET6)
 
+
+def _probe(targets: Sequence[str], timeout_s: float, count: int, family: int) -> list[ProbeResult]:
+    """Send every echo first, then collect replies and errors until all are resolved or the
+    timeout passes; one family (one raw socket) per call."""
+    v6 = family == socket.AF_INET6
     if len(targets) * count > 0xFFFF:
         raise ValueError(f"{len(targets)} targets x {count} probes do not fit in 16-bit ICMP sequence numbers")
     ident = random.randrange(1, 0xFFFF)
@@ -80,15 +87,19 @@ def probe_icmp6(targets: Sequence[str], timeout_s: float, count: int = 1) -> lis
     rtts: dict[int, list[float]] = {i: [] for i in range(len(targets))}
     errors: dict[int, str] = {}
     sent = dict.fromkeys(range(len(targets)), 0)
-    payload = b"kosmos-fabric-check"
-    canon = [socket.inet_ntop(socket.AF_INET6, socket.inet_pton(socket.AF_INET6, t)) for t in targets]
-    with socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6) as sock:
+    # Replies are matched on the source too; IPv6 sources come back in canonical form.
+    canon = [socket.inet_ntop(socket.AF_INET6, socket.inet_pton(socket.AF_INET6, t)) for t in targets] if v6 \
+        else list(targets)
+    error_names = _ICMP6_ERRORS if v6 else _ICMP_ERRORS
+    proto = socket.IPPROTO_ICMPV6 if v6 else socket.IPPROTO_ICMP
+    with socket.socket(family, socket.SOCK_RAW, proto) as sock:
         for i, dst in enumerate(targets):
             for k in range(count):
                 seq = i * count + k
+                request = icmp.echo_request6(ident, seq, _PAYLOAD) if v6 else icmp.echo_request(ident, seq, _PAYLOAD)
                 try:
                     sent_at[seq] = time.monotonic()
-                    sock.sendto(struct.pack("!BBHHH", 128, 0, 0, ident, seq) + payload, (dst, 0))
+                    sock.sendto(request, (dst, 0))
                     sent[i] += 1
                 except OSError as e:
                     del sent_at[seq]
@@ -103,26 +114,25 @@ def probe_icmp6(targets: Sequence[str], timeout_s: float, count: int = 1) -> lis
                 break
             data, addr = sock.recvfrom(65535)
             now = time.monotonic()
-            if len(data) < 8:
+            msg = icmp.parse6(data, str(addr[0])) if v6 else icmp.parse4(data)
+            if msg is None:
                 continue
-            icmp_type, code, _csum, rid, seq = struct.unpack("!BBHHH", data[:8])
-            src = str(addr[0]).partition("%")[0]
-            if icmp_type == 129 and rid == ident and seq in sent_at:
-                i = seq // count
-                if src != canon[i]:
+            if msg.is_reply(ident) and msg.seq in sent_at:
+                i = msg.seq // count
+                if msg.src != canon[i]:
                     continue  # someone else's reply with a colliding id: not ours
-                rtts[i].append((now - sent_at.pop(seq)) * 1000.0)
-            elif icmp_type in _ICMP6_ERRORS and len(data) >= 8 + 40 + 8:
-                # The error quotes our request: IPv6 header (40 bytes), then our echo header.
-                qtype, _qc, _qs, qid, qseq = struct.unpack("!BBHHH", data[48:56])
-                if qtype == 128 and qid == ident and qseq in sent_at:
+                rtts[i].append((now - sent_at.pop(msg.seq)) * 1000.0)
+            elif msg.type in error_names and msg.quoted is not None and msg.quotes(ident):
+                # The error quotes our original request: find which one it was.
+                qseq = msg.quoted[1]
+                if qseq in sent_at:
                     i = qseq // count
-                    errors[i] = f"{_ICMP6_ERRORS[icmp_type]} (code {code}) from {src}"
+                    errors[i] = f"{error_names[msg.type]} (code {msg.code}) from {msg.src}"
                     sent_at.pop(qseq)
     return [
         ProbeResult(
             dst_ip=dst,
-            proto="icmp6",
+            proto="icmp6" if v6 else "icmp",
             ok=bool(rtts[i]),
             rtt_ms=round(min(rtts[i]), 3) if rtts[i] else None,
             sent=sent[i],
@@ -131,80 +141,6 @@ def probe_icmp6(targets: Sequence[str], timeout_s: float, count: int = 1) -> lis
         )
         for i, dst in enumerate(targets)
     ]
-
-
-def _probe_icmp4(targets: Sequence[str], timeout_s: float, count: int = 1) -> list[ProbeResult]:
-    """:func:`probe_icmp` for IPv4 targets (scapy builds and parses the packets)."""
-    from scapy.layers.inet import ICMP, IP, IPerror
-
-    if len(targets) * count > 0xFFFF:
-        raise ValueError(f"{len(targets)} targets x {count} probes do not fit in 16-bit ICMP sequence numbers")
-    ident = random.randrange(1, 0xFFFF)
-    sent_at: dict[int, float] = {}
-    rtts: dict[int, list[float]] = {i: [] for i in range(len(targets))}
-    errors: dict[int, str] = {}
-    sent = dict.fromkeys(range(len(targets)), 0)
-    payload = b"kosmos-fabric-check"
-
-    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as sock:
-        for i, dst in enumerate(targets):
-            for k in range(count):
-                seq = i * count + k
-                pkt = ICMP(type=8, code=0, id=ident, seq=seq) / payload
-                try:
-                    sent_at[seq] = time.monotonic()
-                    sock.sendto(bytes(pkt), (dst, 0))
-                    sent[i] += 1
-                except OSError as e:
-                    del sent_at[seq]
-                    errors[i] = f"send failed: {e.strerror or e}"
-        deadline = time.monotonic() + timeout_s
-        while sent_at:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            ready, _, _ = select.select([sock], [], [], left)
-            if not ready:
-                break
-            data = sock.recv(65535)
-            now = time.monotonic()
-            ip = IP(data)
-            if ICMP not in ip:
-                continue
-            icmp = ip[ICMP]
-            if icmp.type == 0 and icmp.id == ident and icmp.seq in sent_at:
-                i = icmp.seq // count
-                if ip.src != targets[i]:
-                    continue  # someone else's reply with a colliding id: not ours
-                rtts[i].append((now - sent_at.pop(icmp.seq)) * 1000.0)
-            elif icmp.type in _ICMP_ERRORS and IPerror in ip:
-                # The error quotes our original request: find which one it was.
-                quoted = ip[IPerror].payload
-                qid, qseq = getattr(quoted, "id", None), getattr(quoted, "seq", None)
-                if qid == ident and qseq in sent_at:
-                    i = qseq // count
-                    errors[i] = f"{_ICMP_ERRORS[icmp.type]} (code {icmp.code}) from {ip.src}"
-                    sent_at.pop(qseq)
-
-    out = []
-    for i, dst in enumerate(targets):
-        got = rtts[i]
-        ok = bool(got)
-        err = None
-        if not ok:
-            err = errors.get(i) or f"no reply within {timeout_s:g} s ({sent[i]} sent)"
-        out.append(
-            ProbeResult(
-                dst_ip=dst,
-                proto="icmp",
-                ok=ok,
-                rtt_ms=round(min(got), 3) if got else None,
-                sent=sent[i],
-                received=len(got),
-                error=err,
-            )
-        )
-    return out
 
 
 def parse_request(doc: Any) -> tuple[list[str], float, int]:
