@@ -8,8 +8,8 @@ The modules at this root are the ones more than one component uses: ``types`` (t
 everyone exchanges), ``topology`` (the topology file), ``crd`` (the ``Cluster`` custom
 resource), ``nodeinfo`` (facts about a node's links and addresses), ``health`` (the /healthz
 /readyz /metrics endpoint both daemons serve), ``logs`` (one logging set-up), ``backoff`` (the
-one retry delay policy) and ``netns`` (entering network namespaces without forking). They
-import nothing above them. Production code never imports ``tools`` or ``kubeemu`` (the lab
-distribution); import-linter enforces all of it (``[tool.importlinter]`` in pyproject.toml, run
-as a test).
+one retry delay policy), ``icmp`` (the one ICMP echo codec), ``cli_types`` (argument types)
+and ``netns`` (entering network namespaces without forking). They import nothing above them.
+Production code never imports ``tools`` or ``kubeemu`` (the lab distribution); import-linter
+enforces all of it (``[tool.importlinter]`` in pyproject.toml, run as a test).
 """

@@ -1,6 +1,7 @@
 """The per-node agent (``fabric-agent``): everything that runs on a node and nothing else.
 
-* :mod:`fabric.agent.agent` - the process: control session, reconcile loop, probes, ``main``.
+* :mod:`fabric.agent.agent` - the process: control session, reconcile loop, ``main``.
+* :mod:`fabric.agent.probes` - tunnel probes (ICMP through the tunnel) to the gateways it uses.
 * :mod:`fabric.agent.config` - flags and environment into an :class:`~fabric.agent.config.AgentConfig`.
 * :mod:`fabric.agent.render` - the pure step from a planned ``NodeState`` to kernel objects.
 * :mod:`fabric.agent.translator` - loads and feeds the global-IP translation programs.

@@ -20,7 +20,7 @@ Life of an agent
 6. Losing the reflector changes nothing in the dataplane: the last good state stays
    programmed and keeps being repaired; the session reconnects in the background.
 7. Peers the plan marks ``probe`` (the active and standby gateways this node depends on) are
-   probed through the tunnel every ``--probe-interval`` (:mod:`fabric.netlink.probes`); the set
+   probed through the tunnel every ``--probe-interval`` (:mod:`fabric.agent.probes`); the set
    of peers that stopped answering is reported on the session whenever it changes. The
    reflector moves gateway roles from these reports; the agent itself never reroutes on its own
    (one decision maker: no split brain).
@@ -51,6 +51,7 @@ from typing import Protocol
 
 from fabric import health, logs, nodeinfo, types
 from fabric.agent import config as config_mod
+from fabric.agent import probes as probes_mod
 from fabric.agent import render, xlate_metrics
 from fabric.agent import translator as translator_mod
 from fabric.backoff import Backoff
@@ -59,7 +60,6 @@ from fabric.netlink import dataplane as dataplane_mod
 from fabric.netlink import events as events_mod
 from fabric.netlink import neighbours as neighbours_mod
 from fabric.netlink import objects
-from fabric.netlink import probes as probes_mod
 from fabric.netlink import reconciler as reconciler_mod
 from fabric.netlink import underlay as underlay_mod
 

@@ -9,8 +9,8 @@ import socket
 import struct
 
 from fabric import types
+from fabric.agent import probes
 from fabric.control import client, planner
-from fabric.netlink import probes
 from tests.unit.test_control_session import KEEPALIVE, harness, run
 from tests.waiting import wait_until_async
 

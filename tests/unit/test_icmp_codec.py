@@ -5,7 +5,7 @@ from __future__ import annotations
 from scapy.layers.inet import ICMP, IP
 from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6EchoRequest, IPv6
 
-from fabric.netlink import icmp
+from fabric import icmp
 
 
 def test_echo_request_is_what_scapy_builds() -> None:

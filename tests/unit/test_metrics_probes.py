@@ -16,8 +16,8 @@ from prometheus_client import CollectorRegistry
 
 from fabric import health, types
 from fabric.agent import agent as agent_mod
+from fabric.agent import probes
 from fabric.control import reflector
-from fabric.netlink import probes
 from tests.unit.test_agent_loop import CLUSTERS, NODES, _agent, _in_sync
 from tests.waiting import wait_until_async
 

@@ -47,9 +47,9 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
+from fabric import icmp
 from fabric import netns as namespaces
 from fabric.control import api
-from fabric.netlink import icmp
 from tools import lab
 
 _log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ namespace), writes the destinations as JSON on stdin, and reads one JSON documen
     stdout: {"results": [{"dst_ip": "10.10.0.3", "proto": "icmp", "ok": true, "rtt_ms": 0.08,
                           "sent": 1, "received": 1, "error": null}, ...]}
 
-How a probe works: echo requests are built by :mod:`fabric.netlink.icmp` (the agent's tunnel
+How a probe works: echo requests are built by :mod:`fabric.icmp` (the agent's tunnel
 prober's encoder and parser) and sent through one raw ICMP socket (the
 kernel routes them exactly as it routes pod traffic); every request carries this worker's ICMP
 id and a sequence number that indexes (destination, attempt). All requests go out first, then
@@ -32,7 +32,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from fabric.netlink import icmp
+from fabric import icmp
 
 _log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """ICMP and ICMPv6 echo: the one encoder and parser of the agent's tunnel probes and the tools.
 
-The agent's prober (:mod:`fabric.netlink.probes`), ``fabric-probe`` (``tools.diagnose.probe``) and
+The agent's prober (:mod:`fabric.agent.probes`), ``fabric-probe`` (``tools.diagnose.probe``) and
 ``fabric diagnose mtu`` all send echo requests through raw sockets and read what comes back;
 they share this code so that a request is built, and a reply or an ICMP error matched, the same
 way everywhere. Standard library only (no scapy): the agent image does not carry it.

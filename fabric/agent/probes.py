@@ -48,7 +48,7 @@ import struct
 import time
 from collections.abc import Callable, Mapping
 
-from fabric.netlink import icmp
+from fabric import icmp
 
 _log = logging.getLogger(__name__)
 
