@@ -8,8 +8,8 @@ import socket
 import pytest
 
 from fabric import types
-from fabric.agent import config, render
-from fabric.netlink import objects, probes
+from fabric.agent import config, probes, render
+from fabric.netlink import objects
 
 BASE = ["--reflector", "198.18.0.1:4880", "--cluster", "east", "--node", "e1", "--underlay-ip", "198.18.0.11"]
 
