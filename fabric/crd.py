@@ -40,7 +40,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from fabric import nodeinfo, types
+from fabric import nodeinfo, types, validation
 
 _log = logging.getLogger(__name__)
 
@@ -196,13 +196,10 @@ class _Checker:
         self.problems.append(Problem(self.cluster, path, reason))
 
     def cidr(self, value: Any, path: str, families: tuple[int, ...]) -> str | None:
-        if not isinstance(value, str):
-            self.err(path, f"{value!r} is not a CIDR string")
-            return None
         try:
-            net = ipaddress.ip_network(value, strict=True)
+            net = ipaddress.ip_network(validation.parse_cidr(value))
         except ValueError as e:
-            self.err(path, f"{value!r} is not a valid CIDR ({e})")
+            self.err(path, str(e))
             return None
         if families and net.version not in families:
             names = ", ".join(types.FAMILY_NAMES[f] for f in families)

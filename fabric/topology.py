@@ -68,7 +68,7 @@ from typing import Any
 
 import yaml
 
-from fabric import types
+from fabric import types, validation
 
 DEFAULT_UNDERLAY = "198.18.0.0/16"
 #: The lab's IPv6 underlay (nodes of clusters that run IPv6); see the module docstring.
@@ -231,15 +231,11 @@ class _Parser:
         return value
 
     def _cidr(self, value: Any, path: str) -> str | None:
-        if not isinstance(value, str):
-            self.err(path, f"{value!r} is not a CIDR string")
-            return None
         try:
-            net = ipaddress.ip_network(value, strict=True)
+            return validation.parse_cidr(value)
         except ValueError as e:
-            self.err(path, f"{value!r} is not a valid CIDR ({e})")
+            self.err(path, str(e))
             return None
-        return str(net)
 
     def _cidr_of(self, value: Any, path: str, family: int) -> str | None:
         c = self._cidr(value, path)
@@ -282,8 +278,9 @@ class _Parser:
         self._keys(doc, _TOP_KEYS, "")
         underlay = self._cidr_of(doc.get("underlay", DEFAULT_UNDERLAY), "underlay", 4) or DEFAULT_UNDERLAY
         underlay6 = self._cidr_of(doc.get("underlay6", DEFAULT_UNDERLAY6), "underlay6", 6) or DEFAULT_UNDERLAY6
-        bridge = self._cidr_list(doc.get("bridgeCIDRs", [types.DEFAULT_BRIDGE_CIDR_V4]), "bridgeCIDRs", required=True)
-        local = self._cidr_list(doc.get("localCIDRs", [types.DEFAULT_LOCAL_CIDR_V4]), "localCIDRs", required=True)
+        # Absent overlay keys stay empty here: their defaults are checked only where used.
+        bridge = self._cidr_list(doc["bridgeCIDRs"], "bridgeCIDRs", required=True) if "bridgeCIDRs" in doc else []
+        local = self._cidr_list(doc["localCIDRs"], "localCIDRs", required=True) if "localCIDRs" in doc else []
         kubernetes = doc.get("kubernetes", False)
         if not isinstance(kubernetes, bool):
             self.err("kubernetes", f"{kubernetes!r} must be true or false")
@@ -309,7 +306,7 @@ class _Parser:
             clusters.append((path, rc))
 
         parsed = [self._cluster(path, rc) for path, rc in clusters]
-        self._cross_checks(parsed, underlay, bridge, local, underlay6)
+        self._cross_checks(parsed, underlay, bridge, local, underlay6, underlay6_default="underlay6" not in doc)
         self._assign(parsed, underlay)
         self._assign6(parsed, underlay, underlay6)
         if self.problems:
@@ -338,7 +335,8 @@ class _Parser:
                 )
             )
         return TopologyFile(
-            self.source, underlay, tuple(bridge), tuple(result), tuple(local), kubernetes, underlay6=underlay6
+            self.source, underlay, tuple(bridge) or (types.DEFAULT_BRIDGE_CIDR_V4,), tuple(result),
+            tuple(local) or (types.DEFAULT_LOCAL_CIDR_V4,), kubernetes, underlay6=underlay6,
         )
 
     def _cluster(self, path: str, rc: dict[str, Any]) -> _PCluster:
@@ -515,7 +513,8 @@ class _Parser:
             pc.gateways.append(name)
 
     def _cross_checks(
-        self, parsed: list[_PCluster], underlay: str, bridge: list[str], local: list[str], underlay6: str
+        self, parsed: list[_PCluster], underlay: str, bridge: list[str], local: list[str], underlay6: str,
+        underlay6_default: bool,
     ) -> None:
         # Every CIDR of every cluster, with where it came from.
         owned: list[tuple[str, str, str]] = []  # (cidr, path, cluster)
@@ -553,42 +552,20 @@ class _Parser:
             for c, p, _ in owned:
                 if types.cidrs_overlap(globals_[a][0], c):
                     self.err(globals_[a][1], f"global CIDR {globals_[a][0]} overlaps {c} at {p}")
-        # A family missing from bridgeCIDRs/localCIDRs takes its default: check those too.
-        bridge_defaults = [
-            (c, f"bridgeCIDRs (IPv{types.family_of(c)} default)")
-            for c in types.with_defaults(bridge, (types.DEFAULT_BRIDGE_CIDR_V4, types.DEFAULT_BRIDGE_CIDR_V6))
-            if c not in bridge
-        ]
-        local_defaults = [
-            (c, f"localCIDRs (IPv{types.family_of(c)} default)")
-            for c in types.with_defaults(local, (types.DEFAULT_LOCAL_CIDR_V4, types.DEFAULT_LOCAL_CIDR_V6))
-            if c not in local
-        ]
-        infra = [
-            (underlay, "underlay"),
-            (underlay6, "underlay6"),
-            *[(c, f"bridgeCIDRs[{i}]") for i, c in enumerate(bridge)],
-            *[(c, f"localCIDRs[{i}]") for i, c in enumerate(local)],
-            *bridge_defaults,
-            *local_defaults,
-        ]
-        for c, p, _ in [*owned, *((g, p, "") for g, p in globals_)]:
-            for ic, ip_ in infra:
-                if types.cidrs_overlap(c, ic):
-                    self.err(p, f"{c} overlaps {ic} ({ip_})")
-        bridges = [*((c, f"bridgeCIDRs[{i}]") for i, c in enumerate(bridge)), *bridge_defaults]
-        locals_ = [*((c, f"localCIDRs[{i}]") for i, c in enumerate(local)), *local_defaults]
-        for c, p in bridges:
-            for ul, key in ((underlay, "underlay"), (underlay6, "underlay6")):
-                if types.cidrs_overlap(c, ul):
-                    self.err(p, f"{c} overlaps the {key} {ul}")
-        for c, p in locals_:
-            for ul, key in ((underlay, "underlay"), (underlay6, "underlay6")):
-                if types.cidrs_overlap(c, ul):
-                    self.err(p, f"{c} overlaps the {key} {ul}")
-            for bc, bp in bridges:
-                if types.cidrs_overlap(c, bc):
-                    self.err(p, f"{c} overlaps {bc} ({bp})")
+        # Infrastructure ranges; a default (a family the file does not set) only where it is used.
+        run = {f for pc in parsed for f in pc.families}
+        gateway_run = {f for pc in parsed if pc.mode is types.ClusterMode.GATEWAY for f in pc.families}
+        underlays = [validation.Range(underlay, "underlay", "underlay")]
+        if not underlay6_default or 6 in run:
+            underlays.append(validation.Range(underlay6, "underlay6", "underlay6", default=underlay6_default))
+        problems = validation.infra_problems(
+            [*((c, p) for c, p, _ in owned), *globals_],
+            underlays,
+            validation.overlay_ranges("bridgeCIDRs", bridge, validation.BRIDGE_DEFAULTS, run),
+            validation.overlay_ranges("localCIDRs", local, validation.LOCAL_DEFAULTS, gateway_run),
+        )
+        for path, reason in problems:
+            self.err(path, reason)
 
     def _assign(self, parsed: list[_PCluster], underlay: str) -> None:
         """Fill in absent node pod CIDRs and underlay addresses, deterministically, in file order."""
