@@ -17,17 +17,172 @@ set are always checked: the user wrote them, an overlap is a mistake even before
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import ipaddress
+import re
 from collections.abc import Iterable, Sequence
+from typing import Any
+
+import jsonschema  # type: ignore[import-untyped]
 
 from fabric import types
+from fabric.crd_schema import OPENAPI_V3_SCHEMA
 
 #: Problems as ``(key path, reason)``; the caller prefixes its source.
 Problems = list[tuple[str, str]]
 
 BRIDGE_DEFAULTS = (types.DEFAULT_BRIDGE_CIDR_V4, types.DEFAULT_BRIDGE_CIDR_V6)
 LOCAL_DEFAULTS = (types.DEFAULT_LOCAL_CIDR_V4, types.DEFAULT_LOCAL_CIDR_V6)
+
+
+# --------------------------------------------------------------------------------------------
+# Structure: one schema, the CRD's openAPIV3Schema (fabric/crd_schema.py, generated from the CRD)
+# --------------------------------------------------------------------------------------------
+
+#: Lab pods per node (the topology file's ``pods``).
+MAX_PODS_PER_NODE = 64
+#: Names of the topology file become parts of namespace and interface names in the lab: short.
+MAX_LAB_NAME = 20
+DNS1123_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+#: What an enum's value is, by the key holding it, for "'mesh' is not a mode (p2p, gateway)".
+_NOUNS = {"networkType": "a network type", "mode": "a mode", "ipFamilies": "an address family"}
+_TYPES = {"boolean": "true or false", "array": "a list", "object": "a mapping", "string": "a string",
+          "integer": "an integer", "number": "a number"}
+_REQUIRED = re.compile(r"^'(.*)' is a required property$")
+
+
+def cluster_schema() -> dict[str, Any]:
+    """The Cluster resource's schema (a copy): what the API server checks per object."""
+    return copy.deepcopy(OPENAPI_V3_SCHEMA)
+
+
+def _link_piece(key: str) -> dict[str, Any]:
+    """A copy of the schema of ``spec.clusterLinkOptions.<key>`` (shared with the topology file)."""
+    piece = OPENAPI_V3_SCHEMA["properties"]["spec"]["properties"]["clusterLinkOptions"]["properties"][key]
+    return {k: copy.deepcopy(v) for k, v in piece.items() if k not in ("default", "description")}
+
+
+#: The CIDR string schema (pattern and size) every CIDR of the configuration follows.
+CIDR_SCHEMA = _link_piece("podCIDRs")["items"]
+
+
+def topology_schema() -> dict[str, Any]:
+    """The topology file's schema: per cluster, the Cluster resource's pieces under the file's
+    names (``mode`` is ``networkType``, ``gateways`` is ``gatewayCandidates``, ``globalCIDRs`` is
+    ``globalCIDRsMap``), plus what only the file has (the lab's nodes, underlays)."""
+    cidr = copy.deepcopy(CIDR_SCHEMA)
+    ip = {"type": "string"}
+    label = {"type": "string", "pattern": DNS1123_LABEL, "maxLength": MAX_LAB_NAME,
+             "x-what": "a DNS-1123 label (lower-case letters, digits, '-')"}
+    pod_cidr = {"anyOf": [cidr, {"type": "array", "minItems": 1, "maxItems": 2, "items": cidr}],
+                "x-what": "a CIDR or a list of one per family"}
+    node = {"type": "object", "additionalProperties": False, "required": ["name"], "properties": {
+        "name": label, "podCIDR": pod_cidr, "pods": {"type": "integer", "minimum": 0, "maximum": MAX_PODS_PER_NODE,
+                                                    "x-what": f"an integer from 0 to {MAX_PODS_PER_NODE}"},
+        "underlay": ip, "underlay6": ip}}
+    gateways = _link_piece("gatewayCandidates")
+    gateways.update(items=label, minItems=1)
+    gateways["x-what"] = "a non-empty list of node names (omit it to allow every node)"
+    global_map = _link_piece("globalCIDRsMap")
+    global_map.pop("x-kubernetes-validations", None)  # CEL; the same rule is a semantic check here
+    global_map.update(minProperties=1, **{"x-what": "a non-empty mapping of local CIDR to global CIDR"})
+    families = _link_piece("ipFamilies")
+    families["x-what"] = "a list of one or two address families (IPv4, IPv6)"
+    cluster = {"type": "object", "additionalProperties": False, "required": ["name", "podCIDRs"], "properties": {
+        "name": label,
+        "mode": _link_piece("networkType"),
+        "ipFamilies": families,
+        "podCIDRs": {**_link_piece("podCIDRs"), "minItems": 1, "x-what": "a non-empty list of CIDRs"},
+        "serviceCIDRs": {**_link_piece("serviceCIDRs"), "x-what": "a list of CIDRs"},
+        "gateways": gateways,
+        "globalCIDRs": global_map,
+        "nodes": {"type": "array", "items": node, "x-what": "a list of nodes"},
+    }}
+    return {"type": "object", "additionalProperties": False, "required": ["clusters"], "properties": {
+        "underlay": cidr, "underlay6": cidr,
+        "bridgeCIDRs": {"type": "array", "minItems": 1, "items": cidr, "x-what": "a non-empty list of CIDRs"},
+        "localCIDRs": {"type": "array", "minItems": 1, "items": cidr, "x-what": "a non-empty list of CIDRs"},
+        "kubernetes": {"type": "boolean"},
+        "clusters": {"type": "array", "minItems": 1, "items": cluster, "x-what": "a non-empty list of clusters"},
+    }}
+
+
+@functools.cache
+def _validator(which: str) -> Any:
+    schema = topology_schema() if which == "topology" else cluster_schema()
+    return jsonschema.Draft7Validator(schema)
+
+
+def schema_problems(which: str, doc: Any, unknown: str = "unknown key") -> Problems:
+    """Where ``doc`` breaks the ``which`` schema ("topology" or "cluster"), as (path, reason)
+    in the configuration's own words; one problem per path (the first, in document order)."""
+    out: dict[str, str] = {}
+    for e in sorted(_validator(which).iter_errors(doc), key=lambda e: [str(p) for p in e.absolute_path]):
+        for path, reason in _explain(e, unknown):
+            out.setdefault(path, reason)
+    return list(out.items())
+
+
+def join(path: str, key: str | int) -> str:
+    """A key path as the configuration's messages write it: ``clusters[0].globalCIDRs[10.0.0.0/8]``."""
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    if not path:
+        return key
+    return f"{path}[{key}]" if ("." in key or "/" in key or ":" in key) else f"{path}.{key}"
+
+
+def _explain(e: Any, unknown: str) -> Problems:
+    path = ""
+    for p in e.absolute_path:
+        path = join(path, p)
+    v, kind, node = e.instance, e.validator, e.schema
+    what = node.get("x-what")
+    if kind == "required":
+        m = _REQUIRED.match(e.message)
+        key = m.group(1) if m else "?"
+        sub = (node.get("properties") or {}).get(key, {})
+        need = sub.get("x-what") or _TYPES.get(sub.get("type", ""), "")
+        return [(join(path, key), f"is required ({need})" if need else "is required")]
+    if kind == "additionalProperties":
+        allowed = ", ".join(sorted(node.get("properties") or {}))
+        extra = [k for k in v if k not in (node.get("properties") or {})]
+        return [(join(path, k), f"{unknown} (allowed: {allowed})") for k in extra]
+    if node.get("pattern") == CIDR_SCHEMA["pattern"] or (kind == "anyOf" and isinstance(v, str)):
+        try:
+            parse_cidr(v)
+        except ValueError as err:
+            return [(path, str(err))]
+    if kind == "enum":
+        keys = [p for p in e.absolute_path if isinstance(p, str)]
+        noun = _NOUNS.get(keys[-1] if keys else "", "a valid value")
+        return [(path, f"{v!r} is not {noun} ({', '.join(str(x) for x in e.validator_value)})")]
+    if kind == "maxLength":
+        return [(path, f"{v!r} is longer than {e.validator_value} characters")]
+    if what:
+        return [(path, f"{v!r} must be {what}")]
+    if kind == "type":
+        want = e.validator_value if isinstance(e.validator_value, str) else e.validator_value[0]
+        return [(path, f"{v!r} must be {_TYPES.get(want, want)}")]
+    if kind == "pattern":
+        return [(path, f"{v!r} does not match {e.validator_value}")]
+    if kind in ("maxItems", "maxProperties"):
+        return [(path, f"has {len(v)} entries: at most {e.validator_value} are allowed")]
+    return [(path, f"{v!r}: {e.message}")]
+
+
+def suppressed(path: str, reported: Iterable[str]) -> bool:
+    """Is ``path`` (or a key above it) already reported? A semantic check then stays silent:
+    one problem per value, the schema's."""
+    return any(path == r or path.startswith(r + ".") or path.startswith(r + "[") for r in reported)
+
+
+# --------------------------------------------------------------------------------------------
+# Semantics
+# --------------------------------------------------------------------------------------------
 
 
 def parse_cidr(value: object, strict: bool = True) -> str:
