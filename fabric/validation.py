@@ -48,7 +48,8 @@ MAX_LAB_NAME = 20
 DNS1123_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
 #: What an enum's value is, by the key holding it, for "'mesh' is not a mode (p2p, gateway)".
-_NOUNS = {"networkType": "a network type", "mode": "a mode", "ipFamilies": "an address family"}
+_NOUNS = {"networkType": "a network type", "mode": "a mode", "ipFamilies": "an address family",
+          "namespace": "a namespace name (DNS-1123 label)"}
 _TYPES = {"boolean": "true or false", "array": "a list", "object": "a mapping", "string": "a string",
           "integer": "an integer", "number": "a number"}
 _REQUIRED = re.compile(r"^'(.*)' is a required property$")
@@ -162,15 +163,19 @@ def _explain(e: Any, unknown: str) -> Problems:
         return [(path, f"{v!r} is not {noun} ({', '.join(str(x) for x in e.validator_value)})")]
     if kind == "maxLength":
         return [(path, f"{v!r} is longer than {e.validator_value} characters")]
-    if what:
-        return [(path, f"{v!r} must be {what}")]
+    if kind in ("maxItems", "maxProperties"):
+        return [(path, f"has {len(v)} entries: at most {e.validator_value} are allowed")]
+    if what:  # a value of the wrong shape "must be" one; a string that does not match "is not" one
+        return [(path, f"{v!r} is not {what}" if kind == "pattern" else f"{v!r} must be {what}")]
     if kind == "type":
         want = e.validator_value if isinstance(e.validator_value, str) else e.validator_value[0]
         return [(path, f"{v!r} must be {_TYPES.get(want, want)}")]
     if kind == "pattern":
+        keys = [p for p in e.absolute_path if isinstance(p, str)]
+        pattern_noun = _NOUNS.get(keys[-1] if keys else "")
+        if pattern_noun:
+            return [(path, f"{v!r} is not {pattern_noun}")]
         return [(path, f"{v!r} does not match {e.validator_value}")]
-    if kind in ("maxItems", "maxProperties"):
-        return [(path, f"has {len(v)} entries: at most {e.validator_value} are allowed")]
     return [(path, f"{v!r}: {e.message}")]
 
 
@@ -281,7 +286,7 @@ def config_problems(config: types.FabricConfig) -> list[str]:
             try:
                 parse_cidr(v, strict=False)
             except ValueError as e:
-                out.append(f"{where}: {e}")
+                out.append(f"{where}: {v!r} is not a CIDR ({e.__cause__ or e})")
 
     for c in config.clusters:
         where = f"cluster {c.name!r}"
