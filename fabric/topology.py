@@ -50,11 +50,16 @@ talks to the reflector over it) and, when its cluster runs IPv6, an IPv6 one fro
 over the underlay of that family (``vx-bridge-6``/``vx-local-6`` ride on IPv6), and only
 between clusters that both run it: two clusters that share no family cannot talk, and
 ``fabric-tool status`` says so. ``bridgeCIDRs``/``localCIDRs`` may list one CIDR per family; a
-family not listed takes its default (IPv6: ``fd00:100:64::/64`` and ``fd00:198:19::/64``), and
-the defaults are checked for overlaps like everything else.
+family not listed takes its default (IPv6: ``fd00:100:64::/64`` and ``fd00:198:19::/64``). A
+default is checked for overlaps only where it is used (a bridge default: some cluster runs its
+family; a ``localCIDRs`` default: some *gateway-mode* cluster does; the ``underlay6`` default:
+some cluster runs IPv6), so a file never fails on a default it does not use; a collision names
+the default and the key to set. Ranges the file sets are always checked.
 
 Validation is complete before anything is created: every problem is reported at once, each
-naming the file, the key path (``clusters[1].nodes[0].podCIDR``) and the reason.
+naming the file, the key path (``clusters[1].nodes[0].podCIDR``) and the reason. Structure
+(keys, types, enums, CIDR syntax, sizes) is one schema, built from the Cluster CRD's (see
+:mod:`fabric.validation`); the parser adds what a schema cannot say.
 """
 
 from __future__ import annotations
