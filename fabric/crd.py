@@ -540,6 +540,45 @@ def _cross_checks(cand: _Candidate, accepted: list[_Candidate], infra: list[tupl
     return problems
 
 
+def _gateway_families(accepted: Sequence[_Candidate]) -> set[int]:
+    return {f for a in accepted if a.config is not None and a.config.mode is types.ClusterMode.GATEWAY
+            for f in a.config.families}
+
+
+def _used_local_defaults(
+    cand: _Candidate, accepted: Sequence[_Candidate], defaults: Sequence[str]
+) -> list[tuple[str, str]]:
+    """The vx-local defaults in use once ``cand`` joins (a family some gateway-mode cluster runs)."""
+    assert cand.config is not None
+    used = _gateway_families(accepted)
+    if cand.config.mode is types.ClusterMode.GATEWAY:
+        used |= set(cand.config.families)
+    return [(c, "default local CIDR") for c in defaults if types.family_of(c) in used]
+
+
+def _local_default_clashes(cand: _Candidate, accepted: Sequence[_Candidate], defaults: Sequence[str]) -> list[Problem]:
+    """A gateway-mode newcomer that starts using a vx-local default overlapping what an accepted
+    cluster already uses: the newcomer is left out (working clusters are never disturbed)."""
+    assert cand.config is not None
+    if cand.config.mode is not types.ClusterMode.GATEWAY:
+        return []
+    before = _gateway_families(accepted)
+    newly = [c for c in defaults if types.family_of(c) in cand.config.families and types.family_of(c) not in before]
+    problems: list[Problem] = []
+    for c in newly:
+        for other in accepted:
+            theirs = [(oc, "in use") for oc, _p, _m in _ranges(other)]
+            theirs += [(g, "global CIDR") for g, _p in _globals(other)]
+            for oc, what in theirs:
+                if types.cidrs_overlap(c, oc):
+                    problems.append(Problem(
+                        cand.spec.name, f"{_LINK}.networkType",
+                        f"gateway mode gives the nodes vx-local addresses from the default local CIDR {c} (no local "
+                        f"CIDRs are configured), which overlaps {oc} ({what}) of cluster {other.spec.name!r}",
+                        other.spec.name))
+    return problems
+
+
 def status_pod_cidrs(objects: Sequence[Mapping[str, Any]]) -> dict[str, tuple[str, ...]]:
     """The pod CIDRs in use that the statuses of discovery-mode Clusters list (written by the
     reflector that ran before): what a restarted reflector or a new leader keeps while it holds,
@@ -577,11 +616,13 @@ def resolve(
     found = discovered or {}
     bridge = tuple(bridge_cidrs) or (types.DEFAULT_BRIDGE_CIDR_V4,)
     local = tuple(local_cidrs) or (types.DEFAULT_LOCAL_CIDR_V4,)
-    # Checks cover the defaults of the families not given, as the planner uses them.
-    infra = [(c, "bridge CIDR") for c in types.with_defaults(bridge, (types.DEFAULT_BRIDGE_CIDR_V4,
-                                                                       types.DEFAULT_BRIDGE_CIDR_V6))]
-    infra += [(c, "local CIDR") for c in types.with_defaults(local, (types.DEFAULT_LOCAL_CIDR_V4,
-                                                                      types.DEFAULT_LOCAL_CIDR_V6))]
+    # Checks cover the defaults of the families not given, as the planner uses them. A bridge
+    # range of a family is used by every cluster running it (only ranges of that family can
+    # overlap it); a vx-local default only once a gateway-mode cluster runs its family, so it is
+    # checked only from then on (validation.overlay_ranges' rule), on the newcomer.
+    infra = [(c, "bridge CIDR") for c in types.with_defaults(bridge, validation.BRIDGE_DEFAULTS)]
+    infra += [(c, "local CIDR") for c in local_cidrs]
+    local_defaults = [c for c in types.with_defaults(local_cidrs, validation.LOCAL_DEFAULTS) if c not in local_cidrs]
     problems: dict[str, tuple[Problem, ...]] = {}
     disabled: list[str] = []
     candidates: list[_Candidate] = []
@@ -606,7 +647,8 @@ def resolve(
     accepted: list[_Candidate] = []
     for cand in sorted(candidates, key=lambda c: (c.spec.created, c.spec.name)):
         own = _own_checks(cand)
-        errs = own or _cross_checks(cand, accepted, infra)
+        errs = own or _cross_checks(cand, accepted, infra + _used_local_defaults(cand, accepted, local_defaults))
+        errs = errs or _local_default_clashes(cand, accepted, local_defaults)
         if errs:
             problems[cand.spec.name] = tuple(errs)
             _log.info("Cluster %s left out of the fabric: %s", cand.spec.name, "; ".join(str(p) for p in errs))

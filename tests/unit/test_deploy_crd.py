@@ -346,3 +346,23 @@ def test_a_cluster_without_pod_cidrs_is_accepted_in_discovery_mode() -> None:
     assert res.problems == {}
     (c,) = res.config.clusters
     assert c.discover_pod_cidrs and c.pod_cidrs == () and c.families == (4,)
+
+
+def test_the_vx_local_default_is_checked_only_once_a_gateway_mode_cluster_uses_it() -> None:
+    """Issue 14 for Cluster resources: P2P clusters use no vx-local address, so pods in the
+    default local range (198.19.0.0/16) are accepted; the gateway-mode cluster that would start
+    using the default is the one left out, saying it is the default."""
+    p2p = cluster("east", "2025-01-01T00:00:00Z", podCIDRs=["198.19.0.0/16"])
+    res = crd.resolve([p2p])
+    assert res.problems == {} and [c.name for c in res.config.clusters] == ["east"]
+    gw = cluster("west", "2025-01-02T00:00:00Z", networkType="gateway", podCIDRs=["10.20.0.0/16"])
+    res = crd.resolve([p2p, gw])
+    assert [c.name for c in res.config.clusters] == ["east"]  # the working cluster keeps working
+    (p,) = res.problems["west"]
+    assert p.field == f"{LINK}.networkType" and p.other == "east"
+    assert "default local CIDR 198.19.0.0/16 (no local CIDRs are configured)" in p.reason
+    # A gateway-mode cluster first: the P2P newcomer's pods would shadow its vx-local addresses.
+    older_gw = cluster("west", "2024-12-01T00:00:00Z", networkType="gateway", podCIDRs=["10.20.0.0/16"])
+    res = crd.resolve([p2p, older_gw])
+    (p,) = res.problems["east"]
+    assert p.field == f"{LINK}.podCIDRs[0]" and "overlaps the fabric's default local CIDR 198.19.0.0/16" in p.reason
