@@ -17,6 +17,7 @@ Messages follow upstream's (``apiextensions-apiserver`` ``kubeOpenAPIResultToFie
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import json
 import logging
@@ -31,6 +32,12 @@ _log = logging.getLogger(__name__)
 Obj = dict[str, Any]
 #: (reason, field, message), as errors.invalid takes them.
 Cause = tuple[str, str, str]
+
+#: The request's ``fieldValidation`` (Strict, Warn, Ignore; "" = Warn, upstream's default) and the
+#: unknown fields pruned while serving it (the server turns them into ``Warning`` headers). Set
+#: by the server around one write; the store runs synchronously inside it.
+FIELD_VALIDATION: contextvars.ContextVar[str] = contextvars.ContextVar("field_validation", default="")
+PRUNED: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("pruned", default=None)
 
 _ROOT_KEPT = ("apiVersion", "kind", "metadata")
 _REQUIRED = re.compile(r"^'(.*)' is a required property$")

@@ -43,7 +43,7 @@ from kubeemu import errors
 from kubeemu.errors import ApiError
 from kubeemu.patch import PatchError, json_patch, merge_patch, strategic_merge_patch
 from kubeemu.resources import Registry, ResourceType
-from kubeemu.schema import StructuralSchema
+from kubeemu.schema import FIELD_VALIDATION, PRUNED, StructuralSchema
 
 _log = logging.getLogger(__name__)
 
@@ -351,7 +351,16 @@ class Store:
         schema = self.cr_schemas.get(rt.key, {}).get(version)
         if schema is None:
             return
-        schema.prune(obj, keep=keep)
+        dropped = schema.prune(obj, keep=keep)
+        if dropped:
+            mode = FIELD_VALIDATION.get()
+            unknown = ", ".join(f'unknown field "{d}"' for d in dropped)
+            if mode == "Strict":
+                raise errors.bad_request(f'{rt.kind} in version "{version}" cannot be handled as a {rt.kind}: '
+                                         f"strict decoding error: {unknown}")
+            sink = PRUNED.get()
+            if sink is not None and mode != "Ignore":
+                sink.extend(dropped)
         causes = schema.causes(obj)
         if causes:
             raise errors.invalid(rt.kind, rt.group, _meta(obj).get("name", ""), causes)

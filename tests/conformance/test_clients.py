@@ -8,6 +8,8 @@ import json
 import shutil
 import subprocess
 import time
+import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -340,3 +342,31 @@ def test_kubectl_reports_the_invalid_field_of_a_custom_resource(kubectl: Any, ns
     assert p.returncode != 0
     assert 'is invalid: spec.mode: Unsupported value: "z": supported values: "a", "b"' in p.stderr, p.stderr
     kubectl("delete", "crd", f"gizmos.{group}")
+
+
+def test_field_validation_strict_refuses_unknown_fields_and_warn_says_what_was_pruned(
+        api: Any, ns: str, emu: ServerThread) -> None:
+    group = f"f{uuid.uuid4().hex[:6]}.example.com"
+    client.ApiextensionsV1Api(api).create_custom_resource_definition(_schema_crd(group))
+    path = f"{emu.url}/apis/{group}/v1/namespaces/{ns}/gizmos"
+
+    def post(query: str, name: str) -> tuple[int, dict[str, Any], list[str]]:
+        body = {"apiVersion": f"{group}/v1", "kind": "Gizmo", "metadata": {"name": name},
+                "spec": {"mode": "a", "extra": 1, "items": [{"name": "i", "junk": 2}]}}
+        req = urllib.request.Request(path + query, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status, json.loads(r.read()), r.headers.get_all("Warning") or []
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read()), e.headers.get_all("Warning") or []
+
+    code, status, _ = post("?fieldValidation=Strict", "strict")
+    assert code == 400 and status["reason"] == "BadRequest"
+    assert status["message"] == ('Gizmo in version "v1" cannot be handled as a Gizmo: strict decoding error: '
+                                 'unknown field "spec.extra", unknown field "spec.items[0].junk"')
+    code, obj, warnings = post("", "warn")
+    assert code == 201 and obj["spec"] == {"mode": "a", "items": [{"name": "i"}]}
+    assert warnings == ['299 - "unknown field \\"spec.extra\\""', '299 - "unknown field \\"spec.items[0].junk\\""']
+    code, _, warnings = post("?fieldValidation=Ignore", "ignore")
+    assert code == 201 and warnings == []
