@@ -1,12 +1,20 @@
-"""Semantic checks of the fabric configuration shared by its three readers.
+"""One schema and one set of semantic checks for the fabric configuration and its three readers.
 
 The same configuration reaches the fabric three ways: the topology file
 (:mod:`fabric.topology`), Cluster resources (:mod:`fabric.crd`) and, whatever its source, the
 :class:`~fabric.types.FabricConfig` the reflector is handed (``planner.config_problems``). Each
-used to carry its own CIDR reader and its own overlay-range checks, and they drifted (the
-topology file checked the vx-local default even where no gateway-mode cluster would ever use
-it). The checks that must mean the same thing everywhere live here; each returns
-``(path, reason)`` pairs so that every caller keeps naming the key path and its source.
+used to carry its own validator, and they drifted (the topology file checked the vx-local
+default even where no gateway-mode cluster would ever use it). Now:
+
+* structure (keys, types, enums, CIDR syntax, sizes) is one schema, the Cluster CRD's
+  ``openAPIV3Schema`` (:mod:`fabric.crd_schema`, generated from the CRD), checked with
+  ``jsonschema``; the topology file's schema is built from its per-cluster pieces
+  (:func:`topology_schema`), so a value means and fails the same in both;
+* the semantic checks (CIDRs that parse, overlaps with the infrastructure ranges, what a
+  configuration needs to be planned at all) live here once.
+
+Everything returns ``(path, reason)`` pairs so that every caller keeps naming the key path and
+its source.
 
 Rule for defaults: a range the configuration does not set (a family missing from
 ``bridgeCIDRs``/``localCIDRs``) is checked only where it is used (the bridge range of a family
@@ -24,8 +32,6 @@ import ipaddress
 import re
 from collections.abc import Iterable, Sequence
 from typing import Any
-
-import jsonschema  # type: ignore[import-untyped]
 
 from fabric import types
 from fabric.crd_schema import OPENAPI_V3_SCHEMA
@@ -113,6 +119,10 @@ def topology_schema() -> dict[str, Any]:
 
 @functools.cache
 def _validator(which: str) -> Any:
+    # Imported on first use: the agent imports this module (through the planner) but never
+    # validates a file or a resource.
+    import jsonschema  # type: ignore[import-untyped]
+
     schema = topology_schema() if which == "topology" else cluster_schema()
     return jsonschema.Draft7Validator(schema)
 
