@@ -3,10 +3,12 @@ validation with field paths, and the fabric-wide resolution of many Clusters int
 :class:`~fabric.types.FabricConfig`.
 
 The CRD (``deploy/base/host/crd-clusters.yaml``) does what an API server can do per object:
-enums, CIDR patterns, sizes, and (CEL) the global CIDR prefix lengths. This module repeats those
-checks, because an API server without CEL (older clusters, the emulator) stores what the schema
-cannot catch, and adds what no schema can: checks against the CIDRs discovered from Nodes and
-across Clusters. It is pure (dicts in, values out) so that the reflector's Kubernetes topology
+enums, CIDR patterns, sizes, and (CEL) the global CIDR prefix lengths. This module checks the
+same schema (:mod:`fabric.crd_schema`, generated from the CRD, with ``jsonschema``: one schema,
+see :mod:`fabric.validation`) for Clusters that never went through an API server (files,
+``join --dry-run``), repeats the CEL rule (no API server without CEL, nor the emulator, runs
+it) and adds what no schema can: CIDRs that parse, checks against the CIDRs discovered from
+Nodes and across Clusters. It is pure (dicts in, values out) so that the reflector's Kubernetes topology
 source, ``fabric-tool join --dry-run`` and the tests share one
 implementation.
 
@@ -33,6 +35,7 @@ covers, so the planner sees exactly one range per translation, as with the topol
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
 import logging
@@ -40,7 +43,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from fabric import nodeinfo, types
+from fabric import nodeinfo, types, validation
 
 _log = logging.getLogger(__name__)
 
@@ -196,13 +199,10 @@ class _Checker:
         self.problems.append(Problem(self.cluster, path, reason))
 
     def cidr(self, value: Any, path: str, families: tuple[int, ...]) -> str | None:
-        if not isinstance(value, str):
-            self.err(path, f"{value!r} is not a CIDR string")
-            return None
         try:
-            net = ipaddress.ip_network(value, strict=True)
+            net = ipaddress.ip_network(validation.parse_cidr(value))
         except ValueError as e:
-            self.err(path, f"{value!r} is not a valid CIDR ({e})")
+            self.err(path, str(e))
             return None
         if families and net.version not in families:
             names = ", ".join(types.FAMILY_NAMES[f] for f in families)
@@ -275,47 +275,38 @@ def parse_cluster(obj: Mapping[str, Any]) -> ClusterSpec:
         ck.err("spec", f"{raw_spec!r} must be a mapping")
         raise ClusterSpecError(ck.problems)
     spec = with_defaults(raw_spec)
+    # Types, enums, patterns and sizes: the CRD's schema (what an API server refuses), checked
+    # here too for Clusters that never went through one (files, join --dry-run, old servers).
+    structural = validation.schema_problems("cluster", {**obj, "spec": spec}, unknown="unknown field")
     ck.keys(spec, _SPEC_KEYS, "spec")
     namespace = spec["namespace"]
-    if not isinstance(namespace, str) or not _DNS1123_LABEL.match(namespace) or len(namespace) > 63:
-        ck.err("spec.namespace", f"{namespace!r} is not a namespace name (DNS-1123 label)")
     link = spec["clusterLinkOptions"]
     tree = spec["clusterTreeOptions"]
     for key, val in (("clusterLinkOptions", link), ("clusterTreeOptions", tree)):
         if not isinstance(val, dict):
             ck.err(f"spec.{key}", f"{val!r} must be a mapping")
     if ck.problems and not (isinstance(link, dict) and isinstance(tree, dict)):
-        raise ClusterSpecError(ck.problems)
+        raise ClusterSpecError(_merged(ck, structural))
     ck.keys(link, _LINK_KEYS, _LINK)
 
     enable = link["enable"]
-    if not isinstance(enable, bool):
-        ck.err(f"{_LINK}.enable", f"{enable!r} must be true or false")
     tree_enable = tree.get("enable", False)
-    if not isinstance(tree_enable, bool):
-        ck.err("spec.clusterTreeOptions.enable", f"{tree_enable!r} must be true or false")
 
     mode: types.ClusterMode | None = None
-    try:
+    with contextlib.suppress(ValueError, TypeError):  # not in the schema's enum: reported
         mode = types.ClusterMode(link["networkType"])
-    except ValueError:
-        allowed = ", ".join(m.value for m in types.ClusterMode)
-        ck.err(f"{_LINK}.networkType", f"{link['networkType']!r} is not a network type ({allowed})")
 
     families: list[int] = []
     raw_fams = link.get("ipFamilies")
-    if raw_fams is not None:
-        if not isinstance(raw_fams, list) or not 1 <= len(raw_fams) <= 2:
-            ck.err(f"{_LINK}.ipFamilies", f"{raw_fams!r} must be a list of one or two of IPv4, IPv6")
-        else:
-            for i, f in enumerate(raw_fams):
-                fam = _FAMILIES.get(f) if isinstance(f, str) else None
-                if fam is None:
-                    ck.err(f"{_LINK}.ipFamilies[{i}]", f"{f!r} is not an address family (IPv4, IPv6)")
-                elif fam in families:
-                    ck.err(f"{_LINK}.ipFamilies[{i}]", f"duplicate family {f}")
-                else:
-                    families.append(fam)
+    if isinstance(raw_fams, list) and 1 <= len(raw_fams) <= 2:
+        for i, f in enumerate(raw_fams):
+            fam = _FAMILIES.get(f) if isinstance(f, str) else None
+            if fam is None:
+                continue  # not in the schema's enum: reported
+            if fam in families:  # x-kubernetes-list-type: set, which JSON Schema cannot say
+                ck.err(f"{_LINK}.ipFamilies[{i}]", f"duplicate family {f}")
+            else:
+                families.append(fam)
 
     fams = tuple(families)
     pods = ck.cidr_list(link.get("podCIDRs"), f"{_LINK}.podCIDRs", fams)
@@ -331,8 +322,8 @@ def parse_cluster(obj: Mapping[str, Any]) -> ClusterSpec:
     overrides = _nic_overrides(ck, link.get("nicNodeNames"))
     method = _autodetection(ck, link["autodetectionMethod"])
 
-    if ck.problems or mode is None:
-        raise ClusterSpecError(ck.problems)
+    if ck.problems or structural or mode is None:
+        raise ClusterSpecError(_merged(ck, structural))
     assert isinstance(name, str) and isinstance(namespace, str) and isinstance(enable, bool)
     created = meta.get("creationTimestamp")
     return ClusterSpec(
@@ -341,6 +332,15 @@ def parse_cluster(obj: Mapping[str, Any]) -> ClusterSpec:
         nic_overrides=overrides, autodetection_method=method, tree_enable=bool(tree_enable),
         created=created if isinstance(created, str) else "",
     )
+
+
+def _merged(ck: _Checker, structural: list[tuple[str, str]]) -> list[Problem]:
+    """The semantic problems, then the schema's for paths they do not already cover (one
+    problem per value: a semantic reason is the more precise, e.g. which IP is missing)."""
+    reported = [p.field for p in ck.problems]
+    extra = [Problem(ck.cluster, path, reason) for path, reason in structural
+             if not validation.suppressed(path, reported)]
+    return [*ck.problems, *extra]
 
 
 def _global_map(ck: _Checker, value: Any, fams: tuple[int, ...]) -> tuple[tuple[str, str], ...]:
@@ -540,6 +540,45 @@ def _cross_checks(cand: _Candidate, accepted: list[_Candidate], infra: list[tupl
     return problems
 
 
+def _gateway_families(accepted: Sequence[_Candidate]) -> set[int]:
+    return {f for a in accepted if a.config is not None and a.config.mode is types.ClusterMode.GATEWAY
+            for f in a.config.families}
+
+
+def _used_local_defaults(
+    cand: _Candidate, accepted: Sequence[_Candidate], defaults: Sequence[str]
+) -> list[tuple[str, str]]:
+    """The vx-local defaults in use once ``cand`` joins (a family some gateway-mode cluster runs)."""
+    assert cand.config is not None
+    used = _gateway_families(accepted)
+    if cand.config.mode is types.ClusterMode.GATEWAY:
+        used |= set(cand.config.families)
+    return [(c, "default local CIDR") for c in defaults if types.family_of(c) in used]
+
+
+def _local_default_clashes(cand: _Candidate, accepted: Sequence[_Candidate], defaults: Sequence[str]) -> list[Problem]:
+    """A gateway-mode newcomer that starts using a vx-local default overlapping what an accepted
+    cluster already uses: the newcomer is left out (working clusters are never disturbed)."""
+    assert cand.config is not None
+    if cand.config.mode is not types.ClusterMode.GATEWAY:
+        return []
+    before = _gateway_families(accepted)
+    newly = [c for c in defaults if types.family_of(c) in cand.config.families and types.family_of(c) not in before]
+    problems: list[Problem] = []
+    for c in newly:
+        for other in accepted:
+            theirs = [(oc, "in use") for oc, _p, _m in _ranges(other)]
+            theirs += [(g, "global CIDR") for g, _p in _globals(other)]
+            for oc, what in theirs:
+                if types.cidrs_overlap(c, oc):
+                    problems.append(Problem(
+                        cand.spec.name, f"{_LINK}.networkType",
+                        f"gateway mode gives the nodes vx-local addresses from the default local CIDR {c} (no local "
+                        f"CIDRs are configured), which overlaps {oc} ({what}) of cluster {other.spec.name!r}",
+                        other.spec.name))
+    return problems
+
+
 def status_pod_cidrs(objects: Sequence[Mapping[str, Any]]) -> dict[str, tuple[str, ...]]:
     """The pod CIDRs in use that the statuses of discovery-mode Clusters list (written by the
     reflector that ran before): what a restarted reflector or a new leader keeps while it holds,
@@ -577,11 +616,13 @@ def resolve(
     found = discovered or {}
     bridge = tuple(bridge_cidrs) or (types.DEFAULT_BRIDGE_CIDR_V4,)
     local = tuple(local_cidrs) or (types.DEFAULT_LOCAL_CIDR_V4,)
-    # Checks cover the defaults of the families not given, as the planner uses them.
-    infra = [(c, "bridge CIDR") for c in types.with_defaults(bridge, (types.DEFAULT_BRIDGE_CIDR_V4,
-                                                                       types.DEFAULT_BRIDGE_CIDR_V6))]
-    infra += [(c, "local CIDR") for c in types.with_defaults(local, (types.DEFAULT_LOCAL_CIDR_V4,
-                                                                      types.DEFAULT_LOCAL_CIDR_V6))]
+    # Checks cover the defaults of the families not given, as the planner uses them. A bridge
+    # range of a family is used by every cluster running it (only ranges of that family can
+    # overlap it); a vx-local default only once a gateway-mode cluster runs its family, so it is
+    # checked only from then on (validation.overlay_ranges' rule), on the newcomer.
+    infra = [(c, "bridge CIDR") for c in types.with_defaults(bridge, validation.BRIDGE_DEFAULTS)]
+    infra += [(c, "local CIDR") for c in local_cidrs]
+    local_defaults = [c for c in types.with_defaults(local_cidrs, validation.LOCAL_DEFAULTS) if c not in local_cidrs]
     problems: dict[str, tuple[Problem, ...]] = {}
     disabled: list[str] = []
     candidates: list[_Candidate] = []
@@ -606,7 +647,8 @@ def resolve(
     accepted: list[_Candidate] = []
     for cand in sorted(candidates, key=lambda c: (c.spec.created, c.spec.name)):
         own = _own_checks(cand)
-        errs = own or _cross_checks(cand, accepted, infra)
+        errs = own or _cross_checks(cand, accepted, infra + _used_local_defaults(cand, accepted, local_defaults))
+        errs = errs or _local_default_clashes(cand, accepted, local_defaults)
         if errs:
             problems[cand.spec.name] = tuple(errs)
             _log.info("Cluster %s left out of the fabric: %s", cand.spec.name, "; ".join(str(p) for p in errs))

@@ -50,11 +50,16 @@ talks to the reflector over it) and, when its cluster runs IPv6, an IPv6 one fro
 over the underlay of that family (``vx-bridge-6``/``vx-local-6`` ride on IPv6), and only
 between clusters that both run it: two clusters that share no family cannot talk, and
 ``fabric-tool status`` says so. ``bridgeCIDRs``/``localCIDRs`` may list one CIDR per family; a
-family not listed takes its default (IPv6: ``fd00:100:64::/64`` and ``fd00:198:19::/64``), and
-the defaults are checked for overlaps like everything else.
+family not listed takes its default (IPv6: ``fd00:100:64::/64`` and ``fd00:198:19::/64``). A
+default is checked for overlaps only where it is used (a bridge default: some cluster runs its
+family; a ``localCIDRs`` default: some *gateway-mode* cluster does; the ``underlay6`` default:
+some cluster runs IPv6), so a file never fails on a default it does not use; a collision names
+the default and the key to set. Ranges the file sets are always checked.
 
 Validation is complete before anything is created: every problem is reported at once, each
-naming the file, the key path (``clusters[1].nodes[0].podCIDR``) and the reason.
+naming the file, the key path (``clusters[1].nodes[0].podCIDR``) and the reason. Structure
+(keys, types, enums, CIDR syntax, sizes) is one schema, built from the Cluster CRD's (see
+:mod:`fabric.validation`); the parser adds what a schema cannot say.
 """
 
 from __future__ import annotations
@@ -68,7 +73,7 @@ from typing import Any
 
 import yaml
 
-from fabric import types
+from fabric import types, validation
 
 DEFAULT_UNDERLAY = "198.18.0.0/16"
 #: The lab's IPv6 underlay (nodes of clusters that run IPv6); see the module docstring.
@@ -80,15 +85,11 @@ FIRST_NODE_HOST = 11
 CARVE_PREFIX_V4 = 24
 CARVE_PREFIX_V6 = 64
 _FAMILY_BY_NAME = {name: f for f, name in types.FAMILY_NAMES.items()}
-MAX_PODS_PER_NODE = 64
+MAX_PODS_PER_NODE = validation.MAX_PODS_PER_NODE
 
-_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-# Node names become parts of namespace and interface names in the lab; keep them short.
-_MAX_NAME = 20
+_DNS1123_LABEL = re.compile(validation.DNS1123_LABEL)
+_MAX_NAME = validation.MAX_LAB_NAME
 
-_TOP_KEYS = {"underlay", "underlay6", "bridgeCIDRs", "localCIDRs", "kubernetes", "clusters"}
-_CLUSTER_KEYS = {"ipFamilies", "name", "mode", "podCIDRs", "serviceCIDRs", "gateways", "globalCIDRs", "nodes"}
-_NODE_KEYS = {"name", "podCIDR", "pods", "underlay", "underlay6"}
 #: Modes this build can run.
 SUPPORTED_MODES = (types.ClusterMode.P2P, types.ClusterMode.GATEWAY)
 
@@ -206,40 +207,32 @@ def parse(doc: Any, source: str = "<topology>") -> TopologyFile:
 
 
 class _Parser:
+    """Structure is the schema's (:func:`fabric.validation.topology_schema`, checked first); the
+    parser reads the values and adds the semantic checks. A value the schema refused is read as
+    absent and gets no second problem (:func:`fabric.validation.suppressed`)."""
+
     def __init__(self, source: str) -> None:
         self.source = source
         self.problems: list[tuple[str, str]] = []
+        self.structural: list[str] = []
 
     def err(self, path: str, reason: str) -> None:
-        self.problems.append((path, reason))
+        if not validation.suppressed(path, self.structural):
+            self.problems.append((path, reason))
 
-    # -- small typed readers; each records a problem and returns None on bad input ------------
+    # -- small typed readers; each returns None on bad input (the schema has said why) ---------
 
-    def _keys(self, obj: dict[str, Any], allowed: set[str], path: str) -> None:
-        for k in obj:
-            if k not in allowed:
-                where = f"{path}.{k}" if path else str(k)
-                self.err(where, f"unknown key (allowed: {', '.join(sorted(allowed))})")
-
-    def _name(self, value: Any, path: str) -> str | None:
-        if not isinstance(value, str) or not _DNS1123_LABEL.match(value):
-            self.err(path, f"{value!r} is not a DNS-1123 label (lower-case letters, digits, '-')")
-            return None
-        if len(value) > _MAX_NAME:
-            self.err(path, f"{value!r} is longer than {_MAX_NAME} characters")
-            return None
-        return value
+    @staticmethod
+    def _name(value: Any) -> str | None:
+        ok = isinstance(value, str) and _DNS1123_LABEL.match(value) and len(value) <= _MAX_NAME
+        return value if ok else None
 
     def _cidr(self, value: Any, path: str) -> str | None:
-        if not isinstance(value, str):
-            self.err(path, f"{value!r} is not a CIDR string")
-            return None
         try:
-            net = ipaddress.ip_network(value, strict=True)
+            return validation.parse_cidr(value)
         except ValueError as e:
-            self.err(path, f"{value!r} is not a valid CIDR ({e})")
+            self.err(path, str(e))
             return None
-        return str(net)
 
     def _cidr_of(self, value: Any, path: str, family: int) -> str | None:
         c = self._cidr(value, path)
@@ -248,14 +241,8 @@ class _Parser:
             return None
         return c
 
-    def _cidr_list(self, value: Any, path: str, required: bool) -> list[str]:
-        if value is None:
-            if required:
-                self.err(path, "is required (a list of CIDRs)")
-            return []
-        if not isinstance(value, list) or (required and not value):
-            what = "a non-empty list" if required else "a list"
-            self.err(path, f"{value!r} must be {what} of CIDRs")
+    def _cidr_list(self, value: Any, path: str) -> list[str]:
+        if not isinstance(value, list):
             return []
         out = []
         for i, v in enumerate(value):
@@ -279,18 +266,18 @@ class _Parser:
     def parse(self, doc: Any) -> TopologyFile:
         if not isinstance(doc, dict):
             raise TopologyError(self.source, [("", "the document must be a mapping with a 'clusters' list")])
-        self._keys(doc, _TOP_KEYS, "")
+        self.problems = validation.schema_problems("topology", doc)
+        self.structural = [p for p, _ in self.problems]
         underlay = self._cidr_of(doc.get("underlay", DEFAULT_UNDERLAY), "underlay", 4) or DEFAULT_UNDERLAY
         underlay6 = self._cidr_of(doc.get("underlay6", DEFAULT_UNDERLAY6), "underlay6", 6) or DEFAULT_UNDERLAY6
-        bridge = self._cidr_list(doc.get("bridgeCIDRs", [types.DEFAULT_BRIDGE_CIDR_V4]), "bridgeCIDRs", required=True)
-        local = self._cidr_list(doc.get("localCIDRs", [types.DEFAULT_LOCAL_CIDR_V4]), "localCIDRs", required=True)
+        # Absent overlay keys stay empty here: their defaults are checked only where used.
+        bridge = self._cidr_list(doc["bridgeCIDRs"], "bridgeCIDRs") if "bridgeCIDRs" in doc else []
+        local = self._cidr_list(doc["localCIDRs"], "localCIDRs") if "localCIDRs" in doc else []
         kubernetes = doc.get("kubernetes", False)
         if not isinstance(kubernetes, bool):
-            self.err("kubernetes", f"{kubernetes!r} must be true or false")
             kubernetes = False
         raw_clusters = doc.get("clusters")
-        if not isinstance(raw_clusters, list) or not raw_clusters:
-            self.err("clusters", "is required: a non-empty list of clusters")
+        if not isinstance(raw_clusters, list):
             raw_clusters = []
 
         clusters: list[tuple[str, dict[str, Any]]] = []
@@ -298,10 +285,8 @@ class _Parser:
         for i, rc in enumerate(raw_clusters):
             path = f"clusters[{i}]"
             if not isinstance(rc, dict):
-                self.err(path, "must be a mapping")
                 continue
-            self._keys(rc, _CLUSTER_KEYS, path)
-            name = self._name(rc.get("name"), f"{path}.name")
+            name = self._name(rc.get("name"))
             if name is not None:
                 if name in seen:
                     self.err(f"{path}.name", f"duplicate cluster name {name!r} (first at {seen[name]})")
@@ -309,7 +294,7 @@ class _Parser:
             clusters.append((path, rc))
 
         parsed = [self._cluster(path, rc) for path, rc in clusters]
-        self._cross_checks(parsed, underlay, bridge, local, underlay6)
+        self._cross_checks(parsed, underlay, bridge, local, underlay6, underlay6_default="underlay6" not in doc)
         self._assign(parsed, underlay)
         self._assign6(parsed, underlay, underlay6)
         if self.problems:
@@ -338,7 +323,8 @@ class _Parser:
                 )
             )
         return TopologyFile(
-            self.source, underlay, tuple(bridge), tuple(result), tuple(local), kubernetes, underlay6=underlay6
+            self.source, underlay, tuple(bridge) or (types.DEFAULT_BRIDGE_CIDR_V4,), tuple(result),
+            tuple(local) or (types.DEFAULT_LOCAL_CIDR_V4,), kubernetes, underlay6=underlay6,
         )
 
     def _cluster(self, path: str, rc: dict[str, Any]) -> _PCluster:
@@ -346,27 +332,24 @@ class _Parser:
         mode = rc.get("mode", "p2p")
         try:
             pc.mode = types.ClusterMode(mode)
-        except ValueError:
-            self.err(f"{path}.mode", f"{mode!r} is not a mode (p2p, gateway)")
+        except (ValueError, TypeError):
+            pass  # not in the schema's enum: reported
         else:
             if pc.mode not in SUPPORTED_MODES:
                 supported = ", ".join(m.value for m in SUPPORTED_MODES)
                 self.err(f"{path}.mode", f"{mode!r} is not supported by this build (supported: {supported})")
-        pc.pod_cidrs = self._cidr_list(rc.get("podCIDRs"), f"{path}.podCIDRs", required=True)
-        pc.service_cidrs = self._cidr_list(rc.get("serviceCIDRs"), f"{path}.serviceCIDRs", required=False)
+        pc.pod_cidrs = self._cidr_list(rc.get("podCIDRs"), f"{path}.podCIDRs")
+        pc.service_cidrs = self._cidr_list(rc.get("serviceCIDRs"), f"{path}.serviceCIDRs")
         self._families(pc, rc.get("ipFamilies"), f"{path}.ipFamilies")
         raw_nodes = rc.get("nodes", [])
         if not isinstance(raw_nodes, list):
-            self.err(f"{path}.nodes", "must be a list of nodes")
             raw_nodes = []
         seen: dict[str, str] = {}
         for j, rn in enumerate(raw_nodes):
             npath = f"{path}.nodes[{j}]"
             if not isinstance(rn, dict):
-                self.err(npath, "must be a mapping")
                 continue
-            self._keys(rn, _NODE_KEYS, npath)
-            pn = _PNode(path=npath, name=self._name(rn.get("name"), f"{npath}.name") or "")
+            pn = _PNode(path=npath, name=self._name(rn.get("name")) or "")
             if pn.name:
                 if pn.name in seen:
                     self.err(f"{npath}.name", f"duplicate node name {pn.name!r} in cluster (first at {seen[pn.name]})")
@@ -374,9 +357,7 @@ class _Parser:
             if "podCIDR" in rn:
                 self._node_pod_cidrs(pc, pn, rn["podCIDR"], f"{npath}.podCIDR")
             pods = rn.get("pods", 0)
-            if not isinstance(pods, int) or isinstance(pods, bool) or not 0 <= pods <= MAX_PODS_PER_NODE:
-                self.err(f"{npath}.pods", f"{pods!r} must be an integer from 0 to {MAX_PODS_PER_NODE}")
-            else:
+            if isinstance(pods, int) and not isinstance(pods, bool) and 0 <= pods <= MAX_PODS_PER_NODE:
                 pn.pods = pods
             if "underlay" in rn:
                 pn.underlay = self._ip(rn["underlay"], f"{npath}.underlay")
@@ -401,15 +382,12 @@ class _Parser:
         the families of ``podCIDRs`` in order (``ClusterConfig`` then leaves it empty)."""
         pc.families = list(types.derive_families(pc.pod_cidrs))
         if value is not None:
-            names = ", ".join(types.FAMILY_NAMES.values())
             if not isinstance(value, list) or not 1 <= len(value) <= 2:
-                self.err(path, f"{value!r} must be a list of one or two address families ({names})")
                 return
             fams: list[int] = []
             for i, v in enumerate(value):
                 f = _FAMILY_BY_NAME.get(v) if isinstance(v, str) else None
                 if f is None:
-                    self.err(f"{path}[{i}]", f"{v!r} is not an address family ({names})")
                     return
                 if f in fams:
                     self.err(f"{path}[{i}]", f"duplicate address family {v}")
@@ -460,7 +438,6 @@ class _Parser:
         if value is None:
             return
         if not isinstance(value, dict) or not value:
-            self.err(path, f"{value!r} must be a non-empty mapping of local CIDR to global CIDR")
             return
         declared = set(pc.pod_cidrs) | set(pc.service_cidrs)
         for k, v in value.items():
@@ -494,12 +471,11 @@ class _Parser:
         if value is None:
             return
         if not isinstance(value, list) or not value:
-            self.err(path, f"{value!r} must be a non-empty list of node names (omit it to allow every node)")
             return
         known = {n.name for n in pc.nodes if n.name}
         seen: set[str] = set()
         for i, v in enumerate(value):
-            name = self._name(v, f"{path}[{i}]")
+            name = self._name(v)
             if name is None:
                 continue
             if name in seen:
@@ -515,7 +491,8 @@ class _Parser:
             pc.gateways.append(name)
 
     def _cross_checks(
-        self, parsed: list[_PCluster], underlay: str, bridge: list[str], local: list[str], underlay6: str
+        self, parsed: list[_PCluster], underlay: str, bridge: list[str], local: list[str], underlay6: str,
+        underlay6_default: bool,
     ) -> None:
         # Every CIDR of every cluster, with where it came from.
         owned: list[tuple[str, str, str]] = []  # (cidr, path, cluster)
@@ -553,42 +530,20 @@ class _Parser:
             for c, p, _ in owned:
                 if types.cidrs_overlap(globals_[a][0], c):
                     self.err(globals_[a][1], f"global CIDR {globals_[a][0]} overlaps {c} at {p}")
-        # A family missing from bridgeCIDRs/localCIDRs takes its default: check those too.
-        bridge_defaults = [
-            (c, f"bridgeCIDRs (IPv{types.family_of(c)} default)")
-            for c in types.with_defaults(bridge, (types.DEFAULT_BRIDGE_CIDR_V4, types.DEFAULT_BRIDGE_CIDR_V6))
-            if c not in bridge
-        ]
-        local_defaults = [
-            (c, f"localCIDRs (IPv{types.family_of(c)} default)")
-            for c in types.with_defaults(local, (types.DEFAULT_LOCAL_CIDR_V4, types.DEFAULT_LOCAL_CIDR_V6))
-            if c not in local
-        ]
-        infra = [
-            (underlay, "underlay"),
-            (underlay6, "underlay6"),
-            *[(c, f"bridgeCIDRs[{i}]") for i, c in enumerate(bridge)],
-            *[(c, f"localCIDRs[{i}]") for i, c in enumerate(local)],
-            *bridge_defaults,
-            *local_defaults,
-        ]
-        for c, p, _ in [*owned, *((g, p, "") for g, p in globals_)]:
-            for ic, ip_ in infra:
-                if types.cidrs_overlap(c, ic):
-                    self.err(p, f"{c} overlaps {ic} ({ip_})")
-        bridges = [*((c, f"bridgeCIDRs[{i}]") for i, c in enumerate(bridge)), *bridge_defaults]
-        locals_ = [*((c, f"localCIDRs[{i}]") for i, c in enumerate(local)), *local_defaults]
-        for c, p in bridges:
-            for ul, key in ((underlay, "underlay"), (underlay6, "underlay6")):
-                if types.cidrs_overlap(c, ul):
-                    self.err(p, f"{c} overlaps the {key} {ul}")
-        for c, p in locals_:
-            for ul, key in ((underlay, "underlay"), (underlay6, "underlay6")):
-                if types.cidrs_overlap(c, ul):
-                    self.err(p, f"{c} overlaps the {key} {ul}")
-            for bc, bp in bridges:
-                if types.cidrs_overlap(c, bc):
-                    self.err(p, f"{c} overlaps {bc} ({bp})")
+        # Infrastructure ranges; a default (a family the file does not set) only where it is used.
+        run = {f for pc in parsed for f in pc.families}
+        gateway_run = {f for pc in parsed if pc.mode is types.ClusterMode.GATEWAY for f in pc.families}
+        underlays = [validation.Range(underlay, "underlay", "underlay")]
+        if not underlay6_default or 6 in run:
+            underlays.append(validation.Range(underlay6, "underlay6", "underlay6", default=underlay6_default))
+        problems = validation.infra_problems(
+            [*((c, p) for c, p, _ in owned), *globals_],
+            underlays,
+            validation.overlay_ranges("bridgeCIDRs", bridge, validation.BRIDGE_DEFAULTS, run),
+            validation.overlay_ranges("localCIDRs", local, validation.LOCAL_DEFAULTS, gateway_run),
+        )
+        for path, reason in problems:
+            self.err(path, reason)
 
     def _assign(self, parsed: list[_PCluster], underlay: str) -> None:
         """Fill in absent node pod CIDRs and underlay addresses, deterministically, in file order."""

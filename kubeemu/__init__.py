@@ -6,7 +6,8 @@ and ``kubernetes_asyncio`` work unchanged for what the project uses. It is a lab
 component, never a production dependency: no authentication, no persistence, no admission.
 
 Modules: ``server`` (HTTP, discovery, watch streams, admin faults), ``store`` (objects,
-resourceVersion, watch log, controllers), ``resources`` (served kinds, CRDs), ``patch``,
+resourceVersion, watch log, controllers), ``resources`` (served kinds, CRDs), ``schema``
+(custom resources pruned and validated by their CRD's schema), ``patch``,
 ``selectors``, ``errors`` (Status objects), ``runner`` (in-thread server), ``lab`` (process
 start + kubeconfig), ``kubelet`` (the lab kubelet), ``bench`` (benchmark).
 """

@@ -12,7 +12,9 @@ Paths served (all JSON; a client that accepts only protobuf gets 406 and falls b
 - resources: ``/api/v1/...`` and ``/apis/G/V/...``, namespaced
   (``namespaces/NS/PLURAL[/NAME[/SUB]]``) or not, plus the legacy ``watch/`` prefix; verbs by
   method and the ``watch`` query parameter. ``Accept: ...;as=Table`` gets a server-side Table
-  (what ``kubectl get`` prints).
+  (what ``kubectl get`` prints). Custom resources are pruned and validated against their CRD's
+  schema on every write (:mod:`kubeemu.schema`); ``fieldValidation=Strict`` refuses unknown
+  fields (400), otherwise each pruned field gets a ``Warning`` header, as upstream.
 - ``/healthz``, ``/livez``, ``/readyz``.
 - ``/_kubeemu/...``: the admin endpoint for tests (faults, dropping or expiring watches,
   compacting the watch log, stats). Not part of the Kubernetes API.
@@ -37,7 +39,7 @@ from typing import Any
 
 from aiohttp import web
 
-from kubeemu import errors, selectors
+from kubeemu import errors, schema, selectors
 from kubeemu.errors import ApiError
 from kubeemu.resources import Registry, ResourceType
 from kubeemu.store import Controllers, DeleteOptions, Event, Obj, Store, Watcher, transition
@@ -331,6 +333,20 @@ class EmuServer:
         return selectors.predicate(labels, fields, ns)
 
     async def _resource(self, request: web.Request, t: Target) -> web.StreamResponse:
+        """One request on a resource; for writes of custom resources, unknown fields are pruned
+        as ``fieldValidation`` says (Strict: 400; Warn, the default: a ``Warning`` header each)."""
+        pruned: list[str] = []
+        tokens = (schema.FIELD_VALIDATION.set(request.query.get("fieldValidation", "")), schema.PRUNED.set(pruned))
+        try:
+            resp = await self._resource_inner(request, t)
+        finally:
+            schema.FIELD_VALIDATION.reset(tokens[0])
+            schema.PRUNED.reset(tokens[1])
+        for path in pruned:
+            resp.headers.add("Warning", f'299 - "unknown field \\"{path}\\""')
+        return resp
+
+    async def _resource_inner(self, request: web.Request, t: Target) -> web.StreamResponse:
         q = request.query
         method = request.method
         dry = "All" in q.getall("dryRun", [])

@@ -43,6 +43,7 @@ from kubeemu import errors
 from kubeemu.errors import ApiError
 from kubeemu.patch import PatchError, json_patch, merge_patch, strategic_merge_patch
 from kubeemu.resources import Registry, ResourceType
+from kubeemu.schema import FIELD_VALIDATION, PRUNED, StructuralSchema
 
 _log = logging.getLogger(__name__)
 
@@ -199,6 +200,8 @@ class Store:
         self.wake = asyncio.Event()
         self.gc_uids: set[str] = set()  # owners gone (or objects to check for dangling owners)
         self.on_registry_change: list[Callable[[], None]] = []
+        #: Custom resources' structural schemas: (group, plural) -> version -> schema.
+        self.cr_schemas: dict[Key, dict[str, StructuralSchema]] = {}
         for ns in DEFAULT_NAMESPACES:
             self.create(self.registry.get(NAMESPACES), "", {"metadata": {"name": ns}})  # type: ignore[arg-type]
         if self.service_ips.networks:
@@ -340,6 +343,28 @@ class Store:
         if causes:
             raise errors.invalid(rt.kind, rt.group, name, causes)
 
+    def _check_custom(self, rt: ResourceType, version: str, obj: Obj, keep: Iterable[str] = ()) -> None:
+        """A custom resource against its version's schema, as kube-apiserver does on every write:
+        unknown fields are dropped in place (except under the top-level keys ``keep``: parts
+        taken from the stored object, shared with it), then the object must match the schema,
+        else 422 Invalid with a cause per field."""
+        schema = self.cr_schemas.get(rt.key, {}).get(version)
+        if schema is None:
+            return
+        dropped = schema.prune(obj, keep=keep)
+        if dropped:
+            mode = FIELD_VALIDATION.get()
+            unknown = ", ".join(f'unknown field "{d}"' for d in dropped)
+            if mode == "Strict":
+                raise errors.bad_request(f'{rt.kind} in version "{version}" cannot be handled as a {rt.kind}: '
+                                         f"strict decoding error: {unknown}")
+            sink = PRUNED.get()
+            if sink is not None and mode != "Ignore":
+                sink.extend(dropped)
+        causes = schema.causes(obj)
+        if causes:
+            raise errors.invalid(rt.kind, rt.group, _meta(obj).get("name", ""), causes)
+
     def _check_namespace(self, rt: ResourceType, ns: str, name: str) -> None:
         if not rt.namespaced:
             return
@@ -397,6 +422,7 @@ class Store:
             meta.pop("generation", None)
         if rt.has_status(version) and rt.key != ("", "nodes"):
             obj.pop("status", None)
+        self._check_custom(rt, version, obj)
         self._prepare_create(rt, obj, dry_run)
         if dry_run:
             return obj
@@ -564,6 +590,11 @@ class Store:
             version_status=vstatus,
         )
         self.registry.add(rt)
+        self.cr_schemas[rt.key] = {
+            v["name"]: StructuralSchema(v["schema"]["openAPIV3Schema"])
+            for v in spec["versions"]
+            if isinstance((v.get("schema") or {}).get("openAPIV3Schema"), dict)
+        }
         _log.info("registered custom resource %s.%s versions %s", rt.plural, rt.group, ",".join(versions))
         for cb in self.on_registry_change:
             cb()
@@ -576,6 +607,7 @@ class Store:
             for okey, obj in list(self.bucket(key).items()):
                 self._finish_delete(rt, okey, obj)
         self.registry.remove(key)
+        self.cr_schemas.pop(key, None)
         self.objects.pop(key, None)
         for cb in self.on_registry_change:
             cb()
@@ -610,6 +642,8 @@ class Store:
             else:
                 new.pop("status", None)
             new["metadata"] = dict(old["metadata"])
+            # Only the new status is pruned: the rest is the stored object, shared with old.
+            self._check_custom(rt, version, new, keep=[k for k in new if k != "status"])
         else:
             new = copy.deepcopy(body)
             new["kind"], new["apiVersion"] = rt.kind, rt.api_version(version)
@@ -626,6 +660,7 @@ class Store:
                 else:
                     new.pop("status", None)
             self._validate(rt, new)
+            self._check_custom(rt, version, new, keep=["status"] if split else [])
             self._prepare_update(rt, new, old, dry_run)
         return self._write(rt, old, new, split, dry_run)
 

@@ -95,7 +95,7 @@ import logging
 from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
-from fabric import types
+from fabric import types, validation
 
 _log = logging.getLogger(__name__)
 
@@ -555,40 +555,9 @@ def _subnet_of(net: ipaddress.IPv4Network | ipaddress.IPv6Network, cidr: str) ->
 
 
 def config_problems(config: types.FabricConfig) -> list[str]:
-    """Why ``config`` cannot be planned from at all (empty when it can): duplicate cluster names,
-    CIDRs that do not parse, unknown families, malformed expected nodes. Overlaps between
-    clusters are the business of whoever wrote the configuration (the topology file and Cluster
-    resource validators check them); a node that no longer fits is refused per node."""
-    out: list[str] = []
-    seen: set[str] = set()
-
-    def cidrs(where: str, values: Iterable[str]) -> None:
-        for v in values:
-            try:
-                ipaddress.ip_network(v, strict=False)
-            except ValueError as e:
-                out.append(f"{where}: {v!r} is not a CIDR ({e})")
-
-    for c in config.clusters:
-        where = f"cluster {c.name!r}"
-        if not c.name or "/" in c.name:
-            out.append(f"{where}: a cluster name must be non-empty and without '/'")
-        if c.name in seen:
-            out.append(f"{where}: declared twice")
-        seen.add(c.name)
-        cidrs(f"{where} podCIDRs", c.pod_cidrs)
-        cidrs(f"{where} serviceCIDRs", c.service_cidrs)
-        cidrs(f"{where} globalCIDRs", (x for pair in c.global_cidrs for x in pair))
-        if any(f not in types.FAMILY_NAMES for f in c.ip_families):
-            out.append(f"{where}: ipFamilies {list(c.ip_families)} may hold only 4 and 6")
-    cidrs("bridgeCIDRs", config.bridge_cidrs)
-    cidrs("localCIDRs", config.local_cidrs)
-    for k in config.expected_nodes:
-        try:
-            types.NodeKey.parse(k)
-        except ValueError as e:
-            out.append(f"expected node: {e}")
-    return out
+    """Why ``config`` cannot be planned from at all (empty when it can); the checks are the
+    configuration's one set of semantic checks, :func:`fabric.validation.config_problems`."""
+    return validation.config_problems(config)
 
 
 # --------------------------------------------------------------------------------------------

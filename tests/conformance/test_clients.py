@@ -8,6 +8,8 @@ import json
 import shutil
 import subprocess
 import time
+import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -247,3 +249,122 @@ def test_kubectl_server_side_apply_and_get_nodes(kubectl: Any, ns: str, tmp_path
     wide = kubectl("get", "node", name, "-o", "wide").stdout
     assert "198.18.9.9" in wide and "Ready" in wide
     kubectl("delete", "node", name)
+
+
+def _schema_crd(group: str) -> dict[str, Any]:
+    """A CRD with a structural schema: what a real API server validates and prunes by."""
+    spec_schema = {
+        "type": "object",
+        "required": ["mode"],
+        "properties": {
+            "mode": {"type": "string", "enum": ["a", "b"]},
+            "cidr": {"type": "string", "maxLength": 18, "pattern": "^[0-9./]+$"},
+            "size": {"type": "integer"},
+            "items": {"type": "array", "maxItems": 2, "items": {"type": "object", "properties": {
+                "name": {"type": "string"}}}},
+            "free": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+        },
+    }
+    status_schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}}
+    body = _crd(group, "gizmos", "Gizmo")
+    body["spec"]["names"]["shortNames"] = ["gz"]
+    for v in body["spec"]["versions"]:
+        v["schema"] = {"openAPIV3Schema": {"type": "object", "properties": {
+            "apiVersion": {"type": "string"}, "kind": {"type": "string"}, "metadata": {"type": "object"},
+            "spec": spec_schema, "status": status_schema}}}
+    return body
+
+
+def test_custom_resources_are_validated_and_pruned_by_their_schema(api: Any, ns: str, raw: Any) -> None:
+    """Issue 14: like kube-apiserver, 422 Invalid with a cause per field on create, update and
+    status update, and fields the schema does not declare dropped (unless preserved)."""
+    group = f"s{uuid.uuid4().hex[:6]}.example.com"
+    ext = client.ApiextensionsV1Api(api)
+    ext.create_custom_resource_definition(_schema_crd(group))
+    co = client.CustomObjectsApi(api)
+
+    def body(**spec: Any) -> dict[str, Any]:
+        return {"apiVersion": f"{group}/v1", "kind": "Gizmo", "metadata": {"name": "g"}, "spec": spec}
+
+    with pytest.raises(client.ApiException) as ei:
+        co.create_namespaced_custom_object(group, "v1", ns, "gizmos", body(
+            mode="mesh", cidr="10.0.0.0/8x", size="2", items=[{}, {}, {}]))
+    assert ei.value.status == 422
+    status = json.loads(ei.value.body)
+    assert status["kind"] == "Status" and status["reason"] == "Invalid" and status["code"] == 422
+    assert status["details"]["name"] == "g" and status["details"]["group"] == group
+    assert status["details"]["kind"] == "Gizmo"
+    causes = {c["field"]: (c["reason"], c["message"]) for c in status["details"]["causes"]}
+    assert causes == {
+        "spec.mode": ("FieldValueNotSupported", 'Unsupported value: "mesh": supported values: "a", "b"'),
+        "spec.cidr": ("FieldValueInvalid", 'Invalid value: "10.0.0.0/8x": spec.cidr in body should match '
+                                           "'^[0-9./]+$'"),
+        "spec.size": ("FieldValueTypeInvalid",
+                      'Invalid value: "2": spec.size in body must be of type integer: "string"'),
+        "spec.items": ("FieldValueTooMany", "Too many: 3: must have at most 2 items"),
+    }
+    assert status["message"].startswith(f'Gizmo.{group} "g" is invalid: [')
+    with pytest.raises(client.ApiException) as ei:
+        co.create_namespaced_custom_object(group, "v1", ns, "gizmos", body())
+    assert [(c["field"], c["message"]) for c in json.loads(ei.value.body)["details"]["causes"]] == [
+        ("spec.mode", "Required value")]
+
+    # Unknown fields are pruned, except under x-kubernetes-preserve-unknown-fields.
+    g = co.create_namespaced_custom_object(group, "v1", ns, "gizmos", body(
+        mode="a", extra=1, items=[{"name": "i", "junk": True}], free={"any": {"thing": 1}}))
+    assert g["spec"] == {"mode": "a", "items": [{"name": "i"}], "free": {"any": {"thing": 1}}}
+    assert co.get_namespaced_custom_object(group, "v1", ns, "gizmos", "g")["spec"] == g["spec"]
+
+    # Updates are checked too: a patch to an invalid value, and the status subresource.
+    with pytest.raises(client.ApiException) as ei:
+        co.patch_namespaced_custom_object(group, "v1", ns, "gizmos", "g", {"spec": {"mode": "c"}})
+    assert ei.value.status == 422
+    assert [c["field"] for c in json.loads(ei.value.body)["details"]["causes"]] == ["spec.mode"]
+    with pytest.raises(client.ApiException) as ei:
+        co.patch_namespaced_custom_object_status(group, "v1", ns, "gizmos", "g", {"status": {"ok": "yes"}})
+    assert [c["field"] for c in json.loads(ei.value.body)["details"]["causes"]] == ["status.ok"]
+    g = co.patch_namespaced_custom_object_status(group, "v1", ns, "gizmos", "g", {"status": {"ok": True, "x": 1}})
+    assert g["status"] == {"ok": True}
+    assert g["spec"]["mode"] == "a"
+    ext.delete_custom_resource_definition(f"gizmos.{group}")
+
+
+def test_kubectl_reports_the_invalid_field_of_a_custom_resource(kubectl: Any, ns: str, tmp_path: Path) -> None:
+    group = f"v{uuid.uuid4().hex[:6]}.example.com"
+    crd = tmp_path / "crd.json"
+    crd.write_text(json.dumps(_schema_crd(group)))
+    kubectl("apply", "-f", str(crd))
+    cr = tmp_path / "cr.yaml"
+    cr.write_text(f"apiVersion: {group}/v1\nkind: Gizmo\nmetadata: {{name: g1, namespace: {ns}}}\nspec: {{mode: z}}\n")
+    p = kubectl("apply", "-f", str(cr), ok=False)
+    assert p.returncode != 0
+    assert 'is invalid: spec.mode: Unsupported value: "z": supported values: "a", "b"' in p.stderr, p.stderr
+    kubectl("delete", "crd", f"gizmos.{group}")
+
+
+def test_field_validation_strict_refuses_unknown_fields_and_warn_says_what_was_pruned(
+        api: Any, ns: str, emu: ServerThread) -> None:
+    group = f"f{uuid.uuid4().hex[:6]}.example.com"
+    client.ApiextensionsV1Api(api).create_custom_resource_definition(_schema_crd(group))
+    path = f"{emu.url}/apis/{group}/v1/namespaces/{ns}/gizmos"
+
+    def post(query: str, name: str) -> tuple[int, dict[str, Any], list[str]]:
+        body = {"apiVersion": f"{group}/v1", "kind": "Gizmo", "metadata": {"name": name},
+                "spec": {"mode": "a", "extra": 1, "items": [{"name": "i", "junk": 2}]}}
+        req = urllib.request.Request(path + query, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status, json.loads(r.read()), r.headers.get_all("Warning") or []
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read()), e.headers.get_all("Warning") or []
+
+    code, status, _ = post("?fieldValidation=Strict", "strict")
+    assert code == 400 and status["reason"] == "BadRequest"
+    assert status["message"] == ('Gizmo in version "v1" cannot be handled as a Gizmo: strict decoding error: '
+                                 'unknown field "spec.extra", unknown field "spec.items[0].junk"')
+    code, obj, warnings = post("", "warn")
+    assert code == 201 and obj["spec"] == {"mode": "a", "items": [{"name": "i"}]}
+    assert warnings == ['299 - "unknown field \\"spec.extra\\""', '299 - "unknown field \\"spec.items[0].junk\\""']
+    code, _, warnings = post("?fieldValidation=Ignore", "ignore")
+    assert code == 201 and warnings == []

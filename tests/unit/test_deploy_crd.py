@@ -1,21 +1,24 @@
 """The Cluster CRD's schema and fabric/crd.py: defaults agree, good specs pass, bad specs are
 refused with field paths, and a bad or conflicting Cluster never disturbs the accepted ones.
 
-The schema is checked with ``jsonschema`` (installed with kubernetes-validate) against the CRD's
-openAPIV3Schema: it evaluates types, enums, patterns and sizes as an API server does, but not the
-``x-kubernetes-validations`` CEL rules, whose checks fabric/crd.py repeats (tested here).
+The schema is checked with ``jsonschema`` (a dependency: fabric/validation.py checks the same
+schema) against the CRD's openAPIV3Schema: it evaluates types, enums, patterns and sizes as an
+API server does, but not the ``x-kubernetes-validations`` CEL rules, whose checks fabric/crd.py
+repeats (tested here).
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from fabric import crd, topology, types
+from fabric import crd, crd_schema, topology, types, validation
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_FILE = REPO / "deploy" / "base" / "host" / "crd-clusters.yaml"
@@ -92,6 +95,86 @@ def test_schema_accepts_a_full_cluster_and_refuses_bad_fields() -> None:
         errors = list(validator.iter_errors(obj))
         assert errors, f"schema accepted {where}={value!r}"
         assert list(errors[0].absolute_path)[:3] == ["spec", "clusterLinkOptions", where[0]], where
+
+
+def _generated_schema_module() -> str:
+    """fabric/crd_schema.py as generated from the CRD (the image carries the package, not deploy/)."""
+    text = json.dumps(schema(), indent=1)
+    return f'''# ruff: noqa: E501
+"""The Cluster CRD's ``openAPIV3Schema``, for the fabric package (the image has no deploy/).
+
+GENERATED from ``deploy/base/host/crd-clusters.yaml``, the one source of the schema: never edit
+this file; after changing the CRD run ``FABRIC_UPDATE_GOLDEN=1 pytest tests/unit/test_deploy_crd.py``
+(a unit test fails while the two differ).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+OPENAPI_V3_SCHEMA: dict[str, Any] = json.loads(r"""
+{text}
+""")
+'''
+
+
+def test_the_fabric_package_carries_the_crds_schema() -> None:
+    """One schema: fabric/crd_schema.py is generated from the CRD, never edited."""
+    target = REPO / "fabric" / "crd_schema.py"
+    want = _generated_schema_module()
+    if os.environ.get("FABRIC_UPDATE_GOLDEN") == "1":
+        target.write_text(want)
+    assert target.read_text() == want, "fabric/crd_schema.py differs from the CRD: regenerate (see its docstring)"
+    assert schema() == crd_schema.OPENAPI_V3_SCHEMA
+
+
+def test_the_topology_file_schema_is_made_of_the_crds_pieces() -> None:
+    link = schema()["properties"]["spec"]["properties"]["clusterLinkOptions"]["properties"]
+    file_cluster = validation.topology_schema()["properties"]["clusters"]["items"]["properties"]
+    assert file_cluster["mode"]["enum"] == link["networkType"]["enum"]
+    assert file_cluster["ipFamilies"]["items"] == link["ipFamilies"]["items"]
+    for file_key, crd_key in (("podCIDRs", "podCIDRs"), ("serviceCIDRs", "serviceCIDRs")):
+        assert file_cluster[file_key]["items"] == link[crd_key]["items"]
+        assert file_cluster[file_key]["maxItems"] == link[crd_key]["maxItems"]
+    assert file_cluster["globalCIDRs"]["additionalProperties"] == link["globalCIDRsMap"]["additionalProperties"]
+
+
+@pytest.mark.parametrize(
+    ("file_cluster", "link", "file_path", "crd_path", "reason"),
+    [
+        ({"mode": "mesh"}, {"networkType": "mesh"}, "clusters[0].mode", f"{LINK}.networkType", "'mesh' is not a"),
+        ({"podCIDRs": ["10.10.0.0/33"]}, {"podCIDRs": ["10.10.0.0/33"]}, "clusters[0].podCIDRs[0]",
+         f"{LINK}.podCIDRs[0]", "'10.10.0.0/33' is not a valid CIDR"),
+        ({"podCIDRs": ["10.10.0.1/16"]}, {"podCIDRs": ["10.10.0.1/16"]}, "clusters[0].podCIDRs[0]",
+         f"{LINK}.podCIDRs[0]", "has host bits set"),
+        ({"ipFamilies": ["IPv5"]}, {"ipFamilies": ["IPv5"]}, "clusters[0].ipFamilies[0]", f"{LINK}.ipFamilies[0]",
+         "'IPv5' is not an address family (IPv4, IPv6)"),
+        # Sizes only the schema states (neither reader checked them before issue 14).
+        ({"podCIDRs": [f"10.{i}.0.0/16" for i in range(33)]}, {"podCIDRs": [f"10.{i}.0.0/16" for i in range(33)]},
+         "clusters[0].podCIDRs", f"{LINK}.podCIDRs", "at most 32"),
+    ],
+)
+def test_the_file_and_the_resource_refuse_the_same_value_for_the_same_reason(
+    file_cluster: dict[str, Any], link: dict[str, Any], file_path: str, crd_path: str, reason: str
+) -> None:
+    with pytest.raises(topology.TopologyError) as file_err:
+        topology.parse({"clusters": [{"name": "east", "podCIDRs": ["10.10.0.0/16"], **file_cluster}]}, "t.yaml")
+    assert any(p == file_path and reason in r for p, r in file_err.value.problems), file_err.value.problems
+    with pytest.raises(crd.ClusterSpecError) as crd_err:
+        crd.parse_cluster(cluster("east", **link))
+    assert any(p.field == crd_path and reason in p.reason for p in crd_err.value.problems), crd_err.value.problems
+
+
+def test_parse_cluster_refuses_what_only_the_schema_says() -> None:
+    """clusterTreeOptions and sizes were never checked by hand: the schema now is, everywhere."""
+    obj = cluster("east", podCIDRs=["10.10.0.0/16"])
+    obj["spec"]["clusterTreeOptions"] = {"leafModels": [{"taints": [{"key": "k", "effect": "Sometimes"}]}]}
+    with pytest.raises(crd.ClusterSpecError) as exc:
+        crd.parse_cluster(obj)
+    (p,) = exc.value.problems
+    assert p.field == "spec.clusterTreeOptions.leafModels[0].taints[0].effect"
+    assert "'Sometimes' is not a valid value (NoSchedule, PreferNoSchedule, NoExecute)" in p.reason
 
 
 def test_schema_cel_rules_are_present_for_what_patterns_cannot_say() -> None:
@@ -263,3 +346,23 @@ def test_a_cluster_without_pod_cidrs_is_accepted_in_discovery_mode() -> None:
     assert res.problems == {}
     (c,) = res.config.clusters
     assert c.discover_pod_cidrs and c.pod_cidrs == () and c.families == (4,)
+
+
+def test_the_vx_local_default_is_checked_only_once_a_gateway_mode_cluster_uses_it() -> None:
+    """Issue 14 for Cluster resources: P2P clusters use no vx-local address, so pods in the
+    default local range (198.19.0.0/16) are accepted; the gateway-mode cluster that would start
+    using the default is the one left out, saying it is the default."""
+    p2p = cluster("east", "2025-01-01T00:00:00Z", podCIDRs=["198.19.0.0/16"])
+    res = crd.resolve([p2p])
+    assert res.problems == {} and [c.name for c in res.config.clusters] == ["east"]
+    gw = cluster("west", "2025-01-02T00:00:00Z", networkType="gateway", podCIDRs=["10.20.0.0/16"])
+    res = crd.resolve([p2p, gw])
+    assert [c.name for c in res.config.clusters] == ["east"]  # the working cluster keeps working
+    (p,) = res.problems["west"]
+    assert p.field == f"{LINK}.networkType" and p.other == "east"
+    assert "default local CIDR 198.19.0.0/16 (no local CIDRs are configured)" in p.reason
+    # A gateway-mode cluster first: the P2P newcomer's pods would shadow its vx-local addresses.
+    older_gw = cluster("west", "2024-12-01T00:00:00Z", networkType="gateway", podCIDRs=["10.20.0.0/16"])
+    res = crd.resolve([p2p, older_gw])
+    (p,) = res.problems["east"]
+    assert p.field == f"{LINK}.podCIDRs[0]" and "overlaps the fabric's default local CIDR 198.19.0.0/16" in p.reason

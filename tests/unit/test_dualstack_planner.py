@@ -237,6 +237,15 @@ def test_inconsistent_families_are_refused_with_key_path(cluster: dict[str, Any]
 def test_ipv6_infrastructure_ranges_are_validated() -> None:
     problems = _problems({"underlay6": "10.0.0.0/8", "clusters": [{"name": "a", "podCIDRs": ["10.1.0.0/16"]}]})
     assert ("underlay6", "10.0.0.0/8 is not an IPv6 CIDR") in problems
-    problems = _problems({"bridgeCIDRs": ["100.64.0.0/10", "fd00:198:18::/64"],
-                          "clusters": [{"name": "a", "podCIDRs": ["10.1.0.0/16"]}]})  # fmt: skip
-    assert any(p == "bridgeCIDRs[1]" and "overlaps the underlay6" in r for p, r in problems), problems
+    # The underlay6 default is the lab's only when a cluster runs IPv6 (issue 14: an unused
+    # default refuses nothing); then a collision says it is the default and what to set.
+    doc: dict[str, Any] = {"bridgeCIDRs": ["100.64.0.0/10", "fd00:198:18::/64"],
+                           "clusters": [{"name": "a", "podCIDRs": ["10.1.0.0/16"]}]}
+    topology.parse(doc, "t.yaml")
+    doc["clusters"][0]["podCIDRs"].append("fd00:1::/48")
+    problems = _problems(doc)
+    assert any(p == "bridgeCIDRs[1]" and "overlaps the underlay6 fd00:198:18::/64 (its default; set underlay6" in r
+               for p, r in problems), problems
+    doc["underlay6"] = "fd00:198:18::/64"  # set explicitly: always checked
+    del doc["clusters"][0]["podCIDRs"][1]
+    assert any(p == "bridgeCIDRs[1]" and "overlaps the underlay6 fd00:198:18::/64" in r for p, r in _problems(doc))

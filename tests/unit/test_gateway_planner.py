@@ -330,7 +330,8 @@ def test_topology_gateway_keys_are_validated_with_key_paths() -> None:
     problems = dict(_parse(base))
     assert "'zz' is not a node of cluster 'a'" in problems["clusters[0].gateways[1]"]
     assert "duplicate gateway candidate 'a1'" in problems["clusters[0].gateways[2]"]
-    assert "overlaps 100.64.0.0/10 (bridgeCIDRs[0])" in problems["localCIDRs[0]"]
+    # The bridge range is the default (the file does not set bridgeCIDRs): the message says so.
+    assert "overlaps 100.64.0.0/10 (bridgeCIDRs (IPv4 default; set bridgeCIDRs" in problems["localCIDRs[0]"]
     good = topology_file.parse(
         {"clusters": [{"name": "a", "mode": "gateway", "podCIDRs": ["10.1.0.0/16"], "gateways": ["a2"],
                        "nodes": [{"name": "a1"}, {"name": "a2"}]}]},

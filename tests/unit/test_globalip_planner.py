@@ -93,7 +93,7 @@ def test_example_file_is_valid_and_carries_the_mappings() -> None:
     ({"globalCIDRs": {"10.10.0.0/16": "172.22.0.0/16", "10.96.0.0/20": "172.21.0.0/20"}},
      "clusters[1].globalCIDRs[10.10.0.0/16]", "overlaps global CIDR 172.22.0.0/16"),
     ({"globalCIDRs": {"10.10.0.0/16": "100.100.0.0/16", "10.96.0.0/20": "172.21.0.0/20"}},
-     "clusters[0].globalCIDRs[10.10.0.0/16]", "overlaps 100.64.0.0/10 (bridgeCIDRs[0])"),
+     "clusters[0].globalCIDRs[10.10.0.0/16]", "overlaps 100.64.0.0/10 (bridgeCIDRs (IPv4 default"),
     ({"globalCIDRs": {"10.10.0.0/16": "172.20.0.0/16", "10.96.0.0/20": "10.96.16.0/20"}, "podCIDRs":
       ["10.10.0.0/16", "10.96.16.0/20"]}, "clusters[0].globalCIDRs[10.96.0.0/20]", "overlaps 10.96.16.0/20"),
     ({"globalCIDRs": ["10.10.0.0/16"]}, "clusters[0].globalCIDRs", "must be a non-empty mapping"),

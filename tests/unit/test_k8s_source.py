@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -229,9 +230,17 @@ def test_watch_feeds_configs_and_writes_status(emu: ServerThread) -> None:
                 "west joins",
             )
 
-            # Unknown network type on a working cluster: kept at its last spec, reported.
+            # What the CRD schema refuses, the (emulated) API server refuses: 422 naming the field.
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                _request(url, "PATCH", f"{CLUSTERS}/west", {"spec": {"clusterLinkOptions": {"networkType": "vxlan"}}},
+                         "application/merge-patch+json")
+            assert refused.value.code == 422
+            causes = json.loads(refused.value.read())["details"]["causes"]
+            assert [c["field"] for c in causes] == ["spec.clusterLinkOptions.networkType"]
+            # What only fabric/crd.py catches (an interface name with '/') is stored: on a working
+            # cluster the edit is not applied, the cluster is kept at its last spec and it is reported.
             n = len(sink.configs)
-            _request(url, "PATCH", f"{CLUSTERS}/west", {"spec": {"clusterLinkOptions": {"networkType": "vxlan"}}},
+            _request(url, "PATCH", f"{CLUSTERS}/west", {"spec": {"clusterLinkOptions": {"defaultNICName": "eth/0"}}},
                      "application/merge-patch+json")
             acc = await wait_until_async(
                 lambda: _cond(_get(url, "west"), "Accepted").get("reason") == "InvalidSpecKeptPrevious"
@@ -239,10 +248,10 @@ def test_watch_feeds_configs_and_writes_status(emu: ServerThread) -> None:
                 5,
                 "west rejected",
             )
-            assert acc["status"] == "False" and "spec.clusterLinkOptions.networkType" in acc["message"]
+            assert acc["status"] == "False" and "spec.clusterLinkOptions.defaultNICName" in acc["message"]
             assert len(sink.configs) == n, "a rejected edit must not change the configuration"
             conflicts = _get(url, "west")["status"]["clusterLinkStatus"]["conflicts"]
-            assert conflicts[0]["field"] == "spec.clusterLinkOptions.networkType"
+            assert conflicts[0]["field"] == "spec.clusterLinkOptions.defaultNICName"
 
             # A new cluster overlapping east without mapping: reported, nothing else changes.
             _request(url, "POST", CLUSTERS, cluster("dup", podCIDRs=["10.10.0.0/24"]))
@@ -252,7 +261,8 @@ def test_watch_feeds_configs_and_writes_status(emu: ServerThread) -> None:
             assert _get(url, "dup")["status"]["clusterLinkStatus"]["conflicts"][0]["cluster"] == "east"
 
             # Fixing west's spec: gateway mode takes effect.
-            _request(url, "PATCH", f"{CLUSTERS}/west", {"spec": {"clusterLinkOptions": {"networkType": "gateway"}}},
+            _request(url, "PATCH", f"{CLUSTERS}/west",
+                     {"spec": {"clusterLinkOptions": {"networkType": "gateway", "defaultNICName": "*"}}},
                      "application/merge-patch+json")
             await wait_until_async(
                 lambda: (w := sink.configs[-1].cluster("west")) is not None and w.mode == types.ClusterMode.GATEWAY,

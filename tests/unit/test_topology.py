@@ -97,3 +97,26 @@ def test_not_a_mapping_and_unreadable_file(tmp_path: Path) -> None:
     bad.write_text("clusters: [\n")
     with pytest.raises(topology.TopologyError, match="not valid YAML"):
         topology.load(bad)
+
+
+def test_an_unused_default_never_refuses_a_file() -> None:
+    """Issue 14: all-P2P clusters use no vx-local address, so the localCIDRs default
+    (198.19.0.0/16) may overlap the underlay of a file that never mentions localCIDRs."""
+    doc = {"underlay": "198.19.0.0/16", "clusters": _ok()["clusters"]}
+    doc["clusters"][1]["nodes"][0]["underlay"] = "198.19.0.11"
+    t = topology.parse(doc, "t.yaml")
+    assert t.underlay == "198.19.0.0/16"
+    assert t.fabric_config().local_cidrs == ("198.19.0.0/16",)  # the default, unused: unchanged
+
+
+def test_a_used_default_that_collides_names_itself_and_the_key_to_set() -> None:
+    doc = {"underlay": "198.19.0.0/16", "clusters": _ok()["clusters"]}
+    doc["clusters"][1]["nodes"][0]["underlay"] = "198.19.0.11"
+    doc["clusters"][1]["mode"] = "gateway"
+    problems = _problems(doc)
+    assert problems == [
+        ("localCIDRs", "198.19.0.0/16 is the IPv4 default of localCIDRs (the configuration does not set it) and "
+                       "overlaps the underlay 198.19.0.0/16: set localCIDRs to a range that overlaps nothing"),
+    ]
+    doc["localCIDRs"] = ["198.20.0.0/16"]  # setting the key is the way out
+    assert topology.parse(doc, "t.yaml").fabric_config().local_cidrs == ("198.20.0.0/16",)
