@@ -40,9 +40,11 @@ from typing import Any
 from aiohttp import web
 
 from kubeemu import errors, schema, selectors
+from kubeemu.controllers import Controllers
 from kubeemu.errors import ApiError
+from kubeemu.objects import DeleteOptions, Event, Obj, Watcher, transition
 from kubeemu.resources import Registry, ResourceType
-from kubeemu.store import Controllers, DeleteOptions, Event, Obj, Store, Watcher, transition
+from kubeemu.store import Store
 
 _log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ stay consistent with the first page (upstream reads etcd at the first page's rev
 
 Controllers. Work that kube-controller-manager or the apiserver's own finalizers do
 asynchronously (namespace deletion cascade, ownerReference garbage collection, foreground
-deletion, the "default" ServiceAccount) runs in ``Controllers.run`` as a background task,
+deletion, the "default" ServiceAccount) runs in :mod:`kubeemu.controllers` as a background task,
 woken by commits; this keeps the delays observable (a DELETE returns before dependents go).
 """
 
@@ -27,95 +27,46 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
-import ipaddress
 import json
 import logging
-import re
 import secrets
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
-from kubeemu import errors
-from kubeemu.errors import ApiError
+from kubeemu import admission, errors
+from kubeemu.ipalloc import ServiceIPs
+from kubeemu.objects import (
+    CRDS,
+    DEFAULT_NAMESPACES,
+    FOREGROUND,
+    NAMESPACES,
+    PODS,
+    SERVICEACCOUNTS,
+    SERVICES,
+    DeleteOptions,
+    Event,
+    Key,
+    ListResult,
+    Obj,
+    ObjKey,
+    Watcher,
+    metadata_of,
+    now_rfc3339,
+)
 from kubeemu.patch import PatchError, json_patch, merge_patch, strategic_merge_patch
 from kubeemu.resources import Registry, ResourceType
 from kubeemu.schema import FIELD_VALIDATION, PRUNED, StructuralSchema
 
 _log = logging.getLogger(__name__)
 
-Obj = dict[str, Any]
-Key = tuple[str, str]  # (group, plural)
-ObjKey = tuple[str, str]  # (namespace, name); namespace "" for cluster-scoped
-
-_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
-_LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
 _GENERATE_CHARS = "bcdfghjklmnpqrstvwxz2456789"
-
-NAMESPACES: Key = ("", "namespaces")
-SERVICES: Key = ("", "services")
-PODS: Key = ("", "pods")
-CRDS: Key = ("apiextensions.k8s.io", "customresourcedefinitions")
-SERVICEACCOUNTS: Key = ("", "serviceaccounts")
-DEFAULT_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
-
-FOREGROUND = "foregroundDeletion"
-ORPHAN = "orphan"
-
-
-def now_rfc3339(ts: float | None = None) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() if ts is None else ts))
-
-
-@dataclass(frozen=True)
-class Event:
-    """One committed change. ``old`` is the object before (None for ADDED)."""
-
-    rv: int
-    type: str
-    key: Key
-    obj: Obj
-    old: Obj | None
-
-
-@dataclass(eq=False)
-class Watcher:
-    """A live watch: the server task drains ``queue``; strings are control signals."""
-
-    key: Key
-    queue: asyncio.Queue[Event | str] = field(default_factory=asyncio.Queue)
-
-
-@dataclass
-class DeleteOptions:
-    propagation: str | None = None
-    precondition_uid: str | None = None
-    precondition_rv: str | None = None
-    grace_seconds: int | None = None
-    dry_run: bool = False
-
-
-@dataclass
-class ListResult:
-    items: list[Obj]
-    rv: int
-    cont: str
-    remaining: int | None
-
-
-def _meta(obj: Mapping[str, Any]) -> dict[str, Any]:
-    m = obj.get("metadata")
-    return m if isinstance(m, dict) else {}
 
 
 def _strip_rv(obj: Obj) -> Obj:
-    meta = dict(_meta(obj))
+    meta = dict(metadata_of(obj))
     meta.pop("resourceVersion", None)
     out = dict(obj)
     out["metadata"] = meta
@@ -126,53 +77,6 @@ def _spec_part(obj: Obj, status_split: bool) -> Obj:
     """What a generation bump compares: everything but metadata (and status when split)."""
     drop = {"metadata", "status", "kind", "apiVersion"} if status_split else {"metadata", "kind", "apiVersion"}
     return {k: v for k, v in obj.items() if k not in drop}
-
-
-class ServiceIPs:
-    """ClusterIP allocation from the cluster's service CIDR(s), one pool per family.
-
-    The first address of the first CIDR goes to ``default/kubernetes`` (upstream reserves it the
-    same way); the rest are handed out lowest-free-first so tests can predict them.
-    """
-
-    def __init__(self, cidrs: Iterable[str]) -> None:
-        self.networks = [ipaddress.ip_network(c.strip(), strict=False) for c in cidrs if c.strip()]
-        self.used: set[str] = set()
-
-    def family_nets(self, family: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-        want = 4 if family == "IPv4" else 6
-        return [n for n in self.networks if n.version == want]
-
-    def allocate(self, family: str, requested: str | None, peek: bool) -> str:
-        nets = self.family_nets(family)
-        if not nets:
-            raise ValueError(f"no {family} service CIDR configured on this cluster")
-        if requested:
-            try:
-                ip = ipaddress.ip_address(requested)
-            except ValueError:
-                raise ValueError(f"must be a valid IP address (e.g. 10.9.8.7 or 2001:db8::ffff): {requested}") from None
-            if not any(ip in n for n in nets):
-                raise ValueError(f"failed to allocate IP {requested}: the provided IP ({requested}) is not in "
-                                 f"the valid range. The range of valid IPs is {nets[0]}")
-            if requested in self.used:
-                raise ValueError(f"failed to allocate IP {requested}: provided IP is already allocated")
-            if not peek:
-                self.used.add(requested)
-            return requested
-        for net in nets:
-            limit = min(net.num_addresses - 1, 1 << 20)
-            for off in range(1, limit):
-                cand = str(net.network_address + off)
-                if cand not in self.used:
-                    if not peek:
-                        self.used.add(cand)
-                    return cand
-        raise ValueError(f"failed to allocate a serviceIP: range is full ({nets[0]})")
-
-    def release(self, ips: Iterable[str]) -> None:
-        for ip in ips:
-            self.used.discard(ip)
 
 
 class Store:
@@ -245,10 +149,10 @@ class Store:
             bucket[okey] = obj
             self.uids[uid] = (rt.key, okey)
             self._index_owners(rt.key, okey, old, obj)
-            if etype == "ADDED" and _meta(obj).get("ownerReferences"):
+            if etype == "ADDED" and metadata_of(obj).get("ownerReferences"):
                 self.gc_uids.add(uid)
                 self.wake.set()
-            if _meta(obj).get("deletionTimestamp"):
+            if metadata_of(obj).get("deletionTimestamp"):
                 self.wake.set()
         if len(self.log) >= self.log_size:
             self.compacted_rv = self.log.popleft().rv
@@ -259,7 +163,7 @@ class Store:
 
     def _index_owners(self, key: Key, okey: ObjKey, old: Obj | None, new: Obj | None) -> None:
         def owners(o: Obj | None) -> set[str]:
-            return {r.get("uid", "") for r in (_meta(o).get("ownerReferences") or [])} if o else set()
+            return {r.get("uid", "") for r in (metadata_of(o).get("ownerReferences") or [])} if o else set()
 
         before, after = owners(old), owners(new)
         for u in before - after:
@@ -282,67 +186,6 @@ class Store:
 
     # ---------------------------------------------------------------- validation
 
-    def _check_kind(self, rt: ResourceType, version: str, obj: Obj) -> None:
-        kind = obj.get("kind")
-        if kind and kind != rt.kind:
-            raise errors.bad_request(f"the server could not find the requested resource: kind {kind!r} does not "
-                                     f"match resource {rt.plural!r} (kind {rt.kind!r})")
-        api = obj.get("apiVersion")
-        if api and api != rt.api_version(version):
-            raise errors.bad_request(f"the API version in the data ({api}) does not match the expected API version "
-                                     f"({rt.api_version(version)})")
-
-    def _validate(self, rt: ResourceType, obj: Obj) -> None:
-        meta = _meta(obj)
-        name = meta.get("name", "")
-        causes: list[tuple[str, str, str]] = []
-        if rt.key in (NAMESPACES,):
-            rx, what = _DNS1123_LABEL, "a lowercase RFC 1123 label"
-        elif rt.key == SERVICES:
-            rx, what = _DNS1035_LABEL, "a DNS-1035 label"
-        else:
-            rx, what = _DNS1123_SUBDOMAIN, "a lowercase RFC 1123 subdomain"
-        if not rx.match(name) or len(name) > (63 if rx is not _DNS1123_SUBDOMAIN else 253):
-            causes.append(("FieldValueInvalid", "metadata.name",
-                           f'Invalid value: "{name}": {what} must consist of lower case alphanumeric characters, '
-                           f"'-' or '.', and must start and end with an alphanumeric character"))
-        for k, v in (meta.get("labels") or {}).items():
-            lname = k.rsplit("/", 1)[-1]
-            if not _LABEL_NAME.match(lname) or len(lname) > 63:
-                causes.append(("FieldValueInvalid", "metadata.labels", f'Invalid value: "{k}": name part must '
-                               "consist of alphanumeric characters, '-', '_' or '.'"))
-            if not isinstance(v, str) or not _LABEL_VALUE.match(v) or len(v) > 63:
-                causes.append(("FieldValueInvalid", "metadata.labels", f'Invalid value: "{v}": a valid label '
-                               "must be an empty string or consist of alphanumeric characters, '-', '_' or '.'"))
-        if rt.key == PODS:
-            containers = (obj.get("spec") or {}).get("containers")
-            if not containers:
-                causes.append(("FieldValueRequired", "spec.containers", "Required value"))
-            for i, c in enumerate(containers or []):
-                if not isinstance(c, dict) or not c.get("name"):
-                    causes.append(("FieldValueRequired", f"spec.containers[{i}].name", "Required value"))
-                elif not c.get("image"):
-                    causes.append(("FieldValueRequired", f"spec.containers[{i}].image", "Required value"))
-        if rt.key == CRDS:
-            spec = obj.get("spec") or {}
-            plural = (spec.get("names") or {}).get("plural", "")
-            if name != f"{plural}.{spec.get('group', '')}":
-                causes.append(("FieldValueInvalid", "metadata.name",
-                               f'Invalid value: "{name}": must be spec.names.plural+"."+spec.group'))
-            if not (spec.get("names") or {}).get("kind"):
-                causes.append(("FieldValueRequired", "spec.names.kind", "Required value"))
-            vers = spec.get("versions") or []
-            if not vers:
-                causes.append(("FieldValueRequired", "spec.versions", "Required value"))
-            elif sum(1 for v in vers if v.get("storage")) != 1:
-                causes.append(("FieldValueInvalid", "spec.versions",
-                               "Invalid value: must have exactly one version marked as storage version"))
-            if spec.get("scope") not in ("Namespaced", "Cluster"):
-                causes.append(("FieldValueNotSupported", "spec.scope",
-                               f'Unsupported value: "{spec.get("scope")}": supported values: "Cluster", "Namespaced"'))
-        if causes:
-            raise errors.invalid(rt.kind, rt.group, name, causes)
-
     def _check_custom(self, rt: ResourceType, version: str, obj: Obj, keep: Iterable[str] = ()) -> None:
         """A custom resource against its version's schema, as kube-apiserver does on every write:
         unknown fields are dropped in place (except under the top-level keys ``keep``: parts
@@ -363,7 +206,7 @@ class Store:
                 sink.extend(dropped)
         causes = schema.causes(obj)
         if causes:
-            raise errors.invalid(rt.kind, rt.group, _meta(obj).get("name", ""), causes)
+            raise errors.invalid(rt.kind, rt.group, metadata_of(obj).get("name", ""), causes)
 
     def _check_namespace(self, rt: ResourceType, ns: str, name: str) -> None:
         if not rt.namespaced:
@@ -371,7 +214,7 @@ class Store:
         nso = self.bucket(NAMESPACES).get(("", ns))
         if nso is None:
             raise errors.not_found("namespaces", "", ns)
-        if _meta(nso).get("deletionTimestamp"):
+        if metadata_of(nso).get("deletionTimestamp"):
             raise errors.forbidden_terminating(rt.plural, rt.group, name, ns)
 
     # ---------------------------------------------------------------- create
@@ -381,7 +224,7 @@ class Store:
         if not isinstance(body, dict):
             raise errors.bad_request("the body of the request must be a JSON object")
         version = version or rt.versions[0]
-        self._check_kind(rt, version, body)
+        admission.check_kind(rt, version, body)
         obj = copy.deepcopy(body)
         obj["kind"] = rt.kind
         obj["apiVersion"] = rt.api_version(version)
@@ -407,7 +250,7 @@ class Store:
                     break
             meta["name"] = cand
         name = meta["name"]
-        self._validate(rt, obj)
+        admission.validate(rt, obj)
         self._check_namespace(rt, ns, name)
         okey = self._okey(rt, ns, name)
         if okey in self.bucket(rt.key):
@@ -623,8 +466,8 @@ class Store:
             raise errors.bad_request("the body of the request must be a JSON object")
         version = version or rt.versions[0]
         old = self.get(rt, ns, name)
-        self._check_kind(rt, version, body)
-        bmeta = _meta(body)
+        admission.check_kind(rt, version, body)
+        bmeta = metadata_of(body)
         if bmeta.get("name") and bmeta["name"] != name:
             raise errors.bad_request(f"the name of the object ({bmeta['name']}) does not match the name on the "
                                      f"URL ({name})")
@@ -659,7 +502,7 @@ class Store:
                     new["status"] = old["status"]
                 else:
                     new.pop("status", None)
-            self._validate(rt, new)
+            admission.validate(rt, new)
             self._check_custom(rt, version, new, keep=["status"] if split else [])
             self._prepare_update(rt, new, old, dry_run)
         return self._write(rt, old, new, split, dry_run)
@@ -734,7 +577,7 @@ class Store:
             raise errors.bad_request(str(e)) from None
         if not isinstance(patched, dict):
             raise errors.bad_request("the patch does not produce an object")
-        pmeta = _meta(patched)
+        pmeta = metadata_of(patched)
         if pmeta.get("resourceVersion") == old["metadata"]["resourceVersion"]:
             # rv untouched by the patch: no precondition (upstream only checks an rv the patch sets)
             patched = dict(patched)
@@ -755,11 +598,11 @@ class Store:
             if subresource:
                 raise errors.not_found(rt.plural, rt.group, name)
             body = dict(body)
-            body["metadata"] = dict(_meta(body), name=name)
+            body["metadata"] = dict(metadata_of(body), name=name)
             return self.create(rt, ns, body, version, dry_run)
         old = self.bucket(rt.key)[okey]
         patched = strategic_merge_patch(old, body) if rt.builtin else merge_patch(old, body)
-        patched["metadata"] = {k: v for k, v in _meta(patched).items() if k != "resourceVersion"}
+        patched["metadata"] = {k: v for k, v in metadata_of(patched).items() if k != "resourceVersion"}
         return self.update(rt, ns, name, patched, version, subresource, dry_run)
 
     def bind(self, ns: str, name: str, body: Obj) -> None:
@@ -785,7 +628,7 @@ class Store:
     def _held(self, rt: ResourceType, obj: Obj) -> bool:
         """Deleting, no finalizers, yet not gone: a pod in its grace period, or a namespace
         (its content goes first; the namespace controller finishes it)."""
-        return rt.key == NAMESPACES or (rt.key == PODS and bool(_meta(obj).get("deletionGracePeriodSeconds")))
+        return rt.key == NAMESPACES or (rt.key == PODS and bool(metadata_of(obj).get("deletionGracePeriodSeconds")))
 
     def delete(self, rt: ResourceType, ns: str, name: str, opts: DeleteOptions) -> tuple[Obj, bool]:
         """DELETE one object. Returns (object, gone): gone is False while finalizers hold it."""
@@ -959,115 +802,3 @@ class Store:
         return [w for ws in self.watchers.values() for w in ws]
 
 
-def transition(ev: Event, match: Callable[[Mapping[str, Any]], bool]) -> tuple[str, Obj] | None:
-    """What a filtered watcher sees: selector transitions turn MODIFIED into ADDED/DELETED."""
-    now = match(ev.obj)
-    if ev.type == "ADDED":
-        return ("ADDED", ev.obj) if now else None
-    was = ev.old is not None and match(ev.old)
-    if ev.type == "DELETED":
-        return ("DELETED", ev.obj) if was else None
-    if now and was:
-        return ("MODIFIED", ev.obj)
-    if now:
-        return ("ADDED", ev.obj)
-    if was:
-        return ("DELETED", ev.obj)
-    return None
-
-
-class Controllers:
-    """Background work upstream controllers do: namespace cascade, GC, foreground deletion."""
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-
-    async def run(self) -> None:
-        while True:
-            await self.store.wake.wait()
-            self.store.wake.clear()
-            try:
-                self.pass_once()
-            except ApiError as e:  # a failed entry never aborts the loop; it is retried on the next wake
-                _log.warning("controller pass: %s", e.message)
-            await asyncio.sleep(0)
-
-    def pass_once(self) -> None:
-        s = self.store
-        self._gc()
-        self._foreground()
-        self._namespaces()
-        if s.gc_uids:
-            s.wake.set()
-
-    def _delete(self, key: Key, okey: ObjKey, policy: str | None = None) -> None:
-        rt = self.store.registry.get(key)
-        if rt is None or okey not in self.store.objects.get(key, {}):
-            return
-        self.store.delete(rt, okey[0], okey[1], DeleteOptions(propagation=policy, grace_seconds=0))
-
-    def _gc(self) -> None:
-        s = self.store
-        uids, s.gc_uids = s.gc_uids, set()
-        for uid in uids:
-            cands = set(s.dependents.get(uid, ()))
-            own = s.uids.get(uid)
-            if own is not None:
-                cands.add(own)  # a new object: check its own owners exist
-            for key, okey in cands:
-                dep = s.objects.get(key, {}).get(okey)
-                if dep is None or dep["metadata"].get("deletionTimestamp"):
-                    continue
-                refs = dep["metadata"].get("ownerReferences") or []
-                if refs and all(r.get("uid") not in s.uids for r in refs):
-                    _log.debug("gc: deleting %s %s/%s (owners gone)", key[1], *okey)
-                    self._delete(key, okey)
-
-    def _foreground(self) -> None:
-        s = self.store
-        for key, bucket in list(s.objects.items()):
-            for obj in list(bucket.values()):
-                meta = obj["metadata"]
-                if FOREGROUND not in (meta.get("finalizers") or []) or not meta.get("deletionTimestamp"):
-                    continue
-                deps = list(s.dependents.get(meta["uid"], ()))
-                for dkey, dokey in deps:
-                    dep = s.objects.get(dkey, {}).get(dokey)
-                    if dep is not None and not dep["metadata"].get("deletionTimestamp"):
-                        self._delete(dkey, dokey, "Foreground")
-                if not s.dependents.get(meta["uid"]):
-                    rt = s.registry.get(key)
-                    if rt is not None:
-                        new = dict(obj)
-                        new["metadata"] = dict(meta, finalizers=[f for f in meta["finalizers"] if f != FOREGROUND])
-                        s._write(rt, obj, new, rt.status, False)
-
-    def _namespaces(self) -> None:
-        s = self.store
-        nsrt = s.registry.get(NAMESPACES)
-        assert nsrt is not None
-        for okey, ns in list(s.bucket(NAMESPACES).items()):
-            if not ns["metadata"].get("deletionTimestamp"):
-                continue
-            name = okey[1]
-            left = 0
-            for rt in s.registry.all():
-                if not rt.namespaced:
-                    continue
-                for dokey, obj in list(s.bucket(rt.key).items()):
-                    if dokey[0] != name:
-                        continue
-                    left += 1
-                    if not obj["metadata"].get("deletionTimestamp"):
-                        s.delete(rt, name, dokey[1], DeleteOptions(grace_seconds=0))
-                    elif rt.key == PODS and not obj["metadata"].get("finalizers"):
-                        s.force_finish_pod(name, dokey[1])
-            if left and any(k[0] == name for rt in s.registry.all() if rt.namespaced for k in s.bucket(rt.key)):
-                continue
-            cur = s.bucket(NAMESPACES).get(okey)
-            if cur is None:
-                continue
-            if cur["metadata"].get("finalizers"):
-                continue  # metadata finalizers belong to someone else
-            _log.info("namespace %s: all content deleted, finalizing", name)
-            s._finish_delete(nsrt, okey, cur)
