@@ -73,7 +73,8 @@ class SessionHandler(Protocol):
         """The session was accepted (True) or was lost (False, with the reason)."""
 
     async def on_rejected(self, reason: str) -> None:
-        """The reflector refused the announcement; the session retries after a backoff."""
+        """The reflector refused the announcement; the session retries after a backoff. The
+        class of each refusal is ``session.rejected_for``."""
 
 
 class _SessionEnded(Exception):
@@ -114,6 +115,8 @@ class AgentSession:
         self._attempts = 0
         #: The current session got its END_OF_SNAPSHOT (resets the backoff when it ends).
         self._synced = False
+        #: The class of each refusal of the last ``Rejected`` (set before ``on_rejected`` runs).
+        self.rejected_for: tuple[api.RejectionReason, ...] = ()
         #: Probed peers that do not answer (sent on change and again on every new session).
         self._unreachable: frozenset[types.NodeKey] = frozenset()
 
@@ -253,9 +256,12 @@ class AgentSession:
                     await self.handler.on_delta(delta, self.version)
                 elif kind == "rejected":
                     reason = msg.rejected.reason
-                    _log.warning("reflector %s rejected node %s: %s", self.target, self.announcement.key, reason)
+                    self.rejected_for = codec.rejection_reasons_from_pb(msg.rejected.codes)
+                    classes = ", ".join(r.value for r in self.rejected_for) or "unspecified"
+                    _log.warning("reflector %s rejected node %s (%s): %s", self.target, self.announcement.key,
+                                 classes, reason)  # fmt: skip
                     await self.handler.on_rejected(reason)
-                    raise _SessionEnded(f"rejected: {reason}")
+                    raise _SessionEnded(f"rejected ({classes}): {reason}")
                 else:
                     raise _SessionEnded(f"protocol error: unknown message {kind!r}")
         finally:

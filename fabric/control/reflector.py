@@ -116,25 +116,6 @@ DEFAULT_COALESCE_WINDOW_S = 0.02
 DEFAULT_MAX_COALESCE_WINDOW_S = 1.0
 #: Topology changes whose fan-out is timed at once (older ones are dropped unobserved).
 MAX_FANOUT_TRACKED = 256
-#: Reason classes of refused announcements (``fabric_reflector_rejections_total{reason}``):
-#: (class, phrase the planner's or the session's reason text contains). First match wins.
-REJECTION_CLASSES = (
-    ("identity", "node identity"),
-    ("unknown_cluster", "unknown cluster"),
-    ("unsupported_mode", "does not support"),
-    ("underlay", "underlay address"),
-    ("pod_cidr", "pod CIDR"),
-    ("overlay_collision", "overlay"),
-    ("protocol", "first message"),
-)
-
-
-def rejection_reason(text: str) -> str:
-    """The class of one refusal reason (``other`` when no class matches)."""
-    for cls, phrase in REJECTION_CLASSES:
-        if phrase in text:
-            return cls
-    return "other"
 
 #: HTTP/2 keepalive below the application keepalive: detects half-open TCP connections even when
 #: the event loop of the other side is stuck. Clients ping at most every 10 s (client.py), so the
@@ -260,8 +241,8 @@ class Reflector:
         self._nodes: dict[types.NodeKey, _NodeRecord] = {}
         self._rejections: dict[str, api.Rejection] = {}
         self._rejections_total = 0
-        #: Refusals by reason class (:func:`rejection_reason`), for the metrics.
-        self._rejections_by_reason: dict[str, int] = {}
+        #: Refusals by their class (``Refusal.reason``), for the metrics.
+        self._rejections_by_reason: dict[api.RejectionReason, int] = {}
         #: Fan-out in flight: generation -> (time of the change, synced nodes that were sent a
         #: delta for it and have not reported it applied yet). See ``fanout_lag``.
         self._fanout: dict[int, tuple[float, set[types.NodeKey]]] = {}
@@ -335,13 +316,13 @@ class Reflector:
 
     # -- announcements ----------------------------------------------------------------------
 
-    def _admit(self, ann: types.NodeAnnouncement, session: _Session) -> list[str]:
-        """Validate ``ann`` and attach ``session`` to its node; returns refusal reasons."""
+    def _admit(self, ann: types.NodeAnnouncement, session: _Session) -> pb.SyncNodeResponse | None:
+        """Validate ``ann`` and attach ``session`` to its node; returns the ``Rejected`` to send
+        when it is refused."""
         key = ann.key
-        reasons = planner.validate_announcement(self._pending, ann, self._index)
+        reasons = planner.announcement_refusals(self._pending, ann, self._index)
         if reasons:
-            self._reject(f"announcement {key} from {session.peer}", str(key), reasons)
-            return reasons
+            return self._reject(f"announcement {key} from {session.peer}", str(key), reasons)
         self._rejections.pop(str(key), None)
         session.send(pb.SyncNodeResponse(keepalive=codec.keepalive_message(self.keepalive_interval)))
         rec = self._nodes.get(key)
@@ -379,7 +360,7 @@ class Reflector:
             self._maybe_release_hold()
         else:
             self._schedule_flush()
-        return []
+        return None
 
     def _attach(self, rec: _NodeRecord, session: _Session) -> None:
         if rec.withdraw_handle is not None:
@@ -393,17 +374,19 @@ class Reflector:
         rec.applied_version = 0
         rec.counters = session.counters
 
-    def _reject(self, source: str, ident: str, reasons: Sequence[str]) -> None:
-        reason = "; ".join(reasons)
+    def _reject(self, source: str, ident: str, refusals: Sequence[planner.Refusal]) -> pb.SyncNodeResponse:
+        """Record a refusal (GetStatus, metrics, log) and return the ``Rejected`` to send."""
+        reason = "; ".join(r.text for r in refusals)
+        codes = tuple(r.reason for r in refusals)
         self._rejections.pop(ident, None)
-        self._rejections[ident] = api.Rejection(source=source, reason=reason)
+        self._rejections[ident] = api.Rejection(source=source, reason=reason, reasons=codes)
         self._rejections_total += 1
-        for r in reasons:
-            cls = rejection_reason(r)
-            self._rejections_by_reason[cls] = self._rejections_by_reason.get(cls, 0) + 1
+        for code in codes:
+            self._rejections_by_reason[code] = self._rejections_by_reason.get(code, 0) + 1
         while len(self._rejections) > MAX_REJECTIONS:
             del self._rejections[next(iter(self._rejections))]
         _log.info("rejected %s: %s", source, reason)
+        return codec.rejected_message(reason, codes)
 
     def _send_snapshot(self, rec: _NodeRecord, session: _Session) -> None:
         state = self._planner.state(rec.ann.key)
@@ -538,9 +521,9 @@ class Reflector:
             return
         empty = dataclasses.replace(self._pending, config=config, nodes=())
         index = planner.NodeIndex(config)
-        dropped: list[tuple[types.NodeAnnouncement, list[str]]] = []
+        dropped: list[tuple[types.NodeAnnouncement, list[planner.Refusal]]] = []
         for n in self._pending.nodes:  # each against those kept before it (the index), in key order
-            reasons = planner.validate_announcement(empty, n, index)
+            reasons = planner.announcement_refusals(empty, n, index)
             if reasons:
                 dropped.append((n, reasons))
             else:
@@ -552,14 +535,14 @@ class Reflector:
         self._index = index
         self._dirty = True
         for n, reasons in dropped:
-            self._reject(f"node {n.key} under the new fabric configuration", str(n.key), reasons)
+            rejected = self._reject(f"node {n.key} under the new fabric configuration", str(n.key), reasons)
             rec = self._nodes.pop(n.key)
             self._changed.add(n.key)
             self._reports.pop(n.key, None)
             if rec.withdraw_handle is not None:
                 rec.withdraw_handle.cancel()
             if rec.session is not None:
-                rec.session.send(pb.SyncNodeResponse(rejected=pb.Rejected(reason="; ".join(reasons))))
+                rec.session.send(rejected)
                 rec.session.close("refused by the new fabric configuration", grpc.StatusCode.FAILED_PRECONDITION)
         for w in self._watchers:
             w.queue.put_nowait(_Close("fabric configuration changed"))
@@ -754,15 +737,17 @@ class Reflector:
             context.set_details(self.standby_reason)
             return
         if first.WhichOneof("message") != "announce":
-            reason = f"the first message must be an announcement, not {first.WhichOneof('message') or 'empty'}"
-            self._reject(f"session from {peer}", f"peer {peer}", [reason])
-            yield pb.SyncNodeResponse(rejected=pb.Rejected(reason=reason))
+            refusal = planner.Refusal(
+                api.RejectionReason.PROTOCOL,
+                f"the first message must be an announcement, not {first.WhichOneof('message') or 'empty'}",
+            )
+            yield self._reject(f"session from {peer}", f"peer {peer}", [refusal])
             return
         ann = codec.node_from_pb(first.announce.node)
         session = _Session(ann.key, peer, self.clock())
-        reasons = self._admit(ann, session)
-        if reasons:
-            yield pb.SyncNodeResponse(rejected=pb.Rejected(reason="; ".join(reasons)))
+        rejected = self._admit(ann, session)
+        if rejected is not None:
+            yield rejected
             return
         reader = asyncio.create_task(self._read_requests(session, requests))
         ticker = asyncio.create_task(self._keepalive(session))
@@ -1000,10 +985,12 @@ class _MetricsCollector(Collector):
         sent.add_metric(["delta"], sum(x.counters.delta_entries_sent for x in recs))
         yield sent
         rejections = CounterMetricFamily(
-            "fabric_reflector_rejections", "Refusal reasons of announcements, by reason class.", labels=["reason"]
+            "fabric_reflector_rejections", "Refusals of announcements, by their class (Rejected.Reason).",
+            labels=["reason"],
         )
-        for cls in [c for c, _ in REJECTION_CLASSES] + ["other"]:
-            rejections.add_metric([cls], r._rejections_by_reason.get(cls, 0))
+        for cls in api.RejectionReason:
+            if cls is not api.RejectionReason.UNSPECIFIED:  # never produced here: every refusal has a class
+                rejections.add_metric([cls.value], r._rejections_by_reason.get(cls, 0))
         yield rejections
         moves = CounterMetricFamily(
             "fabric_reflector_gateway_moves", "Times the active gateway role moved.", labels=["cluster"]
