@@ -65,6 +65,16 @@ O(nodes) cheap compares to find the sources that changed, then per node only the
 those sources (computed once per viewer class), so a join costs O(1) planner work per node, not
 O(nodes). ``planner.plan`` stays the reference; the unit tests check the two agree.
 
+Bugs. An unexpected exception in an RPC handler (or in a session's reader or keepalive task) is
+a bug of the reflector, not a transport problem: it is logged with its traceback, the RPC ends
+with INTERNAL, and the reflector stops and exits non-zero (:meth:`Reflector.crash`), so its
+supervisor (the Deployment) restarts it into a clean state - agents keep their dataplane and
+resync with the new process, as after any restart (DESIGN.md: a bug crashes the process). It is
+never reported as UNAVAILABLE, which tells clients "retry" and would hide it. Expected
+conditions are not bugs: the agent going away or the RPC being cancelled or timing out (gRPC
+cancels the handler: CancelledError), gRPC's own errors about the RPC's state (the stream ended
+under us: UNAVAILABLE), and a malformed message from the agent (INVALID_ARGUMENT).
+
 Everything mutating the reflector's state runs on the event loop without awaiting in between, so
 no locks are needed. Every message is built once (per node, or once for all nodes of one class
 that get the same delta) and queued to its session; one task per session writes the queue to the
@@ -90,6 +100,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf import message as pb_message
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -265,6 +276,9 @@ class Reflector:
         #: None while this replica serves agents (the leader, or the only replica); else why it
         #: does not (standby of a leader Lease: see :meth:`set_leader`).
         self.standby_reason: str | None = None
+        #: The first bug (see "Bugs" in the module docstring); set, the process is to exit.
+        self.crashed: BaseException | None = None
+        self._crash = asyncio.Event()
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -309,6 +323,22 @@ class Reflector:
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
+
+    def crash(self, exc: BaseException, where: str) -> None:
+        """Record a bug (an unexpected exception ``where``) and make :func:`main` stop the
+        reflector and exit non-zero. Why not carry on: the exception left the state machine
+        half-updated at an unknown point, and a restart resyncs every agent from a clean state
+        at the cost of one reconnect, which the protocol is built for."""
+        _log.critical("bug in %s: the reflector stops for a clean restart", where, exc_info=exc)
+        if self.crashed is None:
+            self.crashed = exc
+        self._crash.set()
+
+    async def wait_crashed(self) -> BaseException:
+        """Return the first bug once one happened (see :meth:`crash`)."""
+        await self._crash.wait()
+        assert self.crashed is not None
+        return self.crashed
 
     async def wait_for_termination(self) -> None:
         if self._server is not None:
@@ -707,10 +737,12 @@ class Reflector:
                     )
                     return
             session.close("agent closed the session")
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # the stream broke: grpc reports it as various exception types
-            session.close(f"stream from agent failed: {e}", grpc.StatusCode.UNAVAILABLE)
+        except (pb_message.DecodeError, codec.DecodeError) as e:  # the agent's fault, not ours
+            session.close(f"malformed message from agent: {e}", grpc.StatusCode.INVALID_ARGUMENT)
+        except grpc.aio.BaseError as e:  # gRPC's own (UsageError, InternalError): the RPC ended under us
+            session.close(f"stream from agent failed: {e!r}", grpc.StatusCode.UNAVAILABLE)
+        # Anything else is a bug: it ends this task, and _watch_task crashes the reflector. An
+        # agent that goes away ends the iteration (and gRPC cancels this RPC's handler).
 
     async def _keepalive(self, session: _Session) -> None:
         while not session.closed:
@@ -751,6 +783,8 @@ class Reflector:
             return
         reader = asyncio.create_task(self._read_requests(session, requests))
         ticker = asyncio.create_task(self._keepalive(session))
+        for task, what in ((reader, "reading"), (ticker, "keepalives")):
+            self._watch_task(task, session, f"SyncNode of {session.key} from {peer} ({what})")
         end_reason = "stream cancelled (agent gone)"
         try:
             while True:
@@ -766,6 +800,20 @@ class Reflector:
             reader.cancel()
             ticker.cancel()
             self._session_ended(session, end_reason)
+
+    def _watch_task(self, task: asyncio.Task[None], session: _Session, where: str) -> None:
+        """A session's helper task that raises is a bug: end the session with INTERNAL (not
+        UNAVAILABLE: nothing to retry) and crash the reflector."""
+
+        def done(t: asyncio.Task[None]) -> None:
+            if t.cancelled() or t.exception() is None:
+                return
+            exc = t.exception()
+            assert exc is not None
+            session.close(f"reflector bug: {exc!r}", grpc.StatusCode.INTERNAL)
+            self.crash(exc, where)
+
+        task.add_done_callback(done)
 
     async def watch_topology(self) -> AsyncIterator[pb.WatchTopologyResponse]:
         w = _Watcher()
@@ -934,23 +982,40 @@ class Reflector:
 
 
 class _Servicer(pb_grpc.FabricServicer):  # type: ignore[misc]
-    """Adapter from the generated servicer interface to :class:`Reflector`."""
+    """Adapter from the generated servicer interface to :class:`Reflector`. An exception escaping
+    a handler is a bug (see "Bugs" in the module docstring): the caller gets INTERNAL and the
+    reflector crashes. Left alone: ``asyncio.CancelledError`` (the caller went away, cancelled
+    or hit its deadline; a BaseException, so ``except Exception`` never sees it) and gRPC's
+    ``AbortError`` (an RPC ended on purpose with ``context.abort``)."""
 
     def __init__(self, reflector: Reflector) -> None:
         self._r = reflector
+
+    async def _bug(self, exc: Exception, rpc: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        self._r.crash(exc, f"{rpc} from {_peer_name(context.peer())}")
+        await context.abort(grpc.StatusCode.INTERNAL, f"reflector bug in {rpc}: {exc!r} (it restarts)")
 
     # grpc.aio recognises streaming handlers by inspect.isasyncgenfunction: these must be async
     # generator functions themselves, not functions returning one.
     async def SyncNode(
         self, request_iterator: AsyncIterator[pb.SyncNodeRequest], context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.SyncNodeResponse]:
-        async for msg in self._r.sync_node(request_iterator, context):
-            yield msg
+        try:
+            async for msg in self._r.sync_node(request_iterator, context):
+                yield msg
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:
+            await self._bug(e, "SyncNode", context)
 
     async def GetStatus(
         self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetStatusResponse:
-        return codec.status_to_pb(self._r.status())
+        try:
+            return codec.status_to_pb(self._r.status())
+        except Exception as e:
+            await self._bug(e, "GetStatus", context)
+            raise  # not reached: abort raises
 
     async def WatchTopology(
         self, request: pb.WatchTopologyRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -959,8 +1024,13 @@ class _Servicer(pb_grpc.FabricServicer):  # type: ignore[misc]
             context.set_code(grpc.StatusCode.UNAVAILABLE)
             context.set_details(self._r.standby_reason)
             return
-        async for msg in self._r.watch_topology():
-            yield msg
+        try:
+            async for msg in self._r.watch_topology():
+                yield msg
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:
+            await self._bug(e, "WatchTopology", context)
 
 
 class _MetricsCollector(Collector):
@@ -1233,13 +1303,19 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 async def _serve(reflector: Reflector, listen: Sequence[str]) -> None:
+    """Serve until SIGTERM/SIGINT or a bug (:meth:`Reflector.crash`), then stop."""
     await reflector.start(listen)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    _log.info("stopping")
+    waits = [asyncio.create_task(stop.wait()), asyncio.create_task(reflector.wait_crashed())]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+    _log.info("stopping" if reflector.crashed is None else "stopping after a bug")
     await reflector.stop()
 
 
@@ -1313,6 +1389,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         asyncio.run(serve())
     except ListenError as e:
         print(f"fabric-reflector: {e}", file=sys.stderr)
+        return 1
+    if reflector.crashed is not None:  # logged with its traceback when it happened
+        print(f"fabric-reflector: stopped after a bug: {reflector.crashed!r}", file=sys.stderr)
         return 1
     return 0
 
