@@ -20,8 +20,10 @@ the node must have. What happens, in order:
    for the nodes the Cluster statuses list (:meth:`Reflector.set_leader`). Without a Lease the
    reflector always serves.
 2. **Announce.** An agent opens ``SyncNode`` and announces its node. The announcement is validated
-   (:func:`~fabric.control.planner.validate_announcement`). Refused: the reason is recorded (see
-   GetStatus), sent as ``Rejected`` and the stream closed; nothing already working changes.
+   (:func:`~fabric.control.planner.announcement_refusals`). Refused: the reasons are recorded (see
+   GetStatus), sent as ``Rejected`` (texts, and the class of each: ``Rejected.Reason``, also the
+   label of ``fabric_reflector_rejections_total``) and the stream closed; nothing already
+   working changes.
    Accepted: if the node is known with the very same announcement (a reconnect within the grace
    period, or a second session replacing the first) the topology does not change and nobody else
    hears of it; otherwise the change is queued for the next *flush* (see "Coalescing"), which
