@@ -16,7 +16,9 @@ from one worker thread. Each table has one owner (``links``, ``addresses``, ``ru
 Failures: a failed entry is counted in the :class:`ApplyReport` (per table, errno histogram,
 first message) and the pass carries on; any failure sets ``resync_needed`` and makes the next
 ``apply`` re-read the kernel first. ``ENOENT``/``ESRCH`` on delete and a compatible ``EEXIST``
-on add are success.
+on add are success. Only kernel failures are counted (the owners catch ``DataplaneError``, a
+failed dump here is an ``OSError``); anything else is a bug and leaves ``apply`` at once, so the
+agent crashes into a clean resync (DESIGN.md) instead of retrying it forever as a "failure".
 
 Contract with the agent: nothing is ever deleted before the first ``set_desired`` (the agent
 calls it only once it holds its first complete snapshot), so a restarting agent does not flush
