@@ -18,8 +18,10 @@ Lazy: a node whose plan has no translation never compiles anything (1-3 s of bcc
 of an earlier run exist - then it loads once to empty the maps and detach the programs, so
 removing a cluster's ``globalCIDRs`` really removes the translation. Like every pass, this runs
 only after the first complete snapshot: a restarting agent never touches filters or maps before
-it knows the plan. A failure (a map update, an attach) is recorded in the pass report under
-``translator`` and retried with the next resync; the rest of the plan is still applied.
+it knows the plan. A kernel failure (a map update, an attach, reading the tc filters) is
+recorded in the pass report under ``translator`` and retried with the next resync; the rest of
+the plan is still applied. Anything else (a mapping set the validators should have refused, a
+TypeError...) is a bug and propagates: the agent crashes into a clean resync (DESIGN.md).
 """
 
 from __future__ import annotations
@@ -90,27 +92,30 @@ class TranslatorSync:
             return
         # Every pass, not only when the plan changed: set_mappings diffs the plan against what
         # the maps hold now, so an entry removed behind our back (drift) comes back like a route.
-        try:
-            delta = t.set_mappings(
-                translate.parse_mappings(list(plan.mappings), source="planned translations"),
-                source="planned translations",
-            )
-        except translate.MappingError as e:  # the planner validated them: a bug, but keep the rest
-            stats.fail(TABLE, errno.EINVAL, str(e))
-        else:
-            stats.adds += len(delta.added)
-            stats.deletes += len(delta.removed)
-            for msg in delta.failed:
-                stats.fail(TABLE, errno.EIO, msg)
+        # A MappingError is not caught: the mappings are the cluster's globalCIDRs, which the
+        # topology file and Cluster resource validators already checked for exactly what it
+        # refuses (CIDR syntax, sizes, families, overlaps), so a refused set is a bug of ours
+        # (validators, planner or wire) and crashes the agent (DESIGN.md), not an EINVAL to retry.
+        delta = t.set_mappings(
+            translate.parse_mappings(list(plan.mappings), source="planned translations"),
+            source="planned translations",
+        )
+        stats.adds += len(delta.added)
+        stats.deletes += len(delta.removed)
+        for msg in delta.failed:
+            stats.fail(TABLE, errno.EIO, msg)
         self._attachments(t, plan, stats)
         self._plan = plan
 
     def _attachments(self, t: translate.Translator, plan: render.TranslatorPlan, stats: TableStats) -> None:
         wanted = {(dev, p) for dev, point in plan.attachments for p in _POINTS.get(point, ())}
+        from pyroute2.netlink.exceptions import NetlinkError  # late, like fabric.bpf.translate
+
         try:
             seen = t.attachments(DEVICES)
-        except Exception as e:  # netlink failure reading tc filters: retry next pass
-            stats.fail(TABLE, errno.EIO, f"reading tc filters: {e}")
+        except (OSError, NetlinkError) as e:  # a kernel failure reading tc filters: retry next pass
+            code = getattr(e, "code", None) or getattr(e, "errno", None) or errno.EIO
+            stats.fail(TABLE, int(code), f"reading tc filters: {e}")
             return
         have = {(a["device"], a["direction"], a["program"]) for a in seen}
         for dev, point in sorted(wanted, key=lambda w: (w[0], w[1].function)):

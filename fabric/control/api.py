@@ -7,6 +7,7 @@ They carry no gRPC types so callers never depend on generated code.
 from __future__ import annotations
 
 import dataclasses
+import enum
 
 #: Default gRPC port of fabric-reflector.
 DEFAULT_REFLECTOR_PORT = 4880
@@ -57,12 +58,50 @@ class NodeStatus:
         return f"{self.cluster}/{self.name}"
 
 
+class RejectionReason(enum.Enum):
+    """Why the reflector refused an announcement: one per refusal, carried next to its text in
+    the protocol's ``Rejected`` (``Rejected.Reason``, same names with a ``REASON_`` prefix) and
+    used as the ``reason`` label of ``fabric_reflector_rejections_total`` (the value), so nothing
+    has to classify texts. ``*_CONFLICT``: the value is fine but another node holds it (often a
+    node that was renamed or not withdrawn yet); the others: the announcement is wrong on its own
+    or does not fit the fabric configuration. ``UNSPECIFIED``: a reflector that sent no reason."""
+
+    UNSPECIFIED = "unspecified"
+    #: The node identity is not two non-empty names without '/'.
+    IDENTITY = "identity"
+    #: The node's cluster is not configured.
+    UNKNOWN_CLUSTER = "unknown_cluster"
+    #: The cluster's mode is one this build does not support.
+    UNSUPPORTED_MODE = "unsupported_mode"
+    #: An underlay address is not a unicast IP, repeats a family, or is of no family of the cluster.
+    UNDERLAY = "underlay"
+    #: An underlay address is already another node's.
+    UNDERLAY_CONFLICT = "underlay_conflict"
+    #: The underlay MTU leaves no valid tunnel MTU.
+    MTU = "mtu"
+    #: A pod CIDR is invalid, outside or overlapping what the configuration allows, or the node's own.
+    POD_CIDR = "pod_cidr"
+    #: A pod CIDR overlaps another node's.
+    POD_CIDR_CONFLICT = "pod_cidr_conflict"
+    #: No overlay address can be derived from an underlay address (no bridge/local CIDR of its
+    #: family, or it would be the network or broadcast address of that CIDR).
+    OVERLAY = "overlay"
+    #: The derived overlay address is already another node's.
+    OVERLAY_CONFLICT = "overlay_conflict"
+    #: A derived tunnel device MAC is already another node's.
+    MAC_CONFLICT = "mac_conflict"
+    #: The session did not start with an announcement.
+    PROTOCOL = "protocol"
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Rejection:
     """An announcement or configuration item the reflector refused, and why."""
 
     source: str  # e.g. "announcement east/e3" or "config clusters[1]"
     reason: str
+    #: The class of each refusal in ``reason`` ('; '-joined), in the same order.
+    reasons: tuple[RejectionReason, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

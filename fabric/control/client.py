@@ -76,7 +76,8 @@ class SessionHandler(Protocol):
         """The session was accepted (True) or was lost (False, with the reason)."""
 
     async def on_rejected(self, reason: str) -> None:
-        """The reflector refused the announcement; the session retries after a backoff."""
+        """The reflector refused the announcement; the session retries after a backoff. The
+        class of each refusal is ``session.rejected_for``."""
 
 
 class _SessionEnded(Exception):
@@ -120,9 +121,11 @@ class Changed:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Refused:
-    """The reflector rejected the announcement (``reason`` names why)."""
+    """The reflector rejected the announcement: ``reason`` says why in words, ``classes`` names
+    the kinds of refusal (metric labels, machine-readable)."""
 
     reason: str
+    classes: tuple[api.RejectionReason, ...] = ()
 
 
 SyncEvent = Keepalive | Synced | Changed | Refused
@@ -201,7 +204,7 @@ class SyncStream:
             self.version = version
             return Changed(delta, version)
         if kind == "rejected":
-            return Refused(msg.rejected.reason)
+            return Refused(msg.rejected.reason, codec.rejection_reasons_from_pb(msg.rejected.codes))
         raise self._violation(f"unknown message {kind!r}")
 
 
@@ -241,6 +244,8 @@ class AgentSession:
         self._attempts = 0
         #: The current session got its END_OF_SNAPSHOT (resets the backoff when it ends).
         self._synced = False
+        #: The class of each refusal of the last ``Rejected`` (set before ``on_rejected`` runs).
+        self.rejected_for: tuple[api.RejectionReason, ...] = ()
         #: Probed peers that do not answer (sent on change and again on every new session).
         self._unreachable: frozenset[types.NodeKey] = frozenset()
         #: Sessions ended because the reflector broke the protocol (see :class:`SyncStream`).
@@ -369,9 +374,12 @@ class AgentSession:
                     _log.debug("delta of %d entries, version %d", len(ev.delta), self.version)
                     await self.handler.on_delta(ev.delta, self.version)
                 elif isinstance(ev, Refused):
-                    _log.warning("reflector %s rejected node %s: %s", self.target, self.announcement.key, ev.reason)
+                    self.rejected_for = ev.classes
+                    classes = ", ".join(r.value for r in ev.classes) or "unspecified"
+                    _log.warning("reflector %s rejected node %s (%s): %s", self.target, self.announcement.key,
+                                 classes, ev.reason)  # fmt: skip
                     await self.handler.on_rejected(ev.reason)
-                    raise _SessionEnded(f"rejected: {ev.reason}")
+                    raise _SessionEnded(f"rejected ({classes}): {ev.reason}")
         finally:
             ticker.cancel()
 

@@ -40,6 +40,13 @@ _MODE_TO_PB: dict[types.ClusterMode, pb.ClusterMode] = {
 _MODE_FROM_PB: dict[int, types.ClusterMode] = {v: k for k, v in _MODE_TO_PB.items()}
 
 
+#: Same names on both sides (a test checks every member has its wire value and back).
+_REASON_TO_PB: dict[api.RejectionReason, pb.Rejected.Reason] = {
+    r: getattr(pb.Rejected, f"REASON_{r.name}") for r in api.RejectionReason
+}
+_REASON_FROM_PB: dict[int, api.RejectionReason] = {v: k for k, v in _REASON_TO_PB.items()}
+
+
 class DecodeError(ValueError):
     """A message from the other side is malformed; the text names the message and field."""
 
@@ -146,6 +153,18 @@ def delta_from_pb(msg: pb.Delta) -> types.StateDelta:
 
 def keepalive_message(interval_s: float) -> pb.Keepalive:
     return pb.Keepalive(interval_ms=max(1, round(interval_s * 1000)))
+
+
+def rejected_message(reason: str, codes: Sequence[api.RejectionReason]) -> pb.SyncNodeResponse:
+    """Reflector -> agent: the announcement is refused; ``codes`` classify the refusals of
+    ``reason`` ('; '-joined), in order."""
+    return pb.SyncNodeResponse(rejected=pb.Rejected(reason=reason, codes=[_REASON_TO_PB[c] for c in codes]))
+
+
+def rejection_reasons_from_pb(codes: Iterable[int]) -> tuple[api.RejectionReason, ...]:
+    """``Rejected.codes`` (or ``Rejection.codes``) as plain values. A code this build does not
+    know (a newer reflector) is UNSPECIFIED, not an error: the text still says why."""
+    return tuple(_REASON_FROM_PB.get(c, api.RejectionReason.UNSPECIFIED) for c in codes)
 
 
 def peer_report_message(unreachable: Iterable[types.NodeKey]) -> pb.SyncNodeRequest:
@@ -255,7 +274,10 @@ def status_to_pb(status: api.FabricStatus) -> pb.GetStatusResponse:
             )
             for c in status.clusters
         ],
-        rejections=[pb.Rejection(source=r.source, reason=r.reason) for r in status.rejections],
+        rejections=[
+            pb.Rejection(source=r.source, reason=r.reason, codes=[_REASON_TO_PB[c] for c in r.reasons])
+            for r in status.rejections
+        ],
         unreachable_pairs=[
             pb.UnreachablePair(cluster_a=u.cluster_a, cluster_b=u.cluster_b, reason=u.reason)
             for u in status.unreachable_pairs
@@ -308,7 +330,10 @@ def status_from_pb(msg: pb.GetStatusResponse) -> api.FabricStatus:
             )
             for c in msg.clusters
         ),
-        rejections=tuple(api.Rejection(source=r.source, reason=r.reason) for r in msg.rejections),
+        rejections=tuple(
+            api.Rejection(source=r.source, reason=r.reason, reasons=rejection_reasons_from_pb(r.codes))
+            for r in msg.rejections
+        ),
         unreachable_pairs=tuple(
             api.UnreachablePair(cluster_a=u.cluster_a, cluster_b=u.cluster_b, reason=u.reason)
             for u in msg.unreachable_pairs

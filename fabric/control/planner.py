@@ -96,6 +96,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
 from fabric import types, validation
+from fabric.control import api
 
 _log = logging.getLogger(__name__)
 
@@ -311,10 +312,29 @@ class NodeIndex:
         return out
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Refusal:
+    """One reason an announcement is refused: its class (what the wire's ``Rejected`` and the
+    reflector's rejection metric carry) and its text (what people read)."""
+
+    reason: api.RejectionReason
+    text: str
+
+
+_R = api.RejectionReason
+
+
 def validate_announcement(
     topology: types.Topology, ann: types.NodeAnnouncement, index: NodeIndex | None = None
 ) -> list[str]:
-    """Reasons ``ann`` must be refused (empty when it may join or replace its old announcement).
+    """The texts of :func:`announcement_refusals` (empty when ``ann`` may join)."""
+    return [r.text for r in announcement_refusals(topology, ann, index)]
+
+
+def announcement_refusals(
+    topology: types.Topology, ann: types.NodeAnnouncement, index: NodeIndex | None = None
+) -> list[Refusal]:
+    """Why ``ann`` must be refused (empty when it may join or replace its old announcement).
 
     Other nodes are the topology's nodes with a different key: re-announcing the same node is
     checked against everybody else only, so an identical re-announcement is always fine and a
@@ -322,22 +342,27 @@ def validate_announcement(
     against (it is used instead of ``topology.nodes``; see :class:`NodeIndex`); without one it
     is built from the topology. Reasons about other nodes name them in key order.
     """
-    reasons: list[str] = []
+    reasons: list[Refusal] = []
     config = topology.config
     if index is None:
         index = NodeIndex.of(topology)
     elif index.config is not config and index.config != config:
         raise ValueError("validate_announcement: the index belongs to another fabric configuration")
     if not ann.name or "/" in ann.name or not ann.cluster or "/" in ann.cluster:
-        reasons.append(f"node identity {ann.cluster!r}/{ann.name!r} must be two non-empty names without '/'")
+        reasons.append(Refusal(
+            _R.IDENTITY, f"node identity {ann.cluster!r}/{ann.name!r} must be two non-empty names without '/'"
+        ))
         return reasons
     cluster = config.cluster(ann.cluster)
     if cluster is None:
         known = ", ".join(c.name for c in config.clusters) or "none"
-        reasons.append(f"unknown cluster {ann.cluster!r} (configured clusters: {known})")
+        reasons.append(Refusal(_R.UNKNOWN_CLUSTER, f"unknown cluster {ann.cluster!r} (configured clusters: {known})"))
         return reasons
     if cluster.mode not in SUPPORTED_MODES:
-        reasons.append(f"cluster {cluster.name!r} has mode {cluster.mode.value!r}, which this build does not support")
+        reasons.append(Refusal(
+            _R.UNSUPPORTED_MODE,
+            f"cluster {cluster.name!r} has mode {cluster.mode.value!r}, which this build does not support",
+        ))
 
     def others(keys: Iterable[types.NodeKey]) -> list[types.NodeKey]:
         return sorted(k for k in keys if k != ann.key)
@@ -349,27 +374,30 @@ def validate_announcement(
         try:
             ip = ipaddress.ip_address(text)
         except ValueError:
-            reasons.append(f"underlay address {text!r} is not an IP address")
+            reasons.append(Refusal(_R.UNDERLAY, f"underlay address {text!r} is not an IP address"))
             continue
         if i == 0:
             underlay = ip
         if ip.is_unspecified or ip.is_multicast or ip.is_loopback:
-            reasons.append(f"underlay address {text} is not a unicast host address")
+            reasons.append(Refusal(_R.UNDERLAY, f"underlay address {text} is not a unicast host address"))
         if any(types.family_of(u) == ip.version for u in usable):
-            reasons.append(f"underlay address {text}: the node announces two underlay addresses of IPv{ip.version}")
+            reasons.append(Refusal(
+                _R.UNDERLAY, f"underlay address {text}: the node announces two underlay addresses of IPv{ip.version}"
+            ))
             continue
         for o in others(index.underlay_users(ip)):
-            reasons.append(f"underlay address {text} is already used by node {o}")
+            reasons.append(Refusal(_R.UNDERLAY_CONFLICT, f"underlay address {text} is already used by node {o}"))
         usable.append(text)
 
     # MTU (per underlay family: the outer header differs).
     for text in usable:
         mtu = tunnel_mtu(text, ann.underlay_mtu)
         if ann.underlay_mtu > MAX_UNDERLAY_MTU or mtu < MIN_TUNNEL_MTU:
-            reasons.append(
+            reasons.append(Refusal(
+                _R.MTU,
                 f"underlay MTU {ann.underlay_mtu} is invalid: the tunnel MTU would be {mtu} over underlay {text}"
-                f" (need underlay MTU {MIN_TUNNEL_MTU + ann.underlay_mtu - mtu}..{MAX_UNDERLAY_MTU})"
-            )
+                f" (need underlay MTU {MIN_TUNNEL_MTU + ann.underlay_mtu - mtu}..{MAX_UNDERLAY_MTU})",
+            ))
             break
 
     # Pod CIDRs.
@@ -378,15 +406,17 @@ def validate_announcement(
         try:
             net = ipaddress.ip_network(text, strict=True)
         except ValueError as e:
-            reasons.append(f"pod CIDR {text!r} is invalid ({e})")
+            reasons.append(Refusal(_R.POD_CIDR, f"pod CIDR {text!r} is invalid ({e})"))
             continue
         if cluster.discover_pod_cidrs:
             reasons += _discovered_pod_reasons(config, cluster, text, net)
         elif not any(_subnet_of(net, c) for c in cluster.pod_cidrs):
-            reasons.append(f"pod CIDR {text} is outside cluster {cluster.name!r} podCIDRs {list(cluster.pod_cidrs)}")
+            reasons.append(Refusal(
+                _R.POD_CIDR, f"pod CIDR {text} is outside cluster {cluster.name!r} podCIDRs {list(cluster.pod_cidrs)}"
+            ))
         for prev_text, prev in own:
             if prev.version == net.version and prev.overlaps(net):
-                reasons.append(f"pod CIDR {text} overlaps the node's own pod CIDR {prev_text}")
+                reasons.append(Refusal(_R.POD_CIDR, f"pod CIDR {text} overlaps the node's own pod CIDR {prev_text}"))
         own.append((text, net))
     clashes: set[tuple[types.NodeKey, int, str, int, str]] = set()
     for own_pos, (text, net) in enumerate(own):
@@ -397,7 +427,7 @@ def validate_announcement(
         mapped = _mapped(config, ann.cluster, text) and _mapped(config, o_key.cluster, oc)
         if o_key.cluster != ann.cluster and mapped:
             continue  # both are reached only by their global CIDRs
-        reasons.append(f"pod CIDR {text} overlaps pod CIDR {oc} of node {o_key}")
+        reasons.append(Refusal(_R.POD_CIDR_CONFLICT, f"pod CIDR {text} overlaps pod CIDR {oc} of node {o_key}"))
 
     # Overlay addresses and MACs: derived, so collisions must be caught here, never planned.
     # Every node may become a bridge node (a gateway-mode node when elected), so vx-bridge is
@@ -406,10 +436,11 @@ def validate_announcement(
     families = [f for f in cluster.families if any(types.family_of(u) == f for u in usable)]
     if usable and not families:
         names = ", ".join(types.FAMILY_NAMES[f] for f in cluster.families)
-        reasons.append(
+        reasons.append(Refusal(
+            _R.UNDERLAY,
             f"underlay address {', '.join(usable)} is of no family of cluster {cluster.name!r} (ipFamilies: {names}):"
-            " the node could carry none of its traffic"
-        )
+            " the node could carry none of its traffic",
+        ))
     if underlay is not None:
         kinds: list[tuple[str, Callable[[types.FabricConfig, str], str | None], types.ClusterMode | None]] = [
             ("bridge", bridge_cidr_for, None)
@@ -428,7 +459,7 @@ def validate_announcement(
     for dev in devices:
         mac = device_mac(ann.key, dev)
         for o in others(index.mac_users(dev, mac)):
-            reasons.append(f"{dev} MAC {mac} collides with node {o}")
+            reasons.append(Refusal(_R.MAC_CONFLICT, f"{dev} MAC {mac} collides with node {o}"))
     return reasons
 
 
@@ -440,20 +471,21 @@ def _overlay_reasons(
     cidr_for: Callable[[types.FabricConfig, str], str | None],
     only_mode: types.ClusterMode | None,
     others: Callable[[Iterable[types.NodeKey]], list[types.NodeKey]],
-) -> list[str]:
+) -> list[Refusal]:
     config = index.config
-    reasons: list[str] = []
+    reasons: list[Refusal] = []
     cidr = cidr_for(config, underlay)
     if cidr is None:
-        return [f"no {kind} CIDR of the family of underlay address {underlay} is configured"]
+        return [Refusal(_R.OVERLAY, f"no {kind} CIDR of the family of underlay address {underlay} is configured")]
     mine = overlay_address(underlay, cidr)
     mine_ip = ipaddress.ip_interface(mine)
     net = mine_ip.network
     if mine_ip.ip in (net.network_address, net.broadcast_address) and net.num_addresses > 2:
-        reasons.append(
+        reasons.append(Refusal(
+            _R.OVERLAY,
             f"overlay address {mine_ip.ip} derived from underlay {underlay} is the network or"
-            f" broadcast address of {kind} CIDR {cidr}"
-        )
+            f" broadcast address of {kind} CIDR {cidr}",
+        ))
     family = types.family_of(underlay)
     for o in others(index.overlay_users(kind, cidr, mine)):
         if only_mode is not None:
@@ -461,10 +493,11 @@ def _overlay_reasons(
             if oc is None or oc.mode != only_mode:
                 continue
         o_ul = index.nodes[o].underlay(family)
-        reasons.append(
+        reasons.append(Refusal(
+            _R.OVERLAY_CONFLICT,
             f"overlay address {mine_ip.ip} derived from underlay {underlay} collides with node"
-            f" {o} (underlay {o_ul}): {kind} CIDR {cidr} keeps only the host bits"
-        )
+            f" {o} (underlay {o_ul}): {kind} CIDR {cidr} keeps only the host bits",
+        ))
     return reasons
 
 
@@ -473,7 +506,7 @@ def _discovered_pod_reasons(
     cluster: types.ClusterConfig,
     text: str,
     net: ipaddress.IPv4Network | ipaddress.IPv6Network,
-) -> list[str]:
+) -> list[Refusal]:
     """Why pod CIDR ``text`` of a node of discovery-mode ``cluster`` must be refused.
 
     Its cluster's own ``pod_cidrs`` are the union of what its admitted nodes announced, so they
@@ -483,35 +516,41 @@ def _discovered_pod_reasons(
     CIDRs and globalCIDRsMap keys (a key maps whole ranges), every cluster's global CIDRs, the
     other clusters' pod and service CIDRs (unless both sides are mapped, as for node vs node)
     and the fabric's bridge/local CIDRs. O(clusters), not O(nodes): nodes are the index's."""
-    reasons: list[str] = []
+    reasons: list[Refusal] = []
     if cluster.ip_families and net.version not in cluster.ip_families:
         names = ", ".join(types.FAMILY_NAMES[f] for f in cluster.ip_families)
-        reasons.append(f"pod CIDR {text} is IPv{net.version} but cluster {cluster.name!r} ipFamilies is [{names}]")
+        reasons.append(Refusal(
+            _R.POD_CIDR, f"pod CIDR {text} is IPv{net.version} but cluster {cluster.name!r} ipFamilies is [{names}]"
+        ))
     for svc in cluster.service_cidrs:
         if _overlap(text, svc):
-            reasons.append(f"pod CIDR {text} overlaps {svc} of cluster {cluster.name!r} serviceCIDRs (its own)")
+            reasons.append(Refusal(
+                _R.POD_CIDR, f"pod CIDR {text} overlaps {svc} of cluster {cluster.name!r} serviceCIDRs (its own)"
+            ))
     for key, _glob in cluster.global_cidrs:
         if _overlap(text, key) and not _subnet_of(net, key):
-            reasons.append(f"pod CIDR {text} is only partly inside {key} of cluster {cluster.name!r} globalCIDRs "
-                           "(its own): a mapping must cover whole ranges")  # fmt: skip
+            reasons.append(Refusal(_R.POD_CIDR, f"pod CIDR {text} is only partly inside {key} of cluster "
+                                   f"{cluster.name!r} globalCIDRs (its own): a mapping must cover whole ranges"))
     mine_mapped = _mapped(config, cluster.name, text)
     for other in config.clusters:
         for _key, glob in other.global_cidrs:
             if _overlap(text, glob):
-                reasons.append(f"pod CIDR {text} overlaps global CIDR {glob} of cluster {other.name!r} globalCIDRs")
+                reasons.append(Refusal(
+                    _R.POD_CIDR, f"pod CIDR {text} overlaps global CIDR {glob} of cluster {other.name!r} globalCIDRs"
+                ))
         if other.name == cluster.name:
             continue
         for field, cidrs in (("podCIDRs", other.pod_cidrs), ("serviceCIDRs", other.service_cidrs)):
             for oc in cidrs:
                 if not _overlap(text, oc) or (mine_mapped and _mapped(config, other.name, oc)):
                     continue
-                reasons.append(f"pod CIDR {text} overlaps {oc} of cluster {other.name!r} {field} (overlapping "
-                               "clusters need both ranges mapped by globalCIDRs)")  # fmt: skip
+                reasons.append(Refusal(_R.POD_CIDR, f"pod CIDR {text} overlaps {oc} of cluster {other.name!r} {field} "
+                                       "(overlapping clusters need both ranges mapped by globalCIDRs)"))
     for field, cidrs, defaults in (("bridgeCIDRs", config.bridge_cidrs, _BRIDGE_DEFAULTS),
                                    ("localCIDRs", config.local_cidrs, _LOCAL_DEFAULTS)):  # fmt: skip
         for ic in types.with_defaults(cidrs, defaults):
             if _overlap(text, ic):
-                reasons.append(f"pod CIDR {text} overlaps the fabric's {field} {ic}")
+                reasons.append(Refusal(_R.POD_CIDR, f"pod CIDR {text} overlaps the fabric's {field} {ic}"))
     return reasons
 
 

@@ -20,8 +20,10 @@ the node must have. What happens, in order:
    for the nodes the Cluster statuses list (:meth:`Reflector.set_leader`). Without a Lease the
    reflector always serves.
 2. **Announce.** An agent opens ``SyncNode`` and announces its node. The announcement is validated
-   (:func:`~fabric.control.planner.validate_announcement`). Refused: the reason is recorded (see
-   GetStatus), sent as ``Rejected`` and the stream closed; nothing already working changes.
+   (:func:`~fabric.control.planner.announcement_refusals`). Refused: the reasons are recorded (see
+   GetStatus), sent as ``Rejected`` (texts, and the class of each: ``Rejected.Reason``, also the
+   label of ``fabric_reflector_rejections_total``) and the stream closed; nothing already
+   working changes.
    Accepted: if the node is known with the very same announcement (a reconnect within the grace
    period, or a second session replacing the first) the topology does not change and nobody else
    hears of it; otherwise the change is queued for the next *flush* (see "Coalescing"), which
@@ -65,6 +67,16 @@ O(nodes) cheap compares to find the sources that changed, then per node only the
 those sources (computed once per viewer class), so a join costs O(1) planner work per node, not
 O(nodes). ``planner.plan`` stays the reference; the unit tests check the two agree.
 
+Bugs. An unexpected exception in an RPC handler (or in a session's reader or keepalive task) is
+a bug of the reflector, not a transport problem: it is logged with its traceback, the RPC ends
+with INTERNAL, and the reflector stops and exits non-zero (:meth:`Reflector.crash`), so its
+supervisor (the Deployment) restarts it into a clean state - agents keep their dataplane and
+resync with the new process, as after any restart (DESIGN.md: a bug crashes the process). It is
+never reported as UNAVAILABLE, which tells clients "retry" and would hide it. Expected
+conditions are not bugs: the agent going away or the RPC being cancelled or timing out (gRPC
+cancels the handler: CancelledError), gRPC's own errors about the RPC's state (the stream ended
+under us: UNAVAILABLE), and a malformed message from the agent (INVALID_ARGUMENT).
+
 Everything mutating the reflector's state runs on the event loop without awaiting in between, so
 no locks are needed. Every message is built once (per node, or once for all nodes of one class
 that get the same delta) and queued to its session; one task per session writes the queue to the
@@ -90,6 +102,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf import message as pb_message
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -116,25 +129,6 @@ DEFAULT_COALESCE_WINDOW_S = 0.02
 DEFAULT_MAX_COALESCE_WINDOW_S = 1.0
 #: Topology changes whose fan-out is timed at once (older ones are dropped unobserved).
 MAX_FANOUT_TRACKED = 256
-#: Reason classes of refused announcements (``fabric_reflector_rejections_total{reason}``):
-#: (class, phrase the planner's or the session's reason text contains). First match wins.
-REJECTION_CLASSES = (
-    ("identity", "node identity"),
-    ("unknown_cluster", "unknown cluster"),
-    ("unsupported_mode", "does not support"),
-    ("underlay", "underlay address"),
-    ("pod_cidr", "pod CIDR"),
-    ("overlay_collision", "overlay"),
-    ("protocol", "first message"),
-)
-
-
-def rejection_reason(text: str) -> str:
-    """The class of one refusal reason (``other`` when no class matches)."""
-    for cls, phrase in REJECTION_CLASSES:
-        if phrase in text:
-            return cls
-    return "other"
 
 #: HTTP/2 keepalive below the application keepalive: detects half-open TCP connections even when
 #: the event loop of the other side is stuck. Clients ping at most every 10 s (client.py), so the
@@ -260,8 +254,8 @@ class Reflector:
         self._nodes: dict[types.NodeKey, _NodeRecord] = {}
         self._rejections: dict[str, api.Rejection] = {}
         self._rejections_total = 0
-        #: Refusals by reason class (:func:`rejection_reason`), for the metrics.
-        self._rejections_by_reason: dict[str, int] = {}
+        #: Refusals by their class (``Refusal.reason``), for the metrics.
+        self._rejections_by_reason: dict[api.RejectionReason, int] = {}
         #: Fan-out in flight: generation -> (time of the change, synced nodes that were sent a
         #: delta for it and have not reported it applied yet). See ``fanout_lag``.
         self._fanout: dict[int, tuple[float, set[types.NodeKey]]] = {}
@@ -284,6 +278,9 @@ class Reflector:
         #: None while this replica serves agents (the leader, or the only replica); else why it
         #: does not (standby of a leader Lease: see :meth:`set_leader`).
         self.standby_reason: str | None = None
+        #: The first bug (see "Bugs" in the module docstring); set, the process is to exit.
+        self.crashed: BaseException | None = None
+        self._crash = asyncio.Event()
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -329,19 +326,35 @@ class Reflector:
             await self._server.stop(grace)
             self._server = None
 
+    def crash(self, exc: BaseException, where: str) -> None:
+        """Record a bug (an unexpected exception ``where``) and make :func:`main` stop the
+        reflector and exit non-zero. Why not carry on: the exception left the state machine
+        half-updated at an unknown point, and a restart resyncs every agent from a clean state
+        at the cost of one reconnect, which the protocol is built for."""
+        _log.critical("bug in %s: the reflector stops for a clean restart", where, exc_info=exc)
+        if self.crashed is None:
+            self.crashed = exc
+        self._crash.set()
+
+    async def wait_crashed(self) -> BaseException:
+        """Return the first bug once one happened (see :meth:`crash`)."""
+        await self._crash.wait()
+        assert self.crashed is not None
+        return self.crashed
+
     async def wait_for_termination(self) -> None:
         if self._server is not None:
             await self._server.wait_for_termination()
 
     # -- announcements ----------------------------------------------------------------------
 
-    def _admit(self, ann: types.NodeAnnouncement, session: _Session) -> list[str]:
-        """Validate ``ann`` and attach ``session`` to its node; returns refusal reasons."""
+    def _admit(self, ann: types.NodeAnnouncement, session: _Session) -> pb.SyncNodeResponse | None:
+        """Validate ``ann`` and attach ``session`` to its node; returns the ``Rejected`` to send
+        when it is refused."""
         key = ann.key
-        reasons = planner.validate_announcement(self._pending, ann, self._index)
+        reasons = planner.announcement_refusals(self._pending, ann, self._index)
         if reasons:
-            self._reject(f"announcement {key} from {session.peer}", str(key), reasons)
-            return reasons
+            return self._reject(f"announcement {key} from {session.peer}", str(key), reasons)
         self._rejections.pop(str(key), None)
         session.send(pb.SyncNodeResponse(keepalive=codec.keepalive_message(self.keepalive_interval)))
         rec = self._nodes.get(key)
@@ -379,7 +392,7 @@ class Reflector:
             self._maybe_release_hold()
         else:
             self._schedule_flush()
-        return []
+        return None
 
     def _attach(self, rec: _NodeRecord, session: _Session) -> None:
         if rec.withdraw_handle is not None:
@@ -393,17 +406,19 @@ class Reflector:
         rec.applied_version = 0
         rec.counters = session.counters
 
-    def _reject(self, source: str, ident: str, reasons: Sequence[str]) -> None:
-        reason = "; ".join(reasons)
+    def _reject(self, source: str, ident: str, refusals: Sequence[planner.Refusal]) -> pb.SyncNodeResponse:
+        """Record a refusal (GetStatus, metrics, log) and return the ``Rejected`` to send."""
+        reason = "; ".join(r.text for r in refusals)
+        codes = tuple(r.reason for r in refusals)
         self._rejections.pop(ident, None)
-        self._rejections[ident] = api.Rejection(source=source, reason=reason)
+        self._rejections[ident] = api.Rejection(source=source, reason=reason, reasons=codes)
         self._rejections_total += 1
-        for r in reasons:
-            cls = rejection_reason(r)
-            self._rejections_by_reason[cls] = self._rejections_by_reason.get(cls, 0) + 1
+        for code in codes:
+            self._rejections_by_reason[code] = self._rejections_by_reason.get(code, 0) + 1
         while len(self._rejections) > MAX_REJECTIONS:
             del self._rejections[next(iter(self._rejections))]
         _log.info("rejected %s: %s", source, reason)
+        return codec.rejected_message(reason, codes)
 
     def _send_snapshot(self, rec: _NodeRecord, session: _Session) -> None:
         state = self._planner.state(rec.ann.key)
@@ -538,9 +553,9 @@ class Reflector:
             return
         empty = dataclasses.replace(self._pending, config=config, nodes=())
         index = planner.NodeIndex(config)
-        dropped: list[tuple[types.NodeAnnouncement, list[str]]] = []
+        dropped: list[tuple[types.NodeAnnouncement, list[planner.Refusal]]] = []
         for n in self._pending.nodes:  # each against those kept before it (the index), in key order
-            reasons = planner.validate_announcement(empty, n, index)
+            reasons = planner.announcement_refusals(empty, n, index)
             if reasons:
                 dropped.append((n, reasons))
             else:
@@ -552,14 +567,14 @@ class Reflector:
         self._index = index
         self._dirty = True
         for n, reasons in dropped:
-            self._reject(f"node {n.key} under the new fabric configuration", str(n.key), reasons)
+            rejected = self._reject(f"node {n.key} under the new fabric configuration", str(n.key), reasons)
             rec = self._nodes.pop(n.key)
             self._changed.add(n.key)
             self._reports.pop(n.key, None)
             if rec.withdraw_handle is not None:
                 rec.withdraw_handle.cancel()
             if rec.session is not None:
-                rec.session.send(pb.SyncNodeResponse(rejected=pb.Rejected(reason="; ".join(reasons))))
+                rec.session.send(rejected)
                 rec.session.close("refused by the new fabric configuration", grpc.StatusCode.FAILED_PRECONDITION)
         for w in self._watchers:
             w.queue.put_nowait(_Close("fabric configuration changed"))
@@ -724,10 +739,12 @@ class Reflector:
                     )
                     return
             session.close("agent closed the session")
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # the stream broke: grpc reports it as various exception types
-            session.close(f"stream from agent failed: {e}", grpc.StatusCode.UNAVAILABLE)
+        except (pb_message.DecodeError, codec.DecodeError) as e:  # the agent's fault, not ours
+            session.close(f"malformed message from agent: {e}", grpc.StatusCode.INVALID_ARGUMENT)
+        except grpc.aio.BaseError as e:  # gRPC's own (UsageError, InternalError): the RPC ended under us
+            session.close(f"stream from agent failed: {e!r}", grpc.StatusCode.UNAVAILABLE)
+        # Anything else is a bug: it ends this task, and _watch_task crashes the reflector. An
+        # agent that goes away ends the iteration (and gRPC cancels this RPC's handler).
 
     async def _keepalive(self, session: _Session) -> None:
         while not session.closed:
@@ -754,18 +771,22 @@ class Reflector:
             context.set_details(self.standby_reason)
             return
         if first.WhichOneof("message") != "announce":
-            reason = f"the first message must be an announcement, not {first.WhichOneof('message') or 'empty'}"
-            self._reject(f"session from {peer}", f"peer {peer}", [reason])
-            yield pb.SyncNodeResponse(rejected=pb.Rejected(reason=reason))
+            refusal = planner.Refusal(
+                api.RejectionReason.PROTOCOL,
+                f"the first message must be an announcement, not {first.WhichOneof('message') or 'empty'}",
+            )
+            yield self._reject(f"session from {peer}", f"peer {peer}", [refusal])
             return
         ann = codec.node_from_pb(first.announce.node)
         session = _Session(ann.key, peer, self.clock())
-        reasons = self._admit(ann, session)
-        if reasons:
-            yield pb.SyncNodeResponse(rejected=pb.Rejected(reason="; ".join(reasons)))
+        rejected = self._admit(ann, session)
+        if rejected is not None:
+            yield rejected
             return
         reader = asyncio.create_task(self._read_requests(session, requests))
         ticker = asyncio.create_task(self._keepalive(session))
+        for task, what in ((reader, "reading"), (ticker, "keepalives")):
+            self._watch_task(task, session, f"SyncNode of {session.key} from {peer} ({what})")
         end_reason = "stream cancelled (agent gone)"
         try:
             while True:
@@ -781,6 +802,20 @@ class Reflector:
             reader.cancel()
             ticker.cancel()
             self._session_ended(session, end_reason)
+
+    def _watch_task(self, task: asyncio.Task[None], session: _Session, where: str) -> None:
+        """A session's helper task that raises is a bug: end the session with INTERNAL (not
+        UNAVAILABLE: nothing to retry) and crash the reflector."""
+
+        def done(t: asyncio.Task[None]) -> None:
+            if t.cancelled() or t.exception() is None:
+                return
+            exc = t.exception()
+            assert exc is not None
+            session.close(f"reflector bug: {exc!r}", grpc.StatusCode.INTERNAL)
+            self.crash(exc, where)
+
+        task.add_done_callback(done)
 
     async def watch_topology(self) -> AsyncIterator[pb.WatchTopologyResponse]:
         w = _Watcher()
@@ -949,23 +984,40 @@ class Reflector:
 
 
 class _Servicer(pb_grpc.FabricServicer):  # type: ignore[misc]
-    """Adapter from the generated servicer interface to :class:`Reflector`."""
+    """Adapter from the generated servicer interface to :class:`Reflector`. An exception escaping
+    a handler is a bug (see "Bugs" in the module docstring): the caller gets INTERNAL and the
+    reflector crashes. Left alone: ``asyncio.CancelledError`` (the caller went away, cancelled
+    or hit its deadline; a BaseException, so ``except Exception`` never sees it) and gRPC's
+    ``AbortError`` (an RPC ended on purpose with ``context.abort``)."""
 
     def __init__(self, reflector: Reflector) -> None:
         self._r = reflector
+
+    async def _bug(self, exc: Exception, rpc: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        self._r.crash(exc, f"{rpc} from {_peer_name(context.peer())}")
+        await context.abort(grpc.StatusCode.INTERNAL, f"reflector bug in {rpc}: {exc!r} (it restarts)")
 
     # grpc.aio recognises streaming handlers by inspect.isasyncgenfunction: these must be async
     # generator functions themselves, not functions returning one.
     async def SyncNode(
         self, request_iterator: AsyncIterator[pb.SyncNodeRequest], context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.SyncNodeResponse]:
-        async for msg in self._r.sync_node(request_iterator, context):
-            yield msg
+        try:
+            async for msg in self._r.sync_node(request_iterator, context):
+                yield msg
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:
+            await self._bug(e, "SyncNode", context)
 
     async def GetStatus(
         self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetStatusResponse:
-        return codec.status_to_pb(self._r.status())
+        try:
+            return codec.status_to_pb(self._r.status())
+        except Exception as e:
+            await self._bug(e, "GetStatus", context)
+            raise  # not reached: abort raises
 
     async def WatchTopology(
         self, request: pb.WatchTopologyRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -974,8 +1026,13 @@ class _Servicer(pb_grpc.FabricServicer):  # type: ignore[misc]
             context.set_code(grpc.StatusCode.UNAVAILABLE)
             context.set_details(self._r.standby_reason)
             return
-        async for msg in self._r.watch_topology():
-            yield msg
+        try:
+            async for msg in self._r.watch_topology():
+                yield msg
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:
+            await self._bug(e, "WatchTopology", context)
 
 
 class _MetricsCollector(Collector):
@@ -1000,10 +1057,12 @@ class _MetricsCollector(Collector):
         sent.add_metric(["delta"], sum(x.counters.delta_entries_sent for x in recs))
         yield sent
         rejections = CounterMetricFamily(
-            "fabric_reflector_rejections", "Refusal reasons of announcements, by reason class.", labels=["reason"]
+            "fabric_reflector_rejections", "Refusals of announcements, by their class (Rejected.Reason).",
+            labels=["reason"],
         )
-        for cls in [c for c, _ in REJECTION_CLASSES] + ["other"]:
-            rejections.add_metric([cls], r._rejections_by_reason.get(cls, 0))
+        for cls in api.RejectionReason:
+            if cls is not api.RejectionReason.UNSPECIFIED:  # never produced here: every refusal has a class
+                rejections.add_metric([cls.value], r._rejections_by_reason.get(cls, 0))
         yield rejections
         moves = CounterMetricFamily(
             "fabric_reflector_gateway_moves", "Times the active gateway role moved.", labels=["cluster"]
@@ -1246,13 +1305,19 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 async def _serve(reflector: Reflector, listen: Sequence[str]) -> None:
+    """Serve until SIGTERM/SIGINT or a bug (:meth:`Reflector.crash`), then stop."""
     await reflector.start(listen)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    _log.info("stopping")
+    waits = [asyncio.create_task(stop.wait()), asyncio.create_task(reflector.wait_crashed())]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+    _log.info("stopping" if reflector.crashed is None else "stopping after a bug")
     await reflector.stop()
 
 
@@ -1326,6 +1391,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         asyncio.run(serve())
     except ListenError as e:
         print(f"fabric-reflector: {e}", file=sys.stderr)
+        return 1
+    if reflector.crashed is not None:  # logged with its traceback when it happened
+        print(f"fabric-reflector: stopped after a bug: {reflector.crashed!r}", file=sys.stderr)
         return 1
     return 0
 

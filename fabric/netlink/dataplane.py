@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import functools
 import ipaddress
 import logging
 import socket
@@ -198,7 +199,23 @@ def is_flood_mac(mac: str) -> bool:
     return mac == ZERO_MAC or bool(int(mac[:2], 16) & 1)
 
 
+@functools.cache
+def _kernel_errors() -> tuple[type[Exception], ...]:
+    """What a failed kernel call raises: :class:`OSError` (our :class:`rawnl.NetlinkFailure`,
+    :class:`DataplaneError`, socket errors) and pyroute2's ``NetlinkError`` (not an OSError).
+
+    Only these become :class:`DataplaneError`; anything else (TypeError, KeyError...) is a bug
+    and propagates, so the agent crashes into a clean resync instead of counting it as a kernel
+    error. pyroute2 is imported on first use, like everywhere (unit tests never load it); an
+    ``except`` clause evaluates this only when something was raised."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    return (OSError, NetlinkError)
+
+
 def _nl_error(exc: Exception, what: str) -> DataplaneError:
+    """``exc`` (one of :func:`_kernel_errors`) as a DataplaneError with its own errno (pyroute2:
+    ``code``, OSError: ``errno``); EIO only when it carries none."""
     code = getattr(exc, "code", None) or getattr(exc, "errno", None) or errno.EIO
     return DataplaneError(int(code), f"{what}: {exc}")
 
@@ -305,9 +322,9 @@ class KernelDataplane:
                 self._refresh_index()
                 if link.up:
                     self._ipr.link("set", index=self._ifindex(link.name), state="up")
-            except Exception as exc:
-                if isinstance(exc, DataplaneError):
-                    raise
+            except DataplaneError:
+                raise
+            except _kernel_errors() as exc:
                 raise _nl_error(exc, f"add {link.kind} link {link.name}") from exc
             return
         family_local = "vxlan_local6" if ":" in link.local else "vxlan_local"
@@ -328,9 +345,9 @@ class KernelDataplane:
             self._enable_ipv6(link.name)
             if link.up:
                 self._ipr.link("set", index=self._ifindex(link.name), state="up")
-        except Exception as exc:
-            if isinstance(exc, DataplaneError):
-                raise
+        except DataplaneError:
+            raise
+        except _kernel_errors() as exc:
             raise _nl_error(exc, f"add vxlan link {link.name} (vni {link.vni}, port {link.port})") from exc
 
     def _enable_ipv6(self, name: str) -> None:
@@ -352,7 +369,7 @@ class KernelDataplane:
         if isinstance(link, DeviceLink):
             try:
                 self._ipr.link("set", index=idx, state="up" if link.up else "down")
-            except Exception as exc:
+            except _kernel_errors() as exc:
                 raise _nl_error(exc, f"update link {link.name}") from exc
             return
         try:
@@ -360,14 +377,14 @@ class KernelDataplane:
             self._ipr.link("set", index=idx, mtu=link.mtu, address=link.mac)
             self._ipr.link("set", index=idx, kind="vxlan", vxlan_learning=int(link.learning))
             self._ipr.link("set", index=idx, state="up" if link.up else "down")
-        except Exception as exc:
+        except _kernel_errors() as exc:
             raise _nl_error(exc, f"update link {link.name}") from exc
 
     def del_link(self, name: str) -> None:
         idx = self._ifindex(name)
         try:
             self._ipr.link("del", index=idx)
-        except Exception as exc:
+        except _kernel_errors() as exc:
             raise _nl_error(exc, f"delete link {name}") from exc
         finally:
             self._index.pop(name, None)
@@ -381,7 +398,11 @@ class KernelDataplane:
         except DataplaneError:
             return []
         out = []
-        for msg in self._ipr.get_addr(index=idx):
+        try:
+            msgs = self._ipr.get_addr(index=idx)
+        except _kernel_errors() as exc:
+            raise _nl_error(exc, f"dump addresses of {link}") from exc
+        for msg in msgs:
             local = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
             if local:
                 out.append(Address(link, f"{ipaddress.ip_address(local)}/{msg['prefixlen']}"))
@@ -398,7 +419,7 @@ class KernelDataplane:
             extra["flags"] = _IFA_F_NODAD
         try:
             self._ipr.addr(command, index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen, **extra)
-        except Exception as exc:
+        except _kernel_errors() as exc:
             raise _nl_error(exc, f"{command} address {address.address} on {address.link}") from exc
 
     def add_address(self, address: Address) -> None:
@@ -411,7 +432,11 @@ class KernelDataplane:
 
     def list_rules(self, family: int) -> list[KernelRule]:
         out = []
-        for msg in self._ipr.get_rules(family=family):
+        try:
+            msgs = self._ipr.get_rules(family=family)
+        except _kernel_errors() as exc:
+            raise _nl_error(exc, f"dump rules of family {family}") from exc
+        for msg in msgs:
             table = msg.get_attr("FRA_TABLE") or msg["table"]
             out.append(
                 KernelRule(
@@ -428,13 +453,13 @@ class KernelDataplane:
             self._ipr.rule(
                 "add", family=rule.family, table=rule.table, priority=rule.priority, protocol=RTPROT_FABRIC
             )
-        except Exception as exc:
+        except _kernel_errors() as exc:
             raise _nl_error(exc, f"add rule 'lookup {rule.table} priority {rule.priority}'") from exc
 
     def del_rule(self, rule: KernelRule) -> None:
         try:
             self._ipr.rule("del", family=rule.family, table=rule.table, priority=rule.priority, protocol=rule.protocol)
-        except Exception as exc:
+        except _kernel_errors() as exc:
             raise _nl_error(exc, f"delete rule 'lookup {rule.table} priority {rule.priority}'") from exc
 
     # --- batches ------------------------------------------------------------------------------

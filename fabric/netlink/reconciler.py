@@ -17,6 +17,9 @@ Failures: a failed entry is counted in the :class:`ApplyReport` (per table, errn
 first message) and the pass carries on; any failure sets ``resync_needed`` and makes the next
 ``apply`` re-read the kernel first. An errno meaning "already gone" on delete or "our identical
 object is already there" on add is success: :mod:`fabric.netlink.tolerated` is the one table.
+Only kernel failures are counted (the owners catch ``DataplaneError``, a failed dump here is an
+``OSError``); anything else is a bug and leaves ``apply`` at once, so the agent crashes into a
+clean resync (DESIGN.md) instead of retrying it forever as a "failure".
 
 Contract with the agent: nothing is ever deleted before the first ``set_desired`` (the agent
 calls it only once it holds its first complete snapshot), so a restarting agent does not flush

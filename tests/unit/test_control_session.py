@@ -283,8 +283,13 @@ def test_rejected_announcements_are_visible_and_change_nothing() -> None:
                 "west/w9": dataclasses.replace(W1, name="w9", pod_cidrs=("10.99.0.0/24",), underlay_ip="198.18.0.29"),
                 "north/n1": types.NodeAnnouncement("north", "n1", "198.18.0.31", ()),
             }
-            recorders = {k: h.agent(a)[1] for k, a in bad.items()}
+            agents = {k: h.agent(a) for k, a in bad.items()}
+            recorders = {k: r for k, (_s, r) in agents.items()}
             await wait_until_async(lambda: all(r.count("rejected") >= 1 for r in recorders.values()), 3, "rejections")
+            R = api.RejectionReason
+            assert {k: s.rejected_for for k, (s, _r) in agents.items()} == {
+                "east/e9": (R.OVERLAY_CONFLICT,), "west/w9": (R.POD_CIDR,), "north/n1": (R.UNKNOWN_CLUSTER,),
+            }
             assert "collides with node east/e1" in recorders["east/e9"].last("rejected")
             assert "10.99.0.0/24 is outside cluster 'west'" in recorders["west/w9"].last("rejected")
             assert "unknown cluster 'north'" in recorders["north/n1"].last("rejected")
@@ -293,6 +298,9 @@ def test_rejected_announcements_are_visible_and_change_nothing() -> None:
 
             status = await client.get_status(h.target)
             by_source = {r.source.split(" from ")[0]: r.reason for r in status.rejections}
+            assert {r.source.split(" from ")[0]: r.reasons for r in status.rejections} == {
+                f"announcement {k}": s.rejected_for for k, (s, _r) in agents.items()
+            }
             assert set(by_source) == {f"announcement {k}" for k in bad}
             assert "overlay address 100.82.0.11" in by_source["announcement east/e9"]
             assert h.reflector.generation == generation

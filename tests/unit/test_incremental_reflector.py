@@ -76,7 +76,7 @@ class Driver:
     def announce(self, ann: types.NodeAnnouncement) -> Agent:
         s = reflector._Session(ann.key, "test", 0.0)
         agent = Agent(s)
-        if not self.refl._admit(ann, s):
+        if self.refl._admit(ann, s) is None:
             self.agents[ann.key] = agent
         return agent
 

@@ -1,6 +1,6 @@
 """Observability building blocks without root: probe RTT/loss bookkeeping, the agent's gateway
-role from its plan, the reflector's rejection classes, metrics and health over HTTP, and the
-fan-out lag of a real reflector with two in-process agents on the fake kernel."""
+role from its plan, metrics and health over HTTP, and the fan-out lag of a real reflector with
+two in-process agents on the fake kernel (rejection classes: tests/unit/test_rejection_reasons.py)."""
 
 from __future__ import annotations
 
@@ -64,21 +64,6 @@ def test_gateway_role_from_the_plan() -> None:
     assert prometheus_client.REGISTRY.get_sample_value("fabric_agent_gateway_role", {"role": "active"}) == 0
     with pytest.raises(ValueError, match="boss"):
         m.set_role("boss")
-
-
-@pytest.mark.parametrize(
-    ("reason", "cls"),
-    [
-        ("unknown cluster 'mars' (configured clusters: east)", "unknown_cluster"),
-        ("pod CIDR 10.9.0.0/24 is outside cluster 'east' podCIDRs ['10.10.0.0/16']", "pod_cidr"),
-        ("underlay address 198.18.0.11 is already used by node east/e1", "underlay"),
-        ("overlay address 100.82.0.11 derived from underlay 198.18.0.11 collides with east/e2", "overlay_collision"),
-        ("the first message must be an announcement, not keepalive", "protocol"),
-        ("something new", "other"),
-    ],
-)
-def test_rejection_reason_classes(reason: str, cls: str) -> None:
-    assert reflector.rejection_reason(reason) == cls
 
 
 def _get(url: str) -> tuple[int, str]:
