@@ -23,7 +23,7 @@ are the union (collapsed) of the pod CIDRs its admitted nodes announced (the age
 from their Node objects; the reflector has no credentials for member clusters), passed in as
 ``discovered`` by the Kubernetes topology source. Such a Cluster is accepted with no nodes yet
 (its status says it waits for them), and a node that joins later with a range outside the
-union is admitted (:func:`fabric.control.planner.validate_announcement` checks it against the
+union is admitted (:func:`fabric.control.admission.validate_announcement` checks it against the
 other clusters instead) and widens the union. Service CIDRs: those discovered from the
 ServiceCIDR API when there are any, else the spec's ``serviceCIDRs``. A key of
 ``globalCIDRsMap`` maps every CIDR in use that it contains (a /16 key covers the nodes' /24s); no

@@ -232,7 +232,7 @@ class GatewayRole:
 @dataclasses.dataclass(frozen=True, slots=True)
 class Topology:
     """Everything the planner needs: the configuration, the announced nodes and the gateway
-    roles the reflector elected (from its liveness view; see ``planner.elect``).
+    roles the reflector elected (from its liveness view; see ``election.elect``).
 
     ``nodes`` and ``roles`` are kept sorted so equal topologies compare (and hash) equal, and
     ``plan`` stays a pure function of this value.

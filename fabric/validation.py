@@ -2,7 +2,7 @@
 
 The same configuration reaches the fabric three ways: the topology file
 (:mod:`fabric.topology`), Cluster resources (:mod:`fabric.crd`) and, whatever its source, the
-:class:`~fabric.types.FabricConfig` the reflector is handed (``planner.config_problems``). Each
+:class:`~fabric.types.FabricConfig` the reflector is handed (``admission.config_problems``). Each
 used to carry its own validator, and they drifted (the topology file checked the vx-local
 default even where no gateway-mode cluster would ever use it). Now:
 

@@ -494,8 +494,8 @@ class EmuServer:
                 now = loop.time()
                 waits = [d - now for d in (deadline, next_bookmark if bookmarks else None) if d is not None]
                 try:
-                    item = await asyncio.wait_for(w.queue.get(), max(0.0, min(waits))) if waits else \
-                        await w.queue.get()
+                    async with asyncio.timeout(max(0.0, min(waits)) if waits else None):
+                        item = await w.queue.get()
                 except TimeoutError:
                     if deadline is not None and loop.time() >= deadline:
                         break

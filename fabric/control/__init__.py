@@ -1,7 +1,9 @@
 """The control plane: the one gRPC service between the reflector, agents, add-ons and tools.
 
 ``proto/fabric.proto`` is the source; ``protogen`` generates ``generated/`` (never edited).
-``planner`` computes each node's state from the topology (pure), ``reflector`` serves it
+``planner`` computes each node's state from the topology (pure), ``admission`` decides what may
+join the topology (and says why not), ``election`` picks each cluster's gateways,
+``incremental`` keeps the reflector's plans current part by part, ``reflector`` serves them
 (grpc.aio: sessions, coalesced deltas, leadership), ``k8s_source`` feeds it from ``Cluster``
 resources, ``codec`` converts between protobuf and :mod:`fabric.types`, and ``client`` with
 ``api`` is the public client every other component uses (agents, add-ons, ``fabric-tool``).

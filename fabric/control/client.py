@@ -284,7 +284,8 @@ class AgentSession:
             sleep = self._backoff.next()
             _log.info("session to %s ended (%s); reconnecting in %.2fs", self.target, reason, sleep)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closed.wait(), sleep)
+                async with asyncio.timeout(sleep):  # not wait_for: it can swallow a cancel (3.11)
+                    await self._closed.wait()
 
     async def report_applied(self, version: int) -> None:
         """Tell the reflector ``version`` is programmed. Dropped when no session is up: a new
@@ -338,7 +339,8 @@ class AgentSession:
             while True:
                 hold = DEAD_AFTER_INTERVALS * max(self.keepalive_interval, peer_interval)
                 try:
-                    msg = await asyncio.wait_for(call.read(), hold)
+                    async with asyncio.timeout(hold):
+                        msg = await call.read()
                 except TimeoutError:
                     raise _SessionEnded(f"keepalive timeout: reflector silent for {hold:g}s") from None
                 if msg is grpc.aio.EOF:

@@ -197,7 +197,7 @@ def node_to_pb(ann: types.NodeAnnouncement) -> pb.Node:
 
 
 def node_from_pb(msg: pb.Node) -> types.NodeAnnouncement:
-    """The announcement as sent; validation (planner.validate_announcement) judges its content."""
+    """The announcement as sent; validation (admission.validate_announcement) judges its content."""
     return types.NodeAnnouncement(
         cluster=msg.cluster,
         name=msg.name,

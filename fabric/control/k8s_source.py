@@ -24,7 +24,7 @@ What happens, in order:
    added to a member later (with a range outside the old union) is routed by the other clusters
    without a new ``join``. There is no feedback loop: a node of a discovery-mode cluster is
    never checked against its own cluster's union (see
-   :func:`fabric.control.planner.validate_announcement`), so a new union withdraws nobody. While
+   :func:`fabric.control.admission.validate_announcement`), so a new union withdraws nobody. While
    the reflector holds at startup (or a new leader waits for the old one's nodes), the pod
    CIDRs the Cluster status lists are kept in the union, so remote routes to a cluster do not
    vanish before its nodes have reconnected.
@@ -684,8 +684,12 @@ class KubernetesSource:
         loop = asyncio.get_running_loop()
         assert self._dirty is not None
         while True:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
+            # that arrives as the wait completes (CPython gh-86296), and this loop would then
+            # never end: run() hung on cancel.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._dirty.wait(), self.status_interval_s)
+                async with asyncio.timeout(self.status_interval_s):
+                    await self._dirty.wait()
             self._dirty.clear()
             if self._sink is None:
                 continue
@@ -738,7 +742,8 @@ class KubernetesSource:
         while True:
             error = ""
             try:
-                ok, holder = await asyncio.wait_for(loop.run_in_executor(self._leaser, self._renew_lease), period)
+                async with asyncio.timeout(period):
+                    ok, holder = await loop.run_in_executor(self._leaser, self._renew_lease)
             except TimeoutError:
                 ok, holder, error = False, None, f"no answer within {period:g}s"
             except Exception as e:  # conflict (another replica won the race) or API trouble
@@ -796,7 +801,8 @@ class KubernetesSource:
                 self._lease_until = 0.0
                 release = self._leaser.submit(self._release_lease)
                 try:
-                    await asyncio.wait_for(asyncio.wrap_future(release), self._lease_timeout() + 1.0)
+                    async with asyncio.timeout(self._lease_timeout() + 1.0):
+                        await asyncio.wrap_future(release)
                 except Exception as e:  # the Lease then simply expires
                     _log.info("could not release the leader Lease: %s", _api_error(e)[1])
             self._leaser.shutdown(wait=False, cancel_futures=True)

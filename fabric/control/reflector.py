@@ -20,7 +20,7 @@ the node must have. What happens, in order:
    for the nodes the Cluster statuses list (:meth:`Reflector.set_leader`). Without a Lease the
    reflector always serves.
 2. **Announce.** An agent opens ``SyncNode`` and announces its node. The announcement is validated
-   (:func:`~fabric.control.planner.announcement_refusals`). Refused: the reasons are recorded (see
+   (:func:`~fabric.control.admission.announcement_refusals`). Refused: the reasons are recorded (see
    GetStatus), sent as ``Rejected`` (texts, and the class of each: ``Rejected.Reason``, also the
    label of ``fabric_reflector_rejections_total``) and the stream closed; nothing already
    working changes.
@@ -38,7 +38,7 @@ the node must have. What happens, in order:
    ``withdraw_in_s``), then is withdrawn and the others get a removal delta. Reconnecting in time
    with the same announcement costs the others nothing (no flap).
 5. **Gateways.** Every cluster has one active gateway and a hot standby, elected here
-   (:func:`~fabric.control.planner.elect`) and stored in the topology, so plans stay pure. The
+   (:func:`~fabric.control.election.elect`) and stored in the topology, so plans stay pure. The
    liveness view it elects from: which nodes have a session, and the ``PeerReport`` of every
    agent - the peers (active and standby gateways it depends on) whose probes through the tunnel
    stopped being answered. The role moves when the active gateway's session ends (immediately,
@@ -62,7 +62,7 @@ measured by ``fabric-tool bench control``); with the doubling window a storm cos
 flushes, while a lone change (a gateway failover) still goes out at once. The startup hold is
 one flush at its release.
 
-Planning is incremental (:class:`~fabric.control.planner.IncrementalPlanner`): a flush costs
+Planning is incremental (:class:`~fabric.control.incremental.IncrementalPlanner`): a flush costs
 O(nodes) cheap compares to find the sources that changed, then per node only the plan parts of
 those sources (computed once per viewer class), so a join costs O(1) planner work per node, not
 O(nodes). ``planner.plan`` stays the reference; the unit tests check the two agree.
@@ -109,7 +109,7 @@ from prometheus_client.registry import Collector
 
 from fabric import health, logs, types
 from fabric import topology as topology_file
-from fabric.control import api, codec, planner
+from fabric.control import admission, api, codec, election, incremental, planner
 from fabric.control.generated import fabric_pb2 as pb
 from fabric.control.generated import fabric_pb2_grpc as pb_grpc
 
@@ -234,12 +234,12 @@ class Reflector:
         #: The topology with every change admitted since: announcements are validated against it
         #: (through ``_index``, its nodes indexed: a check costs O(log nodes), not O(nodes)).
         self._pending = self.topology
-        self._index = planner.NodeIndex(config)
+        self._index = admission.NodeIndex(config)
         self.coalesce_window = max(0.0, coalesce_window)
         self.max_coalesce_window = max(self.coalesce_window, max_coalesce_window)
         #: The current coalescing window (between the two above).
         self._window = self.coalesce_window
-        self._planner = planner.IncrementalPlanner()
+        self._planner = incremental.IncrementalPlanner()
         self._flush_handle: asyncio.Handle | None = None
         self._last_flush_end = float("-inf")
         self._last_flush_cost = 0.0
@@ -352,7 +352,7 @@ class Reflector:
         """Validate ``ann`` and attach ``session`` to its node; returns the ``Rejected`` to send
         when it is refused."""
         key = ann.key
-        reasons = planner.announcement_refusals(self._pending, ann, self._index)
+        reasons = admission.announcement_refusals(self._pending, ann, self._index)
         if reasons:
             return self._reject(f"announcement {key} from {session.peer}", str(key), reasons)
         self._rejections.pop(str(key), None)
@@ -406,7 +406,7 @@ class Reflector:
         rec.applied_version = 0
         rec.counters = session.counters
 
-    def _reject(self, source: str, ident: str, refusals: Sequence[planner.Refusal]) -> pb.SyncNodeResponse:
+    def _reject(self, source: str, ident: str, refusals: Sequence[admission.Refusal]) -> pb.SyncNodeResponse:
         """Record a refusal (GetStatus, metrics, log) and return the ``Rejected`` to send."""
         reason = "; ".join(r.text for r in refusals)
         codes = tuple(r.reason for r in refusals)
@@ -466,7 +466,7 @@ class Reflector:
         started = time.monotonic()
         old = self.topology
         new = self._pending
-        roles = planner.elect(new, self._connected(), self._scores())
+        roles = election.elect(new, self._connected(), self._scores())
         if roles != new.roles:
             new = new.with_roles(roles)
         if new.roles == old.roles and (not self._dirty or (new.config == old.config and new.nodes == old.nodes)):
@@ -546,16 +546,16 @@ class Reflector:
         ``Rejected``. Everything is then re-planned (in full: a configuration change may touch
         every plan) and only the differences go out, as deltas. Topology watchers are closed
         so that they start over with the new clusters (their snapshot carries them)."""
-        problems = planner.config_problems(config)
+        problems = admission.config_problems(config)
         if problems:
             raise ValueError("fabric configuration refused: " + "; ".join(problems))
         if config == self.config:
             return
         empty = dataclasses.replace(self._pending, config=config, nodes=())
-        index = planner.NodeIndex(config)
-        dropped: list[tuple[types.NodeAnnouncement, list[planner.Refusal]]] = []
+        index = admission.NodeIndex(config)
+        dropped: list[tuple[types.NodeAnnouncement, list[admission.Refusal]]] = []
         for n in self._pending.nodes:  # each against those kept before it (the index), in key order
-            reasons = planner.announcement_refusals(empty, n, index)
+            reasons = admission.announcement_refusals(empty, n, index)
             if reasons:
                 dropped.append((n, reasons))
             else:
@@ -594,20 +594,20 @@ class Reflector:
 
     def _scores(self) -> dict[types.NodeKey, int]:
         """Per node, how many other nodes with a session report it unreachable (see
-        :func:`planner.unreachable_scores` for which reports count)."""
+        :func:`election.unreachable_scores` for which reports count)."""
         targets = {}
         for reporter in self._reports:
             rec = self._nodes.get(reporter)
             entries = self._planner.entries(reporter) if rec else {}
             targets[reporter] = frozenset(e.node for e in entries.values() if isinstance(e, types.Peer) and e.probe)
-        return planner.unreachable_scores(self._reports, targets)
+        return election.unreachable_scores(self._reports, targets)
 
     def _reelect(self, why: str) -> None:
         """Re-run the election on the current liveness view; a changed role is a topology change
         (flushed with whatever else is pending)."""
         if self.holding:
             return
-        roles = planner.elect(self._pending, self._connected(), self._scores())
+        roles = election.elect(self._pending, self._connected(), self._scores())
         if roles == self._pending.roles:
             return
         _log.debug("re-election after %s", why)
@@ -761,7 +761,8 @@ class Reflector:
         peer = _peer_name(context.peer())
         if self.standby_reason is None:
             try:
-                first = await asyncio.wait_for(anext(requests), self._hold_time(None))
+                async with asyncio.timeout(self._hold_time(None)):
+                    first = await anext(requests)
             except (StopAsyncIteration, TimeoutError):
                 _log.info("session from %s ended before announcing its node", peer)
                 return
@@ -771,7 +772,7 @@ class Reflector:
             context.set_details(self.standby_reason)
             return
         if first.WhichOneof("message") != "announce":
-            refusal = planner.Refusal(
+            refusal = admission.Refusal(
                 api.RejectionReason.PROTOCOL,
                 f"the first message must be an announcement, not {first.WhichOneof('message') or 'empty'}",
             )

@@ -120,14 +120,14 @@ def test_control_runs_both_shapes_in_a_tiny_configuration(tmp_path: Path) -> Non
 
 
 def test_control_shapes_place_agents_in_disjoint_clusters_and_cidrs() -> None:
-    from fabric.control import planner
+    from fabric.control import admission
     from tools.bench.control import shapes as bench_shapes
 
     shape = bench_shapes.Shape("gateway", 250)
     assert shape.clusters == 3 and shape.suffix == "_gateway_n250"
     assert bench_shapes.Shape("p2p", 250).suffix == "_n250"
     config = shape.fabric_config()
-    assert not planner.config_problems(config)
+    assert not admission.config_problems(config)
     anns = [shape.announcement(i) for i in (*range(shape.n), bench_shapes.JOINER)]
     assert len({a.underlay_ip for a in anns}) == len({a.key for a in anns}) == len(anns)
     cidrs = [a.pod_cidrs[0] for a in anns]

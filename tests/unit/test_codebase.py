@@ -91,3 +91,22 @@ def test_nothing_forks_and_runs_python_before_exec() -> None:
         for line, what in _fork_hazards(p.read_text())
     ]
     assert hazards == []
+
+
+def test_no_asyncio_wait_for_outside_the_tests() -> None:
+    """On Python 3.11 ``asyncio.wait_for`` can swallow a cancellation that arrives as the awaited
+    thing completes (CPython gh-86296): a loop around it then never ends on cancel (the Cluster
+    source hung that way). ``async with asyncio.timeout(...)`` has no such race."""
+    import ast
+
+    found = []
+    for d in ("fabric", "tools", "kubeemu", "tree", "scheduler"):
+        for p in sorted((REPO / d).rglob("*.py")):
+            if "generated" in p.parts:
+                continue
+            for node in ast.walk(ast.parse(p.read_text())):
+                fn = node.func if isinstance(node, ast.Call) else None
+                if isinstance(fn, ast.Attribute) and fn.attr == "wait_for" and isinstance(fn.value, ast.Name) \
+                        and fn.value.id == "asyncio":  # fmt: skip
+                    found.append(f"{p.relative_to(REPO)}:{node.lineno}")
+    assert found == []

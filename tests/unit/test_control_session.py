@@ -20,7 +20,7 @@ import grpc
 import pytest
 
 from fabric import types
-from fabric.control import api, client, codec, planner, reflector
+from fabric.control import api, client, codec, election, planner, reflector
 from fabric.control.generated import fabric_pb2 as pb
 from fabric.control.generated import fabric_pb2_grpc as pb_grpc
 from tests.waiting import wait_until_async
@@ -132,7 +132,7 @@ def expected(
     for n in nodes:
         topo = topo.with_node(n)
     # The reflector elects gateways (all nodes connected, nobody reported): first candidates.
-    topo = topo.with_roles(planner.elect(topo, {n.key for n in nodes}, {}))
+    topo = topo.with_roles(election.elect(topo, {n.key for n in nodes}, {}))
     return planner.plan(topo, key)
 
 

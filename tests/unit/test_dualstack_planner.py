@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from fabric import topology, types
-from fabric.control import api, codec, planner
+from fabric.control import admission, api, codec, election, planner
 
 GOLDEN = Path(__file__).parent / "golden" / "planner_dualstack.json"
 UPDATE = os.environ.get("FABRIC_UPDATE_GOLDEN") == "1"
@@ -61,9 +61,9 @@ NODES = (
 def _topology(config: types.FabricConfig = CONFIG, nodes: tuple[types.NodeAnnouncement, ...] = NODES) -> types.Topology:
     t = types.Topology(config)
     for n in nodes:
-        assert planner.validate_announcement(t, n) == [], n
+        assert admission.validate_announcement(t, n) == [], n
         t = t.with_node(n)
-    return t.with_roles(planner.elect(t, [n.key for n in nodes], {}))
+    return t.with_roles(election.elect(t, [n.key for n in nodes], {}))
 
 
 def _plans_json(t: types.Topology) -> dict[str, Any]:
@@ -153,7 +153,7 @@ def test_ipv4_only_fabric_plans_exactly_as_before_dual_stack() -> None:
 def test_bad_dual_stack_announcements_are_refused(change: dict[str, Any], reason: str) -> None:
     t = _topology()
     ann = dataclasses.replace(_n("ds", "c9", 99, "10.30.9.0/24", "fd00:10:30:9::/64"), **change)
-    reasons = planner.validate_announcement(t, ann)
+    reasons = admission.validate_announcement(t, ann)
     assert any(reason in r for r in reasons), reasons
 
 
@@ -163,7 +163,7 @@ def test_ipv6_overlay_collision_is_refused() -> None:
     ann = _n("ds", "c9", 99, "10.30.9.0/24", "fd00:10:30:9::/64")
     ann = dataclasses.replace(ann, extra_underlay_ips=("fd00:198:99::d",))
     assert any("overlay address fd00:100:64::d" in r and "collides with node ds/c1" in r
-               for r in planner.validate_announcement(t, ann))  # fmt: skip
+               for r in admission.validate_announcement(t, ann))  # fmt: skip
 
 
 def test_wire_carries_families_and_extra_underlays_and_stays_compatible() -> None:

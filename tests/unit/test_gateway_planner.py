@@ -18,7 +18,7 @@ import pytest
 
 from fabric import topology as topology_file
 from fabric import types
-from fabric.control import planner
+from fabric.control import admission, election, planner
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("FABRIC_UPDATE_GOLDEN") == "1"
@@ -31,7 +31,7 @@ def build(config: types.FabricConfig, *nodes: types.NodeAnnouncement, elect: boo
     for n in nodes:
         t = t.with_node(n)
     if elect:
-        t = t.with_roles(planner.elect(t, {n.key for n in nodes}, {}))
+        t = t.with_roles(election.elect(t, {n.key for n in nodes}, {}))
     return t
 
 
@@ -224,7 +224,7 @@ def test_internal_nodes_hold_a_constant_number_of_peers(internal: int) -> None:
 def test_moving_the_role_changes_routes_only() -> None:
     t, _ = _golden("gateway_mixed")
     before = planner.plan_all(t)
-    moved = planner.elect(t, {n.key for n in t.nodes} - {types.NodeKey("west", "w1")}, {})
+    moved = election.elect(t, {n.key for n in t.nodes} - {types.NodeKey("west", "w1")}, {})
     assert [r for r in moved if r.cluster == "west"] == [types.GatewayRole("west", "w2", "w1")]
     after = planner.plan_all(t.with_roles(moved))
     for key in before:
@@ -250,18 +250,18 @@ def test_election_is_sticky_and_follows_liveness() -> None:
     everyone = {n.key for n in MIXED_NODES}
     west = types.NodeKey("west", "w1")
     # A report from a single peer about w1 while w2 is clean moves the role to w2.
-    roles = planner.elect(t, everyone, {west: 1})
+    roles = election.elect(t, everyone, {west: 1})
     assert t.with_roles(roles).role("west") == types.GatewayRole("west", "w2", "w1")
     # Healed: nobody reports w1 any more; w2 keeps the role (no flap back).
     t2 = t.with_roles(roles)
-    assert planner.elect(t2, everyone, {}) == roles
+    assert election.elect(t2, everyone, {}) == roles
     # Both gateways reported alike (a broken reporter): nothing moves.
-    assert planner.elect(t, everyone, {west: 1, types.NodeKey("west", "w2"): 1}) == t.roles
+    assert election.elect(t, everyone, {west: 1, types.NodeKey("west", "w2"): 1}) == t.roles
     # No connected candidate: the current one stays (its dataplane may still work).
-    assert planner.elect(t, everyone - _keys("west/w1", "west/w2"), {}) == t.roles
+    assert election.elect(t, everyone - _keys("west/w1", "west/w2"), {}) == t.roles
     # Non-candidates never get the role, even when every candidate is gone.
     t3 = t.without_node(types.NodeKey("west", "w1")).without_node(types.NodeKey("west", "w2"))
-    assert t3.with_roles(planner.elect(t3, everyone, {})).role("west") is None
+    assert t3.with_roles(election.elect(t3, everyone, {})).role("west") is None
 
 
 def test_no_split_brain_under_random_liveness() -> None:
@@ -273,7 +273,7 @@ def test_no_split_brain_under_random_liveness() -> None:
     for _ in range(500):
         connected = {k for k in keys if rng.random() < 0.8}
         scores = {k: rng.randrange(3) for k in keys if rng.random() < 0.3}
-        t = t.with_roles(planner.elect(t, connected, scores))
+        t = t.with_roles(election.elect(t, connected, scores))
         assert len({r.cluster for r in t.roles}) == len(t.roles) == 3
         for r in t.roles:
             cands = {"west": {"w1", "w2"}, "north": {"n1", "n2"}}.get(r.cluster, {"e1", "e2"})
@@ -292,11 +292,11 @@ def test_isolated_reporters_are_not_counted() -> None:
     w1, w2, e1 = (types.NodeKey.parse(k) for k in ("west/w1", "west/w2", "east/e1"))
     targets = {w1: ["west/w2", "east/e1", "east/e2"], e1: ["west/w1", "west/w2"]}
     # w1 can reach nobody: it is the one cut off; its report says nothing about w2.
-    assert planner.unreachable_scores({w1: {w2, e1, types.NodeKey("east", "e2")}}, targets) == {}
+    assert election.unreachable_scores({w1: {w2, e1, types.NodeKey("east", "e2")}}, targets) == {}
     # e1 reaches w2 but not w1: counted.
-    assert planner.unreachable_scores({e1: {w1}}, targets) == {w1: 1}
+    assert election.unreachable_scores({e1: {w1}}, targets) == {w1: 1}
     # A node never counts against itself.
-    assert planner.unreachable_scores({e1: {e1, w1}}, {e1: ["x/y", "west/w1", "east/e1"]}) == {w1: 1}
+    assert election.unreachable_scores({e1: {e1, w1}}, {e1: ["x/y", "west/w1", "east/e1"]}) == {w1: 1}
 
 
 # -- validation -------------------------------------------------------------------------------
@@ -307,10 +307,10 @@ def test_vx_local_collisions_are_refused() -> None:
     # 198.17.0.23 keeps w3's 16 host bits: same vx-local address 198.19.0.23 (the bridge address
     # differs: 100.64.0.0/10 keeps 22 bits). Only gateway-mode nodes get vx-local.
     clash = types.NodeAnnouncement("north", "n9", "198.17.0.23", ("10.30.9.0/24",))
-    reasons = planner.validate_announcement(t, clash)
+    reasons = admission.validate_announcement(t, clash)
     assert any("overlay address 198.19.0.23" in r and "collides with node west/w3" in r for r in reasons), reasons
     ok = types.NodeAnnouncement("east", "e9", "198.17.0.23", ("10.10.9.0/24",))
-    assert planner.validate_announcement(t, ok) == []
+    assert admission.validate_announcement(t, ok) == []
 
 
 def _parse(doc: dict[str, Any]) -> list[tuple[str, str]]:

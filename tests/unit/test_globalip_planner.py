@@ -18,7 +18,7 @@ import pytest
 
 from fabric import topology, types
 from fabric.agent import render
-from fabric.control import codec, planner
+from fabric.control import admission, codec, election, planner
 
 GOLDEN = Path(__file__).parent / "golden" / "planner_globalip.json"
 UPDATE = os.environ.get("FABRIC_UPDATE_GOLDEN") == "1"
@@ -43,9 +43,9 @@ NODES = (
 def _topology(config: types.FabricConfig = CONFIG) -> types.Topology:
     t = types.Topology(config)
     for n in NODES:
-        assert planner.validate_announcement(t, n) == [], n
+        assert admission.validate_announcement(t, n) == [], n
         t = t.with_node(n)
-    return t.with_roles(planner.elect(t, [n.key for n in NODES], {}))
+    return t.with_roles(election.elect(t, [n.key for n in NODES], {}))
 
 
 def _plans_json(t: types.Topology) -> dict[str, Any]:
@@ -118,11 +118,11 @@ def test_announcement_overlap_accepted_only_between_mapped_clusters() -> None:
     t = _topology()
     # Same cluster: still refused.
     dup = types.NodeAnnouncement("east", "e9", "198.18.0.99", ("10.10.1.0/24",))
-    assert any("overlaps pod CIDR 10.10.1.0/24 of node east/e2" in r for r in planner.validate_announcement(t, dup))
+    assert any("overlaps pod CIDR 10.10.1.0/24 of node east/e2" in r for r in admission.validate_announcement(t, dup))
     # The same CIDR unmapped in one cluster (a configuration the file refuses) is refused here too.
     cfg = types.FabricConfig(clusters=(EAST, dataclasses.replace(WEST, global_cidrs=()), NORTH))
     t2 = types.Topology(cfg).with_node(NODES[0])
-    assert planner.validate_announcement(t2, NODES[2]) == ["pod CIDR 10.10.0.0/24 overlaps pod CIDR 10.10.0.0/24 of "
+    assert admission.validate_announcement(t2, NODES[2]) == ["pod CIDR 10.10.0.0/24 overlaps pod CIDR 10.10.0.0/24 of "
                                                            "node east/e1"]
 
 

@@ -1,4 +1,4 @@
-"""Incremental planning (planner.IncrementalPlanner and the plan parts) against the reference
+"""Incremental planning (incremental.IncrementalPlanner and the plan parts) against the reference
 ``plan()``: random sequences of joins, leaves, re-announcements, role moves and configuration
 changes over random P2P / gateway-mode / dual-stack / global-IP fabrics. After every step the
 state held for every node must equal ``plan(topology, node)``, every delta returned must equal
@@ -13,7 +13,7 @@ import dataclasses
 import random
 
 from fabric import types
-from fabric.control import planner
+from fabric.control import admission, election, incremental, planner
 
 P2P, GW = types.ClusterMode.P2P, types.ClusterMode.GATEWAY
 FAMILY_CHOICES = ((4,), (6,), (4, 6), (6, 4))
@@ -73,7 +73,7 @@ def random_node(
 
 def with_valid(topo: types.Topology, ann: types.NodeAnnouncement) -> types.Topology:
     """What the reflector does with an announcement: adopt it if valid, ignore it if refused."""
-    return topo if planner.validate_announcement(topo, ann) else topo.with_node(ann)
+    return topo if admission.validate_announcement(topo, ann) else topo.with_node(ann)
 
 
 def revalidated(config: types.FabricConfig, topo: types.Topology) -> types.Topology:
@@ -88,7 +88,7 @@ def elected(rng: random.Random, topo: types.Topology) -> types.Topology:
     """Roles from a random liveness view (some nodes disconnected, some reported)."""
     connected = {n.key for n in topo.nodes if rng.random() < 0.8}
     scores = {n.key: rng.randint(1, 3) for n in topo.nodes if rng.random() < 0.15}
-    return topo.with_roles(planner.elect(topo, connected, scores))
+    return topo.with_roles(election.elect(topo, connected, scores))
 
 
 def step(rng: random.Random, topo: types.Topology) -> types.Topology:
@@ -111,7 +111,7 @@ def step(rng: random.Random, topo: types.Topology) -> types.Topology:
     return elected(rng, topo)
 
 
-def check(inc: planner.IncrementalPlanner, before: dict[types.NodeKey, types.NodeState], topo: types.Topology,
+def check(inc: incremental.IncrementalPlanner, before: dict[types.NodeKey, types.NodeState], topo: types.Topology,
           deltas: dict[types.NodeKey, types.StateDelta]) -> dict[types.NodeKey, types.NodeState]:  # fmt: skip
     after = planner.plan_all(topo)
     for key, want in after.items():
@@ -119,10 +119,10 @@ def check(inc: planner.IncrementalPlanner, before: dict[types.NodeKey, types.Nod
         prev = before.get(key, types.NodeState())
         expect = types.diff_states(prev, want)
         assert deltas.get(key, types.StateDelta()) == expect, f"delta of {key} is not diff_states(previous, new)"
-        parts = planner.plan_parts(topo, key)
+        parts = incremental.plan_parts(topo, key)
         keys = [k for p in parts.values() for k in p]
         assert len(keys) == len(set(keys)), f"parts of {key} overlap"
-        assert planner.state_from_entries({k: e for p in parts.values() for k, e in p.items()}) == want
+        assert incremental.state_from_entries({k: e for p in parts.values() for k, e in p.items()}) == want
     assert set(deltas) <= set(after)
     return after
 
@@ -132,7 +132,7 @@ def test_incremental_equals_plan_over_random_changes() -> None:
     for seed in range(30):
         rng = random.Random(seed)
         topo = types.Topology(random_config(rng))
-        inc = planner.IncrementalPlanner()
+        inc = incremental.IncrementalPlanner()
         for _ in range(8):
             topo = with_valid(topo, random_node(rng, topo.config))
         topo = elected(rng, topo)
@@ -151,7 +151,7 @@ def test_shared_deltas_for_one_class() -> None:
     topo = types.Topology(cfg)
     for i in range(6):
         topo = topo.with_node(types.NodeAnnouncement("b", f"b{i}", f"198.18.1.{i + 1}", (f"10.20.{i}.0/24",)))
-    inc = planner.IncrementalPlanner()
+    inc = incremental.IncrementalPlanner()
     inc.update(topo)
     deltas = inc.update(topo.with_node(types.NodeAnnouncement("a", "a1", "198.18.0.1", ("10.10.1.0/24",))))
     assert len({id(deltas[types.NodeKey("b", f"b{i}")]) for i in range(6)}) == 1
@@ -182,14 +182,14 @@ def _fabric(n: int) -> types.Topology:
             extra = (f"fd00:198:18::{i + 1:x}",)
         nodes.append(types.NodeAnnouncement(c, f"{c}{i}", ul, pods, extra_underlay_ips=extra))
     topo = dataclasses.replace(topo, nodes=tuple(sorted(nodes, key=lambda x: x.key)))
-    return topo.with_roles(planner.elect(topo, {x.key for x in nodes}, {}))
+    return topo.with_roles(election.elect(topo, {x.key for x in nodes}, {}))
 
 
 def _work(n: int, change: str) -> tuple[int, int, int]:
     """(parts computed, full plans, delta entries of the busiest viewer already in the fabric)
     for one change."""
     topo = _fabric(n)
-    inc = planner.IncrementalPlanner()
+    inc = incremental.IncrementalPlanner()
     inc.update(topo)
     parts0, full0 = inc.counter.parts, inc.counter.full_plans
     if change == "join":
@@ -201,9 +201,9 @@ def _work(n: int, change: str) -> tuple[int, int, int]:
         role = topo.role("p")
         assert role is not None
         connected = {x.key for x in topo.nodes} - {types.NodeKey("p", role.active)}
-        new = topo.with_roles(planner.elect(topo, connected, {}))
+        new = topo.with_roles(election.elect(topo, connected, {}))
         assert new.role("p") != role
-    new = new.with_roles(planner.elect(new, {x.key for x in new.nodes}, {})) if change != "move" else new
+    new = new.with_roles(election.elect(new, {x.key for x in new.nodes}, {})) if change != "move" else new
     deltas = inc.update(new)
     for x in new.nodes[:: max(1, n // 20)]:  # spot-check against the reference
         assert inc.state(x.key) == planner.plan(new, x.key)

@@ -193,7 +193,7 @@ def _source(url: str, **kw: Any) -> ks.KubernetesSource:
     from kubernetes import config
 
     client = config.new_client_from_config_dict(kubeconfig({"host": url}))  # type: ignore[no-untyped-call]
-    return ks.KubernetesSource(client, resync_s=30, status_interval_s=0.05, **kw)
+    return ks.KubernetesSource(client, **{"resync_s": 30, "status_interval_s": 0.05, **kw})
 
 
 def _get(url: str, name: str) -> dict[str, Any]:
@@ -330,5 +330,32 @@ def test_only_the_lease_holder_writes_status(emu: ServerThread) -> None:
             for t in (ta, tb):
                 t.cancel()
             await asyncio.gather(ta, tb, return_exceptions=True)
+
+    asyncio.run(scenario())
+
+
+def test_run_ends_when_cancelled_even_as_its_status_loop_wakes(emu: ServerThread) -> None:
+    """A cancel that arrives in the same loop turn as the status loop's wake-up must end run():
+    on Python 3.11, ``asyncio.wait_for`` swallowed exactly that cancel (CPython gh-86296) and the
+    reflector's Cluster source never stopped (a test hung in CI until its timeout)."""
+    _request(emu.url, "POST", CLUSTERS, cluster("east", **EAST))
+    src = _source(emu.url, status_interval_s=30.0)
+    src.initial_list(5)
+    sink = Sink()
+    sink.configs.append(src.initial_config())
+
+    async def scenario() -> None:
+        for _ in range(20):
+            task = asyncio.create_task(src.run(sink))
+            await wait_until_async(lambda: src._dirty is not None, 5, "status loop started")
+            await asyncio.sleep(0.05)  # the status loop waits for the next wake-up
+            assert src._dirty is not None
+            src._dirty.set()  # wakes the loop ...
+            task.cancel()  # ... and cancels run() in the same turn
+            with pytest.raises(asyncio.CancelledError):
+                async with asyncio.timeout(5):
+                    await task
+            src._dirty = None
+            src._stop.clear()
 
     asyncio.run(scenario())

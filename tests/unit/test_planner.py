@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from fabric import types
-from fabric.control import planner
+from fabric.control import admission, planner
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("FABRIC_UPDATE_GOLDEN") == "1"
@@ -218,15 +218,15 @@ def test_plan_of_unknown_node_raises() -> None:
 
 
 def _reasons(t: types.Topology, ann: types.NodeAnnouncement) -> str:
-    return " | ".join(planner.validate_announcement(t, ann))
+    return " | ".join(admission.validate_announcement(t, ann))
 
 
 def test_valid_announcements_and_reannouncements() -> None:
     t = topo(E1, W1)
-    assert planner.validate_announcement(t, E2) == []
-    assert planner.validate_announcement(t, E1) == []  # identical re-announcement
+    assert admission.validate_announcement(t, E2) == []
+    assert admission.validate_announcement(t, E1) == []  # identical re-announcement
     moved = dataclasses.replace(E1, underlay_ip="198.18.0.15", pod_cidrs=("10.10.5.0/24",))
-    assert planner.validate_announcement(t, moved) == []  # a changed one replaces the old
+    assert admission.validate_announcement(t, moved) == []  # a changed one replaces the old
 
 
 @pytest.mark.parametrize(
@@ -260,7 +260,7 @@ def test_overlay_collision_names_the_other_node() -> None:
 
 
 def test_mac_collision_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(planner, "device_mac", lambda key, device: "02:00:00:00:00:01")
+    monkeypatch.setattr(admission, "device_mac", lambda key, device: "02:00:00:00:00:01")
     assert "vx-bridge MAC 02:00:00:00:00:01 collides with node east/e1" in _reasons(topo(E1), E2)
 
 

@@ -16,7 +16,7 @@ import dataclasses
 import pytest
 
 from fabric import crd, types
-from fabric.control import api, planner
+from fabric.control import admission, api
 from kubeemu.runner import ServerThread
 from tests.unit.test_k8s_source import CLUSTERS, EAST, Sink, _cond, _get, _request, _source, cluster, emu
 from tests.waiting import wait_until_async
@@ -29,7 +29,7 @@ LINK = "spec.clusterLinkOptions"
 
 
 # ---------------------------------------------------------------------------------------------
-# planner.validate_announcement
+# admission.validate_announcement
 # ---------------------------------------------------------------------------------------------
 
 
@@ -45,7 +45,7 @@ def node(cluster: str, name: str, ip: str, *pods: str) -> types.NodeAnnouncement
 
 def reasons(config: types.FabricConfig, ann: types.NodeAnnouncement, *nodes: types.NodeAnnouncement) -> list[str]:
     topo = types.Topology(config, tuple(sorted(nodes, key=lambda n: n.key)))
-    return planner.validate_announcement(topo, ann, planner.NodeIndex.of(topo))
+    return admission.validate_announcement(topo, ann, admission.NodeIndex.of(topo))
 
 
 W1 = node("west", "w1", "198.18.0.21", "10.20.0.0/24")

@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from fabric import types
-from fabric.control import api, codec, planner, reflector
+from fabric.control import admission, api, codec, reflector
 from fabric.control.generated import fabric_pb2 as pb
 from tests.unit.test_planner import CONFIG, E1, E2, W1, topo
 
@@ -26,11 +26,11 @@ DISCOVERY = dataclasses.replace(CONFIG, clusters=(*CONFIG.clusters, DISC))
 
 
 def _no_p2p(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(planner, "SUPPORTED_MODES", (types.ClusterMode.GATEWAY,))
+    monkeypatch.setattr(admission, "SUPPORTED_MODES", (types.ClusterMode.GATEWAY,))
 
 
 def _one_mac(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(planner, "device_mac", lambda key, device: "02:00:00:00:00:01")
+    monkeypatch.setattr(admission, "device_mac", lambda key, device: "02:00:00:00:00:01")
 
 
 CASES: list[Any] = [
@@ -74,9 +74,9 @@ def test_each_refusal_has_its_class(
     if patch is not None:
         patch(monkeypatch)
     t = topo(E1, W1, config=DISCOVERY)
-    refusals = planner.announcement_refusals(t, ann)
+    refusals = admission.announcement_refusals(t, ann)
     assert [r.reason for r in refusals] == want, refusals
-    assert [r.text for r in refusals] == planner.validate_announcement(t, ann)
+    assert [r.text for r in refusals] == admission.validate_announcement(t, ann)
 
 
 def test_every_class_survives_the_wire_and_an_unknown_one_is_unspecified() -> None:
@@ -118,7 +118,7 @@ def test_reflector_sends_records_and_counts_the_classes() -> None:
         assert msg is not None
         want = (R.UNDERLAY_CONFLICT, R.POD_CIDR, R.OVERLAY_CONFLICT)
         assert codec.rejection_reasons_from_pb(msg.rejected.codes) == want
-        assert msg.rejected.reason == "; ".join(planner.validate_announcement(refl._pending, bad))
+        assert msg.rejected.reason == "; ".join(admission.validate_announcement(refl._pending, bad))
         (rej,) = refl.status().rejections
         assert rej.reasons == want and rej.reason == msg.rejected.reason
         assert _rejections(reg) == zero | {"underlay_conflict": 1.0, "pod_cidr": 1.0, "overlay_conflict": 1.0}

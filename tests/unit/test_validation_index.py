@@ -1,4 +1,4 @@
-"""planner.NodeIndex: the indexed validation gives exactly what comparing every other node gave.
+"""admission.NodeIndex: the indexed validation gives exactly what comparing every other node gave.
 
 The oracle (ScanIndex) answers every query by comparing with every node, as validation did
 before the index; random topologies (P2P and gateway clusters, dual stack, overlapping pod CIDRs
@@ -13,13 +13,13 @@ import ipaddress
 import random
 
 from fabric import types
-from fabric.control import planner
+from fabric.control import admission, planner
 
 GW = types.ClusterMode.GATEWAY
 P2P = types.ClusterMode.P2P
 
 
-class ScanIndex(planner.NodeIndex):
+class ScanIndex(admission.NodeIndex):
     """The oracle: every query answered by comparing with every node, one by one (what
     validation did before the index). validate_announcement must give the very same reasons
     with it as with the real index."""
@@ -28,7 +28,7 @@ class ScanIndex(planner.NodeIndex):
         return {n.key for n in self.nodes.values() if any(_ip(u) == ip for u in n.underlay_ips)}
 
     def overlay_users(self, kind: str, cidr: str, address: str) -> set[types.NodeKey]:
-        cidr_for = dict(planner._OVERLAY_KINDS)[kind]
+        cidr_for = dict(admission._OVERLAY_KINDS)[kind]
         out = set()
         for n in self.nodes.values():
             for family in (4, 6):
@@ -98,12 +98,12 @@ def test_indexed_validation_equals_the_one_by_one_comparison() -> None:
         rng = random.Random(seed)
         config = _config(rng)
         topo = types.Topology(config)
-        index = planner.NodeIndex(config)
+        index = admission.NodeIndex(config)
         for _ in range(40):
             ann = _announcement(rng, config)
-            want = planner.validate_announcement(topo, ann, ScanIndex(config, topo.nodes))
-            assert planner.validate_announcement(topo, ann) == want, (seed, ann)
-            assert planner.validate_announcement(topo, ann, index) == want, (seed, ann)
+            want = admission.validate_announcement(topo, ann, ScanIndex(config, topo.nodes))
+            assert admission.validate_announcement(topo, ann) == want, (seed, ann)
+            assert admission.validate_announcement(topo, ann, index) == want, (seed, ann)
             checked += 1
             refused += bool(want)
             if not want:
@@ -123,7 +123,7 @@ def test_an_index_of_another_configuration_is_refused() -> None:
     other = _config(random.Random(7))
     assert other != config
     try:
-        planner.validate_announcement(types.Topology(config), _announcement(rng, config), planner.NodeIndex(other))
+        admission.validate_announcement(types.Topology(config), _announcement(rng, config), admission.NodeIndex(other))
     except ValueError as e:
         assert "another fabric configuration" in str(e)
     else:
@@ -134,7 +134,7 @@ def test_overlapping_pods_finds_containing_and_contained_cidrs() -> None:
     config = types.FabricConfig(clusters=(types.ClusterConfig("a", P2P, ("10.0.0.0/8",)),))
     nodes = [types.NodeAnnouncement("a", f"n{i}", f"198.18.0.{i + 1}", (c,))
              for i, c in enumerate(("10.1.0.0/16", "10.1.2.0/24", "10.1.3.0/25", "10.2.0.0/24"))]  # fmt: skip
-    index = planner.NodeIndex(config, nodes)
+    index = admission.NodeIndex(config, nodes)
 
     def found(cidr: str) -> list[str]:
         return sorted(t for _k, _p, t in index.overlapping_pods(ipaddress.ip_network(cidr)))

@@ -168,17 +168,17 @@ def planned_change(shape: Shape, roles: Sequence[Any] | None = None) -> Change:
     """The agents a join of the joiner changes and their deltas, by the real planner.
 
     ``roles`` are the gateway roles in force (the reflector's, from GetStatus); None = what
-    ``planner.elect`` gives with every agent connected (the bare baseline has no reflector). The
+    ``election.elect`` gives with every agent connected (the bare baseline has no reflector). The
     roles after the join and after the leave are elected from those, as the reflector does.
 
-    Cost: the planner plans every node of one viewer class alike (``planner.viewer_class``: the
+    Cost: the planner plans every node of one viewer class alike (``incremental.viewer_class``: the
     class is everything a node's view of the others depends on), so the delta is computed once
     per class with ``plan`` (O(classes * plan size), a few per cluster) instead of once per node
     (O(N * plan size), which is O(N^2) in the p2p shape). A node whose class changes with the
     join is computed on its own. Workers check the result against what the reflector sends.
     """
     from fabric import types
-    from fabric.control import planner
+    from fabric.control import election, incremental, planner
 
     config = shape.fabric_config()
     anns = [shape.announcement(i) for i in range(shape.n)]
@@ -189,15 +189,15 @@ def planned_change(shape: Shape, roles: Sequence[Any] | None = None) -> Change:
         return types.Topology(config, tuple(sorted(nodes, key=lambda a: a.key)), tuple(sorted(rs)))
 
     before = topo(anns, ())
-    before = before.with_roles(planner.elect(before, keys, {}) if roles is None else roles)
+    before = before.with_roles(election.elect(before, keys, {}) if roles is None else roles)
     after = topo([*anns, joiner], before.roles)
-    after = after.with_roles(planner.elect(after, keys | {joiner.key}, {}))
+    after = after.with_roles(election.elect(after, keys | {joiner.key}, {}))
     left = topo(anns, after.roles)
-    left = left.with_roles(planner.elect(left, keys, {}))
+    left = left.with_roles(election.elect(left, keys, {}))
     # A leave that restores the roles restores the topology (the usual case): its plans are known.
     stages = (before, after) if left == before else (before, after, left)
     # One topology at a time: the planner caches the view of the last topology it planned.
-    classes = [[planner.viewer_class(t, a.key) for a in anns] for t in stages]
+    classes = [[incremental.viewer_class(t, a.key) for a in anns] for t in stages]
     groups: dict[Any, list[int]] = {}
     for i in range(shape.n):
         cls = tuple(c[i] for c in classes)

@@ -1,0 +1,121 @@
+"""Gateway election, a pure function of the topology and the probes' reports.
+
+Every gateway-mode cluster (and every P2P cluster, for its service CIDRs) has one active gateway
+and at most one hot standby, chosen among its candidates that are present, by the fewest peers
+reporting them unreachable, then by the order of the candidates; an incumbent keeps its role
+while it is as good as any other (no flapping). The reflector stores the result in the
+topology (``Topology.roles``) so that :func:`fabric.control.planner.plan` stays pure.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection, Mapping
+
+from fabric import types
+
+_log = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------------------------
+# Election
+# --------------------------------------------------------------------------------------------
+
+
+def candidates(cluster: types.ClusterConfig, present: Collection[str]) -> list[str]:
+    """Gateway candidates of ``cluster`` that are in the topology, most preferred first: the
+    configured ``gateways`` in their order, or every node by name when none are configured."""
+    if cluster.gateways:
+        return [n for n in cluster.gateways if n in present]
+    return sorted(present)
+
+
+def elect(
+    topology: types.Topology,
+    connected: Collection[types.NodeKey],
+    unreachable: Mapping[types.NodeKey, int],
+) -> tuple[types.GatewayRole, ...]:
+    """The gateway roles the reflector should plan with, given its liveness view.
+
+    ``connected``: nodes with an open session. ``unreachable``: per node, how many *other* nodes
+    currently report it unreachable through the tunnel (their probes stopped being answered).
+    A candidate is *healthy* when connected and reported by nobody.
+
+    Rules, per cluster (pure, deterministic for equal inputs):
+
+    * The current active gateway keeps the role while it is connected and nobody reports it
+      (sticky: a healed old gateway does not take the role back).
+    * Otherwise the role moves to the best connected candidate - fewest reports, then the
+      configured order - but only if that candidate is strictly better than the current one
+      (or the current one lost its session). One peer whose own link is broken reports every
+      gateway alike and so moves nothing; a dead gateway is reported by all its peers and moves.
+    * Without any connected candidate the current gateway stays (its dataplane may still work);
+      with no current gateway, the first candidate in the topology is taken.
+    * The standby is kept while it is a healthy candidate; otherwise the best remaining
+      candidate (connected first) replaces it.
+
+    One value per cluster: the planned state can never hold two active gateways for a cluster.
+    """
+    present: dict[str, list[str]] = {}
+    for n in topology.nodes:
+        present.setdefault(n.cluster, []).append(n.name)
+    roles: list[types.GatewayRole] = []
+    for c in topology.config.clusters:
+        cands = candidates(c, present.get(c.name, ()))
+        if cands:
+            roles.append(_elect_cluster(c.name, cands, topology.role(c.name), connected, unreachable))
+    return tuple(sorted(roles))
+
+
+def unreachable_scores(
+    reports: Mapping[types.NodeKey, Collection[types.NodeKey]],
+    probe_targets: Mapping[types.NodeKey, Collection[str]],
+) -> dict[types.NodeKey, int]:
+    """Per node, how many *other* nodes report it unreachable: the input of :func:`elect`.
+
+    ``reports``: each reporter's latest set of unreachable peers; ``probe_targets``: the peers
+    (``cluster/node``) each reporter was planned to probe. A reporter that cannot reach *any*
+    of its two or more targets is isolated itself - its own link is down, or it just came back
+    and its probes have not been answered yet - and says nothing about the others, so its report
+    is not counted. Without this, a healed old gateway's stale report would make the new active
+    gateway look dead and pull the role back (a flap).
+    """
+    scores: dict[types.NodeKey, int] = {}
+    for reporter, down in reports.items():
+        targets = set(probe_targets.get(reporter, ()))
+        if len(targets) >= 2 and targets <= {str(k) for k in down}:
+            continue
+        for k in down:
+            if k != reporter:
+                scores[k] = scores.get(k, 0) + 1
+    return scores
+
+
+def _elect_cluster(
+    cluster: str,
+    cands: list[str],
+    current: types.GatewayRole | None,
+    connected: Collection[types.NodeKey],
+    unreachable: Mapping[types.NodeKey, int],
+) -> types.GatewayRole:
+    """:func:`elect` for one cluster with at least one candidate present."""
+    order = {name: i for i, name in enumerate(cands)}
+    up = {name for name in cands if types.NodeKey(cluster, name) in connected}
+    score = {name: unreachable.get(types.NodeKey(cluster, name), 0) for name in cands}
+
+    def rank(name: str) -> tuple[int, int, int]:
+        return (0 if name in up else 1, score[name], order[name])
+
+    active = current.active if current is not None and current.active in order else ""
+    if not active:
+        active = min(cands, key=rank)
+    elif active not in up or score[active] > 0:
+        best = min(up, key=rank) if up else ""
+        if best and best != active and (active not in up or score[best] < score[active]):
+            active = best
+    rest = [n for n in cands if n != active]
+    standby = current.standby if current is not None and current.standby in rest else ""
+    if rest and (not standby or standby not in up or score[standby] > 0):
+        best = min(rest, key=rank)
+        if not standby or rank(best) < rank(standby):
+            standby = best
+    return types.GatewayRole(cluster, active, standby)

@@ -1,0 +1,446 @@
+"""Incremental planning: the plan of a node as a union of parts, and the stateful planner the
+reflector keeps.
+
+A node's state is the union of a *self* part, one part per peer node and one per remote
+cluster, each a pure function of a small slice of the topology (:func:`plan_parts`; its union
+equals :func:`fabric.control.planner.plan`, which a randomized test checks).
+:class:`IncrementalPlanner` recomputes only the parts whose inputs changed and turns them into
+per-node deltas, so a join or leave costs time proportional to the change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+
+from fabric import types
+from fabric.control.planner import (
+    VIEWS,
+    View,
+    canonical,
+    contribution,
+    device,
+    local_hosts,
+    local_peer,
+    overlay_address,
+    plan,
+    routed,
+    tunnel_mtu,
+)
+
+_log = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------------------------
+# The plan as a union of parts (incremental planning)
+# --------------------------------------------------------------------------------------------
+#
+# plan(topology, key) is the reference. For the reflector's hot path the same plan is also the
+# disjoint union of *parts*, each keyed by its source:
+#
+# * ``self`` - the node's own devices, programs, translations, hairpin routes and (internal
+#   nodes of gateway-mode clusters) the bridge-CIDR route to the active gateway;
+# * ``node:CLUSTER/NAME`` - what one other node contributes: its peers and the routes that
+#   name it (a P2P node's pod CIDRs);
+# * ``cluster:NAME`` - the whole-cluster routes of another cluster: its service CIDRs, its pod
+#   CIDRs where they are routed as a whole (gateway mode, or seen from a non-active node) and,
+#   for a gateway-mode cluster, its nodes' vx-local addresses collapsed (so its signature
+#   includes them: a join into a gateway-mode cluster changes that cluster's part).
+#
+# Except ``self``, a part depends on the viewer only through its :class:`ViewerClass` (cluster,
+# families, role), so one computation serves every node of a class. A change of the topology
+# changes the parts of a few sources (see :func:`node_signature`, :func:`cluster_signature`); the
+# other parts are equal by construction, so a viewer's new plan is its old plan with the changed
+# parts swapped, whatever the size of the fabric. The entry keys of different sources never
+# collide in a validated topology (addresses, MACs and CIDRs are refused when they overlap), which
+# is what makes the union well defined; tests/unit/test_incremental_planner.py checks the union
+# against plan() over random topologies and changes.
+
+SELF_SOURCE = "self"
+
+
+def node_source(key: types.NodeKey) -> str:
+    """The source name of the part node ``key`` contributes to other nodes' plans."""
+    return f"node:{key}"
+
+
+def cluster_source(name: str) -> str:
+    """The source name of the whole-cluster routes of cluster ``name``."""
+    return f"cluster:{name}"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ViewerClass:
+    """Everything about a viewer that its ``node:`` and ``cluster:`` parts depend on.
+
+    Nodes of one class see every other node and cluster alike, so a part is computed once per
+    class. For P2P nodes the role is irrelevant (their routes never depend on their own
+    cluster's gateways) and normalised away, so a service-gateway move re-plans nobody fully.
+    """
+
+    cluster: str
+    #: The families the node carries (its cluster's, where it has an underlay address).
+    families: tuple[int, ...]
+    gateway_mode: bool
+    has_bridge: bool
+    #: Active or standby gateway (gateway mode only).
+    hot: bool
+    #: The active gateway itself (gateway mode only): it routes over vx-bridge.
+    active: bool
+    #: Per family of ``families``: the own active gateway's vx-local address a non-active node of
+    #: a gateway-mode cluster routes everything through ("" when there is none).
+    local_vias: tuple[str, ...]
+
+    @property
+    def routes_via_local(self) -> bool:
+        return self.gateway_mode and not self.active
+
+
+def _viewer_class(view: View, node: types.NodeAnnouncement) -> ViewerClass | None:
+    own = view.clusters.get(node.cluster)
+    if own is None:
+        return None
+    families = tuple(f for f in own.families if node.underlay(f) is not None)
+    if not own.gateway_mode:
+        return ViewerClass(node.cluster, families, False, True, False, False, ())
+    hot = node.key in view.hot_keys
+    active = own.active is not None and own.active.key == node.key
+    vias: list[str] = []
+    for f in families:
+        ul = own.active.underlay(f) if own.active is not None and not active else None
+        vias.append(overlay_address(ul, view.locals[f]).partition("/")[0] if ul is not None else "")
+    return ViewerClass(node.cluster, families, True, hot, hot, active, tuple(vias))
+
+
+def viewer_class(topology: types.Topology, key: types.NodeKey) -> ViewerClass | None:
+    """The class of node ``key`` in ``topology`` (None: it plans nothing)."""
+    view = VIEWS.get(topology)
+    node = view.by_key.get(key)
+    if node is None:
+        raise KeyError(f"node {key} is not in the topology")
+    return _viewer_class(view, node)
+
+
+def node_signature(topology: types.Topology, key: types.NodeKey) -> object:
+    """What the ``node:`` part of ``key`` depends on besides the viewer class and the
+    configuration: equal signatures in two topologies of one configuration mean equal parts for
+    every viewer class. None for a node that is not in the topology."""
+    return _node_signature(VIEWS.get(topology), key)
+
+
+def _node_signature(view: View, key: types.NodeKey) -> object:
+    x = view.by_key.get(key)
+    if x is None:
+        return None
+    xc = view.clusters.get(x.cluster)
+    if xc is None:
+        return (x,)
+    return (x, key in view.hot_keys)
+
+
+def cluster_signature(topology: types.Topology, name: str) -> object:
+    """What the ``cluster:`` part of ``name`` depends on besides the viewer class and the
+    configuration (see :func:`node_signature`)."""
+    return _cluster_signature(VIEWS.get(topology), name)
+
+
+def _cluster_signature(view: View, name: str) -> object:
+    cv = view.clusters.get(name)
+    if cv is None:
+        return None
+    # A gateway-mode cluster's part also routes its nodes' vx-local addresses (collapsed).
+    hosts = tuple(local_hosts(view, cv, f) for f in cv.families) if cv.gateway_mode else ()
+    return (cv.active, view.reach.get(name, frozenset()), hosts)
+
+
+def plan_parts(topology: types.Topology, key: types.NodeKey) -> dict[str, dict[str, types.Entry]]:
+    """Every non-empty part of node ``key``'s plan by source; their union is ``plan(topology,
+    key)`` (tests check it). Raises KeyError for a node that is not in the topology."""
+    view = VIEWS.get(topology)
+    node = view.by_key.get(key)
+    if node is None:
+        raise KeyError(f"node {key} is not in the topology")
+    cls = _viewer_class(view, node)
+    out: dict[str, dict[str, types.Entry]] = {}
+    if cls is None:
+        return out
+    counter = PartCounter()
+    parts = {SELF_SOURCE: _self_part(view, node, cls)}
+    for other in topology.nodes:
+        if other.key != key:
+            parts[node_source(other.key)] = _node_part(view, cls, other, counter)
+    for c in view.clusters:
+        parts[cluster_source(c)] = _cluster_part(view, cls, c, counter)
+    return {s: p for s, p in parts.items() if p}
+
+
+class PartCounter:
+    """Planner work done, counted (not timed): the scaling tests assert on these."""
+
+    __slots__ = ("full_plans", "parts")
+
+    def __init__(self) -> None:
+        self.parts = 0
+        self.full_plans = 0
+
+
+def _route(dst: str, via: str, device: str) -> tuple[str, types.RouteEntry]:
+    return f"route/{dst}", types.RouteEntry(dst=dst, via=via, device=device)
+
+
+def _self_part(view: View, node: types.NodeAnnouncement, cls: ViewerClass) -> dict[str, types.Entry]:
+    own = view.clusters[cls.cluster]
+    entries: list[types.Entry] = []
+    glob = own.config.global_cidrs
+    if glob:
+        entries += [types.Translation(lo, gl) for lo, gl in glob]
+        entries.append(types.Program(types.HAIRPIN_DEVICE, types.PROGRAM_HAIRPIN))
+        for _lo, gl in glob:
+            if types.family_of(gl) in cls.families:
+                unspecified = "0.0.0.0" if types.family_of(gl) == 4 else "::"
+                entries.append(types.RouteEntry(dst=gl, via=unspecified, device=types.HAIRPIN_DEVICE))
+    for i, f in enumerate(cls.families):
+        underlay = node.underlay(f)
+        assert underlay is not None
+        mtu = tunnel_mtu(underlay, node.underlay_mtu)
+        if cls.has_bridge:
+            entries.append(device(node.key, types.bridge_device(f), underlay, view.bridges[f], mtu))
+            if glob:
+                entries.append(types.Program(types.bridge_device(f), types.PROGRAM_TUNNEL))
+        if cls.gateway_mode:
+            entries.append(device(node.key, types.local_device(f), underlay, view.locals[f], mtu))
+            if not cls.active and not cls.hot and cls.local_vias[i]:
+                dst = canonical(view.bridges[f])
+                entries.append(types.RouteEntry(dst=dst, via=cls.local_vias[i], device=types.local_device(f)))
+    return {types.entry_key(e): e for e in entries}
+
+
+def _node_part(
+    view: View, cls: ViewerClass, x: types.NodeAnnouncement, counter: PartCounter
+) -> dict[str, types.Entry]:
+    """What node ``x`` contributes to the plan of a node of class ``cls`` (not ``x`` itself)."""
+    counter.parts += 1
+    out: dict[str, types.Entry] = {}
+    xc = view.clusters.get(x.cluster)
+    if xc is None:
+        return out
+    same = x.cluster == cls.cluster
+    x_hot = x.key in view.hot_keys
+    x_bridge = not xc.gateway_mode or x_hot
+    for f in cls.families:
+        bridge = view.bridges[f]
+        x_ul = x.underlay(f)
+        if cls.has_bridge and x_bridge and not (cls.gateway_mode and same) and view.supports(x, f):
+            (peer_key, peer), _ = contribution(bridge, x, ())
+            if not same and x_hot:
+                peer = dataclasses.replace(peer, probe=True)
+            out[peer_key] = peer
+        if cls.gateway_mode and same and (cls.hot or x_hot) and x_ul is not None:
+            peer = local_peer(view.locals[f], x)
+            if x_hot:
+                peer = dataclasses.replace(peer, probe=True)
+            out[types.entry_key(peer)] = peer
+        if same or f not in xc.families or x_ul is None:
+            continue
+        if not cls.routes_via_local and not xc.gateway_mode:
+            _, routes = contribution(bridge, x, xc.config.global_cidrs)
+            out.update(routes)
+    return out
+
+
+def _cluster_part(view: View, cls: ViewerClass, name: str, counter: PartCounter) -> dict[str, types.Entry]:
+    """The whole-cluster routes of cluster ``name`` in the plan of a node of class ``cls``."""
+    counter.parts += 1
+    out: dict[str, types.Entry] = {}
+    cv = view.clusters.get(name)
+    if cv is None or name == cls.cluster:
+        return out
+    glob = cv.config.global_cidrs
+    for i, f in enumerate(cls.families):
+        if f not in cv.families:
+            continue
+        gw_ul = cv.active.underlay(f) if cv.active is not None else None
+        dsts: list[str] = []
+        if cls.routes_via_local:
+            via = cls.local_vias[i]
+            if not via:
+                continue
+            device = types.local_device(f)
+            reachable = gw_ul is not None if cv.gateway_mode else f in view.reach.get(name, frozenset())
+            if reachable:
+                dsts += routed(cv.config.pod_cidrs, glob)
+            if gw_ul is not None:
+                dsts += routed(cv.config.service_cidrs, glob)
+                if cv.gateway_mode:
+                    dsts += local_hosts(view, cv, f)
+        else:
+            if gw_ul is None:
+                continue
+            via = overlay_address(gw_ul, view.bridges[f]).partition("/")[0]
+            device = types.bridge_device(f)
+            dsts += routed(cv.config.service_cidrs, glob)
+            if cv.gateway_mode:
+                dsts += routed(cv.config.pod_cidrs, glob)
+                dsts += local_hosts(view, cv, f)
+        for dst in dsts:
+            if types.family_of(dst) == f:
+                k, r = _route(canonical(dst), via, device)
+                out[k] = r
+    return out
+
+
+def state_from_entries(entries: Mapping[str, types.Entry]) -> types.NodeState:
+    """A NodeState from entries already keyed by :func:`types.entry_key` (the layout of
+    ``NodeState.from_entries`` without re-deriving every key)."""
+    ordered = [entries[k] for k in sorted(entries)]
+    return types.NodeState(
+        devices=tuple(e for e in ordered if isinstance(e, types.VxlanDevice)),
+        peers=tuple(e for e in ordered if isinstance(e, types.Peer)),
+        routes=tuple(e for e in ordered if isinstance(e, types.RouteEntry)),
+        translations=tuple(e for e in ordered if isinstance(e, types.Translation)),
+        programs=tuple(e for e in ordered if isinstance(e, types.Program)),
+    )
+
+
+def diff_entries(old: Mapping[str, types.Entry], new: Mapping[str, types.Entry]) -> types.StateDelta:
+    """:func:`types.diff_states` on keyed entries."""
+    upserts = tuple(new[k] for k in sorted(new) if old.get(k) != new[k])
+    removals = tuple(k for k in sorted(old) if k not in new)
+    return types.StateDelta(upserts, removals)
+
+
+class IncrementalPlanner:
+    """The plans of every node of a changing topology, kept up to date part by part.
+
+    :meth:`update` adopts a new topology and returns, per node whose plan changed, the delta
+    from its previous plan (equal to ``diff_states(plan(old, key), plan(new, key))``). Work per
+    update is O(nodes) cheap signature compares to find what changed, then per node O(what
+    changed for it): the parts of the changed sources are computed once per viewer class, and a
+    viewer only swaps them in. A viewer whose own class or announcement changed, a new node and
+    every node after a configuration change are planned in full with :func:`plan`.
+
+    Deltas are shared: viewers of one class that see the same changes get the very same
+    StateDelta object, so the caller can encode one message for all of them.
+    """
+
+    def __init__(self) -> None:
+        self.topology: types.Topology | None = None
+        self._view: View | None = None
+        self._entries: dict[types.NodeKey, dict[str, types.Entry]] = {}
+        self._config: types.FabricConfig | None = None
+        #: Work counters (see PartCounter), cumulative.
+        self.counter = PartCounter()
+
+    def entries(self, key: types.NodeKey) -> Mapping[str, types.Entry]:
+        """The current plan of ``key`` as keyed entries (empty for an unknown node)."""
+        return self._entries.get(key, {})
+
+    def state(self, key: types.NodeKey) -> types.NodeState:
+        """The current plan of ``key``, built on demand (not cached: it is needed once per
+        snapshot, and a cached copy of every plan doubled the reflector's memory per node)."""
+        return state_from_entries(self._entries.get(key, {}))
+
+    def size(self, key: types.NodeKey) -> int:
+        return len(self._entries.get(key, ()))
+
+    def planned(self, key: types.NodeKey, ann: types.NodeAnnouncement) -> bool:
+        """Is ``ann`` (this very announcement) planned already?"""
+        return self._view is not None and self._view.by_key.get(key) == ann
+
+    def update(self, new: types.Topology) -> dict[types.NodeKey, types.StateDelta]:
+        """Adopt ``new``; returns the delta of every node whose plan changed (a new node's delta
+        is its whole plan). Nodes no longer in the topology are forgotten."""
+        old_view, old_config = self._view, self._config
+        view = VIEWS.get(new)
+        self.topology, self._view, self._config = new, view, new.config
+        for gone in [k for k in self._entries if k not in view.by_key]:
+            del self._entries[gone]
+        if old_view is None or old_config != new.config:
+            return {n.key: d for n in new.nodes if (d := self._full(new, n.key))}
+
+        # Which sources changed: O(nodes) cheap compares (identity first), once per update.
+        changed_nodes = [
+            key
+            for key in view.by_key.keys() | old_view.by_key.keys()
+            if _node_signature(old_view, key) != _node_signature(view, key)
+        ]
+        changed_clusters = [
+            c for c in view.clusters if _cluster_signature(old_view, c) != _cluster_signature(view, c)
+        ]
+        changed_set = set(changed_nodes)
+
+        # Per class: the old and new union of the changed parts, computed once.
+        class_changes: dict[ViewerClass, tuple[dict[str, types.Entry], dict[str, types.Entry]]] = {}
+        per_node: dict[tuple[ViewerClass, types.NodeKey], tuple[dict[str, types.Entry], dict[str, types.Entry]]] = {}
+        deltas: dict[tuple[ViewerClass, types.NodeKey | None], types.StateDelta] = {}
+        out: dict[types.NodeKey, types.StateDelta] = {}
+        for node in new.nodes:
+            key = node.key
+            old_node = old_view.by_key.get(key)
+            cls = _viewer_class(view, node)
+            if old_node is None or old_node != node or key not in self._entries or cls != _viewer_class(
+                old_view, old_node
+            ):
+                d = self._full(new, key)
+                if d:
+                    out[key] = d
+                continue
+            if cls is None or not (changed_nodes or changed_clusters):
+                continue
+            excl = key if key in changed_set else None
+            delta = deltas.get((cls, excl))
+            if delta is None:
+                changes = class_changes.get(cls)
+                if changes is None:
+                    changes = self._changes(old_view, view, cls, changed_nodes, changed_clusters, per_node)
+                    class_changes[cls] = changes
+                old_u, new_u = changes
+                if excl is not None:
+                    # The viewer's own node part is not in its plan.
+                    mine_old, mine_new = per_node[(cls, excl)]
+                    old_u = {k: e for k, e in old_u.items() if k not in mine_old}
+                    new_u = {k: e for k, e in new_u.items() if k not in mine_new}
+                delta = diff_entries(old_u, new_u)
+                deltas[(cls, excl)] = delta
+            if delta:
+                self._apply(key, delta)
+                out[key] = delta
+        return out
+
+    def _changes(
+        self,
+        old_view: View,
+        view: View,
+        cls: ViewerClass,
+        changed_nodes: list[types.NodeKey],
+        changed_clusters: list[str],
+        per_node: dict[tuple[ViewerClass, types.NodeKey], tuple[dict[str, types.Entry], dict[str, types.Entry]]],
+    ) -> tuple[dict[str, types.Entry], dict[str, types.Entry]]:
+        old_u: dict[str, types.Entry] = {}
+        new_u: dict[str, types.Entry] = {}
+        c = self.counter
+        for key in changed_nodes:
+            o, n = old_view.by_key.get(key), view.by_key.get(key)
+            po = _node_part(old_view, cls, o, c) if o is not None else {}
+            pn = _node_part(view, cls, n, c) if n is not None else {}
+            per_node[(cls, key)] = (po, pn)
+            old_u.update(po)
+            new_u.update(pn)
+        for name in changed_clusters:
+            old_u.update(_cluster_part(old_view, cls, name, c))
+            new_u.update(_cluster_part(view, cls, name, c))
+        return old_u, new_u
+
+    def _full(self, topology: types.Topology, key: types.NodeKey) -> types.StateDelta:
+        self.counter.full_plans += 1
+        new = plan(topology, key).entries()
+        delta = diff_entries(self._entries.get(key, {}), new)
+        self._entries[key] = new
+        return delta
+
+    def _apply(self, key: types.NodeKey, delta: types.StateDelta) -> None:
+        entries = self._entries[key]
+        for k in delta.removals:
+            del entries[k]
+        for e in delta.upserts:
+            entries[types.entry_key(e)] = e
