@@ -4,7 +4,8 @@
 ``planner`` computes each node's state from the topology (pure), ``admission`` decides what may
 join the topology (and says why not), ``election`` picks each cluster's gateways,
 ``incremental`` keeps the reflector's plans current part by part, ``reflector`` serves them
-(grpc.aio: sessions, coalesced deltas, leadership), ``k8s_source`` feeds it from ``Cluster``
+(sessions, coalesced deltas, leadership; ``reflector_service``, ``reflector_metrics`` and
+``reflector_cli`` are its gRPC face, metrics and command line), ``k8s_source`` feeds it from ``Cluster``
 resources, ``codec`` converts between protobuf and :mod:`fabric.types`, and ``client`` with
 ``api`` is the public client every other component uses (agents, add-ons, ``fabric-tool``).
 

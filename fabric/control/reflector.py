@@ -1,5 +1,10 @@
 """fabric-reflector: the fabric's route reflector, a grpc.aio server of the ``Fabric`` service.
 
+This module is its state machine (:class:`Reflector`: sessions, flushes, leadership, the
+startup hold); :mod:`~fabric.control.reflector_service` is its gRPC face and listen addresses,
+:mod:`~fabric.control.reflector_metrics` its metrics, :mod:`~fabric.control.reflector_cli` the
+``fabric-reflector`` command.
+
 It holds the :class:`~fabric.types.Topology` (cluster configuration from the topology file,
 nodes from the announcements of their agents) and, for every node, the state the planner says
 the node must have. What happens, in order:
@@ -85,33 +90,27 @@ stream. Session queues are unbounded but measured (``fabric_reflector_session_qu
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import bisect
 import dataclasses
-import ipaddress
 import itertools
 import logging
-import signal
-import stat
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import grpc
 from google.protobuf import message as pb_message
-from prometheus_client import CollectorRegistry, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import Histogram
 from prometheus_client.registry import Collector
 
-from fabric import health, logs, types
-from fabric import topology as topology_file
+from fabric import types
 from fabric.control import admission, api, codec, election, incremental, planner
 from fabric.control.generated import fabric_pb2 as pb
 from fabric.control.generated import fabric_pb2_grpc as pb_grpc
+from fabric.control.reflector_metrics import MetricsCollector
+from fabric.control.reflector_service import Servicer, bind, peer_name
 
 _log = logging.getLogger(__name__)
 
@@ -200,9 +199,6 @@ class _Watcher:
         self.synced = False
 
 
-class ListenError(RuntimeError):
-    """A --listen address could not be bound."""
-
 
 class Reflector:
     """The reflector's state machine and gRPC server. See the module docstring for the flow.
@@ -288,10 +284,10 @@ class Reflector:
         """Bind every address, start serving, begin the startup hold; returns the bound targets
         (``host:port`` with the real port for ``:0``, or ``unix:/path``)."""
         server = grpc.aio.server(options=SERVER_OPTIONS)
-        pb_grpc.add_FabricServicer_to_server(_Servicer(self), server)
+        pb_grpc.add_FabricServicer_to_server(Servicer(self), server)
         bound: list[str] = []
         for addr in listen:
-            bound.append(_bind(server, addr))
+            bound.append(bind(server, addr))
         await server.start()
         self._server = server
         self._loop = asyncio.get_running_loop()
@@ -758,7 +754,7 @@ class Reflector:
     async def sync_node(
         self, requests: AsyncIterator[pb.SyncNodeRequest], context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.SyncNodeResponse]:
-        peer = _peer_name(context.peer())
+        peer = peer_name(context.peer())
         if self.standby_reason is None:
             try:
                 async with asyncio.timeout(self._hold_time(None)):
@@ -912,7 +908,7 @@ class Reflector:
         )
 
     def collector(self) -> Collector:
-        return _MetricsCollector(self)
+        return MetricsCollector(self)
 
     # -- health (called from the HTTP thread) -------------------------------------------------
 
@@ -984,144 +980,6 @@ class Reflector:
             self._maybe_release_hold()
 
 
-class _Servicer(pb_grpc.FabricServicer):  # type: ignore[misc]
-    """Adapter from the generated servicer interface to :class:`Reflector`. An exception escaping
-    a handler is a bug (see "Bugs" in the module docstring): the caller gets INTERNAL and the
-    reflector crashes. Left alone: ``asyncio.CancelledError`` (the caller went away, cancelled
-    or hit its deadline; a BaseException, so ``except Exception`` never sees it) and gRPC's
-    ``AbortError`` (an RPC ended on purpose with ``context.abort``)."""
-
-    def __init__(self, reflector: Reflector) -> None:
-        self._r = reflector
-
-    async def _bug(self, exc: Exception, rpc: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        self._r.crash(exc, f"{rpc} from {_peer_name(context.peer())}")
-        await context.abort(grpc.StatusCode.INTERNAL, f"reflector bug in {rpc}: {exc!r} (it restarts)")
-
-    # grpc.aio recognises streaming handlers by inspect.isasyncgenfunction: these must be async
-    # generator functions themselves, not functions returning one.
-    async def SyncNode(
-        self, request_iterator: AsyncIterator[pb.SyncNodeRequest], context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[pb.SyncNodeResponse]:
-        try:
-            async for msg in self._r.sync_node(request_iterator, context):
-                yield msg
-        except grpc.aio.AbortError:
-            raise
-        except Exception as e:
-            await self._bug(e, "SyncNode", context)
-
-    async def GetStatus(
-        self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.GetStatusResponse:
-        try:
-            return codec.status_to_pb(self._r.status())
-        except Exception as e:
-            await self._bug(e, "GetStatus", context)
-            raise  # not reached: abort raises
-
-    async def WatchTopology(
-        self, request: pb.WatchTopologyRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[pb.WatchTopologyResponse]:
-        if self._r.standby_reason is not None:  # a standby's topology has no nodes: send the caller on
-            context.set_code(grpc.StatusCode.UNAVAILABLE)
-            context.set_details(self._r.standby_reason)
-            return
-        try:
-            async for msg in self._r.watch_topology():
-                yield msg
-        except grpc.aio.AbortError:
-            raise
-        except Exception as e:
-            await self._bug(e, "WatchTopology", context)
-
-
-class _MetricsCollector(Collector):
-    """Prometheus view read from the reflector at scrape time (no bookkeeping on the hot path)."""
-
-    def __init__(self, reflector: Reflector) -> None:
-        self._r = reflector
-
-    def collect(self) -> Iterable[Metric]:
-        r = self._r
-        recs = list(r._nodes.values())
-        yield GaugeMetricFamily("fabric_reflector_topology_generation", "Topology generation.", value=r.generation)
-        yield GaugeMetricFamily("fabric_reflector_nodes", "Nodes in the topology.", value=len(recs))
-        yield GaugeMetricFamily(
-            "fabric_reflector_sessions", "Open agent sessions.", value=sum(1 for x in recs if x.session is not None)
-        )
-        yield GaugeMetricFamily("fabric_reflector_holding", "1 during the startup hold.", value=int(r.holding))
-        sent = CounterMetricFamily(
-            "fabric_reflector_sent_entries", "Entries sent to sessions still in the topology.", labels=["kind"]
-        )
-        sent.add_metric(["snapshot"], sum(x.counters.snapshot_entries_sent for x in recs))
-        sent.add_metric(["delta"], sum(x.counters.delta_entries_sent for x in recs))
-        yield sent
-        rejections = CounterMetricFamily(
-            "fabric_reflector_rejections", "Refusals of announcements, by their class (Rejected.Reason).",
-            labels=["reason"],
-        )
-        for cls in api.RejectionReason:
-            if cls is not api.RejectionReason.UNSPECIFIED:  # never produced here: every refusal has a class
-                rejections.add_metric([cls.value], r._rejections_by_reason.get(cls, 0))
-        yield rejections
-        moves = CounterMetricFamily(
-            "fabric_reflector_gateway_moves", "Times the active gateway role moved.", labels=["cluster"]
-        )
-        for c in r.config.clusters:
-            moves.add_metric([c.name], r._gateway_moves.get(c.name, 0))
-        yield moves
-        roles = GaugeMetricFamily(
-            "fabric_reflector_gateway", "1 per elected gateway: cluster, node and role (active, standby).",
-            labels=["cluster", "node", "role"],
-        )
-        for role in r.topology.roles:
-            if role.active:
-                roles.add_metric([role.cluster, role.active, "active"], 1)
-            if role.standby and role.standby != role.active:
-                roles.add_metric([role.cluster, role.standby, "standby"], 1)
-        yield roles
-        planned = GaugeMetricFamily(
-            "fabric_reflector_planned_version", "Version of each node's latest plan.", labels=["node"]
-        )
-        applied = GaugeMetricFamily(
-            "fabric_reflector_applied_version", "Version each node's agent reported applied.", labels=["node"]
-        )
-        connected = GaugeMetricFamily(
-            "fabric_reflector_session_up", "1 while the node's agent has a session.", labels=["node"]
-        )
-        for key, rec in sorted(r._nodes.items()):
-            planned.add_metric([str(key)], rec.planned_version)
-            applied.add_metric([str(key)], rec.applied_version)
-            connected.add_metric([str(key)], 1 if rec.session is not None else 0)
-        yield planned
-        yield applied
-        yield connected
-        yield GaugeMetricFamily(
-            "fabric_reflector_nodes_in_sync",
-            "Nodes with a session whose agent applied its latest plan.",
-            value=sum(1 for x in recs if x.session is not None and x.applied_version >= x.planned_version),
-        )
-        yield GaugeMetricFamily(
-            "fabric_reflector_fanouts_pending", "Topology changes some agent has not applied yet.", value=len(r._fanout)
-        )
-        yield from r.fanout_lag.collect()
-        yield GaugeMetricFamily(
-            "fabric_reflector_session_queue_max_messages",
-            "Messages queued to the slowest agent session (fan-out not yet written to its stream).",
-            value=max((x.session.queue.qsize() for x in recs if x.session is not None), default=0),
-        )
-        yield CounterMetricFamily(
-            "fabric_reflector_flushes", "Topology generations flushed (coalesced changes).", value=r.flushes
-        )
-        work = CounterMetricFamily(
-            "fabric_reflector_plan_work", "Planner work: plan parts computed, nodes planned in full.", labels=["kind"]
-        )
-        work.add_metric(["part"], r._planner.counter.parts)
-        work.add_metric(["full"], r._planner.counter.full_plans)
-        yield work
-
-
 def _node_in(topology: types.Topology, key: types.NodeKey) -> types.NodeAnnouncement | None:
     """``topology.node(key)`` by bisection (nodes are sorted by key)."""
     nodes = topology.nodes
@@ -1137,267 +995,3 @@ def _with_node(topology: types.Topology, ann: types.NodeAnnouncement) -> types.T
     if i < len(nodes) and nodes[i].key == ann.key:
         return dataclasses.replace(topology, nodes=(*nodes[:i], ann, *nodes[i + 1 :]))
     return dataclasses.replace(topology, nodes=(*nodes[:i], ann, *nodes[i:]))
-
-
-# --------------------------------------------------------------------------------------------
-# Addresses
-# --------------------------------------------------------------------------------------------
-
-
-def _peer_name(peer: str) -> str:
-    """``ipv4:127.0.0.1:5000`` -> ``127.0.0.1:5000``; unix peers as they are."""
-    for prefix in ("ipv4:", "ipv6:"):
-        if peer.startswith(prefix):
-            return peer[len(prefix) :]
-    return peer or "unknown peer"
-
-
-def parse_listen(addr: str) -> str:
-    """Check a --listen value (``HOST:PORT``, ``[V6]:PORT`` or ``unix:/abs/path``); returns it."""
-    if addr.startswith("unix:"):
-        path = addr[len("unix:") :]
-        if not path.startswith("/"):
-            raise ValueError(f"--listen {addr!r}: a unix socket path must be absolute (unix:/path/sock)")
-        return addr
-    host, sep, port = addr.rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"--listen {addr!r}: expected HOST:PORT or unix:/path")
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"--listen {addr!r}: port {port!r} is not a number from 0 to 65535")
-    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    try:
-        ipaddress.ip_address(bare)
-    except ValueError:
-        if bare != "localhost":
-            raise ValueError(f"--listen {addr!r}: {host!r} is not an IP address") from None
-    return addr
-
-
-def _bind(server: grpc.aio.Server, addr: str) -> str:
-    if addr.startswith("unix:"):
-        path = Path(addr[len("unix:") :])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            if stat.S_ISSOCK(path.lstat().st_mode):
-                path.unlink()  # stale socket of a previous run; a live one would be a bug of the caller
-        except FileNotFoundError:
-            pass
-    try:
-        port = server.add_insecure_port(addr)
-    except RuntimeError as e:
-        raise ListenError(f"cannot listen on {addr}: {e}") from e
-    if port == 0 and not addr.startswith("unix:"):
-        raise ListenError(f"cannot listen on {addr}: address in use or unavailable")
-    if addr.startswith("unix:"):
-        return addr
-    host = addr.rpartition(":")[0]
-    return f"{host}:{port}"
-
-
-# --------------------------------------------------------------------------------------------
-# fabric-reflector
-# --------------------------------------------------------------------------------------------
-
-
-def _log_level(text: str) -> str:
-    try:
-        return logs.parse_level(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """fabric-reflector's flags (also read by the manifests' test: every flag they pass exists)."""
-    p = argparse.ArgumentParser(
-        prog="fabric-reflector",
-        description="Route reflector of the Kosmos fabric: plans every node's tunnels and routes and streams them.",
-        epilog=(
-            "example: fabric-reflector --config examples/lab.yaml --listen 198.18.0.1:4880 "
-            "--listen unix:/run/kosmos-fabric/lab/reflector.sock"
-        ),
-    )
-    p.add_argument("--config", metavar="FILE", help="topology file (clusters, CIDRs, expected nodes); "
-                   "required with --topology-source=file")
-    p.add_argument("--topology-source", choices=("file", "kubernetes"), default="file",
-                   help="where clusters come from: the --config file, or the Cluster resources (clusters.kosmos.io) "
-                   "of the host cluster, watched, with status written back (default %(default)s)")
-    p.add_argument("--kubeconfig", metavar="FILE",
-                   help="kubernetes source: the host cluster's kubeconfig (its current context; default: in-cluster "
-                   "service account, else ~/.kube/config)")
-    p.add_argument("--kube-netns", metavar="FILE",
-                   help="kubernetes source: reach the API server from this network namespace (/proc/PID/ns/net); "
-                   "the lab runs the reflector in its underlay namespace and the API servers in the root namespace")
-    p.add_argument("--resync-period", type=float, default=300.0, metavar="S",
-                   help="kubernetes source: seconds between full relists of the Clusters (default %(default)g)")
-    p.add_argument("--status-lease", metavar="NS/NAME",
-                   help="kubernetes source: the leader Lease of replicas running active/standby: its holder is the "
-                   "one replica that serves agents and writes Cluster status; the others keep their view hot and "
-                   "refuse agents with UNAVAILABLE naming the leader (default: no Lease, always serving)")
-    p.add_argument("--status-lease-identity", metavar="ID", default="",
-                   help="this replica's identity in the leader Lease (e.g. the pod name)")
-    p.add_argument(
-        "--listen",
-        action="append",
-        metavar="ADDR",
-        help=f"HOST:PORT or unix:/path, repeatable (default {DEFAULT_LISTEN})",
-    )
-    p.add_argument(
-        "--grace-period",
-        type=float,
-        default=DEFAULT_GRACE_PERIOD_S,
-        metavar="S",
-        help="seconds a node whose session died stays in the topology (default %(default)g)",
-    )
-    p.add_argument(
-        "--keepalive-interval",
-        type=float,
-        default=DEFAULT_KEEPALIVE_INTERVAL_S,
-        metavar="S",
-        help=f"seconds between keepalives; {DEAD_AFTER_INTERVALS} silent intervals = dead (default %(default)g)",
-    )
-    p.add_argument(
-        "--startup-hold",
-        type=float,
-        default=None,
-        metavar="S",
-        help="seconds to withhold END_OF_SNAPSHOT after start unless all expected nodes announced "
-        "(default: the grace period; 0 disables)",
-    )
-    p.add_argument("--log-level", default="info", type=_log_level, help="debug, info, warning or error (default: info)")
-    p.add_argument("--metrics-listen", metavar="ADDR:PORT", help="serve Prometheus metrics here (default: off)")
-    return p
-
-
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = build_parser()
-    args = p.parse_args(argv)
-    if args.keepalive_interval <= 0:
-        p.error(f"--keepalive-interval {args.keepalive_interval:g}: must be positive")
-    if args.grace_period < 0:
-        p.error(f"--grace-period {args.grace_period:g}: must not be negative")
-    if args.startup_hold is not None and args.startup_hold < 0:
-        p.error(f"--startup-hold {args.startup_hold:g}: must not be negative")
-    if args.topology_source == "file" and not args.config:
-        p.error("--config FILE is required with --topology-source=file")
-    if args.topology_source == "kubernetes":
-        if args.config:
-            p.error(f"--config {args.config}: the kubernetes topology source reads Cluster resources, not a file")
-        if args.resync_period <= 0:
-            p.error(f"--resync-period {args.resync_period:g}: must be positive")
-    elif args.kubeconfig or args.kube_netns or args.status_lease:
-        p.error("--kubeconfig, --kube-netns and --status-lease need --topology-source=kubernetes")
-    args.lease = None
-    if args.status_lease:
-        from fabric.control import k8s_source
-
-        try:
-            args.lease = k8s_source.LeaseSpec.parse(args.status_lease, args.status_lease_identity)
-        except ValueError as e:
-            p.error(str(e))
-    try:
-        args.listen = [parse_listen(a) for a in (args.listen or [DEFAULT_LISTEN])]
-        if args.metrics_listen is not None:
-            if args.metrics_listen.startswith("unix:"):
-                raise ValueError(f"--metrics-listen {args.metrics_listen!r}: must be ADDR:PORT")
-            parse_listen(args.metrics_listen)
-    except ValueError as e:
-        p.error(str(e))
-    return args
-
-
-async def _serve(reflector: Reflector, listen: Sequence[str]) -> None:
-    """Serve until SIGTERM/SIGINT or a bug (:meth:`Reflector.crash`), then stop."""
-    await reflector.start(listen)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    waits = [asyncio.create_task(stop.wait()), asyncio.create_task(reflector.wait_crashed())]
-    try:
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waits:
-            w.cancel()
-    _log.info("stopping" if reflector.crashed is None else "stopping after a bug")
-    await reflector.stop()
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from fabric.control import k8s_source
-
-    args = _parse_args(argv)
-    logs.setup(args.log_level)
-    source: k8s_source.KubernetesSource | None = None
-    if args.topology_source == "kubernetes":
-        try:
-            netns_fd = k8s_source.open_netns(args.kube_netns) if args.kube_netns else None
-            source = k8s_source.KubernetesSource(
-                k8s_source.load_api_client(args.kubeconfig), resync_s=args.resync_period, lease=args.lease,
-                netns_fd=netns_fd,
-            )  # fmt: skip
-        except k8s_source.SourceError as e:
-            print(f"fabric-reflector: {e}", file=sys.stderr)
-            return 2
-        # The first list before serving: a restarted reflector knows its clusters (and, from
-        # their status, the nodes to wait for) before any agent reconnects.
-        source.initial_list()
-        config = source.initial_config()
-        args.config = f"Cluster resources ({args.kubeconfig or 'in-cluster'})"
-    else:
-        try:
-            config = topology_file.load(args.config).fabric_config()
-        except topology_file.TopologyError as e:
-            print(f"fabric-reflector: {e}", file=sys.stderr)
-            return 2
-    reflector = Reflector(
-        config,
-        grace_period=args.grace_period,
-        keepalive_interval=args.keepalive_interval,
-        startup_hold=args.startup_hold,
-    )
-    if args.lease is not None:  # serve only once the Lease is ours (KubernetesSource decides)
-        reflector.set_leader(False, f"standby replica; waiting for the leader Lease "
-                                    f"{args.lease.namespace}/{args.lease.name}")  # fmt: skip
-    _log.info(
-        "config %s: %d clusters, %d expected nodes; grace %gs, keepalive %gs, startup hold %gs",
-        args.config,
-        len(config.clusters),
-        len(config.expected_nodes),
-        reflector.grace_period,
-        reflector.keepalive_interval,
-        reflector.startup_hold,
-    )
-    if args.metrics_listen:
-        registry = CollectorRegistry()
-        registry.register(reflector.collector())
-        health.serve(args.metrics_listen, reflector.healthy, reflector.ready, registry=registry)
-
-    async def serve() -> None:
-        watch = asyncio.create_task(source.run(reflector)) if source is not None else None
-        if watch is not None:
-
-            def stopped(t: asyncio.Task[None]) -> None:
-                if not t.cancelled():
-                    _log.error("the Kubernetes topology source stopped: %r", t.exception())
-
-            watch.add_done_callback(stopped)
-        try:
-            await _serve(reflector, args.listen)
-        finally:
-            if watch is not None:
-                watch.cancel()
-                await asyncio.gather(watch, return_exceptions=True)
-
-    try:
-        asyncio.run(serve())
-    except ListenError as e:
-        print(f"fabric-reflector: {e}", file=sys.stderr)
-        return 1
-    if reflector.crashed is not None:  # logged with its traceback when it happened
-        print(f"fabric-reflector: stopped after a bug: {reflector.crashed!r}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fabric.control import api, client, protogen, reflector
+from fabric.control import api, client, protogen, reflector_cli, reflector_service
 from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -19,13 +19,13 @@ REPO = Path(__file__).resolve().parents[2]
 def test_invalid_config_exits_2_with_the_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("clusters:\n  - name: East_1\n    podCIDRs: [10.10.0.0/16]\n")
-    assert reflector.main(["--config", str(bad), "--listen", "127.0.0.1:0"]) == 2
+    assert reflector_cli.main(["--config", str(bad), "--listen", "127.0.0.1:0"]) == 2
     err = capsys.readouterr().err
     assert f"{bad}: clusters[0].name: 'East_1' is not a DNS-1123 label" in err
 
 
 def test_missing_config_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert reflector.main(["--config", str(tmp_path / "nope.yaml")]) == 2
+    assert reflector_cli.main(["--config", str(tmp_path / "nope.yaml")]) == 2
     assert "cannot read file" in capsys.readouterr().err
 
 
@@ -41,17 +41,17 @@ def test_missing_config_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[st
 )
 def test_bad_listen_values_are_refused(value: str, fragment: str) -> None:
     with pytest.raises(ValueError, match=fragment):
-        reflector.parse_listen(value)
+        reflector_service.parse_listen(value)
 
 
 def test_good_listen_values() -> None:
     for v in ("0.0.0.0:4880", "[::]:4880", "198.18.0.1:4880", "unix:/run/kosmos-fabric/lab/reflector.sock"):
-        assert reflector.parse_listen(v) == v
+        assert reflector_service.parse_listen(v) == v
 
 
 def test_bad_flag_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
-        reflector.main(["--config", "x.yaml", "--keepalive-interval", "0"])
+        reflector_cli.main(["--config", "x.yaml", "--keepalive-interval", "0"])
     assert exc.value.code == 2
     assert "--keepalive-interval 0: must be positive" in capsys.readouterr().err
 
@@ -60,7 +60,7 @@ def test_reflector_process_serves_status_and_stops_on_sigterm(tmp_path: Path) ->
     sock = tmp_path / "reflector.sock"
     proc = subprocess.Popen(
         [
-            sys.executable, "-m", "fabric.control.reflector",
+            sys.executable, "-m", "fabric.control.reflector_cli",
             "--config", str(REPO / "examples" / "lab.yaml"),
             "--listen", f"unix:{sock}",
             "--grace-period", "1",

@@ -574,13 +574,13 @@ def test_every_flag_the_manifests_pass_exists() -> None:
     """The DaemonSet and the Deployment start our real binaries: every ``--flag`` they pass
     must be one the program's own parser knows (a typo would crash-loop every node)."""
     from fabric.agent import config as agent_config
-    from fabric.control import reflector as reflector_mod
+    from fabric.control import reflector_cli
 
     def flags(parser: Any) -> set[str]:
         return {s for a in parser._actions for s in a.option_strings}
 
     known = {"fabric-agent": flags(agent_config.build_parser()),
-             "fabric-reflector": flags(reflector_mod.build_parser())}
+             "fabric-reflector": flags(reflector_cli.build_parser())}
     seen = 0
     for f in (REPO / "deploy" / "base").rglob("*.yaml"):
         for doc in yaml.safe_load_all(f.read_text()):

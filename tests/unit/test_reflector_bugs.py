@@ -15,10 +15,11 @@ import grpc
 import pytest
 
 from fabric import types
-from fabric.control import client, codec, reflector
+from fabric.control import client, codec, reflector, reflector_cli
 from fabric.control.generated import fabric_pb2 as pb
 from fabric.control.generated import fabric_pb2_grpc as pb_grpc
 from tests.unit.test_planner import CONFIG, E1
+from tests.waiting import wait_until_async
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -118,7 +119,7 @@ def test_over_grpc_handler_bug_is_internal_and_cancel_is_not_a_bug(monkeypatch: 
                 call = pb_grpc.FabricStub(ch).SyncNode(_announce_then_wait())
                 assert (await asyncio.wait_for(call.read(), 5)).WhichOneof("message") == "keepalive"
                 call.cancel()
-                await _until(lambda: not refl.status().nodes()[0].connected)
+                await wait_until_async(lambda: not refl.status().nodes()[0].connected, 5, "the agent gone")
             assert refl.crashed is None
 
             # A bug in a unary handler: INTERNAL to the caller, and the reflector crashes.
@@ -161,11 +162,12 @@ def test_over_grpc_bug_in_sync_node_itself_is_internal(monkeypatch: pytest.Monke
 def test_serve_stops_on_a_bug_and_main_exits_1(monkeypatch: pytest.MonkeyPatch) -> None:
     async def body() -> None:
         refl = _reflector()
-        serving = asyncio.create_task(reflector._serve(refl, ["127.0.0.1:0"]))
-        await _until(lambda: refl._server is not None)
+        serving = asyncio.create_task(reflector_cli.serve_until_stopped(refl, ["127.0.0.1:0"]))
+        await wait_until_async(lambda: refl._server is not None, 5, "serving")
         assert not serving.done()
         refl.crash(RuntimeError("planted"), "a test")
-        await asyncio.wait_for(serving, 5)  # stopped by the bug, no signal needed
+        async with asyncio.timeout(5):  # stopped by the bug, no signal needed
+            await serving
         assert refl._server is None
 
     asyncio.run(body())
@@ -173,18 +175,10 @@ def test_serve_stops_on_a_bug_and_main_exits_1(monkeypatch: pytest.MonkeyPatch) 
     async def crashing_serve(refl: reflector.Reflector, listen: Any) -> None:
         refl.crash(RuntimeError("planted"), "a test")
 
-    monkeypatch.setattr(reflector, "_serve", crashing_serve)
-    assert reflector.main(["--config", str(EXAMPLES / "lab.yaml"), "--listen", "127.0.0.1:0"]) == 1
+    monkeypatch.setattr(reflector_cli, "serve_until_stopped", crashing_serve)
+    assert reflector_cli.main(["--config", str(EXAMPLES / "lab.yaml"), "--listen", "127.0.0.1:0"]) == 1
 
 
 async def _announce_then_wait() -> AsyncIterator[pb.SyncNodeRequest]:
     yield pb.SyncNodeRequest(announce=pb.Announce(node=codec.node_to_pb(E1)))
     await asyncio.Event().wait()
-
-
-async def _until(cond: Any, timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        assert loop.time() < end, "condition not met in time"
-        await asyncio.sleep(0.01)

@@ -4,7 +4,7 @@ Processes (all on this machine, talking over unix sockets in a private temporary
 namespaces, no kernel objects, so no root needed)::
 
     driver (this module's run())
-      |-- fabric-reflector  (python -m fabric.control.reflector; --grace-period 0 so a leave is
+      |-- fabric-reflector  (python -m fabric.control.reflector_cli; --grace-period 0 so a leave is
       |                      immediate, --startup-hold 0, keepalives every 30 s)
       |-- W worker processes (python -m tools.bench.control worker): N light agents in total,
       |                      each its own channel (own connection) and SyncNode stream

@@ -163,7 +163,7 @@ class _Run:
             cfg = self.tmp / "fabric.yaml"
             cfg.write_text(yaml.safe_dump(self.shape.config_doc(), sort_keys=False))
             self.server = self.procs.spawn(None, [
-                sys.executable, "-m", "fabric.control.reflector", "--config", str(cfg), "--listen", self.sock,
+                sys.executable, "-m", "fabric.control.reflector_cli", "--config", str(cfg), "--listen", self.sock,
                 "--grace-period", "0", "--startup-hold", "0", "--keepalive-interval", f"{KEEPALIVE_S:g}",
                 "--log-level", "info",
             ], stderr=self.log)  # fmt: skip

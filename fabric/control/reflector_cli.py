@@ -1,0 +1,237 @@
+"""``fabric-reflector``'s command line: flags, the topology source (a file, or ``Cluster``
+resources with a leader Lease), the metrics endpoint, and serving until SIGTERM or a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from prometheus_client import CollectorRegistry
+
+from fabric import health, logs
+from fabric import topology as topology_file
+from fabric.control.reflector import (
+    DEAD_AFTER_INTERVALS,
+    DEFAULT_GRACE_PERIOD_S,
+    DEFAULT_KEEPALIVE_INTERVAL_S,
+    DEFAULT_LISTEN,
+    Reflector,
+)
+from fabric.control.reflector_service import ListenError, parse_listen
+
+_log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------
+# fabric-reflector
+# --------------------------------------------------------------------------------------------
+
+
+def log_level(text: str) -> str:
+    try:
+        return logs.parse_level(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """fabric-reflector's flags (also read by the manifests' test: every flag they pass exists)."""
+    p = argparse.ArgumentParser(
+        prog="fabric-reflector",
+        description="Route reflector of the Kosmos fabric: plans every node's tunnels and routes and streams them.",
+        epilog=(
+            "example: fabric-reflector --config examples/lab.yaml --listen 198.18.0.1:4880 "
+            "--listen unix:/run/kosmos-fabric/lab/reflector.sock"
+        ),
+    )
+    p.add_argument("--config", metavar="FILE", help="topology file (clusters, CIDRs, expected nodes); "
+                   "required with --topology-source=file")
+    p.add_argument("--topology-source", choices=("file", "kubernetes"), default="file",
+                   help="where clusters come from: the --config file, or the Cluster resources (clusters.kosmos.io) "
+                   "of the host cluster, watched, with status written back (default %(default)s)")
+    p.add_argument("--kubeconfig", metavar="FILE",
+                   help="kubernetes source: the host cluster's kubeconfig (its current context; default: in-cluster "
+                   "service account, else ~/.kube/config)")
+    p.add_argument("--kube-netns", metavar="FILE",
+                   help="kubernetes source: reach the API server from this network namespace (/proc/PID/ns/net); "
+                   "the lab runs the reflector in its underlay namespace and the API servers in the root namespace")
+    p.add_argument("--resync-period", type=float, default=300.0, metavar="S",
+                   help="kubernetes source: seconds between full relists of the Clusters (default %(default)g)")
+    p.add_argument("--status-lease", metavar="NS/NAME",
+                   help="kubernetes source: the leader Lease of replicas running active/standby: its holder is the "
+                   "one replica that serves agents and writes Cluster status; the others keep their view hot and "
+                   "refuse agents with UNAVAILABLE naming the leader (default: no Lease, always serving)")
+    p.add_argument("--status-lease-identity", metavar="ID", default="",
+                   help="this replica's identity in the leader Lease (e.g. the pod name)")
+    p.add_argument(
+        "--listen",
+        action="append",
+        metavar="ADDR",
+        help=f"HOST:PORT or unix:/path, repeatable (default {DEFAULT_LISTEN})",
+    )
+    p.add_argument(
+        "--grace-period",
+        type=float,
+        default=DEFAULT_GRACE_PERIOD_S,
+        metavar="S",
+        help="seconds a node whose session died stays in the topology (default %(default)g)",
+    )
+    p.add_argument(
+        "--keepalive-interval",
+        type=float,
+        default=DEFAULT_KEEPALIVE_INTERVAL_S,
+        metavar="S",
+        help=f"seconds between keepalives; {DEAD_AFTER_INTERVALS} silent intervals = dead (default %(default)g)",
+    )
+    p.add_argument(
+        "--startup-hold",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds to withhold END_OF_SNAPSHOT after start unless all expected nodes announced "
+        "(default: the grace period; 0 disables)",
+    )
+    p.add_argument("--log-level", default="info", type=log_level, help="debug, info, warning or error (default: info)")
+    p.add_argument("--metrics-listen", metavar="ADDR:PORT", help="serve Prometheus metrics here (default: off)")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.keepalive_interval <= 0:
+        p.error(f"--keepalive-interval {args.keepalive_interval:g}: must be positive")
+    if args.grace_period < 0:
+        p.error(f"--grace-period {args.grace_period:g}: must not be negative")
+    if args.startup_hold is not None and args.startup_hold < 0:
+        p.error(f"--startup-hold {args.startup_hold:g}: must not be negative")
+    if args.topology_source == "file" and not args.config:
+        p.error("--config FILE is required with --topology-source=file")
+    if args.topology_source == "kubernetes":
+        if args.config:
+            p.error(f"--config {args.config}: the kubernetes topology source reads Cluster resources, not a file")
+        if args.resync_period <= 0:
+            p.error(f"--resync-period {args.resync_period:g}: must be positive")
+    elif args.kubeconfig or args.kube_netns or args.status_lease:
+        p.error("--kubeconfig, --kube-netns and --status-lease need --topology-source=kubernetes")
+    args.lease = None
+    if args.status_lease:
+        from fabric.control import k8s_source
+
+        try:
+            args.lease = k8s_source.LeaseSpec.parse(args.status_lease, args.status_lease_identity)
+        except ValueError as e:
+            p.error(str(e))
+    try:
+        args.listen = [parse_listen(a) for a in (args.listen or [DEFAULT_LISTEN])]
+        if args.metrics_listen is not None:
+            if args.metrics_listen.startswith("unix:"):
+                raise ValueError(f"--metrics-listen {args.metrics_listen!r}: must be ADDR:PORT")
+            parse_listen(args.metrics_listen)
+    except ValueError as e:
+        p.error(str(e))
+    return args
+
+
+async def serve_until_stopped(reflector: Reflector, listen: Sequence[str]) -> None:
+    """Serve until SIGTERM/SIGINT or a bug (:meth:`Reflector.crash`), then stop."""
+    await reflector.start(listen)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    waits = [asyncio.create_task(stop.wait()), asyncio.create_task(reflector.wait_crashed())]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+    _log.info("stopping" if reflector.crashed is None else "stopping after a bug")
+    await reflector.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from fabric.control import k8s_source
+
+    args = parse_args(argv)
+    logs.setup(args.log_level)
+    source: k8s_source.KubernetesSource | None = None
+    if args.topology_source == "kubernetes":
+        try:
+            netns_fd = k8s_source.open_netns(args.kube_netns) if args.kube_netns else None
+            source = k8s_source.KubernetesSource(
+                k8s_source.load_api_client(args.kubeconfig), resync_s=args.resync_period, lease=args.lease,
+                netns_fd=netns_fd,
+            )  # fmt: skip
+        except k8s_source.SourceError as e:
+            print(f"fabric-reflector: {e}", file=sys.stderr)
+            return 2
+        # The first list before serving: a restarted reflector knows its clusters (and, from
+        # their status, the nodes to wait for) before any agent reconnects.
+        source.initial_list()
+        config = source.initial_config()
+        args.config = f"Cluster resources ({args.kubeconfig or 'in-cluster'})"
+    else:
+        try:
+            config = topology_file.load(args.config).fabric_config()
+        except topology_file.TopologyError as e:
+            print(f"fabric-reflector: {e}", file=sys.stderr)
+            return 2
+    reflector = Reflector(
+        config,
+        grace_period=args.grace_period,
+        keepalive_interval=args.keepalive_interval,
+        startup_hold=args.startup_hold,
+    )
+    if args.lease is not None:  # serve only once the Lease is ours (KubernetesSource decides)
+        reflector.set_leader(False, f"standby replica; waiting for the leader Lease "
+                                    f"{args.lease.namespace}/{args.lease.name}")  # fmt: skip
+    _log.info(
+        "config %s: %d clusters, %d expected nodes; grace %gs, keepalive %gs, startup hold %gs",
+        args.config,
+        len(config.clusters),
+        len(config.expected_nodes),
+        reflector.grace_period,
+        reflector.keepalive_interval,
+        reflector.startup_hold,
+    )
+    if args.metrics_listen:
+        registry = CollectorRegistry()
+        registry.register(reflector.collector())
+        health.serve(args.metrics_listen, reflector.healthy, reflector.ready, registry=registry)
+
+    async def run() -> None:
+        watch = asyncio.create_task(source.run(reflector)) if source is not None else None
+        if watch is not None:
+
+            def stopped(t: asyncio.Task[None]) -> None:
+                if not t.cancelled():
+                    _log.error("the Kubernetes topology source stopped: %r", t.exception())
+
+            watch.add_done_callback(stopped)
+        try:
+            await serve_until_stopped(reflector, args.listen)
+        finally:
+            if watch is not None:
+                watch.cancel()
+                await asyncio.gather(watch, return_exceptions=True)
+
+    try:
+        asyncio.run(run())
+    except ListenError as e:
+        print(f"fabric-reflector: {e}", file=sys.stderr)
+        return 1
+    if reflector.crashed is not None:  # logged with its traceback when it happened
+        print(f"fabric-reflector: stopped after a bug: {reflector.crashed!r}", file=sys.stderr)
+        return 1
+    return 0
+
+
+
+if __name__ == "__main__":
+    sys.exit(main())

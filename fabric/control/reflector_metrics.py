@@ -1,0 +1,108 @@
+"""The reflector's Prometheus metrics (``fabric_reflector_*``), collected from its state at each
+scrape: sessions, nodes, generations, deltas and their sizes, rejections by class, planning work,
+fan-out latency, gateway moves.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from fabric.control import api
+
+if TYPE_CHECKING:
+    from fabric.control.reflector import Reflector
+
+_log = logging.getLogger(__name__)
+
+
+class MetricsCollector(Collector):
+    """Prometheus view read from the reflector at scrape time (no bookkeeping on the hot path)."""
+
+    def __init__(self, reflector: Reflector) -> None:
+        self._r = reflector
+
+    def collect(self) -> Iterable[Metric]:
+        r = self._r
+        recs = list(r._nodes.values())
+        yield GaugeMetricFamily("fabric_reflector_topology_generation", "Topology generation.", value=r.generation)
+        yield GaugeMetricFamily("fabric_reflector_nodes", "Nodes in the topology.", value=len(recs))
+        yield GaugeMetricFamily(
+            "fabric_reflector_sessions", "Open agent sessions.", value=sum(1 for x in recs if x.session is not None)
+        )
+        yield GaugeMetricFamily("fabric_reflector_holding", "1 during the startup hold.", value=int(r.holding))
+        sent = CounterMetricFamily(
+            "fabric_reflector_sent_entries", "Entries sent to sessions still in the topology.", labels=["kind"]
+        )
+        sent.add_metric(["snapshot"], sum(x.counters.snapshot_entries_sent for x in recs))
+        sent.add_metric(["delta"], sum(x.counters.delta_entries_sent for x in recs))
+        yield sent
+        rejections = CounterMetricFamily(
+            "fabric_reflector_rejections", "Refusals of announcements, by their class (Rejected.Reason).",
+            labels=["reason"],
+        )
+        for cls in api.RejectionReason:
+            if cls is not api.RejectionReason.UNSPECIFIED:  # never produced here: every refusal has a class
+                rejections.add_metric([cls.value], r._rejections_by_reason.get(cls, 0))
+        yield rejections
+        moves = CounterMetricFamily(
+            "fabric_reflector_gateway_moves", "Times the active gateway role moved.", labels=["cluster"]
+        )
+        for c in r.config.clusters:
+            moves.add_metric([c.name], r._gateway_moves.get(c.name, 0))
+        yield moves
+        roles = GaugeMetricFamily(
+            "fabric_reflector_gateway", "1 per elected gateway: cluster, node and role (active, standby).",
+            labels=["cluster", "node", "role"],
+        )
+        for role in r.topology.roles:
+            if role.active:
+                roles.add_metric([role.cluster, role.active, "active"], 1)
+            if role.standby and role.standby != role.active:
+                roles.add_metric([role.cluster, role.standby, "standby"], 1)
+        yield roles
+        planned = GaugeMetricFamily(
+            "fabric_reflector_planned_version", "Version of each node's latest plan.", labels=["node"]
+        )
+        applied = GaugeMetricFamily(
+            "fabric_reflector_applied_version", "Version each node's agent reported applied.", labels=["node"]
+        )
+        connected = GaugeMetricFamily(
+            "fabric_reflector_session_up", "1 while the node's agent has a session.", labels=["node"]
+        )
+        for key, rec in sorted(r._nodes.items()):
+            planned.add_metric([str(key)], rec.planned_version)
+            applied.add_metric([str(key)], rec.applied_version)
+            connected.add_metric([str(key)], 1 if rec.session is not None else 0)
+        yield planned
+        yield applied
+        yield connected
+        yield GaugeMetricFamily(
+            "fabric_reflector_nodes_in_sync",
+            "Nodes with a session whose agent applied its latest plan.",
+            value=sum(1 for x in recs if x.session is not None and x.applied_version >= x.planned_version),
+        )
+        yield GaugeMetricFamily(
+            "fabric_reflector_fanouts_pending", "Topology changes some agent has not applied yet.", value=len(r._fanout)
+        )
+        yield from r.fanout_lag.collect()
+        yield GaugeMetricFamily(
+            "fabric_reflector_session_queue_max_messages",
+            "Messages queued to the slowest agent session (fan-out not yet written to its stream).",
+            value=max((x.session.queue.qsize() for x in recs if x.session is not None), default=0),
+        )
+        yield CounterMetricFamily(
+            "fabric_reflector_flushes", "Topology generations flushed (coalesced changes).", value=r.flushes
+        )
+        work = CounterMetricFamily(
+            "fabric_reflector_plan_work", "Planner work: plan parts computed, nodes planned in full.", labels=["kind"]
+        )
+        work.add_metric(["part"], r._planner.counter.parts)
+        work.add_metric(["full"], r._planner.counter.full_plans)
+        yield work
+
+

@@ -1,0 +1,138 @@
+"""The gRPC face of the reflector: the ``Fabric`` servicer that hands each RPC to the
+:class:`~fabric.control.reflector.Reflector` (and turns a handler bug into INTERNAL and a crash,
+see "Bugs" there), and the listen addresses (``HOST:PORT`` or ``unix:/path``) it binds.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import stat
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from fabric.control import codec
+from fabric.control.generated import fabric_pb2 as pb
+from fabric.control.generated import fabric_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from fabric.control.reflector import Reflector
+
+_log = logging.getLogger(__name__)
+
+class ListenError(RuntimeError):
+    """A --listen address could not be bound."""
+
+
+
+class Servicer(pb_grpc.FabricServicer):  # type: ignore[misc]
+    """Adapter from the generated servicer interface to :class:`Reflector`. An exception escaping
+    a handler is a bug (see "Bugs" in the module docstring): the caller gets INTERNAL and the
+    reflector crashes. Left alone: ``asyncio.CancelledError`` (the caller went away, cancelled
+    or hit its deadline; a BaseException, so ``except Exception`` never sees it) and gRPC's
+    ``AbortError`` (an RPC ended on purpose with ``context.abort``)."""
+
+    def __init__(self, reflector: Reflector) -> None:
+        self._r = reflector
+
+    async def _bug(self, exc: Exception, rpc: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        self._r.crash(exc, f"{rpc} from {peer_name(context.peer())}")
+        await context.abort(grpc.StatusCode.INTERNAL, f"reflector bug in {rpc}: {exc!r} (it restarts)")
+
+    # grpc.aio recognises streaming handlers by inspect.isasyncgenfunction: these must be async
+    # generator functions themselves, not functions returning one.
+    async def SyncNode(
+        self, request_iterator: AsyncIterator[pb.SyncNodeRequest], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.SyncNodeResponse]:
+        try:
+            async for msg in self._r.sync_node(request_iterator, context):
+                yield msg
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:
+            await self._bug(e, "SyncNode", context)
+
+    async def GetStatus(
+        self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetStatusResponse:
+        try:
+            return codec.status_to_pb(self._r.status())
+        except Exception as e:
+            await self._bug(e, "GetStatus", context)
+            raise  # not reached: abort raises
+
+    async def WatchTopology(
+        self, request: pb.WatchTopologyRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.WatchTopologyResponse]:
+        if self._r.standby_reason is not None:  # a standby's topology has no nodes: send the caller on
+            context.set_code(grpc.StatusCode.UNAVAILABLE)
+            context.set_details(self._r.standby_reason)
+            return
+        try:
+            async for msg in self._r.watch_topology():
+                yield msg
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:
+            await self._bug(e, "WatchTopology", context)
+
+
+
+# --------------------------------------------------------------------------------------------
+# Addresses
+# --------------------------------------------------------------------------------------------
+
+
+def peer_name(peer: str) -> str:
+    """``ipv4:127.0.0.1:5000`` -> ``127.0.0.1:5000``; unix peers as they are."""
+    for prefix in ("ipv4:", "ipv6:"):
+        if peer.startswith(prefix):
+            return peer[len(prefix) :]
+    return peer or "unknown peer"
+
+
+def parse_listen(addr: str) -> str:
+    """Check a --listen value (``HOST:PORT``, ``[V6]:PORT`` or ``unix:/abs/path``); returns it."""
+    if addr.startswith("unix:"):
+        path = addr[len("unix:") :]
+        if not path.startswith("/"):
+            raise ValueError(f"--listen {addr!r}: a unix socket path must be absolute (unix:/path/sock)")
+        return addr
+    host, sep, port = addr.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"--listen {addr!r}: expected HOST:PORT or unix:/path")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"--listen {addr!r}: port {port!r} is not a number from 0 to 65535")
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        ipaddress.ip_address(bare)
+    except ValueError:
+        if bare != "localhost":
+            raise ValueError(f"--listen {addr!r}: {host!r} is not an IP address") from None
+    return addr
+
+
+def bind(server: grpc.aio.Server, addr: str) -> str:
+    if addr.startswith("unix:"):
+        path = Path(addr[len("unix:") :])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            if stat.S_ISSOCK(path.lstat().st_mode):
+                path.unlink()  # stale socket of a previous run; a live one would be a bug of the caller
+        except FileNotFoundError:
+            pass
+    try:
+        port = server.add_insecure_port(addr)
+    except RuntimeError as e:
+        raise ListenError(f"cannot listen on {addr}: {e}") from e
+    if port == 0 and not addr.startswith("unix:"):
+        raise ListenError(f"cannot listen on {addr}: address in use or unavailable")
+    if addr.startswith("unix:"):
+        return addr
+    host = addr.rpartition(":")[0]
+    return f"{host}:{port}"
+
+
