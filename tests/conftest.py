@@ -11,14 +11,15 @@ C (a deadlock inside ``fork()``, a stuck syscall) never sees that signal, so a C
 (:mod:`faulthandler`) armed for the same test writes every thread's stack to a file and ends the
 process ``WATCHDOG_GRACE_S`` later. The suite runs in one pytest-xdist worker (``-n 1`` in
 ``addopts``): the controller reports that test as crashed with the stacks attached, starts a
-fresh worker and goes on. (``-n 0`` runs in-process, for a debugger; the stacks file is then
-named in the report header.)
+fresh worker and goes on. (``-n 0`` runs in-process, for a debugger; the stacks are then left
+in the folder the report header names.)
 """
 
 from __future__ import annotations
 
 import faulthandler
 import os
+import shutil
 import subprocess
 import tempfile
 import uuid
@@ -36,7 +37,9 @@ _stacks: IO[str] | None = None
 
 def pytest_configure(config: pytest.Config) -> None:
     if _STACKS_ENV not in os.environ:  # the controller (or an in-process run); workers inherit it
-        os.environ[_STACKS_ENV] = tempfile.mkdtemp(prefix="kft-test-stacks-")
+        made = tempfile.mkdtemp(prefix="kft-test-stacks-")
+        os.environ[_STACKS_ENV] = made
+        config.add_cleanup(lambda: shutil.rmtree(made, ignore_errors=True))
 
 
 def _stacks_path(worker: str) -> Path:
@@ -44,7 +47,7 @@ def _stacks_path(worker: str) -> Path:
 
 
 def pytest_report_header(config: pytest.Config) -> str:
-    return f"hung tests: stacks dumped to {_stacks_path(os.environ.get('PYTEST_XDIST_WORKER', 'main'))}"
+    return f"hung tests: every thread's stack is dumped under {os.environ[_STACKS_ENV]} (and into the report)"
 
 
 @pytest.hookimpl(tryfirst=True)

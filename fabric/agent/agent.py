@@ -313,11 +313,18 @@ class Agent(control_client.SessionHandler):
     def _pass(self, state: types.NodeState, resync: bool) -> reconciler_mod.ApplyReport:
         """One reconcile pass, in the worker thread."""
         if resync:
-            # The underlay interface may have been recreated (new ifindex) since we looked.
-            self.underlay = self.dp.underlay_link(self.cfg.underlay_ip)
-            if self.cfg.underlay_ip6:
-                self.underlay6 = self.dp.underlay_link(self.cfg.underlay_ip6)
-            self.reconciler.resync()
+            try:
+                # The underlay interface may have been recreated (new ifindex) since we looked.
+                self.underlay = self.dp.underlay_link(self.cfg.underlay_ip)
+                if self.cfg.underlay_ip6:
+                    self.underlay6 = self.dp.underlay_link(self.cfg.underlay_ip6)
+                self.reconciler.resync()
+            except OSError as e:
+                # The kernel failed a dump (ENOBUFS on a busy node, say): a failed pass, retried
+                # with back-off and a resync like a failed entry, not a bug to crash on.
+                report = reconciler_mod.ApplyReport(resync_needed=True)
+                report.tables["links"].fail("links", e.errno or errno.EIO, f"reading the kernel back: {e}")
+                return report
         by_ip = {self.cfg.underlay_ip6: self.underlay6.ifindex} if self.underlay6 is not None else None
         desired = render.render(
             state,

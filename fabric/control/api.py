@@ -58,7 +58,7 @@ class NodeStatus:
         return f"{self.cluster}/{self.name}"
 
 
-class RejectionReason(enum.Enum):
+class RejectionReason(enum.StrEnum):
     """Why the reflector refused an announcement: one per refusal, carried next to its text in
     the protocol's ``Rejected`` (``Rejected.Reason``, same names with a ``REASON_`` prefix) and
     used as the ``reason`` label of ``fabric_reflector_rejections_total`` (the value), so nothing

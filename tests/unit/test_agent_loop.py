@@ -115,6 +115,14 @@ async def _scenario(sock: str) -> None:
         assert {f.dst for f in dp1.fdb} == {"198.18.0.13"}
         assert {n.ip for n in dp1.neighbours.values()} == {w1_overlay}
 
+        # A dump the kernel fails during a periodic resync is a failed pass, retried: no crash.
+        failures_before = _sample("fabric_agent_kernel_failures_total")
+        dp1.fail_next("list_links", errno.ENOBUFS, count=2)
+        await wait_until_async(lambda: _sample("fabric_agent_kernel_failures_total") >= failures_before + 2, 10,
+                               "two failed resyncs counted")  # fmt: skip
+        await wait_until_async(lambda: e1.healthy()[0] and _in_sync(refl, set(NODES)), 10, "e1 recovered")
+        assert not any(t.done() for t in tasks), "an agent stopped on a failed kernel dump"
+
         # Losing the reflector keeps the last good dataplane, through several resync passes.
         before = (set(dp1.fdb), dict(dp1.routes), dict(dp1.neighbours), set(dp1.links))
         await refl.stop()

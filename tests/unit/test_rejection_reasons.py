@@ -169,3 +169,14 @@ def test_a_node_dropped_by_a_new_configuration_is_told_why() -> None:
         assert reg.get_sample_value("fabric_reflector_rejections_total", {"reason": "unknown_cluster"}) == 1
 
     asyncio.run(body())
+
+
+def test_rejection_classes_serialise_as_their_label() -> None:
+    """``fabric-tool status --json`` dumps the status with json: a class is its metric label."""
+    import json
+
+    from tools.cli import status_json
+
+    rej = api.Rejection("announcement east/e9", "bad", reasons=(api.RejectionReason.OVERLAY_CONFLICT,))
+    status = api.FabricStatus("epoch", 1, False, (), rejections=(rej,))
+    assert json.loads(json.dumps(status_json(status)))["rejections"][0]["reasons"] == ["overlay_conflict"]
