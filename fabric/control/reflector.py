@@ -4,6 +4,9 @@ This module is its state machine (:class:`Reflector`: sessions, flushes, leaders
 startup hold); :mod:`~fabric.control.reflector_service` is its gRPC face and listen addresses,
 :mod:`~fabric.control.reflector_metrics` its metrics, :mod:`~fabric.control.reflector_cli` the
 ``fabric-reflector`` command.
+The class stays one piece of about 800 lines on purpose: sessions, flushes, the hold and
+leadership all read and change the same per-node records on one event loop, in an order that
+the contracts below depend on; split across modules they would share private state.
 
 It holds the :class:`~fabric.types.Topology` (cluster configuration from the topology file,
 nodes from the announcements of their agents) and, for every node, the state the planner says

@@ -226,16 +226,26 @@ def test_install_join_patch_reject_unjoin(ilab: InstallLab) -> None:
         ("bad-overlap", {"podCIDRs": ["10.10.0.0/16"]}, "spec.clusterLinkOptions.podCIDRs[0]", "Conflict"),
         ("bad-size", {"podCIDRs": ["10.30.0.0/16"], "globalCIDRsMap": {"10.30.0.0/16": "172.30.0.0/24"}},
          "spec.clusterLinkOptions.globalCIDRsMap[10.30.0.0/16]", "InvalidSpec"),
-        ("bad-type", {"podCIDRs": ["10.40.0.0/16"], "networkType": "vxlan"}, "spec.clusterLinkOptions.networkType",
-         "InvalidSpec"),
     ]
     docs = [{"apiVersion": "kosmos.io/v1alpha1", "kind": "Cluster", "metadata": {"name": n},
              "spec": {"clusterLinkOptions": spec}} for n, spec, _f, _r in bad]  # fmt: skip
     manifest = Path(f"/run/kosmos-fabric/lab/{lab.name}/bad-clusters.json")
     manifest.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": docs}))
     lab.kubectl("apply", "-f", str(manifest))
+    # What the CRD's schema refuses, the API server refuses (as a real one does), naming the field.
+    bad_type = {"apiVersion": "kosmos.io/v1alpha1", "kind": "Cluster", "metadata": {"name": "bad-type"},
+                "spec": {"clusterLinkOptions": {"podCIDRs": ["10.40.0.0/16"], "networkType": "vxlan"}}}
+    bad_type_file = manifest.with_name("bad-type.json")
+    bad_type_file.write_text(json.dumps(bad_type))
+    refused = lab.kubectl("apply", "-f", str(bad_type_file), check=False)
+    assert refused.returncode != 0 and "spec.clusterLinkOptions.networkType: Unsupported value" in refused.stderr
+    refused = lab.kubectl("patch", "clusters.kosmos.io", "west", "--type", "merge",
+                          "-p", '{"spec":{"clusterLinkOptions":{"networkType":"vxlan"}}}', check=False)
+    assert refused.returncode != 0 and "spec.clusterLinkOptions.networkType" in refused.stderr
+    # What only the fabric's own checks catch is stored, then refused by the fabric: an edit of a
+    # working cluster is not applied, the cluster keeps its last good spec and says why.
     lab.kubectl("patch", "clusters.kosmos.io", "west", "--type", "merge",
-                "-p", '{"spec":{"clusterLinkOptions":{"networkType":"vxlan"}}}')
+                "-p", '{"spec":{"clusterLinkOptions":{"defaultNICName":"eth/0"}}}')
     for name, _spec, field, reason in bad:
         acc = wait_until(lambda n=name: lab.condition(n, "Accepted"), 30, f"status of {name}")  # type: ignore[misc]
         assert (acc["status"], acc["reason"]) == ("False", reason), acc
@@ -247,13 +257,13 @@ def test_install_join_patch_reject_unjoin(ilab: InstallLab) -> None:
         "west's bad edit to be reported",
     )
     acc = lab.condition("west", "Accepted")
-    assert acc["reason"] == "InvalidSpecKeptPrevious" and "spec.clusterLinkOptions.networkType" in acc["message"]
+    assert acc["reason"] == "InvalidSpecKeptPrevious" and "spec.clusterLinkOptions.defaultNICName" in acc["message"]
     assert {c["name"] for c in lab.reflector()["clusters"]} == {"east", "west"}
     assert lab.planned_versions() == before, "a rejected Cluster changed somebody's plan"
     _check_ok(lab)
     lab.kubectl("delete", "-f", str(manifest))
     lab.kubectl("patch", "clusters.kosmos.io", "west", "--type", "merge",
-                "-p", '{"spec":{"clusterLinkOptions":{"networkType":"p2p"}}}')
+                "-p", '{"spec":{"clusterLinkOptions":{"defaultNICName":null}}}')
     wait_until(lambda: lab.condition("west", "Accepted").get("status") == "True", 30, "west accepted again")
 
     # -- 5. unjoin ------------------------------------------------------------------------------
