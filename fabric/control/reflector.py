@@ -89,6 +89,18 @@ Everything mutating the reflector's state runs on the event loop without awaitin
 no locks are needed. Every message is built once (per node, or once for all nodes of one class
 that get the same delta) and queued to its session; one task per session writes the queue to the
 stream. Session queues are unbounded but measured (``fabric_reflector_session_queue_max_messages``).
+
+Peer reports after a partition
+------------------------------
+
+An agent cut off from the underlay cannot reach its probe targets, and its prober says so; the
+reports it makes (or queues on a session that outlives the cut) reach the reflector only when
+the link is back, in a burst, while its probes are still recovering one target after the other.
+Counted as they come, they made a healed node move the gateway of a cluster that never failed,
+or pull the role back to itself (a flap). So an agent heard from again after a silence longer
+than 1.5 of its keepalive intervals, or one that reconnects, has its reports held for
+``report_settle`` seconds (2 s): the latest one then counts. Reports of agents that were never
+cut off count at once, so a real failure still moves the role within the probes' detection time.
 """
 
 from __future__ import annotations
@@ -131,6 +143,12 @@ DEFAULT_COALESCE_WINDOW_S = 0.02
 DEFAULT_MAX_COALESCE_WINDOW_S = 1.0
 #: Topology changes whose fan-out is timed at once (older ones are dropped unobserved).
 MAX_FANOUT_TRACKED = 256
+#: How long the peer reports of an agent that was cut off are held back once it is heard from
+#: again (see "Peer reports after a partition"): longer than its probes' detection time (0.3 s)
+#: plus a tunnel path coming back, short against the minute a partition of one node can last.
+DEFAULT_REPORT_SETTLE_S = 2.0
+#: An agent silent for this many of its own keepalive intervals was cut off.
+SILENT_AFTER_INTERVALS = 1.5
 
 #: HTTP/2 keepalive below the application keepalive: detects half-open TCP connections even when
 #: the event loop of the other side is stuck. Clients ping at most every 10 s (client.py), so the
@@ -168,6 +186,11 @@ class _Session:
         self.last_rx = now
         self.peer_interval = 0.0
         self.closed = False
+        #: Peer reports count from this time on; one that comes earlier is held (``held``) and
+        #: counted then, unless a newer one replaced it.
+        self.reports_from = now
+        self.held: frozenset[types.NodeKey] | None = None
+        self.held_handle: asyncio.TimerHandle | None = None
 
     def send(self, msg: pb.SyncNodeResponse) -> None:
         if not self.closed:
@@ -219,6 +242,7 @@ class Reflector:
         clock: Callable[[], float] = time.monotonic,
         coalesce_window: float = DEFAULT_COALESCE_WINDOW_S,
         max_coalesce_window: float = DEFAULT_MAX_COALESCE_WINDOW_S,
+        report_settle: float = DEFAULT_REPORT_SETTLE_S,
     ) -> None:
         if keepalive_interval <= 0:
             raise ValueError(f"keepalive interval must be positive, got {keepalive_interval}")
@@ -235,6 +259,7 @@ class Reflector:
         self._pending = self.topology
         self._index = admission.NodeIndex(config)
         self.coalesce_window = max(0.0, coalesce_window)
+        self.report_settle = max(0.0, report_settle)
         self.max_coalesce_window = max(self.coalesce_window, max_coalesce_window)
         #: The current coalescing window (between the two above).
         self._window = self.coalesce_window
@@ -362,6 +387,7 @@ class Reflector:
                 _log.info("node %s: new session from %s replaces session %d", key, session.peer, rec.session.id)
             else:
                 _log.info("node %s reconnected from %s within the grace period: nothing changes", key, session.peer)
+            self._settle_reports(session, "it reconnected")
             self._attach(rec, session)
             self._reelect(f"node {key} connected")
         else:
@@ -635,9 +661,35 @@ class Reflector:
                     "cluster %s: active gateway %s, standby %s", role.cluster, role.active, role.standby or "none"
                 )
 
+    def _settle_reports(self, session: _Session, why: str) -> None:
+        """Hold ``session``'s peer reports for ``report_settle`` seconds from now (see "Peer
+        reports after a partition")."""
+        if self.report_settle <= 0:
+            return
+        session.reports_from = self.clock() + self.report_settle
+        _log.info("node %s: its peer reports count again in %gs (%s)", session.key, self.report_settle, why)
+
+    def _release_held_report(self, session: _Session) -> None:
+        session.held_handle = None
+        held, session.held = session.held, None
+        if held is not None and not session.closed:
+            self._on_peer_report(session, held)
+
     def _on_peer_report(self, session: _Session, unreachable: frozenset[types.NodeKey]) -> None:
         rec = self._nodes.get(session.key)
         if rec is None or rec.session is not session:
+            return
+        wait = session.reports_from - self.clock()
+        if wait > 0:
+            # Made (or queued) while the agent was cut off: it says more about the reporter than
+            # about its peers. The latest one counts once the probes have had time to settle.
+            session.held = unreachable
+            if session.held_handle is None:
+                session.held_handle = asyncio.get_running_loop().call_later(
+                    wait, self._release_held_report, session
+                )
+            _log.info("node %s reports unreachable: %s (held for %.1fs: it was just cut off)", session.key,
+                      ", ".join(sorted(map(str, unreachable))) or "nobody", wait)  # fmt: skip
             return
         if self._reports.get(session.key, frozenset()) == unreachable:
             return
@@ -723,7 +775,11 @@ class Reflector:
     async def _read_requests(self, session: _Session, requests: AsyncIterator[pb.SyncNodeRequest]) -> None:
         try:
             async for req in requests:
-                session.last_rx = self.clock()
+                now = self.clock()
+                interval = session.peer_interval or self.keepalive_interval
+                if now - session.last_rx > SILENT_AFTER_INTERVALS * interval:
+                    self._settle_reports(session, f"it was silent for {now - session.last_rx:.1f}s")
+                session.last_rx = now
                 kind = req.WhichOneof("message")
                 if kind == "keepalive":
                     session.peer_interval = req.keepalive.interval_ms / 1000.0

@@ -114,9 +114,15 @@ class Harness:
 
 @contextlib.asynccontextmanager
 async def harness(
-    config: types.FabricConfig = CONFIG, *, grace: float = 0.3, hold: float = 0.0, listen: str = "127.0.0.1:0"
+    config: types.FabricConfig = CONFIG,
+    *,
+    grace: float = 0.3,
+    hold: float = 0.0,
+    listen: str = "127.0.0.1:0",
+    report_settle: float = reflector.DEFAULT_REPORT_SETTLE_S,
 ) -> AsyncIterator[Harness]:
-    refl = reflector.Reflector(config, grace_period=grace, keepalive_interval=KEEPALIVE, startup_hold=hold)
+    refl = reflector.Reflector(config, grace_period=grace, keepalive_interval=KEEPALIVE, startup_hold=hold,
+                               report_settle=report_settle)  # fmt: skip
     (target,) = await refl.start([listen])
     h = Harness(refl, target)
     try:

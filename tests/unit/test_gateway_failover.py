@@ -7,10 +7,16 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+import time
+from collections.abc import AsyncIterator
+
+import grpc
 
 from fabric import types
 from fabric.agent import probes
-from fabric.control import client, planner
+from fabric.control import client, codec, planner
+from fabric.control.generated import fabric_pb2 as pb
+from fabric.control.generated import fabric_pb2_grpc as pb_grpc
 from tests.unit.test_control_session import KEEPALIVE, harness, run
 from tests.waiting import wait_until_async
 
@@ -123,5 +129,48 @@ def test_session_loss_moves_the_role_at_once_not_after_grace() -> None:
             expected = planner.plan(h.reflector.topology, W3.key)
             await wait_until_async(lambda: w3.state == expected, 3, "w3 converged")
             assert {r.via for r in w3.state.routes} == {"198.19.0.22"}
+
+    run(body())
+
+
+def test_reports_of_an_agent_heard_again_after_a_silence_are_held_then_counted() -> None:
+    """An agent cut off from the underlay finds its targets unreachable; what it reports when the
+    link is back says more about it than about them (issue 13's CI runs: a healed node moved a
+    healthy gateway). Its reports are held for the settle time, then the latest one counts."""
+    settle = 1.0
+
+    async def body() -> None:
+        async with harness(CONFIG, grace=5.0, hold=10.0, report_settle=settle) as h:
+            sessions = {a.name: h.agent(a) for a in (E1, W1, W2)}
+            # w3 is a scripted agent: keepalive interval 0.5 s, so silent after 0.75 s and dead
+            # only after 1.5 s.
+            outbox: asyncio.Queue[pb.SyncNodeRequest | None] = asyncio.Queue()
+
+            async def w3_requests() -> AsyncIterator[pb.SyncNodeRequest]:
+                yield pb.SyncNodeRequest(announce=pb.Announce(node=codec.node_to_pb(W3)))
+                yield pb.SyncNodeRequest(keepalive=codec.keepalive_message(0.5))
+                while (msg := await outbox.get()) is not None:
+                    yield msg
+
+            async with grpc.aio.insecure_channel(h.target) as ch:
+                call = pb_grpc.FabricStub(ch).SyncNode(w3_requests())
+                await wait_until_async(lambda: all(r.count("snapshot") == 1 for _, r in sessions.values()), 3,
+                                       "snapshots")  # fmt: skip
+                await wait_until_async(lambda: _role(h, "west") == types.GatewayRole("west", "w1", "w2"), 3, "w1")
+                outbox.put_nowait(pb.SyncNodeRequest(keepalive=codec.keepalive_message(0.5)))
+                await asyncio.sleep(1.0)  # w3 cut off: nothing from it for 2 of its intervals
+                sent = time.monotonic()
+                outbox.put_nowait(codec.peer_report_message([W1.key]))  # back, its probes still failing
+                w3 = h.reflector._nodes[W3.key].session
+                assert w3 is not None
+                await wait_until_async(lambda: w3.held == frozenset({W1.key}), 3, "w3's report held")
+                assert _role(h, "west") == types.GatewayRole("west", "w1", "w2"), "a held report moved the role"
+                assert h.reflector._gateway_moves.get("west", 0) == 0
+                # Still its latest word once the settle time is over: now it counts.
+                await wait_until_async(lambda: _role(h, "west") == types.GatewayRole("west", "w2", "w1"), 3,
+                                       "the role moves once w3's report counts")  # fmt: skip
+                assert time.monotonic() - sent >= settle * 0.9
+                outbox.put_nowait(None)
+                call.cancel()
 
     run(body())
