@@ -357,12 +357,9 @@ def _global_map(ck: _Checker, value: Any, fams: tuple[int, ...]) -> tuple[tuple[
         glob = ck.cidr(v, kpath, fams)
         if local is None or glob is None:
             continue
-        ln, gn = ipaddress.ip_network(local), ipaddress.ip_network(glob)
-        if ln.version != gn.version:
-            ck.err(kpath, f"{glob} and {local} are of different address families")
-        elif ln.prefixlen != gn.prefixlen:
-            ck.err(kpath, f"{glob} is a /{gn.prefixlen} but {local} is a /{ln.prefixlen}: a 1:1 translation "
-                          "needs the same size")
+        problem = validation.mapping_problem(local, glob)
+        if problem is not None:
+            ck.err(kpath, problem)
         elif local in out:
             ck.err(f"{kpath} (key)", f"{k} is the same CIDR as another key ({local})")
         else:

@@ -7,7 +7,6 @@ another one (tests, the lab, benchmarks, the reflector reaching an API server in
 namespace), so this module is the one place that does it:
 
 * :func:`enter` switches the calling thread for good (thread-pool initialisers);
-* :func:`entered` switches it for the body of a ``with`` and back;
 * :func:`run_in` runs a function in a short-lived thread that entered the namespace, so the
   caller's thread never changes;
 * :func:`netlink_socket` and :func:`iproute` open netlink sockets inside a namespace.
@@ -29,7 +28,7 @@ import ctypes.util
 import os
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -94,28 +93,6 @@ def enter(target: str | int) -> None:
         _setns(fd, f"network namespace {target!r}")
     finally:
         os.close(fd)
-
-
-@contextlib.contextmanager
-def entered(name: str | None) -> Iterator[None]:
-    """Run the body with the calling thread inside namespace ``name``, then switch it back.
-
-    ``None`` means the current namespace (an agent already runs inside its node's namespace).
-    """
-    if name is None:
-        yield
-        return
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        enter(name)
-        try:
-            yield
-        finally:
-            # Failing here would leave this thread in the wrong namespace for good: a bug that
-            # must not be swallowed.
-            _setns(own, "this thread's own network namespace")
-    finally:
-        os.close(own)
 
 
 def run_in(name: str, fn: Callable[[], T]) -> T:

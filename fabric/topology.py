@@ -453,12 +453,9 @@ class _Parser:
                     "declared CIDR; split the range in podCIDRs to map part of it)",
                 )
                 continue
-            if types.family_of(local) != types.family_of(glob):
-                self.err(kpath, f"{glob} and {local} are of different address families: translation is within a family")
-                continue
-            lp, gp = ipaddress.ip_network(local).prefixlen, ipaddress.ip_network(glob).prefixlen
-            if lp != gp:
-                self.err(kpath, f"{glob} is a /{gp} but {local} is a /{lp}: a 1:1 translation needs the same size")
+            problem = validation.mapping_problem(local, glob)
+            if problem is not None:
+                self.err(kpath, problem)
                 continue
             pc.global_cidrs[local] = glob
 

@@ -214,6 +214,18 @@ def parse_cidr(value: object, strict: bool = True) -> str:
         raise ValueError(f"{value!r} is not a valid CIDR ({e})") from e
 
 
+def mapping_problem(local: str, glob: str) -> str | None:
+    """What is wrong with mapping ``local`` to ``glob`` (both canonical CIDRs) for a stateless 1:1
+    translation, or None: the one rule of the topology file's ``globalCIDRs`` and the Cluster
+    resource's ``globalCIDRsMap``."""
+    ln, gn = ipaddress.ip_network(local), ipaddress.ip_network(glob)
+    if ln.version != gn.version:
+        return f"{glob} and {local} are of different address families: translation is within a family"
+    if ln.prefixlen != gn.prefixlen:
+        return f"{glob} is a /{gn.prefixlen} but {local} is a /{ln.prefixlen}: a 1:1 translation needs the same size"
+    return None
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Range:
     """An infrastructure range (underlay, bridge or vx-local overlay) and where it comes from."""

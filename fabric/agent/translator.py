@@ -35,6 +35,7 @@ from typing import Any
 from fabric import types
 from fabric.agent import render
 from fabric.bpf import translate
+from fabric.netlink import dataplane
 from fabric.netlink.report import TableStats
 
 _log = logging.getLogger(__name__)
@@ -109,13 +110,10 @@ class TranslatorSync:
 
     def _attachments(self, t: translate.Translator, plan: render.TranslatorPlan, stats: TableStats) -> None:
         wanted = {(dev, p) for dev, point in plan.attachments for p in _POINTS.get(point, ())}
-        from pyroute2.netlink.exceptions import NetlinkError  # late, like fabric.bpf.translate
-
         try:
             seen = t.attachments(DEVICES)
-        except (OSError, NetlinkError) as e:  # a kernel failure reading tc filters: retry next pass
-            code = getattr(e, "code", None) or getattr(e, "errno", None) or errno.EIO
-            stats.fail(TABLE, int(code), f"reading tc filters: {e}")
+        except dataplane.kernel_errors() as e:  # a kernel failure reading tc filters: retry next pass
+            stats.fail(TABLE, dataplane.kernel_errno(e), f"reading tc filters: {e}")
             return
         have = {(a["device"], a["direction"], a["program"]) for a in seen}
         for dev, point in sorted(wanted, key=lambda w: (w[0], w[1].function)):

@@ -135,7 +135,7 @@ class SyncStream:
     """The client's side of one SyncNode stream: feed every response, in order, to :meth:`feed`.
 
     The one implementation of the protocol rules, shared by :class:`AgentSession` and the
-    control benchmark's light agents (``tools/bench_control.py``), so what the benchmark checks
+    control benchmark's light agents (:mod:`tools.bench.control.agents`), so what the benchmark checks
     is what agents enforce. Strict, because every rule broken means the agent's state is no
     longer the reflector's plan for it:
 
@@ -230,7 +230,6 @@ class AgentSession:
         self.announcement = announcement
         self.handler = handler
         self.keepalive_interval = keepalive_interval
-        self.backoff = backoff
         #: The node's complete state as of ``version`` (empty until the first snapshot).
         self.state = types.NodeState()
         self.version = 0

@@ -776,8 +776,8 @@ class Reflector:
         try:
             async for req in requests:
                 now = self.clock()
-                interval = session.peer_interval or self.keepalive_interval
-                if now - session.last_rx > SILENT_AFTER_INTERVALS * interval:
+                # Judged by the agent's own keepalive interval, so only once it has said it.
+                if session.peer_interval and now - session.last_rx > SILENT_AFTER_INTERVALS * session.peer_interval:
                     self._settle_reports(session, f"it was silent for {now - session.last_rx:.1f}s")
                 session.last_rx = now
                 kind = req.WhichOneof("message")

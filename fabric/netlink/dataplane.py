@@ -200,7 +200,7 @@ def is_flood_mac(mac: str) -> bool:
 
 
 @functools.cache
-def _kernel_errors() -> tuple[type[Exception], ...]:
+def kernel_errors() -> tuple[type[Exception], ...]:
     """What a failed kernel call raises: :class:`OSError` (our :class:`rawnl.NetlinkFailure`,
     :class:`DataplaneError`, socket errors) and pyroute2's ``NetlinkError`` (not an OSError).
 
@@ -213,11 +213,15 @@ def _kernel_errors() -> tuple[type[Exception], ...]:
     return (OSError, NetlinkError)
 
 
+def kernel_errno(exc: BaseException) -> int:
+    """The errno of a kernel failure (one of :func:`kernel_errors`: pyroute2's ``code``, an
+    OSError's ``errno``); EIO only when it carries none."""
+    return int(getattr(exc, "code", None) or getattr(exc, "errno", None) or errno.EIO)
+
+
 def _nl_error(exc: Exception, what: str) -> DataplaneError:
-    """``exc`` (one of :func:`_kernel_errors`) as a DataplaneError with its own errno (pyroute2:
-    ``code``, OSError: ``errno``); EIO only when it carries none."""
-    code = getattr(exc, "code", None) or getattr(exc, "errno", None) or errno.EIO
-    return DataplaneError(int(code), f"{what}: {exc}")
+    """``exc`` (one of :func:`kernel_errors`) as a DataplaneError with its own errno."""
+    return DataplaneError(kernel_errno(exc), f"{what}: {exc}")
 
 
 class KernelDataplane:
@@ -324,7 +328,7 @@ class KernelDataplane:
                     self._ipr.link("set", index=self._ifindex(link.name), state="up")
             except DataplaneError:
                 raise
-            except _kernel_errors() as exc:
+            except kernel_errors() as exc:
                 raise _nl_error(exc, f"add {link.kind} link {link.name}") from exc
             return
         family_local = "vxlan_local6" if ":" in link.local else "vxlan_local"
@@ -347,7 +351,7 @@ class KernelDataplane:
                 self._ipr.link("set", index=self._ifindex(link.name), state="up")
         except DataplaneError:
             raise
-        except _kernel_errors() as exc:
+        except kernel_errors() as exc:
             raise _nl_error(exc, f"add vxlan link {link.name} (vni {link.vni}, port {link.port})") from exc
 
     def _enable_ipv6(self, name: str) -> None:
@@ -369,7 +373,7 @@ class KernelDataplane:
         if isinstance(link, DeviceLink):
             try:
                 self._ipr.link("set", index=idx, state="up" if link.up else "down")
-            except _kernel_errors() as exc:
+            except kernel_errors() as exc:
                 raise _nl_error(exc, f"update link {link.name}") from exc
             return
         try:
@@ -377,14 +381,14 @@ class KernelDataplane:
             self._ipr.link("set", index=idx, mtu=link.mtu, address=link.mac)
             self._ipr.link("set", index=idx, kind="vxlan", vxlan_learning=int(link.learning))
             self._ipr.link("set", index=idx, state="up" if link.up else "down")
-        except _kernel_errors() as exc:
+        except kernel_errors() as exc:
             raise _nl_error(exc, f"update link {link.name}") from exc
 
     def del_link(self, name: str) -> None:
         idx = self._ifindex(name)
         try:
             self._ipr.link("del", index=idx)
-        except _kernel_errors() as exc:
+        except kernel_errors() as exc:
             raise _nl_error(exc, f"delete link {name}") from exc
         finally:
             self._index.pop(name, None)
@@ -400,7 +404,7 @@ class KernelDataplane:
         out = []
         try:
             msgs = self._ipr.get_addr(index=idx)
-        except _kernel_errors() as exc:
+        except kernel_errors() as exc:
             raise _nl_error(exc, f"dump addresses of {link}") from exc
         for msg in msgs:
             local = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
@@ -419,7 +423,7 @@ class KernelDataplane:
             extra["flags"] = _IFA_F_NODAD
         try:
             self._ipr.addr(command, index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen, **extra)
-        except _kernel_errors() as exc:
+        except kernel_errors() as exc:
             raise _nl_error(exc, f"{command} address {address.address} on {address.link}") from exc
 
     def add_address(self, address: Address) -> None:
@@ -434,7 +438,7 @@ class KernelDataplane:
         out = []
         try:
             msgs = self._ipr.get_rules(family=family)
-        except _kernel_errors() as exc:
+        except kernel_errors() as exc:
             raise _nl_error(exc, f"dump rules of family {family}") from exc
         for msg in msgs:
             table = msg.get_attr("FRA_TABLE") or msg["table"]
@@ -453,13 +457,13 @@ class KernelDataplane:
             self._ipr.rule(
                 "add", family=rule.family, table=rule.table, priority=rule.priority, protocol=RTPROT_FABRIC
             )
-        except _kernel_errors() as exc:
+        except kernel_errors() as exc:
             raise _nl_error(exc, f"add rule 'lookup {rule.table} priority {rule.priority}'") from exc
 
     def del_rule(self, rule: KernelRule) -> None:
         try:
             self._ipr.rule("del", family=rule.family, table=rule.table, priority=rule.priority, protocol=rule.protocol)
-        except _kernel_errors() as exc:
+        except kernel_errors() as exc:
             raise _nl_error(exc, f"delete rule 'lookup {rule.table} priority {rule.priority}'") from exc
 
     # --- batches ------------------------------------------------------------------------------
