@@ -102,6 +102,29 @@ def labels_match(reqs: list[Requirement], obj: Mapping[str, Any]) -> bool:
     return all(r.matches(labels) for r in reqs)
 
 
+_SELECTOR_OPS = {"In": "in", "NotIn": "notin", "Exists": "exists", "DoesNotExist": "!exists"}
+
+
+def from_label_selector(selector: Mapping[str, Any]) -> list[Requirement]:
+    """The requirements of a ``metav1.LabelSelector`` object (``matchLabels`` AND
+    ``matchExpressions``), as ``metav1.LabelSelectorAsSelector`` builds them. An empty selector
+    selects everything; callers that treat a *missing* selector as "nothing" (workload
+    controllers) must check for None themselves, as upstream does."""
+    reqs = [Requirement(str(k), "=", frozenset([str(v)])) for k, v in (selector.get("matchLabels") or {}).items()]
+    for i, expr in enumerate(selector.get("matchExpressions") or []):
+        op = _SELECTOR_OPS.get(str(expr.get("operator")))
+        if op is None:
+            raise SelectorError(f"matchExpressions[{i}].operator: {expr.get('operator')!r} is not a valid "
+                                "label selector operator (In, NotIn, Exists, DoesNotExist)")
+        reqs.append(Requirement(str(expr.get("key")), op, frozenset(str(v) for v in expr.get("values") or [])))
+    return reqs
+
+
+def label_selector_matches(selector: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
+    """True when ``labels`` satisfy a ``metav1.LabelSelector`` object (empty selects all)."""
+    return all(r.matches(labels) for r in from_label_selector(selector))
+
+
 @dataclass(frozen=True)
 class FieldRequirement:
     """One field requirement: ``path`` is the field label (e.g. spec.nodeName)."""

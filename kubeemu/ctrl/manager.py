@@ -1,0 +1,105 @@
+"""``python -m kubeemu.ctrl``: the controller-manager of one lab cluster.
+
+It connects to the cluster's API server, builds every enabled controller (each registers the
+informers it needs in ``__init__``), starts the shared informers, and runs the controllers until
+SIGTERM. A controller bug ends the process (exit 1) so whoever started it restarts it into a
+clean re-list; API errors are retried per key inside each controller.
+
+Controllers register in :data:`CONTROLLERS` by name (``--controllers a,b`` or ``all``, the
+default; ``-name`` disables one, as kube-controller-manager's ``--controllers`` flag does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Callable
+
+from kubeemu.client import Client
+from kubeemu.ctrl.base import Controller, Informers
+
+_log = logging.getLogger(__name__)
+
+ControllerFactory = Callable[[Client, Informers], Controller]
+
+#: name -> factory. Filled by :func:`registry` (imports kept local so one broken controller
+#: module names itself in the error instead of breaking the import of this module).
+CONTROLLERS: dict[str, ControllerFactory] = {}
+
+
+def registry() -> dict[str, ControllerFactory]:
+    """Every controller of the lab's controller-manager, by name."""
+    return dict(CONTROLLERS)
+
+
+def select(spec: str, known: dict[str, ControllerFactory]) -> list[str]:
+    """Names enabled by a ``--controllers`` value: ``all`` (or ``*``), names, ``-name`` to drop."""
+    names: list[str] = []
+    for raw in (p.strip() for p in spec.split(",")):
+        if not raw:
+            continue
+        if raw in ("all", "*"):
+            names.extend(n for n in known if n not in names)
+        elif raw.startswith("-"):
+            if raw[1:] not in known:
+                raise ValueError(f"--controllers: unknown controller {raw[1:]!r} (known: {', '.join(sorted(known))})")
+            names = [n for n in names if n != raw[1:]]
+        elif raw in known:
+            if raw not in names:
+                names.append(raw)
+        else:
+            raise ValueError(f"--controllers: unknown controller {raw!r} (known: {', '.join(sorted(known))})")
+    return names
+
+
+async def run(url: str, names: list[str], known: dict[str, ControllerFactory]) -> None:
+    """Run the named controllers against ``url`` until cancelled (or a controller bug)."""
+    async with Client(url, user_agent="kubeemu-controller-manager") as client:
+        informers = Informers(client)
+        controllers = [known[n](client, informers) for n in names]
+        informers.start()
+        try:
+            await asyncio.gather(*(c.run() for c in controllers))
+        finally:
+            await informers.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    known = registry()
+    p = argparse.ArgumentParser(
+        prog="python -m kubeemu.ctrl", description="The lab's controller-manager for one emulated cluster.",
+        epilog="examples:\n  python -m kubeemu.ctrl --server http://127.0.0.1:6443\n"
+               "  python -m kubeemu.ctrl --server URL --controllers all,-job",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--server", required=True, help="the API server URL (http://HOST:PORT)")
+    p.add_argument("--controllers", default="all",
+                   help=f"comma-separated: all, NAME or -NAME (known: {', '.join(sorted(known)) or 'none'})")
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        names = select(args.controllers, known)
+    except ValueError as e:
+        p.error(str(e))
+
+    async def serve() -> None:
+        task = asyncio.create_task(run(args.server, names, known))
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            await task
+        except asyncio.CancelledError:
+            _log.info("controller-manager stopping")
+
+    print(f"controller-manager for {args.server}: {', '.join(names) or 'no controllers'}", flush=True)
+    asyncio.run(serve())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
