@@ -20,6 +20,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from kubeemu import validation
 from kubeemu.objects import Obj, metadata_of
 
 _log = logging.getLogger(__name__)
@@ -161,6 +162,13 @@ def _pod(obj: Obj) -> None:
     spec.setdefault("preemptionPolicy", "PreemptLowerPriority")
 
 
+def _same_quantity(a: Any, b: Any) -> bool:
+    try:
+        return validation.parse_quantity(a) == validation.parse_quantity(b)
+    except validation.QuantityError:
+        return False
+
+
 def qos_class(spec: dict[str, Any]) -> str:
     """The pod's QoS class (upstream GetPodQOS): Guaranteed when every container limits cpu and
     memory with requests equal to limits, BestEffort when none asks for either, else Burstable."""
@@ -168,13 +176,14 @@ def qos_class(spec: dict[str, Any]) -> str:
     guaranteed = True
     for key in ("initContainers", "containers"):
         for c in _dicts(spec.get(key)):
-            res = c.get("resources") if isinstance(c.get("resources"), dict) else {}
+            res = _d(c, "resources") if isinstance(c.get("resources"), dict) else {}
             req = res.get("requests") if isinstance(res.get("requests"), dict) else {}
             lim = res.get("limits") if isinstance(res.get("limits"), dict) else {}
+            assert isinstance(req, dict) and isinstance(lim, dict)
             for r in ("cpu", "memory"):
                 if r in req or r in lim:
                     requests_seen = True
-                if r not in lim or str(req.get(r, lim.get(r))) != str(lim[r]):
+                if r not in lim or not _same_quantity(req.get(r, lim[r]), lim[r]):
                     guaranteed = False
     if not requests_seen:
         return "BestEffort"

@@ -40,9 +40,9 @@ from kubeemu import admission, defaults, errors
 from kubeemu.ipalloc import ServiceIPs
 from kubeemu.objects import (
     CRDS,
-    JOBS,
     DEFAULT_NAMESPACES,
     FOREGROUND,
+    JOBS,
     NAMESPACES,
     PODS,
     SERVICEACCOUNTS,
@@ -105,6 +105,8 @@ class Store:
         self.wake = asyncio.Event()
         self.gc_uids: set[str] = set()  # owners gone (or objects to check for dangling owners)
         self.on_registry_change: list[Callable[[], None]] = []
+        #: The service-account token signer (:class:`kubeemu.subresources.TokenIssuer`), made on first use.
+        self.token_issuer: Any = None
         #: Custom resources' structural schemas: (group, plural) -> version -> schema.
         self.cr_schemas: dict[Key, dict[str, StructuralSchema]] = {}
         for ns in DEFAULT_NAMESPACES:
@@ -471,11 +473,14 @@ class Store:
         names = spec["names"]
         versions = tuple(v["name"] for v in spec["versions"] if v.get("served", True))
         vstatus = {v["name"]: "status" in (v.get("subresources") or {}) for v in spec["versions"]}
+        scale = {v["name"]: (str(sc.get("specReplicasPath", "")), str(sc.get("statusReplicasPath", "")),
+                             str(sc.get("labelSelectorPath") or ""))
+                 for v in spec["versions"] if isinstance(sc := (v.get("subresources") or {}).get("scale"), dict)}
         rt = ResourceType(
             spec["group"], versions, names["plural"], names["kind"], spec["scope"] == "Namespaced",
             singular=names.get("singular", ""), short_names=tuple(names.get("shortNames") or ()),
             categories=tuple(names.get("categories") or ()), builtin=False, generation=True,
-            version_status=vstatus,
+            version_status=vstatus, scale_paths=scale, extra_subresources=("scale",) if scale else (),
         )
         self.registry.add(rt)
         self.cr_schemas[rt.key] = {
@@ -665,6 +670,13 @@ class Store:
         cur = (old.get("spec") or {}).get("nodeName")
         if cur:
             raise errors.conflict("pods/binding", "", name, f"pod {name} is already assigned to node \"{cur}\"")
+        if old["metadata"].get("deletionTimestamp"):
+            raise errors.conflict("pods/binding", "", name, f"pod {name} is being deleted, cannot be assigned to a "
+                                                            "host")
+        want_uid = metadata_of(body).get("uid")
+        if want_uid and want_uid != old["metadata"].get("uid"):
+            raise errors.conflict("pods/binding", "", name, f"Precondition failed: UID in precondition: {want_uid}, "
+                                                            f"UID in object meta: {old['metadata'].get('uid')}")
         new = copy.deepcopy(old)
         new["spec"]["nodeName"] = target
         conds = [c for c in new.setdefault("status", {}).get("conditions", []) if c.get("type") != "PodScheduled"]

@@ -65,11 +65,12 @@ STATEFULSET_UPDATE_MSG = (
 PVC_UPDATE_MSG = "spec is immutable after creation except resources.requests for bound claims"
 
 _PROTOCOLS = ("SCTP", "TCP", "UDP")
+#: In upstream's order (validateVolumeSource): the first source counts, later ones are "more than 1".
 _VOLUME_SOURCES = (
-    "hostPath", "emptyDir", "gcePersistentDisk", "awsElasticBlockStore", "gitRepo", "secret", "nfs", "iscsi",
-    "glusterfs", "persistentVolumeClaim", "rbd", "flexVolume", "cinder", "cephfs", "flocker", "downwardAPI",
-    "fc", "azureFile", "configMap", "vsphereVolume", "quobyte", "azureDisk", "photonPersistentDisk",
-    "projected", "portworxVolume", "scaleIO", "storageos", "csi", "ephemeral", "image",
+    "emptyDir", "hostPath", "gitRepo", "gcePersistentDisk", "awsElasticBlockStore", "secret", "nfs", "iscsi",
+    "glusterfs", "flexVolume", "persistentVolumeClaim", "rbd", "cinder", "cephfs", "flocker", "downwardAPI", "fc",
+    "azureFile", "vsphereVolume", "photonPersistentDisk", "portworxVolume", "azureDisk", "storageos", "configMap",
+    "scaleIO", "projected", "csi", "ephemeral", "image",
 )
 _HANDLERS = ("exec", "httpGet", "tcpSocket", "grpc")
 _ACCESS_MODES = ("ReadOnlyMany", "ReadWriteMany", "ReadWriteOnce", "ReadWriteOncePod")
@@ -429,14 +430,14 @@ def _container(c: dict[str, Any], path: str, volumes: set[str], names: dict[str,
             out.append(not_supported(f"{pp}.protocol", proto, _PROTOCOLS))
     out += _env(c.get("env"), f"{path}.env")
     mounts: set[str] = set()
-    for j, m in enumerate(_dicts(c.get("volumeMounts"))):
+    for j, mnt in enumerate(_dicts(c.get("volumeMounts"))):
         mp = f"{path}.volumeMounts[{j}]"
-        mname = m.get("name")
+        mname = mnt.get("name")
         if not mname:
             out.append(required(f"{mp}.name"))
         elif mname not in volumes:
             out.append(not_found(f"{mp}.name", mname))
-        mpath = m.get("mountPath")
+        mpath = mnt.get("mountPath")
         if not mpath:
             out.append(required(f"{mp}.mountPath"))
         elif mpath in mounts:
@@ -562,7 +563,7 @@ def pod_spec(spec: Any, path: str, template: bool = False) -> list[Cause]:
 
 def _labels(labels: Any, path: str) -> list[Cause]:
     out: list[Cause] = []
-    for k, v in _d(labels).items():
+    for v in _d(labels).values():
         if not isinstance(v, str) or not _LABEL_VALUE.match(v) or len(v) > 63:
             out.append(invalid(path, v, "a valid label must be an empty string or consist of alphanumeric "
                                         "characters, '-', '_' or '.', and must start and end with an alphanumeric "
