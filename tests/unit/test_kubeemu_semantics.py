@@ -158,7 +158,8 @@ def test_workload_defaults(store: Store) -> None:
     assert "volumes" not in tspec and "tolerations" not in tspec  # admission plugins act on pods only
     assert d["metadata"]["generation"] == 1
     recreate = create(store, DEPLOY, {"metadata": {"name": "r"}, "spec": {
-        "selector": {"matchLabels": {"app": "r"}}, "strategy": {"type": "Recreate"}, "template": template({"app": "r"})}})
+        "selector": {"matchLabels": {"app": "r"}}, "strategy": {"type": "Recreate"},
+        "template": template({"app": "r"})}})
     assert recreate["spec"]["strategy"] == {"type": "Recreate"}
 
     s = create(store, STS, {"metadata": {"name": "s"}, "spec": {
@@ -399,8 +400,8 @@ def test_workload_update_rules(store: Store) -> None:
     e = refused(update, store, DEPLOY, d2)
     assert e.message == ('Deployment.apps "d" is invalid: spec.selector: Invalid value: '
                          '{"matchLabels":{"app":"d","tier":"x"}}: field is immutable')
-    s = create(store, STS, {"metadata": {"name": "s"}, "spec": {"selector": {"matchLabels": {"app": "s"}},
-                                                                "serviceName": "s", "template": template({"app": "s"})}})
+    s = create(store, STS, {"metadata": {"name": "s"}, "spec": {
+        "selector": {"matchLabels": {"app": "s"}}, "serviceName": "s", "template": template({"app": "s"})}})
     s2 = copy.deepcopy(s)
     s2["spec"]["replicas"] = 3
     assert update(store, STS, s2)["spec"]["replicas"] == 3
