@@ -221,7 +221,8 @@ data: {{a: "1"}}
     assert got["spec"]["containers"][0]["image"] == "busybox:1.36"
     f.write_text(manifest.replace('value: "1"', 'value: "2"'))
     p = kubectl("apply", "-f", str(f), ok=False)
-    assert p.returncode != 0 and 'The Pod "kp" is invalid: spec: Forbidden: pod updates may not change fields' in p.stderr
+    assert p.returncode != 0
+    assert 'The Pod "kp" is invalid: spec: Forbidden: pod updates may not change fields' in p.stderr
     f.write_text(manifest)
     kubectl("label", "pod", "kp", "-n", ns, "extra=yes")
     assert "kp" in kubectl("get", "pods", "-n", ns, "-l", "extra=yes", "-o", "name").stdout
