@@ -16,7 +16,6 @@ Example (``examples/lab.yaml`` is the default lab)::
     clusters:
       - name: east                     # DNS-1123 label
         mode: p2p                      # or gateway
-        scheduler: none                # optional, kubernetes: true only: none (default) or kosmos
         podCIDRs: [10.10.0.0/16]
         serviceCIDRs: [10.96.0.0/20]   # optional
         gateways: [e1, e2]             # optional: gateway candidates in order (default: every node)
@@ -27,6 +26,9 @@ Example (``examples/lab.yaml`` is the default lab)::
             podCIDR: 10.10.1.0/24      # optional: carved in order from podCIDRs when absent
             pods: 2                    # lab pods on this node (p0, p1, ...)
             underlay: 198.18.0.11      # optional
+
+With ``kubernetes: true`` a cluster may name its ``scheduler`` (``none``, the default: pods without
+``nodeName`` stay Pending; ``kosmos``); the lab decides which it can run (tools.lab.schedulers).
 
 Global IP (``globalCIDRs``): each key is exactly one of the cluster's ``podCIDRs`` or
 ``serviceCIDRs`` (a whole declared range: translation is per declared CIDR, so to map only part of
