@@ -350,7 +350,9 @@ class Store:
             requested = spec.get("clusterIP") or None
             if requested == "None":
                 spec["clusterIPs"] = ["None"]
-                spec.setdefault("ipFamilies", ["IPv4"])
+                first = self.service_ips.networks[0] if self.service_ips.networks else None
+                primary = "IPv6" if first is not None and first.version == 6 else "IPv4"
+                spec.setdefault("ipFamilies", [primary])
                 spec.setdefault("ipFamilyPolicy", "SingleStack")
             else:
                 policy = spec.get("ipFamilyPolicy") or "SingleStack"
