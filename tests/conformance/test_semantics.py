@@ -276,3 +276,28 @@ def test_eviction_of_an_unready_pod(api: Any, v1: Any, ns: str, mkpod: Any) -> N
     v1.create_namespaced_pod_eviction("u1", ns, {"metadata": {"name": "u1", "namespace": ns}})
     assert v1.list_namespaced_pod(ns).items == []
     assert policy.read_namespaced_pod_disruption_budget("pdb", ns).status.disruptions_allowed == 0
+
+
+def test_new_kinds_through_the_typed_clients(api: Any, ns: str, raw: Raw) -> None:
+    batch, storage, apps = client.BatchV1Api(api), client.StorageV1Api(api), client.AppsV1Api(api)
+    tmpl = {"metadata": {"labels": {"app": "j"}}, "spec": {"restartPolicy": "Never", "containers": [
+        {"name": "c", "image": "python:3", "command": ["true"]}]}}
+    job = batch.create_namespaced_job(ns, {"metadata": {"name": "j"}, "spec": {"template": tmpl}})
+    assert job.spec.backoff_limit == 6 and job.spec.completion_mode == "NonIndexed"
+    assert job.spec.selector.match_labels == {"batch.kubernetes.io/controller-uid": job.metadata.uid}
+    batch.patch_namespaced_job_status("j", ns, {"status": {"active": 1}})
+    assert batch.read_namespaced_job("j", ns).status.active == 1
+    cj = batch.create_namespaced_cron_job(ns, {"metadata": {"name": "cj"}, "spec": {
+        "schedule": "0 * * * *", "jobTemplate": {"spec": {"template": tmpl}}}})
+    assert cj.spec.concurrency_policy == "Allow" and cj.spec.successful_jobs_history_limit == 3
+    name = f"sc-{uuid.uuid4().hex[:6]}"
+    sc = storage.create_storage_class({"metadata": {"name": name}, "provisioner": "kosmos.io/lab-local"})
+    assert sc.reclaim_policy == "Delete" and sc.volume_binding_mode == "Immediate"
+    storage.delete_storage_class(name)
+    rev = apps.create_namespaced_controller_revision(ns, {"metadata": {"name": "r-1"}, "revision": 1,
+                                                           "data": {"spec": {"template": tmpl}}})
+    assert rev.revision == 1
+    # (the typed client refuses this before sending: plain HTTP shows the server's answer)
+    code, out = raw.request("POST", f"/apis/batch/v1/namespaces/{ns}/cronjobs", {
+        "metadata": {"name": "bad"}, "spec": {"jobTemplate": {"spec": {"template": tmpl}}}})
+    assert code == 422 and out["message"] == 'CronJob.batch "bad" is invalid: spec.schedule: Required value'
