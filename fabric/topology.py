@@ -27,6 +27,9 @@ Example (``examples/lab.yaml`` is the default lab)::
             pods: 2                    # lab pods on this node (p0, p1, ...)
             underlay: 198.18.0.11      # optional
 
+With ``kubernetes: true`` a cluster may name its ``scheduler`` (``none``, the default: pods without
+``nodeName`` stay Pending; ``kosmos``); the lab decides which it can run (tools.lab.schedulers).
+
 Global IP (``globalCIDRs``): each key is exactly one of the cluster's ``podCIDRs`` or
 ``serviceCIDRs`` (a whole declared range: translation is per declared CIDR, so to map only part of
 a range, declare the parts as separate CIDRs), each value a global CIDR of the same prefix
@@ -92,6 +95,8 @@ _MAX_NAME = validation.MAX_LAB_NAME
 
 #: Modes this build can run.
 SUPPORTED_MODES = (types.ClusterMode.P2P, types.ClusterMode.GATEWAY)
+#: A cluster's ``scheduler`` when the file names none (``kosmos`` once the Kosmos scheduler exists).
+DEFAULT_SCHEDULER = "none"
 
 
 class TopologyError(ValueError):
@@ -141,6 +146,9 @@ def _pod_ips(cidr: str, pods: int) -> tuple[str, ...]:
 class LabCluster:
     config: types.ClusterConfig
     nodes: tuple[LabNode, ...]
+    #: ``kubernetes: true`` labs: the scheduler the lab runs for the cluster (``none``: pods
+    #: without ``nodeName`` stay Pending). Only the lab reads it.
+    scheduler: str = DEFAULT_SCHEDULER
 
     @property
     def name(self) -> str:
@@ -294,6 +302,12 @@ class _Parser:
             clusters.append((path, rc))
 
         parsed = [self._cluster(path, rc) for path, rc in clusters]
+        for pc, (path, rc) in zip(parsed, clusters, strict=True):
+            sched = rc.get("scheduler")
+            if isinstance(sched, str) and sched in validation.LAB_SCHEDULERS:
+                pc.scheduler = sched
+                if not kubernetes:
+                    self.err(f"{path}.scheduler", "a scheduler runs only in a lab with 'kubernetes: true'")
         self._cross_checks(parsed, underlay, bridge, local, underlay6, underlay6_default="underlay6" not in doc)
         self._assign(parsed, underlay)
         self._assign6(parsed, underlay, underlay6)
@@ -320,6 +334,7 @@ class _Parser:
                         )
                         for n in pc.nodes
                     ),
+                    scheduler=pc.scheduler,
                 )
             )
         return TopologyFile(
@@ -671,6 +686,7 @@ class _PCluster:
     gateways: list[str] = dataclasses.field(default_factory=list)
     global_cidrs: dict[str, str] = dataclasses.field(default_factory=dict)
     nodes: list[_PNode] = dataclasses.field(default_factory=list)
+    scheduler: str = DEFAULT_SCHEDULER
     #: The families the cluster runs (given or derived) and what the file said (empty: absent).
     families: list[int] = dataclasses.field(default_factory=lambda: [4])
     ip_families: list[int] = dataclasses.field(default_factory=list)

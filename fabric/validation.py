@@ -51,6 +51,9 @@ LOCAL_DEFAULTS = (types.DEFAULT_LOCAL_CIDR_V4, types.DEFAULT_LOCAL_CIDR_V6)
 MAX_PODS_PER_NODE = 64
 #: Names of the topology file become parts of namespace and interface names in the lab: short.
 MAX_LAB_NAME = 20
+#: The schedulers a ``kubernetes: true`` lab cluster can run (the topology's ``scheduler``);
+#: which of them are built is the lab's business (tools.lab.schedulers).
+LAB_SCHEDULERS = ("none", "kosmos")
 DNS1123_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
 #: What an enum's value is, by the key holding it, for "'mesh' is not a mode (p2p, gateway)".
@@ -107,6 +110,7 @@ def topology_schema() -> dict[str, Any]:
         "gateways": gateways,
         "globalCIDRs": global_map,
         "nodes": {"type": "array", "items": node, "x-what": "a list of nodes"},
+        "scheduler": {"enum": list(LAB_SCHEDULERS), "x-what": "one of " + ", ".join(LAB_SCHEDULERS)},
     }}
     return {"type": "object", "additionalProperties": False, "required": ["clusters"], "properties": {
         "underlay": cidr, "underlay6": cidr,

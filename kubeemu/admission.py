@@ -1,16 +1,42 @@
-"""Admission of built-in kinds, as kube-apiserver's validation does it: names, labels, the kind
-and apiVersion of a body against its URL, the required fields of Pods and CRDs. Each refusal is
-a 422 Invalid (or 400) Status with a cause per field. Custom resources are checked against
-their CRD's schema by :mod:`kubeemu.schema`.
+"""Admission of built-in kinds, as kube-apiserver does it, in its order for a write:
+
+1. :func:`check_kind`: the kind and apiVersion of a body against its URL (400);
+2. :func:`admit_create`: the mutating admission plugins a default kube-apiserver runs on a
+   create, after the body's defaulting (:mod:`kubeemu.defaults`): ServiceAccount (the pod's
+   account must exist; its API token is mounted as the projected ``kube-api-access-xxxxx``
+   volume), DefaultTolerationSeconds (not-ready/unreachable for 300s), DefaultStorageClass
+   (a PVC without a class gets the one annotated default); then, once the uid is assigned, the
+   Job strategy's generated selector (:func:`job_selector`, ``batch.kubernetes.io/controller-uid``);
+3. :func:`validate`: names and labels of every kind, CRDs, then :mod:`kubeemu.validation` for
+   the built-in kinds' specs; on an update also its immutability rules.
+
+Each refusal is a 422 Invalid (or 400/403) Status with a cause per field. Custom resources are
+checked against their CRD's schema by :mod:`kubeemu.schema`.
 """
 
 from __future__ import annotations
 
+import logging
 import re
+import secrets
+from collections.abc import Mapping
+from typing import Any
 
-from kubeemu import errors
-from kubeemu.objects import CRDS, NAMESPACES, PODS, SERVICES, Obj, metadata_of
+from kubeemu import errors, validation
+from kubeemu.objects import CRDS, NAMESPACES, PODS, SERVICEACCOUNTS, SERVICES, Key, Obj, ObjKey, metadata_of
 from kubeemu.resources import ResourceType
+
+_log = logging.getLogger(__name__)
+
+#: Where the ServiceAccount plugin mounts the API token (DefaultAPITokenMountPath).
+TOKEN_MOUNT_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
+#: The token the plugin's projected volume asks for: one hour plus 7s (upstream's "warn after" skew).
+TOKEN_EXPIRATION = 3607
+DEFAULT_CLASS_ANNOTATION = "storageclass.kubernetes.io/is-default-class"
+BETA_DEFAULT_CLASS_ANNOTATION = "storageclass.beta.kubernetes.io/is-default-class"
+STORAGECLASSES: Key = ("storage.k8s.io", "storageclasses")
+PVCS: Key = ("", "persistentvolumeclaims")
+_RAND = "bcdfghjklmnpqrstvwxz2456789"
 
 _DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -53,15 +79,6 @@ def validate(rt: ResourceType, obj: Obj) -> None:
         if not isinstance(v, str) or not _LABEL_VALUE.match(v) or len(v) > 63:
             causes.append(("FieldValueInvalid", "metadata.labels", f'Invalid value: "{v}": a valid label '
                            "must be an empty string or consist of alphanumeric characters, '-', '_' or '.'"))
-    if rt.key == PODS:
-        containers = (obj.get("spec") or {}).get("containers")
-        if not containers:
-            causes.append(("FieldValueRequired", "spec.containers", "Required value"))
-        for i, c in enumerate(containers or []):
-            if not isinstance(c, dict) or not c.get("name"):
-                causes.append(("FieldValueRequired", f"spec.containers[{i}].name", "Required value"))
-            elif not c.get("image"):
-                causes.append(("FieldValueRequired", f"spec.containers[{i}].image", "Required value"))
     if rt.key == CRDS:
         spec = obj.get("spec") or {}
         plural = (spec.get("names") or {}).get("plural", "")
@@ -79,6 +96,166 @@ def validate(rt: ResourceType, obj: Obj) -> None:
         if spec.get("scope") not in ("Namespaced", "Cluster"):
             causes.append(("FieldValueNotSupported", "spec.scope",
                            f'Unsupported value: "{spec.get("scope")}": supported values: "Cluster", "Namespaced"'))
+    if rt.builtin:
+        bad = validation.quantity_problems(obj.get("spec"))
+        if bad:
+            raise errors.bad_request(f'{rt.kind} in version "{rt.versions[0]}" cannot be handled as a {rt.kind}: '
+                                     f"{validation.QUANTITY_ERROR}")
+        causes += validation.validate_create(rt.key, obj)
     if causes:
         raise errors.invalid(rt.kind, rt.group, name, causes)
 
+
+def validate_update(rt: ResourceType, new: Obj, old: Obj) -> None:
+    """An update of the main resource: what a create must satisfy, plus immutability."""
+    validate(rt, new)
+    if rt.builtin:
+        causes = validation.validate_update(rt.key, new, old)
+        if causes:
+            raise errors.invalid(rt.kind, rt.group, metadata_of(new).get("name", ""), causes)
+
+
+
+# ---------------------------------------------------------------------------- mutating admission
+
+Objects = Mapping[Key, Mapping[ObjKey, Obj]]
+
+
+def admit_create(objects: Objects, rt: ResourceType, obj: Obj) -> None:
+    """The mutating admission a create goes through (``objects``: the store's buckets)."""
+    if rt.key == PODS:
+        _service_account(objects, obj)
+        _default_tolerations(obj)
+    elif rt.key == PVCS:
+        _default_storage_class(objects, obj)
+
+
+def _service_account(objects: Objects, pod: Obj) -> None:
+    """plugin/pkg/admission/serviceaccount: the account must exist (403 otherwise), and unless
+    automounting is off (pod first, then account) every container mounts its token."""
+    meta = metadata_of(pod)
+    spec = pod.setdefault("spec", {})
+    if meta.get("annotations", {}).get("kubernetes.io/config.mirror"):
+        return  # mirror pods are not given accounts
+    ns = meta.get("namespace", "")
+    name = spec.get("serviceAccountName") or "default"
+    spec["serviceAccountName"] = name
+    spec.setdefault("serviceAccount", name)  # the deprecated alias, still filled upstream
+    sa = objects.get(SERVICEACCOUNTS, {}).get((ns, name))
+    if sa is None:
+        raise errors.ApiError(
+            403, "Forbidden",
+            f'pods "{meta.get("name", "")}" is forbidden: error looking up service account {ns}/{name}: '
+            f'serviceaccount "{name}" not found',
+            {"name": meta.get("name", ""), "kind": "pods"})
+    automount = spec.get("automountServiceAccountToken")
+    if automount is None:
+        automount = sa.get("automountServiceAccountToken")
+    if automount is False:
+        return
+    volumes = spec.setdefault("volumes", [])
+    if not isinstance(volumes, list):
+        return
+    taken = {v.get("name") for v in volumes if isinstance(v, dict)}
+    vol_name = ""
+    for _ in range(32):
+        vol_name = "kube-api-access-" + "".join(secrets.choice(_RAND) for _ in range(5))
+        if vol_name not in taken:
+            break
+    mounted = False
+    for key in ("initContainers", "containers"):
+        for c in spec.get(key) or []:
+            if not isinstance(c, dict):
+                continue
+            mounts = c.setdefault("volumeMounts", [])
+            if any(isinstance(m, dict) and m.get("mountPath") == TOKEN_MOUNT_PATH for m in mounts):
+                continue
+            mounts.append({"name": vol_name, "readOnly": True, "mountPath": TOKEN_MOUNT_PATH})
+            mounted = True
+    if mounted:
+        volumes.append({"name": vol_name, "projected": {
+            "defaultMode": 420,
+            "sources": [
+                {"serviceAccountToken": {"expirationSeconds": TOKEN_EXPIRATION, "path": "token"}},
+                {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+                {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"apiVersion": "v1",
+                                                                              "fieldPath": "metadata.namespace"}}]}},
+            ],
+        }})
+
+
+_NOT_READY = "node.kubernetes.io/not-ready"
+_UNREACHABLE = "node.kubernetes.io/unreachable"
+
+
+def _tolerates(tols: list[Any], key: str) -> bool:
+    for t in tols:
+        if not isinstance(t, dict):
+            continue
+        if t.get("effect") not in (None, "", "NoExecute"):
+            continue
+        if t.get("operator") == "Exists" and not t.get("key"):
+            return True
+        if t.get("key") == key:
+            return True
+    return False
+
+
+def _default_tolerations(pod: Obj) -> None:
+    """plugin/pkg/admission/defaulttolerationseconds: tolerate not-ready/unreachable 300s."""
+    spec = pod["spec"]
+    tols = spec.get("tolerations")
+    tols = list(tols) if isinstance(tols, list) else []
+    added = False
+    for key in (_NOT_READY, _UNREACHABLE):
+        if not _tolerates(tols, key):
+            tols.append({"key": key, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300})
+            added = True
+    if added:
+        spec["tolerations"] = tols
+
+
+def default_storage_class(objects: Objects) -> str | None:
+    """The default StorageClass's name (the newest annotated one, as upstream picks), or None."""
+    best: tuple[str, str] | None = None
+    for sc in objects.get(STORAGECLASSES, {}).values():
+        ann = metadata_of(sc).get("annotations") or {}
+        if ann.get(DEFAULT_CLASS_ANNOTATION) == "true" or ann.get(BETA_DEFAULT_CLASS_ANNOTATION) == "true":
+            cand = (str(metadata_of(sc).get("creationTimestamp", "")), str(metadata_of(sc).get("name", "")))
+            if best is None or cand > best:
+                best = cand
+    return best[1] if best else None
+
+
+def _default_storage_class(objects: Objects, pvc: Obj) -> None:
+    """plugin/pkg/admission/storage/storageclass/setdefault: only a class left unset (absent, not "")."""
+    spec = pvc.setdefault("spec", {})
+    if spec.get("storageClassName") is not None:
+        return
+    name = default_storage_class(objects)
+    if name is not None:
+        spec["storageClassName"] = name
+
+
+def job_selector(job: Obj) -> None:
+    """The Job strategy's generateSelectorIfNeeded: unless manualSelector, the selector and the
+    template labels are generated from the Job's uid (already assigned at this point)."""
+    spec = job.setdefault("spec", {})
+    if spec.get("manualSelector") is True:
+        return
+    meta = metadata_of(job)
+    uid = meta.get("uid", "")
+    if spec.get("selector") is not None:
+        raise errors.invalid("Job", "batch", meta.get("name", ""), [validation.invalid(
+            "spec.selector", spec["selector"], "`selector` not auto-generated")])
+    tmpl = spec.setdefault("template", {})
+    if not isinstance(tmpl, dict):
+        return
+    tmeta = tmpl.setdefault("metadata", {})
+    labels = dict(tmeta.get("labels") or {})
+    labels.setdefault("batch.kubernetes.io/controller-uid", uid)
+    labels.setdefault("batch.kubernetes.io/job-name", meta.get("name", ""))
+    labels.setdefault("controller-uid", uid)
+    labels.setdefault("job-name", meta.get("name", ""))
+    tmeta["labels"] = labels
+    spec["selector"] = {"matchLabels": {"batch.kubernetes.io/controller-uid": uid}}

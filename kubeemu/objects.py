@@ -19,6 +19,7 @@ SERVICES: Key = ("", "services")
 PODS: Key = ("", "pods")
 CRDS: Key = ("apiextensions.k8s.io", "customresourcedefinitions")
 SERVICEACCOUNTS: Key = ("", "serviceaccounts")
+JOBS: Key = ("batch", "jobs")
 DEFAULT_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
 
 FOREGROUND = "foregroundDeletion"

@@ -36,6 +36,9 @@ class ResourceType:
     field_labels: frozenset[str] = field(default_factory=frozenset)
     # per-version status subresource for CRDs (version -> has status)
     version_status: dict[str, bool] = field(default_factory=dict)
+    # per-version scale subresource for CRDs: version -> (specReplicasPath, statusReplicasPath,
+    # labelSelectorPath); built-ins with "scale" use spec.replicas/status.replicas/spec.selector
+    scale_paths: dict[str, tuple[str, str, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.singular:
@@ -77,12 +80,38 @@ class ResourceType:
                  "kind": self.kind, "verbs": ["get", "patch", "update"]}
             )
         for sub in self.extra_subresources:
-            kind = "Binding" if sub == "binding" else self.kind
-            out.append(
-                {"name": f"{self.plural}/{sub}", "singularName": "", "namespaced": self.namespaced,
-                 "kind": kind, "verbs": ["create"] if sub == "binding" else ["update"]}
-            )
+            if sub == "scale" and not self.builtin and version not in self.scale_paths:
+                continue
+            group, gversion, kind, verbs = SUBRESOURCES.get(sub, ("", "", "", ("update",)))
+            entry: dict[str, object] = {"name": f"{self.plural}/{sub}", "singularName": "",
+                                        "namespaced": self.namespaced}
+            if group:
+                entry["group"], entry["version"] = group, gversion
+            entry["kind"] = kind or self.kind
+            entry["verbs"] = list(verbs)
+            out.append(entry)
         return out
+
+    def has_scale(self, version: str) -> bool:
+        """Does this version serve ``/scale`` (built-ins: always when listed; CRDs: per version)?"""
+        return "scale" in self.extra_subresources and (self.builtin or version in self.scale_paths)
+
+    def scale_paths_of(self, version: str) -> tuple[str, str, str]:
+        """(specReplicasPath, statusReplicasPath, labelSelectorPath) of the ``/scale`` subresource."""
+        return self.scale_paths.get(version, (".spec.replicas", ".status.replicas", ""))
+
+
+#: Subresources other than status: name -> (group, version, kind, verbs) as discovery lists them
+#: (an empty group/version: the parent's; an empty kind: the parent's kind).
+SUBRESOURCES: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
+    "binding": ("", "", "Binding", ("create",)),
+    "eviction": ("policy", "v1", "Eviction", ("create",)),
+    "scale": ("autoscaling", "v1", "Scale", ("get", "patch", "update")),
+    "token": ("authentication.k8s.io", "v1", "TokenRequest", ("create",)),
+    "finalize": ("", "", "", ("update",)),
+    "log": ("", "", "Pod", ("get",)),
+    "exec": ("", "", "PodExecOptions", ("create", "get")),
+}
 
 
 def builtin_types() -> list[ResourceType]:
@@ -102,13 +131,14 @@ def builtin_types() -> list[ResourceType]:
         ResourceType("", ("v1",), "nodes", "Node", False, short_names=("no",), status=True,
                      field_labels=frozenset({"spec.unschedulable"})),
         ResourceType("", ("v1",), "pods", "Pod", True, short_names=("po",), categories=("all",), status=True,
-                     extra_subresources=("binding",), field_labels=pod_fields),
+                     extra_subresources=("binding", "eviction"), field_labels=pod_fields),
         ResourceType("", ("v1",), "services", "Service", True, short_names=("svc",), categories=("all",),
                      status=True),
         ResourceType("", ("v1",), "endpoints", "Endpoints", True, singular="endpoints", short_names=("ep",)),
         ResourceType("", ("v1",), "configmaps", "ConfigMap", True, short_names=("cm",)),
         ResourceType("", ("v1",), "secrets", "Secret", True, field_labels=frozenset({"type"})),
-        ResourceType("", ("v1",), "serviceaccounts", "ServiceAccount", True, short_names=("sa",)),
+        ResourceType("", ("v1",), "serviceaccounts", "ServiceAccount", True, short_names=("sa",),
+                     extra_subresources=("token",)),
         ResourceType("", ("v1",), "persistentvolumeclaims", "PersistentVolumeClaim", True, short_names=("pvc",),
                      status=True),
         ResourceType("", ("v1",), "persistentvolumes", "PersistentVolume", False, short_names=("pv",), status=True),
@@ -117,13 +147,20 @@ def builtin_types() -> list[ResourceType]:
         ResourceType("discovery.k8s.io", ("v1",), "endpointslices", "EndpointSlice", True,
                      field_labels=frozenset({"addressType"})),
         ResourceType("apps", ("v1",), "deployments", "Deployment", True, short_names=("deploy",),
-                     categories=("all",), status=True, generation=True),
+                     categories=("all",), status=True, generation=True, extra_subresources=("scale",)),
         ResourceType("apps", ("v1",), "daemonsets", "DaemonSet", True, short_names=("ds",), categories=("all",),
                      status=True, generation=True),
         ResourceType("apps", ("v1",), "replicasets", "ReplicaSet", True, short_names=("rs",), categories=("all",),
-                     status=True, generation=True),
+                     status=True, generation=True, extra_subresources=("scale",)),
         ResourceType("apps", ("v1",), "statefulsets", "StatefulSet", True, short_names=("sts",),
-                     categories=("all",), status=True, generation=True),
+                     categories=("all",), status=True, generation=True, extra_subresources=("scale",)),
+        ResourceType("apps", ("v1",), "controllerrevisions", "ControllerRevision", True),
+        ResourceType("batch", ("v1",), "jobs", "Job", True, categories=("all",), status=True, generation=True),
+        ResourceType("batch", ("v1",), "cronjobs", "CronJob", True, short_names=("cj",), categories=("all",),
+                     status=True, generation=True),
+        ResourceType("storage.k8s.io", ("v1",), "storageclasses", "StorageClass", False, short_names=("sc",)),
+        ResourceType("storage.k8s.io", ("v1",), "csinodes", "CSINode", False),
+        ResourceType("storage.k8s.io", ("v1",), "volumeattachments", "VolumeAttachment", False, status=True),
         ResourceType("apiextensions.k8s.io", ("v1",), "customresourcedefinitions", "CustomResourceDefinition",
                      False, short_names=("crd", "crds"), status=True, generation=True),
         # Stored, not enforced: the emulator authorizes every request. Served so that manifests

@@ -39,7 +39,7 @@ from typing import Any
 
 from aiohttp import web
 
-from kubeemu import errors, schema, selectors
+from kubeemu import errors, schema, selectors, subresources
 from kubeemu.controllers import Controllers
 from kubeemu.errors import ApiError
 from kubeemu.objects import DeleteOptions, Event, Obj, Watcher, transition
@@ -218,6 +218,8 @@ class EmuServer:
             return web.Response(text="ok")
         if head == "version":
             return _json(K8S_VERSION)
+        if parts == [".well-known", "openid-configuration"] or parts == ["openid", "v1", "jwks"]:
+            return _json(self._oidc(parts[0] == "openid"))
         if head == "openapi":
             if parts[1:] == ["v2"]:
                 if "protobuf" in request.headers.get("Accept", ""):
@@ -258,6 +260,15 @@ class EmuServer:
         raise errors.no_route()
 
     # ---------------------------------------------------------------- discovery
+
+    def _oidc(self, jwks: bool) -> dict[str, Any]:
+        """ServiceAccountIssuerDiscovery: the issuer's OpenID configuration and its signing keys."""
+        issuer = subresources.issuer_of(self.store)
+        if jwks:
+            return issuer.jwks()
+        return {"issuer": subresources.ISSUER, "jwks_uri": f"{self.url}/openid/v1/jwks",
+                "response_types_supported": ["id_token"], "subject_types_supported": ["public"],
+                "id_token_signing_alg_values_supported": [issuer.alg]}
 
     @staticmethod
     def _group_doc(group: str, versions: list[str]) -> dict[str, Any]:
@@ -397,6 +408,11 @@ class EmuServer:
             q2["fieldSelector"] = ",".join(filter(None, [q.get("fieldSelector"), f"metadata.name={name}"]))
             t2 = Target(t.rt, t.version, t.namespace, None, None, True)
             return await self._watch(request, t2, self._match(t2, q2), wants_table)
+        if t.sub in subresources.HANDLED:
+            body = await self._body(request) if method in ("POST", "PUT", "PATCH") else None
+            code, out = subresources.handle(store, t.rt, t.version, ns, name, t.sub, method,
+                                            request.headers.get("Content-Type", ""), body, dry)
+            return _json(out, code)
         if t.sub == "binding":
             if method != "POST":
                 raise errors.method_not_allowed(method)

@@ -36,12 +36,13 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from kubeemu import admission, errors
+from kubeemu import admission, defaults, errors
 from kubeemu.ipalloc import ServiceIPs
 from kubeemu.objects import (
     CRDS,
     DEFAULT_NAMESPACES,
     FOREGROUND,
+    JOBS,
     NAMESPACES,
     PODS,
     SERVICEACCOUNTS,
@@ -104,6 +105,8 @@ class Store:
         self.wake = asyncio.Event()
         self.gc_uids: set[str] = set()  # owners gone (or objects to check for dangling owners)
         self.on_registry_change: list[Callable[[], None]] = []
+        #: The service-account token signer (:class:`kubeemu.subresources.TokenIssuer`), made on first use.
+        self.token_issuer: Any = None
         #: Custom resources' structural schemas: (group, plural) -> version -> schema.
         self.cr_schemas: dict[Key, dict[str, StructuralSchema]] = {}
         for ns in DEFAULT_NAMESPACES:
@@ -250,14 +253,20 @@ class Store:
                     break
             meta["name"] = cand
         name = meta["name"]
-        admission.validate(rt, obj)
+        if rt.builtin:
+            defaults.apply(rt.key, obj)
         self._check_namespace(rt, ns, name)
-        okey = self._okey(rt, ns, name)
-        if okey in self.bucket(rt.key):
-            raise errors.already_exists(rt.plural, rt.group, name)
+        if rt.builtin:
+            admission.admit_create(self.objects, rt, obj)
         for k in ("resourceVersion", "deletionTimestamp", "deletionGracePeriodSeconds", "selfLink", "managedFields"):
             meta.pop(k, None)
         meta["uid"] = str(uuid.uuid4())
+        if rt.key == JOBS:
+            admission.job_selector(obj)
+        admission.validate(rt, obj)
+        okey = self._okey(rt, ns, name)
+        if okey in self.bucket(rt.key):
+            raise errors.already_exists(rt.plural, rt.group, name)
         meta["creationTimestamp"] = now_rfc3339()
         if rt.generation or not rt.builtin:
             meta["generation"] = 1
@@ -283,23 +292,7 @@ class Store:
             meta.setdefault("labels", {})["kubernetes.io/metadata.name"] = meta["name"]
         elif key == PODS:
             spec = obj.setdefault("spec", {})
-            spec.setdefault("restartPolicy", "Always")
-            spec.setdefault("dnsPolicy", "ClusterFirst")
-            spec.setdefault("schedulerName", "default-scheduler")
-            spec.setdefault("terminationGracePeriodSeconds", 30)
-            spec.setdefault("enableServiceLinks", True)
-            spec.setdefault("priority", 0)
-            spec.setdefault("securityContext", {})
-            spec.setdefault("serviceAccountName", "default")
-            for c in spec.get("containers") or []:
-                image = str(c.get("image", ""))
-                tag = image.rsplit("/", 1)[-1]
-                latest = ":" not in tag or tag.endswith(":latest")
-                c.setdefault("imagePullPolicy", "Always" if latest and "@" not in image else "IfNotPresent")
-                c.setdefault("terminationMessagePath", "/dev/termination-log")
-                c.setdefault("terminationMessagePolicy", "File")
-                c.setdefault("resources", {})
-            obj["status"] = {"phase": "Pending", "qosClass": "BestEffort"}
+            obj["status"] = {"phase": "Pending", "qosClass": defaults.qos_class(spec)}
             if spec.get("nodeName"):
                 obj["status"]["conditions"] = [{"type": "PodScheduled", "status": "True",
                                                 "lastTransitionTime": now_rfc3339()}]
@@ -340,6 +333,7 @@ class Store:
             p.setdefault("protocol", "TCP")
             p.setdefault("targetPort", p.get("port"))
         if stype == "ExternalName":
+            self._allocate_node_ports(obj, old, dry_run)
             return
         if old is not None:
             ospec = old.get("spec") or {}
@@ -356,7 +350,9 @@ class Store:
             requested = spec.get("clusterIP") or None
             if requested == "None":
                 spec["clusterIPs"] = ["None"]
-                spec.setdefault("ipFamilies", ["IPv4"])
+                first = self.service_ips.networks[0] if self.service_ips.networks else None
+                primary = "IPv6" if first is not None and first.version == 6 else "IPv4"
+                spec.setdefault("ipFamilies", [primary])
                 spec.setdefault("ipFamilyPolicy", "SingleStack")
             else:
                 policy = spec.get("ipFamilyPolicy") or "SingleStack"
@@ -381,15 +377,68 @@ class Store:
                 spec["clusterIP"], spec["clusterIPs"] = ips[0], ips
                 spec["ipFamilies"], spec["ipFamilyPolicy"] = families, policy
             spec.setdefault("internalTrafficPolicy", "Cluster")
-        if stype in ("NodePort", "LoadBalancer"):
-            for p in spec.get("ports") or []:
-                if not p.get("nodePort"):
-                    port = next(n for n in range(30000, 32768) if n not in self.node_ports)
-                    p["nodePort"] = port
-                    if not dry_run:
-                        self.node_ports.add(port)
-                elif not dry_run:
-                    self.node_ports.add(int(p["nodePort"]))
+        self._allocate_node_ports(obj, old, dry_run)
+
+    def _allocate_node_ports(self, obj: Obj, old: Obj | None, dry_run: bool) -> None:
+        """nodePorts of a NodePort/LoadBalancer Service from 30000-32767 (the default
+        --service-node-port-range): a requested port must be in range and free (its own old
+        ports excepted); an unset one keeps the old port of the same port/protocol, else gets the
+        lowest free. Ports the update no longer uses are released."""
+        spec = obj["spec"]
+        name = obj["metadata"]["name"]
+        ospec = (old or {}).get("spec") or {}
+        old_ports = {(p.get("port"), p.get("protocol", "TCP")): int(p["nodePort"])
+                     for p in ospec.get("ports") or [] if p.get("nodePort")}
+        mine = set(old_ports.values())
+        want: set[int] = set()
+        causes: list[tuple[str, str, str]] = []
+        if spec.get("type") in ("NodePort", "LoadBalancer"):
+            for i, p in enumerate(spec.get("ports") or []):
+                np = p.get("nodePort")
+                if not np:
+                    prev = old_ports.get((p.get("port"), p.get("protocol", "TCP")))
+                    if prev is not None and prev not in want:
+                        p["nodePort"] = prev
+                        want.add(prev)
+                        continue
+                    free = next((n for n in range(30000, 32768) if n not in self.node_ports and n not in want), None)
+                    if free is None:
+                        causes.append(("FieldValueInvalid", f"spec.ports[{i}].nodePort",
+                                       "Invalid value: 0: range is full"))
+                        continue
+                    p["nodePort"] = free
+                    want.add(free)
+                    continue
+                np = int(np)
+                if not 30000 <= np <= 32767:
+                    causes.append(("FieldValueInvalid", f"spec.ports[{i}].nodePort",
+                                   f"Invalid value: {np}: provided port is not in the valid range. The range of "
+                                   "valid ports is 30000-32767"))
+                elif (np in self.node_ports and np not in mine) or np in want:
+                    causes.append(("FieldValueInvalid", f"spec.ports[{i}].nodePort",
+                                   f"Invalid value: {np}: provided port is already allocated"))
+                want.add(np)
+        if causes:
+            raise errors.invalid("Service", "", name, causes)
+        if not dry_run:
+            self.node_ports -= mine - want
+            self.node_ports |= want
+
+    @staticmethod
+    def _drop_type_dependent(new: Obj, old: Obj) -> None:
+        """The Service strategy's dropTypeDependentFields: leaving NodePort/LoadBalancer clears
+        the nodePorts the update left as they were (so ``kubectl apply`` of ``type: ClusterIP``
+        works); leaving ExternalName for an IP type drops nothing."""
+        nspec, ospec = new.get("spec") or {}, old.get("spec") or {}
+        if ospec.get("type") in ("NodePort", "LoadBalancer") and nspec.get("type") in ("ClusterIP", "ExternalName"):
+            olds = {int(p["nodePort"]) for p in ospec.get("ports") or [] if p.get("nodePort")}
+            for p in nspec.get("ports") or []:
+                if isinstance(p, dict) and p.get("nodePort") and int(p["nodePort"]) in olds:
+                    p.pop("nodePort")
+        if nspec.get("type") == "ExternalName" and ospec.get("type") != "ExternalName":
+            for k in ("clusterIP", "clusterIPs", "ipFamilies", "ipFamilyPolicy", "internalTrafficPolicy"):
+                if nspec.get(k) == ospec.get(k):
+                    nspec.pop(k, None)
 
     def _release_service(self, obj: Obj) -> None:
         spec = obj.get("spec") or {}
@@ -426,11 +475,14 @@ class Store:
         names = spec["names"]
         versions = tuple(v["name"] for v in spec["versions"] if v.get("served", True))
         vstatus = {v["name"]: "status" in (v.get("subresources") or {}) for v in spec["versions"]}
+        scale = {v["name"]: (str(sc.get("specReplicasPath", "")), str(sc.get("statusReplicasPath", "")),
+                             str(sc.get("labelSelectorPath") or ""))
+                 for v in spec["versions"] if isinstance(sc := (v.get("subresources") or {}).get("scale"), dict)}
         rt = ResourceType(
             spec["group"], versions, names["plural"], names["kind"], spec["scope"] == "Namespaced",
             singular=names.get("singular", ""), short_names=tuple(names.get("shortNames") or ()),
             categories=tuple(names.get("categories") or ()), builtin=False, generation=True,
-            version_status=vstatus,
+            version_status=vstatus, scale_paths=scale, extra_subresources=("scale",) if scale else (),
         )
         self.registry.add(rt)
         self.cr_schemas[rt.key] = {
@@ -502,7 +554,11 @@ class Store:
                     new["status"] = old["status"]
                 else:
                     new.pop("status", None)
-            admission.validate(rt, new)
+            if rt.builtin:
+                defaults.apply(rt.key, new)
+                if rt.key == SERVICES:
+                    self._drop_type_dependent(new, old)
+            admission.validate_update(rt, new, old)
             self._check_custom(rt, version, new, keep=["status"] if split else [])
             self._prepare_update(rt, new, old, dry_run)
         return self._write(rt, old, new, split, dry_run)
@@ -616,6 +672,13 @@ class Store:
         cur = (old.get("spec") or {}).get("nodeName")
         if cur:
             raise errors.conflict("pods/binding", "", name, f"pod {name} is already assigned to node \"{cur}\"")
+        if old["metadata"].get("deletionTimestamp"):
+            raise errors.conflict("pods/binding", "", name, f"pod {name} is being deleted, cannot be assigned to a "
+                                                            "host")
+        want_uid = metadata_of(body).get("uid")
+        if want_uid and want_uid != old["metadata"].get("uid"):
+            raise errors.conflict("pods/binding", "", name, f"Precondition failed: UID in precondition: {want_uid}, "
+                                                            f"UID in object meta: {old['metadata'].get('uid')}")
         new = copy.deepcopy(old)
         new["spec"]["nodeName"] = target
         conds = [c for c in new.setdefault("status", {}).get("conditions", []) if c.get("type") != "PodScheduled"]

@@ -213,9 +213,17 @@ data: {{a: "1"}}
     kubectl("patch", "configmap", "kcm", "-n", ns, "-p", '{"data":{"b":"2"}}')
     kubectl("patch", "configmap", "kcm", "-n", ns, "--type=json", "-p", '[{"op":"remove","path":"/data/a"}]')
     assert json.loads(kubectl("get", "cm", "kcm", "-n", ns, "-o", "json").stdout)["data"] == {"b": "2"}
-    f.write_text(manifest.replace('value: "1"', 'value: "2"').replace('a: "1"', 'a: "9"'))
+    # A pod's image may change in place; its env may not (upstream's pod update rule).
+    f.write_text(manifest.replace("image: busybox", "image: busybox:1.36").replace('a: "1"', 'a: "9"'))
     kubectl("apply", "-f", str(f))
     assert json.loads(kubectl("get", "cm", "kcm", "-n", ns, "-o", "json").stdout)["data"]["a"] == "9"
+    got = json.loads(kubectl("get", "pod", "kp", "-n", ns, "-o", "json").stdout)
+    assert got["spec"]["containers"][0]["image"] == "busybox:1.36"
+    f.write_text(manifest.replace('value: "1"', 'value: "2"'))
+    p = kubectl("apply", "-f", str(f), ok=False)
+    assert p.returncode != 0
+    assert 'The Pod "kp" is invalid: spec: Forbidden: pod updates may not change fields' in p.stderr
+    f.write_text(manifest)
     kubectl("label", "pod", "kp", "-n", ns, "extra=yes")
     assert "kp" in kubectl("get", "pods", "-n", ns, "-l", "extra=yes", "-o", "name").stdout
     out = kubectl("delete", "-f", str(f)).stdout

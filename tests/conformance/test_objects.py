@@ -158,30 +158,41 @@ def test_merge_patch(v1: Any, ns: str, raw: Any) -> None:
     code, out = raw.request("PATCH", f"/api/v1/namespaces/{ns}/configmaps/mp", {"data": {"a": None, "c": "3"}},
                             "application/merge-patch+json")
     assert code == 200 and out["data"] == {"b": "2", "c": "3"}
-    v1.create_namespaced_pod(ns, {"metadata": {"name": "mp"}, "spec": {"containers": [
-        {"name": "a", "image": "x"}, {"name": "b", "image": "y"}]}})
-    code, out = raw.request("PATCH", f"/api/v1/namespaces/{ns}/pods/mp",
-                            {"spec": {"containers": [{"name": "a", "image": "z"}]}}, "application/merge-patch+json")
-    assert code == 200 and [c["name"] for c in out["spec"]["containers"]] == ["a"]  # lists are replaced whole
+    # (a Deployment's template: a pod's container list may not change after creation)
+    code, _ = raw.request("POST", f"/apis/apps/v1/namespaces/{ns}/deployments", _deployment("mp", [
+        {"name": "a", "image": "x"}, {"name": "b", "image": "y"}]))
+    assert code == 201
+    code, out = raw.request("PATCH", f"/apis/apps/v1/namespaces/{ns}/deployments/mp",
+                            {"spec": {"template": {"spec": {"containers": [{"name": "a", "image": "z"}]}}}},
+                            "application/merge-patch+json")
+    # lists are replaced whole
+    assert code == 200 and [c["name"] for c in out["spec"]["template"]["spec"]["containers"]] == ["a"]
+
+
+def _deployment(name: str, containers: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"metadata": {"name": name}, "spec": {"selector": {"matchLabels": {"app": name}}, "template": {
+        "metadata": {"labels": {"app": name}}, "spec": {"containers": containers}}}}
 
 
 
 def test_strategic_merge_patch_merge_keys(v1: Any, ns: str) -> None:
-    body = {"metadata": {"name": "smp"}, "spec": {"containers": [
+    apps = client.AppsV1Api(v1.api_client)
+    body = _deployment("smp", [
         {"name": "a", "image": "x", "env": [{"name": "E1", "value": "1"}, {"name": "E2", "value": "2"}],
          "ports": [{"containerPort": 80}]},
-        {"name": "b", "image": "y"}]}}
-    v1.create_namespaced_pod(ns, body)
-    p = v1.patch_namespaced_pod("smp", ns, {"spec": {"containers": [
+        {"name": "b", "image": "y"}])
+    apps.create_namespaced_deployment(ns, body)
+    p = apps.patch_namespaced_deployment("smp", ns, {"spec": {"template": {"spec": {"containers": [
         {"name": "a", "env": [{"name": "E2", "value": "two"}, {"name": "E3", "value": "3"},
                               {"name": "E1", "$patch": "delete"}],
-         "ports": [{"containerPort": 443}]}]}})
-    by = {c.name: c for c in p.spec.containers}
+         "ports": [{"containerPort": 443}]}]}}}})
+    by = {c.name: c for c in p.spec.template.spec.containers}
     assert set(by) == {"a", "b"} and by["a"].image == "x"
     assert [(e.name, e.value) for e in by["a"].env] == [("E2", "two"), ("E3", "3")]
     assert sorted(x.container_port for x in by["a"].ports) == [80, 443]
-    p = v1.patch_namespaced_pod("smp", ns, {"spec": {"containers": [{"name": "b", "$patch": "delete"}]}})
-    assert [c.name for c in p.spec.containers] == ["a"]
+    p = apps.patch_namespaced_deployment("smp", ns, {"spec": {"template": {"spec": {"containers": [
+        {"name": "b", "$patch": "delete"}]}}}})
+    assert [c.name for c in p.spec.template.spec.containers] == ["a"]
 
 
 def test_strategic_merge_conditions_by_type(v1: Any, ns: str, mkpod: Any) -> None:

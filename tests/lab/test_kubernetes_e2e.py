@@ -188,3 +188,24 @@ def test_deleting_the_pod_removes_its_namespace(klab: KubeLab, tmp_path: Path) -
     # The address is free again: the next pod on e2 may take it, and its route went with the veth.
     routes = klab.ipj(klab.nodes()["east/e2"]["netns"], "-4", "route", "show", f"{ip}/32")
     assert routes == []
+
+
+def test_an_unbound_pod_stays_pending_without_a_scheduler(klab: KubeLab, tmp_path: Path) -> None:
+    """``scheduler: none`` (the default): nothing binds a pod that names no node. The pinned pod
+    created after it is Running, so the kubelet has seen both; the unbound one is still Pending,
+    unbound, with no namespace; a binding through ``pods/binding`` then runs it."""
+    f = tmp_path / "loose.yaml"
+    f.write_text("apiVersion: v1\nkind: Pod\nmetadata: {name: loose, namespace: default}\n"
+                 "spec:\n  containers: [{name: c, image: busybox, command: [sleep, '3600']}]\n")
+    klab.kubectl("east", "apply", "-f", str(f))
+    klab.kubectl("east", "apply", "-f", str(_pod(tmp_path, "after", "e2")))
+    _running(klab, "east", "after")
+    loose = klab.get("east", "pod", "loose")
+    assert loose["status"]["phase"] == "Pending" and "nodeName" not in loose["spec"]
+    assert "podIP" not in loose["status"]
+    binding = tmp_path / "binding.json"
+    binding.write_text(json.dumps({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": "loose"},
+                                   "target": {"apiVersion": "v1", "kind": "Node", "name": "e2"}}))
+    klab.kubectl("east", "create", "--raw", "/api/v1/namespaces/default/pods/loose/binding", "-f", str(binding))
+    assert _running(klab, "east", "loose")["spec"]["nodeName"] == "e2"
+    klab.kubectl("east", "delete", "pod", "loose", "after", "--wait=false")

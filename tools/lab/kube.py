@@ -15,6 +15,7 @@ from pathlib import Path
 
 from kubeemu import lab as kubeemu_lab
 from tools import nsutil
+from tools.lab import schedulers
 from tools.lab.plumbing import delete_netns, kube_pod_namespaces
 from tools.lab.procs import ROOT_NETNS, log_tail, start_process
 from tools.lab.state import (
@@ -36,7 +37,8 @@ _log = logging.getLogger(__name__)
 # Per cluster, in this order: the emulated API server (``python -m kubeemu`` on 127.0.0.1, an
 # ephemeral port; root namespace so kubectl reaches it), then the lab kubelet
 # (``python -m tools.lab.kubelet``, root namespace: it runs ``ip`` on the lab's named namespaces
-# and talks to its API server), then the kubeconfig (one context per cluster). Both processes are
+# and talks to its API server), then the cluster's scheduler if its topology names one
+# (:mod:`tools.lab.schedulers`), then the kubeconfig (one context per cluster). The processes are
 # recorded (PID + start time) in the state file as soon as they exist; ``down`` stops them from
 # there, since a scan of the lab's namespaces cannot find processes of the root namespace.
 
@@ -91,10 +93,10 @@ def start_kubernetes(state: LabState, added: Sequence[str], progress: Progress =
     """
     for c in state.clusters:
         if c.apiserver is None or not c.apiserver.running() or c.api_url is None:
-            stale = [r for r in (c.apiserver, c.kubelet) if r is not None and r.running()]
+            stale = [r for r in (c.apiserver, c.kubelet, c.scheduler_proc) if r is not None and r.running()]
             if stale:
                 nsutil.terminate([(r.pid, r.start) for r in stale])
-            c.apiserver = c.kubelet = None
+            c.apiserver = c.kubelet = c.scheduler_proc = None
             leftovers = delete_netns(kube_pod_namespaces(c))
             if leftovers:
                 progress(f"lab {state.name}: removed {len(leftovers)} pod namespaces of an old API server of {c.name}")
@@ -108,6 +110,7 @@ def start_kubernetes(state: LabState, added: Sequence[str], progress: Progress =
         if c.kubelet is None or not c.kubelet.running():
             rec = start_kubelet(state, c)
             progress(f"lab {state.name}: lab kubelet of {c.name} started (pid {rec.pid}, log {rec.log})")
+        schedulers.start_scheduler(state, c, progress)
     write_kubeconfig(state)
 
 

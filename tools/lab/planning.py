@@ -12,6 +12,7 @@ import logging
 from collections.abc import Sequence
 
 from fabric import topology, types
+from tools.lab import schedulers
 from tools.lab.state import (
     IFNAMSIZ,
     SERVICE_HOST,
@@ -96,8 +97,10 @@ def plan(name: str, topo: topology.TopologyFile) -> LabState:
                 ip_families=list(lc.config.families),
                 service_ip6=service_ip6,
                 service_backend6=backend6,
+                scheduler=lc.scheduler,
             )
         )
+        problems += schedulers.problems(lc, topo.kubernetes)
     if problems:
         raise LabUsageError(f"{topo.source}: cannot build this lab: " + "; ".join(problems))
     for n in (n for c in clusters for n in c.nodes):
