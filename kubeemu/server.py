@@ -39,7 +39,7 @@ from typing import Any
 
 from aiohttp import web
 
-from kubeemu import errors, schema, selectors
+from kubeemu import errors, protobuf, schema, selectors
 from kubeemu.controllers import Controllers
 from kubeemu.errors import ApiError
 from kubeemu.objects import DeleteOptions, Event, Obj, Watcher, transition
@@ -78,6 +78,15 @@ def _pb_string(field_no: int, value: bytes) -> bytes:
 _OPENAPI_V2_PB = _pb_string(1, b"2.0") + _pb_string(2, _pb_string(1, b"Kubernetes") + _pb_string(2, b"v1.32.0"))
 _OPENAPI_V2_JSON = {"swagger": "2.0", "info": {"title": "Kubernetes", "version": "v1.32.0"}, "paths": {},
                     "definitions": {}}
+
+
+def _decode_protobuf(raw: bytes) -> Any:
+    """A Kubernetes protobuf body (kubectl's typed clients send them) as its JSON object; a body
+    that cannot be read is a 400 naming why, as upstream answers an undecodable body."""
+    try:
+        return protobuf.decode(raw)
+    except protobuf.ProtobufError as e:
+        raise errors.bad_request(f"the body of the request could not be decoded: {e}") from None
 
 
 @dataclass
@@ -302,11 +311,8 @@ class EmuServer:
         if not raw:
             return None
         ctype = request.headers.get("Content-Type", "")
-        if "protobuf" in ctype:
-            # kubectl's generator commands (create namespace/configmap/secret ...) send typed
-            # objects as protobuf, which this emulator does not decode: say so plainly (415, like a
-            # JSON-only aggregated server) instead of failing to parse it as JSON.
-            raise errors.unsupported_media(ctype, ["application/json", "application/yaml"])
+        if ctype.startswith(protobuf.CONTENT_TYPE):
+            return _decode_protobuf(raw)
         try:
             if "yaml" in ctype:
                 import yaml  # only server-side apply sends YAML; keep it out of the idle footprint
