@@ -43,6 +43,7 @@ from kubeemu import errors, protobuf, schema, selectors
 from kubeemu.controllers import Controllers
 from kubeemu.errors import ApiError
 from kubeemu.objects import DeleteOptions, Event, Obj, Watcher, transition
+from kubeemu.podproxy import PodProxy, proxied_subresources
 from kubeemu.resources import Registry, ResourceType
 from kubeemu.store import Store
 
@@ -157,12 +158,15 @@ class EmuServer:
         log_size: int = 10000,
         bookmark_interval: float = 5.0,
         graceful_pods: bool = False,
+        kubelet_host: str = "127.0.0.1",
     ) -> None:
         self.name = name
         self.registry = Registry()
         self.store = Store(self.registry, service_cidrs, log_size=log_size, graceful_pods=graceful_pods)
         self.controllers = Controllers(self.store)
         self.faults = Faults()
+        # pods/log and pods/exec go to the node's kubelet on this host (see kubeemu.podproxy)
+        self.pods = PodProxy(self.registry, self.store, kubelet_host)
         self.bookmark_interval = bookmark_interval
         self.app = web.Application(middlewares=[self._middleware], client_max_size=64 * 1024 * 1024)
         self.app.router.add_route("*", "/{tail:.*}", self._dispatch)
@@ -277,6 +281,7 @@ class EmuServer:
         resources: list[dict[str, object]] = []
         for rt in self.registry.in_group_version(group, version):
             resources.extend(rt.describe(version))
+            resources.extend(proxied_subresources(rt.key).values())
         return {"kind": "APIResourceList", "apiVersion": "v1",
                 "groupVersion": f"{group}/{version}" if group else version, "resources": resources}
 
@@ -298,6 +303,7 @@ class EmuServer:
         sub = rest[2] if len(rest) > 2 else None
         if sub is not None:
             allowed = ({"status"} if rt.has_status(version) else set()) | set(rt.extra_subresources)
+            allowed |= set(proxied_subresources(rt.key))
             if sub not in allowed:
                 raise errors.no_route()
         if rt.namespaced and ns is None and name is not None:
@@ -343,6 +349,9 @@ class EmuServer:
     async def _resource(self, request: web.Request, t: Target) -> web.StreamResponse:
         """One request on a resource; for writes of custom resources, unknown fields are pruned
         as ``fieldValidation`` says (Strict: 400; Warn, the default: a ``Warning`` header each)."""
+        if t.name is not None and t.sub in proxied_subresources(t.rt.key):
+            proxy = self.pods.logs if t.sub == "log" else self.pods.exec
+            return await proxy(request, t.namespace or "", t.name)
         pruned: list[str] = []
         tokens = (schema.FIELD_VALIDATION.set(request.query.get("fieldValidation", "")), schema.PRUNED.set(pruned))
         try:
