@@ -1,14 +1,17 @@
 """The HTTP face of one emulated cluster: kube-apiserver's REST paths over aiohttp.
 
-Paths served (all JSON; a client that accepts only protobuf gets 406 and falls back):
+Paths served (answers are JSON; a client that accepts only protobuf gets 406 and falls back):
 
 - discovery: ``/version``, ``/api``, ``/api/v1``, ``/apis``, ``/apis/G``, ``/apis/G/V`` (a trailing
   slash is ignored everywhere). Aggregated discovery (``as=APIGroupDiscoveryList``) is not
   offered: clients asking for it fall back to these legacy documents, as with an old server.
-- ``/openapi/v2``: an empty but well-formed document, in protobuf when asked for it (kubectl
-  does) and JSON otherwise. With no schemas kubectl's client-side validation has nothing to
-  check and passes, and server-side field validation is simply not advertised, so plain
-  ``kubectl create -f`` works. ``/openapi/v3`` answers 404, which makes kubectl fall back to v2.
+- ``/openapi/v3`` (index and one document per group-version) and ``/openapi/v2`` in JSON: the
+  upstream schemas of the built-in kinds and the CRDs' ``openAPIV3Schema`` (:mod:`kubeemu.openapi`),
+  what ``kubectl explain`` reads. ``/openapi/v2`` in protobuf (kubectl's client-side validation
+  asks for it) is an empty but well-formed document: with no schemas that validation has nothing
+  to check and passes, and server-side field validation is not advertised (no ``paths``).
+- ``pods/log`` and ``pods/exec`` are proxied to the node's kubelet (:mod:`kubeemu.podproxy`);
+  protobuf request bodies (kubectl's typed clients) are decoded by :mod:`kubeemu.protobuf`.
 - resources: ``/api/v1/...`` and ``/apis/G/V/...``, namespaced
   (``namespaces/NS/PLURAL[/NAME[/SUB]]``) or not, plus the legacy ``watch/`` prefix; verbs by
   method and the ``watch`` query parameter. ``Accept: ...;as=Table`` gets a server-side Table
@@ -43,6 +46,7 @@ from kubeemu import errors, protobuf, schema, selectors
 from kubeemu.controllers import Controllers
 from kubeemu.errors import ApiError
 from kubeemu.objects import DeleteOptions, Event, Obj, Watcher, transition
+from kubeemu.openapi import OpenAPI
 from kubeemu.podproxy import PodProxy, proxied_subresources
 from kubeemu.resources import Registry, ResourceType
 from kubeemu.store import Store
@@ -77,8 +81,6 @@ def _pb_string(field_no: int, value: bytes) -> bytes:
 
 # openapi_v2.Document{swagger: "2.0", info: {title: "Kubernetes", version: "v1.32.0"}}, hand-encoded
 _OPENAPI_V2_PB = _pb_string(1, b"2.0") + _pb_string(2, _pb_string(1, b"Kubernetes") + _pb_string(2, b"v1.32.0"))
-_OPENAPI_V2_JSON = {"swagger": "2.0", "info": {"title": "Kubernetes", "version": "v1.32.0"}, "paths": {},
-                    "definitions": {}}
 
 
 def _decode_protobuf(raw: bytes) -> Any:
@@ -167,6 +169,7 @@ class EmuServer:
         self.faults = Faults()
         # pods/log and pods/exec go to the node's kubelet on this host (see kubeemu.podproxy)
         self.pods = PodProxy(self.registry, self.store, kubelet_host)
+        self.openapi = OpenAPI(self.registry, self.store)  # /openapi/v3 and v2 (kubeemu.openapi)
         self.bookmark_interval = bookmark_interval
         self.app = web.Application(middlewares=[self._middleware], client_max_size=64 * 1024 * 1024)
         self.app.router.add_route("*", "/{tail:.*}", self._dispatch)
@@ -235,7 +238,9 @@ class EmuServer:
             if parts[1:] == ["v2"]:
                 if "protobuf" in request.headers.get("Accept", ""):
                     return web.Response(body=_OPENAPI_V2_PB, content_type=_PB_OPENAPI)
-                return _json(_OPENAPI_V2_JSON)
+                return _json(self.openapi.v2_document())
+            if parts[1:2] == ["v3"]:
+                return self._openapi_v3("/".join(parts[2:]))
             raise errors.no_route()
         accept = request.headers.get("Accept", "")
         if accept and "json" not in accept and "*/*" not in accept and "yaml" not in accept:
@@ -271,6 +276,19 @@ class EmuServer:
         raise errors.no_route()
 
     # ---------------------------------------------------------------- discovery
+
+    def _openapi_v3(self, path: str) -> web.Response:
+        """``/openapi/v3`` (the index, never cached) and ``/openapi/v3/GV`` (immutable per hash)."""
+        if not path:
+            resp = _json(self.openapi.v3_index())
+            resp.headers["Cache-Control"] = "no-cache, private"
+            return resp
+        found = self.openapi.v3_document(path)
+        if found is None:
+            raise errors.no_route()
+        resp = _json(found[0])
+        resp.headers["Etag"] = f'"{found[1]}"'
+        return resp
 
     @staticmethod
     def _group_doc(group: str, versions: list[str]) -> dict[str, Any]:
