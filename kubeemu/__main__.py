@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bookmark-interval", type=float, default=5.0, help="seconds between watch BOOKMARKs")
     p.add_argument("--graceful-pods", action="store_true",
                    help="bound pods wait for their kubelet on delete (deletionTimestamp + grace), as upstream")
+    p.add_argument("--kubelet-host", default="127.0.0.1",
+                   help="where pods/log and pods/exec reach a node's kubelet (on its daemonEndpoints port); the "
+                   "lab's stand-in for the apiserver-to-kubelet tunnel, since nodes' InternalIPs live in lab "
+                   "network namespaces (default 127.0.0.1)")
     p.add_argument("--ready-file", type=Path, help="write the server URL here once listening")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -45,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 async def _serve(args: argparse.Namespace) -> None:
     server = EmuServer(args.name, tuple(c for c in args.service_cidr.split(",") if c.strip()),
                        log_size=args.log_size, bookmark_interval=args.bookmark_interval,
-                       graceful_pods=args.graceful_pods)
+                       graceful_pods=args.graceful_pods, kubelet_host=args.kubelet_host)
     url = await server.start(*args.listen)
     if args.ready_file:
         tmp = args.ready_file.with_suffix(".tmp")

@@ -1,14 +1,17 @@
 """The HTTP face of one emulated cluster: kube-apiserver's REST paths over aiohttp.
 
-Paths served (all JSON; a client that accepts only protobuf gets 406 and falls back):
+Paths served (answers are JSON; a client that accepts only protobuf gets 406 and falls back):
 
 - discovery: ``/version``, ``/api``, ``/api/v1``, ``/apis``, ``/apis/G``, ``/apis/G/V`` (a trailing
   slash is ignored everywhere). Aggregated discovery (``as=APIGroupDiscoveryList``) is not
   offered: clients asking for it fall back to these legacy documents, as with an old server.
-- ``/openapi/v2``: an empty but well-formed document, in protobuf when asked for it (kubectl
-  does) and JSON otherwise. With no schemas kubectl's client-side validation has nothing to
-  check and passes, and server-side field validation is simply not advertised, so plain
-  ``kubectl create -f`` works. ``/openapi/v3`` answers 404, which makes kubectl fall back to v2.
+- ``/openapi/v3`` (index and one document per group-version) and ``/openapi/v2`` in JSON: the
+  upstream schemas of the built-in kinds and the CRDs' ``openAPIV3Schema`` (:mod:`kubeemu.openapi`),
+  what ``kubectl explain`` reads. ``/openapi/v2`` in protobuf (kubectl's client-side validation
+  asks for it) is an empty but well-formed document: with no schemas that validation has nothing
+  to check and passes, and server-side field validation is not advertised (no ``paths``).
+- ``pods/log`` and ``pods/exec`` are proxied to the node's kubelet (:mod:`kubeemu.podproxy`);
+  protobuf request bodies (kubectl's typed clients) are decoded by :mod:`kubeemu.protobuf`.
 - resources: ``/api/v1/...`` and ``/apis/G/V/...``, namespaced
   (``namespaces/NS/PLURAL[/NAME[/SUB]]``) or not, plus the legacy ``watch/`` prefix; verbs by
   method and the ``watch`` query parameter. ``Accept: ...;as=Table`` gets a server-side Table
@@ -39,10 +42,12 @@ from typing import Any
 
 from aiohttp import web
 
-from kubeemu import errors, schema, selectors, subresources
+from kubeemu import errors, protobuf, schema, selectors, subresources
 from kubeemu.controllers import Controllers
 from kubeemu.errors import ApiError
 from kubeemu.objects import DeleteOptions, Event, Obj, Watcher, transition
+from kubeemu.openapi import OpenAPI
+from kubeemu.podproxy import PodProxy, proxied_subresources
 from kubeemu.resources import Registry, ResourceType
 from kubeemu.store import Store
 
@@ -76,8 +81,15 @@ def _pb_string(field_no: int, value: bytes) -> bytes:
 
 # openapi_v2.Document{swagger: "2.0", info: {title: "Kubernetes", version: "v1.32.0"}}, hand-encoded
 _OPENAPI_V2_PB = _pb_string(1, b"2.0") + _pb_string(2, _pb_string(1, b"Kubernetes") + _pb_string(2, b"v1.32.0"))
-_OPENAPI_V2_JSON = {"swagger": "2.0", "info": {"title": "Kubernetes", "version": "v1.32.0"}, "paths": {},
-                    "definitions": {}}
+
+
+def _decode_protobuf(raw: bytes) -> Any:
+    """A Kubernetes protobuf body (kubectl's typed clients send them) as its JSON object; a body
+    that cannot be read is a 400 naming why, as upstream answers an undecodable body."""
+    try:
+        return protobuf.decode(raw)
+    except protobuf.ProtobufError as e:
+        raise errors.bad_request(f"the body of the request could not be decoded: {e}") from None
 
 
 @dataclass
@@ -148,12 +160,16 @@ class EmuServer:
         log_size: int = 10000,
         bookmark_interval: float = 5.0,
         graceful_pods: bool = False,
+        kubelet_host: str = "127.0.0.1",
     ) -> None:
         self.name = name
         self.registry = Registry()
         self.store = Store(self.registry, service_cidrs, log_size=log_size, graceful_pods=graceful_pods)
         self.controllers = Controllers(self.store)
         self.faults = Faults()
+        # pods/log and pods/exec go to the node's kubelet on this host (see kubeemu.podproxy)
+        self.pods = PodProxy(self.registry, self.store, kubelet_host)
+        self.openapi = OpenAPI(self.registry, self.store)  # /openapi/v3 and v2 (kubeemu.openapi)
         self.bookmark_interval = bookmark_interval
         self.app = web.Application(middlewares=[self._middleware], client_max_size=64 * 1024 * 1024)
         self.app.router.add_route("*", "/{tail:.*}", self._dispatch)
@@ -224,7 +240,9 @@ class EmuServer:
             if parts[1:] == ["v2"]:
                 if "protobuf" in request.headers.get("Accept", ""):
                     return web.Response(body=_OPENAPI_V2_PB, content_type=_PB_OPENAPI)
-                return _json(_OPENAPI_V2_JSON)
+                return _json(self.openapi.v2_document())
+            if parts[1:2] == ["v3"]:
+                return self._openapi_v3("/".join(parts[2:]))
             raise errors.no_route()
         accept = request.headers.get("Accept", "")
         if accept and "json" not in accept and "*/*" not in accept and "yaml" not in accept:
@@ -270,6 +288,19 @@ class EmuServer:
                 "response_types_supported": ["id_token"], "subject_types_supported": ["public"],
                 "id_token_signing_alg_values_supported": [issuer.alg]}
 
+    def _openapi_v3(self, path: str) -> web.Response:
+        """``/openapi/v3`` (the index, never cached) and ``/openapi/v3/GV`` (immutable per hash)."""
+        if not path:
+            resp = _json(self.openapi.v3_index())
+            resp.headers["Cache-Control"] = "no-cache, private"
+            return resp
+        found = self.openapi.v3_document(path)
+        if found is None:
+            raise errors.no_route()
+        resp = _json(found[0])
+        resp.headers["Etag"] = f'"{found[1]}"'
+        return resp
+
     @staticmethod
     def _group_doc(group: str, versions: list[str]) -> dict[str, Any]:
         vs = [{"groupVersion": f"{group}/{v}", "version": v} for v in versions]
@@ -279,6 +310,7 @@ class EmuServer:
         resources: list[dict[str, object]] = []
         for rt in self.registry.in_group_version(group, version):
             resources.extend(rt.describe(version))
+            resources.extend(proxied_subresources(rt.key).values())
         return {"kind": "APIResourceList", "apiVersion": "v1",
                 "groupVersion": f"{group}/{version}" if group else version, "resources": resources}
 
@@ -300,6 +332,7 @@ class EmuServer:
         sub = rest[2] if len(rest) > 2 else None
         if sub is not None:
             allowed = ({"status"} if rt.has_status(version) else set()) | set(rt.extra_subresources)
+            allowed |= set(proxied_subresources(rt.key))
             if sub not in allowed:
                 raise errors.no_route()
         if rt.namespaced and ns is None and name is not None:
@@ -313,11 +346,8 @@ class EmuServer:
         if not raw:
             return None
         ctype = request.headers.get("Content-Type", "")
-        if "protobuf" in ctype:
-            # kubectl's generator commands (create namespace/configmap/secret ...) send typed
-            # objects as protobuf, which this emulator does not decode: say so plainly (415, like a
-            # JSON-only aggregated server) instead of failing to parse it as JSON.
-            raise errors.unsupported_media(ctype, ["application/json", "application/yaml"])
+        if ctype.startswith(protobuf.CONTENT_TYPE):
+            return _decode_protobuf(raw)
         try:
             if "yaml" in ctype:
                 import yaml  # only server-side apply sends YAML; keep it out of the idle footprint
@@ -348,6 +378,9 @@ class EmuServer:
     async def _resource(self, request: web.Request, t: Target) -> web.StreamResponse:
         """One request on a resource; for writes of custom resources, unknown fields are pruned
         as ``fieldValidation`` says (Strict: 400; Warn, the default: a ``Warning`` header each)."""
+        if t.name is not None and t.sub in proxied_subresources(t.rt.key):
+            proxy = self.pods.logs if t.sub == "log" else self.pods.exec
+            return await proxy(request, t.namespace or "", t.name)
         pruned: list[str] = []
         tokens = (schema.FIELD_VALIDATION.set(request.query.get("fieldValidation", "")), schema.PRUNED.set(pruned))
         try:

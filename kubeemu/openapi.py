@@ -1,0 +1,414 @@
+"""OpenAPI documents for the kinds one emulated cluster serves: ``/openapi/v3`` and ``/openapi/v2``.
+
+``kubectl explain`` (1.32) reads ``/openapi/v3``: the index lists one document per group-version
+(``{"paths": {"api/v1": {"serverRelativeURL": "/openapi/v3/api/v1?hash=..."}}}``), and each
+document's ``components.schemas`` holds the kinds of that group-version, found by their
+``x-kubernetes-group-version-kind``, with every schema they reference. ``kubectl apply`` takes
+patch strategies (``x-kubernetes-patch-merge-key`` ...) from the same documents.
+
+Where the schemas come from, in order:
+
+1. Built-in kinds: the upstream OpenAPI definitions of Kubernetes v1.32.0 as the
+   ``kubernetes-validate`` package (a dev/lab dependency, from PyPI) ships them, in
+   ``kubernetes_validate/kubernetes-json-schema/v1.32.0-local/_definitions.json``. That file is
+   upstream's swagger ``definitions`` rewritten to JSON Schema; :func:`_upstream` undoes the
+   rewrite: ``"type": ["string", "null"]`` back to ``"string"``, the ``enum`` it adds to
+   ``apiVersion``/``kind`` dropped, ``$ref`` pointed at ``#/definitions`` (v2) or
+   ``#/components/schemas`` (v3; wrapped in ``allOf`` when it has siblings, as upstream's v3),
+   and ``IntOrString``/``Quantity`` restored to upstream's string schemas (their descriptions are
+   upstream's first sentences). Descriptions, formats, ``required`` and the ``x-kubernetes-*``
+   extensions are upstream's. A kind the v1.32 file lacks (``networking.k8s.io/v1``
+   ``ServiceCIDR``, GA in v1.33) is taken from the next version the package has.
+   Regenerate: nothing to run; a newer ``kubernetes-validate`` is picked up by version name
+   (:data:`SOURCE_VERSION`).
+2. Custom resources: each served version of each CRD, from its ``openAPIV3Schema``, as
+   apiextensions-apiserver builds them: named ``<reversed group>.<version>.<Kind>``, with
+   ``apiVersion``/``kind``/``metadata`` (ObjectMeta) added, a ``<Kind>List``, and the GVK
+   extension. Built on every request, so a CRD change shows at once (the hash in the index
+   changes with the content, which is what clients cache by).
+
+No ``paths`` are published: kubectl then does not assume server-side field validation for
+built-in kinds (kubeemu does it for custom resources only), as before.
+``/openapi/v2`` carries the same definitions in JSON; in protobuf (what kubectl asks for) it is
+still the minimal document of :mod:`kubeemu.server` (kubectl 1.32 uses v3 for explain).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import json
+import logging
+from importlib import resources
+from typing import Any
+
+from kubeemu.objects import CRDS
+from kubeemu.resources import Registry, ResourceType
+from kubeemu.store import Store
+
+_log = logging.getLogger(__name__)
+
+SOURCE_PACKAGE = "kubernetes_validate"
+SOURCE_VERSION = "v1.32.0-local"
+_LATER_VERSIONS = ("v1.33.0-local", "v1.34.0-local")
+_META = "io.k8s.apimachinery.pkg.apis.meta.v1."
+_INT_OR_STRING = {
+    "description": "IntOrString is a type that can hold an int32 or a string.  When used in JSON or YAML "
+    "marshalling and unmarshalling, it produces or consumes the inner type.  This allows you to have, for "
+    "example, a JSON field that can accept a name or number.",
+    "format": "int-or-string",
+    "type": "string",
+}
+_QUANTITY = {
+    "description": "Quantity is a fixed-point representation of a number. It provides convenient "
+    "marshaling/unmarshaling in JSON and YAML, in addition to String() and AsInt64() accessors.",
+    "type": "string",
+}
+_API_VERSION_DOC = (
+    "APIVersion defines the versioned schema of this representation of an object. Servers should convert "
+    "recognized schemas to the latest internal value, and may reject unrecognized values. More info: "
+    "https://git.k8s.io/community/contributors/devel/sig-architecture/api-conventions.md#resources"
+)
+_KIND_DOC = (
+    "Kind is a string value representing the REST resource this object represents. Servers may infer this from "
+    "the endpoint the client submits requests to. Cannot be updated. In CamelCase. More info: "
+    "https://git.k8s.io/community/contributors/devel/sig-architecture/api-conventions.md#types-kinds"
+)
+_METADATA_DOC = (
+    "Standard object's metadata. More info: "
+    "https://git.k8s.io/community/contributors/devel/sig-architecture/api-conventions.md#metadata"
+)
+_LIST_METADATA_DOC = (
+    "Standard list metadata. More info: "
+    "https://git.k8s.io/community/contributors/devel/sig-architecture/api-conventions.md#types-kinds"
+)
+
+
+def _load(version: str) -> dict[str, Any]:
+    path = resources.files(SOURCE_PACKAGE).joinpath(f"kubernetes-json-schema/{version}/_definitions.json")
+    with path.open("rb") as f:
+        defs: dict[str, Any] = json.load(f)["$defs"]
+    return defs
+
+
+def _upstream(schema: Any, name: str = "", gvk: bool = False) -> Any:
+    """One definition back in upstream's swagger form (refs as ``#/definitions/...``)."""
+    if name == "io.k8s.apimachinery.pkg.util.intstr.IntOrString":
+        return dict(_INT_OR_STRING)
+    if name == "io.k8s.apimachinery.pkg.api.resource.Quantity":
+        return dict(_QUANTITY)
+    if isinstance(schema, list):
+        return [_upstream(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key == "type" and isinstance(value, list):
+            kinds = [t for t in value if t != "null"]
+            out[key] = kinds[0] if len(kinds) == 1 else kinds
+        elif key == "$ref" and isinstance(value, str):
+            out[key] = value.replace("#/$defs/", "#/definitions/")
+        elif key == "properties" and isinstance(value, dict):
+            props = {}
+            for pname, pschema in value.items():
+                p = _upstream(pschema)
+                if gvk and pname in ("apiVersion", "kind"):
+                    p.pop("enum", None)
+                props[pname] = p
+            out[key] = props
+        elif key == "x-kubernetes-group-version-kind":
+            out[key] = value
+        else:
+            out[key] = _upstream(value)
+    return out
+
+
+@functools.cache
+def builtin_definitions() -> dict[str, Any]:
+    """Upstream's definitions by name (v2 form), for every kind the package knows."""
+    raw = _load(SOURCE_VERSION)
+    defs = {name: _upstream(s, name, "x-kubernetes-group-version-kind" in s) for name, s in raw.items()}
+    return defs
+
+
+@functools.cache
+def _later_definitions(version: str) -> dict[str, Any]:
+    try:
+        raw = _load(version)
+    except FileNotFoundError:
+        return {}
+    return {name: _upstream(s, name, "x-kubernetes-group-version-kind" in s) for name, s in raw.items()}
+
+
+def _gvk_index(defs: dict[str, Any]) -> dict[tuple[str, str, str], str]:
+    out: dict[tuple[str, str, str], str] = {}
+    for name, s in defs.items():
+        for g in s.get("x-kubernetes-group-version-kind") or []:
+            out.setdefault((g.get("group", ""), g.get("version", ""), g.get("kind", "")), name)
+    return out
+
+
+@functools.cache
+def _builtin_gvks() -> dict[tuple[str, str, str], str]:
+    return _gvk_index(builtin_definitions())
+
+
+def _refs(schema: Any, found: set[str]) -> None:
+    if isinstance(schema, dict):
+        ref = schema.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/definitions/"):
+            found.add(ref[len("#/definitions/") :])
+        for v in schema.values():
+            _refs(v, found)
+    elif isinstance(schema, list):
+        for v in schema:
+            _refs(v, found)
+
+
+def _closure(roots: dict[str, Any], pool: dict[str, Any]) -> dict[str, Any]:
+    """``roots`` and every definition of ``pool`` they reference, transitively."""
+    out = dict(roots)
+    todo = list(roots.values())
+    while todo:
+        found: set[str] = set()
+        _refs(todo.pop(), found)
+        for name in sorted(found):
+            if name not in out and name in pool:
+                out[name] = pool[name]
+                todo.append(pool[name])
+    return dict(sorted(out.items()))
+
+
+def _to_v3(schema: Any) -> Any:
+    """v2 refs to v3 component refs; a ``$ref`` with siblings becomes ``allOf: [{$ref}]`` (upstream's v3)."""
+    if isinstance(schema, list):
+        return [_to_v3(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _to_v3(v) for k, v in schema.items() if k != "$ref"}
+    ref = schema.get("$ref")
+    if isinstance(ref, str):
+        ref = ref.replace("#/definitions/", "#/components/schemas/")
+        if out:
+            out["allOf"] = [{"$ref": ref}]
+        else:
+            out["$ref"] = ref
+    return out
+
+
+def _reversed_group(group: str) -> str:
+    return ".".join(reversed(group.split(".")))
+
+
+def crd_definitions(crd: dict[str, Any]) -> dict[tuple[str, str, str], dict[str, Any]]:
+    """(group, version, kind) -> {name: v2 definition} for each served version of one CRD."""
+    spec = crd.get("spec") or {}
+    group = spec.get("group", "")
+    kind = (spec.get("names") or {}).get("kind", "")
+    list_kind = (spec.get("names") or {}).get("listKind") or f"{kind}List"
+    out: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for v in spec.get("versions") or []:
+        if not v.get("served"):
+            continue
+        version = v.get("name", "")
+        base = f"{_reversed_group(group)}.{version}"
+        schema = copy.deepcopy(((v.get("schema") or {}).get("openAPIV3Schema")) or {"type": "object"})
+        props = schema.setdefault("properties", {})
+        props.setdefault("apiVersion", {"description": _API_VERSION_DOC, "type": "string"})
+        props.setdefault("kind", {"description": _KIND_DOC, "type": "string"})
+        props["metadata"] = {"$ref": f"#/definitions/{_META}ObjectMeta", "description": _METADATA_DOC}
+        schema.setdefault("type", "object")
+        schema["x-kubernetes-group-version-kind"] = [{"group": group, "kind": kind, "version": version}]
+        items = {
+            "description": f"List of {(spec.get('names') or {}).get('plural', kind.lower())}. More info: "
+            "https://git.k8s.io/community/contributors/devel/sig-architecture/api-conventions.md",
+            "items": {"$ref": f"#/definitions/{base}.{kind}"},
+            "type": "array",
+        }
+        lst = {
+            "description": f"{list_kind} is a list of {kind}",
+            "properties": {
+                "apiVersion": {"description": _API_VERSION_DOC, "type": "string"},
+                "items": items,
+                "kind": {"description": _KIND_DOC, "type": "string"},
+                "metadata": {"$ref": f"#/definitions/{_META}ListMeta", "description": _LIST_METADATA_DOC},
+            },
+            "required": ["items"],
+            "type": "object",
+            "x-kubernetes-group-version-kind": [{"group": group, "kind": list_kind, "version": version}],
+        }
+        out[(group, version, kind)] = {f"{base}.{kind}": schema, f"{base}.{list_kind}": lst}
+    return out
+
+
+def _read_paths(rt: ResourceType, version: str, kinds: dict[str, tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """The read operations (get, list) of one kind, as upstream publishes them: kubectl explain
+    finds a resource's kind through the ``x-kubernetes-group-version-kind`` of these operations."""
+    prefix = f"/apis/{rt.group}/{version}" if rt.group else f"/api/{version}"
+    gvk = {"group": rt.group, "kind": rt.kind, "version": version}
+    out: dict[str, Any] = {}
+
+    def op(action: str, kind: str, what: str, params: list[str]) -> dict[str, Any]:
+        name = kinds[kind][0]
+        return {
+            "get": {
+                "description": what,
+                "operationId": f"{action}{rt.kind}",
+                "parameters": [
+                    {"name": p, "in": "path", "required": True, "schema": {"type": "string"}} for p in params
+                ],
+                "responses": {
+                    "200": {
+                        "description": "OK",
+                        "content": {"application/json": {"schema": {"$ref": f"#/definitions/{name}"}}},
+                    }
+                },
+                "x-kubernetes-action": action,
+                "x-kubernetes-group-version-kind": gvk,
+            }
+        }
+
+    scope = [f"{prefix}/namespaces/{{namespace}}"] if rt.namespaced else [prefix]
+    ns_params = ["namespace"] if rt.namespaced else []
+    if rt.list_kind in kinds:
+        for base in scope:
+            out[f"{base}/{rt.plural}"] = op("list", rt.list_kind, f"list or watch objects of kind {rt.kind}", ns_params)
+        if rt.namespaced:
+            out[f"{prefix}/{rt.plural}"] = op("list", rt.list_kind, f"list or watch objects of kind {rt.kind}", [])
+    if rt.kind in kinds:
+        for base in scope:
+            out[f"{base}/{rt.plural}/{{name}}"] = op(
+                "get", rt.kind, f"read the specified {rt.kind}", [*ns_params, "name"]
+            )
+    return out
+
+
+def gv_path(group: str, version: str) -> str:
+    return f"apis/{group}/{version}" if group else f"api/{version}"
+
+
+class OpenAPI:
+    """The documents, computed from the cluster's registry (served kinds) and CRDs."""
+
+    def __init__(self, registry: Registry, store: Store) -> None:
+        self.registry = registry
+        self.store = store
+        # documents by gv path, valid while the CRDs are unchanged (built-ins never change)
+        self._cache: dict[str, tuple[dict[str, Any], str]] = {}
+        self._cache_key: tuple[tuple[str, str], ...] = ()
+
+    def _crd_state(self) -> tuple[tuple[str, str], ...]:
+        return tuple(
+            sorted(
+                (c["metadata"]["name"], c["metadata"].get("resourceVersion", ""))
+                for c in self.store.bucket(CRDS).values()
+            )
+        )
+
+    def _crd_defs(self) -> dict[tuple[str, str, str], dict[str, Any]]:
+        out: dict[tuple[str, str, str], dict[str, Any]] = {}
+        for crd in self.store.bucket(CRDS).values():
+            out.update(crd_definitions(crd))
+        return out
+
+    def _kind_defs(
+        self, rt: ResourceType, version: str, crds: dict[tuple[str, str, str], dict[str, Any]]
+    ) -> dict[str, tuple[str, dict[str, Any]]]:
+        """kind -> (definition name, definition) for one served kind and its list kind."""
+        if not rt.builtin:
+            defs = crds.get((rt.group, version, rt.kind), {})
+            found: dict[str, tuple[str, dict[str, Any]]] = {}
+            for def_name, schema in defs.items():
+                for g in schema.get("x-kubernetes-group-version-kind") or []:
+                    found[g["kind"]] = (def_name, schema)
+            return found
+        out = {}
+        for kind in (rt.kind, rt.list_kind):
+            name: str | None = _builtin_gvks().get((rt.group, version, kind))
+            pool = builtin_definitions()
+            if name is None:
+                for later in _LATER_VERSIONS:
+                    pool = _later_definitions(later)
+                    name = _gvk_index(pool).get((rt.group, version, kind))
+                    if name is not None:
+                        break
+            if name is None:
+                _log.debug("no OpenAPI definition for %s/%s %s", rt.group, version, kind)
+                continue
+            out[kind] = (name, pool[name])
+        return out
+
+    def group_versions(self) -> dict[str, list[tuple[ResourceType, str]]]:
+        """gv path -> the served (type, version) pairs in it."""
+        out: dict[str, list[tuple[ResourceType, str]]] = {}
+        for rt in self.registry.all():
+            for version in rt.versions:
+                out.setdefault(gv_path(rt.group, version), []).append((rt, version))
+        return out
+
+    def definitions(self, path: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(v2 definitions, v2 paths) of one group-version (``api/v1``) or, with None, of all."""
+        crds = self._crd_defs()
+        roots: dict[str, Any] = {}
+        paths: dict[str, Any] = {}
+        for gv, members in self.group_versions().items():
+            if path is not None and gv != path:
+                continue
+            for rt, version in members:
+                kinds = self._kind_defs(rt, version, crds)
+                roots.update(dict(kinds.values()))
+                paths.update(_read_paths(rt, version, kinds))
+        return _closure(roots, builtin_definitions()), dict(sorted(paths.items()))
+
+    def v3_document(self, path: str) -> tuple[dict[str, Any], str] | None:
+        """(document, hash) of one group-version, None if it is not served."""
+        key = self._crd_state()
+        if key != self._cache_key:
+            self._cache, self._cache_key = {}, key
+        if path in self._cache:
+            return self._cache[path]
+        if path not in self.group_versions():
+            return None
+        defs, paths = self.definitions(path)
+        doc = {
+            "openapi": "3.0.0",
+            "info": {"title": "Kubernetes", "version": "v1.32.0"},
+            "paths": _to_v3(paths),
+            "components": {"schemas": {name: _to_v3(s) for name, s in defs.items()}},
+        }
+        self._cache[path] = (doc, document_hash(doc))
+        return self._cache[path]
+
+    def v3_index(self) -> dict[str, Any]:
+        paths = {}
+        for gv in sorted(self.group_versions()):
+            found = self.v3_document(gv)
+            if found is not None:
+                paths[gv] = {"serverRelativeURL": f"/openapi/v3/{gv}?hash={found[1]}"}
+        return {"paths": paths}
+
+    def v2_document(self) -> dict[str, Any]:
+        """The whole v2 document (JSON): all definitions, the same read paths in v2 form."""
+        defs, paths = self.definitions()
+        for ops in paths.values():
+            for op in ops.values():
+                op["produces"] = ["application/json"]
+                schema = op["responses"]["200"]["content"]["application/json"]["schema"]
+                op["responses"] = {"200": {"description": "OK", "schema": schema}}
+                for param in op["parameters"]:
+                    param["type"] = param.pop("schema")["type"]
+        return {
+            "swagger": "2.0",
+            "info": {"title": "Kubernetes", "version": "v1.32.0"},
+            "paths": paths,
+            "definitions": defs,
+        }
+
+
+def document_hash(doc: Any) -> str:
+    """The index's cache key: upstream uses the SHA-512 of the document, upper-case hex."""
+    return hashlib.sha512(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest().upper()
+
+
+__all__ = ["OpenAPI", "builtin_definitions", "crd_definitions", "document_hash", "gv_path"]

@@ -1,0 +1,246 @@
+"""``kubectl logs`` and ``kubectl exec`` through kubeemu's API server to the kubelet API.
+
+The real kubectl talks to the emulated API server, which proxies ``pods/log`` and ``pods/exec``
+to a kubelet app (:func:`kubeemu.kubeletapi.make_app`) found through the Node's
+``status.daemonEndpoints.kubeletEndpoint.Port``. The kubelet's containers are a fake
+:class:`ContainerAccess`: CRI-format log files this test writes, and commands run directly on the
+host (``sh -c ...``), so that every byte kubectl prints is checked against what the test wrote.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from kubeemu.kubeletapi import make_app
+from kubeemu.lab import write_kubeconfig
+from kubeemu.runner import ServerThread
+from tests.waiting import wait_until
+
+KUBECTL = shutil.which("kubectl")
+pytestmark = pytest.mark.skipif(KUBECTL is None, reason="no kubectl binary on PATH")
+
+
+class FakeAccess:
+    """ContainerAccess over files in a temp dir; state per (ns, pod, container)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.state: dict[tuple[str, str, str], str] = {}  # running | waiting | exited
+        self.attempt: dict[tuple[str, str, str], int] = {}
+
+    def path(self, ns: str, pod: str, container: str, attempt: int) -> Path:
+        d = self.root / f"{ns}_{pod}" / container
+        d.mkdir(parents=True, exist_ok=True)
+        return d / f"{attempt}.log"
+
+    def write(self, ns: str, pod: str, container: str, *lines: str, attempt: int | None = None) -> None:
+        """Append CRI lines: ``"stdout F text"`` (the timestamp is added, increasing)."""
+        n = self.attempt.get((ns, pod, container), 0) if attempt is None else attempt
+        with self.path(ns, pod, container, n).open("a") as f:
+            for i, line in enumerate(lines):
+                f.write(f"2024-01-02T03:04:{5 + i:02d}.120000000Z {line}\n")
+
+    def log_path(self, namespace: str, pod: str, container: str, previous: bool) -> Path:
+        key = (namespace, pod, container)
+        if key not in self.state:
+            raise LookupError(f'container "{container}" in pod "{pod}" is not available')
+        if self.state[key] == "waiting":
+            raise LookupError(f'container "{container}" in pod "{pod}" is waiting to start: ContainerCreating')
+        attempt = self.attempt.get(key, 0)
+        if previous:
+            if attempt == 0:
+                raise LookupError(f'previous terminated container "{container}" in pod "{pod}" not found')
+            attempt -= 1
+        return self.path(namespace, pod, container, attempt)
+
+    def exec_argv(self, namespace: str, pod: str, container: str, command: list[str]) -> list[str]:
+        if self.state.get((namespace, pod, container)) != "running":
+            raise LookupError(f'container not found ("{container}")')
+        return list(command)
+
+    def is_running(self, namespace: str, pod: str, container: str) -> bool:
+        return self.state.get((namespace, pod, container)) == "running"
+
+
+@pytest.fixture(scope="module")
+def kubelet(emu: ServerThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FakeAccess, int]]:
+    """A kubelet app on the emulator's loop (ephemeral port) and a Node that points at it."""
+    access = FakeAccess(tmp_path_factory.mktemp("kubelet"))
+    runner = web.AppRunner(make_app(access, poll_interval=0.05))
+
+    async def start() -> int:
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        return int(runner.addresses[0][1])
+
+    port = asyncio.run_coroutine_threadsafe(start(), emu.loop).result(10)
+    yield access, port
+    asyncio.run_coroutine_threadsafe(runner.cleanup(), emu.loop).result(10)
+
+
+@pytest.fixture
+def node(kubelet: tuple[FakeAccess, int], raw: Any) -> str:
+    name = f"n-{uuid.uuid4().hex[:6]}"
+    code, body = raw.request("POST", "/api/v1/nodes", {"metadata": {"name": name}})
+    assert code == 201, body
+    code, body = raw.request(
+        "PATCH",
+        f"/api/v1/nodes/{name}/status",
+        {"status": {"daemonEndpoints": {"kubeletEndpoint": {"Port": kubelet[1]}}}},
+        "application/merge-patch+json",
+    )
+    assert code == 200, body
+    return name
+
+
+@pytest.fixture
+def kubectl(emu: ServerThread, tmp_path: Path) -> Any:
+    cfg = write_kubeconfig(tmp_path / "kubeconfig", {"emu": emu.url})
+
+    def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(KUBECTL), "--kubeconfig", str(cfg), *args], input=stdin, capture_output=True, text=True, timeout=60
+        )
+
+    run.cfg = cfg  # type: ignore[attr-defined]
+    return run
+
+
+def _pod(raw: Any, ns: str, name: str, node: str | None, *containers: str) -> None:
+    spec: dict[str, Any] = {"containers": [{"name": c, "image": "busybox"} for c in containers]}
+    if node:
+        spec["nodeName"] = node
+    code, body = raw.request("POST", f"/api/v1/namespaces/{ns}/pods", {"metadata": {"name": name}, "spec": spec})
+    assert code == 201, body
+
+
+def test_logs_tail_timestamps_limit_and_container(kubelet: Any, node: str, raw: Any, ns: str, kubectl: Any) -> None:
+    access, _ = kubelet
+    _pod(raw, ns, "p", node, "app", "side")
+    for c in ("app", "side"):
+        access.state[(ns, "p", c)] = "running"
+    access.write(ns, "p", "app", "stdout F one", "stderr F two", "stdout P thr", "stdout F ee", "stdout F four")
+    access.write(ns, "p", "side", "stdout F from the side")
+    out = kubectl("logs", "p", "-n", ns, "-c", "app")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "one\ntwo\nthree\nfour\n"  # partial lines joined, both streams
+    assert kubectl("logs", "p", "-n", ns, "-c", "app", "--tail=2").stdout == "ee\nfour\n"
+    stamped = kubectl("logs", "p", "-n", ns, "-c", "app", "--timestamps", "--tail=3").stdout
+    assert stamped == "2024-01-02T03:04:07.12Z thr" + "ee\n" + "2024-01-02T03:04:09.12Z four\n"
+    assert kubectl("logs", "p", "-n", ns, "-c", "app", "--limit-bytes=6").stdout == "one\ntw"
+    assert kubectl("logs", "p", "-n", ns, "-c", "side").stdout == "from the side\n"
+    # no container named, two in the pod: upstream's 400
+    err = kubectl("logs", "p", "-n", ns, "--all-containers=false", "-c", "nope")
+    assert err.returncode == 1 and "container nope is not valid for pod p" in err.stderr
+
+
+def test_logs_previous_and_waiting(kubelet: Any, node: str, raw: Any, ns: str, kubectl: Any) -> None:
+    access, _ = kubelet
+    _pod(raw, ns, "crash", node, "c")
+    key = (ns, "crash", "c")
+    access.state[key] = "waiting"
+    err = kubectl("logs", "crash", "-n", ns)
+    assert err.returncode == 1
+    assert 'container "c" in pod "crash" is waiting to start: ContainerCreating' in err.stderr
+    access.state[key] = "running"
+    err = kubectl("logs", "crash", "-n", ns, "--previous")
+    assert err.returncode == 1 and 'previous terminated container "c" in pod "crash" not found' in err.stderr
+    access.write(ns, "crash", "c", "stderr F boom", attempt=0)
+    access.attempt[key] = 1
+    access.write(ns, "crash", "c", "stdout F second life")
+    assert kubectl("logs", "crash", "-n", ns, "--previous").stdout == "boom\n"
+    assert kubectl("logs", "crash", "-n", ns).stdout == "second life\n"
+
+
+def test_logs_of_unscheduled_pod_are_empty(raw: Any, ns: str, kubectl: Any) -> None:
+    _pod(raw, ns, "pending", None, "c")
+    out = kubectl("logs", "pending", "-n", ns)
+    assert out.returncode == 0 and out.stdout == ""
+
+
+def test_logs_follow_streams_until_the_container_stops(
+    kubelet: Any, node: str, raw: Any, ns: str, kubectl: Any, tmp_path: Path
+) -> None:
+    access, _ = kubelet
+    _pod(raw, ns, "f", node, "c")
+    key = (ns, "f", "c")
+    access.state[key] = "running"
+    access.write(ns, "f", "c", "stdout F first")
+    out_path = tmp_path / "follow.out"
+    with out_path.open("w") as out:
+        proc = subprocess.Popen(
+            [str(KUBECTL), "--kubeconfig", str(kubectl.cfg), "logs", "-f", "f", "-n", ns],
+            stdout=out,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    try:
+        wait_until(lambda: out_path.read_text() == "first\n", 30, "kubectl logs -f printed the first line")
+        access.write(ns, "f", "c", "stdout P sec", "stdout F ond")
+        wait_until(lambda: out_path.read_text() == "first\nsecond\n", 30, "kubectl logs -f followed the file")
+        assert proc.poll() is None  # still following while the container runs
+        access.write(ns, "f", "c", "stdout F last words")
+        access.state[key] = "exited"
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert out_path.read_text() == "first\nsecond\nlast words\n"
+
+
+def test_exec_output_exit_codes_and_stdin(kubelet: Any, node: str, raw: Any, ns: str, kubectl: Any) -> None:
+    access, _ = kubelet
+    _pod(raw, ns, "e", node, "c")
+    access.state[(ns, "e", "c")] = "running"
+    out = kubectl("exec", "e", "-n", ns, "--", "echo", "hello", "world")
+    assert (out.returncode, out.stdout) == (0, "hello world\n"), out.stderr
+    out = kubectl("exec", "e", "-n", ns, "--", "sh", "-c", "echo out; echo err >&2; exit 3")
+    assert out.returncode == 3
+    assert out.stdout == "out\n"
+    assert "err\n" in out.stderr and "command terminated with exit code 3" in out.stderr
+    out = kubectl("exec", "-i", "e", "-n", ns, "--", "cat", stdin="hi\nthere\n")
+    assert (out.returncode, out.stdout) == (0, "hi\nthere\n"), out.stderr
+    big = "x" * 200_000 + "\n"
+    out = kubectl("exec", "-i", "e", "-n", ns, "--", "wc", "-c", stdin=big)
+    assert out.stdout.strip() == str(len(big))
+
+
+def test_exec_errors(kubelet: Any, node: str, raw: Any, ns: str, kubectl: Any) -> None:
+    access, _ = kubelet
+    _pod(raw, ns, "stopped", node, "c")
+    access.state[(ns, "stopped", "c")] = "waiting"
+    out = kubectl("exec", "stopped", "-n", ns, "--", "true")
+    assert out.returncode == 1 and 'container not found ("c")' in out.stderr
+    _pod(raw, ns, "nowhere", None, "c")
+    out = kubectl("exec", "nowhere", "-n", ns, "--", "true")
+    assert out.returncode == 1 and "pod nowhere does not have a host assigned" in out.stderr
+    _pod(raw, ns, "two", node, "a", "b")
+    access.state[(ns, "two", "a")] = "running"
+    out = kubectl("exec", "two", "-n", ns, "-c", "zz", "--", "true")
+    assert out.returncode == 1 and "container zz is not valid for pod two" in out.stderr
+    out = kubectl("exec", "missing", "-n", ns, "--", "true")
+    assert out.returncode == 1 and 'pods "missing" not found' in out.stderr
+
+
+def test_log_options_are_validated_and_discovered(raw: Any, ns: str, node: str) -> None:
+    _pod(raw, ns, "v", node, "c")
+    code, body = raw.request("GET", f"/api/v1/namespaces/{ns}/pods/v/log?tailLines=-1&limitBytes=0")
+    assert code == 422 and body["reason"] == "Invalid"
+    assert body["message"] == (
+        'PodLogOptions "v" is invalid: [tailLines: Invalid value: -1: must be greater than or '
+        "equal to 0, limitBytes: Invalid value: 0: must be greater than 0]"
+    )
+    _, resources = raw.request("GET", "/api/v1")
+    subs = {r["name"]: r for r in resources["resources"] if r["name"].startswith("pods/")}
+    assert subs["pods/log"]["verbs"] == ["get"] and subs["pods/exec"]["kind"] == "PodExecOptions"
