@@ -226,6 +226,11 @@ class Runtime:
                 procs.signal_process(pid, start, signal.SIGKILL)
                 procs.wait_gone(pid, start, 2.0)
 
+    def kill_recorded_all(self, grace: float = 2.0) -> None:
+        """Kill every pod's recorded processes under the root (blocking; ``lab down``, tests)."""
+        for d in (self.root / "pods").glob("*/containers"):
+            self.kill_recorded(d.parent.name, grace)
+
     def cleanup_dirs(self, uid: str) -> None:
         """Remove the pod's state and log directories (blocking). Only after its processes are gone:
         the container mounts live in their private mount namespaces, never in ours."""
