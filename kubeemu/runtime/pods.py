@@ -241,13 +241,7 @@ class Runtime:
 
     def recorded_processes(self) -> list[tuple[int, int | None]]:
         """Every shim and container process recorded under the root (for ``lab down``)."""
-        out: list[tuple[int, int | None]] = []
-        for f in (self.root / "pods").glob("*/containers/*/*/*.json"):
-            if f.name in ("shim.json", "container.json"):
-                rec = _read_json(f) or {}
-                if rec.get("pid"):
-                    out.append((int(rec["pid"]), rec.get("start")))
-        return out
+        return recorded_processes(self.root)
 
     def _find(self, namespace: str, pod: str) -> PodWorker | None:
         for w in self.workers.values():
@@ -297,6 +291,18 @@ class Runtime:
         except LookupError:
             return False
         return cs.current is not None and cs.current.running
+
+
+def recorded_processes(root: pathlib.Path) -> list[tuple[int, int | None]]:
+    """``(pid, start time)`` of every shim and container process recorded under a kubelet root,
+    whether or not they still run (the caller signals only those whose start time matches)."""
+    out: list[tuple[int, int | None]] = []
+    for f in (pathlib.Path(root) / "pods").glob("*/containers/*/*/*.json"):
+        if f.name in ("shim.json", "container.json"):
+            rec = _read_json(f) or {}
+            if rec.get("pid"):
+                out.append((int(rec["pid"]), rec.get("start")))
+    return out
 
 
 class PodWorker:
