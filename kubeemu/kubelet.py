@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import json
 import logging
@@ -120,6 +121,7 @@ class LabKubelet:
         self.pods: dict[str, tuple[str, str]] = {}  # pod key -> (node, ip) set up by us
         self.uids: dict[str, str] = {}  # pod key -> uid of the pod we run under that key
         self.rejected: set[str] = set()  # uids refused admission (Failed; never run)
+        self._removing: dict[str, asyncio.Task[None]] = {}  # pod key -> its removal in progress
         self.runtime = Runtime(root, self, poll=poll) if root is not None else None
         self.api_port = api_port
         self.kubelet_port = 0
@@ -223,11 +225,15 @@ class LabKubelet:
             return
         loop = asyncio.get_running_loop()
         if etype == "DELETED" or meta.get("deletionTimestamp"):
-            await self._remove(key, uid, pod, graceful=etype != "DELETED")
-            if etype != "DELETED":
-                await self._req("DELETE", f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}",
-                                {"gracePeriodSeconds": 0}, ok=(200, 404))
+            # In the background: a grace period must not hold up every other pod of the watch.
+            if key not in self._removing:
+                task = asyncio.create_task(self._delete(key, uid, pod, etype))
+                self._removing[key] = task
+                task.add_done_callback(functools.partial(self._removed, key))
             return
+        if key in self._removing:  # a pod of the same name is still going away: let it finish first
+            with contextlib.suppress(Exception):
+                await self._removing[key]
         if key in self.pods and self.uids.get(key, uid) != uid:
             await self._remove(key, self.uids[key], pod, graceful=False)  # same name, new pod
         if key in self.pods:
@@ -287,6 +293,20 @@ class LabKubelet:
             "hostIPs": [{"ip": lab_node.internal_ip}], "startTime": t, "conditions": conds,
             "containerStatuses": statuses})
         _log.info("pod %s: running on %s with %s (network only: no runtime)", key, node, ip)
+
+    def _removed(self, key: str, _task: asyncio.Task[None]) -> None:
+        self._removing.pop(key, None)
+
+    async def _delete(self, key: str, uid: str, pod: dict[str, Any], etype: str) -> None:
+        """Stop a deleted pod, then (graceful deletion) confirm with ``gracePeriodSeconds=0``."""
+        meta = pod.get("metadata") or {}
+        try:
+            await self._remove(key, uid, pod, graceful=etype != "DELETED")
+            if etype != "DELETED":
+                await self._req("DELETE", f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}",
+                                {"gracePeriodSeconds": 0}, ok=(200, 404))
+        except (RuntimeError, aiohttp.ClientError, OSError, ValueError) as e:  # retried on the next event/re-list
+            _log.error("pod %s: removing it failed: %s", key, e)
 
     async def _remove(self, key: str, uid: str, pod: dict[str, Any], graceful: bool) -> None:
         """Stop the pod's containers (grace period, as upstream), then remove its network."""

@@ -51,6 +51,7 @@ from typing import Any
 
 from kubeemu.runtime import env as envmod
 from kubeemu.runtime import procs, volumes
+from kubeemu.runtime.access import ContainerAccess
 from kubeemu.runtime.backoff import Backoff
 from kubeemu.runtime.probes import ProbeWorker, run_probe
 
@@ -291,6 +292,11 @@ class Runtime:
         except LookupError:
             return False
         return cs.current is not None and cs.current.running
+
+
+def _implements_access(rt: Runtime) -> ContainerAccess:
+    """Never called: mypy checks here that :class:`Runtime` is a ``ContainerAccess``."""
+    return rt
 
 
 def recorded_processes(root: pathlib.Path) -> list[tuple[int, int | None]]:
