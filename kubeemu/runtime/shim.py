@@ -10,8 +10,10 @@ In that order it:
 2. sets the hostname (the pod's name) in its UTS namespace;
 3. builds the container's root: an overlay whose lower layer is the host root and whose upper
    layer is a tmpfs (the container's writable layer: it never writes the host's files), with the
-   host's top-level mounts (``/proc``, ``/sys``, ``/dev``, ...) bound in;
-4. binds each volume at its ``mountPath`` (creating the mount point in the writable layer),
+   host's top-level mounts (``/proc``, ``/sys``, ``/dev``, ...) bound in, except ``/run`` and
+   ``/tmp``, which are fresh tmpfs (the container's own, as an image's);
+4. binds each volume at its ``mountPath`` (creating the mount point in the writable layer,
+   symlinks resolved inside the container root, never on the host),
    read-only ones remounted read-only, and the pod's ``hostname``/``hosts`` files over
    ``/etc/hostname`` and ``/etc/hosts``;
 5. opens the CRI log file, chroots into the root, starts the container process (stdin
@@ -92,8 +94,35 @@ def _top_mounts() -> list[str]:
     return tops
 
 
+def resolve_in_root(root: Path, target: str) -> Path:
+    """``target`` inside ``root`` with every symlink resolved *within* ``root`` (as runc's
+    securejoin): an absolute link (``/var/run -> /run``) restarts at ``root``, ``..`` never
+    climbs above it. Without this a mount point could be created on the host's file system."""
+    parts = [p for p in target.split("/") if p and p != "."]
+    cur: list[str] = []
+    hops = 0
+    while parts:
+        name = parts.pop(0)
+        if name == "..":
+            if cur:
+                cur.pop()
+            continue
+        candidate = root.joinpath(*cur, name)
+        if candidate.is_symlink():
+            hops += 1
+            if hops > 40:
+                raise OSError(f"too many levels of symbolic links resolving {target} in the container")
+            link = os.readlink(candidate)
+            if link.startswith("/"):
+                cur = []
+            parts = [p for p in link.split("/") if p and p != "."] + parts
+            continue
+        cur.append(name)
+    return root.joinpath(*cur)
+
+
 def _make_target(root: Path, target: str, source: str) -> Path:
-    dest = root / target.lstrip("/")
+    dest = resolve_in_root(root, target)
     if os.path.isdir(source):
         dest.mkdir(parents=True, exist_ok=True)
     else:
@@ -101,6 +130,11 @@ def _make_target(root: Path, target: str, source: str) -> Path:
         if not dest.exists():
             dest.touch()
     return dest
+
+
+#: Top-level directories a container gets fresh (a tmpfs), as an image has its own: the host's
+#: are never shared, so nothing a container creates there reaches the host.
+PRIVATE_DIRS = {"/run": "mode=0755", "/tmp": "mode=1777"}
 
 
 def build_root(spec: dict[str, Any]) -> Path:
@@ -117,12 +151,16 @@ def build_root(spec: dict[str, Any]) -> Path:
     _run(["mount", "-t", "overlay", "kubeemu-root", "-o",
           f"lowerdir=/,upperdir={rw / 'upper'},workdir={rw / 'work'}", str(root)])
     for mp in _top_mounts():
-        if mp.startswith(str(state)):
+        if mp.startswith(str(state)) or mp in PRIVATE_DIRS:
             continue
         dest = root / mp.lstrip("/")
-        if not dest.is_dir():
+        if not dest.is_dir() or dest.is_symlink():
             continue
         _run(["mount", "--rbind", mp, str(dest)])
+    for d, opts in PRIVATE_DIRS.items():
+        dest = root / d.lstrip("/")
+        if dest.is_dir() and not dest.is_symlink():
+            _run(["mount", "-t", "tmpfs", "-o", opts, "kubeemu-" + d.strip("/"), str(dest)])
     subprocess.run(["umount", "-R", "-l", str(root / "run" / "netns")], capture_output=True, check=False)
     for m in spec.get("mounts", []):
         dest = _make_target(root, m["target"], m["source"])

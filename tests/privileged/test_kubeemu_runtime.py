@@ -329,3 +329,42 @@ def test_admission_rejects_what_does_not_fit(env: dict[str, Any]) -> None:
     _http(f"{url}/api/v1/namespaces/default/pods", "POST", _pod("d", [small]))
     st = wait_until(lambda: (p := _get(url, "d"))["status"].get("phase") == "Failed" and p["status"], 20, "d Failed")
     assert st["reason"] == "OutOfpods"
+
+
+def test_pvc_waits_until_bound_then_mounts_the_pv_and_init_containers_run_first(env: dict[str, Any]) -> None:
+    url = env["url"]
+    pvdir = env["root"].parent / "pv-data"
+    pvdir.mkdir()
+    host_run_secrets = pathlib.Path("/run/secrets").exists()  # /var/run -> /run on the host
+    env["start"]()
+    _http(f"{url}/api/v1/namespaces/default/persistentvolumeclaims", "POST",
+          {"metadata": {"name": "claim"}, "spec": {"accessModes": ["ReadWriteOnce"],
+                                                   "resources": {"requests": {"storage": "1Gi"}}}})
+    pod = _pod("db", [{"name": "c", "image": "x", "command": ["sh", "-c", "cat /data/init.txt; exec sleep 300"],
+                       "volumeMounts": [{"name": "data", "mountPath": "/data"},
+                                        {"name": "tok", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"}]}],
+               initContainers=[{"name": "init", "image": "x", "command": ["sh", "-c", "echo seeded > /data/init.txt"],
+                                "volumeMounts": [{"name": "data", "mountPath": "/data"}]}],
+               volumes=[{"name": "data", "persistentVolumeClaim": {"claimName": "claim"}},
+                        {"name": "tok", "projected": {"sources": [{"serviceAccountToken": {"path": "token"}}]}}])
+    _http(f"{url}/api/v1/namespaces/default/pods", "POST", pod)
+    st = wait_until(lambda: (p := _get(url, "db"))["status"].get("message") and p["status"], 20, "db waiting on PVC")
+    assert st["phase"] == "Pending" and 'persistentvolumeclaim "claim" is not bound' in st["message"]
+    assert _cstatus(url, "db")["state"]["waiting"]["reason"] in ("ContainerCreating", "PodInitializing")
+    _http(f"{url}/api/v1/persistentvolumes", "POST",
+          {"metadata": {"name": "pv1"}, "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
+                                                 "local": {"path": str(pvdir)}}})
+    _http(f"{url}/api/v1/namespaces/default/persistentvolumeclaims/claim", "PATCH", {"spec": {"volumeName": "pv1"}},
+          "application/merge-patch+json")
+    _http(f"{url}/api/v1/namespaces/default/persistentvolumeclaims/claim/status", "PATCH",
+          {"status": {"phase": "Bound"}}, "application/merge-patch+json")
+    wait_until(lambda: _cstatus(url, "db").get("state", {}).get("running"), 20, "db running")
+    init = _get(url, "db")["status"]["initContainerStatuses"][0]
+    assert init["state"]["terminated"]["exitCode"] == 0 and init["state"]["terminated"]["reason"] == "Completed"
+    assert (pvdir / "init.txt").read_text() == "seeded\n"  # written by the init container into the PV
+    rt: Runtime = env["kubelets"][0].kubelet.runtime
+    log = rt.log_path("default", "db", "c", previous=False)
+    wait_until(lambda: "seeded" in log.read_text(), 10, "app container read the init container's file")
+    token = _exec(rt, "db", ["cat", "/var/run/secrets/kubernetes.io/serviceaccount/token"])
+    assert token.count(".") == 2  # a JWT (TokenRequest, or the unsigned placeholder without that endpoint)
+    assert pathlib.Path("/run/secrets").exists() == host_run_secrets  # the mount point was made in the container

@@ -202,3 +202,17 @@ def test_probe_thresholds() -> None:
     pw.record(False, "x", 111.0)
     assert pw.result is False
     assert ProbeWorker("liveness", {}, started=0.0).result is True  # alive until proven otherwise
+
+
+def test_mount_targets_resolve_symlinks_inside_the_container_root(tmp_path: pathlib.Path) -> None:
+    from kubeemu.runtime.shim import resolve_in_root
+
+    root = tmp_path / "root"
+    (root / "run").mkdir(parents=True)
+    (root / "var").mkdir()
+    (root / "var" / "run").symlink_to("/run")  # absolute: must mean <root>/run, not the host's /run
+    (root / "etc").mkdir()
+    (root / "etc" / "up").symlink_to("../../../../outside")
+    assert resolve_in_root(root, "/var/run/secrets/x") == root / "run" / "secrets" / "x"
+    assert resolve_in_root(root, "/etc/up/y") == root / "outside" / "y"  # '..' stops at the root
+    assert resolve_in_root(root, "/../../a") == root / "a"
