@@ -340,9 +340,9 @@ def test_pvc_waits_until_bound_then_mounts_the_pv_and_init_containers_run_first(
     _http(f"{url}/api/v1/namespaces/default/persistentvolumeclaims", "POST",
           {"metadata": {"name": "claim"}, "spec": {"accessModes": ["ReadWriteOnce"],
                                                    "resources": {"requests": {"storage": "1Gi"}}}})
+    sa_dir = "/var/run/secrets/kubernetes.io/serviceaccount"
     pod = _pod("db", [{"name": "c", "image": "x", "command": ["sh", "-c", "cat /data/init.txt; exec sleep 300"],
-                       "volumeMounts": [{"name": "data", "mountPath": "/data"},
-                                        {"name": "tok", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"}]}],
+                       "volumeMounts": [{"name": "data", "mountPath": "/data"}, {"name": "tok", "mountPath": sa_dir}]}],
                initContainers=[{"name": "init", "image": "x", "command": ["sh", "-c", "echo seeded > /data/init.txt"],
                                 "volumeMounts": [{"name": "data", "mountPath": "/data"}]}],
                volumes=[{"name": "data", "persistentVolumeClaim": {"claimName": "claim"}},
