@@ -119,6 +119,7 @@ class Attempt:
     started_mono: float = 0.0
     probes: dict[str, ProbeWorker] = field(default_factory=dict)
     killing: bool = False
+    probing: bool = False  # its probe loops are started
 
     @property
     def running(self) -> bool:
@@ -347,14 +348,18 @@ class PodWorker:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self._load)
-        while True:
-            try:
-                await self.sync()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a failing pod never stops the kubelet; it is retried next round
-                _log.exception("pod %s/%s: sync failed", self.info.namespace, self.info.name)
-            await asyncio.sleep(self.rt.poll)
+        try:
+            while True:
+                try:
+                    await self.sync()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # a failing pod never stops the kubelet; it is retried next round
+                    _log.exception("pod %s/%s: sync failed", self.info.namespace, self.info.name)
+                await asyncio.sleep(self.rt.poll)
+        finally:
+            for t in list(self._probe_tasks):
+                t.cancel()
 
     def _load(self) -> None:
         """Adopt what an earlier kubelet left: restart counts, back-off, live shims (blocking)."""
@@ -579,21 +584,15 @@ class PodWorker:
     # ---------------------------------------------------------------- probes
 
     def _run_probes(self) -> None:
-        """Step 4: start each due probe in a thread; act on startup/liveness failures."""
-        now = time.monotonic()
+        """Step 4: one probe loop per probe of a running attempt; act on startup/liveness failures."""
         for cs in self.containers.values():
             att = cs.current
             if att is None or not att.running or att.killing:
                 continue
-            startup = att.probes.get("startup")
-            for kind, pw in att.probes.items():
-                if kind != "startup" and startup is not None and startup.result is not True:
-                    continue
-                if kind == "startup" and pw.result is True:
-                    continue
-                if pw.due(now):
-                    pw.running = True
-                    t = asyncio.create_task(self._probe(cs, att, pw))
+            if not att.probing:
+                att.probing = True
+                for pw in att.probes.values():
+                    t = asyncio.create_task(self._probe_loop(cs, att, pw))
                     self._probe_tasks.add(t)
                     t.add_done_callback(self._probe_tasks.discard)
             for kind in ("startup", "liveness"):
@@ -607,6 +606,23 @@ class PodWorker:
                     t = asyncio.create_task(self._kill_async(att, grace))
                     self._probe_tasks.add(t)
                     t.add_done_callback(self._probe_tasks.discard)
+
+    async def _probe_loop(self, cs: ContainerState, att: Attempt, pw: ProbeWorker) -> None:
+        """Run one probe on its own schedule (``periodSeconds`` exactly, not the sync's pace) while
+        the attempt runs; readiness and liveness wait for the startup probe to succeed."""
+        startup = att.probes.get("startup")
+        while att.running and not att.killing:
+            now = time.monotonic()
+            if pw.kind != "startup" and startup is not None and startup.result is not True:
+                await asyncio.sleep(0.2)
+                continue
+            if pw.kind == "startup" and pw.result is True:
+                return
+            if now < pw.next_due:
+                await asyncio.sleep(min(pw.next_due - now, 1.0))
+                continue
+            pw.running = True
+            await self._probe(cs, att, pw)
 
     async def _kill_async(self, att: Attempt, grace: float) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self._kill, att, grace)
