@@ -26,6 +26,10 @@ Example (``examples/lab.yaml`` is the default lab)::
             podCIDR: 10.10.1.0/24      # optional: carved in order from podCIDRs when absent
             pods: 2                    # lab pods on this node (p0, p1, ...)
             underlay: 198.18.0.11      # optional
+            resources:                 # optional (kubernetes: true): the Node's capacity
+              cpu: "4"                 # defaults: cpu 4, memory 8Gi, pods 110, ephemeral-storage 50Gi
+              memory: 8Gi
+              example.com/gpu: 2       # extended resources: domain/name, whole numbers
 
 With ``kubernetes: true`` a cluster may name its ``scheduler`` (``none``, the default: pods without
 ``nodeName`` stay Pending; ``kosmos``); the lab decides which it can run (tools.lab.schedulers).
@@ -91,6 +95,11 @@ _FAMILY_BY_NAME = {name: f for f, name in types.FAMILY_NAMES.items()}
 MAX_PODS_PER_NODE = validation.MAX_PODS_PER_NODE
 
 _DNS1123_LABEL = re.compile(validation.DNS1123_LABEL)
+_QUANTITY = re.compile(validation.QUANTITY)
+#: An extended resource name (upstream ``IsExtendedResourceName``): a DNS subdomain outside
+#: ``kubernetes.io``, ``/``, a name.
+_EXTENDED_RESOURCE = re.compile(r"^(?![a-z0-9.-]*kubernetes\.io/)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*"
+                                r"[a-z0-9])?)*/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
 _MAX_NAME = validation.MAX_LAB_NAME
 
 #: Modes this build can run.
@@ -120,6 +129,9 @@ class LabNode:
     #: always the IPv4 (management) address.
     pod_cidr6: str = ""
     underlay_ip6: str = ""
+    #: Declared capacity of the node's kubelet (``resources:``), as written: ``(name, quantity)``
+    #: pairs; the lab kubelet adds its defaults (cpu 4, memory 8Gi, pods 110, ephemeral-storage 50Gi).
+    resources: tuple[tuple[str, str], ...] = ()
 
     def pod_ips(self) -> tuple[str, ...]:
         """Pod ``pN`` gets host address N+2 of the node's pod CIDR (.1 is left free); empty when
@@ -331,6 +343,7 @@ class _Parser:
                         LabNode(
                             n.name, n.pod_cidr or "", n.pods, n.underlay,  # type: ignore[arg-type]
                             pod_cidr6=n.pod_cidr6 or "", underlay_ip6=n.underlay6 or "",
+                            resources=tuple(n.resources),
                         )
                         for n in pc.nodes
                     ),
@@ -387,6 +400,8 @@ class _Parser:
                 elif pn.underlay6 is not None and 6 not in pc.families:
                     self.err(f"{npath}.underlay6", "the cluster does not run IPv6 (ipFamilies)")
                     pn.underlay6 = None
+            if isinstance(rn.get("resources"), dict):
+                self._node_resources(pn, rn["resources"], f"{npath}.resources")
             pc.nodes.append(pn)
         self._gateways(pc, rc.get("gateways"), f"{path}.gateways")
         self._global_cidrs(pc, rc.get("globalCIDRs"), f"{path}.globalCIDRs")
@@ -420,6 +435,22 @@ class _Parser:
                 if types.family_of(c) not in pc.families:
                     fname = types.FAMILY_NAMES[types.family_of(c)]
                     self.err(f"{pc.path}.{key}[{k}]", f"{c} is {fname} but the cluster runs only {run} (ipFamilies)")
+
+    def _node_resources(self, pn: _PNode, value: dict[str, Any], path: str) -> None:
+        """A node's ``resources``: what the schema cannot say (resource names, whole counts)."""
+        for name, q in value.items():
+            p = validation.join(path, name)
+            if not isinstance(q, (str, int)) or isinstance(q, bool) or not _QUANTITY.match(str(q)):
+                continue  # the schema reported it
+            standard = name in ("cpu", "memory", "pods", "ephemeral-storage") or name.startswith("hugepages-")
+            if not standard and not _EXTENDED_RESOURCE.match(name):
+                self.err(p, f"node {pn.name or '?'}: {name!r} is neither cpu, memory, pods, ephemeral-storage, "
+                            "hugepages-<size> nor an extended resource (domain/name, e.g. example.com/gpu)")
+                continue
+            if (name == "pods" or not standard) and not re.fullmatch(r"\+?[0-9]+", str(q)):
+                self.err(p, f"node {pn.name or '?'}: {name} must be a whole number, not {q!r}")
+                continue
+            pn.resources.append((name, str(q)))
 
     def _node_pod_cidrs(self, pc: _PCluster, pn: _PNode, value: Any, path: str) -> None:
         """A node's ``podCIDR``: one CIDR, or a list with at most one per family."""
@@ -674,6 +705,7 @@ class _PNode:
     underlay: str | None = None
     pod_cidr6: str | None = None
     underlay6: str | None = None
+    resources: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass

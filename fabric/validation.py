@@ -75,6 +75,9 @@ def _link_piece(key: str) -> dict[str, Any]:
     return {k: copy.deepcopy(v) for k, v in piece.items() if k not in ("default", "description")}
 
 
+#: A non-negative Kubernetes quantity (``500m``, ``4``, ``8Gi``, ``1.5G``, ``2e3``): a lab node's capacity.
+QUANTITY = r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)(Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE]|[eE][+-]?[0-9]+)?$"
+
 #: The CIDR string schema (pattern and size) every CIDR of the configuration follows.
 CIDR_SCHEMA = _link_piece("podCIDRs")["items"]
 
@@ -92,7 +95,12 @@ def topology_schema() -> dict[str, Any]:
     node = {"type": "object", "additionalProperties": False, "required": ["name"], "properties": {
         "name": label, "podCIDR": pod_cidr, "pods": {"type": "integer", "minimum": 0, "maximum": MAX_PODS_PER_NODE,
                                                     "x-what": f"an integer from 0 to {MAX_PODS_PER_NODE}"},
-        "underlay": ip, "underlay6": ip}}
+        "underlay": ip, "underlay6": ip,
+        "resources": {"type": "object", "additionalProperties": {
+            "type": ["string", "integer"], "pattern": QUANTITY, "minimum": 0,
+            "x-what": "a non-negative Kubernetes quantity (e.g. \"4\", 500m, 8Gi, 110)"},
+            "x-what": "a mapping of resource name to quantity (cpu: \"4\", memory: 8Gi, pods: 110, "
+                      "ephemeral-storage: 50Gi, example.com/gpu: 2)"}}}
     gateways = _link_piece("gatewayCandidates")
     gateways.update(items=label, minItems=1)
     gateways["x-what"] = "a non-empty list of node names (omit it to allow every node)"

@@ -1,19 +1,32 @@
 """The lab kubelet: makes Pods bound to lab nodes real, through callbacks the lab provides.
 
 For each lab node it registers a Node object (``spec.podCIDR(s)``, ``InternalIP`` address,
-``Ready`` condition, kubelet version) and renews its Lease in ``kube-node-lease``. It watches
-Pods bound to its nodes and, for each new one:
+``Ready`` condition, kubelet version, ``capacity``/``allocatable`` from the node's declared
+resources, ``daemonEndpoints.kubeletEndpoint.Port`` of its HTTP API) and renews its Lease in
+``kube-node-lease``. It watches Pods bound to its nodes and, for each new one:
 
-1. picks a free IP from the node's pod CIDR (skipping the network address, ``.1`` and the
+1. admits it or not (:mod:`kubeemu.runtime.admission`): the requests of the node's admitted
+   non-terminal pods plus this one must fit allocatable, else the pod is ``Failed`` with reason
+   ``OutOf<resource>``, as upstream's kubelet rejects it;
+2. picks a free IP from the node's pod CIDR (skipping the network address, ``.1`` and the
    addresses the lab reserved for its own static pods);
-2. calls ``PodNetwork.create(node, pod_key, ip)``: the lab creates the pod's network namespace
-   on that node (veth, /32 route, proxy ARP: what ``tools/lab`` does for its own pods);
-3. writes status back: ``Running``, ``podIP(s)``, ``hostIP``, Ready conditions, one ready
-   containerStatus per container.
+3. calls ``PodNetwork.create(node, pod_key, ip)``: the lab creates the pod's network namespace
+   on that node (veth, /32 route, proxy ARP: what ``tools/lab`` does for its own pods) and
+   returns its name;
+4. with a runtime (``root`` given): hands the pod to :class:`kubeemu.runtime.pods.Runtime`,
+   which runs its containers as processes in that namespace and reports the pod's status
+   (phase, conditions, containerStatuses) as it changes; the kubelet PATCHes it. Without a
+   runtime (network-only mode, used by tests of the wiring) it writes ``Running`` with every
+   container ready.
 
 A Pod being deleted (``deletionTimestamp`` with a grace period, the emulator started with
-``--graceful-pods``) or already gone gets ``PodNetwork.delete``; for the graceful case the
-kubelet then confirms with a delete at ``gracePeriodSeconds=0``, as the real kubelet does.
+``--graceful-pods``) or already gone has its containers stopped (SIGTERM, grace period,
+SIGKILL), then ``PodNetwork.delete``; for the graceful case the kubelet then confirms with a
+delete at ``gracePeriodSeconds=0``, as the real kubelet does.
+
+When ``kubeemu.kubeletapi`` is available the kubelet also serves upstream's kubelet API
+(``/containerLogs``, ``/exec``) on 127.0.0.1 from the runtime (the API server proxies
+``pods/log`` and ``pods/exec`` there).
 
 It talks plain HTTP to the emulator (aiohttp), so it depends on nothing but the wire protocol.
 ``PodNetwork`` calls are blocking and run in a thread; they must be idempotent (a restarted
@@ -24,15 +37,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import json
 import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import aiohttp
+
+from kubeemu.runtime import admission
+from kubeemu.runtime.pods import PodInfo, Runtime
 
 _log = logging.getLogger(__name__)
 
@@ -40,9 +58,12 @@ KUBELET_VERSION = "v1.32.0-kubeemu"
 
 
 class PodNetwork(Protocol):
-    """What the lab provides: make or remove one pod's network namespace on a node."""
+    """What the lab provides: make or remove one pod's network namespace on a node.
 
-    def create(self, node: str, pod_key: str, ip: str) -> None: ...
+    ``create`` returns the namespace's name under ``/run/netns`` (where the runtime starts the
+    containers), or None when it made none (test doubles: containers then cannot run)."""
+
+    def create(self, node: str, pod_key: str, ip: str) -> str | None: ...
 
     def delete(self, node: str, pod_key: str, ip: str) -> None: ...
 
@@ -56,6 +77,14 @@ class LabNode:
     pod_cidrs: tuple[str, ...]
     reserved: frozenset[str] = frozenset()
     used: set[str] = field(default_factory=set)
+    #: Declared capacity (``cpu: "4"``, ``memory: 8Gi``, ``example.com/gpu: 2``), over the defaults.
+    resources: dict[str, Any] = field(default_factory=dict)
+    #: Admitted non-terminal pods on this node: pod key -> pod (what admission counts).
+    admitted: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def capacity(self) -> dict[str, int]:
+        return admission.node_capacity(self.name, self.resources)
 
     def allocate(self) -> str:
         net = ipaddress.ip_network(self.pod_cidrs[0], strict=False)
@@ -80,14 +109,42 @@ class LabKubelet:
     """One kubelet process serving every lab node of one cluster."""
 
     def __init__(self, url: str, nodes: Iterable[LabNode], network: PodNetwork, lease_seconds: int = 40,
-                 renew_interval: float = 10.0) -> None:
+                 renew_interval: float = 10.0, root: Path | None = None, poll: float = 1.0,
+                 api_port: int = 0) -> None:
         self.url = url.rstrip("/")
         self.nodes = {n.name: n for n in nodes}
+        for n in self.nodes.values():
+            n.capacity  # noqa: B018 - a bad declared capacity fails here, at start, naming the node
         self.network = network
         self.lease_seconds = lease_seconds
         self.renew_interval = renew_interval
         self.pods: dict[str, tuple[str, str]] = {}  # pod key -> (node, ip) set up by us
+        self.uids: dict[str, str] = {}  # pod key -> uid of the pod we run under that key
+        self.rejected: set[str] = set()  # uids refused admission (Failed; never run)
+        self._removing: dict[str, asyncio.Task[None]] = {}  # pod key -> its removal in progress
+        self.runtime = Runtime(root, self, poll=poll) if root is not None else None
+        self.api_port = api_port
+        self.kubelet_port = 0
+        self._api_runner: Any = None
         self._session: aiohttp.ClientSession | None = None
+
+    # ---------------------------------------------------------------- runtime's API access
+
+    async def get(self, path: str) -> dict[str, Any] | None:
+        """``volumes.Api.get``: one object, None when it does not exist."""
+        code, obj = await self._req("GET", path, ok=(200, 404))
+        return obj if code == 200 else None
+
+    async def post(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """``volumes.Api.post``: the status code and the body, whatever the code."""
+        assert self._session is not None
+        async with self._session.post(self.url + path, data=json.dumps(body),
+                                      headers={"Content-Type": "application/json"}) as r:
+            try:
+                payload = await r.json(content_type=None)
+            except (ValueError, aiohttp.ContentTypeError):
+                payload = {}
+            return r.status, payload if isinstance(payload, dict) else {}
 
     # ---------------------------------------------------------------- http
 
@@ -113,6 +170,9 @@ class LabKubelet:
                                 "message": "kubelet is posting ready status", "lastHeartbeatTime": _now(),
                                 "lastTransitionTime": _now()}],
                 "nodeInfo": {"kubeletVersion": KUBELET_VERSION, "architecture": "amd64", "operatingSystem": "linux"},
+                "capacity": admission.render(n.capacity),
+                "allocatable": admission.render(n.capacity),  # nothing reserved (no system/kube-reserved)
+                "daemonEndpoints": {"kubeletEndpoint": {"Port": self.kubelet_port}},
             }
             body = {"apiVersion": "v1", "kind": "Node",
                     "metadata": {"name": n.name, "labels": {"kubernetes.io/hostname": n.name,
@@ -145,55 +205,126 @@ class LabKubelet:
 
     # ---------------------------------------------------------------- pods
 
+    async def _patch_status(self, ns: str, name: str, status: dict[str, Any]) -> None:
+        await self._req("PATCH", f"/api/v1/namespaces/{ns}/pods/{name}/status", {"status": status},
+                        "application/merge-patch+json", ok=(200, 404))
+
     async def _on_pod(self, etype: str, pod: dict[str, Any]) -> None:
+        try:
+            await self._handle_pod(etype, pod)
+        except (RuntimeError, aiohttp.ClientError, OSError, ValueError) as e:  # never stops the kubelet
+            meta = pod.get("metadata") or {}
+            _log.error("pod %s/%s: %s", meta.get("namespace"), meta.get("name"), e)
+
+    async def _handle_pod(self, etype: str, pod: dict[str, Any]) -> None:
         meta = pod["metadata"]
         key = f"{meta['namespace']}/{meta['name']}"
+        uid = str(meta.get("uid", ""))
         node = (pod.get("spec") or {}).get("nodeName")
         if node not in self.nodes:
             return
         loop = asyncio.get_running_loop()
         if etype == "DELETED" or meta.get("deletionTimestamp"):
-            if key in self.pods:
-                n, ip = self.pods.pop(key)
-                await loop.run_in_executor(None, self.network.delete, n, key, ip)
-                self.nodes[n].used.discard(ip)
-                _log.info("pod %s: network on %s removed (%s)", key, n, ip)
-            if etype != "DELETED":
-                await self._req("DELETE", f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}",
-                                {"gracePeriodSeconds": 0}, ok=(200, 404))
+            # In the background: a grace period must not hold up every other pod of the watch.
+            if key not in self._removing:
+                task = asyncio.create_task(self._delete(key, uid, pod, etype))
+                self._removing[key] = task
+                task.add_done_callback(functools.partial(self._removed, key))
             return
+        if key in self._removing:  # a pod of the same name is still going away: let it finish first
+            with contextlib.suppress(Exception):
+                await self._removing[key]
+        if key in self.pods and self.uids.get(key, uid) != uid:
+            await self._remove(key, self.uids[key], pod, graceful=False)  # same name, new pod
         if key in self.pods:
+            if self.runtime is not None and uid in self.runtime.workers:
+                self.runtime.workers[uid].pod = pod
             return
         lab_node = self.nodes[node]
-        known = (pod.get("status") or {}).get("podIP")
+        status = pod.get("status") or {}
+        if uid in self.rejected or (status.get("phase") in ("Succeeded", "Failed") and not status.get("podIP")):
+            return
+        if status.get("phase") not in ("Succeeded", "Failed") and key not in lab_node.admitted:
+            refused = admission.fits(pod, lab_node.admitted.values(), lab_node.capacity)
+            if refused is not None:
+                self.rejected.add(uid)
+                _log.warning("pod %s: rejected on %s: %s (%s)", key, node, refused.reason, refused.message)
+                await self._patch_status(meta["namespace"], meta["name"], {
+                    "phase": "Failed", "reason": refused.reason, "message": refused.message})
+                return
+            lab_node.admitted[key] = pod
+        known = status.get("podIP")
         if known:
             ip = str(known)
             lab_node.used.add(ip)  # adopt (kubelet restart)
         else:
             ip = lab_node.allocate()
         try:
-            await loop.run_in_executor(None, self.network.create, node, key, ip)
+            netns = await loop.run_in_executor(None, self.network.create, node, key, ip)
         except Exception as e:  # a failed pod never stops the kubelet; it is reported on the pod
             lab_node.used.discard(ip)
+            lab_node.admitted.pop(key, None)
             _log.error("pod %s: creating its network on %s failed: %s", key, node, e)
-            await self._req("PATCH", f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/status",
-                            {"status": {"phase": "Pending", "message": f"network setup failed: {e}",
-                                        "reason": "NetworkSetupFailed"}}, "application/merge-patch+json",
-                            ok=(200, 404))
+            await self._patch_status(meta["namespace"], meta["name"], {
+                "phase": "Pending", "message": f"network setup failed: {e}", "reason": "NetworkSetupFailed"})
             return
         self.pods[key] = (node, ip)
+        self.uids[key] = uid
+        if self.runtime is not None:
+            info = PodInfo(meta["namespace"], meta["name"], uid, node, (ip,), lab_node.internal_ip, netns)
+
+            async def sink(st: dict[str, Any], ns: str = meta["namespace"], name: str = meta["name"],
+                           k: str = key, n: LabNode = lab_node) -> None:
+                if st.get("phase") in ("Succeeded", "Failed"):
+                    n.admitted.pop(k, None)  # terminal pods no longer hold resources
+                await self._patch_status(ns, name, st)
+
+            self.runtime.start(pod, info, sink)
+            _log.info("pod %s: network on %s with %s (%s); starting its containers", key, node, ip, netns)
+            return
         t = _now()
         conds = [{"type": c, "status": "True", "lastTransitionTime": t}
                  for c in ("PodReadyToStartContainers", "Initialized", "Ready", "ContainersReady", "PodScheduled")]
         statuses = [{"name": c["name"], "image": c.get("image", ""), "imageID": "", "ready": True, "started": True,
                      "restartCount": 0, "state": {"running": {"startedAt": t}}}
                     for c in (pod.get("spec") or {}).get("containers") or []]
-        status = {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "hostIP": lab_node.internal_ip,
-                  "hostIPs": [{"ip": lab_node.internal_ip}], "startTime": t, "conditions": conds,
-                  "containerStatuses": statuses}
-        await self._req("PATCH", f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/status",
-                        {"status": status}, "application/merge-patch+json", ok=(200, 404))
-        _log.info("pod %s: running on %s with %s", key, node, ip)
+        await self._patch_status(meta["namespace"], meta["name"], {
+            "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "hostIP": lab_node.internal_ip,
+            "hostIPs": [{"ip": lab_node.internal_ip}], "startTime": t, "conditions": conds,
+            "containerStatuses": statuses})
+        _log.info("pod %s: running on %s with %s (network only: no runtime)", key, node, ip)
+
+    def _removed(self, key: str, _task: asyncio.Task[None]) -> None:
+        self._removing.pop(key, None)
+
+    async def _delete(self, key: str, uid: str, pod: dict[str, Any], etype: str) -> None:
+        """Stop a deleted pod, then (graceful deletion) confirm with ``gracePeriodSeconds=0``."""
+        meta = pod.get("metadata") or {}
+        try:
+            await self._remove(key, uid, pod, graceful=etype != "DELETED")
+            if etype != "DELETED":
+                await self._req("DELETE", f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}",
+                                {"gracePeriodSeconds": 0}, ok=(200, 404))
+        except (RuntimeError, aiohttp.ClientError, OSError, ValueError) as e:  # retried on the next event/re-list
+            _log.error("pod %s: removing it failed: %s", key, e)
+
+    async def _remove(self, key: str, uid: str, pod: dict[str, Any], graceful: bool) -> None:
+        """Stop the pod's containers (grace period, as upstream), then remove its network."""
+        loop = asyncio.get_running_loop()
+        meta = pod.get("metadata") or {}
+        for ln in self.nodes.values():
+            ln.admitted.pop(key, None)
+        if self.runtime is not None and uid:
+            grace = meta.get("deletionGracePeriodSeconds")
+            if grace is None:
+                grace = (pod.get("spec") or {}).get("terminationGracePeriodSeconds", 30)
+            await self.runtime.stop(uid, float(grace) if graceful else min(float(grace), 2.0))
+        if key in self.pods:
+            n, ip = self.pods.pop(key)
+            self.uids.pop(key, None)
+            await loop.run_in_executor(None, self.network.delete, n, key, ip)
+            self.nodes[n].used.discard(ip)
+            _log.info("pod %s: network on %s removed (%s)", key, n, ip)
 
     async def _pod_loop(self) -> None:
         """List+watch all pods (filtering by our nodes locally), re-listing after 410 or a drop."""
@@ -203,13 +334,18 @@ class LabKubelet:
                 if not rv:
                     _, lst = await self._req("GET", "/api/v1/pods")
                     rv = lst["metadata"]["resourceVersion"]
-                    for p in lst["items"]:
+                    # Upstream admits in creation order, so a restarted kubelet admits what it ran before.
+                    items = sorted(lst["items"], key=lambda p: p["metadata"].get("creationTimestamp", ""))
+                    for p in items:
                         await self._on_pod("ADDED", p)
                     listed = {f"{p['metadata']['namespace']}/{p['metadata']['name']}" for p in lst["items"]}
                     for key in [k for k in self.pods if k not in listed]:
                         ns, name = key.split("/", 1)
-                        await self._on_pod("DELETED", {"metadata": {"namespace": ns, "name": name},
+                        await self._on_pod("DELETED", {"metadata": {"namespace": ns, "name": name,
+                                                                    "uid": self.uids.get(key, "")},
                                                        "spec": {"nodeName": self.pods[key][0]}})
+                    if self.runtime is not None:
+                        await self.runtime.reap_orphans({p["metadata"].get("uid", "") for p in lst["items"]})
                 assert self._session is not None
                 async with self._session.get(f"{self.url}/api/v1/pods", params={
                         "watch": "1", "resourceVersion": rv, "allowWatchBookmarks": "true",
@@ -229,10 +365,37 @@ class LabKubelet:
                 rv = ""
                 await asyncio.sleep(0.5)
 
+    async def _start_api(self) -> None:
+        """Serve the kubelet API (logs, exec) on 127.0.0.1 when ``kubeemu.kubeletapi`` is available."""
+        if self.runtime is None:
+            return
+        try:
+            from kubeemu import kubeletapi  # type: ignore[attr-defined,unused-ignore]
+        except ImportError:
+            _log.warning("kubelet API: kubeemu.kubeletapi is not part of this build; /containerLogs and /exec "
+                         "are not served (kubectl logs/exec will fail)")
+            return
+        from aiohttp import web
+
+        app = kubeletapi.make_app(self.runtime)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", self.api_port)
+        await site.start()
+        server = getattr(site, "_server", None)
+        sockets = getattr(server, "sockets", None) or []
+        self.kubelet_port = sockets[0].getsockname()[1] if sockets else self.api_port
+        self._api_runner = runner
+        _log.info("kubelet API on 127.0.0.1:%d", self.kubelet_port)
+
     async def run(self) -> None:
-        """Register nodes, then serve pods and renew leases until cancelled."""
+        """Start the kubelet API, register nodes, then serve pods and renew leases until cancelled.
+
+        On cancellation the containers keep running (their shims own them): a restarted kubelet
+        adopts them, as containers survive a real kubelet's restart."""
         async with aiohttp.ClientSession() as session:
             self._session = session
+            await self._start_api()
             await self.register_nodes()
             lease = asyncio.create_task(self._lease_loop())
             try:
@@ -241,4 +404,8 @@ class LabKubelet:
                 lease.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await lease
+                if self.runtime is not None:
+                    await self.runtime.detach()
+                if self._api_runner is not None:
+                    await self._api_runner.cleanup()
                 self._session = None

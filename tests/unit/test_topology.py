@@ -120,3 +120,30 @@ def test_a_used_default_that_collides_names_itself_and_the_key_to_set() -> None:
     ]
     doc["localCIDRs"] = ["198.20.0.0/16"]  # setting the key is the way out
     assert topology.parse(doc, "t.yaml").fabric_config().local_cidrs == ("198.20.0.0/16",)
+
+
+def test_node_resources_are_kept_as_written() -> None:
+    doc = _ok()
+    doc["clusters"][0]["nodes"][0]["resources"] = {"cpu": "4", "memory": "8Gi", "pods": 110,
+                                                   "ephemeral-storage": "50Gi", "example.com/gpu": 2}
+    t = topology.parse(doc)
+    nodes = {n.name: n for _, n in t.nodes()}
+    assert dict(nodes["e1"].resources) == {"cpu": "4", "memory": "8Gi", "pods": "110", "ephemeral-storage": "50Gi",
+                                           "example.com/gpu": "2"}
+    assert nodes["e2"].resources == ()  # absent: the kubelet's defaults
+
+
+@pytest.mark.parametrize(("resources", "key", "words"), [
+    ({"cpu": "lots"}, "resources.cpu", "'lots' is not a non-negative Kubernetes quantity"),
+    ({"memory": "-1Gi"}, "resources.memory", "is not a non-negative Kubernetes quantity"),
+    ({"pods": 1.5}, "resources.pods", "must be a non-negative Kubernetes quantity"),
+    ({"pods": "10k"}, "resources.pods", "node e1: pods must be a whole number, not '10k'"),
+    ({"gpu": 1}, "resources.gpu", "node e1: 'gpu' is neither cpu, memory"),
+    ({"kubernetes.io/x": 1}, "resources[kubernetes.io/x]", "is neither"),
+    ({"example.com/gpu": "0.5"}, "resources[example.com/gpu]", "example.com/gpu must be a whole number"),
+])
+def test_node_resources_refused_name_node_and_value(resources: dict[str, Any], key: str, words: str) -> None:
+    doc = _ok()
+    doc["clusters"][0]["nodes"][0]["resources"] = resources
+    problems = dict(_problems(doc))
+    assert words in problems[f"clusters[0].nodes[0].{key}"]

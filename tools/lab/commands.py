@@ -258,6 +258,12 @@ def _down_locked(name: str, state: LabState | None, progress: Progress) -> bool:
         for rec in [state.reflector, *(n.agent for n in state.nodes()), *kube]:
             if rec is not None and rec.running():
                 targets[rec.pid] = rec.start
+    from kubeemu.runtime.pods import recorded_processes  # lab kubelets' container shims and processes
+
+    for root in state_dir(name).glob("kubelet-*"):
+        for pid, start in recorded_processes(root):
+            if nsutil.same_process(pid, start):
+                targets.setdefault(pid, start)
     inodes = [i for i in (namespaces.inode(ns) for ns in owned) if i is not None]
     for pid in nsutil.pids_in_netns(inodes):
         targets.setdefault(pid, nsutil.start_time(pid))

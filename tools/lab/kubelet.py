@@ -6,12 +6,18 @@ pod plumbing as its network:
 
 * the nodes come from the lab's state file (read once at start): name, underlay address as the
   Node's InternalIP, pod CIDR, and the static pods' IPs, which the kubelet never hands out;
+* each node's declared ``resources`` (topology) become its Node's capacity and allocatable,
+  and the kubelet admits pods against them;
 * a Pod bound to a node becomes a lab pod through :func:`tools.lab.add_pod` (namespace
   ``NAME-<cluster>-<node>-k<hash>``, veth, /32 route, proxy ARP; idempotent), and leaves through
-  :func:`tools.lab.remove_pod` (the namespace is deleted, taking the veth and route with it).
+  :func:`tools.lab.remove_pod` (the namespace is deleted, taking the veth and route with it);
+* its containers run as processes in that namespace (:mod:`kubeemu.runtime`), with the
+  kubelet root ``<lab state dir>/kubelet-<cluster>`` (pod directories, volumes, CRI logs, the
+  shims' PID + start time records that a restarted kubelet adopts and ``lab down`` kills).
 
 It changes nothing in the state file, so it needs no lock: the API server holds the pods and the
-namespace names derive from the pod keys. ``lab up`` restarts it when nodes are added.
+namespace names derive from the pod keys. ``lab up`` restarts it when nodes are added; the
+containers keep running across that restart and are adopted.
 """
 
 from __future__ import annotations
@@ -42,9 +48,11 @@ class LabPodNetwork:
             raise lab.LabError(f"node {name!r} is not a node of this kubelet ({', '.join(self.nodes)})")
         return node
 
-    def create(self, node: str, pod_key: str, ip: str) -> None:
+    def create(self, node: str, pod_key: str, ip: str) -> str:
         n = self._node(node)
-        lab.add_pod(n, lab.kube_pod(n, pod_key, ip))
+        pod = lab.kube_pod(n, pod_key, ip)
+        lab.add_pod(n, pod)
+        return pod.netns
 
     def delete(self, node: str, pod_key: str, ip: str) -> None:
         n = self._node(node)
@@ -54,7 +62,8 @@ class LabPodNetwork:
 def lab_nodes(cluster: lab.ClusterRecord) -> list[LabNode]:
     """The kubelet's view of the cluster's nodes; static pod IPs are reserved."""
     return [
-        LabNode(n.name, n.underlay_ip, (n.pod_cidr,), reserved=frozenset(p.ip for p in n.pods))
+        LabNode(n.name, n.underlay_ip, (n.pod_cidr,), reserved=frozenset(p.ip for p in n.pods),
+                resources=dict(n.resources))
         for n in cluster.nodes
     ]
 
@@ -65,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", required=True, type=Path, help="the lab's state file (state.json)")
     p.add_argument("--cluster", required=True, help="cluster of the lab")
     p.add_argument("--url", required=True, help="the cluster's API server, e.g. http://127.0.0.1:40123")
+    p.add_argument("--root", type=Path, default=None,
+                   help="kubelet root: pod directories, volumes, logs (default: <state dir>/kubelet-<cluster>)")
+    p.add_argument("--api-port", type=int, default=0, help="port of the kubelet API on 127.0.0.1 (default: any)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -94,10 +106,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lab kubelet: lab {state.name} has no cluster {args.cluster!r} ({args.state})", file=sys.stderr)
         return 2
     nodes = lab_nodes(cluster)
-    _log.info("lab %s cluster %s: serving nodes %s for %s", state.name, cluster.name,
-              ", ".join(n.name for n in nodes), args.url)
-    asyncio.run(_run(LabKubelet(args.url, nodes, LabPodNetwork(cluster))))
+    root = args.root or kubelet_root(args.state.parent, cluster.name)
+    _log.info("lab %s cluster %s: serving nodes %s for %s (kubelet root %s)", state.name, cluster.name,
+              ", ".join(n.name for n in nodes), args.url, root)
+    try:
+        kubelet = LabKubelet(args.url, nodes, LabPodNetwork(cluster), root=root, api_port=args.api_port)
+    except ValueError as e:  # a node's declared capacity is unusable (the message names node and value)
+        print(f"lab kubelet: {e}", file=sys.stderr)
+        return 2
+    asyncio.run(_run(kubelet))
     return 0
+
+
+def kubelet_root(state_dir: Path, cluster: str) -> Path:
+    """The kubelet root of a lab cluster (what upstream keeps in /var/lib/kubelet and /var/log/pods)."""
+    return state_dir / f"kubelet-{cluster}"
 
 
 if __name__ == "__main__":

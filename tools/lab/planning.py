@@ -79,6 +79,7 @@ def plan(name: str, topo: topology.TopologyFile) -> LabState:
                     pods=pods,
                     underlay_ip6=ln.underlay_ip6,
                     pod_cidr6=ln.pod_cidr6,
+                    resources=dict(ln.resources),
                 )
             )
         service_ip, backend = _lab_service(lc.config.service_cidrs, [p.ip for n in nodes for p in n.pods], 4)

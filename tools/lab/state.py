@@ -114,6 +114,8 @@ class NodeRecord:
     #: ``pod_cidr`` is "" when it does not run IPv4, ``underlay_ip`` is always IPv4).
     underlay_ip6: str = ""
     pod_cidr6: str = ""
+    #: The node's declared Kubernetes capacity (topology ``resources:``), for its lab kubelet.
+    resources: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def key(self) -> str:

@@ -1,0 +1,15 @@
+"""The lab kubelet's process runtime: containers as real processes in a pod's namespaces.
+
+Modules, in the order a container comes to life:
+
+* :mod:`~kubeemu.runtime.quantity` (re-exported from :mod:`kubeemu.quantity`) and
+  :mod:`~kubeemu.runtime.admission`: node capacity/allocatable and the kubelet's resource fit check;
+* :mod:`~kubeemu.runtime.env`: a container's environment (``env``, ``envFrom``, downward API) and
+  ``$(VAR)`` expansion of ``command``/``args``;
+* :mod:`~kubeemu.runtime.volumes`: volume contents under the pod's state directory;
+* :mod:`~kubeemu.runtime.shim`: the per-container shim process (mounts, hostname, pipes -> CRI log,
+  exit code file), exec'd through ``nsenter``/``unshare`` so containers outlive the kubelet;
+* :mod:`~kubeemu.runtime.backoff` and :mod:`~kubeemu.runtime.probes`: restart back-off, probes;
+* :mod:`~kubeemu.runtime.pods`: the per-pod sync (start, restart, probe, status, kill, adopt);
+* :mod:`~kubeemu.runtime.access`: the ``ContainerAccess`` protocol the kubelet HTTP API uses.
+"""

@@ -1,0 +1,812 @@
+"""The runtime proper: each admitted Pod's containers as real processes, synced like the kubelet's pod workers.
+
+:class:`Runtime` owns one :class:`PodWorker` per running pod and implements
+:class:`~kubeemu.runtime.access.ContainerAccess` (logs and exec for the kubelet API). A worker's
+sync, every ``poll`` seconds, in this order:
+
+1. volumes: resolved and written once (:mod:`~kubeemu.runtime.volumes`); a missing object or an
+   unbound claim keeps every container ``waiting: ContainerCreating`` and is retried;
+2. reads what its shims recorded (``container.json``: running; ``exit.json``: terminated; a shim
+   gone without an exit record: terminated with exit code 137);
+3. init containers one at a time, in order, each to a successful exit; then the app containers;
+   each container that is not running is started, restarted as ``restartPolicy`` says (with
+   :mod:`~kubeemu.runtime.backoff`: ``waiting: CrashLoopBackOff`` in between), or left terminated;
+4. probes that are due run in threads (:mod:`~kubeemu.runtime.probes`); a startup or liveness
+   failure kills the container (then the restart policy applies), readiness sets ``ready``;
+5. the pod status (phase, conditions, containerStatuses with state/lastState/restartCount) is
+   handed to the kubelet, which PATCHes it when it changed.
+
+On disk, under the kubelet root (upstream ``/var/lib/kubelet`` and ``/var/log/pods``)::
+
+    pods/<uid>/pod.json                               who the pod is (for adoption and lab down)
+    pods/<uid>/etc-hosts, etc-hostname                bound over /etc/hosts, /etc/hostname
+    pods/<uid>/volumes/kubernetes.io~<plugin>/<vol>   managed volume contents
+    pods/<uid>/containers/<name>/state.json           restartCount and back-off, kept across restarts
+    pods/<uid>/containers/<name>/<attempt>/           spec.json, shim.json, container.json, exit.json
+    pods/<ns>_<pod>_<uid>/<name>/<attempt>.log        the CRI log of each attempt
+
+A restarted kubelet creates the worker again for a pod it finds in the API server; the worker
+reads ``state.json`` and the latest attempt and *adopts* a shim whose PID and start time still
+match instead of starting a second copy. Stopping a pod: SIGTERM to every container process,
+``terminationGracePeriodSeconds``, SIGKILL, then the pod's directories are removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubeemu.runtime import env as envmod
+from kubeemu.runtime import procs, volumes
+from kubeemu.runtime.access import ContainerAccess
+from kubeemu.runtime.backoff import Backoff
+from kubeemu.runtime.probes import ProbeWorker, run_probe
+
+_log = logging.getLogger(__name__)
+
+StatusSink = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+def _rfc3339(t: float | None = None) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() if t is None else t))
+
+
+def _parse_rfc3339(s: str | None) -> float:
+    """Seconds since the epoch of an RFC 3339 time (fraction and ``Z`` ignored); 0 when absent."""
+    if not s:
+        return 0.0
+    import calendar
+
+    return float(calendar.timegm(time.strptime(s[:19], "%Y-%m-%dT%H:%M:%S")))
+
+
+def _read_json(p: pathlib.Path) -> dict[str, Any] | None:
+    try:
+        return dict(json.loads(p.read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(p: pathlib.Path, obj: dict[str, Any]) -> None:
+    tmp = p.with_name(f".{p.name}.tmp")
+    tmp.write_text(json.dumps(obj))
+    tmp.replace(p)
+
+
+@dataclass
+class PodInfo:
+    """What the kubelet set up for a pod before the runtime runs it."""
+
+    namespace: str
+    name: str
+    uid: str
+    node: str
+    pod_ips: tuple[str, ...]
+    host_ip: str
+    netns: str | None  # the network namespace's name under /run/netns (None: the kubelet's own)
+
+    @property
+    def netns_path(self) -> str | None:
+        return f"/run/netns/{self.netns}" if self.netns else None
+
+
+@dataclass
+class Attempt:
+    """One run of a container (one shim), numbered by the restartCount it had."""
+
+    index: int
+    dir: pathlib.Path
+    shim_pid: int = 0
+    shim_start: int | None = None
+    pid: int = 0
+    start: int | None = None
+    started_at: str = ""
+    exit: dict[str, Any] | None = None
+    popen: subprocess.Popen[bytes] | None = None
+    started_mono: float = 0.0
+    probes: dict[str, ProbeWorker] = field(default_factory=dict)
+    killing: bool = False
+    probing: bool = False  # its probe loops are started
+
+    @property
+    def running(self) -> bool:
+        return self.exit is None and self.pid > 0
+
+
+@dataclass
+class ContainerState:
+    """The runtime's view of one container across attempts."""
+
+    spec: dict[str, Any]
+    init: bool
+    dir: pathlib.Path
+    restart_count: int = 0
+    current: Attempt | None = None
+    last: Attempt | None = None  # the previous finished attempt (lastState)
+    waiting: tuple[str, str] = ("ContainerCreating", "")
+    done: bool = False  # finished and not to be restarted
+
+    @property
+    def name(self) -> str:
+        return str(self.spec.get("name", ""))
+
+
+class Runtime:
+    """Every pod this kubelet runs; also the :class:`ContainerAccess` for the kubelet API."""
+
+    def __init__(self, root: pathlib.Path, api: volumes.Api, poll: float = 1.0, python: str = sys.executable) -> None:
+        self.root = pathlib.Path(root)
+        self.api = api
+        self.poll = poll
+        self.python = python
+        self.workers: dict[str, PodWorker] = {}  # by uid
+        self.backoff = Backoff()
+
+    # ---------------------------------------------------------------- pods
+
+    def pod_dir(self, uid: str) -> pathlib.Path:
+        return self.root / "pods" / uid
+
+    def log_dir(self, ns: str, name: str, uid: str) -> pathlib.Path:
+        return self.root / "pods" / f"{ns}_{name}_{uid}"
+
+    def start(self, pod: dict[str, Any], info: PodInfo, sink: StatusSink) -> PodWorker:
+        """Run ``pod`` (idempotent: an existing worker just gets the newer object)."""
+        w = self.workers.get(info.uid)
+        if w is not None:
+            w.pod = pod
+            return w
+        w = PodWorker(self, pod, info, sink)
+        self.workers[info.uid] = w
+        w.task = asyncio.create_task(w.run(), name=f"pod-{info.namespace}/{info.name}")
+        return w
+
+    async def stop(self, uid: str, grace: float | None = None) -> None:
+        """Kill the pod's containers (SIGTERM, ``grace`` or the pod's grace period, SIGKILL) and
+        remove its directories. Safe for pods this runtime does not know (it cleans their leftovers)."""
+        w = self.workers.pop(uid, None)
+        loop = asyncio.get_running_loop()
+        if w is None:
+            await loop.run_in_executor(None, self.cleanup_dirs, uid)
+            return
+        if w.task is not None:
+            w.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await w.task
+        g = grace if grace is not None else float((w.pod.get("spec") or {}).get("terminationGracePeriodSeconds", 30))
+        await loop.run_in_executor(None, w.kill_all, g)
+        await loop.run_in_executor(None, self.cleanup_dirs, uid)
+
+    async def detach(self) -> None:
+        """Stop syncing every pod but leave the containers running (kubelet shutdown: a restarted
+        kubelet adopts them)."""
+        for w in list(self.workers.values()):
+            if w.task is not None:
+                w.task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await w.task
+        self.workers.clear()
+
+    async def reap_orphans(self, live: set[str]) -> None:
+        """Kill and remove pods under the root that the API server no longer has (deleted while
+        no kubelet ran): their recorded processes by PID + start time, then their directories."""
+        loop = asyncio.get_running_loop()
+        pods = self.root / "pods"
+        uids = await loop.run_in_executor(None, lambda: [d.name for d in pods.glob("*") if (d / "pod.json").exists()])
+        for uid in uids:
+            if uid in live or uid in self.workers:
+                continue
+            _log.info("pod %s: gone from the API server; stopping its leftover containers", uid)
+            await loop.run_in_executor(None, self.kill_recorded, uid)
+            await loop.run_in_executor(None, self.cleanup_dirs, uid)
+
+    def kill_recorded(self, uid: str, grace: float = 2.0) -> None:
+        """SIGTERM, then SIGKILL, every container and shim recorded for pod ``uid`` (blocking)."""
+        recs = []
+        for f in (self.pod_dir(uid) / "containers").glob("*/*/*.json"):
+            if f.name in ("container.json", "shim.json"):
+                rec = _read_json(f) or {}
+                if rec.get("pid"):
+                    recs.append((int(rec["pid"]), rec.get("start")))
+        for pid, start in recs:
+            procs.signal_process(pid, start, signal.SIGTERM)
+        for pid, start in recs:
+            if not procs.wait_gone(pid, start, grace):
+                procs.signal_process(pid, start, signal.SIGKILL)
+                procs.wait_gone(pid, start, 2.0)
+
+    def kill_recorded_all(self, grace: float = 2.0) -> None:
+        """Kill every pod's recorded processes under the root (blocking; ``lab down``, tests)."""
+        for d in (self.root / "pods").glob("*/containers"):
+            self.kill_recorded(d.parent.name, grace)
+
+    def cleanup_dirs(self, uid: str) -> None:
+        """Remove the pod's state and log directories (blocking). Only after its processes are gone:
+        the container mounts live in their private mount namespaces, never in ours."""
+        info = _read_json(self.pod_dir(uid) / "pod.json")
+        shutil.rmtree(self.pod_dir(uid), ignore_errors=True)
+        if info:
+            shutil.rmtree(self.log_dir(info["namespace"], info["name"], uid), ignore_errors=True)
+
+    def recorded_processes(self) -> list[tuple[int, int | None]]:
+        """Every shim and container process recorded under the root (for ``lab down``)."""
+        return recorded_processes(self.root)
+
+    def _find(self, namespace: str, pod: str) -> PodWorker | None:
+        for w in self.workers.values():
+            if w.info.namespace == namespace and w.info.name == pod:
+                return w
+        return None
+
+    def _container(self, namespace: str, pod: str, container: str) -> ContainerState:
+        w = self._find(namespace, pod)
+        if w is None:
+            raise LookupError(f'pod "{namespace}/{pod}" not found on this node')
+        cs = w.containers.get(container)
+        if cs is None:
+            names = " ".join(w.containers)
+            raise LookupError(f"container {container} is not valid for pod {pod} (containers: {names})")
+        return cs
+
+    # ---------------------------------------------------------------- ContainerAccess
+
+    def log_path(self, namespace: str, pod: str, container: str, previous: bool) -> pathlib.Path:
+        cs = self._container(namespace, pod, container)
+        w = self._find(namespace, pod)
+        assert w is not None
+        logs = self.log_dir(namespace, pod, w.info.uid) / container
+        if previous:
+            if cs.last is None or not (logs / f"{cs.last.index}.log").exists():
+                raise LookupError(f'previous terminated container "{container}" in pod "{pod}" not found')
+            return logs / f"{cs.last.index}.log"
+        att = cs.current or cs.last
+        if att is None or not (logs / f"{att.index}.log").exists():
+            raise LookupError(f'container "{container}" in pod "{pod}" is waiting to start: {cs.waiting[0]}')
+        return logs / f"{att.index}.log"
+
+    def exec_argv(self, namespace: str, pod: str, container: str, command: list[str]) -> list[str]:
+        cs = self._container(namespace, pod, container)
+        att = cs.current
+        if att is None or not att.running or not procs.same(att.pid, att.start):
+            raise LookupError(f'container "{container}" in pod "{pod}" is not running')
+        spec = _read_json(att.dir / "spec.json") or {}
+        envs = [f"{k}={v}" for k, v in (spec.get("env") or {}).items()]
+        return ["nsenter", f"--target={att.pid}", "--net", "--mount", "--uts", "--root", "--wd", "--",
+                "env", "-i", *envs, *command]
+
+    def is_running(self, namespace: str, pod: str, container: str) -> bool:
+        try:
+            cs = self._container(namespace, pod, container)
+        except LookupError:
+            return False
+        return cs.current is not None and cs.current.running
+
+
+def _implements_access(rt: Runtime) -> ContainerAccess:
+    """Never called: mypy checks here that :class:`Runtime` is a ``ContainerAccess``."""
+    return rt
+
+
+def recorded_processes(root: pathlib.Path) -> list[tuple[int, int | None]]:
+    """``(pid, start time)`` of every shim and container process recorded under a kubelet root,
+    whether or not they still run (the caller signals only those whose start time matches)."""
+    out: list[tuple[int, int | None]] = []
+    for f in (pathlib.Path(root) / "pods").glob("*/containers/*/*/*.json"):
+        if f.name in ("shim.json", "container.json"):
+            rec = _read_json(f) or {}
+            if rec.get("pid"):
+                out.append((int(rec["pid"]), rec.get("start")))
+    return out
+
+
+class PodWorker:
+    """Runs one pod: see the module docstring for one sync's steps."""
+
+    def __init__(self, rt: Runtime, pod: dict[str, Any], info: PodInfo, sink: StatusSink) -> None:
+        self.rt = rt
+        self.pod = pod
+        self.info = info
+        self.sink = sink
+        self.task: asyncio.Task[None] | None = None
+        self.dir = rt.pod_dir(info.uid)
+        self.logs = rt.log_dir(info.namespace, info.name, info.uid)
+        spec = pod.get("spec") or {}
+        self.containers: dict[str, ContainerState] = {}
+        for init, key in ((True, "initContainers"), (False, "containers")):
+            for c in spec.get(key) or []:
+                self.containers[c["name"]] = ContainerState(dict(c), init, self.dir / "containers" / c["name"])
+        self.volumes: list[volumes.Volume] | None = None
+        self.volume_error = ""
+        self.started_at = _rfc3339()
+        self.transitions: dict[str, tuple[str, str]] = {}
+        self.last_status: str = ""
+        self.phase = "Pending"
+        self._probe_tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def restart_policy(self) -> str:
+        return str((self.pod.get("spec") or {}).get("restartPolicy") or "Always")
+
+    def _key(self, cs: ContainerState) -> str:
+        return f"{self.info.uid}/{cs.name}"
+
+    # ---------------------------------------------------------------- loop
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self._load)
+        try:
+            while True:
+                try:
+                    await self.sync()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # a failing pod never stops the kubelet; it is retried next round
+                    _log.exception("pod %s/%s: sync failed", self.info.namespace, self.info.name)
+                await asyncio.sleep(self.rt.poll)
+        finally:
+            for t in list(self._probe_tasks):
+                t.cancel()
+
+    def _load(self) -> None:
+        """Adopt what an earlier kubelet left: restart counts, back-off, live shims (blocking)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _write_json(self.dir / "pod.json", {"namespace": self.info.namespace, "name": self.info.name,
+                                            "uid": self.info.uid, "node": self.info.node,
+                                            "startedAt": self.started_at})
+        hostname = (self.pod.get("spec") or {}).get("hostname") or self.info.name
+        (self.dir / "etc-hostname").write_text(hostname + "\n")
+        hosts = ["# Kubernetes-managed hosts file.", "127.0.0.1\tlocalhost",
+                 "::1\tlocalhost ip6-localhost ip6-loopback", "fe00::0\tip6-localnet", "fe00::0\tip6-mcastprefix",
+                 "fe00::1\tip6-allnodes", "fe00::2\tip6-allrouters"]
+        hosts += [f"{ip}\t{hostname}" for ip in self.info.pod_ips]
+        (self.dir / "etc-hosts").write_text("\n".join(hosts) + "\n")
+        for cs in self.containers.values():
+            st = _read_json(cs.dir / "state.json")
+            if st is None:
+                continue
+            cs.restart_count = int(st.get("restartCount", 0))
+            cs.done = bool(st.get("done"))
+            if st.get("backoff"):
+                self.rt.backoff.entries.pop(self._key(cs), None)
+                from kubeemu.runtime.backoff import _Entry
+
+                self.rt.backoff.entries[self._key(cs)] = _Entry(float(st["backoff"]), float(st["lastUpdate"]))
+            for idx in (cs.restart_count - 1, cs.restart_count):
+                if idx < 0 or not (cs.dir / str(idx)).is_dir():
+                    continue
+                att = self._read_attempt(idx, cs.dir / str(idx))
+                if idx == cs.restart_count:
+                    cs.current = att
+                else:
+                    cs.last = att
+            cur = cs.current
+            if cur is not None and cur.exit is None and not procs.same(cur.shim_pid, cur.shim_start) \
+                    and not procs.same(cur.pid, cur.start):
+                cur.exit = {"exitCode": 137, "reason": "Error", "finishedAt": _rfc3339(),
+                            "startedAt": cur.started_at, "message": "the container's shim is gone"}
+            if cur is not None and cur.running:
+                _log.info("pod %s/%s: adopted container %s (pid %d, attempt %d)", self.info.namespace,
+                          self.info.name, cs.name, cur.pid, cur.index)
+
+    def _read_attempt(self, idx: int, d: pathlib.Path) -> Attempt:
+        att = Attempt(idx, d)
+        shim = _read_json(d / "shim.json") or {}
+        att.shim_pid, att.shim_start = int(shim.get("pid", 0)), shim.get("start")
+        cont = _read_json(d / "container.json") or {}
+        att.pid, att.start, att.started_at = int(cont.get("pid", 0)), cont.get("start"), cont.get("startedAt", "")
+        att.exit = _read_json(d / "exit.json")
+        att.started_mono = time.monotonic()
+        return att
+
+    def _save(self, cs: ContainerState) -> None:
+        e = self.rt.backoff.entries.get(self._key(cs))
+        cs.dir.mkdir(parents=True, exist_ok=True)
+        _write_json(cs.dir / "state.json", {"restartCount": cs.restart_count, "done": cs.done,
+                                            "backoff": e.backoff if e else 0,
+                                            "lastUpdate": e.last_update if e else 0})
+
+    # ---------------------------------------------------------------- one sync
+
+    async def sync(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.volumes is None:
+            try:
+                vols = await volumes.resolve(self.pod, self.rt.api, self.dir, self.info.host_ip, self.info.pod_ips)
+                await loop.run_in_executor(None, volumes.apply, vols)
+                self.volumes = vols
+                self.volume_error = ""
+            except volumes.VolumePending as e:
+                if str(e) != self.volume_error:
+                    _log.warning("pod %s/%s: %s", self.info.namespace, self.info.name, e)
+                self.volume_error = str(e)
+        if self.volumes is not None and self.phase not in ("Succeeded", "Failed"):
+            await loop.run_in_executor(None, self._poll_attempts)
+            await self._drive()
+            self._run_probes()
+        await self._report()
+
+    def _poll_attempts(self) -> None:
+        """Step 2: what the shims recorded; reap shims we started (blocking, file reads)."""
+        for cs in self.containers.values():
+            att = cs.current
+            if att is None or att.exit is not None:
+                continue
+            if att.popen is not None:
+                att.popen.poll()
+            if att.pid == 0:
+                cont = _read_json(att.dir / "container.json")
+                if cont:
+                    att.pid, att.start, att.started_at = int(cont["pid"]), cont.get("start"), cont["startedAt"]
+                    att.started_mono = time.monotonic()
+                    self._make_probes(cs, att)
+            ex = _read_json(att.dir / "exit.json")
+            if ex is not None:
+                att.exit = ex
+            elif not procs.same(att.shim_pid, att.shim_start) and not procs.same(att.pid, att.start):
+                att.exit = _read_json(att.dir / "exit.json") or {
+                    "exitCode": 137, "reason": "Error", "startedAt": att.started_at, "finishedAt": _rfc3339(),
+                    "message": "the container's shim exited without recording an exit code"}
+            if att.exit is not None:
+                _log.info("pod %s/%s: container %s exited with %s", self.info.namespace, self.info.name, cs.name,
+                          att.exit.get("exitCode"))
+
+    def _make_probes(self, cs: ContainerState, att: Attempt) -> None:
+        for kind in ("startup", "readiness", "liveness"):
+            probe = cs.spec.get(f"{kind}Probe")
+            if probe and not cs.init:
+                att.probes[kind] = ProbeWorker(kind, probe, att.started_mono)
+
+    async def _drive(self) -> None:
+        """Step 3: start, restart or leave each container (init containers first, one at a time)."""
+        inits = [c for c in self.containers.values() if c.init]
+        for cs in inits:
+            if cs.done and cs.current is not None and cs.current.exit and cs.current.exit.get("exitCode") == 0:
+                continue
+            await self._drive_one(cs, init=True)
+            return  # the next init container (and the app containers) wait for this one
+        for cs in self.containers.values():
+            if not cs.init:
+                await self._drive_one(cs, init=False)
+
+    def _should_restart(self, code: int) -> bool:
+        pol = self.restart_policy
+        return pol == "Always" or (pol == "OnFailure" and code != 0)
+
+    async def _drive_one(self, cs: ContainerState, init: bool) -> None:
+        att = cs.current
+        if att is not None and att.exit is None:
+            return  # starting or running
+        if att is not None and att.exit is not None:
+            code = int(att.exit.get("exitCode", 0))
+            restart = (code != 0 and self.restart_policy != "Never") if init else self._should_restart(code)
+            if not restart:
+                if not cs.done:
+                    cs.done = True
+                    await asyncio.get_running_loop().run_in_executor(None, self._save, cs)
+                return
+            finished = _parse_rfc3339(att.exit.get("finishedAt"))
+            key, now = self._key(cs), time.time()
+            if self.rt.backoff.is_in_backoff_since(key, finished, now):
+                delay = self.rt.backoff.get(key)
+                cs.waiting = ("CrashLoopBackOff", f"back-off {delay:g}s restarting failed container={cs.name} "
+                              f"pod={self.info.name}_{self.info.namespace}({self.info.uid})")
+                return
+            self.rt.backoff.next(key, now)
+            cs.last = att
+            cs.restart_count += 1
+        await self._start(cs)
+
+    async def _start(self, cs: ContainerState) -> None:
+        """Start attempt ``cs.restart_count`` of the container through a new shim."""
+        loop = asyncio.get_running_loop()
+        try:
+            objects = await self._env_objects(cs.spec)
+            env = envmod.build_env(self.pod, cs.spec, objects, self.info.host_ip, self.info.pod_ips)
+        except envmod.ConfigError as e:
+            cs.waiting = ("CreateContainerConfigError", str(e))
+            cs.current = None if cs.current is not None and cs.current.exit is None else cs.current
+            return
+        argv = envmod.command_line(cs.spec, env)
+        att = Attempt(cs.restart_count, cs.dir / str(cs.restart_count))
+        try:
+            await loop.run_in_executor(None, self._spawn, cs, att, env, argv)
+        except (OSError, volumes.VolumePending) as e:
+            _log.error("pod %s/%s: container %s did not start: %s", self.info.namespace, self.info.name, cs.name, e)
+            cs.waiting = ("CreateContainerError", str(e))
+            return
+        cs.current = att
+        cs.waiting = ("ContainerCreating", "")
+
+    async def _env_objects(self, spec: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any] | None]:
+        ns = self.info.namespace
+        wanted: set[tuple[str, str]] = set()
+        for src in spec.get("envFrom") or []:
+            if src.get("configMapRef"):
+                wanted.add(("ConfigMap", src["configMapRef"].get("name", "")))
+            if src.get("secretRef"):
+                wanted.add(("Secret", src["secretRef"].get("name", "")))
+        for e in spec.get("env") or []:
+            vf = e.get("valueFrom") or {}
+            if vf.get("configMapKeyRef"):
+                wanted.add(("ConfigMap", vf["configMapKeyRef"].get("name", "")))
+            if vf.get("secretKeyRef"):
+                wanted.add(("Secret", vf["secretKeyRef"].get("name", "")))
+        out: dict[tuple[str, str], dict[str, Any] | None] = {}
+        for kind, name in wanted:
+            plural = "configmaps" if kind == "ConfigMap" else "secrets"
+            out[(kind, name)] = await self.rt.api.get(f"/api/v1/namespaces/{ns}/{plural}/{name}")
+        return out
+
+    def _spawn(self, cs: ContainerState, att: Attempt, env: dict[str, str], argv: list[str]) -> None:
+        """Write the attempt's spec and exec its shim in the pod's namespaces (blocking)."""
+        assert self.volumes is not None
+        if att.dir.exists():
+            shutil.rmtree(att.dir)  # a half-made attempt of an earlier kubelet
+        att.dir.mkdir(parents=True)
+        log_dir = self.logs / cs.name
+        log_dir.mkdir(parents=True, exist_ok=True)
+        mounts = [m.to_json() for m in volumes.container_mounts(cs.spec, self.volumes)]
+        mounts += [{"source": str(self.dir / "etc-hostname"), "target": "/etc/hostname", "readOnly": False},
+                   {"source": str(self.dir / "etc-hosts"), "target": "/etc/hosts", "readOnly": False}]
+        spec = {"hostname": (self.pod.get("spec") or {}).get("hostname") or self.info.name,
+                "rootDir": str(att.dir), "mounts": mounts, "argv": argv,
+                "env": envmod.process_env(self.pod, env), "workingDir": cs.spec.get("workingDir") or "/",
+                "log": str(log_dir / f"{att.index}.log")}
+        _write_json(att.dir / "spec.json", spec)
+        self._save(cs)
+        shim = [self.rt.python, "-m", "kubeemu.runtime.shim", str(att.dir / "spec.json")]
+        ns = ["unshare", "--mount", "--uts", "--propagation", "slave", "--"]
+        full = [*( ["nsenter", f"--net={self.info.netns_path}", "--"] if self.info.netns_path else []), *ns, *shim]
+        with open(att.dir / "shim.log", "ab") as errlog:
+            pkgroot = str(pathlib.Path(__file__).resolve().parents[2])
+            penv = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [pkgroot, os.environ.get("PYTHONPATH")]))}
+            att.popen = subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=errlog, stderr=errlog,
+                                         start_new_session=True, env=penv, cwd="/")
+        att.shim_pid, att.shim_start = att.popen.pid, procs.start_time(att.popen.pid)
+        _write_json(att.dir / "shim.json", {"pid": att.shim_pid, "start": att.shim_start})
+        _log.info("pod %s/%s: container %s attempt %d: shim %d runs %s", self.info.namespace, self.info.name,
+                  cs.name, att.index, att.shim_pid, argv)
+
+    # ---------------------------------------------------------------- probes
+
+    def _run_probes(self) -> None:
+        """Step 4: one probe loop per probe of a running attempt; act on startup/liveness failures."""
+        for cs in self.containers.values():
+            att = cs.current
+            if att is None or not att.running or att.killing:
+                continue
+            if not att.probing:
+                att.probing = True
+                for pw in att.probes.values():
+                    t = asyncio.create_task(self._probe_loop(cs, att, pw))
+                    self._probe_tasks.add(t)
+                    t.add_done_callback(self._probe_tasks.discard)
+            for kind in ("startup", "liveness"):
+                bad = att.probes.get(kind)
+                if bad is not None and bad.result is False and not att.killing:
+                    _log.info("pod %s/%s: container %s failed %s probe (%s), will be restarted", self.info.namespace,
+                              self.info.name, cs.name, kind, bad.message)
+                    att.killing = True
+                    grace = float(bad.probe.get("terminationGracePeriodSeconds")
+                                  or (self.pod.get("spec") or {}).get("terminationGracePeriodSeconds", 30))
+                    t = asyncio.create_task(self._kill_async(att, grace))
+                    self._probe_tasks.add(t)
+                    t.add_done_callback(self._probe_tasks.discard)
+
+    async def _probe_loop(self, cs: ContainerState, att: Attempt, pw: ProbeWorker) -> None:
+        """Run one probe on its own schedule (``periodSeconds`` exactly, not the sync's pace) while
+        the attempt runs; readiness and liveness wait for the startup probe to succeed."""
+        startup = att.probes.get("startup")
+        while att.running and not att.killing:
+            now = time.monotonic()
+            if pw.kind != "startup" and startup is not None and startup.result is not True:
+                await asyncio.sleep(0.2)
+                continue
+            if pw.kind == "startup" and pw.result is True:
+                return
+            if now < pw.next_due:
+                await asyncio.sleep(min(pw.next_due - now, 1.0))
+                continue
+            pw.running = True
+            await self._probe(cs, att, pw)
+
+    async def _kill_async(self, att: Attempt, grace: float) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self._kill, att, grace)
+
+    async def _probe(self, cs: ContainerState, att: Attempt, pw: ProbeWorker) -> None:
+        ip = self.info.pod_ips[0] if self.info.pod_ips else "127.0.0.1"
+        prefix = None
+        with contextlib.suppress(LookupError):
+            prefix = self.rt.exec_argv(self.info.namespace, self.info.name, cs.name, [])
+        ok, msg = await asyncio.get_running_loop().run_in_executor(
+            None, run_probe, pw.probe, cs.spec, ip, self.info.netns_path, prefix)
+        pw.record(ok, msg)
+
+    # ---------------------------------------------------------------- killing
+
+    def _kill(self, att: Attempt, grace: float) -> None:
+        """SIGTERM the container process, wait ``grace``, SIGKILL; then wait for the shim (blocking)."""
+        if procs.signal_process(att.pid, att.start, signal.SIGTERM) and not procs.wait_gone(att.pid, att.start, grace):
+            procs.signal_process(att.pid, att.start, signal.SIGKILL)
+            procs.wait_gone(att.pid, att.start, 5.0)
+        if not procs.wait_gone(att.shim_pid, att.shim_start, 5.0):
+            procs.signal_process(att.shim_pid, att.shim_start, signal.SIGKILL)
+            procs.wait_gone(att.shim_pid, att.shim_start, 2.0)
+        if att.popen is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                att.popen.wait(1.0)
+
+    def kill_all(self, grace: float) -> None:
+        """Kill every container of the pod in parallel (blocking; used on pod deletion)."""
+        import threading
+
+        atts = [cs.current for cs in self.containers.values() if cs.current is not None]
+        threads = [threading.Thread(target=self._kill, args=(a, grace), daemon=True) for a in atts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for cs in self.containers.values():
+            self.rt.backoff.forget(self._key(cs))
+
+    # ---------------------------------------------------------------- status
+
+    def _container_status(self, cs: ContainerState) -> dict[str, Any]:
+        """One ``containerStatuses`` entry: state from the current attempt, lastState from the one before."""
+        att = cs.current
+        st: dict[str, Any] = {"name": cs.name, "image": cs.spec.get("image", ""), "imageID": "",
+                              "restartCount": cs.restart_count, "ready": False, "started": False}
+        prev = cs.last if cs.last is not att else None
+        last: dict[str, Any] = {"terminated": self._terminated(prev)} if prev is not None and prev.exit else {}
+        if att is not None and att.exit is not None:
+            if cs.waiting[0] == "CrashLoopBackOff" and not cs.done:
+                state: dict[str, Any] = {"waiting": {"reason": cs.waiting[0], "message": cs.waiting[1]}}
+                last = {"terminated": self._terminated(att)}
+            else:
+                state = {"terminated": self._terminated(att)}
+        elif att is not None and att.running:
+            state = {"running": {"startedAt": att.started_at}}
+            startup = att.probes.get("startup")
+            started = startup is None or startup.result is True
+            readiness = att.probes.get("readiness")
+            st["started"] = started and not cs.init
+            st["ready"] = started and not cs.init and (readiness is None or readiness.result is True)
+        else:
+            reason, message = cs.waiting
+            if not cs.init and any(c.init and not c.done for c in self.containers.values()):
+                reason, message = "PodInitializing", ""
+            state = {"waiting": {"reason": reason, **({"message": message} if message else {})}}
+        st["state"] = state
+        st["lastState"] = last
+        if att is not None:
+            st["containerID"] = self._container_id(cs.name, att.index)
+        return st
+
+    def _container_id(self, name: str, index: int) -> str:
+        return "kubeemu://" + hashlib.sha256(f"{self.info.uid}/{name}/{index}".encode()).hexdigest()
+
+    def _terminated(self, att: Attempt) -> dict[str, Any]:
+        ex = att.exit or {}
+        out = {"exitCode": int(ex.get("exitCode", 0)), "reason": ex.get("reason") or "Error",
+               "startedAt": _rfc3339(_parse_rfc3339(ex.get("startedAt") or att.started_at) or None),
+               "finishedAt": _rfc3339(_parse_rfc3339(ex.get("finishedAt")) or None),
+               "containerID": self._container_id(att.dir.parent.name, att.index)}
+        if ex.get("message"):
+            out["message"] = ex["message"]
+        if ex.get("signal"):
+            out["signal"] = ex["signal"]
+        return out
+
+    def _phase(self, statuses: list[dict[str, Any]], inits_done: bool) -> str:
+        """Upstream ``getPhase``."""
+        if self.phase in ("Succeeded", "Failed"):
+            return self.phase
+        init_failed = any(c.init and c.done and c.current and c.current.exit
+                          and c.current.exit.get("exitCode") != 0 for c in self.containers.values())
+        if init_failed:
+            return "Failed"
+        if not inits_done:
+            return "Pending"
+        running = stopped = succeeded = waiting = 0
+        for s in statuses:
+            state = s["state"]
+            if "running" in state:
+                running += 1
+            elif "terminated" in state:
+                stopped += 1
+                succeeded += state["terminated"]["exitCode"] == 0
+            elif (s.get("lastState") or {}).get("terminated"):
+                stopped += 1
+            else:
+                waiting += 1
+        if waiting:
+            return "Pending"
+        if running:
+            return "Running"
+        if stopped:
+            if self.restart_policy == "Always":
+                return "Running"
+            if stopped == succeeded:
+                return "Succeeded"
+            if self.restart_policy == "Never":
+                return "Failed"
+            return "Running"
+        return "Pending"
+
+    def _cond(self, ctype: str, ok: bool, reason: str = "", message: str = "") -> dict[str, Any]:
+        status = "True" if ok else "False"
+        prev = self.transitions.get(ctype)
+        if prev is None or prev[0] != status:
+            self.transitions[ctype] = (status, _rfc3339())
+        c: dict[str, Any] = {"type": ctype, "status": status, "lastProbeTime": None,
+                             "lastTransitionTime": self.transitions[ctype][1]}
+        if reason and not ok:
+            c["reason"] = reason
+        if message and not ok:
+            c["message"] = message
+        return c
+
+    def status(self) -> dict[str, Any]:
+        """The pod's status as the kubelet reports it (step 5)."""
+        apps = [self._container_status(c) for c in self.containers.values() if not c.init]
+        inits = [self._container_status(c) for c in self.containers.values() if c.init]
+        pending_inits = [c.name for c in self.containers.values()
+                         if c.init and not (c.done and c.current and c.current.exit
+                                            and c.current.exit.get("exitCode") == 0)]
+        self.phase = self._phase(apps, not pending_inits)
+        unready = [s["name"] for s in apps if not s["ready"]]
+        terminal = self.phase in ("Succeeded", "Failed")
+        ready_reason = "PodCompleted" if terminal else "ContainersNotReady"
+        ready_msg = "" if terminal else f"containers with unready status: [{' '.join(unready)}]"
+        conds = [
+            self._cond("PodReadyToStartContainers", not terminal),
+            self._cond("Initialized", not pending_inits, "PodCompleted" if terminal else "ContainersNotInitialized",
+                       "" if terminal else f"containers with incomplete status: [{' '.join(pending_inits)}]"),
+            self._cond("Ready", not unready and not terminal, ready_reason, ready_msg),
+            self._cond("ContainersReady", not unready and not terminal, ready_reason, ready_msg),
+            self._cond("PodScheduled", True),
+        ]
+        ips = list(self.info.pod_ips)
+        st: dict[str, Any] = {"phase": self.phase, "conditions": conds, "containerStatuses": apps,
+                              "hostIP": self.info.host_ip, "hostIPs": [{"ip": self.info.host_ip}],
+                              "podIP": ips[0] if ips else None, "podIPs": [{"ip": i} for i in ips],
+                              "startTime": self.started_at, "qosClass": _qos(self.pod)}
+        if inits:
+            st["initContainerStatuses"] = inits
+        if self.volume_error and self.volumes is None:
+            st["message"] = self.volume_error
+        return st
+
+    async def _report(self) -> None:
+        st = self.status()
+        text = json.dumps(st, sort_keys=True)
+        if text != self.last_status:
+            await self.sink(st)
+            self.last_status = text
+
+
+def _qos(pod: dict[str, Any]) -> str:
+    """Upstream ``GetPodQOS`` (simplified to the three classes from requests/limits presence)."""
+    cs = [*((pod.get("spec") or {}).get("containers") or []), *((pod.get("spec") or {}).get("initContainers") or [])]
+    reqs = [(c.get("resources") or {}).get("requests") or {} for c in cs]
+    lims = [(c.get("resources") or {}).get("limits") or {} for c in cs]
+    if not any(reqs) and not any(lims):
+        return "BestEffort"
+    guaranteed = all(
+        lim.get(r) is not None and (req.get(r, lim.get(r)) == lim.get(r)) for req, lim in zip(reqs, lims, strict=True)
+        for r in ("cpu", "memory"))
+    return "Guaranteed" if guaranteed else "Burstable"

@@ -1,0 +1,246 @@
+"""``python -m kubeemu.runtime.shim SPEC``: the per-container shim (what containerd-shim/conmon are).
+
+The kubelet execs it as ``nsenter --net=/run/netns/POD -- unshare --mount --uts --propagation slave
+-- python -m kubeemu.runtime.shim <attempt dir>/spec.json``, so the shim starts inside the pod's
+network namespace and a new mount and UTS namespace of its own (nothing forks in the kubelet).
+In that order it:
+
+1. drops its copies of ``/run/netns`` mounts (a copy would keep other pods' network namespaces
+   alive after ``ip netns del``);
+2. sets the hostname (the pod's name) in its UTS namespace;
+3. builds the container's root: an overlay whose lower layer is the host root and whose upper
+   layer is a tmpfs (the container's writable layer: it never writes the host's files), with the
+   host's top-level mounts (``/proc``, ``/sys``, ``/dev``, ...) bound in, except ``/run`` and
+   ``/tmp``, which are fresh tmpfs (the container's own, as an image's);
+4. binds each volume at its ``mountPath`` (creating the mount point in the writable layer,
+   symlinks resolved inside the container root, never on the host),
+   read-only ones remounted read-only, and the pod's ``hostname``/``hosts`` files over
+   ``/etc/hostname`` and ``/etc/hosts``;
+5. opens the CRI log file, chroots into the root, starts the container process (stdin
+   ``/dev/null``, stdout/stderr pipes) and records its PID + start time in ``container.json``;
+6. copies each pipe line by line into the log in the CRI format containerd writes
+   (``<RFC3339Nano> <stdout|stderr> <F|P> <content>``; ``P`` for a partial line split at 16 KiB);
+7. on exit writes ``exit.json`` (exit code, 128+signal when killed, ``finishedAt``) and exits.
+
+SIGTERM/SIGINT to the shim are forwarded to the container process. The shim is not the
+kubelet's child once the kubelet restarts: it keeps the pipes and the log, so a container
+outlives its kubelet, and the new kubelet finds it from ``shim.json``/``container.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import IO, Any
+
+#: The longest line written as one log entry; longer ones are split into partial (``P``) entries.
+MAX_LINE = 16 * 1024
+
+
+def rfc3339nano(t: float | None = None) -> str:
+    """``2024-01-02T03:04:05.123456789Z`` as containerd writes log timestamps (UTC)."""
+    import time
+
+    ns = time.time_ns() if t is None else int(t * 1e9)
+    secs, frac = divmod(ns, 10**9)
+    base = datetime.datetime.fromtimestamp(secs, tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{base}.{frac:09d}Z"
+
+
+def start_time(pid: int) -> int | None:
+    """Field 22 of ``/proc/PID/stat`` (clock ticks since boot): with the PID, one process's identity."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    return int(raw[raw.rindex(")") + 2:].split()[19])
+
+
+def _write_json(dirfd: int, name: str, obj: dict[str, Any]) -> None:
+    tmp = f".{name}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644, dir_fd=dirfd)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f)
+    os.rename(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+
+
+def _run(argv: list[str]) -> None:
+    res = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise OSError(f"{' '.join(argv)}: {res.stderr.strip() or res.returncode}")
+
+
+def _top_mounts() -> list[str]:
+    """The host's mount points directly below ``/`` (``/proc``, ``/sys``, ``/dev``, ...), to bind recursively."""
+    points: list[str] = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            mp = line.split()[4].encode().decode("unicode_escape")
+            if mp != "/":
+                points.append(mp)
+    tops: list[str] = []
+    for mp in sorted(set(points), key=len):
+        if not any(mp.startswith(t.rstrip("/") + "/") for t in tops):
+            tops.append(mp)
+    return tops
+
+
+def resolve_in_root(root: Path, target: str) -> Path:
+    """``target`` inside ``root`` with every symlink resolved *within* ``root`` (as runc's
+    securejoin): an absolute link (``/var/run -> /run``) restarts at ``root``, ``..`` never
+    climbs above it. Without this a mount point could be created on the host's file system."""
+    parts = [p for p in target.split("/") if p and p != "."]
+    cur: list[str] = []
+    hops = 0
+    while parts:
+        name = parts.pop(0)
+        if name == "..":
+            if cur:
+                cur.pop()
+            continue
+        candidate = root.joinpath(*cur, name)
+        if candidate.is_symlink():
+            hops += 1
+            if hops > 40:
+                raise OSError(f"too many levels of symbolic links resolving {target} in the container")
+            link = os.readlink(candidate)
+            if link.startswith("/"):
+                cur = []
+            parts = [p for p in link.split("/") if p and p != "."] + parts
+            continue
+        cur.append(name)
+    return root.joinpath(*cur)
+
+
+def _make_target(root: Path, target: str, source: str) -> Path:
+    dest = resolve_in_root(root, target)
+    if os.path.isdir(source):
+        dest.mkdir(parents=True, exist_ok=True)
+    else:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if not dest.exists():
+            dest.touch()
+    return dest
+
+
+#: Top-level directories a container gets fresh (a tmpfs), as an image has its own: the host's
+#: are never shared, so nothing a container creates there reaches the host.
+PRIVATE_DIRS = {"/run": "mode=0755", "/tmp": "mode=1777"}
+
+
+def build_root(spec: dict[str, Any]) -> Path:
+    """Steps 1-4 of the module docstring; returns the container's root directory."""
+    subprocess.run(["umount", "-R", "-l", "/run/netns"], capture_output=True, check=False)
+    socket.sethostname(spec["hostname"])
+    state = Path(spec["rootDir"])
+    rw, root = state / "rw", state / "root"
+    rw.mkdir(parents=True, exist_ok=True)
+    root.mkdir(parents=True, exist_ok=True)
+    _run(["mount", "-t", "tmpfs", "-o", "mode=0755", "kubeemu-rw", str(rw)])
+    (rw / "upper").mkdir()
+    (rw / "work").mkdir()
+    _run(["mount", "-t", "overlay", "kubeemu-root", "-o",
+          f"lowerdir=/,upperdir={rw / 'upper'},workdir={rw / 'work'}", str(root)])
+    for mp in _top_mounts():
+        if mp.startswith(str(state)) or mp in PRIVATE_DIRS:
+            continue
+        dest = root / mp.lstrip("/")
+        if not dest.is_dir() or dest.is_symlink():
+            continue
+        _run(["mount", "--rbind", mp, str(dest)])
+    for d, opts in PRIVATE_DIRS.items():
+        dest = root / d.lstrip("/")
+        if dest.is_dir() and not dest.is_symlink():
+            _run(["mount", "-t", "tmpfs", "-o", opts, "kubeemu-" + d.strip("/"), str(dest)])
+    subprocess.run(["umount", "-R", "-l", str(root / "run" / "netns")], capture_output=True, check=False)
+    for m in spec.get("mounts", []):
+        dest = _make_target(root, m["target"], m["source"])
+        _run(["mount", "--bind", m["source"], str(dest)])
+        if m.get("readOnly"):
+            _run(["mount", "-o", "remount,bind,ro", str(dest)])
+    return root
+
+
+class _Log:
+    """The CRI log file of one attempt; both pipes write through one lock."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f = f
+        self.lock = threading.Lock()
+
+    def copy(self, pipe: IO[bytes], stream: str) -> None:
+        tag = stream.encode()
+        while True:
+            line = pipe.readline(MAX_LINE)
+            if not line:
+                return
+            full = line.endswith(b"\n")
+            content = line[:-1] if full else line
+            entry = rfc3339nano().encode() + b" " + tag + (b" F " if full else b" P ") + content + b"\n"
+            with self.lock:
+                self.f.write(entry)
+                self.f.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    spec_path = Path(args[0])
+    spec = json.loads(spec_path.read_text())
+    dirfd = os.open(spec_path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    log = _Log(open(spec["log"], "ab"))  # noqa: SIM115 - kept open for the container's lifetime
+    started = rfc3339nano()
+    try:
+        root = build_root(spec)
+        os.chroot(root)
+        cwd = spec.get("workingDir") or "/"
+        os.makedirs(cwd, exist_ok=True)  # runc creates a missing working directory too
+        os.chdir(cwd)
+        proc = subprocess.Popen(spec["argv"], env=spec["env"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, start_new_session=True)
+    except (OSError, subprocess.SubprocessError) as e:
+        log.f.write(f"{rfc3339nano()} stderr F kubeemu shim: {e}\n".encode())
+        log.f.close()
+        _write_json(dirfd, "exit.json", {"exitCode": 128, "reason": "StartError", "startedAt": started,
+                                         "finishedAt": rfc3339nano(), "message": str(e)})
+        return 1
+    _write_json(dirfd, "container.json", {"pid": proc.pid, "start": start_time(proc.pid), "startedAt": started})
+
+    def forward(signum: int, _frame: object) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    assert proc.stdout is not None and proc.stderr is not None
+    threads = [threading.Thread(target=log.copy, args=(proc.stdout, "stdout"), daemon=True),
+               threading.Thread(target=log.copy, args=(proc.stderr, "stderr"), daemon=True)]
+    for t in threads:
+        t.start()
+    while True:
+        try:
+            rc = proc.wait()
+            break
+        except InterruptedError:
+            continue
+    for t in threads:
+        t.join(2.0)
+    code = 128 - rc if rc < 0 else rc
+    _write_json(dirfd, "exit.json", {"exitCode": code, "reason": "Completed" if code == 0 else "Error",
+                                     "startedAt": started, "finishedAt": rfc3339nano(),
+                                     **({"signal": -rc} if rc < 0 else {})})
+    log.f.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
