@@ -32,6 +32,11 @@ CONTROLLERS: dict[str, ControllerFactory] = {}
 
 def registry() -> dict[str, ControllerFactory]:
     """Every controller of the lab's controller-manager, by name."""
+    from kubeemu.ctrl.deployment import DeploymentController
+    from kubeemu.ctrl.replicaset import ReplicaSetController
+
+    CONTROLLERS.setdefault("replicaset", ReplicaSetController)
+    CONTROLLERS.setdefault("deployment", DeploymentController)
     return dict(CONTROLLERS)
 
 
