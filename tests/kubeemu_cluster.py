@@ -18,7 +18,7 @@ from typing import Any
 
 from kubeemu.client import MERGE_PATCH, ApiStatusError, Client, Obj, object_key, resource_path
 from kubeemu.ctrl import manager
-from kubeemu.ctrl.base import Informers
+from kubeemu.ctrl.base import Controller, Informers
 from kubeemu.ctrl.podutil import rfc3339
 
 _log = logging.getLogger(__name__)
@@ -97,7 +97,8 @@ class FakeKubelet:
 
 
 class ControllerManager:
-    """The lab's controller-manager (:func:`kubeemu.ctrl.manager.run`) as a task: start, kill, restart."""
+    """The lab's controller-manager as a task (what :func:`kubeemu.ctrl.manager.run` does, with
+    the controllers kept so a test can wait until they are idle): start, kill, restart."""
 
     def __init__(self, url: str, names: str = "all") -> None:
         self.url = url
@@ -105,9 +106,23 @@ class ControllerManager:
         self.names = manager.select(names, known)
         self.known = known
         self._task: asyncio.Task[None] | None = None
+        self.controllers: list[Controller] = []
+        self.informers: Informers | None = None
+
+    async def _run(self) -> None:
+        async with Client(self.url, user_agent="test-controller-manager") as client:
+            self.informers = Informers(client)
+            self.controllers = [self.known[n](client, self.informers) for n in self.names]
+            self.informers.start()
+            try:
+                await asyncio.gather(*(c.run() for c in self.controllers))
+            finally:
+                await self.informers.stop()
 
     def start(self) -> None:
-        self._task = asyncio.create_task(manager.run(self.url, self.names, self.known))
+        self.controllers = []
+        self.informers = None
+        self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -115,6 +130,25 @@ class ControllerManager:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+
+    def idle(self) -> bool:
+        """Every informer synced and every controller's queue empty with nothing in flight
+        (delayed re-checks, e.g. minReadySeconds, may still be pending)."""
+        if self.informers is None or not self.controllers:
+            return False
+        synced = all(i.synced.is_set() for i in self.informers._informers.values())
+        return synced and all(len(c.queue) == 0 and not c.queue._processing for c in self.controllers)
+
+    async def wait_idle(self, timeout: float = 20.0) -> None:
+        """Until :meth:`idle` holds twice in a row 50 ms apart (events of its own writes settle)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        streak = 0
+        while streak < 2:
+            self.check()
+            streak = streak + 1 if self.idle() else 0
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"controller-manager not idle after {timeout:g} s")
+            await asyncio.sleep(0.05)
 
     def check(self) -> None:
         """Raise the controller-manager's own exception if it died (a controller bug)."""

@@ -21,7 +21,6 @@ from kubeemu.client import MERGE_PATCH, Client, Obj, resource_path
 from kubeemu.lab import write_kubeconfig
 from kubeemu.runner import ServerThread
 from tests.kubeemu_cluster import NOT_READY_LABEL, ControllerManager, FakeKubelet, make_nodes, pods_of
-from tests.waiting import wait_until_async
 
 NODES = ("n1", "n2", "n3")
 NS = "default"
@@ -98,7 +97,8 @@ async def wait_rolled_out(c: Client, name: str, replicas: int) -> Obj:
 
 
 async def apoll(fn: Callable[[], Awaitable[Any]], message: str, timeout: float = 20) -> Any:
-    """Poll an async predicate (tests.waiting for coroutines)."""
+    """Poll an async predicate until truthy (tests.waiting's loop, for predicates that must
+    await the API); the error names what was awaited and the last value."""
     holder: dict[str, Any] = {}
 
     async def refresh() -> None:
@@ -113,8 +113,6 @@ async def apoll(fn: Callable[[], Awaitable[Any]], message: str, timeout: float =
             raise AssertionError(f"timed out waiting for {message} (last: {holder['v']!r})")
         await asyncio.sleep(0.05)
 
-
-_ = wait_until_async  # the synchronous-predicate helper; apoll is its async twin
 
 
 # ---------------------------------------------------------------- ReplicaSet
@@ -285,9 +283,8 @@ def test_deployment_recreate_and_proportional_scaling() -> None:
                 await asyncio.sleep(0.01)
 
         w = asyncio.create_task(observe())
-        await c.patch(resource_path("apps/v1", "deployments", NS, "rc"),
-                      {"spec": {"template": {"spec": {"containers": [{"name": "c", "image": "b", "command": ["v2"]}]}}}},
-                      MERGE_PATCH)
+        v2 = {"spec": {"template": {"spec": {"containers": [{"name": "c", "image": "b", "command": ["v2"]}]}}}}
+        await c.patch(resource_path("apps/v1", "deployments", NS, "rc"), v2, MERGE_PATCH)
         await wait_rolled_out(c, "rc", 3)
         done = True
         await w
@@ -340,9 +337,8 @@ def test_controller_manager_restart_duplicates_nothing() -> None:
         for _ in range(3):
             await cm.stop()
             cm.start()
-            # let the restarted manager list, sync and reconcile every key
-            await asyncio.sleep(1.0)
-            cm.check()
+            # the restarted manager lists, syncs and reconciles every key
+            await cm.wait_idle()
             assert await snapshot() == before
         assert (await get(c, "deployments", "keep"))["metadata"]["resourceVersion"] == rv_before
         # a manager killed in the middle of a scale-up finishes it without extra pods
@@ -351,7 +347,7 @@ def test_controller_manager_restart_duplicates_nothing() -> None:
         await cm.stop()
         cm.start()
         await wait_rolled_out(c, "keep", 9)
-        await asyncio.sleep(0.5)
+        await cm.wait_idle()
         pods_now = await pods_of(c, NS, "app=keep")
         assert len(pods_now) == 9
         assert before[0] <= {p["metadata"]["uid"] for p in pods_now}

@@ -147,6 +147,9 @@ class ClusterRecord:
     #: The IPv6 lab service (host 10 of the first IPv6 service CIDR), DNATed to a pod's IPv6.
     service_ip6: str | None = None
     service_backend6: str | None = None
+    #: ``kubernetes: true``: the cluster's controller-manager (``python -m kubeemu.ctrl``, root
+    #: namespace): the workload controllers (Deployment, ReplicaSet, StatefulSet, Job, DaemonSet).
+    controller_manager: ProcRecord | None = None
 
     def global_ip(self, ip: str | None) -> str | None:
         """How the other clusters reach ``ip`` of this cluster (None: by ``ip`` itself)."""
@@ -232,9 +235,11 @@ class LabState:
                     pods = [PodRecord(**p) for p in n["pods"]]
                     fields = {k: v for k, v in n.items() if k not in ("pods", "agent")}
                     nodes.append(NodeRecord(**fields, pods=pods, agent=proc(n.get("agent"))))
-                fields = {k: v for k, v in c.items() if k not in ("nodes", "apiserver", "kubelet")}
+                fields = {k: v for k, v in c.items()
+                          if k not in ("nodes", "apiserver", "kubelet", "controller_manager")}
                 clusters.append(ClusterRecord(**fields, nodes=nodes, apiserver=proc(c.get("apiserver")),
-                                              kubelet=proc(c.get("kubelet"))))
+                                              kubelet=proc(c.get("kubelet")),
+                                              controller_manager=proc(c.get("controller_manager"))))
             fields = {k: v for k, v in doc.items() if k not in ("clusters", "reflector")}
             return cls(**fields, clusters=clusters, reflector=proc(doc.get("reflector")))
         except (KeyError, TypeError, ValueError) as e:
