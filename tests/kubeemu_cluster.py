@@ -78,6 +78,11 @@ class FakeKubelet:
         with contextlib.suppress(ApiStatusError):
             await self.client.patch(resource_path("v1", "pods", ns, name, "status"), body, MERGE_PATCH)
 
+    def rescan(self) -> None:
+        """Look at every pod again (after ``bind`` was switched on)."""
+        for key in list(self.pods.cache):
+            self.queue.put_nowait(key)
+
     async def _run(self) -> None:
         while True:
             key = await self.queue.get()
