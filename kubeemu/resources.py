@@ -124,6 +124,7 @@ def builtin_types() -> list[ResourceType]:
                      status=True, generation=True),
         ResourceType("apps", ("v1",), "statefulsets", "StatefulSet", True, short_names=("sts",),
                      categories=("all",), status=True, generation=True),
+        ResourceType("batch", ("v1",), "jobs", "Job", True, categories=("all",), status=True, generation=True),
         ResourceType("apiextensions.k8s.io", ("v1",), "customresourcedefinitions", "CustomResourceDefinition",
                      False, short_names=("crd", "crds"), status=True, generation=True),
         # Stored, not enforced: the emulator authorizes every request. Served so that manifests

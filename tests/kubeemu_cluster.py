@@ -24,6 +24,9 @@ from kubeemu.ctrl.podutil import rfc3339
 _log = logging.getLogger(__name__)
 
 NOT_READY_LABEL = "test.kubeemu/ready"
+#: A pod labelled with this ends at once in the phase it names (Succeeded or Failed), its
+#: containers terminated with exit code 0 or 1: a Job's pods "run to completion".
+PHASE_LABEL = "test.kubeemu/phase"
 
 
 class FakeKubelet:
@@ -65,6 +68,18 @@ class FakeKubelet:
                                           "target": {"apiVersion": "v1", "kind": "Node", "name": node}})
             return
         if node not in self.nodes or status.get("phase") == "Running":
+            return
+        end = (meta.get("labels") or {}).get(PHASE_LABEL)
+        if end in ("Succeeded", "Failed"):
+            t = rfc3339()
+            code = 0 if end == "Succeeded" else 1
+            body = {"status": {"phase": end, "startTime": t, "conditions": [
+                {"type": "Ready", "status": "False", "lastTransitionTime": t}],
+                "containerStatuses": [{"name": c.get("name"), "ready": False, "restartCount": 0, "state": {
+                    "terminated": {"exitCode": code, "reason": "Completed" if code == 0 else "Error",
+                                   "startedAt": t, "finishedAt": t}}} for c in spec.get("containers") or []]}}
+            with contextlib.suppress(ApiStatusError):
+                await self.client.patch(resource_path("v1", "pods", ns, name, "status"), body, MERGE_PATCH)
             return
         ready = "False" if (meta.get("labels") or {}).get(NOT_READY_LABEL) == "false" else "True"
         t = rfc3339()
