@@ -95,8 +95,12 @@ class Informer:
     async def _relist(self) -> str:
         lst = await self.client.get(self.path)
         seen: set[str] = set()
+        list_kind = str(lst.get("kind") or "")
         for obj in lst.get("items") or []:
+            # list items carry neither apiVersion nor kind; owner references need both
             obj.setdefault("apiVersion", self.api_version)
+            if list_kind.endswith("List"):
+                obj.setdefault("kind", list_kind[:-4])
             key = object_key(obj)
             seen.add(key)
             old = self.cache.get(key)

@@ -32,6 +32,15 @@ CONTROLLERS: dict[str, ControllerFactory] = {}
 
 def registry() -> dict[str, ControllerFactory]:
     """Every controller of the lab's controller-manager, by name."""
+    from kubeemu.ctrl.deployment import DeploymentController
+    from kubeemu.ctrl.job import JobController
+    from kubeemu.ctrl.replicaset import ReplicaSetController
+    from kubeemu.ctrl.statefulset import StatefulSetController
+
+    CONTROLLERS.setdefault("replicaset", ReplicaSetController)
+    CONTROLLERS.setdefault("deployment", DeploymentController)
+    CONTROLLERS.setdefault("statefulset", StatefulSetController)
+    CONTROLLERS.setdefault("job", JobController)
     return dict(CONTROLLERS)
 
 

@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 from fabric import topology
-from tools import cli, lab
+from tests.waiting import wait_until
+from tools import cli, lab, nsutil
 from tools.lab import kubelet as kubelet_lab
 
 TOPO = """\
@@ -129,7 +130,8 @@ def test_status_shows_servers_and_kubeconfig(tmp_path: Path) -> None:
     assert doc["clusters"][0]["kubernetes"]["url"] == "http://127.0.0.1:1234"
     assert doc["clusters"][0]["kubernetes"]["apiserver_pid"] is None
     text = lab.render_status(doc)
-    assert "kubernetes of east: http://127.0.0.1:1234 (apiserver stopped, kubelet stopped)" in text
+    assert ("kubernetes of east: http://127.0.0.1:1234 (apiserver stopped, kubelet stopped, "
+            "controller-manager stopped)") in text
     plain = lab.plan("kfx", _topo(tmp_path, TOPO.replace("kubernetes: true\n", "")))
     assert lab.status_doc(plain, None, "down")["kubeconfig"] is None
 
@@ -155,8 +157,8 @@ def test_servers_and_kubelets_start_record_and_stop(lab_root: Path, tmp_path: Pa
     recs: list[lab.ProcRecord] = []
     try:
         lab.start_kubernetes(st, [])
-        recs = [r for c in st.clusters for r in (c.apiserver, c.kubelet) if r is not None]
-        assert len(recs) == 4 and all(r.running() for r in recs)
+        recs = [r for c in st.clusters for r in (c.apiserver, c.kubelet, c.controller_manager) if r is not None]
+        assert len(recs) == 6 and all(r.running() for r in recs)
         saved = lab.load_state("kfx")
         assert saved is not None and [c.api_url for c in saved.clusters] == [c.api_url for c in st.clusters]
         lab.wait_kube_nodes(st, 20.0)
@@ -167,16 +169,45 @@ def test_servers_and_kubelets_start_record_and_stop(lab_root: Path, tmp_path: Pa
         node = _get(f"{st.clusters[0].api_url}/api/v1/nodes/e1")
         assert node["spec"]["podCIDR"] == "10.10.0.0/24"
         assert {"type": "InternalIP", "address": "198.18.0.11"} in node["status"]["addresses"]
-        # A second pass starts nothing new: everything recorded still runs.
-        before = [(c.apiserver, c.kubelet) for c in st.clusters]
+        # The controller-manager runs the workload controllers: a Deployment gets its ReplicaSet
+        # and pods (Pending: no scheduler binds them, so the kubelet makes no namespace).
+        api = st.clusters[0].api_url
+        dep = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
+               "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "web"}},
+                        "template": {"metadata": {"labels": {"app": "web"}},
+                                     "spec": {"containers": [{"name": "c", "image": "x"}]}}}}
+        req = urllib.request.Request(f"{api}/apis/apps/v1/namespaces/default/deployments", method="POST",
+                                     data=json.dumps(dep).encode(), headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(req, timeout=5).close()
+        pods = wait_until(lambda: [p for p in _get(f"{api}/api/v1/namespaces/default/pods")["items"]
+                                   if p["metadata"]["name"].startswith("web-")] or None, 20, "the deployment's pods")
+        wait_until(lambda: len(_get(f"{api}/api/v1/namespaces/default/pods")["items"]) == 2, 20, "two pods")
+        uids = {p["metadata"]["uid"] for p in _get(f"{api}/api/v1/namespaces/default/pods")["items"]}
+        assert len(pods) >= 1
+        # A dead controller-manager is started again by the next pass; it duplicates nothing.
+        cm = st.clusters[0].controller_manager
+        assert cm is not None
+        nsutil.terminate([(cm.pid, cm.start)])
+        assert not cm.running()
         lab.start_kubernetes(st, [])
-        assert [(c.apiserver, c.kubelet) for c in st.clusters] == before
+        cm2 = st.clusters[0].controller_manager
+        assert cm2 is not None and cm2.running() and cm2.pid != cm.pid
+        saved = lab.load_state("kfx")
+        assert saved is not None and saved.clusters[0].controller_manager == cm2
+        wait_until(lambda: "caches synced" in Path(cm2.log).read_text(), 20, "the new controller-manager synced")
+        rs = _get(f"{api}/apis/apps/v1/namespaces/default/replicasets")["items"]
+        assert len(rs) == 1 and {p["metadata"]["uid"] for p in _get(
+            f"{api}/api/v1/namespaces/default/pods")["items"]} == uids
+        # A second pass starts nothing new: everything recorded still runs.
+        before = [(c.apiserver, c.kubelet, c.controller_manager) for c in st.clusters]
+        lab.start_kubernetes(st, [])
+        assert [(c.apiserver, c.kubelet, c.controller_manager) for c in st.clusters] == before
         # Nodes added to east: only east's kubelet is restarted.
         old_east, old_west = st.clusters[0].kubelet, st.clusters[1].kubelet
         lab.start_kubernetes(st, ["east/e9"])
         assert st.clusters[0].kubelet != old_east and st.clusters[1].kubelet == old_west
         assert old_east is not None and not old_east.running()
-        recs = [r for c in st.clusters for r in (c.apiserver, c.kubelet) if r is not None]
+        recs = [r for c in st.clusters for r in (c.apiserver, c.kubelet, c.controller_manager) if r is not None]
     finally:
         lab.commands._down_locked("kfx", lab.load_state("kfx"), lambda _m: None)
     assert not any(r.running() for r in recs)

@@ -1,6 +1,6 @@
-"""``kubernetes: true`` labs: one emulated API server (kubeemu) and one lab kubelet
-(:mod:`tools.lab.kubelet`) per cluster, in the root namespace on 127.0.0.1, and the lab's
-kubeconfig with a context per cluster.
+"""``kubernetes: true`` labs: one emulated API server (kubeemu), one lab kubelet
+(:mod:`tools.lab.kubelet`) and one controller-manager (:mod:`kubeemu.ctrl`) per cluster, in the
+root namespace on 127.0.0.1, and the lab's kubeconfig with a context per cluster.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ _log = logging.getLogger(__name__)
 # Per cluster, in this order: the emulated API server (``python -m kubeemu`` on 127.0.0.1, an
 # ephemeral port; root namespace so kubectl reaches it), then the lab kubelet
 # (``python -m tools.lab.kubelet``, root namespace: it runs ``ip`` on the lab's named namespaces
-# and talks to its API server), then the cluster's scheduler if its topology names one
+# and talks to its API server), then the controller-manager (``python -m kubeemu.ctrl``, root
+# namespace, only talks to its API server), then the cluster's scheduler if its topology names one
 # (:mod:`tools.lab.schedulers`), then the kubeconfig (one context per cluster). The processes are
 # recorded (PID + start time) in the state file as soon as they exist; ``down`` stops them from
 # there, since a scan of the lab's namespaces cannot find processes of the root namespace.
@@ -84,19 +85,35 @@ def start_kubelet(state: LabState, cluster: ClusterRecord) -> ProcRecord:
     return rec
 
 
+def start_controller_manager(state: LabState, cluster: ClusterRecord) -> ProcRecord:
+    """Start the controller-manager of ``cluster`` (every controller ``kubeemu.ctrl`` registers).
+
+    It keeps no state of its own: a restarted one re-lists from the API server and, its
+    controllers being idempotent, creates and deletes nothing twice."""
+    assert cluster.api_url is not None
+    argv = [sys.executable, "-m", "kubeemu.ctrl", "--server", cluster.api_url, "--controllers", "all"]
+    rec = start_process(ROOT_NETNS, argv, state.state_dir / "logs" / f"controller-manager-{cluster.name}.log")
+    cluster.controller_manager = rec
+    save_state(state)
+    return rec
+
+
 def start_kubernetes(state: LabState, added: Sequence[str], progress: Progress = quiet) -> None:
-    """Start what is not running: API servers, then kubelets; write the kubeconfig.
+    """Start what is not running: API servers, then kubelets, then controller-managers; write
+    the kubeconfig.
 
     A new API server starts empty, so the kubelet pods of its cluster that an earlier server
-    left (after a crash) are removed and the kubelet is restarted against the new URL. A kubelet
-    is also restarted when nodes were ``added`` to its cluster (it registers them at start).
+    left (after a crash) are removed and the kubelet and controller-manager are restarted against
+    the new URL. A kubelet is also restarted when nodes were ``added`` to its cluster (it
+    registers them at start). A controller-manager that died is started again.
     """
     for c in state.clusters:
         if c.apiserver is None or not c.apiserver.running() or c.api_url is None:
-            stale = [r for r in (c.apiserver, c.kubelet, c.scheduler_proc) if r is not None and r.running()]
+            stale = [r for r in (c.apiserver, c.kubelet, c.controller_manager, c.scheduler_proc)
+                     if r is not None and r.running()]
             if stale:
                 nsutil.terminate([(r.pid, r.start) for r in stale])
-            c.apiserver = c.kubelet = c.scheduler_proc = None
+            c.apiserver = c.kubelet = c.controller_manager = c.scheduler_proc = None
             leftovers = delete_netns(kube_pod_namespaces(c))
             if leftovers:
                 progress(f"lab {state.name}: removed {len(leftovers)} pod namespaces of an old API server of {c.name}")
@@ -110,6 +127,9 @@ def start_kubernetes(state: LabState, added: Sequence[str], progress: Progress =
         if c.kubelet is None or not c.kubelet.running():
             rec = start_kubelet(state, c)
             progress(f"lab {state.name}: lab kubelet of {c.name} started (pid {rec.pid}, log {rec.log})")
+        if c.controller_manager is None or not c.controller_manager.running():
+            rec = start_controller_manager(state, c)
+            progress(f"lab {state.name}: controller-manager of {c.name} started (pid {rec.pid}, log {rec.log})")
         schedulers.start_scheduler(state, c, progress)
     write_kubeconfig(state)
 
@@ -158,7 +178,8 @@ def wait_kube_nodes(state: LabState, timeout_s: float, progress: Progress = quie
             missing, err = kube_nodes_ready(c)
             if not missing:
                 break
-            for what, rec in (("API server", c.apiserver), ("kubelet", c.kubelet)):
+            for what, rec in (("API server", c.apiserver), ("kubelet", c.kubelet),
+                              ("controller-manager", c.controller_manager)):
                 if rec is None or not rec.running():
                     log = rec.log if rec else "(never started)"
                     raise LabError(f"the {what} of cluster {c.name} is not running; see {log}"

@@ -88,6 +88,9 @@ def status_doc(state: LabState, status: api.FabricStatus | None, error: str | No
                     "apiserver_log": c.apiserver.log if c.apiserver else None,
                     "kubelet_pid": c.kubelet.pid if c.kubelet and c.kubelet.running() else None,
                     "kubelet_log": c.kubelet.log if c.kubelet else None,
+                    "controller_manager_pid": c.controller_manager.pid
+                    if c.controller_manager and c.controller_manager.running() else None,
+                    "controller_manager_log": c.controller_manager.log if c.controller_manager else None,
                 }
                 if state.kubernetes else None,
                 "nodes": nodes,
@@ -140,7 +143,8 @@ def render_status(doc: dict[str, Any]) -> str:
     for c in doc["clusters"]:
         k = c.get("kubernetes")
         if k:
-            pids = f"apiserver {k['apiserver_pid'] or 'stopped'}, kubelet {k['kubelet_pid'] or 'stopped'}"
+            pids = (f"apiserver {k['apiserver_pid'] or 'stopped'}, kubelet {k['kubelet_pid'] or 'stopped'}, "
+                    f"controller-manager {k.get('controller_manager_pid') or 'stopped'}")
             lines.append(f"kubernetes of {c['name']}: {k['url'] or '-'} ({pids})")
     if doc.get("kubeconfig"):
         lines.append(f"kubeconfig: {doc['kubeconfig']}")

@@ -152,6 +152,9 @@ class ClusterRecord:
     #: ``kubernetes: true``: the topology's ``scheduler`` and its process (tools.lab.schedulers).
     scheduler: str = "none"
     scheduler_proc: ProcRecord | None = None
+    #: ``kubernetes: true``: the cluster's controller-manager (``python -m kubeemu.ctrl``, root
+    #: namespace): the workload controllers (Deployment, ReplicaSet, StatefulSet, Job, DaemonSet).
+    controller_manager: ProcRecord | None = None
 
     def global_ip(self, ip: str | None) -> str | None:
         """How the other clusters reach ``ip`` of this cluster (None: by ``ip`` itself)."""
@@ -237,9 +240,11 @@ class LabState:
                     pods = [PodRecord(**p) for p in n["pods"]]
                     fields = {k: v for k, v in n.items() if k not in ("pods", "agent")}
                     nodes.append(NodeRecord(**fields, pods=pods, agent=proc(n.get("agent"))))
-                fields = {k: v for k, v in c.items() if k not in ("nodes", "apiserver", "kubelet", "scheduler_proc")}
+                fields = {k: v for k, v in c.items()
+                          if k not in ("nodes", "apiserver", "kubelet", "controller_manager", "scheduler_proc")}
                 clusters.append(ClusterRecord(**fields, nodes=nodes, apiserver=proc(c.get("apiserver")),
                                               kubelet=proc(c.get("kubelet")),
+                                              controller_manager=proc(c.get("controller_manager")),
                                               scheduler_proc=proc(c.get("scheduler_proc"))))
             fields = {k: v for k, v in doc.items() if k not in ("clusters", "reflector")}
             return cls(**fields, clusters=clusters, reflector=proc(doc.get("reflector")))

@@ -1,0 +1,138 @@
+"""The lab's Job controller against a kubeemu server with a fake kubelet: completions with
+parallelism, labels and finalizer tracking, backoffLimit -> Failed/BackoffLimitExceeded,
+work-queue Jobs without completions, Indexed pods, and a restart that counts nothing twice."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from kubeemu.client import Client, Obj, resource_path
+from kubeemu.ctrl import job as jobmod
+from kubeemu.runner import ServerThread
+from tests.kubeemu_cluster import PHASE_LABEL, ControllerManager, FakeKubelet, make_nodes, pods_of
+from tests.unit.test_kubeemu_workloads import apoll
+
+NS = "default"
+NODES = ("n1",)
+
+
+def job(name: str, phase: str = "Succeeded", **spec: Any) -> Obj:
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name},
+            "spec": {"template": {"metadata": {"labels": {"app": name, PHASE_LABEL: phase}},
+                                  "spec": {"restartPolicy": "Never",
+                                           "containers": [{"name": "c", "image": "x", "command": ["true"]}]}},
+                     **spec}}
+
+
+def run(scenario: Any) -> None:
+    with ServerThread(name="job", service_cidrs=("10.96.0.0/24",), bookmark_interval=0.3) as emu:
+
+        async def go() -> None:
+            async with Client(emu.url) as c:
+                await make_nodes(c, NODES)
+                kubelet = FakeKubelet(c, NODES)
+                await kubelet.start()
+                cm = ControllerManager(emu.url)
+                cm.start()
+                try:
+                    await asyncio.wait_for(scenario(c, cm), 60)
+                    cm.check()
+                finally:
+                    await cm.stop()
+                    await kubelet.stop()
+
+        asyncio.run(go())
+
+
+async def get_job(c: Client, name: str) -> Obj:
+    return await c.get(resource_path("batch/v1", "jobs", NS, name))
+
+
+def cond(j: Obj, ctype: str) -> Obj | None:
+    return next((x for x in (j.get("status") or {}).get("conditions") or [] if x["type"] == ctype), None)
+
+
+def test_want_active() -> None:
+    j = {"metadata": {"uid": "u"}, "spec": {"parallelism": 2, "completions": 5}}
+    assert jobmod.want_active(j, 0, 0) == 2 and jobmod.want_active(j, 2, 4) == 1 and jobmod.want_active(j, 0, 5) == 0
+    wq = {"metadata": {"uid": "u"}, "spec": {"parallelism": 3}}
+    assert jobmod.want_active(wq, 0, 0) == 3 and jobmod.want_active(wq, 2, 1) == 2
+    assert jobmod.effective_selector(j) == {"matchLabels": {jobmod.CONTROLLER_UID: "u"}}
+
+
+def test_job_completes_with_parallelism_and_tracking() -> None:
+    async def scenario(c: Client, cm: ControllerManager) -> None:
+        created = await c.create(resource_path("batch/v1", "jobs", NS), job("pi", completions=4, parallelism=2))
+
+        async def done() -> Obj | None:
+            j = await get_job(c, "pi")
+            return j if cond(j, "Complete") else None
+
+        j = await apoll(done, "job pi Complete")
+        st = j["status"]
+        assert st["succeeded"] == 4 and st["failed"] == 0 and st["active"] == 0
+        assert cond(j, "Complete")["reason"] == "CompletionsReached"  # type: ignore[index]
+        assert st.get("startTime") and st.get("completionTime") and not st.get("uncountedTerminatedPods")
+        await cm.wait_idle()
+        pods = await pods_of(c, NS, "app=pi")
+        assert len(pods) == 4  # never more than completions
+        uid = created["metadata"]["uid"]
+        for p in pods:
+            labels = p["metadata"]["labels"]
+            assert labels[jobmod.CONTROLLER_UID] == uid and labels["controller-uid"] == uid
+            assert labels[jobmod.JOB_NAME] == "pi" and labels["job-name"] == "pi"
+            assert p["metadata"]["name"].startswith("pi-")
+            assert jobmod.TRACKING_FINALIZER not in (p["metadata"].get("finalizers") or [])
+            assert p["status"]["phase"] == "Succeeded"
+        # deleting finished pods or restarting the controller counts nothing twice
+        await c.delete(resource_path("v1", "pods", NS, pods[0]["metadata"]["name"]))
+        await cm.stop()
+        cm.start()
+        await cm.wait_idle()
+        assert (await get_job(c, "pi"))["status"]["succeeded"] == 4
+        assert len(await pods_of(c, NS, "app=pi")) == 3
+
+    run(scenario)
+
+
+def test_job_backoff_limit_and_work_queue_and_indexed() -> None:
+    async def scenario(c: Client, cm: ControllerManager) -> None:
+        await c.create(resource_path("batch/v1", "jobs", NS), job("bad", "Failed", backoffLimit=0))
+
+        async def failed() -> Obj | None:
+            j = await get_job(c, "bad")
+            return j if cond(j, "Failed") else None
+
+        j = await apoll(failed, "job bad Failed")
+        f = cond(j, "Failed")
+        assert f is not None and f["reason"] == "BackoffLimitExceeded"
+        assert f["message"] == "Job has reached the specified backoff limit"
+        assert j["status"]["failed"] == 1 and j["status"]["active"] == 0 and not cond(j, "Complete")
+        await cm.wait_idle()
+        assert len(await pods_of(c, NS, "app=bad")) == 1  # no retry beyond the limit
+        # without completions: parallelism pods, complete once one succeeded and none is active
+        await c.create(resource_path("batch/v1", "jobs", NS), job("wq", parallelism=3))
+
+        async def wq_done() -> Obj | None:
+            j2 = await get_job(c, "wq")
+            return j2 if cond(j2, "Complete") else None
+
+        j2 = await apoll(wq_done, "work-queue job Complete")
+        assert j2["status"]["succeeded"] == 3
+        # Indexed: one pod per index, named and annotated with it
+        await c.create(resource_path("batch/v1", "jobs", NS),
+                       job("ix", completions=3, parallelism=3, completionMode="Indexed"))
+
+        async def ix_done() -> Obj | None:
+            j3 = await get_job(c, "ix")
+            return j3 if cond(j3, "Complete") else None
+
+        await apoll(ix_done, "indexed job Complete")
+        pods = await pods_of(c, NS, "app=ix")
+        idx = sorted(p["metadata"]["annotations"][jobmod.COMPLETION_INDEX] for p in pods)
+        assert idx == ["0", "1", "2"]
+        assert all(p["metadata"]["name"].startswith(f"ix-{p['metadata']['annotations'][jobmod.COMPLETION_INDEX]}-")
+                   for p in pods)
+
+    run(scenario)
