@@ -32,6 +32,9 @@ CONTROLLERS: dict[str, ControllerFactory] = {}
 
 def registry() -> dict[str, ControllerFactory]:
     """Every controller of the lab's controller-manager, by name."""
+    from kubeemu.ctrl.endpointslice import EndpointSliceController
+
+    CONTROLLERS.setdefault("endpointslice", EndpointSliceController)
     return dict(CONTROLLERS)
 
 
