@@ -323,8 +323,8 @@ def plan_slices(service: Obj, existing: Iterable[Obj], desired: Mapping[tuple[st
         plan.update += to_update
         plan.create += [new_slice(service, at, copy.deepcopy(ports), chunk) for chunk in chunks]
     # A service without any endpoint keeps one empty placeholder slice (upstream).
-    kept = len(existing) - len(plan.delete) + len(plan.create)
-    if kept == 0:
+    n_left = len(existing) - len(plan.delete) + len(plan.create)
+    if n_left == 0:
         placeholder = new_slice(service, types[0], [], [])
         reuse = next((s for s in plan.delete if _is_placeholder_of(s, placeholder, uid)), None)
         if reuse is not None:
@@ -423,8 +423,10 @@ class EndpointSliceController(Controller):
 
     def _on_node(self, etype: str, old: Obj | None, new: Obj | None) -> None:
         """A node appearing or changing zone: the services with pods on it."""
-        if etype == "MODIFIED" and old is not None and new is not None and \
-                (old["metadata"].get("labels") or {}).get(ZONE_LABEL) == (new["metadata"].get("labels") or {}).get(ZONE_LABEL):
+        def zone(n: Obj | None) -> Any:
+            return ((n or {}).get("metadata", {}).get("labels") or {}).get(ZONE_LABEL)
+
+        if etype == "MODIFIED" and zone(old) == zone(new):
             return
         name = (new or old or {}).get("metadata", {}).get("name")
         for pod in self.pods.cache.values():

@@ -6,6 +6,7 @@ duplicate slices and kubectl's view of the result."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import subprocess
@@ -163,9 +164,9 @@ async def _wait(cond: Callable[[], Awaitable[Any]], timeout: float, what: str) -
 
 async def _make_pod(c: Client, name: str, ip: str, ready: bool = True, labels: dict[str, str] | None = None) -> None:
     path = resource_path("v1", "pods", "default")
+    container = {"name": "c", "image": "x", "ports": [{"name": "web", "containerPort": 8080}]}
     await c.create(path, {"metadata": {"name": name, "labels": labels or {"app": "web"}},
-                          "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "x",
-                                                                     "ports": [{"name": "web", "containerPort": 8080}]}]}})
+                          "spec": {"nodeName": "n1", "containers": [container]}})
     await _set_status(c, name, ip, ready)
 
 
@@ -197,10 +198,8 @@ def test_controller_against_a_server_and_restart_duplicates_nothing(tmp_path: Pa
 
         async def stop(task: asyncio.Task[None], infs: Informers) -> None:
             task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await task
-            except asyncio.CancelledError:
-                pass
             await infs.stop()
 
         async def go() -> None:
