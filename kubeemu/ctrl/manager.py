@@ -33,6 +33,7 @@ CONTROLLERS: dict[str, ControllerFactory] = {}
 def registry() -> dict[str, ControllerFactory]:
     """Every controller of the lab's controller-manager, by name."""
     from kubeemu.ctrl.deployment import DeploymentController
+    from kubeemu.ctrl.endpointslice import EndpointSliceController
     from kubeemu.ctrl.job import JobController
     from kubeemu.ctrl.replicaset import ReplicaSetController
     from kubeemu.ctrl.statefulset import StatefulSetController
@@ -41,6 +42,7 @@ def registry() -> dict[str, ControllerFactory]:
     CONTROLLERS.setdefault("deployment", DeploymentController)
     CONTROLLERS.setdefault("statefulset", StatefulSetController)
     CONTROLLERS.setdefault("job", JobController)
+    CONTROLLERS.setdefault("endpointslice", EndpointSliceController)
     return dict(CONTROLLERS)
 
 
