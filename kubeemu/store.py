@@ -503,6 +503,7 @@ class Store:
                 else:
                     new.pop("status", None)
             admission.validate(rt, new)
+            admission.validate_pvc_update(rt, new, old, self.objects)
             self._check_custom(rt, version, new, keep=["status"] if split else [])
             self._prepare_update(rt, new, old, dry_run)
         return self._write(rt, old, new, split, dry_run)
