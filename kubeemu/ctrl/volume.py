@@ -62,6 +62,7 @@ ANN_STORAGE_PROVISIONER = "volume.kubernetes.io/storage-provisioner"
 ANN_BETA_STORAGE_PROVISIONER = "volume.beta.kubernetes.io/storage-provisioner"
 ANN_SELECTED_NODE = "volume.kubernetes.io/selected-node"
 ANN_DEFAULT_CLASS = "storageclass.kubernetes.io/is-default-class"
+ANN_BETA_DEFAULT_CLASS = "storageclass.beta.kubernetes.io/is-default-class"
 NO_PROVISIONER = "kubernetes.io/no-provisioner"
 PVC_PROTECTION = "kubernetes.io/pvc-protection"
 PV_PROTECTION = "kubernetes.io/pv-protection"
@@ -479,7 +480,10 @@ class PersistentVolumeBinder(VolumeControllerBase):
         if sc is None or etype == "DELETED":
             return
         for pvc in self.pvcs.list():
-            if claim_class(pvc) == sc["metadata"]["name"] and not (pvc.get("spec") or {}).get("volumeName"):
+            spec = pvc.get("spec") or {}
+            if spec.get("volumeName"):
+                continue
+            if claim_class(pvc) == sc["metadata"]["name"] or spec.get("storageClassName") is None:
                 self.enqueue_claim(object_key(pvc))
 
     def _on_pod(self, etype: str, old: Obj | None, new: Obj | None) -> None:
@@ -572,6 +576,8 @@ class PersistentVolumeBinder(VolumeControllerBase):
             if pv is not None:
                 await self.bind(pv, pvc)
                 return
+            if await self.assign_default_storage_class(pvc):
+                return  # the update re-queues the claim, which then syncs with its class
             cls = claim_class(pvc)
             if delay:
                 consumer = self.scheduled_consumer(pvc)
@@ -608,6 +614,28 @@ class PersistentVolumeBinder(VolumeControllerBase):
                 "reason": "Conflict",
                 "message": f'Invalid binding of claim "{object_key(pvc)}" to volume "{pv["metadata"]["name"]}": '
                            f'volume already claimed by "{claim_key_of_ref(pv["spec"]["claimRef"])}"'})
+
+    def default_class(self) -> Obj | None:
+        """``GetDefaultClass``: among classes annotated default, the newest (then by name)."""
+        defaults = [sc for sc in self.classes.list()
+                    if annotations_of(sc).get(ANN_DEFAULT_CLASS) == "true"
+                    or annotations_of(sc).get(ANN_BETA_DEFAULT_CLASS) == "true"]
+        if not defaults:
+            return None
+        return max(defaults, key=lambda sc: (sc["metadata"].get("creationTimestamp") or "", sc["metadata"]["name"]))
+
+    async def assign_default_storage_class(self, pvc: Obj) -> bool:
+        """RetroactiveDefaultStorageClass (GA in 1.28): a claim that names no class at all (not
+        even "") gets the default class, so claims made before the class existed still bind."""
+        if (pvc.get("spec") or {}).get("storageClassName") is not None or \
+                "volume.beta.kubernetes.io/storage-class" in annotations_of(pvc):
+            return False
+        sc = self.default_class()
+        if sc is None:
+            return False
+        _log.info("claim %s: assigning the default StorageClass %s", object_key(pvc), sc["metadata"]["name"])
+        await self.put_claim(dict(pvc, spec=dict(pvc.get("spec") or {}, storageClassName=sc["metadata"]["name"])))
+        return True
 
     @staticmethod
     def _check_volume_satisfies_claim(pv: Obj, pvc: Obj) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import shutil
 import subprocess
@@ -100,17 +101,17 @@ class Api:
         assert code < 300, f"{method} {path}: {code} {out.get('message')}"
         return out
 
-    def get(self, path: str) -> Any | None:
+    def get(self, path: str) -> Any:
         code, out = self.call("GET", path)
         if code == 404:
             return None
         assert code == 200, f"GET {path}: {code} {out}"
         return out
 
-    def pvc(self, ns: str, name: str) -> Any | None:
+    def pvc(self, ns: str, name: str) -> Any:
         return self.get(f"/api/v1/namespaces/{ns}/persistentvolumeclaims/{name}")
 
-    def pv(self, name: str) -> Any | None:
+    def pv(self, name: str) -> Any:
         return self.get(f"/api/v1/persistentvolumes/{name}")
 
     def pvs(self) -> list[Any]:
@@ -246,7 +247,7 @@ def test_reclaim_delete_removes_directory_and_retain_keeps_it(api: Api, ctrl: Co
     for name, cls in (("gone", "lab-local"), ("kept", "lab-retain")):
         api.ok("POST", PVCS, claim(name, cls=cls))
         api.ok("POST", PODS, pod(f"use-{name}", name))
-    pvcs = {n: wait_until(lambda n=n: bound(api, "default", n), 10, f"{n} Bound") for n in ("gone", "kept")}
+    pvcs = {n: wait_until(functools.partial(bound, api, "default", n), 10, f"{n} Bound") for n in ("gone", "kept")}
     dirs = {n: Path(api.pv(p["spec"]["volumeName"])["spec"]["local"]["path"]) for n, p in pvcs.items()}
     for d in dirs.values():
         (d / "file").write_text("data\n")
@@ -333,12 +334,26 @@ def test_restart_provisions_nothing_twice(api: Api, emu: ServerThread, tmp_path:
         pvc = wait_until(lambda: bound(api, "default", "keep"), 10, "keep Bound")
     finally:
         first.stop()
-    # a claim left half-way: node selected and provisioner asked, no volume yet
-    api.ok("POST", PVCS, claim("half"))
+    # a claim left half-way: the provisioner made its PV and died before the binder bound it
+    half_body = claim("half")
+    half_body["metadata"]["annotations"] = {"volume.kubernetes.io/selected-node": "node-a",
+                                            "volume.kubernetes.io/storage-provisioner": "lab.kosmos.io/local"}
+    made = api.ok("POST", PVCS, half_body)
     api.ok("POST", PODS, pod("halfer", "half"))
+    half_pv = f"pvc-{made['metadata']['uid']}"
+    (root / "node-a" / half_pv).mkdir(parents=True)
+    api.ok("POST", "/api/v1/persistentvolumes", {
+        "metadata": {"name": half_pv, "annotations": {"pv.kubernetes.io/provisioned-by": "lab.kosmos.io/local"}},
+        "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"], "storageClassName": "lab-local",
+                 "persistentVolumeReclaimPolicy": "Delete", "local": {"path": str(root / "node-a" / half_pv)},
+                 "claimRef": {"kind": "PersistentVolumeClaim", "apiVersion": "v1", "namespace": "default",
+                              "name": "half", "uid": made["metadata"]["uid"]},
+                 "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
+                     {"key": "kubernetes.io/hostname", "operator": "In", "values": ["node-a"]}]}]}}}})
     second = ControllerManager(emu.url, root).start()
     try:
         half = wait_until(lambda: bound(api, "default", "half"), 10, "half Bound after the restart")
+        assert half["spec"]["volumeName"] == half_pv
         api.ok("POST", PVCS, claim("after"))
         api.ok("POST", PODS, pod("afterer", "after"))
         wait_until(lambda: bound(api, "default", "after"), 10, "a new claim served by the new controllers")
@@ -349,3 +364,17 @@ def test_restart_provisions_nothing_twice(api: Api, emu: ServerThread, tmp_path:
         assert sorted(p.name for p in (root / "node-a").iterdir()) == want
     finally:
         second.stop()
+
+
+def test_claim_without_class_gets_the_default_class_retroactively(api: Api, ctrl: ControllerManager) -> None:
+    api.ok("POST", PVCS, claim("classless", cls=None))
+    api.ok("POST", PVCS, claim("explicitly-none", cls=""))
+    got = wait_until(lambda: (api.pvc("default", "classless") or {})["spec"].get("storageClassName"), 10,
+                     "the default class assigned")
+    assert got == "lab-local"
+    api.ok("POST", PODS, pod("classless-user", "classless"))
+    wait_until(lambda: bound(api, "default", "classless"), 10, "classless Bound through lab-local")
+    wait_until(lambda: ("Normal", "FailedBinding",
+                        "no persistent volumes available for this claim and no storage class is set")
+               in api.events("default", "explicitly-none"), 10, "FailedBinding for the class-less claim")
+    assert api.pvc("default", "explicitly-none")["spec"]["storageClassName"] == ""
