@@ -816,15 +816,15 @@ class PersistentVolumeBinder(VolumeControllerBase):
             if phase(pv) != "Available":
                 await self.update_volume_phase(pv, "Available")
                 # upstream waits for the next resync (15 s) to offer it; the lab offers it now
-                for pvc in self.pvcs.list():
-                    if claim_class(pvc) == volume_class(pv) and not (pvc.get("spec") or {}).get("volumeName"):
-                        self.enqueue_claim(object_key(pvc))
+                for waiting in self.pvcs.list():
+                    if claim_class(waiting) == volume_class(pv) and not (waiting.get("spec") or {}).get("volumeName"):
+                        self.enqueue_claim(object_key(waiting))
             return
         if not ref.get("uid"):
             await self.update_volume_phase(pv, "Available")  # pre-bound; the claim's sync binds it
             return
         key = claim_key_of_ref(ref)
-        pvc = self.claim(key)
+        pvc: Obj | None = self.claim(key)
         if pvc is None and phase(pv) not in ("Released", "Failed"):
             # a PV just made by a provisioner may be seen before its claim: ask the server, so a
             # live claim is never released by mistake
