@@ -378,3 +378,16 @@ def test_claim_without_class_gets_the_default_class_retroactively(api: Api, ctrl
                         "no persistent volumes available for this claim and no storage class is set")
                in api.events("default", "explicitly-none"), 10, "FailedBinding for the class-less claim")
     assert api.pvc("default", "explicitly-none")["spec"]["storageClassName"] == ""
+
+
+def test_lab_applies_the_default_storage_class(emu: ServerThread) -> None:
+    from tools.lab.kube import apply_default_storage_class
+    from tools.lab.state import ClusterRecord
+
+    cluster = ClusterRecord("c1", "overlay", ["10.10.0.0/16"], ["10.96.0.0/24"], [], api_url=emu.url)
+    apply_default_storage_class(cluster)
+    apply_default_storage_class(cluster)  # again (a restarted lab): kept, no error
+    sc = Api(emu.url).ok("GET", "/apis/storage.k8s.io/v1/storageclasses/lab-local")
+    assert sc["metadata"]["annotations"] == {"storageclass.kubernetes.io/is-default-class": "true"}
+    assert (sc["provisioner"], sc["volumeBindingMode"], sc["allowVolumeExpansion"], sc["reclaimPolicy"]) == (
+        "lab.kosmos.io/local", "WaitForFirstConsumer", True, "Delete")
