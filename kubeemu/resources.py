@@ -172,6 +172,7 @@ def builtin_types() -> list[ResourceType]:
         ResourceType("policy", ("v1",), "poddisruptionbudgets", "PodDisruptionBudget", True, short_names=("pdb",),
                      status=True, generation=True),
         ResourceType("networking.k8s.io", ("v1",), "servicecidrs", "ServiceCIDR", False, status=True),
+        ResourceType("storage.k8s.io", ("v1",), "storageclasses", "StorageClass", False, short_names=("sc",)),
     ]
 
 

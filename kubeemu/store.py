@@ -559,6 +559,7 @@ class Store:
                 if rt.key == SERVICES:
                     self._drop_type_dependent(new, old)
             admission.validate_update(rt, new, old)
+            admission.validate_pvc_update(rt, new, old, self.objects)
             self._check_custom(rt, version, new, keep=["status"] if split else [])
             self._prepare_update(rt, new, old, dry_run)
         return self._write(rt, old, new, split, dry_run)

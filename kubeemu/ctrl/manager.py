@@ -17,6 +17,7 @@ import logging
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from kubeemu.client import Client
 from kubeemu.ctrl.base import Controller, Informers
@@ -32,6 +33,7 @@ CONTROLLERS: dict[str, ControllerFactory] = {}
 
 def registry() -> dict[str, ControllerFactory]:
     """Every controller of the lab's controller-manager, by name."""
+    from kubeemu.ctrl import provisioner, volume
     from kubeemu.ctrl.deployment import DeploymentController
     from kubeemu.ctrl.endpointslice import EndpointSliceController
     from kubeemu.ctrl.job import JobController
@@ -43,6 +45,11 @@ def registry() -> dict[str, ControllerFactory]:
     CONTROLLERS.setdefault("statefulset", StatefulSetController)
     CONTROLLERS.setdefault("job", JobController)
     CONTROLLERS.setdefault("endpointslice", EndpointSliceController)
+    CONTROLLERS.setdefault("persistentvolume-binder", volume.PersistentVolumeBinder)
+    CONTROLLERS.setdefault("pvc-protection", volume.PVCProtection)
+    CONTROLLERS.setdefault("pv-protection", volume.PVProtection)
+    CONTROLLERS.setdefault("persistentvolume-expander", volume.ExpandController)
+    CONTROLLERS.setdefault("lab-local-provisioner", provisioner.LocalProvisioner)
     return dict(CONTROLLERS)
 
 
@@ -88,8 +95,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--server", required=True, help="the API server URL (http://HOST:PORT)")
     p.add_argument("--controllers", default="all",
                    help=f"comma-separated: all, NAME or -NAME (known: {', '.join(sorted(known)) or 'none'})")
+    p.add_argument("--storage-root", type=Path, default=None,
+                   help="where lab-local-provisioner makes volume directories (<root>/<node>/<pv>; "
+                        "default: $TMPDIR/kubeemu-volumes)")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
+    if args.storage_root is not None:
+        from kubeemu.ctrl import provisioner
+
+        provisioner.set_storage_root(args.storage_root)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
@@ -119,6 +121,10 @@ def start_kubernetes(state: LabState, added: Sequence[str], progress: Progress =
                 progress(f"lab {state.name}: removed {len(leftovers)} pod namespaces of an old API server of {c.name}")
             api_rec = start_apiserver(state, c)
             progress(f"lab {state.name}: API server of {c.name} at {c.api_url} (pid {api_rec.pid}, log {api_rec.log})")
+            stale_volumes = storage_root(state, c)
+            if stale_volumes.exists():  # their PersistentVolumes died with the old API server
+                shutil.rmtree(stale_volumes, ignore_errors=True)
+            apply_default_storage_class(c)
         grown = any(k.startswith(f"{c.name}/") for k in added)
         if c.kubelet is not None and c.kubelet.running() and grown:
             progress(f"lab {state.name}: restarting the kubelet of {c.name} for its new nodes")
@@ -189,3 +195,36 @@ def wait_kube_nodes(state: LabState, timeout_s: float, progress: Progress = quie
                 raise LabError(f"cluster {c.name}: nodes {', '.join(missing)} not Ready in the API server after "
                                f"{timeout_s:g} s ({err or 'not registered'}); see {log}")  # fmt: skip
             time.sleep(0.1)
+
+
+# -- Storage (issue 15) ------------------------------------------------------------------------
+#
+# A real cluster gets its default StorageClass from an addon manifest; the lab applies its own
+# right after each API server starts: ``lab-local`` (kubeemu.ctrl.volume.default_storage_class),
+# served by the controller-manager's ``lab-local-provisioner``. Volume directories live under
+# ``storage_root`` (the controller-manager's ``--storage-root``), inside the state directory, so
+# ``lab down`` removes them with it; a restarted (empty) API server's leftovers are removed above.
+
+
+def storage_root(state: LabState, cluster: ClusterRecord) -> Path:
+    """``<state dir>/volumes/<cluster>``: pass it as ``python -m kubeemu.ctrl --storage-root``."""
+    return state.state_dir / "volumes" / cluster.name
+
+
+def apply_default_storage_class(cluster: ClusterRecord) -> None:
+    """Create the default StorageClass ``lab-local`` in ``cluster``'s API server (kept if present)."""
+    from kubeemu.ctrl.volume import default_storage_class
+
+    assert cluster.api_url is not None
+    body = json.dumps(default_storage_class()).encode()
+    req = urllib.request.Request(f"{cluster.api_url}/apis/storage.k8s.io/v1/storageclasses", data=body,
+                                 method="POST", headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10):
+            pass
+    except urllib.error.HTTPError as e:
+        if e.code != 409:  # AlreadyExists: a class of that name is there; leave it as it is
+            raise LabError(f"cluster {cluster.name}: creating the default StorageClass lab-local failed: "
+                           f"{e.code} {e.read()[:300].decode(errors='replace')}") from e
+    except OSError as e:
+        raise LabError(f"cluster {cluster.name}: creating the default StorageClass lab-local failed: {e}") from e
