@@ -16,6 +16,13 @@ entries after N have already been dropped the watch gets 410 Expired, as with a 
 The same log reconstructs the state as of an older revision, which is how ``continue`` pages
 stay consistent with the first page (upstream reads etcd at the first page's revision).
 
+Writes of built-in kinds go as in kube-apiserver: the body's defaulting (:mod:`kubeemu.defaults`,
+on create and update), on a create the namespace check and the mutating admission plugins
+(:func:`kubeemu.admission.admit_create`), then the uid, then validation
+(:mod:`kubeemu.validation` through :mod:`kubeemu.admission`; on an update also the immutability
+rules), then allocation (ClusterIPs, nodePorts) and the commit. ``/scale``, ``pods/eviction`` and
+``serviceaccounts/token`` are in :mod:`kubeemu.subresources`; ``pods/binding`` is :meth:`Store.bind`.
+
 Controllers. Work that kube-controller-manager or the apiserver's own finalizers do
 asynchronously (namespace deletion cascade, ownerReference garbage collection, foreground
 deletion, the "default" ServiceAccount) runs in :mod:`kubeemu.controllers` as a background task,
