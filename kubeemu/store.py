@@ -16,6 +16,13 @@ entries after N have already been dropped the watch gets 410 Expired, as with a 
 The same log reconstructs the state as of an older revision, which is how ``continue`` pages
 stay consistent with the first page (upstream reads etcd at the first page's revision).
 
+Writes of built-in kinds go as in kube-apiserver: the body's defaulting (:mod:`kubeemu.defaults`,
+on create and update), on a create the namespace check and the mutating admission plugins
+(:func:`kubeemu.admission.admit_create`), then the uid, then validation
+(:mod:`kubeemu.validation` through :mod:`kubeemu.admission`; on an update also the immutability
+rules), then allocation (ClusterIPs, nodePorts) and the commit. ``/scale``, ``pods/eviction`` and
+``serviceaccounts/token`` are in :mod:`kubeemu.subresources`; ``pods/binding`` is :meth:`Store.bind`.
+
 Controllers. Work that kube-controller-manager or the apiserver's own finalizers do
 asynchronously (namespace deletion cascade, ownerReference garbage collection, foreground
 deletion, the "default" ServiceAccount) runs in :mod:`kubeemu.controllers` as a background task,
@@ -357,13 +364,25 @@ class Store:
             else:
                 policy = spec.get("ipFamilyPolicy") or "SingleStack"
                 families = list(spec.get("ipFamilies") or [])
+                # upstream's initIPFamilyFields: refuse what the cluster cannot give, then fill
+                configured = [f for f in ("IPv4", "IPv6") if self.service_ips.family_nets(f)]
+                fam_causes: list[tuple[str, str, str]] = []
+                if policy == "RequireDualStack" and len(configured) < 2:
+                    fam_causes.append(("FieldValueInvalid", "spec.ipFamilyPolicy", 'Invalid value: "RequireDualStack": '
+                                       "this cluster is not configured for dual-stack services"))
+                for i, fam in enumerate(families):
+                    if fam not in configured:
+                        fam_causes.append(("FieldValueInvalid", f"spec.ipFamilies[{i}]",
+                                           f'Invalid value: "{fam}": not configured on this cluster'))
+                if fam_causes:
+                    raise errors.invalid("Service", "", name, fam_causes)
                 if not families:
                     first = self.service_ips.networks[0] if self.service_ips.networks else None
                     families = ["IPv6" if first is not None and first.version == 6 else "IPv4"]
-                    if policy in ("PreferDualStack", "RequireDualStack"):
-                        other = "IPv6" if families[0] == "IPv4" else "IPv4"
-                        if self.service_ips.family_nets(other):
-                            families.append(other)
+                if policy in ("PreferDualStack", "RequireDualStack") and len(families) == 1:
+                    other = "IPv6" if families[0] == "IPv4" else "IPv4"
+                    if self.service_ips.family_nets(other):
+                        families.append(other)
                 ips: list[str] = []
                 try:
                     for i, fam in enumerate(families):
@@ -381,9 +400,11 @@ class Store:
 
     def _allocate_node_ports(self, obj: Obj, old: Obj | None, dry_run: bool) -> None:
         """nodePorts of a NodePort/LoadBalancer Service from 30000-32767 (the default
-        --service-node-port-range): a requested port must be in range and free (its own old
-        ports excepted); an unset one keeps the old port of the same port/protocol, else gets the
-        lowest free. Ports the update no longer uses are released."""
+        --service-node-port-range), as upstream's initNodePorts/updateNodePorts: a requested port
+        must be in range and free (the Service's own old ports excepted); an unset one keeps the
+        old port of the same port/protocol, else shares the nodePort of the same port number
+        (TCP and UDP 53 get one nodePort), else gets the lowest free. Ports an update no longer
+        uses are released."""
         spec = obj["spec"]
         name = obj["metadata"]["name"]
         ospec = (old or {}).get("spec") or {}
@@ -391,32 +412,37 @@ class Store:
                      for p in ospec.get("ports") or [] if p.get("nodePort")}
         mine = set(old_ports.values())
         want: set[int] = set()
+        by_number: dict[Any, int] = {}
+        used: set[tuple[str, int]] = set()
         causes: list[tuple[str, str, str]] = []
         if spec.get("type") in ("NodePort", "LoadBalancer"):
             for i, p in enumerate(spec.get("ports") or []):
+                proto = p.get("protocol", "TCP")
                 np = p.get("nodePort")
                 if not np:
-                    prev = old_ports.get((p.get("port"), p.get("protocol", "TCP")))
-                    if prev is not None and prev not in want:
-                        p["nodePort"] = prev
-                        want.add(prev)
-                        continue
-                    free = next((n for n in range(30000, 32768) if n not in self.node_ports and n not in want), None)
-                    if free is None:
+                    np = old_ports.get((p.get("port"), proto)) or by_number.get(p.get("port"))
+                    if np is None:
+                        np = next((n for n in range(30000, 32768) if n not in self.node_ports and n not in want),
+                                  None)
+                        if np is None:
+                            raise errors.internal("failed to allocate a nodePort: range is full")
+                    p["nodePort"] = np
+                else:
+                    np = int(np)
+                    if not 30000 <= np <= 32767:
                         causes.append(("FieldValueInvalid", f"spec.ports[{i}].nodePort",
-                                       "Invalid value: 0: range is full"))
+                                       f"Invalid value: {np}: provided port is not in the valid range. The range of "
+                                       "valid ports is 30000-32767"))
                         continue
-                    p["nodePort"] = free
-                    want.add(free)
-                    continue
-                np = int(np)
-                if not 30000 <= np <= 32767:
-                    causes.append(("FieldValueInvalid", f"spec.ports[{i}].nodePort",
-                                   f"Invalid value: {np}: provided port is not in the valid range. The range of "
-                                   "valid ports is 30000-32767"))
-                elif (np in self.node_ports and np not in mine) or np in want:
-                    causes.append(("FieldValueInvalid", f"spec.ports[{i}].nodePort",
-                                   f"Invalid value: {np}: provided port is already allocated"))
+                    shared = by_number.get(p.get("port")) == np
+                    if (np in self.node_ports and np not in mine) or (np in want and not shared):
+                        causes.append(("FieldValueInvalid", f"spec.ports[{i}].nodePort",
+                                       f"Invalid value: {np}: provided port is already allocated"))
+                        continue
+                if (proto, np) in used:
+                    causes.append(("FieldValueDuplicate", f"spec.ports[{i}].nodePort", f"Duplicate value: {np}"))
+                used.add((proto, np))
+                by_number.setdefault(p.get("port"), np)
                 want.add(np)
         if causes:
             raise errors.invalid("Service", "", name, causes)

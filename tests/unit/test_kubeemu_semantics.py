@@ -16,6 +16,7 @@ import pytest
 
 from kubeemu import defaults, validation
 from kubeemu.errors import ApiError
+from kubeemu.objects import DeleteOptions
 from kubeemu.resources import Registry
 from kubeemu.store import Store
 
@@ -458,3 +459,38 @@ def test_selector_string_and_quantities() -> None:
     assert defaults.image_pull_policy("nginx:latest") == "Always"
     assert defaults.image_pull_policy("localhost:5000/nginx") == "Always"
     assert defaults.image_pull_policy("localhost:5000/nginx:1") == "IfNotPresent"
+
+
+def test_node_ports_shared_by_port_number(store: Store) -> None:
+    """TCP and UDP of one port number get one nodePort (upstream's initNodePorts)."""
+    dns = create(store, SVC, {"metadata": {"name": "dns"}, "spec": {"type": "NodePort", "ports": [
+        {"name": "tcp", "port": 53, "protocol": "TCP"}, {"name": "udp", "port": 53, "protocol": "UDP"},
+        {"name": "other", "port": 54}]}})
+    assert [p["nodePort"] for p in dns["spec"]["ports"]] == [30000, 30000, 30001]
+    e = refused(create, store, SVC, {"metadata": {"name": "twice"}, "spec": {"type": "NodePort", "ports": [
+        {"name": "a", "port": 80, "nodePort": 30100}, {"name": "b", "port": 81, "nodePort": 30100}]}})
+    assert e.message == ('Service "twice" is invalid: spec.ports[1].nodePort: Invalid value: 30100: provided port '
+                         "is already allocated")
+    rt = store.registry.get(SVC)
+    assert rt is not None
+    store.delete(rt, "default", "dns", DeleteOptions())
+    assert create(store, SVC, {"metadata": {"name": "again"}, "spec": {"type": "NodePort", "ports": [
+        {"port": 80}]}})["spec"]["ports"][0]["nodePort"] == 30000  # released with its Service
+
+
+def test_service_families_the_cluster_cannot_give() -> None:
+    single = Store(Registry(), ("10.96.0.0/24",))
+    e = refused(create, single, SVC, {"metadata": {"name": "d"}, "spec": {
+        "ipFamilyPolicy": "RequireDualStack", "ipFamilies": ["IPv4", "IPv6"], "ports": [{"port": 80}]}})
+    assert e.message == ('Service "d" is invalid: [spec.ipFamilyPolicy: Invalid value: "RequireDualStack": this '
+                         'cluster is not configured for dual-stack services, spec.ipFamilies[1]: Invalid value: '
+                         '"IPv6": not configured on this cluster]')
+    prefer = create(single, SVC, {"metadata": {"name": "p"}, "spec": {"ipFamilyPolicy": "PreferDualStack",
+                                                                     "ports": [{"port": 80}]}})
+    assert prefer["spec"]["ipFamilies"] == ["IPv4"] and len(prefer["spec"]["clusterIPs"]) == 1
+    dual = Store(Registry(), ("fd00:96::/112", "10.96.0.0/24"))
+    v6first = create(dual, SVC, {"metadata": {"name": "r"}, "spec": {
+        "ipFamilyPolicy": "RequireDualStack", "ipFamilies": ["IPv4"], "ports": [{"port": 80}]}})
+    assert v6first["spec"]["ipFamilies"] == ["IPv4", "IPv6"]
+    headless = create(dual, SVC, {"metadata": {"name": "h"}, "spec": {"clusterIP": "None", "ports": [{"port": 80}]}})
+    assert headless["spec"]["ipFamilies"] == ["IPv6"] and headless["spec"]["clusterIPs"] == ["None"]
