@@ -20,7 +20,7 @@ import logging
 import re
 import secrets
 from collections.abc import Mapping
-from fractions import Fraction
+from decimal import Decimal
 from typing import Any
 
 from kubeemu import errors, validation
@@ -262,70 +262,31 @@ def job_selector(job: Obj) -> None:
     spec["selector"] = {"matchLabels": {"batch.kubernetes.io/controller-uid": uid}}
 
 
-# -- PersistentVolumeClaim updates (storage, issue 15) ------------------------------------------
-# ValidatePersistentVolumeClaimUpdate (pkg/apis/core/validation) and the PersistentVolumeClaimResize
-# admission plugin (plugin/pkg/admission/storage/persistentvolume/resize), in that order, as the
-# apiserver runs validation before validating admission. Feature gate RecoverVolumeExpansionFailure
-# is taken as off for the shrink message ("can not be less than previous value").
-
-_PVCS = ("", "persistentvolumeclaims")
-_STORAGECLASSES = ("storage.k8s.io", "storageclasses")
-
-
-def _pvc_storage(pvc: Obj) -> object:
-    return (((pvc.get("spec") or {}).get("resources") or {}).get("requests") or {}).get("storage")
-
-
-def _pvc_storage_value(pvc: Obj) -> Fraction | None:
-    raw = _pvc_storage(pvc)
-    if raw is None:
-        return None
-    try:
-        from kubeemu.ctrl.volume import quantity
-
-        return quantity(raw)
-    except ValueError:
-        return None
+# -- PersistentVolumeClaim resize (storage, issue 15) ------------------------------------------
+# The PersistentVolumeClaimResize admission plugin (plugin/pkg/admission/storage/persistentvolume/
+# resize). It runs after validation (:func:`kubeemu.validation.validate_update` already refused a
+# shrink and changes to the rest of the spec), so only the growth of a bound claim is left to judge.
 
 
 def validate_pvc_update(rt: ResourceType, new: Obj, old: Obj, objects: Mapping[Key, Mapping[ObjKey, Obj]]) -> None:
-    """A PVC update: spec immutable except ``resources.requests`` of a bound claim (and
-    ``volumeName`` once, ``storageClassName`` from unset); never a smaller request; a larger one
-    only when the class allows expansion (403, as the resize admission plugin)."""
-    if rt.key != _PVCS:
+    """A bound claim may only grow when its class (unchanged, not empty) allows expansion (403)."""
+    if rt.key != PVCS or (old.get("status") or {}).get("phase") != "Bound":
+        return
+    old_size, new_size = _pvc_storage_value(old), _pvc_storage_value(new)
+    if old_size is None or new_size is None or new_size <= old_size:
         return
     name = metadata_of(new).get("name", "")
-    ospec, nspec = dict(old.get("spec") or {}), dict(new.get("spec") or {})
-    if not ospec.get("volumeName"):
-        ospec["volumeName"] = nspec.get("volumeName")
-    if ospec.get("storageClassName") is None and "volume.beta.kubernetes.io/storage-class" not in (
-            metadata_of(old).get("annotations") or {}):
-        ospec["storageClassName"] = nspec.get("storageClassName")
-    bound = (old.get("status") or {}).get("phase") == "Bound"
-    for spec in (ospec, nspec):
-        spec.pop("volumeAttributesClassName", None)
-        if bound:
-            res = dict(spec.get("resources") or {})
-            res["requests"] = {k: v for k, v in (res.get("requests") or {}).items() if k != "storage"}
-            spec["resources"] = res
-        for k, v in list(spec.items()):
-            if v is None:
-                del spec[k]
-    causes: list[tuple[str, str, str]] = []
-    if ospec != nspec:
-        causes.append(("FieldValueForbidden", "spec", "Forbidden: spec is immutable after creation except "
-                       "resources.requests and volumeAttributesClassName for bound claims"))
-    old_size, new_size = _pvc_storage_value(old), _pvc_storage_value(new)
-    if old_size is not None and new_size is not None and new_size < old_size:
-        causes.append(("FieldValueForbidden", "spec.resources.requests.storage",
-                       "Forbidden: field can not be less than previous value"))
-    if causes:
-        raise errors.invalid(rt.kind, rt.group, name, causes)
-    if not bound or old_size is None or new_size is None or new_size <= old_size:
-        return
-    cls = nspec.get("storageClassName") or ""
-    sc = objects.get(_STORAGECLASSES, {}).get(("", str(cls))) if cls else None
+    cls = (new.get("spec") or {}).get("storageClassName") or ""
+    sc = objects.get(STORAGECLASSES, {}).get(("", str(cls))) if cls else None
     if cls != (old.get("spec") or {}).get("storageClassName") or not (sc and sc.get("allowVolumeExpansion")):
         raise errors.ApiError(403, "Forbidden", f'persistentvolumeclaims "{name}" is forbidden: only dynamically '
                               "provisioned pvc can be resized and the storageclass that provisions the pvc must "
                               "support resize", {"name": name, "kind": "persistentvolumeclaims"})
+
+
+def _pvc_storage_value(pvc: Obj) -> Decimal | None:
+    raw = (((pvc.get("spec") or {}).get("resources") or {}).get("requests") or {}).get("storage")
+    try:
+        return None if raw is None else validation.parse_quantity(raw)
+    except validation.QuantityError:
+        return None

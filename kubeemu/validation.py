@@ -588,10 +588,12 @@ def _selector(sel: Any, path: str) -> list[Cause]:
 
 
 def template_with_selector(spec: dict[str, Any], path: str, kind: str,
-                           restart: tuple[str, ...] | None = ("Always",)) -> list[Cause]:
+                           restart: tuple[str, ...] | None = ("Always",), check_pod_spec: bool = True) -> list[Cause]:
     """A controller's selector and pod template (ValidatePodTemplateSpecForReplicaSet and friends):
     the selector is required and non-empty, the template's labels must match it, its restart
-    policy must be one the controller can run."""
+    policy must be one the controller can run. ``check_pod_spec=False`` is the StatefulSet case:
+    upstream's ValidatePodTemplateSpecForStatefulSet skips the pod spec, because its mounts may
+    name ``volumeClaimTemplates`` that are not volumes of the template."""
     out: list[Cause] = []
     sel = spec.get("selector")
     if sel is None:
@@ -608,7 +610,8 @@ def template_with_selector(spec: dict[str, Any], path: str, kind: str,
     out += _labels(labels, f"{path}.template.metadata.labels")
     if isinstance(sel, dict) and not selector_empty(sel) and not selector_matches(sel, labels):
         out.append(invalid(f"{path}.template.metadata.labels", labels, "`selector` does not match template `labels`"))
-    out += pod_spec(tmpl.get("spec"), f"{path}.template.spec", template=True)
+    if check_pod_spec:
+        out += pod_spec(tmpl.get("spec"), f"{path}.template.spec", template=True)
     rp = _d(tmpl.get("spec")).get("restartPolicy", "Always")
     if restart is not None and rp not in restart:
         out.append(not_supported(f"{path}.template.spec.restartPolicy", rp, restart))
@@ -655,7 +658,7 @@ def _daemonset(obj: Obj) -> list[Cause]:
 
 def _statefulset(obj: Obj) -> list[Cause]:
     spec = _d(obj.get("spec"))
-    out = _replicas(spec, "spec") + template_with_selector(spec, "spec", "statefulset")
+    out = _replicas(spec, "spec") + template_with_selector(spec, "spec", "statefulset", check_pod_spec=False)
     pmp = spec.get("podManagementPolicy", "OrderedReady")
     if pmp not in ("OrderedReady", "Parallel"):
         out.append(not_supported("spec.podManagementPolicy", pmp, ("OrderedReady", "Parallel")))

@@ -423,7 +423,11 @@ def test_workload_update_rules(store: Store) -> None:
 
 
 def test_pvc_update_rules(store: Store) -> None:
+    # Growth needs a class that allows expansion (the resize admission plugin); see below for one that does not.
+    create(store, SC, {"metadata": {"name": "grow"}, "provisioner": "x", "allowVolumeExpansion": True}, ns="")
+    create(store, SC, {"metadata": {"name": "fixed"}, "provisioner": "x"}, ns="")
     c = create(store, PVC, {"metadata": {"name": "c"}, "spec": {"accessModes": ["ReadWriteOnce"],
+                                                                "storageClassName": "grow",
                                                                 "resources": {"requests": {"storage": "1Gi"}}}})
     c2 = copy.deepcopy(c)
     c2["spec"]["resources"]["requests"]["storage"] = "2Gi"
@@ -441,6 +445,14 @@ def test_pvc_update_rules(store: Store) -> None:
     e = refused(update, store, PVC, b3)
     assert e.message == ('PersistentVolumeClaim "c" is invalid: spec.resources.requests.storage: Forbidden: field '
                          "can not be less than previous value")
+    f = create(store, PVC, {"metadata": {"name": "f"}, "spec": {"accessModes": ["ReadWriteOnce"],
+                                                                "storageClassName": "fixed",
+                                                                "resources": {"requests": {"storage": "1Gi"}}}})
+    bound = store.update(rt, "default", "f", dict(f, status={"phase": "Bound"}), subresource="status")
+    f2 = copy.deepcopy(bound)
+    f2["spec"]["resources"]["requests"]["storage"] = "2Gi"
+    e = refused(update, store, PVC, f2)
+    assert e.code == 403 and "must support resize" in e.message
 
 
 # ---------------------------------------------------------------------------- helpers
