@@ -253,7 +253,7 @@ def main(argv: list[str]) -> int:
         "Ratios: higher is better. Progress goes to stderr.",
         epilog="examples:\n  fabric-tool bench netlink --repeat 5 --json /tmp/bench.json\n"
         "  fabric-tool bench control --n 100,1000\n"
-        "  fabric-tool bench k8s --repeat 3   (a 200-replica Deployment in a lab; kubeemu alone: python -m kubeemu.bench)\n"
+        "  fabric-tool bench k8s --repeat 3   (a 200-replica Deployment in a lab; no lab: python -m kubeemu.bench)\n"
         "  fabric-tool bench --repeat 3 --json bench.json --markdown BENCHMARKS.md   (the full suite)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
