@@ -313,6 +313,12 @@ def test_expansion_online_and_refusals(api: Api, ctrl: ControllerManager, emu: S
     def kc(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([kubectl, "--kubeconfig", str(cfg), *args], capture_output=True, text=True, timeout=60)
 
+    table = kc("get", "pvc", "grow", "--no-headers").stdout.split()
+    assert table[:5] == ["grow", "Bound", pv_name, "3Gi", "RWO"], table
+    sc = kc("get", "storageclass", "lab-local", "--no-headers").stdout.split()
+    assert sc[:6] == ["lab-local", "(default)", "lab.kosmos.io/local", "Delete", "WaitForFirstConsumer", "true"], sc
+    pv = kc("get", "pv", pv_name, "--no-headers").stdout.split()
+    assert pv[:6] == [pv_name, "3Gi", "RWO", "Delete", "Bound", "default/grow"], pv
     shrink = kc("patch", "pvc", "grow", "-p", '{"spec":{"resources":{"requests":{"storage":"2Gi"}}}}')
     assert shrink.returncode != 0
     assert "spec.resources.requests.storage: Forbidden: field can not be less than previous value" in shrink.stderr
