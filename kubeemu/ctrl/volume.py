@@ -580,7 +580,7 @@ class PersistentVolumeBinder(VolumeControllerBase):
                 return  # the update re-queues the claim, which then syncs with its class
             cls = claim_class(pvc)
             if delay:
-                consumer = self.scheduled_consumer(pvc)
+                consumer = None if pvc["metadata"].get("deletionTimestamp") else self.scheduled_consumer(pvc)
                 if consumer is not None and await self._volume_binding_for_node(pvc, consumer):
                     return
                 await self._event_unbound_delay_binding(pvc)
