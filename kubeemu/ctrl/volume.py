@@ -756,8 +756,9 @@ class PersistentVolumeBinder(VolumeControllerBase):
             if phase(pvc) != new_phase:
                 cap = (pv.get("spec") or {}).get("capacity") or {}
                 if "storage" not in cap:
-                    raise ValueError(f'PersistentVolume "{pv["metadata"]["name"]}" is without a storage capacity')
-                if storage_of(st.get("capacity")) != storage_of(cap):
+                    # upstream's API server refuses such a PV; this one does not validate PVs yet
+                    _log.warning('PersistentVolume "%s" is without a storage capacity', pv["metadata"]["name"])
+                elif storage_of(st.get("capacity")) != storage_of(cap):
                     st["capacity"] = cap
                     dirty = True
         if not dirty:

@@ -397,3 +397,25 @@ def test_lab_applies_the_default_storage_class(emu: ServerThread) -> None:
     assert sc["metadata"]["annotations"] == {"storageclass.kubernetes.io/is-default-class": "true"}
     assert (sc["provisioner"], sc["volumeBindingMode"], sc["allowVolumeExpansion"], sc["reclaimPolicy"]) == (
         "lab.kosmos.io/local", "WaitForFirstConsumer", True, "Delete")
+
+
+def test_wait_for_first_consumer_binds_the_static_volume_of_the_pods_node(api: Api, ctrl: ControllerManager) -> None:
+    local = {"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": {"name": "local-static"},
+             "provisioner": "kubernetes.io/no-provisioner", "volumeBindingMode": "WaitForFirstConsumer"}
+    api.ok("POST", "/apis/storage.k8s.io/v1/storageclasses", local)
+    for node in ("node-a", "node-b"):
+        api.ok("POST", "/api/v1/persistentvolumes", static_pv(
+            f"disk-{node}", "5Gi", cls="local-static", local={"path": f"/mnt/{node}"},
+            nodeAffinity={"required": {"nodeSelectorTerms": [{"matchExpressions": [
+                {"key": "kubernetes.io/hostname", "operator": "In", "values": [node]}]}]}}))
+    wait_until(lambda: all(((api.pv(f"disk-{n}") or {}).get("status") or {}).get("phase") == "Available"
+                           for n in ("node-a", "node-b")), 10, "local PVs Available")
+    api.ok("POST", PVCS, claim("local-data", cls="local-static"))
+    wait_until(lambda: any(r == "WaitForFirstConsumer" for _, r, _ in api.events("default", "local-data")), 10,
+               "WaitForFirstConsumer event")
+    assert api.pv("disk-node-a")["status"]["phase"] == "Available"  # not bound before a consumer exists
+    api.ok("POST", PODS, pod("local-user", "local-data", node="node-b"))
+    pvc = wait_until(lambda: bound(api, "default", "local-data"), 10, "bound to the node-b disk")
+    assert pvc["spec"]["volumeName"] == "disk-node-b"
+    assert "volume.kubernetes.io/selected-node" not in pvc["metadata"].get("annotations", {})
+    assert api.pv("disk-node-a")["status"]["phase"] == "Available"
