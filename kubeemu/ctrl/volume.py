@@ -114,6 +114,14 @@ def storage_of(resources: Mapping[str, Any] | None) -> Fraction | None:
 # ----------------------------------------------------------------------------- object helpers
 
 
+def typed(obj: Obj | None, kind: str, api_version: str = "v1") -> Obj | None:
+    """``obj`` with its ``kind``/``apiVersion``: items of a list come without them (as upstream
+    list items do), and events, claim references and PUT bodies need them."""
+    if obj is None or (obj.get("kind") and obj.get("apiVersion")):
+        return obj
+    return dict(obj, kind=obj.get("kind") or kind, apiVersion=obj.get("apiVersion") or api_version)
+
+
 def annotations_of(obj: Obj) -> dict[str, str]:
     return dict((obj.get("metadata") or {}).get("annotations") or {})
 
@@ -336,10 +344,10 @@ class VolumeControllerBase(Controller):
         return mine
 
     def claim(self, key: str) -> Obj | None:
-        return self._fresh(self.pvcs, "claim", key)
+        return typed(self._fresh(self.pvcs, "claim", key), "PersistentVolumeClaim")
 
     def volume(self, name: str) -> Obj | None:
-        return self._fresh(self.pvs, "volume", name)
+        return typed(self._fresh(self.pvs, "volume", name), "PersistentVolume")
 
     def storage_class(self, name: str) -> Obj | None:
         return self.classes.get(name) if name else None
@@ -368,7 +376,7 @@ class VolumeControllerBase(Controller):
     def pods_using(self, pvc: Obj) -> list[Obj]:
         """Pods of the claim's namespace whose volumes reference it."""
         ns, name = pvc["metadata"].get("namespace"), pvc["metadata"]["name"]
-        return [p for p in self.pods.list(namespace=ns) if name in pod_claims(p)]
+        return [typed(p, "Pod") or p for p in self.pods.list(namespace=ns) if name in pod_claims(p)]
 
     # -- writes (each returns the server's answer and remembers it)
 

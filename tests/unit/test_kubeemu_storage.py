@@ -117,8 +117,10 @@ class Api:
     def pvs(self) -> list[Any]:
         return list(self.ok("GET", "/api/v1/persistentvolumes")["items"])
 
-    def events(self, ns: str, name: str) -> list[tuple[str, str, str]]:
-        items = self.ok("GET", f"/api/v1/namespaces/{ns}/events?fieldSelector=involvedObject.name%3D{name}")["items"]
+    def events(self, ns: str, name: str, kind: str = "PersistentVolumeClaim") -> list[tuple[str, str, str]]:
+        """Events about object ``kind`` ``ns/name``, found as kubectl describe finds them."""
+        sel = f"involvedObject.name%3D{name},involvedObject.kind%3D{kind},involvedObject.namespace%3D{ns}"
+        items = self.ok("GET", f"/api/v1/namespaces/{ns}/events?fieldSelector={sel}")["items"]
         return [(e["type"], e["reason"], e["message"]) for e in items]
 
 
@@ -304,7 +306,7 @@ def test_expansion_online_and_refusals(api: Api, ctrl: ControllerManager, emu: S
     assert done["status"]["allocatedResources"] == {"storage": "3Gi"}
     reasons = {r for _, r, _ in api.events("default", "grow")}
     assert {"ExternalExpanding", "Resizing", "FileSystemResizeRequired"} <= reasons
-    assert any(r == "FileSystemResizeSuccessful" for _, r, _ in api.events("default", "grower"))
+    assert any(r == "FileSystemResizeSuccessful" for _, r, _ in api.events("default", "grower", "Pod"))
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("no kubectl binary on PATH")
