@@ -7,9 +7,10 @@ pinned to a node makes it provisioned there (a directory under the state directo
 deleting pod and claim removes the directory and the PV; ``lab down`` leaves nothing behind (the
 state directory, volumes included, goes; the fixture checks).
 
-Until the lab starts its own controller-manager (issue 15, item 4), this test starts one limited
-to the storage controllers; a second copy would only duplicate events, never volumes (PV names
-derive from the claim's UID), but drop this once the lab runs it.
+The lab's own controller-manager (issue 15, item 4) is used when ``lab status`` shows one (it
+must be started with ``--storage-root`` = ``tools.lab.kube.storage_root``, which this test
+checks through the volume's path); until then this test starts one limited to the storage
+controllers.
 """
 
 from __future__ import annotations
@@ -82,6 +83,11 @@ def slab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StorageLab]:
         lab.state_dir = lab.kubeconfig.parent
         lab.api_url = json.loads(run(KUBECTL or "kubectl", "--kubeconfig", str(lab.kubeconfig), "config", "view",
                                      "-o", "json").stdout)["clusters"][0]["cluster"]["server"]
+        kube = lab.status()["clusters"][0]["kubernetes"]
+        if kube.get("controller_manager_pid"):  # the lab runs its own (it must pass --storage-root)
+            lab.cm_log = Path(kube["controller_manager_log"])
+            yield lab
+            return
         argv = [sys.executable, "-m", "kubeemu.ctrl", "--server", lab.api_url, "--controllers", STORAGE_CONTROLLERS,
                 "--storage-root", str(lab.state_dir / "volumes" / "store")]
         lab.cm_log = tmp_path_factory.mktemp("cm") / "controller-manager.log"
