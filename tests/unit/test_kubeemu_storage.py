@@ -421,3 +421,15 @@ def test_wait_for_first_consumer_binds_the_static_volume_of_the_pods_node(api: A
     assert pvc["spec"]["volumeName"] == "disk-node-b"
     assert "volume.kubernetes.io/selected-node" not in pvc["metadata"].get("annotations", {})
     assert api.pv("disk-node-a")["status"]["phase"] == "Available"
+
+
+def test_pending_claim_spec_is_immutable(api: Api) -> None:
+    api.ok("POST", PVCS, claim("pending"))
+    code, out = api.call("PATCH", f"{PVCS}/pending", {"spec": {"resources": {"requests": {"storage": "2Gi"}}}},
+                         "application/merge-patch+json")
+    assert code == 422 and out["reason"] == "Invalid"
+    assert out["message"] == ('PersistentVolumeClaim "pending" is invalid: spec: Forbidden: spec is immutable after '
+                              "creation except resources.requests and volumeAttributesClassName for bound claims")
+    code, out = api.call("PATCH", f"{PVCS}/pending", {"metadata": {"labels": {"tier": "db"}}},
+                         "application/merge-patch+json")
+    assert code == 200, out  # metadata stays mutable
