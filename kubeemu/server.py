@@ -150,6 +150,75 @@ def _age(ts: str | None) -> str:
     return f"{secs // 86400}d"
 
 
+# -- storage tables (issue 15): kubectl get pvc/pv/sc columns, as upstream's printers.go -------
+
+_MODE_ABBREV = (("ReadWriteOnce", "RWO"), ("ReadOnlyMany", "ROX"), ("ReadWriteMany", "RWX"),
+                ("ReadWriteOncePod", "RWOP"))
+
+
+def _access_modes(modes: Any) -> str:
+    """``GetAccessModesAsString``: RWO,ROX,RWX,RWOP in that order, each once."""
+    have = set(modes or [])
+    return ",".join(short for full, short in _MODE_ABBREV if full in have)
+
+
+def _storage_status(o: Obj) -> str:
+    return "Terminating" if o["metadata"].get("deletionTimestamp") else str((o.get("status") or {}).get("phase", ""))
+
+
+def _pvc_capacity(o: Obj) -> str:
+    st = o.get("status") or {}
+    return str((st.get("capacity") or {}).get("storage", "")) if (o.get("spec") or {}).get("volumeName") else ""
+
+
+def _pv_claim(o: Obj) -> str:
+    ref = (o.get("spec") or {}).get("claimRef") or {}
+    return f"{ref.get('namespace')}/{ref.get('name')}" if ref.get("name") else ""
+
+
+def _sc_name(o: Obj) -> str:
+    ann = o["metadata"].get("annotations") or {}
+    default = "true" in (ann.get("storageclass.kubernetes.io/is-default-class"),
+                         ann.get("storageclass.beta.kubernetes.io/is-default-class"))
+    return str(o["metadata"]["name"]) + (" (default)" if default else "")
+
+
+_StorageColumn = tuple[str, str, int, Callable[[Obj], Any]]
+_STORAGE_COLUMNS: dict[tuple[str, str], list[_StorageColumn]] = {
+    ("", "persistentvolumeclaims"): [
+        ("Status", "string", 0, _storage_status),
+        ("Volume", "string", 0, lambda o: (o.get("spec") or {}).get("volumeName", "")),
+        ("Capacity", "string", 0, _pvc_capacity),
+        ("Access Modes", "string", 0, lambda o: _access_modes((o.get("status") or {}).get("accessModes"))),
+        ("StorageClass", "string", 0, lambda o: (o.get("spec") or {}).get("storageClassName") or ""),
+        ("VolumeAttributesClass", "string", 0,
+         lambda o: (o.get("spec") or {}).get("volumeAttributesClassName") or "<unset>"),
+        ("Age", "string", 0, lambda o: _age(o["metadata"].get("creationTimestamp"))),
+        ("VolumeMode", "string", 1, lambda o: (o.get("spec") or {}).get("volumeMode") or "Filesystem"),
+    ],
+    ("", "persistentvolumes"): [
+        ("Capacity", "string", 0, lambda o: ((o.get("spec") or {}).get("capacity") or {}).get("storage", "")),
+        ("Access Modes", "string", 0, lambda o: _access_modes((o.get("spec") or {}).get("accessModes"))),
+        ("Reclaim Policy", "string", 0, lambda o: (o.get("spec") or {}).get("persistentVolumeReclaimPolicy", "")),
+        ("Status", "string", 0, _storage_status),
+        ("Claim", "string", 0, _pv_claim),
+        ("StorageClass", "string", 0, lambda o: (o.get("spec") or {}).get("storageClassName") or ""),
+        ("VolumeAttributesClass", "string", 0,
+         lambda o: (o.get("spec") or {}).get("volumeAttributesClassName") or "<unset>"),
+        ("Reason", "string", 0, lambda o: (o.get("status") or {}).get("reason", "")),
+        ("Age", "string", 0, lambda o: _age(o["metadata"].get("creationTimestamp"))),
+        ("VolumeMode", "string", 1, lambda o: (o.get("spec") or {}).get("volumeMode") or "Filesystem"),
+    ],
+    ("storage.k8s.io", "storageclasses"): [
+        ("Provisioner", "string", 0, lambda o: o.get("provisioner", "")),
+        ("ReclaimPolicy", "string", 0, lambda o: o.get("reclaimPolicy") or "Delete"),
+        ("VolumeBindingMode", "string", 0, lambda o: o.get("volumeBindingMode") or "Immediate"),
+        ("AllowVolumeExpansion", "string", 0, lambda o: str(bool(o.get("allowVolumeExpansion"))).lower()),
+        ("Age", "string", 0, lambda o: _age(o["metadata"].get("creationTimestamp"))),
+    ],
+}
+
+
 class EmuServer:
     """One emulated cluster: registry + store + controllers + the aiohttp app."""
 
@@ -640,6 +709,10 @@ class EmuServer:
         elif key == ("", "namespaces"):
             cols += [("Status", "string", 0, lambda o: (o.get("status") or {}).get("phase", "")),
                      ("Age", "string", 0, lambda o: _age(o["metadata"].get("creationTimestamp")))]
+        elif key in _STORAGE_COLUMNS:
+            if key == ("storage.k8s.io", "storageclasses"):
+                cols = [("Name", "string", 0, _sc_name)]
+            cols += _STORAGE_COLUMNS[key]
         else:
             cols.append(("Age", "string", 0, lambda o: _age(o["metadata"].get("creationTimestamp"))))
         rows = []

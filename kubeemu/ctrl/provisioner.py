@@ -305,7 +305,7 @@ class LocalProvisioner(VolumeControllerBase):
         if pv is None or annotations_of(pv).get(ANN_DYNAMICALLY_PROVISIONED) != PROVISIONER:
             return  # not ours to resize
         want = resize_requested(pvc)
-        request = ((pvc.get("spec") or {}).get("resources") or {}).get("requests", {}).get("storage")
+        request = (((pvc.get("spec") or {}).get("resources") or {}).get("requests") or {}).get("storage")
         if want is not None:
             st = dict(pvc.get("status") or {})
             st["conditions"] = _resize_conditions(st, "Resizing", "")

@@ -114,6 +114,14 @@ def storage_of(resources: Mapping[str, Any] | None) -> Fraction | None:
 # ----------------------------------------------------------------------------- object helpers
 
 
+def typed(obj: Obj | None, kind: str, api_version: str = "v1") -> Obj | None:
+    """``obj`` with its ``kind``/``apiVersion``: items of a list come without them (as upstream
+    list items do), and events, claim references and PUT bodies need them."""
+    if obj is None or (obj.get("kind") and obj.get("apiVersion")):
+        return obj
+    return dict(obj, kind=obj.get("kind") or kind, apiVersion=obj.get("apiVersion") or api_version)
+
+
 def annotations_of(obj: Obj) -> dict[str, str]:
     return dict((obj.get("metadata") or {}).get("annotations") or {})
 
@@ -336,10 +344,10 @@ class VolumeControllerBase(Controller):
         return mine
 
     def claim(self, key: str) -> Obj | None:
-        return self._fresh(self.pvcs, "claim", key)
+        return typed(self._fresh(self.pvcs, "claim", key), "PersistentVolumeClaim")
 
     def volume(self, name: str) -> Obj | None:
-        return self._fresh(self.pvs, "volume", name)
+        return typed(self._fresh(self.pvs, "volume", name), "PersistentVolume")
 
     def storage_class(self, name: str) -> Obj | None:
         return self.classes.get(name) if name else None
@@ -368,7 +376,7 @@ class VolumeControllerBase(Controller):
     def pods_using(self, pvc: Obj) -> list[Obj]:
         """Pods of the claim's namespace whose volumes reference it."""
         ns, name = pvc["metadata"].get("namespace"), pvc["metadata"]["name"]
-        return [p for p in self.pods.list(namespace=ns) if name in pod_claims(p)]
+        return [typed(p, "Pod") or p for p in self.pods.list(namespace=ns) if name in pod_claims(p)]
 
     # -- writes (each returns the server's answer and remembers it)
 
@@ -580,7 +588,7 @@ class PersistentVolumeBinder(VolumeControllerBase):
                 return  # the update re-queues the claim, which then syncs with its class
             cls = claim_class(pvc)
             if delay:
-                consumer = self.scheduled_consumer(pvc)
+                consumer = None if pvc["metadata"].get("deletionTimestamp") else self.scheduled_consumer(pvc)
                 if consumer is not None and await self._volume_binding_for_node(pvc, consumer):
                     return
                 await self._event_unbound_delay_binding(pvc)
@@ -756,8 +764,9 @@ class PersistentVolumeBinder(VolumeControllerBase):
             if phase(pvc) != new_phase:
                 cap = (pv.get("spec") or {}).get("capacity") or {}
                 if "storage" not in cap:
-                    raise ValueError(f'PersistentVolume "{pv["metadata"]["name"]}" is without a storage capacity')
-                if storage_of(st.get("capacity")) != storage_of(cap):
+                    # upstream's API server refuses such a PV; this one does not validate PVs yet
+                    _log.warning('PersistentVolume "%s" is without a storage capacity', pv["metadata"]["name"])
+                elif storage_of(st.get("capacity")) != storage_of(cap):
                     st["capacity"] = cap
                     dirty = True
         if not dirty:

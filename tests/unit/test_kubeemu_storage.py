@@ -117,8 +117,10 @@ class Api:
     def pvs(self) -> list[Any]:
         return list(self.ok("GET", "/api/v1/persistentvolumes")["items"])
 
-    def events(self, ns: str, name: str) -> list[tuple[str, str, str]]:
-        items = self.ok("GET", f"/api/v1/namespaces/{ns}/events?fieldSelector=involvedObject.name%3D{name}")["items"]
+    def events(self, ns: str, name: str, kind: str = "PersistentVolumeClaim") -> list[tuple[str, str, str]]:
+        """Events about object ``kind`` ``ns/name``, found as kubectl describe finds them."""
+        sel = f"involvedObject.name%3D{name},involvedObject.kind%3D{kind},involvedObject.namespace%3D{ns}"
+        items = self.ok("GET", f"/api/v1/namespaces/{ns}/events?fieldSelector={sel}")["items"]
         return [(e["type"], e["reason"], e["message"]) for e in items]
 
 
@@ -304,7 +306,7 @@ def test_expansion_online_and_refusals(api: Api, ctrl: ControllerManager, emu: S
     assert done["status"]["allocatedResources"] == {"storage": "3Gi"}
     reasons = {r for _, r, _ in api.events("default", "grow")}
     assert {"ExternalExpanding", "Resizing", "FileSystemResizeRequired"} <= reasons
-    assert any(r == "FileSystemResizeSuccessful" for _, r, _ in api.events("default", "grower"))
+    assert any(r == "FileSystemResizeSuccessful" for _, r, _ in api.events("default", "grower", "Pod"))
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("no kubectl binary on PATH")
@@ -313,6 +315,12 @@ def test_expansion_online_and_refusals(api: Api, ctrl: ControllerManager, emu: S
     def kc(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([kubectl, "--kubeconfig", str(cfg), *args], capture_output=True, text=True, timeout=60)
 
+    table = kc("get", "pvc", "grow", "--no-headers").stdout.split()
+    assert table[:5] == ["grow", "Bound", pv_name, "3Gi", "RWO"], table
+    sc = kc("get", "storageclass", "lab-local", "--no-headers").stdout.split()
+    assert sc[:6] == ["lab-local", "(default)", "lab.kosmos.io/local", "Delete", "WaitForFirstConsumer", "true"], sc
+    pv = kc("get", "pv", pv_name, "--no-headers").stdout.split()
+    assert pv[:6] == [pv_name, "3Gi", "RWO", "Delete", "Bound", "default/grow"], pv
     shrink = kc("patch", "pvc", "grow", "-p", '{"spec":{"resources":{"requests":{"storage":"2Gi"}}}}')
     assert shrink.returncode != 0
     assert "spec.resources.requests.storage: Forbidden: field can not be less than previous value" in shrink.stderr
@@ -391,3 +399,37 @@ def test_lab_applies_the_default_storage_class(emu: ServerThread) -> None:
     assert sc["metadata"]["annotations"] == {"storageclass.kubernetes.io/is-default-class": "true"}
     assert (sc["provisioner"], sc["volumeBindingMode"], sc["allowVolumeExpansion"], sc["reclaimPolicy"]) == (
         "lab.kosmos.io/local", "WaitForFirstConsumer", True, "Delete")
+
+
+def test_wait_for_first_consumer_binds_the_static_volume_of_the_pods_node(api: Api, ctrl: ControllerManager) -> None:
+    local = {"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": {"name": "local-static"},
+             "provisioner": "kubernetes.io/no-provisioner", "volumeBindingMode": "WaitForFirstConsumer"}
+    api.ok("POST", "/apis/storage.k8s.io/v1/storageclasses", local)
+    for node in ("node-a", "node-b"):
+        api.ok("POST", "/api/v1/persistentvolumes", static_pv(
+            f"disk-{node}", "5Gi", cls="local-static", local={"path": f"/mnt/{node}"},
+            nodeAffinity={"required": {"nodeSelectorTerms": [{"matchExpressions": [
+                {"key": "kubernetes.io/hostname", "operator": "In", "values": [node]}]}]}}))
+    wait_until(lambda: all(((api.pv(f"disk-{n}") or {}).get("status") or {}).get("phase") == "Available"
+                           for n in ("node-a", "node-b")), 10, "local PVs Available")
+    api.ok("POST", PVCS, claim("local-data", cls="local-static"))
+    wait_until(lambda: any(r == "WaitForFirstConsumer" for _, r, _ in api.events("default", "local-data")), 10,
+               "WaitForFirstConsumer event")
+    assert api.pv("disk-node-a")["status"]["phase"] == "Available"  # not bound before a consumer exists
+    api.ok("POST", PODS, pod("local-user", "local-data", node="node-b"))
+    pvc = wait_until(lambda: bound(api, "default", "local-data"), 10, "bound to the node-b disk")
+    assert pvc["spec"]["volumeName"] == "disk-node-b"
+    assert "volume.kubernetes.io/selected-node" not in pvc["metadata"].get("annotations", {})
+    assert api.pv("disk-node-a")["status"]["phase"] == "Available"
+
+
+def test_pending_claim_spec_is_immutable(api: Api) -> None:
+    api.ok("POST", PVCS, claim("pending"))
+    code, out = api.call("PATCH", f"{PVCS}/pending", {"spec": {"resources": {"requests": {"storage": "2Gi"}}}},
+                         "application/merge-patch+json")
+    assert code == 422 and out["reason"] == "Invalid"
+    assert out["message"] == ('PersistentVolumeClaim "pending" is invalid: spec: Forbidden: spec is immutable after '
+                              "creation except resources.requests and volumeAttributesClassName for bound claims")
+    code, out = api.call("PATCH", f"{PVCS}/pending", {"metadata": {"labels": {"tier": "db"}}},
+                         "application/merge-patch+json")
+    assert code == 200, out  # metadata stays mutable

@@ -3,7 +3,7 @@
 Every benchmark is a module ``tools/bench/<name>.py`` with ``NAME``, ``HELP``,
 ``requires(options) -> [reasons it cannot run here]`` and ``run(options) -> Report`` (see
 :mod:`tools.bench.common`). :data:`BENCHMARKS` lists them in running order (every benchmark of
-issue 7: datapath, restart, netlink, gateway, failover, translate, control); ``supported`` says
+issue 7: datapath, restart, netlink, gateway, failover, translate, control; issue 15: k8s); ``supported`` says
 whether this build can run one at all (a benchmark whose feature is missing is skipped when no
 names are given, refused when named).
 
@@ -60,6 +60,7 @@ BENCHMARKS: dict[str, Benchmark] = {
         Benchmark("failover", "tools.bench.failover"),
         Benchmark("translate", "tools.bench.translate"),
         Benchmark("control", "tools.bench.control"),
+        Benchmark("k8s", "tools.bench.k8s", supported=lambda: importlib.import_module("tools.bench.k8s").supported()),
     )
 }
 
@@ -252,6 +253,7 @@ def main(argv: list[str]) -> int:
         "Ratios: higher is better. Progress goes to stderr.",
         epilog="examples:\n  fabric-tool bench netlink --repeat 5 --json /tmp/bench.json\n"
         "  fabric-tool bench control --n 100,1000\n"
+        "  fabric-tool bench k8s --repeat 3   (a 200-replica Deployment in a lab; no lab: python -m kubeemu.bench)\n"
         "  fabric-tool bench --repeat 3 --json bench.json --markdown BENCHMARKS.md   (the full suite)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -211,6 +211,11 @@ def storage_root(state: LabState, cluster: ClusterRecord) -> Path:
     return state.state_dir / "volumes" / cluster.name
 
 
+def storage_args(state: LabState, cluster: ClusterRecord) -> list[str]:
+    """What ``python -m kubeemu.ctrl`` needs for the lab's storage: ``--storage-root DIR``."""
+    return ["--storage-root", str(storage_root(state, cluster))]
+
+
 def apply_default_storage_class(cluster: ClusterRecord) -> None:
     """Create the default StorageClass ``lab-local`` in ``cluster``'s API server (kept if present)."""
     from kubeemu.ctrl.volume import default_storage_class

@@ -1,0 +1,251 @@
+"""Kubernetes benchmark (issue 15): a Deployment from ``kubectl apply`` to all Ready in a lab,
+against the lab's own pod plumbing driven directly; API server memory per 1,000 pods.
+
+On a fresh ``kubernetes: true`` lab (one cluster, four nodes; torn down afterwards), each round:
+
+1. **ours** - ``kubectl apply`` of a namespace and 200 replicas (20 with ``--tiny``) of an idle
+   container (no command: the runtime runs an idle process; the point is the Kubernetes
+   machinery, not the app), then the Deployments' ``status.readyReplicas`` are polled over the
+   API until all are Ready. ``pods/s`` = replicas / (apply to all Ready). The lab has no
+   scheduler yet (pods must name their node), so the replicas are one Deployment per node with
+   ``spec.template.spec.nodeName``, split evenly; once a scheduler runs, ``SINGLE_DEPLOYMENT``
+   makes it one Deployment of 200. The RSS of the cluster's API server (``/proc/PID/status``)
+   before the apply and once all are Ready gives its growth per 1,000 pods (round 1 is the
+   honest one: later rounds reuse memory the first freed, so their growth reads lower).
+   The namespace is then deleted and the round waits until every pod namespace is gone.
+2. **baseline** - as many pod namespaces made with the lab's pod plumbing directly
+   (``tools.lab.add_pod``: namespace, veth, /32 route, proxy ARP, addresses: what the kubelet
+   calls per pod), one after another on the same nodes, then removed. ``ratio`` = ours /
+   baseline pods/s (aim >= 0.5: the Kubernetes path costs at most as much as the plumbing).
+
+Besides the lab, ``kubeemu_rss_per_1000_pods`` measures a separate ``python -m kubeemu`` process
+holding 1,000 ReplicaSet-owned running pods (:func:`kubeemu.bench.rss_per_1000_pods`), against
+the same pods' size as JSON.
+
+Needs root (the lab), kubectl, and a lab whose clusters run the controller-manager and the
+process runtime (issue 15); without them the Deployments never become Ready and the round fails
+with what it saw.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+from tools import lab
+from tools.bench import common as bc
+
+_log = logging.getLogger(__name__)
+NAME = "k8s"
+HELP = ("a 200-replica Deployment from kubectl apply to all Ready in a lab, pods/s (baseline: as many pod "
+        "namespaces made with the lab's pod plumbing directly); API server RSS per 1,000 pods")
+
+NAMESPACE = "bench-k8s"
+#: One Deployment of all replicas (needs a scheduler in the lab); False: one per node, pinned.
+SINGLE_DEPLOYMENT = False
+NODES = ("k1", "k2", "k3", "k4")
+
+
+def requires(opts: bc.Options) -> list[str]:
+    return bc.need_root("the k8s benchmark") + bc.need_programs("ip", "kubectl")
+
+
+def supported() -> bool:
+    """A build whose controller-manager has a Deployment controller (issue 15, item 4)."""
+    try:
+        from kubeemu.ctrl.manager import registry
+    except ImportError:
+        return False
+    return any("deployment" in name for name in registry())
+
+
+def topology(nodes: int) -> dict[str, Any]:
+    return {"underlay": "198.18.0.0/16", "kubernetes": True, "clusters": [{
+        "name": "bench", "mode": "p2p", "podCIDRs": ["10.44.0.0/16"], "serviceCIDRs": ["10.96.0.0/20"],
+        "nodes": [{"name": n, "pods": 1} for n in NODES[:nodes]]}]}
+
+
+def manifest(replicas: int, nodes: list[str], single: bool) -> str:
+    """A Namespace and the Deployment(s) of ``replicas`` idle pods, as ``kubectl apply`` reads it."""
+    docs: list[dict[str, Any]] = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}]
+    groups = [("bench", replicas, None)] if single else [
+        (f"bench-{n}", replicas // len(nodes) + (1 if i < replicas % len(nodes) else 0), n)
+        for i, n in enumerate(nodes)]
+    for name, count, node in groups:
+        spec: dict[str, Any] = {"containers": [{"name": "idle", "image": "registry.k8s.io/pause:3.10"}],
+                                "terminationGracePeriodSeconds": 0}
+        if node:
+            spec["nodeName"] = node
+        docs.append({"apiVersion": "apps/v1", "kind": "Deployment",
+                     "metadata": {"name": name, "namespace": NAMESPACE},
+                     "spec": {"replicas": count, "selector": {"matchLabels": {"app": name}},
+                              "template": {"metadata": {"labels": {"app": name}}, "spec": spec}}})
+    return "\n".join(json.dumps(d) for d in docs)  # kubectl reads a stream of JSON documents
+
+
+def _get(url: str) -> Any:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        if e.code == 404:
+            return None
+        raise
+
+
+def _kubectl(state: lab.LabState, cluster: str, *args: str, stdin: str | None = None) -> None:
+    kubectl = shutil.which("kubectl") or "kubectl"
+    res = subprocess.run([kubectl, "--kubeconfig", str(state.kubeconfig), "--context", cluster, *args],
+                         input=stdin, capture_output=True, text=True, timeout=120, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"kubectl {' '.join(args)} failed: {res.stderr.strip()[:400]}")
+
+
+def _ready(api: str) -> tuple[int, int]:
+    """(ready replicas, desired replicas) over the benchmark's Deployments."""
+    doc = _get(f"{api}/apis/apps/v1/namespaces/{NAMESPACE}/deployments") or {"items": []}
+    ready = sum(int((d.get("status") or {}).get("readyReplicas") or 0) for d in doc["items"])
+    want = sum(int((d.get("spec") or {}).get("replicas") or 0) for d in doc["items"])
+    return ready, want
+
+
+def _pod_phases(api: str) -> dict[str, int]:
+    doc = _get(f"{api}/api/v1/namespaces/{NAMESPACE}/pods") or {"items": []}
+    out: dict[str, int] = {}
+    for p in doc["items"]:
+        ph = (p.get("status") or {}).get("phase", "?")
+        out[ph] = out.get(ph, 0) + 1
+    return out
+
+
+def wait_ready(api: str, replicas: int, timeout_s: float) -> float:
+    """Seconds until ``replicas`` are Ready (polled every 0.1 s); progress every 5 s."""
+    t0 = time.monotonic()
+    next_report = t0 + 5
+    while True:
+        ready, want = _ready(api)
+        now = time.monotonic()
+        if want == replicas and ready >= replicas:
+            return now - t0
+        if now > t0 + timeout_s:
+            raise RuntimeError(f"only {ready} of {replicas} replicas Ready after {timeout_s:g} s (pods by phase: "
+                               f"{_pod_phases(api)}); does the lab run the controller-manager and the runtime?")
+        if now >= next_report:
+            bc.progress(NAME, f"  {ready}/{replicas} Ready after {now - t0:.0f} s")
+            next_report = now + 5
+        time.sleep(0.1)
+
+
+def wait_gone(state: lab.LabState, cluster: lab.ClusterRecord, timeout_s: float) -> None:
+    """Until the benchmark namespace and every kubelet pod namespace of the cluster are gone."""
+    deadline = time.monotonic() + timeout_s
+    while _get(f"{cluster.api_url}/api/v1/namespaces/{NAMESPACE}") is not None or lab.kube_pod_namespaces(cluster):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"namespace {NAMESPACE} or pod namespaces still there after {timeout_s:g} s: "
+                               f"{len(lab.kube_pod_namespaces(cluster))} pod namespaces left")
+        time.sleep(0.2)
+
+
+def baseline_pods(cluster: lab.ClusterRecord, count: int) -> list[tuple[lab.NodeRecord, lab.PodRecord]]:
+    """``count`` pod records spread over the nodes, with addresses from the top of each node's pod
+    CIDR (clear of static pods and of the kubelet's, which count from the bottom) and namespace
+    names (``-b<N>``) no kubelet claims."""
+    out = []
+    for i in range(count):
+        node = cluster.nodes[i % len(cluster.nodes)]
+        net = ipaddress.ip_network(node.pod_cidr)
+        ip = str(net.broadcast_address - 1 - i // len(cluster.nodes))
+        out.append((node, lab.PodRecord(name=f"b{i}", netns=f"{node.netns}-b{i}", ip=ip, host_if=f"vb{i}")))
+    return out
+
+
+def _rss_mb(pid: int) -> float:
+    from kubeemu.bench import rss_mb
+
+    return rss_mb(pid)
+
+
+def run(opts: bc.Options) -> bc.Report:
+    replicas = 20 if opts.tiny else 200
+    nodes = 2 if opts.tiny else len(NODES)
+    ours_rate: list[float] = []
+    base_rate: list[float] = []
+    ours_s: list[float] = []
+    base_s: list[float] = []
+    rss_per_1000: list[float] = []
+    notes: list[str] = []
+    with bc.lab_env(NAME, topology(nodes), f"1 cluster with Kubernetes, {nodes} nodes",
+                    timeout_s=lab.DEFAULT_UP_TIMEOUT_S) as state:
+        cluster = state.clusters[0]
+        if cluster.api_url is None or cluster.apiserver is None:
+            raise RuntimeError(f"lab {state.name}: cluster {cluster.name} has no API server")
+        api = cluster.api_url
+        node_names = [n.name for n in cluster.nodes]
+        doc = manifest(replicas, node_names, SINGLE_DEPLOYMENT)
+        for rnd in range(opts.repeat):
+            bc.progress(NAME, f"round {rnd + 1}/{opts.repeat}: kubectl apply {replicas} replicas "
+                        f"({'1 Deployment' if SINGLE_DEPLOYMENT else f'{len(node_names)} Deployments, one per node'})")
+            rss0 = _rss_mb(cluster.apiserver.pid)
+            t0 = time.monotonic()
+            _kubectl(state, cluster.name, "apply", "-f", "-", stdin=doc)
+            took = (time.monotonic() - t0) + wait_ready(api, replicas, 120 if opts.tiny else 900)
+            rss1 = _rss_mb(cluster.apiserver.pid)
+            ours_s.append(took)
+            ours_rate.append(replicas / took)
+            rss_per_1000.append((rss1 - rss0) / replicas * 1000)
+            bc.progress(NAME, f"round {rnd + 1}: {replicas} Ready in {took:.1f} s ({replicas / took:.1f} pods/s); "
+                        f"API server RSS {rss0:.1f} -> {rss1:.1f} MB; deleting")
+            _kubectl(state, cluster.name, "delete", "namespace", NAMESPACE, "--wait=false")
+            wait_gone(state, cluster, 300)
+            pods = baseline_pods(cluster, replicas)
+            bc.progress(NAME, f"round {rnd + 1}: baseline: {replicas} pod namespaces with tools.lab.add_pod")
+            try:
+                t0 = time.monotonic()
+                for node, pod in pods:
+                    lab.add_pod(node, pod)
+                took = time.monotonic() - t0
+            finally:
+                for node, pod in pods:
+                    lab.remove_pod(node, pod)
+            base_s.append(took)
+            base_rate.append(replicas / took)
+            bc.progress(NAME, f"round {rnd + 1}: baseline {took:.1f} s ({replicas / took:.1f} pods/s)")
+    bc.progress(NAME, "kubeemu alone: RSS per 1,000 running pods")
+    from kubeemu import bench as kb
+    from kubeemu.lab import start_cluster
+
+    emu_ours: list[float] = []
+    emu_json: list[float] = []
+    for _ in range(opts.repeat):
+        handle = start_cluster("bench-rss", ["10.44.0.0/16"], ["10.96.0.0/20"])
+        try:
+            res = kb.rss_per_1000_pods(handle.url, handle.pid, 200 if opts.tiny else 1000)
+        finally:
+            handle.stop()
+        emu_ours.append(res.per_1000_mb)
+        emu_json.append(res.json_per_1000_mb)
+    report = bc.Report(units={"pods_per_s": "pods/s", "apply_to_ready_s": "s",
+                              "apiserver_rss_per_1000_pods": "MB", "kubeemu_rss_per_1000_pods": "MB"})
+    report.figures["pods_per_s"] = bc.figure(ours_rate, {"": base_rate}, higher_is_better=True)
+    report.figures["apply_to_ready_s"] = bc.figure(ours_s, {"": base_s}, higher_is_better=False)
+    report.figures["apiserver_rss_per_1000_pods"] = bc.spread(rss_per_1000)
+    report.figures["kubeemu_rss_per_1000_pods"] = bc.figure(emu_ours, {"": emu_json}, higher_is_better=False)
+    notes += [
+        f"{replicas} replicas of an idle container; ours = kubectl apply to all Ready, baseline = as many pod "
+        "namespaces made one after another with tools.lab.add_pod; ratio = ours / baseline pods/s (aim >= 0.5).",
+        "no scheduler in the lab yet: one Deployment per node with spec.template.spec.nodeName"
+        if not SINGLE_DEPLOYMENT else "one Deployment, pods placed by the lab's scheduler",
+        "apiserver_rss_per_1000_pods: the lab API server's RSS growth from apply to all Ready, scaled to 1,000 "
+        "pods (round 1 is the honest one; later rounds reuse freed memory).",
+        "kubeemu_rss_per_1000_pods: a separate kubeemu holding 1,000 ReplicaSet-owned running pods; baseline = "
+        "the same pods as JSON (ratio = JSON / RSS growth).",
+    ]
+    report.notes.extend(notes)
+    return report
