@@ -377,11 +377,15 @@ class LabKubelet:
             return
         from aiohttp import web
 
-        app = kubeletapi.make_app(self.runtime)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", self.api_port)
-        await site.start()
+        try:
+            app = kubeletapi.make_app(self.runtime)
+            runner = web.AppRunner(app)
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", self.api_port)
+            await site.start()
+        except (OSError, RuntimeError, ValueError) as e:  # pods still run; only logs/exec are missing
+            _log.error("kubelet API: cannot serve on 127.0.0.1:%d: %s", self.api_port, e)
+            return
         server = getattr(site, "_server", None)
         sockets = getattr(server, "sockets", None) or []
         self.kubelet_port = sockets[0].getsockname()[1] if sockets else self.api_port

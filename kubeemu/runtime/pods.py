@@ -330,8 +330,12 @@ class PodWorker:
                 self.containers[c["name"]] = ContainerState(dict(c), init, self.dir / "containers" / c["name"])
         self.volumes: list[volumes.Volume] | None = None
         self.volume_error = ""
-        self.started_at = _rfc3339()
-        self.transitions: dict[str, tuple[str, str]] = {}
+        status = pod.get("status") or {}
+        # What an earlier kubelet reported stays: start time and condition transition times.
+        self.started_at = str(status.get("startTime") or _rfc3339())
+        self.transitions: dict[str, tuple[str, str]] = {
+            c["type"]: (c.get("status", ""), c.get("lastTransitionTime") or _rfc3339())
+            for c in status.get("conditions") or [] if c.get("type")}
         self.last_status: str = ""
         self.phase = "Pending"
         self._probe_tasks: set[asyncio.Task[None]] = set()
