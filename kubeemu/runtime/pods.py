@@ -57,6 +57,9 @@ from kubeemu.runtime.probes import ProbeWorker, run_probe
 
 _log = logging.getLogger(__name__)
 
+#: Why an exited container that will run again is waiting (its exit shows as lastState meanwhile).
+_WAITING_AGAIN = ("CrashLoopBackOff", "CreateContainerConfigError", "CreateContainerError")
+
 StatusSink = Callable[[dict[str, Any]], Awaitable[None]]
 
 
@@ -81,8 +84,11 @@ def _read_json(p: pathlib.Path) -> dict[str, Any] | None:
 
 
 def _write_json(p: pathlib.Path, obj: dict[str, Any]) -> None:
+    """Atomically, readable by root only (a container's spec holds its environment: secrets)."""
     tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_text(json.dumps(obj))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(obj))
     tmp.replace(p)
 
 
@@ -509,29 +515,35 @@ class PodWorker:
                 cs.waiting = ("CrashLoopBackOff", f"back-off {delay:g}s restarting failed container={cs.name} "
                               f"pod={self.info.name}_{self.info.namespace}({self.info.uid})")
                 return
-            self.rt.backoff.next(key, now)
-            cs.last = att
-            cs.restart_count += 1
-        await self._start(cs)
+        await self._start(cs, restart=att is not None)
 
-    async def _start(self, cs: ContainerState) -> None:
-        """Start attempt ``cs.restart_count`` of the container through a new shim."""
+    async def _start(self, cs: ContainerState, restart: bool) -> None:
+        """Start the container's next attempt through a new shim. Its configuration is built
+        first: when that fails (``CreateContainerConfigError``) nothing is counted, so the
+        restart count and back-off only move for attempts that really start."""
         loop = asyncio.get_running_loop()
         try:
             objects = await self._env_objects(cs.spec)
             env = envmod.build_env(self.pod, cs.spec, objects, self.info.host_ip, self.info.pod_ips)
         except envmod.ConfigError as e:
             cs.waiting = ("CreateContainerConfigError", str(e))
-            cs.current = None if cs.current is not None and cs.current.exit is None else cs.current
             return
         argv = envmod.command_line(cs.spec, env)
-        att = Attempt(cs.restart_count, cs.dir / str(cs.restart_count))
+        index = cs.restart_count + 1 if restart else cs.restart_count
+        att = Attempt(index, cs.dir / str(index))
+        if restart:
+            cs.restart_count = index
+            self.rt.backoff.next(self._key(cs), time.time())  # before the spawn saves it in state.json
         try:
             await loop.run_in_executor(None, self._spawn, cs, att, env, argv)
         except (OSError, volumes.VolumePending) as e:
             _log.error("pod %s/%s: container %s did not start: %s", self.info.namespace, self.info.name, cs.name, e)
+            if restart:
+                cs.restart_count -= 1
             cs.waiting = ("CreateContainerError", str(e))
             return
+        if restart:
+            cs.last = cs.current
         cs.current = att
         cs.waiting = ("ContainerCreating", "")
 
@@ -677,7 +689,7 @@ class PodWorker:
         prev = cs.last if cs.last is not att else None
         last: dict[str, Any] = {"terminated": self._terminated(prev)} if prev is not None and prev.exit else {}
         if att is not None and att.exit is not None:
-            if cs.waiting[0] == "CrashLoopBackOff" and not cs.done:
+            if cs.waiting[0] in _WAITING_AGAIN and not cs.done:
                 state: dict[str, Any] = {"waiting": {"reason": cs.waiting[0], "message": cs.waiting[1]}}
                 last = {"terminated": self._terminated(att)}
             else:

@@ -67,7 +67,7 @@ def start_time(pid: int) -> int | None:
 
 def _write_json(dirfd: int, name: str, obj: dict[str, Any]) -> None:
     tmp = f".{name}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644, dir_fd=dirfd)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600, dir_fd=dirfd)
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f)
     os.rename(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
@@ -207,6 +207,12 @@ def main(argv: list[str] | None = None) -> int:
         proc = subprocess.Popen(spec["argv"], env=spec["env"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, start_new_session=True)
     except (OSError, subprocess.SubprocessError) as e:
+        if isinstance(e, FileNotFoundError) and spec["argv"] and "/" not in spec["argv"][0]:
+            e = OSError(f'exec: "{spec["argv"][0]}": executable file not found in $PATH')  # runc's words
+        elif isinstance(e, FileNotFoundError) and spec["argv"]:
+            e = OSError(f'exec: "{spec["argv"][0]}": stat {spec["argv"][0]}: no such file or directory')
+        e = OSError(f"failed to create containerd task: failed to create shim task: OCI runtime create failed: "
+                    f"runc create failed: unable to start container process: {e}: unknown")
         log.f.write(f"{rfc3339nano()} stderr F kubeemu shim: {e}\n".encode())
         log.f.close()
         _write_json(dirfd, "exit.json", {"exitCode": 128, "reason": "StartError", "startedAt": started,

@@ -368,3 +368,23 @@ def test_pvc_waits_until_bound_then_mounts_the_pv_and_init_containers_run_first(
     token = _exec(rt, "db", ["cat", "/var/run/secrets/kubernetes.io/serviceaccount/token"])
     assert token.count(".") == 2  # a JWT (TokenRequest, or the unsigned placeholder without that endpoint)
     assert pathlib.Path("/run/secrets").exists() == host_run_secrets  # the mount point was made in the container
+
+
+def test_start_and_config_errors_are_reported_as_upstream(env: dict[str, Any]) -> None:
+    url = env["url"]
+    env["start"]()
+    _http(f"{url}/api/v1/namespaces/default/pods", "POST",
+          _pod("nocmd", [{"name": "c", "image": "x", "command": ["no-such-binary-kubeemu"]}], restartPolicy="Never"))
+    wait_until(lambda: _get(url, "nocmd")["status"].get("phase") == "Failed", 20, "nocmd Failed")
+    term = _cstatus(url, "nocmd")["state"]["terminated"]
+    assert term["exitCode"] == 128 and term["reason"] == "StartError"
+    assert 'exec: "no-such-binary-kubeemu": executable file not found in $PATH' in term["message"]
+    cfg = {"name": "c", "image": "x", "command": ["sleep", "300"],
+           "env": [{"name": "V", "valueFrom": {"configMapKeyRef": {"name": "later", "key": "k"}}}]}
+    _http(f"{url}/api/v1/namespaces/default/pods", "POST", _pod("needscm", [cfg]))
+    st = wait_until(lambda: (s := _cstatus(url, "needscm")).get("state", {}).get("waiting", {}).get("reason")
+                    == "CreateContainerConfigError" and s, 20, "needscm waiting for its ConfigMap")
+    assert st["state"]["waiting"]["message"] == 'configmap "later" not found' and st["restartCount"] == 0
+    _http(f"{url}/api/v1/namespaces/default/configmaps", "POST", {"metadata": {"name": "later"}, "data": {"k": "v"}})
+    wait_until(lambda: _cstatus(url, "needscm").get("state", {}).get("running"), 20, "needscm running")
+    assert _cstatus(url, "needscm")["restartCount"] == 0
