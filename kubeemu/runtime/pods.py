@@ -126,6 +126,7 @@ class Attempt:
     probes: dict[str, ProbeWorker] = field(default_factory=dict)
     killing: bool = False
     probing: bool = False  # its probe loops are started
+    env: dict[str, str] = field(default_factory=dict)  # the process environment (exec gets it too)
 
     @property
     def running(self) -> bool:
@@ -288,8 +289,7 @@ class Runtime:
         att = cs.current
         if att is None or not att.running or not procs.same(att.pid, att.start):
             raise LookupError(f'container "{container}" in pod "{pod}" is not running')
-        spec = _read_json(att.dir / "spec.json") or {}
-        envs = [f"{k}={v}" for k, v in (spec.get("env") or {}).items()]
+        envs = [f"{k}={v}" for k, v in att.env.items()]
         return ["nsenter", f"--target={att.pid}", "--net", "--mount", "--uts", "--root", "--wd", "--",
                 "env", "-i", *envs, *command]
 
@@ -419,6 +419,7 @@ class PodWorker:
         cont = _read_json(d / "container.json") or {}
         att.pid, att.start, att.started_at = int(cont.get("pid", 0)), cont.get("start"), cont.get("startedAt", "")
         att.exit = _read_json(d / "exit.json")
+        att.env = dict((_read_json(d / "spec.json") or {}).get("env") or {})
         att.started_mono = time.monotonic()
         return att
 
@@ -578,10 +579,11 @@ class PodWorker:
         mounts = [m.to_json() for m in volumes.container_mounts(cs.spec, self.volumes)]
         mounts += [{"source": str(self.dir / "etc-hostname"), "target": "/etc/hostname", "readOnly": False},
                    {"source": str(self.dir / "etc-hosts"), "target": "/etc/hosts", "readOnly": False}]
-        spec = {"hostname": (self.pod.get("spec") or {}).get("hostname") or self.info.name,
-                "rootDir": str(att.dir), "mounts": mounts, "argv": argv,
-                "env": envmod.process_env(self.pod, env), "workingDir": cs.spec.get("workingDir") or "/",
-                "log": str(log_dir / f"{att.index}.log")}
+        att.env = envmod.process_env(self.pod, env)
+        spec: dict[str, Any] = {"hostname": (self.pod.get("spec") or {}).get("hostname") or self.info.name,
+                                "rootDir": str(att.dir), "mounts": mounts, "argv": argv, "env": att.env,
+                                "workingDir": cs.spec.get("workingDir") or "/",
+                                "log": str(log_dir / f"{att.index}.log")}
         _write_json(att.dir / "spec.json", spec)
         self._save(cs)
         shim = [self.rt.python, "-m", "kubeemu.runtime.shim", str(att.dir / "spec.json")]
