@@ -185,6 +185,10 @@ def test_container_runs_in_pod_namespaces_with_volumes_env_and_hostname(env: dic
     assert os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(f"/run/netns/{ns}").st_ino
     assert os.stat(f"/proc/{pid}/ns/mnt").st_ino != os.stat("/proc/self/ns/mnt").st_ino
     assert os.stat(f"/proc/{pid}/ns/uts").st_ino != os.stat("/proc/self/ns/uts").st_ino
+    # The container's mount namespace holds no copy of the host's /run/netns entries (they would keep
+    # other pods' network namespaces alive) and no host /run at all.
+    mounts = pathlib.Path(f"/proc/{pid}/mountinfo").read_text()
+    assert [ln for ln in mounts.splitlines() if " nsfs " in ln or "/run/netns" in ln] == []
     assert _exec(rt, "web", ["cat", "/etc/hostname"]).strip() == "web"
     assert _exec(rt, "web", ["hostname"]).strip() == "web"
     assert _exec(rt, "web", ["cat", "/etc/cfg/g.txt"]) == "hello"
