@@ -22,7 +22,9 @@ In that order it:
    (``<RFC3339Nano> <stdout|stderr> <F|P> <content>``; ``P`` for a partial line split at 16 KiB);
 6. on exit writes ``exit.json`` (exit code, 128+signal when killed, ``finishedAt``) and exits.
 
-SIGTERM/SIGINT to the shim are forwarded to the container process. The shim is not the
+SIGTERM/SIGINT to the shim are forwarded to the container process. When the container's main
+process exits, whatever is left in its process group is killed (there is no PID namespace; a
+container's other processes end with its PID 1 upstream). The shim is not the
 kubelet's child once the kubelet restarts: it keeps the pipes and the log, so a container
 outlives its kubelet, and the new kubelet finds it from ``shim.json``/``container.json``.
 """
@@ -262,6 +264,10 @@ def main(argv: list[str] | None = None) -> int:
             break
         except InterruptedError:
             continue
+    # The container ends with its main process, as a container's processes end with its PID 1:
+    # what it left in its process group (the container's session) is killed.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
     for t in threads:
         t.join(2.0)
     code = 128 - rc if rc < 0 else rc

@@ -392,3 +392,26 @@ def test_start_and_config_errors_are_reported_as_upstream(env: dict[str, Any]) -
     _http(f"{url}/api/v1/namespaces/default/configmaps", "POST", {"metadata": {"name": "later"}, "data": {"k": "v"}})
     wait_until(lambda: _cstatus(url, "needscm").get("state", {}).get("running"), 20, "needscm running")
     assert _cstatus(url, "needscm")["restartCount"] == 0
+
+
+def test_a_containers_children_end_with_it(env: dict[str, Any]) -> None:
+    url = env["url"]
+    k = env["start"]()
+    _http(f"{url}/api/v1/namespaces/default/pods", "POST",
+          _pod("tree", [{"name": "c", "image": "x", "command": ["sh", "-c", "sleep 301 & sleep 302 & wait"]}]))
+    wait_until(lambda: _cstatus(url, "tree").get("state", {}).get("running"), 20, "tree running")
+    rt: Runtime = k.kubelet.runtime
+    pid = _running_pid(rt, "tree")
+    children = wait_until(lambda: len(c := _children(pid)) == 2 and c, 10, "two children of the container's sh")
+    starts = {c: procs.start_time(c) for c in children}
+    _http(f"{url}/api/v1/namespaces/default/pods/tree", "DELETE")
+    wait_until(lambda: _get(url, "tree").get("code") == 404, 20, "tree deleted")
+    assert not any(procs.same(c, s) for c, s in starts.items())
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = pathlib.Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(x) for x in text.split()]
