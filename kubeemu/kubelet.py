@@ -215,6 +215,9 @@ class LabKubelet:
         except (RuntimeError, aiohttp.ClientError, OSError, ValueError) as e:  # never stops the kubelet
             meta = pod.get("metadata") or {}
             _log.error("pod %s/%s: %s", meta.get("namespace"), meta.get("name"), e)
+        except Exception:  # a bug shown on one pod must not stop the others: logged with its stack
+            meta = pod.get("metadata") or {}
+            _log.exception("pod %s/%s: unexpected failure", meta.get("namespace"), meta.get("name"))
 
     async def _handle_pod(self, etype: str, pod: dict[str, Any]) -> None:
         meta = pod["metadata"]
