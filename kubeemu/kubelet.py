@@ -36,6 +36,7 @@ kubelet re-announces every running pod it finds).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import ipaddress
@@ -400,6 +401,10 @@ class LabKubelet:
 
         On cancellation the containers keep running (their shims own them): a restarted kubelet
         adopts them, as containers survive a real kubelet's restart."""
+        # Blocking work (namespaces, spawns, probes, kills waiting out a grace period) runs in
+        # threads; enough of them that pods being stopped never starve pods being started.
+        asyncio.get_running_loop().set_default_executor(
+            concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="kubelet"))
         async with aiohttp.ClientSession() as session:
             self._session = session
             await self._start_api()
