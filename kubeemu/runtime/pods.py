@@ -409,6 +409,11 @@ class PodWorker:
                 cur.exit = {"exitCode": 137, "reason": "Error", "finishedAt": _rfc3339(),
                             "startedAt": cur.started_at, "message": "the container's shim is gone"}
             if cur is not None and cur.running:
+                # Probes start over (readiness is unknown again, as after a real kubelet's restart),
+                # timed from when the container really started.
+                age = max(0.0, time.time() - _parse_rfc3339(cur.started_at))
+                cur.started_mono = time.monotonic() - age
+                self._make_probes(cs, cur)
                 _log.info("pod %s/%s: adopted container %s (pid %d, attempt %d)", self.info.namespace,
                           self.info.name, cs.name, cur.pid, cur.index)
 

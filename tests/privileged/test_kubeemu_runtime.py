@@ -287,7 +287,8 @@ def test_kubelet_restart_adopts_processes(env: dict[str, Any]) -> None:
     url = env["url"]
     k1 = env["start"]()
     _http(f"{url}/api/v1/namespaces/default/pods", "POST",
-          _pod("keep", [{"name": "c", "image": "x", "command": ["sleep", "300"]}]))
+          _pod("keep", [{"name": "c", "image": "x", "command": ["sleep", "300"],
+                         "readinessProbe": {"exec": {"command": ["true"]}, "periodSeconds": 1}}]))
     _http(f"{url}/api/v1/namespaces/default/pods", "POST",
           _pod("crashy", [{"name": "c", "image": "x", "command": ["sh", "-c", "exit 1"]}]))
     wait_until(lambda: _cstatus(url, "keep").get("state", {}).get("running"), 20, "keep running")
@@ -300,6 +301,14 @@ def test_kubelet_restart_adopts_processes(env: dict[str, Any]) -> None:
     restarts = _cstatus(url, "crashy")["restartCount"]
     k2 = env["start"]()
     wait_until(lambda: _running_pid(k2.kubelet.runtime, "keep") == pid, 20, "keep adopted with the same PID")
+    def probed_ready() -> bool:
+        w = k2.kubelet.runtime._find("default", "keep")
+        cur = w.containers["c"].current if w else None
+        probe = cur.probes.get("readiness") if cur else None
+        return probe is not None and probe.result is True
+
+    wait_until(probed_ready, 20, "keep's readiness probed again by the new kubelet")
+    wait_until(lambda: _cstatus(url, "keep").get("ready") is True, 10, "keep Ready")
     assert _get(url, "keep")["metadata"]["uid"] == uid
     time.sleep(0)  # nothing to wait for: the adoption above is the assertion
     assert len(list((env["root"] / "pods" / uid / "containers" / "c").glob("[0-9]*"))) == 1  # no second copy
