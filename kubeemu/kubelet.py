@@ -123,7 +123,8 @@ class LabKubelet:
         self.uids: dict[str, str] = {}  # pod key -> uid of the pod we run under that key
         self.rejected: set[str] = set()  # uids refused admission (Failed; never run)
         self._removing: dict[str, asyncio.Task[None]] = {}  # pod key -> its removal in progress
-        self.runtime = Runtime(root, self, poll=poll) if root is not None else None
+        self.runtime = Runtime(root, self, poll=poll, events=self.record_event) if root is not None else None
+        self._event_tasks: set[asyncio.Task[None]] = set()
         self.api_port = api_port
         self.kubelet_port = 0
         self._api_runner: Any = None
@@ -206,6 +207,32 @@ class LabKubelet:
 
     # ---------------------------------------------------------------- pods
 
+    def record_event(self, info: PodInfo, etype: str, reason: str, message: str, container: str | None) -> None:
+        """Post a core/v1 Event about a pod, as the kubelet's event recorder does (in the background)."""
+        self._post_event(info.namespace, info.name, info.uid, info.node, etype, reason, message, container)
+
+    def _post_event(self, ns: str, name: str, uid: str, node: str, etype: str, reason: str, message: str,
+                    container: str | None = None) -> None:
+        now = _now()
+        obj: dict[str, Any] = {"kind": "Pod", "namespace": ns, "name": name, "uid": uid, "apiVersion": "v1"}
+        if container:
+            obj["fieldPath"] = f"spec.containers{{{container}}}"
+        body = {"apiVersion": "v1", "kind": "Event",
+                "metadata": {"name": f"{name}.{time.time_ns():x}", "namespace": ns},
+                "involvedObject": obj, "reason": reason, "message": message, "type": etype,
+                "source": {"component": "kubelet", "host": node}, "firstTimestamp": now, "lastTimestamp": now,
+                "count": 1, "reportingComponent": "kubelet", "reportingInstance": node}
+
+        async def post() -> None:
+            with contextlib.suppress(RuntimeError, aiohttp.ClientError, OSError, ValueError):
+                await self._req("POST", f"/api/v1/namespaces/{ns}/events", body, ok=(201, 404, 409))
+
+        if self._session is None:
+            return
+        t = asyncio.create_task(post())
+        self._event_tasks.add(t)
+        t.add_done_callback(self._event_tasks.discard)
+
     async def _patch_status(self, ns: str, name: str, status: dict[str, Any]) -> None:
         await self._req("PATCH", f"/api/v1/namespaces/{ns}/pods/{name}/status", {"status": status},
                         "application/merge-patch+json", ok=(200, 404))
@@ -253,6 +280,8 @@ class LabKubelet:
             if refused is not None:
                 self.rejected.add(uid)
                 _log.warning("pod %s: rejected on %s: %s (%s)", key, node, refused.reason, refused.message)
+                self._post_event(meta["namespace"], meta["name"], uid, node, "Warning", refused.reason,
+                                 refused.message.removeprefix("Pod was rejected: "))
                 await self._patch_status(meta["namespace"], meta["name"], {
                     "phase": "Failed", "reason": refused.reason, "message": refused.message})
                 return

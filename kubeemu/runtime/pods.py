@@ -61,6 +61,12 @@ _log = logging.getLogger(__name__)
 _WAITING_AGAIN = ("CrashLoopBackOff", "CreateContainerConfigError", "CreateContainerError")
 
 StatusSink = Callable[[dict[str, Any]], Awaitable[None]]
+#: ``(pod, type, reason, message, container)``: record an Event about the pod (never blocks).
+EventSink = Callable[["PodInfo", str, str, str, "str | None"], None]
+
+
+def _no_events(info: PodInfo, etype: str, reason: str, message: str, container: str | None) -> None:
+    return None
 
 
 def _rfc3339(t: float | None = None) -> str:
@@ -126,6 +132,7 @@ class Attempt:
     probes: dict[str, ProbeWorker] = field(default_factory=dict)
     killing: bool = False
     probing: bool = False  # its probe loops are started
+    announced: bool = False  # its Started event is recorded
     env: dict[str, str] = field(default_factory=dict)  # the process environment (exec gets it too)
 
     @property
@@ -154,8 +161,10 @@ class ContainerState:
 class Runtime:
     """Every pod this kubelet runs; also the :class:`ContainerAccess` for the kubelet API."""
 
-    def __init__(self, root: pathlib.Path, api: volumes.Api, poll: float = 1.0, python: str = sys.executable) -> None:
+    def __init__(self, root: pathlib.Path, api: volumes.Api, poll: float = 1.0, python: str = sys.executable,
+                 events: EventSink = _no_events) -> None:
         self.root = pathlib.Path(root)
+        self.events = events
         self.api = api
         self.poll = poll
         self.python = python
@@ -194,6 +203,9 @@ class Runtime:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await w.task
         g = grace if grace is not None else float((w.pod.get("spec") or {}).get("terminationGracePeriodSeconds", 30))
+        for cs in w.containers.values():
+            if cs.current is not None and cs.current.running:
+                w._event("Normal", "Killing", f"Stopping container {cs.name}", cs.name)
         await loop.run_in_executor(None, w.kill_all, g)
         await loop.run_in_executor(None, self.cleanup_dirs, uid)
 
@@ -414,6 +426,7 @@ class PodWorker:
                 age = max(0.0, time.time() - _parse_rfc3339(cur.started_at))
                 cur.started_mono = time.monotonic() - age
                 self._make_probes(cs, cur)
+                cur.announced = True
                 _log.info("pod %s/%s: adopted container %s (pid %d, attempt %d)", self.info.namespace,
                           self.info.name, cs.name, cur.pid, cur.index)
 
@@ -448,9 +461,15 @@ class PodWorker:
             except volumes.VolumePending as e:
                 if str(e) != self.volume_error:
                     _log.warning("pod %s/%s: %s", self.info.namespace, self.info.name, e)
+                    self._event("Warning", "FailedMount", str(e))
                 self.volume_error = str(e)
         if self.volumes is not None and self.phase not in ("Succeeded", "Failed"):
             await loop.run_in_executor(None, self._poll_attempts)
+            for cs in self.containers.values():
+                if cs.current is not None and cs.current.pid > 0 and not cs.current.announced:
+                    cs.current.announced = True
+                    if cs.current.exit is None or cs.current.exit.get("reason") != "StartError":
+                        self._event("Normal", "Started", f"Started container {cs.name}", cs.name)
             await self._drive()
             self._run_probes()
         await self._report()
@@ -518,6 +537,9 @@ class PodWorker:
             key, now = self._key(cs), time.time()
             if self.rt.backoff.is_in_backoff_since(key, finished, now):
                 delay = self.rt.backoff.get(key)
+                if cs.waiting[0] != "CrashLoopBackOff":
+                    self._event("Warning", "BackOff", f"Back-off restarting failed container {cs.name} in pod "
+                                f"{self.info.name}_{self.info.namespace}({self.info.uid})", cs.name)
                 cs.waiting = ("CrashLoopBackOff", f"back-off {delay:g}s restarting failed container={cs.name} "
                               f"pod={self.info.name}_{self.info.namespace}({self.info.uid})")
                 return
@@ -532,6 +554,8 @@ class PodWorker:
             objects = await self._env_objects(cs.spec)
             env = envmod.build_env(self.pod, cs.spec, objects, self.info.host_ip, self.info.pod_ips)
         except envmod.ConfigError as e:
+            if cs.waiting != ("CreateContainerConfigError", str(e)):
+                self._event("Warning", "Failed", f"Error: {e}", cs.name)
             cs.waiting = ("CreateContainerConfigError", str(e))
             return
         argv = envmod.command_line(cs.spec, env)
@@ -547,11 +571,13 @@ class PodWorker:
             if restart:
                 cs.restart_count -= 1
             cs.waiting = ("CreateContainerError", str(e))
+            self._event("Warning", "Failed", f"Error: {e}", cs.name)
             return
         if restart:
             cs.last = cs.current
         cs.current = att
         cs.waiting = ("ContainerCreating", "")
+        self._event("Normal", "Created", f"Created container {cs.name}", cs.name)
 
     async def _env_objects(self, spec: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any] | None]:
         ns = self.info.namespace
@@ -623,6 +649,8 @@ class PodWorker:
                 if bad is not None and bad.result is False and not att.killing:
                     _log.info("pod %s/%s: container %s failed %s probe (%s), will be restarted", self.info.namespace,
                               self.info.name, cs.name, kind, bad.message)
+                    self._event("Normal", "Killing",
+                                f"Container {cs.name} failed {kind} probe, will be restarted", cs.name)
                     att.killing = True
                     grace = float(bad.probe.get("terminationGracePeriodSeconds")
                                   or (self.pod.get("spec") or {}).get("terminationGracePeriodSeconds", 30))
@@ -657,7 +685,10 @@ class PodWorker:
             prefix = self.rt.exec_argv(self.info.namespace, self.info.name, cs.name, [])
         ok, msg = await asyncio.get_running_loop().run_in_executor(
             None, run_probe, pw.probe, cs.spec, ip, self.info.netns_path, prefix)
+        before = pw.result
         pw.record(ok, msg)
+        if not ok and before is not False and att.running:
+            self._event("Warning", "Unhealthy", f"{pw.kind.capitalize()} probe failed: {msg}", cs.name)
 
     # ---------------------------------------------------------------- killing
 
@@ -810,9 +841,13 @@ class PodWorker:
                               "startTime": self.started_at, "qosClass": _qos(self.pod)}
         if inits:
             st["initContainerStatuses"] = inits
-        if self.volume_error and self.volumes is None:
-            st["message"] = self.volume_error
         return st
+
+    def _event(self, etype: str, reason: str, message: str, container: str | None = None) -> None:
+        try:
+            self.rt.events(self.info, etype, reason, message, container)
+        except Exception:  # events are best effort; they never stop a pod
+            _log.exception("pod %s/%s: recording event %s failed", self.info.namespace, self.info.name, reason)
 
     async def _report(self) -> None:
         st = self.status()

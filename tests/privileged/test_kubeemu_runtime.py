@@ -135,6 +135,11 @@ def _cstatus(url: str, name: str, container: str = "c") -> dict[str, Any]:
     return {}
 
 
+def _events(url: str, pod: str) -> list[tuple[str, str, str]]:
+    items = _http(f"{url}/api/v1/namespaces/default/events")["items"]
+    return [(e["type"], e["reason"], e["message"]) for e in items if e["involvedObject"]["name"] == pod]
+
+
 def _running_pid(rt: Runtime, name: str, container: str = "c") -> int:
     w = rt._find("default", name)
     cs = w.containers[container] if w else None
@@ -236,6 +241,10 @@ def test_restart_backoff_exit_codes_and_previous_log(env: dict[str, Any]) -> Non
     assert term["exitCode"] == 3 and term["reason"] == "Error" and term["finishedAt"]
     assert _get(url, "crash")["status"]["phase"] == "Running"  # restartPolicy Always
     rt: Runtime = k.kubelet.runtime
+    backoff = ("Warning", "BackOff", f"Back-off restarting failed container c in pod crash_default("
+               f"{_get(url, 'crash')['metadata']['uid']})")
+    wait_until(lambda: backoff in _events(url, "crash"), 10, "a BackOff event")
+    assert ("Normal", "Started", "Started container c") in _events(url, "crash")
     prev = rt.log_path("default", "crash", "c", previous=True)
     assert prev.read_text().split(" ", 3)[3] == "attempt\n"
     # restartPolicy Never: exit 0 -> Succeeded; OnFailure with exit 1 -> restarted
@@ -270,6 +279,8 @@ def test_probes_drive_ready_and_liveness_restarts(env: dict[str, Any]) -> None:
     assert {c["type"]: c["status"] for c in _get(url, "probe")["status"]["conditions"]}["Ready"] == "True"
     _exec(rt, "probe", ["rm", "/srv-x/ready.txt"])
     wait_until(lambda: _cstatus(url, "probe").get("ready") is False, 20, "probe unready again")
+    unhealthy = ("Warning", "Unhealthy", "Readiness probe failed: HTTP probe failed with statuscode: 404")
+    wait_until(lambda: unhealthy in _events(url, "probe"), 10, "an Unhealthy event")
     # Liveness (tcpSocket on a port nobody listens on) restarts the container.
     live = {"name": "c", "image": "x", "command": ["sleep", "300"],
             "livenessProbe": {"tcpSocket": {"port": 9}, "periodSeconds": 1, "failureThreshold": 2}}
@@ -334,6 +345,9 @@ def test_admission_rejects_what_does_not_fit(env: dict[str, Any]) -> None:
     _http(f"{url}/api/v1/namespaces/default/pods", "POST", _pod("b", [big]))
     st = wait_until(lambda: (p := _get(url, "b"))["status"].get("phase") == "Failed" and p["status"], 20, "b Failed")
     assert st["reason"] == "OutOfcpu"
+    rejected = ("Warning", "OutOfcpu", "Node didn't have enough resource: cpu, requested: 1500, used: 1500, "
+                "capacity: 2000")
+    wait_until(lambda: rejected in _events(url, "b"), 10, "an OutOfcpu event")
     assert st["message"] == ("Pod was rejected: Node didn't have enough resource: cpu, requested: 1500, used: 1500, "
                              "capacity: 2000")
     small = {"name": "c", "image": "x"}
@@ -361,8 +375,10 @@ def test_pvc_waits_until_bound_then_mounts_the_pv_and_init_containers_run_first(
                volumes=[{"name": "data", "persistentVolumeClaim": {"claimName": "claim"}},
                         {"name": "tok", "projected": {"sources": [{"serviceAccountToken": {"path": "token"}}]}}])
     _http(f"{url}/api/v1/namespaces/default/pods", "POST", pod)
-    st = wait_until(lambda: (p := _get(url, "db"))["status"].get("message") and p["status"], 20, "db waiting on PVC")
-    assert st["phase"] == "Pending" and 'persistentvolumeclaim "claim" is not bound' in st["message"]
+    ev = wait_until(lambda: [e for e in _events(url, "db") if e[1] == "FailedMount"], 20, "db waiting on its PVC")
+    assert ev[0] == ("Warning", "FailedMount", 'MountVolume.SetUp failed for volume "data" : persistentvolumeclaim '
+                     '"claim" is not bound')
+    assert _get(url, "db")["status"]["phase"] == "Pending"
     assert _cstatus(url, "db")["state"]["waiting"]["reason"] in ("ContainerCreating", "PodInitializing")
     _http(f"{url}/api/v1/persistentvolumes", "POST",
           {"metadata": {"name": "pv1"}, "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
