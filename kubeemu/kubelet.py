@@ -313,7 +313,7 @@ class LabKubelet:
                 await self._patch_status(ns, name, st)
 
             self.runtime.start(pod, info, sink)
-            _log.info("pod %s: network on %s with %s (%s); starting its containers", key, node, ip, netns)
+            _log.info("pod %s: running on %s with %s (network %s); syncing its containers", key, node, ip, netns)
             return
         t = _now()
         conds = [{"type": c, "status": "True", "lastTransitionTime": t}
