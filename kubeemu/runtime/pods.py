@@ -57,6 +57,10 @@ from kubeemu.runtime.probes import ProbeWorker, run_probe
 
 _log = logging.getLogger(__name__)
 
+#: How often a running pod's managed volumes are rewritten from the API (upstream: the kubelet's
+#: sync period, about a minute): ConfigMap/Secret updates and renewed tokens reach containers.
+VOLUME_RESYNC_S = 60.0
+
 #: Why an exited container that will run again is waiting (its exit shows as lastState meanwhile).
 _WAITING_AGAIN = ("CrashLoopBackOff", "CreateContainerConfigError", "CreateContainerError")
 
@@ -347,6 +351,8 @@ class PodWorker:
             for c in spec.get(key) or []:
                 self.containers[c["name"]] = ContainerState(dict(c), init, self.dir / "containers" / c["name"])
         self.volumes: list[volumes.Volume] | None = None
+        self.volumes_at = 0.0
+        self.tokens: volumes.TokenCache = {}
         self.volume_error = ""
         status = pod.get("status") or {}
         # What an earlier kubelet reported stays: start time and condition transition times.
@@ -452,9 +458,10 @@ class PodWorker:
 
     async def sync(self) -> None:
         loop = asyncio.get_running_loop()
-        if self.volumes is None:
+        if self.volumes is None or time.monotonic() - self.volumes_at > VOLUME_RESYNC_S:
             try:
-                vols = await volumes.resolve(self.pod, self.rt.api, self.dir, self.info.host_ip, self.info.pod_ips)
+                vols = await volumes.resolve(self.pod, self.rt.api, self.dir, self.info.host_ip, self.info.pod_ips,
+                                             self.tokens)
                 await loop.run_in_executor(None, volumes.apply, vols)
                 self.volumes = vols
                 self.volume_error = ""
@@ -463,6 +470,7 @@ class PodWorker:
                     _log.warning("pod %s/%s: %s", self.info.namespace, self.info.name, e)
                     self._event("Warning", "FailedMount", str(e))
                 self.volume_error = str(e)
+            self.volumes_at = time.monotonic()  # running pods keep their last good content meanwhile
         if self.volumes is not None and self.phase not in ("Succeeded", "Failed"):
             await loop.run_in_executor(None, self._poll_attempts)
             for cs in self.containers.values():

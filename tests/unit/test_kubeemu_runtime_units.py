@@ -295,3 +295,19 @@ def test_status_conditions_and_init_containers(tmp_path: pathlib.Path) -> None:
     conds = {c["type"]: c for c in st["conditions"]}
     assert conds["Ready"]["status"] == "False" and conds["Ready"]["message"] == "containers with unready status: [b]"
     assert st["phase"] == "Running"
+
+
+def test_projected_tokens_are_reused_until_80_percent_of_their_life(tmp_path: pathlib.Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    api = FakeApi({})
+    vols = [{"name": "t", "projected": {"sources": [{"serviceAccountToken": {"path": "token",
+                                                                             "expirationSeconds": 1000}}]}}]
+    cache: volumes.TokenCache = {}
+    now = [1000.0]
+    monkeypatch.setattr(volumes.time, "time", lambda: now[0])
+    for _ in range(2):
+        asyncio.run(volumes.resolve(_pod_with(vols), api, tmp_path, "", (), cache))
+    assert len(api.posted) == 1
+    now[0] += 801  # past 80 % of 1000 s
+    asyncio.run(volumes.resolve(_pod_with(vols), api, tmp_path, "", (), cache))
+    assert len(api.posted) == 2
