@@ -209,8 +209,11 @@ class _Log:
             line = pipe.readline(MAX_LINE)
             if not line:
                 return
-            full = line.endswith(b"\n")
-            content = line[:-1] if full else line
+            # Partial only when the line was cut at MAX_LINE; a last line without a newline at
+            # EOF is full, as containerd tags them.
+            partial = not line.endswith(b"\n") and len(line) >= MAX_LINE
+            content = line[:-1] if line.endswith(b"\n") else line
+            full = not partial
             entry = rfc3339nano().encode() + b" " + tag + (b" F " if full else b" P ") + content + b"\n"
             with self.lock:
                 self.f.write(entry)

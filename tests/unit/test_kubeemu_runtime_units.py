@@ -304,10 +304,28 @@ def test_projected_tokens_are_reused_until_80_percent_of_their_life(tmp_path: pa
                                                                              "expirationSeconds": 1000}}]}}]
     cache: volumes.TokenCache = {}
     now = [1000.0]
-    monkeypatch.setattr(volumes.time, "time", lambda: now[0])
+    monkeypatch.setattr("kubeemu.runtime.volumes.time.time", lambda: now[0])
     for _ in range(2):
         asyncio.run(volumes.resolve(_pod_with(vols), api, tmp_path, "", (), cache))
     assert len(api.posted) == 1
     now[0] += 801  # past 80 % of 1000 s
     asyncio.run(volumes.resolve(_pod_with(vols), api, tmp_path, "", (), cache))
     assert len(api.posted) == 2
+
+
+def test_cri_log_lines() -> None:
+    import io
+    import re
+
+    from kubeemu.runtime import shim
+
+    out = io.BytesIO()
+    log = shim._Log(out)
+    long = b"x" * (shim.MAX_LINE + 5)
+    log.copy(io.BytesIO(b"one\n\n" + long + b"\nlast"), "stdout")
+    lines = out.getvalue().split(b"\n")[:-1]
+    parsed = [ln.split(b" ", 3) for ln in lines]
+    assert all(re.fullmatch(rb"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z", p[0]) for p in parsed)
+    assert [(p[1], p[2], len(p[3])) for p in parsed] == [
+        (b"stdout", b"F", 3), (b"stdout", b"F", 0), (b"stdout", b"P", shim.MAX_LINE), (b"stdout", b"F", 5),
+        (b"stdout", b"F", 4)]
