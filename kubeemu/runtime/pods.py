@@ -625,7 +625,8 @@ class PodWorker:
                                 "log": str(log_dir / f"{att.index}.log")}
         _write_json(att.dir / "spec.json", spec)
         self._save(cs)
-        shim = [self.rt.python, "-m", "kubeemu.runtime.shim", str(att.dir / "spec.json")]
+        # -S: no site packages (the shim needs only the standard library and kubeemu, on PYTHONPATH).
+        shim = [self.rt.python, "-S", "-m", "kubeemu.runtime.shim", str(att.dir / "spec.json")]
         ns = ["unshare", "--mount", "--uts", "--propagation", "slave", "--"]
         full = [*( ["nsenter", f"--net={self.info.netns_path}", "--"] if self.info.netns_path else []), *ns, *shim]
         with open(att.dir / "shim.log", "ab") as errlog:
