@@ -365,6 +365,12 @@ class PodWorker:
         self._probe_tasks: set[asyncio.Task[None]] = set()
 
     @property
+    def hostname(self) -> str:
+        """``spec.hostname`` or the pod's name, cut to 63 characters as upstream does (a DNS label)."""
+        name = str((self.pod.get("spec") or {}).get("hostname") or self.info.name)
+        return name[:63].rstrip("-.") if len(name) > 63 else name
+
+    @property
     def restart_policy(self) -> str:
         return str((self.pod.get("spec") or {}).get("restartPolicy") or "Always")
 
@@ -395,7 +401,7 @@ class PodWorker:
         _write_json(self.dir / "pod.json", {"namespace": self.info.namespace, "name": self.info.name,
                                             "uid": self.info.uid, "node": self.info.node,
                                             "startedAt": self.started_at})
-        hostname = (self.pod.get("spec") or {}).get("hostname") or self.info.name
+        hostname = self.hostname
         (self.dir / "etc-hostname").write_text(hostname + "\n")
         hosts = ["# Kubernetes-managed hosts file.", "127.0.0.1\tlocalhost",
                  "::1\tlocalhost ip6-localhost ip6-loopback", "fe00::0\tip6-localnet", "fe00::0\tip6-mcastprefix",
@@ -619,7 +625,7 @@ class PodWorker:
         mounts += [{"source": str(self.dir / "etc-hostname"), "target": "/etc/hostname", "readOnly": False},
                    {"source": str(self.dir / "etc-hosts"), "target": "/etc/hosts", "readOnly": False}]
         att.env = envmod.process_env(self.pod, env)
-        spec: dict[str, Any] = {"hostname": (self.pod.get("spec") or {}).get("hostname") or self.info.name,
+        spec: dict[str, Any] = {"hostname": self.hostname,
                                 "rootDir": str(att.dir), "mounts": mounts, "argv": argv, "env": att.env,
                                 "workingDir": cs.spec.get("workingDir") or "/",
                                 "log": str(log_dir / f"{att.index}.log")}
