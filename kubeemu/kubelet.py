@@ -46,7 +46,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import aiohttp
 
@@ -67,6 +67,14 @@ class PodNetwork(Protocol):
     def create(self, node: str, pod_key: str, ip: str) -> str | None: ...
 
     def delete(self, node: str, pod_key: str, ip: str) -> None: ...
+
+
+@runtime_checkable
+class NodeNetworks(Protocol):
+    """Optional part of a ``PodNetwork``: the node's own network namespace, where hostNetwork
+    pods run (without it, a hostNetwork pod gets a pod network like any other)."""
+
+    def node_netns(self, node: str) -> str | None: ...
 
 
 @dataclass
@@ -123,6 +131,7 @@ class LabKubelet:
         self.uids: dict[str, str] = {}  # pod key -> uid of the pod we run under that key
         self.rejected: set[str] = set()  # uids refused admission (Failed; never run)
         self._removing: dict[str, asyncio.Task[None]] = {}  # pod key -> its removal in progress
+        self.host_network: set[str] = set()  # keys of hostNetwork pods (run in their node's namespace)
         self.runtime = Runtime(root, self, poll=poll, events=self.record_event) if root is not None else None
         self._event_tasks: set[asyncio.Task[None]] = set()
         self.api_port = api_port
@@ -286,6 +295,16 @@ class LabKubelet:
                     "phase": "Failed", "reason": refused.reason, "message": refused.message})
                 return
             lab_node.admitted[key] = pod
+        host_network = bool((pod.get("spec") or {}).get("hostNetwork"))
+        node_netns = self.network.node_netns(node) if isinstance(self.network, NodeNetworks) else None
+        if host_network and node_netns is not None:
+            # Upstream: a hostNetwork pod shares its node's network (and hostname); its IP is the node's.
+            self.pods[key] = (node, lab_node.internal_ip)
+            self.uids[key] = uid
+            self.host_network.add(key)
+            self._run(pod, PodInfo(meta["namespace"], meta["name"], uid, node, (lab_node.internal_ip,),
+                                   lab_node.internal_ip, node_netns, host_network=True), lab_node, key)
+            return
         known = status.get("podIP")
         if known:
             ip = str(known)
@@ -304,16 +323,8 @@ class LabKubelet:
         self.pods[key] = (node, ip)
         self.uids[key] = uid
         if self.runtime is not None:
-            info = PodInfo(meta["namespace"], meta["name"], uid, node, (ip,), lab_node.internal_ip, netns)
-
-            async def sink(st: dict[str, Any], ns: str = meta["namespace"], name: str = meta["name"],
-                           k: str = key, n: LabNode = lab_node) -> None:
-                if st.get("phase") in ("Succeeded", "Failed"):
-                    n.admitted.pop(k, None)  # terminal pods no longer hold resources
-                await self._patch_status(ns, name, st)
-
-            self.runtime.start(pod, info, sink)
-            _log.info("pod %s: running on %s with %s (network %s); syncing its containers", key, node, ip, netns)
+            self._run(pod, PodInfo(meta["namespace"], meta["name"], uid, node, (ip,), lab_node.internal_ip, netns),
+                      lab_node, key)
             return
         t = _now()
         conds = [{"type": c, "status": "True", "lastTransitionTime": t}
@@ -329,6 +340,19 @@ class LabKubelet:
 
     def _removed(self, key: str, _task: asyncio.Task[None]) -> None:
         self._removing.pop(key, None)
+
+    def _run(self, pod: dict[str, Any], info: PodInfo, lab_node: LabNode, key: str) -> None:
+        """Hand the pod to the runtime; its status reports are PATCHed."""
+        assert self.runtime is not None
+
+        async def sink(st: dict[str, Any]) -> None:
+            if st.get("phase") in ("Succeeded", "Failed"):
+                lab_node.admitted.pop(key, None)  # terminal pods no longer hold resources
+            await self._patch_status(info.namespace, info.name, st)
+
+        self.runtime.start(pod, info, sink)
+        _log.info("pod %s: running on %s with %s (network %s); syncing its containers", key, info.node,
+                  info.pod_ips[0], info.netns)
 
     async def _delete(self, key: str, uid: str, pod: dict[str, Any], etype: str) -> None:
         """Stop a deleted pod, then (graceful deletion) confirm with ``gracePeriodSeconds=0``."""
@@ -352,6 +376,10 @@ class LabKubelet:
             if grace is None:
                 grace = (pod.get("spec") or {}).get("terminationGracePeriodSeconds", 30)
             await self.runtime.stop(uid, float(grace) if graceful else min(float(grace), 2.0))
+        if key in self.host_network:  # the node's network is not the pod's to remove
+            self.host_network.discard(key)
+            self.pods.pop(key, None)
+            self.uids.pop(key, None)
         if key in self.pods:
             n, ip = self.pods.pop(key)
             self.uids.pop(key, None)

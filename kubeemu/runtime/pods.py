@@ -113,6 +113,7 @@ class PodInfo:
     pod_ips: tuple[str, ...]
     host_ip: str
     netns: str | None  # the network namespace's name under /run/netns (None: the kubelet's own)
+    host_network: bool = False  # runs in its node's namespace and takes the node's name as hostname
 
     @property
     def netns_path(self) -> str | None:
@@ -367,6 +368,8 @@ class PodWorker:
     @property
     def hostname(self) -> str:
         """``spec.hostname`` or the pod's name, cut to 63 characters as upstream does (a DNS label)."""
+        if self.info.host_network:
+            return self.info.node
         name = str((self.pod.get("spec") or {}).get("hostname") or self.info.name)
         return name[:63].rstrip("-.") if len(name) > 63 else name
 

@@ -55,6 +55,15 @@ class NetnsNetwork:
         self.live[pod_key] = ns
         return ns
 
+    def node_netns(self, node: str) -> str:
+        """The node's own namespace (hostNetwork pods), made on first use with the node IP on lo."""
+        ns = f"{self.prefix}-node-{node}"
+        if not pathlib.Path(f"/run/netns/{ns}").exists():
+            subprocess.run(["ip", "netns", "add", ns], check=True)
+            subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+            subprocess.run(["ip", "-n", ns, "addr", "add", f"{NODE_IP}/32", "dev", "lo"], check=True)
+        return ns
+
     def delete(self, node: str, pod_key: str, ip: str) -> None:
         ns = self.live.pop(pod_key, self.name(pod_key))
         subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
@@ -440,3 +449,22 @@ def _children(pid: int) -> list[int]:
     except OSError:
         return []
     return [int(x) for x in text.split()]
+
+
+def test_host_network_pods_run_in_the_nodes_namespace(env: dict[str, Any]) -> None:
+    url = env["url"]
+    k = env["start"]()
+    _http(f"{url}/api/v1/namespaces/default/pods", "POST",
+          _pod("agent", [{"name": "c", "image": "x", "command": ["sleep", "300"]}], hostNetwork=True))
+    wait_until(lambda: _cstatus(url, "agent").get("state", {}).get("running"), 20, "agent running")
+    st = _get(url, "agent")["status"]
+    assert st["podIP"] == NODE_IP and st["hostIP"] == NODE_IP
+    rt: Runtime = k.kubelet.runtime
+    pid = _running_pid(rt, "agent")
+    node_ns = env["net"].node_netns("n1")
+    assert os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(f"/run/netns/{node_ns}").st_ino
+    assert _exec(rt, "agent", ["hostname"]).strip() == "n1"
+    assert "default/agent" not in env["net"].live  # no pod network was made
+    _http(f"{url}/api/v1/namespaces/default/pods/agent", "DELETE")
+    wait_until(lambda: _get(url, "agent").get("code") == 404, 20, "agent deleted")
+    assert pathlib.Path(f"/run/netns/{node_ns}").exists()  # the node's namespace stays
