@@ -12,7 +12,8 @@ resources, ``daemonEndpoints.kubeletEndpoint.Port`` of its HTTP API) and renews 
    addresses the lab reserved for its own static pods);
 3. calls ``PodNetwork.create(node, pod_key, ip)``: the lab creates the pod's network namespace
    on that node (veth, /32 route, proxy ARP: what ``tools/lab`` does for its own pods) and
-   returns its name;
+   returns its name (a ``hostNetwork`` pod instead runs in its node's namespace, with the node's
+   IP, when the network offers ``node_netns``);
 4. with a runtime (``root`` given): hands the pod to :class:`kubeemu.runtime.pods.Runtime`,
    which runs its containers as processes in that namespace and reports the pod's status
    (phase, conditions, containerStatuses) as it changes; the kubelet PATCHes it. Without a
