@@ -12,7 +12,8 @@ resources, ``daemonEndpoints.kubeletEndpoint.Port`` of its HTTP API) and renews 
    addresses the lab reserved for its own static pods);
 3. calls ``PodNetwork.create(node, pod_key, ip)``: the lab creates the pod's network namespace
    on that node (veth, /32 route, proxy ARP: what ``tools/lab`` does for its own pods) and
-   returns its name;
+   returns its name (a ``hostNetwork`` pod instead runs in its node's namespace, with the node's
+   IP, when the network offers ``node_netns``);
 4. with a runtime (``root`` given): hands the pod to :class:`kubeemu.runtime.pods.Runtime`,
    which runs its containers as processes in that namespace and reports the pod's status
    (phase, conditions, containerStatuses) as it changes; the kubelet PATCHes it. Without a
@@ -36,6 +37,7 @@ kubelet re-announces every running pod it finds).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import ipaddress
@@ -45,7 +47,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import aiohttp
 
@@ -66,6 +68,14 @@ class PodNetwork(Protocol):
     def create(self, node: str, pod_key: str, ip: str) -> str | None: ...
 
     def delete(self, node: str, pod_key: str, ip: str) -> None: ...
+
+
+@runtime_checkable
+class NodeNetworks(Protocol):
+    """Optional part of a ``PodNetwork``: the node's own network namespace, where hostNetwork
+    pods run (without it, a hostNetwork pod gets a pod network like any other)."""
+
+    def node_netns(self, node: str) -> str | None: ...
 
 
 @dataclass
@@ -122,7 +132,9 @@ class LabKubelet:
         self.uids: dict[str, str] = {}  # pod key -> uid of the pod we run under that key
         self.rejected: set[str] = set()  # uids refused admission (Failed; never run)
         self._removing: dict[str, asyncio.Task[None]] = {}  # pod key -> its removal in progress
-        self.runtime = Runtime(root, self, poll=poll) if root is not None else None
+        self.host_network: set[str] = set()  # keys of hostNetwork pods (run in their node's namespace)
+        self.runtime = Runtime(root, self, poll=poll, events=self.record_event) if root is not None else None
+        self._event_tasks: set[asyncio.Task[None]] = set()
         self.api_port = api_port
         self.kubelet_port = 0
         self._api_runner: Any = None
@@ -205,6 +217,32 @@ class LabKubelet:
 
     # ---------------------------------------------------------------- pods
 
+    def record_event(self, info: PodInfo, etype: str, reason: str, message: str, container: str | None) -> None:
+        """Post a core/v1 Event about a pod, as the kubelet's event recorder does (in the background)."""
+        self._post_event(info.namespace, info.name, info.uid, info.node, etype, reason, message, container)
+
+    def _post_event(self, ns: str, name: str, uid: str, node: str, etype: str, reason: str, message: str,
+                    container: str | None = None) -> None:
+        now = _now()
+        obj: dict[str, Any] = {"kind": "Pod", "namespace": ns, "name": name, "uid": uid, "apiVersion": "v1"}
+        if container:
+            obj["fieldPath"] = f"spec.containers{{{container}}}"
+        body = {"apiVersion": "v1", "kind": "Event",
+                "metadata": {"name": f"{name}.{time.time_ns():x}", "namespace": ns},
+                "involvedObject": obj, "reason": reason, "message": message, "type": etype,
+                "source": {"component": "kubelet", "host": node}, "firstTimestamp": now, "lastTimestamp": now,
+                "count": 1, "reportingComponent": "kubelet", "reportingInstance": node}
+
+        async def post() -> None:
+            with contextlib.suppress(RuntimeError, aiohttp.ClientError, OSError, ValueError):
+                await self._req("POST", f"/api/v1/namespaces/{ns}/events", body, ok=(201, 404, 409))
+
+        if self._session is None:
+            return
+        t = asyncio.create_task(post())
+        self._event_tasks.add(t)
+        t.add_done_callback(self._event_tasks.discard)
+
     async def _patch_status(self, ns: str, name: str, status: dict[str, Any]) -> None:
         await self._req("PATCH", f"/api/v1/namespaces/{ns}/pods/{name}/status", {"status": status},
                         "application/merge-patch+json", ok=(200, 404))
@@ -215,6 +253,9 @@ class LabKubelet:
         except (RuntimeError, aiohttp.ClientError, OSError, ValueError) as e:  # never stops the kubelet
             meta = pod.get("metadata") or {}
             _log.error("pod %s/%s: %s", meta.get("namespace"), meta.get("name"), e)
+        except Exception:  # a bug shown on one pod must not stop the others: logged with its stack
+            meta = pod.get("metadata") or {}
+            _log.exception("pod %s/%s: unexpected failure", meta.get("namespace"), meta.get("name"))
 
     async def _handle_pod(self, etype: str, pod: dict[str, Any]) -> None:
         meta = pod["metadata"]
@@ -249,10 +290,22 @@ class LabKubelet:
             if refused is not None:
                 self.rejected.add(uid)
                 _log.warning("pod %s: rejected on %s: %s (%s)", key, node, refused.reason, refused.message)
+                self._post_event(meta["namespace"], meta["name"], uid, node, "Warning", refused.reason,
+                                 refused.message.removeprefix("Pod was rejected: "))
                 await self._patch_status(meta["namespace"], meta["name"], {
                     "phase": "Failed", "reason": refused.reason, "message": refused.message})
                 return
             lab_node.admitted[key] = pod
+        host_network = bool((pod.get("spec") or {}).get("hostNetwork"))
+        node_netns = self.network.node_netns(node) if isinstance(self.network, NodeNetworks) else None
+        if host_network and node_netns is not None:
+            # Upstream: a hostNetwork pod shares its node's network (and hostname); its IP is the node's.
+            self.pods[key] = (node, lab_node.internal_ip)
+            self.uids[key] = uid
+            self.host_network.add(key)
+            self._run(pod, PodInfo(meta["namespace"], meta["name"], uid, node, (lab_node.internal_ip,),
+                                   lab_node.internal_ip, node_netns, host_network=True), lab_node, key)
+            return
         known = status.get("podIP")
         if known:
             ip = str(known)
@@ -271,16 +324,8 @@ class LabKubelet:
         self.pods[key] = (node, ip)
         self.uids[key] = uid
         if self.runtime is not None:
-            info = PodInfo(meta["namespace"], meta["name"], uid, node, (ip,), lab_node.internal_ip, netns)
-
-            async def sink(st: dict[str, Any], ns: str = meta["namespace"], name: str = meta["name"],
-                           k: str = key, n: LabNode = lab_node) -> None:
-                if st.get("phase") in ("Succeeded", "Failed"):
-                    n.admitted.pop(k, None)  # terminal pods no longer hold resources
-                await self._patch_status(ns, name, st)
-
-            self.runtime.start(pod, info, sink)
-            _log.info("pod %s: network on %s with %s (%s); starting its containers", key, node, ip, netns)
+            self._run(pod, PodInfo(meta["namespace"], meta["name"], uid, node, (ip,), lab_node.internal_ip, netns),
+                      lab_node, key)
             return
         t = _now()
         conds = [{"type": c, "status": "True", "lastTransitionTime": t}
@@ -296,6 +341,19 @@ class LabKubelet:
 
     def _removed(self, key: str, _task: asyncio.Task[None]) -> None:
         self._removing.pop(key, None)
+
+    def _run(self, pod: dict[str, Any], info: PodInfo, lab_node: LabNode, key: str) -> None:
+        """Hand the pod to the runtime; its status reports are PATCHed."""
+        assert self.runtime is not None
+
+        async def sink(st: dict[str, Any]) -> None:
+            if st.get("phase") in ("Succeeded", "Failed"):
+                lab_node.admitted.pop(key, None)  # terminal pods no longer hold resources
+            await self._patch_status(info.namespace, info.name, st)
+
+        self.runtime.start(pod, info, sink)
+        _log.info("pod %s: running on %s with %s (network %s); syncing its containers", key, info.node,
+                  info.pod_ips[0], info.netns)
 
     async def _delete(self, key: str, uid: str, pod: dict[str, Any], etype: str) -> None:
         """Stop a deleted pod, then (graceful deletion) confirm with ``gracePeriodSeconds=0``."""
@@ -319,6 +377,10 @@ class LabKubelet:
             if grace is None:
                 grace = (pod.get("spec") or {}).get("terminationGracePeriodSeconds", 30)
             await self.runtime.stop(uid, float(grace) if graceful else min(float(grace), 2.0))
+        if key in self.host_network:  # the node's network is not the pod's to remove
+            self.host_network.discard(key)
+            self.pods.pop(key, None)
+            self.uids.pop(key, None)
         if key in self.pods:
             n, ip = self.pods.pop(key)
             self.uids.pop(key, None)
@@ -377,11 +439,15 @@ class LabKubelet:
             return
         from aiohttp import web
 
-        app = kubeletapi.make_app(self.runtime)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", self.api_port)
-        await site.start()
+        try:
+            app = kubeletapi.make_app(self.runtime)
+            runner = web.AppRunner(app)
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", self.api_port)
+            await site.start()
+        except (OSError, RuntimeError, ValueError) as e:  # pods still run; only logs/exec are missing
+            _log.error("kubelet API: cannot serve on 127.0.0.1:%d: %s", self.api_port, e)
+            return
         server = getattr(site, "_server", None)
         sockets = getattr(server, "sockets", None) or []
         self.kubelet_port = sockets[0].getsockname()[1] if sockets else self.api_port
@@ -393,6 +459,10 @@ class LabKubelet:
 
         On cancellation the containers keep running (their shims own them): a restarted kubelet
         adopts them, as containers survive a real kubelet's restart."""
+        # Blocking work (namespaces, spawns, probes, kills waiting out a grace period) runs in
+        # threads; enough of them that pods being stopped never starve pods being started.
+        asyncio.get_running_loop().set_default_executor(
+            concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="kubelet"))
         async with aiohttp.ClientSession() as session:
             self._session = session
             await self._start_api()

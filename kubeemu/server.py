@@ -47,6 +47,7 @@ from kubeemu.controllers import Controllers
 from kubeemu.errors import ApiError
 from kubeemu.objects import DeleteOptions, Event, Obj, Watcher, transition
 from kubeemu.openapi import OpenAPI
+from kubeemu.podprint import pod_restarts, pod_status
 from kubeemu.podproxy import PodProxy, proxied_subresources
 from kubeemu.resources import Registry, ResourceType
 from kubeemu.store import Store
@@ -676,11 +677,10 @@ class EmuServer:
                 return f"{sum(1 for c in cs if c.get('ready'))}/{n}"
 
             def phase(o: Obj) -> str:
-                return "Terminating" if o["metadata"].get("deletionTimestamp") else \
-                    (o.get("status") or {}).get("phase", "Unknown")
+                return pod_status(o)  # upstream printPod: CrashLoopBackOff, Completed, Init:0/1, ...
 
             cols += [("Ready", "string", 0, ready), ("Status", "string", 0, phase),
-                     ("Restarts", "string", 0, lambda o: "0"),
+                     ("Restarts", "string", 0, lambda o: pod_restarts(o, _age)),
                      ("Age", "string", 0, lambda o: _age(o["metadata"].get("creationTimestamp"))),
                      ("IP", "string", 1, lambda o: (o.get("status") or {}).get("podIP") or "<none>"),
                      ("Node", "string", 1, lambda o: (o.get("spec") or {}).get("nodeName") or "<none>")]

@@ -57,7 +57,20 @@ from kubeemu.runtime.probes import ProbeWorker, run_probe
 
 _log = logging.getLogger(__name__)
 
+#: How often a running pod's managed volumes are rewritten from the API (upstream: the kubelet's
+#: sync period, about a minute): ConfigMap/Secret updates and renewed tokens reach containers.
+VOLUME_RESYNC_S = 60.0
+
+#: Why an exited container that will run again is waiting (its exit shows as lastState meanwhile).
+_WAITING_AGAIN = ("CrashLoopBackOff", "CreateContainerConfigError", "CreateContainerError")
+
 StatusSink = Callable[[dict[str, Any]], Awaitable[None]]
+#: ``(pod, type, reason, message, container)``: record an Event about the pod (never blocks).
+EventSink = Callable[["PodInfo", str, str, str, "str | None"], None]
+
+
+def _no_events(info: PodInfo, etype: str, reason: str, message: str, container: str | None) -> None:
+    return None
 
 
 def _rfc3339(t: float | None = None) -> str:
@@ -81,8 +94,11 @@ def _read_json(p: pathlib.Path) -> dict[str, Any] | None:
 
 
 def _write_json(p: pathlib.Path, obj: dict[str, Any]) -> None:
+    """Atomically, readable by root only (a container's spec holds its environment: secrets)."""
     tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_text(json.dumps(obj))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(obj))
     tmp.replace(p)
 
 
@@ -97,6 +113,7 @@ class PodInfo:
     pod_ips: tuple[str, ...]
     host_ip: str
     netns: str | None  # the network namespace's name under /run/netns (None: the kubelet's own)
+    host_network: bool = False  # runs in its node's namespace and takes the node's name as hostname
 
     @property
     def netns_path(self) -> str | None:
@@ -120,6 +137,8 @@ class Attempt:
     probes: dict[str, ProbeWorker] = field(default_factory=dict)
     killing: bool = False
     probing: bool = False  # its probe loops are started
+    announced: bool = False  # its Started event is recorded
+    env: dict[str, str] = field(default_factory=dict)  # the process environment (exec gets it too)
 
     @property
     def running(self) -> bool:
@@ -147,8 +166,10 @@ class ContainerState:
 class Runtime:
     """Every pod this kubelet runs; also the :class:`ContainerAccess` for the kubelet API."""
 
-    def __init__(self, root: pathlib.Path, api: volumes.Api, poll: float = 1.0, python: str = sys.executable) -> None:
+    def __init__(self, root: pathlib.Path, api: volumes.Api, poll: float = 1.0, python: str = sys.executable,
+                 events: EventSink = _no_events) -> None:
         self.root = pathlib.Path(root)
+        self.events = events
         self.api = api
         self.poll = poll
         self.python = python
@@ -187,6 +208,9 @@ class Runtime:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await w.task
         g = grace if grace is not None else float((w.pod.get("spec") or {}).get("terminationGracePeriodSeconds", 30))
+        for cs in w.containers.values():
+            if cs.current is not None and cs.current.running:
+                w._event("Normal", "Killing", f"Stopping container {cs.name}", cs.name)
         await loop.run_in_executor(None, w.kill_all, g)
         await loop.run_in_executor(None, self.cleanup_dirs, uid)
 
@@ -282,8 +306,7 @@ class Runtime:
         att = cs.current
         if att is None or not att.running or not procs.same(att.pid, att.start):
             raise LookupError(f'container "{container}" in pod "{pod}" is not running')
-        spec = _read_json(att.dir / "spec.json") or {}
-        envs = [f"{k}={v}" for k, v in (spec.get("env") or {}).items()]
+        envs = [f"{k}={v}" for k, v in att.env.items()]
         return ["nsenter", f"--target={att.pid}", "--net", "--mount", "--uts", "--root", "--wd", "--",
                 "env", "-i", *envs, *command]
 
@@ -329,12 +352,26 @@ class PodWorker:
             for c in spec.get(key) or []:
                 self.containers[c["name"]] = ContainerState(dict(c), init, self.dir / "containers" / c["name"])
         self.volumes: list[volumes.Volume] | None = None
+        self.volumes_at = 0.0
+        self.tokens: volumes.TokenCache = {}
         self.volume_error = ""
-        self.started_at = _rfc3339()
-        self.transitions: dict[str, tuple[str, str]] = {}
+        status = pod.get("status") or {}
+        # What an earlier kubelet reported stays: start time and condition transition times.
+        self.started_at = str(status.get("startTime") or _rfc3339())
+        self.transitions: dict[str, tuple[str, str]] = {
+            c["type"]: (c.get("status", ""), c.get("lastTransitionTime") or _rfc3339())
+            for c in status.get("conditions") or [] if c.get("type")}
         self.last_status: str = ""
         self.phase = "Pending"
         self._probe_tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def hostname(self) -> str:
+        """``spec.hostname`` or the pod's name, cut to 63 characters as upstream does (a DNS label)."""
+        if self.info.host_network:
+            return self.info.node
+        name = str((self.pod.get("spec") or {}).get("hostname") or self.info.name)
+        return name[:63].rstrip("-.") if len(name) > 63 else name
 
     @property
     def restart_policy(self) -> str:
@@ -367,7 +404,7 @@ class PodWorker:
         _write_json(self.dir / "pod.json", {"namespace": self.info.namespace, "name": self.info.name,
                                             "uid": self.info.uid, "node": self.info.node,
                                             "startedAt": self.started_at})
-        hostname = (self.pod.get("spec") or {}).get("hostname") or self.info.name
+        hostname = self.hostname
         (self.dir / "etc-hostname").write_text(hostname + "\n")
         hosts = ["# Kubernetes-managed hosts file.", "127.0.0.1\tlocalhost",
                  "::1\tlocalhost ip6-localhost ip6-loopback", "fe00::0\tip6-localnet", "fe00::0\tip6-mcastprefix",
@@ -399,6 +436,12 @@ class PodWorker:
                 cur.exit = {"exitCode": 137, "reason": "Error", "finishedAt": _rfc3339(),
                             "startedAt": cur.started_at, "message": "the container's shim is gone"}
             if cur is not None and cur.running:
+                # Probes start over (readiness is unknown again, as after a real kubelet's restart),
+                # timed from when the container really started.
+                age = max(0.0, time.time() - _parse_rfc3339(cur.started_at))
+                cur.started_mono = time.monotonic() - age
+                self._make_probes(cs, cur)
+                cur.announced = True
                 _log.info("pod %s/%s: adopted container %s (pid %d, attempt %d)", self.info.namespace,
                           self.info.name, cs.name, cur.pid, cur.index)
 
@@ -409,6 +452,7 @@ class PodWorker:
         cont = _read_json(d / "container.json") or {}
         att.pid, att.start, att.started_at = int(cont.get("pid", 0)), cont.get("start"), cont.get("startedAt", "")
         att.exit = _read_json(d / "exit.json")
+        att.env = dict((_read_json(d / "spec.json") or {}).get("env") or {})
         att.started_mono = time.monotonic()
         return att
 
@@ -423,18 +467,26 @@ class PodWorker:
 
     async def sync(self) -> None:
         loop = asyncio.get_running_loop()
-        if self.volumes is None:
+        if self.volumes is None or time.monotonic() - self.volumes_at > VOLUME_RESYNC_S:
             try:
-                vols = await volumes.resolve(self.pod, self.rt.api, self.dir, self.info.host_ip, self.info.pod_ips)
+                vols = await volumes.resolve(self.pod, self.rt.api, self.dir, self.info.host_ip, self.info.pod_ips,
+                                             self.tokens)
                 await loop.run_in_executor(None, volumes.apply, vols)
                 self.volumes = vols
                 self.volume_error = ""
             except volumes.VolumePending as e:
                 if str(e) != self.volume_error:
                     _log.warning("pod %s/%s: %s", self.info.namespace, self.info.name, e)
+                    self._event("Warning", "FailedMount", str(e))
                 self.volume_error = str(e)
+            self.volumes_at = time.monotonic()  # running pods keep their last good content meanwhile
         if self.volumes is not None and self.phase not in ("Succeeded", "Failed"):
             await loop.run_in_executor(None, self._poll_attempts)
+            for cs in self.containers.values():
+                if cs.current is not None and cs.current.pid > 0 and not cs.current.announced:
+                    cs.current.announced = True
+                    if cs.current.exit is None or cs.current.exit.get("reason") != "StartError":
+                        self._event("Normal", "Started", f"Started container {cs.name}", cs.name)
             await self._drive()
             self._run_probes()
         await self._report()
@@ -502,34 +554,47 @@ class PodWorker:
             key, now = self._key(cs), time.time()
             if self.rt.backoff.is_in_backoff_since(key, finished, now):
                 delay = self.rt.backoff.get(key)
+                if cs.waiting[0] != "CrashLoopBackOff":
+                    self._event("Warning", "BackOff", f"Back-off restarting failed container {cs.name} in pod "
+                                f"{self.info.name}_{self.info.namespace}({self.info.uid})", cs.name)
                 cs.waiting = ("CrashLoopBackOff", f"back-off {delay:g}s restarting failed container={cs.name} "
                               f"pod={self.info.name}_{self.info.namespace}({self.info.uid})")
                 return
-            self.rt.backoff.next(key, now)
-            cs.last = att
-            cs.restart_count += 1
-        await self._start(cs)
+        await self._start(cs, restart=att is not None)
 
-    async def _start(self, cs: ContainerState) -> None:
-        """Start attempt ``cs.restart_count`` of the container through a new shim."""
+    async def _start(self, cs: ContainerState, restart: bool) -> None:
+        """Start the container's next attempt through a new shim. Its configuration is built
+        first: when that fails (``CreateContainerConfigError``) nothing is counted, so the
+        restart count and back-off only move for attempts that really start."""
         loop = asyncio.get_running_loop()
         try:
             objects = await self._env_objects(cs.spec)
             env = envmod.build_env(self.pod, cs.spec, objects, self.info.host_ip, self.info.pod_ips)
         except envmod.ConfigError as e:
+            if cs.waiting != ("CreateContainerConfigError", str(e)):
+                self._event("Warning", "Failed", f"Error: {e}", cs.name)
             cs.waiting = ("CreateContainerConfigError", str(e))
-            cs.current = None if cs.current is not None and cs.current.exit is None else cs.current
             return
         argv = envmod.command_line(cs.spec, env)
-        att = Attempt(cs.restart_count, cs.dir / str(cs.restart_count))
+        index = cs.restart_count + 1 if restart else cs.restart_count
+        att = Attempt(index, cs.dir / str(index))
+        if restart:
+            cs.restart_count = index
+            self.rt.backoff.next(self._key(cs), time.time())  # before the spawn saves it in state.json
         try:
             await loop.run_in_executor(None, self._spawn, cs, att, env, argv)
         except (OSError, volumes.VolumePending) as e:
             _log.error("pod %s/%s: container %s did not start: %s", self.info.namespace, self.info.name, cs.name, e)
+            if restart:
+                cs.restart_count -= 1
             cs.waiting = ("CreateContainerError", str(e))
+            self._event("Warning", "Failed", f"Error: {e}", cs.name)
             return
+        if restart:
+            cs.last = cs.current
         cs.current = att
         cs.waiting = ("ContainerCreating", "")
+        self._event("Normal", "Created", f"Created container {cs.name}", cs.name)
 
     async def _env_objects(self, spec: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any] | None]:
         ns = self.info.namespace
@@ -562,13 +627,15 @@ class PodWorker:
         mounts = [m.to_json() for m in volumes.container_mounts(cs.spec, self.volumes)]
         mounts += [{"source": str(self.dir / "etc-hostname"), "target": "/etc/hostname", "readOnly": False},
                    {"source": str(self.dir / "etc-hosts"), "target": "/etc/hosts", "readOnly": False}]
-        spec = {"hostname": (self.pod.get("spec") or {}).get("hostname") or self.info.name,
-                "rootDir": str(att.dir), "mounts": mounts, "argv": argv,
-                "env": envmod.process_env(self.pod, env), "workingDir": cs.spec.get("workingDir") or "/",
-                "log": str(log_dir / f"{att.index}.log")}
+        att.env = envmod.process_env(self.pod, env)
+        spec: dict[str, Any] = {"hostname": self.hostname,
+                                "rootDir": str(att.dir), "mounts": mounts, "argv": argv, "env": att.env,
+                                "workingDir": cs.spec.get("workingDir") or "/",
+                                "log": str(log_dir / f"{att.index}.log")}
         _write_json(att.dir / "spec.json", spec)
         self._save(cs)
-        shim = [self.rt.python, "-m", "kubeemu.runtime.shim", str(att.dir / "spec.json")]
+        # -S: no site packages (the shim needs only the standard library and kubeemu, on PYTHONPATH).
+        shim = [self.rt.python, "-S", "-m", "kubeemu.runtime.shim", str(att.dir / "spec.json")]
         ns = ["unshare", "--mount", "--uts", "--propagation", "slave", "--"]
         full = [*( ["nsenter", f"--net={self.info.netns_path}", "--"] if self.info.netns_path else []), *ns, *shim]
         with open(att.dir / "shim.log", "ab") as errlog:
@@ -600,6 +667,8 @@ class PodWorker:
                 if bad is not None and bad.result is False and not att.killing:
                     _log.info("pod %s/%s: container %s failed %s probe (%s), will be restarted", self.info.namespace,
                               self.info.name, cs.name, kind, bad.message)
+                    self._event("Normal", "Killing",
+                                f"Container {cs.name} failed {kind} probe, will be restarted", cs.name)
                     att.killing = True
                     grace = float(bad.probe.get("terminationGracePeriodSeconds")
                                   or (self.pod.get("spec") or {}).get("terminationGracePeriodSeconds", 30))
@@ -634,7 +703,10 @@ class PodWorker:
             prefix = self.rt.exec_argv(self.info.namespace, self.info.name, cs.name, [])
         ok, msg = await asyncio.get_running_loop().run_in_executor(
             None, run_probe, pw.probe, cs.spec, ip, self.info.netns_path, prefix)
+        before = pw.result
         pw.record(ok, msg)
+        if not ok and before is not False and att.running:
+            self._event("Warning", "Unhealthy", f"{pw.kind.capitalize()} probe failed: {msg}", cs.name)
 
     # ---------------------------------------------------------------- killing
 
@@ -673,7 +745,7 @@ class PodWorker:
         prev = cs.last if cs.last is not att else None
         last: dict[str, Any] = {"terminated": self._terminated(prev)} if prev is not None and prev.exit else {}
         if att is not None and att.exit is not None:
-            if cs.waiting[0] == "CrashLoopBackOff" and not cs.done:
+            if cs.waiting[0] in _WAITING_AGAIN and not cs.done:
                 state: dict[str, Any] = {"waiting": {"reason": cs.waiting[0], "message": cs.waiting[1]}}
                 last = {"terminated": self._terminated(att)}
             else:
@@ -787,9 +859,13 @@ class PodWorker:
                               "startTime": self.started_at, "qosClass": _qos(self.pod)}
         if inits:
             st["initContainerStatuses"] = inits
-        if self.volume_error and self.volumes is None:
-            st["message"] = self.volume_error
         return st
+
+    def _event(self, etype: str, reason: str, message: str, container: str | None = None) -> None:
+        try:
+            self.rt.events(self.info, etype, reason, message, container)
+        except Exception:  # events are best effort; they never stop a pod
+            _log.exception("pod %s/%s: recording event %s failed", self.info.namespace, self.info.name, reason)
 
     async def _report(self) -> None:
         st = self.status()

@@ -5,24 +5,26 @@ The kubelet execs it as ``nsenter --net=/run/netns/POD -- unshare --mount --uts 
 network namespace and a new mount and UTS namespace of its own (nothing forks in the kubelet).
 In that order it:
 
-1. drops its copies of ``/run/netns`` mounts (a copy would keep other pods' network namespaces
-   alive after ``ip netns del``);
-2. sets the hostname (the pod's name) in its UTS namespace;
-3. builds the container's root: an overlay whose lower layer is the host root and whose upper
+1. sets the hostname (the pod's name) in its UTS namespace;
+2. builds the container's root: an overlay whose lower layer is the host root and whose upper
    layer is a tmpfs (the container's writable layer: it never writes the host's files), with the
    host's top-level mounts (``/proc``, ``/sys``, ``/dev``, ...) bound in, except ``/run`` and
    ``/tmp``, which are fresh tmpfs (the container's own, as an image's);
-4. binds each volume at its ``mountPath`` (creating the mount point in the writable layer,
+3. binds each volume at its ``mountPath`` (creating the mount point in the writable layer,
    symlinks resolved inside the container root, never on the host),
    read-only ones remounted read-only, and the pod's ``hostname``/``hosts`` files over
    ``/etc/hostname`` and ``/etc/hosts``;
-5. opens the CRI log file, chroots into the root, starts the container process (stdin
+4. opens the CRI log file, pivots into the root (``pivot_root``, the old root detached: the
+   namespace keeps no copy of the host's mounts, such as another pod's ``/run/netns`` entry that
+   would keep its network namespace alive), starts the container process (stdin
    ``/dev/null``, stdout/stderr pipes) and records its PID + start time in ``container.json``;
-6. copies each pipe line by line into the log in the CRI format containerd writes
+5. copies each pipe line by line into the log in the CRI format containerd writes
    (``<RFC3339Nano> <stdout|stderr> <F|P> <content>``; ``P`` for a partial line split at 16 KiB);
-7. on exit writes ``exit.json`` (exit code, 128+signal when killed, ``finishedAt``) and exits.
+6. on exit writes ``exit.json`` (exit code, 128+signal when killed, ``finishedAt``) and exits.
 
-SIGTERM/SIGINT to the shim are forwarded to the container process. The shim is not the
+SIGTERM/SIGINT to the shim are forwarded to the container process. When the container's main
+process exits, whatever is left in its process group is killed (there is no PID namespace; a
+container's other processes end with its PID 1 upstream). The shim is not the
 kubelet's child once the kubelet restarts: it keeps the pipes and the log, so a container
 outlives its kubelet, and the new kubelet finds it from ``shim.json``/``container.json``.
 """
@@ -30,6 +32,7 @@ outlives its kubelet, and the new kubelet finds it from ``shim.json``/``containe
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
 import json
 import os
@@ -67,16 +70,42 @@ def start_time(pid: int) -> int | None:
 
 def _write_json(dirfd: int, name: str, obj: dict[str, Any]) -> None:
     tmp = f".{name}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644, dir_fd=dirfd)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600, dir_fd=dirfd)
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f)
     os.rename(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
 
 
-def _run(argv: list[str]) -> None:
-    res = subprocess.run(argv, capture_output=True, text=True, check=False)
+_libc = ctypes.CDLL(None, use_errno=True)
+MS_RDONLY, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 32, 4096, 16384, 1 << 18
+MNT_DETACH = 2
+
+
+def mount(source: str, target: str | Path, fstype: str | None = None, flags: int = 0, data: str | None = None) -> None:
+    """mount(2) itself: one system call, where the ``mount`` program would be a process per mount."""
+    if _libc.mount(source.encode(), str(target).encode(), fstype.encode() if fstype else None, ctypes.c_ulong(flags),
+                   data.encode() if data else None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount {source} on {target} ({fstype or 'bind'}, flags {flags:#x}): {os.strerror(err)}")
+
+
+def detach(target: str | Path) -> bool:
+    """umount2(MNT_DETACH): lazily unmount ``target`` (and so everything mounted below it)."""
+    return bool(_libc.umount2(str(target).encode(), MNT_DETACH) == 0)
+
+
+def pivot_root(new_root: Path) -> None:
+    """Make ``new_root`` the mount namespace's root and drop the old one (runc's ``pivot_root(".", ".")``):
+    afterwards the namespace holds only the container's mounts, no copy of the host's (a copy of
+    a ``/run/netns`` entry would keep another pod's network namespace alive)."""
+    os.chdir(new_root)
+    res = subprocess.run(["pivot_root", ".", "."], capture_output=True, text=True, check=False)
     if res.returncode != 0:
-        raise OSError(f"{' '.join(argv)}: {res.stderr.strip() or res.returncode}")
+        raise OSError(f"pivot_root {new_root}: {res.stderr.strip() or res.returncode}")
+    if not detach("."):
+        err = ctypes.get_errno()
+        raise OSError(err, f"detaching the old root: {os.strerror(err)}")
+    os.chdir("/")
 
 
 def _top_mounts() -> list[str]:
@@ -138,35 +167,32 @@ PRIVATE_DIRS = {"/run": "mode=0755", "/tmp": "mode=1777"}
 
 
 def build_root(spec: dict[str, Any]) -> Path:
-    """Steps 1-4 of the module docstring; returns the container's root directory."""
-    subprocess.run(["umount", "-R", "-l", "/run/netns"], capture_output=True, check=False)
+    """Steps 1-4 of the module docstring; returns the container's root directory (not yet pivoted)."""
     socket.sethostname(spec["hostname"])
     state = Path(spec["rootDir"])
     rw, root = state / "rw", state / "root"
     rw.mkdir(parents=True, exist_ok=True)
     root.mkdir(parents=True, exist_ok=True)
-    _run(["mount", "-t", "tmpfs", "-o", "mode=0755", "kubeemu-rw", str(rw)])
+    mount("kubeemu-rw", rw, "tmpfs", 0, "mode=0755")
     (rw / "upper").mkdir()
     (rw / "work").mkdir()
-    _run(["mount", "-t", "overlay", "kubeemu-root", "-o",
-          f"lowerdir=/,upperdir={rw / 'upper'},workdir={rw / 'work'}", str(root)])
+    mount("kubeemu-root", root, "overlay", 0, f"lowerdir=/,upperdir={rw / 'upper'},workdir={rw / 'work'}")
     for mp in _top_mounts():
-        if mp.startswith(str(state)) or mp in PRIVATE_DIRS:
-            continue
+        if mp.startswith(str(state)) or any(mp == d or mp.startswith(d + "/") for d in PRIVATE_DIRS):
+            continue  # never the host's /run (its netns entries would pin other pods' namespaces) nor /tmp
         dest = root / mp.lstrip("/")
         if not dest.is_dir() or dest.is_symlink():
             continue
-        _run(["mount", "--rbind", mp, str(dest)])
+        mount(mp, dest, None, MS_BIND | MS_REC)
     for d, opts in PRIVATE_DIRS.items():
         dest = root / d.lstrip("/")
         if dest.is_dir() and not dest.is_symlink():
-            _run(["mount", "-t", "tmpfs", "-o", opts, "kubeemu-" + d.strip("/"), str(dest)])
-    subprocess.run(["umount", "-R", "-l", str(root / "run" / "netns")], capture_output=True, check=False)
+            mount("kubeemu-" + d.strip("/"), dest, "tmpfs", 0, opts)
     for m in spec.get("mounts", []):
         dest = _make_target(root, m["target"], m["source"])
-        _run(["mount", "--bind", m["source"], str(dest)])
+        mount(m["source"], dest, None, MS_BIND)
         if m.get("readOnly"):
-            _run(["mount", "-o", "remount,bind,ro", str(dest)])
+            mount("none", dest, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
     return root
 
 
@@ -183,8 +209,11 @@ class _Log:
             line = pipe.readline(MAX_LINE)
             if not line:
                 return
-            full = line.endswith(b"\n")
-            content = line[:-1] if full else line
+            # Partial only when the line was cut at MAX_LINE; a last line without a newline at
+            # EOF is full, as containerd tags them.
+            partial = not line.endswith(b"\n") and len(line) >= MAX_LINE
+            content = line[:-1] if line.endswith(b"\n") else line
+            full = not partial
             entry = rfc3339nano().encode() + b" " + tag + (b" F " if full else b" P ") + content + b"\n"
             with self.lock:
                 self.f.write(entry)
@@ -200,13 +229,19 @@ def main(argv: list[str] | None = None) -> int:
     started = rfc3339nano()
     try:
         root = build_root(spec)
-        os.chroot(root)
+        pivot_root(root)
         cwd = spec.get("workingDir") or "/"
         os.makedirs(cwd, exist_ok=True)  # runc creates a missing working directory too
         os.chdir(cwd)
         proc = subprocess.Popen(spec["argv"], env=spec["env"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, start_new_session=True)
     except (OSError, subprocess.SubprocessError) as e:
+        if isinstance(e, FileNotFoundError) and spec["argv"] and "/" not in spec["argv"][0]:
+            e = OSError(f'exec: "{spec["argv"][0]}": executable file not found in $PATH')  # runc's words
+        elif isinstance(e, FileNotFoundError) and spec["argv"]:
+            e = OSError(f'exec: "{spec["argv"][0]}": stat {spec["argv"][0]}: no such file or directory')
+        e = OSError(f"failed to create containerd task: failed to create shim task: OCI runtime create failed: "
+                    f"runc create failed: unable to start container process: {e}: unknown")
         log.f.write(f"{rfc3339nano()} stderr F kubeemu shim: {e}\n".encode())
         log.f.close()
         _write_json(dirfd, "exit.json", {"exitCode": 128, "reason": "StartError", "startedAt": started,
@@ -232,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
             break
         except InterruptedError:
             continue
+    # The container ends with its main process, as a container's processes end with its PID 1:
+    # what it left in its process group (the container's session) is killed.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
     for t in threads:
         t.join(2.0)
     code = 128 - rc if rc < 0 else rc

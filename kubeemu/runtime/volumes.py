@@ -130,7 +130,24 @@ def placeholder_token(ns: str, sa: str, audience: list[str], seconds: int, pod: 
     return f"{b64({'alg': 'none', 'typ': 'JWT'})}.{b64(claims)}."
 
 
-async def _token(api: Api, pod: Mapping[str, Any], src: Mapping[str, Any]) -> str:
+#: Projected tokens already fetched: (pod uid, audience, expirationSeconds) -> (token, renew after).
+TokenCache = dict[tuple[str, str, int], tuple[str, float]]
+
+
+async def _token(api: Api, pod: Mapping[str, Any], src: Mapping[str, Any], cache: TokenCache | None = None) -> str:
+    """The token for a ``serviceAccountToken`` projection: from ``cache`` until 80 % of its
+    lifetime has passed (upstream's token manager renews then), else a new TokenRequest."""
+    meta = pod.get("metadata") or {}
+    key = (str(meta.get("uid", "")), str(src.get("audience") or ""), int(src.get("expirationSeconds") or 3600))
+    if cache is not None and key in cache and time.time() < cache[key][1]:
+        return cache[key][0]
+    token = await _request_token(api, pod, src)
+    if cache is not None:
+        cache[key] = (token, time.time() + 0.8 * key[2])
+    return token
+
+
+async def _request_token(api: Api, pod: Mapping[str, Any], src: Mapping[str, Any]) -> str:
     meta = pod.get("metadata") or {}
     ns = meta.get("namespace", "default")
     sa = (pod.get("spec") or {}).get("serviceAccountName") or "default"
@@ -153,8 +170,9 @@ async def _token(api: Api, pod: Mapping[str, Any], src: Mapping[str, Any]) -> st
 
 
 async def resolve(pod: Mapping[str, Any], api: Api, pod_dir: Path, host_ip: str,
-                  pod_ips: tuple[str, ...]) -> list[Volume]:
-    """Every volume of ``pod`` with its host path and content; raises :class:`VolumePending`."""
+                  pod_ips: tuple[str, ...], tokens: TokenCache | None = None) -> list[Volume]:
+    """Every volume of ``pod`` with its host path and content; raises :class:`VolumePending`.
+    Called again periodically, it yields updated ConfigMap/Secret contents and renewed tokens."""
     ns = (pod.get("metadata") or {}).get("namespace", "default")
     cache: dict[tuple[str, str], dict[str, Any] | None] = {}
 
@@ -168,14 +186,14 @@ async def resolve(pod: Mapping[str, Any], api: Api, pod_dir: Path, host_ip: str,
     for v in (pod.get("spec") or {}).get("volumes") or []:
         name = v.get("name", "")
         try:
-            out.append(await _resolve_one(pod, api, pod_dir, host_ip, pod_ips, v, obj))
+            out.append(await _resolve_one(pod, api, pod_dir, host_ip, pod_ips, v, obj, tokens))
         except VolumePending as e:
             raise VolumePending(f'MountVolume.SetUp failed for volume "{name}" : {e}') from e
     return out
 
 
 async def _resolve_one(pod: Mapping[str, Any], api: Api, pod_dir: Path, host_ip: str, pod_ips: tuple[str, ...],
-                       v: Mapping[str, Any], obj: Any) -> Volume:
+                       v: Mapping[str, Any], obj: Any, tokens: TokenCache | None = None) -> Volume:
     name = v.get("name", "")
     ns = (pod.get("metadata") or {}).get("namespace", "default")
     if "emptyDir" in v:
@@ -197,7 +215,7 @@ async def _resolve_one(pod: Mapping[str, Any], api: Api, pod_dir: Path, host_ip:
         for s in src.get("sources") or []:
             if "serviceAccountToken" in s:
                 t = s["serviceAccountToken"] or {}
-                files[t.get("path", "token")] = ((await _token(api, pod, t)).encode(), mode)
+                files[t.get("path", "token")] = ((await _token(api, pod, t, tokens)).encode(), mode)
             elif "configMap" in s or "secret" in s:
                 kind, key = ("ConfigMap", "configMap") if "configMap" in s else ("Secret", "secret")
                 ref = (s[key] or {}).get("name", "")

@@ -55,6 +55,15 @@ class NetnsNetwork:
         self.live[pod_key] = ns
         return ns
 
+    def node_netns(self, node: str) -> str:
+        """The node's own namespace (hostNetwork pods), made on first use with the node IP on lo."""
+        ns = f"{self.prefix}-node-{node}"
+        if not pathlib.Path(f"/run/netns/{ns}").exists():
+            subprocess.run(["ip", "netns", "add", ns], check=True)
+            subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+            subprocess.run(["ip", "-n", ns, "addr", "add", f"{NODE_IP}/32", "dev", "lo"], check=True)
+        return ns
+
     def delete(self, node: str, pod_key: str, ip: str) -> None:
         ns = self.live.pop(pod_key, self.name(pod_key))
         subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
@@ -135,6 +144,11 @@ def _cstatus(url: str, name: str, container: str = "c") -> dict[str, Any]:
     return {}
 
 
+def _events(url: str, pod: str) -> list[tuple[str, str, str]]:
+    items = _http(f"{url}/api/v1/namespaces/default/events")["items"]
+    return [(e["type"], e["reason"], e["message"]) for e in items if e["involvedObject"]["name"] == pod]
+
+
 def _running_pid(rt: Runtime, name: str, container: str = "c") -> int:
     w = rt._find("default", name)
     cs = w.containers[container] if w else None
@@ -185,6 +199,10 @@ def test_container_runs_in_pod_namespaces_with_volumes_env_and_hostname(env: dic
     assert os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(f"/run/netns/{ns}").st_ino
     assert os.stat(f"/proc/{pid}/ns/mnt").st_ino != os.stat("/proc/self/ns/mnt").st_ino
     assert os.stat(f"/proc/{pid}/ns/uts").st_ino != os.stat("/proc/self/ns/uts").st_ino
+    # The container's mount namespace holds no copy of the host's /run/netns entries (they would keep
+    # other pods' network namespaces alive) and no host /run at all.
+    mounts = pathlib.Path(f"/proc/{pid}/mountinfo").read_text()
+    assert [ln for ln in mounts.splitlines() if " nsfs " in ln or "/run/netns" in ln] == []
     assert _exec(rt, "web", ["cat", "/etc/hostname"]).strip() == "web"
     assert _exec(rt, "web", ["hostname"]).strip() == "web"
     assert _exec(rt, "web", ["cat", "/etc/cfg/g.txt"]) == "hello"
@@ -232,6 +250,10 @@ def test_restart_backoff_exit_codes_and_previous_log(env: dict[str, Any]) -> Non
     assert term["exitCode"] == 3 and term["reason"] == "Error" and term["finishedAt"]
     assert _get(url, "crash")["status"]["phase"] == "Running"  # restartPolicy Always
     rt: Runtime = k.kubelet.runtime
+    backoff = ("Warning", "BackOff", f"Back-off restarting failed container c in pod crash_default("
+               f"{_get(url, 'crash')['metadata']['uid']})")
+    wait_until(lambda: backoff in _events(url, "crash"), 10, "a BackOff event")
+    assert ("Normal", "Started", "Started container c") in _events(url, "crash")
     prev = rt.log_path("default", "crash", "c", previous=True)
     assert prev.read_text().split(" ", 3)[3] == "attempt\n"
     # restartPolicy Never: exit 0 -> Succeeded; OnFailure with exit 1 -> restarted
@@ -266,6 +288,8 @@ def test_probes_drive_ready_and_liveness_restarts(env: dict[str, Any]) -> None:
     assert {c["type"]: c["status"] for c in _get(url, "probe")["status"]["conditions"]}["Ready"] == "True"
     _exec(rt, "probe", ["rm", "/srv-x/ready.txt"])
     wait_until(lambda: _cstatus(url, "probe").get("ready") is False, 20, "probe unready again")
+    unhealthy = ("Warning", "Unhealthy", "Readiness probe failed: HTTP probe failed with statuscode: 404")
+    wait_until(lambda: unhealthy in _events(url, "probe"), 10, "an Unhealthy event")
     # Liveness (tcpSocket on a port nobody listens on) restarts the container.
     live = {"name": "c", "image": "x", "command": ["sleep", "300"],
             "livenessProbe": {"tcpSocket": {"port": 9}, "periodSeconds": 1, "failureThreshold": 2}}
@@ -283,7 +307,8 @@ def test_kubelet_restart_adopts_processes(env: dict[str, Any]) -> None:
     url = env["url"]
     k1 = env["start"]()
     _http(f"{url}/api/v1/namespaces/default/pods", "POST",
-          _pod("keep", [{"name": "c", "image": "x", "command": ["sleep", "300"]}]))
+          _pod("keep", [{"name": "c", "image": "x", "command": ["sleep", "300"],
+                         "readinessProbe": {"exec": {"command": ["true"]}, "periodSeconds": 1}}]))
     _http(f"{url}/api/v1/namespaces/default/pods", "POST",
           _pod("crashy", [{"name": "c", "image": "x", "command": ["sh", "-c", "exit 1"]}]))
     wait_until(lambda: _cstatus(url, "keep").get("state", {}).get("running"), 20, "keep running")
@@ -296,6 +321,14 @@ def test_kubelet_restart_adopts_processes(env: dict[str, Any]) -> None:
     restarts = _cstatus(url, "crashy")["restartCount"]
     k2 = env["start"]()
     wait_until(lambda: _running_pid(k2.kubelet.runtime, "keep") == pid, 20, "keep adopted with the same PID")
+    def probed_ready() -> bool:
+        w = k2.kubelet.runtime._find("default", "keep")
+        cur = w.containers["c"].current if w else None
+        probe = cur.probes.get("readiness") if cur else None
+        return probe is not None and probe.result is True
+
+    wait_until(probed_ready, 20, "keep's readiness probed again by the new kubelet")
+    wait_until(lambda: _cstatus(url, "keep").get("ready") is True, 10, "keep Ready")
     assert _get(url, "keep")["metadata"]["uid"] == uid
     time.sleep(0)  # nothing to wait for: the adoption above is the assertion
     assert len(list((env["root"] / "pods" / uid / "containers" / "c").glob("[0-9]*"))) == 1  # no second copy
@@ -321,6 +354,9 @@ def test_admission_rejects_what_does_not_fit(env: dict[str, Any]) -> None:
     _http(f"{url}/api/v1/namespaces/default/pods", "POST", _pod("b", [big]))
     st = wait_until(lambda: (p := _get(url, "b"))["status"].get("phase") == "Failed" and p["status"], 20, "b Failed")
     assert st["reason"] == "OutOfcpu"
+    rejected = ("Warning", "OutOfcpu", "Node didn't have enough resource: cpu, requested: 1500, used: 1500, "
+                "capacity: 2000")
+    wait_until(lambda: rejected in _events(url, "b"), 10, "an OutOfcpu event")
     assert st["message"] == ("Pod was rejected: Node didn't have enough resource: cpu, requested: 1500, used: 1500, "
                              "capacity: 2000")
     small = {"name": "c", "image": "x"}
@@ -348,8 +384,10 @@ def test_pvc_waits_until_bound_then_mounts_the_pv_and_init_containers_run_first(
                volumes=[{"name": "data", "persistentVolumeClaim": {"claimName": "claim"}},
                         {"name": "tok", "projected": {"sources": [{"serviceAccountToken": {"path": "token"}}]}}])
     _http(f"{url}/api/v1/namespaces/default/pods", "POST", pod)
-    st = wait_until(lambda: (p := _get(url, "db"))["status"].get("message") and p["status"], 20, "db waiting on PVC")
-    assert st["phase"] == "Pending" and 'persistentvolumeclaim "claim" is not bound' in st["message"]
+    ev = wait_until(lambda: [e for e in _events(url, "db") if e[1] == "FailedMount"], 20, "db waiting on its PVC")
+    assert ev[0] == ("Warning", "FailedMount", 'MountVolume.SetUp failed for volume "data" : persistentvolumeclaim '
+                     '"claim" is not bound')
+    assert _get(url, "db")["status"]["phase"] == "Pending"
     assert _cstatus(url, "db")["state"]["waiting"]["reason"] in ("ContainerCreating", "PodInitializing")
     _http(f"{url}/api/v1/persistentvolumes", "POST",
           {"metadata": {"name": "pv1"}, "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
@@ -368,3 +406,65 @@ def test_pvc_waits_until_bound_then_mounts_the_pv_and_init_containers_run_first(
     token = _exec(rt, "db", ["cat", "/var/run/secrets/kubernetes.io/serviceaccount/token"])
     assert token.count(".") == 2  # a JWT (TokenRequest, or the unsigned placeholder without that endpoint)
     assert pathlib.Path("/run/secrets").exists() == host_run_secrets  # the mount point was made in the container
+
+
+def test_start_and_config_errors_are_reported_as_upstream(env: dict[str, Any]) -> None:
+    url = env["url"]
+    env["start"]()
+    _http(f"{url}/api/v1/namespaces/default/pods", "POST",
+          _pod("nocmd", [{"name": "c", "image": "x", "command": ["no-such-binary-kubeemu"]}], restartPolicy="Never"))
+    wait_until(lambda: _get(url, "nocmd")["status"].get("phase") == "Failed", 20, "nocmd Failed")
+    term = _cstatus(url, "nocmd")["state"]["terminated"]
+    assert term["exitCode"] == 128 and term["reason"] == "StartError"
+    assert 'exec: "no-such-binary-kubeemu": executable file not found in $PATH' in term["message"]
+    cfg = {"name": "c", "image": "x", "command": ["sleep", "300"],
+           "env": [{"name": "V", "valueFrom": {"configMapKeyRef": {"name": "later", "key": "k"}}}]}
+    _http(f"{url}/api/v1/namespaces/default/pods", "POST", _pod("needscm", [cfg]))
+    st = wait_until(lambda: (s := _cstatus(url, "needscm")).get("state", {}).get("waiting", {}).get("reason")
+                    == "CreateContainerConfigError" and s, 20, "needscm waiting for its ConfigMap")
+    assert st["state"]["waiting"]["message"] == 'configmap "later" not found' and st["restartCount"] == 0
+    _http(f"{url}/api/v1/namespaces/default/configmaps", "POST", {"metadata": {"name": "later"}, "data": {"k": "v"}})
+    wait_until(lambda: _cstatus(url, "needscm").get("state", {}).get("running"), 20, "needscm running")
+    assert _cstatus(url, "needscm")["restartCount"] == 0
+
+
+def test_a_containers_children_end_with_it(env: dict[str, Any]) -> None:
+    url = env["url"]
+    k = env["start"]()
+    _http(f"{url}/api/v1/namespaces/default/pods", "POST",
+          _pod("tree", [{"name": "c", "image": "x", "command": ["sh", "-c", "sleep 301 & sleep 302 & wait"]}]))
+    wait_until(lambda: _cstatus(url, "tree").get("state", {}).get("running"), 20, "tree running")
+    rt: Runtime = k.kubelet.runtime
+    pid = _running_pid(rt, "tree")
+    children = wait_until(lambda: len(c := _children(pid)) == 2 and c, 10, "two children of the container's sh")
+    starts = {c: procs.start_time(c) for c in children}
+    _http(f"{url}/api/v1/namespaces/default/pods/tree", "DELETE")
+    wait_until(lambda: _get(url, "tree").get("code") == 404, 20, "tree deleted")
+    assert not any(procs.same(c, s) for c, s in starts.items())
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = pathlib.Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(x) for x in text.split()]
+
+
+def test_host_network_pods_run_in_the_nodes_namespace(env: dict[str, Any]) -> None:
+    url = env["url"]
+    k = env["start"]()
+    _http(f"{url}/api/v1/namespaces/default/pods", "POST",
+          _pod("agent", [{"name": "c", "image": "x", "command": ["sleep", "300"]}], hostNetwork=True))
+    wait_until(lambda: _cstatus(url, "agent").get("state", {}).get("running"), 20, "agent running")
+    st = _get(url, "agent")["status"]
+    assert st["podIP"] == NODE_IP and st["hostIP"] == NODE_IP
+    rt: Runtime = k.kubelet.runtime
+    pid = _running_pid(rt, "agent")
+    node_ns = env["net"].node_netns("n1")
+    assert os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(f"/run/netns/{node_ns}").st_ino
+    assert _exec(rt, "agent", ["hostname"]).strip() == "n1"
+    assert "default/agent" not in env["net"].live  # no pod network was made
+    _http(f"{url}/api/v1/namespaces/default/pods/agent", "DELETE")
+    wait_until(lambda: _get(url, "agent").get("code") == 404, 20, "agent deleted")
+    assert pathlib.Path(f"/run/netns/{node_ns}").exists()  # the node's namespace stays

@@ -118,3 +118,54 @@ def test_lab_kubelet_runs_and_removes_pods() -> None:
             loop.call_soon_threadsafe(task.cancel)
             t.join(5)
             loop.close()
+
+
+def test_lab_kubelet_reports_capacity_and_rejects_what_does_not_fit() -> None:
+    net = FakeNetwork()
+    with ServerThread(name="kl2", graceful_pods=True) as srv:
+        nodes = [LabNode("e1", "198.18.0.11", ("10.10.1.0/24",), resources={"cpu": "1", "pods": 2})]
+        kubelet = LabKubelet(srv.url, nodes, net, renew_interval=1.0)
+        loop = asyncio.new_event_loop()
+        task = loop.create_task(kubelet.run())
+
+        def drive() -> None:
+            with contextlib.suppress(asyncio.CancelledError):
+                loop.run_until_complete(task)
+
+        t = threading.Thread(target=drive, daemon=True)
+        t.start()
+        try:
+            node = wait_until(lambda: (n := _http(srv.url + "/api/v1/nodes/e1")).get("kind") == "Node" and n, 5,
+                              "Node e1 registered")
+            assert node["status"]["capacity"] == {"cpu": "1", "ephemeral-storage": "50Gi", "memory": "8Gi",
+                                                  "pods": "2"}
+            assert node["status"]["allocatable"] == node["status"]["capacity"]
+
+            def pod(name: str, cpu: str) -> dict[str, Any]:
+                return {"metadata": {"name": name}, "spec": {"nodeName": "e1", "containers": [
+                    {"name": "c", "image": "x", "resources": {"requests": {"cpu": cpu}}}]}}
+
+            def phase(name: str) -> str:
+                return str(_http(f"{srv.url}/api/v1/namespaces/default/pods/{name}")["status"].get("phase", ""))
+
+            _http(srv.url + "/api/v1/namespaces/default/pods", "POST", pod("a", "600m"))
+            wait_until(lambda: phase("a") == "Running", 5, "a Running")
+            _http(srv.url + "/api/v1/namespaces/default/pods", "POST", pod("b", "600m"))
+            wait_until(lambda: phase("b") == "Failed", 5, "b rejected")
+            b = _http(f"{srv.url}/api/v1/namespaces/default/pods/b")["status"]
+            assert b["reason"] == "OutOfcpu" and "requested: 600, used: 600, capacity: 1000" in b["message"]
+            assert "default/b" not in net.live  # a rejected pod gets no network
+            _http(srv.url + "/api/v1/namespaces/default/pods", "POST", pod("c", "100m"))
+            wait_until(lambda: phase("c") == "Running", 5, "c Running")
+            _http(srv.url + "/api/v1/namespaces/default/pods", "POST", pod("d", "0"))
+            wait_until(lambda: phase("d") == "Failed", 5, "d rejected")
+            assert _http(f"{srv.url}/api/v1/namespaces/default/pods/d")["status"]["reason"] == "OutOfpods"
+            # Deleting a pod frees its share: the next one fits.
+            _http(srv.url + "/api/v1/namespaces/default/pods/a", "DELETE")
+            wait_until(lambda: _http(srv.url + "/api/v1/namespaces/default/pods/a").get("code") == 404, 5, "a gone")
+            _http(srv.url + "/api/v1/namespaces/default/pods", "POST", pod("e", "800m"))
+            wait_until(lambda: phase("e") == "Running", 5, "e Running")
+        finally:
+            loop.call_soon_threadsafe(task.cancel)
+            t.join(5)
+            loop.close()

@@ -216,3 +216,116 @@ def test_mount_targets_resolve_symlinks_inside_the_container_root(tmp_path: path
     assert resolve_in_root(root, "/var/run/secrets/x") == root / "run" / "secrets" / "x"
     assert resolve_in_root(root, "/etc/up/y") == root / "outside" / "y"  # '..' stops at the root
     assert resolve_in_root(root, "/../../a") == root / "a"
+
+
+def _worker(tmp_path: pathlib.Path, policy: str, init: bool = False) -> Any:
+    from kubeemu.runtime.pods import PodInfo, PodWorker, Runtime
+
+    spec: dict[str, Any] = {"restartPolicy": policy, "containers": [{"name": "a"}, {"name": "b"}]}
+    if init:
+        spec["initContainers"] = [{"name": "i"}]
+    pod = {"metadata": {"name": "p", "namespace": "ns", "uid": "u"}, "spec": spec, "status": {}}
+
+    async def sink(_st: dict[str, Any]) -> None:
+        return None
+
+    rt = Runtime(tmp_path, FakeApi({}))
+    w = PodWorker(rt, pod, PodInfo("ns", "p", "u", "n1", ("10.0.0.5",), "198.18.0.1", None), sink)
+    w.volumes = []
+    return w
+
+
+def _set(w: Any, name: str, state: str, code: int = 0, done: bool = False) -> None:
+    from kubeemu.runtime.pods import Attempt
+
+    cs = w.containers[name]
+    att = Attempt(0, pathlib.Path("/nonexistent"), pid=1, started_at="2026-01-01T00:00:00Z")
+    if state == "exited":
+        att.exit = {"exitCode": code, "reason": "Completed" if code == 0 else "Error",
+                    "startedAt": "2026-01-01T00:00:00Z", "finishedAt": "2026-01-01T00:00:01Z"}
+    cs.current = att
+    cs.done = done
+
+
+@pytest.mark.parametrize(("policy", "a", "b", "phase"), [
+    ("Always", ("running", 0, False), ("running", 0, False), "Running"),
+    ("Always", ("exited", 1, False), ("running", 0, False), "Running"),
+    ("Never", ("exited", 0, True), ("exited", 0, True), "Succeeded"),
+    ("Never", ("exited", 0, True), ("exited", 2, True), "Failed"),
+    ("OnFailure", ("exited", 0, True), ("exited", 1, False), "Running"),
+    ("OnFailure", ("exited", 0, True), ("exited", 0, True), "Succeeded"),
+    ("Always", ("running", 0, False), ("waiting", 0, False), "Pending"),
+])
+def test_pod_phase_as_upstream_get_phase(tmp_path: pathlib.Path, policy: str, a: tuple[str, int, bool],
+                                         b: tuple[str, int, bool], phase: str) -> None:
+    w = _worker(tmp_path, policy)
+    for name, (state, code, done) in (("a", a), ("b", b)):
+        if state != "waiting":
+            _set(w, name, state, code, done)
+    st = w.status()
+    assert st["phase"] == phase
+    conds = {c["type"]: c for c in st["conditions"]}
+    if phase in ("Succeeded", "Failed"):
+        assert conds["Ready"]["status"] == "False" and conds["Ready"]["reason"] == "PodCompleted"
+
+
+def test_status_conditions_and_init_containers(tmp_path: pathlib.Path) -> None:
+    w = _worker(tmp_path, "Always", init=True)
+    st = w.status()
+    assert st["phase"] == "Pending"
+    conds = {c["type"]: c for c in st["conditions"]}
+    assert conds["Initialized"]["status"] == "False"
+    assert conds["Initialized"]["message"] == "containers with incomplete status: [i]"
+    assert [s["state"]["waiting"]["reason"] for s in st["containerStatuses"]] == ["PodInitializing"] * 2
+    _set(w, "i", "exited", 0, done=True)
+    _set(w, "a", "running")
+    _set(w, "b", "running")
+    st = w.status()
+    conds = {c["type"]: c for c in st["conditions"]}
+    assert st["phase"] == "Running" and conds["Initialized"]["status"] == "True"
+    assert conds["Ready"]["status"] == "True" and conds["ContainersReady"]["status"] == "True"
+    assert st["initContainerStatuses"][0]["state"]["terminated"]["reason"] == "Completed"
+    assert st["podIP"] == "10.0.0.5" and st["hostIP"] == "198.18.0.1" and st["qosClass"] == "BestEffort"
+    # A crash-looping container: waiting CrashLoopBackOff, its exit as lastState, pod not Ready.
+    _set(w, "b", "exited", 3)
+    w.containers["b"].waiting = ("CrashLoopBackOff", "back-off 10s restarting failed container=b pod=p_ns(u)")
+    st = w.status()
+    b = st["containerStatuses"][1]
+    assert b["state"]["waiting"]["reason"] == "CrashLoopBackOff" and b["lastState"]["terminated"]["exitCode"] == 3
+    conds = {c["type"]: c for c in st["conditions"]}
+    assert conds["Ready"]["status"] == "False" and conds["Ready"]["message"] == "containers with unready status: [b]"
+    assert st["phase"] == "Running"
+
+
+def test_projected_tokens_are_reused_until_80_percent_of_their_life(tmp_path: pathlib.Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    api = FakeApi({})
+    vols = [{"name": "t", "projected": {"sources": [{"serviceAccountToken": {"path": "token",
+                                                                             "expirationSeconds": 1000}}]}}]
+    cache: volumes.TokenCache = {}
+    now = [1000.0]
+    monkeypatch.setattr("kubeemu.runtime.volumes.time.time", lambda: now[0])
+    for _ in range(2):
+        asyncio.run(volumes.resolve(_pod_with(vols), api, tmp_path, "", (), cache))
+    assert len(api.posted) == 1
+    now[0] += 801  # past 80 % of 1000 s
+    asyncio.run(volumes.resolve(_pod_with(vols), api, tmp_path, "", (), cache))
+    assert len(api.posted) == 2
+
+
+def test_cri_log_lines() -> None:
+    import io
+    import re
+
+    from kubeemu.runtime import shim
+
+    out = io.BytesIO()
+    log = shim._Log(out)
+    long = b"x" * (shim.MAX_LINE + 5)
+    log.copy(io.BytesIO(b"one\n\n" + long + b"\nlast"), "stdout")
+    lines = out.getvalue().split(b"\n")[:-1]
+    parsed = [ln.split(b" ", 3) for ln in lines]
+    assert all(re.fullmatch(rb"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z", p[0]) for p in parsed)
+    assert [(p[1], p[2], len(p[3])) for p in parsed] == [
+        (b"stdout", b"F", 3), (b"stdout", b"F", 0), (b"stdout", b"P", shim.MAX_LINE), (b"stdout", b"F", 5),
+        (b"stdout", b"F", 4)]

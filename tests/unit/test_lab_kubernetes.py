@@ -212,3 +212,22 @@ def test_servers_and_kubelets_start_record_and_stop(lab_root: Path, tmp_path: Pa
         lab.commands._down_locked("kfx", lab.load_state("kfx"), lambda _m: None)
     assert not any(r.running() for r in recs)
     assert not lab.state_dir("kfx").exists()
+
+
+def test_node_resources_reach_the_kubelet_and_create_names_the_netns(
+    lab_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text = TOPO.replace("{name: e1, pods: 2}", "{name: e1, pods: 2, resources: {cpu: '2', example.com/gpu: 1}}")
+    st = lab.plan("kfx", _topo(tmp_path, text))
+    lab.save_state(st)
+    back = lab.load_state("kfx")
+    assert back is not None and back.clusters[0].nodes[0].resources == {"cpu": "2", "example.com/gpu": "1"}
+    (e1,) = kubelet_lab.lab_nodes(back.clusters[0])
+    assert e1.capacity == {"cpu": 2000, "memory": 8 * 2**30, "pods": 110, "ephemeral-storage": 50 * 2**30,
+                           "example.com/gpu": 1}
+    assert kubelet_lab.lab_nodes(back.clusters[1])[0].resources == {}
+    monkeypatch.setattr(lab, "add_pod", lambda n, p: None)
+    net = kubelet_lab.LabPodNetwork(back.clusters[0])
+    assert net.create("e1", "default/web", "10.10.0.4") == lab.kube_pod(back.clusters[0].nodes[0], "default/web",
+                                                                         "10.10.0.4").netns
+    assert kubelet_lab.kubelet_root(back.state_dir, "east") == back.state_dir / "kubelet-east"

@@ -54,6 +54,10 @@ class LabPodNetwork:
         lab.add_pod(n, pod)
         return pod.netns
 
+    def node_netns(self, node: str) -> str:
+        """``kubeemu.kubelet.NodeNetworks``: where hostNetwork pods of ``node`` run."""
+        return self._node(node).netns
+
     def delete(self, node: str, pod_key: str, ip: str) -> None:
         n = self._node(node)
         lab.remove_pod(n, lab.kube_pod(n, pod_key, ip))
