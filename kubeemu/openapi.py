@@ -27,10 +27,15 @@ Where the schemas come from, in order:
    extension. Built on every request, so a CRD change shows at once (the hash in the index
    changes with the content, which is what clients cache by).
 
-No ``paths`` are published: kubectl then does not assume server-side field validation for
-built-in kinds (kubeemu does it for custom resources only), as before.
-``/openapi/v2`` carries the same definitions in JSON; in protobuf (what kubectl asks for) it is
-still the minimal document of :mod:`kubeemu.server` (kubectl 1.32 uses v3 for explain).
+Paths: each kind's read operations (get, list) and its PATCH, with the
+``x-kubernetes-group-version-kind`` kubectl explain finds the kind by, and ``fieldValidation``
+among PATCH's parameters: kubectl then leaves unknown fields to the server, which drops them for
+built-in kinds (:func:`prune_unknown`, used by :mod:`kubeemu.server`; Strict refuses them with
+upstream's ``strict decoding error: unknown field "spec.foo"``) and for custom resources
+(:mod:`kubeemu.schema`). Other operations are not published.
+``/openapi/v2`` carries the same definitions and paths in JSON; in protobuf (what kubectl's
+client-side validation asks for, unused while server-side validation is advertised) it is still
+the minimal document of :mod:`kubeemu.server`.
 """
 
 from __future__ import annotations
@@ -242,6 +247,25 @@ def crd_definitions(crd: dict[str, Any]) -> dict[tuple[str, str, str], dict[str,
     return out
 
 
+# kubectl (1.32) sends fieldValidation=Strict and skips its own client-side schema check when the
+# PATCH operation of a kind lists this parameter: kubeemu checks unknown fields server-side for
+# built-in kinds (kubeemu.openapi.prune_unknown) and custom resources (kubeemu.schema).
+_FIELD_VALIDATION_PARAM = {
+    "name": "fieldValidation",
+    "in": "query",
+    "description": "fieldValidation instructs the server on how to handle objects in the request (POST/PUT/PATCH) "
+    "containing unknown or duplicate fields. Valid values are: - Ignore: This will ignore any unknown fields that "
+    "are silently dropped from the object, and will ignore all but the last duplicate field that the decoder "
+    "encounters. This is the default behavior prior to v1.23. - Warn: This will send a warning via the standard "
+    "warning response header for each unknown field that is dropped from the object, and for each duplicate field "
+    "that is encountered. The request will still succeed if there are no other errors, and will only persist the "
+    "last of any duplicate fields. This is the default in v1.23+ - Strict: This will fail the request with a "
+    "BadRequest error if any unknown fields would be dropped from the object, or if any duplicate fields are "
+    "present. The error returned from the server will contain all unknown and duplicate fields encountered.",
+    "schema": {"type": "string", "uniqueItems": True},
+}
+
+
 def _read_paths(rt: ResourceType, version: str, kinds: dict[str, tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     """The read operations (get, list) of one kind, as upstream publishes them: kubectl explain
     finds a resource's kind through the ``x-kubernetes-group-version-kind`` of these operations."""
@@ -278,9 +302,13 @@ def _read_paths(rt: ResourceType, version: str, kinds: dict[str, tuple[str, dict
             out[f"{prefix}/{rt.plural}"] = op("list", rt.list_kind, f"list or watch objects of kind {rt.kind}", [])
     if rt.kind in kinds:
         for base in scope:
-            out[f"{base}/{rt.plural}/{{name}}"] = op(
-                "get", rt.kind, f"read the specified {rt.kind}", [*ns_params, "name"]
-            )
+            item = op("get", rt.kind, f"read the specified {rt.kind}", [*ns_params, "name"])
+            patch = copy.deepcopy(item["get"])
+            patch.update(description=f"partially update the specified {rt.kind}", operationId=f"patch{rt.kind}")
+            patch["x-kubernetes-action"] = "patch"
+            patch["parameters"].append(copy.deepcopy(_FIELD_VALIDATION_PARAM))
+            item["patch"] = patch
+            out[f"{base}/{rt.plural}/{{name}}"] = item
     return out
 
 
@@ -388,6 +416,11 @@ class OpenAPI:
                 paths[gv] = {"serverRelativeURL": f"/openapi/v3/{gv}?hash={found[1]}"}
         return {"paths": paths}
 
+    def kind_schema(self, rt: ResourceType, version: str) -> dict[str, Any] | None:
+        """The v2 definition of a built-in kind (None: not known), for field validation."""
+        found = self._kind_defs(rt, version, {}).get(rt.kind) if rt.builtin else None
+        return found[1] if found is not None else None
+
     def v2_document(self) -> dict[str, Any]:
         """The whole v2 document (JSON): all definitions, the same read paths in v2 form."""
         defs, paths = self.definitions()
@@ -396,14 +429,76 @@ class OpenAPI:
                 op["produces"] = ["application/json"]
                 schema = op["responses"]["200"]["content"]["application/json"]["schema"]
                 op["responses"] = {"200": {"description": "OK", "schema": schema}}
-                for param in op["parameters"]:
-                    param["type"] = param.pop("schema")["type"]
+                op["parameters"] = [
+                    {**{k: v for k, v in p.items() if k != "schema"}, "type": p["schema"]["type"]}
+                    for p in op["parameters"]
+                ]
         return {
             "swagger": "2.0",
             "info": {"title": "Kubernetes", "version": "v1.32.0"},
             "paths": paths,
             "definitions": defs,
         }
+
+
+def _resolve(schema: Any) -> dict[str, Any]:
+    """Follow ``$ref`` (v2 form) through the built-in definitions, and later versions' for kinds
+    the v1.32 set lacks; an ``allOf`` of one is its member."""
+    seen = 0
+    while isinstance(schema, dict) and seen < 32:
+        seen += 1
+        ref = schema.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/definitions/"):
+            name = ref[len("#/definitions/") :]
+            target = builtin_definitions().get(name)
+            for later in _LATER_VERSIONS:
+                if target is not None:
+                    break
+                target = _later_definitions(later).get(name)
+            schema = target if target is not None else {}
+            continue
+        all_of = schema.get("allOf")
+        if isinstance(all_of, list) and len(all_of) == 1 and "properties" not in schema:
+            schema = all_of[0]
+            continue
+        return schema
+    return schema if isinstance(schema, dict) else {}
+
+
+def _field(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def prune_unknown(value: Any, schema: Any, path: str = "", patch: bool = False) -> list[str]:
+    """Drop, in place, the fields of ``value`` its schema does not declare (what decoding a
+    built-in kind into its Go type does), returning their paths (``spec.containers[0].foo``).
+    In a strategic merge patch the ``$``-directives (``$patch``, ``$setElementOrder/...``) are
+    kept. Objects without ``properties`` (``RawExtension``, free-form maps) take anything."""
+    dropped: list[str] = []
+    _prune(value, schema, path, patch, dropped)
+    return dropped
+
+
+def _prune(value: Any, schema: Any, path: str, patch: bool, dropped: list[str]) -> None:
+    s = _resolve(schema)
+    if isinstance(value, dict):
+        props = s.get("properties")
+        extra = s.get("additionalProperties")
+        if isinstance(props, dict):
+            for key in list(value):
+                if patch and key.startswith("$"):
+                    continue
+                if key not in props:
+                    dropped.append(_field(path, key))
+                    del value[key]
+                    continue
+                _prune(value[key], props[key], _field(path, key), patch, dropped)
+        elif isinstance(extra, dict):
+            for key, item in value.items():
+                _prune(item, extra, _field(path, key), patch, dropped)
+    elif isinstance(value, list) and isinstance(s.get("items"), dict):
+        for i, item in enumerate(value):
+            _prune(item, s["items"], f"{path}[{i}]", patch, dropped)
 
 
 def document_hash(doc: Any) -> str:

@@ -7,17 +7,19 @@ Paths served (answers are JSON; a client that accepts only protobuf gets 406 and
   offered: clients asking for it fall back to these legacy documents, as with an old server.
 - ``/openapi/v3`` (index and one document per group-version) and ``/openapi/v2`` in JSON: the
   upstream schemas of the built-in kinds and the CRDs' ``openAPIV3Schema`` (:mod:`kubeemu.openapi`),
-  what ``kubectl explain`` reads. ``/openapi/v2`` in protobuf (kubectl's client-side validation
-  asks for it) is an empty but well-formed document: with no schemas that validation has nothing
-  to check and passes, and server-side field validation is not advertised (no ``paths``).
+  what ``kubectl explain`` reads, and the ``fieldValidation`` parameter that makes kubectl leave
+  unknown fields to the server: built-in kinds' unknown fields are dropped as upstream's decoding
+  does (Strict: 400 ``strict decoding error``; Warn: a ``Warning`` each). ``/openapi/v2`` in
+  protobuf (kubectl's client-side validation asks for it) is an empty but well-formed document.
 - ``pods/log`` and ``pods/exec`` are proxied to the node's kubelet (:mod:`kubeemu.podproxy`);
   protobuf request bodies (kubectl's typed clients) are decoded by :mod:`kubeemu.protobuf`.
 - resources: ``/api/v1/...`` and ``/apis/G/V/...``, namespaced
   (``namespaces/NS/PLURAL[/NAME[/SUB]]``) or not, plus the legacy ``watch/`` prefix; verbs by
   method and the ``watch`` query parameter. ``Accept: ...;as=Table`` gets a server-side Table
   (what ``kubectl get`` prints). Custom resources are pruned and validated against their CRD's
-  schema on every write (:mod:`kubeemu.schema`); ``fieldValidation=Strict`` refuses unknown
-  fields (400), otherwise each pruned field gets a ``Warning`` header, as upstream.
+  schema on every write (:mod:`kubeemu.schema`), built-in kinds pruned against their upstream
+  OpenAPI schema (:mod:`kubeemu.openapi`); ``fieldValidation=Strict`` refuses unknown fields
+  (400), otherwise each pruned field gets a ``Warning`` header, as upstream.
 - ``/healthz``, ``/livez``, ``/readyz``.
 - ``/_kubeemu/...``: the admin endpoint for tests (faults, dropping or expiring watches,
   compacting the watch log, stats). Not part of the Kubernetes API.
@@ -32,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import calendar
 import contextlib
+import contextvars
 import json
 import logging
 import re
@@ -46,7 +49,7 @@ from kubeemu import errors, protobuf, schema, selectors
 from kubeemu.controllers import Controllers
 from kubeemu.errors import ApiError
 from kubeemu.objects import DeleteOptions, Event, Obj, Watcher, transition
-from kubeemu.openapi import OpenAPI
+from kubeemu.openapi import OpenAPI, prune_unknown
 from kubeemu.podproxy import PodProxy, proxied_subresources
 from kubeemu.resources import Registry, ResourceType
 from kubeemu.store import Store
@@ -81,6 +84,11 @@ def _pb_string(field_no: int, value: bytes) -> bytes:
 
 # openapi_v2.Document{swagger: "2.0", info: {title: "Kubernetes", version: "v1.32.0"}}, hand-encoded
 _OPENAPI_V2_PB = _pb_string(1, b"2.0") + _pb_string(2, _pb_string(1, b"Kubernetes") + _pb_string(2, b"v1.32.0"))
+
+
+#: The target whose request body is checked for unknown fields (built-in kinds' writes), set by
+#: ``_resource`` around one request; read where the body is decoded.
+_FIELD_CHECK: contextvars.ContextVar[Target | None] = contextvars.ContextVar("field_check", default=None)
 
 
 def _decode_protobuf(raw: bytes) -> Any:
@@ -336,15 +344,39 @@ class EmuServer:
             return None
         ctype = request.headers.get("Content-Type", "")
         if ctype.startswith(protobuf.CONTENT_TYPE):
-            return _decode_protobuf(raw)
+            return self._check_fields(_decode_protobuf(raw), ctype)
         try:
             if "yaml" in ctype:
                 import yaml  # only server-side apply sends YAML; keep it out of the idle footprint
 
-                return yaml.safe_load(raw)
-            return json.loads(raw)
+                return self._check_fields(yaml.safe_load(raw), ctype)
+            return self._check_fields(json.loads(raw), ctype)
         except ValueError as e:
             raise errors.bad_request(f"the body of the request could not be decoded: {e}") from None
+
+    def _check_fields(self, body: Any, ctype: str) -> Any:
+        """Unknown fields of a built-in kind's body are dropped, as decoding into the Go type does
+        upstream; ``fieldValidation=Strict`` refuses them instead, Warn (the default) adds a
+        ``Warning`` each. Custom resources are checked by the store against their CRD's schema."""
+        target = _FIELD_CHECK.get()
+        if target is None or not isinstance(body, dict) or "json-patch" in ctype:
+            return body
+        kind_schema = self.openapi.kind_schema(target.rt, target.version)
+        if kind_schema is None:
+            return body
+        dropped = prune_unknown(body, kind_schema, patch="strategic-merge-patch" in ctype)
+        if dropped:
+            unknown = ", ".join(f'unknown field "{d}"' for d in dropped)
+            mode = schema.FIELD_VALIDATION.get()
+            if mode == "Strict":
+                kind, version = target.rt.kind, target.version
+                raise errors.bad_request(
+                    f'{kind} in version "{version}" cannot be handled as a {kind}: strict decoding error: {unknown}'
+                )
+            sink = schema.PRUNED.get()
+            if sink is not None and mode != "Ignore":
+                sink.extend(dropped)
+        return body
 
     def _out(self, t: Target, obj: Obj) -> Obj:
         """Present a stored object through the requested version (CRD conversion None)."""
@@ -372,11 +404,14 @@ class EmuServer:
             return await proxy(request, t.namespace or "", t.name)
         pruned: list[str] = []
         tokens = (schema.FIELD_VALIDATION.set(request.query.get("fieldValidation", "")), schema.PRUNED.set(pruned))
+        checked = t.rt.builtin and t.sub in (None, "status") and request.method in ("POST", "PUT", "PATCH")
+        field_check = _FIELD_CHECK.set(t if checked else None)
         try:
             resp = await self._resource_inner(request, t)
         finally:
             schema.FIELD_VALIDATION.reset(tokens[0])
             schema.PRUNED.reset(tokens[1])
+            _FIELD_CHECK.reset(field_check)
         for path in pruned:
             resp.headers.add("Warning", f'299 - "unknown field \\"{path}\\""')
         return resp
