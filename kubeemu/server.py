@@ -1,6 +1,8 @@
 """The HTTP face of one emulated cluster: kube-apiserver's REST paths over aiohttp.
 
-Paths served (answers are JSON; a client that accepts only protobuf gets 406 and falls back):
+Paths served (answers are JSON, or Kubernetes protobuf for built-in kinds when the client's Accept
+lists protobuf first, as kubectl's typed clients do; custom resources have no protobuf form, and a
+client that accepts nothing else gets 406):
 
 - discovery: ``/version``, ``/api``, ``/api/v1``, ``/apis``, ``/apis/G``, ``/apis/G/V`` (a trailing
   slash is ignored everywhere). Aggregated discovery (``as=APIGroupDiscoveryList``) is not
@@ -84,6 +86,40 @@ def _pb_string(field_no: int, value: bytes) -> bytes:
 
 # openapi_v2.Document{swagger: "2.0", info: {title: "Kubernetes", version: "v1.32.0"}}, hand-encoded
 _OPENAPI_V2_PB = _pb_string(1, b"2.0") + _pb_string(2, _pb_string(1, b"Kubernetes") + _pb_string(2, b"v1.32.0"))
+
+
+#: Whether this request's answer is protobuf (its Accept lists protobuf first and the resource is
+#: a built-in kind): set while dispatching, applied by the middleware and the watch stream.
+_OUT_PROTOBUF: contextvars.ContextVar[bool] = contextvars.ContextVar("out_protobuf", default=False)
+
+
+def _negotiate(accept: str) -> tuple[str, bool]:
+    """(the first acceptable media type of ``Accept``: "protobuf", "json" or "", whether JSON is
+    acceptable at all). YAML is answered with JSON, which is YAML."""
+    first = ""
+    json_ok = not accept.strip()
+    for part in accept.split(","):
+        media = part.split(";")[0].strip().lower()
+        if media == protobuf.CONTENT_TYPE:
+            first = first or "protobuf"
+        elif "json" in media or "yaml" in media or media in ("*/*", "application/*"):
+            first = first or "json"
+            json_ok = True
+    return first or ("json" if json_ok else ""), json_ok
+
+
+def _as_protobuf(resp: web.StreamResponse) -> web.StreamResponse:
+    """A JSON answer re-encoded as Kubernetes protobuf (objects, lists, Status), headers kept."""
+    if not isinstance(resp, web.Response) or resp.content_type != _JSON or not isinstance(resp.body, bytes):
+        return resp
+    obj = json.loads(resp.body)
+    if not isinstance(obj, dict) or protobuf.message_for(obj.get("apiVersion", ""), obj.get("kind", "")) is None:
+        return resp
+    out = web.Response(body=protobuf.encode(obj), status=resp.status, content_type=protobuf.CONTENT_TYPE)
+    for k, v in resp.headers.items():
+        if k.lower() not in ("content-type", "content-length"):
+            out.headers.add(k, v)
+    return out
 
 
 #: The target whose request body is checked for unknown fields (built-in kinds' writes), set by
@@ -226,10 +262,17 @@ class EmuServer:
                 code = self.faults.error_code
                 return _json(ApiError(code, "InternalError" if code == 500 else "ServiceUnavailable",
                                       "Internal error occurred: injected fault").status(), code)
+        token = _OUT_PROTOBUF.set(False)
         try:
-            return await handler(request)
-        except ApiError as e:
-            return _json(e.status(), e.code)
+            try:
+                resp = await handler(request)
+            except ApiError as e:
+                resp = _json(e.status(), e.code)
+            if _OUT_PROTOBUF.get():
+                resp = _as_protobuf(resp)
+            return resp
+        finally:
+            _OUT_PROTOBUF.reset(token)
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         parts = [p for p in request.path.split("/") if p]
@@ -251,8 +294,12 @@ class EmuServer:
                 return self._openapi_v3("/".join(parts[2:]))
             raise errors.no_route()
         accept = request.headers.get("Accept", "")
-        if accept and "json" not in accept and "*/*" not in accept and "yaml" not in accept:
-            raise ApiError(406, "NotAcceptable", f"only the following media types are accepted: {_JSON}", {})
+        first, json_ok = _negotiate(accept)
+        if first == "protobuf" and self._has_protobuf(parts):
+            _OUT_PROTOBUF.set(True)  # kubectl's typed clients list protobuf first: upstream answers in it
+        elif not json_ok:
+            media = f"{_JSON}, {protobuf.CONTENT_TYPE}" if self._has_protobuf(parts) else _JSON
+            raise ApiError(406, "NotAcceptable", f"only the following media types are accepted: {media}", {})
         if head == "api":
             if len(parts) == 1:
                 host = request.host
@@ -282,6 +329,17 @@ class EmuServer:
                 return _json(self._resource_list(group, version))
             return await self._resource(request, self._target(group, version, parts[3:]))
         raise errors.no_route()
+
+    def _has_protobuf(self, parts: list[str]) -> bool:
+        """Whether a resource path has a protobuf form: the built-in kinds kubeemu has message
+        tables for (kubeemu.protobuf) do; custom resources do not (upstream neither)."""
+        if parts[0] == "api":
+            return len(parts) > 2
+        if parts[0] != "apis" or len(parts) < 4:
+            return False
+        group, version = parts[1], parts[2]
+        types = [rt for rt in self.registry.all() if rt.group == group]
+        return bool(types) and all(rt.builtin and protobuf.message_for(f"{group}/{version}", rt.kind) for rt in types)
 
     # ---------------------------------------------------------------- discovery
 
@@ -531,7 +589,8 @@ class EmuServer:
         bookmarks = _bool(q.get("allowWatchBookmarks"))
         initial = _bool(q.get("sendInitialEvents"))
         timeout = float(q.get("timeoutSeconds", "0") or 0)
-        resp = web.StreamResponse(status=200, headers={"Content-Type": _JSON, "Cache-Control": "no-cache"})
+        ctype = f"{protobuf.CONTENT_TYPE};stream=watch" if _OUT_PROTOBUF.get() and not table else _JSON
+        resp = web.StreamResponse(status=200, headers={"Content-Type": ctype, "Cache-Control": "no-cache"})
         resp.enable_chunked_encoding()
         try:
             first, w = self.store.start_watch(t.rt, match, "0" if initial else q.get("resourceVersion"))
@@ -603,6 +662,8 @@ class EmuServer:
         return tab
 
     def _line(self, etype: str, obj: Obj, t: Target, _unused: bool) -> bytes:
+        if _OUT_PROTOBUF.get() and obj.get("kind") != "Table":
+            return protobuf.encode_watch_event(etype, obj)
         return json.dumps({"type": etype, "object": obj}, separators=(",", ":")).encode() + b"\n"
 
     def _bookmark(self, t: Target, rv: int, initial_end: bool) -> bytes:
