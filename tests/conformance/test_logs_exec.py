@@ -288,3 +288,20 @@ def test_exec_large_output_and_client_going_away_ends_the_command(
         proc.kill()
         proc.wait()
     wait_until(lambda: not _alive(pid), 30, f"the exec'd command (pid {pid}) ended when kubectl went away")
+
+
+def test_kubectl_cp_rides_on_exec(kubelet: Any, node: str, raw: Any, ns: str, kubectl: Any, tmp_path: Path) -> None:
+    """``kubectl cp`` is ``tar`` over exec, both ways (stdin for the upload)."""
+    access, _ = kubelet
+    _pod(raw, ns, "cp", node, "c")
+    access.state[(ns, "cp", "c")] = "running"
+    src = tmp_path / "in.txt"
+    src.write_text("payload\n")
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    out = kubectl("cp", str(src), f"{ns}/cp:{remote}/up.txt")
+    assert out.returncode == 0, out.stderr
+    assert (remote / "up.txt").read_text() == "payload\n"
+    out = kubectl("cp", f"{ns}/cp:{remote}/up.txt", str(tmp_path / "down.txt"))
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "down.txt").read_text() == "payload\n"
