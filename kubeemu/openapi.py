@@ -33,9 +33,9 @@ among PATCH's parameters: kubectl then leaves unknown fields to the server, whic
 built-in kinds (:func:`prune_unknown`, used by :mod:`kubeemu.server`; Strict refuses them with
 upstream's ``strict decoding error: unknown field "spec.foo"``) and for custom resources
 (:mod:`kubeemu.schema`). Other operations are not published.
-``/openapi/v2`` carries the same definitions and paths in JSON; in protobuf (what kubectl's
-client-side validation asks for, unused while server-side validation is advertised) it is still
-the minimal document of :mod:`kubeemu.server`.
+``/openapi/v2`` carries the same definitions and paths, in JSON or in gnostic's protobuf form
+(:func:`v2_protobuf`; what kubectl asks for: ``kubectl explain --output=plaintext-openapiv2``, and
+client-side validation where server-side validation is not advertised).
 """
 
 from __future__ import annotations
@@ -171,17 +171,29 @@ def _refs(schema: Any, found: set[str]) -> None:
             _refs(v, found)
 
 
-def _closure(roots: dict[str, Any], pool: dict[str, Any]) -> dict[str, Any]:
-    """``roots`` and every definition of ``pool`` they reference, transitively."""
+def _definition(name: str) -> Any:
+    """A definition by name: v1.32's, else the first later version's that has it (kinds GA later)."""
+    found = builtin_definitions().get(name)
+    for later in _LATER_VERSIONS:
+        if found is not None:
+            break
+        found = _later_definitions(later).get(name)
+    return found
+
+
+def _closure(roots: dict[str, Any]) -> dict[str, Any]:
+    """``roots`` and every definition they reference, transitively."""
     out = dict(roots)
     todo = list(roots.values())
     while todo:
         found: set[str] = set()
         _refs(todo.pop(), found)
         for name in sorted(found):
-            if name not in out and name in pool:
-                out[name] = pool[name]
-                todo.append(pool[name])
+            if name not in out:
+                target = _definition(name)
+                if target is not None:
+                    out[name] = target
+                    todo.append(target)
     return dict(sorted(out.items()))
 
 
@@ -325,6 +337,7 @@ class OpenAPI:
         # documents by gv path, valid while the CRDs are unchanged (built-ins never change)
         self._cache: dict[str, tuple[dict[str, Any], str]] = {}
         self._cache_key: tuple[tuple[str, str], ...] = ()
+        self._v2_pb: tuple[tuple[tuple[str, str], ...], bytes] | None = None
 
     def _crd_state(self) -> tuple[tuple[str, str], ...]:
         return tuple(
@@ -387,7 +400,7 @@ class OpenAPI:
                 kinds = self._kind_defs(rt, version, crds)
                 roots.update(dict(kinds.values()))
                 paths.update(_read_paths(rt, version, kinds))
-        return _closure(roots, builtin_definitions()), dict(sorted(paths.items()))
+        return _closure(roots), dict(sorted(paths.items()))
 
     def v3_document(self, path: str) -> tuple[dict[str, Any], str] | None:
         """(document, hash) of one group-version, None if it is not served."""
@@ -421,6 +434,15 @@ class OpenAPI:
         found = self._kind_defs(rt, version, {}).get(rt.kind) if rt.builtin else None
         return found[1] if found is not None else None
 
+    def v2_protobuf(self) -> bytes:
+        """The v2 document in protobuf (kubectl asks for this form), cached while CRDs are unchanged."""
+        key = self._crd_state()
+        if key != self._cache_key:
+            self._cache, self._cache_key = {}, key
+        if self._v2_pb is None or self._v2_pb[0] != key:
+            self._v2_pb = (key, v2_protobuf(self.v2_document()))
+        return self._v2_pb[1]
+
     def v2_document(self) -> dict[str, Any]:
         """The whole v2 document (JSON): all definitions, the same read paths in v2 form."""
         defs, paths = self.definitions()
@@ -449,12 +471,7 @@ def _resolve(schema: Any) -> dict[str, Any]:
         seen += 1
         ref = schema.get("$ref")
         if isinstance(ref, str) and ref.startswith("#/definitions/"):
-            name = ref[len("#/definitions/") :]
-            target = builtin_definitions().get(name)
-            for later in _LATER_VERSIONS:
-                if target is not None:
-                    break
-                target = _later_definitions(later).get(name)
+            target = _definition(ref[len("#/definitions/") :])
             schema = target if target is not None else {}
             continue
         all_of = schema.get("allOf")
@@ -506,4 +523,180 @@ def document_hash(doc: Any) -> str:
     return hashlib.sha512(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest().upper()
 
 
-__all__ = ["OpenAPI", "builtin_definitions", "crd_definitions", "document_hash", "gv_path"]
+# ---------------------------------------------------------------- v2 in protobuf (gnostic openapi_v2)
+# Field numbers of gnostic-models' openapiv2/OpenAPIv2.proto (proto3: zero values are not
+# written), the encoding kube-openapi serves and kubectl reads: Document, Info, Paths,
+# NamedPathItem, PathItem, Operation, the parameter/response wrappers, Definitions, NamedSchema,
+# Schema, Properties, ItemsItem, TypeItem, AdditionalPropertiesItem, NamedAny and Any (its
+# ``yaml`` field carries vendor extensions, enum values and defaults as YAML, which JSON is).
+
+
+def _pb_varint(n: int) -> bytes:
+    """Protobuf base-128 varint: seven bits a byte, low first, the top bit set on all but the last
+    (a negative number as its 64-bit two's complement, ten bytes)."""
+    n &= (1 << 64) - 1
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        if not n:
+            out.append(low)
+            return bytes(out)
+        out.append(low | 0x80)
+
+
+def _pb_bytes(num: int, payload: bytes) -> bytes:
+    """A length-delimited field (wire type 2); key and length are varints (one byte only to 127)."""
+    return _pb_varint(num << 3 | 2) + _pb_varint(len(payload)) + payload
+
+
+def _pb_str(num: int, value: Any) -> bytes:
+    return _pb_bytes(num, str(value).encode()) if value not in (None, "") else b""
+
+
+def _pb_bool(num: int, value: Any) -> bytes:
+    return _pb_varint(num << 3) + b"\x01" if value else b""
+
+
+def _pb_int(num: int, value: Any) -> bytes:
+    return _pb_varint(num << 3) + _pb_varint(int(value)) if value else b""
+
+
+def _pb_double(num: int, value: Any) -> bytes:
+    import struct
+
+    return _pb_varint(num << 3 | 1) + struct.pack("<d", float(value)) if value else b""
+
+
+def _pb_any(num: int, value: Any) -> bytes:
+    """An ``Any`` whose ``yaml`` (field 2) is the value as JSON (a YAML document)."""
+    return _pb_bytes(num, _pb_str(2, json.dumps(value, separators=(",", ":"))))
+
+
+def _pb_extensions(num: int, node: dict[str, Any]) -> bytes:
+    return b"".join(_pb_bytes(num, _pb_str(1, k) + _pb_any(2, v)) for k, v in node.items() if k.startswith("x-"))
+
+
+def _pb_schema(node: dict[str, Any]) -> bytes:
+    out = bytearray()
+    out += _pb_str(1, node.get("$ref"))
+    out += _pb_str(2, node.get("format"))
+    out += _pb_str(3, node.get("title"))
+    out += _pb_str(4, node.get("description"))
+    if "default" in node:
+        out += _pb_any(5, node["default"])
+    out += _pb_double(6, node.get("multipleOf"))
+    out += _pb_double(7, node.get("maximum"))
+    out += _pb_bool(8, node.get("exclusiveMaximum"))
+    out += _pb_double(9, node.get("minimum"))
+    out += _pb_bool(10, node.get("exclusiveMinimum"))
+    for num, key in ((11, "maxLength"), (12, "minLength")):
+        out += _pb_int(num, node.get(key))
+    out += _pb_str(13, node.get("pattern"))
+    for num, key in ((14, "maxItems"), (15, "minItems")):
+        out += _pb_int(num, node.get(key))
+    out += _pb_bool(16, node.get("uniqueItems"))
+    for num, key in ((17, "maxProperties"), (18, "minProperties")):
+        out += _pb_int(num, node.get(key))
+    for r in node.get("required") or []:
+        out += _pb_str(19, r)
+    for e in node.get("enum") or []:
+        out += _pb_any(20, e)
+    extra = node.get("additionalProperties")
+    if isinstance(extra, dict):
+        out += _pb_bytes(21, _pb_bytes(1, _pb_schema(extra)))
+    elif isinstance(extra, bool):
+        out += _pb_bytes(21, _pb_varint(2 << 3) + (b"\x01" if extra else b"\x00"))
+    kinds = node.get("type")
+    if kinds:
+        out += _pb_bytes(22, b"".join(_pb_str(1, t) for t in (kinds if isinstance(kinds, list) else [kinds])))
+    items = node.get("items")
+    if isinstance(items, dict):
+        out += _pb_bytes(23, _pb_bytes(1, _pb_schema(items)))
+    for sub in node.get("allOf") or []:
+        out += _pb_bytes(24, _pb_schema(sub))
+    props = node.get("properties")
+    if isinstance(props, dict):
+        out += _pb_bytes(
+            25, b"".join(_pb_bytes(1, _pb_str(1, k) + _pb_bytes(2, _pb_schema(v))) for k, v in props.items())
+        )
+    out += _pb_str(26, node.get("discriminator"))
+    out += _pb_bool(27, node.get("readOnly"))
+    out += _pb_extensions(31, node)
+    return bytes(out)
+
+
+def _pb_parameter(p: dict[str, Any]) -> bytes:
+    """A non-body parameter: query (sub-schema 3) or path (4) in a ParametersItem."""
+    if p.get("in") == "path":
+        sub = (
+            _pb_bool(1, p.get("required"))
+            + _pb_str(2, "path")
+            + _pb_str(3, p.get("description"))
+            + _pb_str(4, p.get("name"))
+            + _pb_str(5, p.get("type"))
+        )
+        wrapped = _pb_bytes(4, sub)
+    else:
+        sub = (
+            _pb_bool(1, p.get("required"))
+            + _pb_str(2, p.get("in"))
+            + _pb_str(3, p.get("description"))
+            + _pb_str(4, p.get("name"))
+            + _pb_str(6, p.get("type"))
+            + _pb_bool(20, p.get("uniqueItems"))
+        )
+        wrapped = _pb_bytes(3, sub)
+    return _pb_bytes(1, _pb_bytes(2, wrapped))  # ParametersItem.parameter -> Parameter.non_body_parameter
+
+
+def _pb_operation(op: dict[str, Any]) -> bytes:
+    out = bytearray()
+    out += _pb_str(3, op.get("description"))
+    out += _pb_str(5, op.get("operationId"))
+    for media in op.get("produces") or []:
+        out += _pb_str(6, media)
+    for p in op.get("parameters") or []:
+        out += _pb_bytes(8, _pb_parameter(p))
+    responses = b""
+    for code, resp in (op.get("responses") or {}).items():
+        body = _pb_str(1, resp.get("description"))
+        if isinstance(resp.get("schema"), dict):
+            body += _pb_bytes(2, _pb_bytes(1, _pb_schema(resp["schema"])))
+        responses += _pb_bytes(1, _pb_str(1, code) + _pb_bytes(2, _pb_bytes(1, body)))
+    out += _pb_bytes(9, responses)
+    out += _pb_extensions(13, op)
+    return bytes(out)
+
+
+_PATH_OPS = {"get": 2, "put": 3, "post": 4, "delete": 5, "options": 6, "head": 7, "patch": 8}
+
+
+def v2_protobuf(doc: dict[str, Any]) -> bytes:
+    """A v2 document (as :meth:`OpenAPI.v2_document` builds it) in gnostic's protobuf form."""
+    info = doc.get("info") or {}
+    out = bytearray(_pb_str(1, doc.get("swagger", "2.0")))
+    out += _pb_bytes(2, _pb_str(1, info.get("title")) + _pb_str(2, info.get("version")))
+    paths = b""
+    for path, item in (doc.get("paths") or {}).items():
+        ops = b"".join(_pb_bytes(num, _pb_operation(item[m])) for m, num in _PATH_OPS.items() if m in item)
+        paths += _pb_bytes(2, _pb_str(1, path) + _pb_bytes(2, ops))
+    out += _pb_bytes(8, paths)
+    out += _pb_bytes(
+        9,
+        b"".join(
+            _pb_bytes(1, _pb_str(1, name) + _pb_bytes(2, _pb_schema(schema)))
+            for name, schema in (doc.get("definitions") or {}).items()
+        ),
+    )
+    return bytes(out)
+
+
+__all__ = [
+    "OpenAPI",
+    "builtin_definitions",
+    "crd_definitions",
+    "document_hash",
+    "gv_path",
+    "prune_unknown",
+    "v2_protobuf",
+]

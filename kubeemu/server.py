@@ -11,8 +11,8 @@ client that accepts nothing else gets 406):
   upstream schemas of the built-in kinds and the CRDs' ``openAPIV3Schema`` (:mod:`kubeemu.openapi`),
   what ``kubectl explain`` reads, and the ``fieldValidation`` parameter that makes kubectl leave
   unknown fields to the server: built-in kinds' unknown fields are dropped as upstream's decoding
-  does (Strict: 400 ``strict decoding error``; Warn: a ``Warning`` each). ``/openapi/v2`` in
-  protobuf (kubectl's client-side validation asks for it) is an empty but well-formed document.
+  does (Strict: 400 ``strict decoding error``; Warn: a ``Warning`` each). ``/openapi/v2`` also in
+  gnostic's protobuf form, which kubectl asks for.
 - ``pods/log`` and ``pods/exec`` are proxied to the node's kubelet (:mod:`kubeemu.podproxy`);
   protobuf request bodies (kubectl's typed clients) are decoded by :mod:`kubeemu.protobuf`.
 - resources: ``/api/v1/...`` and ``/apis/G/V/...``, namespaced
@@ -64,28 +64,6 @@ K8S_VERSION = {"major": "1", "minor": "32", "gitVersion": "v1.32.0-kubeemu", "gi
 _PB_OPENAPI = "application/com.github.proto-openapi.spec.v2.v1.0+protobuf"
 _JSON = "application/json"
 
-
-def _pb_varint(n: int) -> bytes:
-    """Protobuf base-128 varint: seven bits a byte, low first, the top bit set on all but the last."""
-    if n < 0:
-        raise ValueError(f"protobuf varint of a negative number {n}")
-    out = bytearray()
-    while True:
-        low, n = n & 0x7F, n >> 7
-        if not n:
-            out.append(low)
-            return bytes(out)
-        out.append(low | 0x80)
-
-
-def _pb_string(field_no: int, value: bytes) -> bytes:
-    """A length-delimited field (wire type 2). Key and length are varints: a one-byte length
-    would be misread past 127 bytes (the top bit means "more bytes follow")."""
-    return _pb_varint((field_no << 3) | 2) + _pb_varint(len(value)) + value
-
-
-# openapi_v2.Document{swagger: "2.0", info: {title: "Kubernetes", version: "v1.32.0"}}, hand-encoded
-_OPENAPI_V2_PB = _pb_string(1, b"2.0") + _pb_string(2, _pb_string(1, b"Kubernetes") + _pb_string(2, b"v1.32.0"))
 
 
 #: Whether this request's answer is protobuf (its Accept lists protobuf first and the resource is
@@ -288,7 +266,7 @@ class EmuServer:
         if head == "openapi":
             if parts[1:] == ["v2"]:
                 if "protobuf" in request.headers.get("Accept", ""):
-                    return web.Response(body=_OPENAPI_V2_PB, content_type=_PB_OPENAPI)
+                    return web.Response(body=self.openapi.v2_protobuf(), content_type=_PB_OPENAPI)
                 return _json(self.openapi.v2_document())
             if parts[1:2] == ["v3"]:
                 return self._openapi_v3("/".join(parts[2:]))
