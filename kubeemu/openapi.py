@@ -91,7 +91,15 @@ _LIST_METADATA_DOC = (
 
 
 def _load(version: str) -> dict[str, Any]:
-    path = resources.files(SOURCE_PACKAGE).joinpath(f"kubernetes-json-schema/{version}/_definitions.json")
+    """One version's definitions from the package (FileNotFoundError: it has no such version)."""
+    try:
+        base = resources.files(SOURCE_PACKAGE)
+    except ModuleNotFoundError:
+        raise RuntimeError(
+            f"kubeemu's OpenAPI documents and field validation need the {SOURCE_PACKAGE} package "
+            "(a dependency of kosmos-fabric-lab: pip install 'kubernetes-validate>=1.32')"
+        ) from None
+    path = base.joinpath(f"kubernetes-json-schema/{version}/_definitions.json")
     with path.open("rb") as f:
         defs: dict[str, Any] = json.load(f)["$defs"]
     return defs
