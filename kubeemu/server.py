@@ -64,8 +64,6 @@ K8S_VERSION = {"major": "1", "minor": "32", "gitVersion": "v1.32.0-kubeemu", "gi
 _PB_OPENAPI = "application/com.github.proto-openapi.spec.v2.v1.0+protobuf"
 _JSON = "application/json"
 
-
-
 #: Whether this request's answer is protobuf (its Accept lists protobuf first and the resource is
 #: a built-in kind): set while dispatching, applied by the middleware and the watch stream.
 _OUT_PROTOBUF: contextvars.ContextVar[bool] = contextvars.ContextVar("out_protobuf", default=False)
