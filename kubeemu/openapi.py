@@ -27,10 +27,15 @@ Where the schemas come from, in order:
    extension. Built on every request, so a CRD change shows at once (the hash in the index
    changes with the content, which is what clients cache by).
 
-No ``paths`` are published: kubectl then does not assume server-side field validation for
-built-in kinds (kubeemu does it for custom resources only), as before.
-``/openapi/v2`` carries the same definitions in JSON; in protobuf (what kubectl asks for) it is
-still the minimal document of :mod:`kubeemu.server` (kubectl 1.32 uses v3 for explain).
+Paths: each kind's read operations (get, list) and its PATCH, with the
+``x-kubernetes-group-version-kind`` kubectl explain finds the kind by, and ``fieldValidation``
+among PATCH's parameters: kubectl then leaves unknown fields to the server, which drops them for
+built-in kinds (:func:`prune_unknown`, used by :mod:`kubeemu.server`; Strict refuses them with
+upstream's ``strict decoding error: unknown field "spec.foo"``) and for custom resources
+(:mod:`kubeemu.schema`). Other operations are not published.
+``/openapi/v2`` carries the same definitions and paths, in JSON or in gnostic's protobuf form
+(:func:`v2_protobuf`; what kubectl asks for: ``kubectl explain --output=plaintext-openapiv2``, and
+client-side validation where server-side validation is not advertised).
 """
 
 from __future__ import annotations
@@ -86,7 +91,15 @@ _LIST_METADATA_DOC = (
 
 
 def _load(version: str) -> dict[str, Any]:
-    path = resources.files(SOURCE_PACKAGE).joinpath(f"kubernetes-json-schema/{version}/_definitions.json")
+    """One version's definitions from the package (FileNotFoundError: it has no such version)."""
+    try:
+        base = resources.files(SOURCE_PACKAGE)
+    except ModuleNotFoundError:
+        raise RuntimeError(
+            f"kubeemu's OpenAPI documents and field validation need the {SOURCE_PACKAGE} package "
+            "(a dependency of kosmos-fabric-lab: pip install 'kubernetes-validate>=1.32')"
+        ) from None
+    path = base.joinpath(f"kubernetes-json-schema/{version}/_definitions.json")
     with path.open("rb") as f:
         defs: dict[str, Any] = json.load(f)["$defs"]
     return defs
@@ -166,17 +179,29 @@ def _refs(schema: Any, found: set[str]) -> None:
             _refs(v, found)
 
 
-def _closure(roots: dict[str, Any], pool: dict[str, Any]) -> dict[str, Any]:
-    """``roots`` and every definition of ``pool`` they reference, transitively."""
+def _definition(name: str) -> Any:
+    """A definition by name: v1.32's, else the first later version's that has it (kinds GA later)."""
+    found = builtin_definitions().get(name)
+    for later in _LATER_VERSIONS:
+        if found is not None:
+            break
+        found = _later_definitions(later).get(name)
+    return found
+
+
+def _closure(roots: dict[str, Any]) -> dict[str, Any]:
+    """``roots`` and every definition they reference, transitively."""
     out = dict(roots)
     todo = list(roots.values())
     while todo:
         found: set[str] = set()
         _refs(todo.pop(), found)
         for name in sorted(found):
-            if name not in out and name in pool:
-                out[name] = pool[name]
-                todo.append(pool[name])
+            if name not in out:
+                target = _definition(name)
+                if target is not None:
+                    out[name] = target
+                    todo.append(target)
     return dict(sorted(out.items()))
 
 
@@ -242,6 +267,25 @@ def crd_definitions(crd: dict[str, Any]) -> dict[tuple[str, str, str], dict[str,
     return out
 
 
+# kubectl (1.32) sends fieldValidation=Strict and skips its own client-side schema check when the
+# PATCH operation of a kind lists this parameter: kubeemu checks unknown fields server-side for
+# built-in kinds (kubeemu.openapi.prune_unknown) and custom resources (kubeemu.schema).
+_FIELD_VALIDATION_PARAM = {
+    "name": "fieldValidation",
+    "in": "query",
+    "description": "fieldValidation instructs the server on how to handle objects in the request (POST/PUT/PATCH) "
+    "containing unknown or duplicate fields. Valid values are: - Ignore: This will ignore any unknown fields that "
+    "are silently dropped from the object, and will ignore all but the last duplicate field that the decoder "
+    "encounters. This is the default behavior prior to v1.23. - Warn: This will send a warning via the standard "
+    "warning response header for each unknown field that is dropped from the object, and for each duplicate field "
+    "that is encountered. The request will still succeed if there are no other errors, and will only persist the "
+    "last of any duplicate fields. This is the default in v1.23+ - Strict: This will fail the request with a "
+    "BadRequest error if any unknown fields would be dropped from the object, or if any duplicate fields are "
+    "present. The error returned from the server will contain all unknown and duplicate fields encountered.",
+    "schema": {"type": "string", "uniqueItems": True},
+}
+
+
 def _read_paths(rt: ResourceType, version: str, kinds: dict[str, tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     """The read operations (get, list) of one kind, as upstream publishes them: kubectl explain
     finds a resource's kind through the ``x-kubernetes-group-version-kind`` of these operations."""
@@ -278,9 +322,13 @@ def _read_paths(rt: ResourceType, version: str, kinds: dict[str, tuple[str, dict
             out[f"{prefix}/{rt.plural}"] = op("list", rt.list_kind, f"list or watch objects of kind {rt.kind}", [])
     if rt.kind in kinds:
         for base in scope:
-            out[f"{base}/{rt.plural}/{{name}}"] = op(
-                "get", rt.kind, f"read the specified {rt.kind}", [*ns_params, "name"]
-            )
+            item = op("get", rt.kind, f"read the specified {rt.kind}", [*ns_params, "name"])
+            patch = copy.deepcopy(item["get"])
+            patch.update(description=f"partially update the specified {rt.kind}", operationId=f"patch{rt.kind}")
+            patch["x-kubernetes-action"] = "patch"
+            patch["parameters"].append(copy.deepcopy(_FIELD_VALIDATION_PARAM))
+            item["patch"] = patch
+            out[f"{base}/{rt.plural}/{{name}}"] = item
     return out
 
 
@@ -297,6 +345,7 @@ class OpenAPI:
         # documents by gv path, valid while the CRDs are unchanged (built-ins never change)
         self._cache: dict[str, tuple[dict[str, Any], str]] = {}
         self._cache_key: tuple[tuple[str, str], ...] = ()
+        self._v2_pb: tuple[tuple[tuple[str, str], ...], bytes] | None = None
 
     def _crd_state(self) -> tuple[tuple[str, str], ...]:
         return tuple(
@@ -359,7 +408,7 @@ class OpenAPI:
                 kinds = self._kind_defs(rt, version, crds)
                 roots.update(dict(kinds.values()))
                 paths.update(_read_paths(rt, version, kinds))
-        return _closure(roots, builtin_definitions()), dict(sorted(paths.items()))
+        return _closure(roots), dict(sorted(paths.items()))
 
     def v3_document(self, path: str) -> tuple[dict[str, Any], str] | None:
         """(document, hash) of one group-version, None if it is not served."""
@@ -388,6 +437,20 @@ class OpenAPI:
                 paths[gv] = {"serverRelativeURL": f"/openapi/v3/{gv}?hash={found[1]}"}
         return {"paths": paths}
 
+    def kind_schema(self, rt: ResourceType, version: str) -> dict[str, Any] | None:
+        """The v2 definition of a built-in kind (None: not known), for field validation."""
+        found = self._kind_defs(rt, version, {}).get(rt.kind) if rt.builtin else None
+        return found[1] if found is not None else None
+
+    def v2_protobuf(self) -> bytes:
+        """The v2 document in protobuf (kubectl asks for this form), cached while CRDs are unchanged."""
+        key = self._crd_state()
+        if key != self._cache_key:
+            self._cache, self._cache_key = {}, key
+        if self._v2_pb is None or self._v2_pb[0] != key:
+            self._v2_pb = (key, v2_protobuf(self.v2_document()))
+        return self._v2_pb[1]
+
     def v2_document(self) -> dict[str, Any]:
         """The whole v2 document (JSON): all definitions, the same read paths in v2 form."""
         defs, paths = self.definitions()
@@ -396,8 +459,10 @@ class OpenAPI:
                 op["produces"] = ["application/json"]
                 schema = op["responses"]["200"]["content"]["application/json"]["schema"]
                 op["responses"] = {"200": {"description": "OK", "schema": schema}}
-                for param in op["parameters"]:
-                    param["type"] = param.pop("schema")["type"]
+                op["parameters"] = [
+                    {**{k: v for k, v in p.items() if k != "schema"}, "type": p["schema"]["type"]}
+                    for p in op["parameters"]
+                ]
         return {
             "swagger": "2.0",
             "info": {"title": "Kubernetes", "version": "v1.32.0"},
@@ -406,9 +471,240 @@ class OpenAPI:
         }
 
 
+def _resolve(schema: Any) -> dict[str, Any]:
+    """Follow ``$ref`` (v2 form) through the built-in definitions, and later versions' for kinds
+    the v1.32 set lacks; an ``allOf`` of one is its member."""
+    seen = 0
+    while isinstance(schema, dict) and seen < 32:
+        seen += 1
+        ref = schema.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/definitions/"):
+            target = _definition(ref[len("#/definitions/") :])
+            schema = target if target is not None else {}
+            continue
+        all_of = schema.get("allOf")
+        if isinstance(all_of, list) and len(all_of) == 1 and "properties" not in schema:
+            schema = all_of[0]
+            continue
+        return schema
+    return schema if isinstance(schema, dict) else {}
+
+
+def _field(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def prune_unknown(value: Any, schema: Any, path: str = "", patch: bool = False) -> list[str]:
+    """Drop, in place, the fields of ``value`` its schema does not declare (what decoding a
+    built-in kind into its Go type does), returning their paths (``spec.containers[0].foo``).
+    In a strategic merge patch the ``$``-directives (``$patch``, ``$setElementOrder/...``) are
+    kept. Objects without ``properties`` (``RawExtension``, free-form maps) take anything."""
+    dropped: list[str] = []
+    _prune(value, schema, path, patch, dropped)
+    return dropped
+
+
+def _prune(value: Any, schema: Any, path: str, patch: bool, dropped: list[str]) -> None:
+    s = _resolve(schema)
+    if isinstance(value, dict):
+        props = s.get("properties")
+        extra = s.get("additionalProperties")
+        if isinstance(props, dict):
+            for key in list(value):
+                if patch and key.startswith("$"):
+                    continue
+                if key not in props:
+                    dropped.append(_field(path, key))
+                    del value[key]
+                    continue
+                _prune(value[key], props[key], _field(path, key), patch, dropped)
+        elif isinstance(extra, dict):
+            for key, item in value.items():
+                _prune(item, extra, _field(path, key), patch, dropped)
+    elif isinstance(value, list) and isinstance(s.get("items"), dict):
+        for i, item in enumerate(value):
+            _prune(item, s["items"], f"{path}[{i}]", patch, dropped)
+
+
 def document_hash(doc: Any) -> str:
     """The index's cache key: upstream uses the SHA-512 of the document, upper-case hex."""
     return hashlib.sha512(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest().upper()
 
 
-__all__ = ["OpenAPI", "builtin_definitions", "crd_definitions", "document_hash", "gv_path"]
+# ---------------------------------------------------------------- v2 in protobuf (gnostic openapi_v2)
+# Field numbers of gnostic-models' openapiv2/OpenAPIv2.proto (proto3: zero values are not
+# written), the encoding kube-openapi serves and kubectl reads: Document, Info, Paths,
+# NamedPathItem, PathItem, Operation, the parameter/response wrappers, Definitions, NamedSchema,
+# Schema, Properties, ItemsItem, TypeItem, AdditionalPropertiesItem, NamedAny and Any (its
+# ``yaml`` field carries vendor extensions, enum values and defaults as YAML, which JSON is).
+
+
+def _pb_varint(n: int) -> bytes:
+    """Protobuf base-128 varint: seven bits a byte, low first, the top bit set on all but the last
+    (a negative number as its 64-bit two's complement, ten bytes)."""
+    n &= (1 << 64) - 1
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        if not n:
+            out.append(low)
+            return bytes(out)
+        out.append(low | 0x80)
+
+
+def _pb_bytes(num: int, payload: bytes) -> bytes:
+    """A length-delimited field (wire type 2); key and length are varints (one byte only to 127)."""
+    return _pb_varint(num << 3 | 2) + _pb_varint(len(payload)) + payload
+
+
+def _pb_str(num: int, value: Any) -> bytes:
+    return _pb_bytes(num, str(value).encode()) if value not in (None, "") else b""
+
+
+def _pb_bool(num: int, value: Any) -> bytes:
+    return _pb_varint(num << 3) + b"\x01" if value else b""
+
+
+def _pb_int(num: int, value: Any) -> bytes:
+    return _pb_varint(num << 3) + _pb_varint(int(value)) if value else b""
+
+
+def _pb_double(num: int, value: Any) -> bytes:
+    import struct
+
+    return _pb_varint(num << 3 | 1) + struct.pack("<d", float(value)) if value else b""
+
+
+def _pb_any(num: int, value: Any) -> bytes:
+    """An ``Any`` whose ``yaml`` (field 2) is the value as JSON (a YAML document)."""
+    return _pb_bytes(num, _pb_str(2, json.dumps(value, separators=(",", ":"))))
+
+
+def _pb_extensions(num: int, node: dict[str, Any]) -> bytes:
+    return b"".join(_pb_bytes(num, _pb_str(1, k) + _pb_any(2, v)) for k, v in node.items() if k.startswith("x-"))
+
+
+def _pb_schema(node: dict[str, Any]) -> bytes:
+    out = bytearray()
+    out += _pb_str(1, node.get("$ref"))
+    out += _pb_str(2, node.get("format"))
+    out += _pb_str(3, node.get("title"))
+    out += _pb_str(4, node.get("description"))
+    if "default" in node:
+        out += _pb_any(5, node["default"])
+    out += _pb_double(6, node.get("multipleOf"))
+    out += _pb_double(7, node.get("maximum"))
+    out += _pb_bool(8, node.get("exclusiveMaximum"))
+    out += _pb_double(9, node.get("minimum"))
+    out += _pb_bool(10, node.get("exclusiveMinimum"))
+    for num, key in ((11, "maxLength"), (12, "minLength")):
+        out += _pb_int(num, node.get(key))
+    out += _pb_str(13, node.get("pattern"))
+    for num, key in ((14, "maxItems"), (15, "minItems")):
+        out += _pb_int(num, node.get(key))
+    out += _pb_bool(16, node.get("uniqueItems"))
+    for num, key in ((17, "maxProperties"), (18, "minProperties")):
+        out += _pb_int(num, node.get(key))
+    for r in node.get("required") or []:
+        out += _pb_str(19, r)
+    for e in node.get("enum") or []:
+        out += _pb_any(20, e)
+    extra = node.get("additionalProperties")
+    if isinstance(extra, dict):
+        out += _pb_bytes(21, _pb_bytes(1, _pb_schema(extra)))
+    elif isinstance(extra, bool):
+        out += _pb_bytes(21, _pb_varint(2 << 3) + (b"\x01" if extra else b"\x00"))
+    kinds = node.get("type")
+    if kinds:
+        out += _pb_bytes(22, b"".join(_pb_str(1, t) for t in (kinds if isinstance(kinds, list) else [kinds])))
+    items = node.get("items")
+    if isinstance(items, dict):
+        out += _pb_bytes(23, _pb_bytes(1, _pb_schema(items)))
+    for sub in node.get("allOf") or []:
+        out += _pb_bytes(24, _pb_schema(sub))
+    props = node.get("properties")
+    if isinstance(props, dict):
+        out += _pb_bytes(
+            25, b"".join(_pb_bytes(1, _pb_str(1, k) + _pb_bytes(2, _pb_schema(v))) for k, v in props.items())
+        )
+    out += _pb_str(26, node.get("discriminator"))
+    out += _pb_bool(27, node.get("readOnly"))
+    out += _pb_extensions(31, node)
+    return bytes(out)
+
+
+def _pb_parameter(p: dict[str, Any]) -> bytes:
+    """A non-body parameter: query (sub-schema 3) or path (4) in a ParametersItem."""
+    if p.get("in") == "path":
+        sub = (
+            _pb_bool(1, p.get("required"))
+            + _pb_str(2, "path")
+            + _pb_str(3, p.get("description"))
+            + _pb_str(4, p.get("name"))
+            + _pb_str(5, p.get("type"))
+        )
+        wrapped = _pb_bytes(4, sub)
+    else:
+        sub = (
+            _pb_bool(1, p.get("required"))
+            + _pb_str(2, p.get("in"))
+            + _pb_str(3, p.get("description"))
+            + _pb_str(4, p.get("name"))
+            + _pb_str(6, p.get("type"))
+            + _pb_bool(20, p.get("uniqueItems"))
+        )
+        wrapped = _pb_bytes(3, sub)
+    return _pb_bytes(1, _pb_bytes(2, wrapped))  # ParametersItem.parameter -> Parameter.non_body_parameter
+
+
+def _pb_operation(op: dict[str, Any]) -> bytes:
+    out = bytearray()
+    out += _pb_str(3, op.get("description"))
+    out += _pb_str(5, op.get("operationId"))
+    for media in op.get("produces") or []:
+        out += _pb_str(6, media)
+    for p in op.get("parameters") or []:
+        out += _pb_bytes(8, _pb_parameter(p))
+    responses = b""
+    for code, resp in (op.get("responses") or {}).items():
+        body = _pb_str(1, resp.get("description"))
+        if isinstance(resp.get("schema"), dict):
+            body += _pb_bytes(2, _pb_bytes(1, _pb_schema(resp["schema"])))
+        responses += _pb_bytes(1, _pb_str(1, code) + _pb_bytes(2, _pb_bytes(1, body)))
+    out += _pb_bytes(9, responses)
+    out += _pb_extensions(13, op)
+    return bytes(out)
+
+
+_PATH_OPS = {"get": 2, "put": 3, "post": 4, "delete": 5, "options": 6, "head": 7, "patch": 8}
+
+
+def v2_protobuf(doc: dict[str, Any]) -> bytes:
+    """A v2 document (as :meth:`OpenAPI.v2_document` builds it) in gnostic's protobuf form."""
+    info = doc.get("info") or {}
+    out = bytearray(_pb_str(1, doc.get("swagger", "2.0")))
+    out += _pb_bytes(2, _pb_str(1, info.get("title")) + _pb_str(2, info.get("version")))
+    paths = b""
+    for path, item in (doc.get("paths") or {}).items():
+        ops = b"".join(_pb_bytes(num, _pb_operation(item[m])) for m, num in _PATH_OPS.items() if m in item)
+        paths += _pb_bytes(2, _pb_str(1, path) + _pb_bytes(2, ops))
+    out += _pb_bytes(8, paths)
+    out += _pb_bytes(
+        9,
+        b"".join(
+            _pb_bytes(1, _pb_str(1, name) + _pb_bytes(2, _pb_schema(schema)))
+            for name, schema in (doc.get("definitions") or {}).items()
+        ),
+    )
+    return bytes(out)
+
+
+__all__ = [
+    "OpenAPI",
+    "builtin_definitions",
+    "crd_definitions",
+    "document_hash",
+    "gv_path",
+    "prune_unknown",
+    "v2_protobuf",
+]

@@ -1,10 +1,14 @@
-"""Decode Kubernetes protobuf request bodies into the JSON objects the store keeps.
+"""Kubernetes protobuf: request bodies decoded to the JSON objects the store keeps, answers encoded.
 
 kubectl's typed clients (the generator commands: ``create namespace|configmap|secret|deployment|
 service``, ``expose``, ``scale`` ...) send ``Content-Type: application/vnd.kubernetes.protobuf``
-with ``Accept: application/vnd.kubernetes.protobuf,application/json``: the body must be decoded,
-the answer may be JSON (client-go picks the decoder by the response's Content-Type). This is
-upstream's wire format (k8s.io/apimachinery/pkg/runtime/serializer/protobuf), in order:
+with ``Accept: application/vnd.kubernetes.protobuf,application/json``: the body is decoded here,
+and since protobuf is listed first the server answers in it, as upstream does (objects, lists,
+Status errors, and watch streams: 4-byte big-endian length + a raw ``WatchEvent`` whose object is
+enveloped). The encoder writes what Go's generated ``Marshal`` writes (fields by number, non-pointer
+scalars and structs always, pointers/slices/maps when set, map keys sorted), so a decoded kubectl
+body encodes back to kubectl's exact bytes. This is upstream's wire format
+(k8s.io/apimachinery/pkg/runtime/serializer/protobuf), in order:
 
 1. the 4-byte magic ``k8s\\x00``;
 2. a ``runtime.Unknown`` message: ``typeMeta`` (1: apiVersion, 2: kind), ``raw`` (the typed
@@ -310,4 +314,178 @@ def decode(body: bytes) -> dict[str, Any]:
     return {**head, **obj}
 
 
-__all__ = ["CONTENT_TYPE", "MAGIC", "ProtobufError", "decode", "decode_message", "fields", "table"]
+# ---------------------------------------------------------------- encoding (answers to protobuf-only clients)
+
+
+def _key(num: int, wt: int) -> bytes:
+    return _enc_varint(num << 3 | wt)
+
+
+def _enc_varint(n: int) -> bytes:
+    n &= (1 << 64) - 1  # negative int32/int64: ten bytes of two's complement, as Go writes them
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        if not n:
+            out.append(low)
+            return bytes(out)
+        out.append(low | 0x80)
+
+
+def _ld(num: int, payload: bytes) -> bytes:
+    return _key(num, 2) + _enc_varint(len(payload)) + payload
+
+
+_GO_UNITS = {
+    "ns": 1,
+    "us": 1_000,
+    "µs": 1_000,
+    "μs": 1_000,
+    "ms": 1_000_000,
+    "s": 1_000_000_000,
+    "m": 60_000_000_000,
+    "h": 3_600_000_000_000,
+}
+
+
+def parse_go_duration(text: str) -> int:
+    """Nanoseconds of a Go duration string (``1h2m3.5s``, ``300ms``, ``-1.5h``)."""
+    import re
+
+    body = text.lstrip("+-")
+    if body in ("0", ""):
+        return 0
+    parts = re.findall(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)", body)
+    if not parts or "".join(n + u for n, u in parts) != body:
+        raise ProtobufError(f"invalid duration {text!r}")
+    total = sum(round(float(n) * _GO_UNITS[u]) for n, u in parts)
+    return -total if text.startswith("-") else total
+
+
+def _enc_timestamp(value: Any, micro: bool) -> bytes:
+    if not value:
+        return b""  # the zero time marshals to nothing
+    m = datetime.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    secs = int(m.timestamp())
+    nanos = m.microsecond * 1000 if micro else 0
+    return _key(1, 0) + _enc_varint(secs) + _key(2, 0) + _enc_varint(nanos)
+
+
+def _enc_special(name: str, value: Any) -> bytes | None:
+    """The message bytes of the types whose JSON form is not their message form (None: not one)."""
+    if name == _META + "Time":
+        return _enc_timestamp(value, micro=False)
+    if name == _META + "MicroTime":
+        return _enc_timestamp(value, micro=True)
+    if name == _META + "Duration":
+        return _key(1, 0) + _enc_varint(parse_go_duration(str(value)) if value else 0)
+    if name in (_META + "FieldsV1", "k8s.io.apimachinery.pkg.runtime.RawExtension"):
+        if value is None:
+            return b""
+        return _ld(1, json.dumps(value, separators=(",", ":")).encode())
+    if name == "k8s.io.apimachinery.pkg.util.intstr.IntOrString":
+        if isinstance(value, str):
+            return _key(1, 0) + _enc_varint(1) + _key(2, 0) + _enc_varint(0) + _ld(3, value.encode())
+        return _key(1, 0) + _enc_varint(0) + _key(2, 0) + _enc_varint(int(value or 0)) + _ld(3, b"")
+    if name == "k8s.io.apimachinery.pkg.api.resource.Quantity":
+        return _ld(1, str(value if value is not None else "0").encode())
+    return None
+
+
+def _enc_scalar(num: int, ptype: str, value: Any) -> bytes:
+    if ptype == "string":
+        return _ld(num, str(value if value is not None else "").encode())
+    if ptype == "bytes":
+        return _ld(num, base64.b64decode(value) if value else b"")
+    if ptype == "bool":
+        return _key(num, 0) + _enc_varint(1 if value else 0)
+    if ptype in ("int32", "int64", "uint32", "uint64"):
+        return _key(num, 0) + _enc_varint(int(value or 0))
+    if ptype == "double":
+        return _key(num, 1) + struct.pack("<d", float(value or 0))
+    if ptype == "float":
+        return _key(num, 5) + struct.pack("<f", float(value or 0))
+    raise ProtobufError(f"cannot encode a {ptype} field")
+
+
+def _enc_value(num: int, ptype: str, value: Any) -> bytes:
+    if ptype in _NUMERIC or ptype in ("string", "bytes"):
+        return _enc_scalar(num, ptype, value)
+    return _ld(num, encode_message(ptype, value))
+
+
+def encode_message(name: str, value: Any) -> bytes:
+    """One JSON value as its typed message, as Go's generated ``Marshal`` writes it: fields in
+    number order; non-pointer scalars and structs always (zero when absent), pointers, slices and
+    maps only when set; map entries by sorted key."""
+    special = _enc_special(name, value)
+    if special is not None:
+        return special
+    tab = table()
+    rows = tab["messages"].get(name)
+    if rows is None:
+        raise ProtobufError(f"no protobuf message {name} in kubeemu's table")
+    if name in tab["nullable"]:
+        return b"".join(_ld(1, str(v).encode()) for v in value or [])
+    obj = value if isinstance(value, dict) else {}
+    out = bytearray()
+    for num, jname, ptype, flags in sorted(rows, key=lambda r: r[0]):
+        if flags & _INLINE:
+            out += _ld(num, encode_message(ptype, obj))
+            continue
+        v = obj.get(jname)
+        if ptype.startswith("map<"):
+            ktype, vtype = ptype[4:-1].split(",", 1)
+            entries: dict[str, Any] = v or {}
+            for k in sorted(entries):
+                out += _ld(num, _enc_value(1, ktype, k) + _enc_value(2, vtype, entries[k]))
+        elif flags & _REPEATED:
+            for item in v or []:
+                out += _enc_value(num, ptype, item)
+        elif v is None and (flags & _POINTER or ptype in tab["nullable"]):
+            continue
+        else:
+            out += _enc_value(num, ptype, v)
+    return bytes(out)
+
+
+def message_for(api_version: str, kind: str) -> str | None:
+    """The protobuf message of an ``apiVersion``/``kind`` (None: the kind has no protobuf form)."""
+    kinds: dict[str, str] = table()["kinds"]
+    return kinds.get(f"{api_version}/{kind}") or kinds.get(f"meta/{kind}")
+
+
+def encode(obj: dict[str, Any], api_version: str | None = None, kind: str | None = None) -> bytes:
+    """An object as a protobuf body: magic + ``runtime.Unknown`` (typeMeta, raw, and the two
+    always-written empty strings contentEncoding and contentType)."""
+    api_version = api_version or obj.get("apiVersion", "")
+    kind = kind or obj.get("kind", "")
+    message = message_for(api_version, kind)
+    if message is None:
+        raise ProtobufError(f"no protobuf message is known for apiVersion {api_version!r} kind {kind!r}")
+    type_meta = _ld(1, api_version.encode()) + _ld(2, kind.encode())
+    raw = encode_message(message, obj)
+    return MAGIC + _ld(1, type_meta) + _ld(2, raw) + _ld(3, b"") + _ld(4, b"")
+
+
+def encode_watch_event(event_type: str, obj: dict[str, Any]) -> bytes:
+    """One frame of a protobuf watch stream: a 4-byte big-endian length, then a ``WatchEvent``
+    (raw: no magic, no envelope) whose ``object`` holds the enveloped object."""
+    event = _ld(1, event_type.encode()) + _ld(2, _ld(1, encode(obj)))
+    return struct.pack(">I", len(event)) + event
+
+
+__all__ = [
+    "CONTENT_TYPE",
+    "MAGIC",
+    "ProtobufError",
+    "decode",
+    "decode_message",
+    "encode",
+    "encode_message",
+    "encode_watch_event",
+    "fields",
+    "message_for",
+    "parse_go_duration",
+    "table",
+]

@@ -1,23 +1,27 @@
 """The HTTP face of one emulated cluster: kube-apiserver's REST paths over aiohttp.
 
-Paths served (answers are JSON; a client that accepts only protobuf gets 406 and falls back):
+Paths served (answers are JSON, or Kubernetes protobuf for built-in kinds when the client's Accept
+lists protobuf first, as kubectl's typed clients do; custom resources have no protobuf form, and a
+client that accepts nothing else gets 406):
 
 - discovery: ``/version``, ``/api``, ``/api/v1``, ``/apis``, ``/apis/G``, ``/apis/G/V`` (a trailing
   slash is ignored everywhere). Aggregated discovery (``as=APIGroupDiscoveryList``) is not
   offered: clients asking for it fall back to these legacy documents, as with an old server.
 - ``/openapi/v3`` (index and one document per group-version) and ``/openapi/v2`` in JSON: the
   upstream schemas of the built-in kinds and the CRDs' ``openAPIV3Schema`` (:mod:`kubeemu.openapi`),
-  what ``kubectl explain`` reads. ``/openapi/v2`` in protobuf (kubectl's client-side validation
-  asks for it) is an empty but well-formed document: with no schemas that validation has nothing
-  to check and passes, and server-side field validation is not advertised (no ``paths``).
+  what ``kubectl explain`` reads, and the ``fieldValidation`` parameter that makes kubectl leave
+  unknown fields to the server: built-in kinds' unknown fields are dropped as upstream's decoding
+  does (Strict: 400 ``strict decoding error``; Warn: a ``Warning`` each). ``/openapi/v2`` also in
+  gnostic's protobuf form, which kubectl asks for.
 - ``pods/log`` and ``pods/exec`` are proxied to the node's kubelet (:mod:`kubeemu.podproxy`);
   protobuf request bodies (kubectl's typed clients) are decoded by :mod:`kubeemu.protobuf`.
 - resources: ``/api/v1/...`` and ``/apis/G/V/...``, namespaced
   (``namespaces/NS/PLURAL[/NAME[/SUB]]``) or not, plus the legacy ``watch/`` prefix; verbs by
   method and the ``watch`` query parameter. ``Accept: ...;as=Table`` gets a server-side Table
   (what ``kubectl get`` prints). Custom resources are pruned and validated against their CRD's
-  schema on every write (:mod:`kubeemu.schema`); ``fieldValidation=Strict`` refuses unknown
-  fields (400), otherwise each pruned field gets a ``Warning`` header, as upstream.
+  schema on every write (:mod:`kubeemu.schema`), built-in kinds pruned against their upstream
+  OpenAPI schema (:mod:`kubeemu.openapi`); ``fieldValidation=Strict`` refuses unknown fields
+  (400), otherwise each pruned field gets a ``Warning`` header, as upstream.
 - ``/healthz``, ``/livez``, ``/readyz``.
 - ``/_kubeemu/...``: the admin endpoint for tests (faults, dropping or expiring watches,
   compacting the watch log, stats). Not part of the Kubernetes API.
@@ -32,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import calendar
 import contextlib
+import contextvars
 import json
 import logging
 import re
@@ -46,7 +51,7 @@ from kubeemu import errors, protobuf, schema, selectors, subresources
 from kubeemu.controllers import Controllers
 from kubeemu.errors import ApiError
 from kubeemu.objects import DeleteOptions, Event, Obj, Watcher, transition
-from kubeemu.openapi import OpenAPI
+from kubeemu.openapi import OpenAPI, prune_unknown
 from kubeemu.podprint import pod_restarts, pod_status
 from kubeemu.podproxy import PodProxy, proxied_subresources
 from kubeemu.resources import Registry, ResourceType
@@ -60,28 +65,43 @@ K8S_VERSION = {"major": "1", "minor": "32", "gitVersion": "v1.32.0-kubeemu", "gi
 _PB_OPENAPI = "application/com.github.proto-openapi.spec.v2.v1.0+protobuf"
 _JSON = "application/json"
 
-
-def _pb_varint(n: int) -> bytes:
-    """Protobuf base-128 varint: seven bits a byte, low first, the top bit set on all but the last."""
-    if n < 0:
-        raise ValueError(f"protobuf varint of a negative number {n}")
-    out = bytearray()
-    while True:
-        low, n = n & 0x7F, n >> 7
-        if not n:
-            out.append(low)
-            return bytes(out)
-        out.append(low | 0x80)
+#: Whether this request's answer is protobuf (its Accept lists protobuf first and the resource is
+#: a built-in kind): set while dispatching, applied by the middleware and the watch stream.
+_OUT_PROTOBUF: contextvars.ContextVar[bool] = contextvars.ContextVar("out_protobuf", default=False)
 
 
-def _pb_string(field_no: int, value: bytes) -> bytes:
-    """A length-delimited field (wire type 2). Key and length are varints: a one-byte length
-    would be misread past 127 bytes (the top bit means "more bytes follow")."""
-    return _pb_varint((field_no << 3) | 2) + _pb_varint(len(value)) + value
+def _negotiate(accept: str) -> tuple[str, bool]:
+    """(the first acceptable media type of ``Accept``: "protobuf", "json" or "", whether JSON is
+    acceptable at all). YAML is answered with JSON, which is YAML."""
+    first = ""
+    json_ok = not accept.strip()
+    for part in accept.split(","):
+        media = part.split(";")[0].strip().lower()
+        if media == protobuf.CONTENT_TYPE:
+            first = first or "protobuf"
+        elif "json" in media or "yaml" in media or media in ("*/*", "application/*"):
+            first = first or "json"
+            json_ok = True
+    return first or ("json" if json_ok else ""), json_ok
 
 
-# openapi_v2.Document{swagger: "2.0", info: {title: "Kubernetes", version: "v1.32.0"}}, hand-encoded
-_OPENAPI_V2_PB = _pb_string(1, b"2.0") + _pb_string(2, _pb_string(1, b"Kubernetes") + _pb_string(2, b"v1.32.0"))
+def _as_protobuf(resp: web.StreamResponse) -> web.StreamResponse:
+    """A JSON answer re-encoded as Kubernetes protobuf (objects, lists, Status), headers kept."""
+    if not isinstance(resp, web.Response) or resp.content_type != _JSON or not isinstance(resp.body, bytes):
+        return resp
+    obj = json.loads(resp.body)
+    if not isinstance(obj, dict) or protobuf.message_for(obj.get("apiVersion", ""), obj.get("kind", "")) is None:
+        return resp
+    out = web.Response(body=protobuf.encode(obj), status=resp.status, content_type=protobuf.CONTENT_TYPE)
+    for k, v in resp.headers.items():
+        if k.lower() not in ("content-type", "content-length"):
+            out.headers.add(k, v)
+    return out
+
+
+#: The target whose request body is checked for unknown fields (built-in kinds' writes), set by
+#: ``_resource`` around one request; read where the body is decoded.
+_FIELD_CHECK: contextvars.ContextVar[Target | None] = contextvars.ContextVar("field_check", default=None)
 
 
 def _decode_protobuf(raw: bytes) -> Any:
@@ -288,10 +308,17 @@ class EmuServer:
                 code = self.faults.error_code
                 return _json(ApiError(code, "InternalError" if code == 500 else "ServiceUnavailable",
                                       "Internal error occurred: injected fault").status(), code)
+        token = _OUT_PROTOBUF.set(False)
         try:
-            return await handler(request)
-        except ApiError as e:
-            return _json(e.status(), e.code)
+            try:
+                resp = await handler(request)
+            except ApiError as e:
+                resp = _json(e.status(), e.code)
+            if _OUT_PROTOBUF.get():
+                resp = _as_protobuf(resp)
+            return resp
+        finally:
+            _OUT_PROTOBUF.reset(token)
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         parts = [p for p in request.path.split("/") if p]
@@ -309,14 +336,18 @@ class EmuServer:
         if head == "openapi":
             if parts[1:] == ["v2"]:
                 if "protobuf" in request.headers.get("Accept", ""):
-                    return web.Response(body=_OPENAPI_V2_PB, content_type=_PB_OPENAPI)
+                    return web.Response(body=self.openapi.v2_protobuf(), content_type=_PB_OPENAPI)
                 return _json(self.openapi.v2_document())
             if parts[1:2] == ["v3"]:
                 return self._openapi_v3("/".join(parts[2:]))
             raise errors.no_route()
         accept = request.headers.get("Accept", "")
-        if accept and "json" not in accept and "*/*" not in accept and "yaml" not in accept:
-            raise ApiError(406, "NotAcceptable", f"only the following media types are accepted: {_JSON}", {})
+        first, json_ok = _negotiate(accept)
+        if first == "protobuf" and self._has_protobuf(parts):
+            _OUT_PROTOBUF.set(True)  # kubectl's typed clients list protobuf first: upstream answers in it
+        elif not json_ok:
+            media = f"{_JSON}, {protobuf.CONTENT_TYPE}" if self._has_protobuf(parts) else _JSON
+            raise ApiError(406, "NotAcceptable", f"only the following media types are accepted: {media}", {})
         if head == "api":
             if len(parts) == 1:
                 host = request.host
@@ -346,6 +377,17 @@ class EmuServer:
                 return _json(self._resource_list(group, version))
             return await self._resource(request, self._target(group, version, parts[3:]))
         raise errors.no_route()
+
+    def _has_protobuf(self, parts: list[str]) -> bool:
+        """Whether a resource path has a protobuf form: the built-in kinds kubeemu has message
+        tables for (kubeemu.protobuf) do; custom resources do not (upstream neither)."""
+        if parts[0] == "api":
+            return len(parts) > 2
+        if parts[0] != "apis" or len(parts) < 4:
+            return False
+        group, version = parts[1], parts[2]
+        types = [rt for rt in self.registry.all() if rt.group == group]
+        return bool(types) and all(rt.builtin and protobuf.message_for(f"{group}/{version}", rt.kind) for rt in types)
 
     # ---------------------------------------------------------------- discovery
 
@@ -417,15 +459,39 @@ class EmuServer:
             return None
         ctype = request.headers.get("Content-Type", "")
         if ctype.startswith(protobuf.CONTENT_TYPE):
-            return _decode_protobuf(raw)
+            return self._check_fields(_decode_protobuf(raw), ctype)
         try:
             if "yaml" in ctype:
                 import yaml  # only server-side apply sends YAML; keep it out of the idle footprint
 
-                return yaml.safe_load(raw)
-            return json.loads(raw)
+                return self._check_fields(yaml.safe_load(raw), ctype)
+            return self._check_fields(json.loads(raw), ctype)
         except ValueError as e:
             raise errors.bad_request(f"the body of the request could not be decoded: {e}") from None
+
+    def _check_fields(self, body: Any, ctype: str) -> Any:
+        """Unknown fields of a built-in kind's body are dropped, as decoding into the Go type does
+        upstream; ``fieldValidation=Strict`` refuses them instead, Warn (the default) adds a
+        ``Warning`` each. Custom resources are checked by the store against their CRD's schema."""
+        target = _FIELD_CHECK.get()
+        if target is None or not isinstance(body, dict) or "json-patch" in ctype:
+            return body
+        kind_schema = self.openapi.kind_schema(target.rt, target.version)
+        if kind_schema is None:
+            return body
+        dropped = prune_unknown(body, kind_schema, patch="strategic-merge-patch" in ctype)
+        if dropped:
+            unknown = ", ".join(f'unknown field "{d}"' for d in dropped)
+            mode = schema.FIELD_VALIDATION.get()
+            if mode == "Strict":
+                kind, version = target.rt.kind, target.version
+                raise errors.bad_request(
+                    f'{kind} in version "{version}" cannot be handled as a {kind}: strict decoding error: {unknown}'
+                )
+            sink = schema.PRUNED.get()
+            if sink is not None and mode != "Ignore":
+                sink.extend(dropped)
+        return body
 
     def _out(self, t: Target, obj: Obj) -> Obj:
         """Present a stored object through the requested version (CRD conversion None)."""
@@ -453,11 +519,14 @@ class EmuServer:
             return await proxy(request, t.namespace or "", t.name)
         pruned: list[str] = []
         tokens = (schema.FIELD_VALIDATION.set(request.query.get("fieldValidation", "")), schema.PRUNED.set(pruned))
+        checked = t.rt.builtin and t.sub in (None, "status") and request.method in ("POST", "PUT", "PATCH")
+        field_check = _FIELD_CHECK.set(t if checked else None)
         try:
             resp = await self._resource_inner(request, t)
         finally:
             schema.FIELD_VALIDATION.reset(tokens[0])
             schema.PRUNED.reset(tokens[1])
+            _FIELD_CHECK.reset(field_check)
         for path in pruned:
             resp.headers.add("Warning", f'299 - "unknown field \\"{path}\\""')
         return resp
@@ -582,7 +651,8 @@ class EmuServer:
         bookmarks = _bool(q.get("allowWatchBookmarks"))
         initial = _bool(q.get("sendInitialEvents"))
         timeout = float(q.get("timeoutSeconds", "0") or 0)
-        resp = web.StreamResponse(status=200, headers={"Content-Type": _JSON, "Cache-Control": "no-cache"})
+        ctype = f"{protobuf.CONTENT_TYPE};stream=watch" if _OUT_PROTOBUF.get() and not table else _JSON
+        resp = web.StreamResponse(status=200, headers={"Content-Type": ctype, "Cache-Control": "no-cache"})
         resp.enable_chunked_encoding()
         try:
             first, w = self.store.start_watch(t.rt, match, "0" if initial else q.get("resourceVersion"))
@@ -654,6 +724,8 @@ class EmuServer:
         return tab
 
     def _line(self, etype: str, obj: Obj, t: Target, _unused: bool) -> bytes:
+        if _OUT_PROTOBUF.get() and obj.get("kind") != "Table":
+            return protobuf.encode_watch_event(etype, obj)
         return json.dumps({"type": etype, "object": obj}, separators=(",", ":")).encode() + b"\n"
 
     def _bookmark(self, t: Target, rv: int, initial_end: bool) -> bytes:

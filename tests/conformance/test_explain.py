@@ -117,3 +117,12 @@ def test_explain_crd_follows_schema_changes(kubectl: Any, raw: Any) -> None:
         kubectl("delete", "crd", f"gizmos.{group}")
     _, index = raw.request("GET", "/openapi/v3")
     assert f"apis/{group}/v1" not in index["paths"]
+
+
+def test_explain_through_openapi_v2_protobuf(kubectl: Any) -> None:
+    """``--output=plaintext-openapiv2`` reads /openapi/v2 in gnostic's protobuf form."""
+    out = kubectl("explain", "pods.spec.containers.ports", "--output=plaintext-openapiv2")
+    assert "KIND:     Pod\nVERSION:  v1\n" in out and "RESOURCE: ports <[]Object>" in out
+    assert "containerPort\t<integer> -required-" in out
+    out = kubectl("explain", "deployment.spec.strategy.rollingUpdate", "--output=plaintext-openapiv2")
+    assert "maxSurge\t<string>" in out

@@ -244,3 +244,64 @@ def test_log_options_are_validated_and_discovered(raw: Any, ns: str, node: str) 
     _, resources = raw.request("GET", "/api/v1")
     subs = {r["name"]: r for r in resources["resources"] if r["name"].startswith("pods/")}
     assert subs["pods/log"]["verbs"] == ["get"] and subs["pods/exec"]["kind"] == "PodExecOptions"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_exec_large_output_and_client_going_away_ends_the_command(
+    kubelet: Any, node: str, raw: Any, ns: str, kubectl: Any, tmp_path: Path
+) -> None:
+    access, _ = kubelet
+    _pod(raw, ns, "big", node, "c")
+    access.state[(ns, "big", "c")] = "running"
+    out = kubectl("exec", "big", "-n", ns, "--", "sh", "-c", "head -c 3000000 /dev/zero | tr '\\0' x; echo")
+    assert out.returncode == 0 and len(out.stdout) == 3_000_001 and set(out.stdout) == {"x", "\n"}
+    pid_file = tmp_path / "pid"
+    proc = subprocess.Popen(
+        [
+            str(KUBECTL),
+            "--kubeconfig",
+            str(kubectl.cfg),
+            "exec",
+            "big",
+            "-n",
+            ns,
+            "--",
+            "sh",
+            "-c",
+            f"echo $$ > {pid_file}; exec sleep 600",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(lambda: pid_file.exists() and pid_file.read_text().strip(), 30, "the exec'd command started")
+        pid = int(pid_file.read_text())
+        assert _alive(pid)
+    finally:
+        proc.kill()
+        proc.wait()
+    wait_until(lambda: not _alive(pid), 30, f"the exec'd command (pid {pid}) ended when kubectl went away")
+
+
+def test_kubectl_cp_rides_on_exec(kubelet: Any, node: str, raw: Any, ns: str, kubectl: Any, tmp_path: Path) -> None:
+    """``kubectl cp`` is ``tar`` over exec, both ways (stdin for the upload)."""
+    access, _ = kubelet
+    _pod(raw, ns, "cp", node, "c")
+    access.state[(ns, "cp", "c")] = "running"
+    src = tmp_path / "in.txt"
+    src.write_text("payload\n")
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    out = kubectl("cp", str(src), f"{ns}/cp:{remote}/up.txt")
+    assert out.returncode == 0, out.stderr
+    assert (remote / "up.txt").read_text() == "payload\n"
+    out = kubectl("cp", f"{ns}/cp:{remote}/up.txt", str(tmp_path / "down.txt"))
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "down.txt").read_text() == "payload\n"

@@ -8,14 +8,14 @@ from __future__ import annotations
 import pytest
 from google.protobuf import descriptor_pb2
 
-from kubeemu import server
+from kubeemu import openapi
 
 
 @pytest.mark.parametrize("size", [0, 1, 127, 128, 200, 300, 16383, 16384, 70000])
 def test_pb_string_decodes_at_every_length(size: int) -> None:
     # FileDescriptorProto: field 1 is `string name`, field 2 is `string package`.
     name = ("n" * size).encode()
-    encoded = server._pb_string(1, name) + server._pb_string(2, b"after")
+    encoded = openapi._pb_bytes(1, name) + openapi._pb_bytes(2, b"after")
     msg = descriptor_pb2.FileDescriptorProto.FromString(encoded)
     assert msg.name == name.decode()
     assert msg.package == "after"  # the length was right: the next field starts where it should
@@ -23,13 +23,25 @@ def test_pb_string_decodes_at_every_length(size: int) -> None:
 
 def test_pb_varint() -> None:
     # Field 16's key (16 << 3 | 2 = 130) and 300 need two bytes; the protobuf docs' own examples.
-    assert server._pb_varint(16 << 3 | 2) == b"\x82\x01"
-    assert server._pb_varint(300) == b"\xac\x02"
-    assert server._pb_varint(0) == b"\x00"
+    assert openapi._pb_varint(16 << 3 | 2) == b"\x82\x01"
+    assert openapi._pb_varint(300) == b"\xac\x02"
+    assert openapi._pb_varint(0) == b"\x00"
 
 
-def test_openapi_document_is_unchanged() -> None:
-    # The short strings encode exactly as before: one-byte key, one-byte length.
-    assert server._OPENAPI_V2_PB == (
-        b"\x0a\x032.0" + b"\x12\x15" + b"\x0a\x0aKubernetes" + b"\x12\x07v1.32.0"
-    )
+def test_openapi_v2_document_structure() -> None:
+    # Document{swagger: 1, info: 2 {title: 1, version: 2}, paths: 8, definitions: 9 {NamedSchema}}
+    from kubeemu import protobuf
+    from kubeemu.resources import Registry
+    from kubeemu.store import Store
+
+    doc = openapi.OpenAPI(Registry(), Store(Registry(), ("10.96.0.0/24",))).v2_protobuf()
+    top = {num: v for num, _, v in protobuf.fields(doc)}
+    assert top[1] == b"2.0"
+    assert {n: v for n, _, v in protobuf.fields(top[2])} == {1: b"Kubernetes", 2: b"v1.32.0"}
+    named = [{n: v for n, _, v in protobuf.fields(x)} for _, _, x in protobuf.fields(top[9])]
+    pod = next(n[2] for n in named if n[1] == b"io.k8s.api.core.v1.Pod")
+    schema = {n: v for n, _, v in protobuf.fields(pod)}
+    assert schema[4].startswith(b"Pod is a collection of containers")  # description
+    ext = {n: v for n, _, v in protobuf.fields(schema[31])}  # the GVK vendor extension, YAML in Any
+    assert ext[1] == b"x-kubernetes-group-version-kind"
+    assert {n: v for n, _, v in protobuf.fields(ext[2])}[2] == b'[{"group":"","kind":"Pod","version":"v1"}]'
