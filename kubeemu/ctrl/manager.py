@@ -32,6 +32,7 @@ CONTROLLERS: dict[str, ControllerFactory] = {}
 
 def registry() -> dict[str, ControllerFactory]:
     """Every controller of the lab's controller-manager, by name."""
+    from kubeemu.ctrl.daemonset import DaemonSetController
     from kubeemu.ctrl.deployment import DeploymentController
     from kubeemu.ctrl.job import JobController
     from kubeemu.ctrl.replicaset import ReplicaSetController
@@ -41,6 +42,7 @@ def registry() -> dict[str, ControllerFactory]:
     CONTROLLERS.setdefault("deployment", DeploymentController)
     CONTROLLERS.setdefault("statefulset", StatefulSetController)
     CONTROLLERS.setdefault("job", JobController)
+    CONTROLLERS.setdefault("daemonset", DaemonSetController)
     return dict(CONTROLLERS)
 
 
