@@ -7,10 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
+import shutil
+import subprocess
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 from kubeemu.client import MERGE_PATCH, Client, Obj, resource_path
 from kubeemu.ctrl import statefulset as stsmod
+from kubeemu.lab import write_kubeconfig
 from kubeemu.runner import ServerThread
 from tests.kubeemu_cluster import ControllerManager, FakeKubelet, make_nodes, pods_of
 from tests.unit.test_kubeemu_workloads import apoll
@@ -207,5 +214,37 @@ def test_rolling_update_reverse_order_and_parallel() -> None:
         await apoll(par_claims_gone, "par's claims removed with the set")
         assert sorted(n for n in await claims(c) if n.startswith("data-db-")) == ["data-db-0", "data-db-1",
                                                                                    "data-db-2"]
+
+    run(scenario)
+
+
+KUBECTL = shutil.which("kubectl")
+
+
+@pytest.mark.skipif(KUBECTL is None, reason="no kubectl binary")
+def test_kubectl_rollout_status_statefulset_and_daemonset(tmp_path: Path) -> None:
+    async def scenario(c: Client, cm: ControllerManager, kubelet: FakeKubelet) -> None:
+        kubelet.bind = True
+        kubelet.rescan()
+        cfg = write_kubeconfig(tmp_path / "kubeconfig", {"emu": c.url})
+
+        def kubectl(*args: str) -> subprocess.CompletedProcess[str]:
+            assert KUBECTL is not None
+            return subprocess.run([KUBECTL, "--kubeconfig", str(cfg), *args], capture_output=True, text=True,
+                                  timeout=60)
+
+        body = sts("kw", 2, updateStrategy={"type": "RollingUpdate"})
+        ds = {"apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": "kd"},
+              "spec": {"selector": {"matchLabels": {"app": "kd"}}, "updateStrategy": {"type": "RollingUpdate"},
+                       "template": {"metadata": {"labels": {"app": "kd"}},
+                                    "spec": {"containers": [{"name": "c", "image": "x"}]}}}}
+        f = tmp_path / "m.json"
+        f.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": [body, ds]}))
+        p = await asyncio.to_thread(kubectl, "apply", "-f", str(f))
+        assert p.returncode == 0, p.stderr
+        for what in ("statefulset/kw", "daemonset/kd"):
+            p = await asyncio.to_thread(kubectl, "rollout", "status", what, "--timeout=40s")
+            assert p.returncode == 0, (what, p.stderr)
+        assert "partitioned roll out complete" in p.stdout or "successfully rolled out" in p.stdout
 
     run(scenario)

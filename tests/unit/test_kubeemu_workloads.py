@@ -400,5 +400,24 @@ def test_kubectl_rollout_status(tmp_path: Path) -> None:
         assert 'deployment "ks" successfully rolled out' in p.stdout
         p = await asyncio.to_thread(kubectl, "get", "deployment", "ks", "-o", "json")
         assert json.loads(p.stdout)["status"]["readyReplicas"] == 3
+        # a rolling update by kubectl, its history, and an undo back to revision 1's template
+        p = await asyncio.to_thread(kubectl, "set", "image", "deployment/ks", "c=busybox:2")
+        assert p.returncode == 0, p.stderr
+        p = await asyncio.to_thread(kubectl, "rollout", "status", "deployment/ks", "--timeout=40s")
+        assert p.returncode == 0 and "successfully rolled out" in p.stdout, p.stderr
+        p = await asyncio.to_thread(kubectl, "rollout", "history", "deployment/ks")
+        assert p.returncode == 0, p.stderr
+        assert [ln.split()[0] for ln in p.stdout.splitlines()[2:] if ln.strip()] == ["1", "2"], p.stdout
+        p = await asyncio.to_thread(kubectl, "rollout", "undo", "deployment/ks")
+        assert p.returncode == 0, p.stderr
+        p = await asyncio.to_thread(kubectl, "rollout", "status", "deployment/ks", "--timeout=40s")
+        assert p.returncode == 0, p.stderr
+        d = await get(c, "deployments", "ks")
+        assert d["spec"]["template"]["spec"]["containers"][0]["image"] == "busybox"
+        assert d["metadata"]["annotations"]["deployment.kubernetes.io/revision"] == "3"
+        rss = (await c.get(resource_path("apps/v1", "replicasets", NS), labelSelector="app=ks"))["items"]
+        assert len(rss) == 2  # revision 1's set was re-used, not a third one
+        first = next(r for r in rss if r["metadata"]["annotations"]["deployment.kubernetes.io/revision"] == "3")
+        assert first["metadata"]["annotations"]["deployment.kubernetes.io/revision-history"] == "1"
 
     run_cluster(scenario)
