@@ -421,3 +421,55 @@ def test_kubectl_rollout_status(tmp_path: Path) -> None:
         assert first["metadata"]["annotations"]["deployment.kubernetes.io/revision-history"] == "1"
 
     run_cluster(scenario)
+
+
+def test_restart_duplicates_nothing_for_every_kind() -> None:
+    """The acceptance item: kill the controller-manager and start it again (twice), with a
+    Deployment, a StatefulSet with claims, a DaemonSet and a finished and a running Job: the
+    same pods (UIDs), ReplicaSets, claims and Job counts afterwards."""
+
+    async def scenario(c: Client, cm: ControllerManager) -> None:
+        from tests.unit.test_kubeemu_daemonset import ds
+        from tests.unit.test_kubeemu_job import job
+        from tests.unit.test_kubeemu_statefulset import sts
+
+        await c.create(resource_path("apps/v1", "deployments", NS), deployment("d", 3))
+        await c.create(resource_path("apps/v1", "statefulsets", NS), sts("s", 2))
+        await c.create(resource_path("apps/v1", "daemonsets", NS), ds("a"))
+        await c.create(resource_path("batch/v1", "jobs", NS), job("j", completions=2, parallelism=2))
+        running = job("r", completions=1)
+        running["spec"]["template"]["metadata"]["labels"] = {"app": "r"}  # runs, never ends
+        await c.create(resource_path("batch/v1", "jobs", NS), running)
+
+        async def steady() -> bool:
+            dd = (await get(c, "deployments", "d")).get("status") or {}
+            ss = (await get(c, "statefulsets", "s")).get("status") or {}
+            aa = (await get(c, "daemonsets", "a")).get("status") or {}
+            jj = (await c.get(resource_path("batch/v1", "jobs", NS, "j"))).get("status") or {}
+            rr = (await c.get(resource_path("batch/v1", "jobs", NS, "r"))).get("status") or {}
+            return (dd.get("availableReplicas") == 3 and ss.get("readyReplicas") == 2
+                    and aa.get("numberReady") == len(NODES) and jj.get("succeeded") == 2 and rr.get("ready") == 1)
+
+        await apoll(steady, "every workload steady")
+        await cm.wait_idle()
+
+        async def snapshot() -> dict[str, Any]:
+            pods = sorted((p["metadata"]["name"], p["metadata"]["uid"]) for p in await pods_of(c, NS))
+            rss = sorted(r["metadata"]["uid"] for r in (await c.get(resource_path("apps/v1", "replicasets", NS)))
+                         ["items"])
+            pvcs = sorted(r["metadata"]["uid"] for r in (await c.get(
+                resource_path("v1", "persistentvolumeclaims", NS)))["items"])
+            counts = ("succeeded", "failed", "active")
+            jobs = {j["metadata"]["name"]: {k: (j.get("status") or {}).get(k) for k in counts}
+                    for j in (await c.get(resource_path("batch/v1", "jobs", NS)))["items"]}
+            return {"pods": pods, "rss": rss, "pvcs": pvcs, "jobs": jobs}
+
+        before = await snapshot()
+        assert len(before["pods"]) == 3 + 2 + len(NODES) + 2 + 1
+        for _ in range(2):
+            await cm.stop()
+            cm.start()
+            await cm.wait_idle()
+            assert await snapshot() == before
+
+    run_cluster(scenario)
