@@ -126,6 +126,11 @@ class JobController(Controller):
         assert pod is not None
         key = self._owner_key(pod)
         if key is None:
+            # a tracked pod whose Job is gone (deleted, namespace deleted): its finalizer must go
+            ref = controller_ref(pod)
+            if (etype != "DELETED" and ref is not None and ref.get("kind") == "Job"
+                    and TRACKING_FINALIZER in (pod["metadata"].get("finalizers") or [])):
+                self.queue.add(f"{pod['metadata'].get('namespace')}/{ref['name']}")
             return
         pk = object_key(pod)
         if etype == "ADDED" and not pod["metadata"].get("deletionTimestamp"):
@@ -160,11 +165,23 @@ class JobController(Controller):
             if not e.not_found:
                 raise
 
+    async def release_orphans(self, key: str, uid: str | None) -> None:
+        """Remove the tracking finalizer from pods of an earlier Job of this name (or of this
+        one, gone): nothing will count them any more (upstream's orphan-pod clean-up)."""
+        ns, name = split_key(key)
+        for p in self.pods.list(ns):
+            ref = controller_ref(p)
+            if (ref is not None and ref.get("kind") == "Job" and ref.get("name") == name and ref.get("uid") != uid
+                    and TRACKING_FINALIZER in (p["metadata"].get("finalizers") or [])):
+                await self.remove_finalizer(p)
+
     async def reconcile(self, key: str) -> None:
         cached = self.jobs.get(key)
         if cached is None:
             self.expectations.forget(key)
+            await self.release_orphans(key, None)
             return
+        await self.release_orphans(key, cached["metadata"]["uid"])
         job = copy.deepcopy(cached)
         ns, _ = split_key(key)
         spec = job.get("spec") or {}

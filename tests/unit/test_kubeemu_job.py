@@ -136,3 +136,25 @@ def test_job_backoff_limit_and_work_queue_and_indexed() -> None:
                    for p in pods)
 
     run(scenario)
+
+
+def test_deleting_a_job_lets_its_tracked_pods_go() -> None:
+    async def scenario(c: Client, cm: ControllerManager) -> None:
+        running = job("long", completions=1)
+        running["spec"]["template"]["metadata"]["labels"] = {"app": "long"}
+        await c.create(resource_path("batch/v1", "jobs", NS), running)
+
+        async def active() -> bool:
+            return ((await get_job(c, "long")).get("status") or {}).get("ready") == 1
+
+        await apoll(active, "job long running")
+        p = (await pods_of(c, NS, "app=long"))[0]
+        assert jobmod.TRACKING_FINALIZER in p["metadata"]["finalizers"]
+        await c.delete(resource_path("batch/v1", "jobs", NS, "long"), {"propagationPolicy": "Background"})
+
+        async def gone() -> bool:
+            return not await pods_of(c, NS, "app=long")
+
+        await apoll(gone, "the job's pod deleted once its finalizer was removed")
+
+    run(scenario)
