@@ -473,3 +473,68 @@ def test_restart_duplicates_nothing_for_every_kind() -> None:
             assert await snapshot() == before
 
     run_cluster(scenario)
+
+
+def test_namespace_deletion_empties_a_namespace_of_workloads() -> None:
+    """Deleting a namespace with a Deployment, a StatefulSet, a DaemonSet and a running Job
+    ends with the namespace gone: the controllers make nothing new there meanwhile (creates
+    are refused while it terminates) and the Job's tracked pods lose their finalizer."""
+
+    async def scenario(c: Client, cm: ControllerManager) -> None:
+        from tests.unit.test_kubeemu_daemonset import ds
+        from tests.unit.test_kubeemu_job import job
+        from tests.unit.test_kubeemu_statefulset import sts
+
+        ns = "doomed"
+        await c.create("/api/v1/namespaces", {"metadata": {"name": ns}})
+        running = job("r", completions=1)
+        running["spec"]["template"]["metadata"]["labels"] = {"app": "r"}
+        for api, plural, body in (("apps/v1", "deployments", deployment("d", 3)),
+                                  ("apps/v1", "statefulsets", sts("s", 2)), ("apps/v1", "daemonsets", ds("a")),
+                                  ("batch/v1", "jobs", running)):
+            await c.create(resource_path(api, plural, ns), body)
+
+        async def populated() -> bool:
+            return len(await pods_of(c, ns)) == 3 + 2 + len(NODES) + 1
+
+        await apoll(populated, "every workload's pods in the namespace")
+        await c.delete(f"/api/v1/namespaces/{ns}")
+
+        async def gone() -> bool:
+            try:
+                await c.get(f"/api/v1/namespaces/{ns}")
+            except Exception:
+                return True
+            return False
+
+        await apoll(gone, "the namespace finalized")
+        cm.check()
+
+    run_cluster(scenario)
+
+
+def test_min_ready_seconds_delays_availability() -> None:
+    """availableReplicas counts pods Ready for minReadySeconds; the controller looks again by
+    itself when that time is up (no pod event comes then)."""
+
+    async def scenario(c: Client, cm: ControllerManager) -> None:
+        await c.create(resource_path("apps/v1", "deployments", NS), deployment("slow", 2, minReadySeconds=3))
+
+        async def ready_not_available() -> Obj | None:
+            st = (await get(c, "replicasets", "slow-" + (await _hash(c, "slow")))).get("status") or {}
+            return st if st.get("readyReplicas") == 2 else None
+
+        st = await apoll(ready_not_available, "2 ready replicas")
+        assert st["availableReplicas"] < 2  # not yet: ready for less than 3 s (timestamps have 1 s steps)
+        d = await wait_rolled_out(c, "slow", 2)
+        assert d["status"]["availableReplicas"] == 2
+
+    run_cluster(scenario)
+
+
+async def _hash(c: Client, app: str) -> str:
+    async def one() -> str | None:
+        items = (await c.get(resource_path("apps/v1", "replicasets", NS), labelSelector=f"app={app}"))["items"]
+        return items[0]["metadata"]["labels"]["pod-template-hash"] if items else None
+
+    return str(await apoll(one, f"the replica set of {app}"))
