@@ -45,6 +45,7 @@ _log = logging.getLogger(__name__)
 
 TEMPLATE_GENERATION = "pod-template-generation"
 _BACKOFF_START, _BACKOFF_MAX = 1.0, 900.0
+COMPONENT = "daemonset-controller"
 
 
 def daemon_tolerations(spec: Obj) -> list[Obj]:
@@ -322,8 +323,10 @@ class DaemonSetController(Controller):
             async def one() -> None:
                 node = queue.pop(0)
                 body = self.new_pod(ds, node, h)
-                await self.client.create(resource_path("v1", "pods", ds["metadata"]["namespace"]), body)
+                created = await self.client.create(resource_path("v1", "pods", ds["metadata"]["namespace"]), body)
                 _log.info("daemonset %s: created pod for node %s", key, node)
+                await podutil.record_event(self.client, ds, "Normal", "SuccessfulCreate",
+                                           f"Created pod: {created['metadata']['name']}", COMPONENT)
 
             done, err = await podutil.slow_start_batch(len(create), 1, one)
             for _ in range(len(create) - done):
@@ -341,6 +344,10 @@ class DaemonSetController(Controller):
                                                        p["metadata"]["name"]),
                                          {"preconditions": {"uid": p["metadata"]["uid"]}})
                 _log.info("daemonset %s: deleted pod %s", key, p["metadata"]["name"])
+                owner = self.sets.get(key)
+                if owner is not None:
+                    await podutil.record_event(self.client, owner, "Normal", "SuccessfulDelete",
+                                               f"Deleted pod: {p['metadata']['name']}", COMPONENT)
             except ApiStatusError as e:
                 self.expectations.deletion_observed(key, object_key(p))
                 if not (e.not_found or e.conflict):

@@ -50,6 +50,7 @@ JOB_NAME = "batch.kubernetes.io/job-name"
 LEGACY_JOB_NAME = "job-name"
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 MAX_BACKOFF_S = 360.0
+COMPONENT = "job-controller"
 
 
 def effective_selector(job: Obj) -> Obj:
@@ -241,6 +242,11 @@ class JobController(Controller):
             if finished["type"] == "Complete":
                 status["completionTime"] = podutil.rfc3339(now)
             _log.info("job %s: %s (%s)", key, finished["type"], finished["reason"])
+            if finished["type"] == "Complete":
+                await podutil.record_event(self.client, job, "Normal", "Completed", "Job completed", COMPONENT)
+            else:
+                await podutil.record_event(self.client, job, "Warning", finished["reason"], finished["message"],
+                                           COMPONENT)
         if spec.get("activeDeadlineSeconds") is not None and finished is None and status.get("startTime"):
             left = (podutil.parse_time(status["startTime"]) or now) + int(spec["activeDeadlineSeconds"]) - now
             self.queue.add_after(key, max(left, 0.0) + 0.5)
@@ -357,7 +363,9 @@ class JobController(Controller):
                 meta["annotations"] = dict(meta.get("annotations") or {}, **{COMPLETION_INDEX: str(idx)})
                 meta["labels"][COMPLETION_INDEX] = str(idx)
                 body["spec"]["hostname"] = f"{jname}-{idx}"
-            await self.client.create(resource_path("v1", "pods", job["metadata"]["namespace"]), body)
+            created = await self.client.create(resource_path("v1", "pods", job["metadata"]["namespace"]), body)
+            await podutil.record_event(self.client, job, "Normal", "SuccessfulCreate",
+                                       f"Created pod: {created['metadata']['name']}", COMPONENT)
 
         done, err = await podutil.slow_start_batch(diff, 1, create)
         for _ in range(diff - done):

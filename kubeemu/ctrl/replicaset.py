@@ -80,6 +80,7 @@ class ReplicaSetController(Controller):
 
     name = "replicaset"
     workers = 4
+    component = "replicaset-controller"
     kind = "ReplicaSet"
     api_version = "apps/v1"
     plural = "replicasets"
@@ -233,11 +234,15 @@ class ReplicaSetController(Controller):
                         return
                     raise
                 _log.info("%s %s: created pod %s", self.kind, key, created["metadata"]["name"])
+                await podutil.record_event(self.client, rs, "Normal", "SuccessfulCreate",
+                                           f"Created pod: {created['metadata']['name']}", self.component)
 
             done, err = await podutil.slow_start_batch(n, 1, create)
             for _ in range(n - done):
                 self.expectations.creation_observed(key)
             if err is not None:
+                await podutil.record_event(self.client, rs, "Warning", "FailedCreate", f"Error creating: {err}",
+                                           self.component)
                 raise err
         elif diff > 0:
             n = min(diff, podutil.BURST_REPLICAS)
@@ -250,6 +255,8 @@ class ReplicaSetController(Controller):
                     await self.client.delete(resource_path("v1", "pods", ns, p["metadata"]["name"]),
                                              {"preconditions": {"uid": p["metadata"]["uid"]}})
                     _log.info("%s %s: deleted pod %s", self.kind, key, pk)
+                    await podutil.record_event(self.client, rs, "Normal", "SuccessfulDelete",
+                                               f"Deleted pod: {p['metadata']['name']}", self.component)
                 except ApiStatusError as e:
                     self.expectations.deletion_observed(key, pk)
                     if not (e.not_found or e.conflict):

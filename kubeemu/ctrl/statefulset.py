@@ -52,6 +52,7 @@ POD_NAME_LABEL = "statefulset.kubernetes.io/pod-name"
 POD_INDEX_LABEL = "apps.kubernetes.io/pod-index"
 REVISION_LABEL = "controller-revision-hash"
 _ORDINAL = re.compile(r"^(.*)-([0-9]+)$")
+COMPONENT = "statefulset-controller"
 
 
 # -- identities, revisions (pure) -------------------------------------------------------------
@@ -287,6 +288,10 @@ class StatefulSetController(Controller):
             try:
                 await self.client.create(resource_path("v1", "persistentvolumeclaims", ns), claim)
                 _log.info("statefulset %s: created claim %s", object_key(sts), claim["metadata"]["name"])
+                await podutil.record_event(
+                    self.client, sts, "Normal", "SuccessfulCreate",
+                    f"create Claim {claim['metadata']['name']} Pod {sts['metadata']['name']}-{ordinal} in "
+                    f"StatefulSet {sts['metadata']['name']} success", COMPONENT)
             except ApiStatusError as e:
                 if not e.conflict:
                     raise
@@ -309,6 +314,9 @@ class StatefulSetController(Controller):
             await self.client.delete(resource_path("v1", "pods", ns, pod["metadata"]["name"]),
                                      {"preconditions": {"uid": pod["metadata"]["uid"]}})
             _log.info("statefulset %s: deleted pod %s", object_key(sts), pod["metadata"]["name"])
+            await podutil.record_event(
+                self.client, sts, "Normal", "SuccessfulDelete",
+                f"delete Pod {pod['metadata']['name']} in StatefulSet {sts['metadata']['name']} successful", COMPONENT)
         except ApiStatusError as e:
             if not (e.not_found or e.conflict):
                 raise
@@ -373,6 +381,10 @@ class StatefulSetController(Controller):
                 try:
                     await self.client.create(resource_path("v1", "pods", sts["metadata"]["namespace"]), body)
                     _log.info("statefulset %s: created pod %s", object_key(sts), body["metadata"]["name"])
+                    await podutil.record_event(
+                        self.client, sts, "Normal", "SuccessfulCreate",
+                        f"create Pod {body['metadata']['name']} in StatefulSet {sts['metadata']['name']} successful",
+                        COMPONENT)
                 except ApiStatusError as e:
                     if not e.conflict:
                         raise

@@ -214,6 +214,11 @@ def test_deployment_rollout_scale_and_history() -> None:
         assert rs1["metadata"]["annotations"]["deployment.kubernetes.io/desired-replicas"] == "4"
         assert rs1["metadata"]["annotations"]["deployment.kubernetes.io/max-replicas"] == "5"
         assert all(p["metadata"]["labels"]["pod-template-hash"] == h for p in await active_pods(c, "app=web"))
+        events = (await c.get(resource_path("v1", "events", NS)))["items"]
+        assert any(e["reason"] == "ScalingReplicaSet" and e["involvedObject"]["name"] == "web"
+                   and e["message"] == f"Scaled up replica set web-{h} from 0 to 4" for e in events), events
+        assert sum(1 for e in events if e["reason"] == "SuccessfulCreate"
+                   and e["involvedObject"]["name"] == f"web-{h}") == 4
 
         # rolling update: watch the pod counts stay within replicas+maxSurge and >= replicas-0 ready
         await c.patch(resource_path("apps/v1", "deployments", NS, "web"),
