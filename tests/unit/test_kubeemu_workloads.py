@@ -543,3 +543,33 @@ async def _hash(c: Client, app: str) -> str:
         return items[0]["metadata"]["labels"]["pod-template-hash"] if items else None
 
     return str(await apoll(one, f"the replica set of {app}"))
+
+
+def test_paused_deployment_scales_but_does_not_roll_out() -> None:
+    async def scenario(c: Client, cm: ControllerManager) -> None:
+        await c.create(resource_path("apps/v1", "deployments", NS), deployment("p", 2))
+        await wait_rolled_out(c, "p", 2)
+        v2 = {"spec": {"paused": True, "replicas": 3,
+                       "template": {"spec": {"containers": [{"name": "c", "image": "b", "command": ["v2"]}]}}}}
+        await c.patch(resource_path("apps/v1", "deployments", NS, "p"), v2, MERGE_PATCH)
+
+        async def paused() -> Obj | None:
+            d = await get(c, "deployments", "p")
+            cond = next((x for x in d["status"].get("conditions") or [] if x["type"] == "Progressing"), {})
+            return d if cond.get("reason") == "DeploymentPaused" and cond.get("status") == "Unknown" else None
+
+        await apoll(paused, "the Progressing condition DeploymentPaused")
+        await apoll(lambda: _count(c, "app=p", 3), "scaled to 3 while paused")
+        await cm.wait_idle()
+        rss = (await c.get(resource_path("apps/v1", "replicasets", NS), labelSelector="app=p"))["items"]
+        assert len(rss) == 1  # no new ReplicaSet while paused
+        await c.patch(resource_path("apps/v1", "deployments", NS, "p"), {"spec": {"paused": False}}, MERGE_PATCH)
+        d = await wait_rolled_out(c, "p", 3)
+        assert d["metadata"]["annotations"]["deployment.kubernetes.io/revision"] == "2"
+        assert all(p["spec"]["containers"][0]["command"] == ["v2"] for p in await active_pods(c, "app=p"))
+
+    run_cluster(scenario)
+
+
+async def _count(c: Client, selector: str, n: int) -> bool:
+    return len(await active_pods(c, selector)) == n
