@@ -296,6 +296,17 @@ class StatefulSetController(Controller):
                 if not e.conflict:
                     raise
 
+    async def fix_identity(self, sts: Obj, pod: Obj, ordinal: int) -> None:
+        """``identityMatches`` / ``updateIdentity``: an adopted or edited pod gets its identity
+        labels back (name and hostname are fixed at creation)."""
+        labels = pod["metadata"].get("labels") or {}
+        want = {POD_NAME_LABEL: pod["metadata"]["name"], POD_INDEX_LABEL: str(ordinal)}
+        if all(labels.get(k) == v for k, v in want.items()):
+            return
+        await self.client.patch(resource_path("v1", "pods", pod["metadata"]["namespace"], pod["metadata"]["name"]),
+                                {"metadata": {"labels": want, "resourceVersion": pod["metadata"]["resourceVersion"]}},
+                                "application/merge-patch+json")
+
     async def delete_pod(self, sts: Obj, pod: Obj, condemned: bool = False) -> None:
         ns = sts["metadata"]["namespace"]
         policy = (sts.get("spec") or {}).get("persistentVolumeClaimRetentionPolicy") or {}
@@ -400,6 +411,7 @@ class StatefulSetController(Controller):
             if monotonic and not podutil.is_pod_available(pod, mrs):
                 self.queue.add_after(object_key(sts), float(mrs))
                 return
+            await self.fix_identity(sts, pod, ordinal)
         for pod in reversed(condemned):
             if is_terminating(pod):
                 if monotonic:

@@ -151,6 +151,15 @@ def test_ordered_ready_identities_claims_and_recreation() -> None:
 
         await apoll(one, "scaled to web-0 only")
         assert await claims(c) == pvcs
+        # an identity label removed by hand comes back
+        unlabel = {"metadata": {"labels": {stsmod.POD_INDEX_LABEL: None}}}
+        await c.patch(resource_path("v1", "pods", NS, "web-0"), unlabel, MERGE_PATCH)
+
+        async def relabelled() -> bool:
+            p0 = await c.get(resource_path("v1", "pods", NS, "web-0"))
+            return p0["metadata"]["labels"].get(stsmod.POD_INDEX_LABEL) == "0"
+
+        await apoll(relabelled, "web-0's pod-index label restored")
 
     run(scenario)
 
