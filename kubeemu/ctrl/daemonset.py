@@ -251,6 +251,16 @@ class DaemonSetController(Controller):
         return pod
 
     async def reconcile(self, key: str) -> None:
+        try:
+            await self._reconcile(key)
+        except ValueError as e:
+            # a spec the API server would have refused (maxUnavailable "x"): not a bug
+            _log.error("daemonset %s: invalid spec: %s", key, e)
+            ds = self.sets.get(key)
+            if ds is not None:
+                await podutil.record_event(self.client, ds, "Warning", "InvalidSpec", str(e), COMPONENT)
+
+    async def _reconcile(self, key: str) -> None:
         cached = self.sets.get(key)
         if cached is None:
             self.expectations.forget(key)

@@ -363,6 +363,17 @@ class DeploymentController(Controller):
     # ---------------------------------------------------------------- reconcile
 
     async def reconcile(self, key: str) -> None:
+        try:
+            await self._reconcile(key)
+        except ValueError as e:
+            # a spec the API server would have refused (maxSurge "5"): a user error, not a bug;
+            # nothing to do until the spec changes
+            _log.error("deployment %s: invalid spec: %s", key, e)
+            d = self.deployments.get(key)
+            if d is not None:
+                await podutil.record_event(self.client, d, "Warning", "InvalidSpec", str(e), COMPONENT)
+
+    async def _reconcile(self, key: str) -> None:
         cached = self.deployments.get(key)
         if cached is None:
             return

@@ -263,6 +263,18 @@ def test_deployment_rollout_scale_and_history() -> None:
 
         await apoll(history, "the oldest replica set removed by revisionHistoryLimit")
 
+        # a spec the API server should have refused is reported, and the manager keeps running
+        bad = deployment("bad", 2, strategy={"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "5"}})
+        await c.create(resource_path("apps/v1", "deployments", NS), bad)
+
+        async def warned() -> Obj | None:
+            evs = (await c.get(resource_path("v1", "events", NS)))["items"]
+            return next((e for e in evs if e["reason"] == "InvalidSpec" and e["involvedObject"]["name"] == "bad"),
+                        None)
+
+        ev = await apoll(warned, "an InvalidSpec event for deployment bad")
+        assert "spec.strategy.rollingUpdate.maxSurge" in ev["message"] and "'5'" in ev["message"]
+        cm.check()
         # scale up and down
         for n in (6, 2):
             await c.patch(resource_path("apps/v1", "deployments", NS, "web"), {"spec": {"replicas": n}}, MERGE_PATCH)
