@@ -567,7 +567,8 @@ def test_paused_deployment_scales_but_does_not_roll_out() -> None:
 
         async def paused() -> Obj | None:
             d = await get(c, "deployments", "p")
-            cond = next((x for x in d["status"].get("conditions") or [] if x["type"] == "Progressing"), {})
+            conds = (d.get("status") or {}).get("conditions") or []
+            cond = next((x for x in conds if x["type"] == "Progressing"), {})
             return d if cond.get("reason") == "DeploymentPaused" and cond.get("status") == "Unknown" else None
 
         await apoll(paused, "the Progressing condition DeploymentPaused")
@@ -585,3 +586,27 @@ def test_paused_deployment_scales_but_does_not_roll_out() -> None:
 
 async def _count(c: Client, selector: str, n: int) -> bool:
     return len(await active_pods(c, selector)) == n
+
+
+def test_progress_deadline_exceeded() -> None:
+    """A rollout whose new pods never become ready: Progressing turns False with
+    ProgressDeadlineExceeded after progressDeadlineSeconds (the controller looks again by
+    itself), what ``kubectl rollout status`` reports as a failed rollout."""
+
+    async def scenario(c: Client, cm: ControllerManager) -> None:
+        body = deployment("stuck", 2, progressDeadlineSeconds=2)
+        body["spec"]["template"]["metadata"]["labels"][NOT_READY_LABEL] = "false"
+        await c.create(resource_path("apps/v1", "deployments", NS), body)
+
+        async def timed_out() -> Obj | None:
+            d = await get(c, "deployments", "stuck")
+            conds = (d.get("status") or {}).get("conditions") or []
+            cond = next((x for x in conds if x["type"] == "Progressing"), {})
+            return cond if cond.get("reason") == "ProgressDeadlineExceeded" else None
+
+        cond = await apoll(timed_out, "ProgressDeadlineExceeded")
+        assert cond["status"] == "False"
+        assert cond["message"].startswith('ReplicaSet "stuck-') and cond["message"].endswith(
+            '" has timed out progressing.')
+
+    run_cluster(scenario)
