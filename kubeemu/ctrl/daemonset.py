@@ -206,6 +206,12 @@ class DaemonSetController(Controller):
         self.pods.add_handler(self._on_pod)
 
     def _on_node(self, etype: str, old: Obj | None, new: Obj | None) -> None:
+        """Nodes added or removed, or whose labels or spec (taints) changed, may change where
+        daemon pods belong; status heartbeats do not (``shouldIgnoreNodeUpdate``)."""
+        if etype == "MODIFIED" and old is not None and new is not None and (
+                old["metadata"].get("labels") == new["metadata"].get("labels")
+                and old.get("spec") == new.get("spec")):
+            return
         for ds in self.sets.list():
             self.queue.add(object_key(ds))
 
