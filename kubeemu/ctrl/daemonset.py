@@ -21,10 +21,12 @@ One reconcile, in upstream's ``syncDaemonSet`` order:
 2. per node: create the missing pod; delete Failed (with a per-node back-off, 1 s doubling to
    15 min, as upstream's ``failedPodsBackoff``) and Succeeded pods, all but the oldest of
    duplicates, and pods on nodes that should not run them;
-3. RollingUpdate (default; maxUnavailable default 1, percentages of the desired count rounded
-   up): delete old-revision pods on at most ``maxUnavailable`` nodes minus those unavailable,
-   unavailable old pods first; ``OnDelete`` waits for users to delete them. (maxSurge > 0 is
-   treated as 0: a node never runs old and new together here.)
+3. RollingUpdate (default; maxUnavailable default 1, maxSurge default 0, percentages of the
+   desired count rounded up): without surge, delete old-revision pods on at most
+   ``maxUnavailable`` nodes minus those unavailable, unavailable old pods first; with
+   ``maxSurge``, start a new pod next to the old one on up to ``maxSurge`` nodes (at once where
+   the old one is unavailable) and delete the old pod once the new one is available.
+   ``OnDelete`` waits for users to delete old pods.
 4. status: desiredNumberScheduled, currentNumberScheduled, numberMisscheduled, numberReady,
    numberAvailable, numberUnavailable, updatedNumberScheduled, observedGeneration.
 """
@@ -153,12 +155,78 @@ def node_of(pod: Obj) -> str:
     return ""
 
 
+def max_surge(ds: Obj, desired: int) -> int:
+    """``SurgeCount`` (rounded up; default 0)."""
+    ru = (((ds.get("spec") or {}).get("updateStrategy") or {}).get("rollingUpdate")) or {}
+    return podutil.scaled_value(ru.get("maxSurge"), desired, True, 0, "spec.updateStrategy.rollingUpdate.maxSurge")
+
+
 def max_unavailable(ds: Obj, desired: int) -> int:
-    """``UnavailableCount`` (rounded up), at least 1 when the set runs anywhere."""
+    """``UnavailableCount`` (rounded up); 1 when it and maxSurge both resolve to 0."""
     ru = (((ds.get("spec") or {}).get("updateStrategy") or {}).get("rollingUpdate")) or {}
     n = podutil.scaled_value(ru.get("maxUnavailable"), desired, True, 1,
                              "spec.updateStrategy.rollingUpdate.maxUnavailable")
-    return 1 if desired > 0 and n == 0 else n
+    return 1 if desired > 0 and n == 0 and max_surge(ds, desired) == 0 else n
+
+
+def split_updated(pods: list[Obj], h: str) -> tuple[Obj | None, Obj | None, bool]:
+    """``findUpdatedPodsOnNode``: (new pod, old pod, ok); not ok with two of either."""
+    new = old = None
+    for p in pods:
+        if p["metadata"].get("deletionTimestamp"):
+            continue
+        if (p["metadata"].get("labels") or {}).get(REVISION_LABEL) == h:
+            if new is not None:
+                return None, None, False
+            new = p
+        else:
+            if old is not None:
+                return None, None, False
+            old = p
+    return new, old, True
+
+
+def surge_step(ds: Obj, node_pods: dict[str, list[Obj]], should: dict[str, bool], h: str, desired: int,
+               now: float | None = None) -> tuple[list[Obj], list[str]]:
+    """``rollingUpdate`` with maxSurge: (old pods to delete, nodes to start a new pod on)."""
+    mrs = int((ds.get("spec") or {}).get("minReadySeconds") or 0)
+    surge = max_surge(ds, desired)
+    delete: list[Obj] = []
+    not_run: list[Obj] = []
+    candidates: list[str] = []
+    allowed: list[str] = []
+    num_surge = available = 0
+    for node in sorted(node_pods):
+        new, old, ok = split_updated(node_pods[node], h)
+        if not ok:
+            num_surge += 1
+            continue
+        cur = old if old is not None else new
+        if cur is not None and podutil.is_pod_available(cur, mrs, now):
+            available += 1
+        if old is None:
+            continue
+        if new is None:
+            if not podutil.is_pod_available(old, mrs, now):
+                if not should.get(node, False):
+                    delete.append(old)
+                    continue
+                allowed.append(node)
+            else:
+                if not should.get(node, False):
+                    not_run.append(old)
+                    continue
+                if num_surge >= surge:
+                    continue
+                candidates.append(node)
+        elif not podutil.is_pod_available(new, mrs, now):
+            num_surge += 1
+        else:
+            delete.append(old)
+    deletable = min(max(available - desired, 0), len(not_run))
+    delete.extend(not_run[:deletable])
+    remaining = min(max(surge - num_surge, 0), len(candidates))
+    return delete, allowed + candidates[:remaining]
 
 
 def old_pods_to_delete(ds: Obj, node_pods: dict[str, list[Obj]], h: str, desired: int,
@@ -282,16 +350,24 @@ class DaemonSetController(Controller):
         h = self.revision(ds)
         nodes = self.nodes.list()
         if self.expectations.satisfied(key) and not ds["metadata"].get("deletionTimestamp"):
-            await self.manage(key, ds, nodes, node_pods, h)
             strategy = (ds.get("spec") or {}).get("updateStrategy") or {}
-            if (strategy.get("type") or "RollingUpdate") == "RollingUpdate" and self.expectations.satisfied(key):
-                desired = {n["metadata"]["name"] for n in nodes if should_run(ds, n)[0]}
-                on_desired = {n: node_pods.get(n, []) for n in desired}
-                victims = old_pods_to_delete(ds, on_desired, h, len(desired))
-                await self.delete_pods(key, victims)
+            rolling = (strategy.get("type") or "RollingUpdate") == "RollingUpdate"
+            should = {n["metadata"]["name"]: should_run(ds, n)[0] for n in nodes}
+            desired = [n for n, yes in should.items() if yes]
+            surging = rolling and max_surge(ds, len(desired)) > 0
+            await self.manage(key, ds, nodes, node_pods, h, surging)
+            if rolling and self.expectations.satisfied(key):
+                if surging:
+                    victims, extra = surge_step(ds, node_pods, should, h, len(desired))
+                    await self.delete_pods(key, victims)
+                    await self.create_pods(key, ds, extra, h)
+                else:
+                    on_desired = {n: node_pods.get(n, []) for n in desired}
+                    await self.delete_pods(key, old_pods_to_delete(ds, on_desired, h, len(desired)))
         await self.update_status(ds, nodes, h)
 
-    async def manage(self, key: str, ds: Obj, nodes: list[Obj], node_pods: dict[str, list[Obj]], h: str) -> None:
+    async def manage(self, key: str, ds: Obj, nodes: list[Obj], node_pods: dict[str, list[Obj]], h: str,
+                     surging: bool) -> None:
         """``manage`` / ``podsShouldBeOnNode`` over every node."""
         create: list[str] = []
         delete: list[Obj] = []
@@ -324,7 +400,15 @@ class DaemonSetController(Controller):
                     else:
                         running.append(p)
                 if len(running) > 1:
-                    delete.extend(sorted(running, key=podutil.creation_key)[1:])
+                    ordered = sorted(running, key=podutil.creation_key)
+                    if not surging:
+                        delete.extend(ordered[1:])
+                    else:  # keep the oldest new and the oldest old pod
+                        first_new = next((p for p in ordered if (p["metadata"].get("labels") or {})
+                                          .get(REVISION_LABEL) == h), None)
+                        first_old = next((p for p in ordered if (p["metadata"].get("labels") or {})
+                                          .get(REVISION_LABEL) != h), None)
+                        delete.extend(p for p in ordered if p is not first_new and p is not first_old)
             elif pods:
                 delete.extend(p for p in pods if not p["metadata"].get("deletionTimestamp"))
         # pods on nodes that no longer exist
@@ -332,6 +416,9 @@ class DaemonSetController(Controller):
             if nname not in node_names:
                 delete.extend(p for p in pods if not p["metadata"].get("deletionTimestamp"))
         await self.delete_pods(key, delete)
+        await self.create_pods(key, ds, create, h)
+
+    async def create_pods(self, key: str, ds: Obj, create: list[str], h: str) -> None:
         if create:
             self.expectations.expect_creations(key, len(create))
             queue = list(create)

@@ -174,3 +174,48 @@ def test_daemonset_pods_per_node_and_rolling_update() -> None:
 
 async def _all_ready(c: Client, n: int) -> bool:
     return (await status(c, "agent")).get("numberReady") == n
+
+
+def test_daemonset_surge_update_keeps_every_node_served() -> None:
+    """maxSurge 1 / maxUnavailable 0: a new pod starts next to the old one, the old goes once
+    the new is available; no node is ever without a ready pod."""
+
+    async def scenario(c: Client, cm: ControllerManager) -> None:
+        body = ds("surge")
+        body["spec"]["updateStrategy"] = {"type": "RollingUpdate",
+                                          "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+        await c.create(resource_path("apps/v1", "daemonsets", NS), body)
+
+        async def ready3(gen: int) -> Obj | None:
+            st = await status(c, "surge")
+            ok = st.get("numberReady") == 3 and st.get("updatedNumberScheduled") == 3 and \
+                st.get("observedGeneration") == gen
+            return st if ok else None
+
+        await apoll(lambda: ready3(1), "surge on 3 nodes")
+        worst = {"unserved": 0, "max_pods": 0}
+        done = False
+
+        async def observe() -> None:
+            while not done:
+                pods = [x for x in await pods_of(c, NS, "app=surge") if not x["metadata"].get("deletionTimestamp")]
+                ready_nodes = {x["spec"]["nodeName"] for x in pods if any(
+                    k["type"] == "Ready" and k["status"] == "True" for k in x["status"].get("conditions") or [])}
+                worst["unserved"] = max(worst["unserved"], 3 - len(ready_nodes))
+                worst["max_pods"] = max(worst["max_pods"], len(pods))
+                await asyncio.sleep(0.005)
+
+        w = asyncio.create_task(observe())
+        tmpl = copy.deepcopy(body["spec"]["template"])
+        tmpl["spec"]["containers"][0]["command"] = ["v2"]
+        await c.patch(resource_path("apps/v1", "daemonsets", NS, "surge"), {"spec": {"template": tmpl}}, MERGE_PATCH)
+        await apoll(lambda: ready3(2), "surge updated on 3 nodes")
+        await cm.wait_idle()
+        done = True
+        await w
+        assert worst["unserved"] == 0, worst
+        assert worst["max_pods"] <= 4, worst  # at most maxSurge extra
+        pods = await pods_of(c, NS, "app=surge")
+        assert len(pods) == 3 and all(x["spec"]["containers"][0]["command"] == ["v2"] for x in pods)
+
+    run(scenario)
