@@ -37,12 +37,14 @@ def registry() -> dict[str, ControllerFactory]:
     from kubeemu.ctrl.job import JobController
     from kubeemu.ctrl.replicaset import ReplicaSetController
     from kubeemu.ctrl.statefulset import StatefulSetController
+    from kubeemu.ctrl.ttlafterfinished import TTLAfterFinishedController
 
     CONTROLLERS.setdefault("replicaset", ReplicaSetController)
     CONTROLLERS.setdefault("deployment", DeploymentController)
     CONTROLLERS.setdefault("statefulset", StatefulSetController)
     CONTROLLERS.setdefault("job", JobController)
     CONTROLLERS.setdefault("daemonset", DaemonSetController)
+    CONTROLLERS.setdefault("ttl-after-finished", TTLAfterFinishedController)
     return dict(CONTROLLERS)
 
 

@@ -158,3 +158,20 @@ def test_deleting_a_job_lets_its_tracked_pods_go() -> None:
         await apoll(gone, "the job's pod deleted once its finalizer was removed")
 
     run(scenario)
+
+
+def test_ttl_after_finished_deletes_the_job_and_its_pods() -> None:
+    async def scenario(c: Client, cm: ControllerManager) -> None:
+        await c.create(resource_path("batch/v1", "jobs", NS), job("ttl", completions=1, ttlSecondsAfterFinished=1))
+        keep = await c.create(resource_path("batch/v1", "jobs", NS), job("keep", completions=1))
+
+        async def gone() -> bool:
+            names = {j["metadata"]["name"] for j in (await c.get(resource_path("batch/v1", "jobs", NS)))["items"]}
+            return "ttl" not in names and not await pods_of(c, NS, "app=ttl")
+
+        await apoll(gone, "job ttl and its pod deleted after its TTL")
+        await cm.wait_idle()
+        kept = await get_job(c, "keep")
+        assert kept["metadata"]["uid"] == keep["metadata"]["uid"] and cond(kept, "Complete")
+
+    run(scenario)
