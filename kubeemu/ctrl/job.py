@@ -24,6 +24,8 @@ its own), account finished pods as above, then:
 * otherwise keep ``min(parallelism, completions - succeeded)`` pods active (without
   ``completions``: ``parallelism`` until one succeeds), re-creating after failures with
   upstream's back-off (10 s doubling to 6 min, :attr:`JobController.backoff_base`);
+* ``suspend: true``: active pods are deleted, condition ``Suspended`` (JobSuspended); on
+  resume it turns False (JobResumed) and ``startTime`` restarts;
 * complete when ``succeeded >= completions`` (or, without completions, one succeeded and none
   active): condition ``Complete`` reason ``CompletionsReached``, ``completionTime``.
 
@@ -197,9 +199,22 @@ class JobController(Controller):
         # 1-3: count finished pods through uncountedTerminatedPods
         await self.track_finished(job, pods, finished=False)
         status: Obj = copy.deepcopy(job.get("status") or {})
+        conds = list(status.get("conditions") or [])
+        suspended = next((c for c in conds if c.get("type") == "Suspended"), None)
         if spec.get("suspend"):
-            status.pop("startTime", None)  # a resumed Job's activeDeadlineSeconds starts over
-        elif not status.get("startTime"):
+            if suspended is None or suspended.get("status") != "True":
+                conds = [c for c in conds if c.get("type") != "Suspended"]
+                conds.append({**new_condition("Suspended", "JobSuspended", "Job suspended")})
+                await podutil.record_event(self.client, job, "Normal", "Suspended", "Job suspended", COMPONENT)
+        elif suspended is not None and suspended.get("status") == "True":
+            c = new_condition("Suspended", "JobResumed", "Job resumed")
+            c["status"] = "False"
+            conds = [*(x for x in conds if x.get("type") != "Suspended"), c]
+            status["startTime"] = podutil.rfc3339(now)  # activeDeadlineSeconds counts from the resume
+            await podutil.record_event(self.client, job, "Normal", "Resumed", "Job resumed", COMPONENT)
+        if conds:
+            status["conditions"] = conds
+        if not spec.get("suspend") and not status.get("startTime"):
             status["startTime"] = podutil.rfc3339(now)
         uncounted = status.get("uncountedTerminatedPods") or {}
         succeeded = int(status.get("succeeded") or 0) + len(uncounted.get("succeeded") or [])
