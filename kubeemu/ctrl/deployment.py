@@ -71,6 +71,7 @@ MIN_AVAILABLE = "MinimumReplicasAvailable"
 MIN_UNAVAILABLE = "MinimumReplicasUnavailable"
 
 _MAX_INT32 = 2**31 - 1
+COMPONENT = "deployment-controller"
 
 
 # -- pure arithmetic (deploymentutil) ---------------------------------------------------------
@@ -354,13 +355,25 @@ class DeploymentController(Controller):
         out = await self.client.patch(self._rs_path(rs), body, MERGE_PATCH)
         if replicas_of(rs) != size:
             op = "up" if size > replicas_of(rs) else "down"
-            _log.info("deployment %s: scaled %s replica set %s from %d to %d", object_key(d), op,
-                      rs["metadata"]["name"], replicas_of(rs), size)
+            msg = f"Scaled {op} replica set {rs['metadata']['name']} from {replicas_of(rs)} to {size}"
+            _log.info("deployment %s: %s", object_key(d), msg)
+            await podutil.record_event(self.client, d, "Normal", "ScalingReplicaSet", msg, COMPONENT)
         return out
 
     # ---------------------------------------------------------------- reconcile
 
     async def reconcile(self, key: str) -> None:
+        try:
+            await self._reconcile(key)
+        except ValueError as e:
+            # a spec the API server would have refused (maxSurge "5"): a user error, not a bug;
+            # nothing to do until the spec changes
+            _log.error("deployment %s: invalid spec: %s", key, e)
+            d = self.deployments.get(key)
+            if d is not None:
+                await podutil.record_event(self.client, d, "Warning", "InvalidSpec", str(e), COMPONENT)
+
+    async def _reconcile(self, key: str) -> None:
         cached = self.deployments.get(key)
         if cached is None:
             return
@@ -489,6 +502,10 @@ class DeploymentController(Controller):
         if not already:
             _log.info("deployment %s: created replica set %s with %d replicas (revision %s)", object_key(d),
                       created["metadata"]["name"], replicas_of(created), new_revision)
+            if replicas_of(created) > 0:
+                await podutil.record_event(
+                    self.client, d, "Normal", "ScalingReplicaSet",
+                    f"Scaled up replica set {created['metadata']['name']} from 0 to {replicas_of(created)}", COMPONENT)
         await self.set_revision(d, new_revision)
         if not already and has_progress_deadline(d):
             status = d.get("status") or {}

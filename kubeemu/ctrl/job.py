@@ -24,6 +24,8 @@ its own), account finished pods as above, then:
 * otherwise keep ``min(parallelism, completions - succeeded)`` pods active (without
   ``completions``: ``parallelism`` until one succeeds), re-creating after failures with
   upstream's back-off (10 s doubling to 6 min, :attr:`JobController.backoff_base`);
+* ``suspend: true``: active pods are deleted, condition ``Suspended`` (JobSuspended); on
+  resume it turns False (JobResumed) and ``startTime`` restarts;
 * complete when ``succeeded >= completions`` (or, without completions, one succeeded and none
   active): condition ``Complete`` reason ``CompletionsReached``, ``completionTime``.
 
@@ -50,6 +52,7 @@ JOB_NAME = "batch.kubernetes.io/job-name"
 LEGACY_JOB_NAME = "job-name"
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 MAX_BACKOFF_S = 360.0
+COMPONENT = "job-controller"
 
 
 def effective_selector(job: Obj) -> Obj:
@@ -126,6 +129,11 @@ class JobController(Controller):
         assert pod is not None
         key = self._owner_key(pod)
         if key is None:
+            # a tracked pod whose Job is gone (deleted, namespace deleted): its finalizer must go
+            ref = controller_ref(pod)
+            if (etype != "DELETED" and ref is not None and ref.get("kind") == "Job"
+                    and TRACKING_FINALIZER in (pod["metadata"].get("finalizers") or [])):
+                self.queue.add(f"{pod['metadata'].get('namespace')}/{ref['name']}")
             return
         pk = object_key(pod)
         if etype == "ADDED" and not pod["metadata"].get("deletionTimestamp"):
@@ -160,11 +168,23 @@ class JobController(Controller):
             if not e.not_found:
                 raise
 
+    async def release_orphans(self, key: str, uid: str | None) -> None:
+        """Remove the tracking finalizer from pods of an earlier Job of this name (or of this
+        one, gone): nothing will count them any more (upstream's orphan-pod clean-up)."""
+        ns, name = split_key(key)
+        for p in self.pods.list(ns):
+            ref = controller_ref(p)
+            if (ref is not None and ref.get("kind") == "Job" and ref.get("name") == name and ref.get("uid") != uid
+                    and TRACKING_FINALIZER in (p["metadata"].get("finalizers") or [])):
+                await self.remove_finalizer(p)
+
     async def reconcile(self, key: str) -> None:
         cached = self.jobs.get(key)
         if cached is None:
             self.expectations.forget(key)
+            await self.release_orphans(key, None)
             return
+        await self.release_orphans(key, cached["metadata"]["uid"])
         job = copy.deepcopy(cached)
         ns, _ = split_key(key)
         spec = job.get("spec") or {}
@@ -179,9 +199,22 @@ class JobController(Controller):
         # 1-3: count finished pods through uncountedTerminatedPods
         await self.track_finished(job, pods, finished=False)
         status: Obj = copy.deepcopy(job.get("status") or {})
+        conds = list(status.get("conditions") or [])
+        suspended = next((c for c in conds if c.get("type") == "Suspended"), None)
         if spec.get("suspend"):
-            status.pop("startTime", None)  # a resumed Job's activeDeadlineSeconds starts over
-        elif not status.get("startTime"):
+            if suspended is None or suspended.get("status") != "True":
+                conds = [c for c in conds if c.get("type") != "Suspended"]
+                conds.append({**new_condition("Suspended", "JobSuspended", "Job suspended")})
+                await podutil.record_event(self.client, job, "Normal", "Suspended", "Job suspended", COMPONENT)
+        elif suspended is not None and suspended.get("status") == "True":
+            c = new_condition("Suspended", "JobResumed", "Job resumed")
+            c["status"] = "False"
+            conds = [*(x for x in conds if x.get("type") != "Suspended"), c]
+            status["startTime"] = podutil.rfc3339(now)  # activeDeadlineSeconds counts from the resume
+            await podutil.record_event(self.client, job, "Normal", "Resumed", "Job resumed", COMPONENT)
+        if conds:
+            status["conditions"] = conds
+        if not spec.get("suspend") and not status.get("startTime"):
             status["startTime"] = podutil.rfc3339(now)
         uncounted = status.get("uncountedTerminatedPods") or {}
         succeeded = int(status.get("succeeded") or 0) + len(uncounted.get("succeeded") or [])
@@ -224,6 +257,11 @@ class JobController(Controller):
             if finished["type"] == "Complete":
                 status["completionTime"] = podutil.rfc3339(now)
             _log.info("job %s: %s (%s)", key, finished["type"], finished["reason"])
+            if finished["type"] == "Complete":
+                await podutil.record_event(self.client, job, "Normal", "Completed", "Job completed", COMPONENT)
+            else:
+                await podutil.record_event(self.client, job, "Warning", finished["reason"], finished["message"],
+                                           COMPONENT)
         if spec.get("activeDeadlineSeconds") is not None and finished is None and status.get("startTime"):
             left = (podutil.parse_time(status["startTime"]) or now) + int(spec["activeDeadlineSeconds"]) - now
             self.queue.add_after(key, max(left, 0.0) + 0.5)
@@ -340,7 +378,9 @@ class JobController(Controller):
                 meta["annotations"] = dict(meta.get("annotations") or {}, **{COMPLETION_INDEX: str(idx)})
                 meta["labels"][COMPLETION_INDEX] = str(idx)
                 body["spec"]["hostname"] = f"{jname}-{idx}"
-            await self.client.create(resource_path("v1", "pods", job["metadata"]["namespace"]), body)
+            created = await self.client.create(resource_path("v1", "pods", job["metadata"]["namespace"]), body)
+            await podutil.record_event(self.client, job, "Normal", "SuccessfulCreate",
+                                       f"Created pod: {created['metadata']['name']}", COMPONENT)
 
         done, err = await podutil.slow_start_batch(diff, 1, create)
         for _ in range(diff - done):

@@ -34,11 +34,13 @@ CONTROLLERS: dict[str, ControllerFactory] = {}
 def registry() -> dict[str, ControllerFactory]:
     """Every controller of the lab's controller-manager, by name."""
     from kubeemu.ctrl import provisioner, volume
+    from kubeemu.ctrl.daemonset import DaemonSetController
     from kubeemu.ctrl.deployment import DeploymentController
     from kubeemu.ctrl.endpointslice import EndpointSliceController
     from kubeemu.ctrl.job import JobController
     from kubeemu.ctrl.replicaset import ReplicaSetController
     from kubeemu.ctrl.statefulset import StatefulSetController
+    from kubeemu.ctrl.ttlafterfinished import TTLAfterFinishedController
 
     CONTROLLERS.setdefault("replicaset", ReplicaSetController)
     CONTROLLERS.setdefault("deployment", DeploymentController)
@@ -50,6 +52,8 @@ def registry() -> dict[str, ControllerFactory]:
     CONTROLLERS.setdefault("pv-protection", volume.PVProtection)
     CONTROLLERS.setdefault("persistentvolume-expander", volume.ExpandController)
     CONTROLLERS.setdefault("lab-local-provisioner", provisioner.LocalProvisioner)
+    CONTROLLERS.setdefault("daemonset", DaemonSetController)
+    CONTROLLERS.setdefault("ttl-after-finished", TTLAfterFinishedController)
     return dict(CONTROLLERS)
 
 

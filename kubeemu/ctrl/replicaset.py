@@ -80,6 +80,7 @@ class ReplicaSetController(Controller):
 
     name = "replicaset"
     workers = 4
+    component = "replicaset-controller"
     kind = "ReplicaSet"
     api_version = "apps/v1"
     plural = "replicasets"
@@ -111,37 +112,43 @@ class ReplicaSetController(Controller):
         return [object_key(rs) for rs in self.sets.list(ns)
                 if podutil.selector_matches((rs.get("spec") or {}).get("selector"), labels)]
 
+    def _pod_deleted(self, pod: Obj) -> None:
+        """``deletePod``: the owner's deletion is observed (also when only deletionTimestamp
+        was set: a replacement is due as soon as a pod starts terminating)."""
+        key = self._owner_key(pod)
+        if key is not None:
+            self.expectations.deletion_observed(key, object_key(pod))
+            self.queue.add(key)
+
     def _on_pod(self, etype: str, old: Obj | None, new: Obj | None) -> None:
-        pod = new or old
-        assert pod is not None
-        pkey = object_key(pod)
-        if etype == "DELETED" or (new is not None and new["metadata"].get("deletionTimestamp")
-                                  and not (old or {}).get("metadata", {}).get("deletionTimestamp")):
-            key = self._owner_key(pod)
-            if key is not None:
-                self.expectations.deletion_observed(key, pkey)
-                self.queue.add(key)
-            elif etype == "DELETED":
+        """``addPod`` / ``updatePod`` / ``deletePod``: map the event to ReplicaSet keys."""
+        if etype == "DELETED":
+            pod = new or old
+            assert pod is not None
+            self._pod_deleted(pod)
+            return
+        assert new is not None
+        if etype == "ADDED" or old is None:
+            if new["metadata"].get("deletionTimestamp"):
+                self._pod_deleted(new)
                 return
-            if etype == "DELETED":
-                return
-        if etype == "ADDED":
-            key = self._owner_key(pod)
+            key = self._owner_key(new)
             if key is not None:
                 self.expectations.creation_observed(key)
                 self.queue.add(key)
-            elif controller_ref(pod) is None:
-                for k in self._matching_sets(pod):
+            elif controller_ref(new) is None:
+                for k in self._matching_sets(new):
                     self.queue.add(k)
             return
-        # MODIFIED: the old and the new owner; orphans to every matching set when labels or
-        # the owner changed; a pod that became ready again after minReadySeconds.
-        assert old is not None and new is not None
-        keys = {k for k in (self._owner_key(old), self._owner_key(new)) if k}
         labels_changed = (old["metadata"].get("labels") or {}) != (new["metadata"].get("labels") or {})
-        ref_changed = controller_ref(old) != controller_ref(new)
-        if controller_ref(new) is None and (labels_changed or ref_changed):
-            keys.update(self._matching_sets(new))
+        if new["metadata"].get("deletionTimestamp"):
+            self._pod_deleted(new)
+            if labels_changed:
+                self._pod_deleted(old)
+            return
+        keys = {k for k in (self._owner_key(old), self._owner_key(new)) if k}
+        if controller_ref(new) is None and (labels_changed or controller_ref(old) is not None):
+            keys.update(self._matching_sets(new))  # an orphan now: whoever matches may adopt it
         for k in keys:
             self.queue.add(k)
         key = self._owner_key(new)
@@ -149,6 +156,7 @@ class ReplicaSetController(Controller):
             rs = self.sets.get(key)
             mrs = int(((rs or {}).get("spec") or {}).get("minReadySeconds") or 0)
             if mrs > 0:
+                # available only after minReadySeconds: look again then (upstream adds 1 s)
                 self.queue.add_after(key, mrs + 1)
 
     # ---------------------------------------------------------------- reconcile
@@ -226,11 +234,15 @@ class ReplicaSetController(Controller):
                         return
                     raise
                 _log.info("%s %s: created pod %s", self.kind, key, created["metadata"]["name"])
+                await podutil.record_event(self.client, rs, "Normal", "SuccessfulCreate",
+                                           f"Created pod: {created['metadata']['name']}", self.component)
 
             done, err = await podutil.slow_start_batch(n, 1, create)
             for _ in range(n - done):
                 self.expectations.creation_observed(key)
             if err is not None:
+                await podutil.record_event(self.client, rs, "Warning", "FailedCreate", f"Error creating: {err}",
+                                           self.component)
                 raise err
         elif diff > 0:
             n = min(diff, podutil.BURST_REPLICAS)
@@ -243,6 +255,8 @@ class ReplicaSetController(Controller):
                     await self.client.delete(resource_path("v1", "pods", ns, p["metadata"]["name"]),
                                              {"preconditions": {"uid": p["metadata"]["uid"]}})
                     _log.info("%s %s: deleted pod %s", self.kind, key, pk)
+                    await podutil.record_event(self.client, rs, "Normal", "SuccessfulDelete",
+                                               f"Deleted pod: {p['metadata']['name']}", self.component)
                 except ApiStatusError as e:
                     self.expectations.deletion_observed(key, pk)
                     if not (e.not_found or e.conflict):

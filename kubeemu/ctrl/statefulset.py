@@ -52,6 +52,7 @@ POD_NAME_LABEL = "statefulset.kubernetes.io/pod-name"
 POD_INDEX_LABEL = "apps.kubernetes.io/pod-index"
 REVISION_LABEL = "controller-revision-hash"
 _ORDINAL = re.compile(r"^(.*)-([0-9]+)$")
+COMPONENT = "statefulset-controller"
 
 
 # -- identities, revisions (pure) -------------------------------------------------------------
@@ -287,9 +288,24 @@ class StatefulSetController(Controller):
             try:
                 await self.client.create(resource_path("v1", "persistentvolumeclaims", ns), claim)
                 _log.info("statefulset %s: created claim %s", object_key(sts), claim["metadata"]["name"])
+                await podutil.record_event(
+                    self.client, sts, "Normal", "SuccessfulCreate",
+                    f"create Claim {claim['metadata']['name']} Pod {sts['metadata']['name']}-{ordinal} in "
+                    f"StatefulSet {sts['metadata']['name']} success", COMPONENT)
             except ApiStatusError as e:
                 if not e.conflict:
                     raise
+
+    async def fix_identity(self, sts: Obj, pod: Obj, ordinal: int) -> None:
+        """``identityMatches`` / ``updateIdentity``: an adopted or edited pod gets its identity
+        labels back (name and hostname are fixed at creation)."""
+        labels = pod["metadata"].get("labels") or {}
+        want = {POD_NAME_LABEL: pod["metadata"]["name"], POD_INDEX_LABEL: str(ordinal)}
+        if all(labels.get(k) == v for k, v in want.items()):
+            return
+        await self.client.patch(resource_path("v1", "pods", pod["metadata"]["namespace"], pod["metadata"]["name"]),
+                                {"metadata": {"labels": want, "resourceVersion": pod["metadata"]["resourceVersion"]}},
+                                "application/merge-patch+json")
 
     async def delete_pod(self, sts: Obj, pod: Obj, condemned: bool = False) -> None:
         ns = sts["metadata"]["namespace"]
@@ -309,6 +325,9 @@ class StatefulSetController(Controller):
             await self.client.delete(resource_path("v1", "pods", ns, pod["metadata"]["name"]),
                                      {"preconditions": {"uid": pod["metadata"]["uid"]}})
             _log.info("statefulset %s: deleted pod %s", object_key(sts), pod["metadata"]["name"])
+            await podutil.record_event(
+                self.client, sts, "Normal", "SuccessfulDelete",
+                f"delete Pod {pod['metadata']['name']} in StatefulSet {sts['metadata']['name']} successful", COMPONENT)
         except ApiStatusError as e:
             if not (e.not_found or e.conflict):
                 raise
@@ -373,6 +392,10 @@ class StatefulSetController(Controller):
                 try:
                     await self.client.create(resource_path("v1", "pods", sts["metadata"]["namespace"]), body)
                     _log.info("statefulset %s: created pod %s", object_key(sts), body["metadata"]["name"])
+                    await podutil.record_event(
+                        self.client, sts, "Normal", "SuccessfulCreate",
+                        f"create Pod {body['metadata']['name']} in StatefulSet {sts['metadata']['name']} successful",
+                        COMPONENT)
                 except ApiStatusError as e:
                     if not e.conflict:
                         raise
@@ -388,6 +411,7 @@ class StatefulSetController(Controller):
             if monotonic and not podutil.is_pod_available(pod, mrs):
                 self.queue.add_after(object_key(sts), float(mrs))
                 return
+            await self.fix_identity(sts, pod, ordinal)
         for pod in reversed(condemned):
             if is_terminating(pod):
                 if monotonic:

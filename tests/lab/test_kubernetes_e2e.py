@@ -44,7 +44,7 @@ class KubeLab(Lab):
         pids = set()
         for c in self.status()["clusters"]:
             k = c["kubernetes"]
-            pids |= {p for p in (k["apiserver_pid"], k["kubelet_pid"]) if p}
+            pids |= {p for p in (k["apiserver_pid"], k["kubelet_pid"], k.get("controller_manager_pid")) if p}
         return pids
 
 
@@ -56,7 +56,8 @@ def klab() -> Iterator[KubeLab]:
         lab.kubeconfig = Path(lab.lab("kubeconfig").stdout.strip())
         yield lab
     pids = lab.down_pids
-    assert len(pids) == 4 + 1 + 2 * 2, f"expected agents, reflector, API servers and kubelets: {pids}"
+    assert len(pids) == 4 + 1 + 2 * 3, \
+        f"expected agents, reflector, API servers, kubelets and controller-managers: {pids}"
     assert not os.path.exists(f"/run/kosmos-fabric/lab/{name}"), "lab down left its state directory behind"
 
 
@@ -209,3 +210,45 @@ def test_an_unbound_pod_stays_pending_without_a_scheduler(klab: KubeLab, tmp_pat
     klab.kubectl("east", "create", "--raw", "/api/v1/namespaces/default/pods/loose/binding", "-f", str(binding))
     assert _running(klab, "east", "loose")["spec"]["nodeName"] == "e2"
     klab.kubectl("east", "delete", "pod", "loose", "after", "--wait=false")
+
+def test_a_daemonset_runs_lab_pods_and_survives_a_controller_manager_restart(klab: KubeLab, tmp_path: Path) -> None:
+    """The controller-manager ``lab up`` starts: a DaemonSet (bound by the controller, the lab
+    runs no scheduler) gets a running lab pod with an IP on every east node; killing the
+    controller-manager and ``lab up`` again restarts it, and it creates and deletes nothing."""
+    f = tmp_path / "ds.yaml"
+    f.write_text(
+        "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {name: probe, namespace: default}\n"
+        # updateStrategy spelled out: kubectl rollout status needs it and kubeemu does not
+        # default it yet (the API server's defaulting, not the controller's, fills it upstream)
+        "spec:\n  selector: {matchLabels: {app: probe}}\n  updateStrategy: {type: RollingUpdate}\n"
+        "  template:\n    metadata: {labels: {app: probe}}\n"
+        "    spec: {containers: [{name: c, image: busybox, command: [sleep, '3600']}]}\n"
+    )
+    klab.kubectl("east", "apply", "-f", str(f))
+
+    def running() -> dict[str, Any] | None:
+        pods = klab.get("east", "pods", "-l", "app=probe")["items"]
+        ok = len(pods) == 2 and all(p["status"].get("phase") == "Running" and p["status"].get("podIP") for p in pods)
+        return {p["spec"]["nodeName"]: p for p in pods} if ok else None
+
+    pods = wait_until(running, 30, "a probe pod Running on e1 and e2", interval=0.3)
+    assert sorted(pods) == ["e1", "e2"]
+    klab.kubectl("east", "rollout", "status", "daemonset/probe", "--timeout=30s")
+    for node, p in pods.items():
+        _kube_netns(klab, "east", node, p["status"]["podIP"])
+    uids = {p["metadata"]["uid"] for p in pods.values()}
+    east = next(c for c in klab.status()["clusters"] if c["name"] == "east")
+    old = east["kubernetes"]["controller_manager_pid"]
+    assert old
+    os.kill(old, signal.SIGTERM)
+    wait_until(lambda: not _alive(old), 10, f"controller-manager {old} to exit")
+    klab.lab("up", str(TOPOLOGY), "--timeout", "60")
+    east = next(c for c in klab.status()["clusters"] if c["name"] == "east")
+    new = east["kubernetes"]["controller_manager_pid"]
+    assert new not in (None, old)
+    log = Path(east["kubernetes"]["controller_manager_log"])
+    wait_until(lambda: log.read_text().count("daemonset: caches synced") >= 2, 15, "the new controller-manager synced")
+    klab.kubectl("east", "rollout", "status", "daemonset/probe", "--timeout=30s")
+    assert {p["metadata"]["uid"] for p in klab.get("east", "pods", "-l", "app=probe")["items"]} == uids
+    klab.kubectl("east", "delete", "daemonset", "probe", "--timeout", "30s")
+    wait_until(lambda: not klab.get("east", "pods", "-l", "app=probe")["items"], 30, "the probe pods deleted")

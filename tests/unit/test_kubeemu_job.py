@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from kubeemu.client import Client, Obj, resource_path
+from kubeemu.client import MERGE_PATCH, Client, Obj, resource_path
 from kubeemu.ctrl import job as jobmod
 from kubeemu.runner import ServerThread
 from tests.kubeemu_cluster import PHASE_LABEL, ControllerManager, FakeKubelet, make_nodes, pods_of
@@ -134,5 +134,72 @@ def test_job_backoff_limit_and_work_queue_and_indexed() -> None:
         assert idx == ["0", "1", "2"]
         assert all(p["metadata"]["name"].startswith(f"ix-{p['metadata']['annotations'][jobmod.COMPLETION_INDEX]}-")
                    for p in pods)
+
+    run(scenario)
+
+
+def test_deleting_a_job_lets_its_tracked_pods_go() -> None:
+    async def scenario(c: Client, cm: ControllerManager) -> None:
+        running = job("long", completions=1)
+        running["spec"]["template"]["metadata"]["labels"] = {"app": "long"}
+        await c.create(resource_path("batch/v1", "jobs", NS), running)
+
+        async def active() -> bool:
+            return ((await get_job(c, "long")).get("status") or {}).get("ready") == 1
+
+        await apoll(active, "job long running")
+        p = (await pods_of(c, NS, "app=long"))[0]
+        assert jobmod.TRACKING_FINALIZER in p["metadata"]["finalizers"]
+        await c.delete(resource_path("batch/v1", "jobs", NS, "long"), {"propagationPolicy": "Background"})
+
+        async def gone() -> bool:
+            return not await pods_of(c, NS, "app=long")
+
+        await apoll(gone, "the job's pod deleted once its finalizer was removed")
+
+    run(scenario)
+
+
+def test_ttl_after_finished_deletes_the_job_and_its_pods() -> None:
+    async def scenario(c: Client, cm: ControllerManager) -> None:
+        await c.create(resource_path("batch/v1", "jobs", NS), job("ttl", completions=1, ttlSecondsAfterFinished=1))
+        keep = await c.create(resource_path("batch/v1", "jobs", NS), job("keep", completions=1))
+
+        async def gone() -> bool:
+            names = {j["metadata"]["name"] for j in (await c.get(resource_path("batch/v1", "jobs", NS)))["items"]}
+            return "ttl" not in names and not await pods_of(c, NS, "app=ttl")
+
+        await apoll(gone, "job ttl and its pod deleted after its TTL")
+        await cm.wait_idle()
+        kept = await get_job(c, "keep")
+        assert kept["metadata"]["uid"] == keep["metadata"]["uid"] and cond(kept, "Complete")
+
+    run(scenario)
+
+
+def test_suspend_and_resume() -> None:
+    async def scenario(c: Client, cm: ControllerManager) -> None:
+        body = job("sus", completions=1, suspend=True)
+        await c.create(resource_path("batch/v1", "jobs", NS), body)
+
+        async def suspended() -> Obj | None:
+            j = await get_job(c, "sus")
+            s = cond(j, "Suspended")
+            return j if s is not None and s["status"] == "True" and s["reason"] == "JobSuspended" else None
+
+        j = await apoll(suspended, "the Suspended condition")
+        assert not j["status"].get("startTime")
+        await cm.wait_idle()
+        assert await pods_of(c, NS, "app=sus") == []  # a suspended Job makes no pods
+        await c.patch(resource_path("batch/v1", "jobs", NS, "sus"), {"spec": {"suspend": False}}, MERGE_PATCH)
+
+        async def done() -> Obj | None:
+            j2 = await get_job(c, "sus")
+            return j2 if cond(j2, "Complete") else None
+
+        j2 = await apoll(done, "the resumed job Complete")
+        s = cond(j2, "Suspended")
+        assert s is not None and s["status"] == "False" and s["reason"] == "JobResumed"
+        assert j2["status"]["startTime"] and j2["status"]["succeeded"] == 1
 
     run(scenario)

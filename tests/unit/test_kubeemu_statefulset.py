@@ -7,10 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
+import shutil
+import subprocess
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 from kubeemu.client import MERGE_PATCH, Client, Obj, resource_path
 from kubeemu.ctrl import statefulset as stsmod
+from kubeemu.lab import write_kubeconfig
+from kubeemu.resources import ResourceType
 from kubeemu.runner import ServerThread
 from tests.kubeemu_cluster import ControllerManager, FakeKubelet, make_nodes, pods_of
 from tests.unit.test_kubeemu_workloads import apoll
@@ -31,8 +39,11 @@ def sts(name: str, replicas: int = 3, **spec: Any) -> Obj:
                      **spec}}
 
 
-def run(scenario: Any) -> None:
+def run(scenario: Any, revisions: bool = False) -> None:
     with ServerThread(name="sts", service_cidrs=("10.96.0.0/24",), bookmark_interval=0.3) as emu:
+        if revisions:  # as the API server of a branch that registers apps/v1 controllerrevisions
+            rt = ResourceType("apps", ("v1",), "controllerrevisions", "ControllerRevision", True)
+            emu.call(lambda: emu.server.registry.add(rt))  # type: ignore[union-attr]
 
         async def go() -> None:
             async with Client(emu.url) as c:
@@ -144,6 +155,15 @@ def test_ordered_ready_identities_claims_and_recreation() -> None:
 
         await apoll(one, "scaled to web-0 only")
         assert await claims(c) == pvcs
+        # an identity label removed by hand comes back
+        unlabel = {"metadata": {"labels": {stsmod.POD_INDEX_LABEL: None}}}
+        await c.patch(resource_path("v1", "pods", NS, "web-0"), unlabel, MERGE_PATCH)
+
+        async def relabelled() -> bool:
+            p0 = await c.get(resource_path("v1", "pods", NS, "web-0"))
+            return p0["metadata"]["labels"].get(stsmod.POD_INDEX_LABEL) == "0"
+
+        await apoll(relabelled, "web-0's pod-index label restored")
 
     run(scenario)
 
@@ -209,3 +229,92 @@ def test_rolling_update_reverse_order_and_parallel() -> None:
                                                                                    "data-db-2"]
 
     run(scenario)
+
+
+KUBECTL = shutil.which("kubectl")
+
+
+@pytest.mark.skipif(KUBECTL is None, reason="no kubectl binary")
+def test_kubectl_rollout_status_statefulset_and_daemonset(tmp_path: Path) -> None:
+    async def scenario(c: Client, cm: ControllerManager, kubelet: FakeKubelet) -> None:
+        kubelet.bind = True
+        kubelet.rescan()
+        cfg = write_kubeconfig(tmp_path / "kubeconfig", {"emu": c.url})
+
+        def kubectl(*args: str) -> subprocess.CompletedProcess[str]:
+            assert KUBECTL is not None
+            return subprocess.run([KUBECTL, "--kubeconfig", str(cfg), *args], capture_output=True, text=True,
+                                  timeout=60)
+
+        body = sts("kw", 2, updateStrategy={"type": "RollingUpdate"})
+        ds = {"apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": "kd"},
+              "spec": {"selector": {"matchLabels": {"app": "kd"}}, "updateStrategy": {"type": "RollingUpdate"},
+                       "template": {"metadata": {"labels": {"app": "kd"}},
+                                    "spec": {"containers": [{"name": "c", "image": "x"}]}}}}
+        f = tmp_path / "m.json"
+        f.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": [body, ds]}))
+        p = await asyncio.to_thread(kubectl, "apply", "-f", str(f))
+        assert p.returncode == 0, p.stderr
+        for what in ("statefulset/kw", "daemonset/kd"):
+            p = await asyncio.to_thread(kubectl, "rollout", "status", what, "--timeout=40s")
+            assert p.returncode == 0, (what, p.stderr)
+        assert "partitioned roll out complete" in p.stdout or "successfully rolled out" in p.stdout
+
+    run(scenario)
+
+
+def test_partitioned_update_with_controller_revisions() -> None:
+    """With ControllerRevisions served: one revision object per template, a partition keeps
+    the pods below it at the current revision, and a pod deleted below the partition comes back
+    from the current revision's template (not the new one)."""
+
+    async def scenario(c: Client, cm: ControllerManager, kubelet: FakeKubelet) -> None:
+        kubelet.bind = True
+        body = sts("cr", 3, updateStrategy={"type": "RollingUpdate", "rollingUpdate": {"partition": 2}})
+        created = await c.create(resource_path("apps/v1", "statefulsets", NS), body)
+
+        async def settled(updated: int) -> Obj | None:
+            st = (await get_sts(c, "cr")).get("status") or {}
+            return st if st.get("readyReplicas") == 3 and st.get("updatedReplicas") == updated else None
+
+        st1 = await apoll(lambda: settled(3), "cr ready")
+        revs = (await c.get(resource_path("apps/v1", "controllerrevisions", NS)))["items"]
+        assert [r["metadata"]["name"] for r in revs] == [st1["updateRevision"]]
+        assert revs[0]["revision"] == 1 and revs[0]["metadata"]["ownerReferences"][0]["uid"] == \
+            created["metadata"]["uid"]
+        assert revs[0]["metadata"]["labels"][stsmod.REVISION_LABEL] == st1["updateRevision"].rsplit("-", 1)[1]
+        tmpl = copy.deepcopy(body["spec"]["template"])
+        tmpl["spec"]["containers"][0]["command"] = ["v2"]
+        await c.patch(resource_path("apps/v1", "statefulsets", NS, "cr"), {"spec": {"template": tmpl}}, MERGE_PATCH)
+        st2 = await apoll(lambda: settled(1), "cr-2 updated, cr-0 and cr-1 held by the partition")
+        assert st2["currentRevision"] == st1["updateRevision"] != st2["updateRevision"]
+        assert st2["currentReplicas"] == 2
+        pods = {p["metadata"]["name"]: p for p in await pods_of(c, NS, "app=cr")}
+        assert pods["cr-2"]["spec"]["containers"][0]["command"] == ["v2"]
+        assert pods["cr-0"]["spec"]["containers"][0]["command"] == ["v1"]
+        # below the partition a deleted pod comes back at the current revision
+        await c.delete(resource_path("v1", "pods", NS, "cr-0"))
+
+        async def back() -> Obj | None:
+            p = next((p for p in await pods_of(c, NS, "app=cr") if p["metadata"]["name"] == "cr-0"), None)
+            ok = p is not None and p["metadata"]["uid"] != pods["cr-0"]["metadata"]["uid"]
+            return p if ok and (p.get("status") or {}).get("phase") == "Running" else None
+
+        p0 = await apoll(back, "cr-0 re-created")
+        assert p0["spec"]["containers"][0]["command"] == ["v1"]
+        assert p0["metadata"]["labels"][stsmod.REVISION_LABEL] == st1["updateRevision"]
+        # partition 0: everything moves, and the new revision becomes current
+        await c.patch(resource_path("apps/v1", "statefulsets", NS, "cr"),
+                      {"spec": {"updateStrategy": {"rollingUpdate": {"partition": 0}}}}, MERGE_PATCH)
+
+        async def all_new() -> Obj | None:
+            st = await settled(3)
+            return st if st is not None and st["currentRevision"] == st["updateRevision"] else None
+
+        st3 = await apoll(all_new, "all pods at the new revision")
+        assert st3["updateRevision"] == st2["updateRevision"]
+        revs = (await c.get(resource_path("apps/v1", "controllerrevisions", NS)))["items"]
+        assert sorted((r["revision"], r["metadata"]["name"]) for r in revs) == [
+            (1, st1["updateRevision"]), (2, st2["updateRevision"])]
+
+    run(scenario, revisions=True)

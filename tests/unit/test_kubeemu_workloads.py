@@ -214,6 +214,11 @@ def test_deployment_rollout_scale_and_history() -> None:
         assert rs1["metadata"]["annotations"]["deployment.kubernetes.io/desired-replicas"] == "4"
         assert rs1["metadata"]["annotations"]["deployment.kubernetes.io/max-replicas"] == "5"
         assert all(p["metadata"]["labels"]["pod-template-hash"] == h for p in await active_pods(c, "app=web"))
+        events = (await c.get(resource_path("v1", "events", NS)))["items"]
+        assert any(e["reason"] == "ScalingReplicaSet" and e["involvedObject"]["name"] == "web"
+                   and e["message"] == f"Scaled up replica set web-{h} from 0 to 4" for e in events), events
+        assert sum(1 for e in events if e["reason"] == "SuccessfulCreate"
+                   and e["involvedObject"]["name"] == f"web-{h}") == 4
 
         # rolling update: watch the pod counts stay within replicas+maxSurge and >= replicas-0 ready
         await c.patch(resource_path("apps/v1", "deployments", NS, "web"),
@@ -258,6 +263,18 @@ def test_deployment_rollout_scale_and_history() -> None:
 
         await apoll(history, "the oldest replica set removed by revisionHistoryLimit")
 
+        # a spec the API server should have refused is reported, and the manager keeps running
+        bad = deployment("bad", 2, strategy={"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "5"}})
+        await c.create(resource_path("apps/v1", "deployments", NS), bad)
+
+        async def warned() -> Obj | None:
+            evs = (await c.get(resource_path("v1", "events", NS)))["items"]
+            return next((e for e in evs if e["reason"] == "InvalidSpec" and e["involvedObject"]["name"] == "bad"),
+                        None)
+
+        ev = await apoll(warned, "an InvalidSpec event for deployment bad")
+        assert "spec.strategy.rollingUpdate.maxSurge" in ev["message"] and "'5'" in ev["message"]
+        cm.check()
         # scale up and down
         for n in (6, 2):
             await c.patch(resource_path("apps/v1", "deployments", NS, "web"), {"spec": {"replicas": n}}, MERGE_PATCH)
@@ -400,5 +417,196 @@ def test_kubectl_rollout_status(tmp_path: Path) -> None:
         assert 'deployment "ks" successfully rolled out' in p.stdout
         p = await asyncio.to_thread(kubectl, "get", "deployment", "ks", "-o", "json")
         assert json.loads(p.stdout)["status"]["readyReplicas"] == 3
+        # a rolling update by kubectl, its history, and an undo back to revision 1's template
+        p = await asyncio.to_thread(kubectl, "set", "image", "deployment/ks", "c=busybox:2")
+        assert p.returncode == 0, p.stderr
+        p = await asyncio.to_thread(kubectl, "rollout", "status", "deployment/ks", "--timeout=40s")
+        assert p.returncode == 0 and "successfully rolled out" in p.stdout, p.stderr
+        p = await asyncio.to_thread(kubectl, "rollout", "history", "deployment/ks")
+        assert p.returncode == 0, p.stderr
+        assert [ln.split()[0] for ln in p.stdout.splitlines()[2:] if ln.strip()] == ["1", "2"], p.stdout
+        p = await asyncio.to_thread(kubectl, "rollout", "undo", "deployment/ks")
+        assert p.returncode == 0, p.stderr
+        p = await asyncio.to_thread(kubectl, "rollout", "status", "deployment/ks", "--timeout=40s")
+        assert p.returncode == 0, p.stderr
+        d = await get(c, "deployments", "ks")
+        assert d["spec"]["template"]["spec"]["containers"][0]["image"] == "busybox"
+        assert d["metadata"]["annotations"]["deployment.kubernetes.io/revision"] == "3"
+        rss = (await c.get(resource_path("apps/v1", "replicasets", NS), labelSelector="app=ks"))["items"]
+        assert len(rss) == 2  # revision 1's set was re-used, not a third one
+        first = next(r for r in rss if r["metadata"]["annotations"]["deployment.kubernetes.io/revision"] == "3")
+        assert first["metadata"]["annotations"]["deployment.kubernetes.io/revision-history"] == "1"
+
+    run_cluster(scenario)
+
+
+def test_restart_duplicates_nothing_for_every_kind() -> None:
+    """The acceptance item: kill the controller-manager and start it again (twice), with a
+    Deployment, a StatefulSet with claims, a DaemonSet and a finished and a running Job: the
+    same pods (UIDs), ReplicaSets, claims and Job counts afterwards."""
+
+    async def scenario(c: Client, cm: ControllerManager) -> None:
+        from tests.unit.test_kubeemu_daemonset import ds
+        from tests.unit.test_kubeemu_job import job
+        from tests.unit.test_kubeemu_statefulset import sts
+
+        await c.create(resource_path("apps/v1", "deployments", NS), deployment("d", 3))
+        await c.create(resource_path("apps/v1", "statefulsets", NS), sts("s", 2))
+        await c.create(resource_path("apps/v1", "daemonsets", NS), ds("a"))
+        await c.create(resource_path("batch/v1", "jobs", NS), job("j", completions=2, parallelism=2))
+        running = job("r", completions=1)
+        running["spec"]["template"]["metadata"]["labels"] = {"app": "r"}  # runs, never ends
+        await c.create(resource_path("batch/v1", "jobs", NS), running)
+
+        async def steady() -> bool:
+            dd = (await get(c, "deployments", "d")).get("status") or {}
+            ss = (await get(c, "statefulsets", "s")).get("status") or {}
+            aa = (await get(c, "daemonsets", "a")).get("status") or {}
+            jj = (await c.get(resource_path("batch/v1", "jobs", NS, "j"))).get("status") or {}
+            rr = (await c.get(resource_path("batch/v1", "jobs", NS, "r"))).get("status") or {}
+            return (dd.get("availableReplicas") == 3 and ss.get("readyReplicas") == 2
+                    and aa.get("numberReady") == len(NODES) and jj.get("succeeded") == 2 and rr.get("ready") == 1)
+
+        await apoll(steady, "every workload steady")
+        await cm.wait_idle()
+
+        async def snapshot() -> dict[str, Any]:
+            pods = sorted((p["metadata"]["name"], p["metadata"]["uid"]) for p in await pods_of(c, NS))
+            rss = sorted(r["metadata"]["uid"] for r in (await c.get(resource_path("apps/v1", "replicasets", NS)))
+                         ["items"])
+            pvcs = sorted(r["metadata"]["uid"] for r in (await c.get(
+                resource_path("v1", "persistentvolumeclaims", NS)))["items"])
+            counts = ("succeeded", "failed", "active")
+            jobs = {j["metadata"]["name"]: {k: (j.get("status") or {}).get(k) for k in counts}
+                    for j in (await c.get(resource_path("batch/v1", "jobs", NS)))["items"]}
+            return {"pods": pods, "rss": rss, "pvcs": pvcs, "jobs": jobs}
+
+        before = await snapshot()
+        assert len(before["pods"]) == 3 + 2 + len(NODES) + 2 + 1
+        for _ in range(2):
+            await cm.stop()
+            cm.start()
+            await cm.wait_idle()
+            assert await snapshot() == before
+
+    run_cluster(scenario)
+
+
+def test_namespace_deletion_empties_a_namespace_of_workloads() -> None:
+    """Deleting a namespace with a Deployment, a StatefulSet, a DaemonSet and a running Job
+    ends with the namespace gone: the controllers make nothing new there meanwhile (creates
+    are refused while it terminates) and the Job's tracked pods lose their finalizer."""
+
+    async def scenario(c: Client, cm: ControllerManager) -> None:
+        from tests.unit.test_kubeemu_daemonset import ds
+        from tests.unit.test_kubeemu_job import job
+        from tests.unit.test_kubeemu_statefulset import sts
+
+        ns = "doomed"
+        await c.create("/api/v1/namespaces", {"metadata": {"name": ns}})
+        running = job("r", completions=1)
+        running["spec"]["template"]["metadata"]["labels"] = {"app": "r"}
+        for api, plural, body in (("apps/v1", "deployments", deployment("d", 3)),
+                                  ("apps/v1", "statefulsets", sts("s", 2)), ("apps/v1", "daemonsets", ds("a")),
+                                  ("batch/v1", "jobs", running)):
+            await c.create(resource_path(api, plural, ns), body)
+
+        async def populated() -> bool:
+            return len(await pods_of(c, ns)) == 3 + 2 + len(NODES) + 1
+
+        await apoll(populated, "every workload's pods in the namespace")
+        await c.delete(f"/api/v1/namespaces/{ns}")
+
+        async def gone() -> bool:
+            try:
+                await c.get(f"/api/v1/namespaces/{ns}")
+            except Exception:
+                return True
+            return False
+
+        await apoll(gone, "the namespace finalized")
+        cm.check()
+
+    run_cluster(scenario)
+
+
+def test_min_ready_seconds_delays_availability() -> None:
+    """availableReplicas counts pods Ready for minReadySeconds; the controller looks again by
+    itself when that time is up (no pod event comes then)."""
+
+    async def scenario(c: Client, cm: ControllerManager) -> None:
+        await c.create(resource_path("apps/v1", "deployments", NS), deployment("slow", 2, minReadySeconds=3))
+
+        async def ready_not_available() -> Obj | None:
+            st = (await get(c, "replicasets", "slow-" + (await _hash(c, "slow")))).get("status") or {}
+            return st if st.get("readyReplicas") == 2 else None
+
+        st = await apoll(ready_not_available, "2 ready replicas")
+        assert st["availableReplicas"] < 2  # not yet: ready for less than 3 s (timestamps have 1 s steps)
+        d = await wait_rolled_out(c, "slow", 2)
+        assert d["status"]["availableReplicas"] == 2
+
+    run_cluster(scenario)
+
+
+async def _hash(c: Client, app: str) -> str:
+    async def one() -> str | None:
+        items = (await c.get(resource_path("apps/v1", "replicasets", NS), labelSelector=f"app={app}"))["items"]
+        return items[0]["metadata"]["labels"]["pod-template-hash"] if items else None
+
+    return str(await apoll(one, f"the replica set of {app}"))
+
+
+def test_paused_deployment_scales_but_does_not_roll_out() -> None:
+    async def scenario(c: Client, cm: ControllerManager) -> None:
+        await c.create(resource_path("apps/v1", "deployments", NS), deployment("p", 2))
+        await wait_rolled_out(c, "p", 2)
+        v2 = {"spec": {"paused": True, "replicas": 3,
+                       "template": {"spec": {"containers": [{"name": "c", "image": "b", "command": ["v2"]}]}}}}
+        await c.patch(resource_path("apps/v1", "deployments", NS, "p"), v2, MERGE_PATCH)
+
+        async def paused() -> Obj | None:
+            d = await get(c, "deployments", "p")
+            conds = (d.get("status") or {}).get("conditions") or []
+            cond = next((x for x in conds if x["type"] == "Progressing"), {})
+            return d if cond.get("reason") == "DeploymentPaused" and cond.get("status") == "Unknown" else None
+
+        await apoll(paused, "the Progressing condition DeploymentPaused")
+        await apoll(lambda: _count(c, "app=p", 3), "scaled to 3 while paused")
+        await cm.wait_idle()
+        rss = (await c.get(resource_path("apps/v1", "replicasets", NS), labelSelector="app=p"))["items"]
+        assert len(rss) == 1  # no new ReplicaSet while paused
+        await c.patch(resource_path("apps/v1", "deployments", NS, "p"), {"spec": {"paused": False}}, MERGE_PATCH)
+        d = await wait_rolled_out(c, "p", 3)
+        assert d["metadata"]["annotations"]["deployment.kubernetes.io/revision"] == "2"
+        assert all(p["spec"]["containers"][0]["command"] == ["v2"] for p in await active_pods(c, "app=p"))
+
+    run_cluster(scenario)
+
+
+async def _count(c: Client, selector: str, n: int) -> bool:
+    return len(await active_pods(c, selector)) == n
+
+
+def test_progress_deadline_exceeded() -> None:
+    """A rollout whose new pods never become ready: Progressing turns False with
+    ProgressDeadlineExceeded after progressDeadlineSeconds (the controller looks again by
+    itself), what ``kubectl rollout status`` reports as a failed rollout."""
+
+    async def scenario(c: Client, cm: ControllerManager) -> None:
+        body = deployment("stuck", 2, progressDeadlineSeconds=2)
+        body["spec"]["template"]["metadata"]["labels"][NOT_READY_LABEL] = "false"
+        await c.create(resource_path("apps/v1", "deployments", NS), body)
+
+        async def timed_out() -> Obj | None:
+            d = await get(c, "deployments", "stuck")
+            conds = (d.get("status") or {}).get("conditions") or []
+            cond = next((x for x in conds if x["type"] == "Progressing"), {})
+            return cond if cond.get("reason") == "ProgressDeadlineExceeded" else None
+
+        cond = await apoll(timed_out, "ProgressDeadlineExceeded")
+        assert cond["status"] == "False"
+        assert cond["message"].startswith('ReplicaSet "stuck-') and cond["message"].endswith(
+            '" has timed out progressing.')
 
     run_cluster(scenario)
