@@ -93,7 +93,8 @@ def start_controller_manager(state: LabState, cluster: ClusterRecord) -> ProcRec
     It keeps no state of its own: a restarted one re-lists from the API server and, its
     controllers being idempotent, creates and deletes nothing twice."""
     assert cluster.api_url is not None
-    argv = [sys.executable, "-m", "kubeemu.ctrl", "--server", cluster.api_url, "--controllers", "all"]
+    argv = [sys.executable, "-m", "kubeemu.ctrl", "--server", cluster.api_url, "--controllers", "all",
+            *storage_args(state, cluster)]
     rec = start_process(ROOT_NETNS, argv, state.state_dir / "logs" / f"controller-manager-{cluster.name}.log")
     cluster.controller_manager = rec
     save_state(state)
