@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import subprocess
 import sys
 import time
@@ -40,6 +41,7 @@ from kubeemu.proxy.main import NodeTarget, Proxy
 from kubeemu.runner import ServerThread
 from tools import nsutil
 
+REPO = Path(__file__).resolve().parents[2]
 NODE_IP, CLIENT_IP = "192.168.77.1", "192.168.77.2"
 BACKENDS = {"b1": "10.10.1.11", "b2": "10.10.1.12"}
 
@@ -112,6 +114,17 @@ async def _answers(ns: str, url: str, n: int) -> list[str]:
     return [body for rc, body in [await _curl(ns, url) for _ in range(n)] if rc == 0]
 
 
+async def _probe(ns: str, targets: list[tuple[str, int]]) -> list[dict[str, Any]]:
+    """``fabric-tool check``'s probe worker in ``ns``, TCP to each (address, port)."""
+    req = json.dumps({"targets": [t[0] for t in targets], "ports": [t[1] for t in targets], "timeout": 3})
+    proc = await asyncio.create_subprocess_exec(
+        "nsenter", f"--net=/run/netns/{ns}", "--", sys.executable, "-m", "tools.diagnose.probe",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, cwd=str(REPO))
+    out, _ = await proc.communicate(req.encode())
+    results: list[dict[str, Any]] = json.loads(out)["results"]
+    return results
+
+
 async def _until(cond: Any, timeout: float, what: str) -> Any:
     deadline = time.monotonic() + timeout
     last = None
@@ -172,6 +185,11 @@ def test_proxy_balances_nodeports_updates_and_rejects(topo: dict[str, Any]) -> N
                     # Masqueraded: the client is outside the cluster CIDR, the backend sees the node.
                     log = (topo["tmp"] / "b1.log").read_text()
                     assert f"{NODE_IP} - -" in log and f"{CLIENT_IP} - -" not in log, log[-300:]
+                    # check's TCP probe (tools.diagnose.probe): the service port answers; another
+                    # port of the ClusterIP is rejected by kube-proxy, and the probe says so.
+                    ok, other = await _probe(client, [(cip, 80), (cip, 81)])
+                    assert ok["ok"] and ok["proto"] == "tcp", ok
+                    assert not other["ok"] and "rejected" in other["error"], other
                     # The NodePort on the node's InternalIP.
                     np_url = f"http://{NODE_IP}:{node_port}/id"
                     assert set(await _answers(client, np_url, 6)) <= set(BACKENDS)
@@ -202,6 +220,8 @@ def test_proxy_balances_nodeports_updates_and_rejects(topo: dict[str, Any]) -> N
                     assert rc == 7, f"expected connection refused, got {rc}: {body}"
                     rc, body = await _curl(client, np_url)
                     assert rc == 7, f"NodePort: expected connection refused, got {rc}: {body}"
+                    (gone,) = await _probe(client, [(cip, 80)])
+                    assert not gone["ok"] and "rejected" in gone["error"], gone
                     # Unchanged objects: a verify pass writes nothing (the kernel has our hash).
                     assert await proxy.sync(verify=True) == 0
                 finally:

@@ -255,6 +255,7 @@ def _down_locked(name: str, state: LabState | None, progress: Progress) -> bool:
     targets: dict[int, int | None] = {}
     if state is not None:
         kube = [r for c in state.clusters for r in (c.kubelet, c.apiserver)]
+        kube += [c.proxy for c in state.clusters]
         for rec in [state.reflector, *(n.agent for n in state.nodes()), *kube]:
             if rec is not None and rec.running():
                 targets[rec.pid] = rec.start

@@ -82,6 +82,10 @@ def plan(name: str, topo: topology.TopologyFile) -> LabState:
             )
         service_ip, backend = _lab_service(lc.config.service_cidrs, [p.ip for n in nodes for p in n.pods], 4)
         service_ip6, backend6 = _lab_service(lc.config.service_cidrs, [p.ip6 for n in nodes for p in n.pods], 6)
+        if topo.kubernetes:
+            # The cluster's API allocates its ClusterIPs and the lab kube-proxy programs them: the
+            # lab service is a real Service there (tools/lab/kube.py), recorded once created.
+            service_ip = backend = service_ip6 = backend6 = None
         clusters.append(
             ClusterRecord(
                 name=lc.name,

@@ -88,6 +88,10 @@ def status_doc(state: LabState, status: api.FabricStatus | None, error: str | No
                     "apiserver_log": c.apiserver.log if c.apiserver else None,
                     "kubelet_pid": c.kubelet.pid if c.kubelet and c.kubelet.running() else None,
                     "kubelet_log": c.kubelet.log if c.kubelet else None,
+                    "proxy_pid": c.proxy.pid if c.proxy and c.proxy.running() else None,
+                    "proxy_log": c.proxy.log if c.proxy else None,
+                    "service": {"name": c.service_name, "ips": [ip for ip in (c.service_ip, c.service_ip6) if ip],
+                                "port": c.service_port} if c.service_name else None,
                 }
                 if state.kubernetes else None,
                 "nodes": nodes,
@@ -136,11 +140,13 @@ def render_status(doc: dict[str, Any]) -> str:
         lines.append("  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1])
     for c in doc["clusters"]:
         if c.get("service"):
-            lines.append(f"service of {c['name']}: {c['service']['ip']} -> {c['service']['backend']}")
+            backend = c["service"]["backend"] or "its EndpointSlices (lab kube-proxy)"
+            lines.append(f"service of {c['name']}: {c['service']['ip']} -> {backend}")
     for c in doc["clusters"]:
         k = c.get("kubernetes")
         if k:
             pids = f"apiserver {k['apiserver_pid'] or 'stopped'}, kubelet {k['kubelet_pid'] or 'stopped'}"
+            pids += f", kube-proxy {k.get('proxy_pid') or 'stopped'}"
             lines.append(f"kubernetes of {c['name']}: {k['url'] or '-'} ({pids})")
     if doc.get("kubeconfig"):
         lines.append(f"kubeconfig: {doc['kubeconfig']}")

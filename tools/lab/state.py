@@ -32,8 +32,13 @@ UL_BRIDGE = "br-ul"
 POD_GATEWAY = "169.254.1.1"
 #: Host number of the lab service IP in a cluster's first service CIDR.
 SERVICE_HOST = 10
-#: nftables table the lab's kube-proxy stand-in owns in each node namespace.
+#: nftables table the lab's kube-proxy stand-in owns in each node namespace (labs without
+#: Kubernetes; a ``kubernetes: true`` lab runs the lab kube-proxy, table ``kube-proxy``).
 NFT_TABLE = "kflab"
+#: The lab service of a ``kubernetes: true`` lab: a selector-less Service whose EndpointSlice
+#: lists the cluster's static pods (``namespace/name``), and its TCP port.
+LAB_SERVICE = "default/lab-check"
+LAB_SERVICE_PORT = 80
 STATE_VERSION = 1
 #: Lab names become namespace prefixes ``NAME-``. No '-' allowed, so no lab's prefix can be a
 #: prefix of another lab's namespaces (``kf-`` vs ``kf-x-``), which makes scanning safe.
@@ -147,6 +152,20 @@ class ClusterRecord:
     #: The IPv6 lab service (host 10 of the first IPv6 service CIDR), DNATed to a pod's IPv6.
     service_ip6: str | None = None
     service_backend6: str | None = None
+    #: ``kubernetes: true``: the lab service is a real Service of the cluster's API
+    #: (``namespace/name``, :data:`LAB_SERVICE`) programmed by the lab kube-proxy; ``service_ip``
+    #: and ``service_ip6`` are its ClusterIPs (no ``service_backend``: its EndpointSlice lists the
+    #: static pods) and ``service_port`` its TCP port, which ``check --services`` probes (a
+    #: ClusterIP answers TCP on its ports only, as a real cluster's does; ICMP is rejected).
+    service_name: str | None = None
+    service_port: int | None = None
+    #: ``kubernetes: true``: the lab kube-proxy of the cluster (``python -m kubeemu.proxy``).
+    proxy: ProcRecord | None = None
+
+    def __post_init__(self) -> None:
+        # from_json hands nested records over as dicts.
+        if isinstance(self.proxy, dict):
+            self.proxy = ProcRecord(**self.proxy)
 
     def global_ip(self, ip: str | None) -> str | None:
         """How the other clusters reach ``ip`` of this cluster (None: by ``ip`` itself)."""
