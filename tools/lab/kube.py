@@ -257,7 +257,10 @@ def lab_service_objects(cluster: ClusterRecord) -> tuple[dict[str, Any], list[di
 
 
 def ensure_lab_service(state: LabState, cluster: ClusterRecord, progress: Progress = quiet) -> None:
-    """Create (or bring up to date) the lab Service of ``cluster`` and record its ClusterIPs."""
+    """Create (or bring up to date) the lab Service of ``cluster`` and record its ClusterIPs.
+    A cluster without service CIDRs or static pods has none (as without Kubernetes)."""
+    if not cluster.service_cidrs or not any(n.pods for n in cluster.nodes):
+        return
     svc, slices = lab_service_objects(cluster)
     ns, name = LAB_SERVICE.split("/")
     base = f"/api/v1/namespaces/{ns}/services"

@@ -146,8 +146,8 @@ def render_status(doc: dict[str, Any]) -> str:
         k = c.get("kubernetes")
         if k:
             pids = f"apiserver {k['apiserver_pid'] or 'stopped'}, kubelet {k['kubelet_pid'] or 'stopped'}"
-            pids += f", kube-proxy {k.get('proxy_pid') or 'stopped'}"
             lines.append(f"kubernetes of {c['name']}: {k['url'] or '-'} ({pids})")
+            lines.append(f"kube-proxy of {c['name']}: {k.get('proxy_pid') or 'stopped'}")
     if doc.get("kubeconfig"):
         lines.append(f"kubeconfig: {doc['kubeconfig']}")
     for rej in doc.get("rejections", []):
