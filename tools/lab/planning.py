@@ -120,8 +120,9 @@ def plan(name: str, topo: topology.TopologyFile) -> LabState:
 
 
 def _lab_service(service_cidrs: Sequence[str], pod_ips: Sequence[str], family: int) -> tuple[str | None, str | None]:
-    """The lab service of one family: host SERVICE_HOST of the cluster's first service CIDR of
-    that family, backed by the first pod with an address of it (None, None: no such service)."""
+    """The lab service of one family in a lab without Kubernetes (its kube-proxy stand-in):
+    host SERVICE_HOST of the cluster's first service CIDR of that family, backed by the first pod
+    with an address of it (None, None: no such service)."""
     backends = [ip for ip in pod_ips if ip and types.family_of(ip) == family]
     for c in service_cidrs:
         if types.family_of(c) != family:
