@@ -154,7 +154,8 @@ class Proxy:
                     continue
                 await asyncio.sleep(self.min_sync_period)
                 try:
-                    await asyncio.wait_for(self._dirty.wait(), max(0.0, next_verify - time.monotonic()))
+                    async with asyncio.timeout(max(0.0, next_verify - time.monotonic())):
+                        await self._dirty.wait()
                     verify = False
                 except TimeoutError:
                     verify = True

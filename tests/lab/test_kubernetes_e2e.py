@@ -15,6 +15,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,7 @@ class KubeLab(Lab):
         for c in self.status()["clusters"]:
             k = c["kubernetes"]
             pids |= {p for p in (k["apiserver_pid"], k["kubelet_pid"]) if p}
+            pids |= {p for p in (k.get("proxy_pid"),) if p}
         return pids
 
 
@@ -56,7 +59,7 @@ def klab() -> Iterator[KubeLab]:
         lab.kubeconfig = Path(lab.lab("kubeconfig").stdout.strip())
         yield lab
     pids = lab.down_pids
-    assert len(pids) == 4 + 1 + 2 * 2, f"expected agents, reflector, API servers and kubelets: {pids}"
+    assert len(pids) == 4 + 1 + 2 * 3, f"expected agents, reflector, API servers, kubelets, kube-proxies: {pids}"
     assert not os.path.exists(f"/run/kosmos-fabric/lab/{name}"), "lab down left its state directory behind"
 
 
@@ -188,3 +191,73 @@ def test_deleting_the_pod_removes_its_namespace(klab: KubeLab, tmp_path: Path) -
     # The address is free again: the next pod on e2 may take it, and its route went with the veth.
     routes = klab.ipj(klab.nodes()["east/e2"]["netns"], "-4", "route", "show", f"{ip}/32")
     assert routes == []
+
+
+def _probe_tcp(klab: KubeLab, netns: str, targets: list[tuple[str, int]]) -> list[dict[str, Any]]:
+    """``check``'s probe worker in ``netns``: a TCP connection to each (address, port)."""
+    req = json.dumps({"targets": [t[0] for t in targets], "ports": [t[1] for t in targets], "timeout": 3})
+    p = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-m", "tools.diagnose.probe"], input=req,
+                       capture_output=True, text=True, timeout=60, cwd=str(REPO), check=True)
+    results: list[dict[str, Any]] = json.loads(p.stdout)["results"]
+    return results
+
+
+def test_check_services_probes_the_real_lab_services(klab: KubeLab) -> None:
+    """Each cluster's lab service is a real Service (default/lab-check, slices listing the static
+    pods) programmed by the lab kube-proxy; ``check --services`` reaches the other cluster's over
+    TCP through the fabric (the static pods' reset comes back through the DNAT)."""
+    status = {c["name"]: c for c in klab.status()["clusters"]}
+    for cluster in ("east", "west"):
+        svc = klab.get(cluster, "service", "lab-check")
+        assert "selector" not in svc["spec"]
+        assert status[cluster]["service"]["ip"] == svc["spec"]["clusterIP"]
+        assert status[cluster]["kubernetes"]["proxy_pid"]
+        node_ns = klab.nodes()[f"{cluster}/{'e1' if cluster == 'east' else 'w1'}"]["netns"]
+        assert "table ip kube-proxy" in klab.nsrun(node_ns, "nft", "list", "tables").stdout
+    p = klab.tool("check", "--lab", klab.name, "--services", "--json", "--timeout", "3", check=False)
+    doc = json.loads(p.stdout)
+    svc_pairs = [x for x in doc["pairs"] if x["dst"].endswith("/svc")]
+    assert len(svc_pairs) == 4 and all(x["proto"] == "tcp" for x in svc_pairs), svc_pairs
+    assert doc["failed"] == 0, [x for x in doc["pairs"] if not x["ok"]]
+
+
+def test_a_service_with_an_endpoint_in_another_cluster(klab: KubeLab, tmp_path: Path) -> None:
+    """A west Service whose EndpointSlice names a pod of east: reached from a west pod through
+    the fabric; a Service without endpoints is rejected (the probe tells it from a reset)."""
+    klab.kubectl("east", "apply", "-f", str(_pod(tmp_path, "far", "e2")))
+    far_ip = _running(klab, "east", "far")["status"]["podIP"]
+    manifest = tmp_path / "remote.yaml"
+    manifest.write_text(f"""apiVersion: v1
+kind: Service
+metadata: {{name: remote, namespace: default}}
+spec: {{ports: [{{name: web, port: 8080, protocol: TCP}}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: remote-1
+  namespace: default
+  labels: {{kubernetes.io/service-name: remote}}
+addressType: IPv4
+ports: [{{name: web, port: 8080, protocol: TCP}}]
+endpoints: [{{addresses: ["{far_ip}"], conditions: {{ready: true}}}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: empty, namespace: default}}
+spec: {{ports: [{{name: web, port: 8080, protocol: TCP}}]}}
+""")
+    klab.kubectl("west", "apply", "-f", str(manifest))
+    remote = klab.get("west", "service", "remote")["spec"]["clusterIP"]
+    empty = klab.get("west", "service", "empty")["spec"]["clusterIP"]
+    src = klab.pods()["west/w1/p0"]["netns"]
+
+    def answered() -> list[dict[str, Any]] | None:
+        res = _probe_tcp(klab, src, [(remote, 8080), (empty, 8080)])
+        return res if res[0]["ok"] and "rejected" in (res[1]["error"] or "") else None
+
+    res = wait_until(answered, 20, f"{remote}:8080 answered by east's {far_ip}, {empty}:8080 rejected",
+                     interval=0.5)
+    assert not res[1]["ok"]
+    klab.kubectl("west", "delete", "-f", str(manifest))
+    klab.kubectl("east", "delete", "pod", "far", "--timeout", "20s")
