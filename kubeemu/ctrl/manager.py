@@ -35,6 +35,9 @@ def registry() -> dict[str, ControllerFactory]:
     from kubeemu.ctrl.endpointslice import EndpointSliceController
 
     CONTROLLERS.setdefault("endpointslice", EndpointSliceController)
+    from kubeemu.ctrl.endpoints import EndpointsController
+
+    CONTROLLERS.setdefault("endpoint", EndpointsController)
     return dict(CONTROLLERS)
 
 
