@@ -3,8 +3,8 @@
 Throwaway namespaces, wired as the lab wires a node and its pods (a /32 route per pod on the
 node, proxy ARP, pods default via 169.254.1.1)::
 
-    client 192.168.77.2/24 --- node 192.168.77.1 (its InternalIP)  --- b1 10.10.1.11 (http.server :8080)
-                                    ip_forward, kube-proxy table   --- b2 10.10.1.12 (http.server :8080)
+    client 192.168.77.2/24 --- node 192.168.77.1 (its InternalIP)  --- b1 10.10.1.11 fd10::11 (http.server :8080)
+                                    ip_forward, kube-proxy tables  --- b2 10.10.1.12 fd10::12 (http.server :8080)
 
 A kubeemu server holds Pods b1/b2 (status Ready with those IPs), the Node and a NodePort
 Service selecting them; the EndpointSlice controller and the proxy (``kubeemu.proxy.main.Proxy``,
@@ -13,9 +13,10 @@ reaches both backends over repeated connections and arrives masqueraded (the cli
 the cluster CIDR); the NodePort on the node's InternalIP answers; a backend removed from the
 Service stops getting traffic once the rules change (the latency from the API write to the rules
 in the kernel is printed); a pod reaching itself through the Service (hairpin) works; with no
-endpoint left the connection is refused (REJECT), not left to time out; ``--cleanup`` removes the
-tables. Traffic is IPv4; the proxy programs the IPv6 table too (the kernel accepts it: checked),
-its semantics are covered by the unit tests.
+endpoint left the connection is refused (REJECT), not left to time out, and ``check``'s TCP probe
+tells that REJECT from an answer; ``--cleanup`` removes the tables. Dual stack: the Service has an
+IPv6 ClusterIP too (client fd77::2, node fd77::1, backends fd10::11/12 behind fe80::1), which
+balances over the IPv6 EndpointSlice and is masqueraded the same way.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ from tools import nsutil
 REPO = Path(__file__).resolve().parents[2]
 NODE_IP, CLIENT_IP = "192.168.77.1", "192.168.77.2"
 BACKENDS = {"b1": "10.10.1.11", "b2": "10.10.1.12"}
+NODE_IP6, CLIENT_IP6 = "fd77::1", "fd77::2"
+BACKENDS6 = {"b1": "fd10::11", "b2": "fd10::12"}
 
 
 def _ip(ns: str | None, *cmds: str) -> None:
@@ -64,6 +67,7 @@ def topo(tmp_path: Path) -> Iterator[dict[str, Any]]:
         _ip(None, *(f"netns add {ns}" for ns in names.values()))
         node = names["node"]
         _sysctl(node, "net.ipv4.ip_forward", "1")
+        _sysctl(node, "net.ipv6.conf.all.forwarding", "1")
         _ip(node, "link set lo up", f"link add vc type veth peer name eth0 netns {names['client']}",
             f"addr add {NODE_IP}/24 dev vc", "link set vc up",
             # The node's uplink (the lab's eth0): the default route that proxy ARP for the pods'
@@ -71,19 +75,24 @@ def topo(tmp_path: Path) -> Iterator[dict[str, Any]]:
             # redirect first, and the host rate limit would then swallow the REJECT's error).
             "link add up0 type veth peer name up1", "link set up1 up", "link set up0 up", "route add default dev up0",
             *(f"link add v{b} type veth peer name eth0 netns {names[b]}" for b in BACKENDS),
-            *(f"link set v{b} up" for b in BACKENDS), *(f"route add {ip}/32 dev v{b}" for b, ip in BACKENDS.items()))
-        _ip(names["client"], "link set lo up", f"addr add {CLIENT_IP}/24 dev eth0", "link set eth0 up",
-            f"route add default via {NODE_IP}")
+            *(f"link set v{b} up" for b in BACKENDS), *(f"route add {ip}/32 dev v{b}" for b, ip in BACKENDS.items()),
+            f"addr add {NODE_IP6}/64 dev vc nodad", "route add ::/0 dev up0",
+            *(f"addr add fe80::1/64 dev v{b} nodad" for b in BACKENDS),
+            *(f"route add {ip}/128 dev v{b}" for b, ip in BACKENDS6.items()))
+        _ip(names["client"], "link set lo up", f"addr add {CLIENT_IP}/24 dev eth0",
+            f"addr add {CLIENT_IP6}/64 dev eth0 nodad", "link set eth0 up",
+            f"route add default via {NODE_IP}", f"route add ::/0 via {NODE_IP6}")
         for b, ip in BACKENDS.items():
             _sysctl(node, f"net.ipv4.conf.v{b}.proxy_arp", "1")
             _sysctl(node, f"net.ipv4.neigh.v{b}.proxy_delay", "0")
-            _ip(names[b], "link set lo up", f"addr add {ip}/32 dev eth0", "link set eth0 up",
-                "route add 169.254.1.1 dev eth0 scope link", "route add default via 169.254.1.1")
+            _ip(names[b], "link set lo up", f"addr add {ip}/32 dev eth0", f"addr add {BACKENDS6[b]}/128 dev eth0 nodad",
+                "link set eth0 up", "route add 169.254.1.1 dev eth0 scope link", "route add default via 169.254.1.1",
+                "route add ::/0 via fe80::1 dev eth0")
             root = tmp_path / b
             root.mkdir()
             (root / "id").write_text(b)
             log = open(tmp_path / f"{b}.log", "wb")  # noqa: SIM115 - closed with the process
-            proc = nsutil.spawn_in_netns(names[b], [sys.executable, "-m", "http.server", "8080", "--bind", ip,
+            proc = nsutil.spawn_in_netns(names[b], [sys.executable, "-m", "http.server", "8080", "--bind", "::",
                                                     "--directory", str(root)], stdout=log, stderr=log)
             log.close()
             procs.append(proc)
@@ -136,13 +145,13 @@ async def _until(cond: Any, timeout: float, what: str) -> Any:
     raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
 
 
-async def _pod(c: Client, name: str, ip: str) -> None:
+async def _pod(c: Client, name: str, ip: str, ip6: str) -> None:
     await c.create(resource_path("v1", "pods", "default"), {
         "metadata": {"name": name, "labels": {"app": "web"}},
         "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "x",
                                                    "ports": [{"name": "http", "containerPort": 8080}]}]}})
     await c.patch(resource_path("v1", "pods", "default", name, "status"), {
-        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}, {"ip": ip6}],
                    "conditions": [{"type": "Ready", "status": "True"}]}})
 
 
@@ -155,24 +164,25 @@ def _endpoints_in_kernel(node_ns: str) -> int:
 def test_proxy_balances_nodeports_updates_and_rejects(topo: dict[str, Any]) -> None:
     ns = topo["ns"]
     node_ns, client = ns["node"], ns["client"]
-    with ServerThread(name="kproxy", service_cidrs=("10.96.0.0/24",)) as emu:
+    with ServerThread(name="kproxy", service_cidrs=("10.96.0.0/24", "fd96::/112")) as emu:
 
         async def go() -> None:
             async with Client(emu.url) as c:
                 await c.create(resource_path("v1", "nodes"), {
                     "metadata": {"name": "n1"}, "status": {"addresses": [{"type": "InternalIP", "address": NODE_IP}]}})
                 for b, ip in BACKENDS.items():
-                    await _pod(c, b, ip)
+                    await _pod(c, b, ip, BACKENDS6[b])
                 svc = await c.create(resource_path("v1", "services", "default"), {
                     "metadata": {"name": "web"},
-                    "spec": {"type": "NodePort", "selector": {"app": "web"},
+                    "spec": {"type": "NodePort", "selector": {"app": "web"}, "ipFamilyPolicy": "RequireDualStack",
+                             "ipFamilies": ["IPv4", "IPv6"],
                              "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}})
                 cip, node_port = svc["spec"]["clusterIP"], svc["spec"]["ports"][0]["nodePort"]
                 infs = Informers(c)
                 ctrl = EndpointSliceController(c, infs)
                 infs.start()
-                proxy = Proxy(c, [NodeTarget("n1", node_ns)], cluster_cidrs=["10.10.0.0/16"],
-                              service_cidrs=["10.96.0.0/24"], min_sync_period=0.05)
+                proxy = Proxy(c, [NodeTarget("n1", node_ns)], cluster_cidrs=["10.10.0.0/16", "fd10::/64"],
+                              service_cidrs=["10.96.0.0/24", "fd96::/112"], min_sync_period=0.05)
                 tasks = [asyncio.create_task(ctrl.run()), asyncio.create_task(proxy.run())]
                 try:
                     url = f"http://{cip}/id"
@@ -182,9 +192,19 @@ def test_proxy_balances_nodeports_updates_and_rejects(topo: dict[str, Any]) -> N
                         return seen if seen == set(BACKENDS) else None
 
                     await _until(both, 30, f"both backends answering {url}")
+                    # IPv6: the same Service's IPv6 ClusterIP, over the IPv6 EndpointSlice.
+                    cip6 = next(ip for ip in svc["spec"]["clusterIPs"] if ":" in ip)
+                    url6 = f"http://[{cip6}]/id"
+
+                    async def both6() -> set[str] | None:
+                        seen = set(await _answers(client, url6, 10))
+                        return seen if seen == set(BACKENDS) else None
+
+                    await _until(both6, 30, f"both backends answering {url6}")
                     # Masqueraded: the client is outside the cluster CIDR, the backend sees the node.
                     log = (topo["tmp"] / "b1.log").read_text()
                     assert f"{NODE_IP} - -" in log and f"{CLIENT_IP} - -" not in log, log[-300:]
+                    assert f"{NODE_IP6} - -" in log and f"{CLIENT_IP6} - -" not in log, log[-300:]
                     # check's TCP probe (tools.diagnose.probe): the service port answers; another
                     # port of the ClusterIP is rejected by kube-proxy, and the probe says so.
                     ok, other = await _probe(client, [(cip, 80), (cip, 81)])
