@@ -89,15 +89,19 @@ class Proxy:
             self._first_change = time.monotonic()
         self._dirty.set()
 
-    def desired(self, node: NodeTarget, family: int) -> str:
+    def service_ports(self, family: int) -> list[rules.ServicePort]:
+        return rules.service_ports(self.services.cache.values(), self.slices.cache.values(), family)
+
+    def desired(self, node: NodeTarget, family: int, ports: list[rules.ServicePort] | None = None) -> str:
         """The table text for ``node`` and ``family`` from the current caches (pure function)."""
-        ports = rules.service_ports(self.services.cache.values(), self.slices.cache.values(), family)
+        if ports is None:
+            ports = self.service_ports(family)
         info = rules.node_info(self.node_objs.get(node.name), node.name)
         return rules.ruleset(ports, info, family, self.cluster_cidrs, self.service_cidrs)
 
-    async def _sync_one(self, node: NodeTarget, family: int, verify: bool) -> bool:
+    async def _sync_one(self, node: NodeTarget, family: int, verify: bool, ports: list[rules.ServicePort]) -> bool:
         """Apply one table if needed; True when it was written."""
-        text = self.desired(node, family)
+        text = self.desired(node, family, ports)
         key = (node.name, family)
         if not verify and self.applied.get(key) == text:
             return False
@@ -116,7 +120,9 @@ class Proxy:
         self._first_change = None
         self._dirty.clear()
         jobs = [(n, f) for n in self.nodes for f in self.families]
-        results = await asyncio.gather(*(self._sync_one(n, f, verify) for n, f in jobs), return_exceptions=True)
+        ports = {f: self.service_ports(f) for f in self.families}  # the same for every node
+        results = await asyncio.gather(*(self._sync_one(n, f, verify, ports[f]) for n, f in jobs),
+                                       return_exceptions=True)
         written, failed = 0, []
         for (n, f), r in zip(jobs, results, strict=True):
             if isinstance(r, BaseException):

@@ -12,7 +12,8 @@ programming the node namespace) run against it. Checks: HTTP to the ClusterIP fr
 reaches both backends over repeated connections and arrives masqueraded (the client is outside
 the cluster CIDR); the NodePort on the node's InternalIP answers; a backend removed from the
 Service stops getting traffic once the rules change (the latency from the API write to the rules
-in the kernel is printed); a pod reaching itself through the Service (hairpin) works; with no
+in the kernel is printed); ``sessionAffinity: ClientIP`` keeps a client on one backend; a pod
+reaching itself through the Service (hairpin) works; with no
 endpoint left the connection is refused (REJECT), not left to time out, and ``check``'s TCP probe
 tells that REJECT from an answer; ``--cleanup`` removes the tables. Dual stack: the Service has an
 IPv6 ClusterIP too (client fd77::2, node fd77::1, backends fd10::11/12 behind fe80::1), which
@@ -155,10 +156,17 @@ async def _pod(c: Client, name: str, ip: str, ip6: str) -> None:
                    "conditions": [{"type": "Ready", "status": "True"}]}})
 
 
+def _table(node_ns: str) -> str:
+    return subprocess.run(["nsenter", f"--net=/run/netns/{node_ns}", "--", "nft", "list", "table", "ip", rules.TABLE],
+                          capture_output=True, text=True, check=False).stdout
+
+
 def _endpoints_in_kernel(node_ns: str) -> int:
-    out = subprocess.run(["nsenter", f"--net=/run/netns/{node_ns}", "--", "nft", "list", "table", "ip", rules.TABLE],
-                         capture_output=True, text=True, check=False).stdout
-    return sum(1 for line in out.splitlines() if line.strip().startswith("chain endpoint-"))
+    return sum(1 for line in _table(node_ns).splitlines() if line.strip().startswith("chain endpoint-"))
+
+
+async def _false(cond: Any) -> bool:
+    return not await cond()
 
 
 def test_proxy_balances_nodeports_updates_and_rejects(topo: dict[str, Any]) -> None:
@@ -214,6 +222,18 @@ def test_proxy_balances_nodeports_updates_and_rejects(topo: dict[str, Any]) -> N
                     np_url = f"http://{NODE_IP}:{node_port}/id"
                     assert set(await _answers(client, np_url, 6)) <= set(BACKENDS)
                     assert await _answers(client, np_url, 1), f"{np_url} does not answer"
+                    # sessionAffinity ClientIP: every connection of the client lands on one backend.
+                    svc_path = resource_path("v1", "services", "default", "web")
+                    await c.patch(svc_path, {"spec": {"sessionAffinity": "ClientIP"}})
+
+                    async def affinity() -> bool:
+                        return "affinity-" in _table(node_ns)
+
+                    await _until(affinity, 15, "the affinity sets")
+                    sticky = await _answers(client, url, 10)
+                    assert len(sticky) == 10 and len(set(sticky)) == 1, sticky
+                    await c.patch(svc_path, {"spec": {"sessionAffinity": "None"}})
+                    await _until(lambda: _false(affinity), 15, "the affinity sets to go")
                     # b2 leaves the service (label removed): rules follow; the latency is reported.
                     t0 = time.monotonic()
                     await c.patch(resource_path("v1", "pods", "default", "b2"), {"metadata": {"labels": {"app": "x"}}})
