@@ -146,12 +146,16 @@ class Proxy:
             await self.informers.wait_synced()
             _log.info("caches synced: %d services, %d endpoint slices; programming %s", len(self.services.cache),
                       len(self.slices.cache), ", ".join(f"{n.name} ({n.netns})" for n in self.nodes))
-            verify, backoff = True, self.min_sync_period
+            verify, backoff, first = True, self.min_sync_period, True
             next_verify = time.monotonic() + self.sync_period
             while True:
                 try:
-                    await self.sync(verify)
+                    written = await self.sync(verify)
                     backoff = self.min_sync_period
+                    if first:
+                        first = False
+                        _log.info("initial sync: %d of %d tables written (the others were in the kernel already)",
+                                  written, len(self.nodes) * len(self.families))
                 except apply.ApplyError as e:
                     _log.error("sync failed (retrying in %.1f s): %s", backoff, e)
                     self._dirty.set()

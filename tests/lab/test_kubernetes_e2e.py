@@ -261,3 +261,21 @@ spec: {{ports: [{{name: web, port: 8080, protocol: TCP}}]}}
     assert not res[1]["ok"]
     klab.kubectl("west", "delete", "-f", str(manifest))
     klab.kubectl("east", "delete", "pod", "far", "--timeout", "20s")
+
+
+def test_a_restarted_kube_proxy_rewrites_nothing(klab: KubeLab) -> None:
+    """``lab up`` restarts a dead kube-proxy; the new one finds its tables in every node
+    namespace already as it would write them (the hash in the table comment) and leaves them."""
+    east = next(c for c in klab.status()["clusters"] if c["name"] == "east")
+    old, log = east["kubernetes"]["proxy_pid"], Path(east["kubernetes"]["proxy_log"])
+    os.kill(old, signal.SIGTERM)
+    wait_until(lambda: not _alive(old), 10, f"kube-proxy {old} to exit")
+    before = log.read_text()
+    klab.lab("up", str(TOPOLOGY), "--timeout", "60")
+    east = next(c for c in klab.status()["clusters"] if c["name"] == "east")
+    assert east["kubernetes"]["proxy_pid"] not in (None, old)
+    line = wait_until(lambda: next((x for x in log.read_text()[len(before):].splitlines() if "initial sync:" in x),
+                                   None), 15, "the new kube-proxy's first sync")
+    assert "initial sync: 0 of 4 tables written" in line, line  # 2 nodes x 2 families
+    node_ns = klab.nodes()["east/e1"]["netns"]
+    assert "kubeemu-proxy " in klab.nsrun(node_ns, "nft", "-t", "list", "table", "ip", "kube-proxy").stdout
