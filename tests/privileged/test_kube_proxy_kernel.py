@@ -8,16 +8,21 @@ node, proxy ARP, pods default via 169.254.1.1)::
 
 A kubeemu server holds Pods b1/b2 (status Ready with those IPs), the Node and a NodePort
 Service selecting them; the EndpointSlice controller and the proxy (``kubeemu.proxy.main.Proxy``,
-programming the node namespace) run against it. Checks: HTTP to the ClusterIP from the client
-reaches both backends over repeated connections and arrives masqueraded (the client is outside
-the cluster CIDR); the NodePort on the node's InternalIP answers; a backend removed from the
-Service stops getting traffic once the rules change (the latency from the API write to the rules
-in the kernel is printed); ``sessionAffinity: ClientIP`` keeps a client on one backend; a pod
-reaching itself through the Service (hairpin) works; with no
-endpoint left the connection is refused (REJECT), not left to time out, and ``check``'s TCP probe
-tells that REJECT from an answer; ``--cleanup`` removes the tables. Dual stack: the Service has an
-IPv6 ClusterIP too (client fd77::2, node fd77::1, backends fd10::11/12 behind fe80::1), which
-balances over the IPv6 EndpointSlice and is masqueraded the same way.
+programming the node namespace) run against it. Checks:
+
+- HTTP to the ClusterIP from the client reaches both backends over repeated connections and
+  arrives masqueraded (the client is outside the cluster CIDR); from the node's own host
+  network too (output hook); ``check``'s TCP probe passes on the service port and reports a
+  REJECT on another port of the ClusterIP;
+- dual stack: the IPv6 ClusterIP (client fd77::2, node fd77::1, backends fd10::11/12 behind
+  fe80::1) balances over the IPv6 EndpointSlice, masqueraded the same way;
+- the NodePort on the node's InternalIP answers;
+- ``sessionAffinity: ClientIP`` keeps the client on one backend;
+- a backend removed from the Service stops getting traffic once the rules change (the latency
+  from the API write to the rules in the kernel is printed);
+- a pod reaching itself through the Service (hairpin) works;
+- with no endpoint left the connection is refused (REJECT), not left to time out, and the probe
+  says "rejected"; a verify pass writes nothing; ``--cleanup`` removes both tables.
 """
 
 from __future__ import annotations
@@ -200,6 +205,9 @@ def test_proxy_balances_nodeports_updates_and_rejects(topo: dict[str, Any]) -> N
                         return seen if seen == set(BACKENDS) else None
 
                     await _until(both, 30, f"both backends answering {url}")
+                    # From the node itself (host network): the output hook translates it.
+                    rc, body = await _curl(node_ns, url)
+                    assert rc == 0 and body in BACKENDS, f"from the node: curl exit {rc}: {body}"
                     # IPv6: the same Service's IPv6 ClusterIP, over the IPv6 EndpointSlice.
                     cip6 = next(ip for ip in svc["spec"]["clusterIPs"] if ":" in ip)
                     url6 = f"http://[{cip6}]/id"
