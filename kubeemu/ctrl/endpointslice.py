@@ -19,10 +19,16 @@ For each Service **with a selector** (and not ``type: ExternalName``), in this o
    endpoint never moves between slices just to rebalance); slices left empty, of a port group or
    address type no longer wanted, or owned by an older Service of the same name, are deleted;
    new endpoints fill slices that are being updated anyway, then one unchanged slice with room,
-   then new slices of at most ``max_endpoints`` (100, upstream's default). A service with no
-   endpoint at all keeps one empty *placeholder* slice, as upstream;
+   then new slices of at most ``max_endpoints`` (100, upstream's default). An address type
+   left without any slice keeps one empty *placeholder* slice, as upstream; a create and a
+   delete of the same address type become one update (upstream's ``finalize``);
 4. the writes: creates (``generateName: <service>-``, owner reference to the Service so the
-   garbage collector removes the slices with it), updates, deletes.
+   garbage collector removes the slices with it; none while the Service is being deleted),
+   updates, deletes.
+
+Not done (upstream has them): the ``endpoints.kubernetes.io/last-change-trigger-time``
+annotation, topology hints / trafficDistribution, and the EndpointSlice mirroring controller
+(selector-less Services' Endpoints -> slices).
 
 Restart safety (no duplicate slices): the informer cache is listed before the first reconcile,
 so a new controller-manager sees every existing slice. Within one process, a write the informer
