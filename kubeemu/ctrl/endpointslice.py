@@ -19,10 +19,16 @@ For each Service **with a selector** (and not ``type: ExternalName``), in this o
    endpoint never moves between slices just to rebalance); slices left empty, of a port group or
    address type no longer wanted, or owned by an older Service of the same name, are deleted;
    new endpoints fill slices that are being updated anyway, then one unchanged slice with room,
-   then new slices of at most ``max_endpoints`` (100, upstream's default). A service with no
-   endpoint at all keeps one empty *placeholder* slice, as upstream;
+   then new slices of at most ``max_endpoints`` (100, upstream's default). An address type
+   left without any slice keeps one empty *placeholder* slice, as upstream; a create and a
+   delete of the same address type become one update (upstream's ``finalize``);
 4. the writes: creates (``generateName: <service>-``, owner reference to the Service so the
-   garbage collector removes the slices with it), updates, deletes.
+   garbage collector removes the slices with it; none while the Service is being deleted),
+   updates, deletes.
+
+Not done (upstream has them): the ``endpoints.kubernetes.io/last-change-trigger-time``
+annotation, topology hints / trafficDistribution, and the EndpointSlice mirroring controller
+(selector-less Services' Endpoints -> slices).
 
 Restart safety (no duplicate slices): the informer cache is listed before the first reconcile,
 so a new controller-manager sees every existing slice. Within one process, a write the informer
@@ -261,29 +267,62 @@ def _sort_eps(eps: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def plan_slices(service: Obj, existing: Iterable[Obj], desired: Mapping[tuple[str, PortKey], Desired],
                 max_endpoints: int = MAX_ENDPOINTS_PER_SLICE) -> Plan:
-    """Upstream ``reconciler.reconcile`` + ``reconcileByPortMapping`` (pure): what to write so
-    the slices of ``service`` hold exactly ``desired``, changing as few slices as possible."""
+    """Upstream ``reconciler.reconcile`` (pure): what to write so the slices of ``service`` hold
+    exactly ``desired``, changing as few slices as possible. Slices of an address type the
+    service no longer has are deleted; each address type it has is planned on its own
+    (:func:`_plan_address_type`); then creates are turned into updates of slices that would be
+    deleted (upstream ``finalize``: fewer writes, stable names)."""
     plan = Plan()
     types = address_types(service)
+    existing = sorted(existing, key=lambda s: str(s["metadata"].get("name")))
+    for at in types:
+        sub = _plan_address_type(service, at, [s for s in existing if s.get("addressType") == at],
+                                 {k: v for k, v in desired.items() if k[0] == at}, max_endpoints)
+        plan.create += sub.create
+        plan.update += sub.update
+        plan.delete += sub.delete
+    plan.delete += [s for s in existing if s.get("addressType") not in types]
+    uid = service["metadata"].get("uid")
+    i = 0
+    while i < len(plan.delete) and plan.create:
+        old, new = plan.delete[i], plan.create[-1]
+        ref = controller_ref(old)
+        if old.get("addressType") == new["addressType"] and ref is not None and ref.get("uid") == uid:
+            new = copy.deepcopy(new)
+            meta = new["metadata"]
+            meta.pop("generateName", None)
+            meta["name"] = old["metadata"]["name"]
+            meta["resourceVersion"] = old["metadata"].get("resourceVersion")
+            plan.create.pop()
+            plan.update.append(new)
+            plan.delete.pop(i)
+        else:
+            i += 1
+    return plan
+
+
+def _plan_address_type(service: Obj, at: str, existing: list[Obj], desired: Mapping[tuple[str, PortKey], Desired],
+                       max_endpoints: int) -> Plan:
+    """Upstream ``reconcileByAddressType`` + ``reconcileByPortMapping`` for one address type."""
+    plan = Plan()
     labels = slice_labels(service)
     uid = service["metadata"].get("uid")
-    groups: dict[tuple[str, PortKey], list[Obj]] = {}
-    existing = sorted(existing, key=lambda s: str(s["metadata"].get("name")))
+    groups: dict[PortKey, list[Obj]] = {}
     for s in existing:
         ref = controller_ref(s)
-        if s.get("addressType") not in types or ref is None or ref.get("uid") != uid:
-            plan.delete.append(s)
+        if ref is None or ref.get("uid") != uid:
+            plan.delete.append(s)  # an older Service of the same name: the GC would take it anyway
             continue
-        groups.setdefault((str(s["addressType"]), port_key(s.get("ports") or [])), []).append(s)
-    for gkey in list(groups) + [k for k in desired if k not in groups]:
-        at = gkey[0]
-        want = desired.get(gkey)
+        groups.setdefault(port_key(s.get("ports") or []), []).append(s)
+    wanted = {k[1]: v for k, v in desired.items()}
+    for pk in list(groups) + [k for k in wanted if k not in groups]:
+        want = wanted.get(pk)
         remaining = dict(want.endpoints) if want else {}
         ports = want.ports if want else []
         to_update: list[Obj] = []
         unchanged: list[Obj] = []
         # 1. existing slices keep what is still wanted (updated in place), drop what is not
-        for s in groups.get(gkey, []):
+        for s in groups.get(pk, []):
             kept, changed = [], False
             for ep in s.get("endpoints") or []:
                 got = remaining.pop(endpoint_key(ep), None)
@@ -297,8 +336,7 @@ def plan_slices(service: Obj, existing: Iterable[Obj], desired: Mapping[tuple[st
                 continue
             new = copy.deepcopy(s)
             new["endpoints"] = kept
-            meta_labels = (s["metadata"].get("labels") or {})
-            if meta_labels != labels:
+            if (s["metadata"].get("labels") or {}) != labels:
                 new["metadata"]["labels"] = dict(labels)
                 changed = True
             (to_update if changed else unchanged).append(new)
@@ -322,13 +360,11 @@ def plan_slices(service: Obj, existing: Iterable[Obj], desired: Mapping[tuple[st
                 chunks.pop()
         plan.update += to_update
         plan.create += [new_slice(service, at, copy.deepcopy(ports), chunk) for chunk in chunks]
-    # A service without any endpoint keeps one empty placeholder slice (upstream).
-    n_left = len(existing) - len(plan.delete) + len(plan.create)
-    if n_left == 0:
-        placeholder = new_slice(service, types[0], [], [])
-        reuse = next((s for s in plan.delete if _is_placeholder_of(s, placeholder, uid)), None)
-        if reuse is not None:
-            plan.delete.remove(reuse)
+    # No slice would be left for this address type: an empty placeholder keeps its place (upstream).
+    if len(existing) == len(plan.delete) and not plan.create:
+        placeholder = new_slice(service, at, [], [])
+        if len(plan.delete) == 1 and _is_placeholder_of(plan.delete[0], placeholder, uid):
+            plan.delete.clear()
         else:
             plan.create.append(placeholder)
     return plan
@@ -451,17 +487,16 @@ class EndpointSliceController(Controller):
         spec = svc.get("spec") or {}
         if spec.get("type") == "ExternalName" or spec.get("selector") is None:
             return  # no slices from this controller (upstream); a selector-less service's are the user's
-        if svc["metadata"].get("deletionTimestamp"):
-            return
         if self.tracker.stale(key, self.slices.cache):
             self.queue.add_after(key, STALE_RETRY_S)
             return
         sel = spec["selector"] or {}
         pods = [p for p in self.pods.list(ns) if sel and all(
             (p["metadata"].get("labels") or {}).get(k) == v for k, v in sel.items())]
-        # Pods bound to a node the cache does not know are left out and retried (upstream).
+        # Pods bound to a node the cache does not know are left out and retried, unless the
+        # Service publishes not-ready addresses (upstream).
         missing = [p for p in pods if (p.get("spec") or {}).get("nodeName")
-                   and self.nodes.get(p["spec"]["nodeName"]) is None]
+                   and self.nodes.get(p["spec"]["nodeName"]) is None and not spec.get("publishNotReadyAddresses")]
         if missing:
             pods = [p for p in pods if p not in missing]
             self.queue.add_after(key, 1.0)
@@ -472,7 +507,8 @@ class EndpointSliceController(Controller):
         path = resource_path(API_VERSION, "endpointslices", ns)
         _log.info("service %s: %d slices to create, %d to update, %d to delete", key, len(plan.create),
                   len(plan.update), len(plan.delete))
-        for s in plan.create:
+        # No new slices for a Service being deleted: the garbage collector is removing them (upstream).
+        for s in plan.create if not svc["metadata"].get("deletionTimestamp") else []:
             self.tracker.wrote(key, await self.client.create(path, s))
         for s in plan.update:
             self.tracker.wrote(key, await self.client.replace(f"{path}/{s['metadata']['name']}", s))

@@ -36,6 +36,7 @@ def registry() -> dict[str, ControllerFactory]:
     from kubeemu.ctrl import provisioner, volume
     from kubeemu.ctrl.daemonset import DaemonSetController
     from kubeemu.ctrl.deployment import DeploymentController
+    from kubeemu.ctrl.endpoints import EndpointsController
     from kubeemu.ctrl.endpointslice import EndpointSliceController
     from kubeemu.ctrl.job import JobController
     from kubeemu.ctrl.replicaset import ReplicaSetController
@@ -54,6 +55,7 @@ def registry() -> dict[str, ControllerFactory]:
     CONTROLLERS.setdefault("lab-local-provisioner", provisioner.LocalProvisioner)
     CONTROLLERS.setdefault("daemonset", DaemonSetController)
     CONTROLLERS.setdefault("ttl-after-finished", TTLAfterFinishedController)
+    CONTROLLERS.setdefault("endpoint", EndpointsController)
     return dict(CONTROLLERS)
 
 

@@ -89,15 +89,19 @@ class Proxy:
             self._first_change = time.monotonic()
         self._dirty.set()
 
-    def desired(self, node: NodeTarget, family: int) -> str:
+    def service_ports(self, family: int) -> list[rules.ServicePort]:
+        return rules.service_ports(self.services.cache.values(), self.slices.cache.values(), family)
+
+    def desired(self, node: NodeTarget, family: int, ports: list[rules.ServicePort] | None = None) -> str:
         """The table text for ``node`` and ``family`` from the current caches (pure function)."""
-        ports = rules.service_ports(self.services.cache.values(), self.slices.cache.values(), family)
+        if ports is None:
+            ports = self.service_ports(family)
         info = rules.node_info(self.node_objs.get(node.name), node.name)
         return rules.ruleset(ports, info, family, self.cluster_cidrs, self.service_cidrs)
 
-    async def _sync_one(self, node: NodeTarget, family: int, verify: bool) -> bool:
+    async def _sync_one(self, node: NodeTarget, family: int, verify: bool, ports: list[rules.ServicePort]) -> bool:
         """Apply one table if needed; True when it was written."""
-        text = self.desired(node, family)
+        text = self.desired(node, family, ports)
         key = (node.name, family)
         if not verify and self.applied.get(key) == text:
             return False
@@ -116,7 +120,9 @@ class Proxy:
         self._first_change = None
         self._dirty.clear()
         jobs = [(n, f) for n in self.nodes for f in self.families]
-        results = await asyncio.gather(*(self._sync_one(n, f, verify) for n, f in jobs), return_exceptions=True)
+        ports = {f: self.service_ports(f) for f in self.families}  # the same for every node
+        results = await asyncio.gather(*(self._sync_one(n, f, verify, ports[f]) for n, f in jobs),
+                                       return_exceptions=True)
         written, failed = 0, []
         for (n, f), r in zip(jobs, results, strict=True):
             if isinstance(r, BaseException):
@@ -140,12 +146,16 @@ class Proxy:
             await self.informers.wait_synced()
             _log.info("caches synced: %d services, %d endpoint slices; programming %s", len(self.services.cache),
                       len(self.slices.cache), ", ".join(f"{n.name} ({n.netns})" for n in self.nodes))
-            verify, backoff = True, self.min_sync_period
+            verify, backoff, first = True, self.min_sync_period, True
             next_verify = time.monotonic() + self.sync_period
             while True:
                 try:
-                    await self.sync(verify)
+                    written = await self.sync(verify)
                     backoff = self.min_sync_period
+                    if first:
+                        first = False
+                        _log.info("initial sync: %d of %d tables written (the others were in the kernel already)",
+                                  written, len(self.nodes) * len(self.families))
                 except apply.ApplyError as e:
                     _log.error("sync failed (retrying in %.1f s): %s", backoff, e)
                     self._dirty.set()
@@ -154,7 +164,8 @@ class Proxy:
                     continue
                 await asyncio.sleep(self.min_sync_period)
                 try:
-                    await asyncio.wait_for(self._dirty.wait(), max(0.0, next_verify - time.monotonic()))
+                    async with asyncio.timeout(max(0.0, next_verify - time.monotonic())):
+                        await self._dirty.wait()
                     verify = False
                 except TimeoutError:
                     verify = True

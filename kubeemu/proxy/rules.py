@@ -14,15 +14,20 @@ Order of computation:
 
        nat-prerouting / nat-output      -> services: daddr . proto . port vmap @service-ips
                                                      (NodePorts: daddr @nodeport-ips ... @service-nodeports)
-       service-<hash>-ns/svc/proto/port -> masquerade mark unless the source is a cluster CIDR
-                                           (a client outside the cluster: replies must come back
-                                           through this node), session affinity, then
+       service-<hash>-ns/svc/proto/port -> Cluster policy: masquerade mark unless the source is a
+                                           cluster CIDR (a client outside the cluster: replies must
+                                           come back through this node), session affinity, then
                                            numgen random mod N vmap { i : goto endpoint-... }
+       local-<hash>-...                 -> Local policy: the same over this node's endpoints
        endpoint-<hash>-...__ip/port     -> hairpin masquerade mark (ip saddr = the endpoint), dnat
-       external-<hash>-...              -> NodePort: masquerade mark, goto the service chain
-       filter-* (input/forward/output)  -> new connections to a service without endpoints
-                                           are rejected (reject-chain); other ports of a
-                                           ClusterIP are rejected too
+       external-<hash>-...              -> NodePort: masquerade mark, goto the Cluster chain; with
+                                           externalTrafficPolicy Local: pods and the node itself
+                                           short-circuit to the Cluster chain, others go Local
+       filter-input/forward/output      -> new connections to a service without endpoints are
+        -> service-endpoints-check         rejected (reject-chain), to a Local-policy service
+                                           without a local endpoint dropped
+       filter-forward/-output-post-dnat -> cluster-ips-check: other ports of a ClusterIP are
+                                           rejected, unallocated service-CIDR addresses dropped
        nat-postrouting -> masquerading  -> what carries the mark is masqueraded (fully-random)
 
 The table text is applied as a whole in one transaction (see :mod:`kubeemu.proxy.apply`); the
@@ -153,20 +158,34 @@ def _hash(name: str) -> str:
     return base64.b32encode(hashlib.sha256(name.encode()).digest()).decode()[:8]
 
 
+def _chain_base(sp: ServicePort, ep: Endpoint | None = None) -> str:
+    """Upstream ``servicePortChainNameBase`` / ``servicePortEndpointChainNameBase``: 8 base32
+    characters of the SHA-256 of ``ns/svc/proto/port[__ip/port]``, a dash, the name itself (an
+    IPv6 address's ``:`` become ``.``: nft identifiers cannot hold them)."""
+    name = sp.key if ep is None else f"{sp.key}__{ep.ip.replace(':', '.')}/{ep.port}"
+    return f"{_hash(name)}-{name}"
+
+
 def service_chain(sp: ServicePort) -> str:
-    return f"service-{_hash(sp.key + sp.cluster_ip)}-{sp.key}"
+    """The chain of the Cluster traffic policy (all usable endpoints)."""
+    return f"service-{_chain_base(sp)}"
+
+
+def local_chain(sp: ServicePort) -> str:
+    """The chain of the Local traffic policy (this node's endpoints)."""
+    return f"local-{_chain_base(sp)}"
 
 
 def external_chain(sp: ServicePort) -> str:
-    return f"external-{_hash(sp.key + sp.cluster_ip)}-{sp.key}"
+    return f"external-{_chain_base(sp)}"
 
 
 def endpoint_chain(sp: ServicePort, ep: Endpoint) -> str:
-    return f"endpoint-{_hash(sp.key + ep.ip + str(ep.port))}-{sp.key}__{ep.ip}/{ep.port}"
+    return f"endpoint-{_chain_base(sp, ep)}"
 
 
 def affinity_set(sp: ServicePort, ep: Endpoint) -> str:
-    return f"affinity-{_hash(sp.key + ep.ip + str(ep.port))}-{sp.key}__{ep.ip}/{ep.port}"
+    return f"affinity-{_chain_base(sp, ep)}"
 
 
 def _q(name: str) -> str:
@@ -208,39 +227,55 @@ def ruleset(ports: Sequence[ServicePort], node: NodeInfo, family: int, cluster_c
     no_ep_nodeports: list[str] = []
     cluster_ips = sorted({sp.cluster_ip for sp in ports})
 
+    not_local = f"{fam} saddr != {{ {', '.join(cidrs)} }}" if cidrs else ""
     for sp in ports:
+        # Upstream syncProxyRules, per service port (LoadBalancer VIPs and externalIPs aside).
         l4 = _L4[sp.protocol]
-        internal = sp.usable(node.name, sp.internal_local)
-        external = sp.usable(node.name, sp.external_local) if sp.node_port else []
         svc_key = f"{sp.cluster_ip} . {l4} . {sp.port}"
-        if not internal:
-            no_ep_services.append(f"{svc_key} : goto reject-chain")
-        else:
-            service_ips.append(f"{svc_key} : goto {_q(service_chain(sp))}")
-        if sp.node_port:
-            if external:
-                nodeports.append(f"{l4} . {sp.node_port} : goto {_q(external_chain(sp))}")
-            elif sp.external_local and sp.endpoints:
-                # Local policy, endpoints only elsewhere: drop (upstream), not reject.
-                no_ep_nodeports.append(f"{l4} . {sp.node_port} : drop")
-            else:
-                no_ep_nodeports.append(f"{l4} . {sp.node_port} : goto reject-chain")
-        used = sorted(set(internal) | set(external))
-        if internal or external:
+        cluster_eps = sp.usable(node.name, local_only=False)
+        local_eps = sp.usable(node.name, local_only=True)
+        has_endpoints = bool(cluster_eps)
+        externally = bool(sp.node_port)
+        internal_chain = _q(local_chain(sp) if sp.internal_local else service_chain(sp))
+        has_internal = has_endpoints and (not sp.internal_local or bool(local_eps))
+        has_external = has_endpoints and (not sp.external_local or bool(local_eps))
+        uses_cluster = bool(cluster_eps) and (not sp.internal_local or externally)
+        uses_local = bool(local_eps) and (sp.internal_local or (sp.external_local and externally))
+        # A service without endpoints anywhere is rejected; one whose Local policy finds no
+        # endpoint on this node drops (upstream).
+        internal_verdict = "goto reject-chain" if not has_endpoints else "drop"
+        if has_internal:
+            service_ips.append(f"{svc_key} : goto {internal_chain}")
             rules = []
-            if cidrs:
-                rules.append(f"{fam} daddr {sp.cluster_ip} {l4} dport {sp.port} {fam} saddr != "
-                             f"{{ {', '.join(cidrs)} }} jump mark-for-masquerade")
-            rules += _balance(sp, internal, fam)
-            chains[_q(service_chain(sp))] = rules
-        if sp.node_port and external:
-            ext = [] if sp.external_local else ["jump mark-for-masquerade"]
-            if sp.external_local:
-                ext += _balance(sp, external, fam)
-            else:
-                ext.append(f"goto {_q(service_chain(sp))}")
-            chains[_q(external_chain(sp))] = ext
-        for ep in used:
+            if not_local:
+                # Off-cluster clients (another cluster's pods, a node): masquerade, so the reply
+                # comes back through this node (upstream's ClusterCIDR local detector).
+                rules.append(f"{fam} daddr {sp.cluster_ip} {l4} dport {sp.port} {not_local} jump mark-for-masquerade")
+            chains.setdefault(internal_chain, []).extend(rules)
+        else:
+            no_ep_services.append(f"{svc_key} : {internal_verdict}")
+        if externally:
+            ext = _q(external_chain(sp))
+            if has_endpoints:
+                nodeports.append(f"{l4} . {sp.node_port} : goto {ext}")
+                ext_rules: list[str] = []
+                if not sp.external_local:
+                    ext_rules.append("jump mark-for-masquerade")
+                else:
+                    if cidrs:
+                        ext_rules.append(f"{fam} saddr {{ {', '.join(cidrs)} }} goto {_q(service_chain(sp))}")
+                    ext_rules += ["fib saddr type local jump mark-for-masquerade",
+                                  f"fib saddr type local goto {_q(service_chain(sp))}"]
+                if has_external:
+                    ext_rules.append(f"goto {_q(local_chain(sp) if sp.external_local else service_chain(sp))}")
+                chains[ext] = ext_rules
+            if not has_external:
+                no_ep_nodeports.append(f"{l4} . {sp.node_port} : {internal_verdict}")
+        if uses_cluster:
+            chains.setdefault(_q(service_chain(sp)), []).extend(_balance(sp, cluster_eps, fam))
+        if uses_local:
+            chains.setdefault(_q(local_chain(sp)), []).extend(_balance(sp, local_eps, fam))
+        for ep in sorted(set(cluster_eps) | set(local_eps)):
             rules = [f"{fam} saddr {ep.ip} jump mark-for-masquerade"]
             if sp.affinity_timeout_s:
                 rules.append(f"update @{_q(affinity_set(sp, ep))} {{ {fam} saddr }}")
@@ -266,8 +301,7 @@ def ruleset(ports: Sequence[ServicePort], node: NodeInfo, family: int, cluster_c
                  f"{elements(no_ep_nodeports)} }}")
     lines.extend(sets)
     base = [
-        ("filter-input", "type filter hook input priority -110;",
-         ["ct state new jump nodeport-endpoints-check", "ct state new jump service-endpoints-check"]),
+        ("filter-input", "type filter hook input priority -110;", ["ct state new jump service-endpoints-check"]),
         ("filter-forward", "type filter hook forward priority -110;",
          ["ct state new jump service-endpoints-check", "ct state new jump cluster-ips-check"]),
         ("filter-output", "type filter hook output priority -110;", ["ct state new jump service-endpoints-check"]),
@@ -288,8 +322,8 @@ def ruleset(ports: Sequence[ServicePort], node: NodeInfo, family: int, cluster_c
                          "masquerade fully-random"],
         "services": [f"{fam} daddr . meta l4proto . th dport vmap @service-ips",
                      f"{fam} daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports"],
-        "service-endpoints-check": [f"{fam} daddr . meta l4proto . th dport vmap @no-endpoint-services"],
-        "nodeport-endpoints-check": [f"{fam} daddr @nodeport-ips meta l4proto . th dport vmap @no-endpoint-nodeports"],
+        "service-endpoints-check": [f"{fam} daddr . meta l4proto . th dport vmap @no-endpoint-services",
+                                    f"{fam} daddr @nodeport-ips meta l4proto . th dport vmap @no-endpoint-nodeports"],
         "cluster-ips-check": cluster_check,
     }
     for name, rules in [*helpers.items(), *sorted(chains.items())]:

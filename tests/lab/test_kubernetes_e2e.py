@@ -15,6 +15,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -44,7 +46,8 @@ class KubeLab(Lab):
         pids = set()
         for c in self.status()["clusters"]:
             k = c["kubernetes"]
-            pids |= {p for p in (k["apiserver_pid"], k["kubelet_pid"], k.get("controller_manager_pid")) if p}
+            pids |= {p for p in (k["apiserver_pid"], k["kubelet_pid"], k.get("controller_manager_pid"),
+                                 k.get("proxy_pid")) if p}
         return pids
 
 
@@ -56,8 +59,8 @@ def klab() -> Iterator[KubeLab]:
         lab.kubeconfig = Path(lab.lab("kubeconfig").stdout.strip())
         yield lab
     pids = lab.down_pids
-    assert len(pids) == 4 + 1 + 2 * 3, \
-        f"expected agents, reflector, API servers, kubelets and controller-managers: {pids}"
+    assert len(pids) == 4 + 1 + 2 * 4, \
+        f"expected agents, reflector, API servers, kubelets, controller-managers, kube-proxies: {pids}"
     assert not os.path.exists(f"/run/kosmos-fabric/lab/{name}"), "lab down left its state directory behind"
 
 
@@ -252,3 +255,91 @@ def test_a_daemonset_runs_lab_pods_and_survives_a_controller_manager_restart(kla
     assert {p["metadata"]["uid"] for p in klab.get("east", "pods", "-l", "app=probe")["items"]} == uids
     klab.kubectl("east", "delete", "daemonset", "probe", "--timeout", "30s")
     wait_until(lambda: not klab.get("east", "pods", "-l", "app=probe")["items"], 30, "the probe pods deleted")
+
+
+def _probe_tcp(klab: KubeLab, netns: str, targets: list[tuple[str, int]]) -> list[dict[str, Any]]:
+    """``check``'s probe worker in ``netns``: a TCP connection to each (address, port)."""
+    req = json.dumps({"targets": [t[0] for t in targets], "ports": [t[1] for t in targets], "timeout": 3})
+    p = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-m", "tools.diagnose.probe"], input=req,
+                       capture_output=True, text=True, timeout=60, cwd=str(REPO), check=True)
+    results: list[dict[str, Any]] = json.loads(p.stdout)["results"]
+    return results
+
+
+def test_check_services_probes_the_real_lab_services(klab: KubeLab) -> None:
+    """Each cluster's lab service is a real Service (default/lab-check, slices listing the static
+    pods) programmed by the lab kube-proxy; ``check --services`` reaches the other cluster's over
+    TCP through the fabric (the static pods' reset comes back through the DNAT)."""
+    status = {c["name"]: c for c in klab.status()["clusters"]}
+    for cluster in ("east", "west"):
+        svc = klab.get(cluster, "service", "lab-check")
+        assert "selector" not in svc["spec"]
+        assert status[cluster]["service"]["ip"] == svc["spec"]["clusterIP"]
+        assert status[cluster]["kubernetes"]["proxy_pid"]
+        node_ns = klab.nodes()[f"{cluster}/{'e1' if cluster == 'east' else 'w1'}"]["netns"]
+        assert "table ip kube-proxy" in klab.nsrun(node_ns, "nft", "list", "tables").stdout
+    p = klab.tool("check", "--lab", klab.name, "--services", "--json", "--timeout", "3", check=False)
+    doc = json.loads(p.stdout)
+    svc_pairs = [x for x in doc["pairs"] if x["dst"].endswith("/svc")]
+    assert len(svc_pairs) == 4 and all(x["proto"] == "tcp" for x in svc_pairs), svc_pairs
+    assert doc["failed"] == 0, [x for x in doc["pairs"] if not x["ok"]]
+
+
+def test_a_service_with_an_endpoint_in_another_cluster(klab: KubeLab, tmp_path: Path) -> None:
+    """A west Service whose EndpointSlice names a pod of east: reached from a west pod through
+    the fabric; a Service without endpoints is rejected (the probe tells it from a reset)."""
+    klab.kubectl("east", "apply", "-f", str(_pod(tmp_path, "far", "e2")))
+    far_ip = _running(klab, "east", "far")["status"]["podIP"]
+    manifest = tmp_path / "remote.yaml"
+    manifest.write_text(f"""apiVersion: v1
+kind: Service
+metadata: {{name: remote, namespace: default}}
+spec: {{ports: [{{name: web, port: 8080, protocol: TCP}}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: remote-1
+  namespace: default
+  labels: {{kubernetes.io/service-name: remote}}
+addressType: IPv4
+ports: [{{name: web, port: 8080, protocol: TCP}}]
+endpoints: [{{addresses: ["{far_ip}"], conditions: {{ready: true}}}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: empty, namespace: default}}
+spec: {{ports: [{{name: web, port: 8080, protocol: TCP}}]}}
+""")
+    klab.kubectl("west", "apply", "-f", str(manifest))
+    remote = klab.get("west", "service", "remote")["spec"]["clusterIP"]
+    empty = klab.get("west", "service", "empty")["spec"]["clusterIP"]
+    src = klab.pods()["west/w1/p0"]["netns"]
+
+    def answered() -> list[dict[str, Any]] | None:
+        res = _probe_tcp(klab, src, [(remote, 8080), (empty, 8080)])
+        return res if res[0]["ok"] and "rejected" in (res[1]["error"] or "") else None
+
+    res = wait_until(answered, 20, f"{remote}:8080 answered by east's {far_ip}, {empty}:8080 rejected",
+                     interval=0.5)
+    assert not res[1]["ok"]
+    klab.kubectl("west", "delete", "-f", str(manifest))
+    klab.kubectl("east", "delete", "pod", "far", "--timeout", "20s")
+
+
+def test_a_restarted_kube_proxy_rewrites_nothing(klab: KubeLab) -> None:
+    """``lab up`` restarts a dead kube-proxy; the new one finds its tables in every node
+    namespace already as it would write them (the hash in the table comment) and leaves them."""
+    east = next(c for c in klab.status()["clusters"] if c["name"] == "east")
+    old, log = east["kubernetes"]["proxy_pid"], Path(east["kubernetes"]["proxy_log"])
+    os.kill(old, signal.SIGTERM)
+    wait_until(lambda: not _alive(old), 10, f"kube-proxy {old} to exit")
+    before = log.read_text()
+    klab.lab("up", str(TOPOLOGY), "--timeout", "60")
+    east = next(c for c in klab.status()["clusters"] if c["name"] == "east")
+    assert east["kubernetes"]["proxy_pid"] not in (None, old)
+    line = wait_until(lambda: next((x for x in log.read_text()[len(before):].splitlines() if "initial sync:" in x),
+                                   None), 15, "the new kube-proxy's first sync")
+    assert "initial sync: 0 of 4 tables written" in line, line  # 2 nodes x 2 families
+    node_ns = klab.nodes()["east/e1"]["netns"]
+    assert "kubeemu-proxy " in klab.nsrun(node_ns, "nft", "-t", "list", "table", "ip", "kube-proxy").stdout

@@ -134,12 +134,16 @@ def test_plan_limits_slices_and_updates_in_place() -> None:
 def test_plan_deletes_stale_and_keeps_a_placeholder() -> None:
     s = svc()
     slices = _named(es.plan_slices(s, [], es.desired_endpoints(s, [pod("a", ["10.0.0.1"])])))
-    # Every pod gone: the slice is deleted and an empty placeholder takes its place.
+    # Every pod gone: the slice becomes the empty placeholder (upstream's finalize turns the
+    # placeholder's create and the slice's delete into one update of the same name).
     plan = es.plan_slices(s, slices, {})
-    assert [x["metadata"]["name"] for x in plan.delete] == ["web-00000"]
-    assert len(plan.create) == 1 and plan.create[0]["endpoints"] == [] and plan.create[0]["ports"] == []
-    placeholder = _named(plan)
+    assert not plan.create and not plan.delete
+    assert [(x["metadata"]["name"], x["endpoints"], x["ports"]) for x in plan.update] == [("web-00000", [], [])]
+    placeholder = plan.update
     assert not es.plan_slices(s, placeholder, {}), "an existing placeholder is kept as is"
+    # Dual stack without pods: one placeholder per address type.
+    plan = es.plan_slices(svc(families=["IPv4", "IPv6"]), [], {})
+    assert sorted(x["addressType"] for x in plan.create) == ["IPv4", "IPv6"]
     # A slice owned by an older service of the same name (other UID) is deleted.
     old = json.loads(json.dumps(slices[0]))
     old["metadata"]["ownerReferences"][0]["uid"] = "older"

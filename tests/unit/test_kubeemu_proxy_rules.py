@@ -122,15 +122,30 @@ def test_node_port_on_the_node_addresses() -> None:
     # Without endpoints the node port is rejected on input.
     t = render([service(stype="NodePort", node_port=30080)], [])
     assert t.elements["no-endpoint-nodeports"] == {"tcp . 30080": "goto reject-chain"}
-    assert "ct state new jump nodeport-endpoints-check" in t.chains["filter-input"]
-    # externalTrafficPolicy Local: only this node's endpoints, no masquerade; none here: drop.
+    assert "ct state new jump service-endpoints-check" in t.chains["filter-input"]
+    assert "ip daddr @nodeport-ips meta l4proto . th dport vmap @no-endpoint-nodeports" in t.chains[
+        "service-endpoints-check"]
+    # externalTrafficPolicy Local: outside traffic keeps its source and goes to this node's
+    # endpoints only (the local- chain); pods and the node itself short-circuit to the cluster
+    # chain (upstream). No local endpoint: external traffic is dropped, pods still get through.
     svc = service(stype="NodePort", node_port=30080, externalTrafficPolicy="Local")
     t = render([svc], [slice_("web", [ep("10.10.1.5"), ep("10.10.2.5", node="n2")])])
     ext = t.elements["service-nodeports"]["tcp . 30080"].split()[1]
+    svc_chain = t.elements["service-ips"]["10.96.0.20 . tcp . 80"].split()[1]
     assert "jump mark-for-masquerade" not in t.chains[ext]
-    assert [t.dnat(c) for c in t.balanced(ext)] == ["10.10.1.5:8080"]
+    assert t.chains[ext][0] == f"ip saddr {{ 10.10.0.0/16 }} goto {svc_chain}"
+    local = t.chains[ext][-1].split()[1]
+    assert local.startswith("local-") and [t.dnat(c) for c in t.balanced(local)] == ["10.10.1.5:8080"]
+    assert sorted(t.dnat(c) for c in t.balanced(svc_chain)) == ["10.10.1.5:8080", "10.10.2.5:8080"]
     t = render([svc], [slice_("web", [ep("10.10.2.5", node="n2")])])
     assert t.elements["no-endpoint-nodeports"] == {"tcp . 30080": "drop"}
+    assert t.elements["service-nodeports"]["tcp . 30080"].startswith("goto external-")
+    # internalTrafficPolicy Local without a local endpoint: the ClusterIP drops (not rejects).
+    t = render([service(internalTrafficPolicy="Local")], [slice_("web", [ep("10.10.2.5", node="n2")])])
+    assert t.elements["no-endpoint-services"] == {"10.96.0.20 . tcp . 80": "drop"}
+    t = render([service(internalTrafficPolicy="Local")], [slice_("web", [ep("10.10.1.5"), ep("10.10.2.5", "n2")])])
+    chain = t.elements["service-ips"]["10.96.0.20 . tcp . 80"].split()[1]
+    assert chain.startswith("local-") and [t.dnat(c) for c in t.balanced(chain)] == ["10.10.1.5:8080"]
 
 
 def test_ipv6_table_from_the_ipv6_slice() -> None:

@@ -208,6 +208,19 @@ def test_servers_and_kubelets_start_record_and_stop(lab_root: Path, tmp_path: Pa
         assert st.clusters[0].kubelet != old_east and st.clusters[1].kubelet == old_west
         assert old_east is not None and not old_east.running()
         recs = [r for c in st.clusters for r in (c.apiserver, c.kubelet, c.controller_manager) if r is not None]
+        # The lab kube-proxy of each cluster (restarted with east's new node), and east's lab
+        # Service: a real Service whose ClusterIP the state records (west has no service CIDR).
+        proxies = [c.proxy for c in st.clusters]
+        assert all(r is not None and r.running() for r in proxies)
+        assert st.clusters[0].proxy is not None and "e9:kfx-east-e9" not in st.clusters[0].proxy.argv
+        east = st.clusters[0]
+        svc = _get(f"{east.api_url}/api/v1/namespaces/default/services/lab-check")
+        assert (east.service_ip, east.service_port, east.service_backend) == (svc["spec"]["clusterIP"], 80, None)
+        sl = _get(f"{east.api_url}/apis/discovery.k8s.io/v1/namespaces/default/endpointslices/lab-check-ipv4")
+        assert sorted(ep["addresses"][0] for ep in sl["endpoints"]) == sorted(p.ip for p in east.nodes[0].pods)
+        assert st.clusters[1].service_ip is None
+        assert lab.status_doc(st, None, "up")["clusters"][0]["kubernetes"]["proxy_pid"] == proxies[0].pid  # type: ignore[union-attr]
+        recs += [r for r in proxies if r is not None]
     finally:
         lab.commands._down_locked("kfx", lab.load_state("kfx"), lambda _m: None)
     assert not any(r.running() for r in recs)

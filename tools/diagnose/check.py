@@ -10,11 +10,20 @@ The pod list comes from the lab's state file only, so ``check`` also works on a 
 its fabric processes (that is how the privileged tests check the lab's own plumbing).
 
 Two optional extensions (gateway issue): ``--services`` adds, for every pod, the lab service IP
-of every *other* cluster as a destination (the lab plays kube-proxy, see tools/lab/plumbing.py), and
+of every *other* cluster as a destination, and
 ``--host-network`` adds every node's host network namespace as a source probing every pod of
 the other clusters (host-network traffic leaves with an overlay source address that the remote
 side must route back). The matrix then has the extra sources as rows and the services as
 columns.
+
+The lab service: in a lab without Kubernetes, one fixed IP per cluster that the lab's
+kube-proxy stand-in DNATs to a static pod for every protocol (tools/lab/plumbing.py), probed
+with ICMP echo. In a ``kubernetes: true`` lab, a real Service of the cluster's API (selector-less,
+its EndpointSlice lists the static pods; tools/lab/kube.py) programmed by the lab kube-proxy
+(kubeemu.proxy) as a real cluster's would be: it answers only TCP on its port, so it is probed
+with a TCP connection (:func:`tools.diagnose.probe.probe_tcp`). The backends listen on nothing:
+their kernel's reset, coming back through the Service's DNAT, proves the path; a REJECT
+(no endpoints: ICMP port unreachable) or silence fails.
 
 Dual stack (issue 5): every family is probed on its own (``--family 4|6|all``, default all):
 a pod with an IPv4 and an IPv6 address is two sources, each probing only destinations of its
@@ -58,6 +67,9 @@ class Pod:
     global_ip: str | None = None
     #: The address family probed (4 or 6): the family of ``ip``.
     family: int = 4
+    #: A TCP port to probe instead of ICMP echo (0: ICMP): the lab Service of a
+    #: ``kubernetes: true`` lab (see the module docstring).
+    port: int = 0
 
     @property
     def cluster(self) -> str:
@@ -135,9 +147,10 @@ def pods_of(state: lab.LabState, families: Sequence[int] = FAMILIES) -> list[Pod
 
 
 def services_of(state: lab.LabState, families: Sequence[int] = FAMILIES) -> list[Pod]:
-    """The lab service of every cluster that has one, as a destination ``CLUSTER/svc``, per family."""
+    """The lab service of every cluster that has one, as a destination ``CLUSTER/svc``, per family
+    (probed on its TCP port when it is a real Service of a ``kubernetes: true`` lab)."""
     return [
-        Pod(f"{c.name}/svc", "", ip, c.global_ip(ip), f)
+        Pod(f"{c.name}/svc", "", ip, c.global_ip(ip), f, c.service_port or 0)
         for f in families
         for c in state.clusters
         if (ip := (c.service_ip if f == 4 else c.service_ip6))
@@ -272,7 +285,10 @@ def run(
     t0 = time.monotonic()
     workers: list[tuple[Pod, list[Pod], subprocess.Popen[bytes] | None, str]] = []
     for src, dsts in restrict(jobs(pods, services, hosts), only):
-        request = json.dumps({"targets": [d.ip for d in dsts], "timeout": timeout_s, "count": count})
+        req: dict[str, Any] = {"targets": [d.ip for d in dsts], "timeout": timeout_s, "count": count}
+        if any(d.port for d in dsts):
+            req["ports"] = [d.port for d in dsts]
+        request = json.dumps(req)
         try:
             proc = nsutil.spawn_in_netns(
                 src.netns,

@@ -7,6 +7,9 @@ namespace), writes the destinations as JSON on stdin, and reads one JSON documen
     stdout: {"results": [{"dst_ip": "10.10.0.3", "proto": "icmp", "ok": true, "rtt_ms": 0.08,
                           "sent": 1, "received": 1, "error": null}, ...]}
 
+An optional ``"ports": [0, 80, ...]`` (one per target) probes a target with a TCP connection to
+that port instead of ICMP echo (:func:`probe_tcp`; the lab Service of a ``kubernetes: true`` lab).
+
 How a probe works: echo requests are built by :mod:`fabric.icmp` (the agent's tunnel
 prober's encoder and parser) and sent through one raw ICMP socket (the
 kernel routes them exactly as it routes pod traffic); every request carries this worker's ICMP
@@ -21,12 +24,14 @@ are reported as the reason instead of a bare timeout.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import os
 import random
 import select
 import socket
+import struct
 import sys
 import time
 from collections.abc import Sequence
@@ -143,6 +148,87 @@ def _probe(targets: Sequence[str], timeout_s: float, count: int, family: int) ->
     ]
 
 
+#: ``struct sock_extended_err`` (linux/errqueue.h): errno, origin, type, code, pad, info, data.
+_EXTENDED_ERR = "=IBBBBII"
+_EE_ORIGIN_ICMP, _EE_ORIGIN_ICMP6 = 2, 3
+_IP_RECVERR, _IPV6_RECVERR = 11, 25
+
+
+def probe_tcp(targets: Sequence[tuple[str, int]], timeout_s: float, count: int = 1) -> list[ProbeResult]:
+    """Open ``count`` TCP connections to every ``(address, port)`` at once; a target passes if
+    one is answered by the far end: accepted (SYN-ACK) or reset (RST). A kube-proxy REJECT
+    (a Service without endpoints) answers with an ICMP port unreachable instead, which the kernel
+    also reports as ECONNREFUSED: with IP_RECVERR the ICMP error is also queued on the socket's
+    error queue, and that tells the two apart. Silence until the timeout fails too."""
+    socks: list[tuple[int, socket.socket, float]] = []
+    errors: dict[int, str] = {}
+    rtts: dict[int, list[float]] = {i: [] for i in range(len(targets))}
+    sent = dict.fromkeys(range(len(targets)), 0)
+    for i, (ip, port) in enumerate(targets):
+        v6 = ":" in ip
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_STREAM)
+            s.setblocking(False)
+            if v6:
+                s.setsockopt(socket.IPPROTO_IPV6, _IPV6_RECVERR, 1)
+            else:
+                s.setsockopt(socket.IPPROTO_IP, _IP_RECVERR, 1)
+            rc = s.connect_ex((ip, port))
+            sent[i] += 1
+            if rc not in (0, errno.EINPROGRESS):
+                errors[i] = f"connect failed: {os.strerror(rc)}"
+                s.close()
+                continue
+            socks.append((i, s, time.monotonic()))
+    deadline = time.monotonic() + timeout_s
+    pending = {s.fileno(): (i, s, t0) for i, s, t0 in socks}
+    try:
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            _, ready, _ = select.select([], list(pending), [], left)
+            now = time.monotonic()
+            for fd in ready:
+                i, s, t0 = pending.pop(fd)
+                err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                icmp_err = _queued_icmp_error(s)
+                if err == 0 or (err == errno.ECONNREFUSED and icmp_err is None):
+                    rtts[i].append((now - t0) * 1000.0)
+                elif icmp_err is not None:
+                    errors[i] = f"{icmp_err} ({os.strerror(err)})"
+                else:
+                    errors[i] = os.strerror(err)
+    finally:
+        for _, s, _ in socks:
+            s.close()
+    return [
+        ProbeResult(
+            dst_ip=ip, proto="tcp", ok=bool(rtts[i]), rtt_ms=round(min(rtts[i]), 3) if rtts[i] else None,
+            sent=sent[i], received=len(rtts[i]),
+            error=None if rtts[i] else (errors.get(i) or f"no answer on port {port} within {timeout_s:g} s"),
+        )
+        for i, (ip, port) in enumerate(targets)
+    ]
+
+
+def _queued_icmp_error(s: socket.socket) -> str | None:
+    """The ICMP error queued on ``s`` by IP_RECVERR, described; None when there is none."""
+    try:
+        _, anc, _, _ = s.recvmsg(512, 512, socket.MSG_ERRQUEUE)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return None
+    for _level, _type, data in anc:
+        if len(data) >= struct.calcsize(_EXTENDED_ERR):
+            _, origin, itype, code, _, _, _ = struct.unpack_from(_EXTENDED_ERR, data)
+            if origin in (_EE_ORIGIN_ICMP, _EE_ORIGIN_ICMP6):
+                what = "ICMPv6" if origin == _EE_ORIGIN_ICMP6 else "ICMP"
+                return f"rejected: {what} type {itype} code {code} (destination unreachable)"
+    return None
+
+
 def parse_request(doc: Any) -> tuple[list[str], float, int]:
     """Validate the worker's input document; raises ValueError naming the bad field."""
     if not isinstance(doc, dict):
@@ -162,16 +248,37 @@ def parse_request(doc: Any) -> tuple[list[str], float, int]:
     return targets, float(timeout), count
 
 
+def parse_ports(doc: dict[str, Any], n: int) -> list[int]:
+    """The optional ``ports`` of a request: one per target, 0 for ICMP echo, else a TCP port."""
+    ports = doc.get("ports")
+    if ports is None:
+        return [0] * n
+    if not isinstance(ports, list) or len(ports) != n or not all(isinstance(p, int) and 0 <= p < 65536
+                                                                 for p in ports):
+        raise ValueError(f"ports: {ports!r} is not a list of {n} port numbers (0: ICMP)")
+    return ports
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Read the request on stdin, probe, write the results on stdout (exit 0 even if probes
     fail: failures are data; exit 2 only for a malformed request)."""
     del argv
     try:
-        targets, timeout, count = parse_request(json.load(sys.stdin))
+        doc = json.load(sys.stdin)
+        targets, timeout, count = parse_request(doc)
+        ports = parse_ports(doc, len(targets))
     except (ValueError, OSError) as e:
         print(json.dumps({"error": f"bad probe request: {e}"}))
         return 2
-    results = probe_icmp(targets, timeout, count)
+    icmp_idx = [i for i, p in enumerate(ports) if not p]
+    tcp_idx = [i for i, p in enumerate(ports) if p]
+    by_index: dict[int, ProbeResult] = {}
+    if icmp_idx:
+        by_index.update(zip(icmp_idx, probe_icmp([targets[i] for i in icmp_idx], timeout, count), strict=True))
+    if tcp_idx:
+        by_index.update(zip(tcp_idx, probe_tcp([(targets[i], ports[i]) for i in tcp_idx], timeout, count),
+                            strict=True))
+    results = [by_index[i] for i in range(len(targets))]
     json.dump({"pid": os.getpid(), "results": [dataclasses.asdict(r) for r in results]}, sys.stdout)
     sys.stdout.write("\n")
     return 0

@@ -19,9 +19,13 @@ service per cluster: the service IP (host 10 of the cluster's first service CIDR
 the cluster's first pod by an nftables table ``kflab`` in *every node namespace of that cluster*
 - where kube-proxy's rules live - and, as kube-proxy does for traffic from outside the cluster,
 masqueraded, so the reply returns through the node that translated it even when the backend's
-node would route it back directly (P2P clusters). ``lab fail NODE`` / ``lab heal NODE`` set the
-node's underlay veth end in the lab namespace down / up: the node is cut off from every other
-node and from the reflector, exactly like a dead machine, and comes back as it was.
+node would route it back directly (P2P clusters). That fixed service is the stand-in of labs
+without Kubernetes; a ``kubernetes: true`` lab runs the lab kube-proxy (:mod:`kubeemu.proxy`,
+one per cluster, upstream's nftables rules in every node namespace) and its lab service is a
+real Service ``default/lab-check`` whose EndpointSlices list the static pods.
+``lab fail NODE`` / ``lab heal NODE`` set the node's underlay veth end in the lab namespace
+down / up: the node is cut off from every other node and from the reflector, exactly like a
+dead machine, and comes back as it was.
 
 Pods answer their default gateway through proxy ARP on the node-side veth, which needs the node
 to have *some* route to 169.254.1.1 out of another device: the node's default route towards the

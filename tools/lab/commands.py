@@ -254,7 +254,8 @@ def _down_locked(name: str, state: LabState | None, progress: Progress) -> bool:
     # Processes: those recorded (PID + start time), and anything living in a lab namespace.
     targets: dict[int, int | None] = {}
     if state is not None:
-        kube = [r for c in state.clusters for r in (c.controller_manager, c.kubelet, c.apiserver, c.scheduler_proc)]
+        kube = [r for c in state.clusters
+                for r in (c.controller_manager, c.proxy, c.kubelet, c.apiserver, c.scheduler_proc)]
         for rec in [state.reflector, *(n.agent for n in state.nodes()), *kube]:
             if rec is not None and rec.running():
                 targets[rec.pid] = rec.start

@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from kubeemu import lab as kubeemu_lab
 from tools import nsutil
@@ -21,6 +22,8 @@ from tools.lab import schedulers
 from tools.lab.plumbing import delete_netns, kube_pod_namespaces
 from tools.lab.procs import ROOT_NETNS, log_tail, start_process
 from tools.lab.state import (
+    LAB_SERVICE,
+    LAB_SERVICE_PORT,
     ClusterRecord,
     LabError,
     LabState,
@@ -139,6 +142,9 @@ def start_kubernetes(state: LabState, added: Sequence[str], progress: Progress =
             progress(f"lab {state.name}: controller-manager of {c.name} started (pid {rec.pid}, log {rec.log})")
         schedulers.start_scheduler(state, c, progress)
     write_kubeconfig(state)
+    for c in state.clusters:
+        start_proxy(state, c, progress)
+        ensure_lab_service(state, c, progress)
 
 
 def write_kubeconfig(state: LabState) -> Path:
@@ -234,3 +240,116 @@ def apply_default_storage_class(cluster: ClusterRecord) -> None:
                            f"{e.code} {e.read()[:300].decode(errors='replace')}") from e
     except OSError as e:
         raise LabError(f"cluster {cluster.name}: creating the default StorageClass lab-local failed: {e}") from e
+
+
+# -- the lab kube-proxy and the lab service (``kubernetes: true``) ----------------------------
+#
+# Per cluster, after its API server and kubelet: one ``python -m kubeemu.proxy`` (root
+# namespace, like the kubelet: it talks to the API server on 127.0.0.1 and programs every node
+# namespace of the cluster through ``nsenter``), restarted when its arguments change (a new API
+# server URL, nodes added); then the lab service: a selector-less Service ``LAB_SERVICE`` whose
+# EndpointSlice (ours, not the controller's: the static pods are no API objects) lists the
+# cluster's static pods, so ``check --services`` has one real Service per cluster to probe.
+
+#: ``endpointslice.kubernetes.io/managed-by`` of the lab service's slice (not the controller's).
+LAB_SLICE_MANAGER = "lab.kosmos.io"
+
+
+def proxy_argv(cluster: ClusterRecord) -> list[str]:
+    """The lab kube-proxy's command line for ``cluster`` (every node, the cluster's CIDRs)."""
+    assert cluster.api_url is not None
+    argv = [sys.executable, "-m", "kubeemu.proxy", "--server", cluster.api_url,
+            "--cluster-cidr", ",".join(cluster.pod_cidrs), "--service-cidr", ",".join(cluster.service_cidrs)]
+    for n in cluster.nodes:
+        argv += ["--node", f"{n.name}:{n.netns}"]
+    return argv
+
+
+def start_proxy(state: LabState, cluster: ClusterRecord, progress: Progress = quiet) -> ProcRecord:
+    """Start the lab kube-proxy of ``cluster`` unless one with the same arguments runs."""
+    argv = proxy_argv(cluster)
+    rec = cluster.proxy
+    if rec is not None and rec.running():
+        if rec.argv == argv:
+            return rec
+        progress(f"lab {state.name}: restarting the kube-proxy of {cluster.name} (new API server or nodes)")
+        nsutil.terminate([(rec.pid, rec.start)])
+    rec = start_process(ROOT_NETNS, argv, state.state_dir / "logs" / f"kube-proxy-{cluster.name}.log")
+    cluster.proxy = rec
+    save_state(state)
+    progress(f"lab {state.name}: lab kube-proxy of {cluster.name} started (pid {rec.pid}, log {rec.log})")
+    return rec
+
+
+def _api(cluster: ClusterRecord, method: str, path: str, body: object = None) -> dict[str, Any] | None:
+    """One JSON request to ``cluster``'s API server; None for 404."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(f"{cluster.api_url}{path}", data=data, method=method,
+                                 headers={"Content-Type": "application/json", "Accept": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            doc: dict[str, Any] = json.loads(r.read() or b"{}")
+            return doc
+    except urllib.error.HTTPError as e:
+        if e.code == 404:
+            return None
+        raise LabError(f"cluster {cluster.name}: {method} {path}: {e.code} {e.read()[:300].decode(errors='replace')}"
+                       ) from e
+    except (OSError, ValueError) as e:
+        raise LabError(f"cluster {cluster.name}: {method} {path}: {e}") from e
+
+
+def lab_service_objects(cluster: ClusterRecord) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The lab Service of ``cluster`` and its EndpointSlices (one per family the cluster runs),
+    listing every static pod of every node as a ready endpoint."""
+    ns, name = LAB_SERVICE.split("/")
+    fams = ["IPv4" if f == 4 else "IPv6" for f in cluster.ip_families]
+    svc = {"apiVersion": "v1", "kind": "Service",
+           "metadata": {"name": name, "namespace": ns, "labels": {"app.kubernetes.io/managed-by": "fabric-lab"}},
+           "spec": {"type": "ClusterIP", "ipFamilies": fams,
+                    "ipFamilyPolicy": "RequireDualStack" if len(fams) > 1 else "SingleStack",
+                    "ports": [{"name": "probe", "protocol": "TCP", "port": LAB_SERVICE_PORT,
+                               "targetPort": LAB_SERVICE_PORT}]}}
+    slices = []
+    for fam in fams:
+        eps = [{"addresses": [ip], "conditions": {"ready": True, "serving": True, "terminating": False},
+                "nodeName": n.name}
+               for n in cluster.nodes for p in n.pods if (ip := (p.ip if fam == "IPv4" else p.ip6))]
+        slices.append({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                       "metadata": {"name": f"{name}-{fam.lower()}", "namespace": ns,
+                                    "labels": {"kubernetes.io/service-name": name,
+                                               "endpointslice.kubernetes.io/managed-by": LAB_SLICE_MANAGER}},
+                       "addressType": fam, "endpoints": eps,
+                       "ports": [{"name": "probe", "protocol": "TCP", "port": LAB_SERVICE_PORT}]})
+    return svc, slices
+
+
+def ensure_lab_service(state: LabState, cluster: ClusterRecord, progress: Progress = quiet) -> None:
+    """Create (or bring up to date) the lab Service of ``cluster`` and record its ClusterIPs.
+    A cluster without service CIDRs or static pods has none (as without Kubernetes)."""
+    if not cluster.service_cidrs or not any(n.pods for n in cluster.nodes):
+        return
+    svc, slices = lab_service_objects(cluster)
+    ns, name = LAB_SERVICE.split("/")
+    base = f"/api/v1/namespaces/{ns}/services"
+    cur = _api(cluster, "GET", f"{base}/{name}") or _api(cluster, "POST", base, svc)
+    assert cur is not None
+    sbase = f"/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices"
+    for sl in slices:
+        old = _api(cluster, "GET", f"{sbase}/{sl['metadata']['name']}")
+        if old is None:
+            _api(cluster, "POST", sbase, sl)
+        elif (old.get("endpoints") or []) != sl["endpoints"]:
+            sl["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"]
+            _api(cluster, "PUT", f"{sbase}/{sl['metadata']['name']}", sl)
+    ips = [ip for ip in (cur.get("spec") or {}).get("clusterIPs") or [] if ip and ip != "None"]
+    v4 = next((ip for ip in ips if ":" not in ip), None)
+    v6 = next((ip for ip in ips if ":" in ip), None)
+    if (cluster.service_ip, cluster.service_ip6, cluster.service_name, cluster.service_port) != (
+            v4, v6, LAB_SERVICE, LAB_SERVICE_PORT):
+        cluster.service_ip, cluster.service_ip6 = v4, v6
+        cluster.service_backend = cluster.service_backend6 = None
+        cluster.service_name, cluster.service_port = LAB_SERVICE, LAB_SERVICE_PORT
+        save_state(state)
+        progress(f"lab {state.name}: lab service {LAB_SERVICE} of {cluster.name} at "
+                 f"{', '.join(ips)} port {LAB_SERVICE_PORT}/TCP (lab kube-proxy)")

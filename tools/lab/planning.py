@@ -84,6 +84,10 @@ def plan(name: str, topo: topology.TopologyFile) -> LabState:
             )
         service_ip, backend = _lab_service(lc.config.service_cidrs, [p.ip for n in nodes for p in n.pods], 4)
         service_ip6, backend6 = _lab_service(lc.config.service_cidrs, [p.ip6 for n in nodes for p in n.pods], 6)
+        if topo.kubernetes:
+            # The cluster's API allocates its ClusterIPs and the lab kube-proxy programs them: the
+            # lab service is a real Service there (tools/lab/kube.py), recorded once created.
+            service_ip = backend = service_ip6 = backend6 = None
         clusters.append(
             ClusterRecord(
                 name=lc.name,
@@ -120,8 +124,9 @@ def plan(name: str, topo: topology.TopologyFile) -> LabState:
 
 
 def _lab_service(service_cidrs: Sequence[str], pod_ips: Sequence[str], family: int) -> tuple[str | None, str | None]:
-    """The lab service of one family: host SERVICE_HOST of the cluster's first service CIDR of
-    that family, backed by the first pod with an address of it (None, None: no such service)."""
+    """The lab service of one family in a lab without Kubernetes (its kube-proxy stand-in):
+    host SERVICE_HOST of the cluster's first service CIDR of that family, backed by the first pod
+    with an address of it (None, None: no such service)."""
     backends = [ip for ip in pod_ips if ip and types.family_of(ip) == family]
     for c in service_cidrs:
         if types.family_of(c) != family:

@@ -1,5 +1,6 @@
 """Kernel plumbing of a lab: namespaces, the underlay bridge, nodes, pods (veths, host-gw
-routes, proxy ARP) and the lab's kube-proxy stand-in for one service per cluster. Everything
+routes, proxy ARP) and, in labs without Kubernetes, the lab's kube-proxy stand-in for one
+service per cluster (a ``kubernetes: true`` lab runs kubeemu.proxy instead). Everything
 is created inside lab namespaces (``ip -batch`` per namespace, sysctls from a thread that
 entered it); nothing in the root namespace changes.
 """
@@ -253,9 +254,11 @@ def kube_pod_namespaces(cluster: ClusterRecord) -> list[str]:
 
 
 def service_ruleset(service_ip: str, backend: str) -> str:
-    """The kube-proxy stand-in of one node: DNAT the lab service to its backend pod (for
-    forwarded and locally generated traffic) and masquerade what was translated, as kube-proxy
-    does for clients outside the cluster, so replies come back through this node."""
+    """The kube-proxy stand-in of one node of a lab without Kubernetes (a ``kubernetes: true``
+    lab has no ``service_backend``: kubeemu.proxy programs its real Services): DNAT the lab
+    service to its backend pod (for forwarded and locally generated traffic) and masquerade
+    what was translated, as kube-proxy does for clients outside the cluster, so replies come
+    back through this node."""
     # IPv6 services get their own table (family ip6, nftables' name for it; ``kflab6``).
     fam, table = ("ip6", f"{NFT_TABLE}6") if ":" in service_ip else ("ip", NFT_TABLE)
     dnat = f"{fam} daddr {service_ip} dnat to {backend};"

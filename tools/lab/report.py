@@ -91,6 +91,10 @@ def status_doc(state: LabState, status: api.FabricStatus | None, error: str | No
                     "controller_manager_pid": c.controller_manager.pid
                     if c.controller_manager and c.controller_manager.running() else None,
                     "controller_manager_log": c.controller_manager.log if c.controller_manager else None,
+                    "proxy_pid": c.proxy.pid if c.proxy and c.proxy.running() else None,
+                    "proxy_log": c.proxy.log if c.proxy else None,
+                    "service": {"name": c.service_name, "ips": [ip for ip in (c.service_ip, c.service_ip6) if ip],
+                                "port": c.service_port} if c.service_name else None,
                 }
                 if state.kubernetes else None,
                 "nodes": nodes,
@@ -139,13 +143,15 @@ def render_status(doc: dict[str, Any]) -> str:
         lines.append("  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1])
     for c in doc["clusters"]:
         if c.get("service"):
-            lines.append(f"service of {c['name']}: {c['service']['ip']} -> {c['service']['backend']}")
+            backend = c["service"]["backend"] or "its EndpointSlices (lab kube-proxy)"
+            lines.append(f"service of {c['name']}: {c['service']['ip']} -> {backend}")
     for c in doc["clusters"]:
         k = c.get("kubernetes")
         if k:
             pids = (f"apiserver {k['apiserver_pid'] or 'stopped'}, kubelet {k['kubelet_pid'] or 'stopped'}, "
                     f"controller-manager {k.get('controller_manager_pid') or 'stopped'}")
             lines.append(f"kubernetes of {c['name']}: {k['url'] or '-'} ({pids})")
+            lines.append(f"kube-proxy of {c['name']}: {k.get('proxy_pid') or 'stopped'}")
     if doc.get("kubeconfig"):
         lines.append(f"kubeconfig: {doc['kubeconfig']}")
     for rej in doc.get("rejections", []):

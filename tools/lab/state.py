@@ -32,8 +32,13 @@ UL_BRIDGE = "br-ul"
 POD_GATEWAY = "169.254.1.1"
 #: Host number of the lab service IP in a cluster's first service CIDR.
 SERVICE_HOST = 10
-#: nftables table the lab's kube-proxy stand-in owns in each node namespace.
+#: nftables table the lab's kube-proxy stand-in owns in each node namespace (labs without
+#: Kubernetes; a ``kubernetes: true`` lab runs the lab kube-proxy, table ``kube-proxy``).
 NFT_TABLE = "kflab"
+#: The lab service of a ``kubernetes: true`` lab: a selector-less Service whose EndpointSlice
+#: lists the cluster's static pods (``namespace/name``), and its TCP port.
+LAB_SERVICE = "default/lab-check"
+LAB_SERVICE_PORT = 80
 STATE_VERSION = 1
 #: Lab names become namespace prefixes ``NAME-``. No '-' allowed, so no lab's prefix can be a
 #: prefix of another lab's namespaces (``kf-`` vs ``kf-x-``), which makes scanning safe.
@@ -155,6 +160,15 @@ class ClusterRecord:
     #: ``kubernetes: true``: the cluster's controller-manager (``python -m kubeemu.ctrl``, root
     #: namespace): the workload controllers (Deployment, ReplicaSet, StatefulSet, Job, DaemonSet).
     controller_manager: ProcRecord | None = None
+    #: ``kubernetes: true``: the lab service is a real Service of the cluster's API
+    #: (``namespace/name``, :data:`LAB_SERVICE`) programmed by the lab kube-proxy; ``service_ip``
+    #: and ``service_ip6`` are its ClusterIPs (no ``service_backend``: its EndpointSlice lists the
+    #: static pods) and ``service_port`` its TCP port, which ``check --services`` probes (a
+    #: ClusterIP answers TCP on its ports only, as a real cluster's does; ICMP is rejected).
+    service_name: str | None = None
+    service_port: int | None = None
+    #: ``kubernetes: true``: the lab kube-proxy of the cluster (``python -m kubeemu.proxy``).
+    proxy: ProcRecord | None = None
 
     def global_ip(self, ip: str | None) -> str | None:
         """How the other clusters reach ``ip`` of this cluster (None: by ``ip`` itself)."""
@@ -240,12 +254,12 @@ class LabState:
                     pods = [PodRecord(**p) for p in n["pods"]]
                     fields = {k: v for k, v in n.items() if k not in ("pods", "agent")}
                     nodes.append(NodeRecord(**fields, pods=pods, agent=proc(n.get("agent"))))
-                fields = {k: v for k, v in c.items()
-                          if k not in ("nodes", "apiserver", "kubelet", "controller_manager", "scheduler_proc")}
+                procs = ("apiserver", "kubelet", "controller_manager", "proxy", "scheduler_proc")
+                fields = {k: v for k, v in c.items() if k != "nodes" and k not in procs}
                 clusters.append(ClusterRecord(**fields, nodes=nodes, apiserver=proc(c.get("apiserver")),
                                               kubelet=proc(c.get("kubelet")),
                                               controller_manager=proc(c.get("controller_manager")),
-                                              scheduler_proc=proc(c.get("scheduler_proc"))))
+                                              proxy=proc(c.get("proxy")), scheduler_proc=proc(c.get("scheduler_proc"))))
             fields = {k: v for k, v in doc.items() if k not in ("clusters", "reflector")}
             return cls(**fields, clusters=clusters, reflector=proc(doc.get("reflector")))
         except (KeyError, TypeError, ValueError) as e:
