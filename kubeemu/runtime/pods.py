@@ -207,11 +207,14 @@ class Runtime:
             w.task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await w.task
+        if w.spawning:  # a shim being started when the pod went: let it be recorded, then kill it too
+            await asyncio.gather(*w.spawning, return_exceptions=True)
         g = grace if grace is not None else float((w.pod.get("spec") or {}).get("terminationGracePeriodSeconds", 30))
         for cs in w.containers.values():
             if cs.current is not None and cs.current.running:
                 w._event("Normal", "Killing", f"Stopping container {cs.name}", cs.name)
         await loop.run_in_executor(None, w.kill_all, g)
+        await loop.run_in_executor(None, self.kill_recorded, uid)  # anything recorded the worker did not track
         await loop.run_in_executor(None, self.cleanup_dirs, uid)
 
     async def detach(self) -> None:
@@ -364,6 +367,7 @@ class PodWorker:
         self.last_status: str = ""
         self.phase = "Pending"
         self._probe_tasks: set[asyncio.Task[None]] = set()
+        self.spawning: set[asyncio.Future[None]] = set()
 
     @property
     def hostname(self) -> str:
@@ -581,8 +585,11 @@ class PodWorker:
         if restart:
             cs.restart_count = index
             self.rt.backoff.next(self._key(cs), time.time())  # before the spawn saves it in state.json
+        fut = loop.run_in_executor(None, self._spawn, cs, att, env, argv)
+        self.spawning.add(fut)  # stop() waits for it: a shim must never start unseen
+        fut.add_done_callback(self.spawning.discard)
         try:
-            await loop.run_in_executor(None, self._spawn, cs, att, env, argv)
+            await fut
         except (OSError, volumes.VolumePending) as e:
             _log.error("pod %s/%s: container %s did not start: %s", self.info.namespace, self.info.name, cs.name, e)
             if restart:

@@ -468,3 +468,26 @@ def test_host_network_pods_run_in_the_nodes_namespace(env: dict[str, Any]) -> No
     _http(f"{url}/api/v1/namespaces/default/pods/agent", "DELETE")
     wait_until(lambda: _get(url, "agent").get("code") == 404, 20, "agent deleted")
     assert pathlib.Path(f"/run/netns/{node_ns}").exists()  # the node's namespace stays
+
+
+def test_startup_probe_gates_readiness(env: dict[str, Any]) -> None:
+    url = env["url"]
+    k = env["start"]()
+    c = {"name": "c", "image": "x", "command": ["sleep", "300"],
+         "startupProbe": {"exec": {"command": ["test", "-f", "/tmp/started"]}, "periodSeconds": 1,
+                          "failureThreshold": 100},
+         "readinessProbe": {"exec": {"command": ["true"]}, "periodSeconds": 1}}
+    _http(f"{url}/api/v1/namespaces/default/pods", "POST", _pod("slow", [c]))
+    wait_until(lambda: _cstatus(url, "slow").get("state", {}).get("running"), 20, "slow running")
+    rt: Runtime = k.kubelet.runtime
+    w = rt._find("default", "slow")
+    assert w is not None
+    att = w.containers["c"].current
+    assert att is not None
+    wait_until(lambda: att.probes["startup"].failures >= 2, 20, "the startup probe failing a few times")
+    st = _cstatus(url, "slow")
+    assert st["started"] is False and st["ready"] is False
+    assert att.probes["readiness"].result is None  # readiness waits for startup
+    _exec(rt, "slow", ["touch", "/tmp/started"])
+    st = wait_until(lambda: (s := _cstatus(url, "slow")).get("ready") and s, 20, "slow started and ready")
+    assert st["started"] is True and st["restartCount"] == 0
