@@ -334,14 +334,23 @@ async def _run_exec(
         )
         await ws.close()
         return
+    async def send(data: bytes) -> bool:
+        """Write one message; False once the client is gone (the feeder then ends the command)."""
+        try:
+            await ws.send_bytes(data)
+        except ConnectionResetError:
+            return False
+        return True
+
     # the kubelet's "streams are up" signal: an empty message on the lowest writable channel
-    await ws.send_bytes(bytes([STDOUT if want_out else STDERR if want_err else ERROR]))
+    await send(bytes([STDOUT if want_out else STDERR if want_err else ERROR]))
 
     async def pump(stream: asyncio.StreamReader | None, channel: int) -> None:
         if stream is None:
             return
         while chunk := await stream.read(32 * 1024):
-            await ws.send_bytes(bytes([channel]) + chunk)
+            if not await send(bytes([channel]) + chunk):
+                return
 
     async def feed() -> None:
         """Client messages: stdin data, the v5 close signal, resize (ignored); a closed socket
@@ -374,8 +383,7 @@ async def _run_exec(
             detail = f"error executing command {_go_list(command)}, exit code {code}"
             status = _failure(f"command terminated with non-zero exit code: {detail}", "NonZeroExitCode")
             status["details"] = {"causes": [{"reason": "ExitCode", "message": str(code)}]}
-        with contextlib.suppress(ConnectionResetError):
-            await ws.send_bytes(bytes([ERROR]) + json.dumps(status, separators=(",", ":")).encode())
+        await send(bytes([ERROR]) + json.dumps(status, separators=(",", ":")).encode())
     finally:
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
