@@ -40,6 +40,7 @@ def registry() -> dict[str, ControllerFactory]:
     from kubeemu.ctrl.endpointslice import EndpointSliceController
     from kubeemu.ctrl.job import JobController
     from kubeemu.ctrl.replicaset import ReplicaSetController
+    from kubeemu.ctrl.rootca import RootCACertPublisher
     from kubeemu.ctrl.statefulset import StatefulSetController
     from kubeemu.ctrl.ttlafterfinished import TTLAfterFinishedController
 
@@ -56,6 +57,7 @@ def registry() -> dict[str, ControllerFactory]:
     CONTROLLERS.setdefault("daemonset", DaemonSetController)
     CONTROLLERS.setdefault("ttl-after-finished", TTLAfterFinishedController)
     CONTROLLERS.setdefault("endpoint", EndpointsController)
+    CONTROLLERS.setdefault("root-ca-cert-publisher", RootCACertPublisher)
     return dict(CONTROLLERS)
 
 
@@ -104,8 +106,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--storage-root", type=Path, default=None,
                    help="where lab-local-provisioner makes volume directories (<root>/<node>/<pv>; "
                         "default: $TMPDIR/kubeemu-volumes)")
+    p.add_argument("--root-ca-file", type=Path, default=None,
+                   help="the CA bundle root-ca-cert-publisher puts in every namespace's kube-root-ca.crt "
+                        "(default: a self-signed CA made at start)")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
+    if args.root_ca_file is not None:
+        from kubeemu.ctrl import rootca
+
+        try:
+            rootca.set_root_ca(args.root_ca_file.read_text())
+        except OSError as e:
+            p.error(f"--root-ca-file {args.root_ca_file}: {e.strerror}")
     if args.storage_root is not None:
         from kubeemu.ctrl import provisioner
 

@@ -27,6 +27,7 @@ import pytest
 
 pytest.importorskip("aiohttp")
 
+from kubeemu.ctrl.rootca import self_signed_ca
 from kubeemu.kubelet import LabKubelet, LabNode
 from kubeemu.runner import ServerThread
 from kubeemu.runtime import procs
@@ -111,6 +112,9 @@ def env(tmp_path: pathlib.Path) -> Iterator[dict[str, Any]]:
     root = tmp_path / "kubelet"
     with ServerThread(name="rt", graceful_pods=True) as srv:
         state: dict[str, Any] = {"url": srv.url, "root": root, "net": net, "kubelets": []}
+        # What the controller-manager's root-ca-cert-publisher does (the token volume needs it).
+        _http(f"{srv.url}/api/v1/namespaces/default/configmaps", "POST",
+              {"metadata": {"name": "kube-root-ca.crt"}, "data": {"ca.crt": self_signed_ca("rt")}})
 
         def start(resources: dict[str, Any] | None = None) -> KubeletThread:
             k = KubeletThread(srv.url, root, net, resources)

@@ -97,7 +97,7 @@ def start_controller_manager(state: LabState, cluster: ClusterRecord) -> ProcRec
     controllers being idempotent, creates and deletes nothing twice."""
     assert cluster.api_url is not None
     argv = [sys.executable, "-m", "kubeemu.ctrl", "--server", cluster.api_url, "--controllers", "all",
-            *storage_args(state, cluster)]
+            "--root-ca-file", str(root_ca_file(state)), *storage_args(state, cluster)]
     rec = start_process(ROOT_NETNS, argv, state.state_dir / "logs" / f"controller-manager-{cluster.name}.log")
     cluster.controller_manager = rec
     save_state(state)
@@ -211,6 +211,19 @@ def wait_kube_nodes(state: LabState, timeout_s: float, progress: Progress = quie
 # served by the controller-manager's ``lab-local-provisioner``. Volume directories live under
 # ``storage_root`` (the controller-manager's ``--storage-root``), inside the state directory, so
 # ``lab down`` removes them with it; a restarted (empty) API server's leftovers are removed above.
+
+
+def root_ca_file(state: LabState) -> Path:
+    """``<state dir>/ca.crt``: the lab's cluster CA certificate, made once per lab and published by
+    every controller-manager as ``kube-root-ca.crt`` (pods' token volumes need it)."""
+    path = state.state_dir / "ca.crt"
+    if not path.exists():
+        from kubeemu.ctrl.rootca import self_signed_ca
+
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(self_signed_ca(f"kosmos-lab-{state.name}"))
+        tmp.replace(path)
+    return path
 
 
 def storage_root(state: LabState, cluster: ClusterRecord) -> Path:
