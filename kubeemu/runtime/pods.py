@@ -309,9 +309,7 @@ class Runtime:
         att = cs.current
         if att is None or not att.running or not procs.same(att.pid, att.start):
             raise LookupError(f'container "{container}" in pod "{pod}" is not running')
-        envs = [f"{k}={v}" for k, v in att.env.items()]
-        return ["nsenter", f"--target={att.pid}", "--net", "--mount", "--uts", "--root", "--wd", "--",
-                "env", "-i", *envs, *command]
+        return [*exec_prefix(att), *command]
 
     def is_running(self, namespace: str, pod: str, container: str) -> bool:
         try:
@@ -319,6 +317,13 @@ class Runtime:
         except LookupError:
             return False
         return cs.current is not None and cs.current.running
+
+
+def exec_prefix(att: Attempt) -> list[str]:
+    """The argv prefix that runs a command inside a running attempt's namespaces, with its
+    environment (what ``kubectl exec``, exec probes and exec hooks use)."""
+    envs = [f"{k}={v}" for k, v in att.env.items()]
+    return ["nsenter", f"--target={att.pid}", "--net", "--mount", "--uts", "--root", "--wd", "--", "env", "-i", *envs]
 
 
 def _implements_access(rt: Runtime) -> ContainerAccess:
@@ -679,7 +684,7 @@ class PodWorker:
                     att.killing = True
                     grace = float(bad.probe.get("terminationGracePeriodSeconds")
                                   or (self.pod.get("spec") or {}).get("terminationGracePeriodSeconds", 30))
-                    t = asyncio.create_task(self._kill_async(att, grace))
+                    t = asyncio.create_task(self._kill_async(att, grace, cs))
                     self._probe_tasks.add(t)
                     t.add_done_callback(self._probe_tasks.discard)
 
@@ -700,8 +705,8 @@ class PodWorker:
             pw.running = True
             await self._probe(cs, att, pw)
 
-    async def _kill_async(self, att: Attempt, grace: float) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self._kill, att, grace)
+    async def _kill_async(self, att: Attempt, grace: float, cs: ContainerState | None = None) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self._kill, att, grace, cs)
 
     async def _probe(self, cs: ContainerState, att: Attempt, pw: ProbeWorker) -> None:
         ip = self.info.pod_ips[0] if self.info.pod_ips else "127.0.0.1"
@@ -717,8 +722,31 @@ class PodWorker:
 
     # ---------------------------------------------------------------- killing
 
-    def _kill(self, att: Attempt, grace: float) -> None:
-        """SIGTERM the container process, wait ``grace``, SIGKILL; then wait for the shim (blocking)."""
+    def _pre_stop(self, att: Attempt, cs: ContainerState, grace: float) -> float:
+        """Run the container's ``lifecycle.preStop`` hook (exec, httpGet or sleep) within ``grace``
+        and return the grace left for SIGTERM: at least 2 s, as upstream's killContainer
+        (minimumGracePeriodInSeconds). A failed hook is logged and the kill goes on, as upstream."""
+        hook = ((cs.spec.get("lifecycle") or {}).get("preStop")) or {}
+        if not hook or not att.running:
+            return grace
+        began = time.monotonic()
+        if "sleep" in hook:
+            time.sleep(min(float((hook["sleep"] or {}).get("seconds") or 0), grace))
+        else:
+            # The pod may already be gone from the runtime's table (deletion): reach the attempt itself.
+            prefix = exec_prefix(att) if procs.same(att.pid, att.start) else None
+            ip = self.info.pod_ips[0] if self.info.pod_ips else "127.0.0.1"
+            ok, msg = run_probe({**hook, "timeoutSeconds": max(grace, 1.0)}, cs.spec, ip, self.info.netns_path, prefix)
+            if not ok:
+                _log.warning("pod %s/%s: container %s: PreStopHook failed: %s", self.info.namespace, self.info.name,
+                             cs.name, msg)
+        return max(grace - (time.monotonic() - began), 2.0)
+
+    def _kill(self, att: Attempt, grace: float, cs: ContainerState | None = None) -> None:
+        """Run the preStop hook, SIGTERM the container process, wait the grace left, SIGKILL; then
+        wait for the shim (blocking)."""
+        if cs is not None:
+            grace = self._pre_stop(att, cs, grace)
         if procs.signal_process(att.pid, att.start, signal.SIGTERM) and not procs.wait_gone(att.pid, att.start, grace):
             procs.signal_process(att.pid, att.start, signal.SIGKILL)
             procs.wait_gone(att.pid, att.start, 5.0)
@@ -733,8 +761,8 @@ class PodWorker:
         """Kill every container of the pod in parallel (blocking; used on pod deletion)."""
         import threading
 
-        atts = [cs.current for cs in self.containers.values() if cs.current is not None]
-        threads = [threading.Thread(target=self._kill, args=(a, grace), daemon=True) for a in atts]
+        threads = [threading.Thread(target=self._kill, args=(cs.current, grace, cs), daemon=True)
+                   for cs in self.containers.values() if cs.current is not None]
         for t in threads:
             t.start()
         for t in threads:

@@ -495,3 +495,23 @@ def test_startup_probe_gates_readiness(env: dict[str, Any]) -> None:
     _exec(rt, "slow", ["touch", "/tmp/started"])
     st = wait_until(lambda: (s := _cstatus(url, "slow")).get("ready") and s, 20, "slow started and ready")
     assert st["started"] is True and st["restartCount"] == 0
+
+
+def test_pre_stop_hook_runs_before_sigterm(env: dict[str, Any], tmp_path: pathlib.Path) -> None:
+    """lifecycle.preStop (exec) runs inside the container before SIGTERM, within the grace period:
+    the hook's mark is written while the process still runs, and the SIGTERM trap's mark after."""
+    url = env["url"]
+    env["start"]()
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    c = {"name": "c", "image": "busybox",
+         "command": ["sh", "-c", "trap 'echo term >> /shared/log; exit 0' TERM; while true; do sleep 0.1; done"],
+         "volumeMounts": [{"name": "s", "mountPath": "/shared"}],
+         "lifecycle": {"preStop": {"exec": {"command": ["sh", "-c", "echo hook >> /shared/log"]}}}}
+    _http(f"{url}/api/v1/namespaces/default/pods", "POST",
+          _pod("hooked", [c], volumes=[{"name": "s", "hostPath": {"path": str(shared)}}]))
+    wait_until(lambda: _cstatus(url, "hooked").get("state", {}).get("running"), 20, "hooked running")
+    _http(f"{url}/api/v1/namespaces/default/pods/hooked", "DELETE")
+    wait_until(lambda: (shared / "log").exists() and "term" in (shared / "log").read_text(), 20,
+               "the hook and the TERM trap to run")
+    assert (shared / "log").read_text().split() == ["hook", "term"]
