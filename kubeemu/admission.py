@@ -20,7 +20,7 @@ import logging
 import re
 import secrets
 from collections.abc import Mapping
-from decimal import Decimal
+from fractions import Fraction
 from typing import Any
 
 from kubeemu import errors, validation
@@ -284,7 +284,7 @@ def validate_pvc_update(rt: ResourceType, new: Obj, old: Obj, objects: Mapping[K
                               "support resize", {"name": name, "kind": "persistentvolumeclaims"})
 
 
-def _pvc_storage_value(pvc: Obj) -> Decimal | None:
+def _pvc_storage_value(pvc: Obj) -> Fraction | None:
     raw = (((pvc.get("spec") or {}).get("resources") or {}).get("requests") or {}).get("storage")
     try:
         return None if raw is None else validation.parse_quantity(raw)

@@ -23,10 +23,12 @@ import json
 import logging
 import re
 from collections.abc import Iterable, Mapping
-from decimal import Decimal, InvalidOperation
+from fractions import Fraction
 from typing import Any
 
+from kubeemu import quantity, selectors
 from kubeemu.objects import Obj, metadata_of
+from kubeemu.quantity import QuantityError
 
 _log = logging.getLogger(__name__)
 
@@ -35,7 +37,6 @@ Cause = tuple[str, str, str]
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _PORT_NAME_CHARS = re.compile(r"^[-a-z0-9]+$")
-_QUANTITY = re.compile(r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$")
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 
 DNS1123_LABEL_MSG = (
@@ -74,10 +75,6 @@ _VOLUME_SOURCES = (
 )
 _HANDLERS = ("exec", "httpGet", "tcpSocket", "grpc")
 _ACCESS_MODES = ("ReadOnlyMany", "ReadWriteMany", "ReadWriteOnce", "ReadWriteOncePod")
-
-
-class QuantityError(ValueError):
-    """A resource quantity that does not parse (upstream refuses it at decoding: 400)."""
 
 
 # ---------------------------------------------------------------------------- formatting
@@ -136,38 +133,13 @@ def _d(value: Any) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- quantities
 
-_SUFFIX: dict[str, Decimal] = {
-    "": Decimal(1), "n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"),
-    "k": Decimal(10) ** 3, "M": Decimal(10) ** 6, "G": Decimal(10) ** 9, "T": Decimal(10) ** 12,
-    "P": Decimal(10) ** 15, "E": Decimal(10) ** 18,
-    "Ki": Decimal(2) ** 10, "Mi": Decimal(2) ** 20, "Gi": Decimal(2) ** 30, "Ti": Decimal(2) ** 40,
-    "Pi": Decimal(2) ** 50, "Ei": Decimal(2) ** 60,
-}
 
-
-def parse_quantity(value: Any) -> Decimal:
-    """A Kubernetes resource quantity (``500m``, ``1Gi``, ``2``, ``1e3``) as an exact number."""
-    if isinstance(value, bool):
-        raise QuantityError(value)
-    if isinstance(value, int | float):
-        return Decimal(str(value))
-    text = str(value).strip()
-    m = _QUANTITY.match(text)
-    if not m:
-        raise QuantityError(text)
-    num, suffix = m.group(1), m.group(2)
-    try:
-        base = Decimal(num)
-    except InvalidOperation:
-        raise QuantityError(text) from None
-    if suffix in _SUFFIX:
-        return base * _SUFFIX[suffix]
-    if suffix[:1] in "eE":
-        try:
-            return base * (Decimal(10) ** int(suffix[1:]))
-        except ValueError:
-            raise QuantityError(text) from None
-    raise QuantityError(text)
+def parse_quantity(value: Any) -> Fraction:
+    """A Kubernetes resource quantity (``500m``, ``1Gi``, ``2``, ``1e3``) as an exact number
+    (:func:`kubeemu.quantity.parse`; anything else is a :class:`QuantityError`)."""
+    if not isinstance(value, str | int | float):
+        raise QuantityError(f"{value!r} is not a quantity")
+    return quantity.parse(value)
 
 
 QUANTITY_ERROR = "quantities must match the regular expression '^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$'"
@@ -200,22 +172,12 @@ def quantity_problems(obj: Any) -> list[str]:
 
 
 def selector_matches(sel: Mapping[str, Any], labels: Mapping[str, Any]) -> bool:
-    """metav1.LabelSelector semantics: all matchLabels and all matchExpressions hold."""
-    for k, v in (sel.get("matchLabels") or {}).items():
-        if labels.get(k) != v:
-            return False
-    for e in sel.get("matchExpressions") or []:
-        key, op, vals = e.get("key", ""), e.get("operator", ""), list(e.get("values") or [])
-        has = key in labels
-        if op == "In" and not (has and labels[key] in vals):
-            return False
-        if op == "NotIn" and has and labels[key] in vals:
-            return False
-        if op == "Exists" and not has:
-            return False
-        if op == "DoesNotExist" and has:
-            return False
-    return True
+    """metav1.LabelSelector semantics (:func:`kubeemu.selectors.label_selector_matches`); an
+    unknown operator matches nothing here (validation reports it on its own field)."""
+    try:
+        return selectors.label_selector_matches(sel, {str(k): str(v) for k, v in labels.items()})
+    except selectors.SelectorError:
+        return False
 
 
 def selector_empty(sel: Mapping[str, Any]) -> bool:
@@ -378,7 +340,7 @@ def _resources(res: Any, path: str) -> list[Cause]:
     out: list[Cause] = []
     res = _d(res)
     limits, requests = _d(res.get("limits")), _d(res.get("requests"))
-    parsed: dict[str, dict[str, Decimal]] = {"limits": {}, "requests": {}}
+    parsed: dict[str, dict[str, Fraction]] = {"limits": {}, "requests": {}}
     for part, values in (("limits", limits), ("requests", requests)):
         for k, v in values.items():
             try:

@@ -40,7 +40,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import re
 import socket
 import time
 from collections.abc import Iterable, Mapping
@@ -52,6 +51,8 @@ import aiohttp
 from kubeemu import selectors
 from kubeemu.client import ApiStatusError, Client, Obj, object_key, resource_path
 from kubeemu.ctrl.base import Controller, Informer, Informers, now_rfc3339
+from kubeemu.quantity import QuantityError
+from kubeemu.validation import parse_quantity
 
 _log = logging.getLogger(__name__)
 
@@ -77,27 +78,15 @@ RESYNC_S = 15.0
 
 # ----------------------------------------------------------------------------- quantities
 
-_BINARY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
-_DECIMAL = {"n": Fraction(1, 10**9), "u": Fraction(1, 10**6), "m": Fraction(1, 1000), "": Fraction(1),
-            "k": Fraction(10**3), "M": Fraction(10**6), "G": Fraction(10**9), "T": Fraction(10**12),
-            "P": Fraction(10**15), "E": Fraction(10**18)}
-_QUANTITY = re.compile(r"^([+-]?(?:\d+(?:\.\d*)?|\.\d+))(Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE]|[eE][+-]?\d+)?$")
-
-
 def quantity(text: Any, where: str = "quantity") -> Fraction:
     """The exact value of a resource quantity (``10Gi``, ``500M``, ``1e9``); ``where`` names the
     field in the error. Sizes compare by value, as ``resource.Quantity.Cmp`` does."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        return Fraction(text)
-    m = _QUANTITY.match(str(text).strip()) if isinstance(text, str | float) else None
-    if m is None:
-        raise ValueError(f"{where}: {text!r} is not a quantity (expected e.g. '1Gi', '500M')")
-    number, suffix = Fraction(m.group(1)), m.group(2) or ""
-    if suffix in _BINARY:
-        return number * _BINARY[suffix]
-    if suffix in _DECIMAL:
-        return number * _DECIMAL[suffix]
-    return number * Fraction(10) ** int(suffix[1:])
+    try:
+        if not isinstance(text, str | int | float):
+            raise QuantityError(f"{text!r} is not a quantity")
+        return parse_quantity(text)
+    except QuantityError as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 def storage_of(resources: Mapping[str, Any] | None) -> Fraction | None:
