@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from kubeemu.client import Client
 from kubeemu.ctrl.base import Controller, Informers
+from kubeemu.process import run_until_signalled
 
 _log = logging.getLogger(__name__)
 
@@ -129,18 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         p.error(str(e))
 
-    async def serve() -> None:
-        task = asyncio.create_task(run(args.server, names, known))
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, task.cancel)
-        try:
-            await task
-        except asyncio.CancelledError:
-            _log.info("controller-manager stopping")
-
     print(f"controller-manager for {args.server}: {', '.join(names) or 'no controllers'}", flush=True)
-    asyncio.run(serve())
+    asyncio.run(run_until_signalled(run(args.server, names, known), "controller-manager stopping"))
     return 0
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -38,6 +37,7 @@ from dataclasses import dataclass
 
 from kubeemu.client import Client
 from kubeemu.ctrl.base import Informers
+from kubeemu.process import run_until_signalled
 from kubeemu.proxy import apply, rules
 
 _log = logging.getLogger(__name__)
@@ -226,14 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     async def serve() -> None:
         async with Client(args.server, user_agent="kubeemu-proxy") as client:
             proxy = Proxy(client, nodes, cluster_cidrs, service_cidrs, args.min_sync_period, args.sync_period)
-            task = asyncio.create_task(proxy.run())
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, task.cancel)
-            try:
-                await task
-            except asyncio.CancelledError:
-                _log.info("kube-proxy stopping (rules stay in place)")
+            await run_until_signalled(proxy.run(), "kube-proxy stopping (rules stay in place)")
 
     print(f"kube-proxy for {args.server}: nodes {', '.join(f'{n.name}:{n.netns}' for n in nodes)}", flush=True)
     asyncio.run(serve())

@@ -26,11 +26,11 @@ import argparse
 import asyncio
 import json
 import logging
-import signal
 import sys
 from pathlib import Path
 
 from kubeemu.kubelet import LabKubelet, LabNode
+from kubeemu.process import run_until_signalled
 from tools import lab
 
 _log = logging.getLogger(__name__)
@@ -85,17 +85,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-async def _run(kubelet: LabKubelet) -> None:
-    task = asyncio.ensure_future(kubelet.run())
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, task.cancel)
-    try:
-        await task
-    except asyncio.CancelledError:
-        _log.info("stopping")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
@@ -118,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # a node's declared capacity is unusable (the message names node and value)
         print(f"lab kubelet: {e}", file=sys.stderr)
         return 2
-    asyncio.run(_run(kubelet))
+    asyncio.run(run_until_signalled(kubelet.run(), "stopping"))
     return 0
 
 
