@@ -48,6 +48,7 @@ import logging
 from importlib import resources
 from typing import Any
 
+from kubeemu import protobuf
 from kubeemu.objects import CRDS
 from kubeemu.resources import Registry, ResourceType
 from kubeemu.store import Store
@@ -539,22 +540,8 @@ def document_hash(doc: Any) -> str:
 # ``yaml`` field carries vendor extensions, enum values and defaults as YAML, which JSON is).
 
 
-def _pb_varint(n: int) -> bytes:
-    """Protobuf base-128 varint: seven bits a byte, low first, the top bit set on all but the last
-    (a negative number as its 64-bit two's complement, ten bytes)."""
-    n &= (1 << 64) - 1
-    out = bytearray()
-    while True:
-        low, n = n & 0x7F, n >> 7
-        if not n:
-            out.append(low)
-            return bytes(out)
-        out.append(low | 0x80)
-
-
-def _pb_bytes(num: int, payload: bytes) -> bytes:
-    """A length-delimited field (wire type 2); key and length are varints (one byte only to 127)."""
-    return _pb_varint(num << 3 | 2) + _pb_varint(len(payload)) + payload
+_pb_varint = protobuf.encode_varint
+_pb_bytes = protobuf.length_delimited
 
 
 def _pb_str(num: int, value: Any) -> bytes:

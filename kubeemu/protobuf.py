@@ -318,10 +318,11 @@ def decode(body: bytes) -> dict[str, Any]:
 
 
 def _key(num: int, wt: int) -> bytes:
-    return _enc_varint(num << 3 | wt)
+    return encode_varint(num << 3 | wt)
 
 
-def _enc_varint(n: int) -> bytes:
+def encode_varint(n: int) -> bytes:
+    """Protobuf base-128 varint: seven bits a byte, low first, the top bit set on all but the last."""
     n &= (1 << 64) - 1  # negative int32/int64: ten bytes of two's complement, as Go writes them
     out = bytearray()
     while True:
@@ -332,8 +333,9 @@ def _enc_varint(n: int) -> bytes:
         out.append(low | 0x80)
 
 
-def _ld(num: int, payload: bytes) -> bytes:
-    return _key(num, 2) + _enc_varint(len(payload)) + payload
+def length_delimited(num: int, payload: bytes) -> bytes:
+    """A length-delimited field (wire type 2); key and length are varints (one byte only to 127)."""
+    return _key(num, 2) + encode_varint(len(payload)) + payload
 
 
 _GO_UNITS = {
@@ -368,7 +370,7 @@ def _enc_timestamp(value: Any, micro: bool) -> bytes:
     m = datetime.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
     secs = int(m.timestamp())
     nanos = m.microsecond * 1000 if micro else 0
-    return _key(1, 0) + _enc_varint(secs) + _key(2, 0) + _enc_varint(nanos)
+    return _key(1, 0) + encode_varint(secs) + _key(2, 0) + encode_varint(nanos)
 
 
 def _enc_special(name: str, value: Any) -> bytes | None:
@@ -378,29 +380,29 @@ def _enc_special(name: str, value: Any) -> bytes | None:
     if name == _META + "MicroTime":
         return _enc_timestamp(value, micro=True)
     if name == _META + "Duration":
-        return _key(1, 0) + _enc_varint(parse_go_duration(str(value)) if value else 0)
+        return _key(1, 0) + encode_varint(parse_go_duration(str(value)) if value else 0)
     if name in (_META + "FieldsV1", "k8s.io.apimachinery.pkg.runtime.RawExtension"):
         if value is None:
             return b""
-        return _ld(1, json.dumps(value, separators=(",", ":")).encode())
+        return length_delimited(1, json.dumps(value, separators=(",", ":")).encode())
     if name == "k8s.io.apimachinery.pkg.util.intstr.IntOrString":
         if isinstance(value, str):
-            return _key(1, 0) + _enc_varint(1) + _key(2, 0) + _enc_varint(0) + _ld(3, value.encode())
-        return _key(1, 0) + _enc_varint(0) + _key(2, 0) + _enc_varint(int(value or 0)) + _ld(3, b"")
+            return _key(1, 0) + encode_varint(1) + _key(2, 0) + encode_varint(0) + length_delimited(3, value.encode())
+        return _key(1, 0) + encode_varint(0) + _key(2, 0) + encode_varint(int(value or 0)) + length_delimited(3, b"")
     if name == "k8s.io.apimachinery.pkg.api.resource.Quantity":
-        return _ld(1, str(value if value is not None else "0").encode())
+        return length_delimited(1, str(value if value is not None else "0").encode())
     return None
 
 
 def _enc_scalar(num: int, ptype: str, value: Any) -> bytes:
     if ptype == "string":
-        return _ld(num, str(value if value is not None else "").encode())
+        return length_delimited(num, str(value if value is not None else "").encode())
     if ptype == "bytes":
-        return _ld(num, base64.b64decode(value) if value else b"")
+        return length_delimited(num, base64.b64decode(value) if value else b"")
     if ptype == "bool":
-        return _key(num, 0) + _enc_varint(1 if value else 0)
+        return _key(num, 0) + encode_varint(1 if value else 0)
     if ptype in ("int32", "int64", "uint32", "uint64"):
-        return _key(num, 0) + _enc_varint(int(value or 0))
+        return _key(num, 0) + encode_varint(int(value or 0))
     if ptype == "double":
         return _key(num, 1) + struct.pack("<d", float(value or 0))
     if ptype == "float":
@@ -411,7 +413,7 @@ def _enc_scalar(num: int, ptype: str, value: Any) -> bytes:
 def _enc_value(num: int, ptype: str, value: Any) -> bytes:
     if ptype in _NUMERIC or ptype in ("string", "bytes"):
         return _enc_scalar(num, ptype, value)
-    return _ld(num, encode_message(ptype, value))
+    return length_delimited(num, encode_message(ptype, value))
 
 
 def encode_message(name: str, value: Any) -> bytes:
@@ -426,19 +428,19 @@ def encode_message(name: str, value: Any) -> bytes:
     if rows is None:
         raise ProtobufError(f"no protobuf message {name} in kubeemu's table")
     if name in tab["nullable"]:
-        return b"".join(_ld(1, str(v).encode()) for v in value or [])
+        return b"".join(length_delimited(1, str(v).encode()) for v in value or [])
     obj = value if isinstance(value, dict) else {}
     out = bytearray()
     for num, jname, ptype, flags in sorted(rows, key=lambda r: r[0]):
         if flags & _INLINE:
-            out += _ld(num, encode_message(ptype, obj))
+            out += length_delimited(num, encode_message(ptype, obj))
             continue
         v = obj.get(jname)
         if ptype.startswith("map<"):
             ktype, vtype = ptype[4:-1].split(",", 1)
             entries: dict[str, Any] = v or {}
             for k in sorted(entries):
-                out += _ld(num, _enc_value(1, ktype, k) + _enc_value(2, vtype, entries[k]))
+                out += length_delimited(num, _enc_value(1, ktype, k) + _enc_value(2, vtype, entries[k]))
         elif flags & _REPEATED:
             for item in v or []:
                 out += _enc_value(num, ptype, item)
@@ -463,15 +465,16 @@ def encode(obj: dict[str, Any], api_version: str | None = None, kind: str | None
     message = message_for(api_version, kind)
     if message is None:
         raise ProtobufError(f"no protobuf message is known for apiVersion {api_version!r} kind {kind!r}")
-    type_meta = _ld(1, api_version.encode()) + _ld(2, kind.encode())
+    type_meta = length_delimited(1, api_version.encode()) + length_delimited(2, kind.encode())
     raw = encode_message(message, obj)
-    return MAGIC + _ld(1, type_meta) + _ld(2, raw) + _ld(3, b"") + _ld(4, b"")
+    ld = length_delimited
+    return MAGIC + ld(1, type_meta) + ld(2, raw) + ld(3, b"") + ld(4, b"")
 
 
 def encode_watch_event(event_type: str, obj: dict[str, Any]) -> bytes:
     """One frame of a protobuf watch stream: a 4-byte big-endian length, then a ``WatchEvent``
     (raw: no magic, no envelope) whose ``object`` holds the enveloped object."""
-    event = _ld(1, event_type.encode()) + _ld(2, _ld(1, encode(obj)))
+    event = length_delimited(1, event_type.encode()) + length_delimited(2, length_delimited(1, encode(obj)))
     return struct.pack(">I", len(event)) + event
 
 

@@ -8,14 +8,14 @@ from __future__ import annotations
 import pytest
 from google.protobuf import descriptor_pb2
 
-from kubeemu import openapi
+from kubeemu import openapi, protobuf
 
 
 @pytest.mark.parametrize("size", [0, 1, 127, 128, 200, 300, 16383, 16384, 70000])
 def test_pb_string_decodes_at_every_length(size: int) -> None:
     # FileDescriptorProto: field 1 is `string name`, field 2 is `string package`.
     name = ("n" * size).encode()
-    encoded = openapi._pb_bytes(1, name) + openapi._pb_bytes(2, b"after")
+    encoded = protobuf.length_delimited(1, name) + protobuf.length_delimited(2, b"after")
     msg = descriptor_pb2.FileDescriptorProto.FromString(encoded)
     assert msg.name == name.decode()
     assert msg.package == "after"  # the length was right: the next field starts where it should
@@ -23,9 +23,9 @@ def test_pb_string_decodes_at_every_length(size: int) -> None:
 
 def test_pb_varint() -> None:
     # Field 16's key (16 << 3 | 2 = 130) and 300 need two bytes; the protobuf docs' own examples.
-    assert openapi._pb_varint(16 << 3 | 2) == b"\x82\x01"
-    assert openapi._pb_varint(300) == b"\xac\x02"
-    assert openapi._pb_varint(0) == b"\x00"
+    assert protobuf.encode_varint(16 << 3 | 2) == b"\x82\x01"
+    assert protobuf.encode_varint(300) == b"\xac\x02"
+    assert protobuf.encode_varint(0) == b"\x00"
 
 
 def test_openapi_v2_document_structure() -> None:
