@@ -7,10 +7,9 @@ pinned to a node makes it provisioned there (a directory under the state directo
 deleting pod and claim removes the directory and the PV; ``lab down`` leaves nothing behind (the
 state directory, volumes included, goes; the fixture checks).
 
-The lab's own controller-manager (issue 15, item 4) is used when ``lab status`` shows one (it
-must be started with ``--storage-root`` = ``tools.lab.kube.storage_root``, which this test
-checks through the volume's path); until then this test starts one limited to the storage
-controllers.
+The lab's own controller-manager runs the storage controllers; it must be started with
+``--storage-root`` = ``tools.lab.kube.storage_root``, which this test checks through the
+volume's path.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,8 +27,6 @@ from tests.lab.conftest import Lab, lab_running, new_lab_name, run
 from tests.waiting import wait_until
 
 KUBECTL = shutil.which("kubectl")
-STORAGE_CONTROLLERS = "persistentvolume-binder,pvc-protection,pv-protection,persistentvolume-expander," \
-                      "lab-local-provisioner"
 
 pytestmark = pytest.mark.skipif(KUBECTL is None, reason="no kubectl binary on PATH (install one to run this test)")
 
@@ -84,22 +80,9 @@ def slab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StorageLab]:
         lab.api_url = json.loads(run(KUBECTL or "kubectl", "--kubeconfig", str(lab.kubeconfig), "config", "view",
                                      "-o", "json").stdout)["clusters"][0]["cluster"]["server"]
         kube = lab.status()["clusters"][0]["kubernetes"]
-        if kube.get("controller_manager_pid"):  # the lab runs its own (it must pass --storage-root)
-            lab.cm_log = Path(kube["controller_manager_log"])
-            yield lab
-            return
-        argv = [sys.executable, "-m", "kubeemu.ctrl", "--server", lab.api_url, "--controllers", STORAGE_CONTROLLERS,
-                "--storage-root", str(lab.state_dir / "volumes" / "store")]
-        lab.cm_log = tmp_path_factory.mktemp("cm") / "controller-manager.log"
-        log = open(lab.cm_log, "wb")  # noqa: SIM115 - closed below
-        cm = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            yield lab
-        finally:
-            cm.terminate()
-            cm.wait(10)
-            log.close()
-
+        assert kube["controller_manager_pid"], "the lab runs no controller-manager"
+        lab.cm_log = Path(kube["controller_manager_log"])
+        yield lab
 
 def _apply(slab: StorageLab, doc: dict[str, Any]) -> None:
     slab.kubectl("apply", "-f", "-", stdin=json.dumps(doc))
