@@ -36,6 +36,7 @@ import yaml
 from scheduler.framework import (
     MAX_NODE_SCORE,
     MIN_NODE_SCORE,
+    SUCCESS,
     ClusterEvent,
     Code,
     CycleState,
@@ -311,20 +312,21 @@ class Profile:
         return result, Status(), set(narrowed)
 
     def run_filter(self, state: CycleState, pod: PodInfo, node: NodeInfo) -> Status:
-        """upstream RunFilterPlugins: the first non-success, tagged with its plugin."""
+        """upstream RunFilterPlugins: the first non-success, tagged with its plugin. (The hot
+        path: plugins should return the shared ``framework.SUCCESS``.)"""
         skip = state.skip_filter
         for pl in self.filter:
             if skip and pl.name in skip:
                 continue
             try:
                 st = pl.filter(state, pod, node)
-            except Exception as e:
+            except Exception as e:  # a plugin bug is the pod's error, not the loop's
                 _log.exception("Filter plugin %s failed on pod %s node %s", pl.name, pod.key, node.name)
                 return error(f"running Filter plugin {pl.name!r}: {e}").with_plugin(pl.name)
-            if not st.ok:
+            if st is not SUCCESS and st.code != Code.SUCCESS:
                 out: Status = st.with_plugin(pl.name)
                 return out
-        return Status()
+        return SUCCESS
 
     def run_pre_score(self, state: CycleState, pod: PodInfo, nodes: list[NodeInfo]) -> Status:
         for pl in self.pre_score:
@@ -340,16 +342,18 @@ class Profile:
     def run_score(self, state: CycleState, pod: PodInfo, nodes: list[NodeInfo]) -> tuple[dict[str, int], Status]:
         """upstream RunScorePlugins: per plugin score, NormalizeScore, range check, weight; the
         weighted sum per node."""
-        totals = dict.fromkeys((n.name for n in nodes), 0)
+        names = [n.name for n in nodes]
+        totals = dict.fromkeys(names, 0)
         for pl in self.score:
             if pl.name in state.skip_score:
                 continue
             scores: dict[str, int] = {}
-            for n in nodes:
-                s, st = pl.score(state, pod, n)
-                if not st.ok:
+            score = pl.score
+            for name, n in zip(names, nodes, strict=True):
+                s, st = score(state, pod, n)
+                if st is not SUCCESS and st.code != Code.SUCCESS:
                     return {}, st.with_plugin(pl.name)
-                scores[n.name] = s
+                scores[name] = s
             norm = getattr(pl, "normalize_score", None)
             if norm is not None:
                 st = norm(state, pod, scores)

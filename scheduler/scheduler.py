@@ -45,7 +45,7 @@ from typing import Any
 
 from scheduler.cache import Cache, NodeSnapshot, pod_info
 from scheduler.election import LeaderElector
-from scheduler.framework import ClusterEvent, CycleState, NodeInfo, Obj, PodInfo, Status
+from scheduler.framework import SUCCESS, ClusterEvent, Code, CycleState, NodeInfo, Obj, PodInfo, Status
 from scheduler.kube import STRATEGIC_MERGE_PATCH, Api, ApiError, Informer, resource_path, wait_synced
 from scheduler.metrics import SchedulerMetrics
 from scheduler.profile import DEFAULT_SCHEDULER, Profile, SchedulerConfig, build_profiles, default_config
@@ -110,19 +110,12 @@ def fit_error_message(num_all: int, node_statuses: Iterable[Status] = (), *, pre
 
 
 def select_host(scores: Mapping[str, int], rng: random.Random | None = None) -> str:
-    """upstream selectHost: the highest total, reservoir-sampled among ties."""
+    """upstream selectHost: the highest total, uniformly at random among ties (upstream samples
+    the same way with a reservoir; one choice over the tied names is equivalent and cheaper)."""
     r = rng or random
-    items = iter(scores.items())
-    best, top = next(items)
-    ties = 1
-    for name, s in items:
-        if s > top:
-            best, top, ties = name, s, 1
-        elif s == top:
-            ties += 1
-            if r.randrange(ties) == 0:
-                best = name
-    return best
+    top = max(scores.values())
+    ties = [name for name, s in scores.items() if s == top]
+    return ties[0] if len(ties) == 1 else r.choice(ties)
 
 
 class FitError(Exception):
@@ -497,15 +490,19 @@ class Scheduler:
             feasible = [nodes[(start + i) % n] for i in range(want)]
         else:
             run = profile.run_filter
-            for i in range(n):
-                ni = nodes[(start + i) % n]
+            order = nodes[start:] + nodes[:start] if start else nodes
+            for ni in order:
                 st = run(state, pi, ni)
-                if st.ok:
+                if st is SUCCESS:
                     feasible.append(ni)
                     if len(feasible) >= want:
                         break
                 elif st.rejected:
                     rejected[ni.name] = st
+                elif st.code == Code.SUCCESS:
+                    feasible.append(ni)
+                    if len(feasible) >= want:
+                        break
                 else:
                     raise SchedulingError(f"running Filter plugin {st.plugin!r}: {st.message()}")
         self.next_start_node_index = (self.next_start_node_index + len(feasible) + len(rejected)) % n

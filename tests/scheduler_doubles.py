@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from scheduler.framework import (
+    SUCCESS,
     ClusterEvent,
     CycleState,
     Handle,
@@ -42,7 +43,7 @@ class FitDouble:
             reasons.append("Insufficient cpu")
         if pod.requests.memory and node.requested.memory + pod.requests.memory > node.allocatable.memory:
             reasons.append("Insufficient memory")
-        return unschedulable(*reasons) if reasons else Status()
+        return unschedulable(*reasons) if reasons else SUCCESS
 
     def events_to_register(self) -> Iterable[ClusterEvent]:
         return (ClusterEvent("Node", "Add"), ClusterEvent("Node", "UpdateNodeAllocatable"),
@@ -58,7 +59,7 @@ class LeastAllocatedDouble:
     def score(self, state: CycleState, pod: PodInfo, node: NodeInfo) -> tuple[int, Status]:
         alloc = node.allocatable.milli_cpu or 1
         free = max(0, alloc - node.requested.milli_cpu - pod.requests.milli_cpu)
-        return 100 * free // alloc, Status()
+        return 100 * free // alloc, SUCCESS
 
 
 class TaintDouble:
@@ -75,7 +76,7 @@ class TaintDouble:
             if not any((tol.get("operator") == "Exists" and tol.get("key") in (None, t["key"])) or
                        (tol.get("key") == t["key"] and tol.get("value", "") == t.get("value", "")) for tol in tols):
                 return unresolvable(f"node(s) had untolerated taint {{{t['key']}: {t.get('value', '')}}}")
-        return Status()
+        return SUCCESS
 
     def events_to_register(self) -> Iterable[ClusterEvent]:
         return (ClusterEvent("Node", "Add"), ClusterEvent("Node", "UpdateNodeTaint"))
