@@ -477,3 +477,35 @@ def test_prefilter_narrowing_and_empty_intersection() -> None:
     p = Profile("x", None, pre_filter=[Narrow("A", set())])
     res, st, _ = p.run_pre_filter(CycleState(), pod_info(pod("a")), [])
     assert st.message() == "node(s) didn't satisfy plugin A"
+
+
+def test_filter_sampling_rotates_the_start_index_as_upstream() -> None:
+    """findNodesThatPassFilters: from nextStartNodeIndex round the list, stop at the wanted
+    number of feasible nodes; the index advances by the nodes processed (feasible + rejected)."""
+    from scheduler.framework import CycleState, NodeInfo
+    from scheduler.profile import Profile
+    from scheduler.scheduler import Scheduler
+
+    class EveryThirdRejected:
+        name = "R"
+
+        def filter(self, state: Any, pod: Any, node: NodeInfo) -> Status:
+            return unschedulable("nope") if int(node.name[1:]) % 3 == 0 else Status()
+
+    nodes = [NodeInfo(node={"metadata": {"name": f"n{i}"}}) for i in range(300)]
+    s = Scheduler.__new__(Scheduler)
+    s.next_start_node_index = 0
+    prof = Profile("p", 50, filter=[EveryThirdRejected()])  # 50 % of 300 -> 150 feasible wanted
+    feasible, rejected = s._find_feasible(prof, CycleState(), pod_info(pod("a")), nodes)
+    assert len(feasible) == 150
+    assert feasible[0].name == "n1" and feasible[-1].name == "n224"  # 225 processed: 150 ok, 75 rejected
+    assert len(rejected) == 75
+    assert s.next_start_node_index == 225
+    feasible, rejected = s._find_feasible(prof, CycleState(), pod_info(pod("a")), nodes)
+    assert feasible[0].name == "n226"  # n225 is rejected; started at 225, wrapped past 299
+    assert s.next_start_node_index == (225 + 225) % 300
+    # Without filter plugins: the next `want` nodes from the index, all feasible.
+    s.next_start_node_index = 290
+    feasible, rejected = s._find_feasible(Profile("p", 50), CycleState(), pod_info(pod("a")), nodes)
+    assert [n.name for n in feasible[:12]] == [f"n{i}" for i in (*range(290, 300), 0, 1)]
+    assert s.next_start_node_index == (290 + 150) % 300

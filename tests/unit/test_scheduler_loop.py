@@ -152,6 +152,15 @@ def test_no_nodes_message(api: Api, ns: str, scheds: Schedulers) -> None:
     cond = wait_until(lambda: _condition(pods(api, ns)["lonely"]), 20, "PodScheduled condition")
     assert cond["message"] == "no nodes available to schedule pods"
     assert cond["reason"] == "Unschedulable"
+    # No plugin to blame: any cluster event retries it; the same message again is aggregated
+    # into the first Event's count, not a second Event.
+    api.create(resource_path("v1", "persistentvolumeclaims", ns), {
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "c"},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}})
+    ev = wait_until(lambda: [e for e in events(api, ns, "FailedScheduling") if e.get("count", 1) >= 2], 20,
+                    "the FailedScheduling event counted twice")
+    assert len(events(api, ns, "FailedScheduling")) == 1
+    assert ev[0]["message"] == "no nodes available to schedule pods"
     api.create("/api/v1/nodes", node("n0"))
     wait_until(lambda: pods(api, ns)["lonely"]["spec"].get("nodeName"), 20, "bound once a node exists")
 
