@@ -185,8 +185,8 @@ def object_key(obj: Obj) -> str:
 class Informer:
     """List+watch of one resource into a dict store, calling ``handlers`` per change.
 
-    ``synced`` is set after the first LIST (or its 404). The store is read by other threads
-    (listers): it is only ever replaced key by key, and readers take plain dict lookups."""
+    ``synced`` is set after the first LIST (or its 404). Other threads read the store (listers):
+    by key always; by iteration only with ``copy_on_write``."""
 
     #: Seconds before a LIST that answered 404 (resource not served) is tried again.
     ABSENT_RETRY_S = 30.0
@@ -195,13 +195,17 @@ class Informer:
     PAGE = 500
 
     def __init__(self, api: Api, group_version: str, resource: str, *, label_selector: str | None = None,
-                 field_selector: str | None = None) -> None:
+                 field_selector: str | None = None, copy_on_write: bool = False) -> None:
         self.api = api
         self.group_version = group_version
         self.resource = resource
         self.label_selector = label_selector
         self.field_selector = field_selector
         self.store: dict[str, Obj] = {}
+        #: Replace the store on every change instead of mutating it, so a reader on another
+        #: thread may iterate the dict it got for as long as it likes (the small listers:
+        #: PVCs, policies...). Pods and nodes are read by key only and mutated in place.
+        self.copy_on_write = copy_on_write
         self.handlers: list[Handler] = []
         self.synced = threading.Event()
         #: False while the resource answered 404 (e.g. a CRD not installed).
@@ -214,6 +218,20 @@ class Informer:
     @property
     def path(self) -> str:
         return resource_path(self.group_version, self.resource)
+
+    def _put(self, key: str, obj: Obj) -> None:
+        if self.copy_on_write:
+            self.store = {**self.store, key: obj}
+        else:
+            self.store[key] = obj
+
+    def _pop(self, key: str) -> Obj | None:
+        if not self.copy_on_write:
+            return self.store.pop(key, None)
+        prev = self.store.get(key)
+        if prev is not None:
+            self.store = {k: v for k, v in self.store.items() if k != key}
+        return prev
 
     def add_handler(self, h: Handler) -> None:
         self.handlers.append(h)
@@ -271,14 +289,15 @@ class Informer:
         for k, obj in items.items():
             prev = old_store.get(k)
             if prev is None:
-                self.store[k] = obj
+                self._put(k, obj)
                 self._emit("ADDED", None, obj)
             elif prev["metadata"].get("resourceVersion") != obj["metadata"].get("resourceVersion"):
-                self.store[k] = obj
+                self._put(k, obj)
                 self._emit("MODIFIED", prev, obj)
         for k in [k for k in old_store if k not in items]:
-            prev = self.store.pop(k)
-            self._emit("DELETED", prev, None)
+            prev = self._pop(k)
+            if prev is not None:
+                self._emit("DELETED", prev, None)
 
     def _lines(self, r: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
         buf = b""
@@ -319,11 +338,12 @@ class Informer:
                     continue
                 key = object_key(obj)
                 if kind == "DELETED":
-                    prev = self.store.pop(key, None)
-                    self._emit("DELETED", prev, None) if prev is not None else None
+                    prev = self._pop(key)
+                    if prev is not None:
+                        self._emit("DELETED", prev, None)
                 else:
                     prev = self.store.get(key)
-                    self.store[key] = obj
+                    self._put(key, obj)
                     self._emit("ADDED" if prev is None else "MODIFIED", prev, obj)
             return True
         finally:
@@ -355,7 +375,9 @@ class Informer:
                                   self.resource, self.group_version, self.ABSENT_RETRY_S)
                     self.served = False
                     for k in list(self.store):
-                        self._emit("DELETED", self.store.pop(k), None)
+                        prev = self._pop(k)
+                        if prev is not None:
+                            self._emit("DELETED", prev, None)
                     self.synced.set()
                     delay = self.ABSENT_RETRY_S
                     continue

@@ -294,7 +294,7 @@ class Profile:
                 r, st = pl.pre_filter(state, pod, nodes)
             except Exception as e:  # a plugin bug is the pod's error, not the loop's
                 _log.exception("PreFilter plugin %s failed on pod %s", pl.name, pod.key)
-                return None, error(f"running PreFilter plugin {pl.name!r}: {e}").with_plugin(pl.name), set()
+                return None, error(str(e)).with_plugin(pl.name), set()
             if st.code == Code.SKIP:
                 state.skip_filter.add(pl.name)
                 continue
@@ -322,7 +322,7 @@ class Profile:
                 st = pl.filter(state, pod, node)
             except Exception as e:  # a plugin bug is the pod's error, not the loop's
                 _log.exception("Filter plugin %s failed on pod %s node %s", pl.name, pod.key, node.name)
-                return error(f"running Filter plugin {pl.name!r}: {e}").with_plugin(pl.name)
+                return error(str(e)).with_plugin(pl.name)
             if st is not SUCCESS and st.code != Code.SUCCESS:
                 out: Status = st.with_plugin(pl.name)
                 return out

@@ -211,7 +211,7 @@ class Scheduler:
                                                "nodes": Informer(api, "v1", "nodes")}
         self._event_names: dict[str, str] = {}
         for gv, res, ev in OTHER_RESOURCES:
-            self.informers[res] = Informer(api, gv, res)
+            self.informers[res] = Informer(api, gv, res, copy_on_write=True)
             self._event_names[res] = ev
         self.handle = SchedulerHandle(self)
         self.profiles: dict[str, Profile] = build_profiles(self.config, self.handle, registry)
@@ -427,10 +427,14 @@ class Scheduler:
         if not st.ok:
             profile.run_unreserve(state, assumed, node)
             self.cache.forget(key)
-            self._observe(profile, "error" if st.code == st.code.ERROR else "unschedulable", start)
-            reason = "Unschedulable" if st.rejected else "SchedulerError"
-            self._fail(profile, q, pod_cycle, reason, f"running Reserve plugin {st.plugin!r}: {st.message()}"
-                       if not st.rejected else st.message(), {st.plugin}, error=not st.rejected)
+            if st.rejected:
+                # upstream: a FitError over the one suggested node.
+                self._observe(profile, "unschedulable", start)
+                self._fail(profile, q, pod_cycle, "Unschedulable", fit_error_message(1, [st]), {st.plugin})
+            else:
+                self._observe(profile, "error", start)
+                self._fail(profile, q, pod_cycle, "SchedulerError",
+                           f'running Reserve plugin "{st.plugin}": {st.message()}', set(), error=True)
             return
         self._observe(profile, "scheduled", start)
         self.queue.done(key)
@@ -450,7 +454,7 @@ class Scheduler:
         if not st.ok:
             if st.rejected:
                 raise FitError(fit_error_message(num_all, pre_filter_msg=st.message()), narrowed or {st.plugin})
-            raise SchedulingError(st.message())
+            raise SchedulingError(f'running PreFilter plugin "{st.plugin}": {st.message()}')
         candidates = nodes
         absent_reasons: tuple[str, ...] = ()
         if res is not None and res.node_names is not None:
@@ -469,10 +473,10 @@ class Scheduler:
             return feasible[0].name
         st = profile.run_pre_score(state, pi, feasible)
         if not st.ok:
-            raise SchedulingError(f"running PreScore plugin {st.plugin!r}: {st.message()}")
+            raise SchedulingError(f'running PreScore plugin "{st.plugin}": {st.message()}')
         scores, st = profile.run_score(state, pi, feasible)
         if not st.ok:
-            raise SchedulingError(f"running Score plugin {st.plugin!r}: {st.message()}")
+            raise SchedulingError(f'running Score plugin "{st.plugin}": {st.message()}')
         return select_host(scores, self.rng)
 
     def _find_feasible(self, profile: Profile, state: CycleState, pi: PodInfo, nodes: list[NodeInfo]
@@ -504,7 +508,7 @@ class Scheduler:
                     if len(feasible) >= want:
                         break
                 else:
-                    raise SchedulingError(f"running Filter plugin {st.plugin!r}: {st.message()}")
+                    raise SchedulingError(f'running "{st.plugin}" filter plugin: {st.message()}')
         self.next_start_node_index = (self.next_start_node_index + len(feasible) + len(rejected)) % n
         return feasible, rejected
 
@@ -525,7 +529,14 @@ class Scheduler:
                 return
             st = profile.run_pre_bind(state, pi, node)
             if not st.ok:
-                raise SchedulingError(f"running PreBind plugin {st.plugin!r}: {st.message()}")
+                profile.run_unreserve(state, pi, node)
+                self.cache.forget(key)
+                if st.rejected:
+                    self._fail(profile, q, pod_cycle, "Unschedulable", st.message(), {st.plugin})
+                else:
+                    self._fail(profile, q, pod_cycle, "SchedulerError",
+                               f'running PreBind plugin "{st.plugin}": {st.message()}', set(), error=True)
+                return
             body = {"apiVersion": "v1", "kind": "Binding", "metadata": {"name": name, "namespace": ns,
                                                                          "uid": m.get("uid")},
                     "target": {"apiVersion": "v1", "kind": "Node", "name": node}}
@@ -538,7 +549,8 @@ class Scheduler:
                 _log.info("binding %s to %s: %s (%s); leaving it to the watch", key, node, e.status, e.message)
                 self.queue.forget_in_flight(key)
                 return
-            self._fail(profile, q, pod_cycle, "SchedulerError", f"binding rejected: {e.message}", set(), error=True)
+            self._fail(profile, q, pod_cycle, "SchedulerError", f'running Bind plugin "DefaultBinder": {e.message}',
+                       set(), error=True)
             return
         except Exception as e:  # a PreBind error or a broken connection
             profile.run_unreserve(state, pi, node)

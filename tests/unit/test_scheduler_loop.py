@@ -244,3 +244,61 @@ def test_binding_an_already_bound_pod_answers_409(api: Api, ns: str) -> None:
         api.create(resource_path("v1", "pods", ns, "p", "binding"),
                    {**body, "target": {**body["target"], "name": "n1"}})
     assert e.value.status == 409
+
+
+class _Boom:
+    """A Filter plugin with a bug for pods labelled ``boom``."""
+
+    name = "Boom"
+
+    def __init__(self, handle: Any, args: Any) -> None:
+        pass
+
+    def filter(self, state: Any, pod: Any, node: Any) -> Any:
+        from scheduler.framework import SUCCESS
+
+        if (pod.pod["metadata"].get("labels") or {}).get("boom"):
+            raise RuntimeError("kaboom")
+        return SUCCESS
+
+
+class _Res:
+    """A Reserve plugin that rejects pods labelled ``reserve: no`` and records Unreserve."""
+
+    name = "Res"
+    unreserved: list[str] = []
+
+    def __init__(self, handle: Any, args: Any) -> None:
+        pass
+
+    def reserve(self, state: Any, pod: Any, node_name: str) -> Any:
+        from scheduler.framework import SUCCESS, unschedulable
+
+        if (pod.pod["metadata"].get("labels") or {}).get("reserve") == "no":
+            return unschedulable("reserve says no")
+        return SUCCESS
+
+    def unreserve(self, state: Any, pod: Any, node_name: str) -> None:
+        _Res.unreserved.append(pod.key)
+
+
+def test_plugin_errors_and_reserve_rejections(api: Api, ns: str, scheds: Schedulers) -> None:
+    from scheduler.profile import parse_config
+
+    api.create("/api/v1/nodes", node("n0"))
+    cfg = parse_config({"profiles": [{"schedulerName": "default-scheduler", "plugins": {"multiPoint": {
+        "enabled": [{"name": "Boom"}, {"name": "Res"}]}}}]})
+    s = Scheduler(Api(api.host), cfg, registry={**REGISTRY, "Boom": _Boom, "Res": _Res}, leader_elect=False)
+    s.start(sync_timeout=20)
+    scheds.started.append(s)
+    for name, labels in (("boom", {"boom": "1"}), ("nores", {"reserve": "no"}), ("fine", {})):
+        p = pod(name)
+        p["metadata"]["labels"] = labels
+        create_pod(api, ns, p)
+    wait_until(lambda: pods(api, ns)["fine"]["spec"].get("nodeName"), 20, "the fine pod bound")
+    c = wait_until(lambda: _condition(pods(api, ns)["boom"]), 20, "boom's condition")
+    assert (c["reason"], c["message"]) == ("SchedulerError", 'running "Boom" filter plugin: kaboom')
+    c = wait_until(lambda: _condition(pods(api, ns)["nores"]), 20, "nores' condition")
+    assert (c["reason"], c["message"]) == ("Unschedulable", "0/1 nodes are available: 1 reserve says no.")
+    assert f"{ns}/nores" in _Res.unreserved
+    assert s.cache.pod_node(f"{ns}/nores") is None  # forgotten after the failed Reserve
