@@ -69,7 +69,7 @@ class Api:
     cert_file: str | None = None
     key_file: str | None = None
     verify: bool = True
-    maxsize: int = 32
+    maxsize: int = 64
     user_agent: str = "kosmos-scheduler"
     _pool: urllib3.PoolManager = field(init=False, repr=False)
 
@@ -302,12 +302,12 @@ class Informer:
     def _lines(self, r: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
         buf = b""
         for chunk in r.stream(65536):
-            buf += chunk
-            while True:
-                i = buf.find(b"\n")
-                if i < 0:
-                    break
-                line, buf = buf[:i], buf[i + 1:]
+            if b"\n" not in chunk:
+                buf += chunk
+                continue
+            lines = (buf + chunk).split(b"\n")
+            buf = lines.pop()
+            for line in lines:
                 if line.strip():
                     yield line
         if buf.strip():

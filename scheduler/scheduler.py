@@ -493,20 +493,28 @@ class Scheduler:
         if not profile.filter:
             feasible = [nodes[(start + i) % n] for i in range(want)]
         else:
-            run = profile.run_filter
+            # profile.run_filter inlined: this loop runs for hundreds of nodes per pod.
+            skip = state.skip_filter
+            filters = [(pl.name, pl.filter) for pl in profile.filter if pl.name not in skip]
             order = nodes[start:] + nodes[:start] if start else nodes
             for ni in order:
-                st = run(state, pi, ni)
-                if st is SUCCESS:
+                st = SUCCESS
+                for pname, f in filters:
+                    try:
+                        st = f(state, pi, ni)
+                    except Exception as e:  # a plugin bug fails this pod's cycle, not the loop
+                        _log.exception("Filter plugin %s failed on pod %s node %s", pname, pi.key, ni.name)
+                        raise SchedulingError(f'running "{pname}" filter plugin: {e}') from e
+                    if st is not SUCCESS and st.code != Code.SUCCESS:
+                        st = st.with_plugin(pname)
+                        break
+                else:
                     feasible.append(ni)
                     if len(feasible) >= want:
                         break
-                elif st.rejected:
+                    continue
+                if st.rejected:
                     rejected[ni.name] = st
-                elif st.code == Code.SUCCESS:
-                    feasible.append(ni)
-                    if len(feasible) >= want:
-                        break
                 else:
                     raise SchedulingError(f'running "{st.plugin}" filter plugin: {st.message()}')
         self.next_start_node_index = (self.next_start_node_index + len(feasible) + len(rejected)) % n
