@@ -5,12 +5,13 @@ upstream's KubeSchedulerConfiguration (``kubescheduler.config.k8s.io/v1``) and
 In order:
 
 1. Two built-in profiles: ``default-scheduler`` (upstream's default plugin set and score
-   weights, minus the plugins this scheduler does not implement: SchedulingGates, PrioritySort
-   (the queue sorts by priority itself), VolumeRestrictions, NodeVolumeLimits, VolumeZone,
-   DefaultPreemption (no preemption), ImageLocality, DefaultBinder (the bind is built in)), and
-   ``kosmos-scheduler``: the same with TaintToleration replaced by LeafNodeTaintToleration,
-   VolumeBinding by LeafNodeVolumeBinding, plus LeafNodeDistribution and LeafNodeWorkloadPolicy
-   (as Kosmos' own scheduler configuration does).
+   weights, minus the plugins this scheduler does not implement: SchedulingGates (done by the
+   queue's admission: gated pods are not queued), PrioritySort (the queue sorts by priority
+   itself), VolumeRestrictions, NodeVolumeLimits, DefaultPreemption (no preemption),
+   ImageLocality, DefaultBinder (the bind is built in)), and ``kosmos-scheduler``: the same with
+   TaintToleration replaced by LeafNodeTaintToleration (which tolerates the leaf taint, so it
+   cannot run beside TaintToleration), plus LeafNodeDistribution, LeafNodeVolumeBinding (beside
+   VolumeBinding) and LeafNodeWorkloadPolicy.
 2. :func:`load_config` reads a KubeSchedulerConfiguration-like YAML (``--config``): global and
    per-profile ``percentageOfNodesToScore``, ``profiles[].plugins.<point>.enabled/disabled`` (with
    ``multiPoint``, ``*`` disabling all defaults of a point, ``weight`` for score plugins),
@@ -72,14 +73,16 @@ DEFAULT_PLUGINS: tuple[tuple[str, int], ...] = (
     ("NodePorts", 0),
     ("NodeResourcesFit", 1),
     ("VolumeBinding", 0),
+    ("VolumeZone", 0),
     ("PodTopologySpread", 2),
     ("InterPodAffinity", 2),
     ("NodeResourcesBalancedAllocation", 1),
 )
 
-#: The Kosmos profile: upstream's set with the leaf-aware replacements, plus Kosmos' policies.
-KOSMOS_REPLACE = {"TaintToleration": "LeafNodeTaintToleration", "VolumeBinding": "LeafNodeVolumeBinding"}
-KOSMOS_EXTRA: tuple[tuple[str, int], ...] = (("LeafNodeDistribution", 1), ("LeafNodeWorkloadPolicy", 1))
+#: The Kosmos profile: upstream's set with the leaf-aware taint plugin, plus Kosmos' policies.
+KOSMOS_REPLACE = {"TaintToleration": "LeafNodeTaintToleration"}
+KOSMOS_EXTRA: tuple[tuple[str, int], ...] = (("LeafNodeDistribution", 1), ("LeafNodeVolumeBinding", 0),
+                                             ("LeafNodeWorkloadPolicy", 1))
 
 API_VERSIONS = ("kubescheduler.config.k8s.io/v1", "kubescheduler.config.k8s.io/v1beta3")
 

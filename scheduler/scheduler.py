@@ -59,7 +59,10 @@ MIN_FEASIBLE_NODES_PERCENTAGE_TO_FIND = 5
 #: upstream ErrNoNodesAvailable.
 NO_NODES_AVAILABLE = "no nodes available to schedule pods"
 
-#: (group/version, resource, ClusterEvent resource name) of the informers besides pods and nodes.
+#: (group/version, resource, ClusterEvent resource name) of the informers besides pods and nodes;
+#: the plugins read them through ``Handle.lister(resource)``. An empty event name: changes move no
+#: pods (namespaces for InterPodAffinity's namespaceSelector; the controllers PodTopologySpread's
+#: default constraints take selectors from, as upstream, which registers no events for them).
 OTHER_RESOURCES: tuple[tuple[str, str, str], ...] = (
     ("v1", "persistentvolumeclaims", "PersistentVolumeClaim"),
     ("v1", "persistentvolumes", "PersistentVolume"),
@@ -68,6 +71,10 @@ OTHER_RESOURCES: tuple[tuple[str, str, str], ...] = (
     ("kosmos.io/v1alpha1", "distributionpolicies", "DistributionPolicy"),
     ("kosmos.io/v1alpha1", "clusterdistributionpolicies", "ClusterDistributionPolicy"),
     ("kosmos.io/v1alpha1", "workloadpolicies", "WorkloadPolicy"),
+    ("v1", "namespaces", ""),
+    ("v1", "replicationcontrollers", ""),
+    ("apps/v1", "replicasets", ""),
+    ("apps/v1", "statefulsets", ""),
 )
 
 
@@ -236,8 +243,9 @@ class Scheduler:
         self._events: dict[tuple[str, str, str], list[Any]] = {}
         self.informers["pods"].add_handler(self._on_pod)
         self.informers["nodes"].add_handler(self._on_node)
-        for _, res, _ in OTHER_RESOURCES:
-            self.informers[res].add_handler(self._make_other_handler(res))
+        for _, res, ev in OTHER_RESOURCES:
+            if ev:
+                self.informers[res].add_handler(self._make_other_handler(res))
 
     # --- lifecycle ---
 

@@ -396,7 +396,8 @@ def test_builtin_profiles_use_registered_plugins_with_upstream_weights() -> None
     assert [p.name for p in k.filter] == ["NodeResourcesFit"]  # TaintToleration replaced by the leaf one
     assert dict(DEFAULT_PLUGINS)["TaintToleration"] == 3
     assert ("LeafNodeTaintToleration", 3) in kosmos_plugins()
-    assert ("LeafNodeVolumeBinding", 0) in kosmos_plugins()
+    assert ("LeafNodeVolumeBinding", 0) in kosmos_plugins() and ("VolumeBinding", 0) in kosmos_plugins()
+    assert ("TaintToleration", 3) not in kosmos_plugins()
 
 
 def test_config_enables_disables_and_weighs() -> None:
