@@ -333,7 +333,11 @@ class Profile:
 
     def run_pre_score(self, state: CycleState, pod: PodInfo, nodes: list[NodeInfo]) -> Status:
         for pl in self.pre_score:
-            st = pl.pre_score(state, pod, nodes)
+            try:
+                st = pl.pre_score(state, pod, nodes)
+            except Exception as e:  # a plugin bug is the pod's error, not the loop's
+                _log.exception("PreScore plugin %s failed on pod %s", pl.name, pod.key)
+                return error(str(e)).with_plugin(pl.name)
             if st.code == Code.SKIP:
                 state.skip_score.add(pl.name)
                 continue
@@ -352,16 +356,20 @@ class Profile:
                 continue
             scores: dict[str, int] = {}
             score = pl.score
-            for name, n in zip(names, nodes, strict=True):
-                s, st = score(state, pod, n)
-                if st is not SUCCESS and st.code != Code.SUCCESS:
-                    return {}, st.with_plugin(pl.name)
-                scores[name] = s
-            norm = getattr(pl, "normalize_score", None)
-            if norm is not None:
-                st = norm(state, pod, scores)
-                if not st.ok:
-                    return {}, st.with_plugin(pl.name)
+            try:
+                for name, n in zip(names, nodes, strict=True):
+                    s, st = score(state, pod, n)
+                    if st is not SUCCESS and st.code != Code.SUCCESS:
+                        return {}, st.with_plugin(pl.name)
+                    scores[name] = s
+                norm = getattr(pl, "normalize_score", None)
+                if norm is not None:
+                    st = norm(state, pod, scores)
+                    if not st.ok:
+                        return {}, st.with_plugin(pl.name)
+            except Exception as e:  # a plugin bug is the pod's error, not the loop's
+                _log.exception("Score plugin %s failed on pod %s", pl.name, pod.key)
+                return {}, error(str(e)).with_plugin(pl.name)
             w = self.weights.get(pl.name, 1)
             for name, s in scores.items():
                 if not MIN_NODE_SCORE <= s <= MAX_NODE_SCORE:
@@ -372,7 +380,11 @@ class Profile:
 
     def run_reserve(self, state: CycleState, pod: PodInfo, node: str) -> Status:
         for pl in self.reserve:
-            st = pl.reserve(state, pod, node)
+            try:
+                st = pl.reserve(state, pod, node)
+            except Exception as e:  # a plugin bug is the pod's error, not the loop's
+                _log.exception("Reserve plugin %s failed on pod %s", pl.name, pod.key)
+                return error(str(e)).with_plugin(pl.name)
             if not st.ok:
                 out: Status = st.with_plugin(pl.name)
                 return out
@@ -387,9 +399,11 @@ class Profile:
 
     def run_pre_bind(self, state: CycleState, pod: PodInfo, node: str) -> Status:
         for pl in self.pre_bind:
-            if pl.name in state.skip_filter and getattr(pl, "skip_pre_bind_with_pre_filter", False):
-                continue
-            st = pl.pre_bind(state, pod, node)
+            try:
+                st = pl.pre_bind(state, pod, node)
+            except Exception as e:  # a plugin bug (or a failed write) is the pod's error
+                _log.exception("PreBind plugin %s failed on pod %s", pl.name, pod.key)
+                return error(str(e)).with_plugin(pl.name)
             if not st.ok:
                 out: Status = st.with_plugin(pl.name)
                 return out

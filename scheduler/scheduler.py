@@ -391,13 +391,18 @@ class Scheduler:
             if q is None:
                 continue
             if not self.is_leading():
+                # The lease is being lost (renewals failing): hand the pod back and wait.
                 self.queue.forget_in_flight(q.key)
                 self.queue.add(q.info)
+                self._stop.wait(0.2)
                 continue
             try:
                 self.schedule_one(q)
             except Exception:
+                # A plugin raised outside Filter (Reserve, Score...): the pod must not stay
+                # assumed, and is retried after its back-off.
                 _log.exception("scheduling pod %s failed unexpectedly", q.key)
+                self.cache.forget(q.key)
                 self.queue.add_unschedulable(q, (), self.queue.scheduling_cycle, error=True)
 
     def schedule_one(self, q: QueuedPodInfo) -> None:
