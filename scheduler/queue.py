@@ -53,6 +53,7 @@ class QueuedPodInfo:
 
     info: PodInfo
     timestamp: float
+    #: When it first entered the queue (the start of its end-to-end scheduling latency).
     initial_attempt: float | None = None
     attempts: int = 0
     #: Plugins that rejected it in its last cycle (for event matching).
@@ -154,7 +155,7 @@ class SchedulingQueue:
                 self._in_flight[key].info = info
                 return
             old = self._remove_everywhere(key)
-            q = old or QueuedPodInfo(info, self.clock())
+            q = old or QueuedPodInfo(info, self.clock(), initial_attempt=self.clock())
             q.info = info
             if old is None:
                 self._push_active(q)
@@ -179,7 +180,7 @@ class SchedulingQueue:
                 return
             q = self._unschedulable.get(key)
             if q is None:
-                self._push_active(QueuedPodInfo(info, self.clock()))
+                self._push_active(QueuedPodInfo(info, self.clock(), initial_attempt=self.clock()))
                 return
             q.info = info
             if spec_changed:
