@@ -119,7 +119,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # a bad kubeconfig: say so, no traceback
         print(f"kosmos-scheduler: connecting: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
-    server = health.serve(args.listen, sched.healthy, sched.healthy, registry=sched.metrics.registry)
+    try:
+        server = health.serve(args.listen, sched.healthy, sched.healthy, registry=sched.metrics.registry)
+    except (OSError, ValueError) as e:
+        print(f"kosmos-scheduler: --listen {args.listen}: {e}", file=sys.stderr)
+        return 1
+    host, port = server.server_address[:2]
+    _log.info("/metrics and /healthz on http://%s:%s", host, port)  # the real port when --listen ...:0
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
