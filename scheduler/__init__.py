@@ -1,6 +1,16 @@
-"""The kosmos scheduler (add-on, to come): places pods over real and virtual nodes by policy.
+"""kosmos-scheduler: a Kubernetes scheduler with upstream kube-scheduler's framework semantics,
+serving the ``default-scheduler`` and ``kosmos-scheduler`` profiles, for real nodes and for the
+virtual nodes that stand for leaf clusters.
 
-May import only :mod:`fabric.control`'s public client (``client``, ``api``), :mod:`fabric.types`
-and process plumbing (``fabric.logs``, ``fabric.health``): it is a client of the reflector's
-control channel like any other (import-linter enforces it).
+Modules, in the order a pod meets them: ``kube`` (API access, informers) -> ``queue`` (active,
+back-off, unschedulable) -> ``scheduler`` (the loop: snapshot, PreFilter/Filter/Score, assume,
+bind) over ``cache`` (nodes with their pods, assumed ones included) and ``profile`` (plugins per
+extension point, from ``plugins.REGISTRY`` and a KubeSchedulerConfiguration); ``framework`` is the
+plugins' contract; ``election`` (Lease), ``metrics`` and ``main`` (the ``kosmos-scheduler``
+command) around it.
+
+May import only the standard library, the root pyproject's third-party packages,
+:mod:`fabric.types`, process plumbing (``fabric.logs``, ``fabric.health``) and
+:mod:`fabric.control`'s public client (``client``, ``api``); never ``kubeemu`` or ``tools``
+(import-linter enforces it).
 """

@@ -1,0 +1,178 @@
+"""Leader election on a ``coordination.k8s.io/v1`` Lease, after client-go's ``leaderelection``
+(the scheduler's ``--leader-elect``): only the holder schedules, so two replicas never both bind.
+
+In order, on the elector's thread:
+
+1. Acquire: every ``retry_period`` (jittered by up to 20 %, as ``wait.JitterUntil``) read the
+   Lease; create it if absent; take it over if its holder is empty, is us, or has not changed
+   it for ``lease_duration`` **as observed by our own clock** (the record's timestamps are not
+   trusted across machines, as client-go). Updates carry the read ``resourceVersion``, so of two
+   candidates only one wins (the other gets 409).
+2. Lead: ``on_started`` runs; the lease is renewed every ``retry_period``. If no renewal has
+   succeeded for ``renew_deadline`` the leadership is lost: ``on_stopped`` runs and the elector
+   ends (kube-scheduler exits at that point; ``main`` does the same).
+3. :meth:`LeaderElector.is_leader` is the guard the binder checks before each bind: true only
+   while the last successful renewal is younger than ``renew_deadline``, which is shorter than
+   the ``lease_duration`` any other candidate must wait, so a deposed leader stops binding before
+   a successor can start.
+4. ``release`` on a clean stop clears the holder so a standby takes over at once.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from scheduler.kube import Api, ApiError, resource_path
+
+_log = logging.getLogger(__name__)
+
+
+def _now_micro() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class LeaderElector:
+    def __init__(self, api: Api, identity: str, *, namespace: str = "kube-system", name: str = "kosmos-scheduler",
+                 lease_duration: float = 15.0, renew_deadline: float = 10.0, retry_period: float = 2.0,
+                 on_started: Callable[[], None] | None = None, on_stopped: Callable[[], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if not lease_duration > renew_deadline > retry_period > 0:
+            raise ValueError(f"leader election needs lease_duration > renew_deadline > retry_period > 0, got "
+                             f"{lease_duration}, {renew_deadline}, {retry_period}")
+        self.api = api
+        self.identity = identity
+        self.namespace = namespace
+        self.name = name
+        self.lease_duration = lease_duration
+        self.renew_deadline = renew_deadline
+        self.retry_period = retry_period
+        self.on_started = on_started
+        self.on_stopped = on_stopped
+        self.clock = clock
+        self._observed: dict[str, Any] | None = None  # last spec seen
+        self._observed_at = 0.0
+        self._last_renew: float | None = None
+        self._leading = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def path(self) -> str:
+        return resource_path("coordination.k8s.io/v1", "leases", self.namespace, self.name)
+
+    def is_leader(self) -> bool:
+        last = self._last_renew
+        return self._leading and last is not None and self.clock() - last < self.renew_deadline
+
+    def holder(self) -> str:
+        return str((self._observed or {}).get("holderIdentity") or "")
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name="leader-election", daemon=True)
+        self._thread.start()
+
+    def stop(self, release: bool = True) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(self.retry_period * 3)
+        if release and self._leading:
+            self.release()
+
+    def _sleep(self) -> bool:
+        """One jittered retry period; True when asked to stop."""
+        return self._stop.wait(self.retry_period * (1 + random.random() * 0.2))
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            if self.try_acquire_or_renew():
+                break
+            if self._sleep():
+                return
+        if self._stop.is_set():
+            return
+        self._leading = True
+        _log.info("leader election: %s acquired lease %s/%s", self.identity, self.namespace, self.name)
+        if self.on_started:
+            self.on_started()
+        while not self._stop.is_set():
+            if self._sleep():
+                return
+            ok = self.try_acquire_or_renew()
+            if not ok and self._last_renew is not None and self.clock() - self._last_renew >= self.renew_deadline:
+                self._leading = False
+                _log.error("leader election: %s lost lease %s/%s (no renewal for %gs)", self.identity,
+                           self.namespace, self.name, self.renew_deadline)
+                if self.on_stopped:
+                    self.on_stopped()
+                return
+
+    def try_acquire_or_renew(self) -> bool:
+        """client-go tryAcquireOrRenew: True when we hold the lease after this call."""
+        now = self.clock()
+        spec = {"holderIdentity": self.identity, "leaseDurationSeconds": max(1, round(self.lease_duration)),
+                "acquireTime": _now_micro(), "renewTime": _now_micro(), "leaseTransitions": 0}
+        try:
+            lease = self.api.get(self.path)
+        except ApiError as e:
+            if e.status != 404:
+                _log.warning("leader election: reading lease %s/%s: %s", self.namespace, self.name, e)
+                return False
+            try:
+                self.api.create(resource_path("coordination.k8s.io/v1", "leases", self.namespace),
+                                {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                                 "metadata": {"name": self.name, "namespace": self.namespace}, "spec": spec})
+            except ApiError as e2:
+                _log.info("leader election: creating lease %s/%s: %s", self.namespace, self.name, e2)
+                return False
+            except Exception as e2:  # connection errors: try again next period
+                _log.warning("leader election: creating lease: %s", e2)
+                return False
+            self._observed, self._observed_at, self._last_renew = spec, now, now
+            return True
+        except Exception as e:
+            _log.warning("leader election: reading lease %s/%s: %s", self.namespace, self.name, e)
+            return False
+        old = lease.get("spec") or {}
+        if old != self._observed:
+            self._observed, self._observed_at = old, now
+        holder = old.get("holderIdentity") or ""
+        duration = float(old.get("leaseDurationSeconds") or self.lease_duration)
+        if holder and holder != self.identity and self._observed_at + duration > now:
+            return False
+        if holder == self.identity:
+            spec["acquireTime"] = old.get("acquireTime") or spec["acquireTime"]
+            spec["leaseTransitions"] = int(old.get("leaseTransitions") or 0)
+        else:
+            spec["leaseTransitions"] = int(old.get("leaseTransitions") or 0) + 1
+        lease["spec"] = spec
+        try:
+            self.api.update(self.path, lease)
+        except ApiError as e:
+            if e.status != 409:
+                _log.warning("leader election: updating lease %s/%s: %s", self.namespace, self.name, e)
+            return False
+        except Exception as e:
+            _log.warning("leader election: updating lease: %s", e)
+            return False
+        self._observed, self._observed_at, self._last_renew = spec, now, now
+        return True
+
+    def release(self) -> None:
+        """Give the lease up (holder cleared, 1 s duration) so a standby need not wait it out."""
+        self._leading = False
+        try:
+            lease = self.api.get(self.path)
+            if (lease.get("spec") or {}).get("holderIdentity") != self.identity:
+                return
+            lease["spec"] = {**lease["spec"], "holderIdentity": None, "leaseDurationSeconds": 1,
+                             "renewTime": _now_micro()}
+            self.api.update(self.path, lease)
+            _log.info("leader election: %s released lease %s/%s", self.identity, self.namespace, self.name)
+        except Exception as e:  # best effort on the way out
+            _log.warning("leader election: releasing lease: %s", e)

@@ -1,0 +1,151 @@
+"""``kosmos-scheduler``: the command line of the scheduler (console script).
+
+In order: parse flags (kube-scheduler's names where they exist), read ``--config``, connect to
+the API server, build the scheduler (profiles from the plugin registry), serve ``/metrics`` and
+``/healthz``, start (informers, then leader election or the loop), and run until SIGTERM/SIGINT
+(clean stop: binds in flight finish, the lease is released) or until the lease is lost (exit 1,
+as kube-scheduler, so a supervisor restarts it with a fresh cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+
+from fabric import health, logs
+from scheduler.kube import connect
+from scheduler.profile import ConfigError, default_config, load_config
+
+_log = logging.getLogger("scheduler")
+
+EPILOG = """\
+examples:
+  # schedule for both built-in profiles (default-scheduler, kosmos-scheduler) of a lab cluster
+  kosmos-scheduler --kubeconfig /run/lab/c1/kubeconfig
+
+  # without leader election, against an insecure API server URL
+  kosmos-scheduler --master http://127.0.0.1:6443 --leader-elect=false
+
+  # a KubeSchedulerConfiguration with own profiles, plugins and weights
+  kosmos-scheduler --kubeconfig kc --config sched.yaml
+
+  sched.yaml:
+    apiVersion: kubescheduler.config.k8s.io/v1
+    kind: KubeSchedulerConfiguration
+    percentageOfNodesToScore: 0          # adaptive, as upstream
+    profiles:
+    - schedulerName: default-scheduler
+    - schedulerName: kosmos-scheduler
+      plugins:
+        score:
+          enabled: [{name: NodeResourcesBalancedAllocation, weight: 2}]
+          disabled: [{name: InterPodAffinity}]
+      pluginConfig:
+      - name: NodeResourcesFit
+        args: {scoringStrategy: {type: MostAllocated}}
+
+endpoints: /metrics (fabric_scheduler_*), /healthz, /readyz on --listen.
+"""
+
+
+def _bool(text: str) -> bool:
+    t = text.strip().lower()
+    if t in ("true", "1", "yes"):
+        return True
+    if t in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean (true/false)")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kosmos-scheduler", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="A Kubernetes scheduler (upstream framework semantics) with Kosmos' leaf-cluster plugins.")
+    p.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, then $KUBECONFIG/~/.kube/config)")
+    p.add_argument("--master", help="API server URL (overrides the kubeconfig's server)")
+    p.add_argument("--context", help="kubeconfig context")
+    p.add_argument("--config", help="KubeSchedulerConfiguration YAML (profiles, plugins, weights, pluginConfig)")
+    p.add_argument("--leader-elect", type=_bool, nargs="?", const=True, default=None,
+                   help="campaign for a Lease and schedule only while holding it (default true, or the config's)")
+    p.add_argument("--leader-elect-resource-namespace", help="the Lease's namespace (default kube-system)")
+    p.add_argument("--leader-elect-resource-name", help="the Lease's name (default kosmos-scheduler)")
+    p.add_argument("--leader-elect-lease-duration", type=float, help="seconds (default 15)")
+    p.add_argument("--leader-elect-renew-deadline", type=float, help="seconds (default 10)")
+    p.add_argument("--leader-elect-retry-period", type=float, help="seconds (default 2)")
+    p.add_argument("--identity", help="this replica's holder identity (default host name + uuid)")
+    p.add_argument("--listen", default="127.0.0.1:10259", help="HOST:PORT for /metrics and /healthz")
+    p.add_argument("--bind-workers", type=int, default=16, help="concurrent pods/binding requests")
+    p.add_argument("--log-level", default="info", help="debug, info, warning or error")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        logs.setup(args.log_level)
+    except ValueError as e:
+        print(f"kosmos-scheduler: --log-level: {e}", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(args.config) if args.config else default_config()
+    except ConfigError as e:
+        print(f"kosmos-scheduler: {e}", file=sys.stderr)
+        return 2
+    le = cfg.leader_election
+    if args.leader_elect is not None:
+        le.leader_elect = args.leader_elect
+    for attr in ("resource_namespace", "resource_name", "lease_duration", "renew_deadline", "retry_period"):
+        flag = {"resource_namespace": "leader_elect_resource_namespace", "resource_name": "leader_elect_resource_name"
+                }.get(attr, f"leader_elect_{attr}")
+        v = getattr(args, flag)
+        if v is not None:
+            setattr(le, attr, v)
+    if not le.lease_duration > le.renew_deadline > le.retry_period > 0:
+        print(f"kosmos-scheduler: leader election needs lease-duration > renew-deadline > retry-period > 0 "
+              f"(got {le.lease_duration}, {le.renew_deadline}, {le.retry_period})", file=sys.stderr)
+        return 2
+    from scheduler.scheduler import Scheduler
+
+    try:
+        api = connect(args.master, args.kubeconfig, args.context)
+        sched = Scheduler(api, cfg, identity=args.identity, bind_workers=args.bind_workers)
+    except ConfigError as e:
+        print(f"kosmos-scheduler: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a bad kubeconfig: say so, no traceback
+        print(f"kosmos-scheduler: connecting: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    try:
+        server = health.serve(args.listen, sched.healthy, sched.healthy, registry=sched.metrics.registry)
+    except (OSError, ValueError) as e:
+        print(f"kosmos-scheduler: --listen {args.listen}: {e}", file=sys.stderr)
+        return 1
+    host, port = server.server_address[:2]
+    _log.info("/metrics and /healthz on http://%s:%s", host, port)  # the real port when --listen ...:0
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    _log.info("kosmos-scheduler %s: profiles %s, leader election %s", sched.identity, ", ".join(sched.profiles),
+              f"on lease {le.resource_namespace}/{le.resource_name}" if sched.leader_elect else "off")
+    try:
+        sched.start(sync_timeout=None)
+    except Exception as e:
+        print(f"kosmos-scheduler: starting: {e}", file=sys.stderr)
+        return 1
+    while not done.wait(0.5):
+        if sched.lost.is_set():
+            _log.error("leaderelection lost")
+            sched.kill()
+            server.shutdown()
+            return 1
+    sched.stop()
+    server.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
