@@ -22,6 +22,7 @@ What the cache and the plugins share, after upstream's ``k8s.io/component-helper
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import re
 from collections.abc import Iterable, Iterator
@@ -40,6 +41,15 @@ _DECIMAL = {"n": Fraction(1, 10**9), "u": Fraction(1, 10**6), "m": Fraction(1, 1
             "k": Fraction(10**3), "M": Fraction(10**6), "G": Fraction(10**9), "T": Fraction(10**12),
             "P": Fraction(10**15), "E": Fraction(10**18)}
 _QUANTITY_RE = re.compile(r"^([+-]?(?:\d+(?:\.\d*)?|\.\d+))(Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE]|[eE][+-]?\d+)?$")
+
+#: Upstream's ``nextGeneration()``: one counter for all NodeInfos, so a generation never repeats
+#: even for a node deleted and added again (caches keyed on (node name, generation) stay right).
+_generations = itertools.count(1)
+
+
+def next_generation() -> int:
+    return next(_generations)
+
 
 CPU = "cpu"
 MEMORY = "memory"
@@ -207,7 +217,7 @@ def allocatable(node: Obj) -> Resource:
 
 def new_node_info(node: Obj, pods: Iterable[PodInfo] = ()) -> NodeInfo:
     """A NodeInfo for ``node`` with ``pods`` already on it (upstream ``NewNodeInfo`` + SetNode)."""
-    ni = NodeInfo(node=node, allocatable=allocatable(node))
+    ni = NodeInfo(node=node, allocatable=allocatable(node), generation=next_generation())
     for p in pods:
         add_pod(ni, p)
     return ni
@@ -217,7 +227,7 @@ def set_node(ni: NodeInfo, node: Obj) -> None:
     """The node object changed (labels, taints, allocatable): keep the pods, refresh the rest."""
     ni.node = node
     ni.allocatable = allocatable(node)
-    ni.generation += 1
+    ni.generation = next_generation()
 
 
 def host_ports(pod: Obj) -> Iterator[tuple[str, str, int]]:
@@ -265,7 +275,7 @@ def add_pod(ni: NodeInfo, pi: PodInfo) -> None:
         ni.used_ports.add(port)
     for claim in pvc_names(pi.pod):
         ni.pvc_ref_counts[claim] = ni.pvc_ref_counts.get(claim, 0) + 1
-    ni.generation += 1
+    ni.generation = next_generation()
 
 
 def remove_pod(ni: NodeInfo, pod: Obj) -> bool:
@@ -294,5 +304,5 @@ def remove_pod(ni: NodeInfo, pod: Obj) -> bool:
             ni.pvc_ref_counts[claim] = n
         else:
             ni.pvc_ref_counts.pop(claim, None)
-    ni.generation += 1
+    ni.generation = next_generation()
     return True

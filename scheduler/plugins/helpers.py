@@ -15,6 +15,7 @@ Upstream's semantics (``apimachinery/pkg/labels``, ``component-helpers/schedulin
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -225,3 +226,39 @@ class RequiredNodeAffinity:
         if self.required is not None:
             return self.required.match_labels(labels, meta.get("name", ""))
         return True
+
+
+class NodeCountCache:
+    """Pods on a node that satisfy a predicate, remembered per (predicate key, node) until the
+    node's ``generation`` moves (``scheduler.podutil`` draws generations from one global counter,
+    as upstream's ``nextGeneration``, so a stale entry can never match).
+
+    Why: PodTopologySpread and InterPodAffinity count matching pods over every node for every
+    pod; the replicas of one workload carry the same selector, so a burst of them re-counts only
+    the nodes that changed since the previous replica. At most ``max_keys`` predicates are kept
+    (the oldest goes first)."""
+
+    def __init__(self, max_keys: int = 64) -> None:
+        self.max_keys = max_keys
+        self._counts: dict[str, dict[str, tuple[int, int]]] = {}
+
+    def count(self, ni: Any, key: str | None, pred: Callable[[Obj], bool]) -> int:
+        """How many pods of ``ni`` whose ``metadata`` satisfies ``pred``."""
+        if key is None:
+            return self._count(ni, pred)
+        per = self._counts.get(key)
+        if per is None:
+            if len(self._counts) >= self.max_keys:
+                with contextlib.suppress(RuntimeError, StopIteration):  # another thread was quicker
+                    self._counts.pop(next(iter(self._counts)), None)
+            per = self._counts[key] = {}
+        hit = per.get(ni.name)
+        if hit is not None and hit[0] == ni.generation:
+            return hit[1]
+        n = self._count(ni, pred)
+        per[ni.name] = (ni.generation, n)
+        return n
+
+    @staticmethod
+    def _count(ni: Any, pred: Callable[[Obj], bool]) -> int:
+        return sum(1 for p in ni.pods if pred(p.pod["metadata"]))

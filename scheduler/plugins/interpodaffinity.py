@@ -29,7 +29,8 @@ terms (+/- weight). NormalizeScore maps min..max to 0..100.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import json
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,7 +49,7 @@ from scheduler.framework import (
     unresolvable,
     unschedulable,
 )
-from scheduler.plugins.helpers import Matcher, arg, label_selector
+from scheduler.plugins.helpers import Matcher, NodeCountCache, arg, label_selector
 
 ERR_AFFINITY = "node(s) didn't match pod affinity rules"
 ERR_ANTI_AFFINITY = "node(s) didn't match pod anti-affinity rules"
@@ -70,12 +71,18 @@ class AffinityTerm:
     ns_selector: Matcher | None
     selector: Matcher
     weight: int = 0
+    #: What the term selects (namespaces, namespaceSelector, labelSelector), for count caches.
+    key: str = ""
 
     def matches(self, pod: Obj, ns_labels: Mapping[str, str] | None) -> bool:
         meta = pod.get("metadata") or {}
-        if meta.get("namespace", "") in self.namespaces or (
+        return self.matches_nl(meta.get("namespace", ""), meta.get("labels") or {}, ns_labels)
+
+    def matches_nl(self, namespace: str, labels: Mapping[str, str], ns_labels: Mapping[str, str] | None) -> bool:
+        """``AffinityTerm.Matches`` on a pod's namespace and labels already taken out."""
+        if namespace in self.namespaces or (
                 self.ns_selector is not None and ns_labels is not None and self.ns_selector(ns_labels)):
-            return self.selector(meta.get("labels") or {})
+            return self.selector(labels)
         return False
 
 
@@ -84,9 +91,10 @@ def new_term(pod: Obj, term: Obj, weight: int = 0) -> AffinityTerm:
     namespaces = term.get("namespaces") or []
     if not namespaces and ns_sel is None:
         namespaces = [(pod.get("metadata") or {}).get("namespace", "")]
+    key = json.dumps([sorted(namespaces), ns_sel, term.get("labelSelector")], sort_keys=True)
     return AffinityTerm(term.get("topologyKey", ""), frozenset(namespaces),
                         label_selector(ns_sel) if ns_sel is not None else None,
-                        label_selector(term.get("labelSelector")), weight)
+                        label_selector(term.get("labelSelector")), weight, key)
 
 
 @dataclass
@@ -111,6 +119,10 @@ def pod_terms(pi: PodInfo) -> PodTerms:
                    for t in pi.preferred_anti_affinity])
     pi.__dict__[_CACHE_ATTR] = pt
     return pt
+
+
+def _term_pred(t: AffinityTerm) -> Callable[[Obj], bool]:
+    return lambda meta: t.matches_nl(meta.get("namespace", ""), meta.get("labels") or {}, None)
 
 
 def _inc(counts: Counts, key: str, value: str, n: int) -> None:
@@ -143,6 +155,8 @@ class InterPodAffinity:
         if not 0 <= self.hard_weight <= 100:
             raise ValueError(f"InterPodAffinityArgs.hardPodAffinityWeight {self.hard_weight} is not in 0..100")
         self.ignore_existing_preferred = bool(arg(args, "ignorePreferredTermsOfExistingPods", False))
+        #: Per-node counts of pods matching the incoming pods' terms (replicas share terms).
+        self._cache = NodeCountCache()
 
     # -- namespaces -----------------------------------------------------------------------
     def _namespaces(self) -> Mapping[str, Obj]:
@@ -170,7 +184,8 @@ class InterPodAffinity:
                 continue
             sel = t.ns_selector
             names = set(t.namespaces) | {n for n, lb in all_ns if sel(lb)}
-            out.append(AffinityTerm(t.topology_key, frozenset(names), None, t.selector, t.weight))
+            key = json.dumps([sorted(names), None, json.loads(t.key)[2]], sort_keys=True)
+            out.append(AffinityTerm(t.topology_key, frozenset(names), None, t.selector, t.weight, key))
         return out
 
     def _incoming_terms(self, pod: PodInfo) -> PodTerms:
@@ -197,18 +212,27 @@ class InterPodAffinity:
                         _inc(existing, t.topology_key, labels[t.topology_key], 1)
         affinity: Counts = {}
         anti: Counts = {}
-        if terms.required_affinity or terms.required_anti:
+        req_aff, req_anti = terms.required_affinity, terms.required_anti
+        aff_key = "all" + json.dumps([t.key for t in req_aff])
+
+        def aff_pred(meta: Obj) -> bool:
+            ns, plabels = meta.get("namespace", ""), meta.get("labels") or {}
+            return all(t.matches_nl(ns, plabels, None) for t in req_aff)
+
+        if req_aff or req_anti:
             for ni in nodes:
                 labels = ni.labels
-                for ep in ni.pods:
-                    p = ep.pod
-                    if terms.required_affinity and _matches_all(terms.required_affinity, p):
-                        for t in terms.required_affinity:
-                            if t.topology_key in labels:
-                                _inc(affinity, t.topology_key, labels[t.topology_key], 1)
-                    for t in terms.required_anti:
-                        if t.topology_key in labels and t.matches(p, None):
-                            _inc(anti, t.topology_key, labels[t.topology_key], 1)
+                aff_pairs = [(t.topology_key, labels[t.topology_key]) for t in req_aff if t.topology_key in labels]
+                anti_terms = [t for t in req_anti if t.topology_key in labels]
+                if aff_pairs:
+                    n = self._cache.count(ni, aff_key, aff_pred)
+                    if n:
+                        for key, v in aff_pairs:
+                            _inc(affinity, key, v, n)
+                for t in anti_terms:
+                    n = self._cache.count(ni, "anti" + t.key, _term_pred(t))
+                    if n:
+                        _inc(anti, t.topology_key, labels[t.topology_key], n)
         state.write(_PRE_FILTER, _PreFilterState(terms, existing, affinity, anti))
         return None, SUCCESS
 
@@ -264,13 +288,22 @@ class InterPodAffinity:
                     w = t.weight if weight is None else weight
                     _inc(scores, t.topology_key, labels[t.topology_key], sign * w)
 
+        # The incoming pod's preferred terms, over every node: counted per node (cached across
+        # replicas), weighed once per node.
+        preferred = [(t, 1, _term_pred(t)) for t in terms.preferred_affinity] + \
+                    [(t, -1, _term_pred(t)) for t in terms.preferred_anti]
         for ni in all_nodes:
             labels = ni.labels
             if not labels:
                 continue
-            for ep in (ni.pods if has_constraints else ni.pods_with_affinity):
-                process(terms.preferred_affinity, ep.pod, None, labels, 1)
-                process(terms.preferred_anti, ep.pod, None, labels, -1)
+            if has_constraints:
+                for t, sign, pred in preferred:
+                    if t.topology_key in labels:
+                        n = self._cache.count(ni, "pref" + t.key, pred)
+                        if n:
+                            _inc(scores, t.topology_key, labels[t.topology_key], sign * t.weight * n)
+            # Existing pods' terms about the incoming pod: only pods with affinity have any.
+            for ep in ni.pods_with_affinity:
                 et = pod_terms(ep)
                 if self.hard_weight > 0:
                     process(et.required_affinity, incoming, ns_labels, labels, 1, self.hard_weight)

@@ -23,6 +23,7 @@ gets 100: ``100 * (max + min - s) / max``. Nodes missing a key (non-default cons
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ from scheduler.framework import (
 )
 from scheduler.plugins.helpers import (
     Matcher,
+    NodeCountCache,
     RequiredNodeAffinity,
     arg,
     find_untolerated,
@@ -65,6 +67,8 @@ SYSTEM_DEFAULT_CONSTRAINTS: list[Obj] = [
 ]
 
 _PRE_FILTER = "PreFilterPodTopologySpread"
+#: How many distinct (namespace, selector) count caches to keep (oldest dropped first).
+_COUNT_CACHE_SELECTORS = 64
 _PRE_SCORE = "PreScorePodTopologySpread"
 
 
@@ -76,6 +80,8 @@ class Constraint:
     min_domains: int = 1
     honor_affinity: bool = True
     honor_taints: bool = False
+    #: Identifies (namespace, selector) for the per-node count cache; None: not cacheable.
+    cache_key: str | None = None
 
     def includes(self, node: Obj, affinity: RequiredNodeAffinity, tolerations: list[Obj]) -> bool:
         """``matchNodeInclusionPolicies``."""
@@ -129,6 +135,7 @@ class PodTopologySpread:
 
     def __init__(self, handle: Handle, args: Mapping[str, Any]) -> None:
         self.handle = handle
+        self._counts = NodeCountCache(_COUNT_CACHE_SELECTORS)
         defaulting = arg(args, "defaultingType", "System")
         if defaulting == "System":
             self.default_constraints = SYSTEM_DEFAULT_CONSTRAINTS
@@ -143,7 +150,7 @@ class PodTopologySpread:
             raise ValueError(f"PodTopologySpreadArgs.defaultingType {defaulting!r} is not System or List")
 
     # -- constraints ----------------------------------------------------------------------
-    def _parse(self, raw: Iterable[Obj], pod_labels: Mapping[str, str], action: str,
+    def _parse(self, raw: Iterable[Obj], pod_labels: Mapping[str, str], action: str, namespace: str,
                selector: Matcher | None = None) -> list[Constraint]:
         out = []
         for c in raw:
@@ -154,23 +161,39 @@ class PodTopologySpread:
             if keys:
                 sel = _and(sel, labels_selector(keys))
             md = c.get("minDomains")
+            cache_key = None
+            if selector is None:  # the pod's own selector: the same for every replica
+                cache_key = json.dumps([namespace, c.get("labelSelector"), keys], sort_keys=True)
             out.append(Constraint(int(c.get("maxSkew") or 1), c.get("topologyKey", ""), sel,
                                   int(md) if md is not None else 1,
                                   (c.get("nodeAffinityPolicy") or "Honor") == "Honor",
-                                  (c.get("nodeTaintsPolicy") or "Ignore") == "Honor"))
+                                  (c.get("nodeTaintsPolicy") or "Ignore") == "Honor", cache_key))
         return out
+
+    def _count(self, ni: NodeInfo, c: Constraint, namespace: str) -> int:
+        """Matching pods on the node (``countPodsMatchSelector``), cached per selector and node
+        generation when the selector is the pod's own (see :class:`NodeCountCache`)."""
+        if c.cache_key is None:
+            return count_matching(ni.pods, c.selector, namespace)
+        sel = c.selector
+
+        def pred(meta: Obj) -> bool:
+            return (not meta.get("deletionTimestamp") and meta.get("namespace", "") == namespace
+                    and sel(meta.get("labels") or {}))
+        return self._counts.count(ni, c.cache_key, pred)
 
     def constraints(self, pod: Obj, action: str) -> list[Constraint]:
         spec = pod.get("spec") or {}
         labels = (pod.get("metadata") or {}).get("labels") or {}
+        ns = (pod.get("metadata") or {}).get("namespace", "")
         if spec.get("topologySpreadConstraints"):
-            return self._parse(spec["topologySpreadConstraints"], labels, action)
+            return self._parse(spec["topologySpreadConstraints"], labels, action, ns)
         if not any((c.get("whenUnsatisfiable") or "DoNotSchedule") == action for c in self.default_constraints):
             return []
         selector = self.default_selector(pod)
         if selector is None:
             return []
-        return self._parse(self.default_constraints, labels, action, selector)
+        return self._parse(self.default_constraints, labels, action, ns, selector)
 
     def _list(self, resource: str) -> Mapping[str, Obj]:
         try:
@@ -238,7 +261,7 @@ class PodTopologySpread:
                 if not c.includes(ni.node, affinity, tolerations):
                     continue
                 v = labels[c.topology_key]
-                counts[i][v] = counts[i].get(v, 0) + count_matching(ni.pods, c.selector, ns)
+                counts[i][v] = counts[i].get(v, 0) + self._count(ni, c, ns)
         minimum = []
         for i, c in enumerate(constraints):
             m = min(counts[i].values()) if counts[i] else 0
@@ -301,7 +324,7 @@ class PodTopologySpread:
                     continue
                 v = labels.get(c.topology_key, "")
                 if v in s.counts[i]:
-                    s.counts[i][v] += count_matching(ni.pods, c.selector, ns)
+                    s.counts[i][v] += self._count(ni, c, ns)
         state.write(_PRE_SCORE, s)
         return SUCCESS
 
@@ -316,10 +339,7 @@ class PodTopologySpread:
             v = labels.get(c.topology_key)
             if v is None:
                 continue
-            if c.topology_key == LABEL_HOSTNAME:
-                cnt = count_matching(node.pods, c.selector, ns)
-            else:
-                cnt = s.counts[i].get(v, 0)
+            cnt = self._count(node, c, ns) if c.topology_key == LABEL_HOSTNAME else s.counts[i].get(v, 0)
             total += cnt * s.weights[i] + (c.max_skew - 1)
         return math.floor(total + 0.5), SUCCESS
 

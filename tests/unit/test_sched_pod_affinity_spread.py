@@ -10,7 +10,8 @@ import pytest
 from scheduler.framework import Code, Status
 from scheduler.plugins.interpodaffinity import InterPodAffinity
 from scheduler.plugins.podtopologyspread import PodTopologySpread
-from tests.sched_builders import FakeHandle, node, pod, run_filter, run_scores, snapshot
+from scheduler.podutil import add_pod, new_node_info, new_pod_info
+from tests.sched_builders import FakeHandle, FakeSnapshot, node, pod, run_filter, run_scores, snapshot
 
 AFF = "node(s) didn't match pod affinity rules"
 ANTI = "node(s) didn't match pod anti-affinity rules"
@@ -189,8 +190,9 @@ def test_spread_min_domains() -> None:
 
 
 def test_spread_node_inclusion_policies() -> None:
-    nodes = zones() + [node("c1", labels={"zone": "z3", "kubernetes.io/hostname": "c1", "pool": "other"},
-                            taints=[{"key": "t", "effect": "NoSchedule"}])]
+    c1 = node("c1", labels={"zone": "z3", "kubernetes.io/hostname": "c1", "pool": "other"},
+              taints=[{"key": "t", "effect": "NoSchedule"}])
+    nodes = [*zones(), c1]
     for n in nodes[:3]:
         n["metadata"]["labels"]["pool"] = "main"
     existing = [foo("x1", "a1"), foo("y1", "b1")]
@@ -298,3 +300,24 @@ def test_spread_score_upstream_two_constraints_different_selectors() -> None:
 def test_spread_args_validated(bad: dict) -> None:
     with pytest.raises(ValueError):
         PodTopologySpread(FakeHandle(), bad)
+
+
+def test_count_caches_follow_node_changes() -> None:
+    """The per-node count caches (shared by the replicas of a workload) must see every change:
+    a pod added to a node, and a node replaced by a new one of the same name."""
+    infos = snapshot(zones(), [foo("x1", "a1")])
+    h = FakeHandle(infos)
+    spread_plugin = PodTopologySpread(h, {})
+    anti_plugin = InterPodAffinity(h, {})
+    p = pod(labels={"foo": ""}, topologySpreadConstraints=[spread(1, "zone")],
+            affinity=affinity(anti=[{"labelSelector": FOO, "topologyKey": "kubernetes.io/hostname"}]))
+    assert codes(run_filter(spread_plugin, p, infos))["b1"] == OK
+    assert codes(run_filter(anti_plugin, p, infos))["b1"] == OK
+    add_pod(infos[2], new_pod_info(foo("y1", "b1")))
+    add_pod(infos[2], new_pod_info(foo("y2", "b1")))
+    assert codes(run_filter(spread_plugin, p, infos))["b1"] == (Code.UNSCHEDULABLE, (SPREAD,))
+    assert codes(run_filter(anti_plugin, p, infos))["b1"] == (Code.UNSCHEDULABLE, (ANTI,))
+    infos[2] = new_node_info(infos[2].node)  # b1 deleted and added again, empty
+    h.snap = FakeSnapshot(infos)
+    assert codes(run_filter(spread_plugin, p, infos))["b1"] == OK
+    assert codes(run_filter(anti_plugin, p, infos))["b1"] == OK
