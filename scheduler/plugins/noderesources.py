@@ -18,7 +18,8 @@ an extended resource the pod does not ask for is skipped. Strategies:
   weighted mean rounded.
 
 BalancedAllocation scores ``(1 - std of the request fractions) * 100`` over its resources, with
-the actual requests (not the non-zero ones), so nodes whose cpu and memory fill up evenly win.
+the actual requests (not the non-zero ones), so nodes whose cpu and memory fill up evenly win;
+best-effort pods are not scored by it (PreScore answers Skip).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 
 from scheduler.framework import (
     MAX_NODE_SCORE,
+    SKIP,
     SUCCESS,
     ClusterEvent,
     Code,
@@ -255,6 +257,13 @@ class NodeResourcesBalancedAllocation:
         self.handle = handle
         resources = _resource_specs(arg(args, "resources", None), self.name)
         self.scorer = _AllocationScorer(resources, use_requested=True, fn=_balanced)
+
+    def pre_score(self, state: CycleState, pod: PodInfo, nodes: list[NodeInfo]) -> Status:
+        """A best-effort pod (no request for any scored resource) is not scored: every such pod
+        would otherwise prefer the same balanced node (upstream kubernetes#129138)."""
+        if all(_get(pod.requests, name) == 0 for name, _w in self.scorer.resources):
+            return SKIP
+        return SUCCESS
 
     def score(self, state: CycleState, pod: PodInfo, node: NodeInfo) -> tuple[int, Status]:
         return self.scorer.score(pod, node), SUCCESS

@@ -211,6 +211,8 @@ class VolumeBinding:
                 continue
             cls_name = spec.get("storageClassName") or ""
             sc = classes.get(cls_name) if cls_name else None
+            if cls_name and sc is None:  # upstream IsDelayBindingMode: an error, retried with back-off
+                return None, error(f'storageclass.storage.k8s.io "{cls_name}" not found').with_plugin(self.name)
             if sc is None or sc.get("volumeBindingMode") != "WaitForFirstConsumer":
                 immediate = True
                 continue

@@ -155,6 +155,12 @@ def test_balanced_allocation_upstream_case() -> None:
         "node1": 87, "node2": 100}
 
 
+def test_balanced_allocation_skips_best_effort() -> None:
+    infos = _two_nodes()
+    assert run_scores(NodeResourcesBalancedAllocation(FakeHandle(infos), {}), pod(), infos) == {
+        "node1": 0, "node2": 0}
+
+
 def test_least_allocated_weights() -> None:
     infos = _two_nodes()
     fit = NodeResourcesFit(FakeHandle(infos), {"scoringStrategy": {

@@ -321,3 +321,81 @@ def test_count_caches_follow_node_changes() -> None:
     h.snap = FakeSnapshot(infos)
     assert codes(run_filter(spread_plugin, p, infos))["b1"] == OK
     assert codes(run_filter(anti_plugin, p, infos))["b1"] == OK
+
+
+# upstream interpodaffinity/scoring_test.go TestPreferredAffinity, case by case
+def _sel(*exprs: tuple) -> dict:
+    return {"matchExpressions": [{"key": k, "operator": op, **({"values": list(v)} if v else {})}
+                                 for k, op, *v in exprs]}
+
+
+def _wterm(weight: int, sel: dict, topology: str, **extra: Any) -> dict:
+    return {"weight": weight, "podAffinityTerm": {"labelSelector": sel, "topologyKey": topology, **extra}}
+
+
+S1, S2 = {"security": "S1"}, {"security": "S2"}
+CHINA, INDIA, AZ1, AZ2 = {"region": "China"}, {"region": "India"}, {"az": "az1"}, {"az": "az2"}
+STAY_S1_REGION = affinity(preferred=[_wterm(5, _sel(("security", "In", "S1")), "region")])
+STAY_S2_REGION = affinity(preferred=[_wterm(6, _sel(("security", "In", "S2")), "region")])
+AFFINITY3 = affinity(preferred=[
+    _wterm(8, _sel(("security", "NotIn", "S1"), ("security", "In", "S2")), "region"),
+    _wterm(2, _sel(("security", "Exists"), ("wrongkey", "DoesNotExist")), "region")])
+HARD = affinity(required=[{"labelSelector": _sel(("security", "In", "S1", "value2")), "topologyKey": "region"},
+                          {"labelSelector": _sel(("security", "Exists"), ("wrongkey", "DoesNotExist")),
+                           "topologyKey": "region"}])
+AWAY_S1_AZ = affinity(preferred_anti=[_wterm(5, _sel(("security", "In", "S1")), "az")])
+AWAY_S2_AZ = affinity(preferred_anti=[_wterm(5, _sel(("security", "In", "S2")), "az")])
+STAY_S1_AWAY_S2 = {**affinity(preferred=[_wterm(8, _sel(("security", "In", "S1")), "region")]),
+                   **affinity(preferred_anti=[_wterm(5, _sel(("security", "In", "S2")), "az")])}
+NS_SEL = {"namespaces": ["subteam2.team2"], "namespaceSelector": _sel(("team", "In", "team1"))}
+AFF_NS = affinity(preferred=[_wterm(5, _sel(("security", "In", "S1")), "region", **NS_SEL)])
+ANTI_NS = affinity(preferred_anti=[_wterm(5, _sel(("security", "In", "S1")), "region", **NS_SEL)])
+NAMESPACES = [{"metadata": {"name": n, "labels": {"team": t}}}
+              for n, t in (("subteam1.team1", "team1"), ("subteam2.team1", "team1"),
+                           ("subteam1.team2", "team2"), ("subteam2.team2", "team2"))]
+
+
+def _p(labels: dict, aff: dict | None = None, node_name: str = "", ns: str = "default") -> dict:
+    return pod(labels=labels, node=node_name, ns=ns, **({"affinity": aff} if aff else {}))
+
+
+PREFERRED_CASES = [
+    ("matching topology key and pods", _p(S1, STAY_S1_REGION),
+     [_p(S1, None, "node1"), _p(S2, None, "node2"), _p(S1, None, "node3")], [CHINA, INDIA, AZ1], [100, 0, 0]),
+    ("same topology value same score", _p({}, STAY_S1_REGION), [_p(S1, None, "node1")],
+     [CHINA, {**CHINA, **AZ1}, INDIA], [100, 100, 0]),
+    ("region with more matches", _p(S1, STAY_S2_REGION),
+     [_p(S2, None, n) for n in ("node1", "node1", "node2", "node3", "node4", "node5")],
+     [CHINA, INDIA, CHINA, CHINA, INDIA], [100, 0, 100, 100, 0]),
+    ("label operators", _p(S1, AFFINITY3), [_p(S1, None, "node1"), _p(S2, None, "node2"), _p(S1, None, "node3")],
+     [CHINA, INDIA, AZ1], [20, 100, 0]),
+    ("symmetry preferred", _p(S2), [_p(S1, STAY_S1_REGION, "node1"), _p(S2, STAY_S2_REGION, "node2")],
+     [CHINA, INDIA, AZ1], [0, 100, 0]),
+    ("symmetry with namespace selector", _p(S1, ns="subteam1.team1"),
+     [_p(S1, AFF_NS, "node1"), _p(S2, STAY_S2_REGION, "node2")], [CHINA, INDIA, AZ1], [100, 0, 0]),
+    ("anti symmetry with namespace selector", _p(S1, ns="subteam1.team1"),
+     [_p(S1, ANTI_NS, "node1"), _p(S2, STAY_S2_REGION, "node2")], [CHINA, INDIA, AZ1], [0, 100, 100]),
+    ("symmetry required (hardPodAffinityWeight)", _p(S1), [_p(S1, HARD, "node1"), _p(S2, HARD, "node2")],
+     [CHINA, INDIA, AZ1], [100, 100, 0]),
+    ("anti: not matching gets high", _p(S1, AWAY_S1_AZ), [_p(S1, None, "node1"), _p(S2, None, "node2")],
+     [AZ1, CHINA], [0, 100]),
+    ("anti: more matches lower", _p(S1, AWAY_S1_AZ),
+     [_p(S1, None, "node1"), _p(S1, None, "node1"), _p(S2, None, "node2")], [AZ1, INDIA], [0, 100]),
+    ("anti symmetry", _p(S2), [_p(S1, AWAY_S2_AZ, "node1"), _p(S2, AWAY_S1_AZ, "node2")], [AZ1, AZ2], [0, 100]),
+    ("affinity and anti-affinity", _p(S1, STAY_S1_AWAY_S2), [_p(S1, None, "node1"), _p(S1, None, "node2")],
+     [CHINA, AZ1], [100, 0]),
+    ("affinity, anti-affinity and symmetry", _p(S1, STAY_S1_AWAY_S2),
+     [_p(S1, None, "node1"), _p(S2, None, "node2"), _p({}, STAY_S1_AWAY_S2, "node3"), _p({}, AWAY_S1_AZ, "node4")],
+     [CHINA, AZ1, INDIA, AZ2], [100, 0, 100, 0]),
+    ("partial nodes without affinity pods", _p(S1), [_p(S1, None, "node1"), _p({}, STAY_S1_AWAY_S2, "node2")],
+     [CHINA, CHINA], [0, 0]),
+]
+
+
+@pytest.mark.parametrize(("name", "p", "existing", "labels", "want"), PREFERRED_CASES,
+                         ids=[c[0] for c in PREFERRED_CASES])
+def test_inter_pod_affinity_score_upstream(name: str, p: dict, existing: list, labels: list, want: list) -> None:
+    nodes = [node(f"node{i + 1}", labels=lb) for i, lb in enumerate(labels)]
+    infos = snapshot(nodes, existing)
+    got = run_scores(InterPodAffinity(FakeHandle(infos, {"namespaces": NAMESPACES}), {}), p, infos)
+    assert got == {f"node{i + 1}": w for i, w in enumerate(want)}

@@ -85,6 +85,10 @@ def test_missing_and_immediate_claims() -> None:
     assert got["n1"] == (UR, ('persistentvolumeclaim "data" not found',))
     got, *_ = run(using("data"), [pvc("data", "fast")], [], [sc("fast", wffc=False)])
     assert got["n1"] == (UR, ("pod has unbound immediate PersistentVolumeClaims",))
+    got, *_ = run(using("data"), [pvc("data")], [], [])  # no class: immediate binding
+    assert got["n1"] == (UR, ("pod has unbound immediate PersistentVolumeClaims",))
+    got, *_ = run(using("data"), [pvc("data", "nope")], [], [])
+    assert got["n1"] == (Code.ERROR, ('storageclass.storage.k8s.io "nope" not found',))
 
 
 def test_bound_pv_node_affinity() -> None:
