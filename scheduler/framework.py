@@ -237,12 +237,6 @@ class Handle(Protocol):
         ``storageclasses``, ``services``, ``distributionpolicies``, ...) by ``ns/name`` or name."""
         ...
 
-    def api_patch(self, path: str, body: Obj) -> Obj:
-        """A JSON merge patch (``application/merge-patch+json``) of the API object at ``path``
-        (``/api/v1/namespaces/ns/persistentvolumeclaims/c``), returning the patched object;
-        raises on an API error. PreBind writes go through it (VolumeBinding)."""
-        ...
-
 
 @runtime_checkable
 class Plugin(Protocol):

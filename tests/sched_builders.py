@@ -73,7 +73,7 @@ class FakeSnapshot:
 
 
 class FakeHandle:
-    """The framework handle: a snapshot, listers by resource, and a recorder for api_patch."""
+    """The framework handle: a snapshot, listers by resource, and ``api`` recording patches."""
 
     def __init__(self, infos: list[NodeInfo] | None = None,
                  listers: Mapping[str, Iterable[Obj]] | None = None) -> None:
@@ -84,6 +84,7 @@ class FakeHandle:
             for o in objs:
                 self.add(res, o)
         self.patches: list[tuple[str, Obj]] = []
+        self.api = self  # the scheduler's handle exposes its client as ``api`` (``api.patch``)
 
     def add(self, resource: str, obj: Obj) -> None:
         m = obj["metadata"]
@@ -94,9 +95,12 @@ class FakeHandle:
         return self.snap
 
     def lister(self, resource: str) -> Mapping[str, Obj]:
-        return self.listers.get(resource, {})
+        """Like the scheduler's: an unknown resource is a KeyError (plugins must cope)."""
+        if resource not in self.listers:
+            raise KeyError(resource)
+        return self.listers[resource]
 
-    def api_patch(self, path: str, body: Obj) -> Obj:
+    def patch(self, path: str, body: Obj) -> Obj:
         self.patches.append((path, body))
         return body
 

@@ -338,5 +338,4 @@ class InterPodAffinity:
         return SUCCESS
 
     def events_to_register(self) -> Iterable[ClusterEvent]:
-        return (ClusterEvent("Pod", "Add"), ClusterEvent("Pod", "Update"), ClusterEvent("Pod", "Delete"),
-                ClusterEvent("Node", "Add"), ClusterEvent("Node", "Update"))
+        return (ClusterEvent("Pod", "All"), ClusterEvent("Node", "Add"), ClusterEvent("Node", "UpdateNodeLabel"))

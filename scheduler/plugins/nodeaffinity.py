@@ -136,4 +136,4 @@ class NodeAffinity:
         return SUCCESS
 
     def events_to_register(self) -> Iterable[ClusterEvent]:
-        return (ClusterEvent("Node", "Add"), ClusterEvent("Node", "Update"), ClusterEvent("Pod", "Update"))
+        return (ClusterEvent("Node", "Add"), ClusterEvent("Node", "UpdateNodeLabel"))

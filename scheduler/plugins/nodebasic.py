@@ -76,7 +76,7 @@ class NodeUnschedulable:
         return unresolvable(ERR_UNSCHEDULABLE).with_plugin(self.name)
 
     def events_to_register(self) -> Iterable[ClusterEvent]:
-        return (ClusterEvent("Node", "Add"), ClusterEvent("Node", "Update"))
+        return (ClusterEvent("Node", "Add"), ClusterEvent("Node", "UpdateNodeTaint"))
 
 
 _STATE_PORTS = "PreFilterNodePorts"
@@ -117,4 +117,4 @@ class NodePorts:
         return SUCCESS
 
     def events_to_register(self) -> Iterable[ClusterEvent]:
-        return (ClusterEvent("Pod", "Delete"), ClusterEvent("Node", "Add"))
+        return (ClusterEvent("Pod", "Delete"), ClusterEvent("Node", "Add"), ClusterEvent("Node", "Update"))

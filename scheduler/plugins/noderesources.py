@@ -49,7 +49,9 @@ DEFAULT_RESOURCES: list[dict[str, Any]] = [{"name": "cpu", "weight": 1}, {"name"
 MAX_CUSTOM_PRIORITY_SCORE = 10
 MAX_UTILIZATION = 100
 
-_RESOURCE_EVENTS = (ClusterEvent("Pod", "Delete"), ClusterEvent("Node", "Add"), ClusterEvent("Node", "Update"))
+#: Upstream's EventsToRegister: a pod leaving frees resources; a node added or grown adds them.
+_RESOURCE_EVENTS = (ClusterEvent("Pod", "Delete"), ClusterEvent("Node", "Add"),
+                    ClusterEvent("Node", "UpdateNodeAllocatable"))
 
 
 def _get(r: Resource, name: str) -> int:

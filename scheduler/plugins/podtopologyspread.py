@@ -360,5 +360,5 @@ class PodTopologySpread:
         return SUCCESS
 
     def events_to_register(self) -> Iterable[ClusterEvent]:
-        return (ClusterEvent("Pod", "Add"), ClusterEvent("Pod", "Update"), ClusterEvent("Pod", "Delete"),
-                ClusterEvent("Node", "Add"), ClusterEvent("Node", "Update"), ClusterEvent("Node", "Delete"))
+        return (ClusterEvent("Pod", "All"), ClusterEvent("Node", "Add"), ClusterEvent("Node", "Delete"),
+                ClusterEvent("Node", "UpdateNodeLabel"), ClusterEvent("Node", "UpdateNodeTaint"))

@@ -68,4 +68,4 @@ class TaintToleration:
         return SUCCESS
 
     def events_to_register(self) -> Iterable[ClusterEvent]:
-        return (ClusterEvent("Node", "Add"), ClusterEvent("Node", "Update"), ClusterEvent("Pod", "Update"))
+        return (ClusterEvent("Node", "Add"), ClusterEvent("Node", "UpdateNodeTaint"))

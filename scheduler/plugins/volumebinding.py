@@ -18,7 +18,8 @@ VolumeBinding, one pod's claims through the cycle:
    The per-node decision is kept in the cycle state.
 3. Reserve assumes the chosen static PVs (no other pod may pick them until the bind lands or is
    undone); Unreserve forgets them.
-4. PreBind writes through the handle's ``api_patch`` (JSON merge patch): a static PV gets
+4. PreBind writes through the handle's API client (``handle.api.patch``, or ``handle.api_patch``;
+   a JSON merge patch): a static PV gets
    ``spec.claimRef`` (+ ``pv.kubernetes.io/bound-by-controller``) and the PV controller completes
    the binding; a claim to provision gets ``volume.kubernetes.io/selected-node`` and the
    provisioner reacts. Then it waits, bounded by ``bindTimeoutSeconds`` (600), until every claim
@@ -36,7 +37,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,6 +86,15 @@ def _lister(handle: Handle, resource: str) -> Mapping[str, Obj]:
         return handle.lister(resource)
     except KeyError:
         return {}
+
+
+def api_patcher(handle: Any) -> Callable[[str, Obj], Any] | None:
+    """How PreBind writes: the handle's ``api_patch(path, body)`` if it has one, else its
+    ``api.patch(path, body)`` (the scheduler's client; both send a JSON merge patch)."""
+    fn = getattr(handle, "api_patch", None)
+    if fn is None:
+        fn = getattr(getattr(handle, "api", None), "patch", None)
+    return fn if callable(fn) else None
 
 
 def _ns_name(key: str) -> tuple[str, str]:
@@ -350,9 +360,9 @@ class VolumeBinding:
         d = s.decisions.get(node_name)
         if d is None or (not d.static and not d.provision):
             return SUCCESS
-        patch = getattr(self.handle, "api_patch", None)
+        patch = api_patcher(self.handle)
         if patch is None:
-            return error("VolumeBinding: the scheduler's handle has no api_patch to bind volumes with")
+            return error("VolumeBinding: the scheduler's handle has no API client (api.patch) to bind volumes with")
         try:
             for key, pvc, pv in d.static:
                 meta = pvc.get("metadata") or {}
@@ -410,7 +420,7 @@ class VolumeBinding:
         return (ClusterEvent("PersistentVolumeClaim", "Add"), ClusterEvent("PersistentVolumeClaim", "Update"),
                 ClusterEvent("PersistentVolume", "Add"), ClusterEvent("PersistentVolume", "Update"),
                 ClusterEvent("StorageClass", "Add"), ClusterEvent("StorageClass", "Update"),
-                ClusterEvent("Node", "Add"), ClusterEvent("Node", "Update"))
+                ClusterEvent("Node", "Add"), ClusterEvent("Node", "UpdateNodeLabel"))
 
 
 class VolumeZone:
@@ -456,5 +466,7 @@ class VolumeZone:
         return SUCCESS
 
     def events_to_register(self) -> Iterable[ClusterEvent]:
-        return (ClusterEvent("PersistentVolumeClaim", "Add"), ClusterEvent("PersistentVolume", "Add"),
-                ClusterEvent("Node", "Add"), ClusterEvent("Node", "Update"))
+        return (ClusterEvent("PersistentVolumeClaim", "Add"), ClusterEvent("PersistentVolumeClaim", "Update"),
+                ClusterEvent("PersistentVolume", "Add"), ClusterEvent("PersistentVolume", "Update"),
+                ClusterEvent("StorageClass", "Add"), ClusterEvent("Node", "Add"),
+                ClusterEvent("Node", "UpdateNodeLabel"))

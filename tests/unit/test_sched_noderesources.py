@@ -8,7 +8,7 @@ import pytest
 
 from scheduler.framework import Code
 from scheduler.plugins import REGISTRY
-from scheduler.plugins.noderesources import NodeResourcesBalancedAllocation, NodeResourcesFit
+from scheduler.plugins.noderesources import NodeResourcesBalancedAllocation, NodeResourcesFit, broken_linear
 from scheduler.podutil import (
     QuantityError,
     add_pod,
@@ -191,3 +191,43 @@ def test_registry_names() -> None:
         plugin = cls(FakeHandle(), {})
         assert plugin.name == name
         assert list(plugin.events_to_register())
+
+
+@pytest.mark.parametrize(("points", "cases"), [
+    # upstream TestBrokenLinearFunction
+    ([(10, 1), (90, 9)], [(-10, 1), (0, 1), (9, 1), (10, 1), (15, 1), (19, 1), (20, 2), (89, 8), (90, 9), (99, 9),
+                          (100, 9), (110, 9)]),
+    ([(0, 2), (40, 10), (100, 0)], [(-10, 2), (0, 2), (20, 6), (30, 8), (40, 10), (70, 5), (100, 0), (110, 0)]),
+    ([(0, 2), (40, 2), (100, 2)], [(-10, 2), (0, 2), (20, 2), (40, 2), (70, 2), (110, 2)]),
+])
+def test_broken_linear_function(points: list, cases: list) -> None:
+    f = broken_linear(points)
+    assert [(p, f(p)) for p, _ in cases] == cases
+
+
+def _rtcr(shape: list, resources: list) -> dict:
+    return {"scoringStrategy": {"type": "RequestedToCapacityRatio", "resources": resources,
+                                "requestedToCapacityRatio": {"shape": [{"utilization": u, "score": s}
+                                                                       for u, s in shape]}}}
+
+
+def test_requested_to_capacity_ratio_upstream_cases() -> None:
+    spread_args = _rtcr([(0, 10), (100, 0)], [{"name": "memory", "weight": 1}, {"name": "cpu", "weight": 1}])
+    infos = snapshot([node("node1", cpu="4000m", memory="10000"), node("node2", cpu="4000m", memory="10000")])
+    explicit_zero = pod(containers=[c("a", "0", "0")])
+    assert run_scores(NodeResourcesFit(FakeHandle(infos), spread_args), explicit_zero, infos) == {
+        "node1": 100, "node2": 100}
+    infos = _two_nodes()
+    assert run_scores(NodeResourcesFit(FakeHandle(infos), spread_args), pod(cpu="3000m", memory="5000"), infos) == {
+        "node1": 38, "node2": 50}
+    # TestResourceBinPackingSingleExtended / MultipleExtended
+    single = _rtcr([(0, 0), (100, 1)], [{"name": "intel.com/foo", "weight": 1}])
+    infos = snapshot([node("machine1", **{"intel.com__foo": "8"}), node("machine2", **{"intel.com__foo": "4"})])
+    p = pod(containers=[c("a", **{"intel.com__foo": "2"})])
+    assert run_scores(NodeResourcesFit(FakeHandle(infos), single), p, infos) == {"machine1": 2, "machine2": 5}
+    multi = _rtcr([(0, 0), (100, 1)], [{"name": "intel.com/foo", "weight": 3}, {"name": "intel.com/bar", "weight": 5}])
+    infos = snapshot([node("machine1", **{"intel.com__foo": "8", "intel.com__bar": "4"}),
+                      node("machine2", **{"intel.com__foo": "4", "intel.com__bar": "8"})])
+    p = pod(containers=[c("a", **{"intel.com__foo": "2", "intel.com__bar": "2"})])
+    assert run_scores(NodeResourcesFit(FakeHandle(infos), multi), p, infos) == {"machine1": 4, "machine2": 3}
+    assert run_scores(NodeResourcesFit(FakeHandle(infos), multi), pod(), infos) == {"machine1": 0, "machine2": 0}

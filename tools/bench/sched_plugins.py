@@ -56,7 +56,11 @@ class _Handle:
     def lister(self, resource: str) -> Mapping[str, Obj]:
         return self.listers.get(resource, {})
 
-    def api_patch(self, path: str, body: Obj) -> Obj:
+    @property
+    def api(self) -> _Handle:
+        return self
+
+    def patch(self, path: str, body: Obj) -> Obj:
         return body
 
 
