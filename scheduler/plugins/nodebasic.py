@@ -2,7 +2,7 @@
 ``plugins/nodeunschedulable``, ``plugins/nodeports``).
 
 - NodeName: a pod with ``spec.nodeName`` fits only that node (UnschedulableAndUnresolvable
-  elsewhere); PreFilter narrows the candidates to it.
+  elsewhere).
 - NodeUnschedulable: a cordoned node (``spec.unschedulable``) takes only pods tolerating the
   ``node.kubernetes.io/unschedulable:NoSchedule`` taint (DaemonSet pods do).
 - NodePorts: the pod's host ports (PreFilter collects them once) must be free on the node; a
@@ -41,13 +41,6 @@ class NodeName:
 
     def __init__(self, handle: Handle, args: Mapping[str, Any]) -> None:
         self.handle = handle
-
-    def pre_filter(self, state: CycleState, pod: PodInfo,
-                   nodes: list[NodeInfo]) -> tuple[PreFilterResult | None, Status]:
-        want = (pod.pod.get("spec") or {}).get("nodeName")
-        if not want:
-            return None, SKIP
-        return PreFilterResult(frozenset((want,))), SUCCESS
 
     def filter(self, state: CycleState, pod: PodInfo, node: NodeInfo) -> Status:
         want = (pod.pod.get("spec") or {}).get("nodeName")

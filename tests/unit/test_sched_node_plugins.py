@@ -29,8 +29,6 @@ def test_node_name() -> None:
     assert one(NodeName, pod(nodeName="n2"), node("n1")) == (
         Code.UNSCHEDULABLE_AND_UNRESOLVABLE, ("node(s) didn't match the requested node name",))
     assert one(NodeName, pod(), node("n1")) == OK
-    res, st = NodeName(FakeHandle(), {}).pre_filter(CycleState(), new_pod_info(pod(nodeName="n2")), [])
-    assert st.ok and res is not None and res.node_names == frozenset({"n2"})
 
 
 @pytest.mark.parametrize(("tolerations", "fits"), [
