@@ -205,7 +205,7 @@ class RequiredNodeAffinity:
     """``nodeaffinity.GetRequiredNodeAffinity``: ``spec.nodeSelector`` AND the required
     ``nodeSelectorTerms`` (what PodTopologySpread's nodeAffinityPolicy and NodeAffinity honour)."""
 
-    __slots__ = ("node_selector", "required")
+    __slots__ = ("node_selector", "required", "trivial")
 
     def __init__(self, pod: Obj) -> None:
         spec = pod.get("spec") or {}
@@ -216,6 +216,8 @@ class RequiredNodeAffinity:
         self.required: NodeSelector | None = None
         if req is not None:
             self.required = NodeSelector(req.get("nodeSelectorTerms") or ())
+        #: Matches every node (no nodeSelector, no required affinity): callers may skip match().
+        self.trivial = not self.node_selector and self.required is None
 
     def match(self, node: Obj) -> bool:
         meta = node.get("metadata") or {}
@@ -241,6 +243,11 @@ class NodeCountCache:
     def __init__(self, max_keys: int = 64) -> None:
         self.max_keys = max_keys
         self._counts: dict[str, dict[str, tuple[int, int]]] = {}
+
+    def table(self, key: str) -> Mapping[str, tuple[int, int]]:
+        """node name -> (generation, count) for ``key``, for callers that look up inline in a
+        hot loop (a hit is valid only when the generation equals the node's)."""
+        return self._counts.get(key) or {}
 
     def count(self, ni: Any, key: str | None, pred: Callable[[Obj], bool]) -> int:
         """How many pods of ``ni`` whose ``metadata`` satisfies ``pred``."""

@@ -220,19 +220,30 @@ class InterPodAffinity:
             return all(t.matches_nl(ns, plabels, None) for t in req_aff)
 
         if req_aff or req_anti:
+            cache = self._cache
+            aff_keys = [t.topology_key for t in req_aff]
+            # per anti-affinity term, resolved once: its count key, predicate and cached table
+            anti_plan = [(t.topology_key, "anti" + t.key, _term_pred(t)) for t in req_anti]
+            anti_plan_t = [(tk, key, pred, cache.table(key)) for tk, key, pred in anti_plan]
+            aff_table = cache.table(aff_key) if req_aff else {}
             for ni in nodes:
-                labels = ni.labels
-                aff_pairs = [(t.topology_key, labels[t.topology_key]) for t in req_aff if t.topology_key in labels]
-                anti_terms = [t for t in req_anti if t.topology_key in labels]
-                if aff_pairs:
-                    n = self._cache.count(ni, aff_key, aff_pred)
+                labels = ni.node["metadata"].get("labels") or {}
+                name, gen = ni.name, ni.generation
+                if aff_keys and any(k in labels for k in aff_keys):
+                    hit = aff_table.get(name)
+                    n = hit[1] if hit is not None and hit[0] == gen else cache.count(ni, aff_key, aff_pred)
                     if n:
-                        for key, v in aff_pairs:
-                            _inc(affinity, key, v, n)
-                for t in anti_terms:
-                    n = self._cache.count(ni, "anti" + t.key, _term_pred(t))
+                        for k in aff_keys:
+                            if k in labels:
+                                _inc(affinity, k, labels[k], n)
+                for tk, key, pred, table in anti_plan_t:
+                    v = labels.get(tk)
+                    if v is None:
+                        continue
+                    hit = table.get(name)
+                    n = hit[1] if hit is not None and hit[0] == gen else cache.count(ni, key, pred)
                     if n:
-                        _inc(anti, t.topology_key, labels[t.topology_key], n)
+                        _inc(anti, tk, v, n)
         state.write(_PRE_FILTER, _PreFilterState(terms, existing, affinity, anti))
         return None, SUCCESS
 

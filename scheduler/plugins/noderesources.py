@@ -77,30 +77,48 @@ def _resource_specs(raw: Sequence[Mapping[str, Any]] | None, where: str) -> list
     return out
 
 
+_CPU, _MEM, _EPH, _SCALAR, _UNSCORED = range(5)
+
+
 class _AllocationScorer:
     """``resourceAllocationScorer``: gathers (requested, allocatable) per resource, then applies
-    the strategy function."""
+    the strategy function. Called per node per pod, so each resource's kind is resolved once
+    here rather than by name on every call."""
 
     def __init__(self, resources: list[tuple[str, int]], use_requested: bool,
                  fn: Callable[[list[int], list[int], list[int]], int]) -> None:
         self.resources = resources
         self.use_requested = use_requested
         self.fn = fn
+        kinds = {CPU: _CPU, MEMORY: _MEM, EPHEMERAL_STORAGE: _EPH, "pods": _UNSCORED}
+        #: (kind, name, weight); "pods" is not scored (upstream's switch has no case for it).
+        self.specs = [(kinds.get(name, _SCALAR), name, w) for name, w in resources]
 
     def score(self, pod: PodInfo, node: NodeInfo) -> int:
         requested: list[int] = []
         allocs: list[int] = []
         weights: list[int] = []
-        pod_req = pod.requests if self.use_requested else pod.non_zero_requests
-        node_req = node.requested if self.use_requested else node.non_zero_requested
-        for name, weight in self.resources:
-            preq = _get(pod_req, name) if name in (CPU, MEMORY) else _get(pod.requests, name)
-            if name not in (CPU, MEMORY, EPHEMERAL_STORAGE, "pods") and preq == 0:
-                continue  # an extended resource the pod does not use says nothing about the node
-            alloc = _get(node.allocatable, name)
+        # cpu and memory: the non-zero requests unless useRequested; the rest: actual requests
+        pod_cm = pod.requests if self.use_requested else pod.non_zero_requests
+        node_cm = node.requested if self.use_requested else node.non_zero_requested
+        alloc_r = node.allocatable
+        for kind, name, weight in self.specs:
+            if kind == _CPU:
+                preq, alloc, nreq = pod_cm.milli_cpu, alloc_r.milli_cpu, node_cm.milli_cpu
+            elif kind == _MEM:
+                preq, alloc, nreq = pod_cm.memory, alloc_r.memory, node_cm.memory
+            elif kind == _EPH:
+                preq, alloc, nreq = (pod.requests.ephemeral_storage, alloc_r.ephemeral_storage,
+                                     node.requested.ephemeral_storage)
+            elif kind == _SCALAR:
+                preq = pod.requests.scalar.get(name, 0)
+                if preq == 0:
+                    continue  # an extended resource the pod does not use says nothing about the node
+                alloc, nreq = alloc_r.scalar.get(name, 0), node.requested.scalar.get(name, 0)
+            else:
+                continue
             if alloc == 0:
                 continue
-            nreq = _get(node_req, name) if name in (CPU, MEMORY) else _get(node.requested, name)
             requested.append(nreq + preq)
             allocs.append(alloc)
             weights.append(weight)

@@ -253,15 +253,23 @@ class PodTopologySpread:
         affinity = RequiredNodeAffinity(pod.pod)
         tolerations = pod_tolerations(pod.pod)
         counts: list[dict[str, int]] = [{} for _ in constraints]
+        # The hot loop (every node, every pod with constraints): per constraint, whether the
+        # inclusion policies can exclude anything, and its count table, resolved once.
+        plan = [(i, c.topology_key, c, (c.honor_affinity and not affinity.trivial) or c.honor_taints,
+                 self._counts.table(c.cache_key) if c.cache_key is not None else None)
+                for i, c in enumerate(constraints)]
+        keys = [c.topology_key for c in constraints]
         for ni in nodes:
-            labels = ni.labels
-            if not _has_all_keys(labels, constraints):
+            labels = ni.node["metadata"].get("labels") or {}
+            if not all(k in labels for k in keys):
                 continue
-            for i, c in enumerate(constraints):
-                if not c.includes(ni.node, affinity, tolerations):
+            for i, key, c, check, table in plan:
+                if check and not c.includes(ni.node, affinity, tolerations):
                     continue
-                v = labels[c.topology_key]
-                counts[i][v] = counts[i].get(v, 0) + self._count(ni, c, ns)
+                hit = table.get(ni.name) if table is not None else None
+                n = hit[1] if hit is not None and hit[0] == ni.generation else self._count(ni, c, ns)
+                v = labels[key]
+                counts[i][v] = counts[i].get(v, 0) + n
         minimum = []
         for i, c in enumerate(constraints):
             m = min(counts[i].values()) if counts[i] else 0

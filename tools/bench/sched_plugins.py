@@ -8,8 +8,9 @@ about 6.6 us each for everything), so each plugin's share shows here. In order, 
    tenth of them with required anti-affinity, some taints and a used host port);
 2. run PreFilter for a representative pod exercising the plugin, and report its cost, cold and
    again for the next replica (plugins may cache per-node counts between pods);
-3. run Filter over every node ``--rounds`` times and report ns per call; the same for Score
-   (after PreScore) where the plugin scores.
+3. run Filter over every node ``--rounds`` times and report ns per call of the fastest round
+   (the machine is shared: the minimum is the plugin's cost, the rest is neighbours); the same
+   for Score (after PreScore) where the plugin scores.
 
 Usage: ``python -m tools.bench.sched_plugins [--nodes 500] [--pods-per-node 10] [--rounds 5]``.
 Output: one JSON object per plugin on stdout.
@@ -154,11 +155,17 @@ def bench_plugin(name: str, infos: list[NodeInfo], pod: Obj, rounds: int) -> dic
         plugin.pre_filter(CycleState(), pi, infos)
         out["prefilter_again_us"] = round((time.perf_counter_ns() - t0) / 1000, 1)
     if hasattr(plugin, "filter"):
-        t0 = time.perf_counter_ns()
+        best = None
         feasible = 0
-        for _ in range(rounds):
-            feasible = sum(1 for n in infos if plugin.filter(state, pi, n).code == Code.SUCCESS)
-        out["filter_ns_per_call"] = round((time.perf_counter_ns() - t0) / (rounds * len(infos)))
+        for _ in range(rounds):  # best of rounds: the machine is shared, the minimum is the cost
+            t0 = time.perf_counter_ns()
+            feasible = 0
+            for n in infos:
+                if plugin.filter(state, pi, n).code == Code.SUCCESS:
+                    feasible += 1
+            dt = time.perf_counter_ns() - t0
+            best = dt if best is None else min(best, dt)
+        out["filter_ns_per_call"] = round((best or 0) / len(infos))
         out["feasible"] = feasible
     if hasattr(plugin, "score"):
         state = CycleState() if not hasattr(plugin, "pre_filter") else state
@@ -166,11 +173,14 @@ def bench_plugin(name: str, infos: list[NodeInfo], pod: Obj, rounds: int) -> dic
         st = plugin.pre_score(state, pi, infos) if hasattr(plugin, "pre_score") else None
         out["prescore_us"] = round((time.perf_counter_ns() - t0) / 1000, 1)
         if st is None or st.code != Code.SKIP:
-            t0 = time.perf_counter_ns()
+            best = None
             for _ in range(rounds):
+                t0 = time.perf_counter_ns()
                 for n in infos:
                     plugin.score(state, pi, n)
-            out["score_ns_per_call"] = round((time.perf_counter_ns() - t0) / (rounds * len(infos)))
+                dt = time.perf_counter_ns() - t0
+                best = dt if best is None else min(best, dt)
+            out["score_ns_per_call"] = round((best or 0) / len(infos))
     return out
 
 
