@@ -151,7 +151,7 @@ class PodTopologySpread:
 
     # -- constraints ----------------------------------------------------------------------
     def _parse(self, raw: Iterable[Obj], pod_labels: Mapping[str, str], action: str, namespace: str,
-               selector: Matcher | None = None) -> list[Constraint]:
+               selector: Matcher | None = None, selector_key: str | None = None) -> list[Constraint]:
         out = []
         for c in raw:
             if (c.get("whenUnsatisfiable") or "DoNotSchedule") != action:
@@ -161,9 +161,11 @@ class PodTopologySpread:
             if keys:
                 sel = _and(sel, labels_selector(keys))
             md = c.get("minDomains")
-            cache_key = None
-            if selector is None:  # the pod's own selector: the same for every replica
-                cache_key = json.dumps([namespace, c.get("labelSelector"), keys], sort_keys=True)
+            # what the selector selects, the same for every replica of a workload: the count key
+            if selector is None:
+                cache_key: str | None = json.dumps([namespace, c.get("labelSelector"), keys], sort_keys=True)
+            else:
+                cache_key = None if selector_key is None else json.dumps([selector_key, keys], sort_keys=True)
             out.append(Constraint(int(c.get("maxSkew") or 1), c.get("topologyKey", ""), sel,
                                   int(md) if md is not None else 1,
                                   (c.get("nodeAffinityPolicy") or "Honor") == "Honor",
@@ -190,10 +192,10 @@ class PodTopologySpread:
             return self._parse(spec["topologySpreadConstraints"], labels, action, ns)
         if not any((c.get("whenUnsatisfiable") or "DoNotSchedule") == action for c in self.default_constraints):
             return []
-        selector = self.default_selector(pod)
-        if selector is None:
+        found = self.default_selector(pod)
+        if found is None:
             return []
-        return self._parse(self.default_constraints, labels, action, ns, selector)
+        return self._parse(self.default_constraints, labels, action, ns, found[0], found[1])
 
     def _list(self, resource: str) -> Mapping[str, Obj]:
         try:
@@ -201,9 +203,10 @@ class PodTopologySpread:
         except KeyError:
             return {}
 
-    def default_selector(self, pod: Obj) -> Matcher | None:
+    def default_selector(self, pod: Obj) -> tuple[Matcher, str] | None:
         """``helper.DefaultSelector``: the Services' selectors merged, AND the controller's
-        (ReplicationController/ReplicaSet/StatefulSet) selector; None when nothing selects."""
+        (ReplicationController/ReplicaSet/StatefulSet) selector; None when nothing selects. With
+        it a key naming what it selects (the replicas of a workload share it: count caches)."""
         meta = pod.get("metadata") or {}
         ns = meta.get("namespace", "")
         labels = meta.get("labels") or {}
@@ -216,6 +219,7 @@ class PodTopologySpread:
             if all(labels.get(k) == v for k, v in sel.items()):
                 merged.update(sel)
         matchers: list[Matcher] = []
+        parts: list[Any] = [ns, dict(merged)]
         if merged:
             matchers.append(labels_selector(merged))
         owner = next((o for o in meta.get("ownerReferences") or () if o.get("controller")), None)
@@ -229,17 +233,20 @@ class PodTopologySpread:
                 if sel:
                     merged.update(sel)
                     matchers = [labels_selector(merged)]
+                    parts.append(["rc", sel])
             elif (kind, group) in (("ReplicaSet", "apps"), ("StatefulSet", "apps")):
                 obj = self._list("replicasets" if kind == "ReplicaSet" else "statefulsets").get(key)
                 sel = ((obj or {}).get("spec") or {}).get("selector")
                 if sel and (sel.get("matchLabels") or sel.get("matchExpressions")):
                     matchers.append(label_selector(sel))
+                    parts.append(["set", sel])
         if not matchers:
             return None
+        key = "default" + json.dumps(parts, sort_keys=True)
         if len(matchers) == 1:
-            return matchers[0]
+            return matchers[0], key
         first, second = matchers[0], matchers[1]
-        return _and(first, second)
+        return _and(first, second), key
 
     # -- filter ---------------------------------------------------------------------------
     def pre_filter(self, state: CycleState, pod: PodInfo,

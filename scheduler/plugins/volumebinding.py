@@ -185,6 +185,9 @@ def _topology_ok(terms: list[Obj], labels: Mapping[str, str]) -> bool:
 
 class VolumeBinding:
     name = "VolumeBinding"
+    #: A pod without claims (PreFilter answered Skip) has nothing to bind: the framework may
+    #: skip PreBind too (upstream's PreBindPreFlight).
+    skip_pre_bind_with_pre_filter = True
 
     def __init__(self, handle: Handle, args: Mapping[str, Any]) -> None:
         self.handle = handle
