@@ -238,9 +238,10 @@ class NodeCountCache:
     Why: PodTopologySpread and InterPodAffinity count matching pods over every node for every
     pod; the replicas of one workload carry the same selector, so a burst of them re-counts only
     the nodes that changed since the previous replica. At most ``max_keys`` predicates are kept
-    (the oldest goes first)."""
+    (the oldest goes first): each costs an entry per node, so at 5,000 nodes 16 keys stay in the
+    order of 10 MB."""
 
-    def __init__(self, max_keys: int = 64) -> None:
+    def __init__(self, max_keys: int = 16) -> None:
         self.max_keys = max_keys
         self._counts: dict[str, dict[str, tuple[int, int]]] = {}
 

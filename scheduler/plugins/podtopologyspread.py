@@ -68,7 +68,7 @@ SYSTEM_DEFAULT_CONSTRAINTS: list[Obj] = [
 
 _PRE_FILTER = "PreFilterPodTopologySpread"
 #: How many distinct (namespace, selector) count caches to keep (oldest dropped first).
-_COUNT_CACHE_SELECTORS = 64
+_COUNT_CACHE_SELECTORS = 16
 _PRE_SCORE = "PreScorePodTopologySpread"
 
 
