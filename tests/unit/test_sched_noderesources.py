@@ -231,3 +231,20 @@ def test_requested_to_capacity_ratio_upstream_cases() -> None:
     p = pod(containers=[c("a", **{"intel.com__foo": "2", "intel.com__bar": "2"})])
     assert run_scores(NodeResourcesFit(FakeHandle(infos), multi), p, infos) == {"machine1": 4, "machine2": 3}
     assert run_scores(NodeResourcesFit(FakeHandle(infos), multi), pod(), infos) == {"machine1": 0, "machine2": 0}
+
+
+def test_host_ports_and_claims_of_a_pod() -> None:
+    from scheduler.podutil import host_ports, pvc_names
+    p = pod("web", containers=[{"name": "c", "ports": [{"containerPort": 80, "hostPort": 80},
+                                                       {"containerPort": 81}]}],
+            initContainers=[{"name": "once", "ports": [{"containerPort": 1, "hostPort": 9001}]},
+                            {"name": "side", "restartPolicy": "Always",
+                             "ports": [{"containerPort": 2, "hostPort": 9002, "protocol": "UDP",
+                                        "hostIP": "10.0.0.1"}]}],
+            volumes=[{"name": "a", "persistentVolumeClaim": {"claimName": "data"}},
+                     {"name": "scratch", "ephemeral": {"volumeClaimTemplate": {"spec": {}}}},
+                     {"name": "tmp", "emptyDir": {}}])
+    # upstream GetHostPorts: containers and restartable init containers only
+    assert sorted(host_ports(p)) == [("TCP", "0.0.0.0", 80), ("UDP", "10.0.0.1", 9002)]
+    # generic ephemeral volumes are claims named <pod>-<volume>
+    assert list(pvc_names(p)) == ["default/data", "default/web-scratch"]
