@@ -1,12 +1,33 @@
-"""The scheduler's plugins by name: what a profile (``scheduler.profile``) may enable.
+"""The scheduler's plugins by upstream name: what a profile's plugin list refers to.
 
-Each plugin module exposes one class with a ``name`` class attribute and a constructor
-``(handle: scheduler.framework.Handle, args: Mapping[str, Any])`` (``args`` is the plugin's
-``pluginConfig`` entry from the configuration, ``{}`` when there is none), and is listed here
-under that name. The extension points it serves follow from the protocols of
-``scheduler.framework`` it implements (``filter``, ``score``, ...).
+Every class is built as ``cls(handle, args)`` (``args``: the profile's pluginConfig args for that
+name, upstream defaults for what is absent) and implements the protocols of
+:mod:`scheduler.framework` it needs plus ``events_to_register()``.
 """
 
 from __future__ import annotations
 
+from scheduler.plugins.interpodaffinity import InterPodAffinity
+from scheduler.plugins.nodeaffinity import NodeAffinity
+from scheduler.plugins.nodebasic import NodeName, NodePorts, NodeUnschedulable
+from scheduler.plugins.noderesources import NodeResourcesBalancedAllocation, NodeResourcesFit
+from scheduler.plugins.podtopologyspread import PodTopologySpread
+from scheduler.plugins.tainttoleration import TaintToleration
+from scheduler.plugins.volumebinding import VolumeBinding, VolumeZone
+
 REGISTRY: dict[str, type] = {}
+
+# Upstream's in-tree plugins (pkg/scheduler/framework/plugins/registry.go names).
+REGISTRY.update({
+    NodeName.name: NodeName,
+    NodeUnschedulable.name: NodeUnschedulable,
+    NodePorts.name: NodePorts,
+    NodeResourcesFit.name: NodeResourcesFit,
+    NodeResourcesBalancedAllocation.name: NodeResourcesBalancedAllocation,
+    TaintToleration.name: TaintToleration,
+    NodeAffinity.name: NodeAffinity,
+    InterPodAffinity.name: InterPodAffinity,
+    PodTopologySpread.name: PodTopologySpread,
+    VolumeBinding.name: VolumeBinding,
+    VolumeZone.name: VolumeZone,
+})

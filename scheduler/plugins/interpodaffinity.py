@@ -1,0 +1,352 @@
+"""InterPodAffinity (upstream ``plugins/interpodaffinity``).
+
+Terms are compiled once per pod (:func:`pod_terms`, cached on the PodInfo) into
+:class:`AffinityTerm`: a label selector, the namespaces it applies to (the pod's own when neither
+``namespaces`` nor ``namespaceSelector`` is given; ``namespaceSelector: {}`` means all) and the
+``topologyKey``.
+
+PreFilter counts, per topology pair (key, value):
+
+1. ``existing``: pods already placed whose required anti-affinity terms match the incoming pod,
+   at their node's value of the term's key (only nodes holding such pods are visited);
+2. ``affinity``: existing pods matching *all* of the incoming pod's required affinity terms;
+3. ``anti``: existing pods matching each of the incoming pod's required anti-affinity terms.
+
+Filter then is a few dict lookups per node, in upstream's order and codes:
+
+- affinity: the node must carry every term's key and each pair must count > 0, except the first
+  pod of a group: when nothing in the cluster matches and the pod matches its own terms
+  (UnschedulableAndUnresolvable, ``node(s) didn't match pod affinity rules``);
+- anti-affinity: no pair of the node may count > 0 (``node(s) didn't match pod anti-affinity rules``);
+- existing pods' anti-affinity: no pair of the node's labels may count > 0
+  (``node(s) didn't satisfy existing pods anti-affinity rules``).
+
+Score (PreScore builds topology scores, Score sums them for the node's labels): the incoming
+pod's preferred terms (+weight / -weight for anti) for each existing pod they match; existing pods'
+required affinity terms matching the incoming pod (+``hardPodAffinityWeight``) and their preferred
+terms (+/- weight). NormalizeScore maps min..max to 0..100.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from scheduler.framework import (
+    MAX_NODE_SCORE,
+    SKIP,
+    SUCCESS,
+    ClusterEvent,
+    CycleState,
+    Handle,
+    NodeInfo,
+    Obj,
+    PodInfo,
+    PreFilterResult,
+    Status,
+    unresolvable,
+    unschedulable,
+)
+from scheduler.plugins.helpers import Matcher, NodeCountCache, arg, label_selector
+
+ERR_AFFINITY = "node(s) didn't match pod affinity rules"
+ERR_ANTI_AFFINITY = "node(s) didn't match pod anti-affinity rules"
+ERR_EXISTING_ANTI_AFFINITY = "node(s) didn't satisfy existing pods anti-affinity rules"
+
+_PRE_FILTER = "PreFilterInterPodAffinity"
+_PRE_SCORE = "PreScoreInterPodAffinity"
+_CACHE_ATTR = "_interpodaffinity_terms"
+
+Counts = dict[str, dict[str, int]]  # topologyKey -> value -> count
+
+
+@dataclass
+class AffinityTerm:
+    """``framework.AffinityTerm`` (+ weight for preferred terms)."""
+
+    topology_key: str
+    namespaces: frozenset[str]
+    ns_selector: Matcher | None
+    selector: Matcher
+    weight: int = 0
+    #: What the term selects (namespaces, namespaceSelector, labelSelector), for count caches.
+    key: str = ""
+
+    def matches(self, pod: Obj, ns_labels: Mapping[str, str] | None) -> bool:
+        meta = pod.get("metadata") or {}
+        return self.matches_nl(meta.get("namespace", ""), meta.get("labels") or {}, ns_labels)
+
+    def matches_nl(self, namespace: str, labels: Mapping[str, str], ns_labels: Mapping[str, str] | None) -> bool:
+        """``AffinityTerm.Matches`` on a pod's namespace and labels already taken out."""
+        if namespace in self.namespaces or (
+                self.ns_selector is not None and ns_labels is not None and self.ns_selector(ns_labels)):
+            return self.selector(labels)
+        return False
+
+
+def new_term(pod: Obj, term: Obj, weight: int = 0) -> AffinityTerm:
+    ns_sel = term.get("namespaceSelector")
+    namespaces = term.get("namespaces") or []
+    if not namespaces and ns_sel is None:
+        namespaces = [(pod.get("metadata") or {}).get("namespace", "")]
+    key = json.dumps([sorted(namespaces), ns_sel, term.get("labelSelector")], sort_keys=True)
+    return AffinityTerm(term.get("topologyKey", ""), frozenset(namespaces),
+                        label_selector(ns_sel) if ns_sel is not None else None,
+                        label_selector(term.get("labelSelector")), weight, key)
+
+
+@dataclass
+class PodTerms:
+    required_affinity: list[AffinityTerm]
+    required_anti: list[AffinityTerm]
+    preferred_affinity: list[AffinityTerm]
+    preferred_anti: list[AffinityTerm]
+
+
+def pod_terms(pi: PodInfo) -> PodTerms:
+    """The pod's compiled terms, cached on the PodInfo (existing pods are matched again and again)."""
+    cached = pi.__dict__.get(_CACHE_ATTR)
+    if cached is not None:
+        return cached  # type: ignore[no-any-return]
+    p = pi.pod
+    pt = PodTerms([new_term(p, t) for t in pi.required_affinity],
+                  [new_term(p, t) for t in pi.required_anti_affinity],
+                  [new_term(p, t.get("podAffinityTerm") or {}, int(t.get("weight") or 0))
+                   for t in pi.preferred_affinity],
+                  [new_term(p, t.get("podAffinityTerm") or {}, int(t.get("weight") or 0))
+                   for t in pi.preferred_anti_affinity])
+    pi.__dict__[_CACHE_ATTR] = pt
+    return pt
+
+
+def _term_pred(t: AffinityTerm) -> Callable[[Obj], bool]:
+    return lambda meta: t.matches_nl(meta.get("namespace", ""), meta.get("labels") or {}, None)
+
+
+def _inc(counts: Counts, key: str, value: str, n: int) -> None:
+    per = counts.setdefault(key, {})
+    per[value] = per.get(value, 0) + n
+
+
+def _matches_all(terms: list[AffinityTerm], pod: Obj) -> bool:
+    """``podMatchesAllAffinityTerms`` (the incoming pod's namespaceSelectors are already merged
+    into ``namespaces``, so no namespace labels are needed)."""
+    if not terms:
+        return False
+    return all(t.matches(pod, None) for t in terms)
+
+
+@dataclass
+class _PreFilterState:
+    terms: PodTerms
+    existing: Counts
+    affinity: Counts
+    anti: Counts
+
+
+class InterPodAffinity:
+    name = "InterPodAffinity"
+
+    def __init__(self, handle: Handle, args: Mapping[str, Any]) -> None:
+        self.handle = handle
+        self.hard_weight = int(arg(args, "hardPodAffinityWeight", 1))
+        if not 0 <= self.hard_weight <= 100:
+            raise ValueError(f"InterPodAffinityArgs.hardPodAffinityWeight {self.hard_weight} is not in 0..100")
+        self.ignore_existing_preferred = bool(arg(args, "ignorePreferredTermsOfExistingPods", False))
+        #: Per-node counts of pods matching the incoming pods' terms (replicas share terms).
+        self._cache = NodeCountCache()
+
+    # -- namespaces -----------------------------------------------------------------------
+    def _namespaces(self) -> Mapping[str, Obj]:
+        try:
+            return self.handle.lister("namespaces")
+        except KeyError:
+            return {}
+
+    def _ns_labels(self, ns: str) -> Mapping[str, str]:
+        lister = self._namespaces()
+        obj = lister.get(ns)
+        return ((obj or {}).get("metadata") or {}).get("labels") or {}
+
+    def _merge_namespaces(self, terms: list[AffinityTerm]) -> list[AffinityTerm]:
+        """``mergeAffinityTermNamespacesIfNotEmpty``: resolve the incoming pod's namespaceSelector
+        to names now, so matching existing pods needs no namespace labels."""
+        if not any(t.ns_selector is not None for t in terms):
+            return terms
+        all_ns = [((o.get("metadata") or {}).get("name", ""), ((o.get("metadata") or {}).get("labels") or {}))
+                  for o in self._namespaces().values()]
+        out = []
+        for t in terms:
+            if t.ns_selector is None:
+                out.append(t)
+                continue
+            sel = t.ns_selector
+            names = set(t.namespaces) | {n for n, lb in all_ns if sel(lb)}
+            key = json.dumps([sorted(names), None, json.loads(t.key)[2]], sort_keys=True)
+            out.append(AffinityTerm(t.topology_key, frozenset(names), None, t.selector, t.weight, key))
+        return out
+
+    def _incoming_terms(self, pod: PodInfo) -> PodTerms:
+        pt = pod_terms(pod)
+        return PodTerms(self._merge_namespaces(pt.required_affinity), self._merge_namespaces(pt.required_anti),
+                        self._merge_namespaces(pt.preferred_affinity), self._merge_namespaces(pt.preferred_anti))
+
+    # -- filter ---------------------------------------------------------------------------
+    def pre_filter(self, state: CycleState, pod: PodInfo,
+                   nodes: list[NodeInfo]) -> tuple[PreFilterResult | None, Status]:
+        snap = self.handle.snapshot()
+        with_anti = snap.have_pods_with_required_anti_affinity()
+        if not pod.required_affinity and not pod.required_anti_affinity and not with_anti:
+            return None, SKIP
+        terms = self._incoming_terms(pod)
+        incoming = pod.pod
+        ns_labels = self._ns_labels((incoming.get("metadata") or {}).get("namespace", ""))
+        existing: Counts = {}
+        for ni in with_anti:
+            labels = ni.labels
+            for ep in ni.pods_with_required_anti_affinity:
+                for t in pod_terms(ep).required_anti:
+                    if t.topology_key in labels and t.matches(incoming, ns_labels):
+                        _inc(existing, t.topology_key, labels[t.topology_key], 1)
+        affinity: Counts = {}
+        anti: Counts = {}
+        req_aff, req_anti = terms.required_affinity, terms.required_anti
+        aff_key = "all" + json.dumps([t.key for t in req_aff])
+
+        def aff_pred(meta: Obj) -> bool:
+            ns, plabels = meta.get("namespace", ""), meta.get("labels") or {}
+            return all(t.matches_nl(ns, plabels, None) for t in req_aff)
+
+        if req_aff or req_anti:
+            cache = self._cache
+            aff_keys = [t.topology_key for t in req_aff]
+            # per anti-affinity term, resolved once: its count key, predicate and cached table
+            anti_plan = [(t.topology_key, "anti" + t.key, _term_pred(t)) for t in req_anti]
+            anti_plan_t = [(tk, key, pred, cache.table(key)) for tk, key, pred in anti_plan]
+            aff_table = cache.table(aff_key) if req_aff else {}
+            for ni in nodes:
+                labels = ni.node["metadata"].get("labels") or {}
+                name, gen = ni.name, ni.generation
+                if aff_keys and any(k in labels for k in aff_keys):
+                    hit = aff_table.get(name)
+                    n = hit[1] if hit is not None and hit[0] == gen else cache.count(ni, aff_key, aff_pred)
+                    if n:
+                        for k in aff_keys:
+                            if k in labels:
+                                _inc(affinity, k, labels[k], n)
+                for tk, key, pred, table in anti_plan_t:
+                    v = labels.get(tk)
+                    if v is None:
+                        continue
+                    hit = table.get(name)
+                    n = hit[1] if hit is not None and hit[0] == gen else cache.count(ni, key, pred)
+                    if n:
+                        _inc(anti, tk, v, n)
+        state.write(_PRE_FILTER, _PreFilterState(terms, existing, affinity, anti))
+        return None, SUCCESS
+
+    def filter(self, state: CycleState, pod: PodInfo, node: NodeInfo) -> Status:
+        s: _PreFilterState | None = state.get(_PRE_FILTER)
+        if s is None:
+            return SUCCESS  # PreFilter skipped: nothing constrains this pod
+        labels = node.labels
+        if s.terms.required_affinity and not self._satisfy_affinity(s, pod, labels):
+            return unresolvable(ERR_AFFINITY).with_plugin(self.name)
+        for t in s.terms.required_anti:
+            v = labels.get(t.topology_key)
+            if v is not None and s.anti.get(t.topology_key, {}).get(v, 0) > 0:
+                return unschedulable(ERR_ANTI_AFFINITY).with_plugin(self.name)
+        for key, per in s.existing.items():
+            v = labels.get(key)
+            if v is not None and per.get(v, 0) > 0:
+                return unschedulable(ERR_EXISTING_ANTI_AFFINITY).with_plugin(self.name)
+        return SUCCESS
+
+    @staticmethod
+    def _satisfy_affinity(s: _PreFilterState, pod: PodInfo, labels: Mapping[str, str]) -> bool:
+        pods_exist = True
+        for t in s.terms.required_affinity:
+            v = labels.get(t.topology_key)
+            if v is None:
+                return False  # every topology key must be on the node
+            if s.affinity.get(t.topology_key, {}).get(v, 0) <= 0:
+                pods_exist = False
+        if pods_exist:
+            return True
+        # The first pod of a group with affinity to itself: nothing matches anywhere yet.
+        return not s.affinity and _matches_all(s.terms.required_affinity, pod.pod)
+
+    # -- score ----------------------------------------------------------------------------
+    def pre_score(self, state: CycleState, pod: PodInfo, nodes: list[NodeInfo]) -> Status:
+        if not nodes:
+            return SKIP
+        has_constraints = bool(pod.preferred_affinity or pod.preferred_anti_affinity)
+        if self.ignore_existing_preferred and not has_constraints:
+            return SKIP
+        snap = self.handle.snapshot()
+        all_nodes = snap.node_infos() if has_constraints else snap.have_pods_with_affinity()
+        terms = self._incoming_terms(pod)
+        incoming = pod.pod
+        ns_labels = self._ns_labels((incoming.get("metadata") or {}).get("namespace", ""))
+        scores: Counts = {}
+
+        def process(ts: list[AffinityTerm], target: Obj, nsl: Mapping[str, str] | None,
+                    labels: Mapping[str, str], sign: int, weight: int | None = None) -> None:
+            for t in ts:
+                if t.topology_key in labels and t.matches(target, nsl):
+                    w = t.weight if weight is None else weight
+                    _inc(scores, t.topology_key, labels[t.topology_key], sign * w)
+
+        # The incoming pod's preferred terms, over every node: counted per node (cached across
+        # replicas), weighed once per node.
+        preferred = [(t, 1, _term_pred(t)) for t in terms.preferred_affinity] + \
+                    [(t, -1, _term_pred(t)) for t in terms.preferred_anti]
+        for ni in all_nodes:
+            labels = ni.labels
+            if not labels:
+                continue
+            if has_constraints:
+                for t, sign, pred in preferred:
+                    if t.topology_key in labels:
+                        n = self._cache.count(ni, "pref" + t.key, pred)
+                        if n:
+                            _inc(scores, t.topology_key, labels[t.topology_key], sign * t.weight * n)
+            # Existing pods' terms about the incoming pod: only pods with affinity have any.
+            for ep in ni.pods_with_affinity:
+                et = pod_terms(ep)
+                if self.hard_weight > 0:
+                    process(et.required_affinity, incoming, ns_labels, labels, 1, self.hard_weight)
+                process(et.preferred_affinity, incoming, ns_labels, labels, 1)
+                process(et.preferred_anti, incoming, ns_labels, labels, -1)
+        scores = {k: {v: n for v, n in per.items()} for k, per in scores.items() if per}
+        if not scores:
+            return SKIP
+        state.write(_PRE_SCORE, scores)
+        return SUCCESS
+
+    def score(self, state: CycleState, pod: PodInfo, node: NodeInfo) -> tuple[int, Status]:
+        scores: Counts | None = state.get(_PRE_SCORE)
+        if not scores:
+            return 0, SUCCESS
+        labels = node.labels
+        total = 0
+        for key, per in scores.items():
+            v = labels.get(key)
+            if v is not None:
+                total += per.get(v, 0)
+        return total, SUCCESS
+
+    def normalize_score(self, state: CycleState, pod: PodInfo, scores: dict[str, int]) -> Status:
+        if not state.get(_PRE_SCORE) or not scores:
+            return SUCCESS
+        lo = min(scores.values())
+        hi = max(scores.values())
+        diff = hi - lo
+        for k, v in scores.items():
+            scores[k] = int(MAX_NODE_SCORE * ((v - lo) / diff)) if diff > 0 else 0
+        return SUCCESS
+
+    def events_to_register(self) -> Iterable[ClusterEvent]:
+        return (ClusterEvent("Pod", "All"), ClusterEvent("Node", "Add"), ClusterEvent("Node", "UpdateNodeLabel"))

@@ -1,0 +1,71 @@
+"""TaintToleration (upstream ``plugins/tainttoleration``).
+
+Filter: the first NoSchedule/NoExecute taint of the node that the pod does not tolerate rejects
+the node for good (UnschedulableAndUnresolvable), with the reason
+``node(s) had untolerated taint {key: value}``.
+
+Score: the number of PreferNoSchedule taints the pod does not tolerate (only tolerations with
+effect PreferNoSchedule or empty count), normalized reversed: the node with the most intolerable
+soft taints scores 0, nodes with none score 100.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from scheduler.framework import (
+    SUCCESS,
+    ClusterEvent,
+    CycleState,
+    Handle,
+    NodeInfo,
+    PodInfo,
+    Status,
+    default_normalize,
+    unresolvable,
+)
+from scheduler.plugins.helpers import find_untolerated, node_taints, pod_tolerations, tolerated
+
+_STATE = "PreScoreTaintToleration"
+
+
+def untolerated_reason(taint: Mapping[str, Any]) -> str:
+    return f"node(s) had untolerated taint {{{taint.get('key', '')}: {taint.get('value', '')}}}"
+
+
+class TaintToleration:
+    name = "TaintToleration"
+
+    def __init__(self, handle: Handle, args: Mapping[str, Any]) -> None:
+        self.handle = handle
+
+    def filter(self, state: CycleState, pod: PodInfo, node: NodeInfo) -> Status:
+        taints = (node.node.get("spec") or {}).get("taints")
+        if not taints:
+            return SUCCESS
+        taint = find_untolerated(taints, pod_tolerations(pod.pod))
+        if taint is None:
+            return SUCCESS
+        return unresolvable(untolerated_reason(taint)).with_plugin(self.name)
+
+    def pre_score(self, state: CycleState, pod: PodInfo, nodes: list[NodeInfo]) -> Status:
+        tols = [t for t in pod_tolerations(pod.pod) if (t.get("effect") or "PreferNoSchedule") == "PreferNoSchedule"]
+        state.write(_STATE, tols)
+        return SUCCESS
+
+    def score(self, state: CycleState, pod: PodInfo, node: NodeInfo) -> tuple[int, Status]:
+        tols = state.get(_STATE)
+        if tols is None:
+            tols = [t for t in pod_tolerations(pod.pod)
+                    if (t.get("effect") or "PreferNoSchedule") == "PreferNoSchedule"]
+        n = sum(1 for taint in node_taints(node.node)
+                if taint.get("effect") == "PreferNoSchedule" and not tolerated(tols, taint))
+        return n, SUCCESS
+
+    def normalize_score(self, state: CycleState, pod: PodInfo, scores: dict[str, int]) -> Status:
+        default_normalize(scores, reverse=True)
+        return SUCCESS
+
+    def events_to_register(self) -> Iterable[ClusterEvent]:
+        return (ClusterEvent("Node", "Add"), ClusterEvent("Node", "UpdateNodeTaint"))
