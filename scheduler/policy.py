@@ -232,8 +232,6 @@ class DistributionMatch:
     def node_type(self) -> str:
         return str(self.term.get("nodeType") or MIX)
 
-    def describe(self) -> str:
-        return f"{self.policy} (term {self.policy_name!r})"
 
 
 def selector_rank(sel: Mapping[str, Any], pod_name: str, pod_labels: Mapping[str, str],
