@@ -233,7 +233,6 @@ class DistributionMatch:
         return str(self.term.get("nodeType") or MIX)
 
 
-
 def selector_rank(sel: Mapping[str, Any], pod_name: str, pod_labels: Mapping[str, str],
                   where: str) -> tuple[int, int] | None:
     """(rank, prefix length) if the ResourceSelector matches the pod, else None (see header)."""
