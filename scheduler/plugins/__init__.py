@@ -1,4 +1,5 @@
-"""The scheduler's plugins by upstream name: what a profile's plugin list refers to.
+"""The scheduler's plugins by name: what a profile's plugin list refers to (upstream's in-tree
+plugins and Kosmos' ``LeafNode*``).
 
 Every class is built as ``cls(handle, args)`` (``args``: the profile's pluginConfig args for that
 name, upstream defaults for what is absent) and implements the protocols of
@@ -8,6 +9,10 @@ name, upstream defaults for what is absent) and implements the protocols of
 from __future__ import annotations
 
 from scheduler.plugins.interpodaffinity import InterPodAffinity
+from scheduler.plugins.kosmos_distribution import LeafNodeDistribution
+from scheduler.plugins.kosmos_tainttoleration import LeafNodeTaintToleration
+from scheduler.plugins.kosmos_volumebinding import LeafNodeVolumeBinding
+from scheduler.plugins.kosmos_workloadpolicy import LeafNodeWorkloadPolicy
 from scheduler.plugins.nodeaffinity import NodeAffinity
 from scheduler.plugins.nodebasic import NodeName, NodePorts, NodeUnschedulable
 from scheduler.plugins.noderesources import NodeResourcesBalancedAllocation, NodeResourcesFit
@@ -30,4 +35,12 @@ REGISTRY.update({
     PodTopologySpread.name: PodTopologySpread,
     VolumeBinding.name: VolumeBinding,
     VolumeZone.name: VolumeZone,
+})
+
+# Kosmos' plugins (scheduler/plugins/kosmos_*.py).
+REGISTRY.update({
+    LeafNodeTaintToleration.name: LeafNodeTaintToleration,
+    LeafNodeDistribution.name: LeafNodeDistribution,
+    LeafNodeVolumeBinding.name: LeafNodeVolumeBinding,
+    LeafNodeWorkloadPolicy.name: LeafNodeWorkloadPolicy,
 })

@@ -1,0 +1,396 @@
+"""Kosmos' scheduling policies as pure functions: which policy term a pod falls under, and the
+Kubernetes matching rules the Kosmos plugins build on (label selectors, node selectors,
+taints and tolerations). No I/O, no framework state: the plugins in
+``scheduler/plugins/kosmos_*.py`` feed it the objects from their listers.
+
+In the order a pod meets them:
+
+1. :func:`match_distribution` picks the ResourceSelector that governs a pod among the
+   DistributionPolicies of its namespace and the ClusterDistributionPolicies. The rule (Kosmos'
+   proposal ``docs/proposals/distributionpolicy``, made deterministic; Kosmos itself lets the
+   *last* policy in the list win and reads ``matchLabels`` as "any one label equal"):
+
+   a. A namespaced DistributionPolicy (only those in the pod's namespace) beats every
+      ClusterDistributionPolicy, whatever either selector's kind.
+   b. Within one scope (across all its policies and all their selectors) the most precise
+      selector wins: ``name`` > ``namePrefix`` > ``labelSelector`` > a selector with none of the
+      three (the CRD: "Default is empty, which means selecting all resources").
+   c. Between ``namePrefix`` matches the longest prefix wins.
+   d. Remaining ties: the policy whose name sorts first (byte order), then the lower selector
+      index within that policy. Never the order the lister returned them in.
+
+   What one selector matches: if ``name`` is set, exactly the pod named so (``namePrefix`` and
+   ``labelSelector`` are then ignored, as the CRD's field doc says); else if ``namePrefix`` is
+   set, pods whose name starts with it *and*, when a ``labelSelector`` is also given, whose
+   labels match it; else the ``labelSelector`` with upstream's LabelSelector semantics (every
+   ``matchLabels`` pair AND every ``matchExpressions`` requirement; ``{}`` matches every pod, as
+   ``metav1.LabelSelectorAsSelector`` does); else (nothing set) every pod. A pod is matched by
+   ``metadata.name`` (for a pod of a Deployment that is the generated ``web-7d9c-xk2p`` name,
+   hence ``namePrefix``).
+
+2. The matched selector's ``policyName`` names a ``policyTerm`` of the same policy (the first
+   term with that name). :func:`term_admits` decides a node for the term's ``nodeType``:
+   ``host`` -> nodes without the label ``kosmos.io/node=true``; ``leaf`` -> only nodes with it
+   (virtual nodes standing for leaf clusters); ``mix`` (also the default when ``nodeType`` is
+   empty, as the CRD's default, and when no selector matches) -> any node; ``adv`` -> the
+   ``advancedTerm``, every part that is given must hold: ``nodeName`` equals the node's name,
+   every ``nodeSelector`` pair equals a node label (pod ``spec.nodeSelector`` semantics), and
+   every NoSchedule/NoExecute taint of the node is tolerated by ``tolerations`` (the leaf taint
+   ``kosmos.io/node=true:NoSchedule`` excepted: this scheduler tolerates it everywhere). An
+   ``adv`` term with no part given admits every node. A ``policyName`` naming no term is an
+   error the pod cannot get past until the policy changes (:class:`PolicyError`).
+
+Helpers for the other plugins: :func:`tolerates` / :func:`find_untolerated_taint`
+(``v1helper.FindMatchingUntoleratedTaint``), :func:`label_selector_matches`,
+:func:`node_selector_matches` (``nodeaffinity.NodeSelector``: terms ORed, requirements ANDed).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+_log = logging.getLogger(__name__)
+
+Obj = dict[str, Any]
+
+#: The label marking a virtual node (a leaf cluster or one of its nodes), and the taint Kosmos'
+#: ClusterTree puts on it so stock schedulers keep away (pkg/utils/constants.go).
+LEAF_NODE_LABEL = "kosmos.io/node"
+LEAF_NODE_VALUE = "true"
+LEAF_TAINT = {"key": "kosmos.io/node", "value": "true", "effect": "NoSchedule"}
+
+HOST, LEAF, MIX, ADV = "host", "leaf", "mix", "adv"
+NODE_TYPES = (HOST, LEAF, MIX, ADV)
+
+# Precision of a matched selector, higher wins (rule 1b).
+RANK_ALL, RANK_LABELS, RANK_PREFIX, RANK_NAME = 0, 1, 2, 3
+RANK_NAMES = {RANK_ALL: "empty selector", RANK_LABELS: "labelSelector", RANK_PREFIX: "namePrefix",
+              RANK_NAME: "name"}
+
+
+class PolicyError(ValueError):
+    """A policy that cannot be applied as written (bad selector operator, a policyName naming no
+    term); the message names the policy and the field."""
+
+
+class MissingTermError(PolicyError):
+    """A selector's ``policyName`` names no ``policyTerm`` of its policy."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Label selectors, node selectors
+# ---------------------------------------------------------------------------------------------
+
+
+def _requirement_matches(req: Mapping[str, Any], labels: Mapping[str, str], where: str) -> bool:
+    key = req.get("key", "")
+    op = req.get("operator", "")
+    values = list(req.get("values") or [])
+    if op in ("In", "NotIn") and not values:
+        raise PolicyError(f"{where}: operator {op!r} of key {key!r} needs values")
+    if op in ("Exists", "DoesNotExist") and values:
+        raise PolicyError(f"{where}: operator {op!r} of key {key!r} takes no values (got {values})")
+    if op == "In":
+        return key in labels and labels[key] in values
+    if op == "NotIn":
+        return key not in labels or labels[key] not in values
+    if op == "Exists":
+        return key in labels
+    if op == "DoesNotExist":
+        return key not in labels
+    raise PolicyError(f"{where}: unsupported operator {op!r} (In, NotIn, Exists, DoesNotExist)")
+
+
+def label_selector_matches(selector: Mapping[str, Any] | None, labels: Mapping[str, str],
+                           where: str = "labelSelector") -> bool:
+    """metav1.LabelSelector: every matchLabels pair and every matchExpressions requirement must
+    hold. ``None`` matches nothing, ``{}`` everything (``LabelSelectorAsSelector``). A malformed
+    requirement raises :class:`PolicyError` naming ``where``."""
+    if selector is None:
+        return False
+    for k, v in (selector.get("matchLabels") or {}).items():
+        if labels.get(k) != v:
+            return False
+    for i, req in enumerate(selector.get("matchExpressions") or []):
+        if not _requirement_matches(req, labels, f"{where}.matchExpressions[{i}]"):
+            return False
+    return True
+
+
+def _node_requirement_matches(req: Mapping[str, Any], labels: Mapping[str, str], where: str) -> bool:
+    op = req.get("operator", "")
+    if op not in ("Gt", "Lt"):
+        return _requirement_matches(req, labels, where)
+    key = req.get("key", "")
+    values = list(req.get("values") or [])
+    if len(values) != 1:
+        raise PolicyError(f"{where}: operator {op} of key {key!r} needs exactly one value")
+    if key not in labels:
+        return False
+    try:
+        have, want = int(labels[key]), int(values[0])
+    except ValueError:
+        return False  # upstream: a non-integer label or value never matches
+    return have > want if op == "Gt" else have < want
+
+
+def node_selector_matches(selector: Mapping[str, Any] | None, node: Mapping[str, Any],
+                          where: str = "nodeSelector") -> bool:
+    """v1.NodeSelector (PV nodeAffinity.required, pod requiredDuringScheduling): any term
+    matches; within a term every matchExpressions (node labels) and matchFields
+    (``metadata.name``) requirement holds; a term with neither matches nothing."""
+    if selector is None:
+        return True
+    meta = node.get("metadata") or {}
+    labels: Mapping[str, str] = meta.get("labels") or {}
+    fields = {"metadata.name": str(meta.get("name", ""))}
+    for t, term in enumerate(selector.get("nodeSelectorTerms") or []):
+        exprs = term.get("matchExpressions") or []
+        flds = term.get("matchFields") or []
+        if not exprs and not flds:
+            continue
+        if all(_node_requirement_matches(r, labels, f"{where}.nodeSelectorTerms[{t}].matchExpressions[{i}]")
+               for i, r in enumerate(exprs)) and \
+           all(_requirement_matches(r, fields, f"{where}.nodeSelectorTerms[{t}].matchFields[{i}]")
+               for i, r in enumerate(flds)):
+            return True
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Taints and tolerations
+# ---------------------------------------------------------------------------------------------
+
+
+def tolerates(toleration: Mapping[str, Any], taint: Mapping[str, Any]) -> bool:
+    """v1.Toleration.ToleratesTaint: an empty effect or key is a wildcard; ``Exists`` matches
+    any value, ``Equal`` (or empty) the same value; any other operator matches nothing."""
+    effect = toleration.get("effect") or ""
+    if effect and effect != taint.get("effect"):
+        return False
+    key = toleration.get("key") or ""
+    if key and key != taint.get("key"):
+        return False
+    op = toleration.get("operator") or "Equal"
+    if op == "Exists":
+        return True
+    if op == "Equal":
+        return (toleration.get("value") or "") == (taint.get("value") or "")
+    return False
+
+
+def is_leaf_taint(taint: Mapping[str, Any]) -> bool:
+    return all((taint.get(k) or "") == v for k, v in LEAF_TAINT.items())
+
+
+def find_untolerated_taint(taints: Iterable[Mapping[str, Any]], tolerations: Sequence[Mapping[str, Any]],
+                           include: Callable[[Mapping[str, Any]], bool]) -> Mapping[str, Any] | None:
+    """The first taint that ``include`` selects and no toleration tolerates
+    (``v1helper.FindMatchingUntoleratedTaint``), or None."""
+    for taint in taints:
+        if include(taint) and not any(tolerates(t, taint) for t in tolerations):
+            return taint
+    return None
+
+
+def node_taints(node: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    return list((node.get("spec") or {}).get("taints") or [])
+
+
+def is_leaf_node(node: Mapping[str, Any]) -> bool:
+    labels = (node.get("metadata") or {}).get("labels") or {}
+    return labels.get(LEAF_NODE_LABEL) == LEAF_NODE_VALUE
+
+
+def is_daemonset_pod(pod: Mapping[str, Any]) -> bool:
+    """Owned by a DaemonSet: the DaemonSet controller places it, policies do not apply."""
+    return any(ref.get("kind") == "DaemonSet" for ref in (pod.get("metadata") or {}).get("ownerReferences") or [])
+
+
+# ---------------------------------------------------------------------------------------------
+# Distribution policies
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DistributionMatch:
+    """The selector that governs a pod and the term it names. ``policy`` is ``ns/name`` for a
+    DistributionPolicy, ``name`` for a ClusterDistributionPolicy; ``term`` is the policyTerm dict
+    (``nodeType`` defaulted to mix)."""
+
+    kind: str  # "DistributionPolicy" | "ClusterDistributionPolicy"
+    policy: str
+    selector_index: int
+    rank: int
+    policy_name: str  # the selector's policyName
+    term: Obj = field(default_factory=dict)
+
+    @property
+    def node_type(self) -> str:
+        return str(self.term.get("nodeType") or MIX)
+
+
+def selector_rank(sel: Mapping[str, Any], pod_name: str, pod_labels: Mapping[str, str],
+                  where: str) -> tuple[int, int] | None:
+    """(rank, prefix length) if the ResourceSelector matches the pod, else None (see header)."""
+    name = sel.get("name") or ""
+    prefix = sel.get("namePrefix") or ""
+    labels = sel.get("labelSelector")
+    if name:
+        return (RANK_NAME, 0) if pod_name == name else None
+    if prefix:
+        if not pod_name.startswith(prefix):
+            return None
+        if labels is not None and not label_selector_matches(labels, pod_labels, f"{where}.labelSelector"):
+            return None
+        return (RANK_PREFIX, len(prefix))
+    if labels is not None:
+        return (RANK_LABELS, 0) if label_selector_matches(labels, pod_labels, f"{where}.labelSelector") else None
+    return (RANK_ALL, 0)
+
+
+def _best_in_scope(policies: Iterable[Mapping[str, Any]], kind: str, namespaced: bool,
+                   pod_name: str, pod_labels: Mapping[str, str]) -> DistributionMatch | None:
+    best: tuple[tuple[int, int, str, int], Mapping[str, Any], int, str] | None = None
+    for pol in policies:
+        meta = pol.get("metadata") or {}
+        pname = str(meta.get("name", ""))
+        ident = f"{meta.get('namespace', '')}/{pname}" if namespaced else pname
+        for i, sel in enumerate(((pol.get("spec") or {}).get("resourceSelectors")) or []):
+            where = f"{kind} {ident}: spec.resourceSelectors[{i}]"
+            hit = selector_rank(sel, pod_name, pod_labels, where)
+            if hit is None:
+                continue
+            # Sort key: higher rank, longer prefix, then policy name, then index (ascending).
+            key = (-hit[0], -hit[1], pname, i)
+            if best is None or key < best[0]:
+                best = (key, pol, i, ident)
+    if best is None:
+        return None
+    key, pol, i, ident = best
+    sel = pol["spec"]["resourceSelectors"][i]
+    policy_name = str(sel.get("policyName") or "")
+    for term in (pol.get("spec") or {}).get("policyTerms") or []:
+        if term.get("name") == policy_name:
+            break
+    else:
+        raise MissingTermError(f"{kind} {ident}: spec.resourceSelectors[{i}].policyName {policy_name!r} names no "
+                          f"policyTerm (terms: {[t.get('name') for t in pol['spec'].get('policyTerms') or []]})")
+    return DistributionMatch(kind, ident, i, -key[0], policy_name, dict(term))
+
+
+def match_distribution(pod: Mapping[str, Any], policies: Iterable[Mapping[str, Any]],
+                       cluster_policies: Iterable[Mapping[str, Any]]) -> DistributionMatch | None:
+    """The governing selector for ``pod`` (rules 1a-1d of the header), None when nothing
+    matches (the pod is then ``mix``). ``policies`` may hold DistributionPolicies of any
+    namespace: only the pod's own count. Raises :class:`PolicyError` for a policy that cannot be
+    applied (a malformed selector met on the way, a policyName naming no term)."""
+    meta = pod.get("metadata") or {}
+    ns = meta.get("namespace", "")
+    name = str(meta.get("name", ""))
+    labels: Mapping[str, str] = meta.get("labels") or {}
+    own = [p for p in policies if (p.get("metadata") or {}).get("namespace", "") == ns]
+    return (_best_in_scope(own, "DistributionPolicy", True, name, labels)
+            or _best_in_scope(cluster_policies, "ClusterDistributionPolicy", False, name, labels))
+
+
+def adv_term_admits(term: Mapping[str, Any], node: Mapping[str, Any]) -> bool:
+    """``advancedTerm``: every given part holds (see header)."""
+    adv = term.get("advancedTerm") or {}
+    meta = node.get("metadata") or {}
+    if adv.get("nodeName") and adv["nodeName"] != meta.get("name"):
+        return False
+    labels = meta.get("labels") or {}
+    if any(labels.get(k) != v for k, v in (adv.get("nodeSelector") or {}).items()):
+        return False
+    tolerations = [t for t in adv.get("tolerations") or [] if t]
+    if tolerations:
+        hard = find_untolerated_taint(
+            node_taints(node), tolerations,
+            lambda t: t.get("effect") in ("NoSchedule", "NoExecute") and not is_leaf_taint(t))
+        if hard is not None:
+            return False
+    return True
+
+
+def term_admits(term: Mapping[str, Any], node: Mapping[str, Any]) -> bool:
+    """Whether a node may take a pod governed by ``term`` (its ``nodeType``, default mix)."""
+    node_type = term.get("nodeType") or MIX
+    if node_type == MIX:
+        return True
+    if node_type == HOST:
+        return not is_leaf_node(node)
+    if node_type == LEAF:
+        return is_leaf_node(node)
+    if node_type == ADV:
+        return adv_term_admits(term, node)
+    raise PolicyError(f"policyTerm {term.get('name')!r}: nodeType {node_type!r} is none of {', '.join(NODE_TYPES)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Workload policies (release-k8s1.21 WorkloadPolicy)
+# ---------------------------------------------------------------------------------------------
+
+#: The pod label naming its WorkloadPolicy (in the pod's namespace).
+WORKLOAD_POLICY_LABEL = "workload-policy/kosmos.io"
+REQUIRED, PREFERRED = "Required", "Preferred"
+FILL, BALANCE = "Fill", "Balance"
+
+
+@dataclass(frozen=True)
+class WorkloadPolicy:
+    """A WorkloadPolicy's spec, parsed and defaulted as the CRD defaults it
+    (allocationType Preferred, allocationMethod Balance)."""
+
+    ident: str  # ns/name
+    topology_key: str
+    selector: Obj
+    quotas: Mapping[str, int]
+    required: bool
+    method: str
+
+    @classmethod
+    def parse(cls, obj: Mapping[str, Any]) -> WorkloadPolicy:
+        meta = obj.get("metadata") or {}
+        ident = f"{meta.get('namespace', '')}/{meta.get('name', '')}"
+        spec = obj.get("spec") or {}
+        key = spec.get("topologyKey") or ""
+        if not key:
+            raise PolicyError(f"WorkloadPolicy {ident}: spec.topologyKey is empty")
+        atype = spec.get("allocationType") or PREFERRED
+        if atype not in (REQUIRED, PREFERRED):
+            raise PolicyError(
+                f"WorkloadPolicy {ident}: spec.allocationType {atype!r} is neither Required nor Preferred")
+        method = spec.get("allocationMethod") or BALANCE
+        if method not in (FILL, BALANCE):
+            raise PolicyError(f"WorkloadPolicy {ident}: spec.allocationMethod {method!r} is neither Fill nor Balance")
+        quotas: dict[str, int] = {}
+        for i, a in enumerate(spec.get("allocationPolicy") or []):
+            try:
+                quotas[str(a["name"])] = int(a["replicas"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise PolicyError(f"WorkloadPolicy {ident}: spec.allocationPolicy[{i}] {a!r}: needs name and "
+                                  f"integer replicas") from e
+        return cls(ident, key, dict(spec.get("labelSelector") or {}), quotas, atype == REQUIRED, method)
+
+    def quota(self, value: str) -> int:
+        """Desired replicas for a topology value: a value the policy does not list wants none."""
+        return self.quotas.get(value, 0)
+
+
+def workload_score(count: int, desired: int, method: str) -> int:
+    """Score of a topology domain holding ``count`` of the policy's pods out of ``desired``.
+
+    Kosmos: Balance = (1 - count/desired)*100, Fill = count/desired*100. Corrected at the edges:
+    a domain that wants nothing or is full (count >= desired) scores 0 (Kosmos scored a full
+    domain 100 under Fill, and divided by zero for unlisted values); a domain with room scores at
+    least 1, so with Fill an empty domain with room (count/desired = 0) still beats a full one.
+    Balance rounds up for the same reason. Always within 0..100."""
+    if desired <= 0 or count >= desired:
+        return 0
+    if method == FILL:
+        return 1 + (99 * count) // desired
+    return -((-100 * (desired - count)) // desired)  # ceil(100 * (1 - count/desired))
