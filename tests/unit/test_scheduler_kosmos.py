@@ -138,11 +138,11 @@ def feasible(plugin: Any, p: PodInfo, nodes: list[NodeInfo],
 
 
 def test_registry_names_every_plugin_and_each_implements_its_points() -> None:
-    assert set(REGISTRY) == {"LeafNodeTaintToleration", "LeafNodeDistribution", "LeafNodeVolumeBinding",
-                             "LeafNodeWorkloadPolicy"}
+    kosmos = {"LeafNodeTaintToleration", "LeafNodeDistribution", "LeafNodeVolumeBinding", "LeafNodeWorkloadPolicy"}
+    assert kosmos <= set(REGISTRY)
     h = Handle()
-    for name, cls in REGISTRY.items():
-        pl = cls(h, {})
+    for name in kosmos:
+        pl = REGISTRY[name](h, {})
         assert pl.name == name
         assert isinstance(pl, FilterPlugin) and isinstance(pl, EnqueueExtensions)
     assert isinstance(REGISTRY["LeafNodeWorkloadPolicy"](h, {}), ScorePlugin)
