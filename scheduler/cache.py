@@ -3,16 +3,15 @@
 
 In order:
 
-1. Quantities and pod requests: :func:`parse_quantity`, :func:`pod_info` (upstream
-   ``resource.PodRequests``: containers plus restartable init containers, the largest init
-   container, pod overhead; ``non_zero_requests`` with upstream's defaults for scoring).
-2. NodeInfo arithmetic: :func:`add_pod`, :func:`remove_pod`, :func:`set_node` keep the running
-   totals in O(1) per change and bump ``generation`` from one global counter.
-3. :class:`Cache`: the pods' states. ``assume`` (Reserve) puts a pod on its chosen node before the
+1. Pods and nodes become PodInfo/NodeInfo through :mod:`scheduler.podutil` (quantities, upstream
+   ``resource.PodRequests`` with the non-zero scoring defaults, ``add_pod``/``remove_pod``/
+   ``set_node`` keeping the running totals in O(1) per change, and the one global
+   ``next_generation`` counter the plugins' per-node caches rely on).
+2. :class:`Cache`: the pods' states. ``assume`` (Reserve) puts a pod on its chosen node before the
    bind; ``finish_binding`` starts its expiry clock; the informer's ``add_pod`` for a bound pod
    confirms it; ``forget`` (failed bind) takes it off. With ``ttl == 0`` (upstream's value since
    kubernetes#106361) assumed pods never expire: only the watch or a failed bind ends them.
-4. :class:`NodeSnapshot`: the per-cycle view. ``Cache.update_snapshot`` copies only NodeInfos whose
+3. :class:`NodeSnapshot`: the per-cycle view. ``Cache.update_snapshot`` copies only NodeInfos whose
    generation is newer than the snapshot's (nodes are kept in most-recently-changed order, so the
    walk stops at the first unchanged one), and rebuilds the node list (zones interleaved, as
    upstream's nodeTree) only when nodes come or go.
@@ -22,272 +21,18 @@ Thread-safety: :class:`Cache` methods take its lock; a snapshot belongs to the s
 
 from __future__ import annotations
 
-import itertools
 import logging
-import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
-from fractions import Fraction
 from typing import Any
 
 from scheduler.framework import NodeInfo, Obj, PodInfo, Resource
+from scheduler.podutil import add_pod, new_pod_info, next_generation, remove_pod, set_node
 
 _log = logging.getLogger(__name__)
-
-#: Upstream's defaults for containers that request nothing (``util.DefaultMilliCPURequest`` and
-#: ``DefaultMemoryRequest``): only for scoring, so zero-request pods do not all pile on one node.
-DEFAULT_MILLI_CPU_REQUEST = 100
-DEFAULT_MEMORY_REQUEST = 200 * 1024 * 1024
-
-_BINARY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
-_DECIMAL = {"n": Fraction(1, 10**9), "u": Fraction(1, 10**6), "m": Fraction(1, 1000), "": Fraction(1),
-            "k": Fraction(10**3), "M": Fraction(10**6), "G": Fraction(10**9), "T": Fraction(10**12),
-            "P": Fraction(10**15), "E": Fraction(10**18)}
-_qcache: dict[str, Fraction] = {}
-
-
-def parse_quantity(q: Any) -> Fraction:
-    """A resource quantity (``"500m"``, ``"1Gi"``, ``"1e3"``, ``2``) as an exact fraction;
-    ValueError names the bad text."""
-    if isinstance(q, int | float | Fraction):
-        return Fraction(q)
-    s = str(q).strip()
-    hit = _qcache.get(s)
-    if hit is not None:
-        return hit
-    num, mult = s, Fraction(1)
-    if s[-2:] in _BINARY:
-        num, mult = s[:-2], Fraction(_BINARY[s[-2:]])
-    elif s and s[-1] in _DECIMAL and s[-1] not in "0123456789":
-        num, mult = s[:-1], _DECIMAL[s[-1]]
-    try:
-        val = Fraction(Decimal(num)) * mult
-    except (InvalidOperation, ValueError) as e:
-        raise ValueError(f"quantity {q!r} is not a Kubernetes quantity") from e
-    if len(_qcache) < 4096:
-        _qcache[s] = val
-    return val
-
-
-def milli_value(q: Any) -> int:
-    """Upstream ``Quantity.MilliValue``: thousandths, rounded up."""
-    return math.ceil(parse_quantity(q) * 1000)
-
-
-def value(q: Any) -> int:
-    """Upstream ``Quantity.Value``: rounded up to an integer."""
-    return math.ceil(parse_quantity(q))
-
-
-def is_scalar_resource(name: str) -> bool:
-    """Upstream ``IsScalarResourceName``: extended (domain-prefixed), hugepages, attachable volumes."""
-    return "/" in name or name.startswith(("hugepages-", "attachable-volumes-"))
-
-
-def resource_from_list(rl: Mapping[str, Any] | None) -> Resource:
-    """``framework.NewResource`` of a ResourceList (requests, allocatable)."""
-    r = Resource()
-    for k, v in (rl or {}).items():
-        if k == "cpu":
-            r.milli_cpu += milli_value(v)
-        elif k == "memory":
-            r.memory += value(v)
-        elif k == "pods":
-            r.allowed_pod_number += value(v)
-        elif k == "ephemeral-storage":
-            r.ephemeral_storage += value(v)
-        elif is_scalar_resource(k):
-            r.scalar[k] = r.scalar.get(k, 0) + value(v)
-    return r
-
-
-def _add_list(acc: dict[str, Fraction], rl: Mapping[str, Any]) -> None:
-    for k, v in rl.items():
-        acc[k] = acc.get(k, Fraction(0)) + parse_quantity(v)
-
-
-def _max_list(acc: dict[str, Fraction], rl: Mapping[str, Fraction]) -> None:
-    for k, v in rl.items():
-        if v > acc.get(k, Fraction(0)):
-            acc[k] = v
-
-
-def pod_requests(pod: Obj, defaults: Mapping[str, Fraction] | None = None) -> dict[str, Fraction]:
-    """Upstream ``resource.PodRequests``: sum of the containers and restartable (sidecar) init
-    containers, at least each regular init container (plus the sidecars started before it), plus
-    ``spec.overhead``. Pod-level ``spec.resources.requests`` replace the container totals for the
-    resources they name (PodLevelResources). ``defaults`` fill keys a container leaves out
-    (``NonMissingContainerRequests``, used for the non-zero requests)."""
-    spec = pod.get("spec") or {}
-
-    def creq(c: Obj) -> Mapping[str, Any]:
-        r: Mapping[str, Any] = (c.get("resources") or {}).get("requests") or {}
-        if defaults:
-            merged: dict[str, Any] = dict(r)
-            for k, v in defaults.items():
-                merged.setdefault(k, v)
-            return merged
-        return r
-
-    reqs: dict[str, Fraction] = {}
-    for c in spec.get("containers") or []:
-        _add_list(reqs, creq(c))
-    restartable: dict[str, Fraction] = {}
-    init_max: dict[str, Fraction] = {}
-    for c in spec.get("initContainers") or []:
-        cr = creq(c)
-        if c.get("restartPolicy") == "Always":
-            _add_list(reqs, cr)
-            _add_list(restartable, cr)
-            cur = dict(restartable)
-        else:
-            cur = {}
-            _add_list(cur, cr)
-            for k, v in restartable.items():
-                cur[k] = cur.get(k, Fraction(0)) + v
-        _max_list(init_max, cur)
-    _max_list(reqs, init_max)
-    pod_level = (spec.get("resources") or {}).get("requests") or {}
-    for k, v in pod_level.items():
-        if k in ("cpu", "memory") or k.startswith("hugepages-"):
-            reqs[k] = parse_quantity(v)
-    _add_list(reqs, spec.get("overhead") or {})
-    return reqs
-
-
-def _to_resource(reqs: Mapping[str, Fraction]) -> Resource:
-    r = Resource()
-    for k, v in reqs.items():
-        if k == "cpu":
-            r.milli_cpu = math.ceil(v * 1000)
-        elif k == "memory":
-            r.memory = math.ceil(v)
-        elif k == "pods":
-            r.allowed_pod_number = math.ceil(v)
-        elif k == "ephemeral-storage":
-            r.ephemeral_storage = math.ceil(v)
-        elif is_scalar_resource(k):
-            r.scalar[k] = math.ceil(v)
-    return r
-
-
-def pod_info(pod: Obj) -> PodInfo:
-    """Parse a pod once: its effective requests, non-zero requests and pod-affinity terms."""
-    reqs = pod_requests(pod)
-    requests = _to_resource(reqs)
-    non_zero = Resource(milli_cpu=requests.milli_cpu, memory=requests.memory)
-    pod_level = ((pod.get("spec") or {}).get("resources") or {}).get("requests") or {}
-    if not pod_level:
-        missing: dict[str, Fraction] = {}
-        if requests.milli_cpu == 0:
-            missing["cpu"] = Fraction(DEFAULT_MILLI_CPU_REQUEST, 1000)
-        if requests.memory == 0:
-            missing["memory"] = Fraction(DEFAULT_MEMORY_REQUEST)
-        if missing:
-            nz = _to_resource(pod_requests(pod, missing))
-            non_zero = Resource(milli_cpu=nz.milli_cpu, memory=nz.memory)
-    aff = (pod.get("spec") or {}).get("affinity") or {}
-    pa, paa = aff.get("podAffinity") or {}, aff.get("podAntiAffinity") or {}
-    return PodInfo(
-        pod=pod, requests=requests, non_zero_requests=non_zero,
-        required_affinity=list(pa.get("requiredDuringSchedulingIgnoredDuringExecution") or []),
-        required_anti_affinity=list(paa.get("requiredDuringSchedulingIgnoredDuringExecution") or []),
-        preferred_affinity=list(pa.get("preferredDuringSchedulingIgnoredDuringExecution") or []),
-        preferred_anti_affinity=list(paa.get("preferredDuringSchedulingIgnoredDuringExecution") or []),
-    )
-
-
-# --- NodeInfo bookkeeping ---------------------------------------------------------------------
-
-_generation = itertools.count(1)
-
-
-def next_generation() -> int:
-    """Upstream's global ``nextGeneration``: every NodeInfo change gets a fresh, larger number."""
-    return next(_generation)
-
-
-def _has_affinity(pi: PodInfo) -> bool:
-    aff = (pi.pod.get("spec") or {}).get("affinity") or {}
-    return bool(aff.get("podAffinity") or aff.get("podAntiAffinity"))
-
-
-def host_ports(pod: Obj) -> list[tuple[str, str, int]]:
-    """(protocol, hostIP, hostPort) per container port with a hostPort (defaults TCP, 0.0.0.0)."""
-    out = []
-    spec = pod.get("spec") or {}
-    for c in itertools.chain(spec.get("initContainers") or [], spec.get("containers") or []):
-        for p in c.get("ports") or []:
-            hp = p.get("hostPort") or 0
-            if hp > 0:
-                out.append((p.get("protocol") or "TCP", p.get("hostIP") or "0.0.0.0", int(hp)))
-    return out
-
-
-def pvc_keys(pod: Obj) -> list[str]:
-    ns = pod["metadata"].get("namespace", "")
-    return [f"{ns}/{v['persistentVolumeClaim']['claimName']}" for v in (pod.get("spec") or {}).get("volumes") or []
-            if v.get("persistentVolumeClaim")]
-
-
-def add_pod(ni: NodeInfo, pi: PodInfo) -> None:
-    """NodeInfo.AddPodInfo: the pod and its requests, ports and claims count on the node."""
-    ni.pods.append(pi)
-    if _has_affinity(pi):
-        ni.pods_with_affinity.append(pi)
-    if pi.required_anti_affinity:
-        ni.pods_with_required_anti_affinity.append(pi)
-    _update(ni, pi, 1)
-
-
-def remove_pod(ni: NodeInfo, key: str) -> PodInfo | None:
-    """NodeInfo.RemovePod by ``ns/name``; the removed PodInfo (None: it was not there)."""
-    found = None
-    for i, p in enumerate(ni.pods):
-        if p.key == key:
-            found = ni.pods.pop(i)
-            break
-    if found is None:
-        return None
-    ni.pods_with_affinity = [p for p in ni.pods_with_affinity if p.key != key]
-    ni.pods_with_required_anti_affinity = [p for p in ni.pods_with_required_anti_affinity if p.key != key]
-    _update(ni, found, -1)
-    return found
-
-
-def _update(ni: NodeInfo, pi: PodInfo, sign: int) -> None:
-    if sign > 0:
-        ni.requested.add(pi.requests)
-        ni.non_zero_requested.milli_cpu += pi.non_zero_requests.milli_cpu
-        ni.non_zero_requested.memory += pi.non_zero_requests.memory
-        for port in host_ports(pi.pod):
-            ni.used_ports.add(port)
-        for k in pvc_keys(pi.pod):
-            ni.pvc_ref_counts[k] = ni.pvc_ref_counts.get(k, 0) + 1
-    else:
-        ni.requested.sub(pi.requests)
-        ni.non_zero_requested.milli_cpu -= pi.non_zero_requests.milli_cpu
-        ni.non_zero_requested.memory -= pi.non_zero_requests.memory
-        for port in host_ports(pi.pod):
-            ni.used_ports.discard(port)
-        for k in pvc_keys(pi.pod):
-            n = ni.pvc_ref_counts.get(k, 0) - 1
-            if n > 0:
-                ni.pvc_ref_counts[k] = n
-            else:
-                ni.pvc_ref_counts.pop(k, None)
-    ni.generation = next_generation()
-
-
-def set_node(ni: NodeInfo, node: Obj) -> None:
-    """NodeInfo.SetNode: the node object and its allocatable."""
-    ni.node = node
-    ni.allocatable = resource_from_list((node.get("status") or {}).get("allocatable"))
-    ni.generation = next_generation()
 
 
 def clone_resource(r: Resource) -> Resource:
@@ -442,11 +187,12 @@ class Cache:
         add_pod(n.info, pi)
         n.pods.add(pi.key)
 
-    def _remove(self, key: str, node: str) -> None:
+    def _remove(self, st: _PodState) -> None:
+        node, key = st.node, st.info.key
         n = self._nodes.get(node)
         if n is None:
             return
-        remove_pod(n.info, key)
+        remove_pod(n.info, st.info.pod)
         n.pods.discard(key)
         self._nodes.move_to_end(node)
         if not n.has_node and not n.pods:
@@ -476,7 +222,7 @@ class Cache:
             st = self._pods.get(key)
             if st is None or not st.assumed:
                 return
-            self._remove(key, st.node)
+            self._remove(st)
             del self._pods[key]
             self._assumed.discard(key)
 
@@ -487,19 +233,19 @@ class Cache:
     def add_pod(self, pod: Obj) -> None:
         """A bound pod from the informer; confirms an assumed one (moving it if the API says it
         landed elsewhere)."""
-        pi = pod_info(pod)
+        pi = new_pod_info(pod)
         node = pod["spec"]["nodeName"]
         with self._lock:
             st = self._pods.get(pi.key)
             if st is not None:
                 if st.assumed and st.node == node:
                     # Confirmation: swap in the API's object (same requests), keep the totals.
-                    self._remove(pi.key, st.node)
+                    self._remove(st)
                     self._add(pi, node)
                     self._pods[pi.key] = _PodState(pi, node)
                     self._assumed.discard(pi.key)
                     return
-                self._remove(pi.key, st.node)
+                self._remove(st)
                 self._assumed.discard(pi.key)
             self._add(pi, node)
             self._pods[pi.key] = _PodState(pi, node)
@@ -512,7 +258,7 @@ class Cache:
             st = self._pods.pop(key, None)
             if st is None:
                 return
-            self._remove(key, st.node)
+            self._remove(st)
             self._assumed.discard(key)
 
     def pod_node(self, key: str) -> str | None:
@@ -532,7 +278,7 @@ class Cache:
                 st = self._pods[key]
                 if st.binding_finished and st.deadline is not None and now > st.deadline:
                     _log.warning("assumed pod %s expired on node %s: the bind was never confirmed", key, st.node)
-                    self._remove(key, st.node)
+                    self._remove(st)
                     del self._pods[key]
                     self._assumed.discard(key)
                     out.append(key)

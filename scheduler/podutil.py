@@ -185,6 +185,18 @@ def pod_requests(pod: Obj, non_zero: bool = False) -> Resource:
             r.add(restartable)
         _max_into(init_max, r)
     _max_into(total, init_max)
+    pod_level = (spec.get("resources") or {}).get("requests")
+    if pod_level:
+        # PodLevelResources: pod-level requests replace the container totals for the resources
+        # they name (cpu, memory, hugepages), defaults included.
+        pl = resource_list(pod_level, f"pod {name} spec.resources.requests")
+        if CPU in pod_level:
+            total.milli_cpu = pl.milli_cpu
+        if MEMORY in pod_level:
+            total.memory = pl.memory
+        for k, v in pl.scalar.items():
+            if k.startswith("hugepages-"):
+                total.scalar[k] = v
     overhead = spec.get("overhead")
     if overhead:
         total.add(resource_list(overhead, f"pod {name} spec.overhead"))

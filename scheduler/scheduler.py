@@ -43,11 +43,12 @@ import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from scheduler.cache import Cache, NodeSnapshot, pod_info
+from scheduler.cache import Cache, NodeSnapshot
 from scheduler.election import LeaderElector
 from scheduler.framework import SUCCESS, ClusterEvent, Code, CycleState, NodeInfo, Obj, PodInfo, Status
 from scheduler.kube import STRATEGIC_MERGE_PATCH, Api, ApiError, Informer, resource_path, wait_synced
 from scheduler.metrics import SchedulerMetrics
+from scheduler.podutil import new_pod_info
 from scheduler.profile import DEFAULT_SCHEDULER, Profile, SchedulerConfig, build_profiles, default_config
 from scheduler.queue import QueuedPodInfo, SchedulingQueue
 
@@ -357,9 +358,9 @@ class Scheduler:
             self.queue.delete(key)
             return
         if old is None or kind == "ADDED":
-            self.queue.add(pod_info(new))
+            self.queue.add(new_pod_info(new))
         else:
-            self.queue.update(pod_info(new), _spec_changed(old, new))
+            self.queue.update(new_pod_info(new), _spec_changed(old, new))
 
     def _on_node(self, kind: str, old: Obj | None, new: Obj | None) -> None:
         if new is None:
@@ -417,7 +418,7 @@ class Scheduler:
             self.queue.done(key)  # upstream skipPodSchedule: deleted, bound, or already assumed
             return
         if current is not pi.pod:
-            pi = pod_info(current)
+            pi = new_pod_info(current)
             q.info = pi
         start = time.monotonic()
         self.cache.update_snapshot(self.snapshot)
@@ -597,7 +598,7 @@ class Scheduler:
             self.queue.forget_in_flight(key)
         else:
             if cur is not q.info.pod:
-                q.info = pod_info(cur)
+                q.info = new_pod_info(cur)
             self.queue.add_unschedulable(q, plugins, pod_cycle, error=error)
         _log.info("unable to schedule pod %s: %s (%s)", key, message, reason)
         pod = cur or q.info.pod

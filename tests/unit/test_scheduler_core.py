@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
-from scheduler.cache import Cache, NodeSnapshot, milli_value, parse_quantity, pod_info, value
+from scheduler.cache import Cache, NodeSnapshot
 from scheduler.framework import ClusterEvent, Status, unresolvable, unschedulable
+from scheduler.podutil import milli_value, new_pod_info, parse_quantity, value
 from scheduler.profile import (
     DEFAULT_PLUGINS,
     ConfigError,
@@ -45,7 +46,7 @@ def test_quantities_round_up_as_upstream() -> None:
     assert value("1e3") == 1000
     assert value("1.5Ki") == 1536
     assert parse_quantity(2) == 2
-    with pytest.raises(ValueError, match="'12xyz' is not a Kubernetes quantity"):
+    with pytest.raises(ValueError, match="'12xyz' is not a quantity"):
         parse_quantity("12xyz")
 
 
@@ -62,26 +63,26 @@ def _pod_with(containers: list[dict[str, Any]], init: list[dict[str, Any]] | Non
 
 def test_pod_requests_include_init_sidecars_and_overhead() -> None:
     # Two containers 100m + 200m; a regular init container of 500m dominates cpu.
-    pi = pod_info(_pod_with([{"cpu": "100m", "memory": "100Mi"}, {"cpu": "200m"}],
+    pi = new_pod_info(_pod_with([{"cpu": "100m", "memory": "100Mi"}, {"cpu": "200m"}],
                             init=[{"resources": {"requests": {"cpu": "500m", "memory": "50Mi"}}}]))
     assert pi.requests.milli_cpu == 500
     assert pi.requests.memory == 100 * 2**20
     # A restartable (sidecar) init container adds to the sum and to later init containers.
-    pi = pod_info(_pod_with([{"cpu": "100m"}],
+    pi = new_pod_info(_pod_with([{"cpu": "100m"}],
                             init=[{"restartPolicy": "Always", "resources": {"requests": {"cpu": "50m"}}},
                                   {"resources": {"requests": {"cpu": "120m"}}}]))
     assert pi.requests.milli_cpu == 170  # max(100+50, 120+50)
-    pi = pod_info(_pod_with([{"cpu": "100m", "example.com/gpu": "2"}], overhead={"cpu": "10m", "memory": "1Mi"}))
+    pi = new_pod_info(_pod_with([{"cpu": "100m", "example.com/gpu": "2"}], overhead={"cpu": "10m", "memory": "1Mi"}))
     assert pi.requests.milli_cpu == 110
     assert pi.requests.memory == 2**20
     assert pi.requests.scalar == {"example.com/gpu": 2}
 
 
 def test_non_zero_requests_use_upstream_defaults() -> None:
-    pi = pod_info(_pod_with([{}]))
+    pi = new_pod_info(_pod_with([{}]))
     assert (pi.requests.milli_cpu, pi.requests.memory) == (0, 0)
     assert (pi.non_zero_requests.milli_cpu, pi.non_zero_requests.memory) == (100, 200 * 2**20)
-    pi = pod_info(_pod_with([{"cpu": "300m"}]))
+    pi = new_pod_info(_pod_with([{"cpu": "300m"}]))
     assert (pi.non_zero_requests.milli_cpu, pi.non_zero_requests.memory) == (300, 200 * 2**20)
 
 
@@ -92,7 +93,7 @@ def test_assume_then_confirm_keeps_totals_once() -> None:
     c = Cache()
     c.add_node(node("n1"))
     p = pod("a", cpu="500m")
-    pi = pod_info({**p, "spec": {**p["spec"], "nodeName": "n1"}})
+    pi = new_pod_info({**p, "spec": {**p["spec"], "nodeName": "n1"}})
     c.assume(pi, "n1")
     snap = NodeSnapshot()
     c.update_snapshot(snap)
@@ -111,7 +112,7 @@ def test_assume_then_confirm_keeps_totals_once() -> None:
 def test_forget_releases_the_node() -> None:
     c = Cache()
     c.add_node(node("n1"))
-    pi = pod_info(pod("a", cpu="1"))
+    pi = new_pod_info(pod("a", cpu="1"))
     c.assume(pi, "n1")
     with pytest.raises(ValueError, match="already in the cache"):
         c.assume(pi, "n1")
@@ -127,7 +128,7 @@ def test_confirmed_elsewhere_moves_the_pod() -> None:
     c.add_node(node("n1"))
     c.add_node(node("n2"))
     p = pod("a", cpu="1")
-    c.assume(pod_info(p), "n1")
+    c.assume(new_pod_info(p), "n1")
     c.add_pod({**p, "spec": {**p["spec"], "nodeName": "n2"}})
     snap = NodeSnapshot()
     c.update_snapshot(snap)
@@ -139,7 +140,7 @@ def test_assumed_pods_expire_only_after_binding_finished_and_ttl() -> None:
     clock = Clock()
     c = Cache(ttl=30.0, clock=clock)
     c.add_node(node("n1"))
-    pi = pod_info(pod("a", cpu="1"))
+    pi = new_pod_info(pod("a", cpu="1"))
     c.assume(pi, "n1")
     clock.t += 3600
     assert c.cleanup_expired() == []  # binding not finished: never expires
@@ -155,7 +156,7 @@ def test_ttl_zero_never_expires() -> None:
     clock = Clock()
     c = Cache(ttl=0.0, clock=clock)
     c.add_node(node("n1"))
-    pi = pod_info(pod("a"))
+    pi = new_pod_info(pod("a"))
     c.assume(pi, "n1")
     c.finish_binding(pi.key)
     clock.t += 10**6
@@ -219,11 +220,11 @@ def _q(clock: Clock, events: dict[str, tuple[ClusterEvent, ...]] | None = None) 
 def test_active_queue_orders_by_priority_then_time() -> None:
     clock = Clock()
     q = _q(clock)
-    q.add(pod_info(pod("low")))
+    q.add(new_pod_info(pod("low")))
     clock.t += 1
-    q.add(pod_info(pod("high", priority=10)))
+    q.add(new_pod_info(pod("high", priority=10)))
     clock.t += 1
-    q.add(pod_info(pod("low2")))
+    q.add(new_pod_info(pod("low2")))
     order = [q.pop(timeout=0).key for _ in range(3)]  # type: ignore[union-attr]
     assert order == ["default/high", "default/low", "default/low2"]
     assert q.pop(timeout=0) is None
@@ -236,7 +237,7 @@ def test_backoff_doubles_to_ten_seconds() -> None:
 def test_error_goes_to_backoff_then_active() -> None:
     clock = Clock()
     q = _q(clock)
-    q.add(pod_info(pod("a")))
+    q.add(new_pod_info(pod("a")))
     qp = q.pop(timeout=0)
     assert qp is not None
     q.add_unschedulable(qp, (), q.scheduling_cycle, error=True)
@@ -252,7 +253,7 @@ def test_error_goes_to_backoff_then_active() -> None:
 def test_unschedulable_moves_only_on_registered_events() -> None:
     clock = Clock()
     q = _q(clock, {"NodeResourcesFit": (ClusterEvent("Node", "Add"), ClusterEvent("Node", "UpdateNodeAllocatable"))})
-    q.add(pod_info(pod("a")))
+    q.add(new_pod_info(pod("a")))
     qp = q.pop(timeout=0)
     assert qp is not None
     cycle = q.scheduling_cycle
@@ -268,7 +269,7 @@ def test_unschedulable_moves_only_on_registered_events() -> None:
 def test_moved_while_backing_off_goes_to_backoff() -> None:
     clock = Clock()
     q = _q(clock, {"F": (ClusterEvent("Node", "Add"),)})
-    q.add(pod_info(pod("a")))
+    q.add(new_pod_info(pod("a")))
     qp = q.pop(timeout=0)
     assert qp is not None
     q.add_unschedulable(qp, {"F"}, q.scheduling_cycle)
@@ -280,7 +281,7 @@ def test_event_during_cycle_sends_pod_to_backoff() -> None:
     """upstream moveRequestCycle: a move request while the pod was in flight must not be lost."""
     clock = Clock()
     q = _q(clock, {"F": (ClusterEvent("Node", "Add"),)})
-    q.add(pod_info(pod("a")))
+    q.add(new_pod_info(pod("a")))
     qp = q.pop(timeout=0)
     assert qp is not None
     cycle = q.scheduling_cycle
@@ -292,14 +293,14 @@ def test_event_during_cycle_sends_pod_to_backoff() -> None:
 def test_update_of_unschedulable_pod_requeues_it_and_flush_after_five_minutes() -> None:
     clock = Clock()
     q = _q(clock, {"F": (ClusterEvent("Node", "Add"),)})
-    q.add(pod_info(pod("a")))
+    q.add(new_pod_info(pod("a")))
     qp = q.pop(timeout=0)
     assert qp is not None
     q.add_unschedulable(qp, {"F"}, q.scheduling_cycle)
-    q.update(pod_info(pod("a")), spec_changed=False)
+    q.update(new_pod_info(pod("a")), spec_changed=False)
     assert q.lengths()["unschedulable"] == 1
     clock.t += 20
-    q.update(pod_info(pod("a", cpu="50m")), spec_changed=True)
+    q.update(new_pod_info(pod("a", cpu="50m")), spec_changed=True)
     assert q.lengths() == {"active": 1, "backoff": 0, "unschedulable": 0}
     qp = q.pop(timeout=0)
     assert qp is not None
@@ -314,7 +315,7 @@ def test_update_of_unschedulable_pod_requeues_it_and_flush_after_five_minutes() 
 
 def test_delete_and_event_matching() -> None:
     q = _q(Clock())
-    q.add(pod_info(pod("a")))
+    q.add(new_pod_info(pod("a")))
     q.delete("default/a")
     assert q.pop(timeout=0) is None
     assert event_matches(ClusterEvent("Node", "Update"), ClusterEvent("Node", "UpdateNodeTaint"))
@@ -470,13 +471,13 @@ def test_prefilter_narrowing_and_empty_intersection() -> None:
             return PreFilterResult(self.names), Status()
 
     p = Profile("x", None, pre_filter=[Narrow("A", {"n1", "n2"}), Narrow("B", {"n2", "n3"})])
-    res, st, narrowed = p.run_pre_filter(CycleState(), pod_info(pod("a")), [])
+    res, st, narrowed = p.run_pre_filter(CycleState(), new_pod_info(pod("a")), [])
     assert st.ok and res is not None and res.node_names == {"n2"} and narrowed == {"A", "B"}
     p = Profile("x", None, pre_filter=[Narrow("A", {"n1"}), Narrow("B", {"n3"})])
-    res, st, _ = p.run_pre_filter(CycleState(), pod_info(pod("a")), [])
+    res, st, _ = p.run_pre_filter(CycleState(), new_pod_info(pod("a")), [])
     assert st.rejected and st.message() == "node(s) didn't satisfy plugin(s) [A B] simultaneously"
     p = Profile("x", None, pre_filter=[Narrow("A", set())])
-    res, st, _ = p.run_pre_filter(CycleState(), pod_info(pod("a")), [])
+    res, st, _ = p.run_pre_filter(CycleState(), new_pod_info(pod("a")), [])
     assert st.message() == "node(s) didn't satisfy plugin A"
 
 
@@ -497,16 +498,24 @@ def test_filter_sampling_rotates_the_start_index_as_upstream() -> None:
     s = Scheduler.__new__(Scheduler)
     s.next_start_node_index = 0
     prof = Profile("p", 50, filter=[EveryThirdRejected()])  # 50 % of 300 -> 150 feasible wanted
-    feasible, rejected = s._find_feasible(prof, CycleState(), pod_info(pod("a")), nodes)
+    feasible, rejected = s._find_feasible(prof, CycleState(), new_pod_info(pod("a")), nodes)
     assert len(feasible) == 150
     assert feasible[0].name == "n1" and feasible[-1].name == "n224"  # 225 processed: 150 ok, 75 rejected
     assert len(rejected) == 75
     assert s.next_start_node_index == 225
-    feasible, rejected = s._find_feasible(prof, CycleState(), pod_info(pod("a")), nodes)
+    feasible, rejected = s._find_feasible(prof, CycleState(), new_pod_info(pod("a")), nodes)
     assert feasible[0].name == "n226"  # n225 is rejected; started at 225, wrapped past 299
     assert s.next_start_node_index == (225 + 225) % 300
     # Without filter plugins: the next `want` nodes from the index, all feasible.
     s.next_start_node_index = 290
-    feasible, rejected = s._find_feasible(Profile("p", 50), CycleState(), pod_info(pod("a")), nodes)
+    feasible, rejected = s._find_feasible(Profile("p", 50), CycleState(), new_pod_info(pod("a")), nodes)
     assert [n.name for n in feasible[:12]] == [f"n{i}" for i in (*range(290, 300), 0, 1)]
     assert s.next_start_node_index == (290 + 150) % 300
+
+
+def test_pod_level_requests_replace_the_container_totals() -> None:
+    p = _pod_with([{"cpu": "100m"}, {"cpu": "100m", "memory": "1Mi"}])
+    p["spec"]["resources"] = {"requests": {"cpu": "1"}}
+    pi = new_pod_info(p)
+    assert (pi.requests.milli_cpu, pi.requests.memory) == (1000, 2**20)
+    assert pi.non_zero_requests.milli_cpu == 1000
