@@ -40,17 +40,29 @@ In the order a pod meets them:
    ``adv`` term with no part given admits every node. A ``policyName`` naming no term is an
    error the pod cannot get past until the policy changes (:class:`PolicyError`).
 
-Helpers for the other plugins: :func:`tolerates` / :func:`find_untolerated_taint`
-(``v1helper.FindMatchingUntoleratedTaint``), :func:`label_selector_matches`,
-:func:`node_selector_matches` (``nodeaffinity.NodeSelector``: terms ORed, requirements ANDed).
+The Kubernetes matching rules themselves (label and node selectors, ``ToleratesTaint``) are
+:mod:`scheduler.selectors`, shared with the upstream plugins; here they are compiled strictly
+(:func:`label_selector_matches`, :func:`node_selector_matches`: a malformed selector is a
+:class:`PolicyError` naming the field, not a silent "matches nothing"). Kosmos' own rules stay
+here: the leaf taint and leaf node (:func:`is_leaf_taint`, :func:`hard_non_leaf_taint`,
+:func:`is_leaf_node`), distribution matching and workload quotas.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from scheduler.selectors import (
+    NodeSelector,
+    SelectorError,
+    find_untolerated,
+    hard_taint,
+    label_selector,
+    node_taints,
+)
 
 _log = logging.getLogger(__name__)
 
@@ -85,79 +97,30 @@ class MissingTermError(PolicyError):
 # ---------------------------------------------------------------------------------------------
 
 
-def _requirement_matches(req: Mapping[str, Any], labels: Mapping[str, str], where: str) -> bool:
-    key = req.get("key", "")
-    op = req.get("operator", "")
-    values = list(req.get("values") or [])
-    if op in ("In", "NotIn") and not values:
-        raise PolicyError(f"{where}: operator {op!r} of key {key!r} needs values")
-    if op in ("Exists", "DoesNotExist") and values:
-        raise PolicyError(f"{where}: operator {op!r} of key {key!r} takes no values (got {values})")
-    if op == "In":
-        return key in labels and labels[key] in values
-    if op == "NotIn":
-        return key not in labels or labels[key] not in values
-    if op == "Exists":
-        return key in labels
-    if op == "DoesNotExist":
-        return key not in labels
-    raise PolicyError(f"{where}: unsupported operator {op!r} (In, NotIn, Exists, DoesNotExist)")
-
-
 def label_selector_matches(selector: Mapping[str, Any] | None, labels: Mapping[str, str],
                            where: str = "labelSelector") -> bool:
-    """metav1.LabelSelector: every matchLabels pair and every matchExpressions requirement must
-    hold. ``None`` matches nothing, ``{}`` everything (``LabelSelectorAsSelector``). A malformed
-    requirement raises :class:`PolicyError` naming ``where``."""
-    if selector is None:
-        return False
-    for k, v in (selector.get("matchLabels") or {}).items():
-        if labels.get(k) != v:
-            return False
-    for i, req in enumerate(selector.get("matchExpressions") or []):
-        if not _requirement_matches(req, labels, f"{where}.matchExpressions[{i}]"):
-            return False
-    return True
-
-
-def _node_requirement_matches(req: Mapping[str, Any], labels: Mapping[str, str], where: str) -> bool:
-    op = req.get("operator", "")
-    if op not in ("Gt", "Lt"):
-        return _requirement_matches(req, labels, where)
-    key = req.get("key", "")
-    values = list(req.get("values") or [])
-    if len(values) != 1:
-        raise PolicyError(f"{where}: operator {op} of key {key!r} needs exactly one value")
-    if key not in labels:
-        return False
+    """metav1.LabelSelector (:func:`scheduler.selectors.label_selector`, compiled strictly):
+    every matchLabels pair and every matchExpressions requirement must hold. ``None`` matches
+    nothing, ``{}`` everything. A malformed requirement raises :class:`PolicyError` naming
+    ``where`` (a policy's author must hear of it, not see it silently match nothing)."""
     try:
-        have, want = int(labels[key]), int(values[0])
-    except ValueError:
-        return False  # upstream: a non-integer label or value never matches
-    return have > want if op == "Gt" else have < want
+        return label_selector(selector, where)(labels)
+    except SelectorError as e:
+        raise PolicyError(str(e)) from None
 
 
 def node_selector_matches(selector: Mapping[str, Any] | None, node: Mapping[str, Any],
                           where: str = "nodeSelector") -> bool:
-    """v1.NodeSelector (PV nodeAffinity.required, pod requiredDuringScheduling): any term
+    """v1.NodeSelector (:class:`scheduler.selectors.NodeSelector`, compiled strictly): any term
     matches; within a term every matchExpressions (node labels) and matchFields
-    (``metadata.name``) requirement holds; a term with neither matches nothing."""
+    (``metadata.name``) requirement holds; a term with neither matches nothing. ``None``
+    matches every node. A malformed requirement raises :class:`PolicyError`."""
     if selector is None:
         return True
-    meta = node.get("metadata") or {}
-    labels: Mapping[str, str] = meta.get("labels") or {}
-    fields = {"metadata.name": str(meta.get("name", ""))}
-    for t, term in enumerate(selector.get("nodeSelectorTerms") or []):
-        exprs = term.get("matchExpressions") or []
-        flds = term.get("matchFields") or []
-        if not exprs and not flds:
-            continue
-        if all(_node_requirement_matches(r, labels, f"{where}.nodeSelectorTerms[{t}].matchExpressions[{i}]")
-               for i, r in enumerate(exprs)) and \
-           all(_requirement_matches(r, fields, f"{where}.nodeSelectorTerms[{t}].matchFields[{i}]")
-               for i, r in enumerate(flds)):
-            return True
-    return False
+    try:
+        return NodeSelector(selector.get("nodeSelectorTerms") or (), where).match(node)
+    except SelectorError as e:
+        raise PolicyError(str(e)) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,39 +128,13 @@ def node_selector_matches(selector: Mapping[str, Any] | None, node: Mapping[str,
 # ---------------------------------------------------------------------------------------------
 
 
-def tolerates(toleration: Mapping[str, Any], taint: Mapping[str, Any]) -> bool:
-    """v1.Toleration.ToleratesTaint: an empty effect or key is a wildcard; ``Exists`` matches
-    any value, ``Equal`` (or empty) the same value; any other operator matches nothing."""
-    effect = toleration.get("effect") or ""
-    if effect and effect != taint.get("effect"):
-        return False
-    key = toleration.get("key") or ""
-    if key and key != taint.get("key"):
-        return False
-    op = toleration.get("operator") or "Equal"
-    if op == "Exists":
-        return True
-    if op == "Equal":
-        return (toleration.get("value") or "") == (taint.get("value") or "")
-    return False
-
-
 def is_leaf_taint(taint: Mapping[str, Any]) -> bool:
     return all((taint.get(k) or "") == v for k, v in LEAF_TAINT.items())
 
 
-def find_untolerated_taint(taints: Iterable[Mapping[str, Any]], tolerations: Sequence[Mapping[str, Any]],
-                           include: Callable[[Mapping[str, Any]], bool]) -> Mapping[str, Any] | None:
-    """The first taint that ``include`` selects and no toleration tolerates
-    (``v1helper.FindMatchingUntoleratedTaint``), or None."""
-    for taint in taints:
-        if include(taint) and not any(tolerates(t, taint) for t in tolerations):
-            return taint
-    return None
-
-
-def node_taints(node: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-    return list((node.get("spec") or {}).get("taints") or [])
+def hard_non_leaf_taint(taint: Obj) -> bool:
+    """The taints this scheduler's filters enforce: NoSchedule/NoExecute, the leaf taint excepted."""
+    return hard_taint(taint) and not is_leaf_taint(taint)
 
 
 def is_leaf_node(node: Mapping[str, Any]) -> bool:
@@ -308,9 +245,7 @@ def adv_term_admits(term: Mapping[str, Any], node: Mapping[str, Any]) -> bool:
         return False
     tolerations = [t for t in adv.get("tolerations") or [] if t]
     if tolerations:
-        hard = find_untolerated_taint(
-            node_taints(node), tolerations,
-            lambda t: t.get("effect") in ("NoSchedule", "NoExecute") and not is_leaf_taint(t))
+        hard = find_untolerated(node_taints(node), tolerations, hard_non_leaf_taint)
         if hard is not None:
             return False
     return True

@@ -49,7 +49,8 @@ from scheduler.framework import (
     unresolvable,
     unschedulable,
 )
-from scheduler.plugins.helpers import Matcher, NodeCountCache, arg, label_selector
+from scheduler.plugins.helpers import NodeCountCache, arg
+from scheduler.selectors import Matcher, label_selector
 
 ERR_AFFINITY = "node(s) didn't match pod affinity rules"
 ERR_ANTI_AFFINITY = "node(s) didn't match pod anti-affinity rules"

@@ -12,73 +12,27 @@ Per pod, in order:
    counts the node's PreferNoSchedule taints none of them tolerates; ``normalize_score`` is
    upstream's reversed DefaultNormalizeScore (fewest such taints -> 100).
 
-The toleration rule itself is :func:`scheduler.policy.tolerates` (``ToleratesTaint``); the
-upstream TaintToleration plugin may bring its own, to be folded into one.
+It is upstream's :class:`~scheduler.plugins.tainttoleration.TaintToleration` with the enforced
+taints narrowed by :func:`scheduler.policy.hard_non_leaf_taint`; one toleration rule
+(:mod:`scheduler.selectors`) serves both.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable
 
-from scheduler.framework import (
-    SUCCESS,
-    ClusterEvent,
-    CycleState,
-    Handle,
-    NodeInfo,
-    PodInfo,
-    Status,
-    default_normalize,
-    unresolvable,
-)
-from scheduler.policy import find_untolerated_taint, is_leaf_taint, node_taints, tolerates
+from scheduler.framework import ClusterEvent, Obj
+from scheduler.plugins.tainttoleration import TaintToleration, untolerated_reason
+from scheduler.policy import hard_non_leaf_taint
 
-_log = logging.getLogger(__name__)
-
-_PRESCORE_KEY = "PreScoreLeafNodeTaintToleration"
+__all__ = ["LeafNodeTaintToleration", "untolerated_reason"]
 
 
-def untolerated_reason(taint: Mapping[str, Any]) -> str:
-    """Upstream's Filter reason (tainttoleration.Filter)."""
-    return f"node(s) had untolerated taint {{{taint.get('key', '')}: {taint.get('value') or ''}}}"
-
-
-class LeafNodeTaintToleration:
-    """Filter + score plugin; see the module header."""
+class LeafNodeTaintToleration(TaintToleration):
+    """TaintToleration that tolerates the leaf taint; see the module header."""
 
     name = "LeafNodeTaintToleration"
-
-    def __init__(self, handle: Handle, args: Mapping[str, Any]) -> None:
-        self.handle = handle
-
-    def filter(self, state: CycleState, pod: PodInfo, node: NodeInfo) -> Status:
-        tolerations = (pod.pod.get("spec") or {}).get("tolerations") or []
-        taint = find_untolerated_taint(
-            node_taints(node.node), tolerations,
-            lambda t: t.get("effect") in ("NoSchedule", "NoExecute") and not is_leaf_taint(t))
-        if taint is None:
-            return SUCCESS
-        return unresolvable(untolerated_reason(taint))
-
-    def pre_score(self, state: CycleState, pod: PodInfo, nodes: list[NodeInfo]) -> Status:
-        tolerations = (pod.pod.get("spec") or {}).get("tolerations") or []
-        state.write(_PRESCORE_KEY, [t for t in tolerations if (t.get("effect") or "") in ("", "PreferNoSchedule")])
-        return SUCCESS
-
-    def score(self, state: CycleState, pod: PodInfo, node: NodeInfo) -> tuple[int, Status]:
-        tolerations = state.get(_PRESCORE_KEY)
-        if tolerations is None:  # PreScore did not run: compute as it would have
-            tolerations = [t for t in (pod.pod.get("spec") or {}).get("tolerations") or []
-                           if (t.get("effect") or "") in ("", "PreferNoSchedule")]
-        n = sum(1 for taint in node_taints(node.node)
-                if taint.get("effect") == "PreferNoSchedule" and not any(tolerates(t, taint) for t in tolerations))
-        return n, SUCCESS
-
-    def normalize_score(self, state: CycleState, pod: PodInfo, scores: dict[str, int]) -> Status:
-        default_normalize(scores, reverse=True)
-        return SUCCESS
+    enforced: Callable[[Obj], bool] = staticmethod(hard_non_leaf_taint)
 
     def events_to_register(self) -> Iterable[ClusterEvent]:
         # A node's taints change (or a node arrives); the pod's own tolerations change.

@@ -28,7 +28,8 @@ from scheduler.framework import (
     default_normalize,
     unresolvable,
 )
-from scheduler.plugins.helpers import NodeSelector, RequiredNodeAffinity, arg, compile_term
+from scheduler.plugins.helpers import arg
+from scheduler.selectors import NodeSelector, RequiredNodeAffinity, compile_term
 
 ERR_REASON_POD = "node(s) didn't match Pod's node affinity/selector"
 ERR_REASON_ENFORCED = "node(s) didn't match scheduler-enforced node affinity"

@@ -27,8 +27,8 @@ from scheduler.framework import (
     unresolvable,
     unschedulable,
 )
-from scheduler.plugins.helpers import pod_tolerations, tolerated
 from scheduler.podutil import host_ports
+from scheduler.selectors import pod_tolerations, tolerated
 
 ERR_NODE_NAME = "node(s) didn't match the requested node name"
 ERR_UNSCHEDULABLE = "node(s) were unschedulable"

@@ -44,11 +44,10 @@ from scheduler.framework import (
     unresolvable,
     unschedulable,
 )
-from scheduler.plugins.helpers import (
+from scheduler.plugins.helpers import NodeCountCache, arg
+from scheduler.selectors import (
     Matcher,
-    NodeCountCache,
     RequiredNodeAffinity,
-    arg,
     find_untolerated,
     label_selector,
     labels_selector,

@@ -11,7 +11,7 @@ soft taints scores 0, nodes with none score 100.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from scheduler.framework import (
@@ -20,42 +20,44 @@ from scheduler.framework import (
     CycleState,
     Handle,
     NodeInfo,
+    Obj,
     PodInfo,
     Status,
     default_normalize,
     unresolvable,
 )
-from scheduler.plugins.helpers import find_untolerated, node_taints, pod_tolerations, tolerated
-
-_STATE = "PreScoreTaintToleration"
+from scheduler.selectors import find_untolerated, hard_taint, node_taints, pod_tolerations, tolerated
 
 
 def untolerated_reason(taint: Mapping[str, Any]) -> str:
-    return f"node(s) had untolerated taint {{{taint.get('key', '')}: {taint.get('value', '')}}}"
+    return f"node(s) had untolerated taint {{{taint.get('key', '')}: {taint.get('value') or ''}}}"
 
 
 class TaintToleration:
     name = "TaintToleration"
+    #: Which taints Filter enforces (LeafNodeTaintToleration leaves out the leaf taint).
+    enforced: Callable[[Obj], bool] = staticmethod(hard_taint)
 
     def __init__(self, handle: Handle, args: Mapping[str, Any]) -> None:
         self.handle = handle
+        self._state_key = "PreScore" + self.name
 
     def filter(self, state: CycleState, pod: PodInfo, node: NodeInfo) -> Status:
         taints = (node.node.get("spec") or {}).get("taints")
         if not taints:
             return SUCCESS
-        taint = find_untolerated(taints, pod_tolerations(pod.pod))
+        taint = find_untolerated(taints, pod_tolerations(pod.pod), self.enforced)
         if taint is None:
             return SUCCESS
         return unresolvable(untolerated_reason(taint)).with_plugin(self.name)
 
     def pre_score(self, state: CycleState, pod: PodInfo, nodes: list[NodeInfo]) -> Status:
         tols = [t for t in pod_tolerations(pod.pod) if (t.get("effect") or "PreferNoSchedule") == "PreferNoSchedule"]
-        state.write(_STATE, tols)
+        state.write(self._state_key, tols)
         return SUCCESS
 
     def score(self, state: CycleState, pod: PodInfo, node: NodeInfo) -> tuple[int, Status]:
-        tols = state.get(_STATE)
+        tols = state.get(self._state_key)
         if tols is None:
             tols = [t for t in pod_tolerations(pod.pod)
                     if (t.get("effect") or "PreferNoSchedule") == "PreferNoSchedule"]

@@ -56,8 +56,9 @@ from scheduler.framework import (
     error,
     unresolvable,
 )
-from scheduler.plugins.helpers import NodeSelector, arg, label_selector
+from scheduler.plugins.helpers import arg
 from scheduler.podutil import QuantityError, pvc_names, value
+from scheduler.selectors import NodeSelector, label_selector
 
 _log = logging.getLogger(__name__)
 

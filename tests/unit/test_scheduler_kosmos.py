@@ -41,9 +41,9 @@ from scheduler.policy import (
     PolicyError,
     label_selector_matches,
     node_selector_matches,
-    tolerates,
     workload_score,
 )
+from scheduler.selectors import tolerates
 
 Obj = dict[str, Any]
 LEAF_TAINT = {"key": "kosmos.io/node", "value": "true", "effect": "NoSchedule"}
