@@ -350,33 +350,43 @@ class Profile:
         """upstream RunScorePlugins: per plugin score, NormalizeScore, range check, weight; the
         weighted sum per node."""
         names = [n.name for n in nodes]
-        totals = dict.fromkeys(names, 0)
+        totals = [0] * len(nodes)
+        skip = state.skip_score
         for pl in self.score:
-            if pl.name in state.skip_score:
+            if skip and pl.name in skip:
                 continue
-            scores: dict[str, int] = {}
-            score = pl.score
+            scores: dict[str, int]
             try:
-                for name, n in zip(names, nodes, strict=True):
-                    s, st = score(state, pod, n)
-                    if st is not SUCCESS and st.code != Code.SUCCESS:
-                        return {}, st.with_plugin(pl.name)
-                    scores[name] = s
+                batch = getattr(pl, "score_nodes", None)
+                if batch is not None:
+                    scores = dict(zip(names, batch(state, pod, nodes), strict=True))
+                else:
+                    scores = {}
+                    score = pl.score
+                    for name, n in zip(names, nodes, strict=True):
+                        s, st = score(state, pod, n)
+                        if st is not SUCCESS and st.code != Code.SUCCESS:
+                            return {}, st.with_plugin(pl.name)
+                        scores[name] = s
                 norm = getattr(pl, "normalize_score", None)
                 if norm is not None:
                     st = norm(state, pod, scores)
                     if not st.ok:
                         return {}, st.with_plugin(pl.name)
+                vals = [scores[name] for name in names]
             except Exception as e:  # a plugin bug is the pod's error, not the loop's
                 _log.exception("Score plugin %s failed on pod %s", pl.name, pod.key)
                 return {}, error(str(e)).with_plugin(pl.name)
+            if vals and (min(vals) < MIN_NODE_SCORE or max(vals) > MAX_NODE_SCORE):
+                bad = next(s for s in vals if not MIN_NODE_SCORE <= s <= MAX_NODE_SCORE)
+                return {}, error(f"plugin {pl.name!r} returns an invalid score {bad}, it should in the range "
+                                 f"of [{MIN_NODE_SCORE}, {MAX_NODE_SCORE}] after normalizing").with_plugin(pl.name)
             w = self.weights.get(pl.name, 1)
-            for name, s in scores.items():
-                if not MIN_NODE_SCORE <= s <= MAX_NODE_SCORE:
-                    return {}, error(f"plugin {pl.name!r} returns an invalid score {s}, it should in the range "
-                                     f"of [{MIN_NODE_SCORE}, {MAX_NODE_SCORE}] after normalizing").with_plugin(pl.name)
-                totals[name] += s * w
-        return totals, Status()
+            if w == 1:
+                totals = [t + s for t, s in zip(totals, vals, strict=True)]
+            else:
+                totals = [t + s * w for t, s in zip(totals, vals, strict=True)]
+        return dict(zip(names, totals, strict=True)), Status()
 
     def run_reserve(self, state: CycleState, pod: PodInfo, node: str) -> Status:
         for pl in self.reserve:

@@ -125,6 +125,50 @@ class _AllocationScorer:
         return self.fn(requested, allocs, weights)
 
 
+    def score_nodes(self, pod: PodInfo, nodes: list[NodeInfo]) -> list[int]:
+        """:meth:`score` for every node (the framework's batch path). The default resources
+        (cpu and memory, nothing else) with LeastAllocated, MostAllocated or balance take an
+        inlined loop with the pod's requests read once; anything else calls :meth:`score`."""
+        fn = self.fn
+        if [k for k, _n, _w in self.specs] != [_CPU, _MEM] or fn not in (_least, _most, _balanced):
+            return [self.score(pod, n) for n in nodes]
+        wc, wm = self.specs[0][2], self.specs[1][2]
+        pod_cm = pod.requests if self.use_requested else pod.non_zero_requests
+        pc, pm = pod_cm.milli_cpu, pod_cm.memory
+        use_requested = self.use_requested
+        out: list[int] = []
+        append = out.append
+        for n in nodes:
+            a = n.allocatable
+            r = n.requested if use_requested else n.non_zero_requested
+            ac, am = a.milli_cpu, a.memory
+            rc, rm = r.milli_cpu + pc, r.memory + pm
+            if fn is _balanced:
+                if ac and am:
+                    fc = rc / ac
+                    fm = rm / am
+                    std = abs(((fc if fc < 1.0 else 1.0) - (fm if fm < 1.0 else 1.0)) / 2)
+                    append(int((1 - std) * MAX_NODE_SCORE))
+                else:
+                    append(MAX_NODE_SCORE)  # one fraction or none: std 0
+                continue
+            score = wsum = 0
+            if ac:
+                if fn is _least:
+                    score += (0 if rc > ac else (ac - rc) * MAX_NODE_SCORE // ac) * wc
+                else:
+                    score += ((rc if rc < ac else ac) * MAX_NODE_SCORE // ac) * wc
+                wsum += wc
+            if am:
+                if fn is _least:
+                    score += (0 if rm > am else (am - rm) * MAX_NODE_SCORE // am) * wm
+                else:
+                    score += ((rm if rm < am else am) * MAX_NODE_SCORE // am) * wm
+                wsum += wm
+            append(score // wsum if wsum else 0)
+        return out
+
+
 def _least(requested: list[int], allocs: list[int], weights: list[int]) -> int:
     score = wsum = 0
     for req, alloc, w in zip(requested, allocs, weights, strict=True):
@@ -264,6 +308,9 @@ class NodeResourcesFit:
     def score(self, state: CycleState, pod: PodInfo, node: NodeInfo) -> tuple[int, Status]:
         return self.scorer.score(pod, node), SUCCESS
 
+    def score_nodes(self, state: CycleState, pod: PodInfo, nodes: list[NodeInfo]) -> list[int]:
+        return self.scorer.score_nodes(pod, nodes)
+
     def events_to_register(self) -> Iterable[ClusterEvent]:
         return _RESOURCE_EVENTS
 
@@ -287,6 +334,9 @@ class NodeResourcesBalancedAllocation:
 
     def score(self, state: CycleState, pod: PodInfo, node: NodeInfo) -> tuple[int, Status]:
         return self.scorer.score(pod, node), SUCCESS
+
+    def score_nodes(self, state: CycleState, pod: PodInfo, nodes: list[NodeInfo]) -> list[int]:
+        return self.scorer.score_nodes(pod, nodes)
 
     def events_to_register(self) -> Iterable[ClusterEvent]:
         return _RESOURCE_EVENTS

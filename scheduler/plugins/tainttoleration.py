@@ -65,6 +65,19 @@ class TaintToleration:
                 if taint.get("effect") == "PreferNoSchedule" and not tolerated(tols, taint))
         return n, SUCCESS
 
+    def score_nodes(self, state: CycleState, pod: PodInfo, nodes: list[NodeInfo]) -> list[int]:
+        """:meth:`score` for every node; untainted nodes (most) cost one lookup."""
+        tols = state.get(self._state_key)
+        if tols is None:
+            tols = [t for t in pod_tolerations(pod.pod)
+                    if (t.get("effect") or "PreferNoSchedule") == "PreferNoSchedule"]
+        out = []
+        for n in nodes:
+            taints = (n.node.get("spec") or {}).get("taints")
+            out.append(sum(1 for taint in taints if taint.get("effect") == "PreferNoSchedule"
+                           and not tolerated(tols, taint)) if taints else 0)
+        return out
+
     def normalize_score(self, state: CycleState, pod: PodInfo, scores: dict[str, int]) -> Status:
         default_normalize(scores, reverse=True)
         return SUCCESS
