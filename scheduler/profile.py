@@ -331,20 +331,29 @@ class Profile:
                 return out
         return SUCCESS
 
-    def run_pre_score(self, state: CycleState, pod: PodInfo, nodes: list[NodeInfo]) -> Status:
-        for pl in self.pre_score:
+    @staticmethod
+    def _run_each(point: str, plugins: list[Any], call: Any, pod: PodInfo,
+                  skipped: set[str] | None = None) -> Status:
+        """Run one extension point's plugins in order: the first non-success (tagged with its
+        plugin) ends it; a plugin that raises is that error; SKIP (where ``skipped`` is given,
+        PreScore) records the plugin as skipped for the next point."""
+        for pl in plugins:
             try:
-                st = pl.pre_score(state, pod, nodes)
-            except Exception as e:  # a plugin bug is the pod's error, not the loop's
-                _log.exception("PreScore plugin %s failed on pod %s", pl.name, pod.key)
+                st = call(pl)
+            except Exception as e:  # a plugin bug (or a failed write) is the pod's error, not the loop's
+                _log.exception("%s plugin %s failed on pod %s", point, pl.name, pod.key)
                 return error(str(e)).with_plugin(pl.name)
-            if st.code == Code.SKIP:
-                state.skip_score.add(pl.name)
+            if skipped is not None and st.code == Code.SKIP:
+                skipped.add(pl.name)
                 continue
             if not st.ok:
                 out: Status = st.with_plugin(pl.name)
                 return out
         return Status()
+
+    def run_pre_score(self, state: CycleState, pod: PodInfo, nodes: list[NodeInfo]) -> Status:
+        return self._run_each("PreScore", self.pre_score, lambda pl: pl.pre_score(state, pod, nodes), pod,
+                              state.skip_score)
 
     def run_score(self, state: CycleState, pod: PodInfo, nodes: list[NodeInfo]) -> tuple[dict[str, int], Status]:
         """upstream RunScorePlugins: per plugin score, NormalizeScore, range check, weight; the
@@ -389,16 +398,7 @@ class Profile:
         return dict(zip(names, totals, strict=True)), Status()
 
     def run_reserve(self, state: CycleState, pod: PodInfo, node: str) -> Status:
-        for pl in self.reserve:
-            try:
-                st = pl.reserve(state, pod, node)
-            except Exception as e:  # a plugin bug is the pod's error, not the loop's
-                _log.exception("Reserve plugin %s failed on pod %s", pl.name, pod.key)
-                return error(str(e)).with_plugin(pl.name)
-            if not st.ok:
-                out: Status = st.with_plugin(pl.name)
-                return out
-        return Status()
+        return self._run_each("Reserve", self.reserve, lambda pl: pl.reserve(state, pod, node), pod)
 
     def run_unreserve(self, state: CycleState, pod: PodInfo, node: str) -> None:
         for pl in reversed(self.reserve):
@@ -408,16 +408,7 @@ class Profile:
                 _log.exception("Unreserve of plugin %s failed for pod %s", pl.name, pod.key)
 
     def run_pre_bind(self, state: CycleState, pod: PodInfo, node: str) -> Status:
-        for pl in self.pre_bind:
-            try:
-                st = pl.pre_bind(state, pod, node)
-            except Exception as e:  # a plugin bug (or a failed write) is the pod's error
-                _log.exception("PreBind plugin %s failed on pod %s", pl.name, pod.key)
-                return error(str(e)).with_plugin(pl.name)
-            if not st.ok:
-                out: Status = st.with_plugin(pl.name)
-                return out
-        return Status()
+        return self._run_each("PreBind", self.pre_bind, lambda pl: pl.pre_bind(state, pod, node), pod)
 
 
 def resolve_plugins(pc: ProfileConfig, registry: Mapping[str, type]) -> dict[str, list[tuple[str, int | None]]]:

@@ -241,7 +241,23 @@ def _balanced(requested: list[int], allocs: list[int], weights: list[int]) -> in
     return int((1 - std) * MAX_NODE_SCORE)
 
 
-class NodeResourcesFit:
+class _AllocationScored:
+    """Score, batch score and events of the two plugins that score through an
+    :class:`_AllocationScorer` (``self.scorer``)."""
+
+    scorer: _AllocationScorer
+
+    def score(self, state: CycleState, pod: PodInfo, node: NodeInfo) -> tuple[int, Status]:
+        return self.scorer.score(pod, node), SUCCESS
+
+    def score_nodes(self, state: CycleState, pod: PodInfo, nodes: list[NodeInfo]) -> list[int]:
+        return self.scorer.score_nodes(pod, nodes)
+
+    def events_to_register(self) -> Iterable[ClusterEvent]:
+        return _RESOURCE_EVENTS
+
+
+class NodeResourcesFit(_AllocationScored):
     """Filter and score on requested vs allocatable resources (NodeResourcesFitArgs)."""
 
     name = "NodeResourcesFit"
@@ -305,17 +321,9 @@ class NodeResourcesFit:
         return Status(Code.UNSCHEDULABLE_AND_UNRESOLVABLE if unresolvable else Code.UNSCHEDULABLE,
                       tuple(reasons), self.name)
 
-    def score(self, state: CycleState, pod: PodInfo, node: NodeInfo) -> tuple[int, Status]:
-        return self.scorer.score(pod, node), SUCCESS
-
-    def score_nodes(self, state: CycleState, pod: PodInfo, nodes: list[NodeInfo]) -> list[int]:
-        return self.scorer.score_nodes(pod, nodes)
-
-    def events_to_register(self) -> Iterable[ClusterEvent]:
-        return _RESOURCE_EVENTS
 
 
-class NodeResourcesBalancedAllocation:
+class NodeResourcesBalancedAllocation(_AllocationScored):
     """Favour nodes whose resource fractions stay even after placing the pod."""
 
     name = "NodeResourcesBalancedAllocation"
@@ -332,11 +340,3 @@ class NodeResourcesBalancedAllocation:
             return SKIP
         return SUCCESS
 
-    def score(self, state: CycleState, pod: PodInfo, node: NodeInfo) -> tuple[int, Status]:
-        return self.scorer.score(pod, node), SUCCESS
-
-    def score_nodes(self, state: CycleState, pod: PodInfo, nodes: list[NodeInfo]) -> list[int]:
-        return self.scorer.score_nodes(pod, nodes)
-
-    def events_to_register(self) -> Iterable[ClusterEvent]:
-        return _RESOURCE_EVENTS
