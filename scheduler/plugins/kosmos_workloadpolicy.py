@@ -16,7 +16,8 @@ Per pod, in order (DaemonSet pods and pods without the label are skipped at PreF
    rejected (Unschedulable: a deleted pod frees room); a value the policy does not list has quota
    0. ``Preferred`` (the CRD's default) rejects nothing more: pods spill over once the quotas
    are met.
-3. ``score``: :func:`scheduler.policy.workload_score` of the node's domain, ``Balance`` (default)
+3. ``pre_score`` SKIPs the pods PreFilter skipped (no Score calls for them); ``score``:
+   :func:`scheduler.policy.workload_score` of the node's domain, ``Balance`` (default)
    = (1 - count/desired)*100, ``Fill`` = count/desired*100, corrected so that full or unlisted
    domains score 0 and domains with room at least 1 (Kosmos' formula gave a full domain 100
    under Fill). Scores are already 0..100; no normalisation.
@@ -129,6 +130,10 @@ class LeafNodeWorkloadPolicy:
             return unschedulable(f"node(s) were in a topology domain that reached its replicas in "
                                  f"workload-policy {pol.ident}")
         return SUCCESS
+
+    def pre_score(self, state: CycleState, pod: PodInfo, nodes: list[NodeInfo]) -> Status:
+        """SKIP (no Score calls) for pods PreFilter skipped: they have no policy to score by."""
+        return SUCCESS if state.get(_STATE_KEY) is not None else SKIP
 
     def score(self, state: CycleState, pod: PodInfo, node: NodeInfo) -> tuple[int, Status]:
         st: _State | None = state.get(_STATE_KEY)
