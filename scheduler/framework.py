@@ -25,7 +25,7 @@ KubeSchedulerConfiguration. Pods and nodes are the API's JSON objects (dicts), p
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -252,6 +252,17 @@ class PreFilterPlugin(Plugin, Protocol):
 @runtime_checkable
 class FilterPlugin(Plugin, Protocol):
     def filter(self, state: CycleState, pod: PodInfo, node: NodeInfo) -> Status: ...
+
+
+@runtime_checkable
+class FilterFactoryPlugin(FilterPlugin, Protocol):
+    """Optional, for the hot path (an addition to upstream's interface, same semantics): a filter
+    plugin may compile its Filter for one pod once per cycle. ``filter_fn`` returns a function
+    of the node giving exactly what ``filter(state, pod, node)`` would, or None when ``filter``
+    would pass every node for this pod (the framework then does not call it: e.g. NodeName for
+    a pod without ``spec.nodeName``). The pod's data is read once instead of once per node."""
+
+    def filter_fn(self, state: CycleState, pod: PodInfo) -> Callable[[NodeInfo], Status] | None: ...
 
 
 @runtime_checkable

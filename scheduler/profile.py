@@ -27,8 +27,9 @@ In order:
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -351,6 +352,24 @@ class Profile:
                 return out
         return Status()
 
+    def pod_filters(self, state: CycleState, pod: PodInfo) -> list[tuple[str, Callable[[NodeInfo], Status]]]:
+        """The Filter plugins to run for ``pod``, each as a function of the node: those PreFilter
+        did not SKIP, compiled by ``filter_fn`` where the plugin has it (left out when it answers
+        None: it would pass every node), else ``filter`` with state and pod bound."""
+        skip = state.skip_filter
+        out: list[tuple[str, Callable[[NodeInfo], Status]]] = []
+        for pl in self.filter:
+            if skip and pl.name in skip:
+                continue
+            compile_ = getattr(pl, "filter_fn", None)
+            if compile_ is None:
+                out.append((pl.name, functools.partial(pl.filter, state, pod)))
+                continue
+            fn = compile_(state, pod)
+            if fn is not None:
+                out.append((pl.name, fn))
+        return out
+
     def run_pre_score(self, state: CycleState, pod: PodInfo, nodes: list[NodeInfo]) -> Status:
         return self._run_each("PreScore", self.pre_score, lambda pl: pl.pre_score(state, pod, nodes), pod,
                               state.skip_score)
@@ -358,7 +377,7 @@ class Profile:
     def run_score(self, state: CycleState, pod: PodInfo, nodes: list[NodeInfo]) -> tuple[dict[str, int], Status]:
         """upstream RunScorePlugins: per plugin score, NormalizeScore, range check, weight; the
         weighted sum per node."""
-        names = [n.name for n in nodes]
+        names = [n.node["metadata"]["name"] for n in nodes]  # NodeInfo.name, without a call per node
         totals = [0] * len(nodes)
         skip = state.skip_score
         for pl in self.score:

@@ -507,15 +507,21 @@ class Scheduler:
         if not profile.filter:
             feasible = [nodes[(start + i) % n] for i in range(want)]
         else:
-            # profile.run_filter inlined: this loop runs for hundreds of nodes per pod.
-            skip = state.skip_filter
-            filters = [(pl.name, pl.filter) for pl in profile.filter if pl.name not in skip]
+            # profile.run_filter inlined: this loop runs for hundreds of nodes per pod. Plugins
+            # whose PreFilter SKIPped are left out; the others' Filter is bound to this pod once
+            # (FilterFactoryPlugin.filter_fn, or the plain Filter with state and pod bound), and a
+            # plugin whose compiled Filter would pass every node is left out too.
+            try:
+                filters = profile.pod_filters(state, pi)
+            except Exception as e:  # a plugin bug fails this pod's cycle, not the loop
+                _log.exception("compiling the Filter plugins for pod %s failed", pi.key)
+                raise SchedulingError(f"running filter plugins: {e}") from e
             order = nodes[start:] + nodes[:start] if start else nodes
             for ni in order:
                 st = SUCCESS
                 for pname, f in filters:
                     try:
-                        st = f(state, pi, ni)
+                        st = f(ni)
                     except Exception as e:  # a plugin bug fails this pod's cycle, not the loop
                         _log.exception("Filter plugin %s failed on pod %s node %s", pname, pi.key, ni.name)
                         raise SchedulingError(f'running "{pname}" filter plugin: {e}') from e

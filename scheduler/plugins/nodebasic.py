@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from scheduler.framework import (
@@ -48,6 +48,13 @@ class NodeName:
             return unresolvable(ERR_NODE_NAME).with_plugin(self.name)
         return SUCCESS
 
+    def filter_fn(self, state: CycleState, pod: PodInfo) -> Callable[[NodeInfo], Status] | None:
+        want = (pod.pod.get("spec") or {}).get("nodeName")
+        if not want:
+            return None
+        fail = unresolvable(ERR_NODE_NAME).with_plugin(self.name)
+        return lambda node: fail if node.node["metadata"]["name"] != want else SUCCESS
+
     def events_to_register(self) -> Iterable[ClusterEvent]:
         return (ClusterEvent("Node", "Add"),)
 
@@ -67,6 +74,12 @@ class NodeUnschedulable:
         if tolerated(pod_tolerations(pod.pod), _UNSCHEDULABLE_TAINT):
             return SUCCESS
         return unresolvable(ERR_UNSCHEDULABLE).with_plugin(self.name)
+
+    def filter_fn(self, state: CycleState, pod: PodInfo) -> Callable[[NodeInfo], Status] | None:
+        if tolerated(pod_tolerations(pod.pod), _UNSCHEDULABLE_TAINT):
+            return None
+        fail = unresolvable(ERR_UNSCHEDULABLE).with_plugin(self.name)
+        return lambda node: fail if (node.node.get("spec") or {}).get("unschedulable") else SUCCESS
 
     def events_to_register(self) -> Iterable[ClusterEvent]:
         return (ClusterEvent("Node", "Add"), ClusterEvent("Node", "UpdateNodeTaint"))

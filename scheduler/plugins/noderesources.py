@@ -24,6 +24,7 @@ best-effort pods are not scored by it (PreScore answers Skip).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -138,34 +139,40 @@ class _AllocationScorer:
         use_requested = self.use_requested
         out: list[int] = []
         append = out.append
+        if fn is _balanced:
+            for n in nodes:
+                a = n.allocatable
+                r = n.requested if use_requested else n.non_zero_requested
+                ac, am = a.milli_cpu, a.memory
+                if ac and am:
+                    fc = (r.milli_cpu + pc) / ac
+                    fm = (r.memory + pm) / am
+                    std = abs(((fc if fc < 1.0 else 1.0) - (fm if fm < 1.0 else 1.0)) / 2)
+                    append(int((1 - std) * MAX_NODE_SCORE))
+                else:
+                    append(MAX_NODE_SCORE)  # one fraction or none: std 0
+            return out
+        least = fn is _least
+        wsum_both = wc + wm
         for n in nodes:
             a = n.allocatable
             r = n.requested if use_requested else n.non_zero_requested
             ac, am = a.milli_cpu, a.memory
             rc, rm = r.milli_cpu + pc, r.memory + pm
-            if fn is _balanced:
-                if ac and am:
-                    fc = rc / ac
-                    fm = rm / am
-                    std = abs(((fc if fc < 1.0 else 1.0) - (fm if fm < 1.0 else 1.0)) / 2)
-                    append(int((1 - std) * MAX_NODE_SCORE))
-                else:
-                    append(MAX_NODE_SCORE)  # one fraction or none: std 0
-                continue
-            score = wsum = 0
-            if ac:
-                if fn is _least:
-                    score += (0 if rc > ac else (ac - rc) * MAX_NODE_SCORE // ac) * wc
-                else:
-                    score += ((rc if rc < ac else ac) * MAX_NODE_SCORE // ac) * wc
-                wsum += wc
-            if am:
-                if fn is _least:
-                    score += (0 if rm > am else (am - rm) * MAX_NODE_SCORE // am) * wm
-                else:
-                    score += ((rm if rm < am else am) * MAX_NODE_SCORE // am) * wm
-                wsum += wm
-            append(score // wsum if wsum else 0)
+            if least:
+                sc = 0 if rc > ac else (ac - rc) * MAX_NODE_SCORE // ac if ac else 0
+                sm = 0 if rm > am else (am - rm) * MAX_NODE_SCORE // am if am else 0
+            else:
+                sc = (rc if rc < ac else ac) * MAX_NODE_SCORE // ac if ac else 0
+                sm = (rm if rm < am else am) * MAX_NODE_SCORE // am if am else 0
+            if ac and am:
+                append((sc * wc + sm * wm) // wsum_both)
+            elif ac:
+                append(sc * wc // wc)
+            elif am:
+                append(sm * wm // wm)
+            else:
+                append(0)
         return out
 
 
@@ -289,6 +296,25 @@ class NodeResourcesFit(_AllocationScored):
             return False
         return rname in self.ignored_resources or (
             bool(self.ignored_groups) and rname.split("/", 1)[0] in self.ignored_groups)
+
+    def filter_fn(self, state: CycleState, pod: PodInfo) -> Callable[[NodeInfo], Status] | None:
+        """The common case inline (the pod fits: SUCCESS after a few comparisons); any shortage,
+        or extended resources, goes through :meth:`filter` for upstream's reasons."""
+        req = pod.requests
+        if req.scalar:
+            return functools.partial(self.filter, state, pod)
+        cpu, mem, eph = req.milli_cpu, req.memory, req.ephemeral_storage
+        slow = self.filter
+
+        def f(node: NodeInfo) -> Status:
+            a = node.allocatable
+            u = node.requested
+            if len(node.pods) < a.allowed_pod_number and (cpu == 0 or cpu <= a.milli_cpu - u.milli_cpu) and \
+                    (mem == 0 or mem <= a.memory - u.memory) and \
+                    (eph == 0 or eph <= a.ephemeral_storage - u.ephemeral_storage):
+                return SUCCESS
+            return slow(state, pod, node)
+        return f
 
     def filter(self, state: CycleState, pod: PodInfo, node: NodeInfo) -> Status:
         reasons: list[str] = []

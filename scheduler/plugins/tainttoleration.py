@@ -51,6 +51,21 @@ class TaintToleration:
             return SUCCESS
         return unresolvable(untolerated_reason(taint)).with_plugin(self.name)
 
+    def filter_fn(self, state: CycleState, pod: PodInfo) -> Callable[[NodeInfo], Status] | None:
+        tols = pod_tolerations(pod.pod)
+        enforced = self.enforced
+        name = self.name
+
+        def f(node: NodeInfo) -> Status:
+            taints = (node.node.get("spec") or {}).get("taints")
+            if not taints:
+                return SUCCESS
+            taint = find_untolerated(taints, tols, enforced)
+            if taint is None:
+                return SUCCESS
+            return unresolvable(untolerated_reason(taint)).with_plugin(name)
+        return f
+
     def pre_score(self, state: CycleState, pod: PodInfo, nodes: list[NodeInfo]) -> Status:
         tols = [t for t in pod_tolerations(pod.pod) if (t.get("effect") or "PreferNoSchedule") == "PreferNoSchedule"]
         state.write(self._state_key, tols)
