@@ -526,7 +526,8 @@ class Scheduler:
                         _log.exception("Filter plugin %s failed on pod %s node %s", pname, pi.key, ni.name)
                         raise SchedulingError(f'running "{pname}" filter plugin: {e}') from e
                     if st is not SUCCESS and st.code != Code.SUCCESS:
-                        st = st.with_plugin(pname)
+                        if st.plugin != pname:
+                            st = st.with_plugin(pname)
                         break
                 else:
                     feasible.append(ni)

@@ -249,21 +249,37 @@ class InterPodAffinity:
         return None, SUCCESS
 
     def filter(self, state: CycleState, pod: PodInfo, node: NodeInfo) -> Status:
+        fn = self.filter_fn(state, pod)
+        return SUCCESS if fn is None else fn(node)
+
+    def filter_fn(self, state: CycleState, pod: PodInfo) -> Callable[[NodeInfo], Status] | None:
+        """Filter for this pod, the PreFilter counts looked up once per term (upstream's order:
+        affinity, the pod's anti-affinity, existing pods' anti-affinity)."""
         s: _PreFilterState | None = state.get(_PRE_FILTER)
         if s is None:
-            return SUCCESS  # PreFilter skipped: nothing constrains this pod
-        labels = node.labels
-        if s.terms.required_affinity and not self._satisfy_affinity(s, pod, labels):
-            return unresolvable(ERR_AFFINITY).with_plugin(self.name)
-        for t in s.terms.required_anti:
-            v = labels.get(t.topology_key)
-            if v is not None and s.anti.get(t.topology_key, {}).get(v, 0) > 0:
-                return unschedulable(ERR_ANTI_AFFINITY).with_plugin(self.name)
-        for key, per in s.existing.items():
-            v = labels.get(key)
-            if v is not None and per.get(v, 0) > 0:
-                return unschedulable(ERR_EXISTING_ANTI_AFFINITY).with_plugin(self.name)
-        return SUCCESS
+            return None  # PreFilter skipped: nothing constrains this pod
+        with_affinity = bool(s.terms.required_affinity)
+        anti = [(t.topology_key, s.anti.get(t.topology_key, {})) for t in s.terms.required_anti]
+        existing = [(key, per) for key, per in s.existing.items() if per]
+        no_affinity = unresolvable(ERR_AFFINITY).with_plugin(self.name)
+        anti_st = unschedulable(ERR_ANTI_AFFINITY).with_plugin(self.name)
+        existing_st = unschedulable(ERR_EXISTING_ANTI_AFFINITY).with_plugin(self.name)
+        satisfy = self._satisfy_affinity
+
+        def f(node: NodeInfo) -> Status:
+            labels = node.node["metadata"].get("labels") or {}
+            if with_affinity and not satisfy(s, pod, labels):
+                return no_affinity
+            for key, per in anti:
+                v = labels.get(key)
+                if v is not None and per.get(v, 0) > 0:
+                    return anti_st
+            for key, per in existing:
+                v = labels.get(key)
+                if v is not None and per.get(v, 0) > 0:
+                    return existing_st
+            return SUCCESS
+        return f
 
     @staticmethod
     def _satisfy_affinity(s: _PreFilterState, pod: PodInfo, labels: Mapping[str, str]) -> bool:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -287,17 +287,30 @@ class PodTopologySpread:
         return None, SUCCESS
 
     def filter(self, state: CycleState, pod: PodInfo, node: NodeInfo) -> Status:
+        fn = self.filter_fn(state, pod)
+        return SUCCESS if fn is None else fn(node)
+
+    def filter_fn(self, state: CycleState, pod: PodInfo) -> Callable[[NodeInfo], Status] | None:
+        """Filter for this pod: per constraint (key, counts, the count a node may have at most
+        = minimum + maxSkew - selfMatch), read once from the PreFilter state."""
         s: _FilterState | None = state.get(_PRE_FILTER)
         if s is None:
+            return None
+        plan = [(c.topology_key, s.counts[i], s.minimum[i] + c.max_skew - s.self_match[i])
+                for i, c in enumerate(s.constraints)]
+        no_label = unresolvable(ERR_NODE_LABEL).with_plugin(self.name)
+        skewed = unschedulable(ERR_CONSTRAINTS).with_plugin(self.name)
+
+        def f(node: NodeInfo) -> Status:
+            labels = node.node["metadata"].get("labels") or {}
+            for key, counts, most in plan:
+                v = labels.get(key)
+                if v is None:
+                    return no_label
+                if counts.get(v, 0) > most:
+                    return skewed
             return SUCCESS
-        labels = node.labels
-        for i, c in enumerate(s.constraints):
-            v = labels.get(c.topology_key)
-            if v is None:
-                return unresolvable(ERR_NODE_LABEL).with_plugin(self.name)
-            if s.counts[i].get(v, 0) + s.self_match[i] - s.minimum[i] > c.max_skew:
-                return unschedulable(ERR_CONSTRAINTS).with_plugin(self.name)
-        return SUCCESS
+        return f
 
     # -- score ----------------------------------------------------------------------------
     def pre_score(self, state: CycleState, pod: PodInfo, nodes: list[NodeInfo]) -> Status:

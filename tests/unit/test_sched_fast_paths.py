@@ -33,6 +33,12 @@ class _Handle:
     def node_infos(self) -> list[NodeInfo]:
         return self.infos
 
+    def have_pods_with_affinity(self) -> list[NodeInfo]:
+        return [n for n in self.infos if n.pods_with_affinity]
+
+    def have_pods_with_required_anti_affinity(self) -> list[NodeInfo]:
+        return [n for n in self.infos if n.pods_with_required_anti_affinity]
+
     def lister(self, resource: str) -> dict[str, Obj]:
         return {}
 
@@ -60,10 +66,13 @@ def fleet() -> list[NodeInfo]:
     ]
     for i, (spec, alloc, n_pods) in enumerate(variants):
         name = f"n{i}"
-        ni = new_node_info({"metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
+        labels = {"kubernetes.io/hostname": name, **({"zone": f"z{i % 3}"} if i != 5 else {})}
+        ni = new_node_info({"metadata": {"name": name, "labels": labels},
                             "spec": spec, "status": {"allocatable": alloc}})
         for j in range(n_pods):
-            add_pod(ni, new_pod_info(_pod(f"{name}-p{j}", {"cpu": "200m", "memory": "100Mi"}, nodeName=name)))
+            p = _pod(f"{name}-p{j}", {"cpu": "200m", "memory": "100Mi"}, nodeName=name)
+            p["metadata"]["labels"] = {"app": "db"}
+            add_pod(ni, new_pod_info(p))
         out.append(ni)
     return out
 
@@ -81,6 +90,12 @@ PODS = [
     _pod("tolerates-soft", {"memory": "1Gi"}, tolerations=[{"key": "soft", "effect": "PreferNoSchedule"}]),
     _pod("pinned", {"cpu": "100m"}, nodeName="n3"),
     _pod("cordon-ok", tolerations=[{"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"}]),
+    _pod("spread", {"cpu": "100m"}, topologySpreadConstraints=[
+        {"maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "DoNotSchedule",
+         "labelSelector": {"matchLabels": {"app": "db"}}},
+        {"maxSkew": 1, "topologyKey": "zone", "whenUnsatisfiable": "DoNotSchedule", "labelSelector": {}}]),
+    _pod("anti", {"cpu": "100m"}, affinity={"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+        {"labelSelector": {"matchLabels": {"app": "db"}}, "topologyKey": "kubernetes.io/hostname"}]}}),
 ]
 
 
@@ -92,6 +107,8 @@ def test_filter_fn_equals_filter(name: str) -> None:
     for p in PODS:
         pi = new_pod_info(p)
         state = CycleState()
+        if hasattr(plugin, "pre_filter"):
+            plugin.pre_filter(state, pi, infos)
         fn = plugin.filter_fn(state, pi)
         for ni in infos:
             want = plugin.filter(state, pi, ni)
