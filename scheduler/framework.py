@@ -25,6 +25,7 @@ KubeSchedulerConfiguration. Pods and nodes are the API's JSON objects (dicts), p
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -160,8 +161,11 @@ class NodeInfo:
     pvc_ref_counts: dict[str, int] = field(default_factory=dict)
     generation: int = 0
 
-    @property
+    @functools.cached_property
     def name(self) -> str:
+        """The node's name, read once: a NodeInfo stands for one node for its whole life (the
+        node object may be replaced, its name never changes), and the plugins key their tables
+        by it in loops over every node."""
         return str(self.node["metadata"]["name"])
 
     @property
