@@ -377,7 +377,7 @@ class Profile:
     def run_score(self, state: CycleState, pod: PodInfo, nodes: list[NodeInfo]) -> tuple[dict[str, int], Status]:
         """upstream RunScorePlugins: per plugin score, NormalizeScore, range check, weight; the
         weighted sum per node."""
-        names = [n.node["metadata"]["name"] for n in nodes]  # NodeInfo.name, without a call per node
+        names = [n.name for n in nodes]
         totals = [0] * len(nodes)
         skip = state.skip_score
         for pl in self.score:
