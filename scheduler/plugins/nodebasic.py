@@ -78,6 +78,11 @@ class NodeUnschedulable:
     def filter_fn(self, state: CycleState, pod: PodInfo) -> Callable[[NodeInfo], Status] | None:
         if tolerated(pod_tolerations(pod.pod), _UNSCHEDULABLE_TAINT):
             return None
+        # The scheduler's snapshot (scheduler.cache.NodeSnapshot) names the cordoned nodes: with
+        # none, this Filter would pass every node. Other snapshots: check every node.
+        cordoned = getattr(self.handle.snapshot(), "unschedulable", None)
+        if cordoned is not None and not cordoned:
+            return None
         fail = unresolvable(ERR_UNSCHEDULABLE).with_plugin(self.name)
         return lambda node: fail if (node.node.get("spec") or {}).get("unschedulable") else SUCCESS
 

@@ -519,3 +519,38 @@ def test_pod_level_requests_replace_the_container_totals() -> None:
     pi = new_pod_info(p)
     assert (pi.requests.milli_cpu, pi.requests.memory) == (1000, 2**20)
     assert pi.non_zero_requests.milli_cpu == 1000
+
+
+def test_snapshot_tracks_cordoned_nodes_for_node_unschedulable() -> None:
+    """NodeUnschedulable drops out of the filter loop while the snapshot has no cordoned node,
+    and rejects the cordoned one as soon as the cache sees the cordon (and not after uncordon)."""
+    from scheduler.framework import Code, CycleState
+    from scheduler.plugins.nodebasic import NodeUnschedulable
+
+    c = Cache()
+    snap = NodeSnapshot()
+    c.add_node(node("n1"))
+    c.add_node(node("n2"))
+    c.update_snapshot(snap)
+
+    class _H:
+        def snapshot(self) -> NodeSnapshot:
+            return snap
+
+    plugin = NodeUnschedulable(_H(), {})  # type: ignore[arg-type]
+    pi = new_pod_info(pod("a"))
+    assert snap.unschedulable == set()
+    assert plugin.filter_fn(CycleState(), pi) is None
+    cordoned = node("n2")
+    cordoned["spec"]["unschedulable"] = True
+    c.update_node(cordoned)
+    c.update_snapshot(snap)
+    assert snap.unschedulable == {"n2"}
+    fn = plugin.filter_fn(CycleState(), pi)
+    assert fn is not None
+    assert fn(snap.get("n1")).code == Code.SUCCESS  # type: ignore[arg-type]
+    assert fn(snap.get("n2")).reasons == ("node(s) were unschedulable",)  # type: ignore[arg-type]
+    c.update_node(node("n2"))
+    c.remove_node("n1")
+    c.update_snapshot(snap)
+    assert snap.unschedulable == set() and plugin.filter_fn(CycleState(), pi) is None
