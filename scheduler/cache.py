@@ -89,6 +89,9 @@ class NodeSnapshot:
         #: Names of the cordoned nodes (``spec.unschedulable``): NodeUnschedulable has nothing to
         #: check per node while this is empty, which it nearly always is.
         self.unschedulable: set[str] = set()
+        #: Names of the nodes with any taint: TaintToleration has nothing to check per node while
+        #: this is empty.
+        self.tainted: set[str] = set()
         self.generation = 0
 
     def node_infos(self) -> list[NodeInfo]:
@@ -306,14 +309,20 @@ class Cache:
                 top = max(top, n.info.generation)
                 if not n.has_node:
                     snap.unschedulable.discard(name)
+                    snap.tainted.discard(name)
                     if snap.node_info_map.pop(name, None) is not None:
                         affinity_changed = True
                     continue
                 old = snap.node_info_map.get(name)
-                if (n.info.node.get("spec") or {}).get("unschedulable"):
+                spec = n.info.node.get("spec") or {}
+                if spec.get("unschedulable"):
                     snap.unschedulable.add(name)
                 else:
                     snap.unschedulable.discard(name)
+                if spec.get("taints"):
+                    snap.tainted.add(name)
+                else:
+                    snap.tainted.discard(name)
                 clone = clone_node_info(n.info)
                 if old is None or bool(old.pods_with_affinity) != bool(clone.pods_with_affinity) or \
                         bool(old.pods_with_required_anti_affinity) != bool(clone.pods_with_required_anti_affinity):
@@ -328,6 +337,7 @@ class Cache:
                 for name in [k for k in snap.node_info_map if k not in self._nodes or not self._nodes[k].has_node]:
                     del snap.node_info_map[name]
                     snap.unschedulable.discard(name)
+                    snap.tainted.discard(name)
                 snap.node_info_list = interleave_zones(
                     snap.node_info_map[k] for k in sorted(snap.node_info_map))
                 self._membership_changed = False

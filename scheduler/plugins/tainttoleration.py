@@ -52,6 +52,11 @@ class TaintToleration:
         return unresolvable(untolerated_reason(taint)).with_plugin(self.name)
 
     def filter_fn(self, state: CycleState, pod: PodInfo) -> Callable[[NodeInfo], Status] | None:
+        # The scheduler's snapshot (scheduler.cache.NodeSnapshot) names the tainted nodes: with
+        # none, this Filter would pass every node. Other snapshots: check every node.
+        tainted = getattr(self.handle.snapshot(), "tainted", None)
+        if tainted is not None and not tainted:
+            return None
         tols = pod_tolerations(pod.pod)
         enforced = self.enforced
         name = self.name

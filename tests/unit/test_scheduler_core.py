@@ -554,3 +554,30 @@ def test_snapshot_tracks_cordoned_nodes_for_node_unschedulable() -> None:
     c.remove_node("n1")
     c.update_snapshot(snap)
     assert snap.unschedulable == set() and plugin.filter_fn(CycleState(), pi) is None
+
+
+def test_snapshot_tracks_tainted_nodes_for_taint_toleration() -> None:
+    from scheduler.framework import CycleState
+    from scheduler.plugins.tainttoleration import TaintToleration
+
+    c = Cache()
+    snap = NodeSnapshot()
+    c.add_node(node("n1"))
+    c.update_snapshot(snap)
+
+    class _H:
+        def snapshot(self) -> NodeSnapshot:
+            return snap
+
+    plugin = TaintToleration(_H(), {})  # type: ignore[arg-type]
+    pi = new_pod_info(pod("a"))
+    assert plugin.filter_fn(CycleState(), pi) is None
+    c.add_node(node("n2", taints=[{"key": "k", "value": "v", "effect": "NoSchedule"}]))
+    c.update_snapshot(snap)
+    assert snap.tainted == {"n2"}
+    fn = plugin.filter_fn(CycleState(), pi)
+    assert fn is not None
+    assert fn(snap.get("n2")).reasons == ("node(s) had untolerated taint {k: v}",)  # type: ignore[arg-type]
+    c.remove_node("n2")
+    c.update_snapshot(snap)
+    assert snap.tainted == set() and plugin.filter_fn(CycleState(), pi) is None
