@@ -86,7 +86,11 @@ class TaintToleration:
         return n, SUCCESS
 
     def score_nodes(self, state: CycleState, pod: PodInfo, nodes: list[NodeInfo]) -> list[int]:
-        """:meth:`score` for every node; untainted nodes (most) cost one lookup."""
+        """:meth:`score` for every node; untainted nodes (most) cost one lookup, none when the
+        snapshot says no node is tainted."""
+        tainted = getattr(self.handle.snapshot(), "tainted", None)
+        if tainted is not None and not tainted:
+            return [0] * len(nodes)
         tols = state.get(self._state_key)
         if tols is None:
             tols = [t for t in pod_tolerations(pod.pod)
