@@ -22,7 +22,11 @@ In order:
    default whose plugin is not registered is skipped with a warning (the registry is filled by
    the plugin modules).
 4. :class:`Profile` runs the extension points for one pod (the scheduling loop in
-   ``scheduler.scheduler`` calls them in upstream's order).
+   ``scheduler.scheduler`` calls them in upstream's order). Plugins a PreFilter/PreScore SKIPped
+   are not called at Filter/Score; :meth:`Profile.pod_filters` compiles the Filters once per pod
+   (``FilterFactoryPlugin.filter_fn``, dropping those that would pass every node) and
+   ``run_score`` takes a plugin's ``score_nodes`` (BatchScorePlugin) over all feasible nodes at
+   once where it has one: the hot path at hundreds of nodes per pod, same results.
 """
 
 from __future__ import annotations
