@@ -41,7 +41,7 @@ def test_objects_and_placement() -> None:
             assert max(zones.count(z) for z in range(zones_n)) - min(zones.count(z) for z in range(zones_n)) <= 1
     assert bs.pod_object(bs.Scenario("basic", 5, 5), 1, bs.BARE_SCHEDULER)["spec"]["schedulerName"] == "bench-bare"
     assert [s.name for s in bs.scenarios((1000, 5000), 10)] == ["basic_1000n", "basic_5000n", "spread_1000n"]
-    assert bs.scheduler_argv("http://x") == [sys.executable, "-m", "scheduler.main", "--master", "http://x"]
+    assert bs.scheduler_argv("http://x")[:5] == [sys.executable, "-m", "scheduler.main", "--master", "http://x"]
 
 
 def test_a_smoke_run_reports_rates_ratios_and_rss(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -81,12 +81,10 @@ def test_kosmos_is_built_and_planned(tmp_path: Path) -> None:
     assert schedulers.problems(fake, False) == []
 
 
-def test_kosmos_argv_talks_to_the_cluster_api_server(tmp_path: Path) -> None:
-    st = lab.plan("ksch", _topo(tmp_path))
-    west = st.clusters[1]
-    west.api_url = "http://127.0.0.1:43210"
-    assert schedulers.scheduler_argv(west) == [sys.executable, "-m", "scheduler.main", "--master",
-                                               "http://127.0.0.1:43210"]
+def test_kosmos_argv_talks_to_the_cluster_api_server() -> None:
+    assert schedulers.scheduler_argv("http://127.0.0.1:43210") == [
+        sys.executable, "-m", "scheduler.main", "--master", "http://127.0.0.1:43210", "--leader-elect=false",
+        "--listen", "127.0.0.1:0"]
 
 
 def test_registered_scheduler_starts_records_and_stops(lab_root: Path, tmp_path: Path,

@@ -22,11 +22,12 @@ Each round of each scenario, in this order:
    as its ADDED event arrives on a watch, to a precomputed node (``pods/binding``, the same
    number of concurrent clients; the precomputed placement satisfies the scenario's constraints).
    The server is then stopped.
-2. **ours** - a fresh API server; the scheduler (``python -m scheduler.main --master URL``) is
-   started on it while it is empty and its RSS read once it has settled; the nodes are created
-   and a warm-up pod is waited for until bound (the scheduler has synced and places pods); RSS
-   again; then the same pods (default schedulerName) are created by the same clients and the
-   watch waits until every one has ``spec.nodeName``; RSS a third time.
+2. **ours** - a fresh API server; the scheduler (the lab's command line,
+   ``python -m scheduler.main``) is started on it while it is empty and its RSS read once it
+   has settled; the nodes are created and a warm-up pod is waited for until bound (the
+   scheduler has synced and places pods); RSS again; then the same pods (default
+   schedulerName) are created by the same clients and the watch waits until every one has
+   ``spec.nodeName``; RSS a third time.
 
 For both: ``pods/s`` = pods / (first create request sent -> last pod seen bound on the watch);
 per-pod latency = (pod seen bound) - (pod seen ADDED), both on the one watch, so clocks agree;
@@ -94,8 +95,10 @@ def requires(opts: bc.Options) -> list[str]:
 
 
 def scheduler_argv(url: str) -> list[str]:
-    """How the benchmark starts the scheduler against the API server at ``url`` (the lab's way)."""
-    return [sys.executable, "-m", "scheduler.main", "--master", url]
+    """How the benchmark starts the scheduler against the API server at ``url``: the lab's way."""
+    from tools.lab.schedulers import scheduler_argv as lab_argv
+
+    return lab_argv(url)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,8 +8,9 @@ starts, per cluster, the scheduler its topology names:
 
 - ``kosmos`` (the default): the Kosmos scheduler (``python -m scheduler.main``, issue 16), one
   process per cluster in the root namespace, talking to the cluster's API server on 127.0.0.1
-  (``--master URL``). It serves both profiles, ``default-scheduler`` (upstream behaviour: what
-  pods get without a ``schedulerName``) and ``kosmos-scheduler`` (plus the Kosmos plugins);
+  (``--master URL``, no leader election: see :func:`scheduler_argv`). It serves both profiles,
+  ``default-scheduler`` (upstream behaviour: what pods get without a ``schedulerName``) and
+  ``kosmos-scheduler`` (plus the Kosmos plugins);
 - ``none``: no scheduler; pods that name no node stay Pending (tests bind them themselves).
 
 Plugging a scheduler in is one entry in :data:`STARTERS`: a function that starts the scheduler
@@ -57,19 +58,22 @@ CRD_DIR = Path(__file__).resolve().parents[2] / "deploy" / "scheduler" / "crds"
 CRD_ESTABLISH_TIMEOUT_S = 15.0
 
 
-def scheduler_argv(cluster: ClusterRecord) -> list[str]:
-    """The Kosmos scheduler's command line for ``cluster``: its API server by URL, both profiles
-    (the scheduler's built-in configuration: ``default-scheduler`` and ``kosmos-scheduler``).
+def scheduler_argv(api_url: str) -> list[str]:
+    """The Kosmos scheduler's command line for the API server at ``api_url``: both profiles (its
+    built-in configuration: ``default-scheduler`` and ``kosmos-scheduler``).
 
-    No leader election: the lab runs one replica per cluster, and a restarted one (``lab up``
-    after it died) must bind at once instead of waiting out the dead one's Lease."""
-    assert cluster.api_url is not None
-    return [sys.executable, "-m", "scheduler.main", "--master", cluster.api_url]
+    ``--leader-elect=false``: the lab runs one replica per cluster, and a restarted one (``lab up``
+    after it died) must bind at once instead of waiting out the dead one's Lease (15 s).
+    ``--listen 127.0.0.1:0``: /metrics and /healthz on an ephemeral port, since every cluster of
+    every lab runs its own scheduler in the root namespace and a fixed port would collide."""
+    return [sys.executable, "-m", "scheduler.main", "--master", api_url, "--leader-elect=false",
+            "--listen", "127.0.0.1:0"]
 
 
 def start_kosmos(state: LabState, cluster: ClusterRecord) -> ProcRecord:
     """Start the Kosmos scheduler of ``cluster`` (root namespace; log ``scheduler-<cluster>.log``)."""
-    return start_process(ROOT_NETNS, scheduler_argv(cluster),
+    assert cluster.api_url is not None
+    return start_process(ROOT_NETNS, scheduler_argv(cluster.api_url),
                          state.state_dir / "logs" / f"scheduler-{cluster.name}.log")
 
 
