@@ -15,8 +15,9 @@ its end; the node set grows (e4) and lf1 becomes "virtual" only in the tests tha
 3. a pod too large for every node stays Pending with upstream's message
    (``0/4 nodes are available: 4 Insufficient cpu.``), shown by ``fabric-tool pending``, and is
    scheduled onto e4 once ``lab up`` adds it;
-4. killing the scheduler (SIGKILL) while it places a Deployment's pods and restarting it with
-   ``lab up`` loses no pod (all bound, all Running) and binds none twice (one ``Scheduled``
+4. killing the scheduler (SIGKILL) while it places a Deployment's pods (it is held with SIGSTOP
+   until the 40 pods wait, let go, and killed the moment a watch shows the first bound) and
+   restarting it with ``lab up`` loses no pod (all bound, all Running) and binds none twice (one ``Scheduled``
    Event per pod, no node over its capacity, none rejected by the kubelet);
 5. DistributionPolicy (``kosmos-scheduler`` profile): ``name`` -> ``leaf`` puts the pod on the
    virtual node lf1 although it prefers e1; ``namePrefix`` -> ``host`` keeps pods off lf1
@@ -27,11 +28,13 @@ Needs root (the lab) and kubectl; passes only with the scheduler built (issue 16
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -232,24 +235,44 @@ def test_too_large_pod_stays_pending_until_a_node_is_added(slab: SchedLab, ns: s
     assert json.loads(slab.tool("pending", "--lab", slab.name, "--context", "east", "-n", ns, "--json").stdout) == []
 
 
+def _kill_at_first_bind(api: str, ns: str, pid: int, replicas: int) -> int:
+    """With the scheduler stopped (SIGSTOP) and ``replicas`` pods of ``ns`` waiting: watch the
+    pods, let the scheduler go on (SIGCONT) and SIGKILL it the moment the watch shows the first
+    pod bound, so it dies with the rest of the stream unbound, in its queue, assumed or with binds
+    in flight. Returns the pods seen bound before the kill."""
+    with urllib.request.urlopen(f"{api}/api/v1/namespaces/{ns}/pods", timeout=10) as r:
+        doc = json.loads(r.read())
+    assert len(doc["items"]) == replicas and not _bound(doc["items"])
+    rv = doc["metadata"]["resourceVersion"]
+    with urllib.request.urlopen(f"{api}/api/v1/namespaces/{ns}/pods?watch=1&resourceVersion={rv}",
+                                timeout=60) as watch:
+        os.kill(pid, signal.SIGCONT)
+        while True:
+            line = watch.readline()
+            assert line, "the watch ended before any pod was bound"
+            obj = json.loads(line).get("object") or {}
+            if (obj.get("spec") or {}).get("nodeName"):
+                os.kill(pid, signal.SIGKILL)
+                break
+    with urllib.request.urlopen(f"{api}/api/v1/namespaces/{ns}/pods", timeout=10) as r:
+        return len(_bound(json.loads(r.read())["items"]))
+
+
 def test_killing_the_scheduler_mid_stream_loses_and_double_binds_nothing(slab: SchedLab, ns: str) -> None:
     replicas = 40
     old = slab.kube()["scheduler_pid"]
-    assert old
-    slab.apply(_deployment(ns, "stream", replicas, cpu="50m"))
     api = slab.kube()["url"]
-
-    def some_bound() -> int | None:
-        import urllib.request
-
-        with urllib.request.urlopen(f"{api}/api/v1/namespaces/{ns}/pods", timeout=5) as r:
-            n = len(_bound(json.loads(r.read())["items"]))
-        return n or None
-
-    at_kill = wait_until(some_bound, 60, "the first pod of the stream bound", interval=0.02)
-    os.kill(old, signal.SIGKILL)
+    assert old and api
+    os.kill(old, signal.SIGSTOP)  # the stream queues up; SIGCONT in _kill_at_first_bind
+    try:
+        slab.apply(_deployment(ns, "stream", replicas, cpu="50m"))
+        wait_until(lambda: len(slab.kpods(ns, "app=stream")) == replicas or None, 60,
+                   f"{replicas} stream pods created", interval=0.3)
+        bound_at_kill = _kill_at_first_bind(api, ns, old, replicas)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(old, signal.SIGCONT)
     wait_until(lambda: not slab.kube().get("scheduler_pid") or None, 10, "the scheduler gone")
-    bound_at_kill = len(_bound(slab.kpods(ns, "app=stream")))
     slab.lab("up", str(slab.grown), "--timeout", "120")  # restarts what died: the scheduler
     new = slab.kube()["scheduler_pid"]
     assert new and new != old
@@ -263,7 +286,7 @@ def test_killing_the_scheduler_mid_stream_loses_and_double_binds_nothing(slab: S
         per_pod[ev["involvedObject"]["uid"]] += int(ev.get("count") or (ev.get("series") or {}).get("count") or 1)
     uids = {p["metadata"]["uid"] for p in pods}
     assert {u: per_pod[u] for u in uids if per_pod[u] != 1} == {}, \
-        f"pods not scheduled exactly once (killed with {at_kill}..{bound_at_kill} of {replicas} bound)"
+        f"pods not scheduled exactly once (killed with {bound_at_kill} of {replicas} bound)"
 
     def all_running() -> list[dict[str, Any]] | None:
         cur = slab.kpods(ns, "app=stream")
