@@ -17,8 +17,9 @@ its end; the node set grows (e4) and lf1 becomes "virtual" only in the tests tha
    scheduled onto e4 once ``lab up`` adds it;
 4. killing the scheduler (SIGKILL) while it places a Deployment's pods (it is held with SIGSTOP
    until the 40 pods wait, let go, and killed the moment a watch shows the first bound) and
-   restarting it with ``lab up`` loses no pod (all bound, all Running) and binds none twice (one ``Scheduled``
-   Event per pod, no node over its capacity, none rejected by the kubelet);
+   restarting it with ``lab up`` loses no pod (all bound, all Running) and binds none twice (no
+   pod with two ``Scheduled`` Events, no FailedScheduling, no node over its capacity, none
+   rejected by the kubelet);
 5. DistributionPolicy (``kosmos-scheduler`` profile): ``name`` -> ``leaf`` puts the pod on the
    virtual node lf1 although it prefers e1; ``namePrefix`` -> ``host`` keeps pods off lf1
    although they prefer it.
@@ -279,14 +280,19 @@ def test_killing_the_scheduler_mid_stream_loses_and_double_binds_nothing(slab: S
     pods = _wait_bound(slab, ns, "app=stream", replicas, timeout=120)
     # lost nothing: every replica bound
     assert len(pods) == replicas
-    # double-bound nothing: one Scheduled event per pod, nodes within their capacity, none rejected
-    events = slab.get("events", "-n", ns, "--field-selector", "reason=Scheduled")["items"]
+    # double-bound nothing: no pod has two Scheduled events (a pod bound just before the kill may
+    # have none: events are written after the bind, best effort, as upstream's), the restarted
+    # scheduler met no pod it had to bind again (a second bind is refused: a FailedScheduling
+    # event), no node is over its capacity and the kubelet rejected none
+    events = slab.get("events", "-n", ns)["items"]
     per_pod: Counter[str] = Counter()
-    for ev in events:
+    for ev in (e for e in events if e.get("reason") == "Scheduled"):
         per_pod[ev["involvedObject"]["uid"]] += int(ev.get("count") or (ev.get("series") or {}).get("count") or 1)
     uids = {p["metadata"]["uid"] for p in pods}
-    assert {u: per_pod[u] for u in uids if per_pod[u] != 1} == {}, \
-        f"pods not scheduled exactly once (killed with {bound_at_kill} of {replicas} bound)"
+    assert {u: n for u, n in per_pod.items() if n > 1 or u not in uids} == {}, \
+        f"pods scheduled more than once (killed with {bound_at_kill} of {replicas} bound)"
+    failed = [(e["involvedObject"]["name"], e.get("message")) for e in events if e.get("reason") == "FailedScheduling"]
+    assert failed == [], f"killed with {bound_at_kill} of {replicas} bound"
 
     def all_running() -> list[dict[str, Any]] | None:
         cur = slab.kpods(ns, "app=stream")
