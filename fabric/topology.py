@@ -31,8 +31,9 @@ Example (``examples/lab.yaml`` is the default lab)::
               memory: 8Gi
               example.com/gpu: 2       # extended resources: domain/name, whole numbers
 
-With ``kubernetes: true`` a cluster may name its ``scheduler`` (``none``, the default: pods without
-``nodeName`` stay Pending; ``kosmos``); the lab decides which it can run (tools.lab.schedulers).
+With ``kubernetes: true`` a cluster may name its ``scheduler``: ``kosmos`` (the default: the Kosmos
+scheduler binds pods without ``nodeName``) or ``none`` (they stay Pending); the lab decides which
+it can run (tools.lab.schedulers).
 
 Global IP (``globalCIDRs``): each key is exactly one of the cluster's ``podCIDRs`` or
 ``serviceCIDRs`` (a whole declared range: translation is per declared CIDR, so to map only part of
@@ -104,8 +105,8 @@ _MAX_NAME = validation.MAX_LAB_NAME
 
 #: Modes this build can run.
 SUPPORTED_MODES = (types.ClusterMode.P2P, types.ClusterMode.GATEWAY)
-#: A cluster's ``scheduler`` when the file names none (``kosmos`` once the Kosmos scheduler exists).
-DEFAULT_SCHEDULER = "none"
+#: A cluster's ``scheduler`` when the file names none: the Kosmos scheduler (issue 16).
+DEFAULT_SCHEDULER = "kosmos"
 
 
 class TopologyError(ValueError):
@@ -158,8 +159,8 @@ def _pod_ips(cidr: str, pods: int) -> tuple[str, ...]:
 class LabCluster:
     config: types.ClusterConfig
     nodes: tuple[LabNode, ...]
-    #: ``kubernetes: true`` labs: the scheduler the lab runs for the cluster (``none``: pods
-    #: without ``nodeName`` stay Pending). Only the lab reads it.
+    #: ``kubernetes: true`` labs: the scheduler the lab runs for the cluster (``kosmos`` by
+    #: default; ``none``: pods without ``nodeName`` stay Pending). Only the lab reads it.
     scheduler: str = DEFAULT_SCHEDULER
 
     @property

@@ -31,6 +31,7 @@ examples:
   fabric-tool lab status --json           namespaces, PIDs and sync state for scripts
   fabric-tool lab exec east/e1/p0 -- ping -c1 10.20.0.2
   fabric-tool lab down                    remove everything the lab made
+  fabric-tool pending --context east      why pods of the lab's cluster east are Pending
   fabric-tool status --reflector 127.0.0.1:4880
   fabric-tool bench netlink --repeat 3
 """
@@ -246,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     ss.add_argument("--timeout", type=positive_seconds, default=5.0, help="seconds (default 5)")
 
     _add_install_parsers(sub)
+    _add_pending_parser(sub)
 
     # -- bench (its own parser lives in tools.bench.suite) ---------------------------------------
     sub.add_parser("bench", help="benchmarks (see 'fabric-tool bench --help')", add_help=False)
@@ -275,6 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _diagnose(args)
         if args.command in ("install", "uninstall", "join", "unjoin"):
             return _install_cmd(args)
+        if args.command == "pending":
+            return _pending(args)
     except lab.LabError as e:
         print(f"fabric-tool: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -718,3 +722,61 @@ def _install_cmd(args: argparse.Namespace) -> int:
     except install.InstallError as e:
         print(f"fabric-tool {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
+
+
+# -- pending: why a pod is not scheduled (issue 16) ---------------------------------------------
+
+
+def _add_pending_parser(sub: Any) -> None:
+    pp = sub.add_parser(
+        "pending",
+        help="why pods are Pending: the scheduler's last FailedScheduling message and its per-node reasons",
+        description="For each Pending pod without a node: the last FailedScheduling Event the scheduler wrote "
+        "about it (count, age) and, taken apart, how many nodes failed for which reason (upstream's message: "
+        "'0/3 nodes are available: 2 Insufficient cpu, 1 node(s) had untolerated taint {...}.'), plus its "
+        "PodScheduled condition. A pod with neither has not been seen by a scheduler of its schedulerName "
+        "(or is scheduling-gated). Reads only.",
+        epilog="examples:\n  fabric-tool pending --lab demo                      every cluster, every namespace\n"
+        "  fabric-tool pending --lab demo --context east -n apps\n"
+        "  fabric-tool pending --lab demo --context east -n apps big-pod\n"
+        "  fabric-tool pending --server http://127.0.0.1:8001 --json | jq '.[].reasons'",
+        formatter_class=_Formatter,
+    )
+    pp.add_argument("pod", nargs="?", metavar="POD", help="one pod (in -n NAMESPACE, default 'default')")
+    pp.add_argument("--lab", type=_lab_name, default=lab.DEFAULT_NAME, help=f"lab name (default {lab.DEFAULT_NAME})")
+    pp.add_argument("--context", metavar="CLUSTER", help="the lab cluster to ask (default: every cluster of the lab)")
+    pp.add_argument("--server", metavar="URL", help="ask this API server instead of a lab's (no authentication)")
+    pp.add_argument("-n", "--namespace", metavar="NS", help="one namespace (default: all; 'default' with POD)")
+    pp.add_argument("--json", action="store_true", help="machine-readable output (a list, one entry per pod)")
+
+
+def _pending(args: argparse.Namespace) -> int:
+    from tools.diagnose import pending
+
+    targets: list[tuple[str, str]]
+    if args.server:
+        targets = [(args.context or "-", args.server)]
+    else:
+        state = lab.require_state(args.lab)
+        if not state.kubernetes:
+            raise lab.LabError(f"lab {args.lab} runs no Kubernetes API servers (its topology lacks "
+                               "'kubernetes: true')")
+        names = [c.name for c in state.clusters]
+        if args.context is not None and args.context not in names:
+            raise lab.LabUsageError(f"--context {args.context!r}: lab {args.lab} has no such cluster "
+                                    f"(clusters: {', '.join(names)})")
+        targets = [(c.name, c.api_url or "") for c in state.clusters if args.context in (None, c.name)]
+        if args.pod and len(targets) > 1:
+            raise lab.LabUsageError(f"POD {args.pod!r} needs --context CLUSTER (lab {args.lab} has clusters "
+                                    f"{', '.join(names)})")
+    out: list[dict[str, Any]] = []
+    for cluster, url in targets:
+        if not url:
+            raise lab.LabError(f"lab {args.lab}: cluster {cluster} has no API server running; "
+                               "run 'fabric-tool lab up' to start it")
+        try:
+            out += pending.explain(cluster, url, args.namespace, args.pod)
+        except pending.PendingError as e:
+            raise lab.LabError(f"cluster {cluster}: {e}") from None
+    print(json.dumps(out, indent=2) if args.json else pending.render(out))
+    return 0

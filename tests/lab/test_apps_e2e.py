@@ -4,10 +4,10 @@ real kubectl to a ``kubernetes: true`` lab, run as real processes and are used t
 Topology (written by the fixture): east (e1, e2) and west (w1, w2), one static lab pod per node;
 w2 declares a small capacity (``resources: {pods: 3, cpu: "2"}``) for the admission test.
 
-The lab has no scheduler yet (``scheduler: none``, the scheduler issue plugs one in), so the
-module runs a test binder: every pod of the test namespace without ``spec.nodeName`` is bound
-round robin to e1/e2 through ``pods/binding``, exactly the call a scheduler makes. Everything
-else is the lab's own: the controller-manager (Deployment, ReplicaSet, StatefulSet,
+The lab runs no scheduler here (``scheduler: none``; the Kosmos scheduler's own lab test is
+test_scheduler_e2e.py), so the module runs a test binder: every pod of the test namespace
+without ``spec.nodeName`` is bound round robin to e1/e2 through ``pods/binding``, exactly the
+call a scheduler makes. Everything else is the lab's own: the controller-manager (Deployment, ReplicaSet, StatefulSet,
 EndpointSlice, PV binder, provisioner), the kubelet's process runtime, the lab kube-proxy
 (nftables), the API server's validation, logs and exec.
 
@@ -48,6 +48,7 @@ clusters:
     mode: p2p
     podCIDRs: [10.10.0.0/16]
     serviceCIDRs: [10.96.0.0/20]
+    scheduler: none  # the test binds pods itself (below)
     nodes:
       - {name: e1, pods: 1}
       - {name: e2, pods: 1}
@@ -55,6 +56,7 @@ clusters:
     mode: p2p
     podCIDRs: [10.20.0.0/16]
     serviceCIDRs: [10.97.0.0/20]
+    scheduler: none  # the test binds pods itself (below)
     nodes:
       - {name: w1, pods: 1}
       - {name: w2, pods: 1, resources: {pods: 3, cpu: "2", memory: 4Gi}}

@@ -151,8 +151,9 @@ def _get(url: str) -> Any:
 
 
 def test_servers_and_kubelets_start_record_and_stop(lab_root: Path, tmp_path: Path) -> None:
-    """What ``up`` and ``down`` do for Kubernetes, minus namespaces: real processes on 127.0.0.1."""
-    st = lab.plan("kfx", _topo(tmp_path))
+    """What ``up`` and ``down`` do for Kubernetes, minus namespaces: real processes on 127.0.0.1.
+    No scheduler (``scheduler: none``): pods must stay unbound, the kubelet makes no namespace."""
+    st = lab.plan("kfx", _topo(tmp_path, TOPO.replace("    nodes:\n", "    scheduler: none\n    nodes:\n")))
     lab.save_state(st)
     recs: list[lab.ProcRecord] = []
     try:

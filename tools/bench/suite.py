@@ -3,7 +3,8 @@
 Every benchmark is a module ``tools/bench/<name>.py`` with ``NAME``, ``HELP``,
 ``requires(options) -> [reasons it cannot run here]`` and ``run(options) -> Report`` (see
 :mod:`tools.bench.common`). :data:`BENCHMARKS` lists them in running order (every benchmark of
-issue 7: datapath, restart, netlink, gateway, failover, translate, control; issue 15: k8s); ``supported`` says
+issue 7: datapath, restart, netlink, gateway, failover, translate, control; issue 15: k8s;
+issue 16: scheduler); ``supported`` says
 whether this build can run one at all (a benchmark whose feature is missing is skipped when no
 names are given, refused when named).
 
@@ -61,6 +62,8 @@ BENCHMARKS: dict[str, Benchmark] = {
         Benchmark("translate", "tools.bench.translate"),
         Benchmark("control", "tools.bench.control"),
         Benchmark("k8s", "tools.bench.k8s", supported=lambda: importlib.import_module("tools.bench.k8s").supported()),
+        Benchmark("scheduler", "tools.bench.scheduler",
+                  supported=lambda: importlib.import_module("tools.bench.scheduler").supported()),
     )
 }
 
@@ -254,6 +257,7 @@ def main(argv: list[str]) -> int:
         epilog="examples:\n  fabric-tool bench netlink --repeat 5 --json /tmp/bench.json\n"
         "  fabric-tool bench control --n 100,1000\n"
         "  fabric-tool bench k8s --repeat 3   (a 200-replica Deployment in a lab; no lab: python -m kubeemu.bench)\n"
+        "  fabric-tool bench scheduler --nodes 1000,5000 --pods 10000   (no lab, no root; --quick: CI smoke)\n"
         "  fabric-tool bench --repeat 3 --json bench.json --markdown BENCHMARKS.md   (the full suite)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -274,7 +278,11 @@ def main(argv: list[str]) -> int:
                         "(default: p2p for N <= 1000, gateway for every N)")  # fmt: skip
     parser.add_argument("--budget", type=positive_float, default=bc.Options.budget_s, metavar="S",
                         help="control: seconds to bring up the agents of one N (default %(default)g)")  # fmt: skip
-    parser.add_argument("--tiny", action="store_true", help="smoke-test sizes: short and small, proves it runs")
+    parser.add_argument("--tiny", "--quick", action="store_true",
+                        help="smoke-test sizes: short and small, proves it runs (CI)")
+    parser.add_argument("--nodes", type=_parse_n, default=(), metavar="N,N,...",
+                        help="scheduler: node counts (default 1000,5000; the spread run uses the smallest)")
+    parser.add_argument("--pods", type=int, default=0, metavar="N", help="scheduler: pods per run (default 10000)")
     args = parser.parse_args(argv)
     if args.from_json:
         if not args.markdown:
@@ -293,7 +301,10 @@ def main(argv: list[str]) -> int:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)} on the command line; known: {', '.join(BENCHMARKS)}")
     if args.repeat < 1:
         parser.error(f"--repeat must be at least 1, got {args.repeat}")
-    opts = bc.Options(repeat=args.repeat, tiny=args.tiny, n=args.n, budget_s=args.budget, shapes=args.shape)
+    if args.pods < 0:
+        parser.error(f"--pods must be at least 1, got {args.pods}")
+    opts = bc.Options(repeat=args.repeat, tiny=args.tiny, n=args.n, budget_s=args.budget, shapes=args.shape,
+                      sched_nodes=args.nodes, sched_pods=args.pods)
     # Pre-flight: refuse named benchmarks that cannot run; skip (with the reason) unnamed ones.
     chosen: list[tuple[str, ModuleType]] = []
     skipped: dict[str, str] = {}

@@ -44,7 +44,8 @@ _log = logging.getLogger(__name__)
 # (``python -m tools.lab.kubelet``, root namespace: it runs ``ip`` on the lab's named namespaces
 # and talks to its API server), then the controller-manager (``python -m kubeemu.ctrl``, root
 # namespace, only talks to its API server), then the cluster's scheduler if its topology names one
-# (:mod:`tools.lab.schedulers`), then the kubeconfig (one context per cluster). The processes are
+# (:mod:`tools.lab.schedulers`; its policy CRDs are installed right after the API server
+# starts, whichever scheduler runs), then the kubeconfig (one context per cluster). The processes are
 # recorded (PID + start time) in the state file as soon as they exist; ``down`` stops them from
 # there, since a scan of the lab's namespaces cannot find processes of the root namespace.
 
@@ -129,6 +130,7 @@ def start_kubernetes(state: LabState, added: Sequence[str], progress: Progress =
             if stale_volumes.exists():  # their PersistentVolumes died with the old API server
                 shutil.rmtree(stale_volumes, ignore_errors=True)
             apply_default_storage_class(c)
+            schedulers.install_crds(c, progress)
         grown = any(k.startswith(f"{c.name}/") for k in added)
         if c.kubelet is not None and c.kubelet.running() and grown:
             progress(f"lab {state.name}: restarting the kubelet of {c.name} for its new nodes")

@@ -93,6 +93,9 @@ def status_doc(state: LabState, status: api.FabricStatus | None, error: str | No
                     "controller_manager_log": c.controller_manager.log if c.controller_manager else None,
                     "proxy_pid": c.proxy.pid if c.proxy and c.proxy.running() else None,
                     "proxy_log": c.proxy.log if c.proxy else None,
+                    "scheduler": c.scheduler,
+                    "scheduler_pid": c.scheduler_proc.pid if c.scheduler_proc and c.scheduler_proc.running() else None,
+                    "scheduler_log": c.scheduler_proc.log if c.scheduler_proc else None,
                     "service": {"name": c.service_name, "ips": [ip for ip in (c.service_ip, c.service_ip6) if ip],
                                 "port": c.service_port} if c.service_name else None,
                 }
@@ -152,6 +155,8 @@ def render_status(doc: dict[str, Any]) -> str:
                     f"controller-manager {k.get('controller_manager_pid') or 'stopped'}")
             lines.append(f"kubernetes of {c['name']}: {k['url'] or '-'} ({pids})")
             lines.append(f"kube-proxy of {c['name']}: {k.get('proxy_pid') or 'stopped'}")
+            if k.get("scheduler", "none") != "none":
+                lines.append(f"scheduler of {c['name']}: {k['scheduler']} {k.get('scheduler_pid') or 'stopped'}")
     if doc.get("kubeconfig"):
         lines.append(f"kubeconfig: {doc['kubeconfig']}")
     for rej in doc.get("rejections", []):
