@@ -132,6 +132,7 @@ class LabKubelet:
         self.uids: dict[str, str] = {}  # pod key -> uid of the pod we run under that key
         self.rejected: set[str] = set()  # uids refused admission (Failed; never run)
         self._removing: dict[str, asyncio.Task[None]] = {}  # pod key -> its removal in progress
+        self._starting: dict[str, asyncio.Task[None]] = {}  # pod key -> its network being made
         self.host_network: set[str] = set()  # keys of hostNetwork pods (run in their node's namespace)
         self.runtime = Runtime(root, self, poll=poll, events=self.record_event) if root is not None else None
         self._event_tasks: set[asyncio.Task[None]] = set()
@@ -264,7 +265,6 @@ class LabKubelet:
         node = (pod.get("spec") or {}).get("nodeName")
         if node not in self.nodes:
             return
-        loop = asyncio.get_running_loop()
         if etype == "DELETED" or meta.get("deletionTimestamp"):
             # In the background: a grace period must not hold up every other pod of the watch.
             if key not in self._removing:
@@ -277,6 +277,8 @@ class LabKubelet:
                 await self._removing[key]
         if key in self.pods and self.uids.get(key, uid) != uid:
             await self._remove(key, self.uids[key], pod, graceful=False)  # same name, new pod
+        if key in self._starting:
+            return
         if key in self.pods:
             if self.runtime is not None and uid in self.runtime.workers:
                 self.runtime.workers[uid].pod = pod
@@ -312,6 +314,23 @@ class LabKubelet:
             lab_node.used.add(ip)  # adopt (kubelet restart)
         else:
             ip = lab_node.allocate()
+        if self.runtime is not None:
+            # Like upstream's per-pod workers: pods are set up side by side, so one pod's network
+            # (a few ``ip`` commands) does not hold up the next pod of the watch. Admission and
+            # the IP were decided above, in event order.
+            task = asyncio.create_task(self._start(pod, key, uid, node, lab_node, ip))
+            self._starting[key] = task
+            task.add_done_callback(functools.partial(self._started, key))
+            return
+        await self._start(pod, key, uid, node, lab_node, ip)
+
+    def _started(self, key: str, _task: asyncio.Task[None]) -> None:
+        self._starting.pop(key, None)
+
+    async def _start(self, pod: dict[str, Any], key: str, uid: str, node: str, lab_node: LabNode, ip: str) -> None:
+        """Make the pod's network, then hand it to the runtime (or, without one, report it Running)."""
+        meta = pod["metadata"]
+        loop = asyncio.get_running_loop()
         try:
             netns = await loop.run_in_executor(None, self.network.create, node, key, ip)
         except Exception as e:  # a failed pod never stops the kubelet; it is reported on the pod
@@ -370,6 +389,10 @@ class LabKubelet:
         """Stop the pod's containers (grace period, as upstream), then remove its network."""
         loop = asyncio.get_running_loop()
         meta = pod.get("metadata") or {}
+        starting = self._starting.get(key)
+        if starting is not None:  # deleted while its network was being made: let that finish first
+            with contextlib.suppress(Exception):
+                await starting
         for ln in self.nodes.values():
             ln.admitted.pop(key, None)
         if self.runtime is not None and uid:
@@ -471,9 +494,14 @@ class LabKubelet:
             try:
                 await self._pod_loop()
             finally:
-                lease.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await lease
+                # Pod starts and removals in flight are dropped: the next kubelet finishes them
+                # (it adopts what runs and reaps what the API server no longer has).
+                pending = [lease, *self._starting.values(), *self._removing.values()]
+                for t in pending:
+                    t.cancel()
+                for t in pending:
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await t
                 if self.runtime is not None:
                     await self.runtime.detach()
                 if self._api_runner is not None:
