@@ -4,7 +4,8 @@ the pod is reachable over both families from a pod of another cluster through th
 ``RequireDualStack`` Service load-balances over its backends on both of its ClusterIPs.
 
 Topology (written by the fixture): ``dsa`` runs IPv4 then IPv6 (IPv4 primary), ``dsb`` IPv6 then
-IPv4 (IPv6 primary), two nodes each, one static lab pod per node; ``scheduler: none`` (pods are
+IPv4 (IPv6 primary), two nodes each, ``six`` IPv6 only (one node); one static lab pod per node;
+``scheduler: none`` (pods are
 pinned with ``nodeName``). Everything is the lab's own: the kubelet's process runtime (its
 readiness probes go to the pod's primary IP: IPv4 in dsa, IPv6 in dsb), the controller-manager's
 EndpointSlices (one slice per family), the lab kube-proxy (``ip`` and ``ip6`` tables), the fabric
@@ -53,6 +54,14 @@ clusters:
     nodes:
       - {name: b1, pods: 1}
       - {name: b2, pods: 1}
+  - name: six
+    mode: p2p
+    scheduler: none
+    ipFamilies: [IPv6]
+    podCIDRs: [fd00:10:50::/48]
+    serviceCIDRs: [fd00:10:97::/112]
+    nodes:
+      - {name: c1, pods: 1}
 """
 
 #: A pod serving HTTP on every address of both families (``--bind ::`` is a dual-stack socket),
@@ -146,7 +155,7 @@ def dslab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DsLab]:
     with lab_running(DsLab(new_lab_name(), topo), "--grace-period", "30", "--timeout", "120",
                      extra_pids=DsLab.kube_pids) as lab:
         lab.kubeconfig = Path(lab.lab("kubeconfig").stdout.strip())
-        for cluster in ("dsa", "dsb"):
+        for cluster in ("dsa", "dsb", "six"):
             lab.kubectl(cluster, "create", "namespace", NS)
         yield lab
 
@@ -242,3 +251,20 @@ def test_require_dual_stack_service_balances_over_both_families(dslab: DsLab) ->
         assert set(answers) <= names, (url, answers)
     dslab.kubectl("dsa", "delete", "service", "web", "-n", NS)
     dslab.kubectl("dsa", "delete", "pod", "web-a1", "web-a2", "-n", NS, "--wait=true", timeout=90)
+
+
+def test_ipv6_only_cluster_pods_are_ipv6_only(dslab: DsLab) -> None:
+    """An IPv6-only cluster: the Node has the IPv6 pod CIDR alone, its IPv6 underlay address as
+    its primary InternalIP; a pod's only address is IPv6 (probed there), and a pod of the
+    dual-stack cluster reaches it over IPv6 through the fabric."""
+    node = dslab.get("six", "node", "c1")
+    assert [_family(c) for c in node["spec"]["podCIDRs"]] == [6]
+    pod = dslab.web_pod("six", "v6", "c1", app="v6")
+    st = pod["status"]
+    assert [_family(p["ip"]) for p in st["podIPs"]] == [6] and st["podIP"] == st["podIPs"][0]["ip"]
+    assert _in_node_cidrs(st["podIP"], node) and _family(st["hostIP"]) == 6
+    if not any(p["metadata"]["name"] == "client" for p in dslab.get("dsb", "pods", "-n", NS)["items"]):
+        dslab.web_pod("dsb", "client", "b1", app="client")
+    url = _url(st["podIP"], 8080)
+    wait_until(lambda: dslab.rounds("dsb", "client", [url], 1)[url] == ["v6"], 90,
+               f"dsb/client reaches six/v6 at {url} through the fabric", interval=1)
