@@ -38,7 +38,7 @@ NODE_IP = "198.18.0.11"
 
 
 class NetnsNetwork:
-    """``PodNetwork`` with one bare namespace per pod: ``lo`` up, the pod IP on ``lo``."""
+    """``PodNetwork`` with one bare namespace per pod: ``lo`` up, the pod's IPs (one per family) on ``lo``."""
 
     def __init__(self) -> None:
         self.prefix = f"kt{uuid.uuid4().hex[:6]}"

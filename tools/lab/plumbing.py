@@ -183,7 +183,7 @@ def add_pod(node: NodeRecord, pod: PodRecord) -> None:
     the pod (as ``eth0``; no end ever exists in the root namespace), the node's /32 route and
     proxy ARP on its end, then the pod's address and its default route via the link-local
     gateway. Calling it again for a pod that exists re-applies addresses and routes (the pod
-    keeps only ``pod.ip``); a pod namespace without its node-side veth is rebuilt.
+    keeps only ``pod.ip`` and ``pod.ip6``); a pod namespace without its node-side veth is rebuilt.
     """
     if not namespaces.exists(node.netns):
         raise LabError(f"pod {node.key}/{pod.name}: node namespace {node.netns} does not exist")
