@@ -8,12 +8,17 @@ resources, ``daemonEndpoints.kubeletEndpoint.Port`` of its HTTP API) and renews 
 1. admits it or not (:mod:`kubeemu.runtime.admission`): the requests of the node's admitted
    non-terminal pods plus this one must fit allocatable, else the pod is ``Failed`` with reason
    ``OutOf<resource>``, as upstream's kubelet rejects it;
-2. picks a free IP from the node's pod CIDR (skipping the network address, ``.1`` and the
-   addresses the lab reserved for its own static pods);
-3. calls ``PodNetwork.create(node, pod_key, ip)``: the lab creates the pod's network namespace
-   on that node (veth, /32 route, proxy ARP: what ``tools/lab`` does for its own pods) and
-   returns its name (a ``hostNetwork`` pod instead runs in its node's namespace, with the node's
-   IP, when the network offers ``node_netns``);
+2. picks one free IP per family from the node's pod CIDRs (``spec.podCIDRs``: one per family,
+   the cluster's primary family first; skipping the network address, ``.1`` / ``::1`` and the
+   addresses the lab reserved for its own static pods of either family), as a dual-stack CNI's
+   host-local IPAM with one range per family does;
+3. calls ``PodNetwork.create(node, pod_key, ips)`` with those addresses, primary first: the lab
+   creates the pod's network namespace on that node (veth, /32 and /128 routes, proxy ARP: what
+   ``tools/lab`` does for its own pods) and returns its name (a ``hostNetwork`` pod instead runs
+   in its node's namespace, with the node's IPs, when the network offers ``node_netns``). The
+   pod's ``status.podIPs`` are these addresses in this order and ``status.podIP`` the first, as
+   upstream's kubelet reports a dual-stack sandbox; ``status.hostIPs`` are the node's
+   InternalIPs, one per family, primary first;
 4. with a runtime (``root`` given): hands the pod to :class:`kubeemu.runtime.pods.Runtime`,
    which runs its containers as processes in that namespace and reports the pod's status
    (phase, conditions, containerStatuses) as it changes; the kubelet PATCHes it. Without a
@@ -62,12 +67,14 @@ KUBELET_VERSION = "v1.32.0-kubeemu"
 class PodNetwork(Protocol):
     """What the lab provides: make or remove one pod's network namespace on a node.
 
-    ``create`` returns the namespace's name under ``/run/netns`` (where the runtime starts the
-    containers), or None when it made none (test doubles: containers then cannot run)."""
+    ``ips`` are the pod's addresses, one per family, primary first (``status.podIPs``): the
+    network configures every one of them. ``create`` returns the namespace's name under
+    ``/run/netns`` (where the runtime starts the containers), or None when it made none (test
+    doubles: containers then cannot run)."""
 
-    def create(self, node: str, pod_key: str, ip: str) -> str | None: ...
+    def create(self, node: str, pod_key: str, ips: tuple[str, ...]) -> str | None: ...
 
-    def delete(self, node: str, pod_key: str, ip: str) -> None: ...
+    def delete(self, node: str, pod_key: str, ips: tuple[str, ...]) -> None: ...
 
 
 @runtime_checkable
@@ -80,7 +87,12 @@ class NodeNetworks(Protocol):
 
 @dataclass
 class LabNode:
-    """One lab node as the kubelet sees it. ``reserved`` are pod-CIDR addresses already used."""
+    """One lab node as the kubelet sees it. ``reserved`` are pod-CIDR addresses already used.
+
+    ``pod_cidrs`` are the Node's ``spec.podCIDRs``: at most one per family, the cluster's primary
+    family first (what upstream's node IPAM assigns from ``--cluster-cidr``). ``internal_ip`` is
+    the node's primary InternalIP and ``secondary_ip`` its InternalIP of the other family on a
+    dual-stack node ("" when none), upstream's ``--node-ip=PRIMARY,SECONDARY``."""
 
     name: str
     internal_ip: str
@@ -91,19 +103,60 @@ class LabNode:
     resources: dict[str, Any] = field(default_factory=dict)
     #: Admitted non-terminal pods on this node: pod key -> pod (what admission counts).
     admitted: dict[str, dict[str, Any]] = field(default_factory=dict)
+    secondary_ip: str = ""
+
+    def __post_init__(self) -> None:
+        """Refuse what upstream refuses on a Node: no pod CIDR, or two CIDRs (or node IPs) of one
+        family (``spec.podCIDRs``: "may specify no more than one CIDR for each IP family")."""
+        if not self.pod_cidrs:
+            raise ValueError(f"node {self.name}: no pod CIDR")
+        try:
+            fams = [ipaddress.ip_network(c, strict=False).version for c in self.pod_cidrs]
+        except ValueError as e:
+            raise ValueError(f"node {self.name}: pod CIDRs {list(self.pod_cidrs)}: {e}") from e
+        if len(set(fams)) != len(fams):
+            raise ValueError(f"node {self.name}: pod CIDRs {list(self.pod_cidrs)}: may specify no more than "
+                             "one CIDR for each IP family")
+        if self.secondary_ip and (ipaddress.ip_address(self.secondary_ip).version
+                                  == ipaddress.ip_address(self.internal_ip).version):
+            raise ValueError(f"node {self.name}: node IPs {self.internal_ip} and {self.secondary_ip} are of one "
+                             "family (a dual-stack node has one per family)")
 
     @property
     def capacity(self) -> dict[str, int]:
         return admission.node_capacity(self.name, self.resources)
 
-    def allocate(self) -> str:
-        net = ipaddress.ip_network(self.pod_cidrs[0], strict=False)
-        for off in range(2, min(net.num_addresses - 1, 1 << 16)):
-            ip = str(net.network_address + off)
-            if ip not in self.used and ip not in self.reserved:
-                self.used.add(ip)
-                return ip
-        raise RuntimeError(f"node {self.name}: pod CIDR {self.pod_cidrs[0]} is full")
+    @property
+    def host_ips(self) -> tuple[str, ...]:
+        """The node's InternalIPs, primary first: a pod's ``status.hostIPs`` (upstream's
+        ``GetNodeHostIPs``)."""
+        return tuple(ip for ip in (self.internal_ip, self.secondary_ip) if ip)
+
+    def allocate(self) -> tuple[str, ...]:
+        """One free address from each pod CIDR, in ``pod_cidrs`` order (primary family first).
+
+        All or nothing: when one family's range is full, the addresses taken from the others are
+        given back and the error names the full CIDR."""
+        got: list[str] = []
+        for cidr in self.pod_cidrs:
+            net = ipaddress.ip_network(cidr, strict=False)
+            ip = next((a for off in range(2, min(net.num_addresses - 1, 1 << 16))
+                       if (a := str(net.network_address + off)) not in self.used and a not in self.reserved), None)
+            if ip is None:
+                self.used.difference_update(got)
+                raise RuntimeError(f"node {self.name}: pod CIDR {cidr} is full")
+            self.used.add(ip)
+            got.append(ip)
+        return tuple(got)
+
+
+def _pod_ips(status: dict[str, Any]) -> tuple[str, ...]:
+    """The addresses a pod already has (a restarted kubelet adopts them): ``status.podIPs`` in
+    order, or ``status.podIP`` alone for a status written without ``podIPs``."""
+    ips = tuple(str(p["ip"]) for p in status.get("podIPs") or [] if isinstance(p, dict) and p.get("ip"))
+    if ips:
+        return ips
+    return (str(status["podIP"]),) if status.get("podIP") else ()
 
 
 def _now() -> str:
@@ -128,10 +181,11 @@ class LabKubelet:
         self.network = network
         self.lease_seconds = lease_seconds
         self.renew_interval = renew_interval
-        self.pods: dict[str, tuple[str, str]] = {}  # pod key -> (node, ip) set up by us
+        self.pods: dict[str, tuple[str, tuple[str, ...]]] = {}  # pod key -> (node, its IPs) set up by us
         self.uids: dict[str, str] = {}  # pod key -> uid of the pod we run under that key
         self.rejected: set[str] = set()  # uids refused admission (Failed; never run)
         self._removing: dict[str, asyncio.Task[None]] = {}  # pod key -> its removal in progress
+        self._starting: dict[str, asyncio.Task[None]] = {}  # pod key -> its network being made
         self.host_network: set[str] = set()  # keys of hostNetwork pods (run in their node's namespace)
         self.runtime = Runtime(root, self, poll=poll, events=self.record_event) if root is not None else None
         self._event_tasks: set[asyncio.Task[None]] = set()
@@ -176,8 +230,9 @@ class LabKubelet:
     async def register_nodes(self) -> None:
         for n in self.nodes.values():
             status = {
-                "addresses": [{"type": "InternalIP", "address": n.internal_ip}, {"type": "Hostname",
-                                                                                  "address": n.name}],
+                # One InternalIP per family, primary first (upstream's dual-stack --node-ip).
+                "addresses": [*({"type": "InternalIP", "address": ip} for ip in n.host_ips),
+                              {"type": "Hostname", "address": n.name}],
                 "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
                                 "message": "kubelet is posting ready status", "lastHeartbeatTime": _now(),
                                 "lastTransitionTime": _now()}],
@@ -264,7 +319,6 @@ class LabKubelet:
         node = (pod.get("spec") or {}).get("nodeName")
         if node not in self.nodes:
             return
-        loop = asyncio.get_running_loop()
         if etype == "DELETED" or meta.get("deletionTimestamp"):
             # In the background: a grace period must not hold up every other pod of the watch.
             if key not in self._removing:
@@ -277,6 +331,8 @@ class LabKubelet:
                 await self._removing[key]
         if key in self.pods and self.uids.get(key, uid) != uid:
             await self._remove(key, self.uids[key], pod, graceful=False)  # same name, new pod
+        if key in self._starting:
+            return
         if key in self.pods:
             if self.runtime is not None and uid in self.runtime.workers:
                 self.runtime.workers[uid].pod = pod
@@ -299,32 +355,50 @@ class LabKubelet:
         host_network = bool((pod.get("spec") or {}).get("hostNetwork"))
         node_netns = self.network.node_netns(node) if isinstance(self.network, NodeNetworks) else None
         if host_network and node_netns is not None:
-            # Upstream: a hostNetwork pod shares its node's network (and hostname); its IP is the node's.
-            self.pods[key] = (node, lab_node.internal_ip)
+            # Upstream: a hostNetwork pod shares its node's network (and hostname); its IPs are the node's.
+            self.pods[key] = (node, lab_node.host_ips)
             self.uids[key] = uid
             self.host_network.add(key)
-            self._run(pod, PodInfo(meta["namespace"], meta["name"], uid, node, (lab_node.internal_ip,),
-                                   lab_node.internal_ip, node_netns, host_network=True), lab_node, key)
+            self._run(pod, PodInfo(meta["namespace"], meta["name"], uid, node, lab_node.host_ips,
+                                   lab_node.host_ips, node_netns, host_network=True), lab_node, key)
             return
-        known = status.get("podIP")
+        known = _pod_ips(status)
         if known:
-            ip = str(known)
-            lab_node.used.add(ip)  # adopt (kubelet restart)
+            ips = known
+            lab_node.used.update(ips)  # adopt (kubelet restart): the sandbox keeps its addresses
         else:
-            ip = lab_node.allocate()
+            ips = lab_node.allocate()
+        if self.runtime is not None:
+            # Like upstream's per-pod workers: pods are set up side by side, so one pod's network
+            # (a few ``ip`` commands) does not hold up the next pod of the watch. Admission and
+            # the IP were decided above, in event order.
+            task = asyncio.create_task(self._start(pod, key, uid, node, lab_node, ips))
+            self._starting[key] = task
+            task.add_done_callback(functools.partial(self._started, key))
+            return
+        await self._start(pod, key, uid, node, lab_node, ips)
+
+    def _started(self, key: str, _task: asyncio.Task[None]) -> None:
+        self._starting.pop(key, None)
+
+    async def _start(self, pod: dict[str, Any], key: str, uid: str, node: str, lab_node: LabNode,
+                     ips: tuple[str, ...]) -> None:
+        """Make the pod's network, then hand it to the runtime (or, without one, report it Running)."""
+        meta = pod["metadata"]
+        loop = asyncio.get_running_loop()
         try:
-            netns = await loop.run_in_executor(None, self.network.create, node, key, ip)
+            netns = await loop.run_in_executor(None, self.network.create, node, key, ips)
         except Exception as e:  # a failed pod never stops the kubelet; it is reported on the pod
-            lab_node.used.discard(ip)
+            lab_node.used.difference_update(ips)
             lab_node.admitted.pop(key, None)
             _log.error("pod %s: creating its network on %s failed: %s", key, node, e)
             await self._patch_status(meta["namespace"], meta["name"], {
                 "phase": "Pending", "message": f"network setup failed: {e}", "reason": "NetworkSetupFailed"})
             return
-        self.pods[key] = (node, ip)
+        self.pods[key] = (node, ips)
         self.uids[key] = uid
         if self.runtime is not None:
-            self._run(pod, PodInfo(meta["namespace"], meta["name"], uid, node, (ip,), lab_node.internal_ip, netns),
+            self._run(pod, PodInfo(meta["namespace"], meta["name"], uid, node, ips, lab_node.host_ips, netns),
                       lab_node, key)
             return
         t = _now()
@@ -334,10 +408,10 @@ class LabKubelet:
                      "restartCount": 0, "state": {"running": {"startedAt": t}}}
                     for c in (pod.get("spec") or {}).get("containers") or []]
         await self._patch_status(meta["namespace"], meta["name"], {
-            "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "hostIP": lab_node.internal_ip,
-            "hostIPs": [{"ip": lab_node.internal_ip}], "startTime": t, "conditions": conds,
-            "containerStatuses": statuses})
-        _log.info("pod %s: running on %s with %s (network only: no runtime)", key, node, ip)
+            "phase": "Running", "podIP": ips[0], "podIPs": [{"ip": ip} for ip in ips],
+            "hostIP": lab_node.host_ips[0], "hostIPs": [{"ip": ip} for ip in lab_node.host_ips], "startTime": t,
+            "conditions": conds, "containerStatuses": statuses})
+        _log.info("pod %s: running on %s with %s (network only: no runtime)", key, node, ", ".join(ips))
 
     def _removed(self, key: str, _task: asyncio.Task[None]) -> None:
         self._removing.pop(key, None)
@@ -353,7 +427,7 @@ class LabKubelet:
 
         self.runtime.start(pod, info, sink)
         _log.info("pod %s: running on %s with %s (network %s); syncing its containers", key, info.node,
-                  info.pod_ips[0], info.netns)
+                  ", ".join(info.pod_ips), info.netns)
 
     async def _delete(self, key: str, uid: str, pod: dict[str, Any], etype: str) -> None:
         """Stop a deleted pod, then (graceful deletion) confirm with ``gracePeriodSeconds=0``."""
@@ -370,6 +444,10 @@ class LabKubelet:
         """Stop the pod's containers (grace period, as upstream), then remove its network."""
         loop = asyncio.get_running_loop()
         meta = pod.get("metadata") or {}
+        starting = self._starting.get(key)
+        if starting is not None:  # deleted while its network was being made: let that finish first
+            with contextlib.suppress(Exception):
+                await starting
         for ln in self.nodes.values():
             ln.admitted.pop(key, None)
         if self.runtime is not None and uid:
@@ -382,11 +460,11 @@ class LabKubelet:
             self.pods.pop(key, None)
             self.uids.pop(key, None)
         if key in self.pods:
-            n, ip = self.pods.pop(key)
+            n, ips = self.pods.pop(key)
             self.uids.pop(key, None)
-            await loop.run_in_executor(None, self.network.delete, n, key, ip)
-            self.nodes[n].used.discard(ip)
-            _log.info("pod %s: network on %s removed (%s)", key, n, ip)
+            await loop.run_in_executor(None, self.network.delete, n, key, ips)
+            self.nodes[n].used.difference_update(ips)
+            _log.info("pod %s: network on %s removed (%s)", key, n, ", ".join(ips))
 
     async def _pod_loop(self) -> None:
         """List+watch all pods (filtering by our nodes locally), re-listing after 410 or a drop."""
@@ -471,9 +549,14 @@ class LabKubelet:
             try:
                 await self._pod_loop()
             finally:
-                lease.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await lease
+                # Pod starts and removals in flight are dropped: the next kubelet finishes them
+                # (it adopts what runs and reaps what the API server no longer has).
+                pending = [lease, *self._starting.values(), *self._removing.values()]
+                for t in pending:
+                    t.cancel()
+                for t in pending:
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await t
                 if self.runtime is not None:
                     await self.runtime.detach()
                 if self._api_runner is not None:

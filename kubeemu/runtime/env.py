@@ -71,8 +71,11 @@ def object_data(kind: str, obj: Mapping[str, Any]) -> dict[str, bytes]:
     return out
 
 
-def field_value(pod: Mapping[str, Any], path: str, host_ip: str = "", pod_ips: tuple[str, ...] = ()) -> str:
-    """A downward-API ``fieldRef.fieldPath`` of ``pod`` (upstream ``podFieldSelectorRuntimeValue``)."""
+def field_value(pod: Mapping[str, Any], path: str, host_ips: tuple[str, ...] = (),
+                pod_ips: tuple[str, ...] = ()) -> str:
+    """A downward-API ``fieldRef.fieldPath`` of ``pod`` (upstream ``podFieldSelectorRuntimeValue``):
+    ``status.hostIP`` / ``status.podIP`` are the primaries, ``status.hostIPs`` / ``status.podIPs``
+    every address, primary first, joined by commas."""
     meta = pod.get("metadata") or {}
     spec = pod.get("spec") or {}
     m = re.fullmatch(r"metadata\.(labels|annotations)\['([^']*)'\]", path)
@@ -85,7 +88,7 @@ def field_value(pod: Mapping[str, Any], path: str, host_ip: str = "", pod_ips: t
         "metadata.name": meta.get("name", ""), "metadata.namespace": meta.get("namespace", ""),
         "metadata.uid": meta.get("uid", ""), "spec.nodeName": spec.get("nodeName", ""),
         "spec.serviceAccountName": spec.get("serviceAccountName") or "default",
-        "status.hostIP": host_ip, "status.hostIPs": host_ip,
+        "status.hostIP": host_ips[0] if host_ips else "", "status.hostIPs": ",".join(host_ips),
         "status.podIP": pod_ips[0] if pod_ips else "", "status.podIPs": ",".join(pod_ips),
     }
     if path not in simple:
@@ -110,7 +113,7 @@ def resource_value(pod: Mapping[str, Any], ref: Mapping[str, Any], container: st
     raise ConfigError(f"resourceFieldRef: no container {name!r}")
 
 
-def build_env(pod: Mapping[str, Any], container: Mapping[str, Any], objects: Objects, host_ip: str,
+def build_env(pod: Mapping[str, Any], container: Mapping[str, Any], objects: Objects, host_ips: tuple[str, ...],
               pod_ips: tuple[str, ...]) -> dict[str, str]:
     """The container's environment (see the module docstring for the order)."""
     ns = (pod.get("metadata") or {}).get("namespace", "default")
@@ -136,7 +139,7 @@ def build_env(pod: Mapping[str, Any], container: Mapping[str, Any], objects: Obj
             continue
         vf = e["valueFrom"]
         if "fieldRef" in vf:
-            env[name] = field_value(pod, vf["fieldRef"].get("fieldPath", ""), host_ip, pod_ips)
+            env[name] = field_value(pod, vf["fieldRef"].get("fieldPath", ""), host_ips, pod_ips)
         elif "resourceFieldRef" in vf:
             env[name] = resource_value(pod, vf["resourceFieldRef"], container.get("name"))
         else:

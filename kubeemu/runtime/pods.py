@@ -110,10 +110,15 @@ class PodInfo:
     name: str
     uid: str
     node: str
-    pod_ips: tuple[str, ...]
-    host_ip: str
+    pod_ips: tuple[str, ...]  # one per family, primary first (status.podIPs)
+    host_ips: tuple[str, ...]  # the node's InternalIPs, primary first (status.hostIPs)
     netns: str | None  # the network namespace's name under /run/netns (None: the kubelet's own)
     host_network: bool = False  # runs in its node's namespace and takes the node's name as hostname
+
+    @property
+    def host_ip(self) -> str:
+        """``status.hostIP``: the primary of ``host_ips``."""
+        return self.host_ips[0] if self.host_ips else ""
 
     @property
     def netns_path(self) -> str | None:
@@ -478,7 +483,7 @@ class PodWorker:
         loop = asyncio.get_running_loop()
         if self.volumes is None or time.monotonic() - self.volumes_at > VOLUME_RESYNC_S:
             try:
-                vols = await volumes.resolve(self.pod, self.rt.api, self.dir, self.info.host_ip, self.info.pod_ips,
+                vols = await volumes.resolve(self.pod, self.rt.api, self.dir, self.info.host_ips, self.info.pod_ips,
                                              self.tokens)
                 await loop.run_in_executor(None, volumes.apply, vols)
                 self.volumes = vols
@@ -578,7 +583,7 @@ class PodWorker:
         loop = asyncio.get_running_loop()
         try:
             objects = await self._env_objects(cs.spec)
-            env = envmod.build_env(self.pod, cs.spec, objects, self.info.host_ip, self.info.pod_ips)
+            env = envmod.build_env(self.pod, cs.spec, objects, self.info.host_ips, self.info.pod_ips)
         except envmod.ConfigError as e:
             if cs.waiting != ("CreateContainerConfigError", str(e)):
                 self._event("Warning", "Failed", f"Error: {e}", cs.name)
@@ -889,7 +894,7 @@ class PodWorker:
         ]
         ips = list(self.info.pod_ips)
         st: dict[str, Any] = {"phase": self.phase, "conditions": conds, "containerStatuses": apps,
-                              "hostIP": self.info.host_ip, "hostIPs": [{"ip": self.info.host_ip}],
+                              "hostIP": self.info.host_ip, "hostIPs": [{"ip": i} for i in self.info.host_ips],
                               "podIP": ips[0] if ips else None, "podIPs": [{"ip": i} for i in ips],
                               "startTime": self.started_at, "qosClass": _qos(self.pod)}
         if inits:

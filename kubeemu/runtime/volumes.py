@@ -99,13 +99,13 @@ def _items(kind: str, obj: Mapping[str, Any] | None, src: Mapping[str, Any], def
     return out
 
 
-def _downward(pod: Mapping[str, Any], items: list[Mapping[str, Any]], default_mode: int, host_ip: str,
+def _downward(pod: Mapping[str, Any], items: list[Mapping[str, Any]], default_mode: int, host_ips: tuple[str, ...],
               pod_ips: tuple[str, ...]) -> dict[str, tuple[bytes, int]]:
     out: dict[str, tuple[bytes, int]] = {}
     for it in items:
         try:
             if "fieldRef" in it:
-                v = field_value(pod, it["fieldRef"].get("fieldPath", ""), host_ip, pod_ips)
+                v = field_value(pod, it["fieldRef"].get("fieldPath", ""), host_ips, pod_ips)
             else:
                 v = resource_value(pod, it.get("resourceFieldRef") or {}, None)
         except ConfigError as e:
@@ -169,7 +169,7 @@ async def _request_token(api: Api, pod: Mapping[str, Any], src: Mapping[str, Any
     raise VolumePending(f"failed to fetch token: {code} {resp.get('message', '')}")
 
 
-async def resolve(pod: Mapping[str, Any], api: Api, pod_dir: Path, host_ip: str,
+async def resolve(pod: Mapping[str, Any], api: Api, pod_dir: Path, host_ips: tuple[str, ...],
                   pod_ips: tuple[str, ...], tokens: TokenCache | None = None) -> list[Volume]:
     """Every volume of ``pod`` with its host path and content; raises :class:`VolumePending`.
     Called again periodically, it yields updated ConfigMap/Secret contents and renewed tokens."""
@@ -186,13 +186,14 @@ async def resolve(pod: Mapping[str, Any], api: Api, pod_dir: Path, host_ip: str,
     for v in (pod.get("spec") or {}).get("volumes") or []:
         name = v.get("name", "")
         try:
-            out.append(await _resolve_one(pod, api, pod_dir, host_ip, pod_ips, v, obj, tokens))
+            out.append(await _resolve_one(pod, api, pod_dir, host_ips, pod_ips, v, obj, tokens))
         except VolumePending as e:
             raise VolumePending(f'MountVolume.SetUp failed for volume "{name}" : {e}') from e
     return out
 
 
-async def _resolve_one(pod: Mapping[str, Any], api: Api, pod_dir: Path, host_ip: str, pod_ips: tuple[str, ...],
+async def _resolve_one(pod: Mapping[str, Any], api: Api, pod_dir: Path, host_ips: tuple[str, ...],
+                       pod_ips: tuple[str, ...],
                        v: Mapping[str, Any], obj: Any, tokens: TokenCache | None = None) -> Volume:
     name = v.get("name", "")
     ns = (pod.get("metadata") or {}).get("namespace", "default")
@@ -206,7 +207,7 @@ async def _resolve_one(pod: Mapping[str, Any], api: Api, pod_dir: Path, host_ip:
         return Volume(name, key, volume_dir(pod_dir, key, name), files=files)
     if "downwardAPI" in v:
         src = v["downwardAPI"] or {}
-        files = _downward(pod, src.get("items") or [], int(src.get("defaultMode", 0o644)), host_ip, pod_ips)
+        files = _downward(pod, src.get("items") or [], int(src.get("defaultMode", 0o644)), host_ips, pod_ips)
         return Volume(name, "downwardAPI", volume_dir(pod_dir, "downwardAPI", name), files=files)
     if "projected" in v:
         src = v["projected"] or {}
@@ -221,7 +222,7 @@ async def _resolve_one(pod: Mapping[str, Any], api: Api, pod_dir: Path, host_ip:
                 ref = (s[key] or {}).get("name", "")
                 files.update(_items(kind, await obj(kind, ref), s[key] or {}, mode, ref))
             elif "downwardAPI" in s:
-                files.update(_downward(pod, (s["downwardAPI"] or {}).get("items") or [], mode, host_ip, pod_ips))
+                files.update(_downward(pod, (s["downwardAPI"] or {}).get("items") or [], mode, host_ips, pod_ips))
         return Volume(name, "projected", volume_dir(pod_dir, "projected", name), files=files)
     if "persistentVolumeClaim" in v:
         src = v["persistentVolumeClaim"] or {}

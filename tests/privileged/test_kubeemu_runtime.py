@@ -38,7 +38,7 @@ NODE_IP = "198.18.0.11"
 
 
 class NetnsNetwork:
-    """``PodNetwork`` with one bare namespace per pod: ``lo`` up, the pod IP on ``lo``."""
+    """``PodNetwork`` with one bare namespace per pod: ``lo`` up, the pod's IPs (one per family) on ``lo``."""
 
     def __init__(self) -> None:
         self.prefix = f"kt{uuid.uuid4().hex[:6]}"
@@ -47,12 +47,15 @@ class NetnsNetwork:
     def name(self, pod_key: str) -> str:
         return f"{self.prefix}-{pod_key.replace('/', '-')}"[:60]
 
-    def create(self, node: str, pod_key: str, ip: str) -> str:
+    def create(self, node: str, pod_key: str, ips: tuple[str, ...]) -> str:
         ns = self.name(pod_key)
         if not pathlib.Path(f"/run/netns/{ns}").exists():
             subprocess.run(["ip", "netns", "add", ns], check=True)
             subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
-            subprocess.run(["ip", "-n", ns, "addr", "add", f"{ip}/32", "dev", "lo"], check=True)
+            for ip in ips:
+                host = "/128 nodad" if ":" in ip else "/32"
+                subprocess.run(["ip", "-n", ns, "addr", "add", f"{ip}{host.split()[0]}", "dev", "lo",
+                                *host.split()[1:]], check=True)
         self.live[pod_key] = ns
         return ns
 
@@ -65,7 +68,7 @@ class NetnsNetwork:
             subprocess.run(["ip", "-n", ns, "addr", "add", f"{NODE_IP}/32", "dev", "lo"], check=True)
         return ns
 
-    def delete(self, node: str, pod_key: str, ip: str) -> None:
+    def delete(self, node: str, pod_key: str, ips: tuple[str, ...]) -> None:
         ns = self.live.pop(pod_key, self.name(pod_key))
         subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
 

@@ -23,18 +23,18 @@ class FakeNetwork:
     """Records create/delete calls; ``fail_for`` makes create raise for that pod key."""
 
     def __init__(self) -> None:
-        self.live: dict[str, tuple[str, str]] = {}
-        self.calls: list[tuple[str, str, str, str]] = []
+        self.live: dict[str, tuple[str, tuple[str, ...]]] = {}
+        self.calls: list[tuple[str, str, str, tuple[str, ...]]] = []
         self.fail_for: set[str] = set()
 
-    def create(self, node: str, pod_key: str, ip: str) -> None:
-        self.calls.append(("create", node, pod_key, ip))
+    def create(self, node: str, pod_key: str, ips: tuple[str, ...]) -> None:
+        self.calls.append(("create", node, pod_key, ips))
         if pod_key in self.fail_for:
             raise OSError("injected: netns creation failed")
-        self.live[pod_key] = (node, ip)
+        self.live[pod_key] = (node, ips)
 
-    def delete(self, node: str, pod_key: str, ip: str) -> None:
-        self.calls.append(("delete", node, pod_key, ip))
+    def delete(self, node: str, pod_key: str, ips: tuple[str, ...]) -> None:
+        self.calls.append(("delete", node, pod_key, ips))
         self.live.pop(pod_key, None)
 
 
@@ -92,7 +92,7 @@ def test_lab_kubelet_runs_and_removes_pods() -> None:
             assert got["status"]["podIP"] == "10.10.1.3"  # .2 reserved by the lab
             assert got["status"]["hostIP"] == "198.18.0.11"
             assert {c["type"]: c["status"] for c in got["status"]["conditions"]}["Ready"] == "True"
-            assert net.live == {"default/p": ("e1", "10.10.1.3")}
+            assert net.live == {"default/p": ("e1", ("10.10.1.3",))}
 
             net.fail_for.add("default/bad")
             bad = {"metadata": {"name": "bad"}, "spec": {"nodeName": "e2", "containers": [{"name": "c",
@@ -112,7 +112,7 @@ def test_lab_kubelet_runs_and_removes_pods() -> None:
                 "pod p deleted",
             )
             assert "default/p" not in net.live
-            assert ("delete", "e1", "default/p", "10.10.1.3") in net.calls
+            assert ("delete", "e1", "default/p", ("10.10.1.3",)) in net.calls
             assert not [c for c in net.calls if c[2] == "default/elsewhere"]
         finally:
             loop.call_soon_threadsafe(task.cancel)
@@ -169,3 +169,93 @@ def test_lab_kubelet_reports_capacity_and_rejects_what_does_not_fit() -> None:
             loop.call_soon_threadsafe(task.cancel)
             t.join(5)
             loop.close()
+
+
+def test_allocation_takes_one_address_per_family_primary_first() -> None:
+    """Like a dual-stack CNI's host-local IPAM with one range per family: one address from each
+    of the node's pod CIDRs, in ``spec.podCIDRs`` order, skipping either family's reserved ones."""
+    n = LabNode("b1", "fd00:198:18::11", ("fd00:10:40:1::/64", "10.40.1.0/24"),
+                reserved=frozenset({"10.40.1.2", "fd00:10:40:1::2", "fd00:10:40:1::3"}), secondary_ip="198.18.0.11")
+    assert n.host_ips == ("fd00:198:18::11", "198.18.0.11")
+    assert n.allocate() == ("fd00:10:40:1::4", "10.40.1.3")
+    assert n.allocate() == ("fd00:10:40:1::5", "10.40.1.4")
+    v6only = LabNode("c1", "fd00:198:18::21", ("fd00:10:50:1::/64",))
+    assert v6only.allocate() == ("fd00:10:50:1::2",)
+    # One family full: nothing is taken from the other, and the error names the full range.
+    tight = LabNode("d1", "198.18.0.31", ("10.60.1.0/24", "fd00:10:60:1::/126"))
+    assert tight.allocate() == ("10.60.1.2", "fd00:10:60:1::2")
+    with pytest.raises(RuntimeError, match=r"pod CIDR fd00:10:60:1::/126 is full"):
+        tight.allocate()
+    assert tight.used == {"10.60.1.2", "fd00:10:60:1::2"}
+    with pytest.raises(ValueError, match="no more than one CIDR for each IP family"):
+        LabNode("x", "198.18.0.1", ("10.0.0.0/24", "10.0.1.0/24"))
+    with pytest.raises(ValueError, match=r"node x: node IPs 198.18.0.1 and 198.18.0.2 are of one family"):
+        LabNode("x", "198.18.0.1", ("10.0.0.0/24",), secondary_ip="198.18.0.2")
+
+
+def _run_kubelet(kubelet: LabKubelet) -> tuple[asyncio.AbstractEventLoop, asyncio.Task[None], threading.Thread]:
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(kubelet.run())
+
+    def drive() -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            loop.run_until_complete(task)
+
+    t = threading.Thread(target=drive, daemon=True)
+    t.start()
+    return loop, task, t
+
+
+def _stop_kubelet(loop: asyncio.AbstractEventLoop, task: asyncio.Task[None], t: threading.Thread) -> None:
+    loop.call_soon_threadsafe(task.cancel)
+    t.join(5)
+    loop.close()
+
+
+def test_dual_stack_pods_get_both_families_and_keep_them_across_a_restart() -> None:
+    """An IPv6-primary dual-stack node: the Node lists both podCIDRs and InternalIPs primary
+    first; a pod's podIPs are one per family, primary first, podIP the primary, hostIPs the
+    node's; a restarted kubelet adopts the addresses from status.podIPs and hands out new ones."""
+    net = FakeNetwork()
+
+    def node() -> LabNode:
+        return LabNode("b1", "fd00:198:18::11", ("fd00:10:40:1::/64", "10.40.1.0/24"),
+                       reserved=frozenset({"10.40.1.2", "fd00:10:40:1::2"}), secondary_ip="198.18.0.11")
+
+    def pod(name: str) -> dict[str, Any]:
+        return {"metadata": {"name": name}, "spec": {"nodeName": "b1", "containers": [{"name": "c", "image": "x"}]}}
+
+    def running(name: str) -> Any:
+        return wait_until(lambda: (p := _http(f"{srv.url}/api/v1/namespaces/default/pods/{name}"))["status"].get(
+            "phase") == "Running" and p, 5, f"pod {name} Running")
+
+    with ServerThread(name="kl3", graceful_pods=True) as srv:
+        run = _run_kubelet(LabKubelet(srv.url, [node()], net, renew_interval=1.0))
+        try:
+            got = wait_until(lambda: (n := _http(srv.url + "/api/v1/nodes/b1")).get("kind") == "Node" and n, 5,
+                             "Node b1 registered")
+            assert got["spec"]["podCIDRs"] == ["fd00:10:40:1::/64", "10.40.1.0/24"]
+            assert got["spec"]["podCIDR"] == "fd00:10:40:1::/64"
+            assert [a["address"] for a in got["status"]["addresses"] if a["type"] == "InternalIP"] == [
+                "fd00:198:18::11", "198.18.0.11"]
+            _http(srv.url + "/api/v1/namespaces/default/pods", "POST", pod("a"))
+            st = running("a")["status"]
+            assert st["podIPs"] == [{"ip": "fd00:10:40:1::3"}, {"ip": "10.40.1.3"}]
+            assert st["podIP"] == "fd00:10:40:1::3"
+            assert st["hostIP"] == "fd00:198:18::11"
+            assert st["hostIPs"] == [{"ip": "fd00:198:18::11"}, {"ip": "198.18.0.11"}]
+            assert net.live["default/a"] == ("b1", ("fd00:10:40:1::3", "10.40.1.3"))
+        finally:
+            _stop_kubelet(*run)
+        net.calls.clear()
+        run = _run_kubelet(LabKubelet(srv.url, [node()], net, renew_interval=1.0))
+        try:
+            wait_until(lambda: ("create", "b1", "default/a", ("fd00:10:40:1::3", "10.40.1.3")) in net.calls, 5,
+                       "pod a re-announced with its addresses")
+            _http(srv.url + "/api/v1/namespaces/default/pods", "POST", pod("b"))
+            assert running("b")["status"]["podIPs"] == [{"ip": "fd00:10:40:1::4"}, {"ip": "10.40.1.4"}]
+            _http(srv.url + "/api/v1/namespaces/default/pods/a", "DELETE")
+            wait_until(lambda: ("delete", "b1", "default/a", ("fd00:10:40:1::3", "10.40.1.3")) in net.calls, 5,
+                       "pod a's network removed with both addresses")
+        finally:
+            _stop_kubelet(*run)

@@ -49,17 +49,27 @@ def test_build_env_order_sources_and_errors() -> None:
                  {"name": "HOST", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}},
                  {"name": "MEM", "valueFrom": {"resourceFieldRef": {"resource": "limits.memory", "divisor": "1Mi"}}}]}
     objs = {("ConfigMap", "cm"): CM, ("Secret", "sec"): SEC, ("Secret", "nope"): None}
-    env = envmod.build_env(POD, c, objs, "198.18.0.1", ("10.0.0.5",))
+    env = envmod.build_env(POD, c, objs, ("198.18.0.1",), ("10.0.0.5",))
     assert env["P_k"] == "v" and "P_bad-name!" not in env
     assert env["X"] == "v/$(Y)"  # only what is defined before it expands
     assert (env["PW"], env["NAME"], env["APP"], env["SA"], env["IP"], env["HOST"], env["MEM"]) == \
         ("s3", "p", "web", "sa", "10.0.0.5", "198.18.0.1", "64")
     assert "OPT" not in env
     with pytest.raises(envmod.ConfigError, match='configmap "cm2" not found'):
-        envmod.build_env(POD, {"envFrom": [{"configMapRef": {"name": "cm2"}}]}, {("ConfigMap", "cm2"): None}, "", ())
+        envmod.build_env(POD, {"envFrom": [{"configMapRef": {"name": "cm2"}}]}, {("ConfigMap", "cm2"): None}, (), ())
     with pytest.raises(envmod.ConfigError, match="couldn't find key gone in ConfigMap ns/cm"):
         envmod.build_env(POD, {"env": [{"name": "G", "valueFrom": {"configMapKeyRef": {"name": "cm", "key": "gone"}}}]},
-                         objs, "", ())
+                         objs, (), ())
+
+
+def test_dual_stack_downward_api_is_primary_first_as_upstream() -> None:
+    """``status.podIP`` / ``status.hostIP`` are the primaries; the plural fields join every
+    address, primary first, with commas (upstream podFieldSelectorRuntimeValue)."""
+    fields = ("status.podIP", "status.podIPs", "status.hostIP", "status.hostIPs")
+    c = {"env": [{"name": f.replace(".", "_"), "valueFrom": {"fieldRef": {"fieldPath": f}}} for f in fields]}
+    env = envmod.build_env(POD, c, {}, ("fd00:198:18::11", "198.18.0.11"), ("fd00:10:40::3", "10.40.0.3"))
+    assert [env[f.replace(".", "_")] for f in fields] == [
+        "fd00:10:40::3", "fd00:10:40::3,10.40.0.3", "fd00:198:18::11", "fd00:198:18::11,198.18.0.11"]
 
 
 def test_command_line() -> None:
@@ -102,7 +112,7 @@ def test_volumes_resolve_and_write(tmp_path: pathlib.Path) -> None:
                 {"serviceAccountToken": {"path": "token", "expirationSeconds": 600, "audience": "api"}},
                 {"configMap": {"name": "cm", "items": [{"key": "n", "path": "n"}]}},
                 {"downwardAPI": {"items": [{"path": "ns", "fieldRef": {"fieldPath": "metadata.namespace"}}]}}]}}]
-    got = asyncio.run(volumes.resolve(_pod_with(vols), api, tmp_path, "h", ("10.0.0.5",)))
+    got = asyncio.run(volumes.resolve(_pod_with(vols), api, tmp_path, ("h",), ("10.0.0.5",)))
     volumes.apply(got)
     root = tmp_path / "volumes"
     assert (root / "kubernetes.io~empty-dir" / "e").is_dir()
@@ -135,21 +145,21 @@ def test_volumes_resolve_and_write(tmp_path: pathlib.Path) -> None:
 def test_volumes_pending_and_placeholder_token(tmp_path: pathlib.Path) -> None:
     api = FakeApi({}, token_code=404)
     with pytest.raises(volumes.VolumePending, match=r'MountVolume\.SetUp failed for volume "c" : configmap "cm" not'):
-        asyncio.run(volumes.resolve(_pod_with([{"name": "c", "configMap": {"name": "cm"}}]), api, tmp_path, "", ()))
+        asyncio.run(volumes.resolve(_pod_with([{"name": "c", "configMap": {"name": "cm"}}]), api, tmp_path, (), ()))
     pvc = {"name": "data", "persistentVolumeClaim": {"claimName": "claim"}}
     with pytest.raises(volumes.VolumePending, match='persistentvolumeclaim "claim" not found'):
-        asyncio.run(volumes.resolve(_pod_with([pvc]), api, tmp_path, "", ()))
+        asyncio.run(volumes.resolve(_pod_with([pvc]), api, tmp_path, (), ()))
     api.objects["/api/v1/namespaces/ns/persistentvolumeclaims/claim"] = {"spec": {}, "status": {"phase": "Pending"}}
     with pytest.raises(volumes.VolumePending, match='persistentvolumeclaim "claim" is not bound'):
-        asyncio.run(volumes.resolve(_pod_with([pvc]), api, tmp_path, "", ()))
+        asyncio.run(volumes.resolve(_pod_with([pvc]), api, tmp_path, (), ()))
     api.objects["/api/v1/namespaces/ns/persistentvolumeclaims/claim"] = {"spec": {"volumeName": "pv1"},
                                                                           "status": {"phase": "Bound"}}
     api.objects["/api/v1/persistentvolumes/pv1"] = {"spec": {"local": {"path": str(tmp_path / "pvdir")}}}
     (tmp_path / "pvdir").mkdir()
-    got = asyncio.run(volumes.resolve(_pod_with([pvc]), api, tmp_path, "", ()))
+    got = asyncio.run(volumes.resolve(_pod_with([pvc]), api, tmp_path, (), ()))
     assert got[0].path == tmp_path / "pvdir"
     tok = asyncio.run(volumes.resolve(_pod_with([{"name": "t", "projected": {"sources": [
-        {"serviceAccountToken": {"path": "token"}}]}}]), api, tmp_path, "", ()))[0].files
+        {"serviceAccountToken": {"path": "token"}}]}}]), api, tmp_path, (), ()))[0].files
     assert tok is not None
     _header, claims, sig = tok["token"][0].decode().split(".")
     body = json.loads(base64.urlsafe_b64decode(claims + "=" * (-len(claims) % 4)))
@@ -230,7 +240,7 @@ def _worker(tmp_path: pathlib.Path, policy: str, init: bool = False) -> Any:
         return None
 
     rt = Runtime(tmp_path, FakeApi({}))
-    w = PodWorker(rt, pod, PodInfo("ns", "p", "u", "n1", ("10.0.0.5",), "198.18.0.1", None), sink)
+    w = PodWorker(rt, pod, PodInfo("ns", "p", "u", "n1", ("10.0.0.5",), ("198.18.0.1",), None), sink)
     w.volumes = []
     return w
 
@@ -306,10 +316,10 @@ def test_projected_tokens_are_reused_until_80_percent_of_their_life(tmp_path: pa
     now = [1000.0]
     monkeypatch.setattr("kubeemu.runtime.volumes.time.time", lambda: now[0])
     for _ in range(2):
-        asyncio.run(volumes.resolve(_pod_with(vols), api, tmp_path, "", (), cache))
+        asyncio.run(volumes.resolve(_pod_with(vols), api, tmp_path, (), (), cache))
     assert len(api.posted) == 1
     now[0] += 801  # past 80 % of 1000 s
-    asyncio.run(volumes.resolve(_pod_with(vols), api, tmp_path, "", (), cache))
+    asyncio.run(volumes.resolve(_pod_with(vols), api, tmp_path, (), (), cache))
     assert len(api.posted) == 2
 
 

@@ -83,9 +83,9 @@ def test_plan_state_round_trip_and_merge(lab_root: Path, tmp_path: Path) -> None
 def test_kubelet_pod_names_are_stable_short_and_apart_from_static_pods(tmp_path: Path) -> None:
     st = lab.plan("kfx", _topo(tmp_path))
     node = st.clusters[0].nodes[0]
-    a = lab.kube_pod(node, "default/web", "10.10.0.4")
-    assert a == lab.kube_pod(node, "default/web", "10.10.0.4")
-    b = lab.kube_pod(node, "other/web", "10.10.0.5")
+    a = lab.kube_pod(node, "default/web", ("10.10.0.4",))
+    assert a == lab.kube_pod(node, "default/web", ("10.10.0.4",))
+    b = lab.kube_pod(node, "other/web", ("10.10.0.5",))
     assert a.netns != b.netns and a.host_if != b.host_if
     assert a.netns.startswith(node.netns + "-k") and len(a.host_if) <= 15
     assert a.netns not in st.namespaces() and a.host_if not in {p.host_if for p in node.pods}
@@ -101,7 +101,7 @@ def test_kubelet_reserves_static_pod_ips_and_maps_calls_to_lab_pods(
     (e1,) = kubelet_lab.lab_nodes(east)
     assert e1.internal_ip == "198.18.0.11" and e1.pod_cidrs == ("10.10.0.0/24",)
     assert e1.reserved == {"10.10.0.2", "10.10.0.3"}  # p0, p1
-    assert e1.allocate() == "10.10.0.4"
+    assert e1.allocate() == ("10.10.0.4",)
     calls: list[tuple[str, str, lab.PodRecord]] = []
 
     def add(n: lab.NodeRecord, p: lab.PodRecord) -> None:
@@ -114,12 +114,56 @@ def test_kubelet_reserves_static_pod_ips_and_maps_calls_to_lab_pods(
     monkeypatch.setattr(lab, "add_pod", add)
     monkeypatch.setattr(lab, "remove_pod", remove)
     net = kubelet_lab.LabPodNetwork(east)
-    net.create("e1", "default/web", "10.10.0.4")
-    net.delete("e1", "default/web", "10.10.0.4")
-    want = lab.kube_pod(east.nodes[0], "default/web", "10.10.0.4")
+    net.create("e1", "default/web", ("10.10.0.4",))
+    net.delete("e1", "default/web", ("10.10.0.4",))
+    want = lab.kube_pod(east.nodes[0], "default/web", ("10.10.0.4",))
     assert calls == [("add", "east/e1", want), ("remove", "east/e1", want)]
     with pytest.raises(lab.LabError, match="not a node of this kubelet"):
-        net.create("w1", "default/x", "10.20.0.9")
+        net.create("w1", "default/x", ("10.20.0.9",))
+
+
+DUAL = """\
+kubernetes: true
+underlay6: fd00:198:18::/64
+clusters:
+  - name: ds
+    ipFamilies: [IPv6, IPv4]
+    podCIDRs: [fd00:10:40::/48, 10.40.0.0/16]
+    nodes:
+      - {name: b1, pods: 1}
+  - name: six
+    ipFamilies: [IPv6]
+    podCIDRs: [fd00:10:50::/48]
+    nodes:
+      - {name: c1, pods: 1}
+"""
+
+
+def test_dual_stack_kubelet_nodes_are_primary_first_and_pods_get_both_families(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    st = lab.plan("kfx", _topo(tmp_path, DUAL))
+    ds, six = st.clusters
+    rec = ds.nodes[0]
+    (b1,) = kubelet_lab.lab_nodes(ds)
+    # The cluster's primary family first: podCIDRs and InternalIPs (upstream node IPAM / --node-ip).
+    assert b1.pod_cidrs == (rec.pod_cidr6, rec.pod_cidr) and ":" in b1.pod_cidrs[0]
+    assert b1.host_ips == (rec.underlay_ip6, rec.underlay_ip)
+    assert b1.reserved == {rec.pods[0].ip, rec.pods[0].ip6}
+    ips = b1.allocate()
+    assert [":" in ip for ip in ips] == [True, False] and not set(ips) & b1.reserved
+    # IPv6 only: an IPv6 pod CIDR alone; the node's IPv4 (management) underlay comes second.
+    (c1,) = kubelet_lab.lab_nodes(six)
+    assert c1.pod_cidrs == (six.nodes[0].pod_cidr6,) and c1.host_ips[0] == six.nodes[0].underlay_ip6
+    assert len(c1.allocate()) == 1
+    calls: list[lab.PodRecord] = []
+    monkeypatch.setattr(lab, "add_pod", lambda n, p: calls.append(p))
+    lab_net = kubelet_lab.LabPodNetwork(ds)
+    lab_net.create("b1", "default/web", ips)
+    (made,) = calls
+    assert (made.ip6, made.ip) == ips and made.ips() == (ips[1], ips[0])
+    with pytest.raises(lab.LabError, match=r"two IPv4 addresses 10\.40\.0\.9 and 10\.40\.0\.10"):
+        lab.kube_pod(rec, "default/x", ("10.40.0.9", "10.40.0.10"))
 
 
 def test_status_shows_servers_and_kubeconfig(tmp_path: Path) -> None:
@@ -242,6 +286,6 @@ def test_node_resources_reach_the_kubelet_and_create_names_the_netns(
     assert kubelet_lab.lab_nodes(back.clusters[1])[0].resources == {}
     monkeypatch.setattr(lab, "add_pod", lambda n, p: None)
     net = kubelet_lab.LabPodNetwork(back.clusters[0])
-    assert net.create("e1", "default/web", "10.10.0.4") == lab.kube_pod(back.clusters[0].nodes[0], "default/web",
-                                                                         "10.10.0.4").netns
+    assert net.create("e1", "default/web", ("10.10.0.4",)) == lab.kube_pod(back.clusters[0].nodes[0], "default/web",
+                                                                            ("10.10.0.4",)).netns
     assert kubelet_lab.kubelet_root(back.state_dir, "east") == back.state_dir / "kubelet-east"

@@ -4,12 +4,15 @@
 emulated API server (kubeemu). It is :class:`kubeemu.kubelet.LabKubelet` with the lab's own
 pod plumbing as its network:
 
-* the nodes come from the lab's state file (read once at start): name, underlay address as the
-  Node's InternalIP, pod CIDR, and the static pods' IPs, which the kubelet never hands out;
+* the nodes come from the lab's state file (read once at start): name, underlay addresses as the
+  Node's InternalIPs and its pod CIDRs (one per family the cluster runs; both lists in the
+  cluster's ``ipFamilies`` order, primary first), and the static pods' IPs of either family,
+  which the kubelet never hands out;
 * each node's declared ``resources`` (topology) become its Node's capacity and allocatable,
   and the kubelet admits pods against them;
 * a Pod bound to a node becomes a lab pod through :func:`tools.lab.add_pod` (namespace
-  ``NAME-<cluster>-<node>-k<hash>``, veth, /32 route, proxy ARP; idempotent), and leaves through
+  ``NAME-<cluster>-<node>-k<hash>``, veth, /32 and /128 routes, proxy ARP, one address per
+  family; idempotent), and leaves through
   :func:`tools.lab.remove_pod` (the namespace is deleted, taking the veth and route with it);
 * its containers run as processes in that namespace (:mod:`kubeemu.runtime`), with the
   kubelet root ``<lab state dir>/kubelet-<cluster>`` (pod directories, volumes, CRI logs, the
@@ -48,9 +51,9 @@ class LabPodNetwork:
             raise lab.LabError(f"node {name!r} is not a node of this kubelet ({', '.join(self.nodes)})")
         return node
 
-    def create(self, node: str, pod_key: str, ip: str) -> str:
+    def create(self, node: str, pod_key: str, ips: tuple[str, ...]) -> str:
         n = self._node(node)
-        pod = lab.kube_pod(n, pod_key, ip)
+        pod = lab.kube_pod(n, pod_key, ips)
         lab.add_pod(n, pod)
         return pod.netns
 
@@ -58,18 +61,30 @@ class LabPodNetwork:
         """``kubeemu.kubelet.NodeNetworks``: where hostNetwork pods of ``node`` run."""
         return self._node(node).netns
 
-    def delete(self, node: str, pod_key: str, ip: str) -> None:
+    def delete(self, node: str, pod_key: str, ips: tuple[str, ...]) -> None:
         n = self._node(node)
-        lab.remove_pod(n, lab.kube_pod(n, pod_key, ip))
+        lab.remove_pod(n, lab.kube_pod(n, pod_key, ips))
 
 
 def lab_nodes(cluster: lab.ClusterRecord) -> list[LabNode]:
-    """The kubelet's view of the cluster's nodes; static pod IPs are reserved."""
-    return [
-        LabNode(n.name, n.underlay_ip, (n.pod_cidr,), reserved=frozenset(p.ip for p in n.pods),
-                resources=dict(n.resources))
-        for n in cluster.nodes
-    ]
+    """The kubelet's view of the cluster's nodes; static pod IPs of both families are reserved.
+
+    Pod CIDRs and node IPs are ordered by the cluster's ``ipFamilies`` (primary first), as a
+    dual-stack cluster's node IPAM orders ``spec.podCIDRs`` and its kubelets' ``--node-ip``. A
+    node's underlay address of a family the cluster does not run (every node has an IPv4 one)
+    still counts as its InternalIP, after those of the cluster's families."""
+    order = {f: i for i, f in enumerate(cluster.ip_families)}
+
+    def rank(ip: str) -> int:
+        return order.get(6 if ":" in ip else 4, len(order))
+
+    out = []
+    for n in cluster.nodes:
+        cidrs = tuple(sorted(n.pod_cidrs, key=rank))
+        node_ips = sorted((ip for ip in (n.underlay_ip, n.underlay_ip6) if ip), key=rank)
+        out.append(LabNode(n.name, node_ips[0], cidrs, reserved=frozenset(ip for p in n.pods for ip in p.ips()),
+                           resources=dict(n.resources), secondary_ip=node_ips[1] if len(node_ips) > 1 else ""))
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:

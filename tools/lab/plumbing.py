@@ -183,7 +183,7 @@ def add_pod(node: NodeRecord, pod: PodRecord) -> None:
     the pod (as ``eth0``; no end ever exists in the root namespace), the node's /32 route and
     proxy ARP on its end, then the pod's address and its default route via the link-local
     gateway. Calling it again for a pod that exists re-applies addresses and routes (the pod
-    keeps only ``pod.ip``); a pod namespace without its node-side veth is rebuilt.
+    keeps only ``pod.ip`` and ``pod.ip6``); a pod namespace without its node-side veth is rebuilt.
     """
     if not namespaces.exists(node.netns):
         raise LabError(f"pod {node.key}/{pod.name}: node namespace {node.netns} does not exist")
@@ -237,14 +237,24 @@ def remove_pod(node: NodeRecord, pod: PodRecord) -> bool:
 _KUBE_POD_SUFFIX = re.compile(r"-k[0-9a-f]{10}$")
 
 
-def kube_pod(node: NodeRecord, pod_key: str, ip: str) -> PodRecord:
-    """The record of a pod the lab kubelet runs for Kubernetes pod ``pod_key`` (namespace/name).
+def kube_pod(node: NodeRecord, pod_key: str, ips: Sequence[str]) -> PodRecord:
+    """The record of a pod the lab kubelet runs for Kubernetes pod ``pod_key`` (namespace/name)
+    with addresses ``ips`` (``status.podIPs``: at most one per family, any order), which
+    :func:`add_pod` configures as it does a dual-stack static pod's ``ip`` and ``ip6``.
 
     Names derive from a hash of the key (Kubernetes names are too long for interface names),
     so the kubelet needs no state of its own to find the namespace again for ``remove_pod``.
     """
+    by_family: dict[int, str] = {}
+    for ip in ips:
+        fam = 6 if ":" in ip else 4
+        if fam in by_family:
+            raise LabError(f"pod {node.key}/{pod_key}: two IPv{fam} addresses {by_family[fam]} and {ip} "
+                           "(a pod has one per family)")
+        by_family[fam] = ip
     h = hashlib.sha256(pod_key.encode()).hexdigest()[:10]
-    return PodRecord(name=pod_key, netns=f"{node.netns}-k{h}", ip=ip, host_if=f"vk{h}")
+    return PodRecord(name=pod_key, netns=f"{node.netns}-k{h}", ip=by_family.get(4, ""), ip6=by_family.get(6, ""),
+                     host_if=f"vk{h}")
 
 
 def kube_pod_namespaces(cluster: ClusterRecord) -> list[str]:
