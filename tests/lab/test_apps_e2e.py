@@ -4,29 +4,24 @@ real kubectl to a ``kubernetes: true`` lab, run as real processes and are used t
 Topology (written by the fixture): east (e1, e2) and west (w1, w2), one static lab pod per node;
 w2 declares a small capacity (``resources: {pods: 3, cpu: "2"}``) for the admission test.
 
-The lab runs no scheduler here (``scheduler: none``; the Kosmos scheduler's own lab test is
-test_scheduler_e2e.py), so the module runs a test binder: every pod of the test namespace
-without ``spec.nodeName`` is bound round robin to e1/e2 through ``pods/binding``, exactly the
-call a scheduler makes. Everything else is the lab's own: the controller-manager (Deployment, ReplicaSet, StatefulSet,
-EndpointSlice, PV binder, provisioner), the kubelet's process runtime, the lab kube-proxy
-(nftables), the API server's validation, logs and exec.
+Everything is the lab's own: the scheduler (kosmos-scheduler, the lab default; the admission
+test pins its pods with ``nodeName`` to get past it, as a user bypassing the scheduler would),
+the controller-manager (Deployment, ReplicaSet, StatefulSet, EndpointSlice, PV binder,
+provisioner), the kubelet's process runtime, the lab kube-proxy (nftables), the API server's
+validation, logs and exec.
 
 Order matters only where a test says so; each test cleans up what it made.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -48,7 +43,6 @@ clusters:
     mode: p2p
     podCIDRs: [10.10.0.0/16]
     serviceCIDRs: [10.96.0.0/20]
-    scheduler: none  # the test binds pods itself (below)
     nodes:
       - {name: e1, pods: 1}
       - {name: e2, pods: 1}
@@ -56,7 +50,6 @@ clusters:
     mode: p2p
     podCIDRs: [10.20.0.0/16]
     serviceCIDRs: [10.97.0.0/20]
-    scheduler: none  # the test binds pods itself (below)
     nodes:
       - {name: w1, pods: 1}
       - {name: w2, pods: 1, resources: {pods: 3, cpu: "2", memory: 4Gi}}
@@ -122,42 +115,6 @@ class AppLab(Lab):
         return pids
 
 
-class Binder:
-    """Binds the test namespace's unbound pods of one cluster round robin over ``nodes``,
-    through ``pods/binding`` (the scheduler's call). A thread polling every 0.2 s."""
-
-    def __init__(self, url: str, nodes: list[str]) -> None:
-        self.url, self.nodes, self.n = url, nodes, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="binder", daemon=True)
-
-    def __enter__(self) -> Binder:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.2):
-            with contextlib.suppress(OSError, ValueError):
-                with urllib.request.urlopen(f"{self.url}/api/v1/namespaces/{NS}/pods", timeout=5) as r:
-                    pods = json.loads(r.read())["items"]
-                for p in pods:
-                    if p["spec"].get("nodeName") or p["metadata"].get("deletionTimestamp"):
-                        continue
-                    node = self.nodes[self.n % len(self.nodes)]
-                    self.n += 1
-                    name = p["metadata"]["name"]
-                    body = json.dumps({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": name},
-                                       "target": {"apiVersion": "v1", "kind": "Node", "name": node}}).encode()
-                    req = urllib.request.Request(f"{self.url}/api/v1/namespaces/{NS}/pods/{name}/binding", data=body,
-                                                 method="POST", headers={"Content-Type": "application/json"})
-                    with contextlib.suppress(urllib.error.HTTPError):  # 409: bound meanwhile
-                        urllib.request.urlopen(req, timeout=5).close()
-
-
 @pytest.fixture(scope="module")
 def alab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppLab]:
     topo = tmp_path_factory.mktemp("apps") / "lab.yaml"
@@ -168,8 +125,7 @@ def alab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppLab]:
         lab.urls = {c["name"]: c["kubernetes"]["url"] for c in lab.status()["clusters"]}
         for cluster in ("east", "west"):
             lab.kubectl(cluster, "create", "namespace", NS)
-        with Binder(lab.urls["east"], ["e1", "e2"]):
-            yield lab
+        yield lab
 
 
 def _client_netns(lab: AppLab) -> str:
