@@ -9,8 +9,9 @@ On a fresh ``kubernetes: true`` lab (one cluster, four nodes; torn down afterwar
    API until all are Ready. ``pods/s`` = replicas / (apply to all Ready). It is one Deployment
    of all replicas, placed by the lab's scheduler; ``SINGLE_DEPLOYMENT = False`` makes it one
    Deployment per node pinned with ``spec.template.spec.nodeName`` (no scheduler in the path).
-   The RSS of the cluster's API server (``/proc/PID/status``) before the apply and once all are Ready gives its growth per 1,000 pods (round 1 is the
-   honest one: later rounds reuse memory the first freed, so their growth reads lower).
+   The RSS of the cluster's API server (``/proc/PID/status``) before the apply and once all
+   are Ready gives its growth per 1,000 pods (round 1 is the honest one: later rounds reuse
+   memory the first freed, so their growth reads lower).
    The namespace is then deleted and the round waits until every pod namespace is gone.
 2. **baseline** - as many pod namespaces made with the lab's pod plumbing directly
    (``tools.lab.add_pod``: namespace, veth, /32 route, proxy ARP, addresses: what the kubelet
