@@ -169,11 +169,31 @@ def _running(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[0] != "Z"
 
 
+def _processes_naming(text: str) -> list[str]:
+    """``PID command line`` of every process whose command line contains ``text``."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmd:
+            out.append(f"{entry} {cmd[:160]}")
+    return out
+
+
 def assert_lab_gone(name: str, pids: set[int], root_links: set[str]) -> None:
     """``lab down`` left no namespace, process, pinned object or root-namespace link behind."""
     leftovers = [n for n in os.listdir("/run/netns") if n.startswith(name + "-")] if os.path.isdir("/run/netns") else []
     assert not leftovers, f"lab down left namespaces behind: {leftovers}"
     alive = [p for p in pids if _running(p)]
     assert not alive, f"lab down left processes running: {alive}"
+    # Also those started after the list above was taken (a kubelet restarting a container while
+    # down ran): every process of the lab names its state directory on its command line.
+    strays = _processes_naming(f"/run/kosmos-fabric/lab/{name}/")
+    assert not strays, f"lab down left processes of the lab running: {strays}"
     assert not os.path.exists(f"/sys/fs/bpf/kosmos-fabric/{name}"), "lab down left pinned BPF objects"
     assert _root_links() == root_links, "the lab changed the root namespace's links"

@@ -394,7 +394,8 @@ def test_restarting_the_controller_manager_and_kubelet_duplicates_nothing(alab: 
     assert _pod_processes(alab) == before_procs
     assert _endpoints(alab) == before_eps
     assert {s["metadata"]["uid"] for s in alab.get("east", "endpointslices", "-n", NS)["items"]} == before_slices
-    alab.kubectl("east", "delete", "-n", NS, "deployment/web", "service/web")
+    # Left running on purpose: `lab down` must stop these containers too (the fixture checks that
+    # no process of the lab survives, including containers a kubelet could restart meanwhile).
 
 
 @pytest.mark.parametrize(("manifest", "expected"), [

@@ -251,16 +251,26 @@ def _down_locked(name: str, state: LabState | None, progress: Progress) -> bool:
     owned = list(state.namespaces()) if state else []
     scanned = _scan_netns(name)
     owned += [ns for ns in sorted(scanned, key=lambda s: -s.count("-")) if ns not in owned]
-    # Processes: those recorded (PID + start time), and anything living in a lab namespace.
-    targets: dict[int, int | None] = {}
+    # Processes, in two rounds. First those recorded (PID + start time): the reflector, agents
+    # and the Kubernetes processes. A kubelet still running while its containers are killed
+    # restarts them (restartPolicy), so the containers go only once every kubelet is gone: then
+    # the container shims and processes the kubelets recorded, and anything else living in a lab
+    # namespace, found afresh.
+    daemons: dict[int, int | None] = {}
     if state is not None:
         kube = [r for c in state.clusters
-                for r in (c.controller_manager, c.proxy, c.kubelet, c.apiserver, c.scheduler_proc)]
+                for r in (c.kubelet, c.controller_manager, c.proxy, c.scheduler_proc, c.apiserver)]
         for rec in [state.reflector, *(n.agent for n in state.nodes()), *kube]:
             if rec is not None and rec.running():
-                targets[rec.pid] = rec.start
+                daemons[rec.pid] = rec.start
+    changed = False
+    if daemons:
+        progress(f"lab {name}: stopping {len(daemons)} processes ({', '.join(map(str, sorted(daemons)))})")
+        nsutil.terminate(sorted(daemons.items()))
+        changed = True
     from kubeemu.runtime.pods import recorded_processes  # lab kubelets' container shims and processes
 
+    targets: dict[int, int | None] = {}
     for root in state_dir(name).glob("kubelet-*"):
         for pid, start in recorded_processes(root):
             if nsutil.same_process(pid, start):
@@ -268,9 +278,9 @@ def _down_locked(name: str, state: LabState | None, progress: Progress) -> bool:
     inodes = [i for i in (namespaces.inode(ns) for ns in owned) if i is not None]
     for pid in nsutil.pids_in_netns(inodes):
         targets.setdefault(pid, nsutil.start_time(pid))
-    changed = False
     if targets:
-        progress(f"lab {name}: stopping {len(targets)} processes ({', '.join(map(str, sorted(targets)))})")
+        progress(f"lab {name}: stopping {len(targets)} processes in its namespaces and containers "
+                 f"({', '.join(map(str, sorted(targets)))})")
         nsutil.terminate(sorted(targets.items()))
         changed = True
     gone = delete_netns([ns for ns in owned if namespaces.exists(ns)])
