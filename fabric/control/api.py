@@ -155,3 +155,59 @@ class FabricStatus:
 
     def nodes(self) -> tuple[NodeStatus, ...]:
         return tuple(n for c in self.clusters for n in c.nodes)
+
+
+# --------------------------------------------------------------------------------------------
+# Add-on records (PublishRecords, WatchRecords)
+# --------------------------------------------------------------------------------------------
+
+
+class RecordRefusalReason(enum.StrEnum):
+    """Why the reflector refused a record write: carried next to its text in ``PublishAck``
+    (``RecordRefusal.Reason``, same names with a ``REASON_`` prefix) and used as the ``reason``
+    label of ``fabric_reflector_records_refused_writes_total``."""
+
+    UNSPECIFIED = "unspecified"
+    #: The kind is empty, too long or not of the allowed characters.
+    KIND = "kind"
+    #: The name is empty, too long or holds control characters.
+    NAME = "name"
+    #: The record's data is larger than the per-record limit.
+    RECORD_SIZE = "record_size"
+    #: The publisher already holds as many records as it may.
+    RECORDS_PER_PUBLISHER = "records_per_publisher"
+    #: All records together would pass the reflector's total.
+    TOTAL_BYTES = "total_bytes"
+    #: The publish policy does not let this identity publish this kind.
+    POLICY = "policy"
+    #: The request is not a put or a delete (an empty message, a second open).
+    PROTOCOL = "protocol"
+
+
+@dataclasses.dataclass(frozen=True, slots=True, order=True)
+class RecordKey:
+    """What identifies a record: two publishers never share one (their names live apart)."""
+
+    kind: str
+    publisher: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}/{self.publisher}/{self.name}"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Record:
+    """An add-on record as subscribers see it. ``kind``, ``name``, ``version`` and ``data`` are
+    the publisher's; ``publisher`` and ``revision`` (of its last change) the reflector's stamp."""
+
+    kind: str
+    name: str
+    version: int
+    data: bytes
+    publisher: str = ""
+    revision: int = 0
+
+    @property
+    def key(self) -> RecordKey:
+        return RecordKey(self.kind, self.publisher, self.name)

@@ -1,7 +1,8 @@
 """Conversion between the plain values of ``fabric.types`` / ``fabric.control.api`` and the
 protobuf messages of ``proto/fabric.proto``. Pure functions, no I/O.
 
-Only this module, the reflector and the client touch generated code; everything above them
+Only this module, the reflector (with its service and record store) and the clients (``client``,
+``records``) touch generated code; everything above them
 (agent, tools, add-ons) deals in the plain values. The wire encoding is pinned by golden files
 (``tests/unit/golden/codec_*.hex``), so a change to the .proto that would break deployed agents
 shows up as a test diff.
@@ -402,4 +403,80 @@ def topology_delta_message(
         generation=generation,
         node_upserts=[node_to_pb(n) for n in upserts],
         node_removals=[str(k) for k in removals],
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Add-on records
+# --------------------------------------------------------------------------------------------
+
+#: Bytes of record data per WatchRecords snapshot message: far below gRPC's 4 MiB default limit
+#: even with the largest record allowed (record_store.RecordLimits.max_record_bytes) on top.
+RECORD_CHUNK_BYTES = 1 << 20
+
+_RECORD_REFUSAL_TO_PB: dict[api.RecordRefusalReason, pb.RecordRefusal.Reason] = {
+    r: getattr(pb.RecordRefusal, f"REASON_{r.name}") for r in api.RecordRefusalReason
+}
+_RECORD_REFUSAL_FROM_PB: dict[int, api.RecordRefusalReason] = {v: k for k, v in _RECORD_REFUSAL_TO_PB.items()}
+
+
+def record_refusal_to_pb(reason: api.RecordRefusalReason) -> pb.RecordRefusal.Reason:
+    return _RECORD_REFUSAL_TO_PB[reason]
+
+
+def record_refusal_from_pb(value: int) -> api.RecordRefusalReason:
+    """An unknown value (a newer reflector) reads as UNSPECIFIED: the text still says why."""
+    return _RECORD_REFUSAL_FROM_PB.get(value, api.RecordRefusalReason.UNSPECIFIED)
+
+
+def record_to_pb(r: api.Record) -> pb.Record:
+    return pb.Record(
+        kind=r.kind, name=r.name, version=r.version, data=r.data, publisher=r.publisher, revision=r.revision
+    )
+
+
+def record_from_pb(msg: pb.Record) -> api.Record:
+    return api.Record(
+        kind=msg.kind, name=msg.name, version=msg.version, data=msg.data, publisher=msg.publisher,
+        revision=msg.revision,
+    )  # fmt: skip
+
+
+def record_key_to_pb(k: api.RecordKey) -> pb.RecordKey:
+    return pb.RecordKey(kind=k.kind, publisher=k.publisher, name=k.name)
+
+
+def record_key_from_pb(msg: pb.RecordKey) -> api.RecordKey:
+    return api.RecordKey(kind=msg.kind, publisher=msg.publisher, name=msg.name)
+
+
+def records_snapshot_messages(
+    records: Iterable[pb.Record], revision: int, epoch: str, chunk_bytes: int = RECORD_CHUNK_BYTES
+) -> list[pb.WatchRecordsResponse]:
+    """Records in chunks of about ``chunk_bytes`` of data (at least one record each), then
+    END_OF_SNAPSHOT at ``revision``. Takes the stored messages as they are (no copy per field)."""
+    kinds = pb.WatchRecordsResponse
+    out: list[pb.WatchRecordsResponse] = []
+    batch: list[pb.Record] = []
+    size = 0
+    for r in records:
+        if batch and size + len(r.data) > chunk_bytes:
+            out.append(kinds(kind=kinds.KIND_SNAPSHOT, revision=revision, upserts=batch))
+            batch, size = [], 0
+        batch.append(r)
+        size += len(r.data)
+    if batch:
+        out.append(kinds(kind=kinds.KIND_SNAPSHOT, revision=revision, upserts=batch))
+    out.append(kinds(kind=kinds.KIND_END_OF_SNAPSHOT, revision=revision, epoch=epoch))
+    return out
+
+
+def records_delta_message(
+    revision: int, upserts: Sequence[pb.Record], removals: Sequence[api.RecordKey]
+) -> pb.WatchRecordsResponse:
+    return pb.WatchRecordsResponse(
+        kind=pb.WatchRecordsResponse.KIND_DELTA,
+        revision=revision,
+        upserts=upserts,
+        removals=[record_key_to_pb(k) for k in removals],
     )

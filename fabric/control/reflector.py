@@ -3,7 +3,8 @@
 This module is its state machine (:class:`Reflector`: sessions, flushes, leadership, the
 startup hold); :mod:`~fabric.control.reflector_service` is its gRPC face and listen addresses,
 :mod:`~fabric.control.reflector_metrics` its metrics, :mod:`~fabric.control.reflector_cli` the
-``fabric-reflector`` command.
+``fabric-reflector`` command, :mod:`~fabric.control.record_store` the add-on records it serves
+(``PublishRecords``, ``WatchRecords``: their rules are written down there).
 The class stays one piece of about 800 lines on purpose: sessions, flushes, the hold and
 leadership all read and change the same per-node records on one event loop, in an order that
 the contracts below depend on; split across modules they would share private state.
@@ -121,11 +122,11 @@ from prometheus_client import Histogram
 from prometheus_client.registry import Collector
 
 from fabric import types
-from fabric.control import admission, api, codec, election, incremental, planner
+from fabric.control import admission, api, codec, election, incremental, planner, record_store
 from fabric.control.generated import fabric_pb2 as pb
 from fabric.control.generated import fabric_pb2_grpc as pb_grpc
 from fabric.control.reflector_metrics import MetricsCollector
-from fabric.control.reflector_service import Servicer, bind, peer_name
+from fabric.control.reflector_service import Servicer, bind, peer_name, publisher_identity
 
 _log = logging.getLogger(__name__)
 
@@ -243,6 +244,9 @@ class Reflector:
         coalesce_window: float = DEFAULT_COALESCE_WINDOW_S,
         max_coalesce_window: float = DEFAULT_MAX_COALESCE_WINDOW_S,
         report_settle: float = DEFAULT_REPORT_SETTLE_S,
+        records_grace_period: float = record_store.DEFAULT_RECORDS_GRACE_PERIOD_S,
+        record_limits: record_store.RecordLimits | None = None,
+        record_policy: record_store.PublishPolicy = record_store.allow_all,
     ) -> None:
         if keepalive_interval <= 0:
             raise ValueError(f"keepalive interval must be positive, got {keepalive_interval}")
@@ -252,6 +256,11 @@ class Reflector:
         self.startup_hold = self.grace_period if startup_hold is None else max(0.0, startup_hold)
         self.clock = clock
         self.epoch = uuid.uuid4().hex[:12]
+        #: Add-on records (PublishRecords, WatchRecords): their own state, see record_store.
+        self.records = record_store.RecordStore(
+            epoch=self.epoch, limits=record_limits, grace_period=records_grace_period, policy=record_policy,
+            clock=clock,
+        )  # fmt: skip
         #: The topology of the last flush (generation ``generation``, roles elected).
         self.topology = types.Topology(config)
         #: The topology with every change admitted since: announcements are validated against it
@@ -341,6 +350,7 @@ class Reflector:
                 rec.session.close("reflector shutting down", grpc.StatusCode.UNAVAILABLE)
         for w in self._watchers:
             w.queue.put_nowait(_Close("reflector shutting down", grpc.StatusCode.UNAVAILABLE))
+        self.records.close_all("reflector shutting down", grpc.StatusCode.UNAVAILABLE)
         if self._hold_handle is not None:
             self._hold_handle.cancel()
         if self._flush_handle is not None:
@@ -892,6 +902,90 @@ class Reflector:
             w.queue.put_nowait(msg)
         w.synced = True
 
+    # -- add-on records (the rules: fabric/control/record_store.py) --------------------------
+
+    async def publish_records(
+        self, requests: AsyncIterator[pb.PublishRecordsRequest], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.PublishRecordsResponse]:
+        """A publisher's session: open, then one ack per request, in order. Requests are
+        applied as they are read and each ack is written before the next request is read, so a
+        publisher that does not read its acks stops being read (gRPC flow control): nothing
+        queues up here. Ends when the publisher closes, the stream breaks (HTTP/2 keepalive
+        detects a dead peer) or a newer session of the identity replaces this one."""
+        peer = peer_name(context.peer())
+        it = aiter(requests)
+        try:
+            async with asyncio.timeout(self._hold_time(None)):
+                first = await anext(it)
+        except (StopAsyncIteration, TimeoutError):
+            _log.info("PublishRecords from %s ended before it opened", peer)
+            return
+        if first.WhichOneof("message") != "open":
+            context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+            context.set_details(f"PublishRecords from {peer}: the first message must be open, not "
+                                f"{first.WhichOneof('message') or 'empty'}")  # fmt: skip
+            return
+        identity = publisher_identity(first.open.identity, context)
+        try:
+            session, reclaimed = self.records.open(identity, peer)
+        except record_store.OpenRefused as e:
+            context.set_code(e.code)
+            context.set_details(e.text)
+            return
+        end_reason = "publisher closed the session"
+        ending = asyncio.ensure_future(session.ending.event.wait())
+        try:
+            yield pb.PublishRecordsResponse(
+                opened=pb.PublishOpened(identity=identity, reclaimed=reclaimed, epoch=self.epoch)
+            )
+            while True:
+                nxt = asyncio.ensure_future(anext(it))
+                nxt.add_done_callback(_retrieve)  # its end is read below, or of no interest once cancelled
+                await asyncio.wait((nxt, ending), return_when=asyncio.FIRST_COMPLETED)
+                if not nxt.done():  # replaced, or the reflector stops or stands down
+                    nxt.cancel()
+                    end_reason = session.ending.reason
+                    if session.ending.code is not None:
+                        context.set_code(session.ending.code)
+                        context.set_details(end_reason)
+                    break
+                try:
+                    req = nxt.result()
+                except StopAsyncIteration:
+                    break
+                except grpc.aio.BaseError as e:  # gRPC's own: the RPC ended under us
+                    end_reason = f"stream from publisher failed: {e!r}"
+                    break
+                if req.WhichOneof("message") == "open":
+                    context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+                    end_reason = f"PublishRecords of {identity} from {peer}: a second open in one session"
+                    context.set_details(end_reason)
+                    break
+                yield self.records.apply(session, req)
+        finally:
+            ending.cancel()
+            self.records.session_ended(session, end_reason)
+
+    async def watch_records(
+        self, request: pb.WatchRecordsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.WatchRecordsResponse]:
+        """Snapshot, END_OF_SNAPSHOT, then deltas of one kind (see record_store)."""
+        peer = peer_name(context.peer())
+        try:
+            sub = self.records.subscribe(request.kind, request.publisher, peer)
+        except record_store.OpenRefused as e:
+            context.set_code(e.code)
+            context.set_details(e.text)
+            return
+        try:
+            while (msg := await sub.next()) is not None:
+                yield msg
+            if sub.ending.code is not None:
+                context.set_code(sub.ending.code)
+                context.set_details(sub.ending.reason)
+        finally:
+            self.records.unsubscribe(sub)
+
     # -- startup hold -----------------------------------------------------------------------
 
     def _all_expected_present(self) -> bool:
@@ -1015,6 +1109,7 @@ class Reflector:
                     closed += 1
             for w in self._watchers:
                 w.queue.put_nowait(_Close(why, grpc.StatusCode.UNAVAILABLE))
+            self.records.close_all(why, grpc.StatusCode.UNAVAILABLE)
             _log.log(logging.WARNING if closed else logging.INFO, "standby from now on (%s): closed %d agent sessions",
                      why, closed)  # fmt: skip
             return
@@ -1037,6 +1132,12 @@ class Reflector:
                       f"{len(self._expected)} expected nodes" if self._expected else "(no node list: the full period)")
         elif self.holding:
             self._maybe_release_hold()
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Mark a finished task's outcome as seen (a read abandoned for the end of its session)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _node_in(topology: types.Topology, key: types.NodeKey) -> types.NodeAnnouncement | None:

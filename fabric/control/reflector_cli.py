@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from fabric import health, logs
 from fabric import topology as topology_file
+from fabric.control.record_store import DEFAULT_RECORDS_GRACE_PERIOD_S
 from fabric.control.reflector import (
     DEAD_AFTER_INTERVALS,
     DEFAULT_GRACE_PERIOD_S,
@@ -82,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a node whose session died stays in the topology (default %(default)g)",
     )
     p.add_argument(
+        "--records-grace-period",
+        type=float,
+        default=DEFAULT_RECORDS_GRACE_PERIOD_S,
+        metavar="S",
+        help="seconds the add-on records of a publisher whose session ended are kept; the same identity "
+        "reconnecting in time takes them back without subscribers seeing a change (default %(default)g)",
+    )
+    p.add_argument(
         "--keepalive-interval",
         type=float,
         default=DEFAULT_KEEPALIVE_INTERVAL_S,
@@ -108,6 +117,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error(f"--keepalive-interval {args.keepalive_interval:g}: must be positive")
     if args.grace_period < 0:
         p.error(f"--grace-period {args.grace_period:g}: must not be negative")
+    if args.records_grace_period < 0:
+        p.error(f"--records-grace-period {args.records_grace_period:g}: must not be negative")
     if args.startup_hold is not None and args.startup_hold < 0:
         p.error(f"--startup-hold {args.startup_hold:g}: must not be negative")
     if args.topology_source == "file" and not args.config:
@@ -187,6 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         grace_period=args.grace_period,
         keepalive_interval=args.keepalive_interval,
         startup_hold=args.startup_hold,
+        records_grace_period=args.records_grace_period,
     )
     if args.lease is not None:  # serve only once the Lease is ours (KubernetesSource decides)
         reflector.set_leader(False, f"standby replica; waiting for the leader Lease "

@@ -1,6 +1,8 @@
 """The reflector's Prometheus metrics (``fabric_reflector_*``), collected from its state at each
 scrape: sessions, nodes, generations, deltas and their sizes, rejections by class, planning work,
-fan-out latency, gateway moves.
+fan-out latency, gateway moves, and the add-on records (``fabric_reflector_records_*``: records
+and bytes by kind, publishers, subscribers, refused writes by reason, subscribers cut off,
+records expired).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from prometheus_client.registry import Collector
 from fabric.control import api
 
 if TYPE_CHECKING:
+    from fabric.control.record_store import RecordStore
     from fabric.control.reflector import Reflector
 
 _log = logging.getLogger(__name__)
@@ -104,5 +107,46 @@ class MetricsCollector(Collector):
         work.add_metric(["part"], r._planner.counter.parts)
         work.add_metric(["full"], r._planner.counter.full_plans)
         yield work
+        yield from _record_metrics(r.records)
+
+
+def _record_metrics(store: RecordStore) -> Iterable[Metric]:
+    records = GaugeMetricFamily("fabric_reflector_records", "Add-on records held, by kind.", labels=["kind"])
+    size = GaugeMetricFamily(
+        "fabric_reflector_records_bytes", "Bytes of add-on records held (data, kind, name, publisher), by kind.",
+        labels=["kind"],
+    )  # fmt: skip
+    for kind, (n, b) in sorted(store.counts_by_kind().items()):
+        records.add_metric([kind], n)
+        size.add_metric([kind], b)
+    yield records
+    yield size
+    yield GaugeMetricFamily(
+        "fabric_reflector_records_publishers", "Publisher identities with a session or records.",
+        value=store.publishers(),
+    )  # fmt: skip
+    yield GaugeMetricFamily(
+        "fabric_reflector_records_sessions", "Open PublishRecords sessions.", value=store.sessions()
+    )
+    yield GaugeMetricFamily(
+        "fabric_reflector_records_subscribers", "Open WatchRecords streams.", value=store.subscribers()
+    )
+    refused = CounterMetricFamily(
+        "fabric_reflector_records_refused_writes", "Record writes refused, by reason (RecordRefusal.Reason).",
+        labels=["reason"],
+    )  # fmt: skip
+    for cls in api.RecordRefusalReason:
+        if cls is not api.RecordRefusalReason.UNSPECIFIED:  # never produced here: every refusal has a class
+            refused.add_metric([cls.value], store.refused.get(cls, 0))
+    yield refused
+    yield CounterMetricFamily(
+        "fabric_reflector_records_subscribers_cut",
+        "WatchRecords streams cut off because their send queue passed its bound (slow subscribers).",
+        value=store.subscribers_cut,
+    )
+    yield CounterMetricFamily(
+        "fabric_reflector_records_expired", "Records expired after their publisher's grace period.",
+        value=store.expired,
+    )  # fmt: skip
 
 

@@ -1,6 +1,7 @@
 """The gRPC face of the reflector: the ``Fabric`` servicer that hands each RPC to the
 :class:`~fabric.control.reflector.Reflector` (and turns a handler bug into INTERNAL and a crash,
-see "Bugs" there), and the listen addresses (``HOST:PORT`` or ``unix:/path``) it binds.
+see "Bugs" there), the one place a record publisher's identity is bound
+(:func:`publisher_identity`), and the listen addresses (``HOST:PORT`` or ``unix:/path``) it binds.
 """
 
 from __future__ import annotations
@@ -64,12 +65,19 @@ class Servicer(pb_grpc.FabricServicer):  # type: ignore[misc]
             await self._bug(e, "GetStatus", context)
             raise  # not reached: abort raises
 
+    def _standby(self, context: grpc.aio.ServicerContext[Any, Any]) -> bool:
+        """True (and the call answered UNAVAILABLE naming the leader) on a standby: its topology
+        has no nodes and it holds no records, so the caller is sent on to the leader."""
+        if self._r.standby_reason is None:
+            return False
+        context.set_code(grpc.StatusCode.UNAVAILABLE)
+        context.set_details(self._r.standby_reason)
+        return True
+
     async def WatchTopology(
         self, request: pb.WatchTopologyRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.WatchTopologyResponse]:
-        if self._r.standby_reason is not None:  # a standby's topology has no nodes: send the caller on
-            context.set_code(grpc.StatusCode.UNAVAILABLE)
-            context.set_details(self._r.standby_reason)
+        if self._standby(context):
             return
         try:
             async for msg in self._r.watch_topology():
@@ -78,6 +86,43 @@ class Servicer(pb_grpc.FabricServicer):  # type: ignore[misc]
             raise
         except Exception as e:
             await self._bug(e, "WatchTopology", context)
+
+    async def PublishRecords(
+        self, request_iterator: AsyncIterator[pb.PublishRecordsRequest], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.PublishRecordsResponse]:
+        if self._standby(context):
+            return
+        try:
+            async for msg in self._r.publish_records(request_iterator, context):
+                yield msg
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:
+            await self._bug(e, "PublishRecords", context)
+
+    async def WatchRecords(
+        self, request: pb.WatchRecordsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.WatchRecordsResponse]:
+        if self._standby(context):
+            return
+        try:
+            async for msg in self._r.watch_records(request, context):
+                yield msg
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:
+            await self._bug(e, "WatchRecords", context)
+
+
+def publisher_identity(declared: str, context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """The identity a PublishRecords session publishes as: the one place it is bound.
+
+    Until mutual TLS (issue 20) it is what the publisher declares in its open message: the
+    channel is plaintext and carries no proof. Issue 20 replaces this body with the identity of
+    the client certificate (``context.auth_context()``), refusing a declared identity that
+    differs; everything after it (records stamped with the identity, the publish policy) then
+    rests on the certificate without another change."""
+    return declared
 
 
 
