@@ -1,4 +1,5 @@
-"""Clients of the ``Fabric`` service: the agent's session, status for tools, topology for add-ons.
+"""Clients of the ``Fabric`` service: the agent's session, status for tools, topology for add-ons
+(add-on records: :mod:`fabric.control.records`).
 
 AgentSession, one per agent, forever:
 
@@ -401,7 +402,8 @@ class AgentSession:
 # --------------------------------------------------------------------------------------------
 
 
-def _unavailable(target: str, e: grpc.RpcError) -> ReflectorUnavailable:
+def unavailable_error(target: str, e: grpc.RpcError) -> ReflectorUnavailable:
+    """``e`` (a failed call to the reflector at ``target``) as :class:`ReflectorUnavailable`."""
     code = e.code() if hasattr(e, "code") else None
     details = e.details() if hasattr(e, "details") else str(e)
     return ReflectorUnavailable(target, f"{code.name if code else 'error'}: {details}")
@@ -413,7 +415,7 @@ async def get_status(target: str, timeout: float = 5.0) -> api.FabricStatus:
         try:
             resp = await pb_grpc.FabricStub(channel).GetStatus(pb.GetStatusRequest(), timeout=timeout)
         except grpc.aio.AioRpcError as e:
-            raise _unavailable(target, e) from e
+            raise unavailable_error(target, e) from e
     return codec.status_from_pb(resp)
 
 
@@ -423,7 +425,7 @@ def get_status_sync(target: str, timeout: float = 5.0) -> api.FabricStatus:
         try:
             resp = pb_grpc.FabricStub(channel).GetStatus(pb.GetStatusRequest(), timeout=timeout)
         except grpc.RpcError as e:
-            raise _unavailable(target, e) from e
+            raise unavailable_error(target, e) from e
     return codec.status_from_pb(resp)
 
 
@@ -487,7 +489,7 @@ class TopologyWatcher:
                     )
             except grpc.aio.AioRpcError as e:
                 if e.code() != grpc.StatusCode.CANCELLED:
-                    raise _unavailable(self.target, e) from e
+                    raise unavailable_error(self.target, e) from e
         finally:
             await self.close()
 
