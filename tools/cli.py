@@ -8,6 +8,7 @@ errors print one clear message naming the bad value and where it came from, neve
 from __future__ import annotations
 
 import argparse
+import base64
 import dataclasses
 import importlib
 import json
@@ -33,6 +34,7 @@ examples:
   fabric-tool lab down                    remove everything the lab made
   fabric-tool pending --context east      why pods of the lab's cluster east are Pending
   fabric-tool status --reflector 127.0.0.1:4880
+  fabric-tool records --kind tree.kosmos.io/free
   fabric-tool bench netlink --repeat 3
 """
 
@@ -246,6 +248,27 @@ def build_parser() -> argparse.ArgumentParser:
     ss.add_argument("--json", action="store_true", help="machine-readable output")
     ss.add_argument("--timeout", type=positive_seconds, default=5.0, help="seconds (default 5)")
 
+    # -- records (read-only) ----------------------------------------------------------------
+    rp = sub.add_parser(
+        "records",
+        help="list the add-on records a reflector holds (read-only: one snapshot of WatchRecords)",
+        description="Lists the add-on records (kind, publisher, name, version, revision, size, data) the reflector "
+        "holds, as a subscriber sees them at END_OF_SNAPSHOT. Data is shown as text when it is printable UTF-8 "
+        "(cut at --width), else as its size.",
+        epilog="examples:\n  fabric-tool records                              every kind, the default lab's reflector\n"
+        "  fabric-tool records --kind tree.kosmos.io/free\n"
+        "  fabric-tool records --kind tree.kosmos.io/free --publisher tree/root-a --json\n"
+        "  fabric-tool records --reflector 10.0.0.5:4880",
+        formatter_class=_Formatter,
+    )
+    rp.add_argument("--kind", default="", help="only records of this kind (default: every kind)")
+    rp.add_argument("--publisher", default="", help="only records of this publisher identity")
+    rp.add_argument("--reflector", metavar="TARGET", help="host:port or unix:PATH (default: the lab's reflector)")
+    rp.add_argument("--lab", type=_lab_name, default=lab.DEFAULT_NAME, help=f"lab name (default {lab.DEFAULT_NAME})")
+    rp.add_argument("--json", action="store_true", help="machine-readable output (data as text, or base64)")
+    rp.add_argument("--width", type=_positive_int, default=60, help="characters of data shown per record (default 60)")
+    rp.add_argument("--timeout", type=positive_seconds, default=5.0, help="seconds (default 5)")
+
     _add_install_parsers(sub)
     _add_pending_parser(sub)
 
@@ -273,6 +296,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _check(args)
         if args.command == "status":
             return _status(args)
+        if args.command == "records":
+            return _records(args)
         if args.command == "diagnose":
             return _diagnose(args)
         if args.command in ("install", "uninstall", "join", "unjoin"):
@@ -563,15 +588,20 @@ def render_fabric_status(target: str, status: Any) -> str:
     return "\n".join(lines)
 
 
+def _reflector_target(args: argparse.Namespace) -> str:
+    """--reflector, else the socket of the lab named by --lab."""
+    if args.reflector is not None:
+        return str(args.reflector)
+    state = lab.load_state(args.lab)
+    if state is None:
+        raise lab.LabUsageError(
+            f"no --reflector given and lab {args.lab} is not up; pass --reflector HOST:PORT or unix:PATH"
+        )
+    return f"unix:{state.reflector_socket}"
+
+
 def _status(args: argparse.Namespace) -> int:
-    target = args.reflector
-    if target is None:
-        state = lab.load_state(args.lab)
-        if state is None:
-            raise lab.LabUsageError(
-                f"no --reflector given and lab {args.lab} is not up; pass --reflector HOST:PORT or unix:PATH"
-            )
-        target = f"unix:{state.reflector_socket}"
+    target = _reflector_target(args)
     client = lab.status_client()
     try:
         status = client.get_status_sync(target, args.timeout)
@@ -579,6 +609,62 @@ def _status(args: argparse.Namespace) -> int:
         print(f"fabric-tool: error: reflector {target} did not answer: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     print(json.dumps(status_json(status), indent=2) if args.json else render_fabric_status(target, status))
+    return 0
+
+
+def _record_text(data: bytes) -> str | None:
+    """``data`` as text when it is printable UTF-8, else None."""
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        return None
+    return text if text.replace("\n", " ").isprintable() else None
+
+
+def records_json(listing: Any) -> dict[str, Any]:
+    """A records listing (fabric.control.records.RecordList) as JSON: data as ``text`` when it
+    is printable UTF-8, else ``base64``."""
+    out = []
+    for r in listing.records:
+        doc: dict[str, Any] = {"kind": r.kind, "publisher": r.publisher, "name": r.name, "version": r.version,
+                               "revision": r.revision, "bytes": len(r.data)}  # fmt: skip
+        text = _record_text(r.data)
+        if text is None:
+            doc["base64"] = base64.b64encode(r.data).decode()
+        else:
+            doc["text"] = text
+        out.append(doc)
+    return {"epoch": listing.epoch, "revision": listing.revision, "records": out}
+
+
+def render_records(target: str, listing: Any, width: int) -> str:
+    lines = [f"reflector {target}: epoch {listing.epoch}, revision {listing.revision}, {len(listing.records)} records"]
+    rows = [("KIND", "PUBLISHER", "NAME", "VERSION", "REVISION", "BYTES", "DATA")]
+    for r in listing.records:
+        text = _record_text(r.data)
+        shown = "(binary)" if text is None else text.replace("\n", " ")
+        if len(shown) > width:
+            shown = shown[: max(1, width - 3)] + "..."
+        rows.append((r.kind, r.publisher, r.name, str(r.version), str(r.revision), str(len(r.data)), shown))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    return "\n".join(lines)
+
+
+def _records(args: argparse.Namespace) -> int:
+    target = _reflector_target(args)
+    try:
+        records_client = importlib.import_module("fabric.control.records")
+    except ImportError as e:
+        raise lab.LabError(f"the control-channel client (fabric.control.records) is not available: {e}. "
+                           "Run ./dev.sh setup (it also generates the gRPC stubs).") from e  # fmt: skip
+    try:
+        listing = records_client.list_records_sync(target, args.kind, args.publisher, args.timeout)
+    except Exception as e:  # a remote failure is reported, whatever its type
+        print(f"fabric-tool: error: reflector {target} did not list records: {type(e).__name__}: {e}",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    print(json.dumps(records_json(listing), indent=2) if args.json else render_records(target, listing, args.width))
     return 0
 
 
