@@ -379,17 +379,24 @@ def test_records_expire_after_the_grace_period() -> None:
             await pub.opened()
             await pub.put("n1", b"a")
             await pub.put("n2", b"b")
-            w = RawWatch(target)
-            await w.read()
-            await w.read()  # END_OF_SNAPSHOT
+            await pub.put("x", b"c", kind="other")
+            w, every = RawWatch(target), RawWatch(target, kind="")
+            for x in (w, every):
+                await x.read()
+                assert (await x.read()).kind == KINDS.KIND_END_OF_SNAPSHOT
             await pub.close()
             await wait_until_async(lambda: refl.records.expires_in("tree/root-a") is not None, 3, "session ended")
             assert await w.quiet(0.2)  # within the grace period: nothing
             delta = await w.read()
             assert delta.kind == KINDS.KIND_DELTA and sorted(k.name for k in delta.removals) == ["n1", "n2"]
-            assert delta.revision == 3  # one change for the whole expiry
-            assert refl.records.records() == [] and refl.records.expired == 2 and refl.records.publishers() == 0
+            assert delta.revision == 4  # one change for the whole expiry
+            # A subscriber of every kind gets it as one message too (revisions only grow).
+            delta = await every.read()
+            assert [(k.kind, k.name) for k in delta.removals] == [("other", "x"), (KIND, "n1"), (KIND, "n2")]
+            assert delta.revision == 4 and await every.quiet(0.2)
+            assert refl.records.records() == [] and refl.records.expired == 3 and refl.records.publishers() == 0
             await w.close()
+            await every.close()
 
     run(body())
 
@@ -604,5 +611,21 @@ def test_fabric_tool_records_lists_a_kind(capsys: pytest.CaptureFixture[str]) ->
             await pub.close()
         rc = await asyncio.to_thread(cli.main, ["records", "--reflector", target, "--timeout", "1"])
         assert rc == 1 and f"reflector {target} did not list records" in capsys.readouterr().err
+
+    run(body())
+
+
+def test_helpers_stop_on_a_refused_identity_or_kind() -> None:
+    """A malformed identity or kind cannot get better by retrying: the helpers raise."""
+
+    async def body() -> None:
+        async with serving() as (_, target):
+            pub = records.RecordPublisher(target, "Bad Identity", backoff=(0.05, 0.1))
+            with pytest.raises(records.RecordsRefused, match="'Bad Identity' is not lowercase"):
+                await asyncio.wait_for(pub.run(), 3)
+            watch = records.RecordWatch(target, "Bad Kind", backoff=(0.05, 0.1))
+            with pytest.raises(records.RecordsRefused, match="'Bad Kind' is not lowercase"):
+                async for _ in watch:
+                    pass
 
     run(body())
