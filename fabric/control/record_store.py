@@ -48,7 +48,12 @@ The rules, in the order a record lives through them:
 
 Records live in the reflector's memory only: a restarted reflector (or a new leader) starts
 empty, publishers reconnect and re-put (the client helper, :mod:`fabric.control.records`, does
-it), and subscribers get a fresh snapshot.
+it), and subscribers get a fresh snapshot. So that this snapshot is not a half-empty one (a
+subscriber would see records vanish and come back), a reflector that starts or takes over the
+lead holds END_OF_SNAPSHOT of every WatchRecords for the *records startup hold*
+(``--records-startup-hold``, default 5 s: the longest reconnect backoff of the client helper),
+as the agents' startup hold does for nodes. Publishers are served at once; subscribers that
+arrive during the hold get their snapshot when it ends.
 """
 
 from __future__ import annotations
@@ -69,6 +74,9 @@ from fabric.control.generated import fabric_pb2 as pb
 _log = logging.getLogger(__name__)
 
 DEFAULT_RECORDS_GRACE_PERIOD_S = 30.0
+#: The reconnect backoff of :class:`fabric.control.records.RecordPublisher` tops out at 5 s: by
+#: then every publisher of a restarted reflector's clients has been back once.
+DEFAULT_RECORDS_STARTUP_HOLD_S = 5.0
 
 #: Kinds and identities: lowercase DNS-like words with ``-./`` inside (``tree.kosmos.io/free``).
 _WORD = re.compile(r"[a-z0-9]([-a-z0-9./]*[a-z0-9])?")
@@ -184,9 +192,11 @@ class Subscriber:
         self.queued_bytes = 0
         self._queue: asyncio.Queue[tuple[pb.WatchRecordsResponse, int] | None] = asyncio.Queue()
         self.ending = _Ending()
+        #: Its snapshot is queued: deltas from now on (False during the startup hold).
+        self.synced = False
 
     def wants(self, publisher: str) -> bool:
-        return not self.publisher or self.publisher == publisher
+        return self.synced and (not self.publisher or self.publisher == publisher)
 
     def send(self, msg: pb.WatchRecordsResponse, size: int, *, bounded: bool = True) -> None:
         """Queue ``msg`` (``size`` bytes on the wire); past the bound the subscriber is cut off."""
@@ -248,6 +258,9 @@ class RecordStore:
         #: Open WatchRecords streams, cut-off ones included until their handler ends (a handler
         #: blocked writing to a reader that never reads still counts against max_subscribers).
         self._open_subscribers = 0
+        #: True during the startup hold (see the module docstring).
+        self.holding = False
+        self._hold_handle: asyncio.TimerHandle | None = None
         #: Refused writes by class, for the metrics.
         self.refused: dict[api.RecordRefusalReason, int] = {}
         self.subscribers_cut = 0
@@ -490,11 +503,41 @@ class RecordStore:
             raise OpenRefused(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{where}: {self.subscribers()} subscribers, the "
                               f"limit max_subscribers={self.limits.max_subscribers}")  # fmt: skip
         sub = Subscriber(kind, publisher, peer, self.limits.max_subscriber_queue_bytes)
-        for msg in codec.records_snapshot_messages(self.records(kind, publisher), self.revision, self.epoch):
-            sub.send(msg, msg.ByteSize(), bounded=False)
+        if not self.holding:
+            self._sync(sub)
         self._subs.setdefault(kind, set()).add(sub)
         self._open_subscribers += 1
         return sub
+
+    def _sync(self, sub: Subscriber) -> None:
+        for msg in codec.records_snapshot_messages(self.records(sub.kind, sub.publisher), self.revision, self.epoch):
+            sub.send(msg, msg.ByteSize(), bounded=False)
+        sub.synced = True
+
+    def hold(self, seconds: float) -> None:
+        """Hold every subscriber's snapshot for ``seconds`` from now (a start or a takeover:
+        publishers are re-putting). Call on the event loop."""
+        if seconds <= 0:
+            return
+        if self._hold_handle is not None:
+            self._hold_handle.cancel()
+        self.holding = True
+        self._hold_handle = asyncio.get_running_loop().call_later(seconds, self.release)
+        _log.info("holding END_OF_SNAPSHOT of record subscribers for %gs while publishers reconnect", seconds)
+
+    def release(self) -> None:
+        """End the startup hold: every waiting subscriber gets its snapshot now."""
+        if self._hold_handle is not None:
+            self._hold_handle.cancel()
+            self._hold_handle = None
+        if not self.holding:
+            return
+        self.holding = False
+        waiting = [s for subs in self._subs.values() for s in subs if not s.synced]
+        for s in waiting:
+            self._sync(s)
+        _log.info("records startup hold over: %d records, %d waiting subscribers synced", len(self.records()),
+                  len(waiting))  # fmt: skip
 
     def unsubscribe(self, sub: Subscriber) -> None:
         """The stream of ``sub`` ended (its handler returned)."""
@@ -546,3 +589,7 @@ class RecordStore:
                 s.close(reason, code)
         self._holders.clear()
         self.total_bytes = 0
+        if self._hold_handle is not None:
+            self._hold_handle.cancel()
+            self._hold_handle = None
+        self.holding = False

@@ -245,6 +245,7 @@ class Reflector:
         max_coalesce_window: float = DEFAULT_MAX_COALESCE_WINDOW_S,
         report_settle: float = DEFAULT_REPORT_SETTLE_S,
         records_grace_period: float = record_store.DEFAULT_RECORDS_GRACE_PERIOD_S,
+        records_startup_hold: float = record_store.DEFAULT_RECORDS_STARTUP_HOLD_S,
         record_limits: record_store.RecordLimits | None = None,
         record_policy: record_store.PublishPolicy = record_store.allow_all,
     ) -> None:
@@ -257,6 +258,7 @@ class Reflector:
         self.clock = clock
         self.epoch = uuid.uuid4().hex[:12]
         #: Add-on records (PublishRecords, WatchRecords): their own state, see record_store.
+        self.records_startup_hold = max(0.0, records_startup_hold)
         self.records = record_store.RecordStore(
             epoch=self.epoch, limits=record_limits, grace_period=records_grace_period, policy=record_policy,
             clock=clock,
@@ -329,6 +331,8 @@ class Reflector:
         self._server = server
         self._loop = asyncio.get_running_loop()
         loop = asyncio.get_running_loop()
+        if self.standby_reason is None:
+            self.records.hold(self.records_startup_hold)
         if self.startup_hold > 0 and not self._all_expected_present():
             self.holding = True
             self._hold_handle = loop.call_later(
@@ -1119,6 +1123,8 @@ class Reflector:
         if expected is not None:
             self._expected = {types.NodeKey.parse(k) for k in expected}
         _log.info("leader from now on (%s): serving agents", why)
+        if self._loop is not None:  # before start(), start() begins the hold
+            self.records.hold(self.records_startup_hold)
         if self._loop is not None and self.startup_hold > 0 and not self._all_expected_present():
             # A full hold from now (an old one began when this replica started, as a standby);
             # before start() there is nothing to do: start() begins the hold.

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from fabric import health, logs
 from fabric import topology as topology_file
-from fabric.control.record_store import DEFAULT_RECORDS_GRACE_PERIOD_S
+from fabric.control.record_store import DEFAULT_RECORDS_GRACE_PERIOD_S, DEFAULT_RECORDS_STARTUP_HOLD_S
 from fabric.control.reflector import (
     DEAD_AFTER_INTERVALS,
     DEFAULT_GRACE_PERIOD_S,
@@ -91,6 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
         "reconnecting in time takes them back without subscribers seeing a change (default %(default)g)",
     )
     p.add_argument(
+        "--records-startup-hold",
+        type=float,
+        default=DEFAULT_RECORDS_STARTUP_HOLD_S,
+        metavar="S",
+        help="seconds a starting (or newly leading) reflector withholds END_OF_SNAPSHOT from record subscribers "
+        "while publishers reconnect and re-put, so nobody sees records vanish and come back (default %(default)g; "
+        "0 disables)",
+    )
+    p.add_argument(
         "--keepalive-interval",
         type=float,
         default=DEFAULT_KEEPALIVE_INTERVAL_S,
@@ -119,6 +128,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error(f"--grace-period {args.grace_period:g}: must not be negative")
     if args.records_grace_period < 0:
         p.error(f"--records-grace-period {args.records_grace_period:g}: must not be negative")
+    if args.records_startup_hold < 0:
+        p.error(f"--records-startup-hold {args.records_startup_hold:g}: must not be negative")
     if args.startup_hold is not None and args.startup_hold < 0:
         p.error(f"--startup-hold {args.startup_hold:g}: must not be negative")
     if args.topology_source == "file" and not args.config:
@@ -199,6 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         keepalive_interval=args.keepalive_interval,
         startup_hold=args.startup_hold,
         records_grace_period=args.records_grace_period,
+        records_startup_hold=args.records_startup_hold,
     )
     if args.lease is not None:  # serve only once the Lease is ours (KubernetesSource decides)
         reflector.set_leader(False, f"standby replica; waiting for the leader Lease "

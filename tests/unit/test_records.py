@@ -35,10 +35,11 @@ def run(coro: Coroutine[Any, Any, None], timeout: float = 20.0) -> None:
 @contextlib.asynccontextmanager
 async def serving(
     *, grace: float = 2.0, limits: record_store.RecordLimits | None = None,
-    policy: record_store.PublishPolicy = record_store.allow_all, listen: str = "127.0.0.1:0",
+    policy: record_store.PublishPolicy = record_store.allow_all, listen: str = "127.0.0.1:0", hold: float = 0.0,
 ) -> AsyncIterator[tuple[reflector.Reflector, str]]:  # fmt: skip
     refl = reflector.Reflector(CONFIG, grace_period=1, keepalive_interval=0.1, startup_hold=0,
-                               records_grace_period=grace, record_limits=limits, record_policy=policy)  # fmt: skip
+                               records_grace_period=grace, records_startup_hold=hold, record_limits=limits,
+                               record_policy=policy)  # fmt: skip
     (target,) = await refl.start([listen])
     try:
         yield refl, target
@@ -467,6 +468,37 @@ def test_metrics() -> None:
             assert value("fabric_reflector_records_refused_writes_total", {"reason": "record_size"}) == 1
             assert value("fabric_reflector_records_refused_writes_total", {"reason": "kind"}) == 0
             await w.close()
+            await pub.close()
+
+    run(body())
+
+
+def test_startup_hold_withholds_the_snapshot_while_publishers_come_back() -> None:
+    """A started reflector holds END_OF_SNAPSHOT of subscribers for the records startup hold;
+    publishers are served meanwhile, so the first snapshot is not a half-empty one."""
+
+    async def body() -> None:
+        async with serving(hold=0.6) as (refl, target):
+            w = RawWatch(target)
+            pub = RawPublisher(target, "tree/root-a")
+            await pub.opened()
+            assert (await pub.put("n1", b"a")).revision == 1
+            assert refl.records.holding and await w.quiet(0.2)
+            snap = await w.read()
+            assert snap.kind == KINDS.KIND_SNAPSHOT and names(snap) == ["n1"]
+            assert (await w.read()).kind == KINDS.KIND_END_OF_SNAPSHOT and not refl.records.holding
+            await pub.put("n2", b"b")
+            assert names(await w.read()) == ["n2"]
+            # Taking over the lead is a start too.
+            refl.set_leader(False, "standby: the leader is pod-b")
+            assert (await w.ended())[0] == grpc.StatusCode.UNAVAILABLE
+            refl.set_leader(True, "the Lease is ours")
+            assert refl.records.holding
+            w2 = RawWatch(target)
+            assert await w2.quiet(0.2)
+            assert (await w2.read()).kind == KINDS.KIND_END_OF_SNAPSHOT  # empty: the old records went with the lead
+            for x in (w, w2):
+                await x.close()
             await pub.close()
 
     run(body())
