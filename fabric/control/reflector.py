@@ -924,6 +924,10 @@ class Reflector:
         except (StopAsyncIteration, TimeoutError):
             _log.info("PublishRecords from %s ended before it opened", peer)
             return
+        if self.standby_reason is not None:  # it became a standby while we waited
+            context.set_code(grpc.StatusCode.UNAVAILABLE)
+            context.set_details(self.standby_reason)
+            return
         if first.WhichOneof("message") != "open":
             context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
             context.set_details(f"PublishRecords from {peer}: the first message must be open, not "

@@ -661,3 +661,32 @@ def test_helpers_stop_on_a_refused_identity_or_kind() -> None:
                     pass
 
     run(body())
+
+
+def test_a_reflector_that_stands_down_before_the_open_arrives_refuses_it() -> None:
+    from tests.unit.test_reflector_bugs import _Context
+
+    async def body() -> None:
+        refl = reflector.Reflector(CONFIG, keepalive_interval=1, startup_hold=0, records_startup_hold=0)
+        opened = asyncio.Event()
+
+        async def requests() -> AsyncIterator[pb.PublishRecordsRequest]:
+            await opened.wait()
+            yield pb.PublishRecordsRequest(open=pb.PublishOpen(identity="sched"))
+
+        ctx = _Context()
+        got: list[pb.PublishRecordsResponse] = []
+
+        async def drain() -> None:
+            async for msg in refl.publish_records(requests(), ctx):  # type: ignore[arg-type]
+                got.append(msg)
+
+        task = asyncio.create_task(drain())
+        await asyncio.sleep(0)  # the handler waits for the open
+        refl.set_leader(False, "standby: the leader is pod-b")
+        opened.set()
+        await asyncio.wait_for(task, 3)
+        assert got == [] and ctx.code == grpc.StatusCode.UNAVAILABLE and "pod-b" in ctx.details
+        assert refl.records.sessions() == 0
+
+    run(body())
