@@ -132,6 +132,43 @@ class Refused:
 SyncEvent = Keepalive | Synced | Changed | Refused
 
 
+class StreamOrder:
+    """The order every watch stream of the service keeps, checked on the receiving side: snapshot
+    chunks only before END_OF_SNAPSHOT, one END_OF_SNAPSHOT, deltas only after it, each delta's
+    ``counter`` (SyncNode's version, WatchRecords' revision) greater than the one before (END_OF_
+    SNAPSHOT's, then the last delta's). The one implementation of these rules, used by
+    :class:`SyncStream` and :class:`fabric.control.records.RecordStream`; a broken rule raises
+    :class:`ProtocolViolation` naming the RPC and whose stream it is."""
+
+    def __init__(self, rpc: str, who: str, counter: str = "version") -> None:
+        self.rpc = rpc
+        self.who = who
+        self.counter = counter
+        self.synced = False
+        #: END_OF_SNAPSHOT's counter, then the last delta's.
+        self.at = 0
+
+    def violation(self, what: str) -> ProtocolViolation:
+        return ProtocolViolation(f"protocol violation on the {self.rpc} stream of {self.who}: {what}")
+
+    def snapshot_chunk(self) -> None:
+        if self.synced:
+            raise self.violation(f"snapshot chunk after END_OF_SNAPSHOT ({self.counter} {self.at})")
+
+    def end_of_snapshot(self, at: int) -> None:
+        if self.synced:
+            raise self.violation(f"second END_OF_SNAPSHOT ({self.counter} {at} after {self.counter} {self.at})")
+        self.synced = True
+        self.at = at
+
+    def delta(self, at: int) -> None:
+        if not self.synced:
+            raise self.violation(f"delta ({self.counter} {at}) before END_OF_SNAPSHOT")
+        if at <= self.at:
+            raise self.violation(f"delta {self.counter} {at} does not increase on {self.counter} {self.at}")
+        self.at = at
+
+
 class SyncStream:
     """The client's side of one SyncNode stream: feed every response, in order, to :meth:`feed`.
 
@@ -148,9 +185,10 @@ class SyncStream:
     * with ``removals_must_exist``, every removal names an entry held (the benchmark's check; off
       for agents, to which removing nothing is harmless).
 
-    A broken rule raises :class:`ProtocolViolation`; the stream is then unusable (start a new
-    session). The state is kept as a dict (O(change) per delta, which the benchmark's thousands
-    of agents per process need); :attr:`state` builds the sorted :class:`~fabric.types.NodeState`.
+    The first three are :class:`StreamOrder`'s. A broken rule raises :class:`ProtocolViolation`;
+    the stream is then unusable (start a new session). The state is kept as a dict (O(change)
+    per delta, which the benchmark's thousands of agents per process need); :attr:`state`
+    builds the sorted :class:`~fabric.types.NodeState`.
     """
 
     def __init__(self, who: str, *, removals_must_exist: bool = False) -> None:
@@ -158,16 +196,21 @@ class SyncStream:
         self.removals_must_exist = removals_must_exist
         #: Entries by key: the snapshot so far, then the complete state as of :attr:`version`.
         self.entries: dict[str, types.Entry] = {}
-        self.version = 0
         self.epoch = ""
-        self.synced = False
+        self._order = StreamOrder("SyncNode", who)
+
+    @property
+    def version(self) -> int:
+        """END_OF_SNAPSHOT's version, then the last delta's."""
+        return self._order.at
+
+    @property
+    def synced(self) -> bool:
+        return self._order.synced
 
     @property
     def state(self) -> types.NodeState:
         return types.NodeState.from_entries(self.entries.values())
-
-    def _violation(self, what: str) -> ProtocolViolation:
-        return ProtocolViolation(f"protocol violation on the SyncNode stream of {self.who}: {what}")
 
     def feed(self, msg: pb.SyncNodeResponse) -> SyncEvent | None:
         """Apply one response; returns what happened (None: a snapshot chunk was collected)."""
@@ -175,38 +218,28 @@ class SyncStream:
         if kind == "keepalive":
             return Keepalive(msg.keepalive.interval_ms / 1000.0)
         if kind == "snapshot":
-            if self.synced:
-                raise self._violation(f"snapshot chunk after END_OF_SNAPSHOT (version {self.version})")
+            self._order.snapshot_chunk()
             for e in msg.snapshot.entries:
                 entry = codec.entry_from_pb(e)
                 self.entries[types.entry_key(entry)] = entry
             return None
         if kind == "end_of_snapshot":
-            if self.synced:
-                raise self._violation(
-                    f"second END_OF_SNAPSHOT (version {msg.end_of_snapshot.version} after version {self.version})"
-                )
-            self.synced = True
-            self.version = msg.end_of_snapshot.version
+            self._order.end_of_snapshot(msg.end_of_snapshot.version)
             self.epoch = msg.end_of_snapshot.epoch
             return Synced(self.version, self.epoch)
         if kind == "delta":
             version = msg.delta.version
-            if not self.synced:
-                raise self._violation(f"delta (version {version}) before END_OF_SNAPSHOT")
-            if version <= self.version:
-                raise self._violation(f"delta version {version} does not increase on version {self.version}")
+            self._order.delta(version)  # the stream is unusable once anything below raises
             delta = codec.delta_from_pb(msg.delta)
             for k in delta.removals:
                 if self.entries.pop(k, None) is None and self.removals_must_exist:
-                    raise self._violation(f"delta {version} removes {k!r}, which was never sent")
+                    raise self._order.violation(f"delta {version} removes {k!r}, which was never sent")
             for entry in delta.upserts:
                 self.entries[types.entry_key(entry)] = entry
-            self.version = version
             return Changed(delta, version)
         if kind == "rejected":
             return Refused(msg.rejected.reason, codec.rejection_reasons_from_pb(msg.rejected.codes))
-        raise self._violation(f"unknown message {kind!r}")
+        raise self._order.violation(f"unknown message {kind!r}")
 
 
 class AgentSession:

@@ -49,7 +49,13 @@ import grpc
 
 from fabric.backoff import Backoff
 from fabric.control import api, codec
-from fabric.control.client import CHANNEL_OPTIONS, ProtocolViolation, ReflectorUnavailable, unavailable_error
+from fabric.control.client import (
+    CHANNEL_OPTIONS,
+    ProtocolViolation,
+    ReflectorUnavailable,
+    StreamOrder,
+    unavailable_error,
+)
 from fabric.control.generated import fabric_pb2 as pb
 from fabric.control.generated import fabric_pb2_grpc as pb_grpc
 
@@ -288,51 +294,47 @@ class RecordsChange:
 class RecordStream:
     """The client's side of one WatchRecords stream: feed every message, in order.
 
-    The rules, as :class:`fabric.control.client.SyncStream` enforces them for SyncNode:
-    snapshot messages only before END_OF_SNAPSHOT, one END_OF_SNAPSHOT, deltas only after it,
-    each delta's revision greater than the one before. A broken rule raises
-    :class:`~fabric.control.client.ProtocolViolation` (start a new stream)."""
+    The order rules are the agents' (:class:`fabric.control.client.StreamOrder`, counting
+    revisions); a broken rule raises :class:`~fabric.control.client.ProtocolViolation` (start a
+    new stream)."""
 
     def __init__(self, who: str) -> None:
         self.who = who
         self.records: dict[api.RecordKey, api.Record] = {}
-        self.revision = 0
         self.epoch = ""
-        self.synced = False
+        self._order = StreamOrder("WatchRecords", who, "revision")
 
-    def _violation(self, what: str) -> ProtocolViolation:
-        return ProtocolViolation(f"protocol violation on the WatchRecords stream of {self.who}: {what}")
+    @property
+    def revision(self) -> int:
+        """END_OF_SNAPSHOT's revision, then the last delta's."""
+        return self._order.at
+
+    @property
+    def synced(self) -> bool:
+        return self._order.synced
 
     def feed(self, msg: pb.WatchRecordsResponse) -> RecordsChange | None:
         """Apply one message; returns the change (None: a snapshot chunk was collected)."""
         if msg.kind == _KINDS.KIND_SNAPSHOT:
-            if self.synced:
-                raise self._violation(f"snapshot message after END_OF_SNAPSHOT (revision {self.revision})")
+            self._order.snapshot_chunk()
             for r in msg.upserts:
                 rec = codec.record_from_pb(r)
                 self.records[rec.key] = rec
             return None
         if msg.kind == _KINDS.KIND_END_OF_SNAPSHOT:
-            if self.synced:
-                raise self._violation(f"second END_OF_SNAPSHOT (revision {msg.revision} after {self.revision})")
-            self.synced = True
-            self.revision = msg.revision
+            self._order.end_of_snapshot(msg.revision)
             self.epoch = msg.epoch
             return RecordsChange(self.revision, tuple(self.records.values()), (), resynced=True)
         if msg.kind == _KINDS.KIND_DELTA:
-            if not self.synced:
-                raise self._violation(f"delta (revision {msg.revision}) before END_OF_SNAPSHOT")
-            if msg.revision <= self.revision:
-                raise self._violation(f"delta revision {msg.revision} does not increase on revision {self.revision}")
+            self._order.delta(msg.revision)
             removals = tuple(codec.record_key_from_pb(k) for k in msg.removals)
             for k in removals:
                 self.records.pop(k, None)
             upserts = tuple(codec.record_from_pb(r) for r in msg.upserts)
             for rec in upserts:
                 self.records[rec.key] = rec
-            self.revision = msg.revision
             return RecordsChange(self.revision, upserts, removals)
-        raise self._violation(f"message of unknown kind {msg.kind}")
+        raise self._order.violation(f"message of unknown kind {msg.kind}")
 
 
 class RecordWatch:

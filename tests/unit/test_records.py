@@ -19,6 +19,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from fabric.control import api, record_store, records, reflector
+from fabric.control.client import ProtocolViolation
 from fabric.control.generated import fabric_pb2 as pb
 from fabric.control.generated import fabric_pb2_grpc as pb_grpc
 from tests.unit.test_control_session import CONFIG
@@ -690,3 +691,41 @@ def test_a_reflector_that_stands_down_before_the_open_arrives_refuses_it() -> No
         assert refl.records.sessions() == 0
 
     run(body())
+
+
+def _msg(kind: int, revision: int, *names: str) -> pb.WatchRecordsResponse:
+    return pb.WatchRecordsResponse(kind=kind, revision=revision,  # type: ignore[arg-type]
+                                   upserts=[pb.Record(kind=KIND, name=n, publisher="p") for n in names])  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("msgs", "what"),
+    [
+        ([_msg(KINDS.KIND_DELTA, 1, "a")], "delta (revision 1) before END_OF_SNAPSHOT"),
+        ([_msg(KINDS.KIND_END_OF_SNAPSHOT, 5), _msg(KINDS.KIND_DELTA, 5)], "delta revision 5 does not increase on "
+         "revision 5"),
+        ([_msg(KINDS.KIND_END_OF_SNAPSHOT, 5), _msg(KINDS.KIND_SNAPSHOT, 5, "a")],
+         "snapshot chunk after END_OF_SNAPSHOT (revision 5)"),
+        ([_msg(KINDS.KIND_END_OF_SNAPSHOT, 5), _msg(KINDS.KIND_END_OF_SNAPSHOT, 6)],
+         "second END_OF_SNAPSHOT (revision 6 after revision 5)"),
+        ([_msg(KINDS.KIND_UNSPECIFIED, 1)], "message of unknown kind 0"),
+    ],
+)  # fmt: skip
+def test_record_stream_order_rules(msgs: list[pb.WatchRecordsResponse], what: str) -> None:
+    stream = records.RecordStream("scheduler")
+    with pytest.raises(ProtocolViolation) as exc:
+        for m in msgs:
+            stream.feed(m)
+    assert what in str(exc.value) and "WatchRecords stream of scheduler" in str(exc.value)
+
+
+def test_record_stream_in_order_builds_the_cache() -> None:
+    stream = records.RecordStream("scheduler")
+    assert stream.feed(_msg(KINDS.KIND_SNAPSHOT, 3, "a", "b")) is None
+    change = stream.feed(_msg(KINDS.KIND_END_OF_SNAPSHOT, 3))
+    assert change is not None and change.resynced and {r.name for r in change.upserts} == {"a", "b"}
+    delta = pb.WatchRecordsResponse(kind=KINDS.KIND_DELTA, revision=7, removals=[pb.RecordKey(kind=KIND, publisher="p",
+                                    name="a")])  # fmt: skip
+    change = stream.feed(delta)
+    assert change == records.RecordsChange(7, (), (api.RecordKey(KIND, "p", "a"),))
+    assert list(stream.records) == [api.RecordKey(KIND, "p", "b")] and stream.revision == 7 and stream.synced
