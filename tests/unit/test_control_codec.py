@@ -32,6 +32,10 @@ DELTA = types.StateDelta(
              types.RouteEntry("10.20.2.0/24", "100.82.0.22", "vx-bridge")),
     removals=("peer/vx-bridge/100.82.0.21", "route/10.20.1.0/24"),
 )  # fmt: skip
+RECORDS = (
+    api.Record("tree.kosmos.io/free", "leaf-a/n1", 3, b'{"cpu":"4"}', "tree/root-a", 7),
+    api.Record("tree.kosmos.io/free", "leaf-a/n2", 1, b"\x00\xff", "tree/root-a", 8),
+)
 ANN = types.NodeAnnouncement("east", "e1", "198.18.0.11", ("10.10.1.0/24",), 1500, ("ipv4",))
 STATUS = api.FabricStatus(
     epoch="0123456789ab",
@@ -90,6 +94,30 @@ def _cases() -> dict[str, tuple[str, list[str]]]:
         ),
         "keepalive": ("a 2 s keepalive", _hex([pb.SyncNodeRequest(keepalive=codec.keepalive_message(2.0))])),
         "status": ("GetStatusResponse with a connected and a withdrawing node", _hex([codec.status_to_pb(STATUS)])),
+        "records_snapshot": (
+            "WatchRecords: 2 records, a chunk each (chunk_bytes=8), then END_OF_SNAPSHOT at revision 9",
+            _hex(codec.records_snapshot_messages([codec.record_to_pb(r) for r in RECORDS], 9, "0123456789ab", 8)),
+        ),
+        "records_delta": (
+            "WatchRecords: a delta at revision 10, 1 upsert and 1 removal",
+            _hex([codec.records_delta_message(10, [codec.record_to_pb(RECORDS[0])], [RECORDS[1].key])]),
+        ),
+        "records_publish": (
+            "PublishRecords: open, a put, a delete, end_of_snapshot; then opened and a refused ack",
+            _hex([
+                pb.PublishRecordsRequest(open=pb.PublishOpen(identity="tree/root-a")),
+                pb.PublishRecordsRequest(seq=1, put=pb.Record(kind="tree.kosmos.io/free", name="leaf-a/n1", version=3,
+                                                              data=b'{"cpu":"4"}')),
+                pb.PublishRecordsRequest(seq=2, delete=pb.RecordDelete(kind="tree.kosmos.io/free", name="leaf-a/n2")),
+                pb.PublishRecordsRequest(seq=3, end_of_snapshot=pb.PublishEndOfSnapshot()),
+                pb.PublishRecordsResponse(opened=pb.PublishOpened(identity="tree/root-a", reclaimed=2,
+                                                                  epoch="0123456789ab")),
+                pb.PublishRecordsResponse(ack=pb.PublishAck(
+                    seq=1, refused=codec.record_refusal_to_pb(api.RecordRefusalReason.RECORD_SIZE),
+                    reason="put of tree.kosmos.io/free/leaf-a/n1 by tree/root-a: 70000 bytes of data, over the "
+                    "limit max_record_bytes=65536")),
+            ]),
+        ),
     }
 
 
@@ -163,3 +191,21 @@ def test_topology_messages_roundtrip() -> None:
     assert tuple(codec.node_from_pb(n) for n in msgs[0].node_upserts) == (ANN,)
     d = codec.topology_delta_message(5, [], [ANN.key])
     assert list(d.node_removals) == ["east/e1"]
+
+
+def test_golden_records_decode() -> None:
+    *chunks, eos = [pb.WatchRecordsResponse.FromString(b) for b in _golden("records_snapshot")]
+    assert [codec.record_from_pb(r) for c in chunks for r in c.upserts] == list(RECORDS)
+    assert len(chunks) == 2 and eos.kind == pb.WatchRecordsResponse.KIND_END_OF_SNAPSHOT and eos.revision == 9
+    (raw,) = _golden("records_delta")
+    delta = pb.WatchRecordsResponse.FromString(raw)
+    assert [codec.record_key_from_pb(k) for k in delta.removals] == [RECORDS[1].key]
+    ack = pb.PublishRecordsResponse.FromString(_golden("records_publish")[-1]).ack
+    assert codec.record_refusal_from_pb(ack.refused) is api.RecordRefusalReason.RECORD_SIZE
+
+
+def test_every_record_refusal_has_its_wire_value() -> None:
+    for r in api.RecordRefusalReason:
+        assert codec.record_refusal_from_pb(codec.record_refusal_to_pb(r)) is r
+    assert len(pb.RecordRefusal.Reason.keys()) == len(api.RecordRefusalReason)
+    assert codec.record_refusal_from_pb(999) is api.RecordRefusalReason.UNSPECIFIED
