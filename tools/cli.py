@@ -668,10 +668,6 @@ def _records(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 # -- lab bpf: the global-IP translator of a node ----------------------------------------------
 
 
@@ -866,3 +862,7 @@ def _pending(args: argparse.Namespace) -> int:
             raise lab.LabError(f"cluster {cluster}: {e}") from None
     print(json.dumps(out, indent=2) if args.json else pending.render(out))
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
