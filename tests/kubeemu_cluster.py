@@ -120,9 +120,10 @@ class ControllerManager:
     """The lab's controller-manager as a task (what :func:`kubeemu.ctrl.manager.run` does, with
     the controllers kept so a test can wait until they are idle): start, kill, restart."""
 
-    def __init__(self, url: str, names: str = "all") -> None:
+    def __init__(self, url: str, names: str = "all", options: manager.Options | None = None) -> None:
+        """``options``: what ``python -m kubeemu.ctrl``'s flags would give the controllers."""
         self.url = url
-        known = manager.registry()
+        known = manager.registry(options)
         self.names = manager.select(names, known)
         self.known = known
         self._task: asyncio.Task[None] | None = None

@@ -70,18 +70,9 @@ PROVISIONER = "lab.kosmos.io/local"
 _SUPPORTED_MODES = ("ReadWriteOnce", "ReadWriteOncePod")
 _FS_RESIZE_MESSAGE = "Waiting for user to (re-)start a pod to finish file system resize of volume on node."
 
-_storage_root: Path | None = None
-
-
 def default_storage_root() -> Path:
-    """``--storage-root`` when given (:func:`set_storage_root`), else ``$TMPDIR/kubeemu-volumes``."""
-    return _storage_root or Path(tempfile.gettempdir()) / "kubeemu-volumes"
-
-
-def set_storage_root(path: Path) -> None:
-    """The controller-manager's ``--storage-root`` (one per process, so a module setting)."""
-    global _storage_root
-    _storage_root = path
+    """Where volumes go without ``--storage-root``: ``$TMPDIR/kubeemu-volumes``."""
+    return Path(tempfile.gettempdir()) / "kubeemu-volumes"
 
 
 def volume_dir(root: Path, node: str, pv_name: str) -> Path:
