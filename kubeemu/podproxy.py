@@ -244,21 +244,16 @@ class PodProxy:
         ws = web.WebSocketResponse(protocols=(kws.protocol,) if kws.protocol else (), max_msg_size=0)
         await ws.prepare(request)
 
-        async def down() -> None:
-            async for msg in kws:
+        async def pump(src: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+                       dst: web.WebSocketResponse | aiohttp.ClientWebSocketResponse) -> None:
+            """Data frames of ``src`` to ``dst`` (ping, pong and close are each connection's own)."""
+            async for msg in src:
                 if msg.type == WSMsgType.BINARY:
-                    await ws.send_bytes(msg.data)
+                    await dst.send_bytes(msg.data)
                 elif msg.type == WSMsgType.TEXT:
-                    await ws.send_str(msg.data)
+                    await dst.send_str(msg.data)
 
-        async def up() -> None:
-            async for msg in ws:
-                if msg.type == WSMsgType.BINARY:
-                    await kws.send_bytes(msg.data)
-                elif msg.type == WSMsgType.TEXT:
-                    await kws.send_str(msg.data)
-
-        tasks = [asyncio.create_task(down()), asyncio.create_task(up())]
+        tasks = [asyncio.create_task(pump(kws, ws)), asyncio.create_task(pump(ws, kws))]
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:

@@ -56,6 +56,14 @@ def table() -> dict[str, Any]:
     return loaded
 
 
+def message_rows(name: str) -> list[Any]:
+    """The field rows of message ``name`` in the table; an error naming it when it is not there."""
+    rows: list[Any] | None = table()["messages"].get(name)
+    if rows is None:
+        raise ProtobufError(f"no protobuf message {name} in kubeemu's table (kubeemu/data/k8s_proto.json)")
+    return rows
+
+
 # ---------------------------------------------------------------- wire level
 
 
@@ -227,9 +235,7 @@ def decode_message(name: str, buf: bytes) -> Any:
     if handled:
         return value
     tab = table()
-    rows = tab["messages"].get(name)
-    if rows is None:
-        raise ProtobufError(f"no protobuf message {name} in kubeemu's table (kubeemu/data/k8s_proto.json)")
+    rows = message_rows(name)
     if name in tab["nullable"]:
         return [v.decode() for num, _, v in fields(buf) if num == 1]
     by_num = {r[0]: r for r in rows}
@@ -299,8 +305,7 @@ def decode(body: bytes) -> dict[str, Any]:
     api_version, kind = tm.get(1, ""), tm.get(2, "")
     if unknown.get(3):
         raise ProtobufError(f"contentEncoding {unknown[3].decode()!r} is not supported")
-    kinds = table()["kinds"]
-    message = kinds.get(f"{api_version}/{kind}") or kinds.get(f"meta/{kind}")
+    message = message_for(api_version, kind)
     if message is None:
         raise ProtobufError(f"no protobuf message is known for apiVersion {api_version!r} kind {kind!r}")
     obj = decode_message(message, unknown.get(2, b""))
@@ -424,9 +429,7 @@ def encode_message(name: str, value: Any) -> bytes:
     if special is not None:
         return special
     tab = table()
-    rows = tab["messages"].get(name)
-    if rows is None:
-        raise ProtobufError(f"no protobuf message {name} in kubeemu's table")
+    rows = message_rows(name)
     if name in tab["nullable"]:
         return b"".join(length_delimited(1, str(v).encode()) for v in value or [])
     obj = value if isinstance(value, dict) else {}

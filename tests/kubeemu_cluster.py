@@ -13,13 +13,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from kubeemu.client import MERGE_PATCH, ApiStatusError, Client, Obj, object_key, resource_path
 from kubeemu.ctrl import manager
 from kubeemu.ctrl.base import Controller, Informers
 from kubeemu.ctrl.podutil import rfc3339
+from kubeemu.runner import ServerThread
 
 _log = logging.getLogger(__name__)
 
@@ -109,10 +110,7 @@ class FakeKubelet:
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         await self.informers.stop()
 
 
@@ -120,9 +118,10 @@ class ControllerManager:
     """The lab's controller-manager as a task (what :func:`kubeemu.ctrl.manager.run` does, with
     the controllers kept so a test can wait until they are idle): start, kill, restart."""
 
-    def __init__(self, url: str, names: str = "all") -> None:
+    def __init__(self, url: str, names: str = "all", options: manager.Options | None = None) -> None:
+        """``options``: what ``python -m kubeemu.ctrl``'s flags would give the controllers."""
         self.url = url
-        known = manager.registry()
+        known = manager.registry(options)
         self.names = manager.select(names, known)
         self.known = known
         self._task: asyncio.Task[None] | None = None
@@ -145,11 +144,8 @@ class ControllerManager:
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     def idle(self) -> bool:
         """Every informer synced and every controller's queue empty with nothing in flight
@@ -174,6 +170,49 @@ class ControllerManager:
         """Raise the controller-manager's own exception if it died (a controller bug)."""
         if self._task is not None and self._task.done() and not self._task.cancelled():
             self._task.result()
+
+
+async def cancel_and_wait(task: asyncio.Task[None] | None) -> None:
+    """Cancel ``task`` (if any) and wait until it has ended; its cancellation is not an error."""
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+#: ``scenario(client, controller_manager, kubelet)`` of :func:`run_cluster`.
+Scenario = Callable[[Client, ControllerManager, FakeKubelet], Awaitable[None]]
+
+
+def run_cluster(scenario: Scenario, *, name: str, nodes: Iterable[str], kubelet_nodes: Iterable[str] | None = None,
+                bind: bool = True, graceful: bool = False, labels: dict[str, dict[str, str]] | None = None,
+                taints: dict[str, list[Obj]] | None = None, prepare: Callable[[ServerThread], None] | None = None,
+                timeout: float = 60.0) -> None:
+    """Run ``scenario`` against a fresh server (``graceful``: pods wait for a kubelet to confirm
+    their deletion) with ``nodes`` (``labels``/``taints`` by node name), the fake kubelet on
+    ``kubelet_nodes`` (default: ``nodes``; ``bind``: it also schedules) and every controller.
+    ``prepare`` runs on the server before anything else; a controller bug fails the run."""
+    nodes = list(nodes)
+    with ServerThread(name=name, service_cidrs=("10.96.0.0/24",), bookmark_interval=0.3,
+                      graceful_pods=graceful) as emu:
+        if prepare is not None:
+            prepare(emu)
+
+        async def go() -> None:
+            async with Client(emu.url) as c:
+                await make_nodes(c, nodes, labels=labels, taints=taints)
+                kubelet = FakeKubelet(c, nodes if kubelet_nodes is None else kubelet_nodes, bind=bind)
+                await kubelet.start()
+                cm = ControllerManager(emu.url)
+                cm.start()
+                try:
+                    await asyncio.wait_for(scenario(c, cm, kubelet), timeout)
+                    cm.check()
+                finally:
+                    await cm.stop()
+                    await kubelet.stop()
+
+        asyncio.run(go())
 
 
 async def make_nodes(client: Client, names: Iterable[str], labels: dict[str, dict[str, str]] | None = None,

@@ -27,16 +27,22 @@ def _timed_out(timeout: float, message: str, last: object) -> AssertionError:
     return AssertionError(f"timed out after {timeout:g} s waiting for {message} (last: {last!r})")
 
 
+def _poll(predicate: Poll[T], deadline: float, timeout: float, message: str) -> T | None:
+    """One poll of both loops: the truthy value, None for "not yet", or the time-out error."""
+    last = predicate()
+    if last:
+        return last  # type: ignore[return-value]  # truthy: not None, not False
+    if time.monotonic() >= deadline:
+        raise _timed_out(timeout, message, last)
+    return None
+
+
 def wait_until(predicate: Poll[T], timeout: float, message: str, *, interval: float = INTERVAL_S) -> T:
     """Poll ``predicate`` until it returns something truthy; return that."""
     deadline = time.monotonic() + timeout
-    while True:
-        last = predicate()
-        if last:
-            return last  # type: ignore[return-value]  # truthy: not None, not False
-        if time.monotonic() >= deadline:
-            raise _timed_out(timeout, message, last)
+    while (got := _poll(predicate, deadline, timeout, message)) is None:
         time.sleep(interval)
+    return got
 
 
 async def wait_until_async(
@@ -44,10 +50,6 @@ async def wait_until_async(
 ) -> T:
     """:func:`wait_until` for the event loop: sleeps with ``asyncio.sleep`` between polls."""
     deadline = time.monotonic() + timeout
-    while True:
-        last = predicate()
-        if last:
-            return last  # type: ignore[return-value]  # truthy: not None, not False
-        if time.monotonic() >= deadline:
-            raise _timed_out(timeout, message, last)
+    while (got := _poll(predicate, deadline, timeout, message)) is None:
         await asyncio.sleep(interval)
+    return got

@@ -5,14 +5,20 @@ informers it needs in ``__init__``), starts the shared informers, and runs the c
 SIGTERM. A controller bug ends the process (exit 1) so whoever started it restarts it into a
 clean re-list; API errors are retried per key inside each controller.
 
-Controllers register in :data:`CONTROLLERS` by name (``--controllers a,b`` or ``all``, the
-default; ``-name`` disables one, as kube-controller-manager's ``--controllers`` flag does).
+In order: :func:`main` reads the flags into :class:`Options` (the settings some controllers take:
+storage root, root CA); :func:`registry` makes a fresh name -> factory table with those options
+bound into the factories; :func:`select` picks the names (``--controllers a,b`` or ``all``, the
+default; ``-name`` disables one, as kube-controller-manager's ``--controllers`` flag does);
+:func:`run` builds and runs them. Nothing here is module state: two managers in one process (the
+tests run several) never see each other's settings.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import functools
 import logging
 import sys
 from collections.abc import Callable
@@ -26,13 +32,23 @@ _log = logging.getLogger(__name__)
 
 ControllerFactory = Callable[[Client, Informers], Controller]
 
-#: name -> factory. Filled by :func:`registry` (imports kept local so one broken controller
-#: module names itself in the error instead of breaking the import of this module).
-CONTROLLERS: dict[str, ControllerFactory] = {}
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """What the controller-manager's flags give its controllers (kube-controller-manager's
+    ``ControllerContext``, for the settings the lab's controllers take); None: the controller's
+    own default."""
+
+    #: ``--storage-root``: where lab-local-provisioner makes volume directories.
+    storage_root: Path | None = None
+    #: ``--root-ca-file``'s contents: the bundle root-ca-cert-publisher publishes.
+    root_ca: str | None = None
 
 
-def registry() -> dict[str, ControllerFactory]:
-    """Every controller of the lab's controller-manager, by name."""
+def registry(options: Options | None = None) -> dict[str, ControllerFactory]:
+    """Every controller of the lab's controller-manager, by name, as factories with ``options``
+    bound (a new table each call). Imports are local so one broken controller module names
+    itself in the error instead of breaking the import of this module."""
     from kubeemu.ctrl import provisioner, volume
     from kubeemu.ctrl.daemonset import DaemonSetController
     from kubeemu.ctrl.deployment import DeploymentController
@@ -44,21 +60,23 @@ def registry() -> dict[str, ControllerFactory]:
     from kubeemu.ctrl.statefulset import StatefulSetController
     from kubeemu.ctrl.ttlafterfinished import TTLAfterFinishedController
 
-    CONTROLLERS.setdefault("replicaset", ReplicaSetController)
-    CONTROLLERS.setdefault("deployment", DeploymentController)
-    CONTROLLERS.setdefault("statefulset", StatefulSetController)
-    CONTROLLERS.setdefault("job", JobController)
-    CONTROLLERS.setdefault("endpointslice", EndpointSliceController)
-    CONTROLLERS.setdefault("persistentvolume-binder", volume.PersistentVolumeBinder)
-    CONTROLLERS.setdefault("pvc-protection", volume.PVCProtection)
-    CONTROLLERS.setdefault("pv-protection", volume.PVProtection)
-    CONTROLLERS.setdefault("persistentvolume-expander", volume.ExpandController)
-    CONTROLLERS.setdefault("lab-local-provisioner", provisioner.LocalProvisioner)
-    CONTROLLERS.setdefault("daemonset", DaemonSetController)
-    CONTROLLERS.setdefault("ttl-after-finished", TTLAfterFinishedController)
-    CONTROLLERS.setdefault("endpoint", EndpointsController)
-    CONTROLLERS.setdefault("root-ca-cert-publisher", RootCACertPublisher)
-    return dict(CONTROLLERS)
+    opts = options or Options()
+    return {
+        "replicaset": ReplicaSetController,
+        "deployment": DeploymentController,
+        "statefulset": StatefulSetController,
+        "job": JobController,
+        "endpointslice": EndpointSliceController,
+        "persistentvolume-binder": volume.PersistentVolumeBinder,
+        "pvc-protection": volume.PVCProtection,
+        "pv-protection": volume.PVProtection,
+        "persistentvolume-expander": volume.ExpandController,
+        "lab-local-provisioner": functools.partial(provisioner.LocalProvisioner, storage_root=opts.storage_root),
+        "daemonset": DaemonSetController,
+        "ttl-after-finished": TTLAfterFinishedController,
+        "endpoint": EndpointsController,
+        "root-ca-cert-publisher": functools.partial(RootCACertPublisher, root_ca=opts.root_ca),
+    }
 
 
 def select(spec: str, known: dict[str, ControllerFactory]) -> list[str]:
@@ -94,7 +112,7 @@ async def run(url: str, names: list[str], known: dict[str, ControllerFactory]) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    known = registry()
+    names_help = ", ".join(sorted(registry()))
     p = argparse.ArgumentParser(
         prog="python -m kubeemu.ctrl", description="The lab's controller-manager for one emulated cluster.",
         epilog="examples:\n  python -m kubeemu.ctrl --server http://127.0.0.1:6443\n"
@@ -102,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--server", required=True, help="the API server URL (http://HOST:PORT)")
     p.add_argument("--controllers", default="all",
-                   help=f"comma-separated: all, NAME or -NAME (known: {', '.join(sorted(known)) or 'none'})")
+                   help=f"comma-separated: all, NAME or -NAME (known: {names_help or 'none'})")
     p.add_argument("--storage-root", type=Path, default=None,
                    help="where lab-local-provisioner makes volume directories (<root>/<node>/<pv>; "
                         "default: $TMPDIR/kubeemu-volumes)")
@@ -111,17 +129,13 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: a self-signed CA made at start)")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
+    root_ca = None
     if args.root_ca_file is not None:
-        from kubeemu.ctrl import rootca
-
         try:
-            rootca.set_root_ca(args.root_ca_file.read_text())
+            root_ca = args.root_ca_file.read_text()
         except OSError as e:
             p.error(f"--root-ca-file {args.root_ca_file}: {e.strerror}")
-    if args.storage_root is not None:
-        from kubeemu.ctrl import provisioner
-
-        provisioner.set_storage_root(args.storage_root)
+    known = registry(Options(storage_root=args.storage_root, root_ca=root_ca))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -70,18 +70,9 @@ PROVISIONER = "lab.kosmos.io/local"
 _SUPPORTED_MODES = ("ReadWriteOnce", "ReadWriteOncePod")
 _FS_RESIZE_MESSAGE = "Waiting for user to (re-)start a pod to finish file system resize of volume on node."
 
-_storage_root: Path | None = None
-
-
 def default_storage_root() -> Path:
-    """``--storage-root`` when given (:func:`set_storage_root`), else ``$TMPDIR/kubeemu-volumes``."""
-    return _storage_root or Path(tempfile.gettempdir()) / "kubeemu-volumes"
-
-
-def set_storage_root(path: Path) -> None:
-    """The controller-manager's ``--storage-root`` (one per process, so a module setting)."""
-    global _storage_root
-    _storage_root = path
+    """Where volumes go without ``--storage-root``: ``$TMPDIR/kubeemu-volumes``."""
+    return Path(tempfile.gettempdir()) / "kubeemu-volumes"
 
 
 def volume_dir(root: Path, node: str, pv_name: str) -> Path:
@@ -98,40 +89,18 @@ class LocalProvisioner(VolumeControllerBase):
     name = "lab-local-provisioner"
 
     def __init__(self, client: Client, informers: Informers, storage_root: Path | None = None) -> None:
+        """``storage_root``: the controller-manager's ``--storage-root`` (None:
+        :func:`default_storage_root`)."""
         super().__init__(client, informers)
         self.root = (storage_root or default_storage_root()).resolve()
         self.recorder = EventRecorder(client, f"{PROVISIONER}_{socket.gethostname()}")
-        self.pvcs.add_handler(self._on_claim)
-        self.pvs.add_handler(self._on_volume)
+        self.pvcs.add_handler(self.on_claim_event)
+        self.pvs.add_handler(self.on_volume_event)
         self.pods.add_handler(self._on_pod)
 
-    def _on_claim(self, etype: str, old: Obj | None, new: Obj | None) -> None:
-        obj = new or old
-        if obj is None:
-            return
-        if etype == "DELETED":
-            self.forget_deleted("claim", obj)
-            return
-        self.enqueue_claim(object_key(obj))
-
-    def _on_volume(self, etype: str, old: Obj | None, new: Obj | None) -> None:
-        obj = new or old
-        if obj is None:
-            return
-        if etype == "DELETED":
-            self.forget_deleted("volume", obj)
-            return
-        self.enqueue_volume(obj["metadata"]["name"])
-
     def _on_pod(self, etype: str, old: Obj | None, new: Obj | None) -> None:
-        pod = new or old
-        if pod is None or etype == "DELETED":
-            return
-        ns = pod["metadata"].get("namespace")
-        for v in (pod.get("spec") or {}).get("volumes") or []:
-            src = v.get("persistentVolumeClaim") if isinstance(v, dict) else None
-            if isinstance(src, dict) and src.get("claimName"):
-                self.enqueue_claim(f"{ns}/{src['claimName']}")  # a pending node expansion may finish
+        if new is not None and etype != "DELETED":
+            self.enqueue_pod_claims(new)  # a pending node expansion may finish once it runs
 
     async def run(self) -> None:
         await asyncio.to_thread(self.root.mkdir, parents=True, exist_ok=True)

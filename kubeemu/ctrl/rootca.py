@@ -36,15 +36,6 @@ DESCRIPTION = (
     "clusters."
 )
 
-_root_ca: str | None = None
-
-
-def set_root_ca(pem: str) -> None:
-    """The bundle to publish (``--root-ca-file``); must be set before the controller is built."""
-    global _root_ca
-    _root_ca = pem
-
-
 def self_signed_ca(common_name: str = "kubeemu-ca") -> str:
     """A fresh self-signed CA certificate (PEM), RSA 2048, ten years: what ``kubeadm init``
     makes for a new cluster. Needs ``cryptography``."""
@@ -78,13 +69,14 @@ class RootCACertPublisher(Controller):
 
     name = "root-ca-cert-publisher"
 
-    def __init__(self, client: Client, informers: Informers) -> None:
+    def __init__(self, client: Client, informers: Informers, root_ca: str | None = None) -> None:
+        """``root_ca``: the PEM bundle to publish (the controller-manager's ``--root-ca-file``);
+        None: a self-signed CA made now, as a fresh ``kubeadm init`` would."""
         super().__init__(client, informers)
-        global _root_ca
-        if _root_ca is None:
-            _root_ca = self_signed_ca()
+        if root_ca is None:
+            root_ca = self_signed_ca()
             _log.info("no --root-ca-file: publishing a self-signed CA made at start")
-        self.ca = _root_ca
+        self.ca = root_ca
         self.namespaces = informers.get("v1", "namespaces")
         self.configmaps = informers.get("v1", "configmaps")
         self.namespaces.add_handler(lambda _t, _old, new: self.enqueue(new) if _t != "DELETED" else None)

@@ -305,7 +305,13 @@ class VolumeControllerBase(Controller):
     """Informers every volume controller reads, keys ``claim:NS/NAME`` / ``volume:NAME``, and an
     "assumed" cache of the controller's own writes (upstream ``storeClaimUpdate``/``AssumeWritten``):
     a write is visible to the next sync before its watch event arrives, so consecutive syncs
-    do not trip over their own stale reads (409) nor redo a step."""
+    do not trip over their own stale reads (409) nor redo a step.
+
+    The claim and volume event handlers live here too (:meth:`on_claim_event`,
+    :meth:`on_volume_event`), so every controller drops the assumed copy of a deleted object the
+    same way; what a controller does beyond that on a deletion is its hook (:meth:`claim_deleted`,
+    :meth:`volume_deleted`). Pod events differ per controller (which changes matter), so each
+    filters them itself and hands the pod to :meth:`enqueue_pod_claims`."""
 
     def __init__(self, client: Client, informers: Informers) -> None:
         super().__init__(client, informers)
@@ -405,6 +411,42 @@ class VolumeControllerBase(Controller):
     def enqueue_volume(self, name: str) -> None:
         self.queue.add(f"volume:{name}")
 
+    def enqueue_pod_claims(self, pod: Obj) -> None:
+        """The claims ``pod``'s volumes reference (they live in the pod's namespace)."""
+        ns = pod["metadata"].get("namespace")
+        for c in pod_claims(pod):
+            self.enqueue_claim(f"{ns}/{c}")
+
+    # -- event handlers (register the ones a controller needs in its ``__init__``)
+
+    def on_claim_event(self, etype: str, old: Obj | None, new: Obj | None) -> None:
+        """A claim changed: sync it; deleted: forget its assumed copy, then :meth:`claim_deleted`."""
+        obj = new or old
+        if obj is None:
+            return
+        if etype == "DELETED":
+            self.forget_deleted("claim", obj)
+            self.claim_deleted(obj)
+            return
+        self.enqueue_claim(object_key(obj))
+
+    def on_volume_event(self, etype: str, old: Obj | None, new: Obj | None) -> None:
+        """A volume changed: sync it; deleted: forget its assumed copy, then :meth:`volume_deleted`."""
+        obj = new or old
+        if obj is None:
+            return
+        if etype == "DELETED":
+            self.forget_deleted("volume", obj)
+            self.volume_deleted(obj)
+            return
+        self.enqueue_volume(obj["metadata"]["name"])
+
+    def claim_deleted(self, pvc: Obj) -> None:
+        """Hook: what else a claim's deletion wakes (nothing by default)."""
+
+    def volume_deleted(self, pv: Obj) -> None:
+        """Hook: what else a volume's deletion wakes (nothing by default)."""
+
     async def reconcile(self, key: str) -> None:
         kind, _, rest = key.partition(":")
         if kind == "claim":
@@ -443,34 +485,20 @@ class PersistentVolumeBinder(VolumeControllerBase):
         super().__init__(client, informers)
         self.recorder = EventRecorder(client, "persistentvolume-controller")
         self.resync = resync
-        self.pvcs.add_handler(self._on_claim)
-        self.pvs.add_handler(self._on_volume)
+        self.pvcs.add_handler(self.on_claim_event)
+        self.pvs.add_handler(self.on_volume_event)
         self.classes.add_handler(self._on_class)
         self.pods.add_handler(self._on_pod)
 
-    def _on_claim(self, etype: str, old: Obj | None, new: Obj | None) -> None:
-        obj = new or old
-        if obj is None:
-            return
-        if etype == "DELETED":
-            self.forget_deleted("claim", obj)
-            vol = (obj.get("spec") or {}).get("volumeName")
-            if vol:
-                self.enqueue_volume(vol)  # upstream deleteClaim: the volume gets Released now
-            return
-        self.enqueue_claim(object_key(obj))
+    def claim_deleted(self, pvc: Obj) -> None:
+        vol = (pvc.get("spec") or {}).get("volumeName")
+        if vol:
+            self.enqueue_volume(vol)  # upstream deleteClaim: the volume gets Released now
 
-    def _on_volume(self, etype: str, old: Obj | None, new: Obj | None) -> None:
-        obj = new or old
-        if obj is None:
-            return
-        ref = (obj.get("spec") or {}).get("claimRef")
-        if etype == "DELETED":
-            self.forget_deleted("volume", obj)
-            if ref:
-                self.enqueue_claim(claim_key_of_ref(ref))
-            return
-        self.enqueue_volume(obj["metadata"]["name"])
+    def volume_deleted(self, pv: Obj) -> None:
+        ref = (pv.get("spec") or {}).get("claimRef")
+        if ref:
+            self.enqueue_claim(claim_key_of_ref(ref))
 
     def _on_class(self, etype: str, old: Obj | None, new: Obj | None) -> None:
         sc = new or old
@@ -490,9 +518,7 @@ class PersistentVolumeBinder(VolumeControllerBase):
         if old is not None and new is not None and \
                 (old.get("spec") or {}).get("nodeName") == (new.get("spec") or {}).get("nodeName"):
             return  # only scheduling matters here
-        ns = pod["metadata"].get("namespace")
-        for c in pod_claims(pod):
-            self.enqueue_claim(f"{ns}/{c}")
+        self.enqueue_pod_claims(pod)
 
     async def run(self) -> None:
         await self.informers.wait_synced()
@@ -918,24 +944,14 @@ class PVCProtection(VolumeControllerBase):
 
     def __init__(self, client: Client, informers: Informers) -> None:
         super().__init__(client, informers)
-        self.pvcs.add_handler(lambda t, o, n: self._claim_event(t, n or o))
+        self.pvcs.add_handler(self.on_claim_event)
         self.pods.add_handler(self._on_pod)
 
-    def _claim_event(self, etype: str, obj: Obj | None) -> None:
-        if obj is None:
-            return
-        if etype == "DELETED":
-            self.forget_deleted("claim", obj)
-            return
-        self.enqueue_claim(object_key(obj))
-
     def _on_pod(self, etype: str, old: Obj | None, new: Obj | None) -> None:
+        # every change counts, a deletion above all: the claim may be waiting for its last user
         for pod in (old, new):
-            if pod is None:
-                continue
-            ns = pod["metadata"].get("namespace")
-            for c in pod_claims(pod):
-                self.enqueue_claim(f"{ns}/{c}")
+            if pod is not None:
+                self.enqueue_pod_claims(pod)
 
     @staticmethod
     def pod_uses(pod: Obj, pvc: Obj) -> bool:
@@ -971,15 +987,7 @@ class PVProtection(VolumeControllerBase):
 
     def __init__(self, client: Client, informers: Informers) -> None:
         super().__init__(client, informers)
-        self.pvs.add_handler(lambda t, o, n: self._volume_event(t, n or o))
-
-    def _volume_event(self, etype: str, obj: Obj | None) -> None:
-        if obj is None:
-            return
-        if etype == "DELETED":
-            self.forget_deleted("volume", obj)
-            return
-        self.enqueue_volume(obj["metadata"]["name"])
+        self.pvs.add_handler(self.on_volume_event)
 
     async def sync_volume(self, pv: Obj) -> None:
         meta = pv["metadata"]
@@ -1021,11 +1029,7 @@ class ExpandController(VolumeControllerBase):
         super().__init__(client, informers)
         self.recorder = EventRecorder(client, "volume_expand")
         self._told: set[tuple[str, Fraction]] = set()
-        self.pvcs.add_handler(lambda t, o, n: self._claim_event(t, n or o))
-
-    def _claim_event(self, etype: str, obj: Obj | None) -> None:
-        if obj is not None and etype != "DELETED":
-            self.enqueue_claim(object_key(obj))
+        self.pvcs.add_handler(self.on_claim_event)
 
     async def sync_claim(self, pvc: Obj) -> None:
         want = resize_requested(pvc)

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -17,7 +15,6 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from kubeemu.lab import write_kubeconfig
 from kubeemu.runner import ServerThread
 from tests.waiting import wait_until
 
@@ -171,23 +168,6 @@ def test_kubernetes_asyncio_client(emu: ServerThread, ns: str) -> None:
     asyncio.run(run())
 
 
-KUBECTL = shutil.which("kubectl")
-
-
-@pytest.fixture
-def kubectl(emu: ServerThread, tmp_path: Path) -> Any:
-    if KUBECTL is None:
-        pytest.skip("no kubectl binary on PATH (install one from Debian to run this part)")
-    cfg = write_kubeconfig(tmp_path / "kubeconfig", {"emu": emu.url})
-
-    def run(*args: str, stdin: str | None = None, ok: bool = True) -> subprocess.CompletedProcess[str]:
-        p = subprocess.run([KUBECTL, "--kubeconfig", str(cfg), *args], input=stdin, capture_output=True, text=True,
-                           timeout=60)
-        if ok:
-            assert p.returncode == 0, f"kubectl {' '.join(args)}: {p.stderr}"
-        return p
-
-    return run
 
 
 def test_kubectl_create_get_patch_apply_delete(kubectl: Any, ns: str, tmp_path: Path) -> None:

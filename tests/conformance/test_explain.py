@@ -9,42 +9,12 @@ nothing cached by an earlier test (or an earlier CRD version) answers for the se
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 import uuid
-from pathlib import Path
 from typing import Any
-
-import pytest
-
-from kubeemu.lab import write_kubeconfig
-from kubeemu.runner import ServerThread
-
-KUBECTL = shutil.which("kubectl")
-pytestmark = pytest.mark.skipif(KUBECTL is None, reason="no kubectl binary on PATH")
-
-
-@pytest.fixture
-def kubectl(emu: ServerThread, tmp_path: Path) -> Any:
-    cfg = write_kubeconfig(tmp_path / "kubeconfig", {"emu": emu.url})
-
-    def run(*args: str, stdin: str | None = None, ok: bool = True) -> str:
-        p = subprocess.run(
-            [str(KUBECTL), "--kubeconfig", str(cfg), "--cache-dir", str(tmp_path / "cache"), *args],
-            input=stdin,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        if ok:
-            assert p.returncode == 0, f"kubectl {' '.join(args)}: {p.stderr}"
-        return p.stdout if ok else p.stderr
-
-    return run
 
 
 def test_explain_pod_containers(kubectl: Any) -> None:
-    out = kubectl("explain", "pod.spec.containers")
+    out = kubectl("explain", "pod.spec.containers").stdout
     assert out.startswith("KIND:       Pod\nVERSION:    v1\n\nFIELD: containers <[]Container>\n")
     assert "List of containers belonging to the pod." in out
     assert "name\t<string> -required-\n" in out
@@ -53,15 +23,15 @@ def test_explain_pod_containers(kubectl: Any) -> None:
 
 
 def test_explain_deployment_service_and_recursive(kubectl: Any) -> None:
-    out = kubectl("explain", "deployment.spec.strategy")
+    out = kubectl("explain", "deployment.spec.strategy").stdout
     assert out.startswith("GROUP:      apps\nKIND:       Deployment\nVERSION:    v1\n")
     assert "rollingUpdate\t<RollingUpdateDeployment>" in out
-    out = kubectl("explain", "service.spec.ports.targetPort")
+    out = kubectl("explain", "service.spec.ports.targetPort").stdout
     # upstream's IntOrString schema is a string with format int-or-string: explain says <string>
     assert "FIELD: targetPort <string>" in out and "IntOrString is a type that can hold an int32" in out
-    out = kubectl("explain", "svc", "--recursive")
+    out = kubectl("explain", "svc", "--recursive").stdout
     assert "    clusterIP\t<string>\n" in out and "      targetPort\t<string>\n" in out
-    out = kubectl("explain", "pod.spec.nope", ok=False)
+    out = kubectl("explain", "pod.spec.nope", ok=False).stderr
     assert 'field "nope" does not exist' in out
 
 
@@ -102,14 +72,14 @@ def test_explain_crd_follows_schema_changes(kubectl: Any, raw: Any) -> None:
     # kubectl caches discovery (here: per test); a real client sees a new group after a refresh
     kubectl("api-resources", "--api-group", group)
     try:
-        out = kubectl("explain", f"gizmos.{group}")
+        out = kubectl("explain", f"gizmos.{group}").stdout
         assert f"GROUP:      {group}\nKIND:       Gizmo\nVERSION:    v1\n" in out
         assert "A Gizmo is a thing for tests." in out and "metadata\t<ObjectMeta>" in out
-        out = kubectl("explain", f"gizmos.{group}.spec")
+        out = kubectl("explain", f"gizmos.{group}.spec").stdout
         assert "size\t<integer> -required-\n    How big the gizmo is." in out
         color = {"color": {"type": "string", "description": "Paint it.", "enum": ["red", "blue"]}}
         kubectl("apply", "-f", "-", stdin=json.dumps(_crd(group, "Bigger is better.", color)))
-        out = kubectl("explain", f"gizmos.{group}.spec")
+        out = kubectl("explain", f"gizmos.{group}.spec").stdout
         assert "Bigger is better." in out and "color\t<string>\n  enum: red, blue\n    Paint it." in out
         _, index = raw.request("GET", "/openapi/v3")
         assert f"apis/{group}/v1" in index["paths"]
@@ -121,8 +91,8 @@ def test_explain_crd_follows_schema_changes(kubectl: Any, raw: Any) -> None:
 
 def test_explain_through_openapi_v2_protobuf(kubectl: Any) -> None:
     """``--output=plaintext-openapiv2`` reads /openapi/v2 in gnostic's protobuf form."""
-    out = kubectl("explain", "pods.spec.containers.ports", "--output=plaintext-openapiv2")
+    out = kubectl("explain", "pods.spec.containers.ports", "--output=plaintext-openapiv2").stdout
     assert "KIND:     Pod\nVERSION:  v1\n" in out and "RESOURCE: ports <[]Object>" in out
     assert "containerPort\t<integer> -required-" in out
-    out = kubectl("explain", "deployment.spec.strategy.rollingUpdate", "--output=plaintext-openapiv2")
+    out = kubectl("explain", "deployment.spec.strategy.rollingUpdate", "--output=plaintext-openapiv2").stdout
     assert "maxSurge\t<string>" in out

@@ -9,32 +9,11 @@ the real client rather than against our own encoder.
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from kubeemu.lab import write_kubeconfig
 from kubeemu.runner import ServerThread
-
-KUBECTL = shutil.which("kubectl")
-
-
-@pytest.fixture
-def kubectl(emu: ServerThread, tmp_path: Path) -> Any:
-    if KUBECTL is None:
-        pytest.skip("no kubectl binary on PATH")
-    cfg = write_kubeconfig(tmp_path / "kubeconfig", {"emu": emu.url})
-
-    def run(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
-        p = subprocess.run([KUBECTL, "--kubeconfig", str(cfg), *args], capture_output=True, text=True, timeout=60)
-        if ok:
-            assert p.returncode == 0, f"kubectl {' '.join(args)}: {p.stderr}"
-        return p
-
-    return run
 
 
 def _contains(stored: Any, built: Any, where: str = "") -> None:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import base64
 import json
-import shutil
-import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -19,11 +17,8 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from kubeemu.lab import write_kubeconfig
 from kubeemu.runner import ServerThread
 from tests.conformance.conftest import Raw
-
-KUBECTL = shutil.which("kubectl")
 
 
 def _deployment(name: str, replicas: int = 2) -> dict[str, Any]:
@@ -35,21 +30,6 @@ def _deployment(name: str, replicas: int = 2) -> dict[str, Any]:
 
 def _b64json(part: str) -> Any:
     return json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
-
-
-@pytest.fixture
-def kubectl(emu: ServerThread, tmp_path: Path) -> Any:
-    if KUBECTL is None:
-        pytest.skip("no kubectl binary on PATH")
-    cfg = write_kubeconfig(tmp_path / "kubeconfig", {"emu": emu.url})
-
-    def run(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
-        p = subprocess.run([KUBECTL, "--kubeconfig", str(cfg), *args], capture_output=True, text=True, timeout=60)
-        if ok:
-            assert p.returncode == 0, f"kubectl {' '.join(args)}: {p.stderr}"
-        return p
-
-    return run
 
 
 def test_discovery_lists_the_subresources(raw: Raw) -> None:

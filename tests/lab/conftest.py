@@ -1,5 +1,10 @@
 """Lab tier fixtures: a real lab built through the ``fabric-tool`` CLI, as a user would.
 
+:class:`Lab` drives a lab through ``fabric-tool``; :class:`KubeLab` adds the real kubectl for
+``kubernetes: true`` labs (the one kubectl helper every Kubernetes lab test uses); both are
+brought up and torn down by :func:`lab_running` (:func:`kube_lab_running` for a KubeLab), which
+checks that ``lab down`` leaves nothing behind.
+
 Topology used by the module-scoped ``lab`` fixture (examples/lab.yaml shape, own name)::
 
       east (p2p)                         west (p2p)
@@ -17,6 +22,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,6 +38,9 @@ BIN = Path(sys.executable).parent
 FABRIC_TOOL = str(BIN / "fabric-tool")
 #: Short enough to keep the drift tests quick, long enough not to hide a missed netlink event.
 RESYNC_S = 4.0
+KUBECTL = shutil.which("kubectl")
+#: The mark of every test module that drives a lab's Kubernetes with kubectl.
+needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="no kubectl binary on PATH (install one to run this test)")
 
 
 def run(*args: str, check: bool = True, timeout: float = 180) -> subprocess.CompletedProcess[str]:
@@ -115,6 +124,53 @@ class Lab:
         return json.loads(run("ip", "-n", netns, "-j", *args).stdout or "[]")
 
 
+class KubeLab(Lab):
+    """A ``kubernetes: true`` lab used as a user uses it: the real kubectl, with the kubeconfig
+    ``lab up`` wrote (one context per cluster, named after it; set by :func:`kube_lab_running`)."""
+
+    kubeconfig: Path
+
+    def kubectl_argv(self, context: str, *args: str) -> list[str]:
+        """The kubectl command line, for a test that runs it itself (``logs -f`` in the background)."""
+        assert KUBECTL is not None, "no kubectl binary on PATH"
+        return [KUBECTL, "--kubeconfig", str(self.kubeconfig), "--context", context, *args]
+
+    def kubectl(self, context: str, *args: str, check: bool = True, timeout: float = 60,
+                stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        """``kubectl --context CONTEXT ARGS`` (``stdin`` fed to it); with ``check`` a non-zero exit
+        fails the test showing both outputs."""
+        p = subprocess.run(self.kubectl_argv(context, *args), input=stdin, capture_output=True, text=True,
+                           timeout=timeout)
+        if check and p.returncode != 0:
+            raise AssertionError(f"kubectl --context {context} {' '.join(args)} -> {p.returncode}\n"
+                                 f"stdout:\n{p.stdout}\nstderr:\n{p.stderr}")
+        return p
+
+    def apply(self, context: str, manifest: str) -> None:
+        """``kubectl apply -f -`` of ``manifest`` (YAML or JSON)."""
+        self.kubectl(context, "apply", "-f", "-", stdin=manifest)
+
+    def get(self, context: str, *args: str, check: bool = True) -> Any:
+        """``kubectl get ARGS -o json``, decoded; with ``check=False`` None when kubectl fails
+        (the object does not exist), so a wait can poll for a deletion."""
+        p = self.kubectl(context, "get", *args, "-o", "json", check=check)
+        return json.loads(p.stdout) if p.returncode == 0 else None
+
+    def kube(self, cluster: str) -> dict[str, Any]:
+        """``lab status``'s ``kubernetes`` part of ``cluster`` (its processes' PIDs and logs)."""
+        k: dict[str, Any] = next(c["kubernetes"] for c in self.status()["clusters"] if c["name"] == cluster)
+        return k
+
+    def kube_pids(self) -> set[int]:
+        """Every Kubernetes process of the lab (API servers, kubelets, controller-managers,
+        kube-proxies, schedulers): they too must be gone after ``lab down``."""
+        pids: set[int] = set()
+        for c in self.status()["clusters"]:
+            k = c["kubernetes"] or {}
+            pids |= {p for key, p in k.items() if key.endswith("_pid") and p}
+        return pids
+
+
 def new_lab_name() -> str:
     """A lab name of its own (``kft`` + 5 hex digits), so labs never collide with the CI's."""
     return "kft" + uuid.uuid4().hex[:5]
@@ -142,6 +198,18 @@ def lab_running(lab: LabT, *up_args: str, extra_pids: Callable[[LabT], set[int]]
     assert_lab_gone(lab.name, pids, root_links)
 
 
+KubeLabT = TypeVar("KubeLabT", bound=KubeLab)
+
+
+@contextlib.contextmanager
+def kube_lab_running(lab: KubeLabT, *up_args: str) -> Iterator[KubeLabT]:
+    """:func:`lab_running` for a Kubernetes lab: its Kubernetes processes count among those that
+    must be gone after ``down`` (:meth:`KubeLab.kube_pids`), and ``lab.kubeconfig`` is set."""
+    with lab_running(lab, *up_args, extra_pids=lambda lb: lb.kube_pids()) as running:
+        running.kubeconfig = Path(running.lab("kubeconfig").stdout.strip())
+        yield running
+
+
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
     up = ("--resync-period", str(RESYNC_S), "--grace-period", "30", "--timeout", "90")
@@ -160,7 +228,7 @@ def lab_pids(lab: Lab) -> set[int]:
     return {int(p) for p in pids if p}
 
 
-def _running(pid: int) -> bool:
+def alive(pid: int) -> bool:
     """Alive and not a zombie (an exited child waits for init to reap it; it runs nothing)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -189,8 +257,8 @@ def assert_lab_gone(name: str, pids: set[int], root_links: set[str]) -> None:
     """``lab down`` left no namespace, process, pinned object or root-namespace link behind."""
     leftovers = [n for n in os.listdir("/run/netns") if n.startswith(name + "-")] if os.path.isdir("/run/netns") else []
     assert not leftovers, f"lab down left namespaces behind: {leftovers}"
-    alive = [p for p in pids if _running(p)]
-    assert not alive, f"lab down left processes running: {alive}"
+    alive_pids = [p for p in pids if alive(p)]
+    assert not alive_pids, f"lab down left processes running: {alive_pids}"
     # Also those started after the list above was taken (a kubelet restarting a container while
     # down ran): every process of the lab names its state directory on its command line.
     strays = _processes_naming(f"/run/kosmos-fabric/lab/{name}/")

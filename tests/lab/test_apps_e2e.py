@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,13 +27,12 @@ from typing import Any
 
 import pytest
 
-from tests.lab.conftest import Lab, lab_running, new_lab_name, run
+from tests.lab.conftest import KubeLab, kube_lab_running, needs_kubectl, new_lab_name, run
 from tests.waiting import wait_until
 
-KUBECTL = shutil.which("kubectl")
 NS = "apps"
 
-pytestmark = pytest.mark.skipif(KUBECTL is None, reason="no kubectl binary on PATH (install one to run this test)")
+pytestmark = needs_kubectl
 
 TOPOLOGY = """underlay: 198.18.0.0/16
 kubernetes: true
@@ -85,50 +83,17 @@ spec:
 """
 
 
-class AppLab(Lab):
-    kubeconfig: Path
-    urls: dict[str, str]
-
-    def kubectl(self, context: str, *args: str, check: bool = True, timeout: float = 60,
-                stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-        assert KUBECTL is not None
-        p = subprocess.run([KUBECTL, "--kubeconfig", str(self.kubeconfig), "--context", context, *args],
-                           input=stdin, capture_output=True, text=True, timeout=timeout)
-        if check and p.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)} -> {p.returncode}\n{p.stdout}\n{p.stderr}")
-        return p
-
-    def apply(self, context: str, manifest: str) -> None:
-        self.kubectl(context, "apply", "-f", "-", stdin=manifest)
-
-    def get(self, context: str, *args: str) -> Any:
-        return json.loads(self.kubectl(context, "get", *args, "-o", "json").stdout)
-
-    def kube(self, cluster: str) -> dict[str, Any]:
-        return next(c["kubernetes"] for c in self.status()["clusters"] if c["name"] == cluster)
-
-    def kube_pids(self) -> set[int]:
-        pids: set[int] = set()
-        for c in self.status()["clusters"]:
-            k = c["kubernetes"] or {}
-            pids |= {p for key, p in k.items() if key.endswith("_pid") and p}
-        return pids
-
-
 @pytest.fixture(scope="module")
-def alab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppLab]:
+def alab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeLab]:
     topo = tmp_path_factory.mktemp("apps") / "lab.yaml"
     topo.write_text(TOPOLOGY)
-    with lab_running(AppLab(new_lab_name(), topo), "--grace-period", "30", "--timeout", "120",
-                     extra_pids=AppLab.kube_pids) as lab:
-        lab.kubeconfig = Path(lab.lab("kubeconfig").stdout.strip())
-        lab.urls = {c["name"]: c["kubernetes"]["url"] for c in lab.status()["clusters"]}
+    with kube_lab_running(KubeLab(new_lab_name(), topo), "--grace-period", "30", "--timeout", "120") as lab:
         for cluster in ("east", "west"):
             lab.kubectl(cluster, "create", "namespace", NS)
         yield lab
 
 
-def _client_netns(lab: AppLab) -> str:
+def _client_netns(lab: KubeLab) -> str:
     """A static lab pod of west: the client on the other side of the fabric."""
     return str(lab.pods()["west/w1/p0"]["netns"])
 
@@ -148,13 +113,13 @@ print(json.dumps(out))
 """
 
 
-def _http_loop(lab: AppLab, url: str, seconds: float) -> subprocess.Popen[str]:
+def _http_loop(lab: KubeLab, url: str, seconds: float) -> subprocess.Popen[str]:
     """Requests to ``url`` from west's pod for ``seconds``; ``communicate()`` gives their answers."""
     return subprocess.Popen(["ip", "netns", "exec", _client_netns(lab), sys.executable, "-c", HTTP_LOOP, url,
                              str(seconds)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _answers(lab: AppLab, url: str, seconds: float) -> list[str]:
+def _answers(lab: KubeLab, url: str, seconds: float) -> list[str]:
     p = _http_loop(lab, url, seconds)
     out, err = p.communicate(timeout=seconds + 60)
     assert p.returncode == 0, err
@@ -162,23 +127,23 @@ def _answers(lab: AppLab, url: str, seconds: float) -> list[str]:
     return answers
 
 
-def _ready_replicas(lab: AppLab, n: int) -> None:
+def _ready_replicas(lab: KubeLab, n: int) -> None:
     def done() -> bool:
-        d = lab.get("east", "deployment", "web", "-n", NS)
-        st = d.get("status", {})
+        d: dict[str, Any] = lab.get("east", "deployment", "web", "-n", NS)
+        st: dict[str, Any] = d.get("status", {})
         return (st.get("readyReplicas") == n and st.get("updatedReplicas") == n and st.get("replicas") == n
                 and st.get("observedGeneration") == d["metadata"]["generation"])
 
     wait_until(done, 90, f"deployment web with {n} ready replicas", interval=0.5)
 
 
-def _endpoints(lab: AppLab) -> list[str]:
+def _endpoints(lab: KubeLab) -> list[str]:
     slices = lab.get("east", "endpointslices", "-n", NS, "-l", "kubernetes.io/service-name=web")["items"]
     return sorted(a for s in slices for e in s.get("endpoints") or [] if (e.get("conditions") or {}).get("ready")
                   for a in e["addresses"])
 
 
-def test_deployment_behind_a_service_from_another_cluster(alab: AppLab) -> None:
+def test_deployment_behind_a_service_from_another_cluster(alab: KubeLab) -> None:
     """3 replicas of http.server behind a ClusterIP Service of east, used from a pod of west:
     every backend answers; scale to 5 and back to 3; a rolling update to a new command loses no
     request (readiness gates the new pods; preStop keeps the old ones serving while the
@@ -251,7 +216,7 @@ spec:
 """
 
 
-def _pod_running(lab: AppLab, cluster: str, name: str, not_uid: str | None = None) -> dict[str, Any]:
+def _pod_running(lab: KubeLab, cluster: str, name: str, not_uid: str | None = None) -> dict[str, Any]:
     def running() -> dict[str, Any] | None:
         p = lab.kubectl(cluster, "get", "pod", name, "-n", NS, "-o", "json", check=False)
         if p.returncode != 0:
@@ -265,7 +230,7 @@ def _pod_running(lab: AppLab, cluster: str, name: str, not_uid: str | None = Non
     return out
 
 
-def test_statefulset_data_survives_the_pod_and_the_claim_expands(alab: AppLab) -> None:
+def test_statefulset_data_survives_the_pod_and_the_claim_expands(alab: KubeLab) -> None:
     alab.apply("east", STS.format(ns=NS))
     pod = _pod_running(alab, "east", "db-0")
     claim = alab.get("east", "pvc", "data-db-0", "-n", NS)
@@ -287,7 +252,7 @@ def test_statefulset_data_survives_the_pod_and_the_claim_expands(alab: AppLab) -
     alab.kubectl("east", "delete", "-n", NS, "statefulset/db", "pvc/data-db-0")
 
 
-def test_logs_exec_and_crash_loop_back_off(alab: AppLab) -> None:
+def test_logs_exec_and_crash_loop_back_off(alab: KubeLab) -> None:
     alab.apply("east", f"""apiVersion: v1
 kind: Pod
 metadata: {{name: ticker, namespace: {NS}}}
@@ -308,9 +273,8 @@ spec:
     _pod_running(alab, "east", "ticker")
     assert alab.kubectl("east", "exec", "-n", NS, "ticker", "--", "cat", "/etc/hostname").stdout.strip() == "ticker"
     assert alab.kubectl("east", "exec", "-n", NS, "ticker", "--", "sh", "-c", "exit 7", check=False).returncode == 7
-    assert KUBECTL is not None
-    follow = subprocess.Popen([KUBECTL, "--kubeconfig", str(alab.kubeconfig), "--context", "east", "logs", "-f",
-                               "-n", NS, "ticker"], stdout=subprocess.PIPE, text=True)
+    follow = subprocess.Popen(alab.kubectl_argv("east", "logs", "-f", "-n", NS, "ticker"), stdout=subprocess.PIPE,
+                              text=True)
     try:
         assert follow.stdout is not None
         lines = [follow.stdout.readline() for _ in range(15)]  # 3 s of output: more than was logged at start
@@ -334,7 +298,7 @@ spec:
     alab.kubectl("east", "delete", "pod", "-n", NS, "ticker", "crasher", "--grace-period", "1")
 
 
-def test_admission_fails_pods_that_do_not_fit(alab: AppLab) -> None:
+def test_admission_fails_pods_that_do_not_fit(alab: KubeLab) -> None:
     """West's w2 has cpu 2 and room for 3 pods: a pod asking 3 CPUs fails OutOfcpu; of four small
     pods the fourth fails OutOfpods (the failed ones do not count)."""
 
@@ -360,7 +324,7 @@ def test_admission_fails_pods_that_do_not_fit(alab: AppLab) -> None:
                  "--grace-period", "1")
 
 
-def _pod_processes(lab: AppLab) -> set[int]:
+def _pod_processes(lab: KubeLab) -> set[int]:
     """Every process in the lab's kubelet pod network namespaces (the containers and shims)."""
     pids: set[int] = set()
     for ns in (n for n in os.listdir("/run/netns") if n.startswith(lab.name) and "-k" in n):
@@ -369,7 +333,7 @@ def _pod_processes(lab: AppLab) -> set[int]:
     return pids
 
 
-def test_restarting_the_controller_manager_and_kubelet_duplicates_nothing(alab: AppLab) -> None:
+def test_restarting_the_controller_manager_and_kubelet_duplicates_nothing(alab: KubeLab) -> None:
     alab.apply("east", WEB.format(ns=NS, version="v1"))
     _ready_replicas(alab, 3)
     wait_until(lambda: len(_endpoints(alab)) == 3, 30, "3 ready endpoints of web")
@@ -409,6 +373,6 @@ def test_restarting_the_controller_manager_and_kubelet_duplicates_nothing(alab: 
      "  template:\n    metadata: {labels: {a: c}}\n    spec: {containers: [{name: c, image: x}]}\n",
      "spec.template.metadata.labels: Invalid value"),
 ])
-def test_bad_manifests_are_refused_naming_the_field(alab: AppLab, manifest: str, expected: str) -> None:
+def test_bad_manifests_are_refused_naming_the_field(alab: KubeLab, manifest: str, expected: str) -> None:
     p = alab.kubectl("east", "apply", "-n", NS, "-f", "-", stdin=manifest, check=False)
     assert p.returncode != 0 and expected in p.stderr, p.stderr

@@ -16,21 +16,17 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import shutil
-import subprocess
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.lab.conftest import Lab, lab_running, new_lab_name
+from tests.lab.conftest import KubeLab, kube_lab_running, needs_kubectl, new_lab_name
 from tests.waiting import wait_until
 
-KUBECTL = shutil.which("kubectl")
 NS = "ds"
 
-pytestmark = pytest.mark.skipif(KUBECTL is None, reason="no kubectl binary on PATH (install one to run this test)")
+pytestmark = needs_kubectl
 
 TOPOLOGY = """underlay: 198.18.0.0/16
 underlay6: fd00:198:18::/64
@@ -106,31 +102,10 @@ print(json.dumps(out))
 """
 
 
-class DsLab(Lab):
-    kubeconfig: Path
-
-    def kubectl(self, context: str, *args: str, check: bool = True, timeout: float = 60,
-                stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-        assert KUBECTL is not None
-        p = subprocess.run([KUBECTL, "--kubeconfig", str(self.kubeconfig), "--context", context, *args],
-                           input=stdin, capture_output=True, text=True, timeout=timeout)
-        if check and p.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)} -> {p.returncode}\n{p.stdout}\n{p.stderr}")
-        return p
-
-    def get(self, context: str, *args: str) -> Any:
-        return json.loads(self.kubectl(context, "get", *args, "-o", "json").stdout)
-
-    def kube_pids(self) -> set[int]:
-        pids: set[int] = set()
-        for c in self.status()["clusters"]:
-            k = c["kubernetes"] or {}
-            pids |= {p for key, p in k.items() if key.endswith("_pid") and p}
-        return pids
-
+class DsLab(KubeLab):
     def web_pod(self, cluster: str, name: str, node: str, app: str = "web") -> dict[str, Any]:
         """Create a pinned web pod and wait until it is Ready; returns it as ``kubectl get`` shows it."""
-        self.kubectl(cluster, "apply", "-f", "-", stdin=WEB_POD.format(name=name, ns=NS, node=node, app=app))
+        self.apply(cluster, WEB_POD.format(name=name, ns=NS, node=node, app=app))
 
         def ready() -> Any:
             p = self.get(cluster, "pod", name, "-n", NS)
@@ -152,9 +127,7 @@ class DsLab(Lab):
 def dslab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DsLab]:
     topo = tmp_path_factory.mktemp("dualstack-k8s") / "lab.yaml"
     topo.write_text(TOPOLOGY)
-    with lab_running(DsLab(new_lab_name(), topo), "--grace-period", "30", "--timeout", "120",
-                     extra_pids=DsLab.kube_pids) as lab:
-        lab.kubeconfig = Path(lab.lab("kubeconfig").stdout.strip())
+    with kube_lab_running(DsLab(new_lab_name(), topo), "--grace-period", "30", "--timeout", "120") as lab:
         for cluster in ("dsa", "dsb", "six"):
             lab.kubectl(cluster, "create", "namespace", NS)
         yield lab
@@ -218,7 +191,7 @@ def test_require_dual_stack_service_balances_over_both_families(dslab: DsLab) ->
     family (IPv4 first: dsa's primary), an EndpointSlice per family listing both backends' pod
     IPs of that family, and from a pod of dsb each ClusterIP answers HTTP from both backends."""
     backends = [dslab.web_pod("dsa", f"web-{n}", n) for n in ("a1", "a2")]
-    dslab.kubectl("dsa", "apply", "-f", "-", stdin=SERVICE.format(ns=NS))
+    dslab.apply("dsa", SERVICE.format(ns=NS))
     svc = dslab.get("dsa", "service", "web", "-n", NS)
     assert svc["spec"]["ipFamilies"] == ["IPv4", "IPv6"]
     cluster_ips = svc["spec"]["clusterIPs"]

@@ -29,7 +29,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,11 +36,10 @@ from typing import Any
 import pytest
 
 from fabric.netlink import objects
-from tests.lab.conftest import Lab, lab_running, new_lab_name, run
+from tests.lab.conftest import KubeLab, kube_lab_running, needs_kubectl, new_lab_name
 from tests.waiting import wait_until
 
-KUBECTL = shutil.which("kubectl")
-pytestmark = pytest.mark.skipif(KUBECTL is None, reason="no kubectl binary on PATH")
+pytestmark = needs_kubectl
 
 TOPOLOGY = """\
 underlay: 198.18.0.0/16
@@ -60,16 +58,13 @@ clusters:
 """
 
 
-class InstallLab(Lab):
-    kubeconfig: Path
+#: The cluster whose API server holds the fabric's resources (``install --lab``'s host).
+HOST = "east"
 
-    def kubectl(self, *args: str, context: str = "east", check: bool = True) -> Any:
-        assert KUBECTL is not None
-        return run(KUBECTL, "--kubeconfig", str(self.kubeconfig), "--context", context, *args, check=check,
-                   timeout=30)
 
+class InstallLab(KubeLab):
     def cluster(self, name: str) -> dict[str, Any]:
-        out: dict[str, Any] = json.loads(self.kubectl("get", "clusters.kosmos.io", name, "-o", "json").stdout)
+        out: dict[str, Any] = self.get(HOST, "clusters.kosmos.io", name)
         return out
 
     def condition(self, name: str, ctype: str) -> dict[str, Any]:
@@ -96,8 +91,7 @@ class InstallLab(Lab):
 def ilab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InstallLab]:
     topo = tmp_path_factory.mktemp("install") / "lab.yaml"
     topo.write_text(TOPOLOGY)
-    with lab_running(InstallLab(new_lab_name(), topo), "--grace-period", "5", "--timeout", "90") as lab:
-        lab.kubeconfig = Path(lab.lab("kubeconfig").stdout.strip())
+    with kube_lab_running(InstallLab(new_lab_name(), topo), "--grace-period", "5", "--timeout", "90") as lab:
         yield lab
 
 
@@ -121,7 +115,7 @@ def test_install_join_patch_reject_unjoin(ilab: InstallLab) -> None:
     # -- 1. install ---------------------------------------------------------------------------
     dry = lab.tool("install", "--lab", lab.name, "--dry-run")
     assert "CustomResourceDefinition clusters.kosmos.io" in dry.stdout and "Deployment" not in dry.stdout
-    assert lab.kubectl("get", "crd", "clusters.kosmos.io", check=False).returncode != 0, "dry run changed nothing"
+    assert lab.kubectl(HOST, "get", "crd", "clusters.kosmos.io", check=False).returncode != 0, "dry run changed nothing"
     lab.tool("install", "--lab", lab.name, "--context", "east")
     again = lab.tool("install", "--lab", lab.name)  # idempotent: nothing changes, the reflector keeps running
     assert "unchanged" in again.stderr and "already runs with this topology source" in again.stderr
@@ -139,7 +133,7 @@ def test_install_join_patch_reject_unjoin(ilab: InstallLab) -> None:
     # -- 2. join --------------------------------------------------------------------------------
     dry = lab.tool("join", "east", "--lab", lab.name, "--service-cidr", "10.96.0.0/20", "--dry-run")
     node_cidrs = [ipaddress.IPv4Network(n["spec"]["podCIDR"])
-                  for n in json.loads(lab.kubectl("get", "nodes", "-o", "json").stdout)["items"]]  # fmt: skip
+                  for n in lab.get(HOST, "nodes")["items"]]  # fmt: skip
     discovered = [str(n) for n in ipaddress.collapse_addresses(node_cidrs)]
     assert "kind: Cluster" in dry.stdout and "podCIDRs" not in dry.stdout, dry.stdout
     assert "discovery mode" in dry.stderr and all(c in dry.stderr for c in discovered), dry.stderr
@@ -179,7 +173,7 @@ def test_install_join_patch_reject_unjoin(ilab: InstallLab) -> None:
     _check_ok(lab)
 
     # -- 3. kubectl patch takes effect -------------------------------------------------------------
-    lab.kubectl("patch", "clusters.kosmos.io", "east", "--type", "merge",
+    lab.kubectl(HOST, "patch", "clusters.kosmos.io", "east", "--type", "merge",
                 "-p", '{"spec":{"clusterLinkOptions":{"networkType":"gateway"}}}')
     wait_until(
         lambda: {c["name"]: c["mode"] for c in lab.reflector()["clusters"]}.get("east") == "gateway",
@@ -194,7 +188,7 @@ def test_install_join_patch_reject_unjoin(ilab: InstallLab) -> None:
     wait_until(lab.all_in_sync, 30, "in sync after the mode change")
     _check_ok(lab)
 
-    lab.kubectl("patch", "clusters.kosmos.io", "west", "--type", "merge",
+    lab.kubectl(HOST, "patch", "clusters.kosmos.io", "west", "--type", "merge",
                 "-p", '{"spec":{"clusterLinkOptions":{"globalCIDRsMap":{"10.20.0.0/16":"172.21.0.0/16"}}}}')
     glob = ipaddress.IPv4Network("172.21.0.0/16")
     real = ipaddress.IPv4Network("10.20.0.0/16")
@@ -214,7 +208,7 @@ def test_install_join_patch_reject_unjoin(ilab: InstallLab) -> None:
         30,
         f"east pod to reach west pod {dst['ip']} by its global IP {dst_global}",
     )
-    lab.kubectl("patch", "clusters.kosmos.io", "west", "--type", "json",
+    lab.kubectl(HOST, "patch", "clusters.kosmos.io", "west", "--type", "json",
                 "-p", '[{"op":"remove","path":"/spec/clusterLinkOptions/globalCIDRsMap"}]')
     wait_until(lambda: any(_in(d, real) for d in lab.fabric_routes("east/e2")), 30, "real routes back")
     wait_until(lab.all_in_sync, 60, "in sync after removing the mapping")
@@ -231,20 +225,20 @@ def test_install_join_patch_reject_unjoin(ilab: InstallLab) -> None:
              "spec": {"clusterLinkOptions": spec}} for n, spec, _f, _r in bad]  # fmt: skip
     manifest = Path(f"/run/kosmos-fabric/lab/{lab.name}/bad-clusters.json")
     manifest.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": docs}))
-    lab.kubectl("apply", "-f", str(manifest))
+    lab.kubectl(HOST, "apply", "-f", str(manifest))
     # What the CRD's schema refuses, the API server refuses (as a real one does), naming the field.
     bad_type = {"apiVersion": "kosmos.io/v1alpha1", "kind": "Cluster", "metadata": {"name": "bad-type"},
                 "spec": {"clusterLinkOptions": {"podCIDRs": ["10.40.0.0/16"], "networkType": "vxlan"}}}
     bad_type_file = manifest.with_name("bad-type.json")
     bad_type_file.write_text(json.dumps(bad_type))
-    refused = lab.kubectl("apply", "-f", str(bad_type_file), check=False)
+    refused = lab.kubectl(HOST, "apply", "-f", str(bad_type_file), check=False)
     assert refused.returncode != 0 and "spec.clusterLinkOptions.networkType: Unsupported value" in refused.stderr
-    refused = lab.kubectl("patch", "clusters.kosmos.io", "west", "--type", "merge",
+    refused = lab.kubectl(HOST, "patch", "clusters.kosmos.io", "west", "--type", "merge",
                           "-p", '{"spec":{"clusterLinkOptions":{"networkType":"vxlan"}}}', check=False)
     assert refused.returncode != 0 and "spec.clusterLinkOptions.networkType" in refused.stderr
     # What only the fabric's own checks catch is stored, then refused by the fabric: an edit of a
     # working cluster is not applied, the cluster keeps its last good spec and says why.
-    lab.kubectl("patch", "clusters.kosmos.io", "west", "--type", "merge",
+    lab.kubectl(HOST, "patch", "clusters.kosmos.io", "west", "--type", "merge",
                 "-p", '{"spec":{"clusterLinkOptions":{"defaultNICName":"eth/0"}}}')
     for name, _spec, field, reason in bad:
         acc = wait_until(lambda n=name: lab.condition(n, "Accepted"), 30, f"status of {name}")  # type: ignore[misc]
@@ -261,15 +255,15 @@ def test_install_join_patch_reject_unjoin(ilab: InstallLab) -> None:
     assert {c["name"] for c in lab.reflector()["clusters"]} == {"east", "west"}
     assert lab.planned_versions() == before, "a rejected Cluster changed somebody's plan"
     _check_ok(lab)
-    lab.kubectl("delete", "-f", str(manifest))
-    lab.kubectl("patch", "clusters.kosmos.io", "west", "--type", "merge",
+    lab.kubectl(HOST, "delete", "-f", str(manifest))
+    lab.kubectl(HOST, "patch", "clusters.kosmos.io", "west", "--type", "merge",
                 "-p", '{"spec":{"clusterLinkOptions":{"defaultNICName":null}}}')
     wait_until(lambda: lab.condition("west", "Accepted").get("status") == "True", 30, "west accepted again")
 
     # -- 5. unjoin ------------------------------------------------------------------------------
     lab.tool("unjoin", "west", "--lab", lab.name, "--timeout", "60")
     assert {c["name"] for c in lab.reflector()["clusters"]} == {"east"}
-    assert lab.kubectl("get", "clusters.kosmos.io", "west", check=False).returncode != 0
+    assert lab.kubectl(HOST, "get", "clusters.kosmos.io", "west", check=False).returncode != 0
     for key in ("east/e1", "east/e2"):
         dsts = lab.fabric_routes(key)
         assert not any(_in(d, real) or _in(d, glob) for d in dsts), (key, dsts)
@@ -286,5 +280,5 @@ def test_install_join_patch_reject_unjoin(ilab: InstallLab) -> None:
     lab.tool("uninstall", "--lab", lab.name)
     state = json.loads(Path(f"/run/kosmos-fabric/lab/{lab.name}/state.json").read_text())
     assert "--config" in state["reflector"]["argv"]
-    assert lab.kubectl("get", "crd", "clusters.kosmos.io", check=False).returncode != 0
+    assert lab.kubectl(HOST, "get", "crd", "clusters.kosmos.io", check=False).returncode != 0
     assert os.path.exists(f"/run/kosmos-fabric/lab/{lab.name}")

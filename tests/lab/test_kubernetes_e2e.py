@@ -13,7 +13,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,40 +22,19 @@ from typing import Any
 
 import pytest
 
-from tests.lab.conftest import REPO, Lab, lab_running, new_lab_name, run
+from tests.lab.conftest import REPO, KubeLab, alive, kube_lab_running, needs_kubectl, new_lab_name
 from tests.waiting import wait_until
 
 TOPOLOGY = REPO / "examples" / "lab-k8s.yaml"
-KUBECTL = shutil.which("kubectl")
 
-pytestmark = pytest.mark.skipif(KUBECTL is None, reason="no kubectl binary on PATH (install one to run this test)")
-
-
-class KubeLab(Lab):
-    kubeconfig: Path
-
-    def kubectl(self, context: str, *args: str, check: bool = True) -> Any:
-        assert KUBECTL is not None
-        return run(KUBECTL, "--kubeconfig", str(self.kubeconfig), "--context", context, *args, check=check, timeout=30)
-
-    def get(self, context: str, *args: str) -> Any:
-        return json.loads(self.kubectl(context, "get", *args, "-o", "json").stdout)
-
-    def kube_pids(self) -> set[int]:
-        pids = set()
-        for c in self.status()["clusters"]:
-            k = c["kubernetes"]
-            pids |= {p for p in (k["apiserver_pid"], k["kubelet_pid"], k.get("controller_manager_pid"),
-                                 k.get("proxy_pid"), k.get("scheduler_pid")) if p}
-        return pids
+pytestmark = needs_kubectl
 
 
 @pytest.fixture(scope="module")
 def klab() -> Iterator[KubeLab]:
     name = new_lab_name()
     up = ("--grace-period", "30", "--timeout", "90")
-    with lab_running(KubeLab(name, TOPOLOGY), *up, extra_pids=KubeLab.kube_pids) as lab:
-        lab.kubeconfig = Path(lab.lab("kubeconfig").stdout.strip())
+    with kube_lab_running(KubeLab(name, TOPOLOGY), *up) as lab:
         yield lab
     pids = lab.down_pids
     assert len(pids) == 4 + 1 + 2 * 5, \
@@ -160,7 +138,7 @@ def test_a_restarted_kubelet_adopts_its_running_pods(klab: KubeLab, tmp_path: Pa
     east = next(c for c in klab.status()["clusters"] if c["name"] == "east")
     old = east["kubernetes"]["kubelet_pid"]
     os.kill(old, signal.SIGTERM)
-    wait_until(lambda: not _alive(old), 10, f"kubelet {old} to exit")
+    wait_until(lambda: not alive(old), 10, f"kubelet {old} to exit")
     klab.lab("up", str(TOPOLOGY), "--timeout", "60")
     east = next(c for c in klab.status()["clusters"] if c["name"] == "east")
     assert east["kubernetes"]["kubelet_pid"] not in (None, old)
@@ -172,14 +150,6 @@ def test_a_restarted_kubelet_adopts_its_running_pods(klab: KubeLab, tmp_path: Pa
     _ping(klab, klab.pods()["west/w1/p0"]["netns"], ip)
     klab.kubectl("east", "delete", "pod", "keep", "--timeout", "20s")
     assert not os.path.exists(f"/run/netns/{ns}")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def test_deleting_the_pod_removes_its_namespace(klab: KubeLab, tmp_path: Path) -> None:
@@ -238,7 +208,7 @@ def test_a_daemonset_runs_lab_pods_and_survives_a_controller_manager_restart(kla
     old = east["kubernetes"]["controller_manager_pid"]
     assert old
     os.kill(old, signal.SIGTERM)
-    wait_until(lambda: not _alive(old), 10, f"controller-manager {old} to exit")
+    wait_until(lambda: not alive(old), 10, f"controller-manager {old} to exit")
     klab.lab("up", str(TOPOLOGY), "--timeout", "60")
     east = next(c for c in klab.status()["clusters"] if c["name"] == "east")
     new = east["kubernetes"]["controller_manager_pid"]
@@ -327,7 +297,7 @@ def test_a_restarted_kube_proxy_rewrites_nothing(klab: KubeLab) -> None:
     east = next(c for c in klab.status()["clusters"] if c["name"] == "east")
     old, log = east["kubernetes"]["proxy_pid"], Path(east["kubernetes"]["proxy_log"])
     os.kill(old, signal.SIGTERM)
-    wait_until(lambda: not _alive(old), 10, f"kube-proxy {old} to exit")
+    wait_until(lambda: not alive(old), 10, f"kube-proxy {old} to exit")
     before = log.read_text()
     klab.lab("up", str(TOPOLOGY), "--timeout", "60")
     east = next(c for c in klab.status()["clusters"] if c["name"] == "east")

@@ -15,6 +15,7 @@ import yaml
 
 from fabric import topology
 from fabric.control import api
+from tests.unit.conftest import load_topology
 from tools import cli, lab
 
 TOPO = """\
@@ -30,19 +31,6 @@ clusters:
     nodes:
       - {name: w1, pods: 1}
 """
-
-
-def _topo(tmp_path: Path, text: str = TOPO, name: str = "t.yaml") -> topology.TopologyFile:
-    p = tmp_path / name
-    p.write_text(text)
-    return topology.load(p)
-
-
-@pytest.fixture
-def lab_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    root = tmp_path / "labs"
-    monkeypatch.setattr(lab.state, "LAB_ROOT", root)
-    return root
 
 
 # -- arguments and help --------------------------------------------------------------------
@@ -133,7 +121,7 @@ def test_bench_is_dispatched_with_the_rest_of_the_command_line(monkeypatch: pyte
 
 
 def test_exec_requires_a_command(lab_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    lab.save_state(lab.plan("kftunit", _topo(tmp_path)))
+    lab.save_state(lab.plan("kftunit", load_topology(tmp_path, TOPO)))
     assert cli.main(["lab", "exec", "--name", "kftunit", "east/e1/p0", "--"]) == 2
     assert "no command given" in capsys.readouterr().err
     assert cli.main(["lab", "exec", "--name", "kftunit", "east/e7/p0", "--", "true"]) == 2
@@ -145,7 +133,7 @@ def test_exec_requires_a_command(lab_root: Path, tmp_path: Path, capsys: pytest.
 
 
 def test_plan_names_namespaces_interfaces_and_addresses(tmp_path: Path) -> None:
-    st = lab.plan("kfx", _topo(tmp_path))
+    st = lab.plan("kfx", load_topology(tmp_path, TOPO))
     assert st.ul_netns == "kfx-ul"
     assert st.gateway == "198.18.0.1"
     assert st.reflector_address == f"198.18.0.1:{api.DEFAULT_REFLECTOR_PORT}"
@@ -176,7 +164,7 @@ clusters:
     with pytest.raises(
         lab.LabUsageError, match="node a/b-c and node a-b/c would both use network namespace 'kf-a-b-c'"
     ):
-        lab.plan("kf", _topo(tmp_path, text))
+        lab.plan("kf", load_topology(tmp_path, text))
 
 
 @pytest.mark.parametrize("name", ["", "kf-1", "KF", "a" * 13, "kf_1"])
@@ -186,7 +174,7 @@ def test_lab_names_cannot_contain_separators(name: str) -> None:
 
 
 def test_merge_adds_nodes_and_keeps_running_records(tmp_path: Path) -> None:
-    cur = lab.plan("kfx", _topo(tmp_path))
+    cur = lab.plan("kfx", load_topology(tmp_path, TOPO))
     for n in cur.nodes():
         n.built = True
         n.agent = lab.ProcRecord(pid=123, start=456, netns=n.netns, log="l", argv=["a"])
@@ -194,7 +182,7 @@ def test_merge_adds_nodes_and_keeps_running_records(tmp_path: Path) -> None:
     # A node added in the middle would shift the automatic addresses of the nodes after it:
     # merge_plan sees the shift and refuses...
     with pytest.raises(lab.LabUsageError, match=r"node west/w1: underlay_ip 198.18.0.13 -> 198.18.0.14"):
-        lab.merge_plan(cur, lab.plan("kfx", _topo(tmp_path, bigger, "big.yaml")))
+        lab.merge_plan(cur, lab.plan("kfx", load_topology(tmp_path, bigger, "big.yaml")))
     # ...so up() pins the running nodes' addresses into the document first.
     pinned = lab.pin_running(yaml.safe_load(bigger), cur)
     merged, added, clusters_changed = lab.merge_plan(cur, lab.plan("kfx", topology.parse(pinned, "big.yaml")))
@@ -213,7 +201,7 @@ def test_merge_adds_nodes_and_keeps_running_records(tmp_path: Path) -> None:
 
 
 def test_pinning_keeps_explicit_values_and_fills_absent_ones(tmp_path: Path) -> None:
-    cur = lab.plan("kfx", _topo(tmp_path))
+    cur = lab.plan("kfx", load_topology(tmp_path, TOPO))
     doc = yaml.safe_load(TOPO.replace("{name: w1, pods: 1}", "{name: w1, pods: 1, underlay: 198.18.0.50}"))
     pinned = lab.pin_running(doc, cur)
     assert pinned["clusters"][0]["nodes"][0] == {
@@ -224,8 +212,8 @@ def test_pinning_keeps_explicit_values_and_fills_absent_ones(tmp_path: Path) -> 
 
 
 def test_merge_unchanged_is_a_no_op(tmp_path: Path) -> None:
-    cur = lab.plan("kfx", _topo(tmp_path))
-    merged, added, clusters_changed = lab.merge_plan(cur, lab.plan("kfx", _topo(tmp_path)))
+    cur = lab.plan("kfx", load_topology(tmp_path, TOPO))
+    merged, added, clusters_changed = lab.merge_plan(cur, lab.plan("kfx", load_topology(tmp_path, TOPO)))
     assert added == [] and not clusters_changed
     assert merged.to_json() == cur.to_json()
 
@@ -240,9 +228,9 @@ def test_merge_unchanged_is_a_no_op(tmp_path: Path) -> None:
     ],
 )
 def test_merge_refuses_changes_to_what_runs(tmp_path: Path, old: str, new: str, needle: str) -> None:
-    cur = lab.plan("kfx", _topo(tmp_path))
+    cur = lab.plan("kfx", load_topology(tmp_path, TOPO))
     assert old in TOPO
-    changed = lab.plan("kfx", _topo(tmp_path, TOPO.replace(old, new), "changed.yaml"))
+    changed = lab.plan("kfx", load_topology(tmp_path, TOPO.replace(old, new), "changed.yaml"))
     with pytest.raises(lab.LabUsageError, match="only adds clusters and nodes") as e:
         lab.merge_plan(cur, changed)
     assert needle in str(e.value)
@@ -253,7 +241,7 @@ def test_merge_refuses_changes_to_what_runs(tmp_path: Path, old: str, new: str, 
 
 
 def test_state_round_trips_through_the_file(lab_root: Path, tmp_path: Path) -> None:
-    st = lab.plan("kfx", _topo(tmp_path))
+    st = lab.plan("kfx", load_topology(tmp_path, TOPO))
     st.ul_built = True
     st.reflector = lab.ProcRecord(pid=10, start=20, netns="kfx-ul", log="/x.log", argv=["r"])
     st.resync_period_s = 4.0
@@ -310,7 +298,7 @@ def _fabric_status(st: lab.LabState) -> api.FabricStatus:
 
 
 def test_status_json_has_the_documented_shape(tmp_path: Path) -> None:
-    st = lab.plan("kfx", _topo(tmp_path))
+    st = lab.plan("kfx", load_topology(tmp_path, TOPO))
     doc = lab.status_doc(st, _fabric_status(st), None)
     assert set(doc["reflector"]) >= {"netns", "address", "pid"}
     assert doc["reflector"]["netns"] == "kfx-ul" and doc["reflector"]["address"] == "198.18.0.1:4880"
@@ -329,7 +317,7 @@ def test_status_json_has_the_documented_shape(tmp_path: Path) -> None:
 
 
 def test_status_without_reflector_keeps_lab_facts_and_says_why(tmp_path: Path) -> None:
-    st = lab.plan("kfx", _topo(tmp_path))
+    st = lab.plan("kfx", load_topology(tmp_path, TOPO))
     doc = lab.status_doc(st, None, "connection refused")
     assert "connection refused" in doc["note"]
     nodes = [n for c in doc["clusters"] for n in c["nodes"]]
@@ -339,7 +327,7 @@ def test_status_without_reflector_keeps_lab_facts_and_says_why(tmp_path: Path) -
 
 
 def test_laggards_explain_each_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    st = lab.plan("kfx", _topo(tmp_path))
+    st = lab.plan("kfx", load_topology(tmp_path, TOPO))
     for n in st.nodes():
         n.agent = lab.ProcRecord(pid=1, start=None, netns=n.netns, log="l", argv=[])
     monkeypatch.setattr(lab.ProcRecord, "running", lambda self: self.netns != "kfx-east-e1")
@@ -353,7 +341,7 @@ def test_laggards_explain_each_node(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 
 def test_reflector_status_json_and_table(tmp_path: Path) -> None:
-    st = lab.plan("kfx", _topo(tmp_path))
+    st = lab.plan("kfx", load_topology(tmp_path, TOPO))
     fs = _fabric_status(st)
     doc = cli.status_json(fs)
     nodes = [n for c in doc["clusters"] for n in c["nodes"]]

@@ -10,8 +10,7 @@ from typing import Any
 
 from kubeemu.client import MERGE_PATCH, Client, Obj, resource_path
 from kubeemu.ctrl import daemonset as dsmod
-from kubeemu.runner import ServerThread
-from tests.kubeemu_cluster import ControllerManager, FakeKubelet, make_nodes, pods_of
+from tests.kubeemu_cluster import ControllerManager, pods_of, run_cluster
 from tests.unit.test_kubeemu_workloads import apoll
 
 NS = "default"
@@ -59,24 +58,11 @@ def test_node_predicate() -> None:
 
 
 def run(scenario: Any) -> None:
-    with ServerThread(name="ds", service_cidrs=("10.96.0.0/24",), bookmark_interval=0.3) as emu:
-
-        async def go() -> None:
-            async with Client(emu.url) as c:
-                await make_nodes(c, NODES, labels={"n4": {"role": "edge"}},
-                                 taints={"n3": [{"key": "dedicated", "value": "x", "effect": "NoSchedule"}]})
-                kubelet = FakeKubelet(c, (*NODES, "n5"), bind=False)
-                await kubelet.start()
-                cm = ControllerManager(emu.url)
-                cm.start()
-                try:
-                    await asyncio.wait_for(scenario(c, cm), 60)
-                    cm.check()
-                finally:
-                    await cm.stop()
-                    await kubelet.stop()
-
-        asyncio.run(go())
+    """``scenario(client, cm)`` with n4 labelled role=edge, n3 tainted, and a kubelet also on n5
+    (a node the API server does not know); the DaemonSet controller binds the pods itself."""
+    run_cluster(lambda c, cm, _kubelet: scenario(c, cm), name="ds", nodes=NODES, kubelet_nodes=(*NODES, "n5"),
+                bind=False, labels={"n4": {"role": "edge"}},
+                taints={"n3": [{"key": "dedicated", "value": "x", "effect": "NoSchedule"}]})
 
 
 async def by_node(c: Client, app: str) -> dict[str, list[str]]:

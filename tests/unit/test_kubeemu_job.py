@@ -4,13 +4,11 @@ work-queue Jobs without completions, Indexed pods, and a restart that counts not
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from kubeemu.client import MERGE_PATCH, Client, Obj, resource_path
 from kubeemu.ctrl import job as jobmod
-from kubeemu.runner import ServerThread
-from tests.kubeemu_cluster import PHASE_LABEL, ControllerManager, FakeKubelet, make_nodes, pods_of
+from tests.kubeemu_cluster import PHASE_LABEL, ControllerManager, pods_of, run_cluster
 from tests.unit.test_kubeemu_workloads import apoll
 
 NS = "default"
@@ -26,23 +24,7 @@ def job(name: str, phase: str = "Succeeded", **spec: Any) -> Obj:
 
 
 def run(scenario: Any) -> None:
-    with ServerThread(name="job", service_cidrs=("10.96.0.0/24",), bookmark_interval=0.3) as emu:
-
-        async def go() -> None:
-            async with Client(emu.url) as c:
-                await make_nodes(c, NODES)
-                kubelet = FakeKubelet(c, NODES)
-                await kubelet.start()
-                cm = ControllerManager(emu.url)
-                cm.start()
-                try:
-                    await asyncio.wait_for(scenario(c, cm), 60)
-                    cm.check()
-                finally:
-                    await cm.stop()
-                    await kubelet.stop()
-
-        asyncio.run(go())
+    run_cluster(lambda c, cm, _kubelet: scenario(c, cm), name="job", nodes=NODES)
 
 
 async def get_job(c: Client, name: str) -> Obj:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from kubeemu.client import ApiStatusError, Client, resource_path
-from kubeemu.ctrl import rootca
+from kubeemu.ctrl import manager, rootca
 from kubeemu.runner import ServerThread
 from tests.kubeemu_cluster import ControllerManager
 
@@ -20,12 +20,12 @@ def test_self_signed_ca_is_a_ca_certificate() -> None:
 
 
 def test_publisher_keeps_the_configmap_in_every_namespace() -> None:
-    rootca.set_root_ca("-----BEGIN CERTIFICATE-----\nTEST\n-----END CERTIFICATE-----\n")
+    pem = "-----BEGIN CERTIFICATE-----\nTEST\n-----END CERTIFICATE-----\n"
     with ServerThread(name="rootca", service_cidrs=("10.96.0.0/24",)) as emu:
 
         async def go() -> None:
             async with Client(emu.url) as c:
-                cm = ControllerManager(emu.url, "root-ca-cert-publisher")
+                cm = ControllerManager(emu.url, "root-ca-cert-publisher", manager.Options(root_ca=pem))
                 cm.start()
                 await c.create("/api/v1/namespaces", {"metadata": {"name": "team"}})
                 cur: dict[str, object] = {}
@@ -44,7 +44,7 @@ def test_publisher_keeps_the_configmap_in_every_namespace() -> None:
                     while not await published(ns):
                         assert asyncio.get_running_loop().time() < deadline, f"no kube-root-ca.crt in {ns}"
                         await asyncio.sleep(0.05)
-                    assert cur["data"] == {"ca.crt": "-----BEGIN CERTIFICATE-----\nTEST\n-----END CERTIFICATE-----\n"}
+                    assert cur["data"] == {"ca.crt": pem}
                 path = resource_path("v1", "configmaps", "team", rootca.CONFIGMAP)
                 edited = await c.get(path)
                 edited["data"] = {"ca.crt": "tampered", "extra": "kept"}
@@ -53,7 +53,7 @@ def test_publisher_keeps_the_configmap_in_every_namespace() -> None:
 
                 async def fixed() -> bool:
                     restored.update(await c.get(path))
-                    return restored["data"] == {"ca.crt": rootca._root_ca, "extra": "kept"}  # type: ignore[comparison-overlap]
+                    return restored["data"] == {"ca.crt": pem, "extra": "kept"}
 
                 deadline = asyncio.get_running_loop().time() + 10
                 while not await fixed():

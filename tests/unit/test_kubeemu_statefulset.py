@@ -20,7 +20,7 @@ from kubeemu.ctrl import statefulset as stsmod
 from kubeemu.lab import write_kubeconfig
 from kubeemu.resources import ResourceType
 from kubeemu.runner import ServerThread
-from tests.kubeemu_cluster import ControllerManager, FakeKubelet, make_nodes, pods_of
+from tests.kubeemu_cluster import ControllerManager, FakeKubelet, pods_of, run_cluster
 from tests.unit.test_kubeemu_workloads import apoll
 
 NS = "default"
@@ -40,26 +40,13 @@ def sts(name: str, replicas: int = 3, **spec: Any) -> Obj:
 
 
 def run(scenario: Any, revisions: bool = False) -> None:
-    with ServerThread(name="sts", service_cidrs=("10.96.0.0/24",), bookmark_interval=0.3) as emu:
-        if revisions:  # as the API server of a branch that registers apps/v1 controllerrevisions
-            rt = ResourceType("apps", ("v1",), "controllerrevisions", "ControllerRevision", True)
-            emu.call(lambda: emu.server.registry.add(rt))  # type: ignore[union-attr]
+    """``scenario(client, cm, kubelet)``; the StatefulSet controller binds its pods itself."""
 
-        async def go() -> None:
-            async with Client(emu.url) as c:
-                await make_nodes(c, NODES)
-                kubelet = FakeKubelet(c, NODES, bind=False)
-                await kubelet.start()
-                cm = ControllerManager(emu.url)
-                cm.start()
-                try:
-                    await asyncio.wait_for(scenario(c, cm, kubelet), 60)
-                    cm.check()
-                finally:
-                    await cm.stop()
-                    await kubelet.stop()
+    def add_revisions(emu: ServerThread) -> None:  # as the API server of a branch that registers them
+        rt = ResourceType("apps", ("v1",), "controllerrevisions", "ControllerRevision", True)
+        emu.call(lambda: emu.server.registry.add(rt))  # type: ignore[union-attr]
 
-        asyncio.run(go())
+    run_cluster(scenario, name="sts", nodes=NODES, bind=False, prepare=add_revisions if revisions else None)
 
 
 async def names(c: Client, app: str) -> list[str]:

@@ -26,9 +26,7 @@ from typing import Any
 
 import pytest
 
-from kubeemu.client import Client
-from kubeemu.ctrl import manager, provisioner, volume
-from kubeemu.ctrl.base import Controller, Informers
+from kubeemu.ctrl import manager, volume
 from kubeemu.lab import write_kubeconfig
 from kubeemu.runner import ServerThread
 from tests.waiting import wait_until
@@ -51,12 +49,7 @@ class ControllerManager:
         self._started = threading.Event()
 
     async def _main(self) -> None:
-        known = dict(manager.registry())
-
-        def prov(c: Client, i: Informers) -> Controller:
-            return provisioner.LocalProvisioner(c, i, self.root)
-
-        known["lab-local-provisioner"] = prov
+        known = manager.registry(manager.Options(storage_root=self.root))
         self._inner = asyncio.create_task(manager.run(self.url, NAMES, known))
         self._started.set()
         with contextlib.suppress(asyncio.CancelledError):

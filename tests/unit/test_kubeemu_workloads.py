@@ -19,8 +19,7 @@ import pytest
 
 from kubeemu.client import MERGE_PATCH, Client, Obj, resource_path
 from kubeemu.lab import write_kubeconfig
-from kubeemu.runner import ServerThread
-from tests.kubeemu_cluster import NOT_READY_LABEL, ControllerManager, FakeKubelet, make_nodes, pods_of
+from tests.kubeemu_cluster import NOT_READY_LABEL, ControllerManager, pods_of, run_cluster
 
 NODES = ("n1", "n2", "n3")
 NS = "default"
@@ -34,29 +33,10 @@ def deployment(name: str, replicas: int = 3, cmd: str = "v1", **spec: Any) -> Ob
                      **spec}}
 
 
-Scenario = Callable[[Client, ControllerManager], Awaitable[None]]
-
-
-def run_cluster(scenario: Scenario, graceful: bool = False, bind: bool = True) -> None:
+def run_workloads(scenario: Callable[[Client, ControllerManager], Awaitable[None]], graceful: bool = False,
+                  bind: bool = True) -> None:
     """Run ``scenario`` against a fresh server with nodes, the fake kubelet and the controllers."""
-    with ServerThread(name="workloads", service_cidrs=("10.96.0.0/24",), bookmark_interval=0.3,
-                      graceful_pods=graceful) as emu:
-
-        async def go() -> None:
-            async with Client(emu.url) as c:
-                await make_nodes(c, NODES)
-                kubelet = FakeKubelet(c, NODES, bind=bind)
-                await kubelet.start()
-                cm = ControllerManager(emu.url)
-                cm.start()
-                try:
-                    await asyncio.wait_for(scenario(c, cm), 60)
-                    cm.check()
-                finally:
-                    await cm.stop()
-                    await kubelet.stop()
-
-        asyncio.run(go())
+    run_cluster(lambda c, cm, _kubelet: scenario(c, cm), name="workloads", nodes=NODES, bind=bind, graceful=graceful)
 
 
 async def get(c: Client, plural: str, name: str, api: str = "apps/v1") -> Obj:
@@ -187,7 +167,7 @@ def test_replicaset_creates_adopts_and_replaces_failed_pods() -> None:
 
         assert await apoll(scaled, "scaled to 2") == keep
 
-    run_cluster(scenario)
+    run_workloads(scenario)
 
 
 # ---------------------------------------------------------------- Deployment
@@ -281,7 +261,7 @@ def test_deployment_rollout_scale_and_history() -> None:
             await wait_rolled_out(c, "web", n)
             assert len(await active_pods(c, "app=web")) == n
 
-    run_cluster(scenario)
+    run_workloads(scenario)
 
 
 def test_deployment_recreate_and_proportional_scaling() -> None:
@@ -336,7 +316,7 @@ def test_deployment_recreate_and_proportional_scaling() -> None:
         # old 8 -> round(8*23/13 = 14.15) = 14, new 5 -> round(5*23/13 = 8.85) = 9
         assert sizes == [9, 14], sizes
 
-    run_cluster(scenario)
+    run_workloads(scenario)
 
 
 def test_controller_manager_restart_duplicates_nothing() -> None:
@@ -369,7 +349,7 @@ def test_controller_manager_restart_duplicates_nothing() -> None:
         assert len(pods_now) == 9
         assert before[0] <= {p["metadata"]["uid"] for p in pods_now}
 
-    run_cluster(scenario)
+    run_workloads(scenario)
 
 
 @pytest.mark.parametrize("policy", ["Background", "Foreground"])
@@ -391,7 +371,7 @@ def test_deleting_a_deployment_cascades(policy: str) -> None:
 
         await apoll(empty, f"{policy} deletion of the deployment, its replica sets and pods")
 
-    run_cluster(scenario, graceful=True)
+    run_workloads(scenario, graceful=True)
 
 
 KUBECTL = shutil.which("kubectl")
@@ -437,7 +417,7 @@ def test_kubectl_rollout_status(tmp_path: Path) -> None:
         first = next(r for r in rss if r["metadata"]["annotations"]["deployment.kubernetes.io/revision"] == "3")
         assert first["metadata"]["annotations"]["deployment.kubernetes.io/revision-history"] == "1"
 
-    run_cluster(scenario)
+    run_workloads(scenario)
 
 
 def test_restart_duplicates_nothing_for_every_kind() -> None:
@@ -489,7 +469,7 @@ def test_restart_duplicates_nothing_for_every_kind() -> None:
             await cm.wait_idle()
             assert await snapshot() == before
 
-    run_cluster(scenario)
+    run_workloads(scenario)
 
 
 def test_namespace_deletion_empties_a_namespace_of_workloads() -> None:
@@ -527,7 +507,7 @@ def test_namespace_deletion_empties_a_namespace_of_workloads() -> None:
         await apoll(gone, "the namespace finalized")
         cm.check()
 
-    run_cluster(scenario)
+    run_workloads(scenario)
 
 
 def test_min_ready_seconds_delays_availability() -> None:
@@ -546,7 +526,7 @@ def test_min_ready_seconds_delays_availability() -> None:
         d = await wait_rolled_out(c, "slow", 2)
         assert d["status"]["availableReplicas"] == 2
 
-    run_cluster(scenario)
+    run_workloads(scenario)
 
 
 async def _hash(c: Client, app: str) -> str:
@@ -581,7 +561,7 @@ def test_paused_deployment_scales_but_does_not_roll_out() -> None:
         assert d["metadata"]["annotations"]["deployment.kubernetes.io/revision"] == "2"
         assert all(p["spec"]["containers"][0]["command"] == ["v2"] for p in await active_pods(c, "app=p"))
 
-    run_cluster(scenario)
+    run_workloads(scenario)
 
 
 async def _count(c: Client, selector: str, n: int) -> bool:
@@ -609,4 +589,4 @@ def test_progress_deadline_exceeded() -> None:
         assert cond["message"].startswith('ReplicaSet "stuck-') and cond["message"].endswith(
             '" has timed out progressing.')
 
-    run_cluster(scenario)
+    run_workloads(scenario)

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from fabric import topology
+from tests.unit.conftest import load_topology
 from tests.waiting import wait_until
 from tools import cli, lab, nsutil
 from tools.lab import kubelet as kubelet_lab
@@ -35,24 +36,11 @@ clusters:
 """
 
 
-def _topo(tmp_path: Path, text: str = TOPO) -> topology.TopologyFile:
-    p = tmp_path / "t.yaml"
-    p.write_text(text)
-    return topology.load(p)
-
-
-@pytest.fixture
-def lab_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    root = tmp_path / "labs"
-    monkeypatch.setattr(lab.state, "LAB_ROOT", root)
-    return root
-
-
 def test_kubernetes_key_defaults_false_and_must_be_a_bool(tmp_path: Path) -> None:
-    assert _topo(tmp_path).kubernetes is True
-    assert _topo(tmp_path, TOPO.replace("kubernetes: true\n", "")).kubernetes is False
+    assert load_topology(tmp_path, TOPO).kubernetes is True
+    assert load_topology(tmp_path, TOPO.replace("kubernetes: true\n", "")).kubernetes is False
     with pytest.raises(topology.TopologyError) as e:
-        _topo(tmp_path, TOPO.replace("kubernetes: true", "kubernetes: 'yes'"))
+        load_topology(tmp_path, TOPO.replace("kubernetes: true", "kubernetes: 'yes'"))
     assert "kubernetes: 'yes' must be true or false" in str(e.value)
 
 
@@ -62,7 +50,7 @@ def test_example_topology_runs_kubernetes() -> None:
 
 
 def test_plan_state_round_trip_and_merge(lab_root: Path, tmp_path: Path) -> None:
-    st = lab.plan("kfx", _topo(tmp_path))
+    st = lab.plan("kfx", load_topology(tmp_path, TOPO))
     assert st.kubernetes
     east = st.clusters[0]
     east.api_url = "http://127.0.0.1:1234"
@@ -73,7 +61,7 @@ def test_plan_state_round_trip_and_merge(lab_root: Path, tmp_path: Path) -> None
     assert back == st
     assert back is not None and isinstance(back.clusters[0].kubelet, lab.ProcRecord)
     # Turning Kubernetes on for a running lab is an addition; turning it off is refused.
-    off = lab.plan("kfx", _topo(tmp_path, TOPO.replace("kubernetes: true", "kubernetes: false")))
+    off = lab.plan("kfx", load_topology(tmp_path, TOPO.replace("kubernetes: true", "kubernetes: false")))
     merged, _, _ = lab.merge_plan(off, st)
     assert merged.kubernetes
     with pytest.raises(lab.LabUsageError, match="kubernetes true -> false"):
@@ -81,7 +69,7 @@ def test_plan_state_round_trip_and_merge(lab_root: Path, tmp_path: Path) -> None
 
 
 def test_kubelet_pod_names_are_stable_short_and_apart_from_static_pods(tmp_path: Path) -> None:
-    st = lab.plan("kfx", _topo(tmp_path))
+    st = lab.plan("kfx", load_topology(tmp_path, TOPO))
     node = st.clusters[0].nodes[0]
     a = lab.kube_pod(node, "default/web", ("10.10.0.4",))
     assert a == lab.kube_pod(node, "default/web", ("10.10.0.4",))
@@ -96,7 +84,7 @@ def test_kubelet_pod_names_are_stable_short_and_apart_from_static_pods(tmp_path:
 def test_kubelet_reserves_static_pod_ips_and_maps_calls_to_lab_pods(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    st = lab.plan("kfx", _topo(tmp_path))
+    st = lab.plan("kfx", load_topology(tmp_path, TOPO))
     east = st.clusters[0]
     (e1,) = kubelet_lab.lab_nodes(east)
     assert e1.internal_ip == "198.18.0.11" and e1.pod_cidrs == ("10.10.0.0/24",)
@@ -142,7 +130,7 @@ clusters:
 def test_dual_stack_kubelet_nodes_are_primary_first_and_pods_get_both_families(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    st = lab.plan("kfx", _topo(tmp_path, DUAL))
+    st = lab.plan("kfx", load_topology(tmp_path, DUAL))
     ds, six = st.clusters
     rec = ds.nodes[0]
     (b1,) = kubelet_lab.lab_nodes(ds)
@@ -167,7 +155,7 @@ def test_dual_stack_kubelet_nodes_are_primary_first_and_pods_get_both_families(
 
 
 def test_status_shows_servers_and_kubeconfig(tmp_path: Path) -> None:
-    st = lab.plan("kfx", _topo(tmp_path))
+    st = lab.plan("kfx", load_topology(tmp_path, TOPO))
     st.clusters[0].api_url = "http://127.0.0.1:1234"
     doc = lab.status_doc(st, None, "down")
     assert doc["kubeconfig"] == str(st.kubeconfig)
@@ -176,14 +164,14 @@ def test_status_shows_servers_and_kubeconfig(tmp_path: Path) -> None:
     text = lab.render_status(doc)
     assert ("kubernetes of east: http://127.0.0.1:1234 (apiserver stopped, kubelet stopped, "
             "controller-manager stopped)") in text
-    plain = lab.plan("kfx", _topo(tmp_path, TOPO.replace("kubernetes: true\n", "")))
+    plain = lab.plan("kfx", load_topology(tmp_path, TOPO.replace("kubernetes: true\n", "")))
     assert lab.status_doc(plain, None, "down")["kubeconfig"] is None
 
 
 def test_kubeconfig_command(lab_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["lab", "kubeconfig", "--name", "kfx"]) == 1
     assert "not up" in capsys.readouterr().err
-    st = lab.plan("kfx", _topo(tmp_path, TOPO.replace("kubernetes: true\n", "")))
+    st = lab.plan("kfx", load_topology(tmp_path, TOPO.replace("kubernetes: true\n", "")))
     lab.save_state(st)
     assert cli.main(["lab", "kubeconfig", "--name", "kfx"]) == 1
     assert "kubernetes: true" in capsys.readouterr().err
@@ -197,7 +185,7 @@ def _get(url: str) -> Any:
 def test_servers_and_kubelets_start_record_and_stop(lab_root: Path, tmp_path: Path) -> None:
     """What ``up`` and ``down`` do for Kubernetes, minus namespaces: real processes on 127.0.0.1.
     No scheduler (``scheduler: none``): pods must stay unbound, the kubelet makes no namespace."""
-    st = lab.plan("kfx", _topo(tmp_path, TOPO.replace("    nodes:\n", "    scheduler: none\n    nodes:\n")))
+    st = lab.plan("kfx", load_topology(tmp_path, TOPO.replace("    nodes:\n", "    scheduler: none\n    nodes:\n")))
     lab.save_state(st)
     recs: list[lab.ProcRecord] = []
     try:
@@ -276,7 +264,7 @@ def test_node_resources_reach_the_kubelet_and_create_names_the_netns(
     lab_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     text = TOPO.replace("{name: e1, pods: 2}", "{name: e1, pods: 2, resources: {cpu: '2', example.com/gpu: 1}}")
-    st = lab.plan("kfx", _topo(tmp_path, text))
+    st = lab.plan("kfx", load_topology(tmp_path, text))
     lab.save_state(st)
     back = lab.load_state("kfx")
     assert back is not None and back.clusters[0].nodes[0].resources == {"cpu": "2", "example.com/gpu": "1"}

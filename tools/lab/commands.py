@@ -34,6 +34,7 @@ from tools.lab.state import (
     LabError,
     LabState,
     LabUsageError,
+    ProcRecord,
     Progress,
     StateError,
     bpf_dir,
@@ -322,17 +323,21 @@ def stop_agent(name: str, spec: str, progress: Progress = stderr_progress) -> bo
     with locked(name):
         state = require_state(name)
         node = find_node(state, spec)
-        rec = node.agent
-        if rec is None or not rec.running():
-            progress(f"lab {name}: the agent of {node.key} is not running")
-            node.agent = None
-            save_state(state)
-            return False
-        nsutil.terminate([(rec.pid, rec.start)], grace_s=10.0)
-        progress(f"lab {name}: stopped the agent of {node.key} (pid {rec.pid})")
+        stopped = _stop_recorded(name, node.agent, f"the agent of {node.key}", progress)
         node.agent = None
         save_state(state)
-        return True
+        return stopped
+
+
+def _stop_recorded(name: str, rec: ProcRecord | None, what: str, progress: Progress) -> bool:
+    """SIGTERM the process ``rec`` records and wait (10 s, then SIGKILL) for it to exit; False
+    when it was not running. The caller forgets the record and saves the state either way."""
+    if rec is None or not rec.running():
+        progress(f"lab {name}: {what} is not running")
+        return False
+    nsutil.terminate([(rec.pid, rec.start)], grace_s=10.0)
+    progress(f"lab {name}: stopped {what} (pid {rec.pid})")
+    return True
 
 
 def start_agent_cmd(
@@ -358,17 +363,10 @@ def stop_reflector(name: str, progress: Progress = stderr_progress) -> bool:
     require_root()
     with locked(name):
         state = require_state(name)
-        rec = state.reflector
-        if rec is None or not rec.running():
-            progress(f"lab {name}: the reflector is not running")
-            state.reflector = None
-            save_state(state)
-            return False
-        nsutil.terminate([(rec.pid, rec.start)], grace_s=10.0)
-        progress(f"lab {name}: stopped the reflector (pid {rec.pid})")
+        stopped = _stop_recorded(name, state.reflector, "the reflector", progress)
         state.reflector = None
         save_state(state)
-        return True
+        return stopped
 
 
 def start_reflector_cmd(
