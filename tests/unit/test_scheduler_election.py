@@ -1,5 +1,6 @@
 """The scheduler's leader election against kubeemu (no root), step by step on a fake clock where
-timing matters: client-go's timing checks; a candidate waits a full ``lease_duration`` of its own
+timing matters: client-go's timing checks (also on the command line, which knows only the Lease
+lock); a candidate waits a full ``lease_duration`` of its own
 clock without seeing the record change before it takes a lease over, and a renewal it sees starts
 that wait again; a released lease (client-go's release record) is taken at the next try; a lease
 another replica holds is not cleared by our release; the acquire loop's jitter is client-go's;
@@ -68,6 +69,20 @@ def test_timings_are_checked_as_client_go_does() -> None:
     assert "retry period must be greater than zero" in str(timing_problem(15, 10, 0))
     with pytest.raises(ValueError, match="kube-system/x: lease duration"):
         LeaderElector(Api("http://127.0.0.1:1"), "a", name="x", lease_duration=5, renew_deadline=5, retry_period=1)
+
+
+def test_the_command_line_refuses_bad_timings_and_other_locks() -> None:
+    """``kosmos-scheduler`` checks the merged timings (flags over the config) before connecting."""
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "scheduler.main", "--master", "http://127.0.0.1:1", *args],
+                              capture_output=True, text=True, timeout=60, cwd=ROOT, check=False)
+
+    r = cli("--leader-elect-renew-deadline", "2", "--leader-elect-retry-period", "2")
+    assert r.returncode == 2
+    assert "leader election (--leader-elect-* flags or the config's leaderElection): renew deadline (2 s) must be " \
+           "greater than retry period * 1.2 (2.4 s)" in r.stderr
+    r = cli("--leader-elect-resource-lock", "endpoints")
+    assert r.returncode == 2 and "invalid choice: 'endpoints'" in r.stderr
 
 
 def test_a_candidate_waits_a_full_lease_duration_without_a_change(api: Api) -> None:
