@@ -3,19 +3,29 @@
 
 In order, on the elector's thread:
 
-1. Acquire: every ``retry_period`` (jittered by up to 20 %, as ``wait.JitterUntil``) read the
-   Lease; create it if absent; take it over if its holder is empty, is us, or has not changed
-   it for ``lease_duration`` **as observed by our own clock** (the record's timestamps are not
-   trusted across machines, as client-go). Updates carry the read ``resourceVersion``, so of two
+1. Acquire: at once, then every ``retry_period`` plus a random part of up to
+   :data:`JITTER_FACTOR` times it (client-go's ``wait.JitterUntil(..., JitterFactor=1.2)``: 2 to
+   4.4 s with the defaults, so candidates do not poll in step), read the Lease; create it if
+   absent; take it over if its holder is empty (released), is us, or has not changed it for
+   ``lease_duration`` **as observed by our own clock** (the record's timestamps are not trusted
+   across machines, as client-go). Updates carry the read ``resourceVersion``, so of two
    candidates only one wins (the other gets 409).
-2. Lead: ``on_started`` runs; the lease is renewed every ``retry_period``. If no renewal has
-   succeeded for ``renew_deadline`` the leadership is lost: ``on_stopped`` runs and the elector
-   ends (kube-scheduler exits at that point; ``main`` does the same).
+2. Lead: ``on_started`` runs; the lease is renewed every ``retry_period`` (client-go's
+   ``wait.Until``, no jitter). If no renewal has succeeded for ``renew_deadline`` the leadership
+   is lost: ``on_stopped`` runs and the elector ends (kube-scheduler exits at that point;
+   ``main`` does the same).
 3. :meth:`LeaderElector.is_leader` is the guard the binder checks before each bind: true only
    while the last successful renewal is younger than ``renew_deadline``, which is shorter than
    the ``lease_duration`` any other candidate must wait, so a deposed leader stops binding before
    a successor can start.
-4. ``release`` on a clean stop clears the holder so a standby takes over at once.
+4. ``release`` on a clean stop (SIGTERM: kube-scheduler sets client-go's ``ReleaseOnCancel``)
+   writes client-go's release record (no holder, ``leaseDurationSeconds: 1``), so a standby, or
+   the same scheduler restarted, takes over at its next try instead of waiting out
+   ``lease_duration``. A process that dies without releasing (SIGKILL, a crash) leaves the lease
+   to lapse, as upstream: its successor waits ``lease_duration`` from when it last saw the
+   record change.
+
+The timings are checked as client-go's ``NewLeaderElector`` does (:func:`timing_problem`).
 """
 
 from __future__ import annotations
@@ -33,8 +43,29 @@ from scheduler.kube import Api, ApiError, resource_path
 _log = logging.getLogger(__name__)
 
 
+#: client-go ``leaderelection.JitterFactor``: an acquiring candidate waits ``retry_period`` plus
+#: up to this many times ``retry_period`` between tries; ``renew_deadline`` must exceed
+#: ``JITTER_FACTOR * retry_period``.
+JITTER_FACTOR = 1.2
+
+
 def _now_micro() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def timing_problem(lease_duration: float, renew_deadline: float, retry_period: float) -> str | None:
+    """Why these timings cannot work (client-go's ``NewLeaderElector`` checks), or None.
+
+    A leader must give up (``renew_deadline``) before any candidate may take over
+    (``lease_duration``), and must get more than one jittered retry into its renew deadline."""
+    if not retry_period > 0:
+        return f"retry period must be greater than zero (got {retry_period:g} s)"
+    if not renew_deadline > JITTER_FACTOR * retry_period:
+        return (f"renew deadline ({renew_deadline:g} s) must be greater than retry period * {JITTER_FACTOR:g} "
+                f"({JITTER_FACTOR * retry_period:g} s)")
+    if not lease_duration > renew_deadline:
+        return f"lease duration ({lease_duration:g} s) must be greater than renew deadline ({renew_deadline:g} s)"
+    return None
 
 
 class LeaderElector:
@@ -42,9 +73,9 @@ class LeaderElector:
                  lease_duration: float = 15.0, renew_deadline: float = 10.0, retry_period: float = 2.0,
                  on_started: Callable[[], None] | None = None, on_stopped: Callable[[], None] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        if not lease_duration > renew_deadline > retry_period > 0:
-            raise ValueError(f"leader election needs lease_duration > renew_deadline > retry_period > 0, got "
-                             f"{lease_duration}, {renew_deadline}, {retry_period}")
+        problem = timing_problem(lease_duration, renew_deadline, retry_period)
+        if problem:
+            raise ValueError(f"leader election of {namespace}/{name}: {problem}")
         self.api = api
         self.identity = identity
         self.namespace = namespace
@@ -84,15 +115,15 @@ class LeaderElector:
         if release and self._leading:
             self.release()
 
-    def _sleep(self) -> bool:
-        """One jittered retry period; True when asked to stop."""
-        return self._stop.wait(self.retry_period * (1 + random.random() * 0.2))
+    def _sleep(self, jitter: float = 0.0) -> bool:
+        """One retry period, plus up to ``jitter`` times it at random; True when asked to stop."""
+        return self._stop.wait(self.retry_period * (1 + random.random() * jitter))
 
     def run(self) -> None:
         while not self._stop.is_set():
             if self.try_acquire_or_renew():
                 break
-            if self._sleep():
+            if self._sleep(JITTER_FACTOR):
                 return
         if self._stop.is_set():
             return
@@ -140,6 +171,9 @@ class LeaderElector:
             return False
         old = lease.get("spec") or {}
         if old != self._observed:
+            if (old.get("holderIdentity") or "") != self.holder():
+                _log.info("leader election: lease %s/%s held by %s", self.namespace, self.name,
+                          old.get("holderIdentity") or "nobody (released)")
             self._observed, self._observed_at = old, now
         holder = old.get("holderIdentity") or ""
         duration = float(old.get("leaseDurationSeconds") or self.lease_duration)
@@ -164,14 +198,17 @@ class LeaderElector:
         return True
 
     def release(self) -> None:
-        """Give the lease up (holder cleared, 1 s duration) so a standby need not wait it out."""
+        """Give the lease up so a standby need not wait it out: client-go's release record (no
+        holder, ``leaseDurationSeconds: 1``, acquire and renew time now, transitions kept).
+        Only when we still hold it: a lease another replica took over is not ours to clear."""
         self._leading = False
         try:
             lease = self.api.get(self.path)
             if (lease.get("spec") or {}).get("holderIdentity") != self.identity:
                 return
-            lease["spec"] = {**lease["spec"], "holderIdentity": None, "leaseDurationSeconds": 1,
-                             "renewTime": _now_micro()}
+            now = _now_micro()
+            lease["spec"] = {**lease["spec"], "holderIdentity": "", "leaseDurationSeconds": 1,
+                             "acquireTime": now, "renewTime": now}
             self.api.update(self.path, lease)
             _log.info("leader election: %s released lease %s/%s", self.identity, self.namespace, self.name)
         except Exception as e:  # best effort on the way out

@@ -3,8 +3,18 @@
 In order: parse flags (kube-scheduler's names where they exist), read ``--config``, connect to
 the API server, build the scheduler (profiles from the plugin registry), serve ``/metrics`` and
 ``/healthz``, start (informers, then leader election or the loop), and run until SIGTERM/SIGINT
-(clean stop: binds in flight finish, the lease is released) or until the lease is lost (exit 1,
-as kube-scheduler, so a supervisor restarts it with a fresh cache).
+or until the lease is lost (exit 1, as kube-scheduler, so a supervisor restarts it with a fresh
+cache).
+
+Leader election is on by default, with kube-scheduler's timings (15 s lease, 10 s renew
+deadline, 2 s retry period), a ``coordination.k8s.io/v1`` Lease (``--leader-elect-resource-lock
+leases``, upstream's default and the only lock it still has) named ``kube-system/kosmos-scheduler``
+(Kosmos' own resource name; kube-scheduler's is ``kube-scheduler``, so both can run side by side)
+and the identity ``<hostname>_<uuid>``, unique per process as upstream's.
+
+SIGTERM/SIGINT is a clean stop: binds in flight finish, then the lease is released (upstream's
+``ReleaseOnCancel``), so a standby, or this scheduler restarted by its supervisor, takes over at
+its next try instead of waiting out the lease. After SIGKILL the lease lapses, as upstream.
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ import threading
 from collections.abc import Sequence
 
 from fabric import health, logs
+from scheduler.election import timing_problem
 from scheduler.kube import connect
 from scheduler.profile import ConfigError, default_config, load_config
 
@@ -29,6 +40,10 @@ examples:
 
   # without leader election, against an insecure API server URL
   kosmos-scheduler --master http://127.0.0.1:6443 --leader-elect=false
+
+  # a second replica: both campaign for the Lease kube-system/kosmos-scheduler, only its holder
+  # binds; the other takes over when the holder releases it (SIGTERM) or lets it lapse (15 s)
+  kosmos-scheduler --kubeconfig /run/lab/c1/kubeconfig --listen 127.0.0.1:10260
 
   # a KubeSchedulerConfiguration with own profiles, plugins and weights
   kosmos-scheduler --kubeconfig kc --config sched.yaml
@@ -71,6 +86,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="KubeSchedulerConfiguration YAML (profiles, plugins, weights, pluginConfig)")
     p.add_argument("--leader-elect", type=_bool, nargs="?", const=True, default=None,
                    help="campaign for a Lease and schedule only while holding it (default true, or the config's)")
+    p.add_argument("--leader-elect-resource-lock", choices=["leases"], default="leases",
+                   help="the lock's resource type: leases only (upstream's default; its endpoints and configmaps "
+                        "locks are gone)")
     p.add_argument("--leader-elect-resource-namespace", help="the Lease's namespace (default kube-system)")
     p.add_argument("--leader-elect-resource-name", help="the Lease's name (default kosmos-scheduler)")
     p.add_argument("--leader-elect-lease-duration", type=float, help="seconds (default 15)")
@@ -104,9 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         v = getattr(args, flag)
         if v is not None:
             setattr(le, attr, v)
-    if not le.lease_duration > le.renew_deadline > le.retry_period > 0:
-        print(f"kosmos-scheduler: leader election needs lease-duration > renew-deadline > retry-period > 0 "
-              f"(got {le.lease_duration}, {le.renew_deadline}, {le.retry_period})", file=sys.stderr)
+    problem = timing_problem(le.lease_duration, le.renew_deadline, le.retry_period) if le.leader_elect else None
+    if problem:
+        print(f"kosmos-scheduler: leader election (--leader-elect-* flags or the config's leaderElection): "
+              f"{problem}", file=sys.stderr)
         return 2
     from scheduler.scheduler import Scheduler
 

@@ -83,7 +83,7 @@ def test_kosmos_is_built_and_planned(tmp_path: Path) -> None:
 
 def test_kosmos_argv_talks_to_the_cluster_api_server() -> None:
     assert schedulers.scheduler_argv("http://127.0.0.1:43210") == [
-        sys.executable, "-m", "scheduler.main", "--master", "http://127.0.0.1:43210", "--leader-elect=false",
+        sys.executable, "-m", "scheduler.main", "--master", "http://127.0.0.1:43210", "--leader-elect=true",
         "--listen", "127.0.0.1:0"]
 
 

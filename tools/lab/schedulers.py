@@ -8,9 +8,10 @@ starts, per cluster, the scheduler its topology names:
 
 - ``kosmos`` (the default): the Kosmos scheduler (``python -m scheduler.main``, issue 16), one
   process per cluster in the root namespace, talking to the cluster's API server on 127.0.0.1
-  (``--master URL``, no leader election: see :func:`scheduler_argv`). It serves both profiles,
-  ``default-scheduler`` (upstream behaviour: what pods get without a ``schedulerName``) and
-  ``kosmos-scheduler`` (plus the Kosmos plugins);
+  (``--master URL``) with leader election on, as a real deployment runs it (see
+  :func:`scheduler_argv`; a second replica started with the same command line stands by). It
+  serves both profiles, ``default-scheduler`` (upstream behaviour: what pods get without a
+  ``schedulerName``) and ``kosmos-scheduler`` (plus the Kosmos plugins);
 - ``none``: no scheduler; pods that name no node stay Pending (tests bind them themselves).
 
 Plugging a scheduler in is one entry in :data:`STARTERS`: a function that starts the scheduler
@@ -62,11 +63,18 @@ def scheduler_argv(api_url: str) -> list[str]:
     """The Kosmos scheduler's command line for the API server at ``api_url``: both profiles (its
     built-in configuration: ``default-scheduler`` and ``kosmos-scheduler``).
 
-    ``--leader-elect=false``: the lab runs one replica per cluster, and a restarted one (``lab up``
-    after it died) must bind at once instead of waiting out the dead one's Lease (15 s).
+    ``--leader-elect=true``, as kubeadm runs kube-scheduler, with upstream's timings and the
+    Lease ``kube-system/kosmos-scheduler`` (the scheduler's defaults): the lab runs one replica
+    per cluster, which takes the Lease at start (the cluster's API server is new, so nobody
+    holds it), and a second replica started with this command line stands by. A scheduler the
+    lab stops (``lab down``, or a restart with its API server) gets SIGTERM and releases the
+    Lease, so its successor binds at once; one that was killed (SIGKILL, a crash) is restarted by
+    ``lab up`` like any dead lab process, and its successor waits out the dead one's Lease
+    (15 s from when it first reads it), as a restarted kube-scheduler does.
     ``--listen 127.0.0.1:0``: /metrics and /healthz on an ephemeral port, since every cluster of
-    every lab runs its own scheduler in the root namespace and a fixed port would collide."""
-    return [sys.executable, "-m", "scheduler.main", "--master", api_url, "--leader-elect=false",
+    every lab runs its own scheduler in the root namespace and a fixed port would collide; the
+    scheduler logs the port it got."""
+    return [sys.executable, "-m", "scheduler.main", "--master", api_url, "--leader-elect=true",
             "--listen", "127.0.0.1:0"]
 
 
