@@ -25,7 +25,6 @@ memory that the next pass could not rebuild from the API objects.
 from __future__ import annotations
 
 import base64
-import binascii
 import datetime
 import hashlib
 import logging
@@ -98,7 +97,9 @@ class LeafReconciler:
         self._leaf: Api | None = None
         self._informers: list[Informer] = []
         self._fingerprint = ""
+        #: The Secret reference connected with, and the one last read (maybe unsuccessfully).
         self._secret_ref = ("", "")
+        self._secret_tried = ("", "")
         self._started = clock()
         self._last_ok: float | None = None
         self._probe_ok = False
@@ -158,7 +159,7 @@ class LeafReconciler:
             if self._stop.is_set():
                 break
             now = self.clock()
-            if now >= next_secret or self._secret_ref != (self.spec.secret_namespace, self.spec.secret_name):
+            if now >= next_secret or self._secret_tried != (self.spec.secret_namespace, self.spec.secret_name):
                 self._check_secret()
                 next_secret = now + self.options.resync_period
             if now >= next_probe:
@@ -187,6 +188,7 @@ class LeafReconciler:
     def _check_secret(self) -> None:
         """(Re)connect when the kubeconfig or the Secret reference changed."""
         ns, name = self.spec.secret_namespace, self.spec.secret_name
+        self._secret_tried = (ns, name)
         where = f"Secret {ns}/{name} (spec.clusterTreeOptions.kubeconfigSecretRef of Cluster {self.spec.cluster})"
         try:
             secret = self.root.request("GET", resource_path("v1", "secrets", ns, name),
@@ -203,22 +205,40 @@ class LeafReconciler:
             if not isinstance(doc, dict):
                 raise ValueError(f"key {KUBECONFIG_KEY!r} is not a kubeconfig (a YAML mapping)")
             leaf = self.connect(doc)
-        except (ApiError, ValueError, binascii.Error, yaml.YAMLError) as e:
-            self._fail(f"reading {where}: {e}")
+        except Exception as e:  # the Secret, or the kubeconfig loader's own errors (no server, bad certificates)
+            problem = f"reading {where}: {type(e).__name__}: {e}"
+            if self._leaf is None:
+                self._fail(problem)  # nothing to talk to: the leaf counts as unreachable
+            elif (ns, name) == self._secret_ref:
+                _log.warning("Cluster %s: %s; keeping the current connection", self.spec.cluster, problem)
+            else:
+                self._disconnect()
+                self._fail(problem)
             return
-        except Exception as e:  # the kubeconfig loader's own errors (no server, bad certificate data)
-            self._fail(f"loading the kubeconfig of {where}: {type(e).__name__}: {e}")
-            return
+        self._disconnect()
+        self._leaf, self._fingerprint, self._secret_ref = leaf, fingerprint, (ns, name)
+        self._start_informers()
+        _log.info("Cluster %s: connected to the leaf at %s", self.spec.cluster, leaf.host)
+
+    def _disconnect(self) -> None:
         for inf in self._informers:
             inf.stop()
-        self._leaf, self._fingerprint, self._secret_ref = leaf, fingerprint, (ns, name)
-        self._informers = [Informer(leaf, "v1", "nodes"), Informer(leaf, "v1", "pods")]
+        self._informers, self._leaf, self._fingerprint = [], None, ""
+
+    def _start_informers(self) -> None:
+        """Fresh informers (a first LIST): on connecting, and when the leaf answers again after
+        an outage, so a watch stream that died silently is not waited out (minutes)."""
+        assert self._leaf is not None
+        for inf in self._informers:
+            inf.stop()
+        self._informers = [Informer(self._leaf, "v1", "nodes"), Informer(self._leaf, "v1", "pods")]
         for inf in self._informers:
             inf.add_handler(lambda _t, _o, _n: self._wake.set())
             inf.start()
-        _log.info("Cluster %s: connected to the leaf at %s", self.spec.cluster, leaf.host)
 
     def _probe(self) -> None:
+        if self._leaf is None:
+            self._check_secret()  # a Secret created or fixed since: no need to wait for the resync
         if self._leaf is None:
             self._probe_ok = False
             self.metrics.leaf_reachable.labels(self.spec.cluster).set(0)
@@ -229,7 +249,8 @@ class LeafReconciler:
             self._fail(f"GET {self._leaf.host}/version: {type(e).__name__}: {e}")
             return
         if self._failure is not None:
-            _log.info("Cluster %s: the leaf answers again", self.spec.cluster)
+            _log.info("Cluster %s: the leaf answers again; listing its nodes and pods afresh", self.spec.cluster)
+            self._start_informers()
         self._version = str(version.get("gitVersion") or "")
         self._last_ok, self._probe_ok, self._failure = self.clock(), True, None
         self.metrics.leaf_reachable.labels(self.spec.cluster).set(1)

@@ -1,8 +1,8 @@
 """Virtual nodes in the root cluster: who owns one, and the writes that make it as forged.
 
 Ownership lives in the Node itself, so a restarted manager knows exactly what is its own:
-label ``app.kubernetes.io/managed-by=kosmos-tree``, annotations ``kosmos.io/owned-by-cluster``
-(the Cluster's name, Kosmos' key spelled with a dot) and ``kosmos.io/cluster-uid`` (that
+label ``app.kubernetes.io/managed-by=kosmos-tree``, annotations ``kosmos-io/owned-by-cluster``
+(the Cluster's name, Kosmos' key, which the scheduler reads) and ``kosmos.io/cluster-uid`` (that
 Cluster's UID, so a Cluster deleted and created again under the same name does not adopt the
 old one's nodes). The other labels we set (``kosmos.io/node``, ``kosmos.io/cluster``) are not
 part of the identity: edited by hand, they are put back. A Node lacking any of them is never written or
@@ -42,7 +42,8 @@ Obj = dict[str, Any]
 
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGED_BY = "kosmos-tree"
-OWNER_ANNOTATION = "kosmos.io/owned-by-cluster"
+#: Kosmos' own key; kosmos-scheduler's LeafNodeVolumeBinding reads it (a unit test holds the two equal).
+OWNER_ANNOTATION = "kosmos-io/owned-by-cluster"
 OWNER_UID_ANNOTATION = "kosmos.io/cluster-uid"
 MODE_ANNOTATION = "kosmos.io/leaf-node-mode"
 MODEL_ANNOTATION = "kosmos.io/leaf-model"
@@ -196,6 +197,7 @@ class RootWriter:
         self.timeout = timeout
         self.count = count
         self.clock = clock
+        self._leases: dict[str, Obj] = {}
 
     def _req(self, method: str, path: str, body: Any = None, ctype: str = "application/json") -> Any:
         return self.api.request(method, path, body, ctype=ctype, timeout=self.timeout)
@@ -284,6 +286,7 @@ class RootWriter:
         except ApiError as e:
             if e.status not in (404, 409):
                 raise
+        self._leases.pop(name, None)
         self._delete_lease(name, uid)
 
     def _delete_lease(self, name: str, node_uid: str | None) -> None:
@@ -304,27 +307,38 @@ class RootWriter:
                     raise
 
     def renew_lease(self, node: Obj) -> None:
-        """Create or renew the node's Lease (owned by the Node, as the kubelet's)."""
+        """Create or renew the node's Lease (owned by the Node, as the kubelet's). The Lease as
+        last written is kept, so a renewal is one PUT (its resourceVersion makes a concurrent
+        writer's change a 409, after which the Lease is read again)."""
         name, uid = node["metadata"]["name"], node["metadata"].get("uid")
         ref = {"apiVersion": "v1", "kind": "Node", "name": name, "uid": uid}
         spec = {"holderIdentity": name, "leaseDurationSeconds": max(1, round(self.lease_duration)),
                 "renewTime": now_rfc3339(micro=True)}
         path = resource_path("coordination.k8s.io/v1", "leases", LEASE_NAMESPACE, name)
-        try:
-            lease = self._req("GET", path)
-        except ApiError as e:
-            if e.status != 404:
-                raise
-            body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                    "metadata": {"name": name, "namespace": LEASE_NAMESPACE, "ownerReferences": [ref]}, "spec": spec}
+        lease = self._leases.get(name)
+        if lease is None or ((lease.get("metadata") or {}).get("ownerReferences") or [{}])[0].get("uid") != uid:
             try:
-                self._req("POST", resource_path("coordination.k8s.io/v1", "leases", LEASE_NAMESPACE), body)
-                self.count("lease")
-            except ApiError as e2:
-                if e2.status != 409:
+                lease = self._req("GET", path)
+            except ApiError as e:
+                if e.status != 404:
                     raise
-            return
-        lease["spec"] = {**(lease.get("spec") or {}), **spec}
-        lease["metadata"]["ownerReferences"] = [ref]
-        self._req("PUT", path, lease)  # carries the read resourceVersion: a concurrent writer gets 409
+                body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                        "metadata": {"name": name, "namespace": LEASE_NAMESPACE, "ownerReferences": [ref]},
+                        "spec": spec}
+                try:
+                    self._leases[name] = self._req(
+                        "POST", resource_path("coordination.k8s.io/v1", "leases", LEASE_NAMESPACE), body)
+                    self.count("lease")
+                except ApiError as e2:
+                    if e2.status != 409:
+                        raise
+                return
+        assert lease is not None
+        lease = {**lease, "spec": {**(lease.get("spec") or {}), **spec},
+                 "metadata": {**lease["metadata"], "ownerReferences": [ref]}}
+        try:
+            self._leases[name] = self._req("PUT", path, lease)
+        except ApiError:
+            self._leases.pop(name, None)
+            raise
         self.count("lease")

@@ -156,3 +156,10 @@ def test_party_mode_first_match_wins_and_pending_pods_count_where_they_may_land(
     assert out["kosmos-c1-gpu"].resources["cpu"] == "1"  # 4 - 1 - 2: both Pending pods may land there
     assert out["kosmos-c1-all"].resources["cpu"] == "6"  # 8 - 2: only "anywhere" may land there
     assert out["kosmos-c1-gpu"].model == "gpu"
+
+
+def test_the_scheduler_reads_the_owner_annotation_we_write() -> None:
+    from scheduler.plugins.kosmos_volumebinding import OWNED_BY_CLUSTER
+    from tree.vnode import OWNER_ANNOTATION
+
+    assert OWNER_ANNOTATION == OWNED_BY_CLUSTER

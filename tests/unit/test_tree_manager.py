@@ -7,6 +7,10 @@ leaf does not stall another; a restarted manager neither duplicates nor flaps a 
 
 from __future__ import annotations
 
+import base64
+import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from fractions import Fraction
 from typing import Any
@@ -15,7 +19,7 @@ import pytest
 
 from scheduler.kube import resource_path
 from scheduler.podutil import parse_quantity
-from tests.tree_env import TreeEnv, ready, resources, tree_env
+from tests.tree_env import REPO, SECRET_NS, TreeEnv, leaf_kubeconfig, ready, resources, tree_env
 from tests.waiting import wait_until
 from tree import forge
 from tree.vnode import OWNER_UID_ANNOTATION, owner
@@ -275,3 +279,73 @@ def test_restart_facing_an_unreachable_leaf_keeps_its_nodes(env: TreeEnv) -> Non
     env.fault("leaf1")
     wait_ready(env, "a", "True", forge.REASON_READY)
     assert {k: n["metadata"]["uid"] for k, n in env.nodes().items()} == uids
+
+
+def test_kubeconfig_secret_missing_then_fixed_then_pointing_elsewhere(env: TreeEnv) -> None:
+    env.add_node("leaf1", "a", cpu="4")
+    env.add_node("leaf2", "b", cpu="2")
+    env.add_cluster("leaf1", "leaf1")
+    env.start_manager()
+    wait_values(env, "kosmos-leaf1", {"cpu": "4"})
+    # the Secret now names leaf2's API: the reconciler reconnects (the node stays, same UID)
+    uid = env.vnode("kosmos-leaf1")["metadata"]["uid"]  # type: ignore[index]
+    kc = base64.b64encode(leaf_kubeconfig(env.leaf("leaf2").host, "leaf2").encode()).decode()
+    env.root.patch(resource_path("v1", "secrets", SECRET_NS, "leaf1-kubeconfig"), {"data": {"kubeconfig": kc}})
+    wait_values(env, "kosmos-leaf1", {"cpu": "2"})
+    assert env.vnode("kosmos-leaf1")["metadata"]["uid"] == uid  # type: ignore[index]
+    # a reference to a Secret that does not exist: NotReady past the threshold, naming the Secret
+    env.patch_cluster("leaf1", {"kubeconfigSecretRef": {"namespace": SECRET_NS, "name": "nope"}})
+    n = wait_ready(env, "kosmos-leaf1", "False", forge.REASON_UNREACHABLE)
+    cond = next(c for c in n["status"]["conditions"] if c["type"] == "Ready")
+    assert f"Secret {SECRET_NS}/nope" in cond["message"] and "404" in cond["message"]
+    # the Secret appears: connected without waiting for the resync
+    env.root.create(resource_path("v1", "secrets", SECRET_NS), {
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "nope"}, "data": {"kubeconfig": kc}})
+    wait_ready(env, "kosmos-leaf1", "True", forge.REASON_READY)
+
+
+def test_unusable_options_leave_the_nodes_as_they_are(env: TreeEnv) -> None:
+    env.add_node("leaf1", "a")
+    env.add_cluster("leaf1", "leaf1")
+    m = env.start_manager()
+    n = wait_ready(env, "kosmos-leaf1", "True", forge.REASON_READY)
+    # a mix of node and party models is refused; the running spec stays
+    env.patch_cluster("leaf1", {"leafModels": [{"nodeSelector": {"nodeName": "a"}},
+                                               {"leafNodeName": "p", "nodeSelector": {"labelSelector": {}}}]})
+    wait_until(lambda: m.metrics.spec_errors.labels("leaf1")._value.get() == 1, 10, "the spec error counted")
+    env.stop_manager(m)
+    m2 = env.start_manager()  # a restart with only the bad spec known: nothing collected
+    wait_until(lambda: m2.metrics.spec_errors.labels("leaf1")._value.get() == 1, 10, "the spec error seen")
+    m2.kick()
+    wait_until(lambda: m2.metrics.spec_errors.labels("leaf1")._value.get() == 1 and not m2.reconcilers, 5,
+               "no reconciler for the unusable spec")
+    assert env.vnode("kosmos-leaf1")["metadata"]["uid"] == n["metadata"]["uid"]  # type: ignore[index]
+
+
+def test_only_the_lease_holder_acts_and_a_standby_takes_over(env: TreeEnv) -> None:
+    env.add_node("leaf1", "a")
+    env.add_cluster("leaf1", "leaf1")
+    timing = {"lease_duration": 1.5, "renew_deadline": 1.0, "retry_period": 0.2}
+    first = env.start_manager(leader_elect=True, identity="first", **timing)
+    wait_ready(env, "kosmos-leaf1", "True", forge.REASON_READY)
+    second = env.start_manager(leader_elect=True, identity="second", **timing)
+    wait_until(lambda: first.reconcilers and not second.reconcilers, 5, "the first replica leads alone")
+    env.stop_manager(first)  # releases the Lease
+    wait_until(lambda: second.reconcilers, 10, "the standby took over")
+    env.root.request("DELETE", resource_path("v1", "nodes", name="kosmos-leaf1"))
+    wait_ready(env, "kosmos-leaf1", "True", forge.REASON_READY)
+
+
+def test_kosmos_tree_command_line() -> None:
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "tree.main", *args], capture_output=True, text=True, timeout=60,
+                              cwd=REPO, check=False)
+    out = run("--help")
+    assert out.returncode == 0 and "--leaf-unreachable-after" in out.stdout and "kubeconfigSecretRef" in out.stdout
+    bad = run("--leaf-unreachable-after", "0")
+    assert bad.returncode == 2 and "must be more than 0 seconds" in bad.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there any more
+    down = run("--master", f"http://127.0.0.1:{port}", "--leader-elect=false")
+    assert down.returncode == 1 and "connecting to the root cluster" in down.stderr
