@@ -80,8 +80,12 @@ class LeafReconciler:
     """The virtual nodes of one Cluster (see the module's steps)."""
 
     def __init__(self, spec: TreeSpec, root: Api, root_nodes: Informer, options: Options, metrics: TreeMetrics,
-                 *, connect: Connector = _connect_leaf, clock: Callable[[], float] = time.monotonic) -> None:
+                 *, connect: Connector = _connect_leaf, clock: Callable[[], float] = time.monotonic,
+                 on_exit: Callable[[], None] = lambda: None) -> None:
+        """``on_exit`` runs on the reconciler's thread when it ends (the manager collects the
+        nodes of a Cluster only once its reconciler can no longer write them back)."""
         self.spec = spec
+        self.on_exit = on_exit
         self.root = root
         self.root_nodes = root_nodes
         self.options = options
@@ -149,6 +153,14 @@ class LeafReconciler:
     # ------------------------------------------------------------------ the loop
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            for inf in self._informers:
+                inf.stop()
+            self.on_exit()
+
+    def _loop(self) -> None:
         next_probe = 0.0
         next_secret = 0.0
         while not self._stop.is_set():
@@ -180,8 +192,6 @@ class LeafReconciler:
                 _log.log(level, "Cluster %s: reconcile failed (%s: %s); retrying in %.1f s", self.spec.cluster,
                          type(e).__name__, e, delay)
                 self._retry_at = self.clock() + delay
-        for inf in self._informers:
-            inf.stop()
 
     # ------------------------------------------------------------------ the leaf
 

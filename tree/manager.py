@@ -201,7 +201,7 @@ class TreeManager:
                     continue
                 if running is None:
                     started = LeafReconciler(usable, self.root, self.nodes, self.options, self.metrics,
-                                             connect=self.connect)
+                                             connect=self.connect, on_exit=self.kick)
                     self.reconcilers[name] = started
                     started.start()
                     _log.info("Cluster %s: reconciler started (%s mode)", name, usable.mode)

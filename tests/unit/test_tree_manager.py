@@ -223,7 +223,7 @@ def test_one_hanging_leaf_does_not_stall_another(env: TreeEnv) -> None:
     env.start_manager()
     wait_ready(env, "kosmos-leaf1", "True", forge.REASON_READY)
     wait_ready(env, "kosmos-leaf2", "True", forge.REASON_READY)
-    env.fault("leaf2", latency_ms=30_000)  # every request to leaf2 hangs
+    env.fault("leaf2", latency_ms=5_000)  # every request to leaf2 hangs 10x the leaf timeout
     try:
         for i in range(3):
             env.add_pod("leaf1", f"p{i}", node="a", cpu="1")
