@@ -6,10 +6,14 @@ the reconciler's thread:
 
 1. Connect: read the kubeconfig from the Cluster's Secret in the root (key ``kubeconfig``), open
    the leaf's API with it, start informers on its Nodes and Pods. The Secret is read again every
-   resync period and on every spec change: a new kubeconfig (or Secret reference) reconnects.
+   resync period, when the spec names another Secret, and at every probe while there is no
+   connection: a new kubeconfig (or Secret reference) reconnects; a failed re-read of the same
+   Secret keeps the connection it has.
 2. Probe: ``GET /version`` every lease period, with the leaf timeout. The leaf counts as
    unreachable once it has not answered for the threshold (``--leaf-unreachable-after``,
    default 40 s, from the last answer, or from this reconciler's start when it never answered).
+   When it answers again its Nodes and Pods are listed afresh (new informers), so a watch stream
+   that died without a word is not waited out.
 3. Reconcile, on every change of the leaf's Nodes or Pods, of our virtual nodes in the root, of
    the spec, and on every probe: forge the virtual nodes (:mod:`tree.forge`), write what differs
    (:class:`tree.vnode.RootWriter`), delete our virtual nodes of this Cluster that are no longer
