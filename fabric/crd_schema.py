@@ -164,11 +164,40 @@ OPENAPI_V3_SCHEMA: dict[str, Any] = json.loads(r"""
     "clusterTreeOptions": {
      "type": "object",
      "default": {},
-     "description": "ClusterTree (virtual nodes for leaf clusters); used by a later add-on.",
+     "description": "ClusterTree - this cluster is a leaf of the host cluster, seen there as virtual nodes kept by kosmos-tree.",
      "properties": {
       "enable": {
        "type": "boolean",
        "default": false
+      },
+      "kubeconfigSecretRef": {
+       "type": "object",
+       "description": "The Secret (in the host cluster) whose key \"kubeconfig\" holds the leaf cluster's kubeconfig; required when enable is true.",
+       "required": [
+        "namespace",
+        "name"
+       ],
+       "properties": {
+        "namespace": {
+         "type": "string",
+         "maxLength": 63,
+         "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+        },
+        "name": {
+         "type": "string",
+         "maxLength": 253,
+         "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+        }
+       }
+      },
+      "leafNodeMode": {
+       "type": "string",
+       "enum": [
+        "cluster",
+        "node",
+        "party"
+       ],
+       "description": "cluster - one virtual node kosmos-CLUSTER for the whole leaf; node - one virtual node per leaf node (same name), for the leaf nodes the leafModels select (none - every leaf node); party - one virtual node kosmos-CLUSTER-LEAFNODENAME per leafModel, for the leaf nodes its labelSelector selects. Absent - as Kosmos decides it, from leafModels (none - cluster, nodeSelector.nodeName - node, labelSelector - party)."
       },
       "leafModels": {
        "type": "array",

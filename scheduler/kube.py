@@ -155,6 +155,27 @@ def connect(master: str | None = None, kubeconfig: str | None = None, context: s
                                  client_configuration=cfg)
     else:
         kconfig.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+    return _api_from(cfg, master)
+
+
+def connect_kubeconfig(doc: Obj, context: str | None = None, *, user_agent: str = "kosmos-scheduler") -> Api:
+    """The API server a kubeconfig held in memory names (e.g. read from a Secret: ClusterTree's
+    leaf clusters), resolved by the same loader as :func:`connect`; embedded certificates are
+    written to temporary files by that loader. A kubeconfig that names no usable server or
+    credentials raises the loader's ``ConfigException`` (its message says what is missing)."""
+    from kubernetes import client as kclient
+    from kubernetes import config as kconfig
+
+    cfg = kclient.Configuration()
+    kconfig.load_kube_config_from_dict(doc, context=context,  # type: ignore[no-untyped-call]
+                                       client_configuration=cfg)
+    api = _api_from(cfg, None)
+    api.user_agent = user_agent
+    return api
+
+
+def _api_from(cfg: Any, master: str | None) -> Api:
+    """An :class:`Api` from a loaded ``kubernetes.client.Configuration`` (``master`` overrides its host)."""
     token = (cfg.api_key or {}).get("authorization") or (cfg.api_key or {}).get("BearerToken")
     prefix = (cfg.api_key_prefix or {}).get("authorization")
     if token and prefix and not token.lower().startswith("bearer "):

@@ -1,7 +1,17 @@
-"""ClusterTree (add-on, to come): leaf clusters as virtual nodes of a root cluster, pods and
-their dependencies synced both ways.
+"""ClusterTree (add-on, in progress): leaf clusters as virtual nodes of a root cluster.
 
-May import only :mod:`fabric.control`'s public client (``client``, ``api``), :mod:`fabric.types`
-and process plumbing (``fabric.logs``, ``fabric.health``): it is a client of the reflector's
-control channel like any other (import-linter enforces it).
+Built so far: the tree manager and its virtual nodes. Modules, in the order a Cluster meets
+them: ``spec`` (``spec.clusterTreeOptions`` read and checked) -> ``manager`` (one reconciler per
+enabled Cluster, leader election, garbage) -> ``leaf`` (one leaf: its kubeconfig Secret, probe,
+informers, the reconcile pass) -> ``forge`` (pure: the virtual nodes a leaf's nodes and pods
+call for) -> ``vnode`` (ownership and the root writes); ``metrics`` and ``main`` (the
+``kosmos-tree`` command) around them. Pods and their dependencies are not synced yet.
+
+May import only the standard library, the root pyproject's third-party packages,
+:mod:`fabric.types`, process plumbing (``fabric.logs``, ``fabric.health``, ``fabric.backoff``),
+:mod:`fabric.control`'s public client, and the scheduler's generic modules (``scheduler.kube``:
+API access and informers; ``scheduler.election``: the Lease elector; ``scheduler.podutil`` and
+``scheduler.framework``: quantities and pod requests; ``scheduler.selectors``;
+``scheduler.policy``: the leaf label and taint), never its loop, cache, queue or plugins, nor
+``kubeemu`` or ``tools`` (import-linter enforces it).
 """

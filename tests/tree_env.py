@@ -1,0 +1,174 @@
+"""A root cluster and leaf clusters for the tree manager's tests: in-process kubeemu servers
+(``ServerThread`` on 127.0.0.1), the ``Cluster`` CRD installed in the root, a kubeconfig
+Secret per leaf, and helpers to make leaf nodes and pods, Clusters, and read the virtual nodes.
+
+:class:`TreeEnv` starts managers with short timings (probe every 0.2 s, NotReady after 1 s
+without an answer, resync every second) and stops every manager and server at the end.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kubeemu.runner import ServerThread
+from scheduler.kube import Api, ApiError, resource_path
+from tests.waiting import wait_until
+from tree.leaf import Options
+from tree.manager import TreeManager
+
+REPO = Path(__file__).resolve().parents[1]
+CRD = REPO / "deploy" / "base" / "host" / "crd-clusters.yaml"
+CLUSTERS = resource_path("kosmos.io/v1alpha1", "clusters")
+ROOT_ID = "root-under-test"
+SECRET_NS = "kosmos-system"
+
+Obj = dict[str, Any]
+
+
+def leaf_kubeconfig(url: str, name: str) -> str:
+    return yaml.safe_dump({"apiVersion": "v1", "kind": "Config", "current-context": name,
+                           "clusters": [{"name": name, "cluster": {"server": url}}],
+                           "users": [{"name": name, "user": {}}],
+                           "contexts": [{"name": name, "context": {"cluster": name, "user": name}}]})
+
+
+class TreeEnv:
+    def __init__(self) -> None:
+        self.root_emu = ServerThread(name="root", bookmark_interval=0.3).start()
+        self.root = Api(self.root_emu.url)
+        self.leaves: dict[str, ServerThread] = {}
+        self.managers: list[TreeManager] = []
+        self.root.create("/apis/apiextensions.k8s.io/v1/customresourcedefinitions", yaml.safe_load(CRD.read_text()))
+        self.root.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
+                                                "metadata": {"name": SECRET_NS}})
+        wait_until(lambda: self._served(), 10, "the Cluster CRD served")
+
+    def _served(self) -> bool:
+        try:
+            self.root.get(CLUSTERS)
+            return True
+        except ApiError:
+            return False
+
+    def close(self) -> None:
+        for m in self.managers:
+            m.stop()
+        for emu in self.leaves.values():
+            emu.stop()
+        self.root_emu.stop()
+
+    # ------------------------------------------------------------------ leaves
+
+    def leaf(self, name: str) -> Api:
+        if name not in self.leaves:
+            self.leaves[name] = ServerThread(name=name, bookmark_interval=0.3).start()
+        return Api(self.leaves[name].url)
+
+    def fault(self, leaf: str, **faults: Any) -> None:
+        """Faults of a leaf's server (``error_count``/``error_code``, ``latency_ms``); none: clear."""
+        api = self.leaf(leaf)
+        if faults:
+            api.request("POST", "/_kubeemu/faults", faults)
+        else:
+            api.request("DELETE", "/_kubeemu/faults")
+
+    def add_node(self, leaf: str, name: str, *, cpu: str = "4", memory: str = "8Gi", pods: str = "110",
+                 labels: dict[str, str] | None = None, ready: bool = True, unschedulable: bool = False,
+                 taints: list[Obj] | None = None) -> Obj:
+        body = {"apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, **(labels or {})}},
+                "spec": {"unschedulable": unschedulable, "taints": taints or []},
+                "status": {"allocatable": {"cpu": cpu, "memory": memory, "pods": pods},
+                           "capacity": {"cpu": cpu, "memory": memory, "pods": pods},
+                           "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}}
+        node: Obj = self.leaf(leaf).create("/api/v1/nodes", body)
+        return node
+
+    def patch_node(self, leaf: str, name: str, body: Obj, status: bool = False) -> None:
+        self.leaf(leaf).patch(resource_path("v1", "nodes", name=name, sub="status" if status else None), body)
+
+    def add_pod(self, leaf: str, name: str, *, node: str | None = None, cpu: str = "1", memory: str = "1Gi",
+                labels: dict[str, str] | None = None, namespace: str = "default", **spec: Any) -> Obj:
+        body = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": labels or {}},
+                "spec": {"containers": [{"name": "c", "image": "busybox",
+                                         "resources": {"requests": {"cpu": cpu, "memory": memory}}}], **spec}}
+        if node:
+            body["spec"]["nodeName"] = node
+        pod: Obj = self.leaf(leaf).create(resource_path("v1", "pods", namespace), body)
+        return pod
+
+    # ------------------------------------------------------------------ root
+
+    def add_cluster(self, name: str, leaf: str, *, enable: bool = True, **tree: Any) -> Obj:
+        """A Cluster for ``leaf`` (its kubeconfig Secret made or updated first)."""
+        secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": f"{name}-kubeconfig"},
+                  "data": {"kubeconfig": base64.b64encode(
+                      leaf_kubeconfig(self.leaf(leaf).host, leaf).encode()).decode()}}
+        with contextlib.suppress(ApiError):
+            self.root.create(resource_path("v1", "secrets", SECRET_NS), secret)
+        opts = {"enable": enable, "kubeconfigSecretRef": {"namespace": SECRET_NS, "name": f"{name}-kubeconfig"},
+                **tree}
+        cluster: Obj = self.root.create(CLUSTERS, {"apiVersion": "kosmos.io/v1alpha1", "kind": "Cluster",
+                                                   "metadata": {"name": name},
+                                                   "spec": {"clusterTreeOptions": opts}})
+        return cluster
+
+    def patch_cluster(self, name: str, tree: Obj) -> None:
+        self.root.patch(resource_path("kosmos.io/v1alpha1", "clusters", name=name),
+                        {"spec": {"clusterTreeOptions": tree}})
+
+    def delete_cluster(self, name: str) -> None:
+        self.root.request("DELETE", resource_path("kosmos.io/v1alpha1", "clusters", name=name))
+
+    def nodes(self) -> dict[str, Obj]:
+        return {n["metadata"]["name"]: n for n in self.root.get("/api/v1/nodes")["items"]}
+
+    def vnode(self, name: str) -> Obj | None:
+        return self.nodes().get(name)
+
+    def lease(self, name: str) -> Obj | None:
+        try:
+            lease: Obj = self.root.get(resource_path("coordination.k8s.io/v1", "leases", "kube-node-lease", name))
+            return lease
+        except ApiError:
+            return None
+
+    def start_manager(self, **kw: Any) -> TreeManager:
+        opts = Options(root_id=ROOT_ID, leaf_timeout=0.5, unreachable_after=1.0, lease_period=0.2,
+                       status_period=60.0, resync_period=1.0, root_timeout=5.0)
+        kw.setdefault("leader_elect", False)
+        m = TreeManager(Api(self.root.host), kw.pop("options", opts), **kw)
+        m.start(sync_timeout=10)
+        self.managers.append(m)
+        return m
+
+    def stop_manager(self, m: TreeManager) -> None:
+        m.stop()
+        self.managers.remove(m)
+
+
+@contextlib.contextmanager
+def tree_env() -> Iterator[TreeEnv]:
+    env = TreeEnv()
+    try:
+        yield env
+    finally:
+        env.close()
+
+
+def ready(node: Obj | None) -> tuple[str, str] | None:
+    """(status, reason) of the Ready condition."""
+    for c in ((node or {}).get("status") or {}).get("conditions") or []:
+        if c.get("type") == "Ready":
+            return str(c.get("status")), str(c.get("reason"))
+    return None
+
+
+def resources(node: Obj | None) -> dict[str, str]:
+    return dict(((node or {}).get("status") or {}).get("allocatable") or {})

@@ -1,0 +1,165 @@
+"""ClusterTree without an API server: ``clusterTreeOptions`` read and refused with field paths
+(tree/spec.py), and the virtual nodes forged from leaf nodes and pods (tree/forge.py):
+membership per mode, capacity (Pending pods counted, ours and terminal ones not, init
+containers as the scheduler counts them), labels agreed by the members, taints, Ready."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tree import forge
+from tree.spec import Mode, SpecError, TreeSpec, read
+
+Obj = dict[str, Any]
+REF = {"namespace": "kosmos-system", "name": "kc"}
+
+
+def cluster(name: str = "c1", **tree: Any) -> Obj:
+    return {"metadata": {"name": name, "uid": "u-1"},
+            "spec": {"clusterTreeOptions": {"enable": True, "kubeconfigSecretRef": REF, **tree}}}
+
+
+def node(name: str, cpu: str = "4", memory: str = "8Gi", pods: str = "110", ready: bool = True,
+         unschedulable: bool = False, **labels: str) -> Obj:
+    return {"metadata": {"name": name, "labels": labels},
+            "spec": {"unschedulable": unschedulable},
+            "status": {"allocatable": {"cpu": cpu, "memory": memory, "pods": pods},
+                       "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}}
+
+
+def pod(name: str, node_name: str | None = None, cpu: str = "1", phase: str = "Running",
+        labels: dict[str, str] | None = None, **spec: Any) -> Obj:
+    s: Obj = {"containers": [{"name": "c", "resources": {"requests": {"cpu": cpu}}}], **spec}
+    if node_name:
+        s["nodeName"] = node_name
+    return {"metadata": {"name": name, "namespace": "default", "labels": labels or {}}, "spec": s,
+            "status": {"phase": phase}}
+
+
+def forged(spec: TreeSpec, nodes: list[Obj], pods: list[Obj] = (), **kw: Any) -> dict[str, forge.VirtualNode]:  # type: ignore[assignment]
+    return forge.virtual_nodes(spec, nodes, pods, root_id="me", **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# spec
+# ---------------------------------------------------------------------------------------------
+
+
+def test_modes_follow_kosmos_rules_unless_given() -> None:
+    assert read(cluster()).mode is Mode.CLUSTER
+    assert read(cluster(leafModels=[{"nodeSelector": {"nodeName": "n1"}}])).mode is Mode.NODE
+    party = read(cluster(leafModels=[{"leafNodeName": "gpu", "nodeSelector": {"labelSelector": {
+        "matchLabels": {"pool": "gpu"}}}}]))
+    assert party.mode is Mode.PARTY and party.party_node_name(party.models[0]) == "kosmos-c1-gpu"
+    assert read(cluster(leafNodeMode="node")).mode is Mode.NODE
+    assert read({"metadata": {"name": "c1"}, "spec": {}}).enable is False
+
+
+@pytest.mark.parametrize(("tree", "path"), [
+    ({"kubeconfigSecretRef": None}, "spec.clusterTreeOptions.kubeconfigSecretRef"),
+    ({"leafModels": [{"nodeSelector": {"nodeName": "a"}}, {"leafNodeName": "p", "nodeSelector": {
+        "labelSelector": {}}}]}, "spec.clusterTreeOptions.leafModels"),
+    ({"leafNodeMode": "party", "leafModels": [{"nodeSelector": {"labelSelector": {}}}]},
+     "spec.clusterTreeOptions.leafModels[0].leafNodeName"),
+    ({"leafNodeMode": "party", "leafModels": [{"leafNodeName": "a", "nodeSelector": {"labelSelector": {}}},
+                                              {"leafNodeName": "a", "nodeSelector": {"labelSelector": {}}}]},
+     "spec.clusterTreeOptions.leafModels[1].leafNodeName"),
+    ({"leafNodeMode": "party", "leafModels": [{"leafNodeName": "a"}]},
+     "spec.clusterTreeOptions.leafModels[0].nodeSelector.labelSelector"),
+    ({"leafModels": [{"leafNodeName": "a", "nodeSelector": {"labelSelector": {"matchExpressions": [
+        {"key": "k", "operator": "In"}]}}}]}, "spec.clusterTreeOptions.leafModels[0].nodeSelector.labelSelector"),
+    ({"leafModels": [{"labels": {"kosmos.io/cluster": "x"}}]},
+     "spec.clusterTreeOptions.leafModels[0].labels[kosmos.io/cluster]"),
+    ({"leafNodeMode": "tree"}, "spec.clusterTreeOptions.leafNodeMode"),
+])
+def test_unusable_options_are_refused_with_their_field(tree: Obj, path: str) -> None:
+    with pytest.raises(SpecError) as e:
+        read(cluster(**tree))
+    assert path in [p for p, _ in e.value.problems], e.value.problems
+    assert str(e.value).startswith("Cluster c1: ")
+
+
+# ---------------------------------------------------------------------------------------------
+# forge
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cluster_mode_sums_usable_nodes_minus_pods_that_are_not_ours() -> None:
+    spec = read(cluster())
+    z1 = {"topology.kubernetes.io/zone": "z1"}
+    nodes = [node("a", **z1), node("b", cpu="2", **z1), node("down", ready=False, **z1),
+             node("cordoned", unschedulable=True, **z1)]
+    pods = [pod("run", "a", cpu="500m"), pod("pending"), pod("ours", "a", labels={forge.ROOT_LABEL: "me"}),
+            pod("done", "b", phase="Succeeded"), pod("on-down", "down", cpu="3"),
+            pod("other-root", "b", labels={forge.ROOT_LABEL: "someone-else"})]
+    (vn,) = forged(spec, nodes, pods).values()
+    assert vn.name == "kosmos-c1" and vn.members == ("a", "b", "cordoned", "down")
+    # 6 cpu - 0.5 (run) - 1 (Pending, no node yet) - 1 (another root's pod); 220 pods - 3
+    assert vn.resources == {"cpu": "3500m", "memory": str(16 * 2**30), "pods": "217"}
+    assert vn.labels["topology.kubernetes.io/zone"] == "z1"
+    assert vn.labels[forge.CLUSTER_LABEL] == "c1" and vn.labels["kosmos.io/node"] == "true"
+    assert vn.taints == [{"key": "kosmos.io/node", "value": "true", "effect": "NoSchedule"}]
+    assert (vn.ready, vn.reason) == ("True", forge.REASON_READY)
+
+
+def test_requests_are_the_schedulers_init_containers_and_overhead_included() -> None:
+    spec = read(cluster())
+    big_init = pod("p", "a", cpu="1", initContainers=[{"name": "i", "resources": {"requests": {"cpu": "3"}}}],
+                   overhead={"cpu": "250m"})
+    (vn,) = forged(spec, [node("a")], [big_init]).values()
+    assert vn.resources["cpu"] == "750m"  # 4 - (max(3, 1) + 0.25)
+
+
+def test_zone_disagreement_drops_the_label_and_nothing_goes_negative() -> None:
+    spec = read(cluster())
+    nodes = [node("a", cpu="1", **{"topology.kubernetes.io/zone": "z1"}), node("b", cpu="1")]
+    (vn,) = forged(spec, nodes, [pod("hog", "a", cpu="8")]).values()
+    assert "topology.kubernetes.io/zone" not in vn.labels
+    assert vn.resources["cpu"] == "1"  # a: 1 - 8 is 0 (not -7, which would eat b's room); b: 1
+    (empty,) = forged(spec, [], []).values()
+    assert (empty.ready, empty.reason) == ("False", forge.REASON_NO_NODES)
+    assert empty.resources == {"cpu": "0", "memory": "0", "pods": "0"}
+
+
+def test_unreachable_leaf_is_not_ready_with_the_message() -> None:
+    (vn,) = forged(read(cluster()), [node("a")], unreachable="gone since t0").values()
+    assert (vn.ready, vn.reason, vn.message) == ("False", forge.REASON_UNREACHABLE, "gone since t0")
+
+
+def test_node_mode_copies_the_leaf_node_and_its_taints() -> None:
+    spec = read(cluster(leafNodeMode="node", leafModels=[{"nodeSelector": {"labelSelector": {
+        "matchLabels": {"join": "yes"}}}, "labels": {"extra": "1"}}]))
+    taint = {"key": "dedicated", "value": "db", "effect": "NoSchedule"}
+    nodes = [node("a", join="yes", disk="ssd", **{"node-role.kubernetes.io/control-plane": ""}), node("b")]
+    nodes[0]["spec"]["taints"] = [taint, {"key": "node.kubernetes.io/not-ready", "effect": "NoExecute"}]
+    out = forged(spec, nodes, [pod("x", "a"), pod("y", "b")])
+    assert list(out) == ["a"]
+    a = out["a"]
+    assert a.labels["disk"] == "ssd" and a.labels["extra"] == "1" and a.labels["kubernetes.io/hostname"] == "a"
+    assert "node-role.kubernetes.io/control-plane" not in a.labels
+    assert taint in a.taints and all(t["key"] != "node.kubernetes.io/not-ready" for t in a.taints)
+    assert a.resources["cpu"] == "3"
+
+
+def test_party_mode_first_match_wins_and_pending_pods_count_where_they_may_land() -> None:
+    spec = read(cluster(leafModels=[
+        {"leafNodeName": "gpu", "nodeSelector": {"labelSelector": {"matchLabels": {"pool": "gpu"}}},
+         "taints": [{"key": "gpu", "effect": "NoSchedule"}]},
+        {"leafNodeName": "all", "nodeSelector": {"labelSelector": {}}}]))
+    nodes = [node("g1", pool="gpu"), node("c1", pool="cpu"), node("c2", pool="cpu")]
+    pods = [pod("wants-gpu", nodeSelector={"pool": "gpu"}), pod("anywhere", cpu="2")]
+    out = forged(spec, nodes, pods)
+    assert out["kosmos-c1-gpu"].members == ("g1",) and out["kosmos-c1-all"].members == ("c1", "c2")
+    assert {"key": "gpu", "effect": "NoSchedule"} in out["kosmos-c1-gpu"].taints
+    assert out["kosmos-c1-gpu"].resources["cpu"] == "1"  # 4 - 1 - 2: both Pending pods may land there
+    assert out["kosmos-c1-all"].resources["cpu"] == "6"  # 8 - 2: only "anywhere" may land there
+    assert out["kosmos-c1-gpu"].model == "gpu"
+
+
+def test_the_scheduler_reads_the_owner_annotation_we_write() -> None:
+    from scheduler.plugins.kosmos_volumebinding import OWNED_BY_CLUSTER
+    from tree.vnode import OWNER_ANNOTATION
+
+    assert OWNER_ANNOTATION == OWNED_BY_CLUSTER

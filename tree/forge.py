@@ -1,0 +1,257 @@
+"""The virtual nodes a leaf cluster should have, from its nodes and pods: pure functions, no API.
+
+In order (:func:`virtual_nodes`):
+
+1. Membership: every leaf node (not being deleted) joins the virtual node of its mode: the one
+   ``kosmos-<cluster>`` (cluster mode), its namesake (node mode, for the leaf nodes the models
+   select, every one when there are none) or ``kosmos-<cluster>-<leafNodeName>`` of the first
+   party whose selector matches it (party mode). Cluster and party virtual nodes exist even with
+   no member (Ready=False, no capacity), so a leaf briefly without nodes does not make them flap.
+2. Capacity = allocatable = the sum of ``status.allocatable`` over the *usable* members (Ready,
+   schedulable, not being deleted) minus what the leaf's pods that are not ours use there:
+   their effective requests (the scheduler's :func:`scheduler.podutil.pod_requests`:
+   max(init containers, containers + sidecars) + overhead) and one ``pods`` slot each. Pods
+   bound to a usable member count against that leaf node, floored at zero per leaf node (one
+   overcommitted node does not eat its neighbours' room); Pending pods with no node yet
+   (Kosmos ignores them and overcommits) count against every virtual node having a usable member
+   the pod's nodeSelector and required node affinity accept: the leaf's scheduler may put them
+   on any of those. Terminal pods (Succeeded, Failed) count for nothing. "Ours" are the pods this
+   root put there (label :data:`ROOT_LABEL` = this root's id): the root scheduler counts them
+   already. Nothing goes below zero.
+3. Labels: ``kosmos.io/node=true``, ``kosmos.io/cluster``, ``kubernetes.io/hostname``, the
+   model's labels, and the :data:`AGREED_LABELS` (region, zone, os, arch) when every member has
+   the same value; in node mode the leaf node's own labels too (``node-role.kubernetes.io/*``
+   and ``kosmos.io/*`` excepted). Taints: ``kosmos.io/node=true:NoSchedule``, the model's, and in
+   node mode the leaf node's (lifecycle taints ``node.kubernetes.io/*`` excepted: the root's own
+   controllers set those).
+4. The Ready condition: False ``LeafUnreachable`` when the leaf's API has not answered past the
+   threshold (the caller decides, passes ``unreachable``), else False ``LeafNodesNotReady`` with
+   no usable member, else True ``LeafReady``. Messages carry no clock, so an unchanged state is
+   an unchanged object (no write).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from scheduler.framework import Resource
+from scheduler.podutil import QuantityError, pod_requests, resource_list
+from scheduler.policy import LEAF_NODE_LABEL, LEAF_TAINT
+from scheduler.selectors import RequiredNodeAffinity
+from tree.spec import LeafModel, Mode, TreeSpec
+
+_log = logging.getLogger(__name__)
+
+Obj = dict[str, Any]
+
+CLUSTER_LABEL = "kosmos.io/cluster"
+HOSTNAME_LABEL = "kubernetes.io/hostname"
+#: Objects this root puts into a leaf carry this label with the root's id (see ``--root-id``).
+ROOT_LABEL = "kosmos.io/root-cluster"
+#: Labels copied from the members when they all agree.
+AGREED_LABELS = ("topology.kubernetes.io/region", "topology.kubernetes.io/zone", "kubernetes.io/os",
+                 "kubernetes.io/arch")
+#: Leaf node labels and taints never copied in node mode (the root's own, or ours).
+_SKIPPED_LABEL_PREFIXES = ("node-role.kubernetes.io/", "kosmos.io/")
+_SKIPPED_TAINT_PREFIX = "node.kubernetes.io/"
+
+READY, NOT_READY = "True", "False"
+REASON_READY = "LeafReady"
+REASON_UNREACHABLE = "LeafUnreachable"
+REASON_NO_NODES = "LeafNodesNotReady"
+
+
+@dataclass
+class VirtualNode:
+    """One virtual node as it should be; :mod:`tree.vnode` turns it into API writes."""
+
+    name: str
+    mode: Mode
+    model: str  # the party's leafNodeName, or ""
+    labels: dict[str, str]
+    taints: list[Obj]
+    resources: dict[str, str]  # capacity = allocatable
+    ready: str  # "True"/"False"
+    reason: str
+    message: str
+    members: tuple[str, ...] = ()
+    node_info: dict[str, str] = field(default_factory=dict)
+
+
+def is_usable(node: Obj) -> bool:
+    """Ready, schedulable and not being deleted: a leaf node whose room counts."""
+    if (node.get("metadata") or {}).get("deletionTimestamp") or (node.get("spec") or {}).get("unschedulable"):
+        return False
+    return is_ready(node)
+
+
+def is_ready(node: Obj) -> bool:
+    conds = (node.get("status") or {}).get("conditions") or ()
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conds)
+
+
+def format_resources(r: Resource, names: Iterable[str]) -> dict[str, str]:
+    """A ResourceList (strings, as the API writes them) for ``names``, never below zero."""
+    out: dict[str, str] = {}
+    for n in sorted(set(names) | {"cpu", "memory", "pods"}):
+        if n == "cpu":
+            m = max(0, r.milli_cpu)
+            out[n] = str(m // 1000) if m % 1000 == 0 else f"{m}m"
+        elif n == "memory":
+            out[n] = str(max(0, r.memory))
+        elif n == "ephemeral-storage":
+            out[n] = str(max(0, r.ephemeral_storage))
+        elif n == "pods":
+            out[n] = str(max(0, r.allowed_pod_number))
+        else:
+            out[n] = str(max(0, r.scalar.get(n, 0)))
+    return out
+
+
+def _membership(spec: TreeSpec, nodes: Iterable[Obj]) -> dict[str, tuple[LeafModel | None, list[Obj]]]:
+    """Virtual node name -> (its model, its member leaf nodes)."""
+    out: dict[str, tuple[LeafModel | None, list[Obj]]] = {}
+    if spec.mode is Mode.CLUSTER:
+        out[spec.cluster_node_name] = (spec.model_for({}), [])
+    elif spec.mode is Mode.PARTY:
+        for m in spec.models:
+            out[spec.party_node_name(m)] = (m, [])
+    for n in sorted(nodes, key=lambda n: str(n["metadata"]["name"])):
+        if n["metadata"].get("deletionTimestamp"):
+            continue
+        if spec.mode is Mode.CLUSTER:
+            out[spec.cluster_node_name][1].append(n)
+        elif spec.mode is Mode.PARTY:
+            party = spec.model_for(n)
+            if party is not None:
+                out[spec.party_node_name(party)][1].append(n)
+        else:
+            model = spec.model_for(n) if spec.models else None
+            if model is not None or not spec.models:
+                out[str(n["metadata"]["name"])] = (model, [n])
+    return out
+
+
+def _agreed(members: list[Obj], key: str) -> str | None:
+    values = {((n["metadata"].get("labels") or {}).get(key)) for n in members}
+    if len(values) != 1:
+        return None
+    return values.pop()
+
+
+def virtual_nodes(spec: TreeSpec, nodes: Iterable[Obj], pods: Iterable[Obj], *, root_id: str,
+                  unreachable: str | None = None, kubelet_version: str = "") -> dict[str, VirtualNode]:
+    """The virtual nodes ``spec``'s Cluster should have, by name (see the module's steps)."""
+    groups = _membership(spec, nodes)
+    node_free: dict[str, Resource] = {}  # usable leaf node -> what its pods leave
+    names: dict[str, set[str]] = {}
+    usable_of: dict[str, list[Obj]] = {}
+    for vname, (_model, members) in groups.items():
+        keys: set[str] = set()
+        usable: list[Obj] = []
+        for n in members:
+            if not is_usable(n):
+                continue
+            alloc = (n.get("status") or {}).get("allocatable") or {}
+            try:
+                node_free[str(n["metadata"]["name"])] = resource_list(
+                    alloc, f"leaf node {n['metadata']['name']} status.allocatable")
+            except QuantityError as e:
+                _log.warning("Cluster %s: %s; the node counts for nothing", spec.cluster, e)
+                continue
+            keys |= set(alloc)
+            usable.append(n)
+        names[vname], usable_of[vname] = keys, usable
+    pending: list[tuple[Obj, Resource]] = []
+    for p in pods:
+        if not _counts(p, root_id):
+            continue
+        try:
+            req = pod_requests(p)
+        except QuantityError as e:
+            _log.warning("Cluster %s: %s; the pod counts as one pod slot only", spec.cluster, e)
+            req = Resource()
+        req.allowed_pod_number = 1
+        node_name = (p.get("spec") or {}).get("nodeName")
+        if not node_name:
+            pending.append((p, req))
+        elif str(node_name) in node_free:
+            node_free[str(node_name)].sub(req)
+    free: dict[str, Resource] = {}
+    for vname, usable in usable_of.items():
+        total = Resource()
+        for n in usable:
+            total.add(_floor(node_free[str(n["metadata"]["name"])]))  # one node's excess is not another's loss
+        for p, req in pending:
+            affinity = RequiredNodeAffinity(p)
+            if usable and (affinity.trivial or any(affinity.match(n) for n in usable)):
+                total.sub(req)
+        free[vname] = total
+    out: dict[str, VirtualNode] = {}
+    for vname, (model, members) in groups.items():
+        out[vname] = _forge(spec, vname, model, members, usable_of[vname], format_resources(free[vname], names[vname]),
+                            unreachable, kubelet_version)
+    return out
+
+
+def _floor(r: Resource) -> Resource:
+    return Resource(max(0, r.milli_cpu), max(0, r.memory), max(0, r.ephemeral_storage), max(0, r.allowed_pod_number),
+                    {k: max(0, v) for k, v in r.scalar.items()})
+
+
+def _counts(pod: Obj, root_id: str) -> bool:
+    """A leaf pod that takes room we must not offer: not ours, not terminal."""
+    if ((pod.get("metadata") or {}).get("labels") or {}).get(ROOT_LABEL) == root_id:
+        return False
+    return (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
+
+
+def _forge(spec: TreeSpec, name: str, model: LeafModel | None, members: list[Obj], usable: list[Obj],
+           resources: dict[str, str], unreachable: str | None, kubelet_version: str) -> VirtualNode:
+    labels: dict[str, str] = {}
+    taints: list[Obj] = [dict(LEAF_TAINT)]
+    if spec.mode is Mode.NODE and members:
+        leaf = members[0]
+        labels.update({k: v for k, v in ((leaf["metadata"].get("labels") or {}).items())
+                       if not k.startswith(_SKIPPED_LABEL_PREFIXES)})
+        taints += [dict(t) for t in (leaf.get("spec") or {}).get("taints") or ()
+                   if not str(t.get("key", "")).startswith(_SKIPPED_TAINT_PREFIX) and t.get("key") != LEAF_TAINT["key"]]
+    for key in AGREED_LABELS:
+        agreed = _agreed(members, key) if members else None
+        if agreed is not None:
+            labels[key] = agreed
+        else:
+            labels.pop(key, None)
+    if model is not None:
+        labels.update(model.labels)
+        taints += [dict(t) for t in model.taints if all(_taint_id(t) != _taint_id(o) for o in taints)]
+    labels[LEAF_NODE_LABEL] = "true"
+    labels[CLUSTER_LABEL] = spec.cluster
+    if len(name) <= 63:
+        labels[HOSTNAME_LABEL] = name
+    else:
+        labels.pop(HOSTNAME_LABEL, None)
+    what = {Mode.CLUSTER: f"leaf cluster {spec.cluster}", Mode.NODE: f"leaf node {name} of {spec.cluster}",
+            Mode.PARTY: f"party {model.name if model else '?'} of leaf cluster {spec.cluster}"}[spec.mode]
+    if unreachable is not None:
+        ready, reason, message = NOT_READY, REASON_UNREACHABLE, unreachable
+    elif not usable:
+        ready, reason = NOT_READY, REASON_NO_NODES
+        message = f"{what}: none of its {len(members)} leaf node(s) is Ready and schedulable"
+    else:
+        ready, reason = READY, REASON_READY
+        message = f"{what}: {len(usable)} of {len(members)} leaf node(s) Ready and schedulable"
+    info = {"kubeletVersion": kubelet_version} if kubelet_version else {}
+    for key, field_name in (("kubernetes.io/os", "operatingSystem"), ("kubernetes.io/arch", "architecture")):
+        if key in labels:
+            info[field_name] = labels[key]
+    return VirtualNode(name=name, mode=spec.mode, model=model.name if (model and spec.mode is Mode.PARTY) else "",
+                       labels=labels, taints=taints, resources=resources, ready=ready, reason=reason, message=message,
+                       members=tuple(str(n["metadata"]["name"]) for n in members), node_info=info)
+
+
+def _taint_id(t: Mapping[str, Any]) -> tuple[str, str]:
+    return (str(t.get("key", "")), str(t.get("effect", "")))

@@ -1,0 +1,158 @@
+"""``kosmos-tree``: the command line of the tree manager (console script).
+
+In order: parse flags (``kosmos-scheduler``'s names for the shared ones), connect to the root
+cluster's API server, resolve this root's id (``--root-id``, default the UID of the root's
+``kube-system`` namespace: stable across restarts, distinct per cluster), serve ``/metrics``,
+``/healthz`` and ``/readyz``, start (informers, then leader election or the passes), and run until
+SIGTERM/SIGINT (clean stop, the Lease released) or until the Lease is lost (exit 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+
+from fabric import health, logs
+from scheduler.kube import Api, connect, resource_path
+from tree.leaf import Options
+from tree.manager import TreeManager
+
+_log = logging.getLogger("tree")
+
+EPILOG = """\
+examples:
+  # keep the virtual nodes of every Cluster with spec.clusterTreeOptions.enable: true
+  kosmos-tree --kubeconfig /run/lab/host/kubeconfig
+
+  # one replica, no leader election, a short unreachability threshold
+  kosmos-tree --master http://127.0.0.1:6443 --leader-elect=false --leaf-unreachable-after 20
+
+a leaf Cluster:
+  spec:
+    clusterTreeOptions:
+      enable: true
+      kubeconfigSecretRef: {namespace: kosmos-system, name: leaf1-kubeconfig}   # key "kubeconfig"
+      leafNodeMode: party          # cluster (default) | node | party
+      leafModels:
+      - leafNodeName: gpu          # virtual node kosmos-leaf1-gpu
+        nodeSelector: {labelSelector: {matchLabels: {pool: gpu}}}
+
+endpoints: /metrics (fabric_tree_*), /healthz, /readyz on --listen.
+"""
+
+
+def _bool(text: str) -> bool:
+    t = text.strip().lower()
+    if t in ("true", "1", "yes"):
+        return True
+    if t in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean (true/false)")
+
+
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0 seconds")
+    return v
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kosmos-tree", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="ClusterTree's manager: leaf clusters as virtual nodes of the root (host) cluster.")
+    p.add_argument("--kubeconfig", help="root kubeconfig (default: in-cluster, then $KUBECONFIG/~/.kube/config)")
+    p.add_argument("--master", help="root API server URL (overrides the kubeconfig's server)")
+    p.add_argument("--context", help="kubeconfig context")
+    p.add_argument("--leader-elect", type=_bool, nargs="?", const=True, default=True,
+                   help="campaign for a Lease and act only while holding it (default true)")
+    p.add_argument("--leader-elect-resource-namespace", default="kube-system", help="the Lease's namespace")
+    p.add_argument("--leader-elect-resource-name", default="kosmos-tree", help="the Lease's name")
+    p.add_argument("--leader-elect-lease-duration", type=_seconds, default=15.0, help="seconds (default 15)")
+    p.add_argument("--leader-elect-renew-deadline", type=_seconds, default=10.0, help="seconds (default 10)")
+    p.add_argument("--leader-elect-retry-period", type=_seconds, default=2.0, help="seconds (default 2)")
+    p.add_argument("--identity", help="this replica's holder identity (default host name + uuid)")
+    p.add_argument("--root-id", help="this root cluster's id, carried by what it puts into leaves "
+                                     "(default: the UID of the root's kube-system namespace)")
+    p.add_argument("--leaf-unreachable-after", type=_seconds, default=40.0,
+                   help="seconds without an answer from a leaf before its virtual nodes turn NotReady (default 40)")
+    p.add_argument("--leaf-timeout", type=_seconds, default=10.0, help="seconds a leaf request may take (default 10)")
+    p.add_argument("--node-lease-period", type=_seconds, default=10.0,
+                   help="seconds between leaf probes and virtual node Lease renewals (default 10)")
+    p.add_argument("--node-status-period", type=_seconds, default=60.0,
+                   help="seconds after which an unchanged virtual node status is written again (default 60)")
+    p.add_argument("--resync-period", type=_seconds, default=30.0,
+                   help="seconds between full passes and re-reads of the kubeconfig Secrets (default 30)")
+    p.add_argument("--listen", default="127.0.0.1:10269", help="HOST:PORT for /metrics, /healthz and /readyz")
+    p.add_argument("--log-level", default="info", help="debug, info, warning or error")
+    return p
+
+
+def root_id(api: Api) -> str:
+    """The UID of the root's kube-system namespace."""
+    uid = (api.get(resource_path("v1", "namespaces", name="kube-system")).get("metadata") or {}).get("uid")
+    if not uid:
+        raise ValueError("the root's kube-system namespace has no metadata.uid; pass --root-id")
+    return str(uid)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        logs.setup(args.log_level)
+    except ValueError as e:
+        print(f"kosmos-tree: --log-level: {e}", file=sys.stderr)
+        return 2
+    if not args.leader_elect_lease_duration > args.leader_elect_renew_deadline > args.leader_elect_retry_period:
+        print(f"kosmos-tree: leader election needs lease-duration > renew-deadline > retry-period (got "
+              f"{args.leader_elect_lease_duration}, {args.leader_elect_renew_deadline}, "
+              f"{args.leader_elect_retry_period})", file=sys.stderr)
+        return 2
+    try:
+        api = connect(args.master, args.kubeconfig, args.context)
+        api.user_agent = "kosmos-tree"
+        rid = args.root_id or root_id(api)
+    except Exception as e:  # a bad kubeconfig or an unreachable root: say so, no traceback
+        print(f"kosmos-tree: connecting to the root cluster: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    options = Options(root_id=rid, leaf_timeout=args.leaf_timeout, unreachable_after=args.leaf_unreachable_after,
+                      lease_period=args.node_lease_period, status_period=args.node_status_period,
+                      resync_period=args.resync_period)
+    mgr = TreeManager(api, options, leader_elect=args.leader_elect, identity=args.identity,
+                      lease_namespace=args.leader_elect_resource_namespace, lease_name=args.leader_elect_resource_name,
+                      lease_duration=args.leader_elect_lease_duration,
+                      renew_deadline=args.leader_elect_renew_deadline, retry_period=args.leader_elect_retry_period)
+    try:
+        server = health.serve(args.listen, mgr.healthy, mgr.ready, registry=mgr.metrics.registry)
+    except (OSError, ValueError) as e:
+        print(f"kosmos-tree: --listen {args.listen}: {e}", file=sys.stderr)
+        return 1
+    host, port = server.server_address[:2]
+    _log.info("/metrics and /healthz on http://%s:%s", host, port)
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    _log.info("kosmos-tree %s: root id %s, leader election %s", mgr.identity, rid,
+              f"on lease {args.leader_elect_resource_namespace}/{args.leader_elect_resource_name}"
+              if args.leader_elect else "off")
+    mgr.start(sync_timeout=None)
+    while not done.wait(0.5):
+        if mgr.lost.is_set():
+            _log.error("leaderelection lost")
+            mgr.stop(release=False)
+            server.shutdown()
+            return 1
+    mgr.stop()
+    server.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""The tree manager's Prometheus metrics (``fabric_tree_<what>_<unit>``), one registry per manager
+(tests run several managers in one process); ``main`` serves it on ``/metrics``."""
+
+from __future__ import annotations
+
+import contextlib
+
+import prometheus_client
+from prometheus_client.registry import CollectorRegistry
+
+
+class TreeMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.virtual_nodes = prometheus_client.Gauge(
+            "fabric_tree_virtual_nodes", "Virtual nodes kept for each leaf cluster.", ["cluster"], registry=r)
+        self.leaf_reachable = prometheus_client.Gauge(
+            "fabric_tree_leaf_reachable", "1 while the leaf's API server answers the probe, else 0.", ["cluster"],
+            registry=r)
+        self.leaf_probe_failures = prometheus_client.Counter(
+            "fabric_tree_leaf_probe_failures", "Probes of a leaf's API server that failed or timed out.",
+            ["cluster"], registry=r)
+        self.reconcile_errors = prometheus_client.Counter(
+            "fabric_tree_reconcile_errors", "Reconcile passes of a leaf that ended in an error (retried).",
+            ["cluster"], registry=r)
+        self.root_writes = prometheus_client.Counter(
+            "fabric_tree_root_writes", "Writes to the root cluster by kind (create, node, status, lease, delete).",
+            ["cluster", "kind"], registry=r)
+        self.conflicts = prometheus_client.Gauge(
+            "fabric_tree_node_conflicts", "Virtual node names taken by a Node that is not this Cluster's.",
+            ["cluster"], registry=r)
+        self.spec_errors = prometheus_client.Gauge(
+            "fabric_tree_cluster_spec_errors", "1 while a Cluster's clusterTreeOptions cannot be used.",
+            ["cluster"], registry=r)
+        self.leader = prometheus_client.Gauge(
+            "fabric_tree_leader", "1 while this replica holds the lease (or runs without election).", registry=r)
+
+    def forget(self, cluster: str) -> None:
+        """Drop a cluster's series (its Cluster is gone or its tree disabled)."""
+        for g in (self.virtual_nodes, self.leaf_reachable, self.conflicts, self.spec_errors):
+            with contextlib.suppress(KeyError):
+                g.remove(cluster)
