@@ -1,9 +1,9 @@
-"""``python -m kubeemu.runtime.shim SPEC``: the per-container shim (what containerd-shim/conmon are).
+"""The per-container shim (what containerd-shim/conmon are): one process per container attempt.
 
-The kubelet execs it as ``nsenter --net=/run/netns/POD -- unshare --mount --uts --propagation slave
--- python -m kubeemu.runtime.shim <attempt dir>/spec.json``, so the shim starts inside the pod's
-network namespace and a new mount and UTS namespace of its own (nothing forks in the kubelet).
-In that order it:
+The kubelet's spawner (:mod:`kubeemu.runtime.spawner`, which has this module imported) forks it
+already inside the pod's network namespace and a new mount and UTS namespace of its own, and
+calls :func:`main` with ``<attempt dir>/spec.json`` (nothing forks in the kubelet, and no
+interpreter starts per container). In that order it:
 
 1. sets the hostname (the pod's name) in its UTS namespace;
 2. builds the container's root: an overlay whose lower layer is the host root and whose upper
@@ -14,7 +14,7 @@ In that order it:
    symlinks resolved inside the container root, never on the host),
    read-only ones remounted read-only, and the pod's ``hostname``/``hosts`` files over
    ``/etc/hostname`` and ``/etc/hosts``;
-4. opens the CRI log file, pivots into the root (``pivot_root``, the old root detached: the
+4. opens the CRI log file, pivots into the root (``pivot_root(2)``, the old root detached: the
    namespace keeps no copy of the host's mounts, such as another pod's ``/run/netns`` entry that
    would keep its network namespace alive), starts the container process (stdin
    ``/dev/null``, stdout/stderr pipes) and records its PID + start time in ``container.json``;
@@ -24,23 +24,24 @@ In that order it:
 
 SIGTERM/SIGINT to the shim are forwarded to the container process. When the container's main
 process exits, whatever is left in its process group is killed (there is no PID namespace; a
-container's other processes end with its PID 1 upstream). The shim is not the
-kubelet's child once the kubelet restarts: it keeps the pipes and the log, so a container
-outlives its kubelet, and the new kubelet finds it from ``shim.json``/``container.json``.
+container's other processes end with its PID 1 upstream). The shim is never the kubelet's or the
+spawner's child (init reaps it): it keeps the pipes and the log, so a container outlives its
+kubelet, and a restarted kubelet finds it from ``shim.json``/``container.json``.
+
+Only the standard library, and cheap at import: the spawner imports it once per kubelet.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import datetime
 import json
 import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
+import time
 from pathlib import Path
 from typing import IO, Any
 
@@ -50,12 +51,9 @@ MAX_LINE = 16 * 1024
 
 def rfc3339nano(t: float | None = None) -> str:
     """``2024-01-02T03:04:05.123456789Z`` as containerd writes log timestamps (UTC)."""
-    import time
-
     ns = time.time_ns() if t is None else int(t * 1e9)
     secs, frac = divmod(ns, 10**9)
-    base = datetime.datetime.fromtimestamp(secs, tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S")
-    return f"{base}.{frac:09d}Z"
+    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(secs))}.{frac:09d}Z"
 
 
 def start_time(pid: int) -> int | None:
@@ -68,7 +66,8 @@ def start_time(pid: int) -> int | None:
     return int(raw[raw.rindex(")") + 2:].split()[19])
 
 
-def _write_json(dirfd: int, name: str, obj: dict[str, Any]) -> None:
+def write_json(dirfd: int, name: str, obj: dict[str, Any]) -> None:
+    """Write ``name`` in directory ``dirfd`` atomically (a temp file renamed), readable by root only."""
     tmp = f".{name}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600, dir_fd=dirfd)
     with os.fdopen(fd, "w") as f:
@@ -77,6 +76,8 @@ def _write_json(dirfd: int, name: str, obj: dict[str, Any]) -> None:
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
+#: pivot_root(2) has no libc wrapper: its system call number, per architecture.
+SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "i686": 217, "armv7l": 218}
 MS_RDONLY, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 32, 4096, 16384, 1 << 18
 MNT_DETACH = 2
 
@@ -99,9 +100,13 @@ def pivot_root(new_root: Path) -> None:
     afterwards the namespace holds only the container's mounts, no copy of the host's (a copy of
     a ``/run/netns`` entry would keep another pod's network namespace alive)."""
     os.chdir(new_root)
-    res = subprocess.run(["pivot_root", ".", "."], capture_output=True, text=True, check=False)
-    if res.returncode != 0:
-        raise OSError(f"pivot_root {new_root}: {res.stderr.strip() or res.returncode}")
+    machine = os.uname().machine
+    nr = SYS_PIVOT_ROOT.get(machine)
+    if nr is None:
+        raise OSError(f"pivot_root {new_root}: no system call number known for {machine}")
+    if _libc.syscall(ctypes.c_long(nr), b".", b".") != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"pivot_root {new_root}: {os.strerror(err)}")
     if not detach("."):
         err = ctypes.get_errno()
         raise OSError(err, f"detaching the old root: {os.strerror(err)}")
@@ -220,9 +225,10 @@ class _Log:
                 self.f.flush()
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    spec_path = Path(args[0])
+def main(argv: list[str]) -> int:
+    """Run the attempt whose spec is ``argv[0]`` (steps 1-6), in the shim process the spawner forked;
+    returns the shim's exit code (0 once the container's exit is recorded)."""
+    spec_path = Path(argv[0])
     spec = json.loads(spec_path.read_text())
     dirfd = os.open(spec_path.parent, os.O_RDONLY | os.O_DIRECTORY)
     log = _Log(open(spec["log"], "ab"))  # noqa: SIM115 - kept open for the container's lifetime
@@ -244,10 +250,10 @@ def main(argv: list[str] | None = None) -> int:
                     f"runc create failed: unable to start container process: {e}: unknown")
         log.f.write(f"{rfc3339nano()} stderr F kubeemu shim: {e}\n".encode())
         log.f.close()
-        _write_json(dirfd, "exit.json", {"exitCode": 128, "reason": "StartError", "startedAt": started,
+        write_json(dirfd, "exit.json", {"exitCode": 128, "reason": "StartError", "startedAt": started,
                                          "finishedAt": rfc3339nano(), "message": str(e)})
         return 1
-    _write_json(dirfd, "container.json", {"pid": proc.pid, "start": start_time(proc.pid), "startedAt": started})
+    write_json(dirfd, "container.json", {"pid": proc.pid, "start": start_time(proc.pid), "startedAt": started})
 
     def forward(signum: int, _frame: object) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -274,12 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     for t in threads:
         t.join(2.0)
     code = 128 - rc if rc < 0 else rc
-    _write_json(dirfd, "exit.json", {"exitCode": code, "reason": "Completed" if code == 0 else "Error",
+    write_json(dirfd, "exit.json", {"exitCode": code, "reason": "Completed" if code == 0 else "Error",
                                      "startedAt": started, "finishedAt": rfc3339nano(),
                                      **({"signal": -rc} if rc < 0 else {})})
     log.f.close()
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
