@@ -59,6 +59,7 @@ class Spawner:
         self.record = self.sock.with_name("spawner.json")
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
+        self._closed = False  # after close(): a late spawn (a thread of a detached pod worker) starts nothing
 
     def argv(self) -> list[str]:
         # -S: no site packages (the spawner needs only the standard library and kubeemu, on
@@ -68,6 +69,8 @@ class Spawner:
 
     def _ensure(self) -> subprocess.Popen[bytes]:
         """The running spawner (under the lock): started when there is none or it died."""
+        if self._closed:
+            raise SpawnError(f"the shim spawner {self.sock} is closed (the kubelet is stopping)")
         proc = self._proc
         if proc is not None and proc.poll() is None:
             return proc
@@ -129,9 +132,11 @@ class Spawner:
         return int(ans["pid"]), ans.get("start")
 
     def close(self, timeout_s: float = 5.0) -> None:
-        """End the spawner (its stdin closed: it exits) and reap it; the shims it started live on."""
+        """End the spawner (its stdin closed: it exits) and reap it; the shims it started live on.
+        Later spawns fail: a pod worker's thread still running after the kubelet detached must
+        not start a spawner nobody closes."""
         with self._lock:
-            proc, self._proc = self._proc, None
+            proc, self._proc, self._closed = self._proc, None, True
         if proc is None:
             return
         assert proc.stdin is not None
@@ -142,8 +147,9 @@ class Spawner:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        with contextlib.suppress(OSError):
-            self.record.unlink()
+        for f in (self.record, self.sock):
+            with contextlib.suppress(OSError):
+                f.unlink()
 
 
 def recorded(root: pathlib.Path) -> tuple[int, int | None] | None:

@@ -170,9 +170,7 @@ def serve(sock_path: str) -> int:
     while True:
         ready, _, _ = select.select([listener.fileno(), 0], [], [])
         if 0 in ready and not os.read(0, 4096):
-            with contextlib.suppress(OSError):
-                os.unlink(sock_path)
-            return 0
+            return 0  # the socket file stays: a new spawner may already have bound the path
         if listener.fileno() in ready:
             conn, _ = listener.accept()
             with conn:

@@ -123,6 +123,7 @@ def test_a_spawn_failure_names_its_cause_and_the_spawner_serves_on(
         with pytest.raises(SpawnError, match="opening the pod's network namespace /run/netns/no-such-kubeemu-ns"):
             sp.spawn(_spec(bad, ["true"]), "/run/netns/no-such-kubeemu-ns", bad / "shim.log")
         zygote = sp._proc.pid if sp._proc else 0
+        zstart = procs.start_time(zygote)
         good = tmp_path / "good" / "0"
         started.append(sp.spawn(_spec(good, ["true"]), netns, good / "shim.log"))
         ex = wait_until(lambda: _record(good / "exit.json"), 10, "exit.json of the good spawn")
@@ -131,6 +132,10 @@ def test_a_spawn_failure_names_its_cause_and_the_spawner_serves_on(
         wait_until(lambda: not _zombie_children(zygote), 5, "no zombie child of the spawner")
     finally:
         sp.close()
+    assert not procs.same(zygote, zstart)
+    with pytest.raises(SpawnError, match="is closed"):  # and none is started again
+        sp.spawn(_spec(tmp_path / "late" / "0", ["true"]), netns, tmp_path / "late" / "0" / "shim.log")
+    assert sp._proc is None
 
 
 def test_the_spawner_ends_with_its_kubelet_and_its_shims_live_on(
