@@ -24,7 +24,7 @@ b. forks the shim (new session, cwd ``/``, stdin ``/dev/null``, stdout/stderr th
 c. sends the shim's PID + start time (read while the shim is still its child, so it cannot have
    been reaped and its PID reused) and exits; the spawner reaps it and replies.
 
-The middle child exits at once, so every shim is an orphan from its first instant and init
+The middle child exits at once, so every shim is an orphan as soon as it starts and init
 (PID 1) reaps it, as ``containerd-shim`` daemonizes itself: never the kubelet's or this
 process's child, it outlives both, and neither leaves a zombie behind.
 """
