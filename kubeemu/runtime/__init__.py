@@ -7,8 +7,11 @@ Modules, in the order a container comes to life:
 * :mod:`~kubeemu.runtime.env`: a container's environment (``env``, ``envFrom``, downward API) and
   ``$(VAR)`` expansion of ``command``/``args``;
 * :mod:`~kubeemu.runtime.volumes`: volume contents under the pod's state directory;
+* :mod:`~kubeemu.runtime.spawner` and :mod:`~kubeemu.runtime.zygote`: the kubelet's shim spawner,
+  one process per kubelet (the zygote, with the shim's code loaded) that forks each shim in the
+  pod's namespaces, and the kubelet's handle on it (no interpreter per container; init reaps shims);
 * :mod:`~kubeemu.runtime.shim`: the per-container shim process (mounts, hostname, pipes -> CRI log,
-  exit code file), exec'd through ``nsenter``/``unshare`` so containers outlive the kubelet;
+  exit code file), never the kubelet's child, so containers outlive the kubelet;
 * :mod:`~kubeemu.runtime.backoff` and :mod:`~kubeemu.runtime.probes`: restart back-off, probes;
 * :mod:`~kubeemu.runtime.pods`: the per-pod sync (start, restart, probe, status, kill, adopt);
 * :mod:`~kubeemu.runtime.access`: the ``ContainerAccess`` protocol the kubelet HTTP API uses.

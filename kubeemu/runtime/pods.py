@@ -9,7 +9,8 @@ sync, every ``poll`` seconds, in this order:
 2. reads what its shims recorded (``container.json``: running; ``exit.json``: terminated; a shim
    gone without an exit record: terminated with exit code 137);
 3. init containers one at a time, in order, each to a successful exit; then the app containers;
-   each container that is not running is started, restarted as ``restartPolicy`` says (with
+   each container that is not running is started (its shim forked by the kubelet's spawner,
+   :mod:`~kubeemu.runtime.spawner`), restarted as ``restartPolicy`` says (with
    :mod:`~kubeemu.runtime.backoff`: ``waiting: CrashLoopBackOff`` in between), or left terminated;
 4. probes that are due run in threads (:mod:`~kubeemu.runtime.probes`); a startup or liveness
    failure kills the container (then the restart policy applies), readiness sets ``ready``;
@@ -42,7 +43,6 @@ import os
 import pathlib
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubeemu.runtime import env as envmod
-from kubeemu.runtime import procs, volumes
+from kubeemu.runtime import procs, spawner, volumes
 from kubeemu.runtime.access import ContainerAccess
 from kubeemu.runtime.backoff import Backoff
 from kubeemu.runtime.probes import ProbeWorker, run_probe
@@ -137,7 +137,6 @@ class Attempt:
     start: int | None = None
     started_at: str = ""
     exit: dict[str, Any] | None = None
-    popen: subprocess.Popen[bytes] | None = None
     started_mono: float = 0.0
     probes: dict[str, ProbeWorker] = field(default_factory=dict)
     killing: bool = False
@@ -180,6 +179,7 @@ class Runtime:
         self.python = python
         self.workers: dict[str, PodWorker] = {}  # by uid
         self.backoff = Backoff()
+        self.spawner = spawner.Spawner(self.root / "spawner.sock", python)  # started on the first spawn
 
     # ---------------------------------------------------------------- pods
 
@@ -231,6 +231,7 @@ class Runtime:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await w.task
         self.workers.clear()
+        await asyncio.get_running_loop().run_in_executor(None, self.spawner.close)
 
     async def reap_orphans(self, live: set[str]) -> None:
         """Kill and remove pods under the root that the API server no longer has (deleted while
@@ -338,8 +339,10 @@ def _implements_access(rt: Runtime) -> ContainerAccess:
 
 def recorded_processes(root: pathlib.Path) -> list[tuple[int, int | None]]:
     """``(pid, start time)`` of every shim and container process recorded under a kubelet root,
-    whether or not they still run (the caller signals only those whose start time matches)."""
-    out: list[tuple[int, int | None]] = []
+    and of its shim spawner, whether or not they still run (the caller signals only those whose
+    start time matches)."""
+    spawned_by = spawner.recorded(pathlib.Path(root))
+    out: list[tuple[int, int | None]] = [spawned_by] if spawned_by else []
     for f in (pathlib.Path(root) / "pods").glob("*/containers/*/*/*.json"):
         if f.name in ("shim.json", "container.json"):
             rec = _read_json(f) or {}
@@ -506,13 +509,11 @@ class PodWorker:
         await self._report()
 
     def _poll_attempts(self) -> None:
-        """Step 2: what the shims recorded; reap shims we started (blocking, file reads)."""
+        """Step 2: what the shims recorded (blocking, file reads)."""
         for cs in self.containers.values():
             att = cs.current
             if att is None or att.exit is not None:
                 continue
-            if att.popen is not None:
-                att.popen.poll()
             if att.pid == 0:
                 cont = _read_json(att.dir / "container.json")
                 if cont:
@@ -634,7 +635,7 @@ class PodWorker:
         return out
 
     def _spawn(self, cs: ContainerState, att: Attempt, env: dict[str, str], argv: list[str]) -> None:
-        """Write the attempt's spec and exec its shim in the pod's namespaces (blocking)."""
+        """Write the attempt's spec and have the spawner fork its shim in the pod's namespaces (blocking)."""
         assert self.volumes is not None
         if att.dir.exists():
             shutil.rmtree(att.dir)  # a half-made attempt of an earlier kubelet
@@ -651,16 +652,8 @@ class PodWorker:
                                 "log": str(log_dir / f"{att.index}.log")}
         _write_json(att.dir / "spec.json", spec)
         self._save(cs)
-        # -S: no site packages (the shim needs only the standard library and kubeemu, on PYTHONPATH).
-        shim = [self.rt.python, "-S", "-m", "kubeemu.runtime.shim", str(att.dir / "spec.json")]
-        ns = ["unshare", "--mount", "--uts", "--propagation", "slave", "--"]
-        full = [*( ["nsenter", f"--net={self.info.netns_path}", "--"] if self.info.netns_path else []), *ns, *shim]
-        with open(att.dir / "shim.log", "ab") as errlog:
-            pkgroot = str(pathlib.Path(__file__).resolve().parents[2])
-            penv = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [pkgroot, os.environ.get("PYTHONPATH")]))}
-            att.popen = subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=errlog, stderr=errlog,
-                                         start_new_session=True, env=penv, cwd="/")
-        att.shim_pid, att.shim_start = att.popen.pid, procs.start_time(att.popen.pid)
+        att.shim_pid, att.shim_start = self.rt.spawner.spawn(att.dir / "spec.json", self.info.netns_path,
+                                                             att.dir / "shim.log")
         _write_json(att.dir / "shim.json", {"pid": att.shim_pid, "start": att.shim_start})
         _log.info("pod %s/%s: container %s attempt %d: shim %d runs %s", self.info.namespace, self.info.name,
                   cs.name, att.index, att.shim_pid, argv)
@@ -758,9 +751,6 @@ class PodWorker:
         if not procs.wait_gone(att.shim_pid, att.shim_start, 5.0):
             procs.signal_process(att.shim_pid, att.shim_start, signal.SIGKILL)
             procs.wait_gone(att.shim_pid, att.shim_start, 2.0)
-        if att.popen is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                att.popen.wait(1.0)
 
     def kill_all(self, grace: float) -> None:
         """Kill every container of the pod in parallel (blocking; used on pod deletion)."""

@@ -1,9 +1,9 @@
-"""``python -m kubeemu.runtime.shim SPEC``: the per-container shim (what containerd-shim/conmon are).
+"""The per-container shim (what containerd-shim/conmon are): one process per container attempt.
 
-The kubelet execs it as ``nsenter --net=/run/netns/POD -- unshare --mount --uts --propagation slave
--- python -m kubeemu.runtime.shim <attempt dir>/spec.json``, so the shim starts inside the pod's
-network namespace and a new mount and UTS namespace of its own (nothing forks in the kubelet).
-In that order it:
+The kubelet's spawner (:mod:`kubeemu.runtime.spawner`, which has this module imported) forks it
+already inside the pod's network namespace and a new mount and UTS namespace of its own, and
+calls :func:`main` with ``<attempt dir>/spec.json`` (nothing forks in the kubelet, and no
+interpreter starts per container). In that order it:
 
 1. sets the hostname (the pod's name) in its UTS namespace;
 2. builds the container's root: an overlay whose lower layer is the host root and whose upper
@@ -14,33 +14,35 @@ In that order it:
    symlinks resolved inside the container root, never on the host),
    read-only ones remounted read-only, and the pod's ``hostname``/``hosts`` files over
    ``/etc/hostname`` and ``/etc/hosts``;
-4. opens the CRI log file, pivots into the root (``pivot_root``, the old root detached: the
+4. opens the CRI log file, pivots into the root (``pivot_root(2)``, the old root detached: the
    namespace keeps no copy of the host's mounts, such as another pod's ``/run/netns`` entry that
    would keep its network namespace alive), starts the container process (stdin
    ``/dev/null``, stdout/stderr pipes) and records its PID + start time in ``container.json``;
 5. copies each pipe line by line into the log in the CRI format containerd writes
-   (``<RFC3339Nano> <stdout|stderr> <F|P> <content>``; ``P`` for a partial line split at 16 KiB);
+   (``<RFC3339Nano> <stdout|stderr> <F|P> <content>``; ``P`` for a partial line split at 16 KiB),
+   in one thread: a poll over both pipes and a pidfd of the container process (no threads, no
+   ``subprocess``: the container is started with ``posix_spawn``);
 6. on exit writes ``exit.json`` (exit code, 128+signal when killed, ``finishedAt``) and exits.
 
 SIGTERM/SIGINT to the shim are forwarded to the container process. When the container's main
 process exits, whatever is left in its process group is killed (there is no PID namespace; a
-container's other processes end with its PID 1 upstream). The shim is not the
-kubelet's child once the kubelet restarts: it keeps the pipes and the log, so a container
-outlives its kubelet, and the new kubelet finds it from ``shim.json``/``container.json``.
+container's other processes end with its PID 1 upstream). The shim is never the kubelet's or the
+spawner's child (init reaps it): it keeps the pipes and the log, so a container outlives its
+kubelet, and a restarted kubelet finds it from ``shim.json``/``container.json``.
+
+Only the standard library, and cheap at import: the spawner imports it once per kubelet.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import datetime
 import json
 import os
+import select
 import signal
 import socket
-import subprocess
-import sys
-import threading
+import time
 from pathlib import Path
 from typing import IO, Any
 
@@ -50,12 +52,9 @@ MAX_LINE = 16 * 1024
 
 def rfc3339nano(t: float | None = None) -> str:
     """``2024-01-02T03:04:05.123456789Z`` as containerd writes log timestamps (UTC)."""
-    import time
-
     ns = time.time_ns() if t is None else int(t * 1e9)
     secs, frac = divmod(ns, 10**9)
-    base = datetime.datetime.fromtimestamp(secs, tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S")
-    return f"{base}.{frac:09d}Z"
+    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(secs))}.{frac:09d}Z"
 
 
 def start_time(pid: int) -> int | None:
@@ -68,7 +67,8 @@ def start_time(pid: int) -> int | None:
     return int(raw[raw.rindex(")") + 2:].split()[19])
 
 
-def _write_json(dirfd: int, name: str, obj: dict[str, Any]) -> None:
+def write_json(dirfd: int, name: str, obj: dict[str, Any]) -> None:
+    """Write ``name`` in directory ``dirfd`` atomically (a temp file renamed), readable by root only."""
     tmp = f".{name}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600, dir_fd=dirfd)
     with os.fdopen(fd, "w") as f:
@@ -77,6 +77,8 @@ def _write_json(dirfd: int, name: str, obj: dict[str, Any]) -> None:
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
+#: pivot_root(2) has no libc wrapper: its system call number, per architecture.
+SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "i686": 217, "armv7l": 218}
 MS_RDONLY, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 32, 4096, 16384, 1 << 18
 MNT_DETACH = 2
 
@@ -99,9 +101,13 @@ def pivot_root(new_root: Path) -> None:
     afterwards the namespace holds only the container's mounts, no copy of the host's (a copy of
     a ``/run/netns`` entry would keep another pod's network namespace alive)."""
     os.chdir(new_root)
-    res = subprocess.run(["pivot_root", ".", "."], capture_output=True, text=True, check=False)
-    if res.returncode != 0:
-        raise OSError(f"pivot_root {new_root}: {res.stderr.strip() or res.returncode}")
+    machine = os.uname().machine
+    nr = SYS_PIVOT_ROOT.get(machine)
+    if nr is None:
+        raise OSError(f"pivot_root {new_root}: no system call number known for {machine}")
+    if _libc.syscall(ctypes.c_long(nr), b".", b".") != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"pivot_root {new_root}: {os.strerror(err)}")
     if not detach("."):
         err = ctypes.get_errno()
         raise OSError(err, f"detaching the old root: {os.strerror(err)}")
@@ -197,32 +203,116 @@ def build_root(spec: dict[str, Any]) -> Path:
 
 
 class _Log:
-    """The CRI log file of one attempt; both pipes write through one lock."""
+    """The CRI log file of one attempt: the bytes of both pipes as they arrive, cut into entries
+    (one per line, ``P`` pieces of ``MAX_LINE`` for longer ones)."""
 
     def __init__(self, f: IO[bytes]) -> None:
         self.f = f
-        self.lock = threading.Lock()
+        self.pending: dict[str, bytes] = {}  # per stream, the start of a line not yet ended
 
-    def copy(self, pipe: IO[bytes], stream: str) -> None:
-        tag = stream.encode()
-        while True:
-            line = pipe.readline(MAX_LINE)
-            if not line:
-                return
-            # Partial only when the line was cut at MAX_LINE; a last line without a newline at
-            # EOF is full, as containerd tags them.
-            partial = not line.endswith(b"\n") and len(line) >= MAX_LINE
-            content = line[:-1] if line.endswith(b"\n") else line
-            full = not partial
-            entry = rfc3339nano().encode() + b" " + tag + (b" F " if full else b" P ") + content + b"\n"
-            with self.lock:
-                self.f.write(entry)
-                self.f.flush()
+    def feed(self, stream: str, data: bytes, eof: bool = False) -> None:
+        """Write the entries ``data`` completes on ``stream``; at ``eof`` also the rest (a last line
+        without a newline is full, as containerd tags it)."""
+        buf = self.pending.pop(stream, b"") + data
+        entries = []
+        pos, end = 0, len(buf)
+        while pos < end:
+            nl = buf.find(b"\n", pos, pos + MAX_LINE)
+            if nl >= 0:
+                content, pos, tag = buf[pos:nl], nl + 1, b" F "
+            elif end - pos >= MAX_LINE:  # partial only when cut at MAX_LINE
+                content, pos, tag = buf[pos:pos + MAX_LINE], pos + MAX_LINE, b" P "
+            elif eof:
+                content, pos, tag = buf[pos:], end, b" F "
+            else:
+                break
+            entries.append(rfc3339nano().encode() + b" " + stream.encode() + tag + content + b"\n")
+        if pos < end:
+            self.pending[stream] = buf[pos:]
+        if entries:
+            self.f.write(b"".join(entries))
+            self.f.flush()
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    spec_path = Path(args[0])
+def _executable(name: str, env: dict[str, str]) -> str:
+    """``name`` looked up in the container's ``PATH`` (as execvpe does, but with the container's
+    environment, not the shim's); FileNotFoundError when no directory has it."""
+    if "/" in name:
+        return name
+    for d in (env.get("PATH") or os.defpath).split(os.pathsep):
+        cand = os.path.join(d or ".", name)
+        if os.path.isfile(cand) and os.access(cand, os.X_OK):
+            return cand
+    raise FileNotFoundError(2, "No such file or directory", name)
+
+
+def _start(argv: list[str], env: dict[str, str]) -> tuple[int, int, int]:
+    """Start the container process in a session of its own, stdin ``/dev/null``, stdout/stderr
+    pipes (``posix_spawn``: no fork of the shim's memory). Returns its PID and the pipes' read ends."""
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    try:
+        pid = os.posix_spawn(_executable(argv[0], env), argv, env, setsid=True,
+                             setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),  # ignored in the shim (Python's)
+                             file_actions=[(os.POSIX_SPAWN_DUP2, devnull, 0), (os.POSIX_SPAWN_DUP2, out_w, 1),
+                                           (os.POSIX_SPAWN_DUP2, err_w, 2)])
+    except BaseException:
+        os.close(out_r)
+        os.close(err_r)
+        raise
+    finally:
+        for fd in (out_w, err_w, devnull):
+            os.close(fd)
+    return pid, out_r, err_r
+
+
+#: How long the pipes are still read once the container's main process is gone (and its process
+#: group killed): what it wrote last reaches the log, a process it detached cannot hold the shim.
+DRAIN_S = 2.0
+
+
+def _supervise(pid: int, pidfd: int, pipes: dict[int, str], log: _Log) -> int:
+    """Step 5 until the container's main process exits: copy the pipes into the log, reap it, kill
+    what is left of its process group, drain the pipes. Returns its exit status (negative: signal).
+    One thread: a poll over the pipes and ``pidfd`` (the process's; readable once it exited)."""
+    poller = select.poll()
+    for fd in (*pipes, pidfd):
+        poller.register(fd, select.POLLIN)
+    rc: int | None = None
+    drain_until = 0.0
+    while pipes or rc is None:
+        if rc is None:
+            events = poller.poll()
+        else:
+            left = drain_until - time.monotonic()
+            if left <= 0:
+                break
+            events = poller.poll(left * 1000)
+        for fd, _ in events:
+            if fd == pidfd:
+                rc = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+                poller.unregister(pidfd)
+                # The container ends with its main process, as a container's processes end with
+                # its PID 1: what it left in its process group (the container's session) is killed.
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, signal.SIGKILL)
+                drain_until = time.monotonic() + DRAIN_S
+                continue
+            data = os.read(fd, 65536)
+            log.feed(pipes[fd], data, eof=not data)
+            if not data:
+                poller.unregister(fd)
+                os.close(fd)
+                del pipes[fd]
+    assert rc is not None
+    return rc
+
+
+def main(argv: list[str]) -> int:
+    """Run the attempt whose spec is ``argv[0]`` (steps 1-6), in the shim process the spawner forked;
+    returns the shim's exit code (0 once the container's exit is recorded)."""
+    spec_path = Path(argv[0])
     spec = json.loads(spec_path.read_text())
     dirfd = os.open(spec_path.parent, os.O_RDONLY | os.O_DIRECTORY)
     log = _Log(open(spec["log"], "ab"))  # noqa: SIM115 - kept open for the container's lifetime
@@ -233,9 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         cwd = spec.get("workingDir") or "/"
         os.makedirs(cwd, exist_ok=True)  # runc creates a missing working directory too
         os.chdir(cwd)
-        proc = subprocess.Popen(spec["argv"], env=spec["env"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, start_new_session=True)
-    except (OSError, subprocess.SubprocessError) as e:
+        pid, out_r, err_r = _start(spec["argv"], spec["env"])
+    except OSError as e:
         if isinstance(e, FileNotFoundError) and spec["argv"] and "/" not in spec["argv"][0]:
             e = OSError(f'exec: "{spec["argv"][0]}": executable file not found in $PATH')  # runc's words
         elif isinstance(e, FileNotFoundError) and spec["argv"]:
@@ -244,42 +333,23 @@ def main(argv: list[str] | None = None) -> int:
                     f"runc create failed: unable to start container process: {e}: unknown")
         log.f.write(f"{rfc3339nano()} stderr F kubeemu shim: {e}\n".encode())
         log.f.close()
-        _write_json(dirfd, "exit.json", {"exitCode": 128, "reason": "StartError", "startedAt": started,
-                                         "finishedAt": rfc3339nano(), "message": str(e)})
+        write_json(dirfd, "exit.json", {"exitCode": 128, "reason": "StartError", "startedAt": started,
+                                        "finishedAt": rfc3339nano(), "message": str(e)})
         return 1
-    _write_json(dirfd, "container.json", {"pid": proc.pid, "start": start_time(proc.pid), "startedAt": started})
+    write_json(dirfd, "container.json", {"pid": pid, "start": start_time(pid), "startedAt": started})
+    pidfd = os.pidfd_open(pid)  # open until the shim exits: a signal never reaches a reused PID
 
     def forward(signum: int, _frame: object) -> None:
         with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signum)
+            signal.pidfd_send_signal(pidfd, signum)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    assert proc.stdout is not None and proc.stderr is not None
-    threads = [threading.Thread(target=log.copy, args=(proc.stdout, "stdout"), daemon=True),
-               threading.Thread(target=log.copy, args=(proc.stderr, "stderr"), daemon=True)]
-    for t in threads:
-        t.start()
-    while True:
-        try:
-            rc = proc.wait()
-            break
-        except InterruptedError:
-            continue
-    # The container ends with its main process, as a container's processes end with its PID 1:
-    # what it left in its process group (the container's session) is killed.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    for t in threads:
-        t.join(2.0)
+    rc = _supervise(pid, pidfd, {out_r: "stdout", err_r: "stderr"}, log)
     code = 128 - rc if rc < 0 else rc
-    _write_json(dirfd, "exit.json", {"exitCode": code, "reason": "Completed" if code == 0 else "Error",
-                                     "startedAt": started, "finishedAt": rfc3339nano(),
-                                     **({"signal": -rc} if rc < 0 else {})})
+    write_json(dirfd, "exit.json", {"exitCode": code, "reason": "Completed" if code == 0 else "Error",
+                                    "startedAt": started, "finishedAt": rfc3339nano(),
+                                    **({"signal": -rc} if rc < 0 else {})})
     log.f.close()
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

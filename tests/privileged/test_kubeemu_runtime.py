@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import threading
 import time
@@ -30,7 +31,7 @@ pytest.importorskip("aiohttp")
 from kubeemu.ctrl.rootca import self_signed_ca
 from kubeemu.kubelet import LabKubelet, LabNode
 from kubeemu.runner import ServerThread
-from kubeemu.runtime import procs
+from kubeemu.runtime import procs, spawner
 from kubeemu.runtime.pods import Runtime
 from tests.waiting import wait_until
 
@@ -323,8 +324,13 @@ def test_kubelet_restart_adopts_processes(env: dict[str, Any]) -> None:
     uid = _get(url, "keep")["metadata"]["uid"]
     pid = _running_pid(k1.kubelet.runtime, "keep")
     start = procs.start_time(pid)
+    shim = json.loads(next((env["root"] / "pods" / uid / "containers" / "c").glob("*/shim.json")).read_text())
+    spawner1 = spawner.recorded(env["root"])
+    assert spawner1 is not None and procs.same(*spawner1)
     k1.stop()
     assert procs.same(pid, start)  # the container outlives its kubelet
+    assert procs.same(shim["pid"], shim["start"])  # and so does its shim, started by the spawner
+    assert not procs.same(*spawner1)  # which ended with its kubelet
     restarts = _cstatus(url, "crashy")["restartCount"]
     k2 = env["start"]()
     wait_until(lambda: _running_pid(k2.kubelet.runtime, "keep") == pid, 20, "keep adopted with the same PID")
@@ -346,6 +352,28 @@ def test_kubelet_restart_adopts_processes(env: dict[str, Any]) -> None:
     env["start"]()
     wait_until(lambda: not procs.same(pid, start), 20, "orphaned container killed")
     wait_until(lambda: not (env["root"] / "pods" / uid).exists(), 10, "orphan's directory removed")
+
+
+def test_a_killed_spawner_is_started_again_and_its_shims_live_on(env: dict[str, Any]) -> None:
+    url = env["url"]
+    k = env["start"]()
+    rt: Runtime = k.kubelet.runtime
+    _http(f"{url}/api/v1/namespaces/default/pods", "POST",
+          _pod("first", [{"name": "c", "image": "x", "command": ["sleep", "300"]}]))
+    wait_until(lambda: _cstatus(url, "first").get("state", {}).get("running"), 20, "first running")
+    pid = _running_pid(rt, "first")
+    old = spawner.recorded(env["root"])
+    assert old is not None and procs.same(*old)
+    os.kill(old[0], signal.SIGKILL)
+    assert procs.wait_gone(*old, 5.0)
+    _http(f"{url}/api/v1/namespaces/default/pods", "POST",
+          _pod("second", [{"name": "c", "image": "x", "command": ["sleep", "300"]}]))
+    wait_until(lambda: _cstatus(url, "second").get("state", {}).get("running"), 20, "second running")
+    new = spawner.recorded(env["root"])
+    assert new is not None and new != old and procs.same(*new)
+    assert _running_pid(rt, "first") == pid and _cstatus(url, "first")["restartCount"] == 0
+    # The killed spawner was reaped by the kubelet when it started the next one: no zombie.
+    assert not pathlib.Path(f"/proc/{old[0]}").exists() or procs.start_time(old[0]) != old[1]
 
 
 def test_admission_rejects_what_does_not_fit(env: dict[str, Any]) -> None:

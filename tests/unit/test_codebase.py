@@ -80,17 +80,38 @@ def test_fork_hazard_scan_finds_each_kind() -> None:
     assert _fork_hazards("import subprocess\nsubprocess.Popen(['nsenter', '--net=/run/netns/x', 'true'])\n") == []
 
 
+#: Programs that fork by design, each a process of its own that never imports gRPC (DESIGN.md,
+#: "Processes": such a process may fork): file -> the module run as ``python -S -m``. The test
+#: below checks that claim by importing each in a fresh interpreter.
+FORKING_PROGRAMS = {"kubeemu/runtime/zygote.py": "kubeemu.runtime.zygote"}
+
+
 def test_nothing_forks_and_runs_python_before_exec() -> None:
     """A process that may have used gRPC must start children by exec only: gRPC's fork handlers
     can deadlock inside fork() where no timeout reaches (issue 13). Hence no preexec_fn, no
-    os.fork, no multiprocessing and no pyroute2 netns= helpers anywhere in the tree."""
+    os.fork, no multiprocessing and no pyroute2 netns= helpers anywhere in the tree, except in
+    ``FORKING_PROGRAMS``' ``os.fork``."""
     hazards = [
         f"{p.relative_to(REPO)}:{line}: {what}"
         for p in _python_files()
         if p.name != "test_codebase.py"
         for line, what in _fork_hazards(p.read_text())
+        if not (str(p.relative_to(REPO)) in FORKING_PROGRAMS and what == "os.fork()")
     ]
     assert hazards == []
+
+
+@pytest.mark.parametrize("module", sorted(FORKING_PROGRAMS.values()))
+def test_forking_programs_never_load_grpc_or_threads(module: str) -> None:
+    """What a forking program loads as it starts: no gRPC (whose fork handlers may deadlock), no
+    threading (a forked process must be single-threaded, and threading's fork handlers would run
+    in every child)."""
+    code = (f"import sys; import {module}; "
+            "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in ('grpc', 'threading'))))")
+    p = subprocess.run([sys.executable, "-S", "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
+                       env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == [], f"{module} loads {p.stdout.strip()}"
 
 
 def test_no_asyncio_wait_for_outside_the_tests() -> None:

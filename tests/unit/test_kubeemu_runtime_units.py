@@ -329,13 +329,27 @@ def test_cri_log_lines() -> None:
 
     from kubeemu.runtime import shim
 
+    long = b"x" * (shim.MAX_LINE + 5)
+    data = b"one\n\n" + long + b"\nlast"
+    # However the pipe delivers the bytes (all at once, in pieces, byte by byte near the cut),
+    # the entries are the same, and another stream's bytes in between change nothing.
+    for sizes in ([len(data)], [2, 3, 7000, 9000, len(data)], [1] * len(data)):
+        out = io.BytesIO()
+        log = shim._Log(out)
+        pos = 0
+        for n in sizes:
+            if pos < len(data):
+                log.feed("stdout", data[pos:pos + n])
+                log.feed("stderr", b"")
+                pos += n
+        log.feed("stdout", b"", eof=True)
+        lines = out.getvalue().split(b"\n")[:-1]
+        parsed = [ln.split(b" ", 3) for ln in lines]
+        assert all(re.fullmatch(rb"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z", p[0]) for p in parsed)
+        assert [(p[1], p[2], len(p[3])) for p in parsed] == [
+            (b"stdout", b"F", 3), (b"stdout", b"F", 0), (b"stdout", b"P", shim.MAX_LINE), (b"stdout", b"F", 5),
+            (b"stdout", b"F", 4)], sizes
     out = io.BytesIO()
     log = shim._Log(out)
-    long = b"x" * (shim.MAX_LINE + 5)
-    log.copy(io.BytesIO(b"one\n\n" + long + b"\nlast"), "stdout")
-    lines = out.getvalue().split(b"\n")[:-1]
-    parsed = [ln.split(b" ", 3) for ln in lines]
-    assert all(re.fullmatch(rb"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z", p[0]) for p in parsed)
-    assert [(p[1], p[2], len(p[3])) for p in parsed] == [
-        (b"stdout", b"F", 3), (b"stdout", b"F", 0), (b"stdout", b"P", shim.MAX_LINE), (b"stdout", b"F", 5),
-        (b"stdout", b"F", 4)]
+    log.feed("stdout", b"x" * (shim.MAX_LINE - 1) + b"\n" + b"y" * shim.MAX_LINE + b"\n", eof=True)
+    assert [ln.split(b" ", 3)[2] for ln in out.getvalue().split(b"\n")[:-1]] == [b"F", b"P", b"F"]

@@ -1,0 +1,193 @@
+"""``python -S -m kubeemu.runtime.zygote SOCKET``: the kubelet's shim spawner process (a "zygote").
+
+Starting a shim used to cost a fresh interpreter per container (``nsenter`` and ``unshare`` exec'd,
+then ``python -m kubeemu.runtime.shim`` importing the standard library: 40-90 ms of CPU each).
+This process pays for that once per kubelet: it starts with :mod:`kubeemu.runtime.shim` imported
+and forks a shim per request, which runs the already-loaded code. The kubelet's side (starting
+it, restarting it, the requests) is :mod:`kubeemu.runtime.spawner`.
+
+It is single-threaded and imports only the standard library and the shim (never gRPC, logging,
+threading or subprocess: every module loaded here is memory each fork maps, and threading's
+fork handlers would run in each child). It listens on ``SOCKET``, writes ``ready`` on stdout,
+and serves one connection at a time until its stdin (a pipe from the kubelet) reaches EOF: the
+kubelet closed it or is gone. A connection is one JSON request line (``spec``: the attempt's
+``spec.json``; ``netns``: a network namespace path or null for the kubelet's own; ``log``: the
+shim's stdout/stderr file) and one JSON reply line (``pid`` + ``start`` of the shim, or
+``error``). For each request, in this order, it forks a middle child that
+
+a. enters the pod's network namespace (``setns``; Debian's Python 3.11 has no ``os.setns``),
+   unshares a mount and a UTS namespace and makes ``/`` a recursive slave (what
+   ``nsenter --net`` + ``unshare --mount --uts --propagation slave`` did);
+b. forks the shim (new session, cwd ``/``, stdin ``/dev/null``, stdout/stderr the request's
+   ``log``, the spawner's sockets and pipes closed), which runs :func:`kubeemu.runtime.shim.main`
+   and exits with its code;
+c. sends the shim's PID + start time (read while the shim is still its child, so it cannot have
+   been reaped and its PID reused) and exits; the spawner reaps it and replies.
+
+The middle child exits at once, so every shim is an orphan as soon as it starts and init
+(PID 1) reaps it, as ``containerd-shim`` daemonizes itself: never the kubelet's or this
+process's child, it outlives both, and neither leaves a zombie behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import json
+import os
+import select
+import signal
+import socket
+import sys
+from typing import Any
+
+from kubeemu.runtime import shim
+
+CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWNET = 0x00020000, 0x04000000, 0x40000000
+MS_SLAVE = 1 << 19
+PR_SET_NAME = 15
+
+
+def _check(res: int, what: str) -> None:
+    if res != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def enter_namespaces(netns: str | None) -> None:
+    """Step a: the pod's network namespace (``netns``, a path), a new mount and UTS namespace,
+    ``/`` a recursive slave (host mounts propagate in, the shim's never out)."""
+    if netns:
+        try:
+            fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise OSError(e.errno, f"opening the pod's network namespace {netns}: {e.strerror}") from e
+        try:
+            _check(shim._libc.setns(fd, CLONE_NEWNET), f"entering the pod's network namespace {netns}")
+        finally:
+            os.close(fd)
+    _check(shim._libc.unshare(CLONE_NEWNS | CLONE_NEWUTS), "unsharing the mount and UTS namespaces")
+    shim.mount("none", "/", None, shim.MS_REC | MS_SLAVE)
+
+
+def _run_shim(req: dict[str, Any], close: list[int]) -> None:
+    """Step b, in the shim process: never returns."""
+    code = 1
+    try:
+        for fd in close:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        os.setsid()
+        os.chdir("/")
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        out = os.open(req["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.dup2(devnull, 0)
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+        os.close(devnull)
+        os.close(out)
+        shim._libc.prctl(PR_SET_NAME, b"kubeemu-shim", 0, 0, 0)  # in ps/top; the command line stays the spawner's
+        code = shim.main([req["spec"]])
+    except BaseException:  # the child must never return into the spawner's loop
+        sys.excepthook(*sys.exc_info())  # into shim.log, as the interpreter prints an uncaught error
+    finally:
+        with contextlib.suppress(BaseException):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+
+def spawn(req: dict[str, Any], close: list[int]) -> dict[str, Any]:
+    """Steps a-c for one request; returns the reply (``pid`` + ``start``, or ``error``). ``close``:
+    the spawner's descriptors, closed in the shim."""
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:  # the middle child: namespaces, then the shim, then gone
+        reply: dict[str, Any]
+        try:
+            os.close(r)
+            enter_namespaces(req.get("netns"))
+            pid = os.fork()
+            if pid == 0:
+                _run_shim(req, [*close, w])
+            reply = {"pid": pid, "start": shim.start_time(pid)}
+        except BaseException as e:  # reported to the kubelet, never raised into the loop
+            reply = {"error": f"starting the shim for {req.get('spec')}: {e}"}
+        try:
+            os.write(w, json.dumps(reply).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    data = b""
+    try:
+        while chunk := os.read(r, 4096):
+            data += chunk
+    finally:
+        os.close(r)
+        os.waitpid(child, 0)
+    if not data:
+        return {"error": f"starting the shim for {req.get('spec')}: the spawner's child died without an answer"}
+    return dict(json.loads(data))
+
+
+def _handle(conn: socket.socket, listener: socket.socket) -> None:
+    conn.settimeout(10.0)
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = conn.recv(65536)
+        if not chunk:
+            return
+        data += chunk
+    try:
+        req = dict(json.loads(data))
+    except (ValueError, TypeError) as e:
+        reply = {"error": f"bad spawn request {data[:200]!r}: {e}"}
+    else:
+        try:
+            reply = spawn(req, [listener.fileno(), conn.fileno()])
+        except OSError as e:  # no fork (EAGAIN, ENOMEM): this request fails, the spawner serves on
+            reply = {"error": f"starting the shim for {req.get('spec')}: {e}"}
+    conn.sendall(json.dumps(reply).encode() + b"\n")
+
+
+def serve(sock_path: str) -> int:
+    """Listen on ``sock_path``, print ``ready``, serve spawn requests one at a time until stdin
+    reaches EOF (the kubelet closed it or is gone)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(sock_path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(sock_path)
+    os.chmod(sock_path, 0o600)
+    listener.listen(1024)
+    # Everything imported so far is shared with every fork; frozen, the collector of a shim never
+    # walks it (a walk would write to, and so copy, every page of the spawner's heap in each shim).
+    gc.freeze()
+    os.write(1, b"ready\n")
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)  # the kubelet read its line; nothing else goes there
+    os.close(devnull)
+    while True:
+        ready, _, _ = select.select([listener.fileno(), 0], [], [])
+        if 0 in ready and not os.read(0, 4096):
+            return 0  # the socket file stays: a new spawner may already have bound the path
+        if listener.fileno() in ready:
+            conn, _ = listener.accept()
+            with conn:
+                try:
+                    _handle(conn, listener)
+                except OSError as e:  # a kubelet thread that gave up; the next request is served
+                    print(f"kubeemu spawner: {e}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -S -m kubeemu.runtime.zygote SOCKET", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    return serve(args[0])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
