@@ -185,6 +185,9 @@ class FabricLink:
             self._names[owner] = set(records)
         else:
             self._names.pop(owner, None)
+            if all(o[0] != owner[0] for o in self._names):
+                with self._answers_lock:
+                    self._answers.pop(owner[0], None)  # not asked about any more
         if self._expecting is not None:
             self._expecting.discard(owner)
             self._check_all_in()

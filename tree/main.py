@@ -88,7 +88,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--leader-elect-retry-period", type=_seconds, default=2.0, help="seconds (default 2)")
     p.add_argument("--identity", help="this replica's holder identity (default host name + uuid)")
     p.add_argument("--root-id", help="this root cluster's id, carried by what it puts into leaves "
-                                     "(default: the UID of the root's kube-system namespace)")
+                                     "(default: the UID of the root's kube-system namespace); records are published as "
+                                     "tree/<root id>, so lowercase letters, digits and -./ only")
     p.add_argument("--leaf-unreachable-after", type=_seconds, default=40.0,
                    help="seconds without an answer from a leaf before its virtual nodes turn NotReady (default 40)")
     p.add_argument("--leaf-timeout", type=_seconds, default=10.0, help="seconds a leaf request may take (default 10)")

@@ -146,8 +146,12 @@ class TreeManager:
     def _lead(self) -> None:
         self.metrics.leader.set(1)
         if self.link is not None:
-            self.link.on_change = self._kick_all
-            self.link.start()
+            link = self.link
+            link.on_change = self._kick_all
+            link.start()
+            self.metrics.records.set_function(lambda: len(link.publisher.desired()) if link.publisher else 0)
+            self.metrics.records_session.set_function(
+                lambda: 1 if link.publisher is not None and link.publisher.connected else 0)
         self._thread = threading.Thread(target=self._run, name="tree-manager", daemon=True)
         self._thread.start()
 

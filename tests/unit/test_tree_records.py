@@ -173,6 +173,10 @@ def network(node: Obj | None) -> tuple[str, str] | None:
     return None
 
 
+def metric(mgr: TreeManager, name: str) -> float | None:
+    return mgr.metrics.registry.get_sample_value(name)
+
+
 def passes(mgr: TreeManager, cluster: str) -> int:
     rec = mgr.reconcilers.get(cluster)
     return rec.passes if rec is not None else 0
@@ -192,6 +196,7 @@ def test_a_record_per_virtual_node_new_versions_only_on_change_gone_with_the_nod
                       "the gpu party's record with both pods")
     cpu = wait_record(fabric, "kosmos-leaf1-cpu", lambda d, _r: True, "the cpu party's record")
     assert gpu.publisher == PUBLISHER and gpu.version == 1 and cpu.version == 1
+    assert metric(mgr, "fabric_tree_records") == 2 and metric(mgr, "fabric_tree_records_session_open") == 1
     doc = payload(gpu)
     assert doc["schema"] == forge.RECORD_SCHEMA and doc["cluster"] == "leaf1" and doc["mode"] == "party"
     assert doc["virtualNode"] == "kosmos-leaf1-gpu" and doc["model"] == "gpu" and doc["ready"] is True
@@ -239,6 +244,7 @@ def test_a_standby_replica_publishes_nothing(env: TreeEnv, fabric: Fabric) -> No
     assert standby.link is not None and standby.link.publisher is None  # its link never started
     assert leader.link is not None and leader.link.publisher is not None and leader.link.publisher.sessions == 1
     assert fabric.sessions() == 1  # a standby's session would have replaced the leader's (same identity)
+    assert metric(standby, "fabric_tree_records") == 0 and metric(leader, "fabric_tree_records") == 1
 
 
 def test_network_unavailable_follows_the_fabric(env: TreeEnv, fabric: Fabric) -> None:
