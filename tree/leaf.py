@@ -20,10 +20,9 @@ the reconciler's thread:
    write what differs (:class:`tree.vnode.RootWriter`), delete our virtual nodes of this
    Cluster that are no longer wanted (membership moved); hand the link the records of the
    virtual nodes now ours (:func:`tree.forge.leaf_resources`); renew their Leases while the
-   leaf answers. Until the leaf's
-   informers have listed once, nothing is created or deleted (a restarted manager facing an
-   unreachable leaf keeps the nodes as they are), and past the threshold their Ready condition
-   alone turns False.
+   leaf answers. Until the leaf's informers have listed once, nothing is created, deleted or
+   published (a restarted manager facing an unreachable leaf keeps the nodes as they are), and
+   past the threshold their Ready condition alone turns False.
 
 A failed pass is retried with back-off (:class:`fabric.backoff.Backoff`); nothing is kept only in
 memory that the next pass could not rebuild from the API objects.
