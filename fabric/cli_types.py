@@ -1,7 +1,8 @@
-"""Argument types shared by the agent's configuration table and the operator tools.
+"""Argument types shared by the agent's configuration table, the add-ons and the operator tools.
 
 One place, so that ``fabric-agent --resync-period``, ``fabric lab up --timeout`` and
-``fabric-bench --budget`` refuse the same values (NaN, infinities, zero, negatives) the same way.
+``fabric-bench --budget`` refuse the same values (NaN, infinities, zero, negatives) the same way,
+and ``fabric-agent --reflector`` and ``kosmos-tree --reflector`` the same targets.
 It sits at the bottom of ``fabric`` (standard library only) so that both the agent and
 ``tools`` can import it without an upward dependency.
 """
@@ -19,6 +20,20 @@ class NotPositiveError(argparse.ArgumentTypeError, ValueError):
     :class:`ValueError` so that the agent's configuration loader (which catches ``ValueError``
     and adds the flag and the source) reports it too.
     """
+
+
+class BadTargetError(argparse.ArgumentTypeError, ValueError):
+    """A gRPC target that is neither HOST:PORT nor unix:/path (both kinds, as NotPositiveError)."""
+
+
+def grpc_target(text: str) -> str:
+    """A gRPC target as the fabric's clients take it: ``HOST:PORT`` or ``unix:/path``."""
+    if text.startswith("unix:"):
+        return text
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise BadTargetError(f"{text!r} is not HOST:PORT or unix:/path")
+    return text
 
 
 def _positive(text: str, noun: str) -> float:

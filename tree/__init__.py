@@ -1,11 +1,14 @@
 """ClusterTree (add-on, in progress): leaf clusters as virtual nodes of a root cluster.
 
-Built so far: the tree manager and its virtual nodes. Modules, in the order a Cluster meets
-them: ``spec`` (``spec.clusterTreeOptions`` read and checked) -> ``manager`` (one reconciler per
-enabled Cluster, leader election, garbage) -> ``leaf`` (one leaf: its kubeconfig Secret, probe,
-informers, the reconcile pass) -> ``forge`` (pure: the virtual nodes a leaf's nodes and pods
-call for) -> ``vnode`` (ownership and the root writes); ``metrics`` and ``main`` (the
-``kosmos-tree`` command) around them. Pods and their dependencies are not synced yet.
+Built so far: the tree manager, its virtual nodes, and its side of the fabric's control
+channel. Modules, in the order a Cluster meets them: ``spec`` (``spec.clusterTreeOptions`` read
+and checked) -> ``manager`` (one reconciler per enabled Cluster, leader election, garbage) ->
+``leaf`` (one leaf: its kubeconfig Secret, probe, informers, the reconcile pass) -> ``forge``
+(pure: the virtual nodes a leaf's nodes and pods call for, their add-on records, and
+NetworkUnavailable from the fabric's status) -> ``vnode`` (ownership and the root writes);
+``fabric_link`` (the records published, the fabric's status read, on one event loop thread),
+``metrics`` and ``main`` (the ``kosmos-tree`` command) around them. Pods and their dependencies
+are not synced yet.
 
 May import only the standard library, the root pyproject's third-party packages,
 :mod:`fabric.types`, process plumbing (``fabric.logs``, ``fabric.health``, ``fabric.backoff``),

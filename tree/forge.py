@@ -28,15 +28,25 @@ In order (:func:`virtual_nodes`):
    threshold (the caller decides, passes ``unreachable``), else False ``LeafNodesNotReady`` with
    no usable member, else True ``LeafReady``. Messages carry no clock, so an unchanged state is
    an unchanged object (no write).
+5. The NetworkUnavailable condition, only when the fabric is asked (``network`` given; see
+   :func:`network_condition`, which decides it from the reflector's status).
+6. The leaf room of each member (:class:`LeafRoom`), from the same walk over the same pods as
+   step 2: what :func:`leaf_resources` publishes as the virtual node's add-on record.
+
+The record (:func:`leaf_resources`, kind :data:`RECORD_KIND`, named after the virtual node) is
+JSON with sorted keys and no clock, so an unchanged leaf gives identical bytes and the
+publisher's version does not move (``README.md``, "ClusterTree", has the schema).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from fabric.control import api
 from scheduler.framework import Resource
 from scheduler.podutil import QuantityError, pod_requests, resource_list
 from scheduler.policy import LEAF_NODE_LABEL, LEAF_TAINT
@@ -63,6 +73,53 @@ REASON_READY = "LeafReady"
 REASON_UNREACHABLE = "LeafUnreachable"
 REASON_NO_NODES = "LeafNodesNotReady"
 
+#: The add-on record kind of a virtual node's leaf room; the record's name is the virtual node's.
+RECORD_KIND = "tree.kosmos.io/leaf-resources"
+#: ``schema`` of the record's JSON: bumped only for a change old readers would misread.
+RECORD_SCHEMA = "tree.kosmos.io/leaf-resources/v1"
+#: Leaf node labels a record carries per node (what placement inside the leaf looks at).
+PLACEMENT_LABELS = (HOSTNAME_LABEL, *AGREED_LABELS)
+
+NETWORK_UNAVAILABLE = "NetworkUnavailable"
+REASON_FABRIC_UNREACHABLE = "KosmosFabricUnreachable"
+REASON_FABRIC_REACHABLE = "KosmosFabricReachable"
+
+
+@dataclass(frozen=True)
+class NetworkCondition:
+    """A virtual node's ``NetworkUnavailable`` condition as the fabric says it: ``status``
+    "True" (the fabric cannot reach the leaf) or "False"; "" = the fabric is asked but has not
+    answered yet (the Node keeps the condition it has, so a reflector restart flaps nothing)."""
+
+    status: str
+    reason: str = ""
+    message: str = ""
+
+    @property
+    def known(self) -> bool:
+        return bool(self.status)
+
+
+#: The fabric is asked but its answer is not known yet.
+NETWORK_UNKNOWN = NetworkCondition("")
+
+
+@dataclass(frozen=True)
+class LeafRoom:
+    """One member leaf node as its virtual node's record tells it. ``free``: allocatable minus
+    the requests of every pod bound to it that is not terminal, ours included (what the leaf's
+    own scheduler sees), never below zero; ``pods``: those pods; ``our_pods``: how many of them
+    this root put there. Pending pods without a node are in no node's ``free``."""
+
+    name: str
+    ready: bool
+    schedulable: bool
+    allocatable: dict[str, str]
+    free: dict[str, str]
+    pods: int
+    our_pods: int
+    labels: dict[str, str]
+
 
 @dataclass
 class VirtualNode:
@@ -79,6 +136,10 @@ class VirtualNode:
     message: str
     members: tuple[str, ...] = ()
     node_info: dict[str, str] = field(default_factory=dict)
+    #: None: the fabric is not asked (no condition on the Node); see :class:`NetworkCondition`.
+    network: NetworkCondition | None = None
+    #: Every member's room, by name (the record's ``nodes``).
+    leaves: tuple[LeafRoom, ...] = ()
 
 
 def is_usable(node: Obj) -> bool:
@@ -143,31 +204,35 @@ def _agreed(members: list[Obj], key: str) -> str | None:
 
 
 def virtual_nodes(spec: TreeSpec, nodes: Iterable[Obj], pods: Iterable[Obj], *, root_id: str,
-                  unreachable: str | None = None, kubelet_version: str = "") -> dict[str, VirtualNode]:
+                  unreachable: str | None = None, kubelet_version: str = "",
+                  network: NetworkCondition | None = None) -> dict[str, VirtualNode]:
     """The virtual nodes ``spec``'s Cluster should have, by name (see the module's steps)."""
     groups = _membership(spec, nodes)
-    node_free: dict[str, Resource] = {}  # usable leaf node -> what its pods leave
+    alloc_of: dict[str, Resource] = {}  # member leaf node with a readable allocatable -> it
+    node_free: dict[str, Resource] = {}  # usable leaf node -> what pods not ours leave
     names: dict[str, set[str]] = {}
     usable_of: dict[str, list[Obj]] = {}
     for vname, (_model, members) in groups.items():
         keys: set[str] = set()
         usable: list[Obj] = []
         for n in members:
-            if not is_usable(n):
-                continue
+            nname = str(n["metadata"]["name"])
             alloc = (n.get("status") or {}).get("allocatable") or {}
             try:
-                node_free[str(n["metadata"]["name"])] = resource_list(
-                    alloc, f"leaf node {n['metadata']['name']} status.allocatable")
+                alloc_of[nname] = resource_list(alloc, f"leaf node {nname} status.allocatable")
             except QuantityError as e:
                 _log.warning("Cluster %s: %s; the node counts for nothing", spec.cluster, e)
                 continue
+            if not is_usable(n):
+                continue
+            node_free[nname] = _plus(Resource(), alloc_of[nname])
             keys |= set(alloc)
             usable.append(n)
         names[vname], usable_of[vname] = keys, usable
+    used: dict[str, tuple[Resource, int, int]] = {}  # leaf node -> (requests of all its pods, pods, ours)
     pending: list[tuple[Obj, Resource]] = []
     for p in pods:
-        if not _counts(p, root_id):
+        if (p.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
             continue
         try:
             req = pod_requests(p)
@@ -175,11 +240,18 @@ def virtual_nodes(spec: TreeSpec, nodes: Iterable[Obj], pods: Iterable[Obj], *, 
             _log.warning("Cluster %s: %s; the pod counts as one pod slot only", spec.cluster, e)
             req = Resource()
         req.allowed_pod_number = 1
-        node_name = (p.get("spec") or {}).get("nodeName")
+        ours = _ours(p, root_id)
+        node_name = str((p.get("spec") or {}).get("nodeName") or "")
+        if node_name:
+            total, count, mine = used.get(node_name) or (Resource(), 0, 0)
+            total.add(req)
+            used[node_name] = (total, count + 1, mine + ours)
+        if ours:
+            continue
         if not node_name:
             pending.append((p, req))
-        elif str(node_name) in node_free:
-            node_free[str(node_name)].sub(req)
+        elif node_name in node_free:
+            node_free[node_name].sub(req)
     free: dict[str, Resource] = {}
     for vname, usable in usable_of.items():
         total = Resource()
@@ -192,9 +264,85 @@ def virtual_nodes(spec: TreeSpec, nodes: Iterable[Obj], pods: Iterable[Obj], *, 
         free[vname] = total
     out: dict[str, VirtualNode] = {}
     for vname, (model, members) in groups.items():
-        out[vname] = _forge(spec, vname, model, members, usable_of[vname], format_resources(free[vname], names[vname]),
-                            unreachable, kubelet_version)
+        vn = _forge(spec, vname, model, members, usable_of[vname], format_resources(free[vname], names[vname]),
+                    unreachable, kubelet_version)
+        vn.network = network
+        vn.leaves = tuple(_room(n, alloc_of, used) for n in members)
+        out[vname] = vn
     return out
+
+
+def _room(node: Obj, alloc_of: Mapping[str, Resource], used: Mapping[str, tuple[Resource, int, int]]) -> LeafRoom:
+    name = str(node["metadata"]["name"])
+    alloc = alloc_of.get(name)
+    keys = set((node.get("status") or {}).get("allocatable") or {}) if alloc is not None else set()
+    total, count, ours = used.get(name) or (Resource(), 0, 0)
+    left = _plus(Resource(), alloc or Resource())
+    left.sub(total)
+    labels = (node["metadata"].get("labels") or {})
+    return LeafRoom(name=name, ready=is_ready(node),
+                    schedulable=not (node.get("spec") or {}).get("unschedulable")
+                    and not node["metadata"].get("deletionTimestamp"),
+                    allocatable=format_resources(alloc or Resource(), keys), free=format_resources(left, keys),
+                    pods=count, our_pods=ours,
+                    labels={k: str(labels[k]) for k in PLACEMENT_LABELS if k in labels})
+
+
+def leaf_resources(vn: VirtualNode, cluster: str) -> bytes:
+    """The add-on record of ``vn`` (:data:`RECORD_KIND`): its leaf's room per member node, as
+    canonical JSON (sorted keys, no clock), so equal content is equal bytes."""
+    doc = {
+        "schema": RECORD_SCHEMA,
+        "cluster": cluster,
+        "virtualNode": vn.name,
+        "mode": str(vn.mode),
+        "model": vn.model,
+        "ready": vn.ready == READY,
+        "reason": vn.reason,
+        "allocatable": vn.resources,
+        "nodes": [{"name": r.name, "ready": r.ready, "schedulable": r.schedulable, "allocatable": r.allocatable,
+                   "free": r.free, "pods": r.pods, "ourPods": r.our_pods, "labels": r.labels}
+                  for r in vn.leaves],
+    }
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def network_condition(status: api.FabricStatus, root: str, leaf: str) -> NetworkCondition:
+    """``NetworkUnavailable`` of leaf cluster ``leaf``'s virtual nodes, from the reflector's
+    status as seen from root cluster ``root``. Unreachable (True), the first that applies:
+
+    1. either cluster is not in the fabric's configuration;
+    2. the pair shares no address family (the reflector's ``unreachable_pairs``);
+    3. either cluster has no node in the fabric's topology (no agent has announced one, or all
+       were withdrawn);
+    4. every node of ``leaf`` is reported unreachable through the tunnel by a node of ``root``
+       (the agents' probe reports).
+
+    Otherwise reachable (False). Messages hold no counts or clocks that move without the answer
+    moving, so an unchanged answer is no write."""
+    clusters = {c.name: c for c in status.clusters}
+    for name, role in ((root, "root"), (leaf, "leaf")):
+        if name not in clusters:
+            return NetworkCondition("True", REASON_FABRIC_UNREACHABLE,
+                                    f"the {role} cluster {name} is not in the Kosmos fabric's configuration")
+    if root != leaf:
+        for pair in status.unreachable_pairs:
+            if {pair.cluster_a, pair.cluster_b} == {root, leaf}:
+                return NetworkCondition("True", REASON_FABRIC_UNREACHABLE,
+                                        f"the Kosmos fabric cannot connect {root} and {leaf}: {pair.reason}")
+    for name, role in ((root, "root"), (leaf, "leaf")):
+        if not clusters[name].nodes:
+            return NetworkCondition("True", REASON_FABRIC_UNREACHABLE,
+                                    f"the {role} cluster {name} has no node in the Kosmos fabric")
+    if root != leaf:
+        reported = {k for n in clusters[root].nodes for k in n.reports_unreachable}
+        leaf_nodes = {f"{leaf}/{n.name}" for n in clusters[leaf].nodes}
+        if leaf_nodes and leaf_nodes <= reported:
+            return NetworkCondition("True", REASON_FABRIC_UNREACHABLE,
+                                    f"every node of {leaf} is reported unreachable through the Kosmos fabric "
+                                    f"by nodes of {root}")
+    return NetworkCondition("False", REASON_FABRIC_REACHABLE,
+                            f"the Kosmos fabric connects root cluster {root} and leaf cluster {leaf}")
 
 
 def _floor(r: Resource) -> Resource:
@@ -202,11 +350,14 @@ def _floor(r: Resource) -> Resource:
                     {k: max(0, v) for k, v in r.scalar.items()})
 
 
-def _counts(pod: Obj, root_id: str) -> bool:
-    """A leaf pod that takes room we must not offer: not ours, not terminal."""
-    if ((pod.get("metadata") or {}).get("labels") or {}).get(ROOT_LABEL) == root_id:
-        return False
-    return (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
+def _plus(r: Resource, other: Resource) -> Resource:
+    r.add(other)
+    return r
+
+
+def _ours(pod: Obj, root_id: str) -> bool:
+    """A leaf pod this root put there (the root scheduler counts its requests already)."""
+    return ((pod.get("metadata") or {}).get("labels") or {}).get(ROOT_LABEL) == root_id
 
 
 def _forge(spec: TreeSpec, name: str, model: LeafModel | None, members: list[Obj], usable: list[Obj],

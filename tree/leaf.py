@@ -15,12 +15,14 @@ the reconciler's thread:
    When it answers again its Nodes and Pods are listed afresh (new informers), so a watch stream
    that died without a word is not waited out.
 3. Reconcile, on every change of the leaf's Nodes or Pods, of our virtual nodes in the root, of
-   the spec, and on every probe: forge the virtual nodes (:mod:`tree.forge`), write what differs
-   (:class:`tree.vnode.RootWriter`), delete our virtual nodes of this Cluster that are no longer
-   wanted (membership moved); renew their Leases while the leaf answers. Until the leaf's
-   informers have listed once, nothing is created or deleted (a restarted manager facing an
-   unreachable leaf keeps the nodes as they are), and past the threshold their Ready condition
-   alone turns False.
+   the spec, of the fabric's reachability, and on every probe: forge the virtual nodes
+   (:mod:`tree.forge`; ``NetworkUnavailable`` as :class:`tree.fabric_link.FabricLink` says),
+   write what differs (:class:`tree.vnode.RootWriter`), delete our virtual nodes of this
+   Cluster that are no longer wanted (membership moved); hand the link the records of the
+   virtual nodes now ours (:func:`tree.forge.leaf_resources`); renew their Leases while the
+   leaf answers. Until the leaf's informers have listed once, nothing is created, deleted or
+   published (a restarted manager facing an unreachable leaf keeps the nodes as they are), and
+   past the threshold their Ready condition alone turns False.
 
 A failed pass is retried with back-off (:class:`fabric.backoff.Backoff`); nothing is kept only in
 memory that the next pass could not rebuild from the API objects.
@@ -43,6 +45,7 @@ import yaml
 from fabric.backoff import Backoff
 from scheduler.kube import Api, ApiError, Informer, connect_kubeconfig, resource_path
 from tree import forge
+from tree.fabric_link import FabricLink
 from tree.metrics import TreeMetrics
 from tree.spec import KUBECONFIG_KEY, TreeSpec
 from tree.vnode import RootWriter, owner
@@ -85,10 +88,14 @@ class LeafReconciler:
 
     def __init__(self, spec: TreeSpec, root: Api, root_nodes: Informer, options: Options, metrics: TreeMetrics,
                  *, connect: Connector = _connect_leaf, clock: Callable[[], float] = time.monotonic,
-                 on_exit: Callable[[], None] = lambda: None) -> None:
+                 on_exit: Callable[[], None] = lambda: None, link: FabricLink | None = None) -> None:
         """``on_exit`` runs on the reconciler's thread when it ends (the manager collects the
-        nodes of a Cluster only once its reconciler can no longer write them back)."""
+        nodes of a Cluster only once its reconciler can no longer write them back). ``link``:
+        the reflector's (records out, reachability in), None without one."""
         self.spec = spec
+        self.link = link
+        #: Set by :meth:`retire`: the Cluster's records go when the thread ends.
+        self._retired = False
         self.on_exit = on_exit
         self.root = root
         self.root_nodes = root_nodes
@@ -147,6 +154,12 @@ class LeafReconciler:
         for inf in self._informers:
             inf.stop()
 
+    def retire(self) -> None:
+        """Stop for good (the Cluster is gone or its tree disabled): its records are deleted
+        once the thread has ended, so a pass in flight cannot publish them again."""
+        self._retired = True
+        self.stop()
+
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
@@ -162,6 +175,8 @@ class LeafReconciler:
         finally:
             for inf in self._informers:
                 inf.stop()
+            if self._retired and self.link is not None:
+                self.link.forget(self.key)
             self.on_exit()
 
     def _loop(self) -> None:
@@ -307,7 +322,8 @@ class LeafReconciler:
         # dict.copy() runs in C under the GIL: a consistent copy while the informer thread writes.
         desired = forge.virtual_nodes(spec, nodes_inf.store.copy().values(), pods_inf.store.copy().values(),
                                       root_id=self.options.root_id, unreachable=unreachable,
-                                      kubelet_version=self._version)
+                                      kubelet_version=self._version,
+                                      network=self.link.network(spec.cluster) if self.link is not None else None)
         written: list[Obj] = []
         errors: list[str] = []
         conflicts: set[str] = set()
@@ -331,6 +347,10 @@ class LeafReconciler:
             if name not in desired:
                 self._guard()
                 self.writer.delete(n)
+        if self.link is not None:
+            self._guard()
+            self.link.publish(self.key, {name: forge.leaf_resources(vn, spec.cluster)
+                                             for name, vn in desired.items() if name not in conflicts})
         self.metrics.virtual_nodes.labels(spec.cluster).set(len(written))
         now = self.clock()
         if self._probe_ok and now - self._last_lease >= self.options.lease_period * 0.9:

@@ -1,8 +1,10 @@
 """``kosmos-tree``: the command line of the tree manager (console script).
 
-In order: parse flags (``kosmos-scheduler``'s names for the shared ones), connect to the root
-cluster's API server, resolve this root's id (``--root-id``, default the UID of the root's
-``kube-system`` namespace: stable across restarts, distinct per cluster), serve ``/metrics``,
+In order: parse flags (``kosmos-scheduler``'s names for the shared ones, the agent's
+``--reflector``), connect to the root cluster's API server, resolve this root's id
+(``--root-id``, default the UID of the root's ``kube-system`` namespace: stable across
+restarts, distinct per cluster), set up the link to the reflector when one is named (records
+published as ``tree/<root id>``; ``NetworkUnavailable`` only with ``--fabric-cluster``), serve ``/metrics``,
 ``/healthz`` and ``/readyz``, start (informers, then leader election or the passes), and run until
 SIGTERM/SIGINT (clean stop, the Lease released) or until the Lease is lost (exit 1).
 """
@@ -16,8 +18,10 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from fabric import health, logs
+from fabric import cli_types, health, logs
 from scheduler.kube import Api, connect, resource_path
+from tree import forge
+from tree.fabric_link import FabricLink
 from tree.leaf import Options
 from tree.manager import TreeManager
 
@@ -30,6 +34,10 @@ examples:
 
   # one replica, no leader election, a short unreachability threshold
   kosmos-tree --master http://127.0.0.1:6443 --leader-elect=false --leaf-unreachable-after 20
+
+  # publish each virtual node's leaf resources (kind tree.kosmos.io/leaf-resources) and set
+  # NetworkUnavailable from the fabric, the root being fabric cluster "host"
+  kosmos-tree --kubeconfig root.kubeconfig --reflector 10.0.0.5:4880 --fabric-cluster host
 
 a leaf Cluster:
   spec:
@@ -80,7 +88,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--leader-elect-retry-period", type=_seconds, default=2.0, help="seconds (default 2)")
     p.add_argument("--identity", help="this replica's holder identity (default host name + uuid)")
     p.add_argument("--root-id", help="this root cluster's id, carried by what it puts into leaves "
-                                     "(default: the UID of the root's kube-system namespace)")
+                                     "(default: the UID of the root's kube-system namespace); records are published as "
+                                     "tree/<root id>, so lowercase letters, digits and -./ only")
     p.add_argument("--leaf-unreachable-after", type=_seconds, default=40.0,
                    help="seconds without an answer from a leaf before its virtual nodes turn NotReady (default 40)")
     p.add_argument("--leaf-timeout", type=_seconds, default=10.0, help="seconds a leaf request may take (default 10)")
@@ -90,6 +99,14 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds after which an unchanged virtual node status is written again (default 60)")
     p.add_argument("--resync-period", type=_seconds, default=30.0,
                    help="seconds between full passes and re-reads of the kubeconfig Secrets (default 30)")
+    p.add_argument("--reflector", type=cli_types.grpc_target, metavar="TARGET",
+                   help="gRPC target of fabric-reflector, HOST:PORT or unix:/path (plaintext, as the agent's); "
+                        "absent: no add-on records, no NetworkUnavailable")
+    p.add_argument("--fabric-cluster", metavar="NAME",
+                   help="the root cluster's name in the fabric: NetworkUnavailable of each virtual node says "
+                        "whether the fabric reaches its leaf from there (needs --reflector)")
+    p.add_argument("--fabric-status-period", type=_seconds, default=10.0,
+                   help="seconds between reads of the reflector's status besides topology changes (default 10)")
     p.add_argument("--listen", default="127.0.0.1:10269", help="HOST:PORT for /metrics, /healthz and /readyz")
     p.add_argument("--log-level", default="info", help="debug, info, warning or error")
     return p
@@ -115,6 +132,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{args.leader_elect_lease_duration}, {args.leader_elect_renew_deadline}, "
               f"{args.leader_elect_retry_period})", file=sys.stderr)
         return 2
+    if args.fabric_cluster and not args.reflector:
+        print("kosmos-tree: --fabric-cluster needs --reflector (the fabric's reachability comes from it)",
+              file=sys.stderr)
+        return 2
     try:
         api = connect(args.master, args.kubeconfig, args.context)
         api.user_agent = "kosmos-tree"
@@ -125,7 +146,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = Options(root_id=rid, leaf_timeout=args.leaf_timeout, unreachable_after=args.leaf_unreachable_after,
                       lease_period=args.node_lease_period, status_period=args.node_status_period,
                       resync_period=args.resync_period)
-    mgr = TreeManager(api, options, leader_elect=args.leader_elect, identity=args.identity,
+    link = None
+    if args.reflector:
+        link = FabricLink(args.reflector, rid, args.fabric_cluster, poll_period=args.fabric_status_period,
+                          startup_wait=args.resync_period)
+        _log.info("add-on records to the reflector at %s as %s (kind %s); NetworkUnavailable %s", args.reflector,
+                  link.identity, forge.RECORD_KIND,
+                  f"from the fabric's view of cluster {args.fabric_cluster}" if args.fabric_cluster
+                  else "not set (no --fabric-cluster)")
+    else:
+        _log.info("no --reflector: no add-on records are published and NetworkUnavailable is not set")
+    mgr = TreeManager(api, options, leader_elect=args.leader_elect, identity=args.identity, link=link,
                       lease_namespace=args.leader_elect_resource_namespace, lease_name=args.leader_elect_resource_name,
                       lease_duration=args.leader_elect_lease_duration,
                       renew_deadline=args.leader_elect_renew_deadline, retry_period=args.leader_elect_retry_period)

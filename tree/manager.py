@@ -22,6 +22,12 @@ In order:
 
 Events of a virtual node go to its Cluster's reconciler, which recreates a node deleted by hand
 and puts back what was edited.
+
+With a reflector (:class:`tree.fabric_link.FabricLink`) the link starts when this replica
+starts leading (a standby publishes nothing), is told after the first pass which Clusters to
+wait for before its first records session, kicks every reconciler when the fabric's
+reachability changes, and stops with the leadership; a Cluster whose reconciler is retired has
+its records deleted.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from typing import Any
 from scheduler.election import LeaderElector
 from scheduler.kube import Api, Informer, wait_synced
 from tree import spec as treespec
+from tree.fabric_link import FabricLink
 from tree.leaf import Connector, LeafReconciler, Options, _connect_leaf
 from tree.metrics import TreeMetrics
 from tree.vnode import NODE_SELECTOR, RootWriter, owner
@@ -49,8 +56,11 @@ class TreeManager:
     def __init__(self, root: Api, options: Options, *, leader_elect: bool = True, identity: str | None = None,
                  lease_namespace: str = "kube-system", lease_name: str = "kosmos-tree",
                  lease_duration: float = 15.0, renew_deadline: float = 10.0, retry_period: float = 2.0,
-                 metrics: TreeMetrics | None = None, connect: Connector = _connect_leaf) -> None:
+                 metrics: TreeMetrics | None = None, connect: Connector = _connect_leaf,
+                 link: FabricLink | None = None) -> None:
+        """``link``: the reflector's (records, reachability), started when this replica leads."""
         self.root = root
+        self.link = link
         self.options = options
         self.metrics = metrics or TreeMetrics()
         self.connect = connect
@@ -63,6 +73,8 @@ class TreeManager:
         #: Reconcilers asked to stop whose thread may still be in a request: their Cluster's
         #: nodes are not collected until they have ended.
         self._stopping: list[LeafReconciler] = []
+        #: The link was told which Clusters the first pass found.
+        self._expected = False
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -103,6 +115,8 @@ class TreeManager:
             r.stop()
         for r in recs:
             r.join(1.0)
+        if self.link is not None:
+            self.link.stop()
         if self.elector is not None:
             self.elector.stop(release=release)
         self.clusters.stop()
@@ -131,6 +145,13 @@ class TreeManager:
 
     def _lead(self) -> None:
         self.metrics.leader.set(1)
+        if self.link is not None:
+            link = self.link
+            link.on_change = self._kick_all
+            link.start()
+            self.metrics.records.set_function(lambda: len(link.publisher.desired()) if link.publisher else 0)
+            self.metrics.records_session.set_function(
+                lambda: 1 if link.publisher is not None and link.publisher.connected else 0)
         self._thread = threading.Thread(target=self._run, name="tree-manager", daemon=True)
         self._thread.start()
 
@@ -142,7 +163,14 @@ class TreeManager:
             for r in self.reconcilers.values():
                 r.stop()
             self.reconcilers.clear()
+        if self.link is not None:
+            self.link.stop()
         self.lost.set()
+
+    def _kick_all(self) -> None:
+        """The fabric's reachability changed: every leaf forges its nodes again."""
+        for rec in list(self.reconcilers.values()):
+            rec.kick()
 
     def _on_node(self, _type: str, old: Obj | None, new: Obj | None) -> None:
         who = owner(new or old or {})
@@ -191,7 +219,7 @@ class TreeManager:
                 uid_spec = enabled.get(name)
                 if uid_spec is None or uid_spec[0] != rec.spec.uid:
                     _log.info("Cluster %s: tree disabled or Cluster gone; stopping its reconciler", name)
-                    rec.stop()
+                    rec.retire()
                     self._stopping.append(rec)
                     del self.reconcilers[name]
                     self.metrics.forget(name)
@@ -201,12 +229,15 @@ class TreeManager:
                     continue
                 if running is None:
                     started = LeafReconciler(usable, self.root, self.nodes, self.options, self.metrics,
-                                             connect=self.connect, on_exit=self.kick)
+                                             connect=self.connect, on_exit=self.kick, link=self.link)
                     self.reconcilers[name] = started
                     started.start()
                     _log.info("Cluster %s: reconciler started (%s mode)", name, usable.mode)
                 elif running.spec.raw != usable.raw:
                     running.update(usable)
+            if self.link is not None and not self._expected:
+                self._expected = True
+                self.link.expect({r.key for r in self.reconcilers.values()})
             self._stopping = [r for r in self._stopping if r.alive()]
             busy = {r.spec.cluster for r in self._stopping}
         if self.clusters.served:

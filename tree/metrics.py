@@ -33,6 +33,12 @@ class TreeMetrics:
         self.spec_errors = prometheus_client.Gauge(
             "fabric_tree_cluster_spec_errors", "1 while a Cluster's clusterTreeOptions cannot be used.",
             ["cluster"], registry=r)
+        self.records = prometheus_client.Gauge(
+            "fabric_tree_records", "Add-on records this replica publishes (one per virtual node; 0 without a "
+            "reflector or as a standby).", registry=r)
+        self.records_session = prometheus_client.Gauge(
+            "fabric_tree_records_session_open", "1 while this replica's records session with the reflector is open.",
+            registry=r)
         self.leader = prometheus_client.Gauge(
             "fabric_tree_leader", "1 while this replica holds the lease (or runs without election).", registry=r)
 

@@ -18,8 +18,10 @@ node (:meth:`RootWriter.ensure`):
    dropped it on create (upstream keeps a Node's status on create; some servers do not);
 2. metadata or taints differ: one merge patch of the Node;
 3. status differs (capacity, allocatable, conditions, nodeInfo), or its heartbeat is older than
-   the status period: one merge patch of ``nodes/status``. The Ready condition keeps its
-   ``lastTransitionTime`` while its status does not change;
+   the status period: one merge patch of ``nodes/status``. A condition keeps its
+   ``lastTransitionTime`` while its status does not change. ``NetworkUnavailable`` is written
+   only when the fabric is asked (``vn.network``), as a CNI plugin writes it; the conditions
+   list is replaced whole by the merge patch, so without the fabric it goes away;
 4. its Lease in ``kube-node-lease`` (holder = the node, owned by it, so the garbage collector
    takes it with the node) renewed by :meth:`RootWriter.renew_lease` while the leaf answers.
 """
@@ -34,7 +36,7 @@ from typing import Any
 from scheduler.kube import Api, ApiError, resource_path
 from scheduler.podutil import QuantityError, parse_quantity
 from scheduler.policy import LEAF_NODE_LABEL
-from tree.forge import VirtualNode
+from tree.forge import NETWORK_UNAVAILABLE, VirtualNode
 
 _log = logging.getLogger(__name__)
 
@@ -124,16 +126,22 @@ def _taints_norm(taints: list[Obj]) -> list[tuple[str, str, str]]:
 
 
 def conditions(vn: VirtualNode, current: Obj | None, now: str) -> list[Obj]:
-    """Ready as forged plus the pressure conditions (always False: the leaf's kubelets evict)."""
+    """Ready as forged, the pressure conditions (always False: the leaf's kubelets evict), and
+    NetworkUnavailable as the fabric says (absent when the fabric is not asked; the Node's own
+    while the fabric has not answered yet)."""
     old = {c.get("type"): c for c in (((current or {}).get("status") or {}).get("conditions") or [])}
+    want = [("Ready", vn.ready, vn.reason, vn.message),
+            *((p, "False", "LeafNoPressure", "the leaf's kubelets watch pressure") for p in _PRESSURES)]
+    if vn.network is not None and vn.network.known:
+        want.append((NETWORK_UNAVAILABLE, vn.network.status, vn.network.reason, vn.network.message))
     out = []
-    for ctype, status, reason, message in [("Ready", vn.ready, vn.reason, vn.message),
-                                            *((p, "False", "LeafNoPressure", "the leaf's kubelets watch pressure")
-                                              for p in _PRESSURES)]:
+    for ctype, status, reason, message in want:
         prev = old.get(ctype) or {}
         since = prev.get("lastTransitionTime") if prev.get("status") == status else None
         out.append({"type": ctype, "status": status, "reason": reason, "message": message,
                     "lastHeartbeatTime": now, "lastTransitionTime": since or now})
+    if vn.network is not None and not vn.network.known and NETWORK_UNAVAILABLE in old:
+        out.append(old[NETWORK_UNAVAILABLE])
     return out
 
 
@@ -158,6 +166,12 @@ def _same_status(vn: VirtualNode, status: Obj) -> bool:
     conds = {c.get("type"): (c.get("status"), c.get("reason"), c.get("message"))
              for c in status.get("conditions") or []}
     if conds.get("Ready") != (vn.ready, vn.reason, vn.message):
+        return False
+    if vn.network is None:
+        if NETWORK_UNAVAILABLE in conds:
+            return False
+    elif vn.network.known and conds.get(NETWORK_UNAVAILABLE) != (vn.network.status, vn.network.reason,
+                                                                  vn.network.message):
         return False
     return all((conds.get(p) or ("",))[0] == "False" for p in _PRESSURES)
 

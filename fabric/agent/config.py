@@ -103,17 +103,8 @@ def _name(text: str) -> str:
     return text
 
 
-def _hostport(text: str) -> str:
-    if text.startswith("unix:"):
-        return text
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError("must be HOST:PORT or unix:/path")
-    return text
-
-
 def _listen(text: str) -> str:
-    return "" if text in ("", "off") else _hostport(text)
+    return "" if text in ("", "off") else cli_types.grpc_target(text)
 
 
 def _abs_path(text: str) -> str:
@@ -131,8 +122,8 @@ def _underlay_interface(text: str) -> str:
 
 
 PARAMS: tuple[_Param, ...] = (
-    _Param("reflector", "--reflector", "gRPC target of fabric-reflector, HOST:PORT or unix:/path", _hostport,
-           required=True),
+    _Param("reflector", "--reflector", "gRPC target of fabric-reflector, HOST:PORT or unix:/path",
+           cli_types.grpc_target, required=True),
     _Param("cluster", "--cluster", "name of this node's cluster", _name, required=True),
     _Param("node", "--node", "name of this node (unique inside its cluster)", _name, required=True),
     _Param("underlay_ip", "--underlay-ip", "this node's underlay address; tunnels bind to the interface holding it",

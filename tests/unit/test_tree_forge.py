@@ -1,15 +1,18 @@
 """ClusterTree without an API server: ``clusterTreeOptions`` read and refused with field paths
 (tree/spec.py), and the virtual nodes forged from leaf nodes and pods (tree/forge.py):
 membership per mode, capacity (Pending pods counted, ours and terminal ones not, init
-containers as the scheduler counts them), labels agreed by the members, taints, Ready."""
+containers as the scheduler counts them), labels agreed by the members, taints, Ready; the
+leaf-resources record of a virtual node and NetworkUnavailable from the fabric's status."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 
-from tree import forge
+from fabric.control import api
+from tree import forge, vnode
 from tree.spec import Mode, SpecError, TreeSpec, read
 
 Obj = dict[str, Any]
@@ -163,3 +166,102 @@ def test_the_scheduler_reads_the_owner_annotation_we_write() -> None:
     from tree.vnode import OWNER_ANNOTATION
 
     assert OWNER_ANNOTATION == OWNED_BY_CLUSTER
+
+
+# ---------------------------------------------------------------------------------------------
+# the leaf-resources record and NetworkUnavailable
+# ---------------------------------------------------------------------------------------------
+
+
+def test_the_record_tells_each_members_room_from_the_same_walk() -> None:
+    spec = read(cluster())
+    nodes = [node("a", cpu="4", **{"topology.kubernetes.io/zone": "z1", "pool": "x"}),
+             node("b", cpu="2", unschedulable=True), node("c", cpu="2", ready=False)]
+    pods = [pod("p", "a", cpu="1"), pod("mine", "a", cpu="2", labels={forge.ROOT_LABEL: "me"}),
+            pod("done", "a", cpu="1", phase="Succeeded"), pod("q", "b", cpu="500m"), pod("pending", cpu="1")]
+    vn = forged(spec, nodes, pods)["kosmos-c1"]
+    doc = json.loads(forge.leaf_resources(vn, "c1"))
+    assert doc["schema"] == forge.RECORD_SCHEMA and doc["virtualNode"] == "kosmos-c1" and doc["ready"] is True
+    assert doc["allocatable"] == vn.resources and vn.resources["cpu"] == "2"  # 4 - 1 (p) - 1 (pending)
+    a, b, c = doc["nodes"]
+    assert (a["name"], a["ready"], a["schedulable"], a["pods"], a["ourPods"]) == ("a", True, True, 2, 1)
+    assert a["free"]["cpu"] == "1" and a["free"]["pods"] == "108"  # 4 - 1 - 2 (ours too: the leaf's view)
+    assert a["labels"] == {"topology.kubernetes.io/zone": "z1"}  # placement labels only
+    assert (b["schedulable"], b["free"]["cpu"], b["pods"]) == (False, "1500m", 1)
+    assert (c["ready"], c["free"]["cpu"], c["pods"]) == (False, "2", 0)
+    # the same inputs in another order: the same bytes (no churn of versions)
+    again = forged(spec, list(reversed(nodes)), list(reversed(pods)))["kosmos-c1"]
+    assert forge.leaf_resources(again, "c1") == forge.leaf_resources(vn, "c1")
+    more = forged(spec, nodes, [*pods, pod("r", "a", cpu="100m")])["kosmos-c1"]
+    assert forge.leaf_resources(more, "c1") != forge.leaf_resources(vn, "c1")
+
+
+def _status(clusters: dict[str, list[api.NodeStatus]], pairs: tuple[api.UnreachablePair, ...] = ()
+            ) -> api.FabricStatus:
+    return api.FabricStatus("e", 1, False, tuple(api.ClusterStatus(n, "p2p", (), (), tuple(ns))
+                                                for n, ns in clusters.items()), (), pairs)
+
+
+def _node(cluster: str, name: str, reports: tuple[str, ...] = ()) -> api.NodeStatus:
+    return api.NodeStatus(cluster, name, "198.18.0.1", (), True, 1, 1, 1, reports_unreachable=reports)
+
+
+def test_network_condition_from_the_fabric_status() -> None:
+    ok = _status({"root": [_node("root", "r1")], "leaf": [_node("leaf", "l1"), _node("leaf", "l2")]})
+    got = forge.network_condition(ok, "root", "leaf")
+    assert (got.status, got.reason) == ("False", forge.REASON_FABRIC_REACHABLE) and got.known
+
+    def unreachable(status: api.FabricStatus, root: str = "root", leaf: str = "leaf") -> str:
+        c = forge.network_condition(status, root, leaf)
+        assert (c.status, c.reason) == ("True", forge.REASON_FABRIC_UNREACHABLE), c
+        return c.message
+
+    assert "leaf cluster other is not in the Kosmos fabric's configuration" in unreachable(ok, leaf="other")
+    assert "root cluster nope is not" in unreachable(ok, root="nope")
+    pair = api.UnreachablePair("leaf", "root", "no common address family (leaf: IPv6; root: IPv4)")
+    assert "no common address family" in unreachable(_status({"root": [_node("root", "r1")],
+                                                              "leaf": [_node("leaf", "l1")]}, (pair,)))
+    assert "leaf cluster leaf has no node" in unreachable(_status({"root": [_node("root", "r1")], "leaf": []}))
+    assert "root cluster root has no node" in unreachable(_status({"root": [], "leaf": [_node("leaf", "l1")]}))
+    # the root's nodes' probe reports: all of the leaf's nodes reported -> unreachable; one answers -> reachable
+    some = _status({"root": [_node("root", "r1", ("leaf/l1",)), _node("root", "r2", ("leaf/l2",))],
+                    "leaf": [_node("leaf", "l1"), _node("leaf", "l2")]})
+    assert "every node of leaf is reported unreachable" in unreachable(some)
+    one = _status({"root": [_node("root", "r1", ("leaf/l1",))], "leaf": [_node("leaf", "l1"), _node("leaf", "l2")]})
+    assert forge.network_condition(one, "root", "leaf").status == "False"
+    # a leaf's own reports about the root do not count (the root's view decides)
+    theirs = _status({"root": [_node("root", "r1")], "leaf": [_node("leaf", "l1", ("root/r1",))]})
+    assert forge.network_condition(theirs, "root", "leaf").status == "False"
+
+
+def test_network_condition_on_the_virtual_node() -> None:
+    spec = read(cluster())
+    bad = forge.NetworkCondition("True", forge.REASON_FABRIC_UNREACHABLE, "m")
+    assert forged(spec, [node("a")], network=bad)["kosmos-c1"].network == bad
+    assert forged(spec, [node("a")])["kosmos-c1"].network is None
+    assert not forge.NETWORK_UNKNOWN.known
+
+
+def test_the_node_status_carries_network_unavailable_only_when_the_fabric_is_asked() -> None:
+    spec = read(cluster())
+    down = forge.NetworkCondition("True", forge.REASON_FABRIC_UNREACHABLE, "m")
+    old = {"type": forge.NETWORK_UNAVAILABLE, "status": "True", "reason": forge.REASON_FABRIC_UNREACHABLE,
+           "message": "m", "lastHeartbeatTime": "2026-01-01T00:00:00Z", "lastTransitionTime": "2026-01-01T00:00:00Z"}
+    current = {"status": {"conditions": [old]}}
+
+    def by_type(conds: list[Obj]) -> dict[str, Obj]:
+        return {c["type"]: c for c in conds}
+
+    asked = forged(spec, [node("a")], network=down)["kosmos-c1"]
+    got = by_type(vnode.conditions(asked, current, "2026-02-02T00:00:00Z"))[forge.NETWORK_UNAVAILABLE]
+    assert (got["status"], got["reason"], got["lastTransitionTime"]) == ("True", forge.REASON_FABRIC_UNREACHABLE,
+                                                                          "2026-01-01T00:00:00Z")
+    assert not vnode._same_status(asked, {"conditions": []})
+    unknown = forged(spec, [node("a")], network=forge.NETWORK_UNKNOWN)["kosmos-c1"]
+    assert by_type(vnode.conditions(unknown, current, "2026-02-02T00:00:00Z"))[forge.NETWORK_UNAVAILABLE] == old
+    not_asked = forged(spec, [node("a")])["kosmos-c1"]
+    assert forge.NETWORK_UNAVAILABLE not in by_type(vnode.conditions(not_asked, current, "2026-02-02T00:00:00Z"))
+    status = vnode.status_body(not_asked, None, "2026-02-02T00:00:00Z")
+    assert vnode._same_status(not_asked, status)
+    status["conditions"].append(old)
+    assert not vnode._same_status(not_asked, status)  # one left from before is written away
