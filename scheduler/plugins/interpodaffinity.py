@@ -49,6 +49,7 @@ from scheduler.framework import (
     Obj,
     PodInfo,
     PreFilterResult,
+    Snapshot,
     Status,
     unresolvable,
     unschedulable,
@@ -173,7 +174,7 @@ class ExistingTermIndex:
     def __init__(self, terms: Callable[[PodInfo], Iterable[tuple[AffinityTerm, int]]]) -> None:
         self._terms = terms
         self._per_node: dict[str, tuple[NodeInfo, int, list[tuple[GroupId, str]]]] = {}
-        self._nodes: list[NodeInfo] | None = None
+        self._cursor: tuple[int, int] | None = None
         self.totals: dict[GroupId, dict[str, int]] = {}
         self.term: dict[GroupId, AffinityTerm] = {}
 
@@ -201,23 +202,46 @@ class ExistingTermIndex:
                     self.term.setdefault(gid, t)
         return out
 
-    def update(self, nodes: list[NodeInfo], pods_of: Callable[[NodeInfo], list[PodInfo]]) -> None:
-        """Bring the totals up to ``nodes`` (every node holding such pods; ``pods_of`` gives them)."""
+    def update(self, snap: Snapshot, nodes: list[NodeInfo], pods_of: Callable[[NodeInfo], list[PodInfo]]) -> None:
+        """Bring the totals up to the snapshot: ``nodes`` are every node holding such pods
+        (``pods_of`` gives them). Only the nodes changed since the last call are read when the
+        snapshot keeps a change log (``changes_since``), else every node of ``nodes``."""
+        since = getattr(snap, "changes_since", None)
+        changed: list[str] | None = None
+        if since is not None:
+            changed, self._cursor = since(self._cursor)
+        if changed is None:
+            self._scan(nodes, pods_of)
+            return
+        for name in changed:
+            ni = snap.get(name)
+            if ni is None:
+                hit = self._per_node.pop(name, None)
+                if hit is not None:
+                    self._apply(hit[2], -1)
+            else:
+                self._node(ni, pods_of)
+
+    def _scan(self, nodes: list[NodeInfo], pods_of: Callable[[NodeInfo], list[PodInfo]]) -> None:
         per_node = self._per_node
-        if nodes is not self._nodes:
-            names = {ni.name for ni in nodes}
-            for name in [n for n in per_node if n not in names]:
-                self._apply(per_node.pop(name)[2], -1)
-            self._nodes = nodes
+        names = {ni.name for ni in nodes}
+        for name in [n for n in per_node if n not in names]:
+            self._apply(per_node.pop(name)[2], -1)
         for ni in nodes:
-            hit = per_node.get(ni.name)
-            if hit is not None and hit[0] is ni and hit[1] == ni.generation:
-                continue
-            if hit is not None:
-                self._apply(hit[2], -1)
-            contrib = self._contributions(ni, pods_of(ni))
-            self._apply(contrib, 1)
-            per_node[ni.name] = (ni, ni.generation, contrib)
+            self._node(ni, pods_of)
+
+    def _node(self, ni: NodeInfo, pods_of: Callable[[NodeInfo], list[PodInfo]]) -> None:
+        hit = self._per_node.get(ni.name)
+        if hit is not None and hit[0] is ni and hit[1] == ni.generation:
+            return
+        if hit is not None:
+            self._apply(hit[2], -1)
+        contrib = self._contributions(ni, pods_of(ni))
+        self._apply(contrib, 1)
+        if contrib:
+            self._per_node[ni.name] = (ni, ni.generation, contrib)
+        else:
+            self._per_node.pop(ni.name, None)
 
 
 def _required_anti(ep: PodInfo) -> list[tuple[AffinityTerm, int]]:
@@ -301,7 +325,7 @@ class InterPodAffinity:
         ns_labels = self._ns_labels((incoming.get("metadata") or {}).get("namespace", ""))
         existing: Counts = {}
         index = self._existing_anti
-        index.update(with_anti, _pods_with_required_anti)
+        index.update(snap, with_anti, _pods_with_required_anti)
         for gid, per in index.totals.items():
             if index.term[gid].matches(incoming, ns_labels):
                 for value, n in per.items():
@@ -419,7 +443,7 @@ class InterPodAffinity:
         # Existing pods' terms about the incoming pod (only pods with affinity have any), one
         # match per group of identical terms, weighed by the pods per topology value.
         index = self._existing_scoring
-        index.update(snap.have_pods_with_affinity(), _pods_with_affinity)
+        index.update(snap, snap.have_pods_with_affinity(), _pods_with_affinity)
         for gid, per in index.totals.items():
             if index.term[gid].matches(incoming, ns_labels):
                 key, weight = gid[1], gid[2]
