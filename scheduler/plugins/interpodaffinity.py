@@ -13,7 +13,9 @@ PreFilter counts, per topology pair (key, value):
    :class:`ExistingTermIndex`, re-read only for nodes changed since the last cycle, so a cycle
    matches each distinct term once instead of every existing pod's;
 2. ``affinity``: existing pods matching *all* of the incoming pod's required affinity terms;
-3. ``anti``: existing pods matching each of the incoming pod's required anti-affinity terms.
+3. ``anti``: existing pods matching each of the incoming pod's required anti-affinity terms
+   (summed per topology value in a :class:`~scheduler.plugins.helpers.DomainCounts` per term,
+   updated from the nodes changed since the previous pod).
 
 Filter then is a few dict lookups per node, in upstream's order and codes:
 
@@ -54,7 +56,7 @@ from scheduler.framework import (
     unresolvable,
     unschedulable,
 )
-from scheduler.plugins.helpers import NodeCountCache, arg
+from scheduler.plugins.helpers import DomainCountsCache, NodeCountCache, arg
 from scheduler.selectors import Matcher, label_selector
 
 ERR_AFFINITY = "node(s) didn't match pod affinity rules"
@@ -248,6 +250,17 @@ def _required_anti(ep: PodInfo) -> list[tuple[AffinityTerm, int]]:
     return [(t, 1) for t in pod_terms(ep).required_anti]
 
 
+def _term_contribution(cache: NodeCountCache, topology_key: str, key: str, pred: Callable[[Obj], bool]
+                       ) -> Callable[[NodeInfo], tuple[str, int] | None]:
+    """A node's (value of ``topology_key``, pods matching the term) for a DomainCounts; None for
+    a node without the key."""
+
+    def contribute(ni: NodeInfo) -> tuple[str, int] | None:
+        v = (ni.node["metadata"].get("labels") or {}).get(topology_key)
+        return None if v is None else (v, cache.count(ni, key, pred))
+    return contribute
+
+
 def _pods_with_required_anti(ni: NodeInfo) -> list[PodInfo]:
     return ni.pods_with_required_anti_affinity
 
@@ -267,6 +280,8 @@ class InterPodAffinity:
         self.ignore_existing_preferred = bool(arg(args, "ignorePreferredTermsOfExistingPods", False))
         #: Per-node counts of pods matching the incoming pods' terms (replicas share terms).
         self._cache = NodeCountCache()
+        #: Per (incoming term's count key, topology key): pods matching it per topology value.
+        self._domains = DomainCountsCache()
         #: Existing pods' required anti-affinity terms (PreFilter) and the terms by which they
         #: score the incoming pod (PreScore: required affinity at hardPodAffinityWeight,
         #: preferred affinity/anti-affinity at +/- their weight).
@@ -344,9 +359,22 @@ class InterPodAffinity:
             aff_keys = [t.topology_key for t in req_aff]
             # per anti-affinity term, resolved once: its count key, predicate and cached table
             anti_plan = [(t.topology_key, "anti" + t.key, _term_pred(t)) for t in req_anti]
-            anti_plan_t = [(tk, key, pred, cache.table(key)) for tk, key, pred in anti_plan]
+            # An anti-affinity term's sums per topology value come from a DomainCounts kept up to
+            # date from the snapshot's change log (when filtering the whole snapshot); what is
+            # left is counted node by node.
+            whole = nodes is snap.node_infos()
+            loop_anti = []
+            for tk, key, pred in anti_plan:
+                dc = self._domains.get((key, tk)) if whole else None
+                if dc is not None and dc.update(snap, _term_contribution(cache, tk, key, pred)):
+                    for value, t in dc.totals.items():
+                        if t[1]:
+                            _inc(anti, tk, value, t[1])
+                else:
+                    loop_anti.append((tk, key, pred))
+            anti_plan_t = [(tk, key, pred, cache.table(key)) for tk, key, pred in loop_anti]
             aff_table = cache.table(aff_key) if req_aff else {}
-            for ni in nodes:
+            for ni in nodes if req_aff or anti_plan_t else ():
                 labels = ni.node["metadata"].get("labels") or {}
                 name, gen = ni.name, ni.generation
                 if aff_keys and any(k in labels for k in aff_keys):
