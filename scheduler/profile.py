@@ -419,9 +419,12 @@ class Profile:
                 return {}, error(f"plugin {pl.name!r} returns an invalid score {bad}, it should in the range "
                                  f"of [{MIN_NODE_SCORE}, {MAX_NODE_SCORE}] after normalizing").with_plugin(pl.name)
             w = self.weights.get(pl.name, 1)
-            if w != 1:
-                vals = [s * w for s in vals]
-            totals = vals if totals is None else list(map(operator.add, totals, vals))
+            if totals is None:
+                totals = vals if w == 1 else [s * w for s in vals]
+            elif w == 1:
+                totals = list(map(operator.add, totals, vals))
+            else:
+                totals = [t + s * w for t, s in zip(totals, vals, strict=True)]
         return dict(zip(names, totals if totals is not None else [0] * len(nodes), strict=True)), Status()
 
     def run_reserve(self, state: CycleState, pod: PodInfo, node: str) -> Status:
