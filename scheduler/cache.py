@@ -14,7 +14,8 @@ In order:
 3. :class:`NodeSnapshot`: the per-cycle view. ``Cache.update_snapshot`` copies only NodeInfos whose
    generation is newer than the snapshot's (nodes are kept in most-recently-changed order, so the
    walk stops at the first unchanged one), and rebuilds the node list (zones interleaved, as
-   upstream's nodeTree) only when nodes come or go.
+   upstream's nodeTree) only when nodes come or go. The snapshot logs the names it updated
+   (:meth:`NodeSnapshot.changes_since`) for plugins that keep cluster-wide tables per node.
 
 Thread-safety: :class:`Cache` methods take its lock; a snapshot belongs to the scheduling thread.
 """
@@ -93,6 +94,35 @@ class NodeSnapshot:
         #: this is empty.
         self.tainted: set[str] = set()
         self.generation = 0
+        #: The change log: names of the NodeInfos updated (or gone) since position ``log_base``,
+        #: in order; ``epoch`` moves when nodes come or go (or the log is cut), which makes
+        #: every reader start over. See :meth:`changes_since`.
+        self.log: list[str] = []
+        self.log_base = 0
+        self.epoch = 0
+
+    def changes_since(self, cursor: tuple[int, int] | None) -> tuple[list[str] | None, tuple[int, int]]:
+        """Names of the NodeInfos changed since ``cursor`` (a name may repeat), and the cursor to
+        keep for next time; None instead of names when the reader must look at every node (its
+        first call, nodes added or removed, or the log cut since).
+
+        Why: plugins that keep per-node tables aggregated over the cluster (InterPodAffinity's
+        index of existing pods' terms, PodTopologySpread's domain counts) update them from the
+        few nodes that changed between two pods instead of visiting every node per pod."""
+        end = (self.epoch, self.log_base + len(self.log))
+        if cursor is None or cursor[0] != self.epoch or cursor[1] < self.log_base:
+            return None, end
+        return self.log[cursor[1] - self.log_base:], end
+
+    def _logged(self, name: str) -> None:
+        self.log.append(name)
+        if len(self.log) > max(4096, 2 * len(self.node_info_map)):
+            self._cut_log()
+
+    def _cut_log(self) -> None:
+        self.log_base += len(self.log)
+        self.log = []
+        self.epoch += 1
 
     def node_infos(self) -> list[NodeInfo]:
         return self.node_info_list
@@ -307,6 +337,7 @@ class Cache:
                 if n.info.generation <= snap.generation:
                     break
                 top = max(top, n.info.generation)
+                snap._logged(name)
                 if not n.has_node:
                     snap.unschedulable.discard(name)
                     snap.tainted.discard(name)
@@ -342,6 +373,7 @@ class Cache:
                     snap.node_info_map[k] for k in sorted(snap.node_info_map))
                 self._membership_changed = False
                 affinity_changed = True
+                snap._cut_log()
             if affinity_changed:
                 snap.with_affinity = [ni for ni in snap.node_info_list if ni.pods_with_affinity]
                 snap.with_required_anti_affinity = [ni for ni in snap.node_info_list

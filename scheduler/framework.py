@@ -322,9 +322,8 @@ def default_normalize(scores: dict[str, int], reverse: bool = False) -> None:
     100 - scaled), in place."""
     top = max(scores.values(), default=0)
     if top == 0:
-        if reverse:
-            for k in scores:
-                scores[k] = MAX_NODE_SCORE
+        if reverse:  # every node alike (e.g. no taints anywhere): one C-level update
+            scores.update(dict.fromkeys(scores, MAX_NODE_SCORE))
         return
     for k, v in scores.items():
         s = MAX_NODE_SCORE * v // top

@@ -90,12 +90,29 @@ def parse_quantity(q: Any) -> Fraction:
 
 def value(q: Any) -> int:
     """``Quantity.Value()``: rounded up to an integer (memory, storage, pods, extended)."""
+    if isinstance(q, str):
+        return _value_str(q)
     return math.ceil(parse_quantity(q))
 
 
 def milli_value(q: Any) -> int:
     """``Quantity.MilliValue()``: thousandths rounded up (cpu is counted in millicores)."""
+    if isinstance(q, str):
+        return _milli_value_str(q)
     return math.ceil(parse_quantity(q) * 1000)
+
+
+# Every pod event parses its requests again (the informer's PodInfo, the cache's on the bind's
+# confirmation), nearly always the same few strings: the integers are remembered, not only the
+# exact value (Fraction arithmetic costs microseconds per quantity).
+@functools.lru_cache(maxsize=4096)
+def _value_str(text: str) -> int:
+    return math.ceil(_parse_str(text))
+
+
+@functools.lru_cache(maxsize=4096)
+def _milli_value_str(text: str) -> int:
+    return math.ceil(_parse_str(text) * 1000)
 
 
 def is_scalar_resource(name: str) -> bool:
@@ -300,7 +317,11 @@ def remove_pod(ni: NodeInfo, pod: Obj) -> bool:
     def same(p: PodInfo) -> bool:
         return (p.uid == uid) if uid else (p.key == key)
 
-    idx = next((i for i, p in enumerate(ni.pods) if same(p)), None)
+    # The cache removes the very object it added: found by identity without building a key
+    # per pod on the node; any other caller's copy by UID or name.
+    idx = next((i for i, p in enumerate(ni.pods) if p.pod is pod), None)
+    if idx is None:
+        idx = next((i for i, p in enumerate(ni.pods) if same(p)), None)
     if idx is None:
         return False
     pi = ni.pods.pop(idx)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import operator
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -380,32 +381,36 @@ class Profile:
 
     def run_score(self, state: CycleState, pod: PodInfo, nodes: list[NodeInfo]) -> tuple[dict[str, int], Status]:
         """upstream RunScorePlugins: per plugin score, NormalizeScore, range check, weight; the
-        weighted sum per node."""
+        weighted sum per node. Scores travel as lists in the nodes' order; a name -> score dict
+        is built only for a plugin that normalizes (its interface) and for the result."""
         names = [n.name for n in nodes]
-        totals = [0] * len(nodes)
+        totals: list[int] | None = None
         skip = state.skip_score
         for pl in self.score:
             if skip and pl.name in skip:
                 continue
-            scores: dict[str, int]
+            vals: list[int]
             try:
                 batch = getattr(pl, "score_nodes", None)
                 if batch is not None:
-                    scores = dict(zip(names, batch(state, pod, nodes), strict=True))
+                    vals = batch(state, pod, nodes)
+                    if len(vals) != len(nodes):
+                        raise ValueError(f"score_nodes gave {len(vals)} scores for {len(nodes)} nodes")
                 else:
-                    scores = {}
+                    vals = []
                     score = pl.score
-                    for name, n in zip(names, nodes, strict=True):
+                    for n in nodes:
                         s, st = score(state, pod, n)
                         if st is not SUCCESS and st.code != Code.SUCCESS:
                             return {}, st.with_plugin(pl.name)
-                        scores[name] = s
+                        vals.append(s)
                 norm = getattr(pl, "normalize_score", None)
                 if norm is not None:
+                    scores = dict(zip(names, vals, strict=True))
                     st = norm(state, pod, scores)
                     if not st.ok:
                         return {}, st.with_plugin(pl.name)
-                vals = [scores[name] for name in names]
+                    vals = [scores[name] for name in names]
             except Exception as e:  # a plugin bug is the pod's error, not the loop's
                 _log.exception("Score plugin %s failed on pod %s", pl.name, pod.key)
                 return {}, error(str(e)).with_plugin(pl.name)
@@ -414,11 +419,13 @@ class Profile:
                 return {}, error(f"plugin {pl.name!r} returns an invalid score {bad}, it should in the range "
                                  f"of [{MIN_NODE_SCORE}, {MAX_NODE_SCORE}] after normalizing").with_plugin(pl.name)
             w = self.weights.get(pl.name, 1)
-            if w == 1:
-                totals = [t + s for t, s in zip(totals, vals, strict=True)]
+            if totals is None:
+                totals = vals if w == 1 else [s * w for s in vals]
+            elif w == 1:
+                totals = list(map(operator.add, totals, vals))
             else:
                 totals = [t + s * w for t, s in zip(totals, vals, strict=True)]
-        return dict(zip(names, totals, strict=True)), Status()
+        return dict(zip(names, totals if totals is not None else [0] * len(nodes), strict=True)), Status()
 
     def run_reserve(self, state: CycleState, pod: PodInfo, node: str) -> Status:
         return self._run_each("Reserve", self.reserve, lambda pl: pl.reserve(state, pod, node), pod)

@@ -40,7 +40,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from scheduler.cache import Cache, NodeSnapshot
@@ -181,6 +181,29 @@ def node_update_events(old: Obj, new: Obj) -> list[ClusterEvent]:
     if old["metadata"].get("annotations") != new["metadata"].get("annotations"):
         out.append(ClusterEvent("Node", "UpdateNodeAnnotation"))
     return out
+
+
+def _filter_crash(pname: str, pi: PodInfo, ni: NodeInfo, e: Exception) -> SchedulingError:
+    """A Filter plugin raised: logged with its trace; the pod's cycle fails, not the loop."""
+    _log.exception("Filter plugin %s failed on pod %s node %s", pname, pi.key, ni.name)
+    return SchedulingError(f'running "{pname}" filter plugin: {e}')
+
+
+def _chain_filters(filters: list[tuple[str, Callable[[NodeInfo], Status]]], pi: PodInfo
+                   ) -> Callable[[NodeInfo], Status]:
+    """The compiled Filters of one pod as one function of the node (upstream RunFilterPlugins):
+    the first non-success, tagged with its plugin; SUCCESS when all pass."""
+
+    def check(ni: NodeInfo) -> Status:
+        for pname, f in filters:
+            try:
+                st = f(ni)
+            except Exception as e:  # a plugin bug fails this pod's cycle, not the loop
+                raise _filter_crash(pname, pi, ni, e) from e
+            if st is not SUCCESS and st.code != Code.SUCCESS:
+                return st if st.plugin == pname else st.with_plugin(pname)
+        return SUCCESS
+    return check
 
 
 class SchedulerHandle:
@@ -517,27 +540,30 @@ class Scheduler:
                 _log.exception("compiling the Filter plugins for pod %s failed", pi.key)
                 raise SchedulingError(f"running filter plugins: {e}") from e
             order = nodes[start:] + nodes[:start] if start else nodes
-            for ni in order:
-                st = SUCCESS
-                for pname, f in filters:
+            if not filters:
+                feasible = order[:want]
+            else:
+                # One function per node: the only Filter itself (its statuses tagged here), or
+                # the Filters chained (each status tagged inside).
+                pname, check = filters[0] if len(filters) == 1 else ("", _chain_filters(filters, pi))
+                for ni in order:
                     try:
-                        st = f(ni)
+                        st = check(ni)
+                    except SchedulingError:
+                        raise
                     except Exception as e:  # a plugin bug fails this pod's cycle, not the loop
-                        _log.exception("Filter plugin %s failed on pod %s node %s", pname, pi.key, ni.name)
-                        raise SchedulingError(f'running "{pname}" filter plugin: {e}') from e
-                    if st is not SUCCESS and st.code != Code.SUCCESS:
-                        if st.plugin != pname:
-                            st = st.with_plugin(pname)
-                        break
-                else:
-                    feasible.append(ni)
-                    if len(feasible) >= want:
-                        break
-                    continue
-                if st.rejected:
-                    rejected[ni.name] = st
-                else:
-                    raise SchedulingError(f'running "{st.plugin}" filter plugin: {st.message()}')
+                        raise _filter_crash(pname, pi, ni, e) from e
+                    if st is SUCCESS or st.code == Code.SUCCESS:
+                        feasible.append(ni)
+                        if len(feasible) >= want:
+                            break
+                        continue
+                    if pname and st.plugin != pname:
+                        st = st.with_plugin(pname)
+                    if st.rejected:
+                        rejected[ni.name] = st
+                    else:
+                        raise SchedulingError(f'running "{st.plugin}" filter plugin: {st.message()}')
         self.next_start_node_index = (self.next_start_node_index + len(feasible) + len(rejected)) % n
         return feasible, rejected
 

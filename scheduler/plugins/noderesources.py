@@ -42,7 +42,7 @@ from scheduler.framework import (
     Resource,
     Status,
 )
-from scheduler.plugins.helpers import arg
+from scheduler.plugins.helpers import NodeCountCache, arg
 from scheduler.podutil import CPU, EPHEMERAL_STORAGE, MEMORY, is_extended_resource
 
 DEFAULT_RESOURCES: list[dict[str, Any]] = [{"name": "cpu", "weight": 1}, {"name": "memory", "weight": 1}]
@@ -94,6 +94,8 @@ class _AllocationScorer:
         kinds = {CPU: _CPU, MEMORY: _MEM, EPHEMERAL_STORAGE: _EPH, "pods": _UNSCORED}
         #: (kind, name, weight); "pods" is not scored (upstream's switch has no case for it).
         self.specs = [(kinds.get(name, _SCALAR), name, w) for name, w in resources]
+        #: :meth:`score_nodes`' scores per node, one table per pod (cpu, memory) request.
+        self._memo = NodeCountCache(max_keys=8)
 
     def score(self, pod: PodInfo, node: NodeInfo) -> int:
         requested: list[int] = []
@@ -129,7 +131,10 @@ class _AllocationScorer:
     def score_nodes(self, pod: PodInfo, nodes: list[NodeInfo]) -> list[int]:
         """:meth:`score` for every node (the framework's batch path). The default resources
         (cpu and memory, nothing else) with LeastAllocated, MostAllocated or balance take an
-        inlined loop with the pod's requests read once; anything else calls :meth:`score`."""
+        inlined loop with the pod's requests read once, and remember each node's score for
+        the pod's (cpu, memory) until the node changes (its ``generation`` moves): the replicas
+        of a workload ask the same, and between two of them only the nodes they landed on (and
+        the binds confirmed) changed. Anything else calls :meth:`score`."""
         fn = self.fn
         if [k for k, _n, _w in self.specs] != [_CPU, _MEM] or fn not in (_least, _most, _balanced):
             return [self.score(pod, n) for n in nodes]
@@ -137,10 +142,18 @@ class _AllocationScorer:
         pod_cm = pod.requests if self.use_requested else pod.non_zero_requests
         pc, pm = pod_cm.milli_cpu, pod_cm.memory
         use_requested = self.use_requested
+        table = self._memo.writable((pc, pm))
+        get = table.get
         out: list[int] = []
         append = out.append
+        s: int
         if fn is _balanced:
             for n in nodes:
+                name, gen = n.name, n.generation
+                hit = get(name)
+                if hit is not None and hit[0] == gen:
+                    append(hit[1])
+                    continue
                 a = n.allocatable
                 r = n.requested if use_requested else n.non_zero_requested
                 ac, am = a.milli_cpu, a.memory
@@ -148,13 +161,20 @@ class _AllocationScorer:
                     fc = (r.milli_cpu + pc) / ac
                     fm = (r.memory + pm) / am
                     std = abs(((fc if fc < 1.0 else 1.0) - (fm if fm < 1.0 else 1.0)) / 2)
-                    append(int((1 - std) * MAX_NODE_SCORE))
+                    s = int((1 - std) * MAX_NODE_SCORE)
                 else:
-                    append(MAX_NODE_SCORE)  # one fraction or none: std 0
+                    s = MAX_NODE_SCORE  # one fraction or none: std 0
+                table[name] = (gen, s)
+                append(s)
             return out
         least = fn is _least
         wsum_both = wc + wm
         for n in nodes:
+            name, gen = n.name, n.generation
+            hit = get(name)
+            if hit is not None and hit[0] == gen:
+                append(hit[1])
+                continue
             a = n.allocatable
             r = n.requested if use_requested else n.non_zero_requested
             ac, am = a.milli_cpu, a.memory
@@ -166,13 +186,15 @@ class _AllocationScorer:
                 sc = (rc if rc < ac else ac) * MAX_NODE_SCORE // ac if ac else 0
                 sm = (rm if rm < am else am) * MAX_NODE_SCORE // am if am else 0
             if ac and am:
-                append((sc * wc + sm * wm) // wsum_both)
+                s = (sc * wc + sm * wm) // wsum_both
             elif ac:
-                append(sc * wc // wc)
+                s = sc * wc // wc
             elif am:
-                append(sm * wm // wm)
+                s = sm * wm // wm
             else:
-                append(0)
+                s = 0
+            table[name] = (gen, s)
+            append(s)
         return out
 
 

@@ -11,7 +11,10 @@ adds ``key in (pod's value)`` to the selector. ``minDomains`` defaults to 1,
 PreFilter (DoNotSchedule constraints): over every node that carries all the constraints' keys and
 passes the inclusion policies, count the matching pods (same namespace, not terminating) per
 topology value, and keep each constraint's global minimum (0 when there are fewer domains than
-``minDomains``). Filter per node is then O(constraints): a node without the key is
+``minDomains``). A constraint no inclusion policy can narrow for this pod keeps those sums in a
+:class:`~scheduler.plugins.helpers.DomainCounts` per selector, updated from the nodes changed
+since the previous pod (the snapshot's change log) instead of visiting every node per pod.
+Filter per node is then O(constraints): a node without the key is
 UnschedulableAndUnresolvable (``... (missing required label)``); otherwise
 ``count[value] + selfMatch - min > maxSkew`` is Unschedulable
 (``node(s) didn't match pod topology spread constraints``).
@@ -44,7 +47,7 @@ from scheduler.framework import (
     unresolvable,
     unschedulable,
 )
-from scheduler.plugins.helpers import NodeCountCache, arg
+from scheduler.plugins.helpers import DomainCountsCache, NodeCountCache, arg
 from scheduler.selectors import (
     Matcher,
     RequiredNodeAffinity,
@@ -135,6 +138,8 @@ class PodTopologySpread:
     def __init__(self, handle: Handle, args: Mapping[str, Any]) -> None:
         self.handle = handle
         self._counts = NodeCountCache(_COUNT_CACHE_SELECTORS)
+        #: PreFilter's per-domain sums per (selector key, topology key, the pod's keys).
+        self._domains = DomainCountsCache(_COUNT_CACHE_SELECTORS)
         defaulting = arg(args, "defaultingType", "System")
         if defaulting == "System":
             self.default_constraints = SYSTEM_DEFAULT_CONSTRAINTS
@@ -182,6 +187,18 @@ class PodTopologySpread:
             return (not meta.get("deletionTimestamp") and meta.get("namespace", "") == namespace
                     and sel(meta.get("labels") or {}))
         return self._counts.count(ni, c.cache_key, pred)
+
+    def _contribution(self, c: Constraint, key: str, keys: tuple[str, ...], namespace: str
+                      ) -> Callable[[NodeInfo], tuple[str, int] | None]:
+        """A node's (domain, matching pods) for the PreFilter counts of ``c``; None when the node
+        lacks one of the pod's constraints' keys (it counts in no domain)."""
+
+        def contribute(ni: NodeInfo) -> tuple[str, int] | None:
+            labels = ni.node["metadata"].get("labels") or {}
+            if not all(k in labels for k in keys):
+                return None
+            return labels[key], self._count(ni, c, namespace)
+        return contribute
 
     def constraints(self, pod: Obj, action: str) -> list[Constraint]:
         spec = pod.get("spec") or {}
@@ -265,11 +282,25 @@ class PodTopologySpread:
                  self._counts.table(c.cache_key) if c.cache_key is not None else None)
                 for i, c in enumerate(constraints)]
         keys = [c.topology_key for c in constraints]
-        for ni in nodes:
+        # A constraint whose count does not depend on the incoming pod's node inclusion (no
+        # policy to check) and whose selector is keyed takes its sums from a DomainCounts kept
+        # up to date from the snapshot's change log; the others are counted node by node.
+        snap = self.handle.snapshot()
+        whole = nodes is snap.node_infos()
+        keys_t = tuple(sorted(set(keys)))
+        loop_plan = []
+        for i, key, c, check, table in plan:
+            if whole and not check and c.cache_key is not None:
+                dc = self._domains.get((c.cache_key, key, keys_t))
+                if dc.update(snap, self._contribution(c, key, keys_t, ns)):
+                    counts[i] = {v: t[1] for v, t in dc.totals.items()}
+                    continue
+            loop_plan.append((i, key, c, check, table))
+        for ni in nodes if loop_plan else ():
             labels = ni.node["metadata"].get("labels") or {}
             if not all(k in labels for k in keys):
                 continue
-            for i, key, c, check, table in plan:
+            for i, key, c, check, table in loop_plan:
                 if check and not c.includes(ni.node, affinity, tolerations):
                     continue
                 hit = table.get(ni.name) if table is not None else None
