@@ -40,6 +40,7 @@ from typing import Any
 
 import yaml
 
+from scheduler.election import timing_problem
 from scheduler.framework import (
     MAX_NODE_SCORE,
     MIN_NODE_SCORE,
@@ -211,9 +212,9 @@ def parse_config(doc: Any, source: str = "config") -> SchedulerConfig:
             resource_namespace=str(le.get("resourceNamespace", d.resource_namespace)),
             resource_name=str(le.get("resourceName", d.resource_name)))
         e = cfg.leader_election
-        if not e.lease_duration > e.renew_deadline > e.retry_period > 0:
-            raise ConfigError(f"{source}: leaderElection needs leaseDuration > renewDeadline > retryPeriod > 0 "
-                              f"(got {e.lease_duration}s, {e.renew_deadline}s, {e.retry_period}s)")
+        problem = timing_problem(e.lease_duration, e.renew_deadline, e.retry_period)
+        if problem:
+            raise ConfigError(f"{source}: leaderElection: {problem}")
     profiles = doc.get("profiles")
     if profiles is None:
         cfg.profiles = default_config().profiles

@@ -440,7 +440,7 @@ def test_config_enables_disables_and_weighs() -> None:
     ({"profiles": [{"plugins": {"filter": {"enabled": [{"weight": 1}]}}}]}, r"filter.enabled\[0\]"),
     ({"profiles": [{"plugins": {"score": {"enabled": [{"name": "X", "weight": -1}]}}}]}, "weight -1"),
     ({"profiles": [{"pluginConfig": [{"name": "A"}, {"name": "A"}]}]}, "duplicate config for plugin 'A'"),
-    ({"leaderElection": {"leaseDuration": "5s", "renewDeadline": "10s"}}, "leaseDuration > renewDeadline"),
+    ({"leaderElection": {"leaseDuration": "5s", "renewDeadline": "10s"}}, r"lease duration \(5 s\) must be greater"),
     ({"leaderElection": {"leaseDuration": "fast"}}, "'fast' is not a duration"),
 ])
 def test_config_errors_name_the_field(doc: dict[str, Any], match: str) -> None:
