@@ -36,6 +36,11 @@ class SchedulerMetrics:
         self.binding_duration = prometheus_client.Histogram(
             "fabric_scheduler_binding_duration_seconds", "PreBind plus the pods/binding request.",
             buckets=_BUCKETS, registry=r)
+        self.bind_refusals = prometheus_client.Counter(
+            "fabric_scheduler_bind_refusals",
+            "pods/binding requests refused because the pod was gone (404) or already bound (409, e.g. by "
+            "another replica or an earlier instance); the assumption is dropped and the watch has the truth.",
+            ["code"], registry=r)
         self.pending = prometheus_client.Gauge(
             "fabric_scheduler_pending_pods", "Pods waiting in each part of the scheduling queue.", ["queue"],
             registry=r)

@@ -602,6 +602,7 @@ class Scheduler:
             if e.status in (404, 409):
                 # Gone, or already bound (by a previous instance, or a race): the watch has the truth.
                 _log.info("binding %s to %s: %s (%s); leaving it to the watch", key, node, e.status, e.message)
+                self.metrics.bind_refusals.labels(code=str(e.status)).inc()
                 self.queue.forget_in_flight(key)
                 return
             self._fail(profile, q, pod_cycle, "SchedulerError", f'running Bind plugin "DefaultBinder": {e.message}',

@@ -246,6 +246,49 @@ def test_binding_an_already_bound_pod_answers_409(api: Api, ns: str) -> None:
     assert e.value.status == 409
 
 
+class _RacingApi(Api):
+    """An API client whose first ``pods/binding`` is beaten by another binder: the pod is bound to
+    ``n1`` just before our request goes out, so ours is refused with 409."""
+
+    def __init__(self, host: str) -> None:
+        super().__init__(host)
+        self.raced: list[str] = []
+
+    def create(self, path: str, body: dict[str, Any]) -> Any:
+        if path.endswith("/binding") and not self.raced:
+            self.raced.append(path)
+            super().create(path, {**body, "target": {**body["target"], "name": "n1"}})
+        return super().create(path, body)
+
+
+def test_a_bind_lost_to_another_binder_is_counted_and_left_to_the_watch(api: Api, ns: str) -> None:
+    """The scheduler's side of a 409: no error, no retry, no FailedScheduling; the refusal is
+    counted (``fabric_scheduler_bind_refusals_total{code="409"}``) and the pod stays where the
+    winner put it, and the cache follows the watch (n1's room is used, n0's is not)."""
+    api.create("/api/v1/nodes", node("n0", cpu="1"))
+    api.create("/api/v1/nodes", node("n1", cpu="1"))
+    racing = _RacingApi(api.host)
+    sched = Scheduler(racing, default_config(), registry=REGISTRY, leader_elect=False)
+    sched.start(sync_timeout=20)
+    try:
+        create_pod(api, ns, pod("p", cpu="600m"))
+        # n1 is where the racing binder put it, whichever node our scheduler chose
+        p = wait_until(lambda: (pods(api, ns)["p"]["spec"].get("nodeName") and pods(api, ns)["p"]), 20, "p bound")
+        assert p["spec"]["nodeName"] == "n1"
+        refused = wait_until(lambda: sched.metrics.registry.get_sample_value(
+            "fabric_scheduler_bind_refusals_total", {"code": "409"}) or None, 10, "the 409 counted")
+        assert refused == 1
+        create_pod(api, ns, pod("q", cpu="600m"))  # fits only on n0 if the cache saw p land on n1
+        q = wait_until(lambda: (pods(api, ns)["q"]["spec"].get("nodeName") and pods(api, ns)["q"]), 20, "q bound")
+        assert q["spec"]["nodeName"] == "n0"
+        assert not events(api, ns, "FailedScheduling")
+        errors = sched.metrics.registry.get_sample_value(
+            "fabric_scheduler_schedule_attempts_total", {"result": "error", "profile": "default-scheduler"})
+        assert errors in (None, 0)
+    finally:
+        sched.kill()
+
+
 class _Boom:
     """A Filter plugin with a bug for pods labelled ``boom``."""
 
