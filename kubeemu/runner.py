@@ -2,6 +2,13 @@
 
 The lab runs each cluster as its own process (``python -m kubeemu``); tests that want several
 servers cheaply, or a server object they can poke directly, use ``ServerThread`` instead.
+
+``stop()`` stops the server (watches dropped, controllers cancelled, aiohttp's runner cleaned
+up), then the loop; before the thread ends, the tasks still on the loop are cancelled and
+awaited, as ``asyncio.run`` does: aiohttp does not cancel the handler of a request whose client
+went away (``handler_cancellation`` is off) and forgets its task, so the runner's cleanup cannot
+cancel it either; such a handler (one held by an injected latency, say) was left pending on the
+closed loop ("Task was destroyed but it is pending!" when collected).
 """
 
 from __future__ import annotations
@@ -41,7 +48,19 @@ class ServerThread:
             self._ready.set()
             return
         self._ready.set()
-        self.loop.run_forever()
+        try:
+            self.loop.run_forever()
+        finally:
+            self._cancel_leftovers()
+
+    def _cancel_leftovers(self) -> None:
+        """Cancel and await the tasks the stopped server left on the loop (module docstring)."""
+        pending = [t for t in asyncio.all_tasks(self.loop) if not t.done()]
+        for t in pending:
+            t.cancel()
+        if pending:
+            self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        self.loop.run_until_complete(self.loop.shutdown_asyncgens())
 
     def start(self) -> ServerThread:
         self._thread.start()

@@ -13,15 +13,28 @@ process ``WATCHDOG_GRACE_S`` later. The suite runs in one pytest-xdist worker (`
 ``addopts``): the controller reports that test as crashed with the stacks attached, starts a
 fresh worker and goes on. (``-n 0`` runs in-process, for a debugger; the stacks are then left
 in the folder the report header names.)
+
+Leaked component threads fail too. Our components run daemon threads (the Kubernetes source's
+``kube-clusters`` watcher, kubeemu's server loop, the tree's and the scheduler's loops); one a
+test forgets to stop goes on logging after the test, and a daemon thread that writes to stderr
+while the interpreter finalizes aborts the whole run ("Fatal Python error:
+_enter_buffered_busy", exit 134) after every test passed. So after each test, and once more at
+the end of the session (for module- and session-scoped fixtures), a thread of
+``COMPONENT_THREADS`` started since is given ``LEAK_GRACE_S`` to end and is then reported as an
+error of that test (or of the last one) naming the threads.
 """
 
 from __future__ import annotations
 
+import collections
 import faulthandler
 import os
+import re
 import shutil
 import subprocess
 import tempfile
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +46,14 @@ IS_ROOT = os.geteuid() == 0
 WATCHDOG_GRACE_S = 30.0
 _STACKS_ENV = "KFT_TEST_STACKS_DIR"
 _stacks: IO[str] | None = None
+#: Names of the threads our components start and must end when they stop (module docstring).
+COMPONENT_THREADS = re.compile(
+    r"kube-clusters|kubeemu|tree-manager|tree-fabric-link|leaf-.+|informer-.+|leader-election|queue-flush"
+    r"|schedule-one|netlink-events"
+)
+#: How long a component thread started by a test may take to end after the test (a stopping
+#: component that does not join its thread): only waited for when one is still alive.
+LEAK_GRACE_S = 3.0
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -108,3 +129,44 @@ def netns() -> Iterator[str]:
         yield name
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def _leaked_threads(before: set[threading.Thread]) -> list[str]:
+    """Component threads not in ``before`` still alive after ``LEAK_GRACE_S``, described."""
+    deadline = time.monotonic() + LEAK_GRACE_S
+    left = []
+    for t in threading.enumerate():
+        if t not in before and COMPONENT_THREADS.fullmatch(t.name):
+            t.join(max(0.0, deadline - time.monotonic()))
+            if t.is_alive():
+                left.append(f"{t.name} ({'daemon' if t.daemon else 'non-daemon'}, target {_target(t)})")
+    return left
+
+
+def _target(t: threading.Thread) -> str:
+    fn = getattr(t, "_target", None)
+    return getattr(fn, "__qualname__", None) or repr(fn)
+
+
+def _check_no_leak(before: set[threading.Thread], what: str) -> None:
+    left = _leaked_threads(before)
+    if left:
+        named = ", ".join(f"{n} x {desc}" if n > 1 else desc for desc, n in collections.Counter(left).items())
+        pytest.fail(f"{what} left component threads running (stop what you start; a daemon thread that "
+                    f"logs at interpreter shutdown aborts the run): {named}", pytrace=False)  # fmt: skip
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_component_threads_leaked_by_the_session() -> Iterator[None]:
+    """Set up first, torn down last: what module- and session-scoped fixtures left running."""
+    before = set(threading.enumerate())
+    yield
+    _check_no_leak(before, "the session (a test reported above, or a module- or session-scoped fixture)")
+
+
+@pytest.fixture(autouse=True)
+def _no_component_threads_leaked_by_the_test() -> Iterator[None]:
+    """Torn down after the test's own fixtures (autouse ones are set up first): what the test left."""
+    before = set(threading.enumerate())
+    yield
+    _check_no_leak(before, "this test")

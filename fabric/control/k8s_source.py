@@ -50,6 +50,13 @@ reflector runs on its event loop (events are handed over with ``call_soon_thread
 reflector needs no locks. Those threads can enter
 another network namespace first (``netns_fd``): the lab runs the reflector in its underlay
 namespace and the emulated API servers on 127.0.0.1 of the root namespace.
+
+**Stopping.** A source runs once. When ``run()`` ends (cancelled) it sets the stop flag, shuts
+the socket of the watch in progress (a watch read otherwise blocks until the next event or
+bookmark, or up to ``resync`` seconds) and waits up to ``WATCHER_JOIN_S`` for the watch thread.
+A thread still inside a list request then (at most ``REQUEST_TIMEOUT_S``) ends when it returns
+and neither logs nor touches the reflector any more: a stopped source leaves nothing that
+writes to a closed event loop or to stderr while the interpreter shuts down.
 """
 
 from __future__ import annotations
@@ -79,6 +86,8 @@ DEFAULT_STATUS_INTERVAL_S = 2.0
 DEFAULT_LEASE_DURATION_S = 15
 #: Timeouts of one API request (connect, read); watches read for up to resync + this.
 REQUEST_TIMEOUT_S = 10.0
+#: How long a stopping ``run()`` waits for its watch thread (see "Stopping" above).
+WATCHER_JOIN_S = 2.0
 _MERGE_PATCH = "application/merge-patch+json"
 LEASE_GROUP, LEASE_VERSION, LEASE_PLURAL = "coordination.k8s.io", "v1", "leases"
 
@@ -427,6 +436,10 @@ class KubernetesSource:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._dirty: asyncio.Event | None = None
         self._stop = threading.Event()
+        #: The watch response being read (the watch thread's), so a stop can interrupt its read.
+        self._watch_resp: Any = None
+        self._watch_lock = threading.Lock()
+        self._watcher: threading.Thread | None = None
         self._lease_until = 0.0
         #: This replica holds the Lease and told the sink to serve (always False without a Lease).
         self.leading = False
@@ -513,6 +526,11 @@ class KubernetesSource:
                     timeout_seconds=max(1, int(self.resync_s)), _preload_content=False,
                     _request_timeout=(REQUEST_TIMEOUT_S, self.resync_s + 60.0),
                 )  # fmt: skip
+                with self._watch_lock:  # published under the lock: a stop either sees it or is seen here
+                    if self._stop.is_set():
+                        resp.close()
+                        return
+                    self._watch_resp = resp
                 try:
                     for line in iter_resp_lines(resp):  # type: ignore[no-untyped-call]
                         if self._stop.is_set():
@@ -535,7 +553,12 @@ class KubernetesSource:
                     else:
                         rv = ""  # the watch ran its resync period: rebuild the view from a list
                 finally:
-                    resp.release_conn()
+                    with self._watch_lock:
+                        self._watch_resp = None
+                    if self._stop.is_set():
+                        resp.close()  # its socket may be shut: never back into the pool
+                    else:
+                        resp.release_conn()
                 backoff.reset()
             except Exception as e:  # transport or server error: back off, keep the view, retry
                 if self._stop.is_set():
@@ -546,6 +569,32 @@ class KubernetesSource:
                 delay = backoff.next()
                 _log.warning("Cluster list/watch failed: %s; retrying in %.1fs", text, delay)
                 self._stop.wait(delay)
+
+    def _interrupt_watch(self) -> None:
+        """Set the stop flag and end a watch read in progress at once: shutting the socket for
+        reading makes the blocked read see end-of-stream (urllib3 >= 2.3; with an older one the
+        thread notices the flag at the next event or bookmark)."""
+        with self._watch_lock:
+            self._stop.set()
+            resp = self._watch_resp
+        shutdown = getattr(resp, "shutdown", None)
+        if shutdown is not None:
+            # ValueError/RuntimeError: the response has just finished or released its connection.
+            with contextlib.suppress(OSError, ValueError, RuntimeError):
+                shutdown()
+
+    async def _join_watcher(self) -> None:
+        """Wait up to ``WATCHER_JOIN_S`` for the watch thread (polled: joining would block the
+        loop); a thread still in a list request ends by itself, silently (module docstring)."""
+        watcher = self._watcher
+        if watcher is None:
+            return
+        deadline = time.monotonic() + WATCHER_JOIN_S
+        while watcher.is_alive() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if watcher.is_alive():
+            _log.info("the Cluster watch thread is still in a request; it ends within %.0fs, silently",
+                      REQUEST_TIMEOUT_S)  # fmt: skip
 
     def _patch_status(self, name: str, status: dict[str, Any]) -> None:
         self._objects_api.patch_cluster_custom_object_status(
@@ -776,20 +825,23 @@ class KubernetesSource:
             await asyncio.sleep(wait)
 
     async def run(self, sink: ConfigSink) -> None:
-        """Watch and write status for ``sink`` until cancelled (on ``sink``'s event loop)."""
+        """Watch and write status for ``sink`` until cancelled (on ``sink``'s event loop). Once:
+        a stopped source has stopped its threads for good (construct a new one to start again)."""
+        if self._watcher is not None:
+            raise RuntimeError("KubernetesSource.run() was called a second time: a source runs once")
         self._sink = sink
         self._loop = asyncio.get_running_loop()
         self._dirty = asyncio.Event()
         self.reconfigure()
-        watcher = threading.Thread(target=self._watch_thread, name="kube-clusters", daemon=True)
-        watcher.start()
+        self._watcher = threading.Thread(target=self._watch_thread, name="kube-clusters", daemon=True)
+        self._watcher.start()
         tasks = [asyncio.create_task(self._status_loop())]
         if self.lease is not None:
             tasks.append(asyncio.create_task(self._lease_loop()))
         try:
             await asyncio.gather(*tasks)
         finally:
-            self._stop.set()
+            self._interrupt_watch()
             for t in tasks:
                 t.cancel()
             self._writer.shutdown(wait=False, cancel_futures=True)
@@ -806,3 +858,4 @@ class KubernetesSource:
                 except Exception as e:  # the Lease then simply expires
                     _log.info("could not release the leader Lease: %s", _api_error(e)[1])
             self._leaser.shutdown(wait=False, cancel_futures=True)
+            await self._join_watcher()

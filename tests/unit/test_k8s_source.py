@@ -9,6 +9,7 @@ by tests/lab/test_install_e2e.py). No root.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
 import urllib.error
@@ -169,13 +170,20 @@ class Sink:
         return _fabric(config, {c.name: [(f"{c.name[0]}1", True)] for c in config.clusters})
 
 
-@pytest.fixture
-def emu() -> Iterator[ServerThread]:
-    with ServerThread(name="host", service_cidrs=("10.96.0.0/24",), bookmark_interval=0.2) as s:
+@contextlib.contextmanager
+def _host_server(bookmark_interval: float) -> Iterator[ServerThread]:
+    """An emulated host API server with the Cluster CRD and the ``kosmos-system`` namespace."""
+    with ServerThread(name="host", service_cidrs=("10.96.0.0/24",), bookmark_interval=bookmark_interval) as s:
         _request(s.url, "POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
                  yaml.safe_load(CRD.read_text()))
         _request(s.url, "POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
                                                        "metadata": {"name": "kosmos-system"}})
+        yield s
+
+
+@pytest.fixture
+def emu() -> Iterator[ServerThread]:
+    with _host_server(bookmark_interval=0.2) as s:
         yield s
 
 
@@ -337,17 +345,18 @@ def test_only_the_lease_holder_writes_status(emu: ServerThread) -> None:
 def test_run_ends_when_cancelled_even_as_its_status_loop_wakes(emu: ServerThread) -> None:
     """A cancel that arrives in the same loop turn as the status loop's wake-up must end run():
     on Python 3.11, ``asyncio.wait_for`` swallowed exactly that cancel (CPython gh-86296) and the
-    reflector's Cluster source never stopped (a test hung in CI until its timeout)."""
+    reflector's Cluster source never stopped (a test hung in CI until its timeout). Each round
+    runs a new source (a source runs once) whose watch thread must be gone when run() ends."""
     _request(emu.url, "POST", CLUSTERS, cluster("east", **EAST))
-    src = _source(emu.url, status_interval_s=30.0)
-    src.initial_list(5)
-    sink = Sink()
-    sink.configs.append(src.initial_config())
 
     async def scenario() -> None:
         for _ in range(20):
+            src = _source(emu.url, status_interval_s=30.0)
+            src.initial_list(5)
+            sink = Sink()
+            sink.configs.append(src.initial_config())
             task = asyncio.create_task(src.run(sink))
-            await wait_until_async(lambda: src._dirty is not None, 5, "status loop started")
+            await wait_until_async(lambda src=src: src._dirty is not None, 5, "status loop started")
             await asyncio.sleep(0.05)  # the status loop waits for the next wake-up
             assert src._dirty is not None
             src._dirty.set()  # wakes the loop ...
@@ -355,7 +364,31 @@ def test_run_ends_when_cancelled_even_as_its_status_loop_wakes(emu: ServerThread
             with pytest.raises(asyncio.CancelledError):
                 async with asyncio.timeout(5):
                     await task
-            src._dirty = None
-            src._stop.clear()
+            assert src._watcher is not None and not src._watcher.is_alive(), "run() ended, its watch thread runs"
 
     asyncio.run(scenario())
+
+
+def test_a_stopped_source_ends_its_blocked_watch_and_runs_once() -> None:
+    """Without events or bookmarks a watch read blocks for up to the resync period: run() must
+    interrupt it when it ends, not leave a thread that retries (and logs) after the test, the
+    reflector or the interpreter is gone. A second run() is refused (its threads are stopped)."""
+    with _host_server(bookmark_interval=3600.0) as server:
+        _request(server.url, "POST", CLUSTERS, cluster("east", **EAST))
+        src = _source(server.url, resync_s=3600.0)
+        sink = Sink()
+
+        async def scenario() -> None:
+            task = asyncio.create_task(src.run(sink))
+            try:
+                await wait_until_async(lambda: src.synced and src._watch_resp is not None, 5, "the watch is open")
+                await asyncio.sleep(0.2)  # the thread now blocks in the watch read
+            finally:
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+            assert src._watcher is not None and not src._watcher.is_alive(), "the blocked watch was not interrupted"
+            with pytest.raises(RuntimeError, match="a source runs once"):
+                await src.run(sink)
+
+        asyncio.run(scenario())
