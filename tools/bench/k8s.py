@@ -30,10 +30,15 @@ with what it saw.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import json
 import logging
+import os
+import re
 import shutil
+import statistics
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -167,6 +172,13 @@ def baseline_pods(cluster: lab.ClusterRecord, count: int) -> list[tuple[lab.Node
     return out
 
 
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
 def _rss_mb(pid: int) -> float:
     from kubeemu.bench import rss_mb
 
@@ -182,6 +194,7 @@ def run(opts: bc.Options) -> bc.Report:
     base_s: list[float] = []
     rss_per_1000: list[float] = []
     notes: list[str] = []
+    timelines: list[str] = []
     with bc.lab_env(NAME, topology(nodes), f"1 cluster with Kubernetes, {nodes} nodes",
                     timeout_s=lab.DEFAULT_UP_TIMEOUT_S) as state:
         cluster = state.clusters[0]
@@ -194,10 +207,21 @@ def run(opts: bc.Options) -> bc.Report:
             bc.progress(NAME, f"round {rnd + 1}/{opts.repeat}: kubectl apply {replicas} replicas "
                         f"({'1 Deployment' if SINGLE_DEPLOYMENT else f'{len(node_names)} Deployments, one per node'})")
             rss0 = _rss_mb(cluster.apiserver.pid)
+            kubelet_log = cluster.kubelet.log if cluster.kubelet is not None else ""
+            log_offset = _size(kubelet_log)
             t0 = time.monotonic()
-            _kubectl(state, cluster.name, "apply", "-f", "-", stdin=doc)
-            took = (time.monotonic() - t0) + wait_ready(api, replicas, 120 if opts.tiny else 900)
+            timeline = Timeline(api, time.time())
+            timeline.start()
+            try:
+                _kubectl(state, cluster.name, "apply", "-f", "-", stdin=doc)
+                took = (time.monotonic() - t0) + wait_ready(api, replicas, 120 if opts.tiny else 900)
+            finally:
+                timeline.stop()
             rss1 = _rss_mb(cluster.apiserver.pid)
+            if kubelet_log:
+                timeline.read_kubelet_log(kubelet_log, log_offset)
+            timelines.append(f"round {rnd + 1} {timeline.summary(took)}")
+            bc.progress(NAME, f"round {rnd + 1} {timeline.summary(took)}")
             ours_s.append(took)
             ours_rate.append(replicas / took)
             rss_per_1000.append((rss1 - rss0) / replicas * 1000)
@@ -248,5 +272,117 @@ def run(opts: bc.Options) -> bc.Report:
         "kubeemu_rss_per_1000_pods: a separate kubeemu holding 1,000 ReplicaSet-owned running pods; baseline = "
         "the same pods as JSON (ratio = JSON / RSS growth).",
     ]
-    report.notes.extend(notes)
+    report.notes.extend(notes + timelines)
     return report
+
+
+# -- the per-stage timeline ------------------------------------------------------------------
+
+#: Stages of a pod in the order it goes through them; what marks each, and where it is seen:
+#: the API server's watch (``created``: the ReplicaSet's create; ``bound``: the scheduler's
+#: binding sets ``spec.nodeName``; ``ip``: the kubelet's first status with ``podIP``; ``running``:
+#: a container state ``running``; ``ready``: condition Ready True) or the kubelet's log
+#: (``network``: its pod network made; ``shim``: its container's shim spawned).
+STAGES = ("created", "bound", "network", "shim", "ip", "running", "ready")
+#: Seconds each watch request of the timeline lasts (how long :meth:`Timeline.stop` may wait).
+_WATCH_SLICE_S = 2
+_KUBELET_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) \S+ \S+: pod ([^/\s]+)/(\S+?):? "
+                           r"(running on \S+ with|container \S+ attempt \d+: shim \d+ runs)")
+
+
+class Timeline:
+    """When each pod of one round reached each of :data:`STAGES`, in seconds after the apply.
+
+    A thread watches the benchmark namespace's pods (one watch: what any client sees) and notes
+    the first time each stage shows on a pod; :meth:`read_kubelet_log` adds the kubelet's own
+    steps from its log. Cheap enough to run in every round, so the notes say where time goes."""
+
+    def __init__(self, api: str, t0: float) -> None:
+        self.api = api
+        self.t0 = t0  # wall clock (time.time) of the apply: log lines are in wall-clock time too
+        self.at: dict[str, dict[str, float]] = {}  # pod name -> stage -> seconds after t0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="bench-k8s-timeline", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Ends the watch within :data:`_WATCH_SLICE_S` (a blocked read cannot be interrupted
+        from another thread: closing the response would wait for the reader's lock)."""
+        self._stop.set()
+        self._thread.join(_WATCH_SLICE_S + 5)
+
+    def _note(self, name: str, stage: str, t: float) -> None:
+        self.at.setdefault(name, {}).setdefault(stage, t - self.t0)
+
+    def _watch(self) -> None:
+        """Watch in short slices (the server ends each after ``timeoutSeconds``), each resuming
+        from the last resourceVersion seen, so :meth:`stop` takes effect soon."""
+        rv = ""
+        while not self._stop.is_set():
+            url = (f"{self.api}/api/v1/namespaces/{NAMESPACE}/pods?watch=1&timeoutSeconds={_WATCH_SLICE_S}"
+                   + (f"&resourceVersion={rv}" if rv else ""))
+            try:
+                with urllib.request.urlopen(url, timeout=_WATCH_SLICE_S + 10) as r:
+                    for line in r:
+                        if not line.strip():
+                            continue
+                        ev = json.loads(line)
+                        if ev.get("type") == "ERROR":
+                            rv = ""
+                            break
+                        rv = str(((ev.get("object") or {}).get("metadata") or {}).get("resourceVersion") or rv)
+                        self._event(ev, time.time())
+            except (OSError, ValueError) as e:  # e.g. the namespace is not there yet: watch again
+                _log.debug("timeline watch: %s", e)
+                time.sleep(0.05)
+
+    def _event(self, ev: dict[str, Any], now: float) -> None:
+        pod = ev.get("object") or {}
+        name = (pod.get("metadata") or {}).get("name")
+        if ev.get("type") not in ("ADDED", "MODIFIED") or not name:
+            return
+        status = pod.get("status") or {}
+        self._note(name, "created", now)
+        if (pod.get("spec") or {}).get("nodeName"):
+            self._note(name, "bound", now)
+        if status.get("podIP"):
+            self._note(name, "ip", now)
+        if any("running" in (c.get("state") or {}) for c in status.get("containerStatuses") or []):
+            self._note(name, "running", now)
+        if any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or []):
+            self._note(name, "ready", now)
+
+    def read_kubelet_log(self, path: str, offset: int) -> None:
+        """The kubelet's ``network`` and ``shim`` steps of this round's pods, from its log after
+        ``offset`` (the log's size before the apply)."""
+        try:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                text = f.read().decode(errors="replace")
+        except OSError as e:
+            _log.warning("timeline: kubelet log %s: %s", path, e)
+            return
+        for line in text.splitlines():
+            m = _KUBELET_LINE.match(line)
+            if m is None or m.group(3) != NAMESPACE:
+                continue
+            t = time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")) + int(m.group(2)) / 1000
+            self._note(m.group(4), "network" if m.group(5).startswith("running") else "shim", t)
+
+    def summary(self, done_s: float) -> str:
+        """One line: per stage, when the first, the median and the last pod reached it (seconds
+        after the apply), then the median per-pod time between consecutive stages."""
+        parts = []
+        for st in STAGES:
+            ts = sorted(a[st] for a in self.at.values() if st in a)
+            if ts:
+                parts.append(f"{st} {ts[0]:.2f}/{statistics.median(ts):.2f}/{ts[-1]:.2f}")
+        gaps = []
+        for a, b in itertools.pairwise(STAGES):
+            d = [p[b] - p[a] for p in self.at.values() if a in p and b in p]
+            if d:
+                gaps.append(f"{a}->{b} {statistics.median(d) * 1000:.0f}")
+        return (f"stages (s after apply, first/median/last pod): {', '.join(parts)}; all Ready per the "
+                f"Deployment {done_s:.2f}. Median per pod (ms): {', '.join(gaps)}")
