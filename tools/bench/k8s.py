@@ -179,6 +179,52 @@ def _size(path: str) -> int:
         return 0
 
 
+def _cpu_s(pid: int, children: bool = True) -> float:
+    """CPU seconds (user + system) of process ``pid``, with its reaped children (the ``ip`` and
+    ``nsenter`` it ran) when ``children``; 0 when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    ticks = sum(int(v) for v in fields[11:15 if children else 13])  # utime stime cutime cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(d))
+            except (OSError, ValueError, IndexError):
+                continue
+    return out
+
+
+def components(cluster: lab.ClusterRecord) -> dict[str, int]:
+    """The cluster's Kubernetes processes by name: PID (those the lab recorded)."""
+    recs = {"apiserver": cluster.apiserver, "kubelet": cluster.kubelet,
+            "controller-manager": cluster.controller_manager, "scheduler": cluster.scheduler_proc,
+            "kube-proxy": cluster.proxy}
+    return {name: rec.pid for name, rec in recs.items() if rec is not None}
+
+
+def cpu_snapshot(procs: dict[str, int]) -> dict[str, float]:
+    """CPU seconds so far of each component (with its reaped children; the kubelet's apart: the
+    ``ip`` commands of the pod plumbing) and, as ``shims``, of the kubelet's live children: the
+    container shims, which outlive the round's measurement."""
+    out = {name: _cpu_s(pid) for name, pid in procs.items()}
+    if "kubelet" in procs:
+        pid = procs["kubelet"]
+        out["kubelet"] = _cpu_s(pid, children=False)
+        out["kubelet's commands (ip ...)"] = _cpu_s(pid) - out["kubelet"]
+        out["shims"] = sum(_cpu_s(c, children=False) for c in _children(pid))
+    return out
+
+
 def _rss_mb(pid: int) -> float:
     from kubeemu.bench import rss_mb
 
@@ -207,6 +253,8 @@ def run(opts: bc.Options) -> bc.Report:
             bc.progress(NAME, f"round {rnd + 1}/{opts.repeat}: kubectl apply {replicas} replicas "
                         f"({'1 Deployment' if SINGLE_DEPLOYMENT else f'{len(node_names)} Deployments, one per node'})")
             rss0 = _rss_mb(cluster.apiserver.pid)
+            procs = components(cluster)
+            cpu0 = cpu_snapshot(procs)
             kubelet_log = cluster.kubelet.log if cluster.kubelet is not None else ""
             log_offset = _size(kubelet_log)
             t0 = time.monotonic()
@@ -218,6 +266,10 @@ def run(opts: bc.Options) -> bc.Report:
             finally:
                 timeline.stop()
             rss1 = _rss_mb(cluster.apiserver.pid)
+            cpu1 = cpu_snapshot(procs)
+            cpu = ", ".join(f"{k} {cpu1[k] - cpu0.get(k, 0.0):.2f}" for k in cpu1)
+            timelines.append(f"round {rnd + 1} CPU seconds from apply to all Ready: {cpu}")
+            bc.progress(NAME, f"round {rnd + 1} CPU s: {cpu}")
             if kubelet_log:
                 timeline.read_kubelet_log(kubelet_log, log_offset)
             timelines.append(f"round {rnd + 1} {timeline.summary(took)}")
