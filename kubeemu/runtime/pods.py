@@ -15,7 +15,8 @@ sync, every ``poll`` seconds (sooner while a started container is not yet runnin
 4. probes that are due run in threads (:mod:`~kubeemu.runtime.probes`); a startup or liveness
    failure kills the container (then the restart policy applies), readiness sets ``ready``;
 5. the pod status (phase, conditions, containerStatuses with state/lastState/restartCount) is
-   handed to the kubelet, which PATCHes it when it changed.
+   handed to the kubelet, which PATCHes it when it changed; a sync that has just started a
+   container leaves that to the next one, due as soon as the container runs.
 
 On disk, under the kubelet root (upstream ``/var/lib/kubelet`` and ``/var/log/pods``)::
 
@@ -520,15 +521,26 @@ class PodWorker:
                     self._event("Warning", "FailedMount", str(e))
                 self.volume_error = str(e)
             self.volumes_at = time.monotonic()  # running pods keep their last good content meanwhile
+        spawned = False
         if self.volumes is not None and self.phase not in ("Succeeded", "Failed"):
-            await loop.run_in_executor(None, self._poll_attempts)
+            if any(cs.current is not None and cs.current.exit is None for cs in self.containers.values()):
+                await loop.run_in_executor(None, self._poll_attempts)  # (a new pod has nothing to read)
             for cs in self.containers.values():
                 if cs.current is not None and cs.current.pid > 0 and not cs.current.announced:
                     cs.current.announced = True
                     if cs.current.exit is None or cs.current.exit.get("reason") != "StartError":
                         self._event("Normal", "Started", f"Started container {cs.name}", cs.name)
+            before = {name: cs.current for name, cs in self.containers.items()}
             await self._drive()
             self._run_probes()
+            spawned = any(cs.current is not before[name] and cs.current is not None and cs.current.pid == 0
+                          for name, cs in self.containers.items())
+        if spawned:
+            # Coalesced, as upstream's status manager sends only the latest of the statuses set
+            # meanwhile: the next sync, as soon as the container is recorded as started and at
+            # the latest after ``poll`` (:meth:`_wait`), reports the pod with it (one PATCH,
+            # and one event to every pod watcher, instead of two).
+            return
         await self._report()
 
     def _poll_attempts(self) -> None:
