@@ -12,6 +12,10 @@ On a fresh ``kubernetes: true`` lab (one cluster, four nodes; torn down afterwar
    The RSS of the cluster's API server (``/proc/PID/status``) before the apply and once all
    are Ready gives its growth per 1,000 pods (round 1 is the honest one: later rounds reuse
    memory the first freed, so their growth reads lower).
+   Meanwhile a :class:`Timeline` notes when each pod reached each stage (:data:`STAGES`:
+   created, bound, its network made, its shim started, podIP, running, Ready) and the CPU
+   seconds of every component are read from ``/proc`` (:func:`cpu_snapshot`); both go into the
+   notes, so a reader sees where the time goes.
    The namespace is then deleted and the round waits until every pod namespace is gone.
 2. **baseline** - as many pod namespaces made with the lab's pod plumbing directly
    (``tools.lab.add_pod``: namespace, veth, /32 route, proxy ARP, addresses: what the kubelet
