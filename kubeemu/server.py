@@ -27,7 +27,8 @@ client that accepts nothing else gets 406):
   compacting the watch log, stats). Not part of the Kubernetes API.
 
 Watches stream newline-delimited ``{"type": ..., "object": ...}`` over chunked HTTP, like
-upstream. An expired resourceVersion is answered 200 followed by one ERROR event carrying the
+upstream; the events queued for a watcher go out together in one chunk, each encoded once for
+all the watchers that see it alike. An expired resourceVersion is answered 200 followed by one ERROR event carrying the
 410 Status, which is what client-go and the Python clients expect from a real server.
 """
 
@@ -64,6 +65,10 @@ K8S_VERSION = {"major": "1", "minor": "32", "gitVersion": "v1.32.0-kubeemu", "gi
                "compiler": "gc", "platform": "linux/amd64"}
 _PB_OPENAPI = "application/com.github.proto-openapi.spec.v2.v1.0+protobuf"
 _JSON = "application/json"
+#: At most this many queued events go out in one write of a watch.
+_WATCH_BATCH = 256
+#: How many encoded watch events are kept for the other watchers of the same event.
+_ENCODED_EVENTS = 1024
 
 #: Whether this request's answer is protobuf (its Accept lists protobuf first and the resource is
 #: a built-in kind): set while dispatching, applied by the middleware and the watch stream.
@@ -267,6 +272,8 @@ class EmuServer:
         self._tasks: list[asyncio.Task[None]] = []
         self.url = ""
         self.requests = 0
+        #: Recently sent watch events, encoded (see :meth:`_event_line`), oldest first.
+        self._encoded: dict[tuple[int, str, str, bool], tuple[Event, bytes]] = {}
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -672,11 +679,14 @@ class EmuServer:
         sent_columns = False
         try:
             synthetic = q.get("resourceVersion") in (None, "", "0") or initial
+            replay: list[bytes] = []
             for ev in first:
                 out = ("ADDED", ev.obj) if synthetic else transition(ev, match)
                 if out is not None:
-                    await resp.write(self._line(out[0], self._event_obj(t, out[1], table, not sent_columns), t, False))
+                    replay.append(self._event_line(t, ev, out, table, not sent_columns))
                     sent_columns = sent_columns or table
+            if replay:
+                await resp.write(b"".join(replay))
             if initial and bookmarks:
                 await resp.write(self._bookmark(t, start_rv, initial_end=True))
             while True:
@@ -691,18 +701,31 @@ class EmuServer:
                     await resp.write(self._bookmark(t, self.store.rv, initial_end=False))
                     next_bookmark = loop.time() + self.bookmark_interval
                     continue
-                if item == "drop":
+                # What else is queued goes out in the same write (one chunk, one send): under
+                # load a watcher's events come in bursts, and a send per event costs more than
+                # encoding it.
+                batch = [item]
+                while len(batch) < _WATCH_BATCH and not w.queue.empty():
+                    batch.append(w.queue.get_nowait())
+                chunk: list[bytes] = []
+                signal = ""
+                for it in batch:
+                    if isinstance(it, str):
+                        signal = it  # the watch ends here: what follows it is never sent
+                        break
+                    out = transition(it, match)
+                    if out is not None:
+                        chunk.append(self._event_line(t, it, out, table, not sent_columns))
+                        sent_columns = sent_columns or table
+                if chunk:
+                    await resp.write(b"".join(chunk))
+                if signal == "drop":
                     drop = True
                     break
-                if item == "expire":
+                if signal == "expire":
                     err = errors.gone_rv(self.store.rv, self.store.rv + 1).status()
                     await resp.write(self._line("ERROR", err, t, False))
                     break
-                assert isinstance(item, Event)
-                out = transition(item, match)
-                if out is not None:
-                    await resp.write(self._line(out[0], self._event_obj(t, out[1], table, not sent_columns), t, False))
-                    sent_columns = sent_columns or table
         except (ConnectionResetError, asyncio.CancelledError):
             drop = True
         finally:
@@ -722,6 +745,23 @@ class EmuServer:
         if not columns:
             tab["columnDefinitions"] = []
         return tab
+
+    def _event_line(self, t: Target, ev: Event, out: tuple[str, Obj], table: bool, columns: bool) -> bytes:
+        """One watch event as sent; encoded once for every watcher that sees it the same way
+        (same event type, apiVersion and encoding; Tables are per watcher), since each change
+        to a pod goes to the kubelet, the controller-manager, the scheduler and more."""
+        if table:
+            return self._line(out[0], self._event_obj(t, out[1], table, columns), t, False)
+        key = (id(ev), out[0], t.rt.api_version(t.version), _OUT_PROTOBUF.get())
+        hit = self._encoded.get(key)
+        if hit is not None and hit[0] is ev:
+            return hit[1]
+        line = self._line(out[0], self._out(t, out[1]), t, False)
+        # The entry holds the event, so its id cannot be reused while the entry lives.
+        self._encoded[key] = (ev, line)
+        if len(self._encoded) > _ENCODED_EVENTS:
+            del self._encoded[next(iter(self._encoded))]
+        return line
 
     def _line(self, etype: str, obj: Obj, t: Target, _unused: bool) -> bytes:
         if _OUT_PROTOBUF.get() and obj.get("kind") != "Table":

@@ -878,9 +878,12 @@ class Store:
                 raise errors.bad_request(f"invalid resource version: {rv!r}") from None
             if since < self.compacted_rv:
                 raise errors.gone_rv(since, self.compacted_rv + 1)
-            for ev in self.log:
-                if ev.rv > since and ev.key == rt.key:
+            for ev in reversed(self.log):  # newest first, only as far back as asked (a resumed
+                if ev.rv <= since:           # watch usually needs the last few of many events)
+                    break
+                if ev.key == rt.key:
                     first.append(ev)
+            first.reverse()
         w = Watcher(rt.key)
         self.watchers.setdefault(rt.key, set()).add(w)
         return first, w

@@ -463,6 +463,19 @@ def remove_condition(conditions: list[Obj], ctype: str) -> list[Obj]:
     return [c for c in conditions if c.get("type") != ctype]
 
 
+#: Events being posted in the background (:func:`record_event_soon`); held so none is collected early.
+_POSTING: set[asyncio.Task[None]] = set()
+
+
+def record_event_soon(client: Client, obj: Obj, etype: str, reason: str, message: str, component: str) -> None:
+    """:func:`record_event` in the background: upstream's recorder hands events to its
+    broadcaster and returns, so a burst of creates (slow-start batches) does not wait for one
+    event POST per pod before the next batch."""
+    task = asyncio.create_task(record_event(client, obj, etype, reason, message, component))
+    _POSTING.add(task)
+    task.add_done_callback(_POSTING.discard)
+
+
 async def record_event(client: Client, obj: Obj, etype: str, reason: str, message: str, component: str) -> None:
     """Post a core/v1 Event about ``obj`` (what ``kubectl describe`` lists), as upstream's
     event recorder does: named ``<object>.<hex nanoseconds>``, source = the controller. A failed

@@ -234,8 +234,8 @@ class ReplicaSetController(Controller):
                         return
                     raise
                 _log.info("%s %s: created pod %s", self.kind, key, created["metadata"]["name"])
-                await podutil.record_event(self.client, rs, "Normal", "SuccessfulCreate",
-                                           f"Created pod: {created['metadata']['name']}", self.component)
+                podutil.record_event_soon(self.client, rs, "Normal", "SuccessfulCreate",
+                                          f"Created pod: {created['metadata']['name']}", self.component)
 
             done, err = await podutil.slow_start_batch(n, 1, create)
             for _ in range(n - done):
@@ -255,8 +255,8 @@ class ReplicaSetController(Controller):
                     await self.client.delete(resource_path("v1", "pods", ns, p["metadata"]["name"]),
                                              {"preconditions": {"uid": p["metadata"]["uid"]}})
                     _log.info("%s %s: deleted pod %s", self.kind, key, pk)
-                    await podutil.record_event(self.client, rs, "Normal", "SuccessfulDelete",
-                                               f"Deleted pod: {p['metadata']['name']}", self.component)
+                    podutil.record_event_soon(self.client, rs, "Normal", "SuccessfulDelete",
+                                              f"Deleted pod: {p['metadata']['name']}", self.component)
                 except ApiStatusError as e:
                     self.expectations.deletion_observed(key, pk)
                     if not (e.not_found or e.conflict):

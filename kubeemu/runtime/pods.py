@@ -2,7 +2,8 @@
 
 :class:`Runtime` owns one :class:`PodWorker` per running pod and implements
 :class:`~kubeemu.runtime.access.ContainerAccess` (logs and exec for the kubelet API). A worker's
-sync, every ``poll`` seconds, in this order:
+sync, every ``poll`` seconds (sooner while a started container is not yet running:
+:meth:`PodWorker._wait`), in this order:
 
 1. volumes: resolved and written once (:mod:`~kubeemu.runtime.volumes`); a missing object or an
    unbound claim keeps every container ``waiting: ContainerCreating`` and is retried;
@@ -15,7 +16,8 @@ sync, every ``poll`` seconds, in this order:
 4. probes that are due run in threads (:mod:`~kubeemu.runtime.probes`); a startup or liveness
    failure kills the container (then the restart policy applies), readiness sets ``ready``;
 5. the pod status (phase, conditions, containerStatuses with state/lastState/restartCount) is
-   handed to the kubelet, which PATCHes it when it changed.
+   handed to the kubelet, which PATCHes it when it changed; a sync that has just started a
+   container leaves that to the next one, due as soon as the container runs.
 
 On disk, under the kubelet root (upstream ``/var/lib/kubelet`` and ``/var/log/pods``)::
 
@@ -60,6 +62,10 @@ _log = logging.getLogger(__name__)
 #: How often a running pod's managed volumes are rewritten from the API (upstream: the kubelet's
 #: sync period, about a minute): ConfigMap/Secret updates and renewed tokens reach containers.
 VOLUME_RESYNC_S = 60.0
+
+#: The first short wait before looking again at a container whose shim was just started (then
+#: doubling up to the poll interval): a started container shows as running within about this.
+FIRST_RECHECK_S = 0.02
 
 #: Why an exited container that will run again is waiting (its exit shows as lastState meanwhile).
 _WAITING_AGAIN = ("CrashLoopBackOff", "CreateContainerConfigError", "CreateContainerError")
@@ -410,10 +416,31 @@ class PodWorker:
                     raise
                 except Exception:  # a failing pod never stops the kubelet; it is retried next round
                     _log.exception("pod %s/%s: sync failed", self.info.namespace, self.info.name)
-                await asyncio.sleep(self.rt.poll)
+                await self._wait()
         finally:
             for t in list(self._probe_tasks):
                 t.cancel()
+
+    async def _wait(self) -> None:
+        """Until the next sync: ``poll`` seconds, or sooner when a container whose shim was started
+        is recorded as running (or exited) meanwhile, so its start, and Ready with it, is reported
+        at once (upstream's pod worker is woken by the runtime's container-started event instead
+        of waiting for the next relist). The looks are a ``stat`` each, after
+        :data:`FIRST_RECHECK_S`, then twice as long each time."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.rt.poll
+        delay = FIRST_RECHECK_S
+        while True:
+            starting = [cs.current.dir for cs in self.containers.values()
+                        if cs.current is not None and cs.current.pid == 0 and cs.current.exit is None]
+            left = deadline - loop.time()
+            if not starting or left <= delay:
+                await asyncio.sleep(max(0.0, left))
+                return
+            await asyncio.sleep(delay)
+            delay *= 2
+            if any(os.path.exists(d / "container.json") or os.path.exists(d / "exit.json") for d in starting):
+                return
 
     def _load(self) -> None:
         """Adopt what an earlier kubelet left: restart counts, back-off, live shims (blocking)."""
@@ -497,15 +524,26 @@ class PodWorker:
                     self._event("Warning", "FailedMount", str(e))
                 self.volume_error = str(e)
             self.volumes_at = time.monotonic()  # running pods keep their last good content meanwhile
+        spawned = False
         if self.volumes is not None and self.phase not in ("Succeeded", "Failed"):
-            await loop.run_in_executor(None, self._poll_attempts)
+            if any(cs.current is not None and cs.current.exit is None for cs in self.containers.values()):
+                await loop.run_in_executor(None, self._poll_attempts)  # (a new pod has nothing to read)
             for cs in self.containers.values():
                 if cs.current is not None and cs.current.pid > 0 and not cs.current.announced:
                     cs.current.announced = True
                     if cs.current.exit is None or cs.current.exit.get("reason") != "StartError":
                         self._event("Normal", "Started", f"Started container {cs.name}", cs.name)
+            before = {name: cs.current for name, cs in self.containers.items()}
             await self._drive()
             self._run_probes()
+            spawned = any(cs.current is not before[name] and cs.current is not None and cs.current.pid == 0
+                          for name, cs in self.containers.items())
+        if spawned:
+            # Coalesced, as upstream's status manager sends only the latest of the statuses set
+            # meanwhile: the next sync, as soon as the container is recorded as started and at
+            # the latest after ``poll`` (:meth:`_wait`), reports the pod with it (one PATCH,
+            # and one event to every pod watcher, instead of two).
+            return
         await self._report()
 
     def _poll_attempts(self) -> None:

@@ -279,36 +279,72 @@ def check_host_type(path: Path, kind: str) -> None:
 def write_files(target: Path, files: Mapping[str, tuple[bytes, int]]) -> None:
     """Upstream ``AtomicWriter``: the payload goes to a fresh ``..<timestamp>`` directory, ``..data``
     is swapped to it with a rename (readers see the old or the new set, never half), the user-visible
-    names are symlinks through ``..data``, and the previous payload directory is removed."""
-    target.mkdir(parents=True, exist_ok=True)
+    names are symlinks through ``..data``, and the previous payload directory is removed.
+
+    Every pod writes at least one such volume (``kube-api-access-*``) before its containers start,
+    so the first write of a volume does only what a fresh directory needs: no look for an old
+    payload, stale names or a leftover ``..data_tmp``, and ``..data`` made in place (nothing can
+    read the directory yet). On a disk file system every file, directory or symlink created
+    costs far more than the rest, and a projected volume of three files needs nine of them."""
+    fresh = _make_dir(target)
     data_link = target / "..data"
-    with_old = os.readlink(data_link) if data_link.is_symlink() else None
+    with_old = None if fresh else (os.readlink(data_link) if data_link.is_symlink() else None)
     if with_old is not None and _same(target / with_old, files):
         return
-    ts = target / f"..{time.strftime('%Y_%m_%d_%H_%M_%S', time.gmtime())}.{time.monotonic_ns() % 10**9:09d}"
-    ts.mkdir(mode=0o755)
+    ts = f"..{time.strftime('%Y_%m_%d_%H_%M_%S', time.gmtime())}.{time.monotonic_ns() % 10**9:09d}"
+    os.mkdir(target / ts, 0o755)
     for rel, (content, mode) in files.items():
-        p = ts / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(content)
-        p.chmod(mode & 0o777)
-    tmp = target / "..data_tmp"
-    with _suppress_missing():
-        tmp.unlink()
-    tmp.symlink_to(ts.name)
-    tmp.rename(data_link)
+        p = target / ts / rel
+        if "/" in rel:
+            p.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, content) if len(content) < 65536 else _write_all(fd, content)
+            os.fchmod(fd, mode & 0o777)  # exactly the mode asked for, whatever the umask
+        finally:
+            os.close(fd)
+    if fresh:  # nobody can be reading a directory made just now: ``..data`` is simply created
+        os.symlink(ts, data_link)
+    else:
+        tmp = target / "..data_tmp"
+        with _suppress_missing():
+            tmp.unlink()
+        os.symlink(ts, tmp)
+        os.rename(tmp, data_link)
     tops = {rel.split("/", 1)[0] for rel in files}
     for top in tops:
         link = target / top
-        if not link.is_symlink():
-            link.symlink_to(f"..data/{top}")
-    for entry in target.iterdir():
-        if entry.name.startswith(".."):
-            continue
-        if entry.name not in tops:
-            entry.unlink()
+        if fresh or not link.is_symlink():
+            os.symlink(f"..data/{top}", link)
+    if not fresh:
+        for entry in target.iterdir():
+            if entry.name.startswith(".."):
+                continue
+            if entry.name not in tops:
+                entry.unlink()
     if with_old is not None:
         shutil.rmtree(target / with_old, ignore_errors=True)
+
+
+def _make_dir(target: Path) -> bool:
+    """Create ``target`` (and its parents); whether it is new (False: it was there already)."""
+    try:
+        os.mkdir(target, 0o777)
+    except FileExistsError:
+        return False
+    except FileNotFoundError:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.mkdir(target, 0o777)
+        except FileExistsError:
+            return False
+    return True
+
+
+def _write_all(fd: int, content: bytes) -> None:
+    view = memoryview(content)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 class _suppress_missing:

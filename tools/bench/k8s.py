@@ -12,6 +12,10 @@ On a fresh ``kubernetes: true`` lab (one cluster, four nodes; torn down afterwar
    The RSS of the cluster's API server (``/proc/PID/status``) before the apply and once all
    are Ready gives its growth per 1,000 pods (round 1 is the honest one: later rounds reuse
    memory the first freed, so their growth reads lower).
+   Meanwhile a :class:`Timeline` notes when each pod reached each stage (:data:`STAGES`:
+   created, bound, its network made, its shim started, podIP, running, Ready) and the CPU
+   seconds of every component are read from ``/proc`` (:func:`cpu_snapshot`); both go into the
+   notes, so a reader sees where the time goes.
    The namespace is then deleted and the round waits until every pod namespace is gone.
 2. **baseline** - as many pod namespaces made with the lab's pod plumbing directly
    (``tools.lab.add_pod``: namespace, veth, /32 route, proxy ARP, addresses: what the kubelet
@@ -30,10 +34,15 @@ with what it saw.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import json
 import logging
+import os
+import re
 import shutil
+import statistics
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -167,6 +176,59 @@ def baseline_pods(cluster: lab.ClusterRecord, count: int) -> list[tuple[lab.Node
     return out
 
 
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def _cpu_s(pid: int, children: bool = True) -> float:
+    """CPU seconds (user + system) of process ``pid``, with its reaped children (the ``ip`` and
+    ``nsenter`` it ran) when ``children``; 0 when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    ticks = sum(int(v) for v in fields[11:15 if children else 13])  # utime stime cutime cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(d))
+            except (OSError, ValueError, IndexError):
+                continue
+    return out
+
+
+def components(cluster: lab.ClusterRecord) -> dict[str, int]:
+    """The cluster's Kubernetes processes by name: PID (those the lab recorded)."""
+    recs = {"apiserver": cluster.apiserver, "kubelet": cluster.kubelet,
+            "controller-manager": cluster.controller_manager, "scheduler": cluster.scheduler_proc,
+            "kube-proxy": cluster.proxy}
+    return {name: rec.pid for name, rec in recs.items() if rec is not None}
+
+
+def cpu_snapshot(procs: dict[str, int]) -> dict[str, float]:
+    """CPU seconds so far of each component (with its reaped children; the kubelet's apart: the
+    ``ip`` commands of the pod plumbing) and, as ``shims``, of the kubelet's live children: the
+    container shims, which outlive the round's measurement."""
+    out = {name: _cpu_s(pid) for name, pid in procs.items()}
+    if "kubelet" in procs:
+        pid = procs["kubelet"]
+        out["kubelet"] = _cpu_s(pid, children=False)
+        out["kubelet's commands (ip ...)"] = _cpu_s(pid) - out["kubelet"]
+        out["shims"] = sum(_cpu_s(c, children=False) for c in _children(pid))
+    return out
+
+
 def _rss_mb(pid: int) -> float:
     from kubeemu.bench import rss_mb
 
@@ -182,6 +244,7 @@ def run(opts: bc.Options) -> bc.Report:
     base_s: list[float] = []
     rss_per_1000: list[float] = []
     notes: list[str] = []
+    timelines: list[str] = []
     with bc.lab_env(NAME, topology(nodes), f"1 cluster with Kubernetes, {nodes} nodes",
                     timeout_s=lab.DEFAULT_UP_TIMEOUT_S) as state:
         cluster = state.clusters[0]
@@ -194,10 +257,27 @@ def run(opts: bc.Options) -> bc.Report:
             bc.progress(NAME, f"round {rnd + 1}/{opts.repeat}: kubectl apply {replicas} replicas "
                         f"({'1 Deployment' if SINGLE_DEPLOYMENT else f'{len(node_names)} Deployments, one per node'})")
             rss0 = _rss_mb(cluster.apiserver.pid)
+            procs = components(cluster)
+            cpu0 = cpu_snapshot(procs)
+            kubelet_log = cluster.kubelet.log if cluster.kubelet is not None else ""
+            log_offset = _size(kubelet_log)
             t0 = time.monotonic()
-            _kubectl(state, cluster.name, "apply", "-f", "-", stdin=doc)
-            took = (time.monotonic() - t0) + wait_ready(api, replicas, 120 if opts.tiny else 900)
+            timeline = Timeline(api, time.time())
+            timeline.start()
+            try:
+                _kubectl(state, cluster.name, "apply", "-f", "-", stdin=doc)
+                took = (time.monotonic() - t0) + wait_ready(api, replicas, 120 if opts.tiny else 900)
+            finally:
+                timeline.stop()
             rss1 = _rss_mb(cluster.apiserver.pid)
+            cpu1 = cpu_snapshot(procs)
+            cpu = ", ".join(f"{k} {cpu1[k] - cpu0.get(k, 0.0):.2f}" for k in cpu1)
+            timelines.append(f"round {rnd + 1} CPU seconds from apply to all Ready: {cpu}")
+            bc.progress(NAME, f"round {rnd + 1} CPU s: {cpu}")
+            if kubelet_log:
+                timeline.read_kubelet_log(kubelet_log, log_offset)
+            timelines.append(f"round {rnd + 1} {timeline.summary(took)}")
+            bc.progress(NAME, f"round {rnd + 1} {timeline.summary(took)}")
             ours_s.append(took)
             ours_rate.append(replicas / took)
             rss_per_1000.append((rss1 - rss0) / replicas * 1000)
@@ -248,5 +328,117 @@ def run(opts: bc.Options) -> bc.Report:
         "kubeemu_rss_per_1000_pods: a separate kubeemu holding 1,000 ReplicaSet-owned running pods; baseline = "
         "the same pods as JSON (ratio = JSON / RSS growth).",
     ]
-    report.notes.extend(notes)
+    report.notes.extend(notes + timelines)
     return report
+
+
+# -- the per-stage timeline ------------------------------------------------------------------
+
+#: Stages of a pod in the order it goes through them; what marks each, and where it is seen:
+#: the API server's watch (``created``: the ReplicaSet's create; ``bound``: the scheduler's
+#: binding sets ``spec.nodeName``; ``ip``: the kubelet's first status with ``podIP``; ``running``:
+#: a container state ``running``; ``ready``: condition Ready True) or the kubelet's log
+#: (``network``: its pod network made; ``shim``: its container's shim spawned).
+STAGES = ("created", "bound", "network", "shim", "ip", "running", "ready")
+#: Seconds each watch request of the timeline lasts (how long :meth:`Timeline.stop` may wait).
+_WATCH_SLICE_S = 2
+_KUBELET_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) \S+ \S+: pod ([^/\s]+)/(\S+?):? "
+                           r"(running on \S+ with|container \S+ attempt \d+: shim \d+ runs)")
+
+
+class Timeline:
+    """When each pod of one round reached each of :data:`STAGES`, in seconds after the apply.
+
+    A thread watches the benchmark namespace's pods (one watch: what any client sees) and notes
+    the first time each stage shows on a pod; :meth:`read_kubelet_log` adds the kubelet's own
+    steps from its log. Cheap enough to run in every round, so the notes say where time goes."""
+
+    def __init__(self, api: str, t0: float) -> None:
+        self.api = api
+        self.t0 = t0  # wall clock (time.time) of the apply: log lines are in wall-clock time too
+        self.at: dict[str, dict[str, float]] = {}  # pod name -> stage -> seconds after t0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="bench-k8s-timeline", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Ends the watch within :data:`_WATCH_SLICE_S` (a blocked read cannot be interrupted
+        from another thread: closing the response would wait for the reader's lock)."""
+        self._stop.set()
+        self._thread.join(_WATCH_SLICE_S + 5)
+
+    def _note(self, name: str, stage: str, t: float) -> None:
+        self.at.setdefault(name, {}).setdefault(stage, t - self.t0)
+
+    def _watch(self) -> None:
+        """Watch in short slices (the server ends each after ``timeoutSeconds``), each resuming
+        from the last resourceVersion seen, so :meth:`stop` takes effect soon."""
+        rv = ""
+        while not self._stop.is_set():
+            url = (f"{self.api}/api/v1/namespaces/{NAMESPACE}/pods?watch=1&timeoutSeconds={_WATCH_SLICE_S}"
+                   + (f"&resourceVersion={rv}" if rv else ""))
+            try:
+                with urllib.request.urlopen(url, timeout=_WATCH_SLICE_S + 10) as r:
+                    for line in r:
+                        if not line.strip():
+                            continue
+                        ev = json.loads(line)
+                        if ev.get("type") == "ERROR":
+                            rv = ""
+                            break
+                        rv = str(((ev.get("object") or {}).get("metadata") or {}).get("resourceVersion") or rv)
+                        self._event(ev, time.time())
+            except (OSError, ValueError) as e:  # e.g. the namespace is not there yet: watch again
+                _log.debug("timeline watch: %s", e)
+                time.sleep(0.05)
+
+    def _event(self, ev: dict[str, Any], now: float) -> None:
+        pod = ev.get("object") or {}
+        name = (pod.get("metadata") or {}).get("name")
+        if ev.get("type") not in ("ADDED", "MODIFIED") or not name:
+            return
+        status = pod.get("status") or {}
+        self._note(name, "created", now)
+        if (pod.get("spec") or {}).get("nodeName"):
+            self._note(name, "bound", now)
+        if status.get("podIP"):
+            self._note(name, "ip", now)
+        if any("running" in (c.get("state") or {}) for c in status.get("containerStatuses") or []):
+            self._note(name, "running", now)
+        if any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or []):
+            self._note(name, "ready", now)
+
+    def read_kubelet_log(self, path: str, offset: int) -> None:
+        """The kubelet's ``network`` and ``shim`` steps of this round's pods, from its log after
+        ``offset`` (the log's size before the apply)."""
+        try:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                text = f.read().decode(errors="replace")
+        except OSError as e:
+            _log.warning("timeline: kubelet log %s: %s", path, e)
+            return
+        for line in text.splitlines():
+            m = _KUBELET_LINE.match(line)
+            if m is None or m.group(3) != NAMESPACE:
+                continue
+            t = time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")) + int(m.group(2)) / 1000
+            self._note(m.group(4), "network" if m.group(5).startswith("running") else "shim", t)
+
+    def summary(self, done_s: float) -> str:
+        """One line: per stage, when the first, the median and the last pod reached it (seconds
+        after the apply), then the median per-pod time between consecutive stages."""
+        parts = []
+        for st in STAGES:
+            ts = sorted(a[st] for a in self.at.values() if st in a)
+            if ts:
+                parts.append(f"{st} {ts[0]:.2f}/{statistics.median(ts):.2f}/{ts[-1]:.2f}")
+        gaps = []
+        for a, b in itertools.pairwise(STAGES):
+            d = [p[b] - p[a] for p in self.at.values() if a in p and b in p]
+            if d:
+                gaps.append(f"{a}->{b} {statistics.median(d) * 1000:.0f}")
+        return (f"stages (s after apply, first/median/last pod): {', '.join(parts)}; all Ready per the "
+                f"Deployment {done_s:.2f}. Median per pod (ms): {', '.join(gaps)}")

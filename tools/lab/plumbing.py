@@ -179,8 +179,8 @@ def add_pod(node: NodeRecord, pod: PodRecord) -> None:
 
     The one way the lab makes a pod: its static pods (``_build_node``) and the pods the lab
     kubelet runs for the emulated API server (``tools/kubelet_lab.py``) both come here. Order:
-    the pod namespace, a veth created in the node namespace with its peer moved straight into
-    the pod (as ``eth0``; no end ever exists in the root namespace), the node's /32 route and
+    the pod namespace, a veth whose ends the kernel creates straight in the node namespace (up)
+    and in the pod (as ``eth0``; no end ever exists in the root namespace), the node's /32 route and
     proxy ARP on its end, then the pod's address and its default route via the link-local
     gateway. Calling it again for a pod that exists re-applies addresses and routes (the pod
     keeps only ``pod.ip`` and ``pod.ip6``); a pod namespace without its node-side veth is rebuilt.
@@ -189,14 +189,19 @@ def add_pod(node: NodeRecord, pod: PodRecord) -> None:
         raise LabError(f"pod {node.key}/{pod.name}: node namespace {node.netns} does not exist")
     if not (namespaces.exists(pod.netns) and _link_exists(node.netns, pod.host_if)):
         delete_netns([pod.netns])
-        _ip_batch(None, [f"netns add {pod.netns}"], f"namespace of pod {node.key}/{pod.name}")
+        # The veth is created from here with each end placed by the kernel straight into its
+        # namespace (``netns NODE`` ... ``peer ... netns POD``): neither end exists in the root
+        # namespace, and with the namespace it is one ``ip`` run instead of two. An IPv6 pod
+        # sets its sysctls in between: links take the namespace's defaults when created.
+        add_ns = f"netns add {pod.netns}"
+        add_veth = f"link add {pod.host_if} netns {node.netns} up type veth peer name eth0 netns {pod.netns}"
+        what = f"namespace and veth of pod {node.key}/{pod.name}"
         if pod.ip6:
+            _ip_batch(None, [add_ns], what)
             _write_sysctls(pod.netns, _IPV6_SYSCTLS)
-        _ip_batch(
-            node.netns,
-            [f"link add {pod.host_if} type veth peer name eth0 netns {pod.netns}"],
-            f"veth of pod {node.key}/{pod.name}",
-        )
+            _ip_batch(None, [add_veth], what)
+        else:
+            _ip_batch(None, [add_ns, add_veth], what)
     node_cmds = [f"link set {pod.host_if} up"]
     if pod.ip:
         node_cmds.append(f"route replace {pod.ip}/32 dev {pod.host_if}")
