@@ -46,6 +46,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 from tools import lab
@@ -195,19 +196,6 @@ def _cpu_s(pid: int, children: bool = True) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        out.append(int(d))
-            except (OSError, ValueError, IndexError):
-                continue
-    return out
-
-
 def components(cluster: lab.ClusterRecord) -> dict[str, int]:
     """The cluster's Kubernetes processes by name: PID (those the lab recorded)."""
     recs = {"apiserver": cluster.apiserver, "kubelet": cluster.kubelet,
@@ -216,16 +204,21 @@ def components(cluster: lab.ClusterRecord) -> dict[str, int]:
     return {name: rec.pid for name, rec in recs.items() if rec is not None}
 
 
-def cpu_snapshot(procs: dict[str, int]) -> dict[str, float]:
+def cpu_snapshot(procs: dict[str, int], kubelet_roots: list[Path]) -> dict[str, float]:
     """CPU seconds so far of each component (with its reaped children; the kubelet's apart: the
-    ``ip`` commands of the pod plumbing) and, as ``shims``, of the kubelet's live children: the
-    container shims, which outlive the round's measurement."""
+    ``ip`` commands of the pod plumbing) and, as ``shims``, of the container side: the kubelet's
+    shim spawner (with the middle children it reaped) and every live shim and container process
+    the kubelets recorded (shims are orphans reaped by init, never the kubelet's children)."""
+    from kubeemu.runtime import procs as runtime_procs
+    from kubeemu.runtime.pods import recorded_processes
+
     out = {name: _cpu_s(pid) for name, pid in procs.items()}
     if "kubelet" in procs:
         pid = procs["kubelet"]
         out["kubelet"] = _cpu_s(pid, children=False)
         out["kubelet's commands (ip ...)"] = _cpu_s(pid) - out["kubelet"]
-        out["shims"] = sum(_cpu_s(c, children=False) for c in _children(pid))
+    live = {pid for root in kubelet_roots for pid, start in recorded_processes(root) if runtime_procs.same(pid, start)}
+    out["shims"] = sum(_cpu_s(pid) for pid in live)
     return out
 
 
@@ -258,7 +251,8 @@ def run(opts: bc.Options) -> bc.Report:
                         f"({'1 Deployment' if SINGLE_DEPLOYMENT else f'{len(node_names)} Deployments, one per node'})")
             rss0 = _rss_mb(cluster.apiserver.pid)
             procs = components(cluster)
-            cpu0 = cpu_snapshot(procs)
+            kubelet_roots = sorted(state.state_dir.glob("kubelet-*"))
+            cpu0 = cpu_snapshot(procs, kubelet_roots)
             kubelet_log = cluster.kubelet.log if cluster.kubelet is not None else ""
             log_offset = _size(kubelet_log)
             t0 = time.monotonic()
@@ -270,7 +264,7 @@ def run(opts: bc.Options) -> bc.Report:
             finally:
                 timeline.stop()
             rss1 = _rss_mb(cluster.apiserver.pid)
-            cpu1 = cpu_snapshot(procs)
+            cpu1 = cpu_snapshot(procs, kubelet_roots)
             cpu = ", ".join(f"{k} {cpu1[k] - cpu0.get(k, 0.0):.2f}" for k in cpu1)
             timelines.append(f"round {rnd + 1} CPU seconds from apply to all Ready: {cpu}")
             bc.progress(NAME, f"round {rnd + 1} CPU s: {cpu}")
