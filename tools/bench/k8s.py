@@ -16,10 +16,13 @@ On a fresh ``kubernetes: true`` lab (one cluster, four nodes; torn down afterwar
    created, bound, its network made, its shim started, podIP, running, Ready) and the CPU
    seconds of every component are read from ``/proc`` (:func:`cpu_snapshot`); both go into the
    notes, so a reader sees where the time goes.
-   The namespace is then deleted and the round waits until every pod namespace is gone.
+   The namespace is then deleted and the round waits until every pod namespace is gone and
+   the kernel has freed them (:func:`wait_kernel_settled`: a deleted network namespace is
+   freed later by a kernel worker whose CPU would otherwise slow the next phase down).
 2. **baseline** - as many pod namespaces made with the lab's pod plumbing directly
    (``tools.lab.add_pod``: namespace, veth, /32 route, proxy ARP, addresses: what the kubelet
-   calls per pod), one after another on the same nodes, then removed. ``ratio`` = ours /
+   calls per pod), one after another on the same nodes, then removed, and again the kernel is
+   let free them before the next round. ``ratio`` = ours /
    baseline pods/s (aim >= 0.5: the Kubernetes path costs at most as much as the plumbing).
 
 Besides the lab, ``kubeemu_rss_per_1000_pods`` measures a separate ``python -m kubeemu`` process
@@ -164,6 +167,39 @@ def wait_gone(state: lab.LabState, cluster: lab.ClusterRecord, timeout_s: float)
         time.sleep(0.2)
 
 
+def kernel_netns() -> int | None:
+    """Network namespaces the kernel holds, freed or not: the active ``net_namespace`` objects
+    of ``/proc/slabinfo`` (None where the kernel does not show that cache). A deleted namespace
+    leaves ``ip netns`` at once, but the kernel frees it later, in a worker (``cleanup_net``)
+    that takes CPU from whatever runs meanwhile."""
+    try:
+        with open("/proc/slabinfo") as f:
+            for line in f:
+                if line.startswith("net_namespace "):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def wait_kernel_settled(target: int | None, timeout_s: float = 60.0) -> str:
+    """Until the kernel has freed the namespaces of the previous phase (down to ``target``, the
+    count before that phase began) and the count holds still for a second, so that neither ours
+    nor the baseline runs beside the other's teardown; returns a note of what was waited for."""
+    if target is None:
+        return "kernel namespace cleanup not observable (no net_namespace in /proc/slabinfo)"
+    t0 = time.monotonic()
+    last, still_since = kernel_netns(), t0
+    while time.monotonic() - t0 < timeout_s:
+        time.sleep(0.2)
+        now = kernel_netns()
+        if now != last:
+            last, still_since = now, time.monotonic()
+        elif last is not None and last <= target and time.monotonic() - still_since >= 1.0:
+            return f"kernel freed the namespaces in {time.monotonic() - t0:.1f} s"
+    return f"kernel still held {last} network namespaces (before: {target}) after {timeout_s:g} s; went on"
+
+
 def baseline_pods(cluster: lab.ClusterRecord, count: int) -> list[tuple[lab.NodeRecord, lab.PodRecord]]:
     """``count`` pod records spread over the nodes, with addresses from the top of each node's pod
     CIDR (clear of static pods and of the kubelet's, which count from the bottom) and namespace
@@ -249,6 +285,7 @@ def run(opts: bc.Options) -> bc.Report:
         for rnd in range(opts.repeat):
             bc.progress(NAME, f"round {rnd + 1}/{opts.repeat}: kubectl apply {replicas} replicas "
                         f"({'1 Deployment' if SINGLE_DEPLOYMENT else f'{len(node_names)} Deployments, one per node'})")
+            netns0 = kernel_netns()  # both phases start from this kernel state (see wait_kernel_settled)
             rss0 = _rss_mb(cluster.apiserver.pid)
             procs = components(cluster)
             kubelet_roots = sorted(state.state_dir.glob("kubelet-*"))
@@ -279,6 +316,7 @@ def run(opts: bc.Options) -> bc.Report:
                         f"API server RSS {rss0:.1f} -> {rss1:.1f} MB; deleting")
             _kubectl(state, cluster.name, "delete", "namespace", NAMESPACE, "--wait=false")
             wait_gone(state, cluster, 300)
+            bc.progress(NAME, f"round {rnd + 1}: {wait_kernel_settled(netns0)}")
             pods = baseline_pods(cluster, replicas)
             bc.progress(NAME, f"round {rnd + 1}: baseline: {replicas} pod namespaces with tools.lab.add_pod")
             try:
@@ -289,6 +327,7 @@ def run(opts: bc.Options) -> bc.Report:
             finally:
                 for node, pod in pods:
                     lab.remove_pod(node, pod)
+            bc.progress(NAME, f"round {rnd + 1}: baseline removed; {wait_kernel_settled(netns0)}")
             base_s.append(took)
             base_rate.append(replicas / took)
             bc.progress(NAME, f"round {rnd + 1}: baseline {took:.1f} s ({replicas / took:.1f} pods/s)")
