@@ -37,8 +37,8 @@ from kubeemu.runtime import shim
 
 _log = logging.getLogger(__name__)
 
-#: How long one spawn may take, queueing behind others included (the spawner serves one at a time,
-#: a few milliseconds each), before the kubelet gives up on it.
+#: How long one spawn may take, waiting for the spawner to read it included (it reads requests
+#: one after another, each a few milliseconds), before the kubelet gives up on it.
 SPAWN_TIMEOUT_S = 60.0
 #: How long the kubelet waits for a new spawner's ``ready`` line (its imports, on a busy machine).
 READY_TIMEOUT_S = 30.0

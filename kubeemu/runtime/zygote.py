@@ -9,11 +9,12 @@ it, restarting it, the requests) is :mod:`kubeemu.runtime.spawner`.
 It is single-threaded and imports only the standard library and the shim (never gRPC, logging,
 threading or subprocess: every module loaded here is memory each fork maps, and threading's
 fork handlers would run in each child). It listens on ``SOCKET``, writes ``ready`` on stdout,
-and serves one connection at a time until its stdin (a pipe from the kubelet) reaches EOF: the
-kubelet closed it or is gone. A connection is one JSON request line (``spec``: the attempt's
-``spec.json``; ``netns``: a network namespace path or null for the kubelet's own; ``log``: the
-shim's stdout/stderr file) and one JSON reply line (``pid`` + ``start`` of the shim, or
-``error``). For each request, in this order, it forks a middle child that
+and serves connections, their middle children running side by side (:func:`serve`), until its
+stdin (a pipe from the kubelet) reaches EOF: the kubelet closed it or is gone. A connection
+is one JSON request line (``spec``: the attempt's ``spec.json``; ``netns``: a network
+namespace path or null for the kubelet's own; ``log``: the shim's stdout/stderr file) and one
+JSON reply line (``pid`` + ``start`` of the shim, or ``error``). For each request, in this
+order, it forks a middle child that
 
 a. enters the pod's network namespace (``setns``; Debian's Python 3.11 has no ``os.setns``),
    unshares a mount and a UTS namespace and makes ``/`` a recursive slave (what
@@ -98,9 +99,9 @@ def _run_shim(req: dict[str, Any], close: list[int]) -> None:
         os._exit(code)
 
 
-def spawn(req: dict[str, Any], close: list[int]) -> dict[str, Any]:
-    """Steps a-c for one request; returns the reply (``pid`` + ``start``, or ``error``). ``close``:
-    the spawner's descriptors, closed in the shim."""
+def start(req: dict[str, Any], close: list[int]) -> tuple[int, int]:
+    """Fork the middle child of one request (steps a-c); returns its PID and the read end of the
+    pipe its reply comes on. ``close``: the spawner's descriptors, closed in the shim."""
     r, w = os.pipe()
     child = os.fork()
     if child == 0:  # the middle child: namespaces, then the shim, then gone
@@ -119,6 +120,12 @@ def spawn(req: dict[str, Any], close: list[int]) -> dict[str, Any]:
         finally:
             os._exit(0)
     os.close(w)
+    return child, r
+
+
+def finish(child: int, r: int, spec: object) -> dict[str, Any]:
+    """The reply of the middle child ``child`` (readable on ``r``: it writes once, then exits),
+    which is reaped here."""
     data = b""
     try:
         while chunk := os.read(r, 4096):
@@ -127,33 +134,42 @@ def spawn(req: dict[str, Any], close: list[int]) -> dict[str, Any]:
         os.close(r)
         os.waitpid(child, 0)
     if not data:
-        return {"error": f"starting the shim for {req.get('spec')}: the spawner's child died without an answer"}
+        return {"error": f"starting the shim for {spec}: the spawner's child died without an answer"}
     return dict(json.loads(data))
 
 
-def _handle(conn: socket.socket, listener: socket.socket) -> None:
+def _read_request(conn: socket.socket) -> dict[str, Any] | None:
+    """The request line of a new connection (None: the client left before sending one)."""
     conn.settimeout(10.0)
     data = b""
     while not data.endswith(b"\n"):
         chunk = conn.recv(65536)
         if not chunk:
-            return
+            return None
         data += chunk
     try:
-        req = dict(json.loads(data))
+        return dict(json.loads(data))
     except (ValueError, TypeError) as e:
-        reply = {"error": f"bad spawn request {data[:200]!r}: {e}"}
-    else:
-        try:
-            reply = spawn(req, [listener.fileno(), conn.fileno()])
-        except OSError as e:  # no fork (EAGAIN, ENOMEM): this request fails, the spawner serves on
-            reply = {"error": f"starting the shim for {req.get('spec')}: {e}"}
-    conn.sendall(json.dumps(reply).encode() + b"\n")
+        return {"bad": f"bad spawn request {data[:200]!r}: {e}"}
+
+
+def _reply(conn: socket.socket, reply: dict[str, Any]) -> None:
+    try:
+        conn.sendall(json.dumps(reply).encode() + b"\n")
+    except OSError as e:  # a kubelet thread that gave up; the others are served
+        print(f"kubeemu spawner: {e}", file=sys.stderr, flush=True)
+    finally:
+        conn.close()
 
 
 def serve(sock_path: str) -> int:
-    """Listen on ``sock_path``, print ``ready``, serve spawn requests one at a time until stdin
-    reaches EOF (the kubelet closed it or is gone)."""
+    """Listen on ``sock_path``, print ``ready``, serve spawn requests until stdin reaches EOF
+    (the kubelet closed it or is gone).
+
+    Requests overlap: a request's middle child is forked as soon as the request is read, and its
+    reply is sent when the child's pipe answers, so while one child enters its namespaces and
+    forks its shim (the slow part: setns, unshare, a mount) the next requests are read and
+    forked too, on whatever core is free, instead of queueing behind it."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(sock_path)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -167,17 +183,39 @@ def serve(sock_path: str) -> int:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)  # the kubelet read its line; nothing else goes there
     os.close(devnull)
+    #: Requests whose middle child runs: its reply pipe -> (the kubelet's connection, child, spec).
+    inflight: dict[int, tuple[socket.socket, int, object]] = {}
     while True:
-        ready, _, _ = select.select([listener.fileno(), 0], [], [])
+        ready, _, _ = select.select([listener.fileno(), 0, *inflight], [], [])
         if 0 in ready and not os.read(0, 4096):
             return 0  # the socket file stays: a new spawner may already have bound the path
-        if listener.fileno() in ready:
-            conn, _ = listener.accept()
-            with conn:
-                try:
-                    _handle(conn, listener)
-                except OSError as e:  # a kubelet thread that gave up; the next request is served
-                    print(f"kubeemu spawner: {e}", file=sys.stderr, flush=True)
+        for r in [fd for fd in ready if fd in inflight]:
+            conn, child, spec = inflight.pop(r)
+            _reply(conn, finish(child, r, spec))
+        if listener.fileno() not in ready:
+            continue
+        conn, _ = listener.accept()
+        try:
+            req = _read_request(conn)
+        except OSError as e:  # a kubelet thread that gave up before sending
+            print(f"kubeemu spawner: {e}", file=sys.stderr, flush=True)
+            conn.close()
+            continue
+        if req is None:
+            conn.close()
+            continue
+        if "bad" in req:
+            _reply(conn, {"error": req["bad"]})
+            continue
+        # The shim must hold none of the spawner's descriptors: the listener, this connection,
+        # and every other request's connection and reply pipe.
+        close = [listener.fileno(), conn.fileno(), *inflight, *(c.fileno() for c, _, _ in inflight.values())]
+        try:
+            child, r = start(req, close)
+        except OSError as e:  # no fork (EAGAIN, ENOMEM): this request fails, the spawner serves on
+            _reply(conn, {"error": f"starting the shim for {req.get('spec')}: {e}"})
+            continue
+        inflight[r] = (conn, child, req.get("spec"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,8 @@ adoption across kubelet restarts) is tested with the runtime in ``test_kubeemu_r
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import json
 import os
 import pathlib
@@ -113,6 +115,36 @@ def test_a_shim_runs_in_the_pods_namespaces_forwards_sigterm_and_is_reaped_by_in
     finally:
         sp.close()
     assert not (tmp_path / "spawner.json").exists()
+
+
+def test_spawns_overlap_and_no_shim_holds_a_spawner_descriptor(
+        tmp_path: pathlib.Path, netns: str, started: list[tuple[int, int | None]]) -> None:
+    """Many kubelet threads spawning at once (a Deployment's pods start side by side): every
+    request gets its own shim, and no shim keeps the spawner's listener, another request's
+    connection or reply pipe (a kept connection would leak one descriptor per pod forever)."""
+    sp = Spawner(tmp_path / "spawner.sock")
+    n = 24
+    try:
+        atts = [tmp_path / f"c{i}" / "0" for i in range(n)]
+        specs = [_spec(a, ["sleep", "300"]) for a in atts]
+        with concurrent.futures.ThreadPoolExecutor(n) as pool:
+            shims = list(pool.map(lambda i: sp.spawn(specs[i], netns, atts[i] / "shim.log"), range(n)))
+        started.extend(shims)
+        assert len({pid for pid, _ in shims}) == n
+        zygote = sp._proc.pid if sp._proc else 0
+        sock = str(tmp_path / "spawner.sock")
+        for (pid, _), att in zip(shims, atts, strict=True):
+            cont = wait_until(functools.partial(_record, att / "container.json"), 10, f"shim {pid}'s container")
+            started.append((cont["pid"], cont["start"]))
+            fds = os.listdir(f"/proc/{pid}/fd")
+            targets = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in fds]
+            sockets = [t for t in targets if t.startswith("socket:")]
+            assert not sockets, f"shim {pid} holds sockets {sockets} (of the spawner: {sock})"
+            # stdin, stdout+stderr (shim.log), the container's log, its pidfd and pipes: nothing else
+            assert len(fds) <= 8, f"shim {pid} holds {targets}"
+        wait_until(lambda: not _zombie_children(zygote), 5, "no zombie child of the spawner")
+    finally:
+        sp.close()
 
 
 def test_a_spawn_failure_names_its_cause_and_the_spawner_serves_on(
