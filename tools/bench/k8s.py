@@ -250,6 +250,7 @@ def cpu_snapshot(procs: dict[str, int], kubelet_roots: list[Path]) -> dict[str, 
     shim spawner (with the middle children it reaped) and every live shim and container process
     the kubelets recorded (shims are orphans reaped by init, never the kubelet's children)."""
     from kubeemu.runtime import procs as runtime_procs
+    from kubeemu.runtime import spawner
     from kubeemu.runtime.pods import recorded_processes
 
     out = {name: _cpu_s(pid) for name, pid in procs.items()}
@@ -257,9 +258,23 @@ def cpu_snapshot(procs: dict[str, int], kubelet_roots: list[Path]) -> dict[str, 
         pid = procs["kubelet"]
         out["kubelet"] = _cpu_s(pid, children=False)
         out["kubelet's commands (ip ...)"] = _cpu_s(pid) - out["kubelet"]
-    live = {pid for root in kubelet_roots for pid, start in recorded_processes(root) if runtime_procs.same(pid, start)}
-    out["shims"] = sum(_cpu_s(pid) for pid in live)
+    spawners = {rec for root in kubelet_roots if (rec := spawner.recorded(root)) is not None}
+    live = {rec for root in kubelet_roots for rec in recorded_processes(root) if runtime_procs.same(*rec)}
+    # The spawner with the middle children it reaped (clock ticks are fine: it lives long);
+    # each shim and container from schedstat (nanoseconds: a shim uses less than a tick).
+    out["shims"] = sum(_cpu_s(pid) for pid, start in spawners if runtime_procs.same(pid, start)) + \
+        sum(_run_s(pid) for pid, start in live - spawners)
     return out
+
+
+def _run_s(pid: int) -> float:
+    """Seconds on a CPU of process ``pid``'s main thread (``/proc/PID/schedstat``, nanoseconds);
+    0 when it is gone."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            return int(f.read().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def _rss_mb(pid: int) -> float:
