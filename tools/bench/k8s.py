@@ -244,7 +244,7 @@ def components(cluster: lab.ClusterRecord) -> dict[str, int]:
     return {name: rec.pid for name, rec in recs.items() if rec is not None}
 
 
-def cpu_snapshot(procs: dict[str, int], kubelet_roots: list[Path]) -> dict[str, float]:
+def cpu_snapshot(procs: dict[str, int], state_dir: Path) -> dict[str, float]:
     """CPU seconds so far of each component (with its reaped children; the kubelet's apart: the
     ``ip`` commands of the pod plumbing) and, as ``shims``, of the container side: the kubelet's
     shim spawner (with the middle children it reaped) and every live shim and container process
@@ -253,6 +253,7 @@ def cpu_snapshot(procs: dict[str, int], kubelet_roots: list[Path]) -> dict[str, 
     from kubeemu.runtime import spawner
     from kubeemu.runtime.pods import recorded_processes
 
+    kubelet_roots = sorted(state_dir.glob("kubelet-*"))  # made by a kubelet with its first pod: look each time
     out = {name: _cpu_s(pid) for name, pid in procs.items()}
     if "kubelet" in procs:
         pid = procs["kubelet"]
@@ -307,8 +308,7 @@ def run(opts: bc.Options) -> bc.Report:
             netns0 = kernel_netns()  # for the notes of wait_kernel_settled
             rss0 = _rss_mb(cluster.apiserver.pid)
             procs = components(cluster)
-            kubelet_roots = sorted(state.state_dir.glob("kubelet-*"))
-            cpu0 = cpu_snapshot(procs, kubelet_roots)
+            cpu0 = cpu_snapshot(procs, state.state_dir)
             kubelet_log = cluster.kubelet.log if cluster.kubelet is not None else ""
             log_offset = _size(kubelet_log)
             t0 = time.monotonic()
@@ -320,7 +320,7 @@ def run(opts: bc.Options) -> bc.Report:
             finally:
                 timeline.stop()
             rss1 = _rss_mb(cluster.apiserver.pid)
-            cpu1 = cpu_snapshot(procs, kubelet_roots)
+            cpu1 = cpu_snapshot(procs, state.state_dir)
             cpu = ", ".join(f"{k} {cpu1[k] - cpu0.get(k, 0.0):.2f}" for k in cpu1)
             timelines.append(f"round {rnd + 1} CPU seconds from apply to all Ready: {cpu}")
             bc.progress(NAME, f"round {rnd + 1} CPU s: {cpu}")
