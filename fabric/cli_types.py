@@ -54,3 +54,14 @@ def positive_float(text: str) -> float:
 def positive_seconds(text: str) -> float:
     """A finite number of seconds greater than zero (argparse ``type=``); the error says seconds."""
     return _positive(text, "number of seconds")
+
+
+def boolean(text: str) -> bool:
+    """``true``/``false`` (also ``1``/``0``, ``yes``/``no``, any case), as Kubernetes components'
+    boolean flags take them (``--leader-elect=false``); argparse ``type=``."""
+    t = text.strip().lower()
+    if t in ("true", "1", "yes"):
+        return True
+    if t in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean (true/false)")

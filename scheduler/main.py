@@ -26,7 +26,7 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from fabric import health, logs
+from fabric import cli_types, health, logs
 from scheduler.election import timing_problem
 from scheduler.kube import connect
 from scheduler.profile import ConfigError, default_config, load_config
@@ -67,15 +67,6 @@ endpoints: /metrics (fabric_scheduler_*), /healthz, /readyz on --listen.
 """
 
 
-def _bool(text: str) -> bool:
-    t = text.strip().lower()
-    if t in ("true", "1", "yes"):
-        return True
-    if t in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean (true/false)")
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kosmos-scheduler", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
@@ -84,16 +75,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--master", help="API server URL (overrides the kubeconfig's server)")
     p.add_argument("--context", help="kubeconfig context")
     p.add_argument("--config", help="KubeSchedulerConfiguration YAML (profiles, plugins, weights, pluginConfig)")
-    p.add_argument("--leader-elect", type=_bool, nargs="?", const=True, default=None,
+    p.add_argument("--leader-elect", type=cli_types.boolean, nargs="?", const=True, default=None,
                    help="campaign for a Lease and schedule only while holding it (default true, or the config's)")
     p.add_argument("--leader-elect-resource-lock", choices=["leases"], default="leases",
                    help="the lock's resource type: leases only (upstream's default; its endpoints and configmaps "
                         "locks are gone)")
     p.add_argument("--leader-elect-resource-namespace", help="the Lease's namespace (default kube-system)")
     p.add_argument("--leader-elect-resource-name", help="the Lease's name (default kosmos-scheduler)")
-    p.add_argument("--leader-elect-lease-duration", type=float, help="seconds (default 15)")
-    p.add_argument("--leader-elect-renew-deadline", type=float, help="seconds (default 10)")
-    p.add_argument("--leader-elect-retry-period", type=float, help="seconds (default 2)")
+    p.add_argument("--leader-elect-lease-duration", type=cli_types.positive_seconds, help="seconds (default 15)")
+    p.add_argument("--leader-elect-renew-deadline", type=cli_types.positive_seconds, help="seconds (default 10)")
+    p.add_argument("--leader-elect-retry-period", type=cli_types.positive_seconds, help="seconds (default 2)")
     p.add_argument("--identity", help="this replica's holder identity (default host name + uuid)")
     p.add_argument("--listen", default="127.0.0.1:10259", help="HOST:PORT for /metrics and /healthz")
     p.add_argument("--bind-workers", type=int, default=16, help="concurrent pods/binding requests")

@@ -18,7 +18,8 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from fabric import cli_types, health, logs
+from fabric import health, logs
+from fabric.cli_types import boolean, grpc_target, positive_seconds
 from scheduler.kube import Api, connect, resource_path
 from tree import forge
 from tree.fabric_link import FabricLink
@@ -53,25 +54,6 @@ endpoints: /metrics (fabric_tree_*), /healthz, /readyz on --listen.
 """
 
 
-def _bool(text: str) -> bool:
-    t = text.strip().lower()
-    if t in ("true", "1", "yes"):
-        return True
-    if t in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean (true/false)")
-
-
-def _seconds(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0 seconds")
-    return v
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kosmos-tree", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
@@ -79,33 +61,34 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--kubeconfig", help="root kubeconfig (default: in-cluster, then $KUBECONFIG/~/.kube/config)")
     p.add_argument("--master", help="root API server URL (overrides the kubeconfig's server)")
     p.add_argument("--context", help="kubeconfig context")
-    p.add_argument("--leader-elect", type=_bool, nargs="?", const=True, default=True,
+    p.add_argument("--leader-elect", type=boolean, nargs="?", const=True, default=True,
                    help="campaign for a Lease and act only while holding it (default true)")
     p.add_argument("--leader-elect-resource-namespace", default="kube-system", help="the Lease's namespace")
     p.add_argument("--leader-elect-resource-name", default="kosmos-tree", help="the Lease's name")
-    p.add_argument("--leader-elect-lease-duration", type=_seconds, default=15.0, help="seconds (default 15)")
-    p.add_argument("--leader-elect-renew-deadline", type=_seconds, default=10.0, help="seconds (default 10)")
-    p.add_argument("--leader-elect-retry-period", type=_seconds, default=2.0, help="seconds (default 2)")
+    p.add_argument("--leader-elect-lease-duration", type=positive_seconds, default=15.0, help="seconds (default 15)")
+    p.add_argument("--leader-elect-renew-deadline", type=positive_seconds, default=10.0, help="seconds (default 10)")
+    p.add_argument("--leader-elect-retry-period", type=positive_seconds, default=2.0, help="seconds (default 2)")
     p.add_argument("--identity", help="this replica's holder identity (default host name + uuid)")
     p.add_argument("--root-id", help="this root cluster's id, carried by what it puts into leaves "
                                      "(default: the UID of the root's kube-system namespace); records are published as "
                                      "tree/<root id>, so lowercase letters, digits and -./ only")
-    p.add_argument("--leaf-unreachable-after", type=_seconds, default=40.0,
+    p.add_argument("--leaf-unreachable-after", type=positive_seconds, default=40.0,
                    help="seconds without an answer from a leaf before its virtual nodes turn NotReady (default 40)")
-    p.add_argument("--leaf-timeout", type=_seconds, default=10.0, help="seconds a leaf request may take (default 10)")
-    p.add_argument("--node-lease-period", type=_seconds, default=10.0,
+    p.add_argument("--leaf-timeout", type=positive_seconds, default=10.0,
+                   help="seconds a leaf request may take (default 10)")
+    p.add_argument("--node-lease-period", type=positive_seconds, default=10.0,
                    help="seconds between leaf probes and virtual node Lease renewals (default 10)")
-    p.add_argument("--node-status-period", type=_seconds, default=60.0,
+    p.add_argument("--node-status-period", type=positive_seconds, default=60.0,
                    help="seconds after which an unchanged virtual node status is written again (default 60)")
-    p.add_argument("--resync-period", type=_seconds, default=30.0,
+    p.add_argument("--resync-period", type=positive_seconds, default=30.0,
                    help="seconds between full passes and re-reads of the kubeconfig Secrets (default 30)")
-    p.add_argument("--reflector", type=cli_types.grpc_target, metavar="TARGET",
+    p.add_argument("--reflector", type=grpc_target, metavar="TARGET",
                    help="gRPC target of fabric-reflector, HOST:PORT or unix:/path (plaintext, as the agent's); "
                         "absent: no add-on records, no NetworkUnavailable")
     p.add_argument("--fabric-cluster", metavar="NAME",
                    help="the root cluster's name in the fabric: NetworkUnavailable of each virtual node says "
                         "whether the fabric reaches its leaf from there (needs --reflector)")
-    p.add_argument("--fabric-status-period", type=_seconds, default=10.0,
+    p.add_argument("--fabric-status-period", type=positive_seconds, default=10.0,
                    help="seconds between reads of the reflector's status besides topology changes (default 10)")
     p.add_argument("--listen", default="127.0.0.1:10269", help="HOST:PORT for /metrics, /healthz and /readyz")
     p.add_argument("--log-level", default="info", help="debug, info, warning or error")

@@ -343,7 +343,7 @@ def test_kosmos_tree_command_line() -> None:
     out = run("--help")
     assert out.returncode == 0 and "--leaf-unreachable-after" in out.stdout and "kubeconfigSecretRef" in out.stdout
     bad = run("--leaf-unreachable-after", "0")
-    assert bad.returncode == 2 and "must be more than 0 seconds" in bad.stderr
+    assert bad.returncode == 2 and "must be a positive number of seconds" in bad.stderr
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens there any more
