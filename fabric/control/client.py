@@ -169,6 +169,23 @@ class StreamOrder:
         self.at = at
 
 
+def closed_the_call(closed: asyncio.Event) -> bool:
+    """In a reconnecting client's ``except asyncio.CancelledError``: whether the cancellation is
+    the client's own ``close()`` cancelling its call (the session simply ended), rather than a
+    cancellation of the task running the client, which must propagate."""
+    task = asyncio.current_task()
+    return closed.is_set() and not (task is not None and task.cancelling())
+
+
+async def sleep_unless_closed(closed: asyncio.Event, seconds: float) -> None:
+    """A reconnecting client's back-off: ``seconds``, or less when ``closed`` is set meanwhile.
+    ``asyncio.timeout``, not ``wait_for``: on Python 3.11 ``wait_for`` can swallow a cancellation
+    that arrives as the wait completes (CPython gh-86296)."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await closed.wait()
+
+
 class SyncStream:
     """The client's side of one SyncNode stream: feed every response, in order, to :meth:`feed`.
 
@@ -299,10 +316,7 @@ class AgentSession:
             except grpc.aio.AioRpcError as e:
                 reason = f"{e.code().name}: {e.details()}"
             except asyncio.CancelledError:
-                # close() cancels the call, which surfaces here as CancelledError; a cancellation
-                # of our own task must still propagate.
-                task = asyncio.current_task()
-                if not self._closed.is_set() or (task is not None and task.cancelling()):
+                if not closed_the_call(self._closed):
                     raise
                 reason = "session closed by the agent"
             finally:
@@ -316,9 +330,7 @@ class AgentSession:
                 self._backoff.reset()  # a session that worked resets the backoff
             sleep = self._backoff.next()
             _log.info("session to %s ended (%s); reconnecting in %.2fs", self.target, reason, sleep)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(sleep):  # not wait_for: it can swallow a cancel (3.11)
-                    await self._closed.wait()
+            await sleep_unless_closed(self._closed, sleep)
 
     async def report_applied(self, version: int) -> None:
         """Tell the reflector ``version`` is programmed. Dropped when no session is up: a new

@@ -38,7 +38,6 @@ every 10 s, 5 s to answer), so neither stream needs keepalive messages of its ow
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import itertools
 import logging
@@ -54,6 +53,8 @@ from fabric.control.client import (
     ProtocolViolation,
     ReflectorUnavailable,
     StreamOrder,
+    closed_the_call,
+    sleep_unless_closed,
     unavailable_error,
 )
 from fabric.control.generated import fabric_pb2 as pb
@@ -178,8 +179,7 @@ class RecordPublisher:
             except grpc.aio.AioRpcError as e:
                 reason = _ended(e, f"PublishRecords of {self.identity} to {self.target}")
             except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if not self._closed.is_set() or (task is not None and task.cancelling()):
+                if not closed_the_call(self._closed):
                     raise
                 reason = "closed by the publisher"
             finally:
@@ -191,9 +191,7 @@ class RecordPublisher:
             sleep = self._backoff.next()
             _log.info("records session of %s to %s ended (%s); reconnecting in %.2fs", self.identity, self.target,
                       reason, sleep)  # fmt: skip
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(sleep):
-                    await self._closed.wait()
+            await sleep_unless_closed(self._closed, sleep)
 
     async def close(self) -> None:
         """End for good (records stay on the reflector for its grace period, then expire)."""
@@ -395,9 +393,7 @@ class RecordWatch:
             except grpc.aio.AioRpcError as e:
                 self.last_end = _ended(e, what)
             except asyncio.CancelledError:
-                # close() cancels the call, which surfaces here; a cancellation of our task propagates.
-                task = asyncio.current_task()
-                if not self._closed.is_set() or (task is not None and task.cancelling()):
+                if not closed_the_call(self._closed):
                     raise
                 self.last_end = "closed by the watcher"
             except ProtocolViolation as e:
@@ -412,9 +408,7 @@ class RecordWatch:
                 self._backoff.reset()
             sleep = self._backoff.next()
             _log.info("%s ended (%s); reconnecting in %.2fs", what, self.last_end, sleep)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(sleep):
-                    await self._closed.wait()
+            await sleep_unless_closed(self._closed, sleep)
 
     async def _teardown(self) -> None:
         if self._call is not None:
