@@ -186,6 +186,15 @@ async def sleep_unless_closed(closed: asyncio.Event, seconds: float) -> None:
             await closed.wait()
 
 
+async def end_call(call: Any, channel: grpc.aio.Channel | None) -> None:
+    """End a reconnecting client's session: cancel its call and close its channel (either may
+    be None). Callers clear their references first, so a second end finds nothing to do."""
+    if call is not None:
+        call.cancel()
+    if channel is not None:
+        await channel.close(grace=None)
+
+
 class SyncStream:
     """The client's side of one SyncNode stream: feed every response, in order, to :meth:`feed`.
 
@@ -434,12 +443,8 @@ class AgentSession:
         if self._outbox is not None:
             self._outbox.put_nowait(None)
         self._outbox = None
-        if self._call is not None:
-            self._call.cancel()
-            self._call = None
-        if self._channel is not None:
-            await self._channel.close(grace=None)
-            self._channel = None
+        call, channel, self._call, self._channel = self._call, self._channel, None, None
+        await end_call(call, channel)
 
 
 # --------------------------------------------------------------------------------------------

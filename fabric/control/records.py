@@ -54,6 +54,7 @@ from fabric.control.client import (
     ReflectorUnavailable,
     StreamOrder,
     closed_the_call,
+    end_call,
     sleep_unless_closed,
     unavailable_error,
 )
@@ -262,12 +263,8 @@ class RecordPublisher:
 
     async def _teardown(self) -> None:
         self.connected = False
-        if self._call is not None:
-            self._call.cancel()
-            self._call = None
-        if self._channel is not None:
-            await self._channel.close(grace=None)
-            self._channel = None
+        call, channel, self._call, self._channel = self._call, self._channel, None, None
+        await end_call(call, channel)
 
 
 # --------------------------------------------------------------------------------------------
@@ -411,12 +408,8 @@ class RecordWatch:
             await sleep_unless_closed(self._closed, sleep)
 
     async def _teardown(self) -> None:
-        if self._call is not None:
-            self._call.cancel()
-            self._call = None
-        if self._channel is not None:
-            await self._channel.close(grace=None)
-            self._channel = None
+        call, channel, self._call, self._channel = self._call, self._channel, None, None
+        await end_call(call, channel)
 
 
 # --------------------------------------------------------------------------------------------
