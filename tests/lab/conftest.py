@@ -253,6 +253,15 @@ def _processes_naming(text: str) -> list[str]:
     return out
 
 
+def lab_mounts(name: str) -> list[str]:
+    """``type on mount point`` of every file system mounted under lab ``name``'s state directory
+    (its bpf filesystem, its kubelets' tmpfs roots)."""
+    prefix = f"/run/kosmos-fabric/lab/{name}/"
+    with open("/proc/self/mounts") as f:
+        rows = [line.split() for line in f]
+    return [f"{r[2]} on {r[1]}" for r in rows if len(r) > 2 and (r[1] + "/").startswith(prefix)]
+
+
 def assert_lab_gone(name: str, pids: set[int], root_links: set[str]) -> None:
     """``lab down`` left no namespace, process, pinned object or root-namespace link behind."""
     leftovers = [n for n in os.listdir("/run/netns") if n.startswith(name + "-")] if os.path.isdir("/run/netns") else []
@@ -264,4 +273,6 @@ def assert_lab_gone(name: str, pids: set[int], root_links: set[str]) -> None:
     strays = _processes_naming(f"/run/kosmos-fabric/lab/{name}/")
     assert not strays, f"lab down left processes of the lab running: {strays}"
     assert not os.path.exists(f"/sys/fs/bpf/kosmos-fabric/{name}"), "lab down left pinned BPF objects"
+    mounts = lab_mounts(name)
+    assert not mounts, f"lab down left file systems mounted: {mounts}"
     assert _root_links() == root_links, "the lab changed the root namespace's links"

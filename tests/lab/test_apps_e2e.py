@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from tests.lab.conftest import KubeLab, kube_lab_running, needs_kubectl, new_lab_name, run
+from tests.lab.conftest import KubeLab, kube_lab_running, lab_mounts, needs_kubectl, new_lab_name, run
 from tests.waiting import wait_until
 
 NS = "apps"
@@ -342,6 +342,9 @@ def test_restarting_the_controller_manager_and_kubelet_duplicates_nothing(alab: 
     before_eps = _endpoints(alab)
     before_slices = {s["metadata"]["uid"] for s in alab.get("east", "endpointslices", "-n", NS)["items"]}
     assert before_procs
+    # The kubelet keeps its root (volumes, records, logs) on a tmpfs of the lab's, which outlives it.
+    tmpfs = [m for m in lab_mounts(alab.name) if m.startswith("tmpfs on ") and m.endswith("/kubelet-east")]
+    assert tmpfs, f"the kubelet root is not a tmpfs: {lab_mounts(alab.name)}"
     k = alab.kube("east")
     for pid in (k["controller_manager_pid"], k["kubelet_pid"]):
         os.kill(pid, signal.SIGKILL)
@@ -358,6 +361,8 @@ def test_restarting_the_controller_manager_and_kubelet_duplicates_nothing(alab: 
     assert _pod_processes(alab) == before_procs
     assert _endpoints(alab) == before_eps
     assert {s["metadata"]["uid"] for s in alab.get("east", "endpointslices", "-n", NS)["items"]} == before_slices
+    assert [m for m in lab_mounts(alab.name) if m in tmpfs] == tmpfs  # the same mount, not a second one
+    assert len([m for m in lab_mounts(alab.name) if m.endswith("/kubelet-east")]) == 1
     # Left running on purpose: `lab down` must stop these containers too (the fixture checks that
     # no process of the lab survives, including containers a kubelet could restart meanwhile).
 

@@ -13,7 +13,8 @@ from tools.lab.state import LabError, LabState, bpf_dir, find_node, require_stat
 
 _log = logging.getLogger(__name__)
 
-def _is_mountpoint(path: Path) -> bool:
+def is_mountpoint(path: Path) -> bool:
+    """Whether ``path`` is a mount point in this mount namespace (``/proc/self/mounts``)."""
     try:
         mounts = Path("/proc/self/mounts").read_text().splitlines()
     except OSError:
@@ -26,7 +27,7 @@ def mount_bpffs(state: LabState) -> None:
     whose Cluster resources can gain a globalCIDRsMap at any time); plain labs need none."""
     path = bpf_dir(state.name)
     wanted = state.kubernetes or any(c.global_cidrs for c in state.clusters)
-    if not wanted or _is_mountpoint(path):
+    if not wanted or is_mountpoint(path):
         return
     path.mkdir(parents=True, exist_ok=True)
     p = subprocess.run(["mount", "-t", "bpf", "bpf", str(path)], capture_output=True, text=True)
@@ -36,7 +37,7 @@ def mount_bpffs(state: LabState) -> None:
 
 def umount_bpffs(name: str) -> bool:
     path = bpf_dir(name)
-    if not _is_mountpoint(path):
+    if not is_mountpoint(path):
         return False
     p = subprocess.run(["umount", str(path)], capture_output=True, text=True)
     if p.returncode != 0:

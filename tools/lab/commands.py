@@ -22,7 +22,7 @@ from fabric import netns as namespaces
 from fabric import topology
 from tools import nsutil
 from tools.lab.bpf import mount_bpffs, umount_bpffs
-from tools.lab.kube import start_kubernetes, wait_kube_nodes
+from tools.lab.kube import start_kubernetes, umount_kubelet_roots, wait_kube_nodes
 from tools.lab.planning import merge_plan, plan
 from tools.lab.plumbing import build, delete_netns
 from tools.lab.procs import start_agent, start_reflector, wait_in_sync, wait_reflector
@@ -287,6 +287,9 @@ def _down_locked(name: str, state: LabState | None, progress: Progress) -> bool:
     gone = delete_netns([ns for ns in owned if namespaces.exists(ns)])
     if gone:
         progress(f"lab {name}: deleted {len(gone)} namespaces")
+        changed = True
+    for root in umount_kubelet_roots(name):
+        progress(f"lab {name}: unmounted the kubelet root (tmpfs) at {root}")
         changed = True
     if umount_bpffs(name):
         progress(f"lab {name}: unmounted its bpf filesystem (translator pins) at {bpf_dir(name)}")
