@@ -16,7 +16,7 @@ In order (:func:`virtual_nodes`):
    (Kosmos ignores them and overcommits) count against every virtual node having a usable member
    the pod's nodeSelector and required node affinity accept: the leaf's scheduler may put them
    on any of those. Terminal pods (Succeeded, Failed) count for nothing. "Ours" are the pods this
-   root put there (label :data:`ROOT_LABEL` = this root's id): the root scheduler counts them
+   root put there (label :data:`tree.identity.ROOT_LABEL` = this root's id): the root scheduler counts them
    already. Nothing goes below zero.
 3. Labels: ``kosmos.io/node=true``, ``kosmos.io/cluster``, ``kubernetes.io/hostname``, the
    model's labels, and the :data:`AGREED_LABELS` (region, zone, os, arch) when every member has
@@ -51,6 +51,7 @@ from scheduler.framework import Resource
 from scheduler.podutil import QuantityError, pod_requests, resource_list
 from scheduler.policy import LEAF_NODE_LABEL, LEAF_TAINT
 from scheduler.selectors import RequiredNodeAffinity
+from tree.identity import is_ours
 from tree.spec import LeafModel, Mode, TreeSpec
 
 _log = logging.getLogger(__name__)
@@ -59,8 +60,6 @@ Obj = dict[str, Any]
 
 CLUSTER_LABEL = "kosmos.io/cluster"
 HOSTNAME_LABEL = "kubernetes.io/hostname"
-#: Objects this root puts into a leaf carry this label with the root's id (see ``--root-id``).
-ROOT_LABEL = "kosmos.io/root-cluster"
 #: Labels copied from the members when they all agree.
 AGREED_LABELS = ("topology.kubernetes.io/region", "topology.kubernetes.io/zone", "kubernetes.io/os",
                  "kubernetes.io/arch")
@@ -240,7 +239,7 @@ def virtual_nodes(spec: TreeSpec, nodes: Iterable[Obj], pods: Iterable[Obj], *, 
             _log.warning("Cluster %s: %s; the pod counts as one pod slot only", spec.cluster, e)
             req = Resource()
         req.allowed_pod_number = 1
-        ours = _ours(p, root_id)
+        ours = is_ours(p, root_id)
         node_name = str((p.get("spec") or {}).get("nodeName") or "")
         if node_name:
             total, count, mine = used.get(node_name) or (Resource(), 0, 0)
@@ -353,11 +352,6 @@ def _floor(r: Resource) -> Resource:
 def _plus(r: Resource, other: Resource) -> Resource:
     r.add(other)
     return r
-
-
-def _ours(pod: Obj, root_id: str) -> bool:
-    """A leaf pod this root put there (the root scheduler counts its requests already)."""
-    return ((pod.get("metadata") or {}).get("labels") or {}).get(ROOT_LABEL) == root_id
 
 
 def _forge(spec: TreeSpec, name: str, model: LeafModel | None, members: list[Obj], usable: list[Obj],

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from fabric.control import api
-from tree import forge, vnode
+from tree import forge, identity, vnode
 from tree.spec import Mode, SpecError, TreeSpec, read
 
 Obj = dict[str, Any]
@@ -94,9 +94,9 @@ def test_cluster_mode_sums_usable_nodes_minus_pods_that_are_not_ours() -> None:
     z1 = {"topology.kubernetes.io/zone": "z1"}
     nodes = [node("a", **z1), node("b", cpu="2", **z1), node("down", ready=False, **z1),
              node("cordoned", unschedulable=True, **z1)]
-    pods = [pod("run", "a", cpu="500m"), pod("pending"), pod("ours", "a", labels={forge.ROOT_LABEL: "me"}),
+    pods = [pod("run", "a", cpu="500m"), pod("pending"), pod("ours", "a", labels={identity.ROOT_LABEL: "me"}),
             pod("done", "b", phase="Succeeded"), pod("on-down", "down", cpu="3"),
-            pod("other-root", "b", labels={forge.ROOT_LABEL: "someone-else"})]
+            pod("other-root", "b", labels={identity.ROOT_LABEL: "someone-else"})]
     (vn,) = forged(spec, nodes, pods).values()
     assert vn.name == "kosmos-c1" and vn.members == ("a", "b", "cordoned", "down")
     # 6 cpu - 0.5 (run) - 1 (Pending, no node yet) - 1 (another root's pod); 220 pods - 3
@@ -177,7 +177,7 @@ def test_the_record_tells_each_members_room_from_the_same_walk() -> None:
     spec = read(cluster())
     nodes = [node("a", cpu="4", **{"topology.kubernetes.io/zone": "z1", "pool": "x"}),
              node("b", cpu="2", unschedulable=True), node("c", cpu="2", ready=False)]
-    pods = [pod("p", "a", cpu="1"), pod("mine", "a", cpu="2", labels={forge.ROOT_LABEL: "me"}),
+    pods = [pod("p", "a", cpu="1"), pod("mine", "a", cpu="2", labels={identity.ROOT_LABEL: "me"}),
             pod("done", "a", cpu="1", phase="Succeeded"), pod("q", "b", cpu="500m"), pod("pending", cpu="1")]
     vn = forged(spec, nodes, pods)["kosmos-c1"]
     doc = json.loads(forge.leaf_resources(vn, "c1"))
