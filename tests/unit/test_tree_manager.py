@@ -22,6 +22,7 @@ from scheduler.podutil import parse_quantity
 from tests.tree_env import REPO, SECRET_NS, TreeEnv, leaf_kubeconfig, ready, resources, tree_env
 from tests.waiting import wait_until
 from tree import forge
+from tree.identity import ROOT_LABEL
 from tree.vnode import OWNER_UID_ANNOTATION, owner
 
 Obj = dict[str, Any]
@@ -60,7 +61,7 @@ def test_cluster_mode_node_with_labels_taint_capacity_and_lease(env: TreeEnv) ->
     env.add_node("leaf1", "down", ready=False, labels=zone)
     env.add_pod("leaf1", "running", node="a", cpu="500m", memory="1Gi")
     env.add_pod("leaf1", "pending", cpu="1", memory="1Gi")  # no node yet: counted too
-    env.add_pod("leaf1", "ours", node="a", cpu="2", labels={forge.ROOT_LABEL: "root-under-test"})
+    env.add_pod("leaf1", "ours", node="a", cpu="2", labels={ROOT_LABEL: "root-under-test"})
     env.add_cluster("leaf1", "leaf1")
     env.start_manager()
     n = wait_values(env, "kosmos-leaf1", {"cpu": "4500m", "memory": "10Gi", "pods": "218"})

@@ -28,6 +28,7 @@ from tests.tree_env import REPO, ROOT_ID, TreeEnv, tree_env
 from tests.waiting import wait_until
 from tree import forge
 from tree.fabric_link import FabricLink, identity
+from tree.identity import ROOT_LABEL
 from tree.manager import TreeManager
 
 Obj = dict[str, Any]
@@ -187,7 +188,7 @@ def test_a_record_per_virtual_node_new_versions_only_on_change_gone_with_the_nod
     env.add_node("leaf1", "g1", cpu="8", memory="16Gi", labels={"pool": "gpu", "topology.kubernetes.io/zone": "z1"})
     env.add_node("leaf1", "c1", cpu="2", labels={"pool": "cpu", "topology.kubernetes.io/zone": "z2"})
     env.add_pod("leaf1", "p", node="g1", cpu="3", memory="1Gi")
-    env.add_pod("leaf1", "ours", node="g1", cpu="1", memory="1Gi", labels={forge.ROOT_LABEL: ROOT_ID})
+    env.add_pod("leaf1", "ours", node="g1", cpu="1", memory="1Gi", labels={ROOT_LABEL: ROOT_ID})
     models = [{"leafNodeName": "gpu", "nodeSelector": {"labelSelector": {"matchLabels": {"pool": "gpu"}}}},
               {"leafNodeName": "cpu", "nodeSelector": {"labelSelector": {"matchLabels": {"pool": "cpu"}}}}]
     env.add_cluster("leaf1", "leaf1", leafModels=models)
