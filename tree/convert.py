@@ -76,6 +76,7 @@ from typing import Any
 from scheduler.kube import Api, Informer, wait_synced
 from scheduler.policy import LEAF_NODE_LABEL, LEAF_NODE_VALUE
 from scheduler.selectors import Matcher, SelectorError, label_selector
+from tree.metrics import TreeMetrics
 
 _log = logging.getLogger(__name__)
 
@@ -311,14 +312,18 @@ class ConvertPolicies:
     """Root informers on both policy kinds (and on the virtual nodes, unless ``nodes`` looks
     them up elsewhere, e.g. the manager's node informer) and the pod syncer's hook.
 
-    A policy is loaded once per resourceVersion; an unusable one is logged once (warning, the
-    object and the field) and listed in :attr:`errors` (key -> message), and ignored. A CRD
-    that is not installed counts as no policies (the informer retries it)."""
+    A policy is loaded once per resourceVersion, when it arrives; an unusable one is logged
+    once (warning, the object and the field), listed in :attr:`errors` (key -> message), counted
+    in ``fabric_tree_convert_policy_errors``, and ignored. A CRD that is not installed counts as
+    no policies (the informer retries it)."""
 
-    def __init__(self, root: Api, *, nodes: NodeLookup | None = None) -> None:
+    def __init__(self, root: Api, *, nodes: NodeLookup | None = None, metrics: TreeMetrics | None = None) -> None:
+        self.metrics = metrics
         self.cluster_informer = Informer(root, GROUP_VERSION, CLUSTER_POLICIES, copy_on_write=True)
         self.pod_informer = Informer(root, GROUP_VERSION, POD_POLICIES, copy_on_write=True)
         self.informers = [self.cluster_informer, self.pod_informer]
+        for inf in self.informers:
+            inf.add_handler(self._on_policy)
         self._node_informer: Informer | None = None
         if nodes is None:
             self._node_informer = Informer(root, "v1", "nodes", label_selector=f"{LEAF_NODE_LABEL}={LEAF_NODE_VALUE}",
@@ -328,6 +333,10 @@ class ConvertPolicies:
         self._lock = threading.Lock()
         #: (kind, key) -> (resourceVersion, the policy or its error)
         self._loaded: dict[tuple[str, str], tuple[str, Policy | PolicyError]] = {}
+
+    def _on_policy(self, _type: str, _old: Obj | None, _new: Obj | None) -> None:
+        """Load (and so log and count) a policy when it arrives, not when a pod first needs it."""
+        self.policies()
 
     def _own_node(self, name: str) -> Mapping[str, Any] | None:
         assert self._node_informer is not None
@@ -380,6 +389,9 @@ class ConvertPolicies:
                         out.append(cached[1])
             for ident in [i for i in self._loaded if i not in seen]:
                 del self._loaded[ident]
+            if self.metrics is not None:
+                self.metrics.convert_policy_errors.set(
+                    sum(isinstance(p, PolicyError) for _rv, p in self._loaded.values()))
         return out
 
     def convert(self, leaf_pod: Obj, root_pod: Obj, cluster: str) -> Obj:

@@ -27,6 +27,7 @@ from kubeemu.runner import ServerThread
 from scheduler.kube import Api, ApiError, resource_path
 from tests.waiting import wait_until
 from tree import convert as cv
+from tree.metrics import TreeMetrics
 
 REPO = Path(__file__).resolve().parents[2]
 HOST = REPO / "deploy" / "base" / "host"
@@ -454,7 +455,7 @@ def virtual_node(api: Api, name: str, cluster: str, **labels: str) -> None:
 
 @pytest.fixture
 def policies(root: Api) -> Iterator[cv.ConvertPolicies]:
-    p = cv.ConvertPolicies(root)
+    p = cv.ConvertPolicies(root, metrics=TreeMetrics())
     p.start()
     try:
         assert p.wait_synced(10)
@@ -562,7 +563,11 @@ def test_convert_policies_follow_the_root_and_ignore_an_unusable_policy(root: Ap
     root.create(POD_POLICIES, policy("a-broken", namespace="shop",
                                      labelSelector={"matchExpressions": [{"key": "app", "operator": "In"}]},
                                      converters=scheduler("a")))
-    wait_until(lambda: policies.errors, 10, "the broken policy reported")
+    assert policies.metrics is not None
+    registry = policies.metrics.registry
+    # Counted when it arrives (no pod converted meanwhile).
+    wait_until(lambda: registry.get_sample_value("fabric_tree_convert_policy_errors") == 1, 10,
+               "the broken policy counted")
     assert list(policies.errors) == ["PodConvertPolicy shop/a-broken"]
     assert "spec.labelSelector.matchExpressions[0]" in policies.errors["PodConvertPolicy shop/a-broken"]
     assert hook(leaf, rootpod)["spec"]["schedulerName"] == "b"
@@ -572,6 +577,7 @@ def test_convert_policies_follow_the_root_and_ignore_an_unusable_policy(root: Ap
     root.update(resource_path(cv.GROUP_VERSION, cv.POD_POLICIES, "shop", "a-broken"), fixed)
     wait_until(lambda: hook(leaf, rootpod)["spec"].get("schedulerName") == "a", 10, "a-broken, fixed, applied")
     assert policies.errors == {}
+    assert registry.get_sample_value("fabric_tree_convert_policy_errors") == 0
     # A cluster policy that matches beats both.
     root.create(CLUSTER_POLICIES, policy("z", converters=scheduler("z")))
     wait_until(lambda: hook(leaf, rootpod)["spec"].get("schedulerName") == "z", 10, "the cluster policy applied")
