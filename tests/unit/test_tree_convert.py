@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -620,3 +621,12 @@ def test_without_the_crds_there_are_no_policies_and_nothing_waits() -> None:
             assert p.converter("leaf1")(leaf, rootpod) == leaf
         finally:
             p.stop()
+
+
+def test_the_readme_example_is_a_usable_policy() -> None:
+    readme = (REPO / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", readme, re.S) if "ConvertPolicy" in b]
+    (p,) = loaded(yaml.safe_load(block))
+    leaf, root = pods(labels={"app": "trainer"})
+    out = cv.convert(leaf, root, cluster="leaf1", node_labels={}, policies=[p])
+    assert out["spec"]["schedulerName"] == "volcano" and out["spec"]["nodeSelector"] == {"accelerator": "nvidia-a100"}
