@@ -300,17 +300,23 @@ def convert(leaf_pod: Mapping[str, Any], root_pod: Mapping[str, Any], *, cluster
     out: Obj = copy.deepcopy(dict(leaf_pod))
     if chosen is None or chosen.conversions is None:
         return out
-    spec = out.setdefault("spec", {})
+    spec = out.get("spec") or {}
+    out["spec"] = spec
     for conv in chosen.conversions:
         apply(spec, conv)
-    out.setdefault("metadata", {}).setdefault("annotations", {})[POLICY_ANNOTATION] = chosen.name
+    out_meta = out.setdefault("metadata", {})
+    out_meta["annotations"] = {**(out_meta.get("annotations") or {}), POLICY_ANNOTATION: chosen.name}
     _log.debug("pod %s/%s to %s: %s applied", meta.get("namespace"), meta.get("name"), cluster, chosen.ident)
     return out
 
 
 class ConvertPolicies:
     """Root informers on both policy kinds (and on the virtual nodes, unless ``nodes`` looks
-    them up elsewhere, e.g. the manager's node informer) and the pod syncer's hook.
+    them up elsewhere) and the pod syncer's hook.
+
+    ``nodes``: a virtual node by name, e.g. from the manager's node informer; that store is
+    replaced on every change, so pass ``lambda n: manager.nodes.store.get(n)``, not a bound
+    ``store.get`` (which would keep reading the first store).
 
     A policy is loaded once per resourceVersion, when it arrives; an unusable one is logged
     once (warning, the object and the field), listed in :attr:`errors` (key -> message), counted

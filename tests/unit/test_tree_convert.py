@@ -630,3 +630,14 @@ def test_the_readme_example_is_a_usable_policy() -> None:
     leaf, root = pods(labels={"app": "trainer"})
     out = cv.convert(leaf, root, cluster="leaf1", node_labels={}, policies=[p])
     assert out["spec"]["schedulerName"] == "volcano" and out["spec"]["nodeSelector"] == {"accelerator": "nvidia-a100"}
+
+
+def test_a_leaf_pod_with_null_annotations_or_spec_fields_is_converted() -> None:
+    leaf, root = pods()
+    leaf["metadata"]["annotations"] = None
+    out = run(leaf, root, policy("p", converters=scheduler("s")))
+    assert out["metadata"]["annotations"] == {cv.POLICY_ANNOTATION: "p"}
+    leaf["spec"]["nodeSelector"] = None
+    out = run(leaf, root, policy("p", converters={"nodeSelectorConverter": {"convertType": "add",
+                                                                            "nodeSelector": {"a": "b"}}}))
+    assert out["spec"]["nodeSelector"] == {"a": "b"}
