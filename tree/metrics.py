@@ -33,6 +33,9 @@ class TreeMetrics:
         self.spec_errors = prometheus_client.Gauge(
             "fabric_tree_cluster_spec_errors", "1 while a Cluster's clusterTreeOptions cannot be used.",
             ["cluster"], registry=r)
+        self.convert_policy_errors = prometheus_client.Gauge(
+            "fabric_tree_convert_policy_errors", "Pod convert policies ignored because they cannot be used "
+            "(tree.convert logs the object and the field).", registry=r)
         self.records = prometheus_client.Gauge(
             "fabric_tree_records", "Add-on records this replica publishes (one per virtual node; 0 without a "
             "reflector or as a standby).", registry=r)

@@ -149,6 +149,8 @@ def test_base_renders_the_expected_objects(base: dict[tuple[str, str], dict[str,
     assert set(base) == {
         ("Namespace", NS),
         ("CustomResourceDefinition", "clusters.kosmos.io"),
+        ("CustomResourceDefinition", "podconvertpolicies.kosmos.io"),
+        ("CustomResourceDefinition", "clusterpodconvertpolicies.kosmos.io"),
         ("ServiceAccount", "kosmos-fabric-reflector"), ("ServiceAccount", "kosmos-fabric-agent"),
         ("ClusterRole", "kosmos-fabric-reflector"), ("ClusterRole", "kosmos-fabric-agent"),
         ("ClusterRoleBinding", "kosmos-fabric-reflector"), ("ClusterRoleBinding", "kosmos-fabric-agent"),
