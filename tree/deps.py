@@ -144,13 +144,16 @@ class Dependencies:
         self.pin_seconds = pin_seconds
         self.clock = clock
         ours = f"{identity.ROOT_LABEL}={root_id}"
-        self._root_inf = {p: Informer(root, "v1", p) for p in (CONFIGMAPS, SECRETS, PVCS)}
+        self._root_inf = {p: Informer(root, "v1", p) for p in (CONFIGMAPS, SECRETS, SERVICEACCOUNTS, PVCS)}
         self._mirrors = Informer(root, "v1", PVS, label_selector=f"{MIRROR_CLUSTER_LABEL}={cluster}",
                                  copy_on_write=True)
         self._leaf_inf = {p: Informer(leaf, "v1", p, label_selector=ours, copy_on_write=True)
                           for p in (CONFIGMAPS, SECRETS, SERVICEACCOUNTS, PVCS)}
         self._leaf_pvs = Informer(leaf, "v1", PVS)
         self._lock = threading.Lock()
+        #: plural -> root UID -> leaf UID -> leaf copy: the leaf informers' stores indexed by the
+        #: root UID label (kept by their handlers, under ``_lock``).
+        self._by_uid: dict[str, dict[str, dict[str, Obj]]] = {p: {} for p in self._leaf_inf}
         #: (leaf namespace, plural, root UID) -> when ensure last handed the copy out.
         self._pins: dict[tuple[str, str, str], float] = {}
         #: Leaf UIDs of copies release deleted whose DELETED event has not come yet.
@@ -331,14 +334,14 @@ class Dependencies:
                     if pinned is not None and self.clock() - pinned < self.pin_seconds:
                         continue
                     self._pins.pop((ns, plural, root[1]), None)
+                    self._deleted.add(_uid(copy))  # until its DELETED event: ensure must not hand it out
                     try:
                         self._delete(self.leaf, plural, ns, name, _uid(copy))
                     except ApiError as e:
+                        self._deleted.discard(_uid(copy))
                         self._error(plural, e.reason or str(e.status))
                         _log.warning("Cluster %s: releasing %s %s/%s failed: %s", self.cluster, KINDS[plural], ns,
                                      name, e)
-                        continue
-                    self._deleted.add(_uid(copy))
 
     def _copies(self, plural: str) -> list[Obj]:
         inf = self._leaf_inf[plural]
@@ -387,9 +390,9 @@ class Dependencies:
         """The leaf copy of the root object ``uid`` in ``leaf_ns``: by the root UID label only."""
         inf = self._leaf_inf[plural]
         if not fresh and self._started and inf.synced.is_set():
-            for o in inf.store.values():
-                if identity.is_copy_of(o, self.root_id, uid) and _meta(o).get("namespace") == leaf_ns \
-                        and _uid(o) not in self._deleted and not _meta(o).get("deletionTimestamp"):
+            for o in self._copies_of(plural, uid):
+                if _meta(o).get("namespace") == leaf_ns and _uid(o) not in self._deleted \
+                        and not _meta(o).get("deletionTimestamp"):
                     return o
             return None
         doc = self.leaf.request("GET", resource_path("v1", plural, leaf_ns),
@@ -398,7 +401,9 @@ class Dependencies:
         return items[0] if items else None
 
     def _copies_of(self, plural: str, uid: str) -> list[Obj]:
-        return [o for o in self._leaf_inf[plural].store.values() if identity.is_copy_of(o, self.root_id, uid)]
+        """This root's leaf copies of the root object ``uid`` (any namespace), from the index."""
+        with self._lock:
+            return list((self._by_uid[plural].get(uid) or {}).values())
 
     # ------------------------------------------------------------------ writes
 
@@ -470,12 +475,19 @@ class Dependencies:
     def _on_leaf_copy(self, plural: str) -> Callable[[str, Obj | None, Obj | None], None]:
         def handler(kind: str, old: Obj | None, new: Obj | None) -> None:
             obj = new or old or {}
-            if kind == "DELETED":
-                with self._lock:
-                    self._deleted.discard(_uid(obj))
-                if plural != PVCS:
-                    return
             root = identity.root_of(obj)
+            with self._lock:
+                if old is not None and (was := identity.root_of(old)) is not None:
+                    by_leaf = self._by_uid[plural].get(was[1]) or {}
+                    by_leaf.pop(_uid(old), None)
+                    if not by_leaf:
+                        self._by_uid[plural].pop(was[1], None)
+                if new is not None and root is not None:
+                    self._by_uid[plural].setdefault(root[1], {})[_uid(new)] = new
+                if kind == "DELETED":
+                    self._deleted.discard(_uid(obj))
+            if kind == "DELETED" and plural != PVCS:
+                return
             if root is not None and root[0] == self.root_id:
                 self._enqueue((plural, root[1]))
         return handler

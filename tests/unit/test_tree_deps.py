@@ -179,7 +179,8 @@ def test_a_missing_or_refused_dependency_raises_naming_it(env: TreeEnv) -> None:
     deps = env.start_deps("l1", "c1")
     pod = root_pod(env, "p", volumes=[{"name": "a", "configMap": {"name": "here"}},
                                       {"name": "b", "secret": {"secretName": "nope"}},
-                                      {"name": "c", "secret": {"secretName": "legacy"}}])
+                                      {"name": "c", "secret": {"secretName": "legacy"}}],
+                   imagePullSecrets=[{"name": "absent"}])  # upstream pulls without it: not an error
 
     with pytest.raises(DependencyError) as e:
         deps.ensure(pod, NS)
@@ -187,6 +188,7 @@ def test_a_missing_or_refused_dependency_raises_naming_it(env: TreeEnv) -> None:
     msg = str(e.value)
     assert "Secret app/nope: not found in the root cluster" in msg and "volume b of pod app/p" in msg
     assert "Secret app/legacy: is a legacy service-account token Secret" in msg
+    assert "absent" not in msg
     assert get(leaf, "configmaps", "here") is not None  # the others were copied all the same
     assert get(leaf, "secrets", "legacy") is None
     assert deps.metrics.dependency_errors.labels("c1", "Secret", "missing")._value.get() == 1
@@ -277,6 +279,30 @@ def test_release_deletes_only_unreferenced_copies_of_ours(env: TreeEnv) -> None:
     # Never a leaf user's object of a copy's name: their ConfigMap, the leaf's own default SA.
     assert (get(leaf, "configmaps", "shared") or {}).get("data") == {"owner": "leaf user"}
     assert get(leaf, "serviceaccounts", "default") is not None
+
+
+def test_a_recreated_root_object_gets_a_new_copy_and_the_old_one_is_released(env: TreeEnv) -> None:
+    root, leaf = env.root, env.leaf("l1")
+    old_cm = cm(root, "conf", v="old")
+    first = root_pod(env, "p1", volumes=[{"name": "a", "configMap": {"name": "conf"}}])
+    deps = env.start_deps("l1", "c1")
+    r1 = deps.ensure(first, NS)
+    assert ("configmaps", "conf") not in r1
+    root.request("DELETE", path("configmaps", "conf"))
+    new_cm = cm(root, "conf", v="new")
+    second = root_pod(env, "p2", volumes=[{"name": "a", "configMap": {"name": "conf"}}])
+
+    r2 = deps.ensure(second, NS)
+
+    # The old copy (a running pod may still use it) keeps its content and the name; the new one is renamed.
+    renamed = r2[("configmaps", "conf")]
+    assert renamed == f"conf-{identity.suffix(ROOT_ID, new_cm['metadata']['uid'])}"
+    assert (get(leaf, "configmaps", "conf") or {}).get("data") == {"v": "old"}
+    assert (get(leaf, "configmaps", renamed) or {}).get("data") == {"v": "new"}
+    wait_until(lambda: len(deps._copies("configmaps")) == 3, 10, "the leaf informer saw the copies")
+    deps.release([leaf_pod(second, r2)])
+    assert copies(leaf, "configmaps", old_cm["metadata"]["uid"]) == []
+    assert get(leaf, "configmaps", renamed) is not None
 
 
 def test_release_keeps_what_ensure_just_handed_out(env: TreeEnv) -> None:
