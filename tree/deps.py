@@ -53,7 +53,12 @@ ServiceAccount is created in the leaf (a copy named as above, without the root's
 and the leaf pod keeps its ``serviceAccountToken`` projection, so the leaf's own kubelet asks the
 leaf's API for a bound token (TokenRequest, bound to the leaf pod, expiring, rotated by the
 kubelet at 80% of its life), upstream's semantics. No token is ever copied, so there is nothing
-to refresh; legacy token Secrets a pod names are refused (:class:`DependencyError`).
+to refresh; legacy token Secrets a pod names are refused (:class:`DependencyError`). That token
+is for the leaf's API server, which the leaf's kubelet points the pod at
+(``KUBERNETES_SERVICE_HOST``), so the CA beside it in the ``kube-api-access-*`` projection must
+stay the leaf's own ``kube-root-ca.crt``: the pod syncer applies the ``kube-root-ca.crt`` rename
+to every other reference, not inside a projected volume that has a ``serviceAccountToken``
+source (Kosmos renames it there too and pairs it with the root token it copied).
 
 Ownership: every leaf copy carries :func:`tree.identity.ownership`; root PV mirrors carry
 ``kosmos.io/cluster=<cluster>`` and ``kosmos.io/leaf-pv-uid=<leaf PV UID>`` and are found by
