@@ -55,10 +55,11 @@ leaf's API for a bound token (TokenRequest, bound to the leaf pod, expiring, rot
 kubelet at 80% of its life), upstream's semantics. No token is ever copied, so there is nothing
 to refresh; legacy token Secrets a pod names are refused (:class:`DependencyError`). That token
 is for the leaf's API server, which the leaf's kubelet points the pod at
-(``KUBERNETES_SERVICE_HOST``), so the CA beside it in the ``kube-api-access-*`` projection must
-stay the leaf's own ``kube-root-ca.crt``: the pod syncer applies the ``kube-root-ca.crt`` rename
-to every other reference, not inside a projected volume that has a ``serviceAccountToken``
-source (Kosmos renames it there too and pairs it with the root token it copied).
+(``KUBERNETES_SERVICE_HOST``), so the CA beside it in the ``kube-api-access-*`` projection stays
+the leaf's own ``kube-root-ca.crt``: :func:`tree.deps_refs.references` does not count it, so no
+rename is returned for it (Kosmos renames it there too, pairing the root's CA with the root token
+it copied). A pod that names ``kube-root-ca.crt`` anywhere else wants the root's CA, and gets
+``master-root-ca.crt``.
 
 Ownership: every leaf copy carries :func:`tree.identity.ownership`; root PV mirrors carry
 ``kosmos.io/cluster=<cluster>`` and ``kosmos.io/leaf-pv-uid=<leaf PV UID>`` and are found by

@@ -10,7 +10,11 @@ In order:
    (``serviceAccountName``, "default" when unset, as the ServiceAccount admission plugin sets
    it), PVCs of ``persistentVolumeClaim`` volumes. Each with whether it is optional: upstream the
    kubelet starts a container without a missing *optional* ConfigMap/Secret, and pulls without a
-   missing image pull Secret (an event, no failure), so those are optional too.
+   missing image pull Secret (an event, no failure), so those are optional too. Not a
+   reference: ``kube-root-ca.crt`` in a projected volume with a ``serviceAccountToken`` source
+   (the ``kube-api-access-*`` volume the ServiceAccount admission adds): the leaf's kubelet
+   projects a token of the leaf's API server there, and the CA that verifies that server is the
+   leaf's own ``kube-root-ca.crt`` (see "Service-account tokens" in :mod:`tree.deps`).
 2. :func:`base_name`: the leaf name a copy wants before collisions: the root name, except the
    root's ``kube-root-ca.crt`` (the root API server's CA, published in every namespace), which
    arrives as ``master-root-ca.crt`` as Kosmos names it, so it never fights the leaf's own
@@ -107,8 +111,12 @@ def references(pod: Mapping[str, Any]) -> list[Ref]:
             add(PVCS, pvc.get("claimName"), False, f"volume {vname}")
         if csi := v.get("csi"):
             add(SECRETS, (csi.get("nodePublishSecretRef") or {}).get("name"), False, f"volume {vname}")
-        for src in (v.get("projected") or {}).get("sources") or []:
+        sources = (v.get("projected") or {}).get("sources") or []
+        token = any(src.get("serviceAccountToken") for src in sources)
+        for src in sources:
             if cm := src.get("configMap"):
+                if token and cm.get("name") == ROOT_CA:
+                    continue  # the CA of the token beside it: the leaf's own (see the module's step 1)
                 add(CONFIGMAPS, cm.get("name"), cm.get("optional"), f"projected volume {vname}")
             if sec := src.get("secret"):
                 add(SECRETS, sec.get("name"), sec.get("optional"), f"projected volume {vname}")

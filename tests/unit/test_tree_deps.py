@@ -70,10 +70,9 @@ def copies(api: Api, plural: str, root_uid: str, ns: str = NS) -> list[Obj]:
 
 
 def base_renames(env: TreeEnv) -> dict[tuple[str, str], str]:
-    """The renames every pod of namespace NS has: the root's CA and its default ServiceAccount."""
+    """The renames every pod of namespace NS has: its default ServiceAccount's."""
     sa = env.root.get(path("serviceaccounts", "default"))
-    return {("configmaps", "kube-root-ca.crt"): "master-root-ca.crt",
-            ("serviceaccounts", "default"): f"default-{identity.suffix(ROOT_ID, sa['metadata']['uid'])}"}
+    return {("serviceaccounts", "default"): f"default-{identity.suffix(ROOT_ID, sa['metadata']['uid'])}"}
 
 
 def root_pod(env: TreeEnv, name: str, *, volumes: list[Obj] | None = None, node: str = "kosmos-c1",
@@ -114,6 +113,15 @@ def test_references_reads_every_kind_of_reference() -> None:
     assert ("serviceaccounts", "default", False) in {(r.plural, r.name, r.optional) for r in references({"spec": {}})}
 
 
+def test_the_ca_beside_a_projected_token_is_the_leafs_own() -> None:
+    token = {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}}
+    ca = {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}}
+    api_access = {"spec": {"volumes": [{"name": "kube-api-access-x", "projected": {"sources": [token, ca]}}]}}
+    assert ("configmaps", "kube-root-ca.crt") not in {(r.plural, r.name) for r in references(api_access)}
+    user_ca = {"spec": {"volumes": [{"name": "ca", "projected": {"sources": [ca]}}]}}
+    assert ("configmaps", "kube-root-ca.crt") in {(r.plural, r.name) for r in references(user_ca)}
+
+
 def test_every_reference_kind_is_copied_with_its_ownership(env: TreeEnv) -> None:
     root, leaf = env.root, env.leaf("l1")
     made = {("configmaps", n): cm(root, n, v=n) for n in ("cm-vol", "cm-proj", "cm-env", "cm-from")}
@@ -124,6 +132,7 @@ def test_every_reference_kind_is_copied_with_its_ownership(env: TreeEnv) -> None
         {"name": "b", "secret": {"secretName": "sec-vol"}},
         {"name": "c", "projected": {"sources": [{"configMap": {"name": "cm-proj"}}, {"secret": {"name": "sec-proj"}}]}},
         {"name": "gone", "configMap": {"name": "not-there", "optional": True}},
+        {"name": "rootca", "configMap": {"name": "kube-root-ca.crt"}},
     ], containers=[{"name": "c", "image": "busybox",
                     "env": [{"name": "A", "valueFrom": {"configMapKeyRef": {"name": "cm-env", "key": "v"}}},
                             {"name": "B", "valueFrom": {"secretKeyRef": {"name": "sec-env", "key": "v"}}}],
@@ -132,8 +141,8 @@ def test_every_reference_kind_is_copied_with_its_ownership(env: TreeEnv) -> None
 
     renames = deps.ensure(pod, NS)
 
-    # The root's admission mounted kube-root-ca.crt (kube-api-access-*): it arrives under Kosmos' name.
-    assert renames == {("configmaps", "kube-root-ca.crt"): "master-root-ca.crt"}  # and SA runner keeps its
+    # The pod asks for the root's CA: it arrives under Kosmos' name (SA runner keeps its own).
+    assert renames == {("configmaps", "kube-root-ca.crt"): "master-root-ca.crt"}
     ca = get(leaf, "configmaps", "master-root-ca.crt")
     assert ca is not None and ca["data"] == {"ca.crt": ROOT_CA_PEM}
     assert get(leaf, "configmaps", "kube-root-ca.crt") is None  # the leaf's own name is left to the leaf
@@ -156,7 +165,7 @@ def test_collisions_rename_and_a_shared_configmap_is_one_copy(env: TreeEnv) -> N
     users = cm(leaf, "settings", mine="yes")  # a leaf user's ConfigMap with the root's name
     cm(leaf, "master-root-ca.crt", ca="leaf user's")
     root_cm = cm(root, "settings", theirs="root")
-    vols = [{"name": "s", "configMap": {"name": "settings"}}]
+    vols = [{"name": "s", "configMap": {"name": "settings"}}, {"name": "ca", "configMap": {"name": "kube-root-ca.crt"}}]
     pods = [root_pod(env, f"p{i}", volumes=vols) for i in range(3)]
     deps = env.start_deps("l1", "c1")
 
@@ -256,7 +265,8 @@ def test_release_deletes_only_unreferenced_copies_of_ours(env: TreeEnv) -> None:
     cm(leaf, "shared", owner="leaf user")
     cm(root, "shared", owner="root")
     cm(root, "solo", v="1")
-    keep = root_pod(env, "keep", volumes=[{"name": "a", "configMap": {"name": "shared"}}])
+    keep = root_pod(env, "keep", volumes=[{"name": "a", "configMap": {"name": "shared"}},
+                                          {"name": "ca", "configMap": {"name": "kube-root-ca.crt"}}])
     drop = root_pod(env, "drop", volumes=[{"name": "a", "configMap": {"name": "solo"}}])
     deps = env.start_deps("l1", "c1")
     renames = deps.ensure(keep, NS)
@@ -299,7 +309,7 @@ def test_a_recreated_root_object_gets_a_new_copy_and_the_old_one_is_released(env
     assert renamed == f"conf-{identity.suffix(ROOT_ID, new_cm['metadata']['uid'])}"
     assert (get(leaf, "configmaps", "conf") or {}).get("data") == {"v": "old"}
     assert (get(leaf, "configmaps", renamed) or {}).get("data") == {"v": "new"}
-    wait_until(lambda: len(deps._copies("configmaps")) == 3, 10, "the leaf informer saw the copies")
+    wait_until(lambda: len(deps._copies("configmaps")) == 2, 10, "the leaf informer saw the copies")
     deps.release([leaf_pod(second, r2)])
     assert copies(leaf, "configmaps", old_cm["metadata"]["uid"]) == []
     assert get(leaf, "configmaps", renamed) is not None
