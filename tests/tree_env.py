@@ -8,14 +8,17 @@ without an answer, resync every second) and stops every manager and server at th
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from kubeemu.ctrl import manager as ctrl_manager
 from kubeemu.runner import ServerThread
 from scheduler.kube import Api, ApiError, resource_path
 from tests.waiting import wait_until
@@ -46,6 +49,7 @@ class TreeEnv:
         self.leaves: dict[str, ServerThread] = {}
         self.managers: list[TreeManager] = []
         self.deps: list[Dependencies] = []
+        self.controllers: list[Controllers] = []
         self.root.create("/apis/apiextensions.k8s.io/v1/customresourcedefinitions", yaml.safe_load(CRD.read_text()))
         self.root.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
                                                 "metadata": {"name": SECRET_NS}})
@@ -61,6 +65,8 @@ class TreeEnv:
     def close(self) -> None:
         for d in self.deps:
             d.stop()
+        for c in self.controllers:
+            c.stop()
         for m in self.managers:
             m.stop()
         for emu in self.leaves.values():
@@ -188,6 +194,12 @@ class TreeEnv:
         d.stop()
         self.deps.remove(d)
 
+    def start_controllers(self, api: Api, names: str, storage_root: Path | None = None) -> None:
+        """The lab's controller-manager (``kubeemu.ctrl``, only ``names``) against ``api``, on a
+        thread of its own; stopped by :meth:`close`."""
+        c = Controllers(api.host, names, ctrl_manager.Options(storage_root=storage_root))
+        self.controllers.append(c)
+
     def provision(self, leaf: str, ns: str, claim: str, *, node: str = "leaf-n1", reclaim: str = "Delete") -> Obj:
         """What a leaf's provisioner and PV binder do for a claim: a PV ``pvc-<claim uid>`` with
         ``claimRef`` and node affinity to ``node``, then the claim bound to it (``volumeName``,
@@ -213,6 +225,27 @@ class TreeEnv:
         api.patch(path + "/status", {"status": {"phase": "Bound", "accessModes": pvc["spec"]["accessModes"],
                                                 "capacity": {"storage": size}}})
         return pv
+
+
+class Controllers:
+    """:func:`kubeemu.ctrl.manager.run` on its own event loop thread."""
+
+    def __init__(self, url: str, names: str, options: ctrl_manager.Options) -> None:
+        known = ctrl_manager.registry(options)
+        self._loop = asyncio.new_event_loop()
+        self._task = self._loop.create_task(ctrl_manager.run(url, ctrl_manager.select(names, known), known))
+        self._thread = threading.Thread(target=self._run, name=f"controllers-{url}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        with contextlib.suppress(asyncio.CancelledError):
+            self._loop.run_until_complete(self._task)
+        self._loop.close()
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._task.cancel)
+        self._thread.join(10)
 
 
 #: A stand-in for the root API server's CA bundle (the content is never parsed).

@@ -471,3 +471,52 @@ def test_a_restarted_instance_collects_a_pvc_deleted_while_it_was_down(env: Tree
         env.start_deps("l1", "c1")
         wait_until(lambda: get(leaf, "persistentvolumeclaims", "data") is None, 10, "the leaf PVC collected")
         wait_until(lambda: get(root, "persistentvolumes", name, ns=None) is None, 10, "the mirror collected")
+
+
+def test_pvc_flow_with_the_leafs_and_roots_own_volume_controllers(env: TreeEnv, tmp_path: Any) -> None:
+    """The same flow against the lab's real PV binder, protection, provisioner and resizer in
+    the leaf (and binder and protection in the root, which must not fight the mirror)."""
+    root, leaf = env.root, env.leaf("l1")
+    env.add_node("l1", "leaf-n1")
+    env.start_controllers(leaf, "persistentvolume-binder,pvc-protection,pv-protection,persistentvolume-expander,"
+                                "lab-local-provisioner", storage_root=tmp_path / "l1")
+    env.start_controllers(root, "persistentvolume-binder,pvc-protection,pv-protection")
+    with pvc_setup(env) as (pvc, pod):
+        deps = env.start_deps("l1", "c1")
+        renames = deps.ensure(pod, NS)
+        # The leaf pod as the pod syncer makes it, bound to a leaf node by the leaf's scheduler.
+        leaf_pod_body = leaf_pod(pod, renames)
+        leaf_pod_body["spec"]["nodeName"] = "leaf-n1"
+        leaf.create(path("pods"), leaf_pod_body)
+
+        def root_pvc() -> Obj:
+            got: Obj = root.get(path("persistentvolumeclaims", "data"))
+            return got
+        wait_until(lambda: root_pvc().get("status", {}).get("phase") == "Bound", 20, "the root PVC Bound")
+        leaf_pvc = get(leaf, "persistentvolumeclaims", "data")
+        assert leaf_pvc is not None and leaf_pvc["metadata"]["annotations"][SELECTED_NODE] == "leaf-n1"
+        mirror = get(root, "persistentvolumes", root_pvc()["spec"]["volumeName"], ns=None)
+        assert mirror is not None and mirror["spec"]["claimRef"]["uid"] == pvc["metadata"]["uid"]
+        assert mirror["metadata"]["name"] == leaf_pvc["spec"]["volumeName"]
+        assert mirror["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"][0]["matchExpressions"][0][
+            "values"] == ["kosmos-c1"]
+        assert "pv.kubernetes.io/provisioned-by" not in mirror["metadata"].get("annotations", {})
+        wait_until(lambda: (get(root, "persistentvolumes", mirror["metadata"]["name"], ns=None) or {})
+                   .get("status", {}).get("phase") == "Bound", 10, "the mirror stays Bound under the root's binder")
+
+        root.patch(path("persistentvolumeclaims", "data"), {"spec": {"resources": {"requests": {"storage": "3Gi"}}}})
+        # The leaf's resizer finishes once a pod using the claim runs on its node.
+        leaf.patch(path("pods", "p") + "/status", {"status": {"phase": "Running"}})
+        wait_until(lambda: root_pvc()["status"].get("capacity") == {"storage": "3Gi"}, 20,
+                   "the leaf's expansion reached the root PVC")
+        wait_until(lambda: (get(root, "persistentvolumes", mirror["metadata"]["name"], ns=None) or {})
+                   .get("spec", {}).get("capacity") == {"storage": "3Gi"}, 10, "and the root PV")
+
+        root.request("DELETE", path("pods", "p"), {"gracePeriodSeconds": 0})
+        leaf.request("DELETE", path("pods", "p"), {"gracePeriodSeconds": 0})
+        root.request("DELETE", path("persistentvolumeclaims", "data"))
+        wait_until(lambda: get(leaf, "persistentvolumeclaims", "data") is None, 20, "the leaf PVC gone")
+        wait_until(lambda: get(leaf, "persistentvolumes", leaf_pvc["spec"]["volumeName"], ns=None) is None, 20,
+                   "the leaf's reclaimer deleted its volume")
+        wait_until(lambda: get(root, "persistentvolumes", mirror["metadata"]["name"], ns=None) is None, 20,
+                   "the mirror deleted")
