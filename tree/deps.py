@@ -255,10 +255,14 @@ class Dependencies:
         for _ in range(4):
             if copy is not None:
                 leaf_name = str(_meta(copy)["name"])
-                self._update(plural, self._desired(plural, root_obj, leaf_name, leaf_ns, node), copy)
+                if plural != PVCS:  # a PVC's resize waits for its leaf binding: the worker's (step 3)
+                    self._update(plural, self._desired(plural, root_obj, leaf_name, leaf_ns, node), copy)
                 return leaf_name
             occupant = self._leaf_get(plural, leaf_ns, base)
             if occupant is not None and identity.is_copy_of(occupant, self.root_id, uid):
+                if _meta(occupant).get("deletionTimestamp"):
+                    self._error(plural, "terminating")
+                    raise DependencyError(f"{what}: its leaf copy {leaf_ns}/{base} is still being deleted")
                 copy = occupant
                 continue
             # A leaf's "default" ServiceAccount belongs to its ServiceAccount controller: our copy
@@ -603,8 +607,9 @@ class Dependencies:
                 continue
             if _meta(leaf_pvc).get("deletionTimestamp"):
                 continue
-            desired = self._desired(PVCS, root_pvc, _meta(leaf_pvc)["name"], _meta(leaf_pvc)["namespace"], "")
-            self._update(PVCS, desired, leaf_pvc)  # a resize flows down
+            if (leaf_pvc.get("status") or {}).get("phase") == "Bound":  # only a bound claim may grow
+                desired = self._desired(PVCS, root_pvc, _meta(leaf_pvc)["name"], _meta(leaf_pvc)["namespace"], "")
+                self._update(PVCS, desired, leaf_pvc)  # a resize flows down
             self._mirror(root_pvc, leaf_pvc)
 
     def _collect_pvc(self, uid: str, leaf_pvc: Obj) -> None:
