@@ -22,7 +22,8 @@ In order:
 3. :func:`desired_copy`: the body of the leaf copy of a ConfigMap, Secret, ServiceAccount or
    PVC: the root object's user labels and annotations plus :func:`tree.identity.ownership`, its
    payload, and nothing the root's controllers wrote (binder annotations, ``volumeName``).
-   :func:`copy_differs` says whether a leaf copy must be rewritten.
+   :func:`copy_differs` says whether a leaf copy must be rewritten. :func:`rename` rewrites a
+   pod's references to the leaf names (for the pod syncer).
 4. :func:`mirror_pv`: the root PV that mirrors the leaf PV of a leaf PVC: the leaf PV's volume
    source and capacity, bound to the root PVC by ``claimRef`` (name and UID), node affinity to
    the virtual node (see :mod:`tree.deps`).
@@ -30,6 +31,7 @@ In order:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -137,6 +139,50 @@ def references(pod: Mapping[str, Any]) -> list[Ref]:
         add(SECRETS, ips.get("name"), True, "imagePullSecrets")
     add(SERVICEACCOUNTS, spec.get("serviceAccountName") or spec.get("serviceAccount") or "default", False,
         "serviceAccountName")
+    return out
+
+
+def rename(pod: Mapping[str, Any], renames: Mapping[tuple[str, str], str]) -> Obj:
+    """A copy of ``pod`` with every reference :func:`references` reads rewritten by ``renames``
+    (``{(plural, root name): leaf name}``, what :meth:`tree.deps.Dependencies.ensure` returns),
+    the same walk, so what is copied and what is renamed never disagree. The ``kube-root-ca.crt``
+    beside a projected token stays (the leaf's own CA, see the module's step 1)."""
+    out: Obj = json.loads(json.dumps(pod))  # not deepcopy: it would keep two references to one dict shared
+    spec = out.get("spec") or {}
+
+    def new(plural: str, name: Any) -> Any:
+        return renames.get((plural, str(name)), name) if name else name
+
+    def key(ref: Any, field: str, plural: str) -> None:
+        if isinstance(ref, dict) and ref.get(field):
+            ref[field] = new(plural, ref[field])
+
+    for v in spec.get("volumes") or []:
+        key(v.get("configMap"), "name", CONFIGMAPS)
+        key(v.get("secret"), "secretName", SECRETS)
+        key(v.get("persistentVolumeClaim"), "claimName", PVCS)
+        key((v.get("csi") or {}).get("nodePublishSecretRef"), "name", SECRETS)
+        sources = (v.get("projected") or {}).get("sources") or []
+        token = any(src.get("serviceAccountToken") for src in sources)
+        for src in sources:
+            if not (token and (src.get("configMap") or {}).get("name") == ROOT_CA):
+                key(src.get("configMap"), "name", CONFIGMAPS)
+            key(src.get("secret"), "name", SECRETS)
+    for c in _containers(spec):
+        for e in c.get("env") or []:
+            vf = e.get("valueFrom") or {}
+            key(vf.get("configMapKeyRef"), "name", CONFIGMAPS)
+            key(vf.get("secretKeyRef"), "name", SECRETS)
+        for ef in c.get("envFrom") or []:
+            key(ef.get("configMapRef"), "name", CONFIGMAPS)
+            key(ef.get("secretRef"), "name", SECRETS)
+    for ips in spec.get("imagePullSecrets") or []:
+        key(ips, "name", SECRETS)
+    sa = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
+    if (SERVICEACCOUNTS, sa) in renames:
+        spec["serviceAccountName"] = renames[(SERVICEACCOUNTS, sa)]
+        if spec.get("serviceAccount"):
+            spec["serviceAccount"] = spec["serviceAccountName"]
     return out
 
 

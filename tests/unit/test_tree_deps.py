@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import copy
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,7 +20,7 @@ from tests.tree_env import ROOT_CA_PEM, ROOT_ID, TreeEnv
 from tests.waiting import wait_until
 from tree import identity
 from tree.deps import DependencyError
-from tree.deps_refs import MIRROR_CLUSTER_LABEL, ROOT_NODE_ANNOTATION, SELECTED_NODE, references
+from tree.deps_refs import MIRROR_CLUSTER_LABEL, ROOT_NODE_ANNOTATION, SELECTED_NODE, names_used, references, rename
 
 Obj = dict[str, Any]
 NS = "app"
@@ -111,6 +112,35 @@ def test_references_reads_every_kind_of_reference() -> None:
         ("secrets", "sec-env", False), ("configmaps", "cm-eph", False), ("secrets", "pull", True),
         ("serviceaccounts", "runner", False)}
     assert ("serviceaccounts", "default", False) in {(r.plural, r.name, r.optional) for r in references({"spec": {}})}
+
+
+def test_rename_rewrites_what_references_reads() -> None:
+    token = {"serviceAccountToken": {"path": "token"}}
+    ca = {"configMap": {"name": "kube-root-ca.crt"}}
+    pod = {"spec": {
+        "serviceAccount": "runner", "serviceAccountName": "runner", "imagePullSecrets": [{"name": "pull"}],
+        "volumes": [{"name": "a", "configMap": {"name": "cm"}}, {"name": "b", "secret": {"secretName": "sec"}},
+                    {"name": "c", "persistentVolumeClaim": {"claimName": "data"}},
+                    {"name": "d", "csi": {"driver": "x", "nodePublishSecretRef": {"name": "sec"}}},
+                    {"name": "api", "projected": {"sources": [token, ca]}},
+                    {"name": "e", "projected": {"sources": [ca, {"secret": {"name": "sec"}}]}}],
+        "initContainers": [{"name": "i", "envFrom": [{"configMapRef": {"name": "cm"}}]}],
+        "containers": [{"name": "m",
+                        "env": [{"name": "X", "valueFrom": {"secretKeyRef": {"name": "sec", "key": "k"}}},
+                                {"name": "Y", "valueFrom": {"configMapKeyRef": {"name": "cm", "key": "k"}}}],
+                        "envFrom": [{"secretRef": {"name": "pull"}}]}]}}
+    renames = {("configmaps", "cm"): "cm-1", ("secrets", "sec"): "sec-1", ("secrets", "pull"): "pull-1",
+               ("persistentvolumeclaims", "data"): "data-1", ("serviceaccounts", "runner"): "runner-1",
+               ("configmaps", "kube-root-ca.crt"): "master-root-ca.crt"}
+    before = copy.deepcopy(pod)
+
+    out = rename(pod, renames)
+
+    assert pod == before  # a copy
+    assert names_used(out) == {(plural, renames.get((plural, name), name)) for plural, name in names_used(pod)}
+    assert out["spec"]["serviceAccount"] == "runner-1"
+    api = next(v for v in out["spec"]["volumes"] if v["name"] == "api")
+    assert api["projected"]["sources"][1] == ca  # the leaf's own CA beside the leaf's token
 
 
 def test_the_ca_beside_a_projected_token_is_the_leafs_own() -> None:
@@ -237,26 +267,9 @@ def test_root_edits_propagate_and_leaf_edits_are_put_back(env: TreeEnv) -> None:
 
 
 def leaf_pod(root_pod: Obj, renames: dict[tuple[str, str], str]) -> Obj:
-    """The leaf pod as the pod syncer makes it: references rewritten to leaf names (volumes and
-    the ServiceAccount are enough for these tests)."""
-    spec = {"volumes": [], "containers": root_pod["spec"]["containers"],
-            "serviceAccountName": renames.get(("serviceaccounts", root_pod["spec"]["serviceAccountName"]),
-                                              root_pod["spec"]["serviceAccountName"])}
-    for v in root_pod["spec"]["volumes"]:
-        v = {**v}
-        if "configMap" in v:
-            v["configMap"] = {**v["configMap"], "name": renames.get(("configmaps", v["configMap"]["name"]),
-                                                                    v["configMap"]["name"])}
-        if "projected" in v:
-            sources = []
-            for src in v["projected"]["sources"]:
-                if "configMap" in src:
-                    n = src["configMap"]["name"]
-                    src = {**src, "configMap": {**src["configMap"], "name": renames.get(("configmaps", n), n)}}
-                sources.append(src)
-            v["projected"] = {**v["projected"], "sources": sources}
-        spec["volumes"].append(v)
-    return {"metadata": {"name": root_pod["metadata"]["name"], "namespace": NS}, "spec": spec}
+    """The leaf pod as the pod syncer makes it (for these tests: references renamed, no more)."""
+    pod = rename(root_pod, renames)
+    return {"metadata": {"name": root_pod["metadata"]["name"], "namespace": NS}, "spec": pod["spec"]}
 
 
 def test_release_deletes_only_unreferenced_copies_of_ours(env: TreeEnv) -> None:
