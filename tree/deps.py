@@ -156,7 +156,11 @@ class Dependencies:
         self._leaf_inf = {p: Informer(leaf, "v1", p, label_selector=ours, copy_on_write=True)
                           for p in (CONFIGMAPS, SECRETS, SERVICEACCOUNTS, PVCS)}
         self._leaf_pvs = Informer(leaf, "v1", PVS)
+        #: Guards the index below (held for dict operations only).
         self._lock = threading.Lock()
+        #: Orders ensure's pins against release's deletions (held across a release's DELETE, so
+        #: an ensure that pins after the check waits for the copy to be gone and makes a new one).
+        self._pin_lock = threading.Lock()
         #: plural -> root UID -> leaf UID -> leaf copy: the leaf informers' stores indexed by the
         #: root UID label (kept by their handlers, under ``_lock``).
         self._by_uid: dict[str, dict[str, dict[str, Obj]]] = {p: {} for p in self._leaf_inf}
@@ -248,7 +252,7 @@ class Dependencies:
             raise DependencyError(f"{what}: not found in the root cluster")
         self._refuse(plural, what, root_obj)
         uid = _uid(root_obj)
-        with self._lock:
+        with self._pin_lock:
             self._pins[(leaf_ns, plural, uid)] = self.clock()
         base = base_name(plural, name)
         copy = self._find_copy(plural, leaf_ns, uid)
@@ -339,7 +343,7 @@ class Dependencies:
                 root = identity.root_of(copy)
                 if (ns, plural, name) in used or root is None or root[0] != self.root_id:
                     continue
-                with self._lock:
+                with self._pin_lock:
                     pinned = self._pins.get((ns, plural, root[1]))
                     if pinned is not None and self.clock() - pinned < self.pin_seconds:
                         continue
@@ -494,8 +498,8 @@ class Dependencies:
                         self._by_uid[plural].pop(was[1], None)
                 if new is not None and root is not None:
                     self._by_uid[plural].setdefault(root[1], {})[_uid(new)] = new
-                if kind == "DELETED":
-                    self._deleted.discard(_uid(obj))
+            if kind == "DELETED":
+                self._deleted.discard(_uid(obj))  # one set operation: atomic
             if kind == "DELETED" and plural != PVCS:
                 return
             if root is not None and root[0] == self.root_id:
