@@ -8,6 +8,7 @@ played by :meth:`TreeEnv.provision` (what they write, no controller running)."""
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import contextlib
 import copy
 from collections.abc import Iterator
@@ -211,6 +212,20 @@ def test_collisions_rename_and_a_shared_configmap_is_one_copy(env: TreeEnv) -> N
     assert still["metadata"]["resourceVersion"] == users["metadata"]["resourceVersion"]
 
 
+def test_concurrent_ensures_of_a_shared_configmap_make_one_copy(env: TreeEnv) -> None:
+    root_cm = cm(env.root, "shared", v="1")
+    pods = [root_pod(env, f"p{i}", volumes=[{"name": "a", "configMap": {"name": "shared"}}]) for i in range(12)]
+    deps = env.start_deps("l1", "c1")
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda p: deps.ensure(p, NS), pods))
+
+    assert all(r == results[0] for r in results)
+    assert len(copies(env.leaf("l1"), "configmaps", root_cm["metadata"]["uid"])) == 1
+    sa = env.root.get(path("serviceaccounts", "default"))
+    assert len(copies(env.leaf("l1"), "serviceaccounts", sa["metadata"]["uid"])) == 1
+
+
 def test_a_missing_or_refused_dependency_raises_naming_it(env: TreeEnv) -> None:
     root, leaf = env.root, env.leaf("l1")
     cm(root, "here", a="1")
@@ -364,7 +379,7 @@ def test_a_second_instance_finds_the_copies_by_uid(env: TreeEnv) -> None:
 
 
 @contextlib.contextmanager
-def pvc_setup(env: TreeEnv, mode: str = "cluster", reclaim: str = "Delete") -> Iterator[tuple[Obj, Obj]]:
+def pvc_setup(env: TreeEnv, mode: str = "cluster", node: str = "") -> Iterator[tuple[Obj, Obj]]:
     """A root PVC ``data`` (class ``fast``, 1Gi) used by pod ``p`` and ensured into leaf ``l1``;
     yields (root PVC, root pod)."""
     env.storage_class(env.root, "fast")
@@ -373,7 +388,7 @@ def pvc_setup(env: TreeEnv, mode: str = "cluster", reclaim: str = "Delete") -> I
         "metadata": {"name": "data", "annotations": {"volume.kubernetes.io/selected-node": "kosmos-c1"}},
         "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "fast",
                  "resources": {"requests": {"storage": "1Gi"}}}})
-    node = "leaf-n1" if mode == "node" else "kosmos-c1"
+    node = node or ("leaf-n1" if mode == "node" else "kosmos-c1")
     pod = root_pod(env, "p", node=node, volumes=[{"name": "d", "persistentVolumeClaim": {"claimName": "data"}}])
     yield pvc, pod
 
@@ -449,6 +464,18 @@ def test_retained_mirror_is_released_and_node_mode_keeps_the_real_node(env: Tree
         wait_until(lambda: get(leaf, "persistentvolumeclaims", "data") is None, 10, "the leaf PVC deleted")
         wait_until(lambda: (get(root, "persistentvolumes", name, ns=None) or {}).get("status", {}).get("phase")
                    == "Released", 10, "the retained mirror Released")
+
+
+def test_party_mode_mirror_is_pinned_to_the_party_the_claim_was_first_used_from(env: TreeEnv) -> None:
+    with pvc_setup(env, node="kosmos-c1-gpu") as (_pvc, pod):
+        deps = env.start_deps("l1", "c1", mode="party")
+        deps.ensure(pod, NS)
+        name = env.provision("l1", NS, "data", node="leaf-gpu-3")["metadata"]["name"]
+        wait_until(lambda: get(env.root, "persistentvolumes", name, ns=None), 10, "mirrored")
+        mirror = get(env.root, "persistentvolumes", name, ns=None)
+        assert mirror is not None
+        assert mirror["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"][0]["matchExpressions"][0][
+            "values"] == ["kosmos-c1-gpu"]
 
 
 def test_a_pvc_bound_elsewhere_is_refused(env: TreeEnv) -> None:
