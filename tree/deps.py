@@ -336,6 +336,7 @@ class Dependencies:
         for pod in leaf_pods_of_ours:
             ns = str(_meta(pod).get("namespace") or "")
             used.update((ns, plural, name) for plural, name in names_used(pod))
+        failed = 0
         for plural in RELEASED:
             for copy in self._copies(plural):
                 meta = _meta(copy)
@@ -354,8 +355,13 @@ class Dependencies:
                     except ApiError as e:
                         self._deleted.discard(_uid(copy))
                         self._error(plural, e.reason or str(e.status))
-                        _log.warning("Cluster %s: releasing %s %s/%s failed: %s", self.cluster, KINDS[plural], ns,
-                                     name, e)
+                        failed += 1
+                        if failed == 1:  # the first; the rest are counted (a leaf that is down fails them all)
+                            _log.warning("Cluster %s: releasing %s %s/%s failed: %s", self.cluster, KINDS[plural],
+                                         ns, name, e)
+        if failed > 1:
+            _log.warning("Cluster %s: releasing %d more copies failed; retried on the next call", self.cluster,
+                         failed - 1)
 
     def _copies(self, plural: str) -> list[Obj]:
         inf = self._leaf_inf[plural]
