@@ -14,15 +14,15 @@ are written in:
    ``kube-root-ca.crt`` arrives as ``master-root-ca.crt``; the root's ``default`` ServiceAccount
    is always renamed (``default-<hash>``: the leaf's own ``default`` is its ServiceAccount
    controller's, and leaf users' pods would lose their tokens if ours held and released the
-   name). The leaf names that differ from the
-   root names come back as renames, which the pod syncer rewrites in the leaf pod. A missing
+   name). The leaf names that differ from the root names come back as renames, which the pod
+   syncer rewrites in the leaf pod (:func:`tree.deps_refs.rename`). A missing
    non-optional object, a legacy service-account token Secret, a terminating PVC or a PVC bound
    to a volume outside this leaf raise :class:`DependencyError` naming it (the pod waits, as a
    kubelet waits with ``CreateContainerConfigError``). PVCs get no copy of the root's binder
    annotations or ``volumeName``: the leaf provisions them (storage class kept).
-2. Propagation (a worker thread fed by informers): a root ConfigMap or Secret that changes, or a
-   leaf copy someone else edits, is rewritten to what the root says, within a second or so.
-   Only objects that have a leaf copy are written. Every ``resync_period`` all copies are
+2. Propagation (a worker thread fed by informers): a root ConfigMap, Secret or ServiceAccount
+   that changes, or a leaf copy someone else edits, is rewritten to what the root says within a
+   second or so. Only objects that have a leaf copy are written. Every ``resync_period`` all copies are
    compared again (a missed event costs one period, never correctness).
 3. PVCs (same worker, on events of the root PVC, the leaf copy and the leaf PV): a larger root
    request is patched down (the leaf's expansion does the rest); once the leaf PVC is Bound, its
