@@ -8,17 +8,21 @@ without an answer, resync every second) and stops every manager and server at th
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from kubeemu.ctrl import manager as ctrl_manager
 from kubeemu.runner import ServerThread
 from scheduler.kube import Api, ApiError, resource_path
 from tests.waiting import wait_until
+from tree.deps import Dependencies
 from tree.leaf import Options
 from tree.manager import TreeManager
 
@@ -44,6 +48,8 @@ class TreeEnv:
         self.root = Api(self.root_emu.url)
         self.leaves: dict[str, ServerThread] = {}
         self.managers: list[TreeManager] = []
+        self.deps: list[Dependencies] = []
+        self.controllers: list[Controllers] = []
         self.root.create("/apis/apiextensions.k8s.io/v1/customresourcedefinitions", yaml.safe_load(CRD.read_text()))
         self.root.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
                                                 "metadata": {"name": SECRET_NS}})
@@ -57,6 +63,10 @@ class TreeEnv:
             return False
 
     def close(self) -> None:
+        for d in self.deps:
+            d.stop()
+        for c in self.controllers:
+            c.stop()
         for m in self.managers:
             m.stop()
         for emu in self.leaves.values():
@@ -151,6 +161,95 @@ class TreeEnv:
     def stop_manager(self, m: TreeManager) -> None:
         m.stop()
         self.managers.remove(m)
+
+
+    # ------------------------------------------------------------------ dependencies
+
+    def root_namespace(self, ns: str) -> None:
+        """A root namespace as a real root has it: its ``default`` ServiceAccount (the emulator
+        makes it, as the ServiceAccount controller does) and its ``kube-root-ca.crt``
+        (root-ca-cert-publisher, not running here)."""
+        self.root.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+        self.root.create(resource_path("v1", "configmaps", ns),
+                         {"metadata": {"name": "kube-root-ca.crt"}, "data": {"ca.crt": ROOT_CA_PEM}})
+
+    def storage_class(self, api: Api, name: str, *, expand: bool = True) -> None:
+        api.create("/apis/storage.k8s.io/v1/storageclasses",
+                   {"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": {"name": name},
+                    "provisioner": "lab.kosmos.io/local", "allowVolumeExpansion": expand,
+                    "volumeBindingMode": "WaitForFirstConsumer"})
+
+    def start_deps(self, leaf: str, cluster: str, **kw: Any) -> Dependencies:
+        """A started :class:`tree.deps.Dependencies` for ``leaf`` with short timings, its
+        informers synced; stopped by :meth:`close` (or :meth:`stop_deps`)."""
+        kw.setdefault("resync_period", 1.0)
+        kw.setdefault("pin_seconds", 0.0)
+        d = Dependencies(Api(self.root.host), self.leaf(leaf), root_id=ROOT_ID, cluster=cluster, timeout=5.0, **kw)
+        d.start()
+        self.deps.append(d)
+        assert d.wait_synced(10), "the dependency informers listed"
+        return d
+
+    def stop_deps(self, d: Dependencies) -> None:
+        d.stop()
+        self.deps.remove(d)
+
+    def start_controllers(self, api: Api, names: str, storage_root: Path | None = None) -> None:
+        """The lab's controller-manager (``kubeemu.ctrl``, only ``names``) against ``api``, on a
+        thread of its own; stopped by :meth:`close`."""
+        c = Controllers(api.host, names, ctrl_manager.Options(storage_root=storage_root))
+        self.controllers.append(c)
+
+    def provision(self, leaf: str, ns: str, claim: str, *, node: str = "leaf-n1", reclaim: str = "Delete") -> Obj:
+        """What a leaf's provisioner and PV binder do for a claim: a PV ``pvc-<claim uid>`` with
+        ``claimRef`` and node affinity to ``node``, then the claim bound to it (``volumeName``,
+        phase Bound, capacity). Returns the PV."""
+        api = self.leaf(leaf)
+        pvc = api.get(resource_path("v1", "persistentvolumeclaims", ns, claim))
+        size = pvc["spec"]["resources"]["requests"]["storage"]
+        pv: Obj = api.create("/api/v1/persistentvolumes", {
+            "apiVersion": "v1", "kind": "PersistentVolume",
+            "metadata": {"name": f"pvc-{pvc['metadata']['uid']}",
+                         "annotations": {"pv.kubernetes.io/provisioned-by": "lab.kosmos.io/local"}},
+            "spec": {"capacity": {"storage": size}, "accessModes": pvc["spec"]["accessModes"],
+                     "persistentVolumeReclaimPolicy": reclaim, "storageClassName": pvc["spec"].get("storageClassName"),
+                     "local": {"path": f"/var/lib/volumes/{node}/pvc-{pvc['metadata']['uid']}"},
+                     "claimRef": {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "namespace": ns,
+                                  "name": claim, "uid": pvc["metadata"]["uid"]},
+                     "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
+                         {"key": "kubernetes.io/hostname", "operator": "In", "values": [node]}]}]}}}})
+        api.patch(resource_path("v1", "persistentvolumes", name=pv["metadata"]["name"], sub="status"),
+                  {"status": {"phase": "Bound"}})
+        path = resource_path("v1", "persistentvolumeclaims", ns, claim)
+        api.patch(path, {"spec": {"volumeName": pv["metadata"]["name"]}})
+        api.patch(path + "/status", {"status": {"phase": "Bound", "accessModes": pvc["spec"]["accessModes"],
+                                                "capacity": {"storage": size}}})
+        return pv
+
+
+class Controllers:
+    """:func:`kubeemu.ctrl.manager.run` on its own event loop thread."""
+
+    def __init__(self, url: str, names: str, options: ctrl_manager.Options) -> None:
+        known = ctrl_manager.registry(options)
+        self._loop = asyncio.new_event_loop()
+        self._task = self._loop.create_task(ctrl_manager.run(url, ctrl_manager.select(names, known), known))
+        self._thread = threading.Thread(target=self._run, name=f"controllers-{url}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        with contextlib.suppress(asyncio.CancelledError):
+            self._loop.run_until_complete(self._task)
+        self._loop.close()
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._task.cancel)
+        self._thread.join(10)
+
+
+#: A stand-in for the root API server's CA bundle (the content is never parsed).
+ROOT_CA_PEM = "-----BEGIN CERTIFICATE-----\nroot-under-test\n-----END CERTIFICATE-----\n"
 
 
 @contextlib.contextmanager

@@ -42,6 +42,13 @@ class TreeMetrics:
         self.records_session = prometheus_client.Gauge(
             "fabric_tree_records_session_open", "1 while this replica's records session with the reflector is open.",
             registry=r)
+        self.dependency_writes = prometheus_client.Counter(
+            "fabric_tree_dependency_writes", "Writes of pods' dependencies (ConfigMap, Secret, ServiceAccount, "
+            "PersistentVolumeClaim copies in a leaf; PersistentVolume mirrors and claim bindings in the root) by "
+            "kind and operation (create, update, delete, status).", ["cluster", "kind", "op"], registry=r)
+        self.dependency_errors = prometheus_client.Counter(
+            "fabric_tree_dependency_errors", "Dependencies that could not be synced, by kind and reason (missing, "
+            "refused, or the API status reason of a failed request).", ["cluster", "kind", "reason"], registry=r)
         self.leader = prometheus_client.Gauge(
             "fabric_tree_leader", "1 while this replica holds the lease (or runs without election).", registry=r)
 
