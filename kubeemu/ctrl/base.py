@@ -288,6 +288,18 @@ def controller_ref(obj: Obj) -> dict[str, Any] | None:
     return None
 
 
+def owner_key(obj: Obj, kind: str, owners: Informer) -> str | None:
+    """The key of the ``kind`` object in ``owners``' cache that controls ``obj`` (same namespace),
+    or None: no such controller reference, or the cached object of that name is another one (its
+    uid differs: the owner was deleted and re-created). Upstream's ``resolveControllerRef``."""
+    ref = controller_ref(obj)
+    if ref is None or ref.get("kind") != kind:
+        return None
+    key = f"{obj['metadata'].get('namespace')}/{ref['name']}"
+    owner = owners.get(key)
+    return key if owner is not None and owner["metadata"].get("uid") == ref.get("uid") else None
+
+
 def owner_reference(owner: Obj, block: bool = True) -> dict[str, Any]:
     """A controller ownerReference to ``owner`` (``metav1.NewControllerRef``)."""
     meta = owner["metadata"]

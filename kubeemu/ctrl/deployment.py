@@ -45,7 +45,7 @@ from typing import Any
 
 from kubeemu.client import MERGE_PATCH, ApiStatusError, Client, Obj, object_key, resource_path, split_key
 from kubeemu.ctrl import podutil
-from kubeemu.ctrl.base import Controller, Informers, controller_ref, owner_reference
+from kubeemu.ctrl.base import Controller, Informers, controller_ref, owner_key, owner_reference
 from kubeemu.ctrl.replicaset import replicas_of
 
 _log = logging.getLogger(__name__)
@@ -282,16 +282,8 @@ class DeploymentController(Controller):
 
     # ---------------------------------------------------------------- events
 
-    def _owner(self, obj: Obj) -> str | None:
-        ref = controller_ref(obj)
-        if ref is None or ref.get("kind") != "Deployment":
-            return None
-        key = f"{obj['metadata'].get('namespace')}/{ref['name']}"
-        d = self.deployments.get(key)
-        return key if d is not None and d["metadata"].get("uid") == ref.get("uid") else None
-
     def _on_rs(self, etype: str, old: Obj | None, new: Obj | None) -> None:
-        keys = {k for k in (self._owner(old) if old else None, self._owner(new) if new else None) if k}
+        keys = {k for k in (owner_key(o, "Deployment", self.deployments) for o in (old, new) if o) if k}
         rs = new or old
         assert rs is not None
         if controller_ref(rs) is None and etype != "DELETED":
@@ -310,7 +302,7 @@ class DeploymentController(Controller):
         if ref is None or ref.get("kind") != "ReplicaSet":
             return
         rs = self.sets.get(f"{old['metadata'].get('namespace')}/{ref['name']}")
-        key = self._owner(rs) if rs is not None else None
+        key = owner_key(rs, "Deployment", self.deployments) if rs is not None else None
         if key is not None:
             d = self.deployments.get(key)
             if d is not None and strategy_type(d) == "Recreate":

@@ -41,7 +41,7 @@ import time
 
 from kubeemu.client import MERGE_PATCH, ApiStatusError, Client, Obj, object_key, resource_path, split_key
 from kubeemu.ctrl import podutil
-from kubeemu.ctrl.base import Controller, Informers, controller_ref
+from kubeemu.ctrl.base import Controller, Informers, controller_ref, owner_key
 
 _log = logging.getLogger(__name__)
 
@@ -116,18 +116,10 @@ class JobController(Controller):
         self.jobs.add_handler(lambda t, old, new: self.enqueue(new or old))
         self.pods.add_handler(self._on_pod)
 
-    def _owner_key(self, pod: Obj) -> str | None:
-        ref = controller_ref(pod)
-        if ref is None or ref.get("kind") != "Job":
-            return None
-        key = f"{pod['metadata'].get('namespace')}/{ref['name']}"
-        job = self.jobs.get(key)
-        return key if job is not None and job["metadata"].get("uid") == ref.get("uid") else None
-
     def _on_pod(self, etype: str, old: Obj | None, new: Obj | None) -> None:
         pod = new or old
         assert pod is not None
-        key = self._owner_key(pod)
+        key = owner_key(pod, "Job", self.jobs)
         if key is None:
             # a tracked pod whose Job is gone (deleted, namespace deleted): its finalizer must go
             ref = controller_ref(pod)
