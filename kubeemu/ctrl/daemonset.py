@@ -40,7 +40,7 @@ from typing import Any
 
 from kubeemu.client import ApiStatusError, Client, Obj, object_key, resource_path, split_key
 from kubeemu.ctrl import podutil
-from kubeemu.ctrl.base import Controller, Informers, controller_ref, owner_key
+from kubeemu.ctrl.base import Controller, Informers, controller_ref, owner_key, record_event
 from kubeemu.ctrl.statefulset import REVISION_LABEL, revision_hash, revision_patch
 
 _log = logging.getLogger(__name__)
@@ -324,12 +324,8 @@ class DaemonSetController(Controller):
     async def reconcile(self, key: str) -> None:
         try:
             await self._reconcile(key)
-        except ValueError as e:
-            # a spec the API server would have refused (maxUnavailable "x"): not a bug
-            _log.error("daemonset %s: invalid spec: %s", key, e)
-            ds = self.sets.get(key)
-            if ds is not None:
-                await podutil.record_event(self.client, ds, "Warning", "InvalidSpec", str(e), COMPONENT)
+        except ValueError as e:  # maxUnavailable "x"
+            await self.invalid_spec(key, self.sets.get(key), e, COMPONENT)
 
     async def _reconcile(self, key: str) -> None:
         cached = self.sets.get(key)
@@ -425,7 +421,7 @@ class DaemonSetController(Controller):
                 body = self.new_pod(ds, node, h)
                 created = await self.client.create(resource_path("v1", "pods", ds["metadata"]["namespace"]), body)
                 _log.info("daemonset %s: created pod for node %s", key, node)
-                await podutil.record_event(self.client, ds, "Normal", "SuccessfulCreate",
+                await record_event(self.client, ds, "Normal", "SuccessfulCreate",
                                            f"Created pod: {created['metadata']['name']}", COMPONENT)
 
             done, err = await podutil.slow_start_batch(len(create), 1, one)
@@ -446,7 +442,7 @@ class DaemonSetController(Controller):
                 _log.info("daemonset %s: deleted pod %s", key, p["metadata"]["name"])
                 owner = self.sets.get(key)
                 if owner is not None:
-                    await podutil.record_event(self.client, owner, "Normal", "SuccessfulDelete",
+                    await record_event(self.client, owner, "Normal", "SuccessfulDelete",
                                                f"Deleted pod: {p['metadata']['name']}", COMPONENT)
             except ApiStatusError as e:
                 self.expectations.deletion_observed(key, object_key(p))

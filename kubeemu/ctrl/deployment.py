@@ -45,7 +45,7 @@ from typing import Any
 
 from kubeemu.client import MERGE_PATCH, ApiStatusError, Client, Obj, object_key, resource_path, split_key
 from kubeemu.ctrl import podutil
-from kubeemu.ctrl.base import Controller, Informers, controller_ref, owner_key, owner_reference
+from kubeemu.ctrl.base import Controller, Informers, controller_ref, owner_key, owner_reference, record_event
 from kubeemu.ctrl.replicaset import replicas_of
 
 _log = logging.getLogger(__name__)
@@ -349,7 +349,7 @@ class DeploymentController(Controller):
             op = "up" if size > replicas_of(rs) else "down"
             msg = f"Scaled {op} replica set {rs['metadata']['name']} from {replicas_of(rs)} to {size}"
             _log.info("deployment %s: %s", object_key(d), msg)
-            await podutil.record_event(self.client, d, "Normal", "ScalingReplicaSet", msg, COMPONENT)
+            await record_event(self.client, d, "Normal", "ScalingReplicaSet", msg, COMPONENT)
         return out
 
     # ---------------------------------------------------------------- reconcile
@@ -357,13 +357,8 @@ class DeploymentController(Controller):
     async def reconcile(self, key: str) -> None:
         try:
             await self._reconcile(key)
-        except ValueError as e:
-            # a spec the API server would have refused (maxSurge "5"): a user error, not a bug;
-            # nothing to do until the spec changes
-            _log.error("deployment %s: invalid spec: %s", key, e)
-            d = self.deployments.get(key)
-            if d is not None:
-                await podutil.record_event(self.client, d, "Warning", "InvalidSpec", str(e), COMPONENT)
+        except ValueError as e:  # maxSurge "5"
+            await self.invalid_spec(key, self.deployments.get(key), e, COMPONENT)
 
     async def _reconcile(self, key: str) -> None:
         cached = self.deployments.get(key)
@@ -495,7 +490,7 @@ class DeploymentController(Controller):
             _log.info("deployment %s: created replica set %s with %d replicas (revision %s)", object_key(d),
                       created["metadata"]["name"], replicas_of(created), new_revision)
             if replicas_of(created) > 0:
-                await podutil.record_event(
+                await record_event(
                     self.client, d, "Normal", "ScalingReplicaSet",
                     f"Scaled up replica set {created['metadata']['name']} from 0 to {replicas_of(created)}", COMPONENT)
         await self.set_revision(d, new_revision)

@@ -41,7 +41,7 @@ import time
 
 from kubeemu.client import MERGE_PATCH, ApiStatusError, Client, Obj, object_key, resource_path, split_key
 from kubeemu.ctrl import podutil
-from kubeemu.ctrl.base import Controller, Informers, controller_ref, owner_key
+from kubeemu.ctrl.base import Controller, Informers, controller_ref, owner_key, record_event
 
 _log = logging.getLogger(__name__)
 
@@ -197,13 +197,13 @@ class JobController(Controller):
             if suspended is None or suspended.get("status") != "True":
                 conds = [c for c in conds if c.get("type") != "Suspended"]
                 conds.append({**new_condition("Suspended", "JobSuspended", "Job suspended")})
-                await podutil.record_event(self.client, job, "Normal", "Suspended", "Job suspended", COMPONENT)
+                await record_event(self.client, job, "Normal", "Suspended", "Job suspended", COMPONENT)
         elif suspended is not None and suspended.get("status") == "True":
             c = new_condition("Suspended", "JobResumed", "Job resumed")
             c["status"] = "False"
             conds = [*(x for x in conds if x.get("type") != "Suspended"), c]
             status["startTime"] = podutil.rfc3339(now)  # activeDeadlineSeconds counts from the resume
-            await podutil.record_event(self.client, job, "Normal", "Resumed", "Job resumed", COMPONENT)
+            await record_event(self.client, job, "Normal", "Resumed", "Job resumed", COMPONENT)
         if conds:
             status["conditions"] = conds
         if not spec.get("suspend") and not status.get("startTime"):
@@ -250,9 +250,9 @@ class JobController(Controller):
                 status["completionTime"] = podutil.rfc3339(now)
             _log.info("job %s: %s (%s)", key, finished["type"], finished["reason"])
             if finished["type"] == "Complete":
-                await podutil.record_event(self.client, job, "Normal", "Completed", "Job completed", COMPONENT)
+                await record_event(self.client, job, "Normal", "Completed", "Job completed", COMPONENT)
             else:
-                await podutil.record_event(self.client, job, "Warning", finished["reason"], finished["message"],
+                await record_event(self.client, job, "Warning", finished["reason"], finished["message"],
                                            COMPONENT)
         if spec.get("activeDeadlineSeconds") is not None and finished is None and status.get("startTime"):
             left = (podutil.parse_time(status["startTime"]) or now) + int(spec["activeDeadlineSeconds"]) - now
@@ -371,7 +371,7 @@ class JobController(Controller):
                 meta["labels"][COMPLETION_INDEX] = str(idx)
                 body["spec"]["hostname"] = f"{jname}-{idx}"
             created = await self.client.create(resource_path("v1", "pods", job["metadata"]["namespace"]), body)
-            await podutil.record_event(self.client, job, "Normal", "SuccessfulCreate",
+            await record_event(self.client, job, "Normal", "SuccessfulCreate",
                                        f"Created pod: {created['metadata']['name']}", COMPONENT)
 
         done, err = await podutil.slow_start_batch(diff, 1, create)

@@ -29,7 +29,7 @@ from typing import Any
 
 from kubeemu.client import ApiStatusError, Client, Obj, object_key, resource_path, split_key
 from kubeemu.ctrl import podutil
-from kubeemu.ctrl.base import Controller, Informers, controller_ref, owner_key
+from kubeemu.ctrl.base import Controller, Informers, controller_ref, owner_key, record_event
 
 _log = logging.getLogger(__name__)
 
@@ -230,7 +230,7 @@ class ReplicaSetController(Controller):
             for _ in range(n - done):
                 self.expectations.creation_observed(key)
             if err is not None:
-                await podutil.record_event(self.client, rs, "Warning", "FailedCreate", f"Error creating: {err}",
+                await record_event(self.client, rs, "Warning", "FailedCreate", f"Error creating: {err}",
                                            self.component)
                 raise err
         elif diff > 0:
