@@ -36,6 +36,7 @@ import aiohttp
 
 from kubeemu import selectors
 from kubeemu.client import ApiStatusError, Client, Obj, object_key, resource_path
+from kubeemu.objects import now_rfc3339
 
 _log = logging.getLogger(__name__)
 
@@ -322,10 +323,6 @@ def owner_reference(owner: Obj, block: bool = True) -> dict[str, Any]:
 def is_owned_by(obj: Obj, owner: Obj) -> bool:
     ref = controller_ref(obj)
     return ref is not None and ref.get("uid") == owner["metadata"].get("uid")
-
-
-def now_rfc3339() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 async def record_event(client: Client, obj: Obj, etype: str, reason: str, message: str, component: str) -> None:

@@ -47,6 +47,7 @@ from kubeemu.client import MERGE_PATCH, ApiStatusError, Client, Obj, object_key,
 from kubeemu.ctrl import podutil
 from kubeemu.ctrl.base import Controller, Informers, controller_ref, owner_key, owner_reference, record_event
 from kubeemu.ctrl.replicaset import replicas_of
+from kubeemu.objects import now_rfc3339
 
 _log = logging.getLogger(__name__)
 
@@ -203,7 +204,7 @@ def get_condition(status: Obj, ctype: str) -> Obj | None:
 
 
 def new_condition(ctype: str, status: str, reason: str, message: str) -> Obj:
-    t = podutil.rfc3339()
+    t = now_rfc3339()
     return {"type": ctype, "status": status, "lastUpdateTime": t, "lastTransitionTime": t, "reason": reason,
             "message": message}
 

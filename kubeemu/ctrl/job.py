@@ -42,6 +42,7 @@ import time
 from kubeemu.client import MERGE_PATCH, ApiStatusError, Client, Obj, object_key, resource_path, split_key
 from kubeemu.ctrl import podutil
 from kubeemu.ctrl.base import Controller, Informers, controller_ref, owner_key, record_event
+from kubeemu.objects import now_rfc3339
 
 _log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ def finish_time(pod: Obj) -> float:
 
 
 def new_condition(ctype: str, reason: str, message: str) -> Obj:
-    t = podutil.rfc3339()
+    t = now_rfc3339()
     return {"type": ctype, "status": "True", "lastProbeTime": t, "lastTransitionTime": t, "reason": reason,
             "message": message}
 
@@ -202,12 +203,12 @@ class JobController(Controller):
             c = new_condition("Suspended", "JobResumed", "Job resumed")
             c["status"] = "False"
             conds = [*(x for x in conds if x.get("type") != "Suspended"), c]
-            status["startTime"] = podutil.rfc3339(now)  # activeDeadlineSeconds counts from the resume
+            status["startTime"] = now_rfc3339(now)  # activeDeadlineSeconds counts from the resume
             await record_event(self.client, job, "Normal", "Resumed", "Job resumed", COMPONENT)
         if conds:
             status["conditions"] = conds
         if not spec.get("suspend") and not status.get("startTime"):
-            status["startTime"] = podutil.rfc3339(now)
+            status["startTime"] = now_rfc3339(now)
         uncounted = status.get("uncountedTerminatedPods") or {}
         succeeded = int(status.get("succeeded") or 0) + len(uncounted.get("succeeded") or [])
         failed = int(status.get("failed") or 0) + len(uncounted.get("failed") or [])
@@ -247,7 +248,7 @@ class JobController(Controller):
         if finished is not None:
             status["conditions"] = [*(status.get("conditions") or []), finished]
             if finished["type"] == "Complete":
-                status["completionTime"] = podutil.rfc3339(now)
+                status["completionTime"] = now_rfc3339(now)
             _log.info("job %s: %s (%s)", key, finished["type"], finished["reason"])
             if finished["type"] == "Complete":
                 await record_event(self.client, job, "Normal", "Completed", "Job completed", COMPONENT)

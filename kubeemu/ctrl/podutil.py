@@ -57,10 +57,6 @@ def parse_time(value: str | None) -> float | None:
         return None
 
 
-def rfc3339(ts: float | None = None) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() if ts is None else ts))
-
-
 def creation_key(obj: Obj) -> tuple[float, str]:
     """Sort key of ``ByCreationTimestamp``: creation time, then name as the tie breaker."""
     meta = obj["metadata"]

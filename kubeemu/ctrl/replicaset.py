@@ -30,6 +30,7 @@ from typing import Any
 from kubeemu.client import ApiStatusError, Client, Obj, object_key, resource_path, split_key
 from kubeemu.ctrl import podutil
 from kubeemu.ctrl.base import Controller, Informers, controller_ref, owner_key, record_event
+from kubeemu.objects import now_rfc3339
 
 _log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def calculate_status(rs: Obj, pods: list[Obj], manage_error: Exception | None, n
     if manage_error is not None and failure is None:
         diff = len(pods) - replicas_of(rs)
         reason = "FailedCreate" if diff < 0 else "FailedDelete" if diff > 0 else ""
-        conds.append({"type": "ReplicaFailure", "status": "True", "lastTransitionTime": podutil.rfc3339(),
+        conds.append({"type": "ReplicaFailure", "status": "True", "lastTransitionTime": now_rfc3339(),
                       "reason": reason, "message": str(manage_error)})
     elif manage_error is None and failure is not None:
         conds = podutil.remove_condition(conds, "ReplicaFailure")
