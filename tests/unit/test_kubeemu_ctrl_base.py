@@ -1,5 +1,6 @@
 """The controller machinery (kubeemu.ctrl.base): work queue semantics, label selectors, resolving a
-controller reference to its owner's key, and an informer against a real kubeemu server (list, watch, re-list after the watch is dropped)."""
+controller reference to its owner's key, and an informer against a real kubeemu server (list,
+watch, re-list after the watch is dropped)."""
 
 from __future__ import annotations
 
