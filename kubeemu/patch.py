@@ -29,16 +29,13 @@ import logging
 from typing import Any
 
 from kubeemu import errors
+from kubeemu.client import APPLY_PATCH, JSON_PATCH, MERGE_PATCH, STRATEGIC_PATCH
 from kubeemu.objects import Obj, metadata_of
 
 _log = logging.getLogger(__name__)
 
-JSON_PATCH = "application/json-patch+json"
-MERGE_PATCH = "application/merge-patch+json"
-STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
-APPLY_PATCH = "application/apply-patch+yaml"
 #: In the order upstream lists them in a 415's message.
-PATCH_TYPES = (JSON_PATCH, MERGE_PATCH, STRATEGIC_MERGE_PATCH, APPLY_PATCH)
+PATCH_TYPES = (JSON_PATCH, MERGE_PATCH, STRATEGIC_PATCH, APPLY_PATCH)
 
 
 class PatchError(ValueError):
@@ -291,13 +288,13 @@ def patched(ctype: str, current: Obj, body: Any, *, strategic: bool) -> Obj:
     has no precondition: upstream only checks one the patch sets.
     """
     ptype = patch_type(ctype)
-    accepted = [t for t in PATCH_TYPES if strategic or t != STRATEGIC_MERGE_PATCH]
+    accepted = [t for t in PATCH_TYPES if strategic or t != STRATEGIC_PATCH]
     if ptype not in accepted:
         raise errors.unsupported_media(ctype, accepted)
     try:
         if ptype == JSON_PATCH:
             out = json_patch(current, body)
-        elif ptype == STRATEGIC_MERGE_PATCH or (ptype == APPLY_PATCH and strategic):
+        elif ptype == STRATEGIC_PATCH or (ptype == APPLY_PATCH and strategic):
             out = strategic_merge_patch(current, body)
         else:
             out = merge_patch(current, body)

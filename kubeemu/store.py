@@ -44,6 +44,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from kubeemu import admission, defaults, errors
+from kubeemu.client import APPLY_PATCH
 from kubeemu.ipalloc import ServiceIPs
 from kubeemu.objects import (
     CRDS,
@@ -64,7 +65,7 @@ from kubeemu.objects import (
     metadata_of,
     now_rfc3339,
 )
-from kubeemu.patch import APPLY_PATCH, patch_type, patched
+from kubeemu.patch import patch_type, patched
 from kubeemu.resources import Registry, ResourceType
 from kubeemu.schema import FIELD_VALIDATION, PRUNED, StructuralSchema
 
