@@ -24,9 +24,11 @@ import aiohttp
 _log = logging.getLogger(__name__)
 
 JSON = "application/json"
+#: The PATCH media types (the server's dispatch on them: :func:`kubeemu.patch.patched`).
 MERGE_PATCH = "application/merge-patch+json"
 STRATEGIC_PATCH = "application/strategic-merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
+APPLY_PATCH = "application/apply-patch+yaml"
 
 Obj = dict[str, Any]
 

@@ -44,6 +44,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from kubeemu import admission, defaults, errors
+from kubeemu.client import APPLY_PATCH
 from kubeemu.ipalloc import ServiceIPs
 from kubeemu.objects import (
     CRDS,
@@ -64,7 +65,7 @@ from kubeemu.objects import (
     metadata_of,
     now_rfc3339,
 )
-from kubeemu.patch import PatchError, json_patch, merge_patch, strategic_merge_patch
+from kubeemu.patch import patch_type, patched
 from kubeemu.resources import Registry, ResourceType
 from kubeemu.schema import FIELD_VALIDATION, PRUNED, StructuralSchema
 
@@ -635,37 +636,10 @@ class Store:
     ) -> Obj:
         """PATCH: build the patched object from the stored one, then write it like an update."""
         version = version or rt.versions[0]
-        ptype = ctype.split(";")[0].strip().lower()
-        if ptype == "application/apply-patch+yaml":
+        if patch_type(ctype) == APPLY_PATCH:
             return self.apply(rt, ns, name, body, version, subresource, dry_run)
-        old = self.get(rt, ns, name)
-        try:
-            if ptype == "application/merge-patch+json":
-                patched = merge_patch(old, body)
-            elif ptype == "application/strategic-merge-patch+json":
-                if not rt.builtin:
-                    raise errors.unsupported_media(ctype, ["application/json-patch+json",
-                                                           "application/merge-patch+json",
-                                                           "application/apply-patch+yaml"])
-                patched = strategic_merge_patch(old, body)
-            elif ptype == "application/json-patch+json":
-                patched = json_patch(old, body)
-            else:
-                raise errors.unsupported_media(ctype, ["application/json-patch+json", "application/merge-patch+json",
-                                                       "application/strategic-merge-patch+json",
-                                                       "application/apply-patch+yaml"])
-        except PatchError as e:
-            if e.invalid:
-                raise errors.ApiError(422, "Invalid", str(e)) from None
-            raise errors.bad_request(str(e)) from None
-        if not isinstance(patched, dict):
-            raise errors.bad_request("the patch does not produce an object")
-        pmeta = metadata_of(patched)
-        if pmeta.get("resourceVersion") == old["metadata"]["resourceVersion"]:
-            # rv untouched by the patch: no precondition (upstream only checks an rv the patch sets)
-            patched = dict(patched)
-            patched["metadata"] = {k: v for k, v in pmeta.items() if k != "resourceVersion"}
-        return self.update(rt, ns, name, patched, version, subresource, dry_run)
+        new = patched(ctype, self.get(rt, ns, name), body, strategic=rt.builtin)
+        return self.update(rt, ns, name, new, version, subresource, dry_run)
 
     def apply(self, rt: ResourceType, ns: str, name: str, body: Any, version: str, subresource: str | None,
               dry_run: bool) -> Obj:
@@ -683,10 +657,9 @@ class Store:
             body = dict(body)
             body["metadata"] = dict(metadata_of(body), name=name)
             return self.create(rt, ns, body, version, dry_run)
-        old = self.bucket(rt.key)[okey]
-        patched = strategic_merge_patch(old, body) if rt.builtin else merge_patch(old, body)
-        patched["metadata"] = {k: v for k, v in metadata_of(patched).items() if k != "resourceVersion"}
-        return self.update(rt, ns, name, patched, version, subresource, dry_run)
+        new = patched(APPLY_PATCH, self.bucket(rt.key)[okey], body, strategic=rt.builtin)
+        new["metadata"] = {k: v for k, v in metadata_of(new).items() if k != "resourceVersion"}
+        return self.update(rt, ns, name, new, version, subresource, dry_run)
 
     def bind(self, ns: str, name: str, body: Obj) -> None:
         """pods/binding: set spec.nodeName once (409 if already bound), mark PodScheduled."""

@@ -36,7 +36,7 @@ from typing import Any
 
 from kubeemu import errors, validation
 from kubeemu.objects import PODS, SERVICEACCOUNTS, DeleteOptions, Obj, metadata_of, now_rfc3339
-from kubeemu.patch import PatchError, json_patch, merge_patch, strategic_merge_patch
+from kubeemu.patch import patched
 from kubeemu.resources import ResourceType
 from kubeemu.store import Store
 
@@ -148,27 +148,8 @@ def patch_scale(store: Store, rt: ResourceType, version: str, ns: str, name: str
                 dry_run: bool) -> Obj:
     """PATCH Scale (``kubectl scale`` sends a merge patch): patch the Scale view, then PUT it."""
     current = get_scale(store, rt, version, ns, name)
-    ptype = ctype.split(";")[0].strip().lower()
-    try:
-        if ptype == "application/merge-patch+json":
-            patched = merge_patch(current, body)
-        elif ptype == "application/strategic-merge-patch+json":
-            patched = strategic_merge_patch(current, body)
-        elif ptype == "application/json-patch+json":
-            patched = json_patch(current, body)
-        elif ptype == "application/apply-patch+yaml":
-            patched = merge_patch(current, body)
-        else:
-            raise errors.unsupported_media(ctype, ["application/json-patch+json", "application/merge-patch+json",
-                                                   "application/strategic-merge-patch+json",
-                                                   "application/apply-patch+yaml"])
-    except PatchError as e:
-        raise errors.bad_request(str(e)) from None
-    if not isinstance(patched, dict):
-        raise errors.bad_request("the patch does not produce an object")
-    if metadata_of(patched).get("resourceVersion") == current["metadata"].get("resourceVersion"):
-        patched["metadata"] = {k: v for k, v in metadata_of(patched).items() if k != "resourceVersion"}
-    return update_scale(store, rt, version, ns, name, patched, dry_run)
+    # a Scale is a built-in kind (autoscaling/v1) whatever its parent's: it takes strategic patches
+    return update_scale(store, rt, version, ns, name, patched(ctype, current, body, strategic=True), dry_run)
 
 
 # ---------------------------------------------------------------------------- eviction

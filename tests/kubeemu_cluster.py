@@ -19,7 +19,7 @@ from typing import Any
 from kubeemu.client import MERGE_PATCH, ApiStatusError, Client, Obj, object_key, resource_path
 from kubeemu.ctrl import manager
 from kubeemu.ctrl.base import Controller, Informers
-from kubeemu.ctrl.podutil import rfc3339
+from kubeemu.objects import now_rfc3339
 from kubeemu.runner import ServerThread
 
 _log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class FakeKubelet:
             return
         end = (meta.get("labels") or {}).get(PHASE_LABEL)
         if end in ("Succeeded", "Failed"):
-            t = rfc3339()
+            t = now_rfc3339()
             code = 0 if end == "Succeeded" else 1
             body = {"status": {"phase": end, "startTime": t, "conditions": [
                 {"type": "Ready", "status": "False", "lastTransitionTime": t}],
@@ -83,7 +83,7 @@ class FakeKubelet:
                 await self.client.patch(resource_path("v1", "pods", ns, name, "status"), body, MERGE_PATCH)
             return
         ready = "False" if (meta.get("labels") or {}).get(NOT_READY_LABEL) == "false" else "True"
-        t = rfc3339()
+        t = now_rfc3339()
         conds = [{"type": c, "status": s, "lastTransitionTime": t}
                  for c, s in (("Initialized", "True"), ("Ready", ready), ("ContainersReady", ready),
                               ("PodScheduled", "True"))]

@@ -15,9 +15,12 @@ The shape every lab controller follows, and why:
    again and must create nothing twice (so controllers derive names deterministically or count
    what the cache holds, plus "expectations" for their own in-flight creates).
 4. **Errors**: an API error (conflict, not found, server down) requeues the key with
-   exponential back-off (5 ms doubling to 1000 s, as client-go's default rate limiter); any other
-   exception is a bug and propagates: the process exits and the lab restarts it into a clean
-   re-list, as DESIGN.md asks.
+   exponential back-off (5 ms doubling to 1000 s, as client-go's default rate limiter); a spec
+   the API server would have refused, found while reading it, is a user error
+   (:meth:`Controller.invalid_spec`: a Warning Event, no retry); any other exception is a bug and
+   propagates: the process exits and the lab restarts it into a clean re-list, as DESIGN.md asks.
+5. **Events** (:func:`record_event`) tell what a controller did or could not do, as upstream's
+   event recorder; a failed post never fails a reconcile.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import aiohttp
 
 from kubeemu import selectors
 from kubeemu.client import ApiStatusError, Client, Obj, object_key, resource_path
+from kubeemu.objects import now_rfc3339
 
 _log = logging.getLogger(__name__)
 
@@ -260,6 +264,15 @@ class Controller:
     async def reconcile(self, key: str) -> None:
         raise NotImplementedError
 
+    async def invalid_spec(self, key: str, obj: Obj | None, error: ValueError, component: str) -> None:
+        """``obj`` (``key``; None once gone) has a spec the API server would have refused (a
+        ``maxSurge`` of ``"5"``), which the controller found reading it (a ValueError): a user error,
+        not a bug. Logged and reported as a Warning ``InvalidSpec`` Event on the object; there is
+        nothing to retry until the spec changes, which enqueues the key again."""
+        _log.error("%s %s: invalid spec: %s", self.name, key, error)
+        if obj is not None:
+            await record_event(self.client, obj, "Warning", "InvalidSpec", str(error), component)
+
     async def _worker(self) -> None:
         while True:
             key = await self.queue.get()
@@ -288,6 +301,18 @@ def controller_ref(obj: Obj) -> dict[str, Any] | None:
     return None
 
 
+def owner_key(obj: Obj, kind: str, owners: Informer) -> str | None:
+    """The key of the ``kind`` object in ``owners``' cache that controls ``obj`` (same namespace),
+    or None: no such controller reference, or the cached object of that name is another one (its
+    uid differs: the owner was deleted and re-created). Upstream's ``resolveControllerRef``."""
+    ref = controller_ref(obj)
+    if ref is None or ref.get("kind") != kind:
+        return None
+    key = f"{obj['metadata'].get('namespace')}/{ref['name']}"
+    owner = owners.get(key)
+    return key if owner is not None and owner["metadata"].get("uid") == ref.get("uid") else None
+
+
 def owner_reference(owner: Obj, block: bool = True) -> dict[str, Any]:
     """A controller ownerReference to ``owner`` (``metav1.NewControllerRef``)."""
     meta = owner["metadata"]
@@ -300,8 +325,25 @@ def is_owned_by(obj: Obj, owner: Obj) -> bool:
     return ref is not None and ref.get("uid") == owner["metadata"].get("uid")
 
 
-def now_rfc3339() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+async def record_event(client: Client, obj: Obj, etype: str, reason: str, message: str, component: str) -> None:
+    """Post a core/v1 Event about ``obj`` (what ``kubectl describe`` lists), as upstream's
+    event recorder does: named ``<object>.<hex nanoseconds>``, source = the controller. A failed
+    post is logged and dropped: events never fail a reconcile."""
+    meta = obj["metadata"]
+    ns = meta.get("namespace") or "default"
+    t = now_rfc3339()
+    body = {"apiVersion": "v1", "kind": "Event",
+            "metadata": {"name": f"{meta['name']}.{time.time_ns():x}", "namespace": ns},
+            "involvedObject": {"apiVersion": obj.get("apiVersion"), "kind": obj.get("kind"), "namespace": ns,
+                               "name": meta["name"], "uid": meta.get("uid"),
+                               "resourceVersion": meta.get("resourceVersion")},
+            "reason": reason, "message": message, "type": etype, "source": {"component": component},
+            "firstTimestamp": t, "lastTimestamp": t, "count": 1, "reportingComponent": component,
+            "reportingInstance": ""}
+    try:
+        await client.create(resource_path("v1", "events", ns), body)
+    except (ApiStatusError, aiohttp.ClientError, OSError) as e:
+        _log.debug("event %s for %s dropped: %s", reason, object_key(obj), e)
 
 
 def all_keys(objs: Iterable[Obj]) -> list[str]:

@@ -40,7 +40,7 @@ from typing import Any
 
 from kubeemu.client import ApiStatusError, Client, Obj, object_key, resource_path, split_key
 from kubeemu.ctrl import podutil
-from kubeemu.ctrl.base import Controller, Informers, controller_ref
+from kubeemu.ctrl.base import Controller, Informers, controller_ref, owner_key, record_event
 from kubeemu.ctrl.statefulset import REVISION_LABEL, revision_hash, revision_patch
 
 _log = logging.getLogger(__name__)
@@ -286,12 +286,9 @@ class DaemonSetController(Controller):
     def _on_pod(self, etype: str, old: Obj | None, new: Obj | None) -> None:
         pod = new or old
         assert pod is not None
-        ref = controller_ref(pod)
-        ns = pod["metadata"].get("namespace")
-        if ref is not None and ref.get("kind") == "DaemonSet":
-            key = f"{ns}/{ref['name']}"
-            ds = self.sets.get(key)
-            if ds is None or ds["metadata"].get("uid") != ref.get("uid"):
+        if controller_ref(pod) is not None:
+            key = owner_key(pod, "DaemonSet", self.sets)
+            if key is None:
                 return
             if etype == "ADDED":
                 self.expectations.creation_observed(key)
@@ -299,9 +296,9 @@ class DaemonSetController(Controller):
                                         and not ((old or {}).get("metadata") or {}).get("deletionTimestamp")):
                 self.expectations.deletion_observed(key, object_key(pod))
             self.queue.add(key)
-        elif ref is None and etype != "DELETED":
+        elif etype != "DELETED":
             labels = pod["metadata"].get("labels") or {}
-            for ds in self.sets.list(ns):
+            for ds in self.sets.list(pod["metadata"].get("namespace")):
                 if podutil.selector_matches((ds.get("spec") or {}).get("selector"), labels):
                     self.queue.add(object_key(ds))
 
@@ -327,12 +324,8 @@ class DaemonSetController(Controller):
     async def reconcile(self, key: str) -> None:
         try:
             await self._reconcile(key)
-        except ValueError as e:
-            # a spec the API server would have refused (maxUnavailable "x"): not a bug
-            _log.error("daemonset %s: invalid spec: %s", key, e)
-            ds = self.sets.get(key)
-            if ds is not None:
-                await podutil.record_event(self.client, ds, "Warning", "InvalidSpec", str(e), COMPONENT)
+        except ValueError as e:  # maxUnavailable "x"
+            await self.invalid_spec(key, self.sets.get(key), e, COMPONENT)
 
     async def _reconcile(self, key: str) -> None:
         cached = self.sets.get(key)
@@ -428,7 +421,7 @@ class DaemonSetController(Controller):
                 body = self.new_pod(ds, node, h)
                 created = await self.client.create(resource_path("v1", "pods", ds["metadata"]["namespace"]), body)
                 _log.info("daemonset %s: created pod for node %s", key, node)
-                await podutil.record_event(self.client, ds, "Normal", "SuccessfulCreate",
+                await record_event(self.client, ds, "Normal", "SuccessfulCreate",
                                            f"Created pod: {created['metadata']['name']}", COMPONENT)
 
             done, err = await podutil.slow_start_batch(len(create), 1, one)
@@ -449,7 +442,7 @@ class DaemonSetController(Controller):
                 _log.info("daemonset %s: deleted pod %s", key, p["metadata"]["name"])
                 owner = self.sets.get(key)
                 if owner is not None:
-                    await podutil.record_event(self.client, owner, "Normal", "SuccessfulDelete",
+                    await record_event(self.client, owner, "Normal", "SuccessfulDelete",
                                                f"Deleted pod: {p['metadata']['name']}", COMPONENT)
             except ApiStatusError as e:
                 self.expectations.deletion_observed(key, object_key(p))

@@ -45,8 +45,9 @@ from typing import Any
 
 from kubeemu.client import MERGE_PATCH, ApiStatusError, Client, Obj, object_key, resource_path, split_key
 from kubeemu.ctrl import podutil
-from kubeemu.ctrl.base import Controller, Informers, controller_ref, owner_reference
+from kubeemu.ctrl.base import Controller, Informers, controller_ref, owner_key, owner_reference, record_event
 from kubeemu.ctrl.replicaset import replicas_of
+from kubeemu.objects import now_rfc3339
 
 _log = logging.getLogger(__name__)
 
@@ -203,7 +204,7 @@ def get_condition(status: Obj, ctype: str) -> Obj | None:
 
 
 def new_condition(ctype: str, status: str, reason: str, message: str) -> Obj:
-    t = podutil.rfc3339()
+    t = now_rfc3339()
     return {"type": ctype, "status": status, "lastUpdateTime": t, "lastTransitionTime": t, "reason": reason,
             "message": message}
 
@@ -282,16 +283,8 @@ class DeploymentController(Controller):
 
     # ---------------------------------------------------------------- events
 
-    def _owner(self, obj: Obj) -> str | None:
-        ref = controller_ref(obj)
-        if ref is None or ref.get("kind") != "Deployment":
-            return None
-        key = f"{obj['metadata'].get('namespace')}/{ref['name']}"
-        d = self.deployments.get(key)
-        return key if d is not None and d["metadata"].get("uid") == ref.get("uid") else None
-
     def _on_rs(self, etype: str, old: Obj | None, new: Obj | None) -> None:
-        keys = {k for k in (self._owner(old) if old else None, self._owner(new) if new else None) if k}
+        keys = {k for k in (owner_key(o, "Deployment", self.deployments) for o in (old, new) if o) if k}
         rs = new or old
         assert rs is not None
         if controller_ref(rs) is None and etype != "DELETED":
@@ -310,7 +303,7 @@ class DeploymentController(Controller):
         if ref is None or ref.get("kind") != "ReplicaSet":
             return
         rs = self.sets.get(f"{old['metadata'].get('namespace')}/{ref['name']}")
-        key = self._owner(rs) if rs is not None else None
+        key = owner_key(rs, "Deployment", self.deployments) if rs is not None else None
         if key is not None:
             d = self.deployments.get(key)
             if d is not None and strategy_type(d) == "Recreate":
@@ -357,7 +350,7 @@ class DeploymentController(Controller):
             op = "up" if size > replicas_of(rs) else "down"
             msg = f"Scaled {op} replica set {rs['metadata']['name']} from {replicas_of(rs)} to {size}"
             _log.info("deployment %s: %s", object_key(d), msg)
-            await podutil.record_event(self.client, d, "Normal", "ScalingReplicaSet", msg, COMPONENT)
+            await record_event(self.client, d, "Normal", "ScalingReplicaSet", msg, COMPONENT)
         return out
 
     # ---------------------------------------------------------------- reconcile
@@ -365,13 +358,8 @@ class DeploymentController(Controller):
     async def reconcile(self, key: str) -> None:
         try:
             await self._reconcile(key)
-        except ValueError as e:
-            # a spec the API server would have refused (maxSurge "5"): a user error, not a bug;
-            # nothing to do until the spec changes
-            _log.error("deployment %s: invalid spec: %s", key, e)
-            d = self.deployments.get(key)
-            if d is not None:
-                await podutil.record_event(self.client, d, "Warning", "InvalidSpec", str(e), COMPONENT)
+        except ValueError as e:  # maxSurge "5"
+            await self.invalid_spec(key, self.deployments.get(key), e, COMPONENT)
 
     async def _reconcile(self, key: str) -> None:
         cached = self.deployments.get(key)
@@ -503,7 +491,7 @@ class DeploymentController(Controller):
             _log.info("deployment %s: created replica set %s with %d replicas (revision %s)", object_key(d),
                       created["metadata"]["name"], replicas_of(created), new_revision)
             if replicas_of(created) > 0:
-                await podutil.record_event(
+                await record_event(
                     self.client, d, "Normal", "ScalingReplicaSet",
                     f"Scaled up replica set {created['metadata']['name']} from 0 to {replicas_of(created)}", COMPONENT)
         await self.set_revision(d, new_revision)

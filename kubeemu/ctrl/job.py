@@ -41,7 +41,8 @@ import time
 
 from kubeemu.client import MERGE_PATCH, ApiStatusError, Client, Obj, object_key, resource_path, split_key
 from kubeemu.ctrl import podutil
-from kubeemu.ctrl.base import Controller, Informers, controller_ref
+from kubeemu.ctrl.base import Controller, Informers, controller_ref, owner_key, record_event
+from kubeemu.objects import now_rfc3339
 
 _log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ def finish_time(pod: Obj) -> float:
 
 
 def new_condition(ctype: str, reason: str, message: str) -> Obj:
-    t = podutil.rfc3339()
+    t = now_rfc3339()
     return {"type": ctype, "status": "True", "lastProbeTime": t, "lastTransitionTime": t, "reason": reason,
             "message": message}
 
@@ -116,18 +117,10 @@ class JobController(Controller):
         self.jobs.add_handler(lambda t, old, new: self.enqueue(new or old))
         self.pods.add_handler(self._on_pod)
 
-    def _owner_key(self, pod: Obj) -> str | None:
-        ref = controller_ref(pod)
-        if ref is None or ref.get("kind") != "Job":
-            return None
-        key = f"{pod['metadata'].get('namespace')}/{ref['name']}"
-        job = self.jobs.get(key)
-        return key if job is not None and job["metadata"].get("uid") == ref.get("uid") else None
-
     def _on_pod(self, etype: str, old: Obj | None, new: Obj | None) -> None:
         pod = new or old
         assert pod is not None
-        key = self._owner_key(pod)
+        key = owner_key(pod, "Job", self.jobs)
         if key is None:
             # a tracked pod whose Job is gone (deleted, namespace deleted): its finalizer must go
             ref = controller_ref(pod)
@@ -205,17 +198,17 @@ class JobController(Controller):
             if suspended is None or suspended.get("status") != "True":
                 conds = [c for c in conds if c.get("type") != "Suspended"]
                 conds.append({**new_condition("Suspended", "JobSuspended", "Job suspended")})
-                await podutil.record_event(self.client, job, "Normal", "Suspended", "Job suspended", COMPONENT)
+                await record_event(self.client, job, "Normal", "Suspended", "Job suspended", COMPONENT)
         elif suspended is not None and suspended.get("status") == "True":
             c = new_condition("Suspended", "JobResumed", "Job resumed")
             c["status"] = "False"
             conds = [*(x for x in conds if x.get("type") != "Suspended"), c]
-            status["startTime"] = podutil.rfc3339(now)  # activeDeadlineSeconds counts from the resume
-            await podutil.record_event(self.client, job, "Normal", "Resumed", "Job resumed", COMPONENT)
+            status["startTime"] = now_rfc3339(now)  # activeDeadlineSeconds counts from the resume
+            await record_event(self.client, job, "Normal", "Resumed", "Job resumed", COMPONENT)
         if conds:
             status["conditions"] = conds
         if not spec.get("suspend") and not status.get("startTime"):
-            status["startTime"] = podutil.rfc3339(now)
+            status["startTime"] = now_rfc3339(now)
         uncounted = status.get("uncountedTerminatedPods") or {}
         succeeded = int(status.get("succeeded") or 0) + len(uncounted.get("succeeded") or [])
         failed = int(status.get("failed") or 0) + len(uncounted.get("failed") or [])
@@ -255,12 +248,12 @@ class JobController(Controller):
         if finished is not None:
             status["conditions"] = [*(status.get("conditions") or []), finished]
             if finished["type"] == "Complete":
-                status["completionTime"] = podutil.rfc3339(now)
+                status["completionTime"] = now_rfc3339(now)
             _log.info("job %s: %s (%s)", key, finished["type"], finished["reason"])
             if finished["type"] == "Complete":
-                await podutil.record_event(self.client, job, "Normal", "Completed", "Job completed", COMPONENT)
+                await record_event(self.client, job, "Normal", "Completed", "Job completed", COMPONENT)
             else:
-                await podutil.record_event(self.client, job, "Warning", finished["reason"], finished["message"],
+                await record_event(self.client, job, "Warning", finished["reason"], finished["message"],
                                            COMPONENT)
         if spec.get("activeDeadlineSeconds") is not None and finished is None and status.get("startTime"):
             left = (podutil.parse_time(status["startTime"]) or now) + int(spec["activeDeadlineSeconds"]) - now
@@ -379,7 +372,7 @@ class JobController(Controller):
                 meta["labels"][COMPLETION_INDEX] = str(idx)
                 body["spec"]["hostname"] = f"{jname}-{idx}"
             created = await self.client.create(resource_path("v1", "pods", job["metadata"]["namespace"]), body)
-            await podutil.record_event(self.client, job, "Normal", "SuccessfulCreate",
+            await record_event(self.client, job, "Normal", "SuccessfulCreate",
                                        f"Created pod: {created['metadata']['name']}", COMPONENT)
 
         done, err = await podutil.slow_start_batch(diff, 1, create)

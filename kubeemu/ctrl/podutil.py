@@ -25,11 +25,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import aiohttp
-
 from kubeemu import selectors
 from kubeemu.client import STRATEGIC_PATCH, ApiStatusError, Client, Obj, object_key, resource_path
-from kubeemu.ctrl.base import controller_ref, owner_reference
+from kubeemu.ctrl.base import controller_ref, owner_reference, record_event
 
 _log = logging.getLogger(__name__)
 
@@ -57,10 +55,6 @@ def parse_time(value: str | None) -> float | None:
         return datetime.fromisoformat(text).timestamp()
     except ValueError:
         return None
-
-
-def rfc3339(ts: float | None = None) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() if ts is None else ts))
 
 
 def creation_key(obj: Obj) -> tuple[float, str]:
@@ -474,24 +468,3 @@ def record_event_soon(client: Client, obj: Obj, etype: str, reason: str, message
     task = asyncio.create_task(record_event(client, obj, etype, reason, message, component))
     _POSTING.add(task)
     task.add_done_callback(_POSTING.discard)
-
-
-async def record_event(client: Client, obj: Obj, etype: str, reason: str, message: str, component: str) -> None:
-    """Post a core/v1 Event about ``obj`` (what ``kubectl describe`` lists), as upstream's
-    event recorder does: named ``<object>.<hex nanoseconds>``, source = the controller. A failed
-    post is logged and dropped: events never fail a reconcile."""
-    meta = obj["metadata"]
-    ns = meta.get("namespace") or "default"
-    t = rfc3339()
-    body = {"apiVersion": "v1", "kind": "Event",
-            "metadata": {"name": f"{meta['name']}.{time.time_ns():x}", "namespace": ns},
-            "involvedObject": {"apiVersion": obj.get("apiVersion"), "kind": obj.get("kind"), "namespace": ns,
-                               "name": meta["name"], "uid": meta.get("uid"),
-                               "resourceVersion": meta.get("resourceVersion")},
-            "reason": reason, "message": message, "type": etype, "source": {"component": component},
-            "firstTimestamp": t, "lastTimestamp": t, "count": 1, "reportingComponent": component,
-            "reportingInstance": ""}
-    try:
-        await client.create(resource_path("v1", "events", ns), body)
-    except (ApiStatusError, aiohttp.ClientError, OSError) as e:
-        _log.debug("event %s for %s dropped: %s", reason, object_key(obj), e)

@@ -45,7 +45,7 @@ import tempfile
 from pathlib import Path
 
 from kubeemu.client import ApiStatusError, Client, Obj, object_key, resource_path
-from kubeemu.ctrl.base import Informers, now_rfc3339
+from kubeemu.ctrl.base import Informers
 from kubeemu.ctrl.volume import (
     ANN_BETA_STORAGE_PROVISIONER,
     ANN_DYNAMICALLY_PROVISIONED,
@@ -63,6 +63,7 @@ from kubeemu.ctrl.volume import (
     resize_requested,
     storage_of,
 )
+from kubeemu.objects import now_rfc3339
 
 _log = logging.getLogger(__name__)
 

@@ -29,7 +29,8 @@ from typing import Any
 
 from kubeemu.client import ApiStatusError, Client, Obj, object_key, resource_path, split_key
 from kubeemu.ctrl import podutil
-from kubeemu.ctrl.base import Controller, Informers, controller_ref
+from kubeemu.ctrl.base import Controller, Informers, controller_ref, owner_key, record_event
+from kubeemu.objects import now_rfc3339
 
 _log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def calculate_status(rs: Obj, pods: list[Obj], manage_error: Exception | None, n
     if manage_error is not None and failure is None:
         diff = len(pods) - replicas_of(rs)
         reason = "FailedCreate" if diff < 0 else "FailedDelete" if diff > 0 else ""
-        conds.append({"type": "ReplicaFailure", "status": "True", "lastTransitionTime": podutil.rfc3339(),
+        conds.append({"type": "ReplicaFailure", "status": "True", "lastTransitionTime": now_rfc3339(),
                       "reason": reason, "message": str(manage_error)})
     elif manage_error is None and failure is not None:
         conds = podutil.remove_condition(conds, "ReplicaFailure")
@@ -95,17 +96,6 @@ class ReplicaSetController(Controller):
 
     # ---------------------------------------------------------------- events
 
-    def _owner_key(self, pod: Obj) -> str | None:
-        """The key of the ReplicaSet controlling ``pod`` (uid checked), or None."""
-        ref = controller_ref(pod)
-        if ref is None or ref.get("kind") != self.kind:
-            return None
-        key = f"{pod['metadata'].get('namespace')}/{ref['name']}"
-        rs = self.sets.get(key)
-        if rs is None or rs["metadata"].get("uid") != ref.get("uid"):
-            return None
-        return key
-
     def _matching_sets(self, pod: Obj) -> list[str]:
         ns = pod["metadata"].get("namespace")
         labels = pod["metadata"].get("labels") or {}
@@ -115,7 +105,7 @@ class ReplicaSetController(Controller):
     def _pod_deleted(self, pod: Obj) -> None:
         """``deletePod``: the owner's deletion is observed (also when only deletionTimestamp
         was set: a replacement is due as soon as a pod starts terminating)."""
-        key = self._owner_key(pod)
+        key = owner_key(pod, self.kind, self.sets)
         if key is not None:
             self.expectations.deletion_observed(key, object_key(pod))
             self.queue.add(key)
@@ -132,7 +122,7 @@ class ReplicaSetController(Controller):
             if new["metadata"].get("deletionTimestamp"):
                 self._pod_deleted(new)
                 return
-            key = self._owner_key(new)
+            key = owner_key(new, self.kind, self.sets)
             if key is not None:
                 self.expectations.creation_observed(key)
                 self.queue.add(key)
@@ -146,12 +136,12 @@ class ReplicaSetController(Controller):
             if labels_changed:
                 self._pod_deleted(old)
             return
-        keys = {k for k in (self._owner_key(old), self._owner_key(new)) if k}
+        keys = {k for k in (owner_key(old, self.kind, self.sets), owner_key(new, self.kind, self.sets)) if k}
         if controller_ref(new) is None and (labels_changed or controller_ref(old) is not None):
             keys.update(self._matching_sets(new))  # an orphan now: whoever matches may adopt it
         for k in keys:
             self.queue.add(k)
-        key = self._owner_key(new)
+        key = owner_key(new, self.kind, self.sets)
         if key is not None and not podutil.is_pod_ready(old) and podutil.is_pod_ready(new):
             rs = self.sets.get(key)
             mrs = int(((rs or {}).get("spec") or {}).get("minReadySeconds") or 0)
@@ -241,7 +231,7 @@ class ReplicaSetController(Controller):
             for _ in range(n - done):
                 self.expectations.creation_observed(key)
             if err is not None:
-                await podutil.record_event(self.client, rs, "Warning", "FailedCreate", f"Error creating: {err}",
+                await record_event(self.client, rs, "Warning", "FailedCreate", f"Error creating: {err}",
                                            self.component)
                 raise err
         elif diff > 0:

@@ -43,7 +43,7 @@ import re
 
 from kubeemu.client import STRATEGIC_PATCH, ApiStatusError, Client, Obj, object_key, resource_path, split_key
 from kubeemu.ctrl import podutil
-from kubeemu.ctrl.base import Controller, Informer, Informers, controller_ref, owner_reference
+from kubeemu.ctrl.base import Controller, Informer, Informers, controller_ref, owner_reference, record_event
 from kubeemu.ctrl.replicaset import replicas_of
 
 _log = logging.getLogger(__name__)
@@ -288,7 +288,7 @@ class StatefulSetController(Controller):
             try:
                 await self.client.create(resource_path("v1", "persistentvolumeclaims", ns), claim)
                 _log.info("statefulset %s: created claim %s", object_key(sts), claim["metadata"]["name"])
-                await podutil.record_event(
+                await record_event(
                     self.client, sts, "Normal", "SuccessfulCreate",
                     f"create Claim {claim['metadata']['name']} Pod {sts['metadata']['name']}-{ordinal} in "
                     f"StatefulSet {sts['metadata']['name']} success", COMPONENT)
@@ -325,7 +325,7 @@ class StatefulSetController(Controller):
             await self.client.delete(resource_path("v1", "pods", ns, pod["metadata"]["name"]),
                                      {"preconditions": {"uid": pod["metadata"]["uid"]}})
             _log.info("statefulset %s: deleted pod %s", object_key(sts), pod["metadata"]["name"])
-            await podutil.record_event(
+            await record_event(
                 self.client, sts, "Normal", "SuccessfulDelete",
                 f"delete Pod {pod['metadata']['name']} in StatefulSet {sts['metadata']['name']} successful", COMPONENT)
         except ApiStatusError as e:
@@ -392,7 +392,7 @@ class StatefulSetController(Controller):
                 try:
                     await self.client.create(resource_path("v1", "pods", sts["metadata"]["namespace"]), body)
                     _log.info("statefulset %s: created pod %s", object_key(sts), body["metadata"]["name"])
-                    await podutil.record_event(
+                    await record_event(
                         self.client, sts, "Normal", "SuccessfulCreate",
                         f"create Pod {body['metadata']['name']} in StatefulSet {sts['metadata']['name']} successful",
                         COMPONENT)

@@ -50,7 +50,8 @@ import aiohttp
 
 from kubeemu import selectors
 from kubeemu.client import ApiStatusError, Client, Obj, object_key, resource_path
-from kubeemu.ctrl.base import Controller, Informer, Informers, now_rfc3339
+from kubeemu.ctrl.base import Controller, Informer, Informers
+from kubeemu.objects import now_rfc3339
 from kubeemu.quantity import QuantityError
 from kubeemu.validation import parse_quantity
 

@@ -32,9 +32,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
-import subprocess
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
@@ -43,12 +41,10 @@ from typing import Any
 
 import pytest
 
-from tests.lab.conftest import Lab, lab_running, new_lab_name, run
+from tests.lab.conftest import KubeLab, kube_lab_running, needs_kubectl, new_lab_name
 from tests.waiting import wait_until
 
-KUBECTL = shutil.which("kubectl")
-
-pytestmark = pytest.mark.skipif(KUBECTL is None, reason="no kubectl binary on PATH (install one to run this test)")
+pytestmark = needs_kubectl
 
 TOPOLOGY = """underlay: 198.18.0.0/16
 kubernetes: true
@@ -67,40 +63,16 @@ clusters:
 GROWN = TOPOLOGY + '      - {name: e4, pods: 1, resources: {cpu: "8", memory: 16Gi}}\n'
 NODES = ["e1", "e2", "e3", "lf1"]
 LEAF_LABEL = "kosmos.io/node"
+#: The lab's one cluster: the kubectl context and ``lab status`` name every call below uses.
+EAST = "east"
 
 
-class SchedLab(Lab):
-    kubeconfig: Path
+class SchedLab(KubeLab):
     grown: Path
-
-    def kubectl(self, *args: str, check: bool = True, stdin: str | None = None) -> Any:
-        assert KUBECTL is not None
-        argv = [KUBECTL, "--kubeconfig", str(self.kubeconfig), "--context", "east", *args]
-        if stdin is None:
-            return run(*argv, check=check, timeout=60)
-        p = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=60)
-        if check and p.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)} -> {p.returncode}\n{p.stdout}\n{p.stderr}")
-        return p
-
-    def get(self, *args: str) -> Any:
-        return json.loads(self.kubectl("get", *args, "-o", "json").stdout)
-
-    def apply(self, manifest: str) -> None:
-        self.kubectl("apply", "-f", "-", stdin=manifest)
-
-    def kube(self) -> dict[str, Any]:
-        k: dict[str, Any] = self.status()["clusters"][0]["kubernetes"]
-        return k
-
-    def kube_pids(self) -> set[int]:
-        k = self.kube()
-        return {p for p in (k["apiserver_pid"], k["kubelet_pid"], k.get("controller_manager_pid"),
-                            k.get("proxy_pid"), k.get("scheduler_pid")) if p}
 
     def kpods(self, ns: str, selector: str | None = None) -> list[dict[str, Any]]:
         args = ["pods", "-n", ns] + (["-l", selector] if selector else [])
-        items: list[dict[str, Any]] = self.get(*args)["items"]
+        items: list[dict[str, Any]] = self.get(EAST, *args)["items"]
         return items
 
 
@@ -112,12 +84,11 @@ def slab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SchedLab]:
     grown.write_text(GROWN)
     lab = SchedLab(new_lab_name(), topo)
     lab.grown = grown
-    with lab_running(lab, "--grace-period", "30", "--timeout", "120", extra_pids=SchedLab.kube_pids) as running:
-        running.kubeconfig = Path(running.lab("kubeconfig").stdout.strip())
-        k = running.kube()
+    with kube_lab_running(lab, "--grace-period", "30", "--timeout", "120") as running:
+        k = running.kube(EAST)
         assert k["scheduler"] == "kosmos" and k["scheduler_pid"], f"the lab runs no scheduler: {k}"
         # the policy CRDs are installed at lab up
-        crds = {c["metadata"]["name"] for c in running.get("crd")["items"]}
+        crds = {c["metadata"]["name"] for c in running.get(EAST, "crd")["items"]}
         assert {"distributionpolicies.kosmos.io", "clusterdistributionpolicies.kosmos.io",
                 "workloadpolicies.kosmos.io"} <= crds, crds
         yield running
@@ -126,9 +97,9 @@ def slab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SchedLab]:
 @pytest.fixture
 def ns(slab: SchedLab, request: pytest.FixtureRequest) -> Iterator[str]:
     name = "s-" + request.node.name.removeprefix("test_").replace("_", "-")[:40].rstrip("-")
-    slab.kubectl("create", "namespace", name)
+    slab.kubectl(EAST, "create", "namespace", name)
     yield name
-    slab.kubectl("delete", "namespace", name, "--wait=false", check=False)
+    slab.kubectl(EAST, "delete", "namespace", name, "--wait=false", check=False)
 
 
 def _bound(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -171,14 +142,14 @@ def test_required_anti_affinity_spreads_one_per_node(slab: SchedLab, ns: str) ->
             - labelSelector: {matchLabels: {app: anti}}
               topologyKey: kubernetes.io/hostname
 """
-    slab.apply(_deployment(ns, "anti", len(NODES), anti))
+    slab.apply(EAST, _deployment(ns, "anti", len(NODES), anti))
     pods = _wait_bound(slab, ns, "app=anti", len(NODES))
     assert sorted(p["spec"]["nodeName"] for p in pods) == sorted(NODES)
     # one more replica has no node left: Pending, with the anti-affinity reason per node
-    slab.kubectl("scale", "-n", ns, "deployment/anti", f"--replicas={len(NODES) + 1}")
+    slab.kubectl(EAST, "scale", "-n", ns, "deployment/anti", f"--replicas={len(NODES) + 1}")
 
     def pending_doc() -> list[dict[str, Any]] | None:
-        doc: list[dict[str, Any]] = json.loads(slab.tool("pending", "--lab", slab.name, "--context", "east",
+        doc: list[dict[str, Any]] = json.loads(slab.tool("pending", "--lab", slab.name, "--context", EAST,
                                                          "-n", ns, "--json").stdout)
         return doc if doc and doc[0]["message"] else None
 
@@ -190,14 +161,14 @@ def test_required_anti_affinity_spreads_one_per_node(slab: SchedLab, ns: str) ->
 def test_topology_spread_over_zones_respects_max_skew(slab: SchedLab, ns: str) -> None:
     zones = {"e1": "zone-a", "e2": "zone-a", "e3": "zone-b", "lf1": "zone-c"}
     for node, zone in zones.items():
-        slab.kubectl("label", "node", node, f"topology.kubernetes.io/zone={zone}", "--overwrite")
+        slab.kubectl(EAST, "label", "node", node, f"topology.kubernetes.io/zone={zone}", "--overwrite")
     spread = """      topologySpreadConstraints:
         - maxSkew: 1
           topologyKey: topology.kubernetes.io/zone
           whenUnsatisfiable: DoNotSchedule
           labelSelector: {matchLabels: {app: spread}}
 """
-    slab.apply(_deployment(ns, "spread", 7, spread))
+    slab.apply(EAST, _deployment(ns, "spread", 7, spread))
     pods = _wait_bound(slab, ns, "app=spread", 7)
     per_zone = Counter(zones[p["spec"]["nodeName"]] for p in pods)
     assert set(per_zone) == {"zone-a", "zone-b", "zone-c"}, per_zone
@@ -205,11 +176,11 @@ def test_topology_spread_over_zones_respects_max_skew(slab: SchedLab, ns: str) -
 
 
 def test_too_large_pod_stays_pending_until_a_node_is_added(slab: SchedLab, ns: str) -> None:
-    slab.apply(f"apiVersion: v1\nkind: Pod\nmetadata: {{name: big, namespace: {ns}}}\nspec:\n"
+    slab.apply(EAST, f"apiVersion: v1\nkind: Pod\nmetadata: {{name: big, namespace: {ns}}}\nspec:\n"
                "  containers: [{name: c, image: registry.k8s.io/pause:3.10, resources: {requests: {cpu: '6'}}}]\n")
 
     def pending() -> dict[str, Any] | None:
-        doc = json.loads(slab.tool("pending", "--lab", slab.name, "--context", "east", "-n", ns, "big",
+        doc = json.loads(slab.tool("pending", "--lab", slab.name, "--context", EAST, "-n", ns, "big",
                                    "--json").stdout)
         return doc[0] if doc and doc[0]["message"] else None
 
@@ -218,22 +189,22 @@ def test_too_large_pod_stays_pending_until_a_node_is_added(slab: SchedLab, ns: s
     assert p["message"].startswith(f"0/{n} nodes are available: {n} Insufficient cpu."), p["message"]
     assert p["reasons"] == [{"nodes": n, "reason": "Insufficient cpu"}]
     assert p["podScheduled"]["status"] == "False" and p["podScheduled"]["reason"] == "Unschedulable"
-    text = slab.tool("pending", "--lab", slab.name, "--context", "east", "-n", ns).stdout
-    assert f"east {ns}/big: Pending" in text and f"{n} node(s): Insufficient cpu" in text, text
-    assert slab.get("pod", "-n", ns, "big")["spec"].get("nodeName") is None
+    text = slab.tool("pending", "--lab", slab.name, "--context", EAST, "-n", ns).stdout
+    assert f"{EAST} {ns}/big: Pending" in text and f"{n} node(s): Insufficient cpu" in text, text
+    assert slab.get(EAST, "pod", "-n", ns, "big")["spec"].get("nodeName") is None
     # a node big enough joins: the scheduler retries on the Node add and binds the pod there
     slab.lab("up", str(slab.grown), "--timeout", "120")
     NODES.append("e4")
 
     def bound() -> dict[str, Any] | None:
-        doc: dict[str, Any] = slab.get("pod", "-n", ns, "big")
+        doc: dict[str, Any] = slab.get(EAST, "pod", "-n", ns, "big")
         return doc if doc["spec"].get("nodeName") else None
 
     pod = wait_until(bound, 60, "pod big bound once e4 exists", interval=0.5)
     assert pod["spec"]["nodeName"] == "e4"
     cond = next(c for c in pod["status"]["conditions"] if c["type"] == "PodScheduled")
     assert cond["status"] == "True"
-    assert json.loads(slab.tool("pending", "--lab", slab.name, "--context", "east", "-n", ns, "--json").stdout) == []
+    assert json.loads(slab.tool("pending", "--lab", slab.name, "--context", EAST, "-n", ns, "--json").stdout) == []
 
 
 def _kill_at_first_bind(api: str, ns: str, pid: int, replicas: int) -> int:
@@ -261,21 +232,21 @@ def _kill_at_first_bind(api: str, ns: str, pid: int, replicas: int) -> int:
 
 def test_killing_the_scheduler_mid_stream_loses_and_double_binds_nothing(slab: SchedLab, ns: str) -> None:
     replicas = 40
-    old = slab.kube()["scheduler_pid"]
-    api = slab.kube()["url"]
+    old = slab.kube(EAST)["scheduler_pid"]
+    api = slab.kube(EAST)["url"]
     assert old and api
     os.kill(old, signal.SIGSTOP)  # the stream queues up; SIGCONT in _kill_at_first_bind
     try:
-        slab.apply(_deployment(ns, "stream", replicas, cpu="50m"))
+        slab.apply(EAST, _deployment(ns, "stream", replicas, cpu="50m"))
         wait_until(lambda: len(slab.kpods(ns, "app=stream")) == replicas or None, 60,
                    f"{replicas} stream pods created", interval=0.3)
         bound_at_kill = _kill_at_first_bind(api, ns, old, replicas)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(old, signal.SIGCONT)
-    wait_until(lambda: not slab.kube().get("scheduler_pid") or None, 10, "the scheduler gone")
+    wait_until(lambda: not slab.kube(EAST).get("scheduler_pid") or None, 10, "the scheduler gone")
     slab.lab("up", str(slab.grown), "--timeout", "120")  # restarts what died: the scheduler
-    new = slab.kube()["scheduler_pid"]
+    new = slab.kube(EAST)["scheduler_pid"]
     assert new and new != old
     pods = _wait_bound(slab, ns, "app=stream", replicas, timeout=120)
     # lost nothing: every replica bound
@@ -284,7 +255,7 @@ def test_killing_the_scheduler_mid_stream_loses_and_double_binds_nothing(slab: S
     # have none: events are written after the bind, best effort, as upstream's), the restarted
     # scheduler met no pod it had to bind again (a second bind is refused: a FailedScheduling
     # event), no node is over its capacity and the kubelet rejected none
-    events = slab.get("events", "-n", ns)["items"]
+    events = slab.get(EAST, "events", "-n", ns)["items"]
     per_pod: Counter[str] = Counter()
     for ev in (e for e in events if e.get("reason") == "Scheduled"):
         per_pod[ev["involvedObject"]["uid"]] += int(ev.get("count") or (ev.get("series") or {}).get("count") or 1)
@@ -301,9 +272,9 @@ def test_killing_the_scheduler_mid_stream_loses_and_double_binds_nothing(slab: S
         return cur if all(p["status"].get("phase") == "Running" for p in cur) else None
 
     wait_until(all_running, 120, f"{replicas} stream pods Running", interval=0.5)
-    nodes = {n["metadata"]["name"]: n for n in slab.get("nodes")["items"]}
+    nodes = {n["metadata"]["name"]: n for n in slab.get(EAST, "nodes")["items"]}
     used: Counter[str] = Counter()
-    for p in slab.get("pods", "-A")["items"]:
+    for p in slab.get(EAST, "pods", "-A")["items"]:
         if p["spec"].get("nodeName") and p["status"].get("phase") not in ("Succeeded", "Failed"):
             for c in p["spec"]["containers"]:
                 cpu = ((c.get("resources") or {}).get("requests") or {}).get("cpu", "0")
@@ -318,10 +289,10 @@ def test_distribution_policy_leaf_and_host(slab: SchedLab, ns: str) -> None:
     """lf1 becomes a stand-in virtual node; a DistributionPolicy sends ``to-leaf`` to it (name ->
     leaf) although the pod prefers e1, and keeps ``host-*`` (namePrefix -> host) off it although
     they prefer it."""
-    slab.kubectl("label", "node", "lf1", f"{LEAF_LABEL}=true", "--overwrite")
-    slab.kubectl("taint", "node", "lf1", f"{LEAF_LABEL}=true:NoSchedule", "--overwrite")
+    slab.kubectl(EAST, "label", "node", "lf1", f"{LEAF_LABEL}=true", "--overwrite")
+    slab.kubectl(EAST, "taint", "node", "lf1", f"{LEAF_LABEL}=true:NoSchedule", "--overwrite")
     try:
-        slab.apply(f"""apiVersion: kosmos.io/v1alpha1
+        slab.apply(EAST, f"""apiVersion: kosmos.io/v1alpha1
 kind: DistributionPolicy
 metadata: {{name: dp, namespace: {ns}}}
 spec:
@@ -348,14 +319,14 @@ spec:
   containers: [{{name: c, image: registry.k8s.io/pause:3.10, resources: {{requests: {{cpu: 10m}}}}}}]
 ---
 """
-        slab.apply(pod("to-leaf", "e1") + "".join(pod(f"host-{i}", "lf1") for i in range(4)))
+        slab.apply(EAST, pod("to-leaf", "e1") + "".join(pod(f"host-{i}", "lf1") for i in range(4)))
         pods = {p["metadata"]["name"]: p["spec"]["nodeName"] for p in _wait_bound(slab, ns, "app=dp", 5)}
         assert pods.pop("to-leaf") == "lf1"
         assert "lf1" not in pods.values(), pods
         # a pod of the default profile is not placed on the tainted virtual node
-        slab.apply(_deployment(ns, "plain", 3, spec_extra="", cpu="10m"))
+        slab.apply(EAST, _deployment(ns, "plain", 3, spec_extra="", cpu="10m"))
         plain = _wait_bound(slab, ns, "app=plain", 3)
         assert all(p["spec"]["nodeName"] != "lf1" for p in plain)
     finally:
-        slab.kubectl("taint", "node", "lf1", f"{LEAF_LABEL}=true:NoSchedule-", check=False)
-        slab.kubectl("label", "node", "lf1", f"{LEAF_LABEL}-", check=False)
+        slab.kubectl(EAST, "taint", "node", "lf1", f"{LEAF_LABEL}=true:NoSchedule-", check=False)
+        slab.kubectl(EAST, "label", "node", "lf1", f"{LEAF_LABEL}-", check=False)

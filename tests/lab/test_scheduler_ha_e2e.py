@@ -51,8 +51,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from scheduler.kube import Api, ApiError, resource_path
-from tests.lab.conftest import Lab, lab_running, new_lab_name
-from tests.lab.test_scheduler_e2e import _bound, _kill_at_first_bind
+from tests.lab.conftest import KubeLab, kube_lab_running, new_lab_name
+from tests.lab.test_scheduler_e2e import EAST, _bound, _kill_at_first_bind
 from tests.waiting import wait_until
 from tools import nsutil
 from tools.lab.schedulers import scheduler_argv
@@ -143,22 +143,12 @@ class Replica:
         return [ln for ln in self._lines() if "binding " in ln and ": 409 " in ln]
 
 
-class HaLab(Lab):
+class HaLab(KubeLab):
     api: Api
     url: str
-    topology_file: Path
-
-    def kube(self) -> dict[str, Any]:
-        k: dict[str, Any] = self.status()["clusters"][0]["kubernetes"]
-        return k
-
-    def kube_pids(self) -> set[int]:
-        k = self.kube()
-        return {p for p in (k["apiserver_pid"], k["kubelet_pid"], k.get("controller_manager_pid"),
-                            k.get("proxy_pid"), k.get("scheduler_pid")) if p}
 
     def lab_replica(self) -> Replica:
-        k = self.kube()
+        k = self.kube(EAST)
         assert k["scheduler"] == "kosmos" and k["scheduler_pid"] and k["scheduler_log"], k
         return Replica(int(k["scheduler_pid"]), Path(k["scheduler_log"]))
 
@@ -221,9 +211,8 @@ def halab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HaLab]:
     topo = d / "sched-ha.yaml"
     topo.write_text(TOPOLOGY)
     lab = HaLab(new_lab_name(), topo)
-    lab.topology_file = topo
-    with lab_running(lab, "--grace-period", "30", "--timeout", "120", extra_pids=HaLab.kube_pids) as running:
-        running.url = running.kube()["url"]
+    with kube_lab_running(lab, "--grace-period", "30", "--timeout", "120") as running:
+        running.url = running.kube(EAST)["url"]
         running.api = Api(running.url)
         yield running
 
@@ -346,8 +335,8 @@ def test_a_restarted_scheduler_stands_by_and_takes_a_released_lease_at_once(
         halab: HaLab, second: StartedReplica, ns: str) -> None:
     b = second.identity()
     assert b
-    wait_until(lambda: not halab.kube().get("scheduler_pid") or None, 10, "the killed scheduler gone")
-    halab.lab("up", str(halab.topology_file), "--timeout", "120")  # restarts what died: the scheduler
+    wait_until(lambda: not halab.kube(EAST).get("scheduler_pid") or None, 10, "the killed scheduler gone")
+    halab.lab("up", str(halab.topology), "--timeout", "120")  # restarts what died: the scheduler
     lab = halab.lab_replica()
     wait_until(lab.role, 60, "the restarted scheduler up and healthy", interval=0.3)
     a2 = lab.identity()

@@ -1,5 +1,6 @@
-"""The controller machinery (kubeemu.ctrl.base): work queue semantics, label selectors, and an
-informer against a real kubeemu server (list, watch, re-list after the watch is dropped)."""
+"""The controller machinery (kubeemu.ctrl.base): work queue semantics, label selectors, resolving a
+controller reference to its owner's key, and an informer against a real kubeemu server (list,
+watch, re-list after the watch is dropped)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 
 from kubeemu import selectors
 from kubeemu.client import ApiStatusError, Client, resource_path
-from kubeemu.ctrl.base import Informers, WorkQueue
+from kubeemu.ctrl.base import Informer, Informers, WorkQueue, owner_key
 from kubeemu.ctrl.manager import select
 from kubeemu.runner import ServerThread
 
@@ -24,6 +25,22 @@ def test_label_selector_object() -> None:
     assert selectors.label_selector_matches({"matchExpressions": [{"key": "x", "operator": "DoesNotExist"}]}, {})
     with pytest.raises(selectors.SelectorError, match="'Bogus'"):
         selectors.label_selector_matches({"matchExpressions": [{"key": "x", "operator": "Bogus"}]}, {})
+
+
+def test_owner_key_resolves_a_controller_reference_by_kind_and_uid() -> None:
+    owners = Informer(Client("http://127.0.0.1:1"), "apps/v1", "replicasets")  # never run: a cache only
+    owners.cache["ns/web"] = {"metadata": {"name": "web", "namespace": "ns", "uid": "u1"}}
+
+    def pod(kind: str, name: str, uid: str, controller: bool = True) -> dict[str, object]:
+        ref = {"apiVersion": "apps/v1", "kind": kind, "name": name, "uid": uid, "controller": controller}
+        return {"metadata": {"name": "p", "namespace": "ns", "ownerReferences": [ref]}}
+
+    assert owner_key(pod("ReplicaSet", "web", "u1"), "ReplicaSet", owners) == "ns/web"
+    assert owner_key(pod("ReplicaSet", "web", "u0"), "ReplicaSet", owners) is None  # a re-created namesake
+    assert owner_key(pod("Job", "web", "u1"), "ReplicaSet", owners) is None
+    assert owner_key(pod("ReplicaSet", "gone", "u2"), "ReplicaSet", owners) is None
+    assert owner_key(pod("ReplicaSet", "web", "u1", controller=False), "ReplicaSet", owners) is None
+    assert owner_key({"metadata": {"name": "p", "namespace": "ns"}}, "ReplicaSet", owners) is None
 
 
 def test_work_queue_deduplicates_and_holds_keys_in_flight() -> None:

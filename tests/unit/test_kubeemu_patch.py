@@ -1,11 +1,13 @@
-"""kubeemu's pure pieces: the three patch flavours and the selector parsers."""
+"""kubeemu's pure pieces: the three patch flavours, the one dispatch on a PATCH's media type, and the
+selector parsers."""
 
 from __future__ import annotations
 
 import pytest
 
 from kubeemu import selectors
-from kubeemu.patch import PatchError, json_patch, merge_patch, strategic_merge_patch
+from kubeemu.errors import ApiError
+from kubeemu.patch import PatchError, json_patch, merge_patch, patched, strategic_merge_patch
 
 
 def test_merge_patch_nulls_delete_and_lists_replace() -> None:
@@ -48,6 +50,37 @@ def test_json_patch_ops_and_failures() -> None:
     with pytest.raises(PatchError) as ei:
         json_patch(doc, {"op": "add"})
     assert not ei.value.invalid
+
+
+def test_patched_dispatches_on_the_media_type_with_upstreams_answers() -> None:
+    cur = {"metadata": {"name": "x", "resourceVersion": "7", "finalizers": ["a"]}, "spec": {"n": 1}}
+    smp = {"metadata": {"finalizers": ["b"]}}
+    # strategic merges the finalizers; merge patch (and apply without strategic) replaces them
+    assert patched("application/strategic-merge-patch+json; charset=utf-8", cur, smp,
+                   strategic=True)["metadata"]["finalizers"] == ["a", "b"]
+    assert patched("application/apply-patch+yaml", cur, smp, strategic=True)["metadata"]["finalizers"] == ["a", "b"]
+    assert patched("application/apply-patch+yaml", cur, smp, strategic=False)["metadata"]["finalizers"] == ["b"]
+    assert patched("application/merge-patch+json", cur, smp, strategic=True)["metadata"]["finalizers"] == ["b"]
+    out = patched("application/json-patch+json", cur, [{"op": "replace", "path": "/spec/n", "value": 2}],
+                  strategic=False)
+    # an untouched resourceVersion is dropped (no precondition); one the patch sets stays
+    assert out == {"metadata": {"name": "x", "finalizers": ["a"]}, "spec": {"n": 2}}
+    assert patched("application/merge-patch+json", cur, {"metadata": {"resourceVersion": "6"}},
+                   strategic=False)["metadata"]["resourceVersion"] == "6"
+    assert cur["metadata"]["resourceVersion"] == "7"  # input untouched
+
+    def refused(ctype: str, body: object, strategic: bool = True) -> ApiError:
+        with pytest.raises(ApiError) as ei:
+            patched(ctype, cur, body, strategic=strategic)
+        return ei.value
+
+    e = refused("application/strategic-merge-patch+json", smp, strategic=False)
+    assert e.code == 415 and e.message.endswith(
+        "application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml")
+    assert refused("text/plain", smp).code == 415
+    assert refused("application/json-patch+json", [{"op": "test", "path": "/spec/n", "value": 9}]).code == 422
+    assert refused("application/json-patch+json", {"op": "add"}).code == 400
+    assert refused("application/merge-patch+json", [1]).code == 400  # not an object
 
 
 def test_label_selector_grammar() -> None:
