@@ -77,6 +77,10 @@ class Options:
     resync_period: float = 30.0
     #: Seconds a root request may take.
     root_timeout: float = 30.0
+    #: The kubelet server (:mod:`tree.kubelet`) the virtual nodes advertise: InternalIP and
+    #: port ("" / 0: none).
+    kubelet_address: str = ""
+    kubelet_port: int = 0
 
 
 def _connect_leaf(doc: Obj) -> Api:
@@ -159,6 +163,11 @@ class LeafReconciler:
         once the thread has ended, so a pass in flight cannot publish them again."""
         self._retired = True
         self.stop()
+
+    @property
+    def leaf(self) -> Api | None:
+        """The leaf's Api while connected (the kubelet server's and the syncers' way in)."""
+        return self._leaf
 
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -323,7 +332,8 @@ class LeafReconciler:
         desired = forge.virtual_nodes(spec, nodes_inf.store.copy().values(), pods_inf.store.copy().values(),
                                       root_id=self.options.root_id, unreachable=unreachable,
                                       kubelet_version=self._version,
-                                      network=self.link.network(spec.cluster) if self.link is not None else None)
+                                      network=self.link.network(spec.cluster) if self.link is not None else None,
+                                      address=self.options.kubelet_address, kubelet_port=self.options.kubelet_port)
         written: list[Obj] = []
         errors: list[str] = []
         conflicts: set[str] = set()
