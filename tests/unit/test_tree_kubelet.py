@@ -1,0 +1,207 @@
+"""``kubectl logs`` and ``kubectl exec`` on a root pod reach its leaf copy through the virtual node.
+
+In-process: a root and a leaf API server (kubeemu, :mod:`tests.tree_env`), the tree manager with
+its kubelet server (:mod:`tree.kubelet`) on 127.0.0.1, and in the leaf a node whose kubelet is
+kubeemu's kubelet app over a fake container runtime (:class:`tests.kubelet_doubles.FakeAccess`:
+CRI log files this test writes, commands run on the host). The pod sync is not part of this
+test: the leaf copy of a root pod is made here as the contract says (labels root-cluster and
+root-uid, another name than the root pod's). The real kubectl talks to the root API server,
+which dials the virtual node's kubelet endpoint (the one the manager advertises), which calls
+the leaf's API server, which dials the leaf node's kubelet: every byte kubectl prints came
+through all of them.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kubeemu.lab import write_kubeconfig
+from scheduler.kube import Api, resource_path
+from tests.kubelet_doubles import KUBECTL, FakeAccess, Kubectl, serve_kubelet, stop_kubelet
+from tests.tree_env import ROOT_ID, TreeEnv, tree_env
+from tests.waiting import wait_until
+from tree import identity
+from tree.kubelet import KubeletServer, PodResolver
+from tree.leaf import Options
+from tree.manager import TreeManager
+
+pytestmark = pytest.mark.unit
+
+Obj = dict[str, Any]
+VNODE = "kosmos-c1"
+
+
+@dataclass
+class Tree:
+    env: TreeEnv
+    manager: TreeManager
+    server: KubeletServer
+    access: FakeAccess
+    leaf: Api
+    kubectl: Kubectl
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Iterator[Tree]:
+    if KUBECTL is None:
+        pytest.skip("no kubectl binary on PATH (install one from Debian to run this test)")
+    with tree_env() as env:
+        leaf = env.leaf("l1")
+        loop = env.leaves["l1"].loop
+        access = FakeAccess(tmp_path / "kubelet")
+        port, runner = serve_kubelet(access, loop)
+        env.add_node("l1", "ln1")
+        env.patch_node("l1", "ln1", {"status": {"daemonEndpoints": {"kubeletEndpoint": {"Port": port}}}}, status=True)
+        resolvers: list[PodResolver] = []
+        server = KubeletServer(lambda ns, name: resolvers[0](ns, name), "127.0.0.1", 0, timeout=5.0)
+        opts = Options(root_id=ROOT_ID, leaf_timeout=0.5, unreachable_after=1.0, lease_period=0.2,
+                       status_period=60.0, resync_period=1.0, root_timeout=5.0,
+                       kubelet_address="127.0.0.1", kubelet_port=server.port)
+        manager = env.start_manager(options=opts)
+        resolvers.append(PodResolver(Api(env.root.host), ROOT_ID, manager.nodes, manager.leaf_api, timeout=5.0))
+        server.start()
+        env.add_cluster("c1", "l1")
+        wait_until(lambda: _kubelet_port(env.vnode(VNODE)) == server.port, 10,
+                   "the virtual node advertises the kubelet server")
+        kubectl = Kubectl(KUBECTL, write_kubeconfig(tmp_path / "kubeconfig", {"root": env.root.host}),
+                          tmp_path / "cache")
+        try:
+            yield Tree(env, manager, server, access, leaf, kubectl)
+        finally:
+            server.stop()
+            stop_kubelet(runner, loop)
+
+
+def _kubelet_port(node: Obj | None) -> int | None:
+    port = (((node or {}).get("status") or {}).get("daemonEndpoints") or {}).get("kubeletEndpoint", {}).get("Port")
+    return int(port) if port else None
+
+
+def _namespace(t: Tree) -> str:
+    ns = f"t-{uuid.uuid4().hex[:6]}"
+    for api in (t.env.root, t.leaf):
+        api.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+    return ns
+
+
+def _root_pod(t: Tree, ns: str, name: str, *containers: str) -> Obj:
+    """A root pod bound to the virtual node."""
+    body = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+            "spec": {"nodeName": VNODE, "containers": [{"name": c, "image": "busybox"} for c in containers]}}
+    pod: Obj = t.env.root.create(resource_path("v1", "pods", ns), body)
+    return pod
+
+
+def _leaf_copy(t: Tree, root_pod: Obj, leaf_name: str) -> None:
+    """The leaf copy as the pod sync makes it (its name need not be the root pod's)."""
+    labels, annotations = identity.ownership(ROOT_ID, root_pod)
+    spec = {**root_pod["spec"], "nodeName": "ln1"}
+    t.leaf.create(resource_path("v1", "pods", root_pod["metadata"]["namespace"]), {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": leaf_name, "labels": labels, "annotations": annotations}, "spec": spec})
+
+
+def test_logs_reach_the_leaf_copy_with_their_options(tree: Tree) -> None:
+    ns = _namespace(tree)
+    pod = _root_pod(tree, ns, "web", "app", "side")
+    _leaf_copy(tree, pod, "web-0ab1c2d3")
+    for c in ("app", "side"):
+        tree.access.state[(ns, "web-0ab1c2d3", c)] = "running"
+    tree.access.write(ns, "web-0ab1c2d3", "app", "stdout F one", "stderr F two", "stdout P thr", "stdout F ee",
+                      "stdout F four")
+    tree.access.write(ns, "web-0ab1c2d3", "side", "stdout F from the side")
+    k = tree.kubectl
+    assert k("logs", "web", "-n", ns, "-c", "app").stdout == "one\ntwo\nthree\nfour\n"
+    assert k("logs", "web", "-n", ns, "-c", "app", "--tail=2").stdout == "ee\nfour\n"
+    assert k("logs", "web", "-n", ns, "-c", "app", "--timestamps", "--tail=1").stdout == \
+        "2024-01-02T03:04:09.12Z four\n"
+    assert k("logs", "web", "-n", ns, "-c", "app", "--limit-bytes=6").stdout == "one\ntw"
+    assert k("logs", "web", "-n", ns, "-c", "side").stdout == "from the side\n"
+    # previous: the leaf kubelet's own error comes back through every hop, then the old attempt
+    err = k("logs", "web", "-n", ns, "-c", "side", "--previous", ok=False)
+    assert err.returncode == 1
+    assert 'previous terminated container "side" in pod "web-0ab1c2d3" not found' in err.stderr
+    tree.access.attempt[(ns, "web-0ab1c2d3", "side")] = 1
+    tree.access.write(ns, "web-0ab1c2d3", "side", "stdout F second life")
+    assert k("logs", "web", "-n", ns, "-c", "side", "--previous").stdout == "from the side\n"
+    assert k("logs", "web", "-n", ns, "-c", "side").stdout == "second life\n"
+
+
+def test_logs_follow_streams_through_until_the_leaf_container_stops(tree: Tree, tmp_path: Path) -> None:
+    ns = _namespace(tree)
+    pod = _root_pod(tree, ns, "f", "c")
+    _leaf_copy(tree, pod, "f")
+    key = (ns, "f", "c")
+    tree.access.state[key] = "running"
+    tree.access.write(ns, "f", "c", "stdout F first")
+    out_path = tmp_path / "follow.out"
+    with out_path.open("w") as out:
+        proc = subprocess.Popen(tree.kubectl.argv("logs", "-f", "f", "-n", ns), stdout=out, stderr=subprocess.PIPE,
+                                text=True)
+    try:
+        wait_until(lambda: out_path.read_text() == "first\n", 30, "kubectl logs -f printed the first line")
+        tree.access.write(ns, "f", "c", "stdout P sec", "stdout F ond")
+        wait_until(lambda: out_path.read_text() == "first\nsecond\n", 30, "kubectl logs -f followed the leaf")
+        assert proc.poll() is None  # still following while the leaf container runs
+        tree.access.write(ns, "f", "c", "stdout F last words")
+        tree.access.state[key] = "exited"
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert out_path.read_text() == "first\nsecond\nlast words\n"
+
+
+def test_exec_output_exit_code_and_stdin_reach_the_leaf(tree: Tree) -> None:
+    ns = _namespace(tree)
+    pod = _root_pod(tree, ns, "e", "c")
+    _leaf_copy(tree, pod, "e-renamed")
+    tree.access.state[(ns, "e-renamed", "c")] = "running"
+    k = tree.kubectl
+    out = k("exec", "e", "-n", ns, "--", "echo", "hello", "world", ok=False)
+    assert (out.returncode, out.stdout) == (0, "hello world\n"), out.stderr
+    out = k("exec", "e", "-n", ns, "--", "sh", "-c", "echo out; echo err >&2; exit 3", ok=False)
+    assert out.returncode == 3 and out.stdout == "out\n"
+    assert "err\n" in out.stderr and "command terminated with exit code 3" in out.stderr
+    out = k("exec", "-i", "e", "-n", ns, "--", "cat", stdin="hi\nthere\n", ok=False)
+    assert (out.returncode, out.stdout) == (0, "hi\nthere\n"), out.stderr
+    big = "x" * 300_000 + "\n"
+    out = k("exec", "-i", "e", "-n", ns, "--", "wc", "-c", stdin=big, ok=False)
+    assert out.stdout.strip() == str(len(big)), out.stderr
+    # the leaf refuses (its container does not run): its reason comes back
+    tree.access.state[(ns, "e-renamed", "c")] = "waiting"
+    out = k("exec", "e", "-n", ns, "--", "true", ok=False)
+    assert out.returncode == 1 and 'container not found ("c")' in out.stderr
+
+
+def test_a_pod_without_a_leaf_copy_gets_a_clear_error(tree: Tree) -> None:
+    ns = _namespace(tree)
+    _root_pod(tree, ns, "lonely", "c")
+    out = tree.kubectl("logs", "lonely", "-n", ns, ok=False)
+    assert out.returncode == 1 and f"pod {ns}/lonely has no copy in leaf cluster c1" in out.stderr, out.stderr
+    out = tree.kubectl("exec", "lonely", "-n", ns, "--", "true", ok=False)
+    assert out.returncode == 1 and f"pod {ns}/lonely has no copy in leaf cluster c1" in out.stderr, out.stderr
+    # a copy of another root (same labels but another root id) is not ours
+    pod = tree.env.root.get(resource_path("v1", "pods", ns, "lonely"))
+    labels, _ = identity.ownership("another-root", pod)
+    tree.leaf.create(resource_path("v1", "pods", ns), {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "lonely", "labels": labels},
+        "spec": {"nodeName": "ln1", "containers": [{"name": "c", "image": "busybox"}]}})
+    tree.access.state[(ns, "lonely", "c")] = "running"
+    out = tree.kubectl("exec", "lonely", "-n", ns, "--", "true", ok=False)
+    assert out.returncode == 1 and "has no copy in leaf cluster c1" in out.stderr, out.stderr
+
+
+def test_healthz_and_unknown_paths(tree: Tree) -> None:
+    api = Api(tree.server.url)
+    assert api._pool.request("GET", tree.server.url + "/healthz").data == b"ok"
+    r = api._pool.request("GET", tree.server.url + "/pods")
+    assert r.status == 404
