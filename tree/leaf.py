@@ -13,7 +13,9 @@ the reconciler's thread:
    unreachable once it has not answered for the threshold (``--leaf-unreachable-after``,
    default 40 s, from the last answer, or from this reconciler's start when it never answered).
    When it answers again its Nodes and Pods are listed afresh (new informers), so a watch stream
-   that died without a word is not waited out.
+   that died without a word is not waited out. With the informers, the leaf's Events about our
+   pods start being reflected to the root pods (:class:`tree.events.EventReflector`, restarted
+   with them).
 3. Reconcile, on every change of the leaf's Nodes or Pods, of our virtual nodes in the root, of
    the spec, of the fabric's reachability, and on every probe: forge the virtual nodes
    (:mod:`tree.forge`; ``NetworkUnavailable`` as :class:`tree.fabric_link.FabricLink` says),
@@ -45,6 +47,7 @@ import yaml
 from fabric.backoff import Backoff
 from scheduler.kube import Api, ApiError, Informer, connect_kubeconfig, resource_path
 from tree import forge
+from tree.events import EventReflector
 from tree.fabric_link import FabricLink
 from tree.metrics import TreeMetrics
 from tree.spec import KUBECONFIG_KEY, TreeSpec
@@ -115,6 +118,8 @@ class LeafReconciler:
         self._thread: threading.Thread | None = None
         self._leaf: Api | None = None
         self._informers: list[Informer] = []
+        #: Leaf Events about our pods reflected to the root (:mod:`tree.events`), while connected.
+        self._events: EventReflector | None = None
         self._fingerprint = ""
         #: The Secret reference connected with, and the one last read (maybe unsuccessfully).
         self._secret_ref = ("", "")
@@ -182,6 +187,7 @@ class LeafReconciler:
         try:
             self._loop()
         finally:
+            self._stop_events()
             for inf in self._informers:
                 inf.stop()
             if self._retired and self.link is not None:
@@ -259,6 +265,7 @@ class LeafReconciler:
         _log.info("Cluster %s: connected to the leaf at %s", self.spec.cluster, leaf.host)
 
     def _disconnect(self) -> None:
+        self._stop_events()
         for inf in self._informers:
             inf.stop()
         self._informers, self._leaf, self._fingerprint = [], None, ""
@@ -273,6 +280,15 @@ class LeafReconciler:
         for inf in self._informers:
             inf.add_handler(lambda _t, _o, _n: self._wake.set())
             inf.start()
+        self._stop_events()
+        self._events = EventReflector(self.root, self._leaf, self.options.root_id, self.spec.cluster,
+                                      timeout=self.options.root_timeout, metrics=self.metrics)
+        self._events.start()
+
+    def _stop_events(self) -> None:
+        if self._events is not None:
+            self._events.stop()
+            self._events = None
 
     def _probe(self) -> None:
         if self._leaf is None:
