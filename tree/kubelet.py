@@ -26,6 +26,11 @@ virtual node of this tree manager advertises this one server (``--kubelet-addres
    refused upgrade). TTY and resize frames pass through like any other;
 4. ``GET /healthz``: ``ok``.
 
+Not served: SPDY. A kube-apiserver translates kubectl's WebSocket into SPDY/3.1 towards the
+kubelet (``TranslateStreamCloseWebsocketRequests``) unless it proxies WebSockets to kubelets that
+declare support (``ExtendWebSocketsToKubelet``, beta in 1.36); such an exec is refused with a 400
+saying so. Logs are plain HTTP and work with any API server.
+
 TLS with ``cert_file``/``key_file`` (a real kube-apiserver dials kubelets with https only);
 client certificates are required and verified against ``client_ca`` when given, as upstream
 virtual-kubelet does with ``--client-verify-ca`` (its default; ``--no-verify-clients`` turns it off).
@@ -190,6 +195,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._text(404, "404 page not found", "other")
             return
         kind, ns, pod, container = m.groups()
+        if kind == "exec" and (self.headers.get("Upgrade") or "").lower().startswith("spdy/"):
+            # a kube-apiserver before ExtendWebSocketsToKubelet translates kubectl's WebSocket to SPDY
+            self._text(400, f"kosmos-tree's kubelet relays exec as a WebSocket ({', '.join(ws.CHANNEL_PROTOCOLS)}); "
+                            f"{self.headers.get('Upgrade')} is not supported", "exec")
+            return
         query = parse_qs(url.query, keep_blank_values=True)
         try:
             found = self.owner.resolve(ns, pod)
@@ -275,7 +285,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         params += [(k, "true") for k in ("stdin", "stdout", "stderr", "tty") if (query.get(k) or [""])[-1] in _TRUE]
         params += [("command", c) for c in query.get("command", [])]
         path = resource_path("v1", "pods", ns, pod, sub="exec") + "?" + urlencode(params, quote_via=quote)
-        upgrade = (self.headers.get("Upgrade") or "").lower() == "websocket" and self.headers.get("Sec-WebSocket-Key")
+        upgrade = (self.headers.get("Upgrade") or "").lower() == "websocket" and \
+            self.headers.get("Sec-WebSocket-Key")
         if not upgrade:
             self._plain_exec(leaf, path)
             return

@@ -38,6 +38,8 @@ from scheduler.kube import Api
 
 GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+#: The Kubernetes remote command subprotocols (exec's channels; v5 adds the close signal).
+CHANNEL_PROTOCOLS = ("v5.channel.k8s.io", "v4.channel.k8s.io")
 #: Largest message accepted (exec's channels send small frames; kubectl cp's are 32 KiB).
 MAX_MESSAGE = 64 << 20
 #: Largest refusal body kept (the upstream Status of a refused exec is a few hundred bytes).

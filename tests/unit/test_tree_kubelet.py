@@ -13,6 +13,7 @@ through all of them.
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -205,3 +206,52 @@ def test_healthz_and_unknown_paths(tree: Tree) -> None:
     assert api._pool.request("GET", tree.server.url + "/healthz").data == b"ok"
     r = api._pool.request("GET", tree.server.url + "/pods")
     assert r.status == 404
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_callers_going_away_end_the_leaf_stream_and_the_leaf_command(tree: Tree, tmp_path: Path) -> None:
+    ns = _namespace(tree)
+    pod = _root_pod(tree, ns, "quiet", "c")
+    _leaf_copy(tree, pod, "quiet")
+    tree.access.state[(ns, "quiet", "c")] = "running"
+    tree.access.write(ns, "quiet", "c", "stdout F hello")
+    # A followed log of a quiet container, asked as the root API server asks (kubeemu's keeps its
+    # side open until it has something to write, so the caller here is a plain connection).
+    with socket.create_connection(("127.0.0.1", tree.server.port), timeout=10) as caller:
+        caller.sendall(f"GET /containerLogs/{ns}/quiet/c?follow=true HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        got = b""
+        while b"hello" not in got:
+            chunk = caller.recv(4096)
+            assert chunk, got
+            got += chunk
+        assert got.startswith(b"HTTP/1.1 200") and tree.server._streams
+    # the log is quiet: only the caller's end can tell the server to let go of the leaf stream
+    wait_until(lambda: not tree.server._streams, 30, "the leaf log stream cut once its caller went away")
+    tree.access.write(ns, "quiet", "c", "stdout F after")  # the leaf's kubelet notices on its next write
+    pid_file = tmp_path / "pid"
+    ex = subprocess.Popen(tree.kubectl.argv("exec", "quiet", "-n", ns, "--", "sh", "-c",
+                                            f"echo $$ > {pid_file}; exec sleep 600"),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: pid_file.exists() and pid_file.read_text().strip(), 30, "the exec'd command started")
+        pid = int(pid_file.read_text())
+        assert _alive(pid)
+    finally:
+        ex.kill()
+        ex.wait()
+    wait_until(lambda: not _alive(pid), 30, f"the leaf command (pid {pid}) ended when kubectl went away")
+    tree.access.state[(ns, "quiet", "c")] = "exited"
+
+
+def test_an_spdy_exec_is_refused_with_the_reason(tree: Tree) -> None:
+    r = Api(tree.server.url)._pool.request(
+        "POST", tree.server.url + "/exec/default/p/c?command=true&stdout=1",
+        headers={"Connection": "Upgrade", "Upgrade": "SPDY/3.1", "X-Stream-Protocol-Version": "v4.channel.k8s.io"})
+    assert r.status == 400 and b"SPDY/3.1 is not supported" in r.data
