@@ -137,6 +137,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("kosmos-tree: --fabric-cluster needs --reflector (the fabric's reachability comes from it)",
               file=sys.stderr)
         return 2
+    if bool(args.kubelet_cert) != bool(args.kubelet_key) or (args.kubelet_client_ca and not args.kubelet_cert):
+        print("kosmos-tree: --kubelet-cert and --kubelet-key go together, and --kubelet-client-ca needs them",
+              file=sys.stderr)
+        return 2
     try:
         api = connect(args.master, args.kubeconfig, args.context)
         api.user_agent = "kosmos-tree"
@@ -144,10 +148,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # a bad kubeconfig or an unreachable root: say so, no traceback
         print(f"kosmos-tree: connecting to the root cluster: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
-    if bool(args.kubelet_cert) != bool(args.kubelet_key) or (args.kubelet_client_ca and not args.kubelet_cert):
-        print("kosmos-tree: --kubelet-cert and --kubelet-key go together, and --kubelet-client-ca needs them",
-              file=sys.stderr)
-        return 2
     resolver: list[PodResolver] = []  # set once the manager exists; the server starts before it
     kubelet_server = None
     if args.kubelet_port:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ import pytest
 from kubeemu.lab import write_kubeconfig
 from scheduler.kube import Api, resource_path
 from tests.kubelet_doubles import KUBECTL, FakeAccess, Kubectl, serve_kubelet, stop_kubelet
-from tests.tree_env import ROOT_ID, TreeEnv, tree_env
+from tests.tree_env import REPO, ROOT_ID, TreeEnv, tree_env
 from tests.waiting import wait_until
 from tree import identity
 from tree.kubelet import KubeletServer, PodResolver
@@ -255,3 +256,41 @@ def test_an_spdy_exec_is_refused_with_the_reason(tree: Tree) -> None:
         "POST", tree.server.url + "/exec/default/p/c?command=true&stdout=1",
         headers={"Connection": "Upgrade", "Upgrade": "SPDY/3.1", "X-Stream-Protocol-Version": "v4.channel.k8s.io"})
     assert r.status == 400 and b"SPDY/3.1 is not supported" in r.data
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_kosmos_tree_serves_the_kubelet_its_virtual_nodes_advertise(tmp_path: Path) -> None:
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "tree.main", *args], capture_output=True, text=True,
+                              timeout=60, cwd=REPO, check=False)
+    bad = run("--master", "http://127.0.0.1:1", "--kubelet-client-ca", "ca.crt")
+    assert bad.returncode == 2 and "--kubelet-client-ca needs them" in bad.stderr
+    with tree_env() as env:
+        env.add_node("l1", "ln1")
+        env.add_cluster("c1", "l1")
+        port = _free_port()
+        log = (tmp_path / "tree.log").open("w")
+        proc = subprocess.Popen([sys.executable, "-m", "tree.main", "--master", env.root.host, "--leader-elect=false",
+                                 "--root-id", ROOT_ID, "--listen", "127.0.0.1:0", "--kubelet-port", str(port),
+                                 "--node-lease-period", "0.2", "--resync-period", "1"],
+                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            node = wait_until(lambda: (n := env.vnode(VNODE)) is not None and _kubelet_port(n) == port and n, 30,
+                              f"{VNODE} advertising the kubelet port {port}")
+            assert node["status"]["addresses"] == [{"type": "InternalIP", "address": "127.0.0.1"}]
+            assert Api(f"http://127.0.0.1:{port}")._pool.request(
+                "GET", f"http://127.0.0.1:{port}/healthz").data == b"ok"
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            log.close()
+        assert proc.returncode == 0, (tmp_path / "tree.log").read_text()[-2000:]
