@@ -172,6 +172,9 @@ def _handler(server: KubeletServer) -> type[http.server.BaseHTTPRequestHandler]:
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "kosmos-tree-kubelet"
+    #: Seconds a connection may wait for its next request (kept-alive connections are let go);
+    #: an exec session, once relayed, has none.
+    timeout = 120
     owner: KubeletServer
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -310,6 +313,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.close_connection = True
         self.owner.count("exec", 101)
         try:
+            self.connection.settimeout(None)  # a quiet shell may wait for hours
             local = ws.accept(self.connection, self.rfile, str(self.headers["Sec-WebSocket-Key"]), remote.protocol)
         except OSError:
             remote.close()
