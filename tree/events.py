@@ -153,6 +153,8 @@ class EventReflector:
         self._written: dict[str, Obj] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        #: The worker is handling Events taken off the queue.
+        self._busy = False
         #: Root writes done (created + patched): progress for tests, not state.
         self.writes = 0
 
@@ -178,7 +180,7 @@ class EventReflector:
     def idle(self) -> bool:
         """Synced and nothing queued (for tests: every Event seen was handled)."""
         with self._cond:
-            return self.pods.synced.is_set() and self.events.synced.is_set() and not self._due
+            return self.pods.synced.is_set() and self.events.synced.is_set() and not self._due and not self._busy
 
     # ------------------------------------------------------------------ informer handlers
 
@@ -227,10 +229,15 @@ class EventReflector:
                     continue
                 for k in ready:
                     del self._due[k]
-            for key in ready:
-                if self._stop.is_set():
-                    return
-                self._handle(key)
+                self._busy = True
+            try:
+                for key in ready:
+                    if self._stop.is_set():
+                        return
+                    self._handle(key)
+            finally:
+                with self._cond:
+                    self._busy = False
 
     def _handle(self, key: str) -> None:
         try:

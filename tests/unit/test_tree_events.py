@@ -182,6 +182,19 @@ def test_a_restarted_reflector_writes_nothing_again(env: TreeEnv) -> None:
     finally:
         second.stop()
         second.join(5)
+    # the leaf aggregates while no reflector runs: the next one patches that Event, and only it
+    (started,) = [e for e in leaf.get(resource_path("v1", "events", ns))["items"] if e["reason"] == "Started"]
+    started["count"], started["lastTimestamp"] = 2, "2026-01-01T00:01:00Z"
+    leaf.update(resource_path("v1", "events", ns, started["metadata"]["name"]), started)
+    third = _reflector(env, leaf)
+    try:
+        wait_until(lambda: [e for e in _root_events(env, ns) if e["reason"] == "Started" and e["count"] == 2], 10,
+                   "the count the leaf aggregated meanwhile")
+        wait_until(third.idle, 10, "the third reflector idle")
+        assert third.writes == 1 and len(_root_events(env, ns)) == 3
+    finally:
+        third.stop()
+        third.join(5)
 
 
 def test_the_leaf_reconciler_reflects_its_leafs_events(env: TreeEnv) -> None:
