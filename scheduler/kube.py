@@ -117,8 +117,9 @@ class Api:
     def patch(self, path: str, body: Obj, ctype: str = MERGE_PATCH) -> Any:
         return self.request("PATCH", path, body, ctype=ctype)
 
-    def stream(self, path: str, query: dict[str, Any], read_timeout: float) -> urllib3.BaseHTTPResponse:
-        """A streaming GET (a watch); the caller reads lines and releases the response."""
+    def stream(self, path: str, query: dict[str, Any], read_timeout: float | None) -> urllib3.BaseHTTPResponse:
+        """A streaming GET (a watch, a followed log: ``read_timeout`` None waits forever); the
+        caller reads and releases the response."""
         url = self.host + path + "?" + urlencode(query)
         r = self._pool.request("GET", url, headers=self.headers(), preload_content=False,
                                timeout=urllib3.Timeout(connect=10.0, read=read_timeout))

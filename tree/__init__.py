@@ -7,8 +7,10 @@ and checked) -> ``manager`` (one reconciler per enabled Cluster, leader election
 (pure: the virtual nodes a leaf's nodes and pods call for, their add-on records, and
 NetworkUnavailable from the fabric's status) -> ``vnode`` (ownership and the root writes);
 ``fabric_link`` (the records published, the fabric's status read, on one event loop thread),
-``metrics`` and ``main`` (the ``kosmos-tree`` command) around them. Pods and their dependencies
-are not synced yet.
+``metrics`` and ``main`` (the ``kosmos-tree`` command) around them; ``kubelet`` (the virtual
+nodes' kubelet server: ``kubectl logs``/``exec`` relayed to the leaf pods, over ``websocket``)
+and ``events`` (leaf Events about our pods reflected to the root pods, one per connected leaf).
+Pods and their dependencies are not synced yet.
 
 May import only the standard library, the root pyproject's third-party packages,
 :mod:`fabric.types`, process plumbing (``fabric.logs``, ``fabric.health``, ``fabric.backoff``),

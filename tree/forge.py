@@ -32,6 +32,8 @@ In order (:func:`virtual_nodes`):
    :func:`network_condition`, which decides it from the reflector's status).
 6. The leaf room of each member (:class:`LeafRoom`), from the same walk over the same pods as
    step 2: what :func:`leaf_resources` publishes as the virtual node's add-on record.
+7. The kubelet endpoint: every virtual node has the manager's kubelet server (:mod:`tree.kubelet`)
+   as its InternalIP and kubelet port, when one is given.
 
 The record (:func:`leaf_resources`, kind :data:`RECORD_KIND`, named after the virtual node) is
 JSON with sorted keys and no clock, so an unchanged leaf gives identical bytes and the
@@ -139,6 +141,11 @@ class VirtualNode:
     network: NetworkCondition | None = None
     #: Every member's room, by name (the record's ``nodes``).
     leaves: tuple[LeafRoom, ...] = ()
+    #: The tree manager's kubelet server (:mod:`tree.kubelet`): the Node's InternalIP and
+    #: ``daemonEndpoints.kubeletEndpoint.Port``, where the root API server sends ``pods/log`` and
+    #: ``pods/exec``; "" and 0: not set.
+    address: str = ""
+    kubelet_port: int = 0
 
 
 def is_usable(node: Obj) -> bool:
@@ -204,8 +211,10 @@ def _agreed(members: list[Obj], key: str) -> str | None:
 
 def virtual_nodes(spec: TreeSpec, nodes: Iterable[Obj], pods: Iterable[Obj], *, root_id: str,
                   unreachable: str | None = None, kubelet_version: str = "",
-                  network: NetworkCondition | None = None) -> dict[str, VirtualNode]:
-    """The virtual nodes ``spec``'s Cluster should have, by name (see the module's steps)."""
+                  network: NetworkCondition | None = None, address: str = "",
+                  kubelet_port: int = 0) -> dict[str, VirtualNode]:
+    """The virtual nodes ``spec``'s Cluster should have, by name (see the module's steps);
+    ``address`` and ``kubelet_port``: where this manager's kubelet server listens (step 7)."""
     groups = _membership(spec, nodes)
     alloc_of: dict[str, Resource] = {}  # member leaf node with a readable allocatable -> it
     node_free: dict[str, Resource] = {}  # usable leaf node -> what pods not ours leave
@@ -266,6 +275,7 @@ def virtual_nodes(spec: TreeSpec, nodes: Iterable[Obj], pods: Iterable[Obj], *, 
         vn = _forge(spec, vname, model, members, usable_of[vname], format_resources(free[vname], names[vname]),
                     unreachable, kubelet_version)
         vn.network = network
+        vn.address, vn.kubelet_port = address, kubelet_port
         vn.leaves = tuple(_room(n, alloc_of, used) for n in members)
         out[vname] = vn
     return out

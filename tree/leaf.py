@@ -13,7 +13,9 @@ the reconciler's thread:
    unreachable once it has not answered for the threshold (``--leaf-unreachable-after``,
    default 40 s, from the last answer, or from this reconciler's start when it never answered).
    When it answers again its Nodes and Pods are listed afresh (new informers), so a watch stream
-   that died without a word is not waited out.
+   that died without a word is not waited out. With the informers, the leaf's Events about our
+   pods start being reflected to the root pods (:class:`tree.events.EventReflector`, restarted
+   with them).
 3. Reconcile, on every change of the leaf's Nodes or Pods, of our virtual nodes in the root, of
    the spec, of the fabric's reachability, and on every probe: forge the virtual nodes
    (:mod:`tree.forge`; ``NetworkUnavailable`` as :class:`tree.fabric_link.FabricLink` says),
@@ -45,6 +47,7 @@ import yaml
 from fabric.backoff import Backoff
 from scheduler.kube import Api, ApiError, Informer, connect_kubeconfig, resource_path
 from tree import forge
+from tree.events import EventReflector
 from tree.fabric_link import FabricLink
 from tree.metrics import TreeMetrics
 from tree.spec import KUBECONFIG_KEY, TreeSpec
@@ -77,6 +80,10 @@ class Options:
     resync_period: float = 30.0
     #: Seconds a root request may take.
     root_timeout: float = 30.0
+    #: The kubelet server (:mod:`tree.kubelet`) the virtual nodes advertise: InternalIP and
+    #: port ("" / 0: none).
+    kubelet_address: str = ""
+    kubelet_port: int = 0
 
 
 def _connect_leaf(doc: Obj) -> Api:
@@ -111,6 +118,8 @@ class LeafReconciler:
         self._thread: threading.Thread | None = None
         self._leaf: Api | None = None
         self._informers: list[Informer] = []
+        #: Leaf Events about our pods reflected to the root (:mod:`tree.events`), while connected.
+        self._events: EventReflector | None = None
         self._fingerprint = ""
         #: The Secret reference connected with, and the one last read (maybe unsuccessfully).
         self._secret_ref = ("", "")
@@ -160,6 +169,11 @@ class LeafReconciler:
         self._retired = True
         self.stop()
 
+    @property
+    def leaf(self) -> Api | None:
+        """The leaf's Api while connected (the kubelet server's and the syncers' way in)."""
+        return self._leaf
+
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
@@ -173,6 +187,7 @@ class LeafReconciler:
         try:
             self._loop()
         finally:
+            self._stop_events()
             for inf in self._informers:
                 inf.stop()
             if self._retired and self.link is not None:
@@ -250,6 +265,7 @@ class LeafReconciler:
         _log.info("Cluster %s: connected to the leaf at %s", self.spec.cluster, leaf.host)
 
     def _disconnect(self) -> None:
+        self._stop_events()
         for inf in self._informers:
             inf.stop()
         self._informers, self._leaf, self._fingerprint = [], None, ""
@@ -264,6 +280,15 @@ class LeafReconciler:
         for inf in self._informers:
             inf.add_handler(lambda _t, _o, _n: self._wake.set())
             inf.start()
+        self._stop_events()
+        self._events = EventReflector(self.root, self._leaf, self.options.root_id, self.spec.cluster,
+                                      timeout=self.options.root_timeout, metrics=self.metrics)
+        self._events.start()
+
+    def _stop_events(self) -> None:
+        if self._events is not None:
+            self._events.stop()
+            self._events = None
 
     def _probe(self) -> None:
         if self._leaf is None:
@@ -323,7 +348,8 @@ class LeafReconciler:
         desired = forge.virtual_nodes(spec, nodes_inf.store.copy().values(), pods_inf.store.copy().values(),
                                       root_id=self.options.root_id, unreachable=unreachable,
                                       kubelet_version=self._version,
-                                      network=self.link.network(spec.cluster) if self.link is not None else None)
+                                      network=self.link.network(spec.cluster) if self.link is not None else None,
+                                      address=self.options.kubelet_address, kubelet_port=self.options.kubelet_port)
         written: list[Obj] = []
         errors: list[str] = []
         conflicts: set[str] = set()

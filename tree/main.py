@@ -4,7 +4,9 @@ In order: parse flags (``kosmos-scheduler``'s names for the shared ones, the age
 ``--reflector``), connect to the root cluster's API server, resolve this root's id
 (``--root-id``, default the UID of the root's ``kube-system`` namespace: stable across
 restarts, distinct per cluster), set up the link to the reflector when one is named (records
-published as ``tree/<root id>``; ``NetworkUnavailable`` only with ``--fabric-cluster``), serve ``/metrics``,
+published as ``tree/<root id>``; ``NetworkUnavailable`` only with ``--fabric-cluster``), bind the
+virtual nodes' kubelet server (:mod:`tree.kubelet`; its port goes on the virtual nodes, so it is
+bound before the first pass, and serves once the manager exists), serve ``/metrics``,
 ``/healthz`` and ``/readyz``, start (informers, then leader election or the passes), and run until
 SIGTERM/SIGINT (clean stop, the Lease released) or until the Lease is lost (exit 1).
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import ssl
 import sys
 import threading
 from collections.abc import Sequence
@@ -23,6 +26,7 @@ from fabric.cli_types import boolean, grpc_target, positive_seconds
 from scheduler.kube import Api, connect, resource_path
 from tree import forge
 from tree.fabric_link import FabricLink
+from tree.kubelet import KubeletServer, PodResolver
 from tree.leaf import Options
 from tree.manager import TreeManager
 
@@ -50,7 +54,8 @@ a leaf Cluster:
       - leafNodeName: gpu          # virtual node kosmos-leaf1-gpu
         nodeSelector: {labelSelector: {matchLabels: {pool: gpu}}}
 
-endpoints: /metrics (fabric_tree_*), /healthz, /readyz on --listen.
+endpoints: /metrics (fabric_tree_*), /healthz, /readyz on --listen; the virtual nodes' kubelet
+(/containerLogs, /exec, /healthz: kubectl logs/exec reach the leaf pods) on --kubelet-address:--kubelet-port.
 """
 
 
@@ -90,6 +95,19 @@ def parser() -> argparse.ArgumentParser:
                         "whether the fabric reaches its leaf from there (needs --reflector)")
     p.add_argument("--fabric-status-period", type=positive_seconds, default=10.0,
                    help="seconds between reads of the reflector's status besides topology changes (default 10)")
+    p.add_argument("--kubelet-address", default="127.0.0.1",
+                   help="IP the virtual nodes' kubelet server listens on and the virtual nodes advertise as their "
+                        "InternalIP: where the root API server sends kubectl logs/exec (in a pod: its pod IP; "
+                        "default 127.0.0.1, the lab's API servers dial kubelets there)")
+    p.add_argument("--kubelet-port", type=int, default=10250,
+                   help="port of the kubelet server, advertised as daemonEndpoints.kubeletEndpoint.Port "
+                        "(default 10250; 0: no kubelet server, no endpoint on the virtual nodes)")
+    p.add_argument("--kubelet-cert", metavar="FILE", help="serving certificate of the kubelet server (PEM); with "
+                   "--kubelet-key it serves HTTPS, which a real kube-apiserver requires; without, plain HTTP")
+    p.add_argument("--kubelet-key", metavar="FILE", help="private key of --kubelet-cert")
+    p.add_argument("--kubelet-client-ca", metavar="FILE",
+                   help="CA that signs the root API server's kubelet client certificate: clients must present one "
+                        "(as virtual-kubelet's --client-verify-ca); absent: clients are not authenticated")
     p.add_argument("--listen", default="127.0.0.1:10269", help="HOST:PORT for /metrics, /healthz and /readyz")
     p.add_argument("--log-level", default="info", help="debug, info, warning or error")
     return p
@@ -119,6 +137,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("kosmos-tree: --fabric-cluster needs --reflector (the fabric's reachability comes from it)",
               file=sys.stderr)
         return 2
+    if bool(args.kubelet_cert) != bool(args.kubelet_key) or (args.kubelet_client_ca and not args.kubelet_cert):
+        print("kosmos-tree: --kubelet-cert and --kubelet-key go together, and --kubelet-client-ca needs them",
+              file=sys.stderr)
+        return 2
     try:
         api = connect(args.master, args.kubeconfig, args.context)
         api.user_agent = "kosmos-tree"
@@ -126,9 +148,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # a bad kubeconfig or an unreachable root: say so, no traceback
         print(f"kosmos-tree: connecting to the root cluster: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+    resolver: list[PodResolver] = []  # set once the manager exists; the server starts before it
+    kubelet_server = None
+    if args.kubelet_port:
+        try:
+            kubelet_server = KubeletServer(lambda ns, name: resolver[0](ns, name), args.kubelet_address,
+                                           args.kubelet_port, cert_file=args.kubelet_cert, key_file=args.kubelet_key,
+                                           client_ca=args.kubelet_client_ca, timeout=args.leaf_timeout)
+        except (OSError, ValueError, ssl.SSLError) as e:
+            print(f"kosmos-tree: the kubelet server on {args.kubelet_address}:{args.kubelet_port}: {e}",
+                  file=sys.stderr)
+            return 1
     options = Options(root_id=rid, leaf_timeout=args.leaf_timeout, unreachable_after=args.leaf_unreachable_after,
                       lease_period=args.node_lease_period, status_period=args.node_status_period,
-                      resync_period=args.resync_period)
+                      resync_period=args.resync_period,
+                      kubelet_address=args.kubelet_address if kubelet_server else "",
+                      kubelet_port=kubelet_server.port if kubelet_server else 0)
     link = None
     if args.reflector:
         link = FabricLink(args.reflector, rid, args.fabric_cluster, poll_period=args.fabric_status_period,
@@ -143,6 +178,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                       lease_namespace=args.leader_elect_resource_namespace, lease_name=args.leader_elect_resource_name,
                       lease_duration=args.leader_elect_lease_duration,
                       renew_deadline=args.leader_elect_renew_deadline, retry_period=args.leader_elect_retry_period)
+    resolver.append(PodResolver(api, rid, mgr.nodes, mgr.leaf_api, timeout=args.leaf_timeout))
+    if kubelet_server is not None:
+        kubelet_server.count = lambda kind, code: mgr.metrics.kubelet_requests.labels(kind, str(code)).inc()
+        kubelet_server.start()
+        _log.info("virtual nodes' kubelet server (kubectl logs/exec) on %s%s", kubelet_server.url,
+                  "" if kubelet_server.tls else " (plain HTTP: a real kube-apiserver needs --kubelet-cert/-key)")
     try:
         server = health.serve(args.listen, mgr.healthy, mgr.ready, registry=mgr.metrics.registry)
     except (OSError, ValueError) as e:
@@ -162,9 +203,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             _log.error("leaderelection lost")
             mgr.stop(release=False)
             server.shutdown()
+            if kubelet_server is not None:
+                kubelet_server.stop()
             return 1
     mgr.stop()
     server.shutdown()
+    if kubelet_server is not None:
+        kubelet_server.stop()
     return 0
 
 

@@ -143,6 +143,12 @@ class TreeManager:
             return False, f"informers not synced: {', '.join(unsynced)}"
         return ok, why
 
+    def leaf_api(self, cluster: str, uid: str) -> Api | None:
+        """The connected leaf of Cluster ``cluster`` with UID ``uid`` (a virtual node's owner),
+        None when this replica has no reconciler for it or it is not connected."""
+        rec = self.reconcilers.get(cluster)
+        return rec.leaf if rec is not None and rec.key == (cluster, uid) else None
+
     def _lead(self) -> None:
         self.metrics.leader.set(1)
         if self.link is not None:

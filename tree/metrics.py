@@ -49,6 +49,13 @@ class TreeMetrics:
         self.dependency_errors = prometheus_client.Counter(
             "fabric_tree_dependency_errors", "Dependencies that could not be synced, by kind and reason (missing, "
             "refused, or the API status reason of a failed request).", ["cluster", "kind", "reason"], registry=r)
+        self.kubelet_requests = prometheus_client.Counter(
+            "fabric_tree_kubelet_requests", "Requests the virtual nodes' kubelet server answered, by kind "
+            "(containerLogs, exec, healthz, other) and HTTP code (101: an exec session relayed).",
+            ["kind", "code"], registry=r)
+        self.events_reflected = prometheus_client.Counter(
+            "fabric_tree_events_reflected", "Leaf Events about our pods written to the root, by result (created, "
+            "updated, failed).", ["cluster", "result"], registry=r)
         self.leader = prometheus_client.Gauge(
             "fabric_tree_leader", "1 while this replica holds the lease (or runs without election).", registry=r)
 

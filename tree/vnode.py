@@ -17,7 +17,8 @@ node (:meth:`RootWriter.ensure`):
 1. absent: create it (metadata, taints, status), then write the status again when the server
    dropped it on create (upstream keeps a Node's status on create; some servers do not);
 2. metadata or taints differ: one merge patch of the Node;
-3. status differs (capacity, allocatable, conditions, nodeInfo), or its heartbeat is older than
+3. status differs (capacity, allocatable, conditions, nodeInfo, the kubelet endpoint and
+   InternalIP when the manager serves one), or its heartbeat is older than
    the status period: one merge patch of ``nodes/status``. A condition keeps its
    ``lastTransitionTime`` while its status does not change. ``NetworkUnavailable`` is written
    only when the fabric is asked (``vn.network``), as a CNI plugin writes it; the conditions
@@ -173,7 +174,22 @@ def _same_status(vn: VirtualNode, status: Obj) -> bool:
     elif vn.network.known and conds.get(NETWORK_UNAVAILABLE) != (vn.network.status, vn.network.reason,
                                                                   vn.network.message):
         return False
+    if vn.kubelet_port and _kubelet_port(status) != vn.kubelet_port:
+        return False
+    if vn.address and status.get("addresses") != _addresses(vn):
+        return False
     return all((conds.get(p) or ("",))[0] == "False" for p in _PRESSURES)
+
+
+def _kubelet_port(status: Obj) -> int | None:
+    port = ((status.get("daemonEndpoints") or {}).get("kubeletEndpoint") or {}).get("Port")
+    return int(port) if isinstance(port, int | str) and str(port).isdigit() else None
+
+
+def _addresses(vn: VirtualNode) -> list[Obj]:
+    """The Node's addresses: the tree manager's kubelet server, where the root API server dials
+    the virtual node's kubelet (a real kube-apiserver takes the InternalIP first)."""
+    return [{"type": "InternalIP", "address": vn.address}]
 
 
 def _heartbeat_age(status: Obj, clock: Callable[[], datetime.datetime]) -> float:
@@ -193,8 +209,13 @@ def status_body(vn: VirtualNode, current: Obj | None, now: str) -> Obj:
     cur = (current or {}).get("status") or {}
     res: dict[str, Any] = dict(vn.resources)
     gone = {k: None for part in ("capacity", "allocatable") for k in (cur.get(part) or {}) if k not in res}
-    return {"capacity": {**gone, **res}, "allocatable": {**gone, **res}, "conditions": conditions(vn, current, now),
-            "nodeInfo": dict(vn.node_info)}
+    body: Obj = {"capacity": {**gone, **res}, "allocatable": {**gone, **res},
+                 "conditions": conditions(vn, current, now), "nodeInfo": dict(vn.node_info)}
+    if vn.kubelet_port:
+        body["daemonEndpoints"] = {"kubeletEndpoint": {"Port": vn.kubelet_port}}
+    if vn.address:
+        body["addresses"] = _addresses(vn)
+    return body
 
 
 class RootWriter:

@@ -8,8 +8,6 @@ the fixtures and stopped at the end of the session.
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 import urllib.error
 import urllib.request
 import uuid
@@ -21,6 +19,7 @@ import pytest
 
 from kubeemu.lab import write_kubeconfig
 from kubeemu.runner import ServerThread
+from tests.kubelet_doubles import KUBECTL, Kubectl
 
 kubernetes = pytest.importorskip("kubernetes")
 from kubernetes import client  # noqa: E402
@@ -96,29 +95,6 @@ class Raw:
 @pytest.fixture
 def raw(emu: ServerThread) -> Raw:
     return Raw(emu.url)
-
-
-KUBECTL = shutil.which("kubectl")
-
-
-class Kubectl:
-    """The real kubectl against the session's emulated cluster, with a kubeconfig and a
-    discovery cache of the test's own (so a CRD one test makes never hides behind another
-    test's cached discovery, and nothing is written under ``~/.kube``)."""
-
-    def __init__(self, kubectl: str, kubeconfig: Path, cache_dir: Path) -> None:
-        self.kubectl, self.kubeconfig, self.cache_dir = kubectl, kubeconfig, cache_dir
-
-    def argv(self, *args: str) -> list[str]:
-        """The command line, for a test that runs kubectl itself (``logs -f``, a killed exec)."""
-        return [self.kubectl, "--kubeconfig", str(self.kubeconfig), "--cache-dir", str(self.cache_dir), *args]
-
-    def __call__(self, *args: str, stdin: str | None = None, ok: bool = True) -> subprocess.CompletedProcess[str]:
-        """Run it (``stdin`` fed in); with ``ok`` a non-zero exit fails the test with kubectl's stderr."""
-        p = subprocess.run(self.argv(*args), input=stdin, capture_output=True, text=True, timeout=60)
-        if ok:
-            assert p.returncode == 0, f"kubectl {' '.join(args)}: {p.stderr}"
-        return p
 
 
 @pytest.fixture

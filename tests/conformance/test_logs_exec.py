@@ -9,7 +9,6 @@ host (``sh -c ...``), so that every byte kubectl prints is checked against what 
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -17,70 +16,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 
-from kubeemu.kubeletapi import make_app
 from kubeemu.runner import ServerThread
+from tests.kubelet_doubles import FakeAccess, serve_kubelet, stop_kubelet
 from tests.waiting import wait_until
-
-
-class FakeAccess:
-    """ContainerAccess over files in a temp dir; state per (ns, pod, container)."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.state: dict[tuple[str, str, str], str] = {}  # running | waiting | exited
-        self.attempt: dict[tuple[str, str, str], int] = {}
-
-    def path(self, ns: str, pod: str, container: str, attempt: int) -> Path:
-        d = self.root / f"{ns}_{pod}" / container
-        d.mkdir(parents=True, exist_ok=True)
-        return d / f"{attempt}.log"
-
-    def write(self, ns: str, pod: str, container: str, *lines: str, attempt: int | None = None) -> None:
-        """Append CRI lines: ``"stdout F text"`` (the timestamp is added, increasing)."""
-        n = self.attempt.get((ns, pod, container), 0) if attempt is None else attempt
-        with self.path(ns, pod, container, n).open("a") as f:
-            for i, line in enumerate(lines):
-                f.write(f"2024-01-02T03:04:{5 + i:02d}.120000000Z {line}\n")
-
-    def log_path(self, namespace: str, pod: str, container: str, previous: bool) -> Path:
-        key = (namespace, pod, container)
-        if key not in self.state:
-            raise LookupError(f'container "{container}" in pod "{pod}" is not available')
-        if self.state[key] == "waiting":
-            raise LookupError(f'container "{container}" in pod "{pod}" is waiting to start: ContainerCreating')
-        attempt = self.attempt.get(key, 0)
-        if previous:
-            if attempt == 0:
-                raise LookupError(f'previous terminated container "{container}" in pod "{pod}" not found')
-            attempt -= 1
-        return self.path(namespace, pod, container, attempt)
-
-    def exec_argv(self, namespace: str, pod: str, container: str, command: list[str]) -> list[str]:
-        if self.state.get((namespace, pod, container)) != "running":
-            raise LookupError(f'container not found ("{container}")')
-        return list(command)
-
-    def is_running(self, namespace: str, pod: str, container: str) -> bool:
-        return self.state.get((namespace, pod, container)) == "running"
 
 
 @pytest.fixture(scope="module")
 def kubelet(emu: ServerThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FakeAccess, int]]:
     """A kubelet app on the emulator's loop (ephemeral port) and a Node that points at it."""
     access = FakeAccess(tmp_path_factory.mktemp("kubelet"))
-    runner = web.AppRunner(make_app(access, poll_interval=0.05))
-
-    async def start() -> int:
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        return int(runner.addresses[0][1])
-
-    port = asyncio.run_coroutine_threadsafe(start(), emu.loop).result(10)
+    port, runner = serve_kubelet(access, emu.loop)
     yield access, port
-    asyncio.run_coroutine_threadsafe(runner.cleanup(), emu.loop).result(10)
+    stop_kubelet(runner, emu.loop)
 
 
 @pytest.fixture

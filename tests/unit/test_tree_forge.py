@@ -265,3 +265,20 @@ def test_the_node_status_carries_network_unavailable_only_when_the_fabric_is_ask
     assert vnode._same_status(not_asked, status)
     status["conditions"].append(old)
     assert not vnode._same_status(not_asked, status)  # one left from before is written away
+
+
+def test_the_node_advertises_the_managers_kubelet_server_when_it_serves_one() -> None:
+    spec = read(cluster())
+    served = forged(spec, [node("a")], address="10.1.2.3", kubelet_port=10443)["kosmos-c1"]
+    status = vnode.status_body(served, None, "2026-02-02T00:00:00Z")
+    assert status["daemonEndpoints"] == {"kubeletEndpoint": {"Port": 10443}}
+    assert status["addresses"] == [{"type": "InternalIP", "address": "10.1.2.3"}]
+    assert vnode._same_status(served, status)
+    assert not vnode._same_status(served, {**status, "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}}})
+    assert not vnode._same_status(served, {**status, "addresses": [{"type": "InternalIP", "address": "10.9.9.9"}]})
+    assert not vnode._same_status(served, {k: v for k, v in status.items() if k != "daemonEndpoints"})
+    # without a kubelet server the Node's endpoint and addresses are not ours: neither written nor compared
+    bare = forged(spec, [node("a")])["kosmos-c1"]
+    body = vnode.status_body(bare, None, "2026-02-02T00:00:00Z")
+    assert "daemonEndpoints" not in body and "addresses" not in body
+    assert vnode._same_status(bare, {**body, "addresses": [{"type": "InternalIP", "address": "10.9.9.9"}]})

@@ -1,0 +1,343 @@
+"""Leaf Events about our pods, reflected to the root as Events on the root pods.
+
+``kubectl describe pod`` in the root should tell why a pod does not start (image pulls, probes,
+OOM kills, the leaf scheduler's FailedScheduling): those Events are written in the leaf, about
+the leaf copy. One :class:`EventReflector` per connected leaf (its reconciler owns it) keeps, in
+order:
+
+1. two informers on the leaf: our pods (label :data:`tree.identity.ROOT_LABEL` = this root's id)
+   and Events about pods (``fieldSelector=involvedObject.kind=Pod``);
+2. a queue of leaf Events to look at, filled by both (an Event about a pod not listed yet waits
+   for the pod: its arrival queues the Events about it);
+3. per Event, a worker thread: the leaf pod it is about must be ours (same UID when the Event names
+   one); the root pod is the one whose UID the leaf pod's :data:`tree.identity.ROOT_UID_LABEL`
+   carries, read from the root by the name in :data:`tree.identity.ROOT_NAME_ANNOTATION` and
+   checked by that UID (a root pod recreated under the same name gets none of its predecessor's
+   Events); :func:`root_event` forges the root Event (a pure function), and the root is written
+   only when it differs from what the root has:
+
+   - its name is ``<root pod name>.<hash of the root id and the leaf Event's UID>``, so a
+     restarted manager finds what it wrote (GET by name; nothing is kept only in memory: the
+     in-memory cache of what was written only spares requests) and two roots sharing a leaf
+     write distinct Events;
+   - ``involvedObject`` is the root pod (namespace, name, UID; ``fieldPath`` kept); ``source``
+     and ``reportingComponent`` say ``kosmos-tree/<cluster>``, ``source.host`` and
+     ``reportingInstance`` the leaf's; reason, message, type as the leaf says;
+   - count, firstTimestamp, lastTimestamp follow the leaf's aggregation (a new-style leaf Event,
+     ``eventTime`` and ``series``, becomes an old-style one: count = series.count or 1, first =
+     eventTime, last = series.lastObservedTime or eventTime), so the root's validation never
+     asks for the new style's reportingController/action; a later count or message is one
+     merge patch of the root Event.
+
+A failed write is retried with back-off (per Event); the first failure of a streak is logged, the
+rest counted (``fabric_tree_events_reflected{result="failed"}``). Leaf Events deleted (their TTL)
+are left in the root: the root's own TTL takes them. Nothing here deletes anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from scheduler.kube import MERGE_PATCH, Api, ApiError, Informer, object_key, resource_path
+from tree import identity
+from tree.metrics import TreeMetrics
+
+_log = logging.getLogger(__name__)
+
+Obj = dict[str, Any]
+
+#: The root Event's annotations: the leaf Event it reflects (informative) and its UID.
+LEAF_EVENT_ANNOTATION = "kosmos.io/leaf-event"
+LEAF_EVENT_UID_ANNOTATION = "kosmos.io/leaf-event-uid"
+CLUSTER_LABEL = "kosmos.io/cluster"
+#: Fields of a root Event that follow the leaf's after it was created.
+_UPDATED = ("count", "firstTimestamp", "lastTimestamp", "message", "type", "reason")
+_MAX_NAME = 253
+_HASH_LEN = 16
+
+
+def event_name(root_pod_name: str, root_id: str, leaf_event_uid: str) -> str:
+    """The root Event reflecting the leaf Event ``leaf_event_uid`` (stable across restarts)."""
+    tail = "." + hashlib.sha256(f"{root_id}/{leaf_event_uid}".encode()).hexdigest()[:_HASH_LEN]
+    return root_pod_name[: _MAX_NAME - len(tail)].rstrip(".-") + tail
+
+
+def _seconds(ts: str | None) -> str | None:
+    """An RFC 3339 time (maybe with a fraction, a MicroTime) as a whole-second metav1.Time."""
+    if not ts:
+        return None
+    base = ts.split(".", 1)[0].rstrip("Z")
+    return base + "Z" if len(base) == 19 else ts
+
+
+def root_event(leaf_event: Obj, root_pod: Obj, cluster: str, root_id: str) -> Obj:
+    """The root Event reflecting ``leaf_event`` onto ``root_pod`` (see the module's step 3)."""
+    meta = leaf_event.get("metadata") or {}
+    rmeta = root_pod.get("metadata") or {}
+    io = leaf_event.get("involvedObject") or {}
+    series = leaf_event.get("series") or {}
+    count = int(leaf_event.get("count") or series.get("count") or 1)
+    first = _seconds(leaf_event.get("firstTimestamp")) or _seconds(leaf_event.get("eventTime")) or \
+        _seconds(meta.get("creationTimestamp"))
+    last = _seconds(leaf_event.get("lastTimestamp")) or _seconds(series.get("lastObservedTime")) or first
+    source = leaf_event.get("source") or {}
+    host = str(source.get("host") or leaf_event.get("reportingInstance") or "")
+    component = f"kosmos-tree/{cluster}"
+    involved: Obj = {"kind": "Pod", "apiVersion": "v1", "namespace": rmeta.get("namespace"),
+                     "name": rmeta.get("name"), "uid": rmeta.get("uid")}
+    if io.get("fieldPath"):
+        involved["fieldPath"] = io["fieldPath"]
+    ev: Obj = {
+        "apiVersion": "v1", "kind": "Event",
+        "metadata": {
+            "name": event_name(str(rmeta.get("name")), root_id, str(meta.get("uid"))),
+            "namespace": rmeta.get("namespace"),
+            "labels": {identity.MANAGED_BY_LABEL: identity.MANAGED_BY, CLUSTER_LABEL: cluster},
+            "annotations": {LEAF_EVENT_ANNOTATION: f"{meta.get('namespace')}/{meta.get('name')}",
+                            LEAF_EVENT_UID_ANNOTATION: str(meta.get("uid"))},
+        },
+        "involvedObject": involved,
+        "reason": leaf_event.get("reason") or "",
+        "message": leaf_event.get("message") or leaf_event.get("note") or "",
+        "type": leaf_event.get("type") or "Normal",
+        "count": count,
+        "firstTimestamp": first,
+        "lastTimestamp": last,
+        "source": {"component": component, **({"host": host} if host else {})},
+        "reportingComponent": component,
+        "reportingInstance": host,
+    }
+    return ev
+
+
+def _differs(want: Obj, have: Obj) -> Obj:
+    """The fields of ``want`` that follow the leaf and differ in ``have`` (a merge patch body)."""
+    return {k: want[k] for k in _UPDATED if want.get(k) is not None and have.get(k) != want[k]}
+
+
+class EventReflector:
+    """One leaf's Events about this root's pods, written to the root (see the module)."""
+
+    #: Seconds between retries of a failed Event: doubled per failure, capped.
+    RETRY_INITIAL, RETRY_MAX = 0.5, 30.0
+    #: Root pods remembered (by root UID) before the cache is dropped and rebuilt.
+    CACHE_MAX = 20_000
+
+    def __init__(self, root: Api, leaf: Api, root_id: str, cluster: str, *, timeout: float = 10.0,
+                 metrics: TreeMetrics | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.root = root
+        self.leaf = leaf
+        self.root_id = root_id
+        self.cluster = cluster
+        self.timeout = timeout
+        self.metrics = metrics
+        self.clock = clock
+        self.pods = Informer(leaf, "v1", "pods", label_selector=f"{identity.ROOT_LABEL}={root_id}")
+        self.events = Informer(leaf, "v1", "events", field_selector="involvedObject.kind=Pod")
+        self.pods.add_handler(self._on_pod)
+        self.events.add_handler(self._on_event)
+        self._cond = threading.Condition()
+        #: Leaf Event key -> when it is due.
+        self._due: dict[str, float] = {}
+        self._failures: dict[str, int] = {}
+        #: (namespace, leaf pod name) -> keys of the leaf Events about it.
+        self._about: dict[tuple[str, str], set[str]] = {}
+        #: Root UID -> the root pod (metadata only) it was checked to be.
+        self._root_pods: dict[str, Obj] = {}
+        #: Root Event name -> the fields last written or read (spares a GET; rebuilt by GETs).
+        self._written: dict[str, Obj] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        #: The worker is handling Events taken off the queue.
+        self._busy = False
+        #: Root writes done (created + patched): progress for tests, not state.
+        self.writes = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self.pods.start()
+        self.events.start()
+        self._thread = threading.Thread(target=self._run, name=f"tree-events-{self.cluster}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.pods.stop()
+        self.events.stop()
+        with self._cond:
+            self._cond.notify_all()
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def idle(self) -> bool:
+        """Synced and nothing queued (for tests: every Event seen was handled)."""
+        with self._cond:
+            return self.pods.synced.is_set() and self.events.synced.is_set() and not self._due and not self._busy
+
+    # ------------------------------------------------------------------ informer handlers
+
+    def _queue(self, keys: set[str] | list[str], delay: float = 0.0) -> None:
+        due = self.clock() + delay
+        with self._cond:
+            for k in keys:
+                self._due[k] = min(self._due.get(k, due), due) if delay == 0.0 else due
+            self._cond.notify_all()
+
+    def _on_event(self, etype: str, old: Obj | None, new: Obj | None) -> None:
+        ev = new or old or {}
+        key = object_key(ev)
+        io = ev.get("involvedObject") or {}
+        about = (str(io.get("namespace") or ""), str(io.get("name") or ""))
+        with self._cond:
+            if etype == "DELETED":
+                self._about.get(about, set()).discard(key)
+                if not self._about.get(about):
+                    self._about.pop(about, None)
+                return
+            self._about.setdefault(about, set()).add(key)
+        self._queue([key])
+
+    def _on_pod(self, etype: str, old: Obj | None, new: Obj | None) -> None:
+        if etype == "DELETED" or new is None:
+            return
+        if old is not None and (old.get("metadata") or {}).get("uid") == new["metadata"].get("uid"):
+            return  # Events about it were looked at when it was first seen
+        about = (str(new["metadata"].get("namespace") or ""), str(new["metadata"].get("name") or ""))
+        with self._cond:
+            keys = set(self._about.get(about, ()))
+        if keys:
+            self._queue(keys)
+
+    # ------------------------------------------------------------------ the worker
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with self._cond:
+                now = self.clock()
+                ready = [k for k, t in self._due.items() if t <= now]
+                if not ready:
+                    wait = min(self._due.values(), default=now + 1.0) - now
+                    self._cond.wait(max(0.01, min(wait, 1.0)))
+                    continue
+                for k in ready:
+                    del self._due[k]
+                self._busy = True
+            try:
+                for key in ready:
+                    if self._stop.is_set():
+                        return
+                    self._handle(key)
+            finally:
+                with self._cond:
+                    self._busy = False
+
+    def _handle(self, key: str) -> None:
+        try:
+            self.reflect(key)
+        except Exception as e:
+            n = self._failures.get(key, 0) + 1
+            self._failures[key] = n
+            if self.metrics is not None:
+                self.metrics.events_reflected.labels(self.cluster, "failed").inc()
+            delay = min(self.RETRY_MAX, self.RETRY_INITIAL * 2 ** (n - 1))
+            _log.log(logging.WARNING if n == 1 else logging.DEBUG,
+                     "Cluster %s: reflecting leaf Event %s to the root failed (%s: %s); retrying in %.1f s",
+                     self.cluster, key, type(e).__name__, e, delay)
+            self._queue([key], delay)
+        else:
+            self._failures.pop(key, None)
+
+    def reflect(self, key: str) -> None:
+        """Write the root Event of leaf Event ``key`` when the root's differs (module, step 3)."""
+        ev = self.events.store.get(key)
+        if ev is None:
+            return
+        io = ev.get("involvedObject") or {}
+        if io.get("kind") != "Pod":
+            return
+        pod = self.pods.store.get(f"{io.get('namespace')}/{io.get('name')}")
+        if pod is None or (io.get("uid") and pod["metadata"].get("uid") != io.get("uid")):
+            return  # not ours, or an older pod of that name; a pod listed later queues the Event again
+        who = identity.root_of(pod)
+        if who is None or who[0] != self.root_id:
+            return
+        root_pod = self._root_pod(pod, who[1])
+        if root_pod is None:
+            return
+        want = root_event(ev, root_pod, self.cluster, self.root_id)
+        name, ns = want["metadata"]["name"], want["metadata"]["namespace"]
+        have = self._written.get(name)
+        if have is None:
+            have = self._get(ns, name)
+            if have is None:
+                try:
+                    have = self.root.request("POST", resource_path("v1", "events", ns), want, timeout=self.timeout)
+                    self._count("created")
+                except ApiError as e:
+                    if e.status != 409:
+                        raise
+                    have = self._get(ns, name)
+                    if have is None:
+                        raise
+        assert have is not None
+        patch = _differs(want, have)
+        if patch:
+            try:
+                have = self.root.request("PATCH", resource_path("v1", "events", ns, name), patch,
+                                         ctype=MERGE_PATCH, timeout=self.timeout)
+            except ApiError as e:
+                if e.status == 404:  # deleted meanwhile: the retry creates it again
+                    self._written.pop(name, None)
+                raise
+            self._count("updated")
+        self._written[name] = {k: (have or {}).get(k) for k in _UPDATED}
+        if len(self._written) > self.CACHE_MAX:
+            self._written.clear()
+
+    def _count(self, result: str) -> None:
+        self.writes += 1
+        if self.metrics is not None:
+            self.metrics.events_reflected.labels(self.cluster, result).inc()
+
+    def _get(self, ns: str, name: str) -> Obj | None:
+        try:
+            got: Obj = self.root.request("GET", resource_path("v1", "events", ns, name), timeout=self.timeout)
+            return got
+        except ApiError as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def _root_pod(self, leaf_pod: Obj, root_uid: str) -> Obj | None:
+        """The root pod with UID ``root_uid`` (by the name the leaf pod's annotation gives,
+        checked by UID), None when it is gone or another pod holds that name now."""
+        known = self._root_pods.get(root_uid)
+        if known is not None:
+            return known
+        ref = str(((leaf_pod["metadata"].get("annotations") or {}).get(identity.ROOT_NAME_ANNOTATION)) or "")
+        ns, _, name = ref.partition("/")
+        if not name:
+            ns, name = str(leaf_pod["metadata"].get("namespace")), ref
+        if not name:
+            return None
+        try:
+            pod = self.root.request("GET", resource_path("v1", "pods", ns, name), timeout=self.timeout)
+        except ApiError as e:
+            if e.status == 404:
+                return None
+            raise
+        if str(pod["metadata"].get("uid")) != root_uid:
+            return None
+        if len(self._root_pods) > self.CACHE_MAX:
+            self._root_pods.clear()
+        meta = {"namespace": pod["metadata"].get("namespace"), "name": pod["metadata"].get("name"), "uid": root_uid}
+        self._root_pods[root_uid] = {"metadata": meta}
+        return self._root_pods[root_uid]
