@@ -69,8 +69,8 @@ def test_the_leaf_kubeconfig_is_its_context_alone_with_files_inlined(tmp_path: P
     path.write_text(yaml.safe_dump(kc))
     out = install.leaf_kubeconfig(install.Target(str(path), None))
     assert out["current-context"] == "a" and [c["name"] for c in out["contexts"]] == ["a"]
-    assert out["clusters"] == [{"name": "a", "cluster": {"server": "https://a:6443",
-                                                         "certificate-authority-data": base64.b64encode(b"CA").decode()}}]
+    ca = base64.b64encode(b"CA").decode()
+    assert out["clusters"] == [{"name": "a", "cluster": {"server": "https://a:6443", "certificate-authority-data": ca}}]
     assert out["users"] == [{"name": "a", "user": {"token": "secret-token"}}]
     with pytest.raises(install.InstallUsageError, match="no context 'c'"):
         install.leaf_kubeconfig(install.Target(str(path), "c"))
@@ -84,8 +84,9 @@ def env(tmp_path: Path) -> Iterator[tuple[TreeEnv, Path]]:
     with tree_env() as e:
         e.leaf("leaf")
         e.add_node("leaf", "n1", cpu="3")
-        e.root.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
-                                             "metadata": {"name": "kube-system"}}) if not _has_ns(e.root) else None
+        if not _has_ns(e.root):
+            e.root.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
+                                                 "metadata": {"name": "kube-system"}})
         kc = {"apiVersion": "v1", "kind": "Config", "current-context": "root",
               "clusters": [{"name": n, "cluster": {"server": u}} for n, u in
                            (("root", e.root.host), ("leaf", e.leaf("leaf").host))],
@@ -122,8 +123,8 @@ def _seed_leaf(leaf: Api, rid: str) -> None:
         leaf.create(resource_path("v1", "persistentvolumeclaims", ns),
                     {"metadata": meta, "spec": {"accessModes": ["ReadWriteOnce"],
                                                 "resources": {"requests": {"storage": "1Gi"}}}})
-    leaf.create(resource_path("v1", "configmaps", "apps"),
-                {"metadata": {"name": "theirs", "labels": {"kosmos.io/root-cluster": "other", "kosmos.io/root-uid": "x"}}})
+    theirs = {"kosmos.io/root-cluster": "other", "kosmos.io/root-uid": "x"}
+    leaf.create(resource_path("v1", "configmaps", "apps"), {"metadata": {"name": "theirs", "labels": theirs}})
 
 
 def _left(leaf: Api) -> set[str]:

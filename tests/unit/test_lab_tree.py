@@ -157,3 +157,35 @@ def test_the_supervisor_restarts_a_dead_process_with_backoff(tmp_path: Path, mon
     save_state(st)
     now[0] = 1000.0
     assert sup.round() == []
+
+
+def test_up_restarts_a_running_scheduler_whose_command_line_changed(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from tools.lab import schedulers
+    from tools.lab import state as labstate
+    from tools.lab.procs import ROOT_NETNS, start_process
+
+    monkeypatch.setattr(labstate, "LAB_ROOT", tmp_path / "labs")
+    st = _plan(tmp_path)
+    c = st.clusters[0]
+    c.api_url = "http://127.0.0.1:1"
+    sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
+
+    def start(state: LabState, cluster: object) -> labstate.ProcRecord:
+        return start_process(ROOT_NETNS, [*sleep, cluster.api_url], state.state_dir / "s.log")  # type: ignore[attr-defined]
+
+    monkeypatch.setitem(schedulers.STARTERS, "kosmos", start)
+    monkeypatch.setitem(schedulers.ARGVS, start, lambda cl: [*sleep, cl.api_url or ""])
+    first = schedulers.start_scheduler(st, c)
+    try:
+        assert first is not None and schedulers.start_scheduler(st, c) is first  # same command line: kept
+        c.api_url = "http://127.0.0.1:2"  # a new API server
+        second = schedulers.start_scheduler(st, c)
+        assert second is not None and second.pid != first.pid and not first.running()
+        assert second.argv[-1] == "http://127.0.0.1:2"
+    finally:
+        from tools import nsutil
+
+        nsutil.terminate([(r.pid, r.start) for r in (c.scheduler_proc, first) if r is not None and r.running()])

@@ -93,9 +93,10 @@ def start_kosmos(state: LabState, cluster: ClusterRecord) -> ProcRecord:
 #: Built schedulers: name -> start function. ``none`` is not here: it starts nothing.
 STARTERS: dict[str, SchedulerStart] = {"kosmos": start_kosmos}
 
-#: The command line each built scheduler runs with, to restart one whose command line changed.
-ARGVS: dict[str, Callable[[ClusterRecord], list[str]]] = {
-    "kosmos": lambda c: scheduler_argv(c.api_url or ""),
+#: The command line a starter gives its scheduler, to restart one whose command line changed (a
+#: starter not listed here is never restarted for that).
+ARGVS: dict[SchedulerStart, Callable[[ClusterRecord], list[str]]] = {
+    start_kosmos: lambda c: scheduler_argv(c.api_url or ""),
 }
 
 #: Schedulers the topology may name that this build cannot run, and why (none today).
@@ -117,7 +118,8 @@ def start_scheduler(state: LabState, cluster: ClusterRecord, progress: Progress 
     if name == "none":
         return None
     rec = cluster.scheduler_proc
-    argv = ARGVS[name](cluster) if name in ARGVS else None
+    argv_of = ARGVS.get(STARTERS[name]) if name in STARTERS else None
+    argv = argv_of(cluster) if argv_of is not None else None
     if rec is not None and rec.running():
         if argv is None or rec.argv == argv:
             return rec
