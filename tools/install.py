@@ -26,6 +26,11 @@ What each step does, in order:
   the host takes effect at the next ``join`` (which keeps the patched values unless its own
   flags give others, rewrites the ConfigMap and, through a digest annotation on the pod
   template, rolls the agents); until then the agents keep the underlay they started with.
+- ``join CLUSTER --tree [--leaf-model ...]``: then makes the member a ClusterTree leaf of the
+  host (see "ClusterTree" at the end of this module: its kubeconfig Secret, the Cluster's
+  ``clusterTreeOptions``, waiting for the virtual nodes); in a lab whose fabric comes from its
+  topology file (no ``install``) only that part is done. ``unjoin`` of a leaf takes it out of
+  the tree first (virtual nodes, the leaf's copies labelled with this root's id).
 - ``unjoin CLUSTER``: deletes the Cluster, waits until the reflector no longer plans the
   cluster's nodes and every remaining node applied its plan without them; then removes the
   agent from the member (a lab: stops the cluster's agents and runs ``fabric-agent --cleanup``
@@ -588,6 +593,9 @@ def join(name: str, host: Target, member: Target, opts: JoinOptions, *, tree: Se
         raise InstallUsageError(f"lab {state.name} has no cluster {name!r} ({names})")
     if tree is not None:
         tree_options(name, tree)  # usage errors before anything is written
+        if (host.kubeconfig, host.context) == (member.kubeconfig, member.context):
+            raise InstallUsageError(f"join {name} --tree: the member is the host itself ({host}); a cluster is no "
+                                    "leaf of itself")
     if state is not None and not lab_fabric_installed(state):
         if tree is None:
             raise InstallUsageError(f"lab {state.name}: run 'fabric-tool install --lab {state.name}' first (or "

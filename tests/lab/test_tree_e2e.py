@@ -26,7 +26,6 @@ Needs root (the lab) and kubectl.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import textwrap
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from kubeemu import quantity
 from tests.lab.conftest import KUBECTL, KubeLab, lab_running, new_lab_name
@@ -178,7 +178,7 @@ def _objects(root_id: str) -> str:
                  {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta}]
     docs.append({"apiVersion": "v1", "kind": "ConfigMap", "data": {"k": "v"},
                  "metadata": {"name": "theirs", "namespace": "apps", "labels": other}})
-    return "\n---\n".join(json.dumps(d) for d in docs)
+    return yaml.safe_dump_all(docs)
 
 
 def test_unjoin_of_one_leaf_removes_its_virtual_nodes_and_copies_and_nothing_else(tlab: TreeLab) -> None:

@@ -181,3 +181,20 @@ def test_unjoin_without_a_manager_removes_the_virtual_nodes_itself(env: tuple[Tr
     said = _run(env, with_manager=False)
     assert any("no kosmos-tree holds the Lease kube-system/kosmos-tree: removed the virtual nodes kosmos-leaf here"
                in s for s in said), said
+
+
+def test_a_cluster_is_no_leaf_of_itself(tmp_path: Path) -> None:
+    t = install.Target(str(tmp_path / "kc"), "root")
+    with pytest.raises(install.InstallUsageError, match="a cluster is no leaf of itself"):
+        install.join("root", t, t, install.JoinOptions(), tree=[], reflector="x:1", dry_run=True)
+
+
+def test_cli_leaf_model_needs_tree_and_is_checked_before_anything(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from tools import cli
+
+    kc = str(tmp_path / "kc")
+    assert cli.main(["join", "leaf", "--kubeconfig", kc, "--leaf-model", "node"]) == 2
+    assert "--leaf-model needs --tree" in capsys.readouterr().err
+    assert cli.main(["join", "leaf", "--kubeconfig", kc, "--tree", "--leaf-model", "nodes", "--dry-run"]) == 2
+    assert "--leaf-model 'nodes': expected one of cluster, node, party=SELECTOR" in capsys.readouterr().err
