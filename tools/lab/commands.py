@@ -51,7 +51,6 @@ from tools.lab.state import (
     state_dir,
     stderr_progress,
 )
-from tools.lab.supervisor import ensure_supervisor
 
 _log = logging.getLogger(__name__)
 
@@ -148,7 +147,10 @@ def up(
         if state.kubernetes:
             wait_kube_nodes(state, max(1.0, deadline - time.monotonic()), progress)
             if state.host_cluster is not None:
-                # ClusterTree: the manager against the host, the leaves joined, the supervisor.
+                # ClusterTree: the manager against the host, the leaves joined, the supervisor
+                # (imported here: ``python -m tools.lab.supervisor`` runs it as __main__).
+                from tools.lab.supervisor import ensure_supervisor
+
                 labtree.start_tree(state, progress)
                 labtree.join_leaves(state, max(1.0, deadline - time.monotonic()), progress)
                 ensure_supervisor(state, progress)
