@@ -17,9 +17,11 @@ is in sync (the fabric stays the lab's own, from its topology file):
    leader election on as a Deployment runs it, ``--reflector unix:<the lab reflector's socket>``
    and ``--fabric-cluster <host>`` so it publishes its records and sets NetworkUnavailable),
    restarted when its command line changed (a new API server);
-2. :func:`join_leaves`: each leaf through :func:`tools.install.join` with its ``tree`` model,
-   the code path of ``fabric-tool join CLUSTER --tree --lab NAME`` (Cluster CRD, the leaf's
-   kubeconfig Secret, ``clusterTreeOptions``, waiting for the virtual nodes);
+2. :func:`join_leaves`: each leaf through :func:`tools.install.join_tree` with its ``tree``
+   model: the tree part of ``fabric-tool join CLUSTER --tree --lab NAME`` (Cluster CRD, the
+   leaf's kubeconfig Secret, ``clusterTreeOptions``, waiting for the virtual nodes). The fabric
+   part is never redone here: without ``fabric-tool install`` the lab's reflector links every
+   cluster from the file; after it, a leaf's fabric join (its options) is the user's;
 3. the supervisor (:mod:`tools.lab.supervisor`) restarts ``kosmos-tree`` and the schedulers
    when they die, as a Deployment's kubelet would.
 """
@@ -99,7 +101,8 @@ def start_tree(state: LabState, progress: Progress = quiet) -> ProcRecord | None
 
 
 def join_leaves(state: LabState, timeout_s: float, progress: Progress = quiet) -> None:
-    """Join every ``tree:`` cluster to the host as ``fabric-tool join CLUSTER --tree`` does."""
+    """Join every ``tree:`` cluster to the host as ``fabric-tool join CLUSTER --tree`` does (its
+    tree part; a Cluster that exists keeps the rest of its spec)."""
     from tools import install  # late: install imports the lab
 
     host = state.host_cluster
@@ -110,9 +113,9 @@ def join_leaves(state: LabState, timeout_s: float, progress: Progress = quiet) -
         if not c.tree:
             continue
         try:
-            install.join(c.name, install.Target(str(state.kubeconfig), host.name),
-                         install.Target(str(state.kubeconfig), c.name), install.JoinOptions(), tree=[c.tree],
-                         lab_name=state.name, timeout_s=max(1.0, deadline - time.monotonic()), progress=progress)
+            install.join_tree(c.name, install.Target(str(state.kubeconfig), host.name),
+                              install.Target(str(state.kubeconfig), c.name), [c.tree],
+                              timeout_s=max(1.0, deadline - time.monotonic()), progress=progress)
         except install.InstallError as e:
             rec = state.tree_proc
             extra = f"; kosmos-tree log {rec.log}{log_tail(rec.log)}" if rec is not None else ""
