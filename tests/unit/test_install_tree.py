@@ -120,6 +120,8 @@ def _seed_leaf(leaf: Api, rid: str) -> None:
         leaf.create(resource_path("v1", "configmaps", ns), {"metadata": meta, "data": {"k": "v"}})
         leaf.create(resource_path("v1", "secrets", ns), {"metadata": meta, "data": {}})
         leaf.create(resource_path("v1", "serviceaccounts", ns), {"metadata": meta})
+        leaf.create(resource_path("v1", "pods", ns),
+                    {"metadata": meta, "spec": {"containers": [{"name": "c", "image": "busybox"}]}})
         leaf.create(resource_path("v1", "persistentvolumeclaims", ns),
                     {"metadata": meta, "spec": {"accessModes": ["ReadWriteOnce"],
                                                 "resources": {"requests": {"storage": "1Gi"}}}})
@@ -129,7 +131,7 @@ def _seed_leaf(leaf: Api, rid: str) -> None:
 
 def _left(leaf: Api) -> set[str]:
     out = set()
-    for plural in ("configmaps", "secrets", "serviceaccounts", "persistentvolumeclaims"):
+    for plural in ("pods", "configmaps", "secrets", "serviceaccounts", "persistentvolumeclaims"):
         for o in leaf.get(resource_path("v1", plural))["items"]:
             if o["metadata"]["name"] in ("app", "theirs"):
                 out.add(f"{plural}/{o['metadata']['namespace']}/{o['metadata']['name']}")
@@ -162,8 +164,9 @@ def _run(env: tuple[TreeEnv, Path], with_manager: bool) -> list[str]:
     e.add_node("leaf", "n2")  # the leaf's own objects are not ours to touch
     install.unjoin("leaf", host, member, timeout_s=30, progress=said.append)
     assert e.vnode("kosmos-leaf") is None
-    assert _left(e.leaf("leaf")) == {"configmaps/users/app", "secrets/users/app", "serviceaccounts/users/app",
-                                     "persistentvolumeclaims/users/app", "configmaps/apps/theirs"}
+    assert _left(e.leaf("leaf")) == {"pods/users/app", "configmaps/users/app", "secrets/users/app",
+                                     "serviceaccounts/users/app", "persistentvolumeclaims/users/app",
+                                     "configmaps/apps/theirs"}
     assert {n["metadata"]["name"] for n in e.leaf("leaf").get("/api/v1/nodes")["items"]} == {"n1", "n2"}
     with pytest.raises(ApiError):
         e.root.get(resource_path("v1", "secrets", "kosmos-system", "leaf-leaf-kubeconfig"))

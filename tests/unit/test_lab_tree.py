@@ -189,3 +189,47 @@ def test_up_restarts_a_running_scheduler_whose_command_line_changed(tmp_path: Pa
         from tools import nsutil
 
         nsutil.terminate([(r.pid, r.start) for r in (c.scheduler_proc, first) if r is not None and r.running()])
+
+
+def test_the_supervisor_backs_off_a_failing_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A start that raises counts as a failure: the next try waits the back-off, no busy loop."""
+    from tools.lab import state as labstate
+    from tools.lab.state import ProcRecord, save_state
+
+    monkeypatch.setattr(labstate, "LAB_ROOT", tmp_path / "labs")
+    st = _plan(tmp_path)
+    st.clusters[0].scheduler = st.clusters[1].scheduler = "none"
+    st.tree_proc = ProcRecord(pid=2**22 + 7, start=1, netns="", log="", argv=["x"])
+    st.clusters[0].apiserver = ProcRecord(pid=1, start=None, netns="", log="", argv=[])
+    st.clusters[0].api_url = "http://127.0.0.1:1"
+    save_state(st)
+    labstate.lock_path("t").touch()
+    tries: list[float] = []
+    now = [0.0]
+
+    def failing(state: LabState, progress: object = None) -> None:
+        tries.append(now[0])
+        raise RuntimeError("no")
+
+    monkeypatch.setattr(labtree, "start_tree", failing)
+    monkeypatch.setattr(ProcRecord, "running", lambda self: self.pid == 1)
+    sup = supervisor.Supervisor("t", clock=lambda: now[0])
+    for t in range(0, 40):
+        now[0] = float(t)
+        sup.round()
+    assert tries == [0.0, 10.0, 30.0]  # at once, then 10 s, then 20 s
+    assert labstate.load_state("t").restarts == {}  # type: ignore[union-attr]
+
+
+def test_lab_status_shows_the_tree_and_the_restarts() -> None:
+    from tools.lab.report import render_status
+
+    doc = {"name": "t", "topology": "x.yaml", "clusters": [], "kubeconfig": None,
+           "reflector": {"address": "a", "netns": "n", "pid": None},
+           "tree": {"host": "root", "leaves": {"leafa": "cluster", "leafc": "party=pool=gpu"}, "pid": 42,
+                    "log": "l", "supervisor_pid": 43, "supervisor_log": "s"},
+           "restarts": {"tree": 2, "scheduler/leafa": 1}}
+    out = render_status(doc)
+    assert ("tree: host root, leaves leafa (cluster), leafc (party=pool=gpu); kosmos-tree 42 (restarts 2), "
+            "supervisor 43") in out
+    assert "restarts of scheduler/leafa: 1" in out

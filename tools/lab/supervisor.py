@@ -155,11 +155,17 @@ class Supervisor:
                 rec, start = supervised(state).get(key, (None, None))  # type: ignore[assignment]
                 if start is None or rec is None or rec.running():
                     continue
-                start(state)
-                state.restarts[key] = state.restarts.get(key, 0) + 1
-                save_state(state)
                 t = self.tracks[key]
                 t.failures += 1
+                try:
+                    start(state)
+                except Exception as e:  # counted as a failed start: the back-off applies to the next try
+                    t.dead_since = now
+                    _log.warning("lab %s: restarting %s failed (next try in %.0f s): %s", self.name, key,
+                                 backoff(t.failures, self.initial, self.cap), e)
+                    continue
+                state.restarts[key] = state.restarts.get(key, 0) + 1
+                save_state(state)
                 t.dead_since, t.started = None, now
                 _log.info("lab %s: restarted %s (restart %d)", self.name, key, state.restarts[key])
                 done.append(key)
