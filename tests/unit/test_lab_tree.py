@@ -140,8 +140,9 @@ def test_the_supervisor_restarts_a_dead_process_with_backoff(tmp_path: Path, mon
     assert sup.round() == ["tree"]  # first restart at once
     assert labstate.load_state("t").restarts == {"tree": 1}  # type: ignore[union-attr]
     # It dies again: the next restart waits 10 s.
-    st = labstate.load_state("t")
-    assert st is not None
+    got = labstate.load_state("t")
+    assert got is not None
+    st = got
     st.tree_proc = dead
     save_state(st)
     now[0] = 105.0
@@ -151,8 +152,9 @@ def test_the_supervisor_restarts_a_dead_process_with_backoff(tmp_path: Path, mon
     assert labstate.load_state("t").restarts == {"tree": 2}  # type: ignore[union-attr]
     assert starts == ["tree", "tree"]
     # Never started (None): not the supervisor's business.
-    st = labstate.load_state("t")
-    assert st is not None
+    got = labstate.load_state("t")
+    assert got is not None
+    st = got
     st.tree_proc = None
     save_state(st)
     now[0] = 1000.0
@@ -224,7 +226,7 @@ def test_the_supervisor_backs_off_a_failing_start(tmp_path: Path, monkeypatch: p
 def test_lab_status_shows_the_tree_and_the_restarts() -> None:
     from tools.lab.report import render_status
 
-    doc = {"name": "t", "topology": "x.yaml", "clusters": [], "kubeconfig": None,
+    doc: dict[str, object] = {"name": "t", "topology": "x.yaml", "clusters": [], "kubeconfig": None,
            "reflector": {"address": "a", "netns": "n", "pid": None},
            "tree": {"host": "root", "leaves": {"leafa": "cluster", "leafc": "party=pool=gpu"}, "pid": 42,
                     "log": "l", "supervisor_pid": 43, "supervisor_log": "s"},
