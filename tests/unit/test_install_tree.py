@@ -201,3 +201,12 @@ def test_cli_leaf_model_needs_tree_and_is_checked_before_anything(tmp_path: Path
     assert "--leaf-model needs --tree" in capsys.readouterr().err
     assert cli.main(["join", "leaf", "--kubeconfig", kc, "--tree", "--leaf-model", "nodes", "--dry-run"]) == 2
     assert "--leaf-model 'nodes': expected one of cluster, node, party=SELECTOR" in capsys.readouterr().err
+
+
+def test_a_fabric_join_keeps_the_live_tree_options() -> None:
+    obj = install.cluster_object("leaf", install.JoinOptions(network_type="p2p"), [], [])
+    tree = {"enable": True, "leafNodeMode": "node", "kubeconfigSecretRef": {"namespace": "n", "name": "s"}}
+    live = {"spec": {"clusterLinkOptions": {"networkType": "gateway"}, "clusterTreeOptions": tree}}
+    kept = install.keep_live_tree(obj, live)
+    assert kept["spec"] == {"clusterLinkOptions": {"networkType": "p2p"}, "clusterTreeOptions": tree}
+    assert install.keep_live_tree(obj, {"spec": {}}) == obj
