@@ -677,7 +677,9 @@ def _join_fabric(name: str, host: Target, member: Target, opts: JoinOptions, *, 
         _start_lab_agents(state.name, name, progress)
     if not wait:
         return 0
-    nodes = sorted(n["metadata"]["name"] for n in mkube.list("v1", "Node"))
+    # A ClusterTree host's virtual nodes (label kosmos.io/node=true, tainted NoSchedule) run no
+    # agent: they are leaf clusters, in the fabric through their own Clusters.
+    nodes = sorted(n["metadata"]["name"] for n in mkube.list("v1", "Node") if not _is_virtual_node(n))
     if not nodes:
         progress(f"join {name}: the member has no Nodes yet; not waiting for any")
         return 0
@@ -703,6 +705,12 @@ def _join_fabric(name: str, host: Target, member: Target, opts: JoinOptions, *, 
     _wait(ready, timeout_s, f"the nodes of {name} to be in sync ({host}: Cluster {name} status)")
     progress(f"join {name}: done")
     return 0
+
+
+def _is_virtual_node(node: dict[str, Any]) -> bool:
+    from tree import vnode
+
+    return vnode.owner(node) is not None
 
 
 def _start_lab_agents(lab_name: str, cluster: str, progress: Progress) -> None:

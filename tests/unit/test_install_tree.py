@@ -210,3 +210,11 @@ def test_a_fabric_join_keeps_the_live_tree_options() -> None:
     kept = install.keep_live_tree(obj, live)
     assert kept["spec"] == {"clusterLinkOptions": {"networkType": "p2p"}, "clusterTreeOptions": tree}
     assert install.keep_live_tree(obj, {"spec": {}}) == obj
+
+
+def test_a_fabric_join_of_a_host_does_not_wait_for_its_virtual_nodes() -> None:
+    """They run no agent (found in the lab: ``join root`` of a tree host timed out on them)."""
+    vn = {"metadata": {"name": "kosmos-leaf", "labels": {"app.kubernetes.io/managed-by": "kosmos-tree"},
+                       "annotations": {"kosmos-io/owned-by-cluster": "leaf", "kosmos.io/cluster-uid": "u"}}}
+    assert install._is_virtual_node(vn)
+    assert not install._is_virtual_node({"metadata": {"name": "r1", "labels": {"kubernetes.io/hostname": "r1"}}})
