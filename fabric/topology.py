@@ -31,6 +31,10 @@ Example (``examples/lab.yaml`` is the default lab)::
               memory: 8Gi
               example.com/gpu: 2       # extended resources: domain/name, whole numbers
 
+ClusterTree (``kubernetes: true``): ``role: host`` marks the root cluster, ``tree: cluster``,
+``tree: node`` or ``tree: "party=<label selector>"`` a leaf and its leaf model; the lab checks
+them (tools.lab.planning) and joins the leaves to the host.
+
 With ``kubernetes: true`` a cluster may name its ``scheduler``: ``kosmos`` (the default: the Kosmos
 scheduler binds pods without ``nodeName``) or ``none`` (they stay Pending); the lab decides which
 it can run (tools.lab.schedulers).
@@ -162,6 +166,10 @@ class LabCluster:
     #: ``kubernetes: true`` labs: the scheduler the lab runs for the cluster (``kosmos`` by
     #: default; ``none``: pods without ``nodeName`` stay Pending). Only the lab reads it.
     scheduler: str = DEFAULT_SCHEDULER
+    #: ClusterTree in the lab, as written (``role: host``; a leaf's ``tree``: its leaf model);
+    #: "" when absent. Only the lab reads them (tools.lab.planning checks the values).
+    role: str = ""
+    tree: str = ""
 
     @property
     def name(self) -> str:
@@ -321,6 +329,8 @@ class _Parser:
                 pc.scheduler = sched
                 if not kubernetes:
                     self.err(f"{path}.scheduler", "a scheduler runs only in a lab with 'kubernetes: true'")
+            pc.role = rc["role"] if isinstance(rc.get("role"), str) else ""
+            pc.tree = rc["tree"] if isinstance(rc.get("tree"), str) else ""
         self._cross_checks(parsed, underlay, bridge, local, underlay6, underlay6_default="underlay6" not in doc)
         self._assign(parsed, underlay)
         self._assign6(parsed, underlay, underlay6)
@@ -349,6 +359,8 @@ class _Parser:
                         for n in pc.nodes
                     ),
                     scheduler=pc.scheduler,
+                    role=pc.role,
+                    tree=pc.tree,
                 )
             )
         return TopologyFile(
@@ -720,6 +732,8 @@ class _PCluster:
     global_cidrs: dict[str, str] = dataclasses.field(default_factory=dict)
     nodes: list[_PNode] = dataclasses.field(default_factory=list)
     scheduler: str = DEFAULT_SCHEDULER
+    role: str = ""
+    tree: str = ""
     #: The families the cluster runs (given or derived) and what the file said (empty: absent).
     families: list[int] = dataclasses.field(default_factory=lambda: [4])
     ip_families: list[int] = dataclasses.field(default_factory=list)

@@ -119,6 +119,9 @@ def topology_schema() -> dict[str, Any]:
         "globalCIDRs": global_map,
         "nodes": {"type": "array", "items": node, "x-what": "a list of nodes"},
         "scheduler": {"enum": list(LAB_SCHEDULERS), "x-what": "one of " + ", ".join(LAB_SCHEDULERS)},
+        # ClusterTree in the lab (tools.lab.planning checks the values): the root and its leaves.
+        "role": {"type": "string", "x-what": "a string (host)"},
+        "tree": {"type": "string", "x-what": "a string (cluster, node or party=<label selector>)"},
     }}
     return {"type": "object", "additionalProperties": False, "required": ["clusters"], "properties": {
         "underlay": cidr, "underlay6": cidr,

@@ -735,9 +735,18 @@ def _add_install_parsers(sub: Any) -> None:
     j.add_argument("--clear-nic-overrides", action="store_true", help="remove every per-node interface override")
     j.add_argument("--reflector", metavar="HOST:PORT", help="where member agents reach the reflector (not in a lab)")
     j.add_argument("--no-wait", action="store_true", help="do not wait for the nodes to be in sync")
+    j.add_argument("--tree", action="store_true",
+                   help="ClusterTree: also make CLUSTER a leaf of the host (its kubeconfig in a Secret there, "
+                        "spec.clusterTreeOptions set) and wait for its virtual nodes (kosmos-tree makes them)")
+    j.add_argument("--leaf-model", action="append", metavar="MODEL",
+                   help="with --tree: cluster (default: one virtual node kosmos-CLUSTER), node (one per leaf node) "
+                        "or party=SELECTOR (one per label-selected party of leaf nodes, kosmos-CLUSTER-<name from "
+                        "the selector>; repeatable)")
     u = sub.add_parser("unjoin", parents=[common, host], help="remove a member cluster from the fabric",
-                       description="fabric-tool unjoin: delete the Cluster, wait until no peer plans it, remove "
-                       "the agent (a lab: stop the cluster's agents and clean its nodes).")
+                       description="fabric-tool unjoin: a tree leaf first leaves the tree (tree disabled, its "
+                       "virtual nodes removed, the leaf's objects labelled kosmos.io/root-cluster=<root id> "
+                       "deleted, its kubeconfig Secret deleted); then delete the Cluster, wait until no peer plans "
+                       "it, remove the agent (a lab: stop the cluster's agents and clean its nodes).")
     u.add_argument("cluster", metavar="CLUSTER")
     u.add_argument("--kubeconfig", metavar="FILE", help="the member's kubeconfig (default: the lab's)")
     u.add_argument("--context", metavar="CTX", help="the member's context (lab default: CLUSTER)")
@@ -784,9 +793,11 @@ def _install_cmd(args: argparse.Namespace) -> int:
             member = install.Target(kubeconfig, args.context or (args.cluster if args.lab else None))
             host_context = args.host_context
             if args.lab and not host_context:
-                host_context = install._lab_host(install._lab_state(args.lab))
+                host_context = install.lab_host_context(install._lab_state(args.lab))
                 if host_context is None and not args.dry_run:
                     raise install.InstallUsageError(f"lab {args.lab}: run 'fabric-tool install --lab {args.lab}' first")
+            if args.command == "join" and args.leaf_model and not args.tree:
+                raise install.InstallUsageError("--leaf-model needs --tree")
             host = install.Target(args.host_kubeconfig or kubeconfig, host_context)
             if args.command == "join":
                 opts = install.JoinOptions(
@@ -797,7 +808,9 @@ def _install_cmd(args: argparse.Namespace) -> int:
                     autodetection_method=args.autodetection_method,
                     nic_overrides=_nic_overrides(args.nic_override, args.clear_nic_overrides),
                 )  # fmt: skip
-                return install.join(args.cluster, host, member, opts, lab_name=args.lab, reflector=args.reflector,
+                tree = tuple(args.leaf_model or ()) if args.tree else None
+                return install.join(args.cluster, host, member, opts, tree=tree, lab_name=args.lab,
+                                    reflector=args.reflector,
                                     dry_run=args.dry_run, wait=not args.no_wait, timeout_s=args.timeout)
             return install.unjoin(args.cluster, host, member, lab_name=args.lab, reflector=args.reflector,
                                   dry_run=args.dry_run, timeout_s=args.timeout)

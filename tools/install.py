@@ -26,6 +26,11 @@ What each step does, in order:
   the host takes effect at the next ``join`` (which keeps the patched values unless its own
   flags give others, rewrites the ConfigMap and, through a digest annotation on the pod
   template, rolls the agents); until then the agents keep the underlay they started with.
+- ``join CLUSTER --tree [--leaf-model ...]``: then makes the member a ClusterTree leaf of the
+  host (see "ClusterTree" at the end of this module: its kubeconfig Secret, the Cluster's
+  ``clusterTreeOptions``, waiting for the virtual nodes); in a lab whose fabric comes from its
+  topology file (no ``install``) only that part is done. ``unjoin`` of a leaf takes it out of
+  the tree first (virtual nodes, the leaf's copies labelled with this root's id).
 - ``unjoin CLUSTER``: deletes the Cluster, waits until the reflector no longer plans the
   cluster's nodes and every remaining node applied its plan without them; then removes the
   agent from the member (a lab: stops the cluster's agents and runs ``fabric-agent --cleanup``
@@ -231,11 +236,13 @@ class Kube:
         except exceptions.DynamicApiError as e:
             raise InstallError(f"{self.target}: cannot read {kind} {name}: {_reason(e)}") from e
 
-    def list(self, api_version: str, kind: str) -> list[dict[str, Any]]:
+    def list(self, api_version: str, kind: str, label_selector: str | None = None) -> list[dict[str, Any]]:
         from kubernetes.dynamic import exceptions
 
         try:
-            items: list[dict[str, Any]] = self._resource(api_version, kind).get().to_dict().get("items") or []
+            res = self._resource(api_version, kind)
+            got = res.get(label_selector=label_selector) if label_selector else res.get()
+            items: list[dict[str, Any]] = got.to_dict().get("items") or []
             return items
         except exceptions.DynamicApiError as e:
             raise InstallError(f"{self.target}: cannot list {kind}: {_reason(e)}") from e
@@ -561,13 +568,60 @@ def _cond(obj: dict[str, Any] | None, ctype: str) -> dict[str, Any]:
     return {}
 
 
-def join(name: str, host: Target, member: Target, opts: JoinOptions, *, lab_name: str | None = None,
-         reflector: str | None = None, dry_run: bool = False, wait: bool = True,
+def lab_fabric_installed(state: lab.LabState) -> bool:
+    """Does the lab's reflector read Cluster resources (``fabric-tool install --lab``)? If not,
+    its fabric comes from the topology file and holds every lab cluster already."""
+    return _lab_host(state) is not None
+
+
+def lab_host_context(state: lab.LabState) -> str | None:
+    """The lab's host cluster: the one ``install`` used, else the topology's ``role: host``."""
+    host = state.host_cluster
+    return _lab_host(state) or (host.name if host is not None else None)
+
+
+def join(name: str, host: Target, member: Target, opts: JoinOptions, *, tree: Sequence[str] | None = None,
+         lab_name: str | None = None, reflector: str | None = None, dry_run: bool = False, wait: bool = True,
          timeout_s: float = DEFAULT_TIMEOUT_S, progress: Progress = _progress) -> int:
+    """The fabric part (Cluster, agents, in sync), then with ``tree`` (the ``--leaf-model``
+    values, ``[]`` for the default) the tree part (:func:`join_tree`). In a lab whose fabric
+    comes from its topology file (no ``install``) only the tree part is done: its reflector
+    links every lab cluster already."""
     state = _lab_state(lab_name) if lab_name else None
     if state is not None and not any(c.name == name for c in state.clusters):
         names = ", ".join(c.name for c in state.clusters)
         raise InstallUsageError(f"lab {state.name} has no cluster {name!r} ({names})")
+    if tree is not None:
+        tree_options(name, tree)  # usage errors before anything is written
+        if (host.kubeconfig, host.context) == (member.kubeconfig, member.context):
+            raise InstallUsageError(f"join {name} --tree: the member is the host itself ({host}); a cluster is no "
+                                    "leaf of itself")
+    if state is not None and not lab_fabric_installed(state):
+        if tree is None:
+            raise InstallUsageError(f"lab {state.name}: run 'fabric-tool install --lab {state.name}' first (or "
+                                    "join --tree: the lab's fabric comes from its topology file)")
+        progress(f"join {name}: lab {state.name}'s fabric comes from its topology file (no 'fabric-tool install'), "
+                 f"{name} is in it already: joining the tree only")
+    else:
+        rc = _join_fabric(name, host, member, opts, state=state, reflector=reflector, dry_run=dry_run, wait=wait,
+                          timeout_s=timeout_s, progress=progress)
+        if rc != 0 or tree is None:
+            return rc
+    assert tree is not None
+    return join_tree(name, host, member, tree, dry_run=dry_run, wait=wait, timeout_s=timeout_s, progress=progress)
+
+
+def keep_live_tree(obj: dict[str, Any], live: dict[str, Any]) -> dict[str, Any]:
+    """``obj`` with the live Cluster's ``clusterTreeOptions``: a fabric join leaves the tree as it
+    is (``join --tree`` writes it afterwards)."""
+    have = (live.get("spec") or {}).get("clusterTreeOptions")
+    if not have:
+        return obj
+    return {**obj, "spec": {**obj["spec"], "clusterTreeOptions": copy.deepcopy(have)}}
+
+
+def _join_fabric(name: str, host: Target, member: Target, opts: JoinOptions, *, state: lab.LabState | None,
+                 reflector: str | None, dry_run: bool, wait: bool, timeout_s: float, progress: Progress) -> int:
     if state is None and not reflector and not dry_run:
         raise InstallUsageError("join outside a lab needs --reflector HOST:PORT (how the member's agents reach "
                                 "the reflector Service)")
@@ -600,7 +654,7 @@ def join(name: str, host: Target, member: Target, opts: JoinOptions, *, lab_name
         raise InstallUsageError(f"{host}: no Cluster CRD; run 'fabric-tool install' first")
     live = hkube.get(crd.API_VERSION, crd.KIND, name)
     if live is not None:
-        obj = keep_live_underlay(obj, opts, live)
+        obj = keep_live_tree(keep_live_underlay(obj, opts, live), live)
         try:
             spec = crd.parse_cluster(obj)
         except crd.ClusterSpecError as e:
@@ -623,7 +677,9 @@ def join(name: str, host: Target, member: Target, opts: JoinOptions, *, lab_name
         _start_lab_agents(state.name, name, progress)
     if not wait:
         return 0
-    nodes = sorted(n["metadata"]["name"] for n in mkube.list("v1", "Node"))
+    # A ClusterTree host's virtual nodes (label kosmos.io/node=true, tainted NoSchedule) run no
+    # agent: they are leaf clusters, in the fabric through their own Clusters.
+    nodes = sorted(n["metadata"]["name"] for n in mkube.list("v1", "Node") if not _is_virtual_node(n))
     if not nodes:
         progress(f"join {name}: the member has no Nodes yet; not waiting for any")
         return 0
@@ -651,6 +707,12 @@ def join(name: str, host: Target, member: Target, opts: JoinOptions, *, lab_name
     return 0
 
 
+def _is_virtual_node(node: dict[str, Any]) -> bool:
+    from tree import vnode
+
+    return vnode.owner(node) is not None
+
+
 def _start_lab_agents(lab_name: str, cluster: str, progress: Progress) -> None:
     with lab.locked(lab_name):
         state = _lab_state(lab_name)
@@ -670,13 +732,26 @@ def unjoin(name: str, host: Target, member: Target | None, *, lab_name: str | No
     obj = {"apiVersion": crd.API_VERSION, "kind": crd.KIND, "metadata": {"name": name}}
     member_objs = [] if state is not None else [o for o in reversed(member_objects(name, "-"))
                                                 if o["kind"] != "Namespace"]  # fmt: skip
+    fabric = state is None or lab_fabric_installed(state)
     if dry_run:
-        _print_objects([obj, *member_objs], "delete")
-        if state is not None:
+        print(f"# would take Cluster {name} out of the tree if it is a leaf: clusterTreeOptions.enable false, its "
+              "virtual nodes and the leaf's objects labelled kosmos.io/root-cluster=<root id> removed")
+        _print_objects([obj, *member_objs] if fabric else [obj], "delete")
+        if state is not None and fabric:
             print(f"# would stop the lab agents of cluster {name} and remove every fabric object from its nodes")
         return 0
     hkube = Kube(host)
+    live = hkube.get(crd.API_VERSION, crd.KIND, name) if _served(hkube) else None
+    unjoin_tree(name, hkube, timeout_s=timeout_s, progress=progress)
+    link = ((live or {}).get("spec") or {}).get("clusterLinkOptions") or {}
+    if live is not None and link.get("enable") is False:
+        fabric = False  # a Cluster made for the tree alone: never in the fabric through it
     progress(f"unjoin {name}: Cluster {name} {hkube.delete(obj) if _served(hkube) else 'absent'} in {host}")
+    if not fabric:
+        progress(f"unjoin {name}: not in the fabric through its Cluster "
+                 + (f"(lab {state.name}'s fabric comes from its topology file)" if state is not None
+                    else "(clusterLinkOptions.enable false)") + ": nothing to withdraw; done")
+        return 0
     status: Callable[[], api.FabricStatus | None] | None = None
     if state is not None:
         st = state
@@ -758,3 +833,353 @@ def errors_to_exit() -> Iterator[None]:
     except (OSError, ValueError) as e:
         raise InstallError(f"{type(e).__name__}: {e}") from e
 
+
+
+# --------------------------------------------------------------------------------------------
+# ClusterTree: join --tree / unjoin of a leaf
+# --------------------------------------------------------------------------------------------
+#
+# ``join CLUSTER --tree [--leaf-model ...]`` (and ``lab up`` for each ``tree:`` cluster, through
+# :func:`join_tree`, the same code), in order:
+#
+# 1. the ``--leaf-model`` values read into ``spec.clusterTreeOptions`` and checked by the tree
+#    manager's own reader (:func:`tree.spec.read`), before anything is written;
+# 2. in the host: the Namespace and the Cluster CRD when missing (kosmos-tree reads Clusters);
+#    the Secret ``kosmos-system/<cluster>-leaf-kubeconfig`` (key ``kubeconfig``: the member's
+#    context alone, certificates inlined, as ``kubectl config view --minify --flatten``); the
+#    Cluster's ``clusterTreeOptions`` referencing it (the rest of its spec kept; a Cluster made
+#    for the tree alone gets ``clusterLinkOptions.enable: false``: not in the fabric through it);
+# 3. wait until the virtual nodes the model calls for are in the host (made by kosmos-tree).
+#
+# ``unjoin`` of a tree leaf, before the fabric part: ``clusterTreeOptions.enable`` set false;
+# the virtual nodes removed by kosmos-tree (waited for) or, when no kosmos-tree holds its Lease,
+# here (with their Leases), saying so; then in the leaf every object of the kinds the tree syncs
+# that carries this root's label ``kosmos.io/root-cluster=<root id>`` (root id: the UID of the
+# host's kube-system namespace, as ``kosmos-tree`` takes it) is deleted with a UID precondition,
+# and waited for; nothing else in the leaf is touched. Then the kubeconfig Secret goes.
+
+#: The ``--leaf-model`` values: ``cluster``, ``node`` or ``party=<label selector>`` (repeatable).
+LEAF_MODELS = ("cluster", "node", "party=SELECTOR")
+#: Kinds the tree copies into a leaf (tree/identity.py): what unjoin removes there, by label.
+TREE_SYNCED = (("pods", "Pod"), ("configmaps", "ConfigMap"), ("secrets", "Secret"),
+               ("serviceaccounts", "ServiceAccount"), ("persistentvolumeclaims", "PersistentVolumeClaim"))
+TOOL_LABEL = {"app.kubernetes.io/managed-by": "fabric-tool"}
+#: The tree manager's Lease (``kosmos-tree`` defaults): a live holder means a manager runs.
+TREE_LEASE = ("kube-system", "kosmos-tree")
+
+
+def leaf_secret_name(cluster: str) -> str:
+    return f"{cluster}-leaf-kubeconfig"
+
+
+def _party_name(selector: str) -> str:
+    """A party's ``leafNodeName`` from its selector (``pool=gpu`` -> ``pool-gpu``)."""
+    import re
+
+    name = re.sub(r"[^a-z0-9]+", "-", selector.lower()).strip("-")[:40].strip("-")
+    return name or "party"
+
+
+def _selector_object(text: str, where: str) -> dict[str, Any]:
+    """A label selector string as a ``metav1.LabelSelector`` (upstream's grammar)."""
+    from kubeemu.selectors import SelectorError, parse_labels
+
+    try:
+        reqs = parse_labels(text)
+    except SelectorError as e:
+        raise InstallUsageError(f"{where}: {e}") from None
+    if not reqs:
+        raise InstallUsageError(f"{where}: the party's label selector is empty")
+    match: dict[str, str] = {}
+    exprs: list[dict[str, Any]] = []
+    ops = {"in": "In", "notin": "NotIn", "!=": "NotIn", "exists": "Exists", "!exists": "DoesNotExist"}
+    for r in reqs:
+        if r.op == "=" and r.key not in match:
+            match[r.key] = next(iter(r.values))
+            continue
+        expr: dict[str, Any] = {"key": r.key, "operator": "In" if r.op == "=" else ops[r.op]}
+        if r.op not in ("exists", "!exists"):
+            expr["values"] = sorted(r.values)
+        exprs.append(expr)
+    out: dict[str, Any] = {}
+    if match:
+        out["matchLabels"] = match
+    if exprs:
+        out["matchExpressions"] = exprs
+    return out
+
+
+def tree_options(cluster: str, models: Sequence[str], *, where: str = "--leaf-model") -> dict[str, Any]:
+    """``spec.clusterTreeOptions`` for ``models`` (``--leaf-model`` values; none: ``cluster``),
+    the kubeconfig Secret referenced, checked by :func:`tree.spec.read`; usage errors name
+    ``where`` and the value."""
+    from tree import spec as treespec
+
+    values = list(models) or ["cluster"]
+    kinds = {v.partition("=")[0] for v in values}
+    for v in values:
+        kind, sep, _ = v.partition("=")
+        if kind not in ("cluster", "node", "party") or (kind != "party" and sep) or (kind == "party" and not sep):
+            raise InstallUsageError(f"{where} {v!r}: expected one of {', '.join(LEAF_MODELS)}")
+    if len(kinds) > 1 or (kinds & {"cluster", "node"} and len(values) > 1):
+        raise InstallUsageError(f"{where}: {', '.join(values)}: one leaf model per cluster (only party=SELECTOR "
+                                "may be given more than once)")
+    mode = kinds.pop()
+    opts: dict[str, Any] = {"enable": True, "leafNodeMode": mode,
+                            "kubeconfigSecretRef": {"namespace": NAMESPACE, "name": leaf_secret_name(cluster)}}
+    if mode == "party":
+        opts["leafModels"] = []
+        for v in values:
+            sel = v.partition("=")[2]
+            opts["leafModels"].append({"leafNodeName": _party_name(sel),
+                                       "nodeSelector": {"labelSelector": _selector_object(sel, f"{where} {v!r}")}})
+    try:
+        treespec.read({"metadata": {"name": cluster, "uid": "-"}, "spec": {"clusterTreeOptions": opts}})
+    except treespec.SpecError as e:
+        raise InstallUsageError(f"{where} {', '.join(values)}: {e}") from None
+    return opts
+
+
+def expected_virtual_nodes(cluster: str, opts: dict[str, Any], leaf_nodes: Sequence[str]) -> list[str]:
+    """The virtual node names ``opts`` calls for (node mode: one per leaf node)."""
+    mode = opts.get("leafNodeMode")
+    if mode == "node":
+        return sorted(leaf_nodes)
+    if mode == "party":
+        return sorted(f"kosmos-{cluster}-{m['leafNodeName']}" for m in opts.get("leafModels") or [])
+    return [f"kosmos-{cluster}"]
+
+
+def leaf_kubeconfig(target: Target) -> dict[str, Any]:
+    """``target``'s context alone, certificates and token files inlined (``kubectl config view
+    --minify --flatten``): what kosmos-tree, running elsewhere, needs to reach the leaf."""
+    import base64
+    import os
+
+    path = Path(target.kubeconfig or os.environ.get("KUBECONFIG", "").split(os.pathsep)[0]
+                or Path.home() / ".kube" / "config")
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise InstallUsageError(f"{target}: cannot read the kubeconfig {path}: {e}") from e
+    ctx_name = target.context or doc.get("current-context")
+    ctx = next((c for c in doc.get("contexts") or [] if c.get("name") == ctx_name), None)
+    if ctx is None:
+        raise InstallUsageError(f"{target}: no context {ctx_name!r} in {path}")
+    inner = ctx.get("context") or {}
+    cluster = next((c for c in doc.get("clusters") or [] if c.get("name") == inner.get("cluster")), None)
+    if cluster is None:
+        raise InstallUsageError(f"{target}: context {ctx_name} names cluster {inner.get('cluster')!r}, not in {path}")
+    user: dict[str, Any] = next((u for u in doc.get("users") or [] if u.get("name") == inner.get("user")), {})
+
+    def inline(section: dict[str, Any], key: str, data_key: str) -> None:
+        if section.get(key):
+            f = Path(section.pop(key))
+            f = f if f.is_absolute() else path.parent / f
+            try:
+                section[data_key] = base64.b64encode(f.read_bytes()).decode()
+            except OSError as e:
+                raise InstallUsageError(f"{target}: {key} {f}: {e.strerror}") from e
+
+    cl: dict[str, Any] = copy.deepcopy(cluster.get("cluster") or {})
+    us: dict[str, Any] = copy.deepcopy(user.get("user") or {})
+    inline(cl, "certificate-authority", "certificate-authority-data")
+    inline(us, "client-certificate", "client-certificate-data")
+    inline(us, "client-key", "client-key-data")
+    if us.get("tokenFile"):
+        us["token"] = (Path(us.pop("tokenFile"))).read_text().strip()
+    name = str(ctx_name)
+    return {"apiVersion": "v1", "kind": "Config", "current-context": name,
+            "clusters": [{"name": name, "cluster": cl}], "users": [{"name": name, "user": us}],
+            "contexts": [{"name": name, "context": {"cluster": name, "user": name,
+                                                    **({"namespace": inner["namespace"]} if inner.get("namespace")
+                                                       else {})}}]}
+
+
+def leaf_secret(cluster: str, kubeconfig: dict[str, Any]) -> dict[str, Any]:
+    import base64
+
+    from tree import spec as treespec
+
+    text = yaml.safe_dump(kubeconfig, sort_keys=False)
+    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": {"name": leaf_secret_name(cluster), "namespace": NAMESPACE,
+                         "labels": {**TOOL_LABEL, "kosmos.io/cluster": cluster}},
+            "data": {treespec.KUBECONFIG_KEY: base64.b64encode(text.encode()).decode()}}
+
+
+def _ensure_crd(hkube: Kube, host: Target, timeout_s: float, progress: Progress) -> None:
+    """The Namespace and the Cluster CRD in the host, unless there (kosmos-tree reads Clusters)."""
+    for obj in host_objects(for_lab=True):
+        if obj["kind"] in ("Namespace", "CustomResourceDefinition"):
+            got = hkube.apply(obj)
+            if got != "unchanged":
+                progress(f"join: {describe(obj)} {got} in {host}")
+    _wait(lambda: _served(hkube), timeout_s, f"{crd.PLURAL}.{crd.GROUP} to be served by {host}")
+
+
+def _owned_virtual_nodes(hkube: Kube, cluster: str) -> list[dict[str, Any]]:
+    from tree import vnode
+
+    return [n for n in hkube.list("v1", "Node", label_selector=vnode.NODE_SELECTOR)
+            if (vnode.owner(n) or ("",))[0] == cluster]
+
+
+def join_tree(name: str, host: Target, member: Target, models: Sequence[str], *, dry_run: bool = False,
+              wait: bool = True, timeout_s: float = DEFAULT_TIMEOUT_S, progress: Progress = _progress) -> int:
+    """Make ``name`` a leaf of ``host`` (see "ClusterTree" above); ``models``: ``--leaf-model``."""
+    opts = tree_options(name, models)
+    secret = leaf_secret(name, leaf_kubeconfig(member))
+    if dry_run:
+        shown = {**secret, "data": {k: "<the member's kubeconfig, base64>" for k in secret["data"]}}
+        _print_objects([shown], "apply")
+        print(f"# would set spec.clusterTreeOptions of Cluster {name}:")
+        print(yaml.safe_dump({"clusterTreeOptions": opts}, sort_keys=False), end="")
+        return 0
+    hkube = Kube(host)
+    _ensure_crd(hkube, host, timeout_s, progress)
+    progress(f"join {name}: {describe(secret)} {hkube.apply(secret)} in {host}")
+    live = hkube.get(crd.API_VERSION, crd.KIND, name)
+    spec = dict((live or {}).get("spec") or {"clusterLinkOptions": {"enable": False}})
+    spec["clusterTreeOptions"] = opts
+    obj = {"apiVersion": crd.API_VERSION, "kind": crd.KIND, "metadata": {"name": name}, "spec": spec}
+    progress(f"join {name}: Cluster {name} {hkube.apply(obj, replace_spec=True)} in {host} (tree: "
+             f"{', '.join(models) or 'cluster'})")
+    if not wait:
+        return 0
+    mkube = Kube(member)
+    want = expected_virtual_nodes(name, opts, [n["metadata"]["name"] for n in mkube.list("v1", "Node")])
+    last = [""]
+
+    def made() -> bool:
+        have = {n["metadata"]["name"] for n in _owned_virtual_nodes(hkube, name)}
+        missing = [v for v in want if v not in have]
+        msg = (f"join {name}: virtual nodes {len(want) - len(missing)}/{len(want)}"
+               + (f" (waiting for {', '.join(missing)}: is kosmos-tree running against {host}?)" if missing else ""))
+        if msg != last[0]:
+            progress(msg)
+            last[0] = msg
+        return not missing
+
+    _wait(made, timeout_s, f"kosmos-tree to make the virtual nodes of {name} ({', '.join(want)}) in {host}")
+    progress(f"join {name}: tree done")
+    return 0
+
+
+def tree_manager_running(hkube: Kube, now: float | None = None) -> str | None:
+    """The identity holding kosmos-tree's Lease while it is unexpired, else None."""
+    import datetime
+
+    lease = hkube.get("coordination.k8s.io/v1", "Lease", TREE_LEASE[1], TREE_LEASE[0])
+    spec = (lease or {}).get("spec") or {}
+    holder, renew = spec.get("holderIdentity"), spec.get("renewTime")
+    if not holder or not renew:
+        return None
+    try:
+        t = datetime.datetime.fromisoformat(str(renew).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+    current = time.time() if now is None else now
+    return str(holder) if t + float(spec.get("leaseDurationSeconds") or 15) > current else None
+
+
+def _leaf_api_from_secret(hkube: Kube, secret_ref: dict[str, Any] | None) -> Any:
+    """The leaf's API (scheduler.kube), from the Secret the Cluster references: the leaf the tree
+    wrote into. None when there is no such Secret."""
+    import base64
+
+    from scheduler.kube import connect_kubeconfig
+    from tree import spec as treespec
+
+    if not secret_ref or not secret_ref.get("name"):
+        return None
+    sec = hkube.get("v1", "Secret", str(secret_ref["name"]), str(secret_ref.get("namespace") or NAMESPACE))
+    raw = ((sec or {}).get("data") or {}).get(treespec.KUBECONFIG_KEY)
+    if not raw:
+        return None
+    return connect_kubeconfig(yaml.safe_load(base64.b64decode(raw)), user_agent="fabric-tool")
+
+
+def remove_leaf_copies(leaf: Any, root_id: str, timeout_s: float, progress: Progress, name: str) -> int:
+    """Delete in the leaf every object of :data:`TREE_SYNCED` labelled as this root's (UID
+    precondition: an object recreated meanwhile under the name is not deleted); wait until they
+    are gone. Returns how many were deleted."""
+    from scheduler.kube import ApiError, resource_path
+    from tree import identity
+
+    sel = f"{identity.ROOT_LABEL}={root_id}"
+
+    def listed() -> list[tuple[str, dict[str, Any]]]:
+        out = []
+        for plural, kind in TREE_SYNCED:
+            for o in leaf.get(resource_path("v1", plural), labelSelector=sel).get("items") or []:
+                out.append((plural, {**o, "kind": kind}))
+        return out
+
+    first = listed()
+    for plural, o in first:
+        meta = o["metadata"]
+        try:
+            leaf.request("DELETE", resource_path("v1", plural, meta.get("namespace"), meta["name"]),
+                         {"apiVersion": "v1", "kind": "DeleteOptions", "preconditions": {"uid": meta.get("uid")}})
+        except ApiError as e:
+            if e.status not in (404, 409):
+                raise InstallError(f"unjoin {name}: cannot delete {o['kind']} {meta.get('namespace')}/{meta['name']} "
+                                   f"in the leaf: {e}") from e
+    if first:
+        progress(f"unjoin {name}: deleting {len(first)} objects the tree put into the leaf ({sel})")
+    _wait(lambda: not listed(), timeout_s, f"the leaf's objects labelled {sel} to be gone", interval=0.5)
+    return len(first)
+
+
+def unjoin_tree(name: str, hkube: Kube, *, timeout_s: float = DEFAULT_TIMEOUT_S,
+                progress: Progress = _progress) -> bool:
+    """Take ``name`` out of the tree (see "ClusterTree" above), the Cluster itself left for the
+    caller. False when ``name`` is no tree leaf (nothing done)."""
+    from tree import vnode
+
+    live = hkube.get(crd.API_VERSION, crd.KIND, name) if _served(hkube) else None
+    topts = dict(((live or {}).get("spec") or {}).get("clusterTreeOptions") or {})
+    nodes = _owned_virtual_nodes(hkube, name)
+    if live is None and not nodes:
+        return False
+    if not topts.get("enable") and not nodes and not topts.get("kubeconfigSecretRef"):
+        return False
+    if live is not None and topts.get("enable"):
+        spec = {**live["spec"], "clusterTreeOptions": {**topts, "enable": False}}
+        hkube.apply({"apiVersion": crd.API_VERSION, "kind": crd.KIND, "metadata": {"name": name}, "spec": spec},
+                    replace_spec=True)
+        progress(f"unjoin {name}: clusterTreeOptions.enable set false")
+    holder = tree_manager_running(hkube)
+    if holder is not None:
+        progress(f"unjoin {name}: waiting for kosmos-tree ({holder}) to remove the virtual nodes "
+                 f"{', '.join(sorted(n['metadata']['name'] for n in nodes)) or '(none)'}")
+        _wait(lambda: not _owned_virtual_nodes(hkube, name), timeout_s,
+              f"kosmos-tree to remove the virtual nodes of {name}")
+    elif nodes:
+        from scheduler.kube import connect
+
+        api = connect(None, hkube.target.kubeconfig, hkube.target.context)
+        uid = str((live or {}).get("metadata", {}).get("uid") or "")
+        writer = vnode.RootWriter(api, name, uid, status_period=60.0, lease_duration=40.0, timeout=10.0)
+        for n in nodes:
+            writer.delete(n)
+        progress(f"unjoin {name}: no kosmos-tree holds the Lease {'/'.join(TREE_LEASE)}: removed the virtual "
+                 f"nodes {', '.join(sorted(n['metadata']['name'] for n in nodes))} here")
+    root_id = str(((hkube.get("v1", "Namespace", "kube-system") or {}).get("metadata") or {}).get("uid") or "")
+    leaf = _leaf_api_from_secret(hkube, topts.get("kubeconfigSecretRef"))
+    if leaf is None:
+        progress(f"unjoin {name}: no leaf kubeconfig Secret: the leaf's copies (label kosmos.io/root-cluster="
+                 f"{root_id}) are left as they are")
+    elif not root_id:
+        raise InstallError(f"unjoin {name}: the host's kube-system namespace has no UID (the root id)")
+    else:
+        remove_leaf_copies(leaf, root_id, timeout_s, progress, name)
+    ref = topts.get("kubeconfigSecretRef") or {}
+    if ref.get("name"):
+        sec = hkube.get("v1", "Secret", str(ref["name"]), str(ref.get("namespace") or NAMESPACE))
+        labels = ((sec or {}).get("metadata") or {}).get("labels") or {}
+        if sec is not None and all(labels.get(k) == v for k, v in TOOL_LABEL.items()):
+            progress(f"unjoin {name}: {describe({**sec, 'kind': 'Secret'})} {hkube.delete({**sec, 'kind': 'Secret'})}")
+    progress(f"unjoin {name}: out of the tree")
+    return True

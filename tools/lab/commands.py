@@ -21,6 +21,7 @@ import yaml
 from fabric import netns as namespaces
 from fabric import topology
 from tools import nsutil
+from tools.lab import tree as labtree
 from tools.lab.bpf import mount_bpffs, umount_bpffs
 from tools.lab.kube import start_kubernetes, umount_kubelet_roots, wait_kube_nodes
 from tools.lab.planning import merge_plan, plan
@@ -145,6 +146,14 @@ def up(
         wait_in_sync(state, max(0.0, deadline - time.monotonic()), progress)
         if state.kubernetes:
             wait_kube_nodes(state, max(1.0, deadline - time.monotonic()), progress)
+            if state.host_cluster is not None:
+                # ClusterTree: the manager against the host, the leaves joined, the supervisor
+                # (imported here: ``python -m tools.lab.supervisor`` runs it as __main__).
+                from tools.lab.supervisor import ensure_supervisor
+
+                labtree.start_tree(state, progress)
+                labtree.join_leaves(state, max(1.0, deadline - time.monotonic()), progress)
+                ensure_supervisor(state, progress)
             contexts = ", ".join(c.name for c in state.clusters)
             progress(
                 f"lab {name}: kubeconfig {state.kubeconfig} (contexts: {contexts}); e.g. "
@@ -259,9 +268,14 @@ def _down_locked(name: str, state: LabState | None, progress: Progress) -> bool:
     # namespace, found afresh.
     daemons: dict[int, int | None] = {}
     if state is not None:
+        sup = state.supervisor
+        if sup is not None and sup.running():
+            # First, alone: it would restart what is stopped next.
+            progress(f"lab {name}: stopping the supervisor ({sup.pid})")
+            nsutil.terminate([(sup.pid, sup.start)])
         kube = [r for c in state.clusters
                 for r in (c.kubelet, c.controller_manager, c.proxy, c.scheduler_proc, c.apiserver)]
-        for rec in [state.reflector, *(n.agent for n in state.nodes()), *kube]:
+        for rec in [state.reflector, *(n.agent for n in state.nodes()), state.tree_proc, *kube]:
             if rec is not None and rec.running():
                 daemons[rec.pid] = rec.start
     changed = False

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from fabric import topology, types
 from tools.lab import schedulers
+from tools.lab import tree as labtree
 from tools.lab.state import (
     IFNAMSIZ,
     SERVICE_HOST,
@@ -103,9 +104,12 @@ def plan(name: str, topo: topology.TopologyFile) -> LabState:
                 service_ip6=service_ip6,
                 service_backend6=backend6,
                 scheduler=lc.scheduler,
+                role=lc.role,
+                tree=lc.tree,
             )
         )
         problems += schedulers.problems(lc, topo.kubernetes)
+    problems += labtree.problems(topo)
     if problems:
         raise LabUsageError(f"{topo.source}: cannot build this lab: " + "; ".join(problems))
     for n in (n for c in clusters for n in c.nodes):
@@ -165,7 +169,7 @@ def merge_plan(current: LabState, wanted: LabState) -> tuple[LabState, list[str]
             merged.append(wc)
             added.extend(n.key for n in wc.nodes)
             continue
-        for attr in ("mode", "pod_cidrs", "service_cidrs", "gateways"):
+        for attr in ("mode", "pod_cidrs", "service_cidrs", "gateways", "role"):
             if getattr(cc, attr) != getattr(wc, attr):
                 problems.append(f"cluster {wc.name}: {attr} {getattr(cc, attr)} -> {getattr(wc, attr)}")
         cur_nodes = {n.name: n for n in cc.nodes}
@@ -187,7 +191,8 @@ def merge_plan(current: LabState, wanted: LabState) -> tuple[LabState, list[str]
             nodes.append(cn)
         # Keep nodes that are missing from the file too, so the refusal below leaves them recorded.
         nodes.extend(cur_nodes[n] for n in cur_nodes if n not in want_nodes)
-        merged.append(dataclasses.replace(cc, nodes=nodes))
+        # A leaf's model may change (the next join rewrites its clusterTreeOptions).
+        merged.append(dataclasses.replace(cc, nodes=nodes, tree=wc.tree))
     if problems:
         raise LabUsageError(
             f"lab {current.name} is running a different topology ({current.topology_source}); "

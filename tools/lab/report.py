@@ -104,6 +104,19 @@ def status_doc(state: LabState, status: api.FabricStatus | None, error: str | No
             }
         )
     doc["kubeconfig"] = str(state.kubeconfig) if state.kubernetes else None
+    host = state.host_cluster
+    if host is not None:
+        tp, sup = state.tree_proc, state.supervisor
+        doc["tree"] = {
+            "host": host.name,
+            "leaves": {c.name: c.tree for c in state.clusters if c.tree},
+            "pid": tp.pid if tp and tp.running() else None,
+            "log": tp.log if tp else None,
+            "supervisor_pid": sup.pid if sup and sup.running() else None,
+            "supervisor_log": sup.log if sup else None,
+        }
+    # Restarts the supervisor made, by what: "tree", "scheduler/<cluster>".
+    doc["restarts"] = dict(state.restarts)
     return doc
 
 
@@ -157,6 +170,15 @@ def render_status(doc: dict[str, Any]) -> str:
             lines.append(f"kube-proxy of {c['name']}: {k.get('proxy_pid') or 'stopped'}")
             if k.get("scheduler", "none") != "none":
                 lines.append(f"scheduler of {c['name']}: {k['scheduler']} {k.get('scheduler_pid') or 'stopped'}")
+    restarts = doc.get("restarts") or {}
+    t = doc.get("tree")
+    if t:
+        leaves = ", ".join(f"{n} ({m})" for n, m in t["leaves"].items()) or "none"
+        lines.append(f"tree: host {t['host']}, leaves {leaves}; kosmos-tree {t['pid'] or 'stopped'} "
+                     f"(restarts {restarts.get('tree', 0)}), supervisor {t['supervisor_pid'] or 'stopped'}")
+    for key, n in sorted(restarts.items()):
+        if key != "tree":
+            lines.append(f"restarts of {key}: {n}")
     if doc.get("kubeconfig"):
         lines.append(f"kubeconfig: {doc['kubeconfig']}")
     for rej in doc.get("rejections", []):

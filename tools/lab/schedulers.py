@@ -14,6 +14,10 @@ starts, per cluster, the scheduler its topology names:
   ``schedulerName``) and ``kosmos-scheduler`` (plus the Kosmos plugins);
 - ``none``: no scheduler; pods that name no node stay Pending (tests bind them themselves).
 
+A running scheduler whose command line is no longer the one :data:`ARGVS` gives (a newer
+tree's flags) is stopped and started again by ``lab up``. In labs with a ``role: host`` cluster
+the lab's supervisor (:mod:`tools.lab.supervisor`) also restarts a scheduler that died.
+
 Plugging a scheduler in is one entry in :data:`STARTERS`: a function that starts the scheduler
 process of a cluster (it gets the lab state and the cluster's record, whose ``api_url`` is its
 API server) and returns its :class:`~tools.lab.state.ProcRecord`. The lab records it in the
@@ -46,6 +50,7 @@ from typing import Any
 import yaml
 
 from fabric.topology import LabCluster
+from tools import nsutil
 from tools.lab.procs import ROOT_NETNS, start_process
 from tools.lab.state import ClusterRecord, LabError, LabState, ProcRecord, Progress, quiet, save_state
 
@@ -88,6 +93,12 @@ def start_kosmos(state: LabState, cluster: ClusterRecord) -> ProcRecord:
 #: Built schedulers: name -> start function. ``none`` is not here: it starts nothing.
 STARTERS: dict[str, SchedulerStart] = {"kosmos": start_kosmos}
 
+#: The command line a starter gives its scheduler, to restart one whose command line changed (a
+#: starter not listed here is never restarted for that).
+ARGVS: dict[SchedulerStart, Callable[[ClusterRecord], list[str]]] = {
+    start_kosmos: lambda c: scheduler_argv(c.api_url or ""),
+}
+
 #: Schedulers the topology may name that this build cannot run, and why (none today).
 NOT_BUILT: dict[str, str] = {}
 
@@ -107,8 +118,13 @@ def start_scheduler(state: LabState, cluster: ClusterRecord, progress: Progress 
     if name == "none":
         return None
     rec = cluster.scheduler_proc
+    argv_of = ARGVS.get(STARTERS[name]) if name in STARTERS else None
+    argv = argv_of(cluster) if argv_of is not None else None
     if rec is not None and rec.running():
-        return rec
+        if argv is None or rec.argv == argv:
+            return rec
+        progress(f"lab {state.name}: restarting the scheduler of {cluster.name} (its command line changed)")
+        nsutil.terminate([(rec.pid, rec.start)])
     start = STARTERS.get(name)
     if start is None:
         raise LabError(f"cluster {cluster.name}: scheduler {name!r}: "
@@ -202,5 +218,5 @@ def install_crds(cluster: ClusterRecord, progress: Progress = quiet, crd_dir: Pa
     return names
 
 
-__all__ = ["CRD_DIR", "NOT_BUILT", "STARTERS", "SchedulerStart", "crd_manifests", "install_crds", "problems",
+__all__ = ["ARGVS", "CRD_DIR", "NOT_BUILT", "STARTERS", "SchedulerStart", "crd_manifests", "install_crds", "problems",
            "scheduler_argv", "start_kosmos", "start_scheduler"]

@@ -169,6 +169,10 @@ class ClusterRecord:
     service_port: int | None = None
     #: ``kubernetes: true``: the lab kube-proxy of the cluster (``python -m kubeemu.proxy``).
     proxy: ProcRecord | None = None
+    #: ClusterTree: ``host`` for the root cluster ("" otherwise); a leaf's model (``cluster``,
+    #: ``node`` or ``party=<selector>``, "" for no leaf), joined to the host by ``lab up``.
+    role: str = ""
+    tree: str = ""
 
     def global_ip(self, ip: str | None) -> str | None:
         """How the other clusters reach ``ip`` of this cluster (None: by ``ip`` itself)."""
@@ -198,6 +202,17 @@ class LabState:
     #: Arguments the lab's reflector runs with instead of its own file-configured ones (set by
     #: ``fabric-tool install``: Cluster resources as the topology source); None: the lab's own.
     reflector_args: list[str] | None = None
+    #: ClusterTree (a cluster with ``role: host``): ``kosmos-tree`` against the host's API server,
+    #: and the lab's supervisor (tools.lab.supervisor), which restarts it and the schedulers.
+    tree_proc: ProcRecord | None = None
+    supervisor: ProcRecord | None = None
+    #: Restarts the supervisor made, by what it restarted (``tree``, ``scheduler/<cluster>``).
+    restarts: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    @property
+    def host_cluster(self) -> ClusterRecord | None:
+        """The cluster with ``role: host`` (ClusterTree's root), if any."""
+        return next((c for c in self.clusters if c.role == "host"), None)
 
     @property
     def state_dir(self) -> Path:
@@ -260,8 +275,10 @@ class LabState:
                                               kubelet=proc(c.get("kubelet")),
                                               controller_manager=proc(c.get("controller_manager")),
                                               proxy=proc(c.get("proxy")), scheduler_proc=proc(c.get("scheduler_proc"))))
-            fields = {k: v for k, v in doc.items() if k not in ("clusters", "reflector")}
-            return cls(**fields, clusters=clusters, reflector=proc(doc.get("reflector")))
+            own = ("clusters", "reflector", "tree_proc", "supervisor")
+            fields = {k: v for k, v in doc.items() if k not in own}
+            return cls(**fields, clusters=clusters, reflector=proc(doc.get("reflector")),
+                       tree_proc=proc(doc.get("tree_proc")), supervisor=proc(doc.get("supervisor")))
         except (KeyError, TypeError, ValueError) as e:
             raise StateError(f"malformed lab state: {type(e).__name__}: {e}") from e
 
