@@ -188,6 +188,13 @@ class TreeEnv:
                                                labelSelector=selector)["items"]
         return items
 
+    def bind_leaf(self, leaf: str, pod: Obj, node: str) -> None:
+        """Play the leaf's scheduler: bind a leaf pod (a bound pod is deleted gracefully)."""
+        meta = pod["metadata"]
+        self.leaf(leaf).create(resource_path("v1", "pods", meta["namespace"], meta["name"], sub="binding"),
+                               {"apiVersion": "v1", "kind": "Binding", "metadata": {"name": meta["name"]},
+                                "target": {"apiVersion": "v1", "kind": "Node", "name": node}})
+
     def set_leaf_status(self, leaf: str, pod: Obj, status: Obj) -> Obj:
         """Play the leaf's kubelet: write a leaf pod's status."""
         meta = pod["metadata"]
@@ -213,8 +220,8 @@ class TreeEnv:
 
 
 @contextlib.contextmanager
-def tree_env() -> Iterator[TreeEnv]:
-    env = TreeEnv()
+def tree_env(**kw: Any) -> Iterator[TreeEnv]:
+    env = TreeEnv(**kw)
     try:
         yield env
     finally:
