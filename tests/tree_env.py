@@ -147,12 +147,14 @@ class TreeEnv:
 
     def add_root_pod(self, name: str, node: str, *, namespace: str = "default", image: str = "busybox",
                      labels: dict[str, str] | None = None, annotations: dict[str, str] | None = None,
-                     **spec: Any) -> Obj:
+                     owners: list[Obj] | None = None, **spec: Any) -> Obj:
         """A root pod bound to ``node`` (a virtual node) at creation, as after the scheduler's binding."""
         self.ensure_namespace(self.root, namespace)
         body = {"apiVersion": "v1", "kind": "Pod",
                 "metadata": {"name": name, "labels": labels or {}, "annotations": annotations or {}},
                 "spec": {"containers": [{"name": "c", "image": image}], "nodeName": node, **spec}}
+        if owners:
+            body["metadata"]["ownerReferences"] = owners
         path = resource_path("v1", "pods", namespace)
         pod: Obj = wait_until(lambda: self._try_create(self.root, path, body), 10,
                               f"root pod {namespace}/{name} created (its namespace's default ServiceAccount)")

@@ -39,6 +39,12 @@ functions say what each side should hold; :mod:`tree.podsync` diffs and writes.
   disagrees), ``ephemeralContainers`` (only through their subresource), ``readinessGates`` (their
   conditions are set by root controllers; no one would set them in the leaf), ``schedulingGates``.
 
+:func:`should_sync`: which pods bound to a virtual node are copied at all. As Kosmos'
+``RootPodReconciler``: not those in ``kube-system``, not those a DaemonSet owns (unless annotated
+:data:`DAEMONSET_ALLOW_ANNOTATION`: a root DaemonSet that tolerates every taint, kube-proxy say,
+must not run its pods inside the leaves), not those of Kosmos' global DaemonSets (label
+:data:`KOSMOS_DAEMONSET_LABEL`). They stay Pending in the root, as with Kosmos.
+
 :func:`root_status` (leaf -> root): the root pod's status as the leaf copy's says: ``phase``,
 ``message``, ``reason``, ``podIP(s)``, ``hostIP(s)``, ``startTime``, the container statuses
 (init, regular, ephemeral) and the kubelet's conditions (``PodReadyToStartContainers``,
@@ -77,6 +83,12 @@ CLUSTER_SELECTOR_ANNOTATION = "kosmos.io/cluster-selector"
 SYNCED_KEYS_ANNOTATION = "kosmos.io/synced-keys"
 #: ``renames`` key plural for a service account's token Secret: ``(TOKEN_SECRETS, <account>)``.
 TOKEN_SECRETS = "serviceaccounts/token"
+#: A root pod owned by a DaemonSet is copied only with this annotation (Kosmos' key).
+DAEMONSET_ALLOW_ANNOTATION = "kosmos-io/daemonset-allow"
+#: Pods of Kosmos' global DaemonSets (its ShadowDaemonSets) are not copied (Kosmos' key).
+KOSMOS_DAEMONSET_LABEL = "daemonset.kosmos.io/managed"
+#: Namespaces whose pods are never copied.
+SKIPPED_NAMESPACES = ("kube-system",)
 #: Kosmos' scheduler name, cleared in the leaf.
 KOSMOS_SCHEDULER = "kosmos-scheduler"
 #: The kubelet's own pod conditions: the leaf's kubelet is the one that sets them.
@@ -98,6 +110,16 @@ class PodError(ValueError):
 
 def _meta(obj: Mapping[str, Any]) -> Mapping[str, Any]:
     return obj.get("metadata") or {}
+
+
+def should_sync(root_pod: Mapping[str, Any]) -> bool:
+    """Whether a root pod bound to a virtual node is copied to its leaf (see the module)."""
+    meta = _meta(root_pod)
+    if meta.get("namespace") in SKIPPED_NAMESPACES or KOSMOS_DAEMONSET_LABEL in (meta.get("labels") or {}):
+        return False
+    if any(ref.get("kind") == "DaemonSet" for ref in meta.get("ownerReferences") or []):
+        return DAEMONSET_ALLOW_ANNOTATION in (meta.get("annotations") or {})
+    return True
 
 
 def leaf_pod(root_pod: Mapping[str, Any], *, root_id: str, leaf_name: str, mode: Mode,

@@ -319,7 +319,9 @@ class PodSyncer:
     # ------------------------------------------------------------------ events in
 
     def _mine(self, pod: Obj) -> bool:
-        """Bound to one of this Cluster's virtual nodes."""
+        """Bound to one of this Cluster's virtual nodes (and one to copy: :func:`tree.pods.should_sync`)."""
+        if not pods.should_sync(pod):
+            return False
         spec = self.spec()
         node = self.root_nodes.store.get(str((pod.get("spec") or {}).get("nodeName") or ""))
         return node is not None and owner(node) == (spec.cluster, spec.uid)
@@ -378,13 +380,18 @@ class PodSyncer:
         spec = self.spec()
         mine = {n["metadata"]["name"] for n in self.root_nodes.store.values()
                 if owner(n) == (spec.cluster, spec.uid)}
-        uids = {str(_meta(p).get("uid")) for p in self.root_pods.on_nodes(mine)}
+        uids = {str(_meta(p).get("uid")) for p in self.root_pods.on_nodes(mine) if pods.should_sync(p)}
         with self._lock:
             copies = {u: list(c.values()) for u, c in self._copies.items()}
             deps = self.deps
         uids |= set(copies)
         for u in uids:
             self._queue.add(u)
+        for table in (self._events, self._backoff):  # of pods gone meanwhile
+            for u in [u for u in list(table) if u not in uids]:
+                table.pop(u, None)
+        with self._lock:
+            self._waiting = {k: u for k, u in self._waiting.items() if u in uids}
         live = [p for cs in copies.values() for p in cs if not _meta(p).get("deletionTimestamp")]
         self.metrics.pods_synced.labels(spec.cluster).set(len({identity.root_of(p) for p in live}))
         if deps is not None:

@@ -12,12 +12,15 @@ import pytest
 from tree import identity
 from tree.pods import (
     CLUSTER_SELECTOR_ANNOTATION,
+    DAEMONSET_ALLOW_ANNOTATION,
+    KOSMOS_DAEMONSET_LABEL,
     SYNCED_KEYS_ANNOTATION,
     TOKEN_SECRETS,
     PodError,
     leaf_pod,
     leaf_update,
     root_status,
+    should_sync,
 )
 from tree.spec import Mode
 
@@ -209,3 +212,18 @@ def test_leaf_update_patches_what_the_api_lets_change_and_puts_edits_back() -> N
     tampered["metadata"]["labels"]["app"] = "other"
     assert leaf_update(pod, tampered, ROOT) == [{"op": "test", "path": "/metadata/uid", "value": "leaf-uid"},
                                                {"op": "add", "path": "/metadata/labels/app", "value": "web"}]
+
+
+def test_which_root_pods_are_copied() -> None:
+    assert should_sync(root_pod())
+    system = root_pod()
+    system["metadata"]["namespace"] = "kube-system"
+    assert not should_sync(system)
+    ds = root_pod()
+    ds["metadata"]["ownerReferences"] = [{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": "proxy", "uid": "d"}]
+    assert not should_sync(ds)
+    ds["metadata"]["annotations"][DAEMONSET_ALLOW_ANNOTATION] = "true"
+    assert should_sync(ds)
+    shadow = root_pod()
+    shadow["metadata"]["labels"][KOSMOS_DAEMONSET_LABEL] = "true"
+    assert not should_sync(shadow)

@@ -309,3 +309,90 @@ def test_a_refused_pod_gets_an_event_and_the_others_go_on(env: TreeEnv) -> None:
     assert "missing-in-leaf" in ev["message"]
     assert copies(env, bad["metadata"]["uid"]) == []
     assert sample(env, "fabric_tree_pod_sync_errors_total", reason="refused") >= 1
+
+
+def test_node_and_party_modes_place_the_copy_as_their_virtual_node_says(env: TreeEnv) -> None:
+    env.add_node("leaf2", "n1", labels={"join": "yes"})
+    env.add_cluster("leaf2", "leaf2", leafNodeMode="node",
+                    leafModels=[{"nodeSelector": {"labelSelector": {"matchLabels": {"join": "yes"}}}}])
+    env.add_node("leaf3", "g1", labels={"pool": "gpu"})
+    env.add_cluster("leaf3", "leaf3", leafModels=[
+        {"leafNodeName": "gpu", "nodeSelector": {"labelSelector": {"matchLabels": {"pool": "gpu"}}}}])
+    started(env)
+    wait_until(lambda: env.vnode("n1") and env.vnode("kosmos-leaf3-gpu"), 10, "the node and party virtual nodes")
+    on_node = env.add_root_pod("on-node", "n1")
+    in_party = env.add_root_pod("in-party", "kosmos-leaf3-gpu")
+    assert one_copy(env, on_node["metadata"]["uid"], leaf="leaf2")["spec"]["nodeName"] == "n1"
+    party = one_copy(env, in_party["metadata"]["uid"], leaf="leaf3")
+    assert "nodeName" not in party["spec"]
+    terms = party["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert terms == {"nodeSelectorTerms": [{"matchExpressions": [{"key": "pool", "operator": "In",
+                                                                  "values": ["gpu"]}]}]}
+
+
+def test_daemonset_and_kube_system_pods_are_not_copied(env: TreeEnv) -> None:
+    started(env)
+    # the owner's UID is an existing object's, so the emulator's garbage collector keeps the pod
+    holder = env.root.create(resource_path("v1", "configmaps", "default"),
+                             {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "proxy"}})
+    ds = env.add_root_pod("proxy-x", "kosmos-leaf1", owners=[
+        {"apiVersion": "apps/v1", "kind": "DaemonSet", "name": "proxy", "uid": holder["metadata"]["uid"]}])
+    system = env.add_root_pod("dns", "kosmos-leaf1", namespace="kube-system")
+    marker = env.add_root_pod("marker", "kosmos-leaf1")
+    one_copy(env, marker["metadata"]["uid"])
+    for p in (ds, system):
+        wait_until(lambda p=p: syncer(env).root_pods.get(p["metadata"]["uid"]), 10, "the root pod seen")
+    syncer(env).sync_one(ds["metadata"]["uid"])
+    syncer(env).sync_one(system["metadata"]["uid"])
+    assert copies(env, ds["metadata"]["uid"]) == [] and copies(env, system["metadata"]["uid"]) == []
+
+
+class FakeDeps:
+    """A dependency syncer: a ConfigMap renamed, one refused; what is released is recorded."""
+
+    def __init__(self) -> None:
+        self.released: list[list[str]] = []
+        self.running = False
+
+    def ensure(self, root_pod: Obj, leaf_namespace: str) -> dict[tuple[str, str], str]:
+        if root_pod["metadata"]["name"] == "needs-missing":
+            raise DependencyError("ConfigMap default/missing not found in the root")
+        return {("configmaps", "cm"): "cm-1234"}
+
+    def release(self, leaf_pods_of_ours: Any) -> None:
+        self.released.append(sorted(p["metadata"]["name"] for p in leaf_pods_of_ours))
+
+    def start(self) -> None:
+        self.running = True
+
+    def stop(self) -> None:
+        self.running = False
+
+
+class DependencyError(Exception):
+    pass
+
+
+def test_dependencies_and_converter_hooks(env: TreeEnv) -> None:
+    deps = FakeDeps()
+
+    def convert(leaf: Obj, root: Obj) -> Obj:
+        leaf["spec"]["nodeSelector"] = {"converted": root["metadata"]["name"]}
+        return leaf
+    started(env, dependencies=lambda _root, _leaf: deps, converter=convert)
+    assert wait_until(lambda: deps.running, 10, "the dependency syncer started")
+    pod = env.add_root_pod("web", "kosmos-leaf1", volumes=[{"name": "cfg", "configMap": {"name": "cm"}}])
+    leaf = one_copy(env, pod["metadata"]["uid"])
+    assert leaf["spec"]["volumes"][0]["configMap"]["name"] == "cm-1234"
+    assert leaf["spec"]["nodeSelector"] == {"converted": "web"}
+    wait_until(lambda: ["web"] in deps.released, 10, "the live copies handed to release")
+    bad = env.add_root_pod("needs-missing", "kosmos-leaf1")
+
+    def event() -> Obj | None:
+        items = env.root.get(resource_path("v1", "events", "default"))["items"]
+        return next((e for e in items if e["involvedObject"].get("uid") == bad["metadata"]["uid"]), None)
+    ev = wait_until(event, 10, "an Event naming the missing dependency")
+    assert ev["reason"] == "ProviderCreateFailed" and "default/missing" in ev["message"]
+    assert sample(env, "fabric_tree_pod_sync_errors_total", reason="dependency") >= 1
+    env.stop_manager(env.managers[0])
+    assert not deps.running
