@@ -7,8 +7,9 @@ and checked) -> ``manager`` (one reconciler per enabled Cluster, leader election
 (pure: the virtual nodes a leaf's nodes and pods call for, their add-on records, and
 NetworkUnavailable from the fabric's status) -> ``vnode`` (ownership and the root writes);
 ``fabric_link`` (the records published, the fabric's status read, on one event loop thread),
-``metrics`` and ``main`` (the ``kosmos-tree`` command) around them. Pods and their dependencies
-are not synced yet.
+``metrics`` and ``main`` (the ``kosmos-tree`` command) around them. Pods bound to the virtual
+nodes: ``pods`` (pure: a root pod's leaf copy, its status back, its updates) -> ``podsync`` (one
+syncer per leaf); their dependencies are not synced yet.
 
 May import only the standard library, the root pyproject's third-party packages,
 :mod:`fabric.types`, process plumbing (``fabric.logs``, ``fabric.health``, ``fabric.backoff``),
