@@ -75,6 +75,8 @@ REASON_CREATE_FAILED = "ProviderCreateFailed"
 REASON_UPDATE_FAILED = "ProviderUpdateFailed"
 REASON_DELETE_FAILED = "ProviderDeleteFailed"
 TERMINAL = ("Succeeded", "Failed")
+#: Seconds a created copy may take to show in the leaf informer before it counts as gone.
+_CREATED_GRACE_S = 10.0
 
 
 class Dependencies(Protocol):
@@ -255,6 +257,10 @@ class PodSyncer:
         #: ``ns/name`` of a root pod -> UID of the pod waiting for an older copy of that name to go.
         self._waiting: dict[str, str] = {}
         self._namespaces: set[str] = set()
+        #: root UID -> when its copy was created and the informer has not shown it yet: no
+        #: second create, no "the copy is gone" meanwhile (an optimisation over the 409 a second
+        #: create of the same name would get; a restart lists afresh and needs none).
+        self._created: dict[str, float] = {}
         self._backoff: dict[str, Backoff] = {}
         #: root UID -> (reason, message) of the last Event posted (once per distinct message).
         self._events: dict[str, tuple[str, str]] = {}
@@ -298,8 +304,8 @@ class PodSyncer:
         self.detach()
         with self._lock:
             self._leaf, self._informer, self._copies, self._primed = leaf, informer, {}, False
-            self._namespaces = set()
-        informer.add_handler(self._on_leaf)
+            self._namespaces, self._created = set(), {}
+        informer.add_handler(lambda kind, old, new: self._on_leaf(informer, kind, old, new))
         if self.dependencies_factory is not None:
             self.deps = self.dependencies_factory(self.root, leaf)
             self.deps.start()
@@ -331,15 +337,16 @@ class PodSyncer:
         if uid and self._primed and (self._mine(pod) or uid in self._copies):
             self._queue.add(uid)
 
-    def _on_leaf(self, kind: str, old: Obj | None, new: Obj | None) -> None:
+    def _on_leaf(self, informer: Informer, kind: str, old: Obj | None, new: Obj | None) -> None:
         pod = new or old or {}
         who = identity.root_of(pod)
         if who is None or who[0] != self.root_id:
             return
         key = object_key(pod)
         with self._lock:
-            if self._informer is None:
-                return
+            if self._informer is not informer:
+                return  # a replaced informer's last words
+            self._created.pop(who[1], None)
             copies = dict(self._copies.get(who[1]) or {})
             if kind == "DELETED":
                 copies.pop(key, None)
@@ -387,7 +394,7 @@ class PodSyncer:
         uids |= set(copies)
         for u in uids:
             self._queue.add(u)
-        for table in (self._events, self._backoff):  # of pods gone meanwhile
+        for table in (self._events, self._backoff, self._created):  # of pods gone meanwhile
             for u in [u for u in list(table) if u not in uids]:
                 table.pop(u, None)
         with self._lock:
@@ -435,11 +442,13 @@ class PodSyncer:
 
     def sync_one(self, uid: str) -> None:
         """Bring one root pod and its copies here in line (the module's steps 1-3)."""
-        leaf = self._leaf
-        if leaf is None or not self._ready():
+        leaf, inf = self._leaf, self._informer
+        if leaf is None or inf is None or not self._ready():
             return  # the prime after the next attach queues it again
         root_pod = self.root_pods.get(uid)
         copies = self.copies_of(uid)
+        if not copies and time.monotonic() - self._created.get(uid, -1e18) < _CREATED_GRACE_S:
+            raise _Retry(0.2)  # just created: wait for the informer to show it
         if root_pod is None:
             for c in copies:
                 self._delete_orphan(leaf, c)
@@ -479,7 +488,8 @@ class PodSyncer:
         meta = _meta(root_pod)
         ns, name, uid = str(meta.get("namespace") or "default"), str(meta["name"]), str(meta["uid"])
         inf = self._informer
-        assert inf is not None
+        if inf is None or not inf.synced.is_set():
+            raise _Retry(0.5)  # reconnected meanwhile: the new informer has not listed yet
         with self._lock:
             older = [c for u, cs in self._copies.items() if u != uid for c in cs.values()
                      if _root_name(c) == f"{ns}/{name}"]
@@ -515,6 +525,7 @@ class PodSyncer:
             if _refused(e):
                 self._event(root_pod, REASON_CREATE_FAILED, f"creating the leaf pod {ns}/{leaf_name}: {e}")
             raise
+        self._created[uid] = time.monotonic()
         self.metrics.pod_writes.labels(self.cluster, "leaf-create").inc()
         _log.debug("Cluster %s: pod %s/%s created in the leaf as %s", self.cluster, ns, name, leaf_name)
 
