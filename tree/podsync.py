@@ -221,6 +221,10 @@ class _Queue:
             return len(self._ready) + len(self._later)
 
 
+class _Stopped(Exception):
+    pass
+
+
 class _Retry(Exception):
     """Not a failure: try this pod again after ``delay`` seconds."""
 
@@ -436,6 +440,12 @@ class PodSyncer:
 
     # ------------------------------------------------------------------ one pod
 
+    def _guard(self) -> None:
+        """Raise before a write once stopped (leadership lost, Cluster gone): a stopped syncer
+        writes nothing more, whatever request it was about to send."""
+        if self._stop.is_set():
+            raise _Stopped()
+
     def copies_of(self, uid: str) -> list[Obj]:
         with self._lock:
             return list((self._copies.get(uid) or {}).values())
@@ -474,6 +484,7 @@ class PodSyncer:
         patch = pods.leaf_update(root_pod, copy, self.root_id)
         if patch:
             try:
+                self._guard()
                 leaf.request("PATCH", resource_path("v1", "pods", _meta(copy)["namespace"], _meta(copy)["name"]),
                              patch, ctype=JSON_PATCH, timeout=self.leaf_timeout)
                 self.metrics.pod_writes.labels(self.cluster, "leaf-update").inc()
@@ -516,6 +527,7 @@ class PodSyncer:
         except Exception as e:  # a dependency missing, an unreadable annotation, a converter's refusal
             self._event(root_pod, REASON_CREATE_FAILED, f"{type(e).__name__}: {e}")
             raise
+        self._guard()
         self._ensure_namespace(leaf, ns)
         try:
             leaf.request("POST", resource_path("v1", "pods", ns), body, timeout=self.leaf_timeout)
@@ -546,6 +558,7 @@ class PodSyncer:
         if status is None:
             return
         meta = _meta(root_pod)
+        self._guard()
         self.root.request("PUT", resource_path("v1", "pods", meta["namespace"], meta["name"], sub="status"),
                           {**root_pod, "status": status}, timeout=self.root_timeout)
         self.metrics.pod_writes.labels(self.cluster, "root-status").inc()
@@ -555,6 +568,7 @@ class PodSyncer:
         meta = _meta(root_pod)
         grace = int(meta.get("deletionGracePeriodSeconds") or 0)
         if not copies:
+            self._guard()
             try:
                 self.root.request("DELETE", resource_path("v1", "pods", meta["namespace"], meta["name"]),
                                   {"gracePeriodSeconds": 0, "preconditions": {"uid": meta["uid"]}},
@@ -578,6 +592,7 @@ class PodSyncer:
         body: Obj = {"preconditions": {"uid": cmeta["uid"]}}
         if grace is not None:
             body["gracePeriodSeconds"] = grace
+        self._guard()
         try:
             leaf.request("DELETE", resource_path("v1", "pods", cmeta["namespace"], cmeta["name"]), body,
                          timeout=self.leaf_timeout)

@@ -396,3 +396,17 @@ def test_dependencies_and_converter_hooks(env: TreeEnv) -> None:
     assert sample(env, "fabric_tree_pod_sync_errors_total", reason="dependency") >= 1
     env.stop_manager(env.managers[0])
     assert not deps.running
+
+
+def test_many_pods_and_a_restart_midway_leave_exactly_one_copy_each(env: TreeEnv) -> None:
+    started(env)
+    first = [env.add_root_pod(f"a{i}", "kosmos-leaf1")["metadata"]["uid"] for i in range(20)]
+    seen = {u: one_copy(env, u)["metadata"]["uid"] for u in first[:5]}
+    env.stop_manager(env.managers[0])  # the rest may or may not have copies yet
+    second = [env.add_root_pod(f"b{i}", "kosmos-leaf1")["metadata"]["uid"] for i in range(20)]
+    started(env)
+    for u in first + second:
+        one_copy(env, u)
+    assert {u: one_copy(env, u)["metadata"]["uid"] for u in seen} == seen
+    leaf_pods = env.leaf("leaf1").get("/api/v1/pods")["items"]
+    assert sorted(p["metadata"]["labels"][identity.ROOT_UID_LABEL] for p in leaf_pods) == sorted(first + second)
