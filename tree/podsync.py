@@ -431,8 +431,11 @@ class PodSyncer:
                 backoff = self._backoff.setdefault(uid, Backoff(initial=0.2, maximum=30.0))
                 first = backoff.attempts == 0
                 delay = backoff.next()
-                level = logging.WARNING if first else logging.DEBUG
-                _log.log(level, "Cluster %s: pod %s: %s: %s; retrying in %.1f s", self.cluster, uid, reason, e, delay)
+                level = logging.WARNING if first and reason != "conflict" else logging.DEBUG
+                pod = self.root_pods.get(uid)
+                name = f"{_meta(pod).get('namespace')}/{_meta(pod).get('name')}" if pod else "(gone)"
+                _log.log(level, "Cluster %s: pod %s %s: %s: %s; retrying in %.1f s", self.cluster, name, uid, reason,
+                         e, delay)
                 self._queue.add_after(uid, delay)
             finally:
                 self.metrics.pod_sync_seconds.labels(self.cluster).observe(time.monotonic() - start)
