@@ -229,29 +229,31 @@ def test_two_roots_sharing_a_leaf_are_isolated(env: TreeEnv) -> None:
     started(env)
     with tree_env(graceful_pods=True) as other:
         other.leaves["leaf1"] = env.leaves["leaf1"]  # the same leaf server
-        other.add_cluster("leaf1", "leaf1")
-        opts = Options(root_id="other-root", leaf_timeout=0.5, unreachable_after=1.0, lease_period=0.2,
-                       status_period=60.0, resync_period=1.0, root_timeout=5.0)
-        other.start_manager(options=opts)
-        wait_until(lambda: other.vnode("kosmos-leaf1"), 10, "the other root's virtual node")
-        mine = env.add_root_pod("web", "kosmos-leaf1", namespace="app")
-        theirs = other.add_root_pod("web", "kosmos-leaf1", namespace="app")
-        a = one_copy(env, mine["metadata"]["uid"])
-        b = one_copy(other, theirs["metadata"]["uid"], root_id="other-root")
-        assert a["metadata"]["uid"] != b["metadata"]["uid"]
-        assert a["metadata"]["name"] != b["metadata"]["name"] and "web" in {a["metadata"]["name"],
-                                                                            b["metadata"]["name"]}
-        env.set_leaf_status("leaf1", b, RUNNING)
-        wait_until(lambda: (p := other.root_pod("web", "app")) and p["status"].get("phase") == "Running", 10,
-                   "the other root's pod Running")
-        assert (env.root_pod("web", "app") or {}).get("status", {}).get("phase") != "Running"
-        # deleting one root's pod deletes its copy only
-        other.root.request("DELETE", resource_path("v1", "pods", "app", "web"), {"gracePeriodSeconds": 0})
-        wait_until(lambda: not [c for c in copies(other, theirs["metadata"]["uid"], root_id="other-root")
-                                if not c["metadata"].get("deletionTimestamp")], 10, "the other root's copy deleted")
-        gone_for_good(env, "leaf1", "app", b["metadata"]["name"])
-        assert one_copy(env, mine["metadata"]["uid"])["metadata"]["uid"] == a["metadata"]["uid"]
-        del other.leaves["leaf1"]  # env stops the shared server
+        try:
+            other.add_cluster("leaf1", "leaf1")
+            opts = Options(root_id="other-root", leaf_timeout=0.5, unreachable_after=1.0, lease_period=0.2,
+                           status_period=60.0, resync_period=1.0, root_timeout=5.0)
+            other.start_manager(options=opts)
+            wait_until(lambda: other.vnode("kosmos-leaf1"), 10, "the other root's virtual node")
+            mine = env.add_root_pod("web", "kosmos-leaf1", namespace="app")
+            theirs = other.add_root_pod("web", "kosmos-leaf1", namespace="app")
+            a = one_copy(env, mine["metadata"]["uid"])
+            b = one_copy(other, theirs["metadata"]["uid"], root_id="other-root")
+            assert a["metadata"]["uid"] != b["metadata"]["uid"]
+            assert a["metadata"]["name"] != b["metadata"]["name"] and "web" in {a["metadata"]["name"],
+                                                                                b["metadata"]["name"]}
+            env.set_leaf_status("leaf1", b, RUNNING)
+            wait_until(lambda: (p := other.root_pod("web", "app")) and p["status"].get("phase") == "Running", 10,
+                       "the other root's pod Running")
+            assert (env.root_pod("web", "app") or {}).get("status", {}).get("phase") != "Running"
+            # deleting one root's pod deletes its copy only
+            other.root.request("DELETE", resource_path("v1", "pods", "app", "web"), {"gracePeriodSeconds": 0})
+            wait_until(lambda: not [c for c in copies(other, theirs["metadata"]["uid"], root_id="other-root")
+                                    if not c["metadata"].get("deletionTimestamp")], 10, "the other root's copy deleted")
+            gone_for_good(env, "leaf1", "app", b["metadata"]["name"])
+            assert one_copy(env, mine["metadata"]["uid"])["metadata"]["uid"] == a["metadata"]["uid"]
+        finally:
+            del other.leaves["leaf1"]  # env stops the shared server
 
 
 def test_statefulset_pod_recreated_under_the_same_name_gets_exactly_one_copy(env: TreeEnv) -> None:
@@ -410,3 +412,20 @@ def test_many_pods_and_a_restart_midway_leave_exactly_one_copy_each(env: TreeEnv
     assert {u: one_copy(env, u)["metadata"]["uid"] for u in seen} == seen
     leaf_pods = env.leaf("leaf1").get("/api/v1/pods")["items"]
     assert sorted(p["metadata"]["labels"][identity.ROOT_UID_LABEL] for p in leaf_pods) == sorted(first + second)
+
+
+def test_a_finished_pod_is_not_copied_again(env: TreeEnv) -> None:
+    started(env)
+    pod = env.add_root_pod("job-x", "kosmos-leaf1", restartPolicy="Never")
+    uid = pod["metadata"]["uid"]
+    leaf = one_copy(env, uid)
+    env.set_leaf_status("leaf1", leaf, {"phase": "Succeeded", "containerStatuses": [
+        {"name": "c", "ready": False, "restartCount": 0, "image": "busybox", "imageID": "",
+         "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}}]})
+    wait_until(lambda: (p := env.root_pod("job-x")) and p["status"].get("phase") == "Succeeded", 10,
+               "the root pod Succeeded")
+    gone_for_good(env, "leaf1", "default", leaf["metadata"]["name"])
+    wait_until(lambda: syncer(env).copies_of(uid) == [], 10, "the syncer sees the copy gone")
+    syncer(env).sync_one(uid)
+    assert copies(env, uid) == []
+    assert (env.root_pod("job-x") or {}).get("status", {}).get("phase") == "Succeeded"
