@@ -368,7 +368,8 @@ class PodSyncer:
 
     def _ready(self) -> bool:
         inf = self._informer
-        return inf is not None and inf.synced.is_set() and self.root_pods.synced
+        return (inf is not None and inf.synced.is_set() and self.root_pods.synced
+                and self.root_nodes.synced.is_set())
 
     # ------------------------------------------------------------------ the loops
 
