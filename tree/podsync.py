@@ -20,7 +20,8 @@ One root pod UID, one step (:meth:`PodSyncer.sync_one`), from what the informers
 3. The root pod lives, bound to one of this leaf's virtual nodes (or already copied here): with
    no copy, one is created (namespace created on demand; :class:`Dependencies` asked for its
    ConfigMaps, Secrets, ServiceAccount, PVCs; :func:`tree.pods.leaf_pod`; the convert hook).
-   With a copy: its updatable fields are patched to the root pod's (:func:`tree.pods.leaf_update`,
+   A create reads the root pod afresh first (the informer may not show yet that it has
+   finished or is being deleted). With a copy: its updatable fields are patched to the root pod's (:func:`tree.pods.leaf_update`,
    so an edit in the leaf is put back) and the root pod's status is written from it
    (:func:`tree.pods.root_status`). A copy being deleted by someone else is waited out and then
    created again; the root pod is never deleted because its copy went. A root pod that has
@@ -516,6 +517,17 @@ class PodSyncer:
             _log.info("Cluster %s: pod %s/%s waits for the earlier copy %s to go", self.cluster, ns, name,
                       _meta(older[0]).get("name"))
             raise _Retry(self.resync_period)
+        try:  # the root pod as it is now: the informer may not show yet that it finished or is going
+            fresh = self.root.request("GET", resource_path("v1", "pods", ns, name), timeout=self.root_timeout)
+        except ApiError as e:
+            if e.status == 404:
+                return
+            raise
+        fmeta = _meta(fresh)
+        if (str(fmeta.get("uid")) != uid or fmeta.get("deletionTimestamp")
+                or (fresh.get("status") or {}).get("phase") in TERMINAL):
+            return  # its own event queues it again
+        root_pod = fresh
         occupant = inf.store.get(f"{ns}/{name}")
         leaf_name = identity.leaf_name(name, self.root_id, uid, occupant)
         spec = self.spec()

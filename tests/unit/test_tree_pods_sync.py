@@ -111,6 +111,8 @@ def test_leaf_status_flows_back_and_an_equal_status_is_not_written_again(env: Tr
     # another step over the same pod finds nothing to write
     manager = env.managers[0]
     before = sample(env, "fabric_tree_pod_writes_total", kind="root-status")
+    wait_until(lambda: (syncer(env).root_pods.get(pod["metadata"]["uid"]) or {})["metadata"]["resourceVersion"] == rv,
+               10, "the syncer's view of the root pod up to date")
     syncer(env).sync_one(pod["metadata"]["uid"])
     assert (env.root_pod("web") or {})["metadata"]["resourceVersion"] == rv
     assert sample(env, "fabric_tree_pod_writes_total", kind="root-status") == before
@@ -426,6 +428,8 @@ def test_a_finished_pod_is_not_copied_again(env: TreeEnv) -> None:
                "the root pod Succeeded")
     gone_for_good(env, "leaf1", "default", leaf["metadata"]["name"])
     wait_until(lambda: syncer(env).copies_of(uid) == [], 10, "the syncer sees the copy gone")
+    wait_until(lambda: (syncer(env).root_pods.get(uid) or {}).get("status", {}).get("phase") == "Succeeded", 10,
+               "the syncer sees the root pod Succeeded")
     syncer(env).sync_one(uid)
     assert copies(env, uid) == []
     assert (env.root_pod("job-x") or {}).get("status", {}).get("phase") == "Succeeded"
