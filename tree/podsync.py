@@ -23,9 +23,9 @@ One root pod UID, one step (:meth:`PodSyncer.sync_one`), from what the informers
    A create reads the root pod afresh first (the informer may not show yet that it has
    finished or is being deleted). With a copy: its updatable fields are patched to the root
    pod's (:func:`tree.pods.leaf_update`, so an edit in the leaf is put back) and the root pod's
-   status is written from it (:func:`tree.pods.root_status`). A copy being deleted by someone else is waited out and then
-   created again; the root pod is never deleted because its copy went. A root pod that has
-   finished (Succeeded, Failed) is not copied again.
+   status is written from it (:func:`tree.pods.root_status`). A copy being deleted by someone
+   else is waited out and then created again; the root pod is never deleted because its copy
+   went. A root pod that has finished (Succeeded, Failed) is not copied again.
 
 Names. A copy has the root pod's name unless something else holds that name in the leaf (a
 leaf user's pod, another root's copy): then ``<name>-<hash>`` (:func:`tree.identity.leaf_name`)
