@@ -43,8 +43,11 @@ def leaf_kubeconfig(url: str, name: str) -> str:
 
 
 class TreeEnv:
-    def __init__(self) -> None:
-        self.root_emu = ServerThread(name="root", bookmark_interval=0.3).start()
+    def __init__(self, *, graceful_pods: bool = False) -> None:
+        """``graceful_pods``: bound pods are deleted gracefully (they stay, with a
+        deletionTimestamp, until deleted with grace 0), as in a real cluster; root and leaves."""
+        self.graceful_pods = graceful_pods
+        self.root_emu = ServerThread(name="root", bookmark_interval=0.3, graceful_pods=graceful_pods).start()
         self.root = Api(self.root_emu.url)
         self.leaves: dict[str, ServerThread] = {}
         self.managers: list[TreeManager] = []
@@ -77,7 +80,8 @@ class TreeEnv:
 
     def leaf(self, name: str) -> Api:
         if name not in self.leaves:
-            self.leaves[name] = ServerThread(name=name, bookmark_interval=0.3).start()
+            self.leaves[name] = ServerThread(name=name, bookmark_interval=0.3,
+                                             graceful_pods=self.graceful_pods).start()
         return Api(self.leaves[name].url)
 
     def fault(self, leaf: str, **faults: Any) -> None:
@@ -148,6 +152,70 @@ class TreeEnv:
             return lease
         except ApiError:
             return None
+
+    # ------------------------------------------------------------------ pods (tree.podsync)
+
+    def add_root_pod(self, name: str, node: str, *, namespace: str = "default", image: str = "busybox",
+                     labels: dict[str, str] | None = None, annotations: dict[str, str] | None = None,
+                     owners: list[Obj] | None = None, **spec: Any) -> Obj:
+        """A root pod bound to ``node`` (a virtual node) at creation, as after the scheduler's binding."""
+        self.ensure_namespace(self.root, namespace)
+        body = {"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "labels": labels or {}, "annotations": annotations or {}},
+                "spec": {"containers": [{"name": "c", "image": image}], "nodeName": node, **spec}}
+        if owners:
+            body["metadata"]["ownerReferences"] = owners
+        path = resource_path("v1", "pods", namespace)
+        pod: Obj = wait_until(lambda: self._try_create(self.root, path, body), 10,
+                              f"root pod {namespace}/{name} created (its namespace's default ServiceAccount)")
+        return pod
+
+    @staticmethod
+    def _try_create(api: Api, path: str, body: Obj) -> Obj | None:
+        try:
+            created: Obj = api.create(path, body)
+            return created
+        except ApiError as e:
+            if e.status == 403 and "serviceaccount" in str(e):
+                return None  # the namespace's default ServiceAccount is not made yet
+            raise
+
+    @staticmethod
+    def ensure_namespace(api: Api, name: str) -> None:
+        with contextlib.suppress(ApiError):
+            api.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+
+    def root_pod(self, name: str, namespace: str = "default") -> Obj | None:
+        try:
+            pod: Obj = self.root.get(resource_path("v1", "pods", namespace, name))
+            return pod
+        except ApiError as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def leaf_pods(self, leaf: str, selector: str, namespace: str | None = None) -> list[Obj]:
+        """Leaf pods matching a label selector (a copy is found by its root UID label only)."""
+        items: list[Obj] = self.leaf(leaf).get(resource_path("v1", "pods", namespace),
+                                               labelSelector=selector)["items"]
+        return items
+
+    def bind_leaf(self, leaf: str, pod: Obj, node: str) -> None:
+        """Play the leaf's scheduler: bind a leaf pod (a bound pod is deleted gracefully)."""
+        meta = pod["metadata"]
+        self.leaf(leaf).create(resource_path("v1", "pods", meta["namespace"], meta["name"], sub="binding"),
+                               {"apiVersion": "v1", "kind": "Binding", "metadata": {"name": meta["name"]},
+                                "target": {"apiVersion": "v1", "kind": "Node", "name": node}})
+
+    def set_leaf_status(self, leaf: str, pod: Obj, status: Obj) -> Obj:
+        """Play the leaf's kubelet: write a leaf pod's status."""
+        meta = pod["metadata"]
+        api = self.leaf(leaf)
+        path = resource_path("v1", "pods", meta["namespace"], meta["name"])
+        current = api.get(path)
+        current["status"] = status
+        out: Obj = api.update(path + "/status", current)
+        return out
 
     def start_manager(self, **kw: Any) -> TreeManager:
         opts = Options(root_id=ROOT_ID, leaf_timeout=0.5, unreachable_after=1.0, lease_period=0.2,
@@ -253,8 +321,8 @@ ROOT_CA_PEM = "-----BEGIN CERTIFICATE-----\nroot-under-test\n-----END CERTIFICAT
 
 
 @contextlib.contextmanager
-def tree_env() -> Iterator[TreeEnv]:
-    env = TreeEnv()
+def tree_env(**kw: Any) -> Iterator[TreeEnv]:
+    env = TreeEnv(**kw)
     try:
         yield env
     finally:

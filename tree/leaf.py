@@ -50,6 +50,7 @@ from tree import forge
 from tree.events import EventReflector
 from tree.fabric_link import FabricLink
 from tree.metrics import TreeMetrics
+from tree.podsync import Converter, DependenciesFactory, PodSyncer, RootPods
 from tree.spec import KUBECONFIG_KEY, TreeSpec
 from tree.vnode import RootWriter, owner
 
@@ -84,6 +85,8 @@ class Options:
     #: port ("" / 0: none).
     kubelet_address: str = ""
     kubelet_port: int = 0
+    #: Worker threads syncing one leaf's pods (:class:`tree.podsync.PodSyncer`).
+    pod_workers: int = 8
 
 
 def _connect_leaf(doc: Obj) -> Api:
@@ -95,10 +98,14 @@ class LeafReconciler:
 
     def __init__(self, spec: TreeSpec, root: Api, root_nodes: Informer, options: Options, metrics: TreeMetrics,
                  *, connect: Connector = _connect_leaf, clock: Callable[[], float] = time.monotonic,
-                 on_exit: Callable[[], None] = lambda: None, link: FabricLink | None = None) -> None:
+                 on_exit: Callable[[], None] = lambda: None, link: FabricLink | None = None,
+                 root_pods: RootPods | None = None, dependencies: DependenciesFactory | None = None,
+                 converter: Converter | None = None) -> None:
         """``on_exit`` runs on the reconciler's thread when it ends (the manager collects the
         nodes of a Cluster only once its reconciler can no longer write them back). ``link``:
-        the reflector's (records out, reachability in), None without one."""
+        the reflector's (records out, reachability in), None without one. ``root_pods``: the
+        manager's root pod informer; with it the leaf's pods are synced too
+        (:class:`tree.podsync.PodSyncer`, given ``dependencies`` and ``converter``)."""
         self.spec = spec
         self.link = link
         #: Set by :meth:`retire`: the Cluster's records go when the thread ends.
@@ -137,6 +144,12 @@ class LeafReconciler:
         self._retry_at: float | None = None
         #: Completed passes over a synced leaf (for tests and /debug: progress, not state).
         self.passes = 0
+        self.pods: PodSyncer | None = None
+        if root_pods is not None:
+            self.pods = PodSyncer(root, root_pods, root_nodes, lambda: self.spec, root_id=options.root_id,
+                                  metrics=metrics, workers=options.pod_workers, leaf_timeout=options.leaf_timeout,
+                                  root_timeout=options.root_timeout, resync_period=options.resync_period,
+                                  dependencies=dependencies, converter=converter)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -147,6 +160,8 @@ class LeafReconciler:
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=f"leaf-{self.spec.cluster}", daemon=True)
         self._thread.start()
+        if self.pods is not None:
+            self.pods.start()
 
     def kick(self) -> None:
         self._wake.set()
@@ -162,6 +177,8 @@ class LeafReconciler:
         self._wake.set()
         for inf in self._informers:
             inf.stop()
+        if self.pods is not None:
+            self.pods.stop()
 
     def retire(self) -> None:
         """Stop for good (the Cluster is gone or its tree disabled): its records are deleted
@@ -180,6 +197,8 @@ class LeafReconciler:
     def join(self, timeout: float) -> None:
         if self._thread is not None:
             self._thread.join(timeout)
+        if self.pods is not None:
+            self.pods.join(timeout)
 
     # ------------------------------------------------------------------ the loop
 
@@ -190,6 +209,8 @@ class LeafReconciler:
             self._stop_events()
             for inf in self._informers:
                 inf.stop()
+            if self.pods is not None:
+                self.pods.stop()
             if self._retired and self.link is not None:
                 self.link.forget(self.key)
             self.on_exit()
@@ -268,6 +289,8 @@ class LeafReconciler:
         self._stop_events()
         for inf in self._informers:
             inf.stop()
+        if self.pods is not None:
+            self.pods.detach()
         self._informers, self._leaf, self._fingerprint = [], None, ""
 
     def _start_informers(self) -> None:
@@ -277,6 +300,8 @@ class LeafReconciler:
         for inf in self._informers:
             inf.stop()
         self._informers = [Informer(self._leaf, "v1", "nodes"), Informer(self._leaf, "v1", "pods")]
+        if self.pods is not None:
+            self.pods.attach(self._leaf, self._informers[1])  # before start: it sees the first LIST
         for inf in self._informers:
             inf.add_handler(lambda _t, _o, _n: self._wake.set())
             inf.start()

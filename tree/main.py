@@ -87,6 +87,8 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds after which an unchanged virtual node status is written again (default 60)")
     p.add_argument("--resync-period", type=positive_seconds, default=30.0,
                    help="seconds between full passes and re-reads of the kubeconfig Secrets (default 30)")
+    p.add_argument("--pod-workers", type=int, default=8,
+                   help="pods of one leaf synced at once (default 8; each leaf has its own)")
     p.add_argument("--reflector", type=grpc_target, metavar="TARGET",
                    help="gRPC target of fabric-reflector, HOST:PORT or unix:/path (plaintext, as the agent's); "
                         "absent: no add-on records, no NetworkUnavailable")
@@ -161,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
     options = Options(root_id=rid, leaf_timeout=args.leaf_timeout, unreachable_after=args.leaf_unreachable_after,
                       lease_period=args.node_lease_period, status_period=args.node_status_period,
-                      resync_period=args.resync_period,
+                      resync_period=args.resync_period, pod_workers=max(1, args.pod_workers),
                       kubelet_address=args.kubelet_address if kubelet_server else "",
                       kubelet_port=kubelet_server.port if kubelet_server else 0)
     link = None

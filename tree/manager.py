@@ -45,6 +45,7 @@ from tree import spec as treespec
 from tree.fabric_link import FabricLink
 from tree.leaf import Connector, LeafReconciler, Options, _connect_leaf
 from tree.metrics import TreeMetrics
+from tree.podsync import Converter, DependenciesFactory, RootPods
 from tree.vnode import NODE_SELECTOR, RootWriter, owner
 
 _log = logging.getLogger(__name__)
@@ -57,8 +58,11 @@ class TreeManager:
                  lease_namespace: str = "kube-system", lease_name: str = "kosmos-tree",
                  lease_duration: float = 15.0, renew_deadline: float = 10.0, retry_period: float = 2.0,
                  metrics: TreeMetrics | None = None, connect: Connector = _connect_leaf,
-                 link: FabricLink | None = None) -> None:
-        """``link``: the reflector's (records, reachability), started when this replica leads."""
+                 link: FabricLink | None = None, sync_pods: bool = True,
+                 dependencies: DependenciesFactory | None = None, converter: Converter | None = None) -> None:
+        """``link``: the reflector's (records, reachability), started when this replica leads.
+        ``sync_pods``: sync the pods bound to the virtual nodes (:mod:`tree.podsync`), with the
+        ``dependencies`` syncer and the ``converter`` (convert policies) when given."""
         self.root = root
         self.link = link
         self.options = options
@@ -68,6 +72,10 @@ class TreeManager:
         self.clusters = Informer(root, treespec.GROUP_VERSION, treespec.PLURAL, copy_on_write=True)
         self.nodes = Informer(root, "v1", "nodes", label_selector=NODE_SELECTOR, copy_on_write=True)
         self.clusters.add_handler(lambda _t, _o, _n: self.kick())
+        #: The root's bound pods, for every leaf's pod syncer (None: pods are not synced).
+        self.pods = RootPods(root) if sync_pods else None
+        self.dependencies = dependencies
+        self.converter = converter
         self.nodes.add_handler(self._on_node)
         self.reconcilers: dict[str, LeafReconciler] = {}
         #: Reconcilers asked to stop whose thread may still be in a request: their Cluster's
@@ -95,6 +103,8 @@ class TreeManager:
     def start(self, sync_timeout: float | None = 30.0) -> None:
         self.clusters.start()
         self.nodes.start()
+        if self.pods is not None:
+            self.pods.start()
         if sync_timeout is not None and not wait_synced([self.clusters, self.nodes], sync_timeout):
             _log.warning("root informers not synced after %g s; going on (they keep trying)", sync_timeout)
         if self.elector is not None:
@@ -121,6 +131,8 @@ class TreeManager:
             self.elector.stop(release=release)
         self.clusters.stop()
         self.nodes.stop()
+        if self.pods is not None:
+            self.pods.stop()
 
     def kick(self) -> None:
         self._wake.set()
@@ -235,7 +247,9 @@ class TreeManager:
                     continue
                 if running is None:
                     started = LeafReconciler(usable, self.root, self.nodes, self.options, self.metrics,
-                                             connect=self.connect, on_exit=self.kick, link=self.link)
+                                             connect=self.connect, on_exit=self.kick, link=self.link,
+                                             root_pods=self.pods, dependencies=self.dependencies,
+                                             converter=self.converter)
                     self.reconcilers[name] = started
                     started.start()
                     _log.info("Cluster %s: reconciler started (%s mode)", name, usable.mode)

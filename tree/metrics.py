@@ -59,8 +59,21 @@ class TreeMetrics:
         self.leader = prometheus_client.Gauge(
             "fabric_tree_leader", "1 while this replica holds the lease (or runs without election).", registry=r)
 
+        self.pods_synced = prometheus_client.Gauge(
+            "fabric_tree_pods_synced", "Root pods with a live copy in the leaf (at the last resync).", ["cluster"],
+            registry=r)
+        self.pod_sync_errors = prometheus_client.Counter(
+            "fabric_tree_pod_sync_errors", "Pod syncs that failed (retried with back-off), by reason (refused, "
+            "conflict, unavailable, unreachable, dependency, invalid, error).", ["cluster", "reason"], registry=r)
+        self.pod_sync_seconds = prometheus_client.Histogram(
+            "fabric_tree_pod_sync_seconds", "Time one root pod's sync step took (its leaf and root writes).",
+            ["cluster"], buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r)
+        self.pod_writes = prometheus_client.Counter(
+            "fabric_tree_pod_writes", "Pod sync writes by kind (leaf-create, leaf-update, leaf-delete, leaf-namespace, "
+            "root-status, root-delete).", ["cluster", "kind"], registry=r)
+
     def forget(self, cluster: str) -> None:
         """Drop a cluster's series (its Cluster is gone or its tree disabled)."""
-        for g in (self.virtual_nodes, self.leaf_reachable, self.conflicts, self.spec_errors):
+        for g in (self.virtual_nodes, self.leaf_reachable, self.conflicts, self.spec_errors, self.pods_synced):
             with contextlib.suppress(KeyError):
                 g.remove(cluster)

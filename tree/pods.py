@@ -1,0 +1,371 @@
+"""A root pod's leaf copy, and what flows between them: pure functions, no API access.
+
+A pod bound to a virtual node in the root runs as a *leaf copy* in the leaf cluster. Three
+functions say what each side should hold; :mod:`tree.podsync` diffs and writes.
+
+:func:`leaf_pod` (root -> leaf, at creation), as Kosmos' ``FitPod`` does:
+
+- metadata: the leaf name (:func:`tree.identity.leaf_name`, chosen by the caller), the root's
+  namespace, labels and annotations plus the ownership ones (:func:`tree.identity.ownership`)
+  and :data:`SYNCED_KEYS_ANNOTATION` (the label and annotation keys that came from the root, so
+  a key the root drops later is removed while keys the leaf's own controllers add are kept).
+  uid, resourceVersion, ownerReferences, finalizers, generateName, managedFields, timestamps are
+  the root's and are not copied; neither is ``status``.
+- placement: the root pod's ``nodeSelector``, ``tolerations``, ``topologySpreadConstraints``
+  and required node affinity are for the *root* scheduler (they chose the virtual node, and
+  include the ``kosmos.io/node`` toleration); Kosmos' ``recoverSelectors`` replaces them with the
+  JSON of the annotation :data:`CLUSTER_SELECTOR_ANNOTATION` (``{nodeSelector, affinity,
+  tolerations, topologySpreadConstraints}``, Kosmos' ``ClustersNodeSelection``), or clears them
+  when it is absent, so the leaf scheduler places the pod by what its author meant for the leaf.
+  The ``kosmos.io/node`` toleration thus goes with the rest (no leaf node has that taint).
+  ``nodeName`` is cleared, except in node mode (one virtual node per leaf node, same name): the
+  leaf copy is bound to that leaf node directly. Party mode: the party's label selector is added
+  to every required node affinity term (Kosmos ``fitNodeAffinity`` replaces the terms; ANDing
+  keeps a cluster-selector affinity meaningful too). ``schedulerName: kosmos-scheduler`` is
+  cleared (Kosmos: the leaf runs its own default scheduler).
+- service account: ``automountServiceAccountToken: false`` (as Kosmos): the root pod already
+  carries its token volume (``kube-api-access-*``) and the leaf must not add a second one; the
+  legacy ``default-token-*`` Secret volumes and mounts are dropped (Kosmos). A projected
+  ``serviceAccountToken`` source becomes a projection of the token Secret the dependency syncer
+  made, when ``renames`` has ``(TOKEN_SECRETS, <service account>)`` (key ``token``); without
+  one it is left as is (the leaf's kubelet then mounts a token of the leaf's account).
+- references: ``renames`` maps ``(plural, root name)`` -> leaf name for the objects the
+  dependency syncer copied under another name; volumes (configMap, secret, projected sources,
+  persistentVolumeClaim), ``env[].valueFrom`` (configMapKeyRef, secretKeyRef), ``envFrom``,
+  ``imagePullSecrets`` and ``serviceAccountName`` are rewritten. A pod whose own name changed
+  in the leaf gets ``spec.hostname`` = its root name (unless it has one), so it sees its name.
+- dropped because the leaf recomputes or refuses them: ``priority`` and ``preemptionPolicy``
+  (the leaf's Priority admission derives them from ``priorityClassName`` and refuses a value that
+  disagrees), ``ephemeralContainers`` (only through their subresource), ``readinessGates`` (their
+  conditions are set by root controllers; no one would set them in the leaf), ``schedulingGates``.
+
+:func:`should_sync`: which pods bound to a virtual node are copied at all. As Kosmos'
+``RootPodReconciler``: not those in ``kube-system``, not those a DaemonSet owns (unless annotated
+:data:`DAEMONSET_ALLOW_ANNOTATION`: a root DaemonSet that tolerates every taint, kube-proxy say,
+must not run its pods inside the leaves), not those of Kosmos' global DaemonSets (label
+:data:`KOSMOS_DAEMONSET_LABEL`). They stay Pending in the root, as with Kosmos.
+
+:func:`root_status` (leaf -> root): the root pod's status as the leaf copy's says: ``phase``,
+``message``, ``reason``, ``podIP(s)``, ``hostIP(s)``, ``startTime``, the container statuses
+(init, regular, ephemeral) and the kubelet's conditions (``PodReadyToStartContainers``,
+``Initialized``, ``ContainersReady``, ``Ready``); the root's other conditions (``PodScheduled``
+from the root scheduler, ``DisruptionTarget``, readiness gates) and ``qosClass`` (computed by the
+root's API server at creation) stay. ``hostIP`` is the *leaf node's* address: a virtual node has
+no address of its own, and through the fabric the leaf node's address is reachable from the root
+(Kosmos, too, copies the leaf status; Liqo remaps). None when nothing differs: no write.
+
+:func:`leaf_update` (root -> leaf, later): the fields a pod update may change (ValidatePodUpdate)
+and Kosmos updates: container and init container images, labels, annotations,
+``activeDeadlineSeconds`` (only set or lowered, as the API allows). A JSON patch that first tests
+the leaf copy's UID, or None when nothing differs. Labels and annotations that someone changed in
+the leaf are put back; keys the leaf's own controllers added are left alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from tree import identity
+from tree.spec import Mode
+
+Obj = dict[str, Any]
+#: ``(plural, root name)`` -> leaf name of a dependency copied under another name.
+Renames = Mapping[tuple[str, str], str]
+
+#: Kosmos' ``KosmosSelectorKey``: JSON ``{nodeSelector, affinity, tolerations,
+#: topologySpreadConstraints}`` placing the leaf copy inside the leaf.
+CLUSTER_SELECTOR_ANNOTATION = "kosmos.io/cluster-selector"
+#: JSON ``{"labels": [...], "annotations": [...]}``: the keys of the leaf copy that came from the
+#: root pod (see the module).
+SYNCED_KEYS_ANNOTATION = "kosmos.io/synced-keys"
+#: ``renames`` key plural for a service account's token Secret: ``(TOKEN_SECRETS, <account>)``.
+TOKEN_SECRETS = "serviceaccounts/token"
+#: A root pod owned by a DaemonSet is copied only with this annotation (Kosmos' key).
+DAEMONSET_ALLOW_ANNOTATION = "kosmos-io/daemonset-allow"
+#: Pods of Kosmos' global DaemonSets (its ShadowDaemonSets) are not copied (Kosmos' key).
+KOSMOS_DAEMONSET_LABEL = "daemonset.kosmos.io/managed"
+#: Namespaces whose pods are never copied.
+SKIPPED_NAMESPACES = ("kube-system",)
+#: Kosmos' scheduler name, cleared in the leaf.
+KOSMOS_SCHEDULER = "kosmos-scheduler"
+#: The kubelet's own pod conditions: the leaf's kubelet is the one that sets them.
+KUBELET_CONDITIONS = ("PodReadyToStartContainers", "Initialized", "ContainersReady", "Ready")
+#: Status fields copied verbatim from the leaf copy (absent in the leaf: absent in the root).
+STATUS_FIELDS = ("phase", "message", "reason", "podIP", "podIPs", "hostIP", "hostIPs", "startTime",
+                 "initContainerStatuses", "containerStatuses", "ephemeralContainerStatuses", "resize",
+                 "resourceClaimStatuses")
+
+_META_KEPT = ("namespace", "labels", "annotations")
+_SPEC_DROPPED = ("priority", "preemptionPolicy", "ephemeralContainers", "readinessGates", "schedulingGates")
+_LEGACY_TOKEN = "default-token"
+_CONTAINER_LISTS = ("initContainers", "containers")
+
+
+class PodError(ValueError):
+    """A root pod that cannot be copied (e.g. an unreadable cluster-selector annotation)."""
+
+
+def _meta(obj: Mapping[str, Any]) -> Mapping[str, Any]:
+    return obj.get("metadata") or {}
+
+
+def should_sync(root_pod: Mapping[str, Any]) -> bool:
+    """Whether a root pod bound to a virtual node is copied to its leaf (see the module)."""
+    meta = _meta(root_pod)
+    if meta.get("namespace") in SKIPPED_NAMESPACES or KOSMOS_DAEMONSET_LABEL in (meta.get("labels") or {}):
+        return False
+    if any(ref.get("kind") == "DaemonSet" for ref in meta.get("ownerReferences") or []):
+        return DAEMONSET_ALLOW_ANNOTATION in (meta.get("annotations") or {})
+    return True
+
+
+def leaf_pod(root_pod: Mapping[str, Any], *, root_id: str, leaf_name: str, mode: Mode,
+             party_selector: Mapping[str, Any] | None = None, renames: Renames | None = None) -> Obj:
+    """The leaf copy of ``root_pod`` to create, named ``leaf_name`` (see the module).
+
+    ``party_selector``: the party's ``labelSelector`` (party mode). Raises :class:`PodError`
+    when the cluster-selector annotation is not the JSON object Kosmos defines."""
+    renames = renames or {}
+    meta = _meta(root_pod)
+    root_name = str(meta.get("name") or "")
+    labels, annotations = desired_meta(root_pod, root_id)
+    out_meta: Obj = {"name": leaf_name, "namespace": meta.get("namespace") or "default",
+                     "labels": labels, "annotations": annotations}
+    spec: Obj = copy.deepcopy(dict(root_pod.get("spec") or {}))
+    for k in _SPEC_DROPPED:
+        spec.pop(k, None)
+    if spec.get("schedulerName") == KOSMOS_SCHEDULER:
+        spec.pop("schedulerName")
+    if mode is not Mode.NODE:
+        spec.pop("nodeName", None)
+    _placement(spec, cluster_selector(root_pod))
+    if mode is Mode.PARTY and party_selector is not None:
+        _and_party(spec, party_selector)
+    spec["automountServiceAccountToken"] = False
+    _volumes(spec, renames)
+    _env(spec, renames)
+    for s in spec.get("imagePullSecrets") or []:
+        if isinstance(s, dict) and s.get("name"):
+            s["name"] = renames.get(("secrets", s["name"]), s["name"])
+    for key in ("serviceAccountName", "serviceAccount"):
+        if spec.get(key):
+            spec[key] = renames.get(("serviceaccounts", spec[key]), spec[key])
+    if leaf_name != root_name and not spec.get("hostname"):
+        spec["hostname"] = root_name[:63]
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": out_meta, "spec": spec}
+
+
+def desired_meta(root_pod: Mapping[str, Any], root_id: str) -> tuple[dict[str, str], dict[str, str]]:
+    """(labels, annotations) the leaf copy of ``root_pod`` carries: the root's, the ownership
+    ones over them, and the record of the root's keys."""
+    meta = _meta(root_pod)
+    own_labels, own_annotations = identity.ownership(root_id, root_pod)
+    root_labels = {str(k): str(v) for k, v in (meta.get("labels") or {}).items()}
+    root_annotations = {str(k): str(v) for k, v in (meta.get("annotations") or {}).items()
+                        if k != SYNCED_KEYS_ANNOTATION}
+    record = json.dumps({"labels": sorted(root_labels), "annotations": sorted(root_annotations)},
+                        separators=(",", ":"))
+    return ({**root_labels, **own_labels},
+            {**root_annotations, **own_annotations, SYNCED_KEYS_ANNOTATION: record})
+
+
+def cluster_selector(root_pod: Mapping[str, Any]) -> Obj | None:
+    """The parsed :data:`CLUSTER_SELECTOR_ANNOTATION`, None when absent."""
+    raw = (_meta(root_pod).get("annotations") or {}).get(CLUSTER_SELECTOR_ANNOTATION)
+    if not raw:
+        return None
+    try:
+        doc = json.loads(raw)
+    except ValueError as e:
+        raise PodError(f"annotation {CLUSTER_SELECTOR_ANNOTATION} is not JSON: {e}") from e
+    if not isinstance(doc, dict):
+        raise PodError(f"annotation {CLUSTER_SELECTOR_ANNOTATION} must be a JSON object, got {raw!r}")
+    return doc
+
+
+def _placement(spec: Obj, cns: Mapping[str, Any] | None) -> None:
+    """Kosmos' ``recoverSelectors``: the root's placement out, the cluster selector's in."""
+    cns = cns or {}
+    for key in ("nodeSelector", "tolerations", "topologySpreadConstraints"):
+        if cns.get(key):
+            spec[key] = copy.deepcopy(cns[key])
+        else:
+            spec.pop(key, None)
+    affinity: Obj = dict(spec.get("affinity") or {})
+    node_aff: Obj = dict(affinity.get("nodeAffinity") or {})
+    node_aff.pop("requiredDuringSchedulingIgnoredDuringExecution", None)
+    wanted = ((cns.get("affinity") or {}).get("nodeAffinity") or {})
+    if wanted.get("requiredDuringSchedulingIgnoredDuringExecution"):
+        node_aff["requiredDuringSchedulingIgnoredDuringExecution"] = copy.deepcopy(
+            wanted["requiredDuringSchedulingIgnoredDuringExecution"])
+    if wanted.get("preferredDuringSchedulingIgnoredDuringExecution"):
+        node_aff["preferredDuringSchedulingIgnoredDuringExecution"] = copy.deepcopy(
+            wanted["preferredDuringSchedulingIgnoredDuringExecution"])
+    _set_or_drop(affinity, "nodeAffinity", node_aff)
+    _set_or_drop(spec, "affinity", affinity)
+
+
+def _set_or_drop(d: Obj, key: str, value: Obj) -> None:
+    if value:
+        d[key] = value
+    else:
+        d.pop(key, None)
+
+
+def selector_requirements(sel: Mapping[str, Any]) -> list[Obj]:
+    """A LabelSelector as node selector requirements (Kosmos ``fitNodeAffinity``)."""
+    reqs: list[Obj] = [{"key": k, "operator": "In", "values": [str(v)]}
+                       for k, v in sorted((sel.get("matchLabels") or {}).items())]
+    for e in sel.get("matchExpressions") or []:
+        req: Obj = {"key": e["key"], "operator": e["operator"]}
+        if e.get("values"):
+            req["values"] = list(e["values"])
+        reqs.append(req)
+    return reqs
+
+
+def _and_party(spec: Obj, party_selector: Mapping[str, Any]) -> None:
+    reqs = selector_requirements(party_selector)
+    if not reqs:
+        return
+    affinity = spec.setdefault("affinity", {})
+    node_aff = affinity.setdefault("nodeAffinity", {})
+    required = node_aff.setdefault("requiredDuringSchedulingIgnoredDuringExecution", {})
+    terms = required.get("nodeSelectorTerms") or [{}]
+    for t in terms:
+        t["matchExpressions"] = list(t.get("matchExpressions") or []) + copy.deepcopy(reqs)
+    required["nodeSelectorTerms"] = terms
+
+
+def _volumes(spec: Obj, renames: Renames) -> None:
+    vols = [v for v in spec.get("volumes") or [] if not str(v.get("name", "")).startswith(_LEGACY_TOKEN)]
+    sa = str(spec.get("serviceAccountName") or spec.get("serviceAccount") or "default")
+    for v in vols:
+        if v.get("configMap", {}).get("name"):
+            v["configMap"]["name"] = renames.get(("configmaps", v["configMap"]["name"]), v["configMap"]["name"])
+        if v.get("secret", {}).get("secretName"):
+            name = v["secret"]["secretName"]
+            v["secret"]["secretName"] = renames.get(("secrets", name), name)
+        if v.get("persistentVolumeClaim", {}).get("claimName"):
+            name = v["persistentVolumeClaim"]["claimName"]
+            v["persistentVolumeClaim"]["claimName"] = renames.get(("persistentvolumeclaims", name), name)
+        for i, src in enumerate((v.get("projected") or {}).get("sources") or []):
+            if src.get("configMap", {}).get("name"):
+                src["configMap"]["name"] = renames.get(("configmaps", src["configMap"]["name"]),
+                                                       src["configMap"]["name"])
+            if src.get("secret", {}).get("name"):
+                src["secret"]["name"] = renames.get(("secrets", src["secret"]["name"]), src["secret"]["name"])
+            token = src.get("serviceAccountToken")
+            secret = renames.get((TOKEN_SECRETS, sa))
+            if token is not None and secret:
+                v["projected"]["sources"][i] = {
+                    "secret": {"name": secret, "items": [{"key": "token", "path": token.get("path") or "token"}]}}
+    if vols:
+        spec["volumes"] = vols
+    else:
+        spec.pop("volumes", None)
+    for key in _CONTAINER_LISTS:
+        for c in spec.get(key) or []:
+            mounts = [m for m in c.get("volumeMounts") or [] if not str(m.get("name", "")).startswith(_LEGACY_TOKEN)]
+            if mounts:
+                c["volumeMounts"] = mounts
+            else:
+                c.pop("volumeMounts", None)
+
+
+def _env(spec: Obj, renames: Renames) -> None:
+    for key in _CONTAINER_LISTS:
+        for c in spec.get(key) or []:
+            for e in c.get("env") or []:
+                ref = (e.get("valueFrom") or {})
+                for kind, plural in (("configMapKeyRef", "configmaps"), ("secretKeyRef", "secrets")):
+                    if (ref.get(kind) or {}).get("name"):
+                        ref[kind]["name"] = renames.get((plural, ref[kind]["name"]), ref[kind]["name"])
+            for e in c.get("envFrom") or []:
+                for kind, plural in (("configMapRef", "configmaps"), ("secretRef", "secrets")):
+                    if (e.get(kind) or {}).get("name"):
+                        e[kind]["name"] = renames.get((plural, e[kind]["name"]), e[kind]["name"])
+
+
+# ---------------------------------------------------------------------- leaf -> root
+
+
+def desired_status(leaf_pod: Mapping[str, Any], root_pod: Mapping[str, Any]) -> Obj:
+    """The root pod's whole status as the leaf copy says (see the module)."""
+    leaf_status = leaf_pod.get("status") or {}
+    root_status_now = dict(root_pod.get("status") or {})
+    out = {k: v for k, v in root_status_now.items() if k not in STATUS_FIELDS and k != "conditions"}
+    for k in STATUS_FIELDS:
+        if leaf_status.get(k) not in (None, "", []):
+            out[k] = copy.deepcopy(leaf_status[k])
+    conditions = [c for c in root_status_now.get("conditions") or [] if c.get("type") not in KUBELET_CONDITIONS]
+    conditions += [copy.deepcopy(c) for c in leaf_status.get("conditions") or [] if c.get("type") in KUBELET_CONDITIONS]
+    if conditions:
+        out["conditions"] = conditions
+    return out
+
+
+def root_status(leaf_pod: Mapping[str, Any], root_pod: Mapping[str, Any]) -> Obj | None:
+    """The root pod's new status, or None when it already says what the leaf copy says.
+
+    A leaf copy that has no status yet (phase empty) tells nothing: None, so a freshly created
+    copy does not wipe the root's Pending status."""
+    if not (leaf_pod.get("status") or {}).get("phase"):
+        return None
+    want = desired_status(leaf_pod, root_pod)
+    return None if want == (root_pod.get("status") or {}) else want
+
+
+# ---------------------------------------------------------------------- root -> leaf, later
+
+
+def _escape(key: str) -> str:
+    """A JSON pointer segment (RFC 6901)."""
+    return key.replace("~", "~0").replace("/", "~1")
+
+
+def _synced_keys(leaf: Mapping[str, Any]) -> tuple[set[str], set[str]]:
+    raw = (_meta(leaf).get("annotations") or {}).get(SYNCED_KEYS_ANNOTATION) or "{}"
+    try:
+        doc = json.loads(raw)
+        return set(doc.get("labels") or ()), set(doc.get("annotations") or ())
+    except (ValueError, AttributeError):
+        return set(), set()
+
+
+def leaf_update(root_pod: Mapping[str, Any], leaf_pod_now: Mapping[str, Any], root_id: str) -> list[Obj] | None:
+    """The JSON patch (RFC 6902) that brings the leaf copy's updatable fields to the root pod's,
+    guarded by a test of its UID; None when nothing differs (see the module)."""
+    ops: list[Obj] = []
+    meta = _meta(leaf_pod_now)
+    want_labels, want_annotations = desired_meta(root_pod, root_id)
+    had_labels, had_annotations = _synced_keys(leaf_pod_now)
+    for field_name, want, had in (("labels", want_labels, had_labels),
+                                  ("annotations", want_annotations, had_annotations)):
+        have = dict(meta.get(field_name) or {})
+        changes: list[Obj] = []
+        for k, v in sorted(want.items()):
+            if have.get(k) != v:
+                changes.append({"op": "add", "path": f"/metadata/{field_name}/{_escape(k)}", "value": v})
+        for k in sorted(had - set(want)):
+            if k in have:
+                changes.append({"op": "remove", "path": f"/metadata/{field_name}/{_escape(k)}"})
+        if changes and field_name not in meta:
+            changes.insert(0, {"op": "add", "path": f"/metadata/{field_name}", "value": {}})
+        ops += changes
+    root_spec, leaf_spec = root_pod.get("spec") or {}, leaf_pod_now.get("spec") or {}
+    for key in _CONTAINER_LISTS:
+        images = {c.get("name"): c.get("image") for c in root_spec.get(key) or []}
+        for i, c in enumerate(leaf_spec.get(key) or []):
+            want_image = images.get(c.get("name"))
+            if want_image and want_image != c.get("image"):
+                ops.append({"op": "replace", "path": f"/spec/{key}/{i}/image", "value": want_image})
+    ads_root, ads_leaf = root_spec.get("activeDeadlineSeconds"), leaf_spec.get("activeDeadlineSeconds")
+    if ads_root is not None and (ads_leaf is None or int(ads_root) < int(ads_leaf)):
+        ops.append({"op": "add", "path": "/spec/activeDeadlineSeconds", "value": int(ads_root)})
+    if not ops:
+        return None
+    return [{"op": "test", "path": "/metadata/uid", "value": meta.get("uid")}, *ops]
