@@ -37,11 +37,13 @@ import logging
 import socket
 import threading
 import uuid
-from typing import Any
+from typing import Any, Literal
 
 from scheduler.election import LeaderElector
 from scheduler.kube import Api, Informer, wait_synced
 from tree import spec as treespec
+from tree.convert import ConvertPolicies
+from tree.deps import Dependencies
 from tree.fabric_link import FabricLink
 from tree.leaf import Connector, LeafReconciler, Options, _connect_leaf
 from tree.metrics import TreeMetrics
@@ -59,10 +61,13 @@ class TreeManager:
                  lease_duration: float = 15.0, renew_deadline: float = 10.0, retry_period: float = 2.0,
                  metrics: TreeMetrics | None = None, connect: Connector = _connect_leaf,
                  link: FabricLink | None = None, sync_pods: bool = True,
-                 dependencies: DependenciesFactory | None = None, converter: Converter | None = None) -> None:
+                 dependencies: DependenciesFactory | None | Literal["default"] = "default",
+                 converter: Converter | None | Literal["default"] = "default") -> None:
         """``link``: the reflector's (records, reachability), started when this replica leads.
         ``sync_pods``: sync the pods bound to the virtual nodes (:mod:`tree.podsync`), with the
-        ``dependencies`` syncer and the ``converter`` (convert policies) when given."""
+        ``dependencies`` syncer (default: :class:`tree.deps.Dependencies` per leaf connection)
+        and the ``converter`` (default: the root's convert policies, :class:`tree.convert.ConvertPolicies`,
+        watched by this manager); None leaves either out (tests of the pod sync alone)."""
         self.root = root
         self.link = link
         self.options = options
@@ -74,8 +79,15 @@ class TreeManager:
         self.clusters.add_handler(lambda _t, _o, _n: self.kick())
         #: The root's bound pods, for every leaf's pod syncer (None: pods are not synced).
         self.pods = RootPods(root) if sync_pods else None
-        self.dependencies = dependencies
+        #: The root's pod convert policies, when this manager watches them (``converter`` default).
+        self.policies: ConvertPolicies | None = None
+        if converter == "default":
+            self.policies = ConvertPolicies(root, nodes=lambda name: self.nodes.store.get(name), metrics=self.metrics)
+            converter = self.policies.convert
         self.converter = converter
+        if dependencies == "default":
+            dependencies = self._dependencies
+        self.dependencies = dependencies
         self.nodes.add_handler(self._on_node)
         self.reconcilers: dict[str, LeafReconciler] = {}
         #: Reconcilers asked to stop whose thread may still be in a request: their Cluster's
@@ -105,6 +117,8 @@ class TreeManager:
         self.nodes.start()
         if self.pods is not None:
             self.pods.start()
+        if self.policies is not None:
+            self.policies.start()
         if sync_timeout is not None and not wait_synced([self.clusters, self.nodes], sync_timeout):
             _log.warning("root informers not synced after %g s; going on (they keep trying)", sync_timeout)
         if self.elector is not None:
@@ -133,6 +147,14 @@ class TreeManager:
         self.nodes.stop()
         if self.pods is not None:
             self.pods.stop()
+        if self.policies is not None:
+            self.policies.stop()
+
+    def _dependencies(self, spec: treespec.TreeSpec, root: Api, leaf: Api) -> Dependencies:
+        """The dependency syncer of one leaf connection (the default ``dependencies``)."""
+        o = self.options
+        return Dependencies(root, leaf, root_id=o.root_id, cluster=spec.cluster, timeout=o.leaf_timeout,
+                            mode=spec.mode, metrics=self.metrics, resync_period=o.resync_period)
 
     def kick(self) -> None:
         self._wake.set()

@@ -97,10 +97,12 @@ class Dependencies(Protocol):
     def stop(self) -> None: ...
 
 
-#: Makes a leaf's :class:`Dependencies` from (root Api, leaf Api), on every (re)connection.
-DependenciesFactory = Callable[[Api, Api], Dependencies]
-#: Convert policies (``tree/convert.py``): (leaf pod, root pod) -> the leaf pod to create.
-Converter = Callable[[Obj, Obj], Obj]
+#: Makes a leaf's :class:`Dependencies` from (its Cluster's spec, root Api, leaf Api), on every
+#: (re)connection.
+DependenciesFactory = Callable[[TreeSpec, Api, Api], Dependencies]
+#: Convert policies (:meth:`tree.convert.ConvertPolicies.convert`): (leaf pod, root pod, leaf
+#: cluster) -> the leaf pod to create.
+Converter = Callable[[Obj, Obj, str], Obj]
 
 
 def _meta(obj: Obj | None) -> Obj:
@@ -312,7 +314,7 @@ class PodSyncer:
             self._namespaces, self._created = set(), {}
         informer.add_handler(lambda kind, old, new: self._on_leaf(informer, kind, old, new))
         if self.dependencies_factory is not None:
-            self.deps = self.dependencies_factory(self.root, leaf)
+            self.deps = self.dependencies_factory(self.spec(), self.root, leaf)
             self.deps.start()
         self._wake.set()
 
@@ -408,8 +410,8 @@ class PodSyncer:
         live = [p for cs in copies.values() for p in cs if not _meta(p).get("deletionTimestamp")]
         self.metrics.pods_synced.labels(spec.cluster).set(len({identity.root_of(p) for p in live}))
         if deps is not None:
-            try:
-                deps.release(live)
+            try:  # a terminating copy still runs with its ConfigMaps, Secrets and ServiceAccount
+                deps.release([p for cs in copies.values() for p in cs])
             except Exception as e:
                 _log.warning("Cluster %s: releasing dependencies: %s: %s", spec.cluster, type(e).__name__, e)
 
@@ -537,7 +539,7 @@ class PodSyncer:
             body = pods.leaf_pod(root_pod, root_id=self.root_id, leaf_name=leaf_name, mode=spec.mode,
                                  party_selector=_party_selector(spec, node), renames=renames)
             if self.converter is not None:
-                body = self.converter(body, root_pod)
+                body = self.converter(body, root_pod, spec.cluster)
         except ApiError:
             raise
         except Exception as e:  # a dependency missing, an unreadable annotation, a converter's refusal

@@ -66,7 +66,8 @@ def tree(tmp_path: Path) -> Iterator[Tree]:
         opts = Options(root_id=ROOT_ID, leaf_timeout=0.5, unreachable_after=1.0, lease_period=0.2,
                        status_period=60.0, resync_period=1.0, root_timeout=5.0,
                        kubelet_address="127.0.0.1", kubelet_port=server.port)
-        manager = env.start_manager(options=opts)
+        # the tests make the leaf copies themselves (renamed, another root's...): no pod sync here
+        manager = env.start_manager(options=opts, sync_pods=False)
         resolvers.append(PodResolver(Api(env.root.host), ROOT_ID, manager.nodes, manager.leaf_api, timeout=5.0))
         server.start()
         env.add_cluster("c1", "l1")

@@ -297,7 +297,7 @@ def test_an_unreachable_leaf_stalls_nobody_else(env: TreeEnv) -> None:
 
 
 def test_a_refused_pod_gets_an_event_and_the_others_go_on(env: TreeEnv) -> None:
-    started(env)
+    started(env, dependencies=None)  # the leaf refuses a pod whose ServiceAccount it lacks
     env.root.create(resource_path("v1", "serviceaccounts", "default"),
                     {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "missing-in-leaf"}})
     bad = env.add_root_pod("bad", "kosmos-leaf1", serviceAccountName="missing-in-leaf",
@@ -380,15 +380,15 @@ class DependencyError(Exception):
 def test_dependencies_and_converter_hooks(env: TreeEnv) -> None:
     deps = FakeDeps()
 
-    def convert(leaf: Obj, root: Obj) -> Obj:
-        leaf["spec"]["nodeSelector"] = {"converted": root["metadata"]["name"]}
+    def convert(leaf: Obj, root: Obj, cluster: str) -> Obj:
+        leaf["spec"]["nodeSelector"] = {"converted": f"{root['metadata']['name']}@{cluster}"}
         return leaf
-    started(env, dependencies=lambda _root, _leaf: deps, converter=convert)
+    started(env, dependencies=lambda _spec, _root, _leaf: deps, converter=convert)
     assert wait_until(lambda: deps.running, 10, "the dependency syncer started")
     pod = env.add_root_pod("web", "kosmos-leaf1", volumes=[{"name": "cfg", "configMap": {"name": "cm"}}])
     leaf = one_copy(env, pod["metadata"]["uid"])
     assert leaf["spec"]["volumes"][0]["configMap"]["name"] == "cm-1234"
-    assert leaf["spec"]["nodeSelector"] == {"converted": "web"}
+    assert leaf["spec"]["nodeSelector"] == {"converted": "web@leaf1"}
     wait_until(lambda: ["web"] in deps.released, 10, "the live copies handed to release")
     bad = env.add_root_pod("needs-missing", "kosmos-leaf1")
 
