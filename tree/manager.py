@@ -61,8 +61,8 @@ class TreeManager:
                  lease_duration: float = 15.0, renew_deadline: float = 10.0, retry_period: float = 2.0,
                  metrics: TreeMetrics | None = None, connect: Connector = _connect_leaf,
                  link: FabricLink | None = None, sync_pods: bool = True,
-                 dependencies: DependenciesFactory | None | Literal["default"] = "default",
-                 converter: Converter | None | Literal["default"] = "default") -> None:
+                 dependencies: DependenciesFactory | Literal["default"] | None = "default",
+                 converter: Converter | Literal["default"] | None = "default") -> None:
         """``link``: the reflector's (records, reachability), started when this replica leads.
         ``sync_pods``: sync the pods bound to the virtual nodes (:mod:`tree.podsync`), with the
         ``dependencies`` syncer (default: :class:`tree.deps.Dependencies` per leaf connection)
