@@ -18,7 +18,10 @@ As upstream (pkg/registry/core/pod: ``LogLocation``, ``ExecLocation``), per requ
    text, as upstream's ``GenericHttpResponseChecker``); exec relays the WebSocket frames between
    the client and the kubelet's ``/exec/NS/POD/CONTAINER`` with the subprotocol the kubelet chose,
    and relays the kubelet's own answer (status and text) when it refuses the upgrade, as
-   upstream's upgrade-aware proxy does.
+   upstream's upgrade-aware proxy does. Any other upgrade (SPDY/3.1, what kubectl's SPDY
+   executor and client-go's remotecommand speak) is passed through as upstream's
+   ``UpgradeAwareHandler`` does: the request to the kubelet, its answer back, and after its
+   ``101`` the raw bytes both ways (:func:`passthrough`).
 """
 
 from __future__ import annotations
@@ -27,10 +30,11 @@ import asyncio
 import contextlib
 import logging
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import aiohttp
 from aiohttp import WSMsgType, web
+from multidict import CIMultiDict
 
 from kubeemu import errors
 from kubeemu.errors import ApiError
@@ -220,6 +224,9 @@ class PodProxy:
         url = f"{base}/exec/{ns}/{name}/{container}?{urlencode(params)}"
         offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
         is_ws = request.headers.get("Upgrade", "").lower() == "websocket"
+        if not is_ws and request.headers.get("Upgrade") and \
+                "upgrade" in request.headers.get("Connection", "").lower():
+            return await passthrough(request, url)  # SPDY/3.1 (kubectl's SPDY executor): bytes as they are
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10)) as session:
             if is_ws:
                 try:
@@ -265,6 +272,114 @@ class PodProxy:
             await kws.close()
             await ws.close()
         return ws
+
+
+class _RawStream:
+    """The client's bytes after an upgrade, in aiohttp's payload-parser slot (what
+    :meth:`aiohttp.web_protocol.RequestHandler.set_parser` feeds); reading pauses the transport
+    past :data:`_RAW_LIMIT` buffered bytes."""
+
+    def __init__(self, transport: asyncio.Transport | None) -> None:
+        self._transport = transport
+        self._buf = bytearray()
+        self._eof = False
+        self._paused = False
+        self._event = asyncio.Event()
+
+    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+        self._buf += data
+        self._event.set()
+        if len(self._buf) > _RAW_LIMIT and not self._paused and self._transport is not None:
+            self._transport.pause_reading()
+            self._paused = True
+        return False, b""
+
+    def feed_eof(self) -> None:
+        self._eof = True
+        self._event.set()
+
+    async def read(self) -> bytes:
+        """What has come since the last read; b"" at the end."""
+        while not self._buf and not self._eof:
+            self._event.clear()
+            await self._event.wait()
+        data = bytes(self._buf)
+        self._buf.clear()
+        if self._paused and self._transport is not None:
+            self._transport.resume_reading()
+            self._paused = False
+        return data
+
+
+_RAW_LIMIT = 1 << 20
+#: Request headers not passed to the kubelet (the client's credentials are the API server's business).
+_NOT_FORWARDED = {"host", "authorization", "content-length", "transfer-encoding"}
+
+
+async def passthrough(request: web.Request, url: str) -> web.StreamResponse:
+    """upstream UpgradeAwareHandler's ``tryUpgrade`` for a non-WebSocket upgrade (SPDY/3.1): the
+    request, headers and all, to the kubelet; its answer back: anything but ``101`` as it is
+    (status, Content-Type, body); after a ``101`` (its headers passed on), bytes both ways
+    unchanged until either side ends, then both connections are closed."""
+    parts = urlsplit(url)
+    try:
+        kreader, kwriter = await asyncio.wait_for(asyncio.open_connection(parts.hostname, parts.port), 10)
+    except (TimeoutError, OSError) as e:
+        raise errors.internal(f"error dialing backend: {e}") from None
+    try:
+        lines = [f"{request.method} {parts.path}?{parts.query} HTTP/1.1", f"Host: {parts.netloc}"]
+        lines += [f"{k}: {v}" for k, v in request.headers.items() if k.lower() not in _NOT_FORWARDED]
+        kwriter.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+        try:
+            head = await asyncio.wait_for(kreader.readuntil(b"\r\n\r\n"), 30)
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as e:
+            raise errors.internal(f"error reading the backend's answer: {type(e).__name__}") from None
+        status_line, *header_lines = head.decode("latin-1").split("\r\n")
+        fields = status_line.split(" ", 2)
+        if len(fields) < 2 or not fields[1].isdigit():
+            raise errors.internal(f"the backend answered {status_line[:80]!r}")
+        status = int(fields[1])
+        headers = CIMultiDict(
+            (k.strip(), v.strip()) for k, _, v in (h.partition(":") for h in header_lines if h))
+        if status != 101:
+            n = headers.get("Content-Length")
+            body = await (kreader.readexactly(int(n)) if n and n.isdigit() else kreader.read(1 << 20))
+            return web.Response(status=status, body=body,
+                                content_type=headers.get("Content-Type", "text/plain").split(";")[0])
+        resp = web.StreamResponse(status=101)
+        for k, v in headers.items():
+            if k.lower() not in ("content-length", "transfer-encoding", "date", "server"):
+                resp.headers.add(k, v)
+        client = _RawStream(request.transport)  # type: ignore[arg-type]
+        request.protocol.set_parser(client)  # type: ignore[arg-type]
+        request.protocol.keep_alive(False)
+        await resp.prepare(request)
+
+        async def up() -> None:
+            while data := await client.read():
+                kwriter.write(data)
+                await kwriter.drain()
+            with contextlib.suppress(OSError):
+                kwriter.write_eof()
+
+        async def down() -> None:
+            while data := await kreader.read(64 * 1024):
+                await resp.write(data)
+
+        tasks = [asyncio.create_task(down()), asyncio.create_task(up())]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError, ConnectionError, OSError):
+                    await t
+            if request.transport is not None:
+                request.transport.close()
+        return resp
+    finally:
+        kwriter.close()
 
 
 __all__ = ["DEFAULT_KUBELET_PORT", "PodProxy", "choose_container", "log_params", "proxied_subresources"]

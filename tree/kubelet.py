@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import json
 import logging
 import re
 import select
@@ -55,7 +56,7 @@ from urllib.parse import parse_qs, quote, urlencode, urlsplit
 import urllib3
 
 from scheduler.kube import Api, ApiError, Informer, resource_path
-from tree import identity
+from tree import identity, spdy
 from tree import websocket as ws
 from tree.vnode import owner
 
@@ -198,11 +199,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._text(404, "404 page not found", "other")
             return
         kind, ns, pod, container = m.groups()
-        if kind == "exec" and (self.headers.get("Upgrade") or "").lower().startswith("spdy/"):
-            # a kube-apiserver before ExtendWebSocketsToKubelet translates kubectl's WebSocket to SPDY
-            self._text(400, f"kosmos-tree's kubelet relays exec as a WebSocket ({', '.join(ws.CHANNEL_PROTOCOLS)}); "
-                            f"{self.headers.get('Upgrade')} is not supported", "exec")
-            return
+        protocol = ""
+        if kind == "exec" and spdy.is_upgrade(self.headers.get("Connection"), self.headers.get("Upgrade")):
+            # SPDY's handshake before the leaf is asked (upstream: Handshake, then the upgrade)
+            if (chosen := self._spdy_handshake()) is None:
+                return
+            protocol = chosen
         query = parse_qs(url.query, keep_blank_values=True)
         try:
             found = self.owner.resolve(ns, pod)
@@ -223,7 +225,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if kind == "containerLogs":
             self._logs(leaf, leaf_ns, leaf_pod, container, query)
         else:
-            self._exec(leaf, leaf_ns, leaf_pod, container, query)
+            self._exec(leaf, leaf_ns, leaf_pod, container, query, protocol)
 
     def _text(self, code: int, text: str, kind: str, ctype: str = "text/plain; charset=utf-8") -> None:
         body = text.encode()
@@ -283,17 +285,48 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     # ------------------------------------------------------------------ exec
 
-    def _exec(self, leaf: Api, ns: str, pod: str, container: str, query: dict[str, list[str]]) -> None:
+    def _spdy_handshake(self) -> str | None:
+        """The remote command protocol of an SPDY exec (upstream ``httpstream.Handshake``), or
+        None with the caller answered: 400 without ``X-Stream-Protocol-Version``, 403 listing
+        ours when none of the caller's is served."""
+        offered = [p.strip() for h in self.headers.get_all(spdy.PROTOCOL_HEADER) or [] for p in h.split(",")
+                   if p.strip()]
+        if not offered:
+            self._text(400, f"unable to upgrade: {spdy.PROTOCOL_HEADER} is required", "exec")
+            return None
+        chosen = spdy.negotiate(offered)
+        if chosen is None:
+            body = (f"unable to upgrade: unable to negotiate protocol: client supports [{' '.join(offered)}], "
+                    f"server accepts [{' '.join(spdy.PROTOCOLS)}]\n").encode()
+            self.send_response(403)
+            for p in spdy.PROTOCOLS:
+                self.send_header(spdy.ACCEPTED_HEADER, p)
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            with contextlib.suppress(OSError):
+                self.wfile.write(body)
+            self.owner.count("exec", 403)
+            return None
+        return chosen
+
+    def _exec(self, leaf: Api, ns: str, pod: str, container: str, query: dict[str, list[str]],
+              spdy_protocol: str = "") -> None:
+        """``spdy_protocol``: the caller upgrades to SPDY/3.1 with that remote command protocol
+        (the leaf is still dialled as a WebSocket, :func:`relay_spdy` translates)."""
+        flags = {k for k in ("stdin", "stdout", "stderr", "tty") if (query.get(k) or [""])[-1] in _TRUE}
         params: list[tuple[str, str]] = [("container", container)]
-        params += [(k, "true") for k in ("stdin", "stdout", "stderr", "tty") if (query.get(k) or [""])[-1] in _TRUE]
+        params += [(k, "true") for k in ("stdin", "stdout", "stderr", "tty") if k in flags]
         params += [("command", c) for c in query.get("command", [])]
         path = resource_path("v1", "pods", ns, pod, sub="exec") + "?" + urlencode(params, quote_via=quote)
         upgrade = (self.headers.get("Upgrade") or "").lower() == "websocket" and \
             self.headers.get("Sec-WebSocket-Key")
-        if not upgrade:
+        if not upgrade and not spdy_protocol:
             self._plain_exec(leaf, path)
             return
-        protocols = ws.offered(self.headers.get("Sec-WebSocket-Protocol"))
+        # an SPDY caller's stdin end reaches the leaf only with v5's close signal: offer it first
+        protocols = list(ws.CHANNEL_PROTOCOLS) if spdy_protocol else \
+            ws.offered(self.headers.get("Sec-WebSocket-Protocol"))
         try:
             remote = ws.dial(leaf, path, protocols, self.owner.timeout)
         except (OSError, ws.ProtocolError) as e:
@@ -314,6 +347,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.owner.count("exec", 101)
         try:
             self.connection.settimeout(None)  # a quiet shell may wait for hours
+            if spdy_protocol:
+                self.connection.sendall(spdy.switching(spdy_protocol))
+                relay_spdy(spdy.Session(self.connection, self.rfile), spdy_protocol, flags, remote)
+                return
             local = ws.accept(self.connection, self.rfile, str(self.headers["Sec-WebSocket-Key"]), remote.protocol)
         except OSError:
             remote.close()
@@ -377,6 +414,115 @@ def relay(caller: ws.Conn, leaf: ws.Conn) -> None:
     caller.shutdown()
     upstream.join(CLOSE_GRACE)
     leaf.shutdown()
+
+
+#: Seconds an SPDY caller has to open its streams after the upgrade (upstream kubelet's default
+#: ``streamCreationTimeout``).
+STREAM_CREATION_TIMEOUT = 30.0
+#: The WebSocket channel of each SPDY stream type (k8s.io/apimachinery util/remotecommand).
+_CHANNEL = {"stdin": 0, "stdout": 1, "stderr": 2, "error": 3, "resize": 4}
+_STREAM = {v: k for k, v in _CHANNEL.items()}
+#: v5's "this stream's data has ended" message: channel 255, then the stream's channel.
+_V5, _CLOSE_STDIN = "v5.channel.k8s.io", bytes([255, 0])
+
+
+class _SpdyStreams(spdy.Handler):
+    """The caller's SPDY streams by type; its stdin and resize data go to the leaf as they come
+    (on the session's reading thread: a slow leaf holds the caller back)."""
+
+    def __init__(self, leaf: ws.Conn, expected: int) -> None:
+        self.leaf = leaf
+        self.expected = expected
+        self.kinds: dict[int, str] = {}
+        self.ids: dict[str, int] = {}
+        self.ready = threading.Event()
+
+    def stream(self, stream: int, headers: dict[str, list[str]]) -> bool:
+        kind = spdy.header(headers, "streamType")
+        if kind not in _CHANNEL or kind in self.ids:
+            # upstream accepts it too, logs it, and does not count it
+            _log.debug("kubelet server: SPDY exec: unexpected stream type %r", kind)
+            return True
+        self.kinds[stream] = kind
+        self.ids[kind] = stream
+        if len(self.ids) >= self.expected:
+            self.ready.set()
+        return True
+
+    def data(self, stream: int, data: bytes) -> None:
+        kind = self.kinds.get(stream)
+        if kind in ("stdin", "resize"):  # resize: JSON sizes, as the WebSocket's channel 4 carries them
+            with contextlib.suppress(OSError):
+                self.leaf.send(ws.BINARY, bytes([_CHANNEL[kind]]) + data)
+
+    def fin(self, stream: int) -> None:
+        if self.kinds.get(stream) == "stdin" and self.leaf.protocol == _V5:
+            with contextlib.suppress(OSError):
+                self.leaf.send(ws.BINARY, _CLOSE_STDIN)
+
+
+def _status_text(status: bytes) -> bytes:
+    """The v2/v3 error stream of a v4 Status: nothing on success, else its message (upstream
+    ``v1WriteStatusFunc``)."""
+    try:
+        obj = json.loads(status)
+    except ValueError:
+        return status
+    if not isinstance(obj, dict):
+        return status
+    return b"" if obj.get("status") == "Success" else str(obj.get("message") or "").encode()
+
+
+def relay_spdy(session: spdy.Session, protocol: str, flags: set[str], leaf: ws.Conn) -> None:
+    """An SPDY/3.1 exec caller (after our ``101``) to a leaf's WebSocket exec, until the leaf's
+    session ends (or the caller goes away, which ends the leaf's).
+
+    The caller's streams are awaited as upstream's ``waitForStreams`` counts them (error, one per
+    stdin/stdout/stderr asked for, resize with a TTY except on v2; stderr not with a TTY). The
+    leaf's stdout and stderr messages become data on those streams; its error channel's Status
+    is written at the end as upstream's kubelet writes it: as is on v4, its message on v2/v3. Then
+    every stream we write is finished, GOAWAY, and the connection closed."""
+    tty = "tty" in flags
+    expected = 1 + sum(1 for k in ("stdin", "stdout") if k in flags) + ("stderr" in flags and not tty) \
+        + (tty and protocol != "v2.channel.k8s.io")
+    streams = _SpdyStreams(leaf, expected)
+    done = threading.Event()
+
+    def serve() -> None:
+        session.serve(streams)
+        leaf.close()  # the caller went away (or we closed): so does the leaf's session
+        if not done.wait(CLOSE_GRACE):
+            leaf.shutdown()
+
+    reader = threading.Thread(target=serve, name="tree-kubelet-spdy", daemon=True)
+    reader.start()
+    status = b""
+    try:
+        if not streams.ready.wait(STREAM_CREATION_TIMEOUT):
+            _log.info("kubelet server: SPDY exec: timed out waiting for the client to create streams")
+            return
+        while (msg := leaf.recv()) is not None:
+            payload = msg[1]
+            kind = _STREAM.get(payload[0]) if payload else None
+            if kind == "error":
+                status += payload[1:]
+            elif kind in ("stdout", "stderr") and kind in streams.ids and len(payload) > 1:
+                session.send(streams.ids[kind], payload[1:])
+    except (OSError, ws.ProtocolError) as e:
+        _log.debug("kubelet server: SPDY exec relay: %s", e)
+    finally:
+        done.set()
+        leaf.close()
+        with contextlib.suppress(OSError):
+            if status and "error" in streams.ids:
+                text = status if protocol == spdy.PROTOCOLS[0] else _status_text(status)
+                if text:
+                    session.send(streams.ids["error"], text)
+            for kind in ("stdout", "stderr", "error"):
+                if kind in streams.ids:
+                    session.finish(streams.ids[kind])
+        session.close(CLOSE_GRACE, reader)
+        leaf.shutdown()
 
 
 # ---------------------------------------------------------------------------------------------

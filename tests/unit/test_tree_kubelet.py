@@ -252,13 +252,6 @@ def test_callers_going_away_end_the_leaf_stream_and_the_leaf_command(tree: Tree,
     tree.access.state[(ns, "quiet", "c")] = "exited"
 
 
-def test_an_spdy_exec_is_refused_with_the_reason(tree: Tree) -> None:
-    r = Api(tree.server.url)._pool.request(
-        "POST", tree.server.url + "/exec/default/p/c?command=true&stdout=1",
-        headers={"Connection": "Upgrade", "Upgrade": "SPDY/3.1", "X-Stream-Protocol-Version": "v4.channel.k8s.io"})
-    assert r.status == 400 and b"SPDY/3.1 is not supported" in r.data
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
