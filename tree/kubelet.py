@@ -24,12 +24,15 @@ virtual node of this tree manager advertises this one server (``--kubelet-addres
    its answer (status and body) passed back; a request without an upgrade is answered with the
    leaf's answer to the same plain request (what the emulator's API server asks for after a
    refused upgrade). TTY and resize frames pass through like any other;
-4. ``GET /healthz``: ``ok``.
-
-Not served: SPDY. A kube-apiserver translates kubectl's WebSocket into SPDY/3.1 towards the
-kubelet (``TranslateStreamCloseWebsocketRequests``) unless it proxies WebSockets to kubelets that
-declare support (``ExtendWebSocketsToKubelet``, beta in 1.36); such an exec is refused with a 400
-saying so. Logs are plain HTTP and work with any API server.
+4. the same exec upgrading to SPDY/3.1 (a kube-apiserver translates kubectl's WebSocket into
+   SPDY towards kubelets, ``TranslateStreamCloseWebsocketRequests``, unless it may proxy
+   WebSockets to them, ``ExtendWebSocketsToKubelet``; kubectl's and client-go's SPDY executor
+   speak it end to end): the ``X-Stream-Protocol-Version`` handshake (400 without one, 403 when
+   none is ours), the leaf dialled as in 3. offering ``v5``/``v4`` (v5 carries the end of stdin;
+   its refusal is passed back as in 3.), then ``101`` and :func:`relay_spdy` (:mod:`tree.spdy`):
+   the caller's streams, the leaf's channels onto them, the leaf's exit Status on the error stream
+   (as is on v4, its message on v2/v3);
+5. ``GET /healthz``: ``ok``.
 
 TLS with ``cert_file``/``key_file`` (a real kube-apiserver dials kubelets with https only);
 client certificates are required and verified against ``client_ca`` when given, as upstream

@@ -17,11 +17,13 @@ import struct
 import subprocess
 import threading
 import zlib
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.unit.test_tree_kubelet import Tree, _leaf_copy, _namespace, _root_pod, tree  # noqa: F401
+from tests.unit.test_tree_kubelet import Tree, _alive, _leaf_copy, _namespace, _root_pod, tree  # noqa: F401
+from tests.waiting import wait_until
 from tree import kubelet, spdy
 
 pytestmark = pytest.mark.unit
@@ -285,3 +287,22 @@ def test_spdy_handshake_errors_and_a_v3_client(tree: Tree) -> None:  # noqa: F81
     assert by_stream[3] == b"out\n", by_stream
     assert by_stream[1].startswith(b"command terminated with non-zero exit code"), by_stream
     assert isinstance(frames[-1], spdy.Control) and frames[-1].type == spdy.GOAWAY
+
+
+def test_kubectl_going_away_ends_the_leaf_command(tree: Tree, tmp_path: Path) -> None:  # noqa: F811
+    ns = _namespace(tree)
+    pod = _root_pod(tree, ns, "q", "c")
+    _leaf_copy(tree, pod, "q")
+    tree.access.state[(ns, "q", "c")] = "running"
+    pid_file = tmp_path / "pid"
+    env = {**os.environ, "KUBECTL_REMOTE_COMMAND_WEBSOCKETS": "false"}
+    argv = tree.kubectl.argv("exec", "q", "-n", ns, "--", "sh", "-c", f"echo $$ > {pid_file}; exec sleep 600")
+    ex = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        wait_until(lambda: pid_file.exists() and pid_file.read_text().strip(), 30, "the exec'd command started")
+        pid = int(pid_file.read_text())
+        assert _alive(pid)
+    finally:
+        ex.kill()
+        ex.wait()
+    wait_until(lambda: not _alive(pid), 30, f"the leaf command (pid {pid}) ended when kubectl went away")
