@@ -32,6 +32,7 @@ import contextlib
 import io
 import logging
 import socket
+import ssl
 import struct
 import threading
 import zlib
@@ -386,14 +387,16 @@ class Session:
         self._write(data_frame(stream, b"", fin=True))
 
     def close(self, grace: float, reader: threading.Thread | None = None) -> None:
-        """GOAWAY, shut our half, give the client ``grace`` seconds to close its own (so data it
-        still sends does not turn into a reset that would cut what it has not read), then close."""
+        """GOAWAY, shut our half (plain TCP only), give the client ``grace`` seconds to close its
+        own (client-go does once its streams end; data it still sends to a closed socket would
+        turn into a reset that cuts what it has not read yet), then close."""
         with contextlib.suppress(OSError):
             self._write(goaway_frame(self._last_stream))
         with self._wlock:
             self.closed = True
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_WR)
+        if not isinstance(self.sock, ssl.SSLSocket):  # (an SSLSocket's shutdown drops TLS for later reads)
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_WR)
         if reader is not None:
             reader.join(grace)
         with contextlib.suppress(OSError):

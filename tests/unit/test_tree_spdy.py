@@ -11,8 +11,10 @@ WebSocket exec: the harness of :mod:`tests.unit.test_tree_kubelet`.
 from __future__ import annotations
 
 import io
+import json
 import os
 import socket
+import ssl
 import struct
 import subprocess
 import threading
@@ -306,3 +308,56 @@ def test_kubectl_going_away_ends_the_leaf_command(tree: Tree, tmp_path: Path) ->
         ex.kill()
         ex.wait()
     wait_until(lambda: not _alive(pid), 30, f"the leaf command (pid {pid}) ended when kubectl went away")
+
+
+def test_spdy_exec_over_tls(tree: Tree, tmp_path: Path) -> None:  # noqa: F811
+    """The same relay behind HTTPS with a verified client certificate (what a real kube-apiserver
+    dials); a v4 client by hand: stdout, then the exit Status on the error stream, then GOAWAY."""
+    pytest.importorskip("cryptography.x509")
+    from tests.unit.test_tree_kubelet_tls import _issue
+
+    ca = _issue(tmp_path, "ca", None, is_ca=True)
+    _issue(tmp_path, "kubelet", ca, server=True)
+    _issue(tmp_path, "apiserver", ca)
+    ns = _namespace(tree)
+    pod = _root_pod(tree, ns, "t", "c")
+    _leaf_copy(tree, pod, "t-leaf")
+    tree.access.state[(ns, "t-leaf", "c")] = "running"
+    server = kubelet.KubeletServer(lambda _ns, _name: (tree.leaf, _ns, "t-leaf"), "127.0.0.1", 0,
+                                   cert_file=str(tmp_path / "kubelet.crt"), key_file=str(tmp_path / "kubelet.key"),
+                                   client_ca=str(tmp_path / "ca.crt"), timeout=5.0)
+    server.start()
+    try:
+        ctx = ssl.create_default_context(cafile=str(tmp_path / "ca.crt"))
+        ctx.load_cert_chain(str(tmp_path / "apiserver.crt"), str(tmp_path / "apiserver.key"))
+        with ctx.wrap_socket(socket.create_connection(("127.0.0.1", server.port), timeout=30),
+                             server_hostname="127.0.0.1") as s:
+            s.sendall(f"POST /exec/{ns}/t/c?command=sh&command=-c&command=echo+tls%3B+exit+5&stdout=1 HTTP/1.1\r\n"
+                      "Host: x\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n"
+                      "X-Stream-Protocol-Version: v4.channel.k8s.io\r\n\r\n".encode())
+            got = b""
+            while b"\r\n\r\n" not in got:
+                chunk = s.recv(65536)
+                assert chunk, got
+                got += chunk
+            head, rest = got.split(b"\r\n\r\n", 1)
+            assert head.startswith(b"HTTP/1.1 101"), head
+            codec = spdy.HeaderCodec()
+            s.sendall(spdy.syn_stream_frame(codec, 1, {"streamtype": "error"})
+                      + spdy.syn_stream_frame(codec, 3, {"streamtype": "stdout"}))
+            r = io.BytesIO()
+            r.write(rest)
+            while chunk := s.recv(65536):
+                r.write(chunk)
+        frames = _frames(r.getvalue())
+    finally:
+        server.stop()
+    by_stream: dict[int, bytes] = {}
+    for f in frames:
+        if isinstance(f, spdy.Data):
+            by_stream[f.stream] = by_stream.get(f.stream, b"") + f.data
+    assert by_stream[3] == b"tls\n"
+    status = json.loads(by_stream[1])
+    assert status["status"] == "Failure" and status["reason"] == "NonZeroExitCode"
+    assert status["details"]["causes"] == [{"reason": "ExitCode", "message": "5"}]
+    assert isinstance(frames[-1], spdy.Control) and frames[-1].type == spdy.GOAWAY
