@@ -343,7 +343,11 @@ async def passthrough(request: web.Request, url: str) -> web.StreamResponse:
             (k.strip(), v.strip()) for k, _, v in (h.partition(":") for h in header_lines if h))
         if status != 101:
             n = headers.get("Content-Length")
-            body = await (kreader.readexactly(int(n)) if n and n.isdigit() else kreader.read(1 << 20))
+            try:
+                body = await asyncio.wait_for(
+                    kreader.readexactly(int(n)) if n and n.isdigit() else kreader.read(1 << 20), 30)
+            except (TimeoutError, asyncio.IncompleteReadError) as e:
+                raise errors.internal(f"error reading the backend's answer: {type(e).__name__}") from None
             return web.Response(status=status, body=body,
                                 content_type=headers.get("Content-Type", "text/plain").split(";")[0])
         resp = web.StreamResponse(status=101)

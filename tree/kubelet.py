@@ -493,6 +493,7 @@ def relay_spdy(session: spdy.Session, protocol: str, flags: set[str], leaf: ws.C
 
     def serve() -> None:
         session.serve(streams)
+        streams.ready.set()  # (a caller gone before its streams were all there: nothing to wait for)
         leaf.close()  # the caller went away (or we closed): so does the leaf's session
         if not done.wait(CLOSE_GRACE):
             leaf.shutdown()
