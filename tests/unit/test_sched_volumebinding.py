@@ -151,7 +151,7 @@ def test_a_virtual_node_binds_nothing_and_waits_for_nothing() -> None:
     pod would wait for a binding only its arrival in the leaf can make (Kosmos'
     LeafNodeVolumeBinding skips them on leaf nodes too). A real node still gets selected-node."""
     p = using("data")
-    infos = snapshot(nodes() + [node("vn", labels={"kubernetes.io/hostname": "vn", "kosmos.io/node": "true"})])
+    infos = snapshot([*nodes(), node("vn", labels={"kubernetes.io/hostname": "vn", "kosmos.io/node": "true"})])
     h = FakeHandle(infos, {"persistentvolumeclaims": [pvc("data", "dyn")], "persistentvolumes": [],
                            "storageclasses": [sc("dyn")]})
     vb = VolumeBinding(h, {})
