@@ -378,6 +378,7 @@ def test_an_unreachable_leaf_api_turns_its_node_not_ready_and_evicts_nothing(sla
                           and n, notready_within, "kosmos-leafb Ready=False", interval=1.0)
         cond = _condition(node)
         assert cond["reason"] == "LeafUnreachable", cond
+        print(f"outage: kosmos-leafb NotReady {time.monotonic() - stopped:.1f} s after SIGSTOP")
         assert _ready(slab.host_nodes()["kosmos-leafa"]) == "True"  # one leaf's outage stalls no other
         slab.apply("root", _outage_pod("elsewhere", "kosmos-leafa"))
         wait_until(lambda: (p := slab.get("root", "pod", "elsewhere", "-n", "outage", check=False)) and _running(p),
@@ -403,6 +404,7 @@ def test_an_unreachable_leaf_api_turns_its_node_not_ready_and_evicts_nothing(sla
     wait_until(lambda: _restarts(slab.get("root", "pod", "steady", "-n", "outage")) >= 1,
                max(1.0, 30 - (time.monotonic() - resumed)), "the leaf container's restart in the root pod",
                interval=0.5)
+    print(f"outage: the leaf's container restart in the root {time.monotonic() - resumed:.1f} s after SIGCONT")
     assert slab.get("leafb", "pod", "steady", "-n", "outage")["metadata"]["uid"] == leaf_uid  # never recreated
     wait_until(lambda: _ready(slab.host_nodes()["kosmos-leafb"]) == "True", 30, "kosmos-leafb Ready again")
     slab.kubectl("root", "delete", "namespace", "outage", "--wait=false")
