@@ -27,6 +27,7 @@ from pathlib import Path
 from kubeemu.client import Client
 from kubeemu.ctrl.base import Controller, Informers
 from kubeemu.process import run_until_signalled
+from kubeemu.selectors import SelectorError, parse_labels
 
 _log = logging.getLogger(__name__)
 
@@ -41,6 +42,8 @@ class Options:
 
     #: ``--storage-root``: where lab-local-provisioner makes volume directories.
     storage_root: Path | None = None
+    #: ``--storage-node-selector``: the nodes lab-local-provisioner serves (None: all).
+    storage_node_selector: str | None = None
     #: ``--root-ca-file``'s contents: the bundle root-ca-cert-publisher publishes.
     root_ca: str | None = None
 
@@ -71,7 +74,8 @@ def registry(options: Options | None = None) -> dict[str, ControllerFactory]:
         "pvc-protection": volume.PVCProtection,
         "pv-protection": volume.PVProtection,
         "persistentvolume-expander": volume.ExpandController,
-        "lab-local-provisioner": functools.partial(provisioner.LocalProvisioner, storage_root=opts.storage_root),
+        "lab-local-provisioner": functools.partial(provisioner.LocalProvisioner, storage_root=opts.storage_root,
+                                                   node_selector=opts.storage_node_selector),
         "daemonset": DaemonSetController,
         "ttl-after-finished": TTLAfterFinishedController,
         "endpoint": EndpointsController,
@@ -124,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--storage-root", type=Path, default=None,
                    help="where lab-local-provisioner makes volume directories (<root>/<node>/<pv>; "
                         "default: $TMPDIR/kubeemu-volumes)")
+    p.add_argument("--storage-node-selector", default=None, metavar="SELECTOR",
+                   help="a label selector of the nodes lab-local-provisioner provisions on (as a node-deployment "
+                        "provisioner's DaemonSet nodeSelector; claims selected onto other nodes are left alone; "
+                        "default: every node)")
     p.add_argument("--root-ca-file", type=Path, default=None,
                    help="the CA bundle root-ca-cert-publisher puts in every namespace's kube-root-ca.crt "
                         "(default: a self-signed CA made at start)")
@@ -135,7 +143,12 @@ def main(argv: list[str] | None = None) -> int:
             root_ca = args.root_ca_file.read_text()
         except OSError as e:
             p.error(f"--root-ca-file {args.root_ca_file}: {e.strerror}")
-    known = registry(Options(storage_root=args.storage_root, root_ca=root_ca))
+    try:
+        parse_labels(args.storage_node_selector)
+    except SelectorError as e:
+        p.error(f"--storage-node-selector: {e}")
+    known = registry(Options(storage_root=args.storage_root, storage_node_selector=args.storage_node_selector,
+                             root_ca=root_ca))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

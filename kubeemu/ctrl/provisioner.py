@@ -11,7 +11,11 @@ lab.kosmos.io/local``; for WaitForFirstConsumer classes only once
    is nothing to do, which is what makes a controller-manager restart safe.
 2. Checks as local-path: no ``selector``, access modes ReadWriteOnce/ReadWriteOncePod only
    (a node-local directory), a node is required. A failure is a ``ProvisioningFailed`` event;
-   a selected node that no longer exists drops the annotation so the node is chosen again.
+   a selected node that no longer exists drops the annotation so the node is chosen again. A
+   selected node outside ``--storage-node-selector`` is left alone, without an event: the
+   provisioner runs only there, as an external-provisioner in node-deployment mode runs as a
+   DaemonSet with that nodeSelector, and a claim for another node (a ClusterTree virtual node,
+   whose leaf provisions the volume) is someone else's.
 3. ``mkdir <storage-root>/<node>/<pv-name>`` (mode 0777, as local-path, so any container user
    can write), then the PV: ``spec.local.path`` = that directory, ``nodeAffinity.required`` =
    ``kubernetes.io/hostname In [node]``, capacity = the claim's request, reclaim policy and
@@ -64,6 +68,7 @@ from kubeemu.ctrl.volume import (
     storage_of,
 )
 from kubeemu.objects import now_rfc3339
+from kubeemu.selectors import labels_match, parse_labels
 
 _log = logging.getLogger(__name__)
 
@@ -89,11 +94,14 @@ class LocalProvisioner(VolumeControllerBase):
 
     name = "lab-local-provisioner"
 
-    def __init__(self, client: Client, informers: Informers, storage_root: Path | None = None) -> None:
+    def __init__(self, client: Client, informers: Informers, storage_root: Path | None = None,
+                 node_selector: str | None = None) -> None:
         """``storage_root``: the controller-manager's ``--storage-root`` (None:
-        :func:`default_storage_root`)."""
+        :func:`default_storage_root`); ``node_selector``: its ``--storage-node-selector``, a
+        label selector of the nodes this provisioner serves (None or empty: every node)."""
         super().__init__(client, informers)
         self.root = (storage_root or default_storage_root()).resolve()
+        self.node_selector = parse_labels(node_selector)
         self.recorder = EventRecorder(client, f"{PROVISIONER}_{socket.gethostname()}")
         self.pvcs.add_handler(self.on_claim_event)
         self.pvs.add_handler(self.on_volume_event)
@@ -160,9 +168,10 @@ class LocalProvisioner(VolumeControllerBase):
                                       f'failed to provision volume with StorageClass "{sc["metadata"]["name"]}": '
                                       f"{problem}")
             return
-        if self.nodes.get(node) is None:
+        node_obj = self.nodes.get(node)
+        if node_obj is None:
             try:
-                await self.client.get(resource_path("v1", "nodes", None, node))
+                node_obj = await self.client.get(resource_path("v1", "nodes", None, node))
             except ApiStatusError as e:
                 if not e.not_found:
                     raise
@@ -172,6 +181,9 @@ class LocalProvisioner(VolumeControllerBase):
                 meta["annotations"] = {k: v for k, v in annotations_of(pvc).items() if k != ANN_SELECTED_NODE}
                 await self.put_claim(dict(pvc, metadata=meta))  # reschedule: choose a node again
                 return
+        if not labels_match(self.node_selector, node_obj):
+            _log.debug("claim %s: node %s is not one this provisioner serves; left alone", key, node)
+            return
         request = ((spec.get("resources") or {}).get("requests") or {}).get("storage")
         if storage_of({"storage": request}) is None:
             await self.recorder.event(pvc, "Warning", "ProvisioningFailed",

@@ -15,7 +15,8 @@ VolumeBinding, one pod's claims through the cycle:
    or a class with a provisioner whose ``allowedTopologies`` admit the node; a claim already
    carrying ``volume.kubernetes.io/selected-node`` fits only that node. Otherwise
    ``node(s) didn't find available persistent volumes to bind``. All UnschedulableAndUnresolvable.
-   The per-node decision is kept in the cycle state.
+   The per-node decision is kept in the cycle state; on a ClusterTree virtual node
+   (``kosmos.io/node=true``) it is empty: the leaf binds, the tree manager mirrors the PV back.
 3. Reserve assumes the chosen static PVs (no other pod may pick them until the bind lands or is
    undone); Unreserve forgets them.
 4. PreBind writes through the handle's API client (``handle.api.patch``, or ``handle.api_patch``;
@@ -58,6 +59,7 @@ from scheduler.framework import (
 )
 from scheduler.plugins.helpers import arg
 from scheduler.podutil import QuantityError, pvc_names, value
+from scheduler.policy import is_leaf_node
 from scheduler.selectors import NodeSelector, label_selector
 
 _log = logging.getLogger(__name__)
@@ -321,7 +323,11 @@ class VolumeBinding:
             reasons.append(ERR_PV_NOT_EXIST)
         if reasons:
             return Status(Code.UNSCHEDULABLE_AND_UNRESOLVABLE, tuple(reasons), self.name)
-        s.decisions[node.name] = decision
+        # A ClusterTree virtual node: its leaf provisions and binds the claim once the pod is
+        # there, and the tree manager mirrors the PV back; nothing to write or wait for here
+        # (Kosmos' LeafNodeVolumeBinding skips Reserve and PreBind on leaf nodes). Waiting would
+        # deadlock: the pod reaches the leaf only once bound.
+        s.decisions[node.name] = _Decision() if is_leaf_node(node.node) else decision
         return SUCCESS
 
     @staticmethod

@@ -40,8 +40,8 @@ NAMES = ["persistentvolume-binder", "pvc-protection", "pv-protection", "persiste
 class ControllerManager:
     """The storage controllers against ``url`` on a private event loop in a thread."""
 
-    def __init__(self, url: str, root: Path) -> None:
-        self.url, self.root = url, root
+    def __init__(self, url: str, root: Path, node_selector: str | None = None) -> None:
+        self.url, self.root, self.node_selector = url, root, node_selector
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.task: Future[None] | None = None
@@ -49,7 +49,7 @@ class ControllerManager:
         self._started = threading.Event()
 
     async def _main(self) -> None:
-        known = manager.registry(manager.Options(storage_root=self.root))
+        known = manager.registry(manager.Options(storage_root=self.root, storage_node_selector=self.node_selector))
         self._inner = asyncio.create_task(manager.run(self.url, NAMES, known))
         self._started.set()
         with contextlib.suppress(asyncio.CancelledError):
@@ -236,6 +236,32 @@ def test_wait_for_first_consumer_then_provisions_on_the_pods_node(api: Api, ctrl
     reasons = wait_until(lambda: "ProvisioningSucceeded" in reasons_seen() and reasons_seen(), 10,
                          "ProvisioningSucceeded event")
     assert {"ExternalProvisioning", "Provisioning", "ProvisioningSucceeded"} <= reasons
+
+
+def test_a_node_outside_the_storage_node_selector_is_left_to_others(api: Api, emu: ServerThread,
+                                                                    tmp_path: Path) -> None:
+    """``--storage-node-selector``: a claim whose consumer is on a node the provisioner does not
+    serve (a ClusterTree virtual node, provisioned by its leaf) gets no volume, no failure event,
+    and keeps its selected node; the served nodes are provisioned as before."""
+    api.ok("POST", "/api/v1/nodes", {"metadata": {"name": "virt", "labels": {"kubernetes.io/hostname": "virt",
+                                                                             "kosmos.io/node": "true"}}})
+    cm = ControllerManager(emu.url, tmp_path / "volumes", node_selector="kosmos.io/node!=true").start()
+    try:
+        api.ok("POST", PVCS, claim("far"))
+        api.ok("POST", PODS, pod("far", "far", node="virt"))
+        wait_until(lambda: (api.pvc("default", "far")["metadata"].get("annotations") or {}).get(
+            "volume.kubernetes.io/selected-node") == "virt", 10, "claim far's selected node")
+        api.ok("POST", PVCS, claim("near"))
+        api.ok("POST", PODS, pod("near", "near", node="node-a"))
+        near = wait_until(lambda: bound(api, "default", "near"), 10, "claim near Bound")
+        assert [p["metadata"]["name"] for p in api.pvs()] == [near["spec"]["volumeName"]]
+        far = api.pvc("default", "far")
+        assert far["status"]["phase"] == "Pending" and not far["spec"].get("volumeName")
+        assert far["metadata"]["annotations"]["volume.kubernetes.io/selected-node"] == "virt"
+        assert not [e for e in api.events("default", "far") if e[1].startswith("Provisioning")]
+        assert not (tmp_path / "volumes" / "virt").exists()
+    finally:
+        cm.stop()
 
 
 def test_reclaim_delete_removes_directory_and_retain_keeps_it(api: Api, ctrl: ControllerManager) -> None:

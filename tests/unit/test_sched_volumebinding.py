@@ -145,6 +145,29 @@ def test_prebind_provision_sets_selected_node_and_waits() -> None:
                           {"metadata": {"annotations": {ANN_SELECTED_NODE: "n2"}}})]
 
 
+def test_a_virtual_node_binds_nothing_and_waits_for_nothing() -> None:
+    """On a ClusterTree virtual node the leaf provisions the claim once the pod is there (the
+    tree manager mirrors the PV back): Reserve and PreBind write and wait for nothing, else the
+    pod would wait for a binding only its arrival in the leaf can make (Kosmos'
+    LeafNodeVolumeBinding skips them on leaf nodes too). A real node still gets selected-node."""
+    p = using("data")
+    infos = snapshot([*nodes(), node("vn", labels={"kubernetes.io/hostname": "vn", "kosmos.io/node": "true"})])
+    h = FakeHandle(infos, {"persistentvolumeclaims": [pvc("data", "dyn")], "persistentvolumes": [],
+                           "storageclasses": [sc("dyn")]})
+    vb = VolumeBinding(h, {})
+    vb.bind_timeout = 0.2
+    state = CycleState()
+    got = {k: (v.code, v.reasons) for k, v in run_filter(vb, p, infos, state).items()}
+    assert got == {"n1": OK, "n2": OK, "vn": OK}
+    pi = new_pod_info(p)
+    assert vb.reserve(state, pi, "vn").ok
+    assert vb.pre_bind(state, pi, "vn").ok
+    assert h.patches == []
+    st = vb.pre_bind(state, pi, "n1")  # nothing binds it here: times out, having asked for n1
+    assert st.code == Code.ERROR and h.patches == [("/api/v1/namespaces/default/persistentvolumeclaims/data",
+                                                    {"metadata": {"annotations": {ANN_SELECTED_NODE: "n1"}}})]
+
+
 def test_prebind_static_binds_pv_and_assumes_it() -> None:
     p = using("data")
     classes = [sc("local", provisioner="kubernetes.io/no-provisioner")]

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from kubeemu import lab as kubeemu_lab
+from scheduler.policy import LEAF_NODE_LABEL
 from tools import nsutil
 from tools.lab import schedulers
 from tools.lab.bpf import is_mountpoint
@@ -273,8 +274,13 @@ def storage_root(state: LabState, cluster: ClusterRecord) -> Path:
 
 
 def storage_args(state: LabState, cluster: ClusterRecord) -> list[str]:
-    """What ``python -m kubeemu.ctrl`` needs for the lab's storage: ``--storage-root DIR``."""
-    return ["--storage-root", str(storage_root(state, cluster))]
+    """What ``python -m kubeemu.ctrl`` needs for the lab's storage: ``--storage-root DIR`` and
+    ``--storage-node-selector`` = not a ClusterTree virtual node (``kosmos.io/node=true``): the
+    lab's kubelets run the real nodes, and a claim whose consumer was scheduled onto a virtual
+    node is provisioned in its leaf and mirrored back by ``kosmos-tree``, as with a node-local
+    CSI driver whose DaemonSet never runs on a virtual node."""
+    return ["--storage-root", str(storage_root(state, cluster)),
+            "--storage-node-selector", f"{LEAF_NODE_LABEL}!=true"]
 
 
 def apply_default_storage_class(cluster: ClusterRecord) -> None:
