@@ -23,7 +23,9 @@ Secret as volumes and environment) pinned to ``kosmos-leafa``:
 4. deleting the root pod deletes its leaf copy, and the Deployment's next pod runs in leafa;
 5. deleting the leaf copy: the root pod is kept (same UID) and a new copy runs (issue item 3);
    after 4 and 5 the leaf holds exactly one copy per root pod: nothing orphaned;
-6. ``fabric-tool unjoin leafb`` while a root pod runs there: our copies in leafb (pod,
+6. a root pod ``clash`` whose name a leafa user's pod has: its copy is ``clash-<hash>``, and
+   ``kubectl logs``/``exec`` on the root pod reach that copy, not the user's pod;
+7. ``fabric-tool unjoin leafb`` while a root pod runs there: our copies in leafb (pod,
    ConfigMap) go, the leaf user's pod and ConfigMap and leafa's copies stay.
 
 Needs root (the lab) and kubectl.
@@ -175,6 +177,32 @@ LEAF_USER = textwrap.dedent(f"""\
     """)
 
 
+#: A leafa user's pod named as a root pod will be, and that root pod (``WHO`` tells them apart).
+CLASH_LEAF = textwrap.dedent(f"""\
+    apiVersion: v1
+    kind: Pod
+    metadata: {{name: clash, namespace: {NS}}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers: [{{name: c, image: python:3, command: [sleep, infinity], env: [{{name: WHO, value: leaf-user}}]}}]
+    """)
+
+CLASH_ROOT = textwrap.dedent(f"""\
+    apiVersion: v1
+    kind: Pod
+    metadata: {{name: clash, namespace: {NS}}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      nodeSelector: {{kosmos.io/cluster: leafa}}
+      tolerations: [{{key: kosmos.io/node, operator: Exists, effect: NoSchedule}}]
+      containers:
+        - name: c
+          image: python:3
+          command: [sh, -c, 'echo i-am-the-roots; exec sleep infinity']
+          env: [{{name: WHO, value: root}}]
+    """)
+
+
 class TreeLab(KubeLab):
     root_id: str
 
@@ -270,6 +298,9 @@ def test_logs_exec_and_leaf_events_through_the_virtual_node(tlab: TreeLab) -> No
     assert f"serving as {name}" in logs, logs
     out = tlab.kubectl("root", "exec", "-n", NS, name, "-c", "web", "--", "cat", "/etc/hostname").stdout
     assert out.strip() == name
+    # stdin reaches the leaf process; its exit code comes back.
+    assert tlab.kubectl("root", "exec", "-i", "-n", NS, name, "--", "cat", stdin="through\n").stdout == "through\n"
+    assert tlab.kubectl("root", "exec", "-n", NS, name, "--", "sh", "-c", "exit 3", check=False).returncode == 3
 
     def leaf_events() -> set[str] | None:
         evs = tlab.get("root", "events", "-n", NS, "--field-selector", f"involvedObject.name={name}")["items"]
@@ -332,8 +363,30 @@ def test_a_leaf_side_deletion_is_repaired_and_the_root_pod_kept(tlab: TreeLab) -
     _no_orphans(tlab)
 
 
+def test_logs_and_exec_reach_a_copy_renamed_for_a_leaf_users_pod(tlab: TreeLab) -> None:
+    """The leaf already has a pod ``clash`` of its own: our copy is ``clash-<hash>``, found by its
+    root-UID label, and ``kubectl logs``/``exec`` on the root's ``clash`` reach the copy, not the
+    user's pod."""
+    tlab.apply("leafa", CLASH_LEAF)
+    tlab.apply("root", CLASH_ROOT)
+
+    def copy_running() -> dict[str, Any] | None:
+        root = tlab.get("root", "pod", "clash", "-n", NS, check=False)
+        if root is None or not _running(root):
+            return None
+        copies = tlab.copies("leafa", root["metadata"]["uid"])
+        return copies[0] if len(copies) == 1 and _running(copies[0]) else None
+
+    copy = wait_until(copy_running, 90, "the root's clash running in leafa", interval=POLL_S)
+    assert copy["metadata"]["name"].startswith("clash-"), copy["metadata"]["name"]
+    assert "i-am-the-roots" in tlab.kubectl("root", "logs", "-n", NS, "clash").stdout
+    out = tlab.kubectl("root", "exec", "-n", NS, "clash", "--", "sh", "-c", "echo $WHO").stdout
+    assert out.strip() == "root"
+    assert tlab.get("leafa", "pod", "clash", "-n", NS)["metadata"].get("labels", {}).get("kosmos.io/root-uid") is None
+
+
 def test_unjoin_of_a_leaf_with_running_pods_removes_only_our_copies(tlab: TreeLab) -> None:
-    _, a_copy = wait_until(lambda: _web_in_leafa(tlab), 60, "web Running in leafa", interval=POLL_S)
+    a_root, a_copy = wait_until(lambda: _web_in_leafa(tlab), 60, "web Running in leafa", interval=POLL_S)
     tlab.apply("leafb", LEAF_USER)
     tlab.apply("root", WEBB)
 
@@ -359,7 +412,8 @@ def test_unjoin_of_a_leaf_with_running_pods_removes_only_our_copies(tlab: TreeLa
     assert tlab.get("leafb", "configmap", "mine", "-n", NS) is not None
     assert "b1" not in {n["metadata"]["name"] for n in tlab.get("root", "nodes")["items"]}
     # leafa is untouched: the same copy runs.
-    assert [c["metadata"]["uid"] for c in tlab.copies("leafa")] == [a_copy["metadata"]["uid"]]
+    still = tlab.copies("leafa", a_root["metadata"]["uid"])
+    assert [c["metadata"]["uid"] for c in still] == [a_copy["metadata"]["uid"]]
     # The root pod is the root's: unjoin does not delete it (a real cluster's PodGC removes pods
     # of a deleted node; the lab's controller-manager has none).
     assert tlab.get("root", "pod", webb["metadata"]["name"], "-n", NS, check=False) is not None
