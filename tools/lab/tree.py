@@ -15,8 +15,10 @@ is in sync (the fabric stays the lab's own, from its topology file):
 
 1. :func:`start_tree`: ``kosmos-tree`` (root namespace, the host's API server on 127.0.0.1,
    leader election on as a Deployment runs it, ``--reflector unix:<the lab reflector's socket>``
-   and ``--fabric-cluster <host>`` so it publishes its records and sets NetworkUnavailable),
-   restarted when its command line changed (a new API server);
+   and ``--fabric-cluster <host>`` so it publishes its records and sets NetworkUnavailable;
+   ``--kubelet-address 127.0.0.1 --kubelet-port <a free port, kept>`` for ``kubectl
+   logs``/``exec`` through the virtual nodes), restarted when its command line changed (a new
+   API server);
 2. :func:`join_leaves`: each leaf through :func:`tools.install.join_tree` with its ``tree``
    model: the tree part of ``fabric-tool join CLUSTER --tree --lab NAME`` (Cluster CRD, the
    leaf's kubeconfig Secret, ``clusterTreeOptions``, waiting for the virtual nodes). The fabric
