@@ -14,7 +14,7 @@ Secret as volumes and environment) pinned to ``kosmos-leafa``:
 
 1. it runs in leafa: the leaf copy (found by its ``kosmos.io/root-uid`` label) Running on a1, the
    root pod Running with the leaf pod's IP, scheduled by ``kosmos-scheduler``; it answers HTTP
-   at that IP from the other leaf's node, and through a ClusterIP Service of the root from a
+   at that IP from the other leaf's node and from a leafb user's pod, and through a ClusterIP Service of the root from a
    pod on r1 (the root's kube-proxy sends to the leaf pod IP; the fabric carries it);
 2. ``kubectl logs`` and ``kubectl exec`` on the root pod reach the leaf pod through the virtual
    node's kubelet; the leaf's Events about it show on the root pod;
@@ -157,7 +157,8 @@ WEBB = textwrap.dedent(f"""\
             - {{name: c, image: python:3, command: [sleep, infinity], envFrom: [{{configMapRef: {{name: webcfg}}}}]}}
     """)
 
-#: A leafb user's own pod and ConfigMap, in the namespace our copies use too.
+#: A leafb user's own pod (the HTTP client of the other leaf) and ConfigMap, in the namespace
+#: our copies use too.
 LEAF_USER = textwrap.dedent(f"""\
     apiVersion: v1
     kind: Namespace
@@ -234,6 +235,7 @@ def tlab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TreeLab]:
         running.kubeconfig = Path(running.lab("kubeconfig").stdout.strip())
         running.root_id = running.get("root", "namespace", "kube-system")["metadata"]["uid"]
         running.apply("root", APP)
+        running.apply("leafb", LEAF_USER)
         yield running
 
 
@@ -274,9 +276,13 @@ def test_a_pinned_deployment_runs_in_the_leaf_and_answers_across_clusters(tlab: 
                          f"involvedObject.name={name},reason=Scheduled")["items"]
     assert "kosmos-scheduler" in {(e.get("source") or {}).get("component") for e in scheduled}, scheduled
     ip = root_pod["status"]["podIP"]
-    # From the other leaf's node, through the fabric, to the IP the root shows.
-    other = tlab.nodes()["leafb/b1"]["netns"]
-    assert _get_from_netns(other, f"http://{ip}:8080/") == f"web {name}"
+    # From the other leaf's node and from a pod of the other leaf (its user's), through the
+    # fabric, to the IP the root shows.
+    assert _get_from_netns(tlab.nodes()["leafb/b1"]["netns"], f"http://{ip}:8080/") == f"web {name}"
+    wait_until(lambda: _running(tlab.get("leafb", "pod", "mine", "-n", NS)), 60, "leafb's user pod",
+               interval=POLL_S)
+    out = tlab.kubectl("leafb", "exec", "-n", NS, "mine", "--", "python3", "-c", HTTP_GET, f"http://{ip}:8080/")
+    assert out.stdout.strip() == f"web {name}"
     # A ClusterIP Service of the root: from a root pod, kube-proxy picks the leaf pod's IP.
     client = wait_until(lambda: next((p for p in tlab.ns_pods("root") if p["metadata"]["name"] == "client"
                                       and _running(p)), None), 60, "the client pod on r1", interval=POLL_S)
@@ -387,7 +393,6 @@ def test_logs_and_exec_reach_a_copy_renamed_for_a_leaf_users_pod(tlab: TreeLab) 
 
 def test_unjoin_of_a_leaf_with_running_pods_removes_only_our_copies(tlab: TreeLab) -> None:
     a_root, a_copy = wait_until(lambda: _web_in_leafa(tlab), 60, "web Running in leafa", interval=POLL_S)
-    tlab.apply("leafb", LEAF_USER)
     tlab.apply("root", WEBB)
 
     def webb_in_leafb() -> dict[str, Any] | None:
@@ -398,8 +403,6 @@ def test_unjoin_of_a_leaf_with_running_pods_removes_only_our_copies(tlab: TreeLa
         return roots[0] if len(copies) == 1 and _running(copies[0]) else None
 
     webb = wait_until(webb_in_leafb, 120, "webb's copy Running in leafb", interval=POLL_S)
-    wait_until(lambda: _running(tlab.get("leafb", "pod", "mine", "-n", NS)), 60, "the leaf user's pod",
-               interval=POLL_S)
     assert tlab.get("leafb", "configmap", "-n", NS, "-l", f"kosmos.io/root-cluster={tlab.root_id}")["items"]
     mine_uid = tlab.get("leafb", "pod", "mine", "-n", NS)["metadata"]["uid"]
 
