@@ -14,8 +14,9 @@ Secret as volumes and environment) pinned to ``kosmos-leafa``:
 
 1. it runs in leafa: the leaf copy (found by its ``kosmos.io/root-uid`` label) Running on a1, the
    root pod Running with the leaf pod's IP, scheduled by ``kosmos-scheduler``; it answers HTTP
-   at that IP from the other leaf's node and from a leafb user's pod, and through a ClusterIP Service of the root from a
-   pod on r1 (the root's kube-proxy sends to the leaf pod IP; the fabric carries it);
+   at that IP from the other leaf's node and from a leafb user's pod, and through a ClusterIP
+   Service of the root from a pod on r1 (the root's kube-proxy sends to the leaf pod IP; the
+   fabric carries it);
 2. ``kubectl logs`` and ``kubectl exec`` on the root pod reach the leaf pod through the virtual
    node's kubelet; the leaf's Events about it show on the root pod;
 3. the leaf process sees the root's ConfigMap and Secret (files and environment); an edit of the
