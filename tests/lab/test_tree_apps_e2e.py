@@ -21,7 +21,8 @@ Secret as volumes and environment) pinned to ``kosmos-leafa``:
    node's kubelet; the leaf's Events about it show on the root pod;
 3. the leaf process sees the root's ConfigMap and Secret (files and environment); an edit of the
    root ConfigMap reaches the leaf copy within seconds;
-4. deleting the root pod deletes its leaf copy, and the Deployment's next pod runs in leafa;
+4. deleting the root pod deletes its leaf copy, and the Deployment's next pod runs in leafa
+   (its process reads the edited ConfigMap);
 5. deleting the leaf copy: the root pod is kept (same UID) and a new copy runs (issue item 3);
    after 4 and 5 the leaf holds exactly one copy per root pod: nothing orphaned;
 6. a root pod ``clash`` whose name a leafa user's pod has: its copy is ``clash-<hash>``, and
@@ -351,6 +352,10 @@ def test_deleting_the_root_pod_deletes_its_leaf_copy(tlab: TreeLab) -> None:
     new, _ = wait_until(lambda: _web_in_leafa(tlab), 120, "the Deployment's new pod Running in leafa",
                         interval=POLL_S)
     assert new["metadata"]["uid"] != old_uid
+    # The new pod started after the ConfigMap edit: its leaf process reads the edited data.
+    out = tlab.kubectl("root", "exec", "-n", NS, new["metadata"]["name"], "--", "sh", "-c",
+                       'echo "$GREETING $(cat /etc/webcfg/greeting)"').stdout
+    assert out.split() == ["edited", "edited"]
     wait_until(lambda: tlab.get("root", "pod", old["metadata"]["name"], "-n", NS, check=False) is None, 30,
                "the old root pod gone", interval=POLL_S)
     _no_orphans(tlab)
