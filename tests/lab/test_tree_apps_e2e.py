@@ -5,14 +5,14 @@ run as real processes in a leaf and are used from the other clusters through the
 own e2e, as far as apps go (the three leaf modes appearing is ``test_tree_e2e.py``'s).
 
 The lab (module fixture, its own name): host ``root`` (node r1), leaves ``leafa`` (``tree:
-cluster``: virtual node ``kosmos-leafa``, leaf node a1) and ``leafb`` (``tree: node``: virtual
+cluster``: virtual node ``kosmos-leafa``, leaf nodes a1 and a2) and ``leafb`` (``tree: node``: virtual
 node ``b1``). Everything is the lab's: the root's Kosmos scheduler (profile
 ``kosmos-scheduler``), the root's controller-manager (Deployment, EndpointSlices), kube-proxy,
 the leaves' kubelet runtime, ``kosmos-tree`` with its kubelet relay on 127.0.0.1. Tests run in
 file order on one Deployment ``web`` (``python3 -m http.server``, a readinessProbe, ConfigMap and
 Secret as volumes and environment) pinned to ``kosmos-leafa``:
 
-1. it runs in leafa: the leaf copy (found by its ``kosmos.io/root-uid`` label) Running on a1, the
+1. it runs in leafa: the leaf copy (found by its ``kosmos.io/root-uid`` label) Running there, the
    root pod Running with the leaf pod's IP, scheduled by ``kosmos-scheduler``; it answers HTTP
    at that IP from the other leaf's node and from a leafb user's pod, and through a ClusterIP
    Service of the root from a pod on r1 (the root's kube-proxy sends to the leaf pod IP; the
@@ -27,7 +27,9 @@ Secret as volumes and environment) pinned to ``kosmos-leafa``:
    after 4 and 5 the leaf holds exactly one copy per root pod: nothing orphaned;
 6. a root pod ``clash`` whose name a leafa user's pod has: its copy is ``clash-<hash>``, and
    ``kubectl logs``/``exec`` on the root pod reach that copy, not the user's pod;
-7. ``fabric-tool unjoin leafb`` while a root pod runs there: our copies in leafb (pod,
+7. placement inside the leaf: a root pod annotated ``kosmos.io/cluster-selector`` and one a
+   ``ClusterPodConvertPolicy`` selects both land on a2, as their node selectors say;
+8. ``fabric-tool unjoin leafb`` while a root pod runs there: our copies in leafb (pod,
    ConfigMap) go, the leaf user's pod and ConfigMap and leafa's copies stay.
 
 Needs root (the lab) and kubectl.
@@ -66,7 +68,7 @@ TOPOLOGY = textwrap.dedent("""\
         tree: cluster
         podCIDRs: [10.41.0.0/16]
         serviceCIDRs: [10.141.0.0/20]
-        nodes: [{name: a1, pods: 0}]
+        nodes: [{name: a1, pods: 0}, {name: a2, pods: 0}]
       - name: leafb
         tree: node
         podCIDRs: [10.42.0.0/16]
@@ -206,6 +208,45 @@ CLASH_ROOT = textwrap.dedent(f"""\
     """)
 
 
+#: Placement in the leaf (both onto a2, not a1): ``sel`` by its ``kosmos.io/cluster-selector``
+#: annotation, ``conv`` by a ClusterPodConvertPolicy matching its labels and leaf cluster. The
+#: policy is made with the lab (long before the pod), as a pod's scheduling fields cannot be
+#: converted once its leaf copy exists.
+POLICY = textwrap.dedent("""\
+    apiVersion: kosmos.io/v1alpha1
+    kind: ClusterPodConvertPolicy
+    metadata: {name: to-a2}
+    spec:
+      labelSelector: {matchLabels: {app: conv}}
+      leafNodeSelector: {matchLabels: {kosmos.io/cluster: leafa}}
+      converters:
+        nodeSelectorConverter: {convertType: replace, nodeSelector: {kubernetes.io/hostname: a2}}
+    """)
+#: The two pods.
+PLACED = textwrap.dedent(f"""\
+    apiVersion: v1
+    kind: Pod
+    metadata: {{name: conv, namespace: {NS}, labels: {{app: conv}}}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      nodeSelector: {{kosmos.io/cluster: leafa}}
+      tolerations: [{{key: kosmos.io/node, operator: Exists, effect: NoSchedule}}]
+      containers: [{{name: c, image: python:3, command: [sleep, infinity]}}]
+    ---
+    apiVersion: v1
+    kind: Pod
+    metadata:
+      name: sel
+      namespace: {NS}
+      annotations: {{kosmos.io/cluster-selector: '{{"nodeSelector": {{"kubernetes.io/hostname": "a2"}}}}'}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      nodeSelector: {{kosmos.io/cluster: leafa}}
+      tolerations: [{{key: kosmos.io/node, operator: Exists, effect: NoSchedule}}]
+      containers: [{{name: c, image: python:3, command: [sleep, infinity]}}]
+    """)
+
+
 class TreeLab(KubeLab):
     root_id: str
 
@@ -238,6 +279,7 @@ def tlab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TreeLab]:
         running.root_id = running.get("root", "namespace", "kube-system")["metadata"]["uid"]
         running.apply("root", APP)
         running.apply("leafb", LEAF_USER)
+        running.apply("root", POLICY)
         yield running
 
 
@@ -272,7 +314,7 @@ def test_a_pinned_deployment_runs_in_the_leaf_and_answers_across_clusters(tlab: 
                                 interval=POLL_S)
     name = root_pod["metadata"]["name"]
     assert root_pod["spec"]["nodeName"] == "kosmos-leafa"
-    assert copy["spec"]["nodeName"] == "a1" and copy["metadata"]["name"] == name
+    assert copy["spec"]["nodeName"] in ("a1", "a2") and copy["metadata"]["name"] == name
     assert tlab.kube("root")["scheduler_pid"], "the lab runs the Kosmos scheduler in the host"
     scheduled = tlab.get("root", "events", "-n", NS, "--field-selector",
                          f"involvedObject.name={name},reason=Scheduled")["items"]
@@ -395,6 +437,27 @@ def test_logs_and_exec_reach_a_copy_renamed_for_a_leaf_users_pod(tlab: TreeLab) 
     out = tlab.kubectl("root", "exec", "-n", NS, "clash", "--", "sh", "-c", "echo $WHO").stdout
     assert out.strip() == "root"
     assert tlab.get("leafa", "pod", "clash", "-n", NS)["metadata"].get("labels", {}).get("kosmos.io/root-uid") is None
+
+
+def test_placement_in_the_leaf_by_annotation_and_by_convert_policy(tlab: TreeLab) -> None:
+    tlab.apply("root", PLACED)
+
+    def placed() -> dict[str, dict[str, Any]] | None:
+        out = {}
+        for name in ("conv", "sel"):
+            root = tlab.get("root", "pod", name, "-n", NS, check=False)
+            copies = tlab.copies("leafa", root["metadata"]["uid"]) if root is not None and _running(root) else []
+            if len(copies) != 1 or not _running(copies[0]):
+                return None
+            out[name] = copies[0]
+        return out
+
+    copies = wait_until(placed, 90, "conv and sel running in leafa", interval=POLL_S)
+    for name, copy in copies.items():
+        assert copy["spec"]["nodeSelector"] == {"kubernetes.io/hostname": "a2"}, (name, copy["spec"])
+        assert copy["spec"]["nodeName"] == "a2", name
+    assert copies["conv"]["metadata"]["annotations"]["kosmos-io/convert-policy"] == "to-a2"
+    assert "kosmos-io/convert-policy" not in copies["sel"]["metadata"].get("annotations", {})
 
 
 def test_unjoin_of_a_leaf_with_running_pods_removes_only_our_copies(tlab: TreeLab) -> None:
