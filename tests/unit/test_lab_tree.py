@@ -12,7 +12,7 @@ import pytest
 from fabric import topology
 from tools.lab import planning, supervisor
 from tools.lab import tree as labtree
-from tools.lab.state import LabState, LabUsageError
+from tools.lab.state import LabState, LabUsageError, ProcRecord
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -97,9 +97,20 @@ def test_tree_argv_names_the_host_and_the_lab_reflector(tmp_path: Path) -> None:
     state = _plan(tmp_path)
     state.clusters[0].api_url = "http://127.0.0.1:6001"
     argv = labtree.tree_argv(state)
-    assert argv[1:] == ["-m", "tree.main", "--master", "http://127.0.0.1:6001", "--leader-elect=true",
-                        "--listen", "127.0.0.1:0", "--reflector", f"unix:{state.reflector_socket}",
-                        "--fabric-cluster", "root"]
+    assert argv[1:-1] == ["-m", "tree.main", "--master", "http://127.0.0.1:6001", "--leader-elect=true",
+                          "--listen", "127.0.0.1:0", "--reflector", f"unix:{state.reflector_socket}",
+                          "--fabric-cluster", "root", "--kubelet-address", "127.0.0.1", "--kubelet-port"]
+    assert 0 < int(argv[-1]) < 65536 and int(argv[-1]) != 10250
+
+
+def test_tree_argv_keeps_the_kubelet_port_the_virtual_nodes_advertise(tmp_path: Path) -> None:
+    """A restarted manager (new command line from the state) serves on the port of the last one."""
+    state = _plan(tmp_path)
+    state.clusters[0].api_url = "http://127.0.0.1:6001"
+    state.tree_proc = ProcRecord(pid=1, start=None, netns="", log="", argv=[*labtree.tree_argv(state)[:-1], "41234"])
+    assert labtree.tree_argv(state)[-2:] == ["--kubelet-port", "41234"]
+    state.clusters[0].api_url = "http://127.0.0.1:6002"  # a new API server: same port still
+    assert labtree.tree_argv(state)[-2:] == ["--kubelet-port", "41234"]
 
 
 def test_backoff_is_the_kubelets() -> None:

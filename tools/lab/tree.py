@@ -28,7 +28,9 @@ is in sync (the fabric stays the lab's own, from its topology file):
 
 from __future__ import annotations
 
+import itertools
 import logging
+import socket
 import sys
 import time
 
@@ -73,12 +75,32 @@ def problems(topo: TopologyFile) -> list[str]:
 
 def tree_argv(state: LabState) -> list[str]:
     """``kosmos-tree``'s command line against the lab's host (as a Deployment runs it, leader
-    election on; ``--listen 127.0.0.1:0``: every lab's manager shares the root namespace)."""
+    election on; ``--listen 127.0.0.1:0``: every lab's manager shares the root namespace).
+
+    ``--kubelet-address 127.0.0.1 --kubelet-port P``: the virtual nodes' kubelet server, where
+    the host's API server sends ``kubectl logs``/``exec`` of their pods. The flag's default
+    (10250) would collide between labs sharing the root namespace, so the lab takes a free port
+    once and keeps it (:func:`kubelet_port`): the virtual nodes advertise it, and a restarted
+    manager must serve where they point."""
     host = state.host_cluster
     assert host is not None and host.api_url is not None
     return [sys.executable, "-m", "tree.main", "--master", host.api_url, "--leader-elect=true",
             "--listen", "127.0.0.1:0", "--reflector", f"unix:{state.reflector_socket}",
-            "--fabric-cluster", host.name]
+            "--fabric-cluster", host.name, "--kubelet-address", "127.0.0.1",
+            "--kubelet-port", str(kubelet_port(state))]
+
+
+def kubelet_port(state: LabState) -> int:
+    """The kubelet port of the lab's ``kosmos-tree``: the one its last command line named, else a
+    port free on 127.0.0.1 now (the kernel's pick)."""
+    argv = state.tree_proc.argv if state.tree_proc is not None else []
+    for flag, value in itertools.pairwise(argv):
+        if flag == "--kubelet-port" and value.isdigit() and int(value) > 0:
+            return int(value)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 def start_tree(state: LabState, progress: Progress = quiet) -> ProcRecord | None:
