@@ -296,6 +296,8 @@ class Watches:
     def stop(self) -> None:
         for inf in (self.root, *self.leaves):
             inf.stop()
+        for inf in (self.root, *self.leaves):
+            inf.join(5.0)
 
     def left(self) -> int:
         """Bench pods still in the root or a leaf (deleting or not)."""
