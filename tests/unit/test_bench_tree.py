@@ -4,6 +4,7 @@ against in-process API servers."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -71,7 +72,14 @@ def test_report_figures_ratios_aims_and_markdown() -> None:
     rounds = [tb.Round(_stats(1000, 3000, 50), _stats(800, 1000, 100), 80, 130, 5.0),
               tb.Round(_stats(1200, 2000, 40), _stats(900, 1200, 80), 100, 110, 6.0),
               tb.Round(_stats(1100, 2500, 60), _stats(700, 1100, 90), 100, 120, 7.0)]
+    without_paced = tb.report(rounds, 1000)
+    assert not any(k.startswith("paced_") for k in (*without_paced.figures, *without_paced.units))
+    assert "paced" not in next(n for n in without_paced.notes if n.startswith("aims"))
+    rounds = [dataclasses.replace(r, paced_tree=_stats(600, 900 + i, 20), paced_direct=_stats(500, 600, 20))
+              for i, r in enumerate(rounds)]
     rep = tb.report(rounds, 1000)
+    paced = rep.figures["paced_create_to_running_p99"]
+    assert paced["median"] == 901 and paced["ratio"] == pytest.approx(600 / 901)
     p99 = rep.figures["create_to_running_p99"]
     assert (p99["median"], p99["min"], p99["max"], p99["baseline_median"]) == (2500, 2000, 3000, 1100)
     assert p99["ratio"] == pytest.approx(1100 / 2500)  # latency: baseline / ours
@@ -81,7 +89,8 @@ def test_report_figures_ratios_aims_and_markdown() -> None:
     assert rep.figures["leaf_running_to_root_running_p99"]["median"] == 200
     assert set(rep.figures) == set(tb.UNITS) == set(rep.units)
     aims = next(n for n in rep.notes if n.startswith("aims"))
-    assert "2.27x (NOT met)" in aims and "50 pods/s (NOT met)" in aims
+    assert "burst 2.27x (NOT met), paced 1.50x (met)" in aims
+    assert "50 pods/s (NOT met; direct in the same run: 90 pods/s)" in aims
     doc = {"meta": {"repeat": 3}, "tree": suite._to_json(rep)}
     md = suite.render_markdown(doc)
     assert "## tree" in md and "| create_to_running_p99 | ms | 2,500 | 2,000 | 3,000 | 1,100 | 0.44 |" in md
