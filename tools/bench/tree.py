@@ -496,6 +496,8 @@ def run_phase(kind: str, watches: Watches, root: Api, leaves: Sequence[Api], n: 
     bc.progress(NAME, f"{label}: {kind}: all {n} Running; CPU s: {line}; deleting")
     delete_all([(api, body["metadata"]["namespace"], body["metadata"]["name"]) for api, body in targets])
     wait_until(f"{label}: {kind}: bench pods left (root and leaves)", watches.left, 0)
+    notes.append(f"{label} {kind}: kosmos-tree RSS {rss:.1f} MB with all {n} Running, "
+                 f"{_rss_mb(tree_pids[0]):.1f} MB once all were gone")
     return ph, spent.get("kosmos-tree", float("nan")), rss
 
 
