@@ -40,6 +40,15 @@ kubelets, this process) so a reader sees where the time goes. Between phases eve
 deleted and the phase waits until none is left in the root or any leaf (the tree's copies
 included).
 
+Paced phases (``paced_*`` figures): the burst's latencies are mostly queueing (its creates outrun
+the kubelets), so each round also creates a quarter of the pods per kind at :data:`PACED_RATE`
+pods/s, below what either path sustains here; their latencies are each pod's own path.
+
+Where kosmos-tree's time goes: its Prometheus counters (``fabric_tree_pod_writes_total`` by kind:
+one ``leaf-create`` and one ``root-status`` per pod is the minimum) on its ``--listen`` address
+(its log names it), and a sampling profiler attached to its PID (``tree_proc`` in the lab's
+state file) during a phase, e.g. ``py-spy record --gil --format raw --pid PID``.
+
 Needs root (the lab) and a build with the tree manager (``tree.main``) and the lab's ClusterTree
 keys (``role: host``, ``tree:``).
 """
