@@ -139,3 +139,18 @@ def test_translate_measures_lab_handbuilt_nft_and_program_cost(tmp_path: Path, m
     for metric in prog:
         assert figs[metric]["median"] > 0 and figs[metric]["baseline_median"] > 0, metric
     assert not list(Path("/run/kosmos-fabric/bench").glob("bpf-*")), "a private bpffs was left behind"
+
+
+def test_tree_reflects_pods_through_a_clustertree_lab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tools.bench import tree as bench_tree
+
+    if not bench_tree.supported():
+        pytest.skip("this build has no tree manager")
+    doc = _run(tmp_path, monkeypatch, "tree", "--tree-pods", "8")
+    figs = _figures(doc, "tree")
+    assert set(figs) == set(bench_tree.UNITS)
+    for metric in ("create_to_running_p50", "create_to_running_p99", "create_to_leaf_running_p99", "pods_per_s"):
+        assert figs[metric]["median"] > 0 and figs[metric]["baseline_median"] > 0 and figs[metric]["ratio"] > 0, metric
+    assert figs["leaf_running_to_root_running_p99"]["median"] >= 0
+    assert figs["tree_cpu_per_1000_pods"]["median"] > 0
+    assert any(n.startswith("round 1: tree p50/p99") for n in doc["tree"]["notes"])

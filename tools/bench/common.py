@@ -61,6 +61,8 @@ class Options:
     #: 200 with ``tiny``).
     sched_nodes: tuple[int, ...] = ()
     sched_pods: int = 0
+    #: tree: pods per phase (0: 1,000; 20 with ``tiny``).
+    tree_pods: int = 0
 
 
 #: The fabric shapes ``bench control`` simulates: two P2P clusters (every agent holds every other

@@ -1,0 +1,573 @@
+"""ClusterTree benchmark (issue 17): pods created in the root and bound to the leaves' virtual
+nodes, from the root create to the leaf copy Running to the root pod's status Running, against the
+same pods created directly in the leaves in the same run; the tree manager's RSS and CPU per 1,000
+reflected pods.
+
+The setup (a fresh lab, torn down afterwards): a ``role: host`` root cluster and :data:`LEAVES`
+leaf clusters of one node each, every leaf ``tree: node`` (one virtual node per leaf node, named
+as the leaf node: ``l1`` .. ``l4``), each with its own API server and real lab kubelet (issue 15:
+pods are idle processes of the lab's process runtime). ``node`` mode keeps ``nodeName`` on the
+leaf copy, so neither path goes through a scheduler: the benchmark binds the root pods to the
+virtual nodes itself (``spec.nodeName``) and the direct pods to the leaf nodes of the same names.
+The pods are ``hostNetwork`` (the idle container runs in its node's namespace): the pod network
+plumbing is what ``bench k8s`` measures; here it would only add the same cost to both sides and
+use up each node's /24 at 250 pods.
+
+Each round runs two phases, the order alternating between rounds (round 1 direct first), each
+with the same N pods (``--tree-pods``, default 1,000; 20 with ``--tiny``) spread round-robin over
+the leaves, created by :data:`CONCURRENCY` client threads of this process:
+
+- **tree** (ours): per pod, ``t0`` = just before its create request to the root API server
+  (namespace ``bench-tree``), ``t1`` = the leaf copy (found by its ``kosmos.io/root-name``
+  annotation) first seen ``Running`` on a watch of the leaf, ``t2`` = the root pod first seen
+  ``Running`` on a watch of the root. Latency = ``t2 - t0``; the leaf part ``t1 - t0`` and the
+  way back ``t2 - t1`` are reported too.
+- **direct** (baseline): the same pod spec created in the leaves (namespace ``bench-direct``),
+  ``nodeName`` = the leaf node; latency = first seen ``Running`` on the leaf watch - ``t0``.
+
+Every watch is a :class:`scheduler.kube.Informer` in this process (label ``kosmos-bench=tree``),
+so every time is on one monotonic clock. Per round: p50/p99 (nearest rank) of the latencies and
+pods/s = N / (first create -> last pod Running: the root status for tree, the leaf for direct);
+the figures are the median (min, max) over rounds. Ratios, higher is better: latency direct /
+tree (the issue's aim "overhead p99 <= 2x of direct" is ``create_to_running_p99`` ratio >= 0.5),
+pods/s tree / direct (the aim ">= 200 pods/s reflected" is the tree median itself).
+
+The tree manager (``kosmos-tree``, the lab's process): its RSS (``VmRSS``) before the creates and
+once all N are Running in the root, the growth scaled to 1,000 pods (round 1 is the honest one:
+later rounds reuse memory the first one freed); its CPU seconds over the tree phase, per 1,000
+pods. The notes list every component's CPU seconds per phase (tree manager, API servers,
+kubelets, this process) so a reader sees where the time goes. Between phases every bench pod is
+deleted and the phase waits until none is left in the root or any leaf (the tree's copies
+included).
+
+Paced phases (``paced_*`` figures): the burst's latencies are mostly queueing (its creates outrun
+the kubelets), so each round also creates a quarter of the pods per kind at :data:`PACED_RATE`
+pods/s, below what either path sustains here; their latencies are each pod's own path.
+
+Where kosmos-tree's time goes: its Prometheus counters (``fabric_tree_pod_writes_total`` by kind:
+one ``leaf-create`` and one ``root-status`` per pod is the minimum) on its ``--listen`` address
+(its log names it), and a sampling profiler attached to its PID (``tree_proc`` in the lab's
+state file) during a phase, e.g. ``py-spy record --gil --format raw --pid PID``.
+
+Needs root (the lab) and a build with the tree manager (``tree.main``) and the lab's ClusterTree
+keys (``role: host``, ``tree:``).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import importlib.util
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+from scheduler.kube import Api, ApiError, Informer, resource_path
+from tools import lab
+from tools.bench import common as bc
+
+_log = logging.getLogger(__name__)
+
+NAME = "tree"
+HELP = ("1,000 pods created in a ClusterTree root, bound to the virtual nodes of 4 leaves with real kubelets: "
+        "root create -> leaf Running -> root status Running, p50/p99 and pods reflected per second (baseline: the "
+        "same pods created directly in the leaves in the same run); tree manager RSS and CPU per 1,000 pods")
+
+LEAVES = 4
+DEFAULT_PODS = 1000
+TINY_PODS = 20
+#: Client threads creating the pods (both phases).
+CONCURRENCY = 8
+TREE_NS = "bench-tree"
+DIRECT_NS = "bench-direct"
+LABEL = "kosmos-bench"
+LABEL_VALUE = "tree"
+#: What the tree puts on a leaf copy: ``<root namespace>/<root name>`` (tree.identity's contract).
+ROOT_NAME_ANNOTATION = "kosmos.io/root-name"
+#: Seconds without one more pod Running (or gone, when cleaning up) before a phase gives up.
+STALL_S = 120.0
+#: Pods of the unmeasured warm-up phases (each kind once) before the first round.
+WARMUP_PODS = 40
+#: Paced phases: 1/PACED_SHARE of the pods, created at PACED_RATE pods/s (below what either path
+#: sustains here), so their latencies are per-pod costs, not queueing behind a burst.
+PACED_RATE = 20.0
+PACED_SHARE = 4
+#: Room for the pods on each leaf node (the kubelet admits against it; the default is 110).
+NODE_PODS = 1100
+
+
+def supported() -> bool:
+    """A build with the tree manager and the lab's ClusterTree keys (issue 17)."""
+    try:
+        return (importlib.util.find_spec("tree.main") is not None
+                and importlib.util.find_spec("tools.lab.tree") is not None)
+    except (ImportError, ValueError):
+        return False
+
+
+def requires(opts: bc.Options) -> list[str]:
+    return bc.need_root("the tree benchmark") + bc.need_programs("ip")
+
+
+def pod_count(opts: bc.Options) -> int:
+    return opts.tree_pods or (TINY_PODS if opts.tiny else DEFAULT_PODS)
+
+
+def leaf_nodes(leaves: int = LEAVES) -> list[str]:
+    """The leaf node names, which are also the virtual node names in ``node`` mode."""
+    return [f"l{i + 1}" for i in range(leaves)]
+
+
+def topology(leaves: int = LEAVES, node_pods: int = NODE_PODS) -> dict[str, Any]:
+    """The lab: a host root and ``leaves`` one-node leaves in ``tree: node`` mode."""
+    clusters: list[dict[str, Any]] = [{
+        "name": "root", "role": "host", "podCIDRs": ["10.60.0.0/16"], "serviceCIDRs": ["10.160.0.0/20"],
+        "nodes": [{"name": "r1", "pods": 0}]}]
+    for i, node in enumerate(leaf_nodes(leaves)):
+        clusters.append({"name": f"leaf{i + 1}", "tree": "node", "podCIDRs": [f"10.{61 + i}.0.0/16"],
+                         "serviceCIDRs": [f"10.{161 + i}.0.0/20"],
+                         "nodes": [{"name": node, "pods": 0, "resources": {"pods": str(node_pods)}}]})
+    return {"underlay": "198.18.0.0/16", "kubernetes": True, "clusters": clusters}
+
+
+def pod_name(i: int) -> str:
+    return f"p-{i:05d}"
+
+
+def pod_body(name: str, namespace: str, node: str) -> dict[str, Any]:
+    """One bench pod: an idle container (no command: the runtime runs an idle process) in the
+    node's network namespace, bound to ``node``, ending at once when deleted. The toleration of
+    the virtual nodes' taint is what a workload meant for them carries (a bound pod needs none)."""
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": namespace, "labels": {LABEL: LABEL_VALUE}},
+            "spec": {"nodeName": node, "hostNetwork": True, "terminationGracePeriodSeconds": 0,
+                     "tolerations": [{"key": "kosmos.io/node", "operator": "Exists", "effect": "NoSchedule"}],
+                     "containers": [{"name": "idle", "image": "registry.k8s.io/pause:3.10"}]}}
+
+
+# -- the pure part: per-phase timings, statistics, the report ---------------------------------
+
+
+@dataclasses.dataclass
+class Phase:
+    """The times (``time.monotonic``) of one phase, by pod name: ``created`` (just before the
+    create request), ``leaf`` (first seen Running in a leaf), ``root`` (first seen Running in
+    the root; tree only)."""
+
+    kind: str  # "tree" or "direct"
+    created: dict[str, float] = dataclasses.field(default_factory=dict)
+    leaf: dict[str, float] = dataclasses.field(default_factory=dict)
+    root: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def done(self) -> dict[str, float]:
+        """When each pod counts as Running for this phase (tree: in the root; direct: in the leaf)."""
+        return self.root if self.kind == "tree" else self.leaf
+
+
+@dataclasses.dataclass(frozen=True)
+class PhaseStats:
+    """p50/p99 in ms of create -> Running (and, for tree, its two legs) and pods/s."""
+
+    pods: int
+    p50_ms: float
+    p99_ms: float
+    pods_per_s: float
+    span_s: float
+    leaf_p50_ms: float = float("nan")
+    leaf_p99_ms: float = float("nan")
+    back_p50_ms: float = float("nan")
+    back_p99_ms: float = float("nan")
+
+
+def phase_stats(ph: Phase) -> PhaseStats:
+    """Statistics of a finished phase: only pods created and seen Running count (a phase that
+    did not finish raised before this)."""
+    done = ph.done
+    names = [n for n in ph.created if n in done]
+    lat = [(done[n] - ph.created[n]) * 1000 for n in names]
+    span = (max(done[n] for n in names) - min(ph.created.values())) if names else float("nan")
+    rate = len(names) / span if names and span > 0 else float("nan")
+    out = PhaseStats(len(names), bc.percentile(lat, 50), bc.percentile(lat, 99), rate, span)
+    if ph.kind == "tree":
+        leaf = [(ph.leaf[n] - ph.created[n]) * 1000 for n in names if n in ph.leaf]
+        back = [(done[n] - ph.leaf[n]) * 1000 for n in names if n in ph.leaf]
+        out = dataclasses.replace(out, leaf_p50_ms=bc.percentile(leaf, 50), leaf_p99_ms=bc.percentile(leaf, 99),
+                                  back_p50_ms=bc.percentile(back, 50), back_p99_ms=bc.percentile(back, 99))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Round:
+    """One round: both phases' statistics and the tree manager's growth over the tree phase."""
+
+    tree: PhaseStats
+    direct: PhaseStats
+    rss_before_mb: float
+    rss_after_mb: float
+    cpu_s: float
+    paced_tree: PhaseStats | None = None
+    paced_direct: PhaseStats | None = None
+
+    @property
+    def rss_per_1000_mb(self) -> float:
+        return (self.rss_after_mb - self.rss_before_mb) / self.tree.pods * 1000 if self.tree.pods else float("nan")
+
+    @property
+    def cpu_per_1000_s(self) -> float:
+        return self.cpu_s / self.tree.pods * 1000 if self.tree.pods else float("nan")
+
+
+UNITS = {
+    "create_to_running_p50": "ms", "create_to_running_p99": "ms",
+    "create_to_leaf_running_p50": "ms", "create_to_leaf_running_p99": "ms",
+    "leaf_running_to_root_running_p50": "ms", "leaf_running_to_root_running_p99": "ms",
+    "pods_per_s": "pods/s", "tree_rss_per_1000_pods": "MB", "tree_cpu_per_1000_pods": "s",
+    "paced_create_to_running_p50": "ms", "paced_create_to_running_p99": "ms",
+    "paced_leaf_running_to_root_running_p99": "ms",
+}
+
+
+def round_line(i: int, r: Round) -> str:
+    """One round in a line (progress and notes)."""
+    out = (f"round {i + 1}: tree p50/p99 {r.tree.p50_ms:.0f}/{r.tree.p99_ms:.0f} ms, {r.tree.pods_per_s:.1f} pods/s "
+           f"over {r.tree.span_s:.1f} s (leaf copy Running p50/p99 {r.tree.leaf_p50_ms:.0f}/{r.tree.leaf_p99_ms:.0f} "
+           f"ms, way back {r.tree.back_p50_ms:.0f}/{r.tree.back_p99_ms:.0f} ms); direct p50/p99 "
+           f"{r.direct.p50_ms:.0f}/{r.direct.p99_ms:.0f} ms, {r.direct.pods_per_s:.1f} pods/s over "
+           f"{r.direct.span_s:.1f} s; kosmos-tree RSS {r.rss_before_mb:.1f} -> {r.rss_after_mb:.1f} MB, "
+           f"CPU {r.cpu_s:.1f} s")
+    if r.paced_tree is not None and r.paced_direct is not None:
+        out += (f"; paced ({r.paced_tree.pods} pods at {PACED_RATE:g}/s): tree p50/p99 "
+                f"{r.paced_tree.p50_ms:.0f}/{r.paced_tree.p99_ms:.0f} ms (way back p99 {r.paced_tree.back_p99_ms:.0f}),"
+                f" direct {r.paced_direct.p50_ms:.0f}/{r.paced_direct.p99_ms:.0f} ms")
+    return out
+
+
+def report(rounds: Sequence[Round], pods: int) -> bc.Report:
+    """The figures over ``rounds`` (medians of per-round p50/p99 and rates), with the notes
+    that say how they were measured and whether the issue's aims were met."""
+    rep = bc.Report(units=dict(UNITS))
+    t, d = [r.tree for r in rounds], [r.direct for r in rounds]
+    rep.figures["create_to_running_p50"] = bc.figure([s.p50_ms for s in t], {"": [s.p50_ms for s in d]},
+                                                     higher_is_better=False)
+    rep.figures["create_to_running_p99"] = bc.figure([s.p99_ms for s in t], {"": [s.p99_ms for s in d]},
+                                                     higher_is_better=False)
+    rep.figures["create_to_leaf_running_p50"] = bc.figure([s.leaf_p50_ms for s in t], {"": [s.p50_ms for s in d]},
+                                                          higher_is_better=False)
+    rep.figures["create_to_leaf_running_p99"] = bc.figure([s.leaf_p99_ms for s in t], {"": [s.p99_ms for s in d]},
+                                                          higher_is_better=False)
+    rep.figures["leaf_running_to_root_running_p50"] = bc.spread([s.back_p50_ms for s in t])
+    rep.figures["leaf_running_to_root_running_p99"] = bc.spread([s.back_p99_ms for s in t])
+    rep.figures["pods_per_s"] = bc.figure([s.pods_per_s for s in t], {"": [s.pods_per_s for s in d]},
+                                          higher_is_better=True)
+    rep.figures["tree_rss_per_1000_pods"] = bc.spread([r.rss_per_1000_mb for r in rounds])
+    rep.figures["tree_cpu_per_1000_pods"] = bc.spread([r.cpu_per_1000_s for r in rounds])
+    p99 = rep.figures["create_to_running_p99"]
+    rate_fig = rep.figures["pods_per_s"]
+    rate = rate_fig["median"]
+    overhead = p99["median"] / p99["baseline_median"] if p99["baseline_median"] else float("nan")
+    rep.notes += [
+        f"{pods} pods per phase over {LEAVES} one-node leaves (tree: node; virtual node = leaf node name), "
+        f"hostNetwork idle containers bound with spec.nodeName (no scheduler in either path), created by "
+        f"{CONCURRENCY} client threads. ours = tree: root create -> root pod status Running (through the leaf "
+        "copy Running); baseline = direct: the same pod created in the leaf -> Running there. Each round runs both "
+        "phases, alternating which goes first; all pods deleted and gone between phases; before round 1, "
+        f"an unmeasured warm-up of {WARMUP_PODS} pods per kind (namespaces made, connections open).",
+        "create_to_leaf_running: root create -> the leaf copy Running (baseline: the direct pods again); "
+        "leaf_running_to_root_running: the leaf copy Running -> the root pod Running (the way back, no baseline).",
+        "tree_rss_per_1000_pods: kosmos-tree's VmRSS growth from before the creates to all N Running in the root, "
+        "scaled to 1,000 pods (round 1 is the honest one: later rounds reuse memory the first freed); "
+        "tree_cpu_per_1000_pods: its CPU seconds over the tree phase, scaled.",
+    ]
+    pt = [r.paced_tree for r in rounds if r.paced_tree is not None]
+    pd = [r.paced_direct for r in rounds if r.paced_direct is not None]
+    if pt and pd:
+        rep.figures["paced_create_to_running_p50"] = bc.figure([s.p50_ms for s in pt], {"": [s.p50_ms for s in pd]},
+                                                               higher_is_better=False)
+        rep.figures["paced_create_to_running_p99"] = bc.figure([s.p99_ms for s in pt], {"": [s.p99_ms for s in pd]},
+                                                               higher_is_better=False)
+        rep.figures["paced_leaf_running_to_root_running_p99"] = bc.spread([s.back_p99_ms for s in pt])
+        rep.notes.append(
+            f"paced_*: besides the burst, each round creates {pt[0].pods} pods per kind at {PACED_RATE:g} pods/s "
+            "(below what either path sustains here): the burst's latencies are mostly queueing (its creates "
+            "outrun the kubelets, the direct ones more so since nothing slows them), the paced ones are each pod's "
+            "own path.")
+    else:
+        for k in [k for k in rep.units if k.startswith("paced_")]:
+            del rep.units[k]
+    aims = (f"aims of issue 17: tree p99 <= 2x direct p99: burst {overhead:.2f}x "
+            f"({'met' if overhead <= 2 else 'NOT met'})")
+    if "paced_create_to_running_p99" in rep.figures:
+        pp = rep.figures["paced_create_to_running_p99"]
+        paced = pp["median"] / pp["baseline_median"] if pp["baseline_median"] else float("nan")
+        aims += f", paced {paced:.2f}x ({'met' if paced <= 2 else 'NOT met'})"
+    rep.notes.insert(2, f"{aims}; >= 200 pods/s reflected: measured {rate:.0f} pods/s "
+                        f"({'met' if rate >= 200 else 'NOT met'}; direct in the same run: "
+                        f"{rate_fig['baseline_median']:.0f} pods/s).")
+    for i, r in enumerate(rounds):
+        rep.notes.append(round_line(i, r))
+    return rep
+
+
+# -- the lab side ----------------------------------------------------------------------------
+
+
+def _running(pod: Mapping[str, Any]) -> bool:
+    return (pod.get("status") or {}).get("phase") == "Running"
+
+
+class Watches:
+    """Informers on the bench pods of the root and of every leaf; they note, in the current
+    :class:`Phase`, when each pod was first seen Running (and count what is left, for cleanup)."""
+
+    def __init__(self, root: Api, leaves: Sequence[Api]) -> None:
+        self.phase: Phase | None = None
+        self._lock = threading.Lock()
+        sel = f"{LABEL}={LABEL_VALUE}"
+        self.root = Informer(root, "v1", "pods", label_selector=sel)
+        self.leaves = [Informer(api, "v1", "pods", label_selector=sel) for api in leaves]
+        self.root.add_handler(self._on_root)
+        for inf in self.leaves:
+            inf.add_handler(self._on_leaf)
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        for inf in (self.root, *self.leaves):
+            inf.start()
+        deadline = time.monotonic() + timeout_s
+        for inf in (self.root, *self.leaves):
+            if not inf.synced.wait(max(0.1, deadline - time.monotonic())):
+                raise RuntimeError(f"the bench's pod watch on {inf.api.host} did not list within {timeout_s:g} s")
+
+    def stop(self) -> None:
+        for inf in (self.root, *self.leaves):
+            inf.stop()
+        for inf in (self.root, *self.leaves):
+            inf.join(5.0)
+
+    def left(self) -> int:
+        """Bench pods still in the root or a leaf (deleting or not)."""
+        return len(self.root.store) + sum(len(inf.store) for inf in self.leaves)
+
+    def _on_root(self, kind: str, old: dict[str, Any] | None, new: dict[str, Any] | None) -> None:
+        now = time.monotonic()
+        ph = self.phase
+        if ph is None or ph.kind != "tree" or new is None or kind == "DELETED" or not _running(new):
+            return
+        meta = new.get("metadata") or {}
+        if meta.get("namespace") == TREE_NS:
+            with self._lock:
+                ph.root.setdefault(str(meta.get("name")), now)
+
+    def _on_leaf(self, kind: str, old: dict[str, Any] | None, new: dict[str, Any] | None) -> None:
+        now = time.monotonic()
+        ph = self.phase
+        if ph is None or new is None or kind == "DELETED" or not _running(new):
+            return
+        meta = new.get("metadata") or {}
+        if ph.kind == "direct" and meta.get("namespace") == DIRECT_NS:
+            name = str(meta.get("name"))
+        elif ph.kind == "tree" and meta.get("namespace") == TREE_NS:
+            root_ns, _, name = str((meta.get("annotations") or {}).get(ROOT_NAME_ANNOTATION) or "").partition("/")
+            if root_ns != TREE_NS:
+                return
+        else:
+            return
+        with self._lock:
+            ph.leaf.setdefault(name, now)
+
+
+def _ensure_namespace(api: Api, ns: str) -> None:
+    with contextlib.suppress(ApiError):  # 409: already there
+        api.request("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
+                                                    "metadata": {"name": ns}})
+
+
+def create_all(ph: Phase, targets: Sequence[tuple[Api, dict[str, Any]]], rate: float | None = None) -> None:
+    """Create every pod of ``targets`` (API, body) with :data:`CONCURRENCY` threads, noting
+    ``t0`` just before each request; a refused create fails the phase. ``rate``: pod ``i`` is
+    sent no earlier than ``i / rate`` seconds after the start (paced); None: as fast as the
+    threads go."""
+    start = time.monotonic()
+
+    def one(i: int, target: tuple[Api, dict[str, Any]]) -> None:
+        api, body = target
+        meta = body["metadata"]
+        if rate:
+            time.sleep(max(0.0, start + i / rate - time.monotonic()))
+        ph.created[meta["name"]] = time.monotonic()
+        api.request("POST", resource_path("v1", "pods", meta["namespace"]), body, timeout=60)
+
+    with concurrent.futures.ThreadPoolExecutor(CONCURRENCY, thread_name_prefix="bench-tree-create") as pool:
+        futures = [pool.submit(one, i, t) for i, t in enumerate(targets)]
+        t0 = next_report = time.monotonic()
+        for i, f in enumerate(futures):
+            f.result()
+            if time.monotonic() >= next_report + 5:
+                next_report = time.monotonic()
+                bc.progress(NAME, f"  {ph.kind}: {i + 1}/{len(futures)} created after {next_report - t0:.0f} s, "
+                            f"{len(ph.done)} Running")
+
+
+def wait_until(what: str, count: Callable[[], int], goal: int, progress_s: float = 5.0) -> None:
+    """Until ``count()`` reaches ``goal`` (polled every 0.1 s; progress every ``progress_s``);
+    fails after :data:`STALL_S` without a change."""
+    t0 = last_change = next_report = time.monotonic()
+    last = count()
+    while last != goal:
+        time.sleep(0.1)
+        now, n = time.monotonic(), count()
+        if n != last:
+            last, last_change = n, now
+        if now - last_change > STALL_S:
+            raise RuntimeError(f"{what}: stuck at {n} (want {goal}) for {STALL_S:g} s")
+        if now >= next_report:
+            bc.progress(NAME, f"  {what}: {n}/{goal} after {now - t0:.0f} s")
+            next_report = now + progress_s
+
+
+def delete_all(targets: Sequence[tuple[Api, str, str]]) -> None:
+    """Delete (API, namespace, name) pods with the clients' threads; a pod already gone is fine."""
+    def one(t: tuple[Api, str, str]) -> None:
+        api, ns, name = t
+        with contextlib.suppress(ApiError):  # 404
+            api.request("DELETE", resource_path("v1", "pods", ns, name), timeout=60)
+
+    with concurrent.futures.ThreadPoolExecutor(CONCURRENCY, thread_name_prefix="bench-tree-delete") as pool:
+        list(pool.map(one, targets))
+
+
+def _cpu_s(pid: int) -> float:
+    from tools.bench.k8s import _cpu_s as cpu
+
+    return cpu(pid)
+
+
+def _rss_mb(pid: int) -> float:
+    from kubeemu.bench import rss_mb
+
+    try:
+        return rss_mb(pid)
+    except OSError:
+        return float("nan")
+
+
+def component_pids(state: lab.LabState) -> dict[str, list[int]]:
+    """The processes whose CPU the notes report, by role (the lab's records)."""
+    out: dict[str, list[int]] = {"kosmos-tree": [], "root apiserver": [], "leaf apiservers": [],
+                                 "leaf kubelets": [], "bench (this process)": [os.getpid()]}
+    if state.tree_proc is not None:
+        out["kosmos-tree"].append(state.tree_proc.pid)
+    for c in state.clusters:
+        if c.apiserver is not None:
+            out["root apiserver" if c.role == "host" else "leaf apiservers"].append(c.apiserver.pid)
+        if c.kubelet is not None and c.role != "host":
+            out["leaf kubelets"].append(c.kubelet.pid)
+    return out
+
+
+def cpu_snapshot(pids: Mapping[str, Sequence[int]]) -> dict[str, float]:
+    return {role: sum(_cpu_s(p) for p in ps) for role, ps in pids.items()}
+
+
+def run_phase(kind: str, watches: Watches, root: Api, leaves: Sequence[Api], n: int,
+              pids: Mapping[str, Sequence[int]], notes: list[str], label: str,
+              rate: float | None = None) -> tuple[Phase, float, float]:
+    """One phase: create ``n`` pods (tree: in the root; direct: in the leaves), wait until all
+    are Running, note the CPU per component, delete them and wait until none is left anywhere.
+    Returns the phase, the tree manager's CPU seconds over it and its RSS (MB) once all ran.
+    ``rate``: paced creates (:func:`create_all`); the phase is then named ``<kind> paced``."""
+    nodes = leaf_nodes(len(leaves))
+    ph = Phase(kind)
+    if kind == "tree":
+        targets = [(root, pod_body(pod_name(i), TREE_NS, nodes[i % len(nodes)])) for i in range(n)]
+    else:
+        targets = [(leaves[i % len(leaves)], pod_body(pod_name(i), DIRECT_NS, nodes[i % len(nodes)]))
+                   for i in range(n)]
+    cpu0 = cpu_snapshot(pids)
+    watches.phase = ph
+    if rate:
+        kind = f"{kind} paced"
+    bc.progress(NAME, f"{label}: {kind}: creating {n} pods" + (f" at {rate:g} pods/s" if rate else ""))
+    create_all(ph, targets, rate)
+    wait_until(f"{label}: {kind}: pods Running" + (" in the root" if ph.kind == "tree" else ""),
+               lambda: len(ph.done), n)
+    cpu1 = cpu_snapshot(pids)
+    tree_pids = pids.get("kosmos-tree") or [0]
+    rss = _rss_mb(tree_pids[0])
+    watches.phase = None
+    spent = {k: cpu1[k] - cpu0.get(k, 0.0) for k in cpu1}
+    line = ", ".join(f"{k} {v:.1f}" for k, v in spent.items())
+    notes.append(f"{label} {kind}: CPU seconds from the first create to all Running: {line}")
+    bc.progress(NAME, f"{label}: {kind}: all {n} Running; CPU s: {line}; deleting")
+    delete_all([(api, body["metadata"]["namespace"], body["metadata"]["name"]) for api, body in targets])
+    wait_until(f"{label}: {kind}: bench pods left (root and leaves)", watches.left, 0)
+    notes.append(f"{label} {kind}: kosmos-tree RSS {rss:.1f} MB with all {n} Running, "
+                 f"{_rss_mb(tree_pids[0]):.1f} MB once all were gone")
+    return ph, spent.get("kosmos-tree", float("nan")), rss
+
+
+@contextlib.contextmanager
+def _watching(root: Api, leaves: Sequence[Api]) -> Iterator[Watches]:
+    w = Watches(root, leaves)
+    try:
+        w.start()
+        yield w
+    finally:
+        w.stop()
+
+
+def measure(state: lab.LabState, n: int, repeat: int) -> bc.Report:
+    """The rounds on a lab of :func:`topology` (``state``), then the report."""
+    host = state.host_cluster
+    if host is None or host.api_url is None:
+        raise RuntimeError(f"lab {state.name} has no host cluster with an API server")
+    leaf_recs = sorted((c for c in state.clusters if c.tree), key=lambda c: c.name)
+    if any(c.api_url is None for c in leaf_recs):
+        raise RuntimeError(f"lab {state.name}: a leaf has no API server")
+    root = Api(host.api_url, user_agent="bench-tree")
+    leaves = [Api(str(c.api_url), user_agent="bench-tree") for c in leaf_recs]
+    _ensure_namespace(root, TREE_NS)
+    for api in leaves:
+        _ensure_namespace(api, DIRECT_NS)
+    notes: list[str] = []
+    rounds: list[Round] = []
+    with _watching(root, leaves) as watches:
+        warm = min(n, WARMUP_PODS)
+        for kind in ("direct", "tree"):  # unmeasured: namespaces made, connections and processes warm
+            run_phase(kind, watches, root, leaves, warm, component_pids(state), [], "warm-up")
+        for rnd in range(repeat):
+            label = f"round {rnd + 1}/{repeat}"
+            pids = component_pids(state)
+            tree_pid = pids["kosmos-tree"][0] if pids["kosmos-tree"] else 0
+            phases: dict[str, Phase] = {}
+            rss0 = rss1 = float("nan")
+            cpu = float("nan")
+            for kind in (("direct", "tree") if rnd % 2 == 0 else ("tree", "direct")):
+                before = _rss_mb(tree_pid)
+                ph, spent, after = run_phase(kind, watches, root, leaves, n, pids, notes, label)
+                if kind == "tree":
+                    rss0, rss1, cpu = before, after, spent
+                phases[kind] = ph
+            paced = max(1, n // PACED_SHARE)
+            for kind in (("direct", "tree") if rnd % 2 == 0 else ("tree", "direct")):
+                ph, _, _ = run_phase(kind, watches, root, leaves, paced, pids, notes, label, PACED_RATE)
+                phases[f"{kind} paced"] = ph
+            r = Round(phase_stats(phases["tree"]), phase_stats(phases["direct"]), rss0, rss1, cpu,
+                      phase_stats(phases["tree paced"]), phase_stats(phases["direct paced"]))
+            rounds.append(r)
+            bc.progress(NAME, round_line(rnd, r))
+    rep = report(rounds, n)
+    rep.notes += notes
+    return rep
+
+
+def run(opts: bc.Options) -> bc.Report:
+    n = pod_count(opts)
+    doc = topology(LEAVES, max(NODE_PODS, n // LEAVES + 20))
+    with bc.lab_env(NAME, doc, f"a host and {LEAVES} tree: node leaves with Kubernetes",
+                    timeout_s=max(300.0, lab.DEFAULT_UP_TIMEOUT_S)) as state:
+        return measure(state, n, opts.repeat)
