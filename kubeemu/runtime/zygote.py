@@ -25,6 +25,15 @@ b. forks the shim (new session, cwd ``/``, stdin ``/dev/null``, stdout/stderr th
 c. sends the shim's PID + start time (read while the shim is still its child, so it cannot have
    been reaped and its PID reused) and exits; the spawner reaps it and replies.
 
+Before it listens, the spawner moves into a mount namespace of its own, a recursive slave of the
+kubelet's (:func:`isolate_mounts`: host mounts still propagate in), without the ``/run/netns``
+mount and so without one entry per pod network namespace: each container's mount namespace is
+a copy of the spawner's, and copying, walking (``rslave``), listing (the shim's top-level
+mounts) and dropping (``pivot_root``) that table is work per container that grew with every pod
+on the machine. The pod's namespace file is opened through a descriptor of the kubelet's root
+taken before the move (``openat``: the walk stays in the kubelet's mount tree), which no shim or
+container holds.
+
 The middle child exits at once, so every shim is an orphan as soon as it starts and init
 (PID 1) reaps it, as ``containerd-shim`` daemonizes itself: never the kubelet's or this
 process's child, it outlives both, and neither leaves a zombie behind.
@@ -56,12 +65,44 @@ def _check(res: int, what: str) -> None:
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
+#: The kubelet's root directory as the spawner saw it before :func:`isolate_mounts` (an ``O_PATH``
+#: descriptor; None: the spawner stayed in the kubelet's mount namespace): network namespace
+#: paths are opened relative to it, in the kubelet's mount tree, where ``/run/netns`` is.
+_host_root: int | None = None
+#: Where ``ip netns`` keeps its namespace entries (one bind mount each).
+NETNS_DIR = "/run/netns"
+
+
+def isolate_mounts() -> None:
+    """Move the spawner into a mount namespace of its own, ``/`` a recursive slave of the
+    kubelet's, and lazily unmount ``/run/netns`` there (see the module docstring). Best effort:
+    where it cannot (no ``CAP_SYS_ADMIN``), the spawner stays where it is and says so."""
+    global _host_root
+    root = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        _check(shim._libc.unshare(CLONE_NEWNS), "unsharing the spawner's mount namespace")
+        shim.mount("none", "/", None, shim.MS_REC | MS_SLAVE)
+    except OSError as e:
+        os.close(root)
+        print(f"kubeemu spawner: staying in the kubelet's mount namespace: {e}", file=sys.stderr, flush=True)
+        return
+    _host_root = root
+    shim.detach(NETNS_DIR)  # False when it is no mount point (no pod namespace yet): nothing to drop
+
+
+def _open_netns(netns: str) -> int:
+    """The network namespace file ``netns`` (a path in the kubelet's mount namespace), opened."""
+    if _host_root is not None and netns.startswith("/"):
+        return os.open(netns.lstrip("/"), os.O_RDONLY | os.O_CLOEXEC, dir_fd=_host_root)
+    return os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+
+
 def enter_namespaces(netns: str | None) -> None:
     """Step a: the pod's network namespace (``netns``, a path), a new mount and UTS namespace,
     ``/`` a recursive slave (host mounts propagate in, the shim's never out)."""
     if netns:
         try:
-            fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+            fd = _open_netns(netns)
         except OSError as e:
             raise OSError(e.errno, f"opening the pod's network namespace {netns}: {e.strerror}") from e
         try:
@@ -170,6 +211,7 @@ def serve(sock_path: str) -> int:
     reply is sent when the child's pipe answers, so while one child enters its namespaces and
     forks its shim (the slow part: setns, unshare, a mount) the next requests are read and
     forked too, on whatever core is free, instead of queueing behind it."""
+    isolate_mounts()
     with contextlib.suppress(FileNotFoundError):
         os.unlink(sock_path)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -209,7 +251,8 @@ def serve(sock_path: str) -> int:
             continue
         # The shim must hold none of the spawner's descriptors: the listener, this connection,
         # and every other request's connection and reply pipe.
-        close = [listener.fileno(), conn.fileno(), *inflight, *(c.fileno() for c, _, _ in inflight.values())]
+        close = [listener.fileno(), conn.fileno(), *inflight, *(c.fileno() for c, _, _ in inflight.values()),
+                 *([_host_root] if _host_root is not None else [])]
         try:
             child, r = start(req, close)
         except OSError as e:  # no fork (EAGAIN, ENOMEM): this request fails, the spawner serves on
