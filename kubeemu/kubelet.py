@@ -584,8 +584,19 @@ class LabKubelet:
         self._api_runner = runner
         _log.info("kubelet API on 127.0.0.1:%d", self.kubelet_port)
 
+    async def _start_spawner(self) -> None:
+        """Start the runtime's shim spawner before any pod arrives, as a node's container runtime
+        runs before its kubelet serves pods (else the first pods wait for it to start). Best
+        effort: when it cannot start now, the first spawn tries again and reports the error."""
+        if self.runtime is None:
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.runtime.spawner.start)
+        except OSError as e:
+            _log.warning("shim spawner: %s (the first container start tries again)", e)
+
     async def run(self) -> None:
-        """Start the kubelet API, register nodes, then serve pods and renew leases until cancelled.
+        """Start the kubelet API and the shim spawner, register nodes, then serve pods and renew leases until cancelled.
 
         On cancellation the containers keep running (their shims own them): a restarted kubelet
         adopts them, as containers survive a real kubelet's restart."""
@@ -596,6 +607,7 @@ class LabKubelet:
         async with aiohttp.ClientSession() as session:
             self._session = session
             await self._start_api()
+            await self._start_spawner()
             await self.register_nodes()
             lease = asyncio.create_task(self._lease_loop())
             try:
