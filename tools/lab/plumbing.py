@@ -7,6 +7,7 @@ entered it); nothing in the root namespace changes.
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import logging
 import re
@@ -194,7 +195,8 @@ def add_pods(node: NodeRecord, pods: Sequence[PodRecord]) -> dict[str, LabError]
     """:func:`add_pod` for several pods of ``node`` at once, with the same commands and the same
     result, the runs shared: one ``ip`` run in the root namespace for every new pod's namespace
     and veth, one in the node's for every route, one thread for every sysctl, then one run in
-    each pod (a pod's addresses can only be set from inside it). What the lab kubelet calls for
+    each pod (a pod's addresses can only be set from inside it; :data:`POD_RUNS_AT_ONCE` of them
+    side by side). What the lab kubelet calls for
     the pods that are waiting for their network when it gets to them.
 
     Returns the pods that failed, by name: when a shared run fails, every pod of the call is
@@ -244,8 +246,19 @@ def _add_pods(node: NodeRecord, pods: Sequence[PodRecord]) -> None:
                                   (f"net.ipv4.neigh.{pod.host_if}.proxy_delay", "0"))}
     if sysctls:
         _write_sysctls(node.netns, sysctls)
-    for pod in pods:
-        _ip_batch(pod.netns, _pod_side(pod), f"pod {node.key}/{pod.name}")
+    if len(pods) == 1:
+        _ip_batch(pods[0].netns, _pod_side(pods[0]), f"pod {node.key}/{pods[0].name}")
+        return
+    # One run inside each pod, a few side by side: a run waits on the kernel about as long as it
+    # computes, so one after another would leave the cores idle half the time.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(pods), POD_RUNS_AT_ONCE)) as pool:
+        runs = [pool.submit(_ip_batch, pod.netns, _pod_side(pod), f"pod {node.key}/{pod.name}") for pod in pods]
+    for run in runs:
+        run.result()  # the first failure fails the call (add_pods then makes each pod on its own)
+
+
+#: How many pods' own ``ip`` runs :func:`add_pods` has going at once.
+POD_RUNS_AT_ONCE = 4
 
 
 def _veth(node: NodeRecord, pod: PodRecord) -> str:
