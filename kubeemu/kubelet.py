@@ -85,6 +85,16 @@ class NodeNetworks(Protocol):
     def node_netns(self, node: str) -> str | None: ...
 
 
+@runtime_checkable
+class BatchPodNetworks(Protocol):
+    """Optional part of a ``PodNetwork``: ``create`` for several pods of one node in one call,
+    which may share its work between them (the lab's plumbing shares its ``ip`` runs). Returns,
+    per pod and in order, the namespace's name (None: none made) or the exception that pod's
+    network failed with; one pod's failure never fails the others."""
+
+    def create_many(self, node: str, pods: list[tuple[str, tuple[str, ...]]]) -> list[str | Exception | None]: ...
+
+
 @dataclass
 class LabNode:
     """One lab node as the kubelet sees it. ``reserved`` are pod-CIDR addresses already used.
@@ -186,6 +196,9 @@ class LabKubelet:
         self.rejected: set[str] = set()  # uids refused admission (Failed; never run)
         self._removing: dict[str, asyncio.Task[None]] = {}  # pod key -> its removal in progress
         self._starting: dict[str, asyncio.Task[None]] = {}  # pod key -> its network being made
+        #: Per node, pods waiting for their network (key, IPs, the answer) and the task making them.
+        self._net_waiting: dict[str, list[tuple[str, tuple[str, ...], asyncio.Future[str | None]]]] = {}
+        self._net_batches: dict[str, asyncio.Task[None]] = {}
         self.host_network: set[str] = set()  # keys of hostNetwork pods (run in their node's namespace)
         self.runtime = Runtime(root, self, poll=poll, events=self.record_event) if root is not None else None
         self._event_tasks: set[asyncio.Task[None]] = set()
@@ -385,9 +398,8 @@ class LabKubelet:
                      ips: tuple[str, ...]) -> None:
         """Make the pod's network, then hand it to the runtime (or, without one, report it Running)."""
         meta = pod["metadata"]
-        loop = asyncio.get_running_loop()
         try:
-            netns = await loop.run_in_executor(None, self.network.create, node, key, ips)
+            netns = await self._create_network(node, key, ips)
         except Exception as e:  # a failed pod never stops the kubelet; it is reported on the pod
             lab_node.used.difference_update(ips)
             lab_node.admitted.pop(key, None)
@@ -412,6 +424,46 @@ class LabKubelet:
             "hostIP": lab_node.host_ips[0], "hostIPs": [{"ip": ip} for ip in lab_node.host_ips], "startTime": t,
             "conditions": conds, "containerStatuses": statuses})
         _log.info("pod %s: running on %s with %s (network only: no runtime)", key, node, ", ".join(ips))
+
+    async def _create_network(self, node: str, key: str, ips: tuple[str, ...]) -> str | None:
+        """``PodNetwork.create`` in a thread; with a :class:`BatchPodNetworks`, in the node's next
+        batch (:meth:`_network_batches`)."""
+        loop = asyncio.get_running_loop()
+        if not isinstance(self.network, BatchPodNetworks):
+            return await loop.run_in_executor(None, self.network.create, node, key, ips)
+        fut: asyncio.Future[str | None] = loop.create_future()
+        self._net_waiting.setdefault(node, []).append((key, ips, fut))
+        if node not in self._net_batches:
+            self._net_batches[node] = asyncio.create_task(self._network_batches(node))
+        return await fut
+
+    async def _network_batches(self, node: str) -> None:
+        """Make the networks of ``node``'s waiting pods, one ``create_many`` at a time: the pods
+        that arrive while one runs wait for the next, so a burst of pods shares the network's
+        work (one ``ip`` run per step for all of them, not one per pod) without holding up a
+        lone pod. Nodes are served side by side; ends when none of its pods waits."""
+        loop = asyncio.get_running_loop()
+        net = self.network
+        assert isinstance(net, BatchPodNetworks)
+        batch: list[tuple[str, tuple[str, ...], asyncio.Future[str | None]]] = []
+        try:
+            while batch := self._net_waiting.pop(node, []):
+                try:
+                    results: list[str | Exception | None] = await loop.run_in_executor(
+                        None, net.create_many, node, [(key, ips) for key, ips, _ in batch])
+                except Exception as e:  # the call itself failed: every pod of it did
+                    results = [e] * len(batch)
+                for (_, _, fut), res in zip(batch, results, strict=True):
+                    if fut.done():
+                        continue
+                    if isinstance(res, Exception):
+                        fut.set_exception(res)
+                    else:
+                        fut.set_result(res)
+        finally:
+            self._net_batches.pop(node, None)
+            for _, _, fut in [*batch, *self._net_waiting.pop(node, [])]:  # cancelled: nobody answers them
+                fut.cancel()
 
     def _removed(self, key: str, _task: asyncio.Task[None]) -> None:
         self._removing.pop(key, None)
@@ -532,8 +584,19 @@ class LabKubelet:
         self._api_runner = runner
         _log.info("kubelet API on 127.0.0.1:%d", self.kubelet_port)
 
+    async def _start_spawner(self) -> None:
+        """Start the runtime's shim spawner before any pod arrives, as a node's container runtime
+        runs before its kubelet serves pods (else the first pods wait for it to start). Best
+        effort: when it cannot start now, the first spawn tries again and reports the error."""
+        if self.runtime is None:
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.runtime.spawner.start)
+        except OSError as e:
+            _log.warning("shim spawner: %s (the first container start tries again)", e)
+
     async def run(self) -> None:
-        """Start the kubelet API, register nodes, then serve pods and renew leases until cancelled.
+        """Start the kubelet API and the shim spawner, register nodes, then serve pods and renew leases until cancelled.
 
         On cancellation the containers keep running (their shims own them): a restarted kubelet
         adopts them, as containers survive a real kubelet's restart."""
@@ -544,6 +607,7 @@ class LabKubelet:
         async with aiohttp.ClientSession() as session:
             self._session = session
             await self._start_api()
+            await self._start_spawner()
             await self.register_nodes()
             lease = asyncio.create_task(self._lease_loop())
             try:
@@ -551,7 +615,7 @@ class LabKubelet:
             finally:
                 # Pod starts and removals in flight are dropped: the next kubelet finishes them
                 # (it adopts what runs and reaps what the API server no longer has).
-                pending = [lease, *self._starting.values(), *self._removing.values()]
+                pending = [lease, *self._starting.values(), *self._removing.values(), *self._net_batches.values()]
                 for t in pending:
                     t.cancel()
                 for t in pending:

@@ -185,7 +185,7 @@ class Runtime:
         self.python = python
         self.workers: dict[str, PodWorker] = {}  # by uid
         self.backoff = Backoff()
-        self.spawner = spawner.Spawner(self.root / "spawner.sock", python)  # started on the first spawn
+        self.spawner = spawner.Spawner(self.root / "spawner.sock", python)  # started by the kubelet or the first spawn
 
     # ---------------------------------------------------------------- pods
 

@@ -115,18 +115,31 @@ def pivot_root(new_root: Path) -> None:
 
 
 def _top_mounts() -> list[str]:
-    """The host's mount points directly below ``/`` (``/proc``, ``/sys``, ``/dev``, ...), to bind recursively."""
-    points: list[str] = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            mp = line.split()[4].encode().decode("unicode_escape")
-            if mp != "/":
-                points.append(mp)
-    tops: list[str] = []
-    for mp in sorted(set(points), key=len):
-        if not any(mp.startswith(t.rstrip("/") + "/") for t in tops):
-            tops.append(mp)
-    return tops
+    """The host's mount points directly below ``/`` (``/proc``, ``/sys``, ``/dev``, ...), to bind recursively.
+
+    Read once per container, from a table that holds every pod's ``/run/netns`` entry too: a
+    mount is kept when none of its ancestors is (a set lookup per path component, not a scan of
+    the tops), and only a mount point with an octal escape (``\\040``) is decoded as such."""
+    with open("/proc/self/mountinfo", "rb") as f:
+        raw = f.read()
+    points: set[str] = set()
+    for line in raw.splitlines():
+        fields = line.split(b" ", 5)
+        if len(fields) < 5:
+            continue
+        mp = fields[4].decode(errors="surrogateescape")
+        if "\\" in mp:
+            mp = mp.encode().decode("unicode_escape")
+        if mp != "/":
+            points.add(mp)
+    tops: set[str] = set()
+    for mp in sorted(points, key=len):
+        cut = mp.rfind("/")
+        while cut > 0 and mp[:cut] not in tops:
+            cut = mp.rfind("/", 0, cut)
+        if cut <= 0:
+            tops.add(mp)
+    return sorted(tops, key=len)
 
 
 def resolve_in_root(root: Path, target: str) -> Path:

@@ -2,8 +2,9 @@
 
 :class:`Spawner` is owned by :class:`kubeemu.runtime.pods.Runtime`. In this order:
 
-1. on the first spawn it execs ``python -S -m kubeemu.runtime.zygote <kubelet root>/spawner.sock``
-   (an exec, no ``preexec_fn``: the kubelet may have used gRPC; see DESIGN.md, "Processes"),
+1. when the kubelet starts (:meth:`Spawner.start`), or else on the first spawn, it execs
+   ``python -S -m kubeemu.runtime.zygote <kubelet root>/spawner.sock`` (an exec, no
+   ``preexec_fn``: the kubelet may have used gRPC; see DESIGN.md, "Processes"),
    waits for its ``ready`` line and records it in ``spawner.json`` (PID + start time, for
    ``lab down``). Its stdin is a pipe from the kubelet: the spawner exits when the kubelet is
    gone (EOF), and :meth:`Spawner.close` (kubelet shutdown) ends it the same way;
@@ -102,6 +103,12 @@ class Spawner:
             os.close(dirfd)
         _log.info("shim spawner started (pid %d, socket %s)", proc.pid, self.sock)
         return proc
+
+    def start(self) -> None:
+        """Start the spawner now rather than on the first spawn (blocking): a node's container
+        runtime runs before its first pod arrives, so that pod does not wait for it."""
+        with self._lock:
+            self._ensure()
 
     def spawn(self, spec: pathlib.Path, netns: str | None, errlog: pathlib.Path) -> tuple[int, int | None]:
         """Start the shim of the attempt whose spec is ``spec`` in network namespace ``netns``

@@ -25,6 +25,18 @@ b. forks the shim (new session, cwd ``/``, stdin ``/dev/null``, stdout/stderr th
 c. sends the shim's PID + start time (read while the shim is still its child, so it cannot have
    been reaped and its PID reused) and exits; the spawner reaps it and replies.
 
+Before it listens, the spawner moves into a mount namespace of its own, a copy of the kubelet's
+without the ``/run/netns`` mount and so without one entry per pod network namespace
+(:func:`isolate_mounts`): each container's mount namespace is a copy of the spawner's, and
+copying, walking (``rslave``), listing (the shim's top-level mounts) and dropping
+(``pivot_root``) that table is work per container that grew with every pod on the machine. The
+copy is made again whenever the kubelet's mount table changes other than in ``/run/netns``
+(:func:`refresh_mounts`, before the next request is served and while idle): a container sees
+the host's mounts as of its start, as with a copy per container, and the spawner holds no copy
+of a file system the host has unmounted (with a private ``/`` nothing propagates). The pod's
+namespace file is opened through a descriptor of the kubelet's root taken before the move
+(``openat``: the walk stays in the kubelet's mount tree), which no shim or container holds.
+
 The middle child exits at once, so every shim is an orphan as soon as it starts and init
 (PID 1) reaps it, as ``containerd-shim`` daemonizes itself: never the kubelet's or this
 process's child, it outlives both, and neither leaves a zombie behind.
@@ -56,12 +68,82 @@ def _check(res: int, what: str) -> None:
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
+#: The kubelet's root directory as the spawner saw it before :func:`isolate_mounts` (an ``O_PATH``
+#: descriptor; None: the spawner stayed in the kubelet's mount namespace): network namespace
+#: paths are opened relative to it, in the kubelet's mount tree, where ``/run/netns`` is.
+_host_root: int | None = None
+#: The kubelet's mount namespace (to copy it again) and its mount table, opened there: readable
+#: as the exceptional condition of ``select`` when that table changed.
+_host_ns: int | None = None
+_host_table: int | None = None
+#: The kubelet's mount points as of the spawner's copy, ``/run/netns`` entries aside.
+_copied: frozenset[bytes] = frozenset()
+#: Where ``ip netns`` keeps its namespace entries (one bind mount each).
+NETNS_DIR = "/run/netns"
+
+
+def _host_mounts() -> frozenset[bytes]:
+    """The kubelet's mount points now (read from :data:`_host_table`), ``/run/netns`` aside."""
+    assert _host_table is not None
+    raw = b""
+    offset = 0
+    while chunk := os.pread(_host_table, 65536, offset):
+        raw += chunk
+        offset += len(chunk)
+    prefix = NETNS_DIR.encode()
+    return frozenset(mp for line in raw.splitlines() if len(f := line.split(b" ", 5)) > 4
+                     and not (mp := f[4]).startswith(prefix))
+
+
+def _copy_mounts() -> None:
+    """(Again) a copy of the kubelet's mount namespace: ``/`` a recursive slave, ``/run/netns``
+    lazily unmounted in it."""
+    global _copied
+    assert _host_ns is not None
+    _check(shim._libc.setns(_host_ns, CLONE_NEWNS), "entering the kubelet's mount namespace")
+    _copied = _host_mounts()
+    _check(shim._libc.unshare(CLONE_NEWNS), "unsharing the spawner's mount namespace")
+    shim.mount("none", "/", None, shim.MS_REC | MS_SLAVE)
+    shim.detach(NETNS_DIR)  # False when it is no mount point (no pod namespace yet): nothing to drop
+
+
+def isolate_mounts() -> None:
+    """Move the spawner into its copy of the kubelet's mount namespace (see the module
+    docstring). Best effort: where it cannot (no ``CAP_SYS_ADMIN``), the spawner stays in the
+    kubelet's namespace and says so."""
+    global _host_root, _host_ns, _host_table
+    flags = os.O_RDONLY | os.O_CLOEXEC
+    fds = [os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC), os.open("/proc/self/ns/mnt", flags),
+           os.open("/proc/self/mountinfo", flags)]
+    _host_root, _host_ns, _host_table = fds
+    try:
+        _copy_mounts()
+    except OSError as e:
+        for fd in fds:
+            os.close(fd)
+        _host_root = _host_ns = _host_table = None
+        print(f"kubeemu spawner: staying in the kubelet's mount namespace: {e}", file=sys.stderr, flush=True)
+
+
+def refresh_mounts() -> None:
+    """The kubelet's mount table changed: copy it again unless only ``/run/netns`` changed."""
+    if _host_table is not None and _host_mounts() != _copied:
+        _copy_mounts()
+
+
+def _open_netns(netns: str) -> int:
+    """The network namespace file ``netns`` (a path in the kubelet's mount namespace), opened."""
+    if _host_root is not None and netns.startswith("/"):
+        return os.open(netns.lstrip("/"), os.O_RDONLY | os.O_CLOEXEC, dir_fd=_host_root)
+    return os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+
+
 def enter_namespaces(netns: str | None) -> None:
     """Step a: the pod's network namespace (``netns``, a path), a new mount and UTS namespace,
     ``/`` a recursive slave (host mounts propagate in, the shim's never out)."""
     if netns:
         try:
-            fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+            fd = _open_netns(netns)
         except OSError as e:
             raise OSError(e.errno, f"opening the pod's network namespace {netns}: {e.strerror}") from e
         try:
@@ -170,6 +252,7 @@ def serve(sock_path: str) -> int:
     reply is sent when the child's pipe answers, so while one child enters its namespaces and
     forks its shim (the slow part: setns, unshare, a mount) the next requests are read and
     forked too, on whatever core is free, instead of queueing behind it."""
+    isolate_mounts()
     with contextlib.suppress(FileNotFoundError):
         os.unlink(sock_path)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -186,7 +269,10 @@ def serve(sock_path: str) -> int:
     #: Requests whose middle child runs: its reply pipe -> (the kubelet's connection, child, spec).
     inflight: dict[int, tuple[socket.socket, int, object]] = {}
     while True:
-        ready, _, _ = select.select([listener.fileno(), 0, *inflight], [], [])
+        ready, _, changed = select.select([listener.fileno(), 0, *inflight], [],
+                                          [_host_table] if _host_table is not None else [])
+        if changed:  # before a request is served: its container sees the host's mounts as of now
+            refresh_mounts()
         if 0 in ready and not os.read(0, 4096):
             return 0  # the socket file stays: a new spawner may already have bound the path
         for r in [fd for fd in ready if fd in inflight]:
@@ -209,7 +295,8 @@ def serve(sock_path: str) -> int:
             continue
         # The shim must hold none of the spawner's descriptors: the listener, this connection,
         # and every other request's connection and reply pipe.
-        close = [listener.fileno(), conn.fileno(), *inflight, *(c.fileno() for c, _, _ in inflight.values())]
+        close = [listener.fileno(), conn.fileno(), *inflight, *(c.fileno() for c, _, _ in inflight.values()),
+                 *(fd for fd in (_host_root, _host_ns, _host_table) if fd is not None)]
         try:
             child, r = start(req, close)
         except OSError as e:  # no fork (EAGAIN, ENOMEM): this request fails, the spawner serves on

@@ -194,3 +194,38 @@ def test_the_spawner_ends_with_its_kubelet_and_its_shims_live_on(
         kubelet.wait()
     assert procs.wait_gone(zygote, zstart, 10.0), "the spawner outlived its kubelet"
     assert procs.same(spid, sstart) and procs.same(cont["pid"], cont["start"])  # the container lives on
+
+
+def test_containers_see_the_hosts_mounts_as_of_their_start_and_the_spawner_keeps_no_unmounted_one(
+        tmp_path: pathlib.Path, netns: str, started: list[tuple[int, int | None]]) -> None:
+    """The spawner's own mount namespace (a copy of the kubelet's without /run/netns) is copied
+    again when the host's mounts change: a file system mounted after the spawner started is seen
+    by the next container, and one the host unmounts is not held by the spawner."""
+    sp = Spawner(tmp_path / "spawner.sock")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        sp.start()
+        assert sp._proc is not None
+        zygote = sp._proc.pid
+
+        def spawner_has_it() -> bool:
+            return f" {mnt} " in pathlib.Path(f"/proc/{zygote}/mountinfo").read_text()
+
+        assert "/run/netns/" not in pathlib.Path(f"/proc/{zygote}/mountinfo").read_text()
+        subprocess.run(["mount", "-t", "tmpfs", "kubeemu-test", str(mnt)], check=True)
+        (mnt / "marker").write_text("on the tmpfs\n")
+        att = tmp_path / "c" / "0"
+        spec = _spec(att, ["cat", "/data/marker"])
+        doc = json.loads(spec.read_text())
+        doc["mounts"] = [{"source": str(mnt), "target": "/data", "readOnly": True}]
+        spec.write_text(json.dumps(doc))
+        started.append(sp.spawn(spec, netns, att / "shim.log"))
+        wait_until(lambda: _record(att / "exit.json"), 10, "the container's exit")
+        assert "on the tmpfs" in (att / "c.log").read_text()
+        assert spawner_has_it()
+        subprocess.run(["umount", str(mnt)], check=True)
+        wait_until(lambda: not spawner_has_it(), 5, "the spawner dropped its copy of the unmounted tmpfs")
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True, check=False)
+        sp.close()

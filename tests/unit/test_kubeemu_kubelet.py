@@ -259,3 +259,50 @@ def test_dual_stack_pods_get_both_families_and_keep_them_across_a_restart() -> N
                        "pod a's network removed with both addresses")
         finally:
             _stop_kubelet(*run)
+
+
+class BatchingNetwork(FakeNetwork):
+    """A FakeNetwork with ``create_many``: records each call's pods; node e1's first call waits for ``gate``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[list[str]] = []
+        self.gate = threading.Event()
+
+    def create_many(self, node: str, pods: list[tuple[str, tuple[str, ...]]]) -> list[str | Exception | None]:
+        if node == "e1" and not any(k.startswith("ns/p") for b in self.batches for k in b):
+            self.gate.wait(5)
+        self.batches.append([key for key, _ in pods])
+        out: list[str | Exception | None] = []
+        for key, ips in pods:
+            try:
+                self.create(node, key, ips)
+                out.append(f"ns-{key}")
+            except OSError as e:
+                out.append(e)
+        return out
+
+
+def test_pods_waiting_for_their_network_share_the_next_batch_and_fail_alone() -> None:
+    """Pods that arrive while a node's network call runs go together into the next one; one
+    pod's failure is that pod's alone; another node's pods are not held up by the first."""
+    net = BatchingNetwork()
+    net.fail_for.add("ns/p2")
+    kubelet = LabKubelet("http://127.0.0.1:1", [LabNode("e1", "198.18.0.11", ("10.10.1.0/24",)),
+                                               LabNode("e2", "198.18.0.12", ("10.10.2.0/24",))], net)
+
+    async def scenario() -> list[Any]:
+        first = asyncio.ensure_future(kubelet._create_network("e1", "ns/p0", ("10.10.1.2",)))
+        await asyncio.sleep(0.05)  # p0's call runs (held at the gate): the next pods wait
+        rest = [asyncio.ensure_future(kubelet._create_network("e1", f"ns/p{i}", (f"10.10.1.{i + 2}",)))
+                for i in (1, 2, 3)]
+        other = await asyncio.wait_for(kubelet._create_network("e2", "ns/q", ("10.10.2.2",)), 5)
+        assert other == "ns-ns/q" and net.batches == [["ns/q"]]  # e2 served while e1's call waits
+        net.gate.set()
+        return [other, *await asyncio.gather(first, *rest, return_exceptions=True)]
+
+    results = asyncio.run(scenario())
+    assert net.batches == [["ns/q"], ["ns/p0"], ["ns/p1", "ns/p2", "ns/p3"]]
+    assert results[1:3] == ["ns-ns/p0", "ns-ns/p1"] and results[4] == "ns-ns/p3"
+    assert isinstance(results[3], OSError) and "injected" in str(results[3])
+    assert kubelet._net_batches == {} and kubelet._net_waiting == {}

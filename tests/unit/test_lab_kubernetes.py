@@ -108,6 +108,21 @@ def test_kubelet_reserves_static_pod_ips_and_maps_calls_to_lab_pods(
     assert calls == [("add", "east/e1", want), ("remove", "east/e1", want)]
     with pytest.raises(lab.LabError, match="not a node of this kubelet"):
         net.create("w1", "default/x", ("10.20.0.9",))
+    # Several pods at once: one add_pods call for the node; per pod, its namespace or its error
+    # (bad addresses fail that pod before the call, a failed pod of the call fails alone).
+    batches: list[list[lab.PodRecord]] = []
+
+    def add_many(n: lab.NodeRecord, pods: list[lab.PodRecord]) -> dict[str, lab.LabError]:
+        batches.append(list(pods))
+        return {"default/b": lab.LabError("injected")}
+
+    monkeypatch.setattr(lab, "add_pods", add_many)
+    got = net.create_many("e1", [("default/a", ("10.10.0.4",)), ("default/b", ("10.10.0.5",)),
+                                 ("default/c", ("10.10.0.6", "10.10.0.7"))])
+    a, b = (lab.kube_pod(east.nodes[0], k, (ip,)) for k, ip in (("default/a", "10.10.0.4"), ("default/b", "10.10.0.5")))
+    assert batches == [[a, b]]
+    assert got[0] == a.netns and isinstance(got[1], lab.LabError) and str(got[1]) == "injected"
+    assert isinstance(got[2], lab.LabError) and "two IPv4 addresses" in str(got[2])
 
 
 DUAL = """\

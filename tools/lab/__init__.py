@@ -90,6 +90,7 @@ from tools.lab.planning import merge_plan, plan
 from tools.lab.plumbing import (
     POD_GATEWAY6,
     add_pod,
+    add_pods,
     build,
     delete_netns,
     kube_pod,
@@ -173,6 +174,7 @@ __all__ = [
     "StateError",
     "add_node",
     "add_pod",
+    "add_pods",
     "bpf_dir",
     "bpf_dump",
     "build",

@@ -57,6 +57,20 @@ class LabPodNetwork:
         lab.add_pod(n, pod)
         return pod.netns
 
+    def create_many(self, node: str, pods: list[tuple[str, tuple[str, ...]]]) -> list[str | Exception | None]:
+        """``kubeemu.kubelet.BatchPodNetworks``: :meth:`create` for several pods of ``node``, with
+        :func:`tools.lab.add_pods` (the same plumbing, its ``ip`` runs shared)."""
+        n = self._node(node)
+        recs: list[lab.PodRecord | Exception] = []
+        for key, ips in pods:
+            try:
+                recs.append(lab.kube_pod(n, key, ips))
+            except lab.LabError as e:  # this pod's addresses are unusable; the others go on
+                recs.append(e)
+        good = [r for r in recs if isinstance(r, lab.PodRecord)]
+        failed = lab.add_pods(n, good) if good else {}
+        return [r if isinstance(r, Exception) else failed.get(r.name) or r.netns for r in recs]
+
     def node_netns(self, node: str) -> str:
         """``kubeemu.kubelet.NodeNetworks``: where hostNetwork pods of ``node`` run."""
         return self._node(node).netns

@@ -7,6 +7,7 @@ entered it); nothing in the root namespace changes.
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import logging
 import re
@@ -178,58 +179,121 @@ def add_pod(node: NodeRecord, pod: PodRecord) -> None:
     """Give ``pod`` its namespace on ``node``, Calico style; idempotent.
 
     The one way the lab makes a pod: its static pods (``_build_node``) and the pods the lab
-    kubelet runs for the emulated API server (``tools/kubelet_lab.py``) both come here. Order:
-    the pod namespace, a veth whose ends the kernel creates straight in the node namespace (up)
-    and in the pod (as ``eth0``; no end ever exists in the root namespace), the node's /32 route and
-    proxy ARP on its end, then the pod's address and its default route via the link-local
-    gateway. Calling it again for a pod that exists re-applies addresses and routes (the pod
-    keeps only ``pod.ip`` and ``pod.ip6``); a pod namespace without its node-side veth is rebuilt.
+    kubelet runs for the emulated API server (``tools/kubelet_lab.py``, through
+    :func:`add_pods`) both come here. Order: the pod namespace, a veth whose ends the kernel
+    creates straight in the node namespace (up) and in the pod (as ``eth0``; no end ever exists in
+    the root namespace), the node's /32 route and proxy ARP on its end, then the pod's address
+    and its default route via the link-local gateway. Calling it again for a pod that exists
+    re-applies addresses and routes (the pod keeps only ``pod.ip`` and ``pod.ip6``); a pod
+    namespace without its node-side veth is rebuilt. Three ``ip`` runs for a new pod (the root
+    namespace, the node's, the pod's) and one thread for the node's sysctls.
     """
+    _add_pods(node, [pod])
+
+
+def add_pods(node: NodeRecord, pods: Sequence[PodRecord]) -> dict[str, LabError]:
+    """:func:`add_pod` for several pods of ``node`` at once, with the same commands and the same
+    result, the runs shared: one ``ip`` run in the root namespace for every new pod's namespace
+    and veth, one in the node's for every route, one thread for every sysctl, then one run in
+    each pod (a pod's addresses can only be set from inside it; :data:`POD_RUNS_AT_ONCE` of them
+    side by side). What the lab kubelet calls for
+    the pods that are waiting for their network when it gets to them.
+
+    Returns the pods that failed, by name: when a shared run fails, every pod of the call is
+    made again on its own with :func:`add_pod` (idempotent), so one bad pod fails alone."""
+    try:
+        _add_pods(node, pods)
+        return {}
+    except LabError as e:
+        if len(pods) == 1:
+            return {pods[0].name: e}
+    failed: dict[str, LabError] = {}
+    for pod in pods:
+        try:
+            add_pod(node, pod)
+        except LabError as e:
+            failed[pod.name] = e
+    return failed
+
+
+def _add_pods(node: NodeRecord, pods: Sequence[PodRecord]) -> None:
+    """The steps of :func:`add_pod` for ``pods``, each step's ``ip`` commands in one run."""
     if not namespaces.exists(node.netns):
-        raise LabError(f"pod {node.key}/{pod.name}: node namespace {node.netns} does not exist")
-    if not (namespaces.exists(pod.netns) and _link_exists(node.netns, pod.host_if)):
-        delete_netns([pod.netns])
-        # The veth is created from here with each end placed by the kernel straight into its
-        # namespace (``netns NODE`` ... ``peer ... netns POD``): neither end exists in the root
-        # namespace, and with the namespace it is one ``ip`` run instead of two. An IPv6 pod
-        # sets its sysctls in between: links take the namespace's defaults when created.
-        add_ns = f"netns add {pod.netns}"
-        add_veth = f"link add {pod.host_if} netns {node.netns} up type veth peer name eth0 netns {pod.netns}"
-        what = f"namespace and veth of pod {node.key}/{pod.name}"
-        if pod.ip6:
-            _ip_batch(None, [add_ns], what)
-            _write_sysctls(pod.netns, _IPV6_SYSCTLS)
-            _ip_batch(None, [add_veth], what)
-        else:
-            _ip_batch(None, [add_ns, add_veth], what)
-    node_cmds = [f"link set {pod.host_if} up"]
+        raise LabError(f"pod {node.key}/{pods[0].name}: node namespace {node.netns} does not exist")
+    what = (f"namespace and veth of pod {node.key}/{pods[0].name}" if len(pods) == 1
+            else f"namespaces and veths of {len(pods)} pods on {node.key}")
+    new = [pod for pod in pods if not (namespaces.exists(pod.netns) and _link_exists(node.netns, pod.host_if))]
+    delete_netns([pod.netns for pod in new])
+    # The veth is created from here with each end placed by the kernel straight into its
+    # namespace (``netns NODE`` ... ``peer ... netns POD``): neither end exists in the root
+    # namespace, and with the namespace it is one ``ip`` run instead of two. An IPv6 pod sets
+    # its sysctls in between: links take the namespace's defaults when created.
+    if any(pod.ip6 for pod in new):
+        _ip_batch(None, [f"netns add {pod.netns}" for pod in new], what)
+        for pod in new:
+            if pod.ip6:
+                _write_sysctls(pod.netns, _IPV6_SYSCTLS)
+        _ip_batch(None, [_veth(node, pod) for pod in new], what)
+    else:
+        _ip_batch(None, [cmd for pod in new for cmd in (f"netns add {pod.netns}", _veth(node, pod))], what)
+    node_cmds = [cmd for pod in pods for cmd in _node_side(pod)]
+    _ip_batch(node.netns, node_cmds, f"route to pod {node.key}/{pods[0].name}" if len(pods) == 1
+              else f"routes to {len(pods)} pods on {node.key}")
+    # proxy_delay 0: by default the kernel delays proxy-ARP answers by up to 0.8 s at
+    # random, which turns a pod's first packet into a timeout (Calico sets it to 0 too).
+    sysctls = {key: value for pod in pods if pod.ip
+               for key, value in ((f"net.ipv4.conf.{pod.host_if}.proxy_arp", "1"),
+                                  (f"net.ipv4.neigh.{pod.host_if}.proxy_delay", "0"))}
+    if sysctls:
+        _write_sysctls(node.netns, sysctls)
+    if len(pods) == 1:
+        _ip_batch(pods[0].netns, _pod_side(pods[0]), f"pod {node.key}/{pods[0].name}")
+        return
+    # One run inside each pod, a few side by side: a run waits on the kernel about as long as it
+    # computes, so one after another would leave the cores idle half the time.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(pods), POD_RUNS_AT_ONCE)) as pool:
+        runs = [pool.submit(_ip_batch, pod.netns, _pod_side(pod), f"pod {node.key}/{pod.name}") for pod in pods]
+    for run in runs:
+        run.result()  # the first failure fails the call (add_pods then makes each pod on its own)
+
+
+#: How many pods' own ``ip`` runs :func:`add_pods` has going at once.
+POD_RUNS_AT_ONCE = 4
+
+
+def _veth(node: NodeRecord, pod: PodRecord) -> str:
+    return f"link add {pod.host_if} netns {node.netns} up type veth peer name eth0 netns {pod.netns}"
+
+
+def _node_side(pod: PodRecord) -> list[str]:
+    """The node's end of the pod's veth: up, the /32 (/128) route through it, the IPv6 gateway."""
+    cmds = [f"link set {pod.host_if} up"]
     if pod.ip:
-        node_cmds.append(f"route replace {pod.ip}/32 dev {pod.host_if}")
+        cmds.append(f"route replace {pod.ip}/32 dev {pod.host_if}")
     if pod.ip6:
-        node_cmds += [
+        cmds += [
             f"addr replace {POD_GATEWAY6}/64 dev {pod.host_if} nodad",
             f"route replace {pod.ip6}/128 dev {pod.host_if}",
         ]
-    _ip_batch(node.netns, node_cmds, f"route to pod {node.key}/{pod.name}")
+    return cmds
+
+
+def _pod_side(pod: PodRecord) -> list[str]:
+    """Inside the pod: its addresses (only these) and its default routes via the gateways."""
+    cmds = ["link set lo up", "addr flush dev eth0 scope global"]
     if pod.ip:
-        # proxy_delay 0: by default the kernel delays proxy-ARP answers by up to 0.8 s at
-        # random, which turns a pod's first packet into a timeout (Calico sets it to 0 too).
-        _write_sysctls(node.netns, {f"net.ipv4.conf.{pod.host_if}.proxy_arp": "1",
-                                    f"net.ipv4.neigh.{pod.host_if}.proxy_delay": "0"})
-    pod_cmds = ["link set lo up", "addr flush dev eth0 scope global"]
-    if pod.ip:
-        pod_cmds.append(f"addr add {pod.ip}/32 dev eth0")
+        cmds.append(f"addr add {pod.ip}/32 dev eth0")
     if pod.ip6:
-        pod_cmds.append(f"addr add {pod.ip6}/128 dev eth0 nodad")
-    pod_cmds.append("link set eth0 up")
+        cmds.append(f"addr add {pod.ip6}/128 dev eth0 nodad")
+    cmds.append("link set eth0 up")
     if pod.ip:
-        pod_cmds += [
+        cmds += [
             f"route replace {POD_GATEWAY} dev eth0 scope link",
             f"route replace default via {POD_GATEWAY} dev eth0",
         ]
     if pod.ip6:
-        pod_cmds.append(f"route replace ::/0 via {POD_GATEWAY6} dev eth0")
-    _ip_batch(pod.netns, pod_cmds, f"pod {node.key}/{pod.name}")
+        cmds.append(f"route replace ::/0 via {POD_GATEWAY6} dev eth0")
+    return cmds
 
 
 def remove_pod(node: NodeRecord, pod: PodRecord) -> bool:
