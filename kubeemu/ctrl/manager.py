@@ -6,8 +6,8 @@ SIGTERM. A controller bug ends the process (exit 1) so whoever started it restar
 clean re-list; API errors are retried per key inside each controller.
 
 In order: :func:`main` reads the flags into :class:`Options` (the settings some controllers take:
-storage root, root CA); :func:`registry` makes a fresh name -> factory table with those options
-bound into the factories; :func:`select` picks the names (``--controllers a,b`` or ``all``, the
+storage root, root CA, podgc's threshold); :func:`registry` makes a fresh name -> factory table
+with those options bound into the factories; :func:`select` picks the names (``--controllers a,b`` or ``all``, the
 default; ``-name`` disables one, as kube-controller-manager's ``--controllers`` flag does);
 :func:`run` builds and runs them. Nothing here is module state: two managers in one process (the
 tests run several) never see each other's settings.
@@ -46,6 +46,12 @@ class Options:
     storage_node_selector: str | None = None
     #: ``--root-ca-file``'s contents: the bundle root-ca-cert-publisher publishes.
     root_ca: str | None = None
+    #: ``--terminated-pod-gc-threshold``: terminated pods podgc keeps (<= 0: keeps them all).
+    terminated_pod_gc_threshold: int | None = None
+    #: podgc's ``gcCheckPeriod`` and ``quarantineTime`` in seconds (no flags: tests shorten them,
+    #: as upstream's ``NewPodGCInternal``).
+    podgc_check_period: float | None = None
+    podgc_quarantine: float | None = None
 
 
 def registry(options: Options | None = None) -> dict[str, ControllerFactory]:
@@ -58,6 +64,7 @@ def registry(options: Options | None = None) -> dict[str, ControllerFactory]:
     from kubeemu.ctrl.endpoints import EndpointsController
     from kubeemu.ctrl.endpointslice import EndpointSliceController
     from kubeemu.ctrl.job import JobController
+    from kubeemu.ctrl.podgc import PodGCController
     from kubeemu.ctrl.replicaset import ReplicaSetController
     from kubeemu.ctrl.rootca import RootCACertPublisher
     from kubeemu.ctrl.statefulset import StatefulSetController
@@ -80,6 +87,8 @@ def registry(options: Options | None = None) -> dict[str, ControllerFactory]:
         "ttl-after-finished": TTLAfterFinishedController,
         "endpoint": EndpointsController,
         "root-ca-cert-publisher": functools.partial(RootCACertPublisher, root_ca=opts.root_ca),
+        "podgc": functools.partial(PodGCController, terminated_pod_threshold=opts.terminated_pod_gc_threshold,
+                                   check_period=opts.podgc_check_period, quarantine=opts.podgc_quarantine),
     }
 
 
@@ -135,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--root-ca-file", type=Path, default=None,
                    help="the CA bundle root-ca-cert-publisher puts in every namespace's kube-root-ca.crt "
                         "(default: a self-signed CA made at start)")
+    p.add_argument("--terminated-pod-gc-threshold", type=int, default=None, metavar="N",
+                   help="podgc deletes terminated pods beyond N, oldest first (<= 0: never; default 12500, "
+                        "as kube-controller-manager)")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     root_ca = None
@@ -148,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     except SelectorError as e:
         p.error(f"--storage-node-selector: {e}")
     known = registry(Options(storage_root=args.storage_root, storage_node_selector=args.storage_node_selector,
-                             root_ca=root_ca))
+                             root_ca=root_ca, terminated_pod_gc_threshold=args.terminated_pod_gc_threshold))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

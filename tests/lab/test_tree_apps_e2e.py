@@ -30,7 +30,8 @@ Secret as volumes and environment) pinned to ``kosmos-leafa``:
 7. placement inside the leaf: a root pod annotated ``kosmos.io/cluster-selector`` and one a
    ``ClusterPodConvertPolicy`` selects both land on a2, as their node selectors say;
 8. ``fabric-tool unjoin leafb`` while a root pod runs there: our copies in leafb (pod,
-   ConfigMap) go, the leaf user's pod and ConfigMap and leafa's copies stay.
+   ConfigMap) go, the leaf user's pod and ConfigMap and leafa's copies stay; the root pod,
+   bound to the deleted virtual node, is then removed by the root's PodGC.
 
 Needs root (the lab) and kubectl.
 """
@@ -46,6 +47,7 @@ from typing import Any
 
 import pytest
 
+from kubeemu.ctrl import podgc
 from tests.lab.conftest import KubeLab, lab_running, needs_kubectl, new_lab_name
 from tests.waiting import wait_until
 
@@ -486,6 +488,9 @@ def test_unjoin_of_a_leaf_with_running_pods_removes_only_our_copies(tlab: TreeLa
     # leafa is untouched: the same copy runs.
     still = tlab.copies("leafa", a_root["metadata"]["uid"])
     assert [c["metadata"]["uid"] for c in still] == [a_copy["metadata"]["uid"]]
-    # The root pod is the root's: unjoin does not delete it (a real cluster's PodGC removes pods
-    # of a deleted node; the lab's controller-manager has none).
-    assert tlab.get("root", "pod", webb["metadata"]["name"], "-n", NS, check=False) is not None
+    # The root pod is the root's: unjoin does not delete it, but its node is gone, so the root's
+    # PodGC force-deletes it once the node's quarantine is over (one pass to see the node missing,
+    # the quarantine, one pass to delete; a margin for the lab's load).
+    wait_until(lambda: tlab.get("root", "pod", webb["metadata"]["name"], "-n", NS, check=False) is None,
+               podgc.GC_CHECK_PERIOD * 2 + podgc.QUARANTINE_TIME + 30, "PodGC deleted the root pod of the gone node",
+               interval=POLL_S)
