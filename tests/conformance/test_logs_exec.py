@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from kubeemu.runner import ServerThread
-from tests.kubelet_doubles import FakeAccess, serve_kubelet, stop_kubelet
+from tests.kubelet_doubles import FakeAccess, exec_ends_with_kubectl, serve_kubelet, stop_kubelet
 from tests.waiting import wait_until
 
 
@@ -176,14 +176,6 @@ def test_log_options_are_validated_and_discovered(raw: Any, ns: str, node: str) 
     assert subs["pods/log"]["verbs"] == ["get"] and subs["pods/exec"]["kind"] == "PodExecOptions"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 def test_exec_large_output_and_client_going_away_ends_the_command(
     kubelet: Any, node: str, raw: Any, ns: str, kubectl: Any, tmp_path: Path
 ) -> None:
@@ -193,19 +185,11 @@ def test_exec_large_output_and_client_going_away_ends_the_command(
     out = kubectl("exec", "big", "-n", ns, "--", "sh", "-c", "head -c 3000000 /dev/zero | tr '\\0' x; echo")
     assert len(out.stdout) == 3_000_001 and set(out.stdout) == {"x", "\n"}
     pid_file = tmp_path / "pid"
-    proc = subprocess.Popen(
+    exec_ends_with_kubectl(
         kubectl.argv("exec", "big", "-n", ns, "--", "sh", "-c", f"echo $$ > {pid_file}; exec sleep 600"),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        pid_file,
+        "the exec'd command",
     )
-    try:
-        wait_until(lambda: pid_file.exists() and pid_file.read_text().strip(), 30, "the exec'd command started")
-        pid = int(pid_file.read_text())
-        assert _alive(pid)
-    finally:
-        proc.kill()
-        proc.wait()
-    wait_until(lambda: not _alive(pid), 30, f"the exec'd command (pid {pid}) ended when kubectl went away")
 
 
 def test_kubectl_cp_rides_on_exec(kubelet: Any, node: str, raw: Any, ns: str, kubectl: Any, tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ import pytest
 
 from kubeemu.lab import write_kubeconfig
 from scheduler.kube import Api, resource_path
-from tests.kubelet_doubles import KUBECTL, FakeAccess, Kubectl, serve_kubelet, stop_kubelet
+from tests.kubelet_doubles import KUBECTL, FakeAccess, Kubectl, exec_ends_with_kubectl, serve_kubelet, stop_kubelet
 from tests.tree_env import REPO, ROOT_ID, TreeEnv, tree_env
 from tests.waiting import wait_until
 from tree import identity
@@ -210,14 +210,6 @@ def test_healthz_and_unknown_paths(tree: Tree) -> None:
     assert r.status == 404
 
 
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 def test_callers_going_away_end_the_leaf_stream_and_the_leaf_command(tree: Tree, tmp_path: Path) -> None:
     ns = _namespace(tree)
     pod = _root_pod(tree, ns, "quiet", "c")
@@ -238,17 +230,8 @@ def test_callers_going_away_end_the_leaf_stream_and_the_leaf_command(tree: Tree,
     wait_until(lambda: not tree.server._streams, 30, "the leaf log stream cut once its caller went away")
     tree.access.write(ns, "quiet", "c", "stdout F after")  # the leaf's kubelet notices on its next write
     pid_file = tmp_path / "pid"
-    ex = subprocess.Popen(tree.kubectl.argv("exec", "quiet", "-n", ns, "--", "sh", "-c",
-                                            f"echo $$ > {pid_file}; exec sleep 600"),
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_until(lambda: pid_file.exists() and pid_file.read_text().strip(), 30, "the exec'd command started")
-        pid = int(pid_file.read_text())
-        assert _alive(pid)
-    finally:
-        ex.kill()
-        ex.wait()
-    wait_until(lambda: not _alive(pid), 30, f"the leaf command (pid {pid}) ended when kubectl went away")
+    exec_ends_with_kubectl(tree.kubectl.argv("exec", "quiet", "-n", ns, "--", "sh", "-c",
+                                             f"echo $$ > {pid_file}; exec sleep 600"), pid_file, "the leaf command")
     tree.access.state[(ns, "quiet", "c")] = "exited"
 
 

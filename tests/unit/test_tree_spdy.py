@@ -24,8 +24,8 @@ from typing import Any
 
 import pytest
 
-from tests.unit.test_tree_kubelet import Tree, _alive, _leaf_copy, _namespace, _root_pod, tree  # noqa: F401
-from tests.waiting import wait_until
+from tests.kubelet_doubles import exec_ends_with_kubectl, read_head
+from tests.unit.test_tree_kubelet import Tree, _leaf_copy, _namespace, _root_pod, tree  # noqa: F401
 from tree import kubelet, spdy
 
 pytestmark = pytest.mark.unit
@@ -299,15 +299,7 @@ def test_kubectl_going_away_ends_the_leaf_command(tree: Tree, tmp_path: Path) ->
     pid_file = tmp_path / "pid"
     env = {**os.environ, "KUBECTL_REMOTE_COMMAND_WEBSOCKETS": "false"}
     argv = tree.kubectl.argv("exec", "q", "-n", ns, "--", "sh", "-c", f"echo $$ > {pid_file}; exec sleep 600")
-    ex = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    try:
-        wait_until(lambda: pid_file.exists() and pid_file.read_text().strip(), 30, "the exec'd command started")
-        pid = int(pid_file.read_text())
-        assert _alive(pid)
-    finally:
-        ex.kill()
-        ex.wait()
-    wait_until(lambda: not _alive(pid), 30, f"the leaf command (pid {pid}) ended when kubectl went away")
+    exec_ends_with_kubectl(argv, pid_file, "the leaf command", env=env)
 
 
 def test_spdy_exec_over_tls(tree: Tree, tmp_path: Path) -> None:  # noqa: F811
@@ -335,12 +327,7 @@ def test_spdy_exec_over_tls(tree: Tree, tmp_path: Path) -> None:  # noqa: F811
             s.sendall(f"POST /exec/{ns}/t/c?command=sh&command=-c&command=echo+tls%3B+exit+5&stdout=1 HTTP/1.1\r\n"
                       "Host: x\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n"
                       "X-Stream-Protocol-Version: v4.channel.k8s.io\r\n\r\n".encode())
-            got = b""
-            while b"\r\n\r\n" not in got:
-                chunk = s.recv(65536)
-                assert chunk, got
-                got += chunk
-            head, rest = got.split(b"\r\n\r\n", 1)
+            head, rest = read_head(s)
             assert head.startswith(b"HTTP/1.1 101"), head
             codec = spdy.HeaderCodec()
             s.sendall(spdy.syn_stream_frame(codec, 1, {"streamtype": "error"})
