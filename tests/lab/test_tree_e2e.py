@@ -36,11 +36,11 @@ import pytest
 import yaml
 
 from kubeemu import quantity
-from tests.lab.conftest import KUBECTL
+from tests.lab.conftest import needs_kubectl
 from tests.lab.tree_lab import TreeLab, lease_holder, node_ready, topology, tree_lab_running
 from tests.waiting import wait_until
 
-pytestmark = pytest.mark.skipif(KUBECTL is None, reason="needs kubectl")
+pytestmark = needs_kubectl
 
 TOPOLOGY = topology("""\
       - name: leafa
