@@ -4,8 +4,9 @@ tests (``tests/conformance/test_logs_exec.py``) and the tree manager's kubelet t
 :class:`FakeAccess` is a :class:`kubeemu.runtime.access.ContainerAccess` over CRI-format log files
 a test writes and commands run directly on the host (``sh -c ...``); :func:`serve_kubelet` serves
 :func:`kubeemu.kubeletapi.make_app` over it on an event loop; :class:`Kubectl` runs the real
-kubectl with a kubeconfig and a discovery cache of the test's own; :func:`exec_ends_with_kubectl`
-is the check that a killed ``kubectl exec`` ends its command, :func:`read_head` reads an HTTP
+kubectl with a kubeconfig and a discovery cache of the test's own; :func:`logs_follow_until_stopped`
+is the check of ``kubectl logs -f``, :func:`exec_ends_with_kubectl` the check that a killed
+``kubectl exec`` ends its command, :func:`read_head` reads an HTTP
 response head off a raw socket.
 """
 
@@ -114,6 +115,28 @@ def alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def logs_follow_until_stopped(argv: list[str], access: FakeAccess, ns: str, pod: str, container: str,
+                              out_path: Path) -> None:
+    """``kubectl logs -f`` (``argv``) of the running ``container``, whose log holds ``first``:
+    prints it, follows the lines written next (a partial entry joined with the next one), and
+    ends (exit 0) once the container stops."""
+    with out_path.open("w") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: out_path.read_text() == "first\n", 30, "kubectl logs -f printed the first line")
+        access.write(ns, pod, container, "stdout P sec", "stdout F ond")
+        wait_until(lambda: out_path.read_text() == "first\nsecond\n", 30, "kubectl logs -f followed the log")
+        assert proc.poll() is None  # still following while the container runs
+        access.write(ns, pod, container, "stdout F last words")
+        access.state[(ns, pod, container)] = "exited"
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert out_path.read_text() == "first\nsecond\nlast words\n"
 
 
 def exec_ends_with_kubectl(argv: list[str], pid_file: Path, what: str, env: Mapping[str, str] | None = None) -> None:

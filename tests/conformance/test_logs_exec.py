@@ -9,7 +9,6 @@ host (``sh -c ...``), so that every byte kubectl prints is checked against what 
 
 from __future__ import annotations
 
-import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,8 +17,13 @@ from typing import Any
 import pytest
 
 from kubeemu.runner import ServerThread
-from tests.kubelet_doubles import FakeAccess, exec_ends_with_kubectl, serve_kubelet, stop_kubelet
-from tests.waiting import wait_until
+from tests.kubelet_doubles import (
+    FakeAccess,
+    exec_ends_with_kubectl,
+    logs_follow_until_stopped,
+    serve_kubelet,
+    stop_kubelet,
+)
 
 
 @pytest.fixture(scope="module")
@@ -103,30 +107,9 @@ def test_logs_follow_streams_until_the_container_stops(
 ) -> None:
     access, _ = kubelet
     _pod(raw, ns, "f", node, "c")
-    key = (ns, "f", "c")
-    access.state[key] = "running"
+    access.state[(ns, "f", "c")] = "running"
     access.write(ns, "f", "c", "stdout F first")
-    out_path = tmp_path / "follow.out"
-    with out_path.open("w") as out:
-        proc = subprocess.Popen(
-            kubectl.argv("logs", "-f", "f", "-n", ns),
-            stdout=out,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-    try:
-        wait_until(lambda: out_path.read_text() == "first\n", 30, "kubectl logs -f printed the first line")
-        access.write(ns, "f", "c", "stdout P sec", "stdout F ond")
-        wait_until(lambda: out_path.read_text() == "first\nsecond\n", 30, "kubectl logs -f followed the file")
-        assert proc.poll() is None  # still following while the container runs
-        access.write(ns, "f", "c", "stdout F last words")
-        access.state[key] = "exited"
-        assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert out_path.read_text() == "first\nsecond\nlast words\n"
+    logs_follow_until_stopped(kubectl.argv("logs", "-f", "f", "-n", ns), access, ns, "f", "c", tmp_path / "follow.out")
 
 
 def test_exec_output_exit_codes_and_stdin(kubelet: Any, node: str, raw: Any, ns: str, kubectl: Any) -> None:

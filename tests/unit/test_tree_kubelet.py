@@ -26,7 +26,15 @@ import pytest
 
 from kubeemu.lab import write_kubeconfig
 from scheduler.kube import Api, resource_path
-from tests.kubelet_doubles import KUBECTL, FakeAccess, Kubectl, exec_ends_with_kubectl, serve_kubelet, stop_kubelet
+from tests.kubelet_doubles import (
+    KUBECTL,
+    FakeAccess,
+    Kubectl,
+    exec_ends_with_kubectl,
+    logs_follow_until_stopped,
+    serve_kubelet,
+    stop_kubelet,
+)
 from tests.tree_env import REPO, ROOT_ID, TreeEnv, tree_env
 from tests.waiting import wait_until
 from tree import identity
@@ -141,26 +149,10 @@ def test_logs_follow_streams_through_until_the_leaf_container_stops(tree: Tree, 
     ns = _namespace(tree)
     pod = _root_pod(tree, ns, "f", "c")
     _leaf_copy(tree, pod, "f")
-    key = (ns, "f", "c")
-    tree.access.state[key] = "running"
+    tree.access.state[(ns, "f", "c")] = "running"
     tree.access.write(ns, "f", "c", "stdout F first")
-    out_path = tmp_path / "follow.out"
-    with out_path.open("w") as out:
-        proc = subprocess.Popen(tree.kubectl.argv("logs", "-f", "f", "-n", ns), stdout=out, stderr=subprocess.PIPE,
-                                text=True)
-    try:
-        wait_until(lambda: out_path.read_text() == "first\n", 30, "kubectl logs -f printed the first line")
-        tree.access.write(ns, "f", "c", "stdout P sec", "stdout F ond")
-        wait_until(lambda: out_path.read_text() == "first\nsecond\n", 30, "kubectl logs -f followed the leaf")
-        assert proc.poll() is None  # still following while the leaf container runs
-        tree.access.write(ns, "f", "c", "stdout F last words")
-        tree.access.state[key] = "exited"
-        assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert out_path.read_text() == "first\nsecond\nlast words\n"
+    logs_follow_until_stopped(tree.kubectl.argv("logs", "-f", "f", "-n", ns), tree.access, ns, "f", "c",
+                              tmp_path / "follow.out")
 
 
 def test_exec_output_exit_code_and_stdin_reach_the_leaf(tree: Tree) -> None:
