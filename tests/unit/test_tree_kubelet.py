@@ -119,6 +119,15 @@ def _leaf_copy(t: Tree, root_pod: Obj, leaf_name: str) -> None:
         "metadata": {"name": leaf_name, "labels": labels, "annotations": annotations}, "spec": spec})
 
 
+def _running_copy(t: Tree, name: str, leaf_name: str | None = None) -> str:
+    """A new namespace (returned) with a root pod ``name`` (container ``c``) and its leaf copy
+    ``leaf_name`` (default: the same name), the copy's container running."""
+    ns = _namespace(t)
+    _leaf_copy(t, _root_pod(t, ns, name, "c"), leaf_name or name)
+    t.access.state[(ns, leaf_name or name, "c")] = "running"
+    return ns
+
+
 def test_logs_reach_the_leaf_copy_with_their_options(tree: Tree) -> None:
     ns = _namespace(tree)
     pod = _root_pod(tree, ns, "web", "app", "side")
@@ -146,20 +155,14 @@ def test_logs_reach_the_leaf_copy_with_their_options(tree: Tree) -> None:
 
 
 def test_logs_follow_streams_through_until_the_leaf_container_stops(tree: Tree, tmp_path: Path) -> None:
-    ns = _namespace(tree)
-    pod = _root_pod(tree, ns, "f", "c")
-    _leaf_copy(tree, pod, "f")
-    tree.access.state[(ns, "f", "c")] = "running"
+    ns = _running_copy(tree, "f")
     tree.access.write(ns, "f", "c", "stdout F first")
     logs_follow_until_stopped(tree.kubectl.argv("logs", "-f", "f", "-n", ns), tree.access, ns, "f", "c",
                               tmp_path / "follow.out")
 
 
 def test_exec_output_exit_code_and_stdin_reach_the_leaf(tree: Tree) -> None:
-    ns = _namespace(tree)
-    pod = _root_pod(tree, ns, "e", "c")
-    _leaf_copy(tree, pod, "e-renamed")
-    tree.access.state[(ns, "e-renamed", "c")] = "running"
+    ns = _running_copy(tree, "e", "e-renamed")
     k = tree.kubectl
     out = k("exec", "e", "-n", ns, "--", "echo", "hello", "world", ok=False)
     assert (out.returncode, out.stdout) == (0, "hello world\n"), out.stderr
@@ -203,10 +206,7 @@ def test_healthz_and_unknown_paths(tree: Tree) -> None:
 
 
 def test_callers_going_away_end_the_leaf_stream_and_the_leaf_command(tree: Tree, tmp_path: Path) -> None:
-    ns = _namespace(tree)
-    pod = _root_pod(tree, ns, "quiet", "c")
-    _leaf_copy(tree, pod, "quiet")
-    tree.access.state[(ns, "quiet", "c")] = "running"
+    ns = _running_copy(tree, "quiet")
     tree.access.write(ns, "quiet", "c", "stdout F hello")
     # A followed log of a quiet container, asked as the root API server asks (kubeemu's keeps its
     # side open until it has something to write, so the caller here is a plain connection).
