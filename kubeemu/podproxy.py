@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Coroutine
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
@@ -147,6 +148,20 @@ def _kubelet_error(status: int, text: str) -> ApiError:
     return ApiError(status, reason.get(status, "Unknown"), text, {})
 
 
+async def _until_one_ends(coros: list[Coroutine[Any, Any, None]], ignore: tuple[type[BaseException], ...]) -> None:
+    """Run ``coros`` (the two directions of a relay) until the first ends, then cancel the other
+    and wait for both; ``ignore``: what a direction may raise as its connection goes away."""
+    tasks = [asyncio.create_task(c) for c in coros]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, *ignore):
+                await t
+
+
 class PodProxy:
     """The two subresources, over one cluster's store."""
 
@@ -260,15 +275,9 @@ class PodProxy:
                 elif msg.type == WSMsgType.TEXT:
                     await dst.send_str(msg.data)
 
-        tasks = [asyncio.create_task(pump(kws, ws)), asyncio.create_task(pump(ws, kws))]
         try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            await _until_one_ends([pump(kws, ws), pump(ws, kws)], (ConnectionResetError, aiohttp.ClientError))
         finally:
-            for t in tasks:
-                t.cancel()
-            for t in tasks:
-                with contextlib.suppress(asyncio.CancelledError, ConnectionResetError, aiohttp.ClientError):
-                    await t
             await kws.close()
             await ws.close()
         return ws
@@ -370,15 +379,9 @@ async def passthrough(request: web.Request, url: str) -> web.StreamResponse:
             while data := await kreader.read(64 * 1024):
                 await resp.write(data)
 
-        tasks = [asyncio.create_task(down()), asyncio.create_task(up())]
         try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            await _until_one_ends([down(), up()], (ConnectionError, OSError))
         finally:
-            for t in tasks:
-                t.cancel()
-            for t in tasks:
-                with contextlib.suppress(asyncio.CancelledError, ConnectionError, OSError):
-                    await t
             if request.transport is not None:
                 request.transport.close()
         return resp

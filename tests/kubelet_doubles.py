@@ -4,19 +4,25 @@ tests (``tests/conformance/test_logs_exec.py``) and the tree manager's kubelet t
 :class:`FakeAccess` is a :class:`kubeemu.runtime.access.ContainerAccess` over CRI-format log files
 a test writes and commands run directly on the host (``sh -c ...``); :func:`serve_kubelet` serves
 :func:`kubeemu.kubeletapi.make_app` over it on an event loop; :class:`Kubectl` runs the real
-kubectl with a kubeconfig and a discovery cache of the test's own.
+kubectl with a kubeconfig and a discovery cache of the test's own; :func:`logs_follow_until_stopped`
+is the check of ``kubectl logs -f``, :func:`exec_ends_with_kubectl` the check that a killed
+``kubectl exec`` ends its command, :func:`read_head` reads an HTTP
+response head off a raw socket.
 """
 
 from __future__ import annotations
 
 import asyncio
 import shutil
+import socket
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 
 from aiohttp import web
 
 from kubeemu.kubeletapi import make_app
+from tests.waiting import wait_until
 
 
 class FakeAccess:
@@ -100,3 +106,61 @@ class Kubectl:
         if ok:
             assert p.returncode == 0, f"kubectl {' '.join(args)}: {p.stderr}"
         return p
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie does not: it ended and waits for its parent)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def logs_follow_until_stopped(argv: list[str], access: FakeAccess, ns: str, pod: str, container: str,
+                              out_path: Path) -> None:
+    """``kubectl logs -f`` (``argv``) of the running ``container``, whose log holds ``first``:
+    prints it, follows the lines written next (a partial entry joined with the next one), and
+    ends (exit 0) once the container stops."""
+    with out_path.open("w") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: out_path.read_text() == "first\n", 30, "kubectl logs -f printed the first line")
+        access.write(ns, pod, container, "stdout P sec", "stdout F ond")
+        wait_until(lambda: out_path.read_text() == "first\nsecond\n", 30, "kubectl logs -f followed the log")
+        assert proc.poll() is None  # still following while the container runs
+        access.write(ns, pod, container, "stdout F last words")
+        access.state[(ns, pod, container)] = "exited"
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert out_path.read_text() == "first\nsecond\nlast words\n"
+
+
+def exec_ends_with_kubectl(argv: list[str], pid_file: Path, what: str, env: Mapping[str, str] | None = None) -> None:
+    """Run ``argv`` (a ``kubectl exec ... -- sh -c 'echo $$ > pid_file; exec sleep 600'``), wait
+    for the command to start, kill kubectl: the command (``what``, in the failure message) must
+    end, as a kubelet ends an exec whose client went away."""
+    ex = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        wait_until(lambda: pid_file.exists() and pid_file.read_text().strip(), 30, "the exec'd command started")
+        pid = int(pid_file.read_text())
+        assert alive(pid)
+    finally:
+        ex.kill()
+        ex.wait()
+    wait_until(lambda: not alive(pid), 30, f"{what} (pid {pid}) ended when kubectl went away")
+
+
+def read_head(s: socket.socket) -> tuple[bytes, bytes]:
+    """An HTTP response head read off ``s``: (head, the bytes after its blank line); the peer
+    closing before the head ends fails the test."""
+    got = b""
+    while b"\r\n\r\n" not in got:
+        chunk = s.recv(65536)
+        assert chunk, got
+        got += chunk
+    head, rest = got.split(b"\r\n\r\n", 1)
+    return head, rest

@@ -262,7 +262,7 @@ class Dependencies:
                 if plural != PVCS:  # a PVC's resize waits for its leaf binding: the worker's (step 3)
                     self._update(plural, self._desired(plural, root_obj, leaf_name, leaf_ns, node), copy)
                 return leaf_name
-            occupant = self._leaf_get(plural, leaf_ns, base)
+            occupant = self._get(self.leaf, plural, leaf_ns, base)
             if occupant is not None and identity.is_copy_of(occupant, self.root_id, uid):
                 if _meta(occupant).get("deletionTimestamp"):
                     self._error(plural, "terminating")
@@ -274,7 +274,7 @@ class Dependencies:
             held = occupant if not (plural == SERVICEACCOUNTS and base == "default") else {"metadata": {}}
             leaf_name = identity.leaf_name(base, self.root_id, uid, held, max_len=NAME_MAX)
             if leaf_name != base:
-                other = self._leaf_get(plural, leaf_ns, leaf_name)
+                other = self._get(self.leaf, plural, leaf_ns, leaf_name)
                 if other is not None:
                     if identity.is_copy_of(other, self.root_id, uid):
                         copy = other
@@ -309,7 +309,7 @@ class Dependencies:
         elif plural == PVCS and _meta(root_obj).get("deletionTimestamp"):
             why = "is being deleted"
         elif plural == PVCS and (volume := (root_obj.get("spec") or {}).get("volumeName")):
-            pv = self._mirrors.store.get(str(volume)) or self._root_pv(str(volume))
+            pv = self._mirrors.store.get(str(volume)) or self._get(self.root, PVS, None, str(volume))
             if pv is None:
                 why = f"is bound to PersistentVolume {volume}, which is missing in the root"
             elif (_meta(pv).get("labels") or {}).get(MIRROR_CLUSTER_LABEL) != self.cluster or \
@@ -377,29 +377,12 @@ class Dependencies:
         inf = self._root_inf.get(plural)
         if inf is not None and (obj := inf.store.get(f"{ns}/{name}")) is not None:
             return obj
-        return self._root_get_fresh(plural, ns, name)
+        return self._get(self.root, plural, ns, name)
 
-    def _root_get_fresh(self, plural: str, ns: str, name: str) -> Obj | None:
+    def _get(self, api: Api, plural: str, ns: str | None, name: str) -> Obj | None:
+        """The core object ``plural`` ``ns``/``name`` as ``api`` has it now (None: there is none)."""
         try:
-            got: Obj = self.root.request("GET", resource_path("v1", plural, ns, name), timeout=self.timeout)
-            return got
-        except ApiError as e:
-            if e.status == 404:
-                return None
-            raise
-
-    def _root_pv(self, name: str) -> Obj | None:
-        try:
-            got: Obj = self.root.request("GET", resource_path("v1", PVS, name=name), timeout=self.timeout)
-            return got
-        except ApiError as e:
-            if e.status == 404:
-                return None
-            raise
-
-    def _leaf_get(self, plural: str, ns: str | None, name: str) -> Obj | None:
-        try:
-            got: Obj = self.leaf.request("GET", resource_path("v1", plural, ns, name), timeout=self.timeout)
+            got: Obj = api.request("GET", resource_path("v1", plural, ns, name), timeout=self.timeout)
             return got
         except ApiError as e:
             if e.status == 404:
@@ -588,7 +571,7 @@ class Dependencies:
         obj = self._root_get(plural, ns, name)
         if obj is not None and _uid(obj) != uid and plural in self._root_inf:
             # The informer may lag a delete-and-recreate: ask the root itself before concluding.
-            obj = self._root_get_fresh(plural, ns, name)
+            obj = self._get(self.root, plural, ns, name)
         if obj is not None and _uid(obj) != uid:
             return None
         return obj
@@ -653,7 +636,7 @@ class Dependencies:
         volume = (leaf_pvc.get("spec") or {}).get("volumeName")
         if not volume or (leaf_pvc.get("status") or {}).get("phase") != "Bound":
             return
-        leaf_pv = self._leaf_pvs.store.get(str(volume)) or self._leaf_get(PVS, None, str(volume))
+        leaf_pv = self._leaf_pvs.store.get(str(volume)) or self._get(self.leaf, PVS, None, str(volume))
         if leaf_pv is None:
             return
         leaf_pv_uid = _uid(leaf_pv)
@@ -664,7 +647,7 @@ class Dependencies:
         nodes = self._pv_nodes(leaf_pv, leaf_pvc)
         if mirror is None:
             name = str(_meta(leaf_pv)["name"])
-            taken = self._root_pv(name)
+            taken = self._get(self.root, PVS, None, name)
             if taken is not None:
                 if (_meta(taken).get("labels") or {}).get(MIRROR_UID_LABEL) == leaf_pv_uid:
                     mirror = taken

@@ -38,13 +38,12 @@ from scheduler.kube import Api, ApiError, resource_path
 from scheduler.podutil import QuantityError, parse_quantity
 from scheduler.policy import LEAF_NODE_LABEL
 from tree.forge import NETWORK_UNAVAILABLE, VirtualNode
+from tree.identity import MANAGED_BY, MANAGED_BY_LABEL
 
 _log = logging.getLogger(__name__)
 
 Obj = dict[str, Any]
 
-MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
-MANAGED_BY = "kosmos-tree"
 #: Kosmos' own key; kosmos-scheduler's LeafNodeVolumeBinding reads it (a unit test holds the two equal).
 OWNER_ANNOTATION = "kosmos-io/owned-by-cluster"
 OWNER_UID_ANNOTATION = "kosmos.io/cluster-uid"

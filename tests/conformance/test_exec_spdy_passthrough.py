@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from tests.kubelet_doubles import read_head
+
 KUBELET_101 = (b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n"
                b"X-Stream-Protocol-Version: v4.channel.k8s.io\r\n\r\n")
 REFUSAL_TEXT = b"unable to upgrade: unable to negotiate protocol: client supports [v9], server accepts [v4]\n"
@@ -100,12 +102,7 @@ def _upgrade(url: str, path: str) -> tuple[socket.socket, bytes, bytes]:
     s.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n"
               "X-Stream-Protocol-Version: v4.channel.k8s.io\r\nX-Stream-Protocol-Version: v3.channel.k8s.io\r\n"
               "Content-Length: 0\r\n\r\n".encode())
-    got = b""
-    while b"\r\n\r\n" not in got:
-        chunk = s.recv(65536)
-        assert chunk, got
-        got += chunk
-    head, rest = got.split(b"\r\n\r\n", 1)
+    head, rest = read_head(s)
     return s, head, rest
 
 

@@ -9,7 +9,6 @@ host (``sh -c ...``), so that every byte kubectl prints is checked against what 
 
 from __future__ import annotations
 
-import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,8 +17,13 @@ from typing import Any
 import pytest
 
 from kubeemu.runner import ServerThread
-from tests.kubelet_doubles import FakeAccess, serve_kubelet, stop_kubelet
-from tests.waiting import wait_until
+from tests.kubelet_doubles import (
+    FakeAccess,
+    exec_ends_with_kubectl,
+    logs_follow_until_stopped,
+    serve_kubelet,
+    stop_kubelet,
+)
 
 
 @pytest.fixture(scope="module")
@@ -103,30 +107,9 @@ def test_logs_follow_streams_until_the_container_stops(
 ) -> None:
     access, _ = kubelet
     _pod(raw, ns, "f", node, "c")
-    key = (ns, "f", "c")
-    access.state[key] = "running"
+    access.state[(ns, "f", "c")] = "running"
     access.write(ns, "f", "c", "stdout F first")
-    out_path = tmp_path / "follow.out"
-    with out_path.open("w") as out:
-        proc = subprocess.Popen(
-            kubectl.argv("logs", "-f", "f", "-n", ns),
-            stdout=out,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-    try:
-        wait_until(lambda: out_path.read_text() == "first\n", 30, "kubectl logs -f printed the first line")
-        access.write(ns, "f", "c", "stdout P sec", "stdout F ond")
-        wait_until(lambda: out_path.read_text() == "first\nsecond\n", 30, "kubectl logs -f followed the file")
-        assert proc.poll() is None  # still following while the container runs
-        access.write(ns, "f", "c", "stdout F last words")
-        access.state[key] = "exited"
-        assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert out_path.read_text() == "first\nsecond\nlast words\n"
+    logs_follow_until_stopped(kubectl.argv("logs", "-f", "f", "-n", ns), access, ns, "f", "c", tmp_path / "follow.out")
 
 
 def test_exec_output_exit_codes_and_stdin(kubelet: Any, node: str, raw: Any, ns: str, kubectl: Any) -> None:
@@ -176,14 +159,6 @@ def test_log_options_are_validated_and_discovered(raw: Any, ns: str, node: str) 
     assert subs["pods/log"]["verbs"] == ["get"] and subs["pods/exec"]["kind"] == "PodExecOptions"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 def test_exec_large_output_and_client_going_away_ends_the_command(
     kubelet: Any, node: str, raw: Any, ns: str, kubectl: Any, tmp_path: Path
 ) -> None:
@@ -193,19 +168,11 @@ def test_exec_large_output_and_client_going_away_ends_the_command(
     out = kubectl("exec", "big", "-n", ns, "--", "sh", "-c", "head -c 3000000 /dev/zero | tr '\\0' x; echo")
     assert len(out.stdout) == 3_000_001 and set(out.stdout) == {"x", "\n"}
     pid_file = tmp_path / "pid"
-    proc = subprocess.Popen(
+    exec_ends_with_kubectl(
         kubectl.argv("exec", "big", "-n", ns, "--", "sh", "-c", f"echo $$ > {pid_file}; exec sleep 600"),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        pid_file,
+        "the exec'd command",
     )
-    try:
-        wait_until(lambda: pid_file.exists() and pid_file.read_text().strip(), 30, "the exec'd command started")
-        pid = int(pid_file.read_text())
-        assert _alive(pid)
-    finally:
-        proc.kill()
-        proc.wait()
-    wait_until(lambda: not _alive(pid), 30, f"the exec'd command (pid {pid}) ended when kubectl went away")
 
 
 def test_kubectl_cp_rides_on_exec(kubelet: Any, node: str, raw: Any, ns: str, kubectl: Any, tmp_path: Path) -> None:

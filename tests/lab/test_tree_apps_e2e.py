@@ -42,13 +42,13 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from kubeemu.ctrl import podgc
-from tests.lab.conftest import KubeLab, lab_running, needs_kubectl, new_lab_name
+from tests.lab.conftest import needs_kubectl
+from tests.lab.tree_lab import TreeLab, topology, tree_lab_running
 from tests.waiting import wait_until
 
 pytestmark = needs_kubectl
@@ -57,15 +57,7 @@ NS = "tapps"
 #: kubectl polls cost a process each: poll twice a second, not at the helper's default.
 POLL_S = 0.5
 
-TOPOLOGY = textwrap.dedent("""\
-    underlay: 198.18.0.0/16
-    kubernetes: true
-    clusters:
-      - name: root
-        role: host
-        podCIDRs: [10.40.0.0/16]
-        serviceCIDRs: [10.140.0.0/20]
-        nodes: [{name: r1, pods: 0}]
+TOPOLOGY = topology("""\
       - name: leafa
         tree: cluster
         podCIDRs: [10.41.0.0/16]
@@ -249,13 +241,7 @@ PLACED = textwrap.dedent(f"""\
     """)
 
 
-class TreeLab(KubeLab):
-    root_id: str
-
-    def tree_pids(self) -> set[int]:
-        t = self.status()["tree"]
-        return {int(p) for p in (t["pid"], t["supervisor_pid"]) if p}
-
+class AppsLab(TreeLab):
     def ns_pods(self, context: str, *selector: str) -> list[dict[str, Any]]:
         """Pods of :data:`NS` in ``context`` (``-l`` ``selector``), not yet being deleted."""
         items: list[dict[str, Any]] = self.get(context, "pods", "-n", NS, *selector)["items"]
@@ -272,12 +258,8 @@ class TreeLab(KubeLab):
 
 
 @pytest.fixture(scope="module")
-def tlab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TreeLab]:
-    topo = tmp_path_factory.mktemp("tree-apps") / "tree.yaml"
-    topo.write_text(TOPOLOGY)
-    lab = TreeLab(new_lab_name(), topo)
-    with lab_running(lab, "--timeout", "300", extra_pids=lambda lb: lb.kube_pids() | lb.tree_pids()) as running:
-        running.kubeconfig = Path(running.lab("kubeconfig").stdout.strip())
+def tlab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppsLab]:
+    with tree_lab_running(AppsLab, TOPOLOGY, tmp_path_factory.mktemp("tree-apps")) as running:
         running.root_id = running.get("root", "namespace", "kube-system")["metadata"]["uid"]
         running.apply("root", APP)
         running.apply("leafb", LEAF_USER)
@@ -291,7 +273,7 @@ def _running(pod: dict[str, Any]) -> bool:
     return st.get("phase") == "Running" and ready and bool(st.get("podIP"))
 
 
-def _web_in_leafa(tlab: TreeLab) -> tuple[dict[str, Any], dict[str, Any]] | None:
+def _web_in_leafa(tlab: AppsLab) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """(root pod, its leaf copy) of ``web`` once both run and the root shows the copy's IP."""
     roots = tlab.ns_pods("root", "-l", "app=web")
     if len(roots) != 1 or not _running(roots[0]):
@@ -311,7 +293,7 @@ def _get_from_netns(netns: str, url: str) -> str:
     return p.stdout.strip() if p.returncode == 0 else f"ERROR {p.stderr.strip()[-200:]}"
 
 
-def test_a_pinned_deployment_runs_in_the_leaf_and_answers_across_clusters(tlab: TreeLab) -> None:
+def test_a_pinned_deployment_runs_in_the_leaf_and_answers_across_clusters(tlab: AppsLab) -> None:
     root_pod, copy = wait_until(lambda: _web_in_leafa(tlab), 120, "web Running in leafa, its IP on the root pod",
                                 interval=POLL_S)
     name = root_pod["metadata"]["name"]
@@ -343,7 +325,7 @@ def test_a_pinned_deployment_runs_in_the_leaf_and_answers_across_clusters(tlab: 
     assert wait_until(through_service, 30, "an answer through the root Service", interval=POLL_S) == f"web {name}"
 
 
-def test_logs_exec_and_leaf_events_through_the_virtual_node(tlab: TreeLab) -> None:
+def test_logs_exec_and_leaf_events_through_the_virtual_node(tlab: AppsLab) -> None:
     root_pod, _ = wait_until(lambda: _web_in_leafa(tlab), 60, "web Running in leafa", interval=POLL_S)
     name = root_pod["metadata"]["name"]
     logs = tlab.kubectl("root", "logs", "-n", NS, name, "-c", "web").stdout
@@ -364,7 +346,7 @@ def test_logs_exec_and_leaf_events_through_the_virtual_node(tlab: TreeLab) -> No
     assert "kosmos-tree/leafa" in described and "Started container web" in described, described
 
 
-def test_configmap_and_secret_reach_the_leaf_process_and_edits_follow(tlab: TreeLab) -> None:
+def test_configmap_and_secret_reach_the_leaf_process_and_edits_follow(tlab: AppsLab) -> None:
     root_pod, _ = wait_until(lambda: _web_in_leafa(tlab), 60, "web Running in leafa", interval=POLL_S)
     out = tlab.kubectl("root", "exec", "-n", NS, root_pod["metadata"]["name"], "--", "sh", "-c",
                        'echo "$GREETING $token $(cat /etc/webcfg/greeting) $(cat /etc/websec/token)"').stdout
@@ -381,14 +363,14 @@ def test_configmap_and_secret_reach_the_leaf_process_and_edits_follow(tlab: Tree
     wait_until(edited, 15, "the edit on the leaf's copy of webcfg", interval=POLL_S)
 
 
-def _no_orphans(tlab: TreeLab) -> None:
+def _no_orphans(tlab: AppsLab) -> None:
     """Every copy in leafa belongs to a live root pod, one copy each."""
     roots = {p["metadata"]["uid"] for p in tlab.ns_pods("root", "-l", "app=web")}
     copies = [c["metadata"]["labels"]["kosmos.io/root-uid"] for c in tlab.copies("leafa")]
     assert sorted(copies) == sorted(roots), (copies, roots)
 
 
-def test_deleting_the_root_pod_deletes_its_leaf_copy(tlab: TreeLab) -> None:
+def test_deleting_the_root_pod_deletes_its_leaf_copy(tlab: AppsLab) -> None:
     old, _ = wait_until(lambda: _web_in_leafa(tlab), 60, "web Running in leafa", interval=POLL_S)
     old_uid = old["metadata"]["uid"]
     tlab.kubectl("root", "delete", "pod", "-n", NS, old["metadata"]["name"], "--wait=false")
@@ -405,7 +387,7 @@ def test_deleting_the_root_pod_deletes_its_leaf_copy(tlab: TreeLab) -> None:
     _no_orphans(tlab)
 
 
-def test_a_leaf_side_deletion_is_repaired_and_the_root_pod_kept(tlab: TreeLab) -> None:
+def test_a_leaf_side_deletion_is_repaired_and_the_root_pod_kept(tlab: AppsLab) -> None:
     root_pod, copy = wait_until(lambda: _web_in_leafa(tlab), 60, "web Running in leafa", interval=POLL_S)
     tlab.kubectl("leafa", "delete", "pod", "-n", NS, copy["metadata"]["name"], "--wait=false")
 
@@ -419,7 +401,7 @@ def test_a_leaf_side_deletion_is_repaired_and_the_root_pod_kept(tlab: TreeLab) -
     _no_orphans(tlab)
 
 
-def test_logs_and_exec_reach_a_copy_renamed_for_a_leaf_users_pod(tlab: TreeLab) -> None:
+def test_logs_and_exec_reach_a_copy_renamed_for_a_leaf_users_pod(tlab: AppsLab) -> None:
     """The leaf already has a pod ``clash`` of its own: our copy is ``clash-<hash>``, found by its
     root-UID label, and ``kubectl logs``/``exec`` on the root's ``clash`` reach the copy, not the
     user's pod."""
@@ -441,7 +423,7 @@ def test_logs_and_exec_reach_a_copy_renamed_for_a_leaf_users_pod(tlab: TreeLab) 
     assert tlab.get("leafa", "pod", "clash", "-n", NS)["metadata"].get("labels", {}).get("kosmos.io/root-uid") is None
 
 
-def test_placement_in_the_leaf_by_annotation_and_by_convert_policy(tlab: TreeLab) -> None:
+def test_placement_in_the_leaf_by_annotation_and_by_convert_policy(tlab: AppsLab) -> None:
     tlab.apply("root", PLACED)
 
     def placed() -> dict[str, dict[str, Any]] | None:
@@ -462,7 +444,7 @@ def test_placement_in_the_leaf_by_annotation_and_by_convert_policy(tlab: TreeLab
     assert "kosmos-io/convert-policy" not in copies["sel"]["metadata"].get("annotations", {})
 
 
-def test_unjoin_of_a_leaf_with_running_pods_removes_only_our_copies(tlab: TreeLab) -> None:
+def test_unjoin_of_a_leaf_with_running_pods_removes_only_our_copies(tlab: AppsLab) -> None:
     a_root, a_copy = wait_until(lambda: _web_in_leafa(tlab), 60, "web Running in leafa", interval=POLL_S)
     tlab.apply("root", WEBB)
 

@@ -28,30 +28,21 @@ from __future__ import annotations
 
 import os
 import signal
-import textwrap
 from collections.abc import Iterator
 from fractions import Fraction
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
 from kubeemu import quantity
-from tests.lab.conftest import KUBECTL, KubeLab, lab_running, new_lab_name
+from tests.lab.conftest import needs_kubectl
+from tests.lab.tree_lab import TreeLab, lease_holder, node_ready, topology, tree_lab_running
 from tests.waiting import wait_until
 
-pytestmark = pytest.mark.skipif(KUBECTL is None, reason="needs kubectl")
+pytestmark = needs_kubectl
 
-TOPOLOGY = textwrap.dedent("""\
-    underlay: 198.18.0.0/16
-    kubernetes: true
-    clusters:
-      - name: root
-        role: host
-        podCIDRs: [10.40.0.0/16]
-        serviceCIDRs: [10.140.0.0/20]
-        nodes: [{name: r1, pods: 0}]
+TOPOLOGY = topology("""\
       - name: leafa
         tree: cluster
         podCIDRs: [10.41.0.0/16]
@@ -76,26 +67,9 @@ VNODES = {"kosmos-leafa": ("leafa", ["a1"]), "b1": ("leafb", ["b1"]), "b2": ("le
 RESOURCES = ("cpu", "memory", "pods")
 
 
-class TreeLab(KubeLab):
-    def tree(self) -> dict[str, Any]:
-        t: dict[str, Any] = self.status()["tree"]
-        return t
-
-    def tree_pids(self) -> set[int]:
-        t = self.tree()
-        return {int(p) for p in (t["pid"], t["supervisor_pid"]) if p}
-
-    def host_nodes(self) -> dict[str, dict[str, Any]]:
-        return {n["metadata"]["name"]: n for n in self.get("root", "nodes")["items"]}
-
-
 @pytest.fixture(scope="module")
 def tlab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TreeLab]:
-    topo = tmp_path_factory.mktemp("tree") / "tree.yaml"
-    topo.write_text(TOPOLOGY)
-    lab = TreeLab(new_lab_name(), topo)
-    with lab_running(lab, "--timeout", "300", extra_pids=lambda lb: lb.kube_pids() | lb.tree_pids()) as running:
-        running.kubeconfig = Path(running.lab("kubeconfig").stdout.strip())
+    with tree_lab_running(TreeLab, TOPOLOGY, tmp_path_factory.mktemp("tree")) as running:
         yield running
 
 
@@ -103,11 +77,6 @@ def _alloc(node: dict[str, Any]) -> dict[str, Fraction]:
     """The node's allocatable cpu, memory and pods as numbers (``8Gi`` == ``8589934592``)."""
     a = (node.get("status") or {}).get("allocatable") or {}
     return {k: quantity.parse(str(a.get(k))) for k in RESOURCES}
-
-
-def _ready(node: dict[str, Any]) -> str | None:
-    return next((c["status"] for c in (node.get("status") or {}).get("conditions") or [] if c["type"] == "Ready"),
-                None)
 
 
 def test_a_context_per_cluster_and_the_three_modes_virtual_nodes(tlab: TreeLab) -> None:
@@ -122,7 +91,7 @@ def test_a_context_per_cluster_and_the_three_modes_virtual_nodes(tlab: TreeLab) 
         if not all(v in nodes for v in VNODES):
             return None
         party = nodes["kosmos-leafc-pool-gpu"]
-        return nodes if _ready(party) == "True" else None
+        return nodes if node_ready(party) == "True" else None
 
     nodes = wait_until(all_there, 60, "the four virtual nodes, the party one Ready with c1")
     assert sorted(n for n in nodes if n not in VNODES) == ["r1"]
@@ -134,19 +103,14 @@ def test_a_context_per_cluster_and_the_three_modes_virtual_nodes(tlab: TreeLab) 
         leaf_nodes = {n["metadata"]["name"]: n for n in tlab.get(leaf, "nodes")["items"]}
         (member,) = members
         assert _alloc(vn) == _alloc(leaf_nodes[member]), (vname, _alloc(vn), _alloc(leaf_nodes[member]))
-        assert _ready(vn) == "True", vname
+        assert node_ready(vn) == "True", vname
     assert _alloc(nodes["b2"])["cpu"] == 2 and _alloc(nodes["b2"])["memory"] == 4 * 2**30
-
-
-def _holder(tlab: TreeLab) -> str | None:
-    lease = tlab.get("root", "lease", "kosmos-tree", "-n", "kube-system", check=False)
-    return ((lease or {}).get("spec") or {}).get("holderIdentity")
 
 
 def test_a_killed_tree_manager_is_restarted_and_the_nodes_stay(tlab: TreeLab) -> None:
     before = {n: v["metadata"]["uid"] for n, v in tlab.host_nodes().items() if n in VNODES}
     old = tlab.tree()["pid"]
-    holder = _holder(tlab)
+    holder = lease_holder(tlab)
     assert holder is not None
     restarts = tlab.status()["restarts"].get("tree", 0)
     os.kill(old, signal.SIGKILL)
@@ -154,7 +118,7 @@ def test_a_killed_tree_manager_is_restarted_and_the_nodes_stay(tlab: TreeLab) ->
     assert tlab.status()["restarts"]["tree"] == restarts + 1
     assert f"kosmos-tree {tlab.tree()['pid']} (restarts {restarts + 1})" in tlab.lab("status").stdout
     # The new manager takes the Lease once the dead one's lapses, and keeps the same nodes.
-    wait_until(lambda: _holder(tlab) not in (None, holder) or None, 60, "the new kosmos-tree holding the Lease")
+    wait_until(lambda: lease_holder(tlab) not in (None, holder) or None, 60, "the new kosmos-tree holding the Lease")
     after = {n: v["metadata"]["uid"] for n, v in tlab.host_nodes().items() if n in VNODES}
     assert after == before
 
@@ -199,4 +163,4 @@ def test_unjoin_of_one_leaf_removes_its_virtual_nodes_and_copies_and_nothing_els
     assert tlab.get("leafb", "configmap", "theirs", "-n", "apps", check=False) is not None
     assert {n["metadata"]["name"] for n in tlab.get("leafb", "nodes")["items"]} == {"b1", "b2"}
     # The other leaves are untouched: still Ready in the host.
-    assert all(_ready(nodes[n]) == "True" for n in ("kosmos-leafa", "kosmos-leafc-pool-gpu"))
+    assert all(node_ready(nodes[n]) == "True" for n in ("kosmos-leafa", "kosmos-leafc-pool-gpu"))

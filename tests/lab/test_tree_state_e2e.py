@@ -42,7 +42,6 @@ import functools
 import os
 import random
 import signal
-import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,21 +49,13 @@ from typing import Any
 
 import pytest
 
-from tests.lab.conftest import KUBECTL, lab_running, new_lab_name
-from tests.lab.test_tree_e2e import TreeLab, _holder, _ready
+from tests.lab.conftest import needs_kubectl
+from tests.lab.tree_lab import TreeLab, lease_holder, node_ready, topology, tree_lab_running
 from tests.waiting import wait_until
 
-pytestmark = pytest.mark.skipif(KUBECTL is None, reason="needs kubectl")
+pytestmark = needs_kubectl
 
-TOPOLOGY = textwrap.dedent("""\
-    underlay: 198.18.0.0/16
-    kubernetes: true
-    clusters:
-      - name: root
-        role: host
-        podCIDRs: [10.40.0.0/16]
-        serviceCIDRs: [10.140.0.0/20]
-        nodes: [{name: r1, pods: 0}]
+TOPOLOGY = topology("""\
       - name: leafa
         tree: cluster
         podCIDRs: [10.41.0.0/16]
@@ -93,8 +84,6 @@ ON_VIRTUAL_NODES = """\
 
 
 class StateLab(TreeLab):
-    root_id: str
-
     def leaf_copies(self, namespace: str) -> dict[str, list[tuple[str, dict[str, Any]]]]:
         """This root's leaf pods in ``namespace`` of every leaf, by root UID: [(leaf, pod)]."""
         out: dict[str, list[tuple[str, dict[str, Any]]]] = {}
@@ -116,13 +105,9 @@ class StateLab(TreeLab):
 
 @pytest.fixture(scope="module")
 def slab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StateLab]:
-    topo = tmp_path_factory.mktemp("tree-state") / "tree.yaml"
-    topo.write_text(TOPOLOGY)
-    lab = StateLab(new_lab_name(), topo)
-    with lab_running(lab, "--timeout", "300", extra_pids=lambda lb: lb.kube_pids() | lb.tree_pids()) as running:
-        running.kubeconfig = Path(running.lab("kubeconfig").stdout.strip())
+    with tree_lab_running(StateLab, TOPOLOGY, tmp_path_factory.mktemp("tree-state")) as running:
         running.root_id = running.get("root", "namespace", "kube-system")["metadata"]["uid"]
-        wait_until(lambda: all(_ready(n) == "True" for name, n in running.host_nodes().items() if name in LEAVES)
+        wait_until(lambda: all(node_ready(n) == "True" for name, n in running.host_nodes().items() if name in LEAVES)
                    and set(LEAVES) <= set(running.host_nodes()), 60, "both virtual nodes Ready")
         yield running
 
@@ -272,7 +257,7 @@ def _new_tree(slab: StateLab, old: int) -> bool:
 
 
 def _new_holder(slab: StateLab, old: str) -> bool:
-    return _holder(slab) not in (None, old)
+    return lease_holder(slab) not in (None, old)
 
 
 def test_killing_the_tree_manager_while_pods_churn_leaves_one_copy_each(slab: StateLab) -> None:
@@ -294,7 +279,7 @@ def test_killing_the_tree_manager_while_pods_churn_leaves_one_copy_each(slab: St
     steps = [rng.randint(0, peak - base) for _ in range(kills)] + [peak - base, (peak - base) // 2]
     for i, replicas in enumerate(steps):
         if i < kills:  # the manager holding the Lease is the one at work
-            holder = wait_until(lambda: _holder(slab), 60, "a kosmos-tree holding the Lease")
+            holder = wait_until(lambda: lease_holder(slab), 60, "a kosmos-tree holding the Lease")
         slab.kubectl("root", "scale", "-n", "churn", "deployment/churn", f"--replicas={replicas}")
         if i >= kills:
             continue
@@ -379,7 +364,7 @@ def test_an_unreachable_leaf_api_turns_its_node_not_ready_and_evicts_nothing(sla
         cond = _condition(node)
         assert cond["reason"] == "LeafUnreachable", cond
         print(f"outage: kosmos-leafb NotReady {time.monotonic() - stopped:.1f} s after SIGSTOP")
-        assert _ready(slab.host_nodes()["kosmos-leafa"]) == "True"  # one leaf's outage stalls no other
+        assert node_ready(slab.host_nodes()["kosmos-leafa"]) == "True"  # one leaf's outage stalls no other
         slab.apply("root", _outage_pod("elsewhere", "kosmos-leafa"))
         wait_until(lambda: (p := slab.get("root", "pod", "elsewhere", "-n", "outage", check=False)) and _running(p),
                    60, "a new pod on kosmos-leafa Running during leafb's outage", interval=0.5)
@@ -406,5 +391,5 @@ def test_an_unreachable_leaf_api_turns_its_node_not_ready_and_evicts_nothing(sla
                interval=0.5)
     print(f"outage: the leaf's container restart in the root {time.monotonic() - resumed:.1f} s after SIGCONT")
     assert slab.get("leafb", "pod", "steady", "-n", "outage")["metadata"]["uid"] == leaf_uid  # never recreated
-    wait_until(lambda: _ready(slab.host_nodes()["kosmos-leafb"]) == "True", 30, "kosmos-leafb Ready again")
+    wait_until(lambda: node_ready(slab.host_nodes()["kosmos-leafb"]) == "True", 30, "kosmos-leafb Ready again")
     slab.kubectl("root", "delete", "namespace", "outage", "--wait=false")

@@ -141,6 +141,14 @@ def test_the_supervisor_restarts_a_dead_process_with_backoff(tmp_path: Path, mon
 
     monkeypatch.setattr(labtree, "start_tree", fake_start)
     monkeypatch.setattr(ProcRecord, "running", lambda self: self.pid == 1 and alive["yes"])
+
+    def record_tree(rec: ProcRecord | None) -> None:
+        """The saved state's kosmos-tree record set to ``rec`` (a dead process, or none)."""
+        got = labstate.load_state("t")
+        assert got is not None
+        got.tree_proc = rec
+        save_state(got)
+
     # The API server of the host must run for the tree to be supervised.
     st.clusters[0].apiserver = ProcRecord(pid=1, start=None, netns="", log="", argv=[])
     st.clusters[0].api_url = "http://127.0.0.1:1"
@@ -151,11 +159,7 @@ def test_the_supervisor_restarts_a_dead_process_with_backoff(tmp_path: Path, mon
     assert sup.round() == ["tree"]  # first restart at once
     assert labstate.load_state("t").restarts == {"tree": 1}  # type: ignore[union-attr]
     # It dies again: the next restart waits 10 s.
-    got = labstate.load_state("t")
-    assert got is not None
-    st = got
-    st.tree_proc = dead
-    save_state(st)
+    record_tree(dead)
     now[0] = 105.0
     assert sup.round() == []
     now[0] = 116.0
@@ -163,11 +167,7 @@ def test_the_supervisor_restarts_a_dead_process_with_backoff(tmp_path: Path, mon
     assert labstate.load_state("t").restarts == {"tree": 2}  # type: ignore[union-attr]
     assert starts == ["tree", "tree"]
     # Never started (None): not the supervisor's business.
-    got = labstate.load_state("t")
-    assert got is not None
-    st = got
-    st.tree_proc = None
-    save_state(st)
+    record_tree(None)
     now[0] = 1000.0
     assert sup.round() == []
 

@@ -26,7 +26,15 @@ import pytest
 
 from kubeemu.lab import write_kubeconfig
 from scheduler.kube import Api, resource_path
-from tests.kubelet_doubles import KUBECTL, FakeAccess, Kubectl, serve_kubelet, stop_kubelet
+from tests.kubelet_doubles import (
+    KUBECTL,
+    FakeAccess,
+    Kubectl,
+    exec_ends_with_kubectl,
+    logs_follow_until_stopped,
+    serve_kubelet,
+    stop_kubelet,
+)
 from tests.tree_env import REPO, ROOT_ID, TreeEnv, tree_env
 from tests.waiting import wait_until
 from tree import identity
@@ -111,6 +119,15 @@ def _leaf_copy(t: Tree, root_pod: Obj, leaf_name: str) -> None:
         "metadata": {"name": leaf_name, "labels": labels, "annotations": annotations}, "spec": spec})
 
 
+def _running_copy(t: Tree, name: str, leaf_name: str | None = None) -> str:
+    """A new namespace (returned) with a root pod ``name`` (container ``c``) and its leaf copy
+    ``leaf_name`` (default: the same name), the copy's container running."""
+    ns = _namespace(t)
+    _leaf_copy(t, _root_pod(t, ns, name, "c"), leaf_name or name)
+    t.access.state[(ns, leaf_name or name, "c")] = "running"
+    return ns
+
+
 def test_logs_reach_the_leaf_copy_with_their_options(tree: Tree) -> None:
     ns = _namespace(tree)
     pod = _root_pod(tree, ns, "web", "app", "side")
@@ -138,36 +155,14 @@ def test_logs_reach_the_leaf_copy_with_their_options(tree: Tree) -> None:
 
 
 def test_logs_follow_streams_through_until_the_leaf_container_stops(tree: Tree, tmp_path: Path) -> None:
-    ns = _namespace(tree)
-    pod = _root_pod(tree, ns, "f", "c")
-    _leaf_copy(tree, pod, "f")
-    key = (ns, "f", "c")
-    tree.access.state[key] = "running"
+    ns = _running_copy(tree, "f")
     tree.access.write(ns, "f", "c", "stdout F first")
-    out_path = tmp_path / "follow.out"
-    with out_path.open("w") as out:
-        proc = subprocess.Popen(tree.kubectl.argv("logs", "-f", "f", "-n", ns), stdout=out, stderr=subprocess.PIPE,
-                                text=True)
-    try:
-        wait_until(lambda: out_path.read_text() == "first\n", 30, "kubectl logs -f printed the first line")
-        tree.access.write(ns, "f", "c", "stdout P sec", "stdout F ond")
-        wait_until(lambda: out_path.read_text() == "first\nsecond\n", 30, "kubectl logs -f followed the leaf")
-        assert proc.poll() is None  # still following while the leaf container runs
-        tree.access.write(ns, "f", "c", "stdout F last words")
-        tree.access.state[key] = "exited"
-        assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert out_path.read_text() == "first\nsecond\nlast words\n"
+    logs_follow_until_stopped(tree.kubectl.argv("logs", "-f", "f", "-n", ns), tree.access, ns, "f", "c",
+                              tmp_path / "follow.out")
 
 
 def test_exec_output_exit_code_and_stdin_reach_the_leaf(tree: Tree) -> None:
-    ns = _namespace(tree)
-    pod = _root_pod(tree, ns, "e", "c")
-    _leaf_copy(tree, pod, "e-renamed")
-    tree.access.state[(ns, "e-renamed", "c")] = "running"
+    ns = _running_copy(tree, "e", "e-renamed")
     k = tree.kubectl
     out = k("exec", "e", "-n", ns, "--", "echo", "hello", "world", ok=False)
     assert (out.returncode, out.stdout) == (0, "hello world\n"), out.stderr
@@ -210,19 +205,8 @@ def test_healthz_and_unknown_paths(tree: Tree) -> None:
     assert r.status == 404
 
 
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 def test_callers_going_away_end_the_leaf_stream_and_the_leaf_command(tree: Tree, tmp_path: Path) -> None:
-    ns = _namespace(tree)
-    pod = _root_pod(tree, ns, "quiet", "c")
-    _leaf_copy(tree, pod, "quiet")
-    tree.access.state[(ns, "quiet", "c")] = "running"
+    ns = _running_copy(tree, "quiet")
     tree.access.write(ns, "quiet", "c", "stdout F hello")
     # A followed log of a quiet container, asked as the root API server asks (kubeemu's keeps its
     # side open until it has something to write, so the caller here is a plain connection).
@@ -238,17 +222,8 @@ def test_callers_going_away_end_the_leaf_stream_and_the_leaf_command(tree: Tree,
     wait_until(lambda: not tree.server._streams, 30, "the leaf log stream cut once its caller went away")
     tree.access.write(ns, "quiet", "c", "stdout F after")  # the leaf's kubelet notices on its next write
     pid_file = tmp_path / "pid"
-    ex = subprocess.Popen(tree.kubectl.argv("exec", "quiet", "-n", ns, "--", "sh", "-c",
-                                            f"echo $$ > {pid_file}; exec sleep 600"),
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_until(lambda: pid_file.exists() and pid_file.read_text().strip(), 30, "the exec'd command started")
-        pid = int(pid_file.read_text())
-        assert _alive(pid)
-    finally:
-        ex.kill()
-        ex.wait()
-    wait_until(lambda: not _alive(pid), 30, f"the leaf command (pid {pid}) ended when kubectl went away")
+    exec_ends_with_kubectl(tree.kubectl.argv("exec", "quiet", "-n", ns, "--", "sh", "-c",
+                                             f"echo $$ > {pid_file}; exec sleep 600"), pid_file, "the leaf command")
     tree.access.state[(ns, "quiet", "c")] = "exited"
 
 

@@ -24,8 +24,8 @@ from typing import Any
 
 import pytest
 
-from tests.unit.test_tree_kubelet import Tree, _alive, _leaf_copy, _namespace, _root_pod, tree  # noqa: F401
-from tests.waiting import wait_until
+from tests.kubelet_doubles import exec_ends_with_kubectl, read_head
+from tests.unit.test_tree_kubelet import Tree, _running_copy, tree  # noqa: F401
 from tree import kubelet, spdy
 
 pytestmark = pytest.mark.unit
@@ -207,10 +207,7 @@ def test_kubectl_spdy_exec_reaches_the_leaf(tree: Tree, monkeypatch: pytest.Monk
         real(session, protocol, flags, leaf)
 
     monkeypatch.setattr(kubelet, "relay_spdy", counting)
-    ns = _namespace(tree)
-    pod = _root_pod(tree, ns, "s", "c")
-    _leaf_copy(tree, pod, "s-renamed")
-    tree.access.state[(ns, "s-renamed", "c")] = "running"
+    ns = _running_copy(tree, "s", "s-renamed")
     out = _spdy_kubectl(tree, "exec", "s", "-n", ns, "--", "echo", "hello", "world")
     assert (out.returncode, out.stdout) == (0, "hello world\n"), out.stderr
     assert relayed == ["v4.channel.k8s.io"]  # SPDY it was, with the protocol that carries exit codes
@@ -258,10 +255,7 @@ def _body(head: bytes, s: socket.socket) -> bytes:
 
 
 def test_spdy_handshake_errors_and_a_v3_client(tree: Tree) -> None:  # noqa: F811
-    ns = _namespace(tree)
-    pod = _root_pod(tree, ns, "h", "c")
-    _leaf_copy(tree, pod, "h")
-    tree.access.state[(ns, "h", "c")] = "running"
+    ns = _running_copy(tree, "h")
     path = f"/exec/{ns}/h/c?command=sh&command=-c&command=echo+out%3B+exit+4&stdout=1"
     head, s = _raw_upgrade(tree, path)
     assert head.startswith(b"HTTP/1.1 400")
@@ -292,22 +286,11 @@ def test_spdy_handshake_errors_and_a_v3_client(tree: Tree) -> None:  # noqa: F81
 
 
 def test_kubectl_going_away_ends_the_leaf_command(tree: Tree, tmp_path: Path) -> None:  # noqa: F811
-    ns = _namespace(tree)
-    pod = _root_pod(tree, ns, "q", "c")
-    _leaf_copy(tree, pod, "q")
-    tree.access.state[(ns, "q", "c")] = "running"
+    ns = _running_copy(tree, "q")
     pid_file = tmp_path / "pid"
     env = {**os.environ, "KUBECTL_REMOTE_COMMAND_WEBSOCKETS": "false"}
     argv = tree.kubectl.argv("exec", "q", "-n", ns, "--", "sh", "-c", f"echo $$ > {pid_file}; exec sleep 600")
-    ex = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    try:
-        wait_until(lambda: pid_file.exists() and pid_file.read_text().strip(), 30, "the exec'd command started")
-        pid = int(pid_file.read_text())
-        assert _alive(pid)
-    finally:
-        ex.kill()
-        ex.wait()
-    wait_until(lambda: not _alive(pid), 30, f"the leaf command (pid {pid}) ended when kubectl went away")
+    exec_ends_with_kubectl(argv, pid_file, "the leaf command", env=env)
 
 
 def test_spdy_exec_over_tls(tree: Tree, tmp_path: Path) -> None:  # noqa: F811
@@ -319,10 +302,7 @@ def test_spdy_exec_over_tls(tree: Tree, tmp_path: Path) -> None:  # noqa: F811
     ca = _issue(tmp_path, "ca", None, is_ca=True)
     _issue(tmp_path, "kubelet", ca, server=True)
     _issue(tmp_path, "apiserver", ca)
-    ns = _namespace(tree)
-    pod = _root_pod(tree, ns, "t", "c")
-    _leaf_copy(tree, pod, "t-leaf")
-    tree.access.state[(ns, "t-leaf", "c")] = "running"
+    ns = _running_copy(tree, "t", "t-leaf")
     server = kubelet.KubeletServer(lambda _ns, _name: (tree.leaf, _ns, "t-leaf"), "127.0.0.1", 0,
                                    cert_file=str(tmp_path / "kubelet.crt"), key_file=str(tmp_path / "kubelet.key"),
                                    client_ca=str(tmp_path / "ca.crt"), timeout=5.0)
@@ -335,12 +315,7 @@ def test_spdy_exec_over_tls(tree: Tree, tmp_path: Path) -> None:  # noqa: F811
             s.sendall(f"POST /exec/{ns}/t/c?command=sh&command=-c&command=echo+tls%3B+exit+5&stdout=1 HTTP/1.1\r\n"
                       "Host: x\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n"
                       "X-Stream-Protocol-Version: v4.channel.k8s.io\r\n\r\n".encode())
-            got = b""
-            while b"\r\n\r\n" not in got:
-                chunk = s.recv(65536)
-                assert chunk, got
-                got += chunk
-            head, rest = got.split(b"\r\n\r\n", 1)
+            head, rest = read_head(s)
             assert head.startswith(b"HTTP/1.1 101"), head
             codec = spdy.HeaderCodec()
             s.sendall(spdy.syn_stream_frame(codec, 1, {"streamtype": "error"})

@@ -23,7 +23,7 @@ from tools import nsutil
 from tools.lab import schedulers
 from tools.lab.bpf import is_mountpoint
 from tools.lab.plumbing import delete_netns, kube_pod_namespaces
-from tools.lab.procs import ROOT_NETNS, log_tail, start_process
+from tools.lab.procs import ROOT_NETNS, log_tail, start_process, still_running
 from tools.lab.state import (
     LAB_SERVICE,
     LAB_SERVICE_PORT,
@@ -328,12 +328,9 @@ def proxy_argv(cluster: ClusterRecord) -> list[str]:
 def start_proxy(state: LabState, cluster: ClusterRecord, progress: Progress = quiet) -> ProcRecord:
     """Start the lab kube-proxy of ``cluster`` unless one with the same arguments runs."""
     argv = proxy_argv(cluster)
-    rec = cluster.proxy
-    if rec is not None and rec.running():
-        if rec.argv == argv:
-            return rec
-        progress(f"lab {state.name}: restarting the kube-proxy of {cluster.name} (new API server or nodes)")
-        nsutil.terminate([(rec.pid, rec.start)])
+    if (rec := still_running(cluster.proxy, argv, progress, f"lab {state.name}: restarting the kube-proxy of "
+                             f"{cluster.name} (new API server or nodes)")) is not None:
+        return rec
     rec = start_process(ROOT_NETNS, argv, state.state_dir / "logs" / f"kube-proxy-{cluster.name}.log")
     cluster.proxy = rec
     save_state(state)

@@ -52,6 +52,19 @@ def start_process(netns: str, argv: list[str], log_path: Path) -> ProcRecord:
     return ProcRecord(pid=proc.pid, start=nsutil.start_time(proc.pid), netns=netns, log=str(log_path), argv=argv)
 
 
+def still_running(rec: ProcRecord | None, argv: list[str], progress: Progress = quiet,
+                  restarting: str | None = None) -> ProcRecord | None:
+    """``rec`` if it runs ``argv``; else None, and a ``rec`` that runs another command line is
+    stopped first (``restarting`` said to ``progress``): the caller starts the new one."""
+    if rec is not None and rec.running():
+        if rec.argv == argv:
+            return rec
+        if restarting is not None:
+            progress(restarting)
+        nsutil.terminate([(rec.pid, rec.start)])
+    return None
+
+
 def log_tail(path: str, lines: int = 8) -> str:
     try:
         tail = Path(path).read_text(errors="replace").splitlines()[-lines:]

@@ -34,10 +34,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from fabric import logs
-from tools import nsutil
 from tools.lab import schedulers
 from tools.lab import tree as labtree
-from tools.lab.procs import ROOT_NETNS, start_process
+from tools.lab.procs import ROOT_NETNS, start_process, still_running
 from tools.lab.state import (
     LAB_ROOT,
     LabState,
@@ -188,11 +187,8 @@ def ensure_supervisor(state: LabState, progress: Progress = quiet) -> ProcRecord
     if state.host_cluster is None:
         return None
     argv = supervisor_argv(state)
-    rec = state.supervisor
-    if rec is not None and rec.running():
-        if rec.argv == argv:
-            return rec
-        nsutil.terminate([(rec.pid, rec.start)])
+    if (rec := still_running(state.supervisor, argv)) is not None:
+        return rec
     rec = start_process(ROOT_NETNS, argv, state.state_dir / "logs" / "supervisor.log")
     state.supervisor = rec
     save_state(state)

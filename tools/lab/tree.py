@@ -37,8 +37,7 @@ import sys
 import time
 
 from fabric.topology import TopologyFile
-from tools import nsutil
-from tools.lab.procs import ROOT_NETNS, log_tail, start_process
+from tools.lab.procs import ROOT_NETNS, log_tail, start_process, still_running
 from tools.lab.state import LabError, LabState, ProcRecord, Progress, quiet, save_state
 
 _log = logging.getLogger(__name__)
@@ -111,12 +110,9 @@ def start_tree(state: LabState, progress: Progress = quiet) -> ProcRecord | None
     if host is None or host.api_url is None:
         return None
     argv = tree_argv(state)
-    rec = state.tree_proc
-    if rec is not None and rec.running():
-        if rec.argv == argv:
-            return rec
-        progress(f"lab {state.name}: restarting kosmos-tree (its command line changed)")
-        nsutil.terminate([(rec.pid, rec.start)])
+    if (rec := still_running(state.tree_proc, argv, progress,
+                             f"lab {state.name}: restarting kosmos-tree (its command line changed)")) is not None:
+        return rec
     rec = start_process(ROOT_NETNS, argv, state.state_dir / "logs" / "tree.log")
     state.tree_proc = rec
     save_state(state)
