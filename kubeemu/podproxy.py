@@ -332,7 +332,8 @@ async def passthrough(request: web.Request, url: str) -> web.StreamResponse:
     unchanged until either side ends, then both connections are closed."""
     parts = urlsplit(url)
     try:
-        kreader, kwriter = await asyncio.wait_for(asyncio.open_connection(parts.hostname, parts.port), 10)
+        async with asyncio.timeout(10):
+            kreader, kwriter = await asyncio.open_connection(parts.hostname, parts.port)
     except (TimeoutError, OSError) as e:
         raise errors.internal(f"error dialing backend: {e}") from None
     try:
@@ -340,7 +341,8 @@ async def passthrough(request: web.Request, url: str) -> web.StreamResponse:
         lines += [f"{k}: {v}" for k, v in request.headers.items() if k.lower() not in _NOT_FORWARDED]
         kwriter.write(("\r\n".join(lines) + "\r\n\r\n").encode())
         try:
-            head = await asyncio.wait_for(kreader.readuntil(b"\r\n\r\n"), 30)
+            async with asyncio.timeout(30):
+                head = await kreader.readuntil(b"\r\n\r\n")
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as e:
             raise errors.internal(f"error reading the backend's answer: {type(e).__name__}") from None
         status_line, *header_lines = head.decode("latin-1").split("\r\n")
@@ -353,8 +355,8 @@ async def passthrough(request: web.Request, url: str) -> web.StreamResponse:
         if status != 101:
             n = headers.get("Content-Length")
             try:
-                body = await asyncio.wait_for(
-                    kreader.readexactly(int(n)) if n and n.isdigit() else kreader.read(1 << 20), 30)
+                async with asyncio.timeout(30):
+                    body = await (kreader.readexactly(int(n)) if n and n.isdigit() else kreader.read(1 << 20))
             except (TimeoutError, asyncio.IncompleteReadError) as e:
                 raise errors.internal(f"error reading the backend's answer: {type(e).__name__}") from None
             return web.Response(status=status, body=body,
