@@ -112,7 +112,7 @@ def alive(pid: int) -> bool:
     """Whether process ``pid`` runs (a zombie does not: it ended and waits for its parent)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone before the open, or between open and read (ESRCH)
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
