@@ -92,6 +92,10 @@ class RejectionReason(enum.StrEnum):
     MAC_CONFLICT = "mac_conflict"
     #: The session did not start with an announcement.
     PROTOCOL = "protocol"
+    #: The client's certificate does not allow it (fabric/control/authz.py): an announcement of
+    #: a node other than the certificate's, a role that may not call the RPC, a publisher
+    #: identity other than the certificate's, a certificate that names no identity.
+    UNAUTHORIZED = "unauthorized"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

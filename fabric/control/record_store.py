@@ -10,12 +10,15 @@ runs on the reflector's event loop without awaiting in between, so no locks.
 The rules, in the order a record lives through them:
 
 1. **Identity.** A publisher opens a session with its identity (a role such as
-   ``tree/root-a``: lowercase letters, digits, ``-./``). Until mutual TLS lands (issue 20) the
-   identity is what the publisher declares; the reflector binds it in exactly one place
-   (:func:`fabric.control.reflector_service.publisher_identity`), which issue 20 turns into
-   "the identity of the client certificate". Which identity may publish which kinds is one
-   policy hook (:data:`PublishPolicy`, default :func:`allow_all`: any identity, any kind,
-   because without certificates a rule would only be a speed bump).
+   ``tree/root-a``: lowercase letters, digits, ``-./``). The reflector binds it in exactly one
+   place (:func:`fabric.control.reflector_service.publisher_identity`): the identity of the
+   client certificate (a declared one that differs is refused), or on a plaintext session
+   (``--insecure``) what the publisher declares. A session of a certificate (*proven*)
+   publishes only its role's kinds (:func:`fabric.control.authz.kind_refusal`: ``tree/*``
+   the ``tree.kosmos.io/`` kinds, ``scheduler/*`` the ``scheduler.kosmos.io/`` ones, ``admin/*``
+   any); a plaintext one any kind, as a declared identity proves nothing and a rule would only
+   be a speed bump. On top of that, for every session, one policy hook (:data:`PublishPolicy`,
+   default :func:`allow_all`).
 2. **Sessions.** One live session per identity: a newer session replaces the older (which
    ends with ABORTED), as a restarted add-on whose old TCP connection is not dead yet would
    otherwise be locked out for the HTTP/2 keepalive timeout. The records belong to the identity,
@@ -68,7 +71,7 @@ from collections.abc import Callable, Iterable
 
 import grpc
 
-from fabric.control import api, codec
+from fabric.control import api, authz, codec
 from fabric.control.generated import fabric_pb2 as pb
 
 _log = logging.getLogger(__name__)
@@ -88,8 +91,8 @@ Reason = api.RecordRefusalReason
 
 
 def allow_all(identity: str, kind: str) -> str | None:
-    """The policy until mutual TLS (issue 20): a declared identity proves nothing, so any
-    identity may publish any kind. With certificates, a role-to-kinds table goes here."""
+    """The default extra policy: nothing beyond the role-to-kinds table that binds every
+    session of a certificate (:func:`fabric.control.authz.kind_refusal`)."""
     return None
 
 
@@ -160,10 +163,12 @@ class PublisherSession:
 
     _ids = itertools.count(1)
 
-    def __init__(self, identity: str, peer: str) -> None:
+    def __init__(self, identity: str, peer: str, proven: bool = False) -> None:
         self.id = next(self._ids)
         self.identity = identity
         self.peer = peer
+        #: The identity is a client certificate's: the role-to-kinds table applies.
+        self.proven = proven
         self.ending = _Ending()
 
 
@@ -317,9 +322,9 @@ class RecordStore:
     def _count_refusal(self, reason: api.RecordRefusalReason) -> None:
         self.refused[reason] = self.refused.get(reason, 0) + 1
 
-    def open(self, identity: str, peer: str) -> tuple[PublisherSession, int]:
-        """Start a session of ``identity`` (already bound by the caller); returns it and how many
-        records it takes back. Raises :class:`OpenRefused`."""
+    def open(self, identity: str, peer: str, *, proven: bool = False) -> tuple[PublisherSession, int]:
+        """Start a session of ``identity`` (already bound by the caller; ``proven``: by a client
+        certificate); returns it and how many records it takes back. Raises :class:`OpenRefused`."""
         try:
             self._check_word("publisher identity", identity, Reason.PROTOCOL, f"PublishRecords from {peer}")
         except WriteRefused as e:
@@ -333,7 +338,7 @@ class RecordStore:
                     f"sessions or records, the limit max_publishers={self.limits.max_publishers}",
                 )
             h = self._holders[identity] = _Holder(identity)
-        session = PublisherSession(identity, peer)
+        session = PublisherSession(identity, peer, proven)
         if h.session is not None:
             _log.info("publisher %s: new session from %s replaces session %d from %s", identity, peer, h.session.id,
                       h.session.peer)  # fmt: skip
@@ -394,7 +399,7 @@ class RecordStore:
         if len(data) > self.limits.max_record_bytes:
             raise WriteRefused(Reason.RECORD_SIZE, f"{where}: {len(data)} bytes of data, over the limit "
                                f"max_record_bytes={self.limits.max_record_bytes}")  # fmt: skip
-        denied = self.policy(ident, kind)
+        denied = (authz.kind_refusal(ident, kind) if session.proven else None) or self.policy(ident, kind)
         if denied is not None:
             raise WriteRefused(Reason.POLICY, f"{where}: publisher {ident!r} may not publish kind {kind!r}: {denied}")
         key = (kind, name)

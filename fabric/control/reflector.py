@@ -122,9 +122,10 @@ from prometheus_client import Histogram
 from prometheus_client.registry import Collector
 
 from fabric import types
-from fabric.control import admission, api, codec, election, incremental, planner, record_store
+from fabric.control import admission, api, authz, codec, election, incremental, planner, record_store
 from fabric.control.generated import fabric_pb2 as pb
 from fabric.control.generated import fabric_pb2_grpc as pb_grpc
+from fabric.control.identity import Identity
 from fabric.control.reflector_metrics import MetricsCollector
 from fabric.control.reflector_service import Servicer, bind, peer_name, publisher_identity
 
@@ -192,6 +193,8 @@ class _Session:
         self.reports_from = now
         self.held: frozenset[types.NodeKey] | None = None
         self.held_handle: asyncio.TimerHandle | None = None
+        #: The client certificate's identity (None: a plaintext session); see authz.
+        self.identity: Identity | None = None
 
     def send(self, msg: pb.SyncNodeResponse) -> None:
         if not self.closed:
@@ -216,6 +219,8 @@ class _NodeRecord:
     counters: api.SessionCounters = dataclasses.field(default_factory=api.SessionCounters)
     withdraw_at: float | None = None
     withdraw_handle: asyncio.TimerHandle | None = None
+    #: The identity of its latest session (the label of a refusal when a new configuration drops it).
+    identity: Identity | None = None
 
 
 class _Watcher:
@@ -289,8 +294,10 @@ class Reflector:
         self._nodes: dict[types.NodeKey, _NodeRecord] = {}
         self._rejections: dict[str, api.Rejection] = {}
         self._rejections_total = 0
-        #: Refusals by their class (``Refusal.reason``), for the metrics.
-        self._rejections_by_reason: dict[api.RejectionReason, int] = {}
+        #: Refusals by their class (``Refusal.reason``) and identity label, for the metrics.
+        self._rejections_by: dict[tuple[api.RejectionReason, str], int] = {}
+        #: Refusals of a proven identity are logged once per identity and reason (authz).
+        self._rejections_logged = authz.OnceLog()
         #: Fan-out in flight: generation -> (time of the change, synced nodes that were sent a
         #: delta for it and have not reported it applied yet). See ``fanout_lag``.
         self._fanout: dict[int, tuple[float, set[types.NodeKey]]] = {}
@@ -390,9 +397,13 @@ class Reflector:
         """Validate ``ann`` and attach ``session`` to its node; returns the ``Rejected`` to send
         when it is refused."""
         key = ann.key
-        reasons = admission.announcement_refusals(self._pending, ann, self._index)
+        # Authorization first: an unauthorized client learns nothing about the other nodes.
+        reasons = authz.announcement_refusals(session.identity, ann) or admission.announcement_refusals(
+            self._pending, ann, self._index
+        )
         if reasons:
-            return self._reject(f"announcement {key} from {session.peer}", str(key), reasons)
+            label = authz.metric_label(session.identity)
+            return self._reject(f"announcement {key} from {session.peer} ({label})", str(key), reasons, label)
         self._rejections.pop(str(key), None)
         session.send(pb.SyncNodeResponse(keepalive=codec.keepalive_message(self.keepalive_interval)))
         rec = self._nodes.get(key)
@@ -441,23 +452,53 @@ class Reflector:
         if rec.session is not None:
             rec.session.close(f"replaced by a newer session from {session.peer}", grpc.StatusCode.ABORTED)
         rec.session = session
+        rec.identity = session.identity
         # Versions are per session: the new session has applied nothing yet.
         rec.applied_version = 0
         rec.counters = session.counters
 
-    def _reject(self, source: str, ident: str, refusals: Sequence[admission.Refusal]) -> pb.SyncNodeResponse:
-        """Record a refusal (GetStatus, metrics, log) and return the ``Rejected`` to send."""
+    def _reject(
+        self, source: str, ident: str, refusals: Sequence[admission.Refusal], label: str = authz.INSECURE_LABEL
+    ) -> pb.SyncNodeResponse:
+        """Record a refusal (GetStatus, metrics by class and identity ``label``, log) and return
+        the ``Rejected`` to send. Logged every time on a plaintext session (as before issue 20),
+        once per identity and class for a certificate's (then only counted)."""
         reason = "; ".join(r.text for r in refusals)
         codes = tuple(r.reason for r in refusals)
         self._rejections.pop(ident, None)
         self._rejections[ident] = api.Rejection(source=source, reason=reason, reasons=codes)
         self._rejections_total += 1
+        first = False
         for code in codes:
-            self._rejections_by_reason[code] = self._rejections_by_reason.get(code, 0) + 1
+            self._rejections_by[(code, label)] = self._rejections_by.get((code, label), 0) + 1
+            first = self._rejections_logged.first(label, code) or first
         while len(self._rejections) > MAX_REJECTIONS:
             del self._rejections[next(iter(self._rejections))]
-        _log.info("rejected %s: %s", source, reason)
+        if label == authz.INSECURE_LABEL or first:
+            _log.info("rejected %s: %s", source, reason)
+        else:
+            _log.debug("rejected %s: %s (logged before for %s)", source, reason, label)
         return codec.rejected_message(reason, codes)
+
+    def authorize(self, rpc: str, context: grpc.aio.ServicerContext[Any, Any]) -> bool:
+        """May the peer of ``context`` call ``rpc`` at all (authz.rpc_refusal)? If not, the RPC's
+        status is set (UNAUTHENTICATED: its certificate names no identity; PERMISSION_DENIED:
+        its role may not) and the refusal recorded like a rejected announcement (GetStatus,
+        metrics, log once). SyncNode is authorized with its announcement (``_admit``)."""
+        code = grpc.StatusCode.PERMISSION_DENIED
+        try:
+            ident = authz.identify(context)
+            why, label = authz.rpc_refusal(ident, rpc), authz.metric_label(ident)
+        except authz.Unauthorized as e:
+            code, why, label = grpc.StatusCode.UNAUTHENTICATED, e.text, e.label
+        if why is None:
+            return True
+        peer = peer_name(context.peer())
+        self._reject(f"{rpc} from {peer} ({label})", f"{rpc} {label}",
+                     [admission.Refusal(api.RejectionReason.UNAUTHORIZED, why)], label)  # fmt: skip
+        context.set_code(code)
+        context.set_details(why)
+        return False
 
     def _send_snapshot(self, rec: _NodeRecord, session: _Session) -> None:
         state = self._planner.state(rec.ann.key)
@@ -606,8 +647,9 @@ class Reflector:
         self._index = index
         self._dirty = True
         for n, reasons in dropped:
-            rejected = self._reject(f"node {n.key} under the new fabric configuration", str(n.key), reasons)
             rec = self._nodes.pop(n.key)
+            rejected = self._reject(f"node {n.key} under the new fabric configuration", str(n.key), reasons,
+                                    authz.metric_label(rec.identity))  # fmt: skip
             self._changed.add(n.key)
             self._reports.pop(n.key, None)
             if rec.withdraw_handle is not None:
@@ -840,15 +882,22 @@ class Reflector:
             context.set_code(grpc.StatusCode.UNAVAILABLE)
             context.set_details(self.standby_reason)
             return
+        try:
+            ident = authz.identify(context)
+        except authz.Unauthorized as e:
+            refusal = admission.Refusal(api.RejectionReason.UNAUTHORIZED, e.text)
+            yield self._reject(f"session from {peer}", f"peer {peer}", [refusal], e.label)
+            return
         if first.WhichOneof("message") != "announce":
             refusal = admission.Refusal(
                 api.RejectionReason.PROTOCOL,
                 f"the first message must be an announcement, not {first.WhichOneof('message') or 'empty'}",
             )
-            yield self._reject(f"session from {peer}", f"peer {peer}", [refusal])
+            yield self._reject(f"session from {peer}", f"peer {peer}", [refusal], authz.metric_label(ident))
             return
         ann = codec.node_from_pb(first.announce.node)
         session = _Session(ann.key, peer, self.clock())
+        session.identity = ident
         rejected = self._admit(ann, session)
         if rejected is not None:
             yield rejected
@@ -933,9 +982,16 @@ class Reflector:
             context.set_details(f"PublishRecords from {peer}: the first message must be open, not "
                                 f"{first.WhichOneof('message') or 'empty'}")  # fmt: skip
             return
-        identity = publisher_identity(first.open.identity, context)
         try:
-            session, reclaimed = self.records.open(identity, peer)
+            identity, proven = publisher_identity(first.open.identity, context)
+        except authz.Unauthorized as e:
+            self._reject(f"PublishRecords from {peer} ({e.label})", f"PublishRecords {e.label}",
+                         [admission.Refusal(api.RejectionReason.UNAUTHORIZED, e.text)], e.label)  # fmt: skip
+            context.set_code(grpc.StatusCode.PERMISSION_DENIED)
+            context.set_details(e.text)
+            return
+        try:
+            session, reclaimed = self.records.open(identity, peer, proven=proven)
         except record_store.OpenRefused as e:
             context.set_code(e.code)
             context.set_details(e.text)

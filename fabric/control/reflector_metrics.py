@@ -1,5 +1,5 @@
 """The reflector's Prometheus metrics (``fabric_reflector_*``), collected from its state at each
-scrape: sessions, nodes, generations, deltas and their sizes, rejections by class, planning work,
+scrape: sessions, nodes, generations, deltas and their sizes, rejections by class and identity, planning work,
 fan-out latency, gateway moves, and the add-on records (``fabric_reflector_records_*``: records
 and bytes by kind, publishers, subscribers, refused writes by reason, subscribers cut off,
 records expired).
@@ -14,13 +14,16 @@ from typing import TYPE_CHECKING
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from fabric.control import api
+from fabric.control import api, authz
 
 if TYPE_CHECKING:
     from fabric.control.record_store import RecordStore
     from fabric.control.reflector import Reflector
 
 _log = logging.getLogger(__name__)
+
+#: Never produced here: every refusal has a class.
+_UNSPECIFIED = api.RejectionReason.UNSPECIFIED
 
 
 class MetricsCollector(Collector):
@@ -45,12 +48,18 @@ class MetricsCollector(Collector):
         sent.add_metric(["delta"], sum(x.counters.delta_entries_sent for x in recs))
         yield sent
         rejections = CounterMetricFamily(
-            "fabric_reflector_rejections", "Refusals of announcements, by their class (Rejected.Reason).",
-            labels=["reason"],
+            "fabric_reflector_rejections",
+            "Refusals of announcements and of unauthorized calls, by their class (Rejected.Reason) and the "
+            "client's identity (<role>/<name> of its certificate; 'insecure': a plaintext session).",
+            labels=["reason", "identity"],
         )
-        for cls in api.RejectionReason:
-            if cls is not api.RejectionReason.UNSPECIFIED:  # never produced here: every refusal has a class
-                rejections.add_metric([cls.value], r._rejections_by_reason.get(cls, 0))
+        # Every class is a series from the start (for the plaintext label, so rate() sees the
+        # first refusal); other identities from their first refusal (identities are unbounded
+        # in advance, bounded by what the fabric CA signed).
+        counts = {(cls, authz.INSECURE_LABEL): 0 for cls in api.RejectionReason if cls is not _UNSPECIFIED}
+        counts.update(r._rejections_by)
+        for (cls, label), n in sorted(counts.items()):
+            rejections.add_metric([cls.value, label], n)
         yield rejections
         moves = CounterMetricFamily(
             "fabric_reflector_gateway_moves", "Times the active gateway role moved.", labels=["cluster"]

@@ -1,7 +1,9 @@
 """The gRPC face of the reflector: the ``Fabric`` servicer that hands each RPC to the
 :class:`~fabric.control.reflector.Reflector` (and turns a handler bug into INTERNAL and a crash,
-see "Bugs" there), the one place a record publisher's identity is bound
-(:func:`publisher_identity`), and the listen addresses (``HOST:PORT`` or ``unix:/path``) it binds.
+see "Bugs" there), where each RPC is authorized first (:meth:`Reflector.authorize`, the rules in
+:mod:`~fabric.control.authz`; SyncNode in the reflector, with its announcement), the one place
+a record publisher's identity is bound (:func:`publisher_identity`), and the listen addresses
+(``HOST:PORT`` or ``unix:/path``) it binds.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from fabric.control import codec
+from fabric.control import authz, codec
 from fabric.control.generated import fabric_pb2 as pb
 from fabric.control.generated import fabric_pb2_grpc as pb_grpc
 
@@ -59,6 +61,8 @@ class Servicer(pb_grpc.FabricServicer):  # type: ignore[misc]
     async def GetStatus(
         self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetStatusResponse:
+        if not self._r.authorize(authz.GET_STATUS, context):
+            return pb.GetStatusResponse()
         try:
             return codec.status_to_pb(self._r.status())
         except Exception as e:
@@ -77,7 +81,7 @@ class Servicer(pb_grpc.FabricServicer):  # type: ignore[misc]
     async def WatchTopology(
         self, request: pb.WatchTopologyRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.WatchTopologyResponse]:
-        if self._standby(context):
+        if self._standby(context) or not self._r.authorize(authz.WATCH_TOPOLOGY, context):
             return
         try:
             async for msg in self._r.watch_topology():
@@ -90,7 +94,7 @@ class Servicer(pb_grpc.FabricServicer):  # type: ignore[misc]
     async def PublishRecords(
         self, request_iterator: AsyncIterator[pb.PublishRecordsRequest], context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.PublishRecordsResponse]:
-        if self._standby(context):
+        if self._standby(context) or not self._r.authorize(authz.PUBLISH_RECORDS, context):
             return
         try:
             async for msg in self._r.publish_records(request_iterator, context):
@@ -103,7 +107,7 @@ class Servicer(pb_grpc.FabricServicer):  # type: ignore[misc]
     async def WatchRecords(
         self, request: pb.WatchRecordsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.WatchRecordsResponse]:
-        if self._standby(context):
+        if self._standby(context) or not self._r.authorize(authz.WATCH_RECORDS, context):
             return
         try:
             async for msg in self._r.watch_records(request, context):
@@ -114,15 +118,21 @@ class Servicer(pb_grpc.FabricServicer):  # type: ignore[misc]
             await self._bug(e, "WatchRecords", context)
 
 
-def publisher_identity(declared: str, context: grpc.aio.ServicerContext[Any, Any]) -> str:
-    """The identity a PublishRecords session publishes as: the one place it is bound.
+def publisher_identity(declared: str, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str, bool]:
+    """The identity a PublishRecords session publishes as, and whether a certificate proves it:
+    the one place it is bound.
 
-    Until mutual TLS (issue 20) it is what the publisher declares in its open message: the
-    channel is plaintext and carries no proof. Issue 20 replaces this body with the identity of
-    the client certificate (``context.auth_context()``), refusing a declared identity that
-    differs; everything after it (records stamped with the identity, the publish policy) then
-    rests on the certificate without another change."""
-    return declared
+    With mutual TLS it is the identity of the client certificate; a declared identity that
+    differs (or a role that may not publish) raises :class:`~fabric.control.authz.Unauthorized`
+    (:func:`~fabric.control.authz.publisher_refusal`); an empty declaration means "the
+    certificate's". On a plaintext channel (``--insecure``) it is what the publisher declares
+    in its open message, unproven. Everything after it (records stamped with the identity, the
+    role-to-kinds table for proven ones) rests on this answer."""
+    ident = authz.identify(context)
+    refused = authz.publisher_refusal(ident, declared)
+    if refused is not None:
+        raise authz.Unauthorized(refused, authz.metric_label(ident))
+    return (declared, False) if ident is None else (str(ident), True)
 
 
 

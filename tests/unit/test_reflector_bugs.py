@@ -34,6 +34,9 @@ class _Context:
     def peer(self) -> str:
         return "ipv4:127.0.0.1:40000"
 
+    def auth_context(self) -> dict[str, list[bytes]]:
+        return {}  # plaintext
+
     def set_code(self, code: grpc.StatusCode) -> None:
         self.code = code
 

@@ -93,7 +93,7 @@ def test_every_class_survives_the_wire_and_an_unknown_one_is_unspecified() -> No
 def _rejections(reg: CollectorRegistry) -> dict[str, float]:
     out = {}
     for cls in R:
-        v = reg.get_sample_value("fabric_reflector_rejections_total", {"reason": cls.value})
+        v = reg.get_sample_value("fabric_reflector_rejections_total", {"reason": cls.value, "identity": "insecure"})
         if v is not None:
             out[cls.value] = v
     return out
@@ -132,6 +132,9 @@ class _Context:
     def peer(self) -> str:
         return "ipv4:127.0.0.1:40000"
 
+    def auth_context(self) -> dict[str, list[bytes]]:
+        return {}  # plaintext
+
     def set_code(self, code: Any) -> None:
         self.code = code
 
@@ -150,7 +153,7 @@ def test_a_session_not_starting_with_an_announcement_is_a_protocol_refusal() -> 
         assert [m.WhichOneof("message") for m in out] == ["rejected"]
         assert codec.rejection_reasons_from_pb(out[0].rejected.codes) == (R.PROTOCOL,)
         assert "first message must be an announcement" in out[0].rejected.reason
-        assert reg.get_sample_value("fabric_reflector_rejections_total", {"reason": "protocol"}) == 1
+        assert reg.get_sample_value("fabric_reflector_rejections_total", {"reason": "protocol", "identity": "insecure"}) == 1
 
     asyncio.run(body())
 
@@ -166,7 +169,7 @@ def test_a_node_dropped_by_a_new_configuration_is_told_why() -> None:
             sent.append(session.queue.get_nowait())
         rejected = [m for m in sent if isinstance(m, pb.SyncNodeResponse) and m.WhichOneof("message") == "rejected"]
         assert [codec.rejection_reasons_from_pb(m.rejected.codes) for m in rejected] == [(R.UNKNOWN_CLUSTER,)]
-        assert reg.get_sample_value("fabric_reflector_rejections_total", {"reason": "unknown_cluster"}) == 1
+        assert reg.get_sample_value("fabric_reflector_rejections_total", {"reason": "unknown_cluster", "identity": "insecure"}) == 1
 
     asyncio.run(body())
 

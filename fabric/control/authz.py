@@ -1,0 +1,171 @@
+"""Authorization at the reflector: what a client's proven identity lets it do.
+
+The identity is the one a client certificate proves (:mod:`fabric.control.identity`, read with
+:func:`~fabric.control.identity.of_context`); these rules are pure functions of it and of what the
+client asks, so the reflector's handlers call them and act on the answer (refuse, count, log),
+and the unit tests check them without a channel. A plaintext session (``--insecure``) has no
+identity (None): it keeps the rules that need none (admission, the record limits) and nothing
+here refuses it, because without a certificate a rule would only be a speed bump.
+
+The rules, per RPC (:data:`CALLERS` is the table):
+
+=================  ==================================  =======================================
+RPC                roles that may call it              and then
+=================  ==================================  =======================================
+``SyncNode``       ``node``                            the announcement is the certificate's
+                                                       node: same cluster, same node name
+                                                       (:func:`announcement_refusals`); the
+                                                       rest is admission's (the cluster is a
+                                                       member, pod CIDRs inside it and held by
+                                                       no other node: first holder wins)
+``PublishRecords`` ``tree``, ``scheduler``, ``admin``  the publisher is the certificate's
+                                                       identity (:func:`publisher_refusal`)
+                                                       and publishes only its role's kinds
+                                                       (:func:`kind_refusal`, :data:`KINDS`)
+``WatchRecords``   ``node``, ``tree``, ``scheduler``,  -
+                   ``admin``
+``WatchTopology``  as WatchRecords                     -
+``GetStatus``      every role but ``bootstrap``        ``reader`` sees status only
+=================  ==================================  =======================================
+
+``bootstrap`` may call none of them: its only use is asking for a node certificate (that RPC
+and its rule belong to the certificate exchange). Every refusal is counted by reason and
+identity (``fabric_reflector_rejections_total{reason,identity}``, :func:`metric_label`) and
+logged once per identity and reason (:class:`OnceLog`).
+"""
+
+from __future__ import annotations
+
+from fabric import types
+from fabric.control import admission, api, identity
+from fabric.control.identity import Identity
+
+SYNC_NODE = "SyncNode"
+GET_STATUS = "GetStatus"
+WATCH_TOPOLOGY = "WatchTopology"
+WATCH_RECORDS = "WatchRecords"
+PUBLISH_RECORDS = "PublishRecords"
+
+_READERS = frozenset({identity.NODE, identity.TREE, identity.SCHEDULER, identity.ADMIN})
+
+#: Which roles may call each RPC (see the module docstring).
+CALLERS: dict[str, frozenset[str]] = {
+    SYNC_NODE: frozenset({identity.NODE}),
+    GET_STATUS: _READERS | {identity.READER},
+    WATCH_TOPOLOGY: _READERS,
+    WATCH_RECORDS: _READERS,
+    PUBLISH_RECORDS: frozenset({identity.TREE, identity.SCHEDULER, identity.ADMIN}),
+}
+
+#: Which record kinds each publishing role owns: a kind is ``<group>/<name>`` and a role owns
+#: the kinds of its group (``tree.kosmos.io/leaf-resources`` is the tree's); ``"*"``: every
+#: kind (the operator's own tools). Why groups and not a list of kinds: a role's new kind needs
+#: no change here, and no role can publish into another's group.
+KINDS: dict[str, tuple[str, ...]] = {
+    identity.TREE: ("tree.kosmos.io/",),
+    identity.SCHEDULER: ("scheduler.kosmos.io/",),
+    identity.ADMIN: ("*",),
+}
+
+#: The ``identity`` label of a refusal on a plaintext session, and of a TLS peer whose
+#: certificate names no identity (a certificate of the fabric CA not made for a fabric client).
+INSECURE_LABEL = "insecure"
+UNIDENTIFIED_LABEL = "unidentified"
+
+_R = api.RejectionReason
+
+
+def metric_label(ident: Identity | None) -> str:
+    """The ``identity`` label of a refusal: ``<role>/<name>``, or :data:`INSECURE_LABEL`.
+    Bounded: identities are only what the fabric CA signed."""
+    return INSECURE_LABEL if ident is None else str(ident)
+
+
+def rpc_refusal(ident: Identity | None, rpc: str) -> str | None:
+    """Why ``ident`` may not call ``rpc`` at all (None: it may; a plaintext session may)."""
+    if ident is None:
+        return None
+    allowed = CALLERS[rpc]
+    if ident.role in allowed:
+        return None
+    if ident.role == identity.READER:
+        return f"{ident} may read the status only (GetStatus), not call {rpc}"
+    return f"{ident} may not call {rpc} (role {ident.role!r}; allowed: {', '.join(sorted(allowed))})"
+
+
+def announcement_refusals(ident: Identity | None, ann: types.NodeAnnouncement) -> list[admission.Refusal]:
+    """Why ``ident`` may not announce ``ann`` (empty: it may, as far as identity goes; admission
+    then checks the announcement itself). A certificate of ``node/A/n2`` may announce only
+    node n2 of cluster A: not A's n1 (another agent's node), not a node of cluster B."""
+    refused = rpc_refusal(ident, SYNC_NODE)
+    if refused is not None:
+        return [admission.Refusal(_R.UNAUTHORIZED, refused)]
+    if ident is None or (ident.cluster, ident.node) == (ann.cluster, ann.name):
+        return []
+    return [admission.Refusal(
+        _R.UNAUTHORIZED, f"announcement of node {ann.cluster}/{ann.name} by {ident}: a certificate may announce "
+        f"only its own node ({ident.cluster}/{ident.node})",
+    )]  # fmt: skip
+
+
+def publisher_refusal(ident: Identity | None, declared: str) -> str | None:
+    """Why a PublishRecords session of ``ident`` that declares ``declared`` is refused (None:
+    it publishes as ``ident``, or, on a plaintext session, as ``declared``)."""
+    refused = rpc_refusal(ident, PUBLISH_RECORDS)
+    if refused is not None:
+        return refused
+    if ident is not None and declared and declared != str(ident):
+        return f"PublishRecords of {ident} declares identity {declared!r}: a publisher publishes as its certificate"
+    return None
+
+
+def kind_refusal(publisher: str, kind: str) -> str | None:
+    """Why the proven ``publisher`` (``<role>/<name>``) may not publish ``kind`` (None: it may),
+    by :data:`KINDS`. Applied to sessions of a certificate only (the record store knows which)."""
+    role = publisher.partition("/")[0]
+    owned = KINDS.get(role, ())
+    if "*" in owned or any(kind.startswith(prefix) for prefix in owned):
+        return None
+    if not owned:
+        return f"role {role!r} publishes no kinds"
+    return f"role {role!r} publishes only kinds {', '.join(p + '*' for p in owned)}"
+
+
+class OnceLog:
+    """Which (identity, reason) pairs were logged already: a refusal is logged the first time,
+    then only counted (the metric), so a client retrying a refused request cannot flood the
+    log. Bounded: past ``limit`` pairs it forgets them all (and logs each once more)."""
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self.limit = limit
+        self._seen: set[tuple[str, api.RejectionReason]] = set()
+
+    def first(self, label: str, reason: api.RejectionReason) -> bool:
+        """True the first time ``(label, reason)`` is seen: log it."""
+        key = (label, reason)
+        if key in self._seen:
+            return False
+        if len(self._seen) >= self.limit:
+            self._seen.clear()
+        self._seen.add(key)
+        return True
+
+
+class Unauthorized(Exception):
+    """A request refused by these rules: ``text`` says why, ``label`` is the identity label of
+    the refusal (:func:`metric_label`, or :data:`UNIDENTIFIED_LABEL`)."""
+
+    def __init__(self, text: str, label: str) -> None:
+        self.text = text
+        self.label = label
+        super().__init__(text)
+
+
+def identify(context: object) -> Identity | None:
+    """The peer's identity (:func:`fabric.control.identity.of_context`: None on a plaintext
+    channel); a TLS peer whose certificate names no identity (or several) raises
+    :class:`Unauthorized` saying so."""
+    try:
+        return identity.of_context(context)
+    except ValueError as e:
+        raise Unauthorized(str(e), UNIDENTIFIED_LABEL) from None
