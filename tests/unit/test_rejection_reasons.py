@@ -90,10 +90,14 @@ def test_every_class_survives_the_wire_and_an_unknown_one_is_unspecified() -> No
     assert codec.status_from_pb(codec.status_to_pb(status)) == status
 
 
+#: The identity label of refusals on a plaintext session (no certificate).
+PLAINTEXT = {"identity": "insecure"}
+
+
 def _rejections(reg: CollectorRegistry) -> dict[str, float]:
     out = {}
     for cls in R:
-        v = reg.get_sample_value("fabric_reflector_rejections_total", {"reason": cls.value, "identity": "insecure"})
+        v = reg.get_sample_value("fabric_reflector_rejections_total", {"reason": cls.value, **PLAINTEXT})
         if v is not None:
             out[cls.value] = v
     return out
@@ -153,7 +157,7 @@ def test_a_session_not_starting_with_an_announcement_is_a_protocol_refusal() -> 
         assert [m.WhichOneof("message") for m in out] == ["rejected"]
         assert codec.rejection_reasons_from_pb(out[0].rejected.codes) == (R.PROTOCOL,)
         assert "first message must be an announcement" in out[0].rejected.reason
-        assert reg.get_sample_value("fabric_reflector_rejections_total", {"reason": "protocol", "identity": "insecure"}) == 1
+        assert reg.get_sample_value("fabric_reflector_rejections_total", {"reason": "protocol", **PLAINTEXT}) == 1
 
     asyncio.run(body())
 
@@ -169,7 +173,8 @@ def test_a_node_dropped_by_a_new_configuration_is_told_why() -> None:
             sent.append(session.queue.get_nowait())
         rejected = [m for m in sent if isinstance(m, pb.SyncNodeResponse) and m.WhichOneof("message") == "rejected"]
         assert [codec.rejection_reasons_from_pb(m.rejected.codes) for m in rejected] == [(R.UNKNOWN_CLUSTER,)]
-        assert reg.get_sample_value("fabric_reflector_rejections_total", {"reason": "unknown_cluster", "identity": "insecure"}) == 1
+        labels = {"reason": "unknown_cluster", **PLAINTEXT}
+        assert reg.get_sample_value("fabric_reflector_rejections_total", labels) == 1
 
     asyncio.run(body())
 
