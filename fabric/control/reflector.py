@@ -28,7 +28,10 @@ the node must have. What happens, in order:
    keep their dataplane and reconnect to the new leader); taking it over starts a startup hold
    for the nodes the Cluster statuses list (:meth:`Reflector.set_leader`). Without a Lease the
    reflector always serves.
-2. **Announce.** An agent opens ``SyncNode`` and announces its node. The announcement is validated
+2. **Announce.** An agent opens ``SyncNode`` and announces its node. The announcement is checked
+   against the client certificate's identity (:func:`~fabric.control.authz.announcement_refusals`:
+   a node certificate announces its own node only; the other RPCs are authorized by
+   :meth:`Reflector.authorize`), then validated
    (:func:`~fabric.control.admission.announcement_refusals`). Refused: the reasons are recorded (see
    GetStatus), sent as ``Rejected`` (texts, and the class of each: ``Rejected.Reason``, also the
    label of ``fabric_reflector_rejections_total``) and the stream closed; nothing already
