@@ -483,6 +483,10 @@ class Reflector:
             _log.debug("rejected %s: %s (logged before for %s)", source, reason, label)
         return codec.rejected_message(reason, codes)
 
+    def _unauthorized(self, source: str, ident: str, text: str, label: str) -> pb.SyncNodeResponse:
+        """:meth:`_reject` of one refusal of class UNAUTHORIZED."""
+        return self._reject(source, ident, [admission.Refusal(api.RejectionReason.UNAUTHORIZED, text)], label)
+
     def authorize(self, rpc: str, context: grpc.aio.ServicerContext[Any, Any]) -> bool:
         """May the peer of ``context`` call ``rpc`` at all (authz.rpc_refusal)? If not, the RPC's
         status is set (UNAUTHENTICATED: its certificate names no identity; PERMISSION_DENIED:
@@ -497,8 +501,7 @@ class Reflector:
         if why is None:
             return True
         peer = peer_name(context.peer())
-        self._reject(f"{rpc} from {peer} ({label})", f"{rpc} {label}",
-                     [admission.Refusal(api.RejectionReason.UNAUTHORIZED, why)], label)  # fmt: skip
+        self._unauthorized(f"{rpc} from {peer} ({label})", f"{rpc} {label}", why, label)
         context.set_code(code)
         context.set_details(why)
         return False
@@ -888,8 +891,7 @@ class Reflector:
         try:
             ident = authz.identify(context)
         except authz.Unauthorized as e:
-            refusal = admission.Refusal(api.RejectionReason.UNAUTHORIZED, e.text)
-            yield self._reject(f"session from {peer}", f"peer {peer}", [refusal], e.label)
+            yield self._unauthorized(f"session from {peer}", f"peer {peer}", e.text, e.label)
             return
         if first.WhichOneof("message") != "announce":
             refusal = admission.Refusal(
@@ -988,8 +990,7 @@ class Reflector:
         try:
             identity, proven = publisher_identity(first.open.identity, context)
         except authz.Unauthorized as e:
-            self._reject(f"PublishRecords from {peer} ({e.label})", f"PublishRecords {e.label}",
-                         [admission.Refusal(api.RejectionReason.UNAUTHORIZED, e.text)], e.label)  # fmt: skip
+            self._unauthorized(f"PublishRecords from {peer} ({e.label})", f"PublishRecords {e.label}", e.text, e.label)
             context.set_code(grpc.StatusCode.PERMISSION_DENIED)
             context.set_details(e.text)
             return
@@ -1028,7 +1029,12 @@ class Reflector:
                     end_reason = f"PublishRecords of {identity} from {peer}: a second open in one session"
                     context.set_details(end_reason)
                     break
-                yield self.records.apply(session, req)
+                ack = self.records.apply(session, req)
+                if ack.ack.refused == pb.RecordRefusal.REASON_POLICY:  # a kind not its own: authorization
+                    label = identity if proven else authz.INSECURE_LABEL
+                    self._unauthorized(f"PublishRecords of {identity} from {peer}", f"PublishRecords {label}",
+                                       ack.ack.reason, label)  # fmt: skip
+                yield ack
         finally:
             ending.cancel()
             self.records.session_ended(session, end_reason)

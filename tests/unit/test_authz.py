@@ -345,6 +345,18 @@ def test_watches_are_for_agents_and_add_ons_not_readers(ident: Identity | None, 
     asyncio.run(body())
 
 
+def test_a_certificate_without_an_identity_is_unauthenticated() -> None:
+    async def body() -> None:
+        refl, reg = _reflector()
+        ctx = _Context(None, uris=[])
+        assert await _first(reflector_service.Servicer(refl).WatchTopology(pb.WatchTopologyRequest(), ctx)) == []
+        assert ctx.code == grpc.StatusCode.UNAUTHENTICATED
+        assert "stray: expected exactly one kosmos-fabric: URI" in ctx.details
+        assert _count(reg, "unauthorized", "unidentified") == 1
+
+    asyncio.run(body())
+
+
 @pytest.mark.parametrize(
     ("ident", "allowed"), [(identity.role("reader", "ops"), True), (identity.role("bootstrap", "east"), False)]
 )
@@ -411,6 +423,8 @@ def test_a_publisher_is_its_certificate_and_publishes_only_its_kinds() -> None:
         no = await pub.put("scheduler.kosmos.io/quota")
         assert no is not None and codec.record_refusal_from_pb(no.ack.refused) is api.RecordRefusalReason.POLICY
         assert "role 'tree' publishes only kinds tree.kosmos.io/*" in no.ack.reason
+        assert _count(reg, "unauthorized", "tree/root-a") == 2  # the declaration, then this put
+        assert any("may not publish kind 'scheduler.kosmos.io/quota'" in r.reason for r in refl.status().rejections)
         await pub.close()
         # Plaintext: declared, unproven, any kind (as before; the extra policy hook still applies).
         plain = _Publisher(refl, _Context(None), "tree/root-c")
