@@ -148,7 +148,8 @@ class _Context:
 
 
 def _reflector() -> tuple[reflector.Reflector, CollectorRegistry]:
-    refl = reflector.Reflector(CONFIG, grace_period=5, keepalive_interval=1, startup_hold=0)
+    # Agents here send no keepalives: a long interval keeps their sessions up on a slow machine.
+    refl = reflector.Reflector(CONFIG, grace_period=5, keepalive_interval=30, startup_hold=0)
     reg = CollectorRegistry()
     reg.register(refl.collector())
     return refl, reg
@@ -249,6 +250,7 @@ def test_hijack_attempts_change_no_other_agents_plan() -> None:
         e1, w1 = _Agent(refl, E1, _Context(NODE_E1)), _Agent(refl, W1, _Context(identity.node("west", "w1")))
         await e1.synced()
         await w1.synced()
+        await wait_until_async(lambda: refl._flush_handle is None, 5, "the joins to be flushed")
         sessions = {k: rec.session for k, rec in refl._nodes.items()}
         plans = {k: refl._planner.state(k) for k in refl._nodes}
         versions = {k: rec.planned_version for k, rec in refl._nodes.items()}
