@@ -257,8 +257,8 @@ class CA:
         lifetime: datetime.timedelta = DEFAULT_SERVER_LIFETIME,
         now: datetime.datetime | None = None,
     ) -> x509.Certificate:
-        """A reflector server certificate for its DNS names and IPs (plus :data:`SERVICE_NAME`
-        and ``localhost``, the name gRPC checks for a unix socket target), serverAuth only."""
+        """A reflector server certificate for its DNS names and IPs (plus :data:`SERVICE_NAME`,
+        the name clients check on a unix socket, and ``localhost``), serverAuth only."""
         dns = list(dict.fromkeys([SERVICE_NAME, "localhost", *dns_names]))
         names: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
         for ip in dict.fromkeys(ips):

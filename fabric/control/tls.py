@@ -209,6 +209,9 @@ def server_credentials(d: TLSDir) -> grpc.ServerCredentials:
 # Clients
 # --------------------------------------------------------------------------------------------
 
+#: The channel argument naming the host the server certificate must carry.
+_NAME_OVERRIDE = "grpc.ssl_target_name_override"
+
 _reported: dict[Path, str | None] = {}
 _reported_lock = threading.Lock()
 
@@ -253,8 +256,9 @@ def channel(
     """A channel to the reflector at ``target``: mutual TLS with ``tls``, plaintext with None;
     an asyncio channel, or a blocking one with ``sync``. With TLS, checks this process's
     certificate first (:func:`check_own`: logs what is wrong, connects anyway, since the file
-    may be replaced before the handshake and the server decides). A unix socket target is
-    checked against the server certificate's ``localhost`` name (gRPC's authority for it)."""
+    may be replaced before the handshake and the server decides). A unix socket target has no
+    host name to check: the server certificate must name :data:`~fabric.control.pki.SERVICE_NAME`
+    (every one :meth:`~fabric.control.pki.CA.sign_server` makes does)."""
     opts = list(options or ())
     if tls is None:
         return grpc.insecure_channel(target, options=opts) if sync else grpc.aio.insecure_channel(target, options=opts)
@@ -266,6 +270,8 @@ def channel(
         # logged by check_own; the caller's retry loop picks the files up once they are there.
         _log.debug("%s", e)
         creds = grpc.ssl_channel_credentials()
+    if target.startswith("unix:") and not any(k == _NAME_OVERRIDE for k, _ in opts):
+        opts.append((_NAME_OVERRIDE, pki.SERVICE_NAME))
     if sync:
         return grpc.secure_channel(target, creds, options=opts)
     return grpc.aio.secure_channel(target, creds, options=opts)
@@ -280,7 +286,7 @@ def explain_failure(tls: TLSDir | None, code: grpc.StatusCode | None, details: s
     problem = check_own(tls)
     if problem is not None:
         return f" (our client certificate is not acceptable: {problem})"
-    if "CERTIFICATE_VERIFY_FAILED" in details or "is not in peer certificate" in details:
+    if any(s in details for s in ("CERTIFICATE_VERIFY_FAILED", "is not in peer certificate", "Hostname Verification")):
         return (f" (this side refused the reflector's server certificate: it is not signed by the CA in {tls.ca}, "
                 "has expired, or does not name the address dialled)")  # fmt: skip
     if "Socket closed" in details or "andshake" in details or "SSL" in details or "certificate" in details:

@@ -124,6 +124,24 @@ def test_agent_publisher_watcher_and_status_with_good_certificates(fabric_pki: P
     run(body())
 
 
+def test_unix_socket_listener_with_tls(fabric_pki: PKI, tmp_path: Path) -> None:
+    """A unix socket target has no host name: the client checks pki.SERVICE_NAME, which every
+    server certificate carries (pki.CA.sign_server)."""
+    reader_dir = fabric_pki.client("reader", identity.role("reader", "ops"))
+    sock = tmp_path / "r.sock"
+
+    async def body() -> None:
+        refl = reflector.Reflector(CONFIG, grace_period=0.3, keepalive_interval=KEEPALIVE, startup_hold=0)
+        (target,) = await refl.start([f"unix:{sock}"], tls.server_credentials(fabric_pki.server()))
+        try:
+            assert target == f"unix:{sock}"
+            assert await client.get_status(target, tls_dir=reader_dir) is not None
+        finally:
+            await refl.stop(0)
+
+    run(body())
+
+
 # --------------------------------------------------------------------------------------------
 # Refused, and what the client says
 # --------------------------------------------------------------------------------------------
