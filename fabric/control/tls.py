@@ -280,8 +280,13 @@ def channel(
 def explain_failure(tls: TLSDir | None, code: grpc.StatusCode | None, details: str) -> str:
     """What to add to an RPC failure's message: with TLS and an UNAVAILABLE failure (how a
     refused handshake ends), why our own certificate is not acceptable, or that it is and the
-    reflector may trust another CA; "" otherwise."""
-    if tls is None or code not in (grpc.StatusCode.UNAVAILABLE, None):
+    reflector may trust another CA; without TLS, that a TLS reflector refuses plaintext so;
+    "" otherwise."""
+    if code not in (grpc.StatusCode.UNAVAILABLE, None):
+        return ""
+    if tls is None:
+        if "Socket closed" in details:
+            return " (if the reflector requires mutual TLS, this is how it refuses a plaintext client: pass --tls-dir)"
         return ""
     problem = check_own(tls)
     if problem is not None:

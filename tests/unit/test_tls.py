@@ -196,11 +196,9 @@ def test_no_client_certificate_is_refused(fabric_pki: PKI) -> None:
                 with pytest.raises(grpc.aio.AioRpcError) as exc:
                     await pb_grpc.FabricStub(ch).GetStatus(pb.GetStatusRequest(), timeout=5.0)
             assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
-            # A plaintext client does not get in either.
-            async with grpc.aio.insecure_channel(target) as ch:
-                with pytest.raises(grpc.aio.AioRpcError) as exc:
-                    await pb_grpc.FabricStub(ch).GetStatus(pb.GetStatusRequest(), timeout=5.0)
-            assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
+            # A plaintext client does not get in either, and is told what to pass.
+            with pytest.raises(client.ReflectorUnavailable, match=r"requires mutual TLS.*pass --tls-dir"):
+                await client.get_status(target, timeout=5.0, tls_dir=None)
 
     run(body())
 
@@ -360,3 +358,17 @@ def test_processes_refuse_to_start_without_tls_material(capsys: pytest.CaptureFi
     assert "no TLS material" in capsys.readouterr().err
     assert tree_main.main(["--master", "http://127.0.0.1:1", "--reflector", "127.0.0.1:1"]) == 2
     assert "kosmos-tree: --reflector: no TLS material" in capsys.readouterr().err
+
+
+def test_agent_configuration_takes_tls_dir_and_insecure_from_flags_or_environment() -> None:
+    from fabric.agent import config
+
+    base = ["--reflector", "10.0.0.1:4880", "--cluster", "east", "--node", "e1", "--underlay-ip", "198.18.0.11",
+            "--pod-cidr", "10.10.1.0/24"]  # fmt: skip
+    assert config.load([*base, "--tls-dir", "/etc/tls"], environ={}).tls_dir == "/etc/tls"
+    assert config.load(base, environ={"FABRIC_TLS_DIR": "/etc/tls"}).tls_dir == "/etc/tls"
+    assert config.load([*base, "--insecure"], environ={}).insecure
+    assert config.load(base, environ={"FABRIC_INSECURE": "true"}).insecure
+    assert not config.load(base, environ={}).insecure
+    with pytest.raises(config.ConfigError, match="FABRIC_INSECURE"):
+        config.load(base, environ={"FABRIC_INSECURE": "maybe"})
