@@ -20,8 +20,8 @@ from typing import Any
 
 from fabric import logs
 from fabric.cli_types import positive_seconds
-from fabric.control import api
-from tools import lab
+from fabric.control import api, tls
+from tools import certs, lab
 
 _log = logging.getLogger(__name__)
 
@@ -240,12 +240,15 @@ def build_parser() -> argparse.ArgumentParser:
         "status",
         help="ask a reflector for its topology, sessions, versions and rejections",
         epilog="examples:\n  fabric-tool status                       the default lab's reflector\n"
-        "  fabric-tool status --reflector 10.0.0.5:4880\n  fabric-tool status --reflector unix:/run/r.sock --json",
+        "  fabric-tool status --reflector 10.0.0.5:4880 --tls-dir ./status-tls   (a reader/<name> certificate)\n"
+        "  fabric-tool status --reflector unix:/run/r.sock --insecure --json",
         formatter_class=_Formatter,
     )
     ss.add_argument("--reflector", metavar="TARGET", help="host:port or unix:PATH (default: the lab's reflector)")
     ss.add_argument("--lab", type=_lab_name, default=lab.DEFAULT_NAME, help=f"lab name (default {lab.DEFAULT_NAME})")
     ss.add_argument("--json", action="store_true", help="machine-readable output")
+    tls.add_flags(ss, "a client certificate, e.g. reader/<name>; with --reflector, this or --insecure is required; "
+                  "the lab's reflector: the lab's own transport")
     ss.add_argument("--timeout", type=positive_seconds, default=5.0, help="seconds (default 5)")
 
     # -- records (read-only) ----------------------------------------------------------------
@@ -258,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  fabric-tool records                              every kind, the default lab's reflector\n"
         "  fabric-tool records --kind tree.kosmos.io/free\n"
         "  fabric-tool records --kind tree.kosmos.io/free --publisher tree/root-a --json\n"
-        "  fabric-tool records --reflector 10.0.0.5:4880",
+        "  fabric-tool records --reflector 10.0.0.5:4880 --tls-dir ./tree-tls",
         formatter_class=_Formatter,
     )
     rp.add_argument("--kind", default="", help="only records of this kind (default: every kind)")
@@ -266,9 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--reflector", metavar="TARGET", help="host:port or unix:PATH (default: the lab's reflector)")
     rp.add_argument("--lab", type=_lab_name, default=lab.DEFAULT_NAME, help=f"lab name (default {lab.DEFAULT_NAME})")
     rp.add_argument("--json", action="store_true", help="machine-readable output (data as text, or base64)")
+    tls.add_flags(rp, "a client certificate; with --reflector, this or --insecure is required; the lab's "
+                  "reflector: the lab's own transport")
     rp.add_argument("--width", type=_positive_int, default=60, help="characters of data shown per record (default 60)")
     rp.add_argument("--timeout", type=positive_seconds, default=5.0, help="seconds (default 5)")
 
+    certs.add_parsers(sub, _Formatter)
     _add_install_parsers(sub)
     _add_pending_parser(sub)
 
@@ -298,6 +304,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _status(args)
         if args.command == "records":
             return _records(args)
+        if args.command in ("ca", "cert"):
+            return certs.run(args)
         if args.command == "diagnose":
             return _diagnose(args)
         if args.command in ("install", "uninstall", "join", "unjoin"):
@@ -600,11 +608,24 @@ def _reflector_target(args: argparse.Namespace) -> str:
     return f"unix:{state.reflector_socket}"
 
 
+def _transport(args: argparse.Namespace) -> tls.TLSDir | None:
+    """--tls-dir or --insecure; one of them with --reflector (secure by default). The lab's own
+    reflector (no --reflector) is reached as the lab serves it: plaintext until the lab's
+    bootstrap makes it secure, or with the --tls-dir given."""
+    try:
+        if args.reflector is None and not args.tls_dir:
+            return None
+        return tls.from_args(args)
+    except tls.TLSError as e:
+        raise lab.LabUsageError(str(e)) from None
+
+
 def _status(args: argparse.Namespace) -> int:
     target = _reflector_target(args)
+    tls_dir = _transport(args)
     client = lab.status_client()
     try:
-        status = client.get_status_sync(target, args.timeout)
+        status = client.get_status_sync(target, args.timeout, tls_dir)
     except Exception as e:  # a remote failure is reported, whatever its type
         print(f"fabric-tool: error: reflector {target} did not answer: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
@@ -653,13 +674,14 @@ def render_records(target: str, listing: Any, width: int) -> str:
 
 def _records(args: argparse.Namespace) -> int:
     target = _reflector_target(args)
+    tls_dir = _transport(args)
     try:
         records_client = importlib.import_module("fabric.control.records")
     except ImportError as e:
         raise lab.LabError(f"the control-channel client (fabric.control.records) is not available: {e}. "
                            "Run ./dev.sh setup (it also generates the gRPC stubs).") from e  # fmt: skip
     try:
-        listing = records_client.list_records_sync(target, args.kind, args.publisher, args.timeout)
+        listing = records_client.list_records_sync(target, args.kind, args.publisher, args.timeout, tls_dir)
     except Exception as e:  # a remote failure is reported, whatever its type
         print(f"fabric-tool: error: reflector {target} did not list records: {type(e).__name__}: {e}",
               file=sys.stderr)  # fmt: skip

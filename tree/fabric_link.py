@@ -44,7 +44,7 @@ import threading
 from collections.abc import Callable, Mapping
 
 from fabric.backoff import Backoff
-from fabric.control import api
+from fabric.control import api, tls
 from fabric.control.client import ReflectorUnavailable, TopologyWatcher, get_status
 from fabric.control.codec import DecodeError
 from fabric.control.records import RecordPublisher, RecordsRefused
@@ -71,8 +71,10 @@ class FabricLink:
 
     def __init__(self, target: str, root_id: str, fabric_cluster: str | None, *, poll_period: float = 10.0,
                  status_timeout: float = 5.0, backoff: tuple[float, float] = (0.2, 5.0),
-                 startup_wait: float = 30.0) -> None:
+                 startup_wait: float = 30.0, tls_dir: tls.TLSDir | None = None) -> None:
         self.target = target
+        #: Mutual TLS material (None: plaintext, ``--insecure``).
+        self.tls = tls_dir
         self.identity = identity(root_id)
         self.fabric_cluster = fabric_cluster
         self.poll_period = poll_period
@@ -129,7 +131,7 @@ class FabricLink:
         self._closing = asyncio.Event()
         self._refresh_now = asyncio.Event()
         self._all_in = asyncio.Event()
-        self.publisher = RecordPublisher(self.target, self.identity, backoff=self.backoff)
+        self.publisher = RecordPublisher(self.target, self.identity, backoff=self.backoff, tls_dir=self.tls)
         self._ready.set()
         tasks = [asyncio.create_task(self._publish())]
         if self.fabric_cluster:
@@ -221,7 +223,7 @@ class FabricLink:
 
     async def _refresh(self) -> None:
         try:
-            status = await get_status(self.target, timeout=self.status_timeout)
+            status = await get_status(self.target, timeout=self.status_timeout, tls_dir=self.tls)
         except ReflectorUnavailable as e:
             _log.debug("GetStatus: %s; the last answer stands", e)
             return
@@ -250,7 +252,7 @@ class FabricLink:
         assert self._refresh_now is not None
         backoff = Backoff(*self.backoff)
         while True:
-            watcher = TopologyWatcher(self.target)
+            watcher = TopologyWatcher(self.target, self.tls)
             synced = False
             try:
                 async for event in watcher:

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 from fabric import health, logs
 from fabric.cli_types import boolean, grpc_target, positive_seconds
+from fabric.control import tls
 from scheduler.kube import Api, connect, resource_path
 from tree import forge
 from tree.fabric_link import FabricLink
@@ -90,8 +91,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pod-workers", type=int, default=8,
                    help="pods of one leaf synced at once (default 8; each leaf has its own)")
     p.add_argument("--reflector", type=grpc_target, metavar="TARGET",
-                   help="gRPC target of fabric-reflector, HOST:PORT or unix:/path (plaintext, as the agent's); "
-                        "absent: no add-on records, no NetworkUnavailable")
+                   help="gRPC target of fabric-reflector, HOST:PORT or unix:/path (mutual TLS with --tls-dir, "
+                        "plaintext with --insecure); absent: no add-on records, no NetworkUnavailable")
+    tls.add_flags(p, "client certificate of identity tree/<root id>; needed with --reflector")
     p.add_argument("--fabric-cluster", metavar="NAME",
                    help="the root cluster's name in the fabric: NetworkUnavailable of each virtual node says "
                         "whether the fabric reaches its leaf from there (needs --reflector)")
@@ -139,6 +141,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("kosmos-tree: --fabric-cluster needs --reflector (the fabric's reachability comes from it)",
               file=sys.stderr)
         return 2
+    tls_dir = None
+    if args.reflector:
+        try:
+            tls_dir = tls.from_args(args)
+        except tls.TLSError as e:
+            print(f"kosmos-tree: --reflector: {e}", file=sys.stderr)
+            return 2
     if bool(args.kubelet_cert) != bool(args.kubelet_key) or (args.kubelet_client_ca and not args.kubelet_cert):
         print("kosmos-tree: --kubelet-cert and --kubelet-key go together, and --kubelet-client-ca needs them",
               file=sys.stderr)
@@ -169,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     link = None
     if args.reflector:
         link = FabricLink(args.reflector, rid, args.fabric_cluster, poll_period=args.fabric_status_period,
-                          startup_wait=args.resync_period)
+                          startup_wait=args.resync_period, tls_dir=tls_dir)
         _log.info("add-on records to the reflector at %s as %s (kind %s); NetworkUnavailable %s", args.reflector,
                   link.identity, forge.RECORD_KIND,
                   f"from the fabric's view of cluster {args.fabric_cluster}" if args.fabric_cluster

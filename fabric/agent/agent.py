@@ -56,6 +56,7 @@ from fabric.agent import render, xlate_metrics
 from fabric.agent import translator as translator_mod
 from fabric.backoff import Backoff
 from fabric.control import client as control_client
+from fabric.control import tls
 from fabric.netlink import dataplane as dataplane_mod
 from fabric.netlink import events as events_mod
 from fabric.netlink import neighbours as neighbours_mod
@@ -140,6 +141,7 @@ class Agent(control_client.SessionHandler):
             config_mod.announcement(cfg, self.underlay.mtu),
             self,
             keepalive_interval=cfg.keepalive_interval_s,
+            tls_dir=tls.TLSDir(Path(cfg.tls_dir)) if cfg.tls_dir else None,
         )
         self._pending = _Pending()
         self._wake = asyncio.Event()
@@ -567,6 +569,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fabric-agent: {e}", file=sys.stderr)
         return 2
     logs.setup(cfg.log_level)
+    if not cfg.cleanup:
+        try:
+            tls.announce(tls.choose(cfg.tls_dir, cfg.insecure))
+        except tls.TLSError as e:
+            print(f"fabric-agent: {e} (env: FABRIC_TLS_DIR, FABRIC_INSECURE)", file=sys.stderr)
+            return 2
     dp = dataplane_mod.KernelDataplane()
     if cfg.cleanup:
         # Translator first (its filters hang off our links), then every netlink object.

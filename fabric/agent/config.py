@@ -56,6 +56,10 @@ class AgentConfig:
     #: The Cluster's ``nicNodeNames`` as ``(node, interface)`` pairs; this node's entry wins
     #: over ``underlay_interface``.
     nic_overrides: tuple[tuple[str, str], ...] = ()
+    #: Mutual TLS to the reflector: a directory with tls.crt, tls.key, ca.crt (fabric.control.tls).
+    tls_dir: str = ""
+    #: Plaintext to the reflector instead (explicit; ``main`` refuses to start with neither).
+    insecure: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +117,12 @@ def _abs_path(text: str) -> str:
     return os.path.normpath(text)
 
 
+def _dir(text: str) -> str:
+    if not text or "\0" in text:
+        raise ValueError("must be a directory path")
+    return text
+
+
 def _level(text: str) -> str:
     return logs.parse_level(text)
 
@@ -160,6 +170,8 @@ PARAMS: tuple[_Param, ...] = (
     _Param("nic_overrides", "--nic-override", "with --in-cluster: NODE=IFNAME, the underlay interface of one node, "
            "winning over --underlay-interface (repeatable; env: comma-separated; the Cluster's nicNodeNames)",
            nodeinfo.parse_nic_override, repeat=True),
+    _Param("tls_dir", "--tls-dir", "mutual TLS to the reflector: DIR holds tls.crt (this node's client certificate, "
+           "identity node/<cluster>/<node>), tls.key and ca.crt (the fabric CA); required unless --insecure", _dir),
 )
 
 
@@ -188,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(InternalIP addresses, spec.podCIDRs) when not given; for the DaemonSet")
     p.add_argument("--kubeconfig", default="", metavar="FILE",
                    help="with --in-cluster: use FILE instead of the pod's service account")
+    p.add_argument("--insecure", action="store_true",
+                   help="plaintext, unauthenticated session to the reflector instead of --tls-dir (tests, the lab "
+                   "until its bootstrap is secure); logs a warning (env: FABRIC_INSECURE=true)")
     p.add_argument("--cleanup", action="store_true",
                    help="remove every link, route, nexthop, rule, neighbour and FDB entry the fabric owns, and the "
                    "translator's tc filters (and, given --cluster and --node, its pinned maps), then exit")
@@ -239,6 +254,13 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     values["cleanup"] = cleanup
     values["in_cluster"] = in_cluster
     values["kubeconfig"] = ns.kubeconfig
+    values["insecure"] = bool(ns.insecure)
+    if not ns.insecure and "FABRIC_INSECURE" in env:
+        try:
+            values["insecure"] = cli_types.boolean(env["FABRIC_INSECURE"])
+        except (ValueError, argparse.ArgumentTypeError) as e:
+            raise ConfigError(f"--insecure: invalid value {env['FABRIC_INSECURE']!r} from environment variable "
+                              f"FABRIC_INSECURE: {e}") from None
     cfg = AgentConfig(**values)
     if cfg.underlay_ip6:
         if ipaddress.ip_address(cfg.underlay_ip6).version != 6:

@@ -35,7 +35,7 @@ import grpc
 
 from fabric import types
 from fabric.backoff import Backoff
-from fabric.control import api, codec
+from fabric.control import api, codec, tls
 from fabric.control.generated import fabric_pb2 as pb
 from fabric.control.generated import fabric_pb2_grpc as pb_grpc
 
@@ -279,6 +279,7 @@ class AgentSession:
         *,
         keepalive_interval: float = 2.0,
         backoff: tuple[float, float] = (0.2, 5.0),
+        tls_dir: tls.TLSDir | None = None,
     ) -> None:
         if keepalive_interval <= 0:
             raise ValueError(f"keepalive_interval must be positive, got {keepalive_interval}")
@@ -287,6 +288,8 @@ class AgentSession:
         #: Paces reconnections (see fabric.backoff); reset by a session that got its snapshot.
         self._backoff = Backoff(*backoff)
         self.target = target
+        #: Mutual TLS material (None: plaintext, ``--insecure``).
+        self.tls = tls_dir
         self.announcement = announcement
         self.handler = handler
         self.keepalive_interval = keepalive_interval
@@ -323,7 +326,7 @@ class AgentSession:
             except _SessionEnded as e:
                 reason = str(e)
             except grpc.aio.AioRpcError as e:
-                reason = f"{e.code().name}: {e.details()}"
+                reason = f"{e.code().name}: {e.details()}{tls.explain_failure(self.tls, e.code(), e.details() or '')}"
             except asyncio.CancelledError:
                 if not closed_the_call(self._closed):
                     raise
@@ -383,7 +386,7 @@ class AgentSession:
         """One session, until it fails (raises) or the reflector ends the stream."""
         outbox: asyncio.Queue[pb.SyncNodeRequest | None] = asyncio.Queue()
         self._outbox = outbox
-        self._channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+        self._channel = tls.channel(self.target, self.tls, options=CHANNEL_OPTIONS)
         stub = pb_grpc.FabricStub(self._channel)
         self._call = call = stub.SyncNode(self._requests(outbox))
         ticker = asyncio.create_task(self._keepalives(outbox))
@@ -452,30 +455,32 @@ class AgentSession:
 # --------------------------------------------------------------------------------------------
 
 
-def unavailable_error(target: str, e: grpc.RpcError) -> ReflectorUnavailable:
-    """``e`` (a failed call to the reflector at ``target``) as :class:`ReflectorUnavailable`."""
+def unavailable_error(target: str, e: grpc.RpcError, tls_dir: tls.TLSDir | None = None) -> ReflectorUnavailable:
+    """``e`` (a failed call to the reflector at ``target``) as :class:`ReflectorUnavailable`;
+    with TLS, a refused handshake's reason as far as this side can tell (:func:`tls.explain_failure`)."""
     code = e.code() if hasattr(e, "code") else None
     details = e.details() if hasattr(e, "details") else str(e)
-    return ReflectorUnavailable(target, f"{code.name if code else 'error'}: {details}")
+    why = tls.explain_failure(tls_dir, code, details or "")
+    return ReflectorUnavailable(target, f"{code.name if code else 'error'}: {details}{why}")
 
 
-async def get_status(target: str, timeout: float = 5.0) -> api.FabricStatus:
+async def get_status(target: str, timeout: float = 5.0, tls_dir: tls.TLSDir | None = None) -> api.FabricStatus:
     """The reflector's status; raises :class:`ReflectorUnavailable` on any failure."""
-    async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
+    async with tls.channel(target, tls_dir, options=CHANNEL_OPTIONS) as channel:
         try:
             resp = await pb_grpc.FabricStub(channel).GetStatus(pb.GetStatusRequest(), timeout=timeout)
         except grpc.aio.AioRpcError as e:
-            raise unavailable_error(target, e) from e
+            raise unavailable_error(target, e, tls_dir) from e
     return codec.status_from_pb(resp)
 
 
-def get_status_sync(target: str, timeout: float = 5.0) -> api.FabricStatus:
-    """Blocking :func:`get_status` for CLI tools (uses a plain channel, no event loop)."""
-    with grpc.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
+def get_status_sync(target: str, timeout: float = 5.0, tls_dir: tls.TLSDir | None = None) -> api.FabricStatus:
+    """Blocking :func:`get_status` for CLI tools (a blocking channel, no event loop)."""
+    with tls.channel(target, tls_dir, options=CHANNEL_OPTIONS, sync=True) as channel:
         try:
             resp = pb_grpc.FabricStub(channel).GetStatus(pb.GetStatusRequest(), timeout=timeout)
         except grpc.RpcError as e:
-            raise unavailable_error(target, e) from e
+            raise unavailable_error(target, e, tls_dir) from e
     return codec.status_from_pb(resp)
 
 
@@ -513,8 +518,9 @@ class TopologyWatcher:
     breaks, and the add-on starts a new watcher, which begins with a fresh snapshot.
     """
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, tls_dir: tls.TLSDir | None = None) -> None:
         self.target = target
+        self.tls = tls_dir
         self._channel: grpc.aio.Channel | None = None
         self._call: Any = None
 
@@ -522,7 +528,7 @@ class TopologyWatcher:
         return self._events()
 
     async def _events(self) -> AsyncIterator[TopologyEvent]:
-        self._channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+        self._channel = tls.channel(self.target, self.tls, options=CHANNEL_OPTIONS)
         try:
             self._call = pb_grpc.FabricStub(self._channel).WatchTopology(pb.WatchTopologyRequest())
             try:
@@ -539,7 +545,7 @@ class TopologyWatcher:
                     )
             except grpc.aio.AioRpcError as e:
                 if e.code() != grpc.StatusCode.CANCELLED:
-                    raise unavailable_error(self.target, e) from e
+                    raise unavailable_error(self.target, e, self.tls) from e
         finally:
             await self.close()
 

@@ -117,15 +117,19 @@ class _HasAuthContext(Protocol):
 
 
 #: gRPC's auth-context properties that list a peer certificate's URI names: ``peer_uri`` in
-#: current gRPC core, and every subject alternative name under ``x509_subject_alternative_name``.
+#: current gRPC core, and every subject alternative name under ``x509_subject_alternative_name``
+#: (both checked with a real handshake in grpc 1.85: tests/unit/test_tls.py).
 _URI_PROPERTIES = ("peer_uri", "x509_subject_alternative_name")
+#: The only TLS version a fabric session may use (the auth context's ``ssl_tls_version``).
+TLS_VERSION = "TLSv1.3"
 
 
 def of_context(context: _HasAuthContext | Any) -> Identity | None:
     """The identity of an RPC's peer, from its verified client certificate; None on a plaintext
     channel. A TLS peer whose certificate carries no identity URI, or more than one, raises
     ValueError (the server requires client certificates, so such a peer holds a certificate of
-    the fabric CA that was not made for a fabric client: a configuration error to name)."""
+    the fabric CA that was not made for a fabric client: a configuration error to name), and so
+    does a session below TLS 1.3."""
     auth = context.auth_context()
     if b"ssl" not in auth.get("transport_security_type", ()):
         return None
@@ -135,6 +139,11 @@ def of_context(context: _HasAuthContext | Any) -> Identity | None:
             value = raw.decode("utf-8", "replace")
             if value.startswith(URI_PREFIX):
                 uris.add(value)
+    version = b"".join(auth.get("ssl_tls_version", ())).decode("ascii", "replace")
+    if version and version != TLS_VERSION:
+        # gRPC's SSL credentials cannot pin the handshake to TLS 1.3 (fabric.control.tls says
+        # why); two fabric processes always negotiate it, so an older session is a foreign peer.
+        raise ValueError(f"client session uses {version}; the fabric requires {TLS_VERSION}")
     if len(uris) != 1:
         subject = b", ".join(auth.get("x509_subject", ()) or auth.get("x509_common_name", ())).decode(
             "utf-8", "replace"

@@ -47,7 +47,7 @@ from typing import Any
 import grpc
 
 from fabric.backoff import Backoff
-from fabric.control import api, codec
+from fabric.control import api, codec, tls
 from fabric.control.client import (
     CHANNEL_OPTIONS,
     ProtocolViolation,
@@ -88,10 +88,10 @@ def _check_backoff(backoff: tuple[float, float]) -> Backoff:
     return Backoff(*backoff)
 
 
-def _ended(e: grpc.aio.AioRpcError, what: str) -> str:
+def _ended(e: grpc.aio.AioRpcError, what: str, tls_dir: tls.TLSDir | None) -> str:
     if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
         raise RecordsRefused(f"{what}: {e.details()}") from e
-    return f"{e.code().name}: {e.details()}"
+    return f"{e.code().name}: {e.details()}{tls.explain_failure(tls_dir, e.code(), e.details() or '')}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,8 +109,11 @@ class RecordPublisher:
         *,
         backoff: tuple[float, float] = (0.2, 5.0),
         on_refused: Callable[[WriteRefusal], None] | None = None,
+        tls_dir: tls.TLSDir | None = None,
     ) -> None:
         self.target = target
+        #: Mutual TLS material (None: plaintext, ``--insecure``).
+        self.tls = tls_dir
         self.identity = identity
         self.on_refused = on_refused
         self._backoff = _check_backoff(backoff)
@@ -178,7 +181,7 @@ class RecordPublisher:
                 await self._run_once()
                 reason = "reflector ended the session"
             except grpc.aio.AioRpcError as e:
-                reason = _ended(e, f"PublishRecords of {self.identity} to {self.target}")
+                reason = _ended(e, f"PublishRecords of {self.identity} to {self.target}", self.tls)
             except asyncio.CancelledError:
                 if not closed_the_call(self._closed):
                     raise
@@ -230,7 +233,7 @@ class RecordPublisher:
         self._dirty = dict.fromkeys(self._desired)
         self._unacked.clear()
         self._snapshot_sent = False
-        self._channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+        self._channel = tls.channel(self.target, self.tls, options=CHANNEL_OPTIONS)
         self._call = call = pb_grpc.FabricStub(self._channel).PublishRecords(self._requests())
         async for resp in call:
             what = resp.WhichOneof("message")
@@ -338,9 +341,16 @@ class RecordWatch:
     (see the module docstring). ``kind`` "" watches every kind; ``publisher`` narrows to one."""
 
     def __init__(
-        self, target: str, kind: str = "", publisher: str = "", *, backoff: tuple[float, float] = (0.2, 5.0)
+        self,
+        target: str,
+        kind: str = "",
+        publisher: str = "",
+        *,
+        backoff: tuple[float, float] = (0.2, 5.0),
+        tls_dir: tls.TLSDir | None = None,
     ) -> None:
         self.target = target
+        self.tls = tls_dir
         self.kind = kind
         self.publisher = publisher
         self._backoff = _check_backoff(backoff)
@@ -370,7 +380,7 @@ class RecordWatch:
         while not self._closed.is_set():
             stream = RecordStream(what)
             try:
-                self._channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+                self._channel = tls.channel(self.target, self.tls, options=CHANNEL_OPTIONS)
                 req = pb.WatchRecordsRequest(kind=self.kind, publisher=self.publisher)
                 self._call = pb_grpc.FabricStub(self._channel).WatchRecords(req)
                 async for msg in self._call:
@@ -388,7 +398,7 @@ class RecordWatch:
                     yield change
                 self.last_end = "reflector ended the stream"
             except grpc.aio.AioRpcError as e:
-                self.last_end = _ended(e, what)
+                self.last_end = _ended(e, what, self.tls)
             except asyncio.CancelledError:
                 if not closed_the_call(self._closed):
                     raise
@@ -426,11 +436,13 @@ class RecordList:
     epoch: str
 
 
-def list_records_sync(target: str, kind: str = "", publisher: str = "", timeout: float = 5.0) -> RecordList:
+def list_records_sync(
+    target: str, kind: str = "", publisher: str = "", timeout: float = 5.0, tls_dir: tls.TLSDir | None = None
+) -> RecordList:
     """The records of ``kind`` ("" all) and ``publisher`` ("" all), blocking (CLI tools); raises
     :class:`~fabric.control.client.ReflectorUnavailable` on any failure."""
     stream = RecordStream(f"WatchRecords of kind {kind or '*'} from {target}")
-    with grpc.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
+    with tls.channel(target, tls_dir, options=CHANNEL_OPTIONS, sync=True) as channel:
         call = pb_grpc.FabricStub(channel).WatchRecords(
             pb.WatchRecordsRequest(kind=kind, publisher=publisher), timeout=timeout
         )
@@ -439,7 +451,7 @@ def list_records_sync(target: str, kind: str = "", publisher: str = "", timeout:
                 if stream.feed(msg) is not None:
                     break
         except grpc.RpcError as e:
-            raise unavailable_error(target, e) from e
+            raise unavailable_error(target, e, tls_dir) from e
         finally:
             call.cancel()
     if not stream.synced:

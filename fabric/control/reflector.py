@@ -329,14 +329,15 @@ class Reflector:
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    async def start(self, listen: Sequence[str]) -> list[str]:
+    async def start(self, listen: Sequence[str], credentials: grpc.ServerCredentials | None = None) -> list[str]:
         """Bind every address, start serving, begin the startup hold; returns the bound targets
-        (``host:port`` with the real port for ``:0``, or ``unix:/path``)."""
+        (``host:port`` with the real port for ``:0``, or ``unix:/path``). ``credentials``: mutual
+        TLS on every address (:func:`fabric.control.tls.server_credentials`); None: plaintext."""
         server = grpc.aio.server(options=SERVER_OPTIONS)
         pb_grpc.add_FabricServicer_to_server(Servicer(self), server)
         bound: list[str] = []
         for addr in listen:
-            bound.append(bind(server, addr))
+            bound.append(bind(server, addr, credentials))
         await server.start()
         self._server = server
         self._loop = asyncio.get_running_loop()

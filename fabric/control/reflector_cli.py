@@ -11,10 +11,12 @@ import signal
 import sys
 from collections.abc import Sequence
 
+import grpc
 from prometheus_client import CollectorRegistry
 
 from fabric import health, logs
 from fabric import topology as topology_file
+from fabric.control import tls
 from fabric.control.record_store import DEFAULT_RECORDS_GRACE_PERIOD_S, DEFAULT_RECORDS_STARTUP_HOLD_S
 from fabric.control.reflector import (
     DEAD_AFTER_INTERVALS,
@@ -47,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Route reflector of the Kosmos fabric: plans every node's tunnels and routes and streams them.",
         epilog=(
             "example: fabric-reflector --config examples/lab.yaml --listen 198.18.0.1:4880 "
-            "--listen unix:/run/kosmos-fabric/lab/reflector.sock"
+            "--listen unix:/run/kosmos-fabric/lab/reflector.sock --tls-dir /etc/kosmos-fabric/reflector-tls"
         ),
     )
     p.add_argument("--config", metavar="FILE", help="topology file (clusters, CIDRs, expected nodes); "
@@ -114,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds to withhold END_OF_SNAPSHOT after start unless all expected nodes announced "
         "(default: the grace period; 0 disables)",
     )
+    tls.add_flags(p, "the reflector's server certificate, 'fabric-tool cert issue-server'; every listen "
+                  "address requires a client certificate of the CA")
     p.add_argument("--log-level", default="info", type=log_level, help="debug, info, warning or error (default: info)")
     p.add_argument("--metrics-listen", metavar="ADDR:PORT", help="serve Prometheus metrics here (default: off)")
     return p
@@ -160,9 +164,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-async def serve_until_stopped(reflector: Reflector, listen: Sequence[str]) -> None:
+async def serve_until_stopped(
+    reflector: Reflector, listen: Sequence[str], credentials: grpc.ServerCredentials | None = None
+) -> None:
     """Serve until SIGTERM/SIGINT or a bug (:meth:`Reflector.crash`), then stop."""
-    await reflector.start(listen)
+    await reflector.start(listen, credentials)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -182,6 +188,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = parse_args(argv)
     logs.setup(args.log_level)
+    try:
+        tls_dir = tls.from_args(args)
+        credentials = tls.server_credentials(tls_dir) if tls_dir is not None else None
+    except tls.TLSError as e:
+        print(f"fabric-reflector: {e}", file=sys.stderr)
+        return 2
     source: k8s_source.KubernetesSource | None = None
     if args.topology_source == "kubernetes":
         try:
@@ -239,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             watch.add_done_callback(stopped)
         try:
-            await serve_until_stopped(reflector, args.listen)
+            await serve_until_stopped(reflector, args.listen, credentials)
         finally:
             if watch is not None:
                 watch.cancel()

@@ -170,7 +170,8 @@ def parse_listen(addr: str) -> str:
     return addr
 
 
-def bind(server: grpc.aio.Server, addr: str) -> str:
+def bind(server: grpc.aio.Server, addr: str, credentials: grpc.ServerCredentials | None = None) -> str:
+    """Listen on ``addr`` (TLS with ``credentials``, else plaintext); returns the bound target."""
     if addr.startswith("unix:"):
         path = Path(addr[len("unix:") :])
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -180,7 +181,7 @@ def bind(server: grpc.aio.Server, addr: str) -> str:
         except FileNotFoundError:
             pass
     try:
-        port = server.add_insecure_port(addr)
+        port = server.add_insecure_port(addr) if credentials is None else server.add_secure_port(addr, credentials)
     except RuntimeError as e:
         raise ListenError(f"cannot listen on {addr}: {e}") from e
     if port == 0 and not addr.startswith("unix:"):

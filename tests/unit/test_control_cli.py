@@ -19,13 +19,13 @@ REPO = Path(__file__).resolve().parents[2]
 def test_invalid_config_exits_2_with_the_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("clusters:\n  - name: East_1\n    podCIDRs: [10.10.0.0/16]\n")
-    assert reflector_cli.main(["--config", str(bad), "--listen", "127.0.0.1:0"]) == 2
+    assert reflector_cli.main(["--config", str(bad), "--listen", "127.0.0.1:0", "--insecure"]) == 2
     err = capsys.readouterr().err
     assert f"{bad}: clusters[0].name: 'East_1' is not a DNS-1123 label" in err
 
 
 def test_missing_config_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert reflector_cli.main(["--config", str(tmp_path / "nope.yaml")]) == 2
+    assert reflector_cli.main(["--config", str(tmp_path / "nope.yaml"), "--insecure"]) == 2
     assert "cannot read file" in capsys.readouterr().err
 
 
@@ -64,6 +64,7 @@ def test_reflector_process_serves_status_and_stops_on_sigterm(tmp_path: Path) ->
             "--config", str(REPO / "examples" / "lab.yaml"),
             "--listen", f"unix:{sock}",
             "--grace-period", "1",
+            "--insecure",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

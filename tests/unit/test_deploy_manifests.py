@@ -215,7 +215,7 @@ def test_agent_daemonset_host_access_probes_and_scraping(base: dict[tuple[str, s
     assert c["command"] == ["fabric-agent"]
     assert c["args"] == [
         "--reflector=$(REFLECTOR_ADDRESS)", "--cluster=$(CLUSTER_NAME)", "--node=$(NODE_NAME)", "--in-cluster",
-        "--metrics-listen=0.0.0.0:9476", "--bpf-pin-root=/sys/fs/bpf/kosmos-fabric",
+        "--metrics-listen=0.0.0.0:9476", "--bpf-pin-root=/sys/fs/bpf/kosmos-fabric", "--insecure",
     ]
     env = {e["name"]: e["valueFrom"] for e in c["env"]}
     assert env["NODE_NAME"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}

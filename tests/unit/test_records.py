@@ -629,20 +629,20 @@ def test_fabric_tool_records_lists_a_kind(capsys: pytest.CaptureFixture[str]) ->
             await pub.opened()
             await pub.put("leaf-a/n1", b'{"cpu": "4"}', version=3)
             await pub.put("blob", b"\xff\x00", kind="other")
-            rc = await asyncio.to_thread(cli.main, ["records", "--reflector", target, "--kind", KIND])
+            rc = await asyncio.to_thread(cli.main, ["records", "--reflector", target, "--insecure", "--kind", KIND])
             assert rc == 0
             out = capsys.readouterr().out.splitlines()
             assert out[0].endswith("revision 2, 1 records")
             assert out[1].split() == ["KIND", "PUBLISHER", "NAME", "VERSION", "REVISION", "BYTES", "DATA"]
             assert out[2].split() == [KIND, "tree/root-a", "leaf-a/n1", "3", "1", "12", '{"cpu":', '"4"}']
-            rc = await asyncio.to_thread(cli.main, ["records", "--reflector", target, "--json"])
+            rc = await asyncio.to_thread(cli.main, ["records", "--reflector", target, "--insecure", "--json"])
             assert rc == 0
             doc = json.loads(capsys.readouterr().out)
             assert [(r["kind"], r.get("text"), r.get("base64")) for r in doc["records"]] == [
                 ("other", None, "/wA="), (KIND, '{"cpu": "4"}', None),
             ]  # fmt: skip
             await pub.close()
-        rc = await asyncio.to_thread(cli.main, ["records", "--reflector", target, "--timeout", "1"])
+        rc = await asyncio.to_thread(cli.main, ["records", "--reflector", target, "--insecure", "--timeout", "1"])
         assert rc == 1 and f"reflector {target} did not list records" in capsys.readouterr().err
 
     run(body())

@@ -175,11 +175,11 @@ def test_serve_stops_on_a_bug_and_main_exits_1(monkeypatch: pytest.MonkeyPatch) 
 
     asyncio.run(body())
 
-    async def crashing_serve(refl: reflector.Reflector, listen: Any) -> None:
+    async def crashing_serve(refl: reflector.Reflector, listen: Any, credentials: Any = None) -> None:
         refl.crash(RuntimeError("planted"), "a test")
 
     monkeypatch.setattr(reflector_cli, "serve_until_stopped", crashing_serve)
-    assert reflector_cli.main(["--config", str(EXAMPLES / "lab.yaml"), "--listen", "127.0.0.1:0"]) == 1
+    assert reflector_cli.main(["--config", str(EXAMPLES / "lab.yaml"), "--listen", "127.0.0.1:0", "--insecure"]) == 1
 
 
 async def _announce_then_wait() -> AsyncIterator[pb.SyncNodeRequest]:

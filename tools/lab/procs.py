@@ -90,6 +90,7 @@ def start_reflector(state: LabState) -> ProcRecord:
         "--listen", f"unix:{sock}",
         "--grace-period", _num(state.grace_period_s if state.grace_period_s is not None else 30.0),
         "--metrics-listen", f"{state.gateway}:{api.DEFAULT_REFLECTOR_METRICS_PORT}",
+        "--insecure",  # until the lab runs the bootstrap (issue 20 item 2)
         "--log-level", "info",
     ]  # fmt: skip
     rec = start_process(state.ul_netns, argv, state.state_dir / "logs" / "reflector.log")
@@ -109,6 +110,7 @@ def start_agent(state: LabState, node: NodeRecord) -> ProcRecord:
         *(("--underlay-ip6", node.underlay_ip6) if node.underlay_ip6 else ()),
         "--metrics-listen", f"0.0.0.0:{api.DEFAULT_AGENT_METRICS_PORT}",
         "--bpf-pin-root", str(bpf_dir(state.name)),
+        "--insecure",  # until the lab runs the bootstrap (issue 20 item 2)
         "--log-level", "info",
     ]  # fmt: skip
     if state.resync_period_s is not None:

@@ -86,7 +86,7 @@ def tree_argv(state: LabState) -> list[str]:
     host = state.host_cluster
     assert host is not None and host.api_url is not None
     return [sys.executable, "-m", "tree.main", "--master", host.api_url, "--leader-elect=true",
-            "--listen", "127.0.0.1:0", "--reflector", f"unix:{state.reflector_socket}",
+            "--listen", "127.0.0.1:0", "--reflector", f"unix:{state.reflector_socket}", "--insecure",
             "--fabric-cluster", host.name, "--kubelet-address", "127.0.0.1",
             "--kubelet-port", str(kubelet_port(state))]
 

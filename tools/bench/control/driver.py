@@ -165,7 +165,7 @@ class _Run:
             self.server = self.procs.spawn(None, [
                 sys.executable, "-m", "fabric.control.reflector_cli", "--config", str(cfg), "--listen", self.sock,
                 "--grace-period", "0", "--startup-hold", "0", "--keepalive-interval", f"{KEEPALIVE_S:g}",
-                "--log-level", "info",
+                "--insecure", "--log-level", "info",
             ], stderr=self.log)  # fmt: skip
             from fabric.control import client
 
