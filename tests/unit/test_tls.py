@@ -90,6 +90,8 @@ def test_agent_publisher_watcher_and_status_with_good_certificates(fabric_pki: P
     agent_dir = fabric_pki.client("agent")
     tree_dir = fabric_pki.client("tree", identity.role("tree", "root-a"))
     reader_dir = fabric_pki.client("reader", identity.role("reader", "ops"))
+    # Records are read by add-ons (a reader sees the status only: fabric/control/authz.py).
+    sched_dir = fabric_pki.client("scheduler", identity.role("scheduler", "s1"))
 
     async def body() -> None:
         async with tls_reflector(fabric_pki.server()) as (refl, target):
@@ -101,7 +103,7 @@ def test_agent_publisher_watcher_and_status_with_good_certificates(fabric_pki: P
             pub = records.RecordPublisher(target, "tree/root-a", backoff=(0.05, 0.2), tls_dir=tree_dir)
             pub.put(KIND, "leaf-1", b"4 cpu")
             pub_task = asyncio.create_task(pub.run())
-            watch = records.RecordWatch(target, KIND, tls_dir=reader_dir)
+            watch = records.RecordWatch(target, KIND, tls_dir=sched_dir)
             try:
                 await wait_until_async(lambda: rec.count("snapshot") >= 1, 10, "the agent's snapshot over TLS")
                 assert connected(refl, "east/e1")
@@ -113,7 +115,7 @@ def test_agent_publisher_watcher_and_status_with_good_certificates(fabric_pki: P
                 # The blocking channel of CLI tools (on a thread: the server runs on this loop).
                 status = await asyncio.to_thread(client.get_status_sync, target, 5.0, reader_dir)
                 assert "east/e1" in [n.key for n in status.nodes()]
-                listing = await asyncio.to_thread(records.list_records_sync, target, KIND, "", 5.0, reader_dir)
+                listing = await asyncio.to_thread(records.list_records_sync, target, KIND, "", 5.0, sched_dir)
                 assert [r.name for r in listing.records] == ["leaf-1"]
             finally:
                 await watch.close()
