@@ -381,13 +381,8 @@ class Dependencies:
 
     def _get(self, api: Api, plural: str, ns: str | None, name: str) -> Obj | None:
         """The core object ``plural`` ``ns``/``name`` as ``api`` has it now (None: there is none)."""
-        try:
-            got: Obj = api.request("GET", resource_path("v1", plural, ns, name), timeout=self.timeout)
-            return got
-        except ApiError as e:
-            if e.status == 404:
-                return None
-            raise
+        got: Obj | None = api.get_or_none(resource_path("v1", plural, ns, name), timeout=self.timeout)
+        return got
 
     def _find_copy(self, plural: str, leaf_ns: str, uid: str, *, fresh: bool = False) -> Obj | None:
         """The leaf copy of the root object ``uid`` in ``leaf_ns``: by the root UID label only."""
