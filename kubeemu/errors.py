@@ -61,6 +61,12 @@ def already_exists(plural: str, group: str, name: str) -> ApiError:
     return ApiError(409, "AlreadyExists", f'{_qualified(plural, group)} "{name}" already exists', details)
 
 
+def uid_precondition_failed(want: str, have: str) -> str:
+    """The text of a failed uid precondition (``storage.Preconditions.Check``; upstream wraps it
+    in the StorageError's own text, which names the etcd key and is left out here)."""
+    return f"Precondition failed: UID in precondition: {want}, UID in object meta: {have}"
+
+
 def conflict(plural: str, group: str, name: str, why: str | None = None) -> ApiError:
     details: dict[str, Any] = {"name": name, "kind": plural}
     if group:

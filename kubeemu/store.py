@@ -43,7 +43,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from kubeemu import admission, defaults, errors
+from kubeemu import admission, defaults, errors, validation
 from kubeemu.client import APPLY_PATCH
 from kubeemu.ipalloc import ServiceIPs
 from kubeemu.objects import (
@@ -538,15 +538,35 @@ class Store:
 
     def update(
         self, rt: ResourceType, ns: str, name: str, body: Obj, version: str | None = None,
-        subresource: str | None = None, dry_run: bool = False,
+        subresource: str | None = None, dry_run: bool = False, *, patch: bool = False,
     ) -> Obj:
-        """PUT (main resource or status): optimistic concurrency, the status split, no-op detection."""
+        """PUT (main resource or status): the uid precondition, optimistic concurrency, the status
+        split, no-op detection. ``patch``: ``body`` is a patched object (PATCH), which carries no
+        precondition (upstream's patch handler builds its UpdatedObjectInfo from no object), so
+        a uid the patch changed is refused by the update validation instead: 422, as upstream's
+        ``rest.BeforeUpdate`` (ValidateObjectMetaAccessorUpdate: ``metadata.uid`` is immutable).
+
+        The uid precondition (``rest.DefaultUpdatedObjectInfo.Preconditions``: a non-empty
+        ``metadata.uid`` in a PUT body, main resource or subresource): checked against the stored
+        object before anything else, as etcd3's ``GuaranteedUpdate`` checks
+        ``storage.Preconditions`` before it calls the update function (so a missing object fails
+        it too, with an empty uid, not with 404); 409 Conflict, "Precondition failed: UID in
+        precondition: X, UID in object meta: Y"."""
         if not isinstance(body, dict):
             raise errors.bad_request("the body of the request must be a JSON object")
         version = version or rt.versions[0]
-        old = self.get(rt, ns, name)
-        admission.check_kind(rt, version, body)
         bmeta = metadata_of(body)
+        want_uid = bmeta.get("uid")
+        if want_uid and not patch:
+            stored = self.bucket(rt.key).get(self._okey(rt, ns, name))
+            have_uid = metadata_of(stored).get("uid", "") if stored is not None else ""
+            if want_uid != have_uid:
+                raise errors.conflict(rt.plural, rt.group, name, errors.uid_precondition_failed(want_uid, have_uid))
+        old = self.get(rt, ns, name)
+        if want_uid and want_uid != old["metadata"].get("uid"):
+            raise errors.invalid(rt.kind, rt.group, name, [validation.invalid(
+                "metadata.uid", want_uid, validation.IMMUTABLE_MSG)])
+        admission.check_kind(rt, version, body)
         if bmeta.get("name") and bmeta["name"] != name:
             raise errors.bad_request(f"the name of the object ({bmeta['name']}) does not match the name on the "
                                      f"URL ({name})")
@@ -639,7 +659,7 @@ class Store:
         if patch_type(ctype) == APPLY_PATCH:
             return self.apply(rt, ns, name, body, version, subresource, dry_run)
         new = patched(ctype, self.get(rt, ns, name), body, strategic=rt.builtin)
-        return self.update(rt, ns, name, new, version, subresource, dry_run)
+        return self.update(rt, ns, name, new, version, subresource, dry_run, patch=True)
 
     def apply(self, rt: ResourceType, ns: str, name: str, body: Any, version: str, subresource: str | None,
               dry_run: bool) -> Obj:
@@ -659,7 +679,7 @@ class Store:
             return self.create(rt, ns, body, version, dry_run)
         new = patched(APPLY_PATCH, self.bucket(rt.key)[okey], body, strategic=rt.builtin)
         new["metadata"] = {k: v for k, v in metadata_of(new).items() if k != "resourceVersion"}
-        return self.update(rt, ns, name, new, version, subresource, dry_run)
+        return self.update(rt, ns, name, new, version, subresource, dry_run, patch=True)
 
     def bind(self, ns: str, name: str, body: Obj) -> None:
         """pods/binding: set spec.nodeName once (409 if already bound), mark PodScheduled."""
@@ -677,8 +697,8 @@ class Store:
                                                             "host")
         want_uid = metadata_of(body).get("uid")
         if want_uid and want_uid != old["metadata"].get("uid"):
-            raise errors.conflict("pods/binding", "", name, f"Precondition failed: UID in precondition: {want_uid}, "
-                                                            f"UID in object meta: {old['metadata'].get('uid')}")
+            raise errors.conflict("pods/binding", "", name,
+                                  errors.uid_precondition_failed(want_uid, old["metadata"].get("uid", "")))
         new = copy.deepcopy(old)
         new["spec"]["nodeName"] = target
         conds = [c for c in new.setdefault("status", {}).get("conditions", []) if c.get("type") != "PodScheduled"]
@@ -699,8 +719,7 @@ class Store:
         meta = old["metadata"]
         if opts.precondition_uid and opts.precondition_uid != meta.get("uid"):
             raise errors.conflict(rt.plural, rt.group, name,
-                                  f"Precondition failed: UID in precondition: {opts.precondition_uid}, "
-                                  f"UID in object meta: {meta.get('uid')}")
+                                  errors.uid_precondition_failed(opts.precondition_uid, meta.get("uid", "")))
         if opts.precondition_rv and opts.precondition_rv != meta.get("resourceVersion"):
             raise errors.conflict(rt.plural, rt.group, name,
                                   f"Precondition failed: ResourceVersion in precondition: {opts.precondition_rv}, "

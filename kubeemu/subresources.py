@@ -123,7 +123,7 @@ def _scale_of(rt: ResourceType, version: str, obj: Obj) -> Obj:
 
 def update_scale(store: Store, rt: ResourceType, version: str, ns: str, name: str, body: Any,
                  dry_run: bool) -> Obj:
-    """PUT Scale: the replicas go to the parent (resourceVersion, when given, is a precondition)."""
+    """PUT Scale: the replicas go to the parent (resourceVersion and uid, when given, are preconditions)."""
     if not isinstance(body, dict):
         raise errors.bad_request("the body of the request must be a Scale object")
     kind = body.get("kind")
@@ -134,6 +134,12 @@ def update_scale(store: Store, rt: ResourceType, version: str, ns: str, name: st
     if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 0:
         raise errors.invalid("Scale", "autoscaling", name, [validation.invalid(
             "spec.replicas", replicas, validation.NON_NEGATIVE_MSG)])
+    # scaleUpdatedObjectInfo.UpdatedObject: after the Scale's validation, its uid is a precondition
+    # on the parent (PUT and PATCH alike: a patch is applied to the current Scale first).
+    want_uid = metadata_of(body).get("uid")
+    if want_uid and want_uid != old["metadata"].get("uid"):
+        raise errors.conflict(f"{rt.plural}/scale", rt.group, name,
+                              errors.uid_precondition_failed(want_uid, old["metadata"].get("uid", "")))
     want_rv = metadata_of(body).get("resourceVersion")
     if want_rv and str(want_rv) != old["metadata"]["resourceVersion"]:
         raise errors.conflict(rt.plural, rt.group, name)

@@ -108,6 +108,16 @@ class Api:
     def get(self, path: str, **query: Any) -> Any:
         return self.request("GET", path, query=query or None)
 
+    def get_or_none(self, path: str, *, timeout: float = 30.0) -> Any:
+        """The object at ``path`` as the server has it now, or None when there is none (404);
+        every other failure raises :class:`ApiError`."""
+        try:
+            return self.request("GET", path, timeout=timeout)
+        except ApiError as e:
+            if e.status == 404:
+                return None
+            raise
+
     def create(self, path: str, body: Obj) -> Any:
         return self.request("POST", path, body)
 

@@ -6,10 +6,10 @@ One :class:`Dependencies` per leaf cluster (the pod syncer owns it). Objects, an
 are written in:
 
 1. :meth:`Dependencies.ensure` (called by the pod syncer before it creates a leaf pod): for every
-   object the root pod names (:func:`tree.deps_refs.references`), read the root object (the
-   root informers' store, else a GET), then find its leaf copy by the root UID label only
-   (:func:`tree.identity.selector`; a ConfigMap many pods share is ONE copy), update it if it
-   differs, or create it under :func:`tree.identity.leaf_name` (the root name, or
+   object the root pod names (:func:`tree.deps_refs.references`), read the root object (a GET,
+   never the informers' store, which may lag a delete-and-recreate), then find its leaf copy by
+   the root UID label only (:func:`tree.identity.selector`; a ConfigMap many pods share is ONE
+   copy), update it if it differs, or create it under :func:`tree.identity.leaf_name` (the root name, or
    ``<name>-<hash>`` when a leaf user's or another root's object holds it). The root's
    ``kube-root-ca.crt`` arrives as ``master-root-ca.crt``; the root's ``default`` ServiceAccount
    is always renamed (``default-<hash>``: the leaf's own ``default`` is its ServiceAccount
@@ -244,7 +244,10 @@ class Dependencies:
     def _ensure_one(self, ref: Ref, ns: str, leaf_ns: str, node: str) -> str | None:
         plural, name = ref.plural, ref.name
         what = f"{KINDS[plural]} {ns}/{name}"
-        root_obj = self._root_get(plural, ns, name)
+        # The root itself, not the informer's store: a store that has not seen a delete-and-recreate
+        # yet would hand out the old object's copy, and nothing would ever move the pod off it (its
+        # leaf spec names that copy; the new object's events find no copy of theirs to update).
+        root_obj = self._get(self.root, plural, ns, name)
         if root_obj is None:
             if ref.optional:
                 return None
@@ -381,13 +384,8 @@ class Dependencies:
 
     def _get(self, api: Api, plural: str, ns: str | None, name: str) -> Obj | None:
         """The core object ``plural`` ``ns``/``name`` as ``api`` has it now (None: there is none)."""
-        try:
-            got: Obj = api.request("GET", resource_path("v1", plural, ns, name), timeout=self.timeout)
-            return got
-        except ApiError as e:
-            if e.status == 404:
-                return None
-            raise
+        got: Obj | None = api.get_or_none(resource_path("v1", plural, ns, name), timeout=self.timeout)
+        return got
 
     def _find_copy(self, plural: str, leaf_ns: str, uid: str, *, fresh: bool = False) -> Obj | None:
         """The leaf copy of the root object ``uid`` in ``leaf_ns``: by the root UID label only."""

@@ -308,13 +308,8 @@ class EventReflector:
             self.metrics.events_reflected.labels(self.cluster, result).inc()
 
     def _get(self, ns: str, name: str) -> Obj | None:
-        try:
-            got: Obj = self.root.request("GET", resource_path("v1", "events", ns, name), timeout=self.timeout)
-            return got
-        except ApiError as e:
-            if e.status == 404:
-                return None
-            raise
+        got: Obj | None = self.root.get_or_none(resource_path("v1", "events", ns, name), timeout=self.timeout)
+        return got
 
     def _root_pod(self, leaf_pod: Obj, root_uid: str) -> Obj | None:
         """The root pod with UID ``root_uid`` (by the name the leaf pod's annotation gives,
@@ -328,13 +323,8 @@ class EventReflector:
             ns, name = str(leaf_pod["metadata"].get("namespace")), ref
         if not name:
             return None
-        try:
-            pod = self.root.request("GET", resource_path("v1", "pods", ns, name), timeout=self.timeout)
-        except ApiError as e:
-            if e.status == 404:
-                return None
-            raise
-        if str(pod["metadata"].get("uid")) != root_uid:
+        pod = self.root.get_or_none(resource_path("v1", "pods", ns, name), timeout=self.timeout)
+        if pod is None or str(pod["metadata"].get("uid")) != root_uid:
             return None
         if len(self._root_pods) > self.CACHE_MAX:
             self._root_pods.clear()

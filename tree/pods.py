@@ -25,15 +25,18 @@ functions say what each side should hold; :mod:`tree.podsync` diffs and writes.
   cleared (Kosmos: the leaf runs its own default scheduler).
 - service account: ``automountServiceAccountToken: false`` (as Kosmos): the root pod already
   carries its token volume (``kube-api-access-*``) and the leaf must not add a second one; the
-  legacy ``default-token-*`` Secret volumes and mounts are dropped (Kosmos). A projected
-  ``serviceAccountToken`` source becomes a projection of the token Secret the dependency syncer
-  made, when ``renames`` has ``(TOKEN_SECRETS, <service account>)`` (key ``token``); without
-  one it is left as is (the leaf's kubelet then mounts a token of the leaf's account).
+  legacy ``default-token-*`` Secret volumes and mounts are dropped (Kosmos). The projected
+  ``serviceAccountToken`` source stays as it is: the leaf's kubelet asks the leaf's API for a
+  bound, expiring token of the leaf's copy of the ServiceAccount, and the ``kube-root-ca.crt``
+  beside it stays the leaf's own CA (no root token is ever copied: :mod:`tree.deps`).
 - references: ``renames`` maps ``(plural, root name)`` -> leaf name for the objects the
-  dependency syncer copied under another name; volumes (configMap, secret, projected sources,
-  persistentVolumeClaim), ``env[].valueFrom`` (configMapKeyRef, secretKeyRef), ``envFrom``,
-  ``imagePullSecrets`` and ``serviceAccountName`` are rewritten. A pod whose own name changed
-  in the leaf gets ``spec.hostname`` = its root name (unless it has one), so it sees its name.
+  dependency syncer copied under another name (what :meth:`tree.deps.Dependencies.ensure`
+  returns); they are rewritten by :func:`tree.deps_refs.rename`, the one walk over the same
+  references :func:`tree.deps_refs.references` copies (volumes: configMap, secret, projected
+  sources, persistentVolumeClaim, CSI secrets; ``env[].valueFrom``, ``envFrom``,
+  ``imagePullSecrets``, ``serviceAccountName``), so what is copied and what is renamed never
+  disagree. A pod whose own name changed in the leaf gets ``spec.hostname`` = its root name
+  (unless it has one), so it sees its name.
 - dropped because the leaf recomputes or refuses them: ``priority`` and ``preemptionPolicy``
   (the leaf's Priority admission derives them from ``priorityClassName`` and refuses a value that
   disagrees), ``ephemeralContainers`` (only through their subresource), ``readinessGates`` (their
@@ -69,6 +72,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from tree import identity
+from tree.deps_refs import rename
 from tree.spec import Mode
 
 Obj = dict[str, Any]
@@ -81,8 +85,6 @@ CLUSTER_SELECTOR_ANNOTATION = "kosmos.io/cluster-selector"
 #: JSON ``{"labels": [...], "annotations": [...]}``: the keys of the leaf copy that came from the
 #: root pod (see the module).
 SYNCED_KEYS_ANNOTATION = "kosmos.io/synced-keys"
-#: ``renames`` key plural for a service account's token Secret: ``(TOKEN_SECRETS, <account>)``.
-TOKEN_SECRETS = "serviceaccounts/token"
 #: A root pod owned by a DaemonSet is copied only with this annotation (Kosmos' key).
 DAEMONSET_ALLOW_ANNOTATION = "kosmos-io/daemonset-allow"
 #: Pods of Kosmos' global DaemonSets (its ShadowDaemonSets) are not copied (Kosmos' key).
@@ -134,7 +136,7 @@ def leaf_pod(root_pod: Mapping[str, Any], *, root_id: str, leaf_name: str, mode:
     labels, annotations = desired_meta(root_pod, root_id)
     out_meta: Obj = {"name": leaf_name, "namespace": meta.get("namespace") or "default",
                      "labels": labels, "annotations": annotations}
-    spec: Obj = copy.deepcopy(dict(root_pod.get("spec") or {}))
+    spec: Obj = rename({"spec": root_pod.get("spec") or {}}, renames)["spec"]  # a copy, references renamed
     for k in _SPEC_DROPPED:
         spec.pop(k, None)
     if spec.get("schedulerName") == KOSMOS_SCHEDULER:
@@ -145,14 +147,7 @@ def leaf_pod(root_pod: Mapping[str, Any], *, root_id: str, leaf_name: str, mode:
     if mode is Mode.PARTY and party_selector is not None:
         _and_party(spec, party_selector)
     spec["automountServiceAccountToken"] = False
-    _volumes(spec, renames)
-    _env(spec, renames)
-    for s in spec.get("imagePullSecrets") or []:
-        if isinstance(s, dict) and s.get("name"):
-            s["name"] = renames.get(("secrets", s["name"]), s["name"])
-    for key in ("serviceAccountName", "serviceAccount"):
-        if spec.get(key):
-            spec[key] = renames.get(("serviceaccounts", spec[key]), spec[key])
+    _drop_legacy_tokens(spec)
     if leaf_name != root_name and not spec.get("hostname"):
         spec["hostname"] = root_name[:63]
     return {"apiVersion": "v1", "kind": "Pod", "metadata": out_meta, "spec": spec}
@@ -240,29 +235,9 @@ def _and_party(spec: Obj, party_selector: Mapping[str, Any]) -> None:
     required["nodeSelectorTerms"] = terms
 
 
-def _volumes(spec: Obj, renames: Renames) -> None:
+def _drop_legacy_tokens(spec: Obj) -> None:
+    """Kosmos: the legacy ``default-token-*`` Secret volumes and their mounts do not go to the leaf."""
     vols = [v for v in spec.get("volumes") or [] if not str(v.get("name", "")).startswith(_LEGACY_TOKEN)]
-    sa = str(spec.get("serviceAccountName") or spec.get("serviceAccount") or "default")
-    for v in vols:
-        if v.get("configMap", {}).get("name"):
-            v["configMap"]["name"] = renames.get(("configmaps", v["configMap"]["name"]), v["configMap"]["name"])
-        if v.get("secret", {}).get("secretName"):
-            name = v["secret"]["secretName"]
-            v["secret"]["secretName"] = renames.get(("secrets", name), name)
-        if v.get("persistentVolumeClaim", {}).get("claimName"):
-            name = v["persistentVolumeClaim"]["claimName"]
-            v["persistentVolumeClaim"]["claimName"] = renames.get(("persistentvolumeclaims", name), name)
-        for i, src in enumerate((v.get("projected") or {}).get("sources") or []):
-            if src.get("configMap", {}).get("name"):
-                src["configMap"]["name"] = renames.get(("configmaps", src["configMap"]["name"]),
-                                                       src["configMap"]["name"])
-            if src.get("secret", {}).get("name"):
-                src["secret"]["name"] = renames.get(("secrets", src["secret"]["name"]), src["secret"]["name"])
-            token = src.get("serviceAccountToken")
-            secret = renames.get((TOKEN_SECRETS, sa))
-            if token is not None and secret:
-                v["projected"]["sources"][i] = {
-                    "secret": {"name": secret, "items": [{"key": "token", "path": token.get("path") or "token"}]}}
     if vols:
         spec["volumes"] = vols
     else:
@@ -274,20 +249,6 @@ def _volumes(spec: Obj, renames: Renames) -> None:
                 c["volumeMounts"] = mounts
             else:
                 c.pop("volumeMounts", None)
-
-
-def _env(spec: Obj, renames: Renames) -> None:
-    for key in _CONTAINER_LISTS:
-        for c in spec.get(key) or []:
-            for e in c.get("env") or []:
-                ref = (e.get("valueFrom") or {})
-                for kind, plural in (("configMapKeyRef", "configmaps"), ("secretKeyRef", "secrets")):
-                    if (ref.get(kind) or {}).get("name"):
-                        ref[kind]["name"] = renames.get((plural, ref[kind]["name"]), ref[kind]["name"])
-            for e in c.get("envFrom") or []:
-                for kind, plural in (("configMapRef", "configmaps"), ("secretRef", "secrets")):
-                    if (e.get(kind) or {}).get("name"):
-                        e[kind]["name"] = renames.get((plural, e[kind]["name"]), e[kind]["name"])
 
 
 # ---------------------------------------------------------------------- leaf -> root

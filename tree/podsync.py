@@ -519,12 +519,10 @@ class PodSyncer:
             _log.info("Cluster %s: pod %s/%s waits for the earlier copy %s to go", self.cluster, ns, name,
                       _meta(older[0]).get("name"))
             raise _Retry(self.resync_period)
-        try:  # the root pod as it is now: the informer may not show yet that it finished or is going
-            fresh = self.root.request("GET", resource_path("v1", "pods", ns, name), timeout=self.root_timeout)
-        except ApiError as e:
-            if e.status == 404:
-                return
-            raise
+        # the root pod as it is now: the informer may not show yet that it finished or is going
+        fresh = self.root.get_or_none(resource_path("v1", "pods", ns, name), timeout=self.root_timeout)
+        if fresh is None:
+            return
         fmeta = _meta(fresh)
         if (str(fmeta.get("uid")) != uid or fmeta.get("deletionTimestamp")
                 or (fresh.get("status") or {}).get("phase") in TERMINAL):

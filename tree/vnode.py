@@ -236,21 +236,13 @@ class RootWriter:
     def _req(self, method: str, path: str, body: Any = None, ctype: str = "application/json") -> Any:
         return self.api.request(method, path, body, ctype=ctype, timeout=self.timeout)
 
-    def get_node(self, name: str) -> Obj | None:
-        try:
-            node: Obj = self._req("GET", resource_path("v1", "nodes", name=name))
-            return node
-        except ApiError as e:
-            if e.status == 404:
-                return None
-            raise
-
     def ensure(self, vn: VirtualNode, current: Obj | None) -> Obj | None:
         """Make the Node ``vn`` (``current``: the Node as last seen, None when absent); returns
         the Node as written, or None when a Node of that name is not ours (left alone)."""
         now = now_rfc3339()
-        if current is None:
-            current = self.get_node(vn.name)  # the informer may lag behind our own create
+        path = resource_path("v1", "nodes", name=vn.name)
+        if current is None:  # the informer may lag behind our own create
+            current = self.api.get_or_none(path, timeout=self.timeout)
         if current is None:
             meta, taints = desired_metadata(vn, self.cluster, self.uid, None)
             body = {"apiVersion": "v1", "kind": "Node",
@@ -263,7 +255,7 @@ class RootWriter:
             except ApiError as e:
                 if e.status != 409:
                     raise
-                current = self.get_node(vn.name)
+                current = self.api.get_or_none(path, timeout=self.timeout)
                 if current is None:
                     return None
         assert current is not None

@@ -274,6 +274,66 @@ def test_delete_preconditions(v1: Any, ns: str) -> None:
     assert ei.value.status == 409
 
 
+def test_a_uid_in_a_put_body_is_a_precondition_and_a_patch_may_not_change_the_uid(raw: Any, ns: str,
+                                                                                    mkpod: Any) -> None:
+    """Upstream: a PUT body's non-empty metadata.uid is a storage precondition (main resource and
+    subresources; checked before the object's existence, so a missing object fails it with an
+    empty uid): 409. A PATCH carries none; a patched uid is refused as immutable: 422."""
+    cm_path, pod_path = f"/api/v1/namespaces/{ns}/configmaps/pre", f"/api/v1/namespaces/{ns}/pods/pre"
+    code, cm = raw.request("POST", f"/api/v1/namespaces/{ns}/configmaps", {"metadata": {"name": "pre"}})
+    assert code == 201
+    uid = cm["metadata"]["uid"]
+    code, pod = raw.request("POST", f"/api/v1/namespaces/{ns}/pods", mkpod("pre"))
+    assert code == 201
+
+    code, err = raw.request("PUT", cm_path, {"metadata": {"name": "pre", "uid": "not-the-uid"}, "data": {"a": "1"}})
+    assert (code, err["reason"]) == (409, "Conflict")
+    assert err["message"] == (f'Operation cannot be fulfilled on configmaps "pre": Precondition failed: '
+                              f'UID in precondition: not-the-uid, UID in object meta: {uid}')
+    status = {"metadata": {"name": "pre", "uid": "not-the-uid"}, "status": {"phase": "Running"}}
+    code, err = raw.request("PUT", pod_path + "/status", status)
+    assert (code, err["reason"]) == (409, "Conflict") and "UID in precondition: not-the-uid" in err["message"]
+    code, err = raw.request("PUT", f"/api/v1/namespaces/{ns}/configmaps/absent",
+                            {"metadata": {"name": "absent", "uid": uid}})
+    assert code == 409 and err["message"].endswith(f"UID in precondition: {uid}, UID in object meta: ")
+    code, err = raw.request("PUT", f"/api/v1/namespaces/{ns}/configmaps/absent", {"metadata": {"name": "absent"}})
+    assert code == 404
+
+    for path, body in ((cm_path, {"metadata": {"uid": "not-the-uid"}, "data": {"a": "1"}}),
+                       (pod_path + "/status", {"metadata": {"uid": "not-the-uid"}, "status": {"phase": "Running"}})):
+        code, err = raw.request("PATCH", path, body, "application/merge-patch+json")
+        assert (code, err["reason"]) == (422, "Invalid"), path
+        assert 'metadata.uid: Invalid value: "not-the-uid": field is immutable' in err["message"], path
+    code, now = raw.request("GET", cm_path)
+    assert now["metadata"]["resourceVersion"] == cm["metadata"]["resourceVersion"]  # nothing was written
+
+    code, got = raw.request("PUT", cm_path, {"metadata": {"name": "pre", "uid": uid}, "data": {"a": "2"}})
+    assert code == 200 and got["data"] == {"a": "2"}
+    code, got = raw.request("PATCH", pod_path + "/status", {"metadata": {"uid": pod["metadata"]["uid"]},
+                                                            "status": {"phase": "Running"}},
+                            "application/merge-patch+json")
+    assert code == 200 and got["status"]["phase"] == "Running"
+
+
+def test_a_uid_in_a_scale_body_is_a_precondition_on_its_parent(raw: Any, ns: str) -> None:
+    dep = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"}, "spec": {
+        "replicas": 1, "selector": {"matchLabels": {"app": "web"}},
+        "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [{"name": "c", "image": "x"}]}}}}
+    code, made = raw.request("POST", f"/apis/apps/v1/namespaces/{ns}/deployments", dep)
+    assert code == 201
+    scale = f"/apis/apps/v1/namespaces/{ns}/deployments/web/scale"
+    code, err = raw.request("PUT", scale, {"metadata": {"name": "web", "uid": "not-the-uid"}, "spec": {"replicas": 3}})
+    assert (code, err["message"]) == (409, f'Operation cannot be fulfilled on deployments/scale.apps "web": '
+                                           f'Precondition failed: UID in precondition: not-the-uid, '
+                                           f'UID in object meta: {made["metadata"]["uid"]}')
+    code, err = raw.request("PATCH", scale, {"metadata": {"uid": "not-the-uid"}, "spec": {"replicas": 3}},
+                            "application/merge-patch+json")
+    assert code == 409
+    code, got = raw.request("PUT", scale, {"metadata": {"name": "web", "uid": made["metadata"]["uid"]},
+                                           "spec": {"replicas": 3}})
+    assert code == 200 and got["spec"]["replicas"] == 3
+
+
 def test_namespace_deletion_cascade(v1: Any) -> None:
     v1.create_namespace({"metadata": {"name": "doomed"}})
     v1.create_namespaced_config_map("doomed", {"metadata": {"name": "c1"}})

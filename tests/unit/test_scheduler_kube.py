@@ -230,3 +230,15 @@ def test_sigkill_mid_stream_then_a_new_process_finishes_the_job(api: Api) -> Non
             if p is not None and p.poll() is None:
                 p.kill()
                 p.wait(10)
+
+
+def test_get_or_none_is_the_object_none_on_404_and_raises_on_other_errors(api: Api) -> None:
+    path = resource_path("v1", "configmaps", "default", "a")
+    assert api.get_or_none(path) is None
+    api.create(resource_path("v1", "configmaps", "default"), _cm("a"))
+    assert api.get_or_none(path, timeout=5.0)["data"] == {"v": "1"}
+    api.request("POST", "/_kubeemu/faults", {"error_count": 1, "error_code": 503})
+    with pytest.raises(ApiError) as e:
+        api.get_or_none(path)
+    assert e.value.status == 503
+    assert api.get_or_none(path) is not None  # the one fault is spent

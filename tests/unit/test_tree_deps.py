@@ -343,6 +343,26 @@ def test_a_recreated_root_object_gets_a_new_copy_and_the_old_one_is_released(env
     assert get(leaf, "configmaps", renamed) is not None
 
 
+def test_ensure_reads_the_root_object_itself_not_a_store_behind_a_recreate(env: TreeEnv) -> None:
+    """The cause of the flaky test above: ensure took the root object from the informer's store,
+    which may not have seen a delete-and-recreate yet; the new pod then got the old object's copy
+    (the old content) for good. Here the store is held behind the recreate on purpose."""
+    root = env.root
+    cm(root, "conf", v="old")
+    deps = env.start_deps("l1", "c1")
+    deps.ensure(root_pod(env, "p1", volumes=[{"name": "a", "configMap": {"name": "conf"}}]), NS)
+    frozen = deps._root_inf["configmaps"]
+    frozen.stop()
+    frozen.join(10)
+    root.request("DELETE", path("configmaps", "conf"))
+    new_cm = cm(root, "conf", v="new")
+    assert frozen.store[f"{NS}/conf"]["metadata"]["uid"] != new_cm["metadata"]["uid"]  # behind
+
+    renames = deps.ensure(root_pod(env, "p2", volumes=[{"name": "a", "configMap": {"name": "conf"}}]), NS)
+
+    assert (get(env.leaf("l1"), "configmaps", renames[("configmaps", "conf")]) or {}).get("data") == {"v": "new"}
+
+
 def test_release_keeps_what_ensure_just_handed_out(env: TreeEnv) -> None:
     now = [1000.0]
     cm(env.root, "fresh", v="1")

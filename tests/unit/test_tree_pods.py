@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 
 from tree import identity
+from tree.deps_refs import names_used
 from tree.pods import (
     CLUSTER_SELECTOR_ANNOTATION,
     DAEMONSET_ALLOW_ANNOTATION,
     KOSMOS_DAEMONSET_LABEL,
     SYNCED_KEYS_ANNOTATION,
-    TOKEN_SECRETS,
     PodError,
     leaf_pod,
     leaf_update,
@@ -136,7 +136,7 @@ def test_party_mode_adds_the_party_selector_to_every_required_term() -> None:
 def test_renames_rewrite_every_reference_and_a_renamed_pod_keeps_its_hostname() -> None:
     renames = {("configmaps", "cm"): "cm-x", ("secrets", "sec"): "sec-x", ("secrets", "pull"): "pull-x",
                ("persistentvolumeclaims", "data"): "data-x", ("serviceaccounts", "sa"): "sa-x",
-               ("configmaps", "kube-root-ca.crt"): "master-root-ca.crt", (TOKEN_SECRETS, "sa"): "sa-token"}
+               ("configmaps", "kube-root-ca.crt"): "master-root-ca.crt"}
     spec = leaf_pod(root_pod(), root_id=ROOT, leaf_name="web-1234", mode=Mode.CLUSTER, renames=renames)["spec"]
     c = spec["containers"][0]
     assert c["env"][0]["valueFrom"]["configMapKeyRef"]["name"] == "cm-x"
@@ -146,12 +146,64 @@ def test_renames_rewrite_every_reference_and_a_renamed_pod_keeps_its_hostname() 
     assert vols["data"]["persistentVolumeClaim"]["claimName"] == "data-x"
     assert vols["cfg"]["configMap"]["name"] == "cm-x"
     assert vols["sec"]["secret"]["secretName"] == "sec-x"
-    sources = vols["kube-api-access-x"]["projected"]["sources"]
-    assert sources[0] == {"secret": {"name": "sa-token", "items": [{"key": "token", "path": "token"}]}}
-    assert sources[1]["configMap"]["name"] == "master-root-ca.crt"
+    # The token projection stays (the leaf's kubelet mounts a bound token of the leaf's copy of
+    # the account) and so does the CA beside it: the leaf's own.
+    assert vols["kube-api-access-x"] == root_pod()["spec"]["volumes"][-1]
     assert spec["imagePullSecrets"] == [{"name": "pull-x"}]
     assert spec["serviceAccountName"] == "sa-x"
     assert spec["hostname"] == "web"
+
+
+def test_an_explicit_root_ca_volume_gets_the_roots_ca_and_the_token_keeps_the_leafs() -> None:
+    """A pod that mounts ``kube-root-ca.crt`` itself wants the root's CA (``master-root-ca.crt``);
+    the CA beside its projected token is the leaf's, whose API server the token is for."""
+    pod = root_pod()
+    pod["spec"]["volumes"].append({"name": "root-ca", "configMap": {"name": "kube-root-ca.crt"}})
+    pod["spec"]["volumes"].append({"name": "bundle", "projected": {"sources": [
+        {"configMap": {"name": "kube-root-ca.crt"}}, {"downwardAPI": {"items": []}}]}})
+    renames = {("configmaps", "kube-root-ca.crt"): "master-root-ca.crt"}  # what deps.ensure returns for it
+
+    vols = {v["name"]: v for v in leaf_pod(pod, root_id=ROOT, leaf_name="web", mode=Mode.CLUSTER,
+                                           renames=renames)["spec"]["volumes"]}
+
+    assert vols["root-ca"]["configMap"]["name"] == "master-root-ca.crt"
+    assert vols["bundle"]["projected"]["sources"][0]["configMap"]["name"] == "master-root-ca.crt"
+    api = vols["kube-api-access-x"]["projected"]["sources"]
+    assert api[0] == {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}}
+    assert api[1]["configMap"]["name"] == "kube-root-ca.crt"
+
+
+def test_a_renamed_secret_is_renamed_wherever_the_pod_names_it() -> None:
+    pod = root_pod(containers=[{"name": "c", "image": "nginx:1",
+                                "env": [{"name": "S", "valueFrom": {"secretKeyRef": {"name": "tls", "key": "k"}}}],
+                                "envFrom": [{"secretRef": {"name": "tls"}}]}],
+                   initContainers=[{"name": "i", "image": "busybox:1",
+                                    "env": [{"name": "S", "valueFrom": {"secretKeyRef": {"name": "tls", "key": "k"}}}],
+                                    "envFrom": [{"secretRef": {"name": "tls", "optional": True}}]}],
+                   imagePullSecrets=[{"name": "tls"}],
+                   volumes=[{"name": "v", "secret": {"secretName": "tls"}},
+                            {"name": "p", "projected": {"sources": [
+                                {"secret": {"name": "tls", "items": [{"key": "k", "path": "k"}]}},
+                                {"serviceAccountToken": {"path": "token"}}]}},
+                            {"name": "csi", "csi": {"driver": "x", "nodePublishSecretRef": {"name": "tls"}}}])
+    renames = {("secrets", "tls"): "tls-5f3a"}
+    before = copy.deepcopy(pod)
+
+    out = leaf_pod(pod, root_id=ROOT, leaf_name="web", mode=Mode.CLUSTER, renames=renames)
+
+    spec = out["spec"]
+    for c in spec["containers"] + spec["initContainers"]:
+        assert c["env"][0]["valueFrom"]["secretKeyRef"]["name"] == "tls-5f3a", c["name"]
+        assert c["envFrom"][0]["secretRef"]["name"] == "tls-5f3a", c["name"]
+    vols = {v["name"]: v for v in spec["volumes"]}
+    assert vols["v"]["secret"]["secretName"] == "tls-5f3a"
+    assert vols["p"]["projected"]["sources"][0]["secret"]["name"] == "tls-5f3a"
+    assert vols["p"]["projected"]["sources"][1] == {"serviceAccountToken": {"path": "token"}}
+    assert vols["csi"]["csi"]["nodePublishSecretRef"]["name"] == "tls-5f3a"
+    assert spec["imagePullSecrets"] == [{"name": "tls-5f3a"}]
+    # Every reference the leaf pod makes is one the dependency syncer copied, under its leaf name.
+    assert ("secrets", "tls") not in names_used(out) and ("secrets", "tls-5f3a") in names_used(out)
+    assert pod == before  # the root pod is not touched
 
 
 def leaf_of(pod: Obj, **status: Any) -> Obj:
