@@ -317,11 +317,12 @@ class LeafReconciler:
             self.pods.attach(self._leaf, self._informers[1])  # before start: it sees the first LIST
         self._informers[0].add_handler(lambda _t, _o, _n: self._wake.set())
         self._informers[1].add_handler(self._on_pod)
-        for inf in self._informers:
-            inf.start()
         self._stop_events()
         self._events = EventReflector(self.root, self._leaf, self.options.root_id, self.spec.cluster,
-                                      timeout=self.options.root_timeout, metrics=self.metrics)
+                                      timeout=self.options.root_timeout, metrics=self.metrics,
+                                      pods=self._informers[1])  # one pod watch per leaf, not two
+        for inf in self._informers:
+            inf.start()
         self._events.start()
 
     def _on_pod(self, kind: str, old: Obj | None, new: Obj | None) -> None:
