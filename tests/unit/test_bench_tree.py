@@ -75,9 +75,16 @@ def test_report_figures_ratios_aims_and_markdown() -> None:
     without_paced = tb.report(rounds, 1000)
     assert not any(k.startswith("paced_") for k in (*without_paced.figures, *without_paced.units))
     assert "paced" not in next(n for n in without_paced.notes if n.startswith("aims"))
-    rounds = [dataclasses.replace(r, paced_tree=_stats(600, 900 + i, 20), paced_direct=_stats(500, 600, 20))
+    assert not any(k.startswith("api_") for k in (*without_paced.figures, *without_paced.units))
+    rounds = [dataclasses.replace(r, paced_tree=_stats(600, 900 + i, 20), paced_direct=_stats(500, 600, 20),
+                                  api_tree=_stats(300, 700, 150 + 10 * i), api_direct=_stats(200, 500, 300),
+                                  api_cpu_s=2.0 + i)
               for i, r in enumerate(rounds)]
     rep = tb.report(rounds, 1000)
+    assert rep.figures["api_pods_per_s"]["median"] == 160
+    assert rep.figures["api_pods_per_s"]["ratio"] == pytest.approx(160 / 300)
+    assert rep.figures["api_create_to_running_p99"]["ratio"] == pytest.approx(500 / 700)
+    assert rep.figures["api_tree_cpu_per_1000_pods"]["median"] == pytest.approx(3)
     paced = rep.figures["paced_create_to_running_p99"]
     assert paced["median"] == 901 and paced["ratio"] == pytest.approx(600 / 901)
     p99 = rep.figures["create_to_running_p99"]
@@ -91,6 +98,7 @@ def test_report_figures_ratios_aims_and_markdown() -> None:
     aims = next(n for n in rep.notes if n.startswith("aims"))
     assert "burst 2.27x (NOT met), paced 1.50x (met)" in aims
     assert "50 pods/s (NOT met; direct in the same run: 90 pods/s)" in aims
+    assert "without the kubelets (api_pods_per_s): 160 pods/s (NOT met; direct 300 pods/s)" in aims
     doc = {"meta": {"repeat": 3}, "tree": suite._to_json(rep)}
     md = suite.render_markdown(doc)
     assert "## tree" in md and "| create_to_running_p99 | ms | 2,500 | 2,000 | 3,000 | 1,100 | 0.44 |" in md
