@@ -132,7 +132,13 @@ def _stub(ev: Obj) -> Obj:
     io = ev.get("involvedObject") or {}
     return {"metadata": {"namespace": meta.get("namespace"), "name": meta.get("name"),
                          "resourceVersion": meta.get("resourceVersion")},
-            "involvedObject": {"namespace": io.get("namespace"), "name": io.get("name")}}
+            "involvedObject": {"namespace": io.get("namespace"), "name": io.get("name"), "uid": io.get("uid")}}
+
+
+def _about_uid(ev: Obj) -> str | None:
+    """The UID of the pod an Event (or its stub) is about, when it names one."""
+    uid = (ev.get("involvedObject") or {}).get("uid")
+    return str(uid) if uid else None
 
 
 class _EventStubs(Informer):
@@ -258,8 +264,12 @@ class EventReflector:
         if old is not None and (old.get("metadata") or {}).get("uid") == new["metadata"].get("uid"):
             return  # Events about it were looked at when it was first seen
         about = (str(new["metadata"].get("namespace") or ""), str(new["metadata"].get("name") or ""))
+        uid = new["metadata"].get("uid")
+        store = self.events.store
         with self._cond:
-            keys = set(self._about.get(about, ()))
+            # the Events about this pod, not those about earlier pods of its name (the leaf keeps
+            # Events an hour; a name reused each minute would read them all again)
+            keys = {k for k in self._about.get(about, ()) if _about_uid(store.get(k) or {}) in (None, uid)}
         if keys:
             self._queue(keys)
 
@@ -309,8 +319,13 @@ class EventReflector:
             kept = self._pending.get(key)
         if kept is not None:
             return kept
-        if key not in self.events.store:
+        stub = self.events.store.get(key)
+        if stub is None:
             return None  # gone from the leaf
+        io = stub.get("involvedObject") or {}
+        pod = self.pods.store.get(f"{io.get('namespace')}/{io.get('name')}")
+        if pod is None or _about_uid(stub) not in (None, pod["metadata"].get("uid")):
+            return None  # about no pod listed, or an earlier pod of that name: nothing to read again
         ns, _, name = key.rpartition("/")
         try:
             ev = self.leaf.request("GET", resource_path("v1", "events", ns or None, name), timeout=self.timeout)

@@ -238,6 +238,18 @@ def test_whole_events_are_kept_only_until_reflected_or_waited_out(env: TreeEnv) 
         wait_until(lambda: [e for e in _root_events(env, ns) if e["reason"] == "Early"], 10, "Early reflected")
         assert sorted(e["reason"] for e in _root_events(env, ns)) == ["Early", "Pulled"]
         assert r.pending() == 0
+        # a new pod of a used name: the Events about the earlier one are not read again
+        gets: list[str] = []
+        request = r.leaf.request
+        r.leaf.request = lambda m, path, *a, **kw: (gets.append(path) if m == "GET" else None,  # type: ignore[method-assign]
+                                                    request(m, path, *a, **kw))[1]
+        leaf.request("DELETE", resource_path("v1", "pods", ns, "web"), {"gracePeriodSeconds": 0})
+        wait_until(lambda: f"{ns}/web" not in pods.store, 10, "the first web gone from the informer")
+        _pods(env, leaf, ns, "web-again", "web")
+        wait_until(lambda: (p := pods.store.get(f"{ns}/web")) and p["metadata"]["uid"] != leaf_pod["metadata"]["uid"],
+                   10, "the second web listed")
+        wait_until(r.idle, 10, "the reflector idle")
+        assert gets == [] and r.pending() == 0
     finally:
         r.stop()
         r.join(5)
