@@ -241,8 +241,12 @@ def test_whole_events_are_kept_only_until_reflected_or_waited_out(env: TreeEnv) 
         # a new pod of a used name: the Events about the earlier one are not read again
         gets: list[str] = []
         request = r.leaf.request
-        r.leaf.request = lambda m, path, *a, **kw: (gets.append(path) if m == "GET" else None,  # type: ignore[method-assign]
-                                                    request(m, path, *a, **kw))[1]
+        def counting(method: str, path: str, *a: Any, **kw: Any) -> Any:
+            if method == "GET":
+                gets.append(path)
+            return request(method, path, *a, **kw)
+
+        r.leaf.request = counting  # type: ignore[method-assign]
         leaf.request("DELETE", resource_path("v1", "pods", ns, "web"), {"gracePeriodSeconds": 0})
         wait_until(lambda: f"{ns}/web" not in pods.store, 10, "the first web gone from the informer")
         _pods(env, leaf, ns, "web-again", "web")

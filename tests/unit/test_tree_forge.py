@@ -287,7 +287,7 @@ def test_the_node_advertises_the_managers_kubelet_server_when_it_serves_one() ->
 def _random_change(rng: Any, p: Obj) -> Obj:
     """One change a leaf pod may go through: its status, its annotations, its binding, its requests,
     a label (ours or not), its phase to a terminal one."""
-    q = json.loads(json.dumps(p))
+    q: Obj = json.loads(json.dumps(p))
     what = rng.randrange(7)
     if what == 0:
         q["status"] = {"phase": rng.choice(["Pending", "Running"]), "podIP": f"10.0.0.{rng.randrange(9)}"}
