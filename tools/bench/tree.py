@@ -89,7 +89,9 @@ _log = logging.getLogger(__name__)
 NAME = "tree"
 HELP = ("1,000 pods created in a ClusterTree root, bound to the virtual nodes of 4 leaves with real kubelets: "
         "root create -> leaf Running -> root status Running, p50/p99 and pods reflected per second (baseline: the "
-        "same pods created directly in the leaves in the same run); tree manager RSS and CPU per 1,000 pods")
+        "same pods created directly in the leaves in the same run); the same without the kubelets (api_*: a "
+        "kubelet-less node per leaf, the benchmark marking pods Running), the tree's own reflection rate; tree "
+        "manager RSS and CPU per 1,000 pods")
 
 LEAVES = 4
 DEFAULT_PODS = 1000
