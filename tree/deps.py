@@ -61,6 +61,11 @@ rename is returned for it (Kosmos renames it there too, pairing the root's CA wi
 it copied). A pod that names ``kube-root-ca.crt`` anywhere else wants the root's CA, and gets
 ``master-root-ca.crt``.
 
+Informers. The root's ConfigMaps, Secrets, ServiceAccounts and PVCs are watched once per
+manager (:class:`RootObjects`, shared by every leaf's :class:`Dependencies`, each subscribed to
+their changes while it runs); a :class:`Dependencies` made without one watches them itself.
+The leaf's copies, PVs and the root's PV mirrors of its Cluster are its own.
+
 Ownership: every leaf copy carries :func:`tree.identity.ownership`; root PV mirrors carry
 ``kosmos.io/cluster=<cluster>`` and ``kosmos.io/leaf-pv-uid=<leaf PV UID>`` and are found by
 them. Nothing here lives only in memory except the pins and the work queue, which the next
@@ -130,15 +135,59 @@ def _uid(obj: Obj) -> str:
     return str(_meta(obj).get("uid") or "")
 
 
+#: A subscriber of :class:`RootObjects`: (plural, event type, old, new).
+RootHandler = Callable[[str, str, "Obj | None", "Obj | None"], None]
+
+
+class RootObjects:
+    """The root objects pods refer to (ConfigMaps, Secrets, ServiceAccounts, PVCs): one informer
+    each for the whole manager; every leaf's :class:`Dependencies` reads their stores (by key)
+    and hears their changes while subscribed."""
+
+    PLURALS = (CONFIGMAPS, SECRETS, SERVICEACCOUNTS, PVCS)
+
+    def __init__(self, root: Api) -> None:
+        self.informers = {p: Informer(root, "v1", p) for p in self.PLURALS}
+        self._lock = threading.Lock()
+        self._subscribers: list[RootHandler] = []
+        for p, inf in self.informers.items():
+            inf.add_handler(self._fan_out(p))
+
+    def _fan_out(self, plural: str) -> Callable[[str, Obj | None, Obj | None], None]:
+        def handler(kind: str, old: Obj | None, new: Obj | None) -> None:
+            for fn in self._subscribers:  # replaced, never mutated: no lock to read it
+                fn(plural, kind, old, new)
+        return handler
+
+    def subscribe(self, fn: RootHandler) -> None:
+        with self._lock:
+            self._subscribers = [*self._subscribers, fn]
+
+    def unsubscribe(self, fn: RootHandler) -> None:
+        with self._lock:
+            self._subscribers = [s for s in self._subscribers if s != fn]  # == : bound methods are made anew
+
+    def start(self) -> None:
+        for inf in self.informers.values():
+            inf.start()
+
+    def stop(self) -> None:
+        for inf in self.informers.values():
+            inf.stop()
+
+
 class Dependencies:
     """The dependencies of the root pods one leaf runs (see the module's steps)."""
 
     def __init__(self, root: Api, leaf: Api, *, root_id: str, cluster: str, timeout: float,
                  mode: str = "cluster", metrics: TreeMetrics | None = None, resync_period: float = 30.0,
-                 pin_seconds: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+                 pin_seconds: float = 60.0, clock: Callable[[], float] = time.monotonic,
+                 root_objects: RootObjects | None = None) -> None:
         """``mode``: the Cluster's leaf mode (``cluster``, ``node``, ``party``; the PV mirrors'
         node affinity depends on it). ``timeout``: seconds any one request may take.
-        ``pin_seconds``: how long a copy :meth:`ensure` handed out is safe from :meth:`release`."""
+        ``pin_seconds``: how long a copy :meth:`ensure` handed out is safe from :meth:`release`.
+        ``root_objects``: the manager's shared root informers (started and stopped by it); None:
+        this instance runs its own."""
         self.root = root
         self.leaf = leaf
         self.root_id = root_id
@@ -150,7 +199,9 @@ class Dependencies:
         self.pin_seconds = pin_seconds
         self.clock = clock
         ours = f"{identity.ROOT_LABEL}={root_id}"
-        self._root_inf = {p: Informer(root, "v1", p) for p in (CONFIGMAPS, SECRETS, SERVICEACCOUNTS, PVCS)}
+        self._own_root = root_objects is None
+        self._root_objects = root_objects if root_objects is not None else RootObjects(root)
+        self._root_inf = self._root_objects.informers
         self._mirrors = Informer(root, "v1", PVS, label_selector=f"{MIRROR_CLUSTER_LABEL}={cluster}",
                                  copy_on_write=True)
         self._leaf_inf = {p: Informer(leaf, "v1", p, label_selector=ours, copy_on_write=True)
@@ -179,13 +230,12 @@ class Dependencies:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        for p, inf in self._root_inf.items():
-            inf.add_handler(self._on_root(p))
+        self._root_objects.subscribe(self._on_root)
         for p, inf in self._leaf_inf.items():
             inf.add_handler(self._on_leaf_copy(p))
         self._leaf_pvs.add_handler(self._on_leaf_pv)
         self._mirrors.add_handler(self._on_mirror)
-        for inf in self._informers():
+        for inf in self._own_informers():
             inf.start()
         self._thread = threading.Thread(target=self._run, name=f"deps-{self.cluster}", daemon=True)
         self._thread.start()
@@ -195,7 +245,8 @@ class Dependencies:
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
-        for inf in self._informers():
+        self._root_objects.unsubscribe(self._on_root)
+        for inf in self._own_informers():
             inf.stop()
         if self._thread is not None:
             self._thread.join(self.timeout + 5)
@@ -207,6 +258,10 @@ class Dependencies:
 
     def _informers(self) -> list[Informer]:
         return [*self._root_inf.values(), self._mirrors, *self._leaf_inf.values(), self._leaf_pvs]
+
+    def _own_informers(self) -> list[Informer]:
+        """The informers this instance starts and stops (the shared root ones are the manager's)."""
+        return [i for i in self._informers() if self._own_root or i not in self._root_inf.values()]
 
     # ------------------------------------------------------------------ ensure
 
@@ -465,13 +520,10 @@ class Dependencies:
                 self._queue[key] = due
             self._cond.notify()
 
-    def _on_root(self, plural: str) -> Callable[[str, Obj | None, Obj | None], None]:
-        def handler(_kind: str, old: Obj | None, new: Obj | None) -> None:
-            obj = new or old or {}
-            uid = _uid(obj)
-            if self._copies_of(plural, uid):
-                self._enqueue((plural, uid))
-        return handler
+    def _on_root(self, plural: str, _kind: str, old: Obj | None, new: Obj | None) -> None:
+        uid = _uid(new or old or {})
+        if self._copies_of(plural, uid):
+            self._enqueue((plural, uid))
 
     def _on_leaf_copy(self, plural: str) -> Callable[[str, Obj | None, Obj | None], None]:
         def handler(kind: str, old: Obj | None, new: Obj | None) -> None:

@@ -5,10 +5,15 @@ OOM kills, the leaf scheduler's FailedScheduling): those Events are written in t
 the leaf copy. One :class:`EventReflector` per connected leaf (its reconciler owns it) keeps, in
 order:
 
-1. two informers on the leaf: our pods (label :data:`tree.identity.ROOT_LABEL` = this root's id)
-   and Events about pods (``fieldSelector=involvedObject.kind=Pod``);
+1. two informers on the leaf: its pods (the leaf reconciler's informer on all of them, or one of
+   its own on our pods, label :data:`tree.identity.ROOT_LABEL` = this root's id) and Events about
+   pods (``fieldSelector=involvedObject.kind=Pod``). The Events informer keeps a stub per Event
+   (key, resourceVersion, the pod it is about: :class:`_EventStubs`); whole Events are kept only
+   while they wait to be reflected (``_pending``), so memory follows the Events in flight, not
+   every Event the leaf holds (kept an hour by its TTL, a few per pod);
 2. a queue of leaf Events to look at, filled by both (an Event about a pod not listed yet waits
-   for the pod: its arrival queues the Events about it);
+   for the pod, at most :attr:`EventReflector.POD_WAIT_S`: its arrival queues the Events about
+   it; an Event dropped meanwhile is read again from the leaf then);
 3. per Event, a worker thread: the leaf pod it is about must be ours (same UID when the Event names
    one); the root pod is the one whose UID the leaf pod's :data:`tree.identity.ROOT_UID_LABEL`
    carries, read from the root by the name in :data:`tree.identity.ROOT_NAME_ANNOTATION` and
@@ -120,16 +125,46 @@ def _differs(want: Obj, have: Obj) -> Obj:
     return {k: want[k] for k in _UPDATED if want.get(k) is not None and have.get(k) != want[k]}
 
 
+def _stub(ev: Obj) -> Obj:
+    """What the Events informer keeps of an Event: its key and version (a re-list compares them)
+    and the pod it is about (a deletion's handler reads it)."""
+    meta = ev.get("metadata") or {}
+    io = ev.get("involvedObject") or {}
+    return {"metadata": {"namespace": meta.get("namespace"), "name": meta.get("name"),
+                         "resourceVersion": meta.get("resourceVersion")},
+            "involvedObject": {"namespace": io.get("namespace"), "name": io.get("name"), "uid": io.get("uid")}}
+
+
+def _about_uid(ev: Obj) -> str | None:
+    """The UID of the pod an Event (or its stub) is about, when it names one."""
+    uid = (ev.get("involvedObject") or {}).get("uid")
+    return str(uid) if uid else None
+
+
+class _EventStubs(Informer):
+    """The leaf's Events informer, storing a stub per Event (:func:`_stub`); its handlers still
+    get the whole new Event (the old one is a stub)."""
+
+    def _put(self, key: str, obj: Obj) -> None:
+        super()._put(key, _stub(obj))
+
+
 class EventReflector:
     """One leaf's Events about this root's pods, written to the root (see the module)."""
 
     #: Seconds between retries of a failed Event: doubled per failure, capped.
     RETRY_INITIAL, RETRY_MAX = 0.5, 30.0
-    #: Root pods remembered (by root UID) before the cache is dropped and rebuilt.
-    CACHE_MAX = 20_000
+    #: Root pods remembered (by root UID), and root Events (by name), before each cache is
+    #: dropped and rebuilt (by GETs).
+    CACHE_MAX = 5_000
+    #: Seconds an Event about a pod not listed (yet) is kept for that pod to show.
+    POD_WAIT_S = 60.0
 
     def __init__(self, root: Api, leaf: Api, root_id: str, cluster: str, *, timeout: float = 10.0,
-                 metrics: TreeMetrics | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 metrics: TreeMetrics | None = None, clock: Callable[[], float] = time.monotonic,
+                 pods: Informer | None = None) -> None:
+        """``pods``: an informer on the leaf's pods (ours at least) that its owner starts before
+        this reflector and stops with it (the leaf reconciler's); None: one of our pods of its own."""
         self.root = root
         self.leaf = leaf
         self.root_id = root_id
@@ -137,13 +172,17 @@ class EventReflector:
         self.timeout = timeout
         self.metrics = metrics
         self.clock = clock
-        self.pods = Informer(leaf, "v1", "pods", label_selector=f"{identity.ROOT_LABEL}={root_id}")
-        self.events = Informer(leaf, "v1", "events", field_selector="involvedObject.kind=Pod")
+        self._own_pods = pods is None
+        self.pods = pods if pods is not None else Informer(leaf, "v1", "pods",
+                                                           label_selector=f"{identity.ROOT_LABEL}={root_id}")
+        self.events: Informer = _EventStubs(leaf, "v1", "events", field_selector="involvedObject.kind=Pod")
         self.pods.add_handler(self._on_pod)
         self.events.add_handler(self._on_event)
         self._cond = threading.Condition()
         #: Leaf Event key -> when it is due.
         self._due: dict[str, float] = {}
+        #: Leaf Event key -> (the Event, when it was first kept): those still to reflect.
+        self._pending: dict[str, tuple[Obj, float]] = {}
         self._failures: dict[str, int] = {}
         #: (namespace, leaf pod name) -> keys of the leaf Events about it.
         self._about: dict[tuple[str, str], set[str]] = {}
@@ -161,14 +200,16 @@ class EventReflector:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        self.pods.start()
+        if self._own_pods:
+            self.pods.start()
         self.events.start()
         self._thread = threading.Thread(target=self._run, name=f"tree-events-{self.cluster}", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
-        self.pods.stop()
+        if self._own_pods:
+            self.pods.stop()
         self.events.stop()
         with self._cond:
             self._cond.notify_all()
@@ -178,17 +219,26 @@ class EventReflector:
             self._thread.join(timeout)
 
     def idle(self) -> bool:
-        """Synced and nothing queued (for tests: every Event seen was handled)."""
+        """Synced and nothing due (for tests: every Event seen was handled, or waits for its pod)."""
         with self._cond:
-            return self.pods.synced.is_set() and self.events.synced.is_set() and not self._due and not self._busy
+            now = self.clock()
+            return (self.pods.synced.is_set() and self.events.synced.is_set() and not self._busy
+                    and all(t > now for t in self._due.values()))
+
+    def pending(self) -> int:
+        """Whole Events kept (waiting to be reflected, or for their pod): the memory it holds."""
+        with self._cond:
+            return len(self._pending)
 
     # ------------------------------------------------------------------ informer handlers
 
-    def _queue(self, keys: set[str] | list[str], delay: float = 0.0) -> None:
+    def _queue(self, keys: set[str] | list[str], delay: float = 0.0, *, earliest: bool = False) -> None:
+        """Due after ``delay``; ``earliest``: unless already due sooner (a delay > 0 otherwise
+        replaces an earlier time: a failure's back-off)."""
         due = self.clock() + delay
         with self._cond:
             for k in keys:
-                self._due[k] = min(self._due.get(k, due), due) if delay == 0.0 else due
+                self._due[k] = min(self._due.get(k, due), due) if delay == 0.0 or earliest else due
             self._cond.notify_all()
 
     def _on_event(self, etype: str, old: Obj | None, new: Obj | None) -> None:
@@ -198,10 +248,13 @@ class EventReflector:
         about = (str(io.get("namespace") or ""), str(io.get("name") or ""))
         with self._cond:
             if etype == "DELETED":
+                self._pending.pop(key, None)
                 self._about.get(about, set()).discard(key)
                 if not self._about.get(about):
                     self._about.pop(about, None)
                 return
+            since = self._pending[key][1] if key in self._pending else self.clock()
+            self._pending[key] = (ev, since)
             self._about.setdefault(about, set()).add(key)
         self._queue([key])
 
@@ -211,8 +264,12 @@ class EventReflector:
         if old is not None and (old.get("metadata") or {}).get("uid") == new["metadata"].get("uid"):
             return  # Events about it were looked at when it was first seen
         about = (str(new["metadata"].get("namespace") or ""), str(new["metadata"].get("name") or ""))
+        uid = new["metadata"].get("uid")
+        store = self.events.store
         with self._cond:
-            keys = set(self._about.get(about, ()))
+            # the Events about this pod, not those about earlier pods of its name (the leaf keeps
+            # Events an hour; a name reused each minute would read them all again)
+            keys = {k for k in self._about.get(about, ()) if _about_uid(store.get(k) or {}) in (None, uid)}
         if keys:
             self._queue(keys)
 
@@ -255,22 +312,65 @@ class EventReflector:
         else:
             self._failures.pop(key, None)
 
+    def _event(self, key: str) -> tuple[Obj, float] | None:
+        """The whole Event ``key`` (kept, else read from the leaf when it still has it), and
+        since when it is kept."""
+        with self._cond:
+            kept = self._pending.get(key)
+        if kept is not None:
+            return kept
+        stub = self.events.store.get(key)
+        if stub is None:
+            return None  # gone from the leaf
+        io = stub.get("involvedObject") or {}
+        pod = self.pods.store.get(f"{io.get('namespace')}/{io.get('name')}")
+        if pod is None or _about_uid(stub) not in (None, pod["metadata"].get("uid")):
+            return None  # about no pod listed, or an earlier pod of that name: nothing to read again
+        ns, _, name = key.rpartition("/")
+        try:
+            ev = self.leaf.request("GET", resource_path("v1", "events", ns or None, name), timeout=self.timeout)
+        except ApiError as e:
+            if e.status == 404:
+                return None
+            raise
+        with self._cond:
+            kept = self._pending.setdefault(key, (ev, self.clock()))  # unless a newer one came meanwhile
+        return kept
+
+    def _done(self, key: str, ev: Obj) -> None:
+        """Forget the whole Event ``key`` unless a newer version came meanwhile (queued again)."""
+        with self._cond:
+            kept = self._pending.get(key)
+            if kept is not None and kept[0] is ev:
+                del self._pending[key]
+
     def reflect(self, key: str) -> None:
         """Write the root Event of leaf Event ``key`` when the root's differs (module, step 3)."""
-        ev = self.events.store.get(key)
-        if ev is None:
+        kept = self._event(key)
+        if kept is None:
             return
+        ev, since = kept
         io = ev.get("involvedObject") or {}
         if io.get("kind") != "Pod":
+            self._done(key, ev)
             return
         pod = self.pods.store.get(f"{io.get('namespace')}/{io.get('name')}")
-        if pod is None or (io.get("uid") and pod["metadata"].get("uid") != io.get("uid")):
-            return  # not ours, or an older pod of that name; a pod listed later queues the Event again
+        if pod is None:  # not listed yet: a pod listed later queues the Event again
+            if self.clock() - since >= self.POD_WAIT_S:
+                self._done(key, ev)  # read again from the leaf if its pod shows after all
+            else:
+                self._queue([key], self.POD_WAIT_S, earliest=True)
+            return
+        if io.get("uid") and pod["metadata"].get("uid") != io.get("uid"):
+            self._done(key, ev)  # about an older pod of that name
+            return
         who = identity.root_of(pod)
         if who is None or who[0] != self.root_id:
+            self._done(key, ev)  # not ours
             return
         root_pod = self._root_pod(pod, who[1])
         if root_pod is None:
+            self._done(key, ev)
             return
         want = root_event(ev, root_pod, self.cluster, self.root_id)
         name, ns = want["metadata"]["name"], want["metadata"]["namespace"]
@@ -298,9 +398,10 @@ class EventReflector:
                     self._written.pop(name, None)
                 raise
             self._count("updated")
-        self._written[name] = {k: (have or {}).get(k) for k in _UPDATED}
-        if len(self._written) > self.CACHE_MAX:
+        if len(self._written) >= self.CACHE_MAX:
             self._written.clear()
+        self._written[name] = {k: (have or {}).get(k) for k in _UPDATED}
+        self._done(key, ev)
 
     def _count(self, result: str) -> None:
         self.writes += 1

@@ -240,7 +240,7 @@ def virtual_nodes(spec: TreeSpec, nodes: Iterable[Obj], pods: Iterable[Obj], *, 
     used: dict[str, tuple[Resource, int, int]] = {}  # leaf node -> (requests of all its pods, pods, ours)
     pending: list[tuple[Obj, Resource]] = []
     for p in pods:
-        if (p.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+        if (p.get("status") or {}).get("phase") in ("Succeeded", "Failed"):  # pod_footprint reads the same
             continue
         try:
             req = pod_requests(p)
@@ -295,6 +295,15 @@ def _room(node: Obj, alloc_of: Mapping[str, Resource], used: Mapping[str, tuple[
                     allocatable=format_resources(alloc or Resource(), keys), free=format_resources(left, keys),
                     pods=count, our_pods=ours,
                     labels={k: str(labels[k]) for k in PLACEMENT_LABELS if k in labels})
+
+
+def pod_footprint(pod: Obj, root_id: str) -> tuple[bool, bool, Any]:
+    """What :func:`virtual_nodes` reads of a pod: terminal or not, ours or not, its spec (requests,
+    ``nodeName``, node selector and affinity). Two versions of a pod with the same footprint give
+    the same virtual nodes, so a change that keeps it (the pod's status going Pending -> Running,
+    its conditions, annotations) needs no new pass."""
+    return ((pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"), is_ours(pod, root_id),
+            pod.get("spec"))
 
 
 def leaf_resources(vn: VirtualNode, cluster: str) -> bytes:

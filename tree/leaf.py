@@ -16,8 +16,12 @@ the reconciler's thread:
    that died without a word is not waited out. With the informers, the leaf's Events about our
    pods start being reflected to the root pods (:class:`tree.events.EventReflector`, restarted
    with them).
-3. Reconcile, on every change of the leaf's Nodes or Pods, of our virtual nodes in the root, of
-   the spec, of the fabric's reachability, and on every probe: forge the virtual nodes
+3. Reconcile, on every change of the leaf's Nodes or Pods (a pod change only when it changes
+   what the forge reads of it, :func:`tree.forge.pod_footprint`: a pod going Running changes
+   nothing), of our virtual nodes in the root, of the spec, of the fabric's reachability, and on
+   every probe, at most once per ``Options.pass_interval`` (changes meanwhile are coalesced into
+   the next pass, which reads the informers as they are then: the result is the same pure
+   function of the informers' state, only computed less often): forge the virtual nodes
    (:mod:`tree.forge`; ``NetworkUnavailable`` as :class:`tree.fabric_link.FabricLink` says),
    write what differs (:class:`tree.vnode.RootWriter`), delete our virtual nodes of this
    Cluster that are no longer wanted (membership moved); hand the link the records of the
@@ -87,6 +91,9 @@ class Options:
     kubelet_port: int = 0
     #: Worker threads syncing one leaf's pods (:class:`tree.podsync.PodSyncer`).
     pod_workers: int = 8
+    #: Seconds at least between two passes of one leaf (events meanwhile make one pass): the
+    #: forge walks every pod of the leaf, so a pass per pod event costs O(pods) per event.
+    pass_interval: float = 0.2
 
 
 def _connect_leaf(doc: Obj) -> Api:
@@ -139,6 +146,8 @@ class LeafReconciler:
         self._failure: tuple[str, str] | None = None
         self._version = ""
         self._last_lease = -1e18
+        #: When the last pass started (``clock``): the next waits ``Options.pass_interval``.
+        self._last_pass = -1e18
         self._conflicts: set[str] = set()
         self._backoff = Backoff(initial=0.2, maximum=10.0)
         self._retry_at: float | None = None
@@ -222,9 +231,12 @@ class LeafReconciler:
             now = self.clock()
             due = [next_probe, next_secret] + ([self._retry_at] if self._retry_at is not None else [])
             self._wake.wait(max(0.0, min(due) - now))
-            self._wake.clear()
             if self._stop.is_set():
                 break
+            gap = self._last_pass + self.options.pass_interval - self.clock()
+            if gap > 0 and self._stop.wait(gap):  # changes meanwhile join this pass
+                break
+            self._wake.clear()
             now = self.clock()
             if now >= next_secret or self._secret_tried != (self.spec.secret_namespace, self.spec.secret_name):
                 self._check_secret()
@@ -235,6 +247,7 @@ class LeafReconciler:
             if self._stop.is_set():
                 break
             try:
+                self._last_pass = self.clock()
                 self._reconcile()
                 self._backoff.reset()
                 self._retry_at = None
@@ -302,13 +315,22 @@ class LeafReconciler:
         self._informers = [Informer(self._leaf, "v1", "nodes"), Informer(self._leaf, "v1", "pods")]
         if self.pods is not None:
             self.pods.attach(self._leaf, self._informers[1])  # before start: it sees the first LIST
-        for inf in self._informers:
-            inf.add_handler(lambda _t, _o, _n: self._wake.set())
-            inf.start()
+        self._informers[0].add_handler(lambda _t, _o, _n: self._wake.set())
+        self._informers[1].add_handler(self._on_pod)
         self._stop_events()
         self._events = EventReflector(self.root, self._leaf, self.options.root_id, self.spec.cluster,
-                                      timeout=self.options.root_timeout, metrics=self.metrics)
+                                      timeout=self.options.root_timeout, metrics=self.metrics,
+                                      pods=self._informers[1])  # one pod watch per leaf, not two
+        for inf in self._informers:
+            inf.start()
         self._events.start()
+
+    def _on_pod(self, kind: str, old: Obj | None, new: Obj | None) -> None:
+        """A leaf pod changed: a pass only when the virtual nodes may change with it."""
+        root_id = self.options.root_id
+        if kind != "MODIFIED" or old is None or new is None \
+                or forge.pod_footprint(old, root_id) != forge.pod_footprint(new, root_id):
+            self._wake.set()
 
     def _stop_events(self) -> None:
         if self._events is not None:

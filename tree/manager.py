@@ -4,7 +4,10 @@ and the removal of virtual nodes nobody should have any more.
 In order:
 
 1. Informers on the root's ``Cluster`` objects and on its virtual nodes (label
-   ``kosmos.io/node=true``) run in every replica, the standby's too, so a takeover starts warm.
+   ``kosmos.io/node=true``) run in every replica, the standby's too, so a takeover starts warm;
+   so do those every leaf's pod and dependency syncers share (the root's bound pods,
+   :class:`tree.podsync.RootPods`; its ConfigMaps, Secrets, ServiceAccounts and PVCs,
+   :class:`tree.deps.RootObjects`): one of each per manager, not per leaf.
 2. With ``leader_elect`` only the holder of the Lease (``kube-system/kosmos-tree`` by default,
    :class:`scheduler.election.LeaderElector`) acts; losing it stops every reconciler and sets
    :attr:`TreeManager.lost` (``kosmos-tree`` then exits 1, as kube-scheduler, so a supervisor
@@ -43,7 +46,7 @@ from scheduler.election import LeaderElector
 from scheduler.kube import Api, Informer, wait_synced
 from tree import spec as treespec
 from tree.convert import ConvertPolicies
-from tree.deps import Dependencies
+from tree.deps import Dependencies, RootObjects
 from tree.fabric_link import FabricLink
 from tree.leaf import Connector, LeafReconciler, Options, _connect_leaf
 from tree.metrics import TreeMetrics
@@ -85,7 +88,11 @@ class TreeManager:
             self.policies = ConvertPolicies(root, nodes=lambda name: self.nodes.store.get(name), metrics=self.metrics)
             converter = self.policies.convert
         self.converter = converter
+        #: The root's ConfigMaps, Secrets, ServiceAccounts and PVCs, watched once for every leaf's
+        #: dependency syncer (the ``dependencies`` default).
+        self.root_objects: RootObjects | None = None
         if dependencies == "default":
+            self.root_objects = RootObjects(root) if sync_pods else None
             dependencies = self._dependencies
         self.dependencies = dependencies
         self.nodes.add_handler(self._on_node)
@@ -119,6 +126,8 @@ class TreeManager:
             self.pods.start()
         if self.policies is not None:
             self.policies.start()
+        if self.root_objects is not None:
+            self.root_objects.start()
         if sync_timeout is not None and not wait_synced([self.clusters, self.nodes], sync_timeout):
             _log.warning("root informers not synced after %g s; going on (they keep trying)", sync_timeout)
         if self.elector is not None:
@@ -149,12 +158,15 @@ class TreeManager:
             self.pods.stop()
         if self.policies is not None:
             self.policies.stop()
+        if self.root_objects is not None:
+            self.root_objects.stop()
 
     def _dependencies(self, spec: treespec.TreeSpec, root: Api, leaf: Api) -> Dependencies:
         """The dependency syncer of one leaf connection (the default ``dependencies``)."""
         o = self.options
         return Dependencies(root, leaf, root_id=o.root_id, cluster=spec.cluster, timeout=o.leaf_timeout,
-                            mode=spec.mode, metrics=self.metrics, resync_period=o.resync_period)
+                            mode=spec.mode, metrics=self.metrics, resync_period=o.resync_period,
+                            root_objects=self.root_objects)
 
     def kick(self) -> None:
         self._wake.set()

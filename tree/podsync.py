@@ -20,8 +20,12 @@ One root pod UID, one step (:meth:`PodSyncer.sync_one`), from what the informers
 3. The root pod lives, bound to one of this leaf's virtual nodes (or already copied here): with
    no copy, one is created (namespace created on demand; :class:`Dependencies` asked for its
    ConfigMaps, Secrets, ServiceAccount, PVCs; :func:`tree.pods.leaf_pod`; the convert hook).
-   A create reads the root pod afresh first (the informer may not show yet that it has
-   finished or is being deleted). With a copy: its updatable fields are patched to the root
+   A create uses the root informer's copy of the pod when it is current: the one way it can
+   miss that the pod has finished is a status this syncer wrote itself (only the node's
+   kubelet, i.e. we, make a pod of ours Succeeded or Failed), so after a status write the pod
+   is read afresh (a GET) until the informer shows that write's resourceVersion. A deletion
+   the informer has not shown yet is no different from one that comes right after a create:
+   its event deletes the copy (step 2). With a copy: its updatable fields are patched to the root
    pod's (:func:`tree.pods.leaf_update`, so an edit in the leaf is put back) and the root pod's
    status is written from it (:func:`tree.pods.root_status`). A copy being deleted by someone
    else is waited out and then created again; the root pod is never deleted because its copy
@@ -139,7 +143,7 @@ class RootPods:
 
     def unsubscribe(self, fn: Callable[[Obj], None]) -> None:
         with self._lock:
-            self._subscribers = [s for s in self._subscribers if s is not fn]
+            self._subscribers = [s for s in self._subscribers if s != fn]  # == : bound methods are made anew
 
     def get(self, uid: str) -> Obj | None:
         return self._by_uid.get(uid)
@@ -271,6 +275,10 @@ class PodSyncer:
         self._backoff: dict[str, Backoff] = {}
         #: root UID -> (reason, message) of the last Event posted (once per distinct message).
         self._events: dict[str, tuple[str, str]] = {}
+        #: root UID -> the resourceVersion of the root pod's status as this syncer last wrote it
+        #: ("" while the write is in flight or its answer was lost), until the root informer
+        #: shows that version: meanwhile the informer may miss that the pod finished.
+        self._written: dict[str, str] = {}
         self._queue = _Queue()
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
@@ -341,6 +349,8 @@ class PodSyncer:
 
     def _on_root(self, pod: Obj) -> None:
         uid = str(_meta(pod).get("uid") or "")
+        if uid in self._written and self._written.get(uid) == _meta(pod).get("resourceVersion"):
+            self._written.pop(uid, None)  # the informer has caught up with our status write
         if uid and self._primed and (self._mine(pod) or uid in self._copies):
             self._queue.add(uid)
 
@@ -402,7 +412,7 @@ class PodSyncer:
         uids |= set(copies)
         for u in uids:
             self._queue.add(u)
-        for table in (self._events, self._backoff, self._created):  # of pods gone meanwhile
+        for table in (self._events, self._backoff, self._created, self._written):  # of pods gone meanwhile
             for u in [u for u in list(table) if u not in uids]:
                 table.pop(u, None)
         with self._lock:
@@ -519,15 +529,17 @@ class PodSyncer:
             _log.info("Cluster %s: pod %s/%s waits for the earlier copy %s to go", self.cluster, ns, name,
                       _meta(older[0]).get("name"))
             raise _Retry(self.resync_period)
-        # the root pod as it is now: the informer may not show yet that it finished or is going
-        fresh = self.root.get_or_none(resource_path("v1", "pods", ns, name), timeout=self.root_timeout)
-        if fresh is None:
-            return
-        fmeta = _meta(fresh)
-        if (str(fmeta.get("uid")) != uid or fmeta.get("deletionTimestamp")
-                or (fresh.get("status") or {}).get("phase") in TERMINAL):
-            return  # its own event queues it again
-        root_pod = fresh
+        if uid in self._written:  # the informer may not show our last status write (a finish) yet
+            fresh = self.root.get_or_none(resource_path("v1", "pods", ns, name), timeout=self.root_timeout)
+            if fresh is None:
+                return
+            fmeta = _meta(fresh)
+            if (str(fmeta.get("uid")) != uid or fmeta.get("deletionTimestamp")
+                    or (fresh.get("status") or {}).get("phase") in TERMINAL):
+                return  # its own event queues it again
+            if fmeta.get("resourceVersion") == _meta(root_pod).get("resourceVersion"):
+                self._written.pop(uid, None)  # the informer is current again
+            root_pod = fresh
         occupant = inf.store.get(f"{ns}/{name}")
         leaf_name = identity.leaf_name(name, self.root_id, uid, occupant)
         spec = self.spec()
@@ -575,8 +587,16 @@ class PodSyncer:
             return
         meta = _meta(root_pod)
         self._guard()
-        self.root.request("PUT", resource_path("v1", "pods", meta["namespace"], meta["name"], sub="status"),
-                          {**root_pod, "status": status}, timeout=self.root_timeout)
+        uid = str(meta.get("uid"))
+        self._written[uid] = ""  # in flight: a lost answer may still have written it
+        written = self.root.request("PUT", resource_path("v1", "pods", meta["namespace"], meta["name"],
+                                                         sub="status"),
+                                    {**root_pod, "status": status}, timeout=self.root_timeout)
+        rv = str(_meta(written).get("resourceVersion") or "")
+        if rv and (self.root_pods.get(uid) or {}).get("metadata", {}).get("resourceVersion") == rv:
+            self._written.pop(uid, None)  # the informer already shows it
+        else:
+            self._written[uid] = rv
         self.metrics.pod_writes.labels(self.cluster, "root-status").inc()
 
     def _finish(self, leaf: Api, root_pod: Obj, copies: list[Obj]) -> None:

@@ -75,9 +75,16 @@ def test_report_figures_ratios_aims_and_markdown() -> None:
     without_paced = tb.report(rounds, 1000)
     assert not any(k.startswith("paced_") for k in (*without_paced.figures, *without_paced.units))
     assert "paced" not in next(n for n in without_paced.notes if n.startswith("aims"))
-    rounds = [dataclasses.replace(r, paced_tree=_stats(600, 900 + i, 20), paced_direct=_stats(500, 600, 20))
+    assert not any(k.startswith("api_") for k in (*without_paced.figures, *without_paced.units))
+    rounds = [dataclasses.replace(r, paced_tree=_stats(600, 900 + i, 20), paced_direct=_stats(500, 600, 20),
+                                  api_tree=_stats(300, 700, 150 + 10 * i), api_direct=_stats(200, 500, 300),
+                                  api_cpu_s=2.0 + i)
               for i, r in enumerate(rounds)]
     rep = tb.report(rounds, 1000)
+    assert rep.figures["api_pods_per_s"]["median"] == 160
+    assert rep.figures["api_pods_per_s"]["ratio"] == pytest.approx(160 / 300)
+    assert rep.figures["api_create_to_running_p99"]["ratio"] == pytest.approx(500 / 700)
+    assert rep.figures["api_tree_cpu_per_1000_pods"]["median"] == pytest.approx(3)
     paced = rep.figures["paced_create_to_running_p99"]
     assert paced["median"] == 901 and paced["ratio"] == pytest.approx(600 / 901)
     p99 = rep.figures["create_to_running_p99"]
@@ -91,6 +98,7 @@ def test_report_figures_ratios_aims_and_markdown() -> None:
     aims = next(n for n in rep.notes if n.startswith("aims"))
     assert "burst 2.27x (NOT met), paced 1.50x (met)" in aims
     assert "50 pods/s (NOT met; direct in the same run: 90 pods/s)" in aims
+    assert "without the kubelets (api_pods_per_s): 160 pods/s (NOT met; direct 300 pods/s)" in aims
     doc = {"meta": {"repeat": 3}, "tree": suite._to_json(rep)}
     md = suite.render_markdown(doc)
     assert "## tree" in md and "| create_to_running_p99 | ms | 2,500 | 2,000 | 3,000 | 1,100 | 0.44 |" in md
@@ -131,3 +139,42 @@ def test_watches_note_running_in_root_and_leaves_by_phase() -> None:
             wait_until(lambda: w.left() == 0, 10, "the bench watches to see it")
         finally:
             w.stop()
+
+
+def test_the_bench_kubelet_runs_and_finishes_pods_on_its_node_and_the_host_network_check() -> None:
+    with ServerThread(name="benchroot2") as root_srv, ServerThread(name="benchleaf2") as leaf_srv:
+        root, leaf = Api(root_srv.url), Api(leaf_srv.url)
+        for api in (root, leaf):
+            api.request("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
+                                                        "metadata": {"name": tb.TREE_NS}})
+        leaf.request("POST", resource_path("v1", "nodes"), tb.api_node_body("l1-api", "198.18.0.9", 10))
+        kubelet = tb.ApiKubelet([leaf], {"l1-api": "198.18.0.9"})
+        w = tb.Watches(root, [leaf])
+        w.leaves[0].add_handler(kubelet.handler(0))
+        w.start()
+        try:
+            copy = tb.pod_body("p-00000", tb.TREE_NS, "l1-api")
+            copy["metadata"]["annotations"] = {tb.ROOT_NAME_ANNOTATION: f"{tb.TREE_NS}/p-00000"}
+            leaf.request("POST", resource_path("v1", "pods", tb.TREE_NS), copy)
+            other = tb.pod_body("p-00001", tb.TREE_NS, "l1")  # a real kubelet's node: left alone
+            leaf.request("POST", resource_path("v1", "pods", tb.TREE_NS), other)
+            running = wait_until(lambda: (p := w.leaves[0].store.get(f"{tb.TREE_NS}/p-00000")) and tb._running(p)
+                                 and p, 10, "the bench kubelet to run it")
+            assert running["status"]["podIP"] == running["status"]["hostIP"] == "198.18.0.9"
+            assert not tb._running(leaf.request("GET", resource_path("v1", "pods", tb.TREE_NS, "p-00001")))
+            # the root pod as the tree writes it back: the leaf node's address
+            root_pod = tb.pod_body("p-00000", tb.TREE_NS, "l1-api")
+            root.request("POST", resource_path("v1", "pods", tb.TREE_NS), root_pod)
+            path = resource_path("v1", "pods", tb.TREE_NS, "p-00000")
+            got = root.request("GET", path)
+            root.request("PUT", path + "/status", {**got, "status": running["status"]})
+            wait_until(lambda: tb._running(w.root.store.get(f"{tb.TREE_NS}/p-00000") or {}), 10, "the root watch")
+            assert tb.check_host_network(w, {"l1-api": "198.18.0.9"}) == (1, [])
+            checked, problems = tb.check_host_network(w, {"l1-api": "198.18.0.7"})
+            assert checked == 1 and "leaf node 198.18.0.7" in problems[0]
+            tb.delete_all([(leaf, tb.TREE_NS, "p-00000"), (leaf, tb.TREE_NS, "p-00001")])
+            wait_until(lambda: f"{tb.TREE_NS}/p-00000" not in w.leaves[0].store, 10, "the copy finished and gone")
+            assert kubelet.failures == 0
+        finally:
+            w.stop()
+            kubelet.stop()

@@ -20,7 +20,7 @@ from scheduler.kube import Api, ApiError, resource_path
 from tests.tree_env import ROOT_CA_PEM, ROOT_ID, TreeEnv
 from tests.waiting import wait_until
 from tree import identity
-from tree.deps import DependencyError
+from tree.deps import DependencyError, RootObjects
 from tree.deps_refs import MIRROR_CLUSTER_LABEL, ROOT_NODE_ANNOTATION, SELECTED_NODE, names_used, references, rename
 
 Obj = dict[str, Any]
@@ -279,6 +279,35 @@ def test_root_edits_propagate_and_leaf_edits_are_put_back(env: TreeEnv) -> None:
     wait_until(lambda: (get(leaf, "configmaps", "conf") or {}).get("data") == {"level": "debug", "extra": "x"},
                10, "the leaf copy put back")
     assert get(leaf, "configmaps", "unused") is None  # only objects with a copy are written
+
+
+def test_leaves_share_one_set_of_root_informers_and_a_stopped_one_hears_nothing(env: TreeEnv) -> None:
+    """The manager's RootObjects: one informer per root kind for every leaf's Dependencies, each
+    subscribed while it runs; edits reach every leaf's copy; one stopped leaves the others be."""
+    root, l1, l2 = env.root, env.leaf("l1"), env.leaf("l2")
+    cm(root, "conf", level="info")
+    pod = root_pod(env, "p", volumes=[{"name": "a", "configMap": {"name": "conf"}}])
+    shared = RootObjects(Api(root.host))
+    shared.start()
+    try:
+        first = env.start_deps("l1", "c1", resync_period=3600.0, root_objects=shared)
+        second = env.start_deps("l2", "c2", resync_period=3600.0, root_objects=shared)
+        assert first._root_inf is second._root_inf is shared.informers
+        first.ensure(pod, NS)
+        second.ensure(pod, NS)
+        root.patch(path("configmaps", "conf"), {"data": {"level": "debug"}})
+        for leaf in (l1, l2):
+            wait_until(lambda leaf=leaf: (get(leaf, "configmaps", "conf") or {}).get("data") == {"level": "debug"},
+                       10, "the edit reached each leaf's copy")
+        env.stop_deps(first)
+        assert all(inf._thread is not None and inf._thread.is_alive() for inf in shared.informers.values())
+        assert shared._subscribers == [second._on_root]
+        root.patch(path("configmaps", "conf"), {"data": {"level": "warn"}})
+        wait_until(lambda: (get(l2, "configmaps", "conf") or {}).get("data") == {"level": "warn"}, 10,
+                   "the edit reached the running leaf's copy")
+        assert (get(l1, "configmaps", "conf") or {}).get("data") == {"level": "debug"}  # the stopped one: no write
+    finally:
+        shared.stop()
 
 
 def leaf_pod(root_pod: Obj, renames: dict[tuple[str, str], str]) -> Obj:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from scheduler.kube import Api, resource_path
+from scheduler.kube import Api, Informer, resource_path
 from tests.tree_env import ROOT_ID, TreeEnv, tree_env
 from tests.waiting import wait_until
 from tree import identity
@@ -207,3 +207,54 @@ def test_the_leaf_reconciler_reflects_its_leafs_events(env: TreeEnv) -> None:
     _leaf_event(leaf, ns, "api", leaf_pod["metadata"]["uid"], "Killing")
     (ev,) = wait_until(lambda: _root_events(env, ns), 10, "the manager reflected the leaf Event")
     assert (ev["reason"], ev["involvedObject"]["uid"]) == ("Killing", root_pod["metadata"]["uid"])
+
+
+def test_whole_events_are_kept_only_until_reflected_or_waited_out(env: TreeEnv) -> None:
+    """Memory follows the Events in flight: the informer keeps stubs, a reflected Event and one
+    about a pod not ours are dropped, one about a pod never listed is dropped after POD_WAIT_S,
+    and is read again from the leaf if its pod shows after all."""
+    leaf = env.leaf("l1")
+    ns = _ns(env, leaf)
+    _, leaf_pod = _pods(env, leaf, ns, "web", "web")
+    stranger = leaf.create(resource_path("v1", "pods", ns), {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "theirs"},
+        "spec": {"containers": [{"name": "c", "image": "busybox"}]}})
+    _leaf_event(leaf, ns, "web", leaf_pod["metadata"]["uid"], "Pulled")
+    _leaf_event(leaf, ns, "theirs", stranger["metadata"]["uid"], "Theirs")
+    _leaf_event(leaf, ns, "ghost", None, "Early")
+    now = [1000.0]
+    pods = Informer(Api(leaf.host), "v1", "pods")  # all the leaf's pods, as the leaf reconciler's
+    r = EventReflector(Api(env.root.host), Api(leaf.host), ROOT_ID, "c1", timeout=5.0, clock=lambda: now[0],
+                       pods=pods)
+    pods.start()
+    r.start()
+    try:
+        wait_until(lambda: [e for e in _root_events(env, ns) if e["reason"] == "Pulled"], 10, "Pulled reflected")
+        wait_until(lambda: r.idle() and r.pending() == 1, 10, "only the Event waiting for its pod kept whole")
+        assert len(r.events.store) == 3 and all("reason" not in e for e in r.events.store.values())
+        now[0] += r.POD_WAIT_S + 1
+        wait_until(lambda: r.pending() == 0, 10, "the Event about a pod never listed dropped")
+        _pods(env, leaf, ns, "ghost", "ghost")  # its pod after all: the Event is read again
+        wait_until(lambda: [e for e in _root_events(env, ns) if e["reason"] == "Early"], 10, "Early reflected")
+        assert sorted(e["reason"] for e in _root_events(env, ns)) == ["Early", "Pulled"]
+        assert r.pending() == 0
+        # a new pod of a used name: the Events about the earlier one are not read again
+        gets: list[str] = []
+        request = r.leaf.request
+        def counting(method: str, path: str, *a: Any, **kw: Any) -> Any:
+            if method == "GET":
+                gets.append(path)
+            return request(method, path, *a, **kw)
+
+        r.leaf.request = counting  # type: ignore[method-assign]
+        leaf.request("DELETE", resource_path("v1", "pods", ns, "web"), {"gracePeriodSeconds": 0})
+        wait_until(lambda: f"{ns}/web" not in pods.store, 10, "the first web gone from the informer")
+        _pods(env, leaf, ns, "web-again", "web")
+        wait_until(lambda: (p := pods.store.get(f"{ns}/web")) and p["metadata"]["uid"] != leaf_pod["metadata"]["uid"],
+                   10, "the second web listed")
+        wait_until(r.idle, 10, "the reflector idle")
+        assert gets == [] and r.pending() == 0
+    finally:
+        r.stop()
+        r.join(5)
+        pods.stop()

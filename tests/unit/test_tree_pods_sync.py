@@ -433,3 +433,39 @@ def test_a_finished_pod_is_not_copied_again(env: TreeEnv) -> None:
     syncer(env).sync_one(uid)
     assert copies(env, uid) == []
     assert (env.root_pod("job-x") or {}).get("status", {}).get("phase") == "Succeeded"
+
+
+def test_a_create_reads_the_root_pod_afresh_only_while_the_informer_may_miss_our_status_write(
+        env: TreeEnv, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plain create uses the root informer's copy (no GET); after a status write of ours the
+    informer has not shown yet, the create reads the root pod first, so a pod we just finished is
+    not run again from the informer's stale view."""
+    started(env)
+    s = syncer(env)
+    gets: list[str] = []
+    request = s.root.request
+
+    def counting(method: str, path: str, *a: Any, **kw: Any) -> Any:
+        if method == "GET" and "/pods/" in path:
+            gets.append(path)
+        return request(method, path, *a, **kw)
+
+    monkeypatch.setattr(s.root, "request", counting)
+    pod = env.add_root_pod("job-y", "kosmos-leaf1", restartPolicy="Never")
+    uid = pod["metadata"]["uid"]
+    leaf = one_copy(env, uid)
+    assert gets == []  # the informer's copy was current: no GET
+    stale = s.root_pods.get(uid)
+    assert stale is not None and stale["status"].get("phase") != "Succeeded"
+    env.set_leaf_status("leaf1", leaf, {"phase": "Succeeded", "containerStatuses": [
+        {"name": "c", "ready": False, "restartCount": 0, "image": "busybox", "imageID": "",
+         "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}}]})
+    wait_until(lambda: (p := env.root_pod("job-y")) and p["status"].get("phase") == "Succeeded", 10,
+               "the root pod Succeeded")
+    gone_for_good(env, "leaf1", "default", leaf["metadata"]["name"])
+    wait_until(lambda: s.copies_of(uid) == [], 10, "the syncer sees the copy gone")
+    # the informer as it may be right after our status write: not showing it yet
+    monkeypatch.setattr(s.root_pods, "get", lambda u: stale if u == uid else None)
+    s._written[uid] = ""  # our write in flight (its answer not seen)
+    s.sync_one(uid)
+    assert copies(env, uid) == [] and gets  # read afresh: Succeeded, not copied again

@@ -44,6 +44,19 @@ Paced phases (``paced_*`` figures): the burst's latencies are mostly queueing (i
 the kubelets), so each round also creates a quarter of the pods per kind at :data:`PACED_RATE`
 pods/s, below what either path sustains here; their latencies are each pod's own path.
 
+Without the kubelets (``api_*`` figures): on this small machine the leaves' kubelets (and the
+CPU they take from everything else) bound both paths, so each round also runs both kinds on a
+second node per leaf that no kubelet serves (``l1-api`` .. ``l4-api``, made by the benchmark in
+the leaves; the tree makes their virtual nodes of the same names), where the benchmark itself
+plays the kubelet: it marks each pod it sees there Running with one status write (what a
+kubelet writes at the least) and finishes a deleted one (grace 0). Same pods, same clocks, same
+baseline (the same pods created directly in the leaves on those nodes): the tree's own
+reflection rate, root create -> leaf copy -> Running -> root status Running, as far as the API
+servers and the tree manager go. After each kubelet tree phase, every reflected pod is checked
+(:func:`check_host_network`): the leaf copy keeps ``hostNetwork``, the root pod's ``hostIP`` and
+``podIP`` are the leaf node's address, as the leaf's kubelet set them (upstream: a hostNetwork
+pod's IPs are its node's).
+
 Where kosmos-tree's time goes: its Prometheus counters (``fabric_tree_pod_writes_total`` by kind:
 one ``leaf-create`` and one ``root-status`` per pod is the minimum) on its ``--listen`` address
 (its log names it), and a sampling profiler attached to its PID (``tree_proc`` in the lab's
@@ -60,6 +73,7 @@ import contextlib
 import dataclasses
 import importlib.util
 import logging
+import math
 import os
 import threading
 import time
@@ -75,7 +89,9 @@ _log = logging.getLogger(__name__)
 NAME = "tree"
 HELP = ("1,000 pods created in a ClusterTree root, bound to the virtual nodes of 4 leaves with real kubelets: "
         "root create -> leaf Running -> root status Running, p50/p99 and pods reflected per second (baseline: the "
-        "same pods created directly in the leaves in the same run); tree manager RSS and CPU per 1,000 pods")
+        "same pods created directly in the leaves in the same run); the same without the kubelets (api_*: a "
+        "kubelet-less node per leaf, the benchmark marking pods Running), the tree's own reflection rate; tree "
+        "manager RSS and CPU per 1,000 pods")
 
 LEAVES = 4
 DEFAULT_PODS = 1000
@@ -98,6 +114,10 @@ PACED_RATE = 20.0
 PACED_SHARE = 4
 #: Room for the pods on each leaf node (the kubelet admits against it; the default is 110).
 NODE_PODS = 1100
+#: The kubelet-less node of each leaf (``<leaf node>-api``): the benchmark plays its kubelet.
+API_SUFFIX = "-api"
+#: Seconds for the tree to make the kubelet-less nodes' virtual nodes.
+API_NODES_TIMEOUT_S = 60.0
 
 
 def supported() -> bool:
@@ -212,6 +232,10 @@ class Round:
     cpu_s: float
     paced_tree: PhaseStats | None = None
     paced_direct: PhaseStats | None = None
+    #: The phases on the kubelet-less nodes (the benchmark as their kubelet).
+    api_tree: PhaseStats | None = None
+    api_direct: PhaseStats | None = None
+    api_cpu_s: float = float("nan")
 
     @property
     def rss_per_1000_mb(self) -> float:
@@ -229,6 +253,8 @@ UNITS = {
     "pods_per_s": "pods/s", "tree_rss_per_1000_pods": "MB", "tree_cpu_per_1000_pods": "s",
     "paced_create_to_running_p50": "ms", "paced_create_to_running_p99": "ms",
     "paced_leaf_running_to_root_running_p99": "ms",
+    "api_create_to_running_p50": "ms", "api_create_to_running_p99": "ms", "api_pods_per_s": "pods/s",
+    "api_tree_cpu_per_1000_pods": "s",
 }
 
 
@@ -244,6 +270,10 @@ def round_line(i: int, r: Round) -> str:
         out += (f"; paced ({r.paced_tree.pods} pods at {PACED_RATE:g}/s): tree p50/p99 "
                 f"{r.paced_tree.p50_ms:.0f}/{r.paced_tree.p99_ms:.0f} ms (way back p99 {r.paced_tree.back_p99_ms:.0f}),"
                 f" direct {r.paced_direct.p50_ms:.0f}/{r.paced_direct.p99_ms:.0f} ms")
+    if r.api_tree is not None and r.api_direct is not None:
+        out += (f"; without kubelets: tree p50/p99 {r.api_tree.p50_ms:.0f}/{r.api_tree.p99_ms:.0f} ms, "
+                f"{r.api_tree.pods_per_s:.1f} pods/s (kosmos-tree CPU {r.api_cpu_s:.1f} s), direct p50/p99 "
+                f"{r.api_direct.p50_ms:.0f}/{r.api_direct.p99_ms:.0f} ms, {r.api_direct.pods_per_s:.1f} pods/s")
     return out
 
 
@@ -299,15 +329,43 @@ def report(rounds: Sequence[Round], pods: int) -> bc.Report:
     else:
         for k in [k for k in rep.units if k.startswith("paced_")]:
             del rep.units[k]
+    at = [r.api_tree for r in rounds if r.api_tree is not None]
+    ad = [r.api_direct for r in rounds if r.api_direct is not None]
+    api_rate = float("nan")
+    if at and ad:
+        rep.figures["api_create_to_running_p50"] = bc.figure([s.p50_ms for s in at], {"": [s.p50_ms for s in ad]},
+                                                             higher_is_better=False)
+        rep.figures["api_create_to_running_p99"] = bc.figure([s.p99_ms for s in at], {"": [s.p99_ms for s in ad]},
+                                                             higher_is_better=False)
+        rep.figures["api_pods_per_s"] = bc.figure([s.pods_per_s for s in at], {"": [s.pods_per_s for s in ad]},
+                                                  higher_is_better=True)
+        rep.figures["api_tree_cpu_per_1000_pods"] = bc.spread(
+            [r.api_cpu_s / r.api_tree.pods * 1000 for r in rounds if r.api_tree is not None and r.api_tree.pods])
+        api_rate = rep.figures["api_pods_per_s"]["median"]
+        rep.notes.append(
+            f"api_*: each round also runs {at[0].pods} pods per kind on a second node per leaf that no kubelet "
+            f"serves (<leaf node>{API_SUFFIX}; the tree makes their virtual nodes): this process plays their "
+            "kubelet (one status write marks a pod Running as soon as it is seen; a deleted one is finished "
+            "with grace 0), so the rate is the tree's own reflection rate (root create -> leaf copy -> Running "
+            "-> root status Running) against the same pods created directly in the leaves on those nodes, not "
+            "the leaf kubelets' capacity. The CPU the kubelets take when they run pods is not taken here.")
+    else:
+        for k in [k for k in rep.units if k.startswith("api_")]:
+            del rep.units[k]
     aims = (f"aims of issue 17: tree p99 <= 2x direct p99: burst {overhead:.2f}x "
             f"({'met' if overhead <= 2 else 'NOT met'})")
     if "paced_create_to_running_p99" in rep.figures:
         pp = rep.figures["paced_create_to_running_p99"]
         paced = pp["median"] / pp["baseline_median"] if pp["baseline_median"] else float("nan")
         aims += f", paced {paced:.2f}x ({'met' if paced <= 2 else 'NOT met'})"
+    without = ""
+    if math.isfinite(api_rate):
+        api_fig = rep.figures["api_pods_per_s"]
+        without = (f"; without the kubelets (api_pods_per_s): {api_rate:.0f} pods/s "
+                   f"({'met' if api_rate >= 200 else 'NOT met'}; direct {api_fig['baseline_median']:.0f} pods/s)")
     rep.notes.insert(2, f"{aims}; >= 200 pods/s reflected: measured {rate:.0f} pods/s "
                         f"({'met' if rate >= 200 else 'NOT met'}; direct in the same run: "
-                        f"{rate_fig['baseline_median']:.0f} pods/s).")
+                        f"{rate_fig['baseline_median']:.0f} pods/s){without}.")
     for i, r in enumerate(rounds):
         rep.notes.append(round_line(i, r))
     return rep
@@ -378,6 +436,163 @@ class Watches:
             return
         with self._lock:
             ph.leaf.setdefault(name, now)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def api_node_body(name: str, address: str, pods: int) -> dict[str, Any]:
+    """A leaf Node no kubelet serves (:data:`API_SUFFIX`): Ready, room for ``pods`` pods."""
+    return {"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux"}},
+            "spec": {},
+            "status": {"capacity": {"cpu": "64", "memory": "256Gi", "pods": str(pods)},
+                       "allocatable": {"cpu": "64", "memory": "256Gi", "pods": str(pods)},
+                       "addresses": [{"type": "InternalIP", "address": address}, {"type": "Hostname", "address": name}],
+                       "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+                                       "message": "the tree benchmark plays this node's kubelet",
+                                       "lastHeartbeatTime": _now(), "lastTransitionTime": _now()}]}}
+
+
+def running_status(pod: Mapping[str, Any], address: str) -> dict[str, Any]:
+    """What a kubelet writes when a hostNetwork pod's containers run: phase Running, the node's
+    address as hostIP and podIP, Ready conditions, each container running."""
+    now = _now()
+    conds = [{"type": t, "status": "True", "lastTransitionTime": now}
+             for t in ("PodReadyToStartContainers", "Initialized", "Ready", "ContainersReady", "PodScheduled")]
+    containers = [{"name": c.get("name"), "image": c.get("image"), "imageID": "", "ready": True, "started": True,
+                   "restartCount": 0, "state": {"running": {"startedAt": now}}}
+                  for c in (pod.get("spec") or {}).get("containers") or []]
+    return {"phase": "Running", "hostIP": address, "hostIPs": [{"ip": address}], "podIP": address,
+            "podIPs": [{"ip": address}], "startTime": now, "conditions": conds, "containerStatuses": containers}
+
+
+class ApiKubelet:
+    """The kubelet of the leaves' kubelet-less nodes (:data:`API_SUFFIX`), played by the
+    benchmark: fed by the leaf watches, it marks each pod bound to one Running (one status
+    write) and finishes a deleted one (DELETE, grace 0), with :data:`CONCURRENCY` threads."""
+
+    def __init__(self, leaves: Sequence[Api], addresses: Mapping[str, str]) -> None:
+        self.leaves = list(leaves)
+        #: Kubelet-less node name -> its address.
+        self.addresses = dict(addresses)
+        self._pool = concurrent.futures.ThreadPoolExecutor(CONCURRENCY, thread_name_prefix="bench-tree-kubelet")
+        self._lock = threading.Lock()
+        self._started: set[str] = set()
+        self._finished: set[str] = set()
+        self.failures = 0
+
+    def handler(self, leaf: int) -> Callable[[str, dict[str, Any] | None, dict[str, Any] | None], None]:
+        def on_pod(kind: str, _old: dict[str, Any] | None, new: dict[str, Any] | None) -> None:
+            if new is None or kind == "DELETED":
+                return
+            node = str((new.get("spec") or {}).get("nodeName") or "")
+            if node not in self.addresses:
+                return
+            meta = new.get("metadata") or {}
+            uid = str(meta.get("uid"))
+            with self._lock:
+                if meta.get("deletionTimestamp"):
+                    if uid in self._finished:
+                        return
+                    self._finished.add(uid)
+                elif uid in self._started or _running(new):
+                    return
+                else:
+                    self._started.add(uid)
+            self._pool.submit(self._act, self.leaves[leaf], new, node)
+        return on_pod
+
+    def _act(self, api: Api, pod: dict[str, Any], node: str) -> None:
+        meta = pod["metadata"]
+        try:
+            if meta.get("deletionTimestamp"):
+                api.request("DELETE", resource_path("v1", "pods", meta["namespace"], meta["name"]),
+                            {"gracePeriodSeconds": 0, "preconditions": {"uid": meta["uid"]}}, timeout=60)
+            else:
+                api.request("PUT", resource_path("v1", "pods", meta["namespace"], meta["name"], sub="status"),
+                            {**pod, "status": running_status(pod, self.addresses[node])}, timeout=60)
+        except ApiError as e:
+            if e.status not in (404, 409):
+                self.failures += 1
+                _log.warning("bench kubelet: %s %s/%s: %s", "finishing" if meta.get("deletionTimestamp")
+                             else "starting", meta["namespace"], meta["name"], e)
+                with self._lock:  # let the next event try again
+                    self._started.discard(str(meta["uid"]))
+                    self._finished.discard(str(meta["uid"]))
+
+    def stop(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def make_api_nodes(root: Api, leaves: Sequence[Api], nodes: Sequence[str], pods: int) -> dict[str, str]:
+    """The kubelet-less node of each leaf (``<node>-api``, the real node's InternalIP as its
+    address), and their virtual nodes Ready in the root; their addresses by name."""
+    addresses: dict[str, str] = {}
+    for api, node in zip(leaves, nodes, strict=True):
+        real = api.request("GET", resource_path("v1", "nodes", name=node), timeout=30)
+        address = next((a["address"] for a in (real.get("status") or {}).get("addresses") or []
+                        if a.get("type") == "InternalIP"), "192.0.2.1")
+        name = node + API_SUFFIX
+        body = api_node_body(name, address, pods)
+        try:
+            api.request("POST", resource_path("v1", "nodes"), body, timeout=30)
+        except ApiError as e:
+            if e.status != 409:
+                raise
+        current = api.request("GET", resource_path("v1", "nodes", name=name), timeout=30)
+        api.request("PUT", resource_path("v1", "nodes", name=name, sub="status"),
+                    {**current, "status": body["status"]}, timeout=30)
+        addresses[name] = address
+    deadline = time.monotonic() + API_NODES_TIMEOUT_S
+    for name in addresses:
+        while True:
+            try:
+                vn = root.request("GET", resource_path("v1", "nodes", name=name), timeout=30)
+                if any(c.get("type") == "Ready" and c.get("status") == "True"
+                       for c in (vn.get("status") or {}).get("conditions") or []):
+                    break
+            except ApiError as e:
+                if e.status != 404:
+                    raise
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the tree made no Ready virtual node {name} within {API_NODES_TIMEOUT_S:g} s")
+            time.sleep(0.5)
+    return addresses
+
+
+def check_host_network(watches: Watches, leaf_addresses: Mapping[str, str]) -> tuple[int, list[str]]:
+    """Every tree pod in the root store, against its leaf copy: the copy keeps ``hostNetwork``,
+    the root pod's ``hostIP`` and ``podIP`` are the leaf node's address (``leaf_addresses`` by
+    node name), as the leaf's kubelet set them on the copy. Returns (pods checked, problems)."""
+    copies: dict[str, dict[str, Any]] = {}
+    for inf in watches.leaves:
+        for p in list(inf.store.values()):
+            ann = str(((p.get("metadata") or {}).get("annotations") or {}).get(ROOT_NAME_ANNOTATION) or "")
+            if ann.startswith(TREE_NS + "/"):
+                copies[ann] = p
+    checked, problems = 0, []
+    for p in list(watches.root.store.values()):
+        meta = p.get("metadata") or {}
+        if meta.get("namespace") != TREE_NS or not _running(p):
+            continue
+        key = f"{TREE_NS}/{meta.get('name')}"
+        copy = copies.get(key)
+        checked += 1
+        node = str((p.get("spec") or {}).get("nodeName") or "")
+        want = leaf_addresses.get(node)
+        st = p.get("status") or {}
+        if copy is None:
+            problems.append(f"{key}: no leaf copy seen")
+        elif not (copy.get("spec") or {}).get("hostNetwork"):
+            problems.append(f"{key}: the leaf copy lost hostNetwork")
+        elif want is not None and (st.get("hostIP") != want or st.get("podIP") != want):
+            problems.append(f"{key}: root hostIP/podIP {st.get('hostIP')}/{st.get('podIP')}, leaf node {want}")
+        elif (copy.get("status") or {}).get("podIP") != st.get("podIP"):
+            leaf_ip = (copy.get("status") or {}).get("podIP")
+            problems.append(f"{key}: root podIP {st.get('podIP')} != the copy's {leaf_ip}")
+    return checked, problems
 
 
 def _ensure_namespace(api: Api, ns: str) -> None:
@@ -475,12 +690,15 @@ def cpu_snapshot(pids: Mapping[str, Sequence[int]]) -> dict[str, float]:
 
 def run_phase(kind: str, watches: Watches, root: Api, leaves: Sequence[Api], n: int,
               pids: Mapping[str, Sequence[int]], notes: list[str], label: str,
-              rate: float | None = None) -> tuple[Phase, float, float]:
+              rate: float | None = None, *, api_nodes: bool = False,
+              check: Callable[[], None] | None = None) -> tuple[Phase, float, float]:
     """One phase: create ``n`` pods (tree: in the root; direct: in the leaves), wait until all
     are Running, note the CPU per component, delete them and wait until none is left anywhere.
     Returns the phase, the tree manager's CPU seconds over it and its RSS (MB) once all ran.
-    ``rate``: paced creates (:func:`create_all`); the phase is then named ``<kind> paced``."""
-    nodes = leaf_nodes(len(leaves))
+    ``rate``: paced creates (:func:`create_all`); the phase is then named ``<kind> paced``.
+    ``api_nodes``: on the kubelet-less nodes (``<kind> without kubelets``). ``check``: run once
+    all are Running, before the deletes."""
+    nodes = [n_ + API_SUFFIX if api_nodes else n_ for n_ in leaf_nodes(len(leaves))]
     ph = Phase(kind)
     if kind == "tree":
         targets = [(root, pod_body(pod_name(i), TREE_NS, nodes[i % len(nodes)])) for i in range(n)]
@@ -491,6 +709,8 @@ def run_phase(kind: str, watches: Watches, root: Api, leaves: Sequence[Api], n: 
     watches.phase = ph
     if rate:
         kind = f"{kind} paced"
+    if api_nodes:
+        kind = f"{kind} without kubelets"
     bc.progress(NAME, f"{label}: {kind}: creating {n} pods" + (f" at {rate:g} pods/s" if rate else ""))
     create_all(ph, targets, rate)
     wait_until(f"{label}: {kind}: pods Running" + (" in the root" if ph.kind == "tree" else ""),
@@ -499,6 +719,8 @@ def run_phase(kind: str, watches: Watches, root: Api, leaves: Sequence[Api], n: 
     tree_pids = pids.get("kosmos-tree") or [0]
     rss = _rss_mb(tree_pids[0])
     watches.phase = None
+    if check is not None:
+        check()
     spent = {k: cpu1[k] - cpu0.get(k, 0.0) for k in cpu1}
     line = ", ".join(f"{k} {v:.1f}" for k, v in spent.items())
     notes.append(f"{label} {kind}: CPU seconds from the first create to all Running: {line}")
@@ -511,13 +733,18 @@ def run_phase(kind: str, watches: Watches, root: Api, leaves: Sequence[Api], n: 
 
 
 @contextlib.contextmanager
-def _watching(root: Api, leaves: Sequence[Api]) -> Iterator[Watches]:
+def _watching(root: Api, leaves: Sequence[Api], kubelet: ApiKubelet | None = None) -> Iterator[Watches]:
     w = Watches(root, leaves)
+    if kubelet is not None:
+        for i, inf in enumerate(w.leaves):
+            inf.add_handler(kubelet.handler(i))
     try:
         w.start()
         yield w
     finally:
         w.stop()
+        if kubelet is not None:
+            kubelet.stop()
 
 
 def measure(state: lab.LabState, n: int, repeat: int) -> bc.Report:
@@ -535,10 +762,30 @@ def measure(state: lab.LabState, n: int, repeat: int) -> bc.Report:
         _ensure_namespace(api, DIRECT_NS)
     notes: list[str] = []
     rounds: list[Round] = []
-    with _watching(root, leaves) as watches:
+    nodes = leaf_nodes(len(leaves))
+    addresses = make_api_nodes(root, leaves, nodes, max(NODE_PODS, n // LEAVES + 20))
+    leaf_addresses = {}
+    for api, node in zip(leaves, nodes, strict=True):
+        real = api.request("GET", resource_path("v1", "nodes", name=node), timeout=30)
+        leaf_addresses[node] = next((a["address"] for a in (real.get("status") or {}).get("addresses") or []
+                                     if a.get("type") == "InternalIP"), "")
+    kubelet = ApiKubelet(leaves, addresses)
+    checks: list[str] = []
+
+    def check_tree_pods(label: str) -> Callable[[], None]:
+        def check() -> None:
+            checked, problems = check_host_network(watches, leaf_addresses)
+            line = (f"{label}: hostNetwork reflection: {checked} root pods checked against their leaf copies, "
+                    f"{len(problems)} wrong" + (f" ({'; '.join(problems[:3])})" if problems else ""))
+            bc.progress(NAME, line)
+            checks.append(line)
+        return check
+
+    with _watching(root, leaves, kubelet) as watches:
         warm = min(n, WARMUP_PODS)
         for kind in ("direct", "tree"):  # unmeasured: namespaces made, connections and processes warm
             run_phase(kind, watches, root, leaves, warm, component_pids(state), [], "warm-up")
+            run_phase(kind, watches, root, leaves, warm, component_pids(state), [], "warm-up", api_nodes=True)
         for rnd in range(repeat):
             label = f"round {rnd + 1}/{repeat}"
             pids = component_pids(state)
@@ -548,7 +795,8 @@ def measure(state: lab.LabState, n: int, repeat: int) -> bc.Report:
             cpu = float("nan")
             for kind in (("direct", "tree") if rnd % 2 == 0 else ("tree", "direct")):
                 before = _rss_mb(tree_pid)
-                ph, spent, after = run_phase(kind, watches, root, leaves, n, pids, notes, label)
+                ph, spent, after = run_phase(kind, watches, root, leaves, n, pids, notes, label,
+                                             check=check_tree_pods(label) if kind == "tree" else None)
                 if kind == "tree":
                     rss0, rss1, cpu = before, after, spent
                 phases[kind] = ph
@@ -556,12 +804,22 @@ def measure(state: lab.LabState, n: int, repeat: int) -> bc.Report:
             for kind in (("direct", "tree") if rnd % 2 == 0 else ("tree", "direct")):
                 ph, _, _ = run_phase(kind, watches, root, leaves, paced, pids, notes, label, PACED_RATE)
                 phases[f"{kind} paced"] = ph
+            api_cpu = float("nan")
+            for kind in (("direct", "tree") if rnd % 2 == 0 else ("tree", "direct")):
+                ph, spent, _ = run_phase(kind, watches, root, leaves, n, pids, notes, label, api_nodes=True)
+                phases[f"{kind} api"] = ph
+                if kind == "tree":
+                    api_cpu = spent
             r = Round(phase_stats(phases["tree"]), phase_stats(phases["direct"]), rss0, rss1, cpu,
-                      phase_stats(phases["tree paced"]), phase_stats(phases["direct paced"]))
+                      phase_stats(phases["tree paced"]), phase_stats(phases["direct paced"]),
+                      phase_stats(phases["tree api"]), phase_stats(phases["direct api"]), api_cpu)
             rounds.append(r)
             bc.progress(NAME, round_line(rnd, r))
     rep = report(rounds, n)
-    rep.notes += notes
+    rep.notes += checks + notes
+    if kubelet.failures:
+        rep.notes.append(f"the benchmark's kubelet of the kubelet-less nodes failed {kubelet.failures} writes "
+                         "(retried on the next event)")
     return rep
 
 
