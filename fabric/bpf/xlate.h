@@ -136,7 +136,7 @@ static __always_inline int xlate_icmp6_inner(struct __sk_buff *skb, int icmp_off
 
 	if (bpf_skb_load_bytes(skb, in3, &in, sizeof(in)) || in.version != 6)
 		return 0;
-	field = l4_csum_field(in.nexthdr, &flags);
+	field = l4_csum_field(in.nexthdr, 1, &flags);
 	if (field >= 0)
 		l4_csum_off = in3 + (int)sizeof(in) + field;
 

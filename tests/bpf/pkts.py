@@ -114,6 +114,12 @@ FRAG4_IN_FIRST, FRAG4_IN_FIRST_X = eth() / _FRAGS4[0], eth() / _FRAGS4_X[0]
 FRAG4_IN_LAST, FRAG4_IN_LAST_X = eth() / _FRAGS4[-1], eth() / _FRAGS4_X[-1]
 GRE4_IN = eth() / IP(src=REMOTE4, dst=POD4_G, proto=47) / Raw(b"\x00\x00\x08\x00" + b"opaque" * 4)
 GRE4_IN_X = eth() / IP(src=REMOTE4, dst=POD4_L, proto=47) / Raw(b"\x00\x00\x08\x00" + b"opaque" * 4)
+# Protocol numbers are per family: 58 (ICMPv6) in IPv4 and 1 (ICMP) in IPv6 are unknown protocols
+# (addresses only, payload untouched, however short) -- found by tests/privileged/test_bpf_fuzz.py.
+ICMP6_IN_IPV4 = eth() / IP(src=REMOTE4, dst=POD4_G, proto=58) / Raw(b"\x80\x00\x12\x34opaque")
+ICMP6_IN_IPV4_X = eth() / IP(src=REMOTE4, dst=POD4_L, proto=58) / Raw(b"\x80\x00\x12\x34opaque")
+ICMP4_IN_IPV6_SHORT = eth() / IPv6(src=REMOTE6, dst=POD6_G, nh=1) / Raw(b"\x08\x00")
+ICMP4_IN_IPV6_SHORT_X = eth() / IPv6(src=REMOTE6, dst=POD6_L, nh=1) / Raw(b"\x08\x00")
 TCP4_IN_OTHER = eth() / IP(src=REMOTE4, dst="100.70.0.1") / TCP(sport=1, dport=2) / PAYLOAD  # not ours
 ARP_IN = eth() / ARP(psrc=REMOTE4, pdst=POD4_G)
 # Malformed or truncated: left untouched (not IPv4 as far as anyone can tell) or dropped (ours,

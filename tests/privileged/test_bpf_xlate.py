@@ -36,6 +36,8 @@ CASES: list[tuple[str, AttachPoint, Packet, Packet, int]] = [
     ("ipv4 first fragment in", IN, P.FRAG4_IN_FIRST, P.FRAG4_IN_FIRST_X, OK),
     ("ipv4 non-first fragment in", IN, P.FRAG4_IN_LAST, P.FRAG4_IN_LAST_X, OK),
     ("unknown protocol (gre) in: addresses only", IN, P.GRE4_IN, P.GRE4_IN_X, OK),
+    ("protocol 58 in ipv4 is not icmpv6: addresses only", IN, P.ICMP6_IN_IPV4, P.ICMP6_IN_IPV4_X, OK),
+    ("protocol 1 in ipv6 is not icmp: short is not truncated", IN, P.ICMP4_IN_IPV6_SHORT, P.ICMP4_IN_IPV6_SHORT_X, OK),
     ("tcp4 in, not our global: untouched", IN, P.TCP4_IN_OTHER, P.TCP4_IN_OTHER, OK),
     ("tcp4 out-bound packet on ingress: untouched", IN, P.TCP4_OUT, P.TCP4_OUT, OK),
     ("arp: untouched", IN, P.ARP_IN, P.ARP_IN, OK),
