@@ -53,7 +53,7 @@ static __always_inline int is_udp(__u8 proto)
 /* An address inside the header quoted by an ICMP error changes from old to new: the quoted IPv4
  * header checksum (ip_csum_off, or -1 for IPv6) and the quoted L4 checksum (l4_csum_off, -1 if
  * it was not quoted) follow, and *outer collects every byte change for the ICMP checksum. A
- * quoted UDP checksum of 0 means "none" and stays 0. */
+ * quoted UDP checksum of 0 means "none" and stays 0; one that becomes 0 is written 0xffff. */
 static __always_inline int quoted_addr(struct __sk_buff *skb, int addr_off, __be32 *old, __be32 *new, int len,
 				       int ip_csum_off, int l4_csum_off, __u8 proto, __s64 *outer)
 {
@@ -63,12 +63,12 @@ static __always_inline int quoted_addr(struct __sk_buff *skb, int addr_off, __be
 	if (diff < 0)
 		return -1;
 	*outer = bpf_csum_diff(old, len, new, len, *outer);
-	if (ip_csum_off >= 0 && patch_quoted_csum(skb, ip_csum_off, diff, outer))
+	if (ip_csum_off >= 0 && patch_quoted_csum(skb, ip_csum_off, diff, 0, outer))
 		return -1;
 	if (l4_csum_off >= 0 && l4_csum_off + 2 <= (int)skb->len) {
 		if (load_csum16(skb, l4_csum_off, &cur))
 			return -1;
-		if (!(is_udp(proto) && cur.v == 0) && patch_quoted_csum(skb, l4_csum_off, diff, outer))
+		if (!(is_udp(proto) && cur.v == 0) && patch_quoted_csum(skb, l4_csum_off, diff, is_udp(proto), outer))
 			return -1;
 	}
 	return bpf_skb_store_bytes(skb, addr_off, new, len, 0);

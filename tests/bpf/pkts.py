@@ -21,6 +21,7 @@ from scapy.layers.inet6 import (
     ICMPv6EchoReply,
     ICMPv6EchoRequest,
     ICMPv6PacketTooBig,
+    ICMPv6TimeExceeded,
     IPv6,
     IPv6ExtHdrDestOpt,
     IPv6ExtHdrFragment,
@@ -106,6 +107,21 @@ ICMP4_IN_TTL = eth() / IP(src=ROUTER4, dst=POD4_G) / ICMP(type=11, code=0) / quo
 ICMP4_IN_TTL_X = eth() / IP(src=ROUTER4, dst=POD4_L) / ICMP(type=11, code=0) / quoted(_PROBE4_X)
 # Fragments of one UDP datagram: the first carries the UDP header (checksum over the whole
 # datagram, updated incrementally), the others only IP.
+# A probe whose UDP checksum computes to 0 (sent as 0xffff: 0 means "no checksum"), quoted in
+# time exceeded: the quote must come back as the pod sent it, 0xffff, not 0 (the incremental
+# update alone yields 0) -- found by tests/privileged/test_bpf_fuzz.py.
+def _udp_sum_zero(ip: Packet, sent_as: Packet) -> Packet:
+    """``ip / UDP / payload``, two payload bytes chosen so that the UDP checksum of ``sent_as``
+    (the same packet as the pod sent it, local source) computes to 0."""
+    base = sent_as / UDP(sport=45001, dport=33434) / Raw(b"zero-sum" + b"\0\0")
+    fix = (IP if ip.version == 4 else IPv6)(rebuilt(base))[UDP].chksum  # the sum the 2 bytes cancel
+    return ip / UDP(sport=45001, dport=33434) / Raw(b"zero-sum" + fix.to_bytes(2, "big"))
+
+
+_ZPROBE4_X = _udp_sum_zero(IP(src=POD4_L, dst=REMOTE4, ttl=1), IP(src=POD4_L, dst=REMOTE4, ttl=1))
+_ZPROBE4 = _udp_sum_zero(IP(src=POD4_G, dst=REMOTE4, ttl=1), IP(src=POD4_L, dst=REMOTE4, ttl=1))
+ICMP4_IN_TTL_UDP_FFFF = eth() / IP(src=ROUTER4, dst=POD4_G) / ICMP(type=11, code=0) / quoted(_ZPROBE4)
+ICMP4_IN_TTL_UDP_FFFF_X = eth() / IP(src=ROUTER4, dst=POD4_L) / ICMP(type=11, code=0) / quoted(_ZPROBE4_X)
 _BIG4 = IP(src=REMOTE4, dst=POD4_G, id=4242) / UDP(sport=7000, dport=7001) / Raw(b"x" * 96)
 _BIG4_X = IP(src=REMOTE4, dst=POD4_L, id=4242) / UDP(sport=7000, dport=7001) / Raw(b"x" * 96)
 _FRAGS4 = fragment(IP(rebuilt(_BIG4)), fragsize=48)
@@ -162,6 +178,10 @@ _SENT6 = IPv6(src=POD6_G, dst=REMOTE6) / TCP(sport=33000, dport=443, flags="PA")
 _SENT6_X = IPv6(src=POD6_L, dst=REMOTE6) / TCP(sport=33000, dport=443, flags="PA") / PAYLOAD
 ICMP6_IN_TOO_BIG = eth() / IPv6(src=ROUTER6, dst=POD6_G) / ICMPv6PacketTooBig(mtu=1280) / quoted(_SENT6)
 ICMP6_IN_TOO_BIG_X = eth() / IPv6(src=ROUTER6, dst=POD6_L) / ICMPv6PacketTooBig(mtu=1280) / quoted(_SENT6_X)
+_ZPROBE6_X = _udp_sum_zero(IPv6(src=POD6_L, dst=REMOTE6, hlim=1), IPv6(src=POD6_L, dst=REMOTE6, hlim=1))
+_ZPROBE6 = _udp_sum_zero(IPv6(src=POD6_G, dst=REMOTE6, hlim=1), IPv6(src=POD6_L, dst=REMOTE6, hlim=1))
+ICMP6_IN_TTL_UDP_FFFF = eth() / IPv6(src=ROUTER6, dst=POD6_G) / ICMPv6TimeExceeded() / quoted(_ZPROBE6)
+ICMP6_IN_TTL_UDP_FFFF_X = eth() / IPv6(src=ROUTER6, dst=POD6_L) / ICMPv6TimeExceeded() / quoted(_ZPROBE6_X)
 _PING6 = IPv6(src=POD6_G, dst=REMOTE6) / ICMPv6EchoRequest(id=9, seq=2, data=b"x" * 40)
 _PING6_X = IPv6(src=POD6_L, dst=REMOTE6) / ICMPv6EchoRequest(id=9, seq=2, data=b"x" * 40)
 ICMP6_IN_TOO_BIG_PING = eth() / IPv6(src=ROUTER6, dst=POD6_G) / ICMPv6PacketTooBig(mtu=1280) / quoted(_PING6)
