@@ -8,7 +8,8 @@
  * state and is its own inverse across the two directions.
  *
  * Order of work on one packet: read the IP header, look the addresses up (most packets stop
- * here: no mapping, untouched), locate the L4 checksum, translate the header quoted inside an
+ * here: no mapping, untouched; on tunnel egress an ICMP error from an address of no mapping
+ * still has its quote translated, see xlate4_quote_only), locate the L4 checksum, translate the header quoted inside an
  * ICMP error, then the outer addresses with their checksums. Everything that could make the
  * translation incomplete is checked before the first byte is written; a helper failing after
  * that drops the packet rather than forwarding it half-translated.
@@ -170,6 +171,23 @@ static __always_inline int xlate_icmp6_inner(struct __sk_buff *skb, int icmp_off
 #endif /* ENABLE_ICMP_INNER */
 
 #ifdef ENABLE_IPV4
+#ifdef ENABLE_ICMP_INNER
+/* Tunnel egress, outer source of no mapping: an ICMP error a node of ours sends about a packet it
+ * was forwarding to one of our pods (fragmentation needed, time exceeded) quotes that packet with
+ * its local destination; translate the quote so that no local address leaves the cluster and the
+ * sender can match the error (PMTU discovery through our nodes). Anything else stays untouched. */
+static __always_inline int xlate4_quote_only(struct __sk_buff *skb, struct iphdr *ip, int mode)
+{
+	struct l4_info l4;
+	__u8 type = 0;
+
+	parse_l4_v4(skb, L3_OFF, ip, &l4);
+	if (l4.drop >= 0 || l4.off < 0 || bpf_skb_load_bytes(skb, l4.off, &type, 1) || !icmp4_is_error(type))
+		return XLATE_UNTOUCHED;
+	return xlate_icmp4_inner(skb, l4.off, mode) ? count_drop(DROP_STORE_FAILED) : XLATE_DONE;
+}
+#endif
+
 static __always_inline int xlate4(struct __sk_buff *skb, int mode)
 {
 	struct lpm_key4 key = { .prefixlen = 32 };
@@ -199,8 +217,13 @@ static __always_inline int xlate4(struct __sk_buff *skb, int mode)
 			have_sn = 1;
 		}
 	}
-	if (!have_dn && !have_sn)
+	if (!have_dn && !have_sn) {
+#ifdef ENABLE_ICMP_INNER
+		if (mode == XLATE_SNAT && ip.protocol == IPPROTO_ICMP)
+			return xlate4_quote_only(skb, &ip, mode);
+#endif
 		return XLATE_UNTOUCHED;
+	}
 
 	parse_l4_v4(skb, L3_OFF, &ip, &l4);
 	if (l4.drop >= 0)
@@ -231,6 +254,25 @@ static __always_inline int xlate4(struct __sk_buff *skb, int mode)
 #endif /* ENABLE_IPV4 */
 
 #ifdef ENABLE_IPV6
+#ifdef ENABLE_ICMP_INNER
+/* IPv6 twin of xlate4_quote_only (the ICMPv6 header may sit behind extension headers). */
+static __always_inline int xlate6_quote_only(struct __sk_buff *skb, struct ipv6hdr *ip6, int mode)
+{
+	struct l4_info l4;
+	int dst_final;
+	__u8 type = 0;
+
+	if (ip6->nexthdr != IPPROTO_ICMPV6 && ip6->nexthdr != NEXTHDR_HOP && ip6->nexthdr != NEXTHDR_DEST &&
+	    ip6->nexthdr != NEXTHDR_ROUTING && ip6->nexthdr != NEXTHDR_AUTH && ip6->nexthdr != NEXTHDR_FRAGMENT)
+		return XLATE_UNTOUCHED;
+	parse_l4_v6(skb, L3_OFF, ip6, &l4, &dst_final);
+	if (l4.drop >= 0 || l4.off < 0 || l4.proto != IPPROTO_ICMPV6 || bpf_skb_load_bytes(skb, l4.off, &type, 1) ||
+	    !icmp6_is_error(type))
+		return XLATE_UNTOUCHED;
+	return xlate_icmp6_inner(skb, l4.off, mode) ? count_drop(DROP_STORE_FAILED) : XLATE_DONE;
+}
+#endif
+
 static __always_inline int xlate6(struct __sk_buff *skb, int mode)
 {
 	struct lpm_key6 key = { .prefixlen = 128 };
@@ -261,8 +303,13 @@ static __always_inline int xlate6(struct __sk_buff *skb, int mode)
 			have_sn = 1;
 		}
 	}
-	if (!have_dn && !have_sn)
+	if (!have_dn && !have_sn) {
+#ifdef ENABLE_ICMP_INNER
+		if (mode == XLATE_SNAT)
+			return xlate6_quote_only(skb, &ip6, mode);
+#endif
 		return XLATE_UNTOUCHED;
+	}
 
 	parse_l4_v6(skb, L3_OFF, &ip6, &l4, &dst_final);
 	if (l4.drop >= 0)

@@ -19,7 +19,11 @@ independent readings of one specification:
 * No L4 header in a non-first fragment (addresses only). IPv6: up to XLATE_MAX_EXTHDRS (6)
   extension headers are walked; a routing header with segments left takes the destination
   out of the pseudo-header. A quoted IPv6 L4 checksum is fixed only directly behind the quoted
-  header.
+  header; a quoted checksum cut in half by the end of the quote is left as it is (it cannot be
+  updated without its other byte).
+* Tunnel egress translates the quote of an ICMP error also when the outer source is of no
+  mapping (a node of ours reporting on a packet it forwarded to a pod): "a local address never
+  reaches a cluster where it may belong to someone else" (tunnel_egress.bpf.c).
 * A packet that matches a mapping but whose translation cannot be complete is dropped
   unmodified: L4 checksum field (or an ICMP header's 8 bytes) beyond the end, an extension
   header beyond the end (``l4_truncated``), more extension headers than walked
@@ -291,14 +295,24 @@ def run(point: AttachPoint, frame: bytes, mappings: Iterable[Mapping] | Tables) 
     if mode & HAIRPIN and new_dst is None:
         return untouched
     new_src = tables.lookup(SNAT, frame[src:src + alen]) if mode & SNAT else None
+    icmp = ICMPV6 if v6 else ICMP
     if new_dst is None and new_src is None:
-        return untouched
+        if mode != SNAT:
+            return untouched
+        # tunnel egress: an ICMP error from an address of no mapping (a node of ours) still has
+        # its quote translated (no local destination may leave in it); nothing else changes
+        l4 = locate_v6(frame, l3) if v6 else locate_v4(frame, l3)
+        if l4.drop or l4.off is None or l4.proto != icmp or frame[l4.off] not in (ICMP6_ERRORS if v6 else ICMP4_ERRORS):
+            return untouched
+        p = _Packet(frame)
+        _quote(p, l4.off, mode, tables, v6)
+        return Outcome(OK, bytes(p.b))
 
     l4 = locate_v6(frame, l3) if v6 else locate_v4(frame, l3)
     if l4.drop:
         return Outcome(SHOT, frame, l4.drop)
     p = _Packet(frame)
-    if l4.off is not None and l4.proto == (ICMPV6 if v6 else ICMP):
+    if l4.off is not None and l4.proto == icmp:
         if frame[l4.off] in (ICMP6_ERRORS if v6 else ICMP4_ERRORS):
             _quote(p, l4.off, mode, tables, v6)
     for off, new, in_pseudo in ((dst, new_dst, l4.dst_in_pseudo), (src, new_src, True)):

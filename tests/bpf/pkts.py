@@ -47,6 +47,7 @@ POD6_L, POD6_G = "fd00:10::1:5", "fd00:64::1:5"
 POD6B_L, POD6B_G = "fd00:10::2:9", "fd00:64::2:9"
 REMOTE6 = "fd00:65::3:9"
 ROUTER6 = "fd00:65::1"
+NODE6 = "fd00:198::1"                            # a node address (no mapping)
 
 PAYLOAD = Raw(b"kosmos-fabric translation test payload")
 
@@ -156,6 +157,15 @@ _GOT4 = IP(src=REMOTE4, dst=POD4_L) / UDP(sport=5000, dport=6000) / PAYLOAD
 _GOT4_X = IP(src=REMOTE4, dst=POD4_G) / UDP(sport=5000, dport=6000) / PAYLOAD
 ICMP4_OUT_PORT_UNREACH = eth() / IP(src=POD4_L, dst=REMOTE4) / ICMP(type=3, code=3) / quoted(_GOT4)
 ICMP4_OUT_PORT_UNREACH_X = eth() / IP(src=POD4_G, dst=REMOTE4) / ICMP(type=3, code=3) / quoted(_GOT4_X)
+# A node of ours forwarding to a pod reports "fragmentation needed" from its own address (no
+# mapping): the quoted local destination must still leave as the global one -- found by
+# tests/privileged/test_bpf_fuzz.py (tunnel_egress.bpf.c: no local address reaches another cluster).
+_FWD4 = IP(src=REMOTE4, dst=POD4_L, flags="DF") / TCP(sport=40000, dport=80, flags="PA") / PAYLOAD
+_FWD4_X = IP(src=REMOTE4, dst=POD4_G, flags="DF") / TCP(sport=40000, dport=80, flags="PA") / PAYLOAD
+ICMP4_OUT_NODE_FRAG_NEEDED = eth() / IP(src=NODE4, dst=REMOTE4) / ICMP(type=3, code=4, nexthopmtu=1400) / quoted(_FWD4)
+ICMP4_OUT_NODE_FRAG_NEEDED_X = eth() / IP(src=NODE4, dst=REMOTE4) / ICMP(type=3, code=4, nexthopmtu=1400) / quoted(
+    _FWD4_X)
+ICMP4_OUT_NODE_ECHO = eth() / IP(src=NODE4, dst=REMOTE4) / ICMP(type=8) / quoted(_FWD4)  # not an error: untouched
 TCP4_OUT_NODE = eth() / IP(src=NODE4, dst=REMOTE4) / TCP() / PAYLOAD  # no mapping: untouched
 
 # --- IPv4, hairpin ----------------------------------------------------------------------------
@@ -210,5 +220,9 @@ _GOT6 = IPv6(src=REMOTE6, dst=POD6_L) / UDP(sport=5000, dport=6000) / PAYLOAD
 _GOT6_X = IPv6(src=REMOTE6, dst=POD6_G) / UDP(sport=5000, dport=6000) / PAYLOAD
 ICMP6_OUT_PORT_UNREACH = eth() / IPv6(src=POD6_L, dst=REMOTE6) / ICMPv6DestUnreach(code=4) / quoted(_GOT6)
 ICMP6_OUT_PORT_UNREACH_X = eth() / IPv6(src=POD6_G, dst=REMOTE6) / ICMPv6DestUnreach(code=4) / quoted(_GOT6_X)
+_FWD6 = IPv6(src=REMOTE6, dst=POD6_L) / TCP(sport=40000, dport=80, flags="PA") / PAYLOAD
+_FWD6_X = IPv6(src=REMOTE6, dst=POD6_G) / TCP(sport=40000, dport=80, flags="PA") / PAYLOAD
+ICMP6_OUT_NODE_TOO_BIG = eth() / IPv6(src=NODE6, dst=REMOTE6) / ICMPv6PacketTooBig(mtu=1280) / quoted(_FWD6)
+ICMP6_OUT_NODE_TOO_BIG_X = eth() / IPv6(src=NODE6, dst=REMOTE6) / ICMPv6PacketTooBig(mtu=1280) / quoted(_FWD6_X)
 TCP6_HP = eth() / IPv6(src=POD6_L, dst=POD6B_G) / TCP(sport=41000, dport=8080, flags="S") / PAYLOAD
 TCP6_HP_X = eth() / IPv6(src=POD6_G, dst=POD6B_L) / TCP(sport=41000, dport=8080, flags="S") / PAYLOAD

@@ -263,13 +263,19 @@ def ip_packets(draw: st.DrawFn, version: int, mappings: list[Mapping], depth: in
 
 @st.composite
 def broken(draw: st.DrawFn, frame: bytes) -> bytes:
-    """The frame with a checksum-like word off by a random amount, cut short, bytes flipped, or
-    its EtherType changed (or left alone)."""
+    """The frame with a bad IPv4 header or L4 checksum, any 16-bit word off by a random amount,
+    bytes flipped, its EtherType changed, cut short, or several of these (or none)."""
     b = bytearray(frame)
     for _ in range(draw(st.integers(0, 2))):
-        how = draw(st.sampled_from(["word", "flip", "ethertype"]))
+        how = draw(st.sampled_from(["csum", "word", "flip", "ethertype"]))
+        if how == "csum":  # a bad IPv4 header or L4 checksum
+            l4 = M.locate_v6(frame, M.ETH_HLEN) if frame[12:14] == b"\x86\xdd" else M.locate_v4(frame, M.ETH_HLEN)
+            fields = [M.ETH_HLEN + 10] if frame[12:14] == b"\x08\x00" else []
+            fields += [l4.csum_off] if l4.csum_off is not None and l4.csum_off + 2 <= len(b) else []
+            how, i = ("word", draw(st.sampled_from(fields))) if fields else ("flip", 0)
+        else:
+            i = draw(st.integers(M.ETH_HLEN, len(b) - 2)) & ~1 if len(b) > 16 else 0
         if how == "word" and len(b) > 16:
-            i = draw(st.integers(M.ETH_HLEN, len(b) - 2)) & ~1
             b[i:i + 2] = ((int.from_bytes(b[i:i + 2], "big") + draw(st.integers(1, 0xFFFE))) & 0xFFFF).to_bytes(2, "big")
         elif how == "flip" and len(b) > M.ETH_HLEN:
             b[draw(st.integers(M.ETH_HLEN, len(b) - 1))] ^= draw(st.integers(1, 255))
@@ -334,8 +340,8 @@ def ours(point: AttachPoint, frame: bytes, mappings: list[Mapping]) -> bool:
     snat = any(src.version == m.local.version and src in m.local for m in mappings)
     if point is AttachPoint.TUNNEL_INGRESS:
         return dnat
-    if point is AttachPoint.TUNNEL_EGRESS:
-        return snat
+    if point is AttachPoint.TUNNEL_EGRESS:  # (or an ICMP error: its quote is checked by the model)
+        return snat or frame[23 if ethertype == b"\x08\x00" else 20] not in (M.TCP, M.UDP, M.UDPLITE, M.DCCP, 47, 50)
     return dnat
 
 

@@ -51,6 +51,9 @@ CASES: list[tuple[str, AttachPoint, Packet, Packet, int]] = [
     ("udp4 out, zero checksum stays zero", OUT, P.UDP4_OUT_ZEROCSUM, P.UDP4_OUT_ZEROCSUM_X, OK),
     ("icmp4 port-unreach out, quoted udp destination", OUT, P.ICMP4_OUT_PORT_UNREACH,
      P.ICMP4_OUT_PORT_UNREACH_X, OK),
+    ("icmp4 frag-needed out from a node address, quoted local destination", OUT, P.ICMP4_OUT_NODE_FRAG_NEEDED,
+     P.ICMP4_OUT_NODE_FRAG_NEEDED_X, OK),
+    ("icmp4 echo out from a node address: untouched", OUT, P.ICMP4_OUT_NODE_ECHO, P.ICMP4_OUT_NODE_ECHO, OK),
     ("tcp4 out from a node address: untouched", OUT, P.TCP4_OUT_NODE, P.TCP4_OUT_NODE, OK),
     ("tcp4 in-bound packet on egress: untouched", OUT, P.TCP4_IN, P.TCP4_IN, OK),
     # IPv4 hairpin: both, then redirect to the hairpin device's ingress
@@ -81,6 +84,8 @@ CASES: list[tuple[str, AttachPoint, Packet, Packet, int]] = [
     ("icmp6 echo reply out", OUT, P.ICMP6_OUT_ECHO_REPLY, P.ICMP6_OUT_ECHO_REPLY_X, OK),
     ("icmp6 port-unreach out, quoted udp destination", OUT, P.ICMP6_OUT_PORT_UNREACH,
      P.ICMP6_OUT_PORT_UNREACH_X, OK),
+    ("icmp6 packet-too-big out from a node address, quoted local destination", OUT, P.ICMP6_OUT_NODE_TOO_BIG,
+     P.ICMP6_OUT_NODE_TOO_BIG_X, OK),
     ("tcp6 hairpin", HP, P.TCP6_HP, P.TCP6_HP_X, REDIRECT),
 ]
 
