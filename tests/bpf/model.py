@@ -46,6 +46,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from fabric.bpf.translate import AttachPoint, Mapping
+from fabric.bpf.translate import IPNetwork as IPNet
 
 ETH_HLEN = 14
 OK, SHOT, REDIRECT = 0, 2, 7  # TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT
@@ -110,8 +111,8 @@ def residual(*parts: bytes) -> int:
 class Tables:
     """The four LPM maps as the loader fills them (translate.Translator.set_mappings)."""
 
-    dnat: tuple[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ipaddress.IPv4Network | ipaddress.IPv6Network], ...]
-    snat: tuple[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ipaddress.IPv4Network | ipaddress.IPv6Network], ...]
+    dnat: tuple[tuple[IPNet, IPNet], ...]  # (key prefix, target prefix)
+    snat: tuple[tuple[IPNet, IPNet], ...]
 
     @classmethod
     def of(cls, mappings: Iterable[Mapping]) -> Tables:
@@ -312,9 +313,8 @@ def run(point: AttachPoint, frame: bytes, mappings: Iterable[Mapping] | Tables) 
     if l4.drop:
         return Outcome(SHOT, frame, l4.drop)
     p = _Packet(frame)
-    if l4.off is not None and l4.proto == icmp:
-        if frame[l4.off] in (ICMP6_ERRORS if v6 else ICMP4_ERRORS):
-            _quote(p, l4.off, mode, tables, v6)
+    if l4.off is not None and l4.proto == icmp and frame[l4.off] in (ICMP6_ERRORS if v6 else ICMP4_ERRORS):
+        _quote(p, l4.off, mode, tables, v6)
     for off, new, in_pseudo in ((dst, new_dst, l4.dst_in_pseudo), (src, new_src, True)):
         if new is None:
             continue
@@ -364,9 +364,8 @@ def residuals(frame: bytes, *, quoted: bool = True) -> dict[str, int]:
         out["l4"] = residual(_pseudo(frame, l3, v6, len(seg), l4.proto, l4.dst_in_pseudo), seg)
     if l4.proto == ICMP and not v6:
         out["icmp"] = residual(seg)  # no pseudo-header: must not change at all
-    if l4.proto == (ICMPV6 if v6 else ICMP) and seg[0] in (ICMP6_ERRORS if v6 else ICMP4_ERRORS):
-        if quoted:
-            out.update(_quote_residuals(frame, l4.off + 8, v6))
+    if quoted and l4.proto == (ICMPV6 if v6 else ICMP) and seg[0] in (ICMP6_ERRORS if v6 else ICMP4_ERRORS):
+        out.update(_quote_residuals(frame, l4.off + 8, v6))
     return out
 
 
@@ -379,15 +378,16 @@ def _quote_residuals(frame: bytes, q: int, v6: bool) -> dict[str, int]:
     if v6:
         if len(frame) < q + 40 or frame[q] >> 4 != 6:
             return out
-        proto, off = frame[q + 6], q + 40
-        field = csum_field(proto, True)
+        proto, off, field = frame[q + 6], q + 40, csum_field(frame[q + 6], True)
     else:
         if len(frame) < q + 20 or frame[q] >> 4 != 4 or frame[q] & 0xF < 5:
             return out
         out.update(_ip4_residual("quoted_ip", frame, q))
         l4 = locate_v4(frame, q)
-        proto, off, field = l4.proto, l4.off, None if l4.csum_off is None else l4.csum_off - (l4.off or 0)
-    if off is None or field is None or off + field + 2 > len(frame):
+        if l4.off is None or l4.csum_off is None:
+            return out
+        proto, off, field = l4.proto, l4.off, l4.csum_off - l4.off
+    if field is None or off + field + 2 > len(frame):
         return out
     if _is_udp(proto) and frame[off + field:off + field + 2] == b"\0\0":
         return out
