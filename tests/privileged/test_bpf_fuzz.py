@@ -409,11 +409,19 @@ def test_quote_of_a_sent_packet_translates_back_to_the_original(kernel: Kernel, 
     assert l4.off is not None
     got, want = back.data[l4.off + 8:], sent[: len(quote)]
     sent_l4 = M.locate_v6(eth + sent, 14) if v6 else M.locate_v4(eth + sent, 14)
-    if sent_l4.csum_off is not None and sent_l4.csum_off - 14 == len(quote) - 1:
-        got, want = got[:-1], want[:-1]  # half a checksum quoted: it cannot be fixed, only kept
+    if sent_l4.csum_off is not None:
+        at_csum = slice(sent_l4.csum_off - 14, sent_l4.csum_off - 14 + 2)
+        if (v6 and sent[6] in M.EXTHDRS) or at_csum.stop == len(quote) + 1:
+            # documented limits: a quoted IPv6 L4 checksum behind extension headers is not
+            # fixed (xlate_icmp6_inner), half a quoted checksum cannot be (only kept)
+            got, want = _blank(got, at_csum), _blank(want, at_csum)
     assert got == want, (
         f"quote after ingress differs from what the pod sent\n{_show(back.data)}\n--- sent\n{_show(eth + sent)}")
     assert all(r == 0 for r in M.residuals(back.data, quoted=False).values()), f"error checksums: {back.data.hex()}"
+
+
+def _blank(b: bytes, at: slice) -> bytes:
+    return b[:at.start] + b"\0" * len(b[at]) + b[at.stop:]
 
 
 def _refill(pkt: bytes, v6: bool) -> bytes:
