@@ -33,7 +33,8 @@ static __always_inline int l4_csum_field(__u8 proto, int v6, __u64 *flags)
 		return 16;
 	case IPPROTO_UDP:
 	case IPPROTO_UDPLITE:
-		/* UDP over IPv4 may carry no checksum (0): leave it 0; a result of 0 is sent as 0xffff. */
+		/* A UDP checksum of 0 means none (IPv4; in IPv6 only for tunnels, RFC 6935): leave it 0
+		 * in both families (a bad packet stays exactly as bad); a result of 0 is sent as 0xffff. */
 		*flags = BPF_F_MARK_MANGLED_0;
 		return 6;
 	case IPPROTO_DCCP:
