@@ -110,7 +110,7 @@ ICMP4_IN_TTL_X = eth() / IP(src=ROUTER4, dst=POD4_L) / ICMP(type=11, code=0) / q
 # datagram, updated incrementally), the others only IP.
 # A probe whose UDP checksum computes to 0 (sent as 0xffff: 0 means "no checksum"), quoted in
 # time exceeded: the quote must come back as the pod sent it, 0xffff, not 0 (the incremental
-# update alone yields 0) -- found by tests/privileged/test_bpf_fuzz.py.
+# update alone yields 0) -- found writing the model, tests/bpf/model.py.
 def _udp_sum_zero(ip: Packet, sent_as: Packet) -> Packet:
     """``ip / UDP / payload``, two payload bytes chosen so that the UDP checksum of ``sent_as``
     (the same packet as the pod sent it, local source) computes to 0."""
@@ -132,7 +132,7 @@ FRAG4_IN_LAST, FRAG4_IN_LAST_X = eth() / _FRAGS4[-1], eth() / _FRAGS4_X[-1]
 GRE4_IN = eth() / IP(src=REMOTE4, dst=POD4_G, proto=47) / Raw(b"\x00\x00\x08\x00" + b"opaque" * 4)
 GRE4_IN_X = eth() / IP(src=REMOTE4, dst=POD4_L, proto=47) / Raw(b"\x00\x00\x08\x00" + b"opaque" * 4)
 # Protocol numbers are per family: 58 (ICMPv6) in IPv4 and 1 (ICMP) in IPv6 are unknown protocols
-# (addresses only, payload untouched, however short) -- found by tests/privileged/test_bpf_fuzz.py.
+# (addresses only, payload untouched, however short) -- 1 in IPv6 found by tests/privileged/test_bpf_fuzz.py.
 ICMP6_IN_IPV4 = eth() / IP(src=REMOTE4, dst=POD4_G, proto=58) / Raw(b"\x80\x00\x12\x34opaque")
 ICMP6_IN_IPV4_X = eth() / IP(src=REMOTE4, dst=POD4_L, proto=58) / Raw(b"\x80\x00\x12\x34opaque")
 ICMP4_IN_IPV6_SHORT = eth() / IPv6(src=REMOTE6, dst=POD6_G, nh=1) / Raw(b"\x08\x00")
@@ -158,8 +158,8 @@ _GOT4_X = IP(src=REMOTE4, dst=POD4_G) / UDP(sport=5000, dport=6000) / PAYLOAD
 ICMP4_OUT_PORT_UNREACH = eth() / IP(src=POD4_L, dst=REMOTE4) / ICMP(type=3, code=3) / quoted(_GOT4)
 ICMP4_OUT_PORT_UNREACH_X = eth() / IP(src=POD4_G, dst=REMOTE4) / ICMP(type=3, code=3) / quoted(_GOT4_X)
 # A node of ours forwarding to a pod reports "fragmentation needed" from its own address (no
-# mapping): the quoted local destination must still leave as the global one -- found by
-# tests/privileged/test_bpf_fuzz.py (tunnel_egress.bpf.c: no local address reaches another cluster).
+# mapping): the quoted local destination must still leave as the global one (tunnel_egress.bpf.c:
+# no local address reaches another cluster) -- found writing the model, tests/bpf/model.py.
 _FWD4 = IP(src=REMOTE4, dst=POD4_L, flags="DF") / TCP(sport=40000, dport=80, flags="PA") / PAYLOAD
 _FWD4_X = IP(src=REMOTE4, dst=POD4_G, flags="DF") / TCP(sport=40000, dport=80, flags="PA") / PAYLOAD
 ICMP4_OUT_NODE_FRAG_NEEDED = eth() / IP(src=NODE4, dst=REMOTE4) / ICMP(type=3, code=4, nexthopmtu=1400) / quoted(_FWD4)
