@@ -54,7 +54,9 @@
  * that matches a mapping but cannot be translated completely is dropped, never forwarded
  * half-translated: an untranslated local source would collide with the peer cluster's own
  * (overlapping) addresses, and a stale L4 checksum is a corruption. */
-#define DROP_L4_TRUNCATED 0   /* translatable L4 protocol whose checksum field is not in the packet */
+/* DROP_L4_TRUNCATED: a translatable L4 protocol whose checksum field is not in the packet, an ICMP
+ * (ICMPv6) header shorter than its 8 bytes, or an IPv6 extension header that is not there */
+#define DROP_L4_TRUNCATED 0
 #define DROP_STORE_FAILED 1   /* a store/checksum helper failed (e.g. unwritable clone) */
 
 #define DROP_EXTHDR_LIMIT 2   /* more than XLATE_MAX_EXTHDRS IPv6 extension headers before L4 */

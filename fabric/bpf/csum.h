@@ -74,8 +74,11 @@ static __always_inline int load_csum16(struct __sk_buff *skb, int off, struct cs
 
 /* Patch a checksum that lives in the payload (quoted in an ICMP error) for a data change given
  * as a bpf_csum_diff() delta, and add the field's own change to *outer_diff so that the ICMP
- * checksum around it can be fixed once at the end. */
-static __always_inline int patch_quoted_csum(struct __sk_buff *skb, int off, __s64 diff, __s64 *outer_diff)
+ * checksum around it can be fixed once at the end. mangled0 (a quoted UDP checksum): a result
+ * of 0 is written as 0xffff, as the sender wrote it (0 would mean "no checksum"), so that the
+ * quote reads exactly as the packet that was sent. */
+static __always_inline int patch_quoted_csum(struct __sk_buff *skb, int off, __s64 diff, int mangled0,
+					     __s64 *outer_diff)
 {
 	struct csum16_block before, after;
 
@@ -85,6 +88,11 @@ static __always_inline int patch_quoted_csum(struct __sk_buff *skb, int off, __s
 		return -1;
 	if (load_csum16(skb, off, &after))
 		return -1;
+	if (mangled0 && after.v == 0) {
+		after.v = 0xffff;
+		if (bpf_skb_store_bytes(skb, off, &after.v, sizeof(after.v), 0))
+			return -1;
+	}
 	*outer_diff = bpf_csum_diff((__be32 *)&before, 4, (__be32 *)&after, 4, *outer_diff);
 	return 0;
 }

@@ -20,16 +20,21 @@ struct l4_info {
 	int drop;         /* >= 0: DROP_* reason if this packet matches a mapping */
 };
 
-/* Offset of the pseudo-header checksum of a protocol inside its header, or -1. */
-static __always_inline int l4_csum_field(__u8 proto, __u64 *flags)
+/* Offset of the pseudo-header checksum of a protocol inside its header, or -1. The protocol
+ * numbers are per family: ICMPv6 (58) has a pseudo-header checksum in IPv6 only; in IPv4 it is
+ * an unknown protocol like any other (addresses only, its bytes untouched). */
+static __always_inline int l4_csum_field(__u8 proto, int v6, __u64 *flags)
 {
 	*flags = 0;
+	if (proto == IPPROTO_ICMPV6 && !v6)
+		return -1;
 	switch (proto) {
 	case IPPROTO_TCP:
 		return 16;
 	case IPPROTO_UDP:
 	case IPPROTO_UDPLITE:
-		/* UDP over IPv4 may carry no checksum (0): leave it 0; a result of 0 is sent as 0xffff. */
+		/* A UDP checksum of 0 means none (IPv4; in IPv6 only for tunnels, RFC 6935): leave it 0
+		 * in both families (a bad packet stays exactly as bad); a result of 0 is sent as 0xffff. */
 		*flags = BPF_F_MARK_MANGLED_0;
 		return 6;
 	case IPPROTO_DCCP:
@@ -41,17 +46,18 @@ static __always_inline int l4_csum_field(__u8 proto, __u64 *flags)
 }
 
 /* Fill *l4 for the transport header at off; the checksum field must be inside the packet. */
-static __always_inline void l4_locate(struct __sk_buff *skb, __u8 proto, int off, struct l4_info *l4)
+static __always_inline void l4_locate(struct __sk_buff *skb, __u8 proto, int v6, int off, struct l4_info *l4)
 {
-	int field = l4_csum_field(proto, &l4->csum_flags);
+	int field = l4_csum_field(proto, v6, &l4->csum_flags);
 
 	l4->proto = proto;
 	l4->off = off;
 	l4->csum_off = field >= 0 ? off + field : -1;
 	if (l4->csum_off >= 0 && l4->csum_off + 2 > (int)skb->len)
 		l4->drop = DROP_L4_TRUNCATED;
-	/* ICMP needs its 8-byte header to be told error from echo. */
-	if ((proto == IPPROTO_ICMP || proto == IPPROTO_ICMPV6) && off + 8 > (int)skb->len)
+	/* The family's ICMP needs its 8-byte header to be told error from echo (the kernel drops a
+	 * shorter one too). ICMPv4 in IPv6 and ICMPv6 in IPv4 are unknown protocols, not checked. */
+	if (proto == (v6 ? IPPROTO_ICMPV6 : IPPROTO_ICMP) && off + 8 > (int)skb->len)
 		l4->drop = DROP_L4_TRUNCATED;
 }
 
@@ -65,7 +71,7 @@ static __always_inline void parse_l4_v4(struct __sk_buff *skb, int l3, struct ip
 	l4->drop = -1;
 	if (ip->frag_off & xl_htons(IP_OFFSET))
 		return; /* non-first fragment: addresses only, its bytes are covered by the first's csum */
-	l4_locate(skb, ip->protocol, l3 + ip->ihl * 4, l4);
+	l4_locate(skb, ip->protocol, 0, l3 + ip->ihl * 4, l4);
 }
 
 /* IPv6: walk up to XLATE_MAX_EXTHDRS extension headers. *dst_final is cleared when a routing
@@ -96,7 +102,7 @@ static __always_inline void parse_l4_v6(struct __sk_buff *skb, int l3, struct ip
 		case NEXTHDR_FRAGMENT:
 			break;
 		default:
-			l4_locate(skb, nexthdr, off, l4);
+			l4_locate(skb, nexthdr, 1, off, l4);
 			return;
 		}
 		if (bpf_skb_load_bytes(skb, off, hdr, sizeof(hdr))) {
@@ -126,7 +132,7 @@ static __always_inline void parse_l4_v6(struct __sk_buff *skb, int l3, struct ip
 	    nexthdr == NEXTHDR_AUTH || nexthdr == NEXTHDR_FRAGMENT)
 		l4->drop = DROP_EXTHDR_LIMIT;
 	else
-		l4_locate(skb, nexthdr, off, l4);
+		l4_locate(skb, nexthdr, 1, off, l4);
 }
 
 /* ICMP types that quote the offending packet's header after the 8-byte ICMP header. */

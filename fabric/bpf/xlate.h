@@ -8,7 +8,8 @@
  * state and is its own inverse across the two directions.
  *
  * Order of work on one packet: read the IP header, look the addresses up (most packets stop
- * here: no mapping, untouched), locate the L4 checksum, translate the header quoted inside an
+ * here: no mapping, untouched; on tunnel egress an ICMP error from an address of no mapping
+ * still has its quote translated, see xlate4_quote_only), locate the L4 checksum, translate the header quoted inside an
  * ICMP error, then the outer addresses with their checksums. Everything that could make the
  * translation incomplete is checked before the first byte is written; a helper failing after
  * that drops the packet rather than forwarding it half-translated.
@@ -53,7 +54,7 @@ static __always_inline int is_udp(__u8 proto)
 /* An address inside the header quoted by an ICMP error changes from old to new: the quoted IPv4
  * header checksum (ip_csum_off, or -1 for IPv6) and the quoted L4 checksum (l4_csum_off, -1 if
  * it was not quoted) follow, and *outer collects every byte change for the ICMP checksum. A
- * quoted UDP checksum of 0 means "none" and stays 0. */
+ * quoted UDP checksum of 0 means "none" and stays 0; one that becomes 0 is written 0xffff. */
 static __always_inline int quoted_addr(struct __sk_buff *skb, int addr_off, __be32 *old, __be32 *new, int len,
 				       int ip_csum_off, int l4_csum_off, __u8 proto, __s64 *outer)
 {
@@ -63,12 +64,12 @@ static __always_inline int quoted_addr(struct __sk_buff *skb, int addr_off, __be
 	if (diff < 0)
 		return -1;
 	*outer = bpf_csum_diff(old, len, new, len, *outer);
-	if (ip_csum_off >= 0 && patch_quoted_csum(skb, ip_csum_off, diff, outer))
+	if (ip_csum_off >= 0 && patch_quoted_csum(skb, ip_csum_off, diff, 0, outer))
 		return -1;
 	if (l4_csum_off >= 0 && l4_csum_off + 2 <= (int)skb->len) {
 		if (load_csum16(skb, l4_csum_off, &cur))
 			return -1;
-		if (!(is_udp(proto) && cur.v == 0) && patch_quoted_csum(skb, l4_csum_off, diff, outer))
+		if (!(is_udp(proto) && cur.v == 0) && patch_quoted_csum(skb, l4_csum_off, diff, is_udp(proto), outer))
 			return -1;
 	}
 	return bpf_skb_store_bytes(skb, addr_off, new, len, 0);
@@ -136,7 +137,7 @@ static __always_inline int xlate_icmp6_inner(struct __sk_buff *skb, int icmp_off
 
 	if (bpf_skb_load_bytes(skb, in3, &in, sizeof(in)) || in.version != 6)
 		return 0;
-	field = l4_csum_field(in.nexthdr, &flags);
+	field = l4_csum_field(in.nexthdr, 1, &flags);
 	if (field >= 0)
 		l4_csum_off = in3 + (int)sizeof(in) + field;
 
@@ -170,6 +171,23 @@ static __always_inline int xlate_icmp6_inner(struct __sk_buff *skb, int icmp_off
 #endif /* ENABLE_ICMP_INNER */
 
 #ifdef ENABLE_IPV4
+#ifdef ENABLE_ICMP_INNER
+/* Tunnel egress, outer source of no mapping: an ICMP error a node of ours sends about a packet it
+ * was forwarding to one of our pods (fragmentation needed, time exceeded) quotes that packet with
+ * its local destination; translate the quote so that no local address leaves the cluster and the
+ * sender can match the error (PMTU discovery through our nodes). Anything else stays untouched. */
+static __always_inline int xlate4_quote_only(struct __sk_buff *skb, struct iphdr *ip, int mode)
+{
+	struct l4_info l4;
+	__u8 type = 0;
+
+	parse_l4_v4(skb, L3_OFF, ip, &l4);
+	if (l4.drop >= 0 || l4.off < 0 || bpf_skb_load_bytes(skb, l4.off, &type, 1) || !icmp4_is_error(type))
+		return XLATE_UNTOUCHED;
+	return xlate_icmp4_inner(skb, l4.off, mode) ? count_drop(DROP_STORE_FAILED) : XLATE_DONE;
+}
+#endif
+
 static __always_inline int xlate4(struct __sk_buff *skb, int mode)
 {
 	struct lpm_key4 key = { .prefixlen = 32 };
@@ -199,8 +217,13 @@ static __always_inline int xlate4(struct __sk_buff *skb, int mode)
 			have_sn = 1;
 		}
 	}
-	if (!have_dn && !have_sn)
+	if (!have_dn && !have_sn) {
+#ifdef ENABLE_ICMP_INNER
+		if (mode == XLATE_SNAT && ip.protocol == IPPROTO_ICMP)
+			return xlate4_quote_only(skb, &ip, mode);
+#endif
 		return XLATE_UNTOUCHED;
+	}
 
 	parse_l4_v4(skb, L3_OFF, &ip, &l4);
 	if (l4.drop >= 0)
@@ -231,6 +254,25 @@ static __always_inline int xlate4(struct __sk_buff *skb, int mode)
 #endif /* ENABLE_IPV4 */
 
 #ifdef ENABLE_IPV6
+#ifdef ENABLE_ICMP_INNER
+/* IPv6 twin of xlate4_quote_only (the ICMPv6 header may sit behind extension headers). */
+static __always_inline int xlate6_quote_only(struct __sk_buff *skb, struct ipv6hdr *ip6, int mode)
+{
+	struct l4_info l4;
+	int dst_final;
+	__u8 type = 0;
+
+	if (ip6->nexthdr != IPPROTO_ICMPV6 && ip6->nexthdr != NEXTHDR_HOP && ip6->nexthdr != NEXTHDR_DEST &&
+	    ip6->nexthdr != NEXTHDR_ROUTING && ip6->nexthdr != NEXTHDR_AUTH && ip6->nexthdr != NEXTHDR_FRAGMENT)
+		return XLATE_UNTOUCHED;
+	parse_l4_v6(skb, L3_OFF, ip6, &l4, &dst_final);
+	if (l4.drop >= 0 || l4.off < 0 || l4.proto != IPPROTO_ICMPV6 || bpf_skb_load_bytes(skb, l4.off, &type, 1) ||
+	    !icmp6_is_error(type))
+		return XLATE_UNTOUCHED;
+	return xlate_icmp6_inner(skb, l4.off, mode) ? count_drop(DROP_STORE_FAILED) : XLATE_DONE;
+}
+#endif
+
 static __always_inline int xlate6(struct __sk_buff *skb, int mode)
 {
 	struct lpm_key6 key = { .prefixlen = 128 };
@@ -261,8 +303,13 @@ static __always_inline int xlate6(struct __sk_buff *skb, int mode)
 			have_sn = 1;
 		}
 	}
-	if (!have_dn && !have_sn)
+	if (!have_dn && !have_sn) {
+#ifdef ENABLE_ICMP_INNER
+		if (mode == XLATE_SNAT)
+			return xlate6_quote_only(skb, &ip6, mode);
+#endif
 		return XLATE_UNTOUCHED;
+	}
 
 	parse_l4_v6(skb, L3_OFF, &ip6, &l4, &dst_final);
 	if (l4.drop >= 0)
