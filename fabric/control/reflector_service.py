@@ -49,8 +49,10 @@ class Servicer(pb_grpc.FabricServicer):  # type: ignore[misc]
         self, request_iterator: AsyncIterator[pb.SyncNodeRequest], context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.SyncNodeResponse]:
         try:
-            async for msg in self._r.sync_node(request_iterator, context):
-                yield msg
+            with self._r.gate.stream("SyncNode", context, announce=True) as refused:
+                if refused is None:
+                    async for msg in self._r.sync_node(request_iterator, context):
+                        yield msg
         except grpc.aio.AbortError:
             raise
         except Exception as e:
@@ -80,8 +82,10 @@ class Servicer(pb_grpc.FabricServicer):  # type: ignore[misc]
         if self._standby(context):
             return
         try:
-            async for msg in self._r.watch_topology():
-                yield msg
+            with self._r.gate.stream("WatchTopology", context) as refused:
+                if refused is None:
+                    async for msg in self._r.watch_topology(context):
+                        yield msg
         except grpc.aio.AbortError:
             raise
         except Exception as e:
@@ -93,8 +97,10 @@ class Servicer(pb_grpc.FabricServicer):  # type: ignore[misc]
         if self._standby(context):
             return
         try:
-            async for msg in self._r.publish_records(request_iterator, context):
-                yield msg
+            with self._r.gate.stream("PublishRecords", context) as refused:
+                if refused is None:
+                    async for msg in self._r.publish_records(request_iterator, context):
+                        yield msg
         except grpc.aio.AbortError:
             raise
         except Exception as e:
@@ -106,8 +112,10 @@ class Servicer(pb_grpc.FabricServicer):  # type: ignore[misc]
         if self._standby(context):
             return
         try:
-            async for msg in self._r.watch_records(request, context):
-                yield msg
+            with self._r.gate.stream("WatchRecords", context) as refused:
+                if refused is None:
+                    async for msg in self._r.watch_records(request, context):
+                        yield msg
         except grpc.aio.AbortError:
             raise
         except Exception as e:
