@@ -181,7 +181,7 @@ class _Session:
 
     def __init__(
         self, key: types.NodeKey, peer: str, now: float, limit: int = _DEFAULT_LIMITS.send_queue_bytes,
-        on_cut: Callable[[str, str, str], None] | None = None,
+        on_cut: Callable[[_Session, str], None] | None = None,
     ) -> None:  # fmt: skip
         self.id = next(self._ids)
         self.key = key
@@ -218,7 +218,7 @@ class _Session:
             self.queue.clear()
             self.close(reason, grpc.StatusCode.RESOURCE_EXHAUSTED)
             if self._on_cut is not None:
-                self._on_cut("sync_node", f"node {self.key} from {self.peer}", reason)
+                self._on_cut(self, reason)
 
     def close(self, reason: str, code: grpc.StatusCode | None = None) -> None:
         if not self.closed:
@@ -244,7 +244,7 @@ class _NodeRecord:
 class _Watcher:
     """One WatchTopology stream; its queue bounded as a session's."""
 
-    def __init__(self, peer: str, limit: int, on_cut: Callable[[str, str, str], None]) -> None:
+    def __init__(self, peer: str, limit: int, on_cut: Callable[[_Watcher, str], None]) -> None:
         self.peer = peer
         self.queue: bounds.SendQueue[pb.WatchTopologyResponse | _Close] = bounds.SendQueue(limit)
         self.synced = False
@@ -258,7 +258,7 @@ class _Watcher:
             reason = self.queue.over_limit_text(size, f"topology watch of {self.peer}")
             self.queue.clear()
             self.close(reason, grpc.StatusCode.RESOURCE_EXHAUSTED)
-            self._on_cut("watch_topology", self.peer, reason)
+            self._on_cut(self, reason)
 
     def close(self, reason: str, code: grpc.StatusCode | None = None) -> None:
         if not self.closed:
@@ -831,6 +831,17 @@ class Reflector:
         self._schedule_flush()
         _log.info("node %s withdrawn", key)
 
+    def _session_cut(self, session: _Session, reason: str) -> None:
+        """``session`` was cut off (its queue passed its bound). Its handler may stay blocked in
+        a write the agent never reads, so the node is treated as disconnected now (grace period,
+        gateway role): on the next loop turn, as this runs inside a flush."""
+        self.gate.note_cut("sync_node", f"node {session.key} from {session.peer}", reason)
+        asyncio.get_running_loop().call_soon(self._session_ended, session, reason)
+
+    def _watcher_cut(self, w: _Watcher, reason: str) -> None:
+        self.gate.note_cut("watch_topology", w.peer, reason)
+        self._watchers.discard(w)
+
     def _hold_time(self, session: _Session | None) -> float:
         """How long ``session`` may stay silent: three negotiated keepalive intervals (see
         :func:`~fabric.control.bounds.negotiate_keepalive`); our own interval's before it
@@ -928,7 +939,7 @@ class Reflector:
             yield self._reject(f"session from {peer}", f"peer {peer}", [refusal])
             return
         ann = codec.node_from_pb(first.announce.node)
-        session = _Session(ann.key, peer, self.clock(), self.limits.send_queue_bytes, self.gate.note_cut)
+        session = _Session(ann.key, peer, self.clock(), self.limits.send_queue_bytes, self._session_cut)
         rejected = self._admit(ann, session)
         if rejected is not None:
             yield rejected
@@ -973,7 +984,7 @@ class Reflector:
         self, context: grpc.aio.ServicerContext[Any, Any] | None = None
     ) -> AsyncIterator[pb.WatchTopologyResponse]:
         peer = peer_name(context.peer()) if context is not None else "in-process watcher"
-        w = _Watcher(peer, self.limits.send_queue_bytes, self.gate.note_cut)
+        w = _Watcher(peer, self.limits.send_queue_bytes, self._watcher_cut)
         self._watchers.add(w)
         if not self.holding:
             self._sync_watcher(w)
