@@ -32,9 +32,11 @@ The rules, in the order a record lives through them:
    name lengths and characters, bytes per record, records per publisher, total bytes of all
    records, identities, subscribers, and each subscriber's send queue. A refused write changes
    nothing; its ack carries the class (``RecordRefusalReason``) and a text naming the limit and
-   the value, and the session goes on. A subscriber whose queue would pass its bound is cut off
-   with RESOURCE_EXHAUSTED saying so (it reconnects to a fresh snapshot when it can keep up);
-   memory never grows with a slow reader.
+   the value, and the session goes on. A subscriber whose queue would pass its bound (what is
+   queued after its snapshot: :class:`~fabric.control.bounds.SendQueue`) is cut off with
+   RESOURCE_EXHAUSTED saying so (it reconnects to a fresh snapshot when it can keep up);
+   memory never grows with a slow reader. Streams per identity and message sizes are bounded
+   for every RPC by :mod:`fabric.control.bounds`.
 5. **Publisher's snapshot.** A reconnecting publisher re-puts what it holds, then sends
    ``end_of_snapshot``: records of its identity not put since the session opened are deleted
    then (records it dropped while disconnected, or before a restart). Identical re-puts cost

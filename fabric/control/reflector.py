@@ -39,8 +39,11 @@ the node must have. What happens, in order:
    bumps the topology generation and sends each node whose plan changed a ``Delta`` of exactly
    the difference from what it was last sent. Either way the announcing session then gets its
    complete snapshot and END_OF_SNAPSHOT (a new or changed node: at that flush).
-3. **Session.** Keepalives flow both ways every ``--keepalive-interval``; a session silent for
-   three intervals (of the larger of the two sides' intervals) is closed. Agents report the
+3. **Session.** Keepalives flow both ways at the session's negotiated interval: the agent's
+   proposal clamped to ``--keepalive-min-s``..``--keepalive-max-s``, then the smaller of it and
+   ``--keepalive-interval`` (BGP's rule; our keepalives carry it and the agent follows it,
+   :func:`~fabric.control.bounds.negotiate_keepalive`); a session silent for three intervals is
+   closed. Agents report the
    version they applied; ``in_sync`` in GetStatus compares it with the node's planned version
    (the generation at which its plan last changed).
 4. **Disconnect.** The node stays in the topology for ``--grace-period`` seconds (status shows
@@ -89,7 +92,10 @@ under us: UNAVAILABLE), and a malformed message from the agent (INVALID_ARGUMENT
 Everything mutating the reflector's state runs on the event loop without awaiting in between, so
 no locks are needed. Every message is built once (per node, or once for all nodes of one class
 that get the same delta) and queued to its session; one task per session writes the queue to the
-stream. Session queues are unbounded but measured (``fabric_reflector_session_queue_max_messages``).
+stream. Queues are bounded in bytes (:mod:`~fabric.control.bounds`, ``--send-queue-bytes``): a
+session or topology watcher that falls further behind is cut off with RESOURCE_EXHAUSTED (its
+queue dropped, the node treated as disconnected at once) and reconnects to a fresh snapshot;
+so are streams and announcements per client identity and message sizes.
 
 Peer reports after a partition
 ------------------------------

@@ -63,7 +63,9 @@ class RawAgent:
                     await self.stop.wait()
 
     async def status(self) -> tuple[grpc.StatusCode, str]:
-        """Read everything to the end; the final status."""
+        """Read everything to the end; the final status. Writes stop first: a write racing the
+        status can make the gRPC client report "Internal error from Core" instead of it."""
+        self.keepalives = False
         try:
             while (await self.call.read()) is not grpc.aio.EOF:
                 pass
@@ -188,7 +190,8 @@ def test_client_that_reads_nothing_is_cut_off_memory_bounded_others_in_sync() ->
                 assert rec.snapshots == 1  # never cut, never resynced
             assert any(n.key == churn[(deltas - 1) % 2].key for n in nodes)
             # E1 (east, as the slow E2) had a delta from every generation; W1 shares w9's cluster.
-            assert deltas - 2 <= fast[0][1].deltas <= deltas  # the first may come with its snapshot
+            # (the first may come with its snapshot; E2's cut moves the east gateway role: one more)
+            assert deltas - 2 <= fast[0][1].deltas <= deltas + 2
             await slow.close()
             for s, _, task in fast:
                 await s.close()
@@ -355,10 +358,10 @@ def test_streams_and_announcements_over_their_limits_are_refused_on_the_wire() -
                 await wait_until_async(lambda: refl.gate.streams("host 127.0.0.1") == 0, 5, "all released")
             agents = [RawAgent(target, ann) for ann in (E1, E2)]
             await wait_until_async(lambda: all(session_of(refl, k) for k in ("east/e1", "east/e2")), 5, "two in")
-            third = RawAgent(target, W1)
+            third = RawAgent(target, W1, keepalives=False)
             code, details = await asyncio.wait_for(third.status(), 5)
-            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "announcing too often, over the limit --host-announce-rate=0.001/s" in details
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, (code, details)
+            assert "announcing too often, over the limit --host-announce-rate=0.001/s" in details, details
             assert session_of(refl, "west/w1") is None
             assert refl.gate.refused == {"max_streams_per_host": 1, "host_announce_rate": 1}
             for a in (*agents, third):
@@ -376,9 +379,9 @@ def test_an_oversize_message_is_refused_and_others_go_on() -> None:
             ok = RawAgent(target, E1)
             await wait_until_async(lambda: session_of(refl, "east/e1") is not None, 5, "e1 connected")
             big = dataclasses.replace(E2, pod_cidrs=tuple(f"10.10.{i // 256}.{i % 256}/32" for i in range(8000)))
-            huge = RawAgent(target, big)
+            huge = RawAgent(target, big, keepalives=False)
             code, details = await asyncio.wait_for(huge.status(), 5)
-            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, (code, details)
             assert "65536" in details  # gRPC's own text: received ... vs. 65536
             assert session_of(refl, "east/e2") is None
             s = session_of(refl, "east/e1")
