@@ -148,8 +148,9 @@ PARAMS: tuple[_Param, ...] = (
     _Param("table", "--table", "policy-routing table for fabric routes (Kosmos used 200)", _table_id),
     _Param("rule_priority", "--rule-priority", "priority of the ip rule selecting the table; below main (32766)",
            _priority),
-    _Param("keepalive_interval_s", "--keepalive-interval", "seconds between session keepalives; a reflector silent "
-           "for 3 intervals is considered lost", cli_types.positive_float),
+    _Param("keepalive_interval_s", "--keepalive-interval", "the keepalive interval this agent proposes; the "
+           "reflector clamps it to its range and the session runs at the smaller of it and the reflector's (as "
+           "BGP's hold time); a reflector silent for 3 intervals is considered lost", cli_types.positive_float),
     _Param("probe_interval_s", "--probe-interval", "seconds between liveness probes (ICMP echo through the tunnel) "
            "to the gateways this node depends on; with --probe-multiplier it sets how fast a dead gateway is "
            "reported (0.1 s x 3 = 0.3 s, a few packets per second per gateway)", cli_types.positive_float),

@@ -6,7 +6,8 @@ join the topology (and says why not), ``election`` picks each cluster's gateways
 ``incremental`` keeps the reflector's plans current part by part, ``reflector`` serves them
 (sessions, coalesced deltas, leadership; ``reflector_service``, ``reflector_metrics`` and
 ``reflector_cli`` are its gRPC face, metrics and command line; ``record_store`` holds the add-on
-records it serves), ``k8s_source`` feeds it from ``Cluster``
+records it serves; ``bounds`` the limits on what one client can make it hold or do),
+``k8s_source`` feeds it from ``Cluster``
 resources, ``codec`` converts between protobuf and :mod:`fabric.types`, and ``client`` and
 ``records`` (add-on records) with ``api`` are the public client every other component uses
 (agents, add-ons, ``fabric-tool``).

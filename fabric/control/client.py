@@ -4,7 +4,10 @@
 AgentSession, one per agent, forever:
 
 1. connect to the reflector (``host:port`` or ``unix:/path``) and open ``SyncNode``;
-2. send the Announce, then a Keepalive every ``keepalive_interval``;
+2. send the Announce, then Keepalives: each proposes ``keepalive_interval``; the reflector
+   negotiates the session's interval (the proposal clamped to its range, then the smaller of it
+   and its own, as BGP does with hold times) and its keepalives carry the result, which we
+   follow: we send at least that often and declare the reflector dead after 3 of its intervals;
 3. collect SnapshotChunks until END_OF_SNAPSHOT, then hand the *complete* state to
    ``handler.on_snapshot`` (never a partial one: the agent garbage-collects on it);
 4. apply every Delta, in order, to ``session.state`` and hand it to ``handler.on_delta``;
@@ -35,7 +38,7 @@ import grpc
 
 from fabric import types
 from fabric.backoff import Backoff
-from fabric.control import api, codec, tls
+from fabric.control import api, bounds, codec, tls
 from fabric.control.generated import fabric_pb2 as pb
 from fabric.control.generated import fabric_pb2_grpc as pb_grpc
 
@@ -51,6 +54,10 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     # Reconnect quickly after the reflector restarts; our own backoff paces the attempts.
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 2_000),
+    # The reflector's message size bounds, mirrored (fabric/control/bounds.py, Limits: how they
+    # were chosen): we read what it may write, and write no more than it reads.
+    ("grpc.max_receive_message_length", bounds.Limits().max_send_message_bytes),
+    ("grpc.max_send_message_length", bounds.Limits().max_receive_message_bytes),
 ]
 DEAD_AFTER_INTERVALS = 3
 
@@ -268,6 +275,27 @@ class SyncStream:
         raise self._order.violation(f"unknown message {kind!r}")
 
 
+class _Cadence:
+    """The keepalive intervals of one session, as the reflector negotiated them (see the module
+    docstring, 2): ``peer``, the reflector's (we expect a keepalive at least this often; our own
+    until it said), and ``send``, ours (the smaller of our proposal and ``peer``: a reflector
+    that raised our proposal to its minimum gets more than it asked for, never less)."""
+
+    def __init__(self, own: float) -> None:
+        self.own = own
+        self.peer = own
+        self.send = own
+        self.changed = asyncio.Event()
+
+    def follow(self, interval: float) -> None:
+        if interval != self.peer:
+            self.peer = interval
+            send = min(self.own, interval)
+            if send != self.send:
+                self.send = send
+                self.changed.set()
+
+
 class AgentSession:
     """The agent's side of ``SyncNode``. See the module docstring for the sequence."""
 
@@ -377,10 +405,15 @@ class AgentSession:
                 return
             yield msg
 
-    async def _keepalives(self, outbox: asyncio.Queue[pb.SyncNodeRequest | None]) -> None:
+    async def _keepalives(self, outbox: asyncio.Queue[pb.SyncNodeRequest | None], cadence: _Cadence) -> None:
+        """Propose our interval every ``cadence.send`` seconds; a new negotiated interval
+        wakes us at once (the reflector may expect us more often from now on)."""
         while True:
+            cadence.changed.clear()
             outbox.put_nowait(pb.SyncNodeRequest(keepalive=codec.keepalive_message(self.keepalive_interval)))
-            await asyncio.sleep(self.keepalive_interval)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(cadence.send):
+                    await cadence.changed.wait()
 
     async def _run_once(self) -> None:
         """One session, until it fails (raises) or the reflector ends the stream."""
@@ -389,12 +422,12 @@ class AgentSession:
         self._channel = tls.channel(self.target, self.tls, options=CHANNEL_OPTIONS)
         stub = pb_grpc.FabricStub(self._channel)
         self._call = call = stub.SyncNode(self._requests(outbox))
-        ticker = asyncio.create_task(self._keepalives(outbox))
-        peer_interval = 0.0
+        cadence = _Cadence(self.keepalive_interval)
+        ticker = asyncio.create_task(self._keepalives(outbox, cadence))
         stream = SyncStream(f"node {self.announcement.key} from {self.target}")
         try:
             while True:
-                hold = DEAD_AFTER_INTERVALS * max(self.keepalive_interval, peer_interval)
+                hold = DEAD_AFTER_INTERVALS * cadence.peer
                 try:
                     async with asyncio.timeout(hold):
                         msg = await call.read()
@@ -413,7 +446,7 @@ class AgentSession:
                     _log.warning("%s; ending the session to start over from a fresh snapshot", e)
                     raise _SessionEnded(str(e)) from None
                 if isinstance(ev, Keepalive):
-                    peer_interval = ev.interval
+                    cadence.follow(ev.interval)
                     if not self.connected:
                         self.connected = True
                         _log.info("session to %s accepted for node %s", self.target, self.announcement.key)

@@ -35,9 +35,11 @@ The rules, in the order a record lives through them:
    name lengths and characters, bytes per record, records per publisher, total bytes of all
    records, identities, subscribers, and each subscriber's send queue. A refused write changes
    nothing; its ack carries the class (``RecordRefusalReason``) and a text naming the limit and
-   the value, and the session goes on. A subscriber whose queue would pass its bound is cut off
-   with RESOURCE_EXHAUSTED saying so (it reconnects to a fresh snapshot when it can keep up);
-   memory never grows with a slow reader.
+   the value, and the session goes on. A subscriber whose queue would pass its bound (what is
+   queued after its snapshot: :class:`~fabric.control.bounds.SendQueue`) is cut off with
+   RESOURCE_EXHAUSTED saying so (it reconnects to a fresh snapshot when it can keep up);
+   memory never grows with a slow reader. Streams per identity and message sizes are bounded
+   for every RPC by :mod:`fabric.control.bounds`.
 5. **Publisher's snapshot.** A reconnecting publisher re-puts what it holds, then sends
    ``end_of_snapshot``: records of its identity not put since the session opened are deleted
    then (records it dropped while disconnected, or before a restart). Identical re-puts cost
@@ -71,7 +73,7 @@ from collections.abc import Callable, Iterable
 
 import grpc
 
-from fabric.control import api, authz, codec
+from fabric.control import api, authz, bounds, codec
 from fabric.control.generated import fabric_pb2 as pb
 
 _log = logging.getLogger(__name__)
@@ -194,8 +196,7 @@ class Subscriber:
         self.publisher = publisher
         self.peer = peer
         self.limit = limit
-        self.queued_bytes = 0
-        self._queue: asyncio.Queue[tuple[pb.WatchRecordsResponse, int] | None] = asyncio.Queue()
+        self._queue: bounds.SendQueue[pb.WatchRecordsResponse | None] = bounds.SendQueue(limit)
         self.ending = _Ending()
         #: Its snapshot is queued: deltas from now on (False during the startup hold).
         self.synced = False
@@ -203,35 +204,35 @@ class Subscriber:
     def wants(self, publisher: str) -> bool:
         return self.synced and (not self.publisher or self.publisher == publisher)
 
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes queued to it and not taken by gRPC yet (its snapshot included)."""
+        return self._queue.bytes
+
     def send(self, msg: pb.WatchRecordsResponse, size: int, *, bounded: bool = True) -> None:
-        """Queue ``msg`` (``size`` bytes on the wire); past the bound the subscriber is cut off."""
+        """Queue ``msg`` (``size`` bytes on the wire); when the deltas queued after the snapshot
+        would pass the bound the subscriber is cut off (:class:`~fabric.control.bounds.SendQueue`:
+        the snapshot itself does not count, it is bounded by ``max_total_bytes``)."""
         if self.ending.event.is_set():
             return
-        if bounded and self.queued_bytes + size > self.limit:
+        if not self._queue.put(msg, size, bounded=bounded):
             self.close(
-                f"subscriber too slow: {self.queued_bytes + size} bytes of deltas would be queued to it, over the "
-                f"limit max_subscriber_queue_bytes={self.limit}; reconnect for a fresh snapshot",
+                f"subscriber too slow: {self._queue.bounded_bytes + size} bytes of deltas would be queued to it, "
+                f"over the limit max_subscriber_queue_bytes={self.limit}; reconnect for a fresh snapshot",
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
             )
-            return
-        self.queued_bytes += size
-        self._queue.put_nowait((msg, size))
 
     def close(self, reason: str, code: grpc.StatusCode | None) -> None:
         if not self.ending.event.is_set():
             self.ending.end(reason, code)
-            self._queue.put_nowait(None)
+            self._queue.clear()  # its memory goes now, not when its handler next runs
+            self._queue.put(None, 0, bounded=False)
 
     async def next(self) -> pb.WatchRecordsResponse | None:
         """The next message to write, or None once the stream is to end (``ending`` says why)."""
         if self.ending.event.is_set():  # cut off: drop what is queued at once
             return None
-        item = await self._queue.get()
-        if item is None:
-            return None
-        msg, size = item
-        self.queued_bytes -= size
-        return msg
+        return await self._queue.get()
 
 
 def _record_bytes(kind: str, name: str, publisher: str, data: bytes) -> int:
@@ -249,12 +250,15 @@ class RecordStore:
         grace_period: float = DEFAULT_RECORDS_GRACE_PERIOD_S,
         policy: PublishPolicy = allow_all,
         clock: Callable[[], float] = time.monotonic,
+        on_cut: Callable[[str, str, str], None] | None = None,
     ) -> None:
         self.epoch = epoch
         self.limits = limits or RecordLimits()
         self.grace_period = max(0.0, grace_period)
         self.policy = policy
         self.clock = clock
+        #: Told of a subscriber cut off (stream, who, why): the reflector counts and logs it.
+        self._on_cut = on_cut
         self.revision = 0
         self.total_bytes = 0
         self._holders: dict[str, _Holder] = {}
@@ -294,6 +298,10 @@ class RecordStore:
 
     def subscribers(self) -> int:
         return self._open_subscribers
+
+    def subscriber_queues(self) -> list[int]:
+        """Bytes queued to each subscriber still served (for the metrics)."""
+        return [sub.queued_bytes for subs in self._subs.values() for sub in subs]
 
     def sessions(self) -> int:
         return sum(1 for h in self._holders.values() if h.session is not None)
@@ -576,7 +584,11 @@ class RecordStore:
                 if s.ending.code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # just cut off: no more work for it
                     self._drop(s)
                     self.subscribers_cut += 1
-                    _log.warning("records subscriber %s (kind %s) cut off: %s", s.peer, s.kind or "*", s.ending.reason)
+                    if self._on_cut is not None:
+                        self._on_cut("watch_records", f"{s.peer} (kind {s.kind or '*'})", s.ending.reason)
+                    else:
+                        _log.warning("records subscriber %s (kind %s) cut off: %s", s.peer, s.kind or "*",
+                                     s.ending.reason)  # fmt: skip
 
     # -- lifecycle ---------------------------------------------------------------------------------
 

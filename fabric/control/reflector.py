@@ -42,8 +42,11 @@ the node must have. What happens, in order:
    bumps the topology generation and sends each node whose plan changed a ``Delta`` of exactly
    the difference from what it was last sent. Either way the announcing session then gets its
    complete snapshot and END_OF_SNAPSHOT (a new or changed node: at that flush).
-3. **Session.** Keepalives flow both ways every ``--keepalive-interval``; a session silent for
-   three intervals (of the larger of the two sides' intervals) is closed. Agents report the
+3. **Session.** Keepalives flow both ways at the session's negotiated interval: the agent's
+   proposal clamped to ``--keepalive-min-s``..``--keepalive-max-s``, then the smaller of it and
+   ``--keepalive-interval`` (BGP's rule; our keepalives carry it and the agent follows it,
+   :func:`~fabric.control.bounds.negotiate_keepalive`); a session silent for three intervals is
+   closed. Agents report the
    version they applied; ``in_sync`` in GetStatus compares it with the node's planned version
    (the generation at which its plan last changed).
 4. **Disconnect.** The node stays in the topology for ``--grace-period`` seconds (status shows
@@ -92,7 +95,10 @@ under us: UNAVAILABLE), and a malformed message from the agent (INVALID_ARGUMENT
 Everything mutating the reflector's state runs on the event loop without awaiting in between, so
 no locks are needed. Every message is built once (per node, or once for all nodes of one class
 that get the same delta) and queued to its session; one task per session writes the queue to the
-stream. Session queues are unbounded but measured (``fabric_reflector_session_queue_max_messages``).
+stream. Queues are bounded in bytes (:mod:`~fabric.control.bounds`, ``--send-queue-bytes``): a
+session or topology watcher that falls further behind is cut off with RESOURCE_EXHAUSTED (its
+queue dropped, the node treated as disconnected at once) and reconnects to a fresh snapshot;
+so are streams and announcements per client identity and message sizes.
 
 Peer reports after a partition
 ------------------------------
@@ -111,6 +117,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -125,7 +132,7 @@ from prometheus_client import Histogram
 from prometheus_client.registry import Collector
 
 from fabric import types
-from fabric.control import admission, api, authz, codec, election, incremental, planner, record_store
+from fabric.control import admission, api, authz, bounds, codec, election, incremental, planner, record_store
 from fabric.control.generated import fabric_pb2 as pb
 from fabric.control.generated import fabric_pb2_grpc as pb_grpc
 from fabric.control.identity import Identity
@@ -165,6 +172,7 @@ SERVER_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.http2.max_pings_without_data", 0),
 ]
+_DEFAULT_LIMITS = bounds.Limits()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -176,15 +184,27 @@ class _Close:
 
 
 class _Session:
-    """One agent's SyncNode stream, from the accepted announcement to its end."""
+    """One agent's SyncNode stream, from the accepted announcement to its end. Its queue is
+    bounded (:class:`~fabric.control.bounds.SendQueue`): a send past the bound cuts it off."""
 
     _ids = itertools.count(1)
 
-    def __init__(self, key: types.NodeKey, peer: str, now: float) -> None:
+    def __init__(
+        self, key: types.NodeKey, peer: str, now: float, limit: int = _DEFAULT_LIMITS.send_queue_bytes,
+        on_cut: Callable[[_Session, str], None] | None = None,
+    ) -> None:  # fmt: skip
         self.id = next(self._ids)
         self.key = key
         self.peer = peer
-        self.queue: asyncio.Queue[pb.SyncNodeResponse | _Close] = asyncio.Queue()
+        self.queue: bounds.SendQueue[pb.SyncNodeResponse | _Close] = bounds.SendQueue(limit)
+        self._on_cut = on_cut
+        #: The negotiated keepalive interval (0 until the reflector sets it) and a wake-up of
+        #: the keepalive task when it changes (see ``Reflector._keepalive``).
+        self.interval = 0.0
+        self.renegotiated = asyncio.Event()
+        #: The keepalive queued and not written yet: one at a time is enough to prove we live,
+        #: so a client that reads nothing does not collect one per interval.
+        self.keepalive_queued: pb.SyncNodeResponse | None = None
         #: Snapshot and END_OF_SNAPSHOT have been queued; from now on only deltas.
         self.synced = False
         self.counters = api.SessionCounters()
@@ -199,14 +219,23 @@ class _Session:
         #: The client certificate's identity (None: a plaintext session); see authz.
         self.identity: Identity | None = None
 
-    def send(self, msg: pb.SyncNodeResponse) -> None:
-        if not self.closed:
-            self.queue.put_nowait(msg)
+    def send(self, msg: pb.SyncNodeResponse, size: int | None = None, *, bounded: bool = True) -> None:
+        """Queue ``msg`` (``size``: its bytes, when the caller knows them); past the queue's
+        bound the session is cut off (its queue dropped, RESOURCE_EXHAUSTED)."""
+        if self.closed:
+            return
+        n = msg.ByteSize() if size is None else size
+        if not self.queue.put(msg, n, bounded=bounded):
+            reason = self.queue.over_limit_text(n, f"agent session of node {self.key}")
+            self.queue.clear()
+            self.close(reason, grpc.StatusCode.RESOURCE_EXHAUSTED)
+            if self._on_cut is not None:
+                self._on_cut(self, reason)
 
     def close(self, reason: str, code: grpc.StatusCode | None = None) -> None:
         if not self.closed:
             self.closed = True
-            self.queue.put_nowait(_Close(reason, code))
+            self.queue.put(_Close(reason, code), 0, bounded=False)
 
 
 @dataclasses.dataclass(slots=True)
@@ -227,11 +256,28 @@ class _NodeRecord:
 
 
 class _Watcher:
-    """One WatchTopology stream."""
+    """One WatchTopology stream; its queue bounded as a session's."""
 
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[pb.WatchTopologyResponse | _Close] = asyncio.Queue()
+    def __init__(self, peer: str, limit: int, on_cut: Callable[[_Watcher, str], None]) -> None:
+        self.peer = peer
+        self.queue: bounds.SendQueue[pb.WatchTopologyResponse | _Close] = bounds.SendQueue(limit)
         self.synced = False
+        self.closed = False
+        self._on_cut = on_cut
+
+    def send(self, msg: pb.WatchTopologyResponse, size: int, *, bounded: bool = True) -> None:
+        if self.closed:
+            return
+        if not self.queue.put(msg, size, bounded=bounded):
+            reason = self.queue.over_limit_text(size, f"topology watch of {self.peer}")
+            self.queue.clear()
+            self.close(reason, grpc.StatusCode.RESOURCE_EXHAUSTED)
+            self._on_cut(self, reason)
+
+    def close(self, reason: str, code: grpc.StatusCode | None = None) -> None:
+        if not self.closed:
+            self.closed = True
+            self.queue.put(_Close(reason, code), 0, bounded=False)
 
 
 
@@ -256,12 +302,16 @@ class Reflector:
         records_startup_hold: float = record_store.DEFAULT_RECORDS_STARTUP_HOLD_S,
         record_limits: record_store.RecordLimits | None = None,
         record_policy: record_store.PublishPolicy = record_store.allow_all,
+        limits: bounds.Limits | None = None,
     ) -> None:
         if keepalive_interval <= 0:
             raise ValueError(f"keepalive interval must be positive, got {keepalive_interval}")
         self.config = config
         self.grace_period = max(0.0, grace_period)
         self.keepalive_interval = keepalive_interval
+        #: Bounds on what clients can make the reflector hold or do (fabric/control/bounds.py).
+        self.limits = limits or _DEFAULT_LIMITS
+        self.gate = bounds.StreamGate(self.limits, clock)
         self.startup_hold = self.grace_period if startup_hold is None else max(0.0, startup_hold)
         self.clock = clock
         self.epoch = uuid.uuid4().hex[:12]
@@ -269,7 +319,7 @@ class Reflector:
         self.records_startup_hold = max(0.0, records_startup_hold)
         self.records = record_store.RecordStore(
             epoch=self.epoch, limits=record_limits, grace_period=records_grace_period, policy=record_policy,
-            clock=clock,
+            clock=clock, on_cut=self.gate.note_cut,
         )  # fmt: skip
         #: The topology of the last flush (generation ``generation``, roles elected).
         self.topology = types.Topology(config)
@@ -333,7 +383,7 @@ class Reflector:
         """Bind every address, start serving, begin the startup hold; returns the bound targets
         (``host:port`` with the real port for ``:0``, or ``unix:/path``). ``credentials``: mutual
         TLS on every address (:func:`fabric.control.tls.server_credentials`); None: plaintext."""
-        server = grpc.aio.server(options=SERVER_OPTIONS)
+        server = grpc.aio.server(options=[*SERVER_OPTIONS, *bounds.server_options(self.limits)])
         pb_grpc.add_FabricServicer_to_server(Servicer(self), server)
         bound: list[str] = []
         for addr in listen:
@@ -364,7 +414,7 @@ class Reflector:
             if rec.session is not None:
                 rec.session.close("reflector shutting down", grpc.StatusCode.UNAVAILABLE)
         for w in self._watchers:
-            w.queue.put_nowait(_Close("reflector shutting down", grpc.StatusCode.UNAVAILABLE))
+            w.close("reflector shutting down", grpc.StatusCode.UNAVAILABLE)
         self.records.close_all("reflector shutting down", grpc.StatusCode.UNAVAILABLE)
         if self._hold_handle is not None:
             self._hold_handle.cancel()
@@ -409,7 +459,8 @@ class Reflector:
             label = authz.metric_label(session.identity)
             return self._reject(f"announcement {key} from {session.peer} ({label})", str(key), reasons, label)
         self._rejections.pop(str(key), None)
-        session.send(pb.SyncNodeResponse(keepalive=codec.keepalive_message(self.keepalive_interval)))
+        session.interval = self.keepalive_interval  # until the agent proposes its own
+        self._send_keepalive(session)
         rec = self._nodes.get(key)
         if rec is not None and rec.ann == ann:
             if rec.session is not None:
@@ -510,7 +561,7 @@ class Reflector:
     def _send_snapshot(self, rec: _NodeRecord, session: _Session) -> None:
         state = self._planner.state(rec.ann.key)
         for msg in codec.snapshot_messages(state, rec.planned_version, self.epoch):
-            session.send(msg)
+            session.send(msg, bounded=False)
         session.synced = True
         c = session.counters
         session.counters = dataclasses.replace(
@@ -570,17 +621,20 @@ class Reflector:
         deltas = self._planner.update(new)
         debug = _log.isEnabledFor(logging.DEBUG)
         fanout: set[types.NodeKey] = set()
-        messages: dict[int, pb.SyncNodeResponse] = {}  # one message per distinct delta object
+        messages: dict[int, tuple[pb.SyncNodeResponse, int]] = {}  # one message per distinct delta object
         for key, delta in deltas.items():
             rec = self._nodes[key]
             rec.planned_version = gen
             s = rec.session
             if s is None or not s.synced:
                 continue
-            msg = messages.get(id(delta))
-            if msg is None:
-                msg = messages[id(delta)] = codec.delta_message(delta, gen)
-            s.send(msg)
+            built = messages.get(id(delta))
+            if built is None:
+                msg = codec.delta_message(delta, gen)
+                built = messages[id(delta)] = (msg, msg.ByteSize())
+            s.send(*built)
+            if s.closed:  # cut off: too far behind (it reconnects to a fresh snapshot)
+                continue
             fanout.add(key)
             c = s.counters
             s.counters = dataclasses.replace(
@@ -604,9 +658,10 @@ class Reflector:
             removals = [k for k in sorted(before) if k not in now]
             if upserts or removals:
                 msg_w = codec.topology_delta_message(gen, upserts, removals)
-                for w in self._watchers:
+                size_w = msg_w.ByteSize()
+                for w in list(self._watchers):
                     if w.synced:
-                        w.queue.put_nowait(msg_w)
+                        w.send(msg_w, size_w)
         self._dirty = False
         self._changed.clear()
         self._send_waiting_snapshots()
@@ -665,7 +720,7 @@ class Reflector:
                 rec.session.send(rejected)
                 rec.session.close("refused by the new fabric configuration", grpc.StatusCode.FAILED_PRECONDITION)
         for w in self._watchers:
-            w.queue.put_nowait(_Close("fabric configuration changed"))
+            w.close("fabric configuration changed")
         _log.info(
             "new fabric configuration: %d clusters; %d nodes kept, %d withdrawn",
             len(config.clusters), len(kept.nodes), len(dropped),
@@ -831,21 +886,56 @@ class Reflector:
         self._schedule_flush()
         _log.info("node %s withdrawn", key)
 
+    def _session_cut(self, session: _Session, reason: str) -> None:
+        """``session`` was cut off (its queue passed its bound). Its handler may stay blocked in
+        a write the agent never reads, so the node is treated as disconnected now (grace period,
+        gateway role): on the next loop turn, as this runs inside a flush."""
+        self.gate.note_cut("sync_node", f"node {session.key} from {session.peer}", reason)
+        asyncio.get_running_loop().call_soon(self._session_ended, session, reason)
+
+    def _watcher_cut(self, w: _Watcher, reason: str) -> None:
+        self.gate.note_cut("watch_topology", w.peer, reason)
+        self._watchers.discard(w)
+
     def _hold_time(self, session: _Session | None) -> float:
-        peer = session.peer_interval if session is not None else 0.0
-        return DEAD_AFTER_INTERVALS * max(self.keepalive_interval, peer)
+        """How long ``session`` may stay silent: three negotiated keepalive intervals (see
+        :func:`~fabric.control.bounds.negotiate_keepalive`); our own interval's before it
+        proposed one, or for a stream that has no session yet (None)."""
+        interval = session.interval if session is not None and session.interval else self.keepalive_interval
+        return DEAD_AFTER_INTERVALS * interval
+
+    def _on_keepalive(self, session: _Session, proposed: float) -> None:
+        """The agent proposes ``proposed`` seconds: negotiate (clamped, the smaller side's) and,
+        when that changes the session's interval, tell the agent at once (our keepalives carry
+        the negotiated interval, which the agent follows)."""
+        session.peer_interval = proposed
+        interval = bounds.negotiate_keepalive(self.keepalive_interval, proposed, self.limits)
+        if interval != session.interval:
+            if not self.limits.keepalive_min_s <= proposed <= self.limits.keepalive_max_s:
+                _log.info("node %s proposes a keepalive interval of %gs, outside %g-%gs: the session runs at %gs",
+                          session.key, proposed, self.limits.keepalive_min_s, self.limits.keepalive_max_s,
+                          interval)  # fmt: skip
+            session.interval = interval
+            session.renegotiated.set()
+
+    def _send_keepalive(self, session: _Session) -> None:
+        """Queue a keepalive with the session's interval, unless one is still queued."""
+        if session.keepalive_queued is None:
+            msg = pb.SyncNodeResponse(keepalive=codec.keepalive_message(session.interval or self.keepalive_interval))
+            session.keepalive_queued = msg
+            session.send(msg)
 
     async def _read_requests(self, session: _Session, requests: AsyncIterator[pb.SyncNodeRequest]) -> None:
         try:
             async for req in requests:
                 now = self.clock()
-                # Judged by the agent's own keepalive interval, so only once it has said it.
-                if session.peer_interval and now - session.last_rx > SILENT_AFTER_INTERVALS * session.peer_interval:
+                # Judged by the session's negotiated interval, so only once the agent proposed one.
+                if session.peer_interval and now - session.last_rx > SILENT_AFTER_INTERVALS * session.interval:
                     self._settle_reports(session, f"it was silent for {now - session.last_rx:.1f}s")
                 session.last_rx = now
                 kind = req.WhichOneof("message")
                 if kind == "keepalive":
-                    session.peer_interval = req.keepalive.interval_ms / 1000.0
+                    self._on_keepalive(session, req.keepalive.interval_ms / 1000.0)
                 elif kind == "applied":
                     self._on_applied(session, req.applied.version)
                 elif kind == "peer_report":
@@ -865,9 +955,16 @@ class Reflector:
         # agent that goes away ends the iteration (and gRPC cancels this RPC's handler).
 
     async def _keepalive(self, session: _Session) -> None:
+        """Every negotiated interval: a keepalive, and the hold check. A new negotiated interval
+        wakes it at once (the agent may expect keepalives more often from now on)."""
         while not session.closed:
-            session.send(pb.SyncNodeResponse(keepalive=codec.keepalive_message(self.keepalive_interval)))
-            await asyncio.sleep(self.keepalive_interval)
+            if session.renegotiated.is_set():
+                session.keepalive_queued = None  # the new interval goes out even behind an old one
+            session.renegotiated.clear()
+            self._send_keepalive(session)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(session.interval or self.keepalive_interval):
+                    await session.renegotiated.wait()
             silent = self.clock() - session.last_rx
             if silent > self._hold_time(session):
                 session.close(f"keepalive timeout: nothing received for {silent:.1f}s", grpc.StatusCode.UNAVAILABLE)
@@ -902,7 +999,7 @@ class Reflector:
             yield self._reject(f"session from {peer}", f"peer {peer}", [refusal], authz.metric_label(ident))
             return
         ann = codec.node_from_pb(first.announce.node)
-        session = _Session(ann.key, peer, self.clock())
+        session = _Session(ann.key, peer, self.clock(), self.limits.send_queue_bytes, self._session_cut)
         session.identity = ident
         rejected = self._admit(ann, session)
         if rejected is not None:
@@ -922,6 +1019,8 @@ class Reflector:
                         context.set_code(item.code)
                         context.set_details(item.reason)
                     break
+                if item is session.keepalive_queued:
+                    session.keepalive_queued = None
                 yield item
         finally:
             reader.cancel()
@@ -942,8 +1041,11 @@ class Reflector:
 
         task.add_done_callback(done)
 
-    async def watch_topology(self) -> AsyncIterator[pb.WatchTopologyResponse]:
-        w = _Watcher()
+    async def watch_topology(
+        self, context: grpc.aio.ServicerContext[Any, Any] | None = None
+    ) -> AsyncIterator[pb.WatchTopologyResponse]:
+        peer = peer_name(context.peer()) if context is not None else "in-process watcher"
+        w = _Watcher(peer, self.limits.send_queue_bytes, self._watcher_cut)
         self._watchers.add(w)
         if not self.holding:
             self._sync_watcher(w)
@@ -951,14 +1053,18 @@ class Reflector:
             while True:
                 item = await w.queue.get()
                 if isinstance(item, _Close):
+                    if item.code is not None and context is not None:
+                        context.set_code(item.code)
+                        context.set_details(item.reason)
                     break
                 yield item
         finally:
+            w.closed = True
             self._watchers.discard(w)
 
     def _sync_watcher(self, w: _Watcher) -> None:
         for msg in codec.topology_snapshot_messages(self.topology, self.generation):
-            w.queue.put_nowait(msg)
+            w.send(msg, msg.ByteSize(), bounded=False)
         w.synced = True
 
     # -- add-on records (the rules: fabric/control/record_store.py) --------------------------
@@ -1182,7 +1288,7 @@ class Reflector:
                     rec.session.close(why, grpc.StatusCode.UNAVAILABLE)
                     closed += 1
             for w in self._watchers:
-                w.queue.put_nowait(_Close(why, grpc.StatusCode.UNAVAILABLE))
+                w.close(why, grpc.StatusCode.UNAVAILABLE)
             self.records.close_all(why, grpc.StatusCode.UNAVAILABLE)
             _log.log(logging.WARNING if closed else logging.INFO, "standby from now on (%s): closed %d agent sessions",
                      why, closed)  # fmt: skip

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from fabric import health, logs
 from fabric import topology as topology_file
-from fabric.control import tls
+from fabric.control import bounds, tls
 from fabric.control.record_store import DEFAULT_RECORDS_GRACE_PERIOD_S, DEFAULT_RECORDS_STARTUP_HOLD_S
 from fabric.control.reflector import (
     DEAD_AFTER_INTERVALS,
@@ -40,6 +40,30 @@ def log_level(text: str) -> str:
         return logs.parse_level(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+_LIMITS = bounds.Limits()
+#: Flag help of every :class:`~fabric.control.bounds.Limits` field (a test checks all are here).
+_LIMIT_HELP: dict[str, tuple[str, str]] = {
+    "max_receive_message_bytes": ("B", "largest message read from a client"),
+    "max_send_message_bytes": ("B", "largest message written to a client"),
+    "send_queue_bytes": ("B", "bytes queued to one SyncNode or WatchTopology stream after its snapshot; a client that "
+                         "falls further behind is cut off and reconnects to a fresh snapshot"),
+    "max_streams_per_identity": ("N", "streaming RPCs open at once per client identity"),
+    "announce_rate": ("PER_S", "SyncNode announcements per second per identity, after the burst"),
+    "announce_burst": ("N", "SyncNode announcements per identity at once"),
+    "max_streams_per_host": ("N", "streaming RPCs open at once per host of plaintext (--insecure) peers"),
+    "host_announce_rate": ("PER_S", "SyncNode announcements per second per plaintext host, after the burst"),
+    "host_announce_burst": ("N", "SyncNode announcements per plaintext host at once"),
+    "keepalive_min_s": ("S", "shortest keepalive interval an agent may propose (shorter ones are raised to it)"),
+    "keepalive_max_s": ("S", "longest keepalive interval an agent may propose (longer ones are cut to it); the "
+                        "session runs at the smaller of the agent's and --keepalive-interval"),
+}
+
+
+def limits_of(args: argparse.Namespace) -> bounds.Limits:
+    """The :class:`~fabric.control.bounds.Limits` of the parsed flags (raises ValueError)."""
+    return bounds.Limits(**{f: getattr(args, f"limit_{f}") for f in _LIMIT_HELP})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tls.add_flags(p, "the reflector's server certificate, 'fabric-tool cert issue-server'; every listen "
                   "address requires a client certificate of the CA")
+    limits = p.add_argument_group(
+        "bounds", "what one client can make the reflector hold or do (fabric/control/bounds.py); a stream over a "
+        "bound ends with RESOURCE_EXHAUSTED naming it; the metrics fabric_reflector_limit{limit} show them")
+    for field, (metavar, text) in _LIMIT_HELP.items():
+        default = getattr(_LIMITS, field)
+        limits.add_argument(bounds.flag(field), dest=f"limit_{field}", type=type(default), default=default,
+                            metavar=metavar, help=f"{text} (default %(default)s)")  # fmt: skip
     p.add_argument("--log-level", default="info", type=log_level, help="debug, info, warning or error (default: info)")
     p.add_argument("--metrics-listen", metavar="ADDR:PORT", help="serve Prometheus metrics here (default: off)")
     return p
@@ -145,6 +176,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             p.error(f"--resync-period {args.resync_period:g}: must be positive")
     elif args.kubeconfig or args.kube_netns or args.status_lease:
         p.error("--kubeconfig, --kube-netns and --status-lease need --topology-source=kubernetes")
+    try:
+        args.limits = limits_of(args)
+    except ValueError as e:
+        p.error(str(e))
     args.lease = None
     if args.status_lease:
         from fabric.control import k8s_source
@@ -223,6 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         startup_hold=args.startup_hold,
         records_grace_period=args.records_grace_period,
         records_startup_hold=args.records_startup_hold,
+        limits=args.limits,
     )
     if args.lease is not None:  # serve only once the Lease is ours (KubernetesSource decides)
         reflector.set_leader(False, f"standby replica; waiting for the leader Lease "

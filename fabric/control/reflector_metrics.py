@@ -2,11 +2,13 @@
 scrape: sessions, nodes, generations, deltas and their sizes, rejections by class and identity, planning work,
 fan-out latency, gateway moves, and the add-on records (``fabric_reflector_records_*``: records
 and bytes by kind, publishers, subscribers, refused writes by reason, subscribers cut off,
-records expired).
+records expired), and the bounds (``fabric/control/bounds.py``: each limit's value, bytes
+queued per stream kind, streams cut off for falling behind, streams refused by limit).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
@@ -14,7 +16,7 @@ from typing import TYPE_CHECKING
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from fabric.control import api, authz
+from fabric.control import api, authz, bounds
 
 if TYPE_CHECKING:
     from fabric.control.record_store import RecordStore
@@ -117,6 +119,50 @@ class MetricsCollector(Collector):
         work.add_metric(["full"], r._planner.counter.full_plans)
         yield work
         yield from _record_metrics(r.records)
+        yield from _bound_metrics(r)
+
+
+def _bound_metrics(r: Reflector) -> Iterable[Metric]:
+    limit = GaugeMetricFamily(
+        "fabric_reflector_limit", "Each configured bound (fabric-reflector flag --<limit with - for _>).",
+        labels=["limit"],
+    )  # fmt: skip
+    for f in dataclasses.fields(r.limits):
+        limit.add_metric([f.name], float(getattr(r.limits, f.name)))
+    yield limit
+    queues: dict[str, list[int]] = {
+        "sync_node": [rec.session.queue.bytes for rec in r._nodes.values() if rec.session is not None],
+        "watch_topology": [w.queue.bytes for w in r._watchers],
+        "watch_records": r.records.subscriber_queues(),
+    }
+    total = GaugeMetricFamily(
+        "fabric_reflector_send_queue_bytes", "Bytes queued to streams and not taken by gRPC yet, by stream kind.",
+        labels=["stream"],
+    )  # fmt: skip
+    most = GaugeMetricFamily(
+        "fabric_reflector_send_queue_max_bytes", "Bytes queued to the one stream of the kind that holds most.",
+        labels=["stream"],
+    )  # fmt: skip
+    for stream, sizes in queues.items():
+        total.add_metric([stream], sum(sizes))
+        most.add_metric([stream], max(sizes, default=0))
+    yield total
+    yield most
+    cut = CounterMetricFamily(
+        "fabric_reflector_streams_cut", "Streams cut off (RESOURCE_EXHAUSTED) because their send queue passed its "
+        "bound: the client fell behind and reconnects to a fresh snapshot.", labels=["stream"],
+    )  # fmt: skip
+    for stream in bounds.STREAMS:
+        if stream != "publish_records":  # acked one by one: nothing queues up (see Reflector.publish_records)
+            cut.add_metric([stream], r.gate.cut.get(stream, 0))
+    yield cut
+    refused = CounterMetricFamily(
+        "fabric_reflector_refused_by_limit", "Streams refused (RESOURCE_EXHAUSTED) at their start, by the limit "
+        "that refused them.", labels=["limit"],
+    )  # fmt: skip
+    for name in ("max_streams_per_identity", "announce_rate", "max_streams_per_host", "host_announce_rate"):
+        refused.add_metric([name], r.gate.refused.get(name, 0))
+    yield refused
 
 
 def _record_metrics(store: RecordStore) -> Iterable[Metric]:

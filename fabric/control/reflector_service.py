@@ -51,8 +51,10 @@ class Servicer(pb_grpc.FabricServicer):  # type: ignore[misc]
         self, request_iterator: AsyncIterator[pb.SyncNodeRequest], context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.SyncNodeResponse]:
         try:
-            async for msg in self._r.sync_node(request_iterator, context):
-                yield msg
+            with self._r.gate.stream("SyncNode", context, announce=True) as refused:
+                if refused is None:
+                    async for msg in self._r.sync_node(request_iterator, context):
+                        yield msg
         except grpc.aio.AbortError:
             raise
         except Exception as e:
@@ -84,8 +86,10 @@ class Servicer(pb_grpc.FabricServicer):  # type: ignore[misc]
         if self._standby(context) or not self._r.authorize(authz.WATCH_TOPOLOGY, context):
             return
         try:
-            async for msg in self._r.watch_topology():
-                yield msg
+            with self._r.gate.stream("WatchTopology", context) as refused:
+                if refused is None:
+                    async for msg in self._r.watch_topology(context):
+                        yield msg
         except grpc.aio.AbortError:
             raise
         except Exception as e:
@@ -97,8 +101,10 @@ class Servicer(pb_grpc.FabricServicer):  # type: ignore[misc]
         if self._standby(context) or not self._r.authorize(authz.PUBLISH_RECORDS, context):
             return
         try:
-            async for msg in self._r.publish_records(request_iterator, context):
-                yield msg
+            with self._r.gate.stream("PublishRecords", context) as refused:
+                if refused is None:
+                    async for msg in self._r.publish_records(request_iterator, context):
+                        yield msg
         except grpc.aio.AbortError:
             raise
         except Exception as e:
@@ -110,8 +116,10 @@ class Servicer(pb_grpc.FabricServicer):  # type: ignore[misc]
         if self._standby(context) or not self._r.authorize(authz.WATCH_RECORDS, context):
             return
         try:
-            async for msg in self._r.watch_records(request, context):
-                yield msg
+            with self._r.gate.stream("WatchRecords", context) as refused:
+                if refused is None:
+                    async for msg in self._r.watch_records(request, context):
+                        yield msg
         except grpc.aio.AbortError:
             raise
         except Exception as e:
