@@ -151,6 +151,15 @@ class Target:
     legacy_watch: bool
 
 
+def _warning(text: str) -> str:
+    """A ``Warning`` header of ``text`` (code 299, RFC 7234 quoted-string). The text may carry
+    a client's field name, which may hold anything: callers escape it (``json.dumps``: control
+    characters as ``\\uXXXX``), so a CR or LF never ends up in a header (aiohttp then refused
+    to write the answer and dropped the connection; found by tests/unit/test_fuzz_kubeemu.py)."""
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+    return f'299 - "{escaped}"'
+
+
 def _bool(value: str | None) -> bool:
     """Go's strconv.ParseBool truths, which is how the apiserver reads boolean query parameters."""
     return value in ("1", "t", "T", "true", "TRUE", "True")
@@ -471,7 +480,11 @@ class EmuServer:
             if "yaml" in ctype:
                 import yaml  # only server-side apply sends YAML; keep it out of the idle footprint
 
-                return self._check_fields(yaml.safe_load(raw), ctype)
+                try:
+                    doc = yaml.safe_load(raw)
+                except yaml.YAMLError as e:  # not a ValueError: was a 500 (tests/unit/test_fuzz_kubeemu.py)
+                    raise errors.bad_request(f"the body of the request could not be decoded: {e}") from None
+                return self._check_fields(doc, ctype)
             return self._check_fields(json.loads(raw), ctype)
         except ValueError as e:
             raise errors.bad_request(f"the body of the request could not be decoded: {e}") from None
@@ -535,7 +548,7 @@ class EmuServer:
             schema.PRUNED.reset(tokens[1])
             _FIELD_CHECK.reset(field_check)
         for path in pruned:
-            resp.headers.add("Warning", f'299 - "unknown field \\"{path}\\""')
+            resp.headers.add("Warning", _warning(f"unknown field {json.dumps(path)}"))
         return resp
 
     async def _resource_inner(self, request: web.Request, t: Target) -> web.StreamResponse:

@@ -236,6 +236,7 @@ class Store:
             raise errors.bad_request("the body of the request must be a JSON object")
         version = version or rt.versions[0]
         admission.check_kind(rt, version, body)
+        admission.check_metadata(rt, version, body)
         obj = copy.deepcopy(body)
         obj["kind"] = rt.kind
         obj["apiVersion"] = rt.api_version(version)
@@ -546,6 +547,7 @@ class Store:
         version = version or rt.versions[0]
         old = self.get(rt, ns, name)
         admission.check_kind(rt, version, body)
+        admission.check_metadata(rt, version, body)
         bmeta = metadata_of(body)
         if bmeta.get("name") and bmeta["name"] != name:
             raise errors.bad_request(f"the name of the object ({bmeta['name']}) does not match the name on the "
