@@ -80,19 +80,20 @@ def mutated(draw: st.DrawFn, docs: list[Any]) -> Any:
     for _ in range(draw(st.integers(1, 3))):
         path = draw(st.sampled_from(_paths(doc)))
         op = draw(st.sampled_from(("replace", "replace", "delete", "add", "dup")))
+        # Drawn values are copied: a later mutation must not change a shared one (NEAR_MISSES).
         if not path:
             if op == "replace":
-                doc = draw(VALUES)
+                doc = copy.deepcopy(draw(VALUES))
             continue
         parent, last = _at(doc, path[:-1]), path[-1]
         if op == "replace":
-            parent[last] = draw(VALUES)
+            parent[last] = copy.deepcopy(draw(VALUES))
         elif op == "delete":
             del parent[last]
         elif op == "add" and isinstance(parent, dict):
-            parent[draw(_keys)] = draw(VALUES)
+            parent[draw(_keys)] = copy.deepcopy(draw(VALUES))
         elif op == "add" and isinstance(parent, list):
-            parent.insert(last, draw(VALUES))
+            parent.insert(last, copy.deepcopy(draw(VALUES)))
         elif op == "dup" and isinstance(parent, list):
             parent.insert(last, copy.deepcopy(parent[last]))
     return doc
