@@ -571,7 +571,7 @@ class Store:
         else:
             new = copy.deepcopy(body)
             new["kind"], new["apiVersion"] = rt.kind, rt.api_version(version)
-            meta = new.setdefault("metadata", {})
+            meta = new["metadata"] = new.get("metadata") or {}  # null is the zero value (was a 500)
             for k in ("uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "generation",
                       "namespace", "name"):
                 if k in old["metadata"]:

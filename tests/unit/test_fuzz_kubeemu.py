@@ -122,7 +122,9 @@ class Emu:
                 item.setdefault("apiVersion", doc["apiVersion"])
                 item.setdefault("kind", doc["kind"].removesuffix("List"))
                 code, back = self.call("PUT", f"{path}/{meta['name']}", json.dumps(item).encode())
-                assert code == 200, (after, item, back)
+                if code != 200:
+                    pytest.fail(f"after {after}: the stored object, put back unchanged, is refused: {back}\n"
+                                f"{json.dumps(item)}")
 
 
 @pytest.fixture
@@ -257,3 +259,9 @@ def test_metadata_of_the_wrong_type_is_400_naming_the_field(
 def test_patch_directives_of_the_wrong_shape_are_400(emu: Emu, ptype: str, patch: Any, says: str) -> None:
     code, doc = emu.call("PATCH", f"{KINDS['pod'][0]}/seed", json.dumps(patch).encode(), PATCH_TYPES[ptype])
     assert code == 400 and says in doc["message"], doc
+
+
+def test_an_update_with_null_metadata_is_not_a_500(emu: Emu) -> None:
+    collection, seed = KINDS["cluster"]
+    code, doc = emu.call("PUT", f"{collection}/seed", json.dumps(dict(seed, metadata=None)).encode())
+    assert code == 200 and doc["metadata"]["name"] == "seed", doc
