@@ -52,7 +52,7 @@ from kubeemu import errors, protobuf, schema, selectors, subresources
 from kubeemu.controllers import Controllers
 from kubeemu.errors import ApiError
 from kubeemu.objects import DeleteOptions, Event, Obj, Watcher, transition
-from kubeemu.openapi import OpenAPI, prune_unknown
+from kubeemu.openapi import OpenAPI, prune_unknown, type_problem
 from kubeemu.podprint import pod_restarts, pod_status
 from kubeemu.podproxy import PodProxy, proxied_subresources
 from kubeemu.resources import Registry, ResourceType
@@ -274,6 +274,7 @@ class EmuServer:
         # pods/log and pods/exec go to the node's kubelet on this host (see kubeemu.podproxy)
         self.pods = PodProxy(self.registry, self.store, kubelet_host)
         self.openapi = OpenAPI(self.registry, self.store)  # /openapi/v3 and v2 (kubeemu.openapi)
+        self.store.type_check = self._type_check
         self.bookmark_interval = bookmark_interval
         self.app = web.Application(middlewares=[self._middleware], client_max_size=64 * 1024 * 1024)
         self.app.router.add_route("*", "/{tail:.*}", self._dispatch)
@@ -512,6 +513,14 @@ class EmuServer:
             if sink is not None and mode != "Ignore":
                 sink.extend(dropped)
         return body
+
+    def _type_check(self, rt: ResourceType, version: str, obj: Obj) -> None:
+        """A built-in kind's object whose JSON types do not fit its schema is 400, as upstream's
+        decoding refuses it (:func:`kubeemu.openapi.type_problem`)."""
+        kind_schema = self.openapi.kind_schema(rt, version)
+        problem = type_problem(obj, kind_schema) if kind_schema is not None else None
+        if problem is not None:
+            raise errors.bad_request(f'{rt.kind} in version "{version}" cannot be handled as a {rt.kind}: {problem}')
 
     def _out(self, t: Target, obj: Obj) -> Obj:
         """Present a stored object through the requested version (CRD conversion None)."""

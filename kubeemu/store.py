@@ -99,6 +99,9 @@ class Store:
         graceful_pods: bool = False,
     ) -> None:
         self.registry = registry
+        #: Checks a built-in kind's object against its schema's types (set by the server, which
+        #: holds the OpenAPI schemas): raises ApiError 400.
+        self.type_check: Callable[[ResourceType, str, Obj], None] | None = None
         self.rv = 0
         self.objects: dict[Key, dict[ObjKey, Obj]] = {}
         self.uids: dict[str, tuple[Key, ObjKey]] = {}
@@ -262,6 +265,8 @@ class Store:
                     break
             meta["name"] = cand
         name = meta["name"]
+        if rt.builtin and self.type_check is not None:
+            self.type_check(rt, version, obj)
         if rt.builtin:
             defaults.apply(rt.key, obj)
         self._check_namespace(rt, ns, name)
@@ -583,6 +588,8 @@ class Store:
                     new["status"] = old["status"]
                 else:
                     new.pop("status", None)
+            if rt.builtin and self.type_check is not None:
+                self.type_check(rt, version, new)
             if rt.builtin:
                 defaults.apply(rt.key, new)
                 if rt.key == SERVICES:

@@ -265,3 +265,19 @@ def test_an_update_with_null_metadata_is_not_a_500(emu: Emu) -> None:
     collection, seed = KINDS["cluster"]
     code, doc = emu.call("PUT", f"{collection}/seed", json.dumps(dict(seed, metadata=None)).encode())
     assert code == 200 and doc["metadata"]["name"] == "seed", doc
+
+
+@pytest.mark.parametrize(("spec", "says"), [
+    ({"containers": [None, 1.5]}, "spec.containers[0]: null where an object belongs"),
+    ({"containers": [{"name": "c", "image": "i", "ports": {"containerPort": 80}}]},
+     "spec.containers[0].ports: an object where an array belongs"),
+    ({"containers": [{"name": ["c"], "image": "i"}]}, "spec.containers[0].name: an array where a string belongs"),
+])  # fmt: skip
+def test_a_body_of_the_wrong_json_types_is_400_not_stored(emu: Emu, spec: dict[str, Any], says: str) -> None:
+    collection, seed = KINDS["pod"]
+    code, doc = emu.call("POST", collection, json.dumps(dict(seed, metadata={"name": "typed"}, spec=spec)).encode())
+    assert code == 400 and says in doc["message"], doc
+    patch = [{"op": "replace", "path": "/spec", "value": spec}]
+    code, doc = emu.call("PATCH", f"{collection}/seed", json.dumps(patch).encode(), PATCH_TYPES["json"])
+    assert code == 400 and says in doc["message"], doc
+    emu.still_valid("pod", "the refused writes")
