@@ -189,7 +189,7 @@ def _check_cluster(obj: Any) -> None:
     except crd.ClusterSpecError as e:
         assert e.problems, e
         for p in e.problems:
-            assert isinstance(p.cluster, str) and p.cluster, p
+            assert isinstance(p.cluster, str), p  # the name as given ("?" when not a string)
             assert isinstance(p.field, str) and p.field and p.reason.strip(), p
         return
     assert spec.name == obj["metadata"]["name"]
