@@ -90,7 +90,11 @@ case "$cmd" in
     test)
         setup
         rc=0
-        "$VENV/bin/python" -m pytest "$@" || rc=$?
+        # A long fuzz run (FABRIC_FUZZ_EXAMPLES=N ./dev.sh test -m fuzz; tests/fuzzing.py) takes as
+        # long as its budget: no per-test time limit then (pytest-timeout's 600 s would end it).
+        extra=()
+        if [ -n "${FABRIC_FUZZ_EXAMPLES:-}" ]; then extra=(--timeout=0); fi
+        "$VENV/bin/python" -m pytest "${extra[@]}" "$@" || rc=$?
         if [ "$rc" = 5 ]; then log "pytest collected no tests"; rc=0; fi
         exit "$rc"
         ;;

@@ -576,6 +576,14 @@ def _local_default_clashes(cand: _Candidate, accepted: Sequence[_Candidate], def
     return problems
 
 
+def _is_cidr(value: object) -> bool:
+    try:
+        validation.parse_cidr(value, strict=False)
+    except ValueError:
+        return False
+    return True
+
+
 def status_pod_cidrs(objects: Sequence[Mapping[str, Any]]) -> dict[str, tuple[str, ...]]:
     """The pod CIDRs in use that the statuses of discovery-mode Clusters list (written by the
     reflector that ran before): what a restarted reflector or a new leader keeps while it holds,
@@ -588,7 +596,9 @@ def status_pod_cidrs(objects: Sequence[Mapping[str, Any]]) -> dict[str, tuple[st
         if not isinstance(link, dict) or link.get("podCIDRs") or not isinstance(lstat, dict):
             continue
         pods = lstat.get("podCIDRs")
-        if isinstance(pods, list) and pods and all(isinstance(p, str) for p in pods):
+        # Anyone who may write the status may write anything: only a list of CIDRs counts (a
+        # bad entry made resolve() raise; found by tests/unit/test_fuzz_config.py).
+        if isinstance(pods, list) and pods and all(_is_cidr(p) for p in pods):
             meta = obj.get("metadata")
             name = meta.get("name") if isinstance(meta, dict) else None
             if isinstance(name, str):

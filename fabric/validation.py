@@ -152,10 +152,14 @@ def schema_problems(which: str, doc: Any, unknown: str = "unknown key") -> Probl
     return list(out.items())
 
 
-def join(path: str, key: str | int) -> str:
-    """A key path as the configuration's messages write it: ``clusters[0].globalCIDRs[10.0.0.0/8]``."""
+def join(path: str, key: object) -> str:
+    """A key path as the configuration's messages write it: ``clusters[0].globalCIDRs[10.0.0.0/8]``.
+    YAML mapping keys need not be strings (``null:``, ``1.5:``): such a key is written as Python
+    prints it (a path is always text; found by tests/unit/test_fuzz_config.py)."""
     if isinstance(key, int):
         return f"{path}[{key}]"
+    if not isinstance(key, str):
+        key = str(key)
     if not path:
         return key
     return f"{path}[{key}]" if ("." in key or "/" in key or ":" in key) else f"{path}.{key}"

@@ -58,6 +58,64 @@ def check_kind(rt: ResourceType, version: str, obj: Obj) -> None:
                                  f"({rt.api_version(version)})")
 
 
+#: ObjectMeta's scalar fields and their Go types (null is the zero value: allowed).
+_META_SCALARS: dict[str, tuple[type, str]] = {
+    **{k: (str, "string") for k in ("name", "generateName", "namespace", "selfLink", "uid", "resourceVersion",
+                                    "creationTimestamp", "deletionTimestamp")},
+    **{k: (int, "int64") for k in ("generation", "deletionGracePeriodSeconds")},
+}
+
+
+def _json_type(value: Any) -> str:
+    """The JSON type name Go's decoder reports (``cannot unmarshal number into ...``)."""
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int | float):
+        return "number"
+    names: dict[type, str] = {str: "string", list: "array", dict: "object"}
+    return names.get(type(value), "value")
+
+
+def check_metadata(rt: ResourceType, version: str, obj: Obj) -> None:
+    """The types of ``metadata`` as decoding into the Go ObjectMeta checks them upstream: a wrong
+    one is 400 naming the field, the type and the type given. Before this check a non-string
+    name or label map made the store raise (a 500; found by tests/unit/test_fuzz_kubeemu.py)."""
+    meta = obj.get("metadata")
+    if meta is None:
+        return
+
+    def refuse(field: str, value: Any, want: str) -> errors.ApiError:
+        where = f"ObjectMeta.metadata.{field}" if field else "ObjectMeta.metadata"
+        return errors.bad_request(f'{rt.kind} in version "{version}" cannot be handled as a {rt.kind}: json: '
+                                  f"cannot unmarshal {_json_type(value)} into Go struct field {where} of type {want}")
+
+    if not isinstance(meta, dict):
+        raise refuse("", meta, "v1.ObjectMeta")
+    for key, (typ, want) in _META_SCALARS.items():
+        v = meta.get(key)
+        if v is not None and (not isinstance(v, typ) or isinstance(v, bool)):
+            raise refuse(key, v, want)
+    for key in ("labels", "annotations"):
+        v = meta.get(key)
+        if v is None:
+            continue
+        if not isinstance(v, dict):
+            raise refuse(key, v, "map[string]string")
+        bad = next((x for x in v.values() if not isinstance(x, str)), None)
+        if bad is not None:
+            raise refuse(key, bad, "string")
+    for key, item_type, want in (("finalizers", str, "string"), ("ownerReferences", dict, "v1.OwnerReference"),
+                                 ("managedFields", dict, "v1.ManagedFieldsEntry")):  # fmt: skip
+        v = meta.get(key)
+        if v is None:
+            continue
+        if not isinstance(v, list):
+            raise refuse(key, v, f"[]{want}")
+        bad = next((x for x in v if not isinstance(x, item_type)), None)
+        if bad is not None:
+            raise refuse(key, bad, want)
+
+
 def validate(rt: ResourceType, obj: Obj) -> None:
     meta = metadata_of(obj)
     name = meta.get("name", "")

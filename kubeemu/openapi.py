@@ -527,6 +527,46 @@ def _prune(value: Any, schema: Any, path: str, patch: bool, dropped: list[str]) 
             _prune(item, s["items"], f"{path}[{i}]", patch, dropped)
 
 
+def type_problem(value: Any, schema: Any, path: str = "") -> str | None:
+    """The first part of ``value`` whose JSON type cannot decode into its schema's, as decoding
+    into the Go type refuses it upstream: an object or array where a scalar belongs, a scalar
+    where an object or array does, a null item in a list of objects. Scalars are not compared
+    with each other (a Quantity or an int-or-string takes a number or a string); null elsewhere
+    is the zero value. Without this check such a body was stored and broke the next write of the
+    object (found by tests/unit/test_fuzz_kubeemu.py)."""
+    if value is None:
+        return None
+    s = _resolve(schema)
+    want = s.get("type")
+    where = path or "the object"
+    if want == "object" or (want is None and isinstance(s.get("properties"), dict)):
+        if not isinstance(value, dict):
+            return f"{where}: {_json_kind(value)} where an object belongs"
+        props, extra = s.get("properties"), s.get("additionalProperties")
+        for key, item in value.items():
+            sub = props.get(key) if isinstance(props, dict) else extra if isinstance(extra, dict) else None
+            if sub is not None and (found := type_problem(item, sub, _field(path, key))) is not None:
+                return found
+    elif want == "array":
+        if not isinstance(value, list):
+            return f"{where}: {_json_kind(value)} where an array belongs"
+        items = s.get("items")
+        if isinstance(items, dict):
+            objects = _resolve(items).get("type") == "object"
+            for i, item in enumerate(value):
+                if item is None and objects:
+                    return f"{path}[{i}]: null where an object belongs"
+                if (found := type_problem(item, items, f"{path}[{i}]")) is not None:
+                    return found
+    elif want in ("string", "integer", "number", "boolean") and isinstance(value, dict | list):
+        return f"{where}: {_json_kind(value)} where a {want} belongs"
+    return None
+
+
+def _json_kind(value: Any) -> str:
+    return "an object" if isinstance(value, dict) else "an array" if isinstance(value, list) else f"{value!r}"
+
+
 def document_hash(doc: Any) -> str:
     """The index's cache key: upstream uses the SHA-512 of the document, upper-case hex."""
     return hashlib.sha512(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest().upper()

@@ -114,6 +114,8 @@ def _smp_map(orig: dict[str, Any], patch: Any, path: tuple[str, ...]) -> Any:
             continue
         if key.startswith("$deleteFromPrimitiveList/"):
             field = key.split("/", 1)[1]
+            if not isinstance(value, list | None):  # directives' values are the client's: checked
+                raise PatchError(f"{key}: {value!r} is not a list", invalid=False)
             drop = set(map(_freeze, value or []))
             if isinstance(result.get(field), list):
                 result[field] = [v for v in result[field] if _freeze(v) not in drop]
@@ -133,6 +135,8 @@ def _smp_map(orig: dict[str, Any], patch: Any, path: tuple[str, ...]) -> Any:
         else:
             result[key] = value
     if isinstance(retain, list):
+        if not all(isinstance(k, str) for k in retain):
+            raise PatchError(f"$retainKeys: {retain!r} is not a list of field names", invalid=False)
         keep = set(retain)
         result = {k: v for k, v in result.items() if k in keep}
     return result
@@ -253,6 +257,8 @@ def json_patch(target: Any, ops: Any) -> Any:
         if not isinstance(op, dict) or "op" not in op or "path" not in op:
             raise PatchError(f"invalid json patch operation: {op!r}", invalid=False)
         kind, ptr = op["op"], op["path"]
+        if not isinstance(ptr, str):
+            raise PatchError(f"invalid json patch operation: path {ptr!r} is not a JSON pointer", invalid=False)
         if kind in ("add", "replace"):
             if "value" not in op:
                 raise PatchError(f"{kind} operation on {ptr!r} has no value", invalid=False)

@@ -52,7 +52,7 @@ from kubeemu import errors, protobuf, schema, selectors, subresources
 from kubeemu.controllers import Controllers
 from kubeemu.errors import ApiError
 from kubeemu.objects import DeleteOptions, Event, Obj, Watcher, transition
-from kubeemu.openapi import OpenAPI, prune_unknown
+from kubeemu.openapi import OpenAPI, prune_unknown, type_problem
 from kubeemu.podprint import pod_restarts, pod_status
 from kubeemu.podproxy import PodProxy, proxied_subresources
 from kubeemu.resources import Registry, ResourceType
@@ -149,6 +149,15 @@ class Target:
     name: str | None
     sub: str | None
     legacy_watch: bool
+
+
+def _warning(text: str) -> str:
+    """A ``Warning`` header of ``text`` (code 299, RFC 7234 quoted-string). The text may carry
+    a client's field name, which may hold anything: callers escape it (``json.dumps``: control
+    characters as ``\\uXXXX``), so a CR or LF never ends up in a header (aiohttp then refused
+    to write the answer and dropped the connection; found by tests/unit/test_fuzz_kubeemu.py)."""
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+    return f'299 - "{escaped}"'
 
 
 def _bool(value: str | None) -> bool:
@@ -265,6 +274,7 @@ class EmuServer:
         # pods/log and pods/exec go to the node's kubelet on this host (see kubeemu.podproxy)
         self.pods = PodProxy(self.registry, self.store, kubelet_host)
         self.openapi = OpenAPI(self.registry, self.store)  # /openapi/v3 and v2 (kubeemu.openapi)
+        self.store.type_check = self._type_check
         self.bookmark_interval = bookmark_interval
         self.app = web.Application(middlewares=[self._middleware], client_max_size=64 * 1024 * 1024)
         self.app.router.add_route("*", "/{tail:.*}", self._dispatch)
@@ -471,7 +481,11 @@ class EmuServer:
             if "yaml" in ctype:
                 import yaml  # only server-side apply sends YAML; keep it out of the idle footprint
 
-                return self._check_fields(yaml.safe_load(raw), ctype)
+                try:
+                    doc = yaml.safe_load(raw)
+                except yaml.YAMLError as e:  # not a ValueError: was a 500 (tests/unit/test_fuzz_kubeemu.py)
+                    raise errors.bad_request(f"the body of the request could not be decoded: {e}") from None
+                return self._check_fields(doc, ctype)
             return self._check_fields(json.loads(raw), ctype)
         except ValueError as e:
             raise errors.bad_request(f"the body of the request could not be decoded: {e}") from None
@@ -499,6 +513,14 @@ class EmuServer:
             if sink is not None and mode != "Ignore":
                 sink.extend(dropped)
         return body
+
+    def _type_check(self, rt: ResourceType, version: str, obj: Obj) -> None:
+        """A built-in kind's object whose JSON types do not fit its schema is 400, as upstream's
+        decoding refuses it (:func:`kubeemu.openapi.type_problem`)."""
+        kind_schema = self.openapi.kind_schema(rt, version)
+        problem = type_problem(obj, kind_schema) if kind_schema is not None else None
+        if problem is not None:
+            raise errors.bad_request(f'{rt.kind} in version "{version}" cannot be handled as a {rt.kind}: {problem}')
 
     def _out(self, t: Target, obj: Obj) -> Obj:
         """Present a stored object through the requested version (CRD conversion None)."""
@@ -535,7 +557,7 @@ class EmuServer:
             schema.PRUNED.reset(tokens[1])
             _FIELD_CHECK.reset(field_check)
         for path in pruned:
-            resp.headers.add("Warning", f'299 - "unknown field \\"{path}\\""')
+            resp.headers.add("Warning", _warning(f"unknown field {json.dumps(path)}"))
         return resp
 
     async def _resource_inner(self, request: web.Request, t: Target) -> web.StreamResponse:

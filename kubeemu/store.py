@@ -99,6 +99,9 @@ class Store:
         graceful_pods: bool = False,
     ) -> None:
         self.registry = registry
+        #: Checks a built-in kind's object against its schema's types (set by the server, which
+        #: holds the OpenAPI schemas): raises ApiError 400.
+        self.type_check: Callable[[ResourceType, str, Obj], None] | None = None
         self.rv = 0
         self.objects: dict[Key, dict[ObjKey, Obj]] = {}
         self.uids: dict[str, tuple[Key, ObjKey]] = {}
@@ -236,6 +239,7 @@ class Store:
             raise errors.bad_request("the body of the request must be a JSON object")
         version = version or rt.versions[0]
         admission.check_kind(rt, version, body)
+        admission.check_metadata(rt, version, body)
         obj = copy.deepcopy(body)
         obj["kind"] = rt.kind
         obj["apiVersion"] = rt.api_version(version)
@@ -261,6 +265,8 @@ class Store:
                     break
             meta["name"] = cand
         name = meta["name"]
+        if rt.builtin and self.type_check is not None:
+            self.type_check(rt, version, obj)
         if rt.builtin:
             defaults.apply(rt.key, obj)
         self._check_namespace(rt, ns, name)
@@ -555,6 +561,9 @@ class Store:
         if not isinstance(body, dict):
             raise errors.bad_request("the body of the request must be a JSON object")
         version = version or rt.versions[0]
+        # Decoding comes first upstream (a body that does not decode never reaches a precondition).
+        admission.check_kind(rt, version, body)
+        admission.check_metadata(rt, version, body)
         bmeta = metadata_of(body)
         want_uid = bmeta.get("uid")
         if want_uid and not patch:
@@ -566,7 +575,6 @@ class Store:
         if want_uid and want_uid != old["metadata"].get("uid"):
             raise errors.invalid(rt.kind, rt.group, name, [validation.invalid(
                 "metadata.uid", want_uid, validation.IMMUTABLE_MSG)])
-        admission.check_kind(rt, version, body)
         if bmeta.get("name") and bmeta["name"] != name:
             raise errors.bad_request(f"the name of the object ({bmeta['name']}) does not match the name on the "
                                      f"URL ({name})")
@@ -589,7 +597,7 @@ class Store:
         else:
             new = copy.deepcopy(body)
             new["kind"], new["apiVersion"] = rt.kind, rt.api_version(version)
-            meta = new.setdefault("metadata", {})
+            meta = new["metadata"] = new.get("metadata") or {}  # null is the zero value (was a 500)
             for k in ("uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "generation",
                       "namespace", "name"):
                 if k in old["metadata"]:
@@ -601,6 +609,8 @@ class Store:
                     new["status"] = old["status"]
                 else:
                     new.pop("status", None)
+            if rt.builtin and self.type_check is not None:
+                self.type_check(rt, version, new)
             if rt.builtin:
                 defaults.apply(rt.key, new)
                 if rt.key == SERVICES:

@@ -6,6 +6,9 @@ randomness:
 
     FABRIC_FUZZ_EXAMPLES=20000 ./dev.sh test -m fuzz
 
+(with ``FABRIC_FUZZ_EXAMPLES`` set, ``dev.sh test`` lifts pytest-timeout's per-test limit: a long
+run of one property takes as long as its budget).
+
 Every fuzz test takes its settings from :func:`budget` (decorate with ``@budget()``) and carries
 the ``fuzz`` marker, so the long run selects exactly them.
 """

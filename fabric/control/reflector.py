@@ -137,7 +137,7 @@ from fabric.control.generated import fabric_pb2 as pb
 from fabric.control.generated import fabric_pb2_grpc as pb_grpc
 from fabric.control.identity import Identity
 from fabric.control.reflector_metrics import MetricsCollector
-from fabric.control.reflector_service import Servicer, bind, peer_name, publisher_identity
+from fabric.control.reflector_service import DecodeInterceptor, Servicer, bind, peer_name, publisher_identity
 
 _log = logging.getLogger(__name__)
 
@@ -383,7 +383,9 @@ class Reflector:
         """Bind every address, start serving, begin the startup hold; returns the bound targets
         (``host:port`` with the real port for ``:0``, or ``unix:/path``). ``credentials``: mutual
         TLS on every address (:func:`fabric.control.tls.server_credentials`); None: plaintext."""
-        server = grpc.aio.server(options=[*SERVER_OPTIONS, *bounds.server_options(self.limits)])
+        server = grpc.aio.server(
+            options=[*SERVER_OPTIONS, *bounds.server_options(self.limits)], interceptors=[DecodeInterceptor()]
+        )
         pb_grpc.add_FabricServicer_to_server(Servicer(self), server)
         bound: list[str] = []
         for addr in listen:
@@ -981,6 +983,10 @@ class Reflector:
             except (StopAsyncIteration, TimeoutError):
                 _log.info("session from %s ended before announcing its node", peer)
                 return
+            except pb_message.DecodeError as e:  # gRPC decodes as we read: the agent's fault, not ours
+                context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+                context.set_details(f"malformed message from agent {peer}: {e}")
+                return
         if self.standby_reason is not None:  # a standby (or it became one while we waited)
             # Not a rejection: agents retry UNAVAILABLE, through the Service, to the leader.
             context.set_code(grpc.StatusCode.UNAVAILABLE)
@@ -1085,6 +1091,10 @@ class Reflector:
         except (StopAsyncIteration, TimeoutError):
             _log.info("PublishRecords from %s ended before it opened", peer)
             return
+        except pb_message.DecodeError as e:  # gRPC decodes as we read: the publisher's fault, not ours
+            context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+            context.set_details(f"PublishRecords from {peer}: malformed message: {e}")
+            return
         if self.standby_reason is not None:  # it became a standby while we waited
             context.set_code(grpc.StatusCode.UNAVAILABLE)
             context.set_details(self.standby_reason)
@@ -1130,6 +1140,11 @@ class Reflector:
                     break
                 except grpc.aio.BaseError as e:  # gRPC's own: the RPC ended under us
                     end_reason = f"stream from publisher failed: {e!r}"
+                    break
+                except pb_message.DecodeError as e:  # the publisher's fault, not ours
+                    end_reason = f"PublishRecords of {identity} from {peer}: malformed message: {e}"
+                    context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+                    context.set_details(end_reason)
                     break
                 if req.WhichOneof("message") == "open":
                     context.set_code(grpc.StatusCode.INVALID_ARGUMENT)

@@ -1,6 +1,7 @@
 """The gRPC face of the reflector: the ``Fabric`` servicer that hands each RPC to the
 :class:`~fabric.control.reflector.Reflector` (and turns a handler bug into INTERNAL and a crash,
-see "Bugs" there), where each RPC is authorized first (:meth:`Reflector.authorize`, the rules in
+see "Bugs" there; a request that does not decode into INVALID_ARGUMENT: :class:`DecodeInterceptor`),
+where each RPC is authorized first (:meth:`Reflector.authorize`, the rules in
 :mod:`~fabric.control.authz`; SyncNode in the reflector, with its announcement), the one place
 a record publisher's identity is bound (:func:`publisher_identity`), and the listen addresses
 (``HOST:PORT`` or ``unix:/path``) it binds.
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from google.protobuf import message as pb_message
 
 from fabric.control import authz, codec
 from fabric.control.generated import fabric_pb2 as pb
@@ -29,6 +31,44 @@ _log = logging.getLogger(__name__)
 class ListenError(RuntimeError):
     """A --listen address could not be bound."""
 
+
+
+class MalformedRequest:
+    """A unary request whose bytes did not decode, handed to the handler in its place (see
+    :class:`DecodeInterceptor`)."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+class DecodeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Malformed request bytes of a unary-request RPC (GetStatus, WatchTopology, WatchRecords)
+    are the caller's fault: the handler gets a :class:`MalformedRequest` and answers
+    INVALID_ARGUMENT saying why. Without this, gRPC decodes the request before any handler runs
+    and answers UNKNOWN ("Unexpected DecodeError"), logging a traceback at ERROR for every such
+    request anyone sends (found by tests/unit/test_fuzz_reflector.py). Streamed requests are
+    decoded as the handler reads them: the reflector catches ``DecodeError`` there itself."""
+
+    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        decode = handler.request_deserializer
+
+        def tolerant(raw: bytes) -> Any:
+            try:
+                return decode(raw)
+            except pb_message.DecodeError as e:
+                return MalformedRequest(str(e))
+
+        return handler._replace(request_deserializer=tolerant)
+
+
+async def _refuse_malformed(request: Any, rpc: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    """End the RPC with INVALID_ARGUMENT when ``request`` did not decode (raises AbortError)."""
+    if isinstance(request, MalformedRequest):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"{rpc} from {peer_name(context.peer())}: malformed request: {request.error}")  # fmt: skip
 
 
 class Servicer(pb_grpc.FabricServicer):  # type: ignore[misc]
@@ -63,6 +103,7 @@ class Servicer(pb_grpc.FabricServicer):  # type: ignore[misc]
     async def GetStatus(
         self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetStatusResponse:
+        await _refuse_malformed(request, "GetStatus", context)
         if not self._r.authorize(authz.GET_STATUS, context):
             return pb.GetStatusResponse()
         try:
@@ -83,6 +124,7 @@ class Servicer(pb_grpc.FabricServicer):  # type: ignore[misc]
     async def WatchTopology(
         self, request: pb.WatchTopologyRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.WatchTopologyResponse]:
+        await _refuse_malformed(request, "WatchTopology", context)
         if self._standby(context) or not self._r.authorize(authz.WATCH_TOPOLOGY, context):
             return
         try:
@@ -113,6 +155,7 @@ class Servicer(pb_grpc.FabricServicer):  # type: ignore[misc]
     async def WatchRecords(
         self, request: pb.WatchRecordsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.WatchRecordsResponse]:
+        await _refuse_malformed(request, "WatchRecords", context)
         if self._standby(context) or not self._r.authorize(authz.WATCH_RECORDS, context):
             return
         try:
