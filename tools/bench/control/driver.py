@@ -218,7 +218,7 @@ class _Run:
         ready: set[str] = set()
         progress: dict[str, int] = {}
         last_report = t0
-        what = f"{self.shape.label} {self.mode}"
+        what = f"{self.shape.label} {self.mode}" + ("" if self.tls_root is None else " (mTLS)")
         while len(ready) < len(self.workers):
             item = self.events.next(min(deadline, time.monotonic() + 10))
             now = time.monotonic()

@@ -126,7 +126,7 @@ def _round_note(shape: Shape, r: int, rounds: int, tls: Phase, plain: Phase, loa
 def run(opts: bc.Options) -> bc.Report:
     report = bc.Report()
     changes_seen: set[int] = set()
-    ns = (50,) if opts.tiny else (opts.n if opts.n != bc.Options.n else DEFAULT_N)
+    ns = opts.n if opts.n != bc.Options.n else ((20,) if opts.tiny else DEFAULT_N)
     for n in ns:
         for kind in opts.shapes or DEFAULT_SHAPES:
             try:
