@@ -4,7 +4,7 @@ Every benchmark is a module ``tools/bench/<name>.py`` with ``NAME``, ``HELP``,
 ``requires(options) -> [reasons it cannot run here]`` and ``run(options) -> Report`` (see
 :mod:`tools.bench.common`). :data:`BENCHMARKS` lists them in running order (every benchmark of
 issue 7: datapath, restart, netlink, gateway, failover, translate, control; issue 15: k8s;
-issue 16: scheduler; issue 17: tree); ``supported`` says
+issue 16: scheduler; issue 17: tree; issue 20: control-tls); ``supported`` says
 whether this build can run one at all (a benchmark whose feature is missing is skipped when no
 names are given, refused when named).
 
@@ -61,6 +61,7 @@ BENCHMARKS: dict[str, Benchmark] = {
         Benchmark("failover", "tools.bench.failover"),
         Benchmark("translate", "tools.bench.translate"),
         Benchmark("control", "tools.bench.control"),
+        Benchmark("control-tls", "tools.bench.control.tls_bench"),
         Benchmark("k8s", "tools.bench.k8s", supported=lambda: importlib.import_module("tools.bench.k8s").supported()),
         Benchmark("scheduler", "tools.bench.scheduler",
                   supported=lambda: importlib.import_module("tools.bench.scheduler").supported()),
@@ -258,6 +259,7 @@ def main(argv: list[str]) -> int:
         "Ratios: higher is better. Progress goes to stderr.",
         epilog="examples:\n  fabric-tool bench netlink --repeat 5 --json /tmp/bench.json\n"
         "  fabric-tool bench control --n 100,1000\n"
+        "  fabric-tool bench control-tls --n 1000 --repeat 3   (mutual TLS on vs off, interleaved rounds)\n"
         "  fabric-tool bench k8s --repeat 3   (a 200-replica Deployment in a lab; no lab: python -m kubeemu.bench)\n"
         "  fabric-tool bench scheduler --nodes 1000,5000 --pods 10000   (no lab, no root; --quick: CI smoke)\n"
         "  fabric-tool bench tree --repeat 3 --tree-pods 1000 --json tree.json   (a ClusterTree lab: root + 4 leaves)\n"
@@ -275,7 +277,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--from-json", metavar="FILE", nargs="+",
                         help="run nothing: render --markdown from earlier --json files (merged in order)")  # fmt: skip
     parser.add_argument("--n", type=_parse_n, default=bc.Options.n, metavar="N,N,...",
-                        help="control: numbers of simulated agents (default 100,1000,10000)")  # fmt: skip
+                        help="control: numbers of simulated agents (default 100,1000,10000; control-tls 1000)")
     parser.add_argument("--shape", type=_parse_shapes, default=bc.Options.shapes, metavar="SHAPE,...",
                         help="control: p2p (2 P2P clusters: every agent holds every node) and/or gateway "
                         "(gateway-mode clusters of 100 nodes, 3 gateway candidates each), run at every N "

@@ -27,17 +27,18 @@ and Delta with ``Applied(version)``, stamping ``time.monotonic()`` (one clock fo
 of the machine) as it sends it.
 
 One **change** = the joiner announces a new node (it joins the first cluster), then leaves again
-(the reflector withdraws it at once: a second change). A change affects only some agents (in the
-gateway shape, not the internal nodes of the joiner's cluster). The driver computes which, with
-the real planner (:func:`planned_change`: ``plan`` before and after the join, once per planner
-viewer class, with the gateway roles the reflector reports in GetStatus), and tells each worker
-its affected agents after bring-up (``expect``). A worker reports one ``applied`` line per change
-version when all its affected agents applied it, and reports an error when an agent it was not
-told about receives a delta: so the driver's computation and what the reflector sends are checked
-against each other in every run. Fan-out time = the last affected agent's Applied stamp - the
-moment the joiner opened its stream (join) or cancelled it (leave). Reflector CPU per change
-comes from /proc/PID/stat around each change, memory per agent from VmRSS before the agents and
-after they all synced.
+(the reflector withdraws it at once: a second change). Each join is an agent start: a new
+channel (connected before the stream opens, so fan-out does not include connecting), closed at
+the leave. A change affects only some agents (in the gateway shape, not the internal nodes of
+the joiner's cluster). The driver computes which, with the real planner (:func:`planned_change`:
+``plan`` before and after the join, once per planner viewer class, with the gateway roles the
+reflector reports in GetStatus), and tells each worker its affected agents after bring-up
+(``expect``). A worker reports one ``applied`` line per change version when all its affected
+agents applied it, and reports an error when an agent it was not told about receives a delta: so
+the driver's computation and what the reflector sends are checked against each other in every
+run. Fan-out time = the last affected agent's Applied stamp - the moment the joiner opened its
+stream (join) or cancelled it (leave). Reflector CPU per change comes from /proc/PID/stat around
+each change, memory per agent from VmRSS before the agents and after they all synced.
 
 **Baseline**, same run and same client code: a bare grpc.aio server (``bare-server`` below) that
 answers each stream's Announce with END_OF_SNAPSHOT and, on a trigger RPC, writes to each affected
@@ -51,7 +52,8 @@ and larger N of the same shape are not attempted (bring-up cost only grows with 
 
 Modules: ``params`` (what every process agrees on), ``shapes`` (who the agents are and what
 a change must reach), ``agents`` (the worker processes), ``bare`` (the baseline server),
-``driver`` (the run) and ``__main__`` (the helper processes' entry point).
+``driver`` (the run) and ``__main__`` (the helper processes' entry point); ``tls_bench`` is
+``bench control-tls`` (the same run with mutual TLS on vs off) and ``tlsmat`` its certificates.
 """
 
 from __future__ import annotations

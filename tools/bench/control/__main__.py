@@ -29,6 +29,7 @@ def main(argv: Sequence[str]) -> int:
     w.add_argument("--first", type=int, required=True)
     w.add_argument("--count", type=int, required=True)
     w.add_argument("--joiner", action="store_true")
+    w.add_argument("--tls-root", help="mutual TLS: the material root (tools.bench.control.tlsmat); default plaintext")
     s = sub.add_parser("bare-server", help="the baseline: a bare grpc.aio server")
     s.add_argument("--listen", required=True)
     args = p.parse_args(list(argv))

@@ -14,12 +14,34 @@ import resource
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from tools.bench.control.params import BARE_STREAM, KEEPALIVE_S, agent_channel_options
 from tools.bench.control.shapes import Shape
 
+if TYPE_CHECKING:
+    from fabric.control.tls import TLSDir
+
 _log = logging.getLogger(__name__)
+
+
+async def node_credentials(tls_root: Path | None, i: int) -> TLSDir | None:
+    """CERTIFICATE EXCHANGE HOOK: the ``--tls-dir`` agent ``i`` connects with (None: plaintext).
+
+    Today it returns the node certificate issued before the run (tools.bench.control.tlsmat).
+    The bootstrap's certificate exchange (an agent trades its cluster's bootstrap credential and
+    its Node name for its own certificate: the bootstrap RPC, being built separately) belongs
+    here: the joiner awaits this between its start stamp and opening its channel, so once the
+    exchange is added here, ``agent_start_to_in_sync`` includes it. Until then that figure is
+    handshake + session only, and the benchmark's notes say so.
+    """
+    if tls_root is None:
+        return None
+    from fabric.control import tls
+    from tools.bench.control.tlsmat import agent_dir
+
+    return tls.TLSDir(agent_dir(tls_root, i))
 
 
 # -- the worker: light agents ----------------------------------------------------------------
@@ -46,13 +68,17 @@ class _Worker:
     agents, ``t`` the last stamp), ``error`` on any protocol violation.
     """
 
-    def __init__(self, shape: Shape, target: str, mode: str, first: int, count: int) -> None:
+    def __init__(
+        self, shape: Shape, target: str, mode: str, first: int, count: int, tls_root: Path | None = None
+    ) -> None:
         from fabric.control.generated import fabric_pb2 as pb
 
         self.pb = pb
         self.shape = shape
         self.target = target
         self.mode = mode
+        #: The material root of the mutual-TLS variant (None: plaintext channels).
+        self.tls_root = tls_root
         self.indexes = list(range(first, first + count))
         self.count = count
         self.ready = 0
@@ -200,12 +226,17 @@ class _Worker:
             await asyncio.sleep(2.0)
             self.emit(ev="progress", ready=self.ready, retries=self.retries)
 
-    async def run_agents(self) -> None:
-        import grpc
+    async def _channel(self, i: int) -> Any:
+        """Agent ``i``'s own channel, made the one way every fabric client makes one
+        (fabric.control.tls.channel): mutual TLS with its node certificate, or plaintext."""
+        from fabric.control import tls
 
+        return tls.channel(self.target, await node_credentials(self.tls_root, i), options=agent_channel_options())
+
+    async def run_agents(self) -> None:
         agents: dict[asyncio.Task[None], int] = {}
         for i in self.indexes:
-            channel = grpc.aio.insecure_channel(self.target, options=agent_channel_options())
+            channel = await self._channel(i)
             self.channels.append(channel)
             agents[asyncio.create_task(self.agent_with_retries(i, channel))] = i
         helpers = [asyncio.create_task(self.keepalives()), asyncio.create_task(self.progress())]
@@ -225,12 +256,17 @@ class _Worker:
                 await ch.close(grace=None)
 
     async def run_joiner(self) -> None:
-        """One agent that joins on ``join`` and leaves on ``leave`` (stdin commands)."""
-        import grpc
+        """One agent that joins on ``join`` and leaves on ``leave`` (stdin commands).
 
+        Each join is an agent start: credentials (:func:`node_credentials`), a new channel
+        (connection, and with TLS the handshake: ``channel_ready``), then the stream. The
+        ``joined`` event carries ``start`` (before the credentials), ``connected`` (channel
+        ready), ``t0`` (the stream opened: where join fan-out is timed from, so fan-out excludes
+        the connection) and ``synced`` (END_OF_SNAPSHOT received). A leave cancels the stream
+        and closes the channel.
+        """
         i = self.indexes[0]
-        channel = grpc.aio.insecure_channel(self.target, options=agent_channel_options())
-        await channel.channel_ready()
+        channel: Any = None
         task: asyncio.Task[None] | None = None
         lines = _stdin_lines()
         try:
@@ -239,13 +275,18 @@ class _Worker:
                     self.leaving.discard(i)
                     ready: asyncio.Future[float] = asyncio.get_running_loop().create_future()
                     self.outboxes.clear()
+                    start = time.monotonic()
+                    channel = await self._channel(i)
+                    await channel.channel_ready()
+                    connected = time.monotonic()
                     t0 = time.monotonic()
                     task = asyncio.create_task(self.agent(i, channel, ready))
                     await asyncio.wait([ready, task], return_when=asyncio.FIRST_COMPLETED)  # type: ignore[type-var]
                     if not ready.done():
                         task.result()  # raises the agent's error
                         raise AgentError("the joining agent's stream ended before END_OF_SNAPSHOT")
-                    self.emit(ev="joined", t0=t0, v=self.last_eos)
+                    self.emit(ev="joined", t0=t0, v=self.last_eos, start=start, connected=connected,
+                              synced=ready.result())  # fmt: skip
                 elif line == "leave":
                     self.leaving.add(i)
                     t0 = time.monotonic()
@@ -256,12 +297,16 @@ class _Worker:
                         with contextlib.suppress(asyncio.CancelledError):
                             await task
                     self.emit(ev="left", t0=t0)
+                    if channel is not None:
+                        await channel.close(grace=None)
+                        channel = None
                 elif line == "quit":
                     return
         finally:
             if task is not None:
                 task.cancel()
-            await channel.close(grace=None)
+            if channel is not None:
+                await channel.close(grace=None)
 
 
 async def _stdin_lines() -> AsyncIterator[str]:
@@ -292,7 +337,8 @@ def raise_fd_limit() -> None:
 
 def worker_main(args: argparse.Namespace) -> int:
     raise_fd_limit()
-    w = _Worker(Shape(args.shape, args.n), args.target, args.mode, args.first, args.count)
+    tls_root = Path(args.tls_root) if args.tls_root else None
+    w = _Worker(Shape(args.shape, args.n), args.target, args.mode, args.first, args.count, tls_root)
     try:
         asyncio.run(w.run_joiner() if args.joiner else w.run_agents())
     except AgentError as e:

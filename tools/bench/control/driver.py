@@ -33,6 +33,7 @@ from tools.bench.control.shapes import (
     planned_change,
     shapes_for,
 )
+from tools.bench.control.tlsmat import READER_DIR, SERVER_DIR
 
 _log = logging.getLogger(__name__)
 
@@ -101,13 +102,25 @@ class Phase:
     join_ms: list[list[float]] = dataclasses.field(default_factory=list)  # per round
     leave_ms: list[list[float]] = dataclasses.field(default_factory=list)
     cpu_ms: list[float] = dataclasses.field(default_factory=list)  # per change, averaged per round
+    #: Reflector CPU ms per agent from the first agent started to all synced (with TLS: the handshakes).
+    bringup_cpu_per_agent_ms: float = 0.0
+    #: The joiner, per join: ms from its start (credentials, new channel) to END_OF_SNAPSHOT, and
+    #: to its channel being ready (connection; with TLS the handshake).
+    start_to_sync_ms: list[float] = dataclasses.field(default_factory=list)
+    connect_ms: list[float] = dataclasses.field(default_factory=list)
 
 
 class _Run:
     """One phase: a server (reflector or bare), workers, optionally the joiner."""
 
-    def __init__(self, procs: bc.Procs, mode: str, shape: Shape, tmp: Path, budget_s: float) -> None:
+    def __init__(
+        self, procs: bc.Procs, mode: str, shape: Shape, tmp: Path, budget_s: float, tls_root: Path | None = None
+    ) -> None:
         self.procs, self.mode, self.shape, self.tmp, self.budget_s = procs, mode, shape, tmp, budget_s
+        #: Mutual TLS (tools.bench.control.tlsmat material) or None: plaintext, --insecure.
+        self.tls_root = tls_root
+        #: The driver's own credentials for GetStatus (a reader certificate) under TLS.
+        self.status_tls = None if tls_root is None else _tls_dir(tls_root / READER_DIR)
         self.n = shape.n
         self.events = _Events()
         self.sock = f"unix:{tmp}/{mode}.sock"
@@ -120,6 +133,8 @@ class _Run:
         self.pending: dict[int, dict[str, Any]] = {}  # version -> {"n": agents, "t": last stamp}
         self.server: subprocess.Popen[bytes] | None = None
         self.joiner: subprocess.Popen[bytes] | None = None
+        #: Per join: (start, connected, synced) stamps of the joiner.
+        self.joins: list[tuple[float, float, float]] = []
         self.log = open(tmp / "reflector.log", "wb")  # noqa: SIM115 - closed by stop()
 
     def _py(self, *args: str, stdout: int = subprocess.PIPE) -> subprocess.Popen[bytes]:
@@ -127,8 +142,11 @@ class _Run:
                                 stderr=None)  # fmt: skip
 
     def _worker_argv(self, first: int, count: int) -> list[str]:
-        return ["tools.bench.control", "worker", "--target", self.sock, "--mode", self.mode, "--shape",
+        argv = ["tools.bench.control", "worker", "--target", self.sock, "--mode", self.mode, "--shape",
                 self.shape.kind, "--n", str(self.n), "--first", str(first), "--count", str(count)]  # fmt: skip
+        if self.tls_root is not None:
+            argv += ["--tls-root", str(self.tls_root)]
+        return argv
 
     def _wait(self, want: str, deadline: float, who: str | None = None) -> dict[str, Any]:
         while True:
@@ -165,14 +183,15 @@ class _Run:
             self.server = self.procs.spawn(None, [
                 sys.executable, "-m", "fabric.control.reflector_cli", "--config", str(cfg), "--listen", self.sock,
                 "--grace-period", "0", "--startup-hold", "0", "--keepalive-interval", f"{KEEPALIVE_S:g}",
-                "--insecure", "--log-level", "info",
+                *(["--insecure"] if self.tls_root is None else ["--tls-dir", str(self.tls_root / SERVER_DIR)]),
+                "--log-level", "info",
             ], stderr=self.log)  # fmt: skip
             from fabric.control import client
 
             deadline = time.monotonic() + 30
             while True:
                 try:
-                    client.get_status_sync(self.sock, 1.0)
+                    client.get_status_sync(self.sock, 1.0, self.status_tls)
                     return
                 except client.ReflectorUnavailable:
                     if time.monotonic() > deadline or self.server.poll() is not None:
@@ -199,7 +218,7 @@ class _Run:
         ready: set[str] = set()
         progress: dict[str, int] = {}
         last_report = t0
-        what = f"{self.shape.label} {self.mode}"
+        what = f"{self.shape.label} {self.mode}" + ("" if self.tls_root is None else " (mTLS)")
         while len(ready) < len(self.workers):
             item = self.events.next(min(deadline, time.monotonic() + 10))
             now = time.monotonic()
@@ -289,6 +308,7 @@ class _Run:
         time.sleep(QUIET_S)
         self.send(self.joiner, "join")
         ev = self._wait("joined", time.monotonic() + CHANGE_TIMEOUT_S, "joiner")
+        self.joins.append((float(ev["start"]), float(ev["connected"]), float(ev["synced"])))
         version = int(ev["v"])
         join_ms = (self.wait_applied(version, "join") - float(ev["t0"])) * 1000
         time.sleep(QUIET_S)
@@ -308,7 +328,15 @@ class _Run:
         return (self.wait_applied(version, "broadcast") - t0) * 1000
 
 
-def _settle(sock: str, n: int, what: str, timeout_s: float) -> tuple[float, int, tuple[Any, ...]]:
+def _tls_dir(path: Path) -> Any:
+    from fabric.control import tls
+
+    return tls.TLSDir(path)
+
+
+def _settle(
+    sock: str, n: int, what: str, timeout_s: float, tls_dir: Any = None
+) -> tuple[float, int, tuple[Any, ...]]:
     """Wait until every agent applied its latest plan (GetStatus: all N connected and in sync):
     the deltas of the bring-up (each join goes to every synced agent) may still be queued behind
     the last snapshot, and a change measured before they drain would time the backlog. Returns
@@ -319,7 +347,7 @@ def _settle(sock: str, n: int, what: str, timeout_s: float) -> tuple[float, int,
     t0 = time.monotonic()
     last_report = t0
     while True:
-        status = client.get_status_sync(sock, 60.0)
+        status = client.get_status_sync(sock, 60.0, tls_dir)
         nodes = status.nodes()
         behind = sum(1 for x in nodes if not x.in_sync)
         now = time.monotonic()
@@ -338,23 +366,29 @@ def _settle(sock: str, n: int, what: str, timeout_s: float) -> tuple[float, int,
     return time.monotonic() - t0, status.generation, roles
 
 
-def _phase(mode: str, shape: Shape, rounds: int, changes: int, budget_s: float) -> Phase:
+def _phase(
+    mode: str, shape: Shape, rounds: int, changes: int, budget_s: float, tls_root: Path | None = None
+) -> Phase:
+    """One server kind at one shape: bring-up, then ``rounds`` rounds of ``changes`` changes.
+    ``tls_root``: the fabric reflector and every agent on mutual TLS with that material."""
     import grpc
 
     out = Phase()
     n = shape.n
-    what = f"{shape.label} {mode}"
+    what = f"{shape.label} {mode}" + ("" if tls_root is None else " (mTLS)")
     with tempfile.TemporaryDirectory(prefix="kft-ctl-") as tmp, bc.procs() as procs:
-        run = _Run(procs, mode, shape, Path(tmp), budget_s)
+        run = _Run(procs, mode, shape, Path(tmp), budget_s, tls_root)
         try:
             run.start_server()
             time.sleep(0.3)
             rss0 = _rss_kib(run.server_pid)
             bc.progress(NAME, f"{what}: bringing up {n:,} agents (budget {budget_s:g}s)")
+            cpu0 = run.server_cpu_ms()
             out.bringup_s = run.bring_up()
+            out.bringup_cpu_per_agent_ms = (run.server_cpu_ms() - cpu0) / n
             out.retries = run.retries
             if mode == "fabric":
-                out.settle_s, generation, roles = _settle(run.sock, n, what, budget_s)
+                out.settle_s, generation, roles = _settle(run.sock, n, what, budget_s, run.status_tls)
                 change = planned_change(shape, roles)
             else:
                 generation, change = 0, planned_change(shape)
@@ -384,6 +418,9 @@ def _phase(mode: str, shape: Shape, rounds: int, changes: int, budget_s: float) 
                     out.join_ms.append(joins)
                     if leaves:
                         out.leave_ms.append(leaves)
+                    out.start_to_sync_ms += [(sync - start) * 1000 for start, _, sync in run.joins]
+                    out.connect_ms += [(conn - start) * 1000 for start, conn, _ in run.joins]
+                    run.joins.clear()
                     bc.progress(NAME, f"{what}: fan-out ms, joins {' '.join(f'{x:.0f}' for x in joins)}"
                                 + (f"; leaves {' '.join(f'{x:.0f}' for x in leaves)}" if leaves else ""))  # fmt: skip
         except RuntimeError:
