@@ -22,6 +22,7 @@ from fabric import logs
 from fabric.cli_types import positive_seconds
 from fabric.control import api, tls
 from tools import certs, lab
+from tools.lab import labpki
 
 _log = logging.getLogger(__name__)
 
@@ -610,11 +611,12 @@ def _reflector_target(args: argparse.Namespace) -> str:
 
 def _transport(args: argparse.Namespace) -> tls.TLSDir | None:
     """--tls-dir or --insecure; one of them with --reflector (secure by default). The lab's own
-    reflector (no --reflector) is reached as the lab serves it: plaintext until the lab's
-    bootstrap makes it secure, or with the --tls-dir given."""
+    reflector (no --reflector) is reached with the lab's ``reader/lab`` certificate
+    (tools.lab.labpki), or with the --tls-dir given."""
     try:
         if args.reflector is None and not args.tls_dir:
-            return None
+            state = lab.load_state(args.lab)
+            return None if state is None or args.insecure else labpki.reader_tls(state)
         return tls.from_args(args)
     except tls.TLSError as e:
         raise lab.LabUsageError(str(e)) from None

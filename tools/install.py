@@ -63,6 +63,7 @@ import yaml
 from fabric import crd
 from fabric.control import api
 from tools import lab, nsutil
+from tools.lab import labpki
 
 _log = logging.getLogger(__name__)
 
@@ -719,6 +720,7 @@ def _start_lab_agents(lab_name: str, cluster: str, progress: Progress) -> None:
         for c in state.clusters:
             if c.name != cluster:
                 continue
+            labpki.bootstrap_dir(state, cluster)  # the member's bootstrap credential
             for node in c.nodes:
                 if node.agent is None or not node.agent.running():
                     rec = lab.start_agent(state, node)
@@ -799,6 +801,7 @@ def _clean_lab_cluster(lab_name: str, cluster: str, progress: Progress) -> None:
     with lab.locked(lab_name):
         state = _lab_state(lab_name)
         c = next(c for c in state.clusters if c.name == cluster)
+        labpki.remove_bootstrap(state, cluster)  # its agents can get no certificate any more
         running = [(n.agent.pid, n.agent.start) for n in c.nodes if n.agent is not None and n.agent.running()]
         nsutil.terminate(running, grace_s=10.0)
         for node in c.nodes:

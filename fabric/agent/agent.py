@@ -592,7 +592,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 # The node's own files may not exist yet: the agent writes them (bootstrap).
                 if not cfg.tls_dir:
                     raise tls.TLSError("--bootstrap-dir needs --tls-dir (where the node's own certificate goes)")
-                tls.TLSDir(Path(cfg.bootstrap_dir)).read()
+                own, boot = tls.TLSDir(Path(cfg.tls_dir)), tls.TLSDir(Path(cfg.bootstrap_dir))
+                try:
+                    own.read()
+                except tls.TLSError as e:
+                    try:
+                        boot.read()
+                    except tls.TLSError as e2:
+                        raise tls.TLSError(f"no node certificate ({e}) and no bootstrap credential ({e2})") from None
                 tls.announce(tls.TLSDir(Path(cfg.tls_dir)))
             else:
                 tls.announce(tls.choose(cfg.tls_dir, cfg.insecure))

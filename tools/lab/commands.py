@@ -21,6 +21,7 @@ import yaml
 from fabric import netns as namespaces
 from fabric import topology
 from tools import nsutil
+from tools.lab import labpki
 from tools.lab import tree as labtree
 from tools.lab.bpf import mount_bpffs, umount_bpffs
 from tools.lab.kube import start_kubernetes, umount_kubelet_roots, wait_kube_nodes
@@ -137,6 +138,8 @@ def up(
             start_reflector(state)
         wait_reflector(state, deadline, progress)
         mount_bpffs(state)
+        for c in state.clusters:  # join: each cluster's bootstrap credential (tools.lab.labpki)
+            labpki.bootstrap_dir(state, c.name)
         for node in state.nodes():
             if node.agent is None or not node.agent.running():
                 progress(f"lab {name}: starting fabric-agent for {node.key} in {node.netns}")
