@@ -269,3 +269,20 @@ def test_agent_configuration_takes_a_bootstrap_dir_from_flag_or_environment() ->
     assert agent_config.load([*base, "--bootstrap-dir", "/b"], {}).bootstrap_dir == "/b"
     assert agent_config.load(base, {"FABRIC_BOOTSTRAP_DIR": "/e"}).bootstrap_dir == "/e"
     assert agent_config.load(base, {}).bootstrap_dir == ""
+
+
+def test_tls_reflector_serves_several_listen_addresses(fabric_pki: PKI, tmp_path: Path) -> None:
+    """The lab's reflector listens on TCP and a unix socket with one set of server credentials."""
+    reader = fabric_pki.client("reader", identity.role("reader", "ops"))
+
+    async def body() -> None:
+        refl = reflector.Reflector(CONFIG, keepalive_interval=KEEPALIVE, startup_hold=0, records_startup_hold=0)
+        creds = tls.server_credentials(fabric_pki.server())
+        targets = await refl.start(["127.0.0.1:0", f"unix:{tmp_path}/r.sock"], creds)
+        try:
+            for target in targets:
+                assert (await client.get_status(target, tls_dir=reader)).clusters
+        finally:
+            await refl.stop(0)
+
+    run(body())
