@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--timeout", type=positive_seconds, default=lab.DEFAULT_UP_TIMEOUT_S, help="seconds (default 60)")
     up.add_argument("--grace-period", type=positive_seconds, help="reflector: seconds before a lost node is withdrawn")
     up.add_argument("--resync-period", type=positive_seconds, help="agents: seconds between full resyncs")
+    up.add_argument("--node-cert-lifetime", type=positive_seconds,
+                    help="reflector: seconds a node certificate it signs is valid (default 24 h; agents renew at "
+                    "about 2/3 of it; a new lab only)")  # fmt: skip
     up.add_argument("--no-processes", action="store_true", help="build only the plumbing; start no reflector or agents")
 
     down = lsub.add_parser(
@@ -341,6 +344,7 @@ def _lab(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             timeout_s=args.timeout,
             grace_period_s=args.grace_period,
             resync_period_s=args.resync_period,
+            node_cert_lifetime_s=args.node_cert_lifetime,
             start_processes=not args.no_processes,
         )
         print(f"lab {args.name} is up: 'fabric-tool check --lab {args.name}' probes it, "

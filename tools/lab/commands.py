@@ -72,6 +72,7 @@ def up(
     timeout_s: float = DEFAULT_UP_TIMEOUT_S,
     grace_period_s: float | None = None,
     resync_period_s: float | None = None,
+    node_cert_lifetime_s: float | None = None,
     start_processes: bool = True,
     progress: Progress = stderr_progress,
 ) -> LabState:
@@ -100,6 +101,7 @@ def up(
                 _down_locked(name, None, progress)
             state = wanted
             state.grace_period_s, state.resync_period_s = grace_period_s, resync_period_s
+            state.node_cert_lifetime_s = node_cert_lifetime_s
             added = [n.key for n in state.nodes()]
             clusters_changed = True
             config_doc: Any = _read_yaml(topology_path)
