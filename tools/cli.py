@@ -762,6 +762,9 @@ def _add_install_parsers(sub: Any) -> None:
                    help="the underlay interface of one node, repeatable (default: keep the Cluster's)")
     j.add_argument("--clear-nic-overrides", action="store_true", help="remove every per-node interface override")
     j.add_argument("--reflector", metavar="HOST:PORT", help="where member agents reach the reflector (not in a lab)")
+    j.add_argument("--bootstrap-ttl", type=positive_seconds, default=3600.0, metavar="S",
+                   help="seconds the member's bootstrap credential (Secret kosmos-fabric-bootstrap, exchanged by "
+                   "its agents for their own certificates) is valid (default %(default)g)")  # fmt: skip
     j.add_argument("--no-wait", action="store_true", help="do not wait for the nodes to be in sync")
     j.add_argument("--tree", action="store_true",
                    help="ClusterTree: also make CLUSTER a leaf of the host (its kubeconfig in a Secret there, "
@@ -835,6 +838,7 @@ def _install_cmd(args: argparse.Namespace) -> int:
                     gateways=tuple(args.gateway or ()), default_nic=args.default_nic,
                     autodetection_method=args.autodetection_method,
                     nic_overrides=_nic_overrides(args.nic_override, args.clear_nic_overrides),
+                    bootstrap_ttl_s=args.bootstrap_ttl,
                 )  # fmt: skip
                 tree = tuple(args.leaf_model or ()) if args.tree else None
                 return install.join(args.cluster, host, member, opts, tree=tree, lab_name=args.lab,
