@@ -208,8 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kubeconfig", default="", metavar="FILE",
                    help="with --in-cluster: use FILE instead of the pod's service account")
     p.add_argument("--insecure", action="store_true",
-                   help="plaintext, unauthenticated session to the reflector instead of --tls-dir (tests, the lab "
-                   "until its bootstrap is secure); logs a warning (env: FABRIC_INSECURE=true)")
+                   help="plaintext, unauthenticated session to the reflector instead of --tls-dir (tests); "
+                   "logs a warning (env: FABRIC_INSECURE=true)")
     p.add_argument("--cleanup", action="store_true",
                    help="remove every link, route, nexthop, rule, neighbour and FDB entry the fabric owns, and the "
                    "translator's tc filters (and, given --cluster and --node, its pinned maps), then exit")

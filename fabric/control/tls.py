@@ -127,7 +127,7 @@ def add_flags(p: argparse.ArgumentParser, role: str) -> None:
                    help=f"mutual TLS: DIR holds {pki.CERT_FILE} ({role}), {pki.KEY_FILE} and {pki.CA_FILE} "
                    "(the fabric CA); made by 'fabric-tool cert issue' or a mounted TLS Secret")  # fmt: skip
     p.add_argument("--insecure", action="store_true",
-                   help="plaintext gRPC without certificates (tests, the lab until its bootstrap is secure); "
+                   help="plaintext gRPC without certificates (tests, the control benchmark); "
                    "logs a warning")  # fmt: skip
 
 
