@@ -22,6 +22,7 @@ from fabric import logs
 from fabric.cli_types import positive_seconds
 from fabric.control import api, tls
 from tools import certs, lab
+from tools.lab import labpki
 
 _log = logging.getLogger(__name__)
 
@@ -115,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--timeout", type=positive_seconds, default=lab.DEFAULT_UP_TIMEOUT_S, help="seconds (default 60)")
     up.add_argument("--grace-period", type=positive_seconds, help="reflector: seconds before a lost node is withdrawn")
     up.add_argument("--resync-period", type=positive_seconds, help="agents: seconds between full resyncs")
+    up.add_argument("--node-cert-lifetime", type=positive_seconds,
+                    help="reflector: seconds a node certificate it signs is valid (default 24 h; agents renew at "
+                    "about 2/3 of it; a new lab only)")  # fmt: skip
     up.add_argument("--no-processes", action="store_true", help="build only the plumbing; start no reflector or agents")
 
     down = lsub.add_parser(
@@ -340,6 +344,7 @@ def _lab(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             timeout_s=args.timeout,
             grace_period_s=args.grace_period,
             resync_period_s=args.resync_period,
+            node_cert_lifetime_s=args.node_cert_lifetime,
             start_processes=not args.no_processes,
         )
         print(f"lab {args.name} is up: 'fabric-tool check --lab {args.name}' probes it, "
@@ -610,11 +615,12 @@ def _reflector_target(args: argparse.Namespace) -> str:
 
 def _transport(args: argparse.Namespace) -> tls.TLSDir | None:
     """--tls-dir or --insecure; one of them with --reflector (secure by default). The lab's own
-    reflector (no --reflector) is reached as the lab serves it: plaintext until the lab's
-    bootstrap makes it secure, or with the --tls-dir given."""
+    reflector (no --reflector) is reached with the lab's ``reader/lab`` certificate
+    (tools.lab.labpki), or with the --tls-dir given."""
     try:
         if args.reflector is None and not args.tls_dir:
-            return None
+            state = lab.load_state(args.lab)
+            return None if state is None or args.insecure else labpki.reader_tls(state)
         return tls.from_args(args)
     except tls.TLSError as e:
         raise lab.LabUsageError(str(e)) from None
@@ -756,6 +762,9 @@ def _add_install_parsers(sub: Any) -> None:
                    help="the underlay interface of one node, repeatable (default: keep the Cluster's)")
     j.add_argument("--clear-nic-overrides", action="store_true", help="remove every per-node interface override")
     j.add_argument("--reflector", metavar="HOST:PORT", help="where member agents reach the reflector (not in a lab)")
+    j.add_argument("--bootstrap-ttl", type=positive_seconds, default=3600.0, metavar="S",
+                   help="seconds the member's bootstrap credential (Secret kosmos-fabric-bootstrap, exchanged by "
+                   "its agents for their own certificates) is valid (default %(default)g)")  # fmt: skip
     j.add_argument("--no-wait", action="store_true", help="do not wait for the nodes to be in sync")
     j.add_argument("--tree", action="store_true",
                    help="ClusterTree: also make CLUSTER a leaf of the host (its kubeconfig in a Secret there, "
@@ -829,6 +838,7 @@ def _install_cmd(args: argparse.Namespace) -> int:
                     gateways=tuple(args.gateway or ()), default_nic=args.default_nic,
                     autodetection_method=args.autodetection_method,
                     nic_overrides=_nic_overrides(args.nic_override, args.clear_nic_overrides),
+                    bootstrap_ttl_s=args.bootstrap_ttl,
                 )  # fmt: skip
                 tree = tuple(args.leaf_model or ()) if args.tree else None
                 return install.join(args.cluster, host, member, opts, tree=tree, lab_name=args.lab,

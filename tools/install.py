@@ -44,9 +44,11 @@ Every step is idempotent (``unchanged`` / ``absent`` when there is nothing to do
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import copy
 import dataclasses
+import datetime
 import hashlib
 import ipaddress
 import json
@@ -61,8 +63,9 @@ from typing import Any
 import yaml
 
 from fabric import crd
-from fabric.control import api
+from fabric.control import api, identity, pki
 from tools import lab, nsutil
+from tools.lab import labpki
 
 _log = logging.getLogger(__name__)
 
@@ -393,6 +396,107 @@ def _restart_lab_reflector(state: lab.LabState, args: list[str] | None, progress
 
 
 # --------------------------------------------------------------------------------------------
+# Certificates (issue 20): the fabric CA and the reflector's certificate in the host, one
+# bootstrap credential per member
+# --------------------------------------------------------------------------------------------
+
+#: The fabric CA (``ca.crt``, ``ca.key``) in the host: made by the first install, never
+#: overwritten (every certificate of the fabric hangs on it); the reflector signs with it.
+CA_SECRET = "kosmos-fabric-ca"
+#: The reflector's server certificate (a ``kubernetes.io/tls`` Secret plus ``ca.crt``).
+REFLECTOR_TLS_SECRET = "kosmos-fabric-reflector-tls"
+#: A member's bootstrap credential (``bootstrap/<cluster>``), mounted by the agent DaemonSet:
+#: agents exchange it for their own certificates (fabric.control.bootstrap).
+BOOTSTRAP_SECRET = "kosmos-fabric-bootstrap"
+DEFAULT_BOOTSTRAP_TTL_S = 3600.0
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def tls_secret(name: str, cert: bytes, key: bytes, ca: bytes, secret_type: str = "kubernetes.io/tls") -> dict[str, Any]:
+    """A TLS directory as a Secret: mounted, it is a ``--tls-dir`` (tls.crt, tls.key, ca.crt)."""
+    return {"apiVersion": "v1", "kind": "Secret", "type": secret_type,
+            "metadata": {"name": name, "namespace": NAMESPACE},
+            "data": {pki.CERT_FILE: _b64(cert), pki.KEY_FILE: _b64(key), pki.CA_FILE: _b64(ca)}}  # fmt: skip
+
+
+def ca_secret(ca: pki.CA) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": {"name": CA_SECRET, "namespace": NAMESPACE},
+            "data": {pki.CA_FILE: _b64(ca.pem), pki.CA_KEY_FILE: _b64(pki.key_pem(ca.key))}}  # fmt: skip
+
+
+def _secret_bytes(obj: dict[str, Any], key: str) -> bytes:
+    try:
+        return base64.b64decode((obj.get("data") or {})[key])
+    except (KeyError, ValueError, TypeError):
+        raise InstallError(f"Secret {describe(obj)}: no valid {key!r}") from None
+
+
+def ca_from_secret(obj: dict[str, Any]) -> pki.CA:
+    try:
+        ca = pki.CA(pki.load_key(_secret_bytes(obj, pki.CA_KEY_FILE), f"{CA_SECRET} {pki.CA_KEY_FILE}"),
+                    pki.load_cert(_secret_bytes(obj, pki.CA_FILE), f"{CA_SECRET} {pki.CA_FILE}"))  # fmt: skip
+    except pki.PKIError as e:
+        raise InstallError(f"Secret {NAMESPACE}/{CA_SECRET}: {e}") from None
+    if not pki.key_matches(ca.key, ca.cert):
+        raise InstallError(f"Secret {NAMESPACE}/{CA_SECRET}: {pki.CA_KEY_FILE} is not the key of {pki.CA_FILE}")
+    return ca
+
+
+#: The names clients dial the reflector Service by.
+REFLECTOR_DNS = (REFLECTOR_NAME, f"{REFLECTOR_NAME}.{NAMESPACE}", f"{REFLECTOR_NAME}.{NAMESPACE}.svc",
+                 f"{REFLECTOR_NAME}.{NAMESPACE}.svc.cluster.local")  # fmt: skip
+
+
+def reflector_tls_secret(ca: pki.CA, ips: Sequence[str] = ()) -> dict[str, Any]:
+    key = pki.new_key()
+    cert = ca.sign_server(key.public_key(), dns_names=REFLECTOR_DNS, ips=ips)
+    return tls_secret(REFLECTOR_TLS_SECRET, pki.cert_pem(cert), pki.key_pem(key), ca.pem)
+
+
+def bootstrap_secret(ca: pki.CA, cluster: str, ttl_s: float = DEFAULT_BOOTSTRAP_TTL_S) -> dict[str, Any]:
+    """The member's bootstrap credential: ``bootstrap/<cluster>``, ``ttl_s`` long, key made here
+    (it is a credential handed over, not a node's own key)."""
+    key = pki.new_key()
+    who = identity.role(identity.BOOTSTRAP, cluster)
+    cert = ca.sign_client(who, key.public_key(), lifetime=datetime.timedelta(seconds=ttl_s))
+    return tls_secret(BOOTSTRAP_SECRET, pki.cert_pem(cert), pki.key_pem(key), ca.pem)
+
+
+def ensure_certificates(kube: Kube, target: Target, progress: Progress, ca: pki.CA | None = None) -> pki.CA:
+    """install: the CA Secret (made with ``ca`` or a new CA when absent; an existing one is kept,
+    never overwritten) and the reflector's server certificate Secret (made again when absent or
+    not acceptable under the CA: expired, another CA)."""
+    live = kube.get("v1", "Secret", CA_SECRET, NAMESPACE)
+    if live is None:
+        ca = ca or pki.make_ca()
+        kube.apply(ca_secret(ca))
+        progress(f"install: Secret {NAMESPACE}/{CA_SECRET} created in {target} (the fabric CA)")
+    else:
+        ca = ca_from_secret(live)
+        progress(f"install: Secret {NAMESPACE}/{CA_SECRET} kept (the fabric CA is never replaced)")
+    srv = kube.get("v1", "Secret", REFLECTOR_TLS_SECRET, NAMESPACE)
+    why = "absent"
+    if srv is not None:
+        try:
+            why = pki.explain(_secret_bytes(srv, pki.CERT_FILE), ca.pem, "server") or ""
+        except InstallError as e:
+            why = str(e)
+    if why:
+        obj = reflector_tls_secret(ca)
+        if srv is not None:
+            kube.delete(obj)  # a kubernetes.io/tls Secret's data is replaced whole
+        kube.apply(obj)
+        progress(f"install: Secret {NAMESPACE}/{REFLECTOR_TLS_SECRET} issued ({why})")
+    else:
+        progress(f"install: Secret {NAMESPACE}/{REFLECTOR_TLS_SECRET} kept (valid under the CA)")
+    return ca
+
+
+# --------------------------------------------------------------------------------------------
 # install / uninstall
 # --------------------------------------------------------------------------------------------
 
@@ -416,6 +520,7 @@ def install(host: Target, *, lab_name: str | None = None, dry_run: bool = False,
         progress(f"install: {describe(obj)} {kube.apply(obj)}")
         if obj["kind"] == "CustomResourceDefinition":
             _wait(lambda: _served(kube), timeout_s, f"{crd.PLURAL}.{crd.GROUP} to be served by {host}")
+    ensure_certificates(kube, host, progress, labpki.ensure_ca(state) if state is not None else None)
     if state is None:
         progress(f"install: done; the reflector runs as Deployment {NAMESPACE}/{REFLECTOR_NAME} in {host}")
         return 0
@@ -493,6 +598,8 @@ class JoinOptions:
     autodetection_method: str | None = None
     #: ``(node, interface)`` pairs for ``nicNodeNames``; None: keep the live Cluster's.
     nic_overrides: tuple[tuple[str, str], ...] | None = None
+    #: Lifetime of the member's bootstrap credential (seconds; ``--bootstrap-ttl``).
+    bootstrap_ttl_s: float = DEFAULT_BOOTSTRAP_TTL_S
 
 
 def discover_cidrs(member: Kube) -> tuple[list[str], list[str]]:
@@ -673,7 +780,18 @@ def _join_fabric(name: str, host: Target, member: Target, opts: JoinOptions, *, 
     progress(f"join {name}: Cluster {name} {hkube.apply(obj, replace_spec=True)} in {host}")
     for o in member_objs:
         progress(f"join {name}: {describe(o)} {mkube.apply(o)} in {member}")
-    if state is not None:
+    if state is None:
+        # A fresh bootstrap credential at every join (the agents mount it; once they hold their
+        # own certificates they need it no more): signed with the host's fabric CA.
+        ca_obj = hkube.get("v1", "Secret", CA_SECRET, NAMESPACE)
+        if ca_obj is None:
+            raise InstallUsageError(f"{host}: no Secret {NAMESPACE}/{CA_SECRET}; run 'fabric-tool install' first")
+        boot = bootstrap_secret(ca_from_secret(ca_obj), name, opts.bootstrap_ttl_s)
+        mkube.delete(boot)  # replaced whole: a new key and certificate
+        mkube.apply(boot)
+        progress(f"join {name}: Secret {NAMESPACE}/{BOOTSTRAP_SECRET} (bootstrap/{name}, valid "
+                 f"{opts.bootstrap_ttl_s:g} s) in {member}")
+    else:
         _start_lab_agents(state.name, name, progress)
     if not wait:
         return 0
@@ -719,6 +837,7 @@ def _start_lab_agents(lab_name: str, cluster: str, progress: Progress) -> None:
         for c in state.clusters:
             if c.name != cluster:
                 continue
+            labpki.bootstrap_dir(state, cluster)  # the member's bootstrap credential
             for node in c.nodes:
                 if node.agent is None or not node.agent.running():
                     rec = lab.start_agent(state, node)
@@ -730,8 +849,10 @@ def unjoin(name: str, host: Target, member: Target | None, *, lab_name: str | No
            progress: Progress = _progress) -> int:
     state = _lab_state(lab_name) if lab_name else None
     obj = {"apiVersion": crd.API_VERSION, "kind": crd.KIND, "metadata": {"name": name}}
-    member_objs = [] if state is not None else [o for o in reversed(member_objects(name, "-"))
-                                                if o["kind"] != "Namespace"]  # fmt: skip
+    member_objs = [] if state is not None else [
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": BOOTSTRAP_SECRET, "namespace": NAMESPACE}},
+        *(o for o in reversed(member_objects(name, "-")) if o["kind"] != "Namespace"),
+    ]  # the bootstrap credential first: the cluster's agents can get no certificate any more
     fabric = state is None or lab_fabric_installed(state)
     if dry_run:
         print(f"# would take Cluster {name} out of the tree if it is a leaf: clusterTreeOptions.enable false, its "
@@ -799,6 +920,7 @@ def _clean_lab_cluster(lab_name: str, cluster: str, progress: Progress) -> None:
     with lab.locked(lab_name):
         state = _lab_state(lab_name)
         c = next(c for c in state.clusters if c.name == cluster)
+        labpki.remove_bootstrap(state, cluster)  # its agents can get no certificate any more
         running = [(n.agent.pid, n.agent.start) for n in c.nodes if n.agent is not None and n.agent.running()]
         nsutil.terminate(running, grace_s=10.0)
         for node in c.nodes:

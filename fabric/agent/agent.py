@@ -55,8 +55,8 @@ from fabric.agent import probes as probes_mod
 from fabric.agent import render, xlate_metrics
 from fabric.agent import translator as translator_mod
 from fabric.backoff import Backoff
+from fabric.control import bootstrap, identity, tls
 from fabric.control import client as control_client
-from fabric.control import tls
 from fabric.netlink import dataplane as dataplane_mod
 from fabric.netlink import events as events_mod
 from fabric.netlink import neighbours as neighbours_mod
@@ -142,6 +142,15 @@ class Agent(control_client.SessionHandler):
             self,
             keepalive_interval=cfg.keepalive_interval_s,
             tls_dir=tls.TLSDir(Path(cfg.tls_dir)) if cfg.tls_dir else None,
+        )
+        #: Gets (with --bootstrap-dir) and renews this node's certificate; None on plaintext.
+        self.certificates = (
+            bootstrap.CertificateKeeper(
+                cfg.reflector, tls.TLSDir(Path(cfg.tls_dir)), identity.node(cfg.cluster, cfg.node),
+                tls.TLSDir(Path(cfg.bootstrap_dir)) if cfg.bootstrap_dir else None,
+            )
+            if cfg.tls_dir and not cfg.insecure
+            else None
         )
         self._pending = _Pending()
         self._wake = asyncio.Event()
@@ -460,6 +469,12 @@ class Agent(control_client.SessionHandler):
         if self._stop is not None:
             self._stop.set()
 
+    async def _session(self) -> None:
+        """The reflector session, once this node holds a certificate (or can get none)."""
+        if self.certificates is not None:
+            await self.certificates.ready.wait()
+        await self.session.run()
+
     async def run(self) -> int:
         self._loop = asyncio.get_running_loop()
         stop = self._stop = asyncio.Event()
@@ -475,8 +490,10 @@ class Agent(control_client.SessionHandler):
         tasks = [
             asyncio.create_task(self._apply_loop(), name="apply"),
             asyncio.create_task(self._resync_timer(), name="resync-timer"),
-            asyncio.create_task(self.session.run(), name="session"),
+            asyncio.create_task(self._session(), name="session"),
         ]
+        if self.certificates is not None:
+            tasks.append(asyncio.create_task(self.certificates.run(), name="certificates"))
         crashed: asyncio.Task[None] | None = None
 
         def _done(t: asyncio.Task[None]) -> None:
@@ -571,9 +588,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.setup(cfg.log_level)
     if not cfg.cleanup:
         try:
-            tls.announce(tls.choose(cfg.tls_dir, cfg.insecure))
+            if cfg.bootstrap_dir and not cfg.insecure:
+                # The node's own files may not exist yet: the agent writes them (bootstrap).
+                if not cfg.tls_dir:
+                    raise tls.TLSError("--bootstrap-dir needs --tls-dir (where the node's own certificate goes)")
+                own, boot = tls.TLSDir(Path(cfg.tls_dir)), tls.TLSDir(Path(cfg.bootstrap_dir))
+                try:
+                    own.read()
+                except tls.TLSError as e:
+                    try:
+                        boot.read()
+                    except tls.TLSError as e2:
+                        raise tls.TLSError(f"no node certificate ({e}) and no bootstrap credential ({e2})") from None
+                tls.announce(tls.TLSDir(Path(cfg.tls_dir)))
+            else:
+                tls.announce(tls.choose(cfg.tls_dir, cfg.insecure))
         except tls.TLSError as e:
-            print(f"fabric-agent: {e} (env: FABRIC_TLS_DIR, FABRIC_INSECURE)", file=sys.stderr)
+            print(f"fabric-agent: {e} (env: FABRIC_TLS_DIR, FABRIC_BOOTSTRAP_DIR, FABRIC_INSECURE)", file=sys.stderr)
             return 2
     dp = dataplane_mod.KernelDataplane()
     if cfg.cleanup:

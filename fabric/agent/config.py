@@ -58,6 +58,9 @@ class AgentConfig:
     nic_overrides: tuple[tuple[str, str], ...] = ()
     #: Mutual TLS to the reflector: a directory with tls.crt, tls.key, ca.crt (fabric.control.tls).
     tls_dir: str = ""
+    #: A TLS directory with this cluster's bootstrap certificate (``join``'s credential): with no
+    #: usable certificate in ``tls_dir`` the agent gets its own with it (fabric.control.bootstrap).
+    bootstrap_dir: str = ""
     #: Plaintext to the reflector instead (explicit; ``main`` refuses to start with neither).
     insecure: bool = False
 
@@ -172,7 +175,11 @@ PARAMS: tuple[_Param, ...] = (
            "winning over --underlay-interface (repeatable; env: comma-separated; the Cluster's nicNodeNames)",
            nodeinfo.parse_nic_override, repeat=True),
     _Param("tls_dir", "--tls-dir", "mutual TLS to the reflector: DIR holds tls.crt (this node's client certificate, "
-           "identity node/<cluster>/<node>), tls.key and ca.crt (the fabric CA); required unless --insecure", _dir),
+           "identity node/<cluster>/<node>), tls.key and ca.crt (the fabric CA); required unless --insecure. With "
+           "--bootstrap-dir the agent writes it itself and renews it before it expires", _dir),
+    _Param("bootstrap_dir", "--bootstrap-dir", "a TLS directory holding this cluster's bootstrap certificate "
+           "(bootstrap/<cluster>, from 'fabric-tool join'): when --tls-dir holds no usable certificate of this node, "
+           "the agent makes a key and asks the reflector for one with it", _dir),
 )
 
 
@@ -202,8 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kubeconfig", default="", metavar="FILE",
                    help="with --in-cluster: use FILE instead of the pod's service account")
     p.add_argument("--insecure", action="store_true",
-                   help="plaintext, unauthenticated session to the reflector instead of --tls-dir (tests, the lab "
-                   "until its bootstrap is secure); logs a warning (env: FABRIC_INSECURE=true)")
+                   help="plaintext, unauthenticated session to the reflector instead of --tls-dir (tests); "
+                   "logs a warning (env: FABRIC_INSECURE=true)")
     p.add_argument("--cleanup", action="store_true",
                    help="remove every link, route, nexthop, rule, neighbour and FDB entry the fabric owns, and the "
                    "translator's tc filters (and, given --cluster and --node, its pinned maps), then exit")

@@ -26,15 +26,23 @@ RPC                roles that may call it              and then
                    ``admin``
 ``WatchTopology``  as WatchRecords                     -
 ``GetStatus``      every role but ``bootstrap``        ``reader`` sees status only
+``IssueCert...``  ``bootstrap``, ``node``            :func:`issue_refusal`: ``bootstrap/<c>``
+                                                       gets ``node/<c>/<any node>``,
+                                                       ``node/<c>/<n>`` renews only itself;
+                                                       ``<c>`` a member of the configuration
 =================  ==================================  =======================================
 
-``bootstrap`` may call none of them: its only use is asking for a node certificate (that RPC
-and its rule belong to the certificate exchange). Every refusal is counted by reason and
+``bootstrap`` may call nothing but IssueCertificate: its only use is asking for a node
+certificate (:mod:`fabric.control.bootstrap`). A cluster removed by ``unjoin`` gets no
+certificate any more (with SyncNode refusing its agents at their next connect, that is the
+revocation: certificates are short-lived, there is no revocation list). Every refusal is counted by reason and
 identity (``fabric_reflector_rejections_total{reason,identity}``, :func:`metric_label`) and
 logged once per identity and reason (:class:`OnceLog`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Collection
 
 from fabric import types
 from fabric.control import admission, api, identity
@@ -45,6 +53,7 @@ GET_STATUS = "GetStatus"
 WATCH_TOPOLOGY = "WatchTopology"
 WATCH_RECORDS = "WatchRecords"
 PUBLISH_RECORDS = "PublishRecords"
+ISSUE_CERTIFICATE = "IssueCertificate"
 
 _READERS = frozenset({identity.NODE, identity.TREE, identity.SCHEDULER, identity.ADMIN})
 
@@ -55,6 +64,7 @@ CALLERS: dict[str, frozenset[str]] = {
     WATCH_TOPOLOGY: _READERS,
     WATCH_RECORDS: _READERS,
     PUBLISH_RECORDS: frozenset({identity.TREE, identity.SCHEDULER, identity.ADMIN}),
+    ISSUE_CERTIFICATE: frozenset({identity.BOOTSTRAP, identity.NODE}),
 }
 
 #: Which record kinds each publishing role owns: a kind is ``<group>/<name>`` and a role owns
@@ -106,6 +116,28 @@ def announcement_refusals(ident: Identity | None, ann: types.NodeAnnouncement) -
         _R.UNAUTHORIZED, f"announcement of node {ann.cluster}/{ann.name} by {ident}: a certificate may announce "
         f"only its own node ({ident.cluster}/{ident.node})",
     )]  # fmt: skip
+
+
+def issue_refusal(ident: Identity | None, node: str, members: Collection[str]) -> str | None:
+    """Why ``ident`` may not get a certificate of node ``node`` of its cluster (None: it may).
+    ``bootstrap/<c>`` may get ``node/<c>/<any node>``; ``node/<c>/<n>`` only ``node/<c>/<n>``
+    (a renewal); either only while ``<c>`` is one of ``members`` (the clusters of the current
+    configuration). A plaintext session never gets one: nothing proves who asks."""
+    if ident is None:
+        return f"{ISSUE_CERTIFICATE} needs mutual TLS: certificates go only to a proven bootstrap or node identity"
+    refused = rpc_refusal(ident, ISSUE_CERTIFICATE)
+    if refused is not None:
+        return refused
+    cluster = ident.cluster or ""
+    try:
+        wanted = identity.node(cluster, node)
+    except ValueError as e:
+        return f"{ident} asks for a certificate of node {node!r}: {e}"
+    if ident.role == identity.NODE and wanted != ident:
+        return f"{ident} may renew only its own certificate, not ask for {wanted}"
+    if cluster not in members:
+        return f"{ident} asks for {wanted}: cluster {cluster!r} is not a member of the fabric (unjoined?)"
+    return None
 
 
 def publisher_refusal(ident: Identity | None, declared: str) -> str | None:

@@ -517,6 +517,38 @@ def get_status_sync(target: str, timeout: float = 5.0, tls_dir: tls.TLSDir | Non
     return codec.status_from_pb(resp)
 
 
+class CertificateRefused(Exception):
+    """The reflector answered an IssueCertificate request with a refusal (``code``, ``details``)."""
+
+    def __init__(self, target: str, code: grpc.StatusCode, details: str) -> None:
+        self.target = target
+        self.code = code
+        self.details = details
+        super().__init__(f"reflector at {target} refused the certificate request: {code.name}: {details}")
+
+
+_REFUSALS = (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED,
+             grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)  # fmt: skip
+
+
+async def issue_certificate(
+    target: str, tls_dir: tls.TLSDir, csr_pem: bytes, node: str, *, timeout: float = 10.0
+) -> tuple[bytes, bytes]:
+    """``IssueCertificate`` (:mod:`fabric.control.bootstrap`): (certificate PEM, CA PEM) for the
+    CSR of ``node``, asked with the certificate in ``tls_dir``. Raises :class:`CertificateRefused`
+    (the reflector said no) or :class:`ReflectorUnavailable` (it could not be asked)."""
+    async with tls.channel(target, tls_dir, options=CHANNEL_OPTIONS) as channel:
+        try:
+            resp = await pb_grpc.FabricStub(channel).IssueCertificate(
+                pb.IssueCertificateRequest(csr_pem=csr_pem, node=node), timeout=timeout
+            )
+        except grpc.aio.AioRpcError as e:
+            if e.code() in _REFUSALS:
+                raise CertificateRefused(target, e.code(), e.details() or "") from e
+            raise unavailable_error(target, e, tls_dir) from e
+    return resp.certificate_pem, resp.ca_pem
+
+
 # --------------------------------------------------------------------------------------------
 # Topology for add-ons
 # --------------------------------------------------------------------------------------------

@@ -132,7 +132,7 @@ from prometheus_client import Histogram
 from prometheus_client.registry import Collector
 
 from fabric import types
-from fabric.control import admission, api, authz, bounds, codec, election, incremental, planner, record_store
+from fabric.control import admission, api, authz, bootstrap, bounds, codec, election, incremental, planner, record_store
 from fabric.control.generated import fabric_pb2 as pb
 from fabric.control.generated import fabric_pb2_grpc as pb_grpc
 from fabric.control.identity import Identity
@@ -375,6 +375,8 @@ class Reflector:
         self.standby_reason: str | None = None
         #: The first bug (see "Bugs" in the module docstring); set, the process is to exit.
         self.crashed: BaseException | None = None
+        #: Signs node certificates (IssueCertificate, fabric.control.bootstrap); None: issues none.
+        self.signer: bootstrap.Signer | None = None
         self._crash = asyncio.Event()
 
     # -- lifecycle --------------------------------------------------------------------------

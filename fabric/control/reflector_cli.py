@@ -6,17 +6,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import logging
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import grpc
 from prometheus_client import CollectorRegistry
 
 from fabric import health, logs
 from fabric import topology as topology_file
-from fabric.control import bounds, tls
+from fabric.control import bootstrap, bounds, pki, tls
 from fabric.control.record_store import DEFAULT_RECORDS_GRACE_PERIOD_S, DEFAULT_RECORDS_STARTUP_HOLD_S
 from fabric.control.reflector import (
     DEAD_AFTER_INTERVALS,
@@ -149,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
         default = getattr(_LIMITS, field)
         limits.add_argument(bounds.flag(field), dest=f"limit_{field}", type=type(default), default=default,
                             metavar=metavar, help=f"{text} (default %(default)s)")  # fmt: skip
+    p.add_argument("--ca-dir", metavar="DIR",
+                   help="sign node certificates (IssueCertificate: agents with their cluster's bootstrap certificate "
+                   "or their own) with the fabric CA in DIR (ca.crt, ca.key); default: issue none")  # fmt: skip
+    p.add_argument("--node-cert-lifetime", type=float, default=pki.DEFAULT_CLIENT_LIFETIME.total_seconds(),
+                   metavar="S", help="seconds a node certificate it signs is valid; agents renew at about 2/3 of it "
+                   "(default %(default)g)")  # fmt: skip
     p.add_argument("--log-level", default="info", type=log_level, help="debug, info, warning or error (default: info)")
     p.add_argument("--metrics-listen", metavar="ADDR:PORT", help="serve Prometheus metrics here (default: off)")
     return p
@@ -226,7 +234,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         tls_dir = tls.from_args(args)
         credentials = tls.server_credentials(tls_dir) if tls_dir is not None else None
-    except tls.TLSError as e:
+        signer = None
+        if args.ca_dir:
+            if tls_dir is None:
+                raise tls.TLSError("--ca-dir needs --tls-dir: certificates are issued only over mutual TLS")
+            signer = bootstrap.Signer.load(Path(args.ca_dir), datetime.timedelta(seconds=args.node_cert_lifetime))
+    except (tls.TLSError, pki.PKIError, ValueError) as e:
         print(f"fabric-reflector: {e}", file=sys.stderr)
         return 2
     source: k8s_source.KubernetesSource | None = None
@@ -260,6 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         records_startup_hold=args.records_startup_hold,
         limits=args.limits,
     )
+    reflector.signer = signer
     if args.lease is not None:  # serve only once the Lease is ours (KubernetesSource decides)
         reflector.set_leader(False, f"standby replica; waiting for the leader Lease "
                                     f"{args.lease.namespace}/{args.lease.name}")  # fmt: skip

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from google.protobuf import message as pb_message
 
-from fabric.control import authz, codec
+from fabric.control import authz, bootstrap, codec
 from fabric.control.generated import fabric_pb2 as pb
 from fabric.control.generated import fabric_pb2_grpc as pb_grpc
 
@@ -167,6 +167,42 @@ class Servicer(pb_grpc.FabricServicer):  # type: ignore[misc]
             raise
         except Exception as e:
             await self._bug(e, "WatchRecords", context)
+
+    async def IssueCertificate(
+        self, request: pb.IssueCertificateRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.IssueCertificateResponse:
+        """A node certificate (:class:`fabric.control.bootstrap.Signer`, the rule in
+        :func:`fabric.control.authz.issue_refusal`); a refusal is recorded like every other."""
+        peer = peer_name(context.peer())
+        try:
+            try:
+                ident = authz.identify(context)
+            except authz.Unauthorized as e:
+                self._r._unauthorized(f"IssueCertificate from {peer} ({e.label})", f"IssueCertificate {e.label}",
+                                      e.text, e.label)  # fmt: skip
+                context.set_code(grpc.StatusCode.UNAUTHENTICATED)
+                context.set_details(e.text)
+                return pb.IssueCertificateResponse()
+            signer = self._r.signer
+            if signer is None:
+                context.set_code(grpc.StatusCode.FAILED_PRECONDITION)
+                context.set_details("this reflector issues no certificates (it was started without --ca-dir)")
+                return pb.IssueCertificateResponse()
+            members = {c.name for c in self._r.config.clusters}
+            try:
+                cert_pem, ca_pem = signer.issue(ident, request.node, request.csr_pem, members)
+            except bootstrap.Refused as e:
+                label = authz.metric_label(ident)
+                self._r._unauthorized(f"IssueCertificate from {peer} ({label})", f"IssueCertificate {label}",
+                                      e.text, label)  # fmt: skip
+                code = grpc.StatusCode.PERMISSION_DENIED if e.authorization else grpc.StatusCode.INVALID_ARGUMENT
+                context.set_code(code)
+                context.set_details(e.text)
+                return pb.IssueCertificateResponse()
+            return pb.IssueCertificateResponse(certificate_pem=cert_pem, ca_pem=ca_pem)
+        except Exception as e:
+            await self._bug(e, "IssueCertificate", context)
+            raise  # not reached: abort raises
 
 
 def publisher_identity(declared: str, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str, bool]:

@@ -127,7 +127,7 @@ def add_flags(p: argparse.ArgumentParser, role: str) -> None:
                    help=f"mutual TLS: DIR holds {pki.CERT_FILE} ({role}), {pki.KEY_FILE} and {pki.CA_FILE} "
                    "(the fabric CA); made by 'fabric-tool cert issue' or a mounted TLS Secret")  # fmt: skip
     p.add_argument("--insecure", action="store_true",
-                   help="plaintext gRPC without certificates (tests, the lab until its bootstrap is secure); "
+                   help="plaintext gRPC without certificates (tests, the control benchmark); "
                    "logs a warning")  # fmt: skip
 
 
@@ -177,31 +177,37 @@ def server_credentials(d: TLSDir) -> grpc.ServerCredentials:
         raise TLSError(f"{d.cert}: {problem}")
     lock = threading.Lock()
     seen = [d._stamp()]
+    initial = grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+    current = [initial]
 
     def fetch() -> grpc.ServerCertificateConfiguration | None:
-        # Runs on a gRPC core thread at every new connection: never raise, stay cheap.
+        # Runs on a gRPC core thread at every new connection, and once per listening port when
+        # the server starts: never raise, stay cheap. It always answers with the current
+        # configuration: gRPC core hands the initial one to the first port only, and a port
+        # whose fetcher answers "unchanged" (None) before it has one fails to bind (found with
+        # two listen addresses, TCP and unix, in grpc 1.85).
         try:
             stamp = d._stamp()
             with lock:
                 if stamp == seen[0]:
-                    return None
+                    return current[0]
                 try:
                     c, k, a = d.read()
                 except TLSError as e:
                     _log.debug("server TLS files changing, keeping the current ones: %s", e)
-                    return None
+                    return current[0]
                 seen[0] = stamp
+                current[0] = grpc.ssl_server_certificate_configuration([(k, c)], root_certificates=a)
             why = pki.explain(c, a, "server")
             if why is not None:
                 _log.error("%s: %s; serving it anyway (it replaced the previous one)", d.cert, why)
             else:
                 _log.info("serving the renewed server certificate %s", d.cert)
-            return grpc.ssl_server_certificate_configuration([(k, c)], root_certificates=a)
+            return current[0]
         except Exception:  # a bug here must not take the server's handshakes down
             _log.exception("reloading %s", d.path)
-            return None
+            return current[0]
 
-    initial = grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
     return grpc.dynamic_ssl_server_credentials(initial, fetch, require_client_authentication=True)
 
 

@@ -58,12 +58,13 @@ def test_a_plaintext_session_is_not_refused_by_identity() -> None:
 
 #: Who may call what: (role, rpcs allowed). The table of the module docstring.
 ALLOWED = {
-    identity.NODE: {authz.SYNC_NODE, authz.GET_STATUS, authz.WATCH_TOPOLOGY, authz.WATCH_RECORDS},
+    identity.NODE: {authz.SYNC_NODE, authz.GET_STATUS, authz.WATCH_TOPOLOGY, authz.WATCH_RECORDS,
+                    authz.ISSUE_CERTIFICATE},
     identity.TREE: {authz.GET_STATUS, authz.WATCH_TOPOLOGY, authz.WATCH_RECORDS, authz.PUBLISH_RECORDS},
     identity.SCHEDULER: {authz.GET_STATUS, authz.WATCH_TOPOLOGY, authz.WATCH_RECORDS, authz.PUBLISH_RECORDS},
     identity.ADMIN: {authz.GET_STATUS, authz.WATCH_TOPOLOGY, authz.WATCH_RECORDS, authz.PUBLISH_RECORDS},
     identity.READER: {authz.GET_STATUS},
-    identity.BOOTSTRAP: set(),
+    identity.BOOTSTRAP: {authz.ISSUE_CERTIFICATE},
 }
 
 

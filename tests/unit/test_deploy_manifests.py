@@ -215,7 +215,8 @@ def test_agent_daemonset_host_access_probes_and_scraping(base: dict[tuple[str, s
     assert c["command"] == ["fabric-agent"]
     assert c["args"] == [
         "--reflector=$(REFLECTOR_ADDRESS)", "--cluster=$(CLUSTER_NAME)", "--node=$(NODE_NAME)", "--in-cluster",
-        "--metrics-listen=0.0.0.0:9476", "--bpf-pin-root=/sys/fs/bpf/kosmos-fabric", "--insecure",
+        "--metrics-listen=0.0.0.0:9476", "--bpf-pin-root=/sys/fs/bpf/kosmos-fabric",
+        "--tls-dir=/var/lib/kosmos-fabric/tls", "--bootstrap-dir=/etc/kosmos-fabric/bootstrap",
     ]
     env = {e["name"]: e["valueFrom"] for e in c["env"]}
     assert env["NODE_NAME"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
@@ -225,7 +226,9 @@ def test_agent_daemonset_host_access_probes_and_scraping(base: dict[tuple[str, s
 
     mounts = {m["name"]: m for m in c["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
-    assert set(mounts) == set(volumes) == {"bpffs", "lib-modules", "usr-src", "tmp"}
+    assert set(mounts) == set(volumes) == {"bpffs", "lib-modules", "usr-src", "tmp", "node-tls", "bootstrap"}
+    assert volumes["node-tls"]["hostPath"] == {"path": "/var/lib/kosmos-fabric/tls", "type": "DirectoryOrCreate"}
+    assert volumes["bootstrap"]["secret"]["secretName"] == "kosmos-fabric-bootstrap"
     expected_host = {"bpffs": ("/sys/fs/bpf", False), "lib-modules": ("/lib/modules", True),
                      "usr-src": ("/usr/src", True)}
     for name, (path, ro) in expected_host.items():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import datetime
 import json
 import urllib.request
 from collections.abc import Iterator
@@ -11,6 +13,7 @@ from typing import Any
 import pytest
 
 from fabric import crd
+from fabric.control import identity, pki
 from tools import install
 
 OPTS = install.JoinOptions(pod_cidrs=("10.10.0.0/16",), service_cidrs=("10.96.0.0/20",))
@@ -104,9 +107,20 @@ def test_join_writes_and_a_rerun_updates_the_member(kube: tuple[install.Target, 
     for obj in install.host_objects(for_lab=True):  # only what join needs: the Namespace and the CRD
         if obj["kind"] in ("Namespace", "CustomResourceDefinition"):
             host.apply(obj)
+    ca = install.ensure_certificates(host, target, quiet.append)  # install's CA and server certificate
+    ca_path = f"/api/v1/namespaces/kosmos-system/secrets/{install.CA_SECRET}"
+    ca_secret = _get(url, ca_path)["data"]
+    assert install.ensure_certificates(host, target, quiet.append).pem == ca.pem  # never overwritten
+    assert _get(url, ca_path)["data"] == ca_secret
     opts = install.JoinOptions(pod_cidrs=OPTS.pod_cidrs, service_cidrs=OPTS.service_cidrs,
-                               nic_overrides=(("e1", "eth1"),))
+                               nic_overrides=(("e1", "eth1"),), bootstrap_ttl_s=600)
     install.join("east", target, target, opts, reflector="r:4880", wait=False, progress=quiet.append)
+    # The member's bootstrap credential: bootstrap/east, signed by the CA, 10 minutes.
+    boot = _get(url, f"/api/v1/namespaces/kosmos-system/secrets/{install.BOOTSTRAP_SECRET}")["data"]
+    cert = pki.load_cert(base64.b64decode(boot[pki.CERT_FILE]))
+    assert pki.certificate_identity(cert) == identity.role("bootstrap", "east")
+    assert pki.explain(pki.cert_pem(cert), ca.pem, "client") is None
+    assert cert.not_valid_after - cert.not_valid_before == datetime.timedelta(seconds=600) + pki.CLOCK_SKEW
     cm_path = "/api/v1/namespaces/kosmos-system/configmaps/kosmos-fabric-agent"
     ds_path = "/apis/apps/v1/namespaces/kosmos-system/daemonsets/kosmos-fabric-agent"
     assert _get(url, cm_path)["data"]["nicNodeNames"] == "e1=eth1"

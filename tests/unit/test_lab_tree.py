@@ -99,7 +99,8 @@ def test_tree_argv_names_the_host_and_the_lab_reflector(tmp_path: Path) -> None:
     argv = labtree.tree_argv(state)
     assert argv[1:-1] == ["-m", "tree.main", "--master", "http://127.0.0.1:6001", "--leader-elect=true",
                           "--listen", "127.0.0.1:0", "--reflector", f"unix:{state.reflector_socket}",
-                          "--insecure", "--fabric-cluster", "root", "--kubelet-address", "127.0.0.1", "--kubelet-port"]
+                          "--tls-dir", str(state.state_dir / "pki" / "tree"), "--fabric-cluster", "root",
+                          "--kubelet-address", "127.0.0.1", "--kubelet-port"]
     assert 0 < int(argv[-1]) < 65536 and int(argv[-1]) != 10250
 
 

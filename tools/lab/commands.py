@@ -21,6 +21,7 @@ import yaml
 from fabric import netns as namespaces
 from fabric import topology
 from tools import nsutil
+from tools.lab import labpki
 from tools.lab import tree as labtree
 from tools.lab.bpf import mount_bpffs, umount_bpffs
 from tools.lab.kube import start_kubernetes, umount_kubelet_roots, wait_kube_nodes
@@ -71,6 +72,7 @@ def up(
     timeout_s: float = DEFAULT_UP_TIMEOUT_S,
     grace_period_s: float | None = None,
     resync_period_s: float | None = None,
+    node_cert_lifetime_s: float | None = None,
     start_processes: bool = True,
     progress: Progress = stderr_progress,
 ) -> LabState:
@@ -99,6 +101,7 @@ def up(
                 _down_locked(name, None, progress)
             state = wanted
             state.grace_period_s, state.resync_period_s = grace_period_s, resync_period_s
+            state.node_cert_lifetime_s = node_cert_lifetime_s
             added = [n.key for n in state.nodes()]
             clusters_changed = True
             config_doc: Any = _read_yaml(topology_path)
@@ -137,6 +140,8 @@ def up(
             start_reflector(state)
         wait_reflector(state, deadline, progress)
         mount_bpffs(state)
+        for c in state.clusters:  # join: each cluster's bootstrap credential (tools.lab.labpki)
+            labpki.bootstrap_dir(state, c.name)
         for node in state.nodes():
             if node.agent is None or not node.agent.running():
                 progress(f"lab {name}: starting fabric-agent for {node.key} in {node.netns}")

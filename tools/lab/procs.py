@@ -16,6 +16,7 @@ from typing import Any
 
 from fabric.control import api
 from tools import nsutil
+from tools.lab import labpki
 from tools.lab.state import LabError, LabState, NodeRecord, ProcRecord, Progress, bpf_dir, quiet, save_state
 
 _log = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ def start_reflector(state: LabState) -> ProcRecord:
     when something (``fabric-tool install``) gave it others. The listen addresses, metrics port
     and log level are the lab's either way, so agents and tools always find it."""
     sock = state.reflector_socket
+    server, ca = labpki.reflector_dirs(state)
     with contextlib.suppress(FileNotFoundError):
         sock.unlink()
     source = (
@@ -90,7 +92,9 @@ def start_reflector(state: LabState) -> ProcRecord:
         "--listen", f"unix:{sock}",
         "--grace-period", _num(state.grace_period_s if state.grace_period_s is not None else 30.0),
         "--metrics-listen", f"{state.gateway}:{api.DEFAULT_REFLECTOR_METRICS_PORT}",
-        "--insecure",  # until the lab runs the bootstrap (issue 20 item 2)
+        # Install: the lab's CA signs the reflector's certificate and, through it, node certificates.
+        "--tls-dir", str(server), "--ca-dir", str(ca),
+        *(("--node-cert-lifetime", _num(state.node_cert_lifetime_s)) if state.node_cert_lifetime_s else ()),
         "--log-level", "info",
     ]  # fmt: skip
     rec = start_process(state.ul_netns, argv, state.state_dir / "logs" / "reflector.log")
@@ -110,7 +114,9 @@ def start_agent(state: LabState, node: NodeRecord) -> ProcRecord:
         *(("--underlay-ip6", node.underlay_ip6) if node.underlay_ip6 else ()),
         "--metrics-listen", f"0.0.0.0:{api.DEFAULT_AGENT_METRICS_PORT}",
         "--bpf-pin-root", str(bpf_dir(state.name)),
-        "--insecure",  # until the lab runs the bootstrap (issue 20 item 2)
+        # Join: the cluster's bootstrap credential; the agent makes its key and gets its own certificate.
+        "--tls-dir", str(labpki.node_dir(state, node.cluster, node.name)),
+        "--bootstrap-dir", str(labpki.bootstrap_path(state, node.cluster)),
         "--log-level", "info",
     ]  # fmt: skip
     if state.resync_period_s is not None:
@@ -144,7 +150,7 @@ def query_status(state: LabState, timeout_s: float = 2.0) -> tuple[api.FabricSta
     if not state.reflector_socket.exists():
         return None, f"no reflector socket at {state.reflector_socket}"
     try:
-        return client.get_status_sync(f"unix:{state.reflector_socket}", timeout_s), None
+        return client.get_status_sync(f"unix:{state.reflector_socket}", timeout_s, labpki.reader_tls(state)), None
     except Exception as e:  # any failure of the remote end is reported, not raised
         return None, f"{type(e).__name__}: {e}".strip()
 

@@ -208,6 +208,9 @@ class LabState:
     supervisor: ProcRecord | None = None
     #: Restarts the supervisor made, by what it restarted (``tree``, ``scheduler/<cluster>``).
     restarts: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: Lifetime of the node certificates the lab's reflector signs (None: its default, 24 h);
+    #: tests shorten it to see agents renew mid-session.
+    node_cert_lifetime_s: float | None = None
 
     @property
     def host_cluster(self) -> ClusterRecord | None:

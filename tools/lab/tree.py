@@ -37,6 +37,7 @@ import sys
 import time
 
 from fabric.topology import TopologyFile
+from tools.lab import labpki
 from tools.lab.procs import ROOT_NETNS, log_tail, start_process, still_running
 from tools.lab.state import LabError, LabState, ProcRecord, Progress, quiet, save_state
 
@@ -86,7 +87,8 @@ def tree_argv(state: LabState) -> list[str]:
     host = state.host_cluster
     assert host is not None and host.api_url is not None
     return [sys.executable, "-m", "tree.main", "--master", host.api_url, "--leader-elect=true",
-            "--listen", "127.0.0.1:0", "--reflector", f"unix:{state.reflector_socket}", "--insecure",
+            "--listen", "127.0.0.1:0", "--reflector", f"unix:{state.reflector_socket}",
+            "--tls-dir", str(labpki.pki_root(state) / "tree"),
             "--fabric-cluster", host.name, "--kubelet-address", "127.0.0.1",
             "--kubelet-port", str(kubelet_port(state))]
 
@@ -113,11 +115,27 @@ def start_tree(state: LabState, progress: Progress = quiet) -> ProcRecord | None
     if (rec := still_running(state.tree_proc, argv, progress,
                              f"lab {state.name}: restarting kosmos-tree (its command line changed)")) is not None:
         return rec
+    ensure_tree_certificate(state)
     rec = start_process(ROOT_NETNS, argv, state.state_dir / "logs" / "tree.log")
     state.tree_proc = rec
     save_state(state)
     progress(f"lab {state.name}: kosmos-tree against {host.name} started (pid {rec.pid}, log {rec.log})")
     return rec
+
+
+def ensure_tree_certificate(state: LabState) -> None:
+    """The ``tree/<root id>`` certificate ``kosmos-tree`` connects to the reflector with (its root id
+    is the UID of the host's ``kube-system`` namespace, read as the manager reads it)."""
+    from scheduler.kube import connect
+    from tree.main import root_id
+
+    host = state.host_cluster
+    assert host is not None and host.api_url is not None
+    try:
+        rid = root_id(connect(host.api_url))
+    except Exception as e:  # an unreachable API server: say so, the caller's step fails
+        raise LabError(f"lab {state.name}: reading the root id of {host.name}: {type(e).__name__}: {e}") from e
+    labpki.tree_dir(state, rid)
 
 
 def join_leaves(state: LabState, timeout_s: float, progress: Progress = quiet) -> None:
