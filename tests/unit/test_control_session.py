@@ -120,8 +120,9 @@ async def harness(
     hold: float = 0.0,
     listen: str = "127.0.0.1:0",
     report_settle: float = reflector.DEFAULT_REPORT_SETTLE_S,
+    keepalive: float = KEEPALIVE,
 ) -> AsyncIterator[Harness]:
-    refl = reflector.Reflector(config, grace_period=grace, keepalive_interval=KEEPALIVE, startup_hold=hold,
+    refl = reflector.Reflector(config, grace_period=grace, keepalive_interval=keepalive, startup_hold=hold,
                                report_settle=report_settle)  # fmt: skip
     (target,) = await refl.start([listen])
     h = Harness(refl, target)

@@ -140,7 +140,10 @@ def test_reports_of_an_agent_heard_again_after_a_silence_are_held_then_counted()
     settle = 1.0
 
     async def body() -> None:
-        async with harness(CONFIG, grace=5.0, hold=10.0, report_settle=settle) as h:
+        # The reflector's own interval is 0.5 s: a session runs at the smaller of the two sides'
+        # intervals (as BGP's hold time), the agent's clamped to --keepalive-min-s (0.5 s), so
+        # every session here, w3's too, runs at 0.5 s.
+        async with harness(CONFIG, grace=5.0, hold=10.0, report_settle=settle, keepalive=0.5) as h:
             sessions = {a.name: h.agent(a) for a in (E1, W1, W2)}
             # w3 is a scripted agent: keepalive interval 0.5 s, so silent after 0.75 s and dead
             # only after 1.5 s.
