@@ -139,15 +139,80 @@ def _uid(obj: Obj) -> str:
 RootHandler = Callable[[str, str, "Obj | None", "Obj | None"], None]
 
 
+class _Read:
+    """One GET of :class:`FreshReads`: its answer (or error), once ``done`` is set."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.value: Obj | None = None
+        self.error: Exception | None = None
+
+
+class FreshReads:
+    """GETs of root objects, coalesced without going stale: a caller gets the answer of a GET
+    that was sent *after* it asked, so it sees every change made before it asked (a
+    delete-and-recreate included), exactly as with a GET of its own.
+
+    Per object at most one GET is in flight and one gathers callers: the first caller that finds
+    none gathering opens one and sends it once the GET in flight (if any) has answered; every
+    caller arriving meanwhile waits for that same answer. A burst of pod creates naming the same
+    ServiceAccount or ConfigMap (every leaf's workers at once) costs about two GETs per round
+    trip instead of one per pod, on the root API server every create also goes through."""
+
+    def __init__(self, get: Callable[[str, str | None, str], Obj | None]) -> None:
+        self._get = get
+        self._lock = threading.Lock()
+        #: key -> [the read gathering callers (not sent yet) or None, the read in flight or None]
+        self._state: dict[tuple[str, str | None, str], list[_Read | None]] = {}
+
+    def get(self, plural: str, ns: str | None, name: str) -> Obj | None:
+        """The object as the root has it now (None: there is none); the GET's errors raise."""
+        key = (plural, ns, name)
+        with self._lock:
+            st = self._state.setdefault(key, [None, None])
+            read, sender = st[0], st[0] is None
+            if read is None:
+                read = st[0] = _Read()
+            in_flight = st[1]
+        if not sender:
+            read.done.wait()
+            return self._answer(read)
+        if in_flight is not None:
+            in_flight.done.wait()  # bounded: that GET has its timeout
+        with self._lock:
+            st[0], st[1] = None, read  # callers from now on gather for the next GET
+        try:
+            read.value = self._get(plural, ns, name)
+        except Exception as e:
+            read.error = e
+        finally:
+            with self._lock:
+                if st[1] is read:
+                    st[1] = None
+                if st[0] is None and st[1] is None and self._state.get(key) is st:
+                    del self._state[key]
+            read.done.set()
+        return self._answer(read)
+
+    @staticmethod
+    def _answer(read: _Read) -> Obj | None:
+        if read.error is not None:
+            raise read.error
+        return read.value
+
+
 class RootObjects:
     """The root objects pods refer to (ConfigMaps, Secrets, ServiceAccounts, PVCs): one informer
     each for the whole manager; every leaf's :class:`Dependencies` reads their stores (by key)
-    and hears their changes while subscribed."""
+    and hears their changes while subscribed, and reads them afresh through one
+    :class:`FreshReads` (``reads``), so the leaves' GETs of one object coalesce."""
 
     PLURALS = (CONFIGMAPS, SECRETS, SERVICEACCOUNTS, PVCS)
 
-    def __init__(self, root: Api) -> None:
+    def __init__(self, root: Api, timeout: float = 30.0) -> None:
         self.informers = {p: Informer(root, "v1", p) for p in self.PLURALS}
+        self.reads = FreshReads(lambda plural, ns, name: root.get_or_none(resource_path("v1", plural, ns, name),
+                                                                          timeout=timeout))
         self._lock = threading.Lock()
         self._subscribers: list[RootHandler] = []
         for p, inf in self.informers.items():
@@ -200,7 +265,7 @@ class Dependencies:
         self.clock = clock
         ours = f"{identity.ROOT_LABEL}={root_id}"
         self._own_root = root_objects is None
-        self._root_objects = root_objects if root_objects is not None else RootObjects(root)
+        self._root_objects = root_objects if root_objects is not None else RootObjects(root, timeout)
         self._root_inf = self._root_objects.informers
         self._mirrors = Informer(root, "v1", PVS, label_selector=f"{MIRROR_CLUSTER_LABEL}={cluster}",
                                  copy_on_write=True)
@@ -302,7 +367,7 @@ class Dependencies:
         # The root itself, not the informer's store: a store that has not seen a delete-and-recreate
         # yet would hand out the old object's copy, and nothing would ever move the pod off it (its
         # leaf spec names that copy; the new object's events find no copy of theirs to update).
-        root_obj = self._get(self.root, plural, ns, name)
+        root_obj = self._root_objects.reads.get(plural, ns, name)  # a GET sent after we asked (FreshReads)
         if root_obj is None:
             if ref.optional:
                 return None

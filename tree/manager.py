@@ -92,7 +92,7 @@ class TreeManager:
         #: dependency syncer (the ``dependencies`` default).
         self.root_objects: RootObjects | None = None
         if dependencies == "default":
-            self.root_objects = RootObjects(root) if sync_pods else None
+            self.root_objects = RootObjects(root, options.root_timeout) if sync_pods else None
             dependencies = self._dependencies
         self.dependencies = dependencies
         self.nodes.add_handler(self._on_node)

@@ -265,6 +265,10 @@ class PodSyncer:
         self._lock = threading.Lock()
         #: root UID -> {leaf key: leaf copy} of the attached informer; rebuilt on every attach.
         self._copies: dict[str, dict[str, Obj]] = {}
+        #: ``ns/name`` of a root pod -> the root UIDs with a copy here under that root name (the
+        #: same index, by name: a create asks it in O(1) instead of scanning every copy under
+        #: the lock, which every worker and the leaf informer wait on).
+        self._by_root_name: dict[str, set[str]] = {}
         #: ``ns/name`` of a root pod -> UID of the pod waiting for an older copy of that name to go.
         self._waiting: dict[str, str] = {}
         self._namespaces: set[str] = set()
@@ -319,6 +323,7 @@ class PodSyncer:
         self.detach()
         with self._lock:
             self._leaf, self._informer, self._copies, self._primed = leaf, informer, {}, False
+            self._by_root_name = {}
             self._namespaces, self._created = set(), {}
         informer.add_handler(lambda kind, old, new: self._on_leaf(informer, kind, old, new))
         if self.dependencies_factory is not None:
@@ -328,7 +333,7 @@ class PodSyncer:
 
     def detach(self) -> None:
         with self._lock:
-            self._leaf, self._informer, self._copies = None, None, {}
+            self._leaf, self._informer, self._copies, self._by_root_name = None, None, {}, {}
             deps, self.deps = self.deps, None
         if deps is not None:
             deps.stop()
@@ -364,7 +369,8 @@ class PodSyncer:
             if self._informer is not informer:
                 return  # a replaced informer's last words
             self._created.pop(who[1], None)
-            copies = dict(self._copies.get(who[1]) or {})
+            before = self._copies.get(who[1]) or {}
+            copies = dict(before)
             if kind == "DELETED":
                 copies.pop(key, None)
             else:
@@ -373,11 +379,24 @@ class PodSyncer:
                 self._copies[who[1]] = copies
             else:
                 self._copies.pop(who[1], None)
+            self._index_names(who[1], before, copies)
             waiting = self._waiting.get(_root_name(pod)) if kind == "DELETED" else None
         if self._primed:
             self._queue.add(who[1])
             if waiting:
                 self._queue.add(waiting)
+
+    def _index_names(self, uid: str, before: dict[str, Obj], after: dict[str, Obj]) -> None:
+        """Keep :attr:`_by_root_name` in step with one UID's copies (called with the lock held)."""
+        names = {_root_name(c) for c in after.values()}
+        for gone in {_root_name(c) for c in before.values()} - names:
+            uids = self._by_root_name.get(gone)
+            if uids is not None:
+                uids.discard(uid)
+                if not uids:
+                    del self._by_root_name[gone]
+        for name in names:
+            self._by_root_name.setdefault(name, set()).add(uid)
 
     def _ready(self) -> bool:
         inf = self._informer
@@ -519,8 +538,8 @@ class PodSyncer:
         if inf is None or not inf.synced.is_set():
             raise _Retry(0.5)  # reconnected meanwhile: the new informer has not listed yet
         with self._lock:
-            older = [c for u, cs in self._copies.items() if u != uid for c in cs.values()
-                     if _root_name(c) == f"{ns}/{name}"]
+            older = [c for u in self._by_root_name.get(f"{ns}/{name}", ()) if u != uid
+                     for c in (self._copies.get(u) or {}).values() if _root_name(c) == f"{ns}/{name}"]
             if older:
                 self._waiting[f"{ns}/{name}"] = uid
             else:
