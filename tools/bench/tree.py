@@ -277,23 +277,34 @@ def round_line(i: int, r: Round) -> str:
     return out
 
 
+def _latency_figures(rep: bc.Report, prefix: str, tree: Sequence[PhaseStats], direct: Sequence[PhaseStats]) -> None:
+    """``<prefix>create_to_running_p50/p99``: the tree's phases against the direct ones."""
+    for q in ("p50", "p99"):
+        rep.figures[f"{prefix}create_to_running_{q}"] = bc.figure(
+            [getattr(s, f"{q}_ms") for s in tree], {"": [getattr(s, f"{q}_ms") for s in direct]}, higher_is_better=False
+        )
+
+
+def _rate_figure(rep: bc.Report, prefix: str, tree: Sequence[PhaseStats], direct: Sequence[PhaseStats]) -> None:
+    """``<prefix>pods_per_s``: pods Running per second, the tree's against direct creation."""
+    rep.figures[f"{prefix}pods_per_s"] = bc.figure(
+        [s.pods_per_s for s in tree], {"": [s.pods_per_s for s in direct]}, higher_is_better=True
+    )
+
+
 def report(rounds: Sequence[Round], pods: int) -> bc.Report:
     """The figures over ``rounds`` (medians of per-round p50/p99 and rates), with the notes
     that say how they were measured and whether the issue's aims were met."""
     rep = bc.Report(units=dict(UNITS))
     t, d = [r.tree for r in rounds], [r.direct for r in rounds]
-    rep.figures["create_to_running_p50"] = bc.figure([s.p50_ms for s in t], {"": [s.p50_ms for s in d]},
-                                                     higher_is_better=False)
-    rep.figures["create_to_running_p99"] = bc.figure([s.p99_ms for s in t], {"": [s.p99_ms for s in d]},
-                                                     higher_is_better=False)
+    _latency_figures(rep, "", t, d)
     rep.figures["create_to_leaf_running_p50"] = bc.figure([s.leaf_p50_ms for s in t], {"": [s.p50_ms for s in d]},
                                                           higher_is_better=False)
     rep.figures["create_to_leaf_running_p99"] = bc.figure([s.leaf_p99_ms for s in t], {"": [s.p99_ms for s in d]},
                                                           higher_is_better=False)
     rep.figures["leaf_running_to_root_running_p50"] = bc.spread([s.back_p50_ms for s in t])
     rep.figures["leaf_running_to_root_running_p99"] = bc.spread([s.back_p99_ms for s in t])
-    rep.figures["pods_per_s"] = bc.figure([s.pods_per_s for s in t], {"": [s.pods_per_s for s in d]},
-                                          higher_is_better=True)
+    _rate_figure(rep, "", t, d)
     rep.figures["tree_rss_per_1000_pods"] = bc.spread([r.rss_per_1000_mb for r in rounds])
     rep.figures["tree_cpu_per_1000_pods"] = bc.spread([r.cpu_per_1000_s for r in rounds])
     p99 = rep.figures["create_to_running_p99"]
@@ -333,12 +344,8 @@ def report(rounds: Sequence[Round], pods: int) -> bc.Report:
     ad = [r.api_direct for r in rounds if r.api_direct is not None]
     api_rate = float("nan")
     if at and ad:
-        rep.figures["api_create_to_running_p50"] = bc.figure([s.p50_ms for s in at], {"": [s.p50_ms for s in ad]},
-                                                             higher_is_better=False)
-        rep.figures["api_create_to_running_p99"] = bc.figure([s.p99_ms for s in at], {"": [s.p99_ms for s in ad]},
-                                                             higher_is_better=False)
-        rep.figures["api_pods_per_s"] = bc.figure([s.pods_per_s for s in at], {"": [s.pods_per_s for s in ad]},
-                                                  higher_is_better=True)
+        _latency_figures(rep, "api_", at, ad)
+        _rate_figure(rep, "api_", at, ad)
         rep.figures["api_tree_cpu_per_1000_pods"] = bc.spread(
             [r.api_cpu_s / r.api_tree.pods * 1000 for r in rounds if r.api_tree is not None and r.api_tree.pods])
         api_rate = rep.figures["api_pods_per_s"]["median"]
