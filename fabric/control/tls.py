@@ -173,8 +173,25 @@ def announce(d: TLSDir | None) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+#: Set (per thread) while :func:`add_secure_port` binds a port: the fetcher then answers with
+#: the current configuration, which the port's handshaker factory is built from.
+_binding = threading.local()
+
+
+def add_secure_port(server: grpc.Server | grpc.aio.Server, address: str, credentials: grpc.ServerCredentials) -> int:
+    """``server.add_secure_port`` for credentials of :func:`server_credentials`: every secure
+    port of a fabric server is added through here (see the fetcher in :func:`server_credentials`
+    for why)."""
+    _binding.on = True
+    try:
+        port: int = server.add_secure_port(address, credentials)
+        return port
+    finally:
+        _binding.on = False
+
+
 def server_credentials(d: TLSDir) -> grpc.ServerCredentials:
-    """Credentials for ``add_secure_port``: client certificates of the CA in ``d`` required,
+    """Credentials for :func:`add_secure_port`: client certificates of the CA in ``d`` required,
     ``d`` re-read when it changes (see the module header)."""
     cert, key, ca = d.read()
     problem = pki.explain(cert, ca, "server")
@@ -184,25 +201,41 @@ def server_credentials(d: TLSDir) -> grpc.ServerCredentials:
     seen = [d._stamp()]
     initial = grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
     current = [initial]
+    #: Ports bound with these credentials (the first gets ``initial`` from gRPC without a fetch),
+    #: and how many more answers a renewal still owes (one per port).
+    ports = [1]
+    owed = [0]
 
     def fetch() -> grpc.ServerCertificateConfiguration | None:
-        # Runs on a gRPC core thread at every new connection, and once per listening port when
-        # the server starts: never raise, stay cheap. It always answers with the current
-        # configuration: gRPC core hands the initial one to the first port only, and a port
-        # whose fetcher answers "unchanged" (None) before it has one fails to bind (found with
-        # two listen addresses, TCP and unix, in grpc 1.85).
+        # Runs on a gRPC core thread at every new connection, and in add_secure_port for every
+        # port but the first: never raise, stay cheap. A configuration answered (not None)
+        # makes gRPC core build a new handshaker factory for that port and free the old one,
+        # outside the lock under which the connection then takes the factory
+        # (ssl_security_connector.cc, add_handshakers, grpc 1.85): answering one at every
+        # connection crashed the reflector (SIGSEGV in cygrpc, "No match found for server
+        # name") as 1,000 agents connected at once. So it answers one only when it must: to a
+        # port being bound (gRPC hands the initial configuration to the first port only; a
+        # later port answered None fails to bind), and after the files changed, once per port
+        # (gRPC does not say which port a fetch is for: the next calls, whichever they are).
         try:
             stamp = d._stamp()
             with lock:
-                if stamp == seen[0]:
+                if getattr(_binding, "on", False):
+                    ports[0] += 1
                     return current[0]
+                if stamp == seen[0]:
+                    if owed[0] > 0:
+                        owed[0] -= 1
+                        return current[0]
+                    return None
                 try:
                     c, k, a = d.read()
                 except TLSError as e:
                     _log.debug("server TLS files changing, keeping the current ones: %s", e)
-                    return current[0]
+                    return None
                 seen[0] = stamp
                 current[0] = grpc.ssl_server_certificate_configuration([(k, c)], root_certificates=a)
+                owed[0] = ports[0] - 1
             why = pki.explain(c, a, "server")
             if why is not None:
                 _log.error("%s: %s; serving it anyway (it replaced the previous one)", d.cert, why)
@@ -211,7 +244,7 @@ def server_credentials(d: TLSDir) -> grpc.ServerCredentials:
             return current[0]
         except Exception:  # a bug here must not take the server's handshakes down
             _log.exception("reloading %s", d.path)
-            return current[0]
+            return None
 
     return grpc.dynamic_ssl_server_credentials(initial, fetch, require_client_authentication=True)
 
