@@ -11,6 +11,9 @@ certificate. gRPC core calls our fetcher at every new connection (``add_handshak
 re-reads the directory when a file changed and a consistent pair (key matching certificate) is
 there, so a renewed server certificate is served without a restart while established sessions
 keep theirs. A half-written renewal (new key, old certificate) is skipped until it is complete.
+Ports are added with :func:`add_secure_port`, and the fetcher answers a configuration only to a
+port being bound and after a change (gRPC core swaps a port's handshaker factory at every answer,
+unsafely under concurrent handshakes: see the fetcher).
 
 Clients: :func:`channel` is the one way every client (agent session, records, status, tools)
 makes a channel, aio or blocking, plaintext only when given no TLS directory. Before it

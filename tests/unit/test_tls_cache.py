@@ -1,12 +1,16 @@
 """The client side's cache of its TLS material (fabric.control.tls._client_material): a channel
 reuses what the previous one read and checked while the files are unchanged, a replaced file is
-read again, and a certificate that was acceptable is reported once it has expired."""
+read again, and a certificate that was acceptable is reported once it has expired. And the
+server side's fetcher, which answers a new configuration only when a port needs one."""
 
 from __future__ import annotations
 
 import datetime
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
 
 from fabric.control import identity, pki, tls
@@ -91,3 +95,38 @@ def test_a_problem_is_checked_again_each_time_and_an_unreadable_directory_is_not
     later = ahead + datetime.timedelta(minutes=1)
     monkeypatch.setattr(pki, "utcnow", lambda: later)
     assert tls.check_own(d) is None
+
+
+def test_the_server_fetcher_answers_a_configuration_only_to_a_port_being_bound_or_after_a_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every configuration answered makes gRPC core swap the port's handshaker factory, which it
+    does unsafely under concurrent handshakes (the reflector crashed with 1,000 agents
+    connecting): an unchanged directory is answered None at a connection."""
+    ca = pki.make_ca("test CA")
+    d = tls.TLSDir(tmp_path / "server")
+    key = pki.new_key()
+    pki.write_tls_dir(d.path, key, ca.sign_server(key.public_key()), ca.cert)
+    got: list[Callable[[], Any]] = []
+    real = grpc.dynamic_ssl_server_credentials
+
+    def capture(initial: Any, fetch: Callable[[], Any], **kw: Any) -> Any:
+        got.append(fetch)
+        return real(initial, fetch, **kw)
+
+    monkeypatch.setattr(grpc, "dynamic_ssl_server_credentials", capture)
+    creds = tls.server_credentials(d)
+    (fetch,) = got
+    assert fetch() is None  # a connection, nothing changed
+
+    class Server:
+        def add_secure_port(self, address: str, credentials: object) -> int:
+            assert credentials is creds
+            return 1 if fetch() is not None else 0
+
+    assert tls.add_secure_port(Server(), "unix:/second", creds) == 1  # type: ignore[arg-type]
+    assert fetch() is None
+    key = pki.new_key()
+    pki.write_tls_dir(d.path, key, ca.sign_server(key.public_key()), ca.cert)  # a renewal
+    answers = [fetch() for _ in range(4)]
+    assert [a is not None for a in answers] == [True, True, False, False]  # once per port (two)
