@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from google.protobuf import message as pb_message
 
-from fabric.control import authz, bootstrap, codec
+from fabric.control import authz, bootstrap, codec, tls
 from fabric.control.generated import fabric_pb2 as pb
 from fabric.control.generated import fabric_pb2_grpc as pb_grpc
 
@@ -268,7 +268,7 @@ def bind(server: grpc.aio.Server, addr: str, credentials: grpc.ServerCredentials
         except FileNotFoundError:
             pass
     try:
-        port = server.add_insecure_port(addr) if credentials is None else server.add_secure_port(addr, credentials)
+        port = server.add_insecure_port(addr) if credentials is None else tls.add_secure_port(server, addr, credentials)
     except RuntimeError as e:
         raise ListenError(f"cannot listen on {addr}: {e}") from e
     if port == 0 and not addr.startswith("unix:"):

@@ -11,11 +11,18 @@ certificate. gRPC core calls our fetcher at every new connection (``add_handshak
 re-reads the directory when a file changed and a consistent pair (key matching certificate) is
 there, so a renewed server certificate is served without a restart while established sessions
 keep theirs. A half-written renewal (new key, old certificate) is skipped until it is complete.
+Ports are added with :func:`add_secure_port`, and the fetcher answers a configuration only to a
+port being bound and after a change (gRPC core swaps a port's handshaker factory at every answer,
+unsafely under concurrent handshakes: see the fetcher).
 
 Clients: :func:`channel` is the one way every client (agent session, records, status, tools)
 makes a channel, aio or blocking, plaintext only when given no TLS directory. Before it
 connects it checks its own certificate (:func:`check_own`) and logs which file is not acceptable
-and why; when an RPC fails, :func:`explain_failure` adds the same check to the error, because
+and why. The files read and the check's verdict are cached per directory (:class:`_Material`)
+while the files' stamp (inode, mtime, size) stays the same and the certificate (and its CA) has
+not expired: reading, parsing and verifying the signature cost about 4 ms of CPU, which every
+channel paid twice (the control benchmark opens a thousand); a renewed file, a new stamp, is
+read at the next channel as before. When an RPC fails, :func:`explain_failure` adds the same check to the error, because
 under TLS 1.3 the server verifies the client certificate after the client finished its side, so
 a refused client sees only "Socket closed".
 
@@ -47,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import logging
 import os
 import threading
@@ -168,8 +176,25 @@ def announce(d: TLSDir | None) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+#: Set (per thread) while :func:`add_secure_port` binds a port: the fetcher then answers with
+#: the current configuration, which the port's handshaker factory is built from.
+_binding = threading.local()
+
+
+def add_secure_port(server: grpc.Server | grpc.aio.Server, address: str, credentials: grpc.ServerCredentials) -> int:
+    """``server.add_secure_port`` for credentials of :func:`server_credentials`: every secure
+    port of a fabric server is added through here (see the fetcher in :func:`server_credentials`
+    for why)."""
+    _binding.on = True
+    try:
+        port: int = server.add_secure_port(address, credentials)
+        return port
+    finally:
+        _binding.on = False
+
+
 def server_credentials(d: TLSDir) -> grpc.ServerCredentials:
-    """Credentials for ``add_secure_port``: client certificates of the CA in ``d`` required,
+    """Credentials for :func:`add_secure_port`: client certificates of the CA in ``d`` required,
     ``d`` re-read when it changes (see the module header)."""
     cert, key, ca = d.read()
     problem = pki.explain(cert, ca, "server")
@@ -179,25 +204,41 @@ def server_credentials(d: TLSDir) -> grpc.ServerCredentials:
     seen = [d._stamp()]
     initial = grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
     current = [initial]
+    #: Ports bound with these credentials (the first gets ``initial`` from gRPC without a fetch),
+    #: and how many more answers a renewal still owes (one per port).
+    ports = [1]
+    owed = [0]
 
     def fetch() -> grpc.ServerCertificateConfiguration | None:
-        # Runs on a gRPC core thread at every new connection, and once per listening port when
-        # the server starts: never raise, stay cheap. It always answers with the current
-        # configuration: gRPC core hands the initial one to the first port only, and a port
-        # whose fetcher answers "unchanged" (None) before it has one fails to bind (found with
-        # two listen addresses, TCP and unix, in grpc 1.85).
+        # Runs on a gRPC core thread at every new connection, and in add_secure_port for every
+        # port but the first: never raise, stay cheap. A configuration answered (not None)
+        # makes gRPC core build a new handshaker factory for that port and free the old one,
+        # outside the lock under which the connection then takes the factory
+        # (ssl_security_connector.cc, add_handshakers, grpc 1.85): answering one at every
+        # connection crashed the reflector (SIGSEGV in cygrpc, "No match found for server
+        # name") as 1,000 agents connected at once. So it answers one only when it must: to a
+        # port being bound (gRPC hands the initial configuration to the first port only; a
+        # later port answered None fails to bind), and after the files changed, once per port
+        # (gRPC does not say which port a fetch is for: the next calls, whichever they are).
         try:
             stamp = d._stamp()
             with lock:
-                if stamp == seen[0]:
+                if getattr(_binding, "on", False):
+                    ports[0] += 1
                     return current[0]
+                if stamp == seen[0]:
+                    if owed[0] > 0:
+                        owed[0] -= 1
+                        return current[0]
+                    return None
                 try:
                     c, k, a = d.read()
                 except TLSError as e:
                     _log.debug("server TLS files changing, keeping the current ones: %s", e)
-                    return current[0]
+                    return None
                 seen[0] = stamp
                 current[0] = grpc.ssl_server_certificate_configuration([(k, c)], root_certificates=a)
+                owed[0] = ports[0] - 1
             why = pki.explain(c, a, "server")
             if why is not None:
                 _log.error("%s: %s; serving it anyway (it replaced the previous one)", d.cert, why)
@@ -206,7 +247,7 @@ def server_credentials(d: TLSDir) -> grpc.ServerCredentials:
             return current[0]
         except Exception:  # a bug here must not take the server's handshakes down
             _log.exception("reloading %s", d.path)
-            return current[0]
+            return None
 
     return grpc.dynamic_ssl_server_credentials(initial, fetch, require_client_authentication=True)
 
@@ -222,13 +263,51 @@ _reported: dict[Path, str | None] = {}
 _reported_lock = threading.Lock()
 
 
+@dataclasses.dataclass(frozen=True)
+class _Material:
+    """One successful :meth:`TLSDir.read` of a client directory and its check, valid while the
+    files' stamp is ``stamp``. ``good_until``: the check found the certificate acceptable, and
+    that verdict holds until this time (the earliest end of validity of the certificate and the
+    CA file's certificates); None when it found a problem (then it is checked again each time,
+    since a certificate not yet valid becomes valid without a file changing)."""
+
+    stamp: tuple[tuple[int, int, int], ...]
+    pem: tuple[bytes, bytes, bytes]
+    good_until: datetime.datetime | None
+
+
+_material: dict[Path, _Material] = {}
+_material_lock = threading.Lock()
+
+
+def _client_material(d: TLSDir) -> tuple[tuple[bytes, bytes, bytes], str | None]:
+    """(certificate, key, CA) PEM of ``d`` and why the certificate is not acceptable as a client
+    certificate now (None: it is): from the cache while the stamp is unchanged and an acceptable
+    certificate has not expired, else read and checked again. TLSError as :meth:`TLSDir.read`
+    (never cached: a file that cannot be read is tried again the next time)."""
+    stamp = d._stamp()  # before reading: a file replaced meanwhile gives another stamp next time
+    now = pki.utcnow()
+    with _material_lock:
+        got = _material.get(d.path)
+    if got is not None and got.stamp == stamp and got.good_until is not None and now < got.good_until:
+        return got.pem, None
+    pem = d.read()
+    cert, _key, ca = pem
+    why = pki.explain(cert, ca, "client", now)
+    good_until = None
+    if why is None:
+        ends = [pki.load_cert(cert).not_valid_after, *(c.not_valid_after for c in pki._load_cas(ca))]
+        good_until = min(pki._aware(t) for t in ends)
+    with _material_lock:
+        _material[d.path] = _Material(stamp, pem, good_until)
+    return pem, None if why is None else f"{d.cert}: {why}"
+
+
 def check_own(d: TLSDir) -> str | None:
     """Why this process's client certificate is not acceptable (one sentence naming the file),
     or None. Logged when the answer changes, so a reconnect loop does not repeat it."""
     try:
-        cert, _key, ca = d.read()
-        why = pki.explain(cert, ca, "client")
-        problem = None if why is None else f"{d.cert}: {why}"
+        _pem, problem = _client_material(d)
     except TLSError as e:
         problem = str(e)
     with _reported_lock:
@@ -240,9 +319,9 @@ def check_own(d: TLSDir) -> str | None:
 
 
 def credentials(d: TLSDir) -> grpc.ChannelCredentials:
-    """Channel credentials from ``d``, read now (a renewed certificate is used from the next
-    channel on)."""
-    cert, key, ca = d.read()
+    """Channel credentials from ``d``, read now, or as cached by :func:`check_own` while the
+    files are unchanged (a renewed certificate is used from the next channel on)."""
+    (cert, key, ca), _problem = _client_material(d)
     return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
 
 

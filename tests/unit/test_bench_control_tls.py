@@ -6,6 +6,7 @@ certificate-exchange hook, and a tiny end-to-end run over real TLS channels."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -60,6 +61,19 @@ def test_the_certificate_exchange_hook_gives_the_pre_issued_directory_or_plainte
     assert got == tls.TLSDir(tlsmat.agent_dir(tmp_path, 3))
 
 
+def test_the_bootstrap_material_is_a_bootstrap_certificate_of_the_agents_cluster_and_a_ca_dir(tmp_path: Path) -> None:
+    shape = Shape("gateway", 20)
+    issued = tlsmat.issue(tmp_path, shape, [0, JOINER], bootstrap=[JOINER])
+    assert issued.certificates == 5
+    cert, ca = _read(tlsmat.bootstrap_dir(tmp_path, JOINER))
+    assert pki.explain(cert, ca, "client") is None
+    who = pki.certificate_identity(pki.load_cert(cert))
+    assert who == identity.role(identity.BOOTSTRAP, shape.announcement(JOINER).cluster)
+    # A bootstrap certificate announces nothing: only the exchanged node certificate does.
+    assert authz.announcement_refusals(who, shape.announcement(JOINER))
+    assert pki.CA.load(tmp_path / tlsmat.CA_DIR).pem == ca
+
+
 def test_rounds_alternate_which_variant_runs_first() -> None:
     assert [tb.order(r) for r in range(4)] == [(False, True), (True, False), (False, True), (True, False)]
     assert all(sorted(tb.order(r)) == [False, True] for r in range(5))
@@ -83,6 +97,11 @@ def test_figures_put_tls_as_ours_and_plaintext_as_the_baseline_lower_is_better()
     start = report.figures["agent_start_to_in_sync_gateway_n1000"]
     assert (start["median"], start["baseline_median"]) == (305.0, 155.0)  # the median of each round's joins
     assert report.units["bringup_cpu_per_agent_gateway_n1000"] == "ms"
+    assert "agent_start_to_in_sync_exchange_gateway_n1000" not in report.figures  # no exchanging joins
+    exchanged = [dataclasses.replace(ph, start_to_sync_exchange_ms=[400.0, 420.0]) for ph in tls_phases]
+    tb.figures(report, shape, exchanged, plain_phases)
+    ex = report.figures["agent_start_to_in_sync_exchange_gateway_n1000"]
+    assert (ex["median"], ex["baseline_median"]) == (410.0, 155.0)  # against the plaintext start
     assert "0.80, met" in tb.aim_note(report, shape)
     worse = bc.Report()
     tb.figures(worse, shape, [_phase([100.0, 400.0], 20.0, 300.0)], plain_phases)
@@ -90,16 +109,18 @@ def test_figures_put_tls_as_ours_and_plaintext_as_the_baseline_lower_is_better()
 
 
 def test_control_tls_tiny_run_over_real_tls_channels(tmp_path: Path) -> None:
-    """Ten agents with their own node certificates against a reflector with --tls-dir, and the same
-    without TLS: every figure of both sides has numbers (an agent refused by the reflector's
-    authorization, or a handshake that fails, fails the run)."""
+    """Ten agents with their own node certificates against a reflector with --tls-dir and --ca-dir,
+    and the same without TLS: every figure of both sides has numbers, the joiner's exchanging
+    start among them (an agent refused by the reflector's authorization, a refused exchange, or a
+    handshake that fails, fails the run)."""
     out = tmp_path / "tls.json"
     assert bench.main(["control-tls", "--tiny", "--repeat", "1", "--n", "10", "--json", str(out)]) == 0
     doc = json.loads(out.read_text())["control-tls"]
     for metric in ("join_fanout_p50", "join_fanout_p99", "server_cpu_per_change", "bringup",
-                   "agent_start_to_in_sync", "agent_connect"):  # fmt: skip
+                   "agent_start_to_in_sync", "agent_connect", "agent_start_to_in_sync_exchange"):  # fmt: skip
         fig = doc[metric + "_gateway_n10"]
         assert fig["median"] > 0 and fig["baseline_median"] > 0, metric
         assert fig["ratio"] is not None and math.isfinite(fig["ratio"]), metric
     notes = "\n".join(doc["notes"])
-    assert "13 certificates" in notes and "NOT built yet" in notes and "round 1/1 (plaintext first" in notes
+    assert "14 certificates" in notes and "round 1/1 (plaintext first" in notes
+    assert "with the certificate exchange)" in notes and "NOT measured" not in notes

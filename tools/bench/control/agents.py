@@ -12,6 +12,7 @@ import json
 import logging
 import resource
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -26,22 +27,33 @@ if TYPE_CHECKING:
 _log = logging.getLogger(__name__)
 
 
-async def node_credentials(tls_root: Path | None, i: int) -> TLSDir | None:
+async def node_credentials(tls_root: Path | None, i: int, exchange: tuple[str, str] | None = None) -> TLSDir | None:
     """CERTIFICATE EXCHANGE HOOK: the ``--tls-dir`` agent ``i`` connects with (None: plaintext).
 
-    Today it returns the node certificate issued before the run (tools.bench.control.tlsmat).
-    The bootstrap's certificate exchange (an agent trades its cluster's bootstrap credential and
-    its Node name for its own certificate: the bootstrap RPC, being built separately) belongs
-    here: the joiner awaits this between its start stamp and opening its channel, so once the
-    exchange is added here, ``agent_start_to_in_sync`` includes it. Until then that figure is
-    handshake + session only, and the benchmark's notes say so.
+    Without ``exchange``: the node certificate issued before the run (tools.bench.control.tlsmat).
+    With ``exchange = (target, node identity)``: the bootstrap's certificate exchange, as the real
+    agent does it (:func:`fabric.control.bootstrap.obtain`: a new key and CSR, ``IssueCertificate``
+    over its own mutual-TLS channel authenticated with the pre-issued ``bootstrap/<cluster>``
+    certificate, the answer checked and written) into a new, empty directory, which is returned.
+    The joiner awaits this between its start stamp and opening its channel, so
+    ``agent_start_to_in_sync`` of an exchanging join includes the exchange.
     """
     if tls_root is None:
         return None
     from fabric.control import tls
-    from tools.bench.control.tlsmat import agent_dir
+    from tools.bench.control.tlsmat import agent_dir, bootstrap_dir
 
-    return tls.TLSDir(agent_dir(tls_root, i))
+    if exchange is None:
+        return tls.TLSDir(agent_dir(tls_root, i))
+    from fabric.control import bootstrap, identity
+
+    target, who = exchange
+    out = Path(tempfile.mkdtemp(prefix=f"exchanged-{i}-", dir=tls_root))
+    try:
+        await bootstrap.obtain(target, tls.TLSDir(bootstrap_dir(tls_root, i)), out, identity.parse(who))
+    except Exception as e:  # a refusal or an unusable answer: a finding, not a retry
+        raise AgentError(f"certificate exchange for {who}: {e}") from e
+    return tls.TLSDir(out)
 
 
 # -- the worker: light agents ----------------------------------------------------------------
@@ -226,12 +238,16 @@ class _Worker:
             await asyncio.sleep(2.0)
             self.emit(ev="progress", ready=self.ready, retries=self.retries)
 
-    async def _channel(self, i: int) -> Any:
+    async def _channel(self, i: int, exchange: bool = False) -> Any:
         """Agent ``i``'s own channel, made the one way every fabric client makes one
-        (fabric.control.tls.channel): mutual TLS with its node certificate, or plaintext."""
+        (fabric.control.tls.channel): mutual TLS with its node certificate (with ``exchange``,
+        one it gets by the bootstrap's certificate exchange first), or plaintext."""
         from fabric.control import tls
+        from tools.bench.control.tlsmat import node_identity
 
-        return tls.channel(self.target, await node_credentials(self.tls_root, i), options=agent_channel_options())
+        how = (self.target, node_identity(self.shape, i)) if exchange else None
+        creds = await node_credentials(self.tls_root, i, how)
+        return tls.channel(self.target, creds, options=agent_channel_options())
 
     async def run_agents(self) -> None:
         agents: dict[asyncio.Task[None], int] = {}
@@ -256,7 +272,8 @@ class _Worker:
                 await ch.close(grace=None)
 
     async def run_joiner(self) -> None:
-        """One agent that joins on ``join`` and leaves on ``leave`` (stdin commands).
+        """One agent that joins on ``join`` (``join exchange``: getting its node certificate by
+        the certificate exchange first) and leaves on ``leave`` (stdin commands).
 
         Each join is an agent start: credentials (:func:`node_credentials`), a new channel
         (connection, and with TLS the handshake: ``channel_ready``), then the stream. The
@@ -271,12 +288,15 @@ class _Worker:
         lines = _stdin_lines()
         try:
             async for line in lines:
-                if line == "join":
+                if line in ("join", "join exchange"):
+                    exchange = line == "join exchange"
+                    if exchange and self.tls_root is None:
+                        raise AgentError("join exchange: a certificate exchange needs the TLS variant")
                     self.leaving.discard(i)
                     ready: asyncio.Future[float] = asyncio.get_running_loop().create_future()
                     self.outboxes.clear()
                     start = time.monotonic()
-                    channel = await self._channel(i)
+                    channel = await self._channel(i, exchange)
                     await channel.channel_ready()
                     connected = time.monotonic()
                     t0 = time.monotonic()
@@ -286,7 +306,7 @@ class _Worker:
                         task.result()  # raises the agent's error
                         raise AgentError("the joining agent's stream ended before END_OF_SNAPSHOT")
                     self.emit(ev="joined", t0=t0, v=self.last_eos, start=start, connected=connected,
-                              synced=ready.result())  # fmt: skip
+                              synced=ready.result(), exchange=exchange)  # fmt: skip
                 elif line == "leave":
                     self.leaving.add(i)
                     t0 = time.monotonic()

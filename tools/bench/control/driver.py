@@ -33,7 +33,7 @@ from tools.bench.control.shapes import (
     planned_change,
     shapes_for,
 )
-from tools.bench.control.tlsmat import READER_DIR, SERVER_DIR
+from tools.bench.control.tlsmat import CA_DIR, READER_DIR, SERVER_DIR
 
 _log = logging.getLogger(__name__)
 
@@ -108,6 +108,10 @@ class Phase:
     #: to its channel being ready (connection; with TLS the handshake).
     start_to_sync_ms: list[float] = dataclasses.field(default_factory=list)
     connect_ms: list[float] = dataclasses.field(default_factory=list)
+    #: With TLS, every second join gets its node certificate by the bootstrap's certificate
+    #: exchange first (``join exchange``): its start to END_OF_SNAPSHOT, kept apart from the
+    #: pre-issued joins above (which it is not part of).
+    start_to_sync_exchange_ms: list[float] = dataclasses.field(default_factory=list)
 
 
 class _Run:
@@ -134,7 +138,8 @@ class _Run:
         self.server: subprocess.Popen[bytes] | None = None
         self.joiner: subprocess.Popen[bytes] | None = None
         #: Per join: (start, connected, synced) stamps of the joiner.
-        self.joins: list[tuple[float, float, float]] = []
+        #: The joiner's joins: (start, connected, synced, with the certificate exchange).
+        self.joins: list[tuple[float, float, float, bool]] = []
         self.log = open(tmp / "reflector.log", "wb")  # noqa: SIM115 - closed by stop()
 
     def _py(self, *args: str, stdout: int = subprocess.PIPE) -> subprocess.Popen[bytes]:
@@ -183,7 +188,8 @@ class _Run:
             self.server = self.procs.spawn(None, [
                 sys.executable, "-m", "fabric.control.reflector_cli", "--config", str(cfg), "--listen", self.sock,
                 "--grace-period", "0", "--startup-hold", "0", "--keepalive-interval", f"{KEEPALIVE_S:g}",
-                *(["--insecure"] if self.tls_root is None else ["--tls-dir", str(self.tls_root / SERVER_DIR)]),
+                *(["--insecure"] if self.tls_root is None else ["--tls-dir", str(self.tls_root / SERVER_DIR),
+                                                                "--ca-dir", str(self.tls_root / CA_DIR)]),
                 "--log-level", "info",
             ], stderr=self.log)  # fmt: skip
             from fabric.control import client
@@ -306,9 +312,11 @@ class _Run:
             self.joiner = self._py(*argv, "--joiner")
             self.events.attach("joiner", self.joiner)
         time.sleep(QUIET_S)
-        self.send(self.joiner, "join")
+        # With TLS, every second join starts with the certificate exchange (a bootstrap certificate only).
+        exchange = self.tls_root is not None and len(self.joins) % 2 == 1
+        self.send(self.joiner, "join exchange" if exchange else "join")
         ev = self._wait("joined", time.monotonic() + CHANGE_TIMEOUT_S, "joiner")
-        self.joins.append((float(ev["start"]), float(ev["connected"]), float(ev["synced"])))
+        self.joins.append((float(ev["start"]), float(ev["connected"]), float(ev["synced"]), bool(ev["exchange"])))
         version = int(ev["v"])
         join_ms = (self.wait_applied(version, "join") - float(ev["t0"])) * 1000
         time.sleep(QUIET_S)
@@ -418,8 +426,9 @@ def _phase(
                     out.join_ms.append(joins)
                     if leaves:
                         out.leave_ms.append(leaves)
-                    out.start_to_sync_ms += [(sync - start) * 1000 for start, _, sync in run.joins]
-                    out.connect_ms += [(conn - start) * 1000 for start, conn, _ in run.joins]
+                    out.start_to_sync_ms += [(sync - start) * 1000 for start, _, sync, ex in run.joins if not ex]
+                    out.connect_ms += [(conn - start) * 1000 for start, conn, _, ex in run.joins if not ex]
+                    out.start_to_sync_exchange_ms += [(sync - start) * 1000 for start, _, sync, ex in run.joins if ex]
                     run.joins.clear()
                     bc.progress(NAME, f"{what}: fan-out ms, joins {' '.join(f'{x:.0f}' for x in joins)}"
                                 + (f"; leaves {' '.join(f'{x:.0f}' for x in leaves)}" if leaves else ""))  # fmt: skip

@@ -21,10 +21,15 @@ times and CPU baseline / ours, so 0.8 means TLS takes 1.25x as long):
   starting N agents to all synced (the per-connection cost: handshakes, snapshot encryption).
 * ``agent_start_to_in_sync`` (median per round of the joiner's starts) and ``agent_connect``:
   one agent starting while the other N are connected: from before it loads its credentials to
-  END_OF_SNAPSHOT, and to its channel being ready (connection + TLS handshake). The node
-  certificates are issued before the run (:mod:`tools.bench.control.tlsmat`); the bootstrap's
-  certificate exchange is not built yet and not measured: it goes into the hook
-  :func:`tools.bench.control.agents.node_credentials`, inside this figure's timed span.
+  END_OF_SNAPSHOT, and to its channel being ready (connection + TLS handshake), with a node
+  certificate issued before the run (:mod:`tools.bench.control.tlsmat`).
+* ``agent_start_to_in_sync_exchange``: the same with the bootstrap's certificate exchange: with
+  TLS every second join of the joiner starts with only its ``bootstrap/<cluster>`` certificate,
+  makes a key and CSR and calls ``IssueCertificate`` (the real agent's
+  :func:`fabric.control.bootstrap.obtain`, in the hook
+  :func:`tools.bench.control.agents.node_credentials`; the TLS reflector runs with ``--ca-dir``),
+  then connects with the certificate it got. Its baseline is the plaintext start (there is no
+  exchange without TLS); set against ``agent_start_to_in_sync`` it shows the exchange's cost.
 
 Default N: :data:`DEFAULT_N` (the issue's 1,000) unless ``--n`` is given; default shape: the
 gateway shape (``--shape`` to choose).
@@ -98,6 +103,9 @@ def figures(report: bc.Report, shape: Shape, tls: Sequence[Phase], plain: Sequen
         return [statistics.median(getattr(ph, field)) for ph in phases if getattr(ph, field)]
 
     add("agent_start_to_in_sync", "ms", per_round(tls, "start_to_sync_ms"), per_round(plain, "start_to_sync_ms"))
+    if any(ph.start_to_sync_exchange_ms for ph in tls):
+        add("agent_start_to_in_sync_exchange", "ms", per_round(tls, "start_to_sync_exchange_ms"),
+            per_round(plain, "start_to_sync_ms"))  # fmt: skip
     add("agent_connect", "ms", per_round(tls, "connect_ms"), per_round(plain, "connect_ms"))
     add("server_rss_per_agent", "KiB", [ph.rss_per_agent_kib for ph in tls], [ph.rss_per_agent_kib for ph in plain])
 
@@ -115,9 +123,12 @@ def _round_note(shape: Shape, r: int, rounds: int, tls: Phase, plain: Phase, loa
     def side(ph: Phase) -> str:
         joins = ph.join_ms[0] if ph.join_ms else []
         start = statistics.median(ph.start_to_sync_ms) if ph.start_to_sync_ms else nan
+        ex = ph.start_to_sync_exchange_ms
+        exchange = f" ({statistics.median(ex):.0f} ms with the certificate exchange)" if ex else ""
         return (f"bring-up {ph.bringup_s:.1f}s ({ph.bringup_cpu_per_agent_ms:.2f} ms reflector CPU per agent), "
                 f"join p50/p99 {bc.percentile(joins, 50):.0f}/{bc.percentile(joins, 99):.0f} ms, "
-                f"{ph.cpu_ms[0] if ph.cpu_ms else nan:.0f} ms CPU per change, start->in-sync median {start:.0f} ms")
+                f"{ph.cpu_ms[0] if ph.cpu_ms else nan:.0f} ms CPU per change, start->in-sync median {start:.0f} ms"
+                f"{exchange}")
 
     first = "TLS" if order(r)[0] else "plaintext"
     return f"{shape.label} round {r + 1}/{rounds} ({first} first; {load}): TLS {side(tls)}; plaintext {side(plain)}"
@@ -141,7 +152,7 @@ def run(opts: bc.Options) -> bc.Report:
             with tempfile.TemporaryDirectory(prefix="kft-ctl-tls-") as tmp:
                 root = Path(tmp)
                 bc.progress(NAME, f"{shape.label}: issuing {n + 1:,} node certificates (not timed)")
-                issued = tlsmat.issue(root, shape, [*range(n), JOINER])
+                issued = tlsmat.issue(root, shape, [*range(n), JOINER], bootstrap=[JOINER])
                 report.notes.append(f"{shape.label}: {issued.note()}")
                 try:
                     for r in range(opts.repeat):
@@ -174,10 +185,12 @@ def run(opts: bc.Options) -> bc.Report:
     report.notes.append(
         "agent_start_to_in_sync: the joiner starting while the N agents are connected: from before it loads its "
         "credentials, through a new channel (connection and, with TLS, the handshake: agent_connect) and its "
-        "Announce, to END_OF_SNAPSHOT; median of its joins per round. The node certificates are pre-issued: the "
-        "bootstrap's certificate exchange (bootstrap credential + Node name -> node certificate) is NOT built yet "
-        "and NOT measured here; it goes into the hook tools.bench.control.agents.node_credentials, inside this "
-        "figure's timed span."
+        "Announce, to END_OF_SNAPSHOT; median of its joins per round, with a pre-issued node certificate. "
+        "agent_start_to_in_sync_exchange: the same with the bootstrap's certificate exchange inside the timed span "
+        "(with TLS every second join starts with only a bootstrap/<cluster> certificate: new key and CSR, "
+        "IssueCertificate on its own TLS channel to the reflector running with --ca-dir, the answer checked and "
+        "written, by fabric.control.bootstrap.obtain, then the node's channel with the certificate it got); its "
+        "baseline is the plaintext start, and its difference to agent_start_to_in_sync is the exchange's cost."
     )
     report.notes.append(
         "bringup_cpu_per_agent: reflector CPU from starting the N agents to all having their snapshot, per agent "

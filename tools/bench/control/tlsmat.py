@@ -7,9 +7,12 @@ Issued once per run, before anything is timed, with the production code (``fabri
 ECDSA P-256, the same extensions ``fabric-tool cert issue`` gives); how long that took is
 reported in the notes (:class:`Issued`), never inside a measured figure.
 
-These are pre-issued node certificates: the certificate exchange of the bootstrap (a bootstrap
-credential plus the Node name exchanged for the node's own certificate) is not built yet; the
-place it goes is :func:`tools.bench.control.agents.node_credentials`.
+The N simulated agents connect with pre-issued node certificates. For the bootstrap's
+certificate exchange (:mod:`fabric.control.bootstrap`) the CA is also written as a CA directory
+(:data:`CA_DIR`, the reflector's ``--ca-dir``: it signs the exchanged certificates) and the
+agents named by ``bootstrap`` get a ``bootstrap/<cluster>`` certificate (:func:`bootstrap_dir`),
+with which :func:`tools.bench.control.agents.node_credentials` makes its key and CSR and calls
+``IssueCertificate`` inside the timed span.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ _log = logging.getLogger(__name__)
 #: Sub-directories of the material root.
 SERVER_DIR = "server"
 READER_DIR = "reader"
+#: The CA with its key, for the reflector's ``--ca-dir`` (``fabric.control.pki.CA.save``).
+CA_DIR = "ca"
 #: The reader identity the driver polls GetStatus with (GetStatus: every role but bootstrap).
 READER_NAME = "bench-driver"
 
@@ -34,6 +39,11 @@ READER_NAME = "bench-driver"
 def agent_dir(root: Path, i: int) -> Path:
     """Agent ``i``'s ``--tls-dir`` under the material root (the joiner's too)."""
     return Path(root) / f"agent-{i}"
+
+
+def bootstrap_dir(root: Path, i: int) -> Path:
+    """Agent ``i``'s bootstrap ``--tls-dir`` (its cluster's ``bootstrap/<cluster>`` certificate)."""
+    return Path(root) / f"bootstrap-{i}"
 
 
 def node_identity(shape: Shape, i: int) -> str:
@@ -59,14 +69,16 @@ class Issued:
         return (
             f"TLS material, issued before the timed part with fabric.control.pki (ECDSA P-256): "
             f"{self.certificates:,} certificates (one node/<cluster>/<node> per simulated agent and the joiner, "
-            f"the reflector's server certificate, the driver's reader certificate) in {self.sign_s:.2f}s of key "
+            f"the joiner's bootstrap/<cluster> one, the reflector's server certificate, the driver's reader "
+            f"certificate) in {self.sign_s:.2f}s of key "
             f"generation and signing plus {self.write_s:.2f}s writing the files ({per:.2f} ms per certificate)"
         )
 
 
-def issue(root: Path, shape: Shape, indexes: Iterable[int]) -> Issued:
-    """Write a CA, the server and reader directories and one node directory per index under
-    ``root``; returns the time it took."""
+def issue(root: Path, shape: Shape, indexes: Iterable[int], bootstrap: Iterable[int] = ()) -> Issued:
+    """Write a CA (and its :data:`CA_DIR`), the server and reader directories, one node directory
+    per index and one bootstrap directory per index in ``bootstrap`` under ``root``; returns
+    the time it took."""
     from fabric.control import identity, pki
 
     root = Path(root)
@@ -82,8 +94,13 @@ def issue(root: Path, shape: Shape, indexes: Iterable[int]) -> Issued:
         key = pki.new_key()
         who = identity.parse(node_identity(shape, i))
         pairs.append((agent_dir(root, i), key, ca.sign_client(who, key.public_key())))
+    for i in bootstrap:
+        key = pki.new_key()
+        who = identity.role(identity.BOOTSTRAP, shape.announcement(i).cluster)
+        pairs.append((bootstrap_dir(root, i), key, ca.sign_client(who, key.public_key())))
     t1 = time.monotonic()
     for directory, key, cert in pairs:
         pki.write_tls_dir(directory, key, cert, ca.cert)
+    ca.save(root / CA_DIR)
     t2 = time.monotonic()
     return Issued(len(pairs), t1 - t0, t2 - t1)
