@@ -102,8 +102,8 @@ def spawn_in_netns(
 # -- processes -------------------------------------------------------------------------------
 
 
-def read_stat(pid: int) -> tuple[str, int] | None:
-    """``(state, start time)`` of a process from /proc/PID/stat, or None if it is gone.
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat from field 3 (state) on, or None if it is gone.
 
     The command name (field 2) may contain spaces and parentheses, so fields are counted from
     the *last* ``)``.
@@ -112,12 +112,30 @@ def read_stat(pid: int) -> tuple[str, int] | None:
         raw = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    rest = raw[raw.rfind(")") + 2 :].split()
+    return raw[raw.rfind(")") + 2 :].split()
+
+
+def read_stat(pid: int) -> tuple[str, int] | None:
+    """``(state, start time)`` of a process, or None if it is gone."""
+    rest = _stat_fields(pid)
     # rest[0] is field 3 (state); field 22 (starttime) is rest[19].
     try:
-        return rest[0], int(rest[19])
+        return (rest[0], int(rest[19])) if rest else None
     except (IndexError, ValueError):
         return None
+
+
+def ancestors(pid: int) -> list[int]:
+    """``pid`` and its ancestors up to (not including) init."""
+    out: list[int] = []
+    while pid > 1 and pid not in out:
+        out.append(pid)
+        rest = _stat_fields(pid)
+        try:
+            pid = int(rest[1]) if rest else 0  # field 4: the parent's PID
+        except (IndexError, ValueError):
+            break
+    return out
 
 
 def start_time(pid: int) -> int | None:
@@ -161,6 +179,30 @@ def pids_in_netns(inodes: Iterable[int]) -> list[int]:
             continue
         if pid_netns_inode(pid) in wanted and alive(pid):
             out.append(pid)
+    return sorted(out)
+
+
+def cmdline(pid: int) -> str | None:
+    """The command line of ``pid``, its arguments joined by spaces (None: gone or unreadable)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").rstrip()
+    except OSError:
+        return None
+
+
+def pids_naming(text: str) -> list[int]:
+    """Every live process (this one aside) whose command line contains ``text``: how the
+    processes of a lab are found whatever started them, since each names the lab's state
+    directory on its command line (a container shim carries its spawner's)."""
+    me = os.getpid()
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        cmd = cmdline(int(entry))
+        if cmd is not None and text in cmd and alive(int(entry)):
+            out.append(int(entry))
     return sorted(out)
 
 

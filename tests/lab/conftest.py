@@ -33,6 +33,8 @@ from typing import Any, TypeVar
 
 import pytest
 
+from tools import nsutil
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 FABRIC_TOOL = str(BIN / "fabric-tool")
@@ -239,18 +241,7 @@ def alive(pid: int) -> bool:
 
 def _processes_naming(text: str) -> list[str]:
     """``PID command line`` of every process whose command line contains ``text``."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmd:
-            out.append(f"{entry} {cmd[:160]}")
-    return out
+    return [f"{pid} {(nsutil.cmdline(pid) or '')[:160]}" for pid in nsutil.pids_naming(text)]
 
 
 def lab_mounts(name: str) -> list[str]:

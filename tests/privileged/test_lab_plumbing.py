@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -167,3 +168,44 @@ def test_terminate_never_signals_a_reused_pid(lab_name: str) -> None:
         if sleeper.poll() is None:
             sleeper.kill()
             sleeper.wait()
+
+
+#: A stand-in for a kubelet's shim spawner with a request in flight: its command line names the
+#: lab's state directory, and SIGTERM makes it fork one more process (which names it too) before
+#: it exits, as a spawner's middle child forks its shim after the spawner is gone.
+FORKS_AT_SIGTERM = """
+import os, signal, sys, time
+def term(*_):
+    pid = os.fork()
+    if pid == 0:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        time.sleep(300)
+        os._exit(0)
+    with open(sys.argv[2], "w") as f:
+        f.write(str(pid))
+    os._exit(0)
+signal.signal(signal.SIGTERM, term)
+print("ready", flush=True)
+time.sleep(300)
+"""
+
+
+def test_down_stops_processes_forked_while_it_runs(tmp_path: Path, lab_name: str) -> None:
+    """A process of the lab that appears after ``down`` listed the processes is stopped too."""
+    late = tmp_path / "late.pid"
+    sock = f"{lab.state_dir(lab_name)}/kubelet-east/spawner.sock"
+    argv = [sys.executable, "-c", FORKS_AT_SIGTERM, sock, str(late)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    child = 0
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        assert lab.down(lab_name, progress=_quiet) is True
+        assert proc.wait(timeout=10) == 0
+        child = int(late.read_text())  # the fork really happened, after the first sweep's list
+        assert not nsutil.alive(child), "down left the process forked while it ran"
+        assert nsutil.pids_naming(f"{lab.state_dir(lab_name)}/") == []
+    finally:
+        for pid in (proc.pid, child):
+            if pid and nsutil.alive(pid):
+                os.kill(pid, 9)
+        proc.wait()

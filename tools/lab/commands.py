@@ -266,11 +266,11 @@ def _down_locked(name: str, state: LabState | None, progress: Progress) -> bool:
     owned = list(state.namespaces()) if state else []
     scanned = _scan_netns(name)
     owned += [ns for ns in sorted(scanned, key=lambda s: -s.count("-")) if ns not in owned]
-    # Processes, in two rounds. First those recorded (PID + start time): the reflector, agents
+    # Processes, in two steps. First those recorded (PID + start time): the reflector, agents
     # and the Kubernetes processes. A kubelet still running while its containers are killed
     # restarts them (restartPolicy), so the containers go only once every kubelet is gone: then
-    # the container shims and processes the kubelets recorded, and anything else living in a lab
-    # namespace, found afresh.
+    # sweeps of the container shims and processes the kubelets recorded and anything else of
+    # the lab's, found afresh each time (_sweep_containers).
     daemons: dict[int, int | None] = {}
     if state is not None:
         sup = state.supervisor
@@ -288,20 +288,7 @@ def _down_locked(name: str, state: LabState | None, progress: Progress) -> bool:
         progress(f"lab {name}: stopping {len(daemons)} processes ({', '.join(map(str, sorted(daemons)))})")
         nsutil.terminate(sorted(daemons.items()))
         changed = True
-    from kubeemu.runtime.pods import recorded_processes  # lab kubelets' container shims and processes
-
-    targets: dict[int, int | None] = {}
-    for root in state_dir(name).glob("kubelet-*"):
-        for pid, start in recorded_processes(root):
-            if nsutil.same_process(pid, start):
-                targets.setdefault(pid, start)
-    inodes = [i for i in (namespaces.inode(ns) for ns in owned) if i is not None]
-    for pid in nsutil.pids_in_netns(inodes):
-        targets.setdefault(pid, nsutil.start_time(pid))
-    if targets:
-        progress(f"lab {name}: stopping {len(targets)} processes in its namespaces and containers "
-                 f"({', '.join(map(str, sorted(targets)))})")
-        nsutil.terminate(sorted(targets.items()))
+    if _sweep_containers(name, owned, progress):
         changed = True
     gone = delete_netns([ns for ns in owned if namespaces.exists(ns)])
     if gone:
@@ -325,6 +312,54 @@ def _down_locked(name: str, state: LabState | None, progress: Progress) -> bool:
     if not changed:
         progress(f"lab {name}: nothing to remove")
     return changed
+
+
+#: At most this many sweeps of the lab's containers (see :func:`_sweep_containers`).
+SWEEPS = 5
+
+
+def _lab_processes(name: str, owned: Sequence[str]) -> dict[int, int | None]:
+    """``pid -> start time`` of what is left of lab ``name`` once its daemons are gone: the
+    container shims and processes its kubelets recorded, every process in one of its
+    namespaces, and every process naming its state directory on its command line (each process
+    the lab starts does; a shim carries its spawner's, so one forked after its kubelet recorded
+    the last is found too)."""
+    from kubeemu.runtime.pods import recorded_processes  # lab kubelets' container shims and processes
+
+    found: dict[int, int | None] = {}
+    for root in state_dir(name).glob("kubelet-*"):
+        for pid, start in recorded_processes(root):
+            if nsutil.same_process(pid, start):
+                found.setdefault(pid, start)
+    inodes = [i for i in (namespaces.inode(ns) for ns in owned) if i is not None]
+    mine = set(nsutil.ancestors(os.getpid()))  # never a target, whatever their command lines say
+    for pid in [*nsutil.pids_in_netns(inodes), *nsutil.pids_naming(f"{state_dir(name)}/")]:
+        if pid not in mine:
+            found.setdefault(pid, nsutil.start_time(pid))
+    return found
+
+
+def _sweep_containers(name: str, owned: Sequence[str], progress: Progress) -> bool:
+    """Stop what :func:`_lab_processes` finds, again until a sweep finds nothing (at most
+    :data:`SWEEPS`). One sweep is not enough: a spawn request a kubelet sent before it exited
+    is still being served when the spawner is killed, and its shim appears after the sweep
+    listed the processes (as do containers a shim started before it was stopped). Each sweep
+    kills the spawners and their in-flight children with the rest, so the second finds the last
+    of them and the third nothing. Returns True if anything was stopped."""
+    stopped = False
+    for _ in range(SWEEPS):
+        targets = _lab_processes(name, owned)
+        if not targets:
+            return stopped
+        progress(f"lab {name}: stopping {len(targets)} processes in its namespaces and containers "
+                 f"({', '.join(map(str, sorted(targets)))})")
+        nsutil.terminate(sorted(targets.items()))
+        stopped = True
+    left = _lab_processes(name, owned)
+    if left:
+        progress(f"lab {name}: processes still appearing after {SWEEPS} sweeps, left running: "
+                 f"{', '.join(map(str, sorted(left)))}")
+    return stopped
 
 
 def exec_in(name: str, target: str, cmd: Sequence[str]) -> int:
