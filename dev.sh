@@ -101,7 +101,7 @@ case "$cmd" in
     lint)
         setup
         "$VENV/bin/ruff" check .
-        "$VENV/bin/mypy" fabric tools tree scheduler kubeemu
+        "$VENV/bin/mypy"  # the packages [tool.mypy] files names
         "$VENV/bin/lint-imports"
         ;;
     *)

@@ -47,7 +47,7 @@ def _metadata(z: zipfile.ZipFile, name: str) -> str:
 
 def test_production_wheel_holds_only_the_fabric_and_its_add_ons(tmp_path: Path) -> None:
     z = _wheel(REPO, tmp_path)
-    assert _top_packages(z) == {"fabric", "tree", "scheduler"}
+    assert _top_packages(z) == {"fabric", "tree", "scheduler", "mcs"}
     scripts = _metadata(z, "entry_points.txt")
     assert "fabric-agent" in scripts and "fabric-reflector" in scripts
     assert "fabric-tool" not in scripts
