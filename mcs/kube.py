@@ -1,0 +1,181 @@
+"""Kubernetes objects in and out of :mod:`mcs.derive`'s values: pure functions, no I/O.
+
+In: :func:`export_from` reads a ServiceExport, the Service of its name and that Service's
+EndpointSlices (as an API server returns them) into an :class:`~mcs.derive.Export`, refusing
+malformed input with the object and field named.
+
+Out, per importing cluster and :class:`~mcs.derive.Import` (what an applier creates, then
+keeps equal, and deletes by the ``managed-by`` label and owner, never by name alone):
+
+- the ServiceImport (``multicluster.x-k8s.io/v1alpha1``): type, ports, session affinity, the
+  derived Service's cluster IPs, ``status.clusters``;
+- the derived Service: same name and ports, no selector (so no controller of the importer
+  writes its endpoints), ``clusterIP: None`` when headless, else one the importer allocates.
+  When the importer has a Service of that name that is not ours (its own, or the exporter's
+  local one), the derived Service takes :func:`derived_name` instead and the local Service is
+  left alone: the clusterset name resolves to the ServiceImport's IPs, whatever the name;
+- one EndpointSlice per exported one (each of one source cluster and address family), labelled as KEP-1645 asks
+  (``multicluster.kubernetes.io/source-cluster`` and ``/service-name``) and with
+  ``kubernetes.io/service-name`` naming the derived Service, so kube-proxy and DNS serve them,
+  and ``endpointslice.kubernetes.io/managed-by`` ours, so the importer's EndpointSlice
+  controller leaves them alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from mcs.derive import ADDRESS_TYPES, HEADLESS, Endpoint, Export, Import, Port, Slice
+
+Obj = dict[str, Any]
+
+GROUP_VERSION = "multicluster.x-k8s.io/v1alpha1"
+#: Our mark on every object we create in an importer (label values).
+MANAGED_BY = "kosmos-fabric-mcs"
+MANAGED_BY_LABEL = "endpointslice.kubernetes.io/managed-by"
+APP_MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+SOURCE_CLUSTER_LABEL = "multicluster.kubernetes.io/source-cluster"
+MCS_SERVICE_NAME_LABEL = "multicluster.kubernetes.io/service-name"
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+#: Longest object name we write (DNS label: Service names must be one).
+MAX_NAME = 63
+
+
+def _where(kind: str, obj: Mapping[str, Any]) -> str:
+    meta = obj.get("metadata") or {}
+    return f"{kind} {meta.get('namespace', '')}/{meta.get('name', '')}"
+
+
+def _port(raw: Any, where: str) -> Port:
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{where}: a port is {raw!r}, not an object")
+    number = raw.get("port")
+    if not isinstance(number, int) or isinstance(number, bool) or not 0 < number < 65536:
+        raise ValueError(f"{where}: port {raw.get('name') or '(unnamed)'} has port {number!r}, not 1-65535")
+    return Port(str(raw.get("name") or ""), str(raw.get("protocol") or "TCP"), number, raw.get("appProtocol"))
+
+
+def _endpoint(raw: Any, where: str) -> Endpoint:
+    if not isinstance(raw, Mapping) or not isinstance(raw.get("addresses"), list):
+        raise ValueError(f"{where}: an endpoint without an addresses list: {raw!r}")
+    cond = raw.get("conditions") or {}
+    # As kube-proxy reads it: an unset ``ready`` is ready.
+    return Endpoint(tuple(str(a) for a in raw["addresses"]), cond.get("ready") is not False,
+                    raw.get("hostname"), raw.get("zone"))
+
+
+def export_from(cluster: str, export: Obj, service: Obj | None, slices: Iterable[Obj],
+                global_cidrs: tuple[tuple[str, str], ...] = ()) -> Export:
+    """The :class:`Export` of ``export`` (a ServiceExport of ``cluster``), with ``service`` (the
+    Service of its name; None: none) and that Service's EndpointSlices among ``slices`` (others,
+    and FQDN slices, are skipped). Raises ValueError naming the object and field at fault."""
+    meta = export.get("metadata") or {}
+    ns, name, created = meta.get("namespace"), meta.get("name"), meta.get("creationTimestamp")
+    if not (isinstance(ns, str) and isinstance(name, str) and isinstance(created, str)):
+        raise ValueError(f"{_where('ServiceExport', export)} in cluster {cluster}: "
+                         "metadata needs namespace, name and creationTimestamp")
+    if service is None:
+        return Export(cluster, ns, name, created, None)
+    where = f"{_where('Service', service)} in cluster {cluster}"
+    spec = service.get("spec") or {}
+    ports = tuple(_port(p, where) for p in spec.get("ports") or [])
+    own: list[Slice] = []
+    for s in slices:
+        if ((s.get("metadata") or {}).get("labels") or {}).get(SERVICE_NAME_LABEL) != name:
+            continue
+        if s.get("addressType") not in ADDRESS_TYPES:
+            continue
+        sw = f"{_where('EndpointSlice', s)} in cluster {cluster}"
+        own.append(Slice(s["addressType"], tuple(_port(p, sw) for p in s.get("ports") or []),
+                         tuple(_endpoint(ep, sw) for ep in s.get("endpoints") or [])))
+    return Export(cluster, ns, name, created, str(spec.get("type") or "ClusterIP"),
+                  headless=spec.get("clusterIP") == "None", ports=ports,
+                  session_affinity=str(spec.get("sessionAffinity") or "None"), slices=tuple(own),
+                  global_cidrs=global_cidrs)
+
+
+def _short(text: str, limit: int = MAX_NAME) -> str:
+    """``text`` if it fits ``limit``, else cut with a hash of the whole (stays unique)."""
+    if len(text) <= limit:
+        return text
+    digest = hashlib.sha256(text.encode()).hexdigest()[:10]
+    return f"{text[: limit - 11].rstrip('-')}-{digest}"
+
+
+def derived_name(name: str) -> str:
+    """The derived Service's name when ``name`` is taken in the importer by a Service not ours."""
+    return _short(f"{name}-clusterset")
+
+
+def owned(obj: Mapping[str, Any]) -> bool:
+    """True for an object :mod:`mcs` created (an applier updates and deletes only these)."""
+    return ((obj.get("metadata") or {}).get("labels") or {}).get(APP_MANAGED_BY_LABEL) == MANAGED_BY
+
+
+def _labels(imp: Import) -> dict[str, str]:
+    return {APP_MANAGED_BY_LABEL: MANAGED_BY, MCS_SERVICE_NAME_LABEL: imp.name}
+
+
+def _ports(ports: Iterable[Port]) -> list[Obj]:
+    out = []
+    for p in ports:
+        o: Obj = {"protocol": p.protocol, "port": p.port}
+        if p.name:
+            o["name"] = p.name
+        if p.app_protocol:
+            o["appProtocol"] = p.app_protocol
+        out.append(o)
+    return out
+
+
+def render_service(imp: Import, name: str) -> Obj:
+    """The derived Service ``name`` of ``imp`` (selector-less; headless stays headless)."""
+    spec: Obj = {"type": "ClusterIP", "ports": _ports(imp.ports), "sessionAffinity": imp.session_affinity}
+    if imp.type == HEADLESS:
+        spec["clusterIP"] = "None"
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": {"namespace": imp.namespace, "name": name, "labels": _labels(imp)}, "spec": spec}
+
+
+def render_service_import(imp: Import, ips: Iterable[str] = ()) -> Obj:
+    """The ServiceImport of ``imp``; ``ips``: the derived Service's cluster IPs (none if headless)."""
+    spec: Obj = {"type": imp.type, "ports": _ports(imp.ports), "sessionAffinity": imp.session_affinity}
+    if imp.type != HEADLESS and list(ips):
+        spec["ips"] = list(ips)
+    status: Obj = {"clusters": [{"cluster": c} for c in imp.clusters]}
+    if imp.conditions:
+        status["conditions"] = [{"type": c.type, "status": c.status, "reason": c.reason, "message": c.message}
+                                for c in imp.conditions]
+    return {"apiVersion": GROUP_VERSION, "kind": "ServiceImport",
+            "metadata": {"namespace": imp.namespace, "name": imp.name, "labels": _labels(imp)},
+            "spec": spec, "status": status}
+
+
+def _endpoint_obj(ep: Endpoint) -> Obj:
+    o: Obj = {"addresses": list(ep.addresses), "conditions": {"ready": ep.ready}}
+    if ep.hostname:
+        o["hostname"] = ep.hostname
+    if ep.zone:
+        o["zone"] = ep.zone
+    return o
+
+
+def render_slices(imp: Import, service_name: str) -> list[Obj]:
+    """The imported EndpointSlices of ``imp``, one per exported slice (each of one source cluster
+    and address family), serving the derived Service ``service_name``."""
+    out = []
+    seen: dict[tuple[str, str], int] = {}
+    for ss in imp.slices:
+        family = ss.slice.address_type.lower()
+        # An exporter splits many endpoints over several slices of one family: numbered here.
+        index = seen[(ss.cluster, family)] = seen.get((ss.cluster, family), -1) + 1
+        labels = {**_labels(imp), MANAGED_BY_LABEL: MANAGED_BY, SOURCE_CLUSTER_LABEL: ss.cluster,
+                  SERVICE_NAME_LABEL: service_name}
+        name = _short(f"{imp.name}-{ss.cluster}-{family}-{index}")
+        out.append({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                    "metadata": {"namespace": imp.namespace, "name": name, "labels": labels},
+                    "addressType": ss.slice.address_type, "ports": _ports(ss.slice.ports),
+                    "endpoints": [_endpoint_obj(ep) for ep in ss.slice.endpoints]})
+    return out
