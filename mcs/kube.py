@@ -27,7 +27,7 @@ import hashlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from mcs.derive import ADDRESS_TYPES, HEADLESS, Endpoint, Export, Import, Port, Slice
+from mcs.derive import ADDRESS_TYPES, HEADLESS, Condition, Endpoint, Export, Import, Port, Slice
 
 Obj = dict[str, Any]
 
@@ -139,15 +139,32 @@ def render_service(imp: Import, name: str) -> Obj:
             "metadata": {"namespace": imp.namespace, "name": name, "labels": _labels(imp)}, "spec": spec}
 
 
-def render_service_import(imp: Import, ips: Iterable[str] = ()) -> Obj:
-    """The ServiceImport of ``imp``; ``ips``: the derived Service's cluster IPs (none if headless)."""
+def conditions(new: Iterable[Condition], current: Iterable[Mapping[str, Any]], now: str) -> list[Obj]:
+    """``new`` as status conditions, each ``lastTransitionTime`` kept from ``current`` (what the
+    object has) while its status is unchanged and ``now`` when it changes, as upstream's
+    ``meta.SetStatusCondition``: a rewrite with nothing changed is no write at all."""
+    old = {c.get("type"): c for c in current if isinstance(c, Mapping)}
+    out = []
+    for c in new:
+        was = old.get(c.type)
+        since = was.get("lastTransitionTime") if was is not None and was.get("status") == c.status else None
+        out.append({"type": c.type, "status": c.status, "reason": c.reason, "message": c.message,
+                    "lastTransitionTime": since or now})
+    return out
+
+
+def render_service_import(imp: Import, ips: Iterable[str] = (), *, current: Obj | None = None,
+                          now: str = "") -> Obj:
+    """The ServiceImport of ``imp``; ``ips``: the derived Service's cluster IPs (none if headless);
+    ``current``: the importer's ServiceImport now (its condition times are kept, :func:`conditions`),
+    ``now``: the time of a condition that changes (RFC 3339)."""
     spec: Obj = {"type": imp.type, "ports": _ports(imp.ports), "sessionAffinity": imp.session_affinity}
     if imp.type != HEADLESS and list(ips):
         spec["ips"] = list(ips)
     status: Obj = {"clusters": [{"cluster": c} for c in imp.clusters]}
     if imp.conditions:
-        status["conditions"] = [{"type": c.type, "status": c.status, "reason": c.reason, "message": c.message}
-                                for c in imp.conditions]
+        had = ((current or {}).get("status") or {}).get("conditions") or []
+        status["conditions"] = conditions(imp.conditions, had, now)
     return {"apiVersion": GROUP_VERSION, "kind": "ServiceImport",
             "metadata": {"namespace": imp.namespace, "name": imp.name, "labels": _labels(imp)},
             "spec": spec, "status": status}

@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from kubeemu.runner import ServerThread
 from mcs import kube as mk
-from mcs.derive import HEADLESS, Endpoint, Port, derive, view
+from mcs.derive import FAMILY_UNREACHABLE, HEADLESS, Condition, Endpoint, Port, derive, view
 from scheduler.kube import Api, ApiError
+from tests.waiting import wait_until
 
 Obj = dict[str, Any]
 SVC = "/api/v1/namespaces/shop/services"
 SLICES = "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices"
+EXPORTS = "/apis/multicluster.x-k8s.io/v1alpha1/namespaces/shop/serviceexports"
+IMPORTS = "/apis/multicluster.x-k8s.io/v1alpha1/namespaces/shop/serviceimports"
+MEMBER = Path(__file__).resolve().parents[2] / "deploy" / "base" / "member"
 
 
 def _export(created: str = "2026-12-01T00:00:00Z") -> Obj:
@@ -126,3 +132,51 @@ def test_several_slices_of_one_cluster_and_family_get_distinct_names(api: Api) -
     imp = derive([mk.export_from("east", _export(), _service(), many)]).imports[("shop", "web")]
     names = [api.create(SLICES, o)["metadata"]["name"] for o in mk.render_slices(imp, "web")]
     assert names == ["web-east-ipv4-0", "web-east-ipv4-1", "web-east-ipv4-2"]
+
+
+def test_condition_times_are_kept_while_the_status_stays_and_renewed_when_it_changes() -> None:
+    had = [{"type": "A", "status": "True", "lastTransitionTime": "2026-12-01T00:00:00Z"},
+           {"type": "B", "status": "True", "lastTransitionTime": "2026-12-01T00:00:00Z"}]
+    got = mk.conditions([Condition("A", "True", "R", "m"), Condition("B", "False", "R", "m"),
+                         Condition("C", "True", "R", "m")], had, "2026-12-06T00:00:00Z")
+    assert [(c["type"], c["lastTransitionTime"]) for c in got] == [
+        ("A", "2026-12-01T00:00:00Z"), ("B", "2026-12-06T00:00:00Z"), ("C", "2026-12-06T00:00:00Z")]
+
+
+@pytest.fixture
+def mcs_api(api: Api) -> Api:
+    """The emulator with the member manifests' MCS CRDs installed and served."""
+    for f in ("crd-serviceexports.yaml", "crd-serviceimports.yaml"):
+        api.create("/apis/apiextensions.k8s.io/v1/customresourcedefinitions", yaml.safe_load((MEMBER / f).read_text()))
+
+    def served() -> bool:
+        try:
+            api.get(EXPORTS)
+            api.get(IMPORTS)
+            return True
+        except ApiError:
+            return False
+    wait_until(served, 10, "ServiceExport and ServiceImport served")
+    return api
+
+
+def test_the_member_crds_store_exports_and_the_rendered_imports_with_their_status(mcs_api: Api) -> None:
+    export = mcs_api.create(EXPORTS, {"apiVersion": mk.GROUP_VERSION, "kind": "ServiceExport",
+                                      "metadata": {"namespace": "shop", "name": "web"}})
+    e = mk.export_from("east", export, _service(), [_slice("w", "IPv6", "fd00::1")])
+    imp = view(derive([e]), "south", {"IPv4"})[("shop", "web")]
+    assert [c.type for c in imp.conditions] == [FAMILY_UNREACHABLE]
+    rendered = mk.render_service_import(imp, ["10.96.0.10"], now="2026-12-06T00:00:00Z")
+    created = mcs_api.create(IMPORTS, rendered)
+    assert "conditions" not in (created.get("status") or {}), "status is a subresource: ignored on create"
+    created["status"] = rendered["status"]
+    stored = mcs_api.update(f"{IMPORTS}/web/status", created)
+    assert stored["status"]["clusters"] == [{"cluster": "east"}]
+    assert stored["status"]["conditions"][0]["reason"] == FAMILY_UNREACHABLE
+    assert stored["spec"] == rendered["spec"]
+    bad = mk.render_service_import(imp)
+    bad["metadata"]["name"] = "bad"
+    bad["spec"]["type"] = "LoadBalancer"
+    with pytest.raises(ApiError, match="spec.type"):
+        mcs_api.create(IMPORTS, bad)
+
