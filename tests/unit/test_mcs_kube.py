@@ -177,6 +177,6 @@ def test_the_member_crds_store_exports_and_the_rendered_imports_with_their_statu
     bad = mk.render_service_import(imp)
     bad["metadata"]["name"] = "bad"
     bad["spec"]["type"] = "LoadBalancer"
-    with pytest.raises(ApiError, match="spec.type"):
+    with pytest.raises(ApiError, match=r"spec\.type"):
         mcs_api.create(IMPORTS, bad)
 
