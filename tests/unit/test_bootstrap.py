@@ -130,6 +130,28 @@ def test_problem_names_what_is_missing_or_wrong(fabric_pki: PKI, tmp_path: Path)
     assert "expired" in (bootstrap.problem(good, NODE_E1, later) or "")
 
 
+def test_problem_reads_and_checks_as_the_client_channels_do(fabric_pki: PKI, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One way to read and check a client directory (tls._client_material): unchanged files are
+    read once for the keeper's checks and the channels' alike, and a check at another time than
+    the cached verdict's window is made again."""
+    good = fabric_pki.client("good", NODE_E1)
+    reads: list[tls.TLSDir] = []
+    real = tls.TLSDir.read
+
+    def read(d: tls.TLSDir) -> tuple[bytes, bytes, bytes]:
+        reads.append(d)
+        return real(d)
+
+    monkeypatch.setattr(tls.TLSDir, "read", read)
+    assert bootstrap.problem(good, NODE_E1) is None
+    assert tls.check_own(good) is None
+    assert "node/east/e1" in (bootstrap.problem(good, identity.node("east", "e2")) or "")
+    assert len(reads) == 1
+    before = pki.utcnow() - datetime.timedelta(days=1)  # before its notBefore (back-dated 5 min)
+    assert "not yet valid" in (bootstrap.problem(good, NODE_E1, before) or "")
+    assert len(reads) == 2
+
+
 # --------------------------------------------------------------------------------------------
 # Over the wire
 # --------------------------------------------------------------------------------------------
