@@ -30,6 +30,7 @@ The timings are checked as client-go's ``NewLeaderElector`` does (:func:`timing_
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import logging
 import random
@@ -38,6 +39,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from fabric import cli_types
 from scheduler.kube import Api, ApiError, resource_path
 
 _log = logging.getLogger(__name__)
@@ -66,6 +68,42 @@ def timing_problem(lease_duration: float, renew_deadline: float, retry_period: f
     if not lease_duration > renew_deadline:
         return f"lease duration ({lease_duration:g} s) must be greater than renew deadline ({renew_deadline:g} s)"
     return None
+
+
+def add_flags(p: argparse.ArgumentParser, *, lease_name: str, acts: str, root: bool = False,
+              config_file: bool = False) -> None:
+    """The command-line flags kosmos-scheduler and kosmos-tree share, spelled as kube-scheduler's:
+    which API server (``--kubeconfig``, ``--master``, ``--context``, for
+    :func:`scheduler.kube.connect`) and the Lease election (``--leader-elect*`` and ``--identity``,
+    for :class:`LeaderElector`; check the timings with :func:`timing_problem`).
+
+    ``lease_name``: the Lease's default name. ``acts``: what a replica does only while it holds
+    the Lease (the help says so). ``root``: the API server is the root cluster's (the tree
+    manager). ``config_file``: a configuration file has the election's defaults (the scheduler's
+    KubeSchedulerConfiguration ``leaderElection``), so a flag not given is None and the file's
+    value stands; it also brings that configuration's ``--leader-elect-resource-lock``."""
+    p.add_argument("--kubeconfig", help=f"{'root kubeconfig' if root else 'kubeconfig file'} (default: in-cluster, "
+                                        "then $KUBECONFIG/~/.kube/config)")
+    p.add_argument("--master", help=f"{'root ' if root else ''}API server URL (overrides the kubeconfig's server)")
+    p.add_argument("--context", help="kubeconfig context")
+    # With a configuration file argparse has no defaults (None: not given), the help names them.
+    shown = " (default {})" if config_file else ""
+    p.add_argument("--leader-elect", type=cli_types.boolean, nargs="?", const=True,
+                   default=None if config_file else True,
+                   help=f"campaign for a Lease and {acts} only while holding it (default true"
+                        + (", or the config's)" if config_file else ")"))
+    if config_file:
+        p.add_argument("--leader-elect-resource-lock", choices=["leases"], default="leases",
+                       help="the lock's resource type: leases only (upstream's default; its endpoints and configmaps "
+                            "locks are gone)")
+    p.add_argument("--leader-elect-resource-namespace", default=None if config_file else "kube-system",
+                   help="the Lease's namespace" + shown.format("kube-system"))
+    p.add_argument("--leader-elect-resource-name", default=None if config_file else lease_name,
+                   help="the Lease's name" + shown.format(lease_name))
+    for flag, seconds in (("lease-duration", 15.0), ("renew-deadline", 10.0), ("retry-period", 2.0)):
+        p.add_argument(f"--leader-elect-{flag}", type=cli_types.positive_seconds,
+                       default=None if config_file else seconds, help=f"seconds (default {seconds:g})")
+    p.add_argument("--identity", help="this replica's holder identity (default host name + uuid)")
 
 
 class LeaderElector:

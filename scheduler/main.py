@@ -26,8 +26,8 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from fabric import cli_types, health, logs
-from scheduler.election import timing_problem
+from fabric import health, logs
+from scheduler import election
 from scheduler.kube import connect
 from scheduler.profile import ConfigError, default_config, load_config
 
@@ -71,21 +71,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kosmos-scheduler", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="A Kubernetes scheduler (upstream framework semantics) with Kosmos' leaf-cluster plugins.")
-    p.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, then $KUBECONFIG/~/.kube/config)")
-    p.add_argument("--master", help="API server URL (overrides the kubeconfig's server)")
-    p.add_argument("--context", help="kubeconfig context")
+    election.add_flags(p, lease_name="kosmos-scheduler", acts="schedule", config_file=True)
     p.add_argument("--config", help="KubeSchedulerConfiguration YAML (profiles, plugins, weights, pluginConfig)")
-    p.add_argument("--leader-elect", type=cli_types.boolean, nargs="?", const=True, default=None,
-                   help="campaign for a Lease and schedule only while holding it (default true, or the config's)")
-    p.add_argument("--leader-elect-resource-lock", choices=["leases"], default="leases",
-                   help="the lock's resource type: leases only (upstream's default; its endpoints and configmaps "
-                        "locks are gone)")
-    p.add_argument("--leader-elect-resource-namespace", help="the Lease's namespace (default kube-system)")
-    p.add_argument("--leader-elect-resource-name", help="the Lease's name (default kosmos-scheduler)")
-    p.add_argument("--leader-elect-lease-duration", type=cli_types.positive_seconds, help="seconds (default 15)")
-    p.add_argument("--leader-elect-renew-deadline", type=cli_types.positive_seconds, help="seconds (default 10)")
-    p.add_argument("--leader-elect-retry-period", type=cli_types.positive_seconds, help="seconds (default 2)")
-    p.add_argument("--identity", help="this replica's holder identity (default host name + uuid)")
     p.add_argument("--listen", default="127.0.0.1:10259", help="HOST:PORT for /metrics and /healthz")
     p.add_argument("--bind-workers", type=int, default=16, help="concurrent pods/binding requests")
     p.add_argument("--log-level", default="info", help="debug, info, warning or error")
@@ -113,7 +100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         v = getattr(args, flag)
         if v is not None:
             setattr(le, attr, v)
-    problem = timing_problem(le.lease_duration, le.renew_deadline, le.retry_period) if le.leader_elect else None
+    problem = None
+    if le.leader_elect:
+        problem = election.timing_problem(le.lease_duration, le.renew_deadline, le.retry_period)
     if problem:
         print(f"kosmos-scheduler: leader election (--leader-elect-* flags or the config's leaderElection): "
               f"{problem}", file=sys.stderr)

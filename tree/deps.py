@@ -34,8 +34,10 @@ are written in:
    once, as the binder does) and its status made the leaf PVC's (phase, capacity, conditions of
    an expansion). A root PVC that is gone (or recreated: another UID) deletes its leaf copy by
    UID, and its mirror by the leaf PV's reclaim policy: Delete deletes it, Retain leaves it
-   Released. The scheduler keeps a pod whose PVC is mirrored from leaf A off other leaves (the
-   mirror's node affinity); :meth:`ensure` refuses it anyway (Kosmos issue #641: a PVC-bound pod
+   Released. Every PVC and PV patch carries the uid of the object it was computed from
+   (:meth:`Dependencies._patch`): one recreated under the same name meanwhile is not written.
+   The scheduler keeps a pod whose PVC is mirrored from leaf A off other leaves (the mirror's
+   node affinity); :meth:`ensure` refuses it anyway (Kosmos issue #641: a PVC-bound pod
    rescheduled onto another leaf got an empty new volume there).
 4. :meth:`Dependencies.release` (the pod syncer, after its pass): ConfigMap, Secret and
    ServiceAccount copies of ours that no leaf pod of ours names any more are deleted (with a
@@ -548,13 +550,20 @@ class Dependencies:
         meta = _meta(copy)
         path = resource_path("v1", plural, meta["namespace"], meta["name"])
         if plural == PVCS:
-            self.leaf.request("PATCH", path, {"spec": {"resources": {"requests": {"storage": storage(desired)}}}},
-                              ctype="application/merge-patch+json", timeout=self.timeout)
+            self._patch(self.leaf, path, copy, {"spec": {"resources": {"requests": {"storage": storage(desired)}}}})
         else:
             body = dict(desired)
             body["metadata"] = {**desired["metadata"], "uid": meta.get("uid")}
             self.leaf.request("PUT", path, body, timeout=self.timeout)
         self._count(KINDS[plural], "update")
+
+    def _patch(self, api: Api, path: str, obj: Obj, body: Obj) -> None:
+        """Merge-patch ``body`` into ``obj`` (at ``path``: the object or its status), and only into
+        that very object: the patch carries ``obj``'s ``metadata.uid``, which the API server
+        refuses (422, the uid is immutable) when the object of that name is another one now,
+        deleted and recreated since ``obj`` was read; a patch by name alone would land on it."""
+        body = {**body, "metadata": {**(body.get("metadata") or {}), "uid": _uid(obj)}}
+        api.request("PATCH", path, body, ctype="application/merge-patch+json", timeout=self.timeout)
 
     def _delete(self, api: Api, plural: str, ns: str | None, name: str, uid: str) -> None:
         """Delete one object, only if it still has ``uid`` (a 404 counts as done)."""
@@ -735,9 +744,8 @@ class Dependencies:
             if policy == "Delete":
                 self._delete(self.root, PVS, None, name, _uid(pv))
             elif (pv.get("status") or {}).get("phase") != "Released":
-                self.root.request("PATCH", resource_path("v1", PVS, name=name, sub="status"),
-                                  {"status": {"phase": "Released"}}, ctype="application/merge-patch+json",
-                                  timeout=self.timeout)
+                self._patch(self.root, resource_path("v1", PVS, name=name, sub="status"), pv,
+                            {"status": {"phase": "Released"}})
                 self._count("PersistentVolume", "status")
 
     def _pv_nodes(self, leaf_pv: Obj, leaf_pvc: Obj) -> list[str]:
@@ -778,14 +786,12 @@ class Dependencies:
         mname = str(_meta(mirror)["name"])
         desired = mirror_pv(leaf_pv, root_pvc, name=mname, cluster=self.cluster, nodes=nodes)
         if mirror_differs(desired, mirror):
-            self.root.request("PATCH", resource_path("v1", PVS, name=mname),
-                              {"spec": {"capacity": desired["spec"]["capacity"]}},
-                              ctype="application/merge-patch+json", timeout=self.timeout)
+            self._patch(self.root, resource_path("v1", PVS, name=mname), mirror,
+                        {"spec": {"capacity": desired["spec"]["capacity"]}})
             self._count("PersistentVolume", "update")
         if (mirror.get("status") or {}).get("phase") != "Bound":
-            self.root.request("PATCH", resource_path("v1", PVS, name=mname, sub="status"),
-                              {"status": {"phase": "Bound"}}, ctype="application/merge-patch+json",
-                              timeout=self.timeout)
+            self._patch(self.root, resource_path("v1", PVS, name=mname, sub="status"), mirror,
+                        {"status": {"phase": "Bound"}})
             self._count("PersistentVolume", "status")
         self._bind_root_pvc(root_pvc, leaf_pvc, mname)
 
@@ -804,10 +810,10 @@ class Dependencies:
         path = resource_path("v1", PVCS, meta["namespace"], meta["name"])
         bound = (root_pvc.get("spec") or {}).get("volumeName")
         if not bound:
-            self.root.request("PATCH", path, {
+            self._patch(self.root, path, root_pvc, {
                 "metadata": {"annotations": {"pv.kubernetes.io/bind-completed": "yes",
                                              "pv.kubernetes.io/bound-by-controller": "yes"}},
-                "spec": {"volumeName": pv_name}}, ctype="application/merge-patch+json", timeout=self.timeout)
+                "spec": {"volumeName": pv_name}})
             self._count("PersistentVolumeClaim", "bind")
         elif bound != pv_name:
             _log.warning("Cluster %s: root PVC %s/%s is bound to %s, not to %s (the mirror of its leaf volume); "
@@ -816,7 +822,7 @@ class Dependencies:
         leaf_status, root_status = leaf_pvc.get("status") or {}, root_pvc.get("status") or {}
         patch = {k: leaf_status.get(k) for k in _PVC_STATUS if leaf_status.get(k) != root_status.get(k)}
         if patch:
-            self.root.request("PATCH", resource_path("v1", PVCS, meta["namespace"], meta["name"], sub="status"),
-                              {"status": patch}, ctype="application/merge-patch+json", timeout=self.timeout)
+            self._patch(self.root, resource_path("v1", PVCS, meta["namespace"], meta["name"], sub="status"), root_pvc,
+                        {"status": patch})
             self._count("PersistentVolumeClaim", "status")
 

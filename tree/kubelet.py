@@ -550,12 +550,9 @@ class PodResolver:
         self.timeout = timeout
 
     def __call__(self, ns: str, name: str) -> tuple[Api, str, str] | None:
-        try:
-            pod = self.root.request("GET", resource_path("v1", "pods", ns, name), timeout=self.timeout)
-        except ApiError as e:
-            if e.status == 404:
-                raise NotFound(f'pods "{name}" not found') from None
-            raise
+        pod = self.root.get_or_none(resource_path("v1", "pods", ns, name), timeout=self.timeout)
+        if pod is None:
+            raise NotFound(f'pods "{name}" not found')
         node_name = str((pod.get("spec") or {}).get("nodeName") or "")
         if not node_name:
             raise NotFound(f"pod {ns}/{name} is not bound to a node")

@@ -22,8 +22,9 @@ import threading
 from collections.abc import Sequence
 
 from fabric import health, logs
-from fabric.cli_types import boolean, grpc_target, positive_seconds
+from fabric.cli_types import grpc_target, positive_seconds
 from fabric.control import tls
+from scheduler import election
 from scheduler.kube import Api, connect, resource_path
 from tree import forge
 from tree.fabric_link import FabricLink
@@ -64,17 +65,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kosmos-tree", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="ClusterTree's manager: leaf clusters as virtual nodes of the root (host) cluster.")
-    p.add_argument("--kubeconfig", help="root kubeconfig (default: in-cluster, then $KUBECONFIG/~/.kube/config)")
-    p.add_argument("--master", help="root API server URL (overrides the kubeconfig's server)")
-    p.add_argument("--context", help="kubeconfig context")
-    p.add_argument("--leader-elect", type=boolean, nargs="?", const=True, default=True,
-                   help="campaign for a Lease and act only while holding it (default true)")
-    p.add_argument("--leader-elect-resource-namespace", default="kube-system", help="the Lease's namespace")
-    p.add_argument("--leader-elect-resource-name", default="kosmos-tree", help="the Lease's name")
-    p.add_argument("--leader-elect-lease-duration", type=positive_seconds, default=15.0, help="seconds (default 15)")
-    p.add_argument("--leader-elect-renew-deadline", type=positive_seconds, default=10.0, help="seconds (default 10)")
-    p.add_argument("--leader-elect-retry-period", type=positive_seconds, default=2.0, help="seconds (default 2)")
-    p.add_argument("--identity", help="this replica's holder identity (default host name + uuid)")
+    election.add_flags(p, lease_name="kosmos-tree", acts="act", root=True)
     p.add_argument("--root-id", help="this root cluster's id, carried by what it puts into leaves "
                                      "(default: the UID of the root's kube-system namespace); records are published as "
                                      "tree/<root id>, so lowercase letters, digits and -./ only")

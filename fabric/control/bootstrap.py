@@ -119,14 +119,15 @@ class Signer:
 
 def problem(d: tls.TLSDir, who: ident.Identity, now: datetime.datetime | None = None) -> str | None:
     """Why ``d`` holds no certificate ``who`` can connect with now (missing files, a key that is
-    not the certificate's, unknown CA, expired, another identity), or None."""
+    not the certificate's, unknown CA, expired, another identity), or None. The files are read
+    and checked as every client channel does (tls._client_material: cached while unchanged and
+    valid), and then the certificate's identity is compared with ``who``."""
     try:
-        cert_pem, _key, ca_pem = d.read()
+        (cert_pem, _key, _ca), why = tls._client_material(d, now)
     except tls.TLSError as e:
         return str(e)
-    why = pki.explain(cert_pem, ca_pem, "client", now)
     if why is not None:
-        return f"{d.cert}: {why}"
+        return why
     holder = pki.certificate_identity(pki.load_cert(cert_pem))
     if holder != who:
         return f"{d.cert}: a certificate of {holder}, this process is {who}"

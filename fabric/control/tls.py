@@ -269,37 +269,47 @@ class _Material:
     files' stamp is ``stamp``. ``good_until``: the check found the certificate acceptable, and
     that verdict holds until this time (the earliest end of validity of the certificate and the
     CA file's certificates); None when it found a problem (then it is checked again each time,
-    since a certificate not yet valid becomes valid without a file changing)."""
+    since a certificate not yet valid becomes valid without a file changing). ``good_from``: the
+    certificate's start of validity, with ``good_until`` (a caller may ask about an earlier
+    time, :func:`fabric.control.bootstrap.problem`)."""
 
     stamp: tuple[tuple[int, int, int], ...]
     pem: tuple[bytes, bytes, bytes]
     good_until: datetime.datetime | None
+    good_from: datetime.datetime | None
+
+    def good_at(self, now: datetime.datetime) -> bool:
+        """The check found the certificate acceptable, and that holds at ``now``."""
+        return self.good_from is not None and self.good_until is not None and self.good_from <= now < self.good_until
 
 
 _material: dict[Path, _Material] = {}
 _material_lock = threading.Lock()
 
 
-def _client_material(d: TLSDir) -> tuple[tuple[bytes, bytes, bytes], str | None]:
+def _client_material(d: TLSDir, now: datetime.datetime | None = None) -> tuple[tuple[bytes, bytes, bytes], str | None]:
     """(certificate, key, CA) PEM of ``d`` and why the certificate is not acceptable as a client
-    certificate now (None: it is): from the cache while the stamp is unchanged and an acceptable
-    certificate has not expired, else read and checked again. TLSError as :meth:`TLSDir.read`
-    (never cached: a file that cannot be read is tried again the next time)."""
+    certificate at ``now`` (default: now; None: it is): from the cache while the stamp is
+    unchanged and an acceptable certificate is valid at ``now``, else read and checked again.
+    TLSError as :meth:`TLSDir.read` (never cached: a file that cannot be read is tried again the
+    next time)."""
     stamp = d._stamp()  # before reading: a file replaced meanwhile gives another stamp next time
-    now = pki.utcnow()
+    now = pki.utcnow() if now is None else pki._aware(now)
     with _material_lock:
         got = _material.get(d.path)
-    if got is not None and got.stamp == stamp and got.good_until is not None and now < got.good_until:
+    if got is not None and got.stamp == stamp and got.good_at(now):
         return got.pem, None
     pem = d.read()
     cert, _key, ca = pem
     why = pki.explain(cert, ca, "client", now)
-    good_until = None
+    good_until = good_from = None
     if why is None:
-        ends = [pki.load_cert(cert).not_valid_after, *(c.not_valid_after for c in pki._load_cas(ca))]
+        parsed = pki.load_cert(cert)
+        ends = [parsed.not_valid_after, *(c.not_valid_after for c in pki._load_cas(ca))]
         good_until = min(pki._aware(t) for t in ends)
+        good_from = pki._aware(parsed.not_valid_before)
     with _material_lock:
-        _material[d.path] = _Material(stamp, pem, good_until)
+        _material[d.path] = _Material(stamp, pem, good_until, good_from)
     return pem, None if why is None else f"{d.cert}: {why}"
 
 

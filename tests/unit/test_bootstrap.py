@@ -23,7 +23,8 @@ from cryptography.hazmat.primitives import serialization
 
 from fabric.agent import config as agent_config
 from fabric.control import api, authz, bootstrap, client, identity, pki, reflector, tls
-from tests.unit.test_control_session import CONFIG, E1, KEEPALIVE, Recorder
+from tests.control_recorder import Recorder
+from tests.unit.test_control_session import CONFIG, E1, KEEPALIVE
 from tests.unit.test_tls import PKI, run
 from tests.waiting import wait_until_async
 
@@ -129,6 +130,28 @@ def test_problem_names_what_is_missing_or_wrong(fabric_pki: PKI, tmp_path: Path)
     assert "expired" in (bootstrap.problem(good, NODE_E1, later) or "")
 
 
+def test_problem_reads_and_checks_as_the_client_channels_do(fabric_pki: PKI, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One way to read and check a client directory (tls._client_material): unchanged files are
+    read once for the keeper's checks and the channels' alike, and a check at another time than
+    the cached verdict's window is made again."""
+    good = fabric_pki.client("good", NODE_E1)
+    reads: list[tls.TLSDir] = []
+    real = tls.TLSDir.read
+
+    def read(d: tls.TLSDir) -> tuple[bytes, bytes, bytes]:
+        reads.append(d)
+        return real(d)
+
+    monkeypatch.setattr(tls.TLSDir, "read", read)
+    assert bootstrap.problem(good, NODE_E1) is None
+    assert tls.check_own(good) is None
+    assert "node/east/e1" in (bootstrap.problem(good, identity.node("east", "e2")) or "")
+    assert len(reads) == 1
+    before = pki.utcnow() - datetime.timedelta(days=1)  # before its notBefore (back-dated 5 min)
+    assert "not yet valid" in (bootstrap.problem(good, NODE_E1, before) or "")
+    assert len(reads) == 2
+
+
 # --------------------------------------------------------------------------------------------
 # Over the wire
 # --------------------------------------------------------------------------------------------
@@ -156,27 +179,61 @@ def unauthorized(refl: reflector.Reflector, label: str) -> int:
     return refl._rejections_by.get((api.RejectionReason.UNAUTHORIZED, label), 0)
 
 
-def test_agent_bootstraps_then_renews_without_dropping_its_session(fabric_pki: PKI, tmp_path: Path) -> None:
-    boot = fabric_pki.client("boot", BOOT_EAST)
-    own = tls.TLSDir(tmp_path / "node")
+@dataclasses.dataclass
+class NodeAgent:
+    """Node east/e1 as fabric-agent runs it with --bootstrap-dir: the bootstrap credentials
+    (``boot``), the directory its CertificateKeeper writes (``own``) and a session over that."""
+
+    boot: tls.TLSDir
+    own: tls.TLSDir
+
+    @contextlib.asynccontextmanager
+    async def keeper(self, target: str, backoff: tuple[float, float]) -> AsyncIterator[bootstrap.CertificateKeeper]:
+        """The keeper running, once it has written the first certificate; cancelled after."""
+        keeper = bootstrap.CertificateKeeper(target, self.own, NODE_E1, self.boot, backoff=backoff)
+        task = asyncio.create_task(keeper.run())
+        try:
+            await asyncio.wait_for(keeper.ready.wait(), 10)
+            yield keeper
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    @contextlib.asynccontextmanager
+    async def session(self, target: str) -> AsyncIterator[client.AgentSession]:
+        """An agent session with the node's own certificate, once it has its snapshot; closed after."""
+        rec = Recorder()
+        session = client.AgentSession(target, E1, rec, keepalive_interval=KEEPALIVE, backoff=(0.05, 0.2),
+                                      tls_dir=self.own)  # fmt: skip
+        rec.session = session
+        task = asyncio.create_task(session.run())
+        try:
+            await wait_until_async(lambda: rec.count("snapshot") >= 1, 10, "the agent's snapshot")
+            yield session
+        finally:
+            await session.close()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+@pytest.fixture
+def node_agent(fabric_pki: PKI, tmp_path: Path) -> NodeAgent:
+    return NodeAgent(fabric_pki.client("boot", BOOT_EAST), tls.TLSDir(tmp_path / "node"))
+
+
+def test_agent_bootstraps_then_renews_without_dropping_its_session(fabric_pki: PKI, node_agent: NodeAgent) -> None:
+    own = node_agent.own
 
     async def body() -> None:
-        async with signing_reflector(fabric_pki, datetime.timedelta(seconds=3)) as (_refl, target):
-            keeper = bootstrap.CertificateKeeper(target, own, NODE_E1, boot, backoff=(0.05, 0.2))
-            keeper_task = asyncio.create_task(keeper.run())
-            await asyncio.wait_for(keeper.ready.wait(), 10)
+        async with (
+            signing_reflector(fabric_pki, datetime.timedelta(seconds=3)) as (_refl, target),
+            node_agent.keeper(target, (0.05, 0.2)) as keeper,
+        ):
             assert bootstrap.problem(own, NODE_E1) is None
             assert (own.key.stat().st_mode & 0o777) == 0o600
             first = serial(own)
             # Renewals go with the node's own certificate: the bootstrap one is gone from now on.
             keeper.bootstrap = None
-            rec = Recorder()
-            session = client.AgentSession(target, E1, rec, keepalive_interval=KEEPALIVE, backoff=(0.05, 0.2),
-                                          tls_dir=own)  # fmt: skip
-            rec.session = session
-            session_task = asyncio.create_task(session.run())
-            try:
-                await wait_until_async(lambda: rec.count("snapshot") >= 1, 10, "the agent's snapshot")
+            async with node_agent.session(target) as session:
                 attempts = session._attempts
                 await wait_until_async(lambda: keeper.issued >= 3, 15, "two renewals")
                 assert serial(own) != first
@@ -184,41 +241,24 @@ def test_agent_bootstraps_then_renews_without_dropping_its_session(fabric_pki: P
                 # The session that was up before the renewals is the same one: never reconnected.
                 assert session._attempts == attempts and session.connected
                 assert keeper.failures == 0
-            finally:
-                keeper_task.cancel()
-                await session.close()
-                await asyncio.gather(session_task, keeper_task, return_exceptions=True)
 
     run(body(), 40)
 
 
-def test_failed_renewal_is_retried_and_the_session_goes_on(fabric_pki: PKI, tmp_path: Path) -> None:
-    boot = fabric_pki.client("boot", BOOT_EAST)
-    own = tls.TLSDir(tmp_path / "node")
-
+def test_failed_renewal_is_retried_and_the_session_goes_on(fabric_pki: PKI, node_agent: NodeAgent) -> None:
     async def body() -> None:
-        async with signing_reflector(fabric_pki, datetime.timedelta(seconds=4)) as (refl, target):
-            keeper = bootstrap.CertificateKeeper(target, own, NODE_E1, boot, backoff=(0.05, 0.1))
-            keeper_task = asyncio.create_task(keeper.run())
-            await asyncio.wait_for(keeper.ready.wait(), 10)
+        async with (
+            signing_reflector(fabric_pki, datetime.timedelta(seconds=4)) as (refl, target),
+            node_agent.keeper(target, (0.05, 0.1)) as keeper,
+        ):
             signer, refl.signer = refl.signer, None  # the reflector stops signing for a while
-            rec = Recorder()
-            session = client.AgentSession(target, E1, rec, keepalive_interval=KEEPALIVE, backoff=(0.05, 0.2),
-                                          tls_dir=own)  # fmt: skip
-            rec.session = session
-            session_task = asyncio.create_task(session.run())
-            try:
-                await wait_until_async(lambda: rec.count("snapshot") >= 1, 10, "the agent's snapshot")
+            async with node_agent.session(target) as session:
                 attempts = session._attempts
                 await wait_until_async(lambda: keeper.failures >= 2, 10, "failed renewals, retried")
                 assert keeper.issued == 1 and session.connected and session._attempts == attempts
                 refl.signer = signer
                 await wait_until_async(lambda: keeper.issued >= 2, 10, "the renewal once the reflector signs again")
                 assert session._attempts == attempts
-            finally:
-                keeper_task.cancel()
-                await session.close()
-                await asyncio.gather(session_task, keeper_task, return_exceptions=True)
 
     run(body(), 40)
 

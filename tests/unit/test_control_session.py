@@ -23,6 +23,7 @@ from fabric import types
 from fabric.control import api, client, codec, election, planner, reflector
 from fabric.control.generated import fabric_pb2 as pb
 from fabric.control.generated import fabric_pb2_grpc as pb_grpc
+from tests.control_recorder import Recorder as Recorder  # also imported from here (test_tls, test_reflector_bounds)
 from tests.waiting import wait_until_async
 
 KEEPALIVE = 0.1
@@ -40,37 +41,6 @@ W1 = types.NodeAnnouncement("west", "w1", "198.18.0.21", ("10.20.1.0/24",))
 
 def run(coro: Coroutine[Any, Any, None], timeout: float = 10.0) -> None:
     asyncio.run(asyncio.wait_for(coro, timeout))
-
-
-class Recorder:
-    """A SessionHandler that records every callback and reports each version applied."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[str, Any]] = []
-        self.session: client.AgentSession | None = None
-        self.report = True
-
-    def count(self, kind: str) -> int:
-        return sum(1 for k, _ in self.events if k == kind)
-
-    def last(self, kind: str) -> Any:
-        return [v for k, v in self.events if k == kind][-1]
-
-    async def on_snapshot(self, state: types.NodeState, version: int) -> None:
-        self.events.append(("snapshot", (state, version)))
-        if self.report and self.session is not None:
-            await self.session.report_applied(version)
-
-    async def on_delta(self, delta: types.StateDelta, version: int) -> None:
-        self.events.append(("delta", (delta, version)))
-        if self.report and self.session is not None:
-            await self.session.report_applied(version)
-
-    async def on_connection(self, connected: bool, reason: str) -> None:
-        self.events.append(("connection", (connected, reason)))
-
-    async def on_rejected(self, reason: str) -> None:
-        self.events.append(("rejected", reason))
 
 
 class Harness:

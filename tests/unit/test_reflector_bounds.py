@@ -79,32 +79,6 @@ class RawAgent:
         await self.channel.close(grace=None)
 
 
-class Lean:
-    """A SessionHandler that reports every version applied and keeps nothing but counts (the
-    memory measured must be the reflector's, not a test recorder's)."""
-
-    def __init__(self) -> None:
-        self.session: client.AgentSession | None = None
-        self.snapshots = 0
-        self.deltas = 0
-
-    async def on_snapshot(self, state: types.NodeState, version: int) -> None:
-        self.snapshots += 1
-        assert self.session is not None
-        await self.session.report_applied(version)
-
-    async def on_delta(self, delta: types.StateDelta, version: int) -> None:
-        self.deltas += 1
-        assert self.session is not None
-        await self.session.report_applied(version)
-
-    async def on_connection(self, connected: bool, reason: str) -> None:
-        pass
-
-    async def on_rejected(self, reason: str) -> None:
-        pass
-
-
 def session_of(refl: reflector.Reflector, key: str) -> reflector._Session | None:
     rec = refl._nodes.get(types.NodeKey.parse(key))
     return rec.session if rec is not None else None
@@ -126,9 +100,9 @@ def test_client_that_reads_nothing_is_cut_off_memory_bounded_others_in_sync() ->
     async def body() -> None:
         # Keepalives of 1 s: the event loop is busy producing, and the test is not about them.
         async with serving(bounds.Limits(send_queue_bytes=limit), keepalive=1.0) as (refl, target):
-            fast: list[tuple[client.AgentSession, Lean, asyncio.Task[None]]] = []
+            fast: list[tuple[client.AgentSession, Recorder, asyncio.Task[None]]] = []
             for ann in (E1, W1):
-                rec = Lean()
+                rec = Recorder(counts_only=True)
                 s = client.AgentSession(target, ann, rec, keepalive_interval=1.0, backoff=(0.05, 0.2))
                 rec.session = s
                 fast.append((s, rec, asyncio.create_task(s.run())))

@@ -13,7 +13,6 @@ another identity taking the Lease makes the leader step down. No root; 127.0.0.1
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from fabric.control.generated import fabric_pb2 as pb
 from fabric.control.generated import fabric_pb2_grpc as pb_grpc
 from fabric.control.reflector import Reflector
 from kubeemu.runner import ServerThread
+from tests.control_recorder import Recorder
 from tests.unit.test_k8s_source import CLUSTERS, EAST, _get, _request, _source, cluster, emu
 from tests.waiting import wait_until_async
 
@@ -35,28 +35,6 @@ __all__ = ["emu"]  # the fixture (an emulated host API server with the CRD), imp
 LEASE = "/apis/coordination.k8s.io/v1/namespaces/kosmos-system/leases/refl"
 E1 = types.NodeAnnouncement("east", "e1", "198.18.0.11", ("10.10.1.0/24",))
 E2 = types.NodeAnnouncement("east", "e2", "198.18.0.12", ("10.10.2.0/24",))
-
-
-@dataclasses.dataclass
-class Recorder:
-    """An agent's side of one AgentSession: what it was told."""
-
-    snapshots: int = 0
-    lost: list[str] = dataclasses.field(default_factory=list)
-    rejected: list[str] = dataclasses.field(default_factory=list)
-
-    async def on_snapshot(self, state: types.NodeState, version: int) -> None:
-        self.snapshots += 1
-
-    async def on_delta(self, delta: types.StateDelta, version: int) -> None:
-        return None
-
-    async def on_connection(self, connected: bool, reason: str) -> None:
-        if not connected:
-            self.lost.append(reason)
-
-    async def on_rejected(self, reason: str) -> None:
-        self.rejected.append(reason)
 
 
 class Replica:

@@ -11,7 +11,7 @@ import base64
 import concurrent.futures
 import contextlib
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -560,6 +560,59 @@ def test_a_restarted_instance_collects_a_pvc_deleted_while_it_was_down(env: Tree
         env.start_deps("l1", "c1")
         wait_until(lambda: get(leaf, "persistentvolumeclaims", "data") is None, 10, "the leaf PVC collected")
         wait_until(lambda: get(root, "persistentvolumes", name, ns=None) is None, 10, "the mirror collected")
+
+
+def test_pvc_and_pv_writes_never_land_on_an_object_recreated_under_its_name(env: TreeEnv) -> None:
+    """The PVCs and the mirror as the worker read them, then each deleted and made again under
+    the same name by someone else (a new uid) before the write: every patch carries the uid it
+    was computed from, the API server refuses it (422: metadata.uid is immutable), and the new
+    objects stay as they were made. By name alone, each would have landed on the new object."""
+    root, leaf = env.root, env.leaf("l1")
+    pvcs, pvs = "persistentvolumeclaims", "persistentvolumes"
+    with pvc_setup(env) as (unbound_root_pvc, pod):
+        deps = env.start_deps("l1", "c1")
+        deps.ensure(pod, NS)
+        name = env.provision("l1", NS, "data", reclaim="Retain")["metadata"]["name"]
+        wait_until(lambda: (get(root, pvcs, "data") or {}).get("status", {}).get("phase") == "Bound", 10,
+                   "the root PVC bound to its mirror")
+        bound_root_pvc, leaf_pvc = get(root, pvcs, "data"), get(leaf, pvcs, "data")
+        mirror = get(root, pvs, name, ns=None)
+        assert bound_root_pvc is not None and mirror is not None and leaf_pvc is not None
+        root.request("DELETE", path(pvcs, "data"))
+        wait_until(lambda: get(leaf, pvcs, "data") is None, 10, "the leaf PVC deleted")
+        wait_until(lambda: (get(root, pvs, name, ns=None) or {}).get("status", {}).get("phase") == "Released", 10,
+                   "the retained mirror Released")
+        root.request("DELETE", resource_path("v1", pvs, name=name))
+        claim = {"metadata": {"name": "data"}, "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "fast",
+                                                         "resources": {"requests": {"storage": "1Gi"}}}}
+        new_objects = [
+            (root, path(pvcs, "data"), root.create(path(pvcs), claim)),
+            (leaf, path(pvcs, "data"), leaf.create(path(pvcs), claim)),
+            (root, resource_path("v1", pvs, name=name), root.create(resource_path("v1", pvs), {
+                "metadata": {"name": name}, "spec": {k: v for k, v in mirror["spec"].items() if k != "claimRef"}})),
+        ]
+        assert all(new["metadata"]["uid"] not in (leaf_pvc["metadata"]["uid"], mirror["metadata"]["uid"],
+                                                  bound_root_pvc["metadata"]["uid"]) for _, _, new in new_objects)
+        grown = {**leaf_pvc, "status": {**leaf_pvc["status"], "capacity": {"storage": "2Gi"}}}
+        refused: list[Callable[[], None]] = [
+            lambda: deps._bind_root_pvc(unbound_root_pvc, grown, name),  # volumeName and annotations
+            lambda: deps._bind_root_pvc(bound_root_pvc, grown, name),  # status
+            lambda: deps._update(pvcs, {**leaf_pvc, "spec": {**leaf_pvc["spec"], "resources": {
+                "requests": {"storage": "2Gi"}}}}, leaf_pvc),  # the leaf copy's request
+            # the mirror's status (as when Released, or Bound) and capacity: the same patch helper
+            lambda: deps._patch(root, resource_path("v1", pvs, name=name, sub="status"), mirror,
+                                {"status": {"phase": "Released"}}),
+            lambda: deps._patch(root, resource_path("v1", pvs, name=name), mirror,
+                                {"spec": {"capacity": {"storage": "2Gi"}}}),
+        ]
+        for write in refused:
+            with pytest.raises(ApiError) as e:
+                write()
+            assert e.value.status == 422 and "metadata.uid" in e.value.message, e.value.message
+        for api, at, new in new_objects:
+            now = api.get(at)
+            assert now["metadata"]["uid"] == new["metadata"]["uid"]
+            assert now["metadata"]["resourceVersion"] == new["metadata"]["resourceVersion"], f"{at} was written"
 
 
 def test_pvc_flow_with_the_leafs_and_roots_own_volume_controllers(env: TreeEnv, tmp_path: Any) -> None:

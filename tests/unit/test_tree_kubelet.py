@@ -205,6 +205,12 @@ def test_healthz_and_unknown_paths(tree: Tree) -> None:
     assert r.status == 404
 
 
+def test_a_pod_the_root_does_not_have_is_not_found(tree: Tree) -> None:
+    api = Api(tree.server.url)
+    r = api._pool.request("GET", tree.server.url + "/containerLogs/default/nowhere/c")
+    assert (r.status, r.data) == (404, b'pods "nowhere" not found')
+
+
 def test_callers_going_away_end_the_leaf_stream_and_the_leaf_command(tree: Tree, tmp_path: Path) -> None:
     ns = _running_copy(tree, "quiet")
     tree.access.write(ns, "quiet", "c", "stdout F hello")

@@ -24,6 +24,7 @@ import pytest
 from fabric import types
 from fabric.control import api, client, reflector
 from fabric.control.records import list_records_sync
+from tests.control_recorder import Recorder
 from tests.tree_env import REPO, ROOT_ID, TreeEnv, tree_env
 from tests.waiting import wait_until
 from tree import forge
@@ -44,27 +45,6 @@ L1 = types.NodeAnnouncement("leaf1", "l1", "198.18.0.21", ("10.20.1.0/24",))
 L2 = types.NodeAnnouncement("leaf2", "l2", "198.18.0.31", ("10.30.1.0/24",))
 KIND = forge.RECORD_KIND
 PUBLISHER = identity(ROOT_ID)
-
-
-class _Quiet:
-    """An agent's SessionHandler that only reports each version applied."""
-
-    def __init__(self) -> None:
-        self.session: client.AgentSession | None = None
-
-    async def on_snapshot(self, state: types.NodeState, version: int) -> None:
-        assert self.session is not None
-        await self.session.report_applied(version)
-
-    async def on_delta(self, delta: types.StateDelta, version: int) -> None:
-        assert self.session is not None
-        await self.session.report_applied(version)
-
-    async def on_connection(self, connected: bool, reason: str) -> None:
-        pass
-
-    async def on_rejected(self, reason: str) -> None:
-        pass
 
 
 class Fabric:
@@ -97,7 +77,7 @@ class Fabric:
 
     def agent(self, ann: types.NodeAnnouncement) -> None:
         async def go() -> None:
-            handler = _Quiet()
+            handler = Recorder(counts_only=True)
             s = client.AgentSession(self.target, ann, handler, keepalive_interval=0.1, backoff=(0.05, 0.2))
             handler.session = s
             self.agents[str(ann.key)] = (s, asyncio.create_task(s.run()))
