@@ -19,6 +19,7 @@ and resource quantities (:func:`parse_quantity`).
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import re
@@ -117,6 +118,10 @@ def not_found(path: str, value: Any) -> Cause:
 def not_supported(path: str, value: Any, supported: Iterable[str]) -> Cause:
     vals = ", ".join(json.dumps(s) for s in supported)
     return ("FieldValueNotSupported", path, f"Unsupported value: {go_value(value)}: supported values: {vals}")
+
+
+def too_many(path: str, count: int, limit: int) -> Cause:
+    return ("FieldValueTooMany", path, f"Too many: {count}: must have at most {limit} items")
 
 
 def forbidden(path: str, detail: str) -> Cause:
@@ -787,6 +792,69 @@ def _pdb(obj: Obj) -> list[Cause]:
     return out
 
 
+#: EndpointSlice limits (upstream's maxEndpoints, maxAddresses, maxPorts).
+_SLICE_MAX_ENDPOINTS, _SLICE_MAX_ADDRESSES, _SLICE_MAX_PORTS = 1000, 100, 20000
+_ADDRESS_TYPES = ("FQDN", "IPv4", "IPv6")
+
+
+def _slice_address(path: str, address: Any, address_type: str) -> list[Cause]:
+    """One endpoint address of a slice of ``address_type`` (upstream's validateEndpoints)."""
+    if address_type == "FQDN":
+        ok = isinstance(address, str) and "." in address and all(
+            _DNS1123_LABEL.match(part) for part in address.rstrip(".").split("."))
+        return [] if ok else [invalid(path, address, "should be a domain with at least two segments separated by dots")]
+    version = 4 if address_type == "IPv4" else 6
+    try:
+        ok = isinstance(address, str) and ipaddress.ip_address(address).version == version
+    except ValueError:
+        ok = False
+    return [] if ok else [invalid(path, address, f"must be a valid {address_type} address")]
+
+
+def _endpointslice(obj: Obj) -> list[Cause]:
+    """ValidateEndpointSlice: the address type, each endpoint's addresses of that type, hostname
+    and the ports, within upstream's limits."""
+    out: list[Cause] = []
+    at = obj.get("addressType")
+    if not at:
+        out.append(required("addressType"))
+    elif at not in _ADDRESS_TYPES:
+        out.append(not_supported("addressType", at, _ADDRESS_TYPES))
+    eps = obj.get("endpoints") or []
+    if isinstance(eps, list) and len(eps) > _SLICE_MAX_ENDPOINTS:
+        out.append(too_many("endpoints", len(eps), _SLICE_MAX_ENDPOINTS))
+    for i, ep in enumerate(_dicts(eps)):
+        ap = f"endpoints[{i}].addresses"
+        addrs = ep.get("addresses") or []
+        if not addrs:
+            out.append(required(ap, "must contain at least 1 address"))
+        elif len(addrs) > _SLICE_MAX_ADDRESSES:
+            out.append(too_many(ap, len(addrs), _SLICE_MAX_ADDRESSES))
+        elif at in _ADDRESS_TYPES:
+            for j, a in enumerate(addrs):
+                out += _slice_address(f"{ap}[{j}]", a, str(at))
+        if ep.get("hostname") is not None:
+            out += _dns_label(f"endpoints[{i}].hostname", ep["hostname"])
+    ports = obj.get("ports") or []
+    if isinstance(ports, list) and len(ports) > _SLICE_MAX_PORTS:
+        out.append(too_many("ports", len(ports), _SLICE_MAX_PORTS))
+    names: set[str] = set()
+    for i, p in enumerate(_dicts(ports)):
+        pp = f"ports[{i}]"
+        name = p.get("name") or ""
+        if name:
+            out += _dns_label(f"{pp}.name", name)
+        if name in names:
+            out.append(duplicate(f"{pp}.name", name))
+        names.add(name)
+        proto = p.get("protocol", "TCP")
+        if proto not in _PROTOCOLS:
+            out.append(not_supported(f"{pp}.protocol", proto, _PROTOCOLS))
+        if p.get("port") is not None:
+            out += _port_num(f"{pp}.port", p["port"])
+    return out
+
+
 _CREATE = {
     ("", "pods"): _pod,
     ("", "services"): _service,
@@ -799,6 +867,7 @@ _CREATE = {
     ("batch", "cronjobs"): _cronjob,
     ("storage.k8s.io", "storageclasses"): _storageclass,
     ("policy", "poddisruptionbudgets"): _pdb,
+    ("discovery.k8s.io", "endpointslices"): _endpointslice,
 }
 
 
@@ -897,6 +966,10 @@ def _pvc_update(new: Obj, old: Obj) -> list[Cause]:
     return out
 
 
+def _endpointslice_update(new: Obj, old: Obj) -> list[Cause]:
+    return _immutable(new.get("addressType"), old.get("addressType"), "addressType")
+
+
 _UPDATE = {
     ("", "pods"): _pod_update,
     ("apps", "deployments"): _selector_immutable,
@@ -905,6 +978,7 @@ _UPDATE = {
     ("apps", "statefulsets"): lambda n, o: _selector_immutable(n, o) + _statefulset_update(n, o),
     ("batch", "jobs"): _job_update,
     ("", "persistentvolumeclaims"): _pvc_update,
+    ("discovery.k8s.io", "endpointslices"): _endpointslice_update,
 }
 
 

@@ -56,6 +56,7 @@ RS = ("apps", "replicasets")
 JOB = ("batch", "jobs")
 CJ = ("batch", "cronjobs")
 SC = ("storage.k8s.io", "storageclasses")
+EPS = ("discovery.k8s.io", "endpointslices")
 
 
 def pod(name: str = "p", **spec: Any) -> Obj:
@@ -369,6 +370,32 @@ def test_service_and_pvc_checks(store: Store) -> None:
         "storage": "1Gi"}}}})
     assert e.message == ('PersistentVolumeClaim "c" is invalid: spec.accessModes: Required value: at least 1 access '
                          "mode is required")
+
+
+def test_endpointslice_checks(store: Store) -> None:
+    """ValidateEndpointSlice: an address type, addresses of that type, DNS-label hostnames and
+    port names, unique port names; the address type cannot change."""
+    e = refused(create, store, EPS, {"metadata": {"name": "s"}, "addressType": "Bogus",
+                                     "endpoints": [{"addresses": ["10.0.0.1"]}]})
+    assert e.message == ('EndpointSlice.discovery.k8s.io "s" is invalid: addressType: Unsupported value: "Bogus": '
+                         'supported values: "FQDN", "IPv4", "IPv6"')
+    e = refused(create, store, EPS, {"metadata": {"name": "s"}, "addressType": "IPv4", "endpoints": [
+        {"addresses": ["10.0.0.1", "fd00::1"], "hostname": "Web_0"}, {"addresses": []}],
+        "ports": [{"name": "http", "port": 80}, {"name": "http", "port": 70000, "protocol": "ICMP"}]})
+    assert e.details is not None
+    assert [(c["field"], c["message"]) for c in e.details["causes"]] == [
+        ("endpoints[0].addresses[1]", 'Invalid value: "fd00::1": must be a valid IPv4 address'),
+        ("endpoints[0].hostname", 'Invalid value: "Web_0": ' + validation.DNS1123_LABEL_MSG),
+        ("endpoints[1].addresses", "Required value: must contain at least 1 address"),
+        ("ports[1].name", 'Duplicate value: "http"'),
+        ("ports[1].protocol", 'Unsupported value: "ICMP": supported values: "SCTP", "TCP", "UDP"'),
+        ("ports[1].port", "Invalid value: 70000: must be between 1 and 65535, inclusive"),
+    ]
+    ok = create(store, EPS, {"metadata": {"name": "v6"}, "addressType": "IPv6",
+                             "endpoints": [{"addresses": ["fd00::1"], "conditions": {"ready": True}}],
+                             "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]})
+    e = refused(update, store, EPS, {**ok, "addressType": "IPv4", "endpoints": [{"addresses": ["10.0.0.1"]}]})
+    assert "addressType: Invalid value: \"IPv4\": field is immutable" in e.message
 
 
 # ---------------------------------------------------------------------------- immutability
