@@ -143,9 +143,8 @@ def test_condition_times_are_kept_while_the_status_stays_and_renewed_when_it_cha
         ("A", "2026-12-01T00:00:00Z"), ("B", "2026-12-06T00:00:00Z"), ("C", "2026-12-06T00:00:00Z")]
 
 
-@pytest.fixture
-def mcs_api(api: Api) -> Api:
-    """The emulator with the member manifests' MCS CRDs installed and served."""
+def install_mcs_crds(api: Api) -> None:
+    """The member manifests' MCS CRDs installed in ``api`` and served."""
     for f in ("crd-serviceexports.yaml", "crd-serviceimports.yaml"):
         api.create("/apis/apiextensions.k8s.io/v1/customresourcedefinitions", yaml.safe_load((MEMBER / f).read_text()))
 
@@ -157,6 +156,11 @@ def mcs_api(api: Api) -> Api:
         except ApiError:
             return False
     wait_until(served, 10, "ServiceExport and ServiceImport served")
+
+
+@pytest.fixture
+def mcs_api(api: Api) -> Api:
+    install_mcs_crds(api)
     return api
 
 

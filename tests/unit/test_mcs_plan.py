@@ -1,4 +1,4 @@
-"""mcs.plan: the delta to an importer, settled against what a real (emulated) API server returns."""
+"""mcs.plan and mcs.apply: the delta to an importer, written to and settled against a real (emulated) API server."""
 
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ import pytest
 
 from kubeemu.runner import ServerThread
 from mcs import kube as mk
+from mcs.apply import Applier, path
 from mcs.derive import Endpoint, Export, Import, Port, Slice, derive
 from mcs.plan import Plan, covers, key, plan
 from scheduler.kube import Api
+from tests.unit.test_mcs_kube import install_mcs_crds
 
 Obj = dict[str, Any]
-PATHS = {"Service": "/api/v1/namespaces/shop/services",
-         "EndpointSlice": "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices"}
+KINDS = ("Service", "EndpointSlice", "ServiceImport")
 
 
 def _import(*addresses: str, ports: tuple[Port, ...] = (Port("http", "TCP", 80),)) -> Import:
@@ -25,7 +26,7 @@ def _import(*addresses: str, ports: tuple[Port, ...] = (Port("http", "TCP", 80),
 
 
 def _desired(imp: Import, name: str = "web") -> list[Obj]:
-    return [mk.render_service(imp, name), *mk.render_slices(imp, name)]
+    return [mk.render_service(imp, name), *mk.render_slices(imp, name), mk.render_service_import(imp)]
 
 
 @pytest.fixture
@@ -33,29 +34,25 @@ def api() -> Iterator[Api]:
     with ServerThread(name="mcs-plan") as s:
         a = Api(s.url)
         a.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}})
+        install_mcs_crds(a)
         yield a
 
 
 def _current(api: Api) -> list[Obj]:
-    out = []
-    for kind, path in PATHS.items():
-        for o in api.get(path)["items"]:
-            out.append({**o, "kind": kind})
-    return out
+    """The importer's objects of our kinds, each with its kind (a list's items carry none)."""
+    return [{**o, "kind": kind} for kind in KINDS
+            for o in api.get(path({"kind": kind, "metadata": {"namespace": "shop"}}, named=False))["items"]]
 
 
 def _apply(api: Api, p: Plan) -> None:
-    for o in p.creates:
-        api.create(PATHS[o["kind"]], {f: v for f, v in o.items() if f != "status"})
-    for o in p.updates:
-        api.update(f"{PATHS[o['kind']]}/{o['metadata']['name']}", o)
-    for o in p.deletes:
-        api.request("DELETE", f"{PATHS[o['kind']]}/{o['metadata']['name']}")
+    res = Applier(api, "south").apply(p)
+    assert res.failed == 0
 
 
 def test_a_settled_importer_plans_nothing_and_a_change_plans_only_itself(api: Api) -> None:
     first = plan(_desired(_import("10.0.0.1")), _current(api))
-    assert [key(o) for o in first.creates] == [("EndpointSlice", "shop", "web-east-ipv4-0"), ("Service", "shop", "web")]
+    assert [key(o) for o in first.creates] == [("EndpointSlice", "shop", "web-east-ipv4-0"), ("Service", "shop", "web"),
+                                              ("ServiceImport", "shop", "web")]
     _apply(api, first)
     assert plan(_desired(_import("10.0.0.1")), _current(api)).empty(), \
         "the server's defaults and allocations (clusterIP, ipFamilies...) are no change"
@@ -66,24 +63,28 @@ def test_a_settled_importer_plans_nothing_and_a_change_plans_only_itself(api: Ap
     _apply(api, moved)
     assert plan(_desired(_import("10.0.0.2")), _current(api)).empty()
     ported = plan(_desired(_import("10.0.0.2", ports=(Port("http", "TCP", 81),))), _current(api))
-    assert [key(o) for o in ported.updates] == [("Service", "shop", "web")]
+    assert [key(o) for o in ported.updates] == [("Service", "shop", "web"), ("ServiceImport", "shop", "web")]
     assert ported.updates[0]["spec"]["clusterIP"] == ip, "an update keeps the allocated cluster IP"
     assert ported.updates[0]["metadata"]["resourceVersion"], "an update is conditional on what was read"
     _apply(api, ported)
     gone = plan([], _current(api))
     assert sorted(key(o) for o in gone.deletes) == [("EndpointSlice", "shop", "web-east-ipv4-0"),
-                                                   ("Service", "shop", "web")]
+                                                   ("Service", "shop", "web"), ("ServiceImport", "shop", "web")]
+    _apply(api, gone)
+    assert _current(api) == []
 
 
 def test_objects_not_ours_are_never_touched_and_a_name_they_hold_is_a_clash(api: Api) -> None:
-    theirs = api.create(PATHS["Service"], {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
-                                           "spec": {"ports": [{"port": 80}], "selector": {"app": "web"}}})
+    services = path({"kind": "Service", "metadata": {"namespace": "shop"}}, named=False)
+    theirs = api.create(services, {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
+                                   "spec": {"ports": [{"port": 80}], "selector": {"app": "web"}}})
     p = plan(_desired(_import("10.0.0.1")), _current(api))
     assert p.clashes == [("Service", "shop", "web")]
-    assert [key(o) for o in p.creates] == [("EndpointSlice", "shop", "web-east-ipv4-0")]
+    assert [key(o) for o in p.creates] == [("EndpointSlice", "shop", "web-east-ipv4-0"),
+                                          ("ServiceImport", "shop", "web")]
     assert not p.updates and not p.deletes
     assert plan([], _current(api)).deletes == []
-    assert api.get(f"{PATHS['Service']}/web")["metadata"]["uid"] == theirs["metadata"]["uid"]
+    assert api.get(path(theirs | {"kind": "Service"}))["metadata"]["uid"] == theirs["metadata"]["uid"]
 
 
 def test_a_serviceimport_status_is_planned_apart_from_its_spec() -> None:
@@ -112,3 +113,27 @@ def test_a_service_turning_headless_is_deleted_and_created(api: Api) -> None:
     p = plan([headless], [o for o in _current(api) if o["kind"] == "Service"])
     assert [key(o) for o in p.deletes] == [key(o) for o in p.creates] == [("Service", "shop", "web")]
     assert not p.updates
+
+
+def test_a_failed_write_never_stops_the_others_and_is_logged_once(api: Api, caplog: pytest.LogCaptureFixture) -> None:
+    desired = _desired(_import("10.0.0.1"))
+    good = next(o for o in desired if o["kind"] == "EndpointSlice")
+    bad = [dict(good, addressType="Bogus", metadata={**good["metadata"], "name": f"bad-{i}"}) for i in range(2)]
+    res = Applier(api, "south").apply(plan([*desired, *bad], []))
+    assert (res.failed, res.written) == (2, 4)  # the bad slices; the Service, the good slice, the import, its status
+    assert sorted(key(o) for o in _current(api)) == sorted(key(o) for o in desired)
+    logged = [r.getMessage() for r in caplog.records if "could not" in r.getMessage()]
+    assert len(logged) == 1 and logged[0].startswith("cluster south: could not create EndpointSlice shop/bad-0: ")
+    assert 'addressType: Unsupported value: "Bogus"' in logged[0]
+
+
+def test_a_delete_never_reaches_an_object_recreated_under_the_same_name(api: Api) -> None:
+    _apply(api, plan(_desired(_import("10.0.0.1")), []))
+    stale = plan([], _current(api))
+    svc = next(o for o in stale.deletes if o["kind"] == "Service")
+    api.request("DELETE", path(svc))
+    again = api.create(path(svc, named=False), {**mk.render_service(_import("10.0.0.1"), "web")})
+    res = Applier(api, "south").apply(Plan(deletes=[svc]))
+    assert res.failed == 1, "the uid precondition refused the delete"
+    assert api.get(path(svc))["metadata"]["uid"] == again["metadata"]["uid"]
+    assert Applier(api, "south").apply(plan(_desired(_import("10.0.0.1")), [])).failed == 0, "409 on create is done"

@@ -1,0 +1,90 @@
+"""Writing a :class:`mcs.plan.Plan` into one importer's API server.
+
+In order: creates (a ServiceImport's status written on the object the create returned), then
+updates, status writes, and deletes last, so a service moving from one slice name to another is
+never without endpoints in between. Every write is conditional: an update carries the
+``resourceVersion`` it was planned from, a delete the ``uid`` as a precondition, so nothing is
+written over a change made since the read, and nothing is ever deleted by name alone.
+
+A failed write never stops the others (an object of another controller, a quota, a conflict
+with a concurrent writer): the first failure of a pass is logged with the object and the API
+server's answer, the rest are counted, and the caller runs the pass again (its next plan starts
+from what the importer has then). A 404 on delete or a 409 on create is the goal already
+reached by someone else and no failure.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from mcs.kube import GROUP_VERSION
+from mcs.plan import Plan, key
+from scheduler.kube import Api, ApiError, resource_path
+
+_log = logging.getLogger(__name__)
+
+Obj = dict[str, Any]
+
+#: kind -> (group/version, resource) of what we write.
+RESOURCES: Mapping[str, tuple[str, str]] = {
+    "Service": ("v1", "services"),
+    "EndpointSlice": ("discovery.k8s.io/v1", "endpointslices"),
+    "ServiceImport": (GROUP_VERSION, "serviceimports"),
+}
+
+
+def path(obj: Mapping[str, Any], sub: str | None = None, *, named: bool = True) -> str:
+    kind, ns, name = key(obj)
+    gv, resource = RESOURCES[kind]
+    return resource_path(gv, resource, ns, name if named else None, sub)
+
+
+@dataclass
+class Result:
+    written: int = 0
+    failed: int = 0
+
+
+class Applier:
+    """Applies plans to the importer ``cluster`` through ``api``."""
+
+    def __init__(self, api: Api, cluster: str) -> None:
+        self.api = api
+        self.cluster = cluster
+
+    def apply(self, p: Plan) -> Result:
+        res = Result()
+        for o in p.creates:
+            body = {f: v for f, v in o.items() if f != "status"}
+            created = self._write(res, "create", o, lambda b=body: self.api.create(path(b, named=False), b),
+                                  done_if=409)
+            if created is not None and "status" in o:
+                self._write(res, "write the status of", o,
+                            lambda c=created, s=o["status"]: self.api.update(path(c, "status"), {**c, "status": s}))
+        for o in p.updates:
+            self._write(res, "update", o, lambda b=o: self.api.update(path(b), b))
+        for o in p.status_updates:
+            self._write(res, "write the status of", o, lambda b=o: self.api.update(path(b, "status"), b))
+        for o in p.deletes:
+            uid = (o.get("metadata") or {}).get("uid")
+            opts = {"apiVersion": "v1", "kind": "DeleteOptions", "preconditions": {"uid": uid}} if uid else None
+            self._write(res, "delete", o, lambda b=o, d=opts: self.api.request("DELETE", path(b), d), done_if=404)
+        return res
+
+    def _write(self, res: Result, what: str, obj: Obj, call: Any, done_if: int | None = None) -> Any:
+        try:
+            out = call()
+        except ApiError as e:
+            if e.status == done_if:
+                return None
+            res.failed += 1
+            if res.failed == 1:
+                kind, ns, name = key(obj)
+                _log.warning("cluster %s: could not %s %s %s/%s: %s (retried at the next pass)",
+                             self.cluster, what, kind, ns, name, e)
+            return None
+        res.written += 1
+        return out
