@@ -350,7 +350,9 @@ class Reflector:
         #: Refusals by their class (``Refusal.reason``) and identity label, for the metrics.
         self._rejections_by: dict[tuple[api.RejectionReason, str], int] = {}
         #: Refusals of a proven identity are logged once per identity and reason (authz).
-        self._rejections_logged = authz.OnceLog()
+        self._rejections_logged = bounds.OnceLog()
+        #: The identity label each refusal is counted under (bounded cardinality).
+        self._rejection_labels = authz.IdentityLabels()
         #: Fan-out in flight: generation -> (time of the change, synced nodes that were sent a
         #: delta for it and have not reported it applied yet). See ``fanout_lag``.
         self._fanout: dict[int, tuple[float, set[types.NodeKey]]] = {}
@@ -529,7 +531,8 @@ class Reflector:
         self._rejections_total += 1
         first = False
         for code in codes:
-            self._rejections_by[(code, label)] = self._rejections_by.get((code, label), 0) + 1
+            counted = self._rejection_labels(label)
+            self._rejections_by[(code, counted)] = self._rejections_by.get((code, counted), 0) + 1
             first = self._rejections_logged.first(label, code) or first
         while len(self._rejections) > MAX_REJECTIONS:
             del self._rejections[next(iter(self._rejections))]

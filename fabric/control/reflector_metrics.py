@@ -52,12 +52,14 @@ class MetricsCollector(Collector):
         rejections = CounterMetricFamily(
             "fabric_reflector_rejections",
             "Refusals of announcements and of unauthorized calls, by their class (Rejected.Reason) and the "
-            "client's identity (<role>/<name> of its certificate; 'insecure': a plaintext session).",
+            "client's identity (<role>/<name> of its certificate; 'insecure': a plaintext session; 'unidentified': "
+            f"a certificate naming no identity; 'other': any identity after the first {authz.MAX_IDENTITY_LABELS:,} "
+            "refused).",
             labels=["reason", "identity"],
         )
         # Every class is a series from the start (for the plaintext label, so rate() sees the
-        # first refusal); other identities from their first refusal (identities are unbounded
-        # in advance, bounded by what the fabric CA signed).
+        # first refusal); other identities from their first refusal, at most
+        # authz.MAX_IDENTITY_LABELS of them, then "other" (authz.IdentityLabels).
         counts = {(cls, authz.INSECURE_LABEL): 0 for cls in api.RejectionReason if cls is not _UNSPECIFIED}
         counts.update(r._rejections_by)
         for (cls, label), n in sorted(counts.items()):
