@@ -139,9 +139,11 @@ def test_install_join_patch_reject_unjoin(ilab: InstallLab, tmp_path: Path) -> N
     # -- 0. secure by default (issue 20) ----------------------------------------------------------
     st = lab.state()
     target = secutil.reflector_target(st)
-    assert st.reflector is not None and {"--tls-dir", "--ca-dir"} <= set(st.reflector.argv), st.reflector.argv
+    assert st.reflector is not None
+    assert {"--tls-dir", "--ca-dir"} <= set(st.reflector.argv), st.reflector.argv
     for node in st.nodes():
-        assert node.agent is not None and {"--tls-dir", "--bootstrap-dir"} <= set(node.agent.argv), node.agent.argv
+        assert node.agent is not None, node.key
+        assert {"--tls-dir", "--bootstrap-dir"} <= set(node.agent.argv), node.agent.argv
         assert "--insecure" not in node.agent.argv
     with pytest.raises(client.ReflectorUnavailable):  # a plaintext client is refused
         client.get_status_sync(target, 5.0, None)
@@ -193,7 +195,7 @@ def test_install_join_patch_reject_unjoin(ilab: InstallLab, tmp_path: Path) -> N
     # A node added to east after its join: its pod CIDR is outside the union so far.
     lab.lab("add-node", "east", "e3", "--pods", "1", "--timeout", "90")
     e3_cidr = lab.nodes()["east/e3"]["pod_cidr"]
-    assert not any(ipaddress.ip_network(e3_cidr).subnet_of(ipaddress.IPv4Network(c)) for c in discovered), e3_cidr
+    assert not any(ipaddress.IPv4Network(e3_cidr).subnet_of(ipaddress.IPv4Network(c)) for c in discovered), e3_cidr
     union = {str(n) for n in ipaddress.collapse_addresses([*node_cidrs, ipaddress.IPv4Network(e3_cidr)])}
     wait_until(lambda: east_pods() == union, 30, f"east's pod CIDRs to take in e3's {e3_cidr}")
     wait_until(
@@ -316,9 +318,9 @@ def test_install_join_patch_reject_unjoin(ilab: InstallLab, tmp_path: Path) -> N
     assert not labpki.bootstrap_path(st, "west").exists(), "unjoin removes west's bootstrap credential"
     # (a) w1's certificate, still valid, is refused at connect: west is no member any more.
     assert bootstrap.problem(own, w1_id) is None
-    refused = secutil.announce_once(target, own, w1_ann)
-    assert refused and api.RejectionReason.UNKNOWN_CLUSTER in refused[0].classes, refused
-    assert "unknown cluster 'west'" in refused[0].text, refused
+    rejections = secutil.announce_once(target, own, w1_ann)
+    assert rejections and api.RejectionReason.UNKNOWN_CLUSTER in rejections[0].classes, rejections
+    assert "unknown cluster 'west'" in rejections[0].text, rejections
     # (b) neither w1's certificate (a renewal) nor west's bootstrap credential gets a certificate.
     for via in (own, boot):
         with pytest.raises(client.CertificateRefused) as exc:
