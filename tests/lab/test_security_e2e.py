@@ -11,6 +11,8 @@ with a short lifetime here (``--node-cert-lifetime``) so they renew during the t
 2. No certificate, an expired one, one of another CA: refused.
 3. Certificates renewed mid-session: a 10 ms ping between clusters loses no packet, and the
    agents' sessions are not re-established.
+4. The certificate metrics, scraped: an agent's expiry is its certificate's notAfter and its
+   requests are counted; the reflector's expiry is its server certificate's.
 
 Revocation ("``unjoin`` revokes: that cluster's agents are refused at their next connect") is
 shown with the real ``fabric-tool unjoin`` of a ``kubernetes: true`` lab, in
@@ -38,6 +40,7 @@ from fabric import types
 from fabric.control import bootstrap, client, identity, pki, tls
 from tests.lab import secutil
 from tests.lab.conftest import REPO, RESYNC_S, Lab, lab_running, new_lab_name
+from tests.lab.test_observability_e2e import metric, scrape
 from tests.waiting import wait_until
 from tools.lab import labpki
 from tools.lab.state import load_state
@@ -171,3 +174,26 @@ def test_03_renewed_mid_session_a_10ms_ping_loses_nothing(slab: Lab) -> None:
     assert summary.group(1) == summary.group(2) == str(count), out
     # The sessions that were up before the renewals were never re-established.
     assert {key: secutil.sessions_established(log) for key, log in logs.items()} == sessions
+
+
+def test_04_certificate_metrics_on_the_live_lab(slab: Lab) -> None:
+    """Agents' and the reflector's certificate metrics as ``lab metrics`` scrapes them: the
+    expiry is the notAfter of the certificate file in use, the agent counts its requests
+    (its bootstrap exchange, then renewals every ~2/3 of 15 s)."""
+    st = _state(slab)
+    e1_dir = labpki.node_dir(st, "east", "e1")
+    refl_dir = labpki.pki_root(st) / "reflector"
+
+    def not_after(d: Path) -> float:
+        cert = x509.load_pem_x509_certificate((d / pki.CERT_FILE).read_bytes())
+        return cert.not_valid_after.replace(tzinfo=datetime.UTC).timestamp()
+
+    def agent_expiry_matches() -> bool:  # a renewal may land between the scrape and the read
+        return metric(scrape(slab, "east/e1"), "fabric_agent_certificate_expiry_timestamp_seconds") == not_after(e1_dir)
+
+    wait_until(agent_expiry_matches, 30, "e1's expiry metric to be its certificate's notAfter")
+    samples = scrape(slab, "east/e1")
+    assert metric(samples, "fabric_agent_certificate_renewals_total", result="ok") >= 1, samples
+    assert metric(samples, "fabric_agent_certificate_renewals_total", result="error") == 0, samples
+    reflector = scrape(slab, "reflector")
+    assert metric(reflector, "fabric_reflector_certificate_expiry_timestamp_seconds") == not_after(refl_dir)
