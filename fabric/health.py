@@ -96,6 +96,16 @@ _PROBE_LOSS = prometheus_client.Gauge(
     "Share of the recent tunnel probes (last window per peer) that went unanswered, by peer cluster",
     ["cluster"],
 )
+_CERT_EXPIRY = prometheus_client.Gauge(
+    "fabric_agent_certificate_expiry_timestamp_seconds",
+    "Unix time the node certificate this agent connects with expires (its notAfter; the file in --tls-dir, "
+    "renewed by the agent); 0 until it has one",
+)
+_CERT_RENEWALS = prometheus_client.Counter(
+    "fabric_agent_certificate_renewals_total",
+    "Certificate requests to the reflector (the bootstrap exchange, then each renewal), by result (ok, error)",
+    ["result"],
+)
 _ROLE = prometheus_client.Gauge(
     "fabric_agent_gateway_role",
     "1 for this node's gateway role as its plan shows it: active, standby, none (an internal node of a "
@@ -125,6 +135,8 @@ class AgentMetrics:
     probes_lost = _PROBES_LOST
     probe_loss = _PROBE_LOSS
     gateway_role = _ROLE
+    certificate_expiry = _CERT_EXPIRY
+    certificate_renewals = _CERT_RENEWALS
 
     def set_role(self, role: str) -> None:
         """Exactly one role series is 1 (a dashboard can sum by role over the fleet)."""

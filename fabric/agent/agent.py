@@ -147,7 +147,7 @@ class Agent(control_client.SessionHandler):
         self.certificates = (
             bootstrap.CertificateKeeper(
                 cfg.reflector, tls.TLSDir(Path(cfg.tls_dir)), identity.node(cfg.cluster, cfg.node),
-                tls.TLSDir(Path(cfg.bootstrap_dir)) if cfg.bootstrap_dir else None,
+                tls.TLSDir(Path(cfg.bootstrap_dir)) if cfg.bootstrap_dir else None, metrics=self.metrics,
             )
             if cfg.tls_dir and not cfg.insecure
             else None

@@ -37,7 +37,15 @@ certificate (:mod:`fabric.control.bootstrap`). A cluster removed by ``unjoin`` g
 certificate any more (with SyncNode refusing its agents at their next connect, that is the
 revocation: certificates are short-lived, there is no revocation list). Every refusal is counted by reason and
 identity (``fabric_reflector_rejections_total{reason,identity}``, :func:`metric_label`) and
-logged once per identity and reason (:class:`OnceLog`).
+logged once per identity and reason (:class:`~fabric.control.bounds.OnceLog`).
+
+The ``identity`` label's cardinality is bounded (:class:`IdentityLabels`): every identity is one
+the fabric CA signed, but a bootstrap credential gets a certificate of *any* node name of its
+cluster, so a leaked one mints identities without end, each a new series if refused. The first
+:data:`MAX_IDENTITY_LABELS` (1,000) distinct identities refused keep their label for the
+reflector's life; refusals of later ones are counted under ``identity="other"``
+(:data:`OTHER_LABEL`; never an identity, which always holds a ``/``). ``insecure`` and
+``unidentified`` are always their own.
 """
 
 from __future__ import annotations
@@ -81,14 +89,38 @@ KINDS: dict[str, tuple[str, ...]] = {
 #: certificate names no identity (a certificate of the fabric CA not made for a fabric client).
 INSECURE_LABEL = "insecure"
 UNIDENTIFIED_LABEL = "unidentified"
+#: The ``identity`` label of refusals of identities past the first :data:`MAX_IDENTITY_LABELS`.
+OTHER_LABEL = "other"
+MAX_IDENTITY_LABELS = 1000
 
 _R = api.RejectionReason
 
 
 def metric_label(ident: Identity | None) -> str:
-    """The ``identity`` label of a refusal: ``<role>/<name>``, or :data:`INSECURE_LABEL`.
-    Bounded: identities are only what the fabric CA signed."""
+    """The identity of a refusal: ``<role>/<name>``, or :data:`INSECURE_LABEL` (for the log and
+    the status; the metric counts it under :class:`IdentityLabels`' bounded label)."""
     return INSECURE_LABEL if ident is None else str(ident)
+
+
+class IdentityLabels:
+    """The ``identity`` label a refusal is counted under: its own for the first ``limit``
+    distinct identities (kept for the process's life: a counter's series does not vanish),
+    :data:`OTHER_LABEL` for any later one (module docstring). Bounds both the metric's series
+    and the reflector's table of counts."""
+
+    FIXED = frozenset({INSECURE_LABEL, UNIDENTIFIED_LABEL})
+
+    def __init__(self, limit: int = MAX_IDENTITY_LABELS) -> None:
+        self.limit = limit
+        self._kept: set[str] = set()
+
+    def __call__(self, label: str) -> str:
+        if label in self.FIXED or label in self._kept:
+            return label
+        if len(self._kept) < self.limit:
+            self._kept.add(label)
+            return label
+        return OTHER_LABEL
 
 
 def rpc_refusal(ident: Identity | None, rpc: str) -> str | None:
@@ -161,26 +193,6 @@ def kind_refusal(publisher: str, kind: str) -> str | None:
     if not owned:
         return f"role {role!r} publishes no kinds"
     return f"role {role!r} publishes only kinds {', '.join(p + '*' for p in owned)}"
-
-
-class OnceLog:
-    """Which (identity, reason) pairs were logged already: a refusal is logged the first time,
-    then only counted (the metric), so a client retrying a refused request cannot flood the
-    log. Bounded: past ``limit`` pairs it forgets them all (and logs each once more)."""
-
-    def __init__(self, limit: int = 10_000) -> None:
-        self.limit = limit
-        self._seen: set[tuple[str, api.RejectionReason]] = set()
-
-    def first(self, label: str, reason: api.RejectionReason) -> bool:
-        """True the first time ``(label, reason)`` is seen: log it."""
-        key = (label, reason)
-        if key in self._seen:
-            return False
-        if len(self._seen) >= self.limit:
-            self._seen.clear()
-        self._seen.add(key)
-        return True
 
 
 class Unauthorized(Exception):

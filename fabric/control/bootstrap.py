@@ -28,6 +28,12 @@ Objects and the order they are used in:
      by the next connection. A failed renewal is logged and retried with back-off
      (:class:`fabric.backoff.Backoff`); the session goes on until the certificate really
      expires, and once it has, the next attempt uses the bootstrap directory if there is one.
+   * Metrics (the agent's, :class:`fabric.health.AgentMetrics`):
+     ``fabric_agent_certificate_expiry_timestamp_seconds``, the notAfter of the certificate in
+     D (the one the next connection uses), set whenever the keeper reads or writes it, and
+     ``fabric_agent_certificate_renewals_total{result="ok|error"}``, every request (the
+     bootstrap exchange and each renewal): an operator sees a node whose renewals fail long
+     before its certificate expires.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from fabric import health
 from fabric.backoff import Backoff
 from fabric.control import authz, pki, tls
 from fabric.control import client as control_client
@@ -186,6 +193,7 @@ class CertificateKeeper:
         backoff: tuple[float, float] = RETRY_BACKOFF,
         rng: random.Random | None = None,
         clock: Callable[[], datetime.datetime] = pki.utcnow,
+        metrics: health.AgentMetrics | None = None,
     ) -> None:
         self.target = target
         self.tls = tls_dir
@@ -197,6 +205,9 @@ class CertificateKeeper:
         #: Certificates obtained (bootstrap and renewals) and attempts that failed.
         self.issued = 0
         self.failures = 0
+        self._metrics = metrics or health.AgentMetrics()
+        self._renewals_ok = self._metrics.certificate_renewals.labels(result="ok")
+        self._renewals_error = self._metrics.certificate_renewals.labels(result="error")
         #: Set once this node holds a certificate it can connect with (or can get none: no
         #: bootstrap directory, the session then reports why it is refused).
         self.ready = asyncio.Event()
@@ -211,15 +222,22 @@ class CertificateKeeper:
             raise
         except Exception as e:  # any failure is retried; the reason is logged
             self.failures += 1
+            self._renewals_error.inc()
             wait = self._backoff.next()
             _log.warning("%s for %s with %s failed (retrying in %.1fs): %s", why, self.who, via.cert, wait, e)
             await asyncio.sleep(wait)
             return False
         self.issued += 1
+        self._renewals_ok.inc()
+        self._in_use(cert)
         self._backoff.reset()
         _log.info("%s: %s for %s, valid until %s (written to %s)", why, pki.describe(cert), self.who,
                   cert.not_valid_after, self.tls.path)  # fmt: skip
         return True
+
+    def _in_use(self, cert: x509.Certificate) -> None:
+        """``cert`` is the one in D now: its notAfter is the expiry metric."""
+        self._metrics.certificate_expiry.set(pki._aware(cert.not_valid_after).timestamp())
 
     async def ensure(self) -> None:
         """Until this node holds a usable certificate: get one with the bootstrap credential.
@@ -245,6 +263,7 @@ class CertificateKeeper:
                 await asyncio.sleep(self._backoff.next())
                 await self.ensure()
                 continue
+            self._in_use(cert)
             due = renewal_time(cert, received, self._rng)
             while (left := (due - self._clock()).total_seconds()) > 0:
                 await asyncio.sleep(min(left, MAX_SLEEP_S))

@@ -16,14 +16,23 @@ The objects, in the order a stream meets them:
    client certificate (:func:`fabric.control.identity.of_context`); a plaintext peer
    (``--insecure``) has none and is keyed by its host, with limits of their own: one host of a
    plaintext lab or benchmark runs all its agents. A refusal is RESOURCE_EXHAUSTED with a text
-   naming the limit and the flag that sets it.
+   naming the limit and the flag that sets it, logged once per key and limit (:class:`OnceLog`,
+   bounded).
+   An admitted stream holds a :class:`Slot`. A stream cut off for falling behind (3.) gives
+   its slot back at once (:meth:`SendQueue.cut`), not when its handler ends: that handler may
+   stay blocked in a write the client never reads (gRPC takes a message only as HTTP/2 flow
+   control lets it), and a slot held until then would keep the client, once it reconnects, from
+   its own streams. Such a stream still *lingers* (one message in gRPC's hands, its HTTP/2
+   window); the lingering streams of a key are bounded by the same limit, so a client that
+   never reads holds at most twice its limit of streams, never an unbounded number.
 3. **Send queues** (:class:`SendQueue`): what the reflector has queued to one stream and gRPC
    has not taken yet (gRPC takes only what HTTP/2 flow control lets through, so a client that
    reads nothing leaves everything here). Bounded in bytes, not messages: memory is what a slow
    reader costs, and one delta is a few bytes or a megabyte. A stream's snapshot is queued
    unbounded (it is bounded by the state it copies), only what follows it counts. A stream whose
-   queue would pass the bound is *cut off*: its queue is dropped at once and it ends with
-   RESOURCE_EXHAUSTED; the client reconnects to a fresh snapshot. Why not a second snapshot in
+   queue would pass the bound is *cut off* (:meth:`SendQueue.cut`): its queue is dropped and its
+   slot given back at once, and it ends with RESOURCE_EXHAUSTED; the client reconnects to a
+   fresh snapshot. Why not a second snapshot in
    the same stream: every watch stream's order (``client.StreamOrder``) allows one snapshot,
    and a reconnect costs the others nothing (the node's grace period keeps it in the topology).
 4. **Keepalive negotiation** (:func:`negotiate_keepalive`): as BGP negotiates its hold time,
@@ -39,7 +48,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any, Generic, TypeVar
 
 import grpc
@@ -135,8 +144,11 @@ class SendQueue(Generic[T]):
     never cuts anyone: a queue holds at most ``limit`` plus one message after its snapshot.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, slot: Slot | None = None) -> None:
         self.limit = limit
+        #: The stream's place in its key's count (:meth:`StreamGate.stream`), given back by
+        #: :meth:`cut`; None for a stream no gate counts (in-process watchers, tests).
+        self.slot = slot
         self._q: asyncio.Queue[tuple[T, int, bool]] = asyncio.Queue()
         #: Bytes queued in all, and those that count against the limit (after the snapshot).
         self.bytes = 0
@@ -174,9 +186,16 @@ class SendQueue(Generic[T]):
         return self._q.qsize()
 
     def clear(self) -> None:
-        """Drop everything queued (a cut-off stream: its memory goes at once)."""
+        """Drop everything queued (a stream that ends: its memory goes at once)."""
         while not self._q.empty():
             self._took(self._q.get_nowait())
+
+    def cut(self) -> None:
+        """The stream is cut off for falling behind: drop everything queued and give its slot
+        back now (module docstring, 2), whether or not its handler ever runs again."""
+        self.clear()
+        if self.slot is not None:
+            self.slot.cut()
 
     def over_limit_text(self, size: int, what: str) -> str:
         return (f"{what} too slow: {self.bounded_bytes + size} bytes would be queued to it, over the limit "
@@ -234,27 +253,93 @@ def limit_key(context: Any) -> tuple[str, bool]:
     return f"host {peer_host(context.peer())}", False
 
 
-class StreamGate:
-    """Counts open streams per key and the announcement bucket of each key (module docstring, 2)."""
+class OnceLog:
+    """Which keys were logged already: a refusal is logged the first time, then only counted
+    (the metrics), so a client retrying a refused request cannot flood the log. Bounded: past
+    ``limit`` keys it forgets them all (and logs each once more), so keys a client makes up
+    (identities a leaked bootstrap credential can have signed, hosts) cannot grow it without end."""
 
-    def __init__(self, limits: Limits, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, limit: int = 10_000) -> None:
+        self.limit = limit
+        self._seen: set[Hashable] = set()
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def first(self, *key: Hashable) -> bool:
+        """True the first time ``key`` is seen: log it."""
+        if key in self._seen:
+            return False
+        if len(self._seen) >= self.limit:
+            self._seen.clear()
+        self._seen.add(key)
+        return True
+
+
+class Slot:
+    """An admitted stream's place in the count of its key (:meth:`StreamGate.stream`). It is
+    *open* until :meth:`cut` (the stream was cut off: it counts as lingering from then on) and
+    gone at :meth:`release` (its handler ended); both at most once."""
+
+    __slots__ = ("_gate", "key", "refused", "state")
+
+    def __init__(self, gate: StreamGate | None, key: str, refused: str | None = None) -> None:
+        self._gate = gate
+        self.key = key
+        #: Why the stream was refused (then it holds nothing), or None.
+        self.refused = refused
+        self.state = "refused" if refused is not None else "open"
+
+    def cut(self) -> None:
+        if self.state == "open" and self._gate is not None:
+            self._gate._moved(self.key, "open", "lingering")
+            self.state = "lingering"
+
+    def release(self) -> None:
+        if self.state in ("open", "lingering") and self._gate is not None:
+            self._gate._moved(self.key, self.state, None)
+            self.state = "released"
+
+
+class StreamGate:
+    """Counts open (and lingering: cut off, handler not ended) streams per key and the
+    announcement bucket of each key (module docstring, 2)."""
+
+    def __init__(self, limits: Limits, clock: Callable[[], float] = time.monotonic, *, log_once: int = 10_000) -> None:
         self.limits = limits
         self.clock = clock
-        self._open: dict[str, int] = {}
+        self._counts: dict[str, dict[str, int]] = {"open": {}, "lingering": {}}
         self._buckets: dict[str, TokenBucket] = {}
         #: Refusals by the limit (field name of :class:`Limits`) that made them.
         self.refused: dict[str, int] = {}
         #: Streams cut off for passing their send queue bound, by stream (:data:`STREAMS`).
         self.cut: dict[str, int] = {}
-        self._logged: set[tuple[str, str]] = set()
+        #: (key, limit) pairs whose refusal was logged (``log_once`` at most: :class:`OnceLog`).
+        self._logged = OnceLog(log_once)
 
     def streams(self, key: str) -> int:
-        return self._open.get(key, 0)
+        """Streams of ``key`` open (admitted, not cut off, not ended)."""
+        return self._counts["open"].get(key, 0)
+
+    def lingering(self, key: str) -> int:
+        """Streams of ``key`` cut off whose handlers have not ended yet."""
+        return self._counts["lingering"].get(key, 0)
+
+    def _moved(self, key: str, src: str | None, dst: str | None) -> None:
+        """One stream of ``key`` from count ``src`` to count ``dst`` (None: none)."""
+        if src is not None:
+            counts = self._counts[src]
+            n = counts.get(key, 0) - 1
+            if n > 0:
+                counts[key] = n
+            else:
+                counts.pop(key, None)
+        if dst is not None:
+            self._counts[dst][key] = self._counts[dst].get(key, 0) + 1
 
     def _refuse(self, field: str, key: str, text: str) -> str:
         self.refused[field] = self.refused.get(field, 0) + 1
-        if (key, field) not in self._logged:  # once per key and limit: a flood must not flood the log
-            self._logged.add((key, field))
+        if self._logged.first(key, field):  # once per key and limit: a flood must not flood the log
             _log.warning("refused %s", text)
         return text
 
@@ -264,9 +349,13 @@ class StreamGate:
         lim = self.limits
         max_streams, f_streams = ((lim.max_streams_per_identity, "max_streams_per_identity") if identified
                                   else (lim.max_streams_per_host, "max_streams_per_host"))  # fmt: skip
-        n = self._open.get(key, 0)
+        n = self.streams(key)
         if n >= max_streams:
             return self._refuse(f_streams, key, f"{rpc} of {key}: {n} streams open, the limit "
+                                f"{flag(f_streams)}={max_streams}")  # fmt: skip
+        if (m := self.lingering(key)) >= max_streams:
+            return self._refuse(f_streams, key, f"{rpc} of {key}: {m} streams cut off for falling behind and "
+                                f"not ended yet (their client reads nothing), the limit "
                                 f"{flag(f_streams)}={max_streams}")  # fmt: skip
         if announce:
             rate, burst, f_rate, f_burst = (
@@ -281,38 +370,37 @@ class StreamGate:
             if not bucket.take(now):
                 return self._refuse(f_rate, key, f"{rpc} of {key}: announcing too often, over the limit "
                                     f"{flag(f_rate)}={rate:g}/s after a burst of {flag(f_burst)}={burst}")  # fmt: skip
-        self._open[key] = n + 1
+        self._moved(key, None, "open")
         return None
 
     def release(self, key: str) -> None:
-        n = self._open.get(key, 0) - 1
-        if n > 0:
-            self._open[key] = n
-        else:
-            self._open.pop(key, None)
+        """An admitted stream of ``key`` that was never cut off ended."""
+        self._moved(key, "open", None)
 
     def _prune(self, now: float) -> None:
         """Forget full buckets when they pile up (a bucket is per key ever seen)."""
-        if len(self._buckets) > 2 * max(1024, len(self._open)):
+        if len(self._buckets) > 2 * max(1024, len(self._counts["open"])):
             for k in [k for k, b in self._buckets.items() if b.full(now)]:
                 del self._buckets[k]
 
     @contextlib.contextmanager
-    def stream(self, rpc: str, context: Any, *, announce: bool = False) -> Iterator[str | None]:
-        """``with gate.stream("SyncNode", context, announce=True) as refused:``: None while the
-        stream is admitted (released at the end of the block), else why it is refused; the
-        status is then already set on ``context`` (RESOURCE_EXHAUSTED)."""
+    def stream(self, rpc: str, context: Any, *, announce: bool = False) -> Iterator[Slot]:
+        """``with gate.stream("SyncNode", context, announce=True) as slot:``: ``slot.refused`` is
+        None while the stream is admitted (its slot released at the end of the block, or when
+        the stream is cut off: hand ``slot`` to its :class:`SendQueue`), else why it is refused;
+        the status is then already set on ``context`` (RESOURCE_EXHAUSTED)."""
         key, identified = limit_key(context)
         refused = self.admit(key, identified, rpc, announce=announce)
         if refused is not None:
             context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
             context.set_details(refused)
-            yield refused
+            yield Slot(None, key, refused)
             return
+        slot = Slot(self, key)
         try:
-            yield None
+            yield slot
         finally:
-            self.release(key)
+            slot.release()
 
     def note_cut(self, stream: str, who: str, reason: str) -> None:
         self.cut[stream] = self.cut.get(stream, 0) + 1

@@ -191,12 +191,12 @@ class _Holder:
 class Subscriber:
     """One WatchRecords stream: a queue bounded in bytes (see :class:`RecordLimits`)."""
 
-    def __init__(self, kind: str, publisher: str, peer: str, limit: int) -> None:
+    def __init__(self, kind: str, publisher: str, peer: str, limit: int, slot: bounds.Slot | None = None) -> None:
         self.kind = kind
         self.publisher = publisher
         self.peer = peer
         self.limit = limit
-        self._queue: bounds.SendQueue[pb.WatchRecordsResponse | None] = bounds.SendQueue(limit)
+        self._queue: bounds.SendQueue[pb.WatchRecordsResponse | None] = bounds.SendQueue(limit, slot)
         self.ending = _Ending()
         #: Its snapshot is queued: deltas from now on (False during the startup hold).
         self.synced = False
@@ -216,11 +216,10 @@ class Subscriber:
         if self.ending.event.is_set():
             return
         if not self._queue.put(msg, size, bounded=bounded):
-            self.close(
-                f"subscriber too slow: {self._queue.bounded_bytes + size} bytes of deltas would be queued to it, "
-                f"over the limit max_subscriber_queue_bytes={self.limit}; reconnect for a fresh snapshot",
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-            )
+            text = (f"subscriber too slow: {self._queue.bounded_bytes + size} bytes of deltas would be queued to it, "
+                    f"over the limit max_subscriber_queue_bytes={self.limit}; reconnect for a fresh snapshot")
+            self._queue.cut()  # its memory and its stream slot go now (bounds.SendQueue.cut)
+            self.close(text, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
     def close(self, reason: str, code: grpc.StatusCode | None) -> None:
         if not self.ending.event.is_set():
@@ -502,8 +501,9 @@ class RecordStore:
 
     # -- subscribers -----------------------------------------------------------------------------
 
-    def subscribe(self, kind: str, publisher: str, peer: str) -> Subscriber:
-        """A new subscriber with its snapshot and END_OF_SNAPSHOT queued. Raises :class:`OpenRefused`."""
+    def subscribe(self, kind: str, publisher: str, peer: str, slot: bounds.Slot | None = None) -> Subscriber:
+        """A new subscriber with its snapshot and END_OF_SNAPSHOT queued (``slot``: its stream's
+        place in the gate's count, given back if it is cut off). Raises :class:`OpenRefused`."""
         where = f"WatchRecords from {peer}"
         try:
             if kind:
@@ -515,7 +515,7 @@ class RecordStore:
         if self.subscribers() >= self.limits.max_subscribers:
             raise OpenRefused(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{where}: {self.subscribers()} subscribers, the "
                               f"limit max_subscribers={self.limits.max_subscribers}")  # fmt: skip
-        sub = Subscriber(kind, publisher, peer, self.limits.max_subscriber_queue_bytes)
+        sub = Subscriber(kind, publisher, peer, self.limits.max_subscriber_queue_bytes, slot)
         if not self.holding:
             self._sync(sub)
         self._subs.setdefault(kind, set()).add(sub)

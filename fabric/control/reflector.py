@@ -227,7 +227,7 @@ class _Session:
         n = msg.ByteSize() if size is None else size
         if not self.queue.put(msg, n, bounded=bounded):
             reason = self.queue.over_limit_text(n, f"agent session of node {self.key}")
-            self.queue.clear()
+            self.queue.cut()
             self.close(reason, grpc.StatusCode.RESOURCE_EXHAUSTED)
             if self._on_cut is not None:
                 self._on_cut(self, reason)
@@ -270,7 +270,7 @@ class _Watcher:
             return
         if not self.queue.put(msg, size, bounded=bounded):
             reason = self.queue.over_limit_text(size, f"topology watch of {self.peer}")
-            self.queue.clear()
+            self.queue.cut()
             self.close(reason, grpc.StatusCode.RESOURCE_EXHAUSTED)
             self._on_cut(self, reason)
 
@@ -350,7 +350,9 @@ class Reflector:
         #: Refusals by their class (``Refusal.reason``) and identity label, for the metrics.
         self._rejections_by: dict[tuple[api.RejectionReason, str], int] = {}
         #: Refusals of a proven identity are logged once per identity and reason (authz).
-        self._rejections_logged = authz.OnceLog()
+        self._rejections_logged = bounds.OnceLog()
+        #: The identity label each refusal is counted under (bounded cardinality).
+        self._rejection_labels = authz.IdentityLabels()
         #: Fan-out in flight: generation -> (time of the change, synced nodes that were sent a
         #: delta for it and have not reported it applied yet). See ``fanout_lag``.
         self._fanout: dict[int, tuple[float, set[types.NodeKey]]] = {}
@@ -529,7 +531,8 @@ class Reflector:
         self._rejections_total += 1
         first = False
         for code in codes:
-            self._rejections_by[(code, label)] = self._rejections_by.get((code, label), 0) + 1
+            counted = self._rejection_labels(label)
+            self._rejections_by[(code, counted)] = self._rejections_by.get((code, counted), 0) + 1
             first = self._rejections_logged.first(label, code) or first
         while len(self._rejections) > MAX_REJECTIONS:
             del self._rejections[next(iter(self._rejections))]
@@ -975,8 +978,10 @@ class Reflector:
                 return
 
     async def sync_node(
-        self, requests: AsyncIterator[pb.SyncNodeRequest], context: grpc.aio.ServicerContext[Any, Any]
+        self, requests: AsyncIterator[pb.SyncNodeRequest], context: grpc.aio.ServicerContext[Any, Any],
+        slot: bounds.Slot | None = None,
     ) -> AsyncIterator[pb.SyncNodeResponse]:
+        """One agent's session; ``slot``: its place in the stream count (given back if it is cut off)."""
         peer = peer_name(context.peer())
         if self.standby_reason is None:
             try:
@@ -1008,6 +1013,7 @@ class Reflector:
             return
         ann = codec.node_from_pb(first.announce.node)
         session = _Session(ann.key, peer, self.clock(), self.limits.send_queue_bytes, self._session_cut)
+        session.queue.slot = slot
         session.identity = ident
         rejected = self._admit(ann, session)
         if rejected is not None:
@@ -1050,10 +1056,11 @@ class Reflector:
         task.add_done_callback(done)
 
     async def watch_topology(
-        self, context: grpc.aio.ServicerContext[Any, Any] | None = None
+        self, context: grpc.aio.ServicerContext[Any, Any] | None = None, slot: bounds.Slot | None = None
     ) -> AsyncIterator[pb.WatchTopologyResponse]:
         peer = peer_name(context.peer()) if context is not None else "in-process watcher"
         w = _Watcher(peer, self.limits.send_queue_bytes, self._watcher_cut)
+        w.queue.slot = slot
         self._watchers.add(w)
         if not self.holding:
             self._sync_watcher(w)
@@ -1164,12 +1171,13 @@ class Reflector:
             self.records.session_ended(session, end_reason)
 
     async def watch_records(
-        self, request: pb.WatchRecordsRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: pb.WatchRecordsRequest, context: grpc.aio.ServicerContext[Any, Any],
+        slot: bounds.Slot | None = None,
     ) -> AsyncIterator[pb.WatchRecordsResponse]:
         """Snapshot, END_OF_SNAPSHOT, then deltas of one kind (see record_store)."""
         peer = peer_name(context.peer())
         try:
-            sub = self.records.subscribe(request.kind, request.publisher, peer)
+            sub = self.records.subscribe(request.kind, request.publisher, peer, slot)
         except record_store.OpenRefused as e:
             context.set_code(e.code)
             context.set_details(e.text)

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from fabric import health, logs
 from fabric import topology as topology_file
-from fabric.control import bootstrap, bounds, pki, tls
+from fabric.control import bootstrap, bounds, pki, reflector_metrics, tls
 from fabric.control.record_store import DEFAULT_RECORDS_GRACE_PERIOD_S, DEFAULT_RECORDS_STARTUP_HOLD_S
 from fabric.control.reflector import (
     DEAD_AFTER_INTERVALS,
@@ -233,7 +233,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.setup(args.log_level)
     try:
         tls_dir = tls.from_args(args)
-        credentials = tls.server_credentials(tls_dir) if tls_dir is not None else None
+        served = reflector_metrics.ServedCertificate()
+        credentials = tls.server_credentials(tls_dir, served.update) if tls_dir is not None else None
         signer = None
         if args.ca_dir:
             if tls_dir is None:
@@ -289,6 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.metrics_listen:
         registry = CollectorRegistry()
         registry.register(reflector.collector())
+        registry.register(served)
         health.serve(args.metrics_listen, reflector.healthy, reflector.ready, registry=registry)
 
     async def run() -> None:

@@ -1,9 +1,11 @@
 """The reflector's Prometheus metrics (``fabric_reflector_*``), collected from its state at each
-scrape: sessions, nodes, generations, deltas and their sizes, rejections by class and identity, planning work,
+scrape: sessions, nodes, generations, deltas and their sizes, rejections by class and identity (its cardinality
+bounded: fabric.control.authz.IdentityLabels), planning work,
 fan-out latency, gateway moves, and the add-on records (``fabric_reflector_records_*``: records
 and bytes by kind, publishers, subscribers, refused writes by reason, subscribers cut off,
 records expired), and the bounds (``fabric/control/bounds.py``: each limit's value, bytes
-queued per stream kind, streams cut off for falling behind, streams refused by limit).
+queued per stream kind, streams cut off for falling behind, streams refused by limit). With mutual
+TLS, :class:`ServedCertificate` adds the expiry of the server certificate being served.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import TYPE_CHECKING
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from fabric.control import api, authz, bounds
+from fabric.control import api, authz, bounds, pki
 
 if TYPE_CHECKING:
     from fabric.control.record_store import RecordStore
@@ -52,12 +54,14 @@ class MetricsCollector(Collector):
         rejections = CounterMetricFamily(
             "fabric_reflector_rejections",
             "Refusals of announcements and of unauthorized calls, by their class (Rejected.Reason) and the "
-            "client's identity (<role>/<name> of its certificate; 'insecure': a plaintext session).",
+            "client's identity (<role>/<name> of its certificate; 'insecure': a plaintext session; 'unidentified': "
+            f"a certificate naming no identity; 'other': any identity after the first {authz.MAX_IDENTITY_LABELS:,} "
+            "refused).",
             labels=["reason", "identity"],
         )
         # Every class is a series from the start (for the plaintext label, so rate() sees the
-        # first refusal); other identities from their first refusal (identities are unbounded
-        # in advance, bounded by what the fabric CA signed).
+        # first refusal); other identities from their first refusal, at most
+        # authz.MAX_IDENTITY_LABELS of them, then "other" (authz.IdentityLabels).
         counts = {(cls, authz.INSECURE_LABEL): 0 for cls in api.RejectionReason if cls is not _UNSPECIFIED}
         counts.update(r._rejections_by)
         for (cls, label), n in sorted(counts.items()):
@@ -205,3 +209,26 @@ def _record_metrics(store: RecordStore) -> Iterable[Metric]:
     )  # fmt: skip
 
 
+class ServedCertificate(Collector):
+    """``fabric_reflector_certificate_expiry_timestamp_seconds``: the notAfter of the server
+    certificate the reflector serves (its ``--tls-dir``), fed by
+    :func:`fabric.control.tls.server_credentials` (``served=``) at start and at each renewal it
+    reads, so an operator sees one nearing its end before agents start failing handshakes."""
+
+    def __init__(self) -> None:
+        self.not_after: float | None = None
+
+    def update(self, cert_pem: bytes) -> None:
+        """Called on a gRPC core thread: never raise (a bad file is tls's to report)."""
+        try:
+            self.not_after = pki._aware(pki.load_cert(cert_pem).not_valid_after).timestamp()
+        except pki.PKIError as e:
+            _log.warning("server certificate expiry metric not updated: %s", e)
+
+    def collect(self) -> Iterable[Metric]:
+        if self.not_after is not None:
+            yield GaugeMetricFamily(
+                "fabric_reflector_certificate_expiry_timestamp_seconds",
+                "Unix time the server certificate the reflector serves expires (its notAfter).",
+                value=self.not_after,
+            )

@@ -91,9 +91,9 @@ class Servicer(pb_grpc.FabricServicer):  # type: ignore[misc]
         self, request_iterator: AsyncIterator[pb.SyncNodeRequest], context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.SyncNodeResponse]:
         try:
-            with self._r.gate.stream("SyncNode", context, announce=True) as refused:
-                if refused is None:
-                    async for msg in self._r.sync_node(request_iterator, context):
+            with self._r.gate.stream("SyncNode", context, announce=True) as slot:
+                if slot.refused is None:
+                    async for msg in self._r.sync_node(request_iterator, context, slot):
                         yield msg
         except grpc.aio.AbortError:
             raise
@@ -128,9 +128,9 @@ class Servicer(pb_grpc.FabricServicer):  # type: ignore[misc]
         if self._standby(context) or not self._r.authorize(authz.WATCH_TOPOLOGY, context):
             return
         try:
-            with self._r.gate.stream("WatchTopology", context) as refused:
-                if refused is None:
-                    async for msg in self._r.watch_topology(context):
+            with self._r.gate.stream("WatchTopology", context) as slot:
+                if slot.refused is None:
+                    async for msg in self._r.watch_topology(context, slot):
                         yield msg
         except grpc.aio.AbortError:
             raise
@@ -143,8 +143,8 @@ class Servicer(pb_grpc.FabricServicer):  # type: ignore[misc]
         if self._standby(context) or not self._r.authorize(authz.PUBLISH_RECORDS, context):
             return
         try:
-            with self._r.gate.stream("PublishRecords", context) as refused:
-                if refused is None:
+            with self._r.gate.stream("PublishRecords", context) as slot:
+                if slot.refused is None:
                     async for msg in self._r.publish_records(request_iterator, context):
                         yield msg
         except grpc.aio.AbortError:
@@ -159,9 +159,9 @@ class Servicer(pb_grpc.FabricServicer):  # type: ignore[misc]
         if self._standby(context) or not self._r.authorize(authz.WATCH_RECORDS, context):
             return
         try:
-            with self._r.gate.stream("WatchRecords", context) as refused:
-                if refused is None:
-                    async for msg in self._r.watch_records(request, context):
+            with self._r.gate.stream("WatchRecords", context) as slot:
+                if slot.refused is None:
+                    async for msg in self._r.watch_records(request, context, slot):
                         yield msg
         except grpc.aio.AbortError:
             raise

@@ -58,7 +58,7 @@ import datetime
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, overload
 
@@ -193,13 +193,17 @@ def add_secure_port(server: grpc.Server | grpc.aio.Server, address: str, credent
         _binding.on = False
 
 
-def server_credentials(d: TLSDir) -> grpc.ServerCredentials:
+def server_credentials(d: TLSDir, served: Callable[[bytes], None] | None = None) -> grpc.ServerCredentials:
     """Credentials for :func:`add_secure_port`: client certificates of the CA in ``d`` required,
-    ``d`` re-read when it changes (see the module header)."""
+    ``d`` re-read when it changes (see the module header). ``served`` is called with the
+    certificate (PEM) being served: now, and at each renewal read (on a gRPC core thread: it
+    must be quick and not raise; the reflector's certificate expiry metric)."""
     cert, key, ca = d.read()
     problem = pki.explain(cert, ca, "server")
     if problem is not None:
         raise TLSError(f"{d.cert}: {problem}")
+    if served is not None:
+        served(cert)
     lock = threading.Lock()
     seen = [d._stamp()]
     initial = grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
@@ -239,6 +243,8 @@ def server_credentials(d: TLSDir) -> grpc.ServerCredentials:
                 seen[0] = stamp
                 current[0] = grpc.ssl_server_certificate_configuration([(k, c)], root_certificates=a)
                 owed[0] = ports[0] - 1
+            if served is not None:
+                served(c)
             why = pki.explain(c, a, "server")
             if why is not None:
                 _log.error("%s: %s; serving it anyway (it replaced the previous one)", d.cert, why)

@@ -22,22 +22,41 @@ emulated API server. Steps, in order (one test: each step builds on the previous
 5. ``unjoin west`` removes west from every east node's routes and leaves no fabric device,
    route or rule on west's nodes; ``unjoin east`` and ``uninstall`` bring the lab's own
    reflector back.
+
+Issue 20 (security of the control channel) on the same lab: it runs mutual TLS by default (the
+lab reflector serves only TLS and signs node certificates with the lab's CA, agents exchange
+their cluster's bootstrap credential for their own certificates: tools/lab/labpki.py), checked
+in step 1. Step 5 shows that the real ``unjoin`` revokes: with w1's own certificate and west's
+bootstrap credential as join handed it out, both copied before the unjoin (the certificate
+still valid after it), (a) a session announcing w1 is refused at connect by the reflector east
+hosts (UNKNOWN_CLUSTER: membership is admission's, see fabric/control/authz.py), (b) neither
+gets a certificate from IssueCertificate (PERMISSION_DENIED: not a member), where the bootstrap
+credential got one before the unjoin, and (c) east's agents stay in sync on the sessions they
+had.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
+from fabric import types
+from fabric.control import api, bootstrap, client, identity, tls
 from fabric.netlink import objects
+from tests.lab import secutil
 from tests.lab.conftest import KubeLab, kube_lab_running, needs_kubectl, new_lab_name
 from tests.waiting import wait_until
+from tools.lab import labpki
+from tools.lab.state import LabState, load_state
 
 pytestmark = needs_kubectl
 
@@ -82,6 +101,11 @@ class InstallLab(KubeLab):
         routes = self.ipj(self.node_ns(key), "route", "show", "table", str(objects.DEFAULT_TABLE))
         return [r["dst"] for r in routes]
 
+    def state(self) -> LabState:
+        st = load_state(self.name)
+        assert st is not None, f"lab {self.name} has no state"
+        return st
+
     def planned_versions(self) -> dict[str, int]:
         return {f"{c['name']}/{n['name']}": n["planned_version"]
                 for c in self.reflector()["clusters"] for n in c["nodes"]}  # fmt: skip
@@ -110,8 +134,19 @@ def _check_ok(lab: InstallLab) -> None:
     assert res["returncode"] == 0, f"check failed: {failed[:5]}"
 
 
-def test_install_join_patch_reject_unjoin(ilab: InstallLab) -> None:
+def test_install_join_patch_reject_unjoin(ilab: InstallLab, tmp_path: Path) -> None:
     lab = ilab
+    # -- 0. secure by default (issue 20) ----------------------------------------------------------
+    st = lab.state()
+    target = secutil.reflector_target(st)
+    assert st.reflector is not None
+    assert {"--tls-dir", "--ca-dir"} <= set(st.reflector.argv), st.reflector.argv
+    for node in st.nodes():
+        assert node.agent is not None, node.key
+        assert {"--tls-dir", "--bootstrap-dir"} <= set(node.agent.argv), node.agent.argv
+        assert "--insecure" not in node.agent.argv
+    with pytest.raises(client.ReflectorUnavailable):  # a plaintext client is refused
+        client.get_status_sync(target, 5.0, None)
     # -- 1. install ---------------------------------------------------------------------------
     dry = lab.tool("install", "--lab", lab.name, "--dry-run")
     assert "CustomResourceDefinition clusters.kosmos.io" in dry.stdout and "Deployment" not in dry.stdout
@@ -160,7 +195,7 @@ def test_install_join_patch_reject_unjoin(ilab: InstallLab) -> None:
     # A node added to east after its join: its pod CIDR is outside the union so far.
     lab.lab("add-node", "east", "e3", "--pods", "1", "--timeout", "90")
     e3_cidr = lab.nodes()["east/e3"]["pod_cidr"]
-    assert not any(ipaddress.ip_network(e3_cidr).subnet_of(ipaddress.IPv4Network(c)) for c in discovered), e3_cidr
+    assert not any(ipaddress.IPv4Network(e3_cidr).subnet_of(ipaddress.IPv4Network(c)) for c in discovered), e3_cidr
     union = {str(n) for n in ipaddress.collapse_addresses([*node_cidrs, ipaddress.IPv4Network(e3_cidr)])}
     wait_until(lambda: east_pods() == union, 30, f"east's pod CIDRs to take in e3's {e3_cidr}")
     wait_until(
@@ -261,7 +296,42 @@ def test_install_join_patch_reject_unjoin(ilab: InstallLab) -> None:
     wait_until(lambda: lab.condition("west", "Accepted").get("status") == "True", 30, "west accepted again")
 
     # -- 5. unjoin ------------------------------------------------------------------------------
+    # Before: w1's own certificate material and west's bootstrap credential as join handed it
+    # out (copies: unjoin removes the credential and stops west's agents).
+    st = lab.state()
+    w1_id = identity.node("west", "w1")
+    own = tls.TLSDir(tmp_path / "w1")
+    boot = tls.TLSDir(tmp_path / "bootstrap-west")
+    shutil.copytree(labpki.node_dir(st, "west", "w1"), own.path)
+    shutil.copytree(labpki.bootstrap_path(st, "west"), boot.path)
+    assert bootstrap.problem(own, w1_id) is None, "w1's certificate is valid"
+    # The control: the bootstrap credential gets a certificate while west is a member.
+    asyncio.run(bootstrap.obtain(target, boot, tmp_path / "w1-before", w1_id))
+    w1 = st.node("west/w1")
+    assert w1 is not None
+    w1_ann = types.NodeAnnouncement("west", "w1", w1.underlay_ip, tuple(w1.pod_cidrs))
+    east_logs = {n.key: n.agent.log for n in st.nodes() if n.cluster == "east" and n.agent is not None}
+    assert set(east_logs) == {"east/e1", "east/e2", "east/e3"}
+    east_sessions = {key: secutil.sessions_established(log) for key, log in east_logs.items()}
+
     lab.tool("unjoin", "west", "--lab", lab.name, "--timeout", "60")
+    assert not labpki.bootstrap_path(st, "west").exists(), "unjoin removes west's bootstrap credential"
+    # (a) w1's certificate, still valid, is refused at connect: west is no member any more.
+    assert bootstrap.problem(own, w1_id) is None
+    rejections = secutil.announce_once(target, own, w1_ann)
+    assert rejections and api.RejectionReason.UNKNOWN_CLUSTER in rejections[0].classes, rejections
+    assert "unknown cluster 'west'" in rejections[0].text, rejections
+    # (b) neither w1's certificate (a renewal) nor west's bootstrap credential gets a certificate.
+    for via in (own, boot):
+        with pytest.raises(client.CertificateRefused) as exc:
+            asyncio.run(bootstrap.obtain(target, via, tmp_path / "w1-after", w1_id))
+        assert exc.value.code == grpc.StatusCode.PERMISSION_DENIED, exc.value
+        assert "cluster 'west' is not a member" in exc.value.details, exc.value
+    assert not (tmp_path / "w1-after").exists()
+    # (c) east's agents stay in sync, on the sessions they had before the unjoin.
+    east = {k: n for k, n in lab.nodes().items() if k.startswith("east/")}
+    assert all(n["connected"] and n["in_sync"] for n in east.values()), east
+    assert {key: secutil.sessions_established(log) for key, log in east_logs.items()} == east_sessions
     assert {c["name"] for c in lab.reflector()["clusters"]} == {"east"}
     assert lab.kubectl(HOST, "get", "clusters.kosmos.io", "west", check=False).returncode != 0
     for key in ("east/e1", "east/e2"):

@@ -11,11 +11,13 @@ with a short lifetime here (``--node-cert-lifetime``) so they renew during the t
 2. No certificate, an expired one, one of another CA: refused.
 3. Certificates renewed mid-session: a 10 ms ping between clusters loses no packet, and the
    agents' sessions are not re-established.
-4. Revocation: west taken out of the reflector's configuration (what ``unjoin`` does to it; a
-   plain lab's clusters come from its topology file, so the test rewrites the file the lab's
-   reflector reads and restarts it, and removes west's bootstrap credential as ``unjoin``
-   does): west's sessions end, a valid certificate of w1 is refused at its next connect and
-   gets no new certificate, and neither does the bootstrap credential.
+4. The certificate metrics, scraped: an agent's expiry is its certificate's notAfter and its
+   requests are counted; the reflector's expiry is its server certificate's.
+
+Revocation ("``unjoin`` revokes: that cluster's agents are refused at their next connect") is
+shown with the real ``fabric-tool unjoin`` of a ``kubernetes: true`` lab, in
+tests/lab/test_install_e2e.py (step 5): a plain lab's clusters come from its topology file,
+which ``unjoin`` does not change. The helpers both use are in tests/lab/secutil.py.
 
 Steps run in file order against one lab (module fixture).
 """
@@ -26,19 +28,19 @@ import asyncio
 import datetime
 import json
 import re
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from cryptography import x509
 
 from fabric import types
 from fabric.control import bootstrap, client, identity, pki, tls
+from tests.lab import secutil
 from tests.lab.conftest import REPO, RESYNC_S, Lab, lab_running, new_lab_name
+from tests.lab.test_observability_e2e import metric, scrape
 from tests.waiting import wait_until
 from tools.lab import labpki
 from tools.lab.state import load_state
@@ -61,7 +63,7 @@ def _state(lab: Lab) -> Any:
 
 
 def _target(lab: Lab) -> str:
-    return f"unix:{_state(lab).reflector_socket}"
+    return secutil.reflector_target(_state(lab))
 
 
 def kernel(lab: Lab) -> dict[str, Any]:
@@ -88,47 +90,6 @@ def kernel(lab: Lab) -> dict[str, Any]:
     return out
 
 
-class _Handler:
-    """What a rogue client's session hears."""
-
-    def __init__(self) -> None:
-        self.rejected: list[str] = []
-        self.snapshots = 0
-
-    async def on_snapshot(self, state: types.NodeState, version: int) -> None:
-        self.snapshots += 1
-
-    async def on_delta(self, delta: types.StateDelta, version: int) -> None:
-        pass
-
-    async def on_connection(self, connected: bool, reason: str) -> None:
-        pass
-
-    async def on_rejected(self, reason: str) -> None:
-        self.rejected.append(reason)
-
-
-def announce_once(target: str, tls_dir: tls.TLSDir, ann: types.NodeAnnouncement) -> list[str]:
-    """Run a session announcing ``ann`` until its first rejection; the rejection texts."""
-    handler = _Handler()
-
-    async def body() -> None:
-        session = client.AgentSession(target, ann, handler, keepalive_interval=1.0, backoff=(0.2, 0.5),
-                                      tls_dir=tls_dir)  # fmt: skip
-        task = asyncio.create_task(session.run())
-        try:
-            async with asyncio.timeout(20):
-                while not handler.rejected and handler.snapshots == 0:
-                    await asyncio.sleep(0.05)
-        finally:
-            await session.close()
-            await asyncio.gather(task, return_exceptions=True)
-
-    asyncio.run(body())
-    assert handler.snapshots == 0, f"{ann.key} was admitted"
-    return handler.rejected
-
-
 def test_01_a_certificate_of_cluster_a_cannot_take_others_traffic(slab: Lab, tmp_path: Path) -> None:
     st = _state(slab)
     target = _target(slab)
@@ -146,7 +107,7 @@ def test_01_a_certificate_of_cluster_a_cannot_take_others_traffic(slab: Lab, tmp
         "e1's pod CIDR": types.NodeAnnouncement("east", "rogue", "198.18.0.99", tuple(e1.pod_cidrs)),
     }
     for what, ann in attempts.items():
-        reasons = announce_once(target, rogue_tls, ann)
+        reasons = secutil.announce_once(target, rogue_tls, ann)
         assert reasons, f"{what}: not rejected"
     wait_until(slab.all_in_sync, 60, "the lab in sync")
     after = kernel(slab)
@@ -185,16 +146,12 @@ def _serial(path: Path) -> int:
     return x509.load_pem_x509_certificate((path / pki.CERT_FILE).read_bytes()).serial_number
 
 
-def _established(log: str) -> int:
-    return len(re.findall(r"session to reflector \S+ established", Path(log).read_text(errors="replace")))
-
-
 def test_03_renewed_mid_session_a_10ms_ping_loses_nothing(slab: Lab) -> None:
     st = _state(slab)
     dirs = {key: labpki.node_dir(st, *key.split("/")) for key in ("east/e1", "west/w1")}
     logs = {key: st.node(key).agent.log for key in dirs}
     serials = {key: {_serial(d)} for key, d in dirs.items()}
-    sessions = {key: _established(log) for key, log in logs.items()}
+    sessions = {key: secutil.sessions_established(log) for key, log in logs.items()}
     count = 3 * LIFETIME_S * 100  # 10 ms apart: long enough for two renewals of each
     dst_ip = slab.pods()["west/w1/p0"]["ip"]
     ping = subprocess.Popen(
@@ -216,44 +173,27 @@ def test_03_renewed_mid_session_a_10ms_ping_loses_nothing(slab: Lab) -> None:
     assert summary is not None, out
     assert summary.group(1) == summary.group(2) == str(count), out
     # The sessions that were up before the renewals were never re-established.
-    assert {key: _established(log) for key, log in logs.items()} == sessions
+    assert {key: secutil.sessions_established(log) for key, log in logs.items()} == sessions
 
 
-def test_04_a_removed_cluster_is_refused_at_its_next_connect_and_gets_no_certificate(
-    slab: Lab, tmp_path: Path
-) -> None:
+def test_04_certificate_metrics_on_the_live_lab(slab: Lab) -> None:
+    """Agents' and the reflector's certificate metrics as ``lab metrics`` scrapes them: the
+    expiry is the notAfter of the certificate file in use, the agent counts its requests
+    (its bootstrap exchange, then renewals every ~2/3 of 15 s)."""
     st = _state(slab)
-    target = _target(slab)
-    boot_copy = tmp_path / "bootstrap-west"
-    shutil.copytree(labpki.bootstrap_path(st, "west"), boot_copy)
-    # What unjoin does to the reflector (west leaves its configuration) and to west's credential.
-    doc = yaml.safe_load(st.topology_copy.read_text())
-    doc["clusters"] = [c for c in doc["clusters"] if c["name"] != "west"]
-    st.topology_copy.write_text(yaml.safe_dump(doc, sort_keys=False))
-    labpki.remove_bootstrap(st, "west")
-    slab.lab("stop-reflector")
-    slab.lab("start-reflector", "--no-wait")
+    e1_dir = labpki.node_dir(st, "east", "e1")
+    refl_dir = labpki.pki_root(st) / "reflector"
 
-    w1 = st.node("west/w1")
-    assert w1 is not None
+    def not_after(d: Path) -> float:
+        cert = x509.load_pem_x509_certificate((d / pki.CERT_FILE).read_bytes())
+        return cert.not_valid_after.replace(tzinfo=datetime.UTC).timestamp()
 
-    def west_gone() -> bool:
-        return not any(k.startswith("west/") and n.get("connected") for k, n in slab.nodes().items())
+    def agent_expiry_matches() -> bool:  # a renewal may land between the scrape and the read
+        return metric(scrape(slab, "east/e1"), "fabric_agent_certificate_expiry_timestamp_seconds") == not_after(e1_dir)
 
-    wait_until(west_gone, 60, "no west session after the reflector restarted without west")
-    assert all(n["connected"] for k, n in slab.nodes().items() if k.startswith("east/"))
-    # A still valid certificate of w1 (the agent's own ones are short-lived here and cannot be
-    # renewed any more, so the test issues one as the CA would): its next connect is refused by
-    # membership, not by expiry, and it gets no new certificate; nor does the bootstrap credential.
-    ca = pki.CA.load(labpki.ca_dir(st))
-    key = pki.new_key()
-    w1_id = identity.node("west", "w1")
-    pki.write_tls_dir(tmp_path / "w1", key, ca.sign_client(w1_id, key.public_key()), ca.cert)
-    own = tls.TLSDir(tmp_path / "w1")
-    assert bootstrap.problem(own, w1_id) is None
-    reasons = announce_once(target, own, types.NodeAnnouncement("west", "w1", w1.underlay_ip, tuple(w1.pod_cidrs)))
-    assert reasons and "west" in reasons[0], reasons
-    for via in (own, tls.TLSDir(boot_copy)):
-        with pytest.raises(client.CertificateRefused) as e:
-            asyncio.run(bootstrap.obtain(target, via, tmp_path / "w1-new", w1_id))
-        assert "not a member" in e.value.details
+    wait_until(agent_expiry_matches, 30, "e1's expiry metric to be its certificate's notAfter")
+    samples = scrape(slab, "east/e1")
+    assert metric(samples, "fabric_agent_certificate_renewals_total", result="ok") >= 1, samples
+    assert metric(samples, "fabric_agent_certificate_renewals_total", result="error") == 0, samples
+    reflector = scrape(slab, "reflector")
+    assert metric(reflector, "fabric_reflector_certificate_expiry_timestamp_seconds") == not_after(refl_dir)

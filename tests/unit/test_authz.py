@@ -16,7 +16,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from fabric import types
-from fabric.control import admission, api, authz, codec, identity, reflector, reflector_service
+from fabric.control import admission, api, authz, bounds, codec, identity, reflector, reflector_service
 from fabric.control.generated import fabric_pb2 as pb
 from fabric.control.identity import Identity
 from tests.unit.test_planner import CONFIG, E1, E2, W1
@@ -109,7 +109,7 @@ def test_a_role_publishes_only_its_kinds(publisher: str, kind: str, allowed: boo
 
 
 def test_once_log_logs_each_identity_and_reason_once_and_stays_bounded() -> None:
-    log = authz.OnceLog(limit=2)
+    log = bounds.OnceLog(limit=2)
     assert log.first("node/c/a", R.UNAUTHORIZED)
     assert not log.first("node/c/a", R.UNAUTHORIZED)
     assert log.first("node/c/a", R.POD_CIDR)  # another reason
@@ -447,3 +447,36 @@ def test_the_rejection_metric_has_every_class_for_plaintext_from_the_start() -> 
         want = None if cls is R.UNSPECIFIED else 0.0
         assert _count(reg, cls.value, "insecure") == want
     assert admission.Refusal(R.UNAUTHORIZED, "x").reason.value == "unauthorized"
+
+
+def test_the_identity_label_of_refusals_is_bounded(caplog: pytest.LogCaptureFixture) -> None:
+    """A leaked bootstrap credential of east mints a certificate for any node name of east:
+    refused identities must not grow the metric's series without end. The first ``limit`` keep
+    their label, later ones count as "other"; plaintext and unidentified keep theirs; the log
+    still names each identity once."""
+    assert authz.MAX_IDENTITY_LABELS == 1000  # the documented default
+
+    async def body() -> None:
+        refl, reg = _reflector()
+        refl._rejection_labels = authz.IdentityLabels(limit=3)
+        caplog.set_level(logging.INFO, logger="fabric.control.reflector")
+        minted = [identity.node("east", f"n{i}") for i in range(10)]
+        for ident in [*minted, *minted]:  # each announces east/e1: not its own node
+            assert await _Agent(refl, E1, _Context(ident)).refused() == (R.UNAUTHORIZED,)
+        assert await _Agent(refl, E1, _Context(None, uris=[])).refused() == (R.UNAUTHORIZED,)
+        samples = [s for m in reg.collect() if m.name == "fabric_reflector_rejections"
+                   for s in m.samples if s.name == "fabric_reflector_rejections_total" and s.value]  # fmt: skip
+        by_identity = {s.labels["identity"]: s.value for s in samples}
+        assert by_identity == {"node/east/n0": 2, "node/east/n1": 2, "node/east/n2": 2, "other": 14,
+                               "unidentified": 1}  # fmt: skip
+        assert len(refl._rejections_by) == 5  # the table behind the metric is bounded too
+        logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("rejected")]
+        assert len(logged) == 11 and any("node/east/n9" in m for m in logged)
+
+    asyncio.run(body())
+
+
+def test_identity_labels_keep_the_first_and_the_fixed_ones() -> None:
+    labels = authz.IdentityLabels(limit=2)
+    assert [labels(x) for x in ("node/a/1", "node/a/2", "node/a/3", "node/a/1", "insecure", "unidentified")] == [
+        "node/a/1", "node/a/2", "other", "node/a/1", "insecure", "unidentified"]  # fmt: skip

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+import prometheus_client
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -175,6 +176,21 @@ def serial(d: tls.TLSDir) -> int:
     return x509.load_pem_x509_certificate(d.cert.read_bytes()).serial_number
 
 
+def renewals(result: str) -> float:
+    """``fabric_agent_certificate_renewals_total{result}`` of this process (the agent's metrics
+    are singletons of the default registry: tests read differences)."""
+    return prometheus_client.REGISTRY.get_sample_value("fabric_agent_certificate_renewals_total",
+                                                       {"result": result}) or 0.0  # fmt: skip
+
+
+def expiry_metric() -> float | None:
+    return prometheus_client.REGISTRY.get_sample_value("fabric_agent_certificate_expiry_timestamp_seconds")
+
+
+def not_after(d: tls.TLSDir) -> float:
+    return x509.load_pem_x509_certificate(d.cert.read_bytes()).not_valid_after.replace(tzinfo=datetime.UTC).timestamp()
+
+
 def unauthorized(refl: reflector.Reflector, label: str) -> int:
     return refl._rejections_by.get((api.RejectionReason.UNAUTHORIZED, label), 0)
 
@@ -224,12 +240,14 @@ def test_agent_bootstraps_then_renews_without_dropping_its_session(fabric_pki: P
     own = node_agent.own
 
     async def body() -> None:
+        ok0, error0 = renewals("ok"), renewals("error")
         async with (
             signing_reflector(fabric_pki, datetime.timedelta(seconds=3)) as (_refl, target),
             node_agent.keeper(target, (0.05, 0.2)) as keeper,
         ):
             assert bootstrap.problem(own, NODE_E1) is None
             assert (own.key.stat().st_mode & 0o777) == 0o600
+            assert expiry_metric() == not_after(own)  # the certificate got with the bootstrap one
             first = serial(own)
             # Renewals go with the node's own certificate: the bootstrap one is gone from now on.
             keeper.bootstrap = None
@@ -241,12 +259,18 @@ def test_agent_bootstraps_then_renews_without_dropping_its_session(fabric_pki: P
                 # The session that was up before the renewals is the same one: never reconnected.
                 assert session._attempts == attempts and session.connected
                 assert keeper.failures == 0
+                # Every request counted; the expiry is the renewed certificate's.
+                assert (renewals("ok") - ok0, renewals("error") - error0) == (keeper.issued, 0)
+                assert expiry_metric() == not_after(own)
 
     run(body(), 40)
 
 
 def test_failed_renewal_is_retried_and_the_session_goes_on(fabric_pki: PKI, node_agent: NodeAgent) -> None:
+    own = node_agent.own
+
     async def body() -> None:
+        ok0, error0 = renewals("ok"), renewals("error")
         async with (
             signing_reflector(fabric_pki, datetime.timedelta(seconds=4)) as (refl, target),
             node_agent.keeper(target, (0.05, 0.1)) as keeper,
@@ -254,11 +278,16 @@ def test_failed_renewal_is_retried_and_the_session_goes_on(fabric_pki: PKI, node
             signer, refl.signer = refl.signer, None  # the reflector stops signing for a while
             async with node_agent.session(target) as session:
                 attempts = session._attempts
+                expiry0 = expiry_metric()
                 await wait_until_async(lambda: keeper.failures >= 2, 10, "failed renewals, retried")
                 assert keeper.issued == 1 and session.connected and session._attempts == attempts
+                assert (renewals("ok") - ok0, renewals("error") - error0) == (1, keeper.failures)  # each counted
+                assert expiry_metric() == expiry0 == not_after(own)  # still the first certificate
                 refl.signer = signer
                 await wait_until_async(lambda: keeper.issued >= 2, 10, "the renewal once the reflector signs again")
                 assert session._attempts == attempts
+                assert renewals("ok") - ok0 == keeper.issued
+                assert expiry0 is not None and expiry_metric() == not_after(own) > expiry0
 
     run(body(), 40)
 

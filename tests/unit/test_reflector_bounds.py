@@ -290,25 +290,25 @@ def test_stream_gate_counts_per_identity_and_host_with_a_token_bucket() -> None:
     assert bounds.limit_key(FakeContext("ipv6:[::1]:7")) == ("host ::1", False)
     assert bounds.limit_key(FakeContext("unix:/run/x.sock")) == ("host unix", False)
     with gate.stream("SyncNode", a, announce=True) as r1, gate.stream("SyncNode", a, announce=True) as r2:
-        assert r1 is None and r2 is None
+        assert r1.refused is None and r2.refused is None
         with gate.stream("WatchTopology", a) as r3:
-            assert r3 == "WatchTopology of node/east/e1: 2 streams open, the limit --max-streams-per-identity=2"
-            assert a.code == grpc.StatusCode.RESOURCE_EXHAUSTED and a.details == r3
+            assert r3.refused == "WatchTopology of node/east/e1: 2 streams open, the limit --max-streams-per-identity=2"
+            assert a.code == grpc.StatusCode.RESOURCE_EXHAUSTED and a.details == r3.refused
         with gate.stream("SyncNode", b, announce=True) as other:
-            assert other is None  # identities are counted apart, whatever their host
+            assert other.refused is None  # identities are counted apart, whatever their host
     assert gate.streams("node/east/e1") == 0  # released at the end of each block
     # The burst of 2 is spent: the third announcement within the second is refused ...
     with gate.stream("SyncNode", a, announce=True) as r4:
-        assert r4 is not None and "--announce-rate=0.5/s after a burst of --announce-burst=2" in r4
+        assert r4.refused is not None and "--announce-rate=0.5/s after a burst of --announce-burst=2" in r4.refused
     now[0] += 2.0  # ... and one token is back 2 s later (0.5/s)
     with gate.stream("SyncNode", a, announce=True) as r5:
-        assert r5 is None
+        assert r5.refused is None
     assert gate.refused == {"max_streams_per_identity": 1, "announce_rate": 1}
     # Plaintext peers count against their host, with the host limits.
     p = [FakeContext(f"ipv4:10.0.0.9:{port}") for port in range(4)]
     with (gate.stream("WatchTopology", p[0]), gate.stream("WatchTopology", p[1]), gate.stream("WatchRecords", p[2]),
           gate.stream("WatchTopology", p[3]) as r6):  # fmt: skip
-        assert r6 == "WatchTopology of host 10.0.0.9: 3 streams open, the limit --max-streams-per-host=3"
+        assert r6.refused == "WatchTopology of host 10.0.0.9: 3 streams open, the limit --max-streams-per-host=3"
 
 
 def test_streams_and_announcements_over_their_limits_are_refused_on_the_wire() -> None:
@@ -466,3 +466,98 @@ def test_records_subscriber_snapshot_does_not_count_against_its_queue_bound() ->
         assert sub.queued_bytes == 0  # its memory went at once
 
     run(body())
+
+
+# -- a cut-off stream's slot, and the log of refusals -------------------------------------------------
+
+
+def test_a_cut_off_session_gives_its_slot_back_though_its_client_never_reads() -> None:
+    """E2 announces and reads nothing; churn cuts it off. Its handler stays blocked in a write
+    that E2 never reads, yet its slot is given back at once: the same key (plaintext: the host)
+    opens new sessions up to the limit of 2 (before, the cut one kept one of the two until E2
+    read), and one more is refused. The cut stream still lingers, counted apart."""
+    limits = bounds.Limits(send_queue_bytes=4096, max_streams_per_host=2)
+    key = "host 127.0.0.1"
+
+    async def body() -> None:
+        async with serving(limits, keepalive=1.0) as (refl, target):
+            slow = RawAgent(target, E2, propose=1.0)
+            await wait_until_async(lambda: session_of(refl, "east/e2") is not None, 5, "e2 connected")
+            cut = session_of(refl, "east/e2")
+            assert cut is not None and refl.gate.streams(key) == 1
+            churn = [types.NodeAnnouncement("west", "w9", "198.18.0.29", (f"10.20.{9 + i}.0/24",)) for i in (0, 1)]
+            i = 0
+            while not cut.closed:
+                i += 1
+                assert i <= 20_000, "20,000 topology changes and e2 was never cut off"
+                assert refl._admit(churn[i % 2], reflector._Session(churn[i % 2].key, "churn", refl.clock())) is None
+                refl._flush()
+                # Paced so that the handler writes all it can: the queue grows (to the cut) only
+                # once gRPC takes no more, E2's HTTP/2 window being full (the handler blocked).
+                await asyncio.sleep(0.002)
+            assert refl.gate.cut == {"sync_node": 1}
+            await asyncio.sleep(0.1)
+            assert cut.queue.qsize() == 1, "the handler is blocked in a write: its end marker is still queued"
+            assert (refl.gate.streams(key), refl.gate.lingering(key)) == (0, 1)
+            others = [RawAgent(target, ann) for ann in (E1, W1)]
+            await wait_until_async(lambda: all(session_of(refl, k) for k in ("east/e1", "west/w1")), 5,
+                                   "two new sessions of the same host")  # fmt: skip
+            assert (refl.gate.streams(key), refl.gate.lingering(key)) == (2, 1)
+            over = RawAgent(target, types.NodeAnnouncement("west", "w2", "198.18.0.22", ("10.20.2.0/24",)),
+                            keepalives=False)  # fmt: skip
+            code, details = await asyncio.wait_for(over.status(), 5)
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, (code, details)
+            assert "2 streams open, the limit --max-streams-per-host=2" in details, details
+            # E2 reads at last: it finds its end, and its lingering stream is gone.
+            code, details = await asyncio.wait_for(slow.status(), 10)
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "--send-queue-bytes=4096" in details
+            await wait_until_async(lambda: refl.gate.lingering(key) == 0, 5, "the cut stream's handler ended")
+            assert refl.gate.streams(key) == 2
+            for a in (slow, *others, over):
+                await a.close()
+
+    run(body(), timeout=120)
+
+
+def test_lingering_streams_of_a_key_are_bounded_by_its_limit() -> None:
+    """A client that never reads and reconnects after every cut: its cut streams linger (a handler
+    blocked in a write), and are bounded by the same limit, so it holds at most twice its limit."""
+    gate = bounds.StreamGate(bounds.Limits(max_streams_per_identity=2))
+    ctx = FakeContext("ipv4:10.0.0.1:5000", "node/east/e1")
+    key = "node/east/e1"
+    q: bounds.SendQueue[str] = bounds.SendQueue(10)
+    with gate.stream("SyncNode", ctx) as s1, gate.stream("SyncNode", ctx) as s2:
+        for s in (s1, s2):
+            q.slot = s
+            q.put("a delta", 10)
+            assert not q.put("one too many", 1)
+            q.cut()  # what the owner of the queue does when put refuses
+            assert q.qsize() == 0
+            q.cut()  # twice: the slot moves once
+        assert (gate.streams(key), gate.lingering(key)) == (0, 2)
+        with gate.stream("SyncNode", ctx) as s3:
+            assert s3.refused == ("SyncNode of node/east/e1: 2 streams cut off for falling behind and not ended yet "
+                                  "(their client reads nothing), the limit --max-streams-per-identity=2")  # fmt: skip
+        s1.release()  # its handler ended: a lingering place is free again
+        assert gate.lingering(key) == 1
+        with gate.stream("SyncNode", ctx) as s4:
+            assert s4.refused is None and gate.streams(key) == 1
+    assert (gate.streams(key), gate.lingering(key)) == (0, 0)  # each slot released once, none twice
+
+
+def test_stream_gate_logs_each_refusal_once_and_forgets_past_its_bound(caplog: pytest.LogCaptureFixture) -> None:
+    """Refusals are logged once per key and limit; the set of logged keys is bounded (before,
+    every key ever refused stayed in it: identities a leaked bootstrap credential can have
+    signed without end)."""
+    gate = bounds.StreamGate(bounds.Limits(max_streams_per_identity=1), log_once=100)
+    caplog.set_level("WARNING", logger="fabric.control.bounds")
+    for i in range(1000):
+        ctx = FakeContext("ipv4:10.0.0.1:5000", f"node/east/n{i}")
+        with gate.stream("SyncNode", ctx) as s, gate.stream("SyncNode", ctx) as refused, \
+                gate.stream("SyncNode", ctx) as again:  # fmt: skip
+            assert s.refused is None and refused.refused is not None and again.refused is not None
+        assert len(gate._logged) <= 100
+    assert gate.refused == {"max_streams_per_identity": 2000}
+    logged = [r for r in caplog.records if r.getMessage().startswith("refused SyncNode of node/east/n")]
+    assert len(logged) == 1000  # each key once (the second refusal of a key is only counted)
+    assert len({r.getMessage() for r in logged}) == 1000
