@@ -230,6 +230,12 @@ class Outcome:
         return f"Outcome({self.code.name}: {self.details!r}, {self.responses!r})"
 
 
+#: The bystanders' keepalive (both sides: a session uses the smaller). The harness's loop stands
+#: still between examples, while hypothesis makes the next one: with a hold of 3 keepalives, a
+#: pause longer than that on a loaded machine ended the bystander's session (1.5 s before).
+KEEPALIVE_S = 10.0
+
+
 class Harness:
     """One reflector on 127.0.0.1 with its bystanders, on an event loop of the test's own that
     runs only while an example (or the set-up) runs."""
@@ -237,7 +243,7 @@ class Harness:
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
         self.refl = reflector.Reflector(
-            CONFIG, grace_period=0, keepalive_interval=1.0, startup_hold=0, coalesce_window=0,
+            CONFIG, grace_period=0, keepalive_interval=KEEPALIVE_S, startup_hold=0, coalesce_window=0,
             max_coalesce_window=0, records_grace_period=0, records_startup_hold=0,
         )  # fmt: skip
         self.target = ""
@@ -258,7 +264,7 @@ class Harness:
         self.channel = grpc.aio.insecure_channel(self.target)
         stub = pb_grpc.FabricStub(self.channel)
         # The agent: east/e1, synced.
-        self.session = client.AgentSession(self.target, E1, self.agent, keepalive_interval=0.5)
+        self.session = client.AgentSession(self.target, E1, self.agent, keepalive_interval=KEEPALIVE_S)
         self.tasks.append(asyncio.create_task(self.session.run()))
         await wait_until_async(lambda: self.agent.snapshots == 1, 10, "the bystander agent synced")
         self.initial_state = self.session.state
