@@ -127,10 +127,10 @@ class Signer:
 def problem(d: tls.TLSDir, who: ident.Identity, now: datetime.datetime | None = None) -> str | None:
     """Why ``d`` holds no certificate ``who`` can connect with now (missing files, a key that is
     not the certificate's, unknown CA, expired, another identity), or None. The files are read
-    and checked as every client channel does (tls._client_material: cached while unchanged and
+    and checked as every client channel does (tls.client_material: cached while unchanged and
     valid), and then the certificate's identity is compared with ``who``."""
     try:
-        (cert_pem, _key, _ca), why = tls._client_material(d, now)
+        (cert_pem, _key, _ca), why = tls.client_material(d, now)
     except tls.TLSError as e:
         return str(e)
     if why is not None:

@@ -293,7 +293,7 @@ _material: dict[Path, _Material] = {}
 _material_lock = threading.Lock()
 
 
-def _client_material(d: TLSDir, now: datetime.datetime | None = None) -> tuple[tuple[bytes, bytes, bytes], str | None]:
+def client_material(d: TLSDir, now: datetime.datetime | None = None) -> tuple[tuple[bytes, bytes, bytes], str | None]:
     """(certificate, key, CA) PEM of ``d`` and why the certificate is not acceptable as a client
     certificate at ``now`` (default: now; None: it is): from the cache while the stamp is
     unchanged and an acceptable certificate is valid at ``now``, else read and checked again.
@@ -323,7 +323,7 @@ def check_own(d: TLSDir) -> str | None:
     """Why this process's client certificate is not acceptable (one sentence naming the file),
     or None. Logged when the answer changes, so a reconnect loop does not repeat it."""
     try:
-        _pem, problem = _client_material(d)
+        _pem, problem = client_material(d)
     except TLSError as e:
         problem = str(e)
     with _reported_lock:
@@ -337,7 +337,7 @@ def check_own(d: TLSDir) -> str | None:
 def credentials(d: TLSDir) -> grpc.ChannelCredentials:
     """Channel credentials from ``d``, read now, or as cached by :func:`check_own` while the
     files are unchanged (a renewed certificate is used from the next channel on)."""
-    (cert, key, ca), _problem = _client_material(d)
+    (cert, key, ca), _problem = client_material(d)
     return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
 
 

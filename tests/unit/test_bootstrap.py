@@ -132,7 +132,7 @@ def test_problem_names_what_is_missing_or_wrong(fabric_pki: PKI, tmp_path: Path)
 
 
 def test_problem_reads_and_checks_as_the_client_channels_do(fabric_pki: PKI, monkeypatch: pytest.MonkeyPatch) -> None:
-    """One way to read and check a client directory (tls._client_material): unchanged files are
+    """One way to read and check a client directory (tls.client_material): unchanged files are
     read once for the keeper's checks and the channels' alike, and a check at another time than
     the cached verdict's window is made again."""
     good = fabric_pki.client("good", NODE_E1)

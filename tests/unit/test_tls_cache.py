@@ -1,4 +1,4 @@
-"""The client side's cache of its TLS material (fabric.control.tls._client_material): a channel
+"""The client side's cache of its TLS material (fabric.control.tls.client_material): a channel
 reuses what the previous one read and checked while the files are unchanged, a replaced file is
 read again, and a certificate that was acceptable is reported once it has expired. And the
 server side's fetcher, which answers a new configuration only when a port needs one."""
@@ -52,11 +52,11 @@ def test_unchanged_files_are_read_once_and_a_replaced_certificate_is_picked_up(
     tls.credentials(d)
     assert tls.check_own(d) is None
     assert reads.n == 1  # the second and third use what the first read and checked
-    assert tls._client_material(d)[0][0] == first
+    assert tls.client_material(d)[0][0] == first
 
     renewed = _issue(ca, d.path)  # a renewal: new key and certificate, new stamp
     assert renewed != first
-    assert tls._client_material(d) == ((renewed, (d.key).read_bytes(), ca.pem), None)
+    assert tls.client_material(d) == ((renewed, (d.key).read_bytes(), ca.pem), None)
     assert reads.n == 2
 
     other = pki.make_ca("another CA")
