@@ -32,12 +32,14 @@ What gRPC lets us do, found out for grpc 1.85 (the venv's):
   ``grpc_ssl_*_credentials_create_ex``, whose config carries ``min_tls_version = TLS1_2`` and
   ``max_tls_version = TLS1_3`` fixed (``ssl_security_connector.h``, ``grpc_ssl_config``); the
   setter ``grpc_tls_credentials_options_set_min_tls_version`` belongs to the experimental TLS
-  credentials that grpcio does not expose, and there is no channel argument or environment
-  variable for it (``GRPC_SSL_CIPHER_SUITES`` only lists TLS 1.2 suites). So the handshake
-  cannot be pinned to 1.3. Two BoringSSL ends (every fabric process) always negotiate 1.3, and
-  the session's version is in the auth context (``ssl_tls_version``):
-  :func:`fabric.control.identity.of_context` refuses an identity from a session below TLS 1.3,
-  so a foreign TLS 1.2 client is refused at its first RPC instead of at the handshake.
+  credentials that grpcio does not expose, and there is no channel argument for it. What is
+  left is ``GRPC_SSL_CIPHER_SUITES``, read when ``grpc`` is imported, which lists the TLS 1.2
+  suites only: :mod:`fabric.control` sets it to one pre-shared-key suite that gRPC never
+  configures, so a TLS 1.2 handshake finds no cipher and fails at the handshake, and TLS 1.3
+  is untouched (tests/unit/test_tls_version.py). Should ``grpc`` be loaded before
+  :mod:`fabric.control`, or the operator set another list, the session's version is still in the
+  auth context (``ssl_tls_version``): :func:`fabric.control.identity.of_context` refuses an
+  identity from a session below TLS 1.3 at its first RPC.
 * **Key type.** ECDSA P-256. Ed25519 certificates fail the handshake in gRPC's BoringSSL
   (``NO_COMMON_SIGNATURE_ALGORITHMS``: gRPC does not enable Ed25519 signatures).
 * **Refused handshakes at the server.** gRPC core logs each one itself, on stderr, one line at
