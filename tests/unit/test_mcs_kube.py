@@ -7,13 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from kubeemu.runner import ServerThread
 from mcs import kube as mk
 from mcs.derive import FAMILY_UNREACHABLE, HEADLESS, Condition, Endpoint, Port, derive, view
 from scheduler.kube import Api, ApiError
-from tests.waiting import wait_until
+from tests import crds
 
 Obj = dict[str, Any]
 SVC = "/api/v1/namespaces/shop/services"
@@ -145,17 +144,7 @@ def test_condition_times_are_kept_while_the_status_stays_and_renewed_when_it_cha
 
 def install_mcs_crds(api: Api) -> None:
     """The member manifests' MCS CRDs installed in ``api`` and served."""
-    for f in ("crd-serviceexports.yaml", "crd-serviceimports.yaml"):
-        api.create("/apis/apiextensions.k8s.io/v1/customresourcedefinitions", yaml.safe_load((MEMBER / f).read_text()))
-
-    def served() -> bool:
-        try:
-            api.get(EXPORTS)
-            api.get(IMPORTS)
-            return True
-        except ApiError:
-            return False
-    wait_until(served, 10, "ServiceExport and ServiceImport served")
+    crds.install(api, [MEMBER / "crd-serviceexports.yaml", MEMBER / "crd-serviceimports.yaml"], [EXPORTS, IMPORTS])
 
 
 @pytest.fixture

@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from kubeemu.runner import ServerThread
 from scheduler import kube
 from scheduler.plugins import REGISTRY
 from scheduler.profile import DEFAULT_SCHEDULER, KOSMOS_SCHEDULER, default_config
 from scheduler.scheduler import Scheduler
+from tests import crds
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.unit
@@ -42,19 +42,9 @@ LEAF_TAINT = {"key": "kosmos.io/node", "value": "true", "effect": "NoSchedule"}
 def api() -> Iterator[kube.Api]:
     with ServerThread(name="profiles", bookmark_interval=0.3) as s:
         a = kube.Api(s.url)
-        for f in sorted(CRDS.glob("*.yaml")):
-            a.create("/apis/apiextensions.k8s.io/v1/customresourcedefinitions", yaml.safe_load(f.read_text()))
-        for plural in ("distributionpolicies", "clusterdistributionpolicies", "workloadpolicies"):
-            wait_until(lambda p=plural: _served(a, p), 10, f"CRD {plural} served")  # type: ignore[misc]
+        crds.install(a, sorted(CRDS.glob("*.yaml")), [f"/apis/kosmos.io/v1alpha1/{plural}" for plural in (
+            "distributionpolicies", "clusterdistributionpolicies", "workloadpolicies")])
         yield a
-
-
-def _served(a: kube.Api, plural: str) -> bool:
-    try:
-        a.get(f"/apis/kosmos.io/v1alpha1/{plural}")
-        return True
-    except kube.ApiError:
-        return False
 
 
 @pytest.fixture

@@ -25,7 +25,8 @@ import pytest
 import yaml
 
 from kubeemu.runner import ServerThread
-from scheduler.kube import Api, ApiError, resource_path
+from scheduler.kube import Api, resource_path
+from tests import crds
 from tests.waiting import wait_until
 from tree import convert as cv
 from tree.metrics import TreeMetrics
@@ -427,17 +428,7 @@ def kubectl(server: str, *args: str, stdin: str = "") -> subprocess.CompletedPro
 
 
 def install_crds(api: Api) -> None:
-    for f in CRD_FILES:
-        api.create("/apis/apiextensions.k8s.io/v1/customresourcedefinitions", yaml.safe_load(f.read_text()))
-
-    def served() -> bool:
-        try:
-            api.get(CLUSTER_POLICIES)
-            api.get(POD_POLICIES)
-            return True
-        except ApiError:
-            return False
-    wait_until(served, 10, "the two convert policy resources served")
+    crds.install(api, CRD_FILES, [CLUSTER_POLICIES, POD_POLICIES])
 
 
 @pytest.fixture
