@@ -24,6 +24,8 @@ import ipaddress
 import struct
 from collections.abc import Mapping
 
+from mcs.derive import HEADLESS, Import
+
 ZONE = ("svc", "clusterset", "local")
 TTL_S = 5
 QTYPE_A, QTYPE_AAAA, QCLASS_IN = 1, 28, 1
@@ -33,6 +35,21 @@ NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED = 0, 1, 2, 3, 4, 5
 Table = Mapping[tuple[str, str], tuple[str, ...]]
 
 _HEADER = struct.Struct("!HHHHHH")
+
+
+def table(imports: Mapping[tuple[str, str], Import], ips: Mapping[tuple[str, str], tuple[str, ...]]) -> dict[
+        tuple[str, str], tuple[str, ...]]:
+    """What a member resolves, from what it imports (:func:`mcs.derive.view`): a ClusterSetIP
+    service its ServiceImport's IPs (``ips``: the derived Service's cluster IPs; none yet, no
+    address), a headless one the addresses of its ready endpoints, in order, each once."""
+    out: dict[tuple[str, str], tuple[str, ...]] = {}
+    for k, imp in imports.items():
+        if imp.type == HEADLESS:
+            addrs = [a for ss in imp.slices for ep in ss.slice.endpoints if ep.ready for a in ep.addresses]
+            out[k] = tuple(dict.fromkeys(addrs))
+        else:
+            out[k] = tuple(ips.get(k, ()))
+    return out
 
 
 class _Malformed(Exception):

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from scapy.layers.dns import DNS, DNSQR
 
 from mcs import dns
+from mcs.derive import Endpoint, Export, Port, Slice, derive, view
 from tests.fuzzing import budget
 
 TABLE = {("shop", "web"): ("10.96.0.10",), ("shop", "db"): ("10.10.1.5", "10.20.1.6", "fd00::7")}
@@ -86,3 +87,15 @@ def test_any_datagram_gets_a_well_formed_answer_or_none(data: bytes) -> None:
     r = DNS(out)
     assert r.qr == 1 and r.id == int.from_bytes(data[:2], "big")
     assert r.rcode in (dns.NOERROR, dns.FORMERR, dns.NXDOMAIN, dns.NOTIMP, dns.REFUSED)
+
+
+def test_the_table_holds_import_ips_and_ready_headless_endpoints_only() -> None:
+    def export(cluster: str, headless: bool, *eps: Endpoint) -> Export:
+        return Export(cluster, "shop", "db" if headless else "web", "2026-12-01T00:00:00Z", "ClusterIP",
+                      headless=headless, ports=(Port("p", "TCP", 5432),), slices=(Slice("IPv4", (), eps),))
+    d = derive([export("east", True, Endpoint(("10.10.1.5",)), Endpoint(("10.10.1.9",), ready=False)),
+                export("west", True, Endpoint(("10.20.1.6",))), export("east", False, Endpoint(("10.10.2.2",)))])
+    imports = view(d, "south", {"IPv4"}, unreachable={"west"})
+    assert dns.table(imports, {("shop", "web"): ("10.96.0.10",)}) == {
+        ("shop", "db"): ("10.10.1.5",), ("shop", "web"): ("10.96.0.10",)}
+    assert dns.table(imports, {})[("shop", "web")] == (), "no cluster IP allocated yet: no address"
