@@ -9,7 +9,8 @@ written over a change made since the read, and nothing is ever deleted by name a
 A failed write never stops the others (an object of another controller, a quota, a conflict
 with a concurrent writer): the first failure of a pass is logged with the object and the API
 server's answer, the rest are counted, and the caller runs the pass again (its next plan starts
-from what the importer has then). A 404 on delete or a 409 on create is the goal already
+from what the importer has then). A name held by an object that is not ours is never written;
+the first such name of a pass is logged, all are counted. A 404 on delete or a 409 on create is the goal already
 reached by someone else and no failure.
 """
 
@@ -46,6 +47,8 @@ def path(obj: Mapping[str, Any], sub: str | None = None, *, named: bool = True) 
 class Result:
     written: int = 0
     failed: int = 0
+    #: Names we would write that objects not ours hold (:attr:`mcs.plan.Plan.clashes`).
+    clashes: int = 0
 
 
 class Applier:
@@ -56,7 +59,10 @@ class Applier:
         self.cluster = cluster
 
     def apply(self, p: Plan) -> Result:
-        res = Result()
+        res = Result(clashes=len(p.clashes))
+        for kind, ns, name in p.clashes[:1]:
+            _log.warning("cluster %s: %s %s/%s is not ours: left alone, not imported there (%d such names)",
+                         self.cluster, kind, ns, name, len(p.clashes))
         for o in p.creates:
             body = {f: v for f, v in o.items() if f != "status"}
             created = self._write(res, "create", o, lambda b=body: self.api.create(path(b, named=False), b),

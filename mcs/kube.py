@@ -9,11 +9,12 @@ keeps equal, and deletes by the ``managed-by`` label and owner, never by name al
 
 - the ServiceImport (``multicluster.x-k8s.io/v1alpha1``): type, ports, session affinity, the
   derived Service's cluster IPs, ``status.clusters``;
-- the derived Service: same name and ports, no selector (so no controller of the importer
-  writes its endpoints), ``clusterIP: None`` when headless, else one the importer allocates.
-  When the importer has a Service of that name that is not ours (its own, or the exporter's
-  local one), the derived Service takes :func:`derived_name` instead and the local Service is
-  left alone: the clusterset name resolves to the ServiceImport's IPs, whatever the name;
+- the derived Service, :func:`derived_name` (``<name>-clusterset``): the service's ports, no
+  selector (so no controller of the importer writes its endpoints), ``clusterIP: None`` when
+  headless, else one the importer allocates. Never the service's own name: a member that
+  imports a service must stay free to create its own Service of that name and export it too
+  (a second exporting cluster), and an exporter's own Service has that name already. Clients
+  use the clusterset name, which resolves to the ServiceImport's IPs (:mod:`mcs.dns`);
 - one EndpointSlice per exported one (each of one source cluster and address family), labelled as KEP-1645 asks
   (``multicluster.kubernetes.io/source-cluster`` and ``/service-name``) and with
   ``kubernetes.io/service-name`` naming the derived Service, so kube-proxy and DNS serve them,
@@ -105,7 +106,7 @@ def _short(text: str, limit: int = MAX_NAME) -> str:
 
 
 def derived_name(name: str) -> str:
-    """The derived Service's name when ``name`` is taken in the importer by a Service not ours."""
+    """The derived Service's name in every importer (module docstring)."""
     return _short(f"{name}-clusterset")
 
 
@@ -130,13 +131,14 @@ def _ports(ports: Iterable[Port]) -> list[Obj]:
     return out
 
 
-def render_service(imp: Import, name: str) -> Obj:
-    """The derived Service ``name`` of ``imp`` (selector-less; headless stays headless)."""
+def render_service(imp: Import) -> Obj:
+    """The derived Service of ``imp`` (:func:`derived_name`; selector-less; headless stays headless)."""
     spec: Obj = {"type": "ClusterIP", "ports": _ports(imp.ports), "sessionAffinity": imp.session_affinity}
     if imp.type == HEADLESS:
         spec["clusterIP"] = "None"
     return {"apiVersion": "v1", "kind": "Service",
-            "metadata": {"namespace": imp.namespace, "name": name, "labels": _labels(imp)}, "spec": spec}
+            "metadata": {"namespace": imp.namespace, "name": derived_name(imp.name), "labels": _labels(imp)},
+            "spec": spec}
 
 
 def conditions(new: Iterable[Condition], current: Iterable[Mapping[str, Any]], now: str) -> list[Obj]:
@@ -179,9 +181,9 @@ def _endpoint_obj(ep: Endpoint) -> Obj:
     return o
 
 
-def render_slices(imp: Import, service_name: str) -> list[Obj]:
+def render_slices(imp: Import) -> list[Obj]:
     """The imported EndpointSlices of ``imp``, one per exported slice (each of one source cluster
-    and address family), serving the derived Service ``service_name``."""
+    and address family), serving its derived Service."""
     out = []
     seen: dict[tuple[str, str], int] = {}
     for ss in imp.slices:
@@ -189,7 +191,7 @@ def render_slices(imp: Import, service_name: str) -> list[Obj]:
         # An exporter splits many endpoints over several slices of one family: numbered here.
         index = seen[(ss.cluster, family)] = seen.get((ss.cluster, family), -1) + 1
         labels = {**_labels(imp), MANAGED_BY_LABEL: MANAGED_BY, SOURCE_CLUSTER_LABEL: ss.cluster,
-                  SERVICE_NAME_LABEL: service_name}
+                  SERVICE_NAME_LABEL: derived_name(imp.name)}
         name = _short(f"{imp.name}-{ss.cluster}-{family}-{index}")
         out.append({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
                     "metadata": {"namespace": imp.namespace, "name": name, "labels": labels},

@@ -5,7 +5,7 @@ current ones, by kind, namespace and name, and returns what to create, to update
 
 - only objects we own (:func:`mcs.kube.owned`) are ever updated or deleted; a desired object
   whose name is held by an object that is not ours is left alone and reported as a clash (the
-  caller names a derived Service differently, :func:`mcs.kube.derived_name`);
+  applier logs it);
 - an update carries the current object's ``metadata`` (``resourceVersion``, ``uid``: the write
   is refused if the object changed since it was read) with our labels, and our fields; it is
   planned only when the current object does not hold what we write (:func:`covers`: the API

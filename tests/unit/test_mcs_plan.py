@@ -25,8 +25,8 @@ def _import(*addresses: str, ports: tuple[Port, ...] = (Port("http", "TCP", 80),
     return derive([e]).imports[("shop", "web")]
 
 
-def _desired(imp: Import, name: str = "web") -> list[Obj]:
-    return [mk.render_service(imp, name), *mk.render_slices(imp, name), mk.render_service_import(imp)]
+def _desired(imp: Import) -> list[Obj]:
+    return [mk.render_service(imp), *mk.render_slices(imp), mk.render_service_import(imp)]
 
 
 @pytest.fixture
@@ -51,8 +51,8 @@ def _apply(api: Api, p: Plan) -> None:
 
 def test_a_settled_importer_plans_nothing_and_a_change_plans_only_itself(api: Api) -> None:
     first = plan(_desired(_import("10.0.0.1")), _current(api))
-    assert [key(o) for o in first.creates] == [("EndpointSlice", "shop", "web-east-ipv4-0"), ("Service", "shop", "web"),
-                                              ("ServiceImport", "shop", "web")]
+    assert [key(o) for o in first.creates] == [("EndpointSlice", "shop", "web-east-ipv4-0"),
+                                              ("Service", "shop", "web-clusterset"), ("ServiceImport", "shop", "web")]
     _apply(api, first)
     assert plan(_desired(_import("10.0.0.1")), _current(api)).empty(), \
         "the server's defaults and allocations (clusterIP, ipFamilies...) are no change"
@@ -63,23 +63,24 @@ def test_a_settled_importer_plans_nothing_and_a_change_plans_only_itself(api: Ap
     _apply(api, moved)
     assert plan(_desired(_import("10.0.0.2")), _current(api)).empty()
     ported = plan(_desired(_import("10.0.0.2", ports=(Port("http", "TCP", 81),))), _current(api))
-    assert [key(o) for o in ported.updates] == [("Service", "shop", "web"), ("ServiceImport", "shop", "web")]
+    assert [key(o) for o in ported.updates] == [("Service", "shop", "web-clusterset"), ("ServiceImport", "shop", "web")]
     assert ported.updates[0]["spec"]["clusterIP"] == ip, "an update keeps the allocated cluster IP"
     assert ported.updates[0]["metadata"]["resourceVersion"], "an update is conditional on what was read"
     _apply(api, ported)
     gone = plan([], _current(api))
-    assert sorted(key(o) for o in gone.deletes) == [("EndpointSlice", "shop", "web-east-ipv4-0"),
-                                                   ("Service", "shop", "web"), ("ServiceImport", "shop", "web")]
+    assert sorted(key(o) for o in gone.deletes) == [
+        ("EndpointSlice", "shop", "web-east-ipv4-0"), ("Service", "shop", "web-clusterset"),
+        ("ServiceImport", "shop", "web")]
     _apply(api, gone)
     assert _current(api) == []
 
 
 def test_objects_not_ours_are_never_touched_and_a_name_they_hold_is_a_clash(api: Api) -> None:
     services = path({"kind": "Service", "metadata": {"namespace": "shop"}}, named=False)
-    theirs = api.create(services, {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
+    theirs = api.create(services, {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web-clusterset"},
                                    "spec": {"ports": [{"port": 80}], "selector": {"app": "web"}}})
     p = plan(_desired(_import("10.0.0.1")), _current(api))
-    assert p.clashes == [("Service", "shop", "web")]
+    assert p.clashes == [("Service", "shop", "web-clusterset")]
     assert [key(o) for o in p.creates] == [("EndpointSlice", "shop", "web-east-ipv4-0"),
                                           ("ServiceImport", "shop", "web")]
     assert not p.updates and not p.deletes
@@ -108,10 +109,10 @@ def test_covers_ignores_what_the_server_adds_but_not_a_changed_or_missing_item()
 
 def test_a_service_turning_headless_is_deleted_and_created(api: Api) -> None:
     _apply(api, plan(_desired(_import("10.0.0.1")), _current(api)))
-    headless = mk.render_service(_import("10.0.0.1"), "web")
+    headless = mk.render_service(_import("10.0.0.1"))
     headless["spec"]["clusterIP"] = "None"
     p = plan([headless], [o for o in _current(api) if o["kind"] == "Service"])
-    assert [key(o) for o in p.deletes] == [key(o) for o in p.creates] == [("Service", "shop", "web")]
+    assert [key(o) for o in p.deletes] == [key(o) for o in p.creates] == [("Service", "shop", "web-clusterset")]
     assert not p.updates
 
 
@@ -132,7 +133,7 @@ def test_a_delete_never_reaches_an_object_recreated_under_the_same_name(api: Api
     stale = plan([], _current(api))
     svc = next(o for o in stale.deletes if o["kind"] == "Service")
     api.request("DELETE", path(svc))
-    again = api.create(path(svc, named=False), {**mk.render_service(_import("10.0.0.1"), "web")})
+    again = api.create(path(svc, named=False), {**mk.render_service(_import("10.0.0.1"))})
     res = Applier(api, "south").apply(Plan(deletes=[svc]))
     assert res.failed == 1, "the uid precondition refused the delete"
     assert api.get(path(svc))["metadata"]["uid"] == again["metadata"]["uid"]
