@@ -115,6 +115,10 @@ class Store:
         self.graceful_pods = graceful_pods
         self.wake = asyncio.Event()
         self.gc_uids: set[str] = set()  # owners gone (or objects to check for dangling owners)
+        #: (kind, object key) of the objects being deleted in the foreground (deletionTimestamp and
+        #: the foregroundDeletion finalizer), kept by every commit: the controllers' foreground pass
+        #: looks at these instead of every object of every kind at each wake (each delete wakes it).
+        self.foreground: dict[tuple[Key, ObjKey], None] = {}  # a set in commit order
         self.on_registry_change: list[Callable[[], None]] = []
         #: The service-account token signer (:class:`kubeemu.subresources.TokenIssuer`), made on first use.
         self.token_issuer: Any = None
@@ -153,6 +157,11 @@ class Store:
         ev = Event(int(obj["metadata"]["resourceVersion"]), etype, rt.key, obj, old)
         bucket = self.bucket(rt.key)
         uid = obj["metadata"].get("uid", "")
+        meta = obj["metadata"]
+        if etype != "DELETED" and meta.get("deletionTimestamp") and FOREGROUND in (meta.get("finalizers") or ()):
+            self.foreground[(rt.key, okey)] = None
+        else:
+            self.foreground.pop((rt.key, okey), None)
         if etype == "DELETED":
             bucket.pop(okey, None)
             self.uids.pop(uid, None)
