@@ -589,7 +589,7 @@ class EmuServer:
                 if t.namespace is None and t.rt.namespaced:
                     raise errors.method_not_allowed(method)
                 body = await self._body(request)
-                obj = store.create(t.rt, ns, body, t.version, dry)
+                obj = store.create(t.rt, ns, body, t.version, dry, owned=True)  # decoded for this request only
                 return _json(self._out(t, obj), 201)
             if method == "DELETE":
                 match = self._match(t, q)
