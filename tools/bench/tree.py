@@ -389,12 +389,12 @@ def report(rounds: Sequence[Round], pods: int) -> bc.Report:
     else:
         for k in [k for k in rep.units if k.startswith("api_")]:
             del rep.units[k]
-    for t in ROOT_ALONE_THREADS:
-        rates = [r.root_alone[t] for r in rounds if t in r.root_alone]
+    for threads in ROOT_ALONE_THREADS:
+        rates = [r.root_alone[threads] for r in rounds if threads in r.root_alone]
         if rates:
-            rep.figures[f"root_alone_creates_per_s_{t}_threads"] = bc.spread(rates)
+            rep.figures[f"root_alone_creates_per_s_{threads}_threads"] = bc.spread(rates)
         else:
-            del rep.units[f"root_alone_creates_per_s_{t}_threads"]
+            del rep.units[f"root_alone_creates_per_s_{threads}_threads"]
     if any(r.root_alone for r in rounds):
         rep.notes.append(
             f"root_alone_creates_per_s_<T>_threads: each round, the same {pods} pods created in the root by T client "
