@@ -22,9 +22,9 @@ order:
    only when it differs from what the root has:
 
    - its name is ``<root pod name>.<hash of the root id and the leaf Event's UID>``, so a
-     restarted manager finds what it wrote (GET by name; nothing is kept only in memory: the
-     in-memory cache of what was written only spares requests) and two roots sharing a leaf
-     write distinct Events;
+     restarted manager finds what it wrote (its create answers 409 AlreadyExists, then a GET by
+     name; nothing is kept only in memory: the in-memory cache of what was written only spares
+     requests) and two roots sharing a leaf write distinct Events;
    - ``involvedObject`` is the root pod (namespace, name, UID; ``fieldPath`` kept); ``source``
      and ``reportingComponent`` say ``kosmos-tree/<cluster>``, ``source.host`` and
      ``reportingInstance`` the leaf's; reason, message, type as the leaf says;
@@ -376,17 +376,18 @@ class EventReflector:
         name, ns = want["metadata"]["name"], want["metadata"]["namespace"]
         have = self._written.get(name)
         if have is None:
-            have = self._get(ns, name)
-            if have is None:
-                try:
-                    have = self.root.request("POST", resource_path("v1", "events", ns), want, timeout=self.timeout)
-                    self._count("created")
-                except ApiError as e:
-                    if e.status != 409:
-                        raise
-                    have = self._get(ns, name)
-                    if have is None:
-                        raise
+            # Create first: a new Event is the common case, and 409 AlreadyExists is how one this
+            # root wrote before (a restarted manager) is found, then read and patched if it
+            # differs. A GET first cost every new Event one more root request, a 404.
+            try:
+                have = self.root.request("POST", resource_path("v1", "events", ns), want, timeout=self.timeout)
+                self._count("created")
+            except ApiError as e:
+                if e.status != 409:
+                    raise
+                have = self._get(ns, name)
+                if have is None:
+                    raise
         assert have is not None
         patch = _differs(want, have)
         if patch:
