@@ -799,7 +799,7 @@ class EmuServer:
     def _object_json(self, obj: Obj) -> bytes:
         """``obj`` as compact JSON, encoded once for the answer to the write that stored it and
         for the watch events that carry that same object (every pod write was encoded twice:
-        its answer, then its event, a tenth of the API server's CPU per pod create). Stored
+        its answer, then its event: half the encoding, a few per cent of a write's CPU). Stored
         objects are never changed in place (a write stores a new object), so the bytes stay right
         for as long as the entry holds the object, which also keeps its id from being reused."""
         hit = self._encoded_objects.get(id(obj))

@@ -248,7 +248,7 @@ class Store:
 
         ``owned``: the caller hands ``body`` over (a request body it has just decoded and keeps
         no reference to), so it becomes the stored object instead of a deep copy of it (the copy
-        was a seventh of a pod create's CPU here). Otherwise ``body`` is left as it was."""
+        was about 6% of a pod create's CPU here). Otherwise ``body`` is left as it was."""
         if not isinstance(body, dict):
             raise errors.bad_request("the body of the request must be a JSON object")
         version = version or rt.versions[0]

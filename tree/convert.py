@@ -298,7 +298,7 @@ def convert(leaf_pod: Mapping[str, Any], root_pod: Mapping[str, Any], *, cluster
     Only what a converter changes is copied: the pod and its spec one level deep (a converter
     sets or drops one spec field, with a copy of its value) and the metadata with its annotations.
     The rest is shared with ``leaf_pod``, so a pod no policy selects costs no copy of its spec
-    (the deep copy it was took a sixth of a pod create's CPU in the tree manager)."""
+    (that deep copy was a seventh of the pod workers' CPU in a cProfile of 1,000 reflected pods)."""
     meta = root_pod.get("metadata") or {}
     labels = {CLUSTER_LABEL: cluster, **node_labels}
     chosen = choose(policies, str(meta.get("namespace") or ""), meta.get("labels") or {}, labels)

@@ -259,8 +259,8 @@ def desired_status(leaf_pod: Mapping[str, Any], root_pod: Mapping[str, Any]) -> 
 
     The result shares its values with the two pods (no copies): it is compared and sent, never
     changed, and the informers' objects it comes from are not changed either (every event brings
-    a new object). Deep copies of the container statuses and conditions here were a tenth of the
-    tree manager's CPU per pod, computed at every event of the pod in the root or the leaf."""
+    a new object). Deep copies of the container statuses and conditions here were about a seventh of
+    the pod workers' CPU (cProfile), computed at every event of the pod in the root or the leaf."""
     leaf_status = leaf_pod.get("status") or {}
     root_status_now = root_pod.get("status") or {}
     out = {k: v for k, v in root_status_now.items() if k not in STATUS_FIELDS and k != "conditions"}
