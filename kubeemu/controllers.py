@@ -65,22 +65,24 @@ class Controllers:
 
     def _foreground(self) -> None:
         s = self.store
-        for key, bucket in list(s.objects.items()):
-            for obj in list(bucket.values()):
-                meta = obj["metadata"]
-                if FOREGROUND not in (meta.get("finalizers") or []) or not meta.get("deletionTimestamp"):
-                    continue
-                deps = list(s.dependents.get(meta["uid"], ()))
-                for dkey, dokey in deps:
-                    dep = s.objects.get(dkey, {}).get(dokey)
-                    if dep is not None and not dep["metadata"].get("deletionTimestamp"):
-                        self._delete(dkey, dokey, "Foreground")
-                if not s.dependents.get(meta["uid"]):
-                    rt = s.registry.get(key)
-                    if rt is not None:
-                        new = dict(obj)
-                        new["metadata"] = dict(meta, finalizers=[f for f in meta["finalizers"] if f != FOREGROUND])
-                        s._write(rt, obj, new, rt.status, False)
+        for key, okey in list(s.foreground):  # the store's index: not every object at every wake
+            obj = s.objects.get(key, {}).get(okey)
+            if obj is None:
+                continue
+            meta = obj["metadata"]
+            if FOREGROUND not in (meta.get("finalizers") or []) or not meta.get("deletionTimestamp"):
+                continue
+            deps = list(s.dependents.get(meta["uid"], ()))
+            for dkey, dokey in deps:
+                dep = s.objects.get(dkey, {}).get(dokey)
+                if dep is not None and not dep["metadata"].get("deletionTimestamp"):
+                    self._delete(dkey, dokey, "Foreground")
+            if not s.dependents.get(meta["uid"]):
+                rt = s.registry.get(key)
+                if rt is not None:
+                    new = dict(obj)
+                    new["metadata"] = dict(meta, finalizers=[f for f in meta["finalizers"] if f != FOREGROUND])
+                    s._write(rt, obj, new, rt.status, False)
 
     def _namespaces(self) -> None:
         s = self.store

@@ -115,6 +115,10 @@ class Store:
         self.graceful_pods = graceful_pods
         self.wake = asyncio.Event()
         self.gc_uids: set[str] = set()  # owners gone (or objects to check for dangling owners)
+        #: (kind, object key) of the objects being deleted in the foreground (deletionTimestamp and
+        #: the foregroundDeletion finalizer), kept by every commit: the controllers' foreground pass
+        #: looks at these instead of every object of every kind at each wake (each delete wakes it).
+        self.foreground: dict[tuple[Key, ObjKey], None] = {}  # a set in commit order
         self.on_registry_change: list[Callable[[], None]] = []
         #: The service-account token signer (:class:`kubeemu.subresources.TokenIssuer`), made on first use.
         self.token_issuer: Any = None
@@ -153,6 +157,11 @@ class Store:
         ev = Event(int(obj["metadata"]["resourceVersion"]), etype, rt.key, obj, old)
         bucket = self.bucket(rt.key)
         uid = obj["metadata"].get("uid", "")
+        meta = obj["metadata"]
+        if etype != "DELETED" and meta.get("deletionTimestamp") and FOREGROUND in (meta.get("finalizers") or ()):
+            self.foreground[(rt.key, okey)] = None
+        else:
+            self.foreground.pop((rt.key, okey), None)
         if etype == "DELETED":
             bucket.pop(okey, None)
             self.uids.pop(uid, None)
@@ -233,14 +242,19 @@ class Store:
 
     # ---------------------------------------------------------------- create
 
-    def create(self, rt: ResourceType, ns: str, body: Obj, version: str | None = None, dry_run: bool = False) -> Obj:
-        """POST: defaults, validation, uid/rv/generation/creationTimestamp, then ADDED."""
+    def create(self, rt: ResourceType, ns: str, body: Obj, version: str | None = None, dry_run: bool = False,
+               *, owned: bool = False) -> Obj:
+        """POST: defaults, validation, uid/rv/generation/creationTimestamp, then ADDED.
+
+        ``owned``: the caller hands ``body`` over (a request body it has just decoded and keeps
+        no reference to), so it becomes the stored object instead of a deep copy of it (the copy
+        was about 6% of a pod create's CPU here). Otherwise ``body`` is left as it was."""
         if not isinstance(body, dict):
             raise errors.bad_request("the body of the request must be a JSON object")
         version = version or rt.versions[0]
         admission.check_kind(rt, version, body)
         admission.check_metadata(rt, version, body)
-        obj = copy.deepcopy(body)
+        obj = body if owned else copy.deepcopy(body)
         obj["kind"] = rt.kind
         obj["apiVersion"] = rt.api_version(version)
         meta = obj.setdefault("metadata", {})

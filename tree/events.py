@@ -16,15 +16,16 @@ order:
    it; an Event dropped meanwhile is read again from the leaf then);
 3. per Event, a worker thread: the leaf pod it is about must be ours (same UID when the Event names
    one); the root pod is the one whose UID the leaf pod's :data:`tree.identity.ROOT_UID_LABEL`
-   carries, read from the root by the name in :data:`tree.identity.ROOT_NAME_ANNOTATION` and
-   checked by that UID (a root pod recreated under the same name gets none of its predecessor's
-   Events); :func:`root_event` forges the root Event (a pure function), and the root is written
-   only when it differs from what the root has:
+   carries, found by that UID in the pod sync's root pod informer or else read from the root by
+   the name in :data:`tree.identity.ROOT_NAME_ANNOTATION` and checked by that UID (a root pod
+   recreated under the same name gets none of its predecessor's Events); :func:`root_event`
+   forges the root Event (a pure function), and the root is written only when it differs from
+   what the root has:
 
    - its name is ``<root pod name>.<hash of the root id and the leaf Event's UID>``, so a
-     restarted manager finds what it wrote (GET by name; nothing is kept only in memory: the
-     in-memory cache of what was written only spares requests) and two roots sharing a leaf
-     write distinct Events;
+     restarted manager finds what it wrote (its create answers 409 AlreadyExists, then a GET by
+     name; nothing is kept only in memory: the in-memory cache of what was written only spares
+     requests) and two roots sharing a leaf write distinct Events;
    - ``involvedObject`` is the root pod (namespace, name, UID; ``fieldPath`` kept); ``source``
      and ``reportingComponent`` say ``kosmos-tree/<cluster>``, ``source.host`` and
      ``reportingInstance`` the leaf's; reason, message, type as the leaf says;
@@ -162,9 +163,12 @@ class EventReflector:
 
     def __init__(self, root: Api, leaf: Api, root_id: str, cluster: str, *, timeout: float = 10.0,
                  metrics: TreeMetrics | None = None, clock: Callable[[], float] = time.monotonic,
-                 pods: Informer | None = None) -> None:
+                 pods: Informer | None = None, root_pods: Callable[[str], Obj | None] | None = None) -> None:
         """``pods``: an informer on the leaf's pods (ours at least) that its owner starts before
-        this reflector and stops with it (the leaf reconciler's); None: one of our pods of its own."""
+        this reflector and stops with it (the leaf reconciler's); None: one of our pods of its own.
+        ``root_pods``: a root pod by UID as an informer holds it (the pod sync's
+        :class:`tree.podsync.RootPods`), asked before the root is: a copy is made from that
+        informer's pod, so it nearly always has it, and a GET per pod is spared."""
         self.root = root
         self.leaf = leaf
         self.root_id = root_id
@@ -173,6 +177,7 @@ class EventReflector:
         self.metrics = metrics
         self.clock = clock
         self._own_pods = pods is None
+        self._root_pod_lookup = root_pods
         self.pods = pods if pods is not None else Informer(leaf, "v1", "pods",
                                                            label_selector=f"{identity.ROOT_LABEL}={root_id}")
         self.events: Informer = _EventStubs(leaf, "v1", "events", field_selector="involvedObject.kind=Pod")
@@ -376,17 +381,18 @@ class EventReflector:
         name, ns = want["metadata"]["name"], want["metadata"]["namespace"]
         have = self._written.get(name)
         if have is None:
-            have = self._get(ns, name)
-            if have is None:
-                try:
-                    have = self.root.request("POST", resource_path("v1", "events", ns), want, timeout=self.timeout)
-                    self._count("created")
-                except ApiError as e:
-                    if e.status != 409:
-                        raise
-                    have = self._get(ns, name)
-                    if have is None:
-                        raise
+            # Create first: a new Event is the common case, and 409 AlreadyExists is how one this
+            # root wrote before (a restarted manager) is found, then read and patched if it
+            # differs. A GET first cost every new Event one more root request, a 404.
+            try:
+                have = self.root.request("POST", resource_path("v1", "events", ns), want, timeout=self.timeout)
+                self._count("created")
+            except ApiError as e:
+                if e.status != 409:
+                    raise
+                have = self._get(ns, name)
+                if have is None:
+                    raise
         assert have is not None
         patch = _differs(want, have)
         if patch:
@@ -418,6 +424,9 @@ class EventReflector:
         known = self._root_pods.get(root_uid)
         if known is not None:
             return known
+        held = self._root_pod_lookup(root_uid) if self._root_pod_lookup is not None else None
+        if held is not None and str(held["metadata"].get("uid")) == root_uid:
+            return self._keep_root_pod(held, root_uid)
         ref = str(((leaf_pod["metadata"].get("annotations") or {}).get(identity.ROOT_NAME_ANNOTATION)) or "")
         ns, _, name = ref.partition("/")
         if not name:
@@ -427,6 +436,10 @@ class EventReflector:
         pod = self.root.get_or_none(resource_path("v1", "pods", ns, name), timeout=self.timeout)
         if pod is None or str(pod["metadata"].get("uid")) != root_uid:
             return None
+        return self._keep_root_pod(pod, root_uid)
+
+    def _keep_root_pod(self, pod: Obj, root_uid: str) -> Obj:
+        """Remember the root pod (its metadata's identity only) for the next Events about it."""
         if len(self._root_pods) > self.CACHE_MAX:
             self._root_pods.clear()
         meta = {"namespace": pod["metadata"].get("namespace"), "name": pod["metadata"].get("name"), "uid": root_uid}

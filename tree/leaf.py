@@ -320,7 +320,8 @@ class LeafReconciler:
         self._stop_events()
         self._events = EventReflector(self.root, self._leaf, self.options.root_id, self.spec.cluster,
                                       timeout=self.options.root_timeout, metrics=self.metrics,
-                                      pods=self._informers[1])  # one pod watch per leaf, not two
+                                      pods=self._informers[1],  # one pod watch per leaf, not two
+                                      root_pods=self.pods.root_pods.get if self.pods is not None else None)
         for inf in self._informers:
             inf.start()
         self._events.start()

@@ -14,6 +14,7 @@ SIGTERM/SIGINT (clean stop, the Lease released) or until the Lease is lost (exit
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import signal
 import ssl
@@ -116,8 +117,17 @@ def root_id(api: Api) -> str:
     return str(uid)
 
 
+#: The collector's first threshold (Python's default: 700 allocations). Every watch event and
+#: request decodes a pod into hundreds of containers, and the informers keep thousands of pods,
+#: so the default collected every few events: 0.26-0.38 ms of CPU per reflected pod (gc
+#: callbacks, 1,000 pods over 2 leaves), 0.15 ms at 10,000. Nearly everything is freed by
+#: reference counting; the collector only finds the rare cycle, a little later.
+GC_THRESHOLD0 = 10000
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    gc.set_threshold(GC_THRESHOLD0, *gc.get_threshold()[1:])
     try:
         logs.setup(args.log_level)
     except ValueError as e:

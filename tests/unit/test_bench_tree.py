@@ -56,6 +56,13 @@ def test_phase_stats_tree_legs_and_rate() -> None:
     assert s.span_s == pytest.approx(last) and s.pods_per_s == pytest.approx(100 / last)
 
 
+def test_creates_per_s_is_first_sent_to_last_returned() -> None:
+    ph = tb.Phase("root", created={"a": 1.0, "b": 1.5, "c": 2.0}, creates_done=3.0)
+    assert ph.creates_per_s == pytest.approx(3 / 2.0)
+    assert tb.phase_stats(ph).creates_per_s == pytest.approx(1.5)
+    assert math.isnan(tb.Phase("root").creates_per_s)
+
+
 def test_phase_stats_direct_uses_the_leaf_and_skips_pods_never_running() -> None:
     ph = tb.Phase("direct", created={"a": 0.0, "b": 1.0, "c": 2.0}, leaf={"a": 0.5, "b": 2.0})
     s = tb.phase_stats(ph)
@@ -77,10 +84,19 @@ def test_report_figures_ratios_aims_and_markdown() -> None:
     assert "paced" not in next(n for n in without_paced.notes if n.startswith("aims"))
     assert not any(k.startswith("api_") for k in (*without_paced.figures, *without_paced.units))
     rounds = [dataclasses.replace(r, paced_tree=_stats(600, 900 + i, 20), paced_direct=_stats(500, 600, 20),
-                                  api_tree=_stats(300, 700, 150 + 10 * i), api_direct=_stats(200, 500, 300),
-                                  api_cpu_s=2.0 + i)
+                                  api_tree=dataclasses.replace(_stats(300, 700, 150 + 10 * i), creates_per_s=170 + i),
+                                  api_direct=dataclasses.replace(_stats(200, 500, 300), creates_per_s=340),
+                                  api_cpu_s=2.0 + i,
+                                  root_alone={t: 180.0 + 10 * i + t for t in tb.ROOT_ALONE_THREADS})
               for i, r in enumerate(rounds)]
     rep = tb.report(rounds, 1000)
+    assert rep.figures["api_creates_per_s"]["median"] == 171
+    assert rep.figures["api_creates_per_s"]["ratio"] == pytest.approx(171 / 340)
+    threads = tb.ROOT_ALONE_THREADS[-1]
+    alone = rep.figures[f"root_alone_creates_per_s_{threads}_threads"]
+    assert (alone["min"], alone["median"], alone["max"]) == (180 + threads, 190 + threads, 200 + threads)
+    assert "root API server alone: 208.0 creates/s with 8 threads" in next(n for n in rep.notes
+                                                                          if n.startswith("round 3:"))
     assert rep.figures["api_pods_per_s"]["median"] == 160
     assert rep.figures["api_pods_per_s"]["ratio"] == pytest.approx(160 / 300)
     assert rep.figures["api_create_to_running_p99"]["ratio"] == pytest.approx(500 / 700)
@@ -126,6 +142,7 @@ def test_watches_note_running_in_root_and_leaves_by_phase() -> None:
                 api.request("PUT", path + "/status", {**pod, "status": {"phase": "Running"}})
             wait_until(lambda: "p-00000" in ph.root and "p-00000" in ph.leaf, 10, "the bench watches to see it")
             assert ph.created["p-00000"] <= ph.leaf["p-00000"] <= time.monotonic()
+            assert ph.creates_done >= ph.created["p-00000"] and ph.creates_per_s > 0
             ph2 = w.phase = tb.Phase("direct")  # a direct phase ignores the tree's namespace
             tb.create_all(ph2, [(leaf, tb.pod_body("p-00000", tb.DIRECT_NS, "l1"))])
             path = resource_path("v1", "pods", tb.DIRECT_NS, "p-00000")

@@ -258,3 +258,36 @@ def test_whole_events_are_kept_only_until_reflected_or_waited_out(env: TreeEnv) 
         r.stop()
         r.join(5)
         pods.stop()
+
+
+def test_the_root_pod_comes_from_the_pod_informer_when_it_holds_it(env: TreeEnv) -> None:
+    """With the pod sync's root pods (by UID), an Event needs no root GET of its pod; a pod the
+    lookup does not hold (or holds under another UID) is read from the root as before."""
+    leaf = env.leaf("l1")
+    ns = _ns(env, leaf)
+    held_root, held_leaf = _pods(env, leaf, ns, "held", "held")
+    missed_root, missed_leaf = _pods(env, leaf, ns, "missed", "missed")
+    by_uid = {held_root["metadata"]["uid"]: held_root}
+    r = EventReflector(Api(env.root.host), Api(leaf.host), ROOT_ID, "c1", timeout=5.0, root_pods=by_uid.get)
+    pod_gets: list[str] = []
+    request = r.root.request
+
+    def counting(method: str, path: str, *a: Any, **kw: Any) -> Any:
+        if method == "GET" and "/pods/" in path:
+            pod_gets.append(path)
+        return request(method, path, *a, **kw)
+
+    r.root.request = counting  # type: ignore[method-assign]
+    r.start()
+    try:
+        for name, leaf_pod in (("held", held_leaf), ("missed", missed_leaf)):
+            for reason in ("Pulled", "Started"):
+                _leaf_event(leaf, ns, name, leaf_pod["metadata"]["uid"], reason)
+        wait_until(lambda: len(_root_events(env, ns)) == 4 and r.idle(), 10, "4 Events reflected")
+        about = sorted((e["involvedObject"]["name"], e["involvedObject"]["uid"]) for e in _root_events(env, ns))
+        assert about == sorted([("held", held_root["metadata"]["uid"])] * 2
+                               + [("missed", missed_root["metadata"]["uid"])] * 2)
+        assert pod_gets == [resource_path("v1", "pods", ns, "missed")]
+    finally:
+        r.stop()
+        r.join(5)

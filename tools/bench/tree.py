@@ -118,6 +118,12 @@ NODE_PODS = 1100
 API_SUFFIX = "-api"
 #: Seconds for the tree to make the kubelet-less nodes' virtual nodes.
 API_NODES_TIMEOUT_S = 60.0
+#: The root-alone phases' nodes (``<leaf node>-none``): no virtual node has the name, so the tree
+#: reflects nothing and only the root API server works on the creates.
+ROOT_ALONE_SUFFIX = "-none"
+#: Client threads of the root-alone phases: the benchmark's own and twice as many (whether more
+#: clients move the root server's acceptance rate).
+ROOT_ALONE_THREADS = (CONCURRENCY, 2 * CONCURRENCY)
 
 
 def supported() -> bool:
@@ -178,10 +184,18 @@ class Phase:
     create request), ``leaf`` (first seen Running in a leaf), ``root`` (first seen Running in
     the root; tree only)."""
 
-    kind: str  # "tree" or "direct"
+    kind: str  # "tree", "direct" or "root" (root alone: nothing watched)
     created: dict[str, float] = dataclasses.field(default_factory=dict)
     leaf: dict[str, float] = dataclasses.field(default_factory=dict)
     root: dict[str, float] = dataclasses.field(default_factory=dict)
+    #: When the last create request returned (:func:`create_all`).
+    creates_done: float = float("nan")
+
+    @property
+    def creates_per_s(self) -> float:
+        """Creates accepted per second: N / (first create sent -> last create returned)."""
+        span = self.creates_done - min(self.created.values()) if self.created else float("nan")
+        return len(self.created) / span if span > 0 else float("nan")
 
     @property
     def done(self) -> dict[str, float]:
@@ -202,6 +216,8 @@ class PhaseStats:
     leaf_p99_ms: float = float("nan")
     back_p50_ms: float = float("nan")
     back_p99_ms: float = float("nan")
+    #: Creates accepted per second by the API server(s) the phase creates in (:attr:`Phase.creates_per_s`).
+    creates_per_s: float = float("nan")
 
 
 def phase_stats(ph: Phase) -> PhaseStats:
@@ -212,7 +228,8 @@ def phase_stats(ph: Phase) -> PhaseStats:
     lat = [(done[n] - ph.created[n]) * 1000 for n in names]
     span = (max(done[n] for n in names) - min(ph.created.values())) if names else float("nan")
     rate = len(names) / span if names and span > 0 else float("nan")
-    out = PhaseStats(len(names), bc.percentile(lat, 50), bc.percentile(lat, 99), rate, span)
+    out = PhaseStats(len(names), bc.percentile(lat, 50), bc.percentile(lat, 99), rate, span,
+                     creates_per_s=ph.creates_per_s)
     if ph.kind == "tree":
         leaf = [(ph.leaf[n] - ph.created[n]) * 1000 for n in names if n in ph.leaf]
         back = [(done[n] - ph.leaf[n]) * 1000 for n in names if n in ph.leaf]
@@ -236,6 +253,9 @@ class Round:
     api_tree: PhaseStats | None = None
     api_direct: PhaseStats | None = None
     api_cpu_s: float = float("nan")
+    #: Creates per second the root API server accepts alone (pods the tree does not reflect), by
+    #: client threads (:func:`root_alone`).
+    root_alone: Mapping[int, float] = dataclasses.field(default_factory=dict)
 
     @property
     def rss_per_1000_mb(self) -> float:
@@ -254,7 +274,8 @@ UNITS = {
     "paced_create_to_running_p50": "ms", "paced_create_to_running_p99": "ms",
     "paced_leaf_running_to_root_running_p99": "ms",
     "api_create_to_running_p50": "ms", "api_create_to_running_p99": "ms", "api_pods_per_s": "pods/s",
-    "api_tree_cpu_per_1000_pods": "s",
+    "api_tree_cpu_per_1000_pods": "s", "api_creates_per_s": "creates/s",
+    **{f"root_alone_creates_per_s_{t}_threads": "creates/s" for t in ROOT_ALONE_THREADS},
 }
 
 
@@ -273,7 +294,11 @@ def round_line(i: int, r: Round) -> str:
     if r.api_tree is not None and r.api_direct is not None:
         out += (f"; without kubelets: tree p50/p99 {r.api_tree.p50_ms:.0f}/{r.api_tree.p99_ms:.0f} ms, "
                 f"{r.api_tree.pods_per_s:.1f} pods/s (kosmos-tree CPU {r.api_cpu_s:.1f} s), direct p50/p99 "
-                f"{r.api_direct.p50_ms:.0f}/{r.api_direct.p99_ms:.0f} ms, {r.api_direct.pods_per_s:.1f} pods/s")
+                f"{r.api_direct.p50_ms:.0f}/{r.api_direct.p99_ms:.0f} ms, {r.api_direct.pods_per_s:.1f} pods/s; "
+                f"creates accepted: root {r.api_tree.creates_per_s:.1f}/s, leaves {r.api_direct.creates_per_s:.1f}/s")
+    if r.root_alone:
+        out += "; root API server alone: " + ", ".join(
+            f"{rate:.1f} creates/s with {t} threads" for t, rate in sorted(r.root_alone.items()))
     return out
 
 
@@ -348,6 +373,8 @@ def report(rounds: Sequence[Round], pods: int) -> bc.Report:
         _rate_figure(rep, "api_", at, ad)
         rep.figures["api_tree_cpu_per_1000_pods"] = bc.spread(
             [r.api_cpu_s / r.api_tree.pods * 1000 for r in rounds if r.api_tree is not None and r.api_tree.pods])
+        rep.figures["api_creates_per_s"] = bc.figure(
+            [s.creates_per_s for s in at], {"": [s.creates_per_s for s in ad]}, higher_is_better=True)
         api_rate = rep.figures["api_pods_per_s"]["median"]
         rep.notes.append(
             f"api_*: each round also runs {at[0].pods} pods per kind on a second node per leaf that no kubelet "
@@ -355,10 +382,25 @@ def report(rounds: Sequence[Round], pods: int) -> bc.Report:
             "kubelet (one status write marks a pod Running as soon as it is seen; a deleted one is finished "
             "with grace 0), so the rate is the tree's own reflection rate (root create -> leaf copy -> Running "
             "-> root status Running) against the same pods created directly in the leaves on those nodes, not "
-            "the leaf kubelets' capacity. The CPU the kubelets take when they run pods is not taken here.")
+            "the leaf kubelets' capacity. The CPU the kubelets take when they run pods is not taken here. "
+            "api_creates_per_s: the creates accepted per second in those phases (first create sent -> last create "
+            "returned; the root's one API server for tree, the 4 leaves' for direct): where api_pods_per_s is "
+            "close to it, the tree keeps up with the creates and the root's acceptance bounds the figure.")
     else:
         for k in [k for k in rep.units if k.startswith("api_")]:
             del rep.units[k]
+    for threads in ROOT_ALONE_THREADS:
+        rates = [r.root_alone[threads] for r in rounds if threads in r.root_alone]
+        if rates:
+            rep.figures[f"root_alone_creates_per_s_{threads}_threads"] = bc.spread(rates)
+        else:
+            del rep.units[f"root_alone_creates_per_s_{threads}_threads"]
+    if any(r.root_alone for r in rounds):
+        rep.notes.append(
+            f"root_alone_creates_per_s_<T>_threads: each round, the same {pods} pods created in the root by T client "
+            f"threads, bound to nodes no virtual node is named after (<leaf node>{ROOT_ALONE_SUFFIX}), so the tree "
+            "reflects none and no leaf works: the root API server's own acceptance rate (first create sent -> last "
+            "create returned) on this machine, the ceiling of the tree figures, which create in that one server.")
     aims = (f"aims of issue 17: tree p99 <= 2x direct p99: burst {overhead:.2f}x "
             f"({'met' if overhead <= 2 else 'NOT met'})")
     if "paced_create_to_running_p99" in rep.figures:
@@ -608,11 +650,12 @@ def _ensure_namespace(api: Api, ns: str) -> None:
                                                     "metadata": {"name": ns}})
 
 
-def create_all(ph: Phase, targets: Sequence[tuple[Api, dict[str, Any]]], rate: float | None = None) -> None:
-    """Create every pod of ``targets`` (API, body) with :data:`CONCURRENCY` threads, noting
-    ``t0`` just before each request; a refused create fails the phase. ``rate``: pod ``i`` is
-    sent no earlier than ``i / rate`` seconds after the start (paced); None: as fast as the
-    threads go."""
+def create_all(ph: Phase, targets: Sequence[tuple[Api, dict[str, Any]]], rate: float | None = None,
+               threads: int = CONCURRENCY) -> None:
+    """Create every pod of ``targets`` (API, body) with ``threads`` threads, noting ``t0`` just
+    before each request and when the last one returned; a refused create fails the phase.
+    ``rate``: pod ``i`` is sent no earlier than ``i / rate`` seconds after the start (paced);
+    None: as fast as the threads go."""
     start = time.monotonic()
 
     def one(i: int, target: tuple[Api, dict[str, Any]]) -> None:
@@ -623,7 +666,7 @@ def create_all(ph: Phase, targets: Sequence[tuple[Api, dict[str, Any]]], rate: f
         ph.created[meta["name"]] = time.monotonic()
         api.request("POST", resource_path("v1", "pods", meta["namespace"]), body, timeout=60)
 
-    with concurrent.futures.ThreadPoolExecutor(CONCURRENCY, thread_name_prefix="bench-tree-create") as pool:
+    with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="bench-tree-create") as pool:
         futures = [pool.submit(one, i, t) for i, t in enumerate(targets)]
         t0 = next_report = time.monotonic()
         for i, f in enumerate(futures):
@@ -632,6 +675,7 @@ def create_all(ph: Phase, targets: Sequence[tuple[Api, dict[str, Any]]], rate: f
                 next_report = time.monotonic()
                 bc.progress(NAME, f"  {ph.kind}: {i + 1}/{len(futures)} created after {next_report - t0:.0f} s, "
                             f"{len(ph.done)} Running")
+        ph.creates_done = time.monotonic()
 
 
 def wait_until(what: str, count: Callable[[], int], goal: int, progress_s: float = 5.0) -> None:
@@ -651,12 +695,15 @@ def wait_until(what: str, count: Callable[[], int], goal: int, progress_s: float
             next_report = now + progress_s
 
 
-def delete_all(targets: Sequence[tuple[Api, str, str]]) -> None:
-    """Delete (API, namespace, name) pods with the clients' threads; a pod already gone is fine."""
+def delete_all(targets: Sequence[tuple[Api, str, str]], grace0: bool = False) -> None:
+    """Delete (API, namespace, name) pods with the clients' threads; a pod already gone is fine.
+    ``grace0``: with ``gracePeriodSeconds: 0`` (pods no kubelet finishes)."""
+    body = {"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0} if grace0 else None
+
     def one(t: tuple[Api, str, str]) -> None:
         api, ns, name = t
         with contextlib.suppress(ApiError):  # 404
-            api.request("DELETE", resource_path("v1", "pods", ns, name), timeout=60)
+            api.request("DELETE", resource_path("v1", "pods", ns, name), body, timeout=60)
 
     with concurrent.futures.ThreadPoolExecutor(CONCURRENCY, thread_name_prefix="bench-tree-delete") as pool:
         list(pool.map(one, targets))
@@ -739,6 +786,28 @@ def run_phase(kind: str, watches: Watches, root: Api, leaves: Sequence[Api], n: 
     return ph, spent.get("kosmos-tree", float("nan")), rss
 
 
+def root_alone(watches: Watches, root: Api, n: int, threads: int, pids: Mapping[str, Sequence[int]],
+               notes: list[str], label: str) -> float:
+    """The root API server's own acceptance rate: ``n`` bench pods created in the root by
+    ``threads`` client threads, bound to nodes no virtual node is named after (so the tree
+    reflects none and the leaves do nothing), then deleted (grace 0: no kubelet finishes them).
+    Returns creates per second (first create sent -> last create returned)."""
+    nodes = [n_ + ROOT_ALONE_SUFFIX for n_ in leaf_nodes()]
+    ph = Phase("root")
+    targets = [(root, pod_body(pod_name(i), TREE_NS, nodes[i % len(nodes)])) for i in range(n)]
+    what = f"{label}: root API server alone ({threads} threads)"
+    bc.progress(NAME, f"{what}: creating {n} pods")
+    cpu0 = cpu_snapshot(pids)
+    create_all(ph, targets, threads=threads)
+    cpu1 = cpu_snapshot(pids)
+    line = ", ".join(f"{k} {cpu1[k] - cpu0.get(k, 0.0):.1f}" for k in cpu1)
+    notes.append(f"{what}: {ph.creates_per_s:.1f} creates/s; CPU seconds over the creates: {line}")
+    bc.progress(NAME, f"{what}: {ph.creates_per_s:.1f} creates/s; CPU s: {line}; deleting")
+    delete_all([(root, TREE_NS, body["metadata"]["name"]) for _, body in targets], grace0=True)
+    wait_until(f"{what}: bench pods left", watches.left, 0)
+    return ph.creates_per_s
+
+
 @contextlib.contextmanager
 def _watching(root: Api, leaves: Sequence[Api], kubelet: ApiKubelet | None = None) -> Iterator[Watches]:
     w = Watches(root, leaves)
@@ -817,9 +886,10 @@ def measure(state: lab.LabState, n: int, repeat: int) -> bc.Report:
                 phases[f"{kind} api"] = ph
                 if kind == "tree":
                     api_cpu = spent
+            alone = {t: root_alone(watches, root, n, t, pids, notes, label) for t in ROOT_ALONE_THREADS}
             r = Round(phase_stats(phases["tree"]), phase_stats(phases["direct"]), rss0, rss1, cpu,
                       phase_stats(phases["tree paced"]), phase_stats(phases["direct paced"]),
-                      phase_stats(phases["tree api"]), phase_stats(phases["direct api"]), api_cpu)
+                      phase_stats(phases["tree api"]), phase_stats(phases["direct api"]), api_cpu, alone)
             rounds.append(r)
             bc.progress(NAME, round_line(rnd, r))
     rep = report(rounds, n)
