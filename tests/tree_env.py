@@ -339,3 +339,18 @@ def ready(node: Obj | None) -> tuple[str, str] | None:
 
 def resources(node: Obj | None) -> dict[str, str]:
     return dict(((node or {}).get("status") or {}).get("allocatable") or {})
+
+
+def pod_gets(api: Api) -> list[str]:
+    """The paths of the pod GETs ``api`` sends from now on (its ``request`` wrapped, for this
+    test's ``api`` object only): how the tests see which reads the tree still makes."""
+    gets: list[str] = []
+    request = api.request
+
+    def counting(method: str, path: str, *a: Any, **kw: Any) -> Any:
+        if method == "GET" and "/pods/" in path:
+            gets.append(path)
+        return request(method, path, *a, **kw)
+
+    api.request = counting  # type: ignore[method-assign]
+    return gets

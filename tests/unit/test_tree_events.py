@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from scheduler.kube import Api, Informer, resource_path
-from tests.tree_env import ROOT_ID, TreeEnv, tree_env
+from tests.tree_env import ROOT_ID, TreeEnv, pod_gets, tree_env
 from tests.waiting import wait_until
 from tree import identity
 from tree.events import LEAF_EVENT_UID_ANNOTATION, EventReflector, event_name, root_event
@@ -269,15 +269,7 @@ def test_the_root_pod_comes_from_the_pod_informer_when_it_holds_it(env: TreeEnv)
     missed_root, missed_leaf = _pods(env, leaf, ns, "missed", "missed")
     by_uid = {held_root["metadata"]["uid"]: held_root}
     r = EventReflector(Api(env.root.host), Api(leaf.host), ROOT_ID, "c1", timeout=5.0, root_pods=by_uid.get)
-    pod_gets: list[str] = []
-    request = r.root.request
-
-    def counting(method: str, path: str, *a: Any, **kw: Any) -> Any:
-        if method == "GET" and "/pods/" in path:
-            pod_gets.append(path)
-        return request(method, path, *a, **kw)
-
-    r.root.request = counting  # type: ignore[method-assign]
+    gets = pod_gets(r.root)
     r.start()
     try:
         for name, leaf_pod in (("held", held_leaf), ("missed", missed_leaf)):
@@ -287,7 +279,7 @@ def test_the_root_pod_comes_from_the_pod_informer_when_it_holds_it(env: TreeEnv)
         about = sorted((e["involvedObject"]["name"], e["involvedObject"]["uid"]) for e in _root_events(env, ns))
         assert about == sorted([("held", held_root["metadata"]["uid"])] * 2
                                + [("missed", missed_root["metadata"]["uid"])] * 2)
-        assert pod_gets == [resource_path("v1", "pods", ns, "missed")]
+        assert gets == [resource_path("v1", "pods", ns, "missed")]
     finally:
         r.stop()
         r.join(5)

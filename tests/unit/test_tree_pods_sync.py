@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from scheduler.kube import ApiError, resource_path
-from tests.tree_env import ROOT_ID, TreeEnv, tree_env
+from tests.tree_env import ROOT_ID, TreeEnv, pod_gets, tree_env
 from tests.waiting import wait_until
 from tree import identity
 from tree.leaf import Options
@@ -442,15 +442,7 @@ def test_a_create_reads_the_root_pod_afresh_only_while_the_informer_may_miss_our
     not run again from the informer's stale view."""
     started(env)
     s = syncer(env)
-    gets: list[str] = []
-    request = s.root.request
-
-    def counting(method: str, path: str, *a: Any, **kw: Any) -> Any:
-        if method == "GET" and "/pods/" in path:
-            gets.append(path)
-        return request(method, path, *a, **kw)
-
-    monkeypatch.setattr(s.root, "request", counting)
+    gets = pod_gets(s.root)
     pod = env.add_root_pod("job-y", "kosmos-leaf1", restartPolicy="Never")
     uid = pod["metadata"]["uid"]
     leaf = one_copy(env, uid)
