@@ -80,11 +80,14 @@ def test_exports_are_imported_everywhere_and_leave_with_their_exports(members: d
         _serve(members["east"], 1)
         south = members["south"]
         wait_until(lambda: _endpoints(south) == {"east": [("10.1.0.1", True)]}, 15, "east's endpoint in south")
-        imp = south.get(_path("ServiceImport", "web"))
-        svc = south.get(_path("Service", mk.derived_name("web")))
+        # A pass writes the slices, then the derived Service, then the ServiceImport with its IP.
+        svc = wait_until(lambda: south.get_or_none(_path("Service", mk.derived_name("web"))), 10, "the derived Service")
         assert mk.owned(svc) and "selector" not in svc["spec"]
-        wait_until(lambda: south.get(_path("ServiceImport", "web"))["spec"].get("ips") == [svc["spec"]["clusterIP"]],
-                   10, "the ServiceImport carrying the derived Service's cluster IP")
+
+        def imported() -> Obj | None:
+            imp = south.get_or_none(_path("ServiceImport", "web"))
+            return imp if imp is not None and imp["spec"].get("ips") == [svc["spec"]["clusterIP"]] else None
+        imp = wait_until(imported, 10, "the ServiceImport carrying the derived Service's cluster IP")
         assert imp["status"]["clusters"] == [{"cluster": "east"}]
         # east imports its own export too, beside its own Service web (left alone), and south
         # may create a Service web of its own: the derived one never takes the name.
