@@ -45,7 +45,11 @@ class Replica:
         self.target = f"unix:{sock}"
         self.source = _source(url, lease=ks.LeaseSpec("kosmos-system", "refl", identity, duration_s=2))
         self.source.initial_list(5)
-        self.reflector = Reflector(self.source.initial_config(), grace_period=5, keepalive_interval=0.2,
+        # Keepalives of 1 s (a hold of 3 s): the sessions here must end only by standing down.
+        # With 0.2 s (a 0.6 s hold) a CI run under load failed with a first loss naming no
+        # leader; blocking this loop for 1 s before the Lease changes hands reproduces it
+        # exactly (both agents lose their sessions to "keepalive timeout ... 0.6s").
+        self.reflector = Reflector(self.source.initial_config(), grace_period=5, keepalive_interval=1.0,
                                    startup_hold=hold)  # fmt: skip
         self.reflector.set_leader(False, "standby replica; waiting for the leader Lease")  # as main() does
         self.task: asyncio.Task[None] | None = None
@@ -85,7 +89,7 @@ def test_one_leader_serves_and_the_standby_takes_over(emu: ServerThread, tmp_pat
 
         def agent(target: str, ann: types.NodeAnnouncement) -> Recorder:
             rec = Recorder()
-            s = client.AgentSession(target, ann, rec, keepalive_interval=0.2, backoff=(0.05, 0.3))
+            s = client.AgentSession(target, ann, rec, keepalive_interval=1.0, backoff=(0.05, 0.3))
             agents.append(s)
             tasks.append(asyncio.create_task(s.run()))
             return rec
@@ -158,7 +162,7 @@ def test_one_leader_serves_and_the_standby_takes_over(emu: ServerThread, tmp_pat
                 "b stands down",
             )
             await wait_until_async(lambda: e1.lost and e2.lost, 5, "b's sessions end")
-            assert all("UNAVAILABLE" in r and "the leader is c" in r for r in (e1.lost[0], e2.lost[0]))
+            assert all("UNAVAILABLE" in r and "the leader is c" in r for r in (e1.lost[0], e2.lost[0])), (e1.lost, e2.lost)
             assert not (e1_old.rejected or e1.rejected or e2.rejected)
         finally:
             for s in agents:
