@@ -27,6 +27,8 @@ from typing import Any
 
 import jsonschema  # type: ignore[import-untyped]
 
+from kubeemu import validation
+
 _log = logging.getLogger(__name__)
 
 Obj = dict[str, Any]
@@ -151,7 +153,7 @@ def _cause(e: Any) -> Cause:
     if kind == "maxLength":
         return ("FieldValueTooLong", field, f"Too long: may not be more than {e.validator_value} bytes")
     if kind in ("maxItems", "maxProperties"):
-        return ("FieldValueTooMany", field, f"Too many: {len(v)}: must have at most {e.validator_value} items")
+        return validation.too_many(field, len(v), e.validator_value)
     detail = {
         "pattern": f"should match '{e.validator_value}'",
         "minLength": f"should be at least {e.validator_value} chars long",

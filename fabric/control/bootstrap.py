@@ -149,8 +149,8 @@ def renewal_time(
     :data:`RENEW_JITTER` of it (agents whose certificates were issued together spread out;
     always before expiry). Why not from ``notBefore``: signers back-date it by their clock skew
     allowance (:data:`fabric.control.pki.CLOCK_SKEW`, 5 min), which would dwarf a short lifetime."""
-    start = max(pki._aware(cert.not_valid_before), pki._aware(received))
-    lifetime = pki._aware(cert.not_valid_after) - start
+    start = max(pki.aware(cert.not_valid_before), pki.aware(received))
+    lifetime = pki.aware(cert.not_valid_after) - start
     fraction = RENEW_AT - RENEW_JITTER * (rng or random).random()
     return start + lifetime * fraction
 
@@ -237,7 +237,7 @@ class CertificateKeeper:
 
     def _in_use(self, cert: x509.Certificate) -> None:
         """``cert`` is the one in D now: its notAfter is the expiry metric."""
-        self._metrics.certificate_expiry.set(pki._aware(cert.not_valid_after).timestamp())
+        self._metrics.certificate_expiry.set(pki.aware(cert.not_valid_after).timestamp())
 
     async def ensure(self) -> None:
         """Until this node holds a usable certificate: get one with the bootstrap credential.

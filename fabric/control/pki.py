@@ -80,13 +80,13 @@ def utcnow() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
-def _aware(t: datetime.datetime) -> datetime.datetime:
+def aware(t: datetime.datetime) -> datetime.datetime:
     """cryptography 38 returns naive UTC datetimes; compare everything as aware UTC."""
     return t if t.tzinfo is not None else t.replace(tzinfo=datetime.UTC)
 
 
 def _stamp(t: datetime.datetime) -> str:
-    return _aware(t).astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return aware(t).astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,7 +219,7 @@ class CA:
     ) -> x509.Certificate:
         if lifetime <= datetime.timedelta(0):
             raise PKIError(f"certificate lifetime {lifetime} must be positive")
-        now = _aware(now or utcnow())
+        now = aware(now or utcnow())
         return (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
@@ -302,7 +302,7 @@ def make_ca(
 ) -> CA:  # fmt: skip
     """A new CA: key and self-signed certificate that may sign leaf certificates only."""
     key = new_key()
-    now = _aware(now or utcnow())
+    now = aware(now or utcnow())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     cert = (
         x509.CertificateBuilder()
@@ -373,7 +373,7 @@ def explain(cert_pem: bytes, ca_pem: bytes, usage: Usage, now: datetime.datetime
     except PKIError as e:
         return str(e)
     what = describe(cert)
-    now = _aware(now or utcnow())
+    now = aware(now or utcnow())
     cas = _load_cas(ca_pem)
     if not cas:
         return f"{what}: the CA file holds no PEM certificate"
@@ -382,12 +382,12 @@ def explain(cert_pem: bytes, ca_pem: bytes, usage: Usage, now: datetime.datetime
         names = "; ".join(ca.subject.rfc4514_string() for ca in cas)
         return (f"{what}: issued by {cert.issuer.rfc4514_string()}, which is not the fabric CA ({names}) "
                 "or its signature does not verify (unknown CA)")  # fmt: skip
-    start, end = _aware(cert.not_valid_before), _aware(cert.not_valid_after)
+    start, end = aware(cert.not_valid_before), aware(cert.not_valid_after)
     if now < start:
         return f"{what}: not yet valid: valid from {_stamp(start)} (now {_stamp(now)})"
     if now > end:
         return f"{what}: expired since {_stamp(end)} (now {_stamp(now)})"
-    if now > _aware(issuer.not_valid_after):
+    if now > aware(issuer.not_valid_after):
         return f"{what}: its CA {issuer.subject.rfc4514_string()} expired since {_stamp(issuer.not_valid_after)}"
     try:
         ekus = list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)

@@ -221,7 +221,7 @@ class ServedCertificate(Collector):
     def update(self, cert_pem: bytes) -> None:
         """Called on a gRPC core thread: never raise (a bad file is tls's to report)."""
         try:
-            self.not_after = pki._aware(pki.load_cert(cert_pem).not_valid_after).timestamp()
+            self.not_after = pki.aware(pki.load_cert(cert_pem).not_valid_after).timestamp()
         except pki.PKIError as e:
             _log.warning("server certificate expiry metric not updated: %s", e)
 

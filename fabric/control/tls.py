@@ -302,7 +302,7 @@ def client_material(d: TLSDir, now: datetime.datetime | None = None) -> tuple[tu
     TLSError as :meth:`TLSDir.read` (never cached: a file that cannot be read is tried again the
     next time)."""
     stamp = d._stamp()  # before reading: a file replaced meanwhile gives another stamp next time
-    now = pki.utcnow() if now is None else pki._aware(now)
+    now = pki.utcnow() if now is None else pki.aware(now)
     with _material_lock:
         got = _material.get(d.path)
     if got is not None and got.stamp == stamp and got.good_at(now):
@@ -314,8 +314,8 @@ def client_material(d: TLSDir, now: datetime.datetime | None = None) -> tuple[tu
     if why is None:
         parsed = pki.load_cert(cert)
         ends = [parsed.not_valid_after, *(c.not_valid_after for c in pki._load_cas(ca))]
-        good_until = min(pki._aware(t) for t in ends)
-        good_from = pki._aware(parsed.not_valid_before)
+        good_until = min(pki.aware(t) for t in ends)
+        good_from = pki.aware(parsed.not_valid_before)
     with _material_lock:
         _material[d.path] = _Material(stamp, pem, good_until, good_from)
     return pem, None if why is None else f"{d.cert}: {why}"

@@ -178,6 +178,12 @@ def pod_body(name: str, namespace: str, node: str) -> dict[str, Any]:
 # -- the pure part: per-phase timings, statistics, the report ---------------------------------
 
 
+def per_second(count: int, start: float, end: float) -> float:
+    """``count`` events over the span ``start`` -> ``end`` (seconds), NaN for an empty span."""
+    span = end - start
+    return count / span if span > 0 else float("nan")
+
+
 @dataclasses.dataclass
 class Phase:
     """The times (``time.monotonic``) of one phase, by pod name: ``created`` (just before the
@@ -194,8 +200,7 @@ class Phase:
     @property
     def creates_per_s(self) -> float:
         """Creates accepted per second: N / (first create sent -> last create returned)."""
-        span = self.creates_done - min(self.created.values()) if self.created else float("nan")
-        return len(self.created) / span if span > 0 else float("nan")
+        return per_second(len(self.created), min(self.created.values(), default=float("nan")), self.creates_done)
 
     @property
     def done(self) -> dict[str, float]:
@@ -227,7 +232,7 @@ def phase_stats(ph: Phase) -> PhaseStats:
     names = [n for n in ph.created if n in done]
     lat = [(done[n] - ph.created[n]) * 1000 for n in names]
     span = (max(done[n] for n in names) - min(ph.created.values())) if names else float("nan")
-    rate = len(names) / span if names and span > 0 else float("nan")
+    rate = per_second(len(names), min(ph.created.values()), max(done[n] for n in names)) if names else float("nan")
     out = PhaseStats(len(names), bc.percentile(lat, 50), bc.percentile(lat, 99), rate, span,
                      creates_per_s=ph.creates_per_s)
     if ph.kind == "tree":
