@@ -162,7 +162,8 @@ def test_one_leader_serves_and_the_standby_takes_over(emu: ServerThread, tmp_pat
                 "b stands down",
             )
             await wait_until_async(lambda: e1.lost and e2.lost, 5, "b's sessions end")
-            assert all("UNAVAILABLE" in r and "the leader is c" in r for r in (e1.lost[0], e2.lost[0])), (e1.lost, e2.lost)
+            firsts = (e1.lost[0], e2.lost[0])
+            assert all("UNAVAILABLE" in r and "the leader is c" in r for r in firsts), (e1.lost, e2.lost)
             assert not (e1_old.rejected or e1.rejected or e2.rejected)
         finally:
             for s in agents:
