@@ -16,7 +16,8 @@ out the same timeout; the caller logs it once per failure streak and retries.
 
 A name held by an object that is not ours is never written;
 the first such name of a pass is logged, all are counted. A 404 on delete or a 409 on create is the goal already
-reached by someone else and no failure.
+reached by someone else and no failure; a 409 on an update is a stale read (``Result.stale``):
+retried, no failure either.
 """
 
 from __future__ import annotations
@@ -75,6 +76,10 @@ class Result:
     clashes: int = 0
     #: The first refused write, with the object and the API server's answer ("" when none).
     first_error: str = ""
+    #: Updates refused with 409 Conflict: planned from a read the object has moved past (our
+    #: informer had not seen the latest write yet). No failure: the watch event that is on its way
+    #: brings a new pass, and the caller retries anyway.
+    stale: int = 0
 
 
 class Applier:
@@ -111,6 +116,9 @@ class Applier:
             out = call()
         except ApiError as e:
             if e.status == done_if:
+                return None
+            if e.status == 409 and what != "create":
+                res.stale += 1
                 return None
             res.failed += 1
             if res.failed == 1:

@@ -183,6 +183,7 @@ class _Writer:
         ]
         if ctl.auto_export_prefixes or ctl.auto_export_annotation:
             stages.append(("export", lambda: ctl._auto_export(m)))
+        stale = False
         for stage, run in stages:
             try:
                 res = run()
@@ -191,6 +192,7 @@ class _Writer:
                 break  # the next request would wait out the same timeout
             if stage == "import":
                 ctl.last[m.name] = res
+            stale = stale or res.stale > 0
             if res.failed:
                 failed.append((stage, f"{res.failed} write(s) failed: {res.first_error}"))
         for stage, _ in failed:
@@ -203,7 +205,7 @@ class _Writer:
         elif not failed and self.failing:
             _log.info("cluster %s: writes succeed again (the failure streak began with: %s)", m.name, self.failing)
             self.failing = ""
-        return not failed
+        return not failed and not stale
 
 
 class Controller:
@@ -395,6 +397,9 @@ class Controller:
             try:
                 m.api.update(resource_path(mk.GROUP_VERSION, "serviceexports", k[0], k[1], "status"), body)
             except ApiError as e:
+                if e.status == 409:  # a stale read: retried (mcs.apply.Result.stale)
+                    res.stale += 1
+                    continue
                 res.failed += 1
                 res.first_error = res.first_error or (f"could not write the conditions of ServiceExport "
                                                       f"{k[0]}/{k[1]}: {e}")
