@@ -240,17 +240,27 @@ class Controller:
         self._thread: threading.Thread | None = None
         self._writers = {m.name: _Writer(self, m) for m in self.members}
         self._started = 0.0
+        self._watching = False
         self._waiting_logged: set[str] = set()
 
     # -- running ------------------------------------------------------------------------------
 
-    def start(self) -> None:
-        self._started = time.monotonic()
+    def watch(self) -> None:
+        """Start the members' informers (once): before :meth:`start` when something else reads
+        them while this replica waits for the Lease (the DNS responders)."""
+        if self._watching:
+            return
+        self._watching = True
         for m in self.members:
             m.watch()
             for inf in m.informers.values():
                 inf.add_handler(lambda *_: self._kick.set())
                 inf.start()
+
+    def start(self) -> None:
+        """Start the informers (:meth:`watch`), the members' writers and the passes."""
+        self._started = time.monotonic()
+        self.watch()
         for w in self._writers.values():
             w.thread.start()
         self._thread = threading.Thread(target=self._run, name="mcs-controller", daemon=True)
@@ -268,7 +278,7 @@ class Controller:
         if self._thread is not None:
             self._thread.join(10)
         for w in self._writers.values():
-            if w.thread.is_alive():
+            if w.thread.is_alive() and w.thread is not threading.current_thread():
                 w.thread.join(10)
 
     def kick(self) -> None:

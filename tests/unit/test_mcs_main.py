@@ -1,0 +1,150 @@
+"""kosmos-mcs: its command line (--help, the flags' errors) and the running command against
+emulated members: imports written, the clusterset DNS answering over UDP and TCP on 127.0.0.1
+with the importer's own cluster IP, /metrics, and a clean exit on SIGTERM."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+from scapy.layers.dns import DNS, DNSQR
+
+from kubeemu.runner import ServerThread
+from mcs import kube as mk
+from mcs import main as mm
+from scheduler.kube import Api
+from tests.unit.test_mcs_controller import _path, _serve
+from tests.unit.test_mcs_kube import install_mcs_crds
+from tests.waiting import wait_until
+
+
+def test_help_shows_examples_and_the_dns_choice(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        mm.parser().parse_args(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for text in ("examples:", "--member east=", "--dns-listen NAME=HOST:PORT", "kosmos.io/auto-create-mcs",
+                 "mcs/<name>", "--reflector", "--leader-elect", "--auto-export-namespace-prefix", "--metrics-port"):
+        assert text in out, text
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--member", "east"], "'east' is not NAME=KUBECONFIG"),
+    (["--member", "East=x"], "'East' is not a cluster name"),
+    (["--member", "a=x", "--dns-listen", "a=nohost"], "'a=nohost' is not [NAME=]HOST:PORT"),
+])
+def test_bad_flags_are_refused_naming_the_value(argv: list[str], message: str,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        mm.main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    ([], "no member clusters"),
+    (["--member", "a=http://127.0.0.1:1", "--member", "a=http://127.0.0.1:2"], "named twice: a"),
+    (["--member", "a=http://127.0.0.1:1", "--member", "b=http://127.0.0.1:2", "--dns-listen", "127.0.0.1:53"],
+     "which member does it answer for?"),
+    (["--member", "a=http://127.0.0.1:1", "--dns-listen", "c=127.0.0.1:53"], "'c' is not a member"),
+    (["--member", "a=/nonexistent/kubeconfig"], "--member a=/nonexistent/kubeconfig: cannot read the kubeconfig"),
+])
+def test_unusable_settings_are_refused_naming_the_value(argv: list[str], message: str,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    code = mm.main(["--master", "http://127.0.0.1:1", "--leader-elect=false", *argv])
+    assert code in (1, 2)
+    assert message in capsys.readouterr().err
+
+
+def test_member_and_dns_specs() -> None:
+    assert mm.member_spec("east=/k/c") == mm.MemberSpec("east", "/k/c")
+    assert mm.member_spec("w=http://h:1") == mm.MemberSpec("w", "http://h:1")
+    assert mm.dns_spec("east=127.0.0.1:53") == ("east", "127.0.0.1", 53)
+    assert mm.dns_spec("[::1]:5353") == ("", "::1", 5353)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u, socket.socket() as t:
+        t.bind(("127.0.0.1", 0))
+        port = t.getsockname()[1]
+        u.bind(("127.0.0.1", port))
+        return int(port)
+
+
+def _query(name: str) -> bytes:
+    return bytes(DNS(id=7, rd=1, qd=DNSQR(qname=name, qtype="A")))
+
+
+def _udp(port: int, name: str) -> DNS:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(5)
+        s.sendto(_query(name), ("127.0.0.1", port))
+        return DNS(s.recv(4096))
+
+
+def _tcp(port: int, name: str) -> DNS:
+    q = _query(name)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(struct.pack("!H", len(q)) + q)
+        head = s.recv(2)
+        (n,) = struct.unpack("!H", head)
+        data = b""
+        while len(data) < n:
+            data += s.recv(n - len(data))
+        return DNS(data)
+
+
+@pytest.fixture
+def two() -> Iterator[dict[str, Api]]:
+    with contextlib.ExitStack() as stack:
+        apis = {}
+        for c in ("east", "west"):
+            s = stack.enter_context(ServerThread(name=f"mcs-main-{c}", bookmark_interval=0.3))
+            api = Api(s.url)
+            install_mcs_crds(api)
+            api.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}})
+            apis[c] = api
+        yield apis
+
+
+def test_the_command_imports_answers_dns_and_exits_on_sigterm(two: dict[str, Api]) -> None:
+    dns_port, metrics_port = _free_port(), _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mcs.main", "--master", two["east"].host, "--leader-elect=false",
+         "--host-member", "east", "--member", f"west={two['west'].host}", "--resync-period", "1",
+         "--dns-listen", f"west=127.0.0.1:{dns_port}", "--listen", f"127.0.0.1:{metrics_port}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _serve(two["east"], 1)
+        west = two["west"]
+
+        def west_ip() -> str | None:
+            imp = west.get_or_none(_path("ServiceImport", "web"))
+            ips = (imp or {}).get("spec", {}).get("ips") or []
+            return str(ips[0]) if ips else None
+        ip = wait_until(west_ip, 20, "west's ServiceImport with its cluster IP")
+        derived = west.get(_path("Service", mk.derived_name("web")))
+        assert derived["spec"]["clusterIP"] == ip
+        name = "web.shop.svc.clusterset.local"
+        resp = wait_until(lambda: (r := _udp(dns_port, name)).ancount and r, 10, "the UDP answer")
+        assert resp.rcode == 0 and resp.aa == 1 and [resp.an[i].rdata for i in range(resp.ancount)] == [ip]
+        assert [str(_tcp(dns_port, name).an[0].rdata)] == [ip]
+        assert _udp(dns_port, "nothing.shop.svc.clusterset.local").rcode == 3  # NXDOMAIN
+        body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+        assert "fabric_mcs_passes_total" in body and 'fabric_mcs_dns_queries_total{cluster="west",rcode="0"}' in body
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        err = proc.stderr.read().decode() if proc.stderr else ""
+    assert code == 0, err[-3000:]
