@@ -19,7 +19,7 @@ from mcs.reachability import Reachability, unreachable_map
 from scheduler.kube import Api
 from tests.unit.test_control_session import CONFIG
 from tests.unit.test_mcs_controller import CLUSTERS, _endpoints, _serve
-from tests.unit.test_mcs_controller import members as members  # noqa: F401 (the fixture)
+from tests.unit.test_mcs_controller import members as members
 from tests.waiting import wait_until
 
 
@@ -92,7 +92,7 @@ def fabric() -> Iterator[_ReflectorThread]:
         r.stop()
 
 
-def test_a_reported_cut_kicks_a_pass_at_once(fabric: _ReflectorThread, members: dict[str, Api]) -> None:  # noqa: F811
+def test_a_reported_cut_kicks_a_pass_at_once(fabric: _ReflectorThread, members: dict[str, Api]) -> None:
     fabric.put("south", "west", True, 1)
     ctl = Controller([Member(c, members[c]) for c in CLUSTERS], resync_s=600.0)
     reach = Reachability(fabric.target, on_change=ctl.kick, watch=None)
