@@ -21,6 +21,7 @@ fabric configuration is read again and a change kicks a pass.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import re
@@ -29,10 +30,11 @@ import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import yaml
 
-from fabric import crd, health, logs
+from fabric import health, logs, validation
 from fabric.cli_types import grpc_target, positive_seconds
 from fabric.control import api as fapi
 from fabric.control import tls
@@ -42,7 +44,7 @@ from mcs.dnsserver import Responder, member_table
 from mcs.metrics import McsMetrics
 from mcs.reachability import Reachability
 from scheduler import election
-from scheduler.kube import Api, ApiError, connect, connect_kubeconfig, resource_path
+from scheduler.kube import Api, ApiError, connect, connect_kubeconfig
 
 _log = logging.getLogger("mcs")
 
@@ -187,41 +189,73 @@ def connect_member(spec: MemberSpec) -> Api:
 
 
 _FAMILY = {4: "IPv4", 6: "IPv6"}
+Obj = dict[str, Any]
+
+
+#: The Cluster resource (``kosmos.io/v1alpha1``, cluster-scoped, in the host cluster). Read as
+#: plain objects: add-ons do not import the reflector's configuration code (``fabric.crd``); the
+#: two fields read here are checked on their own, and a Cluster the reflector refuses says why in
+#: its status.
+CLUSTERS_PATH = "/apis/kosmos.io/v1alpha1/clusters"
+
+
+def cluster_fabric(obj: Obj) -> tuple[tuple[tuple[str, str], ...], tuple[int, ...]]:
+    """A Cluster object's global CIDR mapping (``spec.clusterLinkOptions.globalCIDRsMap``, as
+    ``(local, global)`` pairs) and address families (its ``ipFamilies``, else those of its
+    ``podCIDRs``). Raises ValueError naming the Cluster and the field."""
+    name = (obj.get("metadata") or {}).get("name")
+    link = ((obj.get("spec") or {}).get("clusterLinkOptions")) or {}
+    where = f"Cluster {name}: spec.clusterLinkOptions"
+    raw = link.get("globalCIDRsMap") or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}.globalCIDRsMap is {raw!r}, not a mapping of CIDR to global CIDR")
+    pairs = []
+    for k, v in raw.items():
+        try:
+            local, glob = str(ipaddress.ip_network(k, strict=True)), str(ipaddress.ip_network(v, strict=True))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}.globalCIDRsMap[{k}]: {e}") from None
+        problem = validation.mapping_problem(local, glob)
+        if problem is not None:
+            raise ValueError(f"{where}.globalCIDRsMap[{k}]: {problem}")
+        pairs.append((local, glob))
+    fams = [{"IPv4": 4, "IPv6": 6}.get(str(f), 0) for f in link.get("ipFamilies") or []]
+    if not fams:
+        fams = []
+        for c in link.get("podCIDRs") or []:
+            try:
+                fams.append(ipaddress.ip_network(str(c), strict=False).version)
+            except ValueError:
+                continue
+    return tuple(sorted(pairs)), tuple(sorted({f for f in fams if f}))
 
 
 def fabric_members(host: Api, names: Sequence[str], status: fapi.FabricStatus | None) -> dict[
         str, tuple[tuple[tuple[str, str], ...], frozenset[str]]]:
     """Per member name: its global CIDR mapping (its ``Cluster`` object's ``globalCIDRsMap``) and
-    the families it runs (the reflector's status; else the Cluster's ``ipFamilies``, else the
-    families of its pod CIDRs; else IPv4). A member without a usable Cluster is logged and gets
-    no mapping: its pod IPs are published as they are."""
-    clusters: dict[str, crd.ClusterSpec] = {}
+    the families it runs (the reflector's status; else the Cluster's; else IPv4). A member without
+    a usable Cluster is logged and gets no mapping: its pod IPs are published as they are."""
+    clusters: dict[str, tuple[tuple[tuple[str, str], ...], tuple[int, ...]]] = {}
     try:
-        items = host.get(resource_path(crd.API_VERSION, crd.PLURAL))["items"]
+        items = host.get(CLUSTERS_PATH)["items"]
     except ApiError as e:
         _log.warning("reading the Cluster objects of the host cluster: %s; no global CIDRs are known", e)
         items = []
     for obj in items:
         try:
-            spec = crd.parse_cluster(obj)
+            clusters[str((obj.get("metadata") or {}).get("name"))] = cluster_fabric(obj)
         except ValueError as e:
-            _log.warning("Cluster %s: %s", (obj.get("metadata") or {}).get("name"), e)
-            continue
-        clusters[spec.name] = spec
+            _log.warning("%s: its members' endpoints are published without translation", e)
     by_status = {c.name: c for c in status.clusters} if status is not None else {}
     out = {}
     for name in names:
-        spec_or_none = clusters.get(name)
-        fams: tuple[int, ...] = ()
+        cidrs, fams = clusters.get(name, ((), ()))
         if name in by_status:
             fams = by_status[name].ip_families
-        elif spec_or_none is not None:
-            fams = spec_or_none.ip_families or tuple(sorted({6 if ":" in c else 4 for c in spec_or_none.pod_cidrs}))
-        if spec_or_none is None and items:
-            _log.warning("member %s has no Cluster object in the host cluster: no global CIDRs, families %s", name,
-                         "from the reflector" if name in by_status else "IPv4")
-        out[name] = (spec_or_none.global_cidrs if spec_or_none is not None else (),
-                     frozenset(_FAMILY[f] for f in fams if f in _FAMILY) or frozenset({"IPv4"}))
+        if name not in clusters and items:
+            _log.warning("member %s has no usable Cluster object in the host cluster: no global CIDRs, families %s",
+                         name, "from the reflector" if name in by_status else "IPv4")
+        out[name] = (cidrs, frozenset(_FAMILY[f] for f in fams if f in _FAMILY) or frozenset({"IPv4"}))
     return out
 
 

@@ -148,3 +148,14 @@ def test_the_command_imports_answers_dns_and_exits_on_sigterm(two: dict[str, Api
                 proc.kill()
         err = proc.stderr.read().decode() if proc.stderr else ""
     assert code == 0, err[-3000:]
+
+
+def test_global_cidrs_and_families_come_from_the_cluster_object() -> None:
+    obj = {"metadata": {"name": "east"}, "spec": {"clusterLinkOptions": {
+        "podCIDRs": ["10.10.0.0/16", "fd10::/48"], "globalCIDRsMap": {"10.10.0.0/16": "100.64.0.0/16"}}}}
+    assert mm.cluster_fabric(obj) == ((("10.10.0.0/16", "100.64.0.0/16"),), (4, 6))
+    obj["spec"]["clusterLinkOptions"]["ipFamilies"] = ["IPv6"]
+    assert mm.cluster_fabric(obj)[1] == (6,)
+    obj["spec"]["clusterLinkOptions"]["globalCIDRsMap"] = {"10.10.0.0/16": "100.64.0.0/24"}
+    with pytest.raises(ValueError, match=r"Cluster east: spec.clusterLinkOptions.globalCIDRsMap\[10.10.0.0/16\]"):
+        mm.cluster_fabric(obj)
