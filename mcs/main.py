@@ -3,7 +3,9 @@
 In order: parse flags (``kosmos-tree``'s names for the shared ones: the host cluster's
 ``--kubeconfig``/``--master``/``--context`` and the Lease election, the agent's ``--reflector``
 with ``--tls-dir``), connect to the host cluster and to every member (``--member NAME=KUBECONFIG``,
-repeatable; ``--host-member NAME`` makes the host cluster a member too), read each member's fabric
+repeatable; ``--host-member NAME`` makes the host cluster a member too; ``--discover-members``
+adds the Clusters with a kubeconfig Secret, as kosmos-tree finds its leaves: :func:`discover_members`,
+read once at start), read each member's fabric
 configuration (:func:`fabric_members`: its global CIDR mapping from its ``Cluster`` object in the
 host cluster, the address families it runs from the reflector's status when ``--reflector`` is
 given, else from the Cluster), start the members' informers (the DNS responders answer from them
@@ -21,6 +23,7 @@ fabric configuration is read again and a change kicks a pass.
 from __future__ import annotations
 
 import argparse
+import base64
 import ipaddress
 import logging
 import os
@@ -44,7 +47,7 @@ from mcs.dnsserver import Responder, member_table
 from mcs.metrics import McsMetrics
 from mcs.reachability import Reachability
 from scheduler import election
-from scheduler.kube import Api, ApiError, connect, connect_kubeconfig
+from scheduler.kube import Api, ApiError, connect, connect_kubeconfig, resource_path
 
 _log = logging.getLogger("mcs")
 
@@ -101,6 +104,9 @@ def parser() -> argparse.ArgumentParser:
                    help="a member cluster and its kubeconfig or URL (repeatable; see below)")
     p.add_argument("--host-member", metavar="NAME",
                    help="the host cluster is a member too, named NAME in the fabric")
+    p.add_argument("--discover-members", action="store_true",
+                   help="also every Cluster of the host cluster with a kubeconfig Secret, as kosmos-tree finds its "
+                        "leaves (spec.clusterTreeOptions.kubeconfigSecretRef, key \"kubeconfig\"); read at start")
     p.add_argument("--reflector", type=grpc_target, metavar="TARGET",
                    help="gRPC target of fabric-reflector, HOST:PORT or unix:/path: reachability records (endpoints "
                         "of a cluster the fabric cannot reach turn not ready at once) and each member's address "
@@ -165,6 +171,39 @@ def dns_spec(text: str) -> tuple[str, str, int]:
     if not colon or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise argparse.ArgumentTypeError(f"{text!r} is not [NAME=]HOST:PORT")
     return (name if sep else ""), host.strip("[]"), int(port)
+
+
+#: The key of the kubeconfig in a Cluster's Secret (kosmos-tree's).
+KUBECONFIG_KEY = "kubeconfig"
+
+
+def discover_members(host: Api, known: Sequence[str]) -> list[Member]:
+    """Members from the host's Cluster objects, as kosmos-tree finds its leaves: each Cluster
+    (not in ``known``) whose ``spec.clusterTreeOptions.kubeconfigSecretRef`` names a Secret with
+    a kubeconfig. One that cannot be used is logged (naming the Cluster and the Secret) and left out."""
+    out = []
+    for obj in host.get(CLUSTERS_PATH)["items"]:
+        name = str((obj.get("metadata") or {}).get("name"))
+        ref = ((obj.get("spec") or {}).get("clusterTreeOptions") or {}).get("kubeconfigSecretRef") or {}
+        if name in known or not isinstance(ref, dict) or not ref.get("namespace") or not ref.get("name"):
+            continue
+        where = (f"Secret {ref['namespace']}/{ref['name']} (spec.clusterTreeOptions.kubeconfigSecretRef of "
+                 f"Cluster {name})")
+        try:
+            secret = host.get(resource_path("v1", "secrets", str(ref["namespace"]), str(ref["name"])))
+            raw = (secret.get("data") or {}).get(KUBECONFIG_KEY)
+            if not raw:
+                raise ValueError(f"has no key {KUBECONFIG_KEY!r}")
+            doc = yaml.safe_load(base64.b64decode(raw, validate=True))
+            if not isinstance(doc, dict):
+                raise ValueError(f"key {KUBECONFIG_KEY!r} is not a kubeconfig (a YAML mapping)")
+            api = connect_kubeconfig(doc, user_agent="kosmos-mcs")
+        except Exception as e:  # the Secret, or the kubeconfig loader's own errors
+            _log.warning("member %s left out: reading %s: %s: %s", name, where, type(e).__name__, e)
+            continue
+        _log.info("member %s discovered (%s): %s", name, where, api.host)
+        out.append(Member(name, api))
+    return out
 
 
 def connect_member(spec: MemberSpec) -> Api:
@@ -291,27 +330,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"kosmos-mcs: {e}", file=sys.stderr)
             return 2
     names = [s.name for s in specs] + ([args.host_member] if args.host_member else [])
-    if not names:
-        print("kosmos-mcs: no member clusters: give --member NAME=KUBECONFIG (repeatable) and/or --host-member NAME",
-              file=sys.stderr)
+    if not names and not args.discover_members:
+        print("kosmos-mcs: no member clusters: give --member NAME=KUBECONFIG (repeatable), --host-member NAME "
+              "and/or --discover-members", file=sys.stderr)
         return 2
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         print(f"kosmos-mcs: member cluster(s) named twice: {', '.join(twice)}", file=sys.stderr)
         return 2
-    dns_for: list[tuple[str, str, int]] = []
-    for name, host, port in args.dns_listen:
-        if not name:
-            if len(names) != 1:
-                print(f"kosmos-mcs: --dns-listen {host}:{port}: which member does it answer for? Give NAME=HOST:PORT "
-                      f"(members: {', '.join(names)}): each member allocates its own cluster IPs", file=sys.stderr)
-                return 2
-            name = names[0]
-        if name not in names:
-            print(f"kosmos-mcs: --dns-listen {name}=...: {name!r} is not a member (members: {', '.join(names)})",
-                  file=sys.stderr)
-            return 2
-        dns_for.append((name, host, port))
     listen = f"0.0.0.0:{args.metrics_port}" if args.metrics_port is not None else args.listen
     tls_dir = None
     if args.reflector:
@@ -329,6 +355,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # a bad kubeconfig: say so, no traceback
         print(f"kosmos-mcs: connecting: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+    if args.discover_members:
+        try:
+            members += discover_members(host_api, [m.name for m in members])
+        except Exception as e:  # no Cluster CRD, an unreachable host: say so
+            print(f"kosmos-mcs: --discover-members: reading the host cluster's Cluster objects: "
+                  f"{type(e).__name__}: {e}", file=sys.stderr)
+            return 1
+        if not members:
+            print("kosmos-mcs: --discover-members found no Cluster with a kubeconfig Secret, and no --member was "
+                  "given", file=sys.stderr)
+            return 1
+    names = [m.name for m in members]
+    dns_for: list[tuple[str, str, int]] = []
+    for name, host, port in args.dns_listen:
+        if not name:
+            if len(names) != 1:
+                print(f"kosmos-mcs: --dns-listen {host}:{port}: which member does it answer for? Give NAME=HOST:PORT "
+                      f"(members: {', '.join(names)}): each member allocates its own cluster IPs", file=sys.stderr)
+                return 2
+            name = names[0]
+        if name not in names:
+            print(f"kosmos-mcs: --dns-listen {name}=...: {name!r} is not a member (members: {', '.join(names)})",
+                  file=sys.stderr)
+            return 2
+        dns_for.append((name, host, port))
     return _run(args, host_api, members, dns_for, listen, tls_dir)
 
 

@@ -159,3 +159,36 @@ def test_global_cidrs_and_families_come_from_the_cluster_object() -> None:
     obj["spec"]["clusterLinkOptions"]["globalCIDRsMap"] = {"10.10.0.0/16": "100.64.0.0/24"}
     with pytest.raises(ValueError, match=r"Cluster east: spec.clusterLinkOptions.globalCIDRsMap\[10.10.0.0/16\]"):
         mm.cluster_fabric(obj)
+
+
+def test_members_are_discovered_as_kosmos_tree_finds_its_leaves(two: dict[str, Api],
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    import base64
+    from pathlib import Path
+
+    import yaml
+
+    from tests import crds
+
+    host = two["east"]
+    crds.install(host, [Path(__file__).resolve().parents[2] / "deploy/base/host/crd-clusters.yaml"], [mm.CLUSTERS_PATH])
+    kubeconfig = {"apiVersion": "v1", "kind": "Config", "current-context": "w",
+                  "clusters": [{"name": "w", "cluster": {"server": two["west"].host}}],
+                  "users": [{"name": "u", "user": {"token": "t"}}],
+                  "contexts": [{"name": "w", "context": {"cluster": "w", "user": "u"}}]}
+    host.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "kosmos-system"}})
+    host.create("/api/v1/namespaces/kosmos-system/secrets", {
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "west-kubeconfig"},
+        "data": {"kubeconfig": base64.b64encode(yaml.safe_dump(kubeconfig).encode()).decode()}})
+    tree = {"enable": True, "kubeconfigSecretRef": {"namespace": "kosmos-system", "name": "west-kubeconfig"}}
+    for name, opts in (("west", tree), ("north", {**tree, "kubeconfigSecretRef": {"namespace": "kosmos-system",
+                                                                                   "name": "absent"}}),
+                       ("east", tree), ("plain", None)):
+        spec: dict[str, object] = {"clusterLinkOptions": {"podCIDRs": ["10.1.0.0/16"]}}
+        if opts is not None:
+            spec["clusterTreeOptions"] = opts
+        host.create(mm.CLUSTERS_PATH, {"apiVersion": "kosmos.io/v1alpha1", "kind": "Cluster",
+                                       "metadata": {"name": name}, "spec": spec})
+    found = mm.discover_members(host, ["east"])
+    assert [(m.name, m.api.host) for m in found] == [("west", two["west"].host)]
+    assert any("member north left out: reading Secret kosmos-system/absent" in r.getMessage() for r in caplog.records)
