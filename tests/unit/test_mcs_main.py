@@ -114,10 +114,16 @@ def two() -> Iterator[dict[str, Api]]:
         yield apis
 
 
-def test_the_command_imports_answers_dns_and_exits_on_sigterm(two: dict[str, Api]) -> None:
+LEASE = "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases/kosmos-mcs"
+
+
+@pytest.mark.parametrize("elect", [False, True])
+def test_the_command_imports_answers_dns_and_exits_on_sigterm(two: dict[str, Api], elect: bool) -> None:
     dns_port, metrics_port = _free_port(), _free_port()
+    election = (["--leader-elect-lease-duration", "3", "--leader-elect-renew-deadline", "2",
+                 "--leader-elect-retry-period", "0.5", "--identity", "mcs-test"] if elect else ["--leader-elect=false"])
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mcs.main", "--master", two["east"].host, "--leader-elect=false",
+        [sys.executable, "-m", "mcs.main", "--master", two["east"].host, *election,
          "--host-member", "east", "--member", f"west={two['west'].host}", "--resync-period", "1",
          "--dns-listen", f"west=127.0.0.1:{dns_port}", "--listen", f"127.0.0.1:{metrics_port}"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -139,6 +145,8 @@ def test_the_command_imports_answers_dns_and_exits_on_sigterm(two: dict[str, Api
         assert _udp(dns_port, "nothing.shop.svc.clusterset.local").rcode == 3  # NXDOMAIN
         body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
         assert "fabric_mcs_passes_total" in body and 'fabric_mcs_dns_queries_total{cluster="west",rcode="0"}' in body
+        if elect:
+            assert two["east"].get(LEASE)["spec"]["holderIdentity"] == "mcs-test"
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -148,6 +156,8 @@ def test_the_command_imports_answers_dns_and_exits_on_sigterm(two: dict[str, Api
                 proc.kill()
         err = proc.stderr.read().decode() if proc.stderr else ""
     assert code == 0, err[-3000:]
+    if elect:
+        assert not two["east"].get(LEASE)["spec"].get("holderIdentity"), "the Lease released on SIGTERM"
 
 
 def test_global_cidrs_and_families_come_from_the_cluster_object() -> None:
