@@ -11,9 +11,12 @@ imported, so it answers from what the member has, as its own DNS does for its Se
 no second watch. A responder runs on every replica (standbys included: their informers run, only
 the writes wait for the Lease).
 
-UDP: one datagram, one answer, bounded by :data:`mcs.dns.UDP_MAX` (truncated with TC beyond it).
-TCP: RFC 1035's two-byte length prefix, several queries per connection, each read with a timeout
-and a length bound, so a client cannot hold the server.
+UDP: one datagram, one answer, bounded by :data:`mcs.dns.UDP_MAX` (truncated with TC beyond it),
+answered in turn on one thread (an answer is a dictionary lookup: no thread per datagram for a
+flood to multiply). TCP: RFC 1035's two-byte length prefix, several queries per connection, each
+read with a timeout, at most :data:`MAX_TCP_CONNECTIONS` at once (more are closed at accept), so
+clients cannot hold the server. The table is rebuilt only when the informers' stores changed
+(:class:`TableCache`: they are replaced, never mutated, on every change).
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ _log = logging.getLogger(__name__)
 
 #: Seconds a TCP client may take to send a query (then the connection is closed).
 TCP_TIMEOUT_S = 5.0
+#: TCP connections served at once (each has a thread); more are closed at once.
+MAX_TCP_CONNECTIONS = 64
 
 Count = Callable[[str, int], None]
 
@@ -67,6 +72,26 @@ def member_table(member: Member) -> dict[tuple[str, str], tuple[str, ...]]:
         for k, a in addrs.items():
             out[k] = tuple(dict.fromkeys(a))
     return out
+
+
+class TableCache:
+    """:func:`member_table` of ``member``, rebuilt only when its stores were replaced (a change)."""
+
+    def __init__(self, member: Member) -> None:
+        self.member = member
+        self._key: tuple[object, object] | None = None
+        self._table: dict[tuple[str, str], tuple[str, ...]] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self) -> dns.Table:
+        inf = self.member.informers
+        if not inf:
+            return {}
+        key = (inf["ServiceImport"].store, inf["EndpointSlice"].store)
+        with self._lock:
+            if self._key is None or key[0] is not self._key[0] or key[1] is not self._key[1]:
+                self._table, self._key = member_table(self.member), key
+            return self._table
 
 
 class _UDPHandler(socketserver.BaseRequestHandler):
@@ -124,14 +149,30 @@ class _Counting:
             self.count(self.member, resp[3] & 0xF)
 
 
-class _UDPServer(_Counting, socketserver.ThreadingUDPServer):
-    daemon_threads = True
+class _UDPServer(_Counting, socketserver.UDPServer):
     allow_reuse_address = True
 
 
 class _TCPServer(_Counting, socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
+    slots = threading.BoundedSemaphore(MAX_TCP_CONNECTIONS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
 
 
 def _family(host: str) -> socket.AddressFamily:
@@ -164,6 +205,7 @@ class Responder:
             raise OSError(f"no port free for both UDP and TCP on {host}")
         for s in servers:
             s.table, s.count, s.member = table, count, member
+        servers[1].slots = threading.BoundedSemaphore(MAX_TCP_CONNECTIONS)
         self.udp, self.tcp = servers
         self.host = host
         self.port = int(self.udp.server_address[1])

@@ -43,7 +43,7 @@ from fabric.control import api as fapi
 from fabric.control import tls
 from mcs import kube as mk
 from mcs.controller import Controller, Member
-from mcs.dnsserver import Responder, member_table
+from mcs.dnsserver import Responder, TableCache
 from mcs.metrics import McsMetrics
 from mcs.reachability import Reachability
 from scheduler import election
@@ -432,7 +432,7 @@ def _run(args: argparse.Namespace, host_api: Api, members: list[Member], dns_for
         by_name = {m.name: m for m in members}
         for name, host, port in dns_for:
             m = by_name[name]
-            responders.append(Responder(name, host, port, lambda m=m: member_table(m),  # type: ignore[misc]
+            responders.append(Responder(name, host, port, TableCache(m),
                                         count=lambda c, rc: metrics.dns_queries.labels(c, str(rc)).inc()).start())
     except OSError as e:
         print(f"kosmos-mcs: --dns-listen: {e}", file=sys.stderr)
