@@ -31,6 +31,7 @@ import re
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -310,6 +311,32 @@ def _status(args: argparse.Namespace, tls_dir: tls.TLSDir | None) -> fapi.Fabric
         return None
 
 
+class RepeatFilter(logging.Filter):
+    """Drops a record whose message equals one let through less than ``window_s`` ago.
+
+    For the informers' logger (:mod:`scheduler.kube`): an informer of a member whose API server
+    is gone retries every second and says so each time, five informers per member; the
+    controller logs the member's failure once per streak, and this keeps the informers to one
+    line per minute and error. At most ``limit`` messages are remembered (the oldest go)."""
+
+    def __init__(self, window_s: float = 60.0, limit: int = 1000) -> None:
+        super().__init__()
+        self.window_s = window_s
+        self.limit = limit
+        self._seen: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now, msg = time.monotonic(), record.getMessage()
+        last = self._seen.get(msg)
+        if last is not None and now - last < self.window_s:
+            return False
+        self._seen.pop(msg, None)
+        self._seen[msg] = now
+        while len(self._seen) > self.limit:
+            self._seen.pop(next(iter(self._seen)))
+        return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
@@ -317,6 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"kosmos-mcs: --log-level: {e}", file=sys.stderr)
         return 2
+    logging.getLogger("scheduler.kube").addFilter(RepeatFilter())
     problem = election.timing_problem(args.leader_elect_lease_duration, args.leader_elect_renew_deadline,
                                       args.leader_elect_retry_period) if args.leader_elect else None
     if problem:

@@ -5,6 +5,7 @@ with the importer's own cluster IP, /metrics, and a clean exit on SIGTERM."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 import socket
 import struct
@@ -202,3 +203,11 @@ def test_members_are_discovered_as_kosmos_tree_finds_its_leaves(two: dict[str, A
     found = mm.discover_members(host, ["east"])
     assert [(m.name, m.api.host) for m in found] == [("west", two["west"].host)]
     assert any("member north left out: reading Secret kosmos-system/absent" in r.getMessage() for r in caplog.records)
+
+
+def test_repeated_informer_lines_are_let_through_once_a_window() -> None:
+    f = mm.RepeatFilter(window_s=3600, limit=2)
+
+    def rec(msg: str) -> logging.LogRecord:
+        return logging.LogRecord("scheduler.kube", logging.WARNING, __file__, 1, msg, None, None)
+    assert [f.filter(rec(m)) for m in ("a", "a", "b", "a", "c", "a")] == [True, False, True, False, True, True]
