@@ -209,6 +209,13 @@ class _Writer:
 
 
 class Controller:
+    """The passes over ``members`` (module docstring). ``unreachable``: importer -> the clusters
+    the fabric reports it cannot reach (:class:`mcs.reachability.Reachability`); ``resync_s``:
+    a pass at least this often; ``retry_s``: a member whose writes failed is tried again after
+    it; ``pass_wait_s``: how long a pass waits for the writers; ``startup_wait_s``: how long
+    passes wait for every member's first list; ``auto_export_*``: step 5; ``on_member_error``
+    and ``on_pass``: the metrics' hooks."""
+
     def __init__(self, members: Sequence[Member], *, unreachable: Callable[[str], Iterable[str]] | None = None,
                  resync_s: float = 30.0, clock: Callable[[], datetime.datetime] | None = None,
                  retry_s: float = 2.0, pass_wait_s: float = 1.0, startup_wait_s: float = 30.0,

@@ -97,6 +97,8 @@ class Cluster:
 def clusters(args: argparse.Namespace, wanted: Sequence[str] = ()) -> list[Cluster]:
     """The members named ``wanted`` (all when empty), from the flags or the lab (module docstring)."""
     found: list[Cluster] = []
+    if args.lab and (args.server or args.kubeconfig):
+        raise McsUsageError(f"--lab {args.lab} and --server/--kubeconfig name the clusters twice: give one of them")
     if args.server or args.kubeconfig:
         for name, url in args.server:
             found.append(Cluster(name, Api(url), f"--server {name}={url}"))
