@@ -6,20 +6,29 @@ never without endpoints in between. Every write is conditional: an update carrie
 ``resourceVersion`` it was planned from, a delete the ``uid`` as a precondition, so nothing is
 written over a change made since the read, and nothing is ever deleted by name alone.
 
-A failed write never stops the others (an object of another controller, a quota, a conflict
-with a concurrent writer): the first failure of a pass is logged with the object and the API
-server's answer, the rest are counted, and the caller runs the pass again (its next plan starts
-from what the importer has then). A name held by an object that is not ours is never written;
+A refused write (an :class:`~scheduler.kube.ApiError`: an object of another controller, a quota, a
+conflict with a concurrent writer) never stops the others: the first refusal of a pass is kept
+with the object and the API server's answer (``Result.first_error``), the rest are counted, and
+the caller runs the pass again (its next plan starts from what the importer has then). A
+transport failure (:data:`TRANSPORT_ERRORS`: refused connection, timeout, a body that is not
+JSON) ends the plan at once with :class:`MemberUnavailable`: every further request would wait
+out the same timeout; the caller logs it once per failure streak and retries.
+
+A name held by an object that is not ours is never written;
 the first such name of a pass is logged, all are counted. A 404 on delete or a 409 on create is the goal already
-reached by someone else and no failure.
+reached by someone else and no failure; a 409 on an update is a stale read (``Result.stale``):
+retried, no failure either.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import urllib3
 
 from mcs.kube import GROUP_VERSION
 from mcs.plan import Plan, key
@@ -34,7 +43,23 @@ RESOURCES: Mapping[str, tuple[str, str]] = {
     "Service": ("v1", "services"),
     "EndpointSlice": ("discovery.k8s.io/v1", "endpointslices"),
     "ServiceImport": (GROUP_VERSION, "serviceimports"),
+    "ServiceExport": (GROUP_VERSION, "serviceexports"),
 }
+
+#: What a call to a member's API server raises when the server cannot be talked to (as opposed
+#: to an answer refusing the request, :class:`~scheduler.kube.ApiError`): urllib3's errors
+#: (refused connection, timeouts, protocol errors), the OS's, and a body that is not JSON.
+TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (urllib3.exceptions.HTTPError, OSError, json.JSONDecodeError)
+
+
+class MemberUnavailable(Exception):
+    """Cluster ``cluster``'s API server could not be talked to while ``doing``; ``cause`` is
+    the transport error."""
+
+    def __init__(self, cluster: str, doing: str, cause: BaseException) -> None:
+        super().__init__(f"API server unavailable while {doing}: {type(cause).__name__}: {cause}")
+        self.cluster = cluster
+        self.cause = cause
 
 
 def path(obj: Mapping[str, Any], sub: str | None = None, *, named: bool = True) -> str:
@@ -49,6 +74,12 @@ class Result:
     failed: int = 0
     #: Names we would write that objects not ours hold (:attr:`mcs.plan.Plan.clashes`).
     clashes: int = 0
+    #: The first refused write, with the object and the API server's answer ("" when none).
+    first_error: str = ""
+    #: Updates refused with 409 Conflict: planned from a read the object has moved past (our
+    #: informer had not seen the latest write yet). No failure: the watch event that is on its way
+    #: brings a new pass, and the caller retries anyway.
+    stale: int = 0
 
 
 class Applier:
@@ -86,11 +117,16 @@ class Applier:
         except ApiError as e:
             if e.status == done_if:
                 return None
+            if e.status == 409 and what != "create":
+                res.stale += 1
+                return None
             res.failed += 1
             if res.failed == 1:
                 kind, ns, name = key(obj)
-                _log.warning("cluster %s: could not %s %s %s/%s: %s (retried at the next pass)",
-                             self.cluster, what, kind, ns, name, e)
+                res.first_error = f"could not {what} {kind} {ns}/{name}: {e}"
             return None
+        except TRANSPORT_ERRORS as e:
+            kind, ns, name = key(obj)
+            raise MemberUnavailable(self.cluster, f"trying to {what} {kind} {ns}/{name}", e) from e
         res.written += 1
         return out

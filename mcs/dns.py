@@ -102,9 +102,15 @@ def _records(labels: tuple[str, ...], qtype: int, table: Table) -> tuple[int, li
     return NOERROR, out
 
 
-def answer(query: bytes, table: Table) -> bytes | None:
+#: The largest UDP response without EDNS (RFC 1035 4.2.1): a bigger one is sent truncated (TC).
+UDP_MAX = 512
+
+
+def answer(query: bytes, table: Table, max_size: int | None = None) -> bytes | None:
     """The response to ``query`` (module docstring); None when it is too short to answer at all
-    (no header to echo: dropped, as a server drops such a datagram)."""
+    (no header to echo: dropped, as a server drops such a datagram). A response longer than
+    ``max_size`` (UDP: :data:`UDP_MAX`) goes without its answers and with the TC bit, so the
+    client asks again over TCP (a headless service with many ready endpoints)."""
     if len(query) < _HEADER.size:
         return None
     ident, flags, qd, _an, _ns, _ar = _HEADER.unpack_from(query)
@@ -115,9 +121,12 @@ def answer(query: bytes, table: Table) -> bytes | None:
 
     def reply(rcode: int, question: bytes = b"", answers: list[bytes] | None = None, qtype: int = 0) -> bytes:
         rrs = answers or []
-        head = _HEADER.pack(ident, 0x8000 | (opcode << 11) | 0x0400 | rd | rcode, 1 if question else 0,
-                            len(rrs), 0, 0)
+        tc = 0
         body = b"".join(struct.pack("!HHHIH", 0xC00C, qtype, QCLASS_IN, TTL_S, len(r)) + r for r in rrs)
+        if max_size is not None and _HEADER.size + len(question) + len(body) > max_size:
+            rrs, body, tc = [], b"", 0x0200
+        head = _HEADER.pack(ident, 0x8000 | (opcode << 11) | 0x0400 | tc | rd | rcode, 1 if question else 0,
+                            len(rrs), 0, 0)
         return head + question + body
 
     if opcode != 0:

@@ -198,3 +198,45 @@ def render_slices(imp: Import) -> list[Obj]:
                     "addressType": ss.slice.address_type, "ports": _ports(ss.slice.ports),
                     "endpoints": [_endpoint_obj(ep) for ep in ss.slice.endpoints]})
     return out
+
+
+#: A Service annotated so (value ``"true"``) is exported without a ServiceExport of the user's
+#: (Kosmos' annotation: issue 18 item 1); the controller creates the ServiceExport, ours.
+AUTO_CREATE_ANNOTATION = "kosmos.io/auto-create-mcs"
+
+
+def auto_export_asked(service: Obj, prefixes: Iterable[str], annotation: bool = True) -> bool:
+    """Whether auto-export asks for ``service`` to be exported: its namespace starts with one of
+    ``prefixes``, or (``annotation``) it carries :data:`AUTO_CREATE_ANNOTATION` ``"true"``. An
+    ``ExternalName`` Service never is (it cannot be exported: it would only get ``Valid=False``)."""
+    meta = service.get("metadata") or {}
+    if (service.get("spec") or {}).get("type") == "ExternalName":
+        return False
+    if annotation and str((meta.get("annotations") or {}).get(AUTO_CREATE_ANNOTATION, "")).lower() == "true":
+        return True
+    ns = str(meta.get("namespace") or "")
+    return any(p and ns.startswith(p) for p in prefixes)
+
+
+def render_service_export(namespace: str, name: str) -> Obj:
+    """The ServiceExport auto-export creates (labelled ours, so only ours are ever deleted)."""
+    return {"apiVersion": GROUP_VERSION, "kind": "ServiceExport",
+            "metadata": {"namespace": namespace, "name": name,
+                         "labels": {APP_MANAGED_BY_LABEL: MANAGED_BY}}}
+
+
+def auto_exports(services: Iterable[Obj], exports: Iterable[Obj], prefixes: Iterable[str],
+                 annotation: bool = True) -> list[Obj]:
+    """The ServiceExports auto-export wants in one member: one per Service it asks for
+    (:func:`auto_export_asked`) that has no ServiceExport of the user's (a user's own is left
+    as it is, and is the export)."""
+    prefixes = tuple(prefixes)
+    users = {((o.get("metadata") or {}).get("namespace"), (o.get("metadata") or {}).get("name"))
+             for o in exports if not owned(o)}
+    out = []
+    for s in services:
+        meta = s.get("metadata") or {}
+        k = (meta.get("namespace"), meta.get("name"))
+        if k not in users and auto_export_asked(s, prefixes, annotation):
+            out.append(render_service_export(str(k[0]), str(k[1])))
+    return sorted(out, key=lambda o: (o["metadata"]["namespace"], o["metadata"]["name"]))

@@ -27,6 +27,7 @@ CERT_EPILOG = """examples:
   fabric-tool cert issue node/east/e1 --ca-dir ./ca --out-dir ./e1-tls          an agent (24 h)
   fabric-tool cert issue tree/root-a --ca-dir ./ca --out-dir ./tree-tls --days 30
   fabric-tool cert issue reader/ops --ca-dir ./ca --out-dir ./status-tls        fabric-tool status
+  fabric-tool cert issue mcs/clusterset --ca-dir ./ca --out-dir ./mcs-tls --days 30   kosmos-mcs
   fabric-tool cert issue-server --ca-dir ./ca --out-dir ./reflector-tls --ip 10.0.0.5 \\
       --dns kosmos-fabric-reflector.kosmos-system.svc
   fabric-tool cert check --tls-dir ./e1-tls                                     why it would be refused
@@ -69,8 +70,8 @@ def add_parsers(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
     issue = xsub.add_parser("issue", help="a client certificate for IDENTITY (its one URI SAN), clientAuth",
                             epilog=CERT_EPILOG, formatter_class=formatter)  # fmt: skip
     issue.add_argument("identity", type=_identity, metavar="IDENTITY",
-                       help="node/<cluster>/<node>, bootstrap/<cluster>, tree/<name>, scheduler/<name>, reader/<name> "
-                       "or admin/<name>")  # fmt: skip
+                       help="node/<cluster>/<node>, bootstrap/<cluster>, tree/<name>, scheduler/<name>, mcs/<name>, "
+                       "reader/<name> or admin/<name>")  # fmt: skip
     issue.add_argument("--ca-dir", required=True, type=Path, help="the CA's directory (ca init)")
     issue.add_argument("--out-dir", required=True, type=Path, help="write tls.crt, tls.key, ca.crt here")
     issue.add_argument("--days", type=_days, default=1.0, help="lifetime in days (default 1: 24 hours)")

@@ -22,6 +22,7 @@ from fabric import logs
 from fabric.cli_types import positive_seconds
 from fabric.control import api, tls
 from tools import certs, lab
+from tools import mcs as mcs_tool
 from tools.lab import labpki
 
 _log = logging.getLogger(__name__)
@@ -36,6 +37,8 @@ examples:
   fabric-tool pending --context east      why pods of the lab's cluster east are Pending
   fabric-tool status --reflector 127.0.0.1:4880
   fabric-tool records --kind tree.kosmos.io/free
+  fabric-tool export web -n shop --cluster east    import east's Service shop/web everywhere (kosmos-mcs)
+  fabric-tool services                    multi-cluster services: exports, imports, endpoints, conflicts
   fabric-tool bench netlink --repeat 3
 """
 
@@ -281,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     certs.add_parsers(sub, _Formatter)
     _add_install_parsers(sub)
     _add_pending_parser(sub)
+    mcs_tool.add_parsers(sub, _Formatter)
 
     # -- bench (its own parser lives in tools.bench.suite) ---------------------------------------
     sub.add_parser("bench", help="benchmarks (see 'fabric-tool bench --help')", add_help=False)
@@ -316,6 +320,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _install_cmd(args)
         if args.command == "pending":
             return _pending(args)
+        if args.command in ("export", "unexport", "services"):
+            return mcs_tool.run(args)
     except lab.LabError as e:
         print(f"fabric-tool: error: {e}", file=sys.stderr)
         return e.exit_code

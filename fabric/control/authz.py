@@ -23,9 +23,10 @@ RPC                roles that may call it              and then
                                                        and publishes only its role's kinds
                                                        (:func:`kind_refusal`, :data:`KINDS`)
 ``WatchRecords``   ``node``, ``tree``, ``scheduler``,  -
-                   ``admin``
-``WatchTopology``  as WatchRecords                     -
-``GetStatus``      every role but ``bootstrap``        ``reader`` sees status only
+                   ``admin``, ``mcs``
+``WatchTopology``  as WatchRecords but ``mcs``         -
+``GetStatus``      every role but ``bootstrap``        ``reader`` sees status only, ``mcs``
+                                                       status and records (publishes nothing)
 ``IssueCert...``  ``bootstrap``, ``node``            :func:`issue_refusal`: ``bootstrap/<c>``
                                                        gets ``node/<c>/<any node>``,
                                                        ``node/<c>/<n>`` renews only itself;
@@ -68,9 +69,9 @@ _READERS = frozenset({identity.NODE, identity.TREE, identity.SCHEDULER, identity
 #: Which roles may call each RPC (see the module docstring).
 CALLERS: dict[str, frozenset[str]] = {
     SYNC_NODE: frozenset({identity.NODE}),
-    GET_STATUS: _READERS | {identity.READER},
+    GET_STATUS: _READERS | {identity.READER, identity.MCS},
     WATCH_TOPOLOGY: _READERS,
-    WATCH_RECORDS: _READERS,
+    WATCH_RECORDS: _READERS | {identity.MCS},
     PUBLISH_RECORDS: frozenset({identity.TREE, identity.SCHEDULER, identity.ADMIN}),
     ISSUE_CERTIFICATE: frozenset({identity.BOOTSTRAP, identity.NODE}),
 }

@@ -36,7 +36,9 @@ TREE = "tree"
 SCHEDULER = "scheduler"
 READER = "reader"
 ADMIN = "admin"
-ROLES = frozenset({NODE, BOOTSTRAP, TREE, SCHEDULER, READER, ADMIN})
+#: The multi-cluster services controller (``kosmos-mcs``): reads reachability records and the status.
+MCS = "mcs"
+ROLES = frozenset({NODE, BOOTSTRAP, TREE, SCHEDULER, READER, ADMIN, MCS})
 
 #: One segment: a DNS-1123 subdomain's characters (Kubernetes node and cluster names).
 _SEGMENT = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")

@@ -64,6 +64,7 @@ ALLOWED = {
     identity.SCHEDULER: {authz.GET_STATUS, authz.WATCH_TOPOLOGY, authz.WATCH_RECORDS, authz.PUBLISH_RECORDS},
     identity.ADMIN: {authz.GET_STATUS, authz.WATCH_TOPOLOGY, authz.WATCH_RECORDS, authz.PUBLISH_RECORDS},
     identity.READER: {authz.GET_STATUS},
+    identity.MCS: {authz.GET_STATUS, authz.WATCH_RECORDS},
     identity.BOOTSTRAP: {authz.ISSUE_CERTIFICATE},
 }
 
