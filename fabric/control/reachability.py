@@ -11,6 +11,9 @@ bytes are :func:`encode` of a :class:`PairState`; :func:`decode` checks every fi
 
 Records are directional: a pair can be cut in one direction only (a one-way filter), and RTT
 and loss are measured by the source cluster's nodes.
+
+The reflector derives the states with :func:`fabric.control.reachability_rules.derive` (kept
+apart: it needs the planner, which add-ons must not import).
 """
 
 from __future__ import annotations

@@ -1,0 +1,136 @@
+"""Per cluster-pair reachability: the rules that derive each pair's
+:class:`~fabric.control.reachability.PairState` from what the reflector knows. Pure (the unit
+tests drive :func:`derive` directly); the reflector calls it whenever its inputs change and
+publishes the records (``Reflector._publish_reachability``). Kept apart from the record contract
+(:mod:`fabric.control.reachability`) because it needs the planner, which add-ons must not import.
+
+One record per ordered pair of distinct clusters of the configuration; a cluster that leaves the
+configuration takes its records with it (no record: the cluster is not in the fabric, or the
+reflector has no answer yet: it publishes nothing during its startup hold). The rules, the first
+that applies (as ``tree.forge.network_condition``, with the probe rule fixed for gateways):
+
+1. the pair shares no address family (:func:`fabric.control.planner.unreachable_pairs`):
+   unreachable;
+2. either cluster has no node in the topology (no agent announced one, or all were
+   withdrawn): unreachable;
+3. the probes. Who probes whom across clusters is the planner's rule: every node with
+   ``vx-bridge`` (any node of a P2P cluster; the active and standby gateway of a gateway-mode
+   cluster) probes the active and standby gateway of every other cluster (P2P clusters elect
+   them too) in the families both nodes carry. Internal nodes of a gateway-mode cluster probe
+   only their own gateways and never a remote cluster's, so they say nothing about a pair; a
+   target's nodes other than its gateways are never probed, which is why the old rule "every
+   node of the target reported" could never fire for a cluster of more than two nodes. The
+   *probers* of ``source -> target`` are the source's ``vx-bridge`` nodes that have a session
+   with the reflector and probe at least one gateway of the target. Then:
+
+   * some prober exists and every one finds all its targets unreachable: unreachable (one
+     prober whose own link is down does not cut its cluster off while another still gets
+     through; a whole cluster cut off, or a target whose gateways are all dead, does);
+   * some prober exists and one of them gets through: reachable (the reason says when some
+     others do not);
+   * no prober has a session (the source's gateways lost the reflector, e.g. a cluster cut off
+     the underlay that carries its control sessions too): the reverse measurement stands in,
+     as a tunnel probe is a round trip. Unreachable if the target's probers all find the
+     source unreachable, else reachable and said to be unmeasured.
+
+Latency: an agent reports within its probes' detection time (0.3 s with the defaults) and the
+reflector republishes on the next event-loop turn (see ``Reflector._reachability_changed``), so a
+cut reaches a subscriber in about 0.3 s plus two network hops, except for reports the reflector
+holds from an agent that was itself just cut off (``report_settle``, 2 s).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+
+from fabric import types
+from fabric.control import planner
+from fabric.control.reachability import PairState
+
+#: ``(rtt_ms, loss)`` of a pair, as the source's probes measured it (either may be None).
+Quality = tuple[float | None, float | None]
+
+
+def _shares_family(a: types.NodeAnnouncement, b: types.NodeAnnouncement, families: Collection[int]) -> bool:
+    return any(a.underlay(f) is not None and b.underlay(f) is not None for f in families)
+
+
+def derive(
+    topology: types.Topology,
+    connected: Collection[types.NodeKey],
+    reports: Mapping[types.NodeKey, Collection[types.NodeKey]],
+    quality: Mapping[tuple[str, str], Quality] | None = None,
+) -> dict[tuple[str, str], PairState]:
+    """Every ordered pair's :class:`PairState`, by ``(source, target)``: see the module
+    docstring for the rules. ``topology``: the reflector's flushed topology (gateway roles
+    elected); ``connected``: nodes with a session; ``reports``: each node's latest counted peer
+    report (the probed peers it finds unreachable); ``quality``: measured RTT/loss per pair
+    (the values are passed through to reachable pairs only). Costs O(clusters^2 x gateways +
+    nodes): the probe targets follow from the roles, not from each node's plan."""
+    config = topology.config
+    by_cluster: dict[str, list[types.NodeAnnouncement]] = {}
+    for n in topology.nodes:
+        by_cluster.setdefault(n.cluster, []).append(n)
+    configs = {c.name: c for c in config.clusters}
+    no_family = {frozenset((a, b)): why for a, b, why in planner.unreachable_pairs(config)}
+    hot: dict[str, list[types.NodeAnnouncement]] = {}
+    bridge: dict[str, list[types.NodeAnnouncement]] = {}
+    for c in config.clusters:
+        nodes = by_cluster.get(c.name, [])
+        role = topology.role(c.name)
+        names = {role.active, role.standby} - {""} if role is not None else set()
+        hot[c.name] = [n for n in nodes if n.name in names]
+        bridge[c.name] = hot[c.name] if c.mode is types.ClusterMode.GATEWAY else nodes
+
+    def probes(source: str, target: str) -> dict[types.NodeKey, bool] | None:
+        """Per connected prober of ``source`` -> ``target``: does it get through (None: no
+        prober has a session)."""
+        families = planner.shared_families(configs[source], configs[target])
+        out: dict[types.NodeKey, bool] = {}
+        for p in bridge[source]:
+            if p.key not in connected:
+                continue
+            targets = {t.key for t in hot[target] if _shares_family(p, t, families)}
+            if targets:
+                out[p.key] = not targets <= set(reports.get(p.key, ()))
+        return out or None
+
+    states: dict[tuple[str, str], PairState] = {}
+    for a in config.clusters:
+        for b in config.clusters:
+            if a.name == b.name:
+                continue
+            s, t = a.name, b.name
+
+            def unreachable(why: str, s: str = s, t: str = t) -> None:
+                states[(s, t)] = PairState(s, t, False, why)
+
+            if (why := no_family.get(frozenset((s, t)))) is not None:
+                unreachable(f"the fabric cannot connect {s} and {t}: {why}")
+                continue
+            empty = next((c for c in (s, t) if not by_cluster.get(c)), None)
+            if empty is not None:
+                unreachable(f"cluster {empty} has no node in the fabric: no agent of it is connected to the "
+                            f"reflector (or all were withdrawn)")  # fmt: skip
+                continue
+            measured = probes(s, t)
+            if measured is not None:
+                if not any(measured.values()):
+                    unreachable(f"every node of {s} that probes the gateways of {t} gets no answer through the "
+                                f"tunnel: check the underlay between them (UDP 4876, 4866 for IPv6)")  # fmt: skip
+                    continue
+                rtt, loss = (quality or {}).get((s, t), (None, None))
+                why = (f"the fabric connects {s} to {t}: its probes of {t}'s gateways are answered"
+                       if all(measured.values()) else
+                       f"the fabric connects {s} to {t}, but some nodes of {s} get no answer from {t}'s gateways "
+                       f"(fabric-tool status shows which)")  # fmt: skip
+                states[(s, t)] = PairState(s, t, True, why, rtt, loss)
+                continue
+            reverse = probes(t, s)
+            if reverse is not None and not any(reverse.values()):
+                unreachable(f"no node of {s} that probes {t} is connected to the reflector, and every node of {t} "
+                            f"that probes the gateways of {s} gets no answer through the tunnel")  # fmt: skip
+                continue
+            states[(s, t)] = PairState(s, t, True, f"no node of {s} that probes {t} is connected to the reflector: "
+                                       f"not measured, assumed reachable")  # fmt: skip
+    return states
