@@ -100,6 +100,21 @@ session or topology watcher that falls further behind is cut off with RESOURCE_E
 queue dropped, the node treated as disconnected at once) and reconnects to a fresh snapshot;
 so are streams and announcements per client identity and message sizes.
 
+Reachability records
+--------------------
+
+The reflector publishes one add-on record per ordered cluster pair (kind
+``fabric.kosmos.io/reachability``, publisher ``fabric/reflector``: :mod:`fabric.control.reachability`
+is the contract, :mod:`fabric.control.reachability_rules` the rules) into its own record store
+(``RecordStore.put_own``), so add-ons read them with WatchRecords like any record: the fabric's
+answer rides the one control channel. Whatever changes an input (a counted peer report, a session
+that starts or ends, a flush: topology, roles, configuration) asks for a recompute on the next
+event-loop turn (:meth:`Reflector._reachability_changed`): every change of one turn costs one
+derivation, and a cut reported by an agent reaches subscribers without a timer in between. Only
+the records whose bytes changed are put (one revision for all of them). Nothing is published
+during the startup hold (an incomplete topology would call whole clusters unreachable) nor by a
+standby; a new leader publishes at once from its own view.
+
 Peer reports after a partition
 ------------------------------
 
@@ -132,7 +147,20 @@ from prometheus_client import Histogram
 from prometheus_client.registry import Collector
 
 from fabric import types
-from fabric.control import admission, api, authz, bootstrap, bounds, codec, election, incremental, planner, record_store
+from fabric.control import (
+    admission,
+    api,
+    authz,
+    bootstrap,
+    bounds,
+    codec,
+    election,
+    incremental,
+    planner,
+    reachability,
+    reachability_rules,
+    record_store,
+)
 from fabric.control.generated import fabric_pb2 as pb
 from fabric.control.generated import fabric_pb2_grpc as pb_grpc
 from fabric.control.identity import Identity
@@ -380,6 +408,11 @@ class Reflector:
         #: Signs node certificates (IssueCertificate, fabric.control.bootstrap); None: issues none.
         self.signer: bootstrap.Signer | None = None
         self._crash = asyncio.Event()
+        #: A recompute of the reachability records is scheduled (see "Reachability records").
+        self._reach_handle: asyncio.Handle | None = None
+        #: The last derived pair states, by (source, target): status and metrics read them.
+        self.reachability: dict[tuple[str, str], reachability.PairState] = {}
+        self.reachability_updates = 0
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -410,6 +443,7 @@ class Reflector:
                 self.startup_hold,
                 f"{len(self._expected)} expected nodes" if self._expected else "(no node list: the full period)",
             )
+        self._reachability_changed()
         _log.info("reflector %s serving on %s", self.epoch, ", ".join(bound))
         return bound
 
@@ -427,6 +461,9 @@ class Reflector:
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
+        if self._reach_handle is not None:
+            self._reach_handle.cancel()
+            self._reach_handle = None
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
@@ -514,6 +551,7 @@ class Reflector:
             rec.session.close(f"replaced by a newer session from {session.peer}", grpc.StatusCode.ABORTED)
         rec.session = session
         rec.identity = session.identity
+        self._reachability_changed()
         # Versions are per session: the new session has applied nothing yet.
         rec.applied_version = 0
         rec.counters = session.counters
@@ -619,6 +657,7 @@ class Reflector:
             self._dirty = False
             self._changed.clear()
             self._send_waiting_snapshots()
+            self._reachability_changed()
             return
         self._log_moves(old, new)
         self.topology = self._pending = new
@@ -672,6 +711,7 @@ class Reflector:
         self._dirty = False
         self._changed.clear()
         self._send_waiting_snapshots()
+        self._reachability_changed()
         end = time.monotonic()
         self._last_flush_end, self._last_flush_cost = end, end - started
         _log.debug(
@@ -826,6 +866,7 @@ class Reflector:
             "node %s reports unreachable: %s", session.key, ", ".join(sorted(map(str, unreachable))) or "nobody"
         )
         self._reelect(f"peer report of {session.key}")
+        self._reachability_changed()
 
     # -- sessions ---------------------------------------------------------------------------
 
@@ -865,6 +906,7 @@ class Reflector:
         rec.session = None
         self._fanout_done(session.key, -1)
         self._reports.pop(session.key, None)
+        self._reachability_changed()
         # A gateway without a session cannot be told anything any more: move its role now,
         # not after the grace period (the standby already holds the gateway's peers).
         self._reelect(f"session of {session.key} ended")
@@ -1326,6 +1368,7 @@ class Reflector:
         _log.info("leader from now on (%s): serving agents", why)
         if self._loop is not None:  # before start(), start() begins the hold
             self.records.hold(self.records_startup_hold)
+            self.reachability = {}  # standing down dropped the records: publish them all again
         if self._loop is not None and self.startup_hold > 0 and not self._all_expected_present():
             # A full hold from now (an old one began when this replica started, as a standby);
             # before start() there is nothing to do: start() begins the hold.
@@ -1339,6 +1382,48 @@ class Reflector:
                       f"{len(self._expected)} expected nodes" if self._expected else "(no node list: the full period)")
         elif self.holding:
             self._maybe_release_hold()
+        self._reachability_changed()
+
+    # -- reachability records (see "Reachability records") ---------------------------------
+
+    def _reachability_changed(self) -> None:
+        """An input of the reachability records changed: recompute them on the next loop turn
+        (now, without a running loop: synchronous tests)."""
+        if self._reach_handle is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._publish_reachability()
+            return
+        self._reach_handle = loop.call_soon(self._publish_reachability)
+
+    def _publish_reachability(self) -> None:
+        """Derive every pair's state and put the records whose bytes changed (one revision),
+        deleting those of pairs gone from the configuration."""
+        self._reach_handle = None
+        if self.holding or self.standby_reason is not None:
+            return
+        states = reachability_rules.derive(self.topology, self._connected(), self._reports)
+        if states == self.reachability:
+            return
+        held = {r.name: r.data for r in self.records.records(reachability.KIND, reachability.PUBLISHER)}
+        upserts: dict[str, bytes] = {}
+        for (source, target), state in states.items():
+            name = reachability.record_name(source, target)
+            data = reachability.encode(state)
+            if held.get(name) != data:
+                upserts[name] = data
+            before = self.reachability.get((source, target))
+            if before is not None and before.reachable != state.reachable:
+                _log.log(logging.INFO if state.reachable else logging.WARNING, "cluster %s -> %s: %s (%s)", source,
+                         target, "reachable" if state.reachable else "unreachable", state.reason)  # fmt: skip
+        names = {reachability.record_name(s, t) for s, t in states}
+        gone = [n for n in held if n not in names]
+        self.reachability = states
+        if upserts or gone:
+            self.records.put_own(reachability.PUBLISHER, reachability.KIND, upserts, gone)
+            self.reachability_updates += 1
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:
