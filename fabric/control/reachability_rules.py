@@ -51,8 +51,34 @@ from fabric.control.reachability import PairState
 Quality = tuple[float | None, float | None]
 
 
-def _shares_family(a: types.NodeAnnouncement, b: types.NodeAnnouncement, families: Collection[int]) -> bool:
-    return any(a.underlay(f) is not None and b.underlay(f) is not None for f in families)
+def probe_targets(topology: types.Topology) -> dict[types.NodeKey, frozenset[types.NodeKey]]:
+    """Per node, the gateways of *other* clusters it probes through the tunnel: the planner's
+    rule (``probe=True`` peers of another cluster, fabric.control.planner), derived from the
+    roles and families in O(vx-bridge nodes x gateways) instead of planning every node. Nodes
+    that probe no other cluster (internal nodes of a gateway-mode cluster) are left out. The
+    unit tests check it against the planner's plans."""
+    configs = {c.name: c for c in topology.config.clusters if c.mode in planner.SUPPORTED_MODES}
+    by_cluster: dict[str, list[types.NodeAnnouncement]] = {}
+    for n in topology.nodes:
+        if n.cluster in configs:
+            by_cluster.setdefault(n.cluster, []).append(n)
+    hot: dict[str, list[types.NodeAnnouncement]] = {}
+    for name, nodes in by_cluster.items():
+        role = topology.role(name)
+        names = {role.active, role.standby} - {""} if role is not None else set()
+        hot[name] = [n for n in nodes if n.name in names]
+    out: dict[types.NodeKey, frozenset[types.NodeKey]] = {}
+    for name, nodes in by_cluster.items():
+        own = configs[name]
+        for p in hot[name] if own.mode is types.ClusterMode.GATEWAY else nodes:
+            mine = [f for f in own.families if p.underlay(f) is not None]
+            targets = frozenset(
+                t.key for other, gateways in hot.items() if other != name for t in gateways
+                if any(f in configs[other].families and t.underlay(f) is not None for f in mine)
+            )  # fmt: skip
+            if targets:
+                out[p.key] = targets
+    return out
 
 
 def derive(
@@ -65,35 +91,24 @@ def derive(
     docstring for the rules. ``topology``: the reflector's flushed topology (gateway roles
     elected); ``connected``: nodes with a session; ``reports``: each node's latest counted peer
     report (the probed peers it finds unreachable); ``quality``: measured RTT/loss per pair
-    (the values are passed through to reachable pairs only). Costs O(clusters^2 x gateways +
-    nodes): the probe targets follow from the roles, not from each node's plan."""
+    (passed through to reachable pairs only). Costs O(vx-bridge nodes x gateways + clusters^2)."""
     config = topology.config
-    by_cluster: dict[str, list[types.NodeAnnouncement]] = {}
-    for n in topology.nodes:
-        by_cluster.setdefault(n.cluster, []).append(n)
-    configs = {c.name: c for c in config.clusters}
+    populated = {n.cluster for n in topology.nodes}
     no_family = {frozenset((a, b)): why for a, b, why in planner.unreachable_pairs(config)}
-    hot: dict[str, list[types.NodeAnnouncement]] = {}
-    bridge: dict[str, list[types.NodeAnnouncement]] = {}
-    for c in config.clusters:
-        nodes = by_cluster.get(c.name, [])
-        role = topology.role(c.name)
-        names = {role.active, role.standby} - {""} if role is not None else set()
-        hot[c.name] = [n for n in nodes if n.name in names]
-        bridge[c.name] = hot[c.name] if c.mode is types.ClusterMode.GATEWAY else nodes
+    # (source cluster, target cluster) -> per connected prober: does it get through?
+    through: dict[tuple[str, str], dict[types.NodeKey, bool]] = {}
+    for prober, targets in probe_targets(topology).items():
+        if prober not in connected:
+            continue
+        down = set(reports.get(prober, ()))
+        by_target: dict[str, set[types.NodeKey]] = {}
+        for key in targets:
+            by_target.setdefault(key.cluster, set()).add(key)
+        for cluster, ts in by_target.items():
+            through.setdefault((prober.cluster, cluster), {})[prober] = not ts <= down
 
     def probes(source: str, target: str) -> dict[types.NodeKey, bool] | None:
-        """Per connected prober of ``source`` -> ``target``: does it get through (None: no
-        prober has a session)."""
-        families = planner.shared_families(configs[source], configs[target])
-        out: dict[types.NodeKey, bool] = {}
-        for p in bridge[source]:
-            if p.key not in connected:
-                continue
-            targets = {t.key for t in hot[target] if _shares_family(p, t, families)}
-            if targets:
-                out[p.key] = not targets <= set(reports.get(p.key, ()))
-        return out or None
+        return through.get((source, target))
 
     states: dict[tuple[str, str], PairState] = {}
     for a in config.clusters:
@@ -108,7 +123,7 @@ def derive(
             if (why := no_family.get(frozenset((s, t)))) is not None:
                 unreachable(f"the fabric cannot connect {s} and {t}: {why}")
                 continue
-            empty = next((c for c in (s, t) if not by_cluster.get(c)), None)
+            empty = next((c for c in (s, t) if c not in populated), None)
             if empty is not None:
                 unreachable(f"cluster {empty} has no node in the fabric: no agent of it is connected to the "
                             f"reflector (or all were withdrawn)")  # fmt: skip
