@@ -331,6 +331,7 @@ class Reflector:
         record_limits: record_store.RecordLimits | None = None,
         record_policy: record_store.PublishPolicy = record_store.allow_all,
         limits: bounds.Limits | None = None,
+        reachability_records: bool = True,
     ) -> None:
         if keepalive_interval <= 0:
             raise ValueError(f"keepalive interval must be positive, got {keepalive_interval}")
@@ -408,6 +409,9 @@ class Reflector:
         #: Signs node certificates (IssueCertificate, fabric.control.bootstrap); None: issues none.
         self.signer: bootstrap.Signer | None = None
         self._crash = asyncio.Event()
+        #: Publish the reachability records (see "Reachability records"); off only in tests of the
+        #: record store that count its revisions exactly.
+        self.reachability_records = reachability_records
         #: A recompute of the reachability records is scheduled (see "Reachability records").
         self._reach_handle: asyncio.Handle | None = None
         #: The last derived pair states, by (source, target): status and metrics read them.
@@ -1402,7 +1406,7 @@ class Reflector:
         """Derive every pair's state and put the records whose bytes changed (one revision),
         deleting those of pairs gone from the configuration."""
         self._reach_handle = None
-        if self.holding or self.standby_reason is not None:
+        if self.holding or self.standby_reason is not None or not self.reachability_records:
             return
         states = reachability_rules.derive(self.topology, self._connected(), self._reports)
         if states == self.reachability:

@@ -245,6 +245,7 @@ class Harness:
         self.refl = reflector.Reflector(
             CONFIG, grace_period=0, keepalive_interval=KEEPALIVE_S, startup_hold=0, coalesce_window=0,
             max_coalesce_window=0, records_grace_period=0, records_startup_hold=0,
+            reachability_records=False,  # the bystander's record revision is asserted exactly
         )  # fmt: skip
         self.target = ""
         self.channel: grpc.aio.Channel | None = None
