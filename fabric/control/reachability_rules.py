@@ -33,6 +33,14 @@ that applies (as ``tree.forge.network_condition``, with the probe rule fixed for
      as a tunnel probe is a round trip. Unreachable if the target's probers all find the
      source unreachable, else reachable and said to be unmeasured.
 
+RTT and loss: agents add to their peer reports the median round trip and the loss ratio of each
+probed peer over their probes' window (rate-limited there: a report when a value moves by more
+than a fifth, or every 30 s; fabric/agent/quality.py). A reachable pair's ``rtt_ms`` and
+``loss`` are the medians over every (connected prober of the source, answering gateway of the
+target) measurement (:func:`pair_quality`), rounded (RTT to two significant digits, loss to
+hundredths) so that jitter does not re-put records: a record changes when the pair's quality
+moves, not with every report. None while no prober measured the pair.
+
 Latency: an agent reports within its probes' detection time (0.3 s with the defaults) and the
 reflector republishes on the next event-loop turn (see ``Reflector._reachability_changed``), so a
 cut reaches a subscriber in about 0.3 s plus two network hops, except for reports the reflector
@@ -41,6 +49,8 @@ holds from an agent that was itself just cut off (``report_settle``, 2 s).
 
 from __future__ import annotations
 
+import math
+import statistics
 from collections.abc import Collection, Mapping
 
 from fabric import types
@@ -149,3 +159,42 @@ def derive(
             states[(s, t)] = PairState(s, t, True, f"no node of {s} that probes {t} is connected to the reflector: "
                                        f"not measured, assumed reachable")  # fmt: skip
     return states
+
+
+def _round_rtt(ms: float) -> float:
+    """Two significant digits (0.43, 1.2, 15, 120 ms): steps of 1-10 %, below the agents' gate."""
+    if ms <= 0:
+        return 0.0
+    return round(ms, 1 - math.floor(math.log10(ms)))
+
+
+def pair_quality(
+    topology: types.Topology,
+    connected: Collection[types.NodeKey],
+    reports: Mapping[types.NodeKey, Collection[types.NodeKey]],
+    measured: Mapping[types.NodeKey, Mapping[types.NodeKey, tuple[float | None, float]]],
+) -> dict[tuple[str, str], Quality]:
+    """Per ordered cluster pair, ``(rtt_ms, loss)``: medians over each connected prober's
+    measurement (``measured``: prober -> probed peer -> (rtt ms or None, loss)) of each gateway
+    of the target it probes and does not report unreachable, rounded (module docstring). Pairs
+    nobody measured are left out; an RTT is None when no probe was answered."""
+    rtts: dict[tuple[str, str], list[float]] = {}
+    losses: dict[tuple[str, str], list[float]] = {}
+    for prober, targets in probe_targets(topology).items():
+        mine = measured.get(prober)
+        if prober not in connected or not mine:
+            continue
+        down = set(reports.get(prober, ()))
+        for t in targets:
+            if t in down or t not in mine:
+                continue
+            rtt, loss = mine[t]
+            pair = (prober.cluster, t.cluster)
+            losses.setdefault(pair, []).append(loss)
+            if rtt is not None:
+                rtts.setdefault(pair, []).append(rtt)
+    return {
+        pair: (_round_rtt(statistics.median(rtts[pair])) if pair in rtts else None,
+               round(statistics.median(ls), 2))
+        for pair, ls in losses.items()
+    }  # fmt: skip

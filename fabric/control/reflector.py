@@ -243,6 +243,7 @@ class _Session:
         #: counted then, unless a newer one replaced it.
         self.reports_from = now
         self.held: frozenset[types.NodeKey] | None = None
+        self.held_quality: dict[types.NodeKey, codec.PeerQuality] = {}
         self.held_handle: asyncio.TimerHandle | None = None
         #: The client certificate's identity (None: a plaintext session); see authz.
         self.identity: Identity | None = None
@@ -400,6 +401,8 @@ class Reflector:
         self._expected = {types.NodeKey.parse(k) for k in config.expected_nodes}
         #: Latest PeerReport of every node with an open session: the peers it cannot reach.
         self._reports: dict[types.NodeKey, frozenset[types.NodeKey]] = {}
+        #: ... and its measurements of the peers it probes (RTT ms, loss), when it sent any.
+        self._quality: dict[types.NodeKey, dict[types.NodeKey, codec.PeerQuality]] = {}
         self._gateway_moves: dict[str, int] = {}
         #: None while this replica serves agents (the leader, or the only replica); else why it
         #: does not (standby of a leader Lease: see :meth:`set_leader`).
@@ -765,6 +768,7 @@ class Reflector:
                                     authz.metric_label(rec.identity))  # fmt: skip
             self._changed.add(n.key)
             self._reports.pop(n.key, None)
+            self._quality.pop(n.key, None)
             if rec.withdraw_handle is not None:
                 rec.withdraw_handle.cancel()
             if rec.session is not None:
@@ -842,17 +846,21 @@ class Reflector:
         session.held_handle = None
         held, session.held = session.held, None
         if held is not None and not session.closed:
-            self._on_peer_report(session, held)
+            self._on_peer_report(session, held, session.held_quality)
 
-    def _on_peer_report(self, session: _Session, unreachable: frozenset[types.NodeKey]) -> None:
+    def _on_peer_report(
+        self, session: _Session, unreachable: frozenset[types.NodeKey],
+        quality: dict[types.NodeKey, codec.PeerQuality] | None = None,
+    ) -> None:  # fmt: skip
         rec = self._nodes.get(session.key)
         if rec is None or rec.session is not session:
             return
+        quality = quality or {}
         wait = session.reports_from - self.clock()
         if wait > 0:
             # Made (or queued) while the agent was cut off: it says more about the reporter than
             # about its peers. The latest one counts once the probes have had time to settle.
-            session.held = unreachable
+            session.held, session.held_quality = unreachable, quality
             if session.held_handle is None:
                 session.held_handle = asyncio.get_running_loop().call_later(
                     wait, self._release_held_report, session
@@ -860,6 +868,12 @@ class Reflector:
             _log.info("node %s reports unreachable: %s (held for %.1fs: it was just cut off)", session.key,
                       ", ".join(sorted(map(str, unreachable))) or "nobody", wait)  # fmt: skip
             return
+        if self._quality.get(session.key, {}) != quality:
+            if quality:
+                self._quality[session.key] = quality
+            else:
+                self._quality.pop(session.key, None)
+            self._reachability_changed()
         if self._reports.get(session.key, frozenset()) == unreachable:
             return
         if unreachable:
@@ -910,6 +924,7 @@ class Reflector:
         rec.session = None
         self._fanout_done(session.key, -1)
         self._reports.pop(session.key, None)
+        self._quality.pop(session.key, None)
         self._reachability_changed()
         # A gateway without a session cannot be told anything any more: move its role now,
         # not after the grace period (the standby already holds the gateway's peers).
@@ -992,7 +1007,8 @@ class Reflector:
                 elif kind == "applied":
                     self._on_applied(session, req.applied.version)
                 elif kind == "peer_report":
-                    self._on_peer_report(session, codec.peer_report_from_pb(req.peer_report))
+                    self._on_peer_report(session, codec.peer_report_from_pb(req.peer_report),
+                                         codec.peer_quality_from_pb(req.peer_report))  # fmt: skip
                 else:
                     session.close(
                         f"protocol error: {kind or 'empty'} message after the announcement",
@@ -1408,7 +1424,9 @@ class Reflector:
         self._reach_handle = None
         if self.holding or self.standby_reason is not None or not self.reachability_records:
             return
-        states = reachability_rules.derive(self.topology, self._connected(), self._reports)
+        connected = self._connected()
+        quality = reachability_rules.pair_quality(self.topology, connected, self._reports, self._quality)
+        states = reachability_rules.derive(self.topology, connected, self._reports, quality)
         if states == self.reachability:
             return
         held = {r.name: r.data for r in self.records.records(reachability.KIND, reachability.PUBLISHER)}
