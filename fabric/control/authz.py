@@ -21,7 +21,9 @@ RPC                roles that may call it              and then
 ``PublishRecords`` ``tree``, ``scheduler``, ``admin``  the publisher is the certificate's
                                                        identity (:func:`publisher_refusal`)
                                                        and publishes only its role's kinds
-                                                       (:func:`kind_refusal`, :data:`KINDS`)
+                                                       (:func:`kind_refusal`, :data:`KINDS`),
+                                                       never :data:`RESERVED_KINDS` (the
+                                                       reflector's own, ``fabric.kosmos.io/``)
 ``WatchRecords``   ``node``, ``tree``, ``scheduler``,  -
                    ``admin``
 ``WatchTopology``  as WatchRecords                     -

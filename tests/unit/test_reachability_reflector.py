@@ -189,3 +189,30 @@ def test_no_certificate_publishes_fabric_kinds() -> None:
     for role in ("admin/ops", "tree/root", "scheduler/s"):
         assert authz.kind_refusal(role, KIND) is not None
     assert authz.kind_refusal("admin/ops", "tree.kosmos.io/free") is None
+
+
+def test_a_standby_publishes_nothing_and_a_new_leader_publishes_at_once() -> None:
+    async def body() -> None:
+        async with fabric() as f:
+            refl = f.reflector
+            held = lambda: {r.name for r in refl.records.records(KIND, PUBLISHER)}  # noqa: E731
+            await wait_until_async(lambda: len(held()) == len(PAIRS), 5, "the records")
+            refl.set_leader(False, "standby replica; the leader is x")
+            await wait_until_async(lambda: not held(), 5, "the records dropped by the standby")
+            refl._reachability_changed()  # an input changes: still nothing
+            await wait_until_async(lambda: refl._reach_handle is None, 5, "the recompute ran")
+            assert not held()
+            refl.set_leader(True, "took the lead")
+            await wait_until_async(lambda: len(held()) == len(PAIRS), 5, "the records again")
+
+    run(body())
+
+
+def test_a_cluster_leaving_the_configuration_takes_its_records() -> None:
+    async def body() -> None:
+        async with fabric() as f:
+            await wait_until_async(lambda: len(f.states()) == len(PAIRS), 5, "a record per ordered pair")
+            f.reflector.set_config(types.FabricConfig(clusters=CONFIG.clusters[:2]))
+            await wait_until_async(lambda: set(f.states()) == {("a", "b"), ("b", "a")}, 5, "c's records deleted")
+
+    run(body())
