@@ -64,28 +64,36 @@ Quality = tuple[float | None, float | None]
 def probe_targets(topology: types.Topology) -> dict[types.NodeKey, frozenset[types.NodeKey]]:
     """Per node, the gateways of *other* clusters it probes through the tunnel: the planner's
     rule (``probe=True`` peers of another cluster, fabric.control.planner), derived from the
-    roles and families in O(vx-bridge nodes x gateways) instead of planning every node. Nodes
-    that probe no other cluster (internal nodes of a gateway-mode cluster) are left out. The
-    unit tests check it against the planner's plans."""
+    roles and families instead of planning every node. Nodes that probe no other cluster
+    (internal nodes of a gateway-mode cluster) are left out. The targets depend only on the
+    prober's cluster and families, so they are computed once per such class and shared:
+    O(nodes + classes x gateways). The unit tests check it against the planner's plans."""
     configs = {c.name: c for c in topology.config.clusters if c.mode in planner.SUPPORTED_MODES}
     by_cluster: dict[str, list[types.NodeAnnouncement]] = {}
     for n in topology.nodes:
         if n.cluster in configs:
             by_cluster.setdefault(n.cluster, []).append(n)
-    hot: dict[str, list[types.NodeAnnouncement]] = {}
+
+    def families(n: types.NodeAnnouncement) -> frozenset[int]:
+        return frozenset(types.family_of(ip) for ip in n.underlay_ips) & frozenset(configs[n.cluster].families)
+
+    gateways: list[tuple[types.NodeKey, frozenset[int]]] = []
     for name, nodes in by_cluster.items():
         role = topology.role(name)
         names = {role.active, role.standby} - {""} if role is not None else set()
-        hot[name] = [n for n in nodes if n.name in names]
+        gateways += [(n.key, families(n)) for n in nodes if n.name in names]
+    hot = {k for k, _ in gateways}
+    classes: dict[tuple[str, frozenset[int]], frozenset[types.NodeKey]] = {}
     out: dict[types.NodeKey, frozenset[types.NodeKey]] = {}
     for name, nodes in by_cluster.items():
-        own = configs[name]
-        for p in hot[name] if own.mode is types.ClusterMode.GATEWAY else nodes:
-            mine = [f for f in own.families if p.underlay(f) is not None]
-            targets = frozenset(
-                t.key for other, gateways in hot.items() if other != name for t in gateways
-                if any(f in configs[other].families and t.underlay(f) is not None for f in mine)
-            )  # fmt: skip
+        probers = nodes
+        if configs[name].mode is types.ClusterMode.GATEWAY:
+            probers = [n for n in nodes if n.key in hot]
+        for p in probers:
+            cls = (name, families(p))
+            targets = classes.get(cls)
+            if targets is None:
+                targets = classes[cls] = frozenset(k for k, fams in gateways if k.cluster != name and fams & cls[1])
             if targets:
                 out[p.key] = targets
     return out
@@ -96,26 +104,33 @@ def derive(
     connected: Collection[types.NodeKey],
     reports: Mapping[types.NodeKey, Collection[types.NodeKey]],
     quality: Mapping[tuple[str, str], Quality] | None = None,
+    targets: Mapping[types.NodeKey, frozenset[types.NodeKey]] | None = None,
 ) -> dict[tuple[str, str], PairState]:
     """Every ordered pair's :class:`PairState`, by ``(source, target)``: see the module
     docstring for the rules. ``topology``: the reflector's flushed topology (gateway roles
     elected); ``connected``: nodes with a session; ``reports``: each node's latest counted peer
     report (the probed peers it finds unreachable); ``quality``: measured RTT/loss per pair
-    (passed through to reachable pairs only). Costs O(vx-bridge nodes x gateways + clusters^2)."""
+    (passed through to reachable pairs only); ``targets``: :func:`probe_targets` of
+    ``topology`` when the caller has it already. Costs O(probers x target clusters +
+    clusters^2), plus the gateways of each prober that reports something."""
     config = topology.config
     populated = {n.cluster for n in topology.nodes}
     no_family = {frozenset((a, b)): why for a, b, why in planner.unreachable_pairs(config)}
     # (source cluster, target cluster) -> per connected prober: does it get through?
     through: dict[tuple[str, str], dict[types.NodeKey, bool]] = {}
-    for prober, targets in probe_targets(topology).items():
+    split: dict[int, dict[str, frozenset[types.NodeKey]]] = {}  # shared target sets, by target cluster
+    for prober, ts in (probe_targets(topology) if targets is None else targets).items():
         if prober not in connected:
             continue
-        down = set(reports.get(prober, ()))
-        by_target: dict[str, set[types.NodeKey]] = {}
-        for key in targets:
-            by_target.setdefault(key.cluster, set()).add(key)
-        for cluster, ts in by_target.items():
-            through.setdefault((prober.cluster, cluster), {})[prober] = not ts <= down
+        by_target = split.get(id(ts))
+        if by_target is None:
+            groups: dict[str, set[types.NodeKey]] = {}
+            for key in ts:
+                groups.setdefault(key.cluster, set()).add(key)
+            by_target = split[id(ts)] = {c: frozenset(g) for c, g in groups.items()}
+        down = reports.get(prober)
+        for cluster, gws in by_target.items():
+            through.setdefault((prober.cluster, cluster), {})[prober] = not down or not gws <= set(down)
 
     def probes(source: str, target: str) -> dict[types.NodeKey, bool] | None:
         return through.get((source, target))
@@ -173,6 +188,7 @@ def pair_quality(
     connected: Collection[types.NodeKey],
     reports: Mapping[types.NodeKey, Collection[types.NodeKey]],
     measured: Mapping[types.NodeKey, Mapping[types.NodeKey, tuple[float | None, float]]],
+    targets: Mapping[types.NodeKey, frozenset[types.NodeKey]] | None = None,
 ) -> dict[tuple[str, str], Quality]:
     """Per ordered cluster pair, ``(rtt_ms, loss)``: medians over each connected prober's
     measurement (``measured``: prober -> probed peer -> (rtt ms or None, loss)) of each gateway
@@ -180,12 +196,14 @@ def pair_quality(
     nobody measured are left out; an RTT is None when no probe was answered."""
     rtts: dict[tuple[str, str], list[float]] = {}
     losses: dict[tuple[str, str], list[float]] = {}
-    for prober, targets in probe_targets(topology).items():
-        mine = measured.get(prober)
-        if prober not in connected or not mine:
+    if targets is None:
+        targets = probe_targets(topology)
+    for prober, mine in measured.items():
+        ts = targets.get(prober)
+        if prober not in connected or not mine or not ts:
             continue
         down = set(reports.get(prober, ()))
-        for t in targets:
+        for t in ts:
             if t in down or t not in mine:
                 continue
             rtt, loss = mine[t]

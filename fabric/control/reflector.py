@@ -109,9 +109,12 @@ is the contract, :mod:`fabric.control.reachability_rules` the rules) into its ow
 (``RecordStore.put_own``), so add-ons read them with WatchRecords like any record: the fabric's
 answer rides the one control channel. Whatever changes an input (a counted peer report, a session
 that starts or ends, a flush: topology, roles, configuration) asks for a recompute on the next
-event-loop turn (:meth:`Reflector._reachability_changed`): every change of one turn costs one
-derivation, and a cut reported by an agent reaches subscribers without a timer in between. Only
-the records whose bytes changed are put (one revision for all of them). Nothing is published
+event-loop turn (:meth:`Reflector._reachability_changed`), or, within 50 ms of the last recompute,
+50 ms after it (``REACHABILITY_MIN_INTERVAL_S``): a cut reported by an agent after a quiet
+period reaches subscribers without a timer in between, and a storm of changes costs at most 20
+derivations a second. A report that changes only measured RTT/loss waits up to a second
+(``QUALITY_MIN_INTERVAL_S``) unless something else asks sooner. Only the records whose bytes
+changed are put (one revision for all of them). Nothing is published
 during the startup hold (an incomplete topology would call whole clusters unreachable) nor by a
 standby; a new leader publishes at once from its own view.
 
@@ -189,6 +192,12 @@ MAX_FANOUT_TRACKED = 256
 DEFAULT_REPORT_SETTLE_S = 2.0
 #: An agent silent for this many of its own keepalive intervals was cut off.
 SILENT_AFTER_INTERVALS = 1.5
+#: Reachability records are recomputed at most this often (see "Reachability records"): a lone
+#: change goes out on the next loop turn, a storm (a bring-up of thousands of agents) costs at
+#: most 20 derivations a second, not one per session.
+REACHABILITY_MIN_INTERVAL_S = 0.05
+#: ... and for a change of measured RTT/loss alone (agents already rate-limit those), this often.
+QUALITY_MIN_INTERVAL_S = 1.0
 
 #: HTTP/2 keepalive below the application keepalive: detects half-open TCP connections even when
 #: the event loop of the other side is stuck. Clients ping at most every 10 s (client.py), so the
@@ -417,6 +426,9 @@ class Reflector:
         self.reachability_records = reachability_records
         #: A recompute of the reachability records is scheduled (see "Reachability records").
         self._reach_handle: asyncio.Handle | None = None
+        #: Loop time the scheduled recompute runs at, and of the last one.
+        self._reach_at = 0.0
+        self._reach_last = float("-inf")
         #: The last derived pair states, by (source, target): status and metrics read them.
         self.reachability: dict[tuple[str, str], reachability.PairState] = {}
         self.reachability_updates = 0
@@ -873,7 +885,7 @@ class Reflector:
                 self._quality[session.key] = quality
             else:
                 self._quality.pop(session.key, None)
-            self._reachability_changed()
+            self._reachability_changed(quality_only=True)
         if self._reports.get(session.key, frozenset()) == unreachable:
             return
         if unreachable:
@@ -1406,17 +1418,25 @@ class Reflector:
 
     # -- reachability records (see "Reachability records") ---------------------------------
 
-    def _reachability_changed(self) -> None:
-        """An input of the reachability records changed: recompute them on the next loop turn
-        (now, without a running loop: synchronous tests)."""
-        if self._reach_handle is not None:
-            return
+    def _reachability_changed(self, *, quality_only: bool = False) -> None:
+        """An input of the reachability records changed: recompute them on the next loop turn,
+        or once the minimum interval since the last recompute has passed (``quality_only``: the
+        longer one of measurements); now, without a running loop (synchronous tests)."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             self._publish_reachability()
             return
-        self._reach_handle = loop.call_soon(self._publish_reachability)
+        now = loop.time()
+        spacing = QUALITY_MIN_INTERVAL_S if quality_only else REACHABILITY_MIN_INTERVAL_S
+        at = max(now, self._reach_last + spacing)
+        if self._reach_handle is not None:
+            if self._reach_at <= at:
+                return
+            self._reach_handle.cancel()
+        self._reach_at = at
+        self._reach_handle = loop.call_soon(self._publish_reachability) if at <= now else loop.call_at(
+            at, self._publish_reachability)  # fmt: skip
 
     def _publish_reachability(self) -> None:
         """Derive every pair's state and put the records whose bytes changed (one revision),
@@ -1424,9 +1444,12 @@ class Reflector:
         self._reach_handle = None
         if self.holding or self.standby_reason is not None or not self.reachability_records:
             return
+        with contextlib.suppress(RuntimeError):  # no running loop: synchronous tests
+            self._reach_last = asyncio.get_running_loop().time()
         connected = self._connected()
-        quality = reachability_rules.pair_quality(self.topology, connected, self._reports, self._quality)
-        states = reachability_rules.derive(self.topology, connected, self._reports, quality)
+        targets = reachability_rules.probe_targets(self.topology)
+        quality = reachability_rules.pair_quality(self.topology, connected, self._reports, self._quality, targets)
+        states = reachability_rules.derive(self.topology, connected, self._reports, quality, targets)
         if states == self.reachability:
             return
         held = {r.name: r.data for r in self.records.records(reachability.KIND, reachability.PUBLISHER)}
