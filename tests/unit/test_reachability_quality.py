@@ -6,7 +6,10 @@ RTT reaching the reachability record of its pair.
 
 from __future__ import annotations
 
+import asyncio
 import math
+import time
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -14,9 +17,10 @@ from hypothesis import strategies as st
 
 from fabric import types
 from fabric.agent import probes, quality
-from fabric.control import codec, reachability_rules
+from fabric.control import codec, reachability_rules, reflector
 from fabric.control.codec import DecodeError
 from fabric.control.generated import fabric_pb2 as pb
+from tests.unit.test_agent_loop import CLUSTERS, NODES, _agent, _in_sync
 from tests.unit.test_reachability import ALL, MIXED
 from tests.unit.test_reachability_reflector import A1, B1, C1, PAIRS, fabric, run
 from tests.waiting import wait_until_async
@@ -136,5 +140,47 @@ def test_reports_without_quality_leave_rtt_unset() -> None:
                 f.agent(ann)
             await wait_until_async(lambda: f.reachable() == PAIRS, 5, "every pair reachable")
             assert all(s.rtt_ms is None and s.loss is None for s in f.states().values())
+
+    run(body())
+
+
+class _QuietProber(probes.TunnelProber):
+    """The agent's real prober bookkeeping, without sockets: the test feeds its probes."""
+
+    def start(self) -> None:
+        pass
+
+
+def test_an_agent_reports_its_probes_quality_and_the_record_carries_it(tmp_path: Path) -> None:
+    async def body() -> None:
+        sock = str(tmp_path / "r.sock")
+        refl = reflector.Reflector(types.FabricConfig(clusters=CLUSTERS), grace_period=5, keepalive_interval=0.2,
+                                   startup_hold=0, records_startup_hold=0)  # fmt: skip
+        await refl.start([f"unix:{sock}"])
+        agents = []
+        for key in ("east/e1", "west/w1"):
+            a, _ = _agent(sock, key)
+            a.prober = _QuietProber(a._on_probe_change)
+            a.prober.on_sample = a._on_probe_sample
+            agents.append(a)
+        e1 = agents[0]
+        tasks = [asyncio.create_task(a.run()) for a in agents]
+        try:
+            await wait_until_async(lambda: _in_sync(refl, set(NODES)), 10, "both in sync")
+            target = await wait_until_async(lambda: next(iter(e1.prober.stats()), None), 10, "e1 probes w1")
+            assert target.name == "west/w1"
+            t0 = time.monotonic()
+            e1.prober.state.on_sent(target.ip, target.device, 1, t0)
+            for name, rtt in e1.prober.state.on_reply(target.ip, t0 + 0.004, 1):
+                e1._on_probe_sample(name, rtt)
+            st = await wait_until_async(lambda: (s := refl.reachability.get(("east", "west"))) and s.rtt_ms and s,
+                                        5, "east -> west measured")  # fmt: skip
+            assert st.reachable and (st.rtt_ms, st.loss) == (4.0, 0.0)
+            assert refl.reachability[("west", "east")].rtt_ms is None  # w1 measured nothing
+        finally:
+            for a in agents:
+                a.stop()
+            await asyncio.gather(*tasks)
+            await refl.stop()
 
     run(body())
