@@ -150,8 +150,8 @@ def derive(
                 continue
             empty = next((c for c in (s, t) if c not in populated), None)
             if empty is not None:
-                unreachable(f"cluster {empty} has no node in the fabric: no agent of it is connected to the "
-                            f"reflector (or all were withdrawn)")  # fmt: skip
+                unreachable(f"cluster {empty} has no node in the fabric: none of its agents has announced one, "
+                            f"or all were withdrawn")  # fmt: skip
                 continue
             measured = probes(s, t)
             if measured is not None:
