@@ -52,6 +52,7 @@ from typing import Protocol
 from fabric import health, logs, nodeinfo, types
 from fabric.agent import config as config_mod
 from fabric.agent import probes as probes_mod
+from fabric.agent import quality as quality_mod
 from fabric.agent import render, xlate_metrics
 from fabric.agent import translator as translator_mod
 from fabric.backoff import Backoff
@@ -70,6 +71,8 @@ _log = logging.getLogger(__name__)
 DEBOUNCE_S = 0.05
 #: First retry after a failed pass; doubles (jittered, fabric.backoff) up to the resync period.
 RETRY_MIN_S = 0.5
+#: How often, at most, the probes' quality is judged for a report (quality.QualityGate decides).
+QUALITY_CHECK_S = 1.0
 #: /healthz tolerates this much beyond the resync period without a successful pass.
 HEALTH_GRACE_S = 60.0
 OWNED_LINKS = frozenset({*types.TUNNEL_DEVICES, types.HAIRPIN_DEVICE})
@@ -170,6 +173,10 @@ class Agent(control_client.SessionHandler):
         self._applied_version = 0
         self._role = ""
         self._probe_names: set[str] = set()
+        #: The probed peers last reported unreachable, and when quality may next be judged.
+        self._down_keys: frozenset[types.NodeKey] = frozenset()
+        self._quality_gate = quality_mod.QualityGate()
+        self._quality_checked = -float("inf")
         self.prober = prober_factory(self._on_probe_change, cfg)
         if isinstance(self.prober, probes_mod.TunnelProber):
             self.prober.on_sample = self._on_probe_sample
@@ -214,6 +221,24 @@ class Agent(control_client.SessionHandler):
         else:
             self.metrics.probe_rtt.labels(cluster=cluster).observe(rtt)
         self._update_tunnel_metrics()
+        now = time.monotonic()
+        if now - self._quality_checked >= QUALITY_CHECK_S:
+            self._quality_checked = now
+            current = self._probe_quality()
+            if self._quality_gate.due(current, now):
+                self._report(current, now)
+
+    def _probe_quality(self) -> dict[str, quality_mod.Quality]:
+        return self.prober.state.quality() if isinstance(self.prober, probes_mod.TunnelProber) else {}
+
+    def _report(self, current: dict[str, quality_mod.Quality], now: float) -> None:
+        """Send the unreachable set and ``current`` quality (peers with a cluster/node name)."""
+        keyed: dict[types.NodeKey, quality_mod.Quality] = {}
+        for name, q in current.items():
+            with contextlib.suppress(ValueError):
+                keyed[types.NodeKey.parse(name)] = q
+        self.session.report_unreachable(self._down_keys, keyed)
+        self._quality_gate.mark(current, now)
 
     def _update_tunnel_metrics(self) -> None:
         """Per peer and per peer cluster: up (some probed peer answers) and recent loss."""
@@ -234,7 +259,8 @@ class Agent(control_client.SessionHandler):
                 keys.add(types.NodeKey.parse(name))
             except ValueError:
                 _log.warning("probed peer %r has no cluster/node name; not reported", name)
-        self.session.report_unreachable(frozenset(keys))
+        self._down_keys = frozenset(keys)
+        self._report(self._probe_quality(), time.monotonic())
 
     def _set_state(self, state: types.NodeState, version: int, reason: str) -> None:
         role = gateway_role(state)

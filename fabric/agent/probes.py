@@ -44,6 +44,7 @@ import logging
 import os
 import random
 import socket
+import statistics
 import struct
 import time
 from collections.abc import Callable, Mapping
@@ -78,6 +79,8 @@ class _Target:
         default_factory=lambda: collections.deque(maxlen=LOSS_WINDOW)
     )
     last_rtt: float | None = None
+    #: Round trips of the answered probes among the last LOSS_WINDOW (the median is reported).
+    rtts: collections.deque[float] = dataclasses.field(default_factory=lambda: collections.deque(maxlen=LOSS_WINDOW))
     answered: int = 0
     lost: int = 0
 
@@ -146,6 +149,7 @@ class ProbeState:
             if sent is not None:
                 rtt = max(0.0, now - sent)
                 t.last_rtt = rtt
+                t.rtts.append(rtt)
                 t.answered += 1
                 t.history.append(True)
                 samples.append((name, rtt))
@@ -185,6 +189,17 @@ class ProbeState:
             )
             for t in sorted(self._targets.values(), key=lambda t: t.name)
         ]
+
+    def quality(self) -> dict[str, tuple[float | None, float]]:
+        """Per target: (median round trip in ms of the answered probes of the loss window, or
+        None when none answered; the loss ratio of the window). What the agent reports
+        (fabric/agent/quality.py gates how often); medians are computed here only, not per
+        sample."""
+        return {
+            t.name: (statistics.median(t.rtts) * 1000.0 if t.rtts else None,
+                     (t.history.count(False) / len(t.history)) if t.history else 0.0)
+            for t in self._targets.values()
+        }  # fmt: skip
 
     def down(self, now: float) -> frozenset[str]:
         out = set()

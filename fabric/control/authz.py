@@ -21,7 +21,9 @@ RPC                roles that may call it              and then
 ``PublishRecords`` ``tree``, ``scheduler``, ``admin``  the publisher is the certificate's
                                                        identity (:func:`publisher_refusal`)
                                                        and publishes only its role's kinds
-                                                       (:func:`kind_refusal`, :data:`KINDS`)
+                                                       (:func:`kind_refusal`, :data:`KINDS`),
+                                                       never :data:`RESERVED_KINDS` (the
+                                                       reflector's own, ``fabric.kosmos.io/``)
 ``WatchRecords``   ``node``, ``tree``, ``scheduler``,  -
                    ``admin``, ``mcs``
 ``WatchTopology``  as WatchRecords but ``mcs``         -
@@ -85,6 +87,11 @@ KINDS: dict[str, tuple[str, ...]] = {
     identity.SCHEDULER: ("scheduler.kosmos.io/",),
     identity.ADMIN: ("*",),
 }
+
+#: Kind groups no certificate may publish, whatever its role (``admin``'s ``"*"`` included):
+#: the reflector derives these records itself (fabric.control.record_store, rule 7), so a
+#: subscriber can trust them.
+RESERVED_KINDS: tuple[str, ...] = ("fabric.kosmos.io/",)
 
 #: The ``identity`` label of a refusal on a plaintext session, and of a TLS peer whose
 #: certificate names no identity (a certificate of the fabric CA not made for a fabric client).
@@ -188,6 +195,8 @@ def kind_refusal(publisher: str, kind: str) -> str | None:
     """Why the proven ``publisher`` (``<role>/<name>``) may not publish ``kind`` (None: it may),
     by :data:`KINDS`. Applied to sessions of a certificate only (the record store knows which)."""
     role = publisher.partition("/")[0]
+    if any(kind.startswith(prefix) for prefix in RESERVED_KINDS):
+        return f"kinds {', '.join(p + '*' for p in RESERVED_KINDS)} are the reflector's own; no client publishes them"
     owned = KINDS.get(role, ())
     if "*" in owned or any(kind.startswith(prefix) for prefix in owned):
         return None

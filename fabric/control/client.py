@@ -31,7 +31,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, Protocol
 
 import grpc
@@ -338,6 +338,7 @@ class AgentSession:
         self.rejected_for: tuple[api.RejectionReason, ...] = ()
         #: Probed peers that do not answer (sent on change and again on every new session).
         self._unreachable: frozenset[types.NodeKey] = frozenset()
+        self._quality: dict[types.NodeKey, codec.PeerQuality] = {}
         #: Sessions ended because the reflector broke the protocol (see :class:`SyncStream`).
         self.protocol_violations = 0
 
@@ -378,14 +379,20 @@ class AgentSession:
         if self._outbox is not None and self.connected:
             self._outbox.put_nowait(pb.SyncNodeRequest(applied=pb.Applied(version=version)))
 
-    def report_unreachable(self, unreachable: frozenset[types.NodeKey]) -> None:
-        """Tell the reflector which probed peers stopped answering (the complete set). Kept and
-        re-sent on every new session, since the reflector forgets a session's report with it."""
-        if unreachable == self._unreachable:
+    def report_unreachable(
+        self, unreachable: frozenset[types.NodeKey], quality: Mapping[types.NodeKey, codec.PeerQuality] | None = None
+    ) -> None:
+        """Tell the reflector which probed peers stopped answering (the complete set) and, when
+        ``quality`` is given, the latest measurement of each probed peer (None: the last one
+        given stands; the caller rate-limits it, fabric/agent/quality.py). Kept and re-sent on
+        every new session, since the reflector forgets a session's report with it."""
+        q = self._quality if quality is None else dict(quality)
+        if unreachable == self._unreachable and q == self._quality:
             return
         self._unreachable = frozenset(unreachable)
+        self._quality = q
         if self._outbox is not None and self.connected:
-            self._outbox.put_nowait(codec.peer_report_message(self._unreachable))
+            self._outbox.put_nowait(codec.peer_report_message(self._unreachable, self._quality))
 
     async def close(self) -> None:
         """End the session for good; :meth:`run` returns soon after."""
@@ -450,8 +457,8 @@ class AgentSession:
                     if not self.connected:
                         self.connected = True
                         _log.info("session to %s accepted for node %s", self.target, self.announcement.key)
-                        if self._unreachable:
-                            outbox.put_nowait(codec.peer_report_message(self._unreachable))
+                        if self._unreachable or self._quality:
+                            outbox.put_nowait(codec.peer_report_message(self._unreachable, self._quality))
                         await self.handler.on_connection(True, f"connected to {self.target}")
                 elif isinstance(ev, Synced):
                     self.state = stream.state

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Iterable, Sequence
+import math
+from collections.abc import Iterable, Mapping, Sequence
 
 from fabric import types
 from fabric.control import api
@@ -168,9 +169,40 @@ def rejection_reasons_from_pb(codes: Iterable[int]) -> tuple[api.RejectionReason
     return tuple(_REASON_FROM_PB.get(c, api.RejectionReason.UNSPECIFIED) for c in codes)
 
 
-def peer_report_message(unreachable: Iterable[types.NodeKey]) -> pb.SyncNodeRequest:
-    """Agent -> reflector: the complete set of probed peers that stopped answering."""
-    return pb.SyncNodeRequest(peer_report=pb.PeerReport(unreachable=sorted(str(k) for k in unreachable)))
+#: A probed peer's measurement: (round trip in ms or None when nothing answered, loss 0..1).
+PeerQuality = tuple[float | None, float]
+
+
+def peer_report_message(
+    unreachable: Iterable[types.NodeKey], quality: Mapping[types.NodeKey, PeerQuality] | None = None
+) -> pb.SyncNodeRequest:
+    """Agent -> reflector: the complete set of probed peers that stopped answering, and the
+    latest measurement of each probed peer (``quality``; None: none)."""
+    report = pb.PeerReport(unreachable=sorted(str(k) for k in unreachable))
+    for k in sorted(quality or ()):
+        rtt, loss = (quality or {})[k]
+        q = report.quality.add(peer=str(k), loss=loss)
+        if rtt is not None:
+            q.rtt_ms = rtt
+    return pb.SyncNodeRequest(peer_report=report)
+
+
+def peer_quality_from_pb(msg: pb.PeerReport) -> dict[types.NodeKey, PeerQuality]:
+    """The ``quality`` of a PeerReport, checked (finite RTT >= 0, loss in [0, 1]); raises
+    DecodeError naming the peer and the value."""
+    out: dict[types.NodeKey, PeerQuality] = {}
+    for q in msg.quality:
+        try:
+            key = types.NodeKey.parse(q.peer)
+        except ValueError as e:
+            raise DecodeError(f"PeerReport.quality: {e}") from None
+        rtt = q.rtt_ms if q.HasField("rtt_ms") else None
+        if rtt is not None and not (math.isfinite(rtt) and rtt >= 0):
+            raise DecodeError(f"PeerReport.quality of {key}: rtt_ms {rtt!r} is not a finite number >= 0")
+        if not 0 <= q.loss <= 1:
+            raise DecodeError(f"PeerReport.quality of {key}: loss {q.loss!r} is not in [0, 1]")
+        out[key] = (rtt, q.loss)
+    return out
 
 
 def peer_report_from_pb(msg: pb.PeerReport) -> frozenset[types.NodeKey]:

@@ -9,8 +9,19 @@ importer; the tree manager and the scheduler filter and score leaves by them). T
 bytes are :func:`encode` of a :class:`PairState`; :func:`decode` checks every field and raises
 :class:`~fabric.control.codec.DecodeError` naming the record and the field.
 
+Readers: watch ``RecordWatch(target, KIND, PUBLISHER)``. Naming the publisher matters: no
+certificate may publish this kind and no session may claim :data:`PUBLISHER`
+(fabric.control.record_store, rule 7), but on a plaintext reflector (``--insecure``) any
+publisher can write the kind under its own identity. No record for a pair means no answer: the
+cluster is not in the configuration, or the reflector is in its startup hold (it publishes
+nothing until its topology is complete) or a fresh leader's records are not out yet; readers
+should keep what they had (or treat the pair as reachable) rather than call it cut off.
+
 Records are directional: a pair can be cut in one direction only (a one-way filter), and RTT
 and loss are measured by the source cluster's nodes.
+
+The reflector derives the states with :func:`fabric.control.reachability_rules.derive` (kept
+apart: it needs the planner, which add-ons must not import).
 """
 
 from __future__ import annotations

@@ -47,7 +47,17 @@ The rules, in the order a record lives through them:
 6. **Expiry.** When a publisher's session ends its records stay for the *records grace period*
    (``--records-grace-period``), then expire together (one delta per kind). The same identity
    opening a session in time takes them back: no delete/re-add flap for subscribers.
-7. **Watch.** A subscriber names a kind (empty: every kind, for tools) and optionally a
+7. **The reflector's own records.** The reflector publishes records it derives itself (per
+   cluster-pair reachability, :mod:`fabric.control.reachability`) under identities of the
+   reserved ``fabric/`` group (:data:`RESERVED_IDENTITY_PREFIX`) with :meth:`RecordStore.put_own`:
+   no session, no grace period, no expiry, and no per-publisher count (they are bounded by the
+   configuration: one per ordered cluster pair); their bytes count toward the total. No
+   PublishRecords session may open with a ``fabric/`` identity, plaintext or not (a certificate
+   cannot name one anyway: ``fabric`` is no role), and no certificate may publish a kind of
+   the ``fabric.kosmos.io/`` group (:data:`fabric.control.authz.RESERVED_KINDS`), so a
+   subscriber that watches a ``fabric.kosmos.io/`` kind of publisher ``fabric/reflector``
+   reads what the reflector derived and nothing else.
+8. **Watch.** A subscriber names a kind (empty: every kind, for tools) and optionally a
    publisher, and gets a snapshot (chunks), END_OF_SNAPSHOT with the revision it is complete
    as of, then one delta per change - the agents' and WatchTopology's shape.
 
@@ -82,6 +92,9 @@ DEFAULT_RECORDS_GRACE_PERIOD_S = 30.0
 #: The reconnect backoff of :class:`fabric.control.records.RecordPublisher` tops out at 5 s: by
 #: then every publisher of a restarted reflector's clients has been back once.
 DEFAULT_RECORDS_STARTUP_HOLD_S = 5.0
+
+#: Publisher identities of this group are the reflector's own (rule 7): no session may claim one.
+RESERVED_IDENTITY_PREFIX = "fabric/"
 
 #: Kinds and identities: lowercase DNS-like words with ``-./`` inside (``tree.kosmos.io/free``).
 _WORD = re.compile(r"[a-z0-9]([-a-z0-9./]*[a-z0-9])?")
@@ -336,6 +349,9 @@ class RecordStore:
             self._check_word("publisher identity", identity, Reason.PROTOCOL, f"PublishRecords from {peer}")
         except WriteRefused as e:
             raise OpenRefused(grpc.StatusCode.INVALID_ARGUMENT, e.text) from None
+        if identity.startswith(RESERVED_IDENTITY_PREFIX):
+            raise OpenRefused(grpc.StatusCode.PERMISSION_DENIED, f"PublishRecords from {peer}: identity {identity!r} "
+                              f"is reserved for the reflector's own records ({RESERVED_IDENTITY_PREFIX}*)")  # fmt: skip
         h = self._holders.get(identity)
         if h is None:
             if len(self._holders) >= self.limits.max_publishers:
@@ -452,6 +468,45 @@ class RecordStore:
             _log.info("publisher %s: %d records not re-put since it opened its session are deleted", h.identity,
                       len(gone))  # fmt: skip
         return self._remove(h, gone) if gone else 0
+
+    def put_own(self, identity: str, kind: str, upserts: dict[str, bytes], removals: Iterable[str] = ()) -> int:
+        """The reflector's own records (rule 7): put ``upserts`` (name -> data) and delete
+        ``removals`` of (``identity``, ``kind``) as one change: one revision, one delta per
+        subscriber. A put identical to the held record changes nothing; returns the revision,
+        0 when nothing changed. ``identity`` must be of the reserved group (a bug otherwise)."""
+        if not identity.startswith(RESERVED_IDENTITY_PREFIX):
+            raise ValueError(f"put_own as {identity!r}: the reflector's own identities start with "
+                             f"{RESERVED_IDENTITY_PREFIX!r}")  # fmt: skip
+        h = self._holders.get(identity)
+        if h is None:
+            h = self._holders[identity] = _Holder(identity)
+        revision = self.revision + 1
+        stamped: list[pb.Record] = []
+        for name, data in sorted(upserts.items()):
+            old = h.records.get((kind, name))
+            if old is not None and old.data == data:
+                continue
+            r = pb.Record(kind=kind, name=name, version=1 if old is None else old.version + 1, data=data,
+                          publisher=identity, revision=revision)  # fmt: skip
+            size = _record_bytes(kind, name, identity, data)
+            old_size = 0 if old is None else _record_bytes(kind, name, identity, old.data)
+            h.records[(kind, name)] = r
+            h.bytes += size - old_size
+            self.total_bytes += size - old_size
+            stamped.append(r)
+        removed: list[api.RecordKey] = []
+        for name in sorted(set(removals)):
+            old = h.records.pop((kind, name), None)
+            if old is not None:
+                size = _record_bytes(kind, name, identity, old.data)
+                h.bytes -= size
+                self.total_bytes -= size
+                removed.append(api.RecordKey(kind, identity, name))
+        if not stamped and not removed:
+            return 0
+        self.revision = revision
+        self._fan_out(identity, stamped, removed)
+        return revision
 
     def _remove(self, h: _Holder, keys: Iterable[tuple[str, str]]) -> int:
         """Remove records of ``h`` as one change (one revision, one delta per subscriber)."""

@@ -100,6 +100,24 @@ session or topology watcher that falls further behind is cut off with RESOURCE_E
 queue dropped, the node treated as disconnected at once) and reconnects to a fresh snapshot;
 so are streams and announcements per client identity and message sizes.
 
+Reachability records
+--------------------
+
+The reflector publishes one add-on record per ordered cluster pair (kind
+``fabric.kosmos.io/reachability``, publisher ``fabric/reflector``: :mod:`fabric.control.reachability`
+is the contract, :mod:`fabric.control.reachability_rules` the rules) into its own record store
+(``RecordStore.put_own``), so add-ons read them with WatchRecords like any record: the fabric's
+answer rides the one control channel. Whatever changes an input (a counted peer report, a session
+that starts or ends, a flush: topology, roles, configuration) asks for a recompute on the next
+event-loop turn (:meth:`Reflector._reachability_changed`), or, within 50 ms of the last recompute,
+50 ms after it (``REACHABILITY_MIN_INTERVAL_S``): a cut reported by an agent after a quiet
+period reaches subscribers without a timer in between, and a storm of changes costs at most 20
+derivations a second. A report that changes only measured RTT/loss waits up to a second
+(``QUALITY_MIN_INTERVAL_S``) unless something else asks sooner. Only the records whose bytes
+changed are put (one revision for all of them). Nothing is published
+during the startup hold (an incomplete topology would call whole clusters unreachable) nor by a
+standby; a new leader publishes at once from its own view.
+
 Peer reports after a partition
 ------------------------------
 
@@ -132,7 +150,20 @@ from prometheus_client import Histogram
 from prometheus_client.registry import Collector
 
 from fabric import types
-from fabric.control import admission, api, authz, bootstrap, bounds, codec, election, incremental, planner, record_store
+from fabric.control import (
+    admission,
+    api,
+    authz,
+    bootstrap,
+    bounds,
+    codec,
+    election,
+    incremental,
+    planner,
+    reachability,
+    reachability_rules,
+    record_store,
+)
 from fabric.control.generated import fabric_pb2 as pb
 from fabric.control.generated import fabric_pb2_grpc as pb_grpc
 from fabric.control.identity import Identity
@@ -161,6 +192,12 @@ MAX_FANOUT_TRACKED = 256
 DEFAULT_REPORT_SETTLE_S = 2.0
 #: An agent silent for this many of its own keepalive intervals was cut off.
 SILENT_AFTER_INTERVALS = 1.5
+#: Reachability records are recomputed at most this often (see "Reachability records"): a lone
+#: change goes out on the next loop turn, a storm (a bring-up of thousands of agents) costs at
+#: most 20 derivations a second, not one per session.
+REACHABILITY_MIN_INTERVAL_S = 0.05
+#: ... and for a change of measured RTT/loss alone (agents already rate-limit those), this often.
+QUALITY_MIN_INTERVAL_S = 1.0
 
 #: HTTP/2 keepalive below the application keepalive: detects half-open TCP connections even when
 #: the event loop of the other side is stuck. Clients ping at most every 10 s (client.py), so the
@@ -215,6 +252,7 @@ class _Session:
         #: counted then, unless a newer one replaced it.
         self.reports_from = now
         self.held: frozenset[types.NodeKey] | None = None
+        self.held_quality: dict[types.NodeKey, codec.PeerQuality] = {}
         self.held_handle: asyncio.TimerHandle | None = None
         #: The client certificate's identity (None: a plaintext session); see authz.
         self.identity: Identity | None = None
@@ -303,6 +341,7 @@ class Reflector:
         record_limits: record_store.RecordLimits | None = None,
         record_policy: record_store.PublishPolicy = record_store.allow_all,
         limits: bounds.Limits | None = None,
+        reachability_records: bool = True,
     ) -> None:
         if keepalive_interval <= 0:
             raise ValueError(f"keepalive interval must be positive, got {keepalive_interval}")
@@ -371,6 +410,8 @@ class Reflector:
         self._expected = {types.NodeKey.parse(k) for k in config.expected_nodes}
         #: Latest PeerReport of every node with an open session: the peers it cannot reach.
         self._reports: dict[types.NodeKey, frozenset[types.NodeKey]] = {}
+        #: ... and its measurements of the peers it probes (RTT ms, loss), when it sent any.
+        self._quality: dict[types.NodeKey, dict[types.NodeKey, codec.PeerQuality]] = {}
         self._gateway_moves: dict[str, int] = {}
         #: None while this replica serves agents (the leader, or the only replica); else why it
         #: does not (standby of a leader Lease: see :meth:`set_leader`).
@@ -380,6 +421,17 @@ class Reflector:
         #: Signs node certificates (IssueCertificate, fabric.control.bootstrap); None: issues none.
         self.signer: bootstrap.Signer | None = None
         self._crash = asyncio.Event()
+        #: Publish the reachability records (see "Reachability records"); off only in tests of the
+        #: record store that count its revisions exactly.
+        self.reachability_records = reachability_records
+        #: A recompute of the reachability records is scheduled (see "Reachability records").
+        self._reach_handle: asyncio.Handle | None = None
+        #: Loop time the scheduled recompute runs at, and of the last one.
+        self._reach_at = 0.0
+        self._reach_last = float("-inf")
+        #: The last derived pair states, by (source, target): status and metrics read them.
+        self.reachability: dict[tuple[str, str], reachability.PairState] = {}
+        self.reachability_updates = 0
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -410,6 +462,7 @@ class Reflector:
                 self.startup_hold,
                 f"{len(self._expected)} expected nodes" if self._expected else "(no node list: the full period)",
             )
+        self._reachability_changed()
         _log.info("reflector %s serving on %s", self.epoch, ", ".join(bound))
         return bound
 
@@ -427,6 +480,9 @@ class Reflector:
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
+        if self._reach_handle is not None:
+            self._reach_handle.cancel()
+            self._reach_handle = None
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
@@ -514,6 +570,7 @@ class Reflector:
             rec.session.close(f"replaced by a newer session from {session.peer}", grpc.StatusCode.ABORTED)
         rec.session = session
         rec.identity = session.identity
+        self._reachability_changed()
         # Versions are per session: the new session has applied nothing yet.
         rec.applied_version = 0
         rec.counters = session.counters
@@ -619,6 +676,7 @@ class Reflector:
             self._dirty = False
             self._changed.clear()
             self._send_waiting_snapshots()
+            self._reachability_changed()
             return
         self._log_moves(old, new)
         self.topology = self._pending = new
@@ -672,6 +730,7 @@ class Reflector:
         self._dirty = False
         self._changed.clear()
         self._send_waiting_snapshots()
+        self._reachability_changed()
         end = time.monotonic()
         self._last_flush_end, self._last_flush_cost = end, end - started
         _log.debug(
@@ -721,6 +780,7 @@ class Reflector:
                                     authz.metric_label(rec.identity))  # fmt: skip
             self._changed.add(n.key)
             self._reports.pop(n.key, None)
+            self._quality.pop(n.key, None)
             if rec.withdraw_handle is not None:
                 rec.withdraw_handle.cancel()
             if rec.session is not None:
@@ -798,17 +858,21 @@ class Reflector:
         session.held_handle = None
         held, session.held = session.held, None
         if held is not None and not session.closed:
-            self._on_peer_report(session, held)
+            self._on_peer_report(session, held, session.held_quality)
 
-    def _on_peer_report(self, session: _Session, unreachable: frozenset[types.NodeKey]) -> None:
+    def _on_peer_report(
+        self, session: _Session, unreachable: frozenset[types.NodeKey],
+        quality: dict[types.NodeKey, codec.PeerQuality] | None = None,
+    ) -> None:  # fmt: skip
         rec = self._nodes.get(session.key)
         if rec is None or rec.session is not session:
             return
+        quality = quality or {}
         wait = session.reports_from - self.clock()
         if wait > 0:
             # Made (or queued) while the agent was cut off: it says more about the reporter than
             # about its peers. The latest one counts once the probes have had time to settle.
-            session.held = unreachable
+            session.held, session.held_quality = unreachable, quality
             if session.held_handle is None:
                 session.held_handle = asyncio.get_running_loop().call_later(
                     wait, self._release_held_report, session
@@ -816,6 +880,12 @@ class Reflector:
             _log.info("node %s reports unreachable: %s (held for %.1fs: it was just cut off)", session.key,
                       ", ".join(sorted(map(str, unreachable))) or "nobody", wait)  # fmt: skip
             return
+        if self._quality.get(session.key, {}) != quality:
+            if quality:
+                self._quality[session.key] = quality
+            else:
+                self._quality.pop(session.key, None)
+            self._reachability_changed(quality_only=True)
         if self._reports.get(session.key, frozenset()) == unreachable:
             return
         if unreachable:
@@ -826,6 +896,7 @@ class Reflector:
             "node %s reports unreachable: %s", session.key, ", ".join(sorted(map(str, unreachable))) or "nobody"
         )
         self._reelect(f"peer report of {session.key}")
+        self._reachability_changed()
 
     # -- sessions ---------------------------------------------------------------------------
 
@@ -865,6 +936,8 @@ class Reflector:
         rec.session = None
         self._fanout_done(session.key, -1)
         self._reports.pop(session.key, None)
+        self._quality.pop(session.key, None)
+        self._reachability_changed()
         # A gateway without a session cannot be told anything any more: move its role now,
         # not after the grace period (the standby already holds the gateway's peers).
         self._reelect(f"session of {session.key} ended")
@@ -946,7 +1019,8 @@ class Reflector:
                 elif kind == "applied":
                     self._on_applied(session, req.applied.version)
                 elif kind == "peer_report":
-                    self._on_peer_report(session, codec.peer_report_from_pb(req.peer_report))
+                    self._on_peer_report(session, codec.peer_report_from_pb(req.peer_report),
+                                         codec.peer_quality_from_pb(req.peer_report))  # fmt: skip
                 else:
                     session.close(
                         f"protocol error: {kind or 'empty'} message after the announcement",
@@ -1326,6 +1400,7 @@ class Reflector:
         _log.info("leader from now on (%s): serving agents", why)
         if self._loop is not None:  # before start(), start() begins the hold
             self.records.hold(self.records_startup_hold)
+            self.reachability = {}  # standing down dropped the records: publish them all again
         if self._loop is not None and self.startup_hold > 0 and not self._all_expected_present():
             # A full hold from now (an old one began when this replica started, as a standby);
             # before start() there is nothing to do: start() begins the hold.
@@ -1339,6 +1414,61 @@ class Reflector:
                       f"{len(self._expected)} expected nodes" if self._expected else "(no node list: the full period)")
         elif self.holding:
             self._maybe_release_hold()
+        self._reachability_changed()
+
+    # -- reachability records (see "Reachability records") ---------------------------------
+
+    def _reachability_changed(self, *, quality_only: bool = False) -> None:
+        """An input of the reachability records changed: recompute them on the next loop turn,
+        or once the minimum interval since the last recompute has passed (``quality_only``: the
+        longer one of measurements); now, without a running loop (synchronous tests)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._publish_reachability()
+            return
+        now = loop.time()
+        spacing = QUALITY_MIN_INTERVAL_S if quality_only else REACHABILITY_MIN_INTERVAL_S
+        at = max(now, self._reach_last + spacing)
+        if self._reach_handle is not None:
+            if self._reach_at <= at:
+                return
+            self._reach_handle.cancel()
+        self._reach_at = at
+        self._reach_handle = loop.call_soon(self._publish_reachability) if at <= now else loop.call_at(
+            at, self._publish_reachability)  # fmt: skip
+
+    def _publish_reachability(self) -> None:
+        """Derive every pair's state and put the records whose bytes changed (one revision),
+        deleting those of pairs gone from the configuration."""
+        self._reach_handle = None
+        if self.holding or self.standby_reason is not None or not self.reachability_records:
+            return
+        with contextlib.suppress(RuntimeError):  # no running loop: synchronous tests
+            self._reach_last = asyncio.get_running_loop().time()
+        connected = self._connected()
+        targets = reachability_rules.probe_targets(self.topology)
+        quality = reachability_rules.pair_quality(self.topology, connected, self._reports, self._quality, targets)
+        states = reachability_rules.derive(self.topology, connected, self._reports, quality, targets)
+        if states == self.reachability:
+            return
+        held = {r.name: r.data for r in self.records.records(reachability.KIND, reachability.PUBLISHER)}
+        upserts: dict[str, bytes] = {}
+        for (source, target), state in states.items():
+            name = reachability.record_name(source, target)
+            data = reachability.encode(state)
+            if held.get(name) != data:
+                upserts[name] = data
+            before = self.reachability.get((source, target))
+            if before is not None and before.reachable != state.reachable:
+                _log.log(logging.INFO if state.reachable else logging.WARNING, "cluster %s -> %s: %s (%s)", source,
+                         target, "reachable" if state.reachable else "unreachable", state.reason)  # fmt: skip
+        names = {reachability.record_name(s, t) for s, t in states}
+        gone = [n for n in held if n not in names]
+        self.reachability = states
+        if upserts or gone:
+            self.records.put_own(reachability.PUBLISHER, reachability.KIND, upserts, gone)
+            self.reachability_updates += 1
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:

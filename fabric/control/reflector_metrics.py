@@ -1,7 +1,8 @@
 """The reflector's Prometheus metrics (``fabric_reflector_*``), collected from its state at each
 scrape: sessions, nodes, generations, deltas and their sizes, rejections by class and identity (its cardinality
 bounded: fabric.control.authz.IdentityLabels), planning work,
-fan-out latency, gateway moves, and the add-on records (``fabric_reflector_records_*``: records
+fan-out latency, gateway moves, cluster pairs reported unreachable
+(``fabric_reflector_unreachable_pairs``), and the add-on records (``fabric_reflector_records_*``: records
 and bytes by kind, publishers, subscribers, refused writes by reason, subscribers cut off,
 records expired), and the bounds (``fabric/control/bounds.py``: each limit's value, bytes
 queued per stream kind, streams cut off for falling behind, streams refused by limit). With mutual
@@ -122,6 +123,16 @@ class MetricsCollector(Collector):
         work.add_metric(["part"], r._planner.counter.parts)
         work.add_metric(["full"], r._planner.counter.full_plans)
         yield work
+        yield GaugeMetricFamily(
+            "fabric_reflector_unreachable_pairs",
+            "Ordered cluster pairs the fabric reports unreachable (fabric.kosmos.io/reachability records).",
+            value=sum(1 for st in r.reachability.values() if not st.reachable),
+        )
+        yield CounterMetricFamily(
+            "fabric_reflector_reachability_updates",
+            "Recomputes of the reachability records that changed some record (one revision each).",
+            value=r.reachability_updates,
+        )
         yield from _record_metrics(r.records)
         yield from _bound_metrics(r)
 

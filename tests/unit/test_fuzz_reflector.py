@@ -389,7 +389,7 @@ class Harness:
         assert self.watched == self.watched_at_start, "the bystander subscriber was sent a change"
         assert self.refl.records.records(publisher=BYSTANDER_PUBLISHER) == [
             pb.Record(kind=BYSTANDER_RECORD.kind, name="keep-me", version=7, data=b"bystander",
-                      publisher=BYSTANDER_PUBLISHER, revision=1)
+                      publisher=BYSTANDER_PUBLISHER, revision=self.pub_answers[1].ack.revision)
         ]  # fmt: skip
 
 

@@ -38,9 +38,10 @@ async def serving(
     *, grace: float = 2.0, limits: record_store.RecordLimits | None = None,
     policy: record_store.PublishPolicy = record_store.allow_all, listen: str = "127.0.0.1:0", hold: float = 0.0,
 ) -> AsyncIterator[tuple[reflector.Reflector, str]]:  # fmt: skip
+    # Without the reflector's own reachability records: these tests count revisions exactly.
     refl = reflector.Reflector(CONFIG, grace_period=1, keepalive_interval=0.1, startup_hold=0,
                                records_grace_period=grace, records_startup_hold=hold, record_limits=limits,
-                               record_policy=policy)  # fmt: skip
+                               record_policy=policy, reachability_records=False)  # fmt: skip
     (target,) = await refl.start([listen])
     try:
         yield refl, target
@@ -668,7 +669,8 @@ def test_a_reflector_that_stands_down_before_the_open_arrives_refuses_it() -> No
     from tests.unit.test_reflector_bugs import _Context
 
     async def body() -> None:
-        refl = reflector.Reflector(CONFIG, keepalive_interval=1, startup_hold=0, records_startup_hold=0)
+        refl = reflector.Reflector(CONFIG, keepalive_interval=1, startup_hold=0, records_startup_hold=0,
+                                   reachability_records=False)
         opened = asyncio.Event()
 
         async def requests() -> AsyncIterator[pb.PublishRecordsRequest]:
