@@ -391,6 +391,7 @@ class PodWorker:
             for c in status.get("conditions") or [] if c.get("type")}
         self.last_status: str = ""
         self.phase = "Pending"
+        self.dns_warnings: list[tuple[str, str]] = []  # what forming its resolv.conf warned about
         self._probe_tasks: set[asyncio.Task[None]] = set()
         self.spawning: set[asyncio.Future[None]] = set()
 
@@ -414,6 +415,8 @@ class PodWorker:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self._load)
+        for reason, message in self.dns_warnings:
+            self.rt.events(self.info, "Warning", reason, message, None)
         try:
             while True:
                 try:
@@ -450,13 +453,13 @@ class PodWorker:
 
     def _write_resolv_conf(self) -> None:
         """The pod's resolv.conf as the kubelet forms it and containerd writes it (once per
-        worker, as upstream writes it once per sandbox); the kubelet's DNS warnings become events."""
+        worker, as upstream writes it once per sandbox); the kubelet's DNS warnings become events
+        (:meth:`run` records them: this runs in a thread, the event sink on the loop)."""
         if self.rt.dns is None:
             return
         cfg = dnsmod.pod_dns(self.pod, dataclasses.replace(self.rt.dns, node_ips=self.info.host_ips))
         (self.dir / "resolv.conf").write_text(dnsmod.render(cfg))
-        for reason, message in cfg.warnings:
-            self.rt.events(self.info, "Warning", reason, message, None)
+        self.dns_warnings = cfg.warnings  # recorded by run(), on the loop (this runs in a thread)
 
     def _load(self) -> None:
         """Adopt what an earlier kubelet left: restart counts, back-off, live shims (blocking)."""
@@ -469,7 +472,16 @@ class PodWorker:
         hosts = ["# Kubernetes-managed hosts file.", "127.0.0.1\tlocalhost",
                  "::1\tlocalhost ip6-localhost ip6-loopback", "fe00::0\tip6-localnet", "fe00::0\tip6-mcastprefix",
                  "fe00::1\tip6-allnodes", "fe00::2\tip6-allrouters"]
-        hosts += [f"{ip}\t{hostname}" for ip in self.info.pod_ips]
+        spec = self.pod.get("spec") or {}
+        # Upstream managedHostsFileContent: with spec.subdomain, the pod's FQDN
+        # (<hostname>.<subdomain>.<ns>.svc.<cluster domain>) before its hostname; hostAliases after.
+        domain = self.rt.dns.domain if self.rt.dns is not None else ""
+        fqdn = f"{hostname}.{spec['subdomain']}.{self.info.namespace}.svc.{domain}\t" \
+            if spec.get("subdomain") and domain else ""
+        hosts += [f"{ip}\t{fqdn}{hostname}" for ip in self.info.pod_ips]
+        aliases = [f"{a.get('ip', '')}\t" + "\t".join(a.get("hostnames") or []) for a in spec.get("hostAliases") or []]
+        if aliases:
+            hosts += ["", "# Entries added by HostAliases.", *aliases]
         (self.dir / "etc-hosts").write_text("\n".join(hosts) + "\n")
         self._write_resolv_conf()
         for cs in self.containers.values():

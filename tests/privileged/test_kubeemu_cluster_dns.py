@@ -29,7 +29,7 @@ from kubeemu.ctrl.rootca import self_signed_ca
 from kubeemu.kubelet import LabKubelet, LabNode
 from kubeemu.runner import ServerThread
 from kubeemu.runtime.pods import Runtime
-from tests.privileged.test_kubeemu_runtime import NODE_IP, NetnsNetwork, _cstatus, _exec, _http, _pod
+from tests.privileged.test_kubeemu_runtime import NODE_IP, NetnsNetwork, _cstatus, _exec, _get, _http, _pod
 from tests.waiting import wait_until
 
 DNS_IP = "127.0.0.10"
@@ -109,7 +109,8 @@ def test_pods_get_their_policy_s_resolv_conf_and_resolve_services(env: dict[str,
         "metadata": {"name": "web"}, "spec": {"ports": [{"name": "http", "port": 80}], "selector": {"app": "web"}}})
     cluster_ip = svc["spec"]["clusterIP"]
     pods = {"cf": _sleeper("cf", hostNetwork=True, dnsPolicy="ClusterFirstWithHostNet"),
-            "plain": _sleeper("plain"),
+            "plain": _sleeper("plain", hostname="h1", subdomain="web",
+                              hostAliases=[{"ip": "192.0.2.7", "hostnames": ["a.example", "b.example"]}]),
             "hostnet": _sleeper("hostnet", hostNetwork=True),
             "dflt": _sleeper("dflt", dnsPolicy="Default"),
             "none": _sleeper("none", dnsPolicy="None", dnsConfig={
@@ -124,6 +125,12 @@ def test_pods_get_their_policy_s_resolv_conf_and_resolve_services(env: dict[str,
     host = "search lab.example\nnameserver 192.0.2.53\noptions timeout:1\n"
     assert _exec(rt, "cf", ["cat", "/etc/resolv.conf"]) == cluster
     assert _exec(rt, "plain", ["cat", "/etc/resolv.conf"]) == cluster
+    # Upstream's managed /etc/hosts: the pod's FQDN from hostname + subdomain, then the hostAliases.
+    hosts = _exec(rt, "plain", ["cat", "/etc/hosts"]).splitlines()
+    ip = _get(url, "plain")["status"]["podIP"]
+    assert f"{ip}\th1.web.default.svc.cluster.local\th1" in hosts
+    assert hosts[-3:] == ["", "# Entries added by HostAliases.", "192.0.2.7\ta.example\tb.example"]
+    assert _exec(rt, "plain", ["getent", "hosts", "b.example"]).split() == ["192.0.2.7", "a.example", "b.example"]
     assert _exec(rt, "hostnet", ["cat", "/etc/resolv.conf"]) == host  # ClusterFirst on the host network: Default
     assert _exec(rt, "dflt", ["cat", "/etc/resolv.conf"]) == host
     assert _exec(rt, "none", ["cat", "/etc/resolv.conf"]) == "search x.example\nnameserver 192.0.2.1\noptions ndots:2\n"
