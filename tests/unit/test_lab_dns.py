@@ -46,6 +46,9 @@ def test_dns_objects_and_argv(tmp_path: Path) -> None:
     east, six = _plan(tmp_path).clusters
     assert kube.dns_service_ip(east) == "10.96.0.10"
     assert kube.dns_service_ip(six) == "fd00:97::a"
+    tiny = lab.ClusterRecord(name="t", mode="p2p", pod_cidrs=["10.30.0.0/16"], service_cidrs=["10.99.0.0/29"],
+                             nodes=east.nodes)
+    assert kube.dns_service_ip(tiny) is None  # 8 addresses: no 10th one
     svc, sl = kube.dns_objects(east, "10.96.0.10")
     assert (svc["metadata"]["namespace"], svc["metadata"]["name"]) == ("kube-system", "kube-dns")
     assert svc["spec"]["clusterIP"] == "10.96.0.10" and "selector" not in svc["spec"]

@@ -440,10 +440,14 @@ DNS_PORT = 53
 
 
 def dns_service_ip(cluster: ClusterRecord) -> str | None:
-    """The 10th address of the cluster's first service CIDR (kubeadm); None without one."""
+    """The 10th address of the cluster's first service CIDR (kubeadm); None without one, or
+    when that CIDR is too small to hold it (kubeadm refuses such a cluster; the lab runs it
+    without cluster DNS, and its kubelet falls back to the Default policy, as upstream's)."""
     if not cluster.service_cidrs:
         return None
     net = ipaddress.ip_network(cluster.service_cidrs[0], strict=False)
+    if net.num_addresses <= 11:
+        return None
     return str(net.network_address + 10)
 
 
