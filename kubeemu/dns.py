@@ -399,19 +399,27 @@ class _Udp(asyncio.DatagramProtocol):
 def make_sockets(listen: Sequence[tuple[str, int]]) -> list[socket.socket]:
     """A UDP and a listening TCP socket per address (port 0: one ephemeral port for both)."""
     out: list[socket.socket] = []
-    for host, port in listen:
-        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-        u = socket.socket(fam, socket.SOCK_DGRAM)
-        out.append(u)
-        u.bind((host, port))
-        port = u.getsockname()[1]
-        s = socket.socket(fam, socket.SOCK_STREAM)
-        out.append(s)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind((host, port))
-        s.listen(64)
-        for x in (u, s):
-            x.setblocking(False)
+    try:
+        for host, port in listen:
+            fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+            u = socket.socket(fam, socket.SOCK_DGRAM)
+            out.append(u)
+            try:
+                u.bind((host, port))
+                port = u.getsockname()[1]
+                s = socket.socket(fam, socket.SOCK_STREAM)
+                out.append(s)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind((host, port))
+                s.listen(64)
+            except OSError as e:
+                raise OSError(e.errno, f"--listen {host}:{port}: {e.strerror or e}") from e
+            for x in (u, s):
+                x.setblocking(False)
+    except OSError:
+        for x in out:
+            x.close()
+        raise
     return out
 
 

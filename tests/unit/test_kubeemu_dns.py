@@ -276,3 +276,8 @@ def test_flags_are_checked() -> None:
         kdns.parse_stub("clusterset.local")
     with pytest.raises(ValueError, match="--listen: 'nowhere:53'"):
         kdns.parse_server("nowhere:53", "--listen")
+
+
+def test_a_listen_address_that_cannot_be_bound_is_named() -> None:
+    with pytest.raises(OSError, match=r"--listen 192\.0\.2\.99:5353"):
+        kdns.make_sockets([("127.0.0.1", 0), ("192.0.2.99", 5353)])  # not an address of this namespace
