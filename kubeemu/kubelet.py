@@ -57,6 +57,7 @@ from typing import Any, Protocol, runtime_checkable
 import aiohttp
 
 from kubeemu.runtime import admission
+from kubeemu.runtime import dns as dnsmod
 from kubeemu.runtime.pods import PodInfo, Runtime
 
 _log = logging.getLogger(__name__)
@@ -183,8 +184,16 @@ class LabKubelet:
 
     def __init__(self, url: str, nodes: Iterable[LabNode], network: PodNetwork, lease_seconds: int = 40,
                  renew_interval: float = 10.0, root: Path | None = None, poll: float = 1.0,
-                 api_port: int = 0) -> None:
+                 api_port: int = 0, cluster_dns: Iterable[str] = (), cluster_domain: str = "",
+                 resolv_conf: str | None = "/etc/resolv.conf") -> None:
+        """``cluster_dns``/``cluster_domain``/``resolv_conf`` are upstream's ``--cluster-dns``,
+        ``--cluster-domain`` and ``--resolv-conf`` (KubeletConfiguration ``clusterDNS``,
+        ``clusterDomain``, ``resolvConf``): each pod's resolv.conf is formed from them
+        (:mod:`kubeemu.runtime.dns`). ``resolv_conf`` None: pods keep the host's /etc/resolv.conf
+        (no file bound over it; the wiring tests' mode). A bad value raises ValueError naming it."""
         self.url = url.rstrip("/")
+        servers, domain = dnsmod.check_cluster_dns(cluster_dns, cluster_domain)
+        self.dns = None if resolv_conf is None else dnsmod.read_host_resolv_conf(resolv_conf, domain, servers)
         self.nodes = {n.name: n for n in nodes}
         for n in self.nodes.values():
             n.capacity  # noqa: B018 - a bad declared capacity fails here, at start, naming the node
@@ -200,7 +209,8 @@ class LabKubelet:
         self._net_waiting: dict[str, list[tuple[str, tuple[str, ...], asyncio.Future[str | None]]]] = {}
         self._net_batches: dict[str, asyncio.Task[None]] = {}
         self.host_network: set[str] = set()  # keys of hostNetwork pods (run in their node's namespace)
-        self.runtime = Runtime(root, self, poll=poll, events=self.record_event) if root is not None else None
+        self.runtime = (Runtime(root, self, poll=poll, events=self.record_event, dns=self.dns)
+                        if root is not None else None)
         self._event_tasks: set[asyncio.Task[None]] = set()
         self.api_port = api_port
         self.kubelet_port = 0

@@ -7,6 +7,8 @@ Modules, in the order a container comes to life:
 * :mod:`~kubeemu.runtime.env`: a container's environment (``env``, ``envFrom``, downward API) and
   ``$(VAR)`` expansion of ``command``/``args``;
 * :mod:`~kubeemu.runtime.volumes`: volume contents under the pod's state directory;
+* :mod:`~kubeemu.runtime.dns`: the pod's resolv.conf (``dnsPolicy``, ``dnsConfig``, the kubelet's
+  ``--cluster-dns``/``--cluster-domain``/``--resolv-conf``), bound over ``/etc/resolv.conf``;
 * :mod:`~kubeemu.runtime.spawner` and :mod:`~kubeemu.runtime.zygote`: the kubelet's shim spawner,
   one process per kubelet (the zygote, with the shim's code loaded) that forks each shim in the
   pod's namespaces, and the kubelet's handle on it (no interpreter per container; init reaps shims);

@@ -23,6 +23,7 @@ On disk, under the kubelet root (upstream ``/var/lib/kubelet`` and ``/var/log/po
 
     pods/<uid>/pod.json                               who the pod is (for adoption and lab down)
     pods/<uid>/etc-hosts, etc-hostname                bound over /etc/hosts, /etc/hostname
+    pods/<uid>/resolv.conf                            bound over /etc/resolv.conf (:mod:`~kubeemu.runtime.dns`)
     pods/<uid>/volumes/kubernetes.io~<plugin>/<vol>   managed volume contents
     pods/<uid>/containers/<name>/state.json           restartCount and back-off, kept across restarts
     pods/<uid>/containers/<name>/<attempt>/           spec.json, shim.json, container.json, exit.json
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -51,6 +53,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubeemu.runtime import dns as dnsmod
 from kubeemu.runtime import env as envmod
 from kubeemu.runtime import procs, spawner, volumes
 from kubeemu.runtime.access import ContainerAccess
@@ -177,8 +180,11 @@ class Runtime:
     """Every pod this kubelet runs; also the :class:`ContainerAccess` for the kubelet API."""
 
     def __init__(self, root: pathlib.Path, api: volumes.Api, poll: float = 1.0, python: str = sys.executable,
-                 events: EventSink = _no_events) -> None:
+                 events: EventSink = _no_events, dns: dnsmod.ClusterDNS | None = None) -> None:
         self.root = pathlib.Path(root)
+        #: The kubelet's clusterDNS/clusterDomain and node resolver: each pod gets a resolv.conf
+        #: formed from it and bound over /etc/resolv.conf (None: containers see the host's file).
+        self.dns = dns
         self.events = events
         self.api = api
         self.poll = poll
@@ -385,6 +391,7 @@ class PodWorker:
             for c in status.get("conditions") or [] if c.get("type")}
         self.last_status: str = ""
         self.phase = "Pending"
+        self.dns_warnings: list[tuple[str, str]] = []  # what forming its resolv.conf warned about
         self._probe_tasks: set[asyncio.Task[None]] = set()
         self.spawning: set[asyncio.Future[None]] = set()
 
@@ -408,6 +415,8 @@ class PodWorker:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self._load)
+        for reason, message in self.dns_warnings:
+            self.rt.events(self.info, "Warning", reason, message, None)
         try:
             while True:
                 try:
@@ -442,6 +451,16 @@ class PodWorker:
             if any(os.path.exists(d / "container.json") or os.path.exists(d / "exit.json") for d in starting):
                 return
 
+    def _write_resolv_conf(self) -> None:
+        """The pod's resolv.conf as the kubelet forms it and containerd writes it (once per
+        worker, as upstream writes it once per sandbox); the kubelet's DNS warnings become events
+        (:meth:`run` records them: this runs in a thread, the event sink on the loop)."""
+        if self.rt.dns is None:
+            return
+        cfg = dnsmod.pod_dns(self.pod, dataclasses.replace(self.rt.dns, node_ips=self.info.host_ips))
+        (self.dir / "resolv.conf").write_text(dnsmod.render(cfg))
+        self.dns_warnings = cfg.warnings  # recorded by run(), on the loop (this runs in a thread)
+
     def _load(self) -> None:
         """Adopt what an earlier kubelet left: restart counts, back-off, live shims (blocking)."""
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -453,8 +472,18 @@ class PodWorker:
         hosts = ["# Kubernetes-managed hosts file.", "127.0.0.1\tlocalhost",
                  "::1\tlocalhost ip6-localhost ip6-loopback", "fe00::0\tip6-localnet", "fe00::0\tip6-mcastprefix",
                  "fe00::1\tip6-allnodes", "fe00::2\tip6-allrouters"]
-        hosts += [f"{ip}\t{hostname}" for ip in self.info.pod_ips]
+        spec = self.pod.get("spec") or {}
+        # Upstream managedHostsFileContent: with spec.subdomain, the pod's FQDN
+        # (<hostname>.<subdomain>.<ns>.svc.<cluster domain>) before its hostname; hostAliases after.
+        domain = self.rt.dns.domain if self.rt.dns is not None else ""
+        fqdn = f"{hostname}.{spec['subdomain']}.{self.info.namespace}.svc.{domain}\t" \
+            if spec.get("subdomain") and domain else ""
+        hosts += [f"{ip}\t{fqdn}{hostname}" for ip in self.info.pod_ips]
+        aliases = [f"{a.get('ip', '')}\t" + "\t".join(a.get("hostnames") or []) for a in spec.get("hostAliases") or []]
+        if aliases:
+            hosts += ["", "# Entries added by HostAliases.", *aliases]
         (self.dir / "etc-hosts").write_text("\n".join(hosts) + "\n")
+        self._write_resolv_conf()
         for cs in self.containers.values():
             st = _read_json(cs.dir / "state.json")
             if st is None:
@@ -683,6 +712,8 @@ class PodWorker:
         mounts = [m.to_json() for m in volumes.container_mounts(cs.spec, self.volumes)]
         mounts += [{"source": str(self.dir / "etc-hostname"), "target": "/etc/hostname", "readOnly": False},
                    {"source": str(self.dir / "etc-hosts"), "target": "/etc/hosts", "readOnly": False}]
+        if self.rt.dns is not None:
+            mounts.append({"source": str(self.dir / "resolv.conf"), "target": "/etc/resolv.conf", "readOnly": False})
         att.env = envmod.process_env(self.pod, env)
         spec: dict[str, Any] = {"hostname": self.hostname,
                                 "rootDir": str(att.dir), "mounts": mounts, "argv": argv, "env": att.env,

@@ -241,3 +241,26 @@ def test_ipv6_only_cluster_pods_are_ipv6_only(dslab: DsLab) -> None:
     url = _url(st["podIP"], 8080)
     wait_until(lambda: dslab.rounds("dsb", "client", [url], 1)[url] == ["v6"], 90,
                f"dsb/client reaches six/v6 at {url} through the fabric", interval=1)
+
+
+def test_an_ipv6_only_cluster_has_its_cluster_dns(dslab: DsLab) -> None:
+    """The cluster DNS of the IPv6-only cluster: kube-dns at the 10th address of its IPv6 service
+    CIDR, answered on the DNS node's IPv6 address through the kube-proxy; a pod resolves a
+    Service's name to its IPv6 ClusterIP (AAAA, through the search path)."""
+    dns = dslab.get("six", "service", "kube-dns", "-n", "kube-system")
+    assert dns["spec"]["clusterIP"] == str(ipaddress.ip_network("fd00:10:97::/112").network_address + 10)
+    dslab.web_pod("six", "asker6", "c1", app="named")  # not the Service's name: /etc/hosts has the pod's
+    dslab.apply("six", f"apiVersion: v1\nkind: Service\nmetadata: {{name: named, namespace: {NS}}}\n"
+                       "spec:\n  selector: {app: named}\n  ports: [{port: 80, targetPort: http}]\n")
+    ip = dslab.get("six", "service", "named", "-n", NS)["spec"]["clusterIP"]
+    assert _family(ip) == 6
+    resolv = dslab.kubectl("six", "exec", "-n", NS, "asker6", "--", "cat", "/etc/resolv.conf").stdout
+    assert f"nameserver {dns['spec']['clusterIP']}" in resolv.splitlines()
+    lookup = ("import socket; print(socket.getaddrinfo('named', 80, socket.AF_INET6, "
+              "socket.SOCK_STREAM)[0][4][0])")
+    got = wait_until(lambda: (p := dslab.kubectl("six", "exec", "-n", NS, "asker6", "--", "python3", "-c", lookup,
+                                                 check=False)).returncode == 0 and p.stdout.strip(),
+                     30, "named resolved in the IPv6-only cluster", interval=0.5)
+    assert got == ip
+    dslab.kubectl("six", "delete", "service", "named", "-n", NS)
+    dslab.kubectl("six", "delete", "pod", "asker6", "-n", NS, "--wait=true", timeout=90)

@@ -37,8 +37,9 @@ def klab() -> Iterator[KubeLab]:
     with kube_lab_running(KubeLab(name, TOPOLOGY), *up) as lab:
         yield lab
     pids = lab.down_pids
-    assert len(pids) == 4 + 1 + 2 * 5, \
-        f"expected agents, reflector, API servers, kubelets, controller-managers, kube-proxies, schedulers: {pids}"
+    assert len(pids) == 4 + 1 + 2 * 6, \
+        f"expected agents, reflector, API servers, kubelets, controller-managers, kube-proxies, schedulers, " \
+        f"cluster DNS: {pids}"
     assert not os.path.exists(f"/run/kosmos-fabric/lab/{name}"), "lab down left its state directory behind"
 
 
@@ -307,3 +308,41 @@ def test_a_restarted_kube_proxy_rewrites_nothing(klab: KubeLab) -> None:
     assert "initial sync: 0 of 4 tables written" in line, line  # 2 nodes x 2 families
     node_ns = klab.nodes()["east/e1"]["netns"]
     assert "kubeemu-proxy " in klab.nsrun(node_ns, "nft", "-t", "list", "table", "ip", "kube-proxy").stdout
+
+
+def test_pods_resolve_service_names_through_the_cluster_dns(klab: KubeLab, tmp_path: Path) -> None:
+    """Issue 18's precondition: the lab has a cluster DNS. A pod on e2 (the DNS answers in e1's
+    namespace, so the query crosses nodes through the kube-proxy's DNAT of kube-dns) gets the
+    ClusterFirst resolv.conf and resolves a Service by its full name and, through the search
+    path, by its short name, with glibc (getent) and Python; an unknown name fails."""
+    svc = tmp_path / "names.yaml"
+    svc.write_text("apiVersion: v1\nkind: Service\nmetadata: {name: names, namespace: default}\n"
+                   "spec:\n  selector: {app: names}\n  ports: [{name: http, port: 80, protocol: TCP}]\n")
+    klab.kubectl("east", "apply", "-f", str(svc))
+    klab.kubectl("east", "apply", "-f", str(_pod(tmp_path, "asker", "e2")))
+    try:
+        _running(klab, "east", "asker")
+        cluster_ip = klab.get("east", "service", "names")["spec"]["clusterIP"]
+        dns_ip = klab.get("east", "service", "kube-dns", "-n", "kube-system")["spec"]["clusterIP"]
+        assert dns_ip == str(ipaddress.ip_network("10.96.0.0/20").network_address + 10)
+        resolv = klab.kubectl("east", "exec", "asker", "--", "cat", "/etc/resolv.conf").stdout
+        assert resolv.splitlines()[:3] == ["search default.svc.cluster.local svc.cluster.local cluster.local",
+                                           f"nameserver {dns_ip}", "options ndots:5"], resolv
+
+        def resolves(*cmd: str) -> str | None:
+            p = klab.kubectl("east", "exec", "asker", "--", *cmd, check=False)
+            return p.stdout if p.returncode == 0 else None
+
+        out = wait_until(lambda: resolves("getent", "hosts", "names.default.svc.cluster.local"), 20,
+                         "getent hosts names.default.svc.cluster.local in the pod", interval=0.5)
+        assert out.split()[0] == cluster_ip, out
+        out = resolves(sys.executable, "-c", "import socket; print(socket.getaddrinfo('names', 80, "
+                       "socket.AF_INET, socket.SOCK_STREAM)[0][4][0])")
+        assert out is not None and out.strip() == cluster_ip
+        api = klab.get("east", "service", "kubernetes")["spec"]["clusterIP"]
+        out = resolves("getent", "hosts", "kubernetes.default")
+        assert out is not None and out.split()[0] == api
+        assert resolves("getent", "hosts", "nothere.default.svc.cluster.local") is None
+    finally:
+        klab.kubectl("east", "delete", "pod", "asker", "--timeout", "20s", check=False)
+        klab.kubectl("east", "delete", "-f", str(svc), check=False)

@@ -130,6 +130,14 @@ def test_a_killed_scheduler_is_restarted(tlab: TreeLab) -> None:
     assert tlab.status()["restarts"]["scheduler/leafa"] == 1
 
 
+def test_a_killed_cluster_dns_is_restarted(tlab: TreeLab) -> None:
+    old = tlab.kube("leafa")["dns_pid"]
+    assert old
+    os.kill(old, signal.SIGKILL)
+    wait_until(lambda: (tlab.kube("leafa")["dns_pid"] not in (None, old)) or None, 60, "a new cluster DNS")
+    assert tlab.status()["restarts"]["dns/leafa"] == 1
+
+
 def _objects(root_id: str) -> str:
     ours = {"kosmos.io/root-cluster": root_id, "kosmos.io/root-uid": "u-1", "app.kubernetes.io/managed-by":
             "kosmos-tree"}

@@ -267,6 +267,17 @@ def test_servers_and_kubelets_start_record_and_stop(lab_root: Path, tmp_path: Pa
         sl = _get(f"{east.api_url}/apis/discovery.k8s.io/v1/namespaces/default/endpointslices/lab-check-ipv4")
         assert sorted(ep["addresses"][0] for ep in sl["endpoints"]) == sorted(p.ip for p in east.nodes[0].pods)
         assert st.clusters[1].service_ip is None
+        # The cluster DNS: kube-system/kube-dns at the 10th address of the service CIDR (kubeadm),
+        # given to the kubelet as --cluster-dns; west has no service CIDR, so no cluster DNS.
+        dns_svc = _get(f"{east.api_url}/api/v1/namespaces/kube-system/services/kube-dns")
+        assert east.dns_ip == dns_svc["spec"]["clusterIP"] == "10.96.0.10"
+        assert [(p["name"], p["protocol"], p["port"]) for p in dns_svc["spec"]["ports"]] == [
+            ("dns", "UDP", 53), ("dns-tcp", "TCP", 53)]
+        assert east.kubelet is not None and east.kubelet.argv[east.kubelet.argv.index("--cluster-dns") + 1] == \
+            "10.96.0.10"
+        assert east.dns_proc is not None and east.dns_proc.argv == lab.kube.dns_argv(east)
+        assert st.clusters[1].dns_ip is None and st.clusters[1].dns_proc is None
+        recs.append(east.dns_proc)
         assert lab.status_doc(st, None, "up")["clusters"][0]["kubernetes"]["proxy_pid"] == proxies[0].pid  # type: ignore[union-attr]
         recs += [r for r in proxies if r is not None]
     finally:

@@ -279,7 +279,7 @@ def _down_locked(name: str, state: LabState | None, progress: Progress) -> bool:
             progress(f"lab {name}: stopping the supervisor ({sup.pid})")
             nsutil.terminate([(sup.pid, sup.start)])
         kube = [r for c in state.clusters
-                for r in (c.kubelet, c.controller_manager, c.proxy, c.scheduler_proc, c.apiserver)]
+                for r in (c.kubelet, c.controller_manager, c.proxy, c.scheduler_proc, c.dns_proc, c.apiserver)]
         for rec in [state.reflector, *(n.agent for n in state.nodes()), state.tree_proc, *kube]:
             if rec is not None and rec.running():
                 daemons[rec.pid] = rec.start

@@ -1,10 +1,13 @@
 """``kubernetes: true`` labs: one emulated API server (kubeemu), one lab kubelet
 (:mod:`tools.lab.kubelet`) and one controller-manager (:mod:`kubeemu.ctrl`) per cluster, in the
-root namespace on 127.0.0.1, and the lab's kubeconfig with a context per cluster.
+root namespace on 127.0.0.1, and the lab's kubeconfig with a context per cluster; then per
+cluster the lab kube-proxy, the lab service and the cluster DNS (``kube-system/kube-dns``,
+:mod:`kubeemu.dns`; see the section at the end).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import shutil
@@ -30,6 +33,7 @@ from tools.lab.state import (
     ClusterRecord,
     LabError,
     LabState,
+    NodeRecord,
     ProcRecord,
     Progress,
     quiet,
@@ -125,6 +129,8 @@ def start_kubelet(state: LabState, cluster: ClusterRecord) -> ProcRecord:
     mount_kubelet_root(state, cluster)
     argv = [sys.executable, "-m", "tools.lab.kubelet", "--state", str(state_file(state.name)),
             "--cluster", cluster.name, "--url", cluster.api_url]  # fmt: skip
+    if cluster.dns_ip:  # upstream's kubelet flags (KubeletConfiguration clusterDNS / clusterDomain)
+        argv += ["--cluster-dns", cluster.dns_ip, "--cluster-domain", CLUSTER_DOMAIN]
     rec = start_process(ROOT_NETNS, argv, state.state_dir / "logs" / f"kubelet-{cluster.name}.log")
     cluster.kubelet = rec
     save_state(state)
@@ -156,11 +162,11 @@ def start_kubernetes(state: LabState, added: Sequence[str], progress: Progress =
     """
     for c in state.clusters:
         if c.apiserver is None or not c.apiserver.running() or c.api_url is None:
-            stale = [r for r in (c.apiserver, c.kubelet, c.controller_manager, c.scheduler_proc)
+            stale = [r for r in (c.apiserver, c.kubelet, c.controller_manager, c.scheduler_proc, c.dns_proc)
                      if r is not None and r.running()]
             if stale:
                 nsutil.terminate([(r.pid, r.start) for r in stale])
-            c.apiserver = c.kubelet = c.controller_manager = c.scheduler_proc = None
+            c.apiserver = c.kubelet = c.controller_manager = c.scheduler_proc = c.dns_proc = None
             leftovers = delete_netns(kube_pod_namespaces(c))
             if leftovers:
                 progress(f"lab {state.name}: removed {len(leftovers)} pod namespaces of an old API server of {c.name}")
@@ -171,6 +177,7 @@ def start_kubernetes(state: LabState, added: Sequence[str], progress: Progress =
                 shutil.rmtree(stale_volumes, ignore_errors=True)
             apply_default_storage_class(c)
             schedulers.install_crds(c, progress)
+        ensure_dns_service(state, c, progress)  # before the kubelet: its --cluster-dns is this ClusterIP
         grown = any(k.startswith(f"{c.name}/") for k in added)
         if c.kubelet is not None and c.kubelet.running() and grown:
             progress(f"lab {state.name}: restarting the kubelet of {c.name} for its new nodes")
@@ -187,6 +194,7 @@ def start_kubernetes(state: LabState, added: Sequence[str], progress: Progress =
     for c in state.clusters:
         start_proxy(state, c, progress)
         ensure_lab_service(state, c, progress)
+        start_dns(state, c, progress)
 
 
 def write_kubeconfig(state: LabState) -> Path:
@@ -410,3 +418,128 @@ def ensure_lab_service(state: LabState, cluster: ClusterRecord, progress: Progre
         save_state(state)
         progress(f"lab {state.name}: lab service {LAB_SERVICE} of {cluster.name} at "
                  f"{', '.join(ips)} port {LAB_SERVICE_PORT}/TCP (lab kube-proxy)")
+
+
+# -- the cluster DNS (``kubernetes: true``) ----------------------------------------------------
+#
+# Per cluster, as kubeadm sets a cluster up: the Service ``kube-system/kube-dns`` (ports ``dns``
+# 53/UDP and ``dns-tcp`` 53/TCP) with the 10th address of the first service CIDR as ClusterIP
+# (kubeadm's ``GetDNSIP``), created right after the API server starts and before the kubelet,
+# whose ``--cluster-dns`` it is; then the responder, ``python -m kubeemu.dns``: root namespace
+# (it talks to the API server on 127.0.0.1), its UDP/TCP sockets opened inside the cluster's
+# first node's namespace on the node's address(es), port 53. The Service has no selector (the
+# responder is no API object, as the lab service's static pods are not); its EndpointSlice, ours,
+# lists that node address, so pods reach the ClusterIP through the lab kube-proxy as any
+# Service. Restarted when its arguments change (new API server, stub domains); ``lab down``
+# stops it with the other Kubernetes processes; the supervisor restarts it when it dies.
+
+#: The cluster domain of every lab cluster (kubeadm's default ``networking.dnsDomain``).
+CLUSTER_DOMAIN = "cluster.local"
+DNS_SERVICE = "kube-system/kube-dns"
+DNS_PORT = 53
+
+
+def dns_service_ip(cluster: ClusterRecord) -> str | None:
+    """The 10th address of the cluster's first service CIDR (kubeadm); None without one, or
+    when that CIDR is too small to hold it (kubeadm refuses such a cluster; the lab runs it
+    without cluster DNS, and its kubelet falls back to the Default policy, as upstream's)."""
+    if not cluster.service_cidrs:
+        return None
+    net = ipaddress.ip_network(cluster.service_cidrs[0], strict=False)
+    if net.num_addresses <= 11:
+        return None
+    return str(net.network_address + 10)
+
+
+def dns_node(cluster: ClusterRecord) -> NodeRecord:
+    """The node whose namespace the cluster DNS answers in (the first node of the cluster)."""
+    return cluster.nodes[0]
+
+
+def dns_objects(cluster: ClusterRecord, ip: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The ``kube-dns`` Service (ClusterIP ``ip``) and its EndpointSlice (the DNS node's address
+    of that family, port 53 UDP and TCP)."""
+    ns, name = DNS_SERVICE.split("/")
+    fam = "IPv6" if ":" in ip else "IPv4"
+    node = dns_node(cluster)
+    addr = node.underlay_ip6 if fam == "IPv6" else node.underlay_ip
+    ports = [{"name": "dns", "protocol": "UDP", "port": DNS_PORT},
+             {"name": "dns-tcp", "protocol": "TCP", "port": DNS_PORT}]
+    labels = {"k8s-app": "kube-dns", "kubernetes.io/name": "CoreDNS", "app.kubernetes.io/managed-by": "fabric-lab"}
+    svc = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": ns, "labels": labels},
+           "spec": {"type": "ClusterIP", "clusterIP": ip, "clusterIPs": [ip], "ipFamilies": [fam],
+                    "ipFamilyPolicy": "SingleStack",
+                    "ports": [{**p, "targetPort": DNS_PORT} for p in ports]}}
+    eps = [{"addresses": [addr], "conditions": {"ready": True, "serving": True, "terminating": False},
+            "nodeName": node.name}] if addr else []
+    sl = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+          "metadata": {"name": f"{name}-lab", "namespace": ns,
+                       "labels": {"kubernetes.io/service-name": name,
+                                  "endpointslice.kubernetes.io/managed-by": LAB_SLICE_MANAGER}},
+          "addressType": fam, "endpoints": eps, "ports": ports}
+    return svc, sl
+
+
+def ensure_dns_service(state: LabState, cluster: ClusterRecord, progress: Progress = quiet) -> None:
+    """Create (or bring up to date) ``kube-dns`` of ``cluster`` and record its ClusterIP. A
+    Service of that name that is already there keeps its ClusterIP (its kubelet was given it)."""
+    ip = dns_service_ip(cluster)
+    if ip is None or not cluster.nodes:
+        return
+    ns, name = DNS_SERVICE.split("/")
+    svc, sl = dns_objects(cluster, ip)
+    base = f"/api/v1/namespaces/{ns}/services"
+    cur = _api(cluster, "GET", f"{base}/{name}")
+    if cur is None:
+        try:
+            cur = _api(cluster, "POST", base, svc)
+        except LabError as e:
+            raise LabError(f"cluster {cluster.name}: the cluster DNS Service {DNS_SERVICE} needs ClusterIP {ip} "
+                           f"(the 10th address of service CIDR {cluster.service_cidrs[0]}, as kubeadm): {e}") from e
+    assert cur is not None
+    got = (cur.get("spec") or {}).get("clusterIP") or ip
+    if got != ip:
+        svc, sl = dns_objects(cluster, got)
+    sbase = f"/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices"
+    old = _api(cluster, "GET", f"{sbase}/{sl['metadata']['name']}")
+    if old is None:
+        _api(cluster, "POST", sbase, sl)
+    elif (old.get("endpoints"), old.get("ports")) != (sl["endpoints"], sl["ports"]):
+        sl["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"]
+        _api(cluster, "PUT", f"{sbase}/{sl['metadata']['name']}", sl)
+    if cluster.dns_ip != got:
+        cluster.dns_ip = got
+        save_state(state)
+        progress(f"lab {state.name}: cluster DNS {DNS_SERVICE} of {cluster.name} at {got} port {DNS_PORT} "
+                 f"(answered on node {dns_node(cluster).name})")
+
+
+def dns_argv(cluster: ClusterRecord) -> list[str]:
+    """The cluster DNS's command line: its API server, domain, the DNS node's namespace and
+    addresses, and the cluster's stub domains."""
+    assert cluster.api_url is not None
+    node = dns_node(cluster)
+    argv = [sys.executable, "-m", "kubeemu.dns", "--server", cluster.api_url, "--cluster-domain", CLUSTER_DOMAIN,
+            "--netns", node.netns]
+    for ip in (node.underlay_ip, node.underlay_ip6):
+        if ip:
+            argv += ["--listen", f"[{ip}]:{DNS_PORT}" if ":" in ip else f"{ip}:{DNS_PORT}"]
+    for stub in cluster.dns_stubs:
+        argv += ["--stub-domain", stub]
+    return argv
+
+
+def start_dns(state: LabState, cluster: ClusterRecord, progress: Progress = quiet) -> ProcRecord | None:
+    """Start the cluster DNS of ``cluster`` unless one with the same arguments runs (None for a
+    cluster without service CIDR or API server)."""
+    if cluster.api_url is None or not cluster.nodes or dns_service_ip(cluster) is None:
+        return None
+    argv = dns_argv(cluster)
+    if (rec := still_running(cluster.dns_proc, argv, progress, f"lab {state.name}: restarting the cluster DNS of "
+                             f"{cluster.name} (new API server or stub domains)")) is not None:
+        return rec
+    rec = start_process(ROOT_NETNS, argv, state.state_dir / "logs" / f"dns-{cluster.name}.log")
+    cluster.dns_proc = rec
+    save_state(state)
+    progress(f"lab {state.name}: cluster DNS of {cluster.name} started (pid {rec.pid}, log {rec.log})")
+    return rec

@@ -110,6 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", type=Path, default=None,
                    help="kubelet root: pod directories, volumes, logs (default: <state dir>/kubelet-<cluster>)")
     p.add_argument("--api-port", type=int, default=0, help="port of the kubelet API on 127.0.0.1 (default: any)")
+    p.add_argument("--cluster-dns", default="",
+                   help="comma-separated IPs of the cluster DNS (upstream's --cluster-dns; the lab's kube-dns "
+                        "ClusterIP): the nameserver of ClusterFirst pods")
+    p.add_argument("--cluster-domain", default="",
+                   help="the cluster's DNS domain (upstream's --cluster-domain, e.g. cluster.local): the search path "
+                        "of ClusterFirst pods")
+    p.add_argument("--resolv-conf", default="/etc/resolv.conf",
+                   help="the node's resolver configuration (upstream's --resolv-conf; '' for none): what "
+                        "dnsPolicy Default pods get")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -132,8 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     _log.info("lab %s cluster %s: serving nodes %s for %s (kubelet root %s)", state.name, cluster.name,
               ", ".join(n.name for n in nodes), args.url, root)
     try:
-        kubelet = LabKubelet(args.url, nodes, LabPodNetwork(cluster), root=root, api_port=args.api_port)
-    except ValueError as e:  # a node's declared capacity is unusable (the message names node and value)
+        kubelet = LabKubelet(args.url, nodes, LabPodNetwork(cluster), root=root, api_port=args.api_port,
+                             cluster_dns=args.cluster_dns.split(","), cluster_domain=args.cluster_domain,
+                             resolv_conf=args.resolv_conf)
+    except ValueError as e:  # a bad capacity or DNS setting (the message names the value and where it came from)
         print(f"lab kubelet: {e}", file=sys.stderr)
         return 2
     asyncio.run(run_until_signalled(kubelet.run(), "stopping"))

@@ -93,6 +93,9 @@ def status_doc(state: LabState, status: api.FabricStatus | None, error: str | No
                     "controller_manager_log": c.controller_manager.log if c.controller_manager else None,
                     "proxy_pid": c.proxy.pid if c.proxy and c.proxy.running() else None,
                     "proxy_log": c.proxy.log if c.proxy else None,
+                    "dns_pid": c.dns_proc.pid if c.dns_proc and c.dns_proc.running() else None,
+                    "dns_log": c.dns_proc.log if c.dns_proc else None,
+                    "dns_ip": c.dns_ip,
                     "scheduler": c.scheduler,
                     "scheduler_pid": c.scheduler_proc.pid if c.scheduler_proc and c.scheduler_proc.running() else None,
                     "scheduler_log": c.scheduler_proc.log if c.scheduler_proc else None,
@@ -168,6 +171,8 @@ def render_status(doc: dict[str, Any]) -> str:
                     f"controller-manager {k.get('controller_manager_pid') or 'stopped'}")
             lines.append(f"kubernetes of {c['name']}: {k['url'] or '-'} ({pids})")
             lines.append(f"kube-proxy of {c['name']}: {k.get('proxy_pid') or 'stopped'}")
+            if k.get("dns_ip"):
+                lines.append(f"cluster DNS of {c['name']}: {k['dns_ip']} ({k.get('dns_pid') or 'stopped'})")
             if k.get("scheduler", "none") != "none":
                 lines.append(f"scheduler of {c['name']}: {k['scheduler']} {k.get('scheduler_pid') or 'stopped'}")
     restarts = doc.get("restarts") or {}

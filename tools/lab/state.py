@@ -173,6 +173,12 @@ class ClusterRecord:
     #: ``node`` or ``party=<selector>``, "" for no leaf), joined to the host by ``lab up``.
     role: str = ""
     tree: str = ""
+    #: ``kubernetes: true``: the cluster DNS (``python -m kubeemu.dns``, :func:`tools.lab.kube.start_dns`),
+    #: the ``kube-system/kube-dns`` ClusterIP its kubelet gives pods as nameserver, and the stub
+    #: domains it forwards (``DOMAIN=IP[:PORT]``, e.g. the clusterset.local responder of MCS).
+    dns_proc: ProcRecord | None = None
+    dns_ip: str | None = None
+    dns_stubs: list[str] = dataclasses.field(default_factory=list)
 
     def global_ip(self, ip: str | None) -> str | None:
         """How the other clusters reach ``ip`` of this cluster (None: by ``ip`` itself)."""
@@ -272,12 +278,13 @@ class LabState:
                     pods = [PodRecord(**p) for p in n["pods"]]
                     fields = {k: v for k, v in n.items() if k not in ("pods", "agent")}
                     nodes.append(NodeRecord(**fields, pods=pods, agent=proc(n.get("agent"))))
-                procs = ("apiserver", "kubelet", "controller_manager", "proxy", "scheduler_proc")
+                procs = ("apiserver", "kubelet", "controller_manager", "proxy", "scheduler_proc", "dns_proc")
                 fields = {k: v for k, v in c.items() if k != "nodes" and k not in procs}
                 clusters.append(ClusterRecord(**fields, nodes=nodes, apiserver=proc(c.get("apiserver")),
                                               kubelet=proc(c.get("kubelet")),
                                               controller_manager=proc(c.get("controller_manager")),
-                                              proxy=proc(c.get("proxy")), scheduler_proc=proc(c.get("scheduler_proc"))))
+                                              proxy=proc(c.get("proxy")), scheduler_proc=proc(c.get("scheduler_proc")),
+                                              dns_proc=proc(c.get("dns_proc"))))
             own = ("clusters", "reflector", "tree_proc", "supervisor")
             fields = {k: v for k, v in doc.items() if k not in own}
             return cls(**fields, clusters=clusters, reflector=proc(doc.get("reflector")),

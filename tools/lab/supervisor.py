@@ -4,7 +4,8 @@ and the schedulers when they die, as the kubelet restarts a Deployment's contain
 It runs in labs with a ``role: host`` cluster (ClusterTree), root namespace, started by
 ``lab up`` (which restarts it too when it died) and stopped first by ``lab down``. Every second
 it reads the state file; a supervised process (:func:`supervised`: the tree manager, each
-cluster's scheduler other than ``none``, both only while their API server runs) that is recorded
+cluster's scheduler other than ``none`` and each cluster's DNS (:func:`tools.lab.kube.start_dns`),
+all only while their API server runs) that is recorded
 but no longer running is started again by the lab's own starter
 (:func:`tools.lab.tree.start_tree`, :func:`tools.lab.schedulers.start_scheduler`), under the
 lab's lock, taken without waiting (a busy lab is retried next round), the state re-read under it,
@@ -34,6 +35,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from fabric import logs
+from tools.lab import kube as labkube
 from tools.lab import schedulers
 from tools.lab import tree as labtree
 from tools.lab.procs import ROOT_NETNS, start_process, still_running
@@ -74,6 +76,15 @@ def supervised(state: LabState) -> dict[str, tuple[ProcRecord | None, Callable[[
             return schedulers.start_scheduler(st, cl)
 
         out[f"scheduler/{name}"] = (c.scheduler_proc, start)
+    for c in state.clusters:
+        if c.apiserver is None or not c.apiserver.running() or not c.api_url:
+            continue
+
+        def start_dns(st: LabState, name: str = c.name) -> object:
+            cl = next(x for x in st.clusters if x.name == name)
+            return labkube.start_dns(st, cl)
+
+        out[f"dns/{c.name}"] = (c.dns_proc, start_dns)
     return out
 
 
