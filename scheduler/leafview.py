@@ -15,9 +15,11 @@ Flow:
    schedulable). The caller's dicts are never kept.
 2. :meth:`LeafView.apply_record` diffs them against the view: only the leaf nodes whose value
    changed are moved (:meth:`LeafView.upsert_node` / :meth:`LeafView.remove_node`); an unchanged
-   leaf node costs one equality test. A reservation confirmed by the leaf (:meth:`confirm`) is
-   dropped at the first record applied after the confirmation (that record counts the pod in
-   its node's ``free``).
+   leaf node costs one equality test. A reservation the leaf confirmed (:meth:`LeafView.confirm`:
+   the pod is bound there) is dropped by the first record applied after the confirmation in which
+   its leaf node changed or went: that record counts the pod in the node's ``free``. A record
+   where the node is unchanged was written before the bind (records move only when their content
+   does), so the reservation stays; :meth:`LeafView.expire` is the backstop.
 3. A pod's leaf placement (:class:`Placement`: node selector, required node affinity,
    tolerations, as the leaf scheduler will see them) and its request (:class:`Demand`) are asked
    with :meth:`LeafView.fits` and :meth:`LeafView.count`.
@@ -330,8 +332,8 @@ class Reservation:
     node: str
     demand: Demand
     deadline: float | None = None
-    #: :attr:`LeafView.records` when confirmed: released by the next record after it.
-    confirmed_at: int | None = None
+    #: The leaf bound the pod (on :attr:`node`): released by the next record changing that node.
+    confirmed: bool = False
 
 
 @dataclass
@@ -355,13 +357,23 @@ class LeafView:
         #: placement key -> the matching classes; cleared when a class appears or goes.
         self._matches: dict[str, list[_Class]] = {}
         self.reservations: dict[str, Reservation] = {}
-        #: Records applied so far (a confirmation waits for the next one).
+        #: Records applied so far.
         self.records = 0
 
     # -- input ------------------------------------------------------------------------------
 
     def __len__(self) -> int:
         return len(self._nodes)
+
+    @property
+    def class_count(self) -> int:
+        """How many classes the usable nodes fall into (few, whatever the fleet's size)."""
+        return len(self._classes)
+
+    @property
+    def shape_count(self) -> int:
+        """How many distinct (class, effective free) shapes there are: a cold query's pass."""
+        return sum(len(c.shapes) for c in self._classes.values())
 
     def nodes(self) -> Iterator[LeafNode]:
         return (e.node for e in self._nodes.values())
@@ -373,26 +385,27 @@ class LeafView:
 
     def apply_record(self, record: Record | bytes | str | Mapping[str, Any]) -> int:
         """Bring the view to ``record``; returns how many leaf nodes changed. Confirmed
-        reservations are released (the record counts their pods)."""
+        reservations on a changed node are released (the record counts their pods)."""
         if not isinstance(record, Record):
             record = parse_record(record, f"record {self.name or '?'}")
         self.records += 1
-        done = [r.key for r in self.reservations.values()
-                if r.confirmed_at is not None and r.confirmed_at < self.records]
-        for k in done:
-            self.forget(k)
         seen: set[str] = set()
-        changed = 0
+        changed: set[str] = set()
         for n in record.nodes:
             seen.add(n.name)
             e = self._nodes.get(n.name)
             if e is None or e.node != n:
+                changed.add(n.name)
+        gone = [k for k in self._nodes if k not in seen]
+        done = [r.key for r in self.reservations.values() if r.confirmed and r.node in changed]
+        for k in done:
+            self.forget(k)
+        for n in record.nodes:
+            if n.name in changed:
                 self.upsert_node(n)
-                changed += 1
-        for name in [k for k in self._nodes if k not in seen]:
+        for name in gone:
             self.remove_node(name)
-            changed += 1
-        return changed
+        return len(changed) + len(gone)
 
     def upsert_node(self, node: LeafNode) -> None:
         """Add or replace one leaf node (a delta); its reservations stay on it."""
@@ -544,11 +557,19 @@ class LeafView:
                                              None if ttl is None else self.clock() + ttl)
         return node
 
-    def confirm(self, key: str) -> None:
-        """The leaf has the pod bound: the reservation goes with the next record applied."""
+    def confirm(self, key: str, node: str | None = None) -> None:
+        """The leaf has bound pod ``key`` (on leaf node ``node``, when the caller knows it: the
+        reservation moves there if the leaf chose another node than ours). The reservation goes
+        with the next record that changes that node."""
         r = self.reservations.get(key)
-        if r is not None and r.confirmed_at is None:
-            r.confirmed_at = self.records
+        if r is None:
+            return
+        if node is not None and node != r.node and node in self._nodes:
+            self.forget(key)
+            self.assume(key, r.demand, node=node)
+            self.reservations[key].deadline = r.deadline
+            r = self.reservations[key]
+        r.confirmed = True
 
     def forget(self, key: str) -> bool:
         """Release pod ``key``'s reservation (refused, failed, deleted). False: there was none."""
