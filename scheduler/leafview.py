@@ -73,6 +73,8 @@ no node here: the pod is kept off rather than stranded.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import logging
 import time
@@ -185,10 +187,19 @@ class Record:
     nodes: tuple[LeafNode, ...]
 
 
-def parse_record(data: bytes | str | Mapping[str, Any], where: str = "leaf-resources record") -> Record:
+def parse_record(data: bytes | str | Mapping[str, Any], where: str = "leaf-resources record",
+                 cache: dict[str, tuple[Any, LeafNode]] | None = None) -> Record:
     """The record's JSON (``tree.forge.leaf_resources``) as a :class:`Record`; :class:`RecordError`
     naming ``where`` and the field when it cannot be read. Per-node ``taints`` are read when
-    present (the v1 record has none: then no node counts as tainted)."""
+    present (the v1 record has none: then no node counts as tainted).
+
+    ``cache`` (name -> (the node's JSON object, its LeafNode), from the previous record; refilled
+    with this one's): a node whose JSON object is equal to the cached one is not parsed again and
+    keeps the same LeafNode object, so the view's diff sees it unchanged by identity. Only a
+    record given as JSON text fills it: a caller's dicts may change after the call."""
+    if cache is not None and not isinstance(data, (bytes, str)):
+        cache.clear()
+        cache = None
     try:
         doc = json.loads(data) if isinstance(data, (bytes, str)) else data
     except ValueError as e:
@@ -197,24 +208,42 @@ def parse_record(data: bytes | str | Mapping[str, Any], where: str = "leaf-resou
         raise RecordError(f"{where}: expected a JSON object, got {type(doc).__name__}")
     if doc.get("schema") != RECORD_SCHEMA:
         raise RecordError(f"{where}: schema {doc.get('schema')!r} is not {RECORD_SCHEMA!r}")
+    raws = doc.get("nodes") or ()
+    if not isinstance(raws, Sequence):
+        raise RecordError(f"{where}.nodes: expected a list, got {type(raws).__name__}")
+    old = dict(cache) if cache is not None else {}
+    if cache is not None:
+        cache.clear()
     nodes: list[LeafNode] = []
-    for i, n in enumerate(doc.get("nodes") or ()):
-        w = f"{where}.nodes[{i}]"
+    names: set[str] = set()
+    for i, n in enumerate(raws):
         if not isinstance(n, Mapping) or not isinstance(n.get("name"), str):
-            raise RecordError(f"{w}: expected an object with a string name, got {n!r}")
-        try:
-            free = resource_vector(resource_list(n.get("free") or {}, f"{w}.free"))
-        except QuantityError as e:
-            raise RecordError(str(e)) from None
-        labels = n.get("labels") or {}
-        taints = n.get("taints") or ()
-        if not isinstance(labels, Mapping) or not isinstance(taints, Sequence):
-            raise RecordError(f"{w}: labels must be an object and taints a list")
-        nodes.append(make_node(n["name"], free, {str(k): str(v) for k, v in labels.items()},
-                               [t for t in taints if isinstance(t, Mapping)],
-                               usable=bool(n.get("ready")) and bool(n.get("schedulable"))))
+            raise RecordError(f"{where}.nodes[{i}]: expected an object with a string name, got {n!r}")
+        name = n["name"]
+        if name in names:
+            raise RecordError(f"{where}.nodes[{i}]: leaf node {name!r} is listed twice")
+        names.add(name)
+        hit = old.get(name)
+        node = hit[1] if hit is not None and hit[0] == n else _parse_node(n, f"{where}.nodes[{i}]")
+        if cache is not None:
+            cache[name] = (n, node)
+        nodes.append(node)
     return Record(virtual_node=str(doc.get("virtualNode") or ""), cluster=str(doc.get("cluster") or ""),
                   ready=bool(doc.get("ready")), nodes=tuple(nodes))
+
+
+def _parse_node(n: Mapping[str, Any], where: str) -> LeafNode:
+    try:
+        free = resource_vector(resource_list(n.get("free") or {}, f"{where}.free"))
+    except QuantityError as e:
+        raise RecordError(str(e)) from None
+    labels = n.get("labels") or {}
+    taints = n.get("taints") or ()
+    if not isinstance(labels, Mapping) or not isinstance(taints, Sequence):
+        raise RecordError(f"{where}: labels must be an object and taints a list")
+    return make_node(n["name"], free, {str(k): str(v) for k, v in labels.items()},
+                     [t for t in taints if isinstance(t, Mapping)],
+                     usable=bool(n.get("ready")) and bool(n.get("schedulable")))
 
 
 class Placement:
@@ -283,20 +312,24 @@ ANY = Placement()
 class _Class:
     """Usable leaf nodes with equal labels (hostname aside) and hard taints."""
 
-    __slots__ = ("labels", "shapes", "taints", "tracked")
+    __slots__ = ("labels", "order", "shapes", "taints", "tracked")
 
     def __init__(self, labels: dict[str, str], taints: tuple[TaintKey, ...]) -> None:
         self.labels = labels
         self.taints = taints
         #: shape -> (its free as a dict, the names of the nodes having it)
         self.shapes: dict[Vector, tuple[dict[str, int], set[str]]] = {}
+        #: (free cpu, shape) of every shape, ascending: the cold paths start at the demand's cpu.
+        self.order: list[tuple[int, Vector]] = []
         #: tracked demand -> [pods that fit, nodes where one fits]
         self.tracked: dict[Vector, list[int]] = {}
 
     def add(self, shape: Vector, name: str) -> None:
         entry = self.shapes.get(shape)
         if entry is None:
-            entry = self.shapes[shape] = (dict(shape), set())
+            free = dict(shape)
+            entry = self.shapes[shape] = (free, set())
+            bisect.insort(self.order, (free.get("cpu", 0), shape))
         entry[1].add(name)
         self._adjust(entry[0], 1)
 
@@ -305,6 +338,7 @@ class _Class:
         names.discard(name)
         if not names:
             del self.shapes[shape]
+            del self.order[bisect.bisect_left(self.order, (free.get("cpu", 0), shape))]
         self._adjust(free, -1)
 
     def _adjust(self, free: Mapping[str, int], sign: int) -> None:
@@ -314,14 +348,44 @@ class _Class:
                 acc[0] += sign * c
                 acc[1] += sign
 
+    def _start(self, d: Vector) -> int:
+        """The first shape of :attr:`order` with at least the demand's cpu."""
+        cpu = dict(d).get("cpu", 0)
+        return bisect.bisect_left(self.order, (cpu,)) if cpu else 0
+
     def compute(self, d: Vector) -> list[int]:
+        """[pods that fit, nodes where one fits]: one pass over the shapes with enough cpu."""
         pods = nodes = 0
-        for free, names in self.shapes.values():
+        shapes = self.shapes
+        for _cpu, shape in itertools.islice(self.order, self._start(d), None):
+            free, names = shapes[shape]
             c = per_node(free, d)
             if c:
                 pods += c * len(names)
                 nodes += len(names)
         return [pods, nodes]
+
+    def any_fit(self, d: Vector) -> bool:
+        """Some node fits ``d``: the shapes from the most cpu down, the first that fits ends it."""
+        shapes = self.shapes
+        order = self.order
+        return any(per_node(shapes[order[i][1]][0], d) for i in range(len(order) - 1, self._start(d) - 1, -1))
+
+    def best(self, d: Vector, best: tuple[int, int, str] | None) -> tuple[int, int, str] | None:
+        """The best fit (pods of ``d`` that fit, free cpu, name) of this class and ``best``: the
+        shapes from the least cpu up; once one copy is the tightest count, only shapes of the
+        same cpu can still beat it."""
+        shapes = self.shapes
+        for cpu, shape in itertools.islice(self.order, self._start(d), None):
+            if best is not None and best[0] == 1 and cpu > best[1]:
+                break
+            free, names = shapes[shape]
+            n = per_node(free, d)
+            if n and (best is None or (n, cpu) <= best[:2]):
+                cand = (n, cpu, min(names))
+                if best is None or cand < best:
+                    best = cand
+        return best
 
 
 @dataclass
@@ -353,6 +417,10 @@ class LeafView:
         self._nodes: dict[str, _Entry] = {}
         self._classes: dict[Any, _Class] = {}
         self._tracked: OrderedDict[Vector, None] = OrderedDict()
+        #: Demands ``fits`` answered once without tracking them.
+        self._seen: OrderedDict[Vector, None] = OrderedDict()
+        #: The last record's nodes, by name: (its JSON object, its LeafNode) (:func:`parse_record`).
+        self._raw: dict[str, tuple[Any, LeafNode]] = {}
         self._capacity = max(1, tracked)
         #: placement key -> the matching classes; cleared when a class appears or goes.
         self._matches: dict[str, list[_Class]] = {}
@@ -371,6 +439,11 @@ class LeafView:
         return len(self._classes)
 
     @property
+    def tracked(self) -> tuple[Demand, ...]:
+        """The demands whose counts every class keeps up to date, least recently asked first."""
+        return tuple(Demand(d) for d in self._tracked)
+
+    @property
     def shape_count(self) -> int:
         """How many distinct (class, effective free) shapes there are: a cold query's pass."""
         return sum(len(c.shapes) for c in self._classes.values())
@@ -387,16 +460,18 @@ class LeafView:
         """Bring the view to ``record``; returns how many leaf nodes changed. Confirmed
         reservations on a changed node are released (the record counts their pods)."""
         if not isinstance(record, Record):
-            record = parse_record(record, f"record {self.name or '?'}")
+            record = parse_record(record, f"record {self.name or '?'}", self._raw)
         self.records += 1
-        seen: set[str] = set()
         changed: set[str] = set()
+        known = self._nodes
         for n in record.nodes:
-            seen.add(n.name)
-            e = self._nodes.get(n.name)
-            if e is None or e.node != n:
+            e = known.get(n.name)
+            if e is None or (e.node is not n and e.node != n):
                 changed.add(n.name)
-        gone = [k for k in self._nodes if k not in seen]
+        gone: list[str] = []
+        if len(known) + sum(1 for n in changed if n not in known) != len(record.nodes):
+            listed = {n.name for n in record.nodes}
+            gone = [k for k in known if k not in listed]
         done = [r.key for r in self.reservations.values() if r.confirmed and r.node in changed]
         for k in done:
             self.forget(k)
@@ -509,8 +584,23 @@ class LeafView:
         return pods, nodes
 
     def fits(self, demand: Demand, placement: Placement = ANY) -> bool:
-        """Does one pod of ``demand`` fit on some usable leaf node ``placement`` admits?"""
-        return self.stats(demand, placement)[1] > 0
+        """Does one pod of ``demand`` fit on some usable leaf node ``placement`` admits? A demand
+        asked for the first time is answered by a scan that stops at the first fit; asked again,
+        it is tracked (a Deployment's pods all ask the same)."""
+        d = demand.amounts
+        if placement.names_node or d in self._tracked or self._again(d):
+            return self.stats(demand, placement)[1] > 0
+        return any(c.any_fit(d) for c in self._classes_for(placement))
+
+    def _again(self, d: Vector) -> bool:
+        """Has ``fits`` seen ``d`` before (then it gets tracked)? Remembers the last few."""
+        if d in self._seen:
+            del self._seen[d]
+            return True
+        self._seen[d] = None
+        if len(self._seen) > self._capacity:
+            self._seen.popitem(last=False)
+        return False
 
     def count(self, demand: Demand, placement: Placement = ANY) -> int:
         """How many pods of ``demand`` fit, node by node (floor per node, summed)."""
@@ -519,21 +609,16 @@ class LeafView:
     def best_fit(self, demand: Demand, placement: Placement = ANY) -> str | None:
         """The leaf node a reservation goes to (module docstring, "Best fit"), or None."""
         d = demand.amounts
-        best: tuple[int, str] | None = None
+        best: tuple[int, int, str] | None = None
         if placement.names_node:
             for name, free in self._admitted(placement):
                 n = per_node(free, d)
-                if n and (best is None or (n, name) < best):
-                    best = (n, name)
+                if n and (best is None or (n, free.get("cpu", 0), name) < best):
+                    best = (n, free.get("cpu", 0), name)
         else:
             for cl in self._classes_for(placement):
-                for free, names in cl.shapes.values():
-                    n = per_node(free, d)
-                    if n and (best is None or n <= best[0]):
-                        cand = (n, min(names))
-                        if best is None or cand < best:
-                            best = cand
-        return None if best is None else best[1]
+                best = cl.best(d, best)
+        return None if best is None else best[2]
 
     # -- reservations -----------------------------------------------------------------------
 

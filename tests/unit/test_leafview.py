@@ -105,19 +105,20 @@ class Oracle:
             best = c if best is None else min(best, c)
         return best or 0
 
-    def candidates(self, pod: dict[str, Any], req: dict[str, int]) -> list[tuple[int, str]]:
-        return [(self.per_node(n, req), n.name) for n in self.nodes.values()
+    def candidates(self, pod: dict[str, Any], req: dict[str, int]) -> list[tuple[int, int, str]]:
+        """(pods that fit, free cpu, name) of every node where one fits: the best fit is the least."""
+        return [(self.per_node(n, req), max(0, self.effective(n).get("cpu", 0)), n.name) for n in self.nodes.values()
                 if n.usable and self.admits(n, pod) and self.per_node(n, req) > 0]
 
     def fits(self, pod: dict[str, Any], req: dict[str, int]) -> bool:
         return bool(self.candidates(pod, req))
 
     def count(self, pod: dict[str, Any], req: dict[str, int]) -> int:
-        return sum(c for c, _ in self.candidates(pod, req))
+        return sum(c for c, _, _ in self.candidates(pod, req))
 
     def best(self, pod: dict[str, Any], req: dict[str, int]) -> str | None:
         cands = self.candidates(pod, req)
-        return min(cands)[1] if cands else None
+        return min(cands)[2] if cands else None
 
 
 def _value(n: OracleNode) -> tuple[Any, ...]:
@@ -267,11 +268,20 @@ def run_sequence(seed: int, size: int, steps: int) -> None:
             if node is not None:
                 oracle.reserved[key] = (node, oracle.reserved[key][1])
             oracle.confirmed.add(key)
-        else:  # a whole record: a few nodes changed, the rest identical
+        else:  # a whole record: a few nodes changed, maybe one gone and one new, the rest identical
             before = {n.name: n for n in oracle.nodes.values()}
             for name in rng.sample(names, min(len(names), rng.randint(0, 3))):
                 oracle.replace(random_node(rng, name))
-            changed = sum(1 for n in oracle.nodes.values() if _value(n) != _value(before[n.name]))
+            if names and rng.random() < 0.3:
+                gone = rng.choice(names)
+                for k in [k for k, v in oracle.reserved.items() if v[0] == gone]:
+                    oracle.forget(k)
+                del oracle.nodes[gone]
+            if rng.random() < 0.3:
+                oracle.replace(random_node(rng, f"n{serial}"))
+                serial += 1
+            changed = sum(1 for n in oracle.nodes.values() if n.name not in before
+                          or _value(n) != _value(before[n.name])) + len(set(before) - set(oracle.nodes))
             assert view.apply_record(_record_of(oracle)) == changed
         assert set(view.reservations) == set(oracle.reserved)
     for pod, req in pods:
@@ -450,6 +460,16 @@ def test_structure_classes_ignore_the_hostname() -> None:
                                    {HOSTNAME_LABEL: f"n{i}", "topology.kubernetes.io/zone": ZONES[i % 2]}))
     assert view.class_count == 2
     assert view.shape_count == 4  # zone a: cpu 0 or 2000; zone b: 1000 or 3000
+
+
+def test_fits_tracks_a_demand_asked_twice_and_count_at_once() -> None:
+    view = LeafView(tracked=2)
+    _fleet(view, 4, 4000)
+    a, b, c = Demand.of({"cpu": 1000}), Demand.of({"cpu": 2000}), Demand.of({"cpu": 3000})
+    assert view.fits(a) and view.tracked == ()
+    assert view.fits(a) and view.tracked == (a,)
+    assert view.count(b) == 8 and view.tracked == (a, b)
+    assert view.count(c) == 4 and view.tracked == (b, c)  # the least recently asked goes
 
 
 def test_an_unchanged_record_changes_nothing_and_a_delta_moves_one_node() -> None:
