@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -160,3 +161,43 @@ def test_unconfirmed_reservations_expire() -> None:
     assert deadline is not None
     assert views.expire(deadline - 1) == []
     assert views.expire(deadline) == ["kosmos-c1/default/p/uid-p"]
+
+
+def test_leaf_watch_feeds_the_views_from_its_thread_and_stops() -> None:
+    from scheduler.leafwatch import LeafWatch
+
+    class FakeWatch:
+        """A RecordWatch stand-in: one snapshot, then nothing until closed."""
+
+        def __init__(self, target: str, tls_dir: Any) -> None:
+            self.target = target
+            self.closed = asyncio.Event()
+
+        def __aiter__(self) -> AsyncIterator[Any]:
+            return self._changes()
+
+        async def _changes(self) -> AsyncIterator[Any]:
+            yield RecordsChange(1, (record("kosmos-c1", {"a": "4"}),), (), resynced=True)
+            await self.closed.wait()
+
+        async def close(self) -> None:
+            self.closed.set()
+
+    views = LeafViews()
+    made: list[FakeWatch] = []
+    lw = LeafWatch(views, "127.0.0.1:1", watch=lambda t, d: made.append(FakeWatch(t, d)) or made[-1])
+    lw.start()
+    for _ in range(200):
+        if views.synced:
+            break
+        threading.Event().wait(0.01)
+    assert views.names() == ["kosmos-c1"] and made[0].target == "127.0.0.1:1"
+    lw.stop()
+    assert not lw._thread.is_alive()
+
+
+def test_the_scheduler_refuses_a_reflector_without_tls(capsys: pytest.CaptureFixture[str]) -> None:
+    from scheduler.main import main
+
+    assert main(["--reflector", "127.0.0.1:4880", "--leader-elect=false", "--master", "http://127.0.0.1:1"]) == 2
+    assert "--reflector" in capsys.readouterr().err
