@@ -201,3 +201,45 @@ def test_the_scheduler_refuses_a_reflector_without_tls(capsys: pytest.CaptureFix
 
     assert main(["--reflector", "127.0.0.1:4880", "--leader-elect=false", "--master", "http://127.0.0.1:1"]) == 2
     assert "--reflector" in capsys.readouterr().err
+
+
+def test_a_real_reflector_carries_the_tree_managers_record_to_the_filter() -> None:
+    """End to end in one process: the tree manager's record bytes (``tree.forge.leaf_resources``)
+    published through a reflector, watched by ``record_watch``, fed to the views, asked by Filter."""
+    from fabric.control import records
+    from scheduler.leafwatch import record_watch
+    from tests.unit.test_records import serving
+    from tests.waiting import wait_until_async
+    from tree.forge import RECORD_KIND as TREE_KIND
+    from tree.forge import LeafRoom, VirtualNode, leaf_resources
+    from tree.spec import Mode
+
+    assert TREE_KIND == RECORD_KIND
+    rooms = tuple(LeafRoom(f"n{i}", True, True, {"cpu": "10"}, {"cpu": "2", "memory": "8Gi", "pods": "100"}, 0, 0,
+                           {"kubernetes.io/hostname": f"n{i}"}) for i in range(8))  # 16 CPUs in sum
+    vn = VirtualNode(name="kosmos-c1", mode=Mode.CLUSTER, model="", labels={}, taints=[], resources={},
+                     ready="True", reason="LeafReady", message="", leaves=rooms)
+
+    async def body() -> None:
+        async with serving() as (_refl, target):
+            pub = records.RecordPublisher(target, "tree/root-a", backoff=(0.05, 0.2))
+            pub.put(RECORD_KIND, "kosmos-c1", leaf_resources(vn, "c1"))
+            ptask = asyncio.create_task(pub.run())
+            views = LeafViews()
+            watch = record_watch(target)
+            wtask = asyncio.create_task(views.run(watch))
+            try:
+                await wait_until_async(lambda: views.view("kosmos-c1") is not None, 5, "the view from the record")
+                plugin = LeafNodeFit(Handle(views), {})
+                assert not plugin.filter(CycleState(), pod("p3", "3"), vnode("kosmos-c1")).ok  # the sum would pass
+                assert plugin.filter(CycleState(), pod("p2", "2"), vnode("kosmos-c1")).ok
+                pub.delete(RECORD_KIND, "kosmos-c1")
+                await wait_until_async(lambda: views.view("kosmos-c1") is None, 5, "the view dropped")
+            finally:
+                await watch.close()
+                await pub.close()
+                for t in (ptask, wtask):
+                    t.cancel()
+                await asyncio.gather(ptask, wtask, return_exceptions=True)
+
+    asyncio.run(asyncio.wait_for(body(), 30))
