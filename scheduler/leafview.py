@@ -15,11 +15,12 @@ Flow:
    schedulable). The caller's dicts are never kept.
 2. :meth:`LeafView.apply_record` diffs them against the view: only the leaf nodes whose value
    changed are moved (:meth:`LeafView.upsert_node` / :meth:`LeafView.remove_node`); an unchanged
-   leaf node costs one equality test. A reservation the leaf confirmed (:meth:`LeafView.confirm`:
-   the pod is bound there) is dropped by the first record applied after the confirmation in which
-   its leaf node changed or went: that record counts the pod in the node's ``free``. A record
-   where the node is unchanged was written before the bind (records move only when their content
-   does), so the reservation stays; :meth:`LeafView.expire` is the backstop.
+   leaf node costs one equality test. Reservations the record accounts for are dropped (that
+   record counts their pods in the node's ``free``): on a leaf node that changed, those the
+   caller confirmed (:meth:`LeafView.confirm`: the leaf bound the pod there) and, when the
+   node's ``ourPods`` rose by k, the oldest others up to k in all. A record where the node is
+   unchanged was written before the bind (records move only when their content does), so the
+   reservation stays; :meth:`LeafView.expire` is the backstop.
 3. A pod's leaf placement (:class:`Placement`: node selector, required node affinity,
    tolerations, as the leaf scheduler will see them) and its request (:class:`Demand`) are asked
    with :meth:`LeafView.fits` and :meth:`LeafView.count`.
@@ -162,6 +163,8 @@ class LeafNode:
     #: Hard taints (NoSchedule/NoExecute) as (key, value, effect), sorted.
     taints: tuple[TaintKey, ...] = ()
     usable: bool = True
+    #: Pods of this root bound to the node (the record's ``ourPods``): a rise is our pods landing.
+    our_pods: int = 0
 
     @property
     def class_key(self) -> tuple[tuple[tuple[str, str], ...], tuple[TaintKey, ...]]:
@@ -169,12 +172,12 @@ class LeafNode:
 
 
 def make_node(name: str, free: Mapping[str, int], labels: Mapping[str, str] | None = None,
-              taints: Iterable[Mapping[str, Any]] = (), usable: bool = True) -> LeafNode:
+              taints: Iterable[Mapping[str, Any]] = (), usable: bool = True, our_pods: int = 0) -> LeafNode:
     """A :class:`LeafNode` from plain values (soft taints dropped: they never reject)."""
     hard = tuple(sorted({(str(t.get("key") or ""), str(t.get("value") or ""), str(t.get("effect") or ""))
                          for t in taints if hard_taint(dict(t))}))
     return LeafNode(name=name, free=vector(free), labels=tuple(sorted((labels or {}).items())),
-                    taints=hard, usable=usable)
+                    taints=hard, usable=usable, our_pods=our_pods)
 
 
 @dataclass(frozen=True)
@@ -241,9 +244,12 @@ def _parse_node(n: Mapping[str, Any], where: str) -> LeafNode:
     taints = n.get("taints") or ()
     if not isinstance(labels, Mapping) or not isinstance(taints, Sequence):
         raise RecordError(f"{where}: labels must be an object and taints a list")
+    ours = n.get("ourPods", 0)
+    if not isinstance(ours, int) or isinstance(ours, bool) or ours < 0:
+        raise RecordError(f"{where}.ourPods: expected a count, got {ours!r}")
     return make_node(n["name"], free, {str(k): str(v) for k, v in labels.items()},
                      [t for t in taints if isinstance(t, Mapping)],
-                     usable=bool(n.get("ready")) and bool(n.get("schedulable")))
+                     usable=bool(n.get("ready")) and bool(n.get("schedulable")), our_pods=ours)
 
 
 class Placement:
@@ -472,8 +478,7 @@ class LeafView:
         if len(known) + sum(1 for n in changed if n not in known) != len(record.nodes):
             listed = {n.name for n in record.nodes}
             gone = [k for k in known if k not in listed]
-        done = [r.key for r in self.reservations.values() if r.confirmed and r.node in changed]
-        for k in done:
+        for k in self._landed(record, changed):
             self.forget(k)
         for n in record.nodes:
             if n.name in changed:
@@ -481,6 +486,29 @@ class LeafView:
         for name in gone:
             self.remove_node(name)
         return len(changed) + len(gone)
+
+    def _landed(self, record: Record, changed: set[str]) -> list[str]:
+        """The reservations ``record`` accounts for, on each changed node: the confirmed ones,
+        and when its ``ourPods`` rose by k, the oldest unconfirmed ones up to k in all (a rise is
+        k of our pods bound there, counted in its free from now on). A pod the leaf put on
+        another node than the one reserved is not matched: its reservation waits for
+        :meth:`expire` (room held too long, never too little)."""
+        if not changed or not self.reservations:
+            return []
+        on: dict[str, list[Reservation]] = {}
+        for r in self.reservations.values():  # oldest first
+            if r.node in changed:
+                on.setdefault(r.node, []).append(r)
+        done: list[str] = []
+        for n in record.nodes:
+            rs = on.get(n.name)
+            if not rs:
+                continue
+            old = self._nodes[n.name].node
+            confirmed = [r.key for r in rs if r.confirmed]
+            rise = max(0, n.our_pods - old.our_pods) - len(confirmed)
+            done += confirmed + [r.key for r in rs if not r.confirmed][:max(0, rise)]
+        return done
 
     def upsert_node(self, node: LeafNode) -> None:
         """Add or replace one leaf node (a delta); its reservations stay on it."""
@@ -632,14 +660,11 @@ class LeafView:
             node = self.best_fit(demand, placement)
             if node is None:
                 return None
-        e = self._nodes.get(node)
-        if e is None:
+        if node not in self._nodes:
             raise KeyError(f"view {self.name or '?'}: assume {key}: no leaf node {node!r}")
-        for k, v in demand.amounts:
-            e.reserved[k] = e.reserved.get(k, 0) + v
-        self._reshape(e)
-        self.reservations[key] = Reservation(key, node, demand,
-                                             None if ttl is None else self.clock() + ttl)
+        r = Reservation(key, node, demand, None if ttl is None else self.clock() + ttl)
+        self.reservations[key] = r
+        self._hold(r, 1)
         return node
 
     def confirm(self, key: str, node: str | None = None) -> None:
@@ -650,10 +675,9 @@ class LeafView:
         if r is None:
             return
         if node is not None and node != r.node and node in self._nodes:
-            self.forget(key)
-            self.assume(key, r.demand, node=node)
-            self.reservations[key].deadline = r.deadline
-            r = self.reservations[key]
+            self._hold(r, -1)
+            r.node = node
+            self._hold(r, 1)
         r.confirmed = True
 
     def forget(self, key: str) -> bool:
@@ -661,16 +685,21 @@ class LeafView:
         r = self.reservations.pop(key, None)
         if r is None:
             return False
-        e = self._nodes.get(r.node)
-        if e is not None:
-            for k, v in r.demand.amounts:
-                left = e.reserved.get(k, 0) - v
-                if left:
-                    e.reserved[k] = left
-                else:
-                    e.reserved.pop(k, None)
-            self._reshape(e)
+        self._hold(r, -1)
         return True
+
+    def _hold(self, r: Reservation, sign: int) -> None:
+        """Add (1) or take away (-1) ``r``'s demand on its node."""
+        e = self._nodes.get(r.node)
+        if e is None:
+            return
+        for k, v in r.demand.amounts:
+            left = e.reserved.get(k, 0) + sign * v
+            if left:
+                e.reserved[k] = left
+            else:
+                e.reserved.pop(k, None)
+        self._reshape(e)
 
     def expire(self, now: float | None = None) -> list[str]:
         """Release the reservations past their deadline (the leaf never confirmed); their keys."""

@@ -16,8 +16,9 @@ Per pod, in order:
    reflector configured, no record yet), passes: the old behaviour.
 2. ``reserve``: the request is reserved on the view's best-fit leaf node (see
    :mod:`scheduler.leafview`), so the next pods' Filter sees it before the leaf does; it lives
-   until ``unreserve`` (bind failed), the leaf's confirmation, or ``reservationSeconds``
-   (default 30) pass. Expired reservations are released at every ``reserve``.
+   until ``unreserve`` (bind failed), a record shows it landed (that node's ``ourPods`` rose:
+   :meth:`LeafView.apply_record`), or ``reservationSeconds`` (default 30) pass. Expired
+   reservations are released at every ``reserve``.
 3. ``unreserve``: the reservation is released.
 
 Enable it in a profile's ``filter`` and ``reserve`` lists (``LeafNodeFit``).

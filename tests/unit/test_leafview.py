@@ -59,6 +59,7 @@ class OracleNode:
     labels: dict[str, str]
     taints: list[dict[str, Any]]
     usable: bool
+    our: int = 0  # the record's ourPods
 
 
 @dataclass
@@ -69,12 +70,15 @@ class Oracle:
     confirmed: set[str] = field(default_factory=set)
 
     def replace(self, n: OracleNode) -> None:
-        """A record's new value of a node: confirmed reservations on it go if it changed."""
+        """A record's new value of a node: if it changed, the reservations on it that the record
+        accounts for go: the confirmed ones, and the oldest others up to the rise of ourPods."""
         old = self.nodes.get(n.name)
-        if old is None or _value(old) != _value(n):
-            for k in [k for k in self.confirmed if self.reserved[k][0] == n.name]:
-                del self.reserved[k]
-                self.confirmed.discard(k)
+        if old is not None and _value(old) != _value(n):
+            on = [k for k, (node, _) in self.reserved.items() if node == n.name]  # oldest first
+            confirmed = [k for k in on if k in self.confirmed]
+            rise = max(0, n.our - old.our) - len(confirmed)
+            for k in confirmed + [k for k in on if k not in self.confirmed][:max(0, rise)]:
+                self.forget(k)
         self.nodes[n.name] = n
 
     def forget(self, key: str) -> None:
@@ -124,7 +128,7 @@ class Oracle:
 def _value(n: OracleNode) -> tuple[Any, ...]:
     hard = sorted({(t["key"], t.get("value") or "", t["effect"]) for t in n.taints
                    if t["effect"] in ("NoSchedule", "NoExecute")})
-    return ({k: v for k, v in n.free.items() if v > 0}, n.labels, hard, n.usable)
+    return ({k: v for k, v in n.free.items() if v > 0}, n.labels, hard, n.usable, n.our)
 
 
 def full_request(req: dict[str, int]) -> dict[str, int]:
@@ -134,7 +138,7 @@ def full_request(req: dict[str, int]) -> dict[str, int]:
 
 
 def leaf_node(n: OracleNode) -> LeafNode:
-    return make_node(n.name, n.free, n.labels, n.taints, n.usable)
+    return make_node(n.name, n.free, n.labels, n.taints, n.usable, n.our)
 
 
 def placement(pod: dict[str, Any]) -> Placement:
@@ -168,7 +172,7 @@ def random_node(rng: random.Random, name: str) -> OracleNode:
     if rng.random() < 0.8:
         labels["kubernetes.io/arch"] = rng.choice(ARCHES)
     taints = [dict(t) for t in TAINTS if rng.random() < 0.15]
-    return OracleNode(name, free, labels, taints, usable=rng.random() < 0.92)
+    return OracleNode(name, free, labels, taints, usable=rng.random() < 0.92, our=rng.randint(0, 3))
 
 
 def random_pod(rng: random.Random, names: list[str]) -> tuple[dict[str, Any], dict[str, int]]:
@@ -295,7 +299,7 @@ def _record_of(oracle: Oracle) -> bytes:
     return json.dumps({
         "schema": "tree.kosmos.io/leaf-resources/v1", "cluster": "x", "virtualNode": "kosmos-x", "ready": True,
         "nodes": [{"name": n.name, "ready": n.usable, "schedulable": True, "labels": n.labels, "taints": n.taints,
-                   "free": {k: q(k, v) for k, v in n.free.items()}, "pods": 0, "ourPods": 0}
+                   "free": {k: q(k, v) for k, v in n.free.items()}, "pods": 0, "ourPods": n.our}
                   for n in oracle.nodes.values()],
     }).encode()
 
@@ -437,6 +441,25 @@ def test_a_reservation_moved_by_the_leafs_choice_keeps_its_deadline() -> None:
     assert view.count(d) == 2
 
 
+def test_our_pods_rising_on_a_node_releases_as_many_of_its_oldest_reservations() -> None:
+    def rec(cpu: str, ours: int) -> bytes:
+        return json.dumps({"schema": "tree.kosmos.io/leaf-resources/v1", "nodes": [
+            {"name": "n0", "ready": True, "schedulable": True, "ourPods": ours,
+             "free": {"cpu": cpu, "pods": "10"}}]}).encode()
+
+    view = LeafView()
+    view.apply_record(rec("6", 0))
+    d = Demand.of({"cpu": 2000})
+    assert [view.assume(k, d) for k in ("a", "b", "c")] == ["n0", "n0", "n0"]
+    assert view.apply_record(rec("4", 1)) == 1  # one of ours landed: the oldest goes
+    assert list(view.reservations) == ["b", "c"]
+    assert view.count(d) == 0
+    view.confirm("c")
+    assert view.apply_record(rec("0", 3)) == 1  # two more: the confirmed one, then the oldest other
+    assert list(view.reservations) == []
+    assert view.count(d) == 0
+
+
 def test_a_confirmed_reservation_stays_through_a_record_written_before_the_bind() -> None:
     view = LeafView()
     node = make_node("n0", {"cpu": 4000, "pods": 10})
@@ -519,6 +542,8 @@ def test_a_record_from_the_tree_manager_reads() -> None:
     (b'{"schema": "tree.kosmos.io/leaf-resources/v1", "nodes": [{"free": {}}]}', "nodes[0]"),
     (b'{"schema": "tree.kosmos.io/leaf-resources/v1", "nodes": [{"name": "n", "free": {"cpu": "x"}}]}',
      "nodes[0].free.cpu"),
+    (b'{"schema": "tree.kosmos.io/leaf-resources/v1", "nodes": [{"name": "n", "ourPods": -1}]}', "nodes[0].ourPods"),
+    (b'{"schema": "tree.kosmos.io/leaf-resources/v1", "nodes": [{"name": "n"}, {"name": "n"}]}', "listed twice"),
 ])
 def test_a_bad_record_is_refused_naming_the_field(doc: bytes, message: str) -> None:
     with pytest.raises(RecordError, match="kosmos-q") as e:
