@@ -109,6 +109,8 @@ HOSTNAME_LABEL = "kubernetes.io/hostname"
 CLUSTER_SELECTOR_ANNOTATION = "kosmos.io/cluster-selector"
 #: How many recent demands every class keeps counts for.
 TRACKED = 64
+#: How many placements' matching classes a view remembers (cleared when full).
+MATCH_CACHE = 1024
 
 #: A resource vector: sorted (resource name, positive amount); cpu in millicores, the rest in
 #: units (bytes, pods, devices). Absent = zero, so equal vectors are equal tuples.
@@ -580,6 +582,8 @@ class LeafView:
     def _classes_for(self, p: Placement) -> list[_Class]:
         m = self._matches.get(p.key)
         if m is None:
+            if len(self._matches) >= MATCH_CACHE:  # pods' placements are the users': bounded
+                self._matches.clear()
             m = self._matches[p.key] = [c for c in self._classes.values() if p.admits(c.labels, "", c.taints)]
         return m
 

@@ -495,6 +495,18 @@ def test_fits_tracks_a_demand_asked_twice_and_count_at_once() -> None:
     assert view.count(c) == 4 and view.tracked == (b, c)  # the least recently asked goes
 
 
+def test_the_placement_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    import scheduler.leafview as lv
+
+    monkeypatch.setattr(lv, "MATCH_CACHE", 3)
+    view = LeafView()
+    _fleet(view, 2, 1000)
+    for i in range(10):
+        assert not view.fits(Demand.of({"cpu": 100}), Placement({"app": str(i)}))
+        assert len(view._matches) <= 3
+    assert view.fits(Demand.of({"cpu": 100}), Placement())
+
+
 def test_an_unchanged_record_changes_nothing_and_a_delta_moves_one_node() -> None:
     view = LeafView()
     oracle = Oracle()
