@@ -27,6 +27,8 @@ import threading
 from collections.abc import Sequence
 
 from fabric import health, logs
+from fabric.cli_types import grpc_target
+from fabric.control import tls
 from scheduler import election
 from scheduler.kube import connect
 from scheduler.profile import ConfigError, default_config, load_config
@@ -76,6 +78,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", default="127.0.0.1:10259", help="HOST:PORT for /metrics and /healthz")
     p.add_argument("--bind-workers", type=int, default=16, help="concurrent pods/binding requests")
     p.add_argument("--log-level", default="info", help="debug, info, warning or error")
+    p.add_argument("--reflector", type=grpc_target, metavar="TARGET",
+                   help="gRPC target of fabric-reflector (HOST:PORT or unix:/path): the tree manager's per-leaf-node "
+                   "records feed the LeafNodeFit plugin (without it, a virtual node's sum decides)")
+    tls.add_flags(p, "client certificate of the scheduler's identity; needed with --reflector")
     return p
 
 
@@ -109,6 +115,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from scheduler.scheduler import Scheduler
 
+    tls_dir = None
+    if args.reflector:
+        try:
+            tls_dir = tls.from_args(args)
+        except tls.TLSError as e:
+            print(f"kosmos-scheduler: --reflector: {e}", file=sys.stderr)
+            return 2
+
     try:
         api = connect(args.master, args.kubeconfig, args.context)
         sched = Scheduler(api, cfg, identity=args.identity, bind_workers=args.bind_workers)
@@ -123,6 +137,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         print(f"kosmos-scheduler: --listen {args.listen}: {e}", file=sys.stderr)
         return 1
+    leaf_watch = None
+    if args.reflector:
+        from scheduler.leafviews import LeafViews
+        from scheduler.leafwatch import LeafWatch
+
+        views = LeafViews()
+        sched.handle.leaf_views = views  # type: ignore[attr-defined]  # read by LeafNodeFit
+        leaf_watch = LeafWatch(views, args.reflector, tls_dir)
+        leaf_watch.start()
     host, port = server.server_address[:2]
     _log.info("/metrics and /healthz on http://%s:%s", host, port)  # the real port when --listen ...:0
     done = threading.Event()
@@ -142,6 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             server.shutdown()
             return 1
     sched.stop()
+    if leaf_watch is not None:
+        leaf_watch.stop()
     server.shutdown()
     return 0
 

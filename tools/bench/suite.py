@@ -4,7 +4,7 @@ Every benchmark is a module ``tools/bench/<name>.py`` with ``NAME``, ``HELP``,
 ``requires(options) -> [reasons it cannot run here]`` and ``run(options) -> Report`` (see
 :mod:`tools.bench.common`). :data:`BENCHMARKS` lists them in running order (every benchmark of
 issue 7: datapath, restart, netlink, gateway, failover, translate, control; issue 15: k8s;
-issue 16: scheduler; issue 17: tree; issue 20: control-tls); ``supported`` says
+issue 16: scheduler; issue 17: tree; issue 20: control-tls; issue 19: leafview); ``supported`` says
 whether this build can run one at all (a benchmark whose feature is missing is skipped when no
 names are given, refused when named).
 
@@ -67,6 +67,7 @@ BENCHMARKS: dict[str, Benchmark] = {
                   supported=lambda: importlib.import_module("tools.bench.scheduler").supported()),
         Benchmark("tree", "tools.bench.tree",
                   supported=lambda: importlib.import_module("tools.bench.tree").supported()),
+        Benchmark("leafview", "tools.bench.leafview"),
     )
 }
 
@@ -263,6 +264,7 @@ def main(argv: list[str]) -> int:
         "  fabric-tool bench k8s --repeat 3   (a 200-replica Deployment in a lab; no lab: python -m kubeemu.bench)\n"
         "  fabric-tool bench scheduler --nodes 1000,5000 --pods 10000   (no lab, no root; --quick: CI smoke)\n"
         "  fabric-tool bench tree --repeat 3 --tree-pods 1000 --json tree.json   (a ClusterTree lab: root + 4 leaves)\n"
+        "  fabric-tool bench leafview --nodes 5000 --repeat 3   (the per-node leaf view vs brute force; no root)\n"
         "  fabric-tool bench --from-json a.json tree.json --markdown BENCHMARKS.md   (re-render, merged in order)\n"
         "  fabric-tool bench --repeat 3 --json bench.json --markdown BENCHMARKS.md   (the full suite)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -287,7 +289,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--tiny", "--quick", action="store_true",
                         help="smoke-test sizes: short and small, proves it runs (CI)")
     parser.add_argument("--nodes", type=_parse_n, default=(), metavar="N,N,...",
-                        help="scheduler: node counts (default 1000,5000; the spread run uses the smallest)")
+                        help="scheduler: node counts (default 1000,5000; the spread run uses the smallest); "
+                        "leafview: leaf nodes per view (default 5000)")
     parser.add_argument("--pods", type=int, default=0, metavar="N", help="scheduler: pods per run (default 10000)")
     parser.add_argument("--tree-pods", type=int, default=0, metavar="N",
                         help="tree: pods per phase, spread over the 4 leaves (default 1000; 20 with --tiny)")
