@@ -4,9 +4,12 @@ fabric's nodes, on an event loop thread of its own (:class:`Fabric`).
 
 Records: one per virtual node with the leaf's room, a new version only when the content changes,
 gone with the node; a standby replica publishes nothing; with the reflector down the nodes are
-still kept and the records come back on reconnect. NetworkUnavailable: set from the fabric's
-view (a leaf cluster whose nodes left the fabric is unreachable, and reachable again when they
-return), absent without a reflector or without the root's fabric cluster name.
+still kept and the records come back on reconnect. NetworkUnavailable: set from the reflector's
+reachability records of the pairs root -> leaf (a leaf cluster whose nodes left the fabric is
+unreachable, and reachable again when they return; a gateway-mode leaf of three nodes whose
+gateways stop answering the root's probers is unreachable, and reachable again on heal; a
+restarted reflector in its startup hold publishes no records, and the last answer stands),
+absent without a reflector or without the root's fabric cluster name.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from typing import Any, TypeVar
 import pytest
 
 from fabric import types
-from fabric.control import api, client, reflector
+from fabric.control import api, client, reachability, reflector
+from fabric.control.reachability import PairState
 from fabric.control.records import list_records_sync
 from tests.control_recorder import Recorder
 from tests.tree_env import REPO, ROOT_ID, TreeEnv, tree_env
@@ -50,7 +54,8 @@ PUBLISHER = identity(ROOT_ID)
 class Fabric:
     """A reflector and agent sessions on an event loop thread; the test thread drives them."""
 
-    def __init__(self) -> None:
+    def __init__(self, config: types.FabricConfig = CONFIG) -> None:
+        self.config = config
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="test-fabric", daemon=True)
         self.thread.start()
@@ -61,10 +66,11 @@ class Fabric:
     def call(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
 
-    def start(self, listen: str = "127.0.0.1:0") -> str:
+    def start(self, listen: str = "127.0.0.1:0", startup_hold: float = 0) -> str:
         async def go() -> str:
-            self.reflector = reflector.Reflector(CONFIG, grace_period=0.3, keepalive_interval=0.1, startup_hold=0,
-                                                 records_grace_period=5.0, records_startup_hold=0)
+            self.reflector = reflector.Reflector(self.config, grace_period=0.3, keepalive_interval=0.1,
+                                                 startup_hold=startup_hold, records_grace_period=5.0,
+                                                 records_startup_hold=0)
             (target,) = await self.reflector.start([listen])
             return str(target)
         self.target = self.call(go())
@@ -89,6 +95,29 @@ class Fabric:
             await s.close()
             await asyncio.wait_for(task, 2)
         self.call(go())
+
+    def report(self, ann: types.NodeAnnouncement, unreachable: set[types.NodeKey]) -> None:
+        """``ann``'s agent reports the probed peers that stopped answering (the complete set)."""
+        async def go() -> None:
+            self.agents[str(ann.key)][0].report_unreachable(frozenset(unreachable))
+        self.call(go())
+
+    def holding(self) -> bool:
+        async def go() -> bool:
+            assert self.reflector is not None
+            return self.reflector.holding
+        return self.call(go())
+
+    def release_hold(self) -> None:
+        async def go() -> None:
+            assert self.reflector is not None
+            self.reflector._release_hold("released by the test")
+        self.call(go())
+
+    def reachability(self) -> dict[str, PairState]:
+        """name -> the reflector's reachability record, decoded (one WatchRecords snapshot)."""
+        return {r.name: reachability.decode(r.data, r.name)
+                for r in list_records_sync(self.target, reachability.KIND, reachability.PUBLISHER).records}
 
     def sessions(self) -> int:
         async def go() -> int:
@@ -131,8 +160,7 @@ def fabric() -> Iterator[Fabric]:
 
 
 def link(fabric: Fabric, fabric_cluster: str | None = "root") -> FabricLink:
-    return FabricLink(fabric.target, ROOT_ID, fabric_cluster, poll_period=0.2, status_timeout=2.0,
-                      backoff=(0.05, 0.3), startup_wait=5.0)
+    return FabricLink(fabric.target, ROOT_ID, fabric_cluster, backoff=(0.05, 0.3), startup_wait=5.0)
 
 
 def payload(record: Any) -> Obj:
@@ -243,7 +271,7 @@ def test_network_unavailable_follows_the_fabric(env: TreeEnv, fabric: Fabric) ->
                "leaf2 (no node in the fabric) unreachable")
     cond = next(c for c in env.vnode("kosmos-leaf2")["status"]["conditions"]  # type: ignore[index]
                 if c["type"] == forge.NETWORK_UNAVAILABLE)
-    assert "leaf2 has no node in the Kosmos fabric" in cond["message"]
+    assert "cluster leaf2 has no node in the fabric" in cond["message"]  # the record's reason
     assert cond["lastTransitionTime"] and cond["lastHeartbeatTime"]
     # leaf1's node leaves the fabric (withdrawn after the 0.3 s grace): unreachable; back: reachable
     fabric.stop_agent(L1)
