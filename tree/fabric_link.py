@@ -137,6 +137,8 @@ class FabricLink:
         self.startup_wait = startup_wait
         #: Runs (on the link's thread) when a Cluster's NetworkUnavailable answer changed.
         self.on_change: Callable[[], None] = lambda: None
+        #: Times an answer given changed (each one ran ``on_change``).
+        self.changes = 0
         #: The fabric's last answer (None: none yet); replaced whole on the loop thread.
         self.view: View | None = None
         #: The reachability watch (None: not asked, or not started).
@@ -308,6 +310,7 @@ class FabricLink:
             _log.log(logging.WARNING if a.status == "True" else logging.INFO,
                      "the fabric's reachability of %s from %s: NetworkUnavailable=%s (%s)", c, self.fabric_cluster,
                      a.status or "unknown", a.message or "no answer")  # fmt: skip
+        self.changes += 1
         self.on_change()
         return True
 

@@ -47,6 +47,14 @@ CONFIG = types.FabricConfig(clusters=(
 R1 = types.NodeAnnouncement("root", "r1", "198.18.0.11", ("10.10.1.0/24",))
 L1 = types.NodeAnnouncement("leaf1", "l1", "198.18.0.21", ("10.20.1.0/24",))
 L2 = types.NodeAnnouncement("leaf2", "l2", "198.18.0.31", ("10.30.1.0/24",))
+#: A gateway-mode leaf: two gateway candidates and an internal node that no other cluster probes.
+GW_CONFIG = types.FabricConfig(clusters=(
+    types.ClusterConfig("root", types.ClusterMode.P2P, ("10.10.0.0/16",)),
+    types.ClusterConfig("leaf3", types.ClusterMode.GATEWAY, ("10.40.0.0/16",), gateways=("g1", "g2")),
+))
+GW_ROOT = (R1, types.NodeAnnouncement("root", "r2", "198.18.0.12", ("10.10.2.0/24",)))
+GW_LEAF = tuple(types.NodeAnnouncement("leaf3", n, f"198.18.0.4{i}", (f"10.40.{i}.0/24",))
+                for i, n in enumerate(("g1", "g2", "n3"), start=1))
 KIND = forge.RECORD_KIND
 PUBLISHER = identity(ROOT_ID)
 
@@ -182,6 +190,18 @@ def network(node: Obj | None) -> tuple[str, str] | None:
     return None
 
 
+def condition(node: Obj | None) -> Obj:
+    """The NetworkUnavailable condition without its heartbeat (which moves with every status write)."""
+    for c in ((node or {}).get("status") or {}).get("conditions") or []:
+        if c.get("type") == forge.NETWORK_UNAVAILABLE:
+            return {k: v for k, v in c.items() if k != "lastHeartbeatTime"}
+    return {}
+
+
+def message(node: Obj | None) -> str:
+    return str(condition(node).get("message", ""))
+
+
 def metric(mgr: TreeManager, name: str) -> float | None:
     return mgr.metrics.registry.get_sample_value(name)
 
@@ -306,30 +326,97 @@ def test_no_network_condition_without_a_reflector_or_the_roots_fabric_name(env: 
                "the condition set once the root's fabric name is known")
 
 
+def test_a_gateway_mode_leaf_cut_off_from_the_roots_probers(env: TreeEnv) -> None:
+    """leaf3 runs in gateway mode with two gateways and an internal node: the root's nodes probe
+    only the gateways (internal nodes are never probed), so a cut-off leaf is one whose gateways
+    stop answering every prober of the root, not one whose every node is reported."""
+    fabric = Fabric(GW_CONFIG)
+    fabric.start()
+    try:
+        for ann in (*GW_ROOT, *GW_LEAF):
+            fabric.agent(ann)
+
+        def gateways() -> set[types.NodeKey] | None:
+            leaf3 = next((c for c in fabric.status().clusters if c.name == "leaf3"), None)
+            if leaf3 is None or len(leaf3.nodes) != len(GW_LEAF) or not leaf3.active_gateway:
+                return None
+            return {types.NodeKey("leaf3", g) for g in (leaf3.active_gateway, leaf3.standby_gateway) if g}
+        probed = wait_until(gateways, 10, "leaf3's nodes in the fabric and its gateways elected")
+        assert probed < {n.key for n in GW_LEAF}  # what the root's nodes can ever report: not every node
+        env.add_node("leaf3", "a", cpu="4")
+        env.add_cluster("leaf3", "leaf3")
+        mgr = env.start_manager(link=link(fabric))
+        assert mgr.link is not None
+        wait_until(lambda: network(env.vnode("kosmos-leaf3")) == ("False", forge.REASON_FABRIC_REACHABLE), 10,
+                   "leaf3 reachable")
+        # one prober of the root loses the gateways: the other still gets through, leaf3 stays reachable
+        fabric.report(GW_ROOT[0], probed)
+        wait_until(lambda: "some nodes of root get no answer" in message(env.vnode("kosmos-leaf3")), 10,
+                   "the record's reason naming the root's nodes that get no answer")
+        assert network(env.vnode("kosmos-leaf3")) == ("False", forge.REASON_FABRIC_REACHABLE)
+        # every prober: leaf3 is cut off
+        fabric.report(GW_ROOT[1], probed)
+        wait_until(lambda: network(env.vnode("kosmos-leaf3")) == ("True", forge.REASON_FABRIC_UNREACHABLE), 10,
+                   "leaf3 unreachable once every prober of the root gets no answer from its gateways")
+        assert message(env.vnode("kosmos-leaf3")) == fabric.reachability()["root/leaf3"].reason
+        # heal
+        for ann in GW_ROOT:
+            fabric.report(ann, set())
+        wait_until(lambda: network(env.vnode("kosmos-leaf3")) == ("False", forge.REASON_FABRIC_REACHABLE), 10,
+                   "leaf3 reachable again after the heal")
+        # each flip came from the records (the link's answer changed and kicked the reconcilers)
+        assert mgr.link.changes >= 3
+    finally:
+        fabric.close()
+
+
 def test_reflector_down_the_manager_keeps_working_and_republishes(env: TreeEnv, fabric: Fabric) -> None:
     fabric.agent(R1)
     fabric.agent(L1)
     env.add_node("leaf1", "a", cpu="4")
     env.add_cluster("leaf1", "leaf1")
-    env.start_manager(link=link(fabric))
+    mgr = env.start_manager(link=link(fabric))
+    assert mgr.link is not None
     wait_record(fabric, "kosmos-leaf1", lambda d, _r: d["nodes"][0]["free"]["cpu"] == "4", "the record")
     wait_until(lambda: network(env.vnode("kosmos-leaf1")) == ("False", forge.REASON_FABRIC_REACHABLE), 10,
                "leaf1 reachable")
+    # root's node stops getting answers from leaf1's: cut
+    fabric.report(R1, {L1.key})
+    wait_until(lambda: network(env.vnode("kosmos-leaf1")) == ("True", forge.REASON_FABRIC_UNREACHABLE), 10,
+               "leaf1 cut off")
+    cut = condition(env.vnode("kosmos-leaf1"))
+    changes = mgr.link.changes
     port = fabric.target.rpartition(":")[2]
     fabric.stop()
     env.add_pod("leaf1", "p", node="a", cpu="1")
     wait_until(lambda: (env.vnode("kosmos-leaf1") or {}).get("status", {}).get("allocatable", {}).get("cpu") == "3",
                10, "the virtual node updated with the reflector down")
     # the last answer stands while the reflector is away (the data plane runs on without it)
-    assert network(env.vnode("kosmos-leaf1")) == ("False", forge.REASON_FABRIC_REACHABLE)
-    fabric.start(f"127.0.0.1:{port}")  # a new reflector (empty, new epoch) at the same address
+    assert network(env.vnode("kosmos-leaf1")) == ("True", forge.REASON_FABRIC_UNREACHABLE)
+    # a new reflector (empty, new epoch) at the same address, in its startup hold: no reachability record
+    fabric.start(f"127.0.0.1:{port}", startup_hold=600)
     wait_record(fabric, "kosmos-leaf1", lambda d, _r: d["nodes"][0]["free"]["cpu"] == "3",
                 "the record put again, as the leaf is now")
-    # the agents reconnect by themselves; leaf1's then leaves for good: the new reflector's view counts
-    wait_until(lambda: len(fabric.status().nodes()) == 2, 10, "both agents back in the new reflector")
-    fabric.stop_agent(L1)
-    wait_until(lambda: network(env.vnode("kosmos-leaf1")) == ("True", forge.REASON_FABRIC_UNREACHABLE), 10,
-               "leaf1 unreachable as the new reflector sees it")
+    watch = mgr.link.watch
+    assert watch is not None
+    wait_until(lambda: watch.snapshots >= 2 and watch.synced, 10, "the link's watch resynced with the new reflector")
+    assert fabric.holding() and not fabric.reachability()
+    # an empty snapshot is no answer: the last one stands, in the link and on the Node
+    assert mgr.link.network("leaf1") == forge.NetworkCondition("True", forge.REASON_FABRIC_UNREACHABLE, cut["message"])
+    assert condition(env.vnode("kosmos-leaf1")) == cut
+    # the agents reconnect by themselves and R1 sends its report again; the hold ends: the same answer
+    def back() -> bool:
+        nodes = {n.key: n for n in fabric.status().nodes() if n.connected}
+        return set(nodes) == {str(R1.key), str(L1.key)} and nodes[str(R1.key)].reports_unreachable == (str(L1.key),)
+    wait_until(back, 10, "both agents back in the new reflector, R1's report with them")
+    fabric.release_hold()
+    wait_until(lambda: any(k.name == "root/leaf1" for k in watch.records), 10, "the new reflector's records")
+    assert mgr.link.changes == changes  # no answer changed: the Nodes never flapped
+    assert condition(env.vnode("kosmos-leaf1")) == cut
+    # the new reflector's view counts: healed
+    fabric.report(R1, set())
+    wait_until(lambda: network(env.vnode("kosmos-leaf1")) == ("False", forge.REASON_FABRIC_REACHABLE), 10,
+               "leaf1 reachable as the new reflector sees it")
 
 
 def test_the_command_line_checks_the_fabric_flags() -> None:
