@@ -42,7 +42,9 @@ asks nothing) and stopped with it. In order:
    leader whose records are not out yet) is no view at all: the last one stands until the
    reflector publishes again. A pair without a record while others have one is a cluster
    that is not configured (True); a record that does not decode is logged once per version
-   and answers nothing for its pair (the Node keeps what it says).
+   and answers nothing for its pair (the Node keeps what it says). The one case the records
+   cannot tell: a configuration cut down to a single cluster has no pair, so no record, and
+   the last answer stands there too.
 
 Calls from other threads (:meth:`publish`, :meth:`forget`) only queue work on the loop; the
 view is one immutable object replaced whole, under the lock that also records each answer given

@@ -429,3 +429,7 @@ def test_the_command_line_checks_the_fabric_flags() -> None:
     assert bad.returncode == 2 and "'nowhere' is not HOST:PORT or unix:/path" in bad.stderr
     alone = run("--fabric-cluster", "root", "--master", "http://127.0.0.1:1")
     assert alone.returncode == 2 and "--fabric-cluster needs --reflector" in alone.stderr
+    # deprecated (nothing is polled any more) but accepted, so a command line that passes it still starts
+    old = run("--fabric-status-period", "5", "--master", "http://127.0.0.1:1")
+    assert old.returncode == 1 and "--fabric-status-period is deprecated and ignored" in old.stderr, old.stderr
+    assert "connecting to the root cluster" in old.stderr and "--fabric-status-period" not in out.stdout
