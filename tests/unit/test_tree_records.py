@@ -15,6 +15,7 @@ absent without a reflector or without the root's fabric cluster name.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import subprocess
 import sys
@@ -32,7 +33,7 @@ from tests.control_recorder import Recorder
 from tests.tree_env import REPO, ROOT_ID, TreeEnv, tree_env
 from tests.waiting import wait_until
 from tree import forge
-from tree.fabric_link import FabricLink, identity
+from tree.fabric_link import FabricLink, identity, view
 from tree.identity import ROOT_LABEL
 from tree.manager import TreeManager
 
@@ -368,6 +369,48 @@ def test_a_gateway_mode_leaf_cut_off_from_the_roots_probers(env: TreeEnv) -> Non
         assert mgr.link.changes >= 3
     finally:
         fabric.close()
+
+
+def _record(state: PairState, publisher: str = reachability.PUBLISHER, version: int = 1) -> api.Record:
+    name = reachability.record_name(state.source, state.target)
+    return api.Record(reachability.KIND, name, version, reachability.encode(state), publisher)
+
+
+def test_the_links_view_from_reachability_records() -> None:
+    """:func:`tree.fabric_link.view` and :meth:`FabricLink.update` without a reflector: what a
+    set of records answers, what is no answer, and when the reconcilers are kicked."""
+    up = PairState("root", "leaf1", True, "the fabric connects root to leaf1")
+    down = PairState("root", "leaf2", False, "every node of root that probes the gateways of leaf2 gets no answer")
+    back = PairState("leaf1", "root", True, "the fabric connects leaf1 to root")
+    bad: list[str] = []
+    v = view([_record(up), _record(down), _record(back)], "root", lambda r, why: bad.append(why))
+    assert v is not None and v.pairs == {"leaf1": up, "leaf2": down} and v.clusters == {"root", "leaf1", "leaf2"}
+    # records of anyone else (a plaintext reflector lets them publish the kind) are no answer
+    assert view([_record(down, publisher="tree/x")], "root") is None
+    assert view([], "root") is None
+    # a record that does not decode answers nothing for its pair, but its name still counts the clusters
+    junk = api.Record(reachability.KIND, "root/leaf3", 4, b"{", reachability.PUBLISHER)
+    v = view([_record(up), junk], "root", lambda r, why: bad.append(why))
+    assert v is not None and "leaf3" not in v.pairs and "leaf3" in v.clusters and "not JSON" in bad[-1]
+
+    link = FabricLink("127.0.0.1:1", ROOT_ID, "root")  # never started: update() is driven by hand
+    kicks: list[int] = []
+    link.on_change = lambda: kicks.append(1)
+    assert link.network("leaf1") == forge.NETWORK_UNKNOWN and link.network("leaf2") == forge.NETWORK_UNKNOWN
+    assert link.update([_record(up), _record(down), _record(back)]) and len(kicks) == 1
+    assert link.network("leaf1").status == "False" and link.network("leaf2").status == "True"
+    assert link.network("leaf2").message == down.reason
+    # only RTT/loss moved: a new view, the same answers, no kick
+    assert not link.update([_record(dataclasses.replace(up, rtt_ms=1.5, loss=0.0), version=2), _record(down),
+                            _record(back)])
+    assert len(kicks) == 1 and link.view is not None and link.view.pairs["leaf1"].rtt_ms == 1.5
+    # nothing of the reflector's (a restarted one in its startup hold, a standby): the last view stands
+    assert not link.update([]) and link.network("leaf2").status == "True"
+    # leaf2 left the configuration (its records gone, the others kept): unreachable, not configured
+    assert link.update([_record(up), _record(back)]) and len(kicks) == 2
+    assert "leaf cluster leaf2 is not in the Kosmos fabric's configuration" in link.network("leaf2").message
+    # a pair of a Cluster no reconciler asked about changes no answer given: no kick
+    assert not link.update([_record(up), _record(back), _record(PairState("root", "leaf9", False, "x"))])
 
 
 def test_reflector_down_the_manager_keeps_working_and_republishes(env: TreeEnv, fabric: Fabric) -> None:
