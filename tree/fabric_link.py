@@ -303,12 +303,13 @@ class FabricLink:
             return False
         with self._answers_lock:
             self.view = new
-            answers = dict(self._answers)
-        changed = sorted(c for c, old in answers.items() if self._answer(new, c) != old)
+            changed = {c: a for c, old in self._answers.items() if (a := self._answer(new, c)) != old}
+            # What the kicked reconcilers will be told; so a leaf that makes no pass for a while
+            # (its informers not synced) is not found changed again at every later record.
+            self._answers.update(changed)
         if not changed:
             return False
-        for c in changed:
-            a = self._answer(new, c)
+        for c, a in sorted(changed.items()):
             _log.log(logging.WARNING if a.status == "True" else logging.INFO,
                      "the fabric's reachability of %s from %s: NetworkUnavailable=%s (%s)", c, self.fabric_cluster,
                      a.status or "unknown", a.message or "no answer")  # fmt: skip

@@ -408,6 +408,10 @@ def test_the_links_view_from_reachability_records() -> None:
     assert not link.update([]) and link.network("leaf2").status == "True"
     # leaf2 left the configuration (its records gone, the others kept): unreachable, not configured
     assert link.update([_record(up), _record(back)]) and len(kicks) == 2
+    # the kick told the reconcilers: a later record that changes no answer kicks nobody, even
+    # before the reconcilers asked again (a leaf not synced makes no pass for a while)
+    assert not link.update([_record(dataclasses.replace(up, rtt_ms=3.0), version=3), _record(back)])
+    assert len(kicks) == 2
     assert "leaf cluster leaf2 is not in the Kosmos fabric's configuration" in link.network("leaf2").message
     # a pair of a Cluster no reconciler asked about changes no answer given: no kick
     assert not link.update([_record(up), _record(back), _record(PairState("root", "leaf9", False, "x"))])
