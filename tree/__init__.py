@@ -5,11 +5,11 @@ channel. Modules, in the order a Cluster meets them: ``spec`` (``spec.clusterTre
 and checked) -> ``manager`` (one reconciler per enabled Cluster, leader election, garbage) ->
 ``leaf`` (one leaf: its kubeconfig Secret, probe, informers, the reconcile pass) -> ``forge``
 (pure: the virtual nodes a leaf's nodes and pods call for, their add-on records, and
-NetworkUnavailable from the fabric's status) -> ``vnode`` (ownership and the root writes);
-``fabric_link`` (the records published, the fabric's status read, on one event loop thread),
-``metrics`` and ``main`` (the ``kosmos-tree`` command) around them. Pods bound to the virtual
-nodes: ``pods`` (pure: a root pod's leaf copy, its status back, its updates) -> ``podsync`` (one
-syncer per leaf), with ``deps``/``deps_refs`` (the objects a pod names, copied first) and
+NetworkUnavailable from the fabric's reachability records) -> ``vnode`` (ownership and the root
+writes); ``fabric_link`` (the records published, the reachability records watched, on one event
+loop thread), ``metrics`` and ``main`` (the ``kosmos-tree`` command) around them. Pods bound to
+the virtual nodes: ``pods`` (pure: a root pod's leaf copy, its status back, its updates) ->
+``podsync`` (one syncer per leaf), with ``deps``/``deps_refs`` (the objects a pod names, copied first) and
 ``convert`` (Kosmos' pod convert policies) as its hooks; ``kubelet`` (the virtual nodes' kubelet
 server: ``kubectl logs``/``exec`` relayed to the leaf pods, over ``websocket``) and ``events``
 (leaf Events about our pods reflected to the root pods, one per connected leaf).

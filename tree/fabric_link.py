@@ -19,20 +19,37 @@ asks nothing) and stopped with it. In order:
    after ``startup_wait`` (a leaf unreachable at start): ending a snapshot sooner would delete
    the records a predecessor left, and subscribers would see them go and come back.
 2. **Reachability in** (only with the root's fabric cluster name): a
-   :class:`~fabric.control.client.TopologyWatcher` (reconnected after a backoff) wakes a
-   ``GetStatus`` on every change of the topology, and a poll every ``poll_period`` catches
-   what the topology stream does not carry (the agents' probe reports).
-   :meth:`FabricLink.network` answers a leaf's ``NetworkUnavailable`` from the last status
+   :class:`~fabric.control.records.RecordWatch` of the reflector's reachability records (kind
+   :data:`fabric.control.reachability.KIND`, publisher
+   :data:`~fabric.control.reachability.PUBLISHER`: one record ``<source>/<target>`` per ordered
+   pair of the fabric's clusters, put by the reflector as soon as an agent's probe report or a
+   session changes a pair). Every change of the watch (its snapshot after END_OF_SNAPSHOT, then
+   each delta) rebuilds the root's :class:`View` from the watch's cache (:func:`view`): the
+   records ``<root>/<leaf>`` decoded, and the names of every cluster the records name, which is
+   the fabric's configuration (the reflector publishes a record for every ordered pair of
+   configured clusters and deletes a cluster's records, in one revision, when it leaves the
+   configuration). No topology watch and no status poll: the records carry both answers.
+   :meth:`FabricLink.network` answers a leaf's ``NetworkUnavailable`` from the view
    (:func:`tree.forge.network_condition`); when that answer changes for a Cluster a reconciler
-   asked about, ``on_change`` runs (the manager kicks the reconcilers). Before the first
-   answer it is :data:`tree.forge.NETWORK_UNKNOWN` (the Nodes keep what they say); while the
-   reflector is away the last answer stands: the fabric's data plane runs on without its
-   reflector, so what it last said is the best guess, and nothing flaps. A status taken while a
-   freshly started reflector still holds its snapshot back (``holding``: not every node has
-   announced itself again) is not an answer either.
+   asked about, ``on_change`` runs at once on the link's thread (the manager kicks the
+   reconcilers), so a cut reaches the Nodes within one pass of the reflector's record.
+
+   What is not an answer changes nothing, so a reflector's restart flaps no Node: before the
+   first snapshot the answer is :data:`tree.forge.NETWORK_UNKNOWN` (the Nodes keep what they
+   say); while the watch reconnects the last view stands (the fabric's data plane runs on
+   without its reflector, so what it last said is the best guess); and a set of records that
+   holds none of the reflector's (a restarted reflector in its startup hold, a standby, a new
+   leader whose records are not out yet) is no view at all: the last one stands until the
+   reflector publishes again. A pair without a record while others have one is a cluster
+   that is not configured (True); a record that does not decode is logged once per version
+   and answers nothing for its pair (the Node keeps what it says). The one case the records
+   cannot tell: a configuration cut down to a single cluster has no pair, so no record, and
+   the last answer stands there too.
 
 Calls from other threads (:meth:`publish`, :meth:`forget`) only queue work on the loop; the
-status is one immutable object replaced whole, read without a lock.
+view is one immutable object replaced whole, under the lock that also records each answer given
+(:meth:`FabricLink.network`), so a change of the view never misses an answer handed out from
+the view before it.
 """
 
 from __future__ import annotations
@@ -41,13 +58,12 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 
-from fabric.backoff import Backoff
-from fabric.control import api, tls
-from fabric.control.client import ReflectorUnavailable, TopologyWatcher, get_status
+from fabric.control import api, reachability, tls
 from fabric.control.codec import DecodeError
-from fabric.control.records import RecordPublisher, RecordsRefused
+from fabric.control.records import RecordPublisher, RecordsRefused, RecordWatch
 from tree import forge
 
 _log = logging.getLogger(__name__)
@@ -66,25 +82,71 @@ def identity(root_id: str) -> str:
     return f"{IDENTITY_PREFIX}{root_id}"
 
 
+@dataclass(frozen=True)
+class View:
+    """The fabric's answer for one root, from one complete set of reachability records.
+
+    ``pairs``: leaf cluster -> the decoded record ``<root>/<leaf>``; ``clusters``: every cluster
+    the records name (the fabric's configuration, see the module's step 2)."""
+
+    pairs: Mapping[str, reachability.PairState]
+    clusters: frozenset[str]
+
+
+def view(records: Iterable[api.Record], root: str,
+         bad: Callable[[api.Record, str], None] | None = None) -> View | None:
+    """The root's :class:`View` from reachability records (a :class:`RecordWatch`'s cache);
+    None when none of them is the reflector's (no answer: keep the last view). Records of
+    another kind or publisher are skipped (a plaintext reflector lets anyone publish the kind
+    under their own name); one whose name is no ``<source>/<target>``, or that does not decode,
+    goes to ``bad`` and answers nothing for its pair (a well-formed name still counts its
+    clusters as configured)."""
+    pairs: dict[str, reachability.PairState] = {}
+    clusters: set[str] = set()
+    any_ours = False
+    for r in records:
+        if r.kind != reachability.KIND or r.publisher != reachability.PUBLISHER:
+            continue
+        any_ours = True
+        source, sep, target = r.name.partition("/")
+        if not sep or not source or not target or "/" in target:
+            if bad is not None:
+                bad(r, f"reachability record {r.name!r}: the name is no <source>/<target>")
+            continue
+        clusters.update((source, target))
+        if source != root:
+            continue  # only its names count: no need to decode the other roots' pairs
+        try:
+            pairs[target] = reachability.decode(r.data, r.name)
+        except DecodeError as e:
+            if bad is not None:
+                bad(r, str(e))
+    return View(pairs, frozenset(clusters)) if any_ours else None
+
+
 class FabricLink:
     """Records out, reachability in, on one event loop thread (see the module's steps)."""
 
-    def __init__(self, target: str, root_id: str, fabric_cluster: str | None, *, poll_period: float = 10.0,
-                 status_timeout: float = 5.0, backoff: tuple[float, float] = (0.2, 5.0),
-                 startup_wait: float = 30.0, tls_dir: tls.TLSDir | None = None) -> None:
+    def __init__(self, target: str, root_id: str, fabric_cluster: str | None, *,
+                 backoff: tuple[float, float] = (0.2, 5.0), startup_wait: float = 30.0,
+                 tls_dir: tls.TLSDir | None = None) -> None:
         self.target = target
         #: Mutual TLS material (None: plaintext, ``--insecure``).
         self.tls = tls_dir
         self.identity = identity(root_id)
         self.fabric_cluster = fabric_cluster
-        self.poll_period = poll_period
-        self.status_timeout = status_timeout
         self.backoff = backoff
         self.startup_wait = startup_wait
         #: Runs (on the link's thread) when a Cluster's NetworkUnavailable answer changed.
         self.on_change: Callable[[], None] = lambda: None
-        #: The reflector's last status (None: no answer yet).
-        self.status: api.FabricStatus | None = None
+        #: Times an answer given changed (each one ran ``on_change``).
+        self.changes = 0
+        #: The fabric's last answer (None: none yet); replaced whole on the loop thread.
+        self.view: View | None = None
+        #: The reachability watch (None: not asked, or not started).
+        self.watch: RecordWatch | None = None
+        #: Records that did not decode, logged once per (name, version).
+        self._bad_logged: set[tuple[str, int]] = set()
         #: Answers given per Cluster asked about, to tell when one changes (reconciler threads write).
         self._answers: dict[str, forge.NetworkCondition] = {}
         self._answers_lock = threading.Lock()
@@ -98,7 +160,6 @@ class FabricLink:
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._closing: asyncio.Event | None = None
-        self._refresh_now: asyncio.Event | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -112,7 +173,7 @@ class FabricLink:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Close the publisher (its records stay on the reflector for its grace period, so a
-        successor taking over in time flaps nothing) and the topology watch; join the thread."""
+        successor taking over in time flaps nothing) and the reachability watch; join the thread."""
         loop, closing = self._loop, self._closing
         if loop is not None and closing is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):  # the loop ended meanwhile
@@ -129,15 +190,18 @@ class FabricLink:
     async def _serve(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._closing = asyncio.Event()
-        self._refresh_now = asyncio.Event()
         self._all_in = asyncio.Event()
         self.publisher = RecordPublisher(self.target, self.identity, backoff=self.backoff, tls_dir=self.tls)
         self._ready.set()
         tasks = [asyncio.create_task(self._publish())]
         if self.fabric_cluster:
-            tasks += [asyncio.create_task(self._watch_topology()), asyncio.create_task(self._poll())]
+            self.watch = RecordWatch(self.target, reachability.KIND, reachability.PUBLISHER, backoff=self.backoff,
+                                     tls_dir=self.tls)
+            tasks.append(asyncio.create_task(self._watch_reachability(self.watch)))
         await self._closing.wait()
         await self.publisher.close()
+        if self.watch is not None:
+            await self.watch.close()
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -214,58 +278,51 @@ class FabricLink:
         cluster name), :data:`~tree.forge.NETWORK_UNKNOWN` before the reflector's first answer."""
         if not self.fabric_cluster:
             return None
-        status = self.status
-        answer = forge.NETWORK_UNKNOWN if status is None else forge.network_condition(status, self.fabric_cluster,
-                                                                                          cluster)
-        with self._answers_lock:
-            self._answers[cluster] = answer
+        with self._answers_lock:  # with the view read under it: :meth:`update` sees every answer given
+            answer = self._answers[cluster] = self._answer(self.view, cluster)
         return answer
 
-    async def _refresh(self) -> None:
-        try:
-            status = await get_status(self.target, timeout=self.status_timeout, tls_dir=self.tls)
-        except ReflectorUnavailable as e:
-            _log.debug("GetStatus: %s; the last answer stands", e)
-            return
-        if status.holding:
-            return  # a reflector just started: its topology is not complete yet; the last answer stands
-        self.status = status
+    def _answer(self, v: View | None, cluster: str) -> forge.NetworkCondition:
         assert self.fabric_cluster
+        if v is None:
+            return forge.NETWORK_UNKNOWN
+        return forge.network_condition(self.fabric_cluster, cluster, v.pairs.get(cluster), v.clusters)
+
+    def _bad(self, r: api.Record, why: str) -> None:
+        if (r.name, r.version) not in self._bad_logged:
+            self._bad_logged.add((r.name, r.version))
+            _log.warning("%s (from %s): ignored, NetworkUnavailable of that pair is left as it is", why, self.target)
+
+    def update(self, records: Iterable[api.Record]) -> bool:
+        """A complete set of reachability records (the watch's cache after a change): the new
+        view, unless it holds none of the reflector's (then the last one stands). True, and
+        ``on_change`` called, when the answer of a Cluster a reconciler asked about changed."""
+        assert self.fabric_cluster
+        new = view(records, self.fabric_cluster, self._bad)
+        if new is None or new == self.view:
+            return False
         with self._answers_lock:
-            answers = dict(self._answers)
-        changed = [c for c, old in answers.items()
-                   if forge.network_condition(status, self.fabric_cluster, c) != old]
-        if changed:
-            _log.info("the fabric's reachability of %s changed", ", ".join(sorted(changed)))
-            self.on_change()
+            self.view = new
+            changed = {c: a for c, old in self._answers.items() if (a := self._answer(new, c)) != old}
+            # What the kicked reconcilers will be told; so a leaf that makes no pass for a while
+            # (its informers not synced) is not found changed again at every later record.
+            self._answers.update(changed)
+        if not changed:
+            return False
+        for c, a in sorted(changed.items()):
+            _log.log(logging.WARNING if a.status == "True" else logging.INFO,
+                     "the fabric's reachability of %s from %s: NetworkUnavailable=%s (%s)", c, self.fabric_cluster,
+                     a.status or "unknown", a.message or "no answer")  # fmt: skip
+        self.changes += 1
+        self.on_change()
+        return True
 
-    async def _poll(self) -> None:
-        assert self._refresh_now is not None
-        while True:
-            await self._refresh()
-            self._refresh_now.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.poll_period):
-                    await self._refresh_now.wait()
-
-    async def _watch_topology(self) -> None:
-        assert self._refresh_now is not None
-        backoff = Backoff(*self.backoff)
-        while True:
-            watcher = TopologyWatcher(self.target, self.tls)
-            synced = False
-            try:
-                async for event in watcher:
-                    if event.kind != "snapshot":
-                        synced = True
-                        self._refresh_now.set()  # the topology changed (or is whole again)
-                reason = "the reflector ended the stream"
-            except (ReflectorUnavailable, DecodeError) as e:
-                reason = str(e)
-            finally:
-                await watcher.close()
-            if synced:
-                backoff.reset()
-            sleep = backoff.next()
-            _log.info("topology watch of %s ended (%s); again in %.2f s", self.target, reason, sleep)
-            await asyncio.sleep(sleep)
+    async def _watch_reachability(self, watch: RecordWatch) -> None:
+        """Follow the records until the link stops (the watch reconnects by itself; its cache,
+        and so the last view, stands meanwhile)."""
+        try:
+            async for _change in watch:
+                self.update(list(watch.records.values()))
+        except RecordsRefused as e:
+            _log.error("the reflector refuses the tree manager's watch of reachability records for good: %s; "
+                       "NetworkUnavailable keeps its last answer", e)  # fmt: skip

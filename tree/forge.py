@@ -29,7 +29,8 @@ In order (:func:`virtual_nodes`):
    no usable member, else True ``LeafReady``. Messages carry no clock, so an unchanged state is
    an unchanged object (no write).
 5. The NetworkUnavailable condition, only when the fabric is asked (``network`` given; see
-   :func:`network_condition`, which decides it from the reflector's status).
+   :func:`network_condition`, which decides it from the fabric's reachability record of the
+   pair root -> leaf).
 6. The leaf room of each member (:class:`LeafRoom`), from the same walk over the same pods as
    step 2: what :func:`leaf_resources` publishes as the virtual node's add-on record.
 7. The kubelet endpoint: every virtual node has the manager's kubelet server (:mod:`tree.kubelet`)
@@ -44,11 +45,11 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from fabric.control import api
+from fabric.control.reachability import PairState
 from scheduler.framework import Resource
 from scheduler.podutil import QuantityError, pod_requests, resource_list
 from scheduler.policy import LEAF_NODE_LABEL, LEAF_TAINT
@@ -325,42 +326,37 @@ def leaf_resources(vn: VirtualNode, cluster: str) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
 
-def network_condition(status: api.FabricStatus, root: str, leaf: str) -> NetworkCondition:
-    """``NetworkUnavailable`` of leaf cluster ``leaf``'s virtual nodes, from the reflector's
-    status as seen from root cluster ``root``. Unreachable (True), the first that applies:
+def network_condition(root: str, leaf: str, pair: PairState | None,
+                      clusters: Collection[str] | None) -> NetworkCondition:
+    """``NetworkUnavailable`` of leaf cluster ``leaf``'s virtual nodes as root cluster ``root``
+    sees it, from the fabric's reachability records (:mod:`fabric.control.reachability`; the
+    reflector derives them, :mod:`fabric.control.reachability_rules`). The first that applies:
 
-    1. either cluster is not in the fabric's configuration;
-    2. the pair shares no address family (the reflector's ``unreachable_pairs``);
-    3. either cluster has no node in the fabric's topology (no agent has announced one, or all
-       were withdrawn);
-    4. every node of ``leaf`` is reported unreachable through the tunnel by a node of ``root``
-       (the agents' probe reports).
+    1. ``pair``, the record ``<root>/<leaf>``: True ``KosmosFabricUnreachable`` when it says
+       unreachable, else False ``KosmosFabricReachable``; the message is the record's reason.
+       Its RTT and loss are left out, so a record that changes only those changes no Node;
+    2. no record, and ``clusters`` (every cluster the reflector's records name: its
+       configuration, as it publishes a record for every ordered pair of configured clusters)
+       lacks ``root`` or ``leaf``: True, that cluster is not in the fabric's configuration;
+       ``leaf`` the root's own fabric cluster: False (there is no pair to ask about);
+    3. otherwise (``clusters`` None: the reflector has given no answer yet; or a record that
+       did not decode) :data:`NETWORK_UNKNOWN`: the Node keeps what it says.
 
-    Otherwise reachable (False). Messages hold no counts or clocks that move without the answer
-    moving, so an unchanged answer is no write."""
-    clusters = {c.name: c for c in status.clusters}
+    Pure: the same record and names give the same condition, so an unchanged answer is no write."""
+    if pair is not None and pair.source == root and pair.target == leaf:
+        if pair.reachable:
+            return NetworkCondition("False", REASON_FABRIC_REACHABLE, pair.reason)
+        return NetworkCondition("True", REASON_FABRIC_UNREACHABLE, pair.reason)
+    if clusters is None:
+        return NETWORK_UNKNOWN
     for name, role in ((root, "root"), (leaf, "leaf")):
         if name not in clusters:
             return NetworkCondition("True", REASON_FABRIC_UNREACHABLE,
                                     f"the {role} cluster {name} is not in the Kosmos fabric's configuration")
-    if root != leaf:
-        for pair in status.unreachable_pairs:
-            if {pair.cluster_a, pair.cluster_b} == {root, leaf}:
-                return NetworkCondition("True", REASON_FABRIC_UNREACHABLE,
-                                        f"the Kosmos fabric cannot connect {root} and {leaf}: {pair.reason}")
-    for name, role in ((root, "root"), (leaf, "leaf")):
-        if not clusters[name].nodes:
-            return NetworkCondition("True", REASON_FABRIC_UNREACHABLE,
-                                    f"the {role} cluster {name} has no node in the Kosmos fabric")
-    if root != leaf:
-        reported = {k for n in clusters[root].nodes for k in n.reports_unreachable}
-        leaf_nodes = {f"{leaf}/{n.name}" for n in clusters[leaf].nodes}
-        if leaf_nodes and leaf_nodes <= reported:
-            return NetworkCondition("True", REASON_FABRIC_UNREACHABLE,
-                                    f"every node of {leaf} is reported unreachable through the Kosmos fabric "
-                                    f"by nodes of {root}")
-    return NetworkCondition("False", REASON_FABRIC_REACHABLE,
-                            f"the Kosmos fabric connects root cluster {root} and leaf cluster {leaf}")
+    if root == leaf:
+        return NetworkCondition("False", REASON_FABRIC_REACHABLE,
+                                f"the leaf cluster {leaf} is the root's own cluster in the Kosmos fabric")
+    return NETWORK_UNKNOWN
 
 
 def _floor(r: Resource) -> Resource:

@@ -89,8 +89,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--fabric-cluster", metavar="NAME",
                    help="the root cluster's name in the fabric: NetworkUnavailable of each virtual node says "
                         "whether the fabric reaches its leaf from there (needs --reflector)")
-    p.add_argument("--fabric-status-period", type=positive_seconds, default=10.0,
-                   help="seconds between reads of the reflector's status besides topology changes (default 10)")
+    # Deprecated: NetworkUnavailable follows the reflector's reachability records as they change
+    # (tree.fabric_link), nothing is polled. Still accepted, so a command line that passes it starts.
+    p.add_argument("--fabric-status-period", type=positive_seconds, default=None, help=argparse.SUPPRESS)
     p.add_argument("--kubelet-address", default="127.0.0.1",
                    help="IP the virtual nodes' kubelet server listens on and the virtual nodes advertise as their "
                         "InternalIP: where the root API server sends kubectl logs/exec (in a pod: its pod IP; "
@@ -142,6 +143,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("kosmos-tree: --fabric-cluster needs --reflector (the fabric's reachability comes from it)",
               file=sys.stderr)
         return 2
+    if args.fabric_status_period is not None:
+        _log.warning("--fabric-status-period is deprecated and ignored: NetworkUnavailable follows the fabric's "
+                     "reachability records as the reflector publishes them; nothing is polled")
     tls_dir = None
     if args.reflector:
         try:
@@ -178,8 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       kubelet_port=kubelet_server.port if kubelet_server else 0)
     link = None
     if args.reflector:
-        link = FabricLink(args.reflector, rid, args.fabric_cluster, poll_period=args.fabric_status_period,
-                          startup_wait=args.resync_period, tls_dir=tls_dir)
+        link = FabricLink(args.reflector, rid, args.fabric_cluster, startup_wait=args.resync_period, tls_dir=tls_dir)
         _log.info("add-on records to the reflector at %s as %s (kind %s); NetworkUnavailable %s", args.reflector,
                   link.identity, forge.RECORD_KIND,
                   f"from the fabric's view of cluster {args.fabric_cluster}" if args.fabric_cluster

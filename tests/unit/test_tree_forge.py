@@ -2,7 +2,8 @@
 (tree/spec.py), and the virtual nodes forged from leaf nodes and pods (tree/forge.py):
 membership per mode, capacity (Pending pods counted, ours and terminal ones not, init
 containers as the scheduler counts them), labels agreed by the members, taints, Ready; the
-leaf-resources record of a virtual node and NetworkUnavailable from the fabric's status."""
+leaf-resources record of a virtual node and NetworkUnavailable from the fabric's reachability
+record of the pair root -> leaf."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from fabric.control import api
+from fabric.control.reachability import PairState
 from tree import forge, identity, vnode
 from tree.spec import Mode, SpecError, TreeSpec, read
 
@@ -196,42 +197,40 @@ def test_the_record_tells_each_members_room_from_the_same_walk() -> None:
     assert forge.leaf_resources(more, "c1") != forge.leaf_resources(vn, "c1")
 
 
-def _status(clusters: dict[str, list[api.NodeStatus]], pairs: tuple[api.UnreachablePair, ...] = ()
-            ) -> api.FabricStatus:
-    return api.FabricStatus("e", 1, False, tuple(api.ClusterStatus(n, "p2p", (), (), tuple(ns))
-                                                for n, ns in clusters.items()), (), pairs)
+def test_network_condition_from_the_pairs_record() -> None:
+    down = PairState("root", "leaf", False, "every node of root that probes the gateways of leaf gets no answer")
+    got = forge.network_condition("root", "leaf", down, {"root", "leaf"})
+    assert (got.status, got.reason, got.message) == ("True", forge.REASON_FABRIC_UNREACHABLE, down.reason)
+    up = PairState("root", "leaf", True, "the fabric connects root to leaf", rtt_ms=0.4, loss=0.0)
+    got = forge.network_condition("root", "leaf", up, {"root", "leaf"})
+    assert (got.status, got.reason, got.message) == ("False", forge.REASON_FABRIC_REACHABLE, up.reason) and got.known
+    # RTT and loss are not in the condition: a record that changes only them changes no Node
+    assert forge.network_condition("root", "leaf", PairState("root", "leaf", True, up.reason, 9.0, 0.5),
+                                   {"root", "leaf"}) == got
+    # the record is the answer even before the names are known (it names the pair itself)
+    assert forge.network_condition("root", "leaf", down, None).status == "True"
+    # a record of another pair answers nothing for this one
+    other = PairState("leaf", "root", False, "one way")
+    assert forge.network_condition("root", "leaf", other, {"root", "leaf"}) == forge.NETWORK_UNKNOWN
 
 
-def _node(cluster: str, name: str, reports: tuple[str, ...] = ()) -> api.NodeStatus:
-    return api.NodeStatus(cluster, name, "198.18.0.1", (), True, 1, 1, 1, reports_unreachable=reports)
-
-
-def test_network_condition_from_the_fabric_status() -> None:
-    ok = _status({"root": [_node("root", "r1")], "leaf": [_node("leaf", "l1"), _node("leaf", "l2")]})
-    got = forge.network_condition(ok, "root", "leaf")
-    assert (got.status, got.reason) == ("False", forge.REASON_FABRIC_REACHABLE) and got.known
-
-    def unreachable(status: api.FabricStatus, root: str = "root", leaf: str = "leaf") -> str:
-        c = forge.network_condition(status, root, leaf)
+def test_network_condition_without_a_record() -> None:
+    def unreachable(root: str, leaf: str, clusters: set[str]) -> str:
+        c = forge.network_condition(root, leaf, None, clusters)
         assert (c.status, c.reason) == ("True", forge.REASON_FABRIC_UNREACHABLE), c
         return c.message
 
-    assert "leaf cluster other is not in the Kosmos fabric's configuration" in unreachable(ok, leaf="other")
-    assert "root cluster nope is not" in unreachable(ok, root="nope")
-    pair = api.UnreachablePair("leaf", "root", "no common address family (leaf: IPv6; root: IPv4)")
-    assert "no common address family" in unreachable(_status({"root": [_node("root", "r1")],
-                                                              "leaf": [_node("leaf", "l1")]}, (pair,)))
-    assert "leaf cluster leaf has no node" in unreachable(_status({"root": [_node("root", "r1")], "leaf": []}))
-    assert "root cluster root has no node" in unreachable(_status({"root": [], "leaf": [_node("leaf", "l1")]}))
-    # the root's nodes' probe reports: all of the leaf's nodes reported -> unreachable; one answers -> reachable
-    some = _status({"root": [_node("root", "r1", ("leaf/l1",)), _node("root", "r2", ("leaf/l2",))],
-                    "leaf": [_node("leaf", "l1"), _node("leaf", "l2")]})
-    assert "every node of leaf is reported unreachable" in unreachable(some)
-    one = _status({"root": [_node("root", "r1", ("leaf/l1",))], "leaf": [_node("leaf", "l1"), _node("leaf", "l2")]})
-    assert forge.network_condition(one, "root", "leaf").status == "False"
-    # a leaf's own reports about the root do not count (the root's view decides)
-    theirs = _status({"root": [_node("root", "r1")], "leaf": [_node("leaf", "l1", ("root/r1",))]})
-    assert forge.network_condition(theirs, "root", "leaf").status == "False"
+    # the reflector's records name every configured cluster: one they do not name is not configured
+    assert "leaf cluster other is not in the Kosmos fabric's configuration" in unreachable("root", "other",
+                                                                                           {"root", "leaf"})
+    assert "root cluster nope is not" in unreachable("nope", "leaf", {"root", "leaf"})
+    # no records at all (the reflector has not answered): the Node keeps what it says
+    assert forge.network_condition("root", "leaf", None, None) == forge.NETWORK_UNKNOWN
+    # both named but no record of the pair (one that did not decode): no answer either
+    assert forge.network_condition("root", "leaf", None, {"root", "leaf"}) == forge.NETWORK_UNKNOWN
+    # the root's own cluster as a leaf: no pair to ask about
+    assert forge.network_condition("root", "root", None, {"root", "leaf"}).status == "False"
+    assert forge.network_condition("root", "root", None, None) == forge.NETWORK_UNKNOWN
 
 
 def test_network_condition_on_the_virtual_node() -> None:

@@ -4,14 +4,18 @@ fabric's nodes, on an event loop thread of its own (:class:`Fabric`).
 
 Records: one per virtual node with the leaf's room, a new version only when the content changes,
 gone with the node; a standby replica publishes nothing; with the reflector down the nodes are
-still kept and the records come back on reconnect. NetworkUnavailable: set from the fabric's
-view (a leaf cluster whose nodes left the fabric is unreachable, and reachable again when they
-return), absent without a reflector or without the root's fabric cluster name.
+still kept and the records come back on reconnect. NetworkUnavailable: set from the reflector's
+reachability records of the pairs root -> leaf (a leaf cluster whose nodes left the fabric is
+unreachable, and reachable again when they return; a gateway-mode leaf of three nodes whose
+gateways stop answering the root's probers is unreachable, and reachable again on heal; a
+restarted reflector in its startup hold publishes no records, and the last answer stands),
+absent without a reflector or without the root's fabric cluster name.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import subprocess
 import sys
@@ -22,13 +26,14 @@ from typing import Any, TypeVar
 import pytest
 
 from fabric import types
-from fabric.control import api, client, reflector
+from fabric.control import api, client, reachability, reflector
+from fabric.control.reachability import PairState
 from fabric.control.records import list_records_sync
 from tests.control_recorder import Recorder
 from tests.tree_env import REPO, ROOT_ID, TreeEnv, tree_env
 from tests.waiting import wait_until
 from tree import forge
-from tree.fabric_link import FabricLink, identity
+from tree.fabric_link import FabricLink, identity, view
 from tree.identity import ROOT_LABEL
 from tree.manager import TreeManager
 
@@ -43,6 +48,14 @@ CONFIG = types.FabricConfig(clusters=(
 R1 = types.NodeAnnouncement("root", "r1", "198.18.0.11", ("10.10.1.0/24",))
 L1 = types.NodeAnnouncement("leaf1", "l1", "198.18.0.21", ("10.20.1.0/24",))
 L2 = types.NodeAnnouncement("leaf2", "l2", "198.18.0.31", ("10.30.1.0/24",))
+#: A gateway-mode leaf: two gateway candidates and an internal node that no other cluster probes.
+GW_CONFIG = types.FabricConfig(clusters=(
+    types.ClusterConfig("root", types.ClusterMode.P2P, ("10.10.0.0/16",)),
+    types.ClusterConfig("leaf3", types.ClusterMode.GATEWAY, ("10.40.0.0/16",), gateways=("g1", "g2")),
+))
+GW_ROOT = (R1, types.NodeAnnouncement("root", "r2", "198.18.0.12", ("10.10.2.0/24",)))
+GW_LEAF = tuple(types.NodeAnnouncement("leaf3", n, f"198.18.0.4{i}", (f"10.40.{i}.0/24",))
+                for i, n in enumerate(("g1", "g2", "n3"), start=1))
 KIND = forge.RECORD_KIND
 PUBLISHER = identity(ROOT_ID)
 
@@ -50,7 +63,8 @@ PUBLISHER = identity(ROOT_ID)
 class Fabric:
     """A reflector and agent sessions on an event loop thread; the test thread drives them."""
 
-    def __init__(self) -> None:
+    def __init__(self, config: types.FabricConfig = CONFIG) -> None:
+        self.config = config
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="test-fabric", daemon=True)
         self.thread.start()
@@ -61,10 +75,11 @@ class Fabric:
     def call(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
 
-    def start(self, listen: str = "127.0.0.1:0") -> str:
+    def start(self, listen: str = "127.0.0.1:0", startup_hold: float = 0) -> str:
         async def go() -> str:
-            self.reflector = reflector.Reflector(CONFIG, grace_period=0.3, keepalive_interval=0.1, startup_hold=0,
-                                                 records_grace_period=5.0, records_startup_hold=0)
+            self.reflector = reflector.Reflector(self.config, grace_period=0.3, keepalive_interval=0.1,
+                                                 startup_hold=startup_hold, records_grace_period=5.0,
+                                                 records_startup_hold=0)
             (target,) = await self.reflector.start([listen])
             return str(target)
         self.target = self.call(go())
@@ -89,6 +104,29 @@ class Fabric:
             await s.close()
             await asyncio.wait_for(task, 2)
         self.call(go())
+
+    def report(self, ann: types.NodeAnnouncement, unreachable: set[types.NodeKey]) -> None:
+        """``ann``'s agent reports the probed peers that stopped answering (the complete set)."""
+        async def go() -> None:
+            self.agents[str(ann.key)][0].report_unreachable(frozenset(unreachable))
+        self.call(go())
+
+    def holding(self) -> bool:
+        async def go() -> bool:
+            assert self.reflector is not None
+            return self.reflector.holding
+        return self.call(go())
+
+    def release_hold(self) -> None:
+        async def go() -> None:
+            assert self.reflector is not None
+            self.reflector._release_hold("released by the test")
+        self.call(go())
+
+    def reachability(self) -> dict[str, PairState]:
+        """name -> the reflector's reachability record, decoded (one WatchRecords snapshot)."""
+        return {r.name: reachability.decode(r.data, r.name)
+                for r in list_records_sync(self.target, reachability.KIND, reachability.PUBLISHER).records}
 
     def sessions(self) -> int:
         async def go() -> int:
@@ -131,8 +169,7 @@ def fabric() -> Iterator[Fabric]:
 
 
 def link(fabric: Fabric, fabric_cluster: str | None = "root") -> FabricLink:
-    return FabricLink(fabric.target, ROOT_ID, fabric_cluster, poll_period=0.2, status_timeout=2.0,
-                      backoff=(0.05, 0.3), startup_wait=5.0)
+    return FabricLink(fabric.target, ROOT_ID, fabric_cluster, backoff=(0.05, 0.3), startup_wait=5.0)
 
 
 def payload(record: Any) -> Obj:
@@ -152,6 +189,18 @@ def network(node: Obj | None) -> tuple[str, str] | None:
         if c.get("type") == forge.NETWORK_UNAVAILABLE:
             return str(c["status"]), str(c["reason"])
     return None
+
+
+def condition(node: Obj | None) -> Obj:
+    """The NetworkUnavailable condition without its heartbeat (which moves with every status write)."""
+    for c in ((node or {}).get("status") or {}).get("conditions") or []:
+        if c.get("type") == forge.NETWORK_UNAVAILABLE:
+            return {k: v for k, v in c.items() if k != "lastHeartbeatTime"}
+    return {}
+
+
+def message(node: Obj | None) -> str:
+    return str(condition(node).get("message", ""))
 
 
 def metric(mgr: TreeManager, name: str) -> float | None:
@@ -243,7 +292,7 @@ def test_network_unavailable_follows_the_fabric(env: TreeEnv, fabric: Fabric) ->
                "leaf2 (no node in the fabric) unreachable")
     cond = next(c for c in env.vnode("kosmos-leaf2")["status"]["conditions"]  # type: ignore[index]
                 if c["type"] == forge.NETWORK_UNAVAILABLE)
-    assert "leaf2 has no node in the Kosmos fabric" in cond["message"]
+    assert "cluster leaf2 has no node in the fabric" in cond["message"]  # the record's reason
     assert cond["lastTransitionTime"] and cond["lastHeartbeatTime"]
     # leaf1's node leaves the fabric (withdrawn after the 0.3 s grace): unreachable; back: reachable
     fabric.stop_agent(L1)
@@ -278,30 +327,143 @@ def test_no_network_condition_without_a_reflector_or_the_roots_fabric_name(env: 
                "the condition set once the root's fabric name is known")
 
 
+def test_a_gateway_mode_leaf_cut_off_from_the_roots_probers(env: TreeEnv) -> None:
+    """leaf3 runs in gateway mode with two gateways and an internal node: the root's nodes probe
+    only the gateways (internal nodes are never probed), so a cut-off leaf is one whose gateways
+    stop answering every prober of the root, not one whose every node is reported."""
+    fabric = Fabric(GW_CONFIG)
+    fabric.start()
+    try:
+        for ann in (*GW_ROOT, *GW_LEAF):
+            fabric.agent(ann)
+
+        def gateways() -> set[types.NodeKey] | None:
+            leaf3 = next((c for c in fabric.status().clusters if c.name == "leaf3"), None)
+            if leaf3 is None or len(leaf3.nodes) != len(GW_LEAF) or not leaf3.active_gateway:
+                return None
+            return {types.NodeKey("leaf3", g) for g in (leaf3.active_gateway, leaf3.standby_gateway) if g}
+        probed = wait_until(gateways, 10, "leaf3's nodes in the fabric and its gateways elected")
+        assert probed < {n.key for n in GW_LEAF}  # what the root's nodes can ever report: not every node
+        env.add_node("leaf3", "a", cpu="4")
+        env.add_cluster("leaf3", "leaf3")
+        mgr = env.start_manager(link=link(fabric))
+        assert mgr.link is not None
+        wait_until(lambda: network(env.vnode("kosmos-leaf3")) == ("False", forge.REASON_FABRIC_REACHABLE), 10,
+                   "leaf3 reachable")
+        # one prober of the root loses the gateways: the other still gets through, leaf3 stays reachable
+        fabric.report(GW_ROOT[0], probed)
+        wait_until(lambda: "some nodes of root get no answer" in message(env.vnode("kosmos-leaf3")), 10,
+                   "the record's reason naming the root's nodes that get no answer")
+        assert network(env.vnode("kosmos-leaf3")) == ("False", forge.REASON_FABRIC_REACHABLE)
+        # every prober: leaf3 is cut off
+        fabric.report(GW_ROOT[1], probed)
+        wait_until(lambda: network(env.vnode("kosmos-leaf3")) == ("True", forge.REASON_FABRIC_UNREACHABLE), 10,
+                   "leaf3 unreachable once every prober of the root gets no answer from its gateways")
+        assert message(env.vnode("kosmos-leaf3")) == fabric.reachability()["root/leaf3"].reason
+        # heal
+        for ann in GW_ROOT:
+            fabric.report(ann, set())
+        wait_until(lambda: network(env.vnode("kosmos-leaf3")) == ("False", forge.REASON_FABRIC_REACHABLE), 10,
+                   "leaf3 reachable again after the heal")
+        # each flip came from the records (the link's answer changed and kicked the reconcilers)
+        assert mgr.link.changes >= 3
+    finally:
+        fabric.close()
+
+
+def _record(state: PairState, publisher: str = reachability.PUBLISHER, version: int = 1) -> api.Record:
+    name = reachability.record_name(state.source, state.target)
+    return api.Record(reachability.KIND, name, version, reachability.encode(state), publisher)
+
+
+def test_the_links_view_from_reachability_records() -> None:
+    """:func:`tree.fabric_link.view` and :meth:`FabricLink.update` without a reflector: what a
+    set of records answers, what is no answer, and when the reconcilers are kicked."""
+    up = PairState("root", "leaf1", True, "the fabric connects root to leaf1")
+    down = PairState("root", "leaf2", False, "every node of root that probes the gateways of leaf2 gets no answer")
+    back = PairState("leaf1", "root", True, "the fabric connects leaf1 to root")
+    bad: list[str] = []
+    v = view([_record(up), _record(down), _record(back)], "root", lambda r, why: bad.append(why))
+    assert v is not None and v.pairs == {"leaf1": up, "leaf2": down} and v.clusters == {"root", "leaf1", "leaf2"}
+    # records of anyone else (a plaintext reflector lets them publish the kind) are no answer
+    assert view([_record(down, publisher="tree/x")], "root") is None
+    assert view([], "root") is None
+    # a record that does not decode answers nothing for its pair, but its name still counts the clusters
+    junk = api.Record(reachability.KIND, "root/leaf3", 4, b"{", reachability.PUBLISHER)
+    v = view([_record(up), junk], "root", lambda r, why: bad.append(why))
+    assert v is not None and "leaf3" not in v.pairs and "leaf3" in v.clusters and "not JSON" in bad[-1]
+
+    link = FabricLink("127.0.0.1:1", ROOT_ID, "root")  # never started: update() is driven by hand
+    kicks: list[int] = []
+    link.on_change = lambda: kicks.append(1)
+    assert link.network("leaf1") == forge.NETWORK_UNKNOWN and link.network("leaf2") == forge.NETWORK_UNKNOWN
+    assert link.update([_record(up), _record(down), _record(back)]) and len(kicks) == 1
+    assert link.network("leaf1").status == "False" and link.network("leaf2").status == "True"
+    assert link.network("leaf2").message == down.reason
+    # only RTT/loss moved: a new view, the same answers, no kick
+    assert not link.update([_record(dataclasses.replace(up, rtt_ms=1.5, loss=0.0), version=2), _record(down),
+                            _record(back)])
+    assert len(kicks) == 1 and link.view is not None and link.view.pairs["leaf1"].rtt_ms == 1.5
+    # nothing of the reflector's (a restarted one in its startup hold, a standby): the last view stands
+    assert not link.update([]) and link.network("leaf2").status == "True"
+    # leaf2 left the configuration (its records gone, the others kept): unreachable, not configured
+    assert link.update([_record(up), _record(back)]) and len(kicks) == 2
+    # the kick told the reconcilers: a later record that changes no answer kicks nobody, even
+    # before the reconcilers asked again (a leaf not synced makes no pass for a while)
+    assert not link.update([_record(dataclasses.replace(up, rtt_ms=3.0), version=3), _record(back)])
+    assert len(kicks) == 2
+    assert "leaf cluster leaf2 is not in the Kosmos fabric's configuration" in link.network("leaf2").message
+    # a pair of a Cluster no reconciler asked about changes no answer given: no kick
+    assert not link.update([_record(up), _record(back), _record(PairState("root", "leaf9", False, "x"))])
+
+
 def test_reflector_down_the_manager_keeps_working_and_republishes(env: TreeEnv, fabric: Fabric) -> None:
     fabric.agent(R1)
     fabric.agent(L1)
     env.add_node("leaf1", "a", cpu="4")
     env.add_cluster("leaf1", "leaf1")
-    env.start_manager(link=link(fabric))
+    mgr = env.start_manager(link=link(fabric))
+    assert mgr.link is not None
     wait_record(fabric, "kosmos-leaf1", lambda d, _r: d["nodes"][0]["free"]["cpu"] == "4", "the record")
     wait_until(lambda: network(env.vnode("kosmos-leaf1")) == ("False", forge.REASON_FABRIC_REACHABLE), 10,
                "leaf1 reachable")
+    # root's node stops getting answers from leaf1's: cut
+    fabric.report(R1, {L1.key})
+    wait_until(lambda: network(env.vnode("kosmos-leaf1")) == ("True", forge.REASON_FABRIC_UNREACHABLE), 10,
+               "leaf1 cut off")
+    cut = condition(env.vnode("kosmos-leaf1"))
+    changes = mgr.link.changes
     port = fabric.target.rpartition(":")[2]
     fabric.stop()
     env.add_pod("leaf1", "p", node="a", cpu="1")
     wait_until(lambda: (env.vnode("kosmos-leaf1") or {}).get("status", {}).get("allocatable", {}).get("cpu") == "3",
                10, "the virtual node updated with the reflector down")
     # the last answer stands while the reflector is away (the data plane runs on without it)
-    assert network(env.vnode("kosmos-leaf1")) == ("False", forge.REASON_FABRIC_REACHABLE)
-    fabric.start(f"127.0.0.1:{port}")  # a new reflector (empty, new epoch) at the same address
+    assert network(env.vnode("kosmos-leaf1")) == ("True", forge.REASON_FABRIC_UNREACHABLE)
+    # a new reflector (empty, new epoch) at the same address, in its startup hold: no reachability record
+    fabric.start(f"127.0.0.1:{port}", startup_hold=600)
     wait_record(fabric, "kosmos-leaf1", lambda d, _r: d["nodes"][0]["free"]["cpu"] == "3",
                 "the record put again, as the leaf is now")
-    # the agents reconnect by themselves; leaf1's then leaves for good: the new reflector's view counts
-    wait_until(lambda: len(fabric.status().nodes()) == 2, 10, "both agents back in the new reflector")
-    fabric.stop_agent(L1)
-    wait_until(lambda: network(env.vnode("kosmos-leaf1")) == ("True", forge.REASON_FABRIC_UNREACHABLE), 10,
-               "leaf1 unreachable as the new reflector sees it")
+    watch = mgr.link.watch
+    assert watch is not None
+    wait_until(lambda: watch.snapshots >= 2 and watch.synced, 10, "the link's watch resynced with the new reflector")
+    assert fabric.holding() and not fabric.reachability()
+    # an empty snapshot is no answer: the last one stands, in the link and on the Node
+    assert mgr.link.network("leaf1") == forge.NetworkCondition("True", forge.REASON_FABRIC_UNREACHABLE, cut["message"])
+    assert condition(env.vnode("kosmos-leaf1")) == cut
+    # the agents reconnect by themselves and R1 sends its report again; the hold ends: the same answer
+    def back() -> bool:
+        nodes = {n.key: n for n in fabric.status().nodes() if n.connected}
+        return set(nodes) == {str(R1.key), str(L1.key)} and nodes[str(R1.key)].reports_unreachable == (str(L1.key),)
+    wait_until(back, 10, "both agents back in the new reflector, R1's report with them")
+    fabric.release_hold()
+    wait_until(lambda: any(k.name == "root/leaf1" for k in watch.records), 10, "the new reflector's records")
+    assert mgr.link.changes == changes  # no answer changed: the Nodes never flapped
+    assert condition(env.vnode("kosmos-leaf1")) == cut
+    # the new reflector's view counts: healed
+    fabric.report(R1, set())
+    wait_until(lambda: network(env.vnode("kosmos-leaf1")) == ("False", forge.REASON_FABRIC_REACHABLE), 10,
+               "leaf1 reachable as the new reflector sees it")
 
 
 def test_the_command_line_checks_the_fabric_flags() -> None:
@@ -314,3 +476,7 @@ def test_the_command_line_checks_the_fabric_flags() -> None:
     assert bad.returncode == 2 and "'nowhere' is not HOST:PORT or unix:/path" in bad.stderr
     alone = run("--fabric-cluster", "root", "--master", "http://127.0.0.1:1")
     assert alone.returncode == 2 and "--fabric-cluster needs --reflector" in alone.stderr
+    # deprecated (nothing is polled any more) but accepted, so a command line that passes it still starts
+    old = run("--fabric-status-period", "5", "--master", "http://127.0.0.1:1")
+    assert old.returncode == 1 and "--fabric-status-period is deprecated and ignored" in old.stderr, old.stderr
+    assert "connecting to the root cluster" in old.stderr and "--fabric-status-period" not in out.stdout
