@@ -7,7 +7,7 @@ publishes the records (``Reflector._publish_reachability``). Kept apart from the
 One record per ordered pair of distinct clusters of the configuration; a cluster that leaves the
 configuration takes its records with it (no record: the cluster is not in the fabric, or the
 reflector has no answer yet: it publishes nothing during its startup hold). The rules, the first
-that applies (as ``tree.forge.network_condition``, with the probe rule fixed for gateways):
+that applies (the tree manager, the MCS controller and the scheduler read only their outcome):
 
 1. the pair shares no address family (:func:`fabric.control.planner.unreachable_pairs`):
    unreachable;
