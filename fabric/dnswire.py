@@ -79,21 +79,14 @@ class Header:
 
 
 @dataclass(frozen=True)
-class Query:
-    """One parsed query: its id, flags, the question's labels (lowercased, for lookups), type and
-    class, and the question's raw bytes (echoed as sent: the client's case kept)."""
+class Query(Header):
+    """One parsed query: its header, the first question's labels (lowercased, for lookups), type
+    and class, and the question's raw bytes (echoed as sent: the client's case kept)."""
 
-    ident: int
-    flags: int
     labels: tuple[str, ...]
     qtype: int
     qclass: int
     question: bytes
-    qdcount: int = 1
-
-    @property
-    def opcode(self) -> int:
-        return (self.flags >> 11) & 0xF
 
     @property
     def name(self) -> str:
@@ -177,7 +170,7 @@ def parse_query(data: bytes, *, pointers: bool = True) -> Query:
     if pos + 4 > len(data):
         raise Malformed("question without type and class")
     qtype, qclass = struct.unpack_from("!HH", data, pos)
-    return Query(head.ident, head.flags, labels, qtype, qclass, data[HEADER.size:pos + 4], head.qdcount)
+    return Query(head.ident, head.flags, head.qdcount, labels, qtype, qclass, data[HEADER.size:pos + 4])
 
 
 @dataclass(frozen=True)
