@@ -9,6 +9,6 @@ Modules: ``server`` (HTTP, discovery, watch streams, admin faults), ``store`` (o
 resourceVersion, watch log, controllers), ``resources`` (served kinds, CRDs), ``schema``
 (custom resources pruned and validated by their CRD's schema), ``patch``,
 ``selectors``, ``errors`` (Status objects), ``runner`` (in-thread server), ``lab`` (process
-start + kubeconfig), ``kubelet`` (the lab kubelet), ``dns`` and ``dnswire`` (the lab's cluster
-DNS, ``python -m kubeemu.dns``), ``bench`` (benchmark).
+start + kubeconfig), ``kubelet`` (the lab kubelet), ``dns`` (the lab's cluster DNS,
+``python -m kubeemu.dns``, on the shared codec ``fabric.dnswire``), ``bench`` (benchmark).
 """

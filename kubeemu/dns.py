@@ -5,8 +5,9 @@ The flow:
 
 1. shared informers (:mod:`kubeemu.ctrl.base`) list+watch the cluster's Services and
    EndpointSlices; every event marks the table stale;
-2. a query (UDP or TCP, :mod:`kubeemu.dnswire`) rebuilds the table first if it is stale
-   (:func:`build`, pure), then is answered by :func:`resolve` (pure) for the cluster domain
+2. a query (UDP or TCP; read and answered with the project's one DNS codec, :mod:`fabric.dnswire`,
+   the only module of the production code kubeemu imports) rebuilds the table first if it is
+   stale (:func:`build`, pure), then is answered by :func:`resolve` (pure) for the cluster domain
    (``--cluster-domain``) as CoreDNS's kubernetes plugin answers it:
 
    * ``<svc>.<ns>.svc.<domain>``: A/AAAA of the Service's ClusterIPs; a headless Service the
@@ -57,7 +58,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubeemu import dnswire as w
+from fabric import dnswire as w
 from kubeemu.client import Client
 from kubeemu.ctrl.base import Informers
 from kubeemu.process import run_until_signalled

@@ -14,27 +14,31 @@ name) and returns the response datagram, as an authoritative server of the zone 
   recursive resolver); a query it cannot parse, or not one standard query with one question of
   class IN: FORMERR or NOTIMP, never an exception (input from the network is untrusted).
 
-The codec is written here on the RFC 1035 wire format (header, question, answers whose name is
-a pointer to the question's), small enough to read whole; the tests check it against scapy's.
+The wire format (reading the query, writing the response, truncation) is the project's one DNS
+codec, :mod:`fabric.dnswire`; this module holds the zone's policy: which names exist, what they
+answer, and which error a query that is not a plain one earns. Its question must be written
+uncompressed (a query's only question has no earlier name to point to).
 """
 
 from __future__ import annotations
 
 import ipaddress
-import struct
 from collections.abc import Mapping
 
+from fabric import dnswire as w
 from mcs.derive import HEADLESS, Import
 
 ZONE = ("svc", "clusterset", "local")
 TTL_S = 5
-QTYPE_A, QTYPE_AAAA, QCLASS_IN = 1, 28, 1
-NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED = 0, 1, 2, 3, 4, 5
+# The codec's values under the names this module's users read (mcs.dnsserver, the tests).
+QTYPE_A, QTYPE_AAAA, QCLASS_IN = w.A, w.AAAA, w.QCLASS_IN
+NOERROR, FORMERR, SERVFAIL = w.NOERROR, w.FORMERR, w.SERVFAIL
+NXDOMAIN, NOTIMP, REFUSED = w.NXDOMAIN, w.NOTIMP, w.REFUSED
+#: The largest UDP response without EDNS (RFC 1035 4.2.1): a bigger one is sent truncated (TC).
+UDP_MAX = w.UDP_MAX
 
 #: What a member can resolve: (namespace, service) -> the addresses its name resolves to.
 Table = Mapping[tuple[str, str], tuple[str, ...]]
-
-_HEADER = struct.Struct("!HHHHHH")
 
 
 def table(imports: Mapping[tuple[str, str], Import], ips: Mapping[tuple[str, str], tuple[str, ...]]) -> dict[
@@ -50,33 +54,6 @@ def table(imports: Mapping[tuple[str, str], Import], ips: Mapping[tuple[str, str
         else:
             out[k] = tuple(ips.get(k, ()))
     return out
-
-
-class _Malformed(Exception):
-    pass
-
-
-def _read_name(data: bytes, pos: int) -> tuple[tuple[str, ...], int]:
-    """The labels of the (uncompressed: a question's) name at ``pos``, and the position after it."""
-    labels: list[str] = []
-    total = 0
-    while True:
-        if pos >= len(data):
-            raise _Malformed("name runs past the end")
-        n = data[pos]
-        pos += 1
-        if n == 0:
-            return tuple(labels), pos
-        if n & 0xC0:
-            raise _Malformed("compressed name in a question")
-        label = data[pos:pos + n]
-        if len(label) != n:
-            raise _Malformed("label runs past the end")
-        total += n + 1
-        if total > 255:
-            raise _Malformed("name longer than 255 bytes")
-        labels.append(label.decode("ascii", "replace").lower())
-        pos += n
 
 
 def _records(labels: tuple[str, ...], qtype: int, table: Table) -> tuple[int, list[bytes]]:
@@ -102,46 +79,24 @@ def _records(labels: tuple[str, ...], qtype: int, table: Table) -> tuple[int, li
     return NOERROR, out
 
 
-#: The largest UDP response without EDNS (RFC 1035 4.2.1): a bigger one is sent truncated (TC).
-UDP_MAX = 512
-
-
 def answer(query: bytes, table: Table, max_size: int | None = None) -> bytes | None:
     """The response to ``query`` (module docstring); None when it is too short to answer at all
     (no header to echo: dropped, as a server drops such a datagram). A response longer than
     ``max_size`` (UDP: :data:`UDP_MAX`) goes without its answers and with the TC bit, so the
     client asks again over TCP (a headless service with many ready endpoints)."""
-    if len(query) < _HEADER.size:
-        return None
-    ident, flags, qd, _an, _ns, _ar = _HEADER.unpack_from(query)
-    if flags & 0x8000:
+    head = w.parse_header(query)
+    if head is None or head.is_response:
         return None  # a response, not a query: never answer it (no loops between servers)
-    rd = flags & 0x0100
-    opcode = (flags >> 11) & 0xF
-
-    def reply(rcode: int, question: bytes = b"", answers: list[bytes] | None = None, qtype: int = 0) -> bytes:
-        rrs = answers or []
-        tc = 0
-        body = b"".join(struct.pack("!HHHIH", 0xC00C, qtype, QCLASS_IN, TTL_S, len(r)) + r for r in rrs)
-        if max_size is not None and _HEADER.size + len(question) + len(body) > max_size:
-            rrs, body, tc = [], b"", 0x0200
-        head = _HEADER.pack(ident, 0x8000 | (opcode << 11) | 0x0400 | tc | rd | rcode, 1 if question else 0,
-                            len(rrs), 0, 0)
-        return head + question + body
-
-    if opcode != 0:
-        return reply(NOTIMP)
-    if qd != 1:
-        return reply(FORMERR)
+    if head.opcode != 0:
+        return w.error_response(query, NOTIMP, authoritative=True)
+    if head.qdcount != 1:
+        return w.error_response(query, FORMERR, authoritative=True)
     try:
-        labels, pos = _read_name(query, _HEADER.size)
-        if pos + 4 > len(query):
-            raise _Malformed("question without type and class")
-        qtype, qclass = struct.unpack_from("!HH", query, pos)
-    except _Malformed:
-        return reply(FORMERR)
-    question = query[_HEADER.size:pos + 4]
-    if qclass != QCLASS_IN:
-        return reply(NOTIMP, question, qtype=qtype)
-    rcode, rdata = _records(labels, qtype, table)
-    return reply(rcode, question, rdata, qtype)
+        q = w.parse_query(query, pointers=False)
+    except w.Malformed:
+        return w.error_response(query, FORMERR, authoritative=True)
+    if q.qclass != QCLASS_IN:
+        return w.encode_response(q, w.Response(rcode=NOTIMP), max_size, partial=False)
+    rcode, rdata = _records(q.labels, q.qtype, table)
+    answers = [w.Record("", q.qtype, TTL_S, r) for r in rdata]
+    return w.encode_response(q, w.Response(rcode=rcode, answers=answers), max_size, partial=False)

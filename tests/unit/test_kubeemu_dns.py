@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from scapy.layers.dns import DNS, DNSQR
 
+from fabric import dnswire as w
 from kubeemu import dns as kdns
-from kubeemu import dnswire as w
 from kubeemu.client import Client, resource_path
 from kubeemu.runner import ServerThread
 

@@ -71,6 +71,16 @@ def test_bad_queries_get_errors_not_exceptions() -> None:
     assert DNS(dns.answer(bytes(DNS(opcode=2, qd=DNSQR(qname="x"))), TABLE)).rcode == dns.NOTIMP
 
 
+
+def test_a_compressed_question_is_formerr_and_errors_keep_the_id_and_aa() -> None:
+    """The question of a plain query has no earlier name to point to: a pointer there is refused
+    (FORMERR), not followed into the header."""
+    good = bytes(DNS(id=77, rd=1, qd=DNSQR(qname="web.shop.svc.clusterset.local")))
+    pointer = good[:12] + b"\x03web\xc0\x00" + good[-4:]
+    r = DNS(dns.answer(pointer, TABLE))
+    assert (r.id, r.qr, r.aa, r.rd, r.rcode, r.qdcount, r.ancount) == (77, 1, 1, 1, dns.FORMERR, 0, 0)
+
+
 _query = st.builds(lambda name, qt, ident: bytes(DNS(id=ident, rd=1, qd=DNSQR(qname=name, qtype=qt))),
                    st.sampled_from(["web.shop.svc.clusterset.local", "db.shop.svc.clusterset.local", "x.y"]),
                    st.sampled_from([1, 28, 16, 255]), st.integers(0, 65535))
