@@ -261,3 +261,106 @@ def test_unexport_cleans_up_everywhere(mlab: McsLab) -> None:
                    f"the import of web gone from {c}", interval=0.5)
         assert mlab.get(c, "service", "web-clusterset", "-n", NS, check=False) is None
     assert all(e["name"] != "web" for e in mlab.services())
+
+
+# -- global IPs and an IPv6-only exporter (a second lab) ------------------------------------------
+#
+# ``ga`` and ``gb`` have identical IPv4 pod CIDRs, each mapped to a global CIDR; ``gb`` runs IPv6
+# too; ``g6`` runs IPv6 only. The client runs in ``gb``.
+
+GLOBAL_TOPOLOGY = """underlay: 198.18.0.0/16
+underlay6: fd00:198:18::/64
+kubernetes: true
+clusters:
+  - name: ga
+    mode: p2p
+    podCIDRs: [10.51.0.0/16]
+    serviceCIDRs: [10.151.0.0/20]
+    globalCIDRs: {"10.51.0.0/16": "172.51.0.0/16"}
+    nodes:
+      - {name: a1, pods: 1}
+  - name: gb
+    mode: p2p
+    ipFamilies: [IPv4, IPv6]
+    podCIDRs: [10.51.0.0/16, fd00:10:52::/48]
+    serviceCIDRs: [10.152.0.0/20, fd00:10:152::/112]
+    globalCIDRs: {"10.51.0.0/16": "172.52.0.0/16"}
+    nodes:
+      - {name: b1, pods: 1}
+  - name: g6
+    mode: p2p
+    ipFamilies: [IPv6]
+    podCIDRs: [fd00:10:56::/48]
+    serviceCIDRs: [fd00:10:156::/112]
+    nodes:
+      - {name: c1, pods: 1}
+"""
+
+
+@pytest.fixture(scope="module")
+def glab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[McsLab]:
+    topo = tmp_path_factory.mktemp("mcs-global") / "lab.yaml"
+    topo.write_text(GLOBAL_TOPOLOGY)
+    with kube_lab_running(McsLab(new_lab_name(), topo), "--grace-period", "30", "--timeout", "150") as lab:
+        for c in ("ga", "gb", "g6"):
+            lab.kubectl(c, "create", "namespace", NS)
+        lab.apply("gb", CLIENT.format(ns=NS))
+        wait_until(lambda: (lab.get("gb", "pod", "client", "-n", NS)["status"].get("phase") == "Running"), 90,
+                   "the client pod of gb running", interval=0.5)
+        yield lab
+
+
+def _addresses(lab: McsLab, cluster: str, name: str) -> list[str]:
+    items = lab.get(cluster, "endpointslices", "-n", NS, "-l", f"multicluster.kubernetes.io/service-name={name}")
+    return sorted(a for s in items["items"] for e in s.get("endpoints") or [] for a in e["addresses"])
+
+
+def test_an_exporter_with_global_ips_is_reached_by_its_global_addresses(glab: McsLab) -> None:
+    """ga and gb share a pod CIDR: ga's endpoints are published in gb with ga's global IPs, and
+    gb's client reaches them through the fabric's translation, by ClusterIP and clusterset name."""
+    glab.apply("ga", WEB.format(name="web", ns=NS, replicas=2, cluster="ga"))
+    glab.tool("export", "web", "-n", NS, "--cluster", "ga", "--lab", glab.name)
+    wait_until(lambda: glab.slices("gb", "web").get("ga", (0, 0))[0] == 2, 90, "ga's two endpoints ready in gb",
+               interval=0.5)
+    addrs = _addresses(glab, "gb", "web")
+    assert addrs and all(a.startswith("172.51.") for a in addrs), f"gb's slice of ga: {addrs} (want global IPs)"
+    pod_ips = sorted(p["status"]["podIP"] for p in glab.get("ga", "pods", "-n", NS, "-l", "app=web")["items"])
+    assert [a.replace("172.51.", "10.51.", 1) for a in addrs] == pod_ips, (addrs, pod_ips)
+    ip = glab.imported_ip("gb", "web")
+    urls = [f"http://{ip}/", f"http://web.{NS}.{ZONE}/"]
+
+    def from_ga() -> bool:
+        got = glab.rounds("gb", urls, 6)
+        return all(a.startswith("ga/") for answers in got.values() for a in answers)
+
+    wait_until(from_ga, 90, f"gb's client answered by ga's backends at {urls} (global IPs)", interval=1)
+
+
+def test_an_ipv6_only_exporter(glab: McsLab) -> None:
+    """g6 runs IPv6 only: gb (dual stack) imports its endpoints with an IPv6 cluster IP and its
+    client reaches them by it and by the clusterset name (AAAA); ga (IPv4 only) gets no endpoint
+    and its ServiceImport says why."""
+    glab.apply("g6", WEB.format(name="web6", ns=NS, replicas=1, cluster="g6").replace("0.0.0.0", "::"))
+    glab.tool("export", "web6", "-n", NS, "--cluster", "g6", "--lab", glab.name)
+    wait_until(lambda: glab.slices("gb", "web6").get("g6", (0, 0))[0] == 1, 90, "g6's endpoint ready in gb",
+               interval=0.5)
+    imp = glab.get("gb", "serviceimports.multicluster.x-k8s.io", "web6", "-n", NS)
+    v6 = [ip for ip in imp["spec"].get("ips") or [] if ":" in ip]
+    assert v6, f"gb's import of web6 has no IPv6 cluster IP: {imp['spec']}"
+    urls = [f"http://[{v6[0]}]/", f"http://web6.{NS}.{ZONE}/"]
+
+    def from_g6() -> bool:
+        got = glab.rounds("gb", urls, 4)
+        return all(a.startswith("g6/") for answers in got.values() for a in answers)
+
+    wait_until(from_g6, 90, f"gb's client answered by g6's backend at {urls} over IPv6", interval=1)
+
+    def why() -> str | None:
+        got = glab.get("ga", "serviceimports.multicluster.x-k8s.io", "web6", "-n", NS, check=False)
+        conds = {c["type"]: c for c in ((got or {}).get("status") or {}).get("conditions") or []}
+        c = conds.get("IPFamilyUnreachable")
+        return c["message"] if c and c["status"] == "True" else None
+
+    message = wait_until(why, 60, "ga's import of web6 says IPv6 is left out", interval=0.5)
+    assert "IPv6" in message and "g6" in message, message
+    assert glab.slices("ga", "web6").get("g6", (0, 0))[1] == 0

@@ -27,6 +27,7 @@ from __future__ import annotations
 import datetime
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,7 @@ def start_mcs(state: LabState, progress: Progress = quiet) -> ProcRecord | None:
     if (rec := still_running(state.mcs_proc, argv, progress,
                              f"lab {state.name}: restarting kosmos-mcs (its command line changed)")) is not None:
         return rec
+    t0 = time.monotonic()
     docs = crd_docs()
     for c in state.clusters:
         schedulers.install_crd_docs(c, docs, "MCS", progress)
@@ -143,5 +145,6 @@ def start_mcs(state: LabState, progress: Progress = quiet) -> ProcRecord | None:
     state.mcs_proc = rec
     save_state(state)
     ports = ", ".join(f"{c.name} {dns_port(c)}" for c in state.clusters)
-    progress(f"lab {state.name}: kosmos-mcs started (pid {rec.pid}, log {rec.log}); {ZONE} on 127.0.0.1 ({ports})")
+    progress(f"lab {state.name}: kosmos-mcs started in {time.monotonic() - t0:.2f} s (CRDs, certificate; pid "
+             f"{rec.pid}, log {rec.log}); {ZONE} on 127.0.0.1 ({ports})")
     return rec
