@@ -13,6 +13,7 @@ Topology (written by the fixture): three peer clusters ``ma``, ``mb``, ``mc``, o
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -52,6 +53,8 @@ clusters:
 """
 
 #: An HTTP Deployment answering ``<cluster>/<pod name>``, gated by a readiness probe, and its Service.
+#: A terminating backend serves 3 s more (a ``preStop`` sleep, the usual drain of a Deployment):
+#: long enough for its endpoint to leave every importer, so no request fails while it goes.
 WEB = """apiVersion: apps/v1
 kind: Deployment
 metadata: {{name: {name}, namespace: {ns}}}
@@ -61,12 +64,13 @@ spec:
   template:
     metadata: {{labels: {{app: {name}}}}}
     spec:
-      terminationGracePeriodSeconds: 1
+      terminationGracePeriodSeconds: 6
       containers:
         - name: web
           image: python:3
           command: [sh, -c, 'mkdir -p /tmp/w-$(hostname) && echo {cluster}/$(hostname) > /tmp/w-$(hostname)/index.html
             && cd /tmp/w-$(hostname) && exec python3 -m http.server --bind 0.0.0.0 8080']
+          lifecycle: {{preStop: {{exec: {{command: [sleep, "3"]}}}}}}
           ports: [{{name: http, containerPort: 8080}}]
           readinessProbe: {{httpGet: {{path: /, port: 8080}}, periodSeconds: 1}}
 ---
@@ -101,6 +105,21 @@ for url in sys.argv[2:]:
                 got.append(r.read().decode().strip())
         except Exception as e:
             got.append("ERROR " + repr(e))
+print(json.dumps(out))
+"""
+
+
+#: Run inside a pod with ``kubectl exec``: GET the URL back to back for N seconds, print the answers.
+HTTP_LOOP = """
+import json, sys, time, urllib.request
+url, until, out = sys.argv[1], time.monotonic() + float(sys.argv[2]), []
+while time.monotonic() < until:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            out.append(r.read().decode().strip())
+    except Exception as e:
+        out.append("ERROR " + repr(e))
+    time.sleep(0.02)
 print(json.dumps(out))
 """
 
@@ -202,10 +221,28 @@ def test_export_import_merge_scale_down_and_unexport(mlab: McsLab) -> None:
         assert mlab.slices(c, "hidden") == {}
     assert all(e["name"] != "hidden" for e in mlab.services())
 
-    # ma's backends gone: only mc answers; with readiness set, no request fails once settled.
-    mlab.kubectl("ma", "scale", "deployment", "web", "-n", NS, "--replicas=0")
-    wait_until(lambda: mlab.slices("mb", "web").get("ma", (0, 0))[0] == 0, 60,
-               "mb holds no ready endpoint of ma", interval=0.5)
+    # ma's backends removed while mb's client sends back to back: with readiness set, no
+    # request fails; then only mc answers.
+    loop = subprocess.Popen(mlab.kubectl_argv("mb", "exec", "-n", NS, "client", "--", "python3", "-c", HTTP_LOOP,
+                                              urls[0], "10"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        time.sleep(2)
+        mlab.kubectl("ma", "scale", "deployment", "web", "-n", NS, "--replicas=0")
+        wait_until(lambda: mlab.slices("mb", "web").get("ma", (0, 0))[0] == 0, 60,
+                   "mb holds no ready endpoint of ma", interval=0.2)
+        out, err = loop.communicate(timeout=60)
+    finally:
+        if loop.poll() is None:
+            loop.kill()
+            loop.wait()
+    assert loop.returncode == 0, err
+    during = json.loads(out)
+    failed = [a for a in during if a.startswith("ERROR")]
+    print(f"while ma's backends went: {len(during)} requests, {len(failed)} failed, "
+          f"{sum(a.startswith('ma/') for a in during)} by ma, {sum(a.startswith('mc/') for a in during)} by mc")
+    assert not failed, failed[:5]
+    assert during and during[-1].startswith("mc/"), during[-5:]
     got = mlab.rounds("mb", urls, 10)
     assert all(a.startswith("mc/") for answers in got.values() for a in answers), got
     entry = next(e for e in mlab.services() if (e["namespace"], e["name"]) == (NS, "web"))
