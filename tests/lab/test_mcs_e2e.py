@@ -189,7 +189,11 @@ def test_the_lab_runs_kosmos_mcs_with_its_crds_and_dns(mlab: McsLab) -> None:
     assert "kosmos-mcs:" in mlab.lab("status").stdout
 
 
-def test_export_import_merge_scale_down_and_unexport(mlab: McsLab) -> None:
+def test_export_import_merge_and_scale_down(mlab: McsLab) -> None:
+    """ma's web exported: mb's client reaches ma's backends by the imported ClusterIP and the
+    clusterset name; mc exports web too: answers from both, ``fabric-tool services`` counts
+    both; a Service nobody exported shows nowhere else; ma scaled to 0 while mb's client sends
+    back to back: no request fails, then only mc answers, and ``services`` says so."""
     mlab.apply("ma", WEB.format(name="web", ns=NS, replicas=2, cluster="ma"))
     mlab.apply("mc", WEB.format(name="web", ns=NS, replicas=1, cluster="mc"))
     # A Service nobody exports, next to it.
@@ -290,6 +294,8 @@ def test_a_cluster_cut_off_the_underlay_turns_not_ready_in_every_importer(mlab: 
 
 
 def test_unexport_cleans_up_everywhere(mlab: McsLab) -> None:
+    """Both exporters unexport: the ServiceImport, its slices and the derived Service go from
+    every cluster, and ``services`` lists web no more."""
     for c in ("ma", "mc"):
         mlab.tool("unexport", "web", "-n", NS, "--cluster", c, "--lab", mlab.name)
     for c in ("ma", "mb", "mc"):
