@@ -134,3 +134,15 @@ def test_mcs_crds_installed_and_established(tmp_path: Path) -> None:
         schedulers.install_crd_docs(east, labmcs.crd_docs(), "MCS")  # again: updated in place
         with urllib.request.urlopen(f"{emu.url}/apis/multicluster.x-k8s.io/v1alpha1/serviceexports", timeout=5) as r:
             assert json.loads(r.read())["items"] == []
+
+
+def test_an_installed_lab_leaves_global_cidrs_to_the_cluster_objects(lab_root: Path, tmp_path: Path) -> None:
+    """After ``fabric-tool install --lab`` the fabric comes from the host's Cluster objects (a
+    user may patch their globalCIDRsMap): kosmos-mcs reads them there, no --global-cidr."""
+    st = _plan(tmp_path)
+    _running(st)
+    st.state_dir.mkdir(parents=True, exist_ok=True)
+    (st.state_dir / "fabric-install.json").write_text(json.dumps({"host_context": "west"}))
+    argv = labmcs.mcs_argv(st)
+    assert "--global-cidr" not in argv
+    assert argv[argv.index("--master") + 1] == st.clusters[1].api_url

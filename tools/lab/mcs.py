@@ -11,12 +11,14 @@ Order in ``lab up``:
 2. once every cluster's nodes are Ready, :func:`start_mcs`: the ServiceExport/ServiceImport CRDs
    (``deploy/base/member/crd-service*.yaml``, as ``fabric-tool join`` installs them in a member)
    in every cluster, the ``mcs/lab`` certificate from the lab's CA (:mod:`tools.lab.labpki`),
-   then ``python -m mcs.main`` in the root namespace: ``--master`` the first cluster's API server
-   (the host role: ``role: host`` if the lab has one), ``--member NAME=URL`` per cluster,
+   then ``python -m mcs.main`` in the root namespace: ``--master`` the host's API server (the
+   host ``fabric-tool install --lab`` used, else ``role: host``, else the first cluster),
+   ``--member NAME=URL`` per cluster,
    ``--reflector unix:<the lab reflector's socket>`` with ``--tls-dir`` (reachability records:
    endpoints of a cluster cut off turn not ready), ``--dns-listen NAME=127.0.0.1:PORT`` per
    cluster and ``--global-cidr`` from the topology's ``globalCIDRs`` (the lab's fabric comes from
-   its file, not from Cluster objects). Restarted when its command line changed (a new API
+   its file, not from Cluster objects; after ``fabric-tool install --lab`` it comes from the
+   host's Cluster objects, which kosmos-mcs then reads itself). Restarted when its command line changed (a new API
    server, new clusters);
 3. the supervisor (:mod:`tools.lab.supervisor`) restarts it when it dies; ``lab down`` stops it
    with the other processes; ``lab status`` shows it.
@@ -86,9 +88,20 @@ def plan_dns(state: LabState) -> None:
         save_state(state)
 
 
+def installed(state: LabState) -> bool:
+    """Does the lab's fabric come from Cluster objects (``fabric-tool install --lab``)?"""
+    from tools import install  # late: install imports the lab
+
+    return install.lab_fabric_installed(state)
+
+
 def host_cluster(state: LabState) -> ClusterRecord:
-    """Where ``kosmos-mcs`` reads Cluster objects (none in the lab) and would hold its Lease."""
-    return state.host_cluster or state.clusters[0]
+    """Where ``kosmos-mcs`` reads Cluster objects and would hold its Lease: the host ``fabric-tool
+    install`` used, else the topology's ``role: host``, else the first cluster."""
+    from tools import install  # late: install imports the lab
+
+    name = install.lab_host_context(state)
+    return next((c for c in state.clusters if c.name == name), state.clusters[0])
 
 
 def mcs_argv(state: LabState) -> list[str]:
@@ -105,9 +118,10 @@ def mcs_argv(state: LabState) -> list[str]:
         port = dns_port(c)
         if port is not None:
             argv += ["--dns-listen", f"{c.name}=127.0.0.1:{port}"]
-    for c in state.clusters:
-        for local, glob in sorted(c.global_cidrs.items()):
-            argv += ["--global-cidr", f"{c.name}:{local}={glob}"]
+    if not installed(state):  # installed: the Cluster objects say, as they tell the reflector
+        for c in state.clusters:
+            for local, glob in sorted(c.global_cidrs.items()):
+                argv += ["--global-cidr", f"{c.name}:{local}={glob}"]
     return argv
 
 
