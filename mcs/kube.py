@@ -132,10 +132,18 @@ def _ports(ports: Iterable[Port]) -> list[Obj]:
 
 
 def render_service(imp: Import) -> Obj:
-    """The derived Service of ``imp`` (:func:`derived_name`; selector-less; headless stays headless)."""
+    """The derived Service of ``imp`` (:func:`derived_name`; selector-less; headless stays headless).
+
+    ``PreferDualStack``: a dual-stack importer gets a cluster IP of each family, so endpoints of
+    either family have a cluster IP of theirs (an IPv6-only exporter's, imported into an IPv4-
+    primary dual-stack cluster, would otherwise sit behind an IPv4 cluster IP kube-proxy has no
+    IPv4 endpoint for); a single-stack importer gets its one. Not the families of the exporters'
+    slices: those come and go, and a Service's primary family cannot change."""
     spec: Obj = {"type": "ClusterIP", "ports": _ports(imp.ports), "sessionAffinity": imp.session_affinity}
     if imp.type == HEADLESS:
         spec["clusterIP"] = "None"
+    else:
+        spec["ipFamilyPolicy"] = "PreferDualStack"
     return {"apiVersion": "v1", "kind": "Service",
             "metadata": {"namespace": imp.namespace, "name": derived_name(imp.name), "labels": _labels(imp)},
             "spec": spec}

@@ -6,8 +6,8 @@ with ``--tls-dir``), connect to the host cluster and to every member (``--member
 repeatable; ``--host-member NAME`` makes the host cluster a member too; ``--discover-members``
 adds the Clusters with a kubeconfig Secret, as kosmos-tree finds its leaves: :func:`discover_members`,
 read once at start), read each member's fabric
-configuration (:func:`fabric_members`: its global CIDR mapping from its ``Cluster`` object in the
-host cluster, the address families it runs from the reflector's status when ``--reflector`` is
+configuration (:func:`fabric_members`: its global CIDR mapping from ``--global-cidr`` or its
+``Cluster`` object in the host cluster, the address families it runs from the reflector's status when ``--reflector`` is
 given, else from the Cluster), start the members' informers (the DNS responders answer from them
 on every replica), bind the clusterset DNS responders (``--dns-listen``: one per importing member,
 :mod:`mcs.dnsserver` says why), serve ``/metrics`` (``fabric_mcs_*``), ``/healthz`` and ``/readyz``,
@@ -115,6 +115,10 @@ def parser() -> argparse.ArgumentParser:
     tls.add_flags(p, "client certificate of identity mcs/<name>; needed with --reflector")
     p.add_argument("--fabric-status-period", type=positive_seconds, default=30.0,
                    help="seconds between reads of the Cluster objects and the reflector's status (default 30)")
+    p.add_argument("--global-cidr", action="append", default=[], metavar="NAME:LOCAL=GLOBAL", type=global_cidr_spec,
+                   help="member NAME maps CIDR LOCAL to GLOBAL (repeatable), for a fabric configured without Cluster "
+                        "objects in the host cluster (the lab's, from its topology file); a member with one here "
+                        "ignores its Cluster's globalCIDRsMap")
     p.add_argument("--auto-export-namespace-prefix", action="append", default=[], metavar="PREFIX",
                    help="export every Service of the namespaces whose name starts with PREFIX (repeatable)")
     p.add_argument("--auto-create-annotation", type=_boolean, nargs="?", const=True, default=True,
@@ -164,6 +168,24 @@ def member_spec(text: str) -> MemberSpec:
     if not sep or not name or not source:
         raise argparse.ArgumentTypeError(f"{text!r} is not NAME=KUBECONFIG (or NAME=URL)")
     return MemberSpec(_cluster_name(name, f"--member {text!r}"), source)
+
+
+def global_cidr_spec(text: str) -> tuple[str, str, str]:
+    """``NAME:LOCAL=GLOBAL`` (``--global-cidr``): the member, its CIDR and the global CIDR of the
+    same size it maps to (the check of ``globalCIDRsMap``)."""
+    name, colon, pair = text.partition(":")
+    local, eq, glob = pair.partition("=")
+    if not colon or not eq:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME:LOCAL=GLOBAL (e.g. east:10.10.0.0/16=172.20.0.0/16)")
+    _cluster_name(name, f"--global-cidr {text!r}")
+    try:
+        local, glob = str(ipaddress.ip_network(local, strict=True)), str(ipaddress.ip_network(glob, strict=True))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"--global-cidr {text!r}: {e}") from None
+    problem = validation.mapping_problem(local, glob)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"--global-cidr {text!r}: {problem}")
+    return name, local, glob
 
 
 def dns_spec(text: str) -> tuple[str, str, int]:
@@ -270,17 +292,31 @@ def cluster_fabric(obj: Obj) -> tuple[tuple[tuple[str, str], ...], tuple[int, ..
     return tuple(sorted(pairs)), tuple(sorted({f for f in fams if f}))
 
 
-def fabric_members(host: Api, names: Sequence[str], status: fapi.FabricStatus | None) -> dict[
+#: Whether the host's missing Cluster resource was logged already (see :func:`fabric_members`).
+_NO_CLUSTERS_SAID: list[bool] = []
+
+
+def fabric_members(host: Api, names: Sequence[str], status: fapi.FabricStatus | None,
+                   given: dict[str, tuple[tuple[str, str], ...]] | None = None) -> dict[
         str, tuple[tuple[tuple[str, str], ...], frozenset[str]]]:
-    """Per member name: its global CIDR mapping (its ``Cluster`` object's ``globalCIDRsMap``) and
-    the families it runs (the reflector's status; else the Cluster's; else IPv4). A member without
-    a usable Cluster is logged and gets no mapping: its pod IPs are published as they are."""
+    """Per member name: its global CIDR mapping (``given``, from ``--global-cidr``; else its
+    ``Cluster`` object's ``globalCIDRsMap``) and the families it runs (the reflector's status;
+    else the Cluster's; else IPv4). A member without either is logged and gets no mapping: its
+    pod IPs are published as they are. When every member's mapping is given and the reflector
+    answers, the Cluster objects are not read (a host cluster without the Cluster CRD: the lab's)."""
+    given = given or {}
     clusters: dict[str, tuple[tuple[tuple[str, str], ...], tuple[int, ...]]] = {}
-    try:
-        items = host.get(CLUSTERS_PATH)["items"]
-    except ApiError as e:
-        _log.warning("reading the Cluster objects of the host cluster: %s; no global CIDRs are known", e)
-        items = []
+    items: list[Obj] = []
+    if status is None or any(n not in given for n in names):
+        try:
+            items = host.get(CLUSTERS_PATH)["items"]
+        except ApiError as e:
+            if e.status != 404:
+                _log.warning("reading the Cluster objects of the host cluster: %s; no global CIDRs are known but "
+                             "those of --global-cidr", e)
+            elif not _NO_CLUSTERS_SAID:  # no Cluster CRD (the lab's hosts): said once, not every period
+                _NO_CLUSTERS_SAID.append(True)
+                _log.info("the host cluster serves no Cluster objects (%s): global CIDRs only from --global-cidr", e)
     for obj in items:
         try:
             clusters[str((obj.get("metadata") or {}).get("name"))] = cluster_fabric(obj)
@@ -290,9 +326,11 @@ def fabric_members(host: Api, names: Sequence[str], status: fapi.FabricStatus | 
     out = {}
     for name in names:
         cidrs, fams = clusters.get(name, ((), ()))
+        if name in given:
+            cidrs = given[name]
         if name in by_status:
             fams = by_status[name].ip_families
-        if name not in clusters and items:
+        if name not in clusters and name not in given and items:
             _log.warning("member %s has no usable Cluster object in the host cluster: no global CIDRs, families %s",
                          name, "from the reflector" if name in by_status else "IPv4")
         out[name] = (cidrs, frozenset(_FAMILY[f] for f in fams if f in _FAMILY) or frozenset({"IPv4"}))
@@ -395,6 +433,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "given", file=sys.stderr)
             return 1
     names = [m.name for m in members]
+    strangers = sorted({name for name, _l, _g in args.global_cidr if name not in names})
+    if strangers:
+        print(f"kosmos-mcs: --global-cidr {', '.join(strangers)}: not a member (members: {', '.join(names)})",
+              file=sys.stderr)
+        return 2
     dns_for: list[tuple[str, str, int]] = []
     for name, host, port in args.dns_listen:
         if not name:
@@ -414,11 +457,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace, host_api: Api, members: list[Member], dns_for: list[tuple[str, str, int]],
          listen: str, tls_dir: tls.TLSDir | None) -> int:
     metrics = McsMetrics()
+    pairs: dict[str, list[tuple[str, str]]] = {}
+    for name, local, glob in args.global_cidr:
+        pairs.setdefault(name, []).append((local, glob))
+    given = {name: tuple(sorted(v)) for name, v in pairs.items()}
 
     def configure() -> bool:
         """Read the fabric configuration into the members; True when it changed."""
         try:
-            conf = fabric_members(host_api, [m.name for m in members], _status(args, tls_dir))
+            conf = fabric_members(host_api, [m.name for m in members], _status(args, tls_dir), given)
         except Exception as e:  # the host cluster unreachable: keep what is known
             _log.warning("reading the fabric configuration: %s: %s; kept the last one", type(e).__name__, e)
             return False

@@ -40,6 +40,9 @@ def test_help_shows_examples_and_the_dns_choice(capsys: pytest.CaptureFixture[st
     (["--member", "east"], "'east' is not NAME=KUBECONFIG"),
     (["--member", "East=x"], "'East' is not a cluster name"),
     (["--member", "a=x", "--dns-listen", "a=nohost"], "'a=nohost' is not [NAME=]HOST:PORT"),
+    (["--member", "a=x", "--global-cidr", "a=10.0.0.0/8"], "is not NAME:LOCAL=GLOBAL"),
+    (["--member", "a=x", "--global-cidr", "a:10.0.0.0/16=172.20.0.0/24"],
+     "--global-cidr 'a:10.0.0.0/16=172.20.0.0/24'"),
 ])
 def test_bad_flags_are_refused_naming_the_value(argv: list[str], message: str,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
@@ -55,6 +58,8 @@ def test_bad_flags_are_refused_naming_the_value(argv: list[str], message: str,
     (["--member", "a=http://127.0.0.1:1", "--member", "b=http://127.0.0.1:2", "--dns-listen", "127.0.0.1:53"],
      "which member does it answer for?"),
     (["--member", "a=http://127.0.0.1:1", "--dns-listen", "c=127.0.0.1:53"], "'c' is not a member"),
+    (["--member", "a=http://127.0.0.1:1", "--global-cidr", "b:10.0.0.0/16=172.20.0.0/16"],
+     "--global-cidr b: not a member"),
     (["--member", "a=/nonexistent/kubeconfig"], "--member a=/nonexistent/kubeconfig: cannot read the kubeconfig"),
 ])
 def test_unusable_settings_are_refused_naming_the_value(argv: list[str], message: str,
@@ -170,6 +175,34 @@ def test_global_cidrs_and_families_come_from_the_cluster_object() -> None:
     obj["spec"]["clusterLinkOptions"]["globalCIDRsMap"] = {"10.10.0.0/16": "100.64.0.0/24"}
     with pytest.raises(ValueError, match=r"Cluster east: spec.clusterLinkOptions.globalCIDRsMap\[10.10.0.0/16\]"):
         mm.cluster_fabric(obj)
+
+
+class _NoClusters:
+    """A host cluster without the Cluster CRD (the lab's): every read of Clusters is a 404."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def get(self, path: str) -> dict[str, object]:
+        from scheduler.kube import ApiError
+
+        self.reads += 1
+        raise ApiError(404, "NotFound", "the server could not find the requested resource", "GET", path)
+
+
+def test_global_cidrs_from_the_command_line_win_and_spare_the_host() -> None:
+    assert mm.global_cidr_spec("east:fd10::/48=fd20::/48") == ("east", "fd10::/48", "fd20::/48")
+    host = _NoClusters()
+    given = {"east": (("10.10.0.0/16", "172.20.0.0/16"),)}
+    got = mm.fabric_members(host, ["east", "west"], None, given)  # type: ignore[arg-type]
+    assert got["east"][0] == given["east"]
+    assert got["west"][0] == ()
+    assert host.reads == 1  # west has no --global-cidr: its Cluster object was looked for
+    from fabric.control import api as fapi
+
+    status = fapi.FabricStatus(epoch="e", generation=1, holding=False, clusters=())
+    mm.fabric_members(host, ["east"], status, given)
+    assert host.reads == 1, "every member given and the reflector answering: the host is not asked"
 
 
 def test_members_are_discovered_as_kosmos_tree_finds_its_leaves(two: dict[str, Api],

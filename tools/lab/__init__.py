@@ -58,7 +58,8 @@ planning), :mod:`~tools.lab.plumbing` (namespaces, links, pods, services),
 :mod:`~tools.lab.procs` (reflector and agents), :mod:`~tools.lab.kube` (emulated Kubernetes),
 :mod:`~tools.lab.kubelet` (the lab kubelet process), :mod:`~tools.lab.bpf` (bpffs, ``lab bpf``),
 :mod:`~tools.lab.tree` (ClusterTree: ``role: host``/``tree:``, kosmos-tree, the leaves joined),
-:mod:`~tools.lab.supervisor` (restarts kosmos-tree and the schedulers of a tree lab),
+:mod:`~tools.lab.mcs` (``kosmos-mcs``: multi-cluster services in every Kubernetes lab),
+:mod:`~tools.lab.supervisor` (restarts kosmos-tree, kosmos-mcs, the schedulers and the cluster DNS),
 :mod:`~tools.lab.commands` (the verbs) and :mod:`~tools.lab.report`. This package re-exports
 their public names, so callers write ``from tools import lab; lab.up(...)``. Lab and test code
 only: production code never imports it.

@@ -22,6 +22,7 @@ from fabric import netns as namespaces
 from fabric import topology
 from tools import nsutil
 from tools.lab import labpki
+from tools.lab import mcs as labmcs
 from tools.lab import tree as labtree
 from tools.lab.bpf import mount_bpffs, umount_bpffs
 from tools.lab.kube import start_kubernetes, umount_kubelet_roots, wait_kube_nodes
@@ -152,12 +153,14 @@ def up(
         if state.kubernetes:
             wait_kube_nodes(state, max(1.0, deadline - time.monotonic()), progress)
             if state.host_cluster is not None:
-                # ClusterTree: the manager against the host, the leaves joined, the supervisor
-                # (imported here: ``python -m tools.lab.supervisor`` runs it as __main__).
-                from tools.lab.supervisor import ensure_supervisor
-
+                # ClusterTree: the manager against the host, the leaves joined.
                 labtree.start_tree(state, progress)
                 labtree.join_leaves(state, max(1.0, deadline - time.monotonic()), progress)
+            # Multi-cluster services (tools.lab.mcs), then the supervisor that restarts the
+            # add-ons (imported here: ``python -m tools.lab.supervisor`` runs it as __main__).
+            if labmcs.start_mcs(state, progress) is not None or state.host_cluster is not None:
+                from tools.lab.supervisor import ensure_supervisor
+
                 ensure_supervisor(state, progress)
             contexts = ", ".join(c.name for c in state.clusters)
             progress(
@@ -280,7 +283,7 @@ def _down_locked(name: str, state: LabState | None, progress: Progress) -> bool:
             nsutil.terminate([(sup.pid, sup.start)])
         kube = [r for c in state.clusters
                 for r in (c.kubelet, c.controller_manager, c.proxy, c.scheduler_proc, c.dns_proc, c.apiserver)]
-        for rec in [state.reflector, *(n.agent for n in state.nodes()), state.tree_proc, *kube]:
+        for rec in [state.reflector, *(n.agent for n in state.nodes()), state.tree_proc, state.mcs_proc, *kube]:
             if rec is not None and rec.running():
                 daemons[rec.pid] = rec.start
     changed = False

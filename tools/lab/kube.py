@@ -23,6 +23,7 @@ from typing import Any
 from kubeemu import lab as kubeemu_lab
 from scheduler.policy import LEAF_NODE_LABEL
 from tools import nsutil
+from tools.lab import mcs as labmcs
 from tools.lab import schedulers
 from tools.lab.bpf import is_mountpoint
 from tools.lab.plumbing import delete_netns, kube_pod_namespaces
@@ -191,6 +192,7 @@ def start_kubernetes(state: LabState, added: Sequence[str], progress: Progress =
             progress(f"lab {state.name}: controller-manager of {c.name} started (pid {rec.pid}, log {rec.log})")
         schedulers.start_scheduler(state, c, progress)
     write_kubeconfig(state)
+    labmcs.plan_dns(state)  # the clusterset.local stub domains, before each cluster DNS starts
     for c in state.clusters:
         start_proxy(state, c, progress)
         ensure_lab_service(state, c, progress)

@@ -16,7 +16,8 @@ What is made, when, and by whom (in this order):
    reflector with it (``--bootstrap-dir``), into ``pki/node-<cluster>-<node>`` (:func:`node_dir`),
    and renew it themselves. Nothing here issues a node certificate.
 4. The lab's own clients: ``reader/lab`` for its status calls (:func:`reader_dir`) and
-   ``tree/<root id>`` for the lab's ``kosmos-tree`` (:func:`tree_dir`), issued from the CA as
+   ``tree/<root id>`` for the lab's ``kosmos-tree`` (:func:`tree_dir`), ``mcs/lab`` for its
+   ``kosmos-mcs`` (:func:`tools.lab.mcs.ensure_certificate`), issued from the CA as
    an operator would with ``fabric-tool cert issue``.
 """
 
@@ -73,7 +74,9 @@ def reflector_dirs(state: LabState) -> tuple[Path, Path]:
     return d, ca_dir(state)
 
 
-def _client_dir(state: LabState, name: str, who: identity.Identity, lifetime: datetime.timedelta) -> Path:
+def client_dir(state: LabState, name: str, who: identity.Identity, lifetime: datetime.timedelta) -> Path:
+    """``pki/<name>``: a client certificate of ``who`` from the lab's CA (re-issued when unusable),
+    as an operator issues one with ``fabric-tool cert issue`` (``kosmos-mcs``'s ``mcs/lab``)."""
     ca = ensure_ca(state)
     d = pki_root(state) / name
     if not _usable(d, "client", ca, who):
@@ -90,7 +93,7 @@ def bootstrap_path(state: LabState, cluster: str) -> Path:
 
 def bootstrap_dir(state: LabState, cluster: str, lifetime: datetime.timedelta = BOOTSTRAP_LIFETIME) -> Path:
     """Join: the bootstrap credential of ``cluster``, made when missing or expired."""
-    return _client_dir(state, f"bootstrap-{cluster}", identity.role(identity.BOOTSTRAP, cluster), lifetime)
+    return client_dir(state, f"bootstrap-{cluster}", identity.role(identity.BOOTSTRAP, cluster), lifetime)
 
 
 def remove_bootstrap(state: LabState, cluster: str) -> None:
@@ -105,7 +108,7 @@ def node_dir(state: LabState, cluster: str, node: str) -> Path:
 
 def reader_dir(state: LabState) -> Path:
     """``reader/lab``: the lab's status calls."""
-    return _client_dir(state, "reader", READER, datetime.timedelta(days=365))
+    return client_dir(state, "reader", READER, datetime.timedelta(days=365))
 
 
 def reader_tls(state: LabState) -> tls.TLSDir | None:
@@ -117,4 +120,4 @@ def reader_tls(state: LabState) -> tls.TLSDir | None:
 
 def tree_dir(state: LabState, root_id: str) -> Path:
     """``tree/<root id>``: the lab's ``kosmos-tree`` publishes its records as it."""
-    return _client_dir(state, "tree", identity.role(identity.TREE, root_id), datetime.timedelta(days=365))
+    return client_dir(state, "tree", identity.role(identity.TREE, root_id), datetime.timedelta(days=365))

@@ -118,7 +118,13 @@ def status_doc(state: LabState, status: api.FabricStatus | None, error: str | No
             "supervisor_pid": sup.pid if sup and sup.running() else None,
             "supervisor_log": sup.log if sup else None,
         }
-    # Restarts the supervisor made, by what: "tree", "scheduler/<cluster>".
+    mp = state.mcs_proc
+    if mp is not None:
+        from tools.lab import mcs as labmcs
+
+        doc["mcs"] = {"pid": mp.pid if mp.running() else None, "log": mp.log,
+                      "dns": {c.name: labmcs.dns_port(c) for c in state.clusters}}
+    # Restarts the supervisor made, by what: "tree", "scheduler/<cluster>", "mcs".
     doc["restarts"] = dict(state.restarts)
     return doc
 
@@ -182,8 +188,13 @@ def render_status(doc: dict[str, Any]) -> str:
         lines.append(f"tree: host {t['host']}, leaves {leaves}; kosmos-tree {t['pid'] or 'stopped'} "
                      f"(restarts {restarts.get('tree', 0)}), supervisor {t['supervisor_pid'] or 'stopped'}")
     for key, n in sorted(restarts.items()):
-        if key != "tree":
+        if key not in ("tree", "mcs"):
             lines.append(f"restarts of {key}: {n}")
+    m = doc.get("mcs")
+    if m:
+        dns = ", ".join(f"{c} 127.0.0.1:{p}" for c, p in m["dns"].items() if p)
+        lines.append(f"kosmos-mcs: {m['pid'] or 'stopped'} (restarts {restarts.get('mcs', 0)}); clusterset.local "
+                     f"answered for {dns or 'no cluster'}")
     if doc.get("kubeconfig"):
         lines.append(f"kubeconfig: {doc['kubeconfig']}")
     for rej in doc.get("rejections", []):

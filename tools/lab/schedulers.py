@@ -183,11 +183,18 @@ def install_crds(cluster: ClusterRecord, progress: Progress = quiet, crd_dir: Pa
 
     An existing CRD is replaced with the manifest (keeping its ``resourceVersion``), so a lab
     brought up again by a newer tree serves the newer schema, as ``kubectl apply`` would."""
-    assert cluster.api_url is not None
     docs = crd_manifests(crd_dir)
     if not docs:
         _log.debug("no scheduler CRDs at %s: none installed in %s", crd_dir or CRD_DIR, cluster.name)
         return []
+    return install_crd_docs(cluster, docs, "scheduler", progress)
+
+
+def install_crd_docs(cluster: ClusterRecord, docs: list[dict[str, Any]], what: str,
+                     progress: Progress = quiet) -> list[str]:
+    """Create or update the CRDs ``docs`` in ``cluster``'s API server and wait until each is
+    ``Established`` (``what`` names them in errors and progress: ``scheduler``, ``MCS``)."""
+    assert cluster.api_url is not None
     base = f"{cluster.api_url}/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
     names: list[str] = []
     for doc in docs:
@@ -200,7 +207,7 @@ def install_crds(cluster: ClusterRecord, progress: Progress = quiet, crd_dir: Pa
                 body.setdefault("metadata", {})["resourceVersion"] = (cur.get("metadata") or {}).get("resourceVersion")
                 code, got = _request(f"{base}/{name}", "PUT", body)
         if code not in (200, 201):
-            raise LabError(f"cluster {cluster.name}: installing the scheduler CRD {name} failed: {code} "
+            raise LabError(f"cluster {cluster.name}: installing the {what} CRD {name} failed: {code} "
                            f"{got.get('message', got)}")
         names.append(name)
     deadline = time.monotonic() + CRD_ESTABLISH_TIMEOUT_S
@@ -211,12 +218,13 @@ def install_crds(cluster: ClusterRecord, progress: Progress = quiet, crd_dir: Pa
             if any(c.get("type") == "Established" and c.get("status") == "True" for c in conds):
                 break
             if time.monotonic() > deadline:
-                raise LabError(f"cluster {cluster.name}: the scheduler CRD {name} is not Established after "
+                raise LabError(f"cluster {cluster.name}: the {what} CRD {name} is not Established after "
                                f"{CRD_ESTABLISH_TIMEOUT_S:g} s (conditions: {conds})")
             time.sleep(0.05)
-    progress(f"cluster {cluster.name}: scheduler CRDs installed: {', '.join(names)}")
+    progress(f"cluster {cluster.name}: {what} CRDs installed: {', '.join(names)}")
     return names
 
 
-__all__ = ["ARGVS", "CRD_DIR", "NOT_BUILT", "STARTERS", "SchedulerStart", "crd_manifests", "install_crds", "problems",
+__all__ = ["ARGVS", "CRD_DIR", "NOT_BUILT", "STARTERS", "SchedulerStart", "crd_manifests", "install_crd_docs",
+           "install_crds", "problems",
            "scheduler_argv", "start_kosmos", "start_scheduler"]

@@ -214,6 +214,8 @@ class LabState:
     supervisor: ProcRecord | None = None
     #: Restarts the supervisor made, by what it restarted (``tree``, ``scheduler/<cluster>``).
     restarts: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: ``kubernetes: true``: the lab's ``kosmos-mcs`` (:mod:`tools.lab.mcs`), every cluster a member.
+    mcs_proc: ProcRecord | None = None
     #: Lifetime of the node certificates the lab's reflector signs (None: its default, 24 h);
     #: tests shorten it to see agents renew mid-session.
     node_cert_lifetime_s: float | None = None
@@ -285,10 +287,11 @@ class LabState:
                                               controller_manager=proc(c.get("controller_manager")),
                                               proxy=proc(c.get("proxy")), scheduler_proc=proc(c.get("scheduler_proc")),
                                               dns_proc=proc(c.get("dns_proc"))))
-            own = ("clusters", "reflector", "tree_proc", "supervisor")
+            own = ("clusters", "reflector", "tree_proc", "supervisor", "mcs_proc")
             fields = {k: v for k, v in doc.items() if k not in own}
             return cls(**fields, clusters=clusters, reflector=proc(doc.get("reflector")),
-                       tree_proc=proc(doc.get("tree_proc")), supervisor=proc(doc.get("supervisor")))
+                       tree_proc=proc(doc.get("tree_proc")), supervisor=proc(doc.get("supervisor")),
+                       mcs_proc=proc(doc.get("mcs_proc")))
         except (KeyError, TypeError, ValueError) as e:
             raise StateError(f"malformed lab state: {type(e).__name__}: {e}") from e
 

@@ -1,10 +1,12 @@
 """The lab's supervisor (``python -m tools.lab.supervisor --lab NAME``): restarts ``kosmos-tree``
 and the schedulers when they die, as the kubelet restarts a Deployment's container.
 
-It runs in labs with a ``role: host`` cluster (ClusterTree), root namespace, started by
+It runs in labs with a ``role: host`` cluster (ClusterTree) or ``kosmos-mcs`` (every
+``kubernetes: true`` lab: :mod:`tools.lab.mcs`), root namespace, started by
 ``lab up`` (which restarts it too when it died) and stopped first by ``lab down``. Every second
 it reads the state file; a supervised process (:func:`supervised`: the tree manager, each
 cluster's scheduler other than ``none`` and each cluster's DNS (:func:`tools.lab.kube.start_dns`),
+and ``kosmos-mcs`` (:func:`tools.lab.mcs.start_mcs`, while every API server runs),
 all only while their API server runs) that is recorded
 but no longer running is started again by the lab's own starter
 (:func:`tools.lab.tree.start_tree`, :func:`tools.lab.schedulers.start_scheduler`), under the
@@ -36,6 +38,7 @@ from dataclasses import dataclass
 
 from fabric import logs
 from tools.lab import kube as labkube
+from tools.lab import mcs as labmcs
 from tools.lab import schedulers
 from tools.lab import tree as labtree
 from tools.lab.procs import ROOT_NETNS, start_process, still_running
@@ -85,6 +88,9 @@ def supervised(state: LabState) -> dict[str, tuple[ProcRecord | None, Callable[[
             return labkube.start_dns(st, cl)
 
         out[f"dns/{c.name}"] = (c.dns_proc, start_dns)
+    if labmcs.enabled(state) and all(c.apiserver is not None and c.apiserver.running() and c.api_url
+                                     for c in state.clusters):
+        out["mcs"] = (state.mcs_proc, labmcs.start_mcs)
     return out
 
 
@@ -194,8 +200,8 @@ def supervisor_argv(state: LabState) -> list[str]:
 
 
 def ensure_supervisor(state: LabState, progress: Progress = quiet) -> ProcRecord | None:
-    """Start the lab's supervisor unless it runs (labs with a host only; None otherwise)."""
-    if state.host_cluster is None:
+    """Start the lab's supervisor unless it runs (labs with a host or ``kosmos-mcs``; None otherwise)."""
+    if state.host_cluster is None and state.mcs_proc is None:
         return None
     argv = supervisor_argv(state)
     if (rec := still_running(state.supervisor, argv)) is not None:
@@ -203,8 +209,8 @@ def ensure_supervisor(state: LabState, progress: Progress = quiet) -> ProcRecord
     rec = start_process(ROOT_NETNS, argv, state.state_dir / "logs" / "supervisor.log")
     state.supervisor = rec
     save_state(state)
-    progress(f"lab {state.name}: supervisor started (pid {rec.pid}, log {rec.log}): restarts kosmos-tree and the "
-             "schedulers when they die")
+    progress(f"lab {state.name}: supervisor started (pid {rec.pid}, log {rec.log}): restarts kosmos-tree, "
+             "kosmos-mcs, the schedulers and the cluster DNS when they die")
     return rec
 
 
