@@ -39,7 +39,7 @@ Pair = tuple[str, str]
 class Reachability:
     """See the module docstring."""
 
-    def __init__(self, on_change: Callable[[], None] | None = None) -> None:
+    def __init__(self, on_change: Callable[[], object] | None = None) -> None:
         self._pairs: Mapping[Pair, PairState] = MappingProxyType({})
         #: record key -> its pair
         self._keys: dict[Any, Pair] = {}
