@@ -364,3 +364,17 @@ def test_pair_table_resync_delta_removal_bad_records_and_the_change_callback() -
     assert set(r.pairs()) == {("a", "b")}
     r.apply(RecordsChange(6, (rec(up("c", "a")),), (), resynced=True))
     assert set(r.pairs()) == {("c", "a")} and len(moved) == 4
+
+
+def test_the_readme_example_parses() -> None:
+    import pathlib
+    import re
+
+    import yaml
+
+    readme = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = next(b for b in re.findall(r"```yaml\n(.*?)```", readme, re.S) if na.ANNOTATION in b)
+    meta = yaml.safe_load(block)["metadata"]
+    db, cache = na.parse({"metadata": {"name": "web", "namespace": "app", **meta}}) or []
+    assert db.service == ("db", "postgres") and db.max_rtt_ms == 5 and db.weight == 80
+    assert cache.namespaces == {"shared"} and cache.weight == 20 and cache.max_rtt_ms is None
