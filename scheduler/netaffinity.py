@@ -242,15 +242,15 @@ def target_clusters(term: Term, nodes: Iterable[NodeInfo], services: Mapping[str
     out: set[str] = set()
     if matcher is not None:
         for ni in nodes:
-            c = None
+            c = node_cluster(ni.node, root)
+            if c is None or c in out:  # a cluster is found once: the other nodes there add nothing
+                continue
             for pi in ni.pods:
                 m = pi.pod.get("metadata") or {}
                 if (m.get("namespace") in namespaces and (not skip_uid or m.get("uid") != skip_uid)
                         and _assigned_live(pi.pod) and matcher(m.get("labels") or {})):
-                    c = node_cluster(ni.node, root)
+                    out.add(c)
                     break
-            if c is not None:
-                out.add(c)
     if term.service is not None and slices is not None:
         ns, name = term.service
         for s in slices:
