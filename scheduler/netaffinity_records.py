@@ -82,6 +82,9 @@ class Reachability:
         moved = table != self._pairs
         self._keys = keys
         self._pairs = MappingProxyType(table)
+        if moved:
+            _log.debug("reachability: %d pair(s), %d unreachable", len(table),
+                       sum(not st.reachable for st in table.values()))
         if moved and self.on_change is not None:
             try:
                 self.on_change()
