@@ -54,7 +54,9 @@ and NormalizeScore scales it to 0..100 by the highest (upstream's DefaultNormali
 as upstream's preferred pod affinity, a term's weight counts relative to the pod's other terms
 and the plugin's profile weight counts against the other plugins.
 
-Invalid annotations raise :class:`AnnotationError` naming the pod, the annotation and the field;
+Bounds: at most :data:`MAX_BYTES` characters and :data:`MAX_TERMS` terms, and no YAML aliases
+(an alias repeats a subtree without its text), so one pod's annotation costs work linear in its
+length. Invalid annotations raise :class:`AnnotationError` naming the pod, the annotation and the field;
 the plugin makes the pod unschedulable (unresolvable) with that message until it is fixed, as
 upstream does for an invalid affinity.
 """
@@ -82,13 +84,26 @@ SOURCE_CLUSTER_LABEL = "multicluster.kubernetes.io/source-cluster"
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 #: The root cluster when ``--fabric-cluster`` is not given: no fabric cluster has an empty name.
 ROOT = ""
-#: Terms per annotation: bounds the work of one pod's cycle.
+#: Terms per annotation and the annotation's length: bound the work of one pod's cycle (with
+#: YAML aliases refused, the parsed value is linear in the text).
 MAX_TERMS = 16
+MAX_BYTES = 16 * 1024
 MIN_WEIGHT, MAX_WEIGHT = 1, 100
 _FIELDS = ("service", "podSelector", "namespaces", "maxRttMs", "weight")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 Pairs = Mapping[tuple[str, str], PairState]
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML without anchors' aliases: an alias repeats a subtree without repeating its text, so a
+    small annotation could make the selectors' work quadratic."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed", mark)
+        return super().compose_node(parent, index)
 
 
 class AnnotationError(ValueError):
@@ -134,10 +149,14 @@ def parse(pod: Obj) -> list[Term] | None:
     def bad(field: str, message: str) -> AnnotationError:
         return AnnotationError(f"{where}: {field}: {message}" if field else f"{where}: {message}")
 
+    if not isinstance(raw, str):
+        raise bad("", f"must be a string, got {type(raw).__name__}")
+    if len(raw) > MAX_BYTES:
+        raise bad("", f"{len(raw)} characters, at most {MAX_BYTES}")
     try:
-        doc = yaml.safe_load(raw) if isinstance(raw, str) else raw
+        doc = yaml.load(raw, Loader=_NoAliasLoader)  # a SafeLoader, without aliases
     except yaml.YAMLError as e:
-        raise bad("", f"not JSON or YAML ({str(e).splitlines()[0]})") from None
+        raise bad("", f"not JSON or YAML ({' '.join(str(e).split())})") from None
     items: list[Any]
     if isinstance(doc, Mapping):
         items = [doc]

@@ -81,6 +81,8 @@ def test_parse_forms_and_defaults() -> None:
 @pytest.mark.parametrize(("ann", "field", "says"), [
     ("{not: [json", "", "not JSON or YAML"),
     ("42", "", "a term (an object) or a list of terms"),
+    ("[{service: &s db}, {service: *s}]", "", "aliases (*name) are not allowed"),
+    ("[" + ",".join(['{"service": "db"}'] * 1000) + "]", "", f"at most {na.MAX_BYTES}"),
     ([], "", "the list of terms is empty"),
     ([{"service": f"s{i}"} for i in range(na.MAX_TERMS + 1)], "", f"at most {na.MAX_TERMS}"),
     (["db"], "[0]", "a term must be an object"),
