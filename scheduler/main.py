@@ -47,6 +47,10 @@ examples:
   # binds; the other takes over when the holder releases it (SIGTERM) or lets it lapse (15 s)
   kosmos-scheduler --kubeconfig /run/lab/c1/kubeconfig --listen 127.0.0.1:10260
 
+  # with the fabric: per-leaf-node views (LeafNodeFit) and cluster-pair RTT (NetworkAffinity),
+  # the root's own nodes being in fabric cluster "host"
+  kosmos-scheduler --kubeconfig kc --reflector 10.0.0.5:4880 --tls-dir /etc/kosmos/tls --fabric-cluster host
+
   # a KubeSchedulerConfiguration with own profiles, plugins and weights
   kosmos-scheduler --kubeconfig kc --config sched.yaml
 
@@ -80,7 +84,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info", help="debug, info, warning or error")
     p.add_argument("--reflector", type=grpc_target, metavar="TARGET",
                    help="gRPC target of fabric-reflector (HOST:PORT or unix:/path): the tree manager's per-leaf-node "
-                   "records feed the LeafNodeFit plugin (without it, a virtual node's sum decides)")
+                   "records feed the LeafNodeFit plugin (without it, a virtual node's sum decides), the fabric's "
+                   "cluster-pair reachability records the NetworkAffinity plugin")
+    p.add_argument("--fabric-cluster", metavar="NAME",
+                   help="the root cluster's own name in the Kosmos fabric (its non-virtual nodes are there): "
+                   "NetworkAffinity measures RTT from and to it by the fabric's reachability records; needs "
+                   "--reflector (without it, the root is only known to be itself: RTT 0 to itself, unknown to others)")
     tls.add_flags(p, "client certificate of the scheduler's identity; needed with --reflector")
     return p
 
@@ -115,6 +124,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from scheduler.scheduler import Scheduler
 
+    if args.fabric_cluster is not None and (not args.fabric_cluster or "/" in args.fabric_cluster):
+        print(f"kosmos-scheduler: --fabric-cluster {args.fabric_cluster!r}: not a fabric cluster name", file=sys.stderr)
+        return 2
+    if args.fabric_cluster and not args.reflector:
+        print("kosmos-scheduler: --fabric-cluster needs --reflector (the fabric's reachability comes from it)",
+              file=sys.stderr)
+        return 2
     tls_dir = None
     if args.reflector:
         try:
@@ -137,15 +153,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         print(f"kosmos-scheduler: --listen {args.listen}: {e}", file=sys.stderr)
         return 1
-    leaf_watch = None
+    feeds = None
     if args.reflector:
         from scheduler.leafviews import LeafViews
-        from scheduler.leafwatch import LeafWatch
+        from scheduler.leafwatch import RecordFeeds, leaf_feed, reachability_feed
+        from scheduler.netaffinity_records import Reachability
+        from scheduler.plugins.kosmos_netaffinity import REACHABILITY_EVENT
 
         views = LeafViews()
         sched.handle.leaf_views = views  # type: ignore[attr-defined]  # read by LeafNodeFit
-        leaf_watch = LeafWatch(views, args.reflector, tls_dir)
-        leaf_watch.start()
+        # read by NetworkAffinity; a pair that moves re-tries the pods it left unschedulable
+        reach = Reachability(on_change=lambda: sched.queue.move_on_event(REACHABILITY_EVENT))
+        sched.handle.reachability = reach  # type: ignore[attr-defined]
+        sched.handle.fabric_cluster = args.fabric_cluster  # type: ignore[attr-defined]
+        feeds = RecordFeeds(args.reflector, tls_dir, [leaf_feed(views), reachability_feed(reach)])
+        feeds.start()
     host, port = server.server_address[:2]
     _log.info("/metrics and /healthz on http://%s:%s", host, port)  # the real port when --listen ...:0
     done = threading.Event()
@@ -165,8 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             server.shutdown()
             return 1
     sched.stop()
-    if leaf_watch is not None:
-        leaf_watch.stop()
+    if feeds is not None:
+        feeds.stop()
     server.shutdown()
     return 0
 

@@ -90,6 +90,7 @@ DEFAULT_PLUGINS: tuple[tuple[str, int], ...] = (
 KOSMOS_REPLACE = {"TaintToleration": "LeafNodeTaintToleration"}
 KOSMOS_EXTRA: tuple[tuple[str, int], ...] = (("LeafNodeDistribution", 1), ("LeafNodeVolumeBinding", 0),
                                              ("LeafNodeWorkloadPolicy", 1))
+KOSMOS_EXTRA += (("NetworkAffinity", 2),)  # scheduler/netaffinity.py; InterPodAffinity's weight
 
 API_VERSIONS = ("kubescheduler.config.k8s.io/v1", "kubescheduler.config.k8s.io/v1beta3")
 

@@ -69,6 +69,7 @@ OTHER_RESOURCES: tuple[tuple[str, str, str], ...] = (
     ("v1", "persistentvolumes", "PersistentVolume"),
     ("storage.k8s.io/v1", "storageclasses", "StorageClass"),
     ("v1", "services", "Service"),
+    ("discovery.k8s.io/v1", "endpointslices", "EndpointSlice"),  # NetworkAffinity: where a Service's endpoints run
     ("kosmos.io/v1alpha1", "distributionpolicies", "DistributionPolicy"),
     ("kosmos.io/v1alpha1", "clusterdistributionpolicies", "ClusterDistributionPolicy"),
     ("kosmos.io/v1alpha1", "workloadpolicies", "WorkloadPolicy"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 from scheduler.plugins.interpodaffinity import InterPodAffinity
 from scheduler.plugins.kosmos_distribution import LeafNodeDistribution
 from scheduler.plugins.kosmos_leaffit import LeafNodeFit
+from scheduler.plugins.kosmos_netaffinity import NetworkAffinity
 from scheduler.plugins.kosmos_tainttoleration import LeafNodeTaintToleration
 from scheduler.plugins.kosmos_volumebinding import LeafNodeVolumeBinding
 from scheduler.plugins.kosmos_workloadpolicy import LeafNodeWorkloadPolicy
@@ -45,4 +46,5 @@ REGISTRY.update({
     LeafNodeVolumeBinding.name: LeafNodeVolumeBinding,
     LeafNodeWorkloadPolicy.name: LeafNodeWorkloadPolicy,
     LeafNodeFit.name: LeafNodeFit,
+    NetworkAffinity.name: NetworkAffinity,
 })
