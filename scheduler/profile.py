@@ -11,7 +11,8 @@ In order:
    ImageLocality, DefaultBinder (the bind is built in)), and ``kosmos-scheduler``: the same with
    TaintToleration replaced by LeafNodeTaintToleration (which tolerates the leaf taint, so it
    cannot run beside TaintToleration), plus LeafNodeDistribution, LeafNodeVolumeBinding (beside
-   VolumeBinding) and LeafNodeWorkloadPolicy.
+   VolumeBinding), LeafNodeWorkloadPolicy and LeafNodeFit (filter and reserve; it passes every
+   node when ``kosmos-scheduler`` runs without ``--reflector``: no leaf views).
 2. :func:`load_config` reads a KubeSchedulerConfiguration-like YAML (``--config``): global and
    per-profile ``percentageOfNodesToScore``, ``profiles[].plugins.<point>.enabled/disabled`` (with
    ``multiPoint``, ``*`` disabling all defaults of a point, ``weight`` for score plugins),
@@ -91,6 +92,7 @@ KOSMOS_REPLACE = {"TaintToleration": "LeafNodeTaintToleration"}
 KOSMOS_EXTRA: tuple[tuple[str, int], ...] = (("LeafNodeDistribution", 1), ("LeafNodeVolumeBinding", 0),
                                              ("LeafNodeWorkloadPolicy", 1))
 KOSMOS_EXTRA += (("NetworkAffinity", 2),)  # scheduler/netaffinity.py; InterPodAffinity's weight
+KOSMOS_EXTRA += (("LeafNodeFit", 0),)  # scheduler/leafview.py; filter and reserve, no score
 
 API_VERSIONS = ("kubescheduler.config.k8s.io/v1", "kubescheduler.config.k8s.io/v1beta3")
 
