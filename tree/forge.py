@@ -111,7 +111,11 @@ class LeafRoom:
     """One member leaf node as its virtual node's record tells it. ``free``: allocatable minus
     the requests of every pod bound to it that is not terminal, ours included (what the leaf's
     own scheduler sees), never below zero; ``pods``: those pods; ``our_pods``: how many of them
-    this root put there. Pending pods without a node are in no node's ``free``."""
+    this root put there. Pending pods without a node are in no node's ``free``. ``taints``:
+    the leaf node's hard taints (NoSchedule/NoExecute; lifecycle ``node.kubernetes.io/*`` ones
+    left out, as for virtual node taints: ``ready``/``schedulable`` say what they say), as
+    ``{key, value, effect}`` sorted: a pod the leaf copy does not tolerate them for cannot land
+    there, and the scheduler's per-node view must know it."""
 
     name: str
     ready: bool
@@ -121,6 +125,7 @@ class LeafRoom:
     pods: int
     our_pods: int
     labels: dict[str, str]
+    taints: tuple[tuple[str, str, str], ...] = ()
 
 
 @dataclass
@@ -295,7 +300,26 @@ def _room(node: Obj, alloc_of: Mapping[str, Resource], used: Mapping[str, tuple[
                     and not node["metadata"].get("deletionTimestamp"),
                     allocatable=format_resources(alloc or Resource(), keys), free=format_resources(left, keys),
                     pods=count, our_pods=ours,
-                    labels={k: str(labels[k]) for k in PLACEMENT_LABELS if k in labels})
+                    labels={k: str(labels[k]) for k in PLACEMENT_LABELS if k in labels},
+                    taints=_hard_taints(node))
+
+
+#: Taint effects that keep a pod without a toleration off a node (PreferNoSchedule does not).
+_HARD_EFFECTS = ("NoSchedule", "NoExecute")
+
+
+def _hard_taints(node: Obj) -> tuple[tuple[str, str, str], ...]:
+    """The leaf node's hard taints as sorted (key, value, effect), the lifecycle ones
+    (:data:`_SKIPPED_TAINT_PREFIX`) left out; a malformed entry (not an object) is skipped."""
+    out: set[tuple[str, str, str]] = set()
+    for t in (node.get("spec") or {}).get("taints") or ():
+        if not isinstance(t, Mapping) or t.get("effect") not in _HARD_EFFECTS:
+            continue
+        key = str(t.get("key") or "")
+        if key.startswith(_SKIPPED_TAINT_PREFIX):
+            continue
+        out.add((key, str(t.get("value") or ""), str(t["effect"])))
+    return tuple(sorted(out))
 
 
 def pod_footprint(pod: Obj, root_id: str) -> tuple[bool, bool, Any]:
@@ -309,7 +333,10 @@ def pod_footprint(pod: Obj, root_id: str) -> tuple[bool, bool, Any]:
 
 def leaf_resources(vn: VirtualNode, cluster: str) -> bytes:
     """The add-on record of ``vn`` (:data:`RECORD_KIND`): its leaf's room per member node, as
-    canonical JSON (sorted keys, no clock), so equal content is equal bytes."""
+    canonical JSON (sorted keys, no clock), so equal content is equal bytes. A node's ``taints``
+    (its hard taints, :class:`LeafRoom`) is written only when it has some: an untainted node's
+    entry is what it was, and a reader that does not know the field sees the node as before
+    (untainted), which is no misreading of the rest; hence no schema bump."""
     doc = {
         "schema": RECORD_SCHEMA,
         "cluster": cluster,
@@ -319,11 +346,18 @@ def leaf_resources(vn: VirtualNode, cluster: str) -> bytes:
         "ready": vn.ready == READY,
         "reason": vn.reason,
         "allocatable": vn.resources,
-        "nodes": [{"name": r.name, "ready": r.ready, "schedulable": r.schedulable, "allocatable": r.allocatable,
-                   "free": r.free, "pods": r.pods, "ourPods": r.our_pods, "labels": r.labels}
-                  for r in vn.leaves],
+        "nodes": [_room_doc(r) for r in vn.leaves],
     }
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _room_doc(r: LeafRoom) -> dict[str, Any]:
+    doc: dict[str, Any] = {"name": r.name, "ready": r.ready, "schedulable": r.schedulable,
+                           "allocatable": r.allocatable, "free": r.free, "pods": r.pods, "ourPods": r.our_pods,
+                           "labels": r.labels}
+    if r.taints:
+        doc["taints"] = [{"key": k, "value": v, "effect": e} for k, v, e in r.taints]
+    return doc
 
 
 def network_condition(root: str, leaf: str, pair: PairState | None,
