@@ -662,6 +662,37 @@ class LeafView:
                 best = cl.best(d, best)
         return None if best is None else best[2]
 
+    def candidates(self, demand: Demand, placement: Placement = ANY, limit: int = 64) -> list[dict[str, int]]:
+        """The effective free vectors (one per distinct shape) of up to ``limit`` usable leaf
+        nodes ``placement`` admits where one pod of ``demand`` fits, the tightest in cpu first
+        (the ``limit`` tightest of every matching class, then the tightest of those): what a
+        score weighing leaf nodes looks at. The dicts are the view's own: read, never modify."""
+        d = demand.amounts
+        out: list[dict[str, int]] = []
+        if placement.names_node:
+            seen: set[int] = set()
+            for _name, free in self._admitted(placement):
+                if id(free) not in seen and per_node(free, d):
+                    seen.add(id(free))
+                    out.append(dict(free))
+                    if len(out) >= limit:
+                        break
+            return out
+        classes = self._classes_for(placement)
+        for cl in classes:
+            taken = 0
+            for _cpu, shape in itertools.islice(cl.order, cl._start(d), None):
+                free = cl.shapes[shape][0]
+                if per_node(free, d):
+                    out.append(free)
+                    taken += 1
+                    if taken >= limit:
+                        break
+        if len(classes) > 1 and len(out) > limit:
+            out.sort(key=lambda f: f.get("cpu", 0))
+            del out[limit:]
+        return out
+
     # -- reservations -----------------------------------------------------------------------
 
     def assume(self, key: str, demand: Demand, placement: Placement = ANY, *, node: str | None = None,

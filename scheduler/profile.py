@@ -12,7 +12,8 @@ In order:
    TaintToleration replaced by LeafNodeTaintToleration (which tolerates the leaf taint, so it
    cannot run beside TaintToleration), plus LeafNodeDistribution, LeafNodeVolumeBinding (beside
    VolumeBinding), LeafNodeWorkloadPolicy and LeafNodeFit (filter and reserve; it passes every
-   node when ``kosmos-scheduler`` runs without ``--reflector``: no leaf views).
+   node when ``kosmos-scheduler`` runs without ``--reflector``: no leaf views) and
+   LeafNodeFragmentation (score, weight 1; 0 for every node without leaf views).
 2. :func:`load_config` reads a KubeSchedulerConfiguration-like YAML (``--config``): global and
    per-profile ``percentageOfNodesToScore``, ``profiles[].plugins.<point>.enabled/disabled`` (with
    ``multiPoint``, ``*`` disabling all defaults of a point, ``weight`` for score plugins),
@@ -93,6 +94,7 @@ KOSMOS_EXTRA: tuple[tuple[str, int], ...] = (("LeafNodeDistribution", 1), ("Leaf
                                              ("LeafNodeWorkloadPolicy", 1))
 KOSMOS_EXTRA += (("NetworkAffinity", 2),)  # scheduler/netaffinity.py; InterPodAffinity's weight
 KOSMOS_EXTRA += (("LeafNodeFit", 0),)  # scheduler/leafview.py; filter and reserve, no score
+KOSMOS_EXTRA += (("LeafNodeFragmentation", 1),)  # scheduler/fragmentation.py; 0 without leaf views
 
 API_VERSIONS = ("kubescheduler.config.k8s.io/v1", "kubescheduler.config.k8s.io/v1beta3")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from scheduler.plugins.interpodaffinity import InterPodAffinity
 from scheduler.plugins.kosmos_distribution import LeafNodeDistribution
+from scheduler.plugins.kosmos_fragmentation import LeafNodeFragmentation
 from scheduler.plugins.kosmos_leaffit import LeafNodeFit
 from scheduler.plugins.kosmos_netaffinity import NetworkAffinity
 from scheduler.plugins.kosmos_tainttoleration import LeafNodeTaintToleration
@@ -47,4 +48,5 @@ REGISTRY.update({
     LeafNodeWorkloadPolicy.name: LeafNodeWorkloadPolicy,
     LeafNodeFit.name: LeafNodeFit,
     NetworkAffinity.name: NetworkAffinity,
+    LeafNodeFragmentation.name: LeafNodeFragmentation,
 })

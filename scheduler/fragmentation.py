@@ -1,0 +1,165 @@
+"""Expected fragmentation of leaf nodes for the pod shapes seen recently (issue 19, item 3): the
+measure behind the ``LeafNodeFragmentation`` score.
+
+Why: packing (MostAllocated) and spreading (LeastAllocated) look at one node's utilisation and
+not at what the next pods need, so both leave holes no later pod can use: a node with 3 free CPUs
+and 1 GiB, when the pods arriving ask 2 CPUs and 4 GiB, holds 3 CPUs nobody will get. "Beware of
+Fragmentation" (Weng et al., USENIX ATC'23) measures it: a node's fragmentation for a workload
+is the free resource no task drawn from the workload's distribution can use there, and its
+Fragmentation Gradient Descent places a task where that expected fragmentation grows the least
+(or falls the most). The paper counts GPUs; this module generalises it to every resource a pod
+requests (cpu, memory, extended resources, the pod slot as a constraint).
+
+The measure (``free``: a leaf node's free vector; ``M``: the workload, shapes ``m`` with
+probabilities ``p_m``; ``r`` over the scored resources):
+
+- ``k(n, m) = min over r of floor(free_r / m_r)``: how many pods of shape ``m`` still fit
+  (:func:`scheduler.leafview.per_node`, ``pods`` included, so a node out of pod slots fits none).
+- ``F_n(m) = sum over r of c_r * (free_r - k(n, m) * m_r)``: what is left once the node is filled
+  with ``m`` (all of its free when ``k = 0``: the paper's "the task cannot run there, so every
+  free unit is a fragment"; when ``k > 0`` the remainder, which no further ``m`` can use).
+- ``c_r = w_r / (sum of w over the scored resources) / mean_r`` with ``mean_r = sum_m p_m m_r``:
+  the configured weight of the resource (``scoringStrategy.resources``, as NodeResourcesFit's;
+  cpu and memory weight 1 by default; an extended resource some shape requests and the weights
+  do not name gets weight 1), in units of the workload's mean request, so cpu millicores and
+  memory bytes add up, and ``F`` reads as "average pods' worth of stranded resource". A resource
+  no shape requests (``mean_r = 0``) is not scored.
+- ``F_n(M) = sum over m of p_m * F_n(m)``, and placing pod shape ``d`` on ``n`` changes it by
+  ``delta(n, d) = F_{n - d}(M) - F_n(M)`` (the gradient of the paper): lower is better.
+
+For a workload of one shape placing that same shape never changes ``F`` (the remainder is the
+same with one copy fewer): every placement fits equally many later pods, and only the blended
+allocation score decides. A placement that leaves a node exactly full for the common shape
+never has a higher ``delta`` than one leaving a useless remainder (the unit tests show both).
+
+The workload (:class:`ShapeHistogram`): the demands of the pods this scheduler placed recently,
+as a bounded histogram (at most ``bound`` shapes; when full, the lightest goes) whose weights
+decay exponentially with each observation (half-life ``half_life`` observations), so a shape
+that stopped arriving fades out. The pod being scored is counted as one fresh observation (the
+first pod of a new shape already sees itself as the workload).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from scheduler.leafview import Vector, per_node
+
+#: How many distinct shapes the histogram keeps (scoring is linear in it).
+SHAPES = 16
+#: Observations after which an observation weighs half.
+HALF_LIFE = 256.0
+#: Resource weights when none are configured (NodeResourcesFit's defaults).
+DEFAULT_WEIGHTS: Mapping[str, int] = {"cpu": 1, "memory": 1}
+
+
+class ShapeHistogram:
+    """The recent pod shapes (module docstring): bounded, exponentially decaying."""
+
+    def __init__(self, bound: int = SHAPES, half_life: float = HALF_LIFE) -> None:
+        if bound < 1:
+            raise ValueError(f"shape histogram bound must be at least 1, got {bound}")
+        if not half_life > 0:
+            raise ValueError(f"shape histogram half-life must be positive, got {half_life}")
+        self.bound = bound
+        self._step = 2.0 ** (1.0 / half_life)
+        #: The weight of an observation made now; grows instead of every weight decaying.
+        self._gain = 1.0
+        self._w: dict[Vector, float] = {}
+        self.observed = 0
+
+    def __len__(self) -> int:
+        return len(self._w)
+
+    def observe(self, shape: Vector) -> None:
+        """One pod of ``shape`` placed: O(1), plus O(bound) when a shape must go."""
+        self._gain *= self._step
+        self._w[shape] = self._w.get(shape, 0.0) + self._gain
+        self.observed += 1
+        if self._gain > 1e100:  # keep the floats finite: rescale (ratios unchanged)
+            self._w = {k: v / self._gain for k, v in self._w.items()}
+            self._gain = 1.0
+        if len(self._w) > self.bound:
+            victim = min((k for k in self._w if k != shape), key=lambda k: (self._w[k], k))
+            del self._w[victim]
+
+    def distribution(self, extra: Vector | None = None) -> list[tuple[Vector, float]]:
+        """(shape, probability), sorted by shape; ``extra`` counted as one observation made now."""
+        w = dict(self._w)
+        if extra is not None:
+            w[extra] = w.get(extra, 0.0) + self._gain * self._step
+        total = sum(w.values())
+        return sorted((k, v / total) for k, v in w.items()) if total > 0 else []
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A distribution of shapes and the per-resource coefficients ``c_r`` (module docstring)."""
+
+    shapes: tuple[tuple[Vector, float], ...]
+    coef: tuple[tuple[str, float], ...]
+
+    @classmethod
+    def of(cls, dist: Iterable[tuple[Vector, float]], weights: Mapping[str, int] | None = None) -> Workload:
+        dist = tuple(dist)
+        weights = dict(DEFAULT_WEIGHTS if weights is None else weights)
+        mean: dict[str, float] = {}
+        for shape, p in dist:
+            for r, q in shape:
+                if r != "pods":
+                    mean[r] = mean.get(r, 0.0) + p * q
+        for r in mean:
+            if r not in weights and r not in ("cpu", "memory", "ephemeral-storage"):
+                weights[r] = 1  # an extended resource some shape asks for
+        scored = {r: w for r, w in weights.items() if w > 0 and mean.get(r, 0.0) > 0}
+        wsum = sum(scored.values())
+        coef = tuple(sorted((r, w / wsum / mean[r]) for r, w in scored.items())) if wsum else ()
+        return cls(dist, coef)
+
+    def node(self, free: Mapping[str, int]) -> float:
+        """``F_n(M)`` of a node with ``free``."""
+        total = 0.0
+        for shape, p in self.shapes:
+            k = per_node(free, shape)
+            s = 0.0
+            if k:
+                want = dict(shape)
+                for r, c in self.coef:
+                    s += c * (free.get(r, 0) - k * want.get(r, 0))
+            else:
+                for r, c in self.coef:
+                    s += c * free.get(r, 0)
+            total += p * s
+        return total
+
+    def delta(self, free: Mapping[str, int], demand: Vector) -> float | None:
+        """``F_{n-d}(M) - F_n(M)`` of placing ``demand`` on a node with ``free``; None when it
+        does not fit."""
+        after = dict(free)
+        for r, q in demand:
+            left = after.get(r, 0) - q
+            if left < 0:
+                return None
+            after[r] = left
+        return self.node(after) - self.node(free)
+
+
+def scores(deltas: list[float | None], neutral: int = 50) -> list[int]:
+    """Deltas to 0..100 scores: the lowest delta 100, the highest 0, linear between (all equal:
+    100); None (nothing known or no fit) gets ``neutral``."""
+    known = [d for d in deltas if d is not None]
+    if not known:
+        return [neutral] * len(deltas)
+    lo, hi = min(known), max(known)
+    span = hi - lo
+    out = []
+    for d in deltas:
+        if d is None:
+            out.append(neutral)
+        elif span <= 1e-12 * max(1.0, abs(lo), abs(hi)):
+            out.append(100)
+        else:
+            out.append(math.floor(100 * (hi - d) / span + 0.5))
+    return out
