@@ -68,6 +68,7 @@ BENCHMARKS: dict[str, Benchmark] = {
         Benchmark("tree", "tools.bench.tree",
                   supported=lambda: importlib.import_module("tools.bench.tree").supported()),
         Benchmark("leafview", "tools.bench.leafview"),
+        Benchmark("frag", "tools.bench.frag"),
     )
 }
 
