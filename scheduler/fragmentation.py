@@ -26,6 +26,10 @@ probabilities ``p_m``; ``r`` over the scored resources):
   no shape requests (``mean_r = 0``) is not scored.
 - ``F_n(M) = sum over m of p_m * F_n(m)``, and placing pod shape ``d`` on ``n`` changes it by
   ``delta(n, d) = F_{n - d}(M) - F_n(M)`` (the gradient of the paper): lower is better.
+- Computed as ``F_n(M) = sum_r c_r free_r - sum_m p_m k(n, m) sum_r c_r m_r``, so
+  ``delta(n, d) = -sum_r c_r d_r + sum_m p_m (k(n, m) - k(n - d, m)) sum_r c_r m_r``: the pod's
+  own use lowers ``F`` by the same amount on every node; what differs is how many copies of each
+  recent shape the pod displaces there, weighted by the shape's popularity and size.
 
 For a workload of one shape placing that same shape never changes ``F`` (the remainder is the
 same with one copy fewer): every placement fits equally many later pods, and only the blended
@@ -118,32 +122,49 @@ class Workload:
         coef = tuple(sorted((r, w / wsum / mean[r]) for r, w in scored.items())) if wsum else ()
         return cls(dist, coef)
 
+    @property
+    def _packed(self) -> tuple[tuple[Vector, float], ...]:
+        """(shape, p_m * sum over r of c_r * m_r) per shape: what a copy of ``m`` takes off ``F``."""
+        packed = self.__dict__.get("_packed_cache")
+        if packed is None:
+            coef = dict(self.coef)
+            packed = tuple((shape, p * sum(coef.get(r, 0.0) * q for r, q in shape)) for shape, p in self.shapes)
+            object.__setattr__(self, "_packed_cache", packed)
+        return packed
+
     def node(self, free: Mapping[str, int]) -> float:
-        """``F_n(M)`` of a node with ``free``."""
+        """``F_n(M)`` of a node with ``free``: ``sum_r c_r free_r - sum_m p_m k(n, m) sum_r c_r m_r``
+        (the remainder after ``k`` copies is ``free - k m``; ``k = 0`` leaves all of it)."""
+        g = free.get
         total = 0.0
-        for shape, p in self.shapes:
+        for r, c in self.coef:
+            total += c * g(r, 0)
+        for shape, taken in self._packed:
             k = per_node(free, shape)
-            s = 0.0
             if k:
-                want = dict(shape)
-                for r, c in self.coef:
-                    s += c * (free.get(r, 0) - k * want.get(r, 0))
-            else:
-                for r, c in self.coef:
-                    s += c * free.get(r, 0)
-            total += p * s
+                total -= k * taken
         return total
 
     def delta(self, free: Mapping[str, int], demand: Vector) -> float | None:
         """``F_{n-d}(M) - F_n(M)`` of placing ``demand`` on a node with ``free``; None when it
-        does not fit."""
+        does not fit. By the identity of :meth:`node`: ``-sum_r c_r d_r + sum_m p_m (k_before -
+        k_after) sum_r c_r m_r``: the pod's own use lowers ``F``, every copy of a shape it
+        displaces raises it."""
         after = dict(free)
         for r, q in demand:
             left = after.get(r, 0) - q
             if left < 0:
                 return None
             after[r] = left
-        return self.node(after) - self.node(free)
+        out = 0.0
+        coef = dict(self.coef)
+        for r, q in demand:
+            out -= coef.get(r, 0.0) * q
+        for shape, taken in self._packed:
+            lost = per_node(free, shape) - per_node(after, shape)
+            if lost:
+                out += lost * taken
+        return out
 
 
 def scores(deltas: list[float | None], neutral: int = 50) -> list[int]:

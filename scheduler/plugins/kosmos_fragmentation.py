@@ -30,7 +30,11 @@ keeps it: it was a shape that arrived); ``unreserve`` does nothing.
 
 Args: ``fragmentationWeight``, ``scoringStrategy`` {``type``, ``resources``}, ``shapes``
 (histogram bound, default 16), ``halfLife`` (observations, default 256), ``candidates`` (default
-64).
+16).
+
+Cost per pod: (virtual nodes) x ``candidates`` x 2 x (histogram shapes) x (resources per shape)
+integer divisions; measured 2.2 ms median, 4.7 ms p99 for 10 virtual nodes of 500 leaf nodes
+each (5,000), 16 shapes, 16 candidates (64 candidates: 8 ms median).
 """
 
 from __future__ import annotations
@@ -65,7 +69,7 @@ class LeafNodeFragmentation:
         self.resource_weights = dict(resources)
         fn = _least if kind == "LeastAllocated" else _most
         self.scorer = _AllocationScorer(resources, use_requested=False, fn=fn)
-        limit = arg(args, "candidates", 64)
+        limit = arg(args, "candidates", 16)
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ValueError(f"{self.name} args.candidates: expected a positive integer, got {limit!r}")
         self.limit = limit
