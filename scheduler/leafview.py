@@ -23,7 +23,9 @@ Flow:
    reservation stays; :meth:`LeafView.expire` is the backstop.
 3. A pod's leaf placement (:class:`Placement`: node selector, required node affinity,
    tolerations, as the leaf scheduler will see them) and its request (:class:`Demand`) are asked
-   with :meth:`LeafView.fits` and :meth:`LeafView.count`.
+   with :meth:`LeafView.fits` and :meth:`LeafView.count`; :meth:`LeafView.candidates` lists the
+   free vectors of the tightest leaf nodes where it fits (the fragmentation score's input,
+   :mod:`scheduler.fragmentation`).
 4. :meth:`LeafView.assume` reserves a pod's request on one concrete leaf node (best fit, below);
    :meth:`LeafView.forget` releases it (refused, bind failed, deleted); :meth:`LeafView.expire`
    drops reservations past their deadline. Reserved requests are subtracted from their node's

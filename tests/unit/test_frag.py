@@ -249,3 +249,12 @@ def test_the_kosmos_profile_scores_with_it() -> None:
     k = build_profiles(default_config(), Handle(None), REGISTRY)[KOSMOS_SCHEDULER]
     assert "LeafNodeFragmentation" in [p.name for p in k.score] and k.weights["LeafNodeFragmentation"] == 1
     assert "LeafNodeFragmentation" in [p.name for p in k.reserve]
+
+
+def test_candidates_of_a_placement_naming_a_node_are_that_node_only() -> None:
+    view = LeafView("v")
+    view.apply_record(leaf_doc("v", {"a": (4000, 8), "b": (4000, 8), "c": (8000, 16)}))
+    one = Placement({"kubernetes.io/hostname": "c"})
+    assert [f["cpu"] for f in view.candidates(Demand.of({"cpu": 1000}), one)] == [8000]
+    # a and b share one free vector: one candidate for both
+    assert sorted(f["cpu"] for f in view.candidates(Demand.of({"cpu": 1000}))) == [4000, 8000]
