@@ -11,9 +11,9 @@ In order:
    ImageLocality, DefaultBinder (the bind is built in)), and ``kosmos-scheduler``: the same with
    TaintToleration replaced by LeafNodeTaintToleration (which tolerates the leaf taint, so it
    cannot run beside TaintToleration), plus LeafNodeDistribution, LeafNodeVolumeBinding (beside
-   VolumeBinding), LeafNodeWorkloadPolicy and LeafNodeFit (filter and reserve; it passes every
-   node when ``kosmos-scheduler`` runs without ``--reflector``: no leaf views) and
-   LeafNodeFragmentation (score, weight 1; 0 for every node without leaf views).
+   VolumeBinding), LeafNodeWorkloadPolicy, NetworkAffinity (score weight 2), LeafNodeFit (filter
+   and reserve; it passes every node when ``kosmos-scheduler`` runs without ``--reflector``: no
+   leaf views) and LeafNodeFragmentation (score, weight 1; 0 for every node without leaf views).
 2. :func:`load_config` reads a KubeSchedulerConfiguration-like YAML (``--config``): global and
    per-profile ``percentageOfNodesToScore``, ``profiles[].plugins.<point>.enabled/disabled`` (with
    ``multiPoint``, ``*`` disabling all defaults of a point, ``weight`` for score plugins),
@@ -90,11 +90,14 @@ DEFAULT_PLUGINS: tuple[tuple[str, int], ...] = (
 
 #: The Kosmos profile: upstream's set with the leaf-aware taint plugin, plus Kosmos' policies.
 KOSMOS_REPLACE = {"TaintToleration": "LeafNodeTaintToleration"}
-KOSMOS_EXTRA: tuple[tuple[str, int], ...] = (("LeafNodeDistribution", 1), ("LeafNodeVolumeBinding", 0),
-                                             ("LeafNodeWorkloadPolicy", 1))
-KOSMOS_EXTRA += (("NetworkAffinity", 2),)  # scheduler/netaffinity.py; InterPodAffinity's weight
-KOSMOS_EXTRA += (("LeafNodeFit", 0),)  # scheduler/leafview.py; filter and reserve, no score
-KOSMOS_EXTRA += (("LeafNodeFragmentation", 1),)  # scheduler/fragmentation.py; 0 without leaf views
+KOSMOS_EXTRA: tuple[tuple[str, int], ...] = (
+    ("LeafNodeDistribution", 1),
+    ("LeafNodeVolumeBinding", 0),
+    ("LeafNodeWorkloadPolicy", 1),
+    ("NetworkAffinity", 2),  # scheduler/netaffinity.py; InterPodAffinity's weight
+    ("LeafNodeFit", 0),  # scheduler/leafview.py; filter and reserve, no score
+    ("LeafNodeFragmentation", 1),  # scheduler/fragmentation.py; scores 0 without leaf views
+)
 
 API_VERSIONS = ("kubescheduler.config.k8s.io/v1", "kubescheduler.config.k8s.io/v1beta3")
 
