@@ -12,6 +12,7 @@ Topology (written by the fixture): three peer clusters ``ma``, ``mb``, ``mc``, o
 
 from __future__ import annotations
 
+import datetime
 import json
 import subprocess
 import time
@@ -257,39 +258,83 @@ def test_export_import_merge_and_scale_down(mlab: McsLab) -> None:
                "ma's endpoints back in mb", interval=0.5)
 
 
+def _log_times(path: str, needle: str, since: float) -> list[float]:
+    """Wall-clock times (``time.time()`` scale) of the lines of log ``path`` that contain ``needle``
+    and were logged at or after ``since`` (our components' format: ``%(asctime)s ...``)."""
+    out = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if needle not in line:
+                continue
+            try:
+                at = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            except ValueError:
+                continue
+            if at >= since - 0.01:
+                out.append(at)
+    return out
+
+
+def _timeline(mlab: McsLab, what: str, invoked: float, returned: float, importers: dict[str, float],
+              reflector_says: str, mcs_says: str) -> str:
+    """Where the time of a cut or heal went, importer by importer, every figure from ``invoked``
+    (before ``fabric-tool lab fail|heal`` started): the tool returned (its own start-up is in
+    every figure after it), the reflector logged the pair's new reachability, kosmos-mcs logged
+    the change of its map (its pass and the slice writes follow), the test saw the slice."""
+    st = mlab.status()
+    rows = [f"{what}: lab tool returned +{returned - invoked:.2f} s"]
+    for imp, seen in sorted(importers.items()):
+        refl = _log_times(st["reflector"]["log"], reflector_says.format(imp=imp), invoked)
+        mcs = _log_times(st["mcs"]["log"], mcs_says.format(imp=imp), invoked)
+        parts = [f"reflector +{refl[0] - invoked:.2f}" if refl else "reflector -",
+                 f"kosmos-mcs +{mcs[0] - invoked:.2f}" if mcs else "kosmos-mcs -",
+                 f"slice seen +{seen - invoked:.2f}"]
+        rows.append(f"  {imp}: {', '.join(parts)}")
+    return "\n".join(rows)
+
+
 def test_a_cluster_cut_off_the_underlay_turns_not_ready_in_every_importer(mlab: McsLab) -> None:
     """Cut ma (its only node) off the underlay: its endpoints turn not ready in mb and mc (the
-    time is printed, not asserted), requests from mb succeed through mc; heal: back."""
+    time is printed, not asserted, with where it went: :func:`_timeline`), requests from mb
+    succeed through mc; heal: back."""
     urls = {c: next(x["kubernetes"]["url"] for x in mlab.status()["clusters"] if x["name"] == c) for c in ("mb", "mc")}
     for c in urls:
         wait_until(lambda c=c: _slices(urls[c], "web").get("ma", (0, 0))[0] == 2, 90,
                    f"ma's two endpoints ready in {c}", interval=0.5)
-    t0 = time.monotonic()
+    t0, w0 = time.monotonic(), time.time()
     mlab.lab("fail", "ma/a1")
+    r0 = time.time()
+    seen: dict[str, float] = {}
     try:
         pending, took = set(urls), {}
         while pending and time.monotonic() - t0 < 60:
             for c in sorted(pending):
                 if _slices(urls[c], "web").get("ma", (1, 0))[0] == 0:
                     took[c] = time.monotonic() - t0
+                    seen[c] = time.time()
                     pending.discard(c)
             time.sleep(0.05)
         print(f"cut ma -> its endpoints not ready: {', '.join(f'{c} {s:.2f} s' for c, s in sorted(took.items()))}")
+        print(_timeline(mlab, "cut", w0, r0, seen, "cluster {imp} -> ma: unreachable",
+                        "fabric: cluster {imp} cannot reach ma"))
         assert not pending, f"ma's endpoints still ready in {sorted(pending)} 60 s after the cut"
         ip = mlab.imported_ip("mb", "web")
         got = mlab.rounds("mb", [f"http://{ip}/"], 10)
         assert all(a.startswith("mc/") for answers in got.values() for a in answers), got
     finally:
-        t1 = time.monotonic()
+        t1, w1 = time.monotonic(), time.time()
         mlab.lab("heal", "ma/a1")
-    pending = set(urls)
+        r1 = time.time()
+    pending, seen = set(urls), {}
     while pending and time.monotonic() - t1 < 60:
         for c in sorted(pending):
             if _slices(urls[c], "web").get("ma", (0, 0))[0] == 2:
                 took[c] = time.monotonic() - t1
+                seen[c] = time.time()
                 pending.discard(c)
         time.sleep(0.05)
     print(f"heal ma -> its endpoints ready: {', '.join(f'{c} {s:.2f} s' for c, s in sorted(took.items()))}")
+    print(_timeline(mlab, "heal", w1, r1, seen, "cluster {imp} -> ma: reachable", "fabric: cluster {imp} reaches ma"))
     assert not pending, f"ma's endpoints not ready again in {sorted(pending)} 60 s after the heal"
 
 
