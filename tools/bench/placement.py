@@ -80,13 +80,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import math
 import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
 
-from scheduler.leafview import Demand, LeafNode, LeafView, Placement, Record, make_node, per_node
+from scheduler.leafview import Demand, LeafNode, LeafView, Placement, Record, make_node
 from tools.bench import common as bc
 from tools.bench.leafview import GPU, INSTANCE_TYPES, TAINT, ZONES
 
@@ -206,8 +205,10 @@ class Fleet:
         return sum(len(nodes) for _, nodes in self.clusters[1:])
 
     def build(self) -> list[Cluster]:
-        return [Cluster(name, [SimNode(n, z, t, dict(zip(RESOURCES, a, strict=True)), dict(zip(RESOURCES, f, strict=True)))
-                               for n, z, t, a, f in nodes]) for name, nodes in self.clusters]  # fmt: skip
+        def node(n: str, z: str, t: bool, a: tuple[int, ...], f: tuple[int, ...]) -> SimNode:
+            return SimNode(n, z, t, dict(zip(RESOURCES, a, strict=True)), dict(zip(RESOURCES, f, strict=True)))
+
+        return [Cluster(name, [node(*x) for x in nodes]) for name, nodes in self.clusters]
 
 
 def pod_mix(rng: random.Random, n: int = 24) -> list[Shape]:
@@ -428,6 +429,10 @@ class OursPolicy(Policy):
             return None
         return ci
 
+    def reserved_node(self, key: str, ci: int) -> SimNode | None:
+        r = self.views[ci].reservations.get(key)
+        return None if r is None else self.by_name[ci][r.node]
+
     def placed(self, key: str, si: int, ci: int, node: SimNode, now: int) -> None:
         if ci == 0:
             super().placed(key, si, ci, node, now)
@@ -510,8 +515,13 @@ class Outcome:
         return bc.percentile(self.decision_s, 99) * 1000
 
 
-def simulate(fleet: Fleet, policy_name: str, score: LeafScore = best_fit_leaf_score) -> Outcome:
-    """Run one policy over the fleet's arrivals (the module docstring's model)."""
+def simulate(fleet: Fleet, policy_name: str, score: LeafScore = best_fit_leaf_score, *,
+             leaf_follows_reservation: bool = False) -> Outcome:
+    """Run one policy over the fleet's arrivals (the module docstring's model).
+
+    ``leaf_follows_reservation`` (ours only; a variant of the model, not the benchmark's): the
+    leaf places our pod on the node ours reserved when it still fits there (as if the tree
+    manager pinned the leaf pod to it), first fit otherwise."""
     clusters = fleet.build()
     shapes = fleet.shapes
     policy: Policy
@@ -532,6 +542,10 @@ def simulate(fleet: Fleet, policy_name: str, score: LeafScore = best_fit_leaf_sc
 
     def place(key: str, si: int, ci: int, now: int, node: SimNode | None) -> None:
         nonlocal placed, false_binds, before_first
+        if node is None and leaf_follows_reservation and isinstance(policy, OursPolicy):
+            node = policy.reserved_node(key, ci)
+            if node is not None and not shapes[si].fits(node):
+                node = None
         if node is None:
             node = clusters[ci].first_fit(si, shapes[si])
         if node is None:
@@ -556,11 +570,12 @@ def simulate(fleet: Fleet, policy_name: str, score: LeafScore = best_fit_leaf_sc
         si = fleet.arrivals[now]
         key = f"p{now}"
         t0 = time.perf_counter()
-        ci = policy.decide(key, si, now)
+        chosen = policy.decide(key, si, now)
         decision_s.append(time.perf_counter() - t0)
-        if ci is None:
+        if chosen is None:
             rejected += 1
             continue
+        ci = chosen
         policy.bound(key, si, ci, now)
         if isinstance(policy, FlatOracle):
             place(key, si, ci, now, policy.choice)
@@ -640,7 +655,7 @@ def figures(outcomes: Sequence[dict[str, Outcome]], score_name: str) -> bc.Repor
     report = bc.Report()
     for metric, (unit, higher, attr) in METRICS.items():
         ours = [float(getattr(o["ours"], attr)) for o in outcomes]
-        base = {b: [float(getattr(o[b], attr)) for o in outcomes] for b in BASELINES}
+        base: dict[str, Sequence[float]] = {b: [float(getattr(o[b], attr)) for o in outcomes] for b in BASELINES}
         if metric == "packing":  # `ratio` = ours / flat oracle; each baseline's own ratio too
             fig = bc.figure(ours, {"": base["flat_oracle"], **base}, higher_is_better=True)
             for b in BASELINES:
@@ -691,7 +706,9 @@ def run(opts: bc.Options, score: LeafScore = best_fit_leaf_score, score_name: st
     report = figures(outcomes, score_name)
     report.notes.append(f"ours = {score_name} (scheduler.leafview through LeafNodeFit's calls: fits, assume, records); "
                         f"the consolidation score of issue 19 item 3 is not plugged in yet")
-    report.notes.append(f"{seeds} seeds; last fleet: {leaf_nodes:,} leaf nodes in {len(fleet.clusters) - 1} leaves + host; {pods:,} pods; "
+    leaves = len(fleet.clusters) - 1
+    report.notes.append(f"{seeds} seeds; last fleet: {leaf_nodes:,} leaf nodes in {leaves} leaves + host; "
+                        f"{pods:,} pods; "
                         f"bind delay {BIND_DELAY} arrivals, Running after {RUN_DELAY}, refresh {REFRESH}, "
                         f"records every {RECORD_PERIOD} (1 arrival = {ARRIVAL_S * 1000:g} ms)")
     report.notes.append("baselines: kosmos_sum, karmada_general, karmada_accurate, flat_oracle (packing: `ratio` = "
