@@ -504,6 +504,9 @@ class Outcome:
     violations: int
     overcommitted: int
     decision_s: list[float]
+    #: ours: leaf placements on another node than the one ours reserved, while the reservation is
+    #: held (the leaf's first fit disagreeing with our best fit: what lets a reservation miss).
+    off_reservation: int = 0
 
     @property
     def pods_per_s(self) -> float:
@@ -536,18 +539,19 @@ def simulate(fleet: Fleet, policy_name: str, score: LeafScore = best_fit_leaf_sc
     else:
         raise ValueError(f"bench placement: unknown policy {policy_name!r} (known: {', '.join(POLICIES)})")
     in_flight: collections.deque[tuple[int, str, int, int]] = collections.deque()
-    placed = rejected = false_binds = 0
+    placed = rejected = false_binds = off_reservation = 0
     before_first: int | None = None
     decision_s: list[float] = []
 
     def place(key: str, si: int, ci: int, now: int, node: SimNode | None) -> None:
-        nonlocal placed, false_binds, before_first
-        if node is None and leaf_follows_reservation and isinstance(policy, OursPolicy):
-            node = policy.reserved_node(key, ci)
-            if node is not None and not shapes[si].fits(node):
-                node = None
+        nonlocal placed, false_binds, before_first, off_reservation
+        reserved = policy.reserved_node(key, ci) if isinstance(policy, OursPolicy) and ci > 0 else None
+        if node is None and leaf_follows_reservation and reserved is not None and shapes[si].fits(reserved):
+            node = reserved
         if node is None:
             node = clusters[ci].first_fit(si, shapes[si])
+        if reserved is not None and node is not reserved:
+            off_reservation += 1
         if node is None:
             false_binds += 1
             if before_first is None:
@@ -583,8 +587,10 @@ def simulate(fleet: Fleet, policy_name: str, score: LeafScore = best_fit_leaf_sc
             place(key, si, ci, now, None)
         else:
             in_flight.append((now + BIND_DELAY, key, si, ci))
-    return _measure(policy_name, fleet, clusters, placed, rejected, false_binds,
-                    placed if before_first is None else before_first, decision_s)
+    out = _measure(policy_name, fleet, clusters, placed, rejected, false_binds,
+                   placed if before_first is None else before_first, decision_s)
+    out.off_reservation = off_reservation
+    return out
 
 
 def _measure(policy: str, fleet: Fleet, clusters: list[Cluster], placed: int, rejected: int, false_binds: int,
@@ -638,6 +644,10 @@ METRICS: dict[str, tuple[str, bool, str]] = {
 }
 
 
+#: The extra figure of a full run: decision p99 on a fleet scaled to 5,000 leaf nodes (one seed).
+LATENCY_5000 = "decision_p99_ms_at_5000_leaf_nodes"
+
+
 def requires(opts: bc.Options) -> list[str]:
     return []
 
@@ -672,18 +682,20 @@ def goals(report: bc.Report, leaf_nodes: int) -> list[str]:
     f = report.figures
     fb = f["false_binds"]["max"]
     pk = f["packing"]
-    p99 = f["decision_p99_ms"]["max"]
+    lat = f.get(LATENCY_5000)
+    p99 = (lat or f["decision_p99_ms"])["max"]
 
     def met(ok: bool) -> str:
         return "met" if ok else "NOT met"
 
-    at = "" if leaf_nodes >= 5000 else f" (measured at {leaf_nodes:,} leaf nodes, not 5,000: --nodes 5000)"
+    at = f" (the {LATENCY_5000} run)" if lat else (
+        "" if leaf_nodes >= 5000 else f" (measured at {leaf_nodes:,} leaf nodes, not 5,000)")
     return [
         f"goal 0 false binds (every seed): {met(fb == 0)} (ours: max {fb:g})",
         f"goal packing >= 0.98 of the flat oracle and above Karmada's accurate estimator: "
         f"{met(pk['ratio'] >= 0.98 and pk['median'] > pk['karmada_accurate_baseline_median'])} "
-        f"(ours/oracle {pk['ratio']:.4f}; accurate/oracle {pk['karmada_accurate_own_ratio']:.4f})",
-        f"goal decision p99 < 5 ms at 5,000 leaf nodes: {met(p99 < 5)} (worst seed {p99:.2f} ms){at}",
+        f"(medians: ours/oracle {pk['ratio']:.4f}; accurate/oracle {pk['karmada_accurate_own_ratio']:.4f})",
+        f"goal decision p99 < 5 ms at 5,000 leaf nodes: {met(p99 < 5)} (ours, worst seed {p99:.2f} ms){at}",
     ]
 
 
@@ -704,6 +716,18 @@ def run(opts: bc.Options, score: LeafScore = best_fit_leaf_score, score_name: st
                               f"p99 {o.decision_p99_ms:.3f} ms ({time.monotonic() - t0:.1f} s)")
         outcomes.append(out)
     report = figures(outcomes, score_name)
+    off = [o["ours"].off_reservation for o in outcomes]
+    report.notes.append(f"ours: the leaf's first fit put {statistics.median(off):g} pods (median over seeds; "
+                        f"max {max(off)}) on another node than the one ours reserved")
+    if not opts.tiny and leaf_nodes < 5000:
+        fleet = make_fleet(2900, leaf_total=5000, pods=opts.sched_pods)
+        bc.progress(NAME, f"decision latency at {fleet.leaf_nodes} leaf nodes, {len(fleet.arrivals)} pods")
+        big = run_seed(fleet, score)
+        report.figures[LATENCY_5000] = bc.figure(
+            [big["ours"].decision_p99_ms], {b: [big[b].decision_p99_ms] for b in BASELINES}, higher_is_better=False)
+        report.units[LATENCY_5000] = "ms"
+        bc.progress(NAME, f"  ours p99 {big['ours'].decision_p99_ms:.3f} ms, "
+                          f"{big['ours'].false_binds} false binds")
     report.notes.append(f"ours = {score_name} (scheduler.leafview through LeafNodeFit's calls: fits, assume, records); "
                         f"the consolidation score of issue 19 item 3 is not plugged in yet")
     leaves = len(fleet.clusters) - 1
