@@ -59,6 +59,7 @@ The policies (the first four choose among the clusters that pass their filter by
   the consolidation score of issue 19 item 3 replaces it.
 - ``flat_oracle``: one scheduler that sees every node of every cluster, live, and places the
   pod itself on its best-fit node (no leaf scheduler, nothing in flight): the packing reference.
+  It is greedy (best fit, arrival order), not an optimum: a policy can pack a little more.
 
 Metrics per policy and seed (figures: median/min/max over the seeds, ours beside every
 baseline): ``false_binds``; ``placed_before_first_false_bind`` (every pod placed when there is
@@ -735,6 +736,8 @@ def run(opts: bc.Options, score: LeafScore = best_fit_leaf_score, score_name: st
                         f"{pods:,} pods; "
                         f"bind delay {BIND_DELAY} arrivals, Running after {RUN_DELAY}, refresh {REFRESH}, "
                         f"records every {RECORD_PERIOD} (1 arrival = {ARRIVAL_S * 1000:g} ms)")
+    report.notes.append("the flat oracle is a greedy best fit in arrival order, not an optimum (ratios slightly above "
+                        "1 are possible); rounds are the seeds (--seeds), --repeat is not used")
     report.notes.append("baselines: kosmos_sum, karmada_general, karmada_accurate, flat_oracle (packing: `ratio` = "
                         "ours / flat oracle, <name>_own_ratio = that baseline / flat oracle)")
     report.notes += goals(report, leaf_nodes)
