@@ -34,6 +34,7 @@ def test_the_tiny_run_writes_every_figure_beside_every_baseline(tmp_path: Path) 
     assert doc["decision_p99_ms"]["median"] > 0
     notes = "\n".join(doc["notes"])
     assert bench_placement.DEFAULT_SCORE_NAME in notes and "goal 0 false binds" in notes
+    assert "pinned to the node ours reserved" in notes
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
