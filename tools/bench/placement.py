@@ -38,8 +38,9 @@ The policies (the first four choose among the clusters that pass their filter by
   refresh sees it Running). Blind to placements. Score: the most free CPU left (upstream
   LeastAllocated on the virtual node).
 - ``karmada_general`` (Karmada's general estimator): max replicas = min over resources of
-  floor(summed free / request), from the cluster status (allocatable minus the requests of the
-  pods assigned to nodes), synced every :data:`REFRESH` arrivals; the scheduler deducts nothing
+  floor(summed free / request), from the cluster status's resource summary (allocatable minus
+  allocated, the pods assigned to nodes, minus allocating, the pods Pending without a node: a
+  false-bound pod counts), synced every :data:`REFRESH` arrivals; the scheduler deducts nothing
   between syncs. Blind to placements. Passes at >= 1; score: the most replicas.
 - ``karmada_accurate`` (Karmada's accurate estimator): replicas counted node by node (sum of
   floor(free_n / request) over the nodes that admit the pod), from the leaf's live state (its
@@ -360,6 +361,10 @@ class SumPolicy(Policy):
         super().placed(key, si, ci, node, now)
         if ci > 0:  # Kosmos counts it once Running; Karmada once assigned to a node
             self.uncounted.append((now + RUN_DELAY if self.kosmos else now, ci, si))
+
+    def refused(self, key: str, si: int, ci: int, now: int) -> None:
+        if not self.kosmos:  # Karmada's summary counts it as allocating (Kosmos: in the root cache)
+            self.uncounted.append((now, ci, si))
 
     def tick(self, now: int) -> None:
         if now % REFRESH:
