@@ -63,6 +63,8 @@ class Options:
     sched_pods: int = 0
     #: tree: pods per phase (0: 1,000; 20 with ``tiny``).
     tree_pods: int = 0
+    #: placement: seeded fleets (0: 10; 2 with ``tiny``).
+    seeds: int = 0
 
 
 #: The fabric shapes ``bench control`` simulates: two P2P clusters (every agent holds every other

@@ -4,7 +4,7 @@ Every benchmark is a module ``tools/bench/<name>.py`` with ``NAME``, ``HELP``,
 ``requires(options) -> [reasons it cannot run here]`` and ``run(options) -> Report`` (see
 :mod:`tools.bench.common`). :data:`BENCHMARKS` lists them in running order (every benchmark of
 issue 7: datapath, restart, netlink, gateway, failover, translate, control; issue 15: k8s;
-issue 16: scheduler; issue 17: tree; issue 20: control-tls; issue 19: leafview); ``supported`` says
+issue 16: scheduler; issue 17: tree; issue 20: control-tls; issue 19: leafview, frag, placement); ``supported`` says
 whether this build can run one at all (a benchmark whose feature is missing is skipped when no
 names are given, refused when named).
 
@@ -69,6 +69,7 @@ BENCHMARKS: dict[str, Benchmark] = {
                   supported=lambda: importlib.import_module("tools.bench.tree").supported()),
         Benchmark("leafview", "tools.bench.leafview"),
         Benchmark("frag", "tools.bench.frag"),
+        Benchmark("placement", "tools.bench.placement"),
     )
 }
 
@@ -266,6 +267,7 @@ def main(argv: list[str]) -> int:
         "  fabric-tool bench scheduler --nodes 1000,5000 --pods 10000   (no lab, no root; --quick: CI smoke)\n"
         "  fabric-tool bench tree --repeat 3 --tree-pods 1000 --json tree.json   (a ClusterTree lab: root + 4 leaves)\n"
         "  fabric-tool bench leafview --nodes 5000 --repeat 3   (the per-node leaf view vs brute force; no root)\n"
+        "  fabric-tool bench placement --seeds 3 --json p.json   (placement policies side by side; no root)\n"
         "  fabric-tool bench --from-json a.json tree.json --markdown BENCHMARKS.md   (re-render, merged in order)\n"
         "  fabric-tool bench --repeat 3 --json bench.json --markdown BENCHMARKS.md   (the full suite)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -295,6 +297,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--pods", type=int, default=0, metavar="N", help="scheduler: pods per run (default 10000)")
     parser.add_argument("--tree-pods", type=int, default=0, metavar="N",
                         help="tree: pods per phase, spread over the 4 leaves (default 1000; 20 with --tiny)")
+    parser.add_argument("--seeds", type=int, default=0, metavar="N",
+                        help="placement: seeded fleets, one round each (default 10; 2 with --tiny)")
     args = parser.parse_args(argv)
     if args.from_json:
         if not args.markdown:
@@ -315,10 +319,12 @@ def main(argv: list[str]) -> int:
         parser.error(f"--repeat must be at least 1, got {args.repeat}")
     if args.pods < 0:
         parser.error(f"--pods must be at least 1, got {args.pods}")
+    if args.seeds < 0:
+        parser.error(f"--seeds must be at least 1, got {args.seeds}")
     if args.tree_pods < 0:
         parser.error(f"--tree-pods must be at least 1, got {args.tree_pods}")
     opts = bc.Options(repeat=args.repeat, tiny=args.tiny, n=args.n, budget_s=args.budget, shapes=args.shape,
-                      sched_nodes=args.nodes, sched_pods=args.pods, tree_pods=args.tree_pods)
+                      sched_nodes=args.nodes, sched_pods=args.pods, tree_pods=args.tree_pods, seeds=args.seeds)
     # Pre-flight: refuse named benchmarks that cannot run; skip (with the reason) unnamed ones.
     chosen: list[tuple[str, ModuleType]] = []
     skipped: dict[str, str] = {}
