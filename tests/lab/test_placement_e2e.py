@@ -27,7 +27,9 @@ direction is not delayed: one delay per round trip). Every tunnel packet of thos
 included: ICMP echo through ``vx-bridge``, fabric/agent/probes.py) crosses it, so the agents' RTTs
 and the reflector's ``fabric.kosmos.io/reachability`` records show the delay. Segmentation
 offloads are turned off on the nodes' ``eth0`` and on ``br-ul`` (all within the lab) so no frame
-larger than the MTU reaches a packet socket. Removing the delay puts ``ul_if`` back on the bridge
+larger than the MTU, and no frame with its checksum left to an offload (a packet socket's copy
+of it would arrive with a wrong checksum and be dropped: the tunnels' UDP first), reaches a
+packet socket. Removing the delay puts ``ul_if`` back on the bridge
 and deletes the ``dl*`` pair; ``lab down`` deletes the lab namespace with everything in it.
 
 Needs root (the lab) and kubectl.
@@ -201,16 +203,19 @@ def _delayed(tlab: TreeLab, leaf: str) -> Iterator[None]:
     def ip(*args: str) -> None:
         tlab.nsrun(ul, "ip", *args)
 
-    tlab.nsrun(ul, "ethtool", "-K", BRIDGE, "tso", "off", "gso", "off", check=False)
+    # Whole frames with their checksums done: a frame a packet socket reads must be one the other
+    # side can take as it is (every node's eth0, as any node may send to the delayed ones).
+    tlab.nsrun(ul, "ethtool", "-K", BRIDGE, "tx", "off", "tso", "off", "gso", "off", check=False)
+    for n in state.nodes():
+        tlab.nsrun(n.netns, "ethtool", "-K", "eth0", "tx", "off", "tso", "off", "gso", "off", check=False)
     pairs: list[str] = []
     for i, n in enumerate(nodes):
-        tlab.nsrun(n.netns, "ethtool", "-K", "eth0", "tso", "off", "gso", "off", check=False)
         line, peer = f"dl{i}", f"dl{i}b"
         ip("link", "add", line, "type", "veth", "peer", "name", peer)
         ip("link", "set", peer, "master", BRIDGE)
         for dev in (line, peer):
             ip("link", "set", dev, "up")
-        tlab.nsrun(ul, "ethtool", "-K", line, "tso", "off", "gso", "off", "gro", "off", check=False)
+        tlab.nsrun(ul, "ethtool", "-K", line, "tx", "off", "tso", "off", "gso", "off", "gro", "off", check=False)
         tlab.nsrun(ul, "ethtool", "-K", n.ul_if, "gro", "off", check=False)
         pairs.append(f"{n.ul_if}:{line}")
     proc = subprocess.Popen(["ip", "netns", "exec", ul, sys.executable, "-c", DELAY_LINE, str(DELAY_S), *pairs],
