@@ -25,12 +25,17 @@ and a new veth pair ``dl*`` put in its place; one process (``ip netns exec <lab 
 copies frames between the two, holding each frame the node sent for :data:`DELAY_S` (the reply
 direction is not delayed: one delay per round trip). Every tunnel packet of those nodes (probes
 included: ICMP echo through ``vx-bridge``, fabric/agent/probes.py) crosses it, so the agents' RTTs
-and the reflector's ``fabric.kosmos.io/reachability`` records show the delay. Segmentation
-offloads are turned off on the nodes' ``eth0`` and on ``br-ul`` (all within the lab) so no frame
-larger than the MTU, and no frame with its checksum left to an offload (a packet socket's copy
-of it would arrive with a wrong checksum and be dropped: the tunnels' UDP first), reaches a
-packet socket. Removing the delay puts ``ul_if`` back on the bridge
-and deletes the ``dl*`` pair; ``lab down`` deletes the lab namespace with everything in it.
+and the reflector's ``fabric.kosmos.io/reachability`` records show the delay. Segmentation and
+checksum offloads are turned off on every node's ``eth0`` and on ``br-ul`` (all within the lab;
+they stay off until ``lab down``), so no frame larger than the MTU and none whose checksum is
+left to an offload reaches a packet socket (the copy of such a frame arrives with a wrong
+checksum and is dropped: the tunnels' outer UDP first, which cut the delayed leaf off in a first
+try). Removing the delay puts ``ul_if`` back on the bridge and deletes the ``dl*`` pair; ``lab
+down`` deletes the lab namespace with everything in it.
+
+The two leaves are alike (4 CPUs, 8Gi each; the pods request 100m) so the other scores hardly
+differ between them and NetworkAffinity (weight 2) decides; the second pod's leaf (leafa) is also
+the one LeastAllocated slightly prefers after the first pod (100m on leafb), the first pod's is not.
 
 Needs root (the lab) and kubectl.
 """
