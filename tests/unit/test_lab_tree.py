@@ -191,7 +191,7 @@ def test_up_restarts_a_running_scheduler_whose_command_line_changed(tmp_path: Pa
         return start_process(ROOT_NETNS, [*sleep, cluster.api_url], state.state_dir / "s.log")  # type: ignore[attr-defined]
 
     monkeypatch.setitem(schedulers.STARTERS, "kosmos", start)
-    monkeypatch.setitem(schedulers.ARGVS, start, lambda cl: [*sleep, cl.api_url or ""])
+    monkeypatch.setitem(schedulers.ARGVS, start, lambda _st, cl: [*sleep, cl.api_url or ""])
     first = schedulers.start_scheduler(st, c)
     try:
         assert first is not None and schedulers.start_scheduler(st, c) is first  # same command line: kept

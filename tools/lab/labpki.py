@@ -16,7 +16,8 @@ What is made, when, and by whom (in this order):
    reflector with it (``--bootstrap-dir``), into ``pki/node-<cluster>-<node>`` (:func:`node_dir`),
    and renew it themselves. Nothing here issues a node certificate.
 4. The lab's own clients: ``reader/lab`` for its status calls (:func:`reader_dir`) and
-   ``tree/<root id>`` for the lab's ``kosmos-tree`` (:func:`tree_dir`), ``mcs/lab`` for its
+   ``tree/<root id>`` for the lab's ``kosmos-tree`` (:func:`tree_dir`), ``scheduler/lab`` for the
+   host cluster's ``kosmos-scheduler`` (:func:`scheduler_dir`), ``mcs/lab`` for its
    ``kosmos-mcs`` (:func:`tools.lab.mcs.ensure_certificate`), issued from the CA as
    an operator would with ``fabric-tool cert issue``.
 """
@@ -121,3 +122,14 @@ def reader_tls(state: LabState) -> tls.TLSDir | None:
 def tree_dir(state: LabState, root_id: str) -> Path:
     """``tree/<root id>``: the lab's ``kosmos-tree`` publishes its records as it."""
     return client_dir(state, "tree", identity.role(identity.TREE, root_id), datetime.timedelta(days=365))
+
+
+def scheduler_path(state: LabState) -> Path:
+    """Where the ``scheduler/lab`` certificate of the lab's host scheduler is (:func:`scheduler_dir`)."""
+    return pki_root(state) / "scheduler"
+
+
+def scheduler_dir(state: LabState) -> Path:
+    """``scheduler/lab``: the host cluster's ``kosmos-scheduler`` reads the tree manager's and the
+    fabric's records as it (issue 19), issued as :func:`tree_dir` is."""
+    return client_dir(state, "scheduler", identity.role(identity.SCHEDULER, "lab"), datetime.timedelta(days=365))

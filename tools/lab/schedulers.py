@@ -9,7 +9,9 @@ starts, per cluster, the scheduler its topology names:
 - ``kosmos`` (the default): the Kosmos scheduler (``python -m scheduler.main``, issue 16), one
   process per cluster in the root namespace, talking to the cluster's API server on 127.0.0.1
   (``--master URL``) with leader election on, as a real deployment runs it (see
-  :func:`scheduler_argv`; a second replica started with the same command line stands by). It
+  :func:`scheduler_argv`; a second replica started with the same command line stands by); the
+  host of a tree lab's also with ``--reflector``, ``--tls-dir`` and ``--fabric-cluster``
+  (:func:`fabric_flags`: leaf-aware and network-aware placement, issue 19). It
   serves both profiles, ``default-scheduler`` (upstream behaviour: what pods get without a
   ``schedulerName``) and ``kosmos-scheduler`` (plus the Kosmos plugins);
 - ``none``: no scheduler; pods that name no node stay Pending (tests bind them themselves).
@@ -43,7 +45,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,7 @@ import yaml
 
 from fabric.topology import LabCluster
 from tools import nsutil
+from tools.lab import labpki
 from tools.lab.procs import ROOT_NETNS, start_process
 from tools.lab.state import ClusterRecord, LabError, LabState, ProcRecord, Progress, quiet, save_state
 
@@ -64,7 +67,7 @@ CRD_DIR = Path(__file__).resolve().parents[2] / "deploy" / "scheduler" / "crds"
 CRD_ESTABLISH_TIMEOUT_S = 15.0
 
 
-def scheduler_argv(api_url: str) -> list[str]:
+def scheduler_argv(api_url: str, fabric: Sequence[str] = ()) -> list[str]:
     """The Kosmos scheduler's command line for the API server at ``api_url``: both profiles (its
     built-in configuration: ``default-scheduler`` and ``kosmos-scheduler``).
 
@@ -78,16 +81,41 @@ def scheduler_argv(api_url: str) -> list[str]:
     (15 s from when it first reads it), as a restarted kube-scheduler does.
     ``--listen 127.0.0.1:0``: /metrics and /healthz on an ephemeral port, since every cluster of
     every lab runs its own scheduler in the root namespace and a fixed port would collide; the
-    scheduler logs the port it got."""
+    scheduler logs the port it got.
+
+    ``fabric``: more flags, appended (the host's :func:`fabric_flags`)."""
     return [sys.executable, "-m", "scheduler.main", "--master", api_url, "--leader-elect=true",
-            "--listen", "127.0.0.1:0"]
+            "--listen", "127.0.0.1:0", *fabric]
+
+
+def fabric_flags(state: LabState, cluster: ClusterRecord) -> list[str]:
+    """The flags that connect the scheduler of ``cluster`` to the lab's fabric: for the
+    ``role: host`` cluster (ClusterTree's root, where the virtual nodes are) ``--reflector
+    unix:<the lab reflector's socket>`` with ``--tls-dir`` (the ``scheduler/lab`` certificate,
+    :func:`tools.lab.labpki.scheduler_dir`) and ``--fabric-cluster <host>``, so LeafNodeFit and
+    NetworkAffinity see the tree manager's per-leaf-node records and the fabric's reachability
+    (issue 19); nothing for other clusters (they have no virtual nodes to place on)."""
+    host = state.host_cluster
+    if host is None or host.name != cluster.name:
+        return []
+    return ["--reflector", f"unix:{state.reflector_socket}", "--tls-dir", str(labpki.scheduler_path(state)),
+            "--fabric-cluster", cluster.name]
+
+
+def kosmos_argv(state: LabState, cluster: ClusterRecord) -> list[str]:
+    """The lab's command line of ``cluster``'s Kosmos scheduler (:func:`scheduler_argv` with
+    :func:`fabric_flags`)."""
+    return scheduler_argv(cluster.api_url or "", fabric_flags(state, cluster))
 
 
 def start_kosmos(state: LabState, cluster: ClusterRecord) -> ProcRecord:
-    """Start the Kosmos scheduler of ``cluster`` (root namespace; log ``scheduler-<cluster>.log``)."""
+    """Start the Kosmos scheduler of ``cluster`` (root namespace; log ``scheduler-<cluster>.log``);
+    the host's gets its certificate first (made when missing or unusable)."""
     assert cluster.api_url is not None
-    return start_process(ROOT_NETNS, scheduler_argv(cluster.api_url),
-                         state.state_dir / "logs" / f"scheduler-{cluster.name}.log")
+    argv = kosmos_argv(state, cluster)
+    if "--tls-dir" in argv:
+        labpki.scheduler_dir(state)
+    return start_process(ROOT_NETNS, argv, state.state_dir / "logs" / f"scheduler-{cluster.name}.log")
 
 
 #: Built schedulers: name -> start function. ``none`` is not here: it starts nothing.
@@ -95,8 +123,8 @@ STARTERS: dict[str, SchedulerStart] = {"kosmos": start_kosmos}
 
 #: The command line a starter gives its scheduler, to restart one whose command line changed (a
 #: starter not listed here is never restarted for that).
-ARGVS: dict[SchedulerStart, Callable[[ClusterRecord], list[str]]] = {
-    start_kosmos: lambda c: scheduler_argv(c.api_url or ""),
+ARGVS: dict[SchedulerStart, Callable[[LabState, ClusterRecord], list[str]]] = {
+    start_kosmos: kosmos_argv,
 }
 
 #: Schedulers the topology may name that this build cannot run, and why (none today).
@@ -119,7 +147,7 @@ def start_scheduler(state: LabState, cluster: ClusterRecord, progress: Progress 
         return None
     rec = cluster.scheduler_proc
     argv_of = ARGVS.get(STARTERS[name]) if name in STARTERS else None
-    argv = argv_of(cluster) if argv_of is not None else None
+    argv = argv_of(state, cluster) if argv_of is not None else None
     if rec is not None and rec.running():
         if argv is None or rec.argv == argv:
             return rec
@@ -225,6 +253,6 @@ def install_crd_docs(cluster: ClusterRecord, docs: list[dict[str, Any]], what: s
     return names
 
 
-__all__ = ["ARGVS", "CRD_DIR", "NOT_BUILT", "STARTERS", "SchedulerStart", "crd_manifests", "install_crd_docs",
-           "install_crds", "problems",
+__all__ = ["ARGVS", "CRD_DIR", "NOT_BUILT", "STARTERS", "SchedulerStart", "crd_manifests", "fabric_flags",
+           "install_crd_docs", "install_crds", "kosmos_argv", "problems",
            "scheduler_argv", "start_kosmos", "start_scheduler"]
