@@ -619,14 +619,17 @@ def _reflector_target(args: argparse.Namespace) -> str:
     return f"unix:{state.reflector_socket}"
 
 
-def _transport(args: argparse.Namespace) -> tls.TLSDir | None:
+def _transport(args: argparse.Namespace, *, records: bool = False) -> tls.TLSDir | None:
     """--tls-dir or --insecure; one of them with --reflector (secure by default). The lab's own
     reflector (no --reflector) is reached with the lab's ``reader/lab`` certificate
-    (tools.lab.labpki), or with the --tls-dir given."""
+    (tools.lab.labpki), ``admin/lab`` for ``records`` (a reader sees status only), or with the
+    --tls-dir given."""
     try:
         if args.reflector is None and not args.tls_dir:
             state = lab.load_state(args.lab)
-            return None if state is None or args.insecure else labpki.reader_tls(state)
+            if state is None or args.insecure:
+                return None
+            return labpki.admin_tls(state) if records else labpki.reader_tls(state)
         return tls.from_args(args)
     except tls.TLSError as e:
         raise lab.LabUsageError(str(e)) from None
@@ -686,7 +689,7 @@ def render_records(target: str, listing: Any, width: int) -> str:
 
 def _records(args: argparse.Namespace) -> int:
     target = _reflector_target(args)
-    tls_dir = _transport(args)
+    tls_dir = _transport(args, records=True)
     try:
         records_client = importlib.import_module("fabric.control.records")
     except ImportError as e:

@@ -55,7 +55,6 @@ import pytest
 from tests.lab.conftest import needs_kubectl
 from tests.lab.tree_lab import TreeLab, topology, tree_lab_running
 from tests.waiting import wait_until
-from tools.lab import labpki
 from tools.lab.state import load_state
 
 pytestmark = needs_kubectl
@@ -175,12 +174,8 @@ def _condition(pod: dict[str, Any], kind: str) -> dict[str, Any] | None:
 
 def _rtts(tlab: TreeLab) -> dict[tuple[str, str], float | None]:
     """The reflector's reachability records: (source, target) -> rttMs (None: not measured)."""
-    # As the lab's scheduler (scheduler/lab): ``records --lab`` uses the lab's reader/lab, which the
-    # reflector lets read the status only (PERMISSION_DENIED on WatchRecords).
-    state = load_state(tlab.name)
-    assert state is not None, f"no state of lab {tlab.name}"
-    out = tlab.tool("records", "--reflector", f"unix:{state.reflector_socket}", "--tls-dir",
-                    str(labpki.scheduler_path(state)), "--kind", REACHABILITY, "--json").stdout
+    # ``records --lab`` lists as admin/lab (a reader/lab may read the status only).
+    out = tlab.tool("records", "--lab", tlab.name, "--kind", REACHABILITY, "--json").stdout
     rtts: dict[tuple[str, str], float | None] = {}
     for r in json.loads(out)["records"]:
         doc = json.loads(r["text"])

@@ -15,7 +15,8 @@ What is made, when, and by whom (in this order):
 3. **Agents** make their own key and get their ``node/<cluster>/<node>`` certificate from the
    reflector with it (``--bootstrap-dir``), into ``pki/node-<cluster>-<node>`` (:func:`node_dir`),
    and renew it themselves. Nothing here issues a node certificate.
-4. The lab's own clients: ``reader/lab`` for its status calls (:func:`reader_dir`) and
+4. The lab's own clients: ``reader/lab`` for its status calls (:func:`reader_dir`),
+   ``admin/lab`` for ``fabric-tool records --lab`` (:func:`admin_tls`; WatchRecords), and
    ``tree/<root id>`` for the lab's ``kosmos-tree`` (:func:`tree_dir`), ``scheduler/lab`` for the
    host cluster's ``kosmos-scheduler`` (:func:`scheduler_dir`), ``mcs/lab`` for its
    ``kosmos-mcs`` (:func:`tools.lab.mcs.ensure_certificate`), issued from the CA as
@@ -34,6 +35,9 @@ from tools.lab.state import LabState
 #: Lifetime of a cluster's bootstrap credential (``fabric-tool join --bootstrap-ttl``'s default).
 BOOTSTRAP_LIFETIME = datetime.timedelta(hours=1)
 READER = identity.role(identity.READER, "lab")
+#: ``fabric-tool records --lab``: listing records needs WatchRecords, which ``reader`` may not call
+#: (it sees status only); in the lab its user is the fabric's administrator.
+ADMIN = identity.role(identity.ADMIN, "lab")
 
 
 def pki_root(state: LabState) -> Path:
@@ -117,6 +121,13 @@ def reader_tls(state: LabState) -> tls.TLSDir | None:
     if not (ca_dir(state) / pki.CA_KEY_FILE).exists():
         return None
     return tls.TLSDir(reader_dir(state))
+
+
+def admin_tls(state: LabState) -> tls.TLSDir | None:
+    """``admin/lab``, for the lab's record listings (:data:`ADMIN`), once the lab has a CA."""
+    if not (ca_dir(state) / pki.CA_KEY_FILE).exists():
+        return None
+    return tls.TLSDir(client_dir(state, "admin", ADMIN, datetime.timedelta(days=365)))
 
 
 def tree_dir(state: LabState, root_id: str) -> Path:
