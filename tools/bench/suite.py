@@ -4,7 +4,7 @@ Every benchmark is a module ``tools/bench/<name>.py`` with ``NAME``, ``HELP``,
 ``requires(options) -> [reasons it cannot run here]`` and ``run(options) -> Report`` (see
 :mod:`tools.bench.common`). :data:`BENCHMARKS` lists them in running order (every benchmark of
 issue 7: datapath, restart, netlink, gateway, failover, translate, control; issue 15: k8s;
-issue 16: scheduler; issue 17: tree; issue 20: control-tls; issue 19: leafview); ``supported`` says
+issue 16: scheduler; issue 17: tree; issue 20: control-tls; issue 19: leafview; issue 18: mcs); ``supported`` says
 whether this build can run one at all (a benchmark whose feature is missing is skipped when no
 names are given, refused when named).
 
@@ -68,6 +68,7 @@ BENCHMARKS: dict[str, Benchmark] = {
         Benchmark("tree", "tools.bench.tree",
                   supported=lambda: importlib.import_module("tools.bench.tree").supported()),
         Benchmark("leafview", "tools.bench.leafview"),
+        Benchmark("mcs", "tools.bench.mcs"),
     )
 }
 
@@ -265,6 +266,7 @@ def main(argv: list[str]) -> int:
         "  fabric-tool bench scheduler --nodes 1000,5000 --pods 10000   (no lab, no root; --quick: CI smoke)\n"
         "  fabric-tool bench tree --repeat 3 --tree-pods 1000 --json tree.json   (a ClusterTree lab: root + 4 leaves)\n"
         "  fabric-tool bench leafview --nodes 5000 --repeat 3   (the per-node leaf view vs brute force; no root)\n"
+        "  fabric-tool bench mcs --repeat 3   (endpoint change -> every importer, 100 services x 10 clusters; no root)\n"
         "  fabric-tool bench --from-json a.json tree.json --markdown BENCHMARKS.md   (re-render, merged in order)\n"
         "  fabric-tool bench --repeat 3 --json bench.json --markdown BENCHMARKS.md   (the full suite)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
