@@ -20,14 +20,16 @@ The setup (no root, no lab, everything on 127.0.0.1; torn down afterwards):
   exporters merging into one service). Every member imports every service (the exporters
   too: the controller imports into every member whose namespace exists), so each service has
   one derived EndpointSlice per exporter in each of the N members. The benchmark waits until
-  every one of them shows its exporter's endpoints (settled) before measuring.
+  every one of them shows its exporter's endpoints and every ServiceExport is ``Valid`` (the
+  settle time is in a note), then until the controller has made no pass for a second (its
+  start-up writes done), before measuring.
 
 Each round is :data:`CHANGES` endpoint changes (20 with ``--tiny``), one at a time, each in a
 random exporter of a random service: flip one endpoint's ``ready``, add an endpoint (a fresh
 address), or remove one (the slice keeps at least one). Before the write the benchmark registers
 what it expects: on the exporter, its own slice with the new endpoints; on every member, the
 derived slice of that service and source cluster with the same endpoints (addresses and
-readiness, in order: what :func:`mcs.kube.render_slices` publishes when every cluster is
+readiness, in any order: what :func:`mcs.kube.render_slices` publishes when every cluster is
 reachable). One :class:`scheduler.kube.Informer` per member, in this process (one monotonic
 clock), watches all EndpointSlices of the member and stamps the first event matching an
 expectation. ``t0`` is when the write (a PUT of the whole slice) returned:
@@ -94,7 +96,7 @@ CRD_FILES = tuple(Path(__file__).resolve().parents[2] / "deploy" / "base" / "mem
 SLICES = "/apis/discovery.k8s.io/v1/namespaces/" + NS + "/endpointslices"
 
 Obj = dict[str, Any]
-#: An EndpointSlice's endpoints as the import must show them: ((addresses), ready) in order.
+#: An EndpointSlice's endpoints as the import must show them: ((addresses), ready), sorted.
 Fingerprint = tuple[tuple[tuple[str, ...], bool], ...]
 
 
@@ -103,8 +105,9 @@ def requires(opts: bc.Options) -> list[str]:
 
 
 def fingerprint(endpoints: Sequence[Obj]) -> Fingerprint:
-    return tuple((tuple(str(a) for a in ep.get("addresses") or []), (ep.get("conditions") or {}).get("ready")
-                  is not False) for ep in endpoints)
+    """The endpoints as a sorted tuple: the import orders them its own way (:func:`mcs.derive.derive`)."""
+    return tuple(sorted((tuple(str(a) for a in ep.get("addresses") or []),
+                         (ep.get("conditions") or {}).get("ready") is not False) for ep in endpoints))
 
 
 def slice_key(obj: Obj) -> tuple[str, ...]:
@@ -267,6 +270,15 @@ def _metrics(url: str) -> dict[str, float]:
     return out
 
 
+def controller_argv(members: dict[str, str], port: int) -> list[str]:
+    """kosmos-mcs over ``members`` (name -> URL), the first one the host cluster, /metrics on ``port``."""
+    argv = [sys.executable, "-m", "mcs.main", "--master", next(iter(members.values())), "--leader-elect=false",
+            "--listen", f"127.0.0.1:{port}", "--log-level", "warning"]
+    for name, url in members.items():
+        argv += ["--member", f"{name}={url}"]
+    return argv
+
+
 @contextlib.contextmanager
 def clusterset(n: int, log_dir: Path) -> Iterator[tuple[dict[str, Any], subprocess.Popen[bytes], str]]:
     """``n`` kubeemu processes with the MCS CRDs and namespace :data:`NS`, and kosmos-mcs over
@@ -300,12 +312,9 @@ def clusterset(n: int, log_dir: Path) -> Iterator[tuple[dict[str, Any], subproce
                             raise RuntimeError(f"bench mcs: {name} does not serve the MCS CRDs after 30 s") from None
                         time.sleep(0.05)
             port = _free_port()
-            argv = [sys.executable, "-m", "mcs.main", "--master", handles[0].url, "--leader-elect=false",
-                    "--listen", f"127.0.0.1:{port}", "--log-level", "warning"]
-            for h in handles:
-                argv += ["--member", f"{h.name}={h.url}"]
             with open(log_dir / "kosmos-mcs.log", "ab") as log:
-                ctl = procs.spawn(None, argv, stdout=log, stderr=subprocess.STDOUT)
+                ctl = procs.spawn(None, controller_argv({h.name: h.url for h in handles}, port), stdout=log,
+                                  stderr=subprocess.STDOUT)
             yield apis, ctl, f"http://127.0.0.1:{port}"
         finally:
             procs.stop_all()
@@ -347,14 +356,36 @@ def populate(apis: dict[str, Any], n_services: int, watches: Watches) -> dict[tu
     wanted = [(m, ("imp", NS, s.service, s.cluster), fingerprint(s.obj["endpoints"]))
               for s in slices.values() for m in names]
     deadline = time.monotonic() + SETTLE_S
+
+    def valid(name: str) -> int:
+        items = apis[name].get(resource_path(mk.GROUP_VERSION, "serviceexports", NS))["items"]
+        return sum(any(c.get("type") == "Valid" and c.get("status") == "True"
+                       for c in (o.get("status") or {}).get("conditions") or []) for o in items)
+
     while True:
         missing = [w for w in wanted if not watches.holds(*w)]
-        if not missing:
-            return slices
+        unconditioned = len(slices) - sum(valid(n) for n in names) if not missing else len(slices)
+        if not missing and not unconditioned:
+            break
         if time.monotonic() > deadline:
-            raise RuntimeError(f"bench mcs: {len(missing)} of {len(wanted)} derived slices not imported after "
-                               f"{SETTLE_S:g} s, e.g. {missing[0][1]} in {missing[0][0]}")
+            what = (f"{len(missing)} of {len(wanted)} derived slices not imported, e.g. {missing[0][1]} in "
+                    f"{missing[0][0]}" if missing else f"{unconditioned} ServiceExports without Valid=True")
+            raise RuntimeError(f"bench mcs: {what} after {SETTLE_S:g} s")
         time.sleep(0.2)
+    return slices
+
+
+def quiet(metrics_url: str, for_s: float = 1.0, timeout_s: float = 60.0) -> None:
+    """Wait until the controller has made no pass for ``for_s`` (its startup's writes done)."""
+    deadline = time.monotonic() + timeout_s
+    last, since = _metrics(metrics_url).get("fabric_mcs_passes_total"), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = _metrics(metrics_url).get("fabric_mcs_passes_total")
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= for_s:
+            return
 
 
 def one_round(rng: random.Random, apis: dict[str, Any], slices: dict[tuple[str, str], Slice], watches: Watches,
@@ -385,9 +416,9 @@ def one_round(rng: random.Random, apis: dict[str, Any], slices: dict[tuple[str, 
         out.watch_ms.append(max(0.0, seen.pop(own) - t0) * 1000)
         out.imports_ms.append((max(seen.values()) - t0) * 1000)
         if (n + 1) % max(1, changes // 4) == 0:
-            bc.progress(NAME, f"{label}: {n + 1}/{changes} changes, import p50 "
-                              f"{statistics.median(out.imports_ms):.0f} ms, p99 {bc.percentile(out.imports_ms, 99):.0f} "
-                              f"ms; watch p99 {bc.percentile(out.watch_ms, 99):.1f} ms")
+            p50, p99 = statistics.median(out.imports_ms), bc.percentile(out.imports_ms, 99)
+            bc.progress(NAME, f"{label}: {n + 1}/{changes} changes, import p50 {p50:.0f} ms, p99 {p99:.0f} ms; "
+                              f"watch p99 {bc.percentile(out.watch_ms, 99):.1f} ms")
     out.seconds = time.monotonic() - t_start
     out.cpu_s = _cpu_s(ctl.pid) - cpu0
     m1 = _metrics(metrics_url)
@@ -415,6 +446,7 @@ def run(opts: bc.Options) -> bc.Report:
                 t = time.monotonic()
                 slices = populate(apis, n_services, watches)
                 settle_s = time.monotonic() - t
+                quiet(metrics_url)
                 bc.progress(NAME, f"{n_services} services ({len(slices)} exported slices) imported into "
                                   f"{n_clusters} members in {settle_s:.1f} s")
                 for r in range(opts.repeat):

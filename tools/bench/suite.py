@@ -266,7 +266,7 @@ def main(argv: list[str]) -> int:
         "  fabric-tool bench scheduler --nodes 1000,5000 --pods 10000   (no lab, no root; --quick: CI smoke)\n"
         "  fabric-tool bench tree --repeat 3 --tree-pods 1000 --json tree.json   (a ClusterTree lab: root + 4 leaves)\n"
         "  fabric-tool bench leafview --nodes 5000 --repeat 3   (the per-node leaf view vs brute force; no root)\n"
-        "  fabric-tool bench mcs --repeat 3   (endpoint change -> every importer, 100 services x 10 clusters; no root)\n"
+        "  fabric-tool bench mcs --repeat 3   (an endpoint change -> every importer, 100 services x 10 clusters)\n"
         "  fabric-tool bench --from-json a.json tree.json --markdown BENCHMARKS.md   (re-render, merged in order)\n"
         "  fabric-tool bench --repeat 3 --json bench.json --markdown BENCHMARKS.md   (the full suite)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
