@@ -9,6 +9,7 @@ import json
 import math
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -39,7 +40,8 @@ def test_every_change_changes_the_slice_and_adds_only_fresh_addresses() -> None:
 
 
 def test_fingerprint_reads_readiness_as_kube_proxy_does_and_keys_tell_ours_from_the_exporters() -> None:
-    eps = [{"addresses": ["10.0.0.1"]}, {"addresses": ["10.0.0.2"], "conditions": {"ready": False}}]
+    eps: list[dict[str, Any]] = [{"addresses": ["10.0.0.1"]},
+                                 {"addresses": ["10.0.0.2"], "conditions": {"ready": False}}]
     assert bm.fingerprint(eps) == ((("10.0.0.1",), True), (("10.0.0.2",), False)) == bm.fingerprint(eps[::-1])
     own = bm.slice_body(0, 3, "svc-003")
     assert bm.slice_key(own) == ("own", bm.NS, "svc-003-own")

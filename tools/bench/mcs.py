@@ -67,7 +67,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,10 +134,10 @@ class Watches:
         self._expect: dict[tuple[str, tuple[str, ...]], Fingerprint] = {}
         self.seen: dict[tuple[str, tuple[str, ...]], float] = {}
         self._done = threading.Event()
-        self.informers = {}
+        self.informers: dict[str, Informer] = {}
         for name, api in apis.items():
             inf = Informer(api, "discovery.k8s.io/v1", "endpointslices", copy_on_write=True)
-            inf.add_handler(lambda kind, old, new, n=name: self._event(n, new))
+            inf.add_handler(self._handler(name))
             self.informers[name] = inf
 
     def start(self) -> None:
@@ -150,6 +150,9 @@ class Watches:
     def stop(self) -> None:
         for inf in self.informers.values():
             inf.stop()
+
+    def _handler(self, member: str) -> Callable[[str, Obj | None, Obj | None], None]:
+        return lambda _kind, _old, new: self._event(member, new)
 
     def _event(self, member: str, obj: Obj | None) -> None:
         t = time.monotonic()
