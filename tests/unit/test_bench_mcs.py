@@ -67,7 +67,7 @@ def test_tiny_run_writes_every_key(tmp_path: Path) -> None:
     doc = json.loads(out.read_text())["mcs"]
     for key in ("import_p50_ms", "import_p99_ms"):
         assert {"median", "min", "max", "baseline_median", "ratio", "unit"} <= set(doc[key]), key
-    for key in ("watch_p50_ms", "watch_p99_ms", "write_p50_ms", "passes_per_s", "pass_ms",
+    for key in ("watch_p50_ms", "watch_p99_ms", "write_p50_ms", "passes_per_s", "passes_per_change", "pass_ms",
                 "controller_cpu_percent", "controller_cpu_ms_per_change"):
         assert "median" in doc[key], key
     assert doc["import_p99_ms"]["median"] is not None and math.isfinite(doc["import_p99_ms"]["median"])
