@@ -63,8 +63,14 @@ def _ours(desired: Obj) -> dict[str, Any]:
 def covers(have: Any, want: Any) -> bool:
     """``have`` holds everything ``want`` says: each key of a mapping (recursively), lists of
     the same length item by item, other values equal. What the API server adds (defaults such
-    as a port's ``targetPort``, allocations such as ``clusterIP``) is no difference."""
-    if isinstance(want, Mapping):
+    as a port's ``targetPort``, allocations such as ``clusterIP``) is no difference.
+
+    Equal values cover each other, so an equal subtree is settled by one comparison in C before
+    any walk in Python: a pass over a settled importer compares thousands of objects, nearly all
+    unchanged (``bench mcs``: this walk was half of a pass's CPU at 100 services x 10 clusters)."""
+    if have == want:
+        return True
+    if isinstance(want, (dict, Mapping)):  # dict first: no ABC check for the common case
         return isinstance(have, Mapping) and all(k in have and covers(have[k], v) for k, v in want.items())
     if isinstance(want, list):
         return isinstance(have, list) and len(have) == len(want) and all(map(covers, have, want))

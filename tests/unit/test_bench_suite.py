@@ -146,7 +146,7 @@ def test_control_shapes_place_agents_in_disjoint_clusters_and_cidrs() -> None:
 def test_the_suite_registers_every_benchmark_of_the_issue() -> None:
     assert set(bench.BENCHMARKS) == {"datapath", "restart", "netlink", "control", "gateway", "failover", "translate",
                                      "k8s", "scheduler", "tree", "control-tls", "leafview",
-                                     "frag", "placement"}
+                                     "frag", "placement", "mcs"}
 
 
 def test_failover_outage_is_the_longest_time_without_a_reply() -> None:

@@ -5,6 +5,7 @@ with the importer's own cluster IP, /metrics, and a clean exit on SIGTERM."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import signal
 import socket
@@ -67,6 +68,16 @@ def test_unusable_settings_are_refused_naming_the_value(argv: list[str], message
     code = mm.main(["--master", "http://127.0.0.1:1", "--leader-elect=false", *argv])
     assert code in (1, 2)
     assert message in capsys.readouterr().err
+
+
+def test_the_collector_runs_less_often_once_started() -> None:
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, *before[1:])
+        assert mm.main(["--member", "a=http://127.0.0.1:1", "--log-level", "nonsense"]) == 2
+        assert gc.get_threshold()[0] == mm.GC_THRESHOLD0 > 700
+    finally:
+        gc.set_threshold(*before)
 
 
 def test_member_and_dns_specs() -> None:

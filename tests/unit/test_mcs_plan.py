@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kubeemu.runner import ServerThread
 from mcs import kube as mk
@@ -105,6 +107,27 @@ def test_covers_ignores_what_the_server_adds_but_not_a_changed_or_missing_item()
     assert not covers(have, {"ports": [{"port": 81, "protocol": "TCP"}]})
     assert not covers(have, {"sessionAffinity": "None"})
     assert not covers({"ports": "x"}, {"ports": [{"port": 80}]})
+
+
+def _walk(have: Any, want: Any) -> bool:
+    """covers without its shortcut for equal values: the definition it must keep."""
+    if isinstance(want, Mapping):
+        return isinstance(have, Mapping) and all(k in have and _walk(have[k], v) for k, v in want.items())
+    if isinstance(want, list):
+        return isinstance(have, list) and len(have) == len(want) and all(map(_walk, have, want))
+    return bool(have == want)
+
+
+_json = st.recursive(st.none() | st.booleans() | st.integers(-3, 3) | st.sampled_from(["a", "b", "None"]),
+                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from("xyz"), inner,
+                                                                                   max_size=3), max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_json, _json)
+def test_covers_answers_as_the_plain_walk_equal_values_or_not(have: Any, want: Any) -> None:
+    assert covers(have, want) == _walk(have, want)
+    assert covers(want, want) and covers(have, have)
 
 
 def test_a_service_turning_headless_is_deleted_and_created(api: Api) -> None:

@@ -4,9 +4,9 @@ Every benchmark is a module ``tools/bench/<name>.py`` with ``NAME``, ``HELP``,
 ``requires(options) -> [reasons it cannot run here]`` and ``run(options) -> Report`` (see
 :mod:`tools.bench.common`). :data:`BENCHMARKS` lists them in running order (every benchmark of
 issue 7: datapath, restart, netlink, gateway, failover, translate, control; issue 15: k8s;
-issue 16: scheduler; issue 17: tree; issue 20: control-tls; issue 19: leafview, frag, placement); ``supported`` says
-whether this build can run one at all (a benchmark whose feature is missing is skipped when no
-names are given, refused when named).
+issue 16: scheduler; issue 17: tree; issue 20: control-tls; issue 19: leafview, frag, placement;
+issue 18: mcs); ``supported`` says whether this build can run one at all (a benchmark whose
+feature is missing is skipped when no names are given, refused when named).
 
 Output: a table per benchmark on stdout (progress on stderr); ``--json FILE`` writes
 ``{bench: {metric: {median, min, max, baseline_median, ..., ratio, unit}}, "meta": {...}}``;
@@ -70,6 +70,7 @@ BENCHMARKS: dict[str, Benchmark] = {
         Benchmark("leafview", "tools.bench.leafview"),
         Benchmark("frag", "tools.bench.frag"),
         Benchmark("placement", "tools.bench.placement"),
+        Benchmark("mcs", "tools.bench.mcs"),
     )
 }
 
@@ -268,6 +269,7 @@ def main(argv: list[str]) -> int:
         "  fabric-tool bench tree --repeat 3 --tree-pods 1000 --json tree.json   (a ClusterTree lab: root + 4 leaves)\n"
         "  fabric-tool bench leafview --nodes 5000 --repeat 3   (the per-node leaf view vs brute force; no root)\n"
         "  fabric-tool bench placement --seeds 3 --json p.json   (placement policies side by side; no root)\n"
+        "  fabric-tool bench mcs --repeat 3   (an endpoint change -> every importer, 100 services x 10 clusters)\n"
         "  fabric-tool bench --from-json a.json tree.json --markdown BENCHMARKS.md   (re-render, merged in order)\n"
         "  fabric-tool bench --repeat 3 --json bench.json --markdown BENCHMARKS.md   (the full suite)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
