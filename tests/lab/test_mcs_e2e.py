@@ -94,21 +94,6 @@ spec:
       command: [python3, -c, 'import time; time.sleep(1e9)']
 """
 
-#: Run inside a pod with ``kubectl exec``: GET each URL ``n`` times, print the answers (JSON).
-HTTP_ROUNDS = """
-import json, sys, urllib.request
-n, out = int(sys.argv[1]), {}
-for url in sys.argv[2:]:
-    got = out.setdefault(url, [])
-    for _ in range(n):
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                got.append(r.read().decode().strip())
-        except Exception as e:
-            got.append("ERROR " + repr(e))
-print(json.dumps(out))
-"""
-
 
 #: Run inside a pod with ``kubectl exec``: GET the URL back to back for N seconds, print the answers.
 HTTP_LOOP = """
@@ -127,10 +112,7 @@ print(json.dumps(out))
 
 class McsLab(KubeLab):
     def rounds(self, cluster: str, urls: list[str], n: int) -> dict[str, list[str]]:
-        out = self.kubectl(cluster, "exec", "-n", NS, "client", "--", "python3", "-c", HTTP_ROUNDS, str(n), *urls,
-                           timeout=120).stdout
-        answers: dict[str, list[str]] = json.loads(out)
-        return answers
+        return self.http_rounds(cluster, NS, "client", urls, n, timeout=2)
 
     def services(self) -> list[dict[str, Any]]:
         entries: list[dict[str, Any]] = json.loads(self.tool("services", "--lab", self.name, "-o", "json").stdout)
