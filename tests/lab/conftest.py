@@ -126,6 +126,24 @@ class Lab:
         return json.loads(run("ip", "-n", netns, "-j", *args).stdout or "[]")
 
 
+#: Run inside a pod with ``kubectl exec`` (argv ``N TIMEOUT URL...``): GET each URL ``N`` times, each
+#: request given ``TIMEOUT`` seconds, print the answers (JSON: URL -> answers, ``ERROR ...`` for a
+#: failed request). Shared by the lab tests that count which backend answered.
+HTTP_ROUNDS = """
+import json, sys, urllib.request
+n, timeout, out = int(sys.argv[1]), float(sys.argv[2]), {}
+for url in sys.argv[3:]:
+    got = out.setdefault(url, [])
+    for _ in range(n):
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as r:
+                got.append(r.read().decode().strip())
+        except Exception as e:
+            got.append("ERROR " + repr(e))
+print(json.dumps(out))
+"""
+
+
 class KubeLab(Lab):
     """A ``kubernetes: true`` lab used as a user uses it: the real kubectl, with the kubeconfig
     ``lab up`` wrote (one context per cluster, named after it; set by :func:`kube_lab_running`)."""
@@ -157,6 +175,15 @@ class KubeLab(Lab):
         (the object does not exist), so a wait can poll for a deletion."""
         p = self.kubectl(context, "get", *args, "-o", "json", check=check)
         return json.loads(p.stdout) if p.returncode == 0 else None
+
+    def http_rounds(self, context: str, ns: str, pod: str, urls: list[str], n: int, *,
+                    timeout: float) -> dict[str, list[str]]:
+        """``n`` HTTP GETs of each URL from inside pod ``ns/pod`` (``kubectl exec`` of
+        :data:`HTTP_ROUNDS`), each request given ``timeout`` seconds: the answers by URL."""
+        out = self.kubectl(context, "exec", "-n", ns, pod, "--", "python3", "-c", HTTP_ROUNDS, str(n), str(timeout),
+                           *urls, timeout=120).stdout
+        answers: dict[str, list[str]] = json.loads(out)
+        return answers
 
     def kube(self, cluster: str) -> dict[str, Any]:
         """``lab status``'s ``kubernetes`` part of ``cluster`` (its processes' PIDs and logs)."""

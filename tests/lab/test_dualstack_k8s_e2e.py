@@ -86,21 +86,6 @@ spec:
   ports: [{{port: 80, targetPort: http}}]
 """
 
-#: Run inside a pod with ``kubectl exec``: GET each URL ``n`` times, print the answers (JSON).
-HTTP_ROUNDS = """
-import json, sys, urllib.request
-n, out = int(sys.argv[1]), {}
-for url in sys.argv[2:]:
-    got = out.setdefault(url, [])
-    for _ in range(n):
-        try:
-            with urllib.request.urlopen(url, timeout=3) as r:
-                got.append(r.read().decode().strip())
-        except Exception as e:
-            got.append("ERROR " + repr(e))
-print(json.dumps(out))
-"""
-
 
 class DsLab(KubeLab):
     def web_pod(self, cluster: str, name: str, node: str, app: str = "web") -> dict[str, Any]:
@@ -117,10 +102,7 @@ class DsLab(KubeLab):
 
     def rounds(self, cluster: str, pod: str, urls: list[str], n: int) -> dict[str, list[str]]:
         """``n`` HTTP GETs of each URL from inside ``pod`` (``kubectl exec``)."""
-        out = self.kubectl(cluster, "exec", "-n", NS, pod, "--", "python3", "-c", HTTP_ROUNDS, str(n), *urls,
-                           timeout=120).stdout
-        answers: dict[str, list[str]] = json.loads(out)
-        return answers
+        return self.http_rounds(cluster, NS, pod, urls, n, timeout=3)
 
 
 @pytest.fixture(scope="module")

@@ -94,21 +94,6 @@ spec:
       command: [python3, -c, 'import time; time.sleep(1e9)']
 """
 
-#: Run inside a pod with ``kubectl exec``: GET each URL ``n`` times, print the answers (JSON).
-HTTP_ROUNDS = """
-import json, sys, urllib.request
-n, out = int(sys.argv[1]), {}
-for url in sys.argv[2:]:
-    got = out.setdefault(url, [])
-    for _ in range(n):
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                got.append(r.read().decode().strip())
-        except Exception as e:
-            got.append("ERROR " + repr(e))
-print(json.dumps(out))
-"""
-
 
 #: Run inside a pod with ``kubectl exec``: GET the URL back to back for N seconds, print the answers.
 HTTP_LOOP = """
@@ -127,10 +112,7 @@ print(json.dumps(out))
 
 class McsLab(KubeLab):
     def rounds(self, cluster: str, urls: list[str], n: int) -> dict[str, list[str]]:
-        out = self.kubectl(cluster, "exec", "-n", NS, "client", "--", "python3", "-c", HTTP_ROUNDS, str(n), *urls,
-                           timeout=120).stdout
-        answers: dict[str, list[str]] = json.loads(out)
-        return answers
+        return self.http_rounds(cluster, NS, "client", urls, n, timeout=2)
 
     def services(self) -> list[dict[str, Any]]:
         entries: list[dict[str, Any]] = json.loads(self.tool("services", "--lab", self.name, "-o", "json").stdout)
@@ -163,6 +145,16 @@ def _slices(api_url: str, name: str) -> dict[str, tuple[int, int]]:
     return out
 
 
+def _namespaces_and_client(lab: McsLab, clusters: tuple[str, ...], client_cluster: str) -> None:
+    """The test namespace in each of ``clusters`` and the :data:`CLIENT` pod in ``client_cluster``,
+    waited for until it runs (the importer side's requests start from it)."""
+    for c in clusters:
+        lab.kubectl(c, "create", "namespace", NS)
+    lab.apply(client_cluster, CLIENT.format(ns=NS))
+    wait_until(lambda: (lab.get(client_cluster, "pod", "client", "-n", NS)["status"].get("phase") == "Running"), 90,
+               f"the client pod of {client_cluster} running", interval=0.5)
+
+
 @pytest.fixture(scope="module")
 def mlab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[McsLab]:
     topo = tmp_path_factory.mktemp("mcs") / "lab.yaml"
@@ -170,11 +162,7 @@ def mlab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[McsLab]:
     t0 = time.monotonic()
     with kube_lab_running(McsLab(new_lab_name(), topo), "--grace-period", "30", "--timeout", "150") as lab:
         print(f"lab up (3 clusters, kosmos-mcs): {time.monotonic() - t0:.1f} s")
-        for c in ("ma", "mb", "mc"):
-            lab.kubectl(c, "create", "namespace", NS)
-        lab.apply("mb", CLIENT.format(ns=NS))
-        wait_until(lambda: (lab.get("mb", "pod", "client", "-n", NS)["status"].get("phase") == "Running"), 90,
-                   "the client pod of mb running", interval=0.5)
+        _namespaces_and_client(lab, ("ma", "mb", "mc"), "mb")
         yield lab
 
 
@@ -390,11 +378,7 @@ def glab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[McsLab]:
     topo = tmp_path_factory.mktemp("mcs-global") / "lab.yaml"
     topo.write_text(GLOBAL_TOPOLOGY)
     with kube_lab_running(McsLab(new_lab_name(), topo), "--grace-period", "30", "--timeout", "150") as lab:
-        for c in ("ga", "gb", "g6"):
-            lab.kubectl(c, "create", "namespace", NS)
-        lab.apply("gb", CLIENT.format(ns=NS))
-        wait_until(lambda: (lab.get("gb", "pod", "client", "-n", NS)["status"].get("phase") == "Running"), 90,
-                   "the client pod of gb running", interval=0.5)
+        _namespaces_and_client(lab, ("ga", "gb", "g6"), "gb")
         yield lab
 
 

@@ -37,7 +37,7 @@ from typing import Any
 import pytest
 
 from tests.lab.conftest import needs_kubectl
-from tests.lab.test_mcs_e2e import CLIENT, HTTP_ROUNDS, NS, WEB, ZONE, _slices
+from tests.lab.test_mcs_e2e import CLIENT, NS, WEB, ZONE, _slices
 from tests.lab.tree_lab import TreeLab, topology, tree_lab_running
 from tests.waiting import wait_until
 
@@ -77,12 +77,7 @@ def root_web(name: str, replicas: int) -> str:
 class McsTreeLab(TreeLab):
     def rounds(self, cluster: str, urls: list[str], n: int) -> dict[str, list[str]]:
         """GET each URL ``n`` times from ``cluster``'s pod ``client`` (its answers)."""
-        import json
-
-        out = self.kubectl(cluster, "exec", "-n", NS, "client", "--", "python3", "-c", HTTP_ROUNDS, str(n), *urls,
-                           timeout=120).stdout
-        answers: dict[str, list[str]] = json.loads(out)
-        return answers
+        return self.http_rounds(cluster, NS, "client", urls, n, timeout=2)
 
     def api(self, cluster: str) -> str:
         return str(next(c["kubernetes"]["url"] for c in self.status()["clusters"] if c["name"] == cluster))

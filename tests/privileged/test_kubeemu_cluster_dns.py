@@ -29,30 +29,11 @@ from kubeemu.ctrl.rootca import self_signed_ca
 from kubeemu.kubelet import LabKubelet, LabNode
 from kubeemu.runner import ServerThread
 from kubeemu.runtime.pods import Runtime
-from tests.privileged.test_kubeemu_runtime import NODE_IP, NetnsNetwork, _cstatus, _exec, _get, _http, _pod
+from tests.privileged.test_kubeemu_runtime import NODE_IP, LoopThread, NetnsNetwork, _cstatus, _exec, _get, _http, _pod
 from tests.waiting import wait_until
 
 DNS_IP = "127.0.0.10"
 HOST_RESOLV = "nameserver 192.0.2.53\nsearch lab.example\noptions timeout:1\n"
-
-
-class Thread:
-    """A coroutine on its own loop in a thread; ``stop`` cancels it."""
-
-    def __init__(self, coro: Any) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.task = self.loop.create_task(coro)
-        self.thread = threading.Thread(target=self._drive, daemon=True)
-        self.thread.start()
-
-    def _drive(self) -> None:
-        with contextlib.suppress(asyncio.CancelledError):
-            self.loop.run_until_complete(self.task)
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.task.cancel)
-        self.thread.join(10)
-        self.loop.close()
 
 
 @pytest.fixture
@@ -62,7 +43,7 @@ def env(tmp_path: pathlib.Path) -> Iterator[dict[str, Any]]:
     resolv = tmp_path / "resolv.conf"
     resolv.write_text(HOST_RESOLV)
     host_before = pathlib.Path("/etc/resolv.conf").read_bytes()
-    threads: list[Thread] = []
+    threads: list[LoopThread] = []
     socks: list[socket.socket] = []
     with ServerThread(name="dns", graceful_pods=True) as srv:
         try:
@@ -81,12 +62,12 @@ def env(tmp_path: pathlib.Path) -> Iterator[dict[str, Any]]:
                     ready.set()
                     await task
 
-            threads.append(Thread(responder()))
+            threads.append(LoopThread(responder()))
             assert ready.wait(10), "the responder did not sync"
             kubelet = LabKubelet(srv.url, [LabNode("n1", NODE_IP, ("10.77.1.0/24",))], net, renew_interval=1.0,
                                  root=root, poll=0.2, cluster_dns=[DNS_IP], cluster_domain="cluster.local",
                                  resolv_conf=str(resolv))
-            threads.append(Thread(kubelet.run()))
+            threads.append(LoopThread(kubelet.run()))
             yield {"url": srv.url, "kubelet": kubelet, "net": net, "node_ns": node_ns}
         finally:
             for t in reversed(threads):

@@ -89,14 +89,13 @@ def _http(url: str, method: str = "GET", body: Any = None, ctype: str = "applica
         return json.loads(e.read())
 
 
-class KubeletThread:
-    """A LabKubelet on its own event loop in a thread; ``stop`` cancels it (containers keep running)."""
+class LoopThread:
+    """A coroutine on its own event loop in a thread (the kubelet, a DNS responder: they run beside
+    the test's blocking HTTP calls); ``stop`` cancels it and closes the loop."""
 
-    def __init__(self, url: str, root: pathlib.Path, net: NetnsNetwork, resources: dict[str, Any] | None = None):
-        self.kubelet = LabKubelet(url, [LabNode("n1", NODE_IP, ("10.77.1.0/24",), resources=resources or {})], net,
-                                  renew_interval=1.0, root=root, poll=0.2)
+    def __init__(self, coro: Any) -> None:
         self.loop = asyncio.new_event_loop()
-        self.task = self.loop.create_task(self.kubelet.run())
+        self.task = self.loop.create_task(coro)
         self.thread = threading.Thread(target=self._drive, daemon=True)
         self.thread.start()
 
@@ -108,6 +107,15 @@ class KubeletThread:
         self.loop.call_soon_threadsafe(self.task.cancel)
         self.thread.join(10)
         self.loop.close()
+
+
+class KubeletThread(LoopThread):
+    """A LabKubelet on its own event loop in a thread; ``stop`` cancels it (containers keep running)."""
+
+    def __init__(self, url: str, root: pathlib.Path, net: NetnsNetwork, resources: dict[str, Any] | None = None):
+        self.kubelet = LabKubelet(url, [LabNode("n1", NODE_IP, ("10.77.1.0/24",), resources=resources or {})], net,
+                                  renew_interval=1.0, root=root, poll=0.2)
+        super().__init__(self.kubelet.run())
 
 
 @pytest.fixture

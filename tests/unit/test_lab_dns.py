@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from kubeemu.runner import ServerThread
+from tests.unit.conftest import load_topology
 from tools import lab, nsutil
 from tools.lab import kube, supervisor
 
@@ -35,11 +36,7 @@ clusters:
 
 
 def _plan(tmp_path: Path) -> lab.LabState:
-    p = tmp_path / "t.yaml"
-    p.write_text(TOPO)
-    from fabric import topology
-
-    return lab.plan("kfx", topology.load(p))
+    return lab.plan("kfx", load_topology(tmp_path, TOPO))
 
 
 def test_dns_objects_and_argv(tmp_path: Path) -> None:

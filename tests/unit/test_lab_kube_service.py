@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fabric import topology
+from tests.unit.conftest import load_topology
 from tools import lab
 from tools.diagnose import check, probe
 from tools.lab import kube
@@ -35,9 +35,7 @@ clusters:
 
 
 def _plan(tmp_path: Path, text: str = TOPO) -> lab.LabState:
-    p = tmp_path / "t.yaml"
-    p.write_text(text)
-    return lab.plan("kfx", topology.load(p))
+    return lab.plan("kfx", load_topology(tmp_path, text))
 
 
 def test_kubernetes_labs_plan_no_fixed_service_others_keep_it(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import pytest
 
 from kubeemu.runner import ServerThread
 from mcs import main as mcs_main
+from tests.unit.conftest import load_topology
 from tools import lab, nsutil
 from tools.lab import mcs as labmcs
 from tools.lab import report, schedulers, supervisor
@@ -39,11 +40,7 @@ clusters:
 
 
 def _plan(tmp_path: Path, text: str = TOPO) -> lab.LabState:
-    p = tmp_path / "t.yaml"
-    p.write_text(text)
-    from fabric import topology
-
-    return lab.plan("kfx", topology.load(p))
+    return lab.plan("kfx", load_topology(tmp_path, text))
 
 
 def _running(st: lab.LabState) -> None:
