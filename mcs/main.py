@@ -354,7 +354,7 @@ class RepeatFilter(logging.Filter):
     """Drops a record whose message equals one let through less than ``window_s`` ago.
 
     For the informers' logger (:mod:`scheduler.kube`): an informer of a member whose API server
-    is gone retries every second and says so each time, five informers per member; the
+    is gone retries every second and says so each time, six informers per member; the
     controller logs the member's failure once per streak, and this keeps the informers to one
     line per minute and error. At most ``limit`` messages are remembered (the oldest go)."""
 
