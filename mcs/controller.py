@@ -1,17 +1,21 @@
 """The multi-cluster services controller: every member's exports, imported into every member.
 
 One :class:`Controller` watches each :class:`Member` (informers on ServiceExports, Services,
-EndpointSlices, ServiceImports and Namespaces) and runs a pass whenever any of them changes
-(coalesced: changes arriving while a pass runs make one more pass), when the fabric's
+EndpointSlices, ServiceImports, Namespaces and its ClusterTree virtual Nodes) and runs a pass
+whenever any of them changes (coalesced: changes arriving while a pass runs make one more pass), when the fabric's
 reachability changes (:meth:`Controller.kick`) and every ``resync_s``:
 
 1. each member's ServiceExports are read with the Service of their name and its EndpointSlices
    into :class:`~mcs.derive.Export` values (:func:`mcs.kube.export_from`). Objects this
    controller made are never read as an export's: a ServiceExport next to one of our derived
-   Services is a ServiceExport of no Service;
-2. :func:`mcs.derive.derive` makes the clusterset's imports and the exports' conditions;
+   Services is a ServiceExport of no Service. An endpoint on one of the member's virtual nodes
+   (a ClusterTree root's pod running in a leaf) is read as running in the leaf the node names;
+2. :func:`mcs.derive.derive` makes the clusterset's imports and the exports' conditions, each
+   endpoint's address translated with the global CIDRs of the cluster it runs in (the members',
+   and :attr:`Controller.global_cidrs` for the fabric clusters that are not members);
 3. per member: :func:`mcs.derive.view` (the families it reaches, the clusters the fabric reports
-   it cannot reach now: ``unreachable``), rendered (:mod:`mcs.kube`: the derived Service
+   it cannot reach now: ``unreachable``, which gates each endpoint on the cluster it runs in,
+   not on its exporter), rendered (:mod:`mcs.kube`: the derived Service
    :func:`mcs.kube.derived_name`; the ServiceImport carries its cluster IPs),
    planned against what the member has of ours (:func:`mcs.plan.plan`) and written
    (:class:`mcs.apply.Applier`). A namespace the member does not have gets no import there
@@ -87,6 +91,10 @@ class Member:
     families: frozenset[str] = frozenset({"IPv4"})
     informers: dict[str, Informer] = field(default_factory=dict)
 
+    def node_clusters(self) -> dict[str, str]:
+        """This member's virtual nodes: node name -> the fabric cluster its pods run in."""
+        return mk.virtual_node_clusters(self.objects("Node"))
+
     def watch(self) -> None:
         self.informers = {
             "ServiceExport": Informer(self.api, mk.GROUP_VERSION, "serviceexports", copy_on_write=True),
@@ -94,6 +102,9 @@ class Member:
             "Service": Informer(self.api, "v1", "services", copy_on_write=True),
             "EndpointSlice": Informer(self.api, "discovery.k8s.io/v1", "endpointslices", copy_on_write=True),
             "Namespace": Informer(self.api, "v1", "namespaces", copy_on_write=True),
+            # ClusterTree virtual nodes only: where a root's endpoints really run.
+            "Node": Informer(self.api, "v1", "nodes", label_selector=mk.VIRTUAL_NODE_SELECTOR,
+                             copy_on_write=True),
         }
 
     def objects(self, kind: str) -> list[Obj]:
@@ -210,13 +221,15 @@ class _Writer:
 
 class Controller:
     """The passes over ``members`` (module docstring). ``unreachable``: importer -> the clusters
-    the fabric reports it cannot reach (:class:`mcs.reachability.Reachability`); ``resync_s``:
+    the fabric reports it cannot reach (:class:`mcs.reachability.Reachability`); ``global_cidrs``:
+    the mappings of fabric clusters that are not members (:attr:`global_cidrs`); ``resync_s``:
     a pass at least this often; ``retry_s``: a member whose writes failed is tried again after
     it; ``pass_wait_s``: how long a pass waits for the writers; ``startup_wait_s``: how long
     passes wait for every member's first list; ``auto_export_*``: step 5; ``on_member_error``
     and ``on_pass``: the metrics' hooks."""
 
     def __init__(self, members: Sequence[Member], *, unreachable: Callable[[str], Iterable[str]] | None = None,
+                 global_cidrs: dict[str, tuple[tuple[str, str], ...]] | None = None,
                  resync_s: float = 30.0, clock: Callable[[], datetime.datetime] | None = None,
                  retry_s: float = 2.0, pass_wait_s: float = 1.0, startup_wait_s: float = 30.0,
                  auto_export_prefixes: Sequence[str] = (), auto_export_annotation: bool = True,
@@ -227,6 +240,10 @@ class Controller:
             raise ValueError(f"member clusters named twice: {sorted(n for n in names if names.count(n) > 1)}")
         self.members = list(members)
         self.unreachable = unreachable or (lambda _cluster: ())
+        #: The global CIDR mappings of fabric clusters that are not members, by name: a root
+        #: member's pods on a virtual node run in its leaf, with the leaf's pod IPs, which are
+        #: translated with the leaf's mapping (:func:`mcs.derive.derive`) member or not.
+        self.global_cidrs: dict[str, tuple[tuple[str, str], ...]] = dict(global_cidrs or {})
         self.resync_s = resync_s
         self.retry_s = retry_s
         self.pass_wait_s = pass_wait_s
@@ -348,21 +365,27 @@ class Controller:
         for m in self.members if members is None else members:
             services = {ns_name(o): o for o in m.objects("Service") if not mk.owned(o)}
             slices = [o for o in m.objects("EndpointSlice") if not mk.owned(o)]
+            nodes = m.node_clusters()
             for ex in m.objects("ServiceExport"):
                 k = ns_name(ex)
                 try:
                     out.append(mk.export_from(m.name, ex, services.get(k), [s for s in slices if ns_name(s)[0] == k[0]],
-                                              m.global_cidrs))
+                                              m.global_cidrs, nodes))
                 except ValueError as e:
                     _log.warning("%s", e)
         return out
+
+    def fabric_global_cidrs(self) -> dict[str, tuple[tuple[str, str], ...]]:
+        """Every fabric cluster's global CIDR mapping known here: :attr:`global_cidrs` (clusters
+        that are not members: a ClusterTree root's leaves), then the members' own."""
+        return {**self.global_cidrs, **{m.name: m.global_cidrs for m in self.members}}
 
     def reconcile(self, members: Sequence[Member] | None = None) -> Derived:
         """One pass over ``members`` (default: all): derive on this thread, hand each member's
         writes to its writer, wait for them up to ``pass_wait_s`` (or until kicked again)."""
         began = time.monotonic()
         members = self.members if members is None else list(members)
-        derived = derive(self.exports(members))
+        derived = derive(self.exports(members), self.fabric_global_cidrs())
         now = _rfc3339(self.clock())
         self.passes += 1
         gen = self.passes

@@ -23,16 +23,22 @@ The rules are KEP-1645's ("Constraints and Conflict Resolution"):
   under another name, is left out in favour of the export with precedence.
 - Any such conflict sets ``Conflict=True`` on *every* export of the service, naming the fields
   under contention and the cluster whose value won; otherwise ``Conflict=False``.
-- An endpoint keeps its source cluster (the applier labels each imported slice with
-  ``multicluster.kubernetes.io/source-cluster``). An endpoint of a cluster that maps its pod CIDRs
-  to global CIDRs is published with its global IP (:func:`fabric.types.to_global`), so an importer
-  with an overlapping pod CIDR reaches it through the fabric's translation.
+- An endpoint keeps its source cluster, the exporting member (the applier labels each imported
+  slice with ``multicluster.kubernetes.io/source-cluster``), and names the fabric cluster its pod
+  runs in (:attr:`Endpoint.cluster`): the exporter itself, or, for a ClusterTree root's pod bound
+  to a virtual node, the leaf that node stands for (:func:`mcs.kube.export_from` reads it from the
+  node). An endpoint running in a cluster that maps its pod CIDRs to global CIDRs is published
+  with its global IP (:func:`fabric.types.to_global`) under *that* cluster's mapping (a root's pod
+  in leaf L has an IP of L's pod CIDR), so an importer with an overlapping pod CIDR reaches it
+  through the fabric's translation.
 
 Per importer, :func:`view` then leaves out slices of an address family the importer cannot
-reach, with a condition that says which and why, and publishes the endpoints of a cluster the
-fabric reports unreachable from it as not ready: clients stop sending to a black hole as soon as
-the fabric knows, instead of after a lease runs out, and the endpoints are ready again when the
-path heals.
+reach, with a condition that says which and why, and publishes the endpoints running in a
+cluster the fabric reports unreachable from it as not ready: clients stop sending to a black hole
+as soon as the fabric knows, instead of after a lease runs out, and the endpoints are ready again
+when the path heals. The gate is per endpoint, on the cluster it runs in: cutting a leaf turns a
+root export's endpoints in that leaf not ready, and cutting the root leaves them ready (traffic
+to them never crosses the root).
 """
 
 from __future__ import annotations
@@ -76,10 +82,17 @@ class Port:
 
 @dataclass(frozen=True)
 class Endpoint:
+    """One endpoint of a slice. ``cluster``: the fabric cluster its pod runs in, when not the
+    exporting one (a ClusterTree root's pod bound to a virtual node runs in the leaf the node
+    stands for, with that leaf's pod IP); empty: the exporting cluster. :func:`derive` fills it
+    in, so every imported endpoint names its cluster: :func:`view` gates it on that cluster's
+    reachability, and its address is translated with that cluster's global CIDRs."""
+
     addresses: tuple[str, ...]
     ready: bool = True
     hostname: str | None = None
     zone: str | None = None
+    cluster: str = ""
 
 
 @dataclass(frozen=True)
@@ -168,8 +181,8 @@ def _port_order(p: Port) -> tuple[str, str, int, str]:
     return p.name, p.protocol, p.port, p.app_protocol or ""
 
 
-def _endpoint_order(ep: Endpoint) -> tuple[tuple[str, ...], bool, str, str]:
-    return ep.addresses, ep.ready, ep.hostname or "", ep.zone or ""
+def _endpoint_order(ep: Endpoint) -> tuple[tuple[str, ...], bool, str, str, str]:
+    return ep.addresses, ep.ready, ep.hostname or "", ep.zone or "", ep.cluster
 
 
 def _invalid(e: Export) -> Condition | None:
@@ -211,10 +224,19 @@ def merge_ports(exports: Iterable[Export]) -> tuple[tuple[Port, ...], list[str]]
     return tuple(sorted((p for p, _ in by_name.values()), key=_port_order)), dropped
 
 
-def _published(s: Slice, global_cidrs: tuple[tuple[str, str], ...]) -> Slice:
-    """``s`` with each address seen through ``global_cidrs`` (unchanged where none maps it)."""
-    eps = [replace(ep, addresses=tuple(to_global(a, global_cidrs) or a for a in ep.addresses))
-           for ep in s.endpoints] if global_cidrs else list(s.endpoints)
+GlobalCIDRs = tuple[tuple[str, str], ...]
+
+
+def _published(s: Slice, e: Export, fabric_cidrs: Mapping[str, GlobalCIDRs]) -> Slice:
+    """``s`` (a slice of export ``e``) with each endpoint naming the cluster it runs in and its
+    addresses seen through that cluster's global CIDRs (``e.global_cidrs`` for the exporting
+    cluster, ``fabric_cidrs`` for another; unchanged where none maps them)."""
+    eps = []
+    for ep in s.endpoints:
+        where = ep.cluster or e.cluster
+        cidrs = e.global_cidrs if where == e.cluster else fabric_cidrs.get(where, ())
+        addresses = tuple(to_global(a, cidrs) or a for a in ep.addresses) if cidrs else ep.addresses
+        eps.append(replace(ep, addresses=addresses, cluster=where))
     return Slice(s.address_type, tuple(sorted(s.ports, key=_port_order)), tuple(sorted(eps, key=_endpoint_order)))
 
 
@@ -229,9 +251,12 @@ def _single(values: list[tuple[str, str]], what: str, reason: str) -> tuple[str,
                     f"{', '.join(losers)}")
 
 
-def derive(exports: Iterable[Export]) -> Derived:
+def derive(exports: Iterable[Export], global_cidrs: Mapping[str, GlobalCIDRs] | None = None) -> Derived:
     """The imports and export conditions of the clusterset, from every member's exports (see
-    the module docstring). Raises ValueError for two exports of one service in one cluster."""
+    the module docstring); ``global_cidrs``: the mappings of the fabric clusters endpoints run
+    in that are not their exporter (a ClusterTree root's leaves, members or not; one not given
+    maps nothing). Raises ValueError for two exports of one service in one cluster."""
+    fabric_cidrs = global_cidrs or {}
     groups: dict[tuple[str, str], list[Export]] = {}
     for e in exports:
         group = groups.setdefault(e.key, [])
@@ -262,7 +287,7 @@ def derive(exports: Iterable[Export]) -> Derived:
         for e in valid:
             conditions[(e.cluster, *key)] = (ok, conflict)
         winner = valid[0]
-        slices = sorted((SourceSlice(e.cluster, _published(s, e.global_cidrs)) for e in valid for s in e.slices
+        slices = sorted((SourceSlice(e.cluster, _published(s, e, fabric_cidrs)) for e in valid for s in e.slices
                          if s.address_type in ADDRESS_TYPES),
                         key=lambda ss: (ss.cluster, ss.slice.address_type, [_port_order(p) for p in ss.slice.ports],
                                         [_endpoint_order(ep) for ep in ss.slice.endpoints]))
@@ -275,8 +300,9 @@ def view(derived: Derived, importer: str, families: Iterable[str], unreachable: 
         tuple[str, str], Import]:
     """What cluster ``importer`` imports: every import of ``derived`` with only the slices of
     address ``families`` (``IPv4``/``IPv6``) it reaches, a ``FAMILY_UNREACHABLE`` condition
-    naming what was left out, and the endpoints of the clusters in ``unreachable`` (as the
-    fabric reports them from ``importer``; never itself) not ready."""
+    naming what was left out, and the endpoints running in the clusters in ``unreachable`` (as
+    the fabric reports them from ``importer``; never itself) not ready: each endpoint is gated on
+    its own cluster (:attr:`Endpoint.cluster`), not on the slice's exporter."""
     reach, cut = frozenset(families), frozenset(unreachable) - {importer}
     out: dict[tuple[str, str], Import] = {}
     for key, imp in derived.imports.items():
@@ -286,9 +312,10 @@ def view(derived: Derived, importer: str, families: Iterable[str], unreachable: 
             if ss.slice.address_type not in reach:
                 left.setdefault(ss.slice.address_type, set()).add(ss.cluster)
                 continue
-            if ss.cluster in cut:
+            if any((ep.cluster or ss.cluster) in cut for ep in ss.slice.endpoints):
                 ss = SourceSlice(ss.cluster, replace(ss.slice, endpoints=tuple(
-                    replace(ep, ready=False) for ep in ss.slice.endpoints)))
+                    replace(ep, ready=False) if (ep.cluster or ss.cluster) in cut else ep
+                    for ep in ss.slice.endpoints)))
             kept.append(ss)
         conds = tuple(Condition(FAMILY_UNREACHABLE, "True", FAMILY_UNREACHABLE,
                                 f"{fam} endpoints of {', '.join(sorted(cs))} left out: cluster {importer} "

@@ -2,7 +2,9 @@
 
 In: :func:`export_from` reads a ServiceExport, the Service of its name and that Service's
 EndpointSlices (as an API server returns them) into an :class:`~mcs.derive.Export`, refusing
-malformed input with the object and field named.
+malformed input with the object and field named. Each endpoint's ``nodeName`` says where it
+runs: on a ClusterTree virtual node (:func:`virtual_node_clusters`) the pod runs in the leaf
+cluster the node names, which becomes the endpoint's :attr:`~mcs.derive.Endpoint.cluster`.
 
 Out, per importing cluster and :class:`~mcs.derive.Import` (what an applier creates, then
 keeps equal, and deletes by the ``managed-by`` label and owner, never by name alone):
@@ -58,20 +60,49 @@ def _port(raw: Any, where: str) -> Port:
     return Port(str(raw.get("name") or ""), str(raw.get("protocol") or "TCP"), number, raw.get("appProtocol"))
 
 
-def _endpoint(raw: Any, where: str) -> Endpoint:
+#: A ClusterTree virtual node's labels (:mod:`tree.forge`: ``kosmos.io/node=true`` and the leaf's
+#: fabric cluster name in ``kosmos.io/cluster``). Spelled here, not imported: add-ons do not
+#: depend on each other; a unit test holds them equal to the tree manager's.
+VIRTUAL_NODE_LABEL = "kosmos.io/node"
+VIRTUAL_NODE_CLUSTER_LABEL = "kosmos.io/cluster"
+#: The label selector of a member's Node informer: its virtual nodes only.
+VIRTUAL_NODE_SELECTOR = f"{VIRTUAL_NODE_LABEL}=true"
+
+
+def virtual_node_clusters(nodes: Iterable[Obj]) -> dict[str, str]:
+    """Node name -> the fabric cluster its pods run in, for the virtual nodes among ``nodes``
+    (labelled :data:`VIRTUAL_NODE_LABEL` ``true`` and naming a cluster in
+    :data:`VIRTUAL_NODE_CLUSTER_LABEL`). A node not here is a real node of its own cluster."""
+    out = {}
+    for n in nodes:
+        meta = n.get("metadata") or {}
+        labels = meta.get("labels") or {}
+        leaf = labels.get(VIRTUAL_NODE_CLUSTER_LABEL)
+        if labels.get(VIRTUAL_NODE_LABEL) == "true" and isinstance(leaf, str) and leaf and meta.get("name"):
+            out[str(meta["name"])] = leaf
+    return out
+
+
+def _endpoint(raw: Any, where: str, cluster: str, node_clusters: Mapping[str, str]) -> Endpoint:
     if not isinstance(raw, Mapping) or not isinstance(raw.get("addresses"), list):
         raise ValueError(f"{where}: an endpoint without an addresses list: {raw!r}")
     cond = raw.get("conditions") or {}
+    runs_in = node_clusters.get(str(raw.get("nodeName") or ""), "")
     # As kube-proxy reads it: an unset ``ready`` is ready.
     return Endpoint(tuple(str(a) for a in raw["addresses"]), cond.get("ready") is not False,
-                    raw.get("hostname"), raw.get("zone"))
+                    raw.get("hostname"), raw.get("zone"), "" if runs_in == cluster else runs_in)
 
 
 def export_from(cluster: str, export: Obj, service: Obj | None, slices: Iterable[Obj],
-                global_cidrs: tuple[tuple[str, str], ...] = ()) -> Export:
+                global_cidrs: tuple[tuple[str, str], ...] = (),
+                node_clusters: Mapping[str, str] | None = None) -> Export:
     """The :class:`Export` of ``export`` (a ServiceExport of ``cluster``), with ``service`` (the
     Service of its name; None: none) and that Service's EndpointSlices among ``slices`` (others,
-    and FQDN slices, are skipped). Raises ValueError naming the object and field at fault."""
+    and FQDN slices, are skipped). ``node_clusters``: ``cluster``'s virtual nodes
+    (:func:`virtual_node_clusters`); an endpoint whose ``nodeName`` is one runs in that node's
+    cluster (:attr:`~mcs.derive.Endpoint.cluster`), any other (no ``nodeName``, a real node) in
+    ``cluster``. Raises ValueError naming the object and field at fault."""
+    node_clusters = node_clusters or {}
     meta = export.get("metadata") or {}
     ns, name, created = meta.get("namespace"), meta.get("name"), meta.get("creationTimestamp")
     if not (isinstance(ns, str) and isinstance(name, str) and isinstance(created, str)):
@@ -90,7 +121,7 @@ def export_from(cluster: str, export: Obj, service: Obj | None, slices: Iterable
             continue
         sw = f"{_where('EndpointSlice', s)} in cluster {cluster}"
         own.append(Slice(s["addressType"], tuple(_port(p, sw) for p in s.get("ports") or []),
-                         tuple(_endpoint(ep, sw) for ep in s.get("endpoints") or [])))
+                         tuple(_endpoint(ep, sw, cluster, node_clusters) for ep in s.get("endpoints") or [])))
     return Export(cluster, ns, name, created, str(spec.get("type") or "ClusterIP"),
                   headless=spec.get("clusterIP") == "None", ports=ports,
                   session_affinity=str(spec.get("sessionAffinity") or "None"), slices=tuple(own),

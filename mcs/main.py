@@ -5,13 +5,15 @@ In order: parse flags (``kosmos-tree``'s names for the shared ones: the host clu
 with ``--tls-dir``), connect to the host cluster and to every member (``--member NAME=KUBECONFIG``,
 repeatable; ``--host-member NAME`` makes the host cluster a member too; ``--discover-members``
 adds the Clusters with a kubeconfig Secret, as kosmos-tree finds its leaves: :func:`discover_members`,
-read once at start), read each member's fabric
-configuration (:func:`fabric_members`: its global CIDR mapping from ``--global-cidr`` or its
-``Cluster`` object in the host cluster, the address families it runs from the reflector's status when ``--reflector`` is
-given, else from the Cluster), start the members' informers (the DNS responders answer from them
-on every replica), bind the clusterset DNS responders (``--dns-listen``: one per importing member,
-:mod:`mcs.dnsserver` says why), serve ``/metrics`` (``fabric_mcs_*``), ``/healthz`` and ``/readyz``,
-watch the fabric's reachability records (:mod:`mcs.reachability`: a change kicks a pass at once),
+read once at start), read each member's fabric configuration (:func:`fabric_members`: its global
+CIDR mapping from ``--global-cidr`` or its ``Cluster`` object in the host cluster, the address
+families it runs from the reflector's status when ``--reflector`` is given, else from the
+Cluster; and the global CIDR mappings of the Cluster objects that are not members, for a
+ClusterTree root member's endpoints running in its leaves), start the members' informers (the DNS
+responders answer from them on every replica), bind the clusterset DNS responders
+(``--dns-listen``: one per importing member, :mod:`mcs.dnsserver` says why), serve ``/metrics``
+(``fabric_mcs_*``), ``/healthz`` and ``/readyz``, watch the fabric's reachability records
+(:mod:`mcs.reachability`: a change kicks a pass at once),
 then run the controller (:mod:`mcs.controller`) at once or while holding the Lease.
 
 It runs until SIGTERM/SIGINT (clean stop, the Lease released, exit 0), until the Lease is lost
@@ -298,13 +300,19 @@ _NO_CLUSTERS_SAID: list[bool] = []
 
 
 def fabric_members(host: Api, names: Sequence[str], status: fapi.FabricStatus | None,
-                   given: dict[str, tuple[tuple[str, str], ...]] | None = None) -> dict[
+                   given: dict[str, tuple[tuple[str, str], ...]] | None = None,
+                   others: dict[str, tuple[tuple[str, str], ...]] | None = None) -> dict[
         str, tuple[tuple[tuple[str, str], ...], frozenset[str]]]:
     """Per member name: its global CIDR mapping (``given``, from ``--global-cidr``; else its
     ``Cluster`` object's ``globalCIDRsMap``) and the families it runs (the reflector's status;
     else the Cluster's; else IPv4). A member without either is logged and gets no mapping: its
     pod IPs are published as they are. When every member's mapping is given and the reflector
-    answers, the Cluster objects are not read (a host cluster without the Cluster CRD: the lab's)."""
+    answers, the Cluster objects are not read (a host cluster without the Cluster CRD: the lab's).
+
+    ``others``, when given, is filled with the mappings of the Cluster objects read that are not
+    members (a ClusterTree root member's leaves: its pods there have the leaf's pod IPs,
+    :attr:`mcs.controller.Controller.global_cidrs`); when the Cluster objects are not read it
+    stays empty."""
     given = given or {}
     clusters: dict[str, tuple[tuple[tuple[str, str], ...], tuple[int, ...]]] = {}
     items: list[Obj] = []
@@ -324,6 +332,8 @@ def fabric_members(host: Api, names: Sequence[str], status: fapi.FabricStatus | 
         except ValueError as e:
             _log.warning("%s: its members' endpoints are published without translation", e)
     by_status = {c.name: c for c in status.clusters} if status is not None else {}
+    if others is not None:
+        others.update({name: cidrs for name, (cidrs, _f) in clusters.items() if name not in names and cidrs})
     out = {}
     for name in names:
         cidrs, fams = clusters.get(name, ((), ()))
@@ -354,7 +364,7 @@ class RepeatFilter(logging.Filter):
     """Drops a record whose message equals one let through less than ``window_s`` ago.
 
     For the informers' logger (:mod:`scheduler.kube`): an informer of a member whose API server
-    is gone retries every second and says so each time, five informers per member; the
+    is gone retries every second and says so each time, six informers per member; the
     controller logs the member's failure once per streak, and this keeps the informers to one
     line per minute and error. At most ``limit`` messages are remembered (the oldest go)."""
 
@@ -473,14 +483,24 @@ def _run(args: argparse.Namespace, host_api: Api, members: list[Member], dns_for
         pairs.setdefault(name, []).append((local, glob))
     given = {name: tuple(sorted(v)) for name, v in pairs.items()}
 
+    #: The global CIDRs of the fabric clusters that are not members (the controller's ``global_cidrs``).
+    fabric_others: dict[str, tuple[tuple[str, str], ...]] = {}
+
     def configure() -> bool:
-        """Read the fabric configuration into the members; True when it changed."""
+        """Read the fabric configuration into the members (and ``fabric_others``); True when it changed."""
+        others: dict[str, tuple[tuple[str, str], ...]] = {}
         try:
-            conf = fabric_members(host_api, [m.name for m in members], _status(args, tls_dir), given)
+            conf = fabric_members(host_api, [m.name for m in members], _status(args, tls_dir), given, others)
         except Exception as e:  # the host cluster unreachable: keep what is known
             _log.warning("reading the fabric configuration: %s: %s; kept the last one", type(e).__name__, e)
             return False
         changed = False
+        if others != fabric_others:
+            _log.info("clusters that are not members: global CIDRs %s", "; ".join(
+                f"{n}: {', '.join(f'{a}->{b}' for a, b in c)}" for n, c in sorted(others.items())) or "none")
+            fabric_others.clear()
+            fabric_others.update(others)
+            changed = True
         for m in members:
             cidrs, fams = conf[m.name]
             if (cidrs, fams) != (m.global_cidrs, m.families):
@@ -499,7 +519,7 @@ def _run(args: argparse.Namespace, host_api: Api, members: list[Member], dns_for
         metrics.pass_seconds.observe(seconds)
 
     reach: Reachability | None = None
-    ctl = Controller(members, resync_s=args.resync_period, retry_s=args.retry_period,
+    ctl = Controller(members, global_cidrs=fabric_others, resync_s=args.resync_period, retry_s=args.retry_period,
                      startup_wait_s=args.startup_wait, auto_export_prefixes=args.auto_export_namespace_prefix,
                      auto_export_annotation=args.auto_create_annotation, on_member_error=member_error,
                      on_pass=passed)
@@ -584,6 +604,7 @@ def _run(args: argparse.Namespace, host_api: Api, members: list[Member], dns_for
         if waited >= next_conf:
             waited = 0.0
             if configure():
+                ctl.global_cidrs = dict(fabric_others)  # replaced whole: a pass reads it on another thread
                 ctl.kick()
     if reach is not None:
         reach.stop()

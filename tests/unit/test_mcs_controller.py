@@ -143,3 +143,49 @@ def test_a_member_without_the_namespace_imports_nothing_there(members: dict[str,
         assert ctl.last["south"].written == 0 and ctl.last["south"].failed == 0
     finally:
         ctl.stop()
+
+
+def test_a_root_exports_endpoints_gated_on_the_leaf_they_run_in(members: dict[str, Api]) -> None:
+    """east is a ClusterTree root: its pod on the virtual node of leaf ``leaf`` (no member) runs
+    there, with the leaf's pod IP; south's view of it follows the leaf's reachability, not east's."""
+    cut: set[str] = set()
+    ctl = Controller([Member(c, members[c]) for c in CLUSTERS], unreachable=lambda c: cut if c == "south" else (),
+                     global_cidrs={"leaf": (("10.20.0.0/16", "100.20.0.0/16"),)}, resync_s=30.0)
+    ctl.start()
+    try:
+        wait_until(ctl.synced, 10, "the informers synced")
+        east, south = members["east"], members["south"]
+        _serve(east, 1)
+        east.request("DELETE", _path("EndpointSlice", "web-x"))
+        east.create(_path("EndpointSlice"), {
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "web-y", "labels": {mk.SERVICE_NAME_LABEL: "web"}}, "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [{"addresses": ["10.1.0.5"], "conditions": {"ready": True}, "nodeName": "worker-1"},
+                          {"addresses": ["10.20.0.7"], "conditions": {"ready": True}, "nodeName": "kosmos-leaf"}]})
+        # No virtual node yet: both endpoints are east's own, and cutting the leaf changes nothing.
+        cut.add("leaf")
+        ctl.kick()
+        wait_until(lambda: _endpoints(south) == {"east": [("10.1.0.5", True), ("10.20.0.7", True)]}, 15,
+                   "east's endpoints in south, both counted as east's")
+        # The tree manager creates the leaf's virtual node (a Node event alone starts the pass):
+        # the leaf's endpoint is now the leaf's (global IP, not ready while the leaf is cut off),
+        # its slice still east's.
+        east.create("/api/v1/nodes", {"apiVersion": "v1", "kind": "Node", "metadata": {
+            "name": "kosmos-leaf", "labels": {mk.VIRTUAL_NODE_LABEL: "true", mk.VIRTUAL_NODE_CLUSTER_LABEL: "leaf"}}})
+        wait_until(lambda: _endpoints(south) == {"east": [("10.1.0.5", True), ("100.20.0.7", False)]}, 15,
+                   "the leaf's endpoint not ready in south")
+        assert _endpoints(members["west"]) == {"east": [("10.1.0.5", True), ("100.20.0.7", True)]}, \
+            "only south is cut off from the leaf"
+        # The root cut off instead: its own pod is not ready, the leaf's (never behind it) is.
+        cut.clear()
+        cut.add("east")
+        ctl.kick()
+        wait_until(lambda: _endpoints(south) == {"east": [("10.1.0.5", False), ("100.20.0.7", True)]}, 15,
+                   "east's own endpoint not ready, the leaf's ready")
+        cut.clear()
+        ctl.kick()
+        wait_until(lambda: _endpoints(south) == {"east": [("10.1.0.5", True), ("100.20.0.7", True)]}, 15,
+                   "both ready once healed")
+    finally:
+        ctl.stop()

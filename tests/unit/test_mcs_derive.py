@@ -24,6 +24,7 @@ from mcs.derive import (
     Export,
     Port,
     Slice,
+    SourceSlice,
     derive,
     view,
 )
@@ -161,3 +162,49 @@ def test_any_order_of_exports_derives_the_same_services(exports: list[Export], r
         assert len(set(names)) == len(names) and len(set(numbers)) == len(numbers)
     conflicts = {first.export_conditions[(e.cluster, *e.key)][1] for e in exports}
     assert len(conflicts) <= 1, "every export of a service reports the same conflict"
+
+
+def _root_export() -> Export:
+    """A ClusterTree root's export: one pod of its own (10.1.0.5) and one on leaf ``leaf``'s
+    virtual node (10.20.0.7, an IP of the leaf's pod CIDR)."""
+    return _export("root", global_cidrs=(("10.1.0.0/16", "100.1.0.0/16"),), slices=(
+        Slice("IPv4", (Port("http", "TCP", 8080),),
+              (Endpoint(("10.1.0.5",)), Endpoint(("10.20.0.7",), cluster="leaf"))),))
+
+
+def _ready(imp_slices: tuple[SourceSlice, ...]) -> dict[str, bool]:
+    return {ep.addresses[0]: ep.ready for s in imp_slices for ep in s.slice.endpoints}
+
+
+def test_every_imported_endpoint_names_the_cluster_it_runs_in_and_its_slice_the_exporter() -> None:
+    imp = derive([_root_export()]).imports[("shop", "web")]
+    assert [s.cluster for s in imp.slices] == ["root"], "the slice's source cluster stays the exporting member"
+    assert {ep.addresses[0]: ep.cluster for ep in imp.slices[0].slice.endpoints} == {
+        "100.1.0.5": "root", "10.20.0.7": "leaf"}
+
+
+def test_an_endpoint_is_gated_on_the_cluster_it_runs_in_not_on_its_exporter() -> None:
+    d = derive([_root_export()])
+    leaf_cut = view(d, "south", {"IPv4"}, unreachable={"leaf"})[("shop", "web")]
+    assert _ready(leaf_cut.slices) == {"100.1.0.5": True, "10.20.0.7": False}
+    root_cut = view(d, "south", {"IPv4"}, unreachable={"root"})[("shop", "web")]
+    assert _ready(root_cut.slices) == {"100.1.0.5": False, "10.20.0.7": True}
+    # The leaf itself (importing) is never cut off from its own pods; the slice is still root's.
+    own = view(d, "leaf", {"IPv4"}, unreachable={"leaf", "root"})[("shop", "web")]
+    assert _ready(own.slices) == {"100.1.0.5": False, "10.20.0.7": True}
+    assert [s.cluster for s in own.slices] == ["root"]
+
+
+def test_global_ips_follow_the_cluster_an_endpoint_runs_in() -> None:
+    leaf_cidrs = {"leaf": (("10.20.0.0/16", "100.20.0.0/16"),),
+                  # Another cluster's mapping of the same range must not apply to the leaf's pod.
+                  "other": (("10.20.0.0/16", "100.99.0.0/16"),)}
+    imp = derive([_root_export()], leaf_cidrs).imports[("shop", "web")]
+    assert sorted(ep.addresses[0] for ep in imp.slices[0].slice.endpoints) == ["100.1.0.5", "100.20.0.7"]
+    # The root's mapping never applies to the leaf's pod, even when it would cover its IP.
+    wide = _export("root", global_cidrs=(("10.0.0.0/8", "100.0.0.0/8"),), slices=_root_export().slices)
+    imp = derive([wide]).imports[("shop", "web")]
+    assert sorted(ep.addresses[0] for ep in imp.slices[0].slice.endpoints) == ["10.20.0.7", "100.1.0.5"]
+    # A mapping given for the exporter itself does not replace the export's own.
+    imp = derive([_root_export()], {"root": (("10.1.0.0/16", "100.77.0.0/16"),)}).imports[("shop", "web")]
+    assert "100.1.0.5" in [ep.addresses[0] for ep in imp.slices[0].slice.endpoints]

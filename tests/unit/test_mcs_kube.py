@@ -172,3 +172,25 @@ def test_the_member_crds_store_exports_and_the_rendered_imports_with_their_statu
     with pytest.raises(ApiError, match=r"spec\.type"):
         mcs_api.create(IMPORTS, bad)
 
+
+
+def test_an_endpoint_on_a_virtual_node_runs_in_the_leaf_the_tree_manager_named() -> None:
+    from tree.forge import virtual_nodes
+    from tree.spec import TreeSpec
+    from tree.vnode import desired_metadata
+
+    # The virtual node exactly as the tree manager labels it (cluster mode: kosmos-<leaf>).
+    vns = virtual_nodes(TreeSpec("leaf", "uid-1", True), [], [], root_id="root")
+    vnode = {"metadata": {"name": "kosmos-leaf", **desired_metadata(vns["kosmos-leaf"], "leaf", "uid-1", None)[0]}}
+    # A real node carrying a kosmos.io/cluster label of its own is no virtual node.
+    real = {"metadata": {"name": "worker-1", "labels": {mk.VIRTUAL_NODE_CLUSTER_LABEL: "elsewhere"}}}
+    nodes = mk.virtual_node_clusters([vnode, real])
+    assert nodes == {"kosmos-leaf": "leaf"}
+    s = _slice("w", "IPv4", "10.20.0.7", "10.1.0.5", "10.1.0.6", "10.1.0.8")
+    for ep, node in zip(s["endpoints"], ("kosmos-leaf", "worker-1", None, "root"), strict=True):
+        if node is not None:
+            ep["nodeName"] = node
+    e = mk.export_from("root", _export(), _service(), [s], node_clusters={**nodes, "root": "root"})
+    assert e.cluster == "root"
+    assert {ep.addresses[0]: ep.cluster for ep in e.slices[0].endpoints} == {
+        "10.20.0.7": "leaf", "10.1.0.5": "", "10.1.0.6": "", "10.1.0.8": ""}

@@ -255,3 +255,27 @@ def test_repeated_informer_lines_are_let_through_once_a_window() -> None:
     def rec(msg: str) -> logging.LogRecord:
         return logging.LogRecord("scheduler.kube", logging.WARNING, __file__, 1, msg, None, None)
     assert [f.filter(rec(m)) for m in ("a", "a", "b", "a", "c", "a")] == [True, False, True, False, True, True]
+
+
+class _Clusters:
+    """A host cluster serving the given Cluster objects."""
+
+    def __init__(self, items: list[dict[str, object]]) -> None:
+        self.items = items
+
+    def get(self, path: str) -> dict[str, object]:
+        assert path == mm.CLUSTERS_PATH
+        return {"items": self.items}
+
+
+def test_the_global_cidrs_of_clusters_that_are_not_members_are_read_too() -> None:
+    def cluster(name: str, cidrs: dict[str, str]) -> dict[str, object]:
+        return {"metadata": {"name": name}, "spec": {"clusterLinkOptions": {
+            "podCIDRs": list(cidrs) or ["10.9.0.0/16"], "globalCIDRsMap": cidrs}}}
+
+    host = _Clusters([cluster("root", {"10.1.0.0/16": "100.1.0.0/16"}),
+                      cluster("leaf", {"10.20.0.0/16": "100.20.0.0/16"}), cluster("plain", {})])
+    others: dict[str, tuple[tuple[str, str], ...]] = {}
+    got = mm.fabric_members(host, ["root"], None, None, others)  # type: ignore[arg-type]
+    assert got["root"][0] == (("10.1.0.0/16", "100.1.0.0/16"),)
+    assert others == {"leaf": (("10.20.0.0/16", "100.20.0.0/16"),)}, "members and unmapped clusters left out"
