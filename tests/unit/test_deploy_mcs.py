@@ -55,12 +55,12 @@ def container(objs: dict[tuple[str, str], Obj]) -> Obj:
     return c
 
 
-def parsed_args(c: Obj, pod: str = "kosmos-mcs-5d9f-abcde") -> Any:
+def parsed_args(c: Obj, pod: str = "kosmos-mcs-5d9f-abcde", namespace: str = NS) -> Any:
     """The container's arguments through kosmos-mcs's parser, $(VAR) expanded from the
     container's env as the kubelet expands them (fieldRefs: the pod's name and namespace)."""
     from mcs import main as mcs_main
 
-    fields = {"metadata.name": pod, "metadata.namespace": NS}
+    fields = {"metadata.name": pod, "metadata.namespace": namespace}
     env = {e["name"]: fields[e["valueFrom"]["fieldRef"]["fieldPath"]] for e in c.get("env", [])}
     args = [re.sub(r"\$\((\w+)\)", lambda m: env[m[1]], a) for a in c["args"]]
     assert not any("$(" in a for a in args), args
@@ -134,6 +134,10 @@ def test_dns_component_adds_a_responder_its_port_and_a_service_per_member(
     c = container(with_dns)
     args = parsed_args(c)
     assert args.dns_listen, "the component adds --dns-listen"
+    from mcs import main as mcs_main
+
+    spelled = {s for a in mcs_main.parser()._actions for s in a.option_strings}
+    assert all(a.split("=", 1)[0] in spelled for a in c["args"]), "flags in full (argparse takes prefixes)"
     by_name = {p["name"]: p for p in c["ports"]}
     assert all(len(n) <= 15 for n in by_name), "a container port name has at most 15 characters"
     dep_labels = with_dns[("Deployment", "kosmos-mcs")]["spec"]["template"]["metadata"]["labels"]
@@ -276,3 +280,35 @@ def test_server_blocks_reads_corefile_syntax() -> None:
                       (["example.org:5300"], [["whoami"]])]
     with pytest.raises(AssertionError):
         server_blocks("clusterset.local:53 {\n forward . 10.0.0.1\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# The chart's kosmos-mcs values
+# ---------------------------------------------------------------------------------------------
+
+
+def test_chart_mcs_values_add_responders_and_switch_host_and_member_parts() -> None:
+    """mcs.args / mcs.ports carry the per-member responders (the chart has no DNS Service: it
+    renders the base); mcs.enabled and mcsMember.enabled split host and member installs."""
+    from test_deploy_manifests import chart_values, helm_template
+
+    values = chart_values()
+    args = [*values["mcs"]["args"], "--dns-listen=west=0.0.0.0:5302"]
+    ports = [*values["mcs"]["ports"], {"name": "dns-west-udp", "containerPort": 5302, "protocol": "UDP"}]
+    objs = {(o["kind"], o["metadata"]["name"]): o
+            for o in helm_template(chart_values(mcs__args=args, mcs__ports=ports, mcs__replicas=3), namespace="mc")}
+    dep = objs[("Deployment", "kosmos-mcs")]
+    assert dep["spec"]["replicas"] == 3 and dep["metadata"]["namespace"] == "mc"
+    c = container(objs)
+    assert [p["containerPort"] for p in c["ports"]] == [10271, 5302]
+    parsed = parsed_args(c, namespace=dep["metadata"]["namespace"])
+    assert parsed.dns_listen == [("west", "0.0.0.0", 5302)]
+    assert parsed.leader_elect_resource_namespace == "mc"  # the pod's namespace, not a fixed one
+    assert objs[("RoleBinding", "kosmos-mcs")]["subjects"][0]["namespace"] == "mc"
+    host_only = {(o["kind"], o["metadata"]["name"])
+                 for o in helm_template(chart_values(agent__enabled=False, mcsMember__enabled=False))}
+    assert ("Deployment", "kosmos-mcs") in host_only and ("ClusterRole", "kosmos-mcs-member") not in host_only
+    member_only = {(o["kind"], o["metadata"]["name"])
+                   for o in helm_template(chart_values(reflector__enabled=False, mcs__enabled=False))}
+    assert ("ClusterRole", "kosmos-mcs-member") in member_only
+    assert not any(name == "kosmos-mcs" for _k, name in member_only)
