@@ -151,6 +151,9 @@ def test_dns_component_adds_a_responder_its_port_and_a_service_per_member(
         got = {(p["protocol"], p["port"], by_name[p["targetPort"]]["containerPort"],
                 by_name[p["targetPort"]]["protocol"]) for p in svc["spec"]["ports"]}
         assert got == {("UDP", 53, port, "UDP"), ("TCP", 53, port, "TCP")}
+    kv = pytest.importorskip("kubernetes_validate", reason="PyPI kubernetes-validate not installed")
+    for key in (("Deployment", "kosmos-mcs"), *(k for k in with_dns if k not in base)):
+        kv.validate(with_dns[key], "1.32.0", strict=True)  # raises naming the field
     # Everything else is the base's.
     for key, obj in base.items():
         if key != ("Deployment", "kosmos-mcs"):
