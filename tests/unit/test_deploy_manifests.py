@@ -160,6 +160,11 @@ def test_base_renders_the_expected_objects(base: dict[tuple[str, str], dict[str,
         ("Deployment", "kosmos-fabric-reflector"), ("Service", "kosmos-fabric-reflector"),
         ("PodDisruptionBudget", "kosmos-fabric-reflector"),
         ("ConfigMap", "kosmos-fabric-agent"), ("DaemonSet", "kosmos-fabric-agent"),
+        ("ServiceAccount", "kosmos-mcs"), ("ClusterRole", "kosmos-mcs"), ("ClusterRoleBinding", "kosmos-mcs"),
+        ("Role", "kosmos-mcs"), ("RoleBinding", "kosmos-mcs"),
+        ("Deployment", "kosmos-mcs"), ("Service", "kosmos-mcs"), ("PodDisruptionBudget", "kosmos-mcs"),
+        ("ServiceAccount", "kosmos-mcs-member"), ("ClusterRole", "kosmos-mcs-member"),
+        ("ClusterRoleBinding", "kosmos-mcs-member"),
     }
     for (kind, name), obj in base.items():
         namespaced = kind not in ("Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding")
@@ -181,7 +186,7 @@ def test_every_rendered_object_validates_against_the_kubernetes_schema(
             continue
         kv.validate(obj, K8S_VERSION, strict=True)  # raises ValidationError naming the field
         checked += 1
-    assert checked == len(monitoring) - 2
+    assert checked == len(monitoring) - 3  # three ServiceMonitors
 
 
 @needs_kubectl
@@ -295,7 +300,32 @@ EXPECTED_RULES: dict[tuple[str, str], list[dict[str, Any]]] = {
         {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": ["kosmos-fabric-reflector"],
          "verbs": ["get", "update"]},
     ],
+    # kosmos-mcs in the host: Cluster objects (discovery, global CIDRs), its Lease, and the
+    # members' kubeconfig Secrets by name (the one Secret rule of the base: SECRET_READERS).
+    ("ClusterRole", "kosmos-mcs"): [
+        {"apiGroups": ["kosmos.io"], "resources": ["clusters"], "verbs": ["get", "list"]},
+    ],
+    ("Role", "kosmos-mcs"): [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": ["kosmos-mcs"],
+         "verbs": ["get", "update"]},
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
+    ],
+    # kosmos-mcs in a member (test_deploy_mcs.py checks it against what the controller does).
+    ("ClusterRole", "kosmos-mcs-member"): [
+        {"apiGroups": ["multicluster.x-k8s.io"], "resources": ["serviceexports", "serviceimports"],
+         "verbs": ["get", "list", "watch", "create", "update", "delete"]},
+        {"apiGroups": ["multicluster.x-k8s.io"], "resources": ["serviceexports/status", "serviceimports/status"],
+         "verbs": ["get", "update"]},
+        {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "list", "watch", "create", "update", "delete"]},
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
+         "verbs": ["get", "list", "watch", "create", "update", "delete"]},
+        {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "list", "watch"]},
+    ],
 }
+#: The one rule of the base that reads Secrets: kosmos-mcs reads the members' kubeconfig
+#: Secrets by name (get only: no list/watch), in its own namespace (a Role, not a ClusterRole).
+SECRET_READERS = {("Role", "kosmos-mcs"): {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}}
 
 
 @needs_kubectl
@@ -306,6 +336,8 @@ def test_rbac_is_exactly_the_least_privilege_list(base: dict[tuple[str, str], di
         for rule in role["rules"]:
             for field in ("apiGroups", "resources", "verbs", "resourceNames"):
                 assert "*" not in rule.get(field, []), (key, rule)
+            if SECRET_READERS.get(key) == rule:
+                continue
             assert not {"secrets", "pods/exec", "escalate", "bind", "impersonate"} & (
                 set(rule["resources"]) | set(rule["verbs"])), (key, rule)
     bindings = {k: v for k, v in base.items() if k[0] in ("ClusterRoleBinding", "RoleBinding")}
@@ -316,7 +348,8 @@ def test_rbac_is_exactly_the_least_privilege_list(base: dict[tuple[str, str], di
         assert b["subjects"] == [{"kind": "ServiceAccount", "name": name, "namespace": NS}]
         assert ("ServiceAccount", name) in base
     sa_of = {("DaemonSet", "kosmos-fabric-agent"): "kosmos-fabric-agent",
-             ("Deployment", "kosmos-fabric-reflector"): "kosmos-fabric-reflector"}
+             ("Deployment", "kosmos-fabric-reflector"): "kosmos-fabric-reflector",
+             ("Deployment", "kosmos-mcs"): "kosmos-mcs"}
     for key, sa in sa_of.items():
         assert base[key]["spec"]["template"]["spec"]["serviceAccountName"] == sa
 
@@ -327,17 +360,17 @@ def test_monitoring_overlay_adds_only_servicemonitors_and_the_agent_metrics_serv
 ) -> None:
     added = set(monitoring) - set(base)
     assert added == {("ServiceMonitor", "kosmos-fabric-agent"), ("ServiceMonitor", "kosmos-fabric-reflector"),
-                     ("Service", "kosmos-fabric-agent-metrics")}
+                     ("ServiceMonitor", "kosmos-mcs"), ("Service", "kosmos-fabric-agent-metrics")}
     assert all(monitoring[k] == v for k, v in base.items())
     agent_svc = monitoring[("Service", "kosmos-fabric-agent-metrics")]
     ds_labels = base[("DaemonSet", "kosmos-fabric-agent")]["spec"]["template"]["metadata"]["labels"]
     assert agent_svc["spec"]["clusterIP"] == "None"
     assert agent_svc["spec"]["selector"].items() <= ds_labels.items()
-    for comp in ("agent", "reflector"):
-        sm = monitoring[("ServiceMonitor", f"kosmos-fabric-{comp}")]
+    for sm_name in ("kosmos-fabric-agent", "kosmos-fabric-reflector", "kosmos-mcs"):
+        sm = monitoring[("ServiceMonitor", sm_name)]
         targets = [o for k, o in monitoring.items() if k[0] == "Service"
                    and sm["spec"]["selector"]["matchLabels"].items() <= o["metadata"]["labels"].items()]
-        assert targets and all(any(p["name"] == "metrics" for p in t["spec"]["ports"]) for t in targets), comp
+        assert targets and all(any(p["name"] == "metrics" for p in t["spec"]["ports"]) for t in targets), sm_name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -593,12 +626,14 @@ def test_every_flag_the_manifests_pass_exists() -> None:
     must be one the program's own parser knows (a typo would crash-loop every node)."""
     from fabric.agent import config as agent_config
     from fabric.control import reflector_cli
+    from mcs import main as mcs_main
 
     def flags(parser: Any) -> set[str]:
         return {s for a in parser._actions for s in a.option_strings}
 
     known = {"fabric-agent": flags(agent_config.build_parser()),
-             "fabric-reflector": flags(reflector_cli.build_parser())}
+             "fabric-reflector": flags(reflector_cli.build_parser()),
+             "kosmos-mcs": flags(mcs_main.parser())}
     seen = 0
     for f in (REPO / "deploy" / "base").rglob("*.yaml"):
         for doc in yaml.safe_load_all(f.read_text()):
