@@ -321,6 +321,7 @@ EXPECTED_RULES: dict[tuple[str, str], list[dict[str, Any]]] = {
         {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
          "verbs": ["get", "list", "watch", "create", "update", "delete"]},
         {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]},
     ],
 }
 #: The one rule of the base that reads Secrets: kosmos-mcs reads the members' kubeconfig
