@@ -405,6 +405,11 @@ def _restart_lab_reflector(state: lab.LabState, args: list[str] | None, progress
 CA_SECRET = "kosmos-fabric-ca"
 #: The reflector's server certificate (a ``kubernetes.io/tls`` Secret plus ``ca.crt``).
 REFLECTOR_TLS_SECRET = "kosmos-fabric-reflector-tls"
+#: ``kosmos-mcs``'s client certificate (identity :data:`MCS_IDENTITY`; deploy/base/host/mcs.yaml
+#: mounts it as its ``--tls-dir``): it watches the reachability records and reads the status.
+MCS_TLS_SECRET = "kosmos-mcs-tls"
+MCS_IDENTITY = identity.role(identity.MCS, "clusterset")
+MCS_CERT_LIFETIME = datetime.timedelta(days=365)
 #: A member's bootstrap credential (``bootstrap/<cluster>``), mounted by the agent DaemonSet:
 #: agents exchange it for their own certificates (fabric.control.bootstrap).
 BOOTSTRAP_SECRET = "kosmos-fabric-bootstrap"
@@ -466,10 +471,19 @@ def bootstrap_secret(ca: pki.CA, cluster: str, ttl_s: float = DEFAULT_BOOTSTRAP_
     return tls_secret(BOOTSTRAP_SECRET, pki.cert_pem(cert), pki.key_pem(key), ca.pem)
 
 
+def mcs_tls_secret(ca: pki.CA) -> dict[str, Any]:
+    """``kosmos-mcs``'s client certificate (:data:`MCS_IDENTITY`, a year; ``install`` issues it
+    again once it is no longer acceptable, as the reflector's)."""
+    key = pki.new_key()
+    cert = ca.sign_client(MCS_IDENTITY, key.public_key(), lifetime=MCS_CERT_LIFETIME)
+    return tls_secret(MCS_TLS_SECRET, pki.cert_pem(cert), pki.key_pem(key), ca.pem)
+
+
 def ensure_certificates(kube: Kube, target: Target, progress: Progress, ca: pki.CA | None = None) -> pki.CA:
     """install: the CA Secret (made with ``ca`` or a new CA when absent; an existing one is kept,
-    never overwritten) and the reflector's server certificate Secret (made again when absent or
-    not acceptable under the CA: expired, another CA)."""
+    never overwritten), the reflector's server certificate Secret and ``kosmos-mcs``'s client
+    certificate Secret (each made again when absent or not acceptable under the CA: expired,
+    another CA, another usage)."""
     live = kube.get("v1", "Secret", CA_SECRET, NAMESPACE)
     if live is None:
         ca = ca or pki.make_ca()
@@ -478,22 +492,30 @@ def ensure_certificates(kube: Kube, target: Target, progress: Progress, ca: pki.
     else:
         ca = ca_from_secret(live)
         progress(f"install: Secret {NAMESPACE}/{CA_SECRET} kept (the fabric CA is never replaced)")
-    srv = kube.get("v1", "Secret", REFLECTOR_TLS_SECRET, NAMESPACE)
+    _ensure_leaf_secret(kube, ca, progress, REFLECTOR_TLS_SECRET, "server", reflector_tls_secret)
+    _ensure_leaf_secret(kube, ca, progress, MCS_TLS_SECRET, "client", mcs_tls_secret)
+    return ca
+
+
+def _ensure_leaf_secret(kube: Kube, ca: pki.CA, progress: Progress, name: str, usage: pki.Usage,
+                        make: Callable[[pki.CA], dict[str, Any]]) -> None:
+    """The certificate Secret ``name``: kept while acceptable for ``usage`` under ``ca``, else
+    ``make`` issues it again (the Secret's data replaced whole)."""
+    live = kube.get("v1", "Secret", name, NAMESPACE)
     why = "absent"
-    if srv is not None:
+    if live is not None:
         try:
-            why = pki.explain(_secret_bytes(srv, pki.CERT_FILE), ca.pem, "server") or ""
+            why = pki.explain(_secret_bytes(live, pki.CERT_FILE), ca.pem, usage) or ""
         except InstallError as e:
             why = str(e)
-    if why:
-        obj = reflector_tls_secret(ca)
-        if srv is not None:
-            kube.delete(obj)  # a kubernetes.io/tls Secret's data is replaced whole
-        kube.apply(obj)
-        progress(f"install: Secret {NAMESPACE}/{REFLECTOR_TLS_SECRET} issued ({why})")
-    else:
-        progress(f"install: Secret {NAMESPACE}/{REFLECTOR_TLS_SECRET} kept (valid under the CA)")
-    return ca
+    if not why:
+        progress(f"install: Secret {NAMESPACE}/{name} kept (valid under the CA)")
+        return
+    obj = make(ca)
+    if live is not None:
+        kube.delete(obj)  # a kubernetes.io/tls Secret's data is replaced whole
+    kube.apply(obj)
+    progress(f"install: Secret {NAMESPACE}/{name} issued ({why})")
 
 
 # --------------------------------------------------------------------------------------------

@@ -110,8 +110,14 @@ def test_join_writes_and_a_rerun_updates_the_member(kube: tuple[install.Target, 
     ca = install.ensure_certificates(host, target, quiet.append)  # install's CA and server certificate
     ca_path = f"/api/v1/namespaces/kosmos-system/secrets/{install.CA_SECRET}"
     ca_secret = _get(url, ca_path)["data"]
+    mcs_path = f"/api/v1/namespaces/kosmos-system/secrets/{install.MCS_TLS_SECRET}"
+    mcs_secret = _get(url, mcs_path)["data"]  # kosmos-mcs's client certificate, mcs/clusterset
+    mcs_cert = base64.b64decode(mcs_secret[pki.CERT_FILE])
+    assert pki.certificate_identity(pki.load_cert(mcs_cert)) == install.MCS_IDENTITY
+    assert pki.explain(mcs_cert, ca.pem, "client") is None
     assert install.ensure_certificates(host, target, quiet.append).pem == ca.pem  # never overwritten
     assert _get(url, ca_path)["data"] == ca_secret
+    assert _get(url, mcs_path)["data"] == mcs_secret  # still acceptable: kept
     opts = install.JoinOptions(pod_cidrs=OPTS.pod_cidrs, service_cidrs=OPTS.service_cidrs,
                                nic_overrides=(("e1", "eth1"),), bootstrap_ttl_s=600)
     install.join("east", target, target, opts, reflector="r:4880", wait=False, progress=quiet.append)
