@@ -4,12 +4,13 @@ In order: parse flags (``kosmos-tree``'s names for the shared ones: the host clu
 ``--kubeconfig``/``--master``/``--context`` and the Lease election, the agent's ``--reflector``
 with ``--tls-dir``), connect to the host cluster and to every member (``--member NAME=KUBECONFIG``,
 repeatable; ``--host-member NAME`` makes the host cluster a member too; ``--discover-members``
-adds the Clusters with a kubeconfig Secret, as kosmos-tree finds its leaves: :func:`discover_members`,
-read once at start), read each member's fabric configuration (:func:`fabric_members`: its global
-CIDR mapping from ``--global-cidr`` or its ``Cluster`` object in the host cluster, the address
-families it runs from the reflector's status when ``--reflector`` is given, else from the
-Cluster; and the global CIDR mappings of the Cluster objects that are not members, for a
-ClusterTree root member's endpoints running in its leaves), start the members' informers (the DNS
+adds the Clusters with a kubeconfig Secret, as kosmos-tree finds its leaves: :func:`discover_members`;
+with none yet, it waits for the first instead of exiting), read each member's fabric
+configuration (:func:`fabric_members`: its global CIDR mapping from ``--global-cidr`` or its
+``Cluster`` object in the host cluster, the address families it runs from the reflector's status
+when ``--reflector`` is given, else from the Cluster; and the global CIDR mappings of the
+Cluster objects that are not members, for a ClusterTree root member's endpoints running in its
+leaves), start the members' informers (the DNS
 responders answer from them on every replica), bind the clusterset DNS responders
 (``--dns-listen``: one per importing member, :mod:`mcs.dnsserver` says why), serve ``/metrics``
 (``fabric_mcs_*``), ``/healthz`` and ``/readyz``, watch the fabric's reachability records
@@ -19,7 +20,10 @@ then run the controller (:mod:`mcs.controller`) at once or while holding the Lea
 It runs until SIGTERM/SIGINT (clean stop, the Lease released, exit 0), until the Lease is lost
 (exit 1) or until a bug ends the controller (exit 1: the supervisor restarts it; a member's
 failing API server is no bug, see :mod:`mcs.controller`). Every ``--fabric-status-period`` the
-fabric configuration is read again and a change kicks a pass.
+fabric configuration is read again and a change kicks a pass; with ``--discover-members`` the
+Clusters are read again too, and a member joining or leaving ends the process (exit 0,
+:func:`membership_change`) for its supervisor to start it with the new set: members are fixed
+for a process's life.
 """
 
 from __future__ import annotations
@@ -232,6 +236,21 @@ def discover_members(host: Api, known: Sequence[str]) -> list[Member]:
     return out
 
 
+def membership_change(host: Api, fixed: Sequence[str], running: Sequence[str]) -> str | None:
+    """With ``--discover-members``: why the members must be read again (the host's Clusters
+    with a usable kubeconfig Secret are no longer the discovered ones this process runs with:
+    ``running`` minus the ``fixed`` ``--member``/``--host-member`` ones), None when they are
+    the same. Members are fixed for a process's life, so a change ends it and its supervisor
+    (the Deployment, the lab) starts it again with the new set."""
+    now = {m.name for m in discover_members(host, fixed)}
+    had = set(running) - set(fixed)
+    if now == had:
+        return None
+    parts = [f"{label} {', '.join(sorted(names))}" for label, names in (("joined", now - had), ("left", had - now))
+             if names]
+    return "members changed (" + "; ".join(parts) + ")"
+
+
 def connect_member(spec: MemberSpec) -> Api:
     """The member's API server from ``--member`` (module docstring); errors name the flag."""
     if spec.source.startswith(("http://", "https://")):
@@ -442,17 +461,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # a bad kubeconfig: say so, no traceback
         print(f"kosmos-mcs: connecting: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+    fixed = [m.name for m in members]  # --member and --host-member: never re-read
     if args.discover_members:
         try:
-            members += discover_members(host_api, [m.name for m in members])
+            members += discover_members(host_api, fixed)
         except Exception as e:  # no Cluster CRD, an unreachable host: say so
             print(f"kosmos-mcs: --discover-members: reading the host cluster's Cluster objects: "
                   f"{type(e).__name__}: {e}", file=sys.stderr)
             return 1
         if not members:
-            print("kosmos-mcs: --discover-members found no Cluster with a kubeconfig Secret, and no --member was "
-                  "given", file=sys.stderr)
-            return 1
+            # Right after install no Cluster is joined yet: wait for the first, not a crash loop.
+            members = _wait_for_members(host_api, args.fabric_status_period, listen)
+            if not members:
+                return 0  # SIGTERM while waiting
     names = [m.name for m in members]
     strangers = sorted({name for name, _l, _g in args.global_cidr if name not in names})
     if strangers:
@@ -472,10 +493,42 @@ def main(argv: Sequence[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         dns_for.append((name, host, port))
-    return _run(args, host_api, members, dns_for, listen, tls_dir)
+    return _run(args, host_api, members, fixed, dns_for, listen, tls_dir)
 
 
-def _run(args: argparse.Namespace, host_api: Api, members: list[Member], dns_for: list[tuple[str, str, int]],
+def _wait_for_members(host_api: Api, period: float, listen: str) -> list[Member]:
+    """``--discover-members`` found none and no ``--member`` was given: read the host's Clusters
+    every ``period`` seconds until one has a usable kubeconfig Secret; [] on SIGTERM/SIGINT.
+    Meanwhile ``/healthz`` answers (alive: no restart) and ``/readyz`` says what it waits for."""
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    why = "waiting for a member: no Cluster with a kubeconfig Secret in the host cluster"
+    try:
+        server = health.serve(listen, lambda: (True, "ok"), lambda: (False, why))
+    except (OSError, ValueError) as e:
+        print(f"kosmos-mcs: --listen {listen}: {e}", file=sys.stderr)
+        return []
+    _log.warning("--discover-members: no Cluster with a kubeconfig Secret in the host cluster yet (fabric-tool "
+                 "join --tree makes one); looking again every %gs", period)
+    try:
+        while not done.wait(period):
+            try:
+                found = discover_members(host_api, [])
+            except Exception as e:  # the host away for a while: keep waiting
+                _log.warning("--discover-members: reading the host cluster's Cluster objects: %s: %s",
+                             type(e).__name__, e)
+                continue
+            if found:
+                return found
+        return []
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _run(args: argparse.Namespace, host_api: Api, members: list[Member], fixed: list[str],
+         dns_for: list[tuple[str, str, int]],
          listen: str, tls_dir: tls.TLSDir | None) -> int:
     metrics = McsMetrics()
     pairs: dict[str, list[tuple[str, str]]] = {}
@@ -603,6 +656,16 @@ def _run(args: argparse.Namespace, host_api: Api, members: list[Member], dns_for
         _observe(metrics, ctl, members, reach)
         if waited >= next_conf:
             waited = 0.0
+            if args.discover_members:
+                try:
+                    why = membership_change(host_api, fixed, [m.name for m in members])
+                except Exception as e:  # the host away for a while: keep the members
+                    _log.warning("--discover-members: reading the host cluster's Cluster objects: %s: %s",
+                                 type(e).__name__, e)
+                    why = None
+                if why is not None:
+                    _log.warning("%s: exiting for the supervisor to start kosmos-mcs with them", why)
+                    break
             if configure():
                 ctl.global_cidrs = dict(fabric_others)  # replaced whole: a pass reads it on another thread
                 ctl.kick()

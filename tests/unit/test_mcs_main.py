@@ -12,6 +12,7 @@ import socket
 import struct
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 
@@ -216,25 +217,84 @@ def test_global_cidrs_from_the_command_line_win_and_spare_the_host() -> None:
     assert host.reads == 1, "every member given and the reflector answering: the host is not asked"
 
 
-def test_members_are_discovered_as_kosmos_tree_finds_its_leaves(two: dict[str, Api],
-                                                                caplog: pytest.LogCaptureFixture) -> None:
-    import base64
+def _host_with_clusters(host: Api) -> None:
+    """The Cluster CRD and the kosmos-system namespace in ``host``, as fabric-tool install leaves them."""
     from pathlib import Path
-
-    import yaml
 
     from tests import crds
 
-    host = two["east"]
     crds.install(host, [Path(__file__).resolve().parents[2] / "deploy/base/host/crd-clusters.yaml"], [mm.CLUSTERS_PATH])
+    host.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "kosmos-system"}})
+
+
+def _kubeconfig_secret(host: Api, name: str, server: str) -> None:
+    """Secret kosmos-system/NAME holding a kubeconfig of ``server`` (what join --tree writes)."""
+    import base64
+
+    import yaml
+
     kubeconfig = {"apiVersion": "v1", "kind": "Config", "current-context": "w",
-                  "clusters": [{"name": "w", "cluster": {"server": two["west"].host}}],
+                  "clusters": [{"name": "w", "cluster": {"server": server}}],
                   "users": [{"name": "u", "user": {"token": "t"}}],
                   "contexts": [{"name": "w", "context": {"cluster": "w", "user": "u"}}]}
-    host.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "kosmos-system"}})
     host.create("/api/v1/namespaces/kosmos-system/secrets", {
-        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "west-kubeconfig"},
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": name},
         "data": {"kubeconfig": base64.b64encode(yaml.safe_dump(kubeconfig).encode()).decode()}})
+
+
+def _tree_cluster(host: Api, name: str, secret: str) -> None:
+    host.create(mm.CLUSTERS_PATH, {"apiVersion": "kosmos.io/v1alpha1", "kind": "Cluster", "metadata": {"name": name},
+                                   "spec": {"clusterLinkOptions": {"podCIDRs": ["10.1.0.0/16"]}, "clusterTreeOptions": {
+                                       "enable": True,
+                                       "kubeconfigSecretRef": {"namespace": "kosmos-system", "name": secret}}}})
+
+
+def _http_status(url: str) -> int:
+    """The status of a GET of ``url``; 0 while nothing answers (not up yet, or the waiting
+    server handing its port over to the running one)."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+    except OSError:  # URLError, a reset connection
+        return 0
+
+
+def test_with_no_member_yet_it_waits_alive_then_restarts_when_members_change(two: dict[str, Api]) -> None:
+    """Right after install no Cluster is joined: kosmos-mcs --discover-members waits (alive, not
+    ready) instead of a crash loop, takes the first member that joins, and ends (exit 0, for its
+    supervisor to start it again) when the set of members changes."""
+    host = two["east"]
+    _host_with_clusters(host)
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mcs.main", "--master", host.host, "--leader-elect=false", "--discover-members",
+         "--fabric-status-period", "0.3", "--listen", f"127.0.0.1:{port}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_until(lambda: _http_status(f"{base}/readyz") == 503, 20, "not ready while no member is joined")
+        assert _http_status(f"{base}/healthz") == 200 and proc.poll() is None
+        _kubeconfig_secret(host, "west-kubeconfig", two["west"].host)
+        _tree_cluster(host, "west", "west-kubeconfig")
+        wait_until(lambda: _http_status(f"{base}/readyz") == 200, 20, "ready once west joined and synced")
+        host.request("DELETE", f"{mm.CLUSTERS_PATH}/west")
+        code = proc.wait(20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    assert code == 0, err[-3000:]
+    assert "members changed (left west)" in err, err[-3000:]
+
+
+def test_members_are_discovered_as_kosmos_tree_finds_its_leaves(two: dict[str, Api],
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    host = two["east"]
+    _host_with_clusters(host)
+    _kubeconfig_secret(host, "west-kubeconfig", two["west"].host)
     tree = {"enable": True, "kubeconfigSecretRef": {"namespace": "kosmos-system", "name": "west-kubeconfig"}}
     for name, opts in (("west", tree), ("north", {**tree, "kubeconfigSecretRef": {"namespace": "kosmos-system",
                                                                                    "name": "absent"}}),
@@ -247,6 +307,11 @@ def test_members_are_discovered_as_kosmos_tree_finds_its_leaves(two: dict[str, A
     found = mm.discover_members(host, ["east"])
     assert [(m.name, m.api.host) for m in found] == [("west", two["west"].host)]
     assert any("member north left out: reading Secret kosmos-system/absent" in r.getMessage() for r in caplog.records)
+    # Re-read while running: the same set is no change; a Cluster leaving or joining is.
+    assert mm.membership_change(host, ["east"], ["east", "west"]) is None
+    assert mm.membership_change(host, ["east"], ["east"]) == "members changed (joined west)"
+    host.request("DELETE", f"{mm.CLUSTERS_PATH}/west")
+    assert mm.membership_change(host, ["east"], ["east", "west"]) == "members changed (left west)"
 
 
 def test_repeated_informer_lines_are_let_through_once_a_window() -> None:
