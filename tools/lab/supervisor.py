@@ -5,7 +5,8 @@ It runs in labs with a ``role: host`` cluster (ClusterTree) or ``kosmos-mcs`` (e
 ``kubernetes: true`` lab: :mod:`tools.lab.mcs`), root namespace, started by
 ``lab up`` (which restarts it too when it died) and stopped first by ``lab down``. Every second
 it reads the state file; a supervised process (:func:`supervised`: the tree manager, each
-cluster's scheduler other than ``none`` and each cluster's DNS (:func:`tools.lab.kube.start_dns`),
+cluster's scheduler other than ``none`` (in labs with a host only) and each cluster's DNS
+(:func:`tools.lab.kube.start_dns`),
 and ``kosmos-mcs`` (:func:`tools.lab.mcs.start_mcs`, while every API server runs),
 all only while their API server runs) that is recorded
 but no longer running is started again by the lab's own starter
@@ -70,6 +71,11 @@ def supervised(state: LabState) -> dict[str, tuple[ProcRecord | None, Callable[[
     if host is not None and host.apiserver is not None and host.apiserver.running() and host.api_url:
         out["tree"] = (state.tree_proc, labtree.start_tree)
     for c in state.clusters:
+        # Schedulers only in ClusterTree labs, as before kosmos-mcs brought the supervisor to
+        # every Kubernetes lab: a plain lab's scheduler stays down when killed, which its HA test
+        # relies on (a killed holder is a lost node there; `lab up` starts it again).
+        if host is None:
+            break
         if c.scheduler == "none" or c.apiserver is None or not c.apiserver.running() or not c.api_url:
             continue
         name = c.name
