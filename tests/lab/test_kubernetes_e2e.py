@@ -336,12 +336,15 @@ def test_pods_resolve_service_names_through_the_cluster_dns(klab: KubeLab, tmp_p
         out = wait_until(lambda: resolves("getent", "hosts", "names.default.svc.cluster.local"), 20,
                          "getent hosts names.default.svc.cluster.local in the pod", interval=0.5)
         assert out.split()[0] == cluster_ip, out
-        out = resolves(sys.executable, "-c", "import socket; print(socket.getaddrinfo('names', 80, "
-                       "socket.AF_INET, socket.SOCK_STREAM)[0][4][0])")
-        assert out is not None and out.strip() == cluster_ip
+        # Each later lookup is retried too: one kubectl exec under a loaded CI can fail by itself.
+        out = wait_until(lambda: resolves(sys.executable, "-c", "import socket; print(socket.getaddrinfo("
+                                          "'names', 80, socket.AF_INET, socket.SOCK_STREAM)[0][4][0])"),
+                         20, "Python resolving names through the search path", interval=0.5)
+        assert out.strip() == cluster_ip
         api = klab.get("east", "service", "kubernetes")["spec"]["clusterIP"]
-        out = resolves("getent", "hosts", "kubernetes.default")
-        assert out is not None and out.split()[0] == api
+        out = wait_until(lambda: resolves("getent", "hosts", "kubernetes.default"), 20,
+                         "getent hosts kubernetes.default in the pod", interval=0.5)
+        assert out.split()[0] == api
         assert resolves("getent", "hosts", "nothere.default.svc.cluster.local") is None
     finally:
         klab.kubectl("east", "delete", "pod", "asker", "--timeout", "20s", check=False)
