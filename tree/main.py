@@ -134,10 +134,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"kosmos-tree: --log-level: {e}", file=sys.stderr)
         return 2
-    if not args.leader_elect_lease_duration > args.leader_elect_renew_deadline > args.leader_elect_retry_period:
-        print(f"kosmos-tree: leader election needs lease-duration > renew-deadline > retry-period (got "
-              f"{args.leader_elect_lease_duration}, {args.leader_elect_renew_deadline}, "
-              f"{args.leader_elect_retry_period})", file=sys.stderr)
+    problem = election.timing_problem(args.leader_elect_lease_duration, args.leader_elect_renew_deadline,
+                                      args.leader_elect_retry_period)
+    if problem:  # client-go's rules, as kosmos-scheduler and kosmos-mcs check them
+        print(f"kosmos-tree: leader election: {problem}", file=sys.stderr)
         return 2
     if args.fabric_cluster and not args.reflector:
         print("kosmos-tree: --fabric-cluster needs --reflector (the fabric's reachability comes from it)",

@@ -31,6 +31,7 @@ from fabric import netns as namespaces
 from fabric.agent import agent as agent_mod
 from fabric.agent import carrier, config
 from fabric.netlink import dataplane
+from tests.unit.test_agent_loop import _NoEvents, _NoProber
 from tests.waiting import wait_until_async
 
 INCOMPLETE, REACHABLE, STALE, FAILED, PERMANENT = 0x01, 0x02, 0x04, 0x20, 0x80
@@ -49,31 +50,6 @@ def peer_ns() -> Iterator[str]:
         yield name
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False)
-
-
-class _NoEvents:
-    def __init__(self, *_: object) -> None:
-        pass
-
-    def start(self) -> None:
-        pass
-
-    def stop(self) -> None:
-        pass
-
-
-class _NoProber:
-    def __init__(self, *_: object) -> None:
-        pass
-
-    def set_targets(self, targets: dict[str, tuple[str, str]]) -> None:
-        pass
-
-    def start(self) -> None:
-        pass
-
-    async def stop(self) -> None:
-        pass
 
 
 def _send_udp(ns: str, dst: str) -> None:
