@@ -161,11 +161,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from scheduler.plugins.kosmos_netaffinity import REACHABILITY_EVENT
 
         views = LeafViews()
-        sched.handle.leaf_views = views  # type: ignore[attr-defined]  # read by LeafNodeFit
+        sched.handle.leaf_views = views  # read by LeafNodeFit and LeafNodeFragmentation
         # read by NetworkAffinity; a pair that moves re-tries the pods it left unschedulable
         reach = Reachability(on_change=lambda: sched.queue.move_on_event(REACHABILITY_EVENT))
-        sched.handle.reachability = reach  # type: ignore[attr-defined]
-        sched.handle.fabric_cluster = args.fabric_cluster  # type: ignore[attr-defined]
+        sched.handle.reachability = reach
+        sched.handle.fabric_cluster = args.fabric_cluster
         feeds = RecordFeeds(args.reflector, tls_dir, [leaf_feed(views), reachability_feed(reach)])
         feeds.start()
     host, port = server.server_address[:2]

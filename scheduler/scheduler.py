@@ -41,7 +41,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from scheduler.cache import Cache, NodeSnapshot
 from scheduler.election import LeaderElector
@@ -51,6 +51,10 @@ from scheduler.metrics import SchedulerMetrics
 from scheduler.podutil import new_pod_info
 from scheduler.profile import DEFAULT_SCHEDULER, Profile, SchedulerConfig, build_profiles, default_config
 from scheduler.queue import QueuedPodInfo, SchedulingQueue
+
+if TYPE_CHECKING:
+    from scheduler.leafviews import LeafViews
+    from scheduler.netaffinity_records import Reachability
 
 _log = logging.getLogger(__name__)
 
@@ -209,11 +213,18 @@ def _chain_filters(filters: list[tuple[str, Callable[[NodeInfo], Status]]], pi: 
 
 class SchedulerHandle:
     """What plugins get (framework.Handle): the cycle's snapshot, the listers, and ``api`` (the
-    :class:`scheduler.kube.Api`) for PreBind writes."""
+    :class:`scheduler.kube.Api`) for PreBind writes. With ``kosmos-scheduler --reflector`` the
+    fabric's views too (None without: the plugins that read them then pass every node):
+    ``leaf_views`` (:class:`scheduler.leafviews.LeafViews`, LeafNodeFit and
+    LeafNodeFragmentation), ``reachability`` (:class:`scheduler.netaffinity_records.Reachability`,
+    NetworkAffinity) and ``fabric_cluster`` (the root's own fabric cluster name)."""
 
     def __init__(self, sched: Scheduler) -> None:
         self._sched = sched
         self.api = sched.api
+        self.leaf_views: LeafViews | None = None
+        self.reachability: Reachability | None = None
+        self.fabric_cluster: str | None = None
 
     def snapshot(self) -> NodeSnapshot:
         return self._sched.snapshot
