@@ -337,7 +337,9 @@ def test_pods_resolve_service_names_through_the_cluster_dns(klab: KubeLab, tmp_p
                          "getent hosts names.default.svc.cluster.local in the pod", interval=0.5)
         assert out.split()[0] == cluster_ip, out
         # Each later lookup is retried too: one kubectl exec under a loaded CI can fail by itself.
-        out = wait_until(lambda: resolves(sys.executable, "-c", "import socket; print(socket.getaddrinfo("
+        # The pod's python3 is the image's (the host's /usr/bin), never sys.executable: a
+        # container has a /tmp of its own, so a checkout under /tmp has no venv in the pod.
+        out = wait_until(lambda: resolves("python3", "-c", "import socket; print(socket.getaddrinfo("
                                           "'names', 80, socket.AF_INET, socket.SOCK_STREAM)[0][4][0])"),
                          20, "Python resolving names through the search path", interval=0.5)
         assert out.strip() == cluster_ip
