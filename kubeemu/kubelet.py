@@ -321,9 +321,20 @@ class LabKubelet:
         self._event_tasks.add(t)
         t.add_done_callback(self._event_tasks.discard)
 
-    async def _patch_status(self, ns: str, name: str, status: dict[str, Any]) -> None:
-        await self._req("PATCH", f"/api/v1/namespaces/{ns}/pods/{name}/status", {"status": status},
-                        "application/merge-patch+json", ok=(200, 404))
+    async def _patch_status(self, ns: str, name: str, uid: str, status: dict[str, Any]) -> None:
+        """PATCH pod ``ns/name``'s status, its ``uid`` in the patch as a precondition, as
+        upstream's status manager does (``PatchPodStatus`` puts ``metadata.uid`` into every
+        patch): a late report of a deleted pod never lands on a new pod of the same name (the
+        tree manager re-creates a deleted leaf copy under its old name within milliseconds).
+        Such a patch is refused (422: the uid is immutable) and dropped here; so is a 404."""
+        code, payload = await self._req("PATCH", f"/api/v1/namespaces/{ns}/pods/{name}/status",
+                                        {"metadata": {"uid": uid}, "status": status},
+                                        "application/merge-patch+json", ok=(200, 404, 409, 422))
+        if code in (409, 422):
+            message = str((payload or {}).get("message") or "")
+            if "uid" not in message.lower():
+                raise RuntimeError(f"PATCH pod {ns}/{name} status: {code} {message}")
+            _log.debug("pod %s/%s: status of uid %s dropped: the pod was replaced (%s)", ns, name, uid, message)
 
     async def _on_pod(self, etype: str, pod: dict[str, Any]) -> None:
         try:
@@ -371,7 +382,7 @@ class LabKubelet:
                 _log.warning("pod %s: rejected on %s: %s (%s)", key, node, refused.reason, refused.message)
                 self._post_event(meta["namespace"], meta["name"], uid, node, "Warning", refused.reason,
                                  refused.message.removeprefix("Pod was rejected: "))
-                await self._patch_status(meta["namespace"], meta["name"], {
+                await self._patch_status(meta["namespace"], meta["name"], uid, {
                     "phase": "Failed", "reason": refused.reason, "message": refused.message})
                 return
             lab_node.admitted[key] = pod
@@ -414,7 +425,7 @@ class LabKubelet:
             lab_node.used.difference_update(ips)
             lab_node.admitted.pop(key, None)
             _log.error("pod %s: creating its network on %s failed: %s", key, node, e)
-            await self._patch_status(meta["namespace"], meta["name"], {
+            await self._patch_status(meta["namespace"], meta["name"], uid, {
                 "phase": "Pending", "message": f"network setup failed: {e}", "reason": "NetworkSetupFailed"})
             return
         self.pods[key] = (node, ips)
@@ -429,7 +440,7 @@ class LabKubelet:
         statuses = [{"name": c["name"], "image": c.get("image", ""), "imageID": "", "ready": True, "started": True,
                      "restartCount": 0, "state": {"running": {"startedAt": t}}}
                     for c in (pod.get("spec") or {}).get("containers") or []]
-        await self._patch_status(meta["namespace"], meta["name"], {
+        await self._patch_status(meta["namespace"], meta["name"], uid, {
             "phase": "Running", "podIP": ips[0], "podIPs": [{"ip": ip} for ip in ips],
             "hostIP": lab_node.host_ips[0], "hostIPs": [{"ip": ip} for ip in lab_node.host_ips], "startTime": t,
             "conditions": conds, "containerStatuses": statuses})
@@ -483,9 +494,10 @@ class LabKubelet:
         assert self.runtime is not None
 
         async def sink(st: dict[str, Any]) -> None:
-            if st.get("phase") in ("Succeeded", "Failed"):
-                lab_node.admitted.pop(key, None)  # terminal pods no longer hold resources
-            await self._patch_status(info.namespace, info.name, st)
+            admitted = (lab_node.admitted.get(key) or {}).get("metadata") or {}
+            if st.get("phase") in ("Succeeded", "Failed") and admitted.get("uid") == info.uid:
+                lab_node.admitted.pop(key, None)  # terminal pods no longer hold resources (this pod's only)
+            await self._patch_status(info.namespace, info.name, info.uid, st)
 
         self.runtime.start(pod, info, sink)
         _log.info("pod %s: running on %s with %s (network %s); syncing its containers", key, info.node,
@@ -497,8 +509,9 @@ class LabKubelet:
         try:
             await self._remove(key, uid, pod, graceful=etype != "DELETED")
             if etype != "DELETED":
+                # The uid as a precondition (upstream's status manager): never a new pod of the name.
                 await self._req("DELETE", f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}",
-                                {"gracePeriodSeconds": 0}, ok=(200, 404))
+                                {"gracePeriodSeconds": 0, "preconditions": {"uid": uid}}, ok=(200, 404, 409))
         except (RuntimeError, aiohttp.ClientError, OSError, ValueError) as e:  # retried on the next event/re-list
             _log.error("pod %s: removing it failed: %s", key, e)
 

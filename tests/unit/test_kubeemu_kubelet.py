@@ -306,3 +306,49 @@ def test_pods_waiting_for_their_network_share_the_next_batch_and_fail_alone() ->
     assert results[1:3] == ["ns-ns/p0", "ns-ns/p1"] and results[4] == "ns-ns/p3"
     assert isinstance(results[3], OSError) and "injected" in str(results[3])
     assert kubelet._net_batches == {} and kubelet._net_waiting == {}
+
+
+def test_a_deleted_pods_late_status_and_delete_never_touch_a_new_pod_of_its_name() -> None:
+    """Upstream's status manager puts the pod's uid into every status patch and its final
+    DELETE: a report about the old ``p`` must not land on (or delete) a new ``p``, as the tree
+    manager re-creates a deleted leaf copy under its old name within milliseconds."""
+    with ServerThread(name="kl", graceful_pods=True) as srv:
+        kubelet = LabKubelet(srv.url, [LabNode("e1", "198.18.0.11", ("10.10.1.0/24",))], FakeNetwork(),
+                             renew_interval=0.2)
+        loop = asyncio.new_event_loop()
+        task = loop.create_task(kubelet.run())
+
+        def drive() -> None:
+            with contextlib.suppress(asyncio.CancelledError):
+                loop.run_until_complete(task)
+
+        t = threading.Thread(target=drive, daemon=True)
+        t.start()
+
+        def call(coro: Any) -> Any:
+            return asyncio.run_coroutine_threadsafe(coro, loop).result(10)
+
+        pods = srv.url + "/api/v1/namespaces/default/pods"
+        try:
+            wait_until(lambda: _http(srv.url + "/api/v1/nodes/e1").get("kind") == "Node", 5, "Node e1 registered")
+            # Bound to a node this kubelet does not run: only the calls below touch it.
+            body = {"metadata": {"name": "p"}, "spec": {"nodeName": "not-ours", "containers": [{"name": "c",
+                                                                                               "image": "x"}]}}
+            old_uid = _http(pods, "POST", body)["metadata"]["uid"]
+            _http(pods + "/p", "DELETE", {"gracePeriodSeconds": 0})
+            new_uid = _http(pods, "POST", body)["metadata"]["uid"]
+            assert new_uid != old_uid
+
+            call(kubelet._patch_status("default", "p", old_uid, {"phase": "Failed", "reason": "Old"}))
+            assert _http(pods + "/p")["status"].get("phase") != "Failed"
+            call(kubelet._patch_status("default", "p", new_uid, {"phase": "Failed", "reason": "Mine"}))
+            assert _http(pods + "/p")["status"]["reason"] == "Mine"
+
+            old = {"metadata": {"namespace": "default", "name": "p", "uid": old_uid,
+                                "deletionTimestamp": "2026-01-01T00:00:00Z"}, "spec": {"nodeName": "e1"}}
+            call(kubelet._delete("default/p", old_uid, old, "MODIFIED"))
+            assert _http(pods + "/p")["metadata"]["uid"] == new_uid
+        finally:
+            loop.call_soon_threadsafe(task.cancel)
+            t.join(5)
+            loop.close()
