@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 import pytest
 
 from tools import nsutil
+from tools.lab.state import state_dir
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -223,8 +224,51 @@ def lab_running(lab: LabT, *up_args: str, extra_pids: Callable[[LabT], set[int]]
         with contextlib.suppress(Exception):
             pids = lab_pids(lab) | (extra_pids(lab) if extra_pids is not None else set())
         lab.down_pids = pids
+        _save_logs(lab.name)
         lab.lab("down", check=False)
     assert_lab_gone(lab.name, pids, root_links)
+
+
+#: A failed lab test's report gets, per log file of its lab, at most this many of the last
+#: warning/error lines: what CI prints is often all anyone sees of a failure under load.
+DIGEST_LINES = 12
+_NOTEWORTHY = re.compile(r" (WARNING|ERROR|CRITICAL) |Traceback|Error:")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Attach a digest of the lab's logs to a failed lab test's report (:func:`log_digest`)."""
+    outcome = yield
+    rep = outcome.get_result()  # type: ignore[attr-defined]
+    if rep.when != "call" or not rep.failed:
+        return
+    labs = [v for v in getattr(item, "funcargs", {}).values() if isinstance(v, Lab)]
+    for lab in labs:
+        rep.sections.append((f"lab {lab.name}: last warnings and errors per log", log_digest(lab.name)))
+
+
+def log_digest(name: str) -> str:
+    """The last :data:`DIGEST_LINES` noteworthy lines of each of lab ``name``'s process logs."""
+    out = []
+    for path in sorted((state_dir(name) / "logs").glob("*.log")):
+        try:
+            lines = [ln for ln in path.read_text(errors="replace").splitlines() if _NOTEWORTHY.search(ln)]
+        except OSError as e:
+            lines = [f"(unreadable: {e})"]
+        if lines:
+            out.append(f"--- {path.name}")
+            out.extend(ln[:300] for ln in lines[-DIGEST_LINES:])
+    return "\n".join(out) or "(no warnings or errors logged)"
+
+
+def _save_logs(name: str) -> None:
+    """Copy the lab's process logs to ``$FABRIC_TEST_LAB_LOGS/<lab>`` (when set) before ``down``
+    removes them: how a failure seen once under load can be read afterwards."""
+    dest = os.environ.get("FABRIC_TEST_LAB_LOGS")
+    if not dest:
+        return
+    with contextlib.suppress(OSError):
+        shutil.copytree(state_dir(name) / "logs", Path(dest) / name, dirs_exist_ok=True)
 
 
 KubeLabT = TypeVar("KubeLabT", bound=KubeLab)
