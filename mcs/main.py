@@ -316,6 +316,8 @@ def cluster_fabric(obj: Obj) -> tuple[tuple[tuple[str, str], ...], tuple[int, ..
 
 #: Whether the host's missing Cluster resource was logged already (see :func:`fabric_members`).
 _NO_CLUSTERS_SAID: list[bool] = []
+#: (member, families known from the reflector) already warned of having no Cluster object.
+_NO_CLUSTER_OF: set[tuple[str, bool]] = set()
 
 
 def fabric_members(host: Api, names: Sequence[str], status: fapi.FabricStatus | None,
@@ -361,8 +363,11 @@ def fabric_members(host: Api, names: Sequence[str], status: fapi.FabricStatus | 
         if name in by_status:
             fams = by_status[name].ip_families
         if name not in clusters and name not in given and items:
-            _log.warning("member %s has no usable Cluster object in the host cluster: no global CIDRs, families %s",
-                         name, "from the reflector" if name in by_status else "IPv4")
+            said = (name, name in by_status)
+            _log.log(logging.DEBUG if said in _NO_CLUSTER_OF else logging.WARNING,  # once, not every period
+                     "member %s has no usable Cluster object in the host cluster: no global CIDRs, families %s",
+                     name, "from the reflector" if name in by_status else "IPv4")
+            _NO_CLUSTER_OF.add(said)
         out[name] = (cidrs, frozenset(_FAMILY[f] for f in fams if f in _FAMILY) or frozenset({"IPv4"}))
     return out
 
