@@ -157,8 +157,10 @@ def count_pods(policy: WorkloadPolicy, namespace: str, nodes: Iterable[NodeInfo]
     return counts
 
 
-def workload_replicas(handle: Handle, pod: PodInfo, division: ReplicaDivision, ident: str) -> int | str:
-    """The workload's replicas (step 1a of the header), or the reason there is no figure."""
+def workload_replicas(handle: Handle, pod: PodInfo, division: ReplicaDivision, ident: str) -> int | Status:
+    """The workload's replicas (step 1a of the header), or the Status saying why there is none:
+    Unschedulable while the pod's controller is not in the lister yet (it may come),
+    UnschedulableAndUnresolvable when there is nothing to read it from."""
     meta = pod.pod.get("metadata") or {}
     ns = meta.get("namespace", "")
     for ref in meta.get("ownerReferences") or []:
@@ -167,17 +169,18 @@ def workload_replicas(handle: Handle, pod: PodInfo, division: ReplicaDivision, i
             continue
         try:
             owner = handle.lister(resource).get(f"{ns}/{ref.get('name', '')}")
-        except KeyError:
+        except KeyError:  # a handle without that lister
             owner = None
         if owner is not None:
-            replicas = (owner.get("spec") or {}).get("replicas", 1)
-            return int(replicas) if isinstance(replicas, int) and not isinstance(replicas, bool) else 1
+            replicas = (owner.get("spec") or {}).get("replicas", 1)  # the API's default
+            return replicas if isinstance(replicas, int) and not isinstance(replicas, bool) else 1
         if division.replicas is None:
-            return f"the pod's controller {ref.get('kind')} {ns}/{ref.get('name')} is not known (yet)"
+            return unschedulable(f"workload-policy {ident}: the pod's controller {ref.get('kind')} "
+                                 f"{ns}/{ref.get('name')} is not known (yet) to read its replicas")
     if division.replicas is not None:
         return division.replicas
-    return (f"workload-policy {ident}: the pod has no ReplicaSet/StatefulSet/ReplicationController controller and "
-            f"spec.replicaScheduling.replicas is not set")
+    return unresolvable(f"workload-policy {ident}: the pod has no ReplicaSet/StatefulSet/ReplicationController "
+                        f"controller and spec.replicaScheduling.replicas is not set")
 
 
 def _matcher(tc: TargetCluster, group_labels: Mapping[str, list[Mapping[str, str]]]) -> Callable[[str], bool]:
@@ -300,8 +303,8 @@ class LeafNodeWorkloadPolicy:
         if div is None:
             return st, None
         replicas = workload_replicas(self.handle, pod, div, policy.ident)
-        if isinstance(replicas, str):
-            return st, unresolvable(replicas)
+        if isinstance(replicas, Status):
+            return st, replicas
         groups = [g for g in sorted(group_labels)
                   if all(s.allowed is None or (spread_of.get(g) or [set()] * len(st.spread))[j] & s.allowed
                          for j, s in enumerate(st.spread))]
