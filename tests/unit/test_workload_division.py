@@ -490,3 +490,87 @@ def test_a_broken_division_is_an_error_naming_the_policy() -> None:
     _, reasons = schedule_one([pl], web(0), nodes)
     assert reasons["a-1"].code == Code.ERROR and "WorkloadPolicy apps/wp: spec.replicaScheduling" in \
         reasons["a-1"].message()
+
+
+# ---------------------------------------------------------------------------------------------
+# The CRD: the new fields are served, wrong values refused as a real API server would
+# ---------------------------------------------------------------------------------------------
+
+DIVIDED_POLICY = """\
+apiVersion: kosmos.io/v1alpha1
+kind: WorkloadPolicy
+metadata: {name: web, namespace: workload-test}
+spec:
+  topologyKey: kosmos.io/cluster
+  labelSelector: {matchLabels: {app: web}}
+  allocationType: Required
+  replicaScheduling:
+    replicaSchedulingType: Divided
+    replicaDivisionPreference: Weighted
+    weightPreference:
+      staticWeightList:
+        - targetCluster: {clusterNames: [leaf-a]}
+          weight: 2
+        - targetCluster: {labelSelector: {matchLabels: {topology.kubernetes.io/region: eu}}, exclude: [leaf-c]}
+          weight: 1
+  spreadConstraints:
+    - {spreadByField: region, minGroups: 1, maxGroups: 2}
+    - {spreadByLabel: example.com/rack, maxGroups: 3}
+"""
+
+
+@pytest.fixture(scope="module")
+def emu() -> Any:
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from kubeemu.runner import ServerThread
+
+    kubectl_bin = shutil.which("kubectl")
+    if kubectl_bin is None:
+        pytest.skip("kubectl not installed")
+    crds = Path(__file__).resolve().parents[2] / "deploy" / "scheduler" / "crds"
+
+    def kubectl(server: str, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(kubectl_bin), "--server", server, *args], input=stdin, capture_output=True,
+                              text=True, timeout=60)
+
+    with ServerThread(name="kosmos-division-crd", service_cidrs=("10.96.0.0/24",)) as s:
+        assert kubectl(s.url, "apply", "-f", str(crds)).returncode == 0
+        assert kubectl(s.url, "create", "namespace", "workload-test").returncode == 0
+
+        def served() -> bool:
+            return "workloadpolicies.kosmos.io" in kubectl(s.url, "api-resources", "--api-group=kosmos.io", "-o",
+                                                           "name").stdout.split()
+
+        from tests.waiting import wait_until
+        wait_until(served, 30, "workloadpolicies.kosmos.io to be served")
+        yield lambda *a, stdin="": kubectl(s.url, *a, stdin=stdin)
+
+
+def test_crd_serves_the_division_fields_and_they_parse(emu: Any) -> None:
+    p = emu("create", "-f", "-", stdin=DIVIDED_POLICY)
+    assert p.returncode == 0, p.stderr
+    got = emu("get", "wlp", "-n", "workload-test", "web", "-o", "json")
+    assert got.returncode == 0, got.stderr
+    obj = json.loads(got.stdout)
+    assert obj["spec"]["replicaScheduling"]["weightPreference"]["staticWeightList"][1]["targetCluster"]["exclude"] \
+        == ["leaf-c"]
+    pol = WorkloadPolicy.parse(obj)
+    assert pol.division is not None and [w for _, w in pol.division.static] == [2, 1]
+    assert [(c.label, c.min_groups, c.max_groups) for c in pol.spread] == [
+        (REGION, 1, 2), ("example.com/rack", 1, 3)]  # minGroups defaulted by the schema
+
+
+@pytest.mark.parametrize(("change", "expect"), [
+    (("weight: 2", "weight: 0"), "weight: Invalid value"),
+    (("spreadByField: region", "spreadByField: provider"), 'Unsupported value: "provider"'),
+    (("replicaSchedulingType: Divided", "replicaSchedulingType: Duplicated"), 'Unsupported value: "Duplicated"'),
+    (("maxGroups: 3", "maxGroups: three"), "maxGroups: Invalid value"),
+], ids=["weight-0", "unknown-field", "duplicated", "maxGroups-string"])
+def test_crd_refuses_bad_division_fields(emu: Any, change: tuple[str, str], expect: str) -> None:
+    doc = DIVIDED_POLICY.replace("name: web,", "name: bad,").replace(*change)
+    p = emu("create", "-f", "-", stdin=doc)
+    assert p.returncode != 0, p.stdout
+    assert expect in p.stderr, p.stderr
