@@ -40,6 +40,16 @@ In the order a pod meets them:
    ``adv`` term with no part given admits every node. A ``policyName`` naming no term is an
    error the pod cannot get past until the policy changes (:class:`PolicyError`).
 
+3. A pod labelled ``workload-policy/kosmos.io`` follows a :class:`WorkloadPolicy` of its namespace
+   (:meth:`WorkloadPolicy.parse`, every refusal a :class:`PolicyError` naming ``ns/name`` and the
+   field): quotas per ``topologyKey`` value listed in ``allocationPolicy`` (Kosmos), or divided
+   from the workload's replicas by ``replicaScheduling`` (:class:`ReplicaDivision`, Karmada's
+   ReplicaSchedulingStrategy: Divided, Weighted by ``staticWeightList`` entries of
+   :class:`TargetCluster` and weight or by ``dynamicWeight: AvailableReplicas``, or Aggregated;
+   the arithmetic is :mod:`scheduler.division`), never both; and ``spreadConstraints``
+   (:class:`SpreadConstraint`, Karmada's: a node label, minGroups, maxGroups). The plugin
+   ``scheduler/plugins/kosmos_workloadpolicy.py`` applies them pod by pod.
+
 The Kubernetes matching rules themselves (label and node selectors, ``ToleratesTaint``) are
 :mod:`scheduler.selectors`, shared with the upstream plugins; here they are compiled strictly
 (:func:`label_selector_matches`, :func:`node_selector_matches`: a malformed selector is a
