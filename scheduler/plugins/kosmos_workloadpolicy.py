@@ -360,4 +360,4 @@ class LeafNodeWorkloadPolicy:
         return [ClusterEvent(WORKLOAD_POLICY, a) for a in ("Add", "Update", "Delete")] + [
             ClusterEvent("Pod", "Add"), ClusterEvent("Pod", "Update"), ClusterEvent("Pod", "Delete"),
             ClusterEvent("Node", "Add"), ClusterEvent("Node", "Update"),
-        ]
+        ] + [ClusterEvent(kind, a) for kind in CONTROLLERS for a in ("Add", "Update")]  # replicas scaled

@@ -574,3 +574,16 @@ def test_crd_refuses_bad_division_fields(emu: Any, change: tuple[str, str], expe
     p = emu("create", "-f", "-", stdin=doc)
     assert p.returncode != 0, p.stdout
     assert expect in p.stderr, p.stderr
+
+
+def test_scaling_the_controller_requeues_the_pods_the_policy_rejected() -> None:
+    """A pod rejected at its old target (or before its ReplicaSet was known) is moved when the
+    controller changes: the scheduler names the controllers' events, the plugin registers them."""
+    from scheduler.scheduler import OTHER_RESOURCES
+
+    names = {res: ev for _, res, ev in OTHER_RESOURCES}
+    events = {(e.resource, e.action) for e in LeafNodeWorkloadPolicy(Handle([]), {}).events_to_register()}
+    for kind, res in (("ReplicaSet", "replicasets"), ("StatefulSet", "statefulsets"),
+                      ("ReplicationController", "replicationcontrollers")):
+        assert names[res] == kind
+        assert {(kind, "Add"), (kind, "Update")} <= events
