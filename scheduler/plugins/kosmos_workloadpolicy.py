@@ -56,8 +56,9 @@ Per pod, in order (DaemonSet pods and pods without the label are skipped at PreF
    = (1 - count/desired)*100, ``Fill`` = count/desired*100, corrected so that full or unlisted
    domains score 0 and domains with room at least 1 (Kosmos' formula gave a full domain 100
    under Fill), so pods go to the groups furthest below their targets first. While a spread
-   constraint has fewer than ``minGroups`` groups used, a node in a group it does not use yet
-   scores 100 (spread first). Scores are already 0..100; no normalisation.
+   constraint (``minGroups`` > 1) has fewer than ``minGroups`` groups used, a node in a group it
+   does not use yet scores 100 if its domain is below its quota (spread first). Scores are
+   already 0..100; no normalisation.
 """
 
 from __future__ import annotations
@@ -299,7 +300,7 @@ class LeafNodeWorkloadPolicy:
                 return st, unschedulable(
                     f"workload-policy {policy.ident}: spreadConstraints[{c.index}] wants at least {c.min_groups} "
                     f"{c.name} group(s), {len(spread_room[i])} have room for the pod")
-            st.spread.append(_Spread(c, used, allowed, len(used) < c.min_groups))
+            st.spread.append(_Spread(c, used, allowed, c.min_groups > 1 and len(used) < c.min_groups))
         if div is None:
             return st, None
         replicas = workload_replicas(self.handle, pod, div, policy.ident)
@@ -348,13 +349,13 @@ class LeafNodeWorkloadPolicy:
         st: _State | None = state.get(_STATE_KEY)
         if st is None:
             return 0, SUCCESS
-        for s in st.spread:
-            if s.prefer_new and node.labels.get(s.constraint.label) not in s.used:
-                return 100, SUCCESS
         value = node.labels.get(st.policy.topology_key)
         if value is None:
             return 0, SUCCESS
-        return workload_score(st.counts.get(value, 0), st.quota(value), st.policy.method), SUCCESS
+        score = workload_score(st.counts.get(value, 0), st.quota(value), st.policy.method)
+        if score > 0 and any(s.prefer_new and node.labels.get(s.constraint.label) not in s.used for s in st.spread):
+            return 100, SUCCESS  # a group not used yet while minGroups is not reached, its domain below quota
+        return score, SUCCESS
 
     def events_to_register(self) -> Iterable[ClusterEvent]:
         return [ClusterEvent(WORKLOAD_POLICY, a) for a in ("Add", "Update", "Delete")] + [

@@ -587,3 +587,12 @@ def test_scaling_the_controller_requeues_the_pods_the_policy_rejected() -> None:
                       ("ReplicationController", "replicationcontrollers")):
         assert names[res] == kind
         assert {(kind, "Add"), (kind, "Update")} <= events
+
+
+def test_min_groups_boost_never_sends_a_pod_to_a_group_without_target() -> None:
+    """Spread by zone wants 2 zones; z2 is only in cluster b, whose static weight is 0 (target 0):
+    the new-zone boost does not apply there, the pods stay in a (Preferred: nothing rejects b)."""
+    nodes = [host("a-1", "a", labels={ZONE: "z1"}), host("b-1", "b", labels={ZONE: "z2"})]
+    pol = wlp({**static(a=1), "spreadConstraints": [{"spreadByField": "zone", "minGroups": 2}]}, atype="Preferred")
+    pl = LeafNodeWorkloadPolicy(Handle(nodes, workloadpolicies=[pol], replicasets=[replicaset("web-7d9c", 2)]), {})
+    assert [schedule_one([pl], web(i), nodes)[0] for i in range(2)] == ["a-1", "a-1"]
