@@ -99,7 +99,15 @@ from scheduler.policy import (
     label_selector_matches,
     workload_score,
 )
-from scheduler.selectors import RequiredNodeAffinity, find_untolerated, node_taints, pod_tolerations
+from scheduler.selectors import (
+    Matcher,
+    RequiredNodeAffinity,
+    SelectorError,
+    find_untolerated,
+    label_selector,
+    node_taints,
+    pod_tolerations,
+)
 
 _log = logging.getLogger(__name__)
 
@@ -133,28 +141,34 @@ class _State:
         return self.targets.get(value, 0) if self.targets is not None else self.policy.quota(value)
 
 
-def _policy_pods(policy: WorkloadPolicy, namespace: str, ni: NodeInfo) -> int:
+def _selector(policy: WorkloadPolicy) -> Matcher:
+    """The policy's labelSelector compiled once per cycle (strictly: :class:`PolicyError`)."""
+    try:
+        return label_selector(policy.selector, f"WorkloadPolicy {policy.ident}: spec.labelSelector")
+    except SelectorError as e:
+        raise PolicyError(str(e)) from None
+
+
+def _policy_pods(match: Matcher, namespace: str, ni: NodeInfo) -> int:
     n = 0
-    where = f"WorkloadPolicy {policy.ident}: spec.labelSelector"
     for p in ni.pods:
         meta = p.pod.get("metadata") or {}
         if meta.get("namespace", "") != namespace or meta.get("deletionTimestamp"):
             continue
-        if label_selector_matches(policy.selector, meta.get("labels") or {}, where):
+        if match(meta.get("labels") or {}):
             n += 1
     return n
 
 
-def count_pods(policy: WorkloadPolicy, namespace: str, nodes: Iterable[NodeInfo],
-               key: str | None = None) -> dict[str, int]:
-    """Pods of the policy per value of ``key`` (default the topologyKey; step 1 of the header)."""
-    key = key or policy.topology_key
+def count_pods(policy: WorkloadPolicy, namespace: str, nodes: Iterable[NodeInfo]) -> dict[str, int]:
+    """Pods of the policy per topology value (step 1 of the header)."""
+    match = _selector(policy)
     counts: dict[str, int] = {}
     for ni in nodes:
-        value = ni.labels.get(key)
+        value = ni.labels.get(policy.topology_key)
         if value is None:
             continue
-        counts[value] = counts.get(value, 0) + _policy_pods(policy, namespace, ni)
+        counts[value] = counts.get(value, 0) + _policy_pods(match, namespace, ni)
     return counts
 
 
@@ -273,9 +287,10 @@ class LeafNodeWorkloadPolicy:
         spread_room: list[set[str]] = [set() for _ in policy.spread]
         #: per topology value, the spread groups of its nodes (to restrict the division)
         spread_of: dict[str, list[set[str]]] = {}
+        match = _selector(policy)
         for ni in nodes:
             lab = ni.labels
-            n = _policy_pods(policy, ns, ni)
+            n = _policy_pods(match, ns, ni)
             r = room_of.of(ni) if room_of is not None else 0
             value = lab.get(key)
             if value is not None:
