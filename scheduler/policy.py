@@ -40,6 +40,16 @@ In the order a pod meets them:
    ``adv`` term with no part given admits every node. A ``policyName`` naming no term is an
    error the pod cannot get past until the policy changes (:class:`PolicyError`).
 
+3. A pod labelled ``workload-policy/kosmos.io`` follows a :class:`WorkloadPolicy` of its namespace
+   (:meth:`WorkloadPolicy.parse`, every refusal a :class:`PolicyError` naming ``ns/name`` and the
+   field): quotas per ``topologyKey`` value listed in ``allocationPolicy`` (Kosmos), or divided
+   from the workload's replicas by ``replicaScheduling`` (:class:`ReplicaDivision`, Karmada's
+   ReplicaSchedulingStrategy: Divided, Weighted by ``staticWeightList`` entries of
+   :class:`TargetCluster` and weight or by ``dynamicWeight: AvailableReplicas``, or Aggregated;
+   the arithmetic is :mod:`scheduler.division`), never both; and ``spreadConstraints``
+   (:class:`SpreadConstraint`, Karmada's: a node label, minGroups, maxGroups). The plugin
+   ``scheduler/plugins/kosmos_workloadpolicy.py`` applies them pod by pod.
+
 The Kubernetes matching rules themselves (label and node selectors, ``ToleratesTaint``) are
 :mod:`scheduler.selectors`, shared with the upstream plugins; here they are compiled strictly
 (:func:`label_selector_matches`, :func:`node_selector_matches`: a malformed selector is a
@@ -275,10 +285,153 @@ REQUIRED, PREFERRED = "Required", "Preferred"
 FILL, BALANCE = "Fill", "Balance"
 
 
+#: ``spec.replicaScheduling`` (Karmada's ReplicaSchedulingStrategy, see :mod:`scheduler.division`).
+DIVIDED, DUPLICATED = "Divided", "Duplicated"
+WEIGHTED, AGGREGATED = "Weighted", "Aggregated"
+AVAILABLE_REPLICAS = "AvailableReplicas"
+#: ``spreadByField`` -> the node label holding the group (a virtual node carries its leaf
+#: cluster's name in ``kosmos.io/cluster``, and region/zone when its leaf nodes agree).
+SPREAD_FIELDS = {"cluster": "kosmos.io/cluster", "region": "topology.kubernetes.io/region",
+                 "zone": "topology.kubernetes.io/zone"}
+
+
+@dataclass(frozen=True)
+class TargetCluster:
+    """Karmada's ClusterAffinity as a ``staticWeightList`` entry's ``targetCluster``, over groups
+    (values of the policy's topologyKey): not in ``exclude``, in ``clusterNames`` when given, and,
+    when ``labelSelector`` is given, some node of the group has matching labels (the virtual node
+    stands for its cluster, as Karmada's Cluster object). Nothing given matches every group."""
+
+    names: frozenset[str]
+    exclude: frozenset[str]
+    selector: Obj | None
+    where: str
+
+    def matches(self, group: str, labels: Iterable[Mapping[str, str]]) -> bool:
+        if group in self.exclude or (self.names and group not in self.names):
+            return False
+        if self.selector is None:
+            return True
+        return any(label_selector_matches(self.selector, lab, self.where) for lab in labels)
+
+
+@dataclass(frozen=True)
+class ReplicaDivision:
+    """``spec.replicaScheduling``, parsed: ``Divided`` replicas, ``Weighted`` by ``static``
+    (entries of (target, weight)) or by available replicas (``dynamic``), or ``Aggregated``;
+    ``replicas``: the workload's size when the pod has no controller to read it from."""
+
+    preference: str
+    static: tuple[tuple[TargetCluster, int], ...]
+    dynamic: bool
+    replicas: int | None
+
+    @property
+    def by_room(self) -> bool:
+        """Targets depend on the room per group (dynamic weights or Aggregated)."""
+        return self.dynamic or self.preference == AGGREGATED
+
+
+@dataclass(frozen=True)
+class SpreadConstraint:
+    """One ``spec.spreadConstraints`` entry: the node label whose values are the groups, at least
+    ``min_groups`` groups must have room, at most ``max_groups`` (0: no maximum) hold pods."""
+
+    index: int
+    label: str
+    name: str  # the spreadByField value, or the label for spreadByLabel
+    min_groups: int
+    max_groups: int
+
+
+def _int_field(value: Any, where: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise PolicyError(f"{where} {value!r}: must be an integer >= {minimum}")
+    return value
+
+
+def _parse_division(raw: Any, ident: str) -> ReplicaDivision:
+    where = f"WorkloadPolicy {ident}: spec.replicaScheduling"
+    if not isinstance(raw, Mapping):
+        raise PolicyError(f"{where}: must be an object, got {raw!r}")
+    stype = raw.get("replicaSchedulingType") or DIVIDED
+    if stype != DIVIDED:
+        raise PolicyError(f"{where}.replicaSchedulingType {stype!r}: only {DIVIDED} is supported (pods are placed "
+                          f"one at a time in one cluster: {DUPLICATED} has no meaning here)")
+    pref = raw.get("replicaDivisionPreference") or WEIGHTED
+    if pref not in (WEIGHTED, AGGREGATED):
+        raise PolicyError(f"{where}.replicaDivisionPreference {pref!r} is neither {WEIGHTED} nor {AGGREGATED}")
+    wp = raw.get("weightPreference")
+    if wp is not None and not isinstance(wp, Mapping):
+        raise PolicyError(f"{where}.weightPreference: must be an object, got {wp!r}")
+    wp = wp or {}
+    if pref == AGGREGATED and wp:
+        raise PolicyError(f"{where}.weightPreference: only for replicaDivisionPreference {WEIGHTED}")
+    dyn = wp.get("dynamicWeight") or ""
+    if dyn and dyn != AVAILABLE_REPLICAS:
+        raise PolicyError(f"{where}.weightPreference.dynamicWeight {dyn!r}: only {AVAILABLE_REPLICAS} is supported")
+    lst = wp.get("staticWeightList") or []
+    if dyn and lst:
+        raise PolicyError(f"{where}.weightPreference: give staticWeightList or dynamicWeight, not both")
+    if not isinstance(lst, list):
+        raise PolicyError(f"{where}.weightPreference.staticWeightList: must be a list, got {lst!r}")
+    static: list[tuple[TargetCluster, int]] = []
+    for i, e in enumerate(lst):
+        ew = f"{where}.weightPreference.staticWeightList[{i}]"
+        if not isinstance(e, Mapping):
+            raise PolicyError(f"{ew}: must be an object, got {e!r}")
+        weight = _int_field(e.get("weight"), f"{ew}.weight", 1)
+        tc = e.get("targetCluster")
+        if not isinstance(tc, Mapping):
+            raise PolicyError(f"{ew}.targetCluster: must be an object, got {tc!r}")
+        names, excl = tc.get("clusterNames") or [], tc.get("exclude") or []
+        for fname, val in (("clusterNames", names), ("exclude", excl)):
+            if not isinstance(val, list) or not all(isinstance(n, str) and n for n in val):
+                raise PolicyError(f"{ew}.targetCluster.{fname} {val!r}: must be a list of names")
+        sel = tc.get("labelSelector")
+        sw = f"{ew}.targetCluster.labelSelector"
+        if sel is not None:
+            label_selector_matches(sel, {}, sw)  # compile once: a malformed selector is refused now
+        static.append((TargetCluster(frozenset(names), frozenset(excl), sel, sw), weight))
+    replicas = raw.get("replicas")
+    if replicas is not None:
+        replicas = _int_field(replicas, f"{where}.replicas", 0)
+    return ReplicaDivision(pref, tuple(static), bool(dyn), replicas)
+
+
+def _parse_spread(raw: Any, ident: str) -> tuple[SpreadConstraint, ...]:
+    where = f"WorkloadPolicy {ident}: spec.spreadConstraints"
+    if not isinstance(raw, list):
+        raise PolicyError(f"{where}: must be a list, got {raw!r}")
+    out: list[SpreadConstraint] = []
+    for i, c in enumerate(raw):
+        cw = f"{where}[{i}]"
+        if not isinstance(c, Mapping):
+            raise PolicyError(f"{cw}: must be an object, got {c!r}")
+        by_field, by_label = c.get("spreadByField") or "", c.get("spreadByLabel") or ""
+        if bool(by_field) == bool(by_label):
+            raise PolicyError(f"{cw}: give exactly one of spreadByField and spreadByLabel")
+        if by_field and by_field not in SPREAD_FIELDS:
+            raise PolicyError(f"{cw}.spreadByField {by_field!r} is none of {', '.join(SPREAD_FIELDS)}")
+        if by_label and not isinstance(by_label, str):
+            raise PolicyError(f"{cw}.spreadByLabel {by_label!r}: must be a label key")
+        lo = _int_field(c.get("minGroups", 1), f"{cw}.minGroups", 0)
+        hi = _int_field(c.get("maxGroups", 0), f"{cw}.maxGroups", 0)
+        if hi and hi < lo:
+            raise PolicyError(f"{cw}: maxGroups {hi} is below minGroups {lo}")
+        label = SPREAD_FIELDS[by_field] if by_field else str(by_label)
+        if any(s.label == label for s in out):
+            raise PolicyError(f"{cw}: a second constraint on {by_field or by_label!r}")
+        out.append(SpreadConstraint(i, label, by_field or by_label, lo, hi))
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class WorkloadPolicy:
     """A WorkloadPolicy's spec, parsed and defaulted as the CRD defaults it
-    (allocationType Preferred, allocationMethod Balance)."""
+    (allocationType Preferred, allocationMethod Balance). ``division``: the replicas per
+    topology value come from ``spec.replicaScheduling`` instead of ``allocationPolicy`` (never
+    both); ``spread``: ``spec.spreadConstraints``."""
 
     ident: str  # ns/name
     topology_key: str
@@ -286,6 +439,8 @@ class WorkloadPolicy:
     quotas: Mapping[str, int]
     required: bool
     method: str
+    division: ReplicaDivision | None = None
+    spread: tuple[SpreadConstraint, ...] = ()
 
     @classmethod
     def parse(cls, obj: Mapping[str, Any]) -> WorkloadPolicy:
@@ -309,7 +464,15 @@ class WorkloadPolicy:
             except (KeyError, TypeError, ValueError) as e:
                 raise PolicyError(f"WorkloadPolicy {ident}: spec.allocationPolicy[{i}] {a!r}: needs name and "
                                   f"integer replicas") from e
-        return cls(ident, key, dict(spec.get("labelSelector") or {}), quotas, atype == REQUIRED, method)
+        division = None
+        if spec.get("replicaScheduling") is not None:
+            if quotas:
+                raise PolicyError(f"WorkloadPolicy {ident}: spec.allocationPolicy and spec.replicaScheduling both "
+                                  f"set the replicas per {key!r} value; give one")
+            division = _parse_division(spec["replicaScheduling"], ident)
+        spread = _parse_spread(spec.get("spreadConstraints") or [], ident)
+        return cls(ident, key, dict(spec.get("labelSelector") or {}), quotas, atype == REQUIRED, method,
+                   division, spread)
 
     def quota(self, value: str) -> int:
         """Desired replicas for a topology value: a value the policy does not list wants none."""

@@ -66,8 +66,9 @@ NO_NODES_AVAILABLE = "no nodes available to schedule pods"
 
 #: (group/version, resource, ClusterEvent resource name) of the informers besides pods and nodes;
 #: the plugins read them through ``Handle.lister(resource)``. An empty event name: changes move no
-#: pods (namespaces for InterPodAffinity's namespaceSelector; the controllers PodTopologySpread's
-#: default constraints take selectors from, as upstream, which registers no events for them).
+#: pods (namespaces for InterPodAffinity's namespaceSelector). The controllers: PodTopologySpread's
+#: default constraints take selectors from them and registers no events for them, as upstream;
+#: LeafNodeWorkloadPolicy reads the workload's replicas from them and registers their events.
 OTHER_RESOURCES: tuple[tuple[str, str, str], ...] = (
     ("v1", "persistentvolumeclaims", "PersistentVolumeClaim"),
     ("v1", "persistentvolumes", "PersistentVolume"),
@@ -78,9 +79,9 @@ OTHER_RESOURCES: tuple[tuple[str, str, str], ...] = (
     ("kosmos.io/v1alpha1", "clusterdistributionpolicies", "ClusterDistributionPolicy"),
     ("kosmos.io/v1alpha1", "workloadpolicies", "WorkloadPolicy"),
     ("v1", "namespaces", ""),
-    ("v1", "replicationcontrollers", ""),
-    ("apps/v1", "replicasets", ""),
-    ("apps/v1", "statefulsets", ""),
+    ("v1", "replicationcontrollers", "ReplicationController"),
+    ("apps/v1", "replicasets", "ReplicaSet"),
+    ("apps/v1", "statefulsets", "StatefulSet"),
 )
 
 

@@ -23,6 +23,9 @@ its end; the node set grows (e4) and lf1 becomes "virtual" only in the tests tha
 5. DistributionPolicy (``kosmos-scheduler`` profile): ``name`` -> ``leaf`` puts the pod on the
    virtual node lf1 although it prefers e1; ``namePrefix`` -> ``host`` keeps pods off lf1
    although they prefer it.
+6. WorkloadPolicy replica division (issue 19 item 5): a Deployment's pods are divided over node
+   groups by static weights 2:1 (6 replicas: 4 and 2, a group no entry names: 0), read from its
+   ReplicaSet's ``spec.replicas``; scaled to 9, the new pods make it 6 and 3.
 
 Needs root (the lab) and kubectl; passes only with the scheduler built (issue 16).
 """
@@ -330,3 +333,53 @@ spec:
     finally:
         slab.kubectl(EAST, "taint", "node", "lf1", f"{LEAF_LABEL}=true:NoSchedule-", check=False)
         slab.kubectl(EAST, "label", "node", "lf1", f"{LEAF_LABEL}-", check=False)
+
+
+def test_workload_policy_divides_replicas_by_static_weight(slab: SchedLab, ns: str) -> None:
+    """Groups (label ``example.com/group``): g1 = e1, e2; g2 = the other host nodes; g3 = lf1.
+    Weights g1:2, g2:1, Required: the ReplicaSet's 6 replicas land 4/2/0; at 9, 6/3/0."""
+    group = "example.com/group"
+    names = sorted(n["metadata"]["name"] for n in slab.get(EAST, "nodes")["items"])
+    groups = {n: "g1" if n in ("e1", "e2") else "g3" if n == "lf1" else "g2" for n in names}
+    for n, g in groups.items():
+        slab.kubectl(EAST, "label", "node", n, f"{group}={g}", "--overwrite")
+    try:
+        slab.apply(EAST, f"""apiVersion: kosmos.io/v1alpha1
+kind: WorkloadPolicy
+metadata: {{name: wp, namespace: {ns}}}
+spec:
+  topologyKey: {group}
+  labelSelector: {{matchLabels: {{app: divided}}}}
+  allocationType: Required
+  replicaScheduling:
+    replicaSchedulingType: Divided
+    replicaDivisionPreference: Weighted
+    weightPreference:
+      staticWeightList:
+        - {{targetCluster: {{clusterNames: [g1]}}, weight: 2}}
+        - {{targetCluster: {{clusterNames: [g2]}}, weight: 1}}
+""")
+
+        def deployment(replicas: int) -> str:
+            return f"""apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: divided, namespace: {ns}}}
+spec:
+  replicas: {replicas}
+  selector: {{matchLabels: {{app: divided}}}}
+  template:
+    metadata: {{labels: {{app: divided, workload-policy/kosmos.io: wp}}}}
+    spec:
+      schedulerName: kosmos-scheduler
+      terminationGracePeriodSeconds: 0
+      containers: [{{name: c, image: registry.k8s.io/pause:3.10, resources: {{requests: {{cpu: 10m}}}}}}]
+"""
+
+        for replicas, want in ((6, {"g1": 4, "g2": 2}), (9, {"g1": 6, "g2": 3})):
+            slab.apply(EAST, deployment(replicas))
+            pods = _wait_bound(slab, ns, "app=divided", replicas)
+            assert Counter(groups[p["spec"]["nodeName"]] for p in pods) == want, [
+                (p["metadata"]["name"], p["spec"]["nodeName"]) for p in pods]
+    finally:
+        for n in groups:
+            slab.kubectl(EAST, "label", "node", n, f"{group}-", check=False)
