@@ -41,7 +41,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -284,6 +284,28 @@ def _web_in_leafa(tlab: AppsLab) -> tuple[dict[str, Any], dict[str, Any]] | None
     return roots[0], copies[0]
 
 
+def _wait_web(tlab: AppsLab, timeout: float, message: str,
+              predicate: Callable[[], tuple[dict[str, Any], dict[str, Any]] | None] | None = None,
+              ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """:func:`wait_until` ``predicate`` (default :func:`_web_in_leafa`); a time-out's message
+    carries what web's root pods and leafa's copies looked like then: under load in CI, the
+    failure's text is often all anyone sees of it."""
+    try:
+        return wait_until(predicate or (lambda: _web_in_leafa(tlab)), timeout, message, interval=POLL_S)
+    except AssertionError as e:
+        state = [f"root {_brief(p)}" for p in tlab.get("root", "pods", "-n", NS, "-l", "app=web")["items"]]
+        state += [f"leafa copy {_brief(c)}" for c in tlab.copies("leafa")]
+        raise AssertionError("\n".join([str(e), *state])) from None
+
+
+def _brief(pod: dict[str, Any]) -> str:
+    m, st = pod["metadata"], pod.get("status") or {}
+    conds = ",".join(f"{c['type']}={c['status']}" for c in st.get("conditions") or [])
+    return (f"{m['name']} uid={m['uid']} root-uid={(m.get('labels') or {}).get('kosmos.io/root-uid')} "
+            f"node={pod['spec'].get('nodeName')} phase={st.get('phase')} ip={st.get('podIP')} "
+            f"deleting={m.get('deletionTimestamp')} reason={st.get('reason')} message={st.get('message')} [{conds}]")
+
+
 HTTP_GET = "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode().strip())"
 
 
@@ -294,8 +316,7 @@ def _get_from_netns(netns: str, url: str) -> str:
 
 
 def test_a_pinned_deployment_runs_in_the_leaf_and_answers_across_clusters(tlab: AppsLab) -> None:
-    root_pod, copy = wait_until(lambda: _web_in_leafa(tlab), 120, "web Running in leafa, its IP on the root pod",
-                                interval=POLL_S)
+    root_pod, copy = _wait_web(tlab, 120, "web Running in leafa, its IP on the root pod")
     name = root_pod["metadata"]["name"]
     assert root_pod["spec"]["nodeName"] == "kosmos-leafa"
     assert copy["spec"]["nodeName"] in ("a1", "a2") and copy["metadata"]["name"] == name
@@ -326,7 +347,7 @@ def test_a_pinned_deployment_runs_in_the_leaf_and_answers_across_clusters(tlab: 
 
 
 def test_logs_exec_and_leaf_events_through_the_virtual_node(tlab: AppsLab) -> None:
-    root_pod, _ = wait_until(lambda: _web_in_leafa(tlab), 60, "web Running in leafa", interval=POLL_S)
+    root_pod, _ = _wait_web(tlab, 60, "web Running in leafa")
     name = root_pod["metadata"]["name"]
     logs = tlab.kubectl("root", "logs", "-n", NS, name, "-c", "web").stdout
     assert f"serving as {name}" in logs, logs
@@ -347,7 +368,7 @@ def test_logs_exec_and_leaf_events_through_the_virtual_node(tlab: AppsLab) -> No
 
 
 def test_configmap_and_secret_reach_the_leaf_process_and_edits_follow(tlab: AppsLab) -> None:
-    root_pod, _ = wait_until(lambda: _web_in_leafa(tlab), 60, "web Running in leafa", interval=POLL_S)
+    root_pod, _ = _wait_web(tlab, 60, "web Running in leafa")
     out = tlab.kubectl("root", "exec", "-n", NS, root_pod["metadata"]["name"], "--", "sh", "-c",
                        'echo "$GREETING $token $(cat /etc/webcfg/greeting) $(cat /etc/websec/token)"').stdout
     assert out.split() == ["hello-from-root", "s3cr3t", "hello-from-root", "s3cr3t"]
@@ -371,12 +392,11 @@ def _no_orphans(tlab: AppsLab) -> None:
 
 
 def test_deleting_the_root_pod_deletes_its_leaf_copy(tlab: AppsLab) -> None:
-    old, _ = wait_until(lambda: _web_in_leafa(tlab), 60, "web Running in leafa", interval=POLL_S)
+    old, _ = _wait_web(tlab, 60, "web Running in leafa")
     old_uid = old["metadata"]["uid"]
     tlab.kubectl("root", "delete", "pod", "-n", NS, old["metadata"]["name"], "--wait=false")
     wait_until(lambda: tlab.copies("leafa", old_uid) == [], 60, "the old leaf copy gone", interval=POLL_S)
-    new, _ = wait_until(lambda: _web_in_leafa(tlab), 120, "the Deployment's new pod Running in leafa",
-                        interval=POLL_S)
+    new, _ = _wait_web(tlab, 120, "the Deployment's new pod Running in leafa")
     assert new["metadata"]["uid"] != old_uid
     # The new pod started after the ConfigMap edit: its leaf process reads the edited data.
     out = tlab.kubectl("root", "exec", "-n", NS, new["metadata"]["name"], "--", "sh", "-c",
@@ -388,14 +408,14 @@ def test_deleting_the_root_pod_deletes_its_leaf_copy(tlab: AppsLab) -> None:
 
 
 def test_a_leaf_side_deletion_is_repaired_and_the_root_pod_kept(tlab: AppsLab) -> None:
-    root_pod, copy = wait_until(lambda: _web_in_leafa(tlab), 60, "web Running in leafa", interval=POLL_S)
+    root_pod, copy = _wait_web(tlab, 60, "web Running in leafa")
     tlab.kubectl("leafa", "delete", "pod", "-n", NS, copy["metadata"]["name"], "--wait=false")
 
     def repaired() -> tuple[dict[str, Any], dict[str, Any]] | None:
         got = _web_in_leafa(tlab)
         return got if got is not None and got[1]["metadata"]["uid"] != copy["metadata"]["uid"] else None
 
-    after, new_copy = wait_until(repaired, 90, "a new leaf copy Running", interval=POLL_S)
+    after, new_copy = _wait_web(tlab, 90, "a new leaf copy Running", repaired)
     assert after["metadata"]["uid"] == root_pod["metadata"]["uid"]
     assert new_copy["metadata"]["labels"]["kosmos.io/root-uid"] == root_pod["metadata"]["uid"]
     _no_orphans(tlab)
@@ -445,7 +465,7 @@ def test_placement_in_the_leaf_by_annotation_and_by_convert_policy(tlab: AppsLab
 
 
 def test_unjoin_of_a_leaf_with_running_pods_removes_only_our_copies(tlab: AppsLab) -> None:
-    a_root, a_copy = wait_until(lambda: _web_in_leafa(tlab), 60, "web Running in leafa", interval=POLL_S)
+    a_root, a_copy = _wait_web(tlab, 60, "web Running in leafa")
     tlab.apply("root", WEBB)
 
     def webb_in_leafb() -> dict[str, Any] | None:
