@@ -71,7 +71,7 @@ import yaml
 from fabric import crd
 from fabric.control import api, identity, pki
 from tools import lab, nsutil
-from tools.lab import labpki
+from tools.lab import labpki, schedulers
 
 _log = logging.getLogger(__name__)
 
@@ -140,9 +140,15 @@ def load_kustomization(path: Path) -> list[dict[str, Any]]:
 
 
 def host_objects(for_lab: bool) -> list[dict[str, Any]]:
-    """Namespace, CRD, reflector RBAC (and, outside a lab, its Deployment and Service)."""
+    """Namespace, CRDs, the components' RBAC (and, outside a lab, their Deployments and Services).
+    A lab keeps the scheduler's policy CRDs out: the lab installs them into every cluster itself
+    (tools.lab.schedulers.install_crds) for its own schedulers, so ``uninstall`` must not delete them."""
     objs = load_kustomization(DEPLOY / "base" / "namespace.yaml") + load_kustomization(DEPLOY / "base" / "host")
-    return [o for o in objs if not (for_lab and o.get("kind") in LAB_SKIPPED_KINDS)]
+    if not for_lab:
+        return objs
+    lab_crds = {d["metadata"]["name"] for d in schedulers.crd_manifests()}
+    return [o for o in objs if o.get("kind") not in LAB_SKIPPED_KINDS
+            and not (o.get("kind") == "CustomResourceDefinition" and o["metadata"]["name"] in lab_crds)]
 
 
 #: Pod-template annotation of the agent DaemonSet: a digest of its ConfigMap's data. The agent
