@@ -7,7 +7,12 @@ features they use (``resources``, ``namespace``, ``labels``) and refuses anythin
 What each step does, in order:
 
 - ``install`` (host cluster): the Namespace, the Cluster CRD (waits until it is served), the
-  reflector's RBAC, its Deployment and Service. With ``--lab NAME`` the reflector is the lab's
+  reflector's RBAC, its Deployment and Service, and likewise kosmos-mcs, kosmos-tree and
+  kosmos-scheduler (with the other CRDs of ``deploy/base/host``). Then the certificates
+  (:func:`ensure_certificates`): the fabric CA, the reflector's server certificate, the
+  add-ons' client certificates (``mcs/clusterset``, ``tree/<UID of kube-system>``,
+  ``scheduler/kosmos-scheduler``) and kosmos-tree's kubelet serving certificate, each a Secret
+  the manifests mount. With ``--lab NAME`` the reflector is the lab's
   process instead of a Deployment: it is restarted with ``--topology-source=kubernetes`` and a
   kubeconfig holding only the host context, in the lab's underlay namespace, reaching the
   emulated API server (root namespace, 127.0.0.1) through ``--kube-netns``.
@@ -49,6 +54,7 @@ import contextlib
 import copy
 import dataclasses
 import datetime
+import functools
 import hashlib
 import ipaddress
 import json
@@ -65,7 +71,7 @@ import yaml
 from fabric import crd
 from fabric.control import api, identity, pki
 from tools import lab, nsutil
-from tools.lab import labpki
+from tools.lab import labpki, schedulers
 
 _log = logging.getLogger(__name__)
 
@@ -134,9 +140,15 @@ def load_kustomization(path: Path) -> list[dict[str, Any]]:
 
 
 def host_objects(for_lab: bool) -> list[dict[str, Any]]:
-    """Namespace, CRD, reflector RBAC (and, outside a lab, its Deployment and Service)."""
+    """Namespace, CRDs, the components' RBAC (and, outside a lab, their Deployments and Services).
+    A lab keeps the scheduler's policy CRDs out: the lab installs them into every cluster itself
+    (tools.lab.schedulers.install_crds) for its own schedulers, so ``uninstall`` must not delete them."""
     objs = load_kustomization(DEPLOY / "base" / "namespace.yaml") + load_kustomization(DEPLOY / "base" / "host")
-    return [o for o in objs if not (for_lab and o.get("kind") in LAB_SKIPPED_KINDS)]
+    if not for_lab:
+        return objs
+    lab_crds = {d["metadata"]["name"] for d in schedulers.crd_manifests()}
+    return [o for o in objs if o.get("kind") not in LAB_SKIPPED_KINDS
+            and not (o.get("kind") == "CustomResourceDefinition" and o["metadata"]["name"] in lab_crds)]
 
 
 #: Pod-template annotation of the agent DaemonSet: a digest of its ConfigMap's data. The agent
@@ -410,6 +422,22 @@ REFLECTOR_TLS_SECRET = "kosmos-fabric-reflector-tls"
 MCS_TLS_SECRET = "kosmos-mcs-tls"
 MCS_IDENTITY = identity.role(identity.MCS, "clusterset")
 MCS_CERT_LIFETIME = datetime.timedelta(days=365)
+#: ``kosmos-tree``'s client certificate (deploy/base/host/tree.yaml): identity ``tree/<root id>``,
+#: the root id being the UID of the host's ``kube-system`` namespace (kosmos-tree's ``--root-id``
+#: default, read as :func:`tree.main.root_id` reads it); the reflector lets it publish only as that.
+TREE_TLS_SECRET = "kosmos-tree-tls"
+#: The serving certificate of ``kosmos-tree``'s kubelet server (kubectl logs/exec through the
+#: virtual nodes), a ``kubernetes.io/tls`` Secret. kube-apiserver checks a kubelet's certificate
+#: only with ``--kubelet-certificate-authority``; it is issued from the fabric CA for the
+#: Service's names so that such a check can be set up with that CA.
+TREE_KUBELET_TLS_SECRET = "kosmos-tree-kubelet-tls"
+TREE_NAME = "kosmos-tree"
+#: ``kosmos-scheduler``'s client certificate (deploy/base/host/scheduler.yaml): it reads the tree
+#: manager's and the fabric's records as :data:`SCHEDULER_IDENTITY`.
+SCHEDULER_TLS_SECRET = "kosmos-scheduler-tls"
+SCHEDULER_IDENTITY = identity.role(identity.SCHEDULER, "kosmos-scheduler")
+#: Lifetime of the add-ons' certificates (issued again by the next install once no longer valid).
+ADDON_CERT_LIFETIME = datetime.timedelta(days=365)
 #: A member's bootstrap credential (``bootstrap/<cluster>``), mounted by the agent DaemonSet:
 #: agents exchange it for their own certificates (fabric.control.bootstrap).
 BOOTSTRAP_SECRET = "kosmos-fabric-bootstrap"
@@ -471,19 +499,53 @@ def bootstrap_secret(ca: pki.CA, cluster: str, ttl_s: float = DEFAULT_BOOTSTRAP_
     return tls_secret(BOOTSTRAP_SECRET, pki.cert_pem(cert), pki.key_pem(key), ca.pem)
 
 
+def client_tls_secret(ca: pki.CA, name: str, who: identity.Identity,
+                      lifetime: datetime.timedelta = ADDON_CERT_LIFETIME) -> dict[str, Any]:
+    """An add-on's client certificate Secret ``name`` (identity ``who``, key made here), mounted
+    as its ``--tls-dir``."""
+    key = pki.new_key()
+    cert = ca.sign_client(who, key.public_key(), lifetime=lifetime)
+    return tls_secret(name, pki.cert_pem(cert), pki.key_pem(key), ca.pem)
+
+
 def mcs_tls_secret(ca: pki.CA) -> dict[str, Any]:
     """``kosmos-mcs``'s client certificate (:data:`MCS_IDENTITY`, a year; ``install`` issues it
     again once it is no longer acceptable, as the reflector's)."""
+    return client_tls_secret(ca, MCS_TLS_SECRET, MCS_IDENTITY, MCS_CERT_LIFETIME)
+
+
+def tree_identity(kube: Kube, target: Target) -> identity.Identity:
+    """``tree/<root id>`` of the host: the UID of its ``kube-system`` namespace, as kosmos-tree
+    derives its root id when the Deployment passes no ``--root-id``."""
+    ns = kube.get("v1", "Namespace", "kube-system")
+    uid = ((ns or {}).get("metadata") or {}).get("uid")
+    if not uid:
+        raise InstallError(f"{target}: namespace kube-system {'has no metadata.uid' if ns else 'not found'}: "
+                           f"kosmos-tree's root id (and its certificate tree/<root id>) comes from it")
+    try:
+        return identity.role(identity.TREE, str(uid))
+    except ValueError as e:
+        raise InstallError(f"{target}: kube-system's UID as kosmos-tree's root id: {e}") from None
+
+
+#: The names kosmos-tree's kubelet server is known by in the host (its Service).
+TREE_KUBELET_DNS = (TREE_NAME, f"{TREE_NAME}.{NAMESPACE}", f"{TREE_NAME}.{NAMESPACE}.svc",
+                    f"{TREE_NAME}.{NAMESPACE}.svc.cluster.local")  # fmt: skip
+
+
+def tree_kubelet_tls_secret(ca: pki.CA) -> dict[str, Any]:
+    """The serving certificate of kosmos-tree's kubelet server (:data:`TREE_KUBELET_TLS_SECRET`)."""
     key = pki.new_key()
-    cert = ca.sign_client(MCS_IDENTITY, key.public_key(), lifetime=MCS_CERT_LIFETIME)
-    return tls_secret(MCS_TLS_SECRET, pki.cert_pem(cert), pki.key_pem(key), ca.pem)
+    cert = ca.sign_server(key.public_key(), dns_names=TREE_KUBELET_DNS)
+    return tls_secret(TREE_KUBELET_TLS_SECRET, pki.cert_pem(cert), pki.key_pem(key), ca.pem)
 
 
 def ensure_certificates(kube: Kube, target: Target, progress: Progress, ca: pki.CA | None = None) -> pki.CA:
     """install: the CA Secret (made with ``ca`` or a new CA when absent; an existing one is kept,
-    never overwritten), the reflector's server certificate Secret and ``kosmos-mcs``'s client
-    certificate Secret (each made again when absent or not acceptable under the CA: expired,
-    another CA, another usage)."""
+    never overwritten), the reflector's server certificate Secret, the add-ons' client
+    certificate Secrets (``kosmos-mcs``, ``kosmos-tree`` as ``tree/<root id>``,
+    ``kosmos-scheduler``) and ``kosmos-tree``'s kubelet serving certificate (each made again when
+    absent or not acceptable under the CA: expired, another CA, another usage, another identity)."""
     live = kube.get("v1", "Secret", CA_SECRET, NAMESPACE)
     if live is None:
         ca = ca or pki.make_ca()
@@ -493,20 +555,31 @@ def ensure_certificates(kube: Kube, target: Target, progress: Progress, ca: pki.
         ca = ca_from_secret(live)
         progress(f"install: Secret {NAMESPACE}/{CA_SECRET} kept (the fabric CA is never replaced)")
     _ensure_leaf_secret(kube, ca, progress, REFLECTOR_TLS_SECRET, "server", reflector_tls_secret)
-    _ensure_leaf_secret(kube, ca, progress, MCS_TLS_SECRET, "client", mcs_tls_secret)
+    tree_who = tree_identity(kube, target)
+    for name, who, lifetime in ((MCS_TLS_SECRET, MCS_IDENTITY, MCS_CERT_LIFETIME),
+                                (TREE_TLS_SECRET, tree_who, ADDON_CERT_LIFETIME),
+                                (SCHEDULER_TLS_SECRET, SCHEDULER_IDENTITY, ADDON_CERT_LIFETIME)):
+        _ensure_leaf_secret(kube, ca, progress, name, "client",
+                            functools.partial(client_tls_secret, name=name, who=who, lifetime=lifetime), who=who)
+    _ensure_leaf_secret(kube, ca, progress, TREE_KUBELET_TLS_SECRET, "server", tree_kubelet_tls_secret)
     return ca
 
 
 def _ensure_leaf_secret(kube: Kube, ca: pki.CA, progress: Progress, name: str, usage: pki.Usage,
-                        make: Callable[[pki.CA], dict[str, Any]]) -> None:
-    """The certificate Secret ``name``: kept while acceptable for ``usage`` under ``ca``, else
-    ``make`` issues it again (the Secret's data replaced whole)."""
+                        make: Callable[[pki.CA], dict[str, Any]], who: identity.Identity | None = None) -> None:
+    """The certificate Secret ``name``: kept while acceptable for ``usage`` under ``ca`` (and,
+    given ``who``, of that identity: kosmos-tree's follows the host's root id), else ``make``
+    issues it again (the Secret's data replaced whole)."""
     live = kube.get("v1", "Secret", name, NAMESPACE)
     why = "absent"
     if live is not None:
         try:
-            why = pki.explain(_secret_bytes(live, pki.CERT_FILE), ca.pem, usage) or ""
-        except InstallError as e:
+            cert = _secret_bytes(live, pki.CERT_FILE)
+            why = pki.explain(cert, ca.pem, usage) or ""
+            if not why and who is not None:
+                have = pki.certificate_identity(pki.load_cert(cert, f"Secret {NAMESPACE}/{name}"))
+                why = "" if have == who else f"its identity is {have}, not {who}"
+        except (InstallError, ValueError) as e:  # no certificate, or not one identity URI (PKIError)
             why = str(e)
     if not why:
         progress(f"install: Secret {NAMESPACE}/{name} kept (valid under the CA)")

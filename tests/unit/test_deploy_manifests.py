@@ -165,6 +165,15 @@ def test_base_renders_the_expected_objects(base: dict[tuple[str, str], dict[str,
         ("Deployment", "kosmos-mcs"), ("Service", "kosmos-mcs"), ("PodDisruptionBudget", "kosmos-mcs"),
         ("ServiceAccount", "kosmos-mcs-member"), ("ClusterRole", "kosmos-mcs-member"),
         ("ClusterRoleBinding", "kosmos-mcs-member"),
+        ("ServiceAccount", "kosmos-tree"), ("ClusterRole", "kosmos-tree"), ("ClusterRoleBinding", "kosmos-tree"),
+        ("Deployment", "kosmos-tree"), ("Service", "kosmos-tree"), ("PodDisruptionBudget", "kosmos-tree"),
+        ("CustomResourceDefinition", "distributionpolicies.kosmos.io"),
+        ("CustomResourceDefinition", "clusterdistributionpolicies.kosmos.io"),
+        ("CustomResourceDefinition", "workloadpolicies.kosmos.io"),
+        ("ServiceAccount", "kosmos-scheduler"), ("ClusterRole", "kosmos-scheduler"),
+        ("ClusterRoleBinding", "kosmos-scheduler"), ("Role", "kosmos-scheduler"), ("RoleBinding", "kosmos-scheduler"),
+        ("ConfigMap", "kosmos-scheduler-config"), ("Deployment", "kosmos-scheduler"), ("Service", "kosmos-scheduler"),
+        ("PodDisruptionBudget", "kosmos-scheduler"),
     }
     for (kind, name), obj in base.items():
         namespaced = kind not in ("Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding")
@@ -186,7 +195,7 @@ def test_every_rendered_object_validates_against_the_kubernetes_schema(
             continue
         kv.validate(obj, K8S_VERSION, strict=True)  # raises ValidationError naming the field
         checked += 1
-    assert checked == len(monitoring) - 3  # three ServiceMonitors
+    assert checked == len(monitoring) - 5  # five ServiceMonitors
 
 
 @needs_kubectl
@@ -323,10 +332,54 @@ EXPECTED_RULES: dict[tuple[str, str], list[dict[str, Any]]] = {
         {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "list", "watch"]},
         {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]},
     ],
+    # kosmos-tree in the root (test_deploy_tree_scheduler.py checks it against the manager's calls).
+    ("ClusterRole", "kosmos-tree"): [
+        {"apiGroups": ["kosmos.io"], "resources": ["clusters", "podconvertpolicies", "clusterpodconvertpolicies"],
+         "verbs": ["list", "watch"]},
+        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
+        {"apiGroups": [""], "resources": ["nodes/status"], "verbs": ["patch"]},
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "delete"]},
+        {"apiGroups": [""], "resources": ["pods/status"], "verbs": ["update"]},
+        {"apiGroups": [""], "resources": ["events"], "verbs": ["get", "create", "patch"]},
+        {"apiGroups": [""], "resources": ["configmaps", "secrets", "serviceaccounts"],
+         "verbs": ["get", "list", "watch"]},
+        {"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["get", "list", "watch", "patch"]},
+        {"apiGroups": [""], "resources": ["persistentvolumeclaims/status"], "verbs": ["patch"]},
+        {"apiGroups": [""], "resources": ["persistentvolumes"],
+         "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
+        {"apiGroups": [""], "resources": ["persistentvolumes/status"], "verbs": ["patch"]},
+        {"apiGroups": [""], "resources": ["namespaces"], "resourceNames": ["kube-system"], "verbs": ["get"]},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update", "delete"]},
+    ],
+    # kosmos-scheduler (test_deploy_tree_scheduler.py checks it against the scheduler's informers and writes).
+    ("ClusterRole", "kosmos-scheduler"): [
+        {"apiGroups": [""], "resources": ["pods", "nodes", "namespaces", "services", "replicationcontrollers"],
+         "verbs": ["list", "watch"]},
+        {"apiGroups": [""], "resources": ["pods/binding"], "verbs": ["create"]},
+        {"apiGroups": [""], "resources": ["pods/status"], "verbs": ["patch"]},
+        {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
+        {"apiGroups": [""], "resources": ["persistentvolumeclaims", "persistentvolumes"],
+         "verbs": ["list", "watch", "patch"]},
+        {"apiGroups": ["storage.k8s.io"], "resources": ["storageclasses"], "verbs": ["list", "watch"]},
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]},
+        {"apiGroups": ["apps"], "resources": ["replicasets", "statefulsets"], "verbs": ["list", "watch"]},
+        {"apiGroups": ["kosmos.io"], "resources": ["distributionpolicies", "clusterdistributionpolicies",
+                                                   "workloadpolicies"], "verbs": ["list", "watch"]},
+    ],
+    ("Role", "kosmos-scheduler"): [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": ["kosmos-scheduler"],
+         "verbs": ["get", "update"]},
+    ],
 }
-#: The one rule of the base that reads Secrets: kosmos-mcs reads the members' kubeconfig
-#: Secrets by name (get only: no list/watch), in its own namespace (a Role, not a ClusterRole).
-SECRET_READERS = {("Role", "kosmos-mcs"): {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}}
+#: The rules of the base that read Secrets: kosmos-mcs reads the members' kubeconfig Secrets by
+#: name (get only: no list/watch), in its own namespace (a Role, not a ClusterRole); kosmos-tree,
+#: the kubelet of its virtual nodes, watches every Secret to mirror those its pods use into the
+#: leaves (as a kubelet reads its pods' Secrets), the leaves' kubeconfigs among them.
+SECRET_READERS = {("Role", "kosmos-mcs"): {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
+                  ("ClusterRole", "kosmos-tree"): {"apiGroups": [""],
+                                                   "resources": ["configmaps", "secrets", "serviceaccounts"],
+                                                   "verbs": ["get", "list", "watch"]}}
 
 
 @needs_kubectl
@@ -350,7 +403,8 @@ def test_rbac_is_exactly_the_least_privilege_list(base: dict[tuple[str, str], di
         assert ("ServiceAccount", name) in base
     sa_of = {("DaemonSet", "kosmos-fabric-agent"): "kosmos-fabric-agent",
              ("Deployment", "kosmos-fabric-reflector"): "kosmos-fabric-reflector",
-             ("Deployment", "kosmos-mcs"): "kosmos-mcs"}
+             ("Deployment", "kosmos-mcs"): "kosmos-mcs", ("Deployment", "kosmos-tree"): "kosmos-tree",
+             ("Deployment", "kosmos-scheduler"): "kosmos-scheduler"}
     for key, sa in sa_of.items():
         assert base[key]["spec"]["template"]["spec"]["serviceAccountName"] == sa
 
@@ -361,13 +415,14 @@ def test_monitoring_overlay_adds_only_servicemonitors_and_the_agent_metrics_serv
 ) -> None:
     added = set(monitoring) - set(base)
     assert added == {("ServiceMonitor", "kosmos-fabric-agent"), ("ServiceMonitor", "kosmos-fabric-reflector"),
-                     ("ServiceMonitor", "kosmos-mcs"), ("Service", "kosmos-fabric-agent-metrics")}
+                     ("ServiceMonitor", "kosmos-mcs"), ("ServiceMonitor", "kosmos-tree"),
+                     ("ServiceMonitor", "kosmos-scheduler"), ("Service", "kosmos-fabric-agent-metrics")}
     assert all(monitoring[k] == v for k, v in base.items())
     agent_svc = monitoring[("Service", "kosmos-fabric-agent-metrics")]
     ds_labels = base[("DaemonSet", "kosmos-fabric-agent")]["spec"]["template"]["metadata"]["labels"]
     assert agent_svc["spec"]["clusterIP"] == "None"
     assert agent_svc["spec"]["selector"].items() <= ds_labels.items()
-    for sm_name in ("kosmos-fabric-agent", "kosmos-fabric-reflector", "kosmos-mcs"):
+    for sm_name in ("kosmos-fabric-agent", "kosmos-fabric-reflector", "kosmos-mcs", "kosmos-tree", "kosmos-scheduler"):
         sm = monitoring[("ServiceMonitor", sm_name)]
         targets = [o for k, o in monitoring.items() if k[0] == "Service"
                    and sm["spec"]["selector"]["matchLabels"].items() <= o["metadata"]["labels"].items()]
@@ -628,13 +683,16 @@ def test_every_flag_the_manifests_pass_exists() -> None:
     from fabric.agent import config as agent_config
     from fabric.control import reflector_cli
     from mcs import main as mcs_main
+    from scheduler import main as scheduler_main
+    from tree import main as tree_main
 
     def flags(parser: Any) -> set[str]:
         return {s for a in parser._actions for s in a.option_strings}
 
     known = {"fabric-agent": flags(agent_config.build_parser()),
              "fabric-reflector": flags(reflector_cli.build_parser()),
-             "kosmos-mcs": flags(mcs_main.parser())}
+             "kosmos-mcs": flags(mcs_main.parser()), "kosmos-tree": flags(tree_main.parser()),
+             "kosmos-scheduler": flags(scheduler_main.parser())}
     seen = 0
     for f in (REPO / "deploy" / "base").rglob("*.yaml"):
         for doc in yaml.safe_load_all(f.read_text()):
@@ -646,4 +704,4 @@ def test_every_flag_the_manifests_pass_exists() -> None:
                     flag = arg.split("=", 1)[0]
                     assert flag in known[prog], f"{f.name}: {prog} has no flag {flag}"
                     seen += 1
-    assert seen >= 8
+    assert seen >= 30

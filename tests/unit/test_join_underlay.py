@@ -115,9 +115,35 @@ def test_join_writes_and_a_rerun_updates_the_member(kube: tuple[install.Target, 
     mcs_cert = base64.b64decode(mcs_secret[pki.CERT_FILE])
     assert pki.certificate_identity(pki.load_cert(mcs_cert)) == install.MCS_IDENTITY
     assert pki.explain(mcs_cert, ca.pem, "client") is None
+    # kosmos-tree's: tree/<UID of kube-system> (its --root-id default); kosmos-scheduler's.
+    root_uid = _get(url, "/api/v1/namespaces/kube-system")["metadata"]["uid"]
+    addons = {install.TREE_TLS_SECRET: identity.role("tree", root_uid),
+              install.SCHEDULER_TLS_SECRET: install.SCHEDULER_IDENTITY}
+    addon_data = {}
+    for name, who in addons.items():
+        data = addon_data[name] = _get(url, f"/api/v1/namespaces/kosmos-system/secrets/{name}")["data"]
+        cert = base64.b64decode(data[pki.CERT_FILE])
+        assert pki.certificate_identity(pki.load_cert(cert)) == who, name
+        assert pki.explain(cert, ca.pem, "client") is None, name
+        assert base64.b64decode(data[pki.CA_FILE]) == ca.pem
+    kubelet_path = f"/api/v1/namespaces/kosmos-system/secrets/{install.TREE_KUBELET_TLS_SECRET}"
+    kubelet = _get(url, kubelet_path)
+    assert kubelet["type"] == "kubernetes.io/tls"
+    assert pki.explain(base64.b64decode(kubelet["data"][pki.CERT_FILE]), ca.pem, "server") is None
     assert install.ensure_certificates(host, target, quiet.append).pem == ca.pem  # never overwritten
     assert _get(url, ca_path)["data"] == ca_secret
     assert _get(url, mcs_path)["data"] == mcs_secret  # still acceptable: kept
+    assert all(_get(url, f"/api/v1/namespaces/kosmos-system/secrets/{n}")["data"] == d for n, d in addon_data.items())
+    assert _get(url, kubelet_path)["data"] == kubelet["data"]
+    # A tree certificate of another root id (a Secret copied from another cluster) is issued again.
+    other = install.client_tls_secret(ca, install.TREE_TLS_SECRET, identity.role("tree", "another-root"))
+    host.delete(other)
+    host.apply(other)
+    install.ensure_certificates(host, target, quiet.append)
+    assert any(install.TREE_TLS_SECRET in m and "not tree/" in m for m in quiet), quiet[-6:]
+    cert = base64.b64decode(_get(url, f"/api/v1/namespaces/kosmos-system/secrets/{install.TREE_TLS_SECRET}")
+                            ["data"][pki.CERT_FILE])
+    assert pki.certificate_identity(pki.load_cert(cert)) == addons[install.TREE_TLS_SECRET]
     opts = install.JoinOptions(pod_cidrs=OPTS.pod_cidrs, service_cidrs=OPTS.service_cidrs,
                                nic_overrides=(("e1", "eth1"),), bootstrap_ttl_s=600)
     install.join("east", target, target, opts, reflector="r:4880", wait=False, progress=quiet.append)

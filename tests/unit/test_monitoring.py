@@ -73,7 +73,8 @@ def test_dashboard_covers_both_components() -> None:
 def test_scrape_config_targets_both_components() -> None:
     doc = yaml.safe_load((MONITORING / "prometheus-scrape.yaml").read_text())
     jobs = {j["job_name"]: j for j in doc["scrape_configs"]}
-    assert set(jobs) == {"kosmos-fabric-agent", "kosmos-fabric-reflector", "kosmos-mcs"}
+    assert set(jobs) == {"kosmos-fabric-agent", "kosmos-fabric-reflector", "kosmos-mcs", "kosmos-tree",
+                         "kosmos-scheduler"}
     for job in jobs.values():
         assert job["kubernetes_sd_configs"] == [{"role": "pod"}]
         actions = [r.get("action", "replace") for r in job["relabel_configs"]]
