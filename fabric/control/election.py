@@ -1,10 +1,23 @@
-"""Gateway election, a pure function of the topology and the probes' reports.
+"""Gateway election, a pure function of the topology and the liveness evidence.
 
 Every gateway-mode cluster (and every P2P cluster, for its service CIDRs) has one active gateway
 and at most one hot standby, chosen among its candidates that are present, by the fewest peers
 reporting them unreachable, then by the order of the candidates; an incumbent keeps its role
 while it is as good as any other (no flapping). The reflector stores the result in the
 topology (``Topology.roles``) so that :func:`fabric.control.planner.plan` stays pure.
+
+Evidence, and what it proves (issue 21 section 3). A session says the *agent* talks to the
+reflector; the probes through the tunnel say the *dataplane* forwards (the peer's kernel
+answers them, no process is involved). A gateway forwards with its agent dead or restarting, so
+a session that ended is not by itself a dead gateway: a node whose session ended less than the
+reflector's session-loss grace ago (``lingering``) keeps its roles unless its peers also report
+it unreachable - then it is dead (a cut machine loses both at once, and the probes detect it in
+0.3 s). It is the split routers make between a control plane that restarts and forwarding that
+goes on (graceful restart with BFD: the forwarding path's own liveness decides, not the routing
+session's), and what Submariner learnt under load: a gateway that failed to renew its lease
+under heavy load lost its role (submariner#2747), and since submariner#2763 a lost lease leaves
+the cable driver as it is, so losing the control side alone disrupts nothing. Only past the
+grace without a session is the node taken for gone.
 """
 
 from __future__ import annotations
@@ -33,20 +46,24 @@ def elect(
     topology: types.Topology,
     connected: Collection[types.NodeKey],
     unreachable: Mapping[types.NodeKey, int],
+    lingering: Collection[types.NodeKey] = frozenset(),
 ) -> tuple[types.GatewayRole, ...]:
     """The gateway roles the reflector should plan with, given its liveness view.
 
-    ``connected``: nodes with an open session. ``unreachable``: per node, how many *other* nodes
-    currently report it unreachable through the tunnel (their probes stopped being answered).
-    A candidate is *healthy* when connected and reported by nobody.
+    ``connected``: nodes with an open session. ``lingering``: nodes whose session ended within
+    the session-loss grace (see the module docstring): they count as *up* for keeping a role
+    (never preferred over a connected candidate for taking one). ``unreachable``: per node, how
+    many *other* nodes currently report it unreachable through the tunnel (their probes stopped
+    being answered). A candidate is *healthy* when up and reported by nobody.
 
     Rules, per cluster (pure, deterministic for equal inputs):
 
-    * The current active gateway keeps the role while it is connected and nobody reports it
-      (sticky: a healed old gateway does not take the role back).
-    * Otherwise the role moves to the best connected candidate - fewest reports, then the
-      configured order - but only if that candidate is strictly better than the current one
-      (or the current one lost its session). One peer whose own link is broken reports every
+    * The current active gateway keeps the role while it is up (connected or lingering) and
+      nobody reports it (sticky: a healed old gateway does not take the role back; an agent
+      restart on the active gateway moves nothing).
+    * Otherwise the role moves to the best up candidate - connected before lingering, fewest
+      reports, then the configured order - but only if that candidate is strictly better than
+      the current one (or the current one is not up any more). One peer whose own link is broken reports every
       gateway alike and so moves nothing; a dead gateway is reported by all its peers and moves.
     * Without any connected candidate the current gateway stays (its dataplane may still work);
       with no current gateway, the first candidate in the topology is taken.
@@ -62,7 +79,9 @@ def elect(
     for c in topology.config.clusters:
         cands = candidates(c, present.get(c.name, ()))
         if cands:
-            roles.append(_elect_cluster(c.name, cands, topology.role(c.name), connected, unreachable))
+            roles.append(
+                _elect_cluster(c.name, cands, topology.role(c.name), connected, unreachable, lingering)
+            )
     return tuple(sorted(roles))
 
 
@@ -96,14 +115,16 @@ def _elect_cluster(
     current: types.GatewayRole | None,
     connected: Collection[types.NodeKey],
     unreachable: Mapping[types.NodeKey, int],
+    lingering: Collection[types.NodeKey],
 ) -> types.GatewayRole:
     """:func:`elect` for one cluster with at least one candidate present."""
     order = {name: i for i, name in enumerate(cands)}
-    up = {name for name in cands if types.NodeKey(cluster, name) in connected}
+    live = {name for name in cands if types.NodeKey(cluster, name) in connected}
+    up = live | {name for name in cands if types.NodeKey(cluster, name) in lingering}
     score = {name: unreachable.get(types.NodeKey(cluster, name), 0) for name in cands}
 
     def rank(name: str) -> tuple[int, int, int]:
-        return (0 if name in up else 1, score[name], order[name])
+        return (0 if name in live else 1 if name in up else 2, score[name], order[name])
 
     active = current.active if current is not None and current.active in order else ""
     if not active:
