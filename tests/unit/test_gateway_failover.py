@@ -247,7 +247,8 @@ def test_elect_keeps_a_lingering_gateway_and_moves_it_on_reports_or_after_grace(
     got = west(election.elect(fresh, everyone - {W1.key}, {}, {W1.key}))
     assert got.active == "w2"
     # Pure: equal inputs, equal outputs.
-    assert election.elect(topo, everyone, {W1.key: 2}, {W3.key}) == election.elect(topo, everyone, {W1.key: 2}, {W3.key})
+    args = (topo, everyone, {W1.key: 2}, {W3.key})
+    assert election.elect(*args) == election.elect(*args)
 
 
 def test_reports_of_an_agent_heard_again_after_a_silence_are_held_then_counted() -> None:
