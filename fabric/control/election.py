@@ -29,6 +29,10 @@ from fabric import types
 
 _log = logging.getLogger(__name__)
 
+#: A lone report (one peer says a node with a session is unreachable, nobody else does) counts
+#: only once it has stood this long: see :func:`confirmed_scores`.
+LONE_REPORT_CONFIRM_S = 0.5
+
 # --------------------------------------------------------------------------------------------
 # Election
 # --------------------------------------------------------------------------------------------
@@ -98,15 +102,56 @@ def unreachable_scores(
     is not counted. Without this, a healed old gateway's stale report would make the new active
     gateway look dead and pull the role back (a flap).
     """
-    scores: dict[types.NodeKey, int] = {}
+    return {k: len(by) for k, by in _reporters(reports, probe_targets).items()}
+
+
+def _reporters(
+    reports: Mapping[types.NodeKey, Collection[types.NodeKey]],
+    probe_targets: Mapping[types.NodeKey, Collection[str]],
+) -> dict[types.NodeKey, list[types.NodeKey]]:
+    """Per node, the reporters whose report of it counts (see :func:`unreachable_scores`)."""
+    out: dict[types.NodeKey, list[types.NodeKey]] = {}
     for reporter, down in reports.items():
         targets = set(probe_targets.get(reporter, ()))
         if len(targets) >= 2 and targets <= {str(k) for k in down}:
             continue
         for k in down:
             if k != reporter:
-                scores[k] = scores.get(k, 0) + 1
-    return scores
+                out.setdefault(k, []).append(reporter)
+    return out
+
+
+def confirmed_scores(
+    reports: Mapping[types.NodeKey, Collection[types.NodeKey]],
+    probe_targets: Mapping[types.NodeKey, Collection[str]],
+    since: Mapping[types.NodeKey, Mapping[types.NodeKey, float]],
+    now: float,
+    connected: Collection[types.NodeKey],
+    confirm_s: float = LONE_REPORT_CONFIRM_S,
+) -> tuple[dict[types.NodeKey, int], float | None]:
+    """:func:`unreachable_scores` as the election should weigh them, and the earliest time a
+    lone report not counted yet will count (None: nothing pending).
+
+    Independent confirmation (issue 21 section 3): a prober starved of CPU, or one whose own
+    path is flaky, says something about itself as much as about its target. So a node that
+    still has its session and is reported by exactly one peer is not taken for dead until that
+    report has stood ``confirm_s`` (``since[reporter][target]``: when the reporter first said
+    so). A second peer's report, or the node's session being gone as well, is the confirmation
+    and counts at once, so a real cut - seen by every peer of the node together - still moves
+    the role within the probes' detection time; a node with one peer only fails over
+    ``confirm_s`` later (0.3 + 0.5 s: still under a second).
+    """
+    by = _reporters(reports, probe_targets)
+    scores = {k: len(rs) for k, rs in by.items()}
+    pending: float | None = None
+    for k, rs in by.items():
+        if len(rs) != 1 or k not in connected:
+            continue
+        at = since.get(rs[0], {}).get(k, now) + confirm_s
+        if now < at:
+            del scores[k]
+            pending = at if pending is None else min(pending, at)
+    return scores, pending
 
 
 def _elect_cluster(

@@ -62,7 +62,10 @@ the node must have. What happens, in order:
    nothing: the gateway's dataplane forwards without its agent (an agent restart, a crash the
    lab's supervisor or the DaemonSet restarts), and a dead machine is reported by its peers'
    probes within their detection time anyway (:mod:`~fabric.control.election`: what each piece
-   of evidence proves). A healed old gateway becomes the standby (sticky, no flap back). A move
+   of evidence proves). A report by one peer alone of a node that keeps its session counts only
+   once it has stood 0.5 s (:func:`~fabric.control.election.confirmed_scores`: a starved or
+   flaky prober says as much about itself); two peers, or a peer and a lost session, count at
+   once. A healed old gateway becomes the standby (sticky, no flap back). A move
    is an ordinary topology change: only the routes that change go out, as deltas. Elections
    wait for the startup hold to end, so a restarted reflector elects from a complete view.
 
@@ -427,6 +430,12 @@ class Reflector:
         self._expected = {types.NodeKey.parse(k) for k in config.expected_nodes}
         #: Latest PeerReport of every node with an open session: the peers it cannot reach.
         self._reports: dict[types.NodeKey, frozenset[types.NodeKey]] = {}
+        #: ... and since when (reflector clock) each reporter has reported each of those: a
+        #: lone report counts only once it has stood a while (election.confirmed_scores).
+        self._report_since: dict[types.NodeKey, dict[types.NodeKey, float]] = {}
+        self.lone_report_confirm = election.LONE_REPORT_CONFIRM_S
+        self._confirm_handle: asyncio.TimerHandle | None = None
+        self._confirm_at = float("inf")
         #: ... and its measurements of the peers it probes (RTT ms, loss), when it sent any.
         self._quality: dict[types.NodeKey, dict[types.NodeKey, codec.PeerQuality]] = {}
         self._gateway_moves: dict[str, int] = {}
@@ -484,6 +493,9 @@ class Reflector:
         return bound
 
     async def stop(self, grace: float = 0.5) -> None:
+        if self._confirm_handle is not None:
+            self._confirm_handle.cancel()
+            self._confirm_handle, self._confirm_at = None, float("inf")
         for rec in self._nodes.values():
             if rec.withdraw_handle is not None:
                 rec.withdraw_handle.cancel()
@@ -691,7 +703,7 @@ class Reflector:
         started = time.monotonic()
         old = self.topology
         new = self._pending
-        roles = election.elect(new, self._connected(), self._scores(), self._lingering())
+        roles = election.elect(new, self._connected(), self._election_scores(), self._lingering())
         if roles != new.roles:
             new = new.with_roles(roles)
         if new.roles == old.roles and (not self._dirty or (new.config == old.config and new.nodes == old.nodes)):
@@ -803,6 +815,7 @@ class Reflector:
                                     authz.metric_label(rec.identity))  # fmt: skip
             self._changed.add(n.key)
             self._reports.pop(n.key, None)
+            self._report_since.pop(n.key, None)
             self._quality.pop(n.key, None)
             if rec.withdraw_handle is not None:
                 rec.withdraw_handle.cancel()
@@ -843,22 +856,47 @@ class Reflector:
         _log.info("node %s: no session for %gs: its gateway roles may move", key, self.session_loss_grace)
         self._reelect(f"session-loss grace of {key} ended")
 
-    def _scores(self) -> dict[types.NodeKey, int]:
-        """Per node, how many other nodes with a session report it unreachable (see
-        :func:`election.unreachable_scores` for which reports count)."""
+    def _probe_targets(self) -> dict[types.NodeKey, frozenset[str]]:
+        """The probe targets of every reporter, from its plan."""
         targets = {}
         for reporter in self._reports:
             rec = self._nodes.get(reporter)
             entries = self._planner.entries(reporter) if rec else {}
             targets[reporter] = frozenset(e.node for e in entries.values() if isinstance(e, types.Peer) and e.probe)
-        return election.unreachable_scores(self._reports, targets)
+        return targets
+
+    def _scores(self) -> dict[types.NodeKey, int]:
+        """Per node, how many other nodes with a session report it unreachable (see
+        :func:`election.unreachable_scores` for which reports count): what status shows."""
+        return election.unreachable_scores(self._reports, self._probe_targets())
+
+    def _election_scores(self) -> dict[types.NodeKey, int]:
+        """The scores the election weighs (:func:`election.confirmed_scores`: a lone report of a
+        connected node counts once it has stood ``lone_report_confirm``); when one is pending,
+        a re-election is scheduled for the moment it would count."""
+        scores, pending = election.confirmed_scores(
+            self._reports, self._probe_targets(), self._report_since, self.clock(), self._connected(),
+            self.lone_report_confirm,
+        )  # fmt: skip
+        if pending is not None and pending < self._confirm_at:
+            with contextlib.suppress(RuntimeError):  # no loop: a synchronous caller (tests)
+                loop = asyncio.get_running_loop()
+                if self._confirm_handle is not None:
+                    self._confirm_handle.cancel()
+                self._confirm_at = pending
+                self._confirm_handle = loop.call_later(max(0.0, pending - self.clock()) + 0.01, self._confirm_due)
+        return scores
+
+    def _confirm_due(self) -> None:
+        self._confirm_handle, self._confirm_at = None, float("inf")
+        self._reelect("a lone peer report stood long enough to count")
 
     def _reelect(self, why: str) -> None:
         """Re-run the election on the current liveness view; a changed role is a topology change
         (flushed with whatever else is pending)."""
         if self.holding:
             return
-        roles = election.elect(self._pending, self._connected(), self._scores(), self._lingering())
+        roles = election.elect(self._pending, self._connected(), self._election_scores(), self._lingering())
         if roles == self._pending.roles:
             return
         _log.debug("re-election after %s", why)
@@ -933,8 +971,11 @@ class Reflector:
             return
         if unreachable:
             self._reports[session.key] = unreachable
+            now, before = self.clock(), self._report_since.get(session.key, {})
+            self._report_since[session.key] = {k: before.get(k, now) for k in unreachable}
         else:
             self._reports.pop(session.key, None)
+            self._report_since.pop(session.key, None)
         _log.info(
             "node %s reports unreachable: %s", session.key, ", ".join(sorted(map(str, unreachable))) or "nobody"
         )
@@ -979,6 +1020,7 @@ class Reflector:
         rec.session = None
         self._fanout_done(session.key, -1)
         self._reports.pop(session.key, None)
+        self._report_since.pop(session.key, None)
         self._quality.pop(session.key, None)
         self._reachability_changed()
         # A session loss alone is not a dead gateway (see "Gateways"): its roles stay for the

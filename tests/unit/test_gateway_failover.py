@@ -220,6 +220,51 @@ def test_session_loss_with_peer_reports_moves_the_role_at_once() -> None:
     run(body())
 
 
+def test_a_lone_report_counts_only_once_it_stood_two_reports_at_once() -> None:
+    async def body() -> None:
+        async with harness(CONFIG, grace=30.0, hold=10.0) as h:
+            sessions = {a.name: h.agent(a) for a in (E1, W1, W2, W3)}
+            await wait_until_async(lambda: all(r.count("snapshot") == 1 for _, r in sessions.values()), 3, "snapshots")
+            await wait_until_async(lambda: _role(h, "west") == types.GatewayRole("west", "w1", "w2"), 3, "w1 elected")
+            h.reflector.lone_report_confirm = 1.0
+            # A blip: e1 alone reports w1 and takes it back within the confirmation time.
+            sessions["e1"][0].report_unreachable(frozenset({W1.key}))
+            await wait_until_async(lambda: h.reflector._scores().get(W1.key) == 1, 2, "e1's report counted")
+            sessions["e1"][0].report_unreachable(frozenset())
+            await wait_until_async(lambda: not h.reflector._scores(), 2, "e1's report withdrawn")
+            await asyncio.sleep(1.5)
+            assert _role(h, "west") == types.GatewayRole("west", "w1", "w2")
+            # e1 alone again, and it stands: the role moves once it has stood a second.
+            t0 = time.monotonic()
+            sessions["e1"][0].report_unreachable(frozenset({W1.key}))
+            await wait_until_async(lambda: _role(h, "west") == types.GatewayRole("west", "w2", "w1"), 4, "move")
+            assert time.monotonic() - t0 >= 0.9
+            # Two peers report w2 together: it moves without the wait.
+            sessions["e1"][0].report_unreachable(frozenset({W2.key}))
+            sessions["w3"][0].report_unreachable(frozenset({W2.key}))
+            await wait_until_async(lambda: h.reflector._scores().get(W2.key) == 2, 3, "both reports counted")
+            assert h.reflector._election_scores().get(W2.key) == 2
+
+    run(body())
+
+
+def test_confirmed_scores_hold_a_lone_report_of_a_connected_node() -> None:
+    reports = {E1.key: frozenset({W1.key}), W3.key: frozenset({W2.key}), W2.key: frozenset({W1.key, W3.key})}
+    targets = {E1.key: {"west/w1", "west/w2"}, W3.key: {"west/w1", "west/w2"}, W2.key: {"west/w1", "west/w3"}}
+    since = {E1.key: {W1.key: 10.0}, W3.key: {W2.key: 10.2}, W2.key: {W1.key: 10.4, W3.key: 10.4}}
+    everyone = {E1.key, W1.key, W2.key, W3.key}
+    # w2 reports everyone it probes: isolated, not counted. w1 by e1 alone, w2 by w3 alone.
+    assert election.unreachable_scores(reports, targets) == {W1.key: 1, W2.key: 1}
+    assert election.confirmed_scores(reports, targets, since, 10.3, everyone, 0.5) == ({}, 10.5)
+    assert election.confirmed_scores(reports, targets, since, 10.6, everyone, 0.5) == ({W1.key: 1}, 10.7)
+    # Without its session a lone report is confirmed at once.
+    got = election.confirmed_scores(reports, targets, since, 10.3, everyone - {W2.key}, 0.5)
+    assert got == ({W2.key: 1}, 10.5)
+    # Two reporters: at once.
+    two = {**reports, W3.key: frozenset({W1.key})}
+    assert election.confirmed_scores(two, targets, {}, 0.0, everyone, 0.5) == ({W1.key: 2}, None)
+
+
 # -- election, pure -----------------------------------------------------------------------------
 
 
