@@ -17,7 +17,10 @@ goes on (graceful restart with BFD: the forwarding path's own liveness decides, 
 session's), and what Submariner learnt under load: a gateway that failed to renew its lease
 under heavy load lost its role (submariner#2747), and since submariner#2763 a lost lease leaves
 the cable driver as it is, so losing the control side alone disrupts nothing. Only past the
-grace without a session is the node taken for gone.
+grace without a session is the node taken for gone. The probes' word is weighed too: one peer
+alone reporting a node that keeps its session may be a starved or flaky prober, so its report
+counts only once it has stood a while (:func:`confirmed_scores`); a real failure is seen by all
+the node's peers at once.
 """
 
 from __future__ import annotations
