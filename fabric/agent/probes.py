@@ -22,6 +22,24 @@ that never answered is given ``startup`` seconds first (its peer entries may sti
 programmed on either side). The agent reports the set of down targets to the reflector, which
 decides what to do; this module only observes.
 
+Starved, not dead (issue 21 section 3). The answers come from the peer's kernel (softirq, not
+a process), so under CPU load what fails is the *prober*: its event loop runs late, the replies
+wait unread in the socket, and a silence it measures across its own stall says nothing about
+the peer. With 100 ms x 3 a stall of 0.3 s made a live gateway look dead, and the reports of
+two starved peers moved its role. So the prober measures its own scheduling delay - how late
+its tick (or any callback) runs past the time it was due - and excuses it
+(:meth:`ProbeState.excuse`: every target's silence and outstanding probes are shifted by the
+stall, never beyond now), and reads what the sockets hold before it judges. A target is down
+only after ``multiplier`` intervals of silence during which the prober itself ran on time; a
+real cut is still detected in 0.3 s of running time (plus any stall it overlaps: nothing can
+be known while not running). The same failure is known from BFD daemons: FRR warns of "CPU
+starvation" when a BFD timer runs late (FRRouting/frr#18094, to tell load from link failures
+in its CI), zebra-rs moved BFD expiry into the kernel (XDP, bpf_timer) so that "packets
+sitting in a backlogged socket queue" make no false Down (zebra-rs#1387), and SCIONLab raised
+its multiplier to 100 (netsec-ethz/scion#89), which would also make a real cut take 100
+intervals. Measuring the stall keeps the 0.3 s detection of a cut; the totals (``stalled_s``,
+``stalls``) say how often it mattered.
+
 :class:`ProbeState` is the pure bookkeeping (fake clocks in tests); :class:`TunnelProber` the
 asyncio I/O around it: one raw ICMP socket, a send tick, a reader callback.
 
@@ -201,6 +219,19 @@ class ProbeState:
             for t in self._targets.values()
         }  # fmt: skip
 
+    def excuse(self, seconds: float, now: float) -> None:
+        """The prober did not run for ``seconds`` before ``now`` (see "Starved, not dead"): that
+        time is no evidence against any target. Every silence and every outstanding probe is
+        shortened by it (never to a time after ``now``)."""
+        if seconds <= 0:
+            return
+        for t in self._targets.values():
+            if t.last_rx is not None:
+                t.last_rx = min(now, t.last_rx + seconds)
+            else:
+                t.added_at = min(now, t.added_at + seconds)
+            t.outstanding = {seq: min(now, at + seconds) for seq, at in t.outstanding.items()}
+
     def down(self, now: float) -> frozenset[str]:
         out = set()
         for t in self._targets.values():
@@ -271,6 +302,11 @@ class TunnelProber:
         self._task: asyncio.Task[None] | None = None
         self._down: frozenset[str] = frozenset()
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: When the next tick is due (clock time); later than this the prober is starved.
+        self._due: float | None = None
+        #: Seconds of the prober's own stalls excused so far, and how many (see the docstring).
+        self.stalled_s = 0.0
+        self.stalls = 0
         #: Set by the owner to receive every resolved probe (see the module docstring).
         self.on_sample: SampleCallback | None = None
 
@@ -322,9 +358,34 @@ class TunnelProber:
     async def _tick(self) -> None:
         interval = self.state.interval_s
         while True:
+            # Replies that waited in the sockets while we were not running are evidence of
+            # liveness: read them before judging anyone (the reader callback may not have run yet).
+            self._drain()
             self._send_all()
             self._evaluate()
+            self._due = self._clock() + interval
             await asyncio.sleep(interval)
+
+    def _check_stall(self, now: float) -> None:
+        """Excuse the time this prober ran past its due tick (see "Starved, not dead"). Called
+        before every verdict, so the first callback after a stall (a reader or the tick)
+        excuses it once; the tick's own wake-up jitter (about a millisecond) is excused too."""
+        due = self._due
+        if due is None or now <= due:
+            return
+        late = now - due
+        self.state.excuse(late, now)
+        self._due = now
+        self.stalled_s += late
+        if late >= self.state.interval_s:
+            self.stalls += 1
+            _log.info("tunnel probes: the prober ran %.0f ms late (starved); that time is excused", late * 1000)
+
+    def _drain(self) -> None:
+        if self._sock is not None:
+            self._read4()
+        if self._sock6 is not None:
+            self._read6()
 
     def _send_all(self) -> None:
         sock = self._sock
@@ -359,6 +420,14 @@ class TunnelProber:
                 sock.sendmsg([packet], [(socket.IPPROTO_IP, _IP_PKTINFO, pktinfo)], 0, (ip, 0))
 
     def _readable(self) -> None:
+        self._read4()
+        self._evaluate()
+
+    def _readable6(self) -> None:
+        self._read6()
+        self._evaluate()
+
+    def _read4(self) -> None:
         sock = self._sock
         if sock is None:
             return
@@ -374,9 +443,8 @@ class TunnelProber:
             if parsed is not None:
                 for name, rtt in self.state.on_reply(parsed[0], now, parsed[1]):
                     self._sample(name, rtt)
-        self._evaluate()
 
-    def _readable6(self) -> None:
+    def _read6(self) -> None:
         sock = self._sock6
         if sock is None:
             return
@@ -393,13 +461,13 @@ class TunnelProber:
                 src = str(addr[0]).partition("%")[0]
                 for name, rtt in self.state.on_reply(src, now, seq):
                     self._sample(name, rtt)
-        self._evaluate()
 
     def _sample(self, name: str, rtt: float | None) -> None:
         if self.on_sample is not None:
             self.on_sample(name, rtt)
 
     def _evaluate(self) -> None:
+        self._check_stall(self._clock())
         for name in self.state.expire(self._clock()):
             self._sample(name, None)
         down = self.state.down(self._clock())

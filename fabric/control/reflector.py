@@ -56,9 +56,16 @@ the node must have. What happens, in order:
    (:func:`~fabric.control.election.elect`) and stored in the topology, so plans stay pure. The
    liveness view it elects from: which nodes have a session, and the ``PeerReport`` of every
    agent - the peers (active and standby gateways it depends on) whose probes through the tunnel
-   stopped being answered. The role moves when the active gateway's session ends (immediately,
-   not after the grace period) or when its peers report it unreachable and a standby is
-   reported by fewer; a healed old gateway becomes the standby (sticky, no flap back). A move
+   stopped being answered. The role moves when its peers report the active gateway unreachable
+   and a standby is reported by fewer, or when its session has been gone for
+   ``session_loss_grace`` (10 s; at most the grace period). A session that ends alone moves
+   nothing: the gateway's dataplane forwards without its agent (an agent restart, a crash the
+   lab's supervisor or the DaemonSet restarts), and a dead machine is reported by its peers'
+   probes within their detection time anyway (:mod:`~fabric.control.election`: what each piece
+   of evidence proves). A report by one peer alone of a node that keeps its session counts only
+   once it has stood 0.5 s (:func:`~fabric.control.election.confirmed_scores`: a starved or
+   flaky prober says as much about itself); two peers, or a peer and a lost session, count at
+   once. A healed old gateway becomes the standby (sticky, no flap back). A move
    is an ordinary topology change: only the routes that change go out, as deltas. Elections
    wait for the startup hold to end, so a restarted reflector elects from a complete view.
 
@@ -190,6 +197,12 @@ MAX_FANOUT_TRACKED = 256
 #: again (see "Peer reports after a partition"): longer than its probes' detection time (0.3 s)
 #: plus a tunnel path coming back, short against the minute a partition of one node can last.
 DEFAULT_REPORT_SETTLE_S = 2.0
+#: A node whose session ended keeps its gateway roles this long unless its peers report it
+#: unreachable through the tunnel (see "Gateways"): longer than an agent restart (the lab's
+#: supervisor restarts a crashed agent within a second or two, plus its start-up), short
+#: enough that a gateway whose agent stays away hands its role to one that can be told of
+#: topology changes.
+DEFAULT_SESSION_LOSS_GRACE_S = 10.0
 #: An agent silent for this many of its own keepalive intervals was cut off.
 SILENT_AFTER_INTERVALS = 1.5
 #: Reachability records are recomputed at most this often (see "Reachability records"): a lone
@@ -289,6 +302,10 @@ class _NodeRecord:
     counters: api.SessionCounters = dataclasses.field(default_factory=api.SessionCounters)
     withdraw_at: float | None = None
     withdraw_handle: asyncio.TimerHandle | None = None
+    #: When its last session ended (reflector clock); None while it has one. Within the
+    #: session-loss grace of this it is *lingering* for the election.
+    lost_at: float | None = None
+    lost_handle: asyncio.TimerHandle | None = None
     #: The identity of its latest session (the label of a refusal when a new configuration drops it).
     identity: Identity | None = None
 
@@ -336,6 +353,7 @@ class Reflector:
         coalesce_window: float = DEFAULT_COALESCE_WINDOW_S,
         max_coalesce_window: float = DEFAULT_MAX_COALESCE_WINDOW_S,
         report_settle: float = DEFAULT_REPORT_SETTLE_S,
+        session_loss_grace: float = DEFAULT_SESSION_LOSS_GRACE_S,
         records_grace_period: float = record_store.DEFAULT_RECORDS_GRACE_PERIOD_S,
         records_startup_hold: float = record_store.DEFAULT_RECORDS_STARTUP_HOLD_S,
         record_limits: record_store.RecordLimits | None = None,
@@ -368,6 +386,8 @@ class Reflector:
         self._index = admission.NodeIndex(config)
         self.coalesce_window = max(0.0, coalesce_window)
         self.report_settle = max(0.0, report_settle)
+        #: See "Gateways": never longer than the grace period (the node is withdrawn then).
+        self.session_loss_grace = min(self.grace_period, max(0.0, session_loss_grace))
         self.max_coalesce_window = max(self.coalesce_window, max_coalesce_window)
         #: The current coalescing window (between the two above).
         self._window = self.coalesce_window
@@ -410,6 +430,12 @@ class Reflector:
         self._expected = {types.NodeKey.parse(k) for k in config.expected_nodes}
         #: Latest PeerReport of every node with an open session: the peers it cannot reach.
         self._reports: dict[types.NodeKey, frozenset[types.NodeKey]] = {}
+        #: ... and since when (reflector clock) each reporter has reported each of those: a
+        #: lone report counts only once it has stood a while (election.confirmed_scores).
+        self._report_since: dict[types.NodeKey, dict[types.NodeKey, float]] = {}
+        self.lone_report_confirm = election.LONE_REPORT_CONFIRM_S
+        self._confirm_handle: asyncio.TimerHandle | None = None
+        self._confirm_at = float("inf")
         #: ... and its measurements of the peers it probes (RTT ms, loss), when it sent any.
         self._quality: dict[types.NodeKey, dict[types.NodeKey, codec.PeerQuality]] = {}
         self._gateway_moves: dict[str, int] = {}
@@ -467,9 +493,14 @@ class Reflector:
         return bound
 
     async def stop(self, grace: float = 0.5) -> None:
+        if self._confirm_handle is not None:
+            self._confirm_handle.cancel()
+            self._confirm_handle, self._confirm_at = None, float("inf")
         for rec in self._nodes.values():
             if rec.withdraw_handle is not None:
                 rec.withdraw_handle.cancel()
+            if rec.lost_handle is not None:
+                rec.lost_handle.cancel()
             if rec.session is not None:
                 rec.session.close("reflector shutting down", grpc.StatusCode.UNAVAILABLE)
         for w in self._watchers:
@@ -566,6 +597,10 @@ class Reflector:
             rec.withdraw_handle.cancel()
         rec.withdraw_handle = None
         rec.withdraw_at = None
+        if rec.lost_handle is not None:
+            rec.lost_handle.cancel()
+        rec.lost_handle = None
+        rec.lost_at = None
         if rec.session is not None:
             rec.session.close(f"replaced by a newer session from {session.peer}", grpc.StatusCode.ABORTED)
         rec.session = session
@@ -668,7 +703,7 @@ class Reflector:
         started = time.monotonic()
         old = self.topology
         new = self._pending
-        roles = election.elect(new, self._connected(), self._scores())
+        roles = election.elect(new, self._connected(), self._election_scores(), self._lingering())
         if roles != new.roles:
             new = new.with_roles(roles)
         if new.roles == old.roles and (not self._dirty or (new.config == old.config and new.nodes == old.nodes)):
@@ -780,9 +815,12 @@ class Reflector:
                                     authz.metric_label(rec.identity))  # fmt: skip
             self._changed.add(n.key)
             self._reports.pop(n.key, None)
+            self._report_since.pop(n.key, None)
             self._quality.pop(n.key, None)
             if rec.withdraw_handle is not None:
                 rec.withdraw_handle.cancel()
+            if rec.lost_handle is not None:
+                rec.lost_handle.cancel()
             if rec.session is not None:
                 rec.session.send(rejected)
                 rec.session.close("refused by the new fabric configuration", grpc.StatusCode.FAILED_PRECONDITION)
@@ -802,22 +840,63 @@ class Reflector:
     def _connected(self) -> frozenset[types.NodeKey]:
         return frozenset(k for k, rec in self._nodes.items() if rec.session is not None)
 
-    def _scores(self) -> dict[types.NodeKey, int]:
-        """Per node, how many other nodes with a session report it unreachable (see
-        :func:`election.unreachable_scores` for which reports count)."""
+    def _lingering(self) -> frozenset[types.NodeKey]:
+        """Nodes whose session ended less than ``session_loss_grace`` ago (see "Gateways")."""
+        now = self.clock()
+        return frozenset(
+            k for k, rec in self._nodes.items()
+            if rec.session is None and rec.lost_at is not None and now - rec.lost_at < self.session_loss_grace
+        )  # fmt: skip
+
+    def _session_loss_expired(self, key: types.NodeKey) -> None:
+        rec = self._nodes.get(key)
+        if rec is None or rec.session is not None:
+            return
+        rec.lost_handle = None
+        _log.info("node %s: no session for %gs: its gateway roles may move", key, self.session_loss_grace)
+        self._reelect(f"session-loss grace of {key} ended")
+
+    def _probe_targets(self) -> dict[types.NodeKey, frozenset[str]]:
+        """The probe targets of every reporter, from its plan."""
         targets = {}
         for reporter in self._reports:
             rec = self._nodes.get(reporter)
             entries = self._planner.entries(reporter) if rec else {}
             targets[reporter] = frozenset(e.node for e in entries.values() if isinstance(e, types.Peer) and e.probe)
-        return election.unreachable_scores(self._reports, targets)
+        return targets
+
+    def _scores(self) -> dict[types.NodeKey, int]:
+        """Per node, how many other nodes with a session report it unreachable (see
+        :func:`election.unreachable_scores` for which reports count): what status shows."""
+        return election.unreachable_scores(self._reports, self._probe_targets())
+
+    def _election_scores(self) -> dict[types.NodeKey, int]:
+        """The scores the election weighs (:func:`election.confirmed_scores`: a lone report of a
+        connected node counts once it has stood ``lone_report_confirm``); when one is pending,
+        a re-election is scheduled for the moment it would count."""
+        scores, pending = election.confirmed_scores(
+            self._reports, self._probe_targets(), self._report_since, self.clock(), self._connected(),
+            self.lone_report_confirm,
+        )  # fmt: skip
+        if pending is not None and pending < self._confirm_at:
+            with contextlib.suppress(RuntimeError):  # no loop: a synchronous caller (tests)
+                loop = asyncio.get_running_loop()
+                if self._confirm_handle is not None:
+                    self._confirm_handle.cancel()
+                self._confirm_at = pending
+                self._confirm_handle = loop.call_later(max(0.0, pending - self.clock()) + 0.01, self._confirm_due)
+        return scores
+
+    def _confirm_due(self) -> None:
+        self._confirm_handle, self._confirm_at = None, float("inf")
+        self._reelect("a lone peer report stood long enough to count")
 
     def _reelect(self, why: str) -> None:
         """Re-run the election on the current liveness view; a changed role is a topology change
         (flushed with whatever else is pending)."""
         if self.holding:
             return
-        roles = election.elect(self._pending, self._connected(), self._scores())
+        roles = election.elect(self._pending, self._connected(), self._election_scores(), self._lingering())
         if roles == self._pending.roles:
             return
         _log.debug("re-election after %s", why)
@@ -833,8 +912,10 @@ class Reflector:
                 old_key = types.NodeKey(role.cluster, before.active)
                 if old_key not in self._nodes:
                     why = "it left the topology"
+                elif old_key not in connected and scores.get(old_key, 0) == 0:
+                    why = f"its session is gone for {self.session_loss_grace:g}s"
                 elif old_key not in connected:
-                    why = "its session is gone"
+                    why = f"its session is gone and {scores[old_key]} peers report it unreachable"
                 else:
                     why = f"{scores.get(old_key, 0)} peers report it unreachable"
                 _log.warning(
@@ -890,8 +971,11 @@ class Reflector:
             return
         if unreachable:
             self._reports[session.key] = unreachable
+            now, before = self.clock(), self._report_since.get(session.key, {})
+            self._report_since[session.key] = {k: before.get(k, now) for k in unreachable}
         else:
             self._reports.pop(session.key, None)
+            self._report_since.pop(session.key, None)
         _log.info(
             "node %s reports unreachable: %s", session.key, ", ".join(sorted(map(str, unreachable))) or "nobody"
         )
@@ -936,10 +1020,16 @@ class Reflector:
         rec.session = None
         self._fanout_done(session.key, -1)
         self._reports.pop(session.key, None)
+        self._report_since.pop(session.key, None)
         self._quality.pop(session.key, None)
         self._reachability_changed()
-        # A gateway without a session cannot be told anything any more: move its role now,
-        # not after the grace period (the standby already holds the gateway's peers).
+        # A session loss alone is not a dead gateway (see "Gateways"): its roles stay for the
+        # session-loss grace unless its peers report it unreachable, then they may move.
+        rec.lost_at = self.clock()
+        if self.session_loss_grace > 0 and self.session_loss_grace < self.grace_period:
+            rec.lost_handle = asyncio.get_running_loop().call_later(
+                self.session_loss_grace + 0.01, self._session_loss_expired, session.key
+            )
         self._reelect(f"session of {session.key} ended")
         if self.grace_period <= 0:
             _log.info("session of node %s ended (%s)", session.key, reason)

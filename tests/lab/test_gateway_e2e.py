@@ -5,14 +5,19 @@ gateway candidates the first two of each), one pod per node, a lab service per c
 Steps run in file order against one lab (module fixture); each leaves the lab working.
 
 The failover test PRINTS the measured outage (run pytest with -s to see it) and fails above
-3 s; the target is under 1 s.
+3 s; the target is under 1 s. Issue 21: an agent killed on the active gateway is restarted by
+the lab's supervisor with no role move and no packet lost; every core saturated by a CPU hog in
+every node namespace moves no role, while a real cut under that load still moves it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -27,6 +32,8 @@ TOPOLOGY = REPO / "examples" / "gateway.yaml"
 MAX_OUTAGE_S = 3.0
 #: A gap this long in a 10 ms ping is an outage; shorter ones are scheduling noise on a busy box.
 NO_OUTAGE_S = 0.3
+#: How long the CPU-saturation test keeps every core busy (the bench runs 60 s).
+SATURATION_S = 15.0
 
 
 @pytest.fixture(scope="module")
@@ -87,22 +94,88 @@ def test_cutting_the_active_gateway_fails_over_fast_and_heal_does_not_flap(gwlab
     wait_until(gwlab.all_in_sync, 30, "every node in sync after heal")
 
 
-def test_killing_the_gateway_agent_causes_no_outage(gwlab: Lab) -> None:
+def _moves(lab: Lab) -> dict[str, tuple[str, int]]:
+    return {name: (c["active_gateway"], c["gateway_moves"]) for name, c in _clusters(lab).items()}
+
+
+def _ping_count(lab: Lab, src: str, dst: str, count: int) -> subprocess.Popen[str]:
+    """``count`` pings 10 ms apart; read the summary with :func:`_loss`."""
+    pods = lab.pods()
+    return subprocess.Popen(["ip", "netns", "exec", pods[src]["netns"], "ping", "-n", "-i", "0.01", "-W", "1",
+                             "-c", str(count), pods[dst]["ip"]],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+
+def _loss(p: subprocess.Popen[str]) -> tuple[int, int, str]:
+    out, _ = p.communicate(timeout=120)
+    m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
+    assert m, out[-2000:]
+    return int(m.group(1)), int(m.group(2)), out[-500:]
+
+
+def test_killing_the_gateway_agent_moves_nothing_loses_nothing_and_the_lab_restarts_it(gwlab: Lab) -> None:
+    """An agent crash on the active gateway (issue 21 sections 3 and 5): its session ends, but the
+    dataplane forwards and the peers still reach it through the tunnel, so the role stays; the
+    lab's supervisor restarts the agent (counted in ``lab status``); not one packet is lost."""
     src, dst = "north/n3/p0", "west/w3/p0"
     active = _clusters(gwlab)["west"]["active_gateway"]
-    pid = gwlab.nodes()[f"west/{active}"]["agent_pid"]
+    node = gwlab.nodes()[f"west/{active}"]
+    pid, restarts = node["agent_pid"], node["agent_restarts"]
     assert pid
-    ping = Ping(gwlab, src, dst, duration_s=30)
+    before = _moves(gwlab)
+    ping = _ping_count(gwlab, src, dst, 1000)  # 10 s
     time.sleep(1.5)
-    start = time.time()
     os.kill(int(pid), signal.SIGKILL)
-    time.sleep(4.0)
-    end = time.time()
-    replies = ping.stop()
-    gap = largest_gap(replies, start, end)
-    print(f"\nagent of the active gateway west/{active} killed: largest gap {gap * 1000:.0f} ms")
-    assert gap < NO_OUTAGE_S, f"killing only the agent interrupted traffic for {gap:.3f} s"
-    gwlab.lab("start-agent", f"west/{active}")
+    wait_until(lambda: (n := gwlab.nodes()[f"west/{active}"])["agent_pid"] not in (None, pid) and n["connected"],
+               30, "the supervisor to restart the killed agent and its session to come back")  # fmt: skip
+    sent, got, out = _loss(ping)
+    after = _moves(gwlab)
+    node = gwlab.nodes()[f"west/{active}"]
+    print(f"\nagent of the active gateway west/{active} killed and restarted (pid {pid} -> {node['agent_pid']}): "
+          f"{sent - got} of {sent} packets lost; roles {before} -> {after}")  # fmt: skip
+    assert sent == 1000 and got == sent, out
+    assert after == before, "an agent restart on the active gateway moved a role"
+    assert node["agent_restarts"] == restarts + 1
+    text = gwlab.lab("status").stdout
+    assert f"restarts of agent/west/{active}: {restarts + 1}" in text
     wait_until(gwlab.all_in_sync, 30, "every node in sync after the agent restart")
     p = gwlab.tool("check", "--lab", gwlab.name, "--services", "--host-network", "--json", check=False)
     assert p.returncode == 0, p.stdout[-2000:]
+
+
+@contextlib.contextmanager
+def _cpu_hogs(lab: Lab) -> Iterator[list[int]]:
+    """A busy loop in every node's namespace (more runnable processes than cores: every core
+    saturated), ended by PID."""
+    hogs = [subprocess.Popen(["ip", "netns", "exec", n["netns"], "sh", "-c", "while :; do :; done"])
+            for n in lab.nodes().values()]  # fmt: skip
+    try:
+        yield [h.pid for h in hogs]
+    finally:
+        for h in hogs:
+            with contextlib.suppress(ProcessLookupError):
+                h.kill()
+            h.wait(timeout=10)
+
+
+def test_cpu_saturation_moves_no_role_and_a_real_cut_still_does(gwlab: Lab) -> None:
+    """Every core saturated for SATURATION_S: the probes' verdicts must not move any role (the
+    prober excuses its own stalls); a real cut under the same load still moves west's role."""
+    wait_until(gwlab.all_in_sync, 30, "every node in sync")
+    before = _moves(gwlab)
+    active, standby = _clusters(gwlab)["west"]["active_gateway"], _clusters(gwlab)["west"]["standby_gateway"]
+    with _cpu_hogs(gwlab) as pids:
+        assert len(pids) == len(gwlab.nodes()) >= os.cpu_count()  # type: ignore[operator]
+        time.sleep(SATURATION_S)
+        during = _moves(gwlab)
+        assert during == before, f"CPU saturation moved a role: {before} -> {during}"
+        gwlab.lab("fail", f"west/{active}")
+        try:
+            wait_until(lambda: _clusters(gwlab)["west"]["active_gateway"] == standby, 15,
+                       "the role to move to the standby on a real cut under load")  # fmt: skip
+        finally:
+            gwlab.lab("heal", f"west/{active}")
+    after = _moves(gwlab)
+    assert after["west"] == (standby, before["west"][1] + 1)
+    assert {k: v for k, v in after.items() if k != "west"} == {k: v for k, v in before.items() if k != "west"}
+    wait_until(gwlab.all_in_sync, 30, "every node in sync after heal")

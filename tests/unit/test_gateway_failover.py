@@ -14,7 +14,7 @@ import grpc
 
 from fabric import types
 from fabric.agent import probes
-from fabric.control import client, codec, planner
+from fabric.control import client, codec, election, planner
 from fabric.control.generated import fabric_pb2 as pb
 from fabric.control.generated import fabric_pb2_grpc as pb_grpc
 from tests.unit.test_control_session import KEEPALIVE, harness, run
@@ -53,6 +53,55 @@ def test_probe_state_detects_within_multiplier_intervals() -> None:
     st.set_targets({"west/w1": ("198.19.0.99", "vx-local")}, now=2.0)
     assert st.down(2.5) == frozenset()
     assert st.sends() == [("198.19.0.99", "vx-local")]
+
+
+def test_probe_state_excuses_the_probers_own_stall_but_not_a_silence_while_running() -> None:
+    st = probes.ProbeState(interval_s=0.1, multiplier=3, startup_s=0.0)
+    st.set_targets({"west/w1": ("198.19.0.21", "vx-local")}, now=0.0)
+    st.on_sent("198.19.0.21", "vx-local", 1, 1.0)
+    st.on_reply("198.19.0.21", 1.01, 1)
+    st.on_sent("198.19.0.21", "vx-local", 2, 1.1)
+    # The prober did not run from 1.1 to 1.6 (starved): at 1.6 the silence is 0.59 s, but only
+    # 0.09 s of it while the prober ran - not down, and the outstanding probe is not lost.
+    st.excuse(0.5, 1.6)
+    assert st.down(1.6) == frozenset()
+    assert st.expire(1.6) == []
+    # Running again and still no answer: down after the detection time of running time.
+    assert st.down(1.8) == frozenset()  # 1.51 + 0.3 not passed yet
+    assert st.down(1.82) == frozenset({"west/w1"})
+    assert st.expire(1.85) == [] and st.expire(1.91) == ["west/w1"]  # probe 2 counts from 1.6
+    # An excuse never moves a time past now (a stall longer than the silence).
+    st.excuse(10.0, 2.0)
+    assert st.down(2.0) == frozenset() and st.down(2.31) == frozenset({"west/w1"})
+
+
+def test_prober_measures_its_stall_and_reads_the_socket_before_judging() -> None:
+    """The TunnelProber's clock jumps (its loop did not run): the stall is excused once, counted,
+    and a target silent only across the stall is not reported."""
+    now = [0.0]
+    changes: list[frozenset[str]] = []
+    p = probes.TunnelProber(changes.append, interval_s=0.1, multiplier=3, startup_s=0.0, clock=lambda: now[0])
+    p.set_targets({"west/w1": ("198.19.0.21", "vx-local")})
+    p.state.on_reply("198.19.0.21", 0.0)
+    p._due = 0.1
+    now[0] = 0.05
+    p._evaluate()
+    assert p.stalled_s == 0.0 and changes == []
+    now[0] = 0.9  # due at 0.1, ran at 0.9: 0.8 s starved
+    p._evaluate()
+    assert changes == [] and p.stalls == 1 and abs(p.stalled_s - 0.8) < 1e-9
+    p._due = 0.95
+    now[0] = 0.95
+    p._evaluate()
+    now[0] = 1.2  # 0.25 s late again, but 0.3 s of running silence before it: still up
+    p._evaluate()
+    assert changes == []
+    p._due = now[0] = 1.4  # on time, silent since 0.9 (0.2 excused): 0.3+ s of running time
+    p._evaluate()
+    now[0] = 1.41
+    p._due = 1.41
+    p._evaluate()
+    assert changes == [frozenset({"west/w1"})]
 
 
 def test_echo_request_and_reply_parsing() -> None:
@@ -114,26 +163,137 @@ def test_reports_move_the_role_with_route_deltas_and_heal_does_not_flap() -> Non
     run(body())
 
 
-def test_session_loss_moves_the_role_at_once_not_after_grace() -> None:
+def test_session_loss_alone_moves_nothing_until_its_grace_ends() -> None:
+    """An agent restart on the active gateway (its session ends, the dataplane forwards, nobody
+    reports it) keeps the role; only the session-loss grace ending without a session moves it."""
+
     async def body() -> None:
         async with harness(CONFIG, grace=30.0, hold=10.0) as h:
+            h.reflector.session_loss_grace = 1.0
             sessions = {a.name: h.agent(a) for a in (E1, W1, W2, W3)}
             await wait_until_async(lambda: all(r.count("snapshot") == 1 for _, r in sessions.values()), 3, "snapshots")
             await wait_until_async(lambda: _role(h, "west") == types.GatewayRole("west", "w1", "w2"), 3, "w1 elected")
+            generation = h.reflector.generation
             await h.stop_agent(sessions["w1"][0])
+            await wait_until_async(lambda: h.node("west/w1").withdraw_in_s is not None, 2, "w1's session to end")
+            await asyncio.sleep(0.5)
+            assert _role(h, "west") == types.GatewayRole("west", "w1", "w2")
+            assert h.reflector.generation == generation, "a session loss alone must not change any plan"
+            # The grace ends without a session: the role moves (w1 is still in the topology).
             await wait_until_async(
-                lambda: _role(h, "west") == types.GatewayRole("west", "w2", "w1"),
-                2.0,
-                "role moved while w1 is still within its grace period",
+                lambda: _role(h, "west") == types.GatewayRole("west", "w2", "w1"), 3, "role moved after the grace"
             )
-            assert h.node("west/w1").withdraw_in_s is not None  # still in the topology
+            assert h.node("west/w1").withdraw_in_s is not None
             w3 = sessions["w3"][0]
-            await wait_until_async(lambda: {p.node for p in w3.state.peers} == {"west/w1", "west/w2"}, 3, "w3 peers")
             expected = planner.plan(h.reflector.topology, W3.key)
             await wait_until_async(lambda: w3.state == expected, 3, "w3 converged")
             assert {r.via for r in w3.state.routes} == {"198.19.0.22"}
 
     run(body())
+
+
+def test_session_loss_with_peer_reports_moves_the_role_at_once() -> None:
+    """A dead machine: its session ends and its peers stop hearing it through the tunnel - the
+    role moves without waiting for the session-loss grace."""
+
+    async def body() -> None:
+        async with harness(CONFIG, grace=30.0, hold=10.0) as h:
+            sessions = {a.name: h.agent(a) for a in (E1, W1, W2, W3)}
+            await wait_until_async(lambda: all(r.count("snapshot") == 1 for _, r in sessions.values()), 3, "snapshots")
+            await wait_until_async(lambda: _role(h, "west") == types.GatewayRole("west", "w1", "w2"), 3, "w1 elected")
+            assert h.reflector.session_loss_grace >= 5.0
+            await h.stop_agent(sessions["w1"][0])
+            await wait_until_async(lambda: h.node("west/w1").withdraw_in_s is not None, 2, "w1's session to end")
+            assert _role(h, "west") == types.GatewayRole("west", "w1", "w2")
+            sessions["e1"][0].report_unreachable(frozenset({W1.key}))
+            await wait_until_async(
+                lambda: _role(h, "west") == types.GatewayRole("west", "w2", "w1"), 2, "role moved on the report"
+            )
+            # w1's agent comes back (same announcement): the healed old gateway stays standby.
+            sessions["e1"][0].report_unreachable(frozenset())
+            h.agent(W1)
+            await wait_until_async(lambda: h.node("west/w1").withdraw_in_s is None, 3, "w1 reconnected")
+            await asyncio.sleep(3 * KEEPALIVE)
+            assert _role(h, "west") == types.GatewayRole("west", "w2", "w1")
+            assert h.reflector._gateway_moves["west"] == 1
+
+    run(body())
+
+
+def test_a_lone_report_counts_only_once_it_stood_two_reports_at_once() -> None:
+    async def body() -> None:
+        async with harness(CONFIG, grace=30.0, hold=10.0) as h:
+            sessions = {a.name: h.agent(a) for a in (E1, W1, W2, W3)}
+            await wait_until_async(lambda: all(r.count("snapshot") == 1 for _, r in sessions.values()), 3, "snapshots")
+            await wait_until_async(lambda: _role(h, "west") == types.GatewayRole("west", "w1", "w2"), 3, "w1 elected")
+            h.reflector.lone_report_confirm = 1.0
+            # A blip: e1 alone reports w1 and takes it back within the confirmation time.
+            sessions["e1"][0].report_unreachable(frozenset({W1.key}))
+            await wait_until_async(lambda: h.reflector._scores().get(W1.key) == 1, 2, "e1's report counted")
+            sessions["e1"][0].report_unreachable(frozenset())
+            await wait_until_async(lambda: not h.reflector._scores(), 2, "e1's report withdrawn")
+            await asyncio.sleep(1.5)
+            assert _role(h, "west") == types.GatewayRole("west", "w1", "w2")
+            # e1 alone again, and it stands: the role moves once it has stood a second.
+            t0 = time.monotonic()
+            sessions["e1"][0].report_unreachable(frozenset({W1.key}))
+            await wait_until_async(lambda: _role(h, "west") == types.GatewayRole("west", "w2", "w1"), 4, "move")
+            assert time.monotonic() - t0 >= 0.9
+            # Two peers report w2 together: it moves without the wait.
+            sessions["e1"][0].report_unreachable(frozenset({W2.key}))
+            sessions["w3"][0].report_unreachable(frozenset({W2.key}))
+            await wait_until_async(lambda: h.reflector._scores().get(W2.key) == 2, 3, "both reports counted")
+            assert h.reflector._election_scores().get(W2.key) == 2
+
+    run(body())
+
+
+def test_confirmed_scores_hold_a_lone_report_of_a_connected_node() -> None:
+    reports = {E1.key: frozenset({W1.key}), W3.key: frozenset({W2.key}), W2.key: frozenset({W1.key, W3.key})}
+    targets = {E1.key: {"west/w1", "west/w2"}, W3.key: {"west/w1", "west/w2"}, W2.key: {"west/w1", "west/w3"}}
+    since = {E1.key: {W1.key: 10.0}, W3.key: {W2.key: 10.2}, W2.key: {W1.key: 10.4, W3.key: 10.4}}
+    everyone = {E1.key, W1.key, W2.key, W3.key}
+    # w2 reports everyone it probes: isolated, not counted. w1 by e1 alone, w2 by w3 alone.
+    assert election.unreachable_scores(reports, targets) == {W1.key: 1, W2.key: 1}
+    assert election.confirmed_scores(reports, targets, since, 10.3, everyone, 0.5) == ({}, 10.5)
+    assert election.confirmed_scores(reports, targets, since, 10.6, everyone, 0.5) == ({W1.key: 1}, 10.7)
+    # Without its session a lone report is confirmed at once.
+    got = election.confirmed_scores(reports, targets, since, 10.3, everyone - {W2.key}, 0.5)
+    assert got == ({W2.key: 1}, 10.5)
+    # Two reporters: at once.
+    two = {**reports, W3.key: frozenset({W1.key})}
+    assert election.confirmed_scores(two, targets, {}, 0.0, everyone, 0.5) == ({W1.key: 2}, None)
+
+
+# -- election, pure -----------------------------------------------------------------------------
+
+
+def _topo(active: str = "w1", standby: str = "w2") -> types.Topology:
+    topo = types.Topology(CONFIG)
+    for n in (E1, W1, W2, W3):
+        topo = topo.with_node(n)
+    return topo.with_roles((types.GatewayRole("east", "e1", ""), types.GatewayRole("west", active, standby)))
+
+
+def test_elect_keeps_a_lingering_gateway_and_moves_it_on_reports_or_after_grace() -> None:
+    topo = _topo()
+    everyone = {E1.key, W1.key, W2.key, W3.key}
+    west = lambda roles: next(r for r in roles if r.cluster == "west")  # noqa: E731
+    # Session gone, within the grace, nobody reports it: it keeps the role (and w2 the standby).
+    assert west(election.elect(topo, everyone - {W1.key}, {}, {W1.key})) == types.GatewayRole("west", "w1", "w2")
+    # ... reported unreachable as well: dead, the role moves.
+    assert west(election.elect(topo, everyone - {W1.key}, {W1.key: 1}, {W1.key})).active == "w2"
+    # Past the grace (not lingering any more): the role moves.
+    assert west(election.elect(topo, everyone - {W1.key}, {}, frozenset())).active == "w2"
+    # A lingering standby stays standby; a connected, healthy candidate is never displaced by it.
+    assert west(election.elect(topo, everyone - {W2.key}, {}, {W2.key})) == types.GatewayRole("west", "w1", "w2")
+    # Taking a free role: a connected candidate goes before a lingering one.
+    fresh = topo.with_roles(())
+    got = west(election.elect(fresh, everyone - {W1.key}, {}, {W1.key}))
+    assert got.active == "w2"
+    # Pure: equal inputs, equal outputs.
+    args = (topo, everyone, {W1.key: 2}, {W3.key})
+    assert election.elect(*args) == election.elect(*args)
 
 
 def test_reports_of_an_agent_heard_again_after_a_silence_are_held_then_counted() -> None:

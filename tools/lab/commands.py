@@ -156,17 +156,18 @@ def up(
                 # ClusterTree: the manager against the host, the leaves joined.
                 labtree.start_tree(state, progress)
                 labtree.join_leaves(state, max(1.0, deadline - time.monotonic()), progress)
-            # Multi-cluster services (tools.lab.mcs), then the supervisor that restarts the
-            # add-ons (imported here: ``python -m tools.lab.supervisor`` runs it as __main__).
-            if labmcs.start_mcs(state, progress) is not None or state.host_cluster is not None:
-                from tools.lab.supervisor import ensure_supervisor
-
-                ensure_supervisor(state, progress)
+            # Multi-cluster services (tools.lab.mcs).
+            labmcs.start_mcs(state, progress)
             contexts = ", ".join(c.name for c in state.clusters)
             progress(
                 f"lab {name}: kubeconfig {state.kubeconfig} (contexts: {contexts}); e.g. "
                 f"kubectl --kubeconfig {state.kubeconfig} --context {state.clusters[0].name} get nodes -o wide"
             )
+        # The supervisor that restarts crashed agents, the reflector and the add-ons (every lab;
+        # imported here: ``python -m tools.lab.supervisor`` runs it as __main__).
+        from tools.lab.supervisor import ensure_supervisor
+
+        ensure_supervisor(state, progress)
         return state
 
 

@@ -35,6 +35,8 @@ def status_doc(state: LabState, status: api.FabricStatus | None, error: str | No
             "epoch": status.epoch if status else None,
             "generation": status.generation if status else None,
             "holding": status.holding if status else None,
+            # Restarts of a crashed reflector by the lab's supervisor (tools.lab.supervisor).
+            "restarts": state.restarts.get("reflector", 0),
         },
         "clusters": [],
     }
@@ -56,6 +58,8 @@ def status_doc(state: LabState, status: api.FabricStatus | None, error: str | No
                     "pod_cidr": n.pod_cidr,
                     "agent_pid": n.agent.pid if n.agent and n.agent.running() else None,
                     "agent_log": n.agent.log if n.agent else None,
+                    # Restarts of a crashed agent by the lab's supervisor (tools.lab.supervisor).
+                    "agent_restarts": state.restarts.get(f"agent/{n.key}", 0),
                     "in_sync": bool(ns and ns.in_sync),
                     "connected": bool(ns and ns.connected),
                     "planned_version": ns.planned_version if ns else None,
@@ -124,7 +128,10 @@ def status_doc(state: LabState, status: api.FabricStatus | None, error: str | No
 
         doc["mcs"] = {"pid": mp.pid if mp.running() else None, "log": mp.log,
                       "dns": {c.name: labmcs.dns_port(c) for c in state.clusters}}
-    # Restarts the supervisor made, by what: "tree", "scheduler/<cluster>", "mcs".
+    sup = state.supervisor
+    doc["supervisor"] = {"pid": sup.pid if sup and sup.running() else None, "log": sup.log if sup else None}
+    # Restarts the supervisor made, by what: "agent/<cluster>/<node>", "reflector", "tree",
+    # "scheduler/<cluster>", "dns/<cluster>", "mcs".
     doc["restarts"] = dict(state.restarts)
     return doc
 
@@ -195,6 +202,9 @@ def render_status(doc: dict[str, Any]) -> str:
         dns = ", ".join(f"{c} 127.0.0.1:{p}" for c, p in m["dns"].items() if p)
         lines.append(f"kosmos-mcs: {m['pid'] or 'stopped'} (restarts {restarts.get('mcs', 0)}); clusterset.local "
                      f"answered for {dns or 'no cluster'}")
+    sv = doc.get("supervisor") or {}
+    lines.append(f"supervisor: {sv.get('pid') or 'stopped'} (restarts crashed agents, the reflector and add-ons "
+                 f"with back-off; {sum(restarts.values())} restarts so far)")
     if doc.get("kubeconfig"):
         lines.append(f"kubeconfig: {doc['kubeconfig']}")
     for rej in doc.get("rejections", []):

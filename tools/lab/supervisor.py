@@ -1,10 +1,12 @@
-"""The lab's supervisor (``python -m tools.lab.supervisor --lab NAME``): restarts ``kosmos-tree``
-and the schedulers when they die, as the kubelet restarts a Deployment's container.
+"""The lab's supervisor (``python -m tools.lab.supervisor --lab NAME``): restarts the fabric's
+agents and reflector, ``kosmos-tree`` and the schedulers when they die, as the kubelet restarts
+a DaemonSet's or a Deployment's container.
 
-It runs in labs with a ``role: host`` cluster (ClusterTree) or ``kosmos-mcs`` (every
-``kubernetes: true`` lab: :mod:`tools.lab.mcs`), root namespace, started by
-``lab up`` (which restarts it too when it died) and stopped first by ``lab down``. Every second
-it reads the state file; a supervised process (:func:`supervised`: the tree manager, each
+It runs in every lab, root namespace, started by ``lab up`` (which restarts it too when it
+died) and stopped first by ``lab down``. Every second it reads the state file; a supervised
+process (:func:`supervised`: every node's ``fabric-agent`` (``agent/<cluster>/<node>``: in
+production a DaemonSet's pod, issue 21 section 5), the ``fabric-reflector`` (``reflector``: a
+Deployment), the tree manager, each
 cluster's scheduler other than ``none`` (in labs with a host only) and each cluster's DNS
 (:func:`tools.lab.kube.start_dns`),
 and ``kosmos-mcs`` (:func:`tools.lab.mcs.start_mcs`, while every API server runs),
@@ -13,7 +15,12 @@ but no longer running is started again by the lab's own starter
 (:func:`tools.lab.tree.start_tree`, :func:`tools.lab.schedulers.start_scheduler`), under the
 lab's lock, taken without waiting (a busy lab is retried next round), the state re-read under it,
 so it never races ``lab up`` or ``lab down``. A process nobody has started yet (recorded as
-None) is ``lab up``'s business, not restarted here.
+None) is ``lab up``'s business, not restarted here; so is one stopped on purpose (``lab
+stop-agent`` / ``stop-reflector`` forget its record): only a process that died while recorded
+as running - crashed or killed - is restarted. A restarted agent loses no packets (its
+dataplane stays in the kernel meanwhile and it adopts it: DESIGN.md), and the reflector keeps a
+gateway's roles across its agent's restart (a session loss alone is no dead gateway:
+:mod:`fabric.control.election`).
 
 Back-off as the kubelet's CrashLoopBackOff: the first restart at once, then 10 s, doubling to
 300 s; a process that ran 600 s since its last start is forgiven. The count of restarts is kept
@@ -42,7 +49,7 @@ from tools.lab import kube as labkube
 from tools.lab import mcs as labmcs
 from tools.lab import schedulers
 from tools.lab import tree as labtree
-from tools.lab.procs import ROOT_NETNS, start_process, still_running
+from tools.lab.procs import ROOT_NETNS, start_agent, start_process, start_reflector, still_running
 from tools.lab.state import (
     LAB_ROOT,
     LabState,
@@ -67,6 +74,17 @@ POLL_S = 1.0
 def supervised(state: LabState) -> dict[str, tuple[ProcRecord | None, Callable[[LabState], object]]]:
     """What the supervisor keeps running: key -> (its record, the function that starts it)."""
     out: dict[str, tuple[ProcRecord | None, Callable[[LabState], object]]] = {}
+    if state.reflector is not None:
+        out["reflector"] = (state.reflector, start_reflector)
+    for node in state.nodes():
+        if node.agent is None:
+            continue
+
+        def start_node_agent(st: LabState, key: str = node.key) -> object:
+            n = next(x for x in st.nodes() if x.key == key)
+            return start_agent(st, n)
+
+        out[f"agent/{node.key}"] = (node.agent, start_node_agent)
     host = state.host_cluster
     if host is not None and host.apiserver is not None and host.apiserver.running() and host.api_url:
         out["tree"] = (state.tree_proc, labtree.start_tree)
@@ -206,17 +224,15 @@ def supervisor_argv(state: LabState) -> list[str]:
 
 
 def ensure_supervisor(state: LabState, progress: Progress = quiet) -> ProcRecord | None:
-    """Start the lab's supervisor unless it runs (labs with a host or ``kosmos-mcs``; None otherwise)."""
-    if state.host_cluster is None and state.mcs_proc is None:
-        return None
+    """Start the lab's supervisor unless it runs (every lab: it restarts the agents and the reflector)."""
     argv = supervisor_argv(state)
     if (rec := still_running(state.supervisor, argv)) is not None:
         return rec
     rec = start_process(ROOT_NETNS, argv, state.state_dir / "logs" / "supervisor.log")
     state.supervisor = rec
     save_state(state)
-    progress(f"lab {state.name}: supervisor started (pid {rec.pid}, log {rec.log}): restarts kosmos-tree, "
-             "kosmos-mcs, the schedulers and the cluster DNS when they die")
+    progress(f"lab {state.name}: supervisor started (pid {rec.pid}, log {rec.log}): restarts the agents, the "
+             "reflector, kosmos-tree, kosmos-mcs, the schedulers and the cluster DNS when they die")
     return rec
 
 
