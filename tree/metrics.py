@@ -71,6 +71,11 @@ class TreeMetrics:
         self.pod_writes = prometheus_client.Counter(
             "fabric_tree_pod_writes", "Pod sync writes by kind (leaf-create, leaf-update, leaf-delete, leaf-namespace, "
             "root-status, root-delete).", ["cluster", "kind"], registry=r)
+        self.pods_stranded = prometheus_client.Counter(
+            "fabric_tree_pods_stranded", "Leaf copies found stranded (Pending and Unschedulable in the leaf for longer "
+            "than --stranded-after), by action: unpinned (the pinned copy created again without its pin), evicted "
+            "(the root pod evicted for its controller to re-create it), reported (a pod without a controller: "
+            "an Event only).", ["cluster", "action"], registry=r)
 
     def forget(self, cluster: str) -> None:
         """Drop a cluster's series (its Cluster is gone or its tree disabled)."""
