@@ -29,7 +29,8 @@ Per pod, in order:
    placement``: false binds median 2, max 31 over 10 seeds without, 0 with). Nothing is written
    without a view, a reservation or in ``node``/``party`` mode (a node-mode copy is bound to its
    node already; a party's selector is the party's). A failed write fails the bind (the pod is
-   retried), as VolumeBinding's PreBind.
+   retried), as VolumeBinding's PreBind. A pin an earlier cycle wrote (its bind failed) that
+   does not apply now is removed (merge patch to null), so it never pins a copy in another leaf.
    ``args.pinLeafNode`` (default true) turns it off: the leaf's scheduler then chooses among all
    its nodes (for leaves whose scheduler does better than our best fit, e.g. with its own
    scoring plugins or pod affinities the view does not know). A pinned copy whose node cannot
@@ -138,18 +139,16 @@ class LeafNodeFit:
 
     def pre_bind(self, state: CycleState, pod: PodInfo, node_name: str) -> Status:
         """Write the reserved leaf node on the root pod (see the module, step 3)."""
+        leaf_node = None
         views = self._views()
-        if not self.pin or views is None:
-            return SUCCESS
-        with views.lock:
-            view = views.view(node_name)
-            if view is None or view.mode != PINNED_MODE:
-                return SUCCESS
-            r = view.reservations.get(self._key(pod))
-            leaf_node = r.node if r is not None else None
-        if leaf_node is None:
-            return SUCCESS
+        if self.pin and views is not None:
+            with views.lock:
+                view = views.view(node_name)
+                if view is not None and view.mode == PINNED_MODE:
+                    r = view.reservations.get(self._key(pod))
+                    leaf_node = r.node if r is not None else None
         meta = pod.pod.get("metadata") or {}
+        # A pin left by an earlier cycle whose bind failed names a node of another leaf: dropped.
         if (meta.get("annotations") or {}).get(LEAF_NODE_ANNOTATION) == leaf_node:
             return SUCCESS
         patch = api_patcher(self.handle)

@@ -88,6 +88,22 @@ def test_pre_bind_writes_nothing_without_a_view_a_reservation_or_in_other_modes(
     assert api.patches == []
 
 
+def test_a_stale_pin_from_an_earlier_cycle_is_removed_and_a_current_one_not_rewritten() -> None:
+    api = _Api()
+    plugin = LeafNodeFit(_H(views_of("node"), api), {})
+    stale = pod("web", "2", annotations={LEAF_NODE_ANNOTATION: "n-of-another-leaf"})
+    state = CycleState()
+    assert plugin.reserve(state, stale, "kosmos-c1").ok and plugin.pre_bind(state, stale, "kosmos-c1").ok
+    assert api.patches == [("/api/v1/namespaces/default/pods/web",
+                            {"metadata": {"uid": "uid-web", "annotations": {LEAF_NODE_ANNOTATION: None}}})]
+    api = _Api()
+    plugin = LeafNodeFit(_H(views_of(), api), {})
+    current = pod("web", "2", annotations={LEAF_NODE_ANNOTATION: "n-tight"})
+    state = CycleState()
+    assert plugin.reserve(state, current, "kosmos-c1").ok and plugin.pre_bind(state, current, "kosmos-c1").ok
+    assert api.patches == []
+
+
 def test_pin_off_and_a_failed_write_and_no_client() -> None:
     p = pod("web", "2")
     api = _Api()
