@@ -759,6 +759,9 @@ METRICS: dict[str, tuple[str, bool, str]] = {
 }
 
 
+#: Seeds on which ours also runs unpinned (the note's variant).
+VARIANT_SEEDS = 3
+
 #: The extra figure of a full run: decision p99 on a fleet scaled to 5,000 leaf nodes (one seed).
 LATENCY_5000 = "decision_p99_ms_at_5000_leaf_nodes"
 
@@ -833,17 +836,20 @@ def run(opts: bc.Options, score: LeafScore | None = None, score_name: str = DEFA
             bc.progress(NAME, f"  {p}: {o.false_binds} false binds, packing {o.packing:.4f}, {o.rejected} rejected, "
                               f"p99 {o.decision_p99_ms:.3f} ms ({time.monotonic() - t0:.1f} s)")
         outcomes.append(out)
-        unpinned.append(simulate(fleet, "ours", score, pin=False))
+        if seed < VARIANT_SEEDS:  # ours' cost doubles with the variant: the first seeds only
+            unpinned.append(simulate(fleet, "ours", score, pin=False))
     report = figures(outcomes, score_name)
     off = [o["ours"].off_reservation for o in outcomes]
     report.notes.append(f"ours: the leaf pod is pinned to the node ours reserved (LeafNodeFit's PreBind, the tree "
                         f"manager's required node affinity); {statistics.median(off):g} pods (median over seeds; "
                         f"max {max(off)}) found no room there (each one a false bind)")
+    pinned_packing = [o["ours"].packing for o in outcomes[:len(unpinned)]]
     report.notes.append(
-        "variant pinLeafNode: false (the leaf's first fit over all its nodes, the reservation only counted): ours' "
-        f"false binds median {statistics.median(o.false_binds for o in unpinned):g}, max "
+        f"variant pinLeafNode: false, first {len(unpinned)} seed(s) (the leaf's first fit over all its nodes, the "
+        f"reservation only counted): ours' false binds median "
+        f"{statistics.median(o.false_binds for o in unpinned):g}, max "
         f"{max(o.false_binds for o in unpinned)}, packing median {statistics.median(o.packing for o in unpinned):.4f} "
-        f"(pinned: {statistics.median(o['ours'].packing for o in outcomes):.4f})")
+        f"(pinned, same seeds: {statistics.median(pinned_packing):.4f})")
     if not opts.tiny and leaf_nodes < 5000:
         fleet = make_fleet(2900, leaf_total=5000, pods=opts.sched_pods)
         bc.progress(NAME, f"decision latency at {fleet.leaf_nodes} leaf nodes, {len(fleet.arrivals)} pods")
