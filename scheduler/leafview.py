@@ -202,6 +202,9 @@ class Record:
     cluster: str
     ready: bool
     nodes: tuple[LeafNode, ...]
+    #: The tree mode of the virtual node (``cluster``, ``node``, ``party``; "" when the record
+    #: does not say): LeafNodeFit pins a ``cluster`` leaf copy to its reserved leaf node.
+    mode: str = ""
 
 
 def parse_record(data: bytes | str | Mapping[str, Any], where: str = "leaf-resources record",
@@ -246,7 +249,7 @@ def parse_record(data: bytes | str | Mapping[str, Any], where: str = "leaf-resou
             cache[name] = (n, node)
         nodes.append(node)
     return Record(virtual_node=str(doc.get("virtualNode") or ""), cluster=str(doc.get("cluster") or ""),
-                  ready=bool(doc.get("ready")), nodes=tuple(nodes))
+                  ready=bool(doc.get("ready")), nodes=tuple(nodes), mode=str(doc.get("mode") or ""))
 
 
 def _parse_node(n: Mapping[str, Any], where: str) -> LeafNode:
@@ -447,6 +450,8 @@ class LeafView:
         self.reservations: dict[str, Reservation] = {}
         #: Records applied so far.
         self.records = 0
+        #: The last record's tree mode (:attr:`Record.mode`).
+        self.mode = ""
 
     # -- input ------------------------------------------------------------------------------
 
@@ -482,6 +487,7 @@ class LeafView:
         if not isinstance(record, Record):
             record = parse_record(record, f"record {self.name or '?'}", self._raw)
         self.records += 1
+        self.mode = record.mode
         changed: set[str] = set()
         known = self._nodes
         for n in record.nodes:

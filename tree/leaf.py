@@ -94,6 +94,9 @@ class Options:
     #: Seconds at least between two passes of one leaf (events meanwhile make one pass): the
     #: forge walks every pod of the leaf, so a pass per pod event costs O(pods) per event.
     pass_interval: float = 0.2
+    #: Seconds a leaf copy may stay Pending and Unschedulable in its leaf before it counts as
+    #: stranded (:class:`tree.podsync.PodSyncer`: unpinned, or its root pod evicted).
+    stranded_after: float = 30.0
 
 
 def _connect_leaf(doc: Obj) -> Api:
@@ -158,7 +161,8 @@ class LeafReconciler:
             self.pods = PodSyncer(root, root_pods, root_nodes, lambda: self.spec, root_id=options.root_id,
                                   metrics=metrics, workers=options.pod_workers, leaf_timeout=options.leaf_timeout,
                                   root_timeout=options.root_timeout, resync_period=options.resync_period,
-                                  dependencies=dependencies, converter=converter)
+                                  dependencies=dependencies, converter=converter,
+                                  stranded_after=options.stranded_after)
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -82,6 +82,10 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds between full passes and re-reads of the kubeconfig Secrets (default 30)")
     p.add_argument("--pod-workers", type=int, default=8,
                    help="pods of one leaf synced at once (default 8; each leaf has its own)")
+    p.add_argument("--stranded-after", type=positive_seconds, default=30.0,
+                   help="seconds a leaf copy may stay Pending and Unschedulable in its leaf before it counts as "
+                        "stranded: a copy pinned to a leaf node is created again without the pin, an unpinned one has "
+                        "its root pod evicted (when a controller owns it) for re-placement (default 30)")
     p.add_argument("--reflector", type=grpc_target, metavar="TARGET",
                    help="gRPC target of fabric-reflector, HOST:PORT or unix:/path (mutual TLS with --tls-dir, "
                         "plaintext with --insecure); absent: no add-on records, no NetworkUnavailable")
@@ -178,6 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = Options(root_id=rid, leaf_timeout=args.leaf_timeout, unreachable_after=args.leaf_unreachable_after,
                       lease_period=args.node_lease_period, status_period=args.node_status_period,
                       resync_period=args.resync_period, pod_workers=max(1, args.pod_workers),
+                      stranded_after=args.stranded_after,
                       kubelet_address=args.kubelet_address if kubelet_server else "",
                       kubelet_port=kubelet_server.port if kubelet_server else 0)
     link = None

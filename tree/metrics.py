@@ -70,7 +70,12 @@ class TreeMetrics:
             ["cluster"], buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r)
         self.pod_writes = prometheus_client.Counter(
             "fabric_tree_pod_writes", "Pod sync writes by kind (leaf-create, leaf-update, leaf-delete, leaf-namespace, "
-            "root-status, root-delete).", ["cluster", "kind"], registry=r)
+            "root-status, root-delete, root-evict).", ["cluster", "kind"], registry=r)
+        self.pods_stranded = prometheus_client.Counter(
+            "fabric_tree_pods_stranded", "Leaf copies found stranded (Pending and Unschedulable in the leaf for longer "
+            "than --stranded-after), by action: unpinned (the pinned copy created again without its pin), evicted "
+            "(the root pod evicted for its controller to re-create it), reported (a pod without a controller: "
+            "an Event only).", ["cluster", "action"], registry=r)
 
     def forget(self, cluster: str) -> None:
         """Drop a cluster's series (its Cluster is gone or its tree disabled)."""

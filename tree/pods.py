@@ -23,6 +23,13 @@ functions say what each side should hold; :mod:`tree.podsync` diffs and writes.
   to every required node affinity term (Kosmos ``fitNodeAffinity`` replaces the terms; ANDing
   keeps a cluster-selector affinity meaningful too). ``schedulerName: kosmos-scheduler`` is
   cleared (Kosmos: the leaf runs its own default scheduler).
+- the pin (cluster mode only, ``pin`` given: :func:`leaf_node_pin` read the root pod's
+  :data:`LEAF_NODE_ANNOTATION`, written by the scheduler's LeafNodeFit PreBind with the leaf node
+  its reservation holds room on): ``matchFields metadata.name In [node]`` is ANDed into every
+  required node affinity term (one term with just that when there is none), so the pod's own
+  translated affinity still holds and the leaf's scheduler can use that node only. The copy
+  carries :data:`PINNED_ANNOTATION` = the node (not among the synced keys: :func:`leaf_update`
+  leaves it), which is how :mod:`tree.podsync` knows the copy is pinned when it is stranded.
 - service account: ``automountServiceAccountToken: false`` (as Kosmos): the root pod already
   carries its token volume (``kube-api-access-*``) and the leaf must not add a second one; the
   legacy ``default-token-*`` Secret volumes and mounts are dropped (Kosmos). The projected
@@ -68,6 +75,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -91,6 +99,13 @@ DAEMONSET_ALLOW_ANNOTATION = "kosmos-io/daemonset-allow"
 KOSMOS_DAEMONSET_LABEL = "daemonset.kosmos.io/managed"
 #: Namespaces whose pods are never copied.
 SKIPPED_NAMESPACES = ("kube-system",)
+#: The root pod's annotation naming the leaf node its copy is pinned to (the scheduler's
+#: ``scheduler.plugins.kosmos_leaffit.LEAF_NODE_ANNOTATION``).
+LEAF_NODE_ANNOTATION = "kosmos.io/leaf-node"
+#: The leaf copy's annotation: the leaf node this copy was pinned to at creation.
+PINNED_ANNOTATION = "kosmos.io/pinned-leaf-node"
+#: A Kubernetes object name (DNS-1123 subdomain), what a node name must be.
+_NODE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 #: Kosmos' scheduler name, cleared in the leaf.
 KOSMOS_SCHEDULER = "kosmos-scheduler"
 #: The kubelet's own pod conditions: the leaf's kubelet is the one that sets them.
@@ -125,11 +140,13 @@ def should_sync(root_pod: Mapping[str, Any]) -> bool:
 
 
 def leaf_pod(root_pod: Mapping[str, Any], *, root_id: str, leaf_name: str, mode: Mode,
-             party_selector: Mapping[str, Any] | None = None, renames: Renames | None = None) -> Obj:
+             party_selector: Mapping[str, Any] | None = None, renames: Renames | None = None,
+             pin: str | None = None) -> Obj:
     """The leaf copy of ``root_pod`` to create, named ``leaf_name`` (see the module).
 
-    ``party_selector``: the party's ``labelSelector`` (party mode). Raises :class:`PodError`
-    when the cluster-selector annotation is not the JSON object Kosmos defines."""
+    ``party_selector``: the party's ``labelSelector`` (party mode). ``pin``: the leaf node the
+    copy must run on (cluster mode; ignored in the others). Raises :class:`PodError` when the
+    cluster-selector annotation is not the JSON object Kosmos defines."""
     renames = renames or {}
     meta = _meta(root_pod)
     root_name = str(meta.get("name") or "")
@@ -146,6 +163,9 @@ def leaf_pod(root_pod: Mapping[str, Any], *, root_id: str, leaf_name: str, mode:
     _placement(spec, cluster_selector(root_pod))
     if mode is Mode.PARTY and party_selector is not None:
         _and_party(spec, party_selector)
+    if mode is Mode.CLUSTER and pin:
+        _and_terms(spec, [], [{"key": "metadata.name", "operator": "In", "values": [pin]}])
+        annotations[PINNED_ANNOTATION] = pin
     spec["automountServiceAccountToken"] = False
     _drop_legacy_tokens(spec)
     if leaf_name != root_name and not spec.get("hostname"):
@@ -224,15 +244,56 @@ def selector_requirements(sel: Mapping[str, Any]) -> list[Obj]:
 
 def _and_party(spec: Obj, party_selector: Mapping[str, Any]) -> None:
     reqs = selector_requirements(party_selector)
-    if not reqs:
-        return
+    if reqs:
+        _and_terms(spec, reqs, [])
+
+
+def _and_terms(spec: Obj, expressions: list[Obj], fields: list[Obj]) -> None:
+    """AND ``expressions`` (matchExpressions) and ``fields`` (matchFields) into every required
+    node affinity term of ``spec`` (one term with just them when there is none)."""
     affinity = spec.setdefault("affinity", {})
     node_aff = affinity.setdefault("nodeAffinity", {})
     required = node_aff.setdefault("requiredDuringSchedulingIgnoredDuringExecution", {})
     terms = required.get("nodeSelectorTerms") or [{}]
     for t in terms:
-        t["matchExpressions"] = list(t.get("matchExpressions") or []) + copy.deepcopy(reqs)
+        if expressions:
+            t["matchExpressions"] = list(t.get("matchExpressions") or []) + copy.deepcopy(expressions)
+        if fields:
+            t["matchFields"] = list(t.get("matchFields") or []) + copy.deepcopy(fields)
     required["nodeSelectorTerms"] = terms
+
+
+def leaf_node_pin(root_pod: Mapping[str, Any]) -> tuple[str | None, str]:
+    """(the leaf node ``root_pod``'s copy is to be pinned to, the problem with the annotation):
+    (None, "") without :data:`LEAF_NODE_ANNOTATION`; (None, why) when it cannot name a node."""
+    raw = (_meta(root_pod).get("annotations") or {}).get(LEAF_NODE_ANNOTATION)
+    if raw is None:
+        return None, ""
+    if not isinstance(raw, str) or len(raw) > 253 or not _NODE_NAME.match(raw):
+        return None, f"annotation {LEAF_NODE_ANNOTATION}={raw!r} is not a node name; the leaf copy is not pinned"
+    return raw, ""
+
+
+def pinned_node(leaf_pod_now: Mapping[str, Any]) -> str | None:
+    """The leaf node a leaf copy was pinned to at creation (:data:`PINNED_ANNOTATION`), if any."""
+    v = (_meta(leaf_pod_now).get("annotations") or {}).get(PINNED_ANNOTATION)
+    return str(v) if v else None
+
+
+def unschedulable(leaf_pod_now: Mapping[str, Any]) -> str | None:
+    """The leaf scheduler's message when the leaf copy is Pending, unbound and its
+    ``PodScheduled`` condition is False with reason ``Unschedulable``; None otherwise."""
+    if (leaf_pod_now.get("spec") or {}).get("nodeName") or _meta(leaf_pod_now).get("deletionTimestamp"):
+        return None
+    status = leaf_pod_now.get("status") or {}
+    if status.get("phase") not in (None, "", "Pending"):
+        return None
+    for c in status.get("conditions") or []:
+        if c.get("type") == "PodScheduled":
+            if c.get("status") == "False" and c.get("reason") == "Unschedulable":
+                return str(c.get("message") or "Unschedulable")
+            return None
+    return None
 
 
 def _drop_legacy_tokens(spec: Obj) -> None:

@@ -31,6 +31,34 @@ One root pod UID, one step (:meth:`PodSyncer.sync_one`), from what the informers
    else is waited out and then created again; the root pod is never deleted because its copy
    went. A root pod that has finished (Succeeded, Failed) is not copied again.
 
+Pinning (cluster mode). A root pod annotated :data:`tree.pods.LEAF_NODE_ANNOTATION` (the
+scheduler's LeafNodeFit PreBind writes the leaf node its reservation counted the pod on) gets a
+copy pinned to that node (:func:`tree.pods.leaf_pod`); the annotation is read only from pods
+bound to this Cluster's virtual nodes, and one that is not a node name is a Warning Event
+``LeafNodePinIgnored`` and an unpinned copy, never a failed sync.
+
+Stranded copies (:meth:`PodSyncer._stranded`). A live copy that stays Pending, unbound, with
+``PodScheduled=False`` reason ``Unschedulable`` (its leaf's scheduler found no node) for longer
+than ``stranded_after`` seconds (``kosmos-tree --stranded-after``; timed from when this syncer
+first saw it so, per copy UID: no clock of the leaf is trusted) is stranded: the leaf changed
+under the root scheduler. Then, counted in ``fabric_tree_pods_stranded_total{cluster,action}``,
+with a Warning Event on the root pod naming the leaf (node) and the leaf scheduler's message:
+
+- a pinned copy (:data:`tree.pods.PINNED_ANNOTATION`): the annotation is removed from the root
+  pod (a JSON patch that tests its UID), the copy deleted (UID precondition, grace 0: it never
+  ran) and created again without the pin, for the leaf's scheduler to choose among all its nodes
+  (Event ``LeafNodeUnpinned``; action ``unpinned``). The root pod no longer asks for the pin, so
+  a restart does not pin it again.
+- an unpinned copy of a root pod with a controller (an ownerReference with ``controller: true``):
+  the root pod is evicted (``pods/eviction`` with a UID precondition: a newer pod of the same name
+  is never touched; a disruption budget is honoured: 429 is retried), once; its controller
+  creates a new pod that the root scheduler places again, and the leaf's record (which no longer
+  has room) keeps it off this leaf (Event ``LeafCannotHostPod``; action ``evicted``). The
+  eviction's deletion then runs step 2.
+- a pod without a controller: only the Event (action ``reported``), once per copy. Deleting it
+  would lose the pod for good (nothing re-creates it, and a pod's nodeName cannot change): it
+  stays Pending in the leaf, which may still find room later; its owner decides.
+
 Names. A copy has the root pod's name unless something else holds that name in the leaf (a
 leaf user's pod, another root's copy): then ``<name>-<hash>`` (:func:`tree.identity.leaf_name`)
 with ``spec.hostname`` = the root name. One exception: while an earlier copy of *this* root's
@@ -79,6 +107,9 @@ JSON_PATCH = "application/json-patch+json"
 REASON_CREATE_FAILED = "ProviderCreateFailed"
 REASON_UPDATE_FAILED = "ProviderUpdateFailed"
 REASON_DELETE_FAILED = "ProviderDeleteFailed"
+REASON_PIN_IGNORED = "LeafNodePinIgnored"
+REASON_UNPINNED = "LeafNodeUnpinned"
+REASON_STRANDED = "LeafCannotHostPod"
 TERMINAL = ("Succeeded", "Failed")
 #: Seconds a created copy may take to show in the leaf informer before it counts as gone.
 _CREATED_GRACE_S = 10.0
@@ -246,7 +277,10 @@ class PodSyncer:
     def __init__(self, root: Api, root_pods: RootPods, root_nodes: Informer, spec: Callable[[], TreeSpec], *,
                  root_id: str, metrics: TreeMetrics, workers: int = 8, leaf_timeout: float = 10.0,
                  root_timeout: float = 30.0, resync_period: float = 30.0,
-                 dependencies: DependenciesFactory | None = None, converter: Converter | None = None) -> None:
+                 dependencies: DependenciesFactory | None = None, converter: Converter | None = None,
+                 stranded_after: float = 30.0) -> None:
+        if stranded_after <= 0:
+            raise ValueError(f"stranded_after: must be positive seconds, got {stranded_after}")
         self.root = root
         self.root_pods = root_pods
         self.root_nodes = root_nodes
@@ -259,6 +293,7 @@ class PodSyncer:
         self.resync_period = resync_period
         self.dependencies_factory = dependencies
         self.converter = converter
+        self.stranded_after = stranded_after
         self.deps: Dependencies | None = None
         self._leaf: Api | None = None
         self._informer: Informer | None = None
@@ -283,6 +318,12 @@ class PodSyncer:
         #: ("" while the write is in flight or its answer was lost), until the root informer
         #: shows that version: meanwhile the informer may miss that the pod finished.
         self._written: dict[str, str] = {}
+        #: root UID -> (copy UID, when this syncer first saw that copy Unschedulable).
+        self._unschedulable: dict[str, tuple[str, float]] = {}
+        #: root UID -> the copy UID its stranding was acted on or reported for (once per copy).
+        self._stranded_done: dict[str, str] = {}
+        #: root UIDs whose pin was dropped (the root informer may not show the removal yet).
+        self._unpinned: set[str] = set()
         self._queue = _Queue()
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
@@ -431,9 +472,11 @@ class PodSyncer:
         uids |= set(copies)
         for u in uids:
             self._queue.add(u)
-        for table in (self._events, self._backoff, self._created, self._written):  # of pods gone meanwhile
+        for table in (self._events, self._backoff, self._created, self._written,  # of pods gone meanwhile
+                      self._unschedulable, self._stranded_done):
             for u in [u for u in list(table) if u not in uids]:
                 table.pop(u, None)
+        self._unpinned &= uids
         with self._lock:
             self._waiting = {k: u for k, u in self._waiting.items() if u in uids}
         live = [p for cs in copies.values() for p in cs if not _meta(p).get("deletionTimestamp")]
@@ -529,6 +572,8 @@ class PodSyncer:
                     self._event(root_pod, REASON_UPDATE_FAILED, f"updating the leaf pod: {e}")
                 raise
         self._push_status(root_pod, copy)
+        if self._stranded(leaf, root_pod, copy):
+            return
         self._events.pop(uid, None)
 
     def _create(self, leaf: Api, root_pod: Obj) -> None:
@@ -563,10 +608,15 @@ class PodSyncer:
         leaf_name = identity.leaf_name(name, self.root_id, uid, occupant)
         spec = self.spec()
         node = str((root_pod.get("spec") or {}).get("nodeName") or "")
+        pin = None
+        if spec.mode is Mode.CLUSTER and uid not in self._unpinned:
+            pin, problem = pods.leaf_node_pin(root_pod)
+            if problem:
+                self._event(root_pod, REASON_PIN_IGNORED, problem)
         try:
             renames = self.deps.ensure(root_pod, ns) if self.deps is not None else {}
             body = pods.leaf_pod(root_pod, root_id=self.root_id, leaf_name=leaf_name, mode=spec.mode,
-                                 party_selector=_party_selector(spec, node), renames=renames)
+                                 party_selector=_party_selector(spec, node), renames=renames, pin=pin)
             if self.converter is not None:
                 body = self.converter(body, root_pod, spec.cluster)
         except ApiError:
@@ -587,6 +637,94 @@ class PodSyncer:
         self._created[uid] = time.monotonic()
         self.metrics.pod_writes.labels(self.cluster, "leaf-create").inc()
         _log.debug("Cluster %s: pod %s/%s created in the leaf as %s", self.cluster, ns, name, leaf_name)
+
+    def _stranded(self, leaf: Api, root_pod: Obj, copy: Obj) -> bool:
+        """Act on a stranded copy (the module's "Stranded copies"); True when this step is over
+        (the copy deleted, or the root pod evicted)."""
+        meta, cmeta = _meta(root_pod), _meta(copy)
+        uid, cuid = str(meta.get("uid")), str(cmeta.get("uid"))
+        message = pods.unschedulable(copy)
+        if message is None:
+            self._unschedulable.pop(uid, None)
+            return False
+        now = time.monotonic()
+        seen = self._unschedulable.get(uid)
+        if seen is None or seen[0] != cuid:
+            seen = self._unschedulable[uid] = (cuid, now)
+            self._queue.add_after(uid, self.stranded_after + 0.05)  # look again at the deadline
+        if now - seen[1] < self.stranded_after or self._stranded_done.get(uid) == cuid:
+            return False
+        waited = f"{self.stranded_after:g} s"
+        pinned = pods.pinned_node(copy)
+        if pinned:
+            self._unpin(root_pod)
+            self._delete_leaf(leaf, root_pod, copy, 0)
+            self._stranded_done[uid] = cuid
+            self.metrics.pods_stranded.labels(self.cluster, "unpinned").inc()
+            self._post(root_pod, REASON_UNPINNED,
+                       f"leaf node {pinned} of cluster {self.cluster} could not host the pod for {waited} "
+                       f"({message}); its leaf copy is created again without the pin, for the leaf's scheduler to "
+                       "place it on any node")
+            _log.info("Cluster %s: pod %s/%s stranded on leaf node %s (%s): unpinned", self.cluster,
+                      meta.get("namespace"), meta.get("name"), pinned, message)
+            return True
+        ctrl = next((r for r in meta.get("ownerReferences") or [] if r.get("controller")), None)
+        if ctrl is None:
+            self._stranded_done[uid] = cuid
+            self.metrics.pods_stranded.labels(self.cluster, "reported").inc()
+            self._post(root_pod, REASON_STRANDED,
+                       f"leaf cluster {self.cluster} could not host the pod for {waited} ({message}); the pod has no "
+                       "controller to re-create it elsewhere, so it stays Pending there: delete it to have it "
+                       "placed again")
+            return False
+        self._guard()
+        ns, name = str(meta["namespace"]), str(meta["name"])
+        try:
+            self.root.request("POST", resource_path("v1", "pods", ns, name, sub="eviction"),
+                              {"apiVersion": "policy/v1", "kind": "Eviction",
+                               "metadata": {"name": name, "namespace": ns},
+                               "deleteOptions": {"preconditions": {"uid": uid}}}, timeout=self.root_timeout)
+        except ApiError as e:
+            if e.status == 429:  # a disruption budget: try again later
+                self._post(root_pod, REASON_STRANDED, f"leaf cluster {self.cluster} could not host the pod for "
+                           f"{waited} ({message}); its eviction for re-placement waits: {e}")
+                raise _Retry(min(30.0, self.resync_period)) from None
+            if e.status not in (404, 409):
+                raise
+            return True  # gone, or another pod of that name now: nothing of ours to evict
+        self._stranded_done[uid] = cuid
+        self.metrics.pods_stranded.labels(self.cluster, "evicted").inc()
+        self.metrics.pod_writes.labels(self.cluster, "root-evict").inc()
+        self._post(root_pod, REASON_STRANDED,
+                   f"leaf cluster {self.cluster} could not host the pod for {waited} ({message}); evicted for its "
+                   f"{ctrl.get('kind')} {ctrl.get('name')} to re-create it and the scheduler to place it again")
+        _log.info("Cluster %s: pod %s/%s stranded in the leaf (%s): evicted for re-placement", self.cluster, ns, name,
+                  message)
+        return True
+
+    def _unpin(self, root_pod: Obj) -> None:
+        """Drop :data:`tree.pods.LEAF_NODE_ANNOTATION` from the root pod (testing its UID), so
+        neither this syncer nor a restarted one pins its next copy."""
+        meta = _meta(root_pod)
+        uid = str(meta.get("uid"))
+        self._unpinned.add(uid)
+        if pods.LEAF_NODE_ANNOTATION not in (meta.get("annotations") or {}):
+            return
+        key = pods.LEAF_NODE_ANNOTATION.replace("~", "~0").replace("/", "~1")
+        self._guard()
+        try:
+            self.root.request("PATCH", resource_path("v1", "pods", meta["namespace"], meta["name"]),
+                              [{"op": "test", "path": "/metadata/uid", "value": uid},
+                               {"op": "remove", "path": f"/metadata/annotations/{key}"}],
+                              ctype=JSON_PATCH, timeout=self.root_timeout)
+        except ApiError as e:
+            if e.status not in (404, 409, 422):  # gone, replaced, or the annotation gone already
+                raise
+
+    def _post(self, root_pod: Obj, reason: str, message: str) -> None:
+        """A Warning Event on the root pod, every time it is called (the callers post once)."""
+        self._events.pop(str(_meta(root_pod).get("uid")), None)
+        self._event(root_pod, reason, message)
 
     def _ensure_namespace(self, leaf: Api, ns: str) -> None:
         if ns in self._namespaces:

@@ -15,6 +15,18 @@ The lab (module fixture, its own name; kept small for CI): host ``root`` (node r
    a pod with ``kosmos.io/network-affinity`` naming it (score only, no ``maxRttMs``) and allowed
    only on the two leaves lands in the leaf with the lower RTT to the root; the delay is then
    moved to the other leaf and a second such pod lands in the first one.
+3. A stranded pod is re-placed. Leaf users' pods hold hostPort 18080 on a1 and a2 (the leaf-
+   resources records carry no ports, so the root cannot know). A one-replica Deployment
+   ``mover`` (1 CPU, hostPort 18080, preferring leafa, allowed on both leaves) is bound to
+   ``kosmos-leafa``; LeafNodeFit pins its copy to the leaf node it reserved (the root pod's
+   ``kosmos.io/leaf-node``, the copy's required ``matchFields``); the leaf's scheduler cannot
+   place it (ports), and after ``--stranded-after`` (the lab's default, 30 s) the tree manager
+   creates the copy again without the pin (Event ``LeafNodeUnpinned``). The test then taints
+   a1 and a2 NoSchedule (as an operator draining the leaf would): the unpinned copy stays
+   Unschedulable, so after another ``--stranded-after`` the root pod is evicted (Event
+   ``LeafCannotHostPod`` naming the leaf's message), the ReplicaSet makes a new pod, LeafNodeFit
+   (the records carry the taints) keeps it off leafa, and it runs in leafb. The leaf is restored
+   afterwards.
 
 How the delay is made. The issue says netem in the lab underlay, but this machine's kernel has no
 netem (``# CONFIG_NET_SCH_NETEM is not set`` in /proc/config.gz; ``tc qdisc add ... netem`` says
@@ -296,3 +308,98 @@ def test_a_network_affinity_pod_follows_the_lower_rtt(tlab: TreeLab) -> None:
             tlab.apply("root", _pod(pod, "100m", clusters=["leafa", "leafb"], annotations=ann))
             placed[pod] = _bound_to(tlab, pod)
     assert placed == {"near-1": "kosmos-leafb", "near-2": "kosmos-leafa"}, placed
+
+
+#: The host port the leaf users' pods hold on leafa's nodes (test 3).
+HOST_PORT = 18080
+#: The tree manager's Event reasons (tree/podsync.py REASON_UNPINNED, REASON_STRANDED).
+LEAF_NODE_UNPINNED = "LeafNodeUnpinned"
+LEAF_CANNOT_HOST = "LeafCannotHostPod"
+
+
+def _blocker(node: str) -> str:
+    """A leafa user's pod on ``node`` holding :data:`HOST_PORT` (bound by nodeName: no scheduler)."""
+    return json.dumps({"apiVersion": "v1", "kind": "Pod",
+                       "metadata": {"name": f"port-{node}", "namespace": "default"},
+                       "spec": {"nodeName": node, "containers": [{
+                           "name": "c", "image": "python:3", "command": ["sleep", "infinity"],
+                           "ports": [{"containerPort": HOST_PORT, "hostPort": HOST_PORT}],
+                           "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}}}]}})
+
+
+def _mover() -> str:
+    """The Deployment of test 3: 1 CPU and :data:`HOST_PORT`, leafa preferred, both leaves allowed."""
+    template = json.loads(_pod("mover", "1", clusters=["leafa", "leafb"]))
+    template = {"metadata": {"labels": {"app": "mover"}}, "spec": template["spec"]}
+    spec = template["spec"]
+    spec["containers"][0]["ports"] = [{"containerPort": HOST_PORT, "hostPort": HOST_PORT}]
+    spec["affinity"]["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"] = [
+        {"weight": 100, "preference": {"matchExpressions": [
+            {"key": "kosmos.io/cluster", "operator": "In", "values": ["leafa"]}]}}]
+    spec["terminationGracePeriodSeconds"] = 1
+    return json.dumps({"apiVersion": "apps/v1", "kind": "Deployment",
+                       "metadata": {"name": "mover", "namespace": "default"},
+                       "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "mover"}},
+                                "template": template}})
+
+
+def _movers(tlab: TreeLab) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = tlab.get("root", "pods", "-n", "default", "-l", "app=mover")["items"]
+    return items
+
+
+def _leaf_copies(tlab: TreeLab, leaf: str, root_uid: str) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = tlab.get(leaf, "pods", "-A", "-l", f"kosmos.io/root-uid={root_uid}")["items"]
+    return items
+
+
+def _reasons(tlab: TreeLab, uid: str) -> dict[str, str]:
+    """The root Events about pod ``uid``: reason -> message."""
+    items = tlab.get("root", "events", "-n", "default")["items"]
+    return {e["reason"]: e.get("message", "") for e in items if e["involvedObject"].get("uid") == uid}
+
+
+def test_a_stranded_pod_is_unpinned_then_evicted_and_runs_elsewhere(tlab: TreeLab) -> None:
+    for node in ("a1", "a2"):
+        tlab.apply("leafa", _blocker(node))
+    tlab.apply("root", _mover())
+    first = wait_until(lambda: next((p for p in _movers(tlab) if p["spec"].get("nodeName")), None), 60,
+                       "the mover pod bound")
+    uid = first["metadata"]["uid"]
+    assert first["spec"]["nodeName"] == "kosmos-leafa", first["spec"]
+    pin = (first["metadata"].get("annotations") or {}).get("kosmos.io/leaf-node")
+    assert pin in ("a1", "a2"), first["metadata"]  # LeafNodeFit's PreBind: the reserved leaf node
+    copy = wait_until(lambda: next(iter(_leaf_copies(tlab, "leafa", uid)), None), 60, "the pinned leaf copy")
+    terms = copy["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"]
+    assert all({"key": "metadata.name", "operator": "In", "values": [pin]} in t.get("matchFields", [])
+               for t in terms), terms
+    # ports taken: the leaf cannot place it; after --stranded-after it is created again, unpinned
+    unpinned = wait_until(lambda: next((c for c in _leaf_copies(tlab, "leafa", uid)
+                                        if c["metadata"]["uid"] != copy["metadata"]["uid"]), None), 120,
+                          "the copy created again without its pin")
+    assert "kosmos.io/pinned-leaf-node" not in (unpinned["metadata"].get("annotations") or {}), unpinned
+    reasons = wait_until(lambda: (r := _reasons(tlab, uid)) and LEAF_NODE_UNPINNED in r and r, 30,
+                         "the LeafNodeUnpinned Event")
+    assert f"leaf node {pin}" in reasons[LEAF_NODE_UNPINNED] and "ports" in reasons[LEAF_NODE_UNPINNED], reasons
+    tlab.kubectl("leafa", "taint", "nodes", "a1", "a2", "drain=now:NoSchedule")
+    try:
+        # still Unschedulable: evicted after another --stranded-after; the next pod runs in leafb
+        def moved() -> dict[str, Any] | None:
+            return next((p for p in _movers(tlab) if p["metadata"]["uid"] != uid and
+                         p["spec"].get("nodeName") and (p.get("status") or {}).get("phase") == "Running"), None)
+
+        second = wait_until(moved, 150, "the Deployment's next pod Running elsewhere")
+        assert second["spec"]["nodeName"] == "kosmos-leafb", second["spec"]
+        reasons = _reasons(tlab, uid)
+        assert LEAF_CANNOT_HOST in reasons and "leafa" in reasons[LEAF_CANNOT_HOST], reasons
+        assert "ReplicaSet" in reasons[LEAF_CANNOT_HOST], reasons
+        assert [c for c in _leaf_copies(tlab, "leafb", second["metadata"]["uid"])
+                if c["spec"].get("nodeName") == "b1"], "the new pod's copy runs on b1"
+        wait_until(lambda: not _leaf_copies(tlab, "leafa", uid) or None, 60, "the stranded copy gone from leafa")
+    finally:
+        tlab.kubectl("root", "delete", "deployment", "mover", "-n", "default", "--wait=false", check=False)
+        tlab.kubectl("leafa", "taint", "nodes", "a1", "a2", "drain-", check=False)
+        for node in ("a1", "a2"):
+            tlab.kubectl("leafa", "delete", "pod", f"port-{node}", "-n", "default", "--wait=false", check=False)
+

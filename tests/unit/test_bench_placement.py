@@ -34,14 +34,15 @@ def test_the_tiny_run_writes_every_figure_beside_every_baseline(tmp_path: Path) 
     assert doc["decision_p99_ms"]["median"] > 0
     notes = "\n".join(doc["notes"])
     assert bench_placement.DEFAULT_SCORE_NAME in notes and "goal 0 false binds" in notes
-    assert "pinned to the node ours reserved" in notes
+    assert "pinned to the node ours reserved" in notes and "pinLeafNode: false" in notes
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_invariants_of_the_model_hold_for_every_policy(seed: int) -> None:
-    """The flat oracle places pods itself: never a false bind. Ours, with the leaf placing on the
-    node ours reserved, never false-binds either; no policy overcommits a node or breaks a pod's
-    leaf placement, and every pod is placed, refused by its leaf or rejected at the root."""
+    """The flat oracle places pods itself: never a false bind. Ours, the leaf honouring the pin to
+    the node ours reserved, never false-binds either (with the fragmentation score and with
+    another); no policy overcommits a node or breaks a pod's leaf placement, and every pod is
+    placed, refused by its leaf or rejected at the root."""
     fleet = bench_placement.make_fleet(seed, host=6, leaves=3, leaf_sizes=(15, 30), pods=600)
     out = bench_placement.run_seed(fleet)
     assert set(out) == set(bench_placement.POLICIES)
@@ -52,8 +53,11 @@ def test_invariants_of_the_model_hold_for_every_policy(seed: int) -> None:
         assert o.placed_before_first_false_bind <= o.placed, name
         assert len(o.decision_s) == o.pods, name
     assert out["flat_oracle"].false_binds == 0
-    pinned = bench_placement.simulate(fleet, "ours", leaf_follows_reservation=True)
-    assert pinned.false_binds == 0
+    assert out["ours"].false_binds == 0
+    other = bench_placement.simulate(fleet, "ours", bench_placement.best_fit_leaf_score)
+    assert other.false_binds == 0 and other.overcommitted == 0
+    unpinned = bench_placement.simulate(fleet, "ours", pin=False)
+    assert unpinned.overcommitted == 0 and unpinned.placed + unpinned.false_binds + unpinned.rejected == unpinned.pods
 
 
 def test_the_leaf_score_is_pluggable() -> None:
