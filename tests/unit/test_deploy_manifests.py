@@ -338,8 +338,9 @@ EXPECTED_RULES: dict[tuple[str, str], list[dict[str, Any]]] = {
          "verbs": ["list", "watch"]},
         {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
         {"apiGroups": [""], "resources": ["nodes/status"], "verbs": ["patch"]},
-        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "delete"]},
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "patch", "delete"]},
         {"apiGroups": [""], "resources": ["pods/status"], "verbs": ["update"]},
+        {"apiGroups": [""], "resources": ["pods/eviction"], "verbs": ["create"]},
         {"apiGroups": [""], "resources": ["events"], "verbs": ["get", "create", "patch"]},
         {"apiGroups": [""], "resources": ["configmaps", "secrets", "serviceaccounts"],
          "verbs": ["get", "list", "watch"]},
@@ -355,6 +356,7 @@ EXPECTED_RULES: dict[tuple[str, str], list[dict[str, Any]]] = {
     ("ClusterRole", "kosmos-scheduler"): [
         {"apiGroups": [""], "resources": ["pods", "nodes", "namespaces", "services", "replicationcontrollers"],
          "verbs": ["list", "watch"]},
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["patch"]},
         {"apiGroups": [""], "resources": ["pods/binding"], "verbs": ["create"]},
         {"apiGroups": [""], "resources": ["pods/status"], "verbs": ["patch"]},
         {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
