@@ -20,7 +20,9 @@ Flow:
    caller confirmed (:meth:`LeafView.confirm`: the leaf bound the pod there) and, when the
    node's ``ourPods`` rose by k, the oldest others up to k in all. A record where the node is
    unchanged was written before the bind (records move only when their content does), so the
-   reservation stays; :meth:`LeafView.expire` is the backstop.
+   reservation stays; :meth:`LeafView.expire` is the backstop. The record's ``pending`` (the
+   leaf's Pending pods with no node yet) is held as reservations without a deadline on their
+   best-fit nodes (:meth:`LeafView._hold_pending`), but a copy of ours that already has one.
 3. A pod's leaf placement (:class:`Placement`: node selector, required node affinity,
    tolerations, as the leaf scheduler will see them) and its request (:class:`Demand`) are asked
    with :meth:`LeafView.fits` and :meth:`LeafView.count`; :meth:`LeafView.candidates` lists the
@@ -205,6 +207,13 @@ class Record:
     #: The tree mode of the virtual node (``cluster``, ``node``, ``party``; "" when the record
     #: does not say): LeafNodeFit pins a ``cluster`` leaf copy to its reserved leaf node.
     mode: str = ""
+    #: The leaf's Pending pods with no node yet (the record's ``pending``): each one's demand
+    #: and, for a copy of this root's pod, the root pod's UID ("" for the leaf's own pods).
+    pending: tuple[tuple[Demand, str], ...] = ()
+
+
+#: Key prefix of the reservations held for a record's Pending leaf pods (:meth:`LeafView.apply_record`).
+PENDING_KEY = "leaf-pending/"
 
 
 def parse_record(data: bytes | str | Mapping[str, Any], where: str = "leaf-resources record",
@@ -249,7 +258,23 @@ def parse_record(data: bytes | str | Mapping[str, Any], where: str = "leaf-resou
             cache[name] = (n, node)
         nodes.append(node)
     return Record(virtual_node=str(doc.get("virtualNode") or ""), cluster=str(doc.get("cluster") or ""),
-                  ready=bool(doc.get("ready")), nodes=tuple(nodes), mode=str(doc.get("mode") or ""))
+                  ready=bool(doc.get("ready")), nodes=tuple(nodes), mode=str(doc.get("mode") or ""),
+                  pending=_parse_pending(doc.get("pending") or (), f"{where}.pending"))
+
+
+def _parse_pending(raws: Any, where: str) -> tuple[tuple[Demand, str], ...]:
+    if not isinstance(raws, Sequence) or isinstance(raws, (str, bytes)):
+        raise RecordError(f"{where}: expected a list, got {type(raws).__name__}")
+    out = []
+    for i, p in enumerate(raws):
+        if not isinstance(p, Mapping) or not isinstance(p.get("requests") or {}, Mapping):
+            raise RecordError(f"{where}[{i}]: expected an object with requests, got {p!r}")
+        try:
+            amounts = resource_vector(resource_list(p.get("requests") or {}, f"{where}[{i}].requests"))
+        except QuantityError as e:
+            raise RecordError(str(e)) from None
+        out.append((Demand.of(amounts), str(p.get("rootUID") or "")))
+    return tuple(out)
 
 
 def _parse_node(n: Mapping[str, Any], where: str) -> LeafNode:
@@ -452,6 +477,8 @@ class LeafView:
         self.records = 0
         #: The last record's tree mode (:attr:`Record.mode`).
         self.mode = ""
+        #: The last record's Pending leaf pods (:attr:`Record.pending`), held by :meth:`_hold_pending`.
+        self._pending: tuple[tuple[Demand, str], ...] = ()
 
     # -- input ------------------------------------------------------------------------------
 
@@ -505,7 +532,28 @@ class LeafView:
                 self.upsert_node(n)
         for name in gone:
             self.remove_node(name)
+        if changed or gone or record.pending != self._pending:
+            self._pending = record.pending
+            self._hold_pending()
         return len(changed) + len(gone)
+
+    def _hold_pending(self) -> None:
+        """Hold room for the leaf's Pending pods (the record's ``pending``): each is reserved
+        (no deadline, key :data:`PENDING_KEY` + index) on its best-fit node, as the leaf's
+        scheduler will put it on some node that fits, and the next pods must not count on that
+        room. A copy of ours whose root pod already has a reservation here is skipped (that
+        reservation holds it); one whose reservation expired is held again. Placed afresh on
+        every record that changes a node or the list: a pod that fits nowhere is held nowhere
+        (the leaf cannot place it either)."""
+        for k in [k for k in self.reservations if k.startswith(PENDING_KEY)]:
+            self.forget(k)
+        if not self._pending:
+            return
+        held = {k.rsplit("/", 1)[-1] for k in self.reservations}
+        for i, (demand, root_uid) in enumerate(self._pending):
+            if root_uid and root_uid in held:
+                continue
+            self.assume(f"{PENDING_KEY}{i}", demand)
 
     def _landed(self, record: Record, changed: set[str]) -> list[str]:
         """The reservations ``record`` accounts for, on each changed node: the confirmed ones,
@@ -517,7 +565,7 @@ class LeafView:
             return []
         on: dict[str, list[Reservation]] = {}
         for r in self.reservations.values():  # oldest first
-            if r.node in changed:
+            if r.node in changed and not r.key.startswith(PENDING_KEY):
                 on.setdefault(r.node, []).append(r)
         done: list[str] = []
         for n in record.nodes:
@@ -760,4 +808,6 @@ class LeafView:
         gone = [r.key for r in self.reservations.values() if r.deadline is not None and r.deadline <= now]
         for k in gone:
             self.forget(k)
+        if gone and any(uid for _d, uid in self._pending):
+            self._hold_pending()  # a copy of ours still Pending, its reservation gone: held again
         return gone

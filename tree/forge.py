@@ -32,7 +32,9 @@ In order (:func:`virtual_nodes`):
    :func:`network_condition`, which decides it from the fabric's reachability record of the
    pair root -> leaf).
 6. The leaf room of each member (:class:`LeafRoom`), from the same walk over the same pods as
-   step 2: what :func:`leaf_resources` publishes as the virtual node's add-on record.
+   step 2: what :func:`leaf_resources` publishes as the virtual node's add-on record, with the
+   leaf's Pending pods that may land on a member (:class:`PendingPod`, ours too, with their root
+   UID): the scheduler's per-node view holds room for them (``scheduler.leafview``).
 7. The kubelet endpoint: every virtual node has the manager's kubelet server (:mod:`tree.kubelet`)
    as its InternalIP and kubelet port, when one is given.
 
@@ -54,7 +56,7 @@ from scheduler.framework import Resource
 from scheduler.podutil import QuantityError, pod_requests, resource_list
 from scheduler.policy import LEAF_NODE_LABEL, LEAF_TAINT
 from scheduler.selectors import RequiredNodeAffinity
-from tree.identity import is_ours
+from tree.identity import ROOT_UID_LABEL, is_ours
 from tree.spec import LeafModel, Mode, TreeSpec
 
 _log = logging.getLogger(__name__)
@@ -128,6 +130,16 @@ class LeafRoom:
     taints: tuple[tuple[str, str, str], ...] = ()
 
 
+@dataclass(frozen=True)
+class PendingPod:
+    """One leaf pod without a node yet, as its virtual node's record tells it: its effective
+    request (``requests``, one ``pods`` slot included) and, for a copy of this root's pod, the
+    root pod's UID (``root_uid``: the scheduler may already hold room for it under that UID)."""
+
+    requests: dict[str, str]
+    root_uid: str = ""
+
+
 @dataclass
 class VirtualNode:
     """One virtual node as it should be; :mod:`tree.vnode` turns it into API writes."""
@@ -147,6 +159,9 @@ class VirtualNode:
     network: NetworkCondition | None = None
     #: Every member's room, by name (the record's ``nodes``).
     leaves: tuple[LeafRoom, ...] = ()
+    #: The leaf's Pending pods with no node yet that may land on a member (the record's
+    #: ``pending``): what the scheduler's per-node view holds room for (:class:`PendingPod`).
+    pending: tuple[PendingPod, ...] = ()
     #: The tree manager's kubelet server (:mod:`tree.kubelet`): the Node's InternalIP and
     #: ``daemonEndpoints.kubeletEndpoint.Port``, where the root API server sends ``pods/log`` and
     #: ``pods/exec``; "" and 0: not set.
@@ -164,6 +179,13 @@ def is_usable(node: Obj) -> bool:
 def is_ready(node: Obj) -> bool:
     conds = (node.get("status") or {}).get("conditions") or ()
     return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conds)
+
+
+def _requested(r: Resource) -> list[str]:
+    """The names of the resources ``r`` asks a positive amount of (``pods`` always)."""
+    out = [k for k, v in (("cpu", r.milli_cpu), ("memory", r.memory), ("ephemeral-storage", r.ephemeral_storage))
+           if v > 0]
+    return [*out, "pods", *(k for k, v in r.scalar.items() if v > 0)]
 
 
 def format_resources(r: Resource, names: Iterable[str]) -> dict[str, str]:
@@ -260,22 +282,31 @@ def virtual_nodes(spec: TreeSpec, nodes: Iterable[Obj], pods: Iterable[Obj], *, 
             total, count, mine = used.get(node_name) or (Resource(), 0, 0)
             total.add(req)
             used[node_name] = (total, count + 1, mine + ours)
+        else:
+            pending.append((p, req))
         if ours:
             continue
-        if not node_name:
-            pending.append((p, req))
-        elif node_name in node_free:
+        if node_name in node_free:
             node_free[node_name].sub(req)
     free: dict[str, Resource] = {}
+    waiting: dict[str, tuple[PendingPod, ...]] = {}
     for vname, usable in usable_of.items():
         total = Resource()
         for n in usable:
             total.add(_floor(node_free[str(n["metadata"]["name"])]))  # one node's excess is not another's loss
+        here: list[tuple[str, PendingPod]] = []
         for p, req in pending:
             affinity = RequiredNodeAffinity(p)
             if usable and (affinity.trivial or any(affinity.match(n) for n in usable)):
-                total.sub(req)
+                who = is_ours(p, root_id)
+                if not who:  # ours are counted by the root's scheduler already
+                    total.sub(req)
+                meta = p.get("metadata") or {}
+                root_uid = str((meta.get("labels") or {}).get(ROOT_UID_LABEL) or "") if who else ""
+                key = f"{meta.get('namespace')}/{meta.get('name')}"
+                here.append((key, PendingPod(format_resources(req, _requested(req)), root_uid)))
         free[vname] = total
+        waiting[vname] = tuple(pp for _k, pp in sorted(here, key=lambda kv: kv[0]))
     out: dict[str, VirtualNode] = {}
     for vname, (model, members) in groups.items():
         vn = _forge(spec, vname, model, members, usable_of[vname], format_resources(free[vname], names[vname]),
@@ -283,6 +314,7 @@ def virtual_nodes(spec: TreeSpec, nodes: Iterable[Obj], pods: Iterable[Obj], *, 
         vn.network = network
         vn.address, vn.kubelet_port = address, kubelet_port
         vn.leaves = tuple(_room(n, alloc_of, used) for n in members)
+        vn.pending = waiting.get(vname, ())
         out[vname] = vn
     return out
 
@@ -348,6 +380,9 @@ def leaf_resources(vn: VirtualNode, cluster: str) -> bytes:
         "allocatable": vn.resources,
         "nodes": [_room_doc(r) for r in vn.leaves],
     }
+    if vn.pending:  # written only when there are some: a leaf with none gives the bytes it gave before
+        doc["pending"] = [{"requests": pp.requests, **({"rootUID": pp.root_uid} if pp.root_uid else {})}
+                          for pp in vn.pending]
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
 

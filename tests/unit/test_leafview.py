@@ -574,3 +574,43 @@ def test_the_root_pods_cluster_selector_is_the_leaf_placement() -> None:
     assert not p.admits({"topology.kubernetes.io/zone": "z2"}, "n", [])
     bare = Placement.of_root_pod({"metadata": {}, "spec": {"nodeSelector": {"kosmos.io/node": "true"}}})
     assert bare.admits({}, "n", []) and not bare.admits({}, "n", [taint])
+
+
+def _pending_record(pending: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"schema": "tree.kosmos.io/leaf-resources/v1", "mode": "cluster", "pending": pending, "nodes": [
+        {"name": f"n{i}", "ready": True, "schedulable": True, "free": {"cpu": "2", "memory": "8Gi", "pods": "10"},
+         "labels": {HOSTNAME_LABEL: f"n{i}"}} for i in range(2)]}
+
+
+def test_the_leafs_pending_pods_hold_room_until_they_land() -> None:
+    """Two nodes with 2 free CPUs: a Pending 2-CPU leaf pod will take one of them, so one more
+    2-CPU pod fits, not two; a second Pending one leaves none; when the record no longer lists
+    them (bound, counted in a node's free, or gone) the room is the record's again."""
+    view = LeafView("kosmos-x")
+    d = Demand.of({"cpu": 2000})
+    view.apply_record(_pending_record([]))
+    assert view.count(d) == 2
+    view.apply_record(_pending_record([{"requests": {"cpu": "2"}}]))
+    assert view.count(d) == 1 and view.fits(d)
+    view.apply_record(_pending_record([{"requests": {"cpu": "2"}}, {"requests": {"cpu": "1500m"}}]))
+    assert not view.fits(d) and view.count(Demand.of({"cpu": 500})) == 1
+    view.apply_record(_pending_record([]))
+    assert view.count(d) == 2 and not view.reservations
+
+
+def test_a_pending_copy_of_ours_is_held_once_by_its_reservation_then_by_the_record() -> None:
+    now = [0.0]
+    view = LeafView("kosmos-x", clock=lambda: now[0])
+    d = Demand.of({"cpu": 2000})
+    view.apply_record(_pending_record([]))
+    assert view.assume("ns/web/uid-1", d, ttl=30) is not None  # the scheduler's reservation
+    view.apply_record(_pending_record([{"requests": {"cpu": "2"}, "rootUID": "uid-1"}]))
+    assert view.count(d) == 1  # not twice: the reservation already holds it
+    now[0] = 31.0
+    assert view.expire() == ["ns/web/uid-1"]
+    assert view.count(d) == 1  # still Pending in the leaf: the record's entry holds it now
+
+
+def test_a_bad_pending_entry_names_the_field() -> None:
+    with pytest.raises(RecordError, match=r"pending\[0\]"):
+        LeafView("kosmos-x").apply_record(json.dumps(_pending_record([{"requests": {"cpu": "lots"}}])))

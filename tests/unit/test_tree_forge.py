@@ -341,3 +341,22 @@ def test_a_pass_only_on_footprint_changes_equals_a_pass_on_every_event(mode: Obj
                 skipped += 1
             assert last == full
         assert skipped > 0  # the sequences do exercise the skip
+
+
+def test_the_record_lists_the_leafs_pending_pods_ours_with_their_root_uid() -> None:
+    """Issue 19 item 2, "Pending leaf pods are counted": every Pending pod with no node that may
+    land on a member is in the record's ``pending`` (the scheduler's per-node view holds room
+    for it); a copy of ours carries its root pod's UID; none at all leaves the bytes unchanged."""
+    spec = read(cluster())
+    nodes = [node("a", cpu="4")]
+    bound = [pod("p", "a", cpu="1")]
+    ours = {identity.ROOT_LABEL: "me", identity.ROOT_UID_LABEL: "root-1"}
+    waiting = [pod("z-theirs", cpu="2"), pod("a-ours", cpu="500m", labels=ours),
+               pod("elsewhere", cpu="1", nodeSelector={"pool": "none"}), pod("done", cpu="1", phase="Failed")]
+    vn = forged(spec, nodes, [*bound, *waiting])["kosmos-c1"]
+    doc = json.loads(forge.leaf_resources(vn, "c1"))
+    assert doc["pending"] == [{"requests": {"cpu": "500m", "memory": "0", "pods": "1"}, "rootUID": "root-1"},
+                              {"requests": {"cpu": "2", "memory": "0", "pods": "1"}}]
+    assert vn.resources["cpu"] == "1"  # 4 - 1 - 2: ours is the root scheduler's to count, as before
+    plain = forged(spec, nodes, bound)["kosmos-c1"]
+    assert "pending" not in json.loads(forge.leaf_resources(plain, "c1"))
