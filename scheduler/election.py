@@ -8,7 +8,8 @@ In order, on the elector's thread:
    4.4 s with the defaults, so candidates do not poll in step), read the Lease; create it if
    absent; take it over if its holder is empty (released), is us, or has not changed it for
    ``lease_duration`` **as observed by our own clock** (the record's timestamps are not trusted
-   across machines, as client-go). Updates carry the read ``resourceVersion``, so of two
+   across machines, as client-go; :class:`fabric.lease.ObservedLease`, the rule the reflector's
+   replicas share). Updates carry the read ``resourceVersion``, so of two
    candidates only one wins (the other gets 409).
 2. Lead: ``on_started`` runs; the lease is renewed every ``retry_period`` (client-go's
    ``wait.Until``, no jitter). If no renewal has succeeded for ``renew_deadline`` the leadership
@@ -37,9 +38,9 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 from fabric import cli_types
+from fabric.lease import ObservedLease
 from scheduler.kube import Api, ApiError, resource_path
 
 _log = logging.getLogger(__name__)
@@ -124,8 +125,7 @@ class LeaderElector:
         self.on_started = on_started
         self.on_stopped = on_stopped
         self.clock = clock
-        self._observed: dict[str, Any] | None = None  # last spec seen
-        self._observed_at = 0.0
+        self._observed = ObservedLease()  # last spec seen, and when it changed (our clock)
         self._last_renew: float | None = None
         self._leading = False
         self._stop = threading.Event()
@@ -140,7 +140,7 @@ class LeaderElector:
         return self._leading and last is not None and self.clock() - last < self.renew_deadline
 
     def holder(self) -> str:
-        return str((self._observed or {}).get("holderIdentity") or "")
+        return self._observed.holder()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self.run, name="leader-election", daemon=True)
@@ -202,20 +202,19 @@ class LeaderElector:
             except Exception as e2:  # connection errors: try again next period
                 _log.warning("leader election: creating lease: %s", e2)
                 return False
-            self._observed, self._observed_at, self._last_renew = spec, now, now
+            self._observed.observe(spec, now)
+            self._last_renew = now
             return True
         except Exception as e:
             _log.warning("leader election: reading lease %s/%s: %s", self.namespace, self.name, e)
             return False
         old = lease.get("spec") or {}
-        if old != self._observed:
-            if (old.get("holderIdentity") or "") != self.holder():
-                _log.info("leader election: lease %s/%s held by %s", self.namespace, self.name,
-                          old.get("holderIdentity") or "nobody (released)")
-            self._observed, self._observed_at = old, now
-        holder = old.get("holderIdentity") or ""
-        duration = float(old.get("leaseDurationSeconds") or self.lease_duration)
-        if holder and holder != self.identity and self._observed_at + duration > now:
+        before = self.holder()
+        if self._observed.observe(old, now) and self.holder() != before:
+            _log.info("leader election: lease %s/%s held by %s", self.namespace, self.name,
+                      self.holder() or "nobody (released)")
+        holder = self.holder()
+        if self._observed.held_by_other(self.identity, now, self.lease_duration):
             return False
         if holder == self.identity:
             spec["acquireTime"] = old.get("acquireTime") or spec["acquireTime"]
@@ -232,7 +231,8 @@ class LeaderElector:
         except Exception as e:
             _log.warning("leader election: updating lease: %s", e)
             return False
-        self._observed, self._observed_at, self._last_renew = spec, now, now
+        self._observed.observe(spec, now)
+        self._last_renew = now
         return True
 
     def release(self) -> None:

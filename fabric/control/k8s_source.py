@@ -37,12 +37,18 @@ What happens, in order:
    replica keeps its view hot (1-3 run everywhere), but only the holder of the Lease (a
    ``coordination.k8s.io`` Lease, taken when free or expired, renewed every third of its
    duration with optimistic concurrency) serves agents and writes status; the others refuse
-   ``SyncNode`` with UNAVAILABLE naming the leader (``Reflector.set_leader``). A leader steps
-   down, closing its sessions with UNAVAILABLE, when another identity holds the Lease or when it
-   could not renew it before one period short of its duration (so it stops before anyone may
-   take over); on a clean stop it steps down and releases the Lease for a quick hand-over. A new
-   leader waits (startup hold) for the nodes the Cluster statuses of the previous leader list.
-   Without a Lease the one replica always serves (lab, standalone).
+   ``SyncNode`` with UNAVAILABLE naming the leader (``Reflector.set_leader``). Expiry is never
+   judged from the Lease's ``renewTime`` (another machine's wall clock): as client-go does, a
+   standby takes the Lease over only once it has seen the record unchanged for the Lease's
+   duration on its own monotonic clock (:class:`fabric.lease.ObservedLease`), and it tries again
+   right when that time comes. A leader counts its validity from when it *sent* its last
+   successful renewal, on its monotonic clock, and steps down, closing its sessions with
+   UNAVAILABLE, when another identity holds the Lease or when it could not renew it before one
+   period short of its duration; a renewal that hangs is abandoned at that instant (its wait is
+   bounded by what is left of the validity), so a leader stuck on the API server stops before
+   anyone may take over. On a clean stop it steps down and releases the Lease for a quick
+   hand-over. A new leader waits (startup hold) for the nodes the Cluster statuses of the
+   previous leader list. Without a Lease the one replica always serves (lab, standalone).
 
 The blocking ``kubernetes`` client runs in threads (one for list+watch, one for status writes,
 one for the Lease, so a slow status write never delays a renewal); everything touching the
@@ -78,6 +84,7 @@ from fabric import crd, types
 from fabric import netns as namespaces
 from fabric.backoff import Backoff
 from fabric.control import api
+from fabric.lease import ObservedLease
 
 _log = logging.getLogger(__name__)
 
@@ -163,15 +170,6 @@ def _now_rfc3339() -> str:
 
 def _micro_time(t: float) -> str:
     return datetime.datetime.fromtimestamp(t, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def _parse_time(text: Any) -> float | None:
-    if not isinstance(text, str) or not text:
-        return None
-    try:
-        return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -414,7 +412,10 @@ class KubernetesSource:
         bridge_cidrs: Sequence[str] = (),
         local_cidrs: Sequence[str] = (),
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``clock``: the wall clock, only for the timestamps written into the Lease (nothing is
+        decided from them); ``monotonic``: the clock every Lease decision is taken on."""
         from kubernetes import client
 
         # Any: the generated methods return ``object`` for what is JSON (dicts) on the wire.
@@ -426,6 +427,9 @@ class KubernetesSource:
         self.bridge_cidrs = tuple(bridge_cidrs)
         self.local_cidrs = tuple(local_cidrs)
         self._clock = clock
+        self._monotonic = monotonic
+        #: The Lease record as last read or written, and when it was seen to change (leaser thread).
+        self._observed = ObservedLease()
         #: The view: Cluster name -> object, as last listed or watched.
         self.objects: dict[str, dict[str, Any]] = {}
         self._last_good: dict[str, Mapping[str, Any]] = {}
@@ -615,7 +619,7 @@ class KubernetesSource:
 
         assert self.lease is not None
         ls = self.lease
-        now = self._clock()
+        now = self._clock()  # for the record only: expiry is judged on our monotonic clock
         timeout = self._lease_timeout()
         spec = {"holderIdentity": ls.identity, "leaseDurationSeconds": ls.duration_s, "renewTime": _micro_time(now)}
         try:
@@ -624,17 +628,17 @@ class KubernetesSource:
         except ApiException as e:
             if e.status != 404:
                 raise
+            created = {**spec, "acquireTime": _micro_time(now), "leaseTransitions": 0}
             body = {"apiVersion": f"{LEASE_GROUP}/{LEASE_VERSION}", "kind": "Lease",
-                    "metadata": {"name": ls.name, "namespace": ls.namespace},
-                    "spec": {**spec, "acquireTime": _micro_time(now), "leaseTransitions": 0}}  # fmt: skip
+                    "metadata": {"name": ls.name, "namespace": ls.namespace}, "spec": created}  # fmt: skip
             self._objects_api.create_namespaced_custom_object(LEASE_GROUP, LEASE_VERSION, ls.namespace, LEASE_PLURAL,
                                                               body, _request_timeout=timeout)  # fmt: skip
+            self._observed.observe(created, self._monotonic())
             return True, ls.identity
         cspec = cur.get("spec") or {}
-        holder = cspec.get("holderIdentity") or ""
-        renewed = _parse_time(cspec.get("renewTime")) or 0.0
-        duration = cspec.get("leaseDurationSeconds") or ls.duration_s
-        if holder and holder != ls.identity and renewed + duration > now:
+        self._observed.observe(cspec, self._monotonic())  # after the read: a later "seen" only waits longer
+        holder = self._observed.holder()
+        if self._observed.held_by_other(ls.identity, self._monotonic(), ls.duration_s):
             return False, holder
         if holder != ls.identity:
             spec["acquireTime"] = _micro_time(now)
@@ -642,6 +646,7 @@ class KubernetesSource:
         cur["spec"] = {**cspec, **spec}
         self._objects_api.replace_namespaced_custom_object(
             LEASE_GROUP, LEASE_VERSION, ls.namespace, LEASE_PLURAL, ls.name, cur, _request_timeout=timeout)
+        self._observed.observe(cur["spec"], self._monotonic())
         return True, ls.identity
 
     def _release_lease(self) -> None:
@@ -698,7 +703,7 @@ class KubernetesSource:
             self._dirty.set()
 
     def may_write_status(self) -> bool:
-        return self.lease is None or time.monotonic() < self._lease_until
+        return self.lease is None or self._monotonic() < self._lease_until
 
     def rediscover(self, fabric: api.FabricStatus) -> bool:
         """Take the discovery-mode clusters' pod CIDRs from the sink's ``fabric`` status; resolve
@@ -781,26 +786,38 @@ class KubernetesSource:
 
     async def _lease_loop(self) -> None:
         """Renew (or try to take) the leader Lease every third of its duration and switch the
-        sink between leader and standby (see the module docstring, step 5)."""
+        sink between leader and standby (see the module docstring, step 5).
+
+        Every time here is this replica's monotonic clock. A renewal counts from when it was
+        sent (``started``): the record may be written, and seen by a standby, at any moment of
+        the request. While leading, one attempt may take no longer than what is left of the
+        validity, so a request that hangs cannot keep this replica serving past it."""
         assert self.lease is not None
         ls = self.lease
         where = f"{ls.namespace}/{ls.name}"
         loop = asyncio.get_running_loop()
-        period = max(1.0, ls.duration_s / 3)
+        # A third of the duration (no floor that reaches half of it: the margin kept below is one
+        # period, and the next renewal must start well inside what is left).
+        period = max(0.2, ls.duration_s / 3)
         holder: str | None = None  # as last read; None: unknown (the last attempt failed)
         while True:
             error = ""
+            started = self._monotonic()
+            budget = min(period, self._lease_until - started) if self.leading else period
             try:
-                async with asyncio.timeout(period):
+                if budget <= 0:
+                    raise TimeoutError
+                async with asyncio.timeout(budget):
                     ok, holder = await loop.run_in_executor(self._leaser, self._renew_lease)
             except TimeoutError:
-                ok, holder, error = False, None, f"no answer within {period:g}s"
+                ok, holder, error = False, None, f"no answer within {max(budget, 0.0):g}s"
             except Exception as e:  # conflict (another replica won the race) or API trouble
                 ok, holder, error = False, None, _api_error(e)[1]
-            now = time.monotonic()
+            now = self._monotonic()
+            wait = period
             if ok:
                 # Keep a margin: stop a period before another replica may take over.
-                self._lease_until = now + ls.duration_s - period
+                self._lease_until = started + ls.duration_s - period
                 if not self.leading:
                     _log.info("leader Lease %s acquired: this replica serves agents and writes Cluster status", where)
                     self._lead(True, f"acquired the leader Lease {where}")
@@ -809,6 +826,8 @@ class KubernetesSource:
                     _log.warning("leader Lease %s is held by %s: stepping down to standby", where, holder)
                 self._lease_until = 0.0
                 self._lead(False, f"standby replica; the leader is {holder}")
+                # Try again right when the record, unchanged, may be taken over (if sooner).
+                wait = min(period, max(0.05, self._observed.expires(ls.duration_s) - now))
             else:
                 _log.info("leader Lease %s not renewed: %s", where, error)
                 if self.leading and now >= self._lease_until:
@@ -819,9 +838,8 @@ class KubernetesSource:
                 elif not self.leading:
                     self._lead(False, f"standby replica; the leader is unknown (the Lease {where} cannot be read: "
                                       f"{error})")  # fmt: skip
-            wait = period
-            if self.leading and not ok:
-                wait = min(period, max(0.05, self._lease_until - now))  # wake up when validity ends
+                else:
+                    wait = min(period, max(0.05, self._lease_until - now))  # retry within the validity
             await asyncio.sleep(wait)
 
     async def run(self, sink: ConfigSink) -> None:

@@ -56,6 +56,20 @@ class PairState:
     loss: float | None = None
 
 
+def round_rtt(ms: float) -> float:
+    """An RTT (ms) as the records carry it: two significant digits (0.43, 1.2, 15, 120 ms), steps
+    of 1-10 %, so jitter does not re-put records. Agents judge their reports at this rounding
+    too (fabric/agent/quality.py): a move the records cannot show is not worth a report."""
+    if ms <= 0:
+        return 0.0
+    return round(ms, 1 - math.floor(math.log10(ms)))
+
+
+def round_loss(loss: float) -> float:
+    """A loss ratio as the records carry it: hundredths."""
+    return round(loss, 2)
+
+
 def record_name(source: str, target: str) -> str:
     """The record name of the pair ``source`` -> ``target`` (cluster names hold no ``/``)."""
     return f"{source}/{target}"

@@ -49,12 +49,11 @@ holds from an agent that was itself just cut off (``report_settle``, 2 s).
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections.abc import Collection, Mapping
 
 from fabric import types
-from fabric.control import planner
+from fabric.control import planner, reachability
 from fabric.control.reachability import PairState
 
 #: ``(rtt_ms, loss)`` of a pair, as the source's probes measured it (either may be None).
@@ -176,13 +175,6 @@ def derive(
     return states
 
 
-def _round_rtt(ms: float) -> float:
-    """Two significant digits (0.43, 1.2, 15, 120 ms): steps of 1-10 %, below the agents' gate."""
-    if ms <= 0:
-        return 0.0
-    return round(ms, 1 - math.floor(math.log10(ms)))
-
-
 def pair_quality(
     topology: types.Topology,
     connected: Collection[types.NodeKey],
@@ -212,7 +204,7 @@ def pair_quality(
             if rtt is not None:
                 rtts.setdefault(pair, []).append(rtt)
     return {
-        pair: (_round_rtt(statistics.median(rtts[pair])) if pair in rtts else None,
-               round(statistics.median(ls), 2))
+        pair: (reachability.round_rtt(statistics.median(rtts[pair])) if pair in rtts else None,
+               reachability.round_loss(statistics.median(ls)))
         for pair, ls in losses.items()
     }  # fmt: skip

@@ -282,6 +282,9 @@ class RecordStore:
         #: True during the startup hold (see the module docstring).
         self.holding = False
         self._hold_handle: asyncio.TimerHandle | None = None
+        #: Called as the startup hold ends, before the waiting subscribers get their snapshots:
+        #: the reflector puts its own records (reachability) then, not all through the hold.
+        self.before_release: Callable[[], None] | None = None
         #: Refused writes by class, for the metrics.
         self.refused: dict[api.RecordRefusalReason, int] = {}
         self.subscribers_cut = 0
@@ -600,6 +603,8 @@ class RecordStore:
             self._hold_handle = None
         if not self.holding:
             return
+        if self.before_release is not None:
+            self.before_release()
         self.holding = False
         waiting = [s for subs in self._subs.values() for s in subs if not s.synced]
         for s in waiting:

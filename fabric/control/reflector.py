@@ -123,7 +123,11 @@ derivations a second. A report that changes only measured RTT/loss waits up to a
 (``QUALITY_MIN_INTERVAL_S``) unless something else asks sooner. Only the records whose bytes
 changed are put (one revision for all of them). Nothing is published
 during the startup hold (an incomplete topology would call whole clusters unreachable) nor by a
-standby; a new leader publishes at once from its own view.
+standby; a new leader publishes at once from its own view. Nothing is even recomputed then, nor
+during the record store's startup hold (subscribers get no snapshot before it ends, and a
+bring-up starts thousands of sessions in it): the hold's end asks for one recompute (the node
+hold's through its flush; the record store's just before it syncs the waiting subscribers, so
+their snapshots carry the records).
 
 Peer reports after a partition
 ------------------------------
@@ -378,6 +382,7 @@ class Reflector:
             epoch=self.epoch, limits=record_limits, grace_period=records_grace_period, policy=record_policy,
             clock=clock, on_cut=self.gate.note_cut,
         )  # fmt: skip
+        self.records.before_release = self._records_hold_ends
         #: The topology of the last flush (generation ``generation``, roles elected).
         self.topology = types.Topology(config)
         #: The topology with every change admitted since: announcements are validated against it
@@ -1511,7 +1516,10 @@ class Reflector:
     def _reachability_changed(self, *, quality_only: bool = False) -> None:
         """An input of the reachability records changed: recompute them on the next loop turn,
         or once the minimum interval since the last recompute has passed (``quality_only``: the
-        longer one of measurements); now, without a running loop (synchronous tests)."""
+        longer one of measurements); now, without a running loop (synchronous tests). Not during
+        a hold or as a standby: nothing would be published (see "Reachability records")."""
+        if self.holding or self.standby_reason is not None or self.records.holding:
+            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -1527,6 +1535,13 @@ class Reflector:
         self._reach_at = at
         self._reach_handle = loop.call_soon(self._publish_reachability) if at <= now else loop.call_at(
             at, self._publish_reachability)  # fmt: skip
+
+    def _records_hold_ends(self) -> None:
+        """The record store's startup hold is ending: put the reachability records now, from the
+        view of this moment, so the snapshots about to be sent carry them."""
+        if self._reach_handle is not None:
+            self._reach_handle.cancel()
+        self._publish_reachability()
 
     def _publish_reachability(self) -> None:
         """Derive every pair's state and put the records whose bytes changed (one revision),
