@@ -195,6 +195,7 @@ class _Writer:
         if ctl.auto_export_prefixes or ctl.auto_export_annotation:
             stages.append(("export", lambda: ctl._auto_export(m)))
         stale = False
+        written = 0
         for stage, run in stages:
             try:
                 res = run()
@@ -204,8 +205,18 @@ class _Writer:
             if stage == "import":
                 ctl.last[m.name] = res
             stale = stale or res.stale > 0
+            written += res.written
             if res.failed:
                 failed.append((stage, f"{res.failed} write(s) failed: {res.first_error}"))
+        if not failed and self.failing and not written:
+            # A pass with nothing to write (the informers' copy already matches, perhaps from
+            # before the failure) proves nothing: ask the API server before calling it recovered.
+            try:
+                m.api.request("GET", "/version", timeout=5.0)
+            except ApiError:
+                pass  # an answer, whatever its status: the API server is back
+            except TRANSPORT_ERRORS as e:
+                failed.append(("probe", f"API server unavailable: {type(e).__name__}: {e}"))
         for stage, _ in failed:
             if ctl.on_member_error is not None:
                 ctl.on_member_error(m.name, stage)

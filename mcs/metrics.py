@@ -18,7 +18,8 @@ class McsMetrics:
             "fabric_mcs_pass_seconds", "Duration of a pass, including the wait for the members' writers "
             "(bounded: a hung member is not waited for).", registry=r)
         self.member_errors = prometheus_client.Counter(
-            "fabric_mcs_member_errors", "Member passes that failed (stage import, status or export: refused writes "
+            "fabric_mcs_member_errors", "Member passes that failed (stage import, status, export, or probe: the API "
+            "server still unanswering after a pass with nothing to write; refused writes "
             "or an unreachable API server); each is retried.", ["cluster", "stage"], registry=r)
         self.member_failing = prometheus_client.Gauge(
             "fabric_mcs_member_failing", "1 while a member's writes fail (a failure streak), else 0.", ["cluster"],
