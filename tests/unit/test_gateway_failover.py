@@ -333,7 +333,8 @@ def test_reports_of_an_agent_heard_again_after_a_silence_are_held_then_counted()
                 assert _role(h, "west") == types.GatewayRole("west", "w1", "w2"), "a held report moved the role"
                 assert h.reflector._gateway_moves.get("west", 0) == 0
                 # Still its latest word once the settle time is over: now it counts.
-                await wait_until_async(lambda: _role(h, "west") == types.GatewayRole("west", "w2", "w1"), 3,
+                # (settle, then the lone-report wait: about 1.5 s; the bound leaves room for a loaded CI)
+                await wait_until_async(lambda: _role(h, "west") == types.GatewayRole("west", "w2", "w1"), 10,
                                        "the role moves once w3's report counts")  # fmt: skip
                 assert time.monotonic() - sent >= settle * 0.9
                 outbox.put_nowait(None)
