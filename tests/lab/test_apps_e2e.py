@@ -216,7 +216,8 @@ spec:
 """
 
 
-def _pod_running(lab: KubeLab, cluster: str, name: str, not_uid: str | None = None) -> dict[str, Any]:
+def _pod_running(lab: KubeLab, cluster: str, name: str, not_uid: str | None = None,
+                 timeout: float = 60) -> dict[str, Any]:
     def running() -> dict[str, Any] | None:
         p = lab.kubectl(cluster, "get", "pod", name, "-n", NS, "-o", "json", check=False)
         if p.returncode != 0:
@@ -226,7 +227,7 @@ def _pod_running(lab: KubeLab, cluster: str, name: str, not_uid: str | None = No
         ok = st.get("phase") == "Running" and all(c.get("ready") for c in st.get("containerStatuses") or [{}])
         return pod if ok and pod["metadata"]["uid"] != not_uid else None
 
-    out: dict[str, Any] = wait_until(running, 60, f"pod {cluster}/{name} Running and ready", interval=0.3)
+    out: dict[str, Any] = wait_until(running, timeout, f"pod {cluster}/{name} Running and ready", interval=0.3)
     return out
 
 
@@ -236,8 +237,10 @@ def test_statefulset_data_survives_the_pod_and_the_claim_expands(alab: KubeLab) 
     claim = alab.get("east", "pvc", "data-db-0", "-n", NS)
     assert claim["status"]["phase"] == "Bound" and claim["spec"]["storageClassName"] == "lab-local"
     alab.kubectl("east", "exec", "-n", NS, "db-0", "--", "sh", "-c", "echo kept > /data/note")
-    alab.kubectl("east", "delete", "pod", "db-0", "-n", NS)
-    again = _pod_running(alab, "east", "db-0", not_uid=pod["metadata"]["uid"])
+    # Not kubectl's own wait (60 s of its timeout went by on a loaded CI machine): the new db-0
+    # Running is what counts, and it comes only after the old one is gone.
+    alab.kubectl("east", "delete", "pod", "db-0", "-n", NS, "--wait=false")
+    again = _pod_running(alab, "east", "db-0", not_uid=pod["metadata"]["uid"], timeout=180)
     assert again["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] == "data-db-0"
     assert alab.get("east", "pvc", "data-db-0", "-n", NS)["metadata"]["uid"] == claim["metadata"]["uid"]
     note = alab.kubectl("east", "exec", "-n", NS, "db-0", "--", "cat", "/data/note", "/data/born").stdout

@@ -13,6 +13,7 @@ fix-up is caught by the receiving stack instead of being trusted as CHECKSUM_PAR
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -164,7 +165,9 @@ def test_restart_keeps_counters_and_loses_no_ping(pair: tuple[str, str, Path], l
     nsx(b, "ping", "-c", "3", "-i", "0.2", A4_G)
     before = loaded.counters()[m]
     ids_before = _prog_ids(a)
-    ping = subprocess.Popen(["ip", "netns", "exec", b, "ping", "-q", "-c", "800", "-i", "0.01", A4_G],
+    # Pings until told to stop (SIGINT: ping prints its summary), so a slow compile on a loaded
+    # machine can never outlast it; stopped half a second after the restart is done.
+    ping = subprocess.Popen(["ip", "netns", "exec", b, "ping", "-q", "-i", "0.01", A4_G],
                             stdout=subprocess.PIPE, text=True)
     time.sleep(0.5)
     restart = (
@@ -174,11 +177,14 @@ def test_restart_keeps_counters_and_loses_no_ping(pair: tuple[str, str, Path], l
         "assert not d.added and not d.removed, d\n"
         "t.attach_tunnel('a0')\n"
     )
-    subprocess.run([sys.executable, "-c", restart], check=True, cwd=REPO, timeout=120)
-    assert ping.poll() is None, "the restart outlasted the ping: the test proves nothing"
+    try:
+        subprocess.run([sys.executable, "-c", restart], check=True, cwd=REPO, timeout=300)
+        time.sleep(0.5)
+    finally:
+        ping.send_signal(signal.SIGINT)
     out, _ = ping.communicate(timeout=60)
     sent, got = map(int, re.search(r"(\d+) packets transmitted, (\d+) received", out).groups())  # type: ignore[union-attr]
-    assert (sent, got) == (800, 800), out
+    assert sent >= 50 and got == sent, out  # every echo of the whole restart answered
     assert _prog_ids(a) != ids_before  # the programs really were replaced
     after = loaded.counters()[m]
-    assert after.in_packets >= before.in_packets + 800 and after.out_packets >= before.out_packets + 800
+    assert after.in_packets >= before.in_packets + got and after.out_packets >= before.out_packets + got
