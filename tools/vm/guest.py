@@ -68,6 +68,32 @@ def verifier_doc(pin_root: Path) -> dict[str, object]:
     return {"kernel": platform.release(), "programs": programs}
 
 
+def loaded_doc(pid: int) -> dict[str, object]:
+    """The BPF programs process ``pid`` (the agent) holds, by name, with the instruction count
+    the verifier walked when this kernel loaded them (the fdinfo's ``verified_insns``; bpftool
+    does not show it on Debian 12)."""
+    import subprocess
+
+    programs: dict[str, object] = {}
+    for info in sorted(Path(f"/proc/{pid}/fdinfo").iterdir()):
+        try:
+            text = info.read_text()
+        except OSError:
+            continue
+        pid_m = re.search(r"^prog_id:\s*(\d+)", text, re.M)
+        if pid_m is None:
+            continue
+        ins_m = re.search(r"^verified_insns:\s*(\d+)", text, re.M)
+        out = subprocess.run(["bpftool", "-j", "prog", "show", "id", pid_m.group(1)], capture_output=True,
+                             text=True, check=False).stdout  # fmt: skip
+        try:
+            name = str(json.loads(out).get("name", f"id{pid_m.group(1)}"))
+        except ValueError:
+            name = f"id{pid_m.group(1)}"
+        programs[name] = int(ins_m.group(1)) if ins_m else -1
+    return {"kernel": platform.release(), "programs": programs}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.vm.guest")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -77,7 +103,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--timeout", type=float, default=3.0)
     v = sub.add_parser("verifier", help="verifier instruction counts of the BPF programs on this kernel")
     v.add_argument("--pin-root", default="/sys/fs/bpf/kosmos-fabric-verifier", help="a directory on a bpffs")
+    lo = sub.add_parser("loaded", help="the BPF programs a process holds, with their verifier instruction counts")
+    lo.add_argument("--pid", type=int, required=True)
     args = p.parse_args(argv)
+    if args.cmd == "loaded":
+        print(json.dumps(loaded_doc(args.pid)))
+        return 0
     if args.cmd == "verifier":
         print(json.dumps(verifier_doc(Path(args.pin_root))))
         return 0

@@ -78,14 +78,23 @@ GUEST_SRC = "/opt/kosmos-fabric/src"
 #: Configures the guest from the kernel command line: eth0 (qemu user-mode network, ssh only)
 #: and eth1 (the VMs' private network, the fabric's underlay), and the host name.
 GUEST_NET_SCRIPT = """#!/bin/sh
-# kosmos-fabric VM: addresses from the kernel command line (kf.name=, kf.addr=, kf.gw=).
+# kosmos-fabric VM: addresses from the kernel command line (kf.name=, kf.addr=, kf.mgmt=).
+# eth0 is management: qemu's user-mode network (static 10.0.2.15) or, with kf.mgmt=dhcp,
+# Vagrant's (DHCP by systemd-networkd). eth1 is the private network, the fabric's underlay.
 set -e
+mgmt=static
 for a in $(cat /proc/cmdline); do
-  case "$a" in kf.name=*) name=${a#kf.name=};; kf.addr=*) addr=${a#kf.addr=};; esac
+  case "$a" in kf.name=*) name=${a#kf.name=};; kf.addr=*) addr=${a#kf.addr=};; kf.mgmt=*) mgmt=${a#kf.mgmt=};; esac
 done
 ip link set lo up
 ip link set eth0 up
-ip addr replace 10.0.2.15/24 dev eth0
+if [ "$mgmt" = dhcp ]; then
+  mkdir -p /run/systemd/network
+  printf '[Match]\nName=eth0\n\n[Network]\nDHCP=ipv4\n' > /run/systemd/network/10-eth0.network
+  systemctl --no-block start systemd-networkd.service
+else
+  ip addr replace 10.0.2.15/24 dev eth0
+fi
 if [ -n "$name" ]; then hostname "$name"; echo "$name" > /etc/hostname
   grep -q " $name\\$" /etc/hosts || echo "127.0.1.1 $name" >> /etc/hosts; fi
 if [ -n "$addr" ]; then ip link set eth1 up; ip addr replace "$addr" dev eth1; fi

@@ -542,10 +542,14 @@ def provision(st: VMState, progress: Progress, grace_period_s: float = 30.0) -> 
 def status(st: VMState, timeout_s: float = 5.0) -> dict[str, Any]:
     """The reflector's status (:mod:`tools.vm.guest`), or ``{"error": ...}``."""
     lab = lab_of(st)
-    r = ssh(st, st.reflector_vm,
-            f"cd {imagemod.GUEST_SRC} && {imagemod.GUEST_VENV}/bin/python -m tools.vm.guest status "
-            f"--reflector {lab.reflector_address} --tls-dir {GUEST_PKI}/reader --timeout {timeout_s:g}",
-            timeout=60 + timeout_s, check=False)  # fmt: skip
+    try:
+        # A Python start in a TCG guest that compiles BPF programs next door takes tens of seconds.
+        r = ssh(st, st.reflector_vm,
+                f"cd {imagemod.GUEST_SRC} && {imagemod.GUEST_VENV}/bin/python -m tools.vm.guest status "
+                f"--reflector {lab.reflector_address} --tls-dir {GUEST_PKI}/reader --timeout {timeout_s:g}",
+                timeout=180 + timeout_s, check=False)  # fmt: skip
+    except LabError as e:
+        return {"error": str(e)}
     try:
         doc = json.loads(r.stdout.decode(errors="replace").strip().splitlines()[-1])
     except (ValueError, IndexError):
