@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,17 @@ def add_parsers(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
     sh = vsub.add_parser("ssh", parents=[name], help="a shell or a command on a VM", formatter_class=formatter)
     sh.add_argument("vm", metavar="VM")
     sh.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND... (default: a login shell)")
+    pv = vsub.add_parser("vagrant-prepare", help="write what vagrant/Vagrantfile needs (box, kernel, key, bundles)",
+                         description="Build the image if needed and write into vagrant/.prepared: the box "
+                         "(add it with 'vagrant box add --name kosmos-fabric/bookworm "
+                         "vagrant/.prepared/kosmos-fabric.box'), the kernel and initrd, the key and one provisioning "
+                         "bundle per VM of SETTINGS.",
+                         formatter_class=formatter)  # fmt: skip
+    pv.add_argument("settings", nargs="?", default=str(runner.DEFAULT_SETTINGS))
+    pv.add_argument("-o", "--output", default=str(runner.REPO / "vagrant" / ".prepared"))
+    ck.add_argument("--vagrant", metavar="SSH_CONFIG",
+                    help="check VMs that Vagrant made ('vagrant ssh-config > FILE'), with --settings")  # fmt: skip
+    ck.add_argument("--settings", default=str(runner.DEFAULT_SETTINGS), help="with --vagrant: the settings they use")
     bu = vsub.add_parser("bundle", parents=[name], help="write the provisioning tar of one VM (the Vagrantfile's)",
                          formatter_class=formatter)  # fmt: skip
     bu.add_argument("vm", metavar="VM")
@@ -86,8 +98,19 @@ def run(args: argparse.Namespace) -> int:
         if cmd == "up":
             runner.up(Path(args.settings), args.name, grace_period_s=args.grace_period, timeout_s=args.timeout)
             return 0
+        if cmd == "vagrant-prepare":
+            runner.require_root()
+            img = imagemod.ensure_image()
+            uid, gid = os.environ.get("SUDO_UID"), os.environ.get("SUDO_GID")
+            owner = (int(uid), int(gid)) if uid and gid else None
+            for p in runner.prepare_vagrant(Path(args.settings), Path(args.output), img, owner):
+                print(p)
+            return 0
         if cmd == "check":
-            st = runner.require_state(args.name)
+            if args.vagrant:
+                st = runner.vagrant_state(Path(args.settings), Path(args.vagrant))
+            else:
+                st = runner.require_state(args.name)
             result = runner.run_check(st, timeout_s=args.timeout, services=args.services)
             if args.json:
                 print(json.dumps(result.to_json(), indent=2))

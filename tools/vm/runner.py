@@ -130,6 +130,9 @@ class VMState:
     vms: list[VMRecord]
     #: The generated topology (the settings with every node pinned to its VM's address).
     topology: dict[str, Any]
+    #: VMs made by Vagrant (``vagrant ssh-config`` output, hosts named as the VMs): ssh goes
+    #: there instead of through the runner's namespace.
+    ssh_config: str = ""
 
     @property
     def dir(self) -> Path:
@@ -266,7 +269,11 @@ def new_state(name: str, settings_path: Path, image: imagemod.Image | None) -> V
 
 
 def ssh_argv(st: VMState, v: VMRecord, *cmd: str, tty: bool = False) -> list[str]:
-    """ssh to ``v`` from inside the environment's namespace (the port forward lives there)."""
+    """ssh to ``v`` from inside the environment's namespace (the port forward lives there), or
+    with Vagrant's ssh configuration for VMs that Vagrant made."""
+    if st.ssh_config:
+        return ["ssh", "-F", st.ssh_config, "-o", "LogLevel=ERROR", "-o", "BatchMode=yes", *(["-t"] if tty else []),
+                v.name, *cmd]  # fmt: skip
     key = Path(st.image) / "id_ed25519"
     return [
         "nsenter", f"--net=/run/netns/{st.netns}", "--",
@@ -647,6 +654,44 @@ def run_check(st: VMState, timeout_s: float = 3.0, count: int = 1, services: boo
     result = checkmod.CheckResult(list(pods), pairs, time.monotonic() - t0, list(svcs), [])
     result.not_expected = checkmod.not_expected(lab, (4,), services=services)
     return result
+
+
+def vagrant_state(settings_path: Path, ssh_config: Path) -> VMState:
+    """The environment Vagrant made from ``settings_path`` (the same names and addresses)."""
+    st = new_state("vagrant", settings_path, None)
+    st.ssh_config = str(ssh_config)
+    return st
+
+
+def prepare_vagrant(settings_path: Path, out: Path, img: imagemod.Image, owner: tuple[int, int] | None) -> list[Path]:
+    """What vagrant/Vagrantfile boots and provisions, in ``out``: the kernel and initrd (direct
+    kernel boot, as the runner), the key the image's root trusts, one provisioning bundle per VM,
+    and ``kosmos-fabric.box`` (the image's disk as a vagrant-libvirt box). ``owner``: the user
+    who runs vagrant (files made as root are handed to them)."""
+    out.mkdir(parents=True, exist_ok=True)
+    st = new_state("vagrant", settings_path, img)
+    made = []
+    for src, name in ((img.kernel, "vmlinuz"), (img.initrd, "initrd.img"), (img.ssh_key, "id_ed25519")):
+        shutil.copyfile(src, out / name)
+        made.append(out / name)
+    (out / "id_ed25519").chmod(0o600)
+    for v in st.vms:
+        (out / f"{v.name}.tar").write_bytes(bundle(st, v.name))
+        made.append(out / f"{v.name}.tar")
+    size_gb = -(-json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(img.disk)], capture_output=True,
+                                           text=True, check=True).stdout)["virtual-size"] // (1 << 30))  # fmt: skip
+    box = out / "kosmos-fabric.box"
+    with tarfile.open(box, "w") as tar:
+        meta = json.dumps({"provider": "libvirt", "format": "qcow2", "virtual_size": size_gb}).encode()
+        info = tarfile.TarInfo("metadata.json")
+        info.size = len(meta)
+        tar.addfile(info, io.BytesIO(meta))
+        tar.add(str(img.disk), "box.img")
+    made.append(box)
+    if owner is not None:
+        for p in [out, *made]:
+            os.chown(p, *owner)
+    return made
 
 
 def require_state(name: str) -> VMState:
