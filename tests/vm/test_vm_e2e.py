@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from tests.waiting import wait_until
 from tools.lab.state import LabState, PodRecord
 from tools.vm import image as imagemod
 from tools.vm import runner
@@ -47,17 +48,6 @@ def _west(st: runner.VMState) -> dict[str, Any]:
     doc = runner.status(st)
     assert "error" not in doc, doc
     return next(c for c in doc["clusters"] if c["name"] == "west")
-
-
-def _wait(what: str, timeout_s: float, probe: Any) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        got = probe()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout_s:g} s")
-        time.sleep(2)
 
 
 def test_check_passes_every_pod_and_service_pair_through_global_ips(vmenv: runner.VMState) -> None:
@@ -146,6 +136,14 @@ def _largest_gap_s(got: list[int], interval_s: float = 0.2) -> float:
     return max((b - a for a, b in itertools.pairwise(got)), default=1) * interval_s - interval_s
 
 
+def _first_sync_line(st: runner.VMState, vm: str) -> str:
+    """The running agent's "dataplane in sync" log line (its first complete snapshot applied),
+    or "" while it has not got there (this invocation of the unit only)."""
+    r = runner.ssh(st, vm, "journalctl -o cat _SYSTEMD_INVOCATION_ID=$(systemctl show -p InvocationID --value "
+                           "fabric-agent) | grep -m1 'dataplane in sync' || true", check=False)  # fmt: skip
+    return r.stdout.decode(errors="replace").strip()
+
+
 def test_agent_restart_loses_no_packets(vmenv: runner.VMState) -> None:
     """Restart the agents on the path (east/vm1 and west's active gateway) while a pod pings a
     pod of the other cluster behind that gateway: not one echo goes unanswered."""
@@ -160,13 +158,15 @@ def test_agent_restart_loses_no_packets(vmenv: runner.VMState) -> None:
         t0 = time.monotonic()
         for vm in ("vm1", active):
             runner.ssh(vmenv, vm, "systemctl restart fabric-agent")
-        _wait("the restarted agents to report their state applied", 420,
-              lambda: all(n["in_sync"] for n in runner.status(vmenv).get("nodes", [])))  # fmt: skip
+        synced = {vm: wait_until(lambda vm=vm: _first_sync_line(vmenv, vm), 600,
+                                 f"the restarted agent of {vm} to apply its first snapshot", interval=2)
+                  for vm in ("vm1", active)}  # fmt: skip
         elapsed = time.monotonic() - t0
         time.sleep(3)
     finally:
         sent, lost, _got = _stop_ping(vmenv, "vm1", pid, out)
-    print(f"\nagents of vm1 and {active} restarted, back in sync in {elapsed:.0f} s: {sent} echoes, {len(lost)} lost")
+    print(f"\nagents of vm1 and {active} restarted, both in sync after {elapsed:.0f} s: {sent} echoes, "
+          f"{len(lost)} lost; " + "; ".join(f"{vm}: {line}" for vm, line in synced.items()))
     assert sent > 20
     assert lost == [], f"lost sequence numbers {lost}"
 
@@ -186,7 +186,8 @@ def test_gateway_failover_keeps_the_other_cluster_reachable(vmenv: runner.VMStat
         time.sleep(3)
         runner.set_link(vmenv, active, False)
         t0 = time.monotonic()
-        _wait("the standby to become west's active gateway", 120, lambda: _west(vmenv)["active_gateway"] == standby)
+        wait_until(lambda: _west(vmenv)["active_gateway"] == standby, 120,
+                   "the standby to become west's active gateway", interval=2)  # fmt: skip
         moved = time.monotonic() - t0
         time.sleep(10)
     finally:
@@ -195,6 +196,6 @@ def test_gateway_failover_keeps_the_other_cluster_reachable(vmenv: runner.VMStat
     assert got and got[-1] >= sent - 5, f"east's pod does not reach west/{standby} after the failover ({sent} sent)"
     print(f"\nwest's gateway {active} cut: {standby} active after {moved:.1f} s (reflector's view); "
           f"largest gap in a 0.2 s ping {_largest_gap_s(got):.1f} s")  # fmt: skip
-    _wait("every node in sync again after the heal", 420,
-          lambda: all(n["in_sync"] for n in runner.status(vmenv).get("nodes", [])))  # fmt: skip
+    wait_until(lambda: all(n["in_sync"] for n in runner.status(vmenv).get("nodes", [])), 420,
+               "every node in sync again after the heal", interval=2)  # fmt: skip
     assert runner.run_check(vmenv, timeout_s=3.0).ok
