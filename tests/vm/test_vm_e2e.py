@@ -10,6 +10,7 @@ Tests run in file order on one environment and each leaves it as it found it (in
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import re
@@ -158,9 +159,10 @@ def test_agent_restart_loses_no_packets(vmenv: runner.VMState) -> None:
         t0 = time.monotonic()
         for vm in ("vm1", active):
             runner.ssh(vmenv, vm, "systemctl restart fabric-agent")
-        synced = {vm: wait_until(lambda vm=vm: _first_sync_line(vmenv, vm), 600,
-                                 f"the restarted agent of {vm} to apply its first snapshot", interval=2)
-                  for vm in ("vm1", active)}  # fmt: skip
+        synced: dict[str, str] = {}
+        for vm in ("vm1", active):
+            synced[vm] = wait_until(functools.partial(_first_sync_line, vmenv, vm), 600,
+                                    f"the restarted agent of {vm} to apply its first snapshot", interval=2)  # fmt: skip
         elapsed = time.monotonic() - t0
         time.sleep(3)
     finally:
