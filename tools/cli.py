@@ -24,6 +24,7 @@ from fabric.control import api, tls
 from tools import certs, lab
 from tools import mcs as mcs_tool
 from tools.lab import labpki
+from tools.vm import cli as vm_cli
 
 _log = logging.getLogger(__name__)
 
@@ -285,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_install_parsers(sub)
     _add_pending_parser(sub)
     mcs_tool.add_parsers(sub, _Formatter)
+    vm_cli.add_parsers(sub, _Formatter)
 
     # -- bench (its own parser lives in tools.bench.suite) ---------------------------------------
     sub.add_parser("bench", help="benchmarks (see 'fabric-tool bench --help')", add_help=False)
@@ -322,6 +324,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _pending(args)
         if args.command in ("export", "unexport", "services"):
             return mcs_tool.run(args)
+        if args.command == "vm":
+            return vm_cli.run(args)
     except lab.LabError as e:
         print(f"fabric-tool: error: {e}", file=sys.stderr)
         return e.exit_code
