@@ -315,15 +315,7 @@ def test_a_deleted_pods_late_status_and_delete_never_touch_a_new_pod_of_its_name
     with ServerThread(name="kl", graceful_pods=True) as srv:
         kubelet = LabKubelet(srv.url, [LabNode("e1", "198.18.0.11", ("10.10.1.0/24",))], FakeNetwork(),
                              renew_interval=0.2)
-        loop = asyncio.new_event_loop()
-        task = loop.create_task(kubelet.run())
-
-        def drive() -> None:
-            with contextlib.suppress(asyncio.CancelledError):
-                loop.run_until_complete(task)
-
-        t = threading.Thread(target=drive, daemon=True)
-        t.start()
+        loop, task, t = _run_kubelet(kubelet)
 
         def call(coro: Any) -> Any:
             return asyncio.run_coroutine_threadsafe(coro, loop).result(10)
@@ -349,6 +341,4 @@ def test_a_deleted_pods_late_status_and_delete_never_touch_a_new_pod_of_its_name
             call(kubelet._delete("default/p", old_uid, old, "MODIFIED"))
             assert _http(pods + "/p")["metadata"]["uid"] == new_uid
         finally:
-            loop.call_soon_threadsafe(task.cancel)
-            t.join(5)
-            loop.close()
+            _stop_kubelet(loop, task, t)
