@@ -242,7 +242,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     rep = outcome.get_result()  # type: ignore[attr-defined]
     if rep.when != "call" or not rep.failed:
         return
-    labs = [v for v in getattr(item, "funcargs", {}).values() if isinstance(v, Lab)]
+    # By class name: pytest may load this file as a plugin under another module name than the
+    # tests import it by (``tests.lab.conftest``), which makes two distinct Lab classes.
+    labs = [v for v in getattr(item, "funcargs", {}).values() if any(c.__name__ == "Lab" for c in type(v).__mro__)]
     for lab in labs:
         rep.sections.append((f"lab {lab.name}: last warnings and errors per log", log_digest(lab.name)))
 
