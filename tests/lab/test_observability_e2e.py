@@ -247,4 +247,16 @@ def test_killed_tunnel_shows_loss_and_state_down_then_recovers(olab: Lab, tmp_pa
     p = olab.tool("check", "--lab", olab.name, "--retest-failed", check=False)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "nothing to retest" in olab.tool("check", "--lab", olab.name, "--retest-failed").stderr
-    assert metric(scrape(olab, "reflector"), "fabric_reflector_fanout_lag_seconds_count") > 0
+    # Nothing above changed the plan (west has one gateway; an agent restart moves no role, issue
+    # 21 section 3): cut east's active gateway so its role moves, and the fan-out of that plan is
+    # timed once every agent, e1 back after the heal included, has applied it.
+    lagged = metric(scrape(olab, "reflector"), "fabric_reflector_fanout_lag_seconds_count")
+    olab.lab("fail", "east/e1")
+    try:
+        wait_until(lambda: metric(scrape(olab, "reflector"), "fabric_reflector_gateway", cluster="east", node="e2",
+                                  role="active") == 1, 20, "east's active gateway role to move to e2")
+    finally:
+        olab.lab("heal", "east/e1")
+    wait_until(olab.all_in_sync, 60, "every node in sync after the heal of e1")
+    wait_until(lambda: metric(scrape(olab, "reflector"), "fabric_reflector_fanout_lag_seconds_count") > lagged, 30,
+               "the fan-out of the new plan timed")
