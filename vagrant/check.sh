@@ -3,7 +3,7 @@
 # of the settings is, waits until every agent reports its plan applied (the reflector's view,
 # read through ssh on the reflector's VM) and prints `fabric-tool check`'s matrix for the VMs
 # (`fabric-tool vm check --vagrant`). Exit 1 when a pair fails or the agents are not in sync
-# in KF_SYNC_TIMEOUT seconds (default 600: the agents' first BPF compile in a TCG guest takes
+# in KF_SYNC_TIMEOUT seconds (default 900: the agents' first BPF compile in a TCG guest takes
 # minutes).
 #
 # Why a marker per VM: `vagrant up` brings libvirt VMs up in parallel, so the last VM in the
@@ -17,7 +17,7 @@ ROOT=$(dirname "$HERE")
 SETTINGS=${KF_SETTINGS:-$HERE/settings.yaml}
 PREPARED=${KF_PREPARED:-$HERE/.prepared}
 VENV=${KF_VENV:-$ROOT/.venv}
-TIMEOUT=${KF_SYNC_TIMEOUT:-600}
+TIMEOUT=${KF_SYNC_TIMEOUT:-900}
 
 [ $# -ge 1 ] || { echo "usage: $0 VM (the VM that just came up)" >&2; exit 2; }
 mkdir -p "$PREPARED/up"
