@@ -244,3 +244,21 @@ def test_topology_file_active_gateways() -> None:
     doc["clusters"][1]["activeGateways"] = 2  # type: ignore[index]
     with pytest.raises(topology_file.TopologyError, match="only gateway mode has them"):
         topology_file.parse(doc)
+
+
+# -- the agent's rendering -------------------------------------------------------------------
+
+
+def test_render_keeps_the_group_members_that_have_a_peer() -> None:
+    from fabric.agent import render
+
+    e1 = planner.plan_all(build())[E1.key]
+    ks = render.render(e1, underlay_ifindex=7, table=200, rule_priority=200)
+    (west,) = [r for r in ks.routes if r.dst == "10.20.0.0/16"]
+    assert west.group == route(e1, "10.20.0.0/16").vias and west.gateway == bridge_ip(W[0])
+    # A member whose peer is not planned is left out of the group, never programmed blind.
+    missing = bridge_ip(W[1])
+    cut = dataclasses.replace(e1, peers=tuple(p for p in e1.peers if p.overlay_ip != missing))
+    (west,) = [r for r in render.render(cut, underlay_ifindex=7, table=200, rule_priority=200).routes
+               if r.dst == "10.20.0.0/16"]  # fmt: skip
+    assert west.group == (bridge_ip(W[0]),)
