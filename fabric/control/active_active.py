@@ -55,6 +55,18 @@ rule of someone else's, or ``rp_filter`` strict with routes that do not point ba
 receiving device - ours do: both directions use the same device on each hop). The hash is
 the kernel's multipath hash (``net.ipv4.fib_multipath_hash_policy``, per network namespace:
 0 = L3 only, so flows between the same two hosts share a gateway; 1 = L4 spreads them).
+
+Symmetry matters for one thing: a flow whose requests cross gateway A and whose replies cross
+gateway B is hit by the loss of *either*. The kernel's flow hash is symmetric (source and
+destination are put in order before hashing), a fresh resilient group fills its buckets in
+member order, and both sides list the same gateways in the same order (sorted by address: the
+``vx-bridge`` and ``vx-local`` addresses of a node share the underlay's host bits). So on one
+kernel (the lab) every flow's replies leave by the gateway its requests came in by - the lab
+test checks it per flow, and cutting one gateway loses no packet of the other's flows. Across
+machines the hash is also seeded per boot unless ``net.ipv4.fib_multipath_hash_seed`` (kernel
+>= 6.11) is set to the same value on every node; without it, flows are spread on both sides
+independently: still correct (stateless), but a gateway's loss then also costs a short gap to
+the flows whose replies used it. Not done yet: the agent setting a common seed.
 """
 
 from __future__ import annotations
