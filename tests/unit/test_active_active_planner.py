@@ -262,3 +262,13 @@ def test_render_keeps_the_group_members_that_have_a_peer() -> None:
     (west,) = [r for r in render.render(cut, underlay_ifindex=7, table=200, rule_priority=200).routes
                if r.dst == "10.20.0.0/16"]  # fmt: skip
     assert west.group == (bridge_ip(W[0]),)
+
+
+def test_probe_targets_include_every_active_gateway() -> None:
+    from fabric.control import reachability_rules
+    from tests.unit.test_reachability import planned_probes
+
+    t = build()
+    targets = reachability_rules.probe_targets(t)
+    assert targets == planned_probes(t)
+    assert {W[0].key, W[1].key, W[2].key} <= targets[E1.key]  # both actives and the standby
