@@ -19,6 +19,7 @@ Example (``examples/lab.yaml`` is the default lab)::
         podCIDRs: [10.10.0.0/16]
         serviceCIDRs: [10.96.0.0/20]   # optional
         gateways: [e1, e2]             # optional: gateway candidates in order (default: every node)
+        activeGateways: 2              # optional (gateway mode): gateways carrying traffic at once (default 1)
         globalCIDRs:                   # optional: global IP (see below)
           10.10.0.0/16: 100.100.0.0/16
         nodes:
@@ -347,6 +348,7 @@ class _Parser:
                         pod_cidrs=tuple(pc.pod_cidrs),
                         service_cidrs=tuple(pc.service_cidrs),
                         gateways=tuple(pc.gateways),
+                        active_gateways=pc.active_gateways,
                         global_cidrs=types.frozen_mapping(pc.global_cidrs),
                         ip_families=tuple(pc.ip_families),
                     ),
@@ -417,6 +419,7 @@ class _Parser:
                 self._node_resources(pn, rn["resources"], f"{npath}.resources")
             pc.nodes.append(pn)
         self._gateways(pc, rc.get("gateways"), f"{path}.gateways")
+        self._active_gateways(pc, rc.get("activeGateways"), f"{path}.activeGateways")
         self._global_cidrs(pc, rc.get("globalCIDRs"), f"{path}.globalCIDRs")
         return pc
 
@@ -545,6 +548,24 @@ class _Parser:
                 )
                 continue
             pc.gateways.append(name)
+
+    def _active_gateways(self, pc: _PCluster, value: Any, path: str) -> None:
+        """``activeGateways`` (active/active, issue 21 section 2): the type and range are the
+        schema's; only a gateway-mode cluster has gateways that carry its traffic, and it cannot
+        have more actives than candidates (the listed ones, or its nodes when none are listed)."""
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            return
+        if value > 1 and pc.mode is not None and pc.mode != types.ClusterMode.GATEWAY:
+            self.err(
+                path, f"{value} active gateways asked for, but only gateway mode has them (mode: {pc.mode.value})"
+            )
+            return
+        room = len(pc.gateways) if pc.gateways else len(pc.nodes)
+        if value > 1 and pc.nodes and value > room:
+            what = "gateway candidates" if pc.gateways else "nodes"
+            self.err(path, f"{value} active gateways asked for, but cluster {pc.name!r} has only {room} {what}")
+            return
+        pc.active_gateways = value
 
     def _cross_checks(
         self, parsed: list[_PCluster], underlay: str, bridge: list[str], local: list[str], underlay6: str,
@@ -729,6 +750,7 @@ class _PCluster:
     pod_cidrs: list[str] = dataclasses.field(default_factory=list)
     service_cidrs: list[str] = dataclasses.field(default_factory=list)
     gateways: list[str] = dataclasses.field(default_factory=list)
+    active_gateways: int = 1
     global_cidrs: dict[str, str] = dataclasses.field(default_factory=dict)
     nodes: list[_PNode] = dataclasses.field(default_factory=list)
     scheduler: str = DEFAULT_SCHEDULER

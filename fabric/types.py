@@ -115,6 +115,11 @@ class ClusterMode(enum.StrEnum):
     GATEWAY = "gateway"
 
 
+#: The largest ``activeGateways`` a cluster may ask for (a resilient nexthop group's buckets are
+#: spread over its members; more than a few gateways is not what the feature was built and tested for).
+MAX_ACTIVE_GATEWAYS = 8
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class ClusterConfig:
     """One cluster as the fabric configuration declares it."""
@@ -138,6 +143,11 @@ class ClusterConfig:
     #: other clusters and the fabric use. False (the default): ``pod_cidrs`` is declared and
     #: every node's pod CIDR must lie inside it, as in the topology file.
     discover_pod_cidrs: bool = False
+    #: Active/active (issue 21 section 2): how many gateways of a gateway-mode cluster carry
+    #: traffic at once (``activeGateways``). 1 (the default) is the classic one active gateway
+    #: plus a hot standby; N > 1 elects N actives that remote clusters and the cluster's own
+    #: nodes reach through a resilient nexthop group (see :mod:`fabric.control.active_active`).
+    active_gateways: int = 1
 
     @property
     def families(self) -> tuple[int, ...]:
@@ -227,6 +237,16 @@ class GatewayRole:
     cluster: str
     active: str
     standby: str = ""
+    #: Active/active: the further active gateways beside ``active`` (empty with the default
+    #: ``activeGateways: 1``), most preferred first. ``active`` stays the first of them, so
+    #: everything that knows only one active gateway (service routes of old agents, status)
+    #: still names a node that forwards.
+    also_active: tuple[str, ...] = ()
+
+    @property
+    def actives(self) -> tuple[str, ...]:
+        """Every active gateway, ``active`` first."""
+        return (self.active, *self.also_active) if self.active else self.also_active
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -350,6 +370,11 @@ class RouteEntry:
     dst: str
     via: str
     device: str
+    #: Active/active: every equal next hop (sorted overlay IPs of the destination's active
+    #: gateways, ``via`` among them) when there are two or more; empty for a single next hop.
+    #: The agent programs them as one resilient nexthop group; a consumer that knows only
+    #: ``via`` still routes through a gateway that forwards.
+    vias: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -13,7 +13,8 @@ Per planned entry:
   devices, so these two entries are the whole of the tunnel's L2 knowledge.
 * ``RouteEntry`` -> a :class:`~fabric.netlink.objects.Route` in our table, via the peer's
   overlay IP (onlink). A route whose device or next hop is not planned is dropped: programming
-  it would make the kernel ARP on a tunnel where nobody answers.
+  it would make the kernel ARP on a tunnel where nobody answers. A route with ``vias`` (active/
+  active gateways) keeps ``group``: the members whose peer is planned.
 * ``Program`` on the hairpin device -> a :class:`~fabric.netlink.objects.DeviceLink` (kind ifb),
   and the routes planned to it (via the unspecified address) -> device routes in our table.
 * ``Translation`` and ``Program`` entries also make the node's :class:`TranslatorPlan`
@@ -86,6 +87,16 @@ def render(
                     rules.add(objects.Rule(family=family, table=table, priority=rule_priority))
 
     for r in state.routes:
+        if r.vias:
+            # Active/active: the members whose peer is planned (a member without its neighbour
+            # and FDB entry would black-hole its share of the flows).
+            group = tuple(v for v in r.vias if (r.device, v) in next_hops)
+            if not group:
+                continue
+            via = r.via if r.via in group else group[0]
+            dst = types.canonical_cidr(r.dst)
+            routes.add(objects.Route(table=table, dst=dst, link=r.device, gateway=via, group=group))
+            continue
         if (r.device, r.via) not in next_hops:
             continue
         routes.add(objects.Route(table=table, dst=types.canonical_cidr(r.dst), link=r.device, gateway=r.via))

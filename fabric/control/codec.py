@@ -88,7 +88,7 @@ def entry_to_pb(entry: types.Entry) -> pb.Entry:
             )
         )
     if isinstance(entry, types.RouteEntry):
-        return pb.Entry(route=pb.Route(dst=entry.dst, via=entry.via, device=entry.device))
+        return pb.Entry(route=pb.Route(dst=entry.dst, via=entry.via, device=entry.device, vias=entry.vias))
     if isinstance(entry, types.Translation):
         return pb.Entry(translation=pb.Translation(local_cidr=entry.local, global_cidr=entry.global_))
     if isinstance(entry, types.Program):
@@ -110,7 +110,7 @@ def entry_from_pb(msg: pb.Entry) -> types.Entry:
         )
     if kind == "route":
         r = msg.route
-        return types.RouteEntry(dst=r.dst, via=r.via, device=r.device)
+        return types.RouteEntry(dst=r.dst, via=r.via, device=r.device, vias=tuple(r.vias))
     if kind == "translation":
         return types.Translation(local=msg.translation.local_cidr, global_=msg.translation.global_cidr)
     if kind == "program":

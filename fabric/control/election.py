@@ -29,6 +29,7 @@ import logging
 from collections.abc import Collection, Mapping
 
 from fabric import types
+from fabric.control import active_active
 
 _log = logging.getLogger(__name__)
 
@@ -77,7 +78,11 @@ def elect(
     * The standby is kept while it is a healthy candidate; otherwise the best remaining
       candidate (connected first) replaces it.
 
-    One value per cluster: the planned state can never hold two active gateways for a cluster.
+    * Active/active (``activeGateways: N`` > 1): ``also_active`` holds up to N-1 more actives,
+      healthy candidates only, sticky (see :func:`~fabric.control.active_active.pick_also_active`);
+      the standby is chosen among the candidates that are not active.
+
+    One value per cluster: the planned state names each active gateway of a cluster once.
     """
     present: dict[str, list[str]] = {}
     for n in topology.nodes:
@@ -87,7 +92,10 @@ def elect(
         cands = candidates(c, present.get(c.name, ()))
         if cands:
             roles.append(
-                _elect_cluster(c.name, cands, topology.role(c.name), connected, unreachable, lingering)
+                _elect_cluster(
+                    c.name, cands, topology.role(c.name), connected, unreachable, lingering,
+                    c.active_gateways if c.mode == types.ClusterMode.GATEWAY else 1,
+                )
             )
     return tuple(sorted(roles))
 
@@ -164,8 +172,10 @@ def _elect_cluster(
     connected: Collection[types.NodeKey],
     unreachable: Mapping[types.NodeKey, int],
     lingering: Collection[types.NodeKey],
+    want: int = 1,
 ) -> types.GatewayRole:
-    """:func:`elect` for one cluster with at least one candidate present."""
+    """:func:`elect` for one cluster with at least one candidate present; ``want`` active
+    gateways in all (active/active, see :mod:`fabric.control.active_active`)."""
     order = {name: i for i, name in enumerate(cands)}
     live = {name for name in cands if types.NodeKey(cluster, name) in connected}
     up = live | {name for name in cands if types.NodeKey(cluster, name) in lingering}
@@ -181,10 +191,14 @@ def _elect_cluster(
         best = min(up, key=rank) if up else ""
         if best and best != active and (active not in up or score[best] < score[active]):
             active = best
-    rest = [n for n in cands if n != active]
+    healthy = {n for n in up if score[n] == 0}
+    also = active_active.pick_also_active(
+        want, cands, active, current.also_active if current is not None else (), healthy, rank
+    )
+    rest = [n for n in cands if n != active and n not in also]
     standby = current.standby if current is not None and current.standby in rest else ""
     if rest and (not standby or standby not in up or score[standby] > 0):
         best = min(rest, key=rank)
         if not standby or rank(best) < rank(standby):
             standby = best
-    return types.GatewayRole(cluster, active, standby)
+    return types.GatewayRole(cluster, active, standby, also)

@@ -23,7 +23,6 @@ from fabric.control.planner import (
     device,
     local_hosts,
     local_peer,
-    overlay_address,
     plan,
     routed,
     tunnel_mtu,
@@ -85,11 +84,14 @@ class ViewerClass:
     has_bridge: bool
     #: Active or standby gateway (gateway mode only).
     hot: bool
-    #: The active gateway itself (gateway mode only): it routes over vx-bridge.
+    #: An active gateway itself (gateway mode only): it routes over vx-bridge.
     active: bool
     #: Per family of ``families``: the own active gateway's vx-local address a non-active node of
     #: a gateway-mode cluster routes everything through ("" when there is none).
     local_vias: tuple[str, ...]
+    #: Per family of ``families``: with active/active gateways, the vx-local addresses of all of
+    #: them (the route's ``vias``; empty tuples otherwise, see ``active_active.route_vias``).
+    local_groups: tuple[tuple[str, ...], ...] = ()
 
     @property
     def routes_via_local(self) -> bool:
@@ -104,12 +106,14 @@ def _viewer_class(view: View, node: types.NodeAnnouncement) -> ViewerClass | Non
     if not own.gateway_mode:
         return ViewerClass(node.cluster, families, False, True, False, False, ())
     hot = node.key in view.hot_keys
-    active = own.active is not None and own.active.key == node.key
+    active = own.is_active(node.key)
     vias: list[str] = []
+    groups: list[tuple[str, ...]] = []
     for f in families:
-        ul = own.active.underlay(f) if own.active is not None and not active else None
-        vias.append(overlay_address(ul, view.locals[f]).partition("/")[0] if ul is not None else "")
-    return ViewerClass(node.cluster, families, True, hot, hot, active, tuple(vias))
+        gw = own.gateway_route(f, view.locals[f]) if not active else None
+        vias.append(gw[0] if gw is not None else "")
+        groups.append(gw[1] if gw is not None else ())
+    return ViewerClass(node.cluster, families, True, hot, hot, active, tuple(vias), tuple(groups))
 
 
 def viewer_class(topology: types.Topology, key: types.NodeKey) -> ViewerClass | None:
@@ -150,7 +154,7 @@ def _cluster_signature(view: View, name: str) -> object:
         return None
     # A gateway-mode cluster's part also routes its nodes' vx-local addresses (collapsed).
     hosts = tuple(local_hosts(view, cv, f) for f in cv.families) if cv.gateway_mode else ()
-    return (cv.active, view.reach.get(name, frozenset()), hosts)
+    return (cv.actives, view.reach.get(name, frozenset()), hosts)
 
 
 def plan_parts(topology: types.Topology, key: types.NodeKey) -> dict[str, dict[str, types.Entry]]:
@@ -184,8 +188,8 @@ class PartCounter:
         self.full_plans = 0
 
 
-def _route(dst: str, via: str, device: str) -> tuple[str, types.RouteEntry]:
-    return f"route/{dst}", types.RouteEntry(dst=dst, via=via, device=device)
+def _route(dst: str, via: str, device: str, vias: tuple[str, ...] = ()) -> tuple[str, types.RouteEntry]:
+    return f"route/{dst}", types.RouteEntry(dst=dst, via=via, device=device, vias=vias)
 
 
 def _self_part(view: View, node: types.NodeAnnouncement, cls: ViewerClass) -> dict[str, types.Entry]:
@@ -211,7 +215,11 @@ def _self_part(view: View, node: types.NodeAnnouncement, cls: ViewerClass) -> di
             entries.append(device(node.key, types.local_device(f), underlay, view.locals[f], mtu))
             if not cls.active and not cls.hot and cls.local_vias[i]:
                 dst = canonical(view.bridges[f])
-                entries.append(types.RouteEntry(dst=dst, via=cls.local_vias[i], device=types.local_device(f)))
+                entries.append(
+                    types.RouteEntry(
+                        dst=dst, via=cls.local_vias[i], device=types.local_device(f), vias=cls.local_groups[i]
+                    )
+                )
     return {types.entry_key(e): e for e in entries}
 
 
@@ -259,24 +267,26 @@ def _cluster_part(view: View, cls: ViewerClass, name: str, counter: PartCounter)
     for i, f in enumerate(cls.families):
         if f not in cv.families:
             continue
-        gw_ul = cv.active.underlay(f) if cv.active is not None else None
+        gw_reachable = any(a.underlay(f) is not None for a in cv.actives)
         dsts: list[str] = []
         if cls.routes_via_local:
             via = cls.local_vias[i]
+            vias = cls.local_groups[i]
             if not via:
                 continue
             device = types.local_device(f)
-            reachable = gw_ul is not None if cv.gateway_mode else f in view.reach.get(name, frozenset())
+            reachable = gw_reachable if cv.gateway_mode else f in view.reach.get(name, frozenset())
             if reachable:
                 dsts += routed(cv.config.pod_cidrs, glob)
-            if gw_ul is not None:
+            if gw_reachable:
                 dsts += routed(cv.config.service_cidrs, glob)
                 if cv.gateway_mode:
                     dsts += local_hosts(view, cv, f)
         else:
-            if gw_ul is None:
+            gw = cv.gateway_route(f, view.bridges[f])
+            if gw is None:
                 continue
-            via = overlay_address(gw_ul, view.bridges[f]).partition("/")[0]
+            via, vias = gw
             device = types.bridge_device(f)
             dsts += routed(cv.config.service_cidrs, glob)
             if cv.gateway_mode:
@@ -284,7 +294,7 @@ def _cluster_part(view: View, cls: ViewerClass, name: str, counter: PartCounter)
                 dsts += local_hosts(view, cv, f)
         for dst in dsts:
             if types.family_of(dst) == f:
-                k, r = _route(canonical(dst), via, device)
+                k, r = _route(canonical(dst), via, device, vias)
                 out[k] = r
     return out
 

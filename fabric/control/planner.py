@@ -9,7 +9,11 @@ Roles
 
 Every cluster has exactly one *active gateway* and at most one *hot standby*, elected by the
 reflector (:func:`elect`) and stored in the topology (``Topology.roles``), so :func:`plan` stays a
-pure function of the topology. Node classes (Kosmos' names, inventory section 2.5):
+pure function of the topology. A gateway-mode cluster with ``activeGateways: N`` > 1 has N
+active gateways (``GatewayRole.also_active``): each is a hot gateway node that routes over
+``vx-bridge`` like the active one, and every route below that says "via C's active gateway"
+goes via all of C's actives as one nexthop group (``RouteEntry.vias``; the design is in
+:mod:`fabric.control.active_active`). Node classes (Kosmos' names, inventory section 2.5):
 
 * **endpoint node** - any node of a P2P cluster. It has ``vx-bridge`` (VNI 54, UDP 4876).
 * **hot gateway node** - the active gateway or the standby of a gateway-mode cluster. It has
@@ -99,6 +103,7 @@ import logging
 from collections.abc import Iterable
 
 from fabric import types
+from fabric.control import active_active
 
 _log = logging.getLogger(__name__)
 
@@ -176,9 +181,26 @@ class _ClusterView:
     config: types.ClusterConfig
     nodes: tuple[types.NodeAnnouncement, ...]
     active: types.NodeAnnouncement | None
-    #: Active and standby (the nodes holding gateway devices and peers), active first.
+    #: Active gateways and standby (the nodes holding gateway devices and peers), active first.
     hot: tuple[types.NodeAnnouncement, ...]
     families: tuple[int, ...]
+    #: Every active gateway present, ``active`` first (active/active: more than one).
+    actives: tuple[types.NodeAnnouncement, ...] = ()
+
+    def is_active(self, key: types.NodeKey) -> bool:
+        """Is ``key`` one of the cluster's active gateways (it routes over vx-bridge)?"""
+        return any(a.key == key for a in self.actives)
+
+    def gateway_route(self, family: int, cidr: str) -> tuple[str, tuple[str, ...]] | None:
+        """``(via, vias)`` of a route to this cluster's gateways of ``family``, their overlay
+        addresses in ``cidr`` (see :func:`fabric.control.active_active.route_vias`); None when
+        no active gateway has an underlay address of the family."""
+        uls = [ul for a in self.actives if (ul := a.underlay(family)) is not None]
+        if not uls:
+            return None
+        return active_active.route_vias(
+            (overlay_address(ul, cidr).partition("/")[0] for ul in uls), self.config.active_gateways
+        )
 
     @property
     def gateway_mode(self) -> bool:
@@ -242,10 +264,12 @@ def _build_view(topology: types.Topology) -> View:
         nodes = tuple(by_cluster.get(c.name, ()))
         by_name = {n.name: n for n in nodes}
         role = topology.role(c.name)
-        active = by_name.get(role.active) if role is not None else None
-        standby = by_name.get(role.standby) if role is not None and role.standby != role.active else None
-        hot = tuple(n for n in (active, standby) if n is not None)
-        clusters[c.name] = _ClusterView(c, nodes, active, hot, c.families)
+        names = role.actives if role is not None else ()
+        actives = tuple(dict.fromkeys(gw for name in names if (gw := by_name.get(name)) is not None))
+        active = actives[0] if actives else None
+        standby = by_name.get(role.standby) if role is not None and role.standby not in names else None
+        hot = actives + ((standby,) if standby is not None else ())
+        clusters[c.name] = _ClusterView(c, nodes, active, hot, c.families, actives)
     bridge_nodes = tuple(
         n
         for n in topology.nodes
@@ -376,6 +400,7 @@ def _plan_family(
                 peer = dataclasses.replace(peer, probe=True)
             peers[peer_key] = peer
     local_via = ""
+    local_vias: tuple[str, ...] = ()
     if gateway_mode:
         local = view.locals.get(family)
         if local is None:
@@ -388,19 +413,19 @@ def _plan_family(
             if other in own.hot:
                 peer = dataclasses.replace(peer, probe=True)
             peers[types.entry_key(peer)] = peer
-        active = own.active
-        active_ul = active.underlay(family) if active is not None else None
-        if active is not None and active.key != key and active_ul is not None:
-            local_via = overlay_address(active_ul, local).partition("/")[0]
+        own_route = own.gateway_route(family, local) if not own.is_active(key) else None
+        if own_route is not None:
+            local_via, local_vias = own_route
 
-    if gateway_mode and (own.active is None or own.active.key != key):
-        # Standby and internal nodes: everything of the other clusters via the active gateway.
+    if gateway_mode and not own.is_active(key):
+        # Standby and internal nodes: everything of the other clusters via the active gateway
+        # (active/active: via all of them, as one group).
         if local_via:
             for dst in _remote_destinations(view, node.cluster, family):
-                routes[f"route/{dst}"] = types.RouteEntry(dst=dst, via=local_via, device=local_dev)
+                routes[f"route/{dst}"] = types.RouteEntry(dst=dst, via=local_via, device=local_dev, vias=local_vias)
             if not hot:
                 dst = canonical(bridge)
-                routes[f"route/{dst}"] = types.RouteEntry(dst=dst, via=local_via, device=local_dev)
+                routes[f"route/{dst}"] = types.RouteEntry(dst=dst, via=local_via, device=local_dev, vias=local_vias)
     else:
         _bridge_routes(view, node, family, routes)
 
@@ -437,11 +462,10 @@ def _bridge_routes(view: View, node: types.NodeAnnouncement, family: int, routes
                     continue
                 _, other_routes = contribution(bridge, other, cv.config.global_cidrs)
                 routes.update(other_routes)
-        gw = cv.active
-        gw_ul = gw.underlay(family) if gw is not None else None
-        if gw_ul is None:
+        gw = cv.gateway_route(family, bridge)
+        if gw is None:
             continue
-        via = overlay_address(gw_ul, bridge).partition("/")[0]
+        via, vias = gw
         dsts: list[str] = routed(cv.config.service_cidrs, cv.config.global_cidrs)
         if cv.gateway_mode:
             dsts += routed(cv.config.pod_cidrs, cv.config.global_cidrs)
@@ -450,7 +474,7 @@ def _bridge_routes(view: View, node: types.NodeAnnouncement, family: int, routes
             if types.family_of(dst) != family:
                 continue
             dst = canonical(dst)
-            routes[f"route/{dst}"] = types.RouteEntry(dst=dst, via=via, device=device)
+            routes[f"route/{dst}"] = types.RouteEntry(dst=dst, via=via, device=device, vias=vias)
 
 
 def _remote_destinations(view: View, own_cluster: str, family: int) -> list[str]:
@@ -461,13 +485,11 @@ def _remote_destinations(view: View, own_cluster: str, family: int) -> list[str]
     for name, cv in view.clusters.items():
         if name == own_cluster or family not in cv.families:
             continue
-        if cv.gateway_mode:
-            reachable = cv.active is not None and cv.active.underlay(family) is not None
-        else:
-            reachable = any(n.underlay(family) is not None for n in cv.nodes)
+        gw_reachable = any(a.underlay(family) is not None for a in cv.actives)
+        reachable = gw_reachable if cv.gateway_mode else any(n.underlay(family) is not None for n in cv.nodes)
         if reachable:
             out += routed(cv.config.pod_cidrs, cv.config.global_cidrs)
-        if cv.active is not None and cv.active.underlay(family) is not None:
+        if gw_reachable:
             out += routed(cv.config.service_cidrs, cv.config.global_cidrs)
             if cv.gateway_mode:
                 out += local_hosts(view, cv, family)

@@ -79,7 +79,7 @@ def probe_targets(topology: types.Topology) -> dict[types.NodeKey, frozenset[typ
     gateways: list[tuple[types.NodeKey, frozenset[int]]] = []
     for name, nodes in by_cluster.items():
         role = topology.role(name)
-        names = {role.active, role.standby} - {""} if role is not None else set()
+        names = {*role.actives, role.standby} - {""} if role is not None else set()
         gateways += [(n.key, families(n)) for n in nodes if n.name in names]
     hot = {k for k, _ in gateways}
     classes: dict[tuple[str, frozenset[int]], frozenset[types.NodeKey]] = {}

@@ -79,9 +79,9 @@ class MetricsCollector(Collector):
             labels=["cluster", "node", "role"],
         )
         for role in r.topology.roles:
-            if role.active:
-                roles.add_metric([role.cluster, role.active, "active"], 1)
-            if role.standby and role.standby != role.active:
+            for name in role.actives:  # active/active: every active gateway
+                roles.add_metric([role.cluster, name, "active"], 1)
+            if role.standby and role.standby not in role.actives:
                 roles.add_metric([role.cluster, role.standby, "standby"], 1)
         yield roles
         planned = GaugeMetricFamily(

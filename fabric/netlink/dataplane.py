@@ -116,6 +116,26 @@ class Nexthop:
     gateway: str
     protocol: int = RTPROT_FABRIC
     onlink: bool = True
+    #: A group: its member nexthop ids (equal weights); empty for a single nexthop.
+    group: tuple[int, ...] = ()
+    #: A group of type resilient (``NEXTHOP_GRP_TYPE_RES``); False for hash-threshold groups.
+    resilient: bool = False
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NexthopGroup:
+    """A resilient nexthop group to program (``ip nexthop add|replace id N group a/b type
+    resilient``): a fixed table of ``buckets`` hash buckets, each naming a member. Replacing the
+    members moves only the buckets of members that left; a bucket moves to a new member only
+    after it was idle ``idle_timer_s`` (so growing the group does not move established flows);
+    ``unbalanced_timer_s`` 0 never forces a move."""
+
+    id: int
+    members: tuple[int, ...]
+    buckets: int = 128
+    idle_timer_s: float = 10.0
+    unbalanced_timer_s: float = 0.0
+    protocol: int = RTPROT_FABRIC
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -169,6 +189,7 @@ class Dataplane(Protocol):
     def list_nexthops(self) -> list[Nexthop]: ...
     def add_nexthops(self, entries: Sequence[Nexthop]) -> list[BatchError]: ...
     def del_nexthops(self, ids: Sequence[int]) -> list[BatchError]: ...
+    def set_nexthop_groups(self, entries: Sequence[NexthopGroup], *, replace: bool) -> list[BatchError]: ...
 
     def list_routes(self, table: int, protocol: int) -> list[NhRoute]: ...
     def add_routes(self, entries: Sequence[NhRoute], *, replace: bool = False) -> list[BatchError]: ...
@@ -608,6 +629,8 @@ class KernelDataplane:
             nhid = rawnl.u32(attrs.get(rawnl.NHA_ID, b"\0\0\0\0"))
             oif = attrs.get(rawnl.NHA_OIF)
             gw = attrs.get(rawnl.NHA_GATEWAY)
+            grp = attrs.get(rawnl.NHA_GROUP)
+            gtype = attrs.get(rawnl.NHA_GROUP_TYPE)
             out.append(
                 Nexthop(
                     id=nhid,
@@ -615,6 +638,8 @@ class KernelDataplane:
                     gateway=_ip_text(gw) if gw else _UNSPECIFIED.get(fam, "") if oif else "",
                     protocol=proto,
                     onlink=bool(flags & rawnl.RTNH_F_ONLINK),
+                    group=rawnl.group_members(grp) if grp else (),
+                    resilient=gtype is not None and int.from_bytes(gtype[:2], "little") == rawnl.NEXTHOP_GRP_TYPE_RES,
                 )
             )
         return out
@@ -634,6 +659,16 @@ class KernelDataplane:
             else:
                 bodies.append(rawnl.nexthop_body(e.id, fam, e.protocol, ifindex, gw, e.onlink))
         return self._send(rawnl.RTM_NEWNEXTHOP, rawnl.NLM_F_CREATE | rawnl.NLM_F_EXCL, bodies)
+
+    def set_nexthop_groups(self, entries: Sequence[NexthopGroup], *, replace: bool) -> list[BatchError]:
+        """Create (``replace`` False: fails EEXIST on a taken id) or replace resilient groups;
+        replacing keeps the buckets of the members that stay (see :class:`NexthopGroup`)."""
+        bodies: list[bytes | BatchError] = [
+            rawnl.nexthop_group_body(e.id, e.protocol, e.members, e.buckets, e.idle_timer_s, e.unbalanced_timer_s)
+            for e in entries
+        ]
+        flags = rawnl.NLM_F_CREATE | (rawnl.NLM_F_REPLACE if replace else rawnl.NLM_F_EXCL)
+        return self._send(rawnl.RTM_NEWNEXTHOP, flags, bodies)
 
     def del_nexthops(self, ids: Sequence[int]) -> list[BatchError]:
         bodies: list[bytes | BatchError] = [

@@ -5,7 +5,9 @@ It keeps one dict per table and mimics the kernel semantics the owners depend on
 * deleting a link removes its addresses, neighbours, FDB entries, the nexthops on it and the
   routes through those nexthops; setting a link down flushes its neighbours, nexthops and routes
   (IPv4 does that on NETDEV_DOWN; addresses and FDB entries stay);
-* deleting a nexthop removes the routes using it; a route naming an unknown nexthop id fails
+* deleting a nexthop removes the routes using it and removes it from every group (a group left
+  empty goes, with its routes); groups (:meth:`FakeDataplane.set_nexthop_groups`) need existing
+  single nexthops as members; a route naming an unknown nexthop id fails
   ``EINVAL`` ("Nexthop id does not exist"); entries on a missing link fail ``ENODEV``;
 * delete of a missing entry fails like the kernel: routes ``ESRCH``, neighbours/FDB/nexthops/
   rules ``ENOENT``, addresses ``EADDRNOTAVAIL``, links ``ENODEV``; exclusive creates of an
@@ -15,7 +17,8 @@ Every mutating call is recorded in :attr:`FakeDataplane.ops` as ``(op, key)`` so
 the programming order. Faults: :meth:`fail_next` fails the next ``count`` entries of an op with
 an errno; :meth:`fail_when` fails every entry matching a predicate until :meth:`clear_faults`.
 Op names: ``add_link update_link del_link add_address del_address add_rule del_rule
-set_neighbour del_neighbour add_fdb del_fdb add_nexthop del_nexthop add_route del_route`` and
+set_neighbour del_neighbour add_fdb del_fdb add_nexthop set_nexthop_group del_nexthop add_route
+del_route`` and
 ``list_<table>`` for dumps (a failing dump raises :class:`DataplaneError`).
 """
 
@@ -35,6 +38,7 @@ from fabric.netlink.dataplane import (
     KernelRule,
     LinkInfo,
     Nexthop,
+    NexthopGroup,
     NhRoute,
     UnderlayError,
     UnderlayLink,
@@ -61,7 +65,7 @@ OPS = frozenset(
         "add_address", "add_fdb", "add_link", "add_nexthop", "add_route", "add_rule",
         "del_address", "del_fdb", "del_link", "del_neighbour", "del_nexthop", "del_route", "del_rule",
         "list_addresses", "list_fdb", "list_links", "list_neighbours", "list_nexthops", "list_routes",
-        "list_rules", "replace_route", "set_neighbour", "update_link",
+        "list_rules", "replace_route", "set_neighbour", "set_nexthop_group", "update_link",
     }
 )
 
@@ -152,8 +156,12 @@ class FakeDataplane:
         dead_nh = {i for i, nh in self.nexthops.items() if nh.link == name}
         for i in dead_nh:
             del self.nexthops[i]
+        for i in dead_nh:
+            self._drop_member(i)
         self.routes = {
-            k: r for k, r in self.routes.items() if r.nhid not in dead_nh and not (r.nhid == 0 and r.link == name)
+            k: r
+            for k, r in self.routes.items()
+            if (r.nhid in self.nexthops if r.nhid else r.link != name)
         }
         if not down_only:
             self.addresses.pop(name, None)
@@ -341,15 +349,48 @@ class FakeDataplane:
 
         return self._batch("add_nexthop", entries, one)
 
+    def set_nexthop_groups(self, entries: Sequence[NexthopGroup], *, replace: bool) -> list[BatchError]:
+        """Like the kernel: members must exist and be single nexthops; an existing id is
+        EEXIST unless ``replace``, and a group can only replace a group."""
+
+        def one(e: object) -> None:
+            assert isinstance(e, NexthopGroup)
+            self.ops.append(("set_nexthop_group", f"{e.id}:{','.join(map(str, e.members))}"))
+            if not e.members:
+                raise DataplaneError(errno.EINVAL, "Invalid length for nexthop group attribute")
+            for m in e.members:
+                member = self.nexthops.get(m)
+                if member is None or member.group:
+                    raise DataplaneError(errno.EINVAL, f"Invalid nexthop id {m} in group")
+            old = self.nexthops.get(e.id)
+            if old is not None and not replace:
+                raise DataplaneError(errno.EEXIST, f"nexthop id {e.id} exists")
+            if old is not None and not old.group:
+                raise DataplaneError(errno.EINVAL, "Can not replace a nexthop with a nexthop group.")
+            self.nexthops[e.id] = Nexthop(e.id, "", "", e.protocol, False, tuple(e.members), True)
+
+        return self._batch("set_nexthop_group", entries, one)
+
     def del_nexthops(self, ids: Sequence[int]) -> list[BatchError]:
         def one(e: object) -> None:
             assert isinstance(e, int)
             self.ops.append(("del_nexthop", str(e)))
             if self.nexthops.pop(e, None) is None:
                 raise DataplaneError(errno.ENOENT, f"nexthop id {e} not found")
-            self.routes = {k: r for k, r in self.routes.items() if r.nhid != e}
+            self._drop_member(e)
+            self.routes = {k: r for k, r in self.routes.items() if r.nhid in self.nexthops or not r.nhid}
 
         return self._batch("del_nexthop", ids, one)
+
+    def _drop_member(self, nhid: int) -> None:
+        """The kernel removes a deleted nexthop from every group; a group left empty goes too."""
+        for gid, g in list(self.nexthops.items()):
+            if nhid in g.group:
+                rest = tuple(m for m in g.group if m != nhid)
+                if rest:
+                    self.nexthops[gid] = dataclasses.replace(g, group=rest)
+                else:
+                    del self.nexthops[gid]
 
     def list_routes(self, table: int, protocol: int) -> list[NhRoute]:
         self._check("list_routes", table)

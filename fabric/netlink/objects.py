@@ -18,7 +18,8 @@ rules      :class:`Rule`                                     protocol == our RTP
 neighbours :class:`Neighbour`                                on our link, NUD_PERMANENT
 fdb        :class:`FdbEntry`                                 on our link (AF_BRIDGE, NTF_SELF)
 routes     :class:`Route` (+ one nexthop object per          table == ours and protocol == ours
-           distinct gateway, managed by the route owner)     (nexthops: protocol == ours)
+           distinct gateway and one resilient group per      (nexthops: protocol == ours)
+           distinct gateway set, managed by the route owner)
 ========== ================================================= ==================================
 
 Programming order (add): link, address, rule, neighbour, FDB, nexthop, route. Delete runs the
@@ -113,6 +114,11 @@ class Route:
     dst: str
     link: str
     gateway: str
+    #: Active/active gateways: every gateway of an equal-cost group (sorted, ``gateway`` among
+    #: them); empty for a single next hop. The route owner programs the group as one resilient
+    #: nexthop group over the members' nexthop objects and, when the members change, replaces
+    #: the members of the group the route uses (flows on the members that stay do not move).
+    group: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

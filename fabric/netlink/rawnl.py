@@ -110,9 +110,21 @@ NTF_SELF = 0x02
 
 NHA_ID = 1
 NHA_GROUP = 2
+NHA_GROUP_TYPE = 3
 NHA_BLACKHOLE = 4
 NHA_OIF = 5
 NHA_GATEWAY = 6
+NHA_RES_GROUP = 12
+NEXTHOP_GRP_TYPE_MPATH = 0
+NEXTHOP_GRP_TYPE_RES = 1
+NHA_RES_GROUP_BUCKETS = 1
+NHA_RES_GROUP_IDLE_TIMER = 2
+NHA_RES_GROUP_UNBALANCED_TIMER = 3
+NLA_F_NESTED = 0x8000
+#: ``struct nexthop_grp``: member id u32, weight-1 u8, two reserved fields.
+NH_GRP = struct.Struct("=IBBH")
+#: clock_t ticks per second of the resilient group's timers (USER_HZ).
+USER_HZ = 100
 
 IFLA_ADDRESS = 1
 IFLA_IFNAME = 3
@@ -412,6 +424,33 @@ def nexthop_body(nhid: int, family: int, protocol: int, oif: int, gateway: bytes
         + u32_attr(NHA_OIF, oif)
         + (attr(NHA_GATEWAY, gateway) if gateway is not None else b"")
     )
+
+
+def nexthop_group_body(
+    nhid: int, protocol: int, members: Sequence[int], buckets: int, idle_timer_s: float, unbalanced_timer_s: float
+) -> bytes:
+    """``ip nexthop add id N group a/b/... type resilient buckets B idle_timer I
+    unbalanced_timer U``: equal weights (``nexthop_grp.weight`` is weight - 1). A group has no
+    family of its own (AF_UNSPEC); its members carry the addresses."""
+    group = b"".join(NH_GRP.pack(m, 0, 0, 0) for m in members)
+    res = (
+        attr(NHA_RES_GROUP_BUCKETS, struct.pack("=H", buckets))
+        + u32_attr(NHA_RES_GROUP_IDLE_TIMER, int(idle_timer_s * USER_HZ))
+        + u32_attr(NHA_RES_GROUP_UNBALANCED_TIMER, int(unbalanced_timer_s * USER_HZ))
+    )
+    return (
+        NHMSG.pack(socket.AF_UNSPEC, 0, protocol, 0, 0)
+        + u32_attr(NHA_ID, nhid)
+        + attr(NHA_GROUP, group)
+        + attr(NHA_GROUP_TYPE, struct.pack("=H", NEXTHOP_GRP_TYPE_RES))
+        + attr(NHA_RES_GROUP | NLA_F_NESTED, res)
+    )
+
+
+def group_members(value: bytes) -> tuple[int, ...]:
+    """The member ids of an ``NHA_GROUP`` attribute."""
+    n = len(value) // NH_GRP.size
+    return tuple(NH_GRP.unpack_from(value, i * NH_GRP.size)[0] for i in range(n))
 
 
 def mac_bytes(mac: str) -> bytes:

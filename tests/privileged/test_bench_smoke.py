@@ -118,6 +118,8 @@ def test_gateway_measures_the_gateway_path_against_gateway_node_and_p2p(
     for metric in ("retransmits_1_stream", "retransmits_4_streams"):
         assert figs[metric]["median"] >= 0 and figs[metric]["baseline_median"] >= 0, metric
     assert {"median", "ratio"} <= figs["added_latency_p50"].keys()
+    aa = figs["throughput_4_streams_2_active"]  # active/active: 2 active gateways vs 1
+    assert aa["median"] > 0 and aa["baseline_median"] > 0 and aa["ratio"] > 0
 
 
 def test_failover_cuts_and_heals_the_active_gateway(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -125,6 +127,9 @@ def test_failover_cuts_and_heals_the_active_gateway(tmp_path: Path, monkeypatch:
     assert figs["outage_ms"]["median"] > 0 and figs["outage_ms"]["ratio"] > 0
     assert figs["heal_gap_ms"]["median"] > 0 and figs["heal_gap_ms"]["baseline_median"] > 0
     assert figs["role_move_ms"]["median"] > 0
+    # active/active: one gateway of two cut; the flows on the other are counted (goal: 0 lost)
+    assert figs["active_active_survivor_lost"]["median"] >= 0
+    assert figs["active_active_outage_ms"]["baseline_median"] > 0
 
 
 def test_translate_measures_lab_handbuilt_nft_and_program_cost(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

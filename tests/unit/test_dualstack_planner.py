@@ -19,6 +19,7 @@ import pytest
 
 from fabric import topology, types
 from fabric.control import admission, api, codec, election, planner
+from tests import golden_form
 
 GOLDEN = Path(__file__).parent / "golden" / "planner_dualstack.json"
 UPDATE = os.environ.get("FABRIC_UPDATE_GOLDEN") == "1"
@@ -67,7 +68,7 @@ def _topology(config: types.FabricConfig = CONFIG, nodes: tuple[types.NodeAnnoun
 
 
 def _plans_json(t: types.Topology) -> dict[str, Any]:
-    return {str(k): {f: [dataclasses.asdict(e) for e in getattr(s, f)]
+    return {str(k): {f: [golden_form.asdict(e) for e in getattr(s, f)]
                      for f in ("devices", "peers", "routes", "translations", "programs")}
             for k, s in planner.plan_all(t).items()}  # fmt: skip
 

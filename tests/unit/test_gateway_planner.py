@@ -7,7 +7,6 @@ diff (a changed MAC or address means tunnels would flap on upgrade).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import random
@@ -19,6 +18,7 @@ import pytest
 from fabric import topology as topology_file
 from fabric import types
 from fabric.control import admission, election, planner
+from tests import golden_form
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("FABRIC_UPDATE_GOLDEN") == "1"
@@ -76,7 +76,7 @@ GOLDENS: dict[str, tuple[types.FabricConfig, tuple[types.NodeAnnouncement, ...]]
 
 
 def _state_json(s: types.NodeState) -> dict[str, Any]:
-    return {k: [dataclasses.asdict(e) for e in getattr(s, k)] for k in ("devices", "peers", "routes")}
+    return {k: [golden_form.asdict(e) for e in getattr(s, k)] for k in ("devices", "peers", "routes")}
 
 
 def _state_from_json(d: dict[str, Any]) -> types.NodeState:
@@ -93,7 +93,7 @@ def _golden(name: str) -> tuple[types.Topology, dict[types.NodeKey, types.NodeSt
     t = build(config, *nodes)
     if UPDATE:
         doc = {
-            "roles": [dataclasses.asdict(r) for r in t.roles],
+            "roles": [golden_form.asdict(r) for r in t.roles],
             "plans": {str(k): _state_json(s) for k, s in planner.plan_all(t).items()},
         }
         path.write_text(json.dumps(doc, indent=2) + "\n")

@@ -19,6 +19,7 @@ import pytest
 from fabric import topology, types
 from fabric.agent import render
 from fabric.control import admission, codec, election, planner
+from tests import golden_form
 
 GOLDEN = Path(__file__).parent / "golden" / "planner_globalip.json"
 UPDATE = os.environ.get("FABRIC_UPDATE_GOLDEN") == "1"
@@ -49,7 +50,7 @@ def _topology(config: types.FabricConfig = CONFIG) -> types.Topology:
 
 
 def _plans_json(t: types.Topology) -> dict[str, Any]:
-    return {str(k): {f: [dataclasses.asdict(e) for e in getattr(s, f)]
+    return {str(k): {f: [golden_form.asdict(e) for e in getattr(s, f)]
                      for f in ("devices", "peers", "routes", "translations", "programs")}
             for k, s in planner.plan_all(t).items()}
 

@@ -18,6 +18,7 @@ import pytest
 
 from fabric import types
 from fabric.control import admission, planner
+from tests import golden_form
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("FABRIC_UPDATE_GOLDEN") == "1"
@@ -61,16 +62,16 @@ GOLDEN_TOPOLOGIES: dict[str, tuple[types.NodeAnnouncement, ...]] = {
 
 def _config_json(c: types.FabricConfig) -> dict[str, Any]:
     return {
-        "clusters": [dataclasses.asdict(x) | {"mode": x.mode.value} for x in c.clusters],
+        "clusters": [golden_form.asdict(x) | {"mode": x.mode.value} for x in c.clusters],
         "bridge_cidrs": list(c.bridge_cidrs),
     }
 
 
 def _state_json(s: types.NodeState) -> dict[str, Any]:
     return {
-        "devices": [dataclasses.asdict(e) for e in s.devices],
-        "peers": [dataclasses.asdict(e) for e in s.peers],
-        "routes": [dataclasses.asdict(e) for e in s.routes],
+        "devices": [golden_form.asdict(e) for e in s.devices],
+        "peers": [golden_form.asdict(e) for e in s.peers],
+        "routes": [golden_form.asdict(e) for e in s.routes],
     }
 
 
@@ -113,7 +114,7 @@ def test_golden_plans(name: str) -> None:
         t = topo(*GOLDEN_TOPOLOGIES[name])
         doc = {
             "config": _config_json(t.config),
-            "nodes": [dataclasses.asdict(n) for n in t.nodes],
+            "nodes": [golden_form.asdict(n) for n in t.nodes],
             "plans": {str(k): _state_json(s) for k, s in planner.plan_all(t).items()},
         }
         path.write_text(json.dumps(doc, indent=2) + "\n")

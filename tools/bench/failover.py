@@ -26,6 +26,14 @@ processes than cores: every core saturated) for ``LOAD_S`` seconds (10 with ``--
 next to its baseline, the moves in a quiet period as long just before. Still under that load
 one more round of steps 2-4 gives **outage_under_load_ms** (goal < 1 s: the probes still see a
 real cut). The hogs are started and ended by PID (``bc.procs``).
+
+Active/active (issue 21 section 2), in a second fresh lab (:mod:`tools.bench.active_active`):
+pings from 4 nodes of a P2P cluster to a pod behind a cluster with 2 active gateways, one
+gateway cut per round (t1, t2 alternately). **active_active_survivor_lost** = packets lost by
+the flows on the other gateway (goal 0), **active_active_survivor_gap_ms** = their longest gap
+between cut and heal next to the same flows' longest gap in the second before the cut, and
+**active_active_outage_ms** = the longest gap of the cut gateway's flows (goal < 1 s) next to
+the single-active outage measured above.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ import time
 from typing import IO, Any
 
 from tools import lab
+from tools.bench import active_active as aa
 from tools.bench import common as bc
 
 _log = logging.getLogger(__name__)
@@ -189,6 +198,7 @@ def run(opts: bc.Options) -> bc.Report:
                     f"core saturated; a real cut under load: outage {loaded.outage_ms:.0f} ms")  # fmt: skip
         lab.wait_in_sync(state, 60.0, quiet)
         final = _west(state.name)
+    cuts = _active_active(opts, run_after_s)
     notes = [r.note for r in [*rounds, loaded] if r.note]
     units = {"outage_ms": "ms", "heal_gap_ms": "ms", "role_move_ms": "ms", "outage_under_load_ms": "ms",
              "false_moves_under_load": "moves"}
@@ -220,6 +230,26 @@ def run(opts: bc.Options) -> bc.Report:
         f"rounds and the one under load west's active gateway is {final['active_gateway']}, "
         f"{final['gateway_moves']} moves)."
     )
+    surv = [f for c in cuts for f in c.on(survivor=True)]
+    gone = [f for c in cuts for f in c.on(survivor=False)]
+    report.figures["active_active_survivor_lost"] = bc.spread([float(sum(f[1] for f in c.on(True))) for c in cuts])
+    report.units["active_active_survivor_lost"] = "packets"
+    report.figures["active_active_survivor_gap_ms"] = bc.figure(
+        [f[2] for f in surv] or [float("nan")], {"": [f[3] for f in surv] or [float("nan")]}, higher_is_better=False
+    )
+    report.units["active_active_survivor_gap_ms"] = "ms"
+    report.figures["active_active_outage_ms"] = bc.figure(
+        [f[2] for f in gone] or [float("nan")], {"": [r.outage_ms for r in rounds]}, higher_is_better=False
+    )
+    report.units["active_active_outage_ms"] = "ms"
+    report.notes.append(
+        "active_active: 10 ms pings from 4 nodes of a P2P cluster to a pod behind a cluster with 2 active "
+        f"gateways; per round one gateway cut ({', '.join(c.gateway for c in cuts)}), healed after the remote "
+        "nexthop group had dropped it. survivor_lost = packets lost per round by the flows on the other gateway "
+        "(goal 0); survivor_gap = their longest gap from cut to heal, baseline = their longest gap in the second "
+        "before the cut; outage = longest gap of the cut gateway's flows, baseline = the single-active outage "
+        f"above. Flows per round: {[aa.describe(c) for c in cuts]}."
+    )
     report.notes.append(
         f"false_moves_under_load = role moves of every cluster while a busy loop ran in each of the "
         f"{n_hogs} node namespaces for {load_s:g} s on {os.cpu_count()} cores (goal 0), baseline = the "
@@ -227,3 +257,22 @@ def run(opts: bc.Options) -> bc.Report:
         "with the hogs still running (goal < 1,000 ms)."
     )
     return report
+
+
+def _active_active(opts: bc.Options, run_after_s: float) -> list[aa.CutResult]:
+    """One cut of a gateway of the 2-active cluster per round (see the module docstring)."""
+    quiet = lambda m: bc.progress(NAME, m)  # noqa: E731
+    out = []
+    with contextlib.ExitStack() as stack:
+        procs = stack.enter_context(bc.procs())
+        state = stack.enter_context(bc.lab_env(NAME, aa.TOPOLOGY, aa.WHAT))
+        aa.check(state, NAME)
+        for rnd in range(opts.repeat):
+            gw = aa.DESTS["two"][1][rnd % 2]
+            lab.wait_in_sync(state, 60.0, quiet)
+            bc.progress(NAME, f"active/active round {rnd + 1}/{opts.repeat}: cutting two/{gw} during 10 ms pings "
+                        f"from {len(aa.SOURCES)} nodes")  # fmt: skip
+            cut = aa.cut_one(state, procs, gw, run_after_s, quiet)
+            bc.progress(NAME, f"active/active round {rnd + 1}: {aa.describe(cut)}")
+            out.append(cut)
+    return out

@@ -17,6 +17,13 @@ Paths (all towards a pod on a *non-gateway* node of the other cluster where gate
 * **p2p** - ``east/e1/p0`` -> ``south/s1/p0``: one vxlan hop node to node; ``p2p_ratio`` and the
   ``added_latency_*`` figures say what the gateway path costs over P2P.
 
+Active/active (issue 21 section 2), in a second fresh lab (:mod:`tools.bench.active_active`):
+**throughput_4_streams_2_active** = the summed throughput of 4 parallel TCP flows from 4
+different nodes of a P2P cluster to a pod on the internal node of a gateway cluster with
+``activeGateways: 2``, against the same flows to a twin cluster with 1 active gateway, measured
+alternately in every round (ratio = 2 active / 1 active). Which gateway each flow crosses is the
+kernel's hash: the note gives the split.
+
 Metrics per path and round: iperf3 TCP throughput with 1 and 4 streams (Gb/s, receiver side) and
 its retransmits, ping p50/p99 (µs, 10 ms interval). Ratios: throughput ours / baseline, latency
 and retransmits baseline / ours (higher is better).
@@ -28,6 +35,7 @@ import contextlib
 import dataclasses
 import logging
 
+from tools.bench import active_active as aa
 from tools.bench import common as bc
 
 _log = logging.getLogger(__name__)
@@ -75,7 +83,17 @@ def run(opts: bc.Options) -> bc.Report:
                 got = bc.path_metrics(procs, path, src.netns, dst.netns, dst.ip, iperf_s=s.iperf_s, pings=s.pings)
                 for metric, value in got.items():
                     samples.setdefault(metric, {}).setdefault(path, []).append(value)
+    aa_one, aa_two, split = _active_active(opts, s)
     report = bc.Report(units=dict(bc.PATH_UNITS))
+    report.figures["throughput_4_streams_2_active"] = bc.figure(aa_two, {"": aa_one}, higher_is_better=True)
+    report.units["throughput_4_streams_2_active"] = "Gb/s"
+    report.notes.append(
+        f"throughput_4_streams_2_active = summed iperf3 throughput of {len(aa.SOURCES)} parallel TCP flows (one per "
+        "node of a 4-node P2P cluster) to a pod on the internal node of a gateway cluster with 2 active gateways; "
+        "baseline = the same flows to a twin cluster with 1 active gateway, alternately in every round. Flows per "
+        f"gateway (the kernel's multipath hash): {split}. One machine's cores carry every namespace, so the "
+        "figure shows what a second gateway adds when the gateways share the CPUs."
+    )
     for metric, by in samples.items():
         report.figures[metric] = bc.figure(by["ours"], {"": by["gwnode"], "p2p": by["p2p"]},
                                            higher_is_better=bc.PATH_HIGHER_IS_BETTER[metric])  # fmt: skip
@@ -94,3 +112,20 @@ def run(opts: bc.Options) -> bc.Report:
         "p2p_ratio). Retransmit ratios are NaN (n/a) when a side had none."
     )
     return report
+
+
+def _active_active(opts: bc.Options, s: Settings) -> tuple[list[float], list[float], str]:
+    """Per round the summed throughput to the 1-active and the 2-active cluster, and the flow split."""
+    one: list[float] = []
+    two: list[float] = []
+    with contextlib.ExitStack() as stack:
+        procs = stack.enter_context(bc.procs())
+        state = stack.enter_context(bc.lab_env(NAME, aa.TOPOLOGY, aa.WHAT))
+        aa.check(state, NAME)
+        split = aa.split_text(aa.flow_gateways(state))
+        for rnd in range(opts.repeat):
+            for cluster, out in (("one", one), ("two", two)) if rnd % 2 == 0 else (("two", two), ("one", one)):
+                bc.progress(NAME, f"round {rnd + 1}/{opts.repeat}: {len(aa.SOURCES)} parallel flows to cluster "
+                            f"{cluster} (iperf3 {s.iperf_s:g}s)")  # fmt: skip
+                out.append(aa.parallel_gbps(state, procs, cluster, s.iperf_s))
+    return one, two, split
