@@ -27,8 +27,11 @@ Flow:
    tolerations, as the leaf scheduler will see them) and its request (:class:`Demand`) are asked
    with :meth:`LeafView.fits` and :meth:`LeafView.count`; :meth:`LeafView.candidates` lists the
    free vectors of the tightest leaf nodes where it fits (the fragmentation score's input,
-   :mod:`scheduler.fragmentation`).
-4. :meth:`LeafView.assume` reserves a pod's request on one concrete leaf node (best fit, below);
+   :mod:`scheduler.fragmentation`; kept per class and demand until a shape that belongs in the
+   list appears or goes, and per view until any node changes: the score asks every view for
+   every pod, and between two pods only one leaf changes).
+4. :meth:`LeafView.assume` reserves a pod's request on one concrete leaf node (best fit, below,
+   or the node a score chose, ``prefer``, while it still fits);
    :meth:`LeafView.forget` releases it (refused, bind failed, deleted); :meth:`LeafView.expire`
    drops reservations past their deadline. Reserved requests are subtracted from their node's
    free in every answer.
@@ -92,6 +95,7 @@ import bisect
 import itertools
 import json
 import logging
+import operator
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -113,6 +117,8 @@ HOSTNAME_LABEL = "kubernetes.io/hostname"
 CLUSTER_SELECTOR_ANNOTATION = "kosmos.io/cluster-selector"
 #: How many recent demands every class keeps counts for.
 TRACKED = 64
+#: How many (demand, limit) candidate lists a class keeps (cleared when full).
+CLASS_CANDIDATES = 128
 #: How many placements' matching classes a view remembers (cleared when full).
 MATCH_CACHE = 1024
 
@@ -355,12 +361,13 @@ class Placement:
 
 
 ANY = Placement()
+_CPU = operator.itemgetter(0)
 
 
 class _Class:
     """Usable leaf nodes with equal labels (hostname aside) and hard taints."""
 
-    __slots__ = ("labels", "order", "shapes", "taints", "tracked")
+    __slots__ = ("cands", "labels", "order", "shapes", "taints", "tracked")
 
     def __init__(self, labels: dict[str, str], taints: tuple[TaintKey, ...]) -> None:
         self.labels = labels
@@ -371,6 +378,9 @@ class _Class:
         self.order: list[tuple[int, Vector]] = []
         #: tracked demand -> [pods that fit, nodes where one fits]
         self.tracked: dict[Vector, list[int]] = {}
+        #: (demand, limit) -> :meth:`candidates`' answer, dropped when a shape that could be in
+        #: it appears or goes (:meth:`_touch`).
+        self.cands: dict[tuple[Vector, int], list[tuple[int, Vector, dict[str, int]]]] = {}
 
     def add(self, shape: Vector, name: str) -> None:
         entry = self.shapes.get(shape)
@@ -378,6 +388,7 @@ class _Class:
             free = dict(shape)
             entry = self.shapes[shape] = (free, set())
             bisect.insort(self.order, (free.get("cpu", 0), shape))
+            self._touch(free)
         entry[1].add(name)
         self._adjust(entry[0], 1)
 
@@ -387,7 +398,39 @@ class _Class:
         if not names:
             del self.shapes[shape]
             del self.order[bisect.bisect_left(self.order, (free.get("cpu", 0), shape))]
+            self._touch(free)
         self._adjust(free, -1)
+
+    def _touch(self, free: Mapping[str, int]) -> None:
+        """A shape with ``free`` appeared or went: drop the cached candidate lists it belongs
+        in (it fits the demand, and the list is short or reaches its cpu). A shape the demand
+        does not fit, or with more cpu than a full list's last, changes nothing there."""
+        if not self.cands:
+            return
+        cpu = free.get("cpu", 0)
+        for key in [k for k, lst in self.cands.items()
+                    if per_node(free, k[0]) and (len(lst) < k[1] or cpu <= lst[-1][0])]:
+            del self.cands[key]
+
+    def candidates(self, d: Vector, limit: int) -> list[tuple[int, Vector, dict[str, int]]]:
+        """(cpu, shape, free) of the ``limit`` tightest shapes in cpu where one ``d`` fits, in
+        :attr:`order` (cached until a shape that could be in it appears or goes)."""
+        key = (d, limit)
+        out = self.cands.get(key)
+        if out is not None:
+            return out
+        out = []
+        shapes = self.shapes
+        for cpu, shape in itertools.islice(self.order, self._start(d), None):
+            free = shapes[shape][0]
+            if per_node(free, d):
+                out.append((cpu, shape, free))
+                if len(out) >= limit:
+                    break
+        if len(self.cands) >= CLASS_CANDIDATES:
+            self.cands.clear()
+        self.cands[key] = out
+        return out
 
     def _adjust(self, free: Mapping[str, int], sign: int) -> None:
         for d, acc in self.tracked.items():
@@ -473,6 +516,10 @@ class LeafView:
         #: placement key -> the matching classes; cleared when a class appears or goes.
         self._matches: dict[str, list[_Class]] = {}
         self.reservations: dict[str, Reservation] = {}
+        #: Bumped whenever a usable node is placed or unplaced (every change of an answer).
+        self.version = 0
+        #: (demand, placement key, limit) -> (version, :meth:`candidate_shapes`' answer).
+        self._cand_cache: dict[tuple[Vector, str, int], tuple[int, list[tuple[Vector, dict[str, int]]]]] = {}
         #: Records applied so far.
         self.records = 0
         #: The last record's tree mode (:attr:`Record.mode`).
@@ -609,6 +656,7 @@ class LeafView:
     def _place(self, e: _Entry) -> None:
         if not e.node.usable:
             return
+        self.version += 1
         key = e.node.class_key
         c = self._classes.get(key)
         if c is None:
@@ -621,6 +669,7 @@ class LeafView:
     def _unplace(self, e: _Entry) -> None:
         if not e.node.usable:
             return
+        self.version += 1
         key = e.node.class_key
         c = self._classes[key]
         c.remove(e.shape, e.node.name)
@@ -718,45 +767,87 @@ class LeafView:
                 best = cl.best(d, best)
         return None if best is None else best[2]
 
+    def admits_fit(self, name: str, demand: Demand, placement: Placement = ANY) -> bool:
+        """Is leaf node ``name`` usable, admitted by ``placement``, with room for ``demand``?"""
+        e = self._nodes.get(name)
+        if e is None or not e.node.usable or not per_node(dict(e.shape), demand.amounts):
+            return False
+        return placement.admits(dict(e.node.labels), name, e.node.taints)
+
+    def node_of(self, shape: Vector, placement: Placement = ANY) -> str | None:
+        """A usable leaf node ``placement`` admits whose effective free is ``shape`` (one of
+        :meth:`candidate_shapes`' answers): the first by name, as :meth:`best_fit` breaks ties."""
+        if placement.names_node:
+            names = [name for name, _free in self._admitted(placement) if self._nodes[name].shape == shape]
+            return min(names) if names else None
+        found: str | None = None
+        for cl in self._classes_for(placement):
+            entry = cl.shapes.get(shape)
+            if entry is not None:
+                first = min(entry[1])
+                if found is None or first < found:
+                    found = first
+        return found
+
     def candidates(self, demand: Demand, placement: Placement = ANY, limit: int = 64) -> list[dict[str, int]]:
         """The effective free vectors (one per distinct shape) of up to ``limit`` usable leaf
         nodes ``placement`` admits where one pod of ``demand`` fits, the tightest in cpu first
         (the ``limit`` tightest of every matching class, then the tightest of those): what a
         score weighing leaf nodes looks at. The dicts are the view's own: read, never modify."""
+        return [free for _shape, free in self.candidate_shapes(demand, placement, limit)]
+
+    def candidate_shapes(self, demand: Demand, placement: Placement = ANY,
+                         limit: int = 64) -> list[tuple[Vector, dict[str, int]]]:
+        """:meth:`candidates` with each free vector's :data:`Vector` beside it (a hashable key
+        for a caller's per-shape cache, :class:`scheduler.fragmentation.DeltaCache`).
+
+        Cached per (demand, placement, limit) until the view changes (any node placed or
+        unplaced: :attr:`version`): between two pods only the leaf the previous pod went to
+        changes, so the other views answer from the cache (the fragmentation score asks every
+        view for every pod). A placement naming a node is not cached. The list is shared:
+        read, never modify."""
         d = demand.amounts
-        out: list[dict[str, int]] = []
         if placement.names_node:
             seen: set[int] = set()
-            for _name, free in self._admitted(placement):
+            named: list[tuple[Vector, dict[str, int]]] = []
+            for name, free in self._admitted(placement):
                 if id(free) not in seen and per_node(free, d):
                     seen.add(id(free))
-                    out.append(dict(free))
-                    if len(out) >= limit:
+                    named.append((self._nodes[name].shape, dict(free)))
+                    if len(named) >= limit:
                         break
-            return out
+            return named
+        ckey = (d, placement.key, limit)
+        hit = self._cand_cache.get(ckey)
+        if hit is not None and hit[0] == self.version:
+            return hit[1]
         classes = self._classes_for(placement)
-        for cl in classes:
-            taken = 0
-            for _cpu, shape in itertools.islice(cl.order, cl._start(d), None):
-                free = cl.shapes[shape][0]
-                if per_node(free, d):
-                    out.append(free)
-                    taken += 1
-                    if taken >= limit:
-                        break
-        if len(classes) > 1 and len(out) > limit:
-            out.sort(key=lambda f: f.get("cpu", 0))
-            del out[limit:]
+        if len(classes) == 1:
+            merged = classes[0].candidates(d, limit)
+        else:
+            merged = [c for cl in classes for c in cl.candidates(d, limit)]
+            if len(merged) > limit:  # stable: equal cpu keeps the class order
+                merged.sort(key=_CPU)
+                del merged[limit:]
+        out = [(shape, free) for _cpu, shape, free in merged]
+        if len(self._cand_cache) >= MATCH_CACHE:  # demands x placements: bounded
+            self._cand_cache.clear()
+        self._cand_cache[ckey] = (self.version, out)
         return out
 
     # -- reservations -----------------------------------------------------------------------
 
     def assume(self, key: str, demand: Demand, placement: Placement = ANY, *, node: str | None = None,
-               ttl: float | None = None) -> str | None:
+               ttl: float | None = None, prefer: str | None = None) -> str | None:
         """Reserve ``demand`` for pod ``key`` on its best-fit leaf node (or on ``node``, when the
         caller knows where the leaf put it); returns the node, None when nothing fits. A key
-        already reserved is released first. ``ttl``: seconds until :meth:`expire` drops it."""
+        already reserved is released first. ``ttl``: seconds until :meth:`expire` drops it.
+        ``prefer``: a leaf node a score chose (LeafNodeFragmentation's least fragmenting one),
+        taken when it is still usable, admits ``placement`` and has room (else best fit: the
+        view may have changed since the score)."""
         self.forget(key)
+        if node is None and prefer is not None and self.admits_fit(prefer, demand, placement):
+            node = prefer
         if node is None:
             node = self.best_fit(demand, placement)
             if node is None:

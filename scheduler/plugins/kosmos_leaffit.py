@@ -14,8 +14,10 @@ Per pod, in order:
    Unschedulable ``node(s) had no leaf node with room for the pod`` (the leaf may change: not
    unresolvable). A node that is not a virtual node, or a virtual node without a view (no
    reflector configured, no record yet), passes: the old behaviour.
-2. ``reserve``: the request is reserved on the view's best-fit leaf node (see
-   :mod:`scheduler.leafview`), so the next pods' Filter sees it before the leaf does; it lives
+2. ``reserve``: the request is reserved on the leaf node LeafNodeFragmentation chose for this
+   virtual node in this cycle (its score's least fragmenting node, the cycle state's
+   ``LEAF_NODE_CHOICE``) when it still admits the pod and has room, else on the view's best-fit
+   leaf node (see :mod:`scheduler.leafview`), so the next pods' Filter sees it before the leaf does; it lives
    until ``unreserve`` (bind failed), a record shows it landed (that node's ``ourPods`` rose:
    :meth:`LeafView.apply_record`), or ``reservationSeconds`` (default 30) pass. Expired
    reservations are released at every ``reserve``.
@@ -61,6 +63,7 @@ from scheduler.framework import (
 )
 from scheduler.leafview import Demand, Placement, resource_vector
 from scheduler.leafviews import LeafViews
+from scheduler.plugins.kosmos_fragmentation import LEAF_NODE_CHOICE
 from scheduler.plugins.volumebinding import api_patcher
 from scheduler.policy import is_leaf_node
 
@@ -122,9 +125,11 @@ class LeafNodeFit:
             return SUCCESS
         views.expire()
         demand, placement = self._ask(pod)
+        prefer = (state.get(LEAF_NODE_CHOICE) or {}).get(node_name)
         with views.lock:
             view = views.view(node_name)
-            if view is None or view.assume(self._key(pod), demand, placement, ttl=self.ttl) is not None:
+            if view is None or view.assume(self._key(pod), demand, placement, ttl=self.ttl,
+                                           prefer=prefer) is not None:
                 return SUCCESS
         return unschedulable(REASON).with_plugin(self.name)
 
