@@ -99,10 +99,24 @@ conditions are not bugs: the agent going away or the RPC being cancelled or timi
 cancels the handler: CancelledError), gRPC's own errors about the RPC's state (the stream ended
 under us: UNAVAILABLE), and a malformed message from the agent (INVALID_ARGUMENT).
 
+Snapshots. Neither an admission nor a flush builds a snapshot: both only mark the session ready
+(its node planned at its very announcement), and the *snapshot pump* builds and queues the
+snapshots of ready sessions in order, for at most ``SNAPSHOT_SLICE_S`` (5 ms) per event-loop
+turn, then yields the loop (new streams, Applied reads, writes) until its next turn. Why: a
+bring-up of thousands of agents made a flush build thousands of snapshots in one go (about a
+quarter of its time at N=3,000, measured with ``FABRIC_BENCH_PROFILE``, see
+tools/bench/control/profiled.py), and gRPC cancels a stream the busy loop has not accepted
+within 30 s. A flush between ready and pump is harmless: the session is not synced, so it gets
+no delta, and the pump builds the snapshot of the plan and version as they are then.
+
 Everything mutating the reflector's state runs on the event loop without awaiting in between, so
 no locks are needed. Every message is built once (per node, or once for all nodes of one class
 that get the same delta) and queued to its session; one task per session writes the queue to the
-stream. Queues are bounded in bytes (:mod:`~fabric.control.bounds`, ``--send-queue-bytes``): a
+stream. A delta shared by many sessions is also *encoded* once: it is queued as its bytes
+(``_Encoded``) and SyncNode's serializer writes bytes as they are
+(:func:`~fabric.control.reflector_service.wire`), so fan-out costs one serialization per distinct
+delta, not one per agent; so are keepalives (one encoding per interval).
+Queues are bounded in bytes (:mod:`~fabric.control.bounds`, ``--send-queue-bytes``): a
 session or topology watcher that falls further behind is cut off with RESOURCE_EXHAUSTED (its
 queue dropped, the node treated as disconnected at once) and reconnects to a fresh snapshot;
 so are streams and announcements per client identity and message sizes.
@@ -176,10 +190,16 @@ from fabric.control import (
     record_store,
 )
 from fabric.control.generated import fabric_pb2 as pb
-from fabric.control.generated import fabric_pb2_grpc as pb_grpc
 from fabric.control.identity import Identity
 from fabric.control.reflector_metrics import MetricsCollector
-from fabric.control.reflector_service import DecodeInterceptor, Servicer, bind, peer_name, publisher_identity
+from fabric.control.reflector_service import (
+    DecodeInterceptor,
+    Servicer,
+    add_to_server,
+    bind,
+    peer_name,
+    publisher_identity,
+)
 
 _log = logging.getLogger(__name__)
 
@@ -195,6 +215,9 @@ MAX_REJECTIONS = 1000
 DEFAULT_COALESCE_WINDOW_S = 0.02
 #: The longest the window grows to: the added latency of a change during a storm of changes.
 DEFAULT_MAX_COALESCE_WINDOW_S = 1.0
+#: The snapshot pump builds snapshots for at most this long per event-loop turn (see
+#: "Snapshots"): long enough to amortise the turn, short against a stream's admission.
+SNAPSHOT_SLICE_S = 0.005
 #: Topology changes whose fan-out is timed at once (older ones are dropped unobserved).
 MAX_FANOUT_TRACKED = 256
 #: How long the peer reports of an agent that was cut off are held back once it is heard from
@@ -230,6 +253,20 @@ _DEFAULT_LIMITS = bounds.Limits()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class _Encoded:
+    """A SyncNode message and its bytes, encoded once for every session that gets it (a delta
+    shared by a viewer class, a keepalive): the gRPC face writes ``data`` as it is
+    (:func:`~fabric.control.reflector_service.wire`), in-process readers get ``message``."""
+
+    message: pb.SyncNodeResponse
+    data: bytes
+
+    @classmethod
+    def of(cls, message: pb.SyncNodeResponse) -> _Encoded:
+        return cls(message, message.SerializeToString())
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class _Close:
     """Queued to a session or watcher to end its stream (after everything queued before it)."""
 
@@ -250,7 +287,7 @@ class _Session:
         self.id = next(self._ids)
         self.key = key
         self.peer = peer
-        self.queue: bounds.SendQueue[pb.SyncNodeResponse | _Close] = bounds.SendQueue(limit)
+        self.queue: bounds.SendQueue[pb.SyncNodeResponse | _Encoded | _Close] = bounds.SendQueue(limit)
         self._on_cut = on_cut
         #: The negotiated keepalive interval (0 until the reflector sets it) and a wake-up of
         #: the keepalive task when it changes (see ``Reflector._keepalive``).
@@ -258,7 +295,7 @@ class _Session:
         self.renegotiated = asyncio.Event()
         #: The keepalive queued and not written yet: one at a time is enough to prove we live,
         #: so a client that reads nothing does not collect one per interval.
-        self.keepalive_queued: pb.SyncNodeResponse | None = None
+        self.keepalive_queued: _Encoded | None = None
         #: Snapshot and END_OF_SNAPSHOT have been queued; from now on only deltas.
         self.synced = False
         self.counters = api.SessionCounters()
@@ -274,12 +311,12 @@ class _Session:
         #: The client certificate's identity (None: a plaintext session); see authz.
         self.identity: Identity | None = None
 
-    def send(self, msg: pb.SyncNodeResponse, size: int | None = None, *, bounded: bool = True) -> None:
+    def send(self, msg: pb.SyncNodeResponse | _Encoded, size: int | None = None, *, bounded: bool = True) -> None:
         """Queue ``msg`` (``size``: its bytes, when the caller knows them); past the queue's
         bound the session is cut off (its queue dropped, RESOURCE_EXHAUSTED)."""
         if self.closed:
             return
-        n = msg.ByteSize() if size is None else size
+        n = size if size is not None else len(msg.data) if isinstance(msg, _Encoded) else msg.ByteSize()
         if not self.queue.put(msg, n, bounded=bounded):
             reason = self.queue.over_limit_text(n, f"agent session of node {self.key}")
             self.queue.cut()
@@ -404,6 +441,10 @@ class Reflector:
         #: whose session waits for its snapshot from the next flush.
         self._changed: set[types.NodeKey] = set()
         self._awaiting: set[types.NodeKey] = set()
+        #: Sessions whose node is planned and that wait for their snapshot from the pump (in
+        #: order; a dict as an ordered set), and the pump's next turn (see "Snapshots").
+        self._ready: dict[types.NodeKey, None] = {}
+        self._snapshot_handle: asyncio.Handle | None = None
         self._dirty = False
         self.flushes = 0
         self.generation = 0
@@ -463,6 +504,8 @@ class Reflector:
         #: The last derived pair states, by (source, target): status and metrics read them.
         self.reachability: dict[tuple[str, str], reachability.PairState] = {}
         self.reachability_updates = 0
+        #: Keepalive messages by interval, encoded once (see _send_keepalive).
+        self._keepalives: dict[float, _Encoded] = {}
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -473,7 +516,7 @@ class Reflector:
         server = grpc.aio.server(
             options=[*SERVER_OPTIONS, *bounds.server_options(self.limits)], interceptors=[DecodeInterceptor()]
         )
-        pb_grpc.add_FabricServicer_to_server(Servicer(self), server)
+        add_to_server(Servicer(self), server)
         bound: list[str] = []
         for addr in listen:
             bound.append(bind(server, addr, credentials))
@@ -516,6 +559,9 @@ class Reflector:
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
+        if self._snapshot_handle is not None:
+            self._snapshot_handle.cancel()
+            self._snapshot_handle = None
         if self._reach_handle is not None:
             self._reach_handle.cancel()
             self._reach_handle = None
@@ -588,7 +634,8 @@ class Reflector:
                 ",".join(ann.pod_cidrs) or "none",
             )
         if not self.holding and self._planner.planned(key, ann):
-            self._send_snapshot(rec, session)
+            self._ready[key] = None  # planned already: built by the snapshot pump, not here
+            self._schedule_snapshots()
         else:
             self._awaiting.add(key)
         if self.holding:
@@ -726,7 +773,9 @@ class Reflector:
         deltas = self._planner.update(new)
         debug = _log.isEnabledFor(logging.DEBUG)
         fanout: set[types.NodeKey] = set()
-        messages: dict[int, tuple[pb.SyncNodeResponse, int]] = {}  # one message per distinct delta object
+        # One message per distinct delta object, encoded once: every session of a viewer class
+        # that gets the same delta is written the same bytes.
+        messages: dict[int, tuple[_Encoded, int]] = {}
         for key, delta in deltas.items():
             rec = self._nodes[key]
             rec.planned_version = gen
@@ -735,8 +784,8 @@ class Reflector:
                 continue
             built = messages.get(id(delta))
             if built is None:
-                msg = codec.delta_message(delta, gen)
-                built = messages[id(delta)] = (msg, msg.ByteSize())
+                enc = _Encoded.of(codec.delta_message(delta, gen))
+                built = messages[id(delta)] = (enc, len(enc.data))
             s.send(*built)
             if s.closed:  # cut off: too far behind (it reconnects to a fresh snapshot)
                 continue
@@ -779,12 +828,44 @@ class Reflector:
         )  # fmt: skip
 
     def _send_waiting_snapshots(self) -> None:
+        """The sessions that waited for this flush get their snapshots from the pump."""
         for key in sorted(self._awaiting):
+            self._ready[key] = None
+        self._awaiting.clear()
+        self._schedule_snapshots()
+
+    def _schedule_snapshots(self) -> None:
+        """Run the snapshot pump on the next loop turn (see "Snapshots"); now, without a running
+        loop (a synchronous caller: tests)."""
+        if not self._ready or self._snapshot_handle is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._pump_snapshots(float("inf"))
+            return
+        self._snapshot_handle = loop.call_soon(self._pump_snapshots)
+
+    def _pump_snapshots(self, budget: float = SNAPSHOT_SLICE_S) -> None:
+        """Build and queue the snapshots of ready sessions, in the order they became ready, for
+        at most ``budget`` seconds (at least one), then yield the loop to everything else that
+        is ready (new streams first of all) and go on at the next turn. A session that is gone,
+        already synced or whose node's plan is not the one of its announcement any more (it
+        announced again: it waits for the flush that plans it) is skipped."""
+        self._snapshot_handle = None
+        deadline = time.monotonic() + budget
+        ready = self._ready
+        while ready:
+            key = next(iter(ready))
+            del ready[key]
             rec = self._nodes.get(key)
             s = rec.session if rec is not None else None
-            if rec is not None and s is not None and not s.synced and self._planner.planned(key, rec.ann):
-                self._send_snapshot(rec, s)
-        self._awaiting.clear()
+            if rec is None or s is None or s.synced or s.closed or not self._planner.planned(key, rec.ann):
+                continue
+            self._send_snapshot(rec, s)
+            if time.monotonic() >= deadline:
+                break
+        self._schedule_snapshots()
 
     def set_config(self, config: types.FabricConfig) -> None:
         """Adopt a new fabric configuration (e.g. a Cluster resource was edited); call on the
@@ -1096,9 +1177,15 @@ class Reflector:
     def _send_keepalive(self, session: _Session) -> None:
         """Queue a keepalive with the session's interval, unless one is still queued."""
         if session.keepalive_queued is None:
-            msg = pb.SyncNodeResponse(keepalive=codec.keepalive_message(session.interval or self.keepalive_interval))
+            interval = session.interval or self.keepalive_interval
+            shared = self._keepalives.get(interval)
+            if shared is None:  # one encoding per interval (there are a few), not per keepalive
+                shared = self._keepalives[interval] = _Encoded.of(
+                    pb.SyncNodeResponse(keepalive=codec.keepalive_message(interval)))  # fmt: skip
+            # Its own wrapper: the writer knows this session's keepalive by identity.
+            msg = _Encoded(shared.message, shared.data)
             session.keepalive_queued = msg
-            session.send(msg)
+            session.send(msg, len(msg.data))
 
     async def _read_requests(self, session: _Session, requests: AsyncIterator[pb.SyncNodeRequest]) -> None:
         try:
@@ -1148,9 +1235,11 @@ class Reflector:
 
     async def sync_node(
         self, requests: AsyncIterator[pb.SyncNodeRequest], context: grpc.aio.ServicerContext[Any, Any],
-        slot: bounds.Slot | None = None,
-    ) -> AsyncIterator[pb.SyncNodeResponse]:
-        """One agent's session; ``slot``: its place in the stream count (given back if it is cut off)."""
+        slot: bounds.Slot | None = None, *, wire: bool = False,
+    ) -> AsyncIterator[Any]:
+        """One agent's session; ``slot``: its place in the stream count (given back if it is cut
+        off). Yields ``SyncNodeResponse`` messages; with ``wire`` (the gRPC face), a message
+        encoded once for many sessions as its bytes instead (reflector_service.wire)."""
         peer = peer_name(context.peer())
         if self.standby_reason is None:
             try:
@@ -1204,7 +1293,10 @@ class Reflector:
                     break
                 if item is session.keepalive_queued:
                     session.keepalive_queued = None
-                yield item
+                if isinstance(item, _Encoded):
+                    yield item.data if wire else item.message
+                else:
+                    yield item
         finally:
             reader.cancel()
             ticker.cancel()
