@@ -99,16 +99,6 @@ conditions are not bugs: the agent going away or the RPC being cancelled or timi
 cancels the handler: CancelledError), gRPC's own errors about the RPC's state (the stream ended
 under us: UNAVAILABLE), and a malformed message from the agent (INVALID_ARGUMENT).
 
-Snapshots. Neither an admission nor a flush builds a snapshot: both only mark the session ready
-(its node planned at its very announcement), and the *snapshot pump* builds and queues the
-snapshots of ready sessions in order, for at most ``SNAPSHOT_SLICE_S`` (5 ms) per event-loop
-turn, then yields the loop (new streams, Applied reads, writes) until its next turn. Why: a
-bring-up of thousands of agents made a flush build thousands of snapshots in one go (about a
-quarter of its time at N=3,000, measured with ``FABRIC_BENCH_PROFILE``, see
-tools/bench/control/profiled.py), and gRPC cancels a stream the busy loop has not accepted
-within 30 s. A flush between ready and pump is harmless: the session is not synced, so it gets
-no delta, and the pump builds the snapshot of the plan and version as they are then.
-
 Everything mutating the reflector's state runs on the event loop without awaiting in between, so
 no locks are needed. Every message is built once (per node, or once for all nodes of one class
 that get the same delta) and queued to its session; one task per session writes the queue to the
@@ -215,9 +205,6 @@ MAX_REJECTIONS = 1000
 DEFAULT_COALESCE_WINDOW_S = 0.02
 #: The longest the window grows to: the added latency of a change during a storm of changes.
 DEFAULT_MAX_COALESCE_WINDOW_S = 1.0
-#: The snapshot pump builds snapshots for at most this long per event-loop turn (see
-#: "Snapshots"): long enough to amortise the turn, short against a stream's admission.
-SNAPSHOT_SLICE_S = 0.005
 #: Topology changes whose fan-out is timed at once (older ones are dropped unobserved).
 MAX_FANOUT_TRACKED = 256
 #: How long the peer reports of an agent that was cut off are held back once it is heard from
@@ -441,10 +428,6 @@ class Reflector:
         #: whose session waits for its snapshot from the next flush.
         self._changed: set[types.NodeKey] = set()
         self._awaiting: set[types.NodeKey] = set()
-        #: Sessions whose node is planned and that wait for their snapshot from the pump (in
-        #: order; a dict as an ordered set), and the pump's next turn (see "Snapshots").
-        self._ready: dict[types.NodeKey, None] = {}
-        self._snapshot_handle: asyncio.Handle | None = None
         self._dirty = False
         self.flushes = 0
         self.generation = 0
@@ -559,9 +542,6 @@ class Reflector:
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
-        if self._snapshot_handle is not None:
-            self._snapshot_handle.cancel()
-            self._snapshot_handle = None
         if self._reach_handle is not None:
             self._reach_handle.cancel()
             self._reach_handle = None
@@ -634,8 +614,7 @@ class Reflector:
                 ",".join(ann.pod_cidrs) or "none",
             )
         if not self.holding and self._planner.planned(key, ann):
-            self._ready[key] = None  # planned already: built by the snapshot pump, not here
-            self._schedule_snapshots()
+            self._send_snapshot(rec, session)
         else:
             self._awaiting.add(key)
         if self.holding:
@@ -828,44 +807,12 @@ class Reflector:
         )  # fmt: skip
 
     def _send_waiting_snapshots(self) -> None:
-        """The sessions that waited for this flush get their snapshots from the pump."""
         for key in sorted(self._awaiting):
-            self._ready[key] = None
-        self._awaiting.clear()
-        self._schedule_snapshots()
-
-    def _schedule_snapshots(self) -> None:
-        """Run the snapshot pump on the next loop turn (see "Snapshots"); now, without a running
-        loop (a synchronous caller: tests)."""
-        if not self._ready or self._snapshot_handle is not None:
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self._pump_snapshots(float("inf"))
-            return
-        self._snapshot_handle = loop.call_soon(self._pump_snapshots)
-
-    def _pump_snapshots(self, budget: float = SNAPSHOT_SLICE_S) -> None:
-        """Build and queue the snapshots of ready sessions, in the order they became ready, for
-        at most ``budget`` seconds (at least one), then yield the loop to everything else that
-        is ready (new streams first of all) and go on at the next turn. A session that is gone,
-        already synced or whose node's plan is not the one of its announcement any more (it
-        announced again: it waits for the flush that plans it) is skipped."""
-        self._snapshot_handle = None
-        deadline = time.monotonic() + budget
-        ready = self._ready
-        while ready:
-            key = next(iter(ready))
-            del ready[key]
             rec = self._nodes.get(key)
             s = rec.session if rec is not None else None
-            if rec is None or s is None or s.synced or s.closed or not self._planner.planned(key, rec.ann):
-                continue
-            self._send_snapshot(rec, s)
-            if time.monotonic() >= deadline:
-                break
-        self._schedule_snapshots()
+            if rec is not None and s is not None and not s.synced and self._planner.planned(key, rec.ann):
+                self._send_snapshot(rec, s)
+        self._awaiting.clear()
 
     def set_config(self, config: types.FabricConfig) -> None:
         """Adopt a new fabric configuration (e.g. a Cluster resource was edited); call on the

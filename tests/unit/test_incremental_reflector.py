@@ -91,7 +91,7 @@ class Driver:
 
     async def settle(self) -> None:
         await asyncio.sleep(WINDOW * 2)
-        while self.refl._flush_handle is not None or self.refl._snapshot_handle is not None:
+        while self.refl._flush_handle is not None:
             await asyncio.sleep(WINDOW)
 
     def check(self) -> None:
