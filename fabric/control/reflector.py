@@ -484,6 +484,8 @@ class Reflector:
         #: Loop time the scheduled recompute runs at, and of the last one.
         self._reach_at = 0.0
         self._reach_last = float("-inf")
+        #: How long the last derivation took: the least spacing to the next one.
+        self._reach_cost = 0.0
         #: The last derived pair states, by (source, target): status and metrics read them.
         self.reachability: dict[tuple[str, str], reachability.PairState] = {}
         self.reachability_updates = 0
@@ -1565,7 +1567,10 @@ class Reflector:
             self._publish_reachability()
             return
         now = loop.time()
-        spacing = QUALITY_MIN_INTERVAL_S if quality_only else REACHABILITY_MIN_INTERVAL_S
+        # At least as long as the last derivation took (at most half the loop goes to it): at
+        # 100 clusters one takes ~0.1 s and more under load, and 20 a second during a bring-up
+        # of 10,000 agents left the loop no time to admit streams (issue 21, measured).
+        spacing = max(QUALITY_MIN_INTERVAL_S if quality_only else REACHABILITY_MIN_INTERVAL_S, self._reach_cost)
         at = max(now, self._reach_last + spacing)
         if self._reach_handle is not None:
             if self._reach_at <= at:
@@ -1588,8 +1593,15 @@ class Reflector:
         self._reach_handle = None
         if self.holding or self.standby_reason is not None or not self.reachability_records:
             return
-        with contextlib.suppress(RuntimeError):  # no running loop: synchronous tests
-            self._reach_last = asyncio.get_running_loop().time()
+        started = time.monotonic()
+        try:
+            self._derive_and_put_reachability()
+        finally:
+            self._reach_cost = time.monotonic() - started
+            with contextlib.suppress(RuntimeError):  # no running loop: synchronous tests
+                self._reach_last = asyncio.get_running_loop().time()
+
+    def _derive_and_put_reachability(self) -> None:
         connected = self._connected()
         targets = reachability_rules.probe_targets(self.topology)
         quality = reachability_rules.pair_quality(self.topology, connected, self._reports, self._quality, targets)
