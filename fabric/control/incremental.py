@@ -56,6 +56,9 @@ _log = logging.getLogger(__name__)
 # against plan() over random topologies and changes.
 
 SELF_SOURCE = "self"
+#: The entry table of IncrementalPlanner is rebuilt from the live plans once it has this many
+#: entries, or twice as many as after its last rebuild.
+CANON_MIN_REBUILD = 1 << 16
 
 
 def node_source(key: types.NodeKey) -> str:
@@ -340,6 +343,14 @@ class IncrementalPlanner:
         self._config: types.FabricConfig | None = None
         #: Work counters (see PartCounter), cumulative.
         self.counter = PartCounter()
+        #: One object per distinct entry value held in the plans (entries are frozen and
+        #: hashable): nodes of one viewer class hold equal routes and peers, and a full plan
+        #: builds its own objects, so without this every node kept its own copies (most of the
+        #: reflector's memory per agent, and millions of objects for the cyclic garbage
+        #: collector to walk at 10,000 agents; issue 21). Rebuilt from the live plans when it
+        #: has doubled since the last rebuild, so entries of nodes gone are not kept forever.
+        self._canon: dict[types.Entry, types.Entry] = {}
+        self._canon_rebuild_at = CANON_MIN_REBUILD
 
     def entries(self, key: types.NodeKey) -> Mapping[str, types.Entry]:
         """The current plan of ``key`` as keyed entries (empty for an unknown node)."""
@@ -365,6 +376,7 @@ class IncrementalPlanner:
         self.topology, self._view, self._config = new, view, new.config
         for gone in [k for k in self._entries if k not in view.by_key]:
             del self._entries[gone]
+        self._maybe_rebuild_canon()
         if old_view is None or old_config != new.config:
             return {n.key: d for n in new.nodes if (d := self._full(new, n.key))}
 
@@ -410,7 +422,7 @@ class IncrementalPlanner:
                     mine_old, mine_new = per_node[(cls, excl)]
                     old_u = {k: e for k, e in old_u.items() if k not in mine_old}
                     new_u = {k: e for k, e in new_u.items() if k not in mine_new}
-                delta = diff_entries(old_u, new_u)
+                delta = self._interned(diff_entries(old_u, new_u))
                 deltas[(cls, excl)] = delta
             if delta:
                 self._apply(key, delta)
@@ -441,9 +453,22 @@ class IncrementalPlanner:
             new_u.update(_cluster_part(view, cls, name, c))
         return old_u, new_u
 
+    def _interned(self, delta: types.StateDelta) -> types.StateDelta:
+        """``delta`` with its upserts replaced by the held objects of equal value."""
+        canon = self._canon
+        return types.StateDelta(tuple(canon.setdefault(e, e) for e in delta.upserts), delta.removals)
+
+    def _maybe_rebuild_canon(self) -> None:
+        """Drop the entries no plan holds any more once the table doubled (amortised O(1))."""
+        if len(self._canon) < self._canon_rebuild_at:
+            return
+        self._canon = {e: e for entries in self._entries.values() for e in entries.values()}
+        self._canon_rebuild_at = max(CANON_MIN_REBUILD, 2 * len(self._canon))
+
     def _full(self, topology: types.Topology, key: types.NodeKey) -> types.StateDelta:
         self.counter.full_plans += 1
-        new = plan(topology, key).entries()
+        canon = self._canon
+        new = {k: canon.setdefault(e, e) for k, e in plan(topology, key).entries().items()}
         delta = diff_entries(self._entries.get(key, {}), new)
         self._entries[key] = new
         return delta

@@ -102,7 +102,11 @@ under us: UNAVAILABLE), and a malformed message from the agent (INVALID_ARGUMENT
 Everything mutating the reflector's state runs on the event loop without awaiting in between, so
 no locks are needed. Every message is built once (per node, or once for all nodes of one class
 that get the same delta) and queued to its session; one task per session writes the queue to the
-stream. Queues are bounded in bytes (:mod:`~fabric.control.bounds`, ``--send-queue-bytes``): a
+stream. A delta shared by many sessions is also *encoded* once: it is queued as its bytes
+(``_Encoded``) and SyncNode's serializer writes bytes as they are
+(:func:`~fabric.control.reflector_service.wire`), so fan-out costs one serialization per distinct
+delta, not one per agent; so are keepalives (one encoding per interval).
+Queues are bounded in bytes (:mod:`~fabric.control.bounds`, ``--send-queue-bytes``): a
 session or topology watcher that falls further behind is cut off with RESOURCE_EXHAUSTED (its
 queue dropped, the node treated as disconnected at once) and reconnects to a fresh snapshot;
 so are streams and announcements per client identity and message sizes.
@@ -176,10 +180,16 @@ from fabric.control import (
     record_store,
 )
 from fabric.control.generated import fabric_pb2 as pb
-from fabric.control.generated import fabric_pb2_grpc as pb_grpc
 from fabric.control.identity import Identity
 from fabric.control.reflector_metrics import MetricsCollector
-from fabric.control.reflector_service import DecodeInterceptor, Servicer, bind, peer_name, publisher_identity
+from fabric.control.reflector_service import (
+    DecodeInterceptor,
+    Servicer,
+    add_to_server,
+    bind,
+    peer_name,
+    publisher_identity,
+)
 
 _log = logging.getLogger(__name__)
 
@@ -230,6 +240,20 @@ _DEFAULT_LIMITS = bounds.Limits()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class _Encoded:
+    """A SyncNode message and its bytes, encoded once for every session that gets it (a delta
+    shared by a viewer class, a keepalive): the gRPC face writes ``data`` as it is
+    (:func:`~fabric.control.reflector_service.wire`), in-process readers get ``message``."""
+
+    message: pb.SyncNodeResponse
+    data: bytes
+
+    @classmethod
+    def of(cls, message: pb.SyncNodeResponse) -> _Encoded:
+        return cls(message, message.SerializeToString())
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class _Close:
     """Queued to a session or watcher to end its stream (after everything queued before it)."""
 
@@ -250,7 +274,7 @@ class _Session:
         self.id = next(self._ids)
         self.key = key
         self.peer = peer
-        self.queue: bounds.SendQueue[pb.SyncNodeResponse | _Close] = bounds.SendQueue(limit)
+        self.queue: bounds.SendQueue[pb.SyncNodeResponse | _Encoded | _Close] = bounds.SendQueue(limit)
         self._on_cut = on_cut
         #: The negotiated keepalive interval (0 until the reflector sets it) and a wake-up of
         #: the keepalive task when it changes (see ``Reflector._keepalive``).
@@ -258,7 +282,7 @@ class _Session:
         self.renegotiated = asyncio.Event()
         #: The keepalive queued and not written yet: one at a time is enough to prove we live,
         #: so a client that reads nothing does not collect one per interval.
-        self.keepalive_queued: pb.SyncNodeResponse | None = None
+        self.keepalive_queued: _Encoded | None = None
         #: Snapshot and END_OF_SNAPSHOT have been queued; from now on only deltas.
         self.synced = False
         self.counters = api.SessionCounters()
@@ -274,12 +298,12 @@ class _Session:
         #: The client certificate's identity (None: a plaintext session); see authz.
         self.identity: Identity | None = None
 
-    def send(self, msg: pb.SyncNodeResponse, size: int | None = None, *, bounded: bool = True) -> None:
+    def send(self, msg: pb.SyncNodeResponse | _Encoded, size: int | None = None, *, bounded: bool = True) -> None:
         """Queue ``msg`` (``size``: its bytes, when the caller knows them); past the queue's
         bound the session is cut off (its queue dropped, RESOURCE_EXHAUSTED)."""
         if self.closed:
             return
-        n = msg.ByteSize() if size is None else size
+        n = size if size is not None else len(msg.data) if isinstance(msg, _Encoded) else msg.ByteSize()
         if not self.queue.put(msg, n, bounded=bounded):
             reason = self.queue.over_limit_text(n, f"agent session of node {self.key}")
             self.queue.cut()
@@ -460,9 +484,13 @@ class Reflector:
         #: Loop time the scheduled recompute runs at, and of the last one.
         self._reach_at = 0.0
         self._reach_last = float("-inf")
+        #: How long the last derivation took: the least spacing to the next one.
+        self._reach_cost = 0.0
         #: The last derived pair states, by (source, target): status and metrics read them.
         self.reachability: dict[tuple[str, str], reachability.PairState] = {}
         self.reachability_updates = 0
+        #: Keepalive messages by interval, encoded once (see _send_keepalive).
+        self._keepalives: dict[float, _Encoded] = {}
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -473,7 +501,7 @@ class Reflector:
         server = grpc.aio.server(
             options=[*SERVER_OPTIONS, *bounds.server_options(self.limits)], interceptors=[DecodeInterceptor()]
         )
-        pb_grpc.add_FabricServicer_to_server(Servicer(self), server)
+        add_to_server(Servicer(self), server)
         bound: list[str] = []
         for addr in listen:
             bound.append(bind(server, addr, credentials))
@@ -726,7 +754,9 @@ class Reflector:
         deltas = self._planner.update(new)
         debug = _log.isEnabledFor(logging.DEBUG)
         fanout: set[types.NodeKey] = set()
-        messages: dict[int, tuple[pb.SyncNodeResponse, int]] = {}  # one message per distinct delta object
+        # One message per distinct delta object, encoded once: every session of a viewer class
+        # that gets the same delta is written the same bytes.
+        messages: dict[int, tuple[_Encoded, int]] = {}
         for key, delta in deltas.items():
             rec = self._nodes[key]
             rec.planned_version = gen
@@ -735,8 +765,8 @@ class Reflector:
                 continue
             built = messages.get(id(delta))
             if built is None:
-                msg = codec.delta_message(delta, gen)
-                built = messages[id(delta)] = (msg, msg.ByteSize())
+                enc = _Encoded.of(codec.delta_message(delta, gen))
+                built = messages[id(delta)] = (enc, len(enc.data))
             s.send(*built)
             if s.closed:  # cut off: too far behind (it reconnects to a fresh snapshot)
                 continue
@@ -1096,9 +1126,15 @@ class Reflector:
     def _send_keepalive(self, session: _Session) -> None:
         """Queue a keepalive with the session's interval, unless one is still queued."""
         if session.keepalive_queued is None:
-            msg = pb.SyncNodeResponse(keepalive=codec.keepalive_message(session.interval or self.keepalive_interval))
+            interval = session.interval or self.keepalive_interval
+            shared = self._keepalives.get(interval)
+            if shared is None:  # one encoding per interval (there are a few), not per keepalive
+                shared = self._keepalives[interval] = _Encoded.of(
+                    pb.SyncNodeResponse(keepalive=codec.keepalive_message(interval)))  # fmt: skip
+            # Its own wrapper: the writer knows this session's keepalive by identity.
+            msg = _Encoded(shared.message, shared.data)
             session.keepalive_queued = msg
-            session.send(msg)
+            session.send(msg, len(msg.data))
 
     async def _read_requests(self, session: _Session, requests: AsyncIterator[pb.SyncNodeRequest]) -> None:
         try:
@@ -1148,9 +1184,11 @@ class Reflector:
 
     async def sync_node(
         self, requests: AsyncIterator[pb.SyncNodeRequest], context: grpc.aio.ServicerContext[Any, Any],
-        slot: bounds.Slot | None = None,
-    ) -> AsyncIterator[pb.SyncNodeResponse]:
-        """One agent's session; ``slot``: its place in the stream count (given back if it is cut off)."""
+        slot: bounds.Slot | None = None, *, wire: bool = False,
+    ) -> AsyncIterator[Any]:
+        """One agent's session; ``slot``: its place in the stream count (given back if it is cut
+        off). Yields ``SyncNodeResponse`` messages; with ``wire`` (the gRPC face), a message
+        encoded once for many sessions as its bytes instead (reflector_service.wire)."""
         peer = peer_name(context.peer())
         if self.standby_reason is None:
             try:
@@ -1204,7 +1242,10 @@ class Reflector:
                     break
                 if item is session.keepalive_queued:
                     session.keepalive_queued = None
-                yield item
+                if isinstance(item, _Encoded):
+                    yield item.data if wire else item.message
+                else:
+                    yield item
         finally:
             reader.cancel()
             ticker.cancel()
@@ -1526,7 +1567,10 @@ class Reflector:
             self._publish_reachability()
             return
         now = loop.time()
-        spacing = QUALITY_MIN_INTERVAL_S if quality_only else REACHABILITY_MIN_INTERVAL_S
+        # At least as long as the last derivation took (at most half the loop goes to it): at
+        # 100 clusters one takes ~0.1 s and more under load, and 20 a second during a bring-up
+        # of 10,000 agents left the loop no time to admit streams (issue 21, measured).
+        spacing = max(QUALITY_MIN_INTERVAL_S if quality_only else REACHABILITY_MIN_INTERVAL_S, self._reach_cost)
         at = max(now, self._reach_last + spacing)
         if self._reach_handle is not None:
             if self._reach_at <= at:
@@ -1549,8 +1593,15 @@ class Reflector:
         self._reach_handle = None
         if self.holding or self.standby_reason is not None or not self.reachability_records:
             return
-        with contextlib.suppress(RuntimeError):  # no running loop: synchronous tests
-            self._reach_last = asyncio.get_running_loop().time()
+        started = time.monotonic()
+        try:
+            self._derive_and_put_reachability()
+        finally:
+            self._reach_cost = time.monotonic() - started
+            with contextlib.suppress(RuntimeError):  # no running loop: synchronous tests
+                self._reach_last = asyncio.get_running_loop().time()
+
+    def _derive_and_put_reachability(self) -> None:
         connected = self._connected()
         targets = reachability_rules.probe_targets(self.topology)
         quality = reachability_rules.pair_quality(self.topology, connected, self._reports, self._quality, targets)

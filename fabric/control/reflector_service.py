@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -89,11 +89,13 @@ class Servicer(pb_grpc.FabricServicer):  # type: ignore[misc]
     # generator functions themselves, not functions returning one.
     async def SyncNode(
         self, request_iterator: AsyncIterator[pb.SyncNodeRequest], context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[pb.SyncNodeResponse]:
+    ) -> AsyncIterator[pb.SyncNodeResponse | bytes]:
+        """Responses as :func:`wire` writes them: a message encoded once for many sessions (a
+        shared delta, a keepalive) comes as its bytes (registered by :func:`add_to_server`)."""
         try:
             with self._r.gate.stream("SyncNode", context, announce=True) as slot:
                 if slot.refused is None:
-                    async for msg in self._r.sync_node(request_iterator, context, slot):
+                    async for msg in self._r.sync_node(request_iterator, context, slot, wire=True):
                         yield msg
         except grpc.aio.AbortError:
             raise
@@ -203,6 +205,39 @@ class Servicer(pb_grpc.FabricServicer):  # type: ignore[misc]
         except Exception as e:
             await self._bug(e, "IssueCertificate", context)
             raise  # not reached: abort raises
+
+
+def wire(msg: pb.SyncNodeResponse | bytes) -> bytes:
+    """SyncNode's response serializer: bytes the reflector encoded once for many sessions go out
+    as they are (the same bytes ``SerializeToString`` gives), a message is encoded here, per
+    stream, as gRPC's generated serializer would."""
+    return msg if isinstance(msg, bytes) else msg.SerializeToString()
+
+
+_FACTORIES: dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler]] = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def add_to_server(servicer: Servicer, server: grpc.aio.Server) -> None:
+    """Register the ``Fabric`` service as the generated ``add_FabricServicer_to_server`` does,
+    from the same descriptor, except that SyncNode's responses go through :func:`wire`: a delta
+    that thousands of agents get is encoded once, not once per stream (issue 21). The wire
+    format is unchanged: clients decode the same ``SyncNodeResponse`` bytes."""
+    service = pb.DESCRIPTOR.services_by_name["Fabric"]
+    handlers = {}
+    for m in service.methods:
+        request, response = getattr(pb, m.input_type.name), getattr(pb, m.output_type.name)
+        handlers[m.name] = _FACTORIES[(m.client_streaming, m.server_streaming)](
+            getattr(servicer, m.name),
+            request_deserializer=request.FromString,
+            response_serializer=wire if m.name == "SyncNode" else response.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
 
 
 def publisher_identity(declared: str, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str, bool]:

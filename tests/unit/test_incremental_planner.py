@@ -158,6 +158,34 @@ def test_shared_deltas_for_one_class() -> None:
     assert len(deltas[types.NodeKey("b", "b0")]) == 2  # the joiner's peer and route
 
 
+def test_equal_entries_of_different_plans_are_one_object() -> None:
+    """Plans hold one object per distinct entry value (issue 21: memory per agent), whether the
+    entry came from a full plan or a delta; the table forgets entries no plan holds once it has
+    been rebuilt."""
+    topo = _fabric(60)
+    inc = incremental.IncrementalPlanner()
+    inc.update(topo)
+    joiner = types.NodeAnnouncement("p", "joiner", "198.18.200.1", ("10.127.0.0/24",))
+    new = topo.with_node(joiner)
+    inc.update(new.with_roles(election.elect(new, {x.key for x in new.nodes}, {})))
+    by_value: dict[types.Entry, set[int]] = {}
+    for x in new.nodes:
+        for e in inc.entries(x.key).values():
+            by_value.setdefault(e, set()).add(id(e))
+    shared = [e for e, ids in by_value.items() if len(ids) > 1]
+    assert not shared, f"{len(shared)} entry values held as several objects, e.g. {shared[0]}"
+    assert sum(len(inc.entries(x.key)) for x in new.nodes) > 3 * len(by_value)  # the case is one of sharing
+    # The joiner leaves: once rebuilt, the table holds only what the plans hold.
+    gone = {e for e in inc.entries(joiner.key).values()}
+    inc.update(topo.with_roles(election.elect(topo, {x.key for x in topo.nodes}, {})))
+    held = {e for x in topo.nodes for e in inc.entries(x.key).values()}
+    assert gone - held <= set(inc._canon), "not rebuilt yet: the table still holds them"
+    inc._canon_rebuild_at = 0  # as if it had doubled
+    inc._maybe_rebuild_canon()
+    assert set(inc._canon) == held
+    assert gone - held, "the joiner's own entries (its device, say) are held by nobody now"
+
+
 # -- work per change, counted ------------------------------------------------------------------
 
 

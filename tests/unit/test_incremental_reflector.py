@@ -18,6 +18,7 @@ import pytest
 
 from fabric import types
 from fabric.control import codec, planner, reflector
+from fabric.control.generated import fabric_pb2 as pb
 from tests.unit.test_incremental_planner import _cluster, random_config, random_node
 
 WINDOW = 0.002
@@ -42,6 +43,9 @@ class Agent:
             if isinstance(msg, reflector._Close):
                 self.closed = True
                 continue
+            if isinstance(msg, reflector._Encoded):  # encoded once for many: what goes on the wire
+                assert msg.data == msg.message.SerializeToString()
+                msg = pb.SyncNodeResponse.FromString(msg.data)
             kind = msg.WhichOneof("message")
             if kind == "snapshot":
                 assert self.chunks is not None, "snapshot chunk after END_OF_SNAPSHOT"

@@ -1,4 +1,4 @@
-"""``python -m tools.bench.control worker|bare-server``: the helper processes the driver starts.
+"""``python -m tools.bench.control worker|bare-server|profiled-reflector``: the helper processes the driver starts.
 """
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from tools.bench import common as bc
 from tools.bench.control.agents import worker_main
@@ -32,7 +33,16 @@ def main(argv: Sequence[str]) -> int:
     w.add_argument("--tls-root", help="mutual TLS: the material root (tools.bench.control.tlsmat); default plaintext")
     s = sub.add_parser("bare-server", help="the baseline: a bare grpc.aio server")
     s.add_argument("--listen", required=True)
+    r = sub.add_parser("profiled-reflector", help="fabric-reflector under cProfile (FABRIC_BENCH_PROFILE)")
+    r.add_argument("--out", required=True, help="directory of the .prof files")
+    r.add_argument("--label", required=True, help="file name prefix (shape and N)")
+    r.add_argument("reflector_args", nargs=argparse.REMAINDER, help="-- then fabric-reflector's arguments")
     args = p.parse_args(list(argv))
+    if args.role == "profiled-reflector":
+        from tools.bench.control.profiled import profiled_main
+
+        rest = args.reflector_args[1:] if args.reflector_args[:1] == ["--"] else args.reflector_args
+        return profiled_main(Path(args.out), args.label, rest)
     return worker_main(args) if args.role == "worker" else bare_server_main(args)
 
 

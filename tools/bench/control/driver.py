@@ -11,6 +11,7 @@ import logging
 import os
 import queue
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -36,6 +37,10 @@ from tools.bench.control.shapes import (
 from tools.bench.control.tlsmat import CA_DIR, READER_DIR, SERVER_DIR
 
 _log = logging.getLogger(__name__)
+
+#: Set to a directory: the reflector runs under cProfile (tools.bench.control.profiled) and
+#: writes one profile per part of each phase there (its figures are then not the benchmark's).
+PROFILE_ENV = "FABRIC_BENCH_PROFILE"
 
 
 # -- the driver ------------------------------------------------------------------------------
@@ -185,8 +190,12 @@ class _Run:
         if self.mode == "fabric":
             cfg = self.tmp / "fabric.yaml"
             cfg.write_text(yaml.safe_dump(self.shape.config_doc(), sort_keys=False))
+            profile = os.environ.get(PROFILE_ENV)
+            launcher = ["fabric.control.reflector_cli"] if not profile else [
+                "tools.bench.control", "profiled-reflector", "--out", profile, "--label",
+                f"{self.shape.kind}-n{self.n}" + ("" if self.tls_root is None else "-tls"), "--"]  # fmt: skip
             self.server = self.procs.spawn(None, [
-                sys.executable, "-m", "fabric.control.reflector_cli", "--config", str(cfg), "--listen", self.sock,
+                sys.executable, "-m", *launcher, "--config", str(cfg), "--listen", self.sock,
                 "--grace-period", "0", "--startup-hold", "0", "--keepalive-interval", f"{KEEPALIVE_S:g}",
                 *(["--insecure"] if self.tls_root is None else ["--tls-dir", str(self.tls_root / SERVER_DIR),
                                                                 "--ca-dir", str(self.tls_root / CA_DIR)]),
@@ -206,6 +215,12 @@ class _Run:
         self.server = self._py("tools.bench.control", "bare-server", "--listen", self.sock)
         self.events.attach("server", self.server)
         self._wait("listening", time.monotonic() + 30, "server")
+
+    def end_profile_part(self) -> None:
+        """Under ``FABRIC_BENCH_PROFILE``: the profiled reflector writes the part that ended
+        (tools.bench.control.profiled); otherwise nothing."""
+        if self.mode == "fabric" and os.environ.get(PROFILE_ENV) and self.server is not None:
+            self.server.send_signal(signal.SIGUSR1)
 
     def bring_up(self) -> float:
         workers = 1 if self.n <= 50 else 2 if self.n <= 500 else 4
@@ -393,10 +408,12 @@ def _phase(
             bc.progress(NAME, f"{what}: bringing up {n:,} agents (budget {budget_s:g}s)")
             cpu0 = run.server_cpu_ms()
             out.bringup_s = run.bring_up()
+            run.end_profile_part()
             out.bringup_cpu_per_agent_ms = (run.server_cpu_ms() - cpu0) / n
             out.retries = run.retries
             if mode == "fabric":
                 out.settle_s, generation, roles = _settle(run.sock, n, what, budget_s, run.status_tls)
+                run.end_profile_part()
                 change = planned_change(shape, roles)
             else:
                 generation, change = 0, planned_change(shape)
