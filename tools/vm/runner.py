@@ -545,10 +545,15 @@ def bundle(st: VMState, vm: str, grace_period_s: float = 30.0) -> bytes:
 def provision(st: VMState, progress: Progress, grace_period_s: float = 30.0) -> None:
     """Unpack every VM's bundle and start its units, the reflector's VM first."""
     order = sorted(st.vms, key=lambda v: v.name != st.reflector_vm)
+    # The bundles are made here, one after another, not in the threads below: the first bundle
+    # of a cluster makes its bootstrap key and certificate (labpki, made as needed), and two VMs
+    # of one cluster making them at once could each ship the key of one and the certificate of
+    # the other (seen: "tls.key is not the key of tls.crt", the agent refused to start).
+    bundles = {v.name: bundle(st, v.name, grace_period_s) for v in order}
 
     def one(v: VMRecord) -> None:
         ssh(st, v, f"rm -rf {imagemod.GUEST_SRC}/fabric {imagemod.GUEST_SRC}/tools && tar -x -C / -f -",
-            input=bundle(st, v.name, grace_period_s), timeout=300)  # fmt: skip
+            input=bundles[v.name], timeout=300)  # fmt: skip
         ssh(st, v, "/usr/local/sbin/kf-provision", timeout=300)
         progress(f"{v.name}: provisioned ({v.cluster}, {v.ip}{', reflector' if v.name == st.reflector_vm else ''})")
 
