@@ -6,6 +6,10 @@
 #   ./dev.sh setup    only the set-up
 #   ./dev.sh lint     ruff, mypy, import-linter
 #
+# FABRIC_VM_TIER=1 (CI sets it: .ci/run) turns the VM tier (tests/vm) on; set-up then also installs
+# what it needs (qemu-system-x86, qemu-utils, mmdebstrap, e2fsprogs, openssh-client). Without it
+# the tier is skipped and none of that is installed. FABRIC_VM_TIER=0 turns it off under CI too.
+#
 # Set-up (Debian 12, as root or with sudo): apt packages (python3-bpfcc, kernel headers,
 # iproute2, iputils-ping, iperf3, ethtool), the kernel headers link bcc needs, a virtualenv in
 # .venv made from Debian's python3 with system site packages (so `import bcc` works), the
@@ -15,6 +19,11 @@ cd "$(dirname "$0")"
 ROOT=$PWD
 VENV=$ROOT/.venv
 APT_PACKAGES=(python3-bpfcc python3-venv python3-dev linux-headers-amd64 iproute2 iputils-ping iperf3 ethtool nftables)
+# The VM tier's (tests/vm, tools/vm): qemu boots the VMs (TCG), qemu-img makes their overlays and
+# the image's qcow2, mmdebstrap + mkfs.ext4 build the image from Debian packages, ssh reaches the
+# guests and ssh-keygen makes the image's key. Installed only when the tier is requested.
+VM_APT_PACKAGES=(qemu-system-x86 qemu-utils mmdebstrap e2fsprogs openssh-client)
+if [ "${FABRIC_VM_TIER:-}" = 1 ]; then APT_PACKAGES+=("${VM_APT_PACKAGES[@]}"); fi
 
 log() { printf '\033[1m[dev]\033[0m %s\n' "$*" >&2; }
 

@@ -117,6 +117,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.unit)
         if not IS_ROOT and (item.get_closest_marker("privileged") or item.get_closest_marker("lab")):
             item.add_marker(pytest.mark.skip(reason="needs root: creates network namespaces"))
+    # The VM tier last, whatever the paths on the command line: its three TCG VMs keep both cores
+    # of a CI machine busy from their boot to its session fixture's teardown, which would make
+    # the lab tier's timing-sensitive tests (failover, restarts) flaky if they ran meanwhile.
+    # With one xdist worker (-n 1) the tests run one after another in this order, so nothing
+    # overlaps the VMs; the sort is stable, every other test keeps its place.
+    items.sort(key=lambda item: item.get_closest_marker("vm") is not None)
 
 
 @pytest.fixture

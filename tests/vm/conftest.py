@@ -45,6 +45,9 @@ def vmenv() -> Iterator[runner.VMState]:
     reason = why_not()
     if reason:
         pytest.skip(reason)
+    # An environment of this name left by a run that was killed (or by a worker the watchdog
+    # ended, whose replacement comes here again) is ours: removed before a fresh one is made.
+    runner.down(NAME)
     t0 = time.monotonic()
     started: list[runner.VMRecord] = []
     try:

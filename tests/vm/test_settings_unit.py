@@ -3,6 +3,8 @@ is given to run, the image's cache key."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -82,3 +84,24 @@ def test_the_image_cache_key_follows_its_inputs() -> None:
     assert imagemod.input_hash(dict(doc)) == key
     for field, value in (("packages", ["a", "b"]), ("python", ["x==2"]), ("guest_files", "h2"), ("mirror", "n")):
         assert imagemod.input_hash({**doc, field: value}) != key, field
+
+
+def test_only_a_finished_build_counts_and_dead_builds_are_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An image directory without its manifest (a build that died between steps) is not an
+    image; ``.build-*`` leftovers of builders that are gone are removed, a running one's kept."""
+    monkeypatch.setattr(imagemod, "inputs", lambda: {"suite": "bookworm", "recipe": 1})
+    h = imagemod.input_hash()
+    (tmp_path / h).mkdir()
+    (tmp_path / h / "disk.qcow2").write_bytes(b"half")
+    assert imagemod.cached(tmp_path) is None
+    dead = subprocess.run(["sh", "-c", "echo $$"], capture_output=True, text=True, check=True).stdout.strip()
+    (tmp_path / f".build-{h}-{dead}" / "rootfs").mkdir(parents=True)
+    alive = tmp_path / f".build-other-{os.getppid()}"
+    alive.mkdir()
+    assert imagemod.remove_dead_builds(tmp_path) == [tmp_path / f".build-{h}-{dead}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([h, alive.name])
+    (tmp_path / h / "manifest.json").write_text("{}")
+    image = imagemod.cached(tmp_path)
+    assert image is not None and image.dir == tmp_path / h

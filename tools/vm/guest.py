@@ -1,10 +1,11 @@
-"""Run inside a VM: ``status`` (the reflector's status as JSON) and ``verifier`` (the BPF
-programs' verifier instruction counts on this kernel; the host runs it too, to compare).
+"""``status`` (the reflector's status as JSON), ``verifier`` (the BPF programs' verifier
+instruction counts on this kernel) and ``loaded`` (those of the programs a process holds).
 
-The runner on the host cannot reach the reflector (it listens on the VMs' private network,
-which has no address on the host side, by design), so it asks through ssh: this module runs
-on the reflector's VM with the ``reader/vm`` certificate the runner copied there and prints
-what the runner waits on (every node in sync) and what the tests read (gateway roles).
+``status`` runs on the host inside the VM environment's namespace (``nsenter``; the runner gives
+its bridge an address on the VMs' private network there, so the reflector is reachable without
+anything in the root namespace) or, for VMs Vagrant made, in the reflector's VM through ssh. It
+prints what the runner waits on (every node in sync) and what the tests read (gateway roles).
+``verifier`` runs on the host and ``loaded`` in each guest: the tier compares the kernels.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fabric.control import client, tls
-
 
 def status_doc(target: str, tls_dir: str, timeout_s: float) -> dict[str, object]:
+    # Imported here, not at the top: ``loaded`` and ``verifier`` run in TCG guests where importing
+    # gRPC and the generated stubs costs seconds of a CPU the agents are compiling on.
+    from fabric.control import client, tls
+
     st = client.get_status_sync(target, timeout_s, tls.TLSDir(Path(tls_dir)))
     return {
         "epoch": st.epoch,
