@@ -103,6 +103,8 @@ case "$cmd" in
         # long as its budget: no per-test time limit then (pytest-timeout's 600 s would end it).
         extra=()
         if [ -n "${FABRIC_FUZZ_EXAMPLES:-}" ]; then extra=(--timeout=0); fi
+        # Under CI the slowest tests are listed at the end: where the run's time goes.
+        if [ "${CI:-}" = true ]; then extra+=(--durations=25); fi
         "$VENV/bin/python" -m pytest "${extra[@]}" "$@" || rc=$?
         if [ "$rc" = 5 ]; then log "pytest collected no tests"; rc=0; fi
         exit "$rc"
