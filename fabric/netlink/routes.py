@@ -268,20 +268,8 @@ class RouteOwner:
         self._delete_groups(nh_stats)
         needed = self._needed_nexthops()
         keep = {self._nh_by_key[k] for k in needed if k in self._nh_by_key}
-        unused = [nhid for nhid in self._nh_owned if nhid not in keep]
-        if not unused:
-            return
-        failed = set()
-        for e in self._dp.del_nexthops(unused):
-            if not tolerated.already_gone("nexthops", e.errno):
-                nh_stats.fail("nexthops", e.errno, e.message)
-                failed.add(e.index)
-        dead = set()
-        for i, nhid in enumerate(unused):
-            if i in failed:
-                continue
-            nh_stats.deletes += 1
-            dead.add(nhid)
+        dead = self._del_nexthops([nhid for nhid in self._nh_owned if nhid not in keep], nh_stats)
+        for nhid in dead:
             key = self._nh_owned.pop(nhid)
             if self._nh_by_key.get(key) == nhid:
                 del self._nh_by_key[key]
@@ -302,21 +290,23 @@ class RouteOwner:
         """Delete the owned groups no desired route uses (after the routes moved off them,
         before their members: a member deleted first would shrink a group still routed)."""
         used = set(self._group_for.values())
-        unused = [gid for gid in self._groups if gid not in used]
-        if not unused:
-            return
-        failed = set()
-        for e in self._dp.del_nexthops(unused):
-            if not tolerated.already_gone("nexthops", e.errno):
-                nh_stats.fail("nexthops", e.errno, e.message)
-                failed.add(e.index)
-        for i, gid in enumerate(unused):
-            if i in failed:
-                continue
-            nh_stats.deletes += 1
+        for gid in self._del_nexthops([gid for gid in self._groups if gid not in used], nh_stats):
             del self._groups[gid]
             self._nh_taken.discard(gid)
             self._routes = {rk: rid for rk, rid in self._routes.items() if rid != gid}
+
+    def _del_nexthops(self, ids: list[int], nh_stats: TableStats) -> set[int]:
+        """Delete nexthop objects (single or group) by id; the ids now gone from the kernel (one
+        already gone counts as deleted: someone did it for us), each counted in ``nh_stats``."""
+        if not ids:
+            return set()
+        failed = set()
+        for e in self._dp.del_nexthops(ids):
+            if not tolerated.already_gone("nexthops", e.errno):
+                nh_stats.fail("nexthops", e.errno, e.message)
+                failed.add(e.index)
+        nh_stats.deletes += len(ids) - len(failed)
+        return {nhid for i, nhid in enumerate(ids) if i not in failed}
 
     def clear_desired(self) -> None:
         self._desired = {}

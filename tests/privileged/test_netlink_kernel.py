@@ -7,11 +7,9 @@ and checks the kernel state with ``ip -j`` / ``bridge -j`` rather than with our 
 from __future__ import annotations
 
 import ipaddress
-import json
 import socket
 import subprocess
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -29,32 +27,11 @@ from fabric.netlink.objects import (
     VxlanLink,
 )
 from fabric.netlink.reconciler import Reconciler
+from tests.privileged.kernelns import ipj, sh
 from tests.waiting import wait_until
 
 TABLE = 200
 NAMES = frozenset({"vx-bridge"})
-
-
-def sh(netns: str, *args: str) -> None:
-    subprocess.run(["ip", "-n", netns, *args], check=True, capture_output=True)
-
-
-def ipj(netns: str, *args: str, tool: str = "ip") -> Any:
-    out = subprocess.run([tool, "-n", netns, "-j", *args], check=True, capture_output=True, text=True).stdout
-    return json.loads(out) if out.strip() else []
-
-
-@pytest.fixture
-def dp(netns: str) -> Iterator[KernelDataplane]:
-    sh(netns, "link", "add", "ul0", "type", "veth", "peer", "name", "ul1")
-    sh(netns, "addr", "add", "198.18.0.1/24", "dev", "ul0")
-    sh(netns, "link", "set", "ul0", "up")
-    sh(netns, "link", "set", "ul1", "up")
-    d = KernelDataplane(netns=netns)
-    try:
-        yield d
-    finally:
-        d.close()
 
 
 def desired(dp: KernelDataplane, peers: int = 3) -> KernelState:

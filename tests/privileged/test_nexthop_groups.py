@@ -10,43 +10,16 @@ our own parser.
 from __future__ import annotations
 
 import ipaddress
-import json
 import socket
-import subprocess
-from collections.abc import Iterator
-from typing import Any
-
-import pytest
 
 from fabric.netlink.dataplane import KernelDataplane
 from fabric.netlink.objects import Address, FdbEntry, KernelState, Neighbour, Route, Rule, VxlanLink
 from fabric.netlink.reconciler import Reconciler
+from tests.privileged.kernelns import ipj
 
 TABLE = 200
 NAMES = frozenset({"vx-bridge"})
 GROUP_DST = "10.50.0.0/16"
-
-
-def sh(netns: str, *args: str) -> None:
-    subprocess.run(["ip", "-n", netns, *args], check=True, capture_output=True)
-
-
-def ipj(netns: str, *args: str) -> Any:
-    out = subprocess.run(["ip", "-n", netns, "-j", *args], check=True, capture_output=True, text=True).stdout
-    return json.loads(out) if out.strip() else []
-
-
-@pytest.fixture
-def dp(netns: str) -> Iterator[KernelDataplane]:
-    sh(netns, "link", "add", "ul0", "type", "veth", "peer", "name", "ul1")
-    sh(netns, "addr", "add", "198.18.0.1/24", "dev", "ul0")
-    sh(netns, "link", "set", "ul0", "up")
-    sh(netns, "link", "set", "ul1", "up")
-    d = KernelDataplane(netns=netns)
-    try:
-        yield d
-    finally:
-        d.close()
 
 
 def overlay(i: int) -> str:
