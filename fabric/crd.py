@@ -62,6 +62,7 @@ DEFAULTS: dict[str, Any] = {
     "clusterLinkOptions": {
         "enable": True,
         "networkType": "p2p",
+        "activeGateways": 1,
         "defaultNICName": "*",
         "autodetectionMethod": "kubernetes-internal-ip",
     },
@@ -72,7 +73,7 @@ AUTO_NIC = nodeinfo.AUTO_NIC
 
 _LINK_KEYS = frozenset({
     "enable", "networkType", "ipFamilies", "podCIDRs", "serviceCIDRs", "globalCIDRsMap", "gatewayCandidates",
-    "defaultNICName", "nicNodeNames", "autodetectionMethod",
+    "activeGateways", "defaultNICName", "nicNodeNames", "autodetectionMethod",
 })
 _SPEC_KEYS = frozenset({"namespace", "clusterLinkOptions", "clusterTreeOptions"})
 _FAMILIES = {name: fam for fam, name in types.FAMILY_NAMES.items()}
@@ -125,6 +126,8 @@ class ClusterSpec:
     #: ``(key, global CIDR)`` pairs as written (keys canonical), sorted.
     global_cidrs: tuple[tuple[str, str], ...]
     gateway_candidates: tuple[str, ...]
+    #: ``activeGateways`` (gateway mode; 1 elsewhere): see :attr:`fabric.types.ClusterConfig.active_gateways`.
+    active_gateways: int
     default_nic: str
     #: ``(node name, interface)`` per-node overrides, sorted.
     nic_overrides: tuple[tuple[str, str], ...]
@@ -318,6 +321,7 @@ def parse_cluster(obj: Mapping[str, Any]) -> ClusterSpec:
 
     global_cidrs = _global_map(ck, link.get("globalCIDRsMap"), fams)
     gateways = ck.name_list(link.get("gatewayCandidates"), f"{_LINK}.gatewayCandidates")
+    active_gateways = _active_gateways(ck, link["activeGateways"], mode, gateways)
     default_nic = ck.ifname(link["defaultNICName"], f"{_LINK}.defaultNICName", auto_ok=True) or AUTO_NIC
     overrides = _nic_overrides(ck, link.get("nicNodeNames"))
     method = _autodetection(ck, link["autodetectionMethod"])
@@ -328,10 +332,30 @@ def parse_cluster(obj: Mapping[str, Any]) -> ClusterSpec:
     created = meta.get("creationTimestamp")
     return ClusterSpec(
         name=name, namespace=namespace, enable=enable, mode=mode, ip_families=fams, pod_cidrs=pods,
-        service_cidrs=svcs, global_cidrs=global_cidrs, gateway_candidates=gateways, default_nic=default_nic,
+        service_cidrs=svcs, global_cidrs=global_cidrs, gateway_candidates=gateways,
+        active_gateways=active_gateways, default_nic=default_nic,
         nic_overrides=overrides, autodetection_method=method, tree_enable=bool(tree_enable),
         created=created if isinstance(created, str) else "",
     )
+
+
+def _active_gateways(
+    ck: _Checker, value: Any, mode: types.ClusterMode | None, candidates: tuple[str, ...]
+) -> int:
+    """``activeGateways``: its type and range are the schema's (reported there; 1 meanwhile).
+    Only a gateway-mode cluster has gateways that carry its traffic, and listed candidates must
+    be at least as many (with none listed every node is a candidate: the election takes the
+    actives among those present, fewer while fewer are up)."""
+    path = f"{_LINK}.activeGateways"
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= types.MAX_ACTIVE_GATEWAYS:
+        return 1
+    if value > 1 and mode is not None and mode != types.ClusterMode.GATEWAY:
+        ck.err(path, f"{value} active gateways asked for, but only gateway mode has them (networkType: {mode.value})")
+        return 1
+    if value > 1 and candidates and value > len(candidates):
+        ck.err(path, f"{value} active gateways asked for, but gatewayCandidates names only {len(candidates)}")
+        return 1
+    return value
 
 
 def _merged(ck: _Checker, structural: list[tuple[str, str]]) -> list[Problem]:
@@ -477,6 +501,7 @@ def _own_checks(cand: _Candidate) -> list[Problem]:
     svcs = tuple(sorted({c for c, _ in cand.services if c not in covered} | (keys - pod_keys)))
     cand.config = types.ClusterConfig(
         name=spec.name, mode=spec.mode, pod_cidrs=pods, service_cidrs=svcs, gateways=spec.gateway_candidates,
+        active_gateways=spec.active_gateways,
         global_cidrs=spec.global_cidrs, ip_families=spec.ip_families, discover_pod_cidrs=discovery,
     )
     return []

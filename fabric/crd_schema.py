@@ -117,6 +117,13 @@ OPENAPI_V3_SCHEMA: dict[str, Any] = json.loads(r"""
         "maxLength": 253
        }
       },
+      "activeGateways": {
+       "type": "integer",
+       "minimum": 1,
+       "maximum": 8,
+       "default": 1,
+       "description": "Gateway mode: how many gateways carry the cluster's traffic at once (1 - one active gateway and a hot standby). With N > 1 other clusters and the cluster's own nodes route through the N actives as one resilient nexthop group, so losing one moves only its share of flows (kernel >= 5.13)."
+      },
       "defaultNICName": {
        "type": "string",
        "default": "*",

@@ -116,7 +116,7 @@ def topology_schema() -> dict[str, Any]:
         "podCIDRs": {**_link_piece("podCIDRs"), "minItems": 1, "x-what": "a non-empty list of CIDRs"},
         "serviceCIDRs": {**_link_piece("serviceCIDRs"), "x-what": "a list of CIDRs"},
         "gateways": gateways,
-        "activeGateways": {"type": "integer", "minimum": 1, "maximum": types.MAX_ACTIVE_GATEWAYS,
+        "activeGateways": {**_link_piece("activeGateways"),
                            "x-what": f"an integer from 1 to {types.MAX_ACTIVE_GATEWAYS}"},
         "globalCIDRs": global_map,
         "nodes": {"type": "array", "items": node, "x-what": "a list of nodes"},

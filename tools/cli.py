@@ -767,6 +767,8 @@ def _add_install_parsers(sub: Any) -> None:
     j.add_argument("--service-cidr", action="append", metavar="CIDR", help="default: the member's ServiceCIDRs")
     j.add_argument("--global-cidr", action="append", metavar="LOCAL=GLOBAL", help="globalCIDRsMap entry, repeatable")
     j.add_argument("--gateway", action="append", metavar="NODE", help="gateway candidate, repeatable, preferred first")
+    j.add_argument("--active-gateways", type=int, metavar="N",
+                   help="gateway mode: gateways carrying traffic at once (default 1; 2-8: active/active)")
     j.add_argument("--default-nic", metavar="IFNAME", help="underlay interface (default '*': autodetect)")
     j.add_argument("--autodetection-method", metavar="METHOD",
                    help="how agents find the underlay when the NIC is '*': kubernetes-internal-ip (default), "
@@ -848,7 +850,8 @@ def _install_cmd(args: argparse.Namespace) -> int:
                     network_type=args.network_type, ip_families=tuple(args.ip_family or ()),
                     pod_cidrs=tuple(args.pod_cidr or ()), service_cidrs=tuple(args.service_cidr or ()),
                     global_cidrs=tuple(install.parse_global_cidr(g) for g in args.global_cidr or ()),
-                    gateways=tuple(args.gateway or ()), default_nic=args.default_nic,
+                    gateways=tuple(args.gateway or ()), active_gateways=args.active_gateways,
+                    default_nic=args.default_nic,
                     autodetection_method=args.autodetection_method,
                     nic_overrides=_nic_overrides(args.nic_override, args.clear_nic_overrides),
                     bootstrap_ttl_s=args.bootstrap_ttl,

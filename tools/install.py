@@ -689,6 +689,8 @@ class JoinOptions:
     service_cidrs: tuple[str, ...] = ()
     global_cidrs: tuple[tuple[str, str], ...] = ()
     gateways: tuple[str, ...] = ()
+    #: ``activeGateways`` (None: left to the CRD's default, 1).
+    active_gateways: int | None = None
     default_nic: str | None = None
     autodetection_method: str | None = None
     #: ``(node, interface)`` pairs for ``nicNodeNames``; None: keep the live Cluster's.
@@ -730,6 +732,8 @@ def cluster_object(name: str, opts: JoinOptions, pods: Sequence[str], services: 
         link["globalCIDRsMap"] = dict(opts.global_cidrs)
     if opts.gateways:
         link["gatewayCandidates"] = list(opts.gateways)
+    if opts.active_gateways is not None:
+        link["activeGateways"] = opts.active_gateways
     if opts.default_nic:
         link["defaultNICName"] = opts.default_nic
     if opts.autodetection_method:

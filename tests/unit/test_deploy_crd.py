@@ -210,6 +210,9 @@ def test_parse_reads_every_link_option() -> None:
     assert spec.global_cidrs == (("10.10.0.0/16", "172.20.0.0/16"),)
     assert spec.gateway_candidates == ("e2", "e1")  # order is preference
     assert spec.interface_for("e3") == "eth1" and spec.interface_for("e1") == "eth0"
+    assert spec.active_gateways == 1  # the default
+    two = crd.parse_cluster(cluster("west", networkType="gateway", activeGateways=2, gatewayCandidates=["w1", "w2"]))
+    assert two.active_gateways == 2
 
 
 @pytest.mark.parametrize(
@@ -230,6 +233,11 @@ def test_parse_reads_every_link_option() -> None:
         ({"nicNodeNames": [{"interfaceName": "eth1", "nodeName": ["a"]}, {"interfaceName": "eth2", "nodeName": ["a"]}]},
          f"{LINK}.nicNodeNames[1].nodeName[0]", "already has an interface"),
         ({"gatewayCandidates": ["Bad_Name"]}, f"{LINK}.gatewayCandidates[0]", "is not a node name"),
+        ({"activeGateways": 2}, f"{LINK}.activeGateways", "only gateway mode has them (networkType: p2p)"),
+        ({"networkType": "gateway", "activeGateways": 3, "gatewayCandidates": ["w1", "w2"]},
+         f"{LINK}.activeGateways", "gatewayCandidates names only 2"),
+        ({"networkType": "gateway", "activeGateways": 9}, f"{LINK}.activeGateways", "9"),
+        ({"networkType": "gateway", "activeGateways": "two"}, f"{LINK}.activeGateways", "two"),
     ],
 )
 def test_parse_refuses_bad_specs_with_the_field_path(link: dict[str, Any], path: str, reason: str) -> None:
@@ -256,14 +264,15 @@ def test_resolve_matches_the_topology_file_for_the_same_clusters() -> None:
     links: dict[str, dict[str, Any]] = {
         "east": {"networkType": "p2p", "podCIDRs": ["10.10.0.0/16"], "serviceCIDRs": ["10.96.0.0/20"],
                  "globalCIDRsMap": {"10.10.0.0/16": "172.20.0.0/16", "10.96.0.0/20": "172.21.0.0/20"}},
-        "west": {"networkType": "gateway", "podCIDRs": ["10.10.0.0/16"], "gatewayCandidates": ["w1"],
-                 "globalCIDRsMap": {"10.10.0.0/16": "172.22.0.0/16"}},
+        "west": {"networkType": "gateway", "podCIDRs": ["10.10.0.0/16"], "gatewayCandidates": ["w1", "w2"],
+                 "activeGateways": 2, "globalCIDRsMap": {"10.10.0.0/16": "172.22.0.0/16"}},
     }
     res = crd.resolve([cluster(n, "2025-01-01T00:00:00Z", **link) for n, link in links.items()])
     assert res.problems == {}
     doc = {"clusters": [{"name": n, "mode": link["networkType"], "podCIDRs": link["podCIDRs"],
                          "serviceCIDRs": link.get("serviceCIDRs", []), "gateways": link.get("gatewayCandidates"),
-                         "globalCIDRs": link["globalCIDRsMap"]} for n, link in links.items()]}
+                         "globalCIDRs": link["globalCIDRsMap"], "activeGateways": link.get("activeGateways", 1)}
+                        for n, link in links.items()]}
     for c in doc["clusters"]:
         if c["gateways"] is None:
             del c["gateways"]

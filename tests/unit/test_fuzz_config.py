@@ -171,6 +171,8 @@ def _cluster_objects(tf: topology.TopologyFile) -> list[dict[str, Any]]:
             link["serviceCIDRs"] = list(cfg.service_cidrs)
         if cfg.gateways:
             link["gatewayCandidates"] = list(cfg.gateways)
+        if cfg.active_gateways != 1:
+            link["activeGateways"] = cfg.active_gateways
         if cfg.global_cidrs:
             link["globalCIDRsMap"] = dict(cfg.global_cidrs)
         link["ipFamilies"] = [f"IPv{f}" for f in cfg.families]

@@ -182,3 +182,19 @@ def test_join_writes_and_a_rerun_updates_the_member(kube: tuple[install.Target, 
                                                              service_cidrs=OPTS.service_cidrs),
                  reflector="r:4880", wait=False, progress=third.append)
     assert any("ConfigMap kosmos-system/kosmos-fabric-agent unchanged" in m for m in third), third
+
+
+def test_join_active_gateways_reach_the_cluster_object() -> None:
+    """``fabric-tool join --active-gateways N`` writes ``activeGateways``; without it the CRD's
+    default (1) holds, and a P2P cluster asking for more is refused by the parse, naming the field."""
+    opts = install.JoinOptions(network_type="gateway", pod_cidrs=OPTS.pod_cidrs, gateways=("w1", "w2"),
+                               active_gateways=2)
+    obj = install.cluster_object("west", opts, opts.pod_cidrs, ())
+    assert obj["spec"]["clusterLinkOptions"]["activeGateways"] == 2
+    assert crd.parse_cluster(obj).active_gateways == 2
+    plain = install.cluster_object("west", OPTS, OPTS.pod_cidrs, ())
+    assert "activeGateways" not in plain["spec"]["clusterLinkOptions"]
+    bad = install.cluster_object("east", install.JoinOptions(active_gateways=2), OPTS.pod_cidrs, ())
+    with pytest.raises(crd.ClusterSpecError, match="activeGateways: 2 active gateways asked for"):
+        crd.parse_cluster(bad)
+
