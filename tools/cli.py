@@ -596,8 +596,10 @@ def render_fabric_status(target: str, status: Any) -> str:
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     for c in status.clusters:
         if c.active_gateway:
+            actives = (c.active_gateway, *c.also_active_gateways)
             lines.append(
-                f"cluster {c.name}: active gateway {c.active_gateway}, standby {c.standby_gateway or 'none'}, "
+                f"cluster {c.name}: active gateway{'s' if len(actives) > 1 else ''} {', '.join(actives)}, "
+                f"standby {c.standby_gateway or 'none'}, "
                 f"candidates {', '.join(c.gateways) or 'every node'}, moves {c.gateway_moves}"
             )
     for c in status.clusters:

@@ -133,10 +133,12 @@ class ClusterStatus:
     gateway_moves: int = 0
     #: Address families the cluster runs, primary first (4, 6).
     ip_families: tuple[int, ...] = (4,)
+    #: Active/active (``activeGateways`` > 1): the active gateways beside ``active_gateway``.
+    also_active_gateways: tuple[str, ...] = ()
 
     def role_of(self, node: str) -> str:
-        """``active``, ``standby`` or ``""`` for a node of this cluster."""
-        if node and node == self.active_gateway:
+        """``active`` (any of the active gateways), ``standby`` or ``""`` for a node of this cluster."""
+        if node and (node == self.active_gateway or node in self.also_active_gateways):
             return "active"
         if node and node == self.standby_gateway:
             return "standby"

@@ -304,6 +304,7 @@ def status_to_pb(status: api.FabricStatus) -> pb.GetStatusResponse:
                 gateway_moves=c.gateway_moves,
                 # Empty on the wire means IPv4 only, so pre-dual-stack encodings stay byte-identical.
                 ip_families=[] if tuple(c.ip_families) == (4,) else list(c.ip_families),
+                also_active_gateways=list(c.also_active_gateways),
             )
             for c in status.clusters
         ],
@@ -360,6 +361,7 @@ def status_from_pb(msg: pb.GetStatusResponse) -> api.FabricStatus:
                 gateways=tuple(c.gateways),
                 gateway_moves=c.gateway_moves,
                 ip_families=tuple(c.ip_families) or (4,),
+                also_active_gateways=tuple(c.also_active_gateways),
             )
             for c in msg.clusters
         ),

@@ -1466,6 +1466,7 @@ class Reflector:
                     gateways=c.gateways,
                     gateway_moves=self._gateway_moves.get(c.name, 0),
                     ip_families=c.families,
+                    also_active_gateways=role.also_active if role else (),
                 )
                 for c in self.config.clusters
             ),

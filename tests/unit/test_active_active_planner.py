@@ -272,3 +272,23 @@ def test_probe_targets_include_every_active_gateway() -> None:
     targets = reachability_rules.probe_targets(t)
     assert targets == planned_probes(t)
     assert {W[0].key, W[1].key, W[2].key} <= targets[E1.key]  # both actives and the standby
+
+
+def test_status_names_every_active_gateway() -> None:
+    """The status carries the actives beside ``active_gateway`` over the wire; ``role_of`` calls
+    each of them active and ``fabric-tool status`` lists them all."""
+    from fabric.control import api
+    from fabric.control.generated import fabric_pb2 as pb
+    from tools import cli
+
+    west = api.ClusterStatus(name="west", mode="gateway", pod_cidrs=("10.20.0.0/16",), service_cidrs=(), nodes=(),
+                             active_gateway="w1", standby_gateway="w3", gateways=("w1", "w2", "w3"),
+                             also_active_gateways=("w2",))
+    status = api.FabricStatus(epoch="e", generation=1, holding=False, clusters=(west,))
+    back = codec.status_from_pb(pb.GetStatusResponse.FromString(codec.status_to_pb(status).SerializeToString()))
+    assert back == status
+    assert [west.role_of(n) for n in ("w1", "w2", "w3", "w4")] == ["active", "active", "standby", ""]
+    assert "cluster west: active gateways w1, w2, standby w3," in cli.render_fabric_status("t", status)
+    single = dataclasses.replace(west, also_active_gateways=())
+    text = cli.render_fabric_status("t", dataclasses.replace(status, clusters=(single,)))
+    assert "cluster west: active gateway w1, standby w3," in text

@@ -82,6 +82,7 @@ def status_doc(state: LabState, status: api.FabricStatus | None, error: str | No
                 "gateways": c.gateways,
                 "active_gateway": (lc.active_gateway or None) if lc else None,
                 "standby_gateway": (lc.standby_gateway or None) if lc else None,
+                "also_active_gateways": list(lc.also_active_gateways) if lc else [],
                 "gateway_moves": lc.gateway_moves if lc else None,
                 "service": {"ip": c.service_ip, "global_ip": c.global_ip(c.service_ip), "backend": c.service_backend}
                 if c.service_ip else None,
