@@ -129,7 +129,8 @@ class ClusterStatus:
     standby_gateway: str = ""
     #: Configured candidates (empty = every node).
     gateways: tuple[str, ...] = ()
-    #: How often the active gateway role moved since the reflector started.
+    #: How often an active gateway lost its role since the reflector started (any of the
+    #: actives with ``activeGateways`` > 1).
     gateway_moves: int = 0
     #: Address families the cluster runs, primary first (4, 6).
     ip_families: tuple[int, ...] = (4,)

@@ -156,7 +156,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -938,29 +938,43 @@ class Reflector:
         self._schedule_flush()
 
     def _log_moves(self, old: types.Topology, new: types.Topology) -> None:
+        """Log role changes; every active gateway that lost its role (the first active, or one of
+        the others with ``activeGateways`` > 1) counts as one move, with the reason it went."""
         scores = self._scores()
         connected = self._connected()
         for role in new.roles:
             before = old.role(role.cluster)
-            if before is not None and before.active and before.active != role.active:
+            lost = [n for n in before.actives if n not in role.actives] if before is not None else []
+            for name in lost:
                 self._gateway_moves[role.cluster] = self._gateway_moves.get(role.cluster, 0) + 1
-                old_key = types.NodeKey(role.cluster, before.active)
-                if old_key not in self._nodes:
-                    why = "it left the topology"
-                elif old_key not in connected and scores.get(old_key, 0) == 0:
-                    why = f"its session is gone for {self.session_loss_grace:g}s"
-                elif old_key not in connected:
-                    why = f"its session is gone and {scores[old_key]} peers report it unreachable"
+                why = self._why_role_lost(types.NodeKey(role.cluster, name), scores, connected)
+                if before is not None and name == before.active:
+                    _log.warning(
+                        "cluster %s: active gateway moves from %s to %s (%s); standby now %s",
+                        role.cluster, name, role.active, why, role.standby or "none",
+                    )  # fmt: skip
                 else:
-                    why = f"{scores.get(old_key, 0)} peers report it unreachable"
-                _log.warning(
-                    "cluster %s: active gateway moves from %s to %s (%s); standby now %s",
-                    role.cluster, before.active, role.active, why, role.standby or "none",
-                )  # fmt: skip
-            elif before is None or before != role:
+                    _log.warning(
+                        "cluster %s: active gateway %s drops out (%s); active now %s; standby now %s",
+                        role.cluster, name, why, ", ".join(role.actives) or "none", role.standby or "none",
+                    )  # fmt: skip
+            if not lost and (before is None or before != role):
                 _log.info(
-                    "cluster %s: active gateway %s, standby %s", role.cluster, role.active, role.standby or "none"
-                )
+                    "cluster %s: active gateway%s %s, standby %s", role.cluster, "s" if len(role.actives) > 1 else "",
+                    ", ".join(role.actives) or "none", role.standby or "none",
+                )  # fmt: skip
+
+    def _why_role_lost(
+        self, key: types.NodeKey, scores: Mapping[types.NodeKey, int], connected: Collection[types.NodeKey]
+    ) -> str:
+        """Why a gateway lost its active role, for the log."""
+        if key not in self._nodes:
+            return "it left the topology"
+        if key not in connected and scores.get(key, 0) == 0:
+            return f"its session is gone for {self.session_loss_grace:g}s"
+        if key not in connected:
+            return f"its session is gone and {scores[key]} peers report it unreachable"
+        return f"{scores.get(key, 0)} peers report it unreachable"
 
     def _settle_reports(self, session: _Session, why: str) -> None:
         """Hold ``session``'s peer reports for ``report_settle`` seconds from now (see "Peer

@@ -292,3 +292,21 @@ def test_status_names_every_active_gateway() -> None:
     single = dataclasses.replace(west, also_active_gateways=())
     text = cli.render_fabric_status("t", dataclasses.replace(status, clusters=(single,)))
     assert "cluster west: active gateway w1, standby w3," in text
+
+
+def test_an_also_active_gateway_dropping_out_counts_as_a_move_and_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The reflector counts every active gateway that lost its role (``gateway_moves``), not
+    only the first one, and says which one went and why."""
+    from fabric.control import reflector
+
+    refl = reflector.Reflector(CONFIG, startup_hold=0)
+    before = types.Topology(CONFIG, (), (types.GatewayRole("west", "w1", "w3", ("w2",)),))
+    after = types.Topology(CONFIG, (), (types.GatewayRole("west", "w1", "w2", ("w3",)),))
+    with caplog.at_level("INFO", logger="fabric.control.reflector"):
+        refl._log_moves(before, after)
+    assert refl._gateway_moves == {"west": 1}
+    assert "cluster west: active gateway w2 drops out (it left the topology); active now w1, w3" in caplog.text
+    refl._log_moves(after, after)  # nothing changed: nothing counted
+    assert refl._gateway_moves == {"west": 1}
