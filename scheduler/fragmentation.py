@@ -181,18 +181,26 @@ class Workload:
         k_after) sum_r c_r m_r``: the pod's own use lowers ``F``, every copy of a shape it
         displaces raises it. The second sum is :func:`math.fsum` (exactly rounded, so neither
         the order of the shapes nor zero terms change it: :class:`DeltaCache` relies on that)."""
-        after = dict(free)
-        for r, q in demand:
-            left = after.get(r, 0) - q
-            if left < 0:
-                return None
-            after[r] = left
+        after = remaining(free, demand)
+        if after is None:
+            return None
         terms = []
         for shape, taken in self.packed:
             lost = per_node(free, shape) - per_node(after, shape)
             if lost:
                 terms.append(lost * taken)
         return self.own(demand) + math.fsum(terms)
+
+
+def remaining(free: Mapping[str, int], demand: Vector) -> dict[str, int] | None:
+    """What ``free`` keeps after ``demand`` is taken from it; None when some resource falls short."""
+    after = dict(free)
+    for r, q in demand:
+        left = after.get(r, 0) - q
+        if left < 0:
+            return None
+        after[r] = left
+    return after
 
 
 #: A (free, demand) pair that does not fit, in :class:`DeltaCache`.
@@ -294,12 +302,9 @@ class DeltaCache:
 
     def _fill(self, lost: list[int] | None, free: Mapping[str, int], demand: Vector) -> list[int]:
         """The entry of (``free``, ``demand``), new or extended to the whole universe."""
-        after = dict(free)
-        for r, q in demand:
-            left = after.get(r, 0) - q
-            if left < 0:
-                return _NO_FIT
-            after[r] = left
+        after = remaining(free, demand)
+        if after is None:
+            return _NO_FIT
         lost = [] if lost is None else lost
         for shape in self._shapes[len(lost):]:
             lost.append(per_node(free, shape) - per_node(after, shape))

@@ -1,11 +1,18 @@
-"""``ip`` in a privileged test's own namespace, for the netlink tests (tests/privileged/conftest.py
-has their ``dp`` fixture)."""
+"""``ip`` in a privileged test's own namespace, and the desired state the netlink tests program
+there (tests/privileged/conftest.py has their ``dp`` fixture)."""
 
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
+from collections.abc import Iterable
 from typing import Any
+
+from fabric.netlink.objects import Address, FdbEntry, KernelState, Neighbour, Route, Rule, VxlanLink
+
+#: The policy routing table the netlink tests own.
+TABLE = 200
 
 
 def sh(netns: str, *args: str) -> None:
@@ -17,3 +24,17 @@ def ipj(netns: str, *args: str, tool: str = "ip") -> Any:
     """``TOOL -n NETNS -j ARGS`` decoded ([] when the kernel has nothing to list)."""
     out = subprocess.run([tool, "-n", netns, "-j", *args], check=True, capture_output=True, text=True).stdout
     return json.loads(out) if out.strip() else []
+
+
+def bridge_state(
+    link: VxlanLink, neighbours: Iterable[Neighbour], fdb: Iterable[FdbEntry], routes: Iterable[Route]
+) -> KernelState:
+    """``vx-bridge`` (10.240.0.1/8) with its peers and routes in :data:`TABLE`, looked up by a rule."""
+    return KernelState(
+        links=frozenset({link}),
+        addresses=frozenset({Address("vx-bridge", "10.240.0.1/8")}),
+        rules=frozenset({Rule(socket.AF_INET, TABLE, 200)}),
+        neighbours=frozenset(neighbours),
+        fdb=frozenset(fdb),
+        routes=frozenset(routes),
+    )

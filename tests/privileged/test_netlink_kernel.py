@@ -7,7 +7,6 @@ and checks the kernel state with ``ip -j`` / ``bridge -j`` rather than with our 
 from __future__ import annotations
 
 import ipaddress
-import socket
 import subprocess
 import threading
 from typing import Any
@@ -23,14 +22,12 @@ from fabric.netlink.objects import (
     KernelState,
     Neighbour,
     Route,
-    Rule,
     VxlanLink,
 )
 from fabric.netlink.reconciler import Reconciler
-from tests.privileged.kernelns import ipj, sh
+from tests.privileged.kernelns import TABLE, bridge_state, ipj, sh
 from tests.waiting import wait_until
 
-TABLE = 200
 NAMES = frozenset({"vx-bridge"})
 
 
@@ -45,14 +42,7 @@ def desired(dp: KernelDataplane, peers: int = 3) -> KernelState:
         fdb.add(FdbEntry("vx-bridge", mac, str(ipaddress.ip_address("198.18.0.0") + i)))
         fdb.add(FdbEntry("vx-bridge", "00:00:00:00:00:00", str(ipaddress.ip_address("198.18.0.0") + i)))
         routes.add(Route(TABLE, f"10.{i >> 8}.{i & 255}.0/24", "vx-bridge", overlay))
-    return KernelState(
-        links=frozenset({link}),
-        addresses=frozenset({Address("vx-bridge", "10.240.0.1/8")}),
-        rules=frozenset({Rule(socket.AF_INET, TABLE, 200)}),
-        neighbours=frozenset(neigh),
-        fdb=frozenset(fdb),
-        routes=frozenset(routes),
-    )
+    return bridge_state(link, neigh, fdb, routes)
 
 
 def kernel_view(netns: str) -> dict[str, Any]:

@@ -10,14 +10,12 @@ our own parser.
 from __future__ import annotations
 
 import ipaddress
-import socket
 
 from fabric.netlink.dataplane import KernelDataplane
-from fabric.netlink.objects import Address, FdbEntry, KernelState, Neighbour, Route, Rule, VxlanLink
+from fabric.netlink.objects import FdbEntry, KernelState, Neighbour, Route, VxlanLink
 from fabric.netlink.reconciler import Reconciler
-from tests.privileged.kernelns import ipj
+from tests.privileged.kernelns import TABLE, bridge_state, ipj
 
-TABLE = 200
 NAMES = frozenset({"vx-bridge"})
 GROUP_DST = "10.50.0.0/16"
 
@@ -39,14 +37,7 @@ def state(dp: KernelDataplane, members: tuple[int, ...], peers: int = 4) -> Kern
         routes.add(Route(TABLE, f"10.0.{i}.0/24", "vx-bridge", overlay(i)))
     gws = tuple(sorted(overlay(m) for m in members))
     routes.add(Route(TABLE, GROUP_DST, "vx-bridge", gws[0], group=gws))
-    return KernelState(
-        links=frozenset({link}),
-        addresses=frozenset({Address("vx-bridge", "10.240.0.1/8")}),
-        rules=frozenset({Rule(socket.AF_INET, TABLE, 200)}),
-        neighbours=frozenset(neigh),
-        fdb=frozenset(fdb),
-        routes=frozenset(routes),
-    )
+    return bridge_state(link, neigh, fdb, routes)
 
 
 def group_view(netns: str) -> tuple[int, dict[int, str], dict[int, int]]:
