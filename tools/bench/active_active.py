@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 import json
-import re
 import signal
 import subprocess
 import tempfile
@@ -50,8 +48,6 @@ TOPOLOGY = {
 WHAT = "P2P east (4 nodes), gateway clusters 'one' (1 active) and 'two' (2 active gateways)"
 CLASSIFY_COUNT = 50
 INTERVAL_S = 0.01
-_REPLY = re.compile(r"^\[(\d+\.\d+)\].*icmp_seq=", re.M)
-_SENT = re.compile(r"(\d+) packets transmitted, (\d+) received")
 
 
 def _pods(state: lab.LabState, cluster: str) -> tuple[list[lab.PodRecord], lab.PodRecord]:
@@ -159,19 +155,12 @@ def cut_one(state: lab.LabState, procs: bc.Procs, gateway: str, run_after_s: flo
             procs.stop(p)
             log.seek(0)
             text = log.read().decode(errors="replace")
-            replies = [float(t) for t in _REPLY.findall(text)]
-            m = _SENT.search(text)
-            if m is None:
-                raise RuntimeError(f"active/active: no ping summary from {key}: {text[-300:]!r}")
-            lost = int(m.group(1)) - int(m.group(2))
-            gap, quiet_gap = _gap(replies, cut_at, heal_at), _gap(replies, cut_at - 1, cut_at)
+            replies = bc.ping_reply_times(text)
+            sent, received = bc.ping_counts(text)
+            lost = sent - received
+            gap, quiet_gap = bc.largest_gap(replies, cut_at, heal_at), bc.largest_gap(replies, cut_at - 1, cut_at)
             flows[key] = (split[key], lost, gap * 1000, quiet_gap * 1000)
     return CutResult(gateway, flows)
-
-
-def _gap(replies: list[float], start: float, end: float) -> float:
-    points = [start, *(t for t in replies if start <= t <= end), end]
-    return max(b - a for a, b in itertools.pairwise(points))
 
 
 def _group_size(netns: str, dst: str) -> int:

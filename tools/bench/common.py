@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -313,6 +314,21 @@ def ping_rtts_us(netns: str, dst: str, count: int, interval_s: float = 0.01) -> 
     argv = ["ping", "-n", "-c", str(count), "-i", f"{interval_s:g}", "-W", "1", dst]
     out = run_in(netns, argv, count * interval_s + 30)
     return [float(m) * 1000.0 for m in _TIME.findall(out)]
+
+
+#: A reply line of ``ping -D``: its receive time (seconds since the epoch).
+_REPLY = re.compile(r"^\[(\d+\.\d+)\].*icmp_seq=", re.M)
+
+
+def ping_reply_times(output: str) -> list[float]:
+    """The receive time of every reply in ``ping -D`` output (epoch seconds)."""
+    return [float(t) for t in _REPLY.findall(output)]
+
+
+def largest_gap(replies: list[float], start: float, end: float) -> float:
+    """Longest time in seconds without a reply inside [start, end] (the whole window if none)."""
+    points = [start, *(t for t in replies if start <= t <= end), end]
+    return max(b - a for a, b in itertools.pairwise(points))
 
 
 def ping_counts(output: str) -> tuple[int, int]:

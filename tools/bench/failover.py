@@ -40,10 +40,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 import logging
 import os
-import re
 import signal
 import tempfile
 import time
@@ -75,17 +73,10 @@ TOPOLOGY = {
     ]
 }  # fmt: skip
 SRC, DST = "west/w3", "north/n2"
-_REPLY = re.compile(r"^\[(\d+\.\d+)\].*icmp_seq=", re.M)
 
 
 def requires(opts: bc.Options) -> list[str]:
     return bc.need_root("the failover benchmark") + bc.need_programs("ip", "ping")
-
-
-def largest_gap(replies: list[float], start: float, end: float) -> float:
-    """Longest time in seconds without a reply inside [start, end] (the whole window if none)."""
-    points = [start, *(t for t in replies if start <= t <= end), end]
-    return max(b - a for a, b in itertools.pairwise(points))
 
 
 def _west(name: str) -> dict[str, Any]:
@@ -151,13 +142,13 @@ def _cut_round_logged(state: lab.LabState, procs: bc.Procs, label: str, run_afte
     ping.send_signal(signal.SIGINT)
     procs.stop(ping)
     log.seek(0)
-    replies = [float(t) for t in _REPLY.findall(log.read().decode(errors="replace"))]
-    outage = largest_gap(replies, cut_at, heal_at)
+    replies = bc.ping_reply_times(log.read().decode(errors="replace"))
+    outage = bc.largest_gap(replies, cut_at, heal_at)
     note = None
     if not any(cut_at + outage <= t <= heal_at for t in replies) and outage >= heal_at - cut_at - 0.02:
         note = f"{label}: no reply between the cut and the heal; the outage is at least {outage * 1000:.0f} ms"
-    r = _Round(outage * 1000, largest_gap(replies, heal_at, end) * 1000,
-               largest_gap(replies, cut_at - 1.0, cut_at) * 1000, (moved_at - cut_at) * 1000, note)  # fmt: skip
+    r = _Round(outage * 1000, bc.largest_gap(replies, heal_at, end) * 1000,
+               bc.largest_gap(replies, cut_at - 1.0, cut_at) * 1000, (moved_at - cut_at) * 1000, note)  # fmt: skip
     bc.progress(NAME, f"{label}: outage {r.outage_ms:.0f} ms (role moved after {r.move_ms:.0f} ms); largest gap "
                 f"after heal {r.heal_ms:.0f} ms; before the cut {r.quiet_ms:.0f} ms")  # fmt: skip
     return r
