@@ -83,9 +83,12 @@ def _multiplier(text: str) -> int:
 
 
 def _table_id(text: str) -> int:
+    if text.strip() == "main":
+        return objects.RT_TABLE_MAIN
     v = int(text, 0)
-    if not 1 <= v <= 0xFFFFFFFF or v in (253, 254, 255):
-        raise ValueError("must be a routing table id from 1 to 2^32-1 other than 253-255 (default, main, local)")
+    if not 1 <= v <= 0xFFFFFFFF or v in (253, 255):
+        raise ValueError("must be 'main' (254) or a routing table id from 1 to 2^32-1 other than 253 and 255 "
+                         "(default, local)")
     return v
 
 
@@ -148,9 +151,11 @@ PARAMS: tuple[_Param, ...] = (
            required=True, repeat=True),
     _Param("resync_period_s", "--resync-period", "seconds between full resyncs that repair drift (jittered +20%%); "
            "30 s repairs hand-made damage quickly while one dump per period costs little", cli_types.positive_float),
-    _Param("table", "--table", "policy-routing table for fabric routes (Kosmos used 200)", _table_id),
-    _Param("rule_priority", "--rule-priority", "priority of the ip rule selecting the table; below main (32766)",
-           _priority),
+    _Param("table", "--table", "routing table for fabric routes: 'main' (254, the default: no ip rule, the "
+           "fastest) or a table of their own selected by an ip rule (Kosmos used 200; any extra rule costs every "
+           "forwarded packet a few per cent, see BENCHMARKS.md, datapath)", _table_id),
+    _Param("rule_priority", "--rule-priority", "priority of the ip rule selecting --table when it is not main; "
+           "below main's (32766)", _priority),
     _Param("keepalive_interval_s", "--keepalive-interval", "the keepalive interval this agent proposes; the "
            "reflector clamps it to its range and the session runs at the smaller of it and the reflector's (as "
            "BGP's hold time); a reflector silent for 3 intervals is considered lost", cli_types.positive_float),

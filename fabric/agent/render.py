@@ -67,7 +67,8 @@ def render(
         )
         addresses.add(objects.Address(link=d.name, address=str(ipaddress.ip_interface(d.address))))
         family = socket.AF_INET if ipaddress.ip_interface(d.address).version == 4 else socket.AF_INET6
-        rules.add(objects.Rule(family=family, table=table, priority=rule_priority))
+        if table != objects.RT_TABLE_MAIN:
+            rules.add(objects.Rule(family=family, table=table, priority=rule_priority))
 
     next_hops: set[tuple[str, str]] = set()
     for p in state.peers:
@@ -84,7 +85,8 @@ def render(
                 if r.device == prog.device and ipaddress.ip_address(r.via).is_unspecified:
                     next_hops.add((r.device, r.via))
                     family = socket.AF_INET if ipaddress.ip_address(r.via).version == 4 else socket.AF_INET6
-                    rules.add(objects.Rule(family=family, table=table, priority=rule_priority))
+                    if table != objects.RT_TABLE_MAIN:
+                        rules.add(objects.Rule(family=family, table=table, priority=rule_priority))
 
     for r in state.routes:
         if r.vias:

@@ -191,7 +191,9 @@ class Dataplane(Protocol):
     def del_nexthops(self, ids: Sequence[int]) -> list[BatchError]: ...
     def set_nexthop_groups(self, entries: Sequence[NexthopGroup], *, replace: bool) -> list[BatchError]: ...
 
-    def list_routes(self, table: int, protocol: int) -> list[NhRoute]: ...
+    def list_routes(self, table: int, protocol: int) -> list[NhRoute]:
+        """Routes of ``protocol`` in ``table`` (0: in every table)."""
+
     def add_routes(self, entries: Sequence[NhRoute], *, replace: bool = False) -> list[BatchError]: ...
     def del_routes(self, entries: Sequence[NhRoute]) -> list[BatchError]: ...
 
@@ -718,7 +720,7 @@ class KernelDataplane:
                 attrs = rawnl.parse_attrs(body, 12, len(body))
                 if rawnl.RTA_TABLE in attrs:
                     tbl = rawnl.u32(attrs[rawnl.RTA_TABLE])
-                if tbl != table:
+                if table and tbl != table:
                     continue
                 dst = attrs.get(rawnl.RTA_DST)
                 dst_ip = _ip_text(dst) if dst else ("::" if family == socket.AF_INET6 else "0.0.0.0")
@@ -727,7 +729,7 @@ class KernelDataplane:
                 gw = attrs.get(rawnl.RTA_GATEWAY)
                 out.append(
                     NhRoute(
-                        table=table,
+                        table=tbl,
                         dst=f"{dst_ip}/{dst_len}",
                         nhid=rawnl.u32(nh) if nh else 0,
                         protocol=proto,

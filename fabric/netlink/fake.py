@@ -394,7 +394,7 @@ class FakeDataplane:
 
     def list_routes(self, table: int, protocol: int) -> list[NhRoute]:
         self._check("list_routes", table)
-        return [r for r in self.routes.values() if r.table == table and r.protocol == protocol]
+        return [r for r in self.routes.values() if table in (0, r.table) and r.protocol == protocol]
 
     def add_routes(self, entries: Sequence[NhRoute], *, replace: bool = False) -> list[BatchError]:
         def one(e: object) -> None:

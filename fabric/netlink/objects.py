@@ -34,8 +34,17 @@ import dataclasses
 #: Route protocol number that marks routes, nexthops and rules as ours (rt_protos has 0-4,
 #: 8-16, 18, 42, 99, 186-192 taken; 75 is free and reads as 'K' for Kosmos).
 RTPROT_FABRIC = 75
-#: Our policy-routing table and the priority of the rule that selects it (Kosmos used 200/200).
-DEFAULT_TABLE = 200
+#: The kernel's main table. Our routes live there by default, owned by their protocol like
+#: Calico's and Cilium's, and no ip rule is needed. A table of our own (Kosmos used 200, with a
+#: rule at priority 200) is an option (``--table``), at a price measured by ``bench datapath``
+#: (its ``routes_only_*`` rows, BENCHMARKS.md): any rule besides the kernel's own three makes
+#: every IPv4 lookup walk the rule list and look up ``local`` and our table apart instead of one
+#: merged trie, and makes source validation do a full lookup too. On a forwarding node that was
+#: 5-7 % of all CPU under load and cost the cross-cluster path 5-8 % of its throughput.
+RT_TABLE_MAIN = 254
+#: Where fabric routes go unless configured otherwise, and the priority of the rule that selects
+#: any other table (below main's 32766, so our routes win over main's for the same prefix).
+DEFAULT_TABLE = RT_TABLE_MAIN
 DEFAULT_RULE_PRIORITY = 200
 
 

@@ -1,9 +1,11 @@
 """Owner of our routes and of the nexthop objects they point at.
 
-Ownership: routes in our table with protocol ``RTPROT_FABRIC`` (a route in our table with
-another protocol is someone else's: never replaced, never deleted; our delete messages carry
-the protocol so the kernel enforces it too), and nexthop objects with protocol
-``RTPROT_FABRIC``.
+Ownership: routes with protocol ``RTPROT_FABRIC`` (a route with another protocol is someone
+else's, in our table too: never replaced, never deleted; our delete messages carry the protocol
+so the kernel enforces it too), and nexthop objects with protocol ``RTPROT_FABRIC``. Ours are
+programmed in one table (``main`` by default); ours found in any other table were left by an
+earlier ``--table`` (before 2026-12, the default was a table 200 of our own) and are deleted
+like any route we no longer want.
 
 Why nexthop objects: a P2P node has one route per remote node, each with its own gateway, and
 the kernel slows down badly with many distinct gateways (5.8k routes/s at 10,000, measured in
@@ -46,6 +48,8 @@ from fabric.netlink.objects import RTPROT_FABRIC, Route
 from fabric.netlink.report import TableStats
 
 _log = logging.getLogger(__name__)
+#: ``list_routes`` of this table lists every table.
+RT_TABLE_UNSPEC = 0
 NH_ID_BASE = 0x4B000000
 NH_ID_LIMIT = 0x4C000000
 
@@ -106,7 +110,8 @@ class RouteOwner:
         self._nh_by_key = {}
         for nhid in sorted(self._nh_owned):
             self._nh_by_key.setdefault(self._nh_owned[nhid], nhid)
-        self._routes = {(r.table, r.dst): r.nhid for r in self._dp.list_routes(self._table, RTPROT_FABRIC)}
+        # Every table (RT_TABLE_UNSPEC): ours left in another table are not desired, so they go.
+        self._routes = {(r.table, r.dst): r.nhid for r in self._dp.list_routes(RT_TABLE_UNSPEC, RTPROT_FABRIC)}
 
     def desired_counts(self) -> tuple[int, int]:
         """(nexthops, routes) we want."""

@@ -53,9 +53,9 @@ def _bridge_packets(lab: Lab, gw: str) -> tuple[int, int]:
 
 
 def _group(lab: Lab, netns: str, dst: str) -> list[str]:
-    """The gateways of the resilient group the route to ``dst`` in table 200 uses."""
+    """The gateways of the resilient group the route to ``dst`` (main table) uses."""
     nhs = {nh["id"]: nh for nh in lab.ipj(netns, "nexthop", "show")}
-    (route,) = [r for r in lab.ipj(netns, "route", "show", "table", "200") if r["dst"] == dst]
+    (route,) = [r for r in lab.ipj(netns, "route", "show", "table", "main") if r["dst"] == dst]
     grp = nhs[route["nhid"]]
     assert grp.get("type") == "resilient", grp
     return [nhs[m["id"]]["gateway"] for m in grp["group"]]

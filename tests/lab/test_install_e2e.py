@@ -98,7 +98,7 @@ class InstallLab(KubeLab):
         return str(self.nodes()[key]["netns"])
 
     def fabric_routes(self, key: str) -> list[str]:
-        routes = self.ipj(self.node_ns(key), "route", "show", "table", str(objects.DEFAULT_TABLE))
+        routes = self.ipj(self.node_ns(key), "route", "show", "table", "all", "proto", str(objects.RTPROT_FABRIC))
         return [r["dst"] for r in routes]
 
     def state(self) -> LabState:
@@ -342,8 +342,8 @@ def test_install_join_patch_reject_unjoin(ilab: InstallLab, tmp_path: Path) -> N
         links = [ln["ifname"] for ln in lab.ipj(ns, "link")]
         assert not [n for n in links if n.startswith("vx-")], (key, links)
         assert lab.fabric_routes(key) == [], key
-        rules = lab.ipj(ns, "rule")
-        assert not [r for r in rules if str(r.get("table")) == str(objects.DEFAULT_TABLE)], rules
+        rules = lab.ipj(ns, "-d", "rule")
+        assert not [r for r in rules if str(r.get("protocol")) == str(objects.RTPROT_FABRIC)], rules
     lab.tool("unjoin", "west", "--lab", lab.name, "--timeout", "30")  # idempotent
 
     lab.tool("unjoin", "east", "--lab", lab.name, "--timeout", "60")

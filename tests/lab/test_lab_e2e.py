@@ -42,7 +42,7 @@ class Monitor:
 
 def _deleted(lines: list[str]) -> list[str]:
     # Pod-side veth neighbours age and are refreshed by the kernel; only our tables matter.
-    return [ln for ln in lines if "Deleted" in ln and ("vx-" in ln or "table 200" in ln or "proto 75" in ln)]
+    return [ln for ln in lines if "Deleted" in ln and ("vx-" in ln or "proto 75" in ln)]
 
 
 def _fdb(ns: str) -> list[dict[str, str]]:
@@ -125,23 +125,23 @@ def test_03_reflector_loss_keeps_traffic_and_restart_does_not_flap(lab: Lab, tmp
 def test_04_drift_is_repaired_and_foreign_entries_untouched(lab: Lab) -> None:
     ns = lab.nodes()["east/e1"]["netns"]
     # Foreign objects: a route in our table with another protocol, a rule, a neighbour elsewhere.
-    lab.nsrun(ns, "ip", "route", "add", "192.0.2.0/24", "dev", "lo", "table", "200", "proto", "static")
+    lab.nsrun(ns, "ip", "route", "add", "192.0.2.0/24", "dev", "lo", "table", "main", "proto", "static")
     lab.nsrun(ns, "ip", "rule", "add", "pref", "300", "table", "300")
     lab.nsrun(ns, "ip", "neigh", "add", "198.18.200.200", "lladdr", "02:00:00:00:00:99", "dev", "eth0",
               "nud", "permanent")
 
-    routes = lab.ipj(ns, "route", "show", "table", "200", "proto", "75")
+    routes = lab.ipj(ns, "route", "show", "table", "main", "proto", "75")
     neighs = lab.ipj(ns, "neigh", "show", "dev", "vx-bridge", "nud", "permanent")
     fdb = _fdb(ns)
     assert routes and neighs and fdb
     victim_route, victim_neigh, victim_fdb = routes[0], neighs[0], fdb[0]
-    lab.nsrun(ns, "ip", "route", "del", victim_route["dst"], "table", "200")
+    lab.nsrun(ns, "ip", "route", "del", victim_route["dst"], "table", "main")
     lab.nsrun(ns, "ip", "neigh", "del", victim_neigh["dst"], "dev", "vx-bridge")
     subprocess.run(["bridge", "-n", ns, "fdb", "del", victim_fdb["mac"], "dev", "vx-bridge", "dst",
                     victim_fdb["dst"]], check=True)
 
     def repaired() -> bool:
-        r = {x["dst"] for x in lab.ipj(ns, "route", "show", "table", "200", "proto", "75")}
+        r = {x["dst"] for x in lab.ipj(ns, "route", "show", "table", "main", "proto", "75")}
         n = {x["dst"] for x in lab.ipj(ns, "neigh", "show", "dev", "vx-bridge", "nud", "permanent")}
         f = {(x["mac"], x["dst"]) for x in _fdb(ns)}
         return victim_route["dst"] in r and victim_neigh["dst"] in n and (victim_fdb["mac"], victim_fdb["dst"]) in f
@@ -152,7 +152,7 @@ def test_04_drift_is_repaired_and_foreign_entries_untouched(lab: Lab) -> None:
     t0 = time.monotonic()
     lab.nsrun(ns, "ip", "link", "del", "vx-bridge")
     wait_until(
-        lambda: lab.ipj(ns, "route", "show", "table", "200", "proto", "75"),
+        lambda: lab.ipj(ns, "route", "show", "table", "main", "proto", "75"),
         RESYNC_S * 1.2 + 5,
         "vx-bridge and its routes back",
     )
@@ -161,10 +161,10 @@ def test_04_drift_is_repaired_and_foreign_entries_untouched(lab: Lab) -> None:
     assert lab.check()["failed"] == 0
 
     # Foreign entries survived every pass above.
-    assert lab.ipj(ns, "route", "show", "table", "200", "192.0.2.0/24")
+    assert lab.ipj(ns, "route", "show", "table", "main", "192.0.2.0/24")
     assert any(r.get("priority") == 300 for r in lab.ipj(ns, "rule", "show"))
     assert lab.ipj(ns, "neigh", "show", "198.18.200.200")
-    lab.nsrun(ns, "ip", "route", "del", "192.0.2.0/24", "table", "200")
+    lab.nsrun(ns, "ip", "route", "del", "192.0.2.0/24", "table", "main")
     lab.nsrun(ns, "ip", "rule", "del", "pref", "300")
     lab.nsrun(ns, "ip", "neigh", "del", "198.18.200.200", "dev", "eth0")
 

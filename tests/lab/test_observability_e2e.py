@@ -130,7 +130,7 @@ def test_every_metric_is_served_and_health_is_green(olab: Lab) -> None:
 def test_route_deleted_by_hand_is_a_drift_repair(olab: Lab) -> None:
     ns = olab.nodes()["east/e1"]["netns"]
     before = metric(scrape(olab, "east/e1"), "fabric_agent_drift_repairs_total")
-    run("ip", "-n", ns, "route", "del", "10.20.0.0/16", "table", "200")
+    run("ip", "-n", ns, "route", "del", "10.20.0.0/16", "table", "main")
     wait_until(
         lambda: metric(scrape(olab, "east/e1"), "fabric_agent_drift_repairs_total") > before,
         10,
@@ -149,7 +149,7 @@ def test_trace_is_green_then_names_the_broken_route_fdb_and_neighbour(olab: Lab)
 
     ns = olab.nodes()["east/e1"]["netns"]
     # Someone else's route replaces ours: no delete event, so it stays until the repair.
-    run("ip", "-n", ns, "route", "replace", "blackhole", "10.20.0.0/16", "table", "200")
+    run("ip", "-n", ns, "route", "replace", "blackhole", "10.20.0.0/16", "table", "main")
     try:
         rc, out = trace(olab, "east/e1/p0", "west/w3/p0")
         assert rc == 1 and "first failing hop: node east/e1 (route)" in out, out
@@ -157,7 +157,7 @@ def test_trace_is_green_then_names_the_broken_route_fdb_and_neighbour(olab: Lab)
         state = olab.tool("diagnose", "state", "east/e1", "--lab", olab.name, check=False)
         assert state.returncode == 1 and "- missing   dst=10.20.0.0/16" in state.stdout, state.stdout
     finally:
-        run("ip", "-n", ns, "route", "del", "10.20.0.0/16", "table", "200", check=False)
+        run("ip", "-n", ns, "route", "del", "10.20.0.0/16", "table", "main", check=False)
         restart_agent(olab, "east/e1")
     assert trace(olab, "east/e1/p0", "west/w3/p0")[0] == 0
 

@@ -6,6 +6,7 @@ and checks the kernel state with ``ip -j`` / ``bridge -j`` rather than with our 
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import subprocess
 import threading
@@ -16,6 +17,7 @@ import pytest
 from fabric.netlink.dataplane import KernelDataplane, NhRoute, UnderlayError
 from fabric.netlink.events import EventMonitor
 from fabric.netlink.objects import (
+    RT_TABLE_MAIN,
     RTPROT_FABRIC,
     Address,
     FdbEntry,
@@ -162,6 +164,31 @@ def test_program_drift_repair_and_cleanup(netns: str, dp: KernelDataplane) -> No
     left = ipj(netns, "route", "show", "table", str(TABLE))
     assert [r["dst"] for r in left] == ["10.99.0.0/16"]  # the foreign route
     assert (300, str(TABLE)) in {(r.get("priority"), str(r.get("table"))) for r in ipj(netns, "rule", "show")}
+
+
+def test_moving_to_the_main_table_takes_our_old_table_and_rule_along(netns: str, dp: KernelDataplane) -> None:
+    """An agent upgraded from table 200 with its rule (the default before 2026-12) to ``main``:
+    the kernel's dump of every table finds our routes left in 200, they and the rule go, the
+    routes are in main (with our protocol), and someone else's route in table 200 stays."""
+    old = desired(dp)
+    rec = Reconciler(dp, table=TABLE, rule_priority=200, link_names=NAMES)
+    rec.set_desired(old)
+    assert rec.apply().failures == 0
+    sh(netns, "route", "add", "10.99.0.0/16", "via", "198.18.0.254", "dev", "ul0", "table", str(TABLE),
+       "proto", "static")  # fmt: skip
+    new = dataclasses.replace(
+        old, rules=frozenset(), routes=frozenset(dataclasses.replace(r, table=RT_TABLE_MAIN) for r in old.routes)
+    )
+    rec = Reconciler(dp, table=RT_TABLE_MAIN, rule_priority=200, link_names=NAMES)  # a restarted agent
+    rec.set_desired(new)
+    report = rec.apply()
+    assert report.failures == 0, report.first_error
+    assert [r["dst"] for r in ipj(netns, "route", "show", "table", str(TABLE))] == ["10.99.0.0/16"]
+    main = {r["dst"] for r in ipj(netns, "route", "show", "table", "main", "proto", str(RTPROT_FABRIC))}
+    assert main == {r.dst for r in old.routes}
+    assert not [r for r in ipj(netns, "-d", "rule", "show") if str(r.get("protocol")) == str(RTPROT_FABRIC)]
+    assert rec.programmed_counts() == rec.desired_counts()
+    assert rec.apply().changes == 0  # converged: a second pass changes nothing
 
 
 def test_raw_codec_round_trip(netns: str, dp: KernelDataplane) -> None:

@@ -13,7 +13,9 @@ BASE = ["--reflector", "10.0.0.1:4880", "--cluster", "east", "--node", "e1", "--
 def test_flags_parse_with_defaults() -> None:
     cfg = config.load(BASE, environ={})
     assert cfg.pod_cidrs == ("10.10.1.0/24",)
-    assert cfg.resync_period_s == 30.0 and cfg.table == 200
+    assert cfg.resync_period_s == 30.0 and cfg.table == 254  # main: no ip rule (BENCHMARKS.md, datapath)
+    assert config.load([*BASE, "--table", "main"], environ={}).table == 254
+    assert config.load([*BASE, "--table", "200"], environ={}).table == 200
 
 
 def test_environment_fills_missing_flags_and_flags_win() -> None:
@@ -27,7 +29,7 @@ def test_environment_fills_missing_flags_and_flags_win() -> None:
 @pytest.mark.parametrize(
     ("flag", "value", "words"),
     [
-        ("--table", "254", "main"),
+        ("--table", "255", "local"),
         ("--pod-cidr", "10.10.1.5/24", "10.10.1.5/24"),
         ("--underlay-ip", "nope", "nope"),
         ("--resync-period", "-1", "positive"),

@@ -159,8 +159,8 @@ def test_foreign_entries_untouched() -> None:
     dp.add_plain_link("eth1")
     foreign_route = NhRoute(TABLE, "10.99.0.0/16", 0, protocol=4, link="eth1", gateway="192.0.2.1")
     dp.routes[(TABLE, "10.99.0.0/16")] = foreign_route
-    main_route = NhRoute(254, "10.98.0.0/16", 0, protocol=RTPROT_FABRIC, link="eth1", gateway="192.0.2.1")
-    dp.routes[(254, "10.98.0.0/16")] = main_route  # ours by protocol but not in our table
+    main_route = NhRoute(254, "10.98.0.0/16", 0, protocol=4, link="eth1", gateway="192.0.2.1")
+    dp.routes[(254, "10.98.0.0/16")] = main_route  # someone else's, in another table
     foreign_rule = KernelRule(socket.AF_INET, TABLE, 300, 4)
     dp.rules.append(foreign_rule)
     dp.add_plain_link("vx-other", kind="vxlan")  # a vxlan not in our names
@@ -173,6 +173,30 @@ def test_foreign_entries_untouched() -> None:
     assert dp.routes == {(TABLE, "10.99.0.0/16"): foreign_route, (254, "10.98.0.0/16"): main_route}
     assert dp.rules == [foreign_rule]
     assert "vx-other" in dp.links
+
+
+def test_ours_left_in_another_table_by_an_earlier_table_setting_are_deleted() -> None:
+    """An agent that used table 200 with its rule (the default before 2026-12) and now runs with
+    ``main``: its old routes and rule go, someone else's route in table 200 stays."""
+    dp, ul = make_dp()
+    dp.add_plain_link("eth1")
+    old = reconciler(dp)  # our TABLE, with its rule
+    old.set_desired(state(ul))
+    assert old.apply().failures == 0
+    assert any(t == TABLE for t, _ in dp.routes) and dp.rules
+    foreign = NhRoute(TABLE, "10.99.0.0/16", 0, protocol=4, link="eth1", gateway="192.0.2.1")
+    dp.routes[(TABLE, "10.99.0.0/16")] = foreign
+    new = Reconciler(dp, table=254, rule_priority=200, link_names=NAMES)
+    desired = state(ul)
+    new.set_desired(dataclasses.replace(
+        desired,
+        rules=frozenset(),
+        routes=frozenset(dataclasses.replace(r, table=254) for r in desired.routes),
+    ))  # fmt: skip
+    assert new.apply().failures == 0
+    assert {k for k in dp.routes if k[0] == TABLE} == {(TABLE, "10.99.0.0/16")}
+    assert {r.dst for r in desired.routes} == {dst for t, dst in dp.routes if t == 254}
+    assert not [r for r in dp.rules if r.protocol == RTPROT_FABRIC]
 
 
 def test_dynamic_neighbour_ignored_but_extraneous_fdb_removed() -> None:

@@ -164,10 +164,10 @@ def cut_one(state: lab.LabState, procs: bc.Procs, gateway: str, run_after_s: flo
 
 
 def _group_size(netns: str, dst: str) -> int:
-    """Members of the nexthop group the route to ``dst`` (table 200) uses; 1 for a plain nexthop."""
+    """Members of the nexthop group the route to ``dst`` (main table) uses; 1 for a plain nexthop."""
     nhs = {nh["id"]: nh for nh in json.loads(subprocess.run(
         ["ip", "-n", netns, "-j", "nexthop", "show"], capture_output=True, text=True, check=True).stdout or "[]")}
-    routes = json.loads(subprocess.run(["ip", "-n", netns, "-j", "route", "show", "table", "200"],
+    routes = json.loads(subprocess.run(["ip", "-n", netns, "-j", "route", "show", "table", "main"],
                                        capture_output=True, text=True, check=True).stdout or "[]")  # fmt: skip
     for r in routes:
         if r["dst"] == dst and r.get("nhid") in nhs:

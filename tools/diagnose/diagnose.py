@@ -226,7 +226,7 @@ class Hop:
     what: str
     ok: bool
     detail: str
-    #: The broken object (for a failed hop), e.g. ``route 10.20.1.0/24 table 200``.
+    #: The broken object (for a failed hop), e.g. ``route 10.20.1.0/24 table 254``.
     broken: str = ""
 
 
