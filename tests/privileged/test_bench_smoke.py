@@ -65,9 +65,13 @@ def _figures(doc: dict[str, Any], name: str) -> dict[str, dict[str, Any]]:
 
 def test_datapath_measures_every_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     figs = _figures(_run(tmp_path, monkeypatch, "datapath"), "datapath")
-    assert set(figs) == {"throughput_1_stream", "throughput_4_streams", "ping_p50", "ping_p99", "tcp_rr"}
+    metrics = {"throughput_1_stream", "throughput_4_streams", "ping_p50", "ping_p99", "tcp_rr"}
+    assert set(figs) == metrics | {f"routes_only_{m}" for m in metrics}
     for metric, fig in figs.items():
-        for key in ("median", "baseline_median", "veth_baseline_median", "ratio", "veth_ratio"):
+        keys = ["median", "baseline_median", "ratio"]
+        if not metric.startswith("routes_only_"):
+            keys += ["veth_baseline_median", "veth_ratio", "vxlan_rt_baseline_median", "vxlan_rt_ratio"]
+        for key in keys:
             assert fig[key] is not None and math.isfinite(fig[key]) and fig[key] > 0, (metric, key)
 
 

@@ -60,6 +60,21 @@ def _doc() -> dict[str, Any]:
     }
 
 
+def test_paired_ratios_cancel_drift_between_rounds() -> None:
+    """Round 2 ran at half speed for both paths: the paired ratio sees ours 10 % below the
+    baseline in every round. The ratio of the medians compares samples of different rounds."""
+    ours, base = [9.0, 4.5, 9.0], [10.0, 5.0, 10.0]
+    assert bc.paired_ratio(ours, base, True) == pytest.approx(0.9)
+    assert bc.paired_ratio([110.0, 55.0], [100.0, 50.0], False) == pytest.approx(100 / 110)
+    # Per round 0.9, 1.2, 0.8; the medians (6 vs 5) come from different rounds.
+    ours, base = [9.0, 6.0, 4.0], [10.0, 5.0, 5.0]
+    assert bc.figure(ours, {"": base}, higher_is_better=True, paired=True)["ratio"] == pytest.approx(0.9)
+    assert bc.figure(ours, {"": base}, higher_is_better=True)["ratio"] == pytest.approx(1.2)
+    with pytest.raises(ValueError, match="different lengths"):
+        bc.paired_ratio([1.0], [1.0, 2.0], True)
+    assert math.isnan(bc.paired_ratio([1.0], [0.0], True))
+
+
 def test_markdown_has_the_machine_the_date_every_figure_and_the_notes(tmp_path: Path) -> None:
     src = tmp_path / "run.json"
     src.write_text(json.dumps(_doc()))

@@ -105,19 +105,42 @@ def ratio(ours: float, base: float, higher_is_better: bool) -> float:
     return num / den
 
 
-def figure(ours: Sequence[float], baselines: dict[str, Sequence[float]], *, higher_is_better: bool) -> Figure:
+def figure(
+    ours: Sequence[float], baselines: dict[str, Sequence[float]], *, higher_is_better: bool, paired: bool = False
+) -> Figure:
     """Our spread, each baseline's spread and the ratios of the medians.
 
     ``baselines`` maps a name to samples; the name ``""`` is *the* baseline (keys
     ``baseline_median`` ..., ``ratio``), others get prefixed keys (``veth_baseline_median``,
     ``veth_ratio``).
+
+    ``paired``: sample *i* of every list was measured in the same round, next to each other, so
+    the ratio is the median of the per-round ratios (see :func:`paired_ratio`) instead of the
+    ratio of the medians.
     """
     out = spread(ours)
     for name, samples in baselines.items():
         pre = f"{name}_" if name else ""
         out.update(spread(samples, f"{pre}baseline_"))
-        out[f"{pre}ratio"] = ratio(out["median"], out[f"{pre}baseline_median"], higher_is_better)
+        if paired:
+            out[f"{pre}ratio"] = paired_ratio(ours, samples, higher_is_better)
+        else:
+            out[f"{pre}ratio"] = ratio(out["median"], out[f"{pre}baseline_median"], higher_is_better)
     return out
+
+
+def paired_ratio(ours: Sequence[float], base: Sequence[float], higher_is_better: bool) -> float:
+    """The median of the round-by-round ratios ``ours[i]`` : ``base[i]``.
+
+    On a shared machine throughput drifts by tens of per cent between rounds (other work, CPU
+    frequency), far more than two paths differ; two measurements taken seconds apart see the same
+    drift, so their ratio cancels it where the ratio of the medians does not.
+    """
+    if len(ours) != len(base):
+        raise ValueError(f"paired samples of different lengths: {len(ours)} vs {len(base)}")
+    rounds = (ratio(a, b, higher_is_better) for a, b in zip(ours, base, strict=True))
+    per_round = [r for r in rounds if math.isfinite(r)]
+    return statistics.median(per_round) if per_round else float("nan")
 
 
 def percentile(values: Sequence[float], p: float) -> float:

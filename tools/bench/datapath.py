@@ -11,7 +11,19 @@ Three paths, measured round-robin in every round (so machine noise hits them ali
   MTU 1450, static neighbour + FDB entry for the other node, a route to the other pod CIDR via
   its overlay address), and one pod per node behind a veth with the lab's Calico-style plumbing
   (pod /32, 169.254.1.1 default gateway answered by proxy ARP on the node side).
+* **vxlan_rt** — the vxlan twin again, but with the remote pod CIDR routed the way the agent
+  routed it with ``--table 200`` (a nexthop object, the route in table 200 behind an ip rule,
+  protocol 75; the default before 2026-12; the default now is the main table, no rule).
+  ``ours`` : ``vxlan_rt`` is everything else the fabric's path has (nothing else, when this
+  benchmark was last examined: no tc/XDP program, no nftables table, no conntrack entry, no packet
+  socket, identical sysctls, offloads and MTUs in every namespace); the ``routes_only_*`` rows are
+  ``vxlan_rt`` : ``vxlan``, what the routing shape alone costs.
 * **veth** — two namespaces joined by one veth pair: the floor no overlay can beat.
+
+Rounds rotate the order of the paths, and every ratio is *paired*: the median over rounds of
+that round's ratio (``tools.bench.common.paired_ratio``). On this shared 2-vCPU machine one
+path's throughput drifts by tens of per cent from round to round, far more than the paths differ;
+two paths measured seconds apart see the same drift, which the per-round ratio cancels.
 
 Metrics: iperf3 TCP throughput with 1 and 4 streams (Gb/s, receiver side), ping round trip p50
 and p99 (µs, 10 ms interval) and TCP request/response rate (``tools.bench.rr``, both ends pinned
@@ -28,6 +40,7 @@ import os
 from collections.abc import Iterator
 
 from fabric import netns as namespaces
+from fabric.netlink.objects import DEFAULT_RULE_PRIORITY, DEFAULT_TABLE, RTPROT_FABRIC
 from tools.bench import common as bc
 
 _log = logging.getLogger(__name__)
@@ -78,8 +91,15 @@ def _sysctl(netns: str, values: dict[str, str]) -> None:
 
 
 @contextlib.contextmanager
-def vxlan_path() -> Iterator[Path]:
-    """The hand-built kernel-vxlan twin of the lab's P2P path (see the module docstring)."""
+def vxlan_path(*, rule: bool = False, nexthop: bool = False, name: str = "vxlan") -> Iterator[Path]:
+    """The hand-built kernel-vxlan twin of the lab's P2P path (see the module docstring).
+
+    With ``rule`` and ``nexthop`` the route to the other pod CIDR is programmed the way the agent
+    programs it: in the fabric's own table selected by an ip rule (``rule``), through a nexthop
+    object ``onlink`` via the other node's overlay address (``nexthop``), with the fabric's route
+    protocol. That twin isolates what the fabric's routing shape costs from everything else on
+    the path; each flag alone tells the two parts apart.
+    """
     p = bc.unique()
     ul, nodes, pods = f"{p}-ul", [f"{p}-a", f"{p}-b"], [f"{p}-pa", f"{p}-pb"]
     all_ns = [*pods, *nodes, ul]
@@ -109,7 +129,7 @@ def vxlan_path() -> Iterator[Path]:
                 f"addr add {overlay[i]}/10 dev vx0",
                 "link set vx0 up",
                 f"neigh replace {overlay[j]} lladdr {macs[j]} dev vx0 nud permanent",
-                f"route replace {pod_cidrs[j]} via {overlay[j]} dev vx0 onlink",
+                *_route(pod_cidrs[j], overlay[j], rule=rule, nexthop=nexthop),
                 f"link add veth-p0 type veth peer name eth0 netns {pods[i]}",
                 "link set veth-p0 up",
                 f"route replace {pod_ips[i]}/32 dev veth-p0",
@@ -124,9 +144,23 @@ def vxlan_path() -> Iterator[Path]:
                 "route replace 169.254.1.1 dev eth0 scope link",
                 "route replace default via 169.254.1.1 dev eth0",
             ])  # fmt: skip
-        yield Path("vxlan", pods[0], pods[1], pod_ips[1])
+        yield Path(name, pods[0], pods[1], pod_ips[1])
     finally:
         bc.delete_netns(all_ns)
+
+
+def _route(cidr: str, via: str, *, rule: bool, nexthop: bool) -> list[str]:
+    """``ip`` commands routing ``cidr`` over vx0 via ``via``: plainly in the main table, or with
+    the parts of the agent's routing shape (fabric.netlink.objects: table and rule priority 200,
+    route protocol 75, nexthop objects)."""
+    proto = RTPROT_FABRIC
+    table = f" table {DEFAULT_TABLE} protocol {proto}" if rule else ""
+    cmds = [f"rule add priority {DEFAULT_RULE_PRIORITY} lookup {DEFAULT_TABLE} protocol {proto}"] if rule else []
+    if nexthop:
+        cmds += [f"nexthop add id 1 via {via} dev vx0 onlink protocol {proto}", f"route replace {cidr} nhid 1{table}"]
+    else:
+        cmds += [f"route replace {cidr} via {via} dev vx0 onlink{table}"]
+    return cmds
 
 
 @contextlib.contextmanager
@@ -170,23 +204,35 @@ def run(opts: bc.Options) -> bc.Report:
         paths = [
             Path("ours", pods.src_ns, pods.dst_ns, pods.dst_ip),
             stack.enter_context(vxlan_path()),
+            stack.enter_context(vxlan_path(rule=True, nexthop=True, name="vxlan_rt")),
             stack.enter_context(veth_path()),
         ]
         for path in paths:
             bc.check_reachable(path.name, path.src_ns, path.dst_ip)
         for rnd in range(repeat):
-            for path in paths:
+            # Rotate the order each round: no path always runs first (after another path's load).
+            for path in paths[rnd % len(paths):] + paths[: rnd % len(paths)]:
                 bc.progress(NAME, f"round {rnd + 1}/{repeat}: {path.name} path (iperf3 {s.iperf_s:g}s x2, "
                             f"{s.pings} pings, TCP RR {s.rr_s:g}s on vCPU {cpu})")  # fmt: skip
                 for metric, value in _measure(procs, path, s, cpu).items():
                     samples.setdefault(metric, {}).setdefault(path.name, []).append(value)
     for metric, by in samples.items():
+        higher = HIGHER_IS_BETTER[metric]
         report.figures[metric] = bc.figure(
-            by["ours"], {"": by["vxlan"], "veth": by["veth"]}, higher_is_better=HIGHER_IS_BETTER[metric]
+            by["ours"], {"": by["vxlan"], "vxlan_rt": by["vxlan_rt"], "veth": by["veth"]}, higher_is_better=higher,
+            paired=True,
+        )  # fmt: skip
+        # What the fabric's routing shape alone costs: the hand-built path with it vs without it.
+        report.figures[f"routes_only_{metric}"] = bc.figure(
+            by["vxlan_rt"], {"": by["vxlan"]}, higher_is_better=higher, paired=True
         )
+        report.units[f"routes_only_{metric}"] = UNITS[metric]
     report.notes.append(
         "baseline = the same pod/node shape over a hand-built kernel vxlan (static FDB/neighbour/route, no fabric); "
-        "veth = two namespaces on one veth pair. TCP RR uses a Python 1-byte ping-pong with both ends on "
+        "vxlan_rt = that path with its route in table 200 behind an ip rule through a nexthop object (the agent's "
+        "--table 200; the default is main), routes_only_* = vxlan_rt vs baseline: what such a rule costs; "
+        "veth = two namespaces on one veth pair. Paths run in a rotating order; every ratio is the median of "
+        "per-round ratios (paired). TCP RR uses a Python 1-byte ping-pong with both ends on "
         f"vCPU {cpu}; its Python cost is the same on every path, so its ratios understate path differences."
     )
     return report
