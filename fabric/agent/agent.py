@@ -31,8 +31,9 @@ Life of an agent
    one delete outside what we own; carrier.py's header says why it is safe.
 9. While the plan routes anything over several active gateways (``RouteEntry.vias``), each
    pass keeps the namespace's ``net.ipv4.fib_multipath_hash_seed`` at the fabric's seed
-   (derived from the fabric CA, or ``--multipath-hash-seed``) before it programs the routes, so
-   every node hashes a flow alike and its replies cross the gateway of its requests
+   (derived from the fabric CA, or ``--multipath-hash-seed``), and for IPv6 ones the IPv6 hash
+   on addresses only, before it programs the routes, so every node hashes a flow alike and its
+   replies cross the gateway of its requests
    (:mod:`fabric.agent.multipath` says why, and what the kernel does with it).
 
 Passes run in one worker thread (netlink calls block); the session, timers and HTTP
@@ -184,7 +185,7 @@ class Agent(control_client.SessionHandler):
             else None
         )
         #: The fabric-wide multipath hash seed, set while the plan has active/active routes.
-        self.multipath = multipath_mod.MultipathSeed(seed_source(cfg))
+        self.multipath = multipath_mod.MultipathHash(seed_source(cfg))
         self._pending = _Pending()
         self._wake = asyncio.Event()
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="reconcile")
@@ -428,7 +429,8 @@ class Agent(control_client.SessionHandler):
         self.reconciler.set_desired(desired)
         self._desired_kernel = desired
         # Before the routes: a new group's flows hash with the fabric's seed from their first packet.
-        seed = self.multipath.sync(self.dp, wanted=any(r.vias for r in state.routes))
+        multi = [r for r in state.routes if r.vias]
+        seed = self.multipath.sync(self.dp, wanted=bool(multi), ipv6=any(":" in r.dst for r in multi))
         self.metrics.multipath_hash_seed_set.set(1 if seed is not None else 0)
         report = self.reconciler.apply()
         # After the netlink tables: the devices the programs attach to exist now.

@@ -48,20 +48,29 @@ are stateless), only the failover gap of the reply direction comes back meanwhil
 When
 ----
 
-Only while the node's plan has a route over several gateways (``RouteEntry.vias``): the seed
-matters for nothing else of ours, and the sysctl is the node's (it re-keys every multipath
-route of the namespace, the node's own ECMP uplinks too), so a fabric without active/active
-gateways leaves it untouched, as ``activeGateways: 1`` promises. Once set it stays when the
-groups go (setting it back would re-key the node's other multipath routes a second time for
-nothing). Every pass compares and repairs it (cheap: one small file), like any drift. A
-kernel without the sysctl (< 6.11) is skipped with one log line; a failure to set it is logged
-and never fails the pass (routes still work, only the failover of reply directions is worse).
+Only while the node's plan has a route over several gateways (``RouteEntry.vias``; the IPv6
+hash only for an IPv6 one): the hash matters for nothing else of ours, and the sysctls are the
+node's (they re-key every multipath route of the namespace, the node's own ECMP uplinks too),
+so a fabric without active/active gateways leaves them untouched, as ``activeGateways: 1``
+promises. Once set they stay when the groups go (setting them back would re-key the node's
+other multipath routes a second time for nothing). Every pass compares and repairs them
+(cheap: a few small files), like any drift. A kernel without the seed sysctl (< 6.11) is
+skipped with one log line; a failure to set one is logged and never fails the pass (routes
+still work, only the failover of reply directions is worse).
 
-The hash *policy* is left as the node has it: L3 (the default, 0) already spreads the flows of
-different host pairs, which is what gateways carry; ICMP and fragments hash by addresses under
-L4 too; and L4 would change the node's other multipath routes. Symmetry needs the same policy
-on every node; the agent logs the policies with the seed, and warns when they are not the
-kernel's default.
+The hash *policy*. One seed makes a flow's two directions hash alike only if what is hashed is
+symmetric. IPv4's default policy (0, L3) hashes the two addresses (ordered: symmetric), and it
+is left as the node has it: it already spreads the flows of different host pairs, which is
+what gateways carry, ICMP and fragments would hash by addresses under L4 anyway, and L4 would
+change the node's other multipath routes; a node whose IPv4 policy is not 0 is warned about (every
+node must use the same). IPv6's default policy (0) is *not* symmetric: ``rt6_multipath_hash``
+adds the flow label and the next header (``ip6_multipath_l3_keys``), and a flow's two
+directions carry different flow labels (each sender makes its own: ``auto_flowlabels``, keyed
+per boot, and an echo reply is another ICMPv6 type than its request). So while the plan has IPv6
+multipath routes, the agent sets ``net.ipv6.fib_multipath_hash_fields`` to source and destination
+address (3) and ``net.ipv6.fib_multipath_hash_policy`` to custom (3, Linux >= 5.12): IPv6 then
+hashes as IPv4's L3. The lab test found it: with IPv6's default, IPv6 flows' replies took
+another gateway than their requests. Like the seed, both stay set when the groups go.
 """
 
 from __future__ import annotations
@@ -78,7 +87,11 @@ from fabric.netlink import dataplane as dataplane_mod
 _log = logging.getLogger(__name__)
 
 SEED_SYSCTL = "net.ipv4.fib_multipath_hash_seed"
-POLICY_SYSCTLS = ("net.ipv4.fib_multipath_hash_policy", "net.ipv6.fib_multipath_hash_policy")
+IPV4_POLICY = "net.ipv4.fib_multipath_hash_policy"
+#: IPv6 hashed by source and destination address only: the custom policy (3) over the fields
+#: ``FIB_MULTIPATH_HASH_FIELD_SRC_IP | FIB_MULTIPATH_HASH_FIELD_DST_IP`` (0x0001 | 0x0002), in
+#: the order they are written (fields before the policy that reads them).
+IPV6_HASH = (("net.ipv6.fib_multipath_hash_fields", "3"), ("net.ipv6.fib_multipath_hash_policy", "3"))
 #: Domain separation: the CA's hash for this purpose is not its fingerprint.
 LABEL = b"kosmos-fabric multipath hash seed v1\0"
 #: ``--multipath-hash-seed`` values that are not numbers.
@@ -157,70 +170,104 @@ class SeedSource:
         raise SeedError("no fabric CA to derive the multipath hash seed from (" + "; ".join(problems) + ")")
 
 
-class MultipathSeed:
-    """Keeps :data:`SEED_SYSCTL` at the fabric's seed in the dataplane's namespace while the plan
-    has multipath routes (see the module docstring). Called from the reconcile worker."""
+class MultipathHash:
+    """Keeps the namespace's multipath hash alike on every node while the plan has multipath
+    routes (see the module docstring): :data:`SEED_SYSCTL` at the fabric's seed for any, and
+    IPv6 hashed by addresses only (:data:`IPV6_HASH`) for IPv6 ones. Called from the reconcile
+    worker, before the routes are programmed."""
 
     def __init__(self, source: SeedSource) -> None:
         self.source = source
         #: The seed the kernel holds because of us (None: not set, or not needed yet).
         self.applied: int | None = None
-        #: Why it is not applied (logged once per distinct reason): "" while nothing to say.
-        self._last_reason = ""
+        #: The IPv6 hash is addresses-only because of us.
+        self.ipv6_applied = False
+        #: Per concern, the last reason it is not applied (logged once per distinct reason).
+        self._reasons: dict[str, str] = {}
 
-    def sync(self, dp: dataplane_mod.Dataplane, wanted: bool) -> int | None:
-        """Make the kernel's seed the fabric's when ``wanted`` (the plan has routes with
-        ``vias``); returns the seed the kernel holds because of us, None otherwise. Never raises
-        for a kernel or file problem: it logs the reason once and tries again next pass."""
-        if not wanted:
-            return self.applied
+    def sync(self, dp: dataplane_mod.Dataplane, wanted: bool, ipv6: bool = False) -> int | None:
+        """Make the kernel's seed the fabric's when ``wanted`` (the plan has routes with ``vias``)
+        and the IPv6 hash addresses-only when ``ipv6`` (some of them are IPv6); returns the seed
+        the kernel holds because of us, None otherwise. Never raises for a kernel or file
+        problem: it logs the reason once and tries again next pass."""
+        if wanted:
+            self._sync_seed(dp)
+        if ipv6:
+            self._sync_ipv6(dp)
+        return self.applied
+
+    def _sync_seed(self, dp: dataplane_mod.Dataplane) -> None:
         try:
             resolved = self.source.resolve()
         except SeedError as e:
-            self._skip(f"{e}; the kernel keeps its own per-boot seed")
-            return self.applied
+            self._skip("seed", f"{e}; the kernel keeps its own per-boot seed")
+            return
         if resolved is None:
-            self._skip("--multipath-hash-seed off: the kernel keeps its own seed", logging.INFO)
-            return self.applied
+            self._skip("seed", "--multipath-hash-seed off: the kernel keeps its own seed", logging.INFO)
+            return
         seed, origin = resolved
         try:
             have = dp.read_sysctl(SEED_SYSCTL)
             if have is None:
-                self._skip(f"this kernel has no {SEED_SYSCTL} (added in Linux 6.11): multipath flows hash "
+                self._skip("seed", f"this kernel has no {SEED_SYSCTL} (added in Linux 6.11): multipath flows hash "
                            "with its per-boot seed, so replies may cross another gateway than their requests",
                            logging.INFO)
-                return None
+                self.applied = None
+                return
             if have == str(seed):
                 if self.applied != seed:
                     _log.info("multipath hash seed already %d (from %s)", seed, origin)
-                self.applied, self._last_reason = seed, ""
-                return seed
+                self.applied = seed
+                self._reasons.pop("seed", None)
+                return
             dp.write_sysctl(SEED_SYSCTL, str(seed))
         except dataplane_mod.DataplaneError as e:
-            self._skip(f"cannot set the multipath hash seed: {e}")
-            return self.applied
+            self._skip("seed", f"cannot set the multipath hash seed: {e}")
+            return
         level = logging.WARNING if have not in ("0", str(self.applied)) else logging.INFO
-        _log.log(level, "multipath hash seed set to %d (from %s; was %s%s); hash policies: %s", seed, origin, have,
-                 ", someone else's: replaced" if level == logging.WARNING else "", self._policies(dp))
-        self.applied, self._last_reason = seed, ""
-        return seed
+        _log.log(level, "multipath hash seed set to %d (from %s; was %s%s); IPv4 hash policy %s", seed, origin, have,
+                 ", someone else's: replaced" if level == logging.WARNING else "", self._ipv4_policy(dp))
+        self.applied = seed
+        self._reasons.pop("seed", None)
 
-    def _policies(self, dp: dataplane_mod.Dataplane) -> str:
-        """The hash policies, for the log; a warning when one is not the default L3 (0): every
-        node must hash alike for replies to follow their requests."""
-        out = []
-        for key in POLICY_SYSCTLS:
-            try:
-                value = dp.read_sysctl(key)
-            except dataplane_mod.DataplaneError as e:
-                value = f"unreadable ({e})"
-            out.append(f"{key}={value}")
-            if value not in (None, "0"):
-                _log.warning("%s is %s, not the default 0 (L3): every node of the fabric must use the same policy "
-                             "for a flow's replies to cross the gateway of its requests", key, value)
-        return ", ".join(out)
+    def _sync_ipv6(self, dp: dataplane_mod.Dataplane) -> None:
+        """Fields first, then the policy that uses them (the policy never points at stale fields)."""
+        changed = []
+        try:
+            for key, value in IPV6_HASH:
+                have = dp.read_sysctl(key)
+                if have is None:
+                    self._skip("ipv6", f"this kernel has no {key} (Linux < 5.12): IPv6 multipath keeps hashing the "
+                               "flow label, which differs between a flow's two directions", logging.INFO)
+                    self.ipv6_applied = False
+                    return
+                if have != value:
+                    dp.write_sysctl(key, value)
+                    changed.append(f"{key}={value} (was {have})")
+        except dataplane_mod.DataplaneError as e:
+            self._skip("ipv6", f"cannot make the IPv6 multipath hash addresses-only: {e}")
+            self.ipv6_applied = False
+            return
+        if changed or not self.ipv6_applied:
+            _log.info("IPv6 multipath hash by source and destination address only, as IPv4's L3 (a flow's two "
+                      "directions carry different flow labels): %s", ", ".join(changed) or "already so")
+        self.ipv6_applied = True
+        self._reasons.pop("ipv6", None)
 
-    def _skip(self, reason: str, level: int = logging.WARNING) -> None:
-        if reason != self._last_reason:
+    @staticmethod
+    def _ipv4_policy(dp: dataplane_mod.Dataplane) -> str:
+        """The IPv4 hash policy, for the log; a warning when it is not the default L3 (0): every
+        node must hash alike for replies to follow their requests, and the agent leaves it."""
+        try:
+            value = dp.read_sysctl(IPV4_POLICY)
+        except dataplane_mod.DataplaneError as e:
+            return f"unreadable ({e})"
+        if value not in (None, "0"):
+            _log.warning("%s is %s, not the default 0 (L3): every node of the fabric must use the same policy "
+                         "for a flow's replies to cross the gateway of its requests", IPV4_POLICY, value)
+        return str(value)
+
+    def _skip(self, concern: str, reason: str, level: int = logging.WARNING) -> None:
+        if self._reasons.get(concern) != reason:
             _log.log(level, "%s", reason)
-            self._last_reason = reason
+            self._reasons[concern] = reason

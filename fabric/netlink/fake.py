@@ -78,6 +78,7 @@ OPS = frozenset(
 DEFAULT_SYSCTLS = {
     "net.ipv4.fib_multipath_hash_policy": "0",
     "net.ipv6.fib_multipath_hash_policy": "0",
+    "net.ipv6.fib_multipath_hash_fields": "7",
     "net.ipv4.fib_multipath_hash_seed": "0",
 }
 

@@ -126,7 +126,7 @@ def _secure(cfg: config.AgentConfig) -> config.AgentConfig:
 
 def test_set_only_when_wanted_then_kept_and_repaired() -> None:
     dp = fake.FakeDataplane()
-    keeper = mp.MultipathSeed(mp.SeedSource("4242"))
+    keeper = mp.MultipathHash(mp.SeedSource("4242"))
     assert keeper.sync(dp, wanted=False) is None
     assert dp.sysctls[SEED] == "0" and not dp.ops, "set although no route is multipath"
     assert keeper.sync(dp, wanted=True) == 4242
@@ -142,14 +142,14 @@ def test_set_only_when_wanted_then_kept_and_repaired() -> None:
 def test_a_seed_already_in_place_is_not_rewritten() -> None:
     dp = fake.FakeDataplane()
     dp.sysctls[SEED] = "4242"
-    assert mp.MultipathSeed(mp.SeedSource("4242")).sync(dp, wanted=True) == 4242
+    assert mp.MultipathHash(mp.SeedSource("4242")).sync(dp, wanted=True) == 4242
     assert not dp.ops
 
 
 def test_an_older_kernel_without_the_sysctl_is_skipped_with_one_log_line(caplog: pytest.LogCaptureFixture) -> None:
     dp = fake.FakeDataplane()
     del dp.sysctls[SEED]
-    keeper = mp.MultipathSeed(mp.SeedSource("4242"))
+    keeper = mp.MultipathHash(mp.SeedSource("4242"))
     with caplog.at_level(logging.INFO, logger=mp.__name__):
         for _ in range(3):
             assert keeper.sync(dp, wanted=True) is None
@@ -161,7 +161,7 @@ def test_an_older_kernel_without_the_sysctl_is_skipped_with_one_log_line(caplog:
 def test_a_refused_write_is_logged_and_retried_never_raised(caplog: pytest.LogCaptureFixture) -> None:
     dp = fake.FakeDataplane()
     dp.fail_next("write_sysctl", errno.EPERM)
-    keeper = mp.MultipathSeed(mp.SeedSource("4242"))
+    keeper = mp.MultipathHash(mp.SeedSource("4242"))
     with caplog.at_level(logging.WARNING, logger=mp.__name__):
         assert keeper.sync(dp, wanted=True) is None
     assert "cannot set the multipath hash seed" in caplog.text and "EPERM" in caplog.text
@@ -169,21 +169,63 @@ def test_a_refused_write_is_logged_and_retried_never_raised(caplog: pytest.LogCa
     assert keeper.sync(dp, wanted=True) == 4242, "not retried on the next pass"
 
 
-def test_replacing_someone_elses_seed_and_a_non_default_policy_are_warned(caplog: pytest.LogCaptureFixture) -> None:
+def test_replacing_someone_elses_seed_and_a_non_default_ipv4_policy_are_warned(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     dp = fake.FakeDataplane()
     dp.sysctls[SEED] = "99"
-    dp.sysctls["net.ipv6.fib_multipath_hash_policy"] = "1"
+    dp.sysctls[mp.IPV4_POLICY] = "1"
     with caplog.at_level(logging.INFO, logger=mp.__name__):
-        assert mp.MultipathSeed(mp.SeedSource("4242")).sync(dp, wanted=True) == 4242
+        assert mp.MultipathHash(mp.SeedSource("4242")).sync(dp, wanted=True) == 4242
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("was 99" in w and "replaced" in w for w in warnings), warnings
-    assert any("net.ipv6.fib_multipath_hash_policy is 1" in w for w in warnings), warnings
+    assert any(f"{mp.IPV4_POLICY} is 1" in w for w in warnings), warnings
+    assert dp.sysctls[mp.IPV4_POLICY] == "1", "the agent changed the node's IPv4 policy"
+
+
+V6_FIELDS, V6_POLICY = (k for k, _ in mp.IPV6_HASH)
+
+
+def test_ipv6_hash_made_addresses_only_fields_first_and_only_for_ipv6_multipath() -> None:
+    dp = fake.FakeDataplane()
+    keeper = mp.MultipathHash(mp.SeedSource("4242"))
+    keeper.sync(dp, wanted=True, ipv6=False)
+    assert (dp.sysctls[V6_FIELDS], dp.sysctls[V6_POLICY]) == ("7", "0"), "IPv6 hash changed without IPv6 groups"
+    keeper.sync(dp, wanted=True, ipv6=True)
+    assert (dp.sysctls[V6_FIELDS], dp.sysctls[V6_POLICY]) == ("3", "3")
+    writes = [key for op, key in dp.ops if op == "write_sysctl"]
+    assert writes == [f"{SEED}=4242", f"{V6_FIELDS}=3", f"{V6_POLICY}=3"], writes
+    keeper.sync(dp, wanted=True, ipv6=True)
+    assert len(dp.ops) == 3, "an unchanged IPv6 hash was written again"
+    dp.sysctls[V6_POLICY] = "0"  # drift
+    keeper.sync(dp, wanted=True, ipv6=True)
+    assert dp.sysctls[V6_POLICY] == "3" and keeper.ipv6_applied
+
+
+def test_ipv6_hash_on_a_kernel_without_custom_fields_is_skipped_and_the_seed_still_set(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    dp = fake.FakeDataplane()
+    del dp.sysctls[V6_FIELDS]
+    keeper = mp.MultipathHash(mp.SeedSource("4242"))
+    with caplog.at_level(logging.INFO, logger=mp.__name__):
+        assert keeper.sync(dp, wanted=True, ipv6=True) == 4242
+        keeper.sync(dp, wanted=True, ipv6=True)
+    assert dp.sysctls[V6_POLICY] == "0" and not keeper.ipv6_applied
+    assert caplog.text.count("Linux < 5.12") == 1, caplog.text
+    dp.sysctls[V6_FIELDS] = "7"
+    dp.fail_next("write_sysctl", errno.EINVAL)
+    with caplog.at_level(logging.WARNING, logger=mp.__name__):
+        keeper.sync(dp, wanted=True, ipv6=True)
+    assert "cannot make the IPv6 multipath hash addresses-only" in caplog.text and not keeper.ipv6_applied
+    keeper.sync(dp, wanted=True, ipv6=True)
+    assert keeper.ipv6_applied and dp.sysctls[V6_POLICY] == "3"
 
 
 def test_a_missing_ca_leaves_the_kernel_alone_until_it_appears(tmp_path: Path, cas: tuple[bytes, bytes]) -> None:
     dp = fake.FakeDataplane()
     ca = tmp_path / pki.CA_FILE
-    keeper = mp.MultipathSeed(mp.SeedSource(mp.AUTO, (ca,)))
+    keeper = mp.MultipathHash(mp.SeedSource(mp.AUTO, (ca,)))
     assert keeper.sync(dp, wanted=True) is None and dp.sysctls[SEED] == "0"
     ca.write_bytes(cas[0])
     assert keeper.sync(dp, wanted=True) == mp.seed_from_ca(cas[0])
@@ -192,7 +234,7 @@ def test_a_missing_ca_leaves_the_kernel_alone_until_it_appears(tmp_path: Path, c
 
 def test_off_never_touches_the_kernel() -> None:
     dp = fake.FakeDataplane()
-    assert mp.MultipathSeed(mp.SeedSource(mp.OFF)).sync(dp, wanted=True) is None
+    assert mp.MultipathHash(mp.SeedSource(mp.OFF)).sync(dp, wanted=True) is None
     assert not dp.ops and dp.sysctls[SEED] == "0"
 
 
@@ -245,3 +287,4 @@ def test_the_agents_pass_sets_the_seed_only_for_a_plan_with_active_active_routes
     writes = [i for i, op in enumerate(dp.ops) if op[0] == "write_sysctl"]
     groups = [i for i, op in enumerate(dp.ops) if op[0] == "set_nexthop_group"]
     assert writes and groups and writes[0] < groups[0], f"the seed came after the group: {dp.ops}"
+    assert dp.sysctls[V6_POLICY] == "0", "an IPv4-only plan changed the IPv6 hash"
