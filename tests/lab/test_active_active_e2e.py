@@ -210,8 +210,7 @@ def _ip_key(family: int) -> str:
     return "ip" if family == 4 else "ip6"
 
 
-def _flows3(lab: Lab) -> list[Flow]:
-    pods = lab.pods()
+def _flows3(pods: dict[str, dict[str, Any]]) -> list[Flow]:
     return [(s, d) for s in sorted(pods) if s.startswith("east/") for d in sorted(pods) if d.startswith("west/w4/")]
 
 
@@ -230,23 +229,23 @@ def _owners(lab: Lab) -> dict[str, str]:
     return out
 
 
-def _picks(lab: Lab, owners: dict[str, str], src: str, dst: str, family: int) -> str:
+def _picks(lab: Lab, pods: dict[str, dict[str, Any]], owners: dict[str, str], src: str, dst: str, family: int) -> str:
     """The gateway the kernel of ``src``'s node picks for packets from pod ``src`` to pod
     ``dst`` (``ip route get ... iif``: the input path the pod's packets take, its multipath hash)."""
-    pods, k = lab.pods(), _ip_key(family)
+    k = _ip_key(family)
     ns, sip, dip = _node_ns(lab, src), pods[src][k], pods[dst][k]
     (to_pod,) = lab.ipj(ns, "route", "get", sip)
     (route,) = lab.ipj(ns, "route", "get", dip, "from", sip, "iif", to_pod["dev"])
     return owners[route["gateway"]]
 
 
-def predict(lab: Lab, flows: list[Flow], family: int) -> dict[Flow, str]:
+def predict(lab: Lab, pods: dict[str, dict[str, Any]], flows: list[Flow], family: int) -> dict[Flow, str]:
     """Per flow, the gateway of its requests; asserts its replies are picked to cross the same
     one (one seed and a symmetric hash on both ends: the point of fabric.agent.multipath)."""
     owners = _owners(lab)
     out = {}
     for src, dst in flows:
-        there, back = _picks(lab, owners, src, dst, family), _picks(lab, owners, dst, src, family)
+        there, back = _picks(lab, pods, owners, src, dst, family), _picks(lab, pods, owners, dst, src, family)
         assert there == back, f"IPv{family} {src} -> {dst}: requests via {there}, replies via {back}"
         out[(src, dst)] = there
     return out
@@ -260,17 +259,16 @@ def _counts(lab: Lab, family: int) -> dict[str, tuple[int, int]]:
     return out
 
 
-def _ping_fam(lab: Lab, src: str, dst: str, family: int, *args: str) -> subprocess.Popen[str]:
-    pods = lab.pods()
+def _ping_fam(pods: dict[str, dict[str, Any]], src: str, dst: str, family: int, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(["ip", "netns", "exec", pods[src]["netns"], "ping", f"-{family}", "-n", "-i", "0.01",
                              "-W", "1", *args, pods[dst][_ip_key(family)]],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
 
 
-def _alone(lab: Lab, flow: Flow, family: int) -> str:
+def _alone(lab: Lab, pods: dict[str, dict[str, Any]], flow: Flow, family: int) -> str:
     """The gateway that carried ``flow`` both ways while it ran alone (packet counts)."""
     before = _counts(lab, family)
-    _ping_fam(lab, *flow, family, "-q", "-c", str(CLASSIFY_COUNT)).communicate(timeout=60)
+    _ping_fam(pods, *flow, family, "-q", "-c", str(CLASSIFY_COUNT)).communicate(timeout=60)
     after = _counts(lab, family)
     rx = {g: after[g][0] - before[g][0] for g in GW3}
     tx = {g: after[g][1] - before[g][1] for g in GW3}
@@ -304,19 +302,20 @@ def test_three_active_gateways_all_carry_flows(aa3lab: Lab, family: int) -> None
     for node in ("east-e1", "east-e2"):
         assert len(_group(aa3lab, f"{aa3lab.name}-{node}", WEST_CIDR[family])) == 3
     assert len(_group(aa3lab, f"{aa3lab.name}-west-w4", EAST_CIDR[family])) == 3
-    flows = _flows3(aa3lab)
-    picked = predict(aa3lab, flows, family)
+    pods = aa3lab.pods()
+    flows = _flows3(pods)
+    picked = predict(aa3lab, pods, flows, family)
     share = {g: sum(1 for v in picked.values() if v == g) for g in GW3}
     print(f"\nIPv{family} flows per gateway: {share}")
     assert all(share.values()), f"a gateway carries none of the {len(flows)} flows: {share}"
     # The kernel's pick is what the packets do: one flow per gateway alone, both ways ...
     for g in GW3:
         flow = next(f for f, v in picked.items() if v == g)
-        assert _alone(aa3lab, flow, family) == g, f"IPv{family} {flow}: picked {g}"
+        assert _alone(aa3lab, pods, flow, family) == g, f"IPv{family} {flow}: picked {g}"
     # ... and all flows at once: each gateway's tunnel counts its flows' requests in, replies out
     # (plus the peers' probes: less than one flow's packets in this time).
     before = _counts(aa3lab, family)
-    pings = {f: _ping_fam(aa3lab, *f, family, "-q", "-c", str(SPREAD_COUNT)) for f in flows}
+    pings = {f: _ping_fam(pods, *f, family, "-q", "-c", str(SPREAD_COUNT)) for f in flows}
     for f, p in pings.items():
         out, _ = p.communicate(timeout=60)
         assert f" {SPREAD_COUNT} received" in out, f"IPv{family} {f} lost packets:\n{out[-400:]}"
@@ -329,8 +328,9 @@ def test_three_active_gateways_all_carry_flows(aa3lab: Lab, family: int) -> None
 
 
 def test_losing_one_of_three_moves_only_its_share_ipv4_and_ipv6(aa3lab: Lab) -> None:
-    flows = _flows3(aa3lab)
-    picked = {fam: predict(aa3lab, flows, fam) for fam in (4, 6)}
+    pods = aa3lab.pods()
+    flows = _flows3(pods)
+    picked = {fam: predict(aa3lab, pods, flows, fam) for fam in (4, 6)}
     cut = "w2"
     # Pinged: up to two flows per gateway and family (all 48 at 100/s would load the machine).
     pinged: list[tuple[int, Flow]] = []
@@ -339,7 +339,7 @@ def test_losing_one_of_three_moves_only_its_share_ipv4_and_ipv6(aa3lab: Lab) -> 
             pinged += [(fam, f) for f in [f for f, v in picked[fam].items() if v == g][:2]]
     assert {picked[fam][f] for fam, f in pinged} == set(GW3)
     count = 800  # 8 s at 10 ms
-    pings = {(fam, f): _ping_fam(aa3lab, *f, fam, "-D", "-c", str(count)) for fam, f in pinged}
+    pings = {(fam, f): _ping_fam(pods, *f, fam, "-D", "-c", str(count)) for fam, f in pinged}
     time.sleep(1.5)
     cut_at = time.time()
     aalab_e1 = f"{aa3lab.name}-east-e1"
@@ -351,7 +351,7 @@ def test_losing_one_of_three_moves_only_its_share_ipv4_and_ipv6(aa3lab: Lab) -> 
                    "the cut gateway to leave every group (east/e1, east/e2, west/w4)")  # fmt: skip
         # Only the cut gateway's share moved: every other flow is picked to the same gateway as
         # before, and the cut one's flows are spread over the survivors.
-        during = {fam: predict(aa3lab, [f for fm, f in pinged if fm == fam], fam) for fam in (4, 6)}
+        during = {fam: predict(aa3lab, pods, [f for fm, f in pinged if fm == fam], fam) for fam in (4, 6)}
         time.sleep(1.0)
     finally:
         aa3lab.lab("heal", f"west/{cut}")
