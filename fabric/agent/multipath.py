@@ -69,8 +69,7 @@ directions carry different flow labels (each sender makes its own: ``auto_flowla
 per boot, and an echo reply is another ICMPv6 type than its request). So while the plan has IPv6
 multipath routes, the agent sets ``net.ipv6.fib_multipath_hash_fields`` to source and destination
 address (3) and ``net.ipv6.fib_multipath_hash_policy`` to custom (3, Linux >= 5.12): IPv6 then
-hashes as IPv4's L3. The lab test found it: with IPv6's default, IPv6 flows' replies took
-another gateway than their requests. Like the seed, both stay set when the groups go.
+hashes as IPv4's L3. Like the seed, both stay set when the groups go.
 """
 
 from __future__ import annotations
