@@ -45,8 +45,10 @@ def _read_in(netns: str, key: str = mp.SEED_SYSCTL) -> str:
 
 
 def _groups(netns: str) -> None:
-    """Resilient groups of three gateways each for 10.50.0.0/16 and fd50::/64 on a dummy device."""
-    sh(netns, "link", "add", "d0", "type", "dummy")
+    """Resilient groups of three gateways each for 10.50.0.0/16 and fd50::/64 on a veth (the
+    ``dummy`` module is not everywhere)."""
+    sh(netns, "link", "add", "d0", "type", "veth", "peer", "name", "d1")
+    sh(netns, "link", "set", "d1", "up")
     sh(netns, "link", "set", "d0", "up")
     sh(netns, "addr", "add", "10.9.0.1/24", "dev", "d0")
     sh(netns, "addr", "add", "fd09::1/64", "dev", "d0", "nodad")
