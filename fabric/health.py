@@ -113,6 +113,12 @@ _ROLE = prometheus_client.Gauge(
     ["role"],
 )
 
+_MP_SEED = prometheus_client.Gauge(
+    "fabric_agent_multipath_hash_seed_set",
+    "1 while this node's namespace holds the fabric's multipath hash seed (set only while the node routes over "
+    "several active gateways; see fabric.agent.multipath), 0 otherwise",
+)
+
 
 class AgentMetrics:
     """Handles to the agent's metrics (one place to find them all)."""
@@ -137,6 +143,7 @@ class AgentMetrics:
     gateway_role = _ROLE
     certificate_expiry = _CERT_EXPIRY
     certificate_renewals = _CERT_RENEWALS
+    multipath_hash_seed_set = _MP_SEED
 
     def set_role(self, role: str) -> None:
         """Exactly one role series is 1 (a dashboard can sum by role over the fleet)."""

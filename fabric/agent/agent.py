@@ -29,6 +29,12 @@ Life of an agent
    *unresolved* neighbour entries (``INCOMPLETE``/``FAILED`` only) so the next probe solicits at
    once instead of at the kernel's next 1 s retransmit (issue 18: heal within 1 s). This is the
    one delete outside what we own; carrier.py's header says why it is safe.
+9. While the plan routes anything over several active gateways (``RouteEntry.vias``), each
+   pass keeps the namespace's ``net.ipv4.fib_multipath_hash_seed`` at the fabric's seed
+   (derived from the fabric CA, or ``--multipath-hash-seed``), and for IPv6 ones the IPv6 hash
+   on addresses only, before it programs the routes, so every node hashes a flow alike and its
+   replies cross the gateway of its requests
+   (:mod:`fabric.agent.multipath` says why, and what the kernel does with it).
 
 Passes run in one worker thread (netlink calls block); the session, timers and HTTP
 endpoints run on the asyncio loop. An unexpected exception anywhere is a bug: the process
@@ -57,6 +63,7 @@ from typing import Protocol
 from fabric import health, logs, nodeinfo, types
 from fabric.agent import carrier as carrier_mod
 from fabric.agent import config as config_mod
+from fabric.agent import multipath as multipath_mod
 from fabric.agent import probes as probes_mod
 from fabric.agent import quality as quality_mod
 from fabric.agent import render, xlate_metrics
@@ -177,6 +184,8 @@ class Agent(control_client.SessionHandler):
             if cfg.tls_dir and not cfg.insecure
             else None
         )
+        #: The fabric-wide multipath hash seed, set while the plan has active/active routes.
+        self.multipath = multipath_mod.MultipathHash(seed_source(cfg))
         self._pending = _Pending()
         self._wake = asyncio.Event()
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="reconcile")
@@ -419,6 +428,10 @@ class Agent(control_client.SessionHandler):
         )
         self.reconciler.set_desired(desired)
         self._desired_kernel = desired
+        # Before the routes: a new group's flows hash with the fabric's seed from their first packet.
+        multi = [r for r in state.routes if r.vias]
+        seed = self.multipath.sync(self.dp, wanted=bool(multi), ipv6=any(":" in r.dst for r in multi))
+        self.metrics.multipath_hash_seed_set.set(1 if seed is not None else 0)
         report = self.reconciler.apply()
         # After the netlink tables: the devices the programs attach to exist now.
         self.translator.apply(render.translator_plan(state), report.tables[translator_mod.TABLE])
@@ -610,6 +623,17 @@ def kernel_state_json(state: objects.KernelState) -> dict[str, list[dict[str, ob
         rows = [dataclasses.asdict(e) for e in getattr(state, f.name)]
         out[f.name] = sorted(rows, key=lambda r: json.dumps(r, sort_keys=True))
     return out
+
+
+def seed_source(cfg: config_mod.AgentConfig) -> multipath_mod.SeedSource:
+    """Where this agent's multipath hash seed comes from: the fabric CA of ``--tls-dir``, then of
+    ``--bootstrap-dir`` (a node still without its own certificate), unless set or off."""
+    dirs = [d for d in (cfg.tls_dir, cfg.bootstrap_dir) if d] if not cfg.insecure else []
+    return multipath_mod.SeedSource(
+        setting=cfg.multipath_hash_seed,
+        ca_files=tuple(tls.TLSDir(Path(d)).ca for d in dirs),
+        insecure=cfg.insecure,
+    )
 
 
 def gateway_role(state: types.NodeState) -> str:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from fabric import cli_types, logs, nodeinfo, types
+from fabric.agent import multipath as multipath_mod
 from fabric.netlink import objects
 
 
@@ -63,6 +64,9 @@ class AgentConfig:
     bootstrap_dir: str = ""
     #: Plaintext to the reflector instead (explicit; ``main`` refuses to start with neither).
     insecure: bool = False
+    #: ``net.ipv4.fib_multipath_hash_seed`` while the plan has active/active routes: ``auto``
+    #: (derived from the fabric CA, the same on every agent), ``off``, or a number (fabric.agent.multipath).
+    multipath_hash_seed: str = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +189,12 @@ PARAMS: tuple[_Param, ...] = (
     _Param("bootstrap_dir", "--bootstrap-dir", "a TLS directory holding this cluster's bootstrap certificate "
            "(bootstrap/<cluster>, from 'fabric-tool join'): when --tls-dir holds no usable certificate of this node, "
            "the agent makes a key and asks the reflector for one with it", _dir),
+    _Param("multipath_hash_seed", "--multipath-hash-seed", "the kernel's multipath hash seed "
+           "(net.ipv4.fib_multipath_hash_seed, Linux >= 6.11, IPv4 and IPv6) in this node's namespace while it "
+           "routes over several active gateways: 'auto' derives it from the fabric CA so every node hashes alike "
+           "(a flow's replies then cross the gateway of its requests, and a gateway's loss cuts only its own "
+           "flows); a number from 1 to 4294967295 sets it (the same on every node); 'off' leaves the kernel's",
+           multipath_mod.parse_setting),
 )
 
 

@@ -66,7 +66,18 @@ test checks it per flow, and cutting one gateway loses no packet of the other's 
 machines the hash is also seeded per boot unless ``net.ipv4.fib_multipath_hash_seed`` (kernel
 >= 6.11) is set to the same value on every node; without it, flows are spread on both sides
 independently: still correct (stateless), but a gateway's loss then also costs a short gap to
-the flows whose replies used it. Not done yet: the agent setting a common seed.
+the flows whose replies used it. So the agent sets one seed fabric-wide (derived from the fabric
+CA, or ``--multipath-hash-seed``) in its node's namespace while the plan has routes with
+``vias``, and hashes IPv6 by addresses only (IPv6's default policy hashes the flow label, which
+differs between a flow's two directions): :mod:`fabric.agent.multipath`. The seed keys IPv4,
+IPv6 and the resilient groups alike (read in the kernel source; tested on a real kernel in
+tests/privileged/test_multipath_seed_kernel.py).
+
+Symmetry also needs the two ends' bucket tables to agree. Fresh groups, and the removal of a
+member (its orphaned buckets are handed out at once, in bucket order), keep them equal; a
+member *added* back takes over buckets only as each goes idle on that node, so after a heal the
+two ends may disagree for the flows whose buckets moved on one side only until they idle there
+too (a short gap for those flows if a gateway is lost in that window).
 """
 
 from __future__ import annotations

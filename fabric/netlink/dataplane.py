@@ -11,6 +11,8 @@ Shape of the interface:
 * hot objects (neighbours, FDB entries, nexthops, routes) have *batch* calls: a list in, a list
   of :class:`BatchError` (index into the list, errno, reason) out. One bad entry never stops
   the others; the owner decides which errnos are harmless (``ENOENT`` on delete...);
+* per-namespace sysctls (``net.*`` only: :func:`sysctl_path`) are read and set in the
+  dataplane's own namespace (the agent's multipath hash seed);
 * ``list_*`` calls return what the kernel has, unfiltered by ownership except where the kernel
   can filter cheaply (routes by table and protocol); owners decide what is theirs.
 
@@ -43,15 +45,17 @@ import ipaddress
 import logging
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from fabric import netns as namespaces
 from fabric.netlink import rawnl
 from fabric.netlink.objects import RTPROT_FABRIC, Address, DeviceLink, FdbEntry, Link, Neighbour, Rule, VxlanLink
 
 _log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 ZERO_MAC = "00:00:00:00:00:00"
 
@@ -197,6 +201,14 @@ class Dataplane(Protocol):
     def add_routes(self, entries: Sequence[NhRoute], *, replace: bool = False) -> list[BatchError]: ...
     def del_routes(self, entries: Sequence[NhRoute]) -> list[BatchError]: ...
 
+    def read_sysctl(self, key: str) -> str | None:
+        """A per-network-namespace sysctl (``net.``...) of this dataplane's namespace, stripped;
+        None when the kernel has no such sysctl (too old, or the feature compiled out)."""
+        ...
+    def write_sysctl(self, key: str, value: str) -> None:
+        """Set a ``net.``... sysctl of this dataplane's namespace; DataplaneError on failure."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -245,6 +257,17 @@ def kernel_errno(exc: BaseException) -> int:
 def _nl_error(exc: Exception, what: str) -> DataplaneError:
     """``exc`` (one of :func:`kernel_errors`) as a DataplaneError with its own errno."""
     return DataplaneError(kernel_errno(exc), f"{what}: {exc}")
+
+
+def sysctl_path(key: str) -> Path:
+    """``/proc/sys`` path of ``key`` (``net.ipv4.fib_multipath_hash_seed``). Only ``net.``
+    sysctls: they are per network namespace (``/proc/sys/net`` shows the namespace of the task
+    that opens it), so writing one changes the dataplane's namespace and nothing else; any other
+    key is refused (ValueError), as it would change the whole machine."""
+    parts = key.split(".")
+    if len(parts) < 3 or parts[0] != "net" or any(not p or "/" in p or p in (".", "..") for p in parts):
+        raise ValueError(f"sysctl {key!r}: only per-namespace net.* sysctls may be read or set")
+    return Path("/proc/sys", *parts)
 
 
 class KernelDataplane:
@@ -376,6 +399,32 @@ class KernelDataplane:
             raise
         except kernel_errors() as exc:
             raise _nl_error(exc, f"add vxlan link {link.name} (vni {link.vni}, port {link.port})") from exc
+
+    def _in_netns(self, fn: Callable[[], T]) -> T:
+        """``fn`` run in this dataplane's namespace: here, or in a short-lived thread that entered
+        ``netns`` (what ``/proc/sys/net`` shows depends on the namespace of the opening thread)."""
+        return fn() if not self._netns else namespaces.run_in(self._netns, fn)
+
+    def read_sysctl(self, key: str) -> str | None:
+        path = sysctl_path(key)
+
+        def read() -> str | None:
+            try:
+                return path.read_text().strip()
+            except FileNotFoundError:
+                return None
+
+        try:
+            return self._in_netns(read)
+        except OSError as e:
+            raise DataplaneError(e.errno or errno.EIO, f"read sysctl {key} ({path}): {e.strerror or e}") from e
+
+    def write_sysctl(self, key: str, value: str) -> None:
+        path = sysctl_path(key)
+        try:
+            self._in_netns(lambda: path.write_text(value))
+        except OSError as e:
+            raise DataplaneError(e.errno or errno.EIO, f"set sysctl {key}={value} ({path}): {e.strerror or e}") from e
 
     def _enable_ipv6(self, name: str) -> None:
         """``disable_ipv6=0`` on a new tunnel device: a host with IPv6 disabled by default

@@ -18,8 +18,10 @@ the programming order. Faults: :meth:`fail_next` fails the next ``count`` entrie
 an errno; :meth:`fail_when` fails every entry matching a predicate until :meth:`clear_faults`.
 Op names: ``add_link update_link del_link add_address del_address add_rule del_rule
 set_neighbour del_neighbour add_fdb del_fdb add_nexthop set_nexthop_group del_nexthop add_route
-del_route`` and
-``list_<table>`` for dumps (a failing dump raises :class:`DataplaneError`).
+del_route write_sysctl`` and
+``list_<table>`` for dumps and ``read_sysctl`` (a failing read raises :class:`DataplaneError`).
+Sysctls live in :attr:`FakeDataplane.sysctls` (a kernel's defaults; delete a key to play an
+older kernel that lacks it).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from fabric.netlink.dataplane import (
     UnderlayError,
     UnderlayLink,
     is_flood_mac,
+    sysctl_path,
 )
 from fabric.netlink.objects import RTPROT_FABRIC, Address, DeviceLink, FdbEntry, Link, Neighbour, Rule
 
@@ -65,9 +68,19 @@ OPS = frozenset(
         "add_address", "add_fdb", "add_link", "add_nexthop", "add_route", "add_rule",
         "del_address", "del_fdb", "del_link", "del_neighbour", "del_nexthop", "del_route", "del_rule",
         "list_addresses", "list_fdb", "list_links", "list_neighbours", "list_nexthops", "list_routes",
-        "list_rules", "replace_route", "set_neighbour", "set_nexthop_group", "update_link",
+        "list_rules", "read_sysctl", "replace_route", "set_neighbour", "set_nexthop_group", "update_link",
+        "write_sysctl",
     }
 )
+
+
+#: The sysctls a fresh fake namespace has, at a kernel's defaults (6.11+: the hash seed exists).
+DEFAULT_SYSCTLS = {
+    "net.ipv4.fib_multipath_hash_policy": "0",
+    "net.ipv6.fib_multipath_hash_policy": "0",
+    "net.ipv6.fib_multipath_hash_fields": "7",
+    "net.ipv4.fib_multipath_hash_seed": "0",
+}
 
 
 class FakeDataplane:
@@ -83,6 +96,9 @@ class FakeDataplane:
         self.fdb: set[FdbEntry] = set()
         self.nexthops: dict[int, Nexthop] = {}
         self.routes: dict[tuple[int, str], NhRoute] = {}
+        #: Per-namespace sysctls by key (``net.ipv4.fib_multipath_hash_seed``); a key absent here
+        #: is one the kernel lacks (read gives None, write ENOENT), as on an older kernel.
+        self.sysctls: dict[str, str] = dict(DEFAULT_SYSCTLS)
         self.ops: list[tuple[str, str]] = []
         self._faults: dict[str, list[_Fault]] = {}
         self._next_ifindex = 10
@@ -419,3 +435,18 @@ class FakeDataplane:
             del self.routes[(e.table, e.dst)]
 
         return self._batch("del_route", entries, one)
+
+    # --- sysctls -----------------------------------------------------------------------------
+
+    def read_sysctl(self, key: str) -> str | None:
+        sysctl_path(key)
+        self._check("read_sysctl", key)
+        return self.sysctls.get(key)
+
+    def write_sysctl(self, key: str, value: str) -> None:
+        sysctl_path(key)
+        self._check("write_sysctl", key)
+        if key not in self.sysctls:
+            raise DataplaneError(errno.ENOENT, f"set sysctl {key}={value}: no such sysctl")
+        self.ops.append(("write_sysctl", f"{key}={value}"))
+        self.sysctls[key] = value
