@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Mapping
 
 from fabric import types
@@ -351,6 +352,9 @@ class IncrementalPlanner:
         #: has doubled since the last rebuild, so entries of nodes gone are not kept forever.
         self._canon: dict[types.Entry, types.Entry] = {}
         self._canon_rebuild_at = CANON_MIN_REBUILD
+        #: Time spent planning nodes in full (new nodes, changed viewers), cumulative: the
+        #: reflector bounds its flushes by it (see "Bounded flushes" in reflector.py).
+        self.full_plan_seconds = 0.0
 
     def entries(self, key: types.NodeKey) -> Mapping[str, types.Entry]:
         """The current plan of ``key`` as keyed entries (empty for an unknown node)."""
@@ -466,11 +470,13 @@ class IncrementalPlanner:
         self._canon_rebuild_at = max(CANON_MIN_REBUILD, 2 * len(self._canon))
 
     def _full(self, topology: types.Topology, key: types.NodeKey) -> types.StateDelta:
+        started = time.perf_counter()
         self.counter.full_plans += 1
         canon = self._canon
         new = {k: canon.setdefault(e, e) for k, e in plan(topology, key).entries().items()}
         delta = diff_entries(self._entries.get(key, {}), new)
         self._entries[key] = new
+        self.full_plan_seconds += time.perf_counter() - started
         return delta
 
     def _apply(self, key: types.NodeKey, delta: types.StateDelta) -> None:
