@@ -24,7 +24,6 @@ from fabric.control.planner import (
     device,
     local_hosts,
     local_peer,
-    plan,
     routed,
     tunnel_mtu,
 )
@@ -331,7 +330,9 @@ class IncrementalPlanner:
     update is O(nodes) cheap signature compares to find what changed, then per node O(what
     changed for it): the parts of the changed sources are computed once per viewer class, and a
     viewer only swaps them in. A viewer whose own class or announcement changed, a new node and
-    every node after a configuration change are planned in full with :func:`plan`.
+    every node after a configuration change are planned in full, from the union of their class's
+    parts (held per class and kept current the same way: a copy, not a :func:`plan` over every
+    node; tests check the result equals :func:`plan`).
 
     Deltas are shared: viewers of one class that see the same changes get the very same
     StateDelta object, so the caller can encode one message for all of them.
@@ -355,6 +356,14 @@ class IncrementalPlanner:
         #: Time spent planning nodes in full (new nodes, changed viewers), cumulative: the
         #: reflector bounds its flushes by it (see "Bounded flushes" in reflector.py).
         self.full_plan_seconds = 0.0
+        #: Per viewer class, the union of every ``node:`` and ``cluster:`` part at the current
+        #: topology, its entries interned: the plan of a node planned in full is its class's
+        #: union without its own node part, plus its self part (:meth:`_full`), a dict copy
+        #: instead of a :func:`plan` over every node (full plans of new nodes were the largest
+        #: single cost of a bring-up, issue 21). Every update brings each held union to the new
+        #: topology with the changed parts it computes anyway, and drops those of classes no
+        #: node has any more.
+        self._unions: dict[ViewerClass, dict[str, types.Entry]] = {}
 
     def entries(self, key: types.NodeKey) -> Mapping[str, types.Entry]:
         """The current plan of ``key`` as keyed entries (empty for an unknown node)."""
@@ -382,7 +391,8 @@ class IncrementalPlanner:
             del self._entries[gone]
         self._maybe_rebuild_canon()
         if old_view is None or old_config != new.config:
-            return {n.key: d for n in new.nodes if (d := self._full(new, n.key))}
+            self._unions.clear()
+            return {n.key: d for n in new.nodes if (d := self._full(view, n, _viewer_class(view, n)))}
 
         # Which sources changed: O(nodes) cheap compares (identity first), once per update.
         changed_nodes = [
@@ -400,14 +410,29 @@ class IncrementalPlanner:
         per_node: dict[tuple[ViewerClass, types.NodeKey], tuple[dict[str, types.Entry], dict[str, types.Entry]]] = {}
         deltas: dict[tuple[ViewerClass, types.NodeKey | None], types.StateDelta] = {}
         out: dict[types.NodeKey, types.StateDelta] = {}
+        if changed_nodes or changed_clusters:  # the held unions to the new topology, first
+            canon = self._canon
+            for ucls, union in self._unions.items():
+                changes = class_changes.get(ucls)
+                if changes is None:
+                    changes = self._changes(old_view, view, ucls, changed_nodes, changed_clusters, per_node)
+                    class_changes[ucls] = changes
+                old_u, new_u = changes
+                for k in old_u.keys() - new_u.keys():
+                    del union[k]  # no other source has it: keys of sources never collide
+                for k, e in new_u.items():
+                    union[k] = canon.setdefault(e, e)
+        live: set[ViewerClass] = set()
         for node in new.nodes:
             key = node.key
             old_node = old_view.by_key.get(key)
             cls = _viewer_class(view, node)
+            if cls is not None:
+                live.add(cls)
             if old_node is None or old_node != node or key not in self._entries or cls != _viewer_class(
                 old_view, old_node
             ):
-                d = self._full(new, key)
+                d = self._full(view, node, cls)
                 if d:
                     out[key] = d
                 continue
@@ -431,6 +456,8 @@ class IncrementalPlanner:
             if delta:
                 self._apply(key, delta)
                 out[key] = delta
+        for gone_cls in [c for c in self._unions if c not in live]:
+            del self._unions[gone_cls]
         return out
 
     def _changes(
@@ -466,18 +493,45 @@ class IncrementalPlanner:
         """Drop the entries no plan holds any more once the table doubled (amortised O(1))."""
         if len(self._canon) < self._canon_rebuild_at:
             return
-        self._canon = {e: e for entries in self._entries.values() for e in entries.values()}
+        held = (*self._entries.values(), *self._unions.values())
+        self._canon = {e: e for entries in held for e in entries.values()}
         self._canon_rebuild_at = max(CANON_MIN_REBUILD, 2 * len(self._canon))
 
-    def _full(self, topology: types.Topology, key: types.NodeKey) -> types.StateDelta:
+    def _full(self, view: View, node: types.NodeAnnouncement, cls: ViewerClass | None) -> types.StateDelta:
+        """Plan ``node`` (of class ``cls`` in ``view``, the current topology) in full, from its
+        class's union of parts: equal to ``plan(topology, key)`` (the parts' union is the plan,
+        and the entry keys of different sources never collide)."""
         started = time.perf_counter()
         self.counter.full_plans += 1
-        canon = self._canon
-        new = {k: canon.setdefault(e, e) for k, e in plan(topology, key).entries().items()}
+        new: dict[str, types.Entry] = {}
+        if cls is not None:
+            union = self._union(view, cls)
+            own = _node_part(view, cls, node, self.counter)  # a node is not its own peer
+            new = {k: e for k, e in union.items() if k not in own} if own else dict(union)
+            canon = self._canon
+            for k, e in _self_part(view, node, cls).items():
+                new[k] = canon.setdefault(e, e)
+        key = node.key
         delta = diff_entries(self._entries.get(key, {}), new)
         self._entries[key] = new
         self.full_plan_seconds += time.perf_counter() - started
         return delta
+
+    def _union(self, view: View, cls: ViewerClass) -> dict[str, types.Entry]:
+        """The union of every ``node:`` and ``cluster:`` part for class ``cls`` at ``view`` (the
+        current topology): held, or computed now (once per class, O(nodes) parts)."""
+        union = self._unions.get(cls)
+        if union is None:
+            canon, c = self._canon, self.counter
+            union = {}
+            for x in view.by_key.values():
+                for k, e in _node_part(view, cls, x, c).items():
+                    union[k] = canon.setdefault(e, e)
+            for name in view.clusters:
+                for k, e in _cluster_part(view, cls, name, c).items():
+                    union[k] = canon.setdefault(e, e)
+            self._unions[cls] = union
+        return union
 
     def _apply(self, key: types.NodeKey, delta: types.StateDelta) -> None:
         entries = self._entries[key]
