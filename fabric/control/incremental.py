@@ -237,6 +237,11 @@ def _node_part(
         return out
     same = x.cluster == cls.cluster
     x_hot = x.key in view.hot_keys
+    if xc.gateway_mode and not x_hot and not (same and cls.hot):
+        # Neither a bridge peer nor a vx-local peer of this viewer, and routed as part of its
+        # cluster: nothing (most node parts in a gateway-mode fabric; a flush computes one per
+        # changed node and viewer class, so this is the common case, issue 21).
+        return out
     x_bridge = not xc.gateway_mode or x_hot
     for f in cls.families:
         bridge = view.bridges[f]
@@ -356,6 +361,8 @@ class IncrementalPlanner:
         #: Time spent planning nodes in full (new nodes, changed viewers), cumulative: the
         #: reflector bounds its flushes by it (see "Bounded flushes" in reflector.py).
         self.full_plan_seconds = 0.0
+        #: ... and computing the changed parts per viewer class (grows with the changed nodes).
+        self.changes_seconds = 0.0
         #: Per viewer class, the union of every ``node:`` and ``cluster:`` part at the current
         #: topology, its entries interned: the plan of a node planned in full is its class's
         #: union without its own node part, plus its self part (:meth:`_full`), a dict copy
@@ -364,6 +371,9 @@ class IncrementalPlanner:
         #: topology with the changed parts it computes anyway, and drops those of classes no
         #: node has any more.
         self._unions: dict[ViewerClass, dict[str, types.Entry]] = {}
+        #: Cluster parts by what they depend on (see :meth:`_cluster_part`), of the current
+        #: signatures (and, during an update, the old ones).
+        self._cluster_parts: dict[tuple[object, ...], dict[str, types.Entry]] = {}
 
     def entries(self, key: types.NodeKey) -> Mapping[str, types.Entry]:
         """The current plan of ``key`` as keyed entries (empty for an unknown node)."""
@@ -392,6 +402,7 @@ class IncrementalPlanner:
         self._maybe_rebuild_canon()
         if old_view is None or old_config != new.config:
             self._unions.clear()
+            self._cluster_parts.clear()
             return {n.key: d for n in new.nodes if (d := self._full(view, n, _viewer_class(view, n)))}
 
         # Which sources changed: O(nodes) cheap compares (identity first), once per update.
@@ -400,9 +411,8 @@ class IncrementalPlanner:
             for key in view.by_key.keys() | old_view.by_key.keys()
             if _node_signature(old_view, key) != _node_signature(view, key)
         ]
-        changed_clusters = [
-            c for c in view.clusters if _cluster_signature(old_view, c) != _cluster_signature(view, c)
-        ]
+        sigs = {c: (_cluster_signature(old_view, c), _cluster_signature(view, c)) for c in view.clusters}
+        changed_clusters = [c for c, (o, n) in sigs.items() if o != n]
         changed_set = set(changed_nodes)
 
         # Per class: the old and new union of the changed parts, computed once.
@@ -415,7 +425,7 @@ class IncrementalPlanner:
             for ucls, union in self._unions.items():
                 changes = class_changes.get(ucls)
                 if changes is None:
-                    changes = self._changes(old_view, view, ucls, changed_nodes, changed_clusters, per_node)
+                    changes = self._changes(old_view, view, ucls, changed_nodes, changed_clusters, per_node, sigs)
                     class_changes[ucls] = changes
                 old_u, new_u = changes
                 for k in old_u.keys() - new_u.keys():
@@ -443,7 +453,7 @@ class IncrementalPlanner:
             if delta is None:
                 changes = class_changes.get(cls)
                 if changes is None:
-                    changes = self._changes(old_view, view, cls, changed_nodes, changed_clusters, per_node)
+                    changes = self._changes(old_view, view, cls, changed_nodes, changed_clusters, per_node, sigs)
                     class_changes[cls] = changes
                 old_u, new_u = changes
                 if excl is not None:
@@ -458,6 +468,8 @@ class IncrementalPlanner:
                 out[key] = delta
         for gone_cls in [c for c in self._unions if c not in live]:
             del self._unions[gone_cls]
+        if changed_clusters:  # keep the parts of the current signatures only
+            self._cluster_parts = {k: p for k, p in self._cluster_parts.items() if k[-1] == sigs[str(k[0])][1]}
         return out
 
     def _changes(
@@ -468,7 +480,9 @@ class IncrementalPlanner:
         changed_nodes: list[types.NodeKey],
         changed_clusters: list[str],
         per_node: dict[tuple[ViewerClass, types.NodeKey], tuple[dict[str, types.Entry], dict[str, types.Entry]]],
+        sigs: Mapping[str, tuple[object, object]],
     ) -> tuple[dict[str, types.Entry], dict[str, types.Entry]]:
+        started = time.perf_counter()
         old_u: dict[str, types.Entry] = {}
         new_u: dict[str, types.Entry] = {}
         c = self.counter
@@ -480,9 +494,26 @@ class IncrementalPlanner:
             old_u.update(po)
             new_u.update(pn)
         for name in changed_clusters:
-            old_u.update(_cluster_part(old_view, cls, name, c))
-            new_u.update(_cluster_part(view, cls, name, c))
+            old_sig, new_sig = sigs[name]
+            old_u.update(self._cluster_part(old_view, cls, name, old_sig))
+            new_u.update(self._cluster_part(view, cls, name, new_sig))
+        self.changes_seconds += time.perf_counter() - started
         return old_u, new_u
+
+    def _cluster_part(self, view: View, cls: ViewerClass, name: str, sig: object) -> dict[str, types.Entry]:
+        """:func:`_cluster_part` of cluster ``name`` (signature ``sig`` in ``view``), held: it
+        depends on the viewer only through what the key below names, so viewer classes of many
+        clusters share one (every active gateway's), and the part computed as new by one update
+        is the old one of the next (at 100 gateway-mode clusters, where a bring-up changes every
+        cluster in every flush, these were most of a flush; issue 21). Callers must not change
+        what it returns. Only parts of the current signatures are kept (see :meth:`update`)."""
+        if name == cls.cluster:
+            return {}
+        key = (name, cls.families, cls.routes_via_local, cls.local_vias, cls.local_groups, sig)
+        part = self._cluster_parts.get(key)
+        if part is None:
+            part = self._cluster_parts[key] = _cluster_part(view, cls, name, self.counter)
+        return part
 
     def _interned(self, delta: types.StateDelta) -> types.StateDelta:
         """``delta`` with its upserts replaced by the held objects of equal value."""
