@@ -418,7 +418,7 @@ class IncrementalPlanner:
         # Per class: the old and new union of the changed parts, computed once.
         class_changes: dict[ViewerClass, tuple[dict[str, types.Entry], dict[str, types.Entry]]] = {}
         per_node: dict[tuple[ViewerClass, types.NodeKey], tuple[dict[str, types.Entry], dict[str, types.Entry]]] = {}
-        deltas: dict[tuple[ViewerClass, types.NodeKey | None], types.StateDelta] = {}
+        deltas: dict[tuple[ViewerClass, types.NodeKey | None], tuple[types.StateDelta, tuple[str, ...]]] = {}
         out: dict[types.NodeKey, types.StateDelta] = {}
         if changed_nodes or changed_clusters:  # the held unions to the new topology, first
             canon = self._canon
@@ -449,8 +449,8 @@ class IncrementalPlanner:
             if cls is None or not (changed_nodes or changed_clusters):
                 continue
             excl = key if key in changed_set else None
-            delta = deltas.get((cls, excl))
-            if delta is None:
+            shared = deltas.get((cls, excl))
+            if shared is None:
                 changes = class_changes.get(cls)
                 if changes is None:
                     changes = self._changes(old_view, view, cls, changed_nodes, changed_clusters, per_node, sigs)
@@ -462,9 +462,13 @@ class IncrementalPlanner:
                     old_u = {k: e for k, e in old_u.items() if k not in mine_old}
                     new_u = {k: e for k, e in new_u.items() if k not in mine_new}
                 delta = self._interned(diff_entries(old_u, new_u))
-                deltas[(cls, excl)] = delta
+                # The keys of the upserts (diff_entries' order), once for all viewers that apply
+                # it: each plan then holds the same key strings, not one copy per node.
+                keys = tuple(k for k in sorted(new_u) if old_u.get(k) != new_u[k])
+                shared = deltas[(cls, excl)] = (delta, keys)
+            delta, keys = shared
             if delta:
-                self._apply(key, delta)
+                self._apply(key, delta, keys)
                 out[key] = delta
         for gone_cls in [c for c in self._unions if c not in live]:
             del self._unions[gone_cls]
@@ -564,9 +568,10 @@ class IncrementalPlanner:
             self._unions[cls] = union
         return union
 
-    def _apply(self, key: types.NodeKey, delta: types.StateDelta) -> None:
+    def _apply(self, key: types.NodeKey, delta: types.StateDelta, keys: tuple[str, ...]) -> None:
+        """Apply ``delta`` to the plan of ``key``; ``keys``: the entry keys of its upserts."""
         entries = self._entries[key]
         for k in delta.removals:
             del entries[k]
-        for e in delta.upserts:
-            entries[types.entry_key(e)] = e
+        for k, e in zip(keys, delta.upserts, strict=True):
+            entries[k] = e
