@@ -5,7 +5,10 @@ A node's state is the union of a *self* part, one part per peer node and one per
 cluster, each a pure function of a small slice of the topology (:func:`plan_parts`; its union
 equals :func:`fabric.control.planner.plan`, which a randomized test checks).
 :class:`IncrementalPlanner` recomputes only the parts whose inputs changed and turns them into
-per-node deltas, so a join or leave costs time proportional to the change.
+per-node deltas, so a join or leave costs time proportional to the change. It also holds, per
+viewer class, the union of all its ``node:`` and ``cluster:`` parts, so a node planned in full (a
+new one: thousands per flush at a bring-up) costs a copy of that union plus its own parts, not a
+walk over every node; and cluster parts by what they depend on, shared by viewer classes alike.
 """
 
 from __future__ import annotations
@@ -371,7 +374,7 @@ class IncrementalPlanner:
         #: topology with the changed parts it computes anyway, and drops those of classes no
         #: node has any more.
         self._unions: dict[ViewerClass, dict[str, types.Entry]] = {}
-        #: Cluster parts by what they depend on (see :meth:`_cluster_part`), of the current
+        #: Cluster parts by what they depend on (see :meth:`_held_cluster_part`), of the current
         #: signatures (and, during an update, the old ones).
         self._cluster_parts: dict[tuple[object, ...], dict[str, types.Entry]] = {}
 
@@ -499,12 +502,12 @@ class IncrementalPlanner:
             new_u.update(pn)
         for name in changed_clusters:
             old_sig, new_sig = sigs[name]
-            old_u.update(self._cluster_part(old_view, cls, name, old_sig))
-            new_u.update(self._cluster_part(view, cls, name, new_sig))
+            old_u.update(self._held_cluster_part(old_view, cls, name, old_sig))
+            new_u.update(self._held_cluster_part(view, cls, name, new_sig))
         self.changes_seconds += time.perf_counter() - started
         return old_u, new_u
 
-    def _cluster_part(self, view: View, cls: ViewerClass, name: str, sig: object) -> dict[str, types.Entry]:
+    def _held_cluster_part(self, view: View, cls: ViewerClass, name: str, sig: object) -> dict[str, types.Entry]:
         """:func:`_cluster_part` of cluster ``name`` (signature ``sig`` in ``view``), held: it
         depends on the viewer only through what the key below names, so viewer classes of many
         clusters share one (every active gateway's), and the part computed as new by one update
