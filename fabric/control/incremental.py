@@ -310,6 +310,20 @@ def _cluster_part(view: View, cls: ViewerClass, name: str, counter: PartCounter)
     return out
 
 
+_NO_PARTS: tuple[dict[str, types.Entry], dict[str, types.Entry]] = ({}, {})
+
+
+def _inert(view: View, key: types.NodeKey) -> bool:
+    """Is node ``key``'s part empty for every viewer class in ``view`` except the hot ones of
+    its own cluster (a non-hot node of a gateway-mode cluster, or a node not there at all)? See
+    the first return of :func:`_node_part`."""
+    x = view.by_key.get(key)
+    if x is None:
+        return True
+    xc = view.clusters.get(x.cluster)
+    return xc is None or (xc.gateway_mode and key not in view.hot_keys)
+
+
 def state_from_entries(entries: Mapping[str, types.Entry]) -> types.NodeState:
     """A NodeState from entries already keyed by :func:`types.entry_key` (the layout of
     ``NodeState.from_entries`` without re-deriving every key)."""
@@ -417,6 +431,15 @@ class IncrementalPlanner:
         sigs = {c: (_cluster_signature(old_view, c), _cluster_signature(view, c)) for c in view.clusters}
         changed_clusters = [c for c, (o, n) in sigs.items() if o != n]
         changed_set = set(changed_nodes)
+        # A non-hot node of a gateway-mode cluster contributes only to the hot viewers of its own
+        # cluster (see _node_part): at a bring-up nearly every changed node, so each viewer class
+        # looks only at the changed nodes that can be in its plan (issue 21).
+        seen: tuple[list[types.NodeKey], dict[str, list[types.NodeKey]]] = ([], {})
+        for key in changed_nodes:
+            if _inert(old_view, key) and _inert(view, key):
+                seen[1].setdefault(key.cluster, []).append(key)
+            else:
+                seen[0].append(key)
 
         # Per class: the old and new union of the changed parts, computed once.
         class_changes: dict[ViewerClass, tuple[dict[str, types.Entry], dict[str, types.Entry]]] = {}
@@ -428,7 +451,7 @@ class IncrementalPlanner:
             for ucls, union in self._unions.items():
                 changes = class_changes.get(ucls)
                 if changes is None:
-                    changes = self._changes(old_view, view, ucls, changed_nodes, changed_clusters, per_node, sigs)
+                    changes = self._changes(old_view, view, ucls, seen, changed_clusters, per_node, sigs)
                     class_changes[ucls] = changes
                 old_u, new_u = changes
                 for k in old_u.keys() - new_u.keys():
@@ -456,12 +479,12 @@ class IncrementalPlanner:
             if shared is None:
                 changes = class_changes.get(cls)
                 if changes is None:
-                    changes = self._changes(old_view, view, cls, changed_nodes, changed_clusters, per_node, sigs)
+                    changes = self._changes(old_view, view, cls, seen, changed_clusters, per_node, sigs)
                     class_changes[cls] = changes
                 old_u, new_u = changes
                 if excl is not None:
                     # The viewer's own node part is not in its plan.
-                    mine_old, mine_new = per_node[(cls, excl)]
+                    mine_old, mine_new = per_node.get((cls, excl), _NO_PARTS)
                     old_u = {k: e for k, e in old_u.items() if k not in mine_old}
                     new_u = {k: e for k, e in new_u.items() if k not in mine_new}
                 delta = self._interned(diff_entries(old_u, new_u))
@@ -484,16 +507,21 @@ class IncrementalPlanner:
         old_view: View,
         view: View,
         cls: ViewerClass,
-        changed_nodes: list[types.NodeKey],
+        seen: tuple[list[types.NodeKey], dict[str, list[types.NodeKey]]],
         changed_clusters: list[str],
         per_node: dict[tuple[ViewerClass, types.NodeKey], tuple[dict[str, types.Entry], dict[str, types.Entry]]],
         sigs: Mapping[str, tuple[object, object]],
     ) -> tuple[dict[str, types.Entry], dict[str, types.Entry]]:
+        """The old and new union of the changed parts for class ``cls``: of the changed nodes
+        ``seen`` by it (every class sees ``seen[0]``; the hot classes of a cluster also see
+        that cluster's in ``seen[1]``, whose parts are empty for every other class) and of the
+        changed clusters. Fills ``per_node`` with the node parts it computed."""
         started = time.perf_counter()
         old_u: dict[str, types.Entry] = {}
         new_u: dict[str, types.Entry] = {}
         c = self.counter
-        for key in changed_nodes:
+        keys = seen[0] + seen[1].get(cls.cluster, []) if cls.hot else seen[0]
+        for key in keys:
             o, n = old_view.by_key.get(key), view.by_key.get(key)
             po = _node_part(old_view, cls, o, c) if o is not None else {}
             pn = _node_part(view, cls, n, c) if n is not None else {}
