@@ -310,6 +310,19 @@ def _cluster_part(view: View, cls: ViewerClass, name: str, counter: PartCounter)
     return out
 
 
+@dataclasses.dataclass(slots=True)
+class _Plan:
+    """What one node's plan holds beyond its class's union of parts (IncrementalPlanner): the
+    plan is the union of class ``cls`` without the keys ``own`` (the node's own part, which is
+    in the union but not in its plan: a node is not its own peer) plus ``mine``, its self part.
+    An update changes the union once for the whole class, so it changes every such plan without
+    a copy per node (issue 21: hold per agent only what differs)."""
+
+    cls: ViewerClass | None
+    own: frozenset[str] = frozenset()
+    mine: dict[str, types.Entry] = dataclasses.field(default_factory=dict)
+
+
 _NO_PARTS: tuple[dict[str, types.Entry], dict[str, types.Entry]] = ({}, {})
 
 
@@ -363,7 +376,10 @@ class IncrementalPlanner:
     def __init__(self) -> None:
         self.topology: types.Topology | None = None
         self._view: View | None = None
-        self._entries: dict[types.NodeKey, dict[str, types.Entry]] = {}
+        #: Per node what its plan holds beyond its class's union (see :class:`_Plan`): its plan
+        #: is not kept as a dict of its own (at 100 gateway-mode clusters, ~900 entries a node,
+        #: the largest part of the planner's memory per node; issue 21).
+        self._plans: dict[types.NodeKey, _Plan] = {}
         self._config: types.FabricConfig | None = None
         #: Work counters (see PartCounter), cumulative.
         self.counter = PartCounter()
@@ -394,15 +410,28 @@ class IncrementalPlanner:
 
     def entries(self, key: types.NodeKey) -> Mapping[str, types.Entry]:
         """The current plan of ``key`` as keyed entries (empty for an unknown node)."""
-        return self._entries.get(key, {})
+        return self._materialized(key)
 
     def state(self, key: types.NodeKey) -> types.NodeState:
         """The current plan of ``key``, built on demand (not cached: it is needed once per
         snapshot, and a cached copy of every plan doubled the reflector's memory per node)."""
-        return state_from_entries(self._entries.get(key, {}))
+        return state_from_entries(self._materialized(key))
 
     def size(self, key: types.NodeKey) -> int:
-        return len(self._entries.get(key, ()))
+        p = self._plans.get(key)
+        if p is None or p.cls is None:
+            return 0
+        return len(self._unions[p.cls]) - len(p.own) + len(p.mine)
+
+    def _materialized(self, key: types.NodeKey) -> dict[str, types.Entry]:
+        """The plan of ``key`` as a dict of its own (a new one per call)."""
+        p = self._plans.get(key)
+        if p is None or p.cls is None:
+            return {}
+        union = self._unions[p.cls]
+        out = {k: e for k, e in union.items() if k not in p.own} if p.own else dict(union)
+        out.update(p.mine)
+        return out
 
     def planned(self, key: types.NodeKey, ann: types.NodeAnnouncement) -> bool:
         """Is ``ann`` (this very announcement) planned already?"""
@@ -414,13 +443,19 @@ class IncrementalPlanner:
         old_view, old_config = self._view, self._config
         view = VIEWS.get(new)
         self.topology, self._view, self._config = new, view, new.config
-        for gone in [k for k in self._entries if k not in view.by_key]:
-            del self._entries[gone]
+        for gone in [k for k in self._plans if k not in view.by_key]:
+            del self._plans[gone]
         self._maybe_rebuild_canon()
         if old_view is None or old_config != new.config:
+            previous = {k: self._materialized(k) for k in self._plans}  # while the unions are the old ones
             self._unions.clear()
             self._cluster_parts.clear()
-            return {n.key: d for n in new.nodes if (d := self._full(view, n, _viewer_class(view, n)))}
+            self._plans.clear()
+            every: dict[types.NodeKey, types.StateDelta] = {}
+            for n in new.nodes:
+                if d := self._full(view, n, _viewer_class(view, n), previous.pop(n.key, {})):
+                    every[n.key] = d
+            return every
 
         # Which sources changed: O(nodes) cheap compares (identity first), once per update.
         changed_nodes = [
@@ -444,9 +479,22 @@ class IncrementalPlanner:
         # Per class: the old and new union of the changed parts, computed once.
         class_changes: dict[ViewerClass, tuple[dict[str, types.Entry], dict[str, types.Entry]]] = {}
         per_node: dict[tuple[ViewerClass, types.NodeKey], tuple[dict[str, types.Entry], dict[str, types.Entry]]] = {}
-        deltas: dict[tuple[ViewerClass, types.NodeKey | None], tuple[types.StateDelta, tuple[str, ...]]] = {}
+        deltas: dict[tuple[ViewerClass, types.NodeKey | None], types.StateDelta] = {}
         out: dict[types.NodeKey, types.StateDelta] = {}
-        if changed_nodes or changed_clusters:  # the held unions to the new topology, first
+        # Viewers planned in full: their class or announcement changed (their old plans are read
+        # before the unions change), or they are new.
+        classes: list[ViewerClass | None] = []
+        before: dict[types.NodeKey, dict[str, types.Entry]] = {}
+        for node in new.nodes:
+            key = node.key
+            old_node = old_view.by_key.get(key)
+            cls = _viewer_class(view, node)
+            classes.append(cls)
+            if old_node is not None and key in self._plans and (
+                old_node != node or cls != _viewer_class(old_view, old_node)
+            ):
+                before[key] = self._materialized(key)
+        if changed_nodes or changed_clusters:  # the held unions to the new topology
             canon = self._canon
             for ucls, union in self._unions.items():
                 changes = class_changes.get(ucls)
@@ -459,16 +507,12 @@ class IncrementalPlanner:
                 for k, e in new_u.items():
                     union[k] = canon.setdefault(e, e)
         live: set[ViewerClass] = set()
-        for node in new.nodes:
+        for node, cls in zip(new.nodes, classes, strict=True):
             key = node.key
-            old_node = old_view.by_key.get(key)
-            cls = _viewer_class(view, node)
             if cls is not None:
                 live.add(cls)
-            if old_node is None or old_node != node or key not in self._entries or cls != _viewer_class(
-                old_view, old_node
-            ):
-                d = self._full(view, node, cls)
+            if key in before or key not in self._plans:
+                d = self._full(view, node, cls, before.pop(key, {}))
                 if d:
                     out[key] = d
                 continue
@@ -485,17 +529,14 @@ class IncrementalPlanner:
                 if excl is not None:
                     # The viewer's own node part is not in its plan.
                     mine_old, mine_new = per_node.get((cls, excl), _NO_PARTS)
+                    self._plans[key].own = frozenset(mine_new)  # its own part, as seen by its class
                     old_u = {k: e for k, e in old_u.items() if k not in mine_old}
                     new_u = {k: e for k, e in new_u.items() if k not in mine_new}
-                delta = self._interned(diff_entries(old_u, new_u))
-                # The keys of the upserts (diff_entries' order), once for all viewers that apply
-                # it: each plan then holds the same key strings, not one copy per node.
-                keys = tuple(k for k in sorted(new_u) if old_u.get(k) != new_u[k])
-                shared = deltas[(cls, excl)] = (delta, keys)
-            delta, keys = shared
-            if delta:
-                self._apply(key, delta, keys)
-                out[key] = delta
+                shared = deltas[(cls, excl)] = self._interned(diff_entries(old_u, new_u))
+            elif excl is not None:
+                self._plans[key].own = frozenset(per_node.get((cls, excl), _NO_PARTS)[1])
+            if shared:  # the union already holds it: nothing to apply per viewer
+                out[key] = shared
         for gone_cls in [c for c in self._unions if c not in live]:
             del self._unions[gone_cls]
         if changed_clusters:  # keep the parts of the current signatures only
@@ -559,27 +600,31 @@ class IncrementalPlanner:
         """Drop the entries no plan holds any more once the table doubled (amortised O(1))."""
         if len(self._canon) < self._canon_rebuild_at:
             return
-        held = (*self._entries.values(), *self._unions.values())
+        held = (*self._unions.values(), *(p.mine for p in self._plans.values()))
         self._canon = {e: e for entries in held for e in entries.values()}
         self._canon_rebuild_at = max(CANON_MIN_REBUILD, 2 * len(self._canon))
 
-    def _full(self, view: View, node: types.NodeAnnouncement, cls: ViewerClass | None) -> types.StateDelta:
+    def _full(
+        self, view: View, node: types.NodeAnnouncement, cls: ViewerClass | None, old: Mapping[str, types.Entry]
+    ) -> types.StateDelta:
         """Plan ``node`` (of class ``cls`` in ``view``, the current topology) in full, from its
         class's union of parts: equal to ``plan(topology, key)`` (the parts' union is the plan,
-        and the entry keys of different sources never collide)."""
+        and the entry keys of different sources never collide). Returns the delta from ``old``,
+        its previous plan; keeps only its :class:`_Plan`."""
         started = time.perf_counter()
         self.counter.full_plans += 1
         new: dict[str, types.Entry] = {}
+        plan_of = _Plan(cls)
         if cls is not None:
             union = self._union(view, cls)
             own = _node_part(view, cls, node, self.counter)  # a node is not its own peer
             new = {k: e for k, e in union.items() if k not in own} if own else dict(union)
             canon = self._canon
-            for k, e in _self_part(view, node, cls).items():
-                new[k] = canon.setdefault(e, e)
-        key = node.key
-        delta = diff_entries(self._entries.get(key, {}), new)
-        self._entries[key] = new
+            mine = {k: canon.setdefault(e, e) for k, e in _self_part(view, node, cls).items()}
+            new.update(mine)
+            plan_of = _Plan(cls, frozenset(own), mine)
+        delta = diff_entries(old, new)
+        self._plans[node.key] = plan_of
         self.full_plan_seconds += time.perf_counter() - started
         return delta
 
@@ -599,10 +644,4 @@ class IncrementalPlanner:
             self._unions[cls] = union
         return union
 
-    def _apply(self, key: types.NodeKey, delta: types.StateDelta, keys: tuple[str, ...]) -> None:
-        """Apply ``delta`` to the plan of ``key``; ``keys``: the entry keys of its upserts."""
-        entries = self._entries[key]
-        for k in delta.removals:
-            del entries[k]
-        for k, e in zip(keys, delta.upserts, strict=True):
-            entries[k] = e
+

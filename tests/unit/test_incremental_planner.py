@@ -291,3 +291,28 @@ def test_new_nodes_are_planned_from_their_class_without_visiting_every_node(monk
     plans of new nodes were the largest cost of a bring-up)."""
     small, large = _join_work(24, 6, monkeypatch), _join_work(240, 6, monkeypatch)
     assert small == large and large[1] == 6 and large[2] == 0, (small, large)
+
+
+def _held_per_node(n: int) -> tuple[int, int]:
+    """(the most entries any node's plan holds of its own, the largest plan) after a join into
+    a fabric of ``n``."""
+    topo = _fabric(n)
+    inc = incremental.IncrementalPlanner()
+    inc.update(topo)
+    new = topo.with_node(types.NodeAnnouncement("p", "joiner", "198.18.200.1", ("10.127.0.0/24",)))
+    new = new.with_roles(election.elect(new, {x.key for x in new.nodes}, {}))
+    inc.update(new)
+    for x in new.nodes[:: max(1, n // 20)]:
+        assert inc.state(x.key) == planner.plan(new, x.key)
+        assert inc.size(x.key) == len(planner.plan(new, x.key))
+    own = max(len(p.own) + len(p.mine) for p in inc._plans.values())
+    return own, max(inc.size(x.key) for x in new.nodes)
+
+
+def test_a_node_holds_only_what_differs_from_its_class() -> None:
+    """Per node the planner holds its self part and the keys of its own part; the rest of its
+    plan is its class's union, one for all the nodes of the class (issue 21: memory per agent).
+    The plans grow with the fabric (P2P nodes see every node), what a node holds does not."""
+    small, large = _held_per_node(24), _held_per_node(240)
+    assert large[1] > 5 * small[1], (small, large)
+    assert small[0] == large[0] and large[0] < 20, (small, large)
