@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 from fabric import types
 from fabric.control.planner import (
@@ -422,6 +422,17 @@ class IncrementalPlanner:
         if p is None or p.cls is None:
             return 0
         return len(self._unions[p.cls]) - len(p.own) + len(p.mine)
+
+    def values(self, key: types.NodeKey) -> Iterator[types.Entry]:
+        """The entries of ``key``'s current plan, unordered, without building its dict."""
+        p = self._plans.get(key)
+        if p is None or p.cls is None:
+            return
+        own = p.own
+        for k, e in self._unions[p.cls].items():
+            if k not in own:
+                yield e
+        yield from p.mine.values()
 
     def _materialized(self, key: types.NodeKey) -> dict[str, types.Entry]:
         """The plan of ``key`` as a dict of its own (a new one per call)."""

@@ -1000,8 +1000,8 @@ class Reflector:
         targets = {}
         for reporter in self._reports:
             rec = self._nodes.get(reporter)
-            entries = self._planner.entries(reporter) if rec else {}
-            targets[reporter] = frozenset(e.node for e in entries.values() if isinstance(e, types.Peer) and e.probe)
+            entries = self._planner.values(reporter) if rec else ()
+            targets[reporter] = frozenset(e.node for e in entries if isinstance(e, types.Peer) and e.probe)
         return targets
 
     def _scores(self) -> dict[types.NodeKey, int]:
