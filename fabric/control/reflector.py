@@ -81,8 +81,8 @@ synced node it changes, and each costs a gRPC write and an ``Applied`` read, whi
 reflector's CPU (not planning). A bring-up of N agents with a fixed 20 ms window flushed hundreds
 of times, each to all nodes already synced: O(N x flushes) messages (1,000 agents took 95 s,
 measured by ``fabric-tool bench control``); with the doubling window a storm costs a few dozen
-flushes, while a lone change (a gateway failover) still goes out at once. The startup hold is
-one flush at its release.
+flushes, while a lone change (a gateway failover) still goes out at once. The startup hold ends
+with a flush (bounded like any other: its new nodes may take several, see below).
 
 Bounded flushes. A flush plans the new nodes it adopts in full and builds their snapshots; at a
 bring-up that work grows with the nodes admitted since the last flush times the size of the
