@@ -5,14 +5,18 @@ A node's state is the union of a *self* part, one part per peer node and one per
 cluster, each a pure function of a small slice of the topology (:func:`plan_parts`; its union
 equals :func:`fabric.control.planner.plan`, which a randomized test checks).
 :class:`IncrementalPlanner` recomputes only the parts whose inputs changed and turns them into
-per-node deltas, so a join or leave costs time proportional to the change.
+per-node deltas, so a join or leave costs time proportional to the change. It also holds, per
+viewer class, the union of all its ``node:`` and ``cluster:`` parts, so a node planned in full (a
+new one: thousands per flush at a bring-up) costs a copy of that union plus its own parts, not a
+walk over every node; and cluster parts by what they depend on, shared by viewer classes alike.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Iterator, Mapping
 
 from fabric import types
 from fabric.control.planner import (
@@ -23,7 +27,6 @@ from fabric.control.planner import (
     device,
     local_hosts,
     local_peer,
-    plan,
     routed,
     tunnel_mtu,
 )
@@ -237,6 +240,11 @@ def _node_part(
         return out
     same = x.cluster == cls.cluster
     x_hot = x.key in view.hot_keys
+    if xc.gateway_mode and not x_hot and not (same and cls.hot):
+        # Neither a bridge peer nor a vx-local peer of this viewer, and routed as part of its
+        # cluster: nothing (most node parts in a gateway-mode fabric; a flush computes one per
+        # changed node and viewer class, so this is the common case, issue 21).
+        return out
     x_bridge = not xc.gateway_mode or x_hot
     for f in cls.families:
         bridge = view.bridges[f]
@@ -302,6 +310,33 @@ def _cluster_part(view: View, cls: ViewerClass, name: str, counter: PartCounter)
     return out
 
 
+@dataclasses.dataclass(slots=True)
+class _Plan:
+    """What one node's plan holds beyond its class's union of parts (IncrementalPlanner): the
+    plan is the union of class ``cls`` without the keys ``own`` (the node's own part, which is
+    in the union but not in its plan: a node is not its own peer) plus ``mine``, its self part.
+    An update changes the union once for the whole class, so it changes every such plan without
+    a copy per node (issue 21: hold per agent only what differs)."""
+
+    cls: ViewerClass | None
+    own: frozenset[str] = frozenset()
+    mine: dict[str, types.Entry] = dataclasses.field(default_factory=dict)
+
+
+_NO_PARTS: tuple[dict[str, types.Entry], dict[str, types.Entry]] = ({}, {})
+
+
+def _inert(view: View, key: types.NodeKey) -> bool:
+    """Is node ``key``'s part empty for every viewer class in ``view`` except the hot ones of
+    its own cluster (a non-hot node of a gateway-mode cluster, or a node not there at all)? See
+    the first return of :func:`_node_part`."""
+    x = view.by_key.get(key)
+    if x is None:
+        return True
+    xc = view.clusters.get(x.cluster)
+    return xc is None or (xc.gateway_mode and key not in view.hot_keys)
+
+
 def state_from_entries(entries: Mapping[str, types.Entry]) -> types.NodeState:
     """A NodeState from entries already keyed by :func:`types.entry_key` (the layout of
     ``NodeState.from_entries`` without re-deriving every key)."""
@@ -330,7 +365,9 @@ class IncrementalPlanner:
     update is O(nodes) cheap signature compares to find what changed, then per node O(what
     changed for it): the parts of the changed sources are computed once per viewer class, and a
     viewer only swaps them in. A viewer whose own class or announcement changed, a new node and
-    every node after a configuration change are planned in full with :func:`plan`.
+    every node after a configuration change are planned in full, from the union of their class's
+    parts (held per class and kept current the same way: a copy, not a :func:`plan` over every
+    node; tests check the result equals :func:`plan`).
 
     Deltas are shared: viewers of one class that see the same changes get the very same
     StateDelta object, so the caller can encode one message for all of them.
@@ -339,7 +376,10 @@ class IncrementalPlanner:
     def __init__(self) -> None:
         self.topology: types.Topology | None = None
         self._view: View | None = None
-        self._entries: dict[types.NodeKey, dict[str, types.Entry]] = {}
+        #: Per node what its plan holds beyond its class's union (see :class:`_Plan`): its plan
+        #: is not kept as a dict of its own (at 100 gateway-mode clusters, ~900 entries a node,
+        #: the largest part of the planner's memory per node; issue 21).
+        self._plans: dict[types.NodeKey, _Plan] = {}
         self._config: types.FabricConfig | None = None
         #: Work counters (see PartCounter), cumulative.
         self.counter = PartCounter()
@@ -351,18 +391,61 @@ class IncrementalPlanner:
         #: has doubled since the last rebuild, so entries of nodes gone are not kept forever.
         self._canon: dict[types.Entry, types.Entry] = {}
         self._canon_rebuild_at = CANON_MIN_REBUILD
+        #: Time spent planning nodes in full (new nodes, changed viewers), cumulative: the
+        #: reflector bounds its flushes by it (see "Bounded flushes" in reflector.py).
+        self.full_plan_seconds = 0.0
+        #: ... and computing the changed parts per viewer class (grows with the changed nodes).
+        self.changes_seconds = 0.0
+        #: ... and building a class's union of parts (once per class, O(nodes)), not counted in
+        #: ``full_plan_seconds``: the reflector divides that by the nodes planned.
+        self.union_seconds = 0.0
+        #: Per viewer class, the union of every ``node:`` and ``cluster:`` part at the current
+        #: topology, its entries interned: the plan of a node planned in full is its class's
+        #: union without its own node part, plus its self part (:meth:`_full`), a dict copy
+        #: instead of a :func:`plan` over every node (full plans of new nodes were the largest
+        #: single cost of a bring-up, issue 21). Every update brings each held union to the new
+        #: topology with the changed parts it computes anyway, and drops those of classes no
+        #: node has any more.
+        self._unions: dict[ViewerClass, dict[str, types.Entry]] = {}
+        #: Cluster parts by what they depend on (see :meth:`_held_cluster_part`), of the current
+        #: signatures (and, during an update, the old ones).
+        self._cluster_parts: dict[tuple[object, ...], dict[str, types.Entry]] = {}
 
     def entries(self, key: types.NodeKey) -> Mapping[str, types.Entry]:
         """The current plan of ``key`` as keyed entries (empty for an unknown node)."""
-        return self._entries.get(key, {})
+        return self._materialized(key)
 
     def state(self, key: types.NodeKey) -> types.NodeState:
         """The current plan of ``key``, built on demand (not cached: it is needed once per
         snapshot, and a cached copy of every plan doubled the reflector's memory per node)."""
-        return state_from_entries(self._entries.get(key, {}))
+        return state_from_entries(self._materialized(key))
 
     def size(self, key: types.NodeKey) -> int:
-        return len(self._entries.get(key, ()))
+        p = self._plans.get(key)
+        if p is None or p.cls is None:
+            return 0
+        return len(self._unions[p.cls]) - len(p.own) + len(p.mine)
+
+    def values(self, key: types.NodeKey) -> Iterator[types.Entry]:
+        """The entries of ``key``'s current plan, unordered, without building its dict."""
+        p = self._plans.get(key)
+        if p is None or p.cls is None:
+            return
+        own = p.own
+        for k, e in self._unions[p.cls].items():
+            if k not in own:
+                yield e
+        yield from p.mine.values()
+
+    def _materialized(self, key: types.NodeKey) -> dict[str, types.Entry]:
+        """The plan of ``key`` as a dict of its own (a new one per call)."""
+        p = self._plans.get(key)
+        if p is None or p.cls is None:
+            return {}
+        union = self._unions[p.cls]
+        out = {k: e for k, e in union.items() if k not in p.own} if p.own else dict(union)
+        out.update(p.mine)
+        return out
 
     def planned(self, key: types.NodeKey, ann: types.NodeAnnouncement) -> bool:
         """Is ``ann`` (this very announcement) planned already?"""
@@ -374,11 +457,19 @@ class IncrementalPlanner:
         old_view, old_config = self._view, self._config
         view = VIEWS.get(new)
         self.topology, self._view, self._config = new, view, new.config
-        for gone in [k for k in self._entries if k not in view.by_key]:
-            del self._entries[gone]
+        for gone in [k for k in self._plans if k not in view.by_key]:
+            del self._plans[gone]
         self._maybe_rebuild_canon()
         if old_view is None or old_config != new.config:
-            return {n.key: d for n in new.nodes if (d := self._full(new, n.key))}
+            previous = {k: self._materialized(k) for k in self._plans}  # while the unions are the old ones
+            self._unions.clear()
+            self._cluster_parts.clear()
+            self._plans.clear()
+            every: dict[types.NodeKey, types.StateDelta] = {}
+            for n in new.nodes:
+                if d := self._full(view, n, _viewer_class(view, n), previous.pop(n.key, {})):
+                    every[n.key] = d
+            return every
 
         # Which sources changed: O(nodes) cheap compares (identity first), once per update.
         changed_nodes = [
@@ -386,47 +477,84 @@ class IncrementalPlanner:
             for key in view.by_key.keys() | old_view.by_key.keys()
             if _node_signature(old_view, key) != _node_signature(view, key)
         ]
-        changed_clusters = [
-            c for c in view.clusters if _cluster_signature(old_view, c) != _cluster_signature(view, c)
-        ]
+        sigs = {c: (_cluster_signature(old_view, c), _cluster_signature(view, c)) for c in view.clusters}
+        changed_clusters = [c for c, (o, n) in sigs.items() if o != n]
         changed_set = set(changed_nodes)
+        # A non-hot node of a gateway-mode cluster contributes only to the hot viewers of its own
+        # cluster (see _node_part): at a bring-up nearly every changed node, so each viewer class
+        # looks only at the changed nodes that can be in its plan (issue 21).
+        seen: tuple[list[types.NodeKey], dict[str, list[types.NodeKey]]] = ([], {})
+        for key in changed_nodes:
+            if _inert(old_view, key) and _inert(view, key):
+                seen[1].setdefault(key.cluster, []).append(key)
+            else:
+                seen[0].append(key)
 
         # Per class: the old and new union of the changed parts, computed once.
         class_changes: dict[ViewerClass, tuple[dict[str, types.Entry], dict[str, types.Entry]]] = {}
         per_node: dict[tuple[ViewerClass, types.NodeKey], tuple[dict[str, types.Entry], dict[str, types.Entry]]] = {}
         deltas: dict[tuple[ViewerClass, types.NodeKey | None], types.StateDelta] = {}
         out: dict[types.NodeKey, types.StateDelta] = {}
+        # Viewers planned in full: their class or announcement changed (their old plans are read
+        # before the unions change), or they are new.
+        classes: list[ViewerClass | None] = []
+        before: dict[types.NodeKey, dict[str, types.Entry]] = {}
         for node in new.nodes:
             key = node.key
             old_node = old_view.by_key.get(key)
             cls = _viewer_class(view, node)
-            if old_node is None or old_node != node or key not in self._entries or cls != _viewer_class(
-                old_view, old_node
+            classes.append(cls)
+            if old_node is not None and key in self._plans and (
+                old_node != node or cls != _viewer_class(old_view, old_node)
             ):
-                d = self._full(new, key)
+                before[key] = self._materialized(key)
+        if changed_nodes or changed_clusters:  # the held unions to the new topology
+            canon = self._canon
+            for ucls, union in self._unions.items():
+                changes = class_changes.get(ucls)
+                if changes is None:
+                    changes = self._changes(old_view, view, ucls, seen, changed_clusters, per_node, sigs)
+                    class_changes[ucls] = changes
+                old_u, new_u = changes
+                for k in old_u.keys() - new_u.keys():
+                    del union[k]  # no other source has it: keys of sources never collide
+                for k, e in new_u.items():
+                    union[k] = canon.setdefault(e, e)
+        live: set[ViewerClass] = set()
+        for node, cls in zip(new.nodes, classes, strict=True):
+            key = node.key
+            if cls is not None:
+                live.add(cls)
+            if key in before or key not in self._plans:
+                d = self._full(view, node, cls, before.pop(key, {}))
                 if d:
                     out[key] = d
                 continue
             if cls is None or not (changed_nodes or changed_clusters):
                 continue
             excl = key if key in changed_set else None
-            delta = deltas.get((cls, excl))
-            if delta is None:
+            shared = deltas.get((cls, excl))
+            if shared is None:
                 changes = class_changes.get(cls)
                 if changes is None:
-                    changes = self._changes(old_view, view, cls, changed_nodes, changed_clusters, per_node)
+                    changes = self._changes(old_view, view, cls, seen, changed_clusters, per_node, sigs)
                     class_changes[cls] = changes
                 old_u, new_u = changes
                 if excl is not None:
                     # The viewer's own node part is not in its plan.
-                    mine_old, mine_new = per_node[(cls, excl)]
+                    mine_old, mine_new = per_node.get((cls, excl), _NO_PARTS)
+                    self._plans[key].own = frozenset(mine_new)  # its own part, as seen by its class
                     old_u = {k: e for k, e in old_u.items() if k not in mine_old}
                     new_u = {k: e for k, e in new_u.items() if k not in mine_new}
-                delta = self._interned(diff_entries(old_u, new_u))
-                deltas[(cls, excl)] = delta
-            if delta:
-                self._apply(key, delta)
-                out[key] = delta
+                shared = deltas[(cls, excl)] = self._interned(diff_entries(old_u, new_u))
+            elif excl is not None:
+                self._plans[key].own = frozenset(per_node.get((cls, excl), _NO_PARTS)[1])
+            if shared:  # the union already holds it: nothing to apply per viewer
+                out[key] = shared
+        for gone_cls in [c for c in self._unions if c not in live]:
+            del self._unions[gone_cls]
+        if changed_clusters:  # keep the parts of the current signatures only
+            self._cluster_parts = {k: p for k, p in self._cluster_parts.items() if k[-1] == sigs[str(k[0])][1]}
         return out
 
     def _changes(
@@ -434,14 +562,21 @@ class IncrementalPlanner:
         old_view: View,
         view: View,
         cls: ViewerClass,
-        changed_nodes: list[types.NodeKey],
+        seen: tuple[list[types.NodeKey], dict[str, list[types.NodeKey]]],
         changed_clusters: list[str],
         per_node: dict[tuple[ViewerClass, types.NodeKey], tuple[dict[str, types.Entry], dict[str, types.Entry]]],
+        sigs: Mapping[str, tuple[object, object]],
     ) -> tuple[dict[str, types.Entry], dict[str, types.Entry]]:
+        """The old and new union of the changed parts for class ``cls``: of the changed nodes
+        ``seen`` by it (every class sees ``seen[0]``; the hot classes of a cluster also see
+        that cluster's in ``seen[1]``, whose parts are empty for every other class) and of the
+        changed clusters. Fills ``per_node`` with the node parts it computed."""
+        started = time.perf_counter()
         old_u: dict[str, types.Entry] = {}
         new_u: dict[str, types.Entry] = {}
         c = self.counter
-        for key in changed_nodes:
+        keys = seen[0] + seen[1].get(cls.cluster, []) if cls.hot else seen[0]
+        for key in keys:
             o, n = old_view.by_key.get(key), view.by_key.get(key)
             po = _node_part(old_view, cls, o, c) if o is not None else {}
             pn = _node_part(view, cls, n, c) if n is not None else {}
@@ -449,9 +584,26 @@ class IncrementalPlanner:
             old_u.update(po)
             new_u.update(pn)
         for name in changed_clusters:
-            old_u.update(_cluster_part(old_view, cls, name, c))
-            new_u.update(_cluster_part(view, cls, name, c))
+            old_sig, new_sig = sigs[name]
+            old_u.update(self._held_cluster_part(old_view, cls, name, old_sig))
+            new_u.update(self._held_cluster_part(view, cls, name, new_sig))
+        self.changes_seconds += time.perf_counter() - started
         return old_u, new_u
+
+    def _held_cluster_part(self, view: View, cls: ViewerClass, name: str, sig: object) -> dict[str, types.Entry]:
+        """:func:`_cluster_part` of cluster ``name`` (signature ``sig`` in ``view``), held: it
+        depends on the viewer only through what the key below names, so viewer classes of many
+        clusters share one (every active gateway's), and the part computed as new by one update
+        is the old one of the next (at 100 gateway-mode clusters, where a bring-up changes every
+        cluster in every flush, these were most of a flush; issue 21). Callers must not change
+        what it returns. Only parts of the current signatures are kept (see :meth:`update`)."""
+        if name == cls.cluster:
+            return {}
+        key = (name, cls.families, cls.routes_via_local, cls.local_vias, cls.local_groups, sig)
+        part = self._cluster_parts.get(key)
+        if part is None:
+            part = self._cluster_parts[key] = _cluster_part(view, cls, name, self.counter)
+        return part
 
     def _interned(self, delta: types.StateDelta) -> types.StateDelta:
         """``delta`` with its upserts replaced by the held objects of equal value."""
@@ -462,20 +614,51 @@ class IncrementalPlanner:
         """Drop the entries no plan holds any more once the table doubled (amortised O(1))."""
         if len(self._canon) < self._canon_rebuild_at:
             return
-        self._canon = {e: e for entries in self._entries.values() for e in entries.values()}
+        held = (*self._unions.values(), *(p.mine for p in self._plans.values()))
+        self._canon = {e: e for entries in held for e in entries.values()}
         self._canon_rebuild_at = max(CANON_MIN_REBUILD, 2 * len(self._canon))
 
-    def _full(self, topology: types.Topology, key: types.NodeKey) -> types.StateDelta:
+    def _full(
+        self, view: View, node: types.NodeAnnouncement, cls: ViewerClass | None, old: Mapping[str, types.Entry]
+    ) -> types.StateDelta:
+        """Plan ``node`` (of class ``cls`` in ``view``, the current topology) in full, from its
+        class's union of parts: equal to ``plan(topology, key)`` (the parts' union is the plan,
+        and the entry keys of different sources never collide). Returns the delta from ``old``,
+        its previous plan; keeps only its :class:`_Plan`."""
+        started, building = time.perf_counter(), self.union_seconds
         self.counter.full_plans += 1
-        canon = self._canon
-        new = {k: canon.setdefault(e, e) for k, e in plan(topology, key).entries().items()}
-        delta = diff_entries(self._entries.get(key, {}), new)
-        self._entries[key] = new
+        new: dict[str, types.Entry] = {}
+        plan_of = _Plan(cls)
+        if cls is not None:
+            union = self._union(view, cls)
+            own = _node_part(view, cls, node, self.counter)  # a node is not its own peer
+            new = {k: e for k, e in union.items() if k not in own} if own else dict(union)
+            canon = self._canon
+            mine = {k: canon.setdefault(e, e) for k, e in _self_part(view, node, cls).items()}
+            new.update(mine)
+            plan_of = _Plan(cls, frozenset(own), mine)
+        delta = diff_entries(old, new)
+        self._plans[node.key] = plan_of
+        # Not the union's first build (once per class, not per node: see union_seconds).
+        self.full_plan_seconds += time.perf_counter() - started - (self.union_seconds - building)
         return delta
 
-    def _apply(self, key: types.NodeKey, delta: types.StateDelta) -> None:
-        entries = self._entries[key]
-        for k in delta.removals:
-            del entries[k]
-        for e in delta.upserts:
-            entries[types.entry_key(e)] = e
+    def _union(self, view: View, cls: ViewerClass) -> dict[str, types.Entry]:
+        """The union of every ``node:`` and ``cluster:`` part for class ``cls`` at ``view`` (the
+        current topology): held, or computed now (once per class, O(nodes) parts)."""
+        union = self._unions.get(cls)
+        if union is None:
+            started = time.perf_counter()
+            canon, c = self._canon, self.counter
+            union = {}
+            for x in view.by_key.values():
+                for k, e in _node_part(view, cls, x, c).items():
+                    union[k] = canon.setdefault(e, e)
+            for name in view.clusters:
+                for k, e in _cluster_part(view, cls, name, c).items():
+                    union[k] = canon.setdefault(e, e)
+            self._unions[cls] = union
+            self.union_seconds += time.perf_counter() - started
+        return union
+
+

@@ -81,8 +81,24 @@ synced node it changes, and each costs a gRPC write and an ``Applied`` read, whi
 reflector's CPU (not planning). A bring-up of N agents with a fixed 20 ms window flushed hundreds
 of times, each to all nodes already synced: O(N x flushes) messages (1,000 agents took 95 s,
 measured by ``fabric-tool bench control``); with the doubling window a storm costs a few dozen
-flushes, while a lone change (a gateway failover) still goes out at once. The startup hold is
-one flush at its release.
+flushes, while a lone change (a gateway failover) still goes out at once. The startup hold ends
+with a flush (bounded like any other: its new nodes may take several, see below).
+
+Bounded flushes. A flush plans the new nodes it adopts in full and builds their snapshots; at a
+bring-up that work grows with the nodes admitted since the last flush times the size of the
+fabric (a flush of 2,000 new nodes at N = 3,000 took 20-30 s, and the loop accepted no stream
+meanwhile: gRPC cancelled thousands before admission, issue 21). So a flush adopts only the new
+nodes (in admission order) whose planning is expected to fit in ``flush_slice``, by the measured
+cost of one (:meth:`Reflector._bounded`); the others stay admitted and pending (validated, in
+``_pending``, their sessions waiting for a snapshot) and the next flush, scheduled as any
+pending change, adopts the next of them. Admission itself never waits: it is validation against
+the pending topology, independent of planning. Only brand-new nodes are deferred (withdrawals,
+changed announcements, role moves and configuration changes are adopted at once), and never in
+a way that changes the election: a cluster whose roles would differ without its deferred nodes
+adopts its deferred gateway candidates now. Each flush's topology is therefore the previous one
+plus a subset of the joins, with the roles the unbounded flush would have elected, and once
+nothing is deferred the plans are exactly those of the unbounded flushes (a unit test compares
+the two over random join sequences).
 
 Planning is incremental (:class:`~fabric.control.incremental.IncrementalPlanner`): a flush costs
 O(nodes) cheap compares to find the sources that changed, then per node only the plan parts of
@@ -205,6 +221,16 @@ MAX_REJECTIONS = 1000
 DEFAULT_COALESCE_WINDOW_S = 0.02
 #: The longest the window grows to: the added latency of a change during a storm of changes.
 DEFAULT_MAX_COALESCE_WINDOW_S = 1.0
+#: The planning work for new nodes one flush may take, in seconds (see "Bounded flushes"): the
+#: nodes adopted are those whose full plans and snapshots are expected to fit in it, the rest
+#: are adopted by the next flush. Far below gRPC's 30 s before it cancels a stream the loop has
+#: not accepted (and the flush's own work per synced node comes on top); long enough that a
+#: flush adopts hundreds of nodes at 10,000 (~1.5 ms each there), so a bring-up is not cut into
+#: so many flushes that their deltas to every synced agent cost more than the planning.
+DEFAULT_FLUSH_SLICE_S = 0.5
+#: New nodes a flush adopts before the cost of one is known (the first flush after a start or a
+#: startup hold): enough to measure it, few enough to keep that flush short at any scale.
+FIRST_FLUSH_JOINS = 64
 #: Topology changes whose fan-out is timed at once (older ones are dropped unobserved).
 MAX_FANOUT_TRACKED = 256
 #: How long the peer reports of an agent that was cut off are held back once it is heard from
@@ -388,6 +414,7 @@ class Reflector:
         record_policy: record_store.PublishPolicy = record_store.allow_all,
         limits: bounds.Limits | None = None,
         reachability_records: bool = True,
+        flush_slice: float | None = DEFAULT_FLUSH_SLICE_S,
     ) -> None:
         if keepalive_interval <= 0:
             raise ValueError(f"keepalive interval must be positive, got {keepalive_interval}")
@@ -421,6 +448,16 @@ class Reflector:
         #: The current coalescing window (between the two above).
         self._window = self.coalesce_window
         self._planner = incremental.IncrementalPlanner()
+        #: Planning work per flush for new nodes, seconds (None: unbounded; see "Bounded flushes").
+        self.flush_slice = None if flush_slice is None else max(0.0, flush_slice)
+        #: Nodes admitted that are not in ``topology`` yet, in admission order: the candidates of
+        #: the next flush for adoption (see "Bounded flushes").
+        self._joining: dict[types.NodeKey, None] = {}
+        #: Measured planning cost of one adopted new node (full plan and snapshot), seconds;
+        #: 0 until a flush adopted one.
+        self._join_cost = 0.0
+        #: New nodes left for the next flush by the last one (see "Bounded flushes").
+        self.deferred = 0
         self._flush_handle: asyncio.Handle | None = None
         self._last_flush_end = float("-inf")
         self._last_flush_cost = 0.0
@@ -605,6 +642,8 @@ class Reflector:
             self._attach(rec, session)
             self._pending = _with_node(self._pending, ann)
             self._index.add(ann)
+            if _node_in(self.topology, key) is None:
+                self._joining[key] = None
             self._changed.add(key)
             self._dirty = True
             _log.info(
@@ -735,23 +774,28 @@ class Reflector:
             return
         started = time.monotonic()
         old = self.topology
-        new = self._pending
-        roles = election.elect(new, self._connected(), self._election_scores(), self._lingering())
-        if roles != new.roles:
-            new = new.with_roles(roles)
+        pending = self._pending
+        connected, lingering, scores = self._connected(), self._lingering(), self._election_scores()
+        roles = election.elect(pending, connected, scores, lingering)
+        full = pending.with_roles(roles) if roles != pending.roles else pending
+        self._pending = full
+        new, deferred = self._bounded(pending, full, connected, scores, lingering)
         if new.roles == old.roles and (not self._dirty or (new.config == old.config and new.nodes == old.nodes)):
-            self._pending = new
             self._dirty = False
             self._changed.clear()
             self._send_waiting_snapshots()
             self._reachability_changed()
             return
         self._log_moves(old, new)
-        self.topology = self._pending = new
+        self.topology = new
         self.generation += 1
         self.flushes += 1
         gen = self.generation
+        work = self._planner.full_plan_seconds, self._planner.changes_seconds, self._planner.counter.full_plans
         deltas = self._planner.update(new)
+        plan_s = self._planner.full_plan_seconds - work[0]
+        change_s = self._planner.changes_seconds - work[1]
+        plans = self._planner.counter.full_plans - work[2]
         debug = _log.isEnabledFor(logging.DEBUG)
         fanout: set[types.NodeKey] = set()
         # One message per distinct delta object, encoded once: every session of a viewer class
@@ -788,7 +832,7 @@ class Reflector:
                 del self._fanout[self._fanout_order.pop(0)]  # never completes (a stuck agent): stop waiting
         if self._watchers and self._changed:
             before = {k: n for k in self._changed if (n := _node_in(old, k)) is not None}
-            now = {k: r.ann for k in self._changed if (r := self._nodes.get(k)) is not None}
+            now = {k: n for k in self._changed if (n := _node_in(new, k)) is not None}  # not the deferred
             upserts = [now[k] for k in sorted(now) if before.get(k) != now[k]]
             removals = [k for k in sorted(before) if k not in now]
             if upserts or removals:
@@ -797,24 +841,85 @@ class Reflector:
                 for w in list(self._watchers):
                     if w.synced:
                         w.send(msg_w, size_w)
-        self._dirty = False
-        self._changed.clear()
-        self._send_waiting_snapshots()
+        # The deferred joins stay pending: announced to watchers and sent their snapshots once
+        # a flush adopts them (the next one, scheduled below).
+        self._dirty = bool(deferred)
+        self._changed.intersection_update(deferred)
+        snap_s, snaps = self._send_waiting_snapshots(deferred)
+        self._learn_join_cost(plan_s, plans, snap_s, snaps)
         self._reachability_changed()
         end = time.monotonic()
         self._last_flush_end, self._last_flush_cost = end, end - started
+        self.deferred = len(deferred)
         _log.debug(
-            "generation %d: %d nodes, %d deltas (%d messages) in %.1f ms",
-            gen, len(new.nodes), len(deltas), len(messages), (end - started) * 1000,
+            "generation %d: %d nodes (%d new ones deferred), %d deltas (%d messages) in %.1f ms (full plans "
+            "%.1f ms, changed parts %.1f ms, snapshots %.1f ms)", gen, len(new.nodes), len(deferred), len(deltas),
+            len(messages), (end - started) * 1000, plan_s * 1000, change_s * 1000, snap_s * 1000,
         )  # fmt: skip
+        if deferred:
+            self._schedule_flush()
 
-    def _send_waiting_snapshots(self) -> None:
+    def _bounded(
+        self, pending: types.Topology, full: types.Topology, connected: frozenset[types.NodeKey],
+        scores: Mapping[types.NodeKey, int], lingering: frozenset[types.NodeKey],
+    ) -> tuple[types.Topology, set[types.NodeKey]]:  # fmt: skip
+        """The topology this flush adopts and the new nodes it leaves for the next one (see
+        "Bounded flushes"): ``full`` (``pending`` with the roles elected on it) without the
+        joins past the number whose planning fits in ``flush_slice``. A cluster whose election
+        on the adopted nodes would differ from ``full``'s adopts its deferred gateway candidates
+        (what the election depends on: the candidates present), so the roles are ``full``'s."""
+        joining = self._joining
+        present = self._index.nodes
+        for key in [k for k in joining if k not in present]:  # withdrawn or dropped meanwhile
+            del joining[key]
+        if self.flush_slice is None or not joining:
+            joining.clear()
+            return full, set()
+        take = FIRST_FLUSH_JOINS if self._join_cost <= 0 else max(1, int(self.flush_slice / self._join_cost))
+        if take >= len(joining):
+            joining.clear()
+            return full, set()
+        deferred = set(itertools.islice(joining, take, None))
+        base = dataclasses.replace(pending, nodes=tuple(n for n in pending.nodes if n.key not in deferred))
+        want = {r.cluster: r for r in full.roles}
+        got = {r.cluster: r for r in election.elect(base, connected, scores, lingering)}
+        differ = {c for c in want.keys() | got.keys() if want.get(c) != got.get(c)}
+        if differ:
+            clusters = {c.name: c for c in full.config.clusters}
+            back = {
+                k for k in deferred
+                if k.cluster in differ and (not clusters[k.cluster].gateways or k.name in clusters[k.cluster].gateways)
+            }  # fmt: skip
+            deferred -= back
+        for key in [k for k in joining if k not in deferred]:
+            del joining[key]
+        adopted = dataclasses.replace(full, nodes=tuple(n for n in full.nodes if n.key not in deferred))
+        return adopted, deferred
+
+    def _learn_join_cost(self, plan_s: float, plans: int, snap_s: float, snaps: int) -> None:
+        """Update the measured planning cost of one new node, smoothed over flushes: what
+        :meth:`_bounded` divides the slice by: its full plan and its snapshot. Not counted: the
+        changed parts per viewer class (logged), which grow with the clusters the
+        joins fall in more than with their number, and the work per synced node (deltas,
+        fan-out), which does not grow with the joins adopted; counted, they made small flushes
+        look dear per join and the next flush smaller still."""
+        if not plans and not snaps:
+            return
+        cost = (plan_s / plans if plans else 0.0) + (snap_s / snaps if snaps else 0.0)
+        self._join_cost = cost if self._join_cost <= 0 else (self._join_cost + cost) / 2
+
+    def _send_waiting_snapshots(self, deferred: Collection[types.NodeKey] = ()) -> tuple[float, int]:
+        """Send the snapshots of the sessions waiting for one whose node is planned; those of
+        ``deferred`` nodes keep waiting. Returns the time it took and the snapshots sent."""
+        started, sent = time.monotonic(), 0
         for key in sorted(self._awaiting):
             rec = self._nodes.get(key)
             s = rec.session if rec is not None else None
             if rec is not None and s is not None and not s.synced and self._planner.planned(key, rec.ann):
                 self._send_snapshot(rec, s)
-        self._awaiting.clear()
+                sent += 1
+        self._awaiting = {k for k in self._awaiting if k in deferred}
+        return time.monotonic() - started, sent
 
     def set_config(self, config: types.FabricConfig) -> None:
         """Adopt a new fabric configuration (e.g. a Cluster resource was edited); call on the
@@ -896,8 +1001,8 @@ class Reflector:
         targets = {}
         for reporter in self._reports:
             rec = self._nodes.get(reporter)
-            entries = self._planner.entries(reporter) if rec else {}
-            targets[reporter] = frozenset(e.node for e in entries.values() if isinstance(e, types.Peer) and e.probe)
+            entries = self._planner.values(reporter) if rec else ()
+            targets[reporter] = frozenset(e.node for e in entries if isinstance(e, types.Peer) and e.probe)
         return targets
 
     def _scores(self) -> dict[types.NodeKey, int]:
@@ -1100,6 +1205,7 @@ class Reflector:
         del self._nodes[key]
         self._pending = self._pending.without_node(key)
         self._index.remove(key)
+        self._joining.pop(key, None)
         self._changed.add(key)
         self._dirty = True
         self._schedule_flush()

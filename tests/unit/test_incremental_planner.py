@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import random
 
+import pytest
+
 from fabric import types
 from fabric.control import admission, election, incremental, planner
 
@@ -249,3 +251,68 @@ def test_planner_work_per_change_does_not_grow_with_the_fabric() -> None:
         assert small[1] == large[1] == full, (change, small, large)
         # And what a viewer is sent does not grow with the fabric either.
         assert small[2] == large[2] <= 6, (change, small, large)
+
+
+
+def _join_work(n: int, joins: int, monkeypatch: pytest.MonkeyPatch) -> tuple[int, int, int]:
+    """(parts computed, full plans, calls of ``planner.plan``) to adopt ``joins`` new nodes of the
+    existing classes at once into a fabric of ``n`` (a flush of a bring-up), checked against the
+    reference."""
+    reference = planner.plan
+    calls: list[types.NodeKey] = []
+
+    def counted(topology: types.Topology, key: types.NodeKey) -> types.NodeState:
+        calls.append(key)
+        return reference(topology, key)
+
+    topo = _fabric(n)
+    inc = incremental.IncrementalPlanner()
+    inc.update(topo)
+    parts0, full0 = inc.counter.parts, inc.counter.full_plans
+    new = topo
+    for j in range(joins):
+        c = ("p", "g")[j % 2]
+        pod = f"10.{127 if c == 'p' else 250}.{j}.0/24"
+        new = new.with_node(types.NodeAnnouncement(c, f"join{j}", f"198.18.{200 + j // 250}.{j % 250 + 1}", (pod,)))
+    new = new.with_roles(election.elect(new, {x.key for x in new.nodes}, {}))
+    with monkeypatch.context() as m:
+        m.setattr(planner, "plan", counted)
+        m.setattr(incremental, "plan", counted, raising=False)  # where it was imported by name
+        inc.update(new)
+    for x in new.nodes:
+        assert inc.state(x.key) == reference(new, x.key), x.key
+    return inc.counter.parts - parts0, inc.counter.full_plans - full0, len(calls)
+
+
+def test_new_nodes_are_planned_from_their_class_without_visiting_every_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new node of a class the planner holds is planned from the class's union of parts (kept
+    current by every update), not by :func:`planner.plan`, a walk over every node: adopting 6
+    joins costs the same planner work in a fabric of 24 nodes as in one of 240 (issue 21: full
+    plans of new nodes were the largest cost of a bring-up)."""
+    small, large = _join_work(24, 6, monkeypatch), _join_work(240, 6, monkeypatch)
+    assert small == large and large[1] == 6 and large[2] == 0, (small, large)
+
+
+def _held_per_node(n: int) -> tuple[int, int]:
+    """(the most entries any node's plan holds of its own, the largest plan) after a join into
+    a fabric of ``n``."""
+    topo = _fabric(n)
+    inc = incremental.IncrementalPlanner()
+    inc.update(topo)
+    new = topo.with_node(types.NodeAnnouncement("p", "joiner", "198.18.200.1", ("10.127.0.0/24",)))
+    new = new.with_roles(election.elect(new, {x.key for x in new.nodes}, {}))
+    inc.update(new)
+    for x in new.nodes[:: max(1, n // 20)]:
+        assert inc.state(x.key) == planner.plan(new, x.key)
+        assert inc.size(x.key) == len(planner.plan(new, x.key))
+    own = max(len(p.own) + len(p.mine) for p in inc._plans.values())
+    return own, max(inc.size(x.key) for x in new.nodes)
+
+
+def test_a_node_holds_only_what_differs_from_its_class() -> None:
+    """Per node the planner holds its self part and the keys of its own part; the rest of its
+    plan is its class's union, one for all the nodes of the class (issue 21: memory per agent).
+    The plans grow with the fabric (P2P nodes see every node), what a node holds does not."""
+    small, large = _held_per_node(24), _held_per_node(240)
+    assert large[1] > 5 * small[1], (small, large)
+    assert small[0] == large[0] and large[0] < 20, (small, large)

@@ -243,3 +243,95 @@ def test_set_config_keeps_valid_nodes_withdraws_invalid_ones_and_sends_deltas() 
         await refl.stop(0)
 
     asyncio.run(asyncio.wait_for(body(), 10))
+
+
+# --------------------------------------------------------------------------------------------
+# Bounded flushes (reflector.py, "Bounded flushes"; issue 21)
+# --------------------------------------------------------------------------------------------
+
+
+def _bounded(refl: reflector.Reflector, joins_per_flush: int) -> reflector.Reflector:
+    """Make ``refl`` adopt ``joins_per_flush`` new nodes per flush (plus what the election needs):
+    a slice of that many times the cost it believes one join has. The measured cost still
+    updates it after every flush, so it is pinned again before each batch."""
+    refl.flush_slice = float(joins_per_flush)
+    refl._join_cost = 1.0
+    return refl
+
+
+def test_a_bounded_flush_ends_with_the_plans_of_the_unbounded_one_over_random_join_sequences() -> None:
+    async def body() -> None:
+        deferred_somewhere = 0
+        for seed in range(12):
+            rng = random.Random(2100 + seed)
+            config = random_config(rng)
+            kw = dict(grace_period=100, startup_hold=0, coalesce_window=WINDOW, max_coalesce_window=4 * WINDOW)
+            unbounded = reflector.Reflector(config, flush_slice=None, **kw)  # type: ignore[arg-type]
+            bounded = reflector.Reflector(config, **kw)  # type: ignore[arg-type]
+            du, db = Driver(unbounded), Driver(bounded)
+            per_flush = rng.randint(1, 3)
+            for _ in range(8):
+                _bounded(bounded, per_flush)
+                batch = [random_node(rng, config) for _ in range(rng.randint(1, 12))]
+                if du.agents and rng.random() < 0.3:  # a reconnect or a re-announcement of a known node
+                    key = rng.choice(sorted(du.agents))
+                    batch.append(random_node(rng, config, variant=rng.randint(0, 1), key=key))
+                for ann in batch:
+                    du.announce(ann)
+                    db.announce(ann)
+                flushes = bounded.flushes
+                await du.settle()
+                await db.settle()
+                deferred_somewhere += bounded.flushes - flushes > 1
+                du.check()
+                db.check()
+                # Same nodes, same elected roles, byte-identical plans, and the agents hold them.
+                assert bounded.topology == unbounded.topology
+                for node in unbounded.topology.nodes:
+                    assert bounded._planner.entries(node.key) == unbounded._planner.entries(node.key)
+                    assert db.agents[node.key].state == du.agents[node.key].state
+                assert not bounded._joining and not bounded._awaiting and bounded.deferred == 0
+            await unbounded.stop(0)
+            await bounded.stop(0)
+        assert deferred_somewhere, "no batch was split over flushes: the test compared nothing"
+
+    asyncio.run(asyncio.wait_for(body(), 120))
+
+
+def test_admission_proceeds_while_a_large_flush_is_pending() -> None:
+    async def body() -> None:
+        refl = reflector.Reflector(CONFIG, grace_period=100, startup_hold=0, coalesce_window=WINDOW,
+                                   max_coalesce_window=4 * WINDOW)  # fmt: skip
+        d = Driver(refl)
+        for c in ("east", "west"):
+            for i in (1, 2):
+                d.announce(_node(c, i))
+        await d.settle()  # both clusters have an active and a standby gateway: joins move no role
+        assert all(r.active and r.standby for r in refl.topology.roles)
+        _bounded(refl, 1)
+        storm = [_node(c, i) for i in range(3, 33) for c in ("east", "west")]
+        for ann in storm:
+            d.announce(ann)
+        await asyncio.sleep(0)  # the first flush of the storm runs (at once: after a quiet period)
+        await asyncio.sleep(0)
+        assert refl.deferred == len(storm) - 1, "the flush adopted more than its slice"
+        adopted = {n.key for n in refl.topology.nodes}
+        assert storm[0].key in adopted and storm[1].key not in adopted  # admission order
+        # Planning for 59 admitted nodes is pending; a new agent is admitted now, not after it.
+        late = d.announce(_node("east", 40))
+        assert not late.rejected and late.session.key in d.agents
+        assert late.session.key in {n.key for n in refl._pending.nodes}
+        assert any(n.name == "e40" for c in refl.status().clusters for n in c.nodes)
+        assert refl.deferred > 0 and late.session.key not in {n.key for n in refl.topology.nodes}
+        late.drain()
+        assert late.state is None  # its snapshot comes with the flush that adopts it
+        flushes = refl.flushes
+        await d.settle()
+        d.check()  # everyone, the late agent too, holds plan() of the full topology
+        assert late.state is not None and refl.deferred == 0
+        # Split over several flushes (the measured cost of a join, much below the pinned 1 s,
+        # then lets each adopt more).
+        assert refl.flushes - flushes >= 2
+        await refl.stop(0)
+
+    asyncio.run(asyncio.wait_for(body(), 30))
