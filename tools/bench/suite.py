@@ -291,6 +291,9 @@ def main(argv: list[str]) -> int:
                         "(default: p2p for N <= 1000, gateway for every N)")  # fmt: skip
     parser.add_argument("--budget", type=positive_float, default=bc.Options.budget_s, metavar="S",
                         help="control: seconds to bring up the agents of one N (default %(default)g)")  # fmt: skip
+    parser.add_argument("--relays", type=int, default=0, metavar="K",
+                        help="control: also run each N with the agents behind K fabric-relay processes and print "
+                        "bring-up and join fan-out beside the direct run (default 0: no relay phase)")  # fmt: skip
     parser.add_argument("--tiny", "--quick", action="store_true",
                         help="smoke-test sizes: short and small, proves it runs (CI)")
     parser.add_argument("--nodes", type=_parse_n, default=(), metavar="N,N,...",
@@ -325,7 +328,10 @@ def main(argv: list[str]) -> int:
         parser.error(f"--seeds must be at least 1, got {args.seeds}")
     if args.tree_pods < 0:
         parser.error(f"--tree-pods must be at least 1, got {args.tree_pods}")
+    if args.relays < 0:
+        parser.error(f"--relays must be 0 or more, got {args.relays}")
     opts = bc.Options(repeat=args.repeat, tiny=args.tiny, n=args.n, budget_s=args.budget, shapes=args.shape,
+                      relays=args.relays,
                       sched_nodes=args.nodes, sched_pods=args.pods, tree_pods=args.tree_pods, seeds=args.seeds)
     # Pre-flight: refuse named benchmarks that cannot run; skip (with the reason) unnamed ones.
     chosen: list[tuple[str, ModuleType]] = []
