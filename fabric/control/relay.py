@@ -102,6 +102,9 @@ DEFAULT_KEEPALIVE_S = 2.0
 DEAD_AFTER_INTERVALS = 3
 #: Largest RelayNodesRequest the relay writes (the reflector reads up to 4 MiB).
 MAX_REQUEST_BYTES = 1024 * 1024
+#: Bytes of agents' messages the relay holds for the reflector before it stops reading agents
+#: (gRPC flow control then pushes back on them): the upstream buffer's bound.
+UP_BUFFER_BYTES = 8 * 1024 * 1024
 SWEEP_S = 1.0
 SERVER_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.keepalive_time_ms", 10_000),
@@ -162,7 +165,10 @@ class Relay:
         self._ids = itertools.count(1)
         self.agents: dict[int, _Agent] = {}
         self._up_items: list[pb.RelayItem] = []
+        self._up_bytes = 0
         self._up_wake = asyncio.Event()
+        self._up_room = asyncio.Event()
+        self._up_room.set()
         #: Counts upstream streams; a session belongs to the one it was opened on.
         self.generation = 0
         self.up = asyncio.Event()
@@ -217,7 +223,7 @@ class Relay:
                 async with asyncio.timeout(5.0):
                     await channel.channel_ready()
                 self.generation += 1
-                self._up_items.clear()
+                self._clear_up()
                 call = pb_grpc.FabricStub(channel).RelayNodes(self._upstream_requests(self.generation))
                 self.upstream_reason = ""
                 self.up.set()
@@ -233,6 +239,7 @@ class Relay:
             finally:
                 self.up.clear()
                 self.upstream_reason = reason
+                self._clear_up()
                 self._end_all(grpc.StatusCode.UNAVAILABLE, f"relay lost its upstream: {reason}; reconnect for a "
                               "fresh snapshot")  # fmt: skip
                 await channel.close()
@@ -249,6 +256,8 @@ class Relay:
             if generation != self.generation:
                 return
             items, self._up_items = self._up_items, []
+            self._up_bytes = 0
+            self._up_room.set()
             out, size = pb.RelayNodesRequest(), 0
             for item in items:
                 n = item.ByteSize() + 4
@@ -262,7 +271,13 @@ class Relay:
 
     def _send_up(self, item: pb.RelayItem) -> None:
         self._up_items.append(item)
+        self._up_bytes += item.ByteSize()
         self._up_wake.set()
+
+    def _clear_up(self) -> None:
+        self._up_items.clear()
+        self._up_bytes = 0
+        self._up_room.set()
 
     def _dispatch(self, resp: pb.RelayNodesResponse) -> None:
         for item in resp.items:
@@ -404,6 +419,9 @@ class Relay:
                 if a.ended or a.generation != self.generation:
                     return
                 self._send_up(pb.RelayItem(message=pb.RelayAgentMessage(session=a.sid, request=req)))
+                while self._up_bytes > UP_BUFFER_BYTES and not a.ended:
+                    self._up_room.clear()
+                    await self._up_room.wait()
             self._finish(a, grpc.StatusCode.OK, "agent closed the session", tell_upstream=True)
         except (pb_message.DecodeError, grpc.aio.BaseError) as e:
             self._finish(a, grpc.StatusCode.INVALID_ARGUMENT, f"stream from agent {a.peer} failed: {e}",

@@ -526,9 +526,7 @@ def run(opts: bc.Options) -> bc.Report:
             try:
                 bare = _phase("bare", shape, rounds, changes, opts.budget_s)
                 ours = _phase("fabric", shape, rounds, changes, opts.budget_s)
-                via = None
-                if opts.relays:
-                    via = _phase("fabric", shape, rounds, changes, opts.budget_s, relays=opts.relays)
+                vias = [_phase("fabric", shape, rounds, changes, opts.budget_s, relays=k) for k in opts.relays]
             except Infeasible as e:
                 report.notes.append(f"{shape.label}: NOT FEASIBLE on this machine: {e}")
                 infeasible_from[kind] = n
@@ -541,7 +539,7 @@ def run(opts: bc.Options) -> bc.Report:
                 continue
             _figures(report, shape, ours, bare)
             report.notes.append(_shape_note(shape, ours))
-            if via is not None:
+            for via in vias:
                 _relay_figures(report, shape, via, ours)
             for phase, what in ((ours, "fabric-reflector"), (bare, "bare server")):
                 if phase.retries:
