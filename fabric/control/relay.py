@@ -27,8 +27,9 @@ processes (and machines).
 What the relay does per agent, so the reflector does not:
 
 * **TLS termination and identity.** The agent's mutual TLS ends at the relay, which verifies
-  its node certificate against the fabric CA (the relay serves with ``--tls-dir``, requiring
-  client certificates like the reflector) and passes the *proven* identity upstream with the
+  its node certificate against the fabric CA (the relay serves with ``--tls-dir``, a server
+  certificate, requiring client certificates like the reflector; it shows the reflector its own
+  client certificate, ``--upstream-tls-dir``) and passes the *proven* identity upstream with the
   session. An agent cannot claim another node through a relay: the identity comes from the
   handshake, never from anything the agent sends, and the reflector still checks the
   announcement against it (:func:`fabric.control.authz.announcement_refusals`). The reflector
@@ -439,9 +440,10 @@ def _as_bytes(msg: bytes) -> bytes:
 
 EXAMPLES = """\
 examples:
-  # a relay for the agents of one zone, mutual TLS both ways (certificate relay/zone-a: serves the
-  # agents and proves the relay to the reflector)
-  fabric-relay --upstream reflector.kosmos-system:7946 --listen 0.0.0.0:7947 --tls-dir /etc/fabric/relay
+  # a relay for the agents of one zone, mutual TLS both ways: a server certificate for the agents,
+  # a client certificate relay/zone-a for the reflector
+  fabric-relay --upstream reflector.kosmos-system:7946 --listen 0.0.0.0:7947 \
+      --tls-dir /etc/fabric/relay-server --upstream-tls-dir /etc/fabric/relay-client
 
   # plaintext, as the control benchmark runs it (agents and reflector on unix sockets)
   fabric-relay --upstream unix:/tmp/kft/reflector.sock --listen unix:/tmp/kft/relay0.sock --insecure
@@ -464,7 +466,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--listen", action="append", metavar="ADDR",
                    help=f"where agents connect: HOST:PORT or unix:/path (repeatable; default "
                    f"{DEFAULT_LISTEN})")  # fmt: skip
-    tls.add_flags(p, "a relay/<name> certificate: served to agents and shown to the reflector")
+    tls.add_flags(p, "the relay's server certificate, served to agents")
+    p.add_argument("--upstream-tls-dir", metavar="DIR",
+                   help="with --tls-dir: the relay's client certificate (identity relay/<name>), its key and the "
+                   "fabric CA, shown to the reflector (a fabric certificate is a server or a client one)")  # fmt: skip
     p.add_argument("--send-queue-bytes", type=int, default=bounds.Limits().send_queue_bytes, metavar="B",
                    help="bytes queued to one agent; an agent that falls further behind is cut off")  # fmt: skip
     p.add_argument("--log-level", default="info", help="debug, info, warning, error")
@@ -473,6 +478,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.listen = [parse_listen(a) for a in (args.listen or [DEFAULT_LISTEN])]
     except ValueError as e:
         p.error(str(e))
+    if bool(args.tls_dir) != bool(args.upstream_tls_dir):
+        p.error("--tls-dir and --upstream-tls-dir go together (mutual TLS towards agents and the reflector); "
+                "neither with --insecure")  # fmt: skip
     if args.send_queue_bytes <= 0:
         p.error(f"--send-queue-bytes {args.send_queue_bytes}: must be positive")
     return args
@@ -480,9 +488,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 async def _serve(args: argparse.Namespace) -> int:
     tls_dir = tls.from_args(args)
+    upstream_tls = None if tls_dir is None else tls.choose(args.upstream_tls_dir, False)
     import dataclasses
 
-    relay = Relay(args.upstream, upstream_tls=tls_dir,
+    relay = Relay(args.upstream, upstream_tls=upstream_tls,
                   limits=dataclasses.replace(bounds.Limits(), send_queue_bytes=args.send_queue_bytes))  # fmt: skip
     creds = None if tls_dir is None else tls.server_credentials(tls_dir)
     await relay.start(args.listen, creds)

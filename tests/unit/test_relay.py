@@ -20,9 +20,10 @@ import grpc
 import pytest
 
 from fabric import types
-from fabric.control import api, codec, identity, planner, reflector, relay, relay_hub
+from fabric.control import api, client, codec, identity, pki, planner, reflector, relay, relay_hub, tls
 from fabric.control.generated import fabric_pb2 as pb
 from tests.unit.test_control_session import CONFIG, E1, E2, W1, Harness, harness, run
+from tests.unit.test_tls import PKI, Recorder, tls_reflector
 from tests.waiting import wait_until_async
 
 W2 = types.NodeAnnouncement("west", "w2", "198.18.0.22", ("10.20.2.0/24",))
@@ -237,3 +238,162 @@ def test_status_code_round_trip() -> None:
     for code in grpc.StatusCode:
         assert relay_hub.status_code(code.value[0]) is code
     assert Harness  # the shared harness is the one test_control_session uses
+
+
+# -- mutual TLS end to end ------------------------------------------------------------------
+
+
+@pytest.fixture
+def fabric_pki(tmp_path: Path) -> PKI:
+    return PKI(tmp_path, pki.make_ca())
+
+
+def test_relay_with_mutual_tls_vouches_only_what_the_agents_certificate_proves(fabric_pki: PKI) -> None:
+    """Real handshakes: agent -> relay (the relay's server certificate, the agent's node one)
+    and relay -> reflector (the relay's relay/<name> client certificate). The agent with e1's
+    certificate is admitted as east/e1; an agent holding e2's certificate that announces e1 is
+    refused UNAUTHORIZED (the relay passes on the identity its handshake proved, not the
+    announcement); a relay whose upstream certificate is not a relay's gets nothing in."""
+    e1_dir = fabric_pki.client("e1", identity.node("east", "e1"))
+    e2_dir = fabric_pki.client("e2", identity.node("east", "e2"))
+    relay_server = fabric_pki.server("relay-server")
+    relay_client = fabric_pki.client("relay-client", identity.role("relay", "zone-a"))
+    fake_relay_client = fabric_pki.client("fake-relay", identity.node("west", "w1"))
+
+    async def body() -> None:
+        async with tls_reflector(fabric_pki.server()) as (refl, target):
+            good = relay.Relay(target, upstream_tls=relay_client, backoff=(0.05, 0.2))
+            (good_target,) = await good.start(["127.0.0.1:0"], tls.server_credentials(relay_server))
+            bad = relay.Relay(target, upstream_tls=fake_relay_client, backoff=(0.05, 0.2))
+            (bad_target,) = await bad.start(["127.0.0.1:0"], tls.server_credentials(relay_server))
+            sessions = []
+            try:
+                await asyncio.wait_for(good.up.wait(), 5)
+                rec_e1, rec_liar, rec_bad = Recorder(), Recorder(), Recorder()
+                for who, rec, where in ((e1_dir, rec_e1, good_target), (e2_dir, rec_liar, good_target),
+                                        (e1_dir, rec_bad, bad_target)):  # fmt: skip
+                    s = client.AgentSession(where, E1, rec, keepalive_interval=0.1, backoff=(0.05, 0.2), tls_dir=who)
+                    rec.session = s
+                    sessions.append((s, asyncio.create_task(s.run())))
+                await wait_until_async(lambda: rec_e1.count("snapshot") >= 1, 10, "e1 admitted via the TLS relay")
+                await wait_until_async(lambda: rec_liar.count("rejected") >= 1, 10, "e2's certificate refused as e1")
+                assert api.RejectionReason.UNAUTHORIZED in sessions[1][0].rejected_for
+                liar = [args for kind, args in rec_liar.events if kind == "rejected"]
+                assert "node/east/e2" in str(liar[0]), liar
+                # The relay with a node certificate upstream: RelayNodes refused, nothing admitted.
+                await wait_until_async(lambda: any("RelayNodes" in src and "node/west/w1" in src
+                                                   for src in (r.source for r in refl.status().rejections)), 10,
+                                       "the fake relay refused")  # fmt: skip
+                assert rec_bad.count("snapshot") == 0
+                assert [n.key for n in refl.status().nodes()] == ["east/e1"]
+            finally:
+                for s, _ in sessions:
+                    await s.close()
+                await asyncio.gather(*(t for _, t in sessions))
+                await good.stop(0)
+                await bad.stop(0)
+
+    run(body(), timeout=30)
+
+
+def test_relay_ends_an_agent_that_goes_silent_and_tells_the_reflector() -> None:
+    """Keepalives are judged at the relay: an agent that announces and then says nothing more is
+    ended after 3 negotiated intervals (UNAVAILABLE) and its session closed upstream, so the
+    reflector counts the node as disconnected although the relay stream itself stays alive."""
+    from fabric.control.generated import fabric_pb2_grpc as pb_grpc
+
+    async def body() -> None:
+        async with harness(grace=5.0) as h, relays(h.target) as [(r, target)]:
+            _s_w1, _ = h.agent(W1, target)  # a live agent on the same relay stays
+            channel = grpc.aio.insecure_channel(target)
+            sent = [pb.SyncNodeRequest(announce=pb.Announce(node=codec.node_to_pb(E1))),
+                    pb.SyncNodeRequest(keepalive=pb.Keepalive(interval_ms=100))]  # fmt: skip
+            silent = asyncio.Event()
+
+            async def requests() -> AsyncIterator[pb.SyncNodeRequest]:
+                for m in sent:
+                    yield m
+                await silent.wait()  # never set: the stream stays open, the agent silent
+
+            call = pb_grpc.FabricStub(channel).SyncNode(requests())
+            got = []
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                async for m in call:
+                    got.append(m)
+            assert any(m.HasField("end_of_snapshot") for m in got)
+            assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "keepalive timeout" in (ended.value.details() or "")
+            await wait_until_async(lambda: not h.connected("east/e1"), 5, "the reflector saw e1's session end")
+            assert h.connected("west/w1") and len(r.agents) == 1
+            await channel.close()
+
+    run(body())
+
+
+class CuttableLink:
+    """A TCP forwarder on 127.0.0.1 between a relay and the reflector that can cut every
+    connection abruptly (no goodbye from either side: what a crash or a network cut looks like)
+    and refuse new ones until it is mended."""
+
+    def __init__(self, upstream: str) -> None:
+        host, _, port = upstream.rpartition(":")
+        self.host, self.port = host, int(port)
+        self.open = True
+        self.transports: list[asyncio.Transport] = []
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.open:
+            writer.transport.abort()
+            return
+        up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
+        self.transports += [writer.transport, up_writer.transport]  # type: ignore[list-item]
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError, ConnectionError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.transport.abort()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    def cut(self) -> None:
+        self.open = False
+        for t in self.transports:
+            t.abort()
+        self.transports.clear()
+
+    async def close(self) -> None:
+        self.cut()
+        if self.server is not None:
+            self.server.close()
+
+
+def test_relay_cut_off_from_the_reflector_ends_its_agents_and_they_resync() -> None:
+    """The link between relay and reflector breaks with no goodbye (the reflector cannot tell
+    the relay anything): the relay itself must end its agents' streams (no stale state), and
+    once the link is back they resync with a fresh snapshot through it."""
+
+    async def body() -> None:
+        async with harness(grace=10.0) as h:
+            link = CuttableLink(h.target)
+            via = await link.start()
+            async with relays(via) as [(r, target)]:
+                s_e1, rec = h.agent(E1, target)
+                _s_w1, _ = h.agent(W1, target)
+                await wait_until_async(lambda: s_e1.state == expected(E1, W1, key=E1.key, h=h), 5, "converged")
+                link.cut()
+                await wait_until_async(lambda: not s_e1.connected and not r.agents, 20, "the relay ended its agents")
+                snapshots = rec.count("snapshot")
+                link.open = True
+                await wait_until_async(lambda: rec.count("snapshot") > snapshots and s_e1.connected, 20,
+                                       "e1 resynced through the mended link")  # fmt: skip
+                assert s_e1.state == expected(E1, W1, key=E1.key, h=h)
+            await link.close()
+
+    run(body(), timeout=60)
