@@ -380,15 +380,19 @@ def test_relay_cut_off_from_the_reflector_ends_its_agents_and_they_resync() -> N
     once the link is back they resync with a fresh snapshot through it."""
 
     async def body() -> None:
-        async with harness(grace=10.0) as h:
+        # Keepalives of 10 s: the agents would notice the silence only after 30 s by themselves.
+        async with harness(grace=10.0, keepalive=10.0) as h:
             link = CuttableLink(h.target)
             via = await link.start()
             async with relays(via) as [(r, target)]:
-                s_e1, rec = h.agent(E1, target)
+                rec = Recorder()
+                s_e1 = client.AgentSession(target, E1, rec, keepalive_interval=10.0, backoff=(0.05, 0.2))
+                rec.session = s_e1
+                h.tasks.append((s_e1, asyncio.create_task(s_e1.run())))
                 _s_w1, _ = h.agent(W1, target)
                 await wait_until_async(lambda: s_e1.state == expected(E1, W1, key=E1.key, h=h), 5, "converged")
                 link.cut()
-                await wait_until_async(lambda: not s_e1.connected and not r.agents, 20, "the relay ended its agents")
+                await wait_until_async(lambda: not s_e1.connected and not r.agents, 5, "the relay ended its agents")
                 snapshots = rec.count("snapshot")
                 link.open = True
                 await wait_until_async(lambda: rec.count("snapshot") > snapshots and s_e1.connected, 20,
