@@ -577,6 +577,10 @@ def _relay_figures(report: bc.Report, shape: Shape, via: Phase, direct: Phase) -
         f"relays{k}_reflector_bringup_cpu_per_agent{sfx}": (
             [via.bringup_cpu_per_agent_ms], [direct.bringup_cpu_per_agent_ms], "ms"),
         f"relays{k}_reflector_cpu_per_change{sfx}": (via.cpu_ms, direct.cpu_ms, "ms"),
+        # The relays' own cost, per agent, beside what the reflector alone spent per agent direct.
+        f"relays{k}_relays_bringup_cpu_per_agent{sfx}": (
+            [via.relays_bringup_cpu_s * 1000 / shape.n], [direct.bringup_cpu_per_agent_ms], "ms"),
+        f"relays{k}_relays_rss_per_agent{sfx}": ([via.relays_rss_kib / shape.n], [direct.rss_per_agent_kib], "KiB"),
     }  # fmt: skip
     for key, (ours, base, unit) in pairs.items():
         report.figures[key] = bc.figure(ours, {"": base}, higher_is_better=False)
