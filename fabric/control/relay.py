@@ -87,8 +87,11 @@ from typing import Any
 
 import grpc
 from google.protobuf import message as pb_message
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
-from fabric import logs
+from fabric import health, logs
 from fabric.backoff import Backoff
 from fabric.control import authz, bounds, client, identity, relay_hub, tls
 from fabric.control.generated import fabric_pb2 as pb
@@ -179,9 +182,12 @@ class Relay:
         self._tasks: list[asyncio.Task[None]] = []
         #: Negotiated intervals of the reflector's keepalive bytes (a few distinct ones).
         self._intervals: dict[bytes, float | None] = {}
-        #: Counters (tests, logs): upstream messages read and agent messages written from them.
+        #: Counters (metrics, tests): upstream messages read and agent messages written from
+        #: them, upstream streams lost, agents ended by the relay itself.
         self.fanouts_received = 0
         self.deliveries = 0
+        self.upstream_losses = 0
+        self.agents_ended: dict[str, int] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -238,6 +244,8 @@ class Relay:
             except grpc.aio.AioRpcError as e:
                 reason = f"relay stream failed ({e.code().name}: {e.details()})"
             finally:
+                if self.up.is_set():
+                    self.upstream_losses += 1
                 self.up.clear()
                 self.upstream_reason = reason
                 self._clear_up()
@@ -331,6 +339,7 @@ class Relay:
             return
         a.ended = True
         self.agents.pop(a.sid, None)
+        self.agents_ended[code.name] = self.agents_ended.get(code.name, 0) + 1
         a.queue.put(_End(code, details), 0, bounded=False)
         if tell_upstream and a.generation == self.generation and self.up.is_set():
             self._send_up(pb.RelayItem(close=pb.RelayAgentClose(session=a.sid, reason=details)))
@@ -429,6 +438,29 @@ class Relay:
                          tell_upstream=True)  # fmt: skip
 
 
+class RelayMetrics(Collector):
+    """Prometheus view read from the relay at scrape time."""
+
+    def __init__(self, relay: Relay) -> None:
+        self._r = relay
+
+    def collect(self) -> Any:
+        r = self._r
+        yield GaugeMetricFamily("fabric_relay_agents", "Agent SyncNode streams the relay holds.", value=len(r.agents))
+        yield GaugeMetricFamily("fabric_relay_upstream_up", "1 while the RelayNodes stream to the reflector is open.",
+                                value=int(r.up.is_set()))  # fmt: skip
+        yield CounterMetricFamily("fabric_relay_upstream_losses", "RelayNodes streams lost (every agent was ended).",
+                                  value=r.upstream_losses)  # fmt: skip
+        yield CounterMetricFamily("fabric_relay_fanouts", "Messages received from the reflector (each for one or "
+                                  "more agents).", value=r.fanouts_received)  # fmt: skip
+        yield CounterMetricFamily("fabric_relay_deliveries", "Messages queued to agents from them.",
+                                  value=r.deliveries)  # fmt: skip
+        ended = CounterMetricFamily("fabric_relay_agents_ended", "Agent streams ended, by status.", labels=["code"])
+        for code, n in sorted(r.agents_ended.items()):
+            ended.add_metric([code], n)
+        yield ended
+
+
 def _as_bytes(msg: bytes) -> bytes:
     """SyncNode's response serializer at the relay: the reflector's bytes, written unchanged."""
     return msg
@@ -472,8 +504,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    "fabric CA, shown to the reflector (a fabric certificate is a server or a client one)")  # fmt: skip
     p.add_argument("--send-queue-bytes", type=int, default=bounds.Limits().send_queue_bytes, metavar="B",
                    help="bytes queued to one agent; an agent that falls further behind is cut off")  # fmt: skip
+    p.add_argument("--metrics-listen", metavar="ADDR:PORT",
+                   help="serve Prometheus metrics (fabric_relay_*), /healthz and /readyz (ready: upstream open) "
+                   "here (default: off)")  # fmt: skip
     p.add_argument("--log-level", default="info", help="debug, info, warning, error")
     args = p.parse_args(argv)
+    if args.metrics_listen is not None:
+        try:
+            if args.metrics_listen.startswith("unix:"):
+                raise ValueError(f"--metrics-listen {args.metrics_listen!r}: must be ADDR:PORT")
+            parse_listen(args.metrics_listen)
+        except ValueError as e:
+            p.error(str(e).replace("--listen", "--metrics-listen"))
     try:
         args.listen = [parse_listen(a) for a in (args.listen or [DEFAULT_LISTEN])]
     except ValueError as e:
@@ -495,6 +537,11 @@ async def _serve(args: argparse.Namespace) -> int:
                   limits=dataclasses.replace(bounds.Limits(), send_queue_bytes=args.send_queue_bytes))  # fmt: skip
     creds = None if tls_dir is None else tls.server_credentials(tls_dir)
     await relay.start(args.listen, creds)
+    if args.metrics_listen:
+        registry = CollectorRegistry()
+        registry.register(RelayMetrics(relay))
+        ready = lambda: (relay.up.is_set(), relay.upstream_reason or "upstream open")  # noqa: E731
+        health.serve(args.metrics_listen, lambda: (True, "serving"), ready, registry=registry)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -401,3 +401,29 @@ def test_relay_cut_off_from_the_reflector_ends_its_agents_and_they_resync() -> N
             await link.close()
 
     run(body(), timeout=60)
+
+
+def test_relay_metrics_count_agents_and_fanouts() -> None:
+    async def body() -> None:
+        async with harness() as h, relays(h.target) as [(r, target)]:
+            s_e1, _ = h.agent(E1, target)
+            await wait_until_async(lambda: s_e1.version > 0, 5, "e1 synced")
+            got = {m.name: m for m in relay.RelayMetrics(r).collect()}
+            assert got["fabric_relay_agents"].samples[0].value == 1
+            assert got["fabric_relay_upstream_up"].samples[0].value == 1
+            assert got["fabric_relay_fanouts"].samples[0].value >= 2  # keepalive, snapshot, end of snapshot
+
+    run(body())
+
+
+def test_relay_command_line_says_what_is_wrong(capsys: pytest.CaptureFixture[str]) -> None:
+    args = relay.parse_args(["--upstream", "unix:/run/r.sock", "--listen", "unix:/run/relay.sock", "--insecure"])
+    assert args.listen == ["unix:/run/relay.sock"] and args.upstream == "unix:/run/r.sock"
+    for argv, says in (
+        (["--upstream", "r:7946", "--tls-dir", "/x"], "--tls-dir and --upstream-tls-dir go together"),
+        (["--upstream", "r:7946", "--insecure", "--listen", "nowhere"], "expected HOST:PORT or unix:/path"),
+        (["--upstream", "r:7946", "--insecure", "--metrics-listen", "unix:/m"], "--metrics-listen"),
+    ):
+        with pytest.raises(SystemExit):
+            relay.parse_args(argv)
+        assert says in capsys.readouterr().err
