@@ -118,8 +118,9 @@ class Phase:
     #: exchange first (``join exchange``): its start to END_OF_SNAPSHOT, kept apart from the
     #: pre-issued joins above (which it is not part of).
     start_to_sync_exchange_ms: list[float] = dataclasses.field(default_factory=list)
-    #: The relay phase (``--relays K``): the K fabric-relays' CPU during bring-up and their RSS
-    #: after it, summed over the K processes (the reflector's own are the fields above).
+    #: The relay phase (``--relays K``): the K fabric-relays' CPU during bring-up and the growth
+    #: of their RSS from before it to after it, summed over the K processes (the reflector's own
+    #: are the fields above).
     relays: int = 0
     relays_bringup_cpu_s: float = 0.0
     relays_rss_kib: float = 0.0
@@ -448,6 +449,7 @@ def _phase(
             run.start_server()
             time.sleep(0.3)
             rss0 = _rss_kib(run.server_pid)
+            relays_rss0 = run.relays_rss_kib()
             bc.progress(NAME, f"{what}: bringing up {n:,} agents (budget {budget_s:g}s)")
             cpu0 = run.server_cpu_ms()
             relays_cpu0 = run.relays_cpu_s()
@@ -464,7 +466,7 @@ def _phase(
                 generation, change = 0, planned_change(shape)
             time.sleep(1.0)  # let the last Applied/keepalives settle before reading memory
             out.rss_per_agent_kib = (_rss_kib(run.server_pid) - rss0) / n
-            out.relays_rss_kib = run.relays_rss_kib() if relays else 0.0
+            out.relays_rss_kib = run.relays_rss_kib() - relays_rss0
             out.affected = len(change.affected)
             run.arm(change.affected, generation)
             bc.progress(NAME, f"{what}: {n:,} agents synced in {out.bringup_s:.1f}s (all in sync "
