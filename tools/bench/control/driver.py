@@ -596,7 +596,8 @@ def _relay_figures(report: bc.Report, shape: Shape, via: Phase, direct: Phase) -
     bc.progress(NAME, line)
     report.notes.append(
         f"{line}; the {k} relays together: {via.relays_bringup_cpu_s:.1f} s CPU during bring-up, "
-        f"{via.relays_rss_kib / 1024:.0f} MiB more RSS after it than before ({via.relays_rss_kib / shape.n:.0f} KiB per agent). "
+        f"{via.relays_rss_kib / 1024:.0f} MiB more RSS after it than before "
+        f"({via.relays_rss_kib / shape.n:.0f} KiB per agent). "
         "relays*_ figures: the relay phase, baseline the direct phase of the same run (every process on this "
         "machine's shared cores)"
     )
