@@ -107,7 +107,7 @@ class Servicer(pb_grpc.FabricServicer):  # type: ignore[misc]
         self, request_iterator: AsyncIterator[pb.RelayNodesRequest], context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.RelayNodesResponse]:
         """A fabric-relay's stream of many agents' SyncNode sessions (:mod:`fabric.control.relay_hub`)."""
-        if not self._r.authorize(authz.RELAY_NODES, context):
+        if self._standby(context) or not self._r.authorize(authz.RELAY_NODES, context):
             return
         try:
             with self._r.gate.stream("RelayNodes", context) as slot:

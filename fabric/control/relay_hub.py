@@ -40,6 +40,9 @@ Flow, per relay stream (:func:`serve`, called by the reflector's servicer)::
   the sessions that fall too far behind (RESOURCE_EXHAUSTED, as for a direct agent). Responses
   are split below the message size bound. The relay stream ending (relay gone, cancelled)
   ends every session on it; their nodes enter the grace period like any lost session.
+* **Standby.** A standby replica refuses RelayNodes with UNAVAILABLE naming the leader (as it
+  refuses SyncNode), and a leader that stands down ends its relay streams the same way after
+  their sessions: relays reconnect, through their upstream address, to the new leader.
 """
 
 from __future__ import annotations
@@ -146,6 +149,8 @@ class Hub:
         self._room = asyncio.Event()
         self._room.set()
         self._ended = False
+        #: Why the hub ends the relay stream itself (the reflector stood down), else None.
+        self.leaving: str | None = None
         #: Messages that crossed the stream and the agent messages they stood for (tests, logs).
         self.fanouts_sent = 0
         self.deliveries = 0
@@ -238,6 +243,11 @@ class Hub:
             self.sessions.pop(v.sid, None)
             code = v.context.code or grpc.StatusCode.OK
             self._end(v.sid, code, v.context.details)
+            if self._r.standby_reason is not None and self.leaving is None:
+                # A standby serves no agents: the relay must go to the leader (it reconnects
+                # through its upstream address, e.g. the Service, where only the leader is ready).
+                self.leaving = self._r.standby_reason
+                self.end_all()
 
     def _emit(self, sid: int, data: bytes) -> None:
         at = self._index.get(id(data))
@@ -290,7 +300,7 @@ class Hub:
                 size += n
             if out.items:
                 yield out
-            if self._ended and not self.sessions and not self._batch:
+            if self._ended and (self.leaving is not None or not self.sessions) and not self._batch:
                 return
 
 
@@ -324,6 +334,9 @@ async def serve(
     try:
         async for msg in hub.responses():
             yield msg
+        if hub.leaving is not None:
+            context.set_code(grpc.StatusCode.UNAVAILABLE)
+            context.set_details(hub.leaving)
     finally:
         reader.cancel()
         with contextlib.suppress(asyncio.CancelledError):

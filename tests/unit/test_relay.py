@@ -427,3 +427,24 @@ def test_relay_command_line_says_what_is_wrong(capsys: pytest.CaptureFixture[str
         with pytest.raises(SystemExit):
             relay.parse_args(argv)
         assert says in capsys.readouterr().err
+
+
+def test_relay_follows_leadership_a_standby_ends_its_stream() -> None:
+    """The reflector stands down (its Lease lost): the relay's stream ends with UNAVAILABLE, the
+    relay ends its agents and, while the replica is a standby, gets no stream back (nor do its
+    agents); once it leads again the relay reconnects and the agents resync."""
+
+    async def body() -> None:
+        async with harness(grace=5.0) as h, relays(h.target) as [(r, target)]:
+            s_e1, rec = h.agent(E1, target)
+            await wait_until_async(lambda: s_e1.version > 0 and r.up.is_set(), 5, "e1 synced via the relay")
+            snapshots = rec.count("snapshot")
+            h.reflector.set_leader(False, "standby: the leader is replica-b")
+            await wait_until_async(lambda: not s_e1.connected and not r.agents, 5, "relay and agents sent away")
+            await wait_until_async(lambda: "replica-b" in r.upstream_reason, 5, "the relay was told the leader")
+            assert not r.up.is_set() or "replica-b" in r.upstream_reason
+            h.reflector.set_leader(True, "lease taken back")
+            await wait_until_async(lambda: rec.count("snapshot") > snapshots and s_e1.connected, 10,
+                                   "e1 resynced once the replica leads again")  # fmt: skip
+
+    run(body(), timeout=30)
