@@ -527,8 +527,22 @@ def run(opts: bc.Options) -> bc.Report:
             changes = 2 if opts.tiny else 10 if n <= 300 else 5
             try:
                 bare = _phase("bare", shape, rounds, changes, opts.budget_s)
-                ours = _phase("fabric", shape, rounds, changes, opts.budget_s)
-                vias = [_phase("fabric", shape, rounds, changes, opts.budget_s, relays=k) for k in opts.relays]
+                try:
+                    ours: Phase | None = _phase("fabric", shape, rounds, changes, opts.budget_s)
+                except Infeasible as e:
+                    if not opts.relays:
+                        raise
+                    # The relay phases still run: agents behind relays may come up where direct ones did not.
+                    report.notes.append(f"{shape.label}: direct NOT FEASIBLE on this machine: {e}")
+                    ours = None
+                vias: list[Phase] = []
+                for k in opts.relays:
+                    try:
+                        vias.append(_phase("fabric", shape, rounds, changes, opts.budget_s, relays=k))
+                    except Infeasible as e:
+                        report.notes.append(f"{shape.label}: via {k} relays NOT FEASIBLE on this machine: {e}")
+                if ours is None and not vias:
+                    raise Infeasible("neither direct nor behind relays within the budget")
             except Infeasible as e:
                 report.notes.append(f"{shape.label}: NOT FEASIBLE on this machine: {e}")
                 infeasible_from[kind] = n
@@ -539,12 +553,14 @@ def run(opts: bc.Options) -> bc.Report:
                 bc.progress(NAME, f"{shape.label}: FAILED: {e}")
                 infeasible_from[kind] = n
                 continue
-            _figures(report, shape, ours, bare)
-            report.notes.append(_shape_note(shape, ours))
+            if ours is not None:
+                _figures(report, shape, ours, bare)
+                report.notes.append(_shape_note(shape, ours))
             for via in vias:
                 _relay_figures(report, shape, via, ours)
-            for phase, what in ((ours, "fabric-reflector"), (bare, "bare server")):
-                if phase.retries:
+            for phase, what in ((ours, "fabric-reflector"), (bare, "bare server"),
+                                *((v, f"{v.relays} fabric-relays") for v in vias)):  # fmt: skip
+                if phase is not None and phase.retries:
                     report.notes.append(
                         f"{shape.label}: during bring-up, {phase.retries} agent streams to the {what} were cancelled "
                         "before admission (gRPC cancels a stream the server's busy event loop has not accepted within "
@@ -562,13 +578,21 @@ def run(opts: bc.Options) -> bc.Report:
     return report
 
 
-def _relay_figures(report: bc.Report, shape: Shape, via: Phase, direct: Phase) -> None:
+def _relay_figures(report: bc.Report, shape: Shape, via: Phase, direct: Phase | None) -> None:
     """The relay phase beside the direct one of the same run (the baseline: 1.0 = as fast as
     N agents straight on the reflector; higher is better, so > 1 is the relays winning):
-    ``relays{K}_...`` figures, a side-by-side progress line and a note with the relays' own cost."""
+    ``relays{K}_...`` figures, a side-by-side progress line and a note with the relays' own cost.
+    ``direct`` None: the direct phase did not finish within the budget (a note says how far it
+    got); the figures then have no baseline (NaN)."""
+    if direct is None:
+        nan = float("nan")
+        direct = Phase(bringup_s=nan, settle_s=nan, rss_per_agent_kib=nan, bringup_cpu_per_agent_ms=nan)
 
     def p99(phase: Phase) -> list[float]:
         return [bc.percentile(r, 99) for r in phase.join_ms]
+
+    def med(values: list[float]) -> float:
+        return statistics.median(values) if values else float("nan")
 
     k, sfx = via.relays, shape.suffix
     pairs = {
@@ -589,7 +613,7 @@ def _relay_figures(report: bc.Report, shape: Shape, via: Phase, direct: Phase) -
         report.units[key] = unit
     line = (f"{shape.label}: direct vs via {k} relays: bring-up {direct.bringup_s:.1f}s vs {via.bringup_s:.1f}s, "
             f"all in sync {direct.bringup_s + direct.settle_s:.1f}s vs {via.bringup_s + via.settle_s:.1f}s, "
-            f"join fan-out p99 {statistics.median(p99(direct)):.0f} ms vs {statistics.median(p99(via)):.0f} ms, "
+            f"join fan-out p99 {med(p99(direct)):.0f} ms vs {med(p99(via)):.0f} ms, "
             f"reflector RSS/agent {direct.rss_per_agent_kib:.0f} vs {via.rss_per_agent_kib:.0f} KiB, "
             f"reflector bring-up CPU/agent {direct.bringup_cpu_per_agent_ms:.2f} vs "
             f"{via.bringup_cpu_per_agent_ms:.2f} ms")  # fmt: skip
