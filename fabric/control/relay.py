@@ -66,6 +66,12 @@ Failure and fallback (no stale state)
 * The reflector ends a session (rejection, replaced, cut off): the relay ends that agent's stream
   with the same status and details.
 
+Compared with Typha: Typha keeps one datastore watch, caches the whole state and serves each
+Felix its snapshot from that cache, which works because every Felix reads the same data and
+filters it itself. Here each agent's state is its own plan, made by the reflector's planner, so
+the relay carries the reflector's messages instead of caching a shared state; what it shares is
+each message's bytes and its one trip over the relay stream.
+
 What the relay does not do (yet): serve snapshots to reconnecting agents from its own cache
 (a reconnect still asks the reflector, which encodes that node's snapshot), and proxy the
 agents' other RPCs (IssueCertificate for renewals, WatchRecords): agents keep those on the
