@@ -529,11 +529,12 @@ def run(opts: bc.Options) -> bc.Report:
                 bare = _phase("bare", shape, rounds, changes, opts.budget_s)
                 try:
                     ours: Phase | None = _phase("fabric", shape, rounds, changes, opts.budget_s)
-                except Infeasible as e:
+                except (Infeasible, RuntimeError) as e:
                     if not opts.relays:
                         raise
                     # The relay phases still run: agents behind relays may come up where direct ones did not.
-                    report.notes.append(f"{shape.label}: direct NOT FEASIBLE on this machine: {e}")
+                    what = "NOT FEASIBLE on this machine" if isinstance(e, Infeasible) else "FAILED"
+                    report.notes.append(f"{shape.label}: direct {what}: {str(e).splitlines()[0]}")
                     ours = None
                 vias: list[Phase] = []
                 for k in opts.relays:
