@@ -355,12 +355,19 @@ class Relay:
             self._finish(a, code, details, tell_upstream=False)
 
     async def _sweep(self) -> None:
-        """Every second: end agents silent for 3 negotiated keepalive intervals."""
+        """Every second: end agents silent for 3 negotiated keepalive intervals (once the
+        reflector accepted them and the interval is known)."""
         while True:
             await asyncio.sleep(SWEEP_S)
             now = self.clock()
             for a in list(self.agents.values()):
-                hold = DEAD_AFTER_INTERVALS * (a.interval or DEFAULT_KEEPALIVE_S)
+                if not a.interval:
+                    # Not accepted by the reflector yet (its first keepalive carries the interval):
+                    # the agent waits on the reflector, not the other way round. (Judged with a
+                    # default hold, agents queued behind a busy reflector were cut off here:
+                    # bench control at N=10,000.) A dead connection meanwhile is HTTP/2's to find.
+                    continue
+                hold = DEAD_AFTER_INTERVALS * a.interval
                 if now - a.last_rx > hold:
                     why = f"keepalive timeout: nothing received for {now - a.last_rx:.1f}s"
                     self._finish(a, grpc.StatusCode.UNAVAILABLE, why, tell_upstream=True)
