@@ -363,9 +363,9 @@ class Relay:
             for a in list(self.agents.values()):
                 if not a.interval:
                     # Not accepted by the reflector yet (its first keepalive carries the interval):
-                    # the agent waits on the reflector, not the other way round. (Judged with a
-                    # default hold, agents queued behind a busy reflector were cut off here:
-                    # bench control at N=10,000.) A dead connection meanwhile is HTTP/2's to find.
+                    # the agent waits on the reflector, not the other way round; a default hold
+                    # would cut off agents queued behind a busy reflector (at N=10,000 it admits
+                    # tens a second). A dead connection meanwhile is HTTP/2's to find.
                     continue
                 hold = DEAD_AFTER_INTERVALS * a.interval
                 if now - a.last_rx > hold:
