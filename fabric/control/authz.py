@@ -33,6 +33,9 @@ RPC                roles that may call it              and then
                                                        gets ``node/<c>/<any node>``,
                                                        ``node/<c>/<n>`` renews only itself;
                                                        ``<c>`` a member of the configuration
+``RelayNodes``     ``relay``                           each agent session it carries is
+                                                       authorized as ``SyncNode`` above, with
+                                                       the node identity the relay verified
 =================  ==================================  =======================================
 
 ``bootstrap`` may call nothing but IssueCertificate: its only use is asking for a node
@@ -65,6 +68,7 @@ WATCH_TOPOLOGY = "WatchTopology"
 WATCH_RECORDS = "WatchRecords"
 PUBLISH_RECORDS = "PublishRecords"
 ISSUE_CERTIFICATE = "IssueCertificate"
+RELAY_NODES = "RelayNodes"
 
 _READERS = frozenset({identity.NODE, identity.TREE, identity.SCHEDULER, identity.ADMIN})
 
@@ -76,6 +80,9 @@ CALLERS: dict[str, frozenset[str]] = {
     WATCH_RECORDS: _READERS | {identity.MCS},
     PUBLISH_RECORDS: frozenset({identity.TREE, identity.SCHEDULER, identity.ADMIN}),
     ISSUE_CERTIFICATE: frozenset({identity.BOOTSTRAP, identity.NODE}),
+    # A relay's sessions are then each authorized as SyncNode, with the node identity the relay
+    # verified (fabric.control.relay_hub): the relay vouches, the reflector still decides.
+    RELAY_NODES: frozenset({identity.RELAY}),
 }
 
 #: Which record kinds each publishing role owns: a kind is ``<group>/<name>`` and a role owns

@@ -13,6 +13,8 @@ authorization, not here):
 ``scheduler/<name>``    a scheduler (reads records)
 ``reader/<name>``       a tool such as ``fabric-tool status``: status only
 ``admin/<name>``        the operator's own tools (``fabric-tool install``): everything
+``relay/<name>``        a fabric-relay (:mod:`fabric.control.relay`): carries the SyncNode
+                        sessions of agents whose node certificates it verified itself
 ======================  ====================================================================
 
 Names use the characters of Kubernetes object names (and ``/`` between a node's cluster and
@@ -38,7 +40,9 @@ READER = "reader"
 ADMIN = "admin"
 #: The multi-cluster services controller (``kosmos-mcs``): reads reachability records and the status.
 MCS = "mcs"
-ROLES = frozenset({NODE, BOOTSTRAP, TREE, SCHEDULER, READER, ADMIN, MCS})
+#: A fabric-relay (fabric.control.relay): vouches for the node identities its agents proved to it.
+RELAY = "relay"
+ROLES = frozenset({NODE, BOOTSTRAP, TREE, SCHEDULER, READER, ADMIN, MCS, RELAY})
 
 #: One segment: a DNS-1123 subdomain's characters (Kubernetes node and cluster names).
 _SEGMENT = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from google.protobuf import message as pb_message
 
-from fabric.control import authz, bootstrap, codec, tls
+from fabric.control import authz, bootstrap, codec, relay_hub, tls
 from fabric.control.generated import fabric_pb2 as pb
 from fabric.control.generated import fabric_pb2_grpc as pb_grpc
 
@@ -101,6 +101,23 @@ class Servicer(pb_grpc.FabricServicer):  # type: ignore[misc]
             raise
         except Exception as e:
             await self._bug(e, "SyncNode", context)
+
+    # -- relay tier hook (issue 21): the whole of it lives in fabric/control/relay_hub.py --------
+    async def RelayNodes(
+        self, request_iterator: AsyncIterator[pb.RelayNodesRequest], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.RelayNodesResponse]:
+        """A fabric-relay's stream of many agents' SyncNode sessions (:mod:`fabric.control.relay_hub`)."""
+        if self._standby(context) or not self._r.authorize(authz.RELAY_NODES, context):
+            return
+        try:
+            with self._r.gate.stream("RelayNodes", context) as slot:
+                if slot.refused is None:
+                    async for msg in relay_hub.serve(self._r, request_iterator, context):
+                        yield msg
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:
+            await self._bug(e, "RelayNodes", context)
 
     async def GetStatus(
         self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext[Any, Any]

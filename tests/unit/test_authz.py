@@ -66,6 +66,7 @@ ALLOWED = {
     identity.READER: {authz.GET_STATUS},
     identity.MCS: {authz.GET_STATUS, authz.WATCH_RECORDS},
     identity.BOOTSTRAP: {authz.ISSUE_CERTIFICATE},
+    identity.RELAY: {authz.RELAY_NODES},
 }
 
 

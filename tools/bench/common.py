@@ -58,6 +58,8 @@ class Options:
     #: control: agent shapes (of :data:`CONTROL_SHAPES`) to run at every N; empty = the default
     #: (P2P for N up to 1,000, where its O(N^2) state still fits, and the gateway shape for every N).
     shapes: tuple[str, ...] = ()
+    #: control: also run every N with the agents behind K fabric-relay processes, one phase per K.
+    relays: tuple[int, ...] = ()
     #: scheduler: node counts (empty: 1,000 and 5,000; 40 with ``tiny``) and pods per run (0: 10,000;
     #: 200 with ``tiny``).
     sched_nodes: tuple[int, ...] = ()

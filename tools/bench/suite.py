@@ -85,6 +85,16 @@ def _parse_n(text: str) -> tuple[int, ...]:
     return values
 
 
+def _parse_relays(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(dict.fromkeys(int(x) for x in text.split(",") if x.strip()))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--relays {text!r}: expected comma-separated integers like 2,4") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"--relays {text!r}: every K must be at least 1")
+    return values
+
+
 def _parse_shapes(text: str) -> tuple[str, ...]:
     values = tuple(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
     unknown = [v for v in values if v not in bc.CONTROL_SHAPES]
@@ -291,6 +301,10 @@ def main(argv: list[str]) -> int:
                         "(default: p2p for N <= 1000, gateway for every N)")  # fmt: skip
     parser.add_argument("--budget", type=positive_float, default=bc.Options.budget_s, metavar="S",
                         help="control: seconds to bring up the agents of one N (default %(default)g)")  # fmt: skip
+    parser.add_argument("--relays", type=_parse_relays, default=(), metavar="K,K,...",
+                        help="control: also run each N with the agents behind K fabric-relay processes (one phase "
+                        "per K) and print bring-up and join fan-out beside the direct run (default: no relay "
+                        "phase)")  # fmt: skip
     parser.add_argument("--tiny", "--quick", action="store_true",
                         help="smoke-test sizes: short and small, proves it runs (CI)")
     parser.add_argument("--nodes", type=_parse_n, default=(), metavar="N,N,...",
@@ -326,6 +340,7 @@ def main(argv: list[str]) -> int:
     if args.tree_pods < 0:
         parser.error(f"--tree-pods must be at least 1, got {args.tree_pods}")
     opts = bc.Options(repeat=args.repeat, tiny=args.tiny, n=args.n, budget_s=args.budget, shapes=args.shape,
+                      relays=args.relays,
                       sched_nodes=args.nodes, sched_pods=args.pods, tree_pods=args.tree_pods, seeds=args.seeds)
     # Pre-flight: refuse named benchmarks that cannot run; skip (with the reason) unnamed ones.
     chosen: list[tuple[str, ModuleType]] = []

@@ -30,6 +30,9 @@ def main(argv: Sequence[str]) -> int:
     w.add_argument("--first", type=int, required=True)
     w.add_argument("--count", type=int, required=True)
     w.add_argument("--joiner", action="store_true")
+    w.add_argument("--spread", action="store_true",
+                   help="--target lists several servers (comma-separated, one per fabric-relay): agent i uses the "
+                   "(i mod K)-th")  # fmt: skip
     w.add_argument("--tls-root", help="mutual TLS: the material root (tools.bench.control.tlsmat); default plaintext")
     s = sub.add_parser("bare-server", help="the baseline: a bare grpc.aio server")
     s.add_argument("--listen", required=True)

@@ -81,10 +81,13 @@ class _Worker:
     """
 
     def __init__(
-        self, shape: Shape, target: str, mode: str, first: int, count: int, tls_root: Path | None = None
-    ) -> None:
+        self, shape: Shape, target: str, mode: str, first: int, count: int, tls_root: Path | None = None,
+        spread: bool = False,
+    ) -> None:  # fmt: skip
         from fabric.control.generated import fabric_pb2 as pb
 
+        #: ``target`` lists several servers, one per relay; agent i uses the (i mod K)-th.
+        self.spread = spread
         self.pb = pb
         self.shape = shape
         self.target = target
@@ -245,9 +248,18 @@ class _Worker:
         from fabric.control import tls
         from tools.bench.control.tlsmat import node_identity
 
-        how = (self.target, node_identity(self.shape, i)) if exchange else None
+        target = self.target_of(i)
+        how = (target, node_identity(self.shape, i)) if exchange else None
         creds = await node_credentials(self.tls_root, i, how)
-        return tls.channel(self.target, creds, options=agent_channel_options())
+        return tls.channel(target, creds, options=agent_channel_options())
+
+    def target_of(self, i: int) -> str:
+        """Agent ``i``'s server: the target, or with ``--spread`` (the relay phase: one target
+        per fabric-relay, comma-separated) the (i mod K)-th of them."""
+        if not self.spread:
+            return self.target
+        targets = self.target.split(",")
+        return targets[i % len(targets)]
 
     async def run_agents(self) -> None:
         agents: dict[asyncio.Task[None], int] = {}
@@ -358,7 +370,8 @@ def raise_fd_limit() -> None:
 def worker_main(args: argparse.Namespace) -> int:
     raise_fd_limit()
     tls_root = Path(args.tls_root) if args.tls_root else None
-    w = _Worker(Shape(args.shape, args.n), args.target, args.mode, args.first, args.count, tls_root)
+    w = _Worker(Shape(args.shape, args.n), args.target, args.mode, args.first, args.count, tls_root,
+                spread=args.spread)  # fmt: skip
     try:
         asyncio.run(w.run_joiner() if args.joiner else w.run_agents())
     except AgentError as e:

@@ -12,6 +12,7 @@ import os
 import queue
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -117,15 +118,27 @@ class Phase:
     #: exchange first (``join exchange``): its start to END_OF_SNAPSHOT, kept apart from the
     #: pre-issued joins above (which it is not part of).
     start_to_sync_exchange_ms: list[float] = dataclasses.field(default_factory=list)
+    #: The relay phase (``--relays K``): the K fabric-relays' CPU during bring-up and the growth
+    #: of their RSS from before it to after it, summed over the K processes (the reflector's own
+    #: are the fields above).
+    relays: int = 0
+    relays_bringup_cpu_s: float = 0.0
+    relays_rss_kib: float = 0.0
 
 
 class _Run:
     """One phase: a server (reflector or bare), workers, optionally the joiner."""
 
     def __init__(
-        self, procs: bc.Procs, mode: str, shape: Shape, tmp: Path, budget_s: float, tls_root: Path | None = None
-    ) -> None:
+        self, procs: bc.Procs, mode: str, shape: Shape, tmp: Path, budget_s: float, tls_root: Path | None = None,
+        relays: int = 0,
+    ) -> None:  # fmt: skip
         self.procs, self.mode, self.shape, self.tmp, self.budget_s = procs, mode, shape, tmp, budget_s
+        #: The relay phase: agents connect to ``relays`` fabric-relay processes (agent i to relay
+        #: i mod K, the joiner too), which carry them to the reflector; 0: straight to the server.
+        self.relays = relays
+        self.relay_procs: list[subprocess.Popen[bytes]] = []
+        self.relay_socks = [f"unix:{tmp}/relay{k}.sock" for k in range(relays)]
         #: Mutual TLS (tools.bench.control.tlsmat material) or None: plaintext, --insecure.
         self.tls_root = tls_root
         #: The driver's own credentials for GetStatus (a reader certificate) under TLS.
@@ -152,8 +165,11 @@ class _Run:
                                 stderr=None)  # fmt: skip
 
     def _worker_argv(self, first: int, count: int) -> list[str]:
-        argv = ["tools.bench.control", "worker", "--target", self.sock, "--mode", self.mode, "--shape",
+        target = ",".join(self.relay_socks) if self.relays else self.sock
+        argv = ["tools.bench.control", "worker", "--target", target, "--mode", self.mode, "--shape",
                 self.shape.kind, "--n", str(self.n), "--first", str(first), "--count", str(count)]  # fmt: skip
+        if self.relays:
+            argv.append("--spread")
         if self.tls_root is not None:
             argv += ["--tls-root", str(self.tls_root)]
         return argv
@@ -207,14 +223,39 @@ class _Run:
             while True:
                 try:
                     client.get_status_sync(self.sock, 1.0, self.status_tls)
-                    return
+                    break
                 except client.ReflectorUnavailable:
                     if time.monotonic() > deadline or self.server.poll() is not None:
                         raise RuntimeError(f"fabric-reflector did not start{self.log_tail()}") from None
                     time.sleep(0.1)
+            self.start_relays()
+            return
         self.server = self._py("tools.bench.control", "bare-server", "--listen", self.sock)
         self.events.attach("server", self.server)
         self._wait("listening", time.monotonic() + 30, "server")
+
+    def start_relays(self) -> None:
+        """The relay phase's K fabric-relays (plaintext, as the reflector here), each on its own
+        unix socket with the reflector's as upstream; returns once every socket exists and the
+        relays had time to open their stream (an agent that comes earlier is refused UNAVAILABLE
+        and retries, as real agents do)."""
+        for sock in self.relay_socks:
+            self.relay_procs.append(self.procs.spawn(None, [
+                sys.executable, "-m", "fabric.control.relay", "--upstream", self.sock, "--listen", sock, "--insecure",
+                "--log-level", "warning"], stderr=self.log))  # fmt: skip
+        deadline = time.monotonic() + 30
+        for sock, proc in zip(self.relay_socks, self.relay_procs, strict=True):
+            while not Path(sock.removeprefix("unix:")).exists():
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError(f"fabric-relay on {sock} did not start{self.log_tail()}")
+                time.sleep(0.1)
+        time.sleep(0.5)
+
+    def relays_cpu_s(self) -> float:
+        return sum(_cpu_s(p.pid) for p in self.relay_procs)
+
+    def relays_rss_kib(self) -> int:
+        return sum(_rss_kib(p.pid) for p in self.relay_procs)
 
     def end_profile_part(self) -> None:
         """Under ``FABRIC_BENCH_PROFILE``: the profiled reflector writes the part that ended
@@ -300,7 +341,7 @@ class _Run:
             proc.stdin.flush()
 
     def stop(self) -> None:
-        everyone = [p for p in (*self.workers.values(), self.joiner, self.server) if p is not None]
+        everyone = [p for p in (*self.workers.values(), self.joiner, *self.relay_procs, self.server) if p is not None]
         for proc in everyone:
             if proc.stdin is not None:
                 self.send(proc, "quit")
@@ -390,26 +431,32 @@ def _settle(
 
 
 def _phase(
-    mode: str, shape: Shape, rounds: int, changes: int, budget_s: float, tls_root: Path | None = None
-) -> Phase:
+    mode: str, shape: Shape, rounds: int, changes: int, budget_s: float, tls_root: Path | None = None,
+    relays: int = 0,
+) -> Phase:  # fmt: skip
     """One server kind at one shape: bring-up, then ``rounds`` rounds of ``changes`` changes.
-    ``tls_root``: the fabric reflector and every agent on mutual TLS with that material."""
+    ``tls_root``: the fabric reflector and every agent on mutual TLS with that material;
+    ``relays``: every agent behind one of that many fabric-relays (fabric only)."""
     import grpc
 
-    out = Phase()
+    out = Phase(relays=relays)
     n = shape.n
     what = f"{shape.label} {mode}" + ("" if tls_root is None else " (mTLS)")
+    what += f" via {relays} relays" if relays else ""
     with tempfile.TemporaryDirectory(prefix="kft-ctl-") as tmp, bc.procs() as procs:
-        run = _Run(procs, mode, shape, Path(tmp), budget_s, tls_root)
+        run = _Run(procs, mode, shape, Path(tmp), budget_s, tls_root, relays)
         try:
             run.start_server()
             time.sleep(0.3)
             rss0 = _rss_kib(run.server_pid)
+            relays_rss0 = run.relays_rss_kib()
             bc.progress(NAME, f"{what}: bringing up {n:,} agents (budget {budget_s:g}s)")
             cpu0 = run.server_cpu_ms()
+            relays_cpu0 = run.relays_cpu_s()
             out.bringup_s = run.bring_up()
             run.end_profile_part()
             out.bringup_cpu_per_agent_ms = (run.server_cpu_ms() - cpu0) / n
+            out.relays_bringup_cpu_s = run.relays_cpu_s() - relays_cpu0
             out.retries = run.retries
             if mode == "fabric":
                 out.settle_s, generation, roles = _settle(run.sock, n, what, budget_s, run.status_tls)
@@ -419,6 +466,7 @@ def _phase(
                 generation, change = 0, planned_change(shape)
             time.sleep(1.0)  # let the last Applied/keepalives settle before reading memory
             out.rss_per_agent_kib = (_rss_kib(run.server_pid) - rss0) / n
+            out.relays_rss_kib = run.relays_rss_kib() - relays_rss0
             out.affected = len(change.affected)
             run.arm(change.affected, generation)
             bc.progress(NAME, f"{what}: {n:,} agents synced in {out.bringup_s:.1f}s (all in sync "
@@ -479,7 +527,23 @@ def run(opts: bc.Options) -> bc.Report:
             changes = 2 if opts.tiny else 10 if n <= 300 else 5
             try:
                 bare = _phase("bare", shape, rounds, changes, opts.budget_s)
-                ours = _phase("fabric", shape, rounds, changes, opts.budget_s)
+                try:
+                    ours: Phase | None = _phase("fabric", shape, rounds, changes, opts.budget_s)
+                except (Infeasible, RuntimeError) as e:
+                    if not opts.relays:
+                        raise
+                    # The relay phases still run: agents behind relays may come up where direct ones did not.
+                    what = "NOT FEASIBLE on this machine" if isinstance(e, Infeasible) else "FAILED"
+                    report.notes.append(f"{shape.label}: direct {what}: {str(e).splitlines()[0]}")
+                    ours = None
+                vias: list[Phase] = []
+                for k in opts.relays:
+                    try:
+                        vias.append(_phase("fabric", shape, rounds, changes, opts.budget_s, relays=k))
+                    except Infeasible as e:
+                        report.notes.append(f"{shape.label}: via {k} relays NOT FEASIBLE on this machine: {e}")
+                if ours is None and not vias:
+                    raise Infeasible("neither direct nor behind relays within the budget")
             except Infeasible as e:
                 report.notes.append(f"{shape.label}: NOT FEASIBLE on this machine: {e}")
                 infeasible_from[kind] = n
@@ -490,10 +554,14 @@ def run(opts: bc.Options) -> bc.Report:
                 bc.progress(NAME, f"{shape.label}: FAILED: {e}")
                 infeasible_from[kind] = n
                 continue
-            _figures(report, shape, ours, bare)
-            report.notes.append(_shape_note(shape, ours))
-            for phase, what in ((ours, "fabric-reflector"), (bare, "bare server")):
-                if phase.retries:
+            if ours is not None:
+                _figures(report, shape, ours, bare)
+                report.notes.append(_shape_note(shape, ours))
+            for via in vias:
+                _relay_figures(report, shape, via, ours)
+            for phase, what in ((ours, "fabric-reflector"), (bare, "bare server"),
+                                *((v, f"{v.relays} fabric-relays") for v in vias)):  # fmt: skip
+                if phase is not None and phase.retries:
                     report.notes.append(
                         f"{shape.label}: during bring-up, {phase.retries} agent streams to the {what} were cancelled "
                         "before admission (gRPC cancels a stream the server's busy event loop has not accepted within "
@@ -509,6 +577,55 @@ def run(opts: bc.Options) -> bc.Report:
         f"each. Reflector keepalive {KEEPALIVE_S:g}s; every agent has its own connection (unix socket)."
     )
     return report
+
+
+def _relay_figures(report: bc.Report, shape: Shape, via: Phase, direct: Phase | None) -> None:
+    """The relay phase beside the direct one of the same run (the baseline: 1.0 = as fast as
+    N agents straight on the reflector; higher is better, so > 1 is the relays winning):
+    ``relays{K}_...`` figures, a side-by-side progress line and a note with the relays' own cost.
+    ``direct`` None: the direct phase did not finish within the budget (a note says how far it
+    got); the figures then have no baseline (NaN)."""
+    if direct is None:
+        nan = float("nan")
+        direct = Phase(bringup_s=nan, settle_s=nan, rss_per_agent_kib=nan, bringup_cpu_per_agent_ms=nan)
+
+    def p99(phase: Phase) -> list[float]:
+        return [bc.percentile(r, 99) for r in phase.join_ms]
+
+    def med(values: list[float]) -> float:
+        return statistics.median(values) if values else float("nan")
+
+    k, sfx = via.relays, shape.suffix
+    pairs = {
+        f"relays{k}_bringup{sfx}": ([via.bringup_s], [direct.bringup_s], "s"),
+        f"relays{k}_in_sync{sfx}": ([via.bringup_s + via.settle_s], [direct.bringup_s + direct.settle_s], "s"),
+        f"relays{k}_join_fanout_p99{sfx}": (p99(via), p99(direct), "ms"),
+        f"relays{k}_reflector_rss_per_agent{sfx}": ([via.rss_per_agent_kib], [direct.rss_per_agent_kib], "KiB"),
+        f"relays{k}_reflector_bringup_cpu_per_agent{sfx}": (
+            [via.bringup_cpu_per_agent_ms], [direct.bringup_cpu_per_agent_ms], "ms"),
+        f"relays{k}_reflector_cpu_per_change{sfx}": (via.cpu_ms, direct.cpu_ms, "ms"),
+        # The relays' own cost, per agent, beside what the reflector alone spent per agent direct.
+        f"relays{k}_relays_bringup_cpu_per_agent{sfx}": (
+            [via.relays_bringup_cpu_s * 1000 / shape.n], [direct.bringup_cpu_per_agent_ms], "ms"),
+        f"relays{k}_relays_rss_per_agent{sfx}": ([via.relays_rss_kib / shape.n], [direct.rss_per_agent_kib], "KiB"),
+    }  # fmt: skip
+    for key, (ours, base, unit) in pairs.items():
+        report.figures[key] = bc.figure(ours, {"": base}, higher_is_better=False)
+        report.units[key] = unit
+    line = (f"{shape.label}: direct vs via {k} relays: bring-up {direct.bringup_s:.1f}s vs {via.bringup_s:.1f}s, "
+            f"all in sync {direct.bringup_s + direct.settle_s:.1f}s vs {via.bringup_s + via.settle_s:.1f}s, "
+            f"join fan-out p99 {med(p99(direct)):.0f} ms vs {med(p99(via)):.0f} ms, "
+            f"reflector RSS/agent {direct.rss_per_agent_kib:.0f} vs {via.rss_per_agent_kib:.0f} KiB, "
+            f"reflector bring-up CPU/agent {direct.bringup_cpu_per_agent_ms:.2f} vs "
+            f"{via.bringup_cpu_per_agent_ms:.2f} ms")  # fmt: skip
+    bc.progress(NAME, line)
+    report.notes.append(
+        f"{line}; the {k} relays together: {via.relays_bringup_cpu_s:.1f} s CPU during bring-up, "
+        f"{via.relays_rss_kib / 1024:.0f} MiB more RSS after it than before "
+        f"({via.relays_rss_kib / shape.n:.0f} KiB per agent). "
+        "relays*_ figures: the relay phase, baseline the direct phase of the same run (every process on this "
+        "machine's shared cores)"
+    )
 
 
 def _shape_note(shape: Shape, ours: Phase) -> str:
