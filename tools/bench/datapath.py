@@ -74,7 +74,8 @@ class Path:
     dst_ip: str
 
 
-HELP = "pod-to-pod TCP throughput, ping p50/p99, TCP RR across clusters vs kernel vxlan and veth"
+HELP = ("pod-to-pod TCP throughput, ping p50/p99, TCP RR across clusters vs kernel vxlan (with and without a "
+        "policy-routing rule) and veth")
 
 
 def requires(opts: bc.Options) -> list[str]:
