@@ -31,16 +31,16 @@ import faulthandler
 import os
 import re
 import shutil
-import subprocess
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import pytest
+
+from tests.privileged import kernelns
 
 IS_ROOT = os.geteuid() == 0
 WATCHDOG_GRACE_S = 30.0
@@ -128,13 +128,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture
 def netns() -> Iterator[str]:
     """A fresh, empty network namespace (loopback up), deleted afterwards with all it holds."""
-    name = f"kft-{uuid.uuid4().hex[:10]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+    with kernelns.fresh_netns() as name:
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 def _leaked_threads(before: set[threading.Thread]) -> list[str]:

@@ -199,6 +199,7 @@ from fabric.control.generated import fabric_pb2 as pb
 from fabric.control.identity import Identity
 from fabric.control.reflector_metrics import MetricsCollector
 from fabric.control.reflector_service import (
+    SERVER_OPTIONS,
     DecodeInterceptor,
     Servicer,
     add_to_server,
@@ -252,16 +253,6 @@ REACHABILITY_MIN_INTERVAL_S = 0.05
 #: ... and for a change of measured RTT/loss alone (agents already rate-limit those), this often.
 QUALITY_MIN_INTERVAL_S = 1.0
 
-#: HTTP/2 keepalive below the application keepalive: detects half-open TCP connections even when
-#: the event loop of the other side is stuck. Clients ping at most every 10 s (client.py), so the
-#: server allows pings that often.
-SERVER_OPTIONS: list[tuple[str, Any]] = [
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-    ("grpc.http2.max_pings_without_data", 0),
-]
 _DEFAULT_LIMITS = bounds.Limits()
 
 

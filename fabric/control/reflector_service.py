@@ -28,6 +28,19 @@ if TYPE_CHECKING:
 
 _log = logging.getLogger(__name__)
 
+#: HTTP/2 keepalive below the application keepalive: detects half-open TCP connections even when
+#: the event loop of the other side is stuck. Clients ping at most every 10 s (client.py), so the
+#: server allows pings that often. The
+#: reflector and fabric-relay serve agents with it.
+SERVER_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
 class ListenError(RuntimeError):
     """A --listen address could not be bound."""
 

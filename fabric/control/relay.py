@@ -102,7 +102,7 @@ from fabric.backoff import Backoff
 from fabric.control import authz, bounds, client, identity, relay_hub, tls
 from fabric.control.generated import fabric_pb2 as pb
 from fabric.control.generated import fabric_pb2_grpc as pb_grpc
-from fabric.control.reflector_service import bind, parse_listen, peer_name
+from fabric.control.reflector_service import SERVER_OPTIONS, bind, parse_listen, peer_name
 
 _log = logging.getLogger(__name__)
 
@@ -116,13 +116,6 @@ MAX_REQUEST_BYTES = 1024 * 1024
 #: (gRPC flow control then pushes back on them): the upstream buffer's bound.
 UP_BUFFER_BYTES = 8 * 1024 * 1024
 SWEEP_S = 1.0
-SERVER_OPTIONS: list[tuple[str, Any]] = [
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-    ("grpc.http2.max_pings_without_data", 0),
-]
 
 
 class _End:

@@ -7,7 +7,7 @@ Flow, per relay stream (:func:`serve`, called by the reflector's servicer)::
     relay  --RelayNodesRequest{items: open | message | close}-->  Hub._read
                                                                     | one virtual session per agent:
                                                                     v
-                              Reflector.sync_node(requests, _VirtualContext)   (unchanged)
+                              Reflector.sync_node(requests, VirtualContext)   (unchanged)
                                                                     | what it yields, per session
                                                                     v
     relay  <--RelayNodesResponse{items: fanout{sessions[], bytes} | end}--  Hub._emit / responses
@@ -16,7 +16,7 @@ Flow, per relay stream (:func:`serve`, called by the reflector's servicer)::
   authorization, grace period, elections and bounded send queue as a direct one: the relay
   moves the transport (TCP, TLS, HTTP/2, one gRPC stream per agent) out of the reflector, not
   the rules. Its request stream is a queue this hub fills from the relay's items; its context
-  (:class:`_VirtualContext`) names the agent's address and the identity the relay verified.
+  (:class:`VirtualContext`) names the agent's address and the identity the relay verified.
 * **Encode once, send once per relay.** ``sync_node(wire=True)`` yields a message shared by
   many sessions (a viewer class's delta, a keepalive) as the *same* bytes object for each of
   them. The hub batches what its sessions yield within one event-loop turn and merges equal
@@ -80,7 +80,7 @@ def status_code(value: int) -> grpc.StatusCode:
     return _STATUS_BY_CODE.get(value, grpc.StatusCode.UNKNOWN)
 
 
-class _VirtualContext:
+class VirtualContext:
     """What ``Reflector.sync_node`` asks of its RPC context, for a session carried by a relay:
     the agent's address, its identity (as an auth context in the shape gRPC gives) and the status
     the reflector ends the session with."""
@@ -121,7 +121,7 @@ class _Virtual:
 
     __slots__ = ("context", "interval_ms", "requests", "sid", "task")
 
-    def __init__(self, sid: int, context: _VirtualContext) -> None:
+    def __init__(self, sid: int, context: VirtualContext) -> None:
         self.sid = sid
         self.requests: asyncio.Queue[pb.SyncNodeRequest | None] = asyncio.Queue()
         #: The agent's last proposed keepalive interval (0: none yet), echoed to the reflector.
@@ -182,7 +182,7 @@ class Hub:
         if o.session in self.sessions:
             _log.warning("relay %s opened session %d twice; the second is ignored", self.relay, o.session)
             return
-        ctx = _VirtualContext(f"{o.peer or 'agent'} via relay {self.relay}", agent_auth(self._secure, o.identity))
+        ctx = VirtualContext(f"{o.peer or 'agent'} via relay {self.relay}", agent_auth(self._secure, o.identity))
         v = _Virtual(o.session, ctx)
         self.sessions[o.session] = v
         self._note_keepalive(v, o.first)

@@ -3,16 +3,31 @@ there (tests/privileged/conftest.py has their ``dp`` fixture)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
-from collections.abc import Iterable
+import uuid
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from fabric.netlink.objects import Address, FdbEntry, KernelState, Neighbour, Route, Rule, VxlanLink
 
 #: The policy routing table the netlink tests own.
 TABLE = 200
+
+
+@contextlib.contextmanager
+def fresh_netns() -> Iterator[str]:
+    """A fresh, empty network namespace (loopback up), deleted afterwards with all it holds
+    (the ``netns`` fixture; tests that need a second one use this directly)."""
+    name = f"kft-{uuid.uuid4().hex[:10]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 def sh(netns: str, *args: str) -> None:

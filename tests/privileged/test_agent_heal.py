@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import subprocess
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from fabric import netns as namespaces
 from fabric.agent import agent as agent_mod
 from fabric.agent import carrier, config
 from fabric.netlink import dataplane
+from tests.privileged.kernelns import fresh_netns
 from tests.unit.test_agent_loop import _NoEvents, _NoProber
 from tests.waiting import wait_until_async
 
@@ -44,12 +44,8 @@ def ip(ns: str, *args: str) -> None:
 
 @pytest.fixture
 def peer_ns() -> Iterator[str]:
-    name = f"kft-{uuid.uuid4().hex[:10]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
+    with fresh_netns() as name:
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 def _send_udp(ns: str, dst: str) -> None:

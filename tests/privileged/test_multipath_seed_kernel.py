@@ -18,7 +18,6 @@ Skipped, with the reason, where the kernel has no such sysctl (< 6.11).
 from __future__ import annotations
 
 import subprocess
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import pytest
 
 from fabric.agent import multipath as mp
 from fabric.netlink.dataplane import KernelDataplane
-from tests.privileged.kernelns import ipj, sh
+from tests.privileged.kernelns import fresh_netns, ipj, sh
 
 ROOT_SEED = Path("/proc/sys/net/ipv4/fib_multipath_hash_seed")
 GATEWAYS4 = ("10.9.0.2", "10.9.0.3", "10.9.0.4")
@@ -74,12 +73,8 @@ def _choices(netns: str, dests: list[str] | None = None, *extra: str) -> dict[st
 
 @pytest.fixture
 def second_netns() -> Iterator[str]:
-    name = f"kft-{uuid.uuid4().hex[:10]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
+    with fresh_netns() as name:
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 def test_seed_set_in_the_nodes_namespace_only_and_governs_ipv4_and_ipv6_resilient_groups(

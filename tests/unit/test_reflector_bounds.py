@@ -18,7 +18,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from fabric import types
-from fabric.control import bounds, client, codec, record_store, reflector, reflector_cli
+from fabric.control import bounds, client, codec, record_store, reflector, reflector_cli, relay_hub
 from fabric.control.generated import fabric_pb2 as pb
 from fabric.control.generated import fabric_pb2_grpc as pb_grpc
 from tests.unit.test_control_session import CONFIG, E1, E2, W1, Recorder, run
@@ -256,28 +256,10 @@ def test_agent_follows_the_negotiated_interval() -> None:
 # -- streams and announcements per identity or host ------------------------------------------------
 
 
-class FakeContext:
-    """What StreamGate reads of a ServicerContext: its peer, auth context and status."""
-
-    def __init__(self, peer: str, ident: str | None = None) -> None:
-        self._peer = peer
-        self._auth: dict[str, list[bytes]] = {}
-        if ident is not None:
-            self._auth = {"transport_security_type": [b"ssl"], "peer_uri": [f"kosmos-fabric:{ident}".encode()]}
-        self.code: grpc.StatusCode | None = None
-        self.details = ""
-
-    def peer(self) -> str:
-        return self._peer
-
-    def auth_context(self) -> dict[str, list[bytes]]:
-        return self._auth
-
-    def set_code(self, code: grpc.StatusCode) -> None:
-        self.code = code
-
-    def set_details(self, details: str) -> None:
-        self.details = details
+def FakeContext(peer: str, ident: str | None = None) -> relay_hub.VirtualContext:
+    """What StreamGate reads of a ServicerContext (its peer, auth context and status): the
+    context the reflector gives an agent session carried by a TLS relay that vouched ``ident``."""
+    return relay_hub.VirtualContext(peer, relay_hub.agent_auth(ident is not None, ident or ""))
 
 
 def test_stream_gate_counts_per_identity_and_host_with_a_token_bucket() -> None:
