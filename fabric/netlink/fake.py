@@ -11,7 +11,12 @@ It keeps one dict per table and mimics the kernel semantics the owners depend on
   ``EINVAL`` ("Nexthop id does not exist"); entries on a missing link fail ``ENODEV``;
 * delete of a missing entry fails like the kernel: routes ``ESRCH``, neighbours/FDB/nexthops/
   rules ``ENOENT``, addresses ``EADDRNOTAVAIL``, links ``ENODEV``; exclusive creates of an
-  existing entry fail ``EEXIST``; a FIB holds one route per (table, dst) whatever its protocol.
+  existing entry fail ``EEXIST``; a FIB holds one route per (table, dst) whatever its protocol;
+* an IPv4 address on an up link brings the kernel's connected route of its prefix into ``main``
+  (:attr:`FakeDataplane.connected`, apart from :attr:`FakeDataplane.routes` so tests reading
+  ours see only ours): it goes with the address, when the link goes down (back when it comes
+  up) and with the link, and it holds its prefix against our adds (``EEXIST``) as in the kernel,
+  where both have metric 0. IPv6 prefix routes have metric 256, ours 1024: no clash, not modelled.
 
 Every mutating call is recorded in :attr:`FakeDataplane.ops` as ``(op, key)`` so tests can check
 the programming order. Faults: :meth:`fail_next` fails the next ``count`` entries of an op with
@@ -47,7 +52,7 @@ from fabric.netlink.dataplane import (
     is_flood_mac,
     sysctl_path,
 )
-from fabric.netlink.objects import RTPROT_FABRIC, Address, DeviceLink, FdbEntry, Link, Neighbour, Rule
+from fabric.netlink.objects import RT_TABLE_MAIN, RTPROT_FABRIC, Address, DeviceLink, FdbEntry, Link, Neighbour, Rule
 
 _log = logging.getLogger(__name__)
 
@@ -74,6 +79,9 @@ OPS = frozenset(
 )
 
 
+#: ``proto kernel``: the routes the kernel makes itself (connected prefixes of addresses).
+RTPROT_KERNEL = 2
+
 #: The sysctls a fresh fake namespace has, at a kernel's defaults (6.11+: the hash seed exists).
 DEFAULT_SYSCTLS = {
     "net.ipv4.fib_multipath_hash_policy": "0",
@@ -96,6 +104,8 @@ class FakeDataplane:
         self.fdb: set[FdbEntry] = set()
         self.nexthops: dict[int, Nexthop] = {}
         self.routes: dict[tuple[int, str], NhRoute] = {}
+        #: The kernel's connected routes (see the module docstring), by (table, dst).
+        self.connected: dict[tuple[int, str], NhRoute] = {}
         #: Per-namespace sysctls by key (``net.ipv4.fib_multipath_hash_seed``); a key absent here
         #: is one the kernel lacks (read gives None, write ENOENT), as on an older kernel.
         self.sysctls: dict[str, str] = dict(DEFAULT_SYSCTLS)
@@ -179,9 +189,27 @@ class FakeDataplane:
             for k, r in self.routes.items()
             if (r.nhid in self.nexthops if r.nhid else r.link != name)
         }
+        self.connected = {k: r for k, r in self.connected.items() if r.link != name}
         if not down_only:
             self.addresses.pop(name, None)
             self.fdb = {f for f in self.fdb if f.link != name}
+
+    def _connected(self, address: Address) -> NhRoute | None:
+        iface = ipaddress.ip_interface(address.address)
+        if iface.version != 4 or iface.network.prefixlen == 32:
+            return None
+        return NhRoute(RT_TABLE_MAIN, str(iface.network), 0, RTPROT_KERNEL, link=address.link)
+
+    def _add_connected(self, name: str) -> None:
+        """The kernel's connected routes of ``name``'s IPv4 addresses (the link just came up or got
+        an address). The kernel appends one beside a route of ours for the same prefix; this FIB
+        has one route per key, so there ours stays the one the tests see."""
+        if not self.links[name].up:
+            return
+        for address in self.addresses.get(name, ()):
+            route = self._connected(address)
+            if route is not None and (route.table, route.dst) not in self.routes:
+                self.connected.setdefault((route.table, route.dst), route)
 
     def _require_link(self, name: str) -> LinkInfo:
         link = self.links.get(name)
@@ -229,6 +257,7 @@ class FakeDataplane:
             if old.up and not link.up:
                 self._flush_link(link.name, down_only=True)
             self.links[link.name] = dataclasses.replace(old, up=link.up)
+            self._add_connected(link.name)
             return
         if old.vxlan is None:
             raise DataplaneError(errno.EOPNOTSUPP, f"link {link.name} is not vxlan")
@@ -239,6 +268,7 @@ class FakeDataplane:
         if old.vxlan.up and not link.up:
             self._flush_link(link.name, down_only=True)
         self.links[link.name] = LinkInfo(link.name, old.ifindex, "vxlan", link, link.up)
+        self._add_connected(link.name)
 
     def del_link(self, name: str) -> None:
         self._check("del_link", name)
@@ -266,6 +296,7 @@ class FakeDataplane:
         if address in have:
             raise DataplaneError(errno.EEXIST, f"address {address.address} exists")
         have.add(address)
+        self._add_connected(address.link)
 
     def del_address(self, address: Address) -> None:
         self._check("del_address", address)
@@ -275,6 +306,9 @@ class FakeDataplane:
         if address not in have:
             raise DataplaneError(errno.EADDRNOTAVAIL, f"address {address.address} not found")
         have.discard(address)
+        route = self._connected(address)
+        if route is not None and self.connected.get((route.table, route.dst)) == route:
+            del self.connected[(route.table, route.dst)]
 
     def list_rules(self, family: int) -> list[KernelRule]:
         self._check("list_rules", family)
@@ -419,8 +453,9 @@ class FakeDataplane:
             if e.nhid and e.nhid not in self.nexthops:
                 raise DataplaneError(errno.EINVAL, "Nexthop id does not exist")
             key = (e.table, e.dst)
-            if key in self.routes and not replace:
+            if (key in self.routes or key in self.connected) and not replace:
                 raise DataplaneError(errno.EEXIST, f"route {e.dst} table {e.table} exists")
+            self.connected.pop(key, None)  # a replace takes the prefix whoever held it
             self.routes[key] = e
 
         return self._batch("replace_route" if replace else "add_route", entries, one)

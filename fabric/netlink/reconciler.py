@@ -11,7 +11,10 @@ from one worker thread. Each table has one owner (``links``, ``addresses``, ``ru
 2. if a link was created, recreated or brought up, the kernel flushed what hung off it, so the
    dependent tables are re-read right there and re-added in the same pass (no blackhole until
    the next resync, which is what Kosmos did);
-3. deletes in reverse: route, nexthop, FDB, neighbour, rule, address, link.
+3. deletes in reverse: route, nexthop, FDB, neighbour, rule, address, link;
+4. the route adds the kernel refused with ``EEXIST`` in step 1, once more: with routes in
+   ``main``, the prefix may have been held by the connected route of an address deleted in
+   step 3 (a node changing role), and the route lands in this pass instead of the next resync.
 
 Failures: a failed entry is counted in the :class:`ApplyReport` (per table, errno histogram,
 first message) and the pass carries on; any failure sets ``resync_needed`` and makes the next
@@ -124,6 +127,7 @@ class Reconciler:
         self._fdb.apply_adds(t["fdb"])
         self._routes.apply_adds(t["nexthops"], t["routes"])
         self._deletes(report)
+        self._routes.apply_clashed(t["routes"])
         self._finish(report)
         return report
 

@@ -74,6 +74,8 @@ class RouteOwner:
         self._nh_by_key: dict[NhKey, int] = {}
         self._nh_taken: set[int] = set()
         self._routes: dict[RouteKey, int] = {}
+        #: Adds refused with ``EEXIST`` in this pass, tried again after the deletes.
+        self._clashed: list[NhRoute] = []
         self._next_id = NH_ID_BASE
 
     def set_desired(self, routes: frozenset[Route]) -> None:
@@ -188,24 +190,40 @@ class RouteOwner:
                 adds.append(NhRoute(table, dst, nhid))
             elif have != nhid:
                 updates.append(NhRoute(table, dst, nhid))
-        for batch, replace in ((adds, False), (updates, True)):
-            if not batch:
+        self._clashed = []
+        self._add(updates, route_stats, replace=True)
+        self._add(adds, route_stats, replace=False, clash_later=True)
+
+    def apply_clashed(self, route_stats: TableStats) -> None:
+        """Try once more the adds the kernel refused with ``EEXIST`` earlier in this pass, now that
+        the deletes ran: the prefix may have been held by the connected route of an address that
+        went away in them (a node changing role gives up its ``vx-bridge`` address and routes
+        that prefix through a tunnel instead; adds run first, so the route would wait for the
+        next resync). Whatever still clashes is someone else's route: a failure, reported."""
+        batch, self._clashed = self._clashed, []
+        self._add(batch, route_stats, replace=False)
+
+    def _add(self, batch: list[NhRoute], route_stats: TableStats, *, replace: bool, clash_later: bool = False) -> None:
+        if not batch:
+            return
+        failed = set()
+        for e in self._dp.add_routes(batch, replace=replace):
+            failed.add(e.index)
+            if e.errno == errno.EEXIST and clash_later:
+                self._clashed.append(batch[e.index])
                 continue
-            failed = set()
-            for e in self._dp.add_routes(batch, replace=replace):
-                msg = e.message
-                if e.errno == errno.EEXIST:
-                    msg = f"route {batch[e.index].dst} table {self._table} is held by a route of another protocol"
-                route_stats.fail("routes", e.errno, msg)
-                failed.add(e.index)
-            for i, r in enumerate(batch):
-                if i in failed:
-                    continue
-                if replace:
-                    route_stats.updates += 1
-                else:
-                    route_stats.adds += 1
-                routes[(r.table, r.dst)] = r.nhid
+            msg = e.message
+            if e.errno == errno.EEXIST:
+                msg = f"route {batch[e.index].dst} table {self._table} is held by a route of another protocol"
+            route_stats.fail("routes", e.errno, msg)
+        for i, r in enumerate(batch):
+            if i in failed:
+                continue
+            if replace:
+                route_stats.updates += 1
+            else:
+                route_stats.adds += 1
+            self._routes[(r.table, r.dst)] = r.nhid
 
     def _apply_groups(self, nh_stats: TableStats) -> None:
         """Create or replace the desired groups (see the module docstring: a changed member set

@@ -191,6 +191,30 @@ def test_moving_to_the_main_table_takes_our_old_table_and_rule_along(netns: str,
     assert rec.apply().changes == 0  # converged: a second pass changes nothing
 
 
+def test_route_taking_the_prefix_of_an_address_going_away_lands_in_the_same_pass(
+    netns: str, dp: KernelDataplane
+) -> None:
+    """The kernel's side of a node changing role with routes in ``main``: the connected route of
+    vx-bridge's 10.240.0.1/8 holds 10.0.0.0/8 until the address goes (a delete, after the adds),
+    so the route that takes the prefix over is refused once and lands after the deletes."""
+    old = desired(dp)
+    old = dataclasses.replace(
+        old, rules=frozenset(), routes=frozenset(dataclasses.replace(r, table=RT_TABLE_MAIN) for r in old.routes)
+    )
+    rec = Reconciler(dp, table=RT_TABLE_MAIN, rule_priority=200, link_names=NAMES)
+    rec.set_desired(old)
+    assert rec.apply().failures == 0
+    held = ipj(netns, "route", "show", "table", "main", "exact", "10.0.0.0/8")
+    assert [str(r.get("protocol")) for r in held] == ["kernel"]
+    via_peer = Route(RT_TABLE_MAIN, "10.0.0.0/8", "vx-bridge", "10.240.0.2")
+    rec.set_desired(dataclasses.replace(old, addresses=frozenset(), routes=old.routes | {via_peer}))
+    report = rec.apply()
+    assert report.failures == 0 and not report.resync_needed, report.first_error
+    held = ipj(netns, "route", "show", "table", "main", "exact", "10.0.0.0/8")
+    assert [str(r.get("protocol")) for r in held] == [str(RTPROT_FABRIC)]
+    assert rec.apply().changes == 0
+
+
 def test_raw_codec_round_trip(netns: str, dp: KernelDataplane) -> None:
     rec = Reconciler(dp, table=TABLE, rule_priority=200, link_names=NAMES)
     want = desired(dp, peers=300)

@@ -11,6 +11,7 @@ import pytest
 from fabric.netlink.dataplane import KernelRule, Nexthop, NhRoute
 from fabric.netlink.fake import FakeDataplane
 from fabric.netlink.objects import (
+    RT_TABLE_MAIN,
     RTPROT_FABRIC,
     Address,
     FdbEntry,
@@ -49,6 +50,13 @@ def state(underlay: int, peers: int = 3, *, mtu: int = 1450, vni: int = 54) -> K
         neighbours=frozenset(neigh),
         fdb=frozenset(fdb),
         routes=frozenset(routes),
+    )
+
+
+def in_main(st: KernelState) -> KernelState:
+    """``st`` laid out as the agent does by default: routes in ``main``, no rule."""
+    return dataclasses.replace(
+        st, rules=frozenset(), routes=frozenset(dataclasses.replace(rt, table=RT_TABLE_MAIN) for rt in st.routes)
     )
 
 
@@ -362,6 +370,45 @@ def test_foreign_route_holding_our_prefix_is_reported() -> None:
     assert report.tables["routes"].failures == 1
     assert "another protocol" in (report.first_error or "")
     assert dp.routes[(TABLE, "10.2.0.0/16")].protocol == 4
+
+
+def test_route_taking_the_prefix_of_an_address_going_away_lands_in_the_same_pass() -> None:
+    """A node changing role (a gateway-mode gateway becoming internal): ``vx-bridge`` loses its
+    address, whose connected route holds 10.0.0.0/8 in ``main``, and that prefix is now routed
+    through a peer. Adds run before deletes, so the kernel refuses the route (EEXIST) until the
+    address is gone: the add is tried again after the deletes, and the pass ends clean."""
+    dp, ul = make_dp()
+    r = Reconciler(dp, table=RT_TABLE_MAIN, rule_priority=200, link_names=NAMES)
+    main = in_main(state(ul))
+    r.set_desired(main)
+    assert r.apply().failures == 0
+    assert (RT_TABLE_MAIN, "10.0.0.0/8") in dp.connected
+    via_peer = Route(RT_TABLE_MAIN, "10.0.0.0/8", "vx-bridge", "10.240.0.2")
+    moved = dataclasses.replace(main, addresses=frozenset(), routes=main.routes | {via_peer})
+    r.set_desired(moved)
+    dp.ops.clear()
+    report = r.apply()
+    assert report.failures == 0 and not report.resync_needed, report.first_error
+    assert report.tables["routes"].adds == 1
+    assert [op for op in dp.ops if op[1] in ("10.0.0.0/8", "10.240.0.1/8")] == [
+        ("add_route", "10.0.0.0/8"), ("del_address", "10.240.0.1/8"), ("add_route", "10.0.0.0/8")
+    ]
+    assert dp.routes[(RT_TABLE_MAIN, "10.0.0.0/8")].protocol == RTPROT_FABRIC
+    assert r.apply().changes == 0
+
+
+def test_route_clashing_with_an_address_that_stays_is_reported_once() -> None:
+    """The retry after the deletes is one retry: a connected route that stays (an address still
+    wanted) keeps the prefix, and the route is one failure with the usual message."""
+    dp, ul = make_dp()
+    r = Reconciler(dp, table=RT_TABLE_MAIN, rule_priority=200, link_names=NAMES)
+    via_peer = Route(RT_TABLE_MAIN, "10.0.0.0/8", "vx-bridge", "10.240.0.2")
+    want = dataclasses.replace(in_main(state(ul)), routes=frozenset({via_peer}))
+    r.set_desired(want)
+    report = r.apply()
+    assert report.tables["routes"].failures == 1 and report.resync_needed
+    assert "another protocol" in (report.first_error or "")
+    assert [op for op in dp.ops if op == ("add_route", "10.0.0.0/8")] == [("add_route", "10.0.0.0/8")] * 2
 
 
 def test_delete_of_missing_entries_counts_as_success() -> None:
