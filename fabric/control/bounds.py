@@ -48,7 +48,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from typing import Any, Generic, TypeVar
 
 import grpc
@@ -133,6 +133,22 @@ def negotiate_keepalive(own: float, proposed: float, limits: Limits) -> float:
 # --------------------------------------------------------------------------------------------
 
 T = TypeVar("T")
+
+
+def chunks(sized: Iterable[tuple[T, int]], limit: int) -> Iterator[list[T]]:
+    """``(item, size)`` pairs in order, grouped so each group's sizes sum to at most ``limit``
+    (an item larger than ``limit`` goes alone): how the relay and the reflector's relay hub keep
+    each message of their batched streams below gRPC's size bound."""
+    out: list[T] = []
+    size = 0
+    for item, n in sized:
+        if out and size + n > limit:
+            yield out
+            out, size = [], 0
+        out.append(item)
+        size += n
+    if out:
+        yield out
 
 
 class SendQueue(Generic[T]):

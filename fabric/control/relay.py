@@ -167,7 +167,8 @@ class Relay:
         self._backoff = Backoff(*backoff)
         self._ids = itertools.count(1)
         self.agents: dict[int, _Agent] = {}
-        self._up_items: list[pb.RelayItem] = []
+        #: What agents said, with each item's size in the request, for the next upstream batch.
+        self._up_items: list[tuple[pb.RelayItem, int]] = []
         self._up_bytes = 0
         self._up_wake = asyncio.Event()
         self._up_room = asyncio.Event()
@@ -266,20 +267,13 @@ class Relay:
             items, self._up_items = self._up_items, []
             self._up_bytes = 0
             self._up_room.set()
-            out, size = pb.RelayNodesRequest(), 0
-            for item in items:
-                n = item.ByteSize() + 4
-                if out.items and size + n > MAX_REQUEST_BYTES:
-                    yield out
-                    out, size = pb.RelayNodesRequest(), 0
-                out.items.append(item)
-                size += n
-            if out.items:
-                yield out
+            for chunk in bounds.chunks(items, MAX_REQUEST_BYTES):
+                yield pb.RelayNodesRequest(items=chunk)
 
     def _send_up(self, item: pb.RelayItem) -> None:
-        self._up_items.append(item)
-        self._up_bytes += item.ByteSize()
+        n = item.ByteSize()
+        self._up_items.append((item, n + 4))  # + its tag and length in the request
+        self._up_bytes += n
         self._up_wake.set()
 
     def _clear_up(self) -> None:

@@ -38,8 +38,11 @@ Flow, per relay stream (:func:`serve`, called by the reflector's servicer)::
 * **Bounds.** What the hub has batched and not written yet is bounded (:data:`BATCH_BYTES`):
   past it, sessions stop pulling from their reflector queues, whose own bounds then cut off
   the sessions that fall too far behind (RESOURCE_EXHAUSTED, as for a direct agent). Responses
-  are split below the message size bound. The relay stream ending (relay gone, cancelled)
-  ends every session on it; their nodes enter the grace period like any lost session.
+  are split below the message size bound. Each session's unread requests are bounded too
+  (:data:`SESSION_QUEUE_BYTES`): a session past it ends with RESOURCE_EXHAUSTED, so a relay
+  that sends faster than the reflector reads cannot grow the reflector's memory. The relay
+  stream ending (relay gone, cancelled) ends every session on it; their nodes enter the grace
+  period like any lost session.
 * **Standby.** A standby replica refuses RelayNodes with UNAVAILABLE naming the leader (as it
   refuses SyncNode), and a leader that stands down ends its relay streams the same way after
   their sessions: relays reconnect, through their upstream address, to the new leader.
@@ -50,13 +53,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf import message as pb_message
 
-from fabric.control import authz, identity
+from fabric.control import authz, bounds, identity
 from fabric.control.generated import fabric_pb2 as pb
 
 if TYPE_CHECKING:
@@ -69,6 +72,11 @@ BATCH_BYTES = 8 * 1024 * 1024
 #: Largest RelayNodesResponse the hub writes (under the reflector's send bound, 16 MiB, and the
 #: relay's receive bound, the same).
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024
+#: Bytes of one session's requests the hub holds that its ``sync_node`` has not read yet. A
+#: direct agent is held back by HTTP/2 flow control; a relay stream is read for all its sessions
+#: at once, so each session's backlog has its own bound. An agent sends its announcement and a
+#: few updates: a session past this bound is ended (RESOURCE_EXHAUSTED), not buffered.
+SESSION_QUEUE_BYTES = 1024 * 1024
 #: A keepalive response is a few bytes; larger messages are never decoded by the hub.
 _KEEPALIVE_MAX_BYTES = 16
 
@@ -119,15 +127,35 @@ def agent_auth(relay_secure: bool, vouched: str) -> dict[str, list[bytes]]:
 class _Virtual:
     """One agent session carried by the relay stream."""
 
-    __slots__ = ("context", "interval_ms", "requests", "sid", "task")
+    __slots__ = ("context", "interval_ms", "queued", "requests", "sid", "task")
 
     def __init__(self, sid: int, context: VirtualContext) -> None:
         self.sid = sid
-        self.requests: asyncio.Queue[pb.SyncNodeRequest | None] = asyncio.Queue()
+        #: The session's requests with their sizes; None ends the request stream.
+        self.requests: asyncio.Queue[tuple[pb.SyncNodeRequest, int] | None] = asyncio.Queue()
+        #: Bytes in ``requests`` (bounded by :data:`SESSION_QUEUE_BYTES`); -1 once cut off.
+        self.queued = 0
         #: The agent's last proposed keepalive interval (0: none yet), echoed to the reflector.
         self.interval_ms = 0
         self.task: asyncio.Task[None] | None = None
         self.context = context
+
+    def put(self, req: pb.SyncNodeRequest, relay: str) -> None:
+        """Queue ``req`` for the session's ``sync_node``; past the bound, end the session."""
+        if self.queued < 0:
+            return
+        n = req.ByteSize()
+        if self.queued + n > SESSION_QUEUE_BYTES:
+            details = (f"relay {relay} session {self.sid}: {self.queued + n} bytes of requests unread by the "
+                       f"reflector, over its bound of {SESSION_QUEUE_BYTES}")  # fmt: skip
+            _log.warning("%s; ending the session", details)
+            self.context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
+            self.context.set_details(details)
+            self.queued = -1
+            self.requests.put_nowait(None)
+            return
+        self.queued += n
+        self.requests.put_nowait((req, n))
 
 
 class Hub:
@@ -186,7 +214,7 @@ class Hub:
         v = _Virtual(o.session, ctx)
         self.sessions[o.session] = v
         self._note_keepalive(v, o.first)
-        v.requests.put_nowait(o.first)
+        v.put(o.first, self.relay)
         v.task = asyncio.create_task(self._run(v), name=f"relay {self.relay} session {o.session}")
         v.task.add_done_callback(self._task_done)
 
@@ -200,7 +228,7 @@ class Hub:
         if v is None:
             return  # the session ended here while the relay still sent for it
         self._note_keepalive(v, m.request)
-        v.requests.put_nowait(m.request)
+        v.put(m.request, self.relay)
 
     @staticmethod
     def _note_keepalive(v: _Virtual, req: pb.SyncNodeRequest) -> None:
@@ -221,9 +249,12 @@ class Hub:
     @staticmethod
     async def _requests(v: _Virtual) -> AsyncIterator[pb.SyncNodeRequest]:
         while True:
-            req = await v.requests.get()
-            if req is None:
+            got = await v.requests.get()
+            if got is None:
                 return
+            req, n = got
+            if v.queued > 0:
+                v.queued -= n
             yield req
 
     async def _run(self, v: _Virtual) -> None:
@@ -234,7 +265,7 @@ class Hub:
                 data = item if isinstance(item, bytes) else item.SerializeToString()
                 if len(data) <= _KEEPALIVE_MAX_BYTES and v.interval_ms and _is_keepalive(data):
                     # The relay answers for the agent's liveness (module docstring, "Keepalives").
-                    v.requests.put_nowait(pb.SyncNodeRequest(keepalive=pb.Keepalive(interval_ms=v.interval_ms)))
+                    v.put(pb.SyncNodeRequest(keepalive=pb.Keepalive(interval_ms=v.interval_ms)), self.relay)
                 self._emit(v.sid, data)
                 while self._bytes > BATCH_BYTES and not self._ended:
                     self._room.clear()
@@ -282,26 +313,21 @@ class Hub:
             self._last.clear()
             self._bytes = 0
             self._room.set()
-            out = pb.RelayNodesResponse()
-            size = 0
-            for entry in batch:
-                if isinstance(entry, list):
-                    data, sids = entry
-                    item = pb.RelayOut(fanout=pb.RelayFanout(sessions=sids, response=data))
-                    n = len(data) + 6 * len(sids) + 16
-                    self.fanouts_sent += 1
-                else:
-                    item = pb.RelayOut(end=entry)
-                    n = len(entry.details) + 32
-                if out.items and size + n > MAX_RESPONSE_BYTES:
-                    yield out
-                    out, size = pb.RelayNodesResponse(), 0
-                out.items.append(item)
-                size += n
-            if out.items:
-                yield out
+            for chunk in bounds.chunks(self._items(batch), MAX_RESPONSE_BYTES):
+                yield pb.RelayNodesResponse(items=chunk)
             if self._ended and (self.leaving is not None or not self.sessions) and not self._batch:
                 return
+
+
+    def _items(self, batch: list[list[Any] | pb.RelayAgentEnd]) -> Iterator[tuple[pb.RelayOut, int]]:
+        """The batch's entries as response items, each with a bound on its encoded size."""
+        for entry in batch:
+            if isinstance(entry, list):
+                data, sids = entry
+                self.fanouts_sent += 1
+                yield pb.RelayOut(fanout=pb.RelayFanout(sessions=sids, response=data)), len(data) + 6 * len(sids) + 16
+            else:
+                yield pb.RelayOut(end=entry), len(entry.details) + 32
 
 
 _KEEPALIVES: dict[bytes, bool] = {}

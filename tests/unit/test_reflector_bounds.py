@@ -543,3 +543,11 @@ def test_stream_gate_logs_each_refusal_once_and_forgets_past_its_bound(caplog: p
     logged = [r for r in caplog.records if r.getMessage().startswith("refused SyncNode of node/east/n")]
     assert len(logged) == 1000  # each key once (the second refusal of a key is only counted)
     assert len({r.getMessage() for r in logged}) == 1000
+
+
+def test_chunks_keep_order_and_stay_under_the_limit_an_oversized_item_alone() -> None:
+    sized = [("a", 3), ("b", 4), ("c", 9), ("d", 12), ("e", 1), ("f", 1)]
+    got = list(bounds.chunks(sized, 10))
+    assert got == [["a", "b"], ["c"], ["d"], ["e", "f"]]
+    assert [x for chunk in got for x in chunk] == [x for x, _ in sized]
+    assert list(bounds.chunks([], 10)) == []

@@ -187,6 +187,62 @@ def test_hub_merges_equal_messages_but_keeps_each_sessions_order() -> None:
     assert per_session == {1: [d1, d2], 2: [d2, own], 3: [d1, d2]}
 
 
+class _StuckReflector:
+    """A reflector whose ``sync_node`` reads a session's first request and then nothing more."""
+
+    standby_reason = None
+
+    def __init__(self) -> None:
+        self.reading = 0
+
+    async def sync_node(self, requests: AsyncIterator[pb.SyncNodeRequest], *_: Any, **__: Any) -> AsyncIterator[bytes]:
+        await anext(aiter(requests))
+        self.reading += 1
+        await asyncio.Event().wait()
+        yield b""  # never reached: makes this an async generator, as the reflector's is
+
+    def crash(self, exc: BaseException, what: str) -> None:
+        raise AssertionError(f"{what}: {exc!r}")
+
+
+def test_hub_ends_a_session_whose_unread_requests_pass_the_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a relay sends for one session is read off the relay stream at once; when the
+    reflector does not keep up, that session's backlog is bounded and the session ends with
+    RESOURCE_EXHAUSTED, while another session on the same stream is untouched."""
+    monkeypatch.setattr(relay_hub, "SESSION_QUEUE_BYTES", 200)
+    keepalive = pb.SyncNodeRequest(keepalive=pb.Keepalive(interval_ms=1000))
+    size = keepalive.ByteSize()
+    stuck = _StuckReflector()
+    hub = relay_hub.Hub(stuck, "r1", secure=False)  # type: ignore[arg-type]
+
+    async def main() -> None:
+        def opened(sid: int) -> pb.RelayItem:
+            return pb.RelayItem(open=pb.RelayAgentOpen(session=sid, peer=f"agent-{sid}", first=keepalive))
+
+        async def stream() -> AsyncIterator[pb.RelayNodesRequest]:
+            yield pb.RelayNodesRequest(items=[opened(1), opened(2)])
+            await wait_until_async(lambda: stuck.reading == 2, 3, "both sessions in sync_node")
+            flood = [pb.RelayItem(message=pb.RelayAgentMessage(session=s, request=keepalive)) for s in [1] * 1000 + [2]]
+            yield pb.RelayNodesRequest(items=flood)
+            await asyncio.Event().wait()
+
+        reader = asyncio.create_task(hub.read(stream()))
+        await wait_until_async(lambda: 1 in hub.sessions and hub.sessions[1].queued < 0, 3, "session 1 to be cut off")
+        one, two = hub.sessions[1], hub.sessions[2]
+        assert one.context.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "over its bound of 200" in one.context.details
+        # Bounded: what fitted, then the end of the stream; the rest of the flood was dropped.
+        assert one.requests.qsize() <= 200 // size + 1
+        assert two.queued == size and two.context.code is None
+        reader.cancel()
+        for v in list(hub.sessions.values()):
+            assert v.task is not None
+            v.task.cancel()
+        await asyncio.gather(reader, *(v.task for v in [one, two] if v.task), return_exceptions=True)
+
+    asyncio.run(main())
+
+
 class _Ctx:
     def __init__(self, auth: dict[str, list[bytes]]) -> None:
         self._auth = auth
