@@ -48,6 +48,10 @@ GATEWAYS = ("w1", "w2")
 CLASSIFY_COUNT = 50
 #: Fail above this outage for the flows of the cut gateway (the issue's target is < 1 s).
 MAX_OUTAGE_S = 3.0
+#: Fail above this largest gap for a flow of a gateway that was *not* cut (the issue: "the rest
+#: see no gap"; measured 20-220 ms on the loaded 2-core lab machine, both families). Tighter
+#: than MAX_OUTAGE_S on purpose: a survivor must do better than the moved flows' own target.
+MAX_SURVIVOR_GAP_S = 1.0
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +155,8 @@ def test_cutting_one_active_gateway_loses_nothing_on_the_other(aalab: Lab) -> No
     for f in survivors:
         sent, got, _ = results[f]
         assert sent == got, f"flow {f} on the surviving gateway lost {sent - got} of {sent} packets"
+        gap = report[f"{f[0]} -> {f[1]} via {flows[f]}"]["largest_gap_ms"] / 1000
+        assert gap < MAX_SURVIVOR_GAP_S, f"flow {f} on the surviving gateway paused {gap:.3f} s"
     for f in moved:
         sent, got, replies = results[f]
         assert replies and replies[-1] > cut_at + 1, f"flow {f} of the cut gateway did not resume"
@@ -395,6 +401,8 @@ def test_losing_one_of_three_moves_only_its_share_ipv4_and_ipv6(aa3lab: Lab, aa3
         if picked[fam][f] != cut:
             assert during[fam][f] == picked[fam][f], f"IPv{fam} {f} moved from {picked[fam][f]} to {during[fam][f]}"
             assert sent == got, f"IPv{fam} {f} on a surviving gateway lost {sent - got} of {sent} packets"
+            gap = largest_gap(replies, cut_at, min(heal_at, replies[-1]))
+            assert gap < MAX_SURVIVOR_GAP_S, f"IPv{fam} {f} on a surviving gateway paused {gap:.3f} s"
         else:
             assert during[fam][f] != cut, f"IPv{fam} {f} still picked to the cut gateway"
             assert replies and replies[-1] > cut_at + 1, f"IPv{fam} {f} of the cut gateway did not resume"
