@@ -9,9 +9,10 @@ Steps run in file order against one lab (module fixture):
    gateways (found by counting packets on each gateway's vx-bridge while one flow runs alone),
    and each flow's replies leave through the gateway its requests came in by (the kernel's
    multipath hash is symmetric, the groups list the gateways in the same order);
-2. cutting one gateway (``lab fail``) loses no packet of the flows on the other, and the flows
-   of the cut one resume (their outage is PRINTED; run with -s), and healing it moves nothing
-   back (its flows stay where they are: busy buckets wait for the idle timer).
+2. cutting one gateway (``lab fail``) loses no packet of the flows on the other and leaves them
+   no gap (``MAX_SURVIVOR_GAP_S``), and the flows of the cut one resume (their outage is
+   PRINTED; run with -s), and healing it moves nothing back (its flows stay where they are:
+   busy buckets wait for the idle timer).
 
 A second lab (``AA3_TOPOLOGY``, written by its fixture): dual stack, west with three active
 gateways (w1-w3) and an internal node w4.
@@ -23,9 +24,12 @@ gateways (w1-w3) and an internal node w4.
    iif`` on both ends) checked against the packets of one flow per gateway alone, IPv6 by
    measuring every flow alone (see :func:`measure6`); then all flows at once, counted on each
    gateway's tunnel, match;
-5. cutting one of the three loses no packet of the others' flows, IPv4 or IPv6; only the cut
-   one's flows move (every other flow is still picked to its gateway during the cut), and they
-   resume.
+5. cutting one of the three loses no packet of the others' flows and leaves them no gap, IPv4 or
+   IPv6; only the cut one's flows move (every other flow is still picked to its gateway during
+   the cut), and they resume.
+
+The pings whose gaps are measured write to files, not pipes (:func:`_spool`: a full pipe stalls
+ping, which once passed for an IPv6 pause of the surviving gateways).
 """
 
 from __future__ import annotations
@@ -33,9 +37,10 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import IO, Any
 
 import pytest
 
@@ -48,6 +53,10 @@ GATEWAYS = ("w1", "w2")
 CLASSIFY_COUNT = 50
 #: Fail above this outage for the flows of the cut gateway (the issue's target is < 1 s).
 MAX_OUTAGE_S = 3.0
+#: Fail above this largest gap for a flow of a gateway that was *not* cut (the issue: "the rest
+#: see no gap"; measured 20-220 ms on the loaded 2-core lab machine, both families). Tighter
+#: than MAX_OUTAGE_S on purpose: a survivor must do better than the moved flows' own target.
+MAX_SURVIVOR_GAP_S = 1.0
 
 
 @pytest.fixture(scope="module")
@@ -76,10 +85,25 @@ def _group(lab: Lab, netns: str, dst: str) -> list[str]:
     return [nhs[m["id"]]["gateway"] for m in grp["group"]]
 
 
-def _ping(pods: dict[str, dict[str, Any]], src: str, dst: str, *args: str) -> subprocess.Popen[str]:
+def _ping(pods: dict[str, dict[str, Any]], src: str, dst: str, *args: str,
+          out: IO[str] | int = subprocess.PIPE) -> subprocess.Popen[str]:  # fmt: skip
     return subprocess.Popen(["ip", "netns", "exec", pods[src]["netns"], "ping", "-n", "-i", "0.01", "-W", "1",
                              *args, pods[dst]["ip"]],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+                            stdout=out, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+
+def _spool() -> IO[str]:
+    """Where a long ping of a gap measurement writes (give it as ``out``; :func:`_loss` reads it).
+
+    Not a pipe: ``ping -D`` writes one line per reply (about 80 bytes for IPv4, 85 for IPv6)
+    and blocks once a pipe's 64 KiB are full, sending nothing until someone reads. The cut tests
+    start every ping at once and read them one after another when all are done, so each 800-reply
+    IPv6 ping (68 KB) stopped at reply ~769 until its turn came: a pause of 0.5-2.8 s without
+    loss, longer the later the flow was read, that looked like an IPv6 dataplane problem of the
+    surviving gateways (IPv4's 800 lines just fit). Measured in the lab: e1's underlay saw the
+    echo requests themselves stop after seq 769 for exactly the gap ping reported, while no
+    route, nexthop or neighbour changed at that time. A file never blocks."""
+    return tempfile.TemporaryFile("w+")
 
 
 def classify(lab: Lab) -> dict[tuple[str, str], str]:
@@ -114,8 +138,12 @@ def test_two_active_gateways_both_carry_flows(aalab: Lab) -> None:
     assert set(flows.values()) == set(GATEWAYS), f"every flow on one gateway: {flows}"
 
 
-def _loss(p: subprocess.Popen[str]) -> tuple[int, int, list[float]]:
-    out, _ = p.communicate(timeout=120)
+def _loss(p: subprocess.Popen[str], spool: IO[str]) -> tuple[int, int, list[float]]:
+    """(sent, received, reply times) of a ping that writes to ``spool`` (:func:`_spool`)."""
+    p.wait(timeout=120)
+    spool.seek(0)
+    out = spool.read()
+    spool.close()
     m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
     assert m, out[-2000:]
     replies = [float(x) for x in re.findall(r"^\[(\d+\.\d+)\].*icmp_seq=", out, re.M)]
@@ -130,7 +158,8 @@ def test_cutting_one_active_gateway_loses_nothing_on_the_other(aalab: Lab) -> No
     assert survivors and moved, f"need flows on both gateways: {flows}"
     count = 1200  # 12 s at 10 ms
     pods = aalab.pods()
-    pings = {f: _ping(pods, *f, "-D", "-c", str(count)) for f in flows}
+    spools = {f: _spool() for f in flows}
+    pings = {f: _ping(pods, *f, "-D", "-c", str(count), out=spools[f]) for f in flows}
     time.sleep(1.5)
     cut_at = time.time()
     aalab.lab("fail", f"west/{cut}")
@@ -141,7 +170,7 @@ def test_cutting_one_active_gateway_loses_nothing_on_the_other(aalab: Lab) -> No
     finally:
         aalab.lab("heal", f"west/{cut}")
     heal_at = time.time()
-    results = {f: _loss(p) for f, p in pings.items()}
+    results = {f: _loss(p, spools[f]) for f, p in pings.items()}
     report: dict[str, Any] = {}
     for f in flows:
         sent, got, replies = results[f]
@@ -151,6 +180,8 @@ def test_cutting_one_active_gateway_loses_nothing_on_the_other(aalab: Lab) -> No
     for f in survivors:
         sent, got, _ = results[f]
         assert sent == got, f"flow {f} on the surviving gateway lost {sent - got} of {sent} packets"
+        gap = report[f"{f[0]} -> {f[1]} via {flows[f]}"]["largest_gap_ms"] / 1000
+        assert gap < MAX_SURVIVOR_GAP_S, f"flow {f} on the surviving gateway paused {gap:.3f} s"
     for f in moved:
         sent, got, replies = results[f]
         assert replies and replies[-1] > cut_at + 1, f"flow {f} of the cut gateway did not resume"
@@ -260,10 +291,11 @@ def _counts(lab: Lab, family: int) -> dict[str, tuple[int, int]]:
     return out
 
 
-def _ping_fam(pods: dict[str, dict[str, Any]], src: str, dst: str, family: int, *args: str) -> subprocess.Popen[str]:
+def _ping_fam(pods: dict[str, dict[str, Any]], src: str, dst: str, family: int, *args: str,
+              out: IO[str] | int = subprocess.PIPE) -> subprocess.Popen[str]:  # fmt: skip
     return subprocess.Popen(["ip", "netns", "exec", pods[src]["netns"], "ping", f"-{family}", "-n", "-i", "0.01",
                              "-W", "1", *args, pods[dst][_ip_key(family)]],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+                            stdout=out, stderr=subprocess.STDOUT, text=True)  # fmt: skip
 
 
 def _alone(lab: Lab, pods: dict[str, dict[str, Any]], flow: Flow, family: int, count: int = CLASSIFY_COUNT) -> str:
@@ -364,7 +396,8 @@ def test_losing_one_of_three_moves_only_its_share_ipv4_and_ipv6(aa3lab: Lab, aa3
             pinged += [(fam, f) for f in [f for f, v in picked[fam].items() if v == g][:2]]
     assert {picked[fam][f] for fam, f in pinged} == set(GW3)
     count = 800  # 8 s at 10 ms
-    pings = {(fam, f): _ping_fam(pods, *f, fam, "-D", "-c", str(count)) for fam, f in pinged}
+    spools = {k: _spool() for k in pinged}
+    pings = {(fam, f): _ping_fam(pods, *f, fam, "-D", "-c", str(count), out=spools[(fam, f)]) for fam, f in pinged}
     time.sleep(1.5)
     cut_at = time.time()
     aalab_e1 = f"{aa3lab.name}-east-e1"
@@ -378,7 +411,7 @@ def test_losing_one_of_three_moves_only_its_share_ipv4_and_ipv6(aa3lab: Lab, aa3
         # before, and the cut one's flows are spread over the survivors (IPv6: measured once
         # the pings are over, still cut).
         during = {4: predict(aa3lab, pods, [f for fm, f in pinged if fm == 4], 4)}
-        results = {k: _loss(p) for k, p in pings.items()}
+        results = {k: _loss(p, spools[k]) for k, p in pings.items()}
         heal_at = time.time()  # the end of the window the outages are measured in
         during[6] = measure6(aa3lab, pods, [f for fm, f in pinged if fm == 6])
     finally:
@@ -395,6 +428,8 @@ def test_losing_one_of_three_moves_only_its_share_ipv4_and_ipv6(aa3lab: Lab, aa3
         if picked[fam][f] != cut:
             assert during[fam][f] == picked[fam][f], f"IPv{fam} {f} moved from {picked[fam][f]} to {during[fam][f]}"
             assert sent == got, f"IPv{fam} {f} on a surviving gateway lost {sent - got} of {sent} packets"
+            gap = largest_gap(replies, cut_at, min(heal_at, replies[-1]))
+            assert gap < MAX_SURVIVOR_GAP_S, f"IPv{fam} {f} on a surviving gateway paused {gap:.3f} s"
         else:
             assert during[fam][f] != cut, f"IPv{fam} {f} still picked to the cut gateway"
             assert replies and replies[-1] > cut_at + 1, f"IPv{fam} {f} of the cut gateway did not resume"
