@@ -25,10 +25,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import pytest
 
@@ -53,6 +54,20 @@ def run(*args: str, check: bool = True, timeout: float = 180) -> subprocess.Comp
     return p
 
 
+def spool() -> IO[str]:
+    """Where a long ping of a gap measurement writes (seek to 0 and read it once ping ended).
+
+    Not a pipe: ``ping -D`` writes one line per reply (about 80 bytes for IPv4, 85 for IPv6)
+    and blocks once a pipe's 64 KiB are full, sending nothing until someone reads. The
+    active/active cut tests start every ping at once and read them one after another when all
+    are done, so each 800-reply IPv6 ping (68 KB) stopped at reply ~769 until its turn came: a
+    pause of 0.5-2.8 s without loss, longer the later the flow was read, that looked like an IPv6
+    dataplane problem of the surviving gateways (IPv4's 800 lines just fit). Measured in the lab:
+    e1's underlay saw the echo requests themselves stop after seq 769 for exactly the gap ping
+    reported, while no route, nexthop or neighbour changed at that time. A file never blocks."""
+    return tempfile.TemporaryFile("w+")
+
+
 class Ping:
     """A 10 ms ICMP ping (``family`` 4 or 6) from one pod to another, with the kernel timestamp
     of every reply: the measure of an outage is the largest gap between replies."""
@@ -60,17 +75,21 @@ class Ping:
     def __init__(self, lab: Lab, src: str, dst: str, duration_s: int, family: int = 4) -> None:
         pods = lab.pods()
         target = pods[dst]["ip"] if family == 4 else pods[dst]["ip6"]
+        self._out = spool()
         self._proc = subprocess.Popen(
             ["ip", "netns", "exec", pods[src]["netns"], "ping", f"-{family}", "-n", "-D", "-i", "0.01", "-W", "1",
              "-w", str(duration_s), target],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            stdout=self._out, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
 
     def stop(self) -> list[float]:
         """Reply times (epoch seconds). Stops the ping if it still runs."""
         with contextlib.suppress(ProcessLookupError):
             self._proc.send_signal(signal.SIGINT)
-        out, _ = self._proc.communicate(timeout=30)
+        self._proc.wait(timeout=30)
+        self._out.seek(0)
+        out = self._out.read()
+        self._out.close()
         return [float(m.group(1)) for m in re.finditer(r"^\[(\d+\.\d+)\].*icmp_seq=", out, re.M)]
 
 

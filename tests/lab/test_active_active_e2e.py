@@ -28,7 +28,7 @@ gateways (w1-w3) and an internal node w4.
    IPv6; only the cut one's flows move (every other flow is still picked to its gateway during
    the cut), and they resume.
 
-The pings whose gaps are measured write to files, not pipes (:func:`_spool`: a full pipe stalls
+The pings whose gaps are measured write to files, not pipes (:func:`tests.lab.conftest.spool`: a full pipe stalls
 ping, which once passed for an IPv6 pause of the surviving gateways).
 """
 
@@ -37,14 +37,13 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from typing import IO, Any
 
 import pytest
 
-from tests.lab.conftest import REPO, Lab, lab_running, largest_gap, new_lab_name
+from tests.lab.conftest import REPO, Lab, lab_running, largest_gap, new_lab_name, spool
 from tests.waiting import wait_until
 
 TOPOLOGY = REPO / "examples" / "active-active.yaml"
@@ -92,20 +91,6 @@ def _ping(pods: dict[str, dict[str, Any]], src: str, dst: str, *args: str,
                             stdout=out, stderr=subprocess.STDOUT, text=True)  # fmt: skip
 
 
-def _spool() -> IO[str]:
-    """Where a long ping of a gap measurement writes (give it as ``out``; :func:`_loss` reads it).
-
-    Not a pipe: ``ping -D`` writes one line per reply (about 80 bytes for IPv4, 85 for IPv6)
-    and blocks once a pipe's 64 KiB are full, sending nothing until someone reads. The cut tests
-    start every ping at once and read them one after another when all are done, so each 800-reply
-    IPv6 ping (68 KB) stopped at reply ~769 until its turn came: a pause of 0.5-2.8 s without
-    loss, longer the later the flow was read, that looked like an IPv6 dataplane problem of the
-    surviving gateways (IPv4's 800 lines just fit). Measured in the lab: e1's underlay saw the
-    echo requests themselves stop after seq 769 for exactly the gap ping reported, while no
-    route, nexthop or neighbour changed at that time. A file never blocks."""
-    return tempfile.TemporaryFile("w+")
-
-
 def classify(lab: Lab) -> dict[tuple[str, str], str]:
     """Per flow, the gateway that carries it both ways (one flow at a time, by packet counts)."""
     out: dict[tuple[str, str], str] = {}
@@ -138,12 +123,12 @@ def test_two_active_gateways_both_carry_flows(aalab: Lab) -> None:
     assert set(flows.values()) == set(GATEWAYS), f"every flow on one gateway: {flows}"
 
 
-def _loss(p: subprocess.Popen[str], spool: IO[str]) -> tuple[int, int, list[float]]:
-    """(sent, received, reply times) of a ping that writes to ``spool`` (:func:`_spool`)."""
+def _loss(p: subprocess.Popen[str], written: IO[str]) -> tuple[int, int, list[float]]:
+    """(sent, received, reply times) of a ping that writes to ``written`` (a :func:`spool`)."""
     p.wait(timeout=120)
-    spool.seek(0)
-    out = spool.read()
-    spool.close()
+    written.seek(0)
+    out = written.read()
+    written.close()
     m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
     assert m, out[-2000:]
     replies = [float(x) for x in re.findall(r"^\[(\d+\.\d+)\].*icmp_seq=", out, re.M)]
@@ -158,7 +143,7 @@ def test_cutting_one_active_gateway_loses_nothing_on_the_other(aalab: Lab) -> No
     assert survivors and moved, f"need flows on both gateways: {flows}"
     count = 1200  # 12 s at 10 ms
     pods = aalab.pods()
-    spools = {f: _spool() for f in flows}
+    spools = {f: spool() for f in flows}
     pings = {f: _ping(pods, *f, "-D", "-c", str(count), out=spools[f]) for f in flows}
     time.sleep(1.5)
     cut_at = time.time()
@@ -396,7 +381,7 @@ def test_losing_one_of_three_moves_only_its_share_ipv4_and_ipv6(aa3lab: Lab, aa3
             pinged += [(fam, f) for f in [f for f, v in picked[fam].items() if v == g][:2]]
     assert {picked[fam][f] for fam, f in pinged} == set(GW3)
     count = 800  # 8 s at 10 ms
-    spools = {k: _spool() for k in pinged}
+    spools = {k: spool() for k in pinged}
     pings = {(fam, f): _ping_fam(pods, *f, fam, "-D", "-c", str(count), out=spools[(fam, f)]) for fam, f in pinged}
     time.sleep(1.5)
     cut_at = time.time()
