@@ -75,6 +75,21 @@ def test_paired_ratios_cancel_drift_between_rounds() -> None:
     assert math.isnan(bc.paired_ratio([1.0], [0.0], True))
 
 
+def test_raw_samples_reach_the_json_and_recompute_the_paired_ratio_but_not_the_tables(tmp_path: Path) -> None:
+    report = bc.Report()
+    by = {"ours": [9.0, 6.0, 4.0], "vxlan": [10.0, 5.0, 5.0]}
+    report.figures["throughput"] = bc.figure(by["ours"], {"": by["vxlan"]}, higher_is_better=True, paired=True)
+    report.samples["throughput"] = by
+    doc = {"meta": _doc()["meta"], "datapath": json.loads(json.dumps(bench._to_json(report)))}
+    raw = doc["datapath"]["samples"]["throughput"]
+    assert bc.paired_ratio(raw["ours"], raw["vxlan"], True) == pytest.approx(doc["datapath"]["throughput"]["ratio"])
+    src, out = tmp_path / "run.json", tmp_path / "BENCHMARKS.md"
+    src.write_text(json.dumps(doc))
+    assert bench.main(["--from-json", str(src), "--markdown", str(out)]) == 0
+    md = out.read_text()
+    assert "| throughput |" in md and "samples" not in md
+
+
 def test_markdown_has_the_machine_the_date_every_figure_and_the_notes(tmp_path: Path) -> None:
     src = tmp_path / "run.json"
     src.write_text(json.dumps(_doc()))

@@ -82,6 +82,9 @@ class Report:
     figures: dict[str, Figure] = dataclasses.field(default_factory=dict)
     units: dict[str, str] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
+    #: Raw per-round samples (``samples[metric][series]``, round i at index i of every series),
+    #: kept in the JSON so a paired ratio can be recomputed from it; the tables do not show them.
+    samples: dict[str, dict[str, list[float]]] = dataclasses.field(default_factory=dict)
 
 
 def progress(bench: str, msg: str) -> None:

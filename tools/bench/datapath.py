@@ -217,6 +217,7 @@ def run(opts: bc.Options) -> bc.Report:
                             f"{s.pings} pings, TCP RR {s.rr_s:g}s on vCPU {cpu})")  # fmt: skip
                 for metric, value in _measure(procs, path, s, cpu).items():
                     samples.setdefault(metric, {}).setdefault(path.name, []).append(value)
+    report.samples = samples
     for metric, by in samples.items():
         higher = HIGHER_IS_BETTER[metric]
         report.figures[metric] = bc.figure(

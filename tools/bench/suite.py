@@ -139,7 +139,7 @@ def _num(x: Any) -> str:
 
 def _rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of one benchmark's table: every figure, its baselines and ratios."""
-    figures = {k: v for k, v in results.items() if isinstance(v, dict)}
+    figures = {k: v for k, v in results.items() if isinstance(v, dict) and k != "samples"}
     prefixes: list[str] = []
     for fig in figures.values():
         for key in fig:
@@ -243,6 +243,9 @@ def _to_json(report: bc.Report) -> dict[str, Any]:
         out[metric] = entry
     if report.notes:
         out["notes"] = list(report.notes)
+    if report.samples:
+        out["samples"] = {m: {k: [v if math.isfinite(v) else None for v in vs] for k, vs in by.items()}
+                          for m, by in report.samples.items()}  # fmt: skip
     return out
 
 
