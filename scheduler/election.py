@@ -12,7 +12,9 @@ In order, on the elector's thread:
    replicas share). Updates carry the read ``resourceVersion``, so of two
    candidates only one wins (the other gets 409).
 2. Lead: ``on_started`` runs; the lease is renewed every ``retry_period`` (client-go's
-   ``wait.Until``, no jitter). If no renewal has succeeded for ``renew_deadline`` the leadership
+   ``wait.Until``, no jitter), each request of a renewal bounded by what is left of the renew
+   deadline (client-go's renew context), so an API server that stops answering cannot hold the
+   leader past it. If no renewal has succeeded for ``renew_deadline`` the leadership
    is lost: ``on_stopped`` runs and the elector ends (kube-scheduler exits at that point;
    ``main`` does the same).
 3. :meth:`LeaderElector.is_leader` is the guard the binder checks before each bind: true only
@@ -45,6 +47,9 @@ from scheduler.kube import Api, ApiError, resource_path
 
 _log = logging.getLogger(__name__)
 
+
+#: The shortest timeout a request of a renewal gets, however close the renew deadline is.
+MIN_REQUEST_S = 0.1
 
 #: client-go ``leaderelection.JitterFactor``: an acquiring candidate waits ``retry_period`` plus
 #: up to this many times ``retry_period`` between tries; ``renew_deadline`` must exceed
@@ -181,13 +186,23 @@ class LeaderElector:
                     self.on_stopped()
                 return
 
+    def _budget(self, now: float) -> float:
+        """How long one request of this try may take. client-go renews under a context that ends at
+        the renew deadline, so a request the API server never answers cannot keep a leader that
+        has lost its lease from noticing (and running ``on_stopped``) until the client's own
+        timeout; a candidate's tries (and the release) get the renew deadline too."""
+        if self._leading and self._last_renew is not None:
+            return max(MIN_REQUEST_S, self.renew_deadline - (now - self._last_renew))
+        return self.renew_deadline
+
     def try_acquire_or_renew(self) -> bool:
         """client-go tryAcquireOrRenew: True when we hold the lease after this call."""
         now = self.clock()
+        budget = self._budget(now)
         spec = {"holderIdentity": self.identity, "leaseDurationSeconds": max(1, round(self.lease_duration)),
                 "acquireTime": _now_micro(), "renewTime": _now_micro(), "leaseTransitions": 0}
         try:
-            lease = self.api.get(self.path)
+            lease = self.api.request("GET", self.path, timeout=budget)
         except ApiError as e:
             if e.status != 404:
                 _log.warning("leader election: reading lease %s/%s: %s", self.namespace, self.name, e)
@@ -195,7 +210,8 @@ class LeaderElector:
             try:
                 self.api.create(resource_path("coordination.k8s.io/v1", "leases", self.namespace),
                                 {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                                 "metadata": {"name": self.name, "namespace": self.namespace}, "spec": spec})
+                                 "metadata": {"name": self.name, "namespace": self.namespace}, "spec": spec},
+                                timeout=budget)
             except ApiError as e2:
                 _log.info("leader election: creating lease %s/%s: %s", self.namespace, self.name, e2)
                 return False
@@ -223,7 +239,7 @@ class LeaderElector:
             spec["leaseTransitions"] = int(old.get("leaseTransitions") or 0) + 1
         lease["spec"] = spec
         try:
-            self.api.update(self.path, lease)
+            self.api.update(self.path, lease, timeout=max(MIN_REQUEST_S, budget - (self.clock() - now)))
         except ApiError as e:
             if e.status != 409:
                 _log.warning("leader election: updating lease %s/%s: %s", self.namespace, self.name, e)
@@ -241,13 +257,13 @@ class LeaderElector:
         Only when we still hold it: a lease another replica took over is not ours to clear."""
         self._leading = False
         try:
-            lease = self.api.get(self.path)
+            lease = self.api.request("GET", self.path, timeout=self.renew_deadline)
             if (lease.get("spec") or {}).get("holderIdentity") != self.identity:
                 return
             now = _now_micro()
             lease["spec"] = {**lease["spec"], "holderIdentity": "", "leaseDurationSeconds": 1,
                              "acquireTime": now, "renewTime": now}
-            self.api.update(self.path, lease)
+            self.api.update(self.path, lease, timeout=self.renew_deadline)
             _log.info("leader election: %s released lease %s/%s", self.identity, self.namespace, self.name)
         except Exception as e:  # best effort on the way out
             _log.warning("leader election: releasing lease: %s", e)

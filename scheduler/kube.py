@@ -99,7 +99,7 @@ class Api:
         url = self.host + path + (("?" + urlencode(query)) if query else "")
         data = None if body is None else json.dumps(body).encode()
         r = self._pool.request(method, url, body=data, headers=self.headers(ctype if data is not None else None),
-                               timeout=urllib3.Timeout(connect=10.0, read=timeout), preload_content=True)
+                               timeout=urllib3.Timeout(connect=min(10.0, timeout), read=timeout), preload_content=True)
         raw = r.data
         if r.status >= 300:
             raise _error(r.status, raw, method, path)
@@ -118,11 +118,11 @@ class Api:
                 return None
             raise
 
-    def create(self, path: str, body: Obj) -> Any:
-        return self.request("POST", path, body)
+    def create(self, path: str, body: Obj, *, timeout: float = 30.0) -> Any:
+        return self.request("POST", path, body, timeout=timeout)
 
-    def update(self, path: str, body: Obj) -> Any:
-        return self.request("PUT", path, body)
+    def update(self, path: str, body: Obj, *, timeout: float = 30.0) -> Any:
+        return self.request("PUT", path, body, timeout=timeout)
 
     def patch(self, path: str, body: Obj, ctype: str = MERGE_PATCH) -> Any:
         return self.request("PATCH", path, body, ctype=ctype)

@@ -13,8 +13,10 @@ from __future__ import annotations
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -202,3 +204,23 @@ def test_sigterm_releases_the_lease_sigkill_does_not(api: Api, tmp_path: Path) -
             if p.poll() is None:
                 p.kill()
                 p.wait(10)
+
+
+def test_a_leader_whose_api_server_stops_answering_steps_down_at_the_renew_deadline(api: Api) -> None:
+    """A renewal the API server never answers ends with the renew deadline (client-go's renew
+    context), not with the client's 30 s timeout: the leader runs ``on_stopped`` about
+    ``renew_deadline`` after its last renewal, before another candidate could take over."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel completes the handshakes; nobody ever reads or answers
+        stopped = threading.Event()
+        el = LeaderElector(api, "a", name=f"silent-{uuid.uuid4().hex[:8]}", lease_duration=3.0, renew_deadline=2.0,
+                           retry_period=0.5, on_stopped=stopped.set)  # fmt: skip
+        el.start()
+        try:
+            wait_until(el.is_leader, 10, "a to lead")
+            el.api = Api(f"http://127.0.0.1:{silent.getsockname()[1]}")
+            assert stopped.wait(10), "the leader still believed it led 10 s after the API server went silent"
+            assert not el.is_leader()
+        finally:
+            el.stop(release=False)
