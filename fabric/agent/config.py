@@ -62,11 +62,19 @@ class AgentConfig:
     #: A TLS directory with this cluster's bootstrap certificate (``join``'s credential): with no
     #: usable certificate in ``tls_dir`` the agent gets its own with it (fabric.control.bootstrap).
     bootstrap_dir: str = ""
+    #: Where the agent asks for its certificates (first one and renewals): "" is ``reflector``.
+    #: Agents behind a fabric-relay give the reflector's address here (relays only carry SyncNode).
+    certificates_from: str = ""
     #: Plaintext to the reflector instead (explicit; ``main`` refuses to start with neither).
     insecure: bool = False
     #: ``net.ipv4.fib_multipath_hash_seed`` while the plan has active/active routes: ``auto``
     #: (derived from the fabric CA, the same on every agent), ``off``, or a number (fabric.agent.multipath).
     multipath_hash_seed: str = "auto"
+
+    @property
+    def certificate_target(self) -> str:
+        """Where certificates are asked for: ``--certificates-from``, else the session's target."""
+        return self.certificates_from or self.reflector
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,6 +197,9 @@ PARAMS: tuple[_Param, ...] = (
     _Param("bootstrap_dir", "--bootstrap-dir", "a TLS directory holding this cluster's bootstrap certificate "
            "(bootstrap/<cluster>, from 'fabric-tool join'): when --tls-dir holds no usable certificate of this node, "
            "the agent makes a key and asks the reflector for one with it", _dir),
+    _Param("certificates_from", "--certificates-from", "gRPC target of the reflector for certificates (the first "
+           "one, with --bootstrap-dir, and renewals), when --reflector is a fabric-relay: relays carry the node's "
+           "session, not certificate requests (default: --reflector)", cli_types.grpc_target),
     _Param("multipath_hash_seed", "--multipath-hash-seed", "the kernel's multipath hash seed "
            "(net.ipv4.fib_multipath_hash_seed, Linux >= 6.11, IPv4 and IPv6) in this node's namespace while it "
            "routes over several active gateways: 'auto' derives it from the fabric CA so every node hashes alike "
@@ -209,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
         "      --underlay-ip 198.18.0.11 --pod-cidr 10.10.1.0/24\n"
         "  FABRIC_REFLECTOR=10.0.0.5:4880 FABRIC_CLUSTER=east FABRIC_NODE=e1 \\\n"
         "      FABRIC_UNDERLAY_IP=192.168.1.11 FABRIC_POD_CIDR=10.10.1.0/24 fabric-agent\n"
+        "  fabric-agent --reflector relays.kosmos-fabric:7947 --certificates-from reflector.kosmos-fabric:4880 ...\n"
+        "      # behind fabric-relays: the session through a relay, certificates from the reflector\n"
         "  fabric-agent --cleanup --cluster east --node e1   # remove every kernel object the fabric owns\n"
         "      (with --cluster/--node also the node's translator pins), then exit\n\n"
         "Every flag can also be set as FABRIC_<FLAG> in the environment (flags win).",

@@ -197,8 +197,14 @@ class Relay:
         handler = grpc.stream_stream_rpc_method_handler(
             self.sync_node, request_deserializer=pb.SyncNodeRequest.FromString, response_serializer=_as_bytes
         )
+        issue = grpc.unary_unary_rpc_method_handler(
+            _refuse_certificate, request_deserializer=pb.IssueCertificateRequest.FromString,
+            response_serializer=pb.IssueCertificateResponse.SerializeToString,
+        )  # fmt: skip
         service = pb.DESCRIPTOR.services_by_name["Fabric"].full_name
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, {"SyncNode": handler}),))
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(service, {"SyncNode": handler, "IssueCertificate": issue}),)
+        )
         bound = [bind(server, addr, credentials) for addr in listen]
         await server.start()
         self._server = server
@@ -461,6 +467,20 @@ class RelayMetrics(Collector):
         yield ended
 
 
+#: What an agent that asks a relay for a certificate is told (its log shows it).
+REFUSE_CERTIFICATE = (
+    "fabric-relay carries SyncNode sessions only and does not issue certificates: give the agent "
+    "--certificates-from with the reflector's address (its --reflector stays this relay)"
+)
+
+
+async def _refuse_certificate(request: pb.IssueCertificateRequest, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    """An agent asking the relay for a certificate is misconfigured: say so and how to fix it,
+    instead of gRPC's bare "Method not found" (FAILED_PRECONDITION: the agent reports it as a
+    refusal with this text, not as an unreachable reflector)."""
+    await context.abort(grpc.StatusCode.FAILED_PRECONDITION, REFUSE_CERTIFICATE)
+
+
 def _as_bytes(msg: bytes) -> bytes:
     """SyncNode's response serializer at the relay: the reflector's bytes, written unchanged."""
     return msg
@@ -474,14 +494,16 @@ EXAMPLES = """\
 examples:
   # a relay for the agents of one zone, mutual TLS both ways: a server certificate for the agents,
   # a client certificate relay/zone-a for the reflector
-  fabric-relay --upstream reflector.kosmos-system:7946 --listen 0.0.0.0:7947 \
+  fabric-relay --upstream kosmos-fabric-reflector.kosmos-system.svc:4880 --listen 0.0.0.0:7947 \\
       --tls-dir /etc/fabric/relay-server --upstream-tls-dir /etc/fabric/relay-client
 
   # plaintext, as the control benchmark runs it (agents and reflector on unix sockets)
   fabric-relay --upstream unix:/tmp/kft/reflector.sock --listen unix:/tmp/kft/relay0.sock --insecure
 
-  # agents point at relays with no other change; several addresses give them a fallback
-  fabric-agent --reflector ipv4:10.0.0.11:7947,10.0.0.12:7947,10.0.0.10:7946 ...
+  # agents point their session at relays (several addresses give them a fallback) and ask the
+  # reflector itself for certificates
+  fabric-agent --reflector ipv4:10.0.0.11:7947,10.0.0.12:7947,10.0.0.10:4880 \\
+      --certificates-from 10.0.0.10:4880 ...
 """
 
 

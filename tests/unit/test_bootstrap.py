@@ -23,7 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from fabric.agent import config as agent_config
-from fabric.control import api, authz, bootstrap, client, identity, pki, reflector, tls
+from fabric.control import api, authz, bootstrap, client, identity, pki, reflector, relay, tls
 from tests.control_recorder import Recorder
 from tests.unit.test_control_session import CONFIG, E1, KEEPALIVE
 from tests.unit.test_tls import PKI, run
@@ -339,6 +339,40 @@ def test_agent_configuration_takes_a_bootstrap_dir_from_flag_or_environment() ->
     assert agent_config.load([*base, "--bootstrap-dir", "/b"], {}).bootstrap_dir == "/b"
     assert agent_config.load(base, {"FABRIC_BOOTSTRAP_DIR": "/e"}).bootstrap_dir == "/e"
     assert agent_config.load(base, {}).bootstrap_dir == ""
+
+
+def test_certificates_come_from_their_own_target_when_the_session_goes_through_a_relay() -> None:
+    base = ["--reflector", "relays:7947", "--cluster", "east", "--node", "e1", "--underlay-ip", "198.18.0.11",
+            "--pod-cidr", "10.10.1.0/24", "--tls-dir", "/d"]  # fmt: skip
+    assert agent_config.load(base, {}).certificate_target == "relays:7947"
+    assert agent_config.load([*base, "--certificates-from", "refl:4880"], {}).certificate_target == "refl:4880"
+    assert agent_config.load(base, {"FABRIC_CERTIFICATES_FROM": "refl:4880"}).certificate_target == "refl:4880"
+    with pytest.raises(agent_config.ConfigError, match="--certificates-from"):
+        agent_config.load([*base, "--certificates-from", "no port"], {})
+
+
+def test_agent_behind_a_relay_bootstraps_from_the_reflector_a_relay_says_where_to_ask(
+    fabric_pki: PKI, node_agent: NodeAgent
+) -> None:
+    """fabric-relay carries SyncNode only: asked for a certificate it refuses, naming the flag
+    that fixes it; the agent's keeper asks the reflector (``--certificates-from``) and its session,
+    with the certificate it got, runs through the relay."""
+    relay_server = fabric_pki.server("relay-server")
+    relay_client = fabric_pki.client("relay-client", identity.role("relay", "zone-a"))
+
+    async def body() -> None:
+        async with signing_reflector(fabric_pki, datetime.timedelta(hours=1)) as (_refl, target):
+            r = relay.Relay(target, upstream_tls=relay_client, backoff=(0.05, 0.2))
+            (relay_target,) = await r.start(["127.0.0.1:0"], tls.server_credentials(relay_server))
+            try:
+                with pytest.raises(client.CertificateRefused, match="--certificates-from"):
+                    await bootstrap.obtain(relay_target, node_agent.boot, node_agent.own.path, NODE_E1)
+                async with node_agent.keeper(target, (0.05, 0.2)), node_agent.session(relay_target) as session:
+                    assert session.connected
+            finally:
+                await r.stop(0)
+
+    run(body(), 30)
 
 
 def test_tls_reflector_serves_several_listen_addresses(fabric_pki: PKI, tmp_path: Path) -> None:
