@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
         "and wait until every node reports its planned state applied. On a running lab it adds new clusters, nodes "
         "and stopped processes and leaves everything else untouched.",
         epilog="examples:\n  fabric-tool lab up\n  fabric-tool lab up my-topology.yaml --name big --timeout 180\n"
-        "  fabric-tool lab up --resync-period 5 --grace-period 10",
+        "  fabric-tool lab up --resync-period 5 --grace-period 10\n"
+        "  fabric-tool lab up --relays 2   # agents' sessions through two fabric-relay processes",
         formatter_class=_Formatter,
     )
     up.add_argument(
@@ -123,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--node-cert-lifetime", type=positive_seconds,
                     help="reflector: seconds a node certificate it signs is valid (default 24 h; agents renew at "
                     "about 2/3 of it; a new lab only)")  # fmt: skip
+    up.add_argument("--relays", type=_relay_count, default=0, metavar="K",
+                    help="run K fabric-relay processes beside the reflector and hold each agent's session through "
+                    "one of them (node i on relay i mod K; certificates still from the reflector); a new lab only "
+                    "(default 0: agents connect to the reflector)")  # fmt: skip
     up.add_argument("--no-processes", action="store_true", help="build only the plumbing; start no reflector or agents")
 
     down = lsub.add_parser(
@@ -345,6 +350,16 @@ def _bench(argv: list[str]) -> int:
     return int(bench.main(argv))
 
 
+def _relay_count(text: str) -> int:
+    try:
+        k = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= k <= 16:
+        raise argparse.ArgumentTypeError(f"{k}: from 0 to 16 relays")
+    return k
+
+
 def _lab(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     cmd = args.lab_command
     if cmd == "up":
@@ -355,6 +370,7 @@ def _lab(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             grace_period_s=args.grace_period,
             resync_period_s=args.resync_period,
             node_cert_lifetime_s=args.node_cert_lifetime,
+            relays=args.relays,
             start_processes=not args.no_processes,
         )
         print(f"lab {args.name} is up: 'fabric-tool check --lab {args.name}' probes it, "

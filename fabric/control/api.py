@@ -11,6 +11,8 @@ import enum
 
 #: Default gRPC port of fabric-reflector.
 DEFAULT_REFLECTOR_PORT = 4880
+#: fabric-relay's port for agents (fabric.control.relay).
+DEFAULT_RELAY_PORT = 7947
 #: Default Prometheus/health port of fabric-agent and fabric-reflector.
 DEFAULT_AGENT_METRICS_PORT = 9476
 DEFAULT_REFLECTOR_METRICS_PORT = 9477

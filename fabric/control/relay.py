@@ -99,14 +99,14 @@ from prometheus_client.registry import Collector
 
 from fabric import health, logs
 from fabric.backoff import Backoff
-from fabric.control import authz, bounds, client, identity, relay_hub, tls
+from fabric.control import api, authz, bounds, client, identity, relay_hub, tls
 from fabric.control.generated import fabric_pb2 as pb
 from fabric.control.generated import fabric_pb2_grpc as pb_grpc
 from fabric.control.reflector_service import SERVER_OPTIONS, bind, parse_listen, peer_name
 
 _log = logging.getLogger(__name__)
 
-DEFAULT_LISTEN = "0.0.0.0:7947"
+DEFAULT_LISTEN = f"0.0.0.0:{api.DEFAULT_RELAY_PORT}"
 #: Until the reflector negotiates one: the agents' default interval (client.AgentSession).
 DEFAULT_KEEPALIVE_S = 2.0
 DEAD_AFTER_INTERVALS = 3

@@ -3,7 +3,8 @@
 What ``lab up`` builds (``NAME`` defaults to ``kf``; nothing is created in the root namespace)::
 
     NAME-ul                      the lab namespace: bridge br-ul with the underlay gateway (.1),
-      br-ul  198.18.0.1/16       fabric-reflector listens on .1:4880 here
+      br-ul  198.18.0.1/16       fabric-reflector listens on .1:4880 here (--relays K: fabric-relay i
+                                 on .1:7947+i, node n's session through relay n mod K)
       ul<hash> --- veth ---+
                            |
     NAME-<cluster>-<node>  eth0 198.18.0.11/16 (default via .1), ip_forward=1, fabric-agent
@@ -39,7 +40,8 @@ next, written atomically, so a crash leaves an accurate record for ``down``):
 2. plan names (namespaces, interface names) and refuse collisions or changes to what runs;
 3. create namespaces, the underlay bridge, then each node, then its pods (``ip -batch`` per
    namespace; sysctls written from a thread that entered the namespace);
-4. start the reflector, wait until its status socket answers, start one agent per node;
+4. start the reflector, wait until its status socket answers, start the relays (``--relays``),
+   start one agent per node;
 5. poll the reflector status until every node reports its planned version applied.
 
 ``up`` on a running lab adds only what is missing (new nodes, pods, stopped processes) and

@@ -28,7 +28,7 @@ from tools.lab.bpf import mount_bpffs, umount_bpffs
 from tools.lab.kube import start_kubernetes, umount_kubelet_roots, wait_kube_nodes
 from tools.lab.planning import merge_plan, plan
 from tools.lab.plumbing import build, delete_netns
-from tools.lab.procs import start_agent, start_reflector, wait_in_sync, wait_reflector
+from tools.lab.procs import start_agent, start_reflector, start_relay, wait_in_sync, wait_reflector
 from tools.lab.state import (
     BPF_ROOT,
     DEFAULT_NAME,
@@ -74,6 +74,7 @@ def up(
     grace_period_s: float | None = None,
     resync_period_s: float | None = None,
     node_cert_lifetime_s: float | None = None,
+    relays: int = 0,
     start_processes: bool = True,
     progress: Progress = stderr_progress,
 ) -> LabState:
@@ -103,6 +104,7 @@ def up(
             state = wanted
             state.grace_period_s, state.resync_period_s = grace_period_s, resync_period_s
             state.node_cert_lifetime_s = node_cert_lifetime_s
+            state.relay_procs = [None] * relays
             added = [n.key for n in state.nodes()]
             clusters_changed = True
             config_doc: Any = _read_yaml(topology_path)
@@ -118,6 +120,9 @@ def up(
             for attr, value in (("grace_period_s", grace_period_s), ("resync_period_s", resync_period_s)):
                 if value is not None and getattr(state, attr) != value:
                     progress(f"lab {name}: note: {attr} stays {getattr(state, attr)} for running processes")
+            if relays and relays != len(state.relay_procs):
+                progress(f"lab {name}: note: the lab keeps its {len(state.relay_procs)} relays "
+                         "(--relays is for a new lab)")
         state.state_dir.mkdir(parents=True, exist_ok=True)
         # The reflector reads its configuration (clusters, expected nodes) from this copy.
         tmp = state.topology_copy.with_suffix(".tmp")
@@ -140,6 +145,10 @@ def up(
             progress(f"lab {name}: starting fabric-reflector in {state.ul_netns} on {state.reflector_address}")
             start_reflector(state)
         wait_reflector(state, deadline, progress)
+        for i, rec in enumerate(state.relay_procs):
+            if rec is None or not rec.running():
+                progress(f"lab {name}: starting fabric-relay {i} in {state.ul_netns} on {state.relay_address(i)}")
+                start_relay(state, i)
         mount_bpffs(state)
         for c in state.clusters:  # join: each cluster's bootstrap credential (tools.lab.labpki)
             labpki.bootstrap_dir(state, c.name)
@@ -284,7 +293,8 @@ def _down_locked(name: str, state: LabState | None, progress: Progress) -> bool:
             nsutil.terminate([(sup.pid, sup.start)])
         kube = [r for c in state.clusters
                 for r in (c.kubelet, c.controller_manager, c.proxy, c.scheduler_proc, c.dns_proc, c.apiserver)]
-        for rec in [state.reflector, *(n.agent for n in state.nodes()), state.tree_proc, state.mcs_proc, *kube]:
+        for rec in [state.reflector, *state.relay_procs, *(n.agent for n in state.nodes()), state.tree_proc,
+                    state.mcs_proc, *kube]:
             if rec is not None and rec.running():
                 daemons[rec.pid] = rec.start
     changed = False

@@ -68,15 +68,27 @@ def _usable(d: Path, usage: pki.Usage, ca: pki.CA, who: identity.Identity | None
     return who is None or pki.certificate_identity(pki.load_cert(cert)) == who
 
 
-def reflector_dirs(state: LabState) -> tuple[Path, Path]:
-    """(server TLS dir, CA dir) of the lab's reflector; made as needed (install)."""
+def _server_dir(state: LabState, name: str) -> Path:
+    """``pki/<name>``: a server certificate for the lab's gateway address (where the reflector
+    and the relays listen), re-issued when unusable."""
     ca = ensure_ca(state)
-    d = pki_root(state) / "reflector"
+    d = pki_root(state) / name
     if not _usable(d, "server", ca):
         key = pki.new_key()
-        host = state.reflector_address.rpartition(":")[0]
-        pki.write_tls_dir(d, key, ca.sign_server(key.public_key(), ips=[host]), ca.cert)
-    return d, ca_dir(state)
+        pki.write_tls_dir(d, key, ca.sign_server(key.public_key(), ips=[state.gateway]), ca.cert)
+    return d
+
+
+def reflector_dirs(state: LabState) -> tuple[Path, Path]:
+    """(server TLS dir, CA dir) of the lab's reflector; made as needed (install)."""
+    return _server_dir(state, "reflector"), ca_dir(state)
+
+
+def relay_dirs(state: LabState, index: int) -> tuple[Path, Path]:
+    """(server TLS dir served to agents, client TLS dir of identity ``relay/relay-<index>`` shown
+    to the reflector) of the lab's relay ``index``; made as needed."""
+    who = identity.role(identity.RELAY, f"relay-{index}")
+    return _server_dir(state, "relay-server"), client_dir(state, f"relay-{index}", who, datetime.timedelta(days=365))
 
 
 def client_dir(state: LabState, name: str, who: identity.Identity, lifetime: datetime.timedelta) -> Path:

@@ -103,10 +103,35 @@ def start_reflector(state: LabState) -> ProcRecord:
     return rec
 
 
+RELAY_METRICS_PORT = 9480
+
+
+def start_relay(state: LabState, index: int) -> ProcRecord:
+    """Start the lab's relay ``index`` (``lab up --relays K``) in the underlay namespace, beside
+    the reflector: mutual TLS both ways (a server certificate for the agents, ``relay/relay-<i>``
+    towards the reflector), metrics and probes on port 9480 + i."""
+    server, client_tls = labpki.relay_dirs(state, index)
+    argv = [
+        str(_venv_bin("fabric-relay")),
+        "--upstream", state.reflector_address,
+        "--listen", state.relay_address(index),
+        "--tls-dir", str(server), "--upstream-tls-dir", str(client_tls),
+        "--metrics-listen", f"{state.gateway}:{RELAY_METRICS_PORT + index}",
+        "--log-level", "info",
+    ]  # fmt: skip
+    rec = start_process(state.ul_netns, argv, state.state_dir / "logs" / f"relay-{index}.log")
+    state.relay_procs[index] = rec
+    save_state(state)
+    return rec
+
+
 def start_agent(state: LabState, node: NodeRecord) -> ProcRecord:
     argv = [
         str(_venv_bin("fabric-agent")),
-        "--reflector", state.reflector_address,
+        "--reflector", state.session_target(node.key),
+        # Certificates (the first, with the bootstrap credential, and renewals) from the reflector
+        # itself: relays carry sessions only.
+        "--certificates-from", state.reflector_address,
         "--cluster", node.cluster,
         "--node", node.name,
         "--underlay-ip", node.underlay_ip,

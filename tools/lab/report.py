@@ -40,6 +40,13 @@ def status_doc(state: LabState, status: api.FabricStatus | None, error: str | No
         },
         "clusters": [],
     }
+    if state.relay_procs:
+        # ``lab up --relays K``: the relays beside the reflector; each node's "session_via" names its relay.
+        doc["relays"] = [
+            {"index": i, "address": state.relay_address(i), "pid": r.pid if r and r.running() else None,
+             "log": r.log if r else None, "restarts": state.restarts.get(f"relay/{i}", 0)}
+            for i, r in enumerate(state.relay_procs)
+        ]  # fmt: skip
     if error is not None:
         doc["note"] = f"reflector unreachable: {error}; in_sync is false for every node"
     if status is not None and status.rejections:
@@ -60,6 +67,8 @@ def status_doc(state: LabState, status: api.FabricStatus | None, error: str | No
                     "agent_log": n.agent.log if n.agent else None,
                     # Restarts of a crashed agent by the lab's supervisor (tools.lab.supervisor).
                     "agent_restarts": state.restarts.get(f"agent/{n.key}", 0),
+                    # Where the agent holds its session: the reflector, or its relay (--relays).
+                    "session_via": state.session_target(n.key),
                     "in_sync": bool(ns and ns.in_sync),
                     "connected": bool(ns and ns.connected),
                     "planned_version": ns.planned_version if ns else None,
@@ -148,6 +157,9 @@ def render_status(doc: dict[str, Any]) -> str:
     if r.get("reachable"):
         head += f", epoch {r['epoch']}, generation {r['generation']}" + (", holding" if r.get("holding") else "")
     lines = [head]
+    for r in doc.get("relays", []):
+        lines.append(f"relay {r['index']} {r['address']}: " + (f"pid {r['pid']}" if r["pid"] else "not running")
+                     + (f", {r['restarts']} restarts" if r["restarts"] else ""))
     if "note" in doc:
         lines.append(f"note: {doc['note']}")
     rows = [("CLUSTER", "MODE", "NODE", "GATEWAY", "UNDERLAY", "AGENT", "SESSION", "VERSION", "IN-SYNC", "PODS")]

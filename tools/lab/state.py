@@ -219,6 +219,9 @@ class LabState:
     #: Lifetime of the node certificates the lab's reflector signs (None: its default, 24 h);
     #: tests shorten it to see agents renew mid-session.
     node_cert_lifetime_s: float | None = None
+    #: ``lab up --relays K``: K fabric-relay processes beside the reflector; agent i's session goes
+    #: through relay i mod K (:func:`tools.lab.procs.start_relay`). One record per relay.
+    relay_procs: list[ProcRecord | None] = dataclasses.field(default_factory=list)
 
     @property
     def host_cluster(self) -> ClusterRecord | None:
@@ -245,6 +248,17 @@ class LabState:
     @property
     def reflector_address(self) -> str:
         return f"{self.gateway}:{api.DEFAULT_REFLECTOR_PORT}"
+
+    def relay_address(self, index: int) -> str:
+        """Where relay ``index`` listens for agents (the gateway, from port 7947 up)."""
+        return f"{self.gateway}:{api.DEFAULT_RELAY_PORT + index}"
+
+    def session_target(self, key: str) -> str:
+        """Where node ``key``'s agent holds its session: the reflector, or (``--relays K``) relay
+        i mod K, i the node's place in the lab, so the relays share the nodes evenly."""
+        if not self.relay_procs:
+            return self.reflector_address
+        return self.relay_address([n.key for n in self.nodes()].index(key) % len(self.relay_procs))
 
     def nodes(self) -> Iterator[NodeRecord]:
         for c in self.clusters:
@@ -287,11 +301,11 @@ class LabState:
                                               controller_manager=proc(c.get("controller_manager")),
                                               proxy=proc(c.get("proxy")), scheduler_proc=proc(c.get("scheduler_proc")),
                                               dns_proc=proc(c.get("dns_proc"))))
-            own = ("clusters", "reflector", "tree_proc", "supervisor", "mcs_proc")
+            own = ("clusters", "reflector", "tree_proc", "supervisor", "mcs_proc", "relay_procs")
             fields = {k: v for k, v in doc.items() if k not in own}
             return cls(**fields, clusters=clusters, reflector=proc(doc.get("reflector")),
                        tree_proc=proc(doc.get("tree_proc")), supervisor=proc(doc.get("supervisor")),
-                       mcs_proc=proc(doc.get("mcs_proc")))
+                       mcs_proc=proc(doc.get("mcs_proc")), relay_procs=[proc(r) for r in doc.get("relay_procs", [])])
         except (KeyError, TypeError, ValueError) as e:
             raise StateError(f"malformed lab state: {type(e).__name__}: {e}") from e
 

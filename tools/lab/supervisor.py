@@ -6,7 +6,7 @@ It runs in every lab, root namespace, started by ``lab up`` (which restarts it t
 died) and stopped first by ``lab down``. Every second it reads the state file; a supervised
 process (:func:`supervised`: every node's ``fabric-agent`` (``agent/<cluster>/<node>``: in
 production a DaemonSet's pod, issue 21 section 5), the ``fabric-reflector`` (``reflector``: a
-Deployment), the tree manager, each
+Deployment), the relays of ``lab up --relays K`` (``relay/<i>``), the tree manager, each
 cluster's scheduler other than ``none`` (in labs with a host only) and each cluster's DNS
 (:func:`tools.lab.kube.start_dns`),
 and ``kosmos-mcs`` (:func:`tools.lab.mcs.start_mcs`, while every API server runs),
@@ -49,7 +49,7 @@ from tools.lab import kube as labkube
 from tools.lab import mcs as labmcs
 from tools.lab import schedulers
 from tools.lab import tree as labtree
-from tools.lab.procs import ROOT_NETNS, start_agent, start_process, start_reflector, still_running
+from tools.lab.procs import ROOT_NETNS, start_agent, start_process, start_reflector, start_relay, still_running
 from tools.lab.state import (
     LAB_ROOT,
     LabState,
@@ -76,6 +76,14 @@ def supervised(state: LabState) -> dict[str, tuple[ProcRecord | None, Callable[[
     out: dict[str, tuple[ProcRecord | None, Callable[[LabState], object]]] = {}
     if state.reflector is not None:
         out["reflector"] = (state.reflector, start_reflector)
+    for i, rec in enumerate(state.relay_procs):
+        if rec is None:
+            continue
+
+        def start_one_relay(st: LabState, index: int = i) -> object:
+            return start_relay(st, index)
+
+        out[f"relay/{i}"] = (rec, start_one_relay)
     for node in state.nodes():
         if node.agent is None:
             continue
