@@ -60,13 +60,19 @@ def _run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *args: str) -> dict[st
 
 
 def _figures(doc: dict[str, Any], name: str) -> dict[str, dict[str, Any]]:
-    return {k: v for k, v in doc[name].items() if k != "notes"}
+    return {k: v for k, v in doc[name].items() if k not in ("notes", "samples")}
 
 
 def test_datapath_measures_every_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    figs = _figures(_run(tmp_path, monkeypatch, "datapath"), "datapath")
+    doc = _run(tmp_path, monkeypatch, "datapath")
+    figs = _figures(doc, "datapath")
     metrics = {"throughput_1_stream", "throughput_4_streams", "ping_p50", "ping_p99", "tcp_rr"}
     assert set(figs) == metrics | {f"routes_only_{m}" for m in metrics}
+    # Every round of every path, for recomputing the paired ratios from the file.
+    samples = doc["datapath"]["samples"]
+    assert set(samples) == metrics
+    assert all(set(by) == {"ours", "vxlan", "vxlan_rt", "veth"} and len({len(v) for v in by.values()}) == 1
+               for by in samples.values()), samples  # fmt: skip
     for metric, fig in figs.items():
         keys = ["median", "baseline_median", "ratio"]
         if not metric.startswith("routes_only_"):
