@@ -178,7 +178,7 @@ class Agent(control_client.SessionHandler):
         #: Gets (with --bootstrap-dir) and renews this node's certificate; None on plaintext.
         self.certificates = (
             bootstrap.CertificateKeeper(
-                cfg.reflector, tls.TLSDir(Path(cfg.tls_dir)), identity.node(cfg.cluster, cfg.node),
+                cfg.issuer or cfg.reflector, tls.TLSDir(Path(cfg.tls_dir)), identity.node(cfg.cluster, cfg.node),
                 tls.TLSDir(Path(cfg.bootstrap_dir)) if cfg.bootstrap_dir else None, metrics=self.metrics,
             )
             if cfg.tls_dir and not cfg.insecure

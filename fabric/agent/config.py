@@ -62,6 +62,9 @@ class AgentConfig:
     #: A TLS directory with this cluster's bootstrap certificate (``join``'s credential): with no
     #: usable certificate in ``tls_dir`` the agent gets its own with it (fabric.control.bootstrap).
     bootstrap_dir: str = ""
+    #: Where IssueCertificate goes (the bootstrap exchange and renewals); "" = ``reflector``. Set
+    #: when ``reflector`` is a fabric-relay, which carries SyncNode only (fabric.control.relay).
+    issuer: str = ""
     #: Plaintext to the reflector instead (explicit; ``main`` refuses to start with neither).
     insecure: bool = False
     #: ``net.ipv4.fib_multipath_hash_seed`` while the plan has active/active routes: ``auto``
@@ -189,6 +192,9 @@ PARAMS: tuple[_Param, ...] = (
     _Param("bootstrap_dir", "--bootstrap-dir", "a TLS directory holding this cluster's bootstrap certificate "
            "(bootstrap/<cluster>, from 'fabric-tool join'): when --tls-dir holds no usable certificate of this node, "
            "the agent makes a key and asks the reflector for one with it", _dir),
+    _Param("issuer", "--issuer", "gRPC target of fabric-reflector for IssueCertificate (this node's first "
+           "certificate and its renewals), HOST:PORT or unix:/path, when --reflector is a fabric-relay (relays "
+           "carry SyncNode only); default: --reflector", cli_types.grpc_target),
     _Param("multipath_hash_seed", "--multipath-hash-seed", "the kernel's multipath hash seed "
            "(net.ipv4.fib_multipath_hash_seed, Linux >= 6.11, IPv4 and IPv6) in this node's namespace while it "
            "routes over several active gateways: 'auto' derives it from the fabric CA so every node hashes alike "
