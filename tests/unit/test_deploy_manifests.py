@@ -594,6 +594,46 @@ def test_relay_deployment_service_pdb_and_security(relay: dict[tuple[str, str], 
         assert not svc["spec"]["selector"].items() <= relay[key]["spec"]["template"]["metadata"]["labels"].items()
 
 
+#: The commands deploy/README.md ("fabric-relay") gives for the relay's two Secrets.
+RELAY_CERT_COMMANDS = (
+    ["cert", "issue-server", "--ca-dir", "{ca}", "--out-dir", "{out}relay-tls", "--days", "365",
+     "--dns", "kosmos-fabric-relay", "--dns", "kosmos-fabric-relay.kosmos-system.svc"],
+    ["cert", "issue", "relay/kosmos-fabric-relay", "--ca-dir", "{ca}", "--out-dir", "{out}relay-upstream-tls",
+     "--days", "365"],
+)
+
+
+@needs_kubectl
+def test_relay_certificates_as_documented_fit_the_manifests(
+    relay: dict[tuple[str, str], dict[str, Any]], tmp_path: Path,
+) -> None:
+    """The documented fabric-tool commands make a server certificate valid for the name the agents
+    dial and a client certificate whose identity may call RelayNodes (and nothing an agent may)."""
+    from cryptography import x509
+
+    from fabric.control import authz, pki
+    from tools import cli
+
+    readme = re.sub(r"\s+", " ", re.sub(r"\\\n", " ", (DEPLOY / "README.md").read_text()))
+    for cmd in RELAY_CERT_COMMANDS:
+        shown = "fabric-tool " + " ".join(a.format(ca="./ca", out="./") for a in cmd)
+        assert shown in readme, f"deploy/README.md does not show: {shown}"
+    pki.make_ca("test CA").save(tmp_path / "ca")
+    for cmd in RELAY_CERT_COMMANDS:
+        assert cli.main([a.format(ca=tmp_path / "ca", out=f"{tmp_path}/") for a in cmd]) == 0
+    server = (tmp_path / "relay-tls" / pki.CERT_FILE).read_bytes()
+    client = (tmp_path / "relay-upstream-tls" / pki.CERT_FILE).read_bytes()
+    ca = (tmp_path / "ca" / pki.CA_FILE).read_bytes()
+    assert pki.explain(server, ca, "server") is None and pki.explain(client, ca, "client") is None
+    args = relay[("DaemonSet", "kosmos-fabric-agent")]["spec"]["template"]["spec"]["containers"][0]["args"]
+    (dialed,) = [a.split("=", 1)[1].rpartition(":")[0] for a in args if a.startswith("--reflector=")]
+    sans = pki.load_cert(server).extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert dialed in sans.get_values_for_type(x509.DNSName)
+    who = pki.certificate_identity(pki.load_cert(client))
+    assert authz.rpc_refusal(who, authz.RELAY_NODES) is None
+    assert authz.rpc_refusal(who, authz.SYNC_NODE) is not None
+
+
 def _free_port() -> int:
     import socket
 
