@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from fabric.agent import config
@@ -56,3 +58,39 @@ def test_missing_required_is_named() -> None:
 
 def test_cleanup_needs_no_identity() -> None:
     assert config.load(["--cleanup"], environ={}).cleanup
+
+
+def test_certificates_from_defaults_to_the_reflector_and_can_point_past_a_relay(tmp_path: Path) -> None:
+    """Behind a fabric-relay (SyncNode only), IssueCertificate must still reach the reflector: the
+    agent's certificate keeper dials --certificates-from, and --reflector when it is not given."""
+    from fabric.agent import agent as agent_mod
+    from fabric.netlink import fake
+
+    tls = ["--tls-dir", str(tmp_path)]
+    assert config.load(BASE, environ={}).certificates_from == ""
+    cfg = config.load([*BASE, *tls, "--certificates-from", "kosmos-fabric-reflector:4880"], environ={})
+    assert cfg.certificates_from == "kosmos-fabric-reflector:4880"
+    from_env = config.load([*BASE, *tls], environ={"FABRIC_CERTIFICATES_FROM": "10.0.0.5:4880"})
+    assert from_env.certificates_from == "10.0.0.5:4880" and from_env.certificate_target == "10.0.0.5:4880"
+    with pytest.raises(config.ConfigError, match="--certificates-from"):
+        config.load([*BASE, "--certificates-from", "not a target"], environ={})
+    plain = config.load([*BASE, *tls], environ={})
+    for c, expected in ((cfg, "kosmos-fabric-reflector:4880"), (plain, "10.0.0.1:4880")):
+        dp = fake.FakeDataplane()
+        dp.add_plain_link("eth0", ip="198.18.0.11")
+        agent = agent_mod.Agent(c, dp, handle_signals=False, prober_factory=lambda *_: _NoProber())
+        assert agent.certificates is not None and agent.certificates.target == expected
+        assert agent.session.target == "10.0.0.1:4880"  # SyncNode still goes to --reflector (the relay)
+
+
+class _NoProber:
+    """No raw sockets: the test only looks at where the agent's RPCs go."""
+
+    def set_targets(self, targets: dict[str, tuple[str, str]]) -> None:
+        pass
+
+    def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass

@@ -341,16 +341,6 @@ def test_agent_configuration_takes_a_bootstrap_dir_from_flag_or_environment() ->
     assert agent_config.load(base, {}).bootstrap_dir == ""
 
 
-def test_certificates_come_from_their_own_target_when_the_session_goes_through_a_relay() -> None:
-    base = ["--reflector", "relays:7947", "--cluster", "east", "--node", "e1", "--underlay-ip", "198.18.0.11",
-            "--pod-cidr", "10.10.1.0/24", "--tls-dir", "/d"]  # fmt: skip
-    assert agent_config.load(base, {}).certificate_target == "relays:7947"
-    assert agent_config.load([*base, "--certificates-from", "refl:4880"], {}).certificate_target == "refl:4880"
-    assert agent_config.load(base, {"FABRIC_CERTIFICATES_FROM": "refl:4880"}).certificate_target == "refl:4880"
-    with pytest.raises(agent_config.ConfigError, match="--certificates-from"):
-        agent_config.load([*base, "--certificates-from", "no port"], {})
-
-
 def test_agent_behind_a_relay_bootstraps_from_the_reflector_a_relay_says_where_to_ask(
     fabric_pki: PKI, node_agent: NodeAgent
 ) -> None:

@@ -13,6 +13,7 @@ anything else, so a template that only Helm would understand cannot slip in unte
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -54,6 +55,14 @@ def base() -> dict[tuple[str, str], dict[str, Any]]:
     if not Path(KUBECTL).exists():
         pytest.skip("kubectl not installed (renders kustomize)")
     return by_id(kustomize(DEPLOY / "base"))
+
+
+@pytest.fixture(scope="module")
+def relay() -> dict[tuple[str, str], dict[str, Any]]:
+    """deploy/overlays/relay: the base plus the relay tier (components/relay)."""
+    if not Path(KUBECTL).exists():
+        pytest.skip("kubectl not installed (renders kustomize)")
+    return by_id(kustomize(DEPLOY / "overlays" / "relay"))
 
 
 @pytest.fixture(scope="module")
@@ -103,29 +112,36 @@ def helm_template(values: dict[str, Any], namespace: str = NS) -> list[dict[str,
     for f in sorted((CHART / "crds").glob("*.yaml")):
         objs += [d for d in yaml.safe_load_all(f.read_text()) if d]
     for f in sorted((CHART / "templates").glob("*.yaml")):
-        text = f.read_text()
-        out: list[str] = []
-        keep = [True]
-        pos = 0
-        for m in _ACTION.finditer(text):
-            lead, ltrim, expr, rtrim, trail = m.groups()
-            chunk = text[pos:m.start()] + ("" if ltrim else lead)
-            if all(keep):
-                out.append(chunk)
-            pos = m.end() - (0 if rtrim else len(trail))
-            if expr.startswith("if "):
-                cond = _lookup(values, expr[3:].removeprefix(".Values."))
-                keep.append(bool(cond))
-            elif expr == "end":
-                assert len(keep) > 1, f"{f}: unbalanced end"
-                keep.pop()
-            elif all(keep):
-                out.append(_eval(expr, values, namespace))
-        assert len(keep) == 1, f"{f}: unterminated if"
-        if all(keep):
-            out.append(text[pos:])
-        objs += [d for d in yaml.safe_load_all("".join(out)) if d]
+        objs += _render_text(f.read_text(), values, namespace, str(f))
     return objs
+
+
+def _render_text(text: str, values: dict[str, Any], namespace: str = NS, f: str = "template") -> list[dict[str, Any]]:
+    """One template file's objects."""
+    out: list[str] = []
+    keep = [True]
+    pos = 0
+    for m in _ACTION.finditer(text):
+        lead, ltrim, expr, rtrim, trail = m.groups()
+        chunk = text[pos:m.start()] + ("" if ltrim else lead)
+        if all(keep):
+            out.append(chunk)
+        pos = m.end() - (0 if rtrim else len(trail))
+        if expr.startswith("if "):
+            cond = _lookup(values, expr[3:].removeprefix(".Values."))
+            keep.append(bool(cond))
+        elif expr == "else":
+            assert len(keep) > 1, f"{f}: else outside an if"
+            keep[-1] = not keep[-1]
+        elif expr == "end":
+            assert len(keep) > 1, f"{f}: unbalanced end"
+            keep.pop()
+        elif all(keep):
+            out.append(_eval(expr, values, namespace))
+    assert len(keep) == 1, f"{f}: unterminated if"
+    if all(keep):
+        out.append(text[pos:])
+    return [d for d in yaml.safe_load_all("".join(out)) if d]
 
 
 def chart_values(**overrides: Any) -> dict[str, Any]:
@@ -196,6 +212,17 @@ def test_every_rendered_object_validates_against_the_kubernetes_schema(
         kv.validate(obj, K8S_VERSION, strict=True)  # raises ValidationError naming the field
         checked += 1
     assert checked == len(monitoring) - 5  # five ServiceMonitors
+
+
+@needs_kubectl
+def test_relay_objects_validate_against_the_kubernetes_schema(
+    base: dict[tuple[str, str], dict[str, Any]], relay: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    kv = pytest.importorskip("kubernetes_validate", reason="PyPI kubernetes-validate not installed")
+    changed = [k for k, v in relay.items() if k not in base or base[k] != v]
+    assert len(changed) == len(RELAY_OBJECTS) + 1  # and the agent DaemonSet
+    for key in changed:
+        kv.validate(relay[key], K8S_VERSION, strict=True)
 
 
 @needs_kubectl
@@ -432,6 +459,233 @@ def test_monitoring_overlay_adds_only_servicemonitors_and_the_agent_metrics_serv
 
 
 # ---------------------------------------------------------------------------------------------
+# The relay tier (components/relay, overlays/relay; chart: relay.enabled)
+# ---------------------------------------------------------------------------------------------
+
+RELAY_OBJECTS = {("ServiceAccount", "kosmos-fabric-relay"), ("Service", "kosmos-fabric-relay"),
+                 ("Deployment", "kosmos-fabric-relay"), ("PodDisruptionBudget", "kosmos-fabric-relay")}
+
+
+def _container_env(objs: dict[tuple[str, str], dict[str, Any]], container: dict[str, Any]) -> dict[str, str]:
+    """The values the kubelet would give ``container``'s env entries (ConfigMap keys resolved in
+    ``objs``; a fieldRef gets a stand-in value; an optional key that is absent is left out)."""
+    out = {}
+    for e in container.get("env", []):
+        if "value" in e:
+            out[e["name"]] = e["value"]
+            continue
+        src = e["valueFrom"]
+        if "fieldRef" in src:
+            out[e["name"]] = "field-" + re.sub(r"[^a-z0-9]+", "-", src["fieldRef"]["fieldPath"].lower())
+            continue
+        ref = src["configMapKeyRef"]
+        data = objs[("ConfigMap", ref["name"])]["data"]
+        if ref["key"] not in data:
+            assert ref.get("optional"), f"{e['name']}: ConfigMap {ref['name']} has no key {ref['key']}"
+            continue
+        out[e["name"]] = data[ref["key"]]
+    return out
+
+
+def _expand(args: list[str], env: dict[str, str]) -> list[str]:
+    """``$(VAR)`` in container args, as the kubelet expands them (an unknown name is an error here)."""
+    def sub(m: re.Match[str]) -> str:
+        assert m[1] in env, f"argument refers to $({m[1]}), which the container's env does not set"
+        return env[m[1]]
+
+    return [re.sub(r"\$\((\w+)\)", sub, a) for a in args]
+
+
+def _service_address(objs: dict[tuple[str, str], dict[str, Any]], name: str, port_name: str) -> tuple[str, int]:
+    svc = objs[("Service", name)]
+    (port,) = [p["port"] for p in svc["spec"]["ports"] if p["name"] == port_name]
+    return name, port
+
+
+@needs_kubectl
+def test_relay_overlay_adds_the_relay_tier_and_changes_only_the_agents_addresses(
+    base: dict[tuple[str, str], dict[str, Any]], relay: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    assert set(relay) - set(base) == RELAY_OBJECTS
+    assert set(base) <= set(relay)
+    changed = {k for k in base if relay[k] != base[k]}
+    assert changed == {("DaemonSet", "kosmos-fabric-agent")}
+    before = base[("DaemonSet", "kosmos-fabric-agent")]["spec"]["template"]["spec"]["containers"][0]
+    after = relay[("DaemonSet", "kosmos-fabric-agent")]["spec"]["template"]["spec"]["containers"][0]
+    assert {k: v for k, v in after.items() if k != "args"} == {k: v for k, v in before.items() if k != "args"}
+    # Parsed by the agent's own configuration loader, with the env the DaemonSet gives it.
+    from fabric.agent import config as agent_config
+
+    def agent_cfg(objs: dict[tuple[str, str], dict[str, Any]], c: dict[str, Any]) -> agent_config.AgentConfig:
+        env = _container_env(objs, c)
+        return agent_config.load(_expand(c["args"], env), environ={k: v for k, v in env.items()
+                                                                    if k.startswith("FABRIC_")})
+
+    reflector_cm = base[("ConfigMap", "kosmos-fabric-agent")]["data"]["reflector"]
+    direct, via_relay = agent_cfg(base, before), agent_cfg(relay, after)
+    assert (direct.reflector, direct.certificates_from) == (reflector_cm, "")
+    host, port = _service_address(relay, "kosmos-fabric-relay", "grpc")
+    assert via_relay.reflector == f"{host}:{port}"  # SyncNode through the relays' Service
+    assert via_relay.certificates_from == reflector_cm  # certificates still from the reflector (not proxied)
+    assert dataclasses.replace(via_relay, reflector=direct.reflector, certificates_from="") == direct  # nothing else
+    # The ConfigMap's reflector is the reflector's Service (the single-cluster base).
+    rhost, rport = _service_address(base, "kosmos-fabric-reflector", "grpc")
+    assert reflector_cm == f"{rhost}.{NS}.svc:{rport}"
+
+
+@needs_kubectl
+def test_relay_deployment_service_pdb_and_security(relay: dict[tuple[str, str], dict[str, Any]]) -> None:
+    from fabric.control import relay as relay_mod
+
+    dep = relay[("Deployment", "kosmos-fabric-relay")]
+    tmpl = dep["spec"]["template"]
+    pod = tmpl["spec"]
+    (c,) = pod["containers"]
+    assert dep["spec"]["replicas"] == 2
+    assert c["command"] == ["fabric-relay"]
+    # The real parser accepts the arguments as the kubelet expands them.
+    env = _container_env(relay, c)
+    args = relay_mod.parse_args(_expand(c["args"], env))
+    assert args.upstream == relay[("ConfigMap", "kosmos-fabric-agent")]["data"]["reflector"]
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert set(ports) == {"grpc", "metrics"}
+    assert args.listen == [f"0.0.0.0:{ports['grpc']}"]  # every address of the pod, the container's port
+    assert args.metrics_listen == f"0.0.0.0:{ports['metrics']}"
+    assert tmpl["metadata"]["annotations"] == {"prometheus.io/scrape": "true",
+                                               "prometheus.io/port": str(ports["metrics"]),
+                                               "prometheus.io/path": "/metrics"}
+    # TLS: the server certificate and the relay/<name> client certificate, from two Secrets.
+    assert not args.insecure and args.tls_dir and args.upstream_tls_dir
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    secret_of = {path: volumes[m["name"]]["secret"]["secretName"] for path, m in mounts.items()}
+    assert secret_of == {args.tls_dir: "kosmos-fabric-relay-tls",
+                         args.upstream_tls_dir: "kosmos-fabric-relay-upstream-tls"}
+    assert all(m.get("readOnly") for m in mounts.values())
+    # Probes on the metrics port: alive = the process serves, ready = its upstream is open.
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert "startupProbe" not in c
+    assert c["resources"]["requests"]["cpu"] and c["resources"]["requests"]["memory"]
+    assert c["resources"]["limits"]["memory"]
+    # Nothing privileged: no host network, no token, non-root, read-only root, no capabilities.
+    assert not pod.get("hostNetwork") and not pod.get("hostPID")
+    assert pod["automountServiceAccountToken"] is False
+    assert relay[("ServiceAccount", "kosmos-fabric-relay")]["automountServiceAccountToken"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+    assert c["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                    "capabilities": {"drop": ["ALL"]}}
+    assert not [k for k in relay if k[0].endswith(("Role", "RoleBinding")) and k[1] == "kosmos-fabric-relay"]
+    # Replicas spread over nodes; a new one is up before an old one goes.
+    (term,) = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert term["podAffinityTerm"]["labelSelector"] == dep["spec"]["selector"]
+    assert dep["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    pdb = relay[("PodDisruptionBudget", "kosmos-fabric-relay")]
+    assert pdb["spec"]["selector"] == dep["spec"]["selector"]
+    assert pdb["spec"]["minAvailable"] == 1 and pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    # The Service reaches the pods on the container's ports, by name.
+    svc = relay[("Service", "kosmos-fabric-relay")]
+    assert svc["spec"]["selector"].items() <= tmpl["metadata"]["labels"].items()
+    assert dep["spec"]["selector"]["matchLabels"].items() <= tmpl["metadata"]["labels"].items()
+    assert {(p["name"], p["targetPort"]) for p in svc["spec"]["ports"]} == {("grpc", "grpc"), ("metrics", "metrics")}
+    assert not svc["spec"].get("publishNotReadyAddresses")  # agents only to relays with an upstream
+    for key in (("Deployment", "kosmos-fabric-reflector"), ("DaemonSet", "kosmos-fabric-agent")):
+        assert not svc["spec"]["selector"].items() <= relay[key]["spec"]["template"]["metadata"]["labels"].items()
+
+
+#: The commands deploy/README.md ("fabric-relay") gives for the relay's two Secrets.
+RELAY_CERT_COMMANDS = (
+    ["cert", "issue-server", "--ca-dir", "{ca}", "--out-dir", "{out}relay-tls", "--days", "365",
+     "--dns", "kosmos-fabric-relay", "--dns", "kosmos-fabric-relay.kosmos-system.svc"],
+    ["cert", "issue", "relay/kosmos-fabric-relay", "--ca-dir", "{ca}", "--out-dir", "{out}relay-upstream-tls",
+     "--days", "365"],
+)
+
+
+@needs_kubectl
+def test_relay_certificates_as_documented_fit_the_manifests(
+    relay: dict[tuple[str, str], dict[str, Any]], tmp_path: Path,
+) -> None:
+    """The documented fabric-tool commands make a server certificate valid for the name the agents
+    dial and a client certificate whose identity may call RelayNodes (and nothing an agent may)."""
+    from cryptography import x509
+
+    from fabric.control import authz, pki
+    from tools import cli
+
+    readme = re.sub(r"\s+", " ", re.sub(r"\\\n", " ", (DEPLOY / "README.md").read_text()))
+    for cmd in RELAY_CERT_COMMANDS:
+        shown = "fabric-tool " + " ".join(a.format(ca="./ca", out="./") for a in cmd)
+        assert shown in readme, f"deploy/README.md does not show: {shown}"
+    pki.make_ca("test CA").save(tmp_path / "ca")
+    for cmd in RELAY_CERT_COMMANDS:
+        assert cli.main([a.format(ca=tmp_path / "ca", out=f"{tmp_path}/") for a in cmd]) == 0
+    server = (tmp_path / "relay-tls" / pki.CERT_FILE).read_bytes()
+    client = (tmp_path / "relay-upstream-tls" / pki.CERT_FILE).read_bytes()
+    ca = (tmp_path / "ca" / pki.CA_FILE).read_bytes()
+    assert pki.explain(server, ca, "server") is None and pki.explain(client, ca, "client") is None
+    args = relay[("DaemonSet", "kosmos-fabric-agent")]["spec"]["template"]["spec"]["containers"][0]["args"]
+    (dialed,) = [a.split("=", 1)[1].rpartition(":")[0] for a in args if a.startswith("--reflector=")]
+    sans = pki.load_cert(server).extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert dialed in sans.get_values_for_type(x509.DNSName)
+    who = pki.certificate_identity(pki.load_cert(client))
+    assert authz.rpc_refusal(who, authz.RELAY_NODES) is None
+    assert authz.rpc_refusal(who, authz.SYNC_NODE) is not None
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@needs_kubectl
+def test_relay_probe_paths_are_served_by_fabric_relay(
+    relay: dict[tuple[str, str], dict[str, Any]], tmp_path: Path,
+) -> None:
+    """Run fabric-relay (plaintext, on 127.0.0.1 and a unix socket, its upstream absent) and ask
+    it the manifest's probe paths: liveness answers 200, readiness 503 (no upstream), and an
+    unknown path 404, so the probes name real endpoints with the meaning the manifest relies on."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    (c,) = relay[("Deployment", "kosmos-fabric-relay")]["spec"]["template"]["spec"]["containers"]
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fabric.control.relay", "--insecure", "--upstream", f"unix:{tmp_path}/absent.sock",
+         "--listen", f"unix:{tmp_path}/relay.sock", "--metrics-listen", f"127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def status(path: str) -> int:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+                return int(r.status)
+        except urllib.error.HTTPError as e:
+            return int(e.code)
+
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                status("/healthz")
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+                assert time.monotonic() < deadline, "fabric-relay never served its metrics port"
+                time.sleep(0.1)
+        assert status(c["livenessProbe"]["httpGet"]["path"]) == 200
+        assert status(c["readinessProbe"]["httpGet"]["path"]) == 503
+        assert status("/no-such-path") == 404
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+# ---------------------------------------------------------------------------------------------
 # The Helm chart
 # ---------------------------------------------------------------------------------------------
 
@@ -452,6 +706,55 @@ def test_chart_with_default_values_renders_the_kustomize_base(
     assert plain == expected
     with_sm = by_id(helm_template(chart_values(serviceMonitor__enabled=True)))
     assert with_sm == {k: v for k, v in monitoring.items() if k[0] != "Namespace"}
+
+
+@needs_kubectl
+def test_chart_relay_switch_renders_the_relay_overlay_and_moves_the_agents(
+    base: dict[tuple[str, str], dict[str, Any]], relay: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    """relay.enabled=true renders exactly overlays/relay (the relay tier, and the agents' SyncNode
+    address on the relays' Service); the default renders no relay and leaves the agents alone."""
+    values = chart_values()
+    assert values["relay"]["enabled"] is False  # existing installs do not change
+    plain = by_id(helm_template(values))
+    assert not RELAY_OBJECTS & set(plain)
+    ds_args = plain[("DaemonSet", "kosmos-fabric-agent")]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--reflector=$(REFLECTOR_ADDRESS)" in ds_args
+    assert not any(a.startswith("--certificates-from") for a in ds_args)
+    with_relay = by_id(helm_template(chart_values(relay__enabled=True)))
+    assert with_relay == {k: v for k, v in relay.items() if k[0] != "Namespace"}
+    # Member-only and host-only installs: the switch follows the agents.
+    member = by_id(helm_template(chart_values(relay__enabled=True, reflector__enabled=False, mcs__enabled=False,
+                                              tree__enabled=False, scheduler__enabled=False)))
+    assert set(member) >= RELAY_OBJECTS
+    args = member[("DaemonSet", "kosmos-fabric-agent")]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--reflector=kosmos-fabric-relay:7947" in args and "--certificates-from=$(REFLECTOR_ADDRESS)" in args
+    host = by_id(helm_template(chart_values(relay__enabled=False, agent__enabled=False)))
+    assert not any(k[1] in ("kosmos-fabric-agent", "kosmos-fabric-relay") for k in host)
+
+
+@needs_kubectl
+def test_chart_relay_values_reach_the_objects() -> None:
+    objs = by_id(helm_template(chart_values(
+        relay__enabled=True, relay__replicas=4, relay__podDisruptionBudget={"minAvailable": 2},
+        relay__resources={"requests": {"cpu": "2"}}, relay__nodeSelector={"zone": "a"},
+        relay__service={"type": "LoadBalancer"}, image__tag="9.9.9"), namespace="fabric"))
+    dep = objs[("Deployment", "kosmos-fabric-relay")]
+    assert dep["metadata"]["namespace"] == "fabric" and dep["spec"]["replicas"] == 4
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    assert c["image"] == "ghcr.io/kosmos-fabric/kosmos-fabric:9.9.9" and c["resources"] == {"requests": {"cpu": "2"}}
+    assert dep["spec"]["template"]["spec"]["nodeSelector"] == {"zone": "a"}
+    assert objs[("PodDisruptionBudget", "kosmos-fabric-relay")]["spec"]["minAvailable"] == 2
+    assert objs[("Service", "kosmos-fabric-relay")]["spec"]["type"] == "LoadBalancer"
+
+
+def test_test_renderer_else_branches() -> None:
+    """The renderer's ``else`` (which the relay switch relies on) takes exactly one branch, also
+    nested in another ``if``."""
+    text = ("{{- if .Values.a }}\n{{- if .Values.b }}\nk: yes-b\n{{- else }}\nk: no-b\n{{- end }}\n"
+            "{{- else }}\nk: no-a\n{{- end }}\n")
+    for a, b, want in ((True, True, "yes-b"), (True, False, "no-b"), (False, True, "no-a")):
+        assert _render_text(text, {"a": a, "b": b}) == [{"k": want}], (a, b)
 
 
 @needs_kubectl
@@ -576,6 +879,11 @@ def test_chart_rendering_loads_into_kubeemu(emu: ServerThread) -> None:
     apply_and_read_back(emu, [ns, *objs])
 
 
+@needs_kubectl
+def test_relay_overlay_loads_into_kubeemu(emu: ServerThread, relay: dict[tuple[str, str], dict[str, Any]]) -> None:
+    apply_and_read_back(emu, list(relay.values()))
+
+
 GOOD_CLUSTER = """
 apiVersion: kosmos.io/v1alpha1
 kind: Cluster
@@ -692,18 +1000,54 @@ def test_every_flag_the_manifests_pass_exists() -> None:
         return {s for a in parser._actions for s in a.option_strings}
 
     known = {"fabric-agent": flags(agent_config.build_parser()),
-             "fabric-reflector": flags(reflector_cli.build_parser()),
+             "fabric-reflector": flags(reflector_cli.build_parser()), "fabric-relay": _relay_flags(),
              "kosmos-mcs": flags(mcs_main.parser()), "kosmos-tree": flags(tree_main.parser()),
              "kosmos-scheduler": flags(scheduler_main.parser())}
     seen = 0
-    for f in (REPO / "deploy" / "base").rglob("*.yaml"):
+    progs = set()
+    files = [*(REPO / "deploy" / "base").rglob("*.yaml"), *(REPO / "deploy" / "components").rglob("*.yaml")]
+    for f in files:
         for doc in yaml.safe_load_all(f.read_text()):
             if not isinstance(doc, dict) or doc.get("kind") not in ("DaemonSet", "Deployment"):
                 continue
             for c in doc["spec"]["template"]["spec"]["containers"]:
                 prog = c["command"][0]
+                progs.add(prog)
                 for arg in c.get("args", []):
                     flag = arg.split("=", 1)[0]
                     assert flag in known[prog], f"{f.name}: {prog} has no flag {flag}"
                     seen += 1
+                for e in c.get("env", []):  # FABRIC_<FLAG>: the agent's environment form of a flag
+                    if prog == "fabric-agent" and e["name"].startswith("FABRIC_"):
+                        flag = "--" + e["name"].removeprefix("FABRIC_").lower().replace("_", "-")
+                        assert flag in known[prog], f"{f.name}: {e['name']} sets no flag of {prog}"
+    assert progs == set(known)
     assert seen >= 30
+    # Flags a component patches in (the relay component's --certificates-from for the agents).
+    for f in (REPO / "deploy" / "components").rglob("kustomization.yaml"):
+        for patch in yaml.safe_load(f.read_text()).get("patches", []):
+            target = patch["target"]["name"]
+            prog = {"kosmos-fabric-agent": "fabric-agent", "kosmos-mcs": "kosmos-mcs"}[target]
+            for op in yaml.safe_load(patch["patch"]):
+                if op["op"] in ("add", "replace") and "/args" in op["path"]:
+                    assert op["value"].split("=", 1)[0] in known[prog], f"{f}: {prog} has no {op['value']}"
+                    seen += 1
+
+
+def _relay_flags() -> set[str]:
+    """fabric-relay's flags: its parser is built inside ``parse_args``, so catch it there."""
+    import argparse
+    from unittest import mock
+
+    from fabric.control import relay as relay_mod
+
+    parsers: list[argparse.ArgumentParser] = []
+
+    def grab(self: argparse.ArgumentParser, *_a: Any, **_k: Any) -> Any:
+        parsers.append(self)
+        raise SystemExit(0)
+
+    with mock.patch.object(argparse.ArgumentParser, "parse_args", grab), pytest.raises(SystemExit):
+        relay_mod.parse_args([])
+    (parser,) = parsers
+    return {s for a in parser._actions for s in a.option_strings}
