@@ -28,6 +28,7 @@ CERT_EPILOG = """examples:
   fabric-tool cert issue tree/root-a --ca-dir ./ca --out-dir ./tree-tls --days 30
   fabric-tool cert issue reader/ops --ca-dir ./ca --out-dir ./status-tls        fabric-tool status
   fabric-tool cert issue mcs/clusterset --ca-dir ./ca --out-dir ./mcs-tls --days 30   kosmos-mcs
+  fabric-tool cert issue relay/zone-a --ca-dir ./ca --out-dir ./relay-up-tls --days 30  fabric-relay
   fabric-tool cert issue-server --ca-dir ./ca --out-dir ./reflector-tls --ip 10.0.0.5 \\
       --dns kosmos-fabric-reflector.kosmos-system.svc
   fabric-tool cert check --tls-dir ./e1-tls                                     why it would be refused
@@ -71,12 +72,12 @@ def add_parsers(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
                             epilog=CERT_EPILOG, formatter_class=formatter)  # fmt: skip
     issue.add_argument("identity", type=_identity, metavar="IDENTITY",
                        help="node/<cluster>/<node>, bootstrap/<cluster>, tree/<name>, scheduler/<name>, mcs/<name>, "
-                       "reader/<name> or admin/<name>")  # fmt: skip
+                       "relay/<name> (a fabric-relay, towards the reflector), reader/<name> or admin/<name>")
     issue.add_argument("--ca-dir", required=True, type=Path, help="the CA's directory (ca init)")
     issue.add_argument("--out-dir", required=True, type=Path, help="write tls.crt, tls.key, ca.crt here")
     issue.add_argument("--days", type=_days, default=1.0, help="lifetime in days (default 1: 24 hours)")
-    srv = xsub.add_parser("issue-server", help="a reflector server certificate, serverAuth", epilog=CERT_EPILOG,
-                          formatter_class=formatter)  # fmt: skip
+    srv = xsub.add_parser("issue-server", help="a reflector (or fabric-relay) server certificate, serverAuth",
+                          epilog=CERT_EPILOG, formatter_class=formatter)
     srv.add_argument("--ca-dir", required=True, type=Path, help="the CA's directory (ca init)")
     srv.add_argument("--out-dir", required=True, type=Path, help="write tls.crt, tls.key, ca.crt here")
     srv.add_argument("--dns", action="append", default=[], metavar="NAME",
