@@ -83,6 +83,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import signal
@@ -553,8 +554,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 async def _serve(args: argparse.Namespace) -> int:
     tls_dir = tls.from_args(args)
     upstream_tls = None if tls_dir is None else tls.choose(args.upstream_tls_dir, False)
-    import dataclasses
-
     relay = Relay(args.upstream, upstream_tls=upstream_tls,
                   limits=dataclasses.replace(bounds.Limits(), send_queue_bytes=args.send_queue_bytes))  # fmt: skip
     creds = None if tls_dir is None else tls.server_credentials(tls_dir)
