@@ -19,7 +19,8 @@ generation's threshold set out of reach); young collections run as before. The o
 fan-out in flight, no snapshot waiting). A full collection runs when one is *due* and the owner
 is quiet, or when it has been due for ``max_defer_s`` whatever the owner does (a storm that never
 ends still collects). Due: the interpreter's allocated memory blocks (``sys.getallocatedblocks``,
-O(1)) grew by ``growth`` (a quarter, CPython's own ratio) since the last full collection. Garbage
+O(1)) grew by ``growth`` (a quarter, CPython's own ratio) over the least seen since the last
+full collection (after it, or lower when memory was freed since, e.g. by nodes gone). Garbage
 cycles that outlive the young collections hold blocks until a full collection frees them, so
 this bounds what they can hold as CPython's rule does, without counting objects already freed.
 In a steady state (changes, deltas, Applied) nothing grows, so nothing is due.
@@ -65,7 +66,9 @@ class QuietCollector:
         self.growth = growth
         self.max_defer_s = max(0.0, max_defer_s)
         self._blocks, self._collect, self._clock = blocks, collect, clock
-        #: Allocated blocks after the last full collection (or at the start).
+        #: Allocated blocks after the last full collection (or at the start), or fewer when
+        #: memory was freed since: growth is measured from the least seen, so what was freed
+        #: (nodes gone) does not make room for garbage.
         self.base = blocks()
         #: Since when the next full collection is due (None: not due).
         self.due_since: float | None = None
@@ -101,7 +104,9 @@ class QuietCollector:
 
     def due(self) -> bool:
         """Is a full collection due (the allocated blocks grew by ``growth`` since the last)?"""
-        return self._blocks() > self.base * (1 + self.growth)
+        blocks = self._blocks()
+        self.base = min(self.base, blocks)
+        return blocks > self.base * (1 + self.growth)
 
     def poll(self, quiet: bool) -> bool:
         """Run a due full collection now if the owner is ``quiet`` or it has waited

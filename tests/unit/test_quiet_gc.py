@@ -78,6 +78,10 @@ def test_a_full_collection_runs_only_when_due_and_quiet_or_after_waiting_too_lon
     now[0] = 20.0
     assert c.poll(quiet=False) and c.forced == 1, "a storm without a quiet moment must still collect"
     assert c.collections == 2 and c.due_since is None
+    blocks.n = 1000  # memory freed (nodes gone): growth counts from here, not from 2000
+    assert not c.poll(quiet=True) and c.base == 1000
+    blocks.n = 1300
+    assert c.poll(quiet=True) and c.collections == 3
 
 
 def test_installed_the_interpreter_starts_no_full_collection_and_uninstall_restores_it(
