@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from fabric import health, logs
 from fabric import topology as topology_file
-from fabric.control import bootstrap, bounds, pki, reflector_metrics, tls
+from fabric.control import bootstrap, bounds, pki, quiet_gc, reflector_metrics, tls
 from fabric.control.record_store import DEFAULT_RECORDS_GRACE_PERIOD_S, DEFAULT_RECORDS_STARTUP_HOLD_S
 from fabric.control.reflector import (
     DEAD_AFTER_INTERVALS,
@@ -157,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node-cert-lifetime", type=float, default=pki.DEFAULT_CLIENT_LIFETIME.total_seconds(),
                    metavar="S", help="seconds a node certificate it signs is valid; agents renew at about 2/3 of it "
                    "(default %(default)g)")  # fmt: skip
+    p.add_argument("--gc", choices=("quiet", "interpreter"), default="quiet",
+                   help="when the cyclic garbage collector's full collections run: 'quiet' (when no change is being "
+                   "flushed or fanned out, or once one has waited 10 s; fabric/control/quiet_gc.py) or "
+                   "'interpreter' (Python's own schedule) (default %(default)s)")  # fmt: skip
     p.add_argument("--log-level", default="info", type=log_level, help="debug, info, warning or error (default: info)")
     p.add_argument("--metrics-listen", metavar="ADDR:PORT", help="serve Prometheus metrics here (default: off)")
     return p
@@ -265,6 +269,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except topology_file.TopologyError as e:
             print(f"fabric-reflector: {e}", file=sys.stderr)
             return 2
+    # Full collections at the reflector's quiet moments (fabric/control/quiet_gc.py): installed
+    # for the time it serves, as they are this process's collector's settings.
+    gc_policy = quiet_gc.QuietCollector() if args.gc == "quiet" else None
     reflector = Reflector(
         config,
         grace_period=args.grace_period,
@@ -273,6 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         records_grace_period=args.records_grace_period,
         records_startup_hold=args.records_startup_hold,
         limits=args.limits,
+        gc_policy=gc_policy,
     )
     reflector.signer = signer
     if args.lease is not None:  # serve only once the Lease is ours (KubernetesSource decides)
@@ -309,11 +317,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 watch.cancel()
                 await asyncio.gather(watch, return_exceptions=True)
 
+    if gc_policy is not None:
+        gc_policy.install()
     try:
         asyncio.run(run())
     except ListenError as e:
         print(f"fabric-reflector: {e}", file=sys.stderr)
         return 1
+    finally:
+        if gc_policy is not None:
+            gc_policy.uninstall()
     if reflector.crashed is not None:  # logged with its traceback when it happened
         print(f"fabric-reflector: stopped after a bug: {reflector.crashed!r}", file=sys.stderr)
         return 1

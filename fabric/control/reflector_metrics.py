@@ -117,6 +117,20 @@ class MetricsCollector(Collector):
         yield CounterMetricFamily(
             "fabric_reflector_flushes", "Topology generations flushed (coalesced changes).", value=r.flushes
         )
+        if r.gc_policy is not None:  # fabric/control/quiet_gc.py: full collections at quiet moments
+            full = CounterMetricFamily(
+                "fabric_reflector_gc_full_collections",
+                "Full collections of the cyclic garbage collector the reflector ran, by why: 'quiet' (nothing in "
+                "flight) or 'waited' (due for too long without a quiet moment).",
+                labels=["when"],
+            )
+            full.add_metric(["quiet"], r.gc_policy.collections - r.gc_policy.forced)
+            full.add_metric(["waited"], r.gc_policy.forced)
+            yield full
+            yield CounterMetricFamily(
+                "fabric_reflector_gc_full_collection_seconds", "Time those full collections took.",
+                value=r.gc_policy.seconds,
+            )  # fmt: skip
         work = CounterMetricFamily(
             "fabric_reflector_plan_work", "Planner work: plan parts computed, nodes planned in full.", labels=["kind"]
         )
