@@ -191,8 +191,8 @@ class RouteOwner:
             elif have != nhid:
                 updates.append(NhRoute(table, dst, nhid))
         self._clashed = []
-        self._add(updates, route_stats, replace=True)
         self._add(adds, route_stats, replace=False, clash_later=True)
+        self._add(updates, route_stats, replace=True)
 
     def apply_clashed(self, route_stats: TableStats) -> None:
         """Try once more the adds the kernel refused with ``EEXIST`` earlier in this pass, now that
