@@ -74,9 +74,10 @@ BATCH_BYTES = 8 * 1024 * 1024
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 #: Bytes of one session's requests the hub holds that its ``sync_node`` has not read yet. A
 #: direct agent is held back by HTTP/2 flow control; a relay stream is read for all its sessions
-#: at once, so each session's backlog has its own bound. An agent sends its announcement and a
-#: few updates: a session past this bound is ended (RESOURCE_EXHAUSTED), not buffered.
-SESSION_QUEUE_BYTES = 1024 * 1024
+#: at once, so each session's backlog has its own bound: two of the largest messages an agent
+#: may send (a peer report is ~0.4 MB at 10,000 nodes), so a busy reflector never cuts a
+#: well-behaved agent. A session past it is ended (RESOURCE_EXHAUSTED), not buffered.
+SESSION_QUEUE_BYTES = 2 * bounds.Limits().max_receive_message_bytes
 #: A keepalive response is a few bytes; larger messages are never decoded by the hub.
 _KEEPALIVE_MAX_BYTES = 16
 
