@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from fabric.agent import config
+from tests.unit.test_agent_loop import NoProber
 
 BASE = ["--reflector", "10.0.0.1:4880", "--cluster", "east", "--node", "e1", "--underlay-ip", "198.18.0.11",
         "--pod-cidr", "10.10.1.0/24"]
@@ -78,19 +79,6 @@ def test_certificates_from_defaults_to_the_reflector_and_can_point_past_a_relay(
     for c, expected in ((cfg, "kosmos-fabric-reflector:4880"), (plain, "10.0.0.1:4880")):
         dp = fake.FakeDataplane()
         dp.add_plain_link("eth0", ip="198.18.0.11")
-        agent = agent_mod.Agent(c, dp, handle_signals=False, prober_factory=lambda *_: _NoProber())
+        agent = agent_mod.Agent(c, dp, handle_signals=False, prober_factory=NoProber)
         assert agent.certificates is not None and agent.certificates.target == expected
         assert agent.session.target == "10.0.0.1:4880"  # SyncNode still goes to --reflector (the relay)
-
-
-class _NoProber:
-    """No raw sockets: the test only looks at where the agent's RPCs go."""
-
-    def set_targets(self, targets: dict[str, tuple[str, str]]) -> None:
-        pass
-
-    def start(self) -> None:
-        pass
-
-    async def stop(self) -> None:
-        pass

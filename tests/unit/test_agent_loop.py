@@ -42,8 +42,9 @@ class _NoEvents:
         pass
 
 
-class _NoProber:
-    """No raw sockets in unit tests: probes are covered by test_gateway_failover.py."""
+class NoProber:
+    """No raw sockets in unit tests: probes are covered by test_gateway_failover.py (the agent's
+    ``prober_factory`` for every unit test that builds an Agent)."""
 
     def __init__(self, on_change: Callable[[frozenset[str]], None], cfg: config.AgentConfig) -> None:
         self.targets: dict[str, tuple[str, str]] = {}
@@ -65,7 +66,7 @@ def _agent(sock: str, key: str) -> tuple[agent_mod.Agent, fake.FakeDataplane]:
     dp.add_plain_link("eth0", ip=ip)
     cfg = config.load(["--reflector", f"unix:{sock}", "--cluster", cluster, "--node", node, "--underlay-ip", ip,
                        "--pod-cidr", cidr, "--keepalive-interval", "0.2", "--resync-period", "0.5"], environ={})
-    return agent_mod.Agent(cfg, dp, events_factory=_NoEvents, prober_factory=_NoProber, handle_signals=False), dp
+    return agent_mod.Agent(cfg, dp, events_factory=_NoEvents, prober_factory=NoProber, handle_signals=False), dp
 
 
 def _sample(name: str) -> float:

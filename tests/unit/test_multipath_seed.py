@@ -18,6 +18,7 @@ from fabric.agent import config
 from fabric.agent import multipath as mp
 from fabric.control import pki
 from fabric.netlink import fake
+from tests.unit.test_agent_loop import NoProber
 
 SEED = mp.SEED_SYSCTL
 
@@ -252,18 +253,7 @@ def _agent(*extra: str) -> tuple[agent_mod.Agent, fake.FakeDataplane]:
     dp = fake.FakeDataplane()
     dp.add_plain_link("eth0", ip="198.18.0.11")
     cfg = _load("--multipath-hash-seed", "31337", *extra)
-    return agent_mod.Agent(cfg, dp, handle_signals=False, prober_factory=lambda *_: _NoProber()), dp
-
-
-class _NoProber:
-    def set_targets(self, targets: dict[str, tuple[str, str]]) -> None:
-        pass
-
-    def start(self) -> None:
-        pass
-
-    async def stop(self) -> None:
-        pass
+    return agent_mod.Agent(cfg, dp, handle_signals=False, prober_factory=NoProber), dp
 
 
 DEVICE = types.VxlanDevice("vx-bridge", 54, 4876, mac="02:00:00:00:00:11", address="100.64.0.11/10",
