@@ -100,7 +100,7 @@ from prometheus_client.registry import Collector
 
 from fabric import health, logs
 from fabric.backoff import Backoff
-from fabric.control import api, authz, bounds, client, identity, relay_hub, tls
+from fabric.control import api, authz, bounds, client, identity, quiet_gc, relay_hub, tls
 from fabric.control.generated import fabric_pb2 as pb
 from fabric.control.generated import fabric_pb2_grpc as pb_grpc
 from fabric.control.reflector_service import SERVER_OPTIONS, bind, parse_listen, peer_name
@@ -111,6 +111,8 @@ DEFAULT_LISTEN = f"0.0.0.0:{api.DEFAULT_RELAY_PORT}"
 #: Until the reflector negotiates one: the agents' default interval (client.AgentSession).
 DEFAULT_KEEPALIVE_S = 2.0
 DEAD_AFTER_INTERVALS = 3
+#: How often the relay asks its collector whether a full collection is due (``--gc quiet``).
+GC_POLL_S = 0.5
 #: Largest RelayNodesRequest the relay writes (the reflector reads up to 4 MiB).
 MAX_REQUEST_BYTES = 1024 * 1024
 #: Bytes of agents' messages the relay holds for the reflector before it stops reading agents
@@ -159,6 +161,7 @@ class Relay:
         limits: bounds.Limits | None = None,
         backoff: tuple[float, float] = (0.2, 5.0),
         clock: Any = time.monotonic,
+        gc_policy: quiet_gc.QuietCollector | None = None,
     ) -> None:
         self.upstream = upstream
         self.upstream_tls = upstream_tls
@@ -189,6 +192,10 @@ class Relay:
         self.deliveries = 0
         self.upstream_losses = 0
         self.agents_ended: dict[str, int] = {}
+        #: Full collections at quiet moments (``--gc quiet``), as the reflector runs them: a relay
+        #: holds its agents' grpc.aio streams, the objects a full collection walks; None: Python's
+        #: own schedule (tests, in-process use).
+        self.gc_policy = gc_policy
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -211,6 +218,8 @@ class Relay:
         self._server = server
         self._tasks = [asyncio.create_task(self._upstream_loop(), name="relay upstream"),
                        asyncio.create_task(self._sweep(), name="relay keepalive sweep")]  # fmt: skip
+        if self.gc_policy is not None:
+            self._tasks.append(asyncio.create_task(self._gc_loop(), name="relay quiet collections"))
         _log.info("relay serving on %s, upstream %s", ", ".join(bound), self.upstream)
         return bound
 
@@ -224,6 +233,17 @@ class Relay:
         self._end_all(grpc.StatusCode.UNAVAILABLE, "relay stopping")
         if self._server is not None:
             await self._server.stop(grace)
+
+    def quiet(self) -> bool:
+        """Nothing in flight through the relay: no agent message waiting to go upstream and every
+        agent's queue handed to gRPC. A full collection now delays no delivery."""
+        return not self._up_items and all(a.queue.empty() for a in self.agents.values())
+
+    async def _gc_loop(self) -> None:
+        assert self.gc_policy is not None
+        while True:
+            await asyncio.sleep(GC_POLL_S)
+            self.gc_policy.poll(self.quiet())
 
     # -- upstream ----------------------------------------------------------------------------
 
@@ -466,6 +486,9 @@ class RelayMetrics(Collector):
         for code, n in sorted(r.agents_ended.items()):
             ended.add_metric([code], n)
         yield ended
+        if r.gc_policy is not None:
+            yield CounterMetricFamily("fabric_relay_gc_full_collections", "Full garbage collections run at quiet "
+                                      "moments (--gc quiet).", value=r.gc_policy.collections)  # fmt: skip
 
 
 #: What an agent that asks a relay for a certificate is told (its log shows it).
@@ -530,6 +553,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--metrics-listen", metavar="ADDR:PORT",
                    help="serve Prometheus metrics (fabric_relay_*), /healthz and /readyz (ready: upstream open) "
                    "here (default: off)")  # fmt: skip
+    p.add_argument("--gc", choices=("quiet", "interpreter"), default="quiet",
+                   help="when the cyclic garbage collector's full collections run: 'quiet' (when nothing is in "
+                   "flight through the relay, or once one has waited 10 s; fabric/control/quiet_gc.py) or "
+                   "'interpreter' (Python's own schedule) (default %(default)s)")  # fmt: skip
     p.add_argument("--log-level", default="info", help="debug, info, warning, error")
     args = p.parse_args(argv)
     if args.metrics_listen is not None:
@@ -554,9 +581,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 async def _serve(args: argparse.Namespace) -> int:
     tls_dir = tls.from_args(args)
     upstream_tls = None if tls_dir is None else tls.choose(args.upstream_tls_dir, False)
-    relay = Relay(args.upstream, upstream_tls=upstream_tls,
+    gc_policy = quiet_gc.QuietCollector() if args.gc == "quiet" else None
+    relay = Relay(args.upstream, upstream_tls=upstream_tls, gc_policy=gc_policy,
                   limits=dataclasses.replace(bounds.Limits(), send_queue_bytes=args.send_queue_bytes))  # fmt: skip
     creds = None if tls_dir is None else tls.server_credentials(tls_dir)
+    if gc_policy is not None:
+        gc_policy.install()
+    try:
+        return await _run(relay, args, creds)
+    finally:
+        if gc_policy is not None:
+            gc_policy.uninstall()
+
+
+async def _run(relay: Relay, args: argparse.Namespace, creds: grpc.ServerCredentials | None) -> int:
     await relay.start(args.listen, creds)
     if args.metrics_listen:
         registry = CollectorRegistry()

@@ -504,3 +504,35 @@ def test_relay_follows_leadership_a_standby_ends_its_stream() -> None:
                                    "e1 resynced once the replica leads again")  # fmt: skip
 
     run(body(), timeout=30)
+
+
+def test_relay_runs_a_due_full_collection_only_when_nothing_is_in_flight(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--gc quiet`` at the relay: a due full collection waits while an agent's queue or the
+    upstream batch holds something, and runs at the first poll that finds the relay quiet."""
+    from fabric.control import quiet_gc
+
+    monkeypatch.setattr(relay, "GC_POLL_S", 0.01)
+    blocks, runs = [1000], []
+    policy = quiet_gc.QuietCollector(0.25, 60.0, blocks=lambda: blocks[0], collect=lambda: runs.append(1))
+    r = relay.Relay("127.0.0.1:1", gc_policy=policy, backoff=(5.0, 5.0))
+
+    async def body() -> None:
+        await r.start(["127.0.0.1:0"])
+        try:
+            a = relay._Agent(1, "agent", 1 << 20, r.clock(), r.generation)
+            r.agents[1] = a
+            a.queue.put(b"delta", 5)
+            blocks[0] = 2000  # grown by far more than a quarter: due
+            await asyncio.sleep(0.1)
+            assert runs == [] and not r.quiet()  # a delivery waits in the agent's queue
+            a.queue.get_nowait()
+            r._send_up(pb.RelayItem(close=pb.RelayAgentClose(session=1)))
+            await asyncio.sleep(0.1)
+            assert runs == [] and not r.quiet()  # something waits to go upstream
+            r._clear_up()
+            await wait_until_async(lambda: runs == [1], 2, "the due collection at the first quiet poll")
+            assert r.quiet() and policy.collections == 1
+        finally:
+            await r.stop(0)
+
+    asyncio.run(body())
