@@ -22,6 +22,7 @@ from fabric import types
 from fabric.control.planner import (
     VIEWS,
     View,
+    _ClusterView,
     canonical,
     contribution,
     device,
@@ -267,47 +268,81 @@ def _node_part(
     return out
 
 
-def _cluster_part(view: View, cls: ViewerClass, name: str, counter: PartCounter) -> dict[str, types.Entry]:
-    """The whole-cluster routes of cluster ``name`` in the plan of a node of class ``cls``."""
+def _cluster_part(
+    view: View,
+    cls: ViewerClass,
+    name: str,
+    counter: PartCounter,
+    routes: dict[tuple[str, str, str, tuple[str, ...]], tuple[str, types.Entry]] | None = None,
+    canon: dict[types.Entry, types.Entry] | None = None,
+) -> dict[str, types.Entry]:
+    """The whole-cluster routes of cluster ``name`` in the plan of a node of class ``cls``.
+
+    ``routes``, when given, holds the (key, entry) of every route made so far by (destination,
+    next hop, device, next hops), each entry interned in ``canon``, and is filled with the new
+    ones: a part is then a few dict look-ups, and its entries the objects the caller already
+    holds (see ``IncrementalPlanner._held_cluster_part``)."""
     counter.parts += 1
     out: dict[str, types.Entry] = {}
     cv = view.clusters.get(name)
     if cv is None or name == cls.cluster:
         return out
-    glob = cv.config.global_cidrs
     for i, f in enumerate(cls.families):
         if f not in cv.families:
             continue
-        gw_reachable = any(a.underlay(f) is not None for a in cv.actives)
-        dsts: list[str] = []
         if cls.routes_via_local:
             via = cls.local_vias[i]
             vias = cls.local_groups[i]
             if not via:
                 continue
             device = types.local_device(f)
-            reachable = gw_reachable if cv.gateway_mode else f in view.reach.get(name, frozenset())
-            if reachable:
-                dsts += routed(cv.config.pod_cidrs, glob)
-            if gw_reachable:
-                dsts += routed(cv.config.service_cidrs, glob)
-                if cv.gateway_mode:
-                    dsts += local_hosts(view, cv, f)
         else:
             gw = cv.gateway_route(f, view.bridges[f])
             if gw is None:
                 continue
             via, vias = gw
             device = types.bridge_device(f)
+        for dst in _cluster_dsts(view, cv, name, f, cls.routes_via_local):
+            if routes is None:
+                k, r = _route(dst, via, device, vias)
+            else:
+                rk = (dst, via, device, vias)
+                made = routes.get(rk)
+                if made is None:
+                    k, r = _route(dst, via, device, vias)
+                    made = routes[rk] = (k, canon.setdefault(r, r) if canon is not None else r)
+                k, r = made
+            out[k] = r
+    return out
+
+
+def _cluster_dsts(view: View, cv: _ClusterView, name: str, f: int, via_local: bool) -> tuple[str, ...]:
+    """The canonical destinations of the whole-cluster routes of family ``f`` of cluster
+    ``name`` (``cv``) for a viewer that routes via its own gateway's vx-local (``via_local``) or
+    over vx-bridge, in the order :func:`_cluster_part` adds them: they depend on the viewer only
+    through ``via_local`` (the next hop is the caller's), so they are computed once per view."""
+    memo = (name, f, via_local)
+    got = view.cluster_dsts.get(memo)
+    if got is not None:
+        return got
+    glob = cv.config.global_cidrs
+    gw_reachable = any(a.underlay(f) is not None for a in cv.actives)
+    dsts: list[str] = []
+    if via_local:
+        reachable = gw_reachable if cv.gateway_mode else f in view.reach.get(name, frozenset())
+        if reachable:
+            dsts += routed(cv.config.pod_cidrs, glob)
+        if gw_reachable:
             dsts += routed(cv.config.service_cidrs, glob)
             if cv.gateway_mode:
-                dsts += routed(cv.config.pod_cidrs, glob)
                 dsts += local_hosts(view, cv, f)
-        for dst in dsts:
-            if types.family_of(dst) == f:
-                k, r = _route(canonical(dst), via, device, vias)
-                out[k] = r
-    return out
+    else:
+        dsts += routed(cv.config.service_cidrs, glob)
+        if cv.gateway_mode:
+            dsts += routed(cv.config.pod_cidrs, glob)
+            dsts += local_hosts(view, cv, f)
+    made = view.cluster_dsts[memo] = tuple(canonical(d) for d in dsts if types.family_of(d) == f)
+    return made
 
 
 @dataclasses.dataclass(slots=True)
@@ -352,7 +387,8 @@ def state_from_entries(entries: Mapping[str, types.Entry]) -> types.NodeState:
 
 def diff_entries(old: Mapping[str, types.Entry], new: Mapping[str, types.Entry]) -> types.StateDelta:
     """:func:`types.diff_states` on keyed entries."""
-    upserts = tuple(new[k] for k in sorted(new) if old.get(k) != new[k])
+    # Identity first: the planner's entries are interned, so an unchanged one is the same object.
+    upserts = tuple(e for k in sorted(new) if (o := old.get(k)) is not (e := new[k]) and o != e)
     removals = tuple(k for k in sorted(old) if k not in new)
     return types.StateDelta(upserts, removals)
 
@@ -410,6 +446,10 @@ class IncrementalPlanner:
         #: Cluster parts by what they depend on (see :meth:`_held_cluster_part`), of the current
         #: signatures (and, during an update, the old ones).
         self._cluster_parts: dict[tuple[object, ...], dict[str, types.Entry]] = {}
+        #: Every whole-cluster route made, by (destination, next hop, device, next hops), as
+        #: (entry key, interned entry): a cluster part of a new signature is mostly the routes of
+        #: the last one (issue 21). Cleared with the entry table's rebuild.
+        self._routes: dict[tuple[str, str, str, tuple[str, ...]], tuple[str, types.Entry]] = {}
 
     def entries(self, key: types.NodeKey) -> Mapping[str, types.Entry]:
         """The current plan of ``key`` as keyed entries (empty for an unknown node)."""
@@ -464,6 +504,7 @@ class IncrementalPlanner:
             previous = {k: self._materialized(k) for k in self._plans}  # while the unions are the old ones
             self._unions.clear()
             self._cluster_parts.clear()
+            self._routes.clear()
             self._plans.clear()
             every: dict[types.NodeKey, types.StateDelta] = {}
             for n in new.nodes:
@@ -509,7 +550,6 @@ class IncrementalPlanner:
             ):
                 before[key] = self._materialized(key)
         if changed_nodes or changed_clusters:  # the held unions to the new topology
-            canon = self._canon
             for ucls, union in self._unions.items():
                 changes = class_changes.get(ucls)
                 if changes is None:
@@ -518,8 +558,7 @@ class IncrementalPlanner:
                 old_u, new_u = changes
                 for k in old_u.keys() - new_u.keys():
                     del union[k]  # no other source has it: keys of sources never collide
-                for k, e in new_u.items():
-                    union[k] = canon.setdefault(e, e)
+                union.update(new_u)  # interned already (see _changes)
         live: set[ViewerClass] = set()
         for node, cls in zip(new.nodes, classes, strict=True):
             key = node.key
@@ -546,7 +585,8 @@ class IncrementalPlanner:
                     self._plans[key].own = frozenset(mine_new)  # its own part, as seen by its class
                     old_u = {k: e for k, e in old_u.items() if k not in mine_old}
                     new_u = {k: e for k, e in new_u.items() if k not in mine_new}
-                shared = deltas[(cls, excl)] = self._interned(diff_entries(old_u, new_u))
+                # Its upserts are new_u's entries, interned already (see _changes).
+                shared = deltas[(cls, excl)] = diff_entries(old_u, new_u)
             elif excl is not None:
                 self._plans[key].own = frozenset(per_node.get((cls, excl), _NO_PARTS)[1])
             if shared:  # the union already holds it: nothing to apply per viewer
@@ -570,16 +610,19 @@ class IncrementalPlanner:
         """The old and new union of the changed parts for class ``cls``: of the changed nodes
         ``seen`` by it (every class sees ``seen[0]``; the hot classes of a cluster also see
         that cluster's in ``seen[1]``, whose parts are empty for every other class) and of the
-        changed clusters. Fills ``per_node`` with the node parts it computed."""
+        changed clusters. Fills ``per_node`` with the node parts it computed. The entries of
+        the new union are interned (the held objects of equal value)."""
         started = time.perf_counter()
         old_u: dict[str, types.Entry] = {}
         new_u: dict[str, types.Entry] = {}
-        c = self.counter
+        c, canon = self.counter, self._canon
         keys = seen[0] + seen[1].get(cls.cluster, []) if cls.hot else seen[0]
         for key in keys:
             o, n = old_view.by_key.get(key), view.by_key.get(key)
             po = _node_part(old_view, cls, o, c) if o is not None else {}
             pn = _node_part(view, cls, n, c) if n is not None else {}
+            if pn:
+                pn = {k: canon.setdefault(e, e) for k, e in pn.items()}
             per_node[(cls, key)] = (po, pn)
             old_u.update(po)
             new_u.update(pn)
@@ -602,13 +645,8 @@ class IncrementalPlanner:
         key = (name, cls.families, cls.routes_via_local, cls.local_vias, cls.local_groups, sig)
         part = self._cluster_parts.get(key)
         if part is None:
-            part = self._cluster_parts[key] = _cluster_part(view, cls, name, self.counter)
+            part = self._cluster_parts[key] = _cluster_part(view, cls, name, self.counter, self._routes, self._canon)
         return part
-
-    def _interned(self, delta: types.StateDelta) -> types.StateDelta:
-        """``delta`` with its upserts replaced by the held objects of equal value."""
-        canon = self._canon
-        return types.StateDelta(tuple(canon.setdefault(e, e) for e in delta.upserts), delta.removals)
 
     def _maybe_rebuild_canon(self) -> None:
         """Drop the entries no plan holds any more once the table doubled (amortised O(1))."""
@@ -616,6 +654,7 @@ class IncrementalPlanner:
             return
         held = (*self._unions.values(), *(p.mine for p in self._plans.values()))
         self._canon = {e: e for entries in held for e in entries.values()}
+        self._routes.clear()  # its entries were interned in the table replaced
         self._canon_rebuild_at = max(CANON_MIN_REBUILD, 2 * len(self._canon))
 
     def _full(
