@@ -345,6 +345,23 @@ def _cluster_dsts(view: View, cv: _ClusterView, name: str, f: int, via_local: bo
     return made
 
 
+class _Sig:
+    """A cluster signature (:func:`cluster_signature`) with its hash computed once: held parts
+    are keyed by it, looked up per viewer class and changed cluster."""
+
+    __slots__ = ("_hash", "value")
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+        self._hash = hash(value)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return self is other or (isinstance(other, _Sig) and self._hash == other._hash and self.value == other.value)
+
+
 @dataclasses.dataclass(slots=True)
 class _Plan:
     """What one node's plan holds beyond its class's union of parts (IncrementalPlanner): the
@@ -450,6 +467,9 @@ class IncrementalPlanner:
         #: (entry key, interned entry): a cluster part of a new signature is mostly the routes of
         #: the last one (issue 21). Cleared with the entry table's rebuild.
         self._routes: dict[tuple[str, str, str, tuple[str, ...]], tuple[str, types.Entry]] = {}
+        #: The cluster signatures of the current topology (``_sigs_view``), see :meth:`update`.
+        self._sigs: dict[str, _Sig] = {}
+        self._sigs_view: View | None = None
 
     def entries(self, key: types.NodeKey) -> Mapping[str, types.Entry]:
         """The current plan of ``key`` as keyed entries (empty for an unknown node)."""
@@ -505,6 +525,7 @@ class IncrementalPlanner:
             self._unions.clear()
             self._cluster_parts.clear()
             self._routes.clear()
+            self._sigs, self._sigs_view = {}, None
             self._plans.clear()
             every: dict[types.NodeKey, types.StateDelta] = {}
             for n in new.nodes:
@@ -518,8 +539,18 @@ class IncrementalPlanner:
             for key in view.by_key.keys() | old_view.by_key.keys()
             if _node_signature(old_view, key) != _node_signature(view, key)
         ]
-        sigs = {c: (_cluster_signature(old_view, c), _cluster_signature(view, c)) for c in view.clusters}
-        changed_clusters = [c for c, (o, n) in sigs.items() if o != n]
+        # The old signatures are the objects the last update made (the keys of the held cluster
+        # parts), an unchanged new one is the old object: a part is then found by identity, not
+        # by hashing and comparing a signature (cluster actives, vx-local CIDRs) per viewer class
+        # and changed cluster (issue 21: 60,000 deep hashes per flush at 100 clusters).
+        last = self._sigs if self._sigs_view is old_view else {}
+        sigs: dict[str, tuple[_Sig, _Sig]] = {}
+        for c in view.clusters:
+            o = last.get(c) or _Sig(_cluster_signature(old_view, c))
+            value = _cluster_signature(view, c)
+            sigs[c] = (o, o if o.value == value else _Sig(value))
+        self._sigs, self._sigs_view = {c: n for c, (_o, n) in sigs.items()}, view
+        changed_clusters = [c for c, (o, n) in sigs.items() if o is not n]
         changed_set = set(changed_nodes)
         # A non-hot node of a gateway-mode cluster contributes only to the hot viewers of its own
         # cluster (see _node_part): at a bring-up nearly every changed node, so each viewer class
@@ -605,7 +636,7 @@ class IncrementalPlanner:
         seen: tuple[list[types.NodeKey], dict[str, list[types.NodeKey]]],
         changed_clusters: list[str],
         per_node: dict[tuple[ViewerClass, types.NodeKey], tuple[dict[str, types.Entry], dict[str, types.Entry]]],
-        sigs: Mapping[str, tuple[object, object]],
+        sigs: Mapping[str, tuple[_Sig, _Sig]],
     ) -> tuple[dict[str, types.Entry], dict[str, types.Entry]]:
         """The old and new union of the changed parts for class ``cls``: of the changed nodes
         ``seen`` by it (every class sees ``seen[0]``; the hot classes of a cluster also see
