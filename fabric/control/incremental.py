@@ -725,8 +725,7 @@ class IncrementalPlanner:
                 for k, e in _node_part(view, cls, x, c).items():
                     union[k] = canon.setdefault(e, e)
             for name in view.clusters:
-                for k, e in _cluster_part(view, cls, name, c).items():
-                    union[k] = canon.setdefault(e, e)
+                union.update(_cluster_part(view, cls, name, c, self._routes, canon))  # interned
             self._unions[cls] = union
             self.union_seconds += time.perf_counter() - started
         return union
