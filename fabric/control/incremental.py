@@ -304,15 +304,15 @@ def _cluster_part(
             device = types.bridge_device(f)
         for dst in _cluster_dsts(view, cv, name, f, cls.routes_via_local):
             if routes is None:
-                k, r = _route(dst, via, device, vias)
-            else:
-                rk = (dst, via, device, vias)
-                made = routes.get(rk)
-                if made is None:
-                    k, r = _route(dst, via, device, vias)
-                    made = routes[rk] = (k, canon.setdefault(r, r) if canon is not None else r)
-                k, r = made
-            out[k] = r
+                k, route = _route(dst, via, device, vias)
+                out[k] = route
+                continue
+            rk = (dst, via, device, vias)
+            made = routes.get(rk)
+            if made is None:
+                k, route = _route(dst, via, device, vias)
+                made = routes[rk] = (k, canon.setdefault(route, route) if canon is not None else route)
+            out[made[0]] = made[1]
     return out
 
 
