@@ -22,6 +22,7 @@ from fabric import types
 from fabric.control.planner import (
     VIEWS,
     View,
+    _ClusterView,
     canonical,
     contribution,
     device,
@@ -267,47 +268,98 @@ def _node_part(
     return out
 
 
-def _cluster_part(view: View, cls: ViewerClass, name: str, counter: PartCounter) -> dict[str, types.Entry]:
-    """The whole-cluster routes of cluster ``name`` in the plan of a node of class ``cls``."""
+def _cluster_part(
+    view: View,
+    cls: ViewerClass,
+    name: str,
+    counter: PartCounter,
+    routes: dict[tuple[str, str, str, tuple[str, ...]], tuple[str, types.Entry]] | None = None,
+    canon: dict[types.Entry, types.Entry] | None = None,
+) -> dict[str, types.Entry]:
+    """The whole-cluster routes of cluster ``name`` in the plan of a node of class ``cls``.
+
+    ``routes``, when given, holds the (key, entry) of every route made so far by (destination,
+    next hop, device, next hops), each entry interned in ``canon``, and is filled with the new
+    ones: a part is then a few dict look-ups, and its entries the objects the caller already
+    holds (see ``IncrementalPlanner._held_cluster_part``)."""
     counter.parts += 1
     out: dict[str, types.Entry] = {}
     cv = view.clusters.get(name)
     if cv is None or name == cls.cluster:
         return out
-    glob = cv.config.global_cidrs
     for i, f in enumerate(cls.families):
         if f not in cv.families:
             continue
-        gw_reachable = any(a.underlay(f) is not None for a in cv.actives)
-        dsts: list[str] = []
         if cls.routes_via_local:
             via = cls.local_vias[i]
             vias = cls.local_groups[i]
             if not via:
                 continue
             device = types.local_device(f)
-            reachable = gw_reachable if cv.gateway_mode else f in view.reach.get(name, frozenset())
-            if reachable:
-                dsts += routed(cv.config.pod_cidrs, glob)
-            if gw_reachable:
-                dsts += routed(cv.config.service_cidrs, glob)
-                if cv.gateway_mode:
-                    dsts += local_hosts(view, cv, f)
         else:
             gw = cv.gateway_route(f, view.bridges[f])
             if gw is None:
                 continue
             via, vias = gw
             device = types.bridge_device(f)
+        for dst in _cluster_dsts(view, cv, name, f, cls.routes_via_local):
+            if routes is None:
+                k, route = _route(dst, via, device, vias)
+                out[k] = route
+                continue
+            rk = (dst, via, device, vias)
+            made = routes.get(rk)
+            if made is None:
+                k, route = _route(dst, via, device, vias)
+                made = routes[rk] = (k, canon.setdefault(route, route) if canon is not None else route)
+            out[made[0]] = made[1]
+    return out
+
+
+def _cluster_dsts(view: View, cv: _ClusterView, name: str, f: int, via_local: bool) -> tuple[str, ...]:
+    """The canonical destinations of the whole-cluster routes of family ``f`` of cluster
+    ``name`` (``cv``) for a viewer that routes via its own gateway's vx-local (``via_local``) or
+    over vx-bridge, in the order :func:`_cluster_part` adds them: they depend on the viewer only
+    through ``via_local`` (the next hop is the caller's), so they are computed once per view."""
+    memo = (name, f, via_local)
+    got = view.cluster_dsts.get(memo)
+    if got is not None:
+        return got
+    glob = cv.config.global_cidrs
+    gw_reachable = any(a.underlay(f) is not None for a in cv.actives)
+    dsts: list[str] = []
+    if via_local:
+        reachable = gw_reachable if cv.gateway_mode else f in view.reach.get(name, frozenset())
+        if reachable:
+            dsts += routed(cv.config.pod_cidrs, glob)
+        if gw_reachable:
             dsts += routed(cv.config.service_cidrs, glob)
             if cv.gateway_mode:
-                dsts += routed(cv.config.pod_cidrs, glob)
                 dsts += local_hosts(view, cv, f)
-        for dst in dsts:
-            if types.family_of(dst) == f:
-                k, r = _route(canonical(dst), via, device, vias)
-                out[k] = r
-    return out
+    else:
+        dsts += routed(cv.config.service_cidrs, glob)
+        if cv.gateway_mode:
+            dsts += routed(cv.config.pod_cidrs, glob)
+            dsts += local_hosts(view, cv, f)
+    made = view.cluster_dsts[memo] = tuple(canonical(d) for d in dsts if types.family_of(d) == f)
+    return made
+
+
+class _Sig:
+    """A cluster signature (:func:`cluster_signature`) with its hash computed once: held parts
+    are keyed by it, looked up per viewer class and changed cluster."""
+
+    __slots__ = ("_hash", "value")
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+        self._hash = hash(value)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return self is other or (isinstance(other, _Sig) and self._hash == other._hash and self.value == other.value)
 
 
 @dataclasses.dataclass(slots=True)
@@ -352,7 +404,8 @@ def state_from_entries(entries: Mapping[str, types.Entry]) -> types.NodeState:
 
 def diff_entries(old: Mapping[str, types.Entry], new: Mapping[str, types.Entry]) -> types.StateDelta:
     """:func:`types.diff_states` on keyed entries."""
-    upserts = tuple(new[k] for k in sorted(new) if old.get(k) != new[k])
+    # Identity first: the planner's entries are interned, so an unchanged one is the same object.
+    upserts = tuple(e for k in sorted(new) if (o := old.get(k)) is not (e := new[k]) and o != e)
     removals = tuple(k for k in sorted(old) if k not in new)
     return types.StateDelta(upserts, removals)
 
@@ -410,6 +463,13 @@ class IncrementalPlanner:
         #: Cluster parts by what they depend on (see :meth:`_held_cluster_part`), of the current
         #: signatures (and, during an update, the old ones).
         self._cluster_parts: dict[tuple[object, ...], dict[str, types.Entry]] = {}
+        #: Every whole-cluster route made, by (destination, next hop, device, next hops), as
+        #: (entry key, interned entry): a cluster part of a new signature is mostly the routes of
+        #: the last one (issue 21). Cleared with the entry table's rebuild.
+        self._routes: dict[tuple[str, str, str, tuple[str, ...]], tuple[str, types.Entry]] = {}
+        #: The cluster signatures of the current topology (``_sigs_view``), see :meth:`update`.
+        self._sigs: dict[str, _Sig] = {}
+        self._sigs_view: View | None = None
 
     def entries(self, key: types.NodeKey) -> Mapping[str, types.Entry]:
         """The current plan of ``key`` as keyed entries (empty for an unknown node)."""
@@ -464,6 +524,8 @@ class IncrementalPlanner:
             previous = {k: self._materialized(k) for k in self._plans}  # while the unions are the old ones
             self._unions.clear()
             self._cluster_parts.clear()
+            self._routes.clear()
+            self._sigs, self._sigs_view = {}, None
             self._plans.clear()
             every: dict[types.NodeKey, types.StateDelta] = {}
             for n in new.nodes:
@@ -477,8 +539,18 @@ class IncrementalPlanner:
             for key in view.by_key.keys() | old_view.by_key.keys()
             if _node_signature(old_view, key) != _node_signature(view, key)
         ]
-        sigs = {c: (_cluster_signature(old_view, c), _cluster_signature(view, c)) for c in view.clusters}
-        changed_clusters = [c for c, (o, n) in sigs.items() if o != n]
+        # The old signatures are the objects the last update made (the keys of the held cluster
+        # parts), an unchanged new one is the old object: a part is then found by identity, not
+        # by hashing and comparing a signature (cluster actives, vx-local CIDRs) per viewer class
+        # and changed cluster (issue 21: 60,000 deep hashes per flush at 100 clusters).
+        last = self._sigs if self._sigs_view is old_view else {}
+        sigs: dict[str, tuple[_Sig, _Sig]] = {}
+        for c in view.clusters:
+            o = last.get(c) or _Sig(_cluster_signature(old_view, c))
+            value = _cluster_signature(view, c)
+            sigs[c] = (o, o if o.value == value else _Sig(value))
+        self._sigs, self._sigs_view = {c: n for c, (_o, n) in sigs.items()}, view
+        changed_clusters = [c for c, (o, n) in sigs.items() if o is not n]
         changed_set = set(changed_nodes)
         # A non-hot node of a gateway-mode cluster contributes only to the hot viewers of its own
         # cluster (see _node_part): at a bring-up nearly every changed node, so each viewer class
@@ -509,7 +581,6 @@ class IncrementalPlanner:
             ):
                 before[key] = self._materialized(key)
         if changed_nodes or changed_clusters:  # the held unions to the new topology
-            canon = self._canon
             for ucls, union in self._unions.items():
                 changes = class_changes.get(ucls)
                 if changes is None:
@@ -518,8 +589,7 @@ class IncrementalPlanner:
                 old_u, new_u = changes
                 for k in old_u.keys() - new_u.keys():
                     del union[k]  # no other source has it: keys of sources never collide
-                for k, e in new_u.items():
-                    union[k] = canon.setdefault(e, e)
+                union.update(new_u)  # interned already (see _changes)
         live: set[ViewerClass] = set()
         for node, cls in zip(new.nodes, classes, strict=True):
             key = node.key
@@ -546,7 +616,8 @@ class IncrementalPlanner:
                     self._plans[key].own = frozenset(mine_new)  # its own part, as seen by its class
                     old_u = {k: e for k, e in old_u.items() if k not in mine_old}
                     new_u = {k: e for k, e in new_u.items() if k not in mine_new}
-                shared = deltas[(cls, excl)] = self._interned(diff_entries(old_u, new_u))
+                # Its upserts are new_u's entries, interned already (see _changes).
+                shared = deltas[(cls, excl)] = diff_entries(old_u, new_u)
             elif excl is not None:
                 self._plans[key].own = frozenset(per_node.get((cls, excl), _NO_PARTS)[1])
             if shared:  # the union already holds it: nothing to apply per viewer
@@ -565,21 +636,24 @@ class IncrementalPlanner:
         seen: tuple[list[types.NodeKey], dict[str, list[types.NodeKey]]],
         changed_clusters: list[str],
         per_node: dict[tuple[ViewerClass, types.NodeKey], tuple[dict[str, types.Entry], dict[str, types.Entry]]],
-        sigs: Mapping[str, tuple[object, object]],
+        sigs: Mapping[str, tuple[_Sig, _Sig]],
     ) -> tuple[dict[str, types.Entry], dict[str, types.Entry]]:
         """The old and new union of the changed parts for class ``cls``: of the changed nodes
         ``seen`` by it (every class sees ``seen[0]``; the hot classes of a cluster also see
         that cluster's in ``seen[1]``, whose parts are empty for every other class) and of the
-        changed clusters. Fills ``per_node`` with the node parts it computed."""
+        changed clusters. Fills ``per_node`` with the node parts it computed. The entries of
+        the new union are interned (the held objects of equal value)."""
         started = time.perf_counter()
         old_u: dict[str, types.Entry] = {}
         new_u: dict[str, types.Entry] = {}
-        c = self.counter
+        c, canon = self.counter, self._canon
         keys = seen[0] + seen[1].get(cls.cluster, []) if cls.hot else seen[0]
         for key in keys:
             o, n = old_view.by_key.get(key), view.by_key.get(key)
             po = _node_part(old_view, cls, o, c) if o is not None else {}
             pn = _node_part(view, cls, n, c) if n is not None else {}
+            if pn:
+                pn = {k: canon.setdefault(e, e) for k, e in pn.items()}
             per_node[(cls, key)] = (po, pn)
             old_u.update(po)
             new_u.update(pn)
@@ -602,13 +676,8 @@ class IncrementalPlanner:
         key = (name, cls.families, cls.routes_via_local, cls.local_vias, cls.local_groups, sig)
         part = self._cluster_parts.get(key)
         if part is None:
-            part = self._cluster_parts[key] = _cluster_part(view, cls, name, self.counter)
+            part = self._cluster_parts[key] = _cluster_part(view, cls, name, self.counter, self._routes, self._canon)
         return part
-
-    def _interned(self, delta: types.StateDelta) -> types.StateDelta:
-        """``delta`` with its upserts replaced by the held objects of equal value."""
-        canon = self._canon
-        return types.StateDelta(tuple(canon.setdefault(e, e) for e in delta.upserts), delta.removals)
 
     def _maybe_rebuild_canon(self) -> None:
         """Drop the entries no plan holds any more once the table doubled (amortised O(1))."""
@@ -616,6 +685,7 @@ class IncrementalPlanner:
             return
         held = (*self._unions.values(), *(p.mine for p in self._plans.values()))
         self._canon = {e: e for entries in held for e in entries.values()}
+        self._routes.clear()  # its entries were interned in the table replaced
         self._canon_rebuild_at = max(CANON_MIN_REBUILD, 2 * len(self._canon))
 
     def _full(
@@ -655,8 +725,7 @@ class IncrementalPlanner:
                 for k, e in _node_part(view, cls, x, c).items():
                     union[k] = canon.setdefault(e, e)
             for name in view.clusters:
-                for k, e in _cluster_part(view, cls, name, c).items():
-                    union[k] = canon.setdefault(e, e)
+                union.update(_cluster_part(view, cls, name, c, self._routes, canon))  # interned
             self._unions[cls] = union
             self.union_seconds += time.perf_counter() - started
         return union

@@ -226,6 +226,11 @@ class View:
     #: (cluster, family) -> its nodes' vx-local addresses collapsed (see local_hosts), filled on
     #: first use: every plan of the fabric asks for every gateway-mode cluster's.
     local_hosts: dict[tuple[str, int], tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    #: (cluster, family, routed via the own gateway's vx-local) -> the canonical destinations
+    #: of that cluster's whole-cluster routes in the family, filled on first use by
+    #: fabric.control.incremental: every viewer class of the fabric asks for the same ones and
+    #: only the next hop differs (issue 21: at 100 gateway-mode clusters a flush asked ~100x).
+    cluster_dsts: dict[tuple[str, int, bool], tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
     def supports(self, node: types.NodeAnnouncement, family: int) -> bool:
         """Does ``node`` carry ``family`` through the fabric: its cluster runs the family and the

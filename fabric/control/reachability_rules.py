@@ -117,19 +117,26 @@ def derive(
     no_family = {frozenset((a, b)): why for a, b, why in planner.unreachable_pairs(config)}
     # (source cluster, target cluster) -> per connected prober: does it get through?
     through: dict[tuple[str, str], dict[types.NodeKey, bool]] = {}
-    split: dict[int, dict[str, frozenset[types.NodeKey]]] = {}  # shared target sets, by target cluster
+    # Shared target sets, by target cluster: lists, not sets (the keys of a target set are
+    # distinct already; hashing every gateway's key per prober class was most of a derivation at
+    # 100 clusters, issue 21).
+    split: dict[int, dict[str, list[types.NodeKey]]] = {}
     for prober, ts in (probe_targets(topology) if targets is None else targets).items():
         if prober not in connected:
             continue
         by_target = split.get(id(ts))
         if by_target is None:
-            groups: dict[str, set[types.NodeKey]] = {}
+            by_target = split[id(ts)] = {}
             for key in ts:
-                groups.setdefault(key.cluster, set()).add(key)
-            by_target = split[id(ts)] = {c: frozenset(g) for c, g in groups.items()}
+                by_target.setdefault(key.cluster, []).append(key)
         down = reports.get(prober)
+        if not down:
+            for cluster in by_target:
+                through.setdefault((prober.cluster, cluster), {})[prober] = True
+            continue
+        down_set = set(down)
         for cluster, gws in by_target.items():
-            through.setdefault((prober.cluster, cluster), {})[prober] = not down or not gws <= set(down)
+            through.setdefault((prober.cluster, cluster), {})[prober] = not all(g in down_set for g in gws)
 
     def probes(source: str, target: str) -> dict[types.NodeKey, bool] | None:
         return through.get((source, target))

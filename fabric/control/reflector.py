@@ -89,7 +89,9 @@ bring-up that work grows with the nodes admitted since the last flush times the 
 fabric (a flush of 2,000 new nodes at N = 3,000 took 20-30 s, and the loop accepted no stream
 meanwhile: gRPC cancelled thousands before admission, issue 21). So a flush adopts only the new
 nodes (in admission order) whose planning is expected to fit in ``flush_slice``, by the measured
-cost of one (:meth:`Reflector._bounded`); the others stay admitted and pending (validated, in
+cost of one (:meth:`Reflector._bounded`; or within the measured cost of the rest of a flush,
+when that is longer: it grows with the fabric, and ~100 small flushes spent most of a bring-up
+of 10,000 nodes on it); the others stay admitted and pending (validated, in
 ``_pending``, their sessions waiting for a snapshot) and the next flush, scheduled as any
 pending change, adopts the next of them. Admission itself never waits: it is validation against
 the pending topology, independent of planning. Only brand-new nodes are deferred (withdrawals,
@@ -468,6 +470,11 @@ class Reflector:
         #: Measured planning cost of one adopted new node (full plan and snapshot), seconds;
         #: 0 until a flush adopted one.
         self._join_cost = 0.0
+        #: Measured cost of a flush besides its new nodes' plans and snapshots (election, changed
+        #: parts per viewer class, deltas), seconds, smoothed: it grows with the fabric, not with
+        #: the joins a flush adopts, so :meth:`_bounded` gives the joins at least as much time
+        #: (else at N = 10,000 most of a bring-up was this fixed part of ~100 small flushes).
+        self._flush_fixed = 0.0
         #: New nodes left for the next flush by the last one (see "Bounded flushes").
         self.deferred = 0
         self._flush_handle: asyncio.Handle | None = None
@@ -870,6 +877,8 @@ class Reflector:
         self._learn_join_cost(plan_s, plans, snap_s, snaps)
         self._reachability_changed()
         end = time.monotonic()
+        fixed = max(0.0, end - started - plan_s - snap_s)
+        self._flush_fixed = fixed if self._flush_fixed <= 0 else (self._flush_fixed + fixed) / 2
         self._last_flush_end, self._last_flush_cost = end, end - started
         self.deferred = len(deferred)
         _log.debug(
@@ -886,7 +895,8 @@ class Reflector:
     ) -> tuple[types.Topology, set[types.NodeKey]]:  # fmt: skip
         """The topology this flush adopts and the new nodes it leaves for the next one (see
         "Bounded flushes"): ``full`` (``pending`` with the roles elected on it) without the
-        joins past the number whose planning fits in ``flush_slice``. A cluster whose election
+        joins past the number whose planning fits in ``flush_slice`` (or in the measured fixed
+        cost of a flush, when that is longer: see ``_flush_fixed``). A cluster whose election
         on the adopted nodes would differ from ``full``'s adopts its deferred gateway candidates
         (what the election depends on: the candidates present), so the roles are ``full``'s."""
         joining = self._joining
@@ -896,7 +906,8 @@ class Reflector:
         if self.flush_slice is None or not joining:
             joining.clear()
             return full, set()
-        take = FIRST_FLUSH_JOINS if self._join_cost <= 0 else max(1, int(self.flush_slice / self._join_cost))
+        budget = max(self.flush_slice, self._flush_fixed)  # the joins' share: at least half the flush
+        take = FIRST_FLUSH_JOINS if self._join_cost <= 0 else max(1, int(budget / self._join_cost))
         if take >= len(joining):
             joining.clear()
             return full, set()
@@ -933,7 +944,9 @@ class Reflector:
         """Send the snapshots of the sessions waiting for one whose node is planned; those of
         ``deferred`` nodes keep waiting. Returns the time it took and the snapshots sent."""
         started, sent = time.monotonic(), 0
-        for key in sorted(self._awaiting):
+        # Not the deferred ones (not planned: nothing to send), which at a bring-up of 10,000
+        # are thousands, sorted and looked at per flush (issue 21).
+        for key in sorted(k for k in self._awaiting if k not in deferred):
             rec = self._nodes.get(key)
             s = rec.session if rec is not None else None
             if rec is not None and s is not None and not s.synced and self._planner.planned(key, rec.ann):

@@ -316,3 +316,51 @@ def test_a_node_holds_only_what_differs_from_its_class() -> None:
     small, large = _held_per_node(24), _held_per_node(240)
     assert large[1] > 5 * small[1], (small, large)
     assert small[0] == large[0] and large[0] < 20, (small, large)
+
+
+def _gateway_fabric(clusters: int, per: int = 6) -> types.Topology:
+    """``clusters`` gateway-mode clusters of ``per`` nodes (the bench's gateway shape, small)."""
+    cfg = types.FabricConfig(clusters=tuple(
+        types.ClusterConfig(f"c{k}", GW, (f"10.{k}.0.0/16",), (f"10.{128 + k}.0.0/20",)) for k in range(clusters)
+    ))  # fmt: skip
+    nodes = [
+        types.NodeAnnouncement(f"c{k}", f"n{k}-{p}", f"198.18.{k}.{p + 1}", (f"10.{k}.{p}.0/24",))
+        for k in range(clusters) for p in range(per)
+    ]  # fmt: skip
+    topo = dataclasses.replace(types.Topology(cfg), nodes=tuple(sorted(nodes, key=lambda x: x.key)))
+    return topo.with_roles(election.elect(topo, {x.key for x in nodes}, {}))
+
+
+def _cluster_work(clusters: int) -> tuple[int, int, int]:
+    """(whole-cluster destination lists computed, routes made, viewer classes) for a join of an
+    internal node into cluster c0 of a gateway fabric of ``clusters`` clusters."""
+    topo = _gateway_fabric(clusters)
+    inc = incremental.IncrementalPlanner()
+    inc.update(topo)
+    for x in topo.nodes:  # every class's union held, as in a reflector after a bring-up
+        inc.entries(x.key)
+    routes0 = len(inc._routes)
+    new = topo.with_node(types.NodeAnnouncement("c0", "joiner", "198.18.0.200", ("10.0.200.0/24",)))
+    new = new.with_roles(election.elect(new, {x.key for x in new.nodes}, {}))
+    assert new.roles == topo.roles
+    inc.update(new)
+    for x in new.nodes[:: max(1, len(new.nodes) // 25)]:
+        assert inc.state(x.key) == planner.plan(new, x.key), x.key
+    dsts = planner.VIEWS.get(new).cluster_dsts
+    assert {name for name, _f, _local in dsts} == {"c0"}, "only the changed cluster's destinations"
+    return len(dsts), len(inc._routes) - routes0, len(inc._unions)
+
+
+def test_a_changed_cluster_is_computed_once_for_every_viewer_class() -> None:
+    """A join into a gateway-mode cluster changes that cluster's part (its collapsed vx-local
+    addresses) for every viewer class of the fabric, three per cluster, each with its own next
+    hop. The destinations are computed once per update (per family and kind of next hop), and
+    a route made once is reused by the next update (the joiner's new vx-local CIDRs are the only
+    new routes per next hop): at 100 clusters recomputing them per class was most of a flush of
+    a bring-up (issue 21). The work is the same at 6 and 30 clusters; the classes are not."""
+    small, large = _cluster_work(6), _cluster_work(30)
+    assert large[2] > 4 * small[2], (small, large)  # the case is one of many viewer classes
+    assert small[0] == large[0] <= 2, (small, large)
+    # New routes: the changed destinations per distinct next hop (a cluster's own active
+    # gateway; the active gateways' bridge route), not per class and not every route of the part.
+    assert small[1] <= 2 * 6 and large[1] <= 2 * 30, (small, large)
