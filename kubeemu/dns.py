@@ -46,6 +46,7 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import errno
 import ipaddress
 import logging
 import os
@@ -397,31 +398,49 @@ class _Udp(asyncio.DatagramProtocol):
             self.transport.sendto(out, addr)
 
 
+#: Tries at one ephemeral port free for both UDP and TCP (``--listen HOST:0``).
+EPHEMERAL_TRIES = 20
+
+
 def make_sockets(listen: Sequence[tuple[str, int]]) -> list[socket.socket]:
-    """A UDP and a listening TCP socket per address (port 0: one ephemeral port for both)."""
+    """A UDP and a listening TCP socket per address (port 0: one ephemeral port for both; the
+    kernel picks the UDP one, and when that port is taken for TCP, e.g. by a connection of
+    another process, another is tried)."""
     out: list[socket.socket] = []
     try:
         for host, port in listen:
-            fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-            u = socket.socket(fam, socket.SOCK_DGRAM)
-            out.append(u)
-            try:
-                u.bind((host, port))
-                port = u.getsockname()[1]
-                s = socket.socket(fam, socket.SOCK_STREAM)
-                out.append(s)
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                s.bind((host, port))
-                s.listen(64)
-            except OSError as e:
-                raise OSError(e.errno, f"--listen {host}:{port}: {e.strerror or e}") from e
-            for x in (u, s):
-                x.setblocking(False)
+            out += _pair(host, port)
     except OSError:
         for x in out:
             x.close()
         raise
     return out
+
+
+def _pair(host: str, port: int) -> list[socket.socket]:
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for attempt in range(EPHEMERAL_TRIES if port == 0 else 1):
+        u = socket.socket(fam, socket.SOCK_DGRAM)
+        s: socket.socket | None = None
+        bound = port
+        try:
+            u.bind((host, port))
+            bound = u.getsockname()[1]
+            s = socket.socket(fam, socket.SOCK_STREAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, bound))
+            s.listen(64)
+        except OSError as e:
+            u.close()
+            if s is not None:
+                s.close()
+            if port == 0 and e.errno == errno.EADDRINUSE and attempt + 1 < EPHEMERAL_TRIES:
+                continue
+            raise OSError(e.errno, f"--listen {host}:{bound}: {e.strerror or e}") from e
+        for x in (u, s):
+            x.setblocking(False)
+        return [u, s]
+    raise AssertionError("unreachable")  # the last attempt returns or raises
 
 
 def sockets_in_netns(netns: str | None, listen: Sequence[tuple[str, int]]) -> list[socket.socket]:

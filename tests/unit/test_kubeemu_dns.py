@@ -281,3 +281,32 @@ def test_flags_are_checked() -> None:
 def test_a_listen_address_that_cannot_be_bound_is_named() -> None:
     with pytest.raises(OSError, match=r"--listen 192\.0\.2\.99:5353"):
         kdns.make_sockets([("127.0.0.1", 0), ("192.0.2.99", 5353)])  # not an address of this namespace
+
+
+def test_an_ephemeral_port_taken_for_tcp_is_not_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--listen HOST:0``: the kernel picks the UDP port; when that port is taken for TCP (a
+    connection of another process: seen in CI), the pair is made on another port."""
+    taken = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    busy = taken.getsockname()[1]
+    real_bind = socket.socket.bind
+    udp_ports = iter([busy])
+
+    def bind(self: socket.socket, addr: tuple[str, int]) -> None:
+        if self.type == socket.SOCK_DGRAM and addr[1] == 0:
+            port = next(udp_ports, 0)  # first the port TCP cannot have, then the kernel's pick
+            return real_bind(self, (addr[0], port))
+        return real_bind(self, addr)
+
+    monkeypatch.setattr(socket.socket, "bind", bind)
+    try:
+        socks = kdns.make_sockets([("127.0.0.1", 0)])
+    finally:
+        taken.close()
+    try:
+        ports = {x.getsockname()[1] for x in socks}
+        assert len(socks) == 2 and len(ports) == 1 and busy not in ports
+    finally:
+        for x in socks:
+            x.close()
