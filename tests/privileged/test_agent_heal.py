@@ -31,7 +31,7 @@ from fabric.agent import agent as agent_mod
 from fabric.agent import carrier, config
 from fabric.netlink import dataplane
 from tests.privileged.kernelns import fresh_netns
-from tests.unit.test_agent_loop import _NoEvents, _NoProber
+from tests.unit.test_agent_loop import NoProber, _NoEvents
 from tests.waiting import wait_until_async
 
 INCOMPLETE, REACHABLE, STALE, FAILED, PERMANENT = 0x01, 0x02, 0x04, 0x20, 0x80
@@ -80,7 +80,7 @@ def test_carrier_up_flushes_only_unresolved_underlay_neighbours(netns: str, peer
     cfg = config.load(["--reflector", f"unix:{tmp_path / 'no-reflector.sock'}", "--cluster", "c", "--node", "n",
                        "--underlay-ip", "198.51.100.1", "--pod-cidr", "10.9.1.0/24"], environ={})
     agent = agent_mod.Agent(
-        cfg, dp, events_factory=_NoEvents, prober_factory=_NoProber, handle_signals=False,
+        cfg, dp, events_factory=_NoEvents, prober_factory=NoProber, handle_signals=False,
         carrier_factory=functools.partial(carrier.CarrierMonitor, netns=netns),
     )
     assert agent.underlay.name == "u0"

@@ -65,16 +65,29 @@ class Replica:
             self.task = None
 
 
+#: What grpc.aio's client reports instead of the server's status when the server ended the call
+#: while the client's own write (the announce, the half-close) was still in flight: a known bug
+#: of the client (grpc/grpc#36066, fix proposed in #43486), seen once in CI here.
+_CORE_RACE = (grpc.StatusCode.INTERNAL, "Internal error from Core")
+
+
 async def _refusal(target: str, ann: types.NodeAnnouncement) -> tuple[grpc.StatusCode, str]:
-    """Open one SyncNode, announce, read: the status it ends with (fails if anything is sent)."""
-    async with grpc.aio.insecure_channel(target) as channel:
-        call = pb_grpc.FabricStub(channel).SyncNode(iter([pb.SyncNodeRequest(
-            announce=pb.Announce(node=codec.node_to_pb(ann)))]))  # fmt: skip
-        try:
-            msg = await asyncio.wait_for(call.read(), 5)
-        except grpc.aio.AioRpcError as e:
-            return e.code(), e.details() or ""
-        raise AssertionError(f"the standby answered {msg}")
+    """Open one SyncNode, announce, read: the status it ends with (fails if anything is sent).
+    A call that lost grpc.aio's client-side race (:data:`_CORE_RACE`) is asked again: what
+    the server said is what this checks."""
+    for _ in range(5):
+        async with grpc.aio.insecure_channel(target) as channel:
+            call = pb_grpc.FabricStub(channel).SyncNode(iter([pb.SyncNodeRequest(
+                announce=pb.Announce(node=codec.node_to_pb(ann)))]))  # fmt: skip
+            try:
+                msg = await asyncio.wait_for(call.read(), 5)
+            except grpc.aio.AioRpcError as e:
+                got = (e.code(), e.details() or "")
+                if got != _CORE_RACE:
+                    return got
+                continue
+            raise AssertionError(f"the standby answered {msg}")
+    return _CORE_RACE
 
 
 def test_one_leader_serves_and_the_standby_takes_over(emu: ServerThread, tmp_path: Path) -> None:
