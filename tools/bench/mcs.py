@@ -60,7 +60,6 @@ import contextlib
 import os
 import random
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -75,6 +74,7 @@ from typing import Any
 
 import yaml
 
+from tools import ports
 from tools.bench import common as bc
 
 NAME = "mcs"
@@ -243,13 +243,6 @@ def change(rng: random.Random, s: Slice, cluster_index: int, service_index: int)
 # -- processes -------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def _cpu_s(pid: int) -> float:
     """User + system CPU seconds of ``pid`` (``/proc/PID/stat``); NaN when it cannot be read."""
     try:
@@ -315,7 +308,7 @@ def clusterset(n: int, log_dir: Path) -> Iterator[tuple[dict[str, Any], subproce
                         if time.monotonic() > deadline:
                             raise RuntimeError(f"bench mcs: {name} does not serve the MCS CRDs after 30 s") from None
                         time.sleep(0.05)
-            port = _free_port()
+            port = ports.free_port()
             with open(log_dir / "kosmos-mcs.log", "ab") as log:
                 ctl = procs.spawn(None, controller_argv({h.name: h.url for h in handles}, port), stdout=log,
                                   stderr=subprocess.STDOUT)

@@ -27,7 +27,6 @@ Order in ``lab up``:
 from __future__ import annotations
 
 import datetime
-import socket
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Any
 import yaml
 
 from fabric.control import identity
+from tools import ports
 from tools.lab import labpki, schedulers
 from tools.lab.procs import ROOT_NETNS, start_process, still_running
 from tools.lab.state import ClusterRecord, LabError, LabState, ProcRecord, Progress, quiet, save_state
@@ -61,20 +61,6 @@ def dns_port(cluster: ClusterRecord) -> int | None:
     return None
 
 
-def _free_port() -> int:
-    """A port free on 127.0.0.1 for both UDP and TCP now (the kernel's pick)."""
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            u.bind(("127.0.0.1", 0))
-            port: int = u.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-                try:
-                    t.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return port
-
-
 def plan_dns(state: LabState) -> None:
     """Give every cluster without one its clusterset stub domain (saved before the DNS starts)."""
     if not enabled(state):
@@ -82,7 +68,7 @@ def plan_dns(state: LabState) -> None:
     changed = False
     for c in state.clusters:
         if dns_port(c) is None:
-            c.dns_stubs = [*c.dns_stubs, f"{STUB_PREFIX}{_free_port()}"]
+            c.dns_stubs = [*c.dns_stubs, f"{STUB_PREFIX}{ports.free_port()}"]
             changed = True
     if changed:
         save_state(state)
