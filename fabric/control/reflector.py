@@ -120,10 +120,11 @@ under us: UNAVAILABLE), and a malformed message from the agent (INVALID_ARGUMENT
 Everything mutating the reflector's state runs on the event loop without awaiting in between, so
 no locks are needed. Every message is built once (per node, or once for all nodes of one class
 that get the same delta) and queued to its session; one task per session writes the queue to the
-stream. A delta shared by many sessions is also *encoded* once: it is queued as its bytes
-(``_Encoded``) and SyncNode's serializer writes bytes as they are
-(:func:`~fabric.control.reflector_service.wire`), so fan-out costs one serialization per distinct
-delta, not one per agent; so are keepalives (one encoding per interval).
+stream. Snapshots and deltas are queued as their bytes (``_Encoded``), joined from each entry's
+encoding, made once for every node that holds the entry (:class:`~fabric.control.codec.EntryWire`),
+and SyncNode's serializer writes bytes as they are
+(:func:`~fabric.control.reflector_service.wire`): a delta shared by many sessions costs one
+encoding, not one per agent; so do keepalives (one encoding per interval).
 Queues are bounded in bytes (:mod:`~fabric.control.bounds`, ``--send-queue-bytes``): a
 session or topology watcher that falls further behind is cut off with RESOURCE_EXHAUSTED (its
 queue dropped, the node treated as disconnected at once) and reconnects to a fresh snapshot;
@@ -280,16 +281,21 @@ _DEFAULT_LIMITS = bounds.Limits()
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Encoded:
-    """A SyncNode message and its bytes, encoded once for every session that gets it (a delta
-    shared by a viewer class, a keepalive): the gRPC face writes ``data`` as it is
-    (:func:`~fabric.control.reflector_service.wire`), in-process readers get ``message``."""
+    """A SyncNode message as its bytes, encoded once (a delta shared by a viewer class, a
+    keepalive) or joined from cached entry encodings (snapshots and deltas:
+    :class:`~fabric.control.codec.EntryWire`): the gRPC face writes ``data`` as it is
+    (:func:`~fabric.control.reflector_service.wire`); in-process readers (tests) decode it."""
 
-    message: pb.SyncNodeResponse
     data: bytes
 
     @classmethod
     def of(cls, message: pb.SyncNodeResponse) -> _Encoded:
-        return cls(message, message.SerializeToString())
+        return cls(message.SerializeToString())
+
+    @property
+    def message(self) -> pb.SyncNodeResponse:
+        """The message decoded (a new one per call: for in-process readers, not the hot path)."""
+        return pb.SyncNodeResponse.FromString(self.data)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -547,6 +553,9 @@ class Reflector:
         self.reachability_updates = 0
         #: Keepalive messages by interval, encoded once (see _send_keepalive).
         self._keepalives: dict[float, _Encoded] = {}
+        #: Each planned entry's encoding, made once for every node whose snapshot or delta
+        #: carries it (codec.EntryWire; issue 21).
+        self._wire = codec.EntryWire()
         #: Runs the cyclic collector's full collections when the reflector is quiet (see
         #: "Garbage collection"); None: the interpreter's own schedule (tests, in-process use).
         self.gc_policy = gc_policy
@@ -759,8 +768,8 @@ class Reflector:
 
     def _send_snapshot(self, rec: _NodeRecord, session: _Session) -> None:
         state = self._planner.state(rec.ann.key)
-        for msg in codec.snapshot_messages(state, rec.planned_version, self.epoch):
-            session.send(msg, bounded=False)
+        for data in codec.snapshot_wire(state, rec.planned_version, self.epoch, wire=self._wire):
+            session.send(_Encoded(data), len(data), bounded=False)
         session.synced = True
         c = session.counters
         session.counters = dataclasses.replace(
@@ -837,7 +846,7 @@ class Reflector:
                 continue
             built = messages.get(id(delta))
             if built is None:
-                enc = _Encoded.of(codec.delta_message(delta, gen))
+                enc = _Encoded(codec.delta_wire(delta, gen, self._wire))
                 built = messages[id(delta)] = (enc, len(enc.data))
             s.send(*built)
             if s.closed:  # cut off: too far behind (it reconnects to a fresh snapshot)
@@ -1288,7 +1297,7 @@ class Reflector:
                 shared = self._keepalives[interval] = _Encoded.of(
                     pb.SyncNodeResponse(keepalive=codec.keepalive_message(interval)))  # fmt: skip
             # Its own wrapper: the writer knows this session's keepalive by identity.
-            msg = _Encoded(shared.message, shared.data)
+            msg = _Encoded(shared.data)
             session.keepalive_queued = msg
             session.send(msg, len(msg.data))
 

@@ -9,6 +9,7 @@ review the diff. Every case is also decoded back and compared with the plain val
 from __future__ import annotations
 
 import json
+import random
 import os
 from pathlib import Path
 from typing import Any
@@ -209,3 +210,61 @@ def test_every_record_refusal_has_its_wire_value() -> None:
         assert codec.record_refusal_from_pb(codec.record_refusal_to_pb(r)) is r
     assert len(pb.RecordRefusal.Reason.keys()) == len(api.RecordRefusalReason)
     assert codec.record_refusal_from_pb(999) is api.RecordRefusalReason.UNSPECIFIED
+
+
+def _random_entries(rng: random.Random, n: int) -> list[types.Entry]:
+    """Entries of every kind, some long enough that lengths take 2-byte varints."""
+    out: list[types.Entry] = []
+    for i in range(n):
+        k = rng.randrange(5)
+        if k == 0:
+            out.append(types.VxlanDevice(f"vx-{i}", rng.randrange(1 << 24), 4876, "02:00:00:00:00:01",
+                                         f"100.82.{i % 256}.1/10", "198.18.0.1", rng.choice((0, 1450, 65535))))
+        elif k == 1:
+            out.append(types.Peer("vx-bridge", f"100.82.{i % 256}.{i // 256}", "06:11:22:33:44:55",
+                                  f"198.18.{i % 256}.2", "c" * rng.randrange(0, 200) + f"/n{i}",
+                                  probe=rng.random() < 0.5))
+        elif k == 2:
+            vias = tuple(f"100.82.0.{j}" for j in range(rng.randrange(0, 40)))
+            out.append(types.RouteEntry(f"10.{i % 256}.{i // 256}.0/24", "" if vias else "100.82.0.9", "vx-bridge",
+                                        vias))
+        elif k == 3:
+            out.append(types.Translation(f"10.{i % 256}.0.0/16", f"172.20.{i % 256}.0/24"))
+        else:
+            out.append(types.Program(f"vx-{i}", rng.choice(("tunnel", "pod"))))
+    return out
+
+
+def test_wire_bytes_equal_protobuf_serialization() -> None:
+    """snapshot_wire and delta_wire join cached entry encodings into the bytes protobuf itself
+    writes for the same messages: random states and deltas (multi-byte lengths, empty fields,
+    version 0 and large versions, one cache shared across calls as the reflector shares it)."""
+    rng = random.Random(21)
+    wire = codec.EntryWire(limit=300)  # small: the cache starts over during the test
+    for _ in range(40):
+        entries = _random_entries(rng, rng.randrange(0, 400))
+        state = types.NodeState.from_entries(entries)
+        chunk, version = rng.choice((1, 7, 150, 2000)), rng.choice((0, 1, 127, 128, 1 << 40))
+        ordered = [*state.devices, *state.peers, *state.routes, *state.translations, *state.programs]
+        want = [
+            pb.SyncNodeResponse(snapshot=pb.SnapshotChunk(entries=[codec.entry_to_pb(e) for e in ordered[i:i + chunk]]))
+            .SerializeToString() for i in range(0, len(ordered), chunk)
+        ] + [pb.SyncNodeResponse(end_of_snapshot=pb.EndOfSnapshot(version=version, epoch="ep")).SerializeToString()]
+        assert codec.snapshot_wire(state, version, "ep", chunk, wire) == want
+        upserts = tuple(rng.sample(entries, min(len(entries), rng.randrange(0, 50))))
+        removals = tuple(f"route/10.{j}.0.0/24" + "é" * rng.randrange(0, 3) for j in range(rng.randrange(0, 200)))
+        delta = types.StateDelta(upserts, removals)
+        want_delta = pb.SyncNodeResponse(delta=pb.Delta(
+            version=version, upserts=[codec.entry_to_pb(e) for e in upserts], removals=list(removals)))
+        assert codec.delta_wire(delta, version, wire) == want_delta.SerializeToString()
+    assert 0 < len(wire) <= 300
+
+
+def test_entry_wire_reencodes_an_equal_entry_that_is_another_object() -> None:
+    """The cache is keyed by identity: an equal entry that is a different object is encoded
+    again (same bytes), and a cached entry's id cannot be reused while it is held."""
+    wire = codec.EntryWire()
+    a = types.RouteEntry("10.1.0.0/24", "100.82.0.1", "vx-bridge")
+    b = types.RouteEntry("10.1.0.0/24", "100.82.0.1", "vx-bridge")
+    assert wire.element(a) == wire.element(a) == wire.element(b)
+    assert wire.encoded == 2

@@ -10,7 +10,11 @@ and answering ``Applied`` for the version it read, then drops what it read (a ha
 every queued message skewed memory and GC). Per block of ``--block`` nodes adopted it prints
 the wall time of the flushes per node adopted, split into full plans, snapshots and the rest,
 and the admission and drain cost per agent: flat rows mean a per-join cost independent of N.
-``--profile FILE`` writes a cProfile of the whole bring-up.
+``--profile FILE`` writes a cProfile of the whole bring-up. ``--gc quiet`` (the default, as
+``fabric-reflector``'s) installs the reflector's collection policy
+(:mod:`fabric.control.quiet_gc`) and polls it as the reflector's tick does; every run reports the
+time the collector took (``gc_s``, ``gc_full_s``), which a profile charges to whatever function
+allocated when a collection started.
 """
 
 from __future__ import annotations
@@ -29,6 +33,26 @@ from typing import Any
 from tools.bench.control import shapes
 
 _log = logging.getLogger(__name__)
+
+
+class _GcTimer:
+    """The cyclic collector's time, from ``gc.callbacks``: in all and in full collections."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.full_s = 0.0
+        self.full = 0
+        self._t = 0.0
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._t = time.perf_counter()
+            return
+        took = time.perf_counter() - self._t
+        self.seconds += took
+        if info.get("generation") == 2:
+            self.full_s += took
+            self.full += 1
 
 
 class _Stats:
@@ -63,16 +87,42 @@ def _snapshot(refl: Any, st: _Stats) -> dict[str, float]:
 
 
 async def bring_up(
-    kind: str, n: int, per_turn: int, block: int, flush_slice: float, until: int | None = None
+    kind: str,
+    n: int,
+    per_turn: int,
+    block: int,
+    flush_slice: float,
+    until: int | None = None,
+    gc_policy: str = "quiet",
 ) -> dict[str, Any]:
     """Bring up ``n`` agents of shape ``kind`` (or stop once ``until`` are adopted); returns the
     per-block rows and totals."""
-    from fabric.control import reflector
+    from fabric.control import quiet_gc, reflector
     from fabric.control.generated import fabric_pb2 as pb  # noqa: F401  (the messages' module)
 
     shape = shapes.Shape(kind, n)
-    refl = reflector.Reflector(shape.fabric_config(), grace_period=300, startup_hold=0, flush_slice=flush_slice)
-    st = _Stats()
+    policy = quiet_gc.QuietCollector() if gc_policy == "quiet" else None
+    refl = reflector.Reflector(
+        shape.fabric_config(), grace_period=300, startup_hold=0, flush_slice=flush_slice, gc_policy=policy
+    )
+    timer = _GcTimer()
+    gc.callbacks.append(timer)
+    if policy is not None:
+        policy.install()
+    try:
+        return await _bring_up(refl, shape, _Stats(), timer, n, per_turn, block, until)
+    finally:
+        gc.callbacks.remove(timer)
+        if policy is not None:
+            policy.uninstall()
+
+
+async def _bring_up(
+    refl: Any, shape: shapes.Shape, st: _Stats, timer: _GcTimer, n: int, per_turn: int, block: int,
+    until: int | None,
+) -> dict[str, Any]:  # fmt: skip
+    from fabric.control import reflector
+
     st.snap_s = 0.0  # type: ignore[attr-defined]
 
     flush, send_snaps, publish = refl._flush, refl._send_waiting_snapshots, refl._publish_reachability
@@ -85,7 +135,7 @@ async def bring_up(
 
     def timed_snaps(*a: Any, **kw: Any) -> tuple[float, int]:
         t = time.perf_counter()
-        r = send_snaps(*a, **kw)
+        r: tuple[float, int] = send_snaps(*a, **kw)
         st.snap_s += time.perf_counter() - t  # type: ignore[attr-defined]
         return r
 
@@ -135,6 +185,12 @@ async def bring_up(
                 refl._on_applied(s, version)
         st.drain_s += time.perf_counter() - t
 
+    async def gc_ticks() -> None:  # the reflector's own tick (Reflector.start, which this skips)
+        while True:
+            await asyncio.sleep(reflector.GC_POLL_S)
+            refl._gc_poll()
+
+    ticker = asyncio.create_task(gc_ticks())
     started = time.perf_counter()
     last = _snapshot(refl, st)
     next_row = block
@@ -183,12 +239,13 @@ async def bring_up(
         if i >= n:
             await asyncio.sleep(0.001)
     total = time.perf_counter() - started
+    ticker.cancel()
     return {
-        "shape": kind,
+        "shape": shape.kind,
         "n": n,
         "adopted": len(refl.topology.nodes),
         "per_turn": per_turn,
-        "flush_slice": flush_slice,
+        "flush_slice": refl.flush_slice,
         "bring_up_s": round(total, 2),
         "ms_per_join": round(total / n * 1000, 3),
         "flushes": st.flushes,
@@ -200,6 +257,10 @@ async def bring_up(
         "admit_s": round(st.admit_s, 2),
         "drain_s": round(st.drain_s, 2),
         "reachability_s": round(st.reach_s, 2),
+        "gc": "quiet" if refl.gc_policy is not None else "interpreter",
+        "gc_s": round(timer.seconds, 2),
+        "gc_full_s": round(timer.full_s, 2),
+        "gc_full_collections": timer.full,
         "bytes_sent": st.bytes,
         "rows": st.rows,
     }
@@ -217,6 +278,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--block", type=int, default=1000, help="print a row per this many nodes adopted")
     ap.add_argument("--flush-slice", type=float, default=0.5, help="the reflector's flush slice (s)")
     ap.add_argument("--until", type=int, help="stop once this many nodes are adopted (profiling a large N)")
+    ap.add_argument(
+        "--gc",
+        choices=("quiet", "interpreter"),
+        default="quiet",
+        help="the collector policy, as fabric-reflector --gc (default quiet)",
+    )
     ap.add_argument("--profile", help="write a cProfile of the (last) run here")
     ap.add_argument("--json", help="write the results (a list, one per N) here")
     args = ap.parse_args(argv)
@@ -227,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prof = cProfile.Profile() if args.profile else None
         if prof is not None:
             prof.enable()
-        res = asyncio.run(bring_up(args.shape, n, args.per_turn, args.block, args.flush_slice, args.until))
+        res = asyncio.run(bring_up(args.shape, n, args.per_turn, args.block, args.flush_slice, args.until, args.gc))
         if prof is not None:
             prof.disable()
             prof.dump_stats(args.profile)
