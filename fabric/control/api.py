@@ -16,6 +16,9 @@ DEFAULT_RELAY_PORT = 7947
 #: Default Prometheus/health port of fabric-agent and fabric-reflector.
 DEFAULT_AGENT_METRICS_PORT = 9476
 DEFAULT_REFLECTOR_METRICS_PORT = 9477
+#: fabric-relay's Prometheus/health port in the manifests (deploy/components/relay, checked by
+#: tests/unit/test_deploy_manifests.py); the lab puts relay i on this + i.
+DEFAULT_RELAY_METRICS_PORT = 9478
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

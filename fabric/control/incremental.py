@@ -21,8 +21,8 @@ from collections.abc import Iterator, Mapping
 from fabric import types
 from fabric.control.planner import (
     VIEWS,
+    ClusterView,
     View,
-    _ClusterView,
     canonical,
     contribution,
     device,
@@ -316,7 +316,7 @@ def _cluster_part(
     return out
 
 
-def _cluster_dsts(view: View, cv: _ClusterView, name: str, f: int, via_local: bool) -> tuple[str, ...]:
+def _cluster_dsts(view: View, cv: ClusterView, name: str, f: int, via_local: bool) -> tuple[str, ...]:
     """The canonical destinations of the whole-cluster routes of family ``f`` of cluster
     ``name`` (``cv``) for a viewer that routes via its own gateway's vx-local (``via_local``) or
     over vx-bridge, in the order :func:`_cluster_part` adds them: they depend on the viewer only

@@ -177,7 +177,11 @@ def tunnel_mtu(underlay_ip: str, underlay_mtu: int) -> int:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class _ClusterView:
+class ClusterView:
+    """One cluster as every node's plan sees it: its nodes, active gateways and hot set, computed
+    once per topology in :class:`View`. Public because the incremental planner
+    (fabric/control/incremental.py) reads it too."""
+
     config: types.ClusterConfig
     nodes: tuple[types.NodeAnnouncement, ...]
     active: types.NodeAnnouncement | None
@@ -211,7 +215,7 @@ class _ClusterView:
 class View:
     """What every node's plan needs of a topology, computed once per topology value."""
 
-    clusters: dict[str, _ClusterView]
+    clusters: dict[str, ClusterView]
     #: Nodes that have vx-bridge: every node of a P2P cluster, hot nodes of gateway clusters.
     bridge_nodes: tuple[types.NodeAnnouncement, ...]
     #: Active/standby gateways of every cluster.
@@ -262,7 +266,7 @@ def _build_view(topology: types.Topology) -> View:
     by_cluster: dict[str, list[types.NodeAnnouncement]] = {}
     for n in topology.nodes:
         by_cluster.setdefault(n.cluster, []).append(n)
-    clusters: dict[str, _ClusterView] = {}
+    clusters: dict[str, ClusterView] = {}
     for c in config.clusters:
         if c.mode not in SUPPORTED_MODES:
             continue
@@ -274,7 +278,7 @@ def _build_view(topology: types.Topology) -> View:
         active = actives[0] if actives else None
         standby = by_name.get(role.standby) if role is not None and role.standby not in names else None
         hot = actives + ((standby,) if standby is not None else ())
-        clusters[c.name] = _ClusterView(c, nodes, active, hot, c.families, actives)
+        clusters[c.name] = ClusterView(c, nodes, active, hot, c.families, actives)
     bridge_nodes = tuple(
         n
         for n in topology.nodes
@@ -370,7 +374,7 @@ def plan(topology: types.Topology, key: types.NodeKey) -> types.NodeState:
 
 def _plan_family(
     view: View,
-    own: _ClusterView,
+    own: ClusterView,
     node: types.NodeAnnouncement,
     family: int,
     has_bridge: bool,
@@ -501,7 +505,7 @@ def _remote_destinations(view: View, own_cluster: str, family: int) -> list[str]
     return [canonical(d) for d in out if types.family_of(d) == family]
 
 
-def local_hosts(view: View, cv: _ClusterView, family: int) -> tuple[str, ...]:
+def local_hosts(view: View, cv: ClusterView, family: int) -> tuple[str, ...]:
     """The vx-local addresses of ``family`` of the nodes of a gateway-mode cluster, as the fewest
     CIDRs that cover exactly them (and nothing else: two clusters' sets never share a CIDR).
 

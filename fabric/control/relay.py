@@ -552,7 +552,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="bytes queued to one agent; an agent that falls further behind is cut off")  # fmt: skip
     p.add_argument("--metrics-listen", metavar="ADDR:PORT",
                    help="serve Prometheus metrics (fabric_relay_*), /healthz and /readyz (ready: upstream open) "
-                   "here (default: off)")  # fmt: skip
+                   f"here (default: off; the manifests use port {api.DEFAULT_RELAY_METRICS_PORT})")  # fmt: skip
     p.add_argument("--gc", choices=("quiet", "interpreter"), default="quiet",
                    help="when the cyclic garbage collector's full collections run: 'quiet' (when nothing is in "
                    "flight through the relay, or once one has waited 10 s; fabric/control/quiet_gc.py) or "

@@ -21,9 +21,9 @@ from typing import Any
 
 import pytest
 
+from fabric.control import api
 from tests.lab.conftest import REPO, Lab, Ping, lab_running, largest_gap, new_lab_name
 from tests.waiting import wait_until
-from tools.lab.procs import RELAY_METRICS_PORT
 
 TOPOLOGY = REPO / "examples" / "gateway.yaml"
 RELAYS = 2
@@ -41,7 +41,7 @@ def rlab() -> Iterator[Lab]:
 def _relay_agents(lab: Lab, relay: dict[str, Any]) -> float:
     """``fabric_relay_agents`` as relay ``relay`` serves it (inside the lab's underlay namespace)."""
     gateway = relay["address"].rsplit(":", 1)[0]
-    url = f"http://{gateway}:{RELAY_METRICS_PORT + relay['index']}/metrics"
+    url = f"http://{gateway}:{api.DEFAULT_RELAY_METRICS_PORT + relay['index']}/metrics"
     netns = lab.status()["reflector"]["netns"]
     fetch = f"import urllib.request; print(urllib.request.urlopen({url!r}, timeout=10).read().decode())"
     text = lab.nsrun(netns, str(REPO / ".venv" / "bin" / "python"), "-c", fetch).stdout

@@ -535,6 +535,7 @@ def test_relay_overlay_adds_the_relay_tier_and_changes_only_the_agents_addresses
 
 @needs_kubectl
 def test_relay_deployment_service_pdb_and_security(relay: dict[tuple[str, str], dict[str, Any]]) -> None:
+    from fabric.control import api
     from fabric.control import relay as relay_mod
 
     dep = relay[("Deployment", "kosmos-fabric-relay")]
@@ -548,7 +549,8 @@ def test_relay_deployment_service_pdb_and_security(relay: dict[tuple[str, str], 
     args = relay_mod.parse_args(_expand(c["args"], env))
     assert args.upstream == relay[("ConfigMap", "kosmos-fabric-agent")]["data"]["reflector"]
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert set(ports) == {"grpc", "metrics"}
+    # The ports fabric.control.api names (the lab and the tools use these constants).
+    assert ports == {"grpc": api.DEFAULT_RELAY_PORT, "metrics": api.DEFAULT_RELAY_METRICS_PORT}
     assert args.listen == [f"0.0.0.0:{ports['grpc']}"]  # every address of the pod, the container's port
     assert args.metrics_listen == f"0.0.0.0:{ports['metrics']}"
     assert tmpl["metadata"]["annotations"] == {"prometheus.io/scrape": "true",

@@ -103,20 +103,20 @@ def start_reflector(state: LabState) -> ProcRecord:
     return rec
 
 
-RELAY_METRICS_PORT = 9480
-
-
 def start_relay(state: LabState, index: int) -> ProcRecord:
     """Start the lab's relay ``index`` (``lab up --relays K``) in the underlay namespace, beside
     the reflector: mutual TLS both ways (a server certificate for the agents, ``relay/relay-<i>``
-    towards the reflector), metrics and probes on port 9480 + i."""
+    towards the reflector), metrics and probes on port ``api.DEFAULT_RELAY_METRICS_PORT`` + i
+    (9478-9493 for up to 16 relays; the underlay namespace's other listeners are the reflector's
+    4880 and 9477 and the relays' 7947 + i, and the lab's other processes listen in node
+    namespaces or on 127.0.0.1 of the root namespace)."""
     server, client_tls = labpki.relay_dirs(state, index)
     argv = [
         str(_venv_bin("fabric-relay")),
         "--upstream", state.reflector_address,
         "--listen", state.relay_address(index),
         "--tls-dir", str(server), "--upstream-tls-dir", str(client_tls),
-        "--metrics-listen", f"{state.gateway}:{RELAY_METRICS_PORT + index}",
+        "--metrics-listen", f"{state.gateway}:{api.DEFAULT_RELAY_METRICS_PORT + index}",
         "--log-level", "info",
     ]  # fmt: skip
     rec = start_process(state.ul_netns, argv, state.state_dir / "logs" / f"relay-{index}.log")

@@ -46,6 +46,8 @@ _LAB_NAME = re.compile(r"^[a-z0-9]{1,12}$")
 IFNAMSIZ = 15
 
 Progress = Callable[[str], None]
+#: The shape of a lab's node lists: each cluster's number of nodes.
+_Shape = tuple[int, ...]
 
 
 class LabError(Exception):
@@ -222,6 +224,10 @@ class LabState:
     #: ``lab up --relays K``: K fabric-relay processes beside the reflector; agent i's session goes
     #: through relay i mod K (:func:`tools.lab.procs.start_relay`). One record per relay.
     relay_procs: list[ProcRecord | None] = dataclasses.field(default_factory=list)
+    #: :meth:`place`'s index, not state (never saved, compared or printed): the shape it was built
+    #: from and node key -> (cluster's index, index in its cluster, place in the lab).
+    _places: tuple[_Shape, dict[str, tuple[int, int, int]]] | None = dataclasses.field(
+        default=None, init=False, repr=False, compare=False)
 
     @property
     def host_cluster(self) -> ClusterRecord | None:
@@ -258,7 +264,36 @@ class LabState:
         i mod K, i the node's place in the lab, so the relays share the nodes evenly."""
         if not self.relay_procs:
             return self.reflector_address
-        return self.relay_address([n.key for n in self.nodes()].index(key) % len(self.relay_procs))
+        return self.relay_address(self.place(key) % len(self.relay_procs))
+
+    def place(self, key: str) -> int:
+        """Node ``key``'s place in the lab (its index in :meth:`nodes`; the first one for a key
+        listed twice), raising ValueError for a key the lab does not have.
+
+        Why an index: ``lab status`` asks for every node, and scanning the nodes each time made it
+        quadratic. A place follows from a node's position (its cluster, its index there) and the
+        lengths of the clusters' node lists, so the index is rebuilt whenever either may be stale:
+        when the lengths differ from those it was built with (compared on every call: one number
+        per cluster), or the node is not found at its recorded position (replaced or renamed).
+        """
+        shape = tuple(len(c.nodes) for c in self.clusters)
+        if self._places is None or self._places[0] != shape:
+            self._places = (shape, self._index())
+        hit = self._places[1].get(key)
+        if hit is None or self.clusters[hit[0]].nodes[hit[1]].key != key:
+            # Unknown, or a node replaced or renamed in place since the index was built.
+            self._places = (shape, self._index())
+            hit = self._places[1].get(key)
+            if hit is None:
+                raise ValueError(f"node {key!r} is not in lab {self.name!r}")
+        return hit[2]
+
+    def _index(self) -> dict[str, tuple[int, int, int]]:
+        places: dict[str, tuple[int, int, int]] = {}
+        for i, (ci, ni, n) in enumerate((ci, ni, n) for ci, c in enumerate(self.clusters)
+                                        for ni, n in enumerate(c.nodes)):
+            places.setdefault(n.key, (ci, ni, i))
+        return places
 
     def nodes(self) -> Iterator[NodeRecord]:
         for c in self.clusters:
@@ -273,7 +308,9 @@ class LabState:
         return [*pods, *(n.netns for n in self.nodes()), self.ul_netns]
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        doc = dataclasses.asdict(dataclasses.replace(self))  # replace: a copy without the index
+        del doc["_places"]
+        return doc
 
     @classmethod
     def from_json(cls, doc: Any) -> LabState:
