@@ -9,8 +9,8 @@ review the diff. Every case is also decoded back and compared with the plain val
 from __future__ import annotations
 
 import json
-import random
 import os
+import random
 from pathlib import Path
 from typing import Any
 
