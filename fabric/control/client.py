@@ -224,9 +224,15 @@ class SyncStream:
     builds the sorted :class:`~fabric.types.NodeState`.
     """
 
-    def __init__(self, who: str, *, removals_must_exist: bool = False) -> None:
+    def __init__(
+        self, who: str, *, removals_must_exist: bool = False, decoder: codec.EntryDecoder | None = None
+    ) -> None:
         self.who = who
         self.removals_must_exist = removals_must_exist
+        #: Decoded entries by their bytes (codec.EntryDecoder): an agent keeps one across its
+        #: sessions, so a resync snapshot after a reconnect is mostly lookups; the benchmark's
+        #: light agents share one per worker process.
+        self.decoder = decoder if decoder is not None else codec.EntryDecoder()
         #: Entries by key: the snapshot so far, then the complete state as of :attr:`version`.
         self.entries: dict[str, types.Entry] = {}
         self.epoch = ""
@@ -252,9 +258,10 @@ class SyncStream:
             return Keepalive(msg.keepalive.interval_ms / 1000.0)
         if kind == "snapshot":
             self._order.snapshot_chunk()
+            keyed, entries = self.decoder.keyed, self.entries
             for e in msg.snapshot.entries:
-                entry = codec.entry_from_pb(e)
-                self.entries[types.entry_key(entry)] = entry
+                key, entry = keyed(e)
+                entries[key] = entry
             return None
         if kind == "end_of_snapshot":
             self._order.end_of_snapshot(msg.end_of_snapshot.version)
@@ -263,12 +270,13 @@ class SyncStream:
         if kind == "delta":
             version = msg.delta.version
             self._order.delta(version)  # the stream is unusable once anything below raises
-            delta = codec.delta_from_pb(msg.delta)
+            upserts = [self.decoder.keyed(e) for e in msg.delta.upserts]
+            delta = types.StateDelta(upserts=tuple(e for _, e in upserts), removals=tuple(msg.delta.removals))
             for k in delta.removals:
                 if self.entries.pop(k, None) is None and self.removals_must_exist:
                     raise self._order.violation(f"delta {version} removes {k!r}, which was never sent")
-            for entry in delta.upserts:
-                self.entries[types.entry_key(entry)] = entry
+            for key, entry in upserts:
+                self.entries[key] = entry
             return Changed(delta, version)
         if kind == "rejected":
             return Refused(msg.rejected.reason, codec.rejection_reasons_from_pb(msg.rejected.codes))
@@ -334,6 +342,9 @@ class AgentSession:
         self._attempts = 0
         #: The current session got its END_OF_SNAPSHOT (resets the backoff when it ends).
         self._synced = False
+        #: Decoded entries by their bytes, kept across sessions: the snapshot after a reconnect
+        #: is mostly entries held already (codec.EntryDecoder).
+        self._decoder = codec.EntryDecoder()
         #: The class of each refusal of the last ``Rejected`` (set before ``on_rejected`` runs).
         self.rejected_for: tuple[api.RejectionReason, ...] = ()
         #: Probed peers that do not answer (sent on change and again on every new session).
@@ -431,7 +442,7 @@ class AgentSession:
         self._call = call = stub.SyncNode(self._requests(outbox))
         cadence = _Cadence(self.keepalive_interval)
         ticker = asyncio.create_task(self._keepalives(outbox, cadence))
-        stream = SyncStream(f"node {self.announcement.key} from {self.target}")
+        stream = SyncStream(f"node {self.announcement.key} from {self.target}", decoder=self._decoder)
         try:
             while True:
                 hold = DEAD_AFTER_INTERVALS * cadence.peer

@@ -99,6 +99,41 @@ def entry_to_pb(entry: types.Entry) -> pb.Entry:
     raise TypeError(f"not a NodeState entry: {entry!r}")
 
 
+#: Entries an :class:`EntryDecoder` holds before it starts over.
+ENTRY_DECODER_LIMIT = 1 << 17
+
+
+class EntryDecoder:
+    """Decoded entries by their wire bytes, for the receiving side: an entry that comes again
+    (the snapshot of a session that reconnected, an entry moved between deltas; in the control
+    benchmark, the same routes to the thousands of simulated agents of one process) is looked
+    up instead of decoded, and is the very object decoded the first time (equal entries share
+    memory). Holds at most ``limit`` entries, then starts over."""
+
+    def __init__(self, limit: int = ENTRY_DECODER_LIMIT) -> None:
+        self.limit = limit
+        self._held: dict[bytes, tuple[str, types.Entry]] = {}
+        #: Entries decoded (lookups that missed), cumulative.
+        self.decoded = 0
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def keyed(self, msg: pb.Entry) -> tuple[str, types.Entry]:
+        """``(types.entry_key(entry), entry)`` of ``msg``; raises :class:`DecodeError` as
+        :func:`entry_from_pb` does."""
+        data = msg.SerializeToString()
+        held = self._held.get(data)
+        if held is None:
+            entry = entry_from_pb(msg)
+            held = (types.entry_key(entry), entry)
+            if len(self._held) >= self.limit:
+                self._held.clear()
+            self._held[data] = held
+            self.decoded += 1
+        return held
+
+
 def entry_from_pb(msg: pb.Entry) -> types.Entry:
     kind = msg.WhichOneof("entry")
     if kind == "device":

@@ -206,3 +206,26 @@ def test_removal_of_an_unknown_entry_only_counts_when_asked() -> None:
     with pytest.raises(client.ProtocolViolation) as exc:
         feed_all(client.SyncStream("bench agent", removals_must_exist=True), msgs)
     assert "delta 6 removes 'route/10.99.0.0/24', which was never sent" in str(exc.value)
+
+
+def test_a_shared_decoder_decodes_each_entry_once() -> None:
+    """Streams sharing an EntryDecoder (an agent across its sessions, the benchmark's agents of
+    one worker) decode an entry once: a later snapshot or delta carrying it gets the very object
+    decoded first, and each stream's state is still its own."""
+    dec = codec.EntryDecoder()
+    a, b = client.SyncStream("a", decoder=dec), client.SyncStream("b", decoder=dec)
+    feed_all(a, [*snapshot(5, X, Y), delta(6, removals=["route/10.20.2.0/24"])])
+    feed_all(b, [*snapshot(3, X), delta(4, upserts=[Y])])
+    assert dec.decoded == 2 and len(dec) == 2
+    assert a.entries["route/10.20.1.0/24"] is b.entries["route/10.20.1.0/24"]
+    assert a.state == types.NodeState.from_entries([X]) and b.state == types.NodeState.from_entries([X, Y])
+
+
+def test_decoder_starts_over_at_its_limit_and_still_decodes_correctly() -> None:
+    dec = codec.EntryDecoder(limit=2)
+    routes = [types.RouteEntry(f"10.20.{i}.0/24", "100.82.0.1", "vx-bridge") for i in range(5)]
+    for r in routes:
+        assert dec.keyed(codec.entry_to_pb(r)) == (types.entry_key(r), r)
+    assert len(dec) <= 2 and dec.decoded == 5
+    with pytest.raises(codec.DecodeError, match="no device, peer or route"):
+        dec.keyed(pb.Entry())
