@@ -60,6 +60,15 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_send_message_length", bounds.Limits().max_receive_message_bytes),
 ]
 DEAD_AFTER_INTERVALS = 3
+#: How long a new session waits for the reflector's first message (its admission: a keepalive
+#: at once) before giving up, when that is longer than the keepalive hold. A reflector that
+#: has not picked up a new stream yet is not dead: after a restart all agents reconnect at
+#: once, and even a bare grpc.aio server took 14-17 s to take up 10,000 streams (issue 21,
+#: BENCHMARKS.md); agents that gave up after 3 keepalives (6 s by default) and came back
+#: multiplied the streams it had to take up. gRPC's server cancels a stream it has not taken up
+#: within 30 s (grpc.server_max_unrequested_time_in_server), and HTTP/2 keepalive pings
+#: (CHANNEL_OPTIONS) detect a dead connection in 15 s, so this only bounds what both miss.
+ADMISSION_WAIT_S = 35.0
 
 
 class ReflectorUnavailable(Exception):
@@ -443,14 +452,20 @@ class AgentSession:
         cadence = _Cadence(self.keepalive_interval)
         ticker = asyncio.create_task(self._keepalives(outbox, cadence))
         stream = SyncStream(f"node {self.announcement.key} from {self.target}", decoder=self._decoder)
+        admitted = False
         try:
             while True:
                 hold = DEAD_AFTER_INTERVALS * cadence.peer
+                if not admitted:
+                    hold = max(hold, ADMISSION_WAIT_S)
                 try:
                     async with asyncio.timeout(hold):
                         msg = await call.read()
                 except TimeoutError:
+                    if not admitted:
+                        raise _SessionEnded(f"not admitted: the reflector sent nothing for {hold:g}s") from None
                     raise _SessionEnded(f"keepalive timeout: reflector silent for {hold:g}s") from None
+                admitted = True
                 if msg is grpc.aio.EOF:
                     status = await call.code()
                     details = await call.details()

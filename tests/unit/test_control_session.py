@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import time
 from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
@@ -474,3 +475,86 @@ def test_agent_reconnects_after_reflector_restart() -> None:
     run(body())
 
 
+
+
+class _SlowAdmitter:
+    """A scripted SyncNode server that takes ``delay`` seconds to send a session's first
+    message (a reflector whose loop is busy taking up thousands of streams), then a keepalive
+    and an empty snapshot, then nothing (``delay`` None: never anything)."""
+
+    def __init__(self, delay: float | None) -> None:
+        self.delay = delay
+        self.sessions = 0
+
+    async def sync(self, requests: AsyncIterator[pb.SyncNodeRequest], context: Any) -> AsyncIterator[Any]:
+        self.sessions += 1
+        await anext(aiter(requests))
+        if self.delay is None:
+            await asyncio.Event().wait()
+        await asyncio.sleep(self.delay)
+        yield pb.SyncNodeResponse(keepalive=codec.keepalive_message(KEEPALIVE))
+        for msg in codec.snapshot_messages(types.NodeState(), 1, "slow"):
+            yield msg
+        await asyncio.Event().wait()
+
+    async def serve(self) -> tuple[grpc.aio.Server, str]:
+        service = pb.DESCRIPTOR.services_by_name["Fabric"].full_name
+        handler = grpc.stream_stream_rpc_method_handler(
+            self.sync, request_deserializer=pb.SyncNodeRequest.FromString,
+            response_serializer=pb.SyncNodeResponse.SerializeToString,
+        )  # fmt: skip
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(service, {"SyncNode": handler})])
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, f"127.0.0.1:{port}"
+
+
+def test_agent_waits_for_admission_longer_than_its_keepalive_hold() -> None:
+    """A reflector slow to take up a new stream (1 s, against a hold of 3 x 0.1 s) is waited for:
+    the first session gets its snapshot, no second one is opened (issue 21: agents that gave
+    up after 3 keepalives multiplied the streams a busy reflector had to take up)."""
+
+    async def body() -> None:
+        slow = _SlowAdmitter(1.0)
+        server, target = await slow.serve()
+        rec = Recorder()
+        s = client.AgentSession(target, E1, rec, keepalive_interval=KEEPALIVE, backoff=(0.05, 0.2))
+        rec.session = s
+        task = asyncio.create_task(s.run())
+        try:
+            await wait_until_async(
+                lambda: s.version == 1 and rec.count("snapshot") == 1, 5, "the slowly admitted session's snapshot"
+            )
+            assert slow.sessions == 1
+        finally:
+            await s.close()
+            await asyncio.wait_for(task, 2)
+            await server.stop(None)
+
+    run(body())
+
+
+def test_agent_gives_up_a_session_never_admitted(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The wait for admission is bounded (ADMISSION_WAIT_S): a stream the server never answers
+    ends, naming why, and the agent opens another."""
+    monkeypatch.setattr(client, "ADMISSION_WAIT_S", 0.5)
+
+    async def body() -> None:
+        silent = _SlowAdmitter(None)
+        server, target = await silent.serve()
+        rec = Recorder()
+        s = client.AgentSession(target, E1, rec, keepalive_interval=KEEPALIVE, backoff=(0.05, 0.1))
+        task = asyncio.create_task(s.run())
+        try:
+            await wait_until_async(lambda: silent.sessions >= 2, 5, "a second session after the first was not admitted")
+        finally:
+            await s.close()
+            await asyncio.wait_for(task, 2)
+            await server.stop(None)
+
+    caplog.set_level(logging.INFO, logger="fabric.control.client")
+    run(body())
+    assert "not admitted: the reflector sent nothing for 0.5s" in caplog.text
