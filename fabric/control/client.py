@@ -15,7 +15,8 @@ AgentSession, one per agent, forever:
    or a delta version that does not increase is a protocol violation that ends the session
    (logged, counted in ``protocol_violations``), and the next one starts from a fresh snapshot;
 5. on any failure (connection refused, stream broken, reflector silent for 3 keepalive
-   intervals, Rejected) tell the handler, wait a jittered exponential backoff and start over.
+   intervals once it admitted the session, or for :data:`ADMISSION_WAIT_S` before, Rejected)
+   tell the handler, wait a jittered exponential backoff and start over.
    Connection problems never escape :meth:`AgentSession.run`; handler exceptions do (they are
    bugs of the agent, and the agent crashing into a clean resync is the designed reaction).
 
