@@ -52,6 +52,7 @@ def status_doc(state: LabState, status: api.FabricStatus | None, error: str | No
     if status is not None and status.rejections:
         doc["rejections"] = [{"source": r.source, "reason": r.reason} for r in status.rejections]
     live = {c.name: c for c in status.clusters} if status is not None else {}
+    session_via = state.session_targets()
     for c in state.clusters:
         lc = live.get(c.name)
         nodes = []
@@ -68,7 +69,7 @@ def status_doc(state: LabState, status: api.FabricStatus | None, error: str | No
                     # Restarts of a crashed agent by the lab's supervisor (tools.lab.supervisor).
                     "agent_restarts": state.restarts.get(f"agent/{n.key}", 0),
                     # Where the agent holds its session: the reflector, or its relay (--relays).
-                    "session_via": state.session_target(n.key),
+                    "session_via": session_via[n.key],
                     "in_sync": bool(ns and ns.in_sync),
                     "connected": bool(ns and ns.connected),
                     "planned_version": ns.planned_version if ns else None,

@@ -46,8 +46,6 @@ _LAB_NAME = re.compile(r"^[a-z0-9]{1,12}$")
 IFNAMSIZ = 15
 
 Progress = Callable[[str], None]
-#: The shape of a lab's node lists: each cluster's number of nodes.
-_Shape = tuple[int, ...]
 
 
 class LabError(Exception):
@@ -224,10 +222,6 @@ class LabState:
     #: ``lab up --relays K``: K fabric-relay processes beside the reflector; agent i's session goes
     #: through relay i mod K (:func:`tools.lab.procs.start_relay`). One record per relay.
     relay_procs: list[ProcRecord | None] = dataclasses.field(default_factory=list)
-    #: :meth:`place`'s index, not state (never saved, compared or printed): the shape it was built
-    #: from and node key -> (cluster's index, index in its cluster, place in the lab).
-    _places: tuple[_Shape, dict[str, tuple[int, int, int]]] | None = dataclasses.field(
-        default=None, init=False, repr=False, compare=False)
 
     @property
     def host_cluster(self) -> ClusterRecord | None:
@@ -259,41 +253,23 @@ class LabState:
         """Where relay ``index`` listens for agents (the gateway, from port 7947 up)."""
         return f"{self.gateway}:{api.DEFAULT_RELAY_PORT + index}"
 
+    def session_targets(self) -> dict[str, str]:
+        """Where each node's agent holds its session, by node key: the reflector, or (``--relays
+        K``) relay i mod K, i the node's place in :meth:`nodes` (the first one for a key listed
+        twice), so the relays share the nodes evenly. One pass over the nodes: ``lab status``
+        asks for every node, and a place is a position, so nothing is cached to go stale."""
+        k = len(self.relay_procs)
+        out: dict[str, str] = {}
+        for i, n in enumerate(self.nodes()):
+            out.setdefault(n.key, self.relay_address(i % k) if k else self.reflector_address)
+        return out
+
     def session_target(self, key: str) -> str:
-        """Where node ``key``'s agent holds its session: the reflector, or (``--relays K``) relay
-        i mod K, i the node's place in the lab, so the relays share the nodes evenly."""
-        if not self.relay_procs:
-            return self.reflector_address
-        return self.relay_address(self.place(key) % len(self.relay_procs))
-
-    def place(self, key: str) -> int:
-        """Node ``key``'s place in the lab (its index in :meth:`nodes`; the first one for a key
-        listed twice), raising ValueError for a key the lab does not have.
-
-        Why an index: ``lab status`` asks for every node, and scanning the nodes each time made it
-        quadratic. A place follows from a node's position (its cluster, its index there) and the
-        lengths of the clusters' node lists, so the index is rebuilt whenever either may be stale:
-        when the lengths differ from those it was built with (compared on every call: one number
-        per cluster), or the node is not found at its recorded position (replaced or renamed).
-        """
-        shape = tuple(len(c.nodes) for c in self.clusters)
-        if self._places is None or self._places[0] != shape:
-            self._places = (shape, self._index())
-        hit = self._places[1].get(key)
-        if hit is None or self.clusters[hit[0]].nodes[hit[1]].key != key:
-            # Unknown, or a node replaced or renamed in place since the index was built.
-            self._places = (shape, self._index())
-            hit = self._places[1].get(key)
-            if hit is None:
-                raise ValueError(f"node {key!r} is not in lab {self.name!r}")
-        return hit[2]
-
-    def _index(self) -> dict[str, tuple[int, int, int]]:
-        places: dict[str, tuple[int, int, int]] = {}
-        for i, (ci, ni, n) in enumerate((ci, ni, n) for ci, c in enumerate(self.clusters)
-                                        for ni, n in enumerate(c.nodes)):
-            places.setdefault(n.key, (ci, ni, i))
-        return places
+        """:meth:`session_targets` of one node; ValueError for a key the lab does not have."""
+        try:
+            return self.session_targets()[key]
+        except KeyError:
+            raise ValueError(f"node {key!r} is not in lab {self.name!r}") from None
 
     def nodes(self) -> Iterator[NodeRecord]:
         for c in self.clusters:
@@ -308,9 +284,7 @@ class LabState:
         return [*pods, *(n.netns for n in self.nodes()), self.ul_netns]
 
     def to_json(self) -> dict[str, Any]:
-        doc = dataclasses.asdict(dataclasses.replace(self))  # replace: a copy without the index
-        del doc["_places"]
-        return doc
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_json(cls, doc: Any) -> LabState:

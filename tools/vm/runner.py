@@ -227,8 +227,7 @@ def plan_lab(name: str, topo_doc: dict[str, Any], source: str, reflector_ip: str
         raise LabUsageError(str(e)) from None
     lab = planning.plan(name, topo)
     lab.gateway = reflector_ip  # LabState.reflector_address is "<gateway>:<port>"
-    # The constructor's fields only: LabState keeps a lookup index as a field set after init.
-    return _VMLab(**{f.name: getattr(lab, f.name) for f in dataclasses.fields(lab) if f.init})
+    return _VMLab(**{f.name: getattr(lab, f.name) for f in dataclasses.fields(lab)})
 
 
 @dataclasses.dataclass
