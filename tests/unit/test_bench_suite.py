@@ -222,3 +222,30 @@ def test_control_changes_are_spaced_beyond_the_longest_coalescing_window() -> No
     from tools.bench.control import params as bench_params
 
     assert bench_params.QUIET_S > reflector.DEFAULT_MAX_COALESCE_WINDOW_S
+
+
+def test_control_agents_count_each_retry_by_the_status_that_failed_it() -> None:
+    """A stream failed before admission is retried, and the note names why gRPC failed it (a
+    refusal of a full backlog and a 30 s cancellation call for different cures)."""
+    import asyncio
+
+    from tools.bench.control import agents, driver
+    from tools.bench.control import shapes as bench_shapes
+
+    worker = agents._Worker(bench_shapes.Shape("p2p", 2), "unix:/nonexistent", "fabric", 0, 1)
+    failures = ["RESOURCE_EXHAUSTED: Too many pending requests for this server"] * 2 + ["CANCELLED: Cancelled"]
+
+    async def agent(i: int, channel: object) -> None:
+        if failures:
+            cause = failures.pop(0)
+            raise agents.NotAdmitted(f"agent {i}: {cause}", cause)
+
+    worker.agent = agent  # type: ignore[method-assign]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("fabric.backoff.Backoff.next", lambda self: 0.0)
+        asyncio.run(worker.agent_with_retries(0, None))
+    assert worker.retries == 3
+    assert worker.retry_causes == {"RESOURCE_EXHAUSTED: Too many pending requests for this server": 2,
+                                   "CANCELLED: Cancelled": 1}  # fmt: skip
+    assert driver._causes(dict(worker.retry_causes)) == (
+        "2 'RESOURCE_EXHAUSTED: Too many pending requests for this server'; 1 'CANCELLED: Cancelled'")

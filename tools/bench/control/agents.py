@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -66,9 +67,17 @@ class AgentError(Exception):
 class NotAdmitted(AgentError):
     """The stream failed before the snapshot arrived: like the real AgentSession, retry later.
 
-    Seen when the reflector's event loop is too busy to pick up new streams: gRPC core cancels
-    an RPC the application has not accepted within 30 s (server_max_unrequested_time_in_server).
+    Seen when the server's event loop is too busy to pick up new streams: gRPC core cancels a
+    stream the application has not taken up within 30 s
+    (``grpc.server_max_unrequested_time_in_server``) and can refuse new ones while too many wait
+    (RESOURCE_EXHAUSTED, ``grpc.server.max_pending_requests``); bring-ups here also saw INTERNAL.
+    ``cause`` tells them apart in the benchmark's note, since each calls for a different cure.
     """
+
+    def __init__(self, message: str, cause: str) -> None:
+        super().__init__(message)
+        #: The status code and the start of its details, e.g. "CANCELLED: CANCELLED".
+        self.cause = cause
 
 
 class _Worker:
@@ -117,6 +126,8 @@ class _Worker:
         self.leaving: set[int] = set()
         #: Streams that failed before their snapshot and were retried.
         self.retries = 0
+        #: Retries by what failed the stream (NotAdmitted.cause).
+        self.retry_causes: collections.Counter[str] = collections.Counter()
 
     def emit(self, **ev: Any) -> None:
         sys.stdout.write(json.dumps(ev) + "\n")
@@ -176,7 +187,7 @@ class _Worker:
                         on_ready.set_result(time.monotonic())
                     self.ready += 1
                     if self.ready == self.count and on_ready is None:
-                        self.emit(ev="ready", n=self.count, retries=self.retries)
+                        self.emit(ev="ready", n=self.count, retries=self.retries, causes=dict(self.retry_causes))
                 elif isinstance(ev, client.Changed):
                     outbox.put_nowait(pb.SyncNodeRequest(applied=pb.Applied(version=ev.version)))
                     self._applied(i, ev.version, time.monotonic())
@@ -186,7 +197,8 @@ class _Worker:
             if e.code() == grpc.StatusCode.CANCELLED and i in self.leaving:
                 return
             if not stream.synced:
-                raise NotAdmitted(f"agent {ann.key}: {e.code().name}: {e.details()}") from e
+                cause = f"{e.code().name}: {(e.details() or '')[:80]}"
+                raise NotAdmitted(f"agent {ann.key}: {cause}", cause) from e
             raise AgentError(f"agent {ann.key}: stream failed: {e.code().name}: {e.details()}") from e
         finally:
             self.calls.pop(i, None)
@@ -201,8 +213,9 @@ class _Worker:
             try:
                 await self.agent(i, channel)
                 return
-            except NotAdmitted:
+            except NotAdmitted as e:
                 self.retries += 1
+                self.retry_causes[e.cause] += 1
                 await asyncio.sleep(backoff.next())
 
     def _applied(self, i: int, version: int, stamp: float) -> None:

@@ -98,8 +98,10 @@ class Phase:
     """One server kind at one shape and N: bring-up, memory, and per change times and CPU."""
 
     bringup_s: float = 0.0
-    #: Agent streams cancelled before admission during bring-up and retried.
+    #: Agent streams failed before admission during bring-up and retried, and how many of them
+    #: each status failed (agents.NotAdmitted.cause).
     retries: int = 0
+    retry_causes: dict[str, int] = dataclasses.field(default_factory=dict)
     rss_per_agent_kib: float = 0.0
     #: Agents whose plan each change changes (the ones fan-out waits for).
     affected: int = 0
@@ -150,6 +152,7 @@ class _Run:
         self.firsts: dict[str, int] = {}
         self.counts: dict[str, int] = {}
         self.retries = 0
+        self.retry_causes: dict[str, int] = {}
         #: Agents each change affects, in total (what wait_applied waits for); set by arm().
         self.expected = 0
         self.pending: dict[int, dict[str, Any]] = {}  # version -> {"n": agents, "t": last stamp}
@@ -297,6 +300,8 @@ class _Run:
                     ready.add(src)
                     progress[src] = self.counts[src]
                     self.retries += int(ev.get("retries", 0))
+                    for cause, count in ev.get("causes", {}).items():
+                        self.retry_causes[cause] = self.retry_causes.get(cause, 0) + int(count)
                 elif ev["ev"] == "progress":
                     progress[src] = int(ev["ready"])
             if now - last_report >= 10:
@@ -458,6 +463,7 @@ def _phase(
             out.bringup_cpu_per_agent_ms = (run.server_cpu_ms() - cpu0) / n
             out.relays_bringup_cpu_s = run.relays_cpu_s() - relays_cpu0
             out.retries = run.retries
+            out.retry_causes = dict(run.retry_causes)
             if mode == "fabric":
                 out.settle_s, generation, roles = _settle(run.sock, n, what, budget_s, run.status_tls)
                 run.end_profile_part()
@@ -563,9 +569,8 @@ def run(opts: bc.Options) -> bc.Report:
                                 *((v, f"{v.relays} fabric-relays") for v in vias)):  # fmt: skip
                 if phase is not None and phase.retries:
                     report.notes.append(
-                        f"{shape.label}: during bring-up, {phase.retries} agent streams to the {what} were cancelled "
-                        "before admission (gRPC cancels a stream the server's busy event loop has not accepted within "
-                        "30 s) and were retried with backoff, as real agents do"
+                        f"{shape.label}: during bring-up, {phase.retries} agent streams to the {what} failed before "
+                        f"admission ({_causes(phase.retry_causes)}) and were retried with backoff, as real agents do"
                     )
     report.notes.append(
         "fanout = ms from the change (joiner opens/cancels its stream; baseline: trigger RPC) to the last affected "
@@ -626,6 +631,13 @@ def _relay_figures(report: bc.Report, shape: Shape, via: Phase, direct: Phase | 
         "relays*_ figures: the relay phase, baseline the direct phase of the same run (every process on this "
         "machine's shared cores)"
     )
+
+
+def _causes(causes: dict[str, int]) -> str:
+    """A phase's retry causes for its note (agents.NotAdmitted.cause), most frequent first."""
+    if not causes:
+        return "status not recorded"
+    return "; ".join(f"{count:,} {cause!r}" for cause, count in sorted(causes.items(), key=lambda kv: -kv[1]))
 
 
 def _shape_note(shape: Shape, ours: Phase) -> str:
