@@ -102,6 +102,19 @@ plus a subset of the joins, with the roles the unbounded flush would have electe
 nothing is deferred the plans are exactly those of the unbounded flushes (a unit test compares
 the two over random join sequences).
 
+Pacing. A flush with only new nodes pending (a join, or the next slice of a bring-up's deferred
+ones) also waits, after the end of the last flush, as long as that flush's fan-out took (from
+queueing its deltas to the last affected agent's Applied; at most ``MAX_FANOUT_PACE_S``). Why:
+a fan-out costs the loop a write and an ``Applied`` read per synced agent, and gRPC hands the
+server a new stream only as the same loop turns (a few turns per stream, measured by
+``tools.bench.control.accept``). Without pacing, the joins that came late in a bring-up were
+each flushed alone, each a fan-out to every synced agent, which kept the loop too busy to take
+up the next stream: a bring-up of 3,000 agents in the gateway shape crawled at 1.5 joins per
+second for minutes. Paced, the streams that arrive during a fan-out are taken up after it and
+adopted together. Withdrawals, changed announcements, reconnects, role moves and configuration
+changes are not paced (and one of them moves a paced flush forward); a join after a quiet
+period goes out at once, as before.
+
 Planning is incremental (:class:`~fabric.control.incremental.IncrementalPlanner`): a flush costs
 O(nodes) cheap compares to find the sources that changed, then per node only the plan parts of
 those sources (computed once per viewer class), so a join costs O(1) planner work per node, not
@@ -252,6 +265,9 @@ DEFAULT_FLUSH_SLICE_S = 0.5
 #: New nodes a flush adopts before the cost of one is known (the first flush after a start or a
 #: startup hold): enough to measure it, few enough to keep that flush short at any scale.
 FIRST_FLUSH_JOINS = 64
+#: The longest a flush of new nodes waits for the last generation's fan-out (see "Pacing"):
+#: bounds what a slow or stuck agent's late Applied can add to a join's latency.
+MAX_FANOUT_PACE_S = 5.0
 #: Topology changes whose fan-out is timed at once (older ones are dropped unobserved).
 MAX_FANOUT_TRACKED = 256
 #: How long the peer reports of an agent that was cut off are held back once it is heard from
@@ -486,6 +502,11 @@ class Reflector:
         self._flush_handle: asyncio.Handle | None = None
         self._last_flush_end = float("-inf")
         self._last_flush_cost = 0.0
+        #: How long the last generation whose every delta was applied took from its flush to its
+        #: last Applied (time.monotonic), and whether the scheduled flush is paced by it (see
+        #: "Pacing").
+        self._last_fanout_s = 0.0
+        self._flush_paced = False
         #: Nodes announced, changed or withdrawn since the last flush (for watchers), and nodes
         #: whose session waits for its snapshot from the next flush.
         self._changed: set[types.NodeKey] = set()
@@ -506,8 +527,9 @@ class Reflector:
         #: Fan-out in flight: generation -> (time of the change, synced nodes that were sent a
         #: delta for it and have not reported it applied yet). See ``fanout_lag``.
         self._fanout: dict[int, tuple[float, set[types.NodeKey]]] = {}
-        #: The generations of ``_fanout``, ascending.
+        #: The generations of ``_fanout``, ascending, and when each was queued (time.monotonic).
         self._fanout_order: list[int] = []
+        self._fanout_sent: dict[int, float] = {}
         self.fanout_lag = Histogram(
             "fabric_reflector_fanout_lag_seconds",
             "From a topology change to the report of the last agent it changed (each agent applied it)",
@@ -662,6 +684,7 @@ class Reflector:
         session.interval = self.keepalive_interval  # until the agent proposes its own
         self._send_keepalive(session)
         rec = self._nodes.get(key)
+        paced = rec is None  # only a brand-new node: see "Pacing"
         if rec is not None and rec.ann == ann:
             if rec.session is not None:
                 _log.info("node %s: new session from %s replaces session %d", key, session.peer, rec.session.id)
@@ -681,6 +704,8 @@ class Reflector:
             self._index.add(ann)
             if _node_in(self.topology, key) is None:
                 self._joining[key] = None
+            else:
+                paced = False  # a changed announcement of an adopted node
             self._changed.add(key)
             self._dirty = True
             _log.info(
@@ -698,7 +723,7 @@ class Reflector:
         if self.holding:
             self._maybe_release_hold()
         else:
-            self._schedule_flush()
+            self._schedule_flush(paced=paced)
         return None
 
     def _attach(self, rec: _NodeRecord, session: _Session) -> None:
@@ -778,12 +803,19 @@ class Reflector:
         rec.counters = session.counters
         _log.debug("node %s: snapshot of %d entries, version %d", rec.ann.key, len(state), rec.planned_version)
 
-    def _schedule_flush(self) -> None:
+    def _schedule_flush(self, paced: bool = False) -> None:
         """Flush pending changes soon: at once after a quiet period, else once the coalescing
-        window (or the duration of the last flush, if longer) has passed since the last one.
-        Without a running event loop (a synchronous caller: tests) the flush happens now."""
-        if self.holding or self._flush_handle is not None:
+        window (or the duration of the last flush, if longer) has passed since the last one;
+        ``paced`` (only new nodes are pending): also not before the last generation's fan-out
+        took, since the end of its flush (see "Pacing"). An unpaced change moves a paced flush
+        forward. Without a running event loop (a synchronous caller: tests) the flush happens now."""
+        if self.holding:
             return
+        if self._flush_handle is not None:
+            if paced or not self._flush_paced:
+                return
+            self._flush_handle.cancel()  # paced, and now something else is pending too
+            self._flush_handle = None
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -793,6 +825,9 @@ class Reflector:
         if since >= self._window:
             self._window = self.coalesce_window  # quiet for a whole window: back to the start
         wait = max(self._window, self._last_flush_cost) - since
+        if paced:
+            wait = max(wait, min(MAX_FANOUT_PACE_S, self._last_fanout_s) - since)
+        self._flush_paced = paced
         if wait > 0:
             self._window = min(self.max_coalesce_window, self._window * 2)
             self._flush_handle = loop.call_later(wait, self._flush)
@@ -864,9 +899,11 @@ class Reflector:
                     _log.debug("node %s: version %d remove %s", key, gen, k)
         if fanout:
             self._fanout[gen] = (self.clock(), fanout)
+            self._fanout_sent[gen] = time.monotonic()
             self._fanout_order.append(gen)  # generations only grow: stays sorted
             while len(self._fanout_order) > MAX_FANOUT_TRACKED:
-                del self._fanout[self._fanout_order.pop(0)]  # never completes (a stuck agent): stop waiting
+                dropped = self._fanout_order.pop(0)  # never completes (a stuck agent): stop waiting
+                del self._fanout[dropped], self._fanout_sent[dropped]
         if self._watchers and self._changed:
             before = {k: n for k in self._changed if (n := _node_in(old, k)) is not None}
             now = {k: n for k in self._changed if (n := _node_in(new, k)) is not None}  # not the deferred
@@ -896,7 +933,7 @@ class Reflector:
             len(messages), (end - started) * 1000, plan_s * 1000, change_s * 1000, snap_s * 1000,
         )  # fmt: skip
         if deferred:
-            self._schedule_flush()
+            self._schedule_flush(paced=True)
 
     def _bounded(
         self, pending: types.Topology, full: types.Topology, connected: frozenset[types.NodeKey],
@@ -1205,9 +1242,12 @@ class Reflector:
             pending.discard(key)
             if not pending:
                 del self._fanout[gen]
+                sent = self._fanout_sent.pop(gen, None)
                 order.remove(gen)
                 if version >= 0:
                     self.fanout_lag.observe(max(0.0, now - started))
+                    if sent is not None:
+                        self._last_fanout_s = time.monotonic() - sent
                 if not order and self.gc_policy is not None and self._loop is not None:
                     self._loop.call_soon(self._gc_poll)  # the last fan-out is done: maybe quiet now
 

@@ -335,3 +335,87 @@ def test_admission_proceeds_while_a_large_flush_is_pending() -> None:
         await refl.stop(0)
 
     asyncio.run(asyncio.wait_for(body(), 30))
+
+
+# --------------------------------------------------------------------------------------------
+# Pacing (reflector.py, "Pacing"; issue 21)
+# --------------------------------------------------------------------------------------------
+
+
+async def _synced_pair(refl: reflector.Reflector) -> Driver:
+    d = Driver(refl)
+    for c in ("east", "west"):
+        d.announce(_node(c, 1))
+    await d.settle()
+    d.check()
+    return d
+
+
+def test_the_fan_out_is_timed_from_its_deltas_to_the_last_applied() -> None:
+    async def body() -> None:
+        refl = reflector.Reflector(CONFIG, grace_period=100, startup_hold=0, coalesce_window=WINDOW)
+        d = await _synced_pair(refl)
+        d.announce(_node("east", 2))
+        await d.settle()
+        gen = refl.generation
+        affected = [a for k, a in d.agents.items() if k != _node("east", 2).key]
+        assert refl._fanout and refl._last_fanout_s == 0.0
+        await asyncio.sleep(0.05)
+        for a in affected[:-1]:
+            refl._on_applied(a.session, gen)
+        assert refl._last_fanout_s == 0.0, "timed before the last affected agent applied"
+        refl._on_applied(affected[-1].session, gen)
+        assert not refl._fanout and 0.05 <= refl._last_fanout_s < 5
+        await refl.stop(0)
+
+    asyncio.run(asyncio.wait_for(body(), 10))
+
+
+def test_a_join_waits_for_the_last_fan_out_and_another_change_does_not() -> None:
+    async def body() -> None:
+        refl = reflector.Reflector(CONFIG, grace_period=100, startup_hold=0, coalesce_window=WINDOW,
+                                   max_coalesce_window=4 * WINDOW)  # fmt: skip
+        d = await _synced_pair(refl)
+        gen = refl.generation
+        refl._last_fanout_s = 0.5  # the last generation took half a second to be applied everywhere
+        d.announce(_node("east", 2))  # a brand-new node: paced
+        handle = refl._flush_handle
+        assert isinstance(handle, asyncio.TimerHandle) and refl._flush_paced
+        assert handle.when() >= refl._last_flush_end + 0.5 - 1e-3
+        # A second join changes nothing; a changed announcement of a known node is not paced and
+        # takes the join with it, no later than the coalescing window.
+        d.announce(_node("west", 2))
+        assert refl._flush_handle is handle
+        moved = dataclasses.replace(_node("west", 1), underlay_ip="198.18.20.99")
+        d.announce(moved)
+        now = refl._flush_handle
+        assert now is not handle and not refl._flush_paced
+        unpaced = refl._last_flush_end + max(4 * WINDOW, refl._last_flush_cost) + 1e-3
+        assert not isinstance(now, asyncio.TimerHandle) or now.when() <= unpaced  # Handle: the next turn
+        await d.settle()
+        d.check()
+        assert refl.generation == gen + 1, "the joins and the change went out together"
+        # The pace is bounded: a fan-out that took a minute holds a join at most MAX_FANOUT_PACE_S.
+        refl._last_fanout_s = 60.0
+        d.announce(_node("east", 3))
+        assert isinstance(refl._flush_handle, asyncio.TimerHandle)
+        assert refl._flush_handle.when() <= refl._last_flush_end + reflector.MAX_FANOUT_PACE_S + 1e-3
+        await refl.stop(0)
+
+    asyncio.run(asyncio.wait_for(body(), 10))
+
+
+def test_a_lone_join_after_a_quiet_period_goes_out_at_once_even_after_a_slow_fan_out() -> None:
+    async def body() -> None:
+        refl = reflector.Reflector(CONFIG, grace_period=100, startup_hold=0, coalesce_window=WINDOW)
+        d = await _synced_pair(refl)
+        refl._last_fanout_s = 0.05
+        await asyncio.sleep(0.1)  # longer than that fan-out took
+        gen = refl.generation
+        d.announce(_node("east", 2))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert refl.generation == gen + 1
+        await refl.stop(0)
+
+    asyncio.run(asyncio.wait_for(body(), 10))
