@@ -103,17 +103,19 @@ nothing is deferred the plans are exactly those of the unbounded flushes (a unit
 the two over random join sequences).
 
 Pacing. A flush with only new nodes pending (a join, or the next slice of a bring-up's deferred
-ones) also waits, after the end of the last flush, as long as that flush's fan-out took (from
-queueing its deltas to the last affected agent's Applied; at most ``MAX_FANOUT_PACE_S``). Why:
-a fan-out costs the loop a write and an ``Applied`` read per synced agent, and gRPC hands the
-server a new stream only as the same loop turns (a few turns per stream, measured by
-``tools.bench.control.accept``). Without pacing, the joins that came late in a bring-up were
-each flushed alone, each a fan-out to every synced agent, which kept the loop too busy to take
-up the next stream: a bring-up of 3,000 agents in the gateway shape crawled at 1.5 joins per
-second for minutes. Paced, the streams that arrive during a fan-out are taken up after it and
-adopted together. Withdrawals, changed announcements, reconnects, role moves and configuration
-changes are not paced (and one of them moves a paced flush forward); a join after a quiet
-period goes out at once, as before.
+ones) also waits, after the end of the last flush, ``FANOUT_PACE`` times as long as that flush's
+fan-out took (from queueing its deltas to the last affected agent's Applied; at most
+``MAX_FANOUT_PACE_S``), and a bounded flush gives its joins at least as much planning time as
+that fan-out. Why: a fan-out costs the loop a write and an ``Applied`` read per synced agent
+(0.8 s of CPU at 3,000 agents), and gRPC hands the server a new stream only as the same loop
+turns (a few turns per stream, measured by ``tools.bench.control.accept``). Without pacing, the
+joins that came late in a bring-up were each flushed alone, about once a second (the longest
+coalescing window), each a fan-out to every synced agent, which kept the loop too busy to take
+up the next stream: a bring-up of 3,000 agents in the gateway shape once crawled at 1.5 joins a
+second for five minutes. Paced, the loop is free half the time to take up the streams that
+wait, and the next flush adopts them together. Withdrawals, changed announcements, reconnects,
+role moves and configuration changes are not paced (and one of them moves a paced flush
+forward); a join after a quiet period goes out at once, as before.
 
 Planning is incremental (:class:`~fabric.control.incremental.IncrementalPlanner`): a flush costs
 O(nodes) cheap compares to find the sources that changed, then per node only the plan parts of
@@ -265,6 +267,9 @@ DEFAULT_FLUSH_SLICE_S = 0.5
 #: New nodes a flush adopts before the cost of one is known (the first flush after a start or a
 #: startup hold): enough to measure it, few enough to keep that flush short at any scale.
 FIRST_FLUSH_JOINS = 64
+#: A flush of new nodes waits this many times the last generation's fan-out (see "Pacing"): 2
+#: leaves the loop as long again for taking up streams as the fan-out took.
+FANOUT_PACE = 2.0
 #: The longest a flush of new nodes waits for the last generation's fan-out (see "Pacing"):
 #: bounds what a slow or stuck agent's late Applied can add to a join's latency.
 MAX_FANOUT_PACE_S = 5.0
@@ -826,7 +831,7 @@ class Reflector:
             self._window = self.coalesce_window  # quiet for a whole window: back to the start
         wait = max(self._window, self._last_flush_cost) - since
         if paced:
-            wait = max(wait, min(MAX_FANOUT_PACE_S, self._last_fanout_s) - since)
+            wait = max(wait, min(MAX_FANOUT_PACE_S, FANOUT_PACE * self._last_fanout_s) - since)
         self._flush_paced = paced
         if wait > 0:
             self._window = min(self.max_coalesce_window, self._window * 2)
@@ -952,7 +957,9 @@ class Reflector:
         if self.flush_slice is None or not joining:
             joining.clear()
             return full, set()
-        budget = max(self.flush_slice, self._flush_fixed)  # the joins' share: at least half the flush
+        # The joins' share: at least as long as the rest of the flush, and as its deltas' fan-out
+        # (both grow with the synced agents, not with the joins adopted; see "Pacing").
+        budget = max(self.flush_slice, self._flush_fixed, self._last_fanout_s)
         take = FIRST_FLUSH_JOINS if self._join_cost <= 0 else max(1, int(budget / self._join_cost))
         if take >= len(joining):
             joining.clear()

@@ -381,7 +381,7 @@ def test_a_join_waits_for_the_last_fan_out_and_another_change_does_not() -> None
         d.announce(_node("east", 2))  # a brand-new node: paced
         handle = refl._flush_handle
         assert isinstance(handle, asyncio.TimerHandle) and refl._flush_paced
-        assert handle.when() >= refl._last_flush_end + 0.5 - 1e-3
+        assert handle.when() >= refl._last_flush_end + reflector.FANOUT_PACE * 0.5 - 1e-3
         # A second join changes nothing; a changed announcement of a known node is not paced and
         # takes the join with it, no later than the coalescing window.
         d.announce(_node("west", 2))
@@ -410,12 +410,35 @@ def test_a_lone_join_after_a_quiet_period_goes_out_at_once_even_after_a_slow_fan
         refl = reflector.Reflector(CONFIG, grace_period=100, startup_hold=0, coalesce_window=WINDOW)
         d = await _synced_pair(refl)
         refl._last_fanout_s = 0.05
-        await asyncio.sleep(0.1)  # longer than that fan-out took
+        await asyncio.sleep(0.05 * reflector.FANOUT_PACE + 0.05)  # longer than its pace
         gen = refl.generation
         d.announce(_node("east", 2))
         await asyncio.sleep(0)
         await asyncio.sleep(0)
         assert refl.generation == gen + 1
+        await refl.stop(0)
+
+    asyncio.run(asyncio.wait_for(body(), 10))
+
+
+def test_a_bounded_flush_gives_its_joins_as_long_as_the_last_fan_out() -> None:
+    async def body() -> None:
+        refl = reflector.Reflector(CONFIG, grace_period=100, startup_hold=0, coalesce_window=WINDOW)
+        d = Driver(refl)
+        for c in ("east", "west"):
+            for i in (1, 2):
+                d.announce(_node(c, i))
+        await d.settle()  # both clusters have an active and a standby gateway: joins move no role
+        _bounded(refl, 1)  # a slice of one join's planning cost
+        refl._last_fanout_s = 3.0  # and a fan-out that took three of them
+        storm = [_node(c, i) for i in range(3, 13) for c in ("east", "west")]
+        for ann in storm:
+            d.announce(ann)
+        refl._flush()
+        assert refl.deferred == len(storm) - 3
+        refl._last_fanout_s = 0.0
+        await d.settle()
+        d.check()
         await refl.stop(0)
 
     asyncio.run(asyncio.wait_for(body(), 10))
