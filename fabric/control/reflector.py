@@ -102,20 +102,22 @@ plus a subset of the joins, with the roles the unbounded flush would have electe
 nothing is deferred the plans are exactly those of the unbounded flushes (a unit test compares
 the two over random join sequences).
 
-Pacing. A flush with only new nodes pending (a join, or the next slice of a bring-up's deferred
-ones) also waits, after the end of the last flush, ``FANOUT_PACE`` times as long as that flush's
-fan-out took (from queueing its deltas to the last affected agent's Applied; at most
-``MAX_FANOUT_PACE_S``), and a bounded flush gives its joins at least as much planning time as
-that fan-out. Why: a fan-out costs the loop a write and an ``Applied`` read per synced agent
-(0.8 s of CPU at 3,000 agents), and gRPC hands the server a new stream only as the same loop
-turns (a few turns per stream, measured by ``tools.bench.control.accept``). Without pacing, the
-joins that came late in a bring-up were each flushed alone, about once a second (the longest
-coalescing window), each a fan-out to every synced agent, which kept the loop too busy to take
-up the next stream: a bring-up of 3,000 agents in the gateway shape once crawled at 1.5 joins a
-second for five minutes. Paced, the loop is free half the time to take up the streams that
-wait, and the next flush adopts them together. Withdrawals, changed announcements, reconnects,
-role moves and configuration changes are not paced (and one of them moves a paced flush
-forward); a join after a quiet period goes out at once, as before.
+Pacing. In a storm of joins (a brand-new node admitted within the pace of the previous one, or
+the next slice of a bring-up's deferred nodes), a flush with only new nodes pending also waits,
+after the end of the last flush, ``FANOUT_PACE`` times as long as that flush's fan-out took
+(from queueing its deltas to the last affected agent's Applied; at most ``MAX_FANOUT_PACE_S``),
+and a bounded flush gives its joins at least as much planning time as that fan-out. Why: a
+fan-out costs the loop a write and an ``Applied`` read per synced agent (0.8 s of CPU at 3,000
+agents), and gRPC hands the server a new stream only as the same loop turns (a few turns per
+stream, measured by ``tools.bench.control.accept``). Without pacing, the joins that came late in
+a bring-up were each flushed alone, each a fan-out to every synced agent, which kept the loop
+too busy to take up the next stream: a bring-up of 3,000 agents in the gateway shape once
+crawled at 1.5 joins a second for five minutes, and one of 10,000 had 6,095 agents in sync after
+400 s. Paced, the loop is free half the time to take up the streams that wait, and the next
+flush adopts them together. A lone join (none other within the pace) goes out at once, as
+before, so its latency does not pay for the last fan-out; withdrawals, changed announcements,
+reconnects, role moves and configuration changes are never paced, and one of them moves a paced
+flush forward.
 
 Planning is incremental (:class:`~fabric.control.incremental.IncrementalPlanner`): a flush costs
 O(nodes) cheap compares to find the sources that changed, then per node only the plan parts of
@@ -512,6 +514,8 @@ class Reflector:
         #: "Pacing").
         self._last_fanout_s = 0.0
         self._flush_paced = False
+        #: When the last brand-new node was admitted (time.monotonic; see "Pacing").
+        self._last_join_at = float("-inf")
         #: Nodes announced, changed or withdrawn since the last flush (for watchers), and nodes
         #: whose session waits for its snapshot from the next flush.
         self._changed: set[types.NodeKey] = set()
@@ -689,7 +693,7 @@ class Reflector:
         session.interval = self.keepalive_interval  # until the agent proposes its own
         self._send_keepalive(session)
         rec = self._nodes.get(key)
-        paced = rec is None  # only a brand-new node: see "Pacing"
+        paced = rec is None and self._join_storm()  # only a brand-new node in a storm: see "Pacing"
         if rec is not None and rec.ann == ann:
             if rec.session is not None:
                 _log.info("node %s: new session from %s replaces session %d", key, session.peer, rec.session.id)
@@ -811,9 +815,10 @@ class Reflector:
     def _schedule_flush(self, paced: bool = False) -> None:
         """Flush pending changes soon: at once after a quiet period, else once the coalescing
         window (or the duration of the last flush, if longer) has passed since the last one;
-        ``paced`` (only new nodes are pending): also not before the last generation's fan-out
-        took, since the end of its flush (see "Pacing"). An unpaced change moves a paced flush
-        forward. Without a running event loop (a synchronous caller: tests) the flush happens now."""
+        ``paced`` (only new nodes are pending, in a storm of joins): also not before
+        :meth:`_pace` since the end of the last flush (see "Pacing"). An unpaced change moves a
+        paced flush forward. Without a running event loop (a synchronous caller: tests) the
+        flush happens now."""
         if self.holding:
             return
         if self._flush_handle is not None:
@@ -831,13 +836,25 @@ class Reflector:
             self._window = self.coalesce_window  # quiet for a whole window: back to the start
         wait = max(self._window, self._last_flush_cost) - since
         if paced:
-            wait = max(wait, min(MAX_FANOUT_PACE_S, FANOUT_PACE * self._last_fanout_s) - since)
+            wait = max(wait, self._pace() - since)
         self._flush_paced = paced
         if wait > 0:
             self._window = min(self.max_coalesce_window, self._window * 2)
             self._flush_handle = loop.call_later(wait, self._flush)
         else:
             self._flush_handle = loop.call_soon(self._flush)
+
+    def _pace(self) -> float:
+        """How long after the end of a flush a paced one may follow (see "Pacing")."""
+        return min(MAX_FANOUT_PACE_S, FANOUT_PACE * self._last_fanout_s)
+
+    def _join_storm(self) -> bool:
+        """Note a brand-new node's admission; whether it came within :meth:`_pace` of the
+        previous one (joins arriving faster than a fan-out is worth flushing each for)."""
+        now = time.monotonic()
+        storm = now - self._last_join_at < self._pace()
+        self._last_join_at = now
+        return storm
 
     def _flush(self) -> None:
         """Adopt everything pending as one topology generation: elect gateways (after the

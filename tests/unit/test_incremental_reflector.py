@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
+import time
 
 import pytest
 
@@ -371,11 +372,11 @@ def test_the_fan_out_is_timed_from_its_deltas_to_the_last_applied() -> None:
     asyncio.run(asyncio.wait_for(body(), 10))
 
 
-def test_a_join_waits_for_the_last_fan_out_and_another_change_does_not() -> None:
+def test_a_join_in_a_storm_waits_for_the_last_fan_out_and_another_change_does_not() -> None:
     async def body() -> None:
         refl = reflector.Reflector(CONFIG, grace_period=100, startup_hold=0, coalesce_window=WINDOW,
                                    max_coalesce_window=4 * WINDOW)  # fmt: skip
-        d = await _synced_pair(refl)
+        d = await _synced_pair(refl)  # two joins just now: the next one is in a storm
         gen = refl.generation
         refl._last_fanout_s = 0.5  # the last generation took half a second to be applied everywhere
         d.announce(_node("east", 2))  # a brand-new node: paced
@@ -405,14 +406,19 @@ def test_a_join_waits_for_the_last_fan_out_and_another_change_does_not() -> None
     asyncio.run(asyncio.wait_for(body(), 10))
 
 
-def test_a_lone_join_after_a_quiet_period_goes_out_at_once_even_after_a_slow_fan_out() -> None:
+def test_a_lone_join_goes_out_at_once_even_right_after_a_flush_that_followed_a_slow_fan_out() -> None:
     async def body() -> None:
         refl = reflector.Reflector(CONFIG, grace_period=100, startup_hold=0, coalesce_window=WINDOW)
         d = await _synced_pair(refl)
-        refl._last_fanout_s = 0.05
-        await asyncio.sleep(0.05 * reflector.FANOUT_PACE + 0.05)  # longer than its pace
+        refl._last_fanout_s = 0.2  # a pace of 0.4 s
+        await asyncio.sleep(0.5)  # the last join is older than the pace
+        d.disconnect(_node("west", 1).key)
+        refl._withdraw(_node("west", 1).key)  # a flush now: the join below comes right after it
+        await d.settle()
         gen = refl.generation
+        assert time.monotonic() - refl._last_flush_end < 0.4, "the test needs a join within the pace of a flush"
         d.announce(_node("east", 2))
+        assert not refl._flush_paced
         await asyncio.sleep(0)
         await asyncio.sleep(0)
         assert refl.generation == gen + 1
