@@ -925,7 +925,8 @@ class Reflector:
             self._fanout_order.append(gen)  # generations only grow: stays sorted
             while len(self._fanout_order) > MAX_FANOUT_TRACKED:
                 dropped = self._fanout_order.pop(0)  # never completes (a stuck agent): stop waiting
-                del self._fanout[dropped], self._fanout_sent[dropped]
+                del self._fanout[dropped]
+                self._fanout_sent.pop(dropped, None)
         if self._watchers and self._changed:
             before = {k: n for k in self._changed if (n := _node_in(old, k)) is not None}
             now = {k: n for k in self._changed if (n := _node_in(new, k)) is not None}  # not the deferred

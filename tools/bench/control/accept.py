@@ -14,7 +14,7 @@ bidirectional method that answers a stream's first message; a "hog" task keeps t
 opens ``--n`` streams at once, each on its own channel and connection, and reports the time until every one got
 its answer. A stream gRPC failed before the server took it up is counted by its status, not
 retried (CANCELLED after 30 s, ``grpc.server_max_unrequested_time_in_server``; RESOURCE_EXHAUSTED
-while more than 1,000 to 3,000 streams wait to be taken up, ``grpc.server.max_pending_requests``).
+when too many wait to be taken up, ``grpc.server.max_pending_requests``; INTERNAL was seen too).
 
 Example::
 
