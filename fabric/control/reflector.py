@@ -533,12 +533,12 @@ class Reflector:
         self._rejections_logged = bounds.OnceLog()
         #: The identity label each refusal is counted under (bounded cardinality).
         self._rejection_labels = authz.IdentityLabels()
-        #: Fan-out in flight: generation -> (time of the change, the same by time.monotonic for
-        #: "Pacing", synced nodes that were sent a delta for it and have not reported it applied
-        #: yet). See ``fanout_lag``.
-        self._fanout: dict[int, tuple[float, float, set[types.NodeKey]]] = {}
-        #: The generations of ``_fanout``, ascending.
+        #: Fan-out in flight: generation -> (time of the change, synced nodes that were sent a
+        #: delta for it and have not reported it applied yet). See ``fanout_lag``.
+        self._fanout: dict[int, tuple[float, set[types.NodeKey]]] = {}
+        #: The generations of ``_fanout``, ascending, and when each was queued (time.monotonic).
         self._fanout_order: list[int] = []
+        self._fanout_sent: dict[int, float] = {}
         self.fanout_lag = Histogram(
             "fabric_reflector_fanout_lag_seconds",
             "From a topology change to the report of the last agent it changed (each agent applied it)",
@@ -920,10 +920,13 @@ class Reflector:
                 for k in delta.removals:
                     _log.debug("node %s: version %d remove %s", key, gen, k)
         if fanout:
-            self._fanout[gen] = (self.clock(), time.monotonic(), fanout)
+            self._fanout[gen] = (self.clock(), fanout)
+            self._fanout_sent[gen] = time.monotonic()
             self._fanout_order.append(gen)  # generations only grow: stays sorted
             while len(self._fanout_order) > MAX_FANOUT_TRACKED:
-                del self._fanout[self._fanout_order.pop(0)]  # never completes (a stuck agent): stop waiting
+                dropped = self._fanout_order.pop(0)  # never completes (a stuck agent): stop waiting
+                del self._fanout[dropped]
+                self._fanout_sent.pop(dropped, None)
         if self._watchers and self._changed:
             before = {k: n for k in self._changed if (n := _node_in(old, k)) is not None}
             now = {k: n for k in self._changed if (n := _node_in(new, k)) is not None}  # not the deferred
@@ -1260,14 +1263,16 @@ class Reflector:
         else:
             todo = order[bisect.bisect_right(order, previous) : bisect.bisect_right(order, version)]
         for gen in todo:
-            started, sent, pending = self._fanout[gen]
+            started, pending = self._fanout[gen]
             pending.discard(key)
             if not pending:
                 del self._fanout[gen]
+                sent = self._fanout_sent.pop(gen, None)
                 order.remove(gen)
                 if version >= 0:
                     self.fanout_lag.observe(max(0.0, now - started))
-                    self._last_fanout_s = time.monotonic() - sent
+                    if sent is not None:
+                        self._last_fanout_s = time.monotonic() - sent
                 if not order and self.gc_policy is not None and self._loop is not None:
                     self._loop.call_soon(self._gc_poll)  # the last fan-out is done: maybe quiet now
 

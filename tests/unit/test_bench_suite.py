@@ -244,7 +244,7 @@ def test_control_agents_count_each_retry_by_the_status_that_failed_it() -> None:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("fabric.backoff.Backoff.next", lambda self: 0.0)
         asyncio.run(worker.agent_with_retries(0, None))
-    assert worker.retry_causes.total() == 3
+    assert worker.retries == 3
     assert worker.retry_causes == {"RESOURCE_EXHAUSTED: Too many pending requests for this server": 2,
                                    "CANCELLED: Cancelled": 1}  # fmt: skip
     assert driver._causes(dict(worker.retry_causes)) == (

@@ -192,7 +192,7 @@ def test_quiet_means_nothing_pending_in_flight_or_waiting() -> None:
     refl._awaiting.add(types.NodeKey("east", "e1"))
     assert not refl._quiet()
     refl._awaiting.clear()
-    refl._fanout[1] = (0.0, 0.0, {types.NodeKey("east", "e1")})
+    refl._fanout[1] = (0.0, {types.NodeKey("east", "e1")})
     assert not refl._quiet()
 
 

@@ -124,8 +124,9 @@ class _Worker:
         self.last_eos = -1
         #: Agents whose stream we cancel on purpose (the joiner leaving).
         self.leaving: set[int] = set()
-        #: Streams that failed before their snapshot and were retried, by what failed them
-        #: (NotAdmitted.cause).
+        #: Streams that failed before their snapshot and were retried.
+        self.retries = 0
+        #: Retries by what failed the stream (NotAdmitted.cause).
         self.retry_causes: collections.Counter[str] = collections.Counter()
 
     def emit(self, **ev: Any) -> None:
@@ -186,7 +187,7 @@ class _Worker:
                         on_ready.set_result(time.monotonic())
                     self.ready += 1
                     if self.ready == self.count and on_ready is None:
-                        self.emit(ev="ready", n=self.count, causes=dict(self.retry_causes))
+                        self.emit(ev="ready", n=self.count, retries=self.retries, causes=dict(self.retry_causes))
                 elif isinstance(ev, client.Changed):
                     outbox.put_nowait(pb.SyncNodeRequest(applied=pb.Applied(version=ev.version)))
                     self._applied(i, ev.version, time.monotonic())
@@ -213,6 +214,7 @@ class _Worker:
                 await self.agent(i, channel)
                 return
             except NotAdmitted as e:
+                self.retries += 1
                 self.retry_causes[e.cause] += 1
                 await asyncio.sleep(backoff.next())
 
@@ -258,7 +260,7 @@ class _Worker:
     async def progress(self) -> None:
         while self.ready < self.count:
             await asyncio.sleep(2.0)
-            self.emit(ev="progress", ready=self.ready, retries=self.retry_causes.total())
+            self.emit(ev="progress", ready=self.ready, retries=self.retries)
 
     async def _channel(self, i: int, exchange: bool = False) -> Any:
         """Agent ``i``'s own channel, made the one way every fabric client makes one

@@ -98,8 +98,9 @@ class Phase:
     """One server kind at one shape and N: bring-up, memory, and per change times and CPU."""
 
     bringup_s: float = 0.0
-    #: Agent streams failed before admission during bring-up and retried, by the status that
-    #: failed them (agents.NotAdmitted.cause).
+    #: Agent streams failed before admission during bring-up and retried, and how many of them
+    #: each status failed (agents.NotAdmitted.cause).
+    retries: int = 0
     retry_causes: dict[str, int] = dataclasses.field(default_factory=dict)
     rss_per_agent_kib: float = 0.0
     #: Agents whose plan each change changes (the ones fan-out waits for).
@@ -150,6 +151,7 @@ class _Run:
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
         self.firsts: dict[str, int] = {}
         self.counts: dict[str, int] = {}
+        self.retries = 0
         self.retry_causes: dict[str, int] = {}
         #: Agents each change affects, in total (what wait_applied waits for); set by arm().
         self.expected = 0
@@ -297,6 +299,7 @@ class _Run:
                 if ev["ev"] == "ready":
                     ready.add(src)
                     progress[src] = self.counts[src]
+                    self.retries += int(ev.get("retries", 0))
                     for cause, count in ev.get("causes", {}).items():
                         self.retry_causes[cause] = self.retry_causes.get(cause, 0) + int(count)
                 elif ev["ev"] == "progress":
@@ -459,6 +462,7 @@ def _phase(
             run.end_profile_part()
             out.bringup_cpu_per_agent_ms = (run.server_cpu_ms() - cpu0) / n
             out.relays_bringup_cpu_s = run.relays_cpu_s() - relays_cpu0
+            out.retries = run.retries
             out.retry_causes = dict(run.retry_causes)
             if mode == "fabric":
                 out.settle_s, generation, roles = _settle(run.sock, n, what, budget_s, run.status_tls)
@@ -563,11 +567,10 @@ def run(opts: bc.Options) -> bc.Report:
                 _relay_figures(report, shape, via, ours)
             for phase, what in ((ours, "fabric-reflector"), (bare, "bare server"),
                                 *((v, f"{v.relays} fabric-relays") for v in vias)):  # fmt: skip
-                if phase is not None and phase.retry_causes:
+                if phase is not None and phase.retries:
                     report.notes.append(
-                        f"{shape.label}: during bring-up, {sum(phase.retry_causes.values())} agent streams to the "
-                        f"{what} failed before admission ({_causes(phase.retry_causes)}) and were retried with "
-                        "backoff, as real agents do"
+                        f"{shape.label}: during bring-up, {phase.retries} agent streams to the {what} failed before "
+                        f"admission ({_causes(phase.retry_causes)}) and were retried with backoff, as real agents do"
                     )
     report.notes.append(
         "fanout = ms from the change (joiner opens/cancels its stream; baseline: trigger RPC) to the last affected "
@@ -632,6 +635,8 @@ def _relay_figures(report: bc.Report, shape: Shape, via: Phase, direct: Phase | 
 
 def _causes(causes: dict[str, int]) -> str:
     """A phase's retry causes for its note (agents.NotAdmitted.cause), most frequent first."""
+    if not causes:
+        return "status not recorded"
     return "; ".join(f"{count:,} {cause!r}" for cause, count in sorted(causes.items(), key=lambda kv: -kv[1]))
 
 
