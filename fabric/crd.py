@@ -72,8 +72,8 @@ DEFAULTS: dict[str, Any] = {
 AUTO_NIC = nodeinfo.AUTO_NIC
 
 _LINK_KEYS = frozenset({
-    "enable", "networkType", "ipFamilies", "podCIDRs", "serviceCIDRs", "globalCIDRsMap", "gatewayCandidates",
-    "activeGateways", "defaultNICName", "nicNodeNames", "autodetectionMethod",
+    "enable", "networkType", "ipFamilies", "podCIDRs", "serviceCIDRs", "nodeCIDRs", "globalCIDRsMap",
+    "gatewayCandidates", "activeGateways", "defaultNICName", "nicNodeNames", "autodetectionMethod",
 })
 _SPEC_KEYS = frozenset({"namespace", "clusterLinkOptions", "clusterTreeOptions"})
 _FAMILIES = {name: fam for fam, name in types.FAMILY_NAMES.items()}
@@ -135,6 +135,8 @@ class ClusterSpec:
     tree_enable: bool
     #: ``metadata.creationTimestamp`` (RFC 3339; sorts chronologically), "" when absent.
     created: str = ""
+    #: ``nodeCIDRs`` (gateway mode): see :attr:`fabric.types.ClusterConfig.node_cidrs`.
+    node_cidrs: tuple[str, ...] = ()
 
     @property
     def discovers_pod_cidrs(self) -> bool:
@@ -320,6 +322,10 @@ def parse_cluster(obj: Mapping[str, Any]) -> ClusterSpec:
             ck.err(f"{_LINK}.serviceCIDRs[{i}]", f"{s} overlaps pod CIDR {clash} of the same cluster")
 
     global_cidrs = _global_map(ck, link.get("globalCIDRsMap"), fams)
+    node_cidrs = ck.cidr_list(link.get("nodeCIDRs"), f"{_LINK}.nodeCIDRs", fams)
+    if node_cidrs and mode is not None and mode != types.ClusterMode.GATEWAY:
+        ck.err(f"{_LINK}.nodeCIDRs", f"node subnets are for gateway mode (networkType: {mode.value}): "
+                                    "only a gateway-mode cluster's vx-local addresses are routed by them")
     gateways = ck.name_list(link.get("gatewayCandidates"), f"{_LINK}.gatewayCandidates")
     active_gateways = _active_gateways(ck, link["activeGateways"], mode, gateways)
     default_nic = ck.ifname(link["defaultNICName"], f"{_LINK}.defaultNICName", auto_ok=True) or AUTO_NIC
@@ -335,7 +341,7 @@ def parse_cluster(obj: Mapping[str, Any]) -> ClusterSpec:
         service_cidrs=svcs, global_cidrs=global_cidrs, gateway_candidates=gateways,
         active_gateways=active_gateways, default_nic=default_nic,
         nic_overrides=overrides, autodetection_method=method, tree_enable=bool(tree_enable),
-        created=created if isinstance(created, str) else "",
+        created=created if isinstance(created, str) else "", node_cidrs=node_cidrs,
     )
 
 
@@ -501,7 +507,7 @@ def _own_checks(cand: _Candidate) -> list[Problem]:
     svcs = tuple(sorted({c for c, _ in cand.services if c not in covered} | (keys - pod_keys)))
     cand.config = types.ClusterConfig(
         name=spec.name, mode=spec.mode, pod_cidrs=pods, service_cidrs=svcs, gateways=spec.gateway_candidates,
-        active_gateways=spec.active_gateways,
+        active_gateways=spec.active_gateways, node_cidrs=spec.node_cidrs,
         global_cidrs=spec.global_cidrs, ip_families=spec.ip_families, discover_pod_cidrs=discovery,
     )
     return []
@@ -601,6 +607,15 @@ def _local_default_clashes(cand: _Candidate, accepted: Sequence[_Candidate], def
     return problems
 
 
+def _node_cidr_clashes(cand: _Candidate, accepted: Sequence[_Candidate], local: tuple[str, ...]) -> list[Problem]:
+    """A newcomer whose ``nodeCIDRs`` map onto vx-local addresses an accepted cluster's already
+    map to (see :func:`fabric.validation.node_cidr_clashes`): the newcomer is left out."""
+    owners = {a.spec.name: a.config for a in (*accepted, cand) if a.config is not None}
+    owned = [(name, n) for name, c in owners.items() if c.mode is types.ClusterMode.GATEWAY for n in c.node_cidrs]
+    return [Problem(cand.spec.name, f"{_LINK}.nodeCIDRs", why, other)
+            for name, other, why in validation.node_cidr_clashes(owned, local) if name == cand.spec.name]
+
+
 def _is_cidr(value: object) -> bool:
     try:
         validation.parse_cidr(value, strict=False)
@@ -681,6 +696,7 @@ def resolve(
         own = _own_checks(cand)
         errs = own or _cross_checks(cand, accepted, infra + _used_local_defaults(cand, accepted, local_defaults))
         errs = errs or _local_default_clashes(cand, accepted, local_defaults)
+        errs = errs or _node_cidr_clashes(cand, accepted, local)
         if errs:
             problems[cand.spec.name] = tuple(errs)
             _log.info("Cluster %s left out of the fabric: %s", cand.spec.name, "; ".join(str(p) for p in errs))

@@ -91,6 +91,17 @@ OPENAPI_V3_SCHEMA: dict[str, Any] = json.loads(r"""
         "pattern": "^((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])[.]){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])/([0-9]|[12][0-9]|3[0-2])$|^[0-9a-fA-F:.]*:[0-9a-fA-F:.]*/([0-9]|[1-9][0-9]|1[01][0-9]|12[0-8])$"
        }
       },
+      "nodeCIDRs": {
+       "type": "array",
+       "description": "Gateway mode: the subnets the cluster's nodes' underlay addresses are in. Other clusters then route the cluster's vx-local addresses as these fixed ranges, so a node joining or leaving inside them changes no other cluster's routes. Absent: the nodes' addresses, collapsed (they change with every node). A node outside them is routed by its own address.",
+       "maxItems": 32,
+       "x-kubernetes-list-type": "set",
+       "items": {
+        "type": "string",
+        "maxLength": 43,
+        "pattern": "^((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])[.]){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])/([0-9]|[12][0-9]|3[0-2])$|^[0-9a-fA-F:.]*:[0-9a-fA-F:.]*/([0-9]|[1-9][0-9]|1[01][0-9]|12[0-8])$"
+       }
+      },
       "globalCIDRsMap": {
        "type": "object",
        "description": "Global IP: real CIDR (one of the pod/service CIDRs) to a global CIDR of the same prefix length; other clusters see and route only the global one. Required for CIDRs that overlap another cluster's.",

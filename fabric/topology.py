@@ -20,6 +20,7 @@ Example (``examples/lab.yaml`` is the default lab)::
         serviceCIDRs: [10.96.0.0/20]   # optional
         gateways: [e1, e2]             # optional: gateway candidates in order (default: every node)
         activeGateways: 2              # optional (gateway mode): gateways carrying traffic at once (default 1)
+        nodeCIDRs: [198.18.0.0/24]     # optional (gateway mode): the nodes' underlay subnets (see below)
         globalCIDRs:                   # optional: global IP (see below)
           10.10.0.0/16: 100.100.0.0/16
         nodes:
@@ -49,6 +50,14 @@ from every real CIDR of every cluster, from the underlay, ``bridgeCIDRs`` and ``
 Two clusters whose real CIDRs overlap (the common case: default pod and service ranges) are
 accepted only when *both* overlapping CIDRs are mapped: a pod can reach an overlapping remote
 range only by its global addresses, and routing the real one would shadow the node's own pods.
+
+Node subnets (``nodeCIDRs``, gateway mode): the subnets the cluster's nodes' underlay addresses
+are in. Every other cluster routes a gateway-mode cluster's ``vx-local`` addresses (the return
+path of its nodes' host-network traffic) via its gateway; with ``nodeCIDRs`` that is the fixed
+image of these subnets in ``localCIDRs``, so a node joining or leaving changes no other cluster's
+routes (without it, the nodes' own addresses, collapsed, which change with every node: at scale
+each join then reaches every node of the fabric). A node outside them is routed by its own
+address too. The images of two clusters' ``nodeCIDRs`` in ``localCIDRs`` must not overlap.
 
 Dual stack (``ipFamilies``): a cluster runs ``[IPv4]``, ``[IPv6]`` or both (``[IPv4, IPv6]`` or
 ``[IPv6, IPv4]``; the first is its primary family). Absent, it is derived from ``podCIDRs`` (the
@@ -349,6 +358,7 @@ class _Parser:
                         service_cidrs=tuple(pc.service_cidrs),
                         gateways=tuple(pc.gateways),
                         active_gateways=pc.active_gateways,
+                        node_cidrs=tuple(pc.node_cidrs),
                         global_cidrs=types.frozen_mapping(pc.global_cidrs),
                         ip_families=tuple(pc.ip_families),
                     ),
@@ -383,6 +393,7 @@ class _Parser:
                 self.err(f"{path}.mode", f"{mode!r} is not supported by this build (supported: {supported})")
         pc.pod_cidrs = self._cidr_list(rc.get("podCIDRs"), f"{path}.podCIDRs")
         pc.service_cidrs = self._cidr_list(rc.get("serviceCIDRs"), f"{path}.serviceCIDRs")
+        pc.node_cidrs = self._cidr_list(rc.get("nodeCIDRs"), f"{path}.nodeCIDRs")
         self._families(pc, rc.get("ipFamilies"), f"{path}.ipFamilies")
         raw_nodes = rc.get("nodes", [])
         if not isinstance(raw_nodes, list):
@@ -446,7 +457,8 @@ class _Parser:
                     fname = types.FAMILY_NAMES[f]
                     self.err(f"{pc.path}.podCIDRs", f"the cluster runs {fname} ({path}) but has no {fname} pod CIDR")
         run = ", ".join(types.FAMILY_NAMES[f] for f in pc.families)
-        for key, cidrs in (("podCIDRs", pc.pod_cidrs), ("serviceCIDRs", pc.service_cidrs)):
+        declared = (("podCIDRs", pc.pod_cidrs), ("serviceCIDRs", pc.service_cidrs), ("nodeCIDRs", pc.node_cidrs))
+        for key, cidrs in declared:
             for k, c in enumerate(cidrs):
                 if types.family_of(c) not in pc.families:
                     fname = types.FAMILY_NAMES[types.family_of(c)]
@@ -621,6 +633,19 @@ class _Parser:
         )
         for path, reason in problems:
             self.err(path, reason)
+        # nodeCIDRs: gateway mode only; their vx-local images disjoint across clusters.
+        subnets: list[tuple[str, str]] = []
+        path_of: dict[str, str] = {}
+        for pc in parsed:
+            if pc.node_cidrs and pc.mode is not None and pc.mode is not types.ClusterMode.GATEWAY:
+                self.err(f"{pc.path}.nodeCIDRs", f"node subnets are for gateway mode (mode: {pc.mode.value}): "
+                                                 "only a gateway-mode cluster's vx-local addresses use them")
+                continue
+            owner = f"cluster {pc.name or pc.path!r}"
+            path_of[owner] = f"{pc.path}.nodeCIDRs"
+            subnets += [(owner, n) for n in pc.node_cidrs]
+        for owner, _other, why in validation.node_cidr_clashes(subnets, local):
+            self.err(path_of[owner], why)
 
     def _assign(self, parsed: list[_PCluster], underlay: str) -> None:
         """Fill in absent node pod CIDRs and underlay addresses, deterministically, in file order."""
@@ -749,6 +774,7 @@ class _PCluster:
     mode: types.ClusterMode | None = None
     pod_cidrs: list[str] = dataclasses.field(default_factory=list)
     service_cidrs: list[str] = dataclasses.field(default_factory=list)
+    node_cidrs: list[str] = dataclasses.field(default_factory=list)
     gateways: list[str] = dataclasses.field(default_factory=list)
     active_gateways: int = 1
     global_cidrs: dict[str, str] = dataclasses.field(default_factory=dict)

@@ -108,6 +108,21 @@ def with_defaults(cidrs: Iterable[str], defaults: Iterable[str]) -> tuple[str, .
     return given + tuple(d for d in defaults if family_of(d) not in have)
 
 
+def local_image(node_cidr: str, local_cidr: str) -> str:
+    """The image of the underlay subnet ``node_cidr`` in the vx-local range ``local_cidr``: the
+    vx-local addresses of all its addresses (network bits of the local CIDR, host bits of the
+    underlay address, as :func:`fabric.control.planner.overlay_address` derives one) as one CIDR.
+    The image of ``10.0.5.0/24`` in ``198.19.0.0/16`` is ``198.19.5.0/24``; a subnet wider than
+    the local CIDR's host part maps onto all of it. ValueError for unparsable input or mixed
+    families."""
+    net = ipaddress.ip_network(node_cidr, strict=False)
+    local = ipaddress.ip_network(local_cidr, strict=False)
+    if net.version != local.version:
+        raise ValueError(f"node CIDR {node_cidr} and local CIDR {local_cidr} are of different families")
+    base = int(local.network_address) | (int(net.network_address) & int(local.hostmask))
+    return str(ipaddress.ip_network((base, max(net.prefixlen, local.prefixlen)), strict=False))
+
+
 class ClusterMode(enum.StrEnum):
     """How a cluster connects to the others."""
 
@@ -148,6 +163,12 @@ class ClusterConfig:
     #: plus a hot standby; N > 1 elects N actives that remote clusters and the cluster's own
     #: nodes reach through a resilient nexthop group (see :mod:`fabric.control.active_active`).
     active_gateways: int = 1
+    #: Gateway mode (``nodeCIDRs``): the subnets its nodes' underlay addresses are in. Other
+    #: clusters route its vx-local addresses as the image of these in the fabric's local CIDR
+    #: (:func:`fabric.control.planner.local_hosts`), which no join or leave inside them changes;
+    #: empty = the nodes' own addresses, collapsed (a change of every other cluster's plans per
+    #: node joining or leaving).
+    node_cidrs: tuple[str, ...] = ()
 
     @property
     def families(self) -> tuple[int, ...]:

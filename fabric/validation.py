@@ -115,6 +115,7 @@ def topology_schema() -> dict[str, Any]:
         "ipFamilies": families,
         "podCIDRs": {**_link_piece("podCIDRs"), "minItems": 1, "x-what": "a non-empty list of CIDRs"},
         "serviceCIDRs": {**_link_piece("serviceCIDRs"), "x-what": "a list of CIDRs"},
+        "nodeCIDRs": {**_link_piece("nodeCIDRs"), "x-what": "a list of CIDRs"},
         "gateways": gateways,
         "activeGateways": {**_link_piece("activeGateways"),
                            "x-what": f"an integer from 1 to {types.MAX_ACTIVE_GATEWAYS}"},
@@ -341,13 +342,45 @@ def config_problems(config: types.FabricConfig) -> list[str]:
         cidrs(f"{where} podCIDRs", c.pod_cidrs)
         cidrs(f"{where} serviceCIDRs", c.service_cidrs)
         cidrs(f"{where} globalCIDRs", (x for pair in c.global_cidrs for x in pair))
+        cidrs(f"{where} nodeCIDRs", c.node_cidrs)
         if any(f not in types.FAMILY_NAMES for f in c.ip_families):
             out.append(f"{where}: ipFamilies {list(c.ip_families)} may hold only 4 and 6")
     cidrs("bridgeCIDRs", config.bridge_cidrs)
     cidrs("localCIDRs", config.local_cidrs)
+    if not out:
+        owned = [(f"cluster {c.name!r}", n) for c in config.clusters if c.mode is types.ClusterMode.GATEWAY
+                 for n in c.node_cidrs]
+        out += [why for _c, _o, why in node_cidr_clashes(owned, config.local_cidrs)]
     for k in config.expected_nodes:
         try:
             types.NodeKey.parse(k)
         except ValueError as e:
             out.append(f"expected node: {e}")
+    return out
+
+
+def node_cidr_clashes(owned: Iterable[tuple[str, str]], local_cidrs: Iterable[str]) -> list[tuple[str, str, str]]:
+    """Node subnets of gateway-mode clusters (``owned``: ``(owner, CIDR)`` in order, the owner
+    as the message should name it, e.g. ``cluster 'a'``) whose images in the local CIDR
+    (:func:`fabric.types.local_image`) overlap another owner's: other clusters route each image
+    via its own cluster's gateway, so an address in two images would go to whichever route the
+    kernel prefers (``fabric.control.planner.local_hosts``). The local CIDR keeps only an
+    underlay address's host bits, so two different subnets clash when those bits do. Returns
+    ``(owner, other owner, why)``, the later owner first. Assumes every CIDR parses."""
+    locals_: dict[int, str] = {}
+    for lc in types.with_defaults(tuple(local_cidrs), LOCAL_DEFAULTS):
+        locals_.setdefault(types.family_of(lc), lc)  # the first of a family is used, as the planner does
+    seen: list[tuple[str, str, str]] = []  # (image, owner, node CIDR)
+    out: list[tuple[str, str, str]] = []
+    for owner, n in owned:
+        local = locals_[types.family_of(n)]
+        image = types.local_image(n, local)
+        for other_image, other, other_n in seen:
+            if other != owner and types.cidrs_overlap(image, other_image):
+                out.append((owner, other,
+                            f"nodeCIDRs {n} of {owner} and {other_n} of {other} map to overlapping vx-local ranges "
+                            f"{image} and {other_image} (localCIDRs {local} keeps an underlay address's host bits "
+                            "only), so their nodes' vx-local addresses could collide: give the clusters node "
+                            "subnets that differ in those bits, or a wider local CIDR"))
+        seen.append((image, owner, n))
     return out

@@ -373,6 +373,7 @@ def cluster_to_pb(c: types.ClusterConfig) -> pb.Cluster:
         global_cidrs=[pb.GlobalCIDR(local_cidr=lo, global_cidr=gl) for lo, gl in c.global_cidrs],
         ip_families=list(c.ip_families),
         discover_pod_cidrs=c.discover_pod_cidrs,
+        node_cidrs=list(c.node_cidrs),
     )
 
 
@@ -393,6 +394,7 @@ def cluster_from_pb(msg: pb.Cluster) -> types.ClusterConfig:
         global_cidrs=types.frozen_mapping({g.local_cidr: g.global_cidr for g in msg.global_cidrs}),
         ip_families=tuple(_family_from_pb(f, f"cluster {msg.name!r}") for f in msg.ip_families),
         discover_pod_cidrs=msg.discover_pod_cidrs,
+        node_cidrs=tuple(msg.node_cidrs),
     )
 
 

@@ -43,14 +43,16 @@ On an endpoint node and on the *active* gateway, for every other cluster C:
 * C is P2P: each node's pod CIDRs via that node (node-granular, as before); C's service CIDRs
   via C's active gateway;
 * C is gateway-mode: C's whole pod CIDRs and service CIDRs via C's active gateway, plus the
-  ``vx-local`` addresses of C's nodes via the same gateway, collapsed into the fewest CIDRs
-  that cover exactly them (nodes of one underlay subnet give a handful per cluster, not one
-  per node). The latter is the host-network return path: a process on an internal node of C
-  that talks to a remote pod leaves with its ``vx-local`` address as source (the kernel picks
-  the address of the output device), and the remote pod's node must route the reply back to
-  C. Kosmos masquerades such traffic on the gateway (iptables); routing the addresses keeps the
-  fabric stateless and NAT-free (no peer: they share C's gateway as next hop, i.e. one nexthop
-  object).
+  ``vx-local`` addresses of C's nodes via the same gateway: the images of C's ``nodeCIDRs``
+  (its nodes' underlay subnets) in the local CIDR, which no join moves, plus every node outside
+  them, collapsed into the fewest CIDRs (without ``nodeCIDRs`` the nodes' addresses alone:
+  those of one underlay subnet give a handful per cluster, not one per node, but they change
+  with every node that joins or leaves, and so do all plans outside C). The latter is the
+  host-network return path: a process on an internal node of C that talks to a remote pod
+  leaves with its ``vx-local`` address as source (the kernel picks the address of the output
+  device), and the remote pod's node must route the reply back to C. Kosmos masquerades such
+  traffic on the gateway (iptables); routing the addresses keeps the fabric stateless and
+  NAT-free (no peer: they share C's gateway as next hop, i.e. one nexthop object).
 
 On every other node of a gateway-mode cluster (the standby and the internal nodes) the same
 destinations, aggregated per cluster (C's pod CIDRs as a whole), all via the active gateway's
@@ -507,27 +509,43 @@ def _remote_destinations(view: View, own_cluster: str, family: int) -> list[str]
 
 def local_hosts(view: View, cv: ClusterView, family: int) -> tuple[str, ...]:
     """The vx-local addresses of ``family`` of the nodes of a gateway-mode cluster, as the fewest
-    CIDRs that cover exactly them (and nothing else: two clusters' sets never share a CIDR).
+    CIDRs that cover them: the images of the cluster's ``nodeCIDRs`` of the family in the local
+    CIDR (:func:`fabric.types.local_image`) plus the address of every node outside those, collapsed.
 
     Why collapsed: every node outside the cluster routes these (the host-network return path,
     see "Routes"), so one route per node made every plan O(nodes of the fabric) in gateway mode
     too. A cluster's nodes usually sit in one underlay subnet, so their vx-local addresses (the
-    underlay's host bits) are mostly contiguous and collapse into a few CIDRs per cluster."""
+    underlay's host bits) are mostly contiguous and collapse into a few CIDRs per cluster.
+
+    Why ``nodeCIDRs``: without them the collapsed set changes with every node that joins or
+    leaves, and so does every plan outside the cluster (issue 21: at 100 clusters of 100 nodes a
+    join reached 99 % of the fabric and a bring-up was O(N^2) messages). The images of declared
+    subnets do not move; a node outside them (a misdeclared subnet, a node on another network)
+    still gets its own address routed, and where that lies inside another cluster's image the
+    longer prefix wins, so it is routed right (the images of two clusters never overlap:
+    :func:`fabric.validation.config_problems`)."""
     key = (cv.config.name, family)
     hosts = view.local_hosts.get(key)
     if hosts is None:
         local = view.locals.get(family)
         underlays = tuple(ul for n in cv.nodes if (ul := n.underlay(family)) is not None)
-        hosts = view.local_hosts[key] = _collapsed_hosts(underlays, local) if local is not None else ()
+        declared = tuple(c for c in cv.config.node_cidrs if types.family_of(c) == family)
+        hosts = () if local is None else _collapsed_hosts(underlays, local, declared)
+        view.local_hosts[key] = hosts
     return hosts
 
 
 @functools.lru_cache(maxsize=4096)
-def _collapsed_hosts(underlays: tuple[str, ...], local_cidr: str) -> tuple[str, ...]:
-    """The vx-local addresses derived from ``underlays`` in ``local_cidr``, collapsed (cached:
-    every viewer class asks for the same cluster)."""
-    hosts = [ipaddress.ip_network(overlay_address(ul, local_cidr).partition("/")[0]) for ul in underlays]
-    return tuple(str(n) for n in ipaddress.collapse_addresses(hosts))  # type: ignore[type-var]
+def _collapsed_hosts(underlays: tuple[str, ...], local_cidr: str, declared: tuple[str, ...]) -> tuple[str, ...]:
+    """:func:`local_hosts` of one cluster and family (cached: every viewer class asks for the
+    same cluster). ``declared`` are the cluster's node CIDRs of the family."""
+    subnets = [ipaddress.ip_network(c) for c in declared]
+    nets = [ipaddress.ip_network(types.local_image(c, local_cidr)) for c in declared]
+    for ul in underlays:
+        ip = ipaddress.ip_address(ul)
+        if not any(ip in s for s in subnets):
+            nets.append(ipaddress.ip_network(overlay_address(ul, local_cidr).partition("/")[0]))
+    return tuple(str(n) for n in ipaddress.collapse_addresses(nets))  # type: ignore[type-var]
 
 
 def _family(ip: str) -> int:

@@ -10,6 +10,7 @@ viewer is proven by counting, not by timing.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import random
 
 import pytest
@@ -34,9 +35,16 @@ def _cluster(rng: random.Random, i: int) -> types.ClusterConfig:
     gateways: tuple[str, ...] = ()
     if rng.random() < 0.5:
         gateways = tuple(rng.sample([f"n{j}" for j in range(NODES_PER_CLUSTER)], 3))
+    mode = rng.choice((P2P, GW))
+    # Node subnets that hold some of the cluster's nodes (random_node's underlays) and leave the
+    # others (and every re-announced variant) outside: both kinds of vx-local route.
+    subnets = {4: f"198.18.0.{(10 + 10 * i) & ~7}/29", 6: str(ipaddress.ip_network(f"fd00:198:18::{10 + 10 * i:x}/126",
+                                                                                   strict=False))}
+    nodes = tuple(subnets[f] for f in fams) if mode is GW and rng.random() < 0.5 else ()
     return types.ClusterConfig(
         name=f"c{i}",
-        mode=rng.choice((P2P, GW)),
+        mode=mode,
+        node_cidrs=nodes,
         pod_cidrs=tuple(pods[f] for f in fams),
         service_cidrs=services,
         gateways=gateways,

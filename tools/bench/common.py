@@ -71,8 +71,10 @@ class Options:
 
 
 #: The fabric shapes ``bench control`` simulates: two P2P clusters (every agent holds every other
-#: node: the worst case) or gateway-mode clusters of 100 nodes (internal nodes hold O(1) peers).
-CONTROL_SHAPES = ("p2p", "gateway")
+#: node: the worst case) or gateway-mode clusters of 100 nodes (internal nodes hold O(1) peers),
+#: either without ``nodeCIDRs`` (``gateway``: every join changes the routes of every node outside
+#: its cluster) or declaring them (``subnets``: a join reaches its cluster's hot gateways only).
+CONTROL_SHAPES = ("p2p", "gateway", "subnets")
 
 
 @dataclasses.dataclass

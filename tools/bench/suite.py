@@ -299,9 +299,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--n", type=_parse_n, default=bc.Options.n, metavar="N,N,...",
                         help="control: numbers of simulated agents (default 100,1000,10000; control-tls 1000)")
     parser.add_argument("--shape", type=_parse_shapes, default=bc.Options.shapes, metavar="SHAPE,...",
-                        help="control: p2p (2 P2P clusters: every agent holds every node) and/or gateway "
-                        "(gateway-mode clusters of 100 nodes, 3 gateway candidates each), run at every N "
-                        "(default: p2p for N <= 1000, gateway for every N)")  # fmt: skip
+                        help="control: p2p (2 P2P clusters: every agent holds every node), gateway "
+                        "(gateway-mode clusters of 100 nodes, 3 gateway candidates each: a join changes every "
+                        "node outside its cluster) and/or subnets (the same clusters declaring nodeCIDRs: a join "
+                        "changes its cluster's gateways), run at every N (default: p2p for N <= 1000, gateway "
+                        "for every N)")  # fmt: skip
     parser.add_argument("--budget", type=positive_float, default=bc.Options.budget_s, metavar="S",
                         help="control: seconds to bring up the agents of one N (default %(default)g)")  # fmt: skip
     parser.add_argument("--relays", type=_parse_relays, default=(), metavar="K,K,...",

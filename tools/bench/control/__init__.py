@@ -14,7 +14,10 @@ namespaces, no kernel objects, so no root needed)::
 a peer and a route for every other node (O(N^2) state in the reflector and in the snapshots: the
 worst case); ``gateway`` = gateway-mode clusters of :data:`CLUSTER_SIZE` nodes (at least two
 clusters), each with :data:`GATEWAY_CANDIDATES` gateway candidates, one /16 pod CIDR per cluster
-and a /24 per node, where internal nodes hold O(1) peers. Default: ``p2p`` for N up to
+and a /24 per node, where internal nodes hold O(1) peers, and every join changes the routes of
+every node outside its cluster (the collapsed vx-local addresses of its cluster move);
+``subnets`` = the same clusters declaring their underlay blocks as ``nodeCIDRs``, so a join
+changes only its cluster's hot gateways' plans. Default: ``p2p`` for N up to
 :data:`P2P_DEFAULT_MAX_N` and ``gateway`` for every N. Figures of ``p2p`` keep their names
 (``join_fanout_p50_n1000``); the others carry the shape (``join_fanout_p50_gateway_n1000``).
 

@@ -645,6 +645,7 @@ def _shape_note(shape: Shape, ours: Phase) -> str:
         layout = "2 P2P clusters"
     else:
         layout = f"{shape.clusters} gateway-mode clusters of up to {-(-shape.n // shape.clusters)} nodes"
+        layout += " declaring their node subnets (nodeCIDRs)" if shape.kind == "subnets" else ""
     return (
         f"{shape.label}: {layout}; a join or leave changes the plans of {ours.affected:,} of the {shape.n:,} "
         f"agents; after bring-up, the reflector needed {ours.settle_s:.1f}s more until every agent had applied the "

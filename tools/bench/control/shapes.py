@@ -51,6 +51,9 @@ class Shape:
     the /16 10.0.0.0 + k * 2^16 (its node at position p the /24 number p; the joiner the last
     /24, 255, of c0) and, like a real cluster's node subnet, the underlay block 198.18.0.0 +
     k * 128 (its node at position p the address p + 1 of the block; the joiner 101 of c0's).
+    ``subnets``: the same agents, and each cluster declares its underlay block as ``nodeCIDRs``,
+    so other clusters route its vx-local addresses as one fixed /25 and a join changes only the
+    plans of its cluster's hot gateways (:func:`fabric.control.planner.local_hosts`).
     """
 
     kind: str
@@ -61,7 +64,7 @@ class Shape:
             raise ValueError(f"unknown shape {self.kind!r} (known: {', '.join(bc.CONTROL_SHAPES)})")
         if not 1 <= self.n < JOINER:
             raise ValueError(f"N={self.n}: the control benchmark simulates 1 to {JOINER - 1} agents")
-        if self.kind == "gateway" and self.clusters * UNDERLAY_BLOCK > 65536:
+        if self.kind != "p2p" and self.clusters * UNDERLAY_BLOCK > 65536:
             raise ValueError(f"N={self.n}: the gateway shape's underlay blocks of {UNDERLAY_BLOCK} addresses "
                              f"fit at most {65536 // UNDERLAY_BLOCK} clusters (vx-local host bits must stay unique)")
 
@@ -80,7 +83,7 @@ class Shape:
 
     def place(self, i: int) -> tuple[int, int]:
         """(cluster index, position in the cluster) of agent ``i``."""
-        if self.kind == "gateway" and i == JOINER:
+        if self.kind != "p2p" and i == JOINER:
             return 0, 255
         c = self.clusters
         return i % c, i // c
@@ -121,6 +124,9 @@ class Shape:
                 "mode": "gateway",
                 "podCIDRs": [f"{ipaddress.ip_address(self._cluster_base(k))}/16"],
             }
+            if self.kind == "subnets":  # the cluster's underlay block, as a real node subnet
+                base = ipaddress.ip_address(int(ipaddress.ip_address("198.18.0.0")) + k * UNDERLAY_BLOCK)
+                doc["nodeCIDRs"] = [f"{base}/{32 - (UNDERLAY_BLOCK.bit_length() - 1)}"]
             members = range(k, self.n, self.clusters)
             candidates = [f"n{i}" for i in members[:GATEWAY_CANDIDATES]]
             if candidates:
