@@ -98,6 +98,37 @@ def probe_targets(topology: types.Topology) -> dict[types.NodeKey, frozenset[typ
     return out
 
 
+def inputs(
+    topology: types.Topology,
+    connected: Collection[types.NodeKey],
+    reports: Mapping[types.NodeKey, Collection[types.NodeKey]],
+    measured: Mapping[types.NodeKey, Mapping[types.NodeKey, tuple[float | None, float]]],
+) -> tuple[object, ...]:
+    """Everything :func:`derive` and :func:`pair_quality` read, reduced to what can change their
+    outcome: equal values mean equal records, so the reflector derives again only when this
+    changes (issue 21: at 100 clusters a derivation walks 9,900 pairs, ~0.1 s, and a bring-up
+    of 10,000 agents asked for one after nearly every flush, though only a few changed a record).
+
+    What counts: the configuration, the roles, which clusters have a node, and per node that can
+    probe or be probed across clusters (every node of a P2P cluster, the named gateways of a
+    gateway-mode one; :func:`probe_targets`) its announcement (its families), its session, its
+    latest report and its measurements. Internal nodes of gateway-mode clusters say nothing
+    about a pair, so their joins, leaves and sessions change nothing here. O(nodes), a set
+    lookup each."""
+    hot = {(r.cluster, name) for r in topology.roles for name in (*r.actives, r.standby) if name}
+    p2p = {c.name for c in topology.config.clusters if c.mode is types.ClusterMode.P2P}
+    populated: set[str] = set()
+    relevant: list[tuple[object, ...]] = []
+    for n in topology.nodes:
+        populated.add(n.cluster)
+        if n.cluster in p2p or (n.cluster, n.name) in hot:
+            key = n.key
+            mine = measured.get(key)
+            relevant.append((n, key in connected, frozenset(reports.get(key, ())),
+                             tuple(sorted(mine.items())) if mine else ()))  # fmt: skip
+    return topology.config, topology.roles, frozenset(populated), tuple(relevant)
+
+
 def derive(
     topology: types.Topology,
     connected: Collection[types.NodeKey],

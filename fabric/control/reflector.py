@@ -582,6 +582,8 @@ class Reflector:
         #: The last derived pair states, by (source, target): status and metrics read them.
         self.reachability: dict[tuple[str, str], reachability.PairState] = {}
         self.reachability_updates = 0
+        #: What the last derivation read (reachability_rules.inputs); None: derive next time.
+        self._reach_inputs: tuple[object, ...] | None = None
         #: Keepalive messages by interval, encoded once (see _send_keepalive).
         self._keepalives: dict[float, _Encoded] = {}
         #: Each planned entry's encoding, made once for every node whose snapshot or delta
@@ -1768,6 +1770,7 @@ class Reflector:
         if self._loop is not None:  # before start(), start() begins the hold
             self.records.hold(self.records_startup_hold)
             self.reachability = {}  # standing down dropped the records: publish them all again
+            self._reach_inputs = None
         if self._loop is not None and self.startup_hold > 0 and not self._all_expected_present():
             # A full hold from now (an old one began when this replica started, as a standby);
             # before start() there is nothing to do: start() begins the hold.
@@ -1854,6 +1857,10 @@ class Reflector:
 
     def _derive_and_put_reachability(self) -> None:
         connected = self._connected()
+        inputs = reachability_rules.inputs(self.topology, connected, self._reports, self._quality)
+        if inputs == self._reach_inputs:
+            return  # the same records (see reachability_rules.inputs)
+        self._reach_inputs = inputs
         targets = reachability_rules.probe_targets(self.topology)
         quality = reachability_rules.pair_quality(self.topology, connected, self._reports, self._quality, targets)
         states = reachability_rules.derive(self.topology, connected, self._reports, quality, targets)

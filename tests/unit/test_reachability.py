@@ -9,6 +9,7 @@ another cluster), so the derivation cannot drift from who really probes whom.
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 from hypothesis import given
@@ -257,3 +258,68 @@ def test_decode_names_the_field() -> None:
             reachability.decode(json.dumps({**good, field: value}).encode(), "a/b")
     with pytest.raises(DecodeError, match="names the pair"):
         reachability.decode(json.dumps(good).encode(), "a/c")
+
+
+# --------------------------------------------------------------------------------------------
+# What a derivation reads (the reflector derives again only when it changes)
+# --------------------------------------------------------------------------------------------
+
+
+def _records(
+    topo: types.Topology, connected: frozenset[NK], reports: dict[NK, frozenset[NK]],
+    measured: dict[NK, dict[NK, tuple[float | None, float]]],
+) -> dict[tuple[str, str], PairState]:  # fmt: skip
+    targets = reachability_rules.probe_targets(topo)
+    quality = reachability_rules.pair_quality(topo, connected, reports, measured, targets)
+    return reachability_rules.derive(topo, connected, reports, quality, targets)
+
+
+def _scenario(rng: random.Random, nodes: list[types.NodeAnnouncement], noise: float = 0.3) -> tuple[
+    types.Topology, frozenset[NK], dict[NK, frozenset[NK]], dict[NK, dict[NK, tuple[float | None, float]]]
+]:  # fmt: skip
+    present = [n for n in nodes if rng.random() < 0.8]
+    topo = topology([A, B, C], present)
+    keys = [n.key for n in present]
+    connected = frozenset(k for k in keys if rng.random() < 0.8)
+    reports = {k: frozenset(rng.sample(keys, rng.randint(1, 2))) for k in keys if rng.random() < noise}
+    measured = {k: {p: (rng.choice((None, 1.0, 2.0)), rng.choice((0.0, 0.5))) for p in rng.sample(keys, 2)}
+                for k in keys if rng.random() < noise and len(keys) >= 2}  # fmt: skip
+    return topo, connected, reports, measured
+
+
+def test_equal_inputs_mean_equal_records_and_internal_nodes_are_not_inputs() -> None:
+    internal = NK("b", "b3")  # never a gateway: the election prefers b1, b2 (in name order)
+    seen_relevant = 0
+    for seed in range(300):
+        rng = random.Random(seed)
+        topo, connected, reports, measured = _scenario(rng, NODES)
+        base = reachability_rules.inputs(topo, connected, reports, measured)
+        role = topo.role("b")
+        if role is None or internal.name in (*role.actives, role.standby):
+            continue
+        # The internal node's session, reports and measurements are not inputs...
+        other = (connected ^ {internal}, {**reports, internal: frozenset({NK("a", "a1")})},
+                 {**measured, internal: {NK("b", "b1"): (9.0, 1.0)}})  # fmt: skip
+        assert reachability_rules.inputs(topo, *other) == base
+        assert _records(topo, *other) == _records(topo, connected, reports, measured)
+        # ... but a prober's session is (and so are the records, when it was the only one).
+        prober = next((k for k in reachability_rules.probe_targets(topo) if k != internal), None)
+        if prober is not None:
+            assert reachability_rules.inputs(topo, connected ^ {prober}, reports, measured) != base
+            seen_relevant += 1
+    assert seen_relevant > 100
+
+
+def test_random_scenarios_with_equal_inputs_have_equal_records() -> None:
+    by_inputs: dict[object, dict[tuple[str, str], PairState]] = {}
+    hits = 0
+    for seed in range(400):
+        rng = random.Random(seed)
+        topo, connected, reports, measured = _scenario(rng, NODES[:5], noise=0.05)  # small: inputs repeat
+        got = _records(topo, connected, reports, measured)
+        key = reachability_rules.inputs(topo, connected, reports, measured)
+        if key in by_inputs:
+            hits += 1
+            assert by_inputs[key] == got
+        by_inputs[key] = got
+    assert hits > 20

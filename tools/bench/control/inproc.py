@@ -30,6 +30,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from tools.bench import common as bc
 from tools.bench.control import shapes
 
 _log = logging.getLogger(__name__)
@@ -273,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "per-join cost (flushes, full plans, snapshots, admission, draining) per block of nodes adopted.",
     )
     ap.add_argument("--n", type=int, nargs="+", default=[2000, 5000, 10000], help="agents (one run each)")
-    ap.add_argument("--shape", default="gateway", choices=("gateway", "p2p"))
+    ap.add_argument("--shape", default="gateway", choices=bc.CONTROL_SHAPES)
     ap.add_argument("--per-turn", type=int, default=50, help="admissions per event-loop turn (default 50)")
     ap.add_argument("--block", type=int, default=1000, help="print a row per this many nodes adopted")
     ap.add_argument("--flush-slice", type=float, default=0.5, help="the reflector's flush slice (s)")
