@@ -26,6 +26,7 @@ from fabric.control.planner import (
     bridge_cidr_for,
     device_mac,
     local_cidr_for,
+    network,
     overlay_address,
     tunnel_mtu,
 )
@@ -348,12 +349,12 @@ def _overlay_reasons(
     if cidr is None:
         return [Refusal(_R.OVERLAY, f"no {kind} CIDR of the family of underlay address {underlay} is configured")]
     mine = overlay_address(underlay, cidr)
-    mine_ip = ipaddress.ip_interface(mine)
-    net = mine_ip.network
-    if mine_ip.ip in (net.network_address, net.broadcast_address) and net.num_addresses > 2:
+    mine_ip = ipaddress.ip_address(mine.partition("/")[0])
+    net = network(cidr)
+    if mine_ip in (net.network_address, net.broadcast_address) and net.num_addresses > 2:
         reasons.append(Refusal(
             _R.OVERLAY,
-            f"overlay address {mine_ip.ip} derived from underlay {underlay} is the network or"
+            f"overlay address {mine_ip} derived from underlay {underlay} is the network or"
             f" broadcast address of {kind} CIDR {cidr}",
         ))
     family = types.family_of(underlay)
@@ -365,7 +366,7 @@ def _overlay_reasons(
         o_ul = index.nodes[o].underlay(family)
         reasons.append(Refusal(
             _R.OVERLAY_CONFLICT,
-            f"overlay address {mine_ip.ip} derived from underlay {underlay} collides with node"
+            f"overlay address {mine_ip} derived from underlay {underlay} collides with node"
             f" {o} (underlay {o_ul}): {kind} CIDR {cidr} keeps only the host bits",
         ))
     return reasons

@@ -232,15 +232,27 @@ def snapshot_wire(
     """A complete snapshot as the bytes of its ``SyncNodeResponse`` messages: SnapshotChunk
     messages (none for an empty state), then END_OF_SNAPSHOT. ``wire``: the caller's cache of
     entry encodings (a fresh one when None)."""
-    w = wire if wire is not None else EntryWire()
     entries: list[types.Entry] = [*state.devices, *state.peers, *state.routes, *state.translations, *state.programs]
-    out = [
+    return [*snapshot_chunks(entries, chunk, wire), end_of_snapshot_wire(version, epoch)]
+
+
+def snapshot_chunks(
+    entries: Sequence[types.Entry], chunk: int = SNAPSHOT_CHUNK, wire: EntryWire | None = None
+) -> list[bytes]:
+    """The SnapshotChunk messages (bytes of ``SyncNodeResponse``) carrying ``entries``, at most
+    ``chunk`` per message. A snapshot is any such messages then END_OF_SNAPSHOT: an agent keys
+    what it collects, so the order of entries and chunks carries nothing, and the chunks of
+    entries many snapshots share can be made once (the reflector's per-class cache)."""
+    w = wire if wire is not None else EntryWire()
+    return [
         _length_delimited(_TAG_RESPONSE_SNAPSHOT, w.repeated(_TAG_CHUNK_ENTRIES, entries[i : i + chunk]))
         for i in range(0, len(entries), chunk)
     ]
-    end = pb.SyncNodeResponse(end_of_snapshot=pb.EndOfSnapshot(version=version, epoch=epoch))
-    out.append(end.SerializeToString())
-    return out
+
+
+def end_of_snapshot_wire(version: int, epoch: str) -> bytes:
+    """The END_OF_SNAPSHOT message's bytes."""
+    return pb.SyncNodeResponse(end_of_snapshot=pb.EndOfSnapshot(version=version, epoch=epoch)).SerializeToString()
 
 
 def snapshot_messages(

@@ -460,6 +460,11 @@ class IncrementalPlanner:
         #: topology with the changed parts it computes anyway, and drops those of classes no
         #: node has any more.
         self._unions: dict[ViewerClass, dict[str, types.Entry]] = {}
+        #: Per class, a number that changes whenever its union's content may have (a new number
+        #: from one counter, never reused): what a cache of something derived from a union (the
+        #: reflector's encoded snapshot chunks, see :meth:`snapshot_source`) is keyed by.
+        self._union_versions: dict[ViewerClass, int] = {}
+        self._next_union_version = 0
         #: Cluster parts by what they depend on (see :meth:`_held_cluster_part`), of the current
         #: signatures (and, during an update, the old ones).
         self._cluster_parts: dict[tuple[object, ...], dict[str, types.Entry]] = {}
@@ -523,6 +528,7 @@ class IncrementalPlanner:
         if old_view is None or old_config != new.config:
             previous = {k: self._materialized(k) for k in self._plans}  # while the unions are the old ones
             self._unions.clear()
+            self._union_versions.clear()
             self._cluster_parts.clear()
             self._routes.clear()
             self._sigs, self._sigs_view = {}, None
@@ -587,6 +593,8 @@ class IncrementalPlanner:
                     changes = self._changes(old_view, view, ucls, seen, changed_clusters, per_node, sigs)
                     class_changes[ucls] = changes
                 old_u, new_u = changes
+                if old_u or new_u:
+                    self._union_changed(ucls)
                 for k in old_u.keys() - new_u.keys():
                     del union[k]  # no other source has it: keys of sources never collide
                 union.update(new_u)  # interned already (see _changes)
@@ -624,6 +632,7 @@ class IncrementalPlanner:
                 out[key] = shared
         for gone_cls in [c for c in self._unions if c not in live]:
             del self._unions[gone_cls]
+            self._union_versions.pop(gone_cls, None)
         if changed_clusters:  # keep the parts of the current signatures only
             self._cluster_parts = {k: p for k, p in self._cluster_parts.items() if k[-1] == sigs[str(k[0])][1]}
         return out
@@ -727,7 +736,30 @@ class IncrementalPlanner:
             for name in view.clusters:
                 union.update(_cluster_part(view, cls, name, c, self._routes, canon))  # interned
             self._unions[cls] = union
+            self._union_changed(cls)
             self.union_seconds += time.perf_counter() - started
         return union
+
+    def classes(self) -> int:
+        """How many viewer classes have a union held (the live ones)."""
+        return len(self._unions)
+
+    def _union_changed(self, cls: ViewerClass) -> None:
+        self._next_union_version += 1
+        self._union_versions[cls] = self._next_union_version
+
+    def snapshot_source(
+        self, key: types.NodeKey
+    ) -> tuple[ViewerClass, int, Mapping[str, types.Entry], Mapping[str, types.Entry]] | None:
+        """``(class, union version, union, own entries)`` when node ``key``'s plan is exactly
+        its class's union plus its own entries (no key of the union left out: its own node part
+        is empty, as for every node outside the hot gateways of a gateway-mode cluster); None
+        otherwise (or for an unknown node). The union is the planner's own dict: read it before
+        the next :meth:`update`. Lets the reflector encode a class's entries once for every
+        snapshot of the class (issue 21: "encode each distinct message once")."""
+        p = self._plans.get(key)
+        if p is None or p.cls is None or p.own:
+            return None
+        return p.cls, self._union_versions[p.cls], self._unions[p.cls], p.mine
 
 

@@ -126,7 +126,7 @@ def overlay_address(underlay_ip: str, bridge_cidr: str) -> str:
     ValueError for an unparsable input or mixed address families.
     """
     ip = ipaddress.ip_address(underlay_ip)
-    net = ipaddress.ip_network(bridge_cidr, strict=False)
+    net = network(bridge_cidr)
     if ip.version != net.version:
         raise ValueError(f"underlay address {underlay_ip} and bridge CIDR {bridge_cidr} are of different families")
     host_mask = int(net.hostmask)
@@ -148,22 +148,29 @@ def device_mac(key: types.NodeKey, device: str) -> str:
 
 def bridge_cidr_for(config: types.FabricConfig, underlay_ip: str) -> str | None:
     """The first bridge CIDR of the underlay address's family (None if there is none)."""
-    return _first_of_family(types.with_defaults(config.bridge_cidrs, BRIDGE_DEFAULTS), underlay_ip)
+    return _first_of_family(config.bridge_cidrs, BRIDGE_DEFAULTS, types.family_of(underlay_ip))
 
 
 def local_cidr_for(config: types.FabricConfig, underlay_ip: str) -> str | None:
     """The first vx-local CIDR of the underlay address's family (None if there is none)."""
-    return _first_of_family(types.with_defaults(config.local_cidrs, LOCAL_DEFAULTS), underlay_ip)
+    return _first_of_family(config.local_cidrs, LOCAL_DEFAULTS, types.family_of(underlay_ip))
 
 
-@functools.lru_cache(maxsize=65536)
-def _first_of_family(cidrs: tuple[str, ...], underlay_ip: str) -> str | None:
-    """Cached: validation asks it for every other node of the fabric, once per announcement."""
-    version = ipaddress.ip_address(underlay_ip).version
-    for c in cidrs:
-        if ipaddress.ip_network(c, strict=False).version == version:
+@functools.lru_cache(maxsize=1024)
+def _first_of_family(cidrs: tuple[str, ...], defaults: tuple[str, ...], family: int) -> str | None:
+    """Cached by family, not by address: admission asks it twice per announcement (issue 21: a
+    cache keyed by the underlay address missed for every new node of a bring-up)."""
+    for c in types.with_defaults(cidrs, defaults):
+        if network(c).version == family:
             return c
     return None
+
+
+@functools.lru_cache(maxsize=1024)
+def network(cidr: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """``ip_network(cidr, strict=False)``, parsed once per configured CIDR (the per-node checks
+    and derivations read the same few ranges for every node). ValueError as ``ip_network``."""
+    return ipaddress.ip_network(cidr, strict=False)
 
 
 def tunnel_mtu(underlay_ip: str, underlay_mtu: int) -> int:

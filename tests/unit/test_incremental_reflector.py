@@ -450,3 +450,58 @@ def test_a_bounded_flush_gives_its_joins_as_long_as_the_last_fan_out() -> None:
         await refl.stop(0)
 
     asyncio.run(asyncio.wait_for(body(), 10))
+
+
+# -- snapshots of a class share its chunks ------------------------------------------------------
+
+GW_CONFIG = types.FabricConfig(clusters=(
+    types.ClusterConfig("east", types.ClusterMode.GATEWAY, ("10.10.0.0/16",), gateways=("e1", "e2")),
+    types.ClusterConfig("west", types.ClusterMode.GATEWAY, ("10.20.0.0/16",), gateways=("w1", "w2")),
+))  # fmt: skip
+
+
+def test_snapshots_of_one_class_share_its_encoded_chunks_until_its_union_changes() -> None:
+    """Internal nodes of one cluster are one viewer class: their snapshots reuse the class's
+    chunks (the same bytes objects), and a change of the class's plans (a west node joining
+    moves west's collapsed vx-local addresses) is in the next snapshot."""
+
+    async def body() -> None:
+        refl = reflector.Reflector(GW_CONFIG, grace_period=100, startup_hold=0)
+        d = Driver(refl)
+        for ann in (*(_node("east", i) for i in (1, 2, 3)), _node("west", 1), _node("west", 2)):
+            d.announce(ann)
+        await d.settle()
+        d.check()
+        e3 = types.NodeKey("east", "e3")
+        cls = refl._planner.snapshot_source(e3)
+        assert cls is not None and refl._planner.snapshot_source(types.NodeKey("east", "e1")) is None  # hot: own part
+        held = refl._class_chunks[cls[0]]
+        e4 = d.announce(_node("east", 4))
+        sent = _spy(e4.session)
+        await d.settle()
+        d.check()  # e4 holds plan() (from the shared chunks and its own)
+        assert all(any(c is b for b in sent) for c in held[1]), "the class's chunks were encoded again"
+        d.announce(_node("west", 9))  # west's vx-local addresses move: east's internal class changes
+        await d.settle()
+        e5 = d.announce(_node("east", 5))
+        await d.settle()
+        d.check()
+        assert refl._class_chunks[cls[0]][0] != held[0]
+        assert any(e.dst == "198.19.20.9/32" for e in (d.agents[e5.session.key].state or types.NodeState()).routes)
+        await refl.stop(0)
+
+    asyncio.run(asyncio.wait_for(body(), 10))
+
+
+def _spy(session: reflector._Session) -> list[bytes]:
+    """The bytes of every encoded message the reflector sends to ``session`` from now on."""
+    sent: list[bytes] = []
+    send = session.send
+
+    def spy(msg: object, size: int | None = None, *, bounded: bool = True) -> None:
+        if isinstance(msg, reflector._Encoded):
+            sent.append(msg.data)
+        send(msg, size, bounded=bounded)  # type: ignore[arg-type]
+
+    session.send = spy  # type: ignore[method-assign]
+    return sent
