@@ -123,6 +123,13 @@ def _viewer_class(view: View, node: types.NodeAnnouncement) -> ViewerClass | Non
     return ViewerClass(node.cluster, families, True, hot, hot, active, tuple(vias), tuple(groups))
 
 
+def _class_basis(cv: ClusterView) -> tuple[object, ...]:
+    """What :func:`_viewer_class` reads of a node's cluster (besides the node itself and the
+    configuration): equal bases in two views of one configuration give every unchanged node of
+    the cluster the same class in both."""
+    return cv.config, cv.families, tuple(h.key for h in cv.hot), cv.actives
+
+
 def viewer_class(topology: types.Topology, key: types.NodeKey) -> ViewerClass | None:
     """The class of node ``key`` in ``topology`` (None: it plans nothing)."""
     view = VIEWS.get(topology)
@@ -475,6 +482,13 @@ class IncrementalPlanner:
         #: The cluster signatures of the current topology (``_sigs_view``), see :meth:`update`.
         self._sigs: dict[str, _Sig] = {}
         self._sigs_view: View | None = None
+        #: Every planned node's viewer class at ``_classes_view`` (the current topology's view,
+        #: see :meth:`update`): a node keeps its class while its announcement and its cluster's
+        #: class basis (:func:`_class_basis`) stay, so an update classifies only the nodes that
+        #: changed and those of clusters whose gateways did (issue 21: classifying all 10,000
+        #: nodes twice was half of a flush that changed two plans).
+        self._classes: dict[types.NodeKey, ViewerClass | None] = {}
+        self._classes_view: View | None = None
 
     def entries(self, key: types.NodeKey) -> Mapping[str, types.Entry]:
         """The current plan of ``key`` as keyed entries (empty for an unknown node)."""
@@ -532,6 +546,7 @@ class IncrementalPlanner:
             self._cluster_parts.clear()
             self._routes.clear()
             self._sigs, self._sigs_view = {}, None
+            self._classes_view = None
             self._plans.clear()
             every: dict[types.NodeKey, types.StateDelta] = {}
             for n in new.nodes:
@@ -577,15 +592,26 @@ class IncrementalPlanner:
         # before the unions change), or they are new.
         classes: list[ViewerClass | None] = []
         before: dict[types.NodeKey, dict[str, types.Entry]] = {}
+        known = self._classes if self._classes_view is old_view else {}
+        stable = {
+            c for c, cv in view.clusters.items()
+            if known and (ocv := old_view.clusters.get(c)) is not None and _class_basis(ocv) == _class_basis(cv)
+        }  # fmt: skip
+        keys: list[types.NodeKey] = []
         for node in new.nodes:
             key = node.key
+            keys.append(key)
             old_node = old_view.by_key.get(key)
+            if old_node is node and node.cluster in stable and key in known:
+                classes.append(known[key])  # the same node, the same class basis: the same class
+                continue
             cls = _viewer_class(view, node)
             classes.append(cls)
             if old_node is not None and key in self._plans and (
                 old_node != node or cls != _viewer_class(old_view, old_node)
             ):
                 before[key] = self._materialized(key)
+        self._classes, self._classes_view = dict(zip(keys, classes, strict=True)), view
         if changed_nodes or changed_clusters:  # the held unions to the new topology
             for ucls, union in self._unions.items():
                 changes = class_changes.get(ucls)
