@@ -166,8 +166,8 @@ def test_control_shapes_place_agents_in_disjoint_clusters_and_cidrs() -> None:
         cluster = config.cluster(a.cluster)
         assert cluster is not None and cluster.mode == "gateway" and len(cluster.gateways) == 3
         assert ipaddress.ip_network(a.pod_cidrs[0]).subnet_of(ipaddress.ip_network(cluster.pod_cidrs[0]))
-    assert bench_shapes.shapes_for(bc.Options(), 1000) == ("p2p", "gateway")
-    assert bench_shapes.shapes_for(bc.Options(), 10_000) == ("gateway",)
+    assert bench_shapes.shapes_for(bc.Options(), 1000) == ("p2p", "gateway", "subnets")
+    assert bench_shapes.shapes_for(bc.Options(), 10_000) == ("gateway", "subnets")
     assert bench_shapes.shapes_for(bc.Options(shapes=("p2p",)), 10_000) == ("p2p",)
     with pytest.raises(SystemExit):
         bench.main(["control", "--shape", "mesh"])

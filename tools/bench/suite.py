@@ -303,7 +303,7 @@ def main(argv: list[str]) -> int:
                         "(gateway-mode clusters of 100 nodes, 3 gateway candidates each: a join changes every "
                         "node outside its cluster) and/or subnets (the same clusters declaring nodeCIDRs: a join "
                         "changes its cluster's gateways), run at every N (default: p2p for N <= 1000, gateway "
-                        "for every N)")  # fmt: skip
+                        "and subnets for every N)")  # fmt: skip
     parser.add_argument("--budget", type=positive_float, default=bc.Options.budget_s, metavar="S",
                         help="control: seconds to bring up the agents of one N (default %(default)g)")  # fmt: skip
     parser.add_argument("--relays", type=_parse_relays, default=(), metavar="K,K,...",

@@ -18,7 +18,7 @@ and a /24 per node, where internal nodes hold O(1) peers, and every join changes
 every node outside its cluster (the collapsed vx-local addresses of its cluster move);
 ``subnets`` = the same clusters declaring their underlay blocks as ``nodeCIDRs``, so a join
 changes only its cluster's hot gateways' plans. Default: ``p2p`` for N up to
-:data:`P2P_DEFAULT_MAX_N` and ``gateway`` for every N. Figures of ``p2p`` keep their names
+:data:`P2P_DEFAULT_MAX_N`, ``gateway`` and ``subnets`` for every N. Figures of ``p2p`` keep their names
 (``join_fanout_p50_n1000``); the others carry the shape (``join_fanout_p50_gateway_n1000``).
 
 A **light agent** speaks the real SyncNode protocol with the generated stubs: Announce, a

@@ -579,7 +579,9 @@ def run(opts: bc.Options) -> bc.Report:
         "100 changes is their maximum). Leave figures share the join's baseline (the same bytes to the same agents). "
         "cpu_per_agent = per affected agent. Figures without a shape in their name are the p2p shape (two P2P "
         f"clusters); gateway = gateway-mode clusters of {CLUSTER_SIZE} nodes, {GATEWAY_CANDIDATES} candidates "
-        f"each. Reflector keepalive {KEEPALIVE_S:g}s; every agent has its own connection (unix socket)."
+        "each (a join changes the routes of every node outside its cluster); subnets = the same clusters declaring "
+        "their node subnets (nodeCIDRs: a join changes its cluster's gateways only). Reflector keepalive "
+        f"{KEEPALIVE_S:g}s; every agent has its own connection (unix socket)."
     )
     return report
 

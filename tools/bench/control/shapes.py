@@ -32,10 +32,11 @@ JOINER = 60_000
 
 
 def shapes_for(opts: bc.Options, n: int) -> tuple[str, ...]:
-    """The shapes to run at ``n``: ``--shape`` if given, else p2p up to P2P_DEFAULT_MAX_N and gateway."""
+    """The shapes to run at ``n``: ``--shape`` if given, else p2p up to P2P_DEFAULT_MAX_N, gateway
+    (the worst case of gateway mode) and subnets (how a fleet with known node subnets runs)."""
     if opts.shapes:
         return opts.shapes
-    return ("p2p", "gateway") if n <= P2P_DEFAULT_MAX_N else ("gateway",)
+    return ("p2p", "gateway", "subnets") if n <= P2P_DEFAULT_MAX_N else ("gateway", "subnets")
 
 
 @dataclasses.dataclass(frozen=True)
