@@ -546,8 +546,8 @@ def local_hosts(view: View, cv: ClusterView, family: int) -> tuple[str, ...]:
 def _collapsed_hosts(underlays: tuple[str, ...], local_cidr: str, declared: tuple[str, ...]) -> tuple[str, ...]:
     """:func:`local_hosts` of one cluster and family (cached: every viewer class asks for the
     same cluster). ``declared`` are the cluster's node CIDRs of the family."""
-    subnets = [ipaddress.ip_network(c) for c in declared]
-    nets = [ipaddress.ip_network(types.local_image(c, local_cidr)) for c in declared]
+    subnets = [network(c) for c in declared]  # not strict: the configuration check is not
+    nets = [network(types.local_image(c, local_cidr)) for c in declared]
     for ul in underlays:
         ip = ipaddress.ip_address(ul)
         if not any(ip in s for s in subnets):

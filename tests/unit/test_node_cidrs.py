@@ -178,3 +178,12 @@ def test_cluster_resources_read_node_cidrs_and_leave_out_a_clashing_newcomer() -
 def test_node_cidrs_survive_the_wire() -> None:
     west = CONFIG.clusters[1]
     assert codec.cluster_from_pb(codec.cluster_to_pb(west)) == west
+
+
+def test_a_node_cidr_with_host_bits_is_planned_as_its_network() -> None:
+    """The reflector's configuration check parses CIDRs leniently: the planner must too."""
+    lenient = dataclasses.replace(CONFIG, clusters=(CONFIG.clusters[0], dataclasses.replace(
+        CONFIG.clusters[1], node_cidrs=("198.18.0.17/28",)), CONFIG.clusters[2]))  # fmt: skip
+    assert validation.config_problems(lenient) == []
+    e1 = _plans(lenient, *NODES)[types.NodeKey("east", "e1")]
+    assert "198.19.0.16/28" in _local_routes(e1)
