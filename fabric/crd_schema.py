@@ -93,7 +93,7 @@ OPENAPI_V3_SCHEMA: dict[str, Any] = json.loads(r"""
       },
       "nodeCIDRs": {
        "type": "array",
-       "description": "Gateway mode: the subnets the cluster's nodes' underlay addresses are in. Other clusters then route the cluster's vx-local addresses as these fixed ranges, so a node joining or leaving inside them changes no other cluster's routes. Absent: the nodes' addresses, collapsed (they change with every node). A node outside them is routed by its own address.",
+       "description": "Gateway mode: the subnets the cluster's nodes' underlay addresses are in. Other clusters then route the cluster's vx-local addresses as these fixed ranges, so a node joining or leaving inside them changes no other cluster's routes. Absent: the widest prefixes around the nodes' addresses that hold no other cluster's (another cluster's node among them splits them). A node outside them is routed by the prefix around it.",
        "maxItems": 32,
        "x-kubernetes-list-type": "set",
        "items": {

@@ -165,9 +165,10 @@ class ClusterConfig:
     active_gateways: int = 1
     #: Gateway mode (``nodeCIDRs``): the subnets its nodes' underlay addresses are in. Other
     #: clusters route its vx-local addresses as the image of these in the fabric's local CIDR
-    #: (:func:`fabric.control.planner.local_hosts`), which no join or leave inside them changes;
-    #: empty = the nodes' own addresses, collapsed (a change of every other cluster's plans per
-    #: node joining or leaving).
+    #: (:func:`fabric.control.planner.local_hosts`), which no join or leave inside them and no
+    #: other cluster's node changes; empty = the widest prefixes around the nodes' addresses that
+    #: hold no other cluster's (a join inside them changes nothing either, but another cluster's
+    #: node among them splits them).
     node_cidrs: tuple[str, ...] = ()
 
     @property

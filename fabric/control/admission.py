@@ -303,7 +303,7 @@ def announcement_refusals(
     # Overlay addresses and MACs: derived, so collisions must be caught here, never planned.
     # Every node may become a bridge node (a gateway-mode node when elected), so vx-bridge is
     # checked for all; vx-local for nodes of gateway-mode clusters, fabric-wide, because the
-    # vx-local addresses of gateway-mode nodes are routed (collapsed) by the other clusters.
+    # vx-local addresses of gateway-mode nodes are routed (as prefixes) by the other clusters.
     families = [f for f in cluster.families if any(types.family_of(u) == f for u in usable)]
     if usable and not families:
         names = ", ".join(types.FAMILY_NAMES[f] for f in cluster.families)

@@ -47,8 +47,8 @@ _log = logging.getLogger(__name__)
 #   name it (a P2P node's pod CIDRs);
 # * ``cluster:NAME`` - the whole-cluster routes of another cluster: its service CIDRs, its pod
 #   CIDRs where they are routed as a whole (gateway mode, or seen from a non-active node) and,
-#   for a gateway-mode cluster, its nodes' vx-local addresses collapsed (so its signature
-#   includes them: a join into a gateway-mode cluster changes that cluster's part).
+#   for a gateway-mode cluster, the prefixes of its nodes' vx-local addresses (``local_hosts``;
+#   its signature includes them: a join that moves them changes that cluster's part).
 #
 # Except ``self``, a part depends on the viewer only through its :class:`ViewerClass` (cluster,
 # families, role), so one computation serves every node of a class. A change of the topology
@@ -166,7 +166,7 @@ def _cluster_signature(view: View, name: str) -> object:
     cv = view.clusters.get(name)
     if cv is None:
         return None
-    # A gateway-mode cluster's part also routes its nodes' vx-local addresses (collapsed).
+    # A gateway-mode cluster's part also routes its nodes' vx-local prefixes.
     hosts = tuple(local_hosts(view, cv, f) for f in cv.families) if cv.gateway_mode else ()
     return (cv.actives, view.reach.get(name, frozenset()), hosts)
 

@@ -44,10 +44,9 @@ On an endpoint node and on the *active* gateway, for every other cluster C:
   via C's active gateway;
 * C is gateway-mode: C's whole pod CIDRs and service CIDRs via C's active gateway, plus the
   ``vx-local`` addresses of C's nodes via the same gateway: the images of C's ``nodeCIDRs``
-  (its nodes' underlay subnets) in the local CIDR, which no join moves, plus every node outside
-  them, collapsed into the fewest CIDRs (without ``nodeCIDRs`` the nodes' addresses alone:
-  those of one underlay subnet give a handful per cluster, not one per node, but they change
-  with every node that joins or leaves, and so do all plans outside C). The latter is the
+  (its nodes' underlay subnets) in the local CIDR, and around C's other nodes the widest
+  prefixes that hold no other cluster's ``vx-local`` address (``local_hosts``): a node that
+  joins inside them moves no route, so a join changes no plan outside C. The latter is the
   host-network return path: a process on an internal node of C that talks to a remote pod
   leaves with its ``vx-local`` address as source (the kernel picks the address of the output
   device), and the remote pod's node must route the reply back to C. Kosmos masquerades such
@@ -97,6 +96,7 @@ reference the parts are tested against.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import functools
 import hashlib
@@ -236,7 +236,7 @@ class View:
     #: Per cluster, the families some node of it has an underlay address of (whether a P2P
     #: cluster is reachable in a family at all: the aggregate routes of non-active nodes).
     reach: dict[str, frozenset[int]] = dataclasses.field(default_factory=dict)
-    #: (cluster, family) -> its nodes' vx-local addresses collapsed (see local_hosts), filled on
+    #: (cluster, family) -> the prefixes of its nodes' vx-local addresses (see local_hosts), filled on
     #: first use: every plan of the fabric asks for every gateway-mode cluster's.
     local_hosts: dict[tuple[str, int], tuple[str, ...]] = dataclasses.field(default_factory=dict)
     #: (cluster, family, routed via the own gateway's vx-local) -> the canonical destinations
@@ -515,44 +515,111 @@ def _remote_destinations(view: View, own_cluster: str, family: int) -> list[str]
 
 
 def local_hosts(view: View, cv: ClusterView, family: int) -> tuple[str, ...]:
-    """The vx-local addresses of ``family`` of the nodes of a gateway-mode cluster, as the fewest
-    CIDRs that cover them: the images of the cluster's ``nodeCIDRs`` of the family in the local
-    CIDR (:func:`fabric.types.local_image`) plus the address of every node outside those, collapsed.
+    """What every node outside the gateway-mode cluster ``cv`` routes to its gateway for the
+    vx-local addresses of ``family`` of its nodes, as the fewest CIDRs: the images of its
+    ``nodeCIDRs`` in the local CIDR (:func:`fabric.types.local_image`), and for its other nodes
+    the widest prefixes that hold no vx-local address of another cluster (:func:`_aggregates`).
 
-    Why collapsed: every node outside the cluster routes these (the host-network return path,
-    see "Routes"), so one route per node made every plan O(nodes of the fabric) in gateway mode
-    too. A cluster's nodes usually sit in one underlay subnet, so their vx-local addresses (the
-    underlay's host bits) are mostly contiguous and collapse into a few CIDRs per cluster.
-
-    Why ``nodeCIDRs``: without them the collapsed set changes with every node that joins or
-    leaves, and so does every plan outside the cluster (issue 21: at 100 clusters of 100 nodes a
-    join reached 99 % of the fabric and a bring-up was O(N^2) messages). The images of declared
-    subnets do not move; a node outside them (a misdeclared subnet, a node on another network)
-    still gets its own address routed, and where that lies inside another cluster's image the
-    longer prefix wins, so it is routed right (the images of two clusters never overlap:
-    :func:`fabric.validation.config_problems`)."""
+    Why not one route per node: every node outside the cluster routes these (the host-network
+    return path, see "Routes"), so that made every plan O(nodes of the fabric) in gateway mode.
+    Why not the nodes' addresses collapsed (as before issue 21's step): that set changes with
+    every node that joins or leaves, and so did every plan outside the cluster: at 100 clusters
+    of 100 nodes a join reached 99 % of the fabric and a bring-up was O(N^2) messages. A prefix
+    that holds only this cluster's addresses does not move when a node joins inside it, and a
+    cluster's nodes usually sit in one underlay subnet, so they share one or two. The images of
+    declared subnets do not move at all; a node outside them is aggregated like any other, and
+    one inside another cluster's image is routed by its own address, which the longer prefix
+    makes win (the images of two clusters never overlap: :func:`fabric.validation.config_problems`)."""
     key = (cv.config.name, family)
     hosts = view.local_hosts.get(key)
     if hosts is None:
         local = view.locals.get(family)
-        underlays = tuple(ul for n in cv.nodes if (ul := n.underlay(family)) is not None)
-        declared = tuple(c for c in cv.config.node_cidrs if types.family_of(c) == family)
-        hosts = () if local is None else _collapsed_hosts(underlays, local, declared)
-        view.local_hosts[key] = hosts
+        gateway_clusters = tuple(c for c in view.clusters.values() if c.gateway_mode)
+        for name, got in _aggregates(gateway_clusters, family, local).items():
+            view.local_hosts[(name, family)] = got
+        hosts = view.local_hosts.setdefault(key, ())
     return hosts
 
 
-@functools.lru_cache(maxsize=4096)
-def _collapsed_hosts(underlays: tuple[str, ...], local_cidr: str, declared: tuple[str, ...]) -> tuple[str, ...]:
-    """:func:`local_hosts` of one cluster and family (cached: every viewer class asks for the
-    same cluster). ``declared`` are the cluster's node CIDRs of the family."""
-    subnets = [network(c) for c in declared]  # not strict: the configuration check is not
-    nets = [network(types.local_image(c, local_cidr)) for c in declared]
-    for ul in underlays:
-        ip = ipaddress.ip_address(ul)
-        if not any(ip in s for s in subnets):
-            nets.append(ipaddress.ip_network(overlay_address(ul, local_cidr).partition("/")[0]))
-    return tuple(str(n) for n in ipaddress.collapse_addresses(nets))  # type: ignore[type-var]
+def _aggregates(clusters: tuple[ClusterView, ...], family: int, local: str | None) -> dict[str, tuple[str, ...]]:
+    """:func:`local_hosts` of every gateway-mode cluster of ``clusters`` in ``family``, computed
+    together: a cluster's prefixes are bounded by the others' addresses.
+
+    The vx-local address of a node (:func:`overlay_address`) is its point in the local CIDR; a
+    cluster's declared images are intervals of it. For a node that no image of its own cluster
+    covers, take the nearest point or interval end of another cluster below and above it; the
+    longest common prefix with either, plus one bit, is the widest prefix around the node that
+    holds nothing of another cluster (every CIDR is an interval, so nothing farther can be in it).
+    Nodes of one cluster next to each other share that prefix; addresses nobody has yet go to the
+    cluster whose prefix holds them, which is harmless (no node answers there, and a node that
+    joins there is a new bound that splits the prefix in the same flush that announces it).
+    O(M log M) for M nodes of gateway-mode clusters: once per topology, as the view."""
+    out: dict[str, tuple[str, ...]] = {c.config.name: () for c in clusters}
+    if local is None:
+        return out
+    lnet = network(local)
+    width: int = lnet.max_prefixlen
+    # (point, owner, needs a prefix): every vx-local address of the family and every image end.
+    points: list[tuple[int, str, bool]] = []
+    images: dict[str, list[ipaddress.IPv4Network | ipaddress.IPv6Network]] = {}
+    spans: list[tuple[int, int, str]] = []  # declared images as (first, last, owner)
+    for cv in clusters:
+        name = cv.config.name
+        subnets = [network(c) for c in cv.config.node_cidrs if types.family_of(c) == family]
+        own = images[name] = [network(types.local_image(str(s), local)) for s in subnets]
+        for img in own:
+            first, last = int(img.network_address), int(img.broadcast_address)
+            spans.append((first, last, name))
+            points += ((first, name, False), (last, name, False))
+        for n in cv.nodes:
+            ul = n.underlay(family)
+            if ul is None:
+                continue
+            covered = bool(subnets) and any(ipaddress.ip_address(ul) in s for s in subnets)
+            points.append((_local_point(ul, local), name, not covered))
+    points.sort()
+    below = _nearest_other(points)
+    above = _nearest_other(points[::-1])[::-1]
+    spans.sort()
+    firsts = [s[0] for s in spans]
+    prefixes: dict[str, set[tuple[int, int]]] = {}
+    for i, (point, owner, needs) in enumerate(points):
+        if not needs:
+            continue
+        j = bisect.bisect_right(firsts, point) - 1
+        if j >= 0 and spans[j][1] >= point and spans[j][2] != owner:
+            length = width  # inside another cluster's image: its own address, the longer prefix
+        else:
+            bounds = [b for b in (below[i], above[i]) if b is not None]
+            length = max((width - (point ^ b).bit_length() + 1 for b in bounds), default=0)
+            length = min(width, max(lnet.prefixlen, length))
+        shift = width - length
+        prefixes.setdefault(owner, set()).add(((point >> shift) << shift, length))
+    for name in out:
+        nets = images.get(name, []) + [ipaddress.ip_network(p) for p in sorted(prefixes.get(name, ()))]
+        out[name] = tuple(str(n) for n in ipaddress.collapse_addresses(nets))  # type: ignore[type-var]
+    return out
+
+
+def _nearest_other(points: list[tuple[int, str, bool]]) -> list[int | None]:
+    """For each of ``points`` (sorted either way), the nearest earlier point of another owner.
+    One pass: the last point seen, and the last one of an owner other than its owner."""
+    out: list[int | None] = []
+    last_owner: str | None = None
+    last: int | None = None
+    last_other: int | None = None  # the last point of an owner other than last_owner
+    for point, owner, _needs in points:
+        if owner != last_owner:
+            last_other, last_owner = last, owner
+        out.append(last_other)
+        last = point
+    return out
+
+
+@functools.lru_cache(maxsize=65536)
+def _local_point(underlay_ip: str, local_cidr: str) -> int:
+    """The vx-local address of the node with ``underlay_ip`` (:func:`overlay_address`) as an int."""
+    return int(ipaddress.ip_address(overlay_address(underlay_ip, local_cidr).partition("/")[0]))
 
 
 def _family(ip: str) -> int:

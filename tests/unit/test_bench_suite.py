@@ -5,9 +5,11 @@ here over both of its shapes."""
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -127,15 +129,16 @@ def test_two_runs_merge_into_one_document(tmp_path: Path) -> None:
     assert "2030-01-01" in md and "2030-01-02" in md
 
 
-def test_control_runs_both_shapes_in_a_tiny_configuration(tmp_path: Path) -> None:
-    """``--tiny`` control over the p2p and the gateway shape (20 agents; gateway: 2 clusters of
-    10): every figure of both shapes is there with numbers, and the gateway shape's changes reach
-    only the agents the planner says they affect (a worker fails the run otherwise)."""
+def test_control_runs_the_shapes_in_a_tiny_configuration(tmp_path: Path) -> None:
+    """``--tiny`` control over the p2p, gateway and interleaved shapes (20 agents; gateway: 2
+    clusters of 10): every figure of each shape is there with numbers, and the changes reach only
+    the agents the planner says they affect (a worker fails the run otherwise)."""
     out = tmp_path / "control.json"
-    argv = ["control", "--tiny", "--repeat", "1", "--n", "20", "--shape", "p2p,gateway", "--json", str(out)]
+    argv = ["control", "--tiny", "--repeat", "1", "--n", "20", "--shape", "p2p,gateway,interleaved",
+            "--json", str(out)]  # fmt: skip
     assert bench.main(argv) == 0
     control = json.loads(out.read_text())["control"]
-    for sfx in ("_n20", "_gateway_n20"):
+    for sfx in ("_n20", "_gateway_n20", "_interleaved_n20"):
         for metric in ("join_fanout_p50", "join_fanout_p99", "leave_fanout_p50", "leave_fanout_p99", "bringup",
                        "server_cpu_per_change", "server_cpu_per_agent_per_change", "server_rss_per_agent"):  # fmt: skip
             fig = control[metric + sfx]
@@ -144,8 +147,11 @@ def test_control_runs_both_shapes_in_a_tiny_configuration(tmp_path: Path) -> Non
             fig = control[metric + sfx]
             assert fig["median"] > 0 and fig["baseline_median"] > 0, metric + sfx
     notes = "\n".join(control["notes"])
-    # Gateway: the joiner's cluster's internal nodes (8 of its 10) keep their plans.
-    assert "gateway N=20: 2 gateway-mode clusters of up to 10 nodes; a join or leave changes the plans of 12 " in notes
+    # Gateway: the join lands inside its cluster's vx-local prefix; only its hot gateways change.
+    assert "gateway N=20: 2 gateway-mode clusters of up to 10 nodes; a join or leave changes the plans of 2 " in notes
+    # Interleaved: it moves vx-local routes, so at least every node outside its cluster changes.
+    affected = re.search(r"interleaved N=20: .*? a join or leave changes the plans of (\d+) ", notes)
+    assert affected is not None and int(affected.group(1)) >= 10, notes
     assert "p2p N=20: 2 P2P clusters; a join or leave changes the plans of 20 " in notes
 
 
@@ -166,7 +172,13 @@ def test_control_shapes_place_agents_in_disjoint_clusters_and_cidrs() -> None:
         cluster = config.cluster(a.cluster)
         assert cluster is not None and cluster.mode == "gateway" and len(cluster.gateways) == 3
         assert ipaddress.ip_network(a.pod_cidrs[0]).subnet_of(ipaddress.ip_network(cluster.pod_cidrs[0]))
-    assert bench_shapes.shapes_for(bc.Options(), 1000) == ("p2p", "gateway", "subnets")
+    # Interleaved: the same clusters, every address's neighbours in other clusters.
+    inter = bench_shapes.Shape("interleaved", 250)
+    placed = sorted((ipaddress.ip_address(a.underlay_ip), a.cluster)
+                    for a in (inter.announcement(i) for i in (*range(inter.n), bench_shapes.JOINER)))  # fmt: skip
+    assert len({ip for ip, _ in placed}) == len(placed) == 251
+    assert all(x[1] != y[1] for x, y in itertools.pairwise(placed)), "neighbours share a cluster"
+    assert bench_shapes.shapes_for(bc.Options(), 1000) == ("p2p", "gateway", "subnets", "interleaved")
     assert bench_shapes.shapes_for(bc.Options(), 10_000) == ("gateway", "subnets")
     assert bench_shapes.shapes_for(bc.Options(shapes=("p2p",)), 10_000) == ("p2p",)
     with pytest.raises(SystemExit):

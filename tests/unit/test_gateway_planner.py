@@ -120,12 +120,13 @@ def test_worked_example_reads_as_the_inventory_says() -> None:
     a1, a2 = plans[A1.key], plans[A2.key]
     assert {d.name: d.address for d in a1.devices} == {"vx-bridge": "220.168.1.11/8", "vx-local": "210.168.1.11/8"}
     assert {(d.vni, d.port) for d in a1.devices} == {(54, 4876), (55, 4877)}
-    # B's pod and service CIDRs via b1's bridge address; plus b1's vx-local host (our
-    # route-based answer to host-network return traffic, where Kosmos masquerades).
+    # B's pod and service CIDRs via b1's bridge address; plus the vx-local range around b1's
+    # address that holds none of A's (our route-based answer to host-network return traffic,
+    # where Kosmos masquerades).
     assert _routes(a1) == {
         "10.2.0.0/16": ("220.168.2.21", "vx-bridge"),
         "10.102.0.0/16": ("220.168.2.21", "vx-bridge"),
-        "210.168.2.21/32": ("220.168.2.21", "vx-bridge"),
+        "210.168.2.0/23": ("220.168.2.21", "vx-bridge"),
     }
     assert {(p.device, p.node) for p in a1.peers} == {("vx-bridge", "b/b1"), ("vx-local", "a/a2")}
     # a2: only vx-local, everything via a1's vx-local address, one peer (a1).
@@ -134,7 +135,7 @@ def test_worked_example_reads_as_the_inventory_says() -> None:
     assert _routes(a2) == {
         "10.2.0.0/16": ("210.168.1.11", "vx-local"),
         "10.102.0.0/16": ("210.168.1.11", "vx-local"),
-        "210.168.2.21/32": ("210.168.1.11", "vx-local"),
+        "210.168.2.0/23": ("210.168.1.11", "vx-local"),
         "220.0.0.0/8": ("210.168.1.11", "vx-local"),  # replies to bridge-sourced host traffic
     }
 
@@ -152,10 +153,11 @@ def test_mixed_mesh_reads_as_designed() -> None:
     w1_bridge = "100.82.0.21"
     assert _routes(e1)["10.20.0.0/16"] == (w1_bridge, "vx-bridge")
     assert _routes(e1)["10.97.0.0/20"] == (w1_bridge, "vx-bridge")
-    # west's vx-local hosts (w1 .21, w2 .22, w3 .23), collapsed into the CIDRs that cover
-    # exactly them: one route per aligned block, not one per node.
-    west_hosts = {d: r for d, r in _routes(e1).items() if d.startswith("198.19.0.2")}
-    assert west_hosts == {"198.19.0.21/32": (w1_bridge, "vx-bridge"), "198.19.0.22/31": (w1_bridge, "vx-bridge")}
+    # west's vx-local hosts (w1 .21, w2 .22, w3 .23): the widest prefix around them that holds
+    # no vx-local address of another gateway-mode cluster (north's .31 bounds it; east is P2P
+    # and has none), so a west node joining inside it moves no route here.
+    west_hosts = {d: r for d, r in _routes(e1).items() if d.startswith("198.19.") and r[0] == w1_bridge}
+    assert west_hosts == {"198.19.0.16/29": (w1_bridge, "vx-bridge")}
     assert not any(d.startswith("10.10.") or d.startswith("10.96.") for d in _routes(e1))
     # west's active gateway routes east node-granularly and east's services to east's active.
     w1 = plans[types.NodeKey("west", "w1")]

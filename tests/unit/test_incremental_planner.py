@@ -348,7 +348,9 @@ def _cluster_work(clusters: int) -> tuple[int, int, int]:
     for x in topo.nodes:  # every class's union held, as in a reflector after a bring-up
         inc.entries(x.key)
     routes0 = len(inc._routes)
-    new = topo.with_node(types.NodeAnnouncement("c0", "joiner", "198.18.0.200", ("10.0.200.0/24",)))
+    # Outside c0's vx-local prefix (198.19.0.0/24, bounded by c1's nodes) and beyond every other
+    # cluster's: c0's part gains a prefix, no other cluster's moves.
+    new = topo.with_node(types.NodeAnnouncement("c0", "joiner", "198.18.200.1", ("10.0.200.0/24",)))
     new = new.with_roles(election.elect(new, {x.key for x in new.nodes}, {}))
     assert new.roles == topo.roles
     inc.update(new)
@@ -360,11 +362,11 @@ def _cluster_work(clusters: int) -> tuple[int, int, int]:
 
 
 def test_a_changed_cluster_is_computed_once_for_every_viewer_class() -> None:
-    """A join into a gateway-mode cluster changes that cluster's part (its collapsed vx-local
-    addresses) for every viewer class of the fabric, three per cluster, each with its own next
+    """A join into a gateway-mode cluster outside its vx-local prefixes changes that cluster's
+    part (its vx-local prefixes) for every viewer class of the fabric, three per cluster, each with its own next
     hop. The destinations are computed once per update (per family and kind of next hop), and
-    a route made once is reused by the next update (the joiner's new vx-local CIDRs are the only
-    new routes per next hop): at 100 clusters recomputing them per class was most of a flush of
+    a route made once is reused by the next update (the joiner's new vx-local prefix is the only
+    new route per next hop): at 100 clusters recomputing them per class was most of a flush of
     a bring-up (issue 21). The work is the same at 6 and 30 clusters; the classes are not."""
     small, large = _cluster_work(6), _cluster_work(30)
     assert large[2] > 4 * small[2], (small, large)  # the case is one of many viewer classes

@@ -1,6 +1,7 @@
 """Node subnets (``nodeCIDRs``) of gateway-mode clusters: other clusters route the subnets'
-images in the local CIDR, so joins and leaves inside them change no plan outside the cluster
-(issue 21 section 1: without them a join reached 99 % of a 10,000-node fabric)."""
+images in the local CIDR, so joins and leaves inside them change no plan outside the cluster,
+and no other cluster's node splits them (issue 21 section 1; the prefixes of undeclared nodes are
+tested in test_vx_local_prefixes.py)."""
 
 from __future__ import annotations
 
@@ -75,27 +76,40 @@ def test_the_image_refuses_mixed_families() -> None:
 def test_other_clusters_route_the_image_and_joins_inside_it_change_no_plan_outside() -> None:
     before = _plans(CONFIG, *NODES)
     e1, n3 = types.NodeKey("east", "e1"), types.NodeKey("north", "n3")
-    # w1 and w2 are inside 198.18.0.16/28: one fixed route, not their collapsed addresses (as
-    # north's, which declares no subnet, are).
-    assert _local_routes(before[e1]) == {"198.19.0.16/28", "198.19.0.41/32", "198.19.0.42/31"}
+    # w1 and w2 are inside 198.18.0.16/28: one fixed route. North declares no subnet: the widest
+    # prefix around its nodes that holds nothing of west's (east is P2P: no vx-local address).
+    assert _local_routes(before[e1]) == {"198.19.0.16/28", "198.19.0.32/27"}
     assert "198.19.0.16/28" in _local_routes(before[n3])
     w3 = types.NodeAnnouncement("west", "w3", "198.18.0.23", ("10.20.3.0/24",))
     after = _plans(CONFIG, *NODES, w3)
     changed = {k for k in before if before[k] != after[k]}
     assert changed and all(k.cluster == "west" for k in changed), changed
-    # Without the declaration the same join changes every plan outside west (their routes).
+
+
+def test_a_declared_subnet_is_not_split_by_another_clusters_node() -> None:
+    """Without the declaration west's vx-local prefix is only as wide as its nodes make it room,
+    and a north node joining next to them splits it (every plan outside west changes); declared,
+    west's image stays and the north node inside it is routed by its own address."""
     bare = dataclasses.replace(CONFIG, clusters=tuple(dataclasses.replace(c, node_cidrs=()) for c in CONFIG.clusters))
-    b0, b1 = _plans(bare, *NODES), _plans(bare, *NODES, w3)
-    assert {k for k in b0 if b0[k] != b1[k] and k.cluster != "west"} == {e1, *(k for k in b0 if k.cluster == "north")}
+    near = types.NodeAnnouncement("north", "n9", "198.18.0.28", ("10.30.9.0/24",))
+
+    def west(config: types.FabricConfig, *nodes: types.NodeAnnouncement) -> tuple[str, ...]:
+        view = planner.VIEWS.get(_topology(config, *nodes))
+        return planner.local_hosts(view, view.clusters["west"], 4)
+
+    assert west(bare, *NODES) == ("198.19.0.0/27",)
+    assert west(bare, *NODES, near) == ("198.19.0.16/29",)
+    assert west(CONFIG, *NODES) == west(CONFIG, *NODES, near) == ("198.19.0.16/28",)
 
 
-def test_a_node_outside_the_subnets_is_routed_by_its_own_address() -> None:
+def test_a_node_outside_the_subnets_is_routed_by_the_prefix_around_it() -> None:
     stray = types.NodeAnnouncement("west", "w9", "198.18.3.9", ("10.20.9.0/24",))
     plans = _plans(CONFIG, *NODES, stray)
     e1 = plans[types.NodeKey("east", "e1")]
-    assert {"198.19.0.16/28", "198.19.3.9/32"} <= _local_routes(e1)
+    # 198.19.3.9: the widest prefix that holds none of north's addresses (198.19.0.41-43).
+    assert {"198.19.0.16/28", "198.19.2.0/23"} <= _local_routes(e1)
     via = {r.dst: r.via for r in e1.routes}
-    assert via["198.19.3.9/32"] == via["198.19.0.16/28"]  # both to west's active gateway
+    assert via["198.19.2.0/23"] == via["198.19.0.16/28"]  # both to west's active gateway
 
 
 def test_a_stray_node_inside_another_clusters_image_is_routed_to_its_own_cluster() -> None:

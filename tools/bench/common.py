@@ -56,7 +56,7 @@ class Options:
     #: control: seconds allowed to bring up the agents of one N before it is reported infeasible.
     budget_s: float = 300.0
     #: control: agent shapes (of :data:`CONTROL_SHAPES`) to run at every N; empty = the default
-    #: (P2P for N up to 1,000, where its O(N^2) state still fits, and the gateway shape for every N).
+    #: (P2P for N up to 1,000, where its O(N^2) state still fits, and the gateway-mode shapes for every N).
     shapes: tuple[str, ...] = ()
     #: control: also run every N with the agents behind K fabric-relay processes, one phase per K.
     relays: tuple[int, ...] = ()
@@ -72,9 +72,12 @@ class Options:
 
 #: The fabric shapes ``bench control`` simulates: two P2P clusters (every agent holds every other
 #: node: the worst case) or gateway-mode clusters of 100 nodes (internal nodes hold O(1) peers),
-#: either without ``nodeCIDRs`` (``gateway``: every join changes the routes of every node outside
-#: its cluster) or declaring them (``subnets``: a join reaches its cluster's hot gateways only).
-CONTROL_SHAPES = ("p2p", "gateway", "subnets")
+#: each in its own underlay block (``gateway``: a join inside the block moves no route outside its
+#: cluster), declaring the blocks as ``nodeCIDRs`` (``subnets``), or with every cluster's nodes
+#: interleaved in one underlay range (``interleaved``: the worst case of gateway mode, where no
+#: two neighbouring addresses share a cluster and a join changes the routes of every node outside
+#: its cluster).
+CONTROL_SHAPES = ("p2p", "gateway", "subnets", "interleaved")
 
 
 @dataclasses.dataclass

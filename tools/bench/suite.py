@@ -300,10 +300,11 @@ def main(argv: list[str]) -> int:
                         help="control: numbers of simulated agents (default 100,1000,10000; control-tls 1000)")
     parser.add_argument("--shape", type=_parse_shapes, default=bc.Options.shapes, metavar="SHAPE,...",
                         help="control: p2p (2 P2P clusters: every agent holds every node), gateway "
-                        "(gateway-mode clusters of 100 nodes, 3 gateway candidates each: a join changes every "
-                        "node outside its cluster) and/or subnets (the same clusters declaring nodeCIDRs: a join "
-                        "changes its cluster's gateways), run at every N (default: p2p for N <= 1000, gateway "
-                        "and subnets for every N)")  # fmt: skip
+                        "(gateway-mode clusters of 100 nodes, 3 gateway candidates each, each in its own underlay "
+                        "block: a join changes its cluster's gateways), subnets (the same clusters declaring their "
+                        "blocks as nodeCIDRs) and/or interleaved (the same clusters, their nodes' addresses "
+                        "interleaved: a join changes every node outside its cluster), run at every N (default: "
+                        "gateway and subnets for every N, p2p and interleaved for N <= 1000)")  # fmt: skip
     parser.add_argument("--budget", type=positive_float, default=bc.Options.budget_s, metavar="S",
                         help="control: seconds to bring up the agents of one N (default %(default)g)")  # fmt: skip
     parser.add_argument("--relays", type=_parse_relays, default=(), metavar="K,K,...",

@@ -14,11 +14,14 @@ namespaces, no kernel objects, so no root needed)::
 a peer and a route for every other node (O(N^2) state in the reflector and in the snapshots: the
 worst case); ``gateway`` = gateway-mode clusters of :data:`CLUSTER_SIZE` nodes (at least two
 clusters), each with :data:`GATEWAY_CANDIDATES` gateway candidates, one /16 pod CIDR per cluster
-and a /24 per node, where internal nodes hold O(1) peers, and every join changes the routes of
-every node outside its cluster (the collapsed vx-local addresses of its cluster move);
-``subnets`` = the same clusters declaring their underlay blocks as ``nodeCIDRs``, so a join
-changes only its cluster's hot gateways' plans. Default: ``p2p`` for N up to
-:data:`P2P_DEFAULT_MAX_N`, ``gateway`` and ``subnets`` for every N. Figures of ``p2p`` keep their names
+and a /24 per node, where internal nodes hold O(1) peers, each cluster in its own underlay
+block, so a join inside it changes only its cluster's hot gateways' plans (the others route the
+widest prefix around the cluster's vx-local addresses, which the join does not move);
+``subnets`` = the same clusters declaring their underlay blocks as ``nodeCIDRs``;
+``interleaved`` = the same clusters with their nodes' underlay addresses interleaved, so every
+join changes the routes of every node outside its cluster (the worst case of gateway mode).
+Default: ``gateway`` and ``subnets`` for every N, ``p2p`` and ``interleaved`` (whose state grows
+with N^2) for N up to :data:`P2P_DEFAULT_MAX_N`. Figures of ``p2p`` keep their names
 (``join_fanout_p50_n1000``); the others carry the shape (``join_fanout_p50_gateway_n1000``).
 
 A **light agent** speaks the real SyncNode protocol with the generated stubs: Announce, a
@@ -29,7 +32,8 @@ removal must name an entry it holds) and answers every END_OF_SNAPSHOT
 and Delta with ``Applied(version)``, stamping ``time.monotonic()`` (one clock for every process
 of the machine) as it sends it.
 
-One **change** = the joiner announces a new node (it joins the first cluster), then leaves again
+One **change** = the joiner announces a new node (it joins the first cluster; in the interleaved
+shape the one agent N would join), then leaves again
 (the reflector withdraws it at once: a second change). Each join is an agent start: a new
 channel (connected before the stream opens, so fan-out does not include connecting), closed at
 the leave. A change affects only some agents (in the gateway shape, not the internal nodes of

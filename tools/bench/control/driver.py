@@ -579,8 +579,10 @@ def run(opts: bc.Options) -> bc.Report:
         "100 changes is their maximum). Leave figures share the join's baseline (the same bytes to the same agents). "
         "cpu_per_agent = per affected agent. Figures without a shape in their name are the p2p shape (two P2P "
         f"clusters); gateway = gateway-mode clusters of {CLUSTER_SIZE} nodes, {GATEWAY_CANDIDATES} candidates "
-        "each (a join changes the routes of every node outside its cluster); subnets = the same clusters declaring "
-        "their node subnets (nodeCIDRs: a join changes its cluster's gateways only). Reflector keepalive "
+        "each, each in its own underlay block (a join inside it changes its cluster's gateways only); subnets = "
+        "the same clusters declaring their blocks (nodeCIDRs); interleaved = the same clusters with their nodes' "
+        "underlay addresses interleaved (a join changes the routes of every node outside its cluster: the worst "
+        "case of gateway mode). Reflector keepalive "
         f"{KEEPALIVE_S:g}s; every agent has its own connection (unix socket)."
     )
     return report
@@ -647,7 +649,8 @@ def _shape_note(shape: Shape, ours: Phase) -> str:
         layout = "2 P2P clusters"
     else:
         layout = f"{shape.clusters} gateway-mode clusters of up to {-(-shape.n // shape.clusters)} nodes"
-        layout += " declaring their node subnets (nodeCIDRs)" if shape.kind == "subnets" else ""
+        layout += {"subnets": " declaring their node subnets (nodeCIDRs)",
+                   "interleaved": ", their nodes' underlay addresses interleaved"}.get(shape.kind, "")
     return (
         f"{shape.label}: {layout}; a join or leave changes the plans of {ours.affected:,} of the {shape.n:,} "
         f"agents; after bring-up, the reflector needed {ours.settle_s:.1f}s more until every agent had applied the "

@@ -25,18 +25,20 @@ GATEWAY_CANDIDATES = 3
 #: Underlay addresses per gateway-shape cluster (its node subnet): room for CLUSTER_SIZE nodes and
 #: the joiner, aligned, so a cluster's vx-local addresses collapse into a few routes as in life.
 UNDERLAY_BLOCK = 128
-#: Without ``--shape``, P2P runs only up to this N (its state grows with N^2).
+#: Without ``--shape``, the p2p and interleaved shapes run only up to this N (their state grows with N^2).
 P2P_DEFAULT_MAX_N = 1000
 #: The joiner's index: above any N this benchmark runs.
 JOINER = 60_000
 
 
 def shapes_for(opts: bc.Options, n: int) -> tuple[str, ...]:
-    """The shapes to run at ``n``: ``--shape`` if given, else p2p up to P2P_DEFAULT_MAX_N, gateway
-    (the worst case of gateway mode) and subnets (how a fleet with known node subnets runs)."""
+    """The shapes to run at ``n``: ``--shape`` if given, else gateway (clusters in their own
+    underlay blocks, as fleets are addressed) and subnets (the same, declared) at every N, and
+    the two whose state grows with N^2, p2p and interleaved (the worst case of gateway mode:
+    every node routes every other cluster's nodes one by one), up to P2P_DEFAULT_MAX_N."""
     if opts.shapes:
         return opts.shapes
-    return ("p2p", "gateway", "subnets") if n <= P2P_DEFAULT_MAX_N else ("gateway", "subnets")
+    return ("p2p", "gateway", "subnets", "interleaved") if n <= P2P_DEFAULT_MAX_N else ("gateway", "subnets")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +55,14 @@ class Shape:
     /24, 255, of c0) and, like a real cluster's node subnet, the underlay block 198.18.0.0 +
     k * 128 (its node at position p the address p + 1 of the block; the joiner 101 of c0's).
     ``subnets``: the same agents, and each cluster declares its underlay block as ``nodeCIDRs``,
-    so other clusters route its vx-local addresses as one fixed /25 and a join changes only the
-    plans of its cluster's hot gateways (:func:`fabric.control.planner.local_hosts`).
+    so other clusters route its vx-local addresses as one fixed /25. In both a join inside the
+    block changes only the plans of its cluster's hot gateways
+    (:func:`fabric.control.planner.local_hosts`: without ``nodeCIDRs``, the widest prefix around
+    a cluster's nodes that holds no other cluster's address, here the block or more).
+    ``interleaved``: the gateway shape's clusters, but agent ``i`` has the underlay address
+    198.18.0.0 + i + 1 (the joiner N + 1, in the cluster agent N would join), so neighbouring
+    addresses belong to different clusters, every cluster's vx-local addresses are host routes and
+    a join changes the plans of every node outside its cluster: the worst case of gateway mode.
     """
 
     kind: str
@@ -65,7 +73,7 @@ class Shape:
             raise ValueError(f"unknown shape {self.kind!r} (known: {', '.join(bc.CONTROL_SHAPES)})")
         if not 1 <= self.n < JOINER:
             raise ValueError(f"N={self.n}: the control benchmark simulates 1 to {JOINER - 1} agents")
-        if self.kind != "p2p" and self.clusters * UNDERLAY_BLOCK > 65536:
+        if self.kind in ("gateway", "subnets") and self.clusters * UNDERLAY_BLOCK > 65536:
             raise ValueError(f"N={self.n}: the gateway shape's underlay blocks of {UNDERLAY_BLOCK} addresses "
                              f"fit at most {65536 // UNDERLAY_BLOCK} clusters (vx-local host bits must stay unique)")
 
@@ -84,6 +92,8 @@ class Shape:
 
     def place(self, i: int) -> tuple[int, int]:
         """(cluster index, position in the cluster) of agent ``i``."""
+        if self.kind == "interleaved" and i == JOINER:
+            return self.n % self.clusters, self.n // self.clusters  # the next agent's: no neighbour of its cluster
         if self.kind != "p2p" and i == JOINER:
             return 0, 255
         c = self.clusters
@@ -104,6 +114,9 @@ class Shape:
         cidr = f"{ipaddress.ip_address(self._cluster_base(k) + pos * 256)}/24"
         if self.kind == "p2p":
             underlay = ipaddress.ip_address(int(ipaddress.ip_address("198.18.0.10")) + i)
+        elif self.kind == "interleaved":
+            slot = self.n if i == JOINER else i
+            underlay = ipaddress.ip_address(int(ipaddress.ip_address("198.18.0.0")) + slot + 1)
         else:
             slot = CLUSTER_SIZE if i == JOINER else pos
             underlay = ipaddress.ip_address(int(ipaddress.ip_address("198.18.0.0")) + k * UNDERLAY_BLOCK + slot + 1)
