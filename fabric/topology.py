@@ -58,7 +58,8 @@ image of these subnets in ``localCIDRs``, so a node joining or leaving changes n
 routes, and no other cluster's node splits them (without it, the widest prefixes around the
 nodes' addresses that hold no other cluster's: a join inside them moves nothing, but where the
 clusters' addresses interleave they are host routes and each join reaches every node of the
-fabric). A node outside them is routed by the prefix around it too. The images of two clusters' ``nodeCIDRs`` in ``localCIDRs`` must not overlap.
+fabric). A node outside them is routed by the prefix around it too. The images of two
+clusters' ``nodeCIDRs`` in ``localCIDRs`` must not overlap.
 
 Dual stack (``ipFamilies``): a cluster runs ``[IPv4]``, ``[IPv6]`` or both (``[IPv4, IPv6]`` or
 ``[IPv6, IPv4]``; the first is its primary family). Absent, it is derived from ``podCIDRs`` (the

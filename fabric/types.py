@@ -108,6 +108,21 @@ def with_defaults(cidrs: Iterable[str], defaults: Iterable[str]) -> tuple[str, .
     return given + tuple(d for d in defaults if family_of(d) not in have)
 
 
+def first_per_family(cidrs: Iterable[str]) -> dict[int, str]:
+    """The first of ``cidrs`` of each family: the one the fabric uses where a range is
+    configured per family (bridge and local CIDRs), so the planner and every check agree."""
+    out: dict[int, str] = {}
+    for c in cidrs:
+        out.setdefault(family_of(c), c)
+    return out
+
+
+def graft(host: int, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> int:
+    """The address (as an int) with ``net``'s network bits and the host bits of ``host``: how
+    a node's overlay addresses are derived from its underlay address, and subnets' images."""
+    return int(net.network_address) | (host & int(net.hostmask))
+
+
 def local_image(node_cidr: str, local_cidr: str) -> str:
     """The image of the underlay subnet ``node_cidr`` in the vx-local range ``local_cidr``: the
     vx-local addresses of all its addresses (network bits of the local CIDR, host bits of the
@@ -119,7 +134,7 @@ def local_image(node_cidr: str, local_cidr: str) -> str:
     local = ipaddress.ip_network(local_cidr, strict=False)
     if net.version != local.version:
         raise ValueError(f"node CIDR {node_cidr} and local CIDR {local_cidr} are of different families")
-    base = int(local.network_address) | (int(net.network_address) & int(local.hostmask))
+    base = graft(int(net.network_address), local)
     return str(ipaddress.ip_network((base, max(net.prefixlen, local.prefixlen)), strict=False))
 
 

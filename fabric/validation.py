@@ -367,9 +367,7 @@ def node_cidr_clashes(owned: Iterable[tuple[str, str]], local_cidrs: Iterable[st
     kernel prefers (``fabric.control.planner.local_hosts``). The local CIDR keeps only an
     underlay address's host bits, so two different subnets clash when those bits do. Returns
     ``(owner, other owner, why)``, the later owner first. Assumes every CIDR parses."""
-    locals_: dict[int, str] = {}
-    for lc in types.with_defaults(tuple(local_cidrs), LOCAL_DEFAULTS):
-        locals_.setdefault(types.family_of(lc), lc)  # the first of a family is used, as the planner does
+    locals_ = types.first_per_family(types.with_defaults(tuple(local_cidrs), LOCAL_DEFAULTS))
     seen: list[tuple[str, str, str]] = []  # (image, owner, node CIDR)
     out: list[tuple[str, str, str]] = []
     for owner, n in owned:

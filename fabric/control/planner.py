@@ -129,9 +129,7 @@ def overlay_address(underlay_ip: str, bridge_cidr: str) -> str:
     net = network(bridge_cidr)
     if ip.version != net.version:
         raise ValueError(f"underlay address {underlay_ip} and bridge CIDR {bridge_cidr} are of different families")
-    host_mask = int(net.hostmask)
-    addr = ipaddress.ip_address(int(net.network_address) | (int(ip) & host_mask))
-    return f"{addr}/{net.prefixlen}"
+    return f"{ipaddress.ip_address(types.graft(int(ip), net))}/{net.prefixlen}"
 
 
 @functools.lru_cache(maxsize=65536)
@@ -160,10 +158,7 @@ def local_cidr_for(config: types.FabricConfig, underlay_ip: str) -> str | None:
 def _first_of_family(cidrs: tuple[str, ...], defaults: tuple[str, ...], family: int) -> str | None:
     """Cached by family, not by address: admission asks it twice per announcement (issue 21: a
     cache keyed by the underlay address missed for every new node of a bring-up)."""
-    for c in types.with_defaults(cidrs, defaults):
-        if network(c).version == family:
-            return c
-    return None
+    return types.first_per_family(types.with_defaults(cidrs, defaults)).get(family)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -619,7 +614,7 @@ def _nearest_other(points: list[tuple[int, str, bool]]) -> list[int | None]:
 @functools.lru_cache(maxsize=65536)
 def _local_point(underlay_ip: str, local_cidr: str) -> int:
     """The vx-local address of the node with ``underlay_ip`` (:func:`overlay_address`) as an int."""
-    return int(ipaddress.ip_address(overlay_address(underlay_ip, local_cidr).partition("/")[0]))
+    return types.graft(int(ipaddress.ip_address(underlay_ip)), network(local_cidr))
 
 
 def _family(ip: str) -> int:
@@ -641,10 +636,8 @@ def device(key: types.NodeKey, name: str, underlay_ip: str, cidr: str, mtu: int)
 
 @functools.lru_cache(maxsize=64)
 def _by_family(cidrs: tuple[str, ...]) -> dict[int, str]:
-    out: dict[int, str] = {}
-    for c in cidrs:
-        out.setdefault(ipaddress.ip_network(c, strict=False).version, c)
-    return out
+    """types.first_per_family, cached: once per topology's view."""
+    return types.first_per_family(cidrs)
 
 
 @functools.lru_cache(maxsize=65536)
