@@ -525,6 +525,9 @@ class Reflector:
         self.generation = 0
         self.holding = False
         self._nodes: dict[types.NodeKey, _NodeRecord] = {}
+        #: The nodes with a session, as :meth:`_connected` gives them; None after a session came,
+        #: went or was dropped with its node (a flush asks several times: O(nodes) each).
+        self._connected_keys: frozenset[types.NodeKey] | None = None
         self._rejections: dict[str, api.Rejection] = {}
         self._rejections_total = 0
         #: Refusals by their class (``Refusal.reason``) and identity label, for the metrics.
@@ -753,6 +756,7 @@ class Reflector:
         if rec.session is not None:
             rec.session.close(f"replaced by a newer session from {session.peer}", grpc.StatusCode.ABORTED)
         rec.session = session
+        self._connected_keys = None
         rec.identity = session.identity
         self._reachability_changed()
         # Versions are per session: the new session has applied nothing yet.
@@ -1081,6 +1085,7 @@ class Reflector:
         self._dirty = True
         for n, reasons in dropped:
             rec = self._nodes.pop(n.key)
+            self._connected_keys = None
             rejected = self._reject(f"node {n.key} under the new fabric configuration", str(n.key), reasons,
                                     authz.metric_label(rec.identity))  # fmt: skip
             self._changed.add(n.key)
@@ -1108,7 +1113,9 @@ class Reflector:
     # -- gateway election ---------------------------------------------------------------------
 
     def _connected(self) -> frozenset[types.NodeKey]:
-        return frozenset(k for k, rec in self._nodes.items() if rec.session is not None)
+        if self._connected_keys is None:
+            self._connected_keys = frozenset(k for k, rec in self._nodes.items() if rec.session is not None)
+        return self._connected_keys
 
     def _lingering(self) -> frozenset[types.NodeKey]:
         """Nodes whose session ended less than ``session_loss_grace`` ago (see "Gateways")."""
@@ -1307,6 +1314,7 @@ class Reflector:
         if rec is None or rec.session is not session:
             return  # replaced by a newer session, or already withdrawn
         rec.session = None
+        self._connected_keys = None
         self._fanout_done(session.key, -1)
         self._reports.pop(session.key, None)
         self._report_since.pop(session.key, None)
