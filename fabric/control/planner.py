@@ -548,36 +548,96 @@ def _aggregates(clusters: tuple[ClusterView, ...], family: int, local: str | Non
     Nodes of one cluster next to each other share that prefix; addresses nobody has yet go to the
     cluster whose prefix holds them, which is harmless (no node answers there, and a node that
     joins there is a new bound that splits the prefix in the same flush that announces it).
-    O(M log M) for M nodes of gateway-mode clusters: once per topology, as the view."""
+
+    Cost: a view is built per topology, and a bring-up makes hundreds. Clusters whose spans (from
+    their lowest to their highest point) overlap are solved together (:func:`_solve`); such a
+    group depends only on its members' points and the nearest point outside it on either side.
+    Both a cluster's points and a group's prefixes are reused from the previous view of the same
+    local CIDR when those did not change, so a flush recomputes only what a change touched:
+    O(clusters) per view when clusters keep to their own underlay ranges, O(M log M) for the M
+    nodes of clusters whose addresses interleave. Only the previous view's are kept (memory: one
+    view's worth, not a cache of every bring-up step)."""
     out: dict[str, tuple[str, ...]] = {c.config.name: () for c in clusters}
     if local is None:
         return out
+    last_points, last_solved = _LAST_POINTS.get(local, {}), _LAST_SOLVED.get(local, {})
+    points_now: dict[tuple[str, tuple[str, ...], tuple[str, ...]], _Points] = {}
+    solved_now: dict[tuple[tuple[_Points, ...], int | None, int | None], dict[str, tuple[str, ...]]] = {}
+    per: list[_Points] = []
+    for cv in clusters:
+        declared = tuple(c for c in cv.config.node_cidrs if types.family_of(c) == family)
+        underlays = tuple(ul for n in cv.nodes if (ul := n.underlay(family)) is not None)
+        key = (cv.config.name, underlays, declared)
+        pts = points_now[key] = last_points.get(key) or _cluster_points(*key, local)
+        if pts.points:
+            per.append(pts)
+    per.sort(key=lambda p: p.low)
+    groups: list[list[_Points]] = []
+    high = -1
+    for pts in per:
+        if groups and pts.low <= high:
+            groups[-1].append(pts)
+        else:
+            groups.append([pts])
+        high = max(high, pts.high)
+    for i, group in enumerate(groups):
+        below = max(p.high for p in groups[i - 1]) if i > 0 else None
+        above = min(p.low for p in groups[i + 1]) if i + 1 < len(groups) else None
+        gkey = (tuple(group), below, above)
+        got = solved_now[gkey] = last_solved.get(gkey) or _solve(*gkey, local)
+        out.update(got)
+    _LAST_POINTS[local], _LAST_SOLVED[local] = points_now, solved_now
+    return out
+
+
+#: Per local CIDR, the previous view's cluster points and solved groups (see :func:`_aggregates`).
+_LAST_POINTS: dict[str, dict[tuple[str, tuple[str, ...], tuple[str, ...]], _Points]] = {}
+_LAST_SOLVED: dict[str, dict[tuple[tuple[_Points, ...], int | None, int | None], dict[str, tuple[str, ...]]]] = {}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Points:
+    """One gateway-mode cluster's points in the local CIDR (see :func:`_aggregates`)."""
+
+    name: str
+    #: (point, needs a prefix) sorted: its nodes' vx-local addresses (needs: no image of its own
+    #: covers it) and the ends of its declared images (bounds for the others only).
+    points: tuple[tuple[int, bool], ...]
+    #: Its declared images, as networks and as (first, last) spans.
+    images: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    spans: tuple[tuple[int, int], ...]
+    low: int
+    high: int
+
+
+def _cluster_points(name: str, underlays: tuple[str, ...], declared: tuple[str, ...], local: str) -> _Points:
+    """:class:`_Points` of one cluster (``underlays``: its nodes' of the local CIDR's family)."""
+    subnets = [network(c) for c in declared]  # not strict: the configuration check is not
+    images = tuple(network(types.local_image(str(s), local)) for s in subnets)
+    spans = tuple((int(i.network_address), int(i.broadcast_address)) for i in images)
+    points = [(p, False) for span in spans for p in span]
+    for ul in underlays:
+        covered = bool(subnets) and any(ipaddress.ip_address(ul) in s for s in subnets)
+        points.append((_local_point(ul, local), not covered))
+    points.sort()
+    low, high = (points[0][0], points[-1][0]) if points else (0, -1)
+    return _Points(name, tuple(points), images, spans, low, high)
+
+
+def _solve(group: tuple[_Points, ...], below: int | None, above: int | None, local: str) -> dict[str, tuple[str, ...]]:
+    """The prefixes of the clusters of ``group``, whose spans overlap, with ``below`` and
+    ``above`` the nearest points of other clusters outside it (see :func:`_aggregates`)."""
     lnet = network(local)
     width: int = lnet.max_prefixlen
-    # (point, owner, needs a prefix): every vx-local address of the family and every image end.
-    points: list[tuple[int, str, bool]] = []
-    images: dict[str, list[ipaddress.IPv4Network | ipaddress.IPv6Network]] = {}
-    spans: list[tuple[int, int, str]] = []  # declared images as (first, last, owner)
-    for cv in clusters:
-        name = cv.config.name
-        subnets = [network(c) for c in cv.config.node_cidrs if types.family_of(c) == family]
-        own = images[name] = [network(types.local_image(str(s), local)) for s in subnets]
-        for img in own:
-            first, last = int(img.network_address), int(img.broadcast_address)
-            spans.append((first, last, name))
-            points += ((first, name, False), (last, name, False))
-        for n in cv.nodes:
-            ul = n.underlay(family)
-            if ul is None:
-                continue
-            covered = bool(subnets) and any(ipaddress.ip_address(ul) in s for s in subnets)
-            points.append((_local_point(ul, local), name, not covered))
+    # (point, owner index, needs), with the outside bounds as points of an owner of their own.
+    points = [(p, k, needs) for k, g in enumerate(group) for p, needs in g.points]
+    points += [(b, -1, False) for b in (below, above) if b is not None]
     points.sort()
-    below = _nearest_other(points)
-    above = _nearest_other(points[::-1])[::-1]
-    spans.sort()
+    near_below = _nearest_other(points)
+    near_above = _nearest_other(points[::-1])[::-1]
+    spans = sorted((first, last, k) for k, g in enumerate(group) for first, last in g.spans)
     firsts = [s[0] for s in spans]
-    prefixes: dict[str, set[tuple[int, int]]] = {}
+    prefixes: list[set[tuple[int, int]]] = [set() for _ in group]
     for i, (point, owner, needs) in enumerate(points):
         if not needs:
             continue
@@ -585,22 +645,23 @@ def _aggregates(clusters: tuple[ClusterView, ...], family: int, local: str | Non
         if j >= 0 and spans[j][1] >= point and spans[j][2] != owner:
             length = width  # inside another cluster's image: its own address, the longer prefix
         else:
-            bounds = [b for b in (below[i], above[i]) if b is not None]
+            bounds = [b for b in (near_below[i], near_above[i]) if b is not None]
             length = max((width - (point ^ b).bit_length() + 1 for b in bounds), default=0)
             length = min(width, max(lnet.prefixlen, length))
         shift = width - length
-        prefixes.setdefault(owner, set()).add(((point >> shift) << shift, length))
-    for name in out:
-        nets = images.get(name, []) + [ipaddress.ip_network(p) for p in sorted(prefixes.get(name, ()))]
-        out[name] = tuple(str(n) for n in ipaddress.collapse_addresses(nets))  # type: ignore[type-var]
+        prefixes[owner].add(((point >> shift) << shift, length))
+    out: dict[str, tuple[str, ...]] = {}
+    for k, g in enumerate(group):
+        nets = [*g.images, *(ipaddress.ip_network(p) for p in sorted(prefixes[k]))]
+        out[g.name] = tuple(str(n) for n in ipaddress.collapse_addresses(nets))  # type: ignore[type-var]
     return out
 
 
-def _nearest_other(points: list[tuple[int, str, bool]]) -> list[int | None]:
+def _nearest_other(points: list[tuple[int, int, bool]]) -> list[int | None]:
     """For each of ``points`` (sorted either way), the nearest earlier point of another owner.
     One pass: the last point seen, and the last one of an owner other than its owner."""
     out: list[int | None] = []
-    last_owner: str | None = None
+    last_owner: int | None = None
     last: int | None = None
     last_other: int | None = None  # the last point of an owner other than last_owner
     for point, owner, _needs in points:

@@ -169,3 +169,23 @@ def test_dual_stack_prefixes_are_per_family() -> None:
         addr = ipaddress.ip_address(planner.overlay_address(ul6, local6).partition("/")[0])
         assert _owner(v6, addr) == n.cluster, v6
     assert _prefixes(topo, 4) == {"a": ("198.19.0.0/31",), "b": ("198.19.0.2/31",)}
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_prefixes_reused_from_the_previous_view_are_those_computed_afresh(seed: int) -> None:
+    """Each view reuses the previous one's cluster points and solved groups where they did not
+    change: over a random sequence of joins and leaves they equal a computation without them."""
+    rng = random.Random(1000 + seed)
+    config, nodes = _random_fabric(rng)
+    present = list(nodes)
+    for _ in range(12):
+        if present and rng.random() < 0.4:
+            present.remove(rng.choice(present))
+        else:
+            missing = [n for n in nodes if n not in present]
+            if missing:
+                present.append(rng.choice(missing))
+        reused = _prefixes(_topology(config, present))
+        planner._LAST_POINTS.clear()
+        planner._LAST_SOLVED.clear()
+        assert _prefixes(_topology(config, present)) == reused
