@@ -209,3 +209,29 @@ def test_down_stops_processes_forked_while_it_runs(tmp_path: Path, lab_name: str
             if pid and nsutil.alive(pid):
                 os.kill(pid, 9)
         proc.wait()
+
+
+def test_a_pod_made_again_at_once_under_its_name_gets_its_veth(tmp_path: Path, lab_name: str) -> None:
+    """A pod removed and made again under the same name at once (a replacement, the tree
+    repairing a leaf copy): the kernel destroys a deleted namespace's devices later, so the
+    node's end of the old veth must be gone when remove_pod returns, and a leftover one (a
+    namespace deleted by other means) must not make the new veth fail with "File exists"."""
+    st = lab.up(_write(tmp_path, TOPO), lab_name, start_processes=False, progress=_quiet)
+    node = next(n for c in st.clusters for n in c.nodes if c.name == "east")
+    pod = lab.kube_pod(node, "default/web-1", (node.pod_cidr.rsplit(".", 2)[0] + ".200.9",))
+    for _ in range(3):
+        lab.add_pod(node, pod)
+        assert lab.remove_pod(node, pod)
+        assert subprocess.run(["ip", "-n", node.netns, "link", "show", "dev", pod.host_if],
+                              capture_output=True, check=False).returncode != 0  # fmt: skip
+    # A leftover node-side device of that name (a veth whose other end stayed on the node too),
+    # its pod namespace gone: add_pod replaces it with the pod's own veth.
+    subprocess.run(["ip", "-n", node.netns, "link", "add", pod.host_if, "type", "veth", "peer", "name", "kftleft0"],
+                   check=True)  # fmt: skip
+    lab.add_pod(node, pod)
+    links = subprocess.run(["ip", "-n", node.netns, "-o", "link", "show"], capture_output=True, text=True,
+                           check=True).stdout  # fmt: skip
+    assert "kftleft0" not in links and f" {pod.host_if}@" in links, links
+    assert subprocess.run(["ip", "-n", pod.netns, "link", "show", "dev", "eth0"], capture_output=True,
+                          check=False).returncode == 0  # fmt: skip
+    assert lab.remove_pod(node, pod) and not namespaces.exists(pod.netns)

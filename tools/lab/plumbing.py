@@ -224,18 +224,16 @@ def _add_pods(node: NodeRecord, pods: Sequence[PodRecord]) -> None:
             else f"namespaces and veths of {len(pods)} pods on {node.key}")
     new = [pod for pod in pods if not (namespaces.exists(pod.netns) and _link_exists(node.netns, pod.host_if))]
     delete_netns([pod.netns for pod in new])
-    # The veth is created from here with each end placed by the kernel straight into its
-    # namespace (``netns NODE`` ... ``peer ... netns POD``): neither end exists in the root
-    # namespace, and with the namespace it is one ``ip`` run instead of two. An IPv6 pod sets
-    # its sysctls in between: links take the namespace's defaults when created.
-    if any(pod.ip6 for pod in new):
-        _ip_batch(None, [f"netns add {pod.netns}" for pod in new], what)
+    try:
+        _add_namespaces_and_veths(node, new, what)
+    except LabError:
+        # The node's end of an older veth of the same name left behind (its namespace deleted
+        # without :func:`remove_pod`, whose devices the kernel destroys later): delete it, and
+        # whatever the failed run made, and make them again once.
         for pod in new:
-            if pod.ip6:
-                _write_sysctls(pod.netns, _IPV6_SYSCTLS)
-        _ip_batch(None, [_veth(node, pod) for pod in new], what)
-    else:
-        _ip_batch(None, [cmd for pod in new for cmd in (f"netns add {pod.netns}", _veth(node, pod))], what)
+            _delete_link(node.netns, pod.host_if)
+        delete_netns([pod.netns for pod in new])
+        _add_namespaces_and_veths(node, new, what)
     node_cmds = [cmd for pod in pods for cmd in _node_side(pod)]
     _ip_batch(node.netns, node_cmds, f"route to pod {node.key}/{pods[0].name}" if len(pods) == 1
               else f"routes to {len(pods)} pods on {node.key}")
@@ -259,6 +257,23 @@ def _add_pods(node: NodeRecord, pods: Sequence[PodRecord]) -> None:
 
 #: How many pods' own ``ip`` runs :func:`add_pods` has going at once.
 POD_RUNS_AT_ONCE = 4
+
+
+def _add_namespaces_and_veths(node: NodeRecord, new: Sequence[PodRecord], what: str) -> None:
+    """The namespaces of the ``new`` pods and their veths.
+
+    The veth is created from here with each end placed by the kernel straight into its
+    namespace (``netns NODE`` ... ``peer ... netns POD``): neither end exists in the root
+    namespace, and with the namespace it is one ``ip`` run instead of two. An IPv6 pod sets its
+    sysctls in between: links take the namespace's defaults when created."""
+    if any(pod.ip6 for pod in new):
+        _ip_batch(None, [f"netns add {pod.netns}" for pod in new], what)
+        for pod in new:
+            if pod.ip6:
+                _write_sysctls(pod.netns, _IPV6_SYSCTLS)
+        _ip_batch(None, [_veth(node, pod) for pod in new], what)
+    else:
+        _ip_batch(None, [cmd for pod in new for cmd in (f"netns add {pod.netns}", _veth(node, pod))], what)
 
 
 def _veth(node: NodeRecord, pod: PodRecord) -> str:
@@ -297,9 +312,23 @@ def _pod_side(pod: PodRecord) -> list[str]:
 
 
 def remove_pod(node: NodeRecord, pod: PodRecord) -> bool:
-    """Delete ``pod``'s namespace (its veth pair and the node's /32 route through it go with it);
-    idempotent, returns whether there was anything to delete."""
-    return bool(delete_netns([pod.netns]))
+    """Delete ``pod``'s veth, then its namespace (the node's /32 route through the veth goes with
+    it); idempotent, returns whether there was anything to delete.
+
+    The veth first, as a CNI's DEL does: the kernel destroys a deleted namespace's devices later,
+    from a work queue, so the node's end would outlive the call for a moment, and a pod made again
+    under the same name at once (a replacement of the same name, the tree repairing a leaf copy)
+    would fail to create its veth with "File exists". Deleting one end of a veth deletes both, now."""
+    had_link = _delete_link(node.netns, pod.host_if)
+    return bool(delete_netns([pod.netns])) or had_link
+
+
+def _delete_link(netns: str, ifname: str) -> bool:
+    """``ip -n NETNS link del IFNAME``; False when there was no such link (or no namespace)."""
+    if not namespaces.exists(netns):
+        return False
+    res = subprocess.run(["ip", "-n", netns, "link", "del", ifname], capture_output=True, text=True, check=False)
+    return res.returncode == 0
 
 
 #: Kubelet pod namespaces: ``<node netns>-k<10 hex>`` (static pods are ``-p<N>``).
