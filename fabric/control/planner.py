@@ -553,10 +553,11 @@ def _aggregates(clusters: tuple[ClusterView, ...], family: int, local: str | Non
     their lowest to their highest point) overlap are solved together (:func:`_solve`); such a
     group depends only on its members' points and the nearest point outside it on either side.
     Both a cluster's points and a group's prefixes are reused from the previous view of the same
-    local CIDR when those did not change, so a flush recomputes only what a change touched:
-    O(clusters) per view when clusters keep to their own underlay ranges, O(M log M) for the M
-    nodes of clusters whose addresses interleave. Only the previous view's are kept (memory: one
-    view's worth, not a cache of every bring-up step)."""
+    local CIDR when those did not change, so a flush recomputes only what a change touched: past
+    one pass over the nodes' addresses (to see which clusters changed), O(clusters) per view when
+    clusters keep to their own underlay ranges, O(M log M) for the M nodes of clusters whose
+    addresses interleave. Only the previous view's are kept (memory: one view's worth, not a
+    cache of every bring-up step)."""
     out: dict[str, tuple[str, ...]] = {c.config.name: () for c in clusters}
     if local is None:
         return out
