@@ -5,6 +5,15 @@ refused (``reflector_metrics``).
 
 The objects, in the order a stream meets them:
 
+0. **Streams waiting to be taken up** (:data:`Limits.max_pending_streams`): gRPC core queues a
+   new stream until the server's event loop takes it up (grpc.aio asks for one new call at a
+   time, from the loop), and refuses streams past its pending bound with CANCELLED before
+   any handler sees them. Its defaults (``grpc.server.max_pending_requests`` 1,000, above which
+   it refuses at random, and a hard 3,000) refused more than half of 10,000 streams opened at
+   once to an idle server (``tools.bench.control.accept``), as agents reconnect after a
+   reflector restart; every refused agent retries after its backoff, which only adds load.
+   :func:`server_options` sets both to this one bound, so none is refused below it; the
+   queue is bounded in time too (gRPC cancels a stream not taken up within 30 s).
 1. **Message sizes** (:data:`Limits.max_receive_message_bytes`, ``max_send_message_bytes``):
    gRPC's own options on the server (:func:`server_options`) and the same numbers, mirrored,
    on the clients' channels (:data:`fabric.control.client.CHANNEL_OPTIONS`). gRPC refuses a
@@ -76,6 +85,9 @@ class Limits:
     peer report of 10,000 nodes: 0.4 MB; a record put: 64 KiB of data).
     """
 
+    #: Streams gRPC holds for the server until its event loop takes them up; more at once are
+    #: refused (CANCELLED). A fleet reconnecting at once after a restart, with its add-ons.
+    max_pending_streams: int = 20_000
     #: Largest message the reflector reads (gRPC's own default: 10x the largest an agent sends).
     max_receive_message_bytes: int = 4 * MIB
     #: Largest message the reflector writes (4x the largest records delta, 12x a full P2P delta).
@@ -114,8 +126,11 @@ def flag(field: str) -> str:
 
 
 def server_options(limits: Limits) -> list[tuple[str, Any]]:
-    """gRPC server options of the message size bounds."""
+    """gRPC server options of the bounds gRPC itself enforces: streams waiting to be taken up
+    (one bound, soft and hard alike: below it none is refused at random) and message sizes."""
     return [
+        ("grpc.server.max_pending_requests", limits.max_pending_streams),
+        ("grpc.server.max_pending_requests_hard_limit", limits.max_pending_streams),
         ("grpc.max_receive_message_length", limits.max_receive_message_bytes),
         ("grpc.max_send_message_length", limits.max_send_message_bytes),
     ]

@@ -47,6 +47,8 @@ def log_level(text: str) -> str:
 _LIMITS = bounds.Limits()
 #: Flag help of every :class:`~fabric.control.bounds.Limits` field (a test checks all are here).
 _LIMIT_HELP: dict[str, tuple[str, str]] = {
+    "max_pending_streams": ("N", "new streams gRPC holds until the reflector takes them up; more at once are refused "
+                            "with CANCELLED (a fleet's agents reconnecting at once after a restart)"),
     "max_receive_message_bytes": ("B", "largest message read from a client"),
     "max_send_message_bytes": ("B", "largest message written to a client"),
     "send_queue_bytes": ("B", "bytes queued to one SyncNode or WatchTopology stream after its snapshot; a client that "
@@ -146,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
                   "address requires a client certificate of the CA")
     limits = p.add_argument_group(
         "bounds", "what one client can make the reflector hold or do (fabric/control/bounds.py); a stream over a "
-        "bound ends with RESOURCE_EXHAUSTED naming it; the metrics fabric_reflector_limit{limit} show them")
+        "bound ends with RESOURCE_EXHAUSTED naming it (past --max-pending-streams gRPC itself ends it with "
+        "CANCELLED); the metrics fabric_reflector_limit{limit} show them")
     for field, (metavar, text) in _LIMIT_HELP.items():
         default = getattr(_LIMITS, field)
         limits.add_argument(bounds.flag(field), dest=f"limit_{field}", type=type(default), default=default,

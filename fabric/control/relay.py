@@ -550,6 +550,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    "fabric CA, shown to the reflector (a fabric certificate is a server or a client one)")  # fmt: skip
     p.add_argument("--send-queue-bytes", type=int, default=bounds.Limits().send_queue_bytes, metavar="B",
                    help="bytes queued to one agent; an agent that falls further behind is cut off")  # fmt: skip
+    p.add_argument("--max-pending-streams", type=int, default=bounds.Limits().max_pending_streams, metavar="N",
+                   help="new agent streams gRPC holds until the relay takes them up; more at once are refused "
+                   "with CANCELLED (default %(default)s)")  # fmt: skip
     p.add_argument("--metrics-listen", metavar="ADDR:PORT",
                    help="serve Prometheus metrics (fabric_relay_*), /healthz and /readyz (ready: upstream open) "
                    f"here (default: off; the manifests use port {api.DEFAULT_RELAY_METRICS_PORT})")  # fmt: skip
@@ -573,8 +576,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if bool(args.tls_dir) != bool(args.upstream_tls_dir):
         p.error("--tls-dir and --upstream-tls-dir go together (mutual TLS towards agents and the reflector); "
                 "neither with --insecure")  # fmt: skip
-    if args.send_queue_bytes <= 0:
-        p.error(f"--send-queue-bytes {args.send_queue_bytes}: must be positive")
+    for flag, value in (("--send-queue-bytes", args.send_queue_bytes),
+                        ("--max-pending-streams", args.max_pending_streams)):
+        if value <= 0:
+            p.error(f"{flag} {value}: must be positive")
     return args
 
 
@@ -583,7 +588,8 @@ async def _serve(args: argparse.Namespace) -> int:
     upstream_tls = None if tls_dir is None else tls.choose(args.upstream_tls_dir, False)
     gc_policy = quiet_gc.QuietCollector() if args.gc == "quiet" else None
     relay = Relay(args.upstream, upstream_tls=upstream_tls, gc_policy=gc_policy,
-                  limits=dataclasses.replace(bounds.Limits(), send_queue_bytes=args.send_queue_bytes))  # fmt: skip
+                  limits=dataclasses.replace(bounds.Limits(), send_queue_bytes=args.send_queue_bytes,
+                                             max_pending_streams=args.max_pending_streams))  # fmt: skip
     creds = None if tls_dir is None else tls.server_credentials(tls_dir)
     if gc_policy is not None:
         gc_policy.install()

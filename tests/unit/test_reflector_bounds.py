@@ -354,6 +354,8 @@ def test_client_channel_options_mirror_the_reflector_bounds() -> None:
     assert opts["grpc.max_receive_message_length"] == lim.max_send_message_bytes
     assert opts["grpc.max_send_message_length"] == lim.max_receive_message_bytes
     assert dict(bounds.server_options(lim)) == {
+        "grpc.server.max_pending_requests": lim.max_pending_streams,
+        "grpc.server.max_pending_requests_hard_limit": lim.max_pending_streams,
         "grpc.max_receive_message_length": lim.max_receive_message_bytes,
         "grpc.max_send_message_length": lim.max_send_message_bytes,
     }

@@ -67,10 +67,10 @@ class AgentError(Exception):
 class NotAdmitted(AgentError):
     """The stream failed before the snapshot arrived: like the real AgentSession, retry later.
 
-    Seen when the server's event loop is too busy to pick up new streams: gRPC core cancels a
-    stream the application has not taken up within 30 s
-    (``grpc.server_max_unrequested_time_in_server``) and can refuse new ones while too many wait
-    (RESOURCE_EXHAUSTED, ``grpc.server.max_pending_requests``); bring-ups here also saw INTERNAL.
+    gRPC core cancels a stream the server has not taken up within 30 s
+    (``grpc.server_max_unrequested_time_in_server``) and refuses new ones with CANCELLED while
+    more than ``--max-pending-streams`` wait (INTERNAL where the agent's first message met the
+    refused stream); a unix socket's full listen backlog refuses connections (UNAVAILABLE).
     ``cause`` tells them apart in the benchmark's note, since each calls for a different cure.
     """
 

@@ -80,7 +80,12 @@ async def _bare_serve(listen: str) -> None:
             "Broadcast": grpc.unary_unary_rpc_method_handler(broadcast),
         },
     )
-    server = grpc.aio.server()
+    from fabric.control import bounds
+    from fabric.control.reflector_service import SERVER_OPTIONS
+
+    # The reflector's own gRPC server options (keepalive, bounds): the two servers differ only
+    # by what the fabric does with the streams, not by how gRPC takes them up.
+    server = grpc.aio.server(options=[*SERVER_OPTIONS, *bounds.server_options(bounds.Limits())])
     server.add_generic_rpc_handlers((handler,))
     server.add_insecure_port(listen)
     await server.start()
