@@ -525,9 +525,11 @@ class Reflector:
         self.generation = 0
         self.holding = False
         self._nodes: dict[types.NodeKey, _NodeRecord] = {}
-        #: The nodes with a session, as :meth:`_connected` gives them; None after a session came,
-        #: went or was dropped with its node (a flush asks several times: O(nodes) each).
-        self._connected_keys: frozenset[types.NodeKey] | None = None
+        #: The nodes with a session, kept as sessions come and go (a set, not a pass over
+        #: ``_nodes``: a bring-up asks after every session it admits), and the frozen copy
+        #: :meth:`_connected` hands out until the set changes.
+        self._connected_set: set[types.NodeKey] = set()
+        self._connected_keys: frozenset[types.NodeKey] | None = frozenset()
         self._rejections: dict[str, api.Rejection] = {}
         self._rejections_total = 0
         #: Refusals by their class (``Refusal.reason``) and identity label, for the metrics.
@@ -756,6 +758,7 @@ class Reflector:
         if rec.session is not None:
             rec.session.close(f"replaced by a newer session from {session.peer}", grpc.StatusCode.ABORTED)
         rec.session = session
+        self._connected_set.add(session.key)
         self._connected_keys = None
         rec.identity = session.identity
         self._reachability_changed()
@@ -1085,6 +1088,7 @@ class Reflector:
         self._dirty = True
         for n, reasons in dropped:
             rec = self._nodes.pop(n.key)
+            self._connected_set.discard(n.key)
             self._connected_keys = None
             rejected = self._reject(f"node {n.key} under the new fabric configuration", str(n.key), reasons,
                                     authz.metric_label(rec.identity))  # fmt: skip
@@ -1114,7 +1118,7 @@ class Reflector:
 
     def _connected(self) -> frozenset[types.NodeKey]:
         if self._connected_keys is None:
-            self._connected_keys = frozenset(k for k, rec in self._nodes.items() if rec.session is not None)
+            self._connected_keys = frozenset(self._connected_set)
         return self._connected_keys
 
     def _lingering(self) -> frozenset[types.NodeKey]:
@@ -1314,6 +1318,7 @@ class Reflector:
         if rec is None or rec.session is not session:
             return  # replaced by a newer session, or already withdrawn
         rec.session = None
+        self._connected_set.discard(session.key)
         self._connected_keys = None
         self._fanout_done(session.key, -1)
         self._reports.pop(session.key, None)

@@ -323,3 +323,24 @@ def test_random_scenarios_with_equal_inputs_have_equal_records() -> None:
             assert by_inputs[key] == got
         by_inputs[key] = got
     assert hits > 20
+
+
+def _inputs_by_walking_every_node(
+    topo: types.Topology, connected: frozenset[NK], reports: dict[NK, frozenset[NK]],
+    measured: dict[NK, dict[NK, tuple[float | None, float]]],
+) -> tuple[object, ...]:  # fmt: skip
+    """What :func:`reachability_rules.inputs` says, the plain way: one pass over every node."""
+    hot = {(r.cluster, name) for r in topo.roles for name in (*r.actives, r.standby) if name}
+    p2p = {c.name for c in topo.config.clusters if c.mode is types.ClusterMode.P2P}
+    relevant = [
+        (n, n.key in connected, frozenset(reports.get(n.key, ())), tuple(sorted(measured.get(n.key, {}).items())))
+        for n in topo.nodes if n.cluster in p2p or (n.cluster, n.name) in hot
+    ]  # fmt: skip
+    return topo.config, topo.roles, frozenset(n.cluster for n in topo.nodes), tuple(relevant)
+
+
+def test_inputs_found_by_bisection_equal_a_pass_over_every_node() -> None:
+    for seed in range(300):
+        rng = random.Random(seed)
+        scenario = _scenario(rng, NODES, noise=0.5)
+        assert reachability_rules.inputs(*scenario) == _inputs_by_walking_every_node(*scenario), seed
