@@ -15,7 +15,14 @@ def test_every_stream_is_answered_for_each_pair(capsys: pytest.CaptureFixture[st
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(r["busy_ms"], r["servers"]) for r in rows] == [(0.0, 1), (0.0, 2), (1.0, 1), (1.0, 2)]
     for r in rows:
+        assert r["grpc_defaults"] is False
         assert r["n"] == 20 and r["answered"] == 20 and r["failed"] == {} and r["seconds"] > 0
+
+
+def test_grpc_defaults_are_reported_and_answer_a_few_streams(capsys: pytest.CaptureFixture[str]) -> None:
+    assert accept.main(["--servers", "1", "--n", "20", "--busy-ms", "0", "--grpc-defaults"]) == 0
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert row["grpc_defaults"] is True and row["answered"] == 20 and row["failed"] == {}
 
 
 @pytest.mark.parametrize(

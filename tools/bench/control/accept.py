@@ -13,7 +13,7 @@ bidirectional method that answers a stream's first message; a "hog" task keeps t
 ``--busy-ms`` per turn (what other streams and flushes cost the reflector). A client process
 opens ``--n`` streams at once, each on its own channel and connection, and reports the time until every one got
 its answer. A stream gRPC failed before the server took it up is counted by its status, not
-retried. The servers take the reflector's gRPC options (``bounds.server_options``:
+retried. The servers take the reflector's bounds on gRPC (``bounds.server_options``, with
 ``--max-pending-streams``); with ``--grpc-defaults`` gRPC's own, whose bound on streams waiting
 to be taken up (1,000, refusing at random above it, 3,000 hard) fails more than half of 10,000
 streams opened at once even with ``--busy-ms 0``: CANCELLED, and INTERNAL where the client's
