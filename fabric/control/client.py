@@ -45,7 +45,7 @@ from fabric.control.generated import fabric_pb2_grpc as pb_grpc
 
 _log = logging.getLogger(__name__)
 
-#: HTTP/2 keepalive under the application keepalive (see reflector_service.SERVER_OPTIONS: the server
+#: HTTP/2 keepalive under the application keepalive (see reflector_service.server_options: the server
 #: accepts pings every 5 s; we ping every 10 s so we are never sent GOAWAY "too_many_pings").
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.keepalive_time_ms", 10_000),

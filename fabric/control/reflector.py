@@ -236,13 +236,13 @@ from fabric.control.generated import fabric_pb2 as pb
 from fabric.control.identity import Identity
 from fabric.control.reflector_metrics import MetricsCollector
 from fabric.control.reflector_service import (
-    SERVER_OPTIONS,
     DecodeInterceptor,
     Servicer,
     add_to_server,
     bind,
     peer_name,
     publisher_identity,
+    server_options,
 )
 
 _log = logging.getLogger(__name__)
@@ -610,7 +610,7 @@ class Reflector:
         (``host:port`` with the real port for ``:0``, or ``unix:/path``). ``credentials``: mutual
         TLS on every address (:func:`fabric.control.tls.server_credentials`); None: plaintext."""
         server = grpc.aio.server(
-            options=[*SERVER_OPTIONS, *bounds.server_options(self.limits)], interceptors=[DecodeInterceptor()]
+            options=server_options(self.limits), interceptors=[DecodeInterceptor()]
         )
         add_to_server(Servicer(self), server)
         bound: list[str] = []

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from google.protobuf import message as pb_message
 
-from fabric.control import authz, bootstrap, codec, relay_hub, tls
+from fabric.control import authz, bootstrap, bounds, codec, relay_hub, tls
 from fabric.control.generated import fabric_pb2 as pb
 from fabric.control.generated import fabric_pb2_grpc as pb_grpc
 
@@ -30,15 +30,22 @@ _log = logging.getLogger(__name__)
 
 #: HTTP/2 keepalive below the application keepalive: detects half-open TCP connections even when
 #: the event loop of the other side is stuck. Clients ping at most every 10 s (client.py), so the
-#: server allows pings that often. The
-#: reflector and fabric-relay serve agents with it.
-SERVER_OPTIONS: list[tuple[str, Any]] = [
+#: server allows pings that often. Part of :func:`server_options`.
+_KEEPALIVE_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.http2.max_pings_without_data", 0),
 ]
+
+
+def server_options(limits: bounds.Limits) -> list[tuple[str, Any]]:
+    """The gRPC options of every server that holds agent streams: the reflector, fabric-relay,
+    and the bare baseline of ``bench control`` (so that the two servers measured side by side
+    differ only in what the fabric does with the streams). Keepalive, then the bounds gRPC
+    enforces itself (:func:`bounds.server_options`)."""
+    return [*_KEEPALIVE_OPTIONS, *bounds.server_options(limits)]
 
 
 class ListenError(RuntimeError):

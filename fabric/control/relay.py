@@ -103,7 +103,7 @@ from fabric.backoff import Backoff
 from fabric.control import api, authz, bounds, client, identity, quiet_gc, relay_hub, tls
 from fabric.control.generated import fabric_pb2 as pb
 from fabric.control.generated import fabric_pb2_grpc as pb_grpc
-from fabric.control.reflector_service import SERVER_OPTIONS, bind, parse_listen, peer_name
+from fabric.control.reflector_service import bind, parse_listen, peer_name, server_options
 
 _log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ class Relay:
 
     async def start(self, listen: Sequence[str], credentials: grpc.ServerCredentials | None = None) -> list[str]:
         """Serve SyncNode on ``listen`` (mutual TLS with ``credentials``) and connect upstream."""
-        server = grpc.aio.server(options=[*SERVER_OPTIONS, *bounds.server_options(self.limits)])
+        server = grpc.aio.server(options=server_options(self.limits))
         handler = grpc.stream_stream_rpc_method_handler(
             self.sync_node, request_deserializer=pb.SyncNodeRequest.FromString, response_serializer=_as_bytes
         )

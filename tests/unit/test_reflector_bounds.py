@@ -18,7 +18,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from fabric import types
-from fabric.control import bounds, client, codec, record_store, reflector, reflector_cli, relay_hub
+from fabric.control import bounds, client, codec, record_store, reflector, reflector_cli, reflector_service, relay_hub
 from fabric.control.generated import fabric_pb2 as pb
 from fabric.control.generated import fabric_pb2_grpc as pb_grpc
 from tests.unit.test_control_session import CONFIG, E1, E2, W1, Recorder, run
@@ -359,6 +359,10 @@ def test_client_channel_options_mirror_the_reflector_bounds() -> None:
         "grpc.max_receive_message_length": lim.max_receive_message_bytes,
         "grpc.max_send_message_length": lim.max_send_message_bytes,
     }
+    # The servers that hold agent streams take the bounds and a keepalive the client's pings fit.
+    served = dict(reflector_service.server_options(dataclasses.replace(lim, max_pending_streams=7)))
+    assert served["grpc.server.max_pending_requests"] == 7
+    assert served["grpc.http2.min_ping_interval_without_data_ms"] <= opts["grpc.keepalive_time_ms"]
 
 
 # -- flags and metrics ---------------------------------------------------------------------------

@@ -81,11 +81,11 @@ async def _bare_serve(listen: str) -> None:
         },
     )
     from fabric.control import bounds
-    from fabric.control.reflector_service import SERVER_OPTIONS
+    from fabric.control.reflector_service import server_options
 
     # The reflector's own gRPC server options (keepalive, bounds): the two servers differ only
     # by what the fabric does with the streams, not by how gRPC takes them up.
-    server = grpc.aio.server(options=[*SERVER_OPTIONS, *bounds.server_options(bounds.Limits())])
+    server = grpc.aio.server(options=server_options(bounds.Limits()))
     server.add_generic_rpc_handlers((handler,))
     server.add_insecure_port(listen)
     await server.start()
