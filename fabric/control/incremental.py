@@ -396,6 +396,18 @@ def _inert(view: View, key: types.NodeKey) -> bool:
     return xc is None or (xc.gateway_mode and key not in view.hot_keys)
 
 
+def _contributors(view: View, cls: ViewerClass) -> Iterator[types.NodeAnnouncement]:
+    """The nodes whose part can be non-empty for class ``cls``: the bridge nodes (every node of
+    a P2P cluster, the hot ones of a gateway-mode cluster) and, for a hot class, the other nodes
+    of its own cluster; every other node is :func:`_inert` for it. A new class's union then
+    walks these, not all nodes (issue 21: at a bring-up of 100 gateway-mode clusters each new
+    class walked up to 10,000 nodes to find ~300 with a part)."""
+    yield from view.bridge_nodes
+    own = view.clusters.get(cls.cluster)
+    if cls.hot and own is not None and own.gateway_mode:
+        yield from (x for x in own.nodes if x.key not in view.hot_keys)
+
+
 def state_from_entries(entries: Mapping[str, types.Entry]) -> types.NodeState:
     """A NodeState from entries already keyed by :func:`types.entry_key` (the layout of
     ``NodeState.from_entries`` without re-deriving every key)."""
@@ -756,7 +768,7 @@ class IncrementalPlanner:
             started = time.perf_counter()
             canon, c = self._canon, self.counter
             union = {}
-            for x in view.by_key.values():
+            for x in _contributors(view, cls):
                 for k, e in _node_part(view, cls, x, c).items():
                     union[k] = canon.setdefault(e, e)
             for name in view.clusters:
