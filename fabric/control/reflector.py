@@ -828,9 +828,10 @@ class Reflector:
     def _snapshot_wire(self, rec: _NodeRecord) -> list[bytes]:
         """The messages of ``rec``'s snapshot. A node whose plan is its viewer class's union plus
         its own entries (every node but the hot gateways of gateway-mode clusters) gets the
-        class's chunks, encoded once per version of the union, then a chunk of its own: at
-        10,000 agents of a few hundred classes, building and encoding each plan was a fifth of
-        a bring-up (issue 21)."""
+        class's chunks, encoded once per version of the union, then its own entries (in the
+        room the class's last chunk has left: one message less, see
+        :func:`~fabric.control.codec.more_snapshot_chunks`): at 10,000 agents of a few hundred
+        classes, building and encoding each plan was a fifth of a bring-up (issue 21)."""
         key = rec.ann.key
         src = self._planner.snapshot_source(key)
         if src is None:
@@ -841,7 +842,7 @@ class Reflector:
             if held is None and len(self._class_chunks) >= 2 * self._planner.classes() + 64:
                 self._class_chunks.clear()  # classes gone (their versions are never reused)
             held = self._class_chunks[cls] = (version, codec.snapshot_chunks(list(union.values()), wire=self._wire))
-        return [*held[1], *codec.snapshot_chunks(list(mine.values()), wire=self._wire),
+        return [*codec.more_snapshot_chunks(held[1], len(union), list(mine.values()), wire=self._wire),
                 codec.end_of_snapshot_wire(rec.planned_version, self.epoch)]  # fmt: skip
 
     def _schedule_flush(self, paced: bool = False) -> None:
@@ -1435,13 +1436,11 @@ class Reflector:
         # agent that goes away ends the iteration (and gRPC cancels this RPC's handler).
 
     async def _keepalive(self, session: _Session) -> None:
-        """Every negotiated interval: a keepalive, and the hold check. A new negotiated interval
-        wakes it at once (the agent may expect keepalives more often from now on)."""
+        """Every negotiated interval: the hold check, and a keepalive. A new negotiated interval
+        wakes it at once (the agent may expect keepalives more often from now on). The first
+        keepalive went out with the admission (:meth:`_admit`): sending one more as this task
+        starts wrote a second, identical message to every agent of a bring-up (issue 21)."""
         while not session.closed:
-            if session.renegotiated.is_set():
-                session.keepalive_queued = None  # the new interval goes out even behind an old one
-            session.renegotiated.clear()
-            self._send_keepalive(session)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(session.interval or self.keepalive_interval):
                     await session.renegotiated.wait()
@@ -1449,6 +1448,10 @@ class Reflector:
             if silent > self._hold_time(session):
                 session.close(f"keepalive timeout: nothing received for {silent:.1f}s", grpc.StatusCode.UNAVAILABLE)
                 return
+            if session.renegotiated.is_set():
+                session.keepalive_queued = None  # the new interval goes out even behind an old one
+            session.renegotiated.clear()
+            self._send_keepalive(session)
 
     async def sync_node(
         self, requests: AsyncIterator[pb.SyncNodeRequest], context: grpc.aio.ServicerContext[Any, Any],
