@@ -423,6 +423,8 @@ def state_from_entries(entries: Mapping[str, types.Entry]) -> types.NodeState:
 
 def diff_entries(old: Mapping[str, types.Entry], new: Mapping[str, types.Entry]) -> types.StateDelta:
     """:func:`types.diff_states` on keyed entries."""
+    if not old:  # a new node's whole plan (thousands per flush at a bring-up): nothing to compare
+        return types.StateDelta(tuple(new[k] for k in sorted(new)), ())
     # Identity first: the planner's entries are interned, so an unchanged one is the same object.
     upserts = tuple(e for k in sorted(new) if (o := old.get(k)) is not (e := new[k]) and o != e)
     removals = tuple(k for k in sorted(old) if k not in new)

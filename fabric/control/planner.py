@@ -169,7 +169,9 @@ def network(cidr: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
 
 
 def tunnel_mtu(underlay_ip: str, underlay_mtu: int) -> int:
-    overhead = types.VXLAN_OVERHEAD_V6 if ipaddress.ip_address(underlay_ip).version == 6 else types.VXLAN_OVERHEAD_V4
+    """The MTU of a tunnel device over ``underlay_ip`` (an address already validated: its family
+    is read from the text, not parsed; admission and planning ask for every node)."""
+    overhead = types.VXLAN_OVERHEAD_V6 if types.family_of(underlay_ip) == 6 else types.VXLAN_OVERHEAD_V4
     return underlay_mtu - overhead
 
 

@@ -479,9 +479,13 @@ class Reflector:
         self.records.before_release = self._records_hold_ends
         #: The topology of the last flush (generation ``generation``, roles elected).
         self.topology = types.Topology(config)
-        #: The topology with every change admitted since: announcements are validated against it
-        #: (through ``_index``, its nodes indexed: a check costs O(log nodes), not O(nodes)).
-        self._pending = self.topology
+        #: The topology with every change admitted since (:attr:`_pending`), but for the new or
+        #: changed announcements in ``_admitted``, merged in when it is read: a copy of the node
+        #: tuple per admission cost O(nodes) each at a bring-up (issue 21). Announcements are
+        #: validated against ``_index`` (the pending nodes indexed: a check costs O(log nodes),
+        #: not O(nodes)), which is always current.
+        self._pending_base = self.topology
+        self._admitted: dict[types.NodeKey, types.NodeAnnouncement] = {}
         self._index = admission.NodeIndex(config)
         self.coalesce_window = max(0.0, coalesce_window)
         self.report_settle = max(0.0, report_settle)
@@ -689,13 +693,26 @@ class Reflector:
 
     # -- announcements ----------------------------------------------------------------------
 
+    @property
+    def _pending(self) -> types.Topology:
+        """The topology with every change admitted since the last flush (see ``_pending_base``)."""
+        if self._admitted:
+            self._pending_base = _with_nodes(self._pending_base, self._admitted.values())
+            self._admitted.clear()
+        return self._pending_base
+
+    @_pending.setter
+    def _pending(self, topology: types.Topology) -> None:
+        self._admitted.clear()
+        self._pending_base = topology
+
     def _admit(self, ann: types.NodeAnnouncement, session: _Session) -> pb.SyncNodeResponse | None:
         """Validate ``ann`` and attach ``session`` to its node; returns the ``Rejected`` to send
         when it is refused."""
         key = ann.key
         # Authorization first: an unauthorized client learns nothing about the other nodes.
         reasons = authz.announcement_refusals(session.identity, ann) or admission.announcement_refusals(
-            self._pending, ann, self._index
+            self._pending_base, ann, self._index  # its configuration is the pending one; the nodes are the index's
         )
         if reasons:
             label = authz.metric_label(session.identity)
@@ -720,7 +737,7 @@ class Reflector:
                 self._nodes[key] = rec
             rec.ann = ann
             self._attach(rec, session)
-            self._pending = _with_node(self._pending, ann)
+            self._admitted[key] = ann
             self._index.add(ann)
             if _node_in(self.topology, key) is None:
                 self._joining[key] = None
@@ -1937,11 +1954,20 @@ def _node_in(topology: types.Topology, key: types.NodeKey) -> types.NodeAnnounce
     return nodes[i] if i < len(nodes) and nodes[i].key == key else None
 
 
-def _with_node(topology: types.Topology, ann: types.NodeAnnouncement) -> types.Topology:
-    """``topology.with_node(ann)`` in O(log n) compares plus one tuple copy (no re-sort: a
-    bring-up of thousands of nodes calls this once per node)."""
-    nodes = topology.nodes
-    i = bisect.bisect_left(nodes, ann.key, key=lambda n: n.key)
-    if i < len(nodes) and nodes[i].key == ann.key:
-        return dataclasses.replace(topology, nodes=(*nodes[:i], ann, *nodes[i + 1 :]))
-    return dataclasses.replace(topology, nodes=(*nodes[:i], ann, *nodes[i:]))
+def _with_nodes(topology: types.Topology, anns: Collection[types.NodeAnnouncement]) -> types.Topology:
+    """``topology`` with ``anns`` added or replacing the node of the same key, nodes in key
+    order: one pass over the nodes (the new ones sorted and merged in), however many."""
+    if not anns:
+        return topology
+    new = sorted(anns, key=lambda n: n.key)
+    replaced = {n.key for n in new}
+    old = [n for n in topology.nodes if n.key not in replaced]
+    merged: list[types.NodeAnnouncement] = []
+    i = 0
+    for n in new:
+        j = bisect.bisect_left(old, n.key, lo=i, key=lambda o: o.key)
+        merged.extend(old[i:j])
+        merged.append(n)
+        i = j
+    merged.extend(old[i:])
+    return dataclasses.replace(topology, nodes=tuple(merged))

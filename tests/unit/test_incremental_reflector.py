@@ -178,6 +178,26 @@ def _node(cluster: str, i: int) -> types.NodeAnnouncement:
     return types.NodeAnnouncement(cluster, f"{cluster[0]}{i}", f"198.18.{third}.{i}", (f"10.{third}.{i}.0/24",))
 
 
+def test_nodes_admitted_since_a_flush_merge_into_the_pending_topology_as_with_node_would() -> None:
+    """The admitted announcements are merged into the pending topology when it is read: the
+    result equals ``Topology.with_node`` of each in turn (new keys and replacements, in any
+    order, the last announcement of a key winning)."""
+    rng = random.Random(5)
+    for _ in range(300):
+        base = types.Topology(GW_CONFIG)
+        for i in rng.sample(range(40), rng.randrange(0, 20)):
+            base = base.with_node(_node(rng.choice(("east", "west")), i))
+        admitted: dict[types.NodeKey, types.NodeAnnouncement] = {}
+        want = base
+        for _ in range(rng.randrange(0, 12)):
+            n = _node(rng.choice(("east", "west")), rng.randrange(40))
+            if rng.random() < 0.3:
+                n = dataclasses.replace(n, underlay_mtu=rng.choice((1400, 9000)))
+            admitted[n.key] = n
+            want = want.with_node(n)
+        assert reflector._with_nodes(base, list(admitted.values())) == want
+
+
 def test_a_burst_of_announcements_is_one_generation_and_one_delta_each() -> None:
     async def body() -> None:
         refl = reflector.Reflector(CONFIG, grace_period=100, startup_hold=0, coalesce_window=0.05)
