@@ -261,6 +261,11 @@ class SyncStream:
     def state(self) -> types.NodeState:
         return types.NodeState.from_entries(self.entries.values())
 
+    def _ended(self, end: pb.EndOfSnapshot) -> Synced:
+        self._order.end_of_snapshot(end.version)
+        self.epoch = end.epoch
+        return Synced(self.version, self.epoch)
+
     def feed(self, msg: pb.SyncNodeResponse) -> SyncEvent | None:
         """Apply one response; returns what happened (None: a snapshot chunk was collected)."""
         kind = msg.WhichOneof("message")
@@ -272,11 +277,10 @@ class SyncStream:
             for e in msg.snapshot.entries:
                 key, entry = keyed(e)
                 entries[key] = entry
-            return None
+            # The last chunk may carry the end (to agents that announce accepts_chunk_end).
+            return self._ended(msg.snapshot.end) if msg.snapshot.HasField("end") else None
         if kind == "end_of_snapshot":
-            self._order.end_of_snapshot(msg.end_of_snapshot.version)
-            self.epoch = msg.end_of_snapshot.epoch
-            return Synced(self.version, self.epoch)
+            return self._ended(msg.end_of_snapshot)
         if kind == "delta":
             version = msg.delta.version
             self._order.delta(version)  # the stream is unusable once anything below raises
@@ -426,7 +430,7 @@ class AgentSession:
     # -- one session --------------------------------------------------------------------------
 
     async def _requests(self, outbox: asyncio.Queue[pb.SyncNodeRequest | None]) -> AsyncIterator[pb.SyncNodeRequest]:
-        yield pb.SyncNodeRequest(announce=pb.Announce(node=codec.node_to_pb(self.announcement)))
+        yield pb.SyncNodeRequest(announce=pb.Announce(node=codec.node_to_pb(self.announcement), accepts_chunk_end=True))
         while True:
             msg = await outbox.get()
             if msg is None:

@@ -227,13 +227,27 @@ class EntryWire:
 
 
 def snapshot_wire(
-    state: types.NodeState, version: int, epoch: str, chunk: int = SNAPSHOT_CHUNK, wire: EntryWire | None = None
+    state: types.NodeState, version: int, epoch: str, chunk: int = SNAPSHOT_CHUNK, wire: EntryWire | None = None,
+    *, chunk_end: bool = False,
 ) -> list[bytes]:
     """A complete snapshot as the bytes of its ``SyncNodeResponse`` messages: SnapshotChunk
-    messages (none for an empty state), then END_OF_SNAPSHOT. ``wire``: the caller's cache of
-    entry encodings (a fresh one when None)."""
+    messages (none for an empty state), then END_OF_SNAPSHOT (see :func:`ended`: in the last
+    chunk with ``chunk_end``). ``wire``: the caller's cache of entry encodings (a fresh one when
+    None)."""
     entries: list[types.Entry] = [*state.devices, *state.peers, *state.routes, *state.translations, *state.programs]
-    return [*snapshot_chunks(entries, chunk, wire), end_of_snapshot_wire(version, epoch)]
+    return ended(snapshot_chunks(entries, chunk, wire), version, epoch, chunk_end=chunk_end)
+
+
+def ended(chunks: Sequence[bytes], version: int, epoch: str, *, chunk_end: bool) -> list[bytes]:
+    """A snapshot's chunks and its END_OF_SNAPSHOT. With ``chunk_end`` (the agent announced
+    ``accepts_chunk_end``) the end is the last chunk's ``end`` field: its bytes are joined to the
+    chunk's (a message field that occurs twice is merged, see :func:`more_snapshot_chunks`), one
+    message less per snapshot, which a bring-up writes to every agent (issue 21). Without
+    chunks, or without ``chunk_end``, END_OF_SNAPSHOT is a message of its own."""
+    if not chunk_end or not chunks:
+        return [*chunks, end_of_snapshot_wire(version, epoch)]
+    end = pb.SyncNodeResponse(snapshot=pb.SnapshotChunk(end=pb.EndOfSnapshot(version=version, epoch=epoch)))
+    return [*chunks[:-1], chunks[-1] + end.SerializeToString()]
 
 
 def snapshot_chunks(

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from fabric import types
-from fabric.control import api, codec
+from fabric.control import api, client, codec
 from fabric.control.generated import fabric_pb2 as pb
 
 GOLDEN = Path(__file__).parent / "golden" / "codec_wire.json"
@@ -280,6 +280,30 @@ def test_more_snapshot_chunks_fill_the_last_shared_chunk_without_reencoding_it()
         full = -(-len(shared) // chunk)  # the shared chunks
         assert len(out) == full + max(0, -(-(len(shared) + len(own)) // chunk) - full)
         assert out[: max(0, len(made) - 1)] == made[:-1] and (not made or out[len(made) - 1].startswith(made[-1]))
+
+
+def test_a_snapshot_ends_in_its_last_chunk_for_agents_that_accept_it() -> None:
+    """With ``chunk_end`` the end is the last chunk's ``end`` (one message less): an agent's
+    SyncStream collects every entry and is synced at the end's version and epoch; without it, or
+    for an empty state, END_OF_SNAPSHOT is a message of its own."""
+    rng = random.Random(11)
+    for n in (0, 1, 3, 9):
+        entries = _random_entries(rng, n)
+        state = types.NodeState.from_entries(entries)
+        for chunk_end in (False, True):
+            raw = codec.snapshot_wire(state, 42, "ep", 4, chunk_end=chunk_end)
+            msgs = [pb.SyncNodeResponse.FromString(b) for b in raw]
+            kinds = [m.WhichOneof("message") for m in msgs]
+            chunks = -(-len(state.entries()) // 4)
+            if chunk_end and chunks:
+                assert kinds == ["snapshot"] * chunks and msgs[-1].snapshot.HasField("end")
+            else:
+                assert kinds == ["snapshot"] * chunks + ["end_of_snapshot"]
+            assert not any(m.snapshot.HasField("end") for m in msgs[:-1])
+            stream = client.SyncStream("test")
+            events = [stream.feed(m) for m in msgs]
+            assert events[:-1] == [None] * (len(msgs) - 1)
+            assert events[-1] == client.Synced(42, "ep") and stream.state == state
 
 
 def test_entry_wire_reencodes_an_equal_entry_that_is_another_object() -> None:
