@@ -240,10 +240,11 @@ def snapshot_wire(
 
 def ended(chunks: Sequence[bytes], version: int, epoch: str, *, chunk_end: bool) -> list[bytes]:
     """A snapshot's chunks and its END_OF_SNAPSHOT. With ``chunk_end`` (the agent announced
-    ``accepts_chunk_end``) the end is the last chunk's ``end`` field: its bytes are joined to the
-    chunk's (a message field that occurs twice is merged, see :func:`more_snapshot_chunks`), one
-    message less per snapshot, which a bring-up writes to every agent (issue 21). Without
-    chunks, or without ``chunk_end``, END_OF_SNAPSHOT is a message of its own."""
+    ``accepts_chunk_end``) the end is the last chunk's ``end`` field, its bytes joined to the
+    chunk's: a message field that occurs twice in a message's bytes is merged by every protobuf
+    parser, so the two side by side are one chunk with both. One message less per snapshot,
+    which a bring-up writes to every agent (issue 21). Without chunks, or without
+    ``chunk_end``, END_OF_SNAPSHOT is a message of its own."""
     if not chunk_end or not chunks:
         return [*chunks, end_of_snapshot_wire(version, epoch)]
     end = pb.SyncNodeResponse(snapshot=pb.SnapshotChunk(end=pb.EndOfSnapshot(version=version, epoch=epoch)))
@@ -262,28 +263,6 @@ def snapshot_chunks(
         _length_delimited(_TAG_RESPONSE_SNAPSHOT, w.repeated(_TAG_CHUNK_ENTRIES, entries[i : i + chunk]))
         for i in range(0, len(entries), chunk)
     ]
-
-
-def more_snapshot_chunks(
-    chunks: Sequence[bytes], count: int, entries: Sequence[types.Entry], chunk: int = SNAPSHOT_CHUNK,
-    wire: EntryWire | None = None,
-) -> list[bytes]:
-    """``chunks`` (the :func:`snapshot_chunks` of ``count`` entries, made before: a viewer
-    class's, shared by its snapshots) followed by the chunks of ``entries``, the first of these
-    filling up the last of ``chunks``. Filling needs no re-encoding: a message field that occurs
-    twice in a message's bytes is merged by every protobuf parser, its repeated fields
-    concatenated, so a chunk's bytes followed by another's are one message holding both's
-    entries. Each message still holds at most ``chunk`` entries; a snapshot of a class's chunk
-    and a node's own entries is one message fewer to write (issue 21: a bring-up writes one per
-    agent)."""
-    w = wire if wire is not None else EntryWire()
-    if not chunks or not entries:
-        return [*chunks, *snapshot_chunks(entries, chunk, w)]
-    room = chunk * len(chunks) - count  # what the last of ``chunks`` has room for
-    if room <= 0:
-        return [*chunks, *snapshot_chunks(entries, chunk, w)]
-    head = _length_delimited(_TAG_RESPONSE_SNAPSHOT, w.repeated(_TAG_CHUNK_ENTRIES, entries[:room]))
-    return [*chunks[:-1], chunks[-1] + head, *snapshot_chunks(entries[room:], chunk, w)]
 
 
 def end_of_snapshot_wire(version: int, epoch: str) -> bytes:

@@ -260,28 +260,6 @@ def test_wire_bytes_equal_protobuf_serialization() -> None:
     assert 0 < len(wire) <= 300
 
 
-def test_more_snapshot_chunks_fill_the_last_shared_chunk_without_reencoding_it() -> None:
-    """A class's chunks followed by a node's own entries: the messages decode to every entry in
-    order, none holds more than ``chunk``, they are as few as the entries need (the last shared
-    chunk filled up first), and the shared chunks are their bytes as made (a prefix of the
-    filled one: joined, not encoded again)."""
-    rng = random.Random(7)
-    for _ in range(200):
-        chunk = rng.choice((1, 2, 3, 7, 2000))
-        shared = _random_entries(rng, rng.randrange(0, 30))
-        own = _random_entries(rng, rng.randrange(0, 12))
-        made = codec.snapshot_chunks(shared, chunk)
-        out = codec.more_snapshot_chunks(made, len(shared), own, chunk)
-        decoded = [pb.SyncNodeResponse.FromString(b) for b in out]
-        assert all(m.WhichOneof("message") == "snapshot" for m in decoded)
-        assert all(len(m.snapshot.entries) <= chunk for m in decoded)
-        got = [codec.entry_from_pb(e) for m in decoded for e in m.snapshot.entries]
-        assert got == [*shared, *own]
-        full = -(-len(shared) // chunk)  # the shared chunks
-        assert len(out) == full + max(0, -(-(len(shared) + len(own)) // chunk) - full)
-        assert out[: max(0, len(made) - 1)] == made[:-1] and (not made or out[len(made) - 1].startswith(made[-1]))
-
-
 def test_a_snapshot_ends_in_its_last_chunk_for_agents_that_accept_it() -> None:
     """With ``chunk_end`` the end is the last chunk's ``end`` (one message less): an agent's
     SyncStream collects every entry and is synced at the end's version and epoch; without it, or
