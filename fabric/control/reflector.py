@@ -851,7 +851,7 @@ class Reflector:
         10,000 agents of a few hundred classes, building and encoding each plan was a fifth of
         a bring-up (issue 21).
         ``chunk_end``: the agent takes the end of the snapshot in its last chunk
-        (:func:`~fabric.control.codec.ended`)."""
+        (:func:`~fabric.control.codec.ending_chunks`)."""
         key = rec.ann.key
         src = self._planner.snapshot_source(key)
         if src is None:
@@ -866,8 +866,9 @@ class Reflector:
         # The class's chunks as they are (one bytes object for every snapshot of the class, never
         # copied per session: at 10,000 agents copies of them queued for writing cost ~7 KiB of
         # RSS per agent, measured), then the node's own entries with the end.
-        chunks = [*held[1], *codec.snapshot_chunks(list(mine.values()), wire=self._wire)]
-        return codec.ended(chunks, rec.planned_version, self.epoch, chunk_end=chunk_end)
+        own = codec.ending_chunks(list(mine.values()), rec.planned_version, self.epoch, chunk_end=chunk_end,
+                                  wire=self._wire)  # fmt: skip
+        return [*held[1], *own]
 
     def _schedule_flush(self, paced: bool = False) -> None:
         """Flush pending changes soon: at once after a quiet period, else once the coalescing

@@ -261,23 +261,28 @@ def test_wire_bytes_equal_protobuf_serialization() -> None:
 
 
 def test_a_snapshot_ends_in_its_last_chunk_for_agents_that_accept_it() -> None:
-    """With ``chunk_end`` the end is the last chunk's ``end`` (one message less): an agent's
-    SyncStream collects every entry and is synced at the end's version and epoch; without it, or
-    for an empty state, END_OF_SNAPSHOT is a message of its own."""
+    """With ``chunk_end`` the end is the last chunk's ``end`` (one message less; a chunk of the
+    end alone for an empty state), written as protobuf writes it; an agent's SyncStream collects
+    every entry and is synced at the end's version and epoch. Without it END_OF_SNAPSHOT is a
+    message of its own."""
     rng = random.Random(11)
-    for n in (0, 1, 3, 9):
+    for n in (0, 1, 3, 4, 9):
         entries = _random_entries(rng, n)
         state = types.NodeState.from_entries(entries)
+        ordered = [*state.devices, *state.peers, *state.routes, *state.translations, *state.programs]
         for chunk_end in (False, True):
             raw = codec.snapshot_wire(state, 42, "ep", 4, chunk_end=chunk_end)
             msgs = [pb.SyncNodeResponse.FromString(b) for b in raw]
-            kinds = [m.WhichOneof("message") for m in msgs]
-            chunks = -(-len(state.entries()) // 4)
-            if chunk_end and chunks:
-                assert kinds == ["snapshot"] * chunks and msgs[-1].snapshot.HasField("end")
+            chunks = [ordered[i:i + 4] for i in range(0, len(ordered), 4)]
+            end = pb.EndOfSnapshot(version=42, epoch="ep")
+            if chunk_end:
+                want = [pb.SyncNodeResponse(snapshot=pb.SnapshotChunk(
+                    entries=[codec.entry_to_pb(e) for e in c], end=end if i == len(chunks) - 1 else None))
+                    for i, c in enumerate(chunks)] or [pb.SyncNodeResponse(snapshot=pb.SnapshotChunk(end=end))]
             else:
-                assert kinds == ["snapshot"] * chunks + ["end_of_snapshot"]
-            assert not any(m.snapshot.HasField("end") for m in msgs[:-1])
+                want = [pb.SyncNodeResponse(snapshot=pb.SnapshotChunk(entries=[codec.entry_to_pb(e) for e in c]))
+                        for c in chunks] + [pb.SyncNodeResponse(end_of_snapshot=end)]
+            assert raw == [m.SerializeToString() for m in want]
             stream = client.SyncStream("test")
             events = [stream.feed(m) for m in msgs]
             assert events[:-1] == [None] * (len(msgs) - 1)

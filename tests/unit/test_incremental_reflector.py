@@ -49,9 +49,7 @@ class Agent:
                 continue
             if isinstance(msg, reflector._Encoded):  # encoded once for many: what goes on the wire
                 decoded = pb.SyncNodeResponse.FromString(msg.data)
-                # Protobuf's own bytes, but a snapshot's last chunk may have its end's bytes
-                # joined (codec.ended; test_control_codec checks them).
-                assert decoded.WhichOneof("message") == "snapshot" or msg.data == decoded.SerializeToString()
+                assert msg.data == decoded.SerializeToString()
                 msg = decoded
             kind = msg.WhichOneof("message")
             if kind == "snapshot":
@@ -64,7 +62,7 @@ class Agent:
                     self._ended(msg.snapshot.end)
             elif kind == "end_of_snapshot":
                 assert self.chunks is not None, "second END_OF_SNAPSHOT"
-                assert not (self.session.chunk_end and self.chunks), "END_OF_SNAPSHOT apart, the end fit in a chunk"
+                assert not self.session.chunk_end, "END_OF_SNAPSHOT apart to an agent that takes it in a chunk"
                 self._ended(msg.end_of_snapshot)
             elif kind == "delta":
                 assert self.state is not None, "delta before END_OF_SNAPSHOT"
