@@ -4,11 +4,13 @@
 AgentSession, one per agent, forever:
 
 1. connect to the reflector (``host:port`` or ``unix:/path``) and open ``SyncNode``;
-2. send the Announce, then Keepalives: each proposes ``keepalive_interval``; the reflector
+2. send the Announce (saying we take a snapshot's end in its last chunk, ``accepts_chunk_end``),
+   then Keepalives: each proposes ``keepalive_interval``; the reflector
    negotiates the session's interval (the proposal clamped to its range, then the smaller of it
    and its own, as BGP does with hold times) and its keepalives carry the result, which we
    follow: we send at least that often and declare the reflector dead after 3 of its intervals;
-3. collect SnapshotChunks until END_OF_SNAPSHOT, then hand the *complete* state to
+3. collect SnapshotChunks until END_OF_SNAPSHOT (a message of its own from a reflector that
+   predates ``accepts_chunk_end``, else the last chunk's ``end``), then hand the *complete* state to
    ``handler.on_snapshot`` (never a partial one: the agent garbage-collects on it);
 4. apply every Delta, in order, to ``session.state`` and hand it to ``handler.on_delta``;
    the rules of that order (:class:`SyncStream`) are strict: a delta before END_OF_SNAPSHOT

@@ -325,7 +325,10 @@ def test_expansion_online_and_refusals(api: Api, ctrl: ControllerManager, emu: S
     assert done["status"]["allocatedResources"] == {"storage": "3Gi"}
     reasons = {r for _, r, _ in api.events("default", "grow")}
     assert {"ExternalExpanding", "Resizing", "FileSystemResizeRequired"} <= reasons
-    assert any(r == "FileSystemResizeSuccessful" for _, r, _ in api.events("default", "grower", "Pod"))
+    # Recorded after the claim's status, as the kubelet does (its events go out asynchronously):
+    # the grown capacity can be read before it (CI saw that once).
+    wait_until(lambda: any(r == "FileSystemResizeSuccessful" for _, r, _ in api.events("default", "grower", "Pod")),
+               10, "FileSystemResizeSuccessful on the pod")
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("no kubectl binary on PATH")
