@@ -4,13 +4,11 @@
 AgentSession, one per agent, forever:
 
 1. connect to the reflector (``host:port`` or ``unix:/path``) and open ``SyncNode``;
-2. send the Announce (saying we take a snapshot's end in its last chunk, ``accepts_chunk_end``),
-   then Keepalives: each proposes ``keepalive_interval``; the reflector
+2. send the Announce, then Keepalives: each proposes ``keepalive_interval``; the reflector
    negotiates the session's interval (the proposal clamped to its range, then the smaller of it
    and its own, as BGP does with hold times) and its keepalives carry the result, which we
    follow: we send at least that often and declare the reflector dead after 3 of its intervals;
-3. collect SnapshotChunks until END_OF_SNAPSHOT (a message of its own from a reflector that
-   predates ``accepts_chunk_end``, else the last chunk's ``end``), then hand the *complete* state to
+3. collect SnapshotChunks until END_OF_SNAPSHOT, then hand the *complete* state to
    ``handler.on_snapshot`` (never a partial one: the agent garbage-collects on it);
 4. apply every Delta, in order, to ``session.state`` and hand it to ``handler.on_delta``;
    the rules of that order (:class:`SyncStream`) are strict: a delta before END_OF_SNAPSHOT
@@ -263,11 +261,6 @@ class SyncStream:
     def state(self) -> types.NodeState:
         return types.NodeState.from_entries(self.entries.values())
 
-    def _ended(self, end: pb.EndOfSnapshot) -> Synced:
-        self._order.end_of_snapshot(end.version)
-        self.epoch = end.epoch
-        return Synced(self.version, self.epoch)
-
     def feed(self, msg: pb.SyncNodeResponse) -> SyncEvent | None:
         """Apply one response; returns what happened (None: a snapshot chunk was collected)."""
         kind = msg.WhichOneof("message")
@@ -279,10 +272,11 @@ class SyncStream:
             for e in msg.snapshot.entries:
                 key, entry = keyed(e)
                 entries[key] = entry
-            # The last chunk may carry the end (to agents that announce accepts_chunk_end).
-            return self._ended(msg.snapshot.end) if msg.snapshot.HasField("end") else None
+            return None
         if kind == "end_of_snapshot":
-            return self._ended(msg.end_of_snapshot)
+            self._order.end_of_snapshot(msg.end_of_snapshot.version)
+            self.epoch = msg.end_of_snapshot.epoch
+            return Synced(self.version, self.epoch)
         if kind == "delta":
             version = msg.delta.version
             self._order.delta(version)  # the stream is unusable once anything below raises
@@ -432,7 +426,7 @@ class AgentSession:
     # -- one session --------------------------------------------------------------------------
 
     async def _requests(self, outbox: asyncio.Queue[pb.SyncNodeRequest | None]) -> AsyncIterator[pb.SyncNodeRequest]:
-        yield pb.SyncNodeRequest(announce=pb.Announce(node=codec.node_to_pb(self.announcement), accepts_chunk_end=True))
+        yield pb.SyncNodeRequest(announce=pb.Announce(node=codec.node_to_pb(self.announcement)))
         while True:
             msg = await outbox.get()
             if msg is None:

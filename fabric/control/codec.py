@@ -174,7 +174,6 @@ def _length_delimited(tag: bytes, payload: bytes) -> bytes:
 
 # Tags (field number << 3 | wire type 2, length-delimited) of the fields written as bytes here.
 _TAG_CHUNK_ENTRIES = b"\x0a"  # SnapshotChunk.entries = 1
-_TAG_CHUNK_END = b"\x12"  # SnapshotChunk.end = 2
 _TAG_DELTA_UPSERTS = b"\x12"  # Delta.upserts = 2
 _TAG_DELTA_REMOVALS = b"\x1a"  # Delta.removals = 3
 _TAG_DELTA_VERSION = b"\x08"  # Delta.version = 1 (varint)
@@ -228,50 +227,49 @@ class EntryWire:
 
 
 def snapshot_wire(
-    state: types.NodeState, version: int, epoch: str, chunk: int = SNAPSHOT_CHUNK, wire: EntryWire | None = None,
-    *, chunk_end: bool = False,
+    state: types.NodeState, version: int, epoch: str, chunk: int = SNAPSHOT_CHUNK, wire: EntryWire | None = None
 ) -> list[bytes]:
     """A complete snapshot as the bytes of its ``SyncNodeResponse`` messages: SnapshotChunk
-    messages, then the end (:func:`ending_chunks`). ``wire``: the caller's cache of entry
-    encodings (a fresh one when None)."""
+    messages (none for an empty state), then END_OF_SNAPSHOT. ``wire``: the caller's cache of
+    entry encodings (a fresh one when None)."""
     entries: list[types.Entry] = [*state.devices, *state.peers, *state.routes, *state.translations, *state.programs]
-    return ending_chunks(entries, version, epoch, chunk_end=chunk_end, chunk=chunk, wire=wire)
-
-
-def ending_chunks(
-    entries: Sequence[types.Entry], version: int, epoch: str, *, chunk_end: bool, chunk: int = SNAPSHOT_CHUNK,
-    wire: EntryWire | None = None,
-) -> list[bytes]:
-    """The last messages of a snapshot: the chunks of ``entries``, then its end. With
-    ``chunk_end`` (the agent announced ``accepts_chunk_end``) the end is the last chunk's
-    ``end`` field, written into it as it is made (a chunk of the end alone when there are no
-    entries): one message less per snapshot, which a bring-up writes to every agent (issue 21).
-    Without it, END_OF_SNAPSHOT is a message of its own."""
-    if not chunk_end:
-        return [*snapshot_chunks(entries, chunk, wire), end_of_snapshot_wire(version, epoch)]
-    end = _length_delimited(_TAG_CHUNK_END, pb.EndOfSnapshot(version=version, epoch=epoch).SerializeToString())
-    return snapshot_chunks(entries, chunk, wire, end=end) or [_chunk(b"", end)]
+    return [*snapshot_chunks(entries, chunk, wire), end_of_snapshot_wire(version, epoch)]
 
 
 def snapshot_chunks(
-    entries: Sequence[types.Entry], chunk: int = SNAPSHOT_CHUNK, wire: EntryWire | None = None, end: bytes = b""
+    entries: Sequence[types.Entry], chunk: int = SNAPSHOT_CHUNK, wire: EntryWire | None = None
 ) -> list[bytes]:
     """The SnapshotChunk messages (bytes of ``SyncNodeResponse``) carrying ``entries``, at most
-    ``chunk`` per message; ``end``, the bytes of a SnapshotChunk ``end`` field, goes in the last
-    (see :func:`ending_chunks`). A snapshot is any such messages then its end: an agent keys
+    ``chunk`` per message. A snapshot is any such messages then END_OF_SNAPSHOT: an agent keys
     what it collects, so the order of entries and chunks carries nothing, and the chunks of
     entries many snapshots share can be made once (the reflector's per-class cache)."""
     w = wire if wire is not None else EntryWire()
-    starts = range(0, len(entries), chunk)
-    last = starts[-1] if starts else -1
-    return [_chunk(w.repeated(_TAG_CHUNK_ENTRIES, entries[i : i + chunk]), end if i == last else b"") for i in starts]
+    return [
+        _length_delimited(_TAG_RESPONSE_SNAPSHOT, w.repeated(_TAG_CHUNK_ENTRIES, entries[i : i + chunk]))
+        for i in range(0, len(entries), chunk)
+    ]
 
 
-def _chunk(body: bytes, end: bytes) -> bytes:
-    """A ``SyncNodeResponse`` of one SnapshotChunk whose fields are ``body`` (its entries) and
-    ``end``: one allocation of the message's size (a chunk of 2,000 entries is ~0.12 MB, made per
-    snapshot where it is not a class's)."""
-    return b"".join((_TAG_RESPONSE_SNAPSHOT, _varint(len(body) + len(end)), body, end))
+def more_snapshot_chunks(
+    chunks: Sequence[bytes], count: int, entries: Sequence[types.Entry], chunk: int = SNAPSHOT_CHUNK,
+    wire: EntryWire | None = None,
+) -> list[bytes]:
+    """``chunks`` (the :func:`snapshot_chunks` of ``count`` entries, made before: a viewer
+    class's, shared by its snapshots) followed by the chunks of ``entries``, the first of these
+    filling up the last of ``chunks``. Filling needs no re-encoding: a message field that occurs
+    twice in a message's bytes is merged by every protobuf parser, its repeated fields
+    concatenated, so a chunk's bytes followed by another's are one message holding both's
+    entries. Each message still holds at most ``chunk`` entries; a snapshot of a class's chunk
+    and a node's own entries is one message fewer to write (issue 21: a bring-up writes one per
+    agent)."""
+    w = wire if wire is not None else EntryWire()
+    if not chunks or not entries:
+        return [*chunks, *snapshot_chunks(entries, chunk, w)]
+    room = chunk * len(chunks) - count  # what the last of ``chunks`` has room for
+    if room <= 0:
+        return [*chunks, *snapshot_chunks(entries, chunk, w)]
+    head = _length_delimited(_TAG_RESPONSE_SNAPSHOT, w.repeated(_TAG_CHUNK_ENTRIES, entries[:room]))
+    return [*chunks[:-1], chunks[-1] + head, *snapshot_chunks(entries[room:], chunk, w)]
 
 
 def end_of_snapshot_wire(version: int, epoch: str) -> bytes:

@@ -365,8 +365,6 @@ class _Session:
         self.held_handle: asyncio.TimerHandle | None = None
         #: The client certificate's identity (None: a plaintext session); see authz.
         self.identity: Identity | None = None
-        #: The agent announced ``accepts_chunk_end``: its snapshots end in their last chunk.
-        self.chunk_end = False
 
     def send(self, msg: pb.SyncNodeResponse | _Encoded, size: int | None = None, *, bounded: bool = True) -> None:
         """Queue ``msg`` (``size``: its bytes, when the caller knows them); past the queue's
@@ -833,7 +831,7 @@ class Reflector:
         return False
 
     def _send_snapshot(self, rec: _NodeRecord, session: _Session) -> None:
-        for data in self._snapshot_wire(rec, session.chunk_end):
+        for data in self._snapshot_wire(rec):
             session.send(_Encoded(data), len(data), bounded=False)
         session.synced = True
         c = session.counters
@@ -844,31 +842,25 @@ class Reflector:
         rec.counters = session.counters
         _log.debug("node %s: snapshot of %d entries, version %d", rec.ann.key, size, rec.planned_version)
 
-    def _snapshot_wire(self, rec: _NodeRecord, chunk_end: bool) -> list[bytes]:
+    def _snapshot_wire(self, rec: _NodeRecord) -> list[bytes]:
         """The messages of ``rec``'s snapshot. A node whose plan is its viewer class's union plus
         its own entries (every node but the hot gateways of gateway-mode clusters) gets the
-        class's chunks, encoded once per version of the union, then a chunk of its own: at
-        10,000 agents of a few hundred classes, building and encoding each plan was a fifth of
-        a bring-up (issue 21).
-        ``chunk_end``: the agent takes the end of the snapshot in its last chunk
-        (:func:`~fabric.control.codec.ending_chunks`)."""
+        class's chunks, encoded once per version of the union, then its own entries (in the
+        room the class's last chunk has left: one message less, see
+        :func:`~fabric.control.codec.more_snapshot_chunks`): at 10,000 agents of a few hundred
+        classes, building and encoding each plan was a fifth of a bring-up (issue 21)."""
         key = rec.ann.key
         src = self._planner.snapshot_source(key)
         if src is None:
-            return codec.snapshot_wire(self._planner.state(key), rec.planned_version, self.epoch, wire=self._wire,
-                                       chunk_end=chunk_end)  # fmt: skip
+            return codec.snapshot_wire(self._planner.state(key), rec.planned_version, self.epoch, wire=self._wire)
         cls, version, union, mine = src
         held = self._class_chunks.get(cls)
         if held is None or held[0] != version:
             if held is None and len(self._class_chunks) >= 2 * self._planner.classes() + 64:
                 self._class_chunks.clear()  # classes gone (their versions are never reused)
             held = self._class_chunks[cls] = (version, codec.snapshot_chunks(list(union.values()), wire=self._wire))
-        # The class's chunks as they are (one bytes object for every snapshot of the class, never
-        # copied per session: at 10,000 agents copies of them queued for writing cost ~7 KiB of
-        # RSS per agent, measured), then the node's own entries with the end.
-        own = codec.ending_chunks(list(mine.values()), rec.planned_version, self.epoch, chunk_end=chunk_end,
-                                  wire=self._wire)  # fmt: skip
-        return [*held[1], *own]
+        return [*codec.more_snapshot_chunks(held[1], len(union), list(mine.values()), wire=self._wire),
+                codec.end_of_snapshot_wire(rec.planned_version, self.epoch)]  # fmt: skip
 
     def _schedule_flush(self, paced: bool = False) -> None:
         """Flush pending changes soon: at once after a quiet period, else once the coalescing
@@ -1516,7 +1508,6 @@ class Reflector:
             return
         ann = codec.node_from_pb(first.announce.node)
         session = _Session(ann.key, peer, self.clock(), self.limits.send_queue_bytes, self._session_cut)
-        session.chunk_end = first.announce.accepts_chunk_end
         session.queue.slot = slot
         session.identity = ident
         rejected = self._admit(ann, session)

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from fabric import types
-from fabric.control import api, client, codec
+from fabric.control import api, codec
 from fabric.control.generated import fabric_pb2 as pb
 
 GOLDEN = Path(__file__).parent / "golden" / "codec_wire.json"
@@ -260,33 +260,26 @@ def test_wire_bytes_equal_protobuf_serialization() -> None:
     assert 0 < len(wire) <= 300
 
 
-def test_a_snapshot_ends_in_its_last_chunk_for_agents_that_accept_it() -> None:
-    """With ``chunk_end`` the end is the last chunk's ``end`` (one message less; a chunk of the
-    end alone for an empty state), written as protobuf writes it; an agent's SyncStream collects
-    every entry and is synced at the end's version and epoch. Without it END_OF_SNAPSHOT is a
-    message of its own."""
-    rng = random.Random(11)
-    for n in (0, 1, 3, 4, 9):
-        entries = _random_entries(rng, n)
-        state = types.NodeState.from_entries(entries)
-        ordered = [*state.devices, *state.peers, *state.routes, *state.translations, *state.programs]
-        for chunk_end in (False, True):
-            raw = codec.snapshot_wire(state, 42, "ep", 4, chunk_end=chunk_end)
-            msgs = [pb.SyncNodeResponse.FromString(b) for b in raw]
-            chunks = [ordered[i:i + 4] for i in range(0, len(ordered), 4)]
-            end = pb.EndOfSnapshot(version=42, epoch="ep")
-            if chunk_end:
-                want = [pb.SyncNodeResponse(snapshot=pb.SnapshotChunk(
-                    entries=[codec.entry_to_pb(e) for e in c], end=end if i == len(chunks) - 1 else None))
-                    for i, c in enumerate(chunks)] or [pb.SyncNodeResponse(snapshot=pb.SnapshotChunk(end=end))]
-            else:
-                want = [pb.SyncNodeResponse(snapshot=pb.SnapshotChunk(entries=[codec.entry_to_pb(e) for e in c]))
-                        for c in chunks] + [pb.SyncNodeResponse(end_of_snapshot=end)]
-            assert raw == [m.SerializeToString() for m in want]
-            stream = client.SyncStream("test")
-            events = [stream.feed(m) for m in msgs]
-            assert events[:-1] == [None] * (len(msgs) - 1)
-            assert events[-1] == client.Synced(42, "ep") and stream.state == state
+def test_more_snapshot_chunks_fill_the_last_shared_chunk_without_reencoding_it() -> None:
+    """A class's chunks followed by a node's own entries: the messages decode to every entry in
+    order, none holds more than ``chunk``, they are as few as the entries need (the last shared
+    chunk filled up first), and the shared chunks are their bytes as made (a prefix of the
+    filled one: joined, not encoded again)."""
+    rng = random.Random(7)
+    for _ in range(200):
+        chunk = rng.choice((1, 2, 3, 7, 2000))
+        shared = _random_entries(rng, rng.randrange(0, 30))
+        own = _random_entries(rng, rng.randrange(0, 12))
+        made = codec.snapshot_chunks(shared, chunk)
+        out = codec.more_snapshot_chunks(made, len(shared), own, chunk)
+        decoded = [pb.SyncNodeResponse.FromString(b) for b in out]
+        assert all(m.WhichOneof("message") == "snapshot" for m in decoded)
+        assert all(len(m.snapshot.entries) <= chunk for m in decoded)
+        got = [codec.entry_from_pb(e) for m in decoded for e in m.snapshot.entries]
+        assert got == [*shared, *own]
+        full = -(-len(shared) // chunk)  # the shared chunks
+        assert len(out) == full + max(0, -(-(len(shared) + len(own)) // chunk) - full)
+        assert out[: max(0, len(made) - 1)] == made[:-1] and (not made or out[len(made) - 1].startswith(made[-1]))
 
 
 def test_entry_wire_reencodes_an_equal_entry_that_is_another_object() -> None:

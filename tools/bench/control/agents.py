@@ -158,7 +158,7 @@ class _Worker:
         self.outboxes.append(outbox)
 
         async def requests() -> AsyncIterator[Any]:
-            yield pb.SyncNodeRequest(announce=pb.Announce(node=codec.node_to_pb(ann), accepts_chunk_end=True))
+            yield pb.SyncNodeRequest(announce=pb.Announce(node=codec.node_to_pb(ann)))
             yield pb.SyncNodeRequest(keepalive=codec.keepalive_message(KEEPALIVE_S))
             while True:
                 msg = await outbox.get()
