@@ -243,10 +243,13 @@ class NodeAnnouncement:
     #: Underlay addresses of the node's other families (a dual-stack node: its IPv6 address when
     #: ``underlay_ip`` is IPv4). At most one address per family, none of ``underlay_ip``'s family.
     extra_underlay_ips: tuple[str, ...] = ()
+    #: The node's identity, made once from ``cluster`` and ``name`` (not an argument, not compared):
+    #: every pass over the nodes asks for it, about 1.4 million times in a bring-up of 10,000
+    #: agents, and a NodeKey made per call cost the reflector ~1 s of it (issue 21, profiled).
+    key: NodeKey = dataclasses.field(init=False, repr=False, compare=False)
 
-    @property
-    def key(self) -> NodeKey:
-        return NodeKey(self.cluster, self.name)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", NodeKey(self.cluster, self.name))
 
     @property
     def underlay_ips(self) -> tuple[str, ...]:
