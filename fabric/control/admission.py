@@ -28,6 +28,7 @@ from fabric.control.planner import (
     local_cidr_for,
     network,
     overlay_address,
+    overlay_point,
     tunnel_mtu,
 )
 
@@ -242,9 +243,8 @@ def announcement_refusals(
     underlay: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
     usable: list[str] = []  # valid underlay addresses, one per family
     for i, text in enumerate(ann.underlay_ips):
-        try:
-            ip = ipaddress.ip_address(text)
-        except ValueError:
+        ip = _parsed_ip(text)  # cached: NodeIndex.add parses it again once admitted
+        if ip is None:
             reasons.append(Refusal(_R.UNDERLAY, f"underlay address {text!r} is not an IP address"))
             continue
         if i == 0:
@@ -349,9 +349,10 @@ def _overlay_reasons(
     if cidr is None:
         return [Refusal(_R.OVERLAY, f"no {kind} CIDR of the family of underlay address {underlay} is configured")]
     mine = overlay_address(underlay, cidr)
-    mine_ip = ipaddress.ip_address(mine.partition("/")[0])
+    point = overlay_point(underlay, cidr)  # the same address as an int (cached, not parsed again)
     net = network(cidr)
-    if mine_ip in (net.network_address, net.broadcast_address) and net.num_addresses > 2:
+    mine_ip = type(net.network_address)(point)
+    if point in (int(net.network_address), int(net.broadcast_address)) and net.num_addresses > 2:
         reasons.append(Refusal(
             _R.OVERLAY,
             f"overlay address {mine_ip} derived from underlay {underlay} is the network or"
@@ -458,7 +459,8 @@ def _overlap(a: str, b: str) -> bool:
 
 
 def _subnet_of(net: ipaddress.IPv4Network | ipaddress.IPv6Network, cidr: str) -> bool:
-    outer = ipaddress.ip_network(cidr, strict=False)
+    """Is ``net`` inside ``cidr`` (a configured range: parsed once, not once per node)?"""
+    outer = _parsed_net(cidr)
     if outer.version != net.version:
         return False
     return net.subnet_of(outer)  # type: ignore[arg-type]

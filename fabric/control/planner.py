@@ -125,11 +125,21 @@ def overlay_address(underlay_ip: str, bridge_cidr: str) -> str:
     ``100.64.0.0/10`` the underlay ``198.18.0.11`` becomes ``100.82.0.11/10``. Raises
     ValueError for an unparsable input or mixed address families.
     """
-    ip = ipaddress.ip_address(underlay_ip)
     net = network(bridge_cidr)
+    point = overlay_point(underlay_ip, bridge_cidr)
+    return f"{type(net.network_address)(point)}/{net.prefixlen}"  # not ip_address(): an int below 2**32 reads as IPv4
+
+
+@functools.lru_cache(maxsize=65536)
+def overlay_point(underlay_ip: str, cidr: str) -> int:
+    """:func:`overlay_address` as an int, without the prefix length: the address parsed once per
+    node for admission's checks, the vx-local prefixes and the device addresses together
+    (ValueError as there)."""
+    ip = ipaddress.ip_address(underlay_ip)
+    net = network(cidr)
     if ip.version != net.version:
-        raise ValueError(f"underlay address {underlay_ip} and bridge CIDR {bridge_cidr} are of different families")
-    return f"{ipaddress.ip_address(types.graft(int(ip), net))}/{net.prefixlen}"
+        raise ValueError(f"underlay address {underlay_ip} and bridge CIDR {cidr} are of different families")
+    return types.graft(int(ip), net)
 
 
 @functools.lru_cache(maxsize=65536)
@@ -621,7 +631,7 @@ def _cluster_points(name: str, underlays: tuple[str, ...], declared: tuple[str, 
     points = [(p, False) for span in spans for p in span]
     for ul in underlays:
         covered = bool(subnets) and any(ipaddress.ip_address(ul) in s for s in subnets)
-        points.append((_local_point(ul, local), not covered))
+        points.append((overlay_point(ul, local), not covered))
     points.sort()
     low, high = (points[0][0], points[-1][0]) if points else (0, -1)
     return _Points(name, tuple(points), images, spans, low, high)
@@ -673,12 +683,6 @@ def _nearest_other(points: list[tuple[int, int, bool]]) -> list[int | None]:
         out.append(last_other)
         last = point
     return out
-
-
-@functools.lru_cache(maxsize=65536)
-def _local_point(underlay_ip: str, local_cidr: str) -> int:
-    """The vx-local address of the node with ``underlay_ip`` (:func:`overlay_address`) as an int."""
-    return types.graft(int(ipaddress.ip_address(underlay_ip)), network(local_cidr))
 
 
 def _family(ip: str) -> int:

@@ -8,6 +8,7 @@ change and review the diff: a changed MAC or address means tunnels would flap on
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import itertools
 import json
 import os
@@ -156,6 +157,9 @@ def test_overlay_address_keeps_host_bits() -> None:
     assert planner.overlay_address("2001:db8::5", "fd00::/64") == "fd00::5/64"
     with pytest.raises(ValueError, match="different families"):
         planner.overlay_address("2001:db8::5", "100.64.0.0/10")
+    # An IPv6 result that fits in 32 bits stays IPv6 (ipaddress.ip_address(int) would read IPv4).
+    assert planner.overlay_address("2001:db8::1:2", "::/96") == "::1:2/96"
+    assert planner.overlay_point("198.18.0.11", "100.64.0.0/10") == int(ipaddress.ip_address("100.82.0.11"))
 
 
 def test_device_mac_is_stable_unicast_and_local() -> None:
