@@ -295,6 +295,10 @@ SILENT_AFTER_INTERVALS = 1.5
 REACHABILITY_MIN_INTERVAL_S = 0.05
 #: ... and for a change of measured RTT/loss alone (agents already rate-limit those), this often.
 QUALITY_MIN_INTERVAL_S = 1.0
+#: Pairs whose reachability changed in one derivation that are each logged at INFO/WARNING;
+#: more are summed up in one line (and each logged at DEBUG): a bring-up of 100 clusters turns
+#: 9,900 pairs reachable at once.
+MAX_PAIR_CHANGES_LOGGED = 10
 #: How often the reflector asks its collector (see "Garbage collection") whether a full
 #: collection is due; it also asks as soon as the last fan-out in flight is done.
 GC_POLL_S = 0.5
@@ -1924,6 +1928,7 @@ class Reflector:
             return
         held = {r.name: r.data for r in self.records.records(reachability.KIND, reachability.PUBLISHER)}
         upserts: dict[str, bytes] = {}
+        moved: list[tuple[str, str, reachability.PairState]] = []
         for (source, target), state in states.items():
             name = reachability.record_name(source, target)
             data = reachability.encode(state)
@@ -1931,14 +1936,40 @@ class Reflector:
                 upserts[name] = data
             before = self.reachability.get((source, target))
             if before is not None and before.reachable != state.reachable:
-                _log.log(logging.INFO if state.reachable else logging.WARNING, "cluster %s -> %s: %s (%s)", source,
-                         target, "reachable" if state.reachable else "unreachable", state.reason)  # fmt: skip
+                moved.append((source, target, state))
+        _log_pair_changes(moved)
         names = {reachability.record_name(s, t) for s, t in states}
         gone = [n for n in held if n not in names]
         self.reachability = states
         if upserts or gone:
             self.records.put_own(reachability.PUBLISHER, reachability.KIND, upserts, gone)
             self.reachability_updates += 1
+
+
+def _log_pair_changes(moved: Sequence[tuple[str, str, reachability.PairState]]) -> None:
+    """Log the pairs whose reachability changed in one derivation: each one (INFO when it became
+    reachable, WARNING when not) when there are at most :data:`MAX_PAIR_CHANGES_LOGGED`, else one
+    line with the counts and the first few of each way, and each pair at DEBUG."""
+    if len(moved) <= MAX_PAIR_CHANGES_LOGGED:
+        for source, target, state in moved:
+            _log.log(logging.INFO if state.reachable else logging.WARNING, "cluster %s -> %s: %s (%s)", source,
+                     target, "reachable" if state.reachable else "unreachable", state.reason)  # fmt: skip
+        return
+    up = [f"{s} -> {t}" for s, t, st in moved if st.reachable]
+    down = [f"{s} -> {t} ({st.reason})" for s, t, st in moved if not st.reachable]
+    shown = MAX_PAIR_CHANGES_LOGGED // 2
+
+    def some(pairs: list[str]) -> str:
+        return ", ".join(pairs[:shown]) + (f" and {len(pairs) - shown} more" if len(pairs) > shown else "")
+
+    parts = [f"{len(up)} became reachable ({some(up)})" if up else "",
+             f"{len(down)} unreachable ({some(down)})" if down else ""]  # fmt: skip
+    _log.log(logging.WARNING if down else logging.INFO, "cluster pairs: %s (each pair at DEBUG)",
+             "; ".join(p for p in parts if p))  # fmt: skip
+    if _log.isEnabledFor(logging.DEBUG):
+        for source, target, state in moved:
+            _log.debug("cluster %s -> %s: %s (%s)", source, target, "reachable" if state.reachable else "unreachable",
+                       state.reason)  # fmt: skip
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
@@ -216,3 +217,34 @@ def test_a_cluster_leaving_the_configuration_takes_its_records() -> None:
             await wait_until_async(lambda: set(f.states()) == {("a", "b"), ("b", "a")}, 5, "c's records deleted")
 
     run(body())
+
+
+def test_a_few_changed_pairs_are_logged_each_and_many_in_one_line(caplog: pytest.LogCaptureFixture) -> None:
+    """Up to MAX_PAIR_CHANGES_LOGGED changed pairs: a line each (INFO up, WARNING down). More (a
+    bring-up turns every pair reachable at once): one line with the counts and the first few of
+    each way, WARNING when any went down, and each pair at DEBUG only."""
+    def moved(n_up: int, n_down: int) -> list[tuple[str, str, PairState]]:
+        pairs = [(f"s{i}", f"t{i}") for i in range(n_up + n_down)]
+        return [(s, t, PairState(s, t, i < n_up, "why" if i >= n_up else "probes answer"))
+                for i, (s, t) in enumerate(pairs)]  # fmt: skip
+
+    few = reflector.MAX_PAIR_CHANGES_LOGGED
+    caplog.set_level(logging.INFO, logger=reflector.__name__)
+    reflector._log_pair_changes(moved(few - 1, 1))
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert len(lines) == few
+    assert lines[0] == (logging.INFO, "cluster s0 -> t0: reachable (probes answer)")
+    assert lines[-1] == (logging.WARNING, f"cluster s{few - 1} -> t{few - 1}: unreachable (why)")
+
+    caplog.clear()
+    reflector._log_pair_changes(moved(3 * few, 2))
+    [(level, text)] = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert level == logging.WARNING
+    assert text.startswith(f"cluster pairs: {3 * few} became reachable (s0 -> t0, s1 -> t1")
+    assert f"and {3 * few - few // 2} more); 2 unreachable (s{3 * few} -> t{3 * few} (why)" in text
+
+    caplog.clear()
+    caplog.set_level(logging.DEBUG, logger=reflector.__name__)
+    reflector._log_pair_changes(moved(2 * few, 0))
+    levels = [r.levelno for r in caplog.records]
+    assert levels == [logging.INFO] + [logging.DEBUG] * (2 * few)
