@@ -146,6 +146,19 @@ def inputs(
     return topology.config, topology.roles, frozenset(populated), tuple(relevant)
 
 
+def speaks_for_pairs(topology: types.Topology, key: types.NodeKey) -> bool:
+    """Can the session, report or measurements of node ``key`` change :func:`inputs`? Only for a
+    node of a P2P cluster or a named gateway (active or standby) of another cluster: the rest are
+    the internal nodes :func:`inputs` leaves out. A node that becomes a gateway does so in a new
+    topology (its roles), which the reflector derives from anyway; so it may skip deriving for
+    the sessions of the rest (a bring-up of 10,000 agents opens 9,800 of them)."""
+    config = topology.config.cluster(key.cluster)
+    if config is not None and config.mode is types.ClusterMode.P2P:
+        return True
+    role = topology.role(key.cluster)
+    return role is not None and key.name in (*role.actives, role.standby)
+
+
 def _cluster_of(n: types.NodeAnnouncement) -> str:
     return n.cluster
 

@@ -782,7 +782,8 @@ class Reflector:
         self._connected_set.add(session.key)
         self._connected_keys = None
         rec.identity = session.identity
-        self._reachability_changed()
+        if reachability_rules.speaks_for_pairs(self.topology, session.key):
+            self._reachability_changed()
         # Versions are per session: the new session has applied nothing yet.
         rec.applied_version = 0
         rec.counters = session.counters
@@ -1346,7 +1347,8 @@ class Reflector:
         self._reports.pop(session.key, None)
         self._report_since.pop(session.key, None)
         self._quality.pop(session.key, None)
-        self._reachability_changed()
+        if reachability_rules.speaks_for_pairs(self.topology, session.key):
+            self._reachability_changed()
         # A session loss alone is not a dead gateway (see "Gateways"): its roles stay for the
         # session-loss grace unless its peers report it unreachable, then they may move.
         rec.lost_at = self.clock()

@@ -344,3 +344,27 @@ def test_inputs_found_by_bisection_equal_a_pass_over_every_node() -> None:
         rng = random.Random(seed)
         scenario = _scenario(rng, NODES, noise=0.5)
         assert reachability_rules.inputs(*scenario) == _inputs_by_walking_every_node(*scenario), seed
+
+
+def test_a_node_that_does_not_speak_for_pairs_changes_no_input_and_one_that_does_can() -> None:
+    """reachability_rules.speaks_for_pairs, which the reflector asks before deriving for a session
+    that begins or ends: for every node of random scenarios (present or not), when it says no,
+    the node's session, reports and measurements leave the inputs equal; when it says yes, the
+    node's session alone changes them (it is a prober whose connection is read)."""
+    said = {True: 0, False: 0}
+    for seed in range(300):
+        rng = random.Random(seed)
+        topo, connected, reports, measured = _scenario(rng, NODES, noise=0.5)
+        base = reachability_rules.inputs(topo, connected, reports, measured)
+        for n in NODES:
+            key = n.key
+            speaks = reachability_rules.speaks_for_pairs(topo, key)
+            present = topo.node(key) is not None
+            said[speaks] += 1
+            other = (connected ^ {key}, {**reports, key: frozenset({NK("a", "a1")})},
+                     {**measured, key: {NK("b", "b1"): (9.0, 1.0)}})  # fmt: skip
+            if not speaks:
+                assert reachability_rules.inputs(topo, *other) == base, (seed, key)
+            elif present:
+                assert reachability_rules.inputs(topo, connected ^ {key}, reports, measured) != base, (seed, key)
+    assert said[True] > 300 and said[False] > 300, said
