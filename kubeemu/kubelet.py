@@ -18,7 +18,10 @@ resources, ``daemonEndpoints.kubeletEndpoint.Port`` of its HTTP API) and renews 
    in its node's namespace, with the node's IPs, when the network offers ``node_netns``). The
    pod's ``status.podIPs`` are these addresses in this order and ``status.podIP`` the first, as
    upstream's kubelet reports a dual-stack sandbox; ``status.hostIPs`` are the node's
-   InternalIPs, one per family, primary first;
+   InternalIPs, one per family, primary first. When ``create`` fails the pod stays ``Pending``
+   (containers waiting in ``ContainerCreating``), a ``FailedCreatePodSandBox`` Warning event says
+   why, its addresses and admission are released, and the pod is tried again from step 1 after
+   :data:`SANDBOX_RETRY_S` (jittered), as upstream's pod worker backs off a failed sync;
 4. with a runtime (``root`` given): hands the pod to :class:`kubeemu.runtime.pods.Runtime`,
    which runs its containers as processes in that namespace and reports the pod's status
    (phase, conditions, containerStatuses) as it changes; the kubelet PATCHes it. Without a
@@ -48,6 +51,7 @@ import functools
 import ipaddress
 import json
 import logging
+import random
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -63,6 +67,10 @@ from kubeemu.runtime.pods import PodInfo, Runtime
 _log = logging.getLogger(__name__)
 
 KUBELET_VERSION = "v1.32.0-kubeemu"
+#: After a pod's network (its sandbox) could not be made, the pod is tried again this long later,
+#: jittered by up to half of it: upstream's pod worker requeues a failed sync after
+#: ``backOffPeriod`` (10 s) with ``workerBackOffPeriodJitterFactor`` 0.5.
+SANDBOX_RETRY_S = 10.0
 
 
 class PodNetwork(Protocol):
@@ -185,7 +193,7 @@ class LabKubelet:
     def __init__(self, url: str, nodes: Iterable[LabNode], network: PodNetwork, lease_seconds: int = 40,
                  renew_interval: float = 10.0, root: Path | None = None, poll: float = 1.0,
                  api_port: int = 0, cluster_dns: Iterable[str] = (), cluster_domain: str = "",
-                 resolv_conf: str | None = "/etc/resolv.conf") -> None:
+                 resolv_conf: str | None = "/etc/resolv.conf", sandbox_retry_s: float = SANDBOX_RETRY_S) -> None:
         """``cluster_dns``/``cluster_domain``/``resolv_conf`` are upstream's ``--cluster-dns``,
         ``--cluster-domain`` and ``--resolv-conf`` (KubeletConfiguration ``clusterDNS``,
         ``clusterDomain``, ``resolvConf``): each pod's resolv.conf is formed from them
@@ -205,6 +213,10 @@ class LabKubelet:
         self.rejected: set[str] = set()  # uids refused admission (Failed; never run)
         self._removing: dict[str, asyncio.Task[None]] = {}  # pod key -> its removal in progress
         self._starting: dict[str, asyncio.Task[None]] = {}  # pod key -> its network being made
+        #: Pod key -> (uid, the retry's timer) of a pod whose network could not be made: its
+        #: events wait for the retry (see SANDBOX_RETRY_S), as upstream's pod worker backs off.
+        self._backoff: dict[str, tuple[str, asyncio.TimerHandle]] = {}
+        self.sandbox_retry_s = sandbox_retry_s
         #: Per node, pods waiting for their network (key, IPs, the answer) and the task making them.
         self._net_waiting: dict[str, list[tuple[str, tuple[str, ...], asyncio.Future[str | None]]]] = {}
         self._net_batches: dict[str, asyncio.Task[None]] = {}
@@ -354,6 +366,8 @@ class LabKubelet:
         if node not in self.nodes:
             return
         if etype == "DELETED" or meta.get("deletionTimestamp"):
+            if (waiting := self._backoff.pop(key, None)) is not None:
+                waiting[1].cancel()  # no network to try again for
             # In the background: a grace period must not hold up every other pod of the watch.
             if key not in self._removing:
                 task = asyncio.create_task(self._delete(key, uid, pod, etype))
@@ -367,6 +381,12 @@ class LabKubelet:
             await self._remove(key, self.uids[key], pod, graceful=False)  # same name, new pod
         if key in self._starting:
             return
+        waiting = self._backoff.get(key)
+        if waiting is not None:
+            if waiting[0] == uid:
+                return  # its network failed: the retry's timer takes it up again
+            waiting[1].cancel()  # a new pod of the name starts afresh
+            del self._backoff[key]
         if key in self.pods:
             if self.runtime is not None and uid in self.runtime.workers:
                 self.runtime.workers[uid].pod = pod
@@ -421,12 +441,23 @@ class LabKubelet:
         meta = pod["metadata"]
         try:
             netns = await self._create_network(node, key, ips)
-        except Exception as e:  # a failed pod never stops the kubelet; it is reported on the pod
+        except Exception as e:  # a failed pod never stops the kubelet: reported, and tried again
             lab_node.used.difference_update(ips)
             lab_node.admitted.pop(key, None)
-            _log.error("pod %s: creating its network on %s failed: %s", key, node, e)
+            delay = self.sandbox_retry_s * (1 + 0.5 * random.random())
+            _log.error("pod %s: creating its network on %s failed (trying again in %.1fs): %s", key, node, delay, e)
+            self._backoff[key] = (uid, asyncio.get_running_loop().call_later(
+                delay, lambda: self._retry_task(key, uid)))  # fmt: skip
+            # Upstream's kubelet: a Warning event, and the pod stays Pending with its containers
+            # waiting in ContainerCreating (no pod-level reason).
+            self._post_event(meta["namespace"], meta["name"], uid, node, "Warning", "FailedCreatePodSandBox",
+                             f"Failed to create pod sandbox: {e}")  # fmt: skip
+            waiting = [{"name": c["name"], "image": c.get("image", ""), "imageID": "", "ready": False,
+                        "started": False, "restartCount": 0, "state": {"waiting": {"reason": "ContainerCreating"}}}
+                       for c in (pod.get("spec") or {}).get("containers") or []]  # fmt: skip
             await self._patch_status(meta["namespace"], meta["name"], uid, {
-                "phase": "Pending", "message": f"network setup failed: {e}", "reason": "NetworkSetupFailed"})
+                "phase": "Pending", "hostIP": lab_node.host_ips[0],
+                "hostIPs": [{"ip": ip} for ip in lab_node.host_ips], "containerStatuses": waiting})
             return
         self.pods[key] = (node, ips)
         self.uids[key] = uid
@@ -445,6 +476,28 @@ class LabKubelet:
             "hostIP": lab_node.host_ips[0], "hostIPs": [{"ip": ip} for ip in lab_node.host_ips], "startTime": t,
             "conditions": conds, "containerStatuses": statuses})
         _log.info("pod %s: running on %s with %s (network only: no runtime)", key, node, ", ".join(ips))
+
+    def _retry_task(self, key: str, uid: str) -> None:
+        task = asyncio.create_task(self._retry(key, uid))
+        self._event_tasks.add(task)
+        task.add_done_callback(self._event_tasks.discard)
+
+    async def _retry(self, key: str, uid: str) -> None:
+        """The back-off of pod ``key`` (``uid``) after a failed network is over: handle the pod as
+        it is now (admission, addresses and network again), unless it is gone or replaced."""
+        waiting = self._backoff.get(key)
+        if waiting is None or waiting[0] != uid:
+            return
+        del self._backoff[key]
+        ns, name = key.split("/", 1)
+        try:
+            pod = await self.get(f"/api/v1/namespaces/{ns}/pods/{name}")
+        except (RuntimeError, aiohttp.ClientError, OSError, ValueError) as e:
+            _log.error("pod %s: reading it for another try failed: %s; its next event tries again", key, e)
+            return
+        if pod is None or str((pod.get("metadata") or {}).get("uid", "")) != uid:
+            return  # deleted, or a new pod of the name (its own events start it)
+        await self._on_pod("MODIFIED", pod)
 
     async def _create_network(self, node: str, key: str, ips: tuple[str, ...]) -> str | None:
         """``PodNetwork.create`` in a thread; with a :class:`BatchPodNetworks`, in the node's next

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -20,16 +22,22 @@ from tests.waiting import wait_until
 
 
 class FakeNetwork:
-    """Records create/delete calls; ``fail_for`` makes create raise for that pod key."""
+    """Records create/delete calls (and when); ``fail_for`` makes create raise for that pod key,
+    ``fail_times`` for the first so many creates of that key."""
 
     def __init__(self) -> None:
         self.live: dict[str, tuple[str, tuple[str, ...]]] = {}
         self.calls: list[tuple[str, str, str, tuple[str, ...]]] = []
+        self.created_at: list[tuple[str, float]] = []  # (pod key, monotonic time) of every create
         self.fail_for: set[str] = set()
+        self.fail_times: dict[str, int] = {}
 
     def create(self, node: str, pod_key: str, ips: tuple[str, ...]) -> None:
         self.calls.append(("create", node, pod_key, ips))
-        if pod_key in self.fail_for:
+        self.created_at.append((pod_key, time.monotonic()))
+        if pod_key in self.fail_for or self.fail_times.get(pod_key, 0) > 0:
+            if pod_key in self.fail_times:
+                self.fail_times[pod_key] -= 1
             raise OSError("injected: netns creation failed")
         self.live[pod_key] = (node, ips)
 
@@ -98,12 +106,16 @@ def test_lab_kubelet_runs_and_removes_pods() -> None:
             bad = {"metadata": {"name": "bad"}, "spec": {"nodeName": "e2", "containers": [{"name": "c",
                                                                                            "image": "x"}]}}
             _http(srv.url + "/api/v1/namespaces/default/pods", "POST", bad)
-            wait_until(
-                lambda: _http(srv.url + "/api/v1/namespaces/default/pods/bad")["status"].get("reason")
-                == "NetworkSetupFailed",
-                5,
-                "pod bad failed with NetworkSetupFailed",
-            )
+            bad_url = srv.url + "/api/v1/namespaces/default/pods/bad"
+            bad_status = wait_until(lambda: (st := _http(bad_url)["status"]).get("containerStatuses") and st, 5,
+                                    "pod bad reported with its containers waiting")  # fmt: skip
+            assert bad_status["phase"] == "Pending" and "podIP" not in bad_status
+            assert bad_status["containerStatuses"][0]["state"] == {"waiting": {"reason": "ContainerCreating"}}
+            event = wait_until(lambda: next((e for e in _http(srv.url + "/api/v1/namespaces/default/events")["items"]
+                                             if e["reason"] == "FailedCreatePodSandBox"), None), 5,
+                               "a FailedCreatePodSandBox event")  # fmt: skip
+            assert event["type"] == "Warning" and event["involvedObject"]["name"] == "bad"
+            assert event["message"] == "Failed to create pod sandbox: injected: netns creation failed"
 
             _http(srv.url + "/api/v1/namespaces/default/pods/p", "DELETE")
             wait_until(
@@ -342,3 +354,53 @@ def test_a_deleted_pods_late_status_and_delete_never_touch_a_new_pod_of_its_name
             assert _http(pods + "/p")["metadata"]["uid"] == new_uid
         finally:
             _stop_kubelet(loop, task, t)
+
+
+def test_a_pod_whose_network_failed_is_tried_again_after_the_back_off_and_not_once_deleted() -> None:
+    """Upstream's pod worker requeues a failed sync after its back-off (10 s, jittered by up to
+    half): ``flaky``'s network fails twice, then is made, and the pod runs; the tries are at
+    least the back-off apart and its status events in between (the kubelet's own patches) do not
+    start one. ``doomed`` always fails and is deleted during its back-off: never tried again."""
+    net = FakeNetwork()
+    retry = 0.4
+    with ServerThread(name="kl-retry", graceful_pods=True) as srv:
+        kubelet = LabKubelet(srv.url, [LabNode("e1", "198.18.0.11", ("10.10.1.0/24",))], net, renew_interval=1.0,
+                             sandbox_retry_s=retry)  # fmt: skip
+        loop = asyncio.new_event_loop()
+        task = loop.create_task(kubelet.run())
+
+        def drive() -> None:
+            with contextlib.suppress(asyncio.CancelledError):
+                loop.run_until_complete(task)
+
+        t = threading.Thread(target=drive, daemon=True)
+        t.start()
+        try:
+            wait_until(lambda: _http(srv.url + "/api/v1/nodes/e1").get("kind") == "Node", 5, "Node e1 registered")
+            net.fail_times["default/flaky"] = 2
+            net.fail_for.add("default/doomed")
+            for name in ("flaky", "doomed"):
+                _http(srv.url + "/api/v1/namespaces/default/pods", "POST",
+                      {"metadata": {"name": name}, "spec": {"nodeName": "e1", "containers": [{"name": "c",
+                                                                                              "image": "x"}]}})
+            got = wait_until(lambda: (p := _http(srv.url + "/api/v1/namespaces/default/pods/flaky"))["status"]
+                             .get("phase") == "Running" and p, 10, "flaky Running after two failed tries")  # fmt: skip
+            tries = [at for key, at in net.created_at if key == "default/flaky"]
+            assert len(tries) == 3, net.calls
+            assert all(b - a >= retry for a, b in itertools.pairwise(tries)), tries
+            assert net.live["default/flaky"] == ("e1", (got["status"]["podIP"],))
+            events = [e for e in _http(srv.url + "/api/v1/namespaces/default/events")["items"]
+                      if e["reason"] == "FailedCreatePodSandBox" and e["involvedObject"]["name"] == "flaky"]
+            assert len(events) == 2
+
+            wait_until(lambda: sum(c[2] == "default/doomed" for c in net.calls) >= 1, 5, "doomed tried once")
+            _http(srv.url + "/api/v1/namespaces/default/pods/doomed", "DELETE")
+            wait_until(lambda: _http(srv.url + "/api/v1/namespaces/default/pods/doomed").get("code") == 404, 5,
+                       "doomed deleted")  # fmt: skip
+            before = sum(c[0] == "create" and c[2] == "default/doomed" for c in net.calls)
+            time.sleep(3 * retry)
+            assert sum(c[0] == "create" and c[2] == "default/doomed" for c in net.calls) == before
+        finally:
+            loop.call_soon_threadsafe(task.cancel)
+            t.join(5)
+            loop.close()
