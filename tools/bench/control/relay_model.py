@@ -6,7 +6,9 @@ parameters are read off the measurements and nothing is assumed:
 
 * reflector CPU per agent during bring-up ``c(N) = a + b*N`` (ms; ``b`` > 0 when something in
   the reflector grows with N per agent, e.g. planning over more clusters): least squares over
-  the Ns measured, constant when only one N was;
+  the Ns measured, constant when only one N was. A line that falls with N (start-up work spread
+  over more agents) is not followed below the least value measured: it would reach zero and go
+  negative past the Ns measured, and nothing says a per-agent cost keeps falling;
 * reflector RSS per agent ``r(N) = a + b*N`` (KiB), fitted the same way;
 * the relays' CPU per agent during bring-up (ms, all relays together), fitted the same way;
 * bring-up time: the reflector is one Python process, so a bring-up can never take less than its
@@ -45,6 +47,11 @@ def _fit(points: list[tuple[float, float]]) -> tuple[float, float]:
     return my - b * mx, b
 
 
+def _at(fit: tuple[float, float], n: int, measured: Sequence[float]) -> float:
+    """``fit`` at ``n``, never below the least of the values it was fitted to (module docstring)."""
+    return max(fit[0] + fit[1] * n, min(measured))
+
+
 def collect(runs: Sequence[dict[str, Any]]) -> dict[str, dict[int, dict[str, float]]]:
     """config ("direct" or "K relays") -> N -> measure -> value (medians)."""
     out: dict[str, dict[int, dict[str, float]]] = {}
@@ -67,28 +74,31 @@ def model(data: dict[str, dict[int, dict[str, float]]], at: Sequence[int]) -> li
     lines = []
     for config, by_n in sorted(data.items()):
         ns = sorted(by_n)
-        cpu = _fit([(n, by_n[n]["reflector_bringup_cpu_per_agent"]) for n in ns])
-        rss = _fit([(n, by_n[n]["reflector_rss_per_agent"]) for n in ns])
+        cpus = [by_n[n]["reflector_bringup_cpu_per_agent"] for n in ns]
+        rsss = [by_n[n]["reflector_rss_per_agent"] for n in ns]
+        cpu, rss = _fit(list(zip(ns, cpus, strict=True))), _fit(list(zip(ns, rsss, strict=True)))
         top = by_n[ns[-1]]
         stall = top["bringup"] / max(1e-9, top["reflector_bringup_cpu_per_agent"] * ns[-1] / 1000)
         line = (f"{config}: measured N={','.join(map(str, ns))}; reflector CPU/agent {cpu[0]:.3f} + "
                 f"{cpu[1] * 1e3:.4f}e-3*N ms, RSS/agent {rss[0]:.1f} + {rss[1] * 1e3:.4f}e-3*N KiB, "
                 f"stall factor {stall:.2f} (at N={ns[-1]})")  # fmt: skip
         relay_cpu = None
+        relay_cpus: list[float] = []
         if "relays_bringup_cpu_per_agent" in top:
-            relay_cpu = _fit([(n, by_n[n]["relays_bringup_cpu_per_agent"]) for n in ns])
+            relay_cpus = [by_n[n]["relays_bringup_cpu_per_agent"] for n in ns]
+            relay_cpu = _fit(list(zip(ns, relay_cpus, strict=True)))
             line += f"; relays' CPU/agent {relay_cpu[0]:.3f} + {relay_cpu[1] * 1e3:.4f}e-3*N ms"
         lines.append(line)
         for n in at:
-            c = cpu[0] + cpu[1] * n
-            r = rss[0] + rss[1] * n
+            c = _at(cpu, n, cpus)
+            r = _at(rss, n, rsss)
             pred = (f"  N={n:,}: reflector bring-up CPU {c * n / 1000:,.0f} s, bring-up ~{stall * c * n / 1000:,.0f} s "
                     f"(>= {c * n / 1000:,.0f} s), reflector RSS {r * n / 1024:,.0f} MiB")  # fmt: skip
             if relay_cpu is not None:
                 per_relay = ns[-1] / top["k"]
                 k = -(-n // int(per_relay))
                 pred += (f", {k} relays of <= {per_relay:,.0f} agents each, "
-                         f"{(relay_cpu[0] + relay_cpu[1] * n) * n / 1000 / k:,.0f} s CPU each")  # fmt: skip
+                         f"{_at(relay_cpu, n, relay_cpus) * n / 1000 / k:,.0f} s CPU each")  # fmt: skip
             lines.append(pred)
     return lines
 
