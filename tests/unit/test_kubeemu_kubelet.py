@@ -56,21 +56,32 @@ def _http(url: str, method: str = "GET", body: Any = None) -> Any:
         return json.loads(e.read())
 
 
+def _run_kubelet(kubelet: LabKubelet) -> tuple[asyncio.AbstractEventLoop, asyncio.Task[None], threading.Thread]:
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(kubelet.run())
+
+    def drive() -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            loop.run_until_complete(task)
+
+    t = threading.Thread(target=drive, daemon=True)
+    t.start()
+    return loop, task, t
+
+
+def _stop_kubelet(loop: asyncio.AbstractEventLoop, task: asyncio.Task[None], t: threading.Thread) -> None:
+    loop.call_soon_threadsafe(task.cancel)
+    t.join(5)
+    loop.close()
+
+
 def test_lab_kubelet_runs_and_removes_pods() -> None:
     net = FakeNetwork()
     with ServerThread(name="kl", graceful_pods=True) as srv:
         nodes = [LabNode("e1", "198.18.0.11", ("10.10.1.0/24",), reserved=frozenset({"10.10.1.2"})),
                  LabNode("e2", "198.18.0.12", ("10.10.2.0/24",))]
         kubelet = LabKubelet(srv.url, nodes, net, renew_interval=0.2)
-        loop = asyncio.new_event_loop()
-        task = loop.create_task(kubelet.run())
-
-        def drive() -> None:
-            with contextlib.suppress(asyncio.CancelledError):
-                loop.run_until_complete(task)
-
-        t = threading.Thread(target=drive, daemon=True)
-        t.start()
+        run = _run_kubelet(kubelet)
         try:
             node = wait_until(
                 lambda: (n := _http(srv.url + "/api/v1/nodes/e1")).get("kind") == "Node" and n,
@@ -127,9 +138,7 @@ def test_lab_kubelet_runs_and_removes_pods() -> None:
             assert ("delete", "e1", "default/p", ("10.10.1.3",)) in net.calls
             assert not [c for c in net.calls if c[2] == "default/elsewhere"]
         finally:
-            loop.call_soon_threadsafe(task.cancel)
-            t.join(5)
-            loop.close()
+            _stop_kubelet(*run)
 
 
 def test_lab_kubelet_reports_capacity_and_rejects_what_does_not_fit() -> None:
@@ -137,15 +146,7 @@ def test_lab_kubelet_reports_capacity_and_rejects_what_does_not_fit() -> None:
     with ServerThread(name="kl2", graceful_pods=True) as srv:
         nodes = [LabNode("e1", "198.18.0.11", ("10.10.1.0/24",), resources={"cpu": "1", "pods": 2})]
         kubelet = LabKubelet(srv.url, nodes, net, renew_interval=1.0)
-        loop = asyncio.new_event_loop()
-        task = loop.create_task(kubelet.run())
-
-        def drive() -> None:
-            with contextlib.suppress(asyncio.CancelledError):
-                loop.run_until_complete(task)
-
-        t = threading.Thread(target=drive, daemon=True)
-        t.start()
+        run = _run_kubelet(kubelet)
         try:
             node = wait_until(lambda: (n := _http(srv.url + "/api/v1/nodes/e1")).get("kind") == "Node" and n, 5,
                               "Node e1 registered")
@@ -178,9 +179,7 @@ def test_lab_kubelet_reports_capacity_and_rejects_what_does_not_fit() -> None:
             _http(srv.url + "/api/v1/namespaces/default/pods", "POST", pod("e", "800m"))
             wait_until(lambda: phase("e") == "Running", 5, "e Running")
         finally:
-            loop.call_soon_threadsafe(task.cancel)
-            t.join(5)
-            loop.close()
+            _stop_kubelet(*run)
 
 
 def test_allocation_takes_one_address_per_family_primary_first() -> None:
@@ -203,25 +202,6 @@ def test_allocation_takes_one_address_per_family_primary_first() -> None:
         LabNode("x", "198.18.0.1", ("10.0.0.0/24", "10.0.1.0/24"))
     with pytest.raises(ValueError, match=r"node x: node IPs 198.18.0.1 and 198.18.0.2 are of one family"):
         LabNode("x", "198.18.0.1", ("10.0.0.0/24",), secondary_ip="198.18.0.2")
-
-
-def _run_kubelet(kubelet: LabKubelet) -> tuple[asyncio.AbstractEventLoop, asyncio.Task[None], threading.Thread]:
-    loop = asyncio.new_event_loop()
-    task = loop.create_task(kubelet.run())
-
-    def drive() -> None:
-        with contextlib.suppress(asyncio.CancelledError):
-            loop.run_until_complete(task)
-
-    t = threading.Thread(target=drive, daemon=True)
-    t.start()
-    return loop, task, t
-
-
-def _stop_kubelet(loop: asyncio.AbstractEventLoop, task: asyncio.Task[None], t: threading.Thread) -> None:
-    loop.call_soon_threadsafe(task.cancel)
-    t.join(5)
-    loop.close()
 
 
 def test_dual_stack_pods_get_both_families_and_keep_them_across_a_restart() -> None:
@@ -366,15 +346,7 @@ def test_a_pod_whose_network_failed_is_tried_again_after_the_back_off_and_not_on
     with ServerThread(name="kl-retry", graceful_pods=True) as srv:
         kubelet = LabKubelet(srv.url, [LabNode("e1", "198.18.0.11", ("10.10.1.0/24",))], net, renew_interval=1.0,
                              sandbox_retry_s=retry)  # fmt: skip
-        loop = asyncio.new_event_loop()
-        task = loop.create_task(kubelet.run())
-
-        def drive() -> None:
-            with contextlib.suppress(asyncio.CancelledError):
-                loop.run_until_complete(task)
-
-        t = threading.Thread(target=drive, daemon=True)
-        t.start()
+        run = _run_kubelet(kubelet)
         try:
             wait_until(lambda: _http(srv.url + "/api/v1/nodes/e1").get("kind") == "Node", 5, "Node e1 registered")
             net.fail_times["default/flaky"] = 2
@@ -401,6 +373,4 @@ def test_a_pod_whose_network_failed_is_tried_again_after_the_back_off_and_not_on
             time.sleep(3 * retry)
             assert sum(c[0] == "create" and c[2] == "default/doomed" for c in net.calls) == before
         finally:
-            loop.call_soon_threadsafe(task.cancel)
-            t.join(5)
-            loop.close()
+            _stop_kubelet(*run)
