@@ -138,7 +138,7 @@ def overlay_point(underlay_ip: str, cidr: str) -> int:
     ip = ipaddress.ip_address(underlay_ip)
     net = network(cidr)
     if ip.version != net.version:
-        raise ValueError(f"underlay address {underlay_ip} and bridge CIDR {cidr} are of different families")
+        raise ValueError(f"underlay address {underlay_ip} and overlay CIDR {cidr} are of different families")
     return types.graft(int(ip), net)
 
 
