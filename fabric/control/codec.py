@@ -408,6 +408,7 @@ def cluster_to_pb(c: types.ClusterConfig) -> pb.Cluster:
         ip_families=list(c.ip_families),
         discover_pod_cidrs=c.discover_pod_cidrs,
         node_cidrs=list(c.node_cidrs),
+        active_gateways=0 if c.active_gateways == 1 else c.active_gateways,  # 0 on the wire: 1
     )
 
 
@@ -429,6 +430,7 @@ def cluster_from_pb(msg: pb.Cluster) -> types.ClusterConfig:
         ip_families=tuple(_family_from_pb(f, f"cluster {msg.name!r}") for f in msg.ip_families),
         discover_pod_cidrs=msg.discover_pod_cidrs,
         node_cidrs=tuple(msg.node_cidrs),
+        active_gateways=msg.active_gateways or 1,
     )
 
 

@@ -182,6 +182,7 @@ def test_topology_messages_roundtrip() -> None:
         clusters=(
             types.ClusterConfig("east", types.ClusterMode.P2P, ("10.10.0.0/16",), ("10.96.0.0/20",)),
             types.ClusterConfig("west", types.ClusterMode.GATEWAY, (), ("10.97.0.0/20",), discover_pod_cidrs=True),
+            types.ClusterConfig("north", types.ClusterMode.GATEWAY, ("10.30.0.0/16",), active_gateways=3),
         )
     )
     topo = types.Topology(config).with_node(ANN)
@@ -189,6 +190,9 @@ def test_topology_messages_roundtrip() -> None:
     kinds = pb.WatchTopologyResponse
     assert [m.kind for m in msgs] == [kinds.KIND_SNAPSHOT, kinds.KIND_END_OF_SNAPSHOT]
     assert tuple(codec.cluster_from_pb(c) for c in msgs[0].clusters) == config.clusters
+    # One active gateway (the default) is not on the wire: those encodings are as before the field.
+    assert [c.active_gateways for c in msgs[0].clusters] == [0, 0, 3]
+    assert "active_gateways" not in {f.name for f, _ in msgs[0].clusters[1].ListFields()}
     assert tuple(codec.node_from_pb(n) for n in msgs[0].node_upserts) == (ANN,)
     d = codec.topology_delta_message(5, [], [ANN.key])
     assert list(d.node_removals) == ["east/e1"]
