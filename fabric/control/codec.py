@@ -263,9 +263,7 @@ def more_snapshot_chunks(
     and a node's own entries is one message fewer to write (issue 21: a bring-up writes one per
     agent)."""
     w = wire if wire is not None else EntryWire()
-    if not chunks or not entries:
-        return [*chunks, *snapshot_chunks(entries, chunk, w)]
-    room = chunk * len(chunks) - count  # what the last of ``chunks`` has room for
+    room = chunk * len(chunks) - count if chunks and entries else 0  # what the last of ``chunks`` has room for
     if room <= 0:
         return [*chunks, *snapshot_chunks(entries, chunk, w)]
     head = _length_delimited(_TAG_RESPONSE_SNAPSHOT, w.repeated(_TAG_CHUNK_ENTRIES, entries[:room]))
