@@ -186,6 +186,9 @@ class SendQueue(Generic[T]):
         self.bounded_bytes = 0
         #: The most bytes this queue ever held (for tests and the log of a cut).
         self.high_water = 0
+        #: Called as an item goes into the empty queue, for a reader that takes items with
+        #: :meth:`get_nowait` instead of waiting in :meth:`get` (the relay hub).
+        self.on_ready: Callable[[], None] | None = None
 
     def put(self, item: T, size: int, *, bounded: bool = True) -> bool:
         if bounded:
@@ -194,6 +197,8 @@ class SendQueue(Generic[T]):
             self.bounded_bytes += size
         self.bytes += size
         self.high_water = max(self.high_water, self.bytes)
+        if self.on_ready is not None and self._q.empty():
+            self.on_ready()
         self._q.put_nowait((item, size, bounded))
         return True
 

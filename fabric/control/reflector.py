@@ -369,6 +369,9 @@ class _Session:
         self.held_handle: asyncio.TimerHandle | None = None
         #: The client certificate's identity (None: a plaintext session); see authz.
         self.identity: Identity | None = None
+        #: A session a relay carries (:meth:`Reflector.open_relayed`): its keepalive timer, in
+        #: place of the keepalive task of a direct session. None for a direct session.
+        self.relay_timer: asyncio.TimerHandle | None = None
 
     def send(self, msg: pb.SyncNodeResponse | _Encoded, size: int | None = None, *, bounded: bool = True) -> None:
         """Queue ``msg`` (``size``: its bytes, when the caller knows them); past the queue's
@@ -1413,7 +1416,12 @@ class Reflector:
                           session.key, proposed, self.limits.keepalive_min_s, self.limits.keepalive_max_s,
                           interval)  # fmt: skip
             session.interval = interval
-            session.renegotiated.set()
+            if session.relay_timer is not None:  # a relayed session: its timer is its keepalive task
+                session.relay_timer.cancel()
+                session.keepalive_queued = None  # the new interval goes out even behind an old one
+                self._relay_keepalive(session)
+            else:
+                session.renegotiated.set()
 
     def _send_keepalive(self, session: _Session) -> None:
         """Queue a keepalive with the session's interval, unless one is still queued."""
@@ -1431,32 +1439,42 @@ class Reflector:
     async def _read_requests(self, session: _Session, requests: AsyncIterator[pb.SyncNodeRequest]) -> None:
         try:
             async for req in requests:
-                now = self.clock()
-                # Judged by the session's negotiated interval, so only once the agent proposed one.
-                if session.peer_interval and now - session.last_rx > SILENT_AFTER_INTERVALS * session.interval:
-                    self._settle_reports(session, f"it was silent for {now - session.last_rx:.1f}s")
-                session.last_rx = now
-                kind = req.WhichOneof("message")
-                if kind == "keepalive":
-                    self._on_keepalive(session, req.keepalive.interval_ms / 1000.0)
-                elif kind == "applied":
-                    self._on_applied(session, req.applied.version)
-                elif kind == "peer_report":
-                    self._on_peer_report(session, codec.peer_report_from_pb(req.peer_report),
-                                         codec.peer_quality_from_pb(req.peer_report))  # fmt: skip
-                else:
-                    session.close(
-                        f"protocol error: {kind or 'empty'} message after the announcement",
-                        grpc.StatusCode.INVALID_ARGUMENT,
-                    )
+                if not self._on_request(session, req):
                     return
             session.close("agent closed the session")
-        except (pb_message.DecodeError, codec.DecodeError) as e:  # the agent's fault, not ours
+        except pb_message.DecodeError as e:  # gRPC decodes as we read: the agent's fault, not ours
             session.close(f"malformed message from agent: {e}", grpc.StatusCode.INVALID_ARGUMENT)
         except grpc.aio.BaseError as e:  # gRPC's own (UsageError, InternalError): the RPC ended under us
             session.close(f"stream from agent failed: {e!r}", grpc.StatusCode.UNAVAILABLE)
         # Anything else is a bug: it ends this task, and _watch_task crashes the reflector. An
         # agent that goes away ends the iteration (and gRPC cancels this RPC's handler).
+
+    def _on_request(self, session: _Session, req: pb.SyncNodeRequest) -> bool:
+        """One message of an admitted agent. False: it broke the protocol, and the session is
+        closed (INVALID_ARGUMENT); nothing more of it is read."""
+        now = self.clock()
+        # Judged by the session's negotiated interval, so only once the agent proposed one.
+        if session.peer_interval and now - session.last_rx > SILENT_AFTER_INTERVALS * session.interval:
+            self._settle_reports(session, f"it was silent for {now - session.last_rx:.1f}s")
+        session.last_rx = now
+        kind = req.WhichOneof("message")
+        if kind == "keepalive":
+            self._on_keepalive(session, req.keepalive.interval_ms / 1000.0)
+        elif kind == "applied":
+            self._on_applied(session, req.applied.version)
+        elif kind == "peer_report":
+            try:
+                report = codec.peer_report_from_pb(req.peer_report)
+                quality = codec.peer_quality_from_pb(req.peer_report)
+            except codec.DecodeError as e:  # the agent's fault, not ours
+                session.close(f"malformed message from agent: {e}", grpc.StatusCode.INVALID_ARGUMENT)
+                return False
+            self._on_peer_report(session, report, quality)
+        else:
+            session.close(f"protocol error: {kind or 'empty'} message after the announcement",
+                          grpc.StatusCode.INVALID_ARGUMENT)  # fmt: skip
+            return False
+        return True
 
     async def _keepalive(self, session: _Session) -> None:
         """Every negotiated interval: the hold check, and a keepalive. A new negotiated interval
@@ -1500,26 +1518,11 @@ class Reflector:
             context.set_code(grpc.StatusCode.UNAVAILABLE)
             context.set_details(self.standby_reason)
             return
-        try:
-            ident = authz.identify(context)
-        except authz.Unauthorized as e:
-            yield self._unauthorized(f"session from {peer}", f"peer {peer}", e.text, e.label)
+        opened = self._open_session(first, context, peer, slot)
+        if not isinstance(opened, _Session):
+            yield opened  # its rejection
             return
-        if first.WhichOneof("message") != "announce":
-            refusal = admission.Refusal(
-                api.RejectionReason.PROTOCOL,
-                f"the first message must be an announcement, not {first.WhichOneof('message') or 'empty'}",
-            )
-            yield self._reject(f"session from {peer}", f"peer {peer}", [refusal], authz.metric_label(ident))
-            return
-        ann = codec.node_from_pb(first.announce.node)
-        session = _Session(ann.key, peer, self.clock(), self.limits.send_queue_bytes, self._session_cut)
-        session.queue.slot = slot
-        session.identity = ident
-        rejected = self._admit(ann, session)
-        if rejected is not None:
-            yield rejected
-            return
+        session = opened
         reader = asyncio.create_task(self._read_requests(session, requests))
         ticker = asyncio.create_task(self._keepalive(session))
         for task, what in ((reader, "reading"), (ticker, "keepalives")):
@@ -1544,6 +1547,100 @@ class Reflector:
             reader.cancel()
             ticker.cancel()
             self._session_ended(session, end_reason)
+
+    def _open_session(
+        self, first: pb.SyncNodeRequest, context: Any, peer: str, slot: bounds.Slot | None,
+        on_ready: Callable[[], None] | None = None,
+    ) -> _Session | pb.SyncNodeResponse:  # fmt: skip
+        """The session of the agent whose first message is ``first``, admitted (its keepalive
+        and, when its plan is ready, its snapshot queued), or the ``Rejected`` to send it: the
+        authorization, the announcement's place and its admission, for direct and relayed
+        sessions alike."""
+        try:
+            ident = authz.identify(context)
+        except authz.Unauthorized as e:
+            return self._unauthorized(f"session from {peer}", f"peer {peer}", e.text, e.label)
+        if first.WhichOneof("message") != "announce":
+            refusal = admission.Refusal(
+                api.RejectionReason.PROTOCOL,
+                f"the first message must be an announcement, not {first.WhichOneof('message') or 'empty'}",
+            )
+            return self._reject(f"session from {peer}", f"peer {peer}", [refusal], authz.metric_label(ident))
+        ann = codec.node_from_pb(first.announce.node)
+        session = _Session(ann.key, peer, self.clock(), self.limits.send_queue_bytes, self._session_cut)
+        session.queue.slot = slot
+        session.queue.on_ready = on_ready
+        session.identity = ident
+        return self._admit(ann, session) or session
+
+    # -- sessions a relay carries (fabric/control/relay_hub.py) -----------------------------
+
+    def open_relayed(
+        self, first: pb.SyncNodeRequest, context: Any, on_ready: Callable[[], None]
+    ) -> _Session | bytes | None:
+        """The session of an agent a relay carries, opened from its first message with the same
+        authorization and admission as :meth:`sync_node`, but without a task of its own: the
+        relay stream's reader hands it the agent's messages (:meth:`relayed_request`), its
+        keepalives run on a timer, and the hub takes what it has to send
+        (:meth:`relayed_take`) when ``on_ready`` says its queue is no longer empty. Returns the
+        session; or the bytes of its ``Rejected`` (then it has ended: OK after them); or None
+        on a standby (``context`` then says UNAVAILABLE and names the leader)."""
+        if self.standby_reason is not None:
+            context.set_code(grpc.StatusCode.UNAVAILABLE)
+            context.set_details(self.standby_reason)
+            return None
+        opened = self._open_session(first, context, peer_name(context.peer()), None, on_ready)
+        if not isinstance(opened, _Session):
+            return opened.SerializeToString()
+        if not opened.closed:
+            self._relay_keepalive_later(opened)
+        return opened
+
+    def relayed_request(self, session: _Session, req: pb.SyncNodeRequest) -> None:
+        """A message the agent of relayed ``session`` sent (a protocol error closes it)."""
+        if not session.closed:
+            self._on_request(session, req)
+
+    def relayed_take(self, session: _Session) -> bytes | tuple[grpc.StatusCode | None, str] | None:
+        """The next message queued to relayed ``session`` as its bytes; its end (status code,
+        None for OK, and reason) once everything before it was taken; None: nothing queued."""
+        if session.queue.empty():
+            return None
+        item = session.queue.get_nowait()
+        if isinstance(item, _Close):
+            return item.code, item.reason
+        if item is session.keepalive_queued:
+            session.keepalive_queued = None
+        return item.data if isinstance(item, _Encoded) else item.SerializeToString()
+
+    def relayed_close(self, session: _Session, reason: str) -> None:
+        """The relay closed the session (its agent left, or went silent): its end is queued."""
+        session.close(reason)
+
+    def relayed_ended(self, session: _Session, reason: str) -> None:
+        """Relayed ``session`` is over (its end taken, or its relay stream gone): what a direct
+        session's handler does as it returns. Idempotent."""
+        if session.relay_timer is not None:
+            session.relay_timer.cancel()
+        session.queue.clear()
+        session.closed = True
+        self._session_ended(session, reason)
+
+    def _relay_keepalive_later(self, session: _Session) -> None:
+        loop = asyncio.get_running_loop()
+        session.relay_timer = loop.call_later(session.interval or self.keepalive_interval, self._relay_keepalive,
+                                              session)  # fmt: skip
+
+    def _relay_keepalive(self, session: _Session) -> None:
+        """A relayed session's keepalive, every negotiated interval. No hold check: the relay
+        judges its agent's liveness (it closes the session of an agent silent for three
+        intervals, and every session goes with the relay stream), so the agent counts as heard
+        from (its reports are not settled as a silent agent's)."""
+        if session.closed:
+            return
+        session.last_rx = self.clock()
+        self._send_keepalive(session)
+        self._relay_keepalive_later(session)
 
     def _watch_task(self, task: asyncio.Task[None], session: _Session, where: str) -> None:
         """A session's helper task that raises is a bug: end the session with INTERNAL (not

@@ -18,10 +18,10 @@ processes (and machines).
 ::
 
     agent --SyncNode (unchanged)--> fabric-relay --RelayNodes--> fabric-reflector
-      Announce, Keepalive,            | TLS terminated here:      | one virtual session per
-      Applied, PeerReport  --------->  | identity from the agent's | agent through its own
-                                       | certificate, keepalives   | sync_node (admission,
-                                       | checked here              | authz, grace, elections)
+      Announce, Keepalive,            | TLS terminated here:      | one session per agent,
+      Applied, PeerReport  --------->  | identity from the agent's | with a direct one's rules
+                                       | certificate, keepalives   | (admission, authz, grace,
+                                       | checked here              | elections), not its tasks
       <-- bytes, unchanged ----------  | fanout{sessions[], bytes} | each message once per relay
 
 What the relay does per agent, so the reflector does not:
@@ -45,7 +45,7 @@ What the relay does per agent, so the reflector does not:
   interval; the bytes cross once per relay) and judges the agent's liveness itself: an agent
   silent for 3 negotiated intervals is ended here and its session closed upstream. An agent's
   keepalive goes upstream only when it proposes a new interval (the reflector negotiates);
-  ``relay_hub`` answers the reflector's keepalive checks for the agents the relay holds.
+  the reflector holds no liveness check of its own for the agents a relay carries.
 * **Aggregation.** Everything agents send (Announce, Applied, PeerReport) within one event-loop
   turn goes upstream in one ``RelayNodesRequest``.
 * **Bounds.** Each agent's send queue is bounded in bytes (``--send-queue-bytes``): an agent that

@@ -4,31 +4,37 @@ design; this is the part that runs inside fabric-reflector).
 
 Flow, per relay stream (:func:`serve`, called by the reflector's servicer)::
 
-    relay  --RelayNodesRequest{items: open | message | close}-->  Hub._read
-                                                                    | one virtual session per agent:
+    relay  --RelayNodesRequest{items: open | message | close}-->  Hub.read
+                                                                    | per item, as it is read:
                                                                     v
-                              Reflector.sync_node(requests, VirtualContext)   (unchanged)
-                                                                    | what it yields, per session
+                      Reflector.open_relayed / relayed_request / relayed_close   (one session per agent)
+                                                                    | its send queue, when not empty
                                                                     v
-    relay  <--RelayNodesResponse{items: fanout{sessions[], bytes} | end}--  Hub._emit / responses
+    relay  <--RelayNodesResponse{items: fanout{sessions[], bytes} | end}--  Hub.responses (relayed_take)
 
-* Each agent's session runs through the reflector's own ``sync_node`` with the same admission,
-  authorization, grace period, elections and bounded send queue as a direct one: the relay
-  moves the transport (TCP, TLS, HTTP/2, one gRPC stream per agent) out of the reflector, not
-  the rules. Its request stream is a queue this hub fills from the relay's items; its context
-  (:class:`VirtualContext`) names the agent's address and the identity the relay verified.
-* **Encode once, send once per relay.** ``sync_node(wire=True)`` yields a message shared by
-  many sessions (a viewer class's delta, a keepalive) as the *same* bytes object for each of
-  them. The hub batches what its sessions yield within one event-loop turn and merges equal
+* Each agent's session goes through the reflector's own admission, authorization, grace
+  period, elections and bounded send queue, as a direct one: the relay moves the transport
+  (TCP, TLS, HTTP/2, one gRPC stream per agent) out of the reflector, not the rules. What it
+  does not get is a direct session's tasks (a reader, a keepalive task, a handler waiting on
+  its queue): the hub's reader hands each agent message to its session as it is read, the
+  session's keepalives run on a timer, and the hub takes what the sessions queued when it
+  writes (the sessions' queues tell it when they stop being empty). At 10,000 relayed agents
+  those tasks and their queue hand-offs were a fifth of the reflector's bring-up (issue 21).
+  Its context (:class:`VirtualContext`) names the agent's address and the identity the relay
+  verified.
+* **Encode once, send once per relay.** The reflector queues a message shared by many
+  sessions (a viewer class's delta, a keepalive) as the *same* bytes object for each of them.
+  The hub batches what its sessions queued within one event-loop turn and merges equal
   objects into one ``RelayFanout`` with the list of sessions, so a delta that 1,000 agents of
   this relay get crosses the stream once. A session joins an entry only if the entry comes
   after the session's own last entry in the batch, so every agent still receives its messages
   in the order the reflector queued them.
-* **Keepalives.** The relay checks its agents' keepalives itself and forwards an agent's
-  keepalive only when it proposes a new interval. Whenever the reflector's keepalive for a
-  session passes through the hub, the hub answers it on the session's request stream with the
-  agent's last proposal: the session stays alive exactly as long as the relay stream does and
-  the relay keeps the agent (it closes the session when the agent goes silent).
+* **Keepalives.** The relay checks its agents' keepalives itself (it closes the session of an
+  agent silent for three negotiated intervals) and forwards an agent's keepalive only when it
+  proposes a new interval, which the reflector negotiates as for a direct agent. The reflector
+  sends a relayed session its keepalives on a timer (the relay forwards them: they carry the
+  negotiated interval) and holds no liveness check of its own for it: the session lives as long
+  as the relay keeps the agent and the relay stream lasts.
 * **Identity.** On a mutual-TLS reflector only a ``relay/<name>`` certificate may open this
   stream (:data:`~fabric.control.authz.CALLERS`); each session then carries the identity the
   relay's own TLS handshake with the agent proved, and the reflector authorizes the
@@ -36,13 +42,13 @@ Flow, per relay stream (:func:`serve`, called by the reflector's servicer)::
   plaintext relay stream to a TLS reflector) has a TLS context naming no identity and is
   refused UNAUTHORIZED. On a plaintext reflector (``--insecure``) nothing has an identity.
 * **Bounds.** What the hub has batched and not written yet is bounded (:data:`BATCH_BYTES`):
-  past it, sessions stop pulling from their reflector queues, whose own bounds then cut off
-  the sessions that fall too far behind (RESOURCE_EXHAUSTED, as for a direct agent). Responses
-  are split below the message size bound. Each session's unread requests are bounded too
-  (:data:`SESSION_QUEUE_BYTES`): a session past it ends with RESOURCE_EXHAUSTED, so a relay
-  that sends faster than the reflector reads cannot grow the reflector's memory. The relay
-  stream ending (relay gone, cancelled) ends every session on it; their nodes enter the grace
-  period like any lost session.
+  past it, the rest stays in the sessions' own send queues, whose bounds then cut off the
+  sessions that fall too far behind (RESOURCE_EXHAUSTED, as for a direct agent). Responses are
+  split below the message size bound. What the relay sends is handled as it is read, so a relay
+  that sends faster than the reflector handles it is held back by HTTP/2 flow control on its
+  stream: nothing of it queues in the reflector. The relay stream ending (relay gone,
+  cancelled) ends every session on it; their nodes enter the grace period like any lost
+  session.
 * **Standby.** A standby replica refuses RelayNodes with UNAVAILABLE naming the leader (as it
   refuses SyncNode), and a leader that stands down ends its relay streams the same way after
   their sessions: relays reconnect, through their upstream address, to the new leader.
@@ -52,6 +58,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
@@ -67,20 +74,11 @@ if TYPE_CHECKING:
 
 _log = logging.getLogger(__name__)
 
-#: Bytes the hub batches before its sessions wait for the relay stream to take them.
+#: Bytes the hub batches before the rest waits in the sessions' queues for the relay stream.
 BATCH_BYTES = 8 * 1024 * 1024
 #: Largest RelayNodesResponse the hub writes (under the reflector's send bound, 16 MiB, and the
 #: relay's receive bound, the same).
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024
-#: Bytes of one session's requests the hub holds that its ``sync_node`` has not read yet. A
-#: direct agent is held back by HTTP/2 flow control; a relay stream is read for all its sessions
-#: at once, so each session's backlog has its own bound: two of the largest messages an agent
-#: may send (a peer report is ~0.4 MB at 10,000 nodes), so a busy reflector never cuts a
-#: well-behaved agent. A session past it is ended (RESOURCE_EXHAUSTED), not buffered.
-SESSION_QUEUE_BYTES = 2 * bounds.Limits().max_receive_message_bytes
-#: A keepalive response is a few bytes; larger messages are never decoded by the hub.
-_KEEPALIVE_MAX_BYTES = 16
-
 _STATUS_BY_CODE = {c.value[0]: c for c in grpc.StatusCode}
 
 
@@ -125,40 +123,6 @@ def agent_auth(relay_secure: bool, vouched: str) -> dict[str, list[bytes]]:
     return auth
 
 
-class _Virtual:
-    """One agent session carried by the relay stream."""
-
-    __slots__ = ("context", "interval_ms", "queued", "requests", "sid", "task")
-
-    def __init__(self, sid: int, context: VirtualContext) -> None:
-        self.sid = sid
-        #: The session's requests with their sizes; None ends the request stream.
-        self.requests: asyncio.Queue[tuple[pb.SyncNodeRequest, int] | None] = asyncio.Queue()
-        #: Bytes in ``requests`` (bounded by :data:`SESSION_QUEUE_BYTES`); -1 once cut off.
-        self.queued = 0
-        #: The agent's last proposed keepalive interval (0: none yet), echoed to the reflector.
-        self.interval_ms = 0
-        self.task: asyncio.Task[None] | None = None
-        self.context = context
-
-    def put(self, req: pb.SyncNodeRequest, relay: str) -> None:
-        """Queue ``req`` for the session's ``sync_node``; past the bound, end the session."""
-        if self.queued < 0:
-            return
-        n = req.ByteSize()
-        if self.queued + n > SESSION_QUEUE_BYTES:
-            details = (f"relay {relay} session {self.sid}: {self.queued + n} bytes of requests unread by the "
-                       f"reflector, over its bound of {SESSION_QUEUE_BYTES}")  # fmt: skip
-            _log.warning("%s; ending the session", details)
-            self.context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
-            self.context.set_details(details)
-            self.queued = -1
-            self.requests.put_nowait(None)
-            return
-        self.queued += n
-        self.requests.put_nowait((req, n))
-
-
 class Hub:
     """The sessions of one relay stream, and the batch of what they have to send it."""
 
@@ -166,7 +130,10 @@ class Hub:
         self._r = reflector
         self.relay = relay
         self._secure = secure
-        self.sessions: dict[int, _Virtual] = {}
+        #: The relay's session number -> the reflector's session.
+        self.sessions: dict[int, Any] = {}
+        #: Sessions whose send queue holds something, in the order they became so.
+        self._ready: dict[int, None] = {}
         #: The batch: fanout entries ([bytes, session ids]) and ends (RelayAgentEnd), in order.
         self._batch: list[list[Any] | pb.RelayAgentEnd] = []
         #: id(bytes) -> index in the batch of the entry sending that object.
@@ -175,8 +142,6 @@ class Hub:
         self._last: dict[int, int] = {}
         self._bytes = 0
         self._wake = asyncio.Event()
-        self._room = asyncio.Event()
-        self._room.set()
         self._ended = False
         #: Why the hub ends the relay stream itself (the reflector stood down), else None.
         self.leaving: str | None = None
@@ -187,99 +152,93 @@ class Hub:
     # -- relay -> reflector ------------------------------------------------------------------
 
     async def read(self, requests: AsyncIterator[pb.RelayNodesRequest]) -> None:
-        """Hand the relay's items to their sessions until the relay stream ends."""
+        """Hand the relay's items to their sessions, as they are read, until the relay stream
+        ends. Each is handled before the next is read, so the relay is held back by HTTP/2 flow
+        control when the reflector is busy, as a direct agent is: nothing queues up here."""
         try:
             async for req in requests:
                 for item in req.items:
                     kind = item.WhichOneof("item")
                     if kind == "open":
                         self._open(item.open)
-                    elif kind == "message":
-                        self._message(item.message)
-                    elif kind == "close":
-                        v = self.sessions.get(item.close.session)
-                        if v is not None:
-                            v.requests.put_nowait(None)
+                        continue
+                    # The relay may still send for a session that ended here: ignored.
+                    if kind == "message" and (s := self.sessions.get(item.message.session)) is not None:
+                        self._r.relayed_request(s, item.message.request)
+                    elif kind == "close" and (s := self.sessions.get(item.close.session)) is not None:
+                        self._r.relayed_close(s, item.close.reason or "agent closed the session")
         except pb_message.DecodeError as e:
             _log.warning("relay %s: malformed message, ending its stream: %s", self.relay, e)
         except grpc.aio.BaseError as e:
             _log.info("relay %s: stream failed: %r", self.relay, e)
         finally:
-            self.end_all()
+            self.end_all(f"the stream of relay {self.relay} ended")
 
     def _open(self, o: pb.RelayAgentOpen) -> None:
-        if o.session in self.sessions:
-            _log.warning("relay %s opened session %d twice; the second is ignored", self.relay, o.session)
+        sid = o.session
+        if sid in self.sessions:
+            _log.warning("relay %s opened session %d twice; the second is ignored", self.relay, sid)
             return
         ctx = VirtualContext(f"{o.peer or 'agent'} via relay {self.relay}", agent_auth(self._secure, o.identity))
-        v = _Virtual(o.session, ctx)
-        self.sessions[o.session] = v
-        self._note_keepalive(v, o.first)
-        v.put(o.first, self.relay)
-        v.task = asyncio.create_task(self._run(v), name=f"relay {self.relay} session {o.session}")
-        v.task.add_done_callback(self._task_done)
+        opened = self._r.open_relayed(o.first, ctx, functools.partial(self._now_ready, sid))
+        if opened is None or isinstance(opened, bytes):  # a standby, or its rejection
+            if opened is not None:
+                self._emit(sid, opened)
+            self._end(sid, ctx.code or grpc.StatusCode.OK, ctx.details)
+            self._leave_if_standby()
+        else:
+            self.sessions[sid] = opened
 
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        """A session task that raised is a reflector bug, as in a direct SyncNode handler."""
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            self._r.crash(exc, f"{task.get_name()}")
-
-    def _message(self, m: pb.RelayAgentMessage) -> None:
-        v = self.sessions.get(m.session)
-        if v is None:
-            return  # the session ended here while the relay still sent for it
-        self._note_keepalive(v, m.request)
-        v.put(m.request, self.relay)
-
-    @staticmethod
-    def _note_keepalive(v: _Virtual, req: pb.SyncNodeRequest) -> None:
-        if req.WhichOneof("message") == "keepalive":
-            v.interval_ms = req.keepalive.interval_ms
-
-    def end_all(self) -> None:
-        """The relay stream ended: every session on it ends (the agent closed it, as far as the
-        reflector is concerned; the relay ends the agents' own streams)."""
-        self._ended = True
-        for v in self.sessions.values():
-            v.requests.put_nowait(None)
+    def _now_ready(self, sid: int) -> None:
+        self._ready[sid] = None
         self._wake.set()
-        self._room.set()
+
+    def end_all(self, reason: str) -> int:
+        """The relay stream ended, or the hub ends it: every session on it is over (as far as
+        the reflector is concerned; the relay ends the agents' own streams). Returns how many."""
+        self._ended = True
+        sessions, self.sessions = self.sessions, {}
+        self._ready.clear()
+        for s in sessions.values():
+            self._r.relayed_ended(s, reason)
+        self._wake.set()
+        return len(sessions)
+
+    def _leave_if_standby(self) -> None:
+        if self._r.standby_reason is not None and self.leaving is None:
+            # A standby serves no agents: the relay must go to the leader (it reconnects
+            # through its upstream address, e.g. the Service, where only the leader is ready).
+            self.leaving = self._r.standby_reason
+            self.end_all(f"the reflector stood down ({self.leaving})")
 
     # -- reflector -> relay ------------------------------------------------------------------
 
-    @staticmethod
-    async def _requests(v: _Virtual) -> AsyncIterator[pb.SyncNodeRequest]:
-        while True:
-            got = await v.requests.get()
-            if got is None:
-                return
-            req, n = got
-            if v.queued > 0:
-                v.queued -= n
-            yield req
-
-    async def _run(self, v: _Virtual) -> None:
-        """One session through the reflector's own ``sync_node``; what it yields goes to the
-        batch, and its end to the relay."""
-        try:
-            async for item in self._r.sync_node(self._requests(v), v.context, None, wire=True):
-                data = item if isinstance(item, bytes) else item.SerializeToString()
-                if len(data) <= _KEEPALIVE_MAX_BYTES and v.interval_ms and _is_keepalive(data):
-                    # The relay answers for the agent's liveness (module docstring, "Keepalives").
-                    v.put(pb.SyncNodeRequest(keepalive=pb.Keepalive(interval_ms=v.interval_ms)), self.relay)
-                self._emit(v.sid, data)
-                while self._bytes > BATCH_BYTES and not self._ended:
-                    self._room.clear()
-                    await self._room.wait()
-        finally:
-            self.sessions.pop(v.sid, None)
-            code = v.context.code or grpc.StatusCode.OK
-            self._end(v.sid, code, v.context.details)
-            if self._r.standby_reason is not None and self.leaving is None:
-                # A standby serves no agents: the relay must go to the leader (it reconnects
-                # through its upstream address, e.g. the Service, where only the leader is ready).
-                self.leaving = self._r.standby_reason
-                self.end_all()
+    def _drain(self) -> None:
+        """Take what the ready sessions have queued into the batch, until it holds
+        :data:`BATCH_BYTES`; the rest waits in the sessions' own bounded queues, whose bounds
+        then cut off those that fall too far behind (as a direct session's would)."""
+        ready = self._ready
+        while ready and self._bytes < BATCH_BYTES:
+            sid = next(iter(ready))
+            s = self.sessions.get(sid)
+            if s is None:
+                del ready[sid]
+                continue
+            while self._bytes < BATCH_BYTES:
+                got = self._r.relayed_take(s)
+                if got is None:
+                    del ready[sid]
+                    break
+                if isinstance(got, bytes):
+                    self._emit(sid, got)
+                    continue
+                code, reason = got
+                del ready[sid]
+                del self.sessions[sid]
+                self._end(sid, code or grpc.StatusCode.OK, "" if code is None else reason)
+                self._r.relayed_ended(s, reason)
+                self._leave_if_standby()
+                break
 
     def _emit(self, sid: int, data: bytes) -> None:
         at = self._index.get(id(data))
@@ -303,22 +262,24 @@ class Hub:
         self._wake.set()
 
     async def responses(self) -> AsyncIterator[pb.RelayNodesResponse]:
-        """The relay stream's responses: each batch once the event loop turned (so every session
-        woken by the same flush has added its part), split below :data:`MAX_RESPONSE_BYTES`."""
+        """The relay stream's responses: what the ready sessions queued, once the event loop
+        turned (so every session a flush woke has its part), split below
+        :data:`MAX_RESPONSE_BYTES`; the next batch is taken once gRPC took this one."""
         while True:
             await self._wake.wait()
             self._wake.clear()
             await asyncio.sleep(0)
+            self._drain()
             batch, self._batch = self._batch, []
             self._index.clear()
             self._last.clear()
             self._bytes = 0
-            self._room.set()
             for chunk in bounds.chunks(self._items(batch), MAX_RESPONSE_BYTES):
                 yield pb.RelayNodesResponse(items=chunk)
-            if self._ended and (self.leaving is not None or not self.sessions) and not self._batch:
+            if self._ready:
+                self._wake.set()  # more than one batch was queued
+            if self._ended and not self._batch:
                 return
-
 
     def _items(self, batch: list[list[Any] | pb.RelayAgentEnd]) -> Iterator[tuple[pb.RelayOut, int]]:
         """The batch's entries as response items, each with a bound on its encoded size."""
@@ -329,22 +290,6 @@ class Hub:
                 yield pb.RelayOut(fanout=pb.RelayFanout(sessions=sids, response=data)), len(data) + 6 * len(sids) + 16
             else:
                 yield pb.RelayOut(end=entry), len(entry.details) + 32
-
-
-_KEEPALIVES: dict[bytes, bool] = {}
-
-
-def _is_keepalive(data: bytes) -> bool:
-    """Is ``data`` (a small SyncNodeResponse) a keepalive? Cached: there are a few distinct ones."""
-    known = _KEEPALIVES.get(data)
-    if known is None:
-        try:
-            known = pb.SyncNodeResponse.FromString(data).WhichOneof("message") == "keepalive"
-        except pb_message.DecodeError:
-            known = False
-        if len(_KEEPALIVES) < 1024:
-            _KEEPALIVES[data] = known
-    return known
 
 
 async def serve(
@@ -358,6 +303,13 @@ async def serve(
     hub = Hub(reflector, relay, secure=ident is not None)
     _log.info("relay %s connected", relay)
     reader = asyncio.create_task(hub.read(requests), name=f"relay {relay} reader")
+
+    def read_done(task: asyncio.Task[None]) -> None:
+        """The reader that raised is a reflector bug, as in a direct session's reader task."""
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            reflector.crash(exc, task.get_name())
+
+    reader.add_done_callback(read_done)
     try:
         async for msg in hub.responses():
             yield msg
@@ -368,5 +320,5 @@ async def serve(
         reader.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await reader
-        hub.end_all()
-        _log.info("relay %s gone: %d sessions ended with it", relay, len(hub.sessions))
+        ended = hub.end_all(f"the stream of relay {relay} ended")
+        _log.info("relay %s gone: %d sessions ended with it", relay, ended)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ import grpc
 import pytest
 
 from fabric import types
-from fabric.control import api, client, codec, identity, pki, planner, reflector, relay, relay_hub, tls
+from fabric.control import api, bounds, client, codec, identity, pki, planner, reflector, relay, relay_hub, tls
 from fabric.control.generated import fabric_pb2 as pb
 from tests.unit.test_control_session import CONFIG, E1, E2, W1, Harness, harness, run
 from tests.unit.test_tls import PKI, Recorder, tls_reflector
@@ -187,60 +189,114 @@ def test_hub_merges_equal_messages_but_keeps_each_sessions_order() -> None:
     assert per_session == {1: [d1, d2], 2: [d2, own], 3: [d1, d2]}
 
 
-class _StuckReflector:
-    """A reflector whose ``sync_node`` reads a session's first request and then nothing more."""
+def test_a_relay_that_reads_nothing_gets_its_sessions_cut_off_by_their_own_bound() -> None:
+    """The hub takes a session's messages only as it writes to the relay: a relay that reads
+    nothing leaves them in the session's own bounded send queue, which cuts the session off
+    (RESOURCE_EXHAUSTED, the node disconnected at once) as it would a direct agent that reads
+    nothing. The end reaches the relay once it reads again, and the reflector holds nothing more
+    for the session."""
+    from tests.unit.test_reflector_bounds import serving, session_of
 
-    standby_reason = None
+    limit = 16 * 1024
 
-    def __init__(self) -> None:
-        self.reading = 0
+    async def body() -> None:
+        async with serving(bounds.Limits(send_queue_bytes=limit), keepalive=1.0) as (refl, _):
+            hub = relay_hub.Hub(refl, "stuck", secure=False)
+            first = pb.SyncNodeRequest(announce=pb.Announce(node=codec.node_to_pb(E2)))
+            hub._open(pb.RelayAgentOpen(session=7, peer="agent-e2", first=first))
+            await wait_until_async(lambda: (s := session_of(refl, "east/e2")) is not None and s.synced, 5,
+                                   "e2's snapshot queued")  # fmt: skip
+            session = session_of(refl, "east/e2")
+            assert session is not None and session.relay_timer is not None
+            churn = [types.NodeAnnouncement("west", "w9", "198.18.0.29", (f"10.20.{9 + i}.0/24",)) for i in (0, 1)]
+            for i in range(2000):  # each flush a delta to the east nodes (see test_reflector_bounds)
+                assert refl._admit(churn[i % 2], reflector._Session(churn[i % 2].key, "churn", refl.clock())) is None
+                refl._flush()
+                assert session.queue.bounded_bytes <= limit + 4096  # the bound plus one delta, at most
+                if session.closed:
+                    break
+            assert session.closed, "2,000 deltas never passed the session's bound"
+            await asyncio.sleep(0)  # the cut ends the session on the next loop turn
+            assert session_of(refl, "east/e2") is None
+            assert not any(n.key == "east/e2" and n.connected for n in refl.status().nodes())
+            ends: list[pb.RelayAgentEnd] = []
+            async for resp in hub.responses():
+                ends += [i.end for i in resp.items if i.WhichOneof("item") == "end"]
+                if ends:
+                    break
+            got = [(e.session, relay_hub.status_code(e.code)) for e in ends]
+            assert got == [(7, grpc.StatusCode.RESOURCE_EXHAUSTED)]
+            assert "too slow" in ends[0].details
+            assert hub.sessions == {} and session.queue.bytes == 0 and session.relay_timer.cancelled()
 
-    async def sync_node(self, requests: AsyncIterator[pb.SyncNodeRequest], *_: Any, **__: Any) -> AsyncIterator[bytes]:
-        await anext(aiter(requests))
-        self.reading += 1
-        await asyncio.Event().wait()
-        yield b""  # never reached: makes this an async generator, as the reflector's is
-
-    def crash(self, exc: BaseException, what: str) -> None:
-        raise AssertionError(f"{what}: {exc!r}")
+    run(body())
 
 
-def test_hub_ends_a_session_whose_unread_requests_pass_the_bound(monkeypatch: pytest.MonkeyPatch) -> None:
-    """What a relay sends for one session is read off the relay stream at once; when the
-    reflector does not keep up, that session's backlog is bounded and the session ends with
-    RESOURCE_EXHAUSTED, while another session on the same stream is untouched."""
-    monkeypatch.setattr(relay_hub, "SESSION_QUEUE_BYTES", 200)
-    keepalive = pb.SyncNodeRequest(keepalive=pb.Keepalive(interval_ms=1000))
-    size = keepalive.ByteSize()
-    stuck = _StuckReflector()
-    hub = relay_hub.Hub(stuck, "r1", secure=False)  # type: ignore[arg-type]
+def test_relayed_session_has_keepalives_on_a_timer_and_no_hold_check_of_the_reflectors() -> None:
+    """A relayed session has no keepalive task: its keepalives come from a timer at the
+    negotiated interval (the agent's proposal of 0.5 s goes out at once), and the reflector does
+    not judge its liveness: the relay forwards none of the agent's unchanged keepalives, yet the
+    session outlives several of a direct session's hold times (3 intervals). Once it ends, its
+    timer is cancelled."""
+    from fabric.control.generated import fabric_pb2_grpc as pb_grpc
 
-    async def main() -> None:
-        def opened(sid: int) -> pb.RelayItem:
-            return pb.RelayItem(open=pb.RelayAgentOpen(session=sid, peer=f"agent-{sid}", first=keepalive))
+    async def body() -> None:
+        async with harness(grace=5.0, keepalive=5.0) as h, relays(h.target) as [(r, target)]:
+            channel = grpc.aio.insecure_channel(target)
+            stop = asyncio.Event()
 
-        async def stream() -> AsyncIterator[pb.RelayNodesRequest]:
-            yield pb.RelayNodesRequest(items=[opened(1), opened(2)])
-            await wait_until_async(lambda: stuck.reading == 2, 3, "both sessions in sync_node")
-            flood = [pb.RelayItem(message=pb.RelayAgentMessage(session=s, request=keepalive)) for s in [1] * 1000 + [2]]
-            yield pb.RelayNodesRequest(items=flood)
-            await asyncio.Event().wait()
+            async def requests() -> AsyncIterator[pb.SyncNodeRequest]:
+                yield pb.SyncNodeRequest(announce=pb.Announce(node=codec.node_to_pb(E1)))
+                while not stop.is_set():  # unchanged proposals: the relay's check only
+                    yield pb.SyncNodeRequest(keepalive=pb.Keepalive(interval_ms=500))
+                    await asyncio.sleep(0.2)
 
-        reader = asyncio.create_task(hub.read(stream()))
-        await wait_until_async(lambda: 1 in hub.sessions and hub.sessions[1].queued < 0, 3, "session 1 to be cut off")
-        one, two = hub.sessions[1], hub.sessions[2]
-        assert one.context.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "over its bound of 200" in one.context.details
-        # Bounded: what fitted, then the end of the stream; the rest of the flood was dropped.
-        assert one.requests.qsize() <= 200 // size + 1
-        assert two.queued == size and two.context.code is None
-        reader.cancel()
-        for v in list(hub.sessions.values()):
-            assert v.task is not None
-            v.task.cancel()
-        await asyncio.gather(reader, *(v.task for v in [one, two] if v.task), return_exceptions=True)
+            call = pb_grpc.FabricStub(channel).SyncNode(requests())
+            stamps: list[tuple[float, int]] = []
 
-    asyncio.run(main())
+            async def read() -> None:
+                async for m in call:
+                    if m.WhichOneof("message") == "keepalive":
+                        stamps.append((time.monotonic(), m.keepalive.interval_ms))
+
+            reader = asyncio.create_task(read())
+            await wait_until_async(lambda: h.connected("east/e1"), 5, "e1 connected via the relay")
+            session = h.reflector._nodes[E1.key].session
+            assert session is not None
+            await wait_until_async(lambda: any(ms == 500 for _, ms in stamps), 2, "the renegotiated keepalive")
+            t0 = time.monotonic()
+            await asyncio.sleep(2.5)  # more than three holds of 3 x 0.5 s
+            assert h.reflector._nodes[E1.key].session is session and h.connected("east/e1")
+            at = [t for t, ms in stamps if ms == 500 and t >= t0]
+            assert len(at) >= 4, stamps  # one per 0.5 s
+            assert max(b - a for a, b in itertools.pairwise(at)) < 0.9, at
+            assert r.fanouts_received > 0 and session.relay_timer is not None
+            stop.set()
+            await wait_until_async(lambda: not h.connected("east/e1"), 5, "e1's session ended")
+            assert session.relay_timer.cancelled()
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                await reader
+            await channel.close()
+
+    run(body())
+
+
+def test_a_bug_handling_a_relayed_message_crashes_the_reflector() -> None:
+    """An exception from the reflector's handling of a relayed agent's message is a bug, as in a
+    direct session's reader: the reflector records it and stops for a clean restart."""
+
+    async def body() -> None:
+        async with harness() as h, relays(h.target) as [(_r, target)]:
+            def broken(session: Any, req: pb.SyncNodeRequest) -> None:
+                raise RuntimeError("relayed_request bug")
+
+            h.reflector.relayed_request = broken  # type: ignore[method-assign]
+            h.agent(E1, target)  # its keepalive proposal is its first message after the announcement
+            await wait_until_async(lambda: h.reflector.crashed is not None, 5, "the reflector crashed")
+            assert "relayed_request bug" in repr(h.reflector.crashed)
+
+    run(body())
 
 
 class _Ctx:
