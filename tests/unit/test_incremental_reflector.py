@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import ipaddress
+import logging
 import random
 import time
 
@@ -214,6 +215,39 @@ def test_a_burst_of_announcements_is_one_generation_and_one_delta_each() -> None
         assert first.deltas == [gen + 1]  # one delta carrying all 20 joins
         assert all(a.state is not None and a.version == gen + 1 for a in burst)
         assert refl.flushes == 2
+        await refl.stop(0)
+
+    asyncio.run(asyncio.wait_for(body(), 10))
+
+
+def test_a_burst_of_admissions_is_logged_a_line_each_up_to_the_bound_then_counted_by_the_flush(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Up to MAX_ADMISSIONS_LOGGED admissions between two flushes are a line each at INFO (joins,
+    changed announcements, reconnects); the rest are at DEBUG, and the flush says how many there
+    were in one INFO line. The count starts again after each flush."""
+    few = reflector.MAX_ADMISSIONS_LOGGED
+
+    async def body() -> None:
+        refl = reflector.Reflector(CONFIG, grace_period=100, startup_hold=0, coalesce_window=0.05)
+        d = Driver(refl)
+        caplog.set_level(logging.DEBUG, logger=reflector.__name__)
+        burst = [_node(c, i) for c in ("east", "west") for i in range(1, few + 4)]  # 2 * few + 6 admissions
+        for ann in burst:
+            d.announce(ann)
+        await d.settle()
+        admitted = [(r.levelno, r.getMessage()) for r in caplog.records if " joined from " in r.getMessage()]
+        assert [lv for lv, _ in admitted] == [logging.INFO] * few + [logging.DEBUG] * (len(burst) - few)
+        assert admitted[0][1].startswith(f"node {burst[0].key} joined from ")
+        summary = [m for lv, m in ((r.levelno, r.getMessage()) for r in caplog.records) if "more sessions" in m]
+        assert summary == [f"{len(burst) - few} more sessions admitted since the last flush (each logged at DEBUG)"]
+        caplog.clear()
+        d.disconnect(burst[0].key)
+        d.announce(burst[0])  # a reconnect within the grace period, after the flush: at INFO again
+        await d.settle()
+        lines = [(r.levelno, r.getMessage()) for r in caplog.records if "reconnected from" in r.getMessage()]
+        assert lines == [(logging.INFO, f"node {burst[0].key} reconnected from test within the grace "
+                          "period: nothing changes")]  # fmt: skip
         await refl.stop(0)
 
     asyncio.run(asyncio.wait_for(body(), 10))
