@@ -25,6 +25,14 @@ cycles that outlive the young collections hold blocks until a full collection fr
 this bounds what they can hold as CPython's rule does, without counting objects already freed.
 In a steady state (changes, deltas, Applied) nothing grows, so nothing is due.
 
+Paced: after a full collection that took ``d`` seconds, the next one waits at least ``pace * d``
+(19 by default: collections are at most a twentieth of the process's time), quiet or not. In a
+bring-up the memory grows by a quarter again and again as streams arrive, and the objects it
+grows by are the streams, not garbage: unpaced, a fabric-relay taking up 5,000 agents ran 2-3
+full collections within the 15 s (0.2-0.75 s each, a fifth of its CPU; measured with
+``bench control --n 10000 --relays 2``, issue 21). Pacing bounds what garbage cycles can hold
+by time instead: what the process allocates in ``pace * d`` seconds.
+
 The collector's thresholds are process-wide: only a process's main program installs one
 (``fabric-reflector``), never a library or a test that shares the process with others
 (:meth:`QuietCollector.uninstall` restores what was there).
@@ -44,6 +52,8 @@ _log = logging.getLogger(__name__)
 DEFAULT_GROWTH = 0.25
 #: The longest a due full collection waits for a quiet moment.
 DEFAULT_MAX_DEFER_S = 10.0
+#: After a full collection of d seconds, the next waits at least this many times d (module docstring).
+DEFAULT_PACE = 19.0
 #: The oldest generation's threshold while installed: never reached (counted in young collections).
 _NEVER = 1 << 30
 
@@ -57,6 +67,7 @@ class QuietCollector:
         growth: float = DEFAULT_GROWTH,
         max_defer_s: float = DEFAULT_MAX_DEFER_S,
         *,
+        pace: float = DEFAULT_PACE,
         blocks: Callable[[], int] = sys.getallocatedblocks,
         collect: Callable[[], object] = lambda: gc.collect(2),
         clock: Callable[[], float] = time.monotonic,
@@ -65,6 +76,11 @@ class QuietCollector:
             raise ValueError(f"growth must be positive, got {growth}")
         self.growth = growth
         self.max_defer_s = max(0.0, max_defer_s)
+        if pace < 0:
+            raise ValueError(f"pace must be >= 0, got {pace}")
+        self.pace = pace
+        #: No full collection before this time (``clock``): the last one's duration times ``pace``.
+        self.not_before = float("-inf")
         self._blocks, self._collect, self._clock = blocks, collect, clock
         #: Allocated blocks after the last full collection (or at the start), or fewer when
         #: memory was freed since: growth is measured from the least seen, so what was freed
@@ -110,19 +126,22 @@ class QuietCollector:
 
     def poll(self, quiet: bool) -> bool:
         """Run a due full collection now if the owner is ``quiet`` or it has waited
-        ``max_defer_s``; returns whether one ran."""
+        ``max_defer_s``, and the last one is ``pace`` times its duration ago; returns whether
+        one ran."""
         now = self._clock()
         if not self.due():
             self.due_since = None
             return False
         if self.due_since is None:
             self.due_since = now
+        if now < self.not_before:
+            return False  # paced: the last one was too recent
         forced = now - self.due_since >= self.max_defer_s
         if not quiet and not forced:
             return False
-        started = time.perf_counter()
         self._collect()
-        took = time.perf_counter() - started
+        took = max(0.0, self._clock() - now)
+        self.not_before = now + took + self.pace * took
         self.base = self._blocks()
         self.due_since = None
         self.collections += 1

@@ -159,8 +159,9 @@ the join fan-out p99 of ``bench control`` at N = 1,000 was that pause (details a
 (``--gc quiet``, the default): when one is due (memory grew by a quarter since the last) and the
 reflector is quiet (:meth:`Reflector._quiet`: no flush pending, no fan-out waiting for an
 ``Applied``, no snapshot waiting), asked every ``GC_POLL_S`` and as soon as the last fan-out in
-flight is done; or, due for 10 s without a quiet moment, at once. Young collections are
-unchanged. A Reflector built without a ``gc_policy`` (tests, in-process use) leaves the
+flight is done; or, due for 10 s without a quiet moment, at once; never sooner after the last
+one than 19 times its duration (a bring-up grows memory by streams, not garbage). Young
+collections are unchanged. A Reflector built without a ``gc_policy`` (tests, in-process use) leaves the
 interpreter's schedule alone.
 
 Reachability records

@@ -84,6 +84,36 @@ def test_a_full_collection_runs_only_when_due_and_quiet_or_after_waiting_too_lon
     assert c.poll(quiet=True) and c.collections == 3
 
 
+def test_a_full_collection_waits_pace_times_the_last_ones_duration_quiet_or_not() -> None:
+    """Memory that keeps growing (a bring-up) makes a collection due again at once; after one of
+    d seconds the next waits until pace * d later, even when quiet or waiting past max_defer_s,
+    and runs at the first poll after that."""
+    blocks, now, runs = _Blocks(1000), [0.0], []
+
+    def collect() -> None:  # a full collection of 0.5 s
+        runs.append(now[0])
+        now[0] += 0.5
+
+    c = quiet_gc.QuietCollector(0.25, 1.0, pace=19.0, blocks=blocks, collect=collect, clock=lambda: now[0])
+    blocks.n = 1300
+    assert c.poll(quiet=True) and runs == [0.0]
+    assert c.not_before == 0.5 + 19.0 * 0.5
+    blocks.n = 2000  # due again at once (t = 0.5)
+    for t in (0.5, 3.0, 9.9):
+        now[0] = t
+        assert not c.poll(quiet=True), f"at t = {t}: paced, the last one took 0.5 s at t = 0"
+    assert c.due_since == 0.5
+    now[0] = 10.0
+    assert c.poll(quiet=False) and runs == [0.0, 10.0] and c.forced == 1  # due for 9.5 s > max_defer_s
+    unpaced = quiet_gc.QuietCollector(0.25, 10.0, pace=0.0, blocks=blocks, collect=collect, clock=lambda: now[0])
+    blocks.n = 5000
+    assert unpaced.poll(quiet=True) and unpaced.not_before == now[0]
+    blocks.n = 9000
+    assert unpaced.poll(quiet=True), "pace 0: CPython's rule alone"
+    with pytest.raises(ValueError, match="pace"):
+        quiet_gc.QuietCollector(pace=-1.0)
+
+
 def test_installed_the_interpreter_starts_no_full_collection_and_uninstall_restores_it(
     gc_state: list[int],
 ) -> None:
