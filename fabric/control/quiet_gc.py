@@ -136,7 +136,9 @@ class QuietCollector:
             self.due_since = now
         if now < self.not_before:
             return False  # paced: the last one was too recent
-        forced = now - self.due_since >= self.max_defer_s
+        # Waiting for a quiet moment counts from when pacing allowed one: a paced collection
+        # still goes to the first quiet moment after that, not into a change in flight.
+        forced = now - max(self.due_since, self.not_before) >= self.max_defer_s
         if not quiet and not forced:
             return False
         self._collect()

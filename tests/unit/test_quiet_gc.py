@@ -86,8 +86,8 @@ def test_a_full_collection_runs_only_when_due_and_quiet_or_after_waiting_too_lon
 
 def test_a_full_collection_waits_pace_times_the_last_ones_duration_quiet_or_not() -> None:
     """Memory that keeps growing (a bring-up) makes a collection due again at once; after one of
-    d seconds the next waits until pace * d later, even when quiet or waiting past max_defer_s,
-    and runs at the first poll after that."""
+    d seconds the next waits until pace * d later, even when quiet, and then for the first quiet
+    moment as usual: its wait for one (max_defer_s) counts from when pacing allowed it."""
     blocks, now, runs = _Blocks(1000), [0.0], []
 
     def collect() -> None:  # a full collection of 0.5 s
@@ -104,9 +104,18 @@ def test_a_full_collection_waits_pace_times_the_last_ones_duration_quiet_or_not(
         assert not c.poll(quiet=True), f"at t = {t}: paced, the last one took 0.5 s at t = 0"
     assert c.due_since == 0.5
     now[0] = 10.0
-    assert c.poll(quiet=False) and runs == [0.0, 10.0] and c.forced == 1  # due for 9.5 s > max_defer_s
+    assert not c.poll(quiet=False), "due for 9.5 s, but allowed only now: it waits for a quiet moment"
+    now[0] = 10.9
+    assert c.poll(quiet=True) and runs == [0.0, 10.9] and c.forced == 0
+    blocks.n = 4000
+    now[0] = 11.5
+    assert not c.poll(quiet=True) and c.due_since == 11.5  # due again, paced until 10.9 + 0.5 + 9.5
+    now[0] = 21.0
+    assert not c.poll(quiet=False), "due for 9.5 s but allowed for 0.1 s: not forced into a change in flight"
+    now[0] = 21.9
+    assert c.poll(quiet=False) and c.forced == 1, "max_defer_s after pacing allowed it: quiet or not"
     unpaced = quiet_gc.QuietCollector(0.25, 10.0, pace=0.0, blocks=blocks, collect=collect, clock=lambda: now[0])
-    blocks.n = 5000
+    blocks.n = 6000
     assert unpaced.poll(quiet=True) and unpaced.not_before == now[0]
     blocks.n = 9000
     assert unpaced.poll(quiet=True), "pace 0: CPython's rule alone"
