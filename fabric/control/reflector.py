@@ -124,15 +124,16 @@ O(nodes) cheap compares to find the sources that changed, then per node only the
 those sources (computed once per viewer class), so a join costs O(1) planner work per node, not
 O(nodes). ``planner.plan`` stays the reference; the unit tests check the two agree.
 
-Bugs. An unexpected exception in an RPC handler (or in a session's reader or keepalive task) is
-a bug of the reflector, not a transport problem: it is logged with its traceback, the RPC ends
-with INTERNAL, and the reflector stops and exits non-zero (:meth:`Reflector.crash`), so its
-supervisor (the Deployment) restarts it into a clean state - agents keep their dataplane and
-resync with the new process, as after any restart (DESIGN.md: a bug crashes the process). It is
-never reported as UNAVAILABLE, which tells clients "retry" and would hide it. Expected
-conditions are not bugs: the agent going away or the RPC being cancelled or timing out (gRPC
-cancels the handler: CancelledError), gRPC's own errors about the RPC's state (the stream ended
-under us: UNAVAILABLE), and a malformed message from the agent (INVALID_ARGUMENT).
+Bugs. An unexpected exception in an RPC handler (or in a session's reader or keepalive task, or
+in the relay hub's reader of a relay stream) is a bug of the reflector, not a transport problem:
+it is logged with its traceback, the RPC ends with INTERNAL, and the reflector stops and exits
+non-zero (:meth:`Reflector.crash`), so its supervisor (the Deployment) restarts it into a clean
+state - agents keep their dataplane and resync with the new process, as after any restart
+(DESIGN.md: a bug crashes the process). It is never reported as UNAVAILABLE, which tells clients
+"retry" and would hide it. Expected conditions are not bugs: the agent going away or the RPC
+being cancelled or timing out (gRPC cancels the handler: CancelledError), gRPC's own errors
+about the RPC's state (the stream ended under us: UNAVAILABLE), and a malformed message from the
+agent (INVALID_ARGUMENT).
 
 Everything mutating the reflector's state runs on the event loop without awaiting in between, so
 no locks are needed. Every message is built once (per node, or once for all nodes of one class
@@ -159,10 +160,10 @@ the join fan-out p99 of ``bench control`` at N = 1,000 was that pause (details a
 (``--gc quiet``, the default): when one is due (memory grew by a quarter since the last) and the
 reflector is quiet (:meth:`Reflector._quiet`: no flush pending, no fan-out waiting for an
 ``Applied``, no snapshot waiting), asked every ``GC_POLL_S`` and as soon as the last fan-out in
-flight is done; or, due for 10 s without a quiet moment, at once; never sooner after the last
-one than 19 times its duration (a bring-up grows memory by streams, not garbage). Young
-collections are unchanged. A Reflector built without a ``gc_policy`` (tests, in-process use) leaves the
-interpreter's schedule alone.
+flight is done; or, due for 10 s without a quiet moment, at once; and never sooner after the
+last one than 19 times its duration (a bring-up grows memory by streams, not garbage). Young
+collections are unchanged. A Reflector built without a ``gc_policy`` (tests, in-process use)
+leaves the interpreter's schedule alone.
 
 Reachability records
 --------------------

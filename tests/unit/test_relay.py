@@ -232,6 +232,53 @@ def test_a_relay_that_reads_nothing_gets_its_sessions_cut_off_by_their_own_bound
     run(body())
 
 
+def test_a_relayed_agent_that_breaks_the_protocol_is_ended_alone_and_the_rest_of_the_batch_ignored() -> None:
+    """A second announcement, or a malformed peer report, from a relayed agent ends that session
+    with INVALID_ARGUMENT (as for a direct agent); what the relay still sends for it is ignored,
+    and another session on the same stream goes on."""
+    from tests.unit.test_reflector_bounds import serving, session_of
+
+    async def body() -> None:
+        async with serving(bounds.Limits(), keepalive=1.0) as (refl, _):
+            hub = relay_hub.Hub(refl, "r1", secure=False)
+
+            def said(sid: int, req: pb.SyncNodeRequest) -> pb.RelayItem:
+                return pb.RelayItem(message=pb.RelayAgentMessage(session=sid, request=req))
+
+            def announce(ann: types.NodeAnnouncement) -> pb.SyncNodeRequest:
+                return pb.SyncNodeRequest(announce=pb.Announce(node=codec.node_to_pb(ann)))
+
+            opens = [pb.RelayItem(open=pb.RelayAgentOpen(session=sid, peer=f"agent-{sid}", first=announce(ann)))
+                     for sid, ann in ((1, E1), (2, E2), (3, W1))]  # fmt: skip
+            bad_report = pb.PeerReport(quality=[pb.PeerQuality(peer="west/w1", rtt_ms=-1.0)])
+            items = [*opens, said(1, announce(E1)), said(1, pb.SyncNodeRequest(applied=pb.Applied(version=1))),
+                     said(2, pb.SyncNodeRequest(peer_report=bad_report)),
+                     said(3, pb.SyncNodeRequest(keepalive=pb.Keepalive(interval_ms=1000)))]  # fmt: skip
+
+            async def stream() -> AsyncIterator[pb.RelayNodesRequest]:
+                yield pb.RelayNodesRequest(items=items)
+                await asyncio.Event().wait()
+
+            reader = asyncio.create_task(hub.read(stream()))
+            ends: dict[int, pb.RelayAgentEnd] = {}
+            async for resp in hub.responses():
+                ends.update((i.end.session, i.end) for i in resp.items if i.WhichOneof("item") == "end")
+                if len(ends) == 2:
+                    break
+            assert {s: relay_hub.status_code(e.code) for s, e in ends.items()} == {
+                1: grpc.StatusCode.INVALID_ARGUMENT, 2: grpc.StatusCode.INVALID_ARGUMENT}
+            assert "protocol error: announce message after the announcement" in ends[1].details
+            assert "rtt_ms" in ends[2].details
+            assert session_of(refl, "east/e1") is None and session_of(refl, "east/e2") is None
+            assert session_of(refl, "west/w1") is not None and list(hub.sessions) == [3]
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+            assert hub.sessions == {} and session_of(refl, "west/w1") is None  # the relay stream ended
+
+    run(body())
+
+
 def test_relayed_session_has_keepalives_on_a_timer_and_no_hold_check_of_the_reflectors() -> None:
     """A relayed session has no keepalive task: its keepalives come from a timer at the
     negotiated interval (the agent's proposal of 0.5 s goes out at once), and the reflector does
