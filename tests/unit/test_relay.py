@@ -315,8 +315,8 @@ def test_relayed_session_has_keepalives_on_a_timer_and_no_hold_check_of_the_refl
             await asyncio.sleep(2.5)  # more than three holds of 3 x 0.5 s
             assert h.reflector._nodes[E1.key].session is session and h.connected("east/e1")
             at = [t for t, ms in stamps if ms == 500 and t >= t0]
-            assert len(at) >= 4, stamps  # one per 0.5 s
-            assert max(b - a for a, b in itertools.pairwise(at)) < 0.9, at
+            assert len(at) >= 3, stamps  # one per 0.5 s (five in 2.5 s; slack for a loaded machine)
+            assert max(b - a for a, b in itertools.pairwise(at)) < 1.2, at  # not the 5 s default
             assert r.fanouts_received > 0 and session.relay_timer is not None
             stop.set()
             await wait_until_async(lambda: not h.connected("east/e1"), 5, "e1's session ended")
